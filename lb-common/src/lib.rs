@@ -1,0 +1,267 @@
+//! Types shared by the xlb XDP programs (`lb-ebpf`) and the agent (`lb-userspace`).
+//!
+//! Every type that crosses into the kernel is `#[repr(C)]`, has explicit padding fields (so there
+//! is no uninitialised byte for the verifier or for a map key comparison to trip over), and uses no
+//! `bool`. Byte order is stated on every field: `/* network order */` fields hold the bytes exactly as
+//! they appear on the wire (so the data path compares them without swapping); everything else is in
+//! host order.
+#![no_std]
+
+/// Map names, shared so the agent never mistypes one.
+pub mod maps {
+    pub const VIPS: &str = "VIPS";
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const RINGS: &str = "RINGS";
+    pub const RR_COUNTERS: &str = "RR_COUNTERS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const VIP_STATS: &str = "VIP_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const REASON_STATS: &str = "REASON_STATS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
+    pub const DECAP_STATS: &str = "DECAP_STATS";
+}
+
+/// Program names (the Rust function names of the `#[xdp]` entry points).
+pub mod programs {
+    /// The load balancer, attached on the LB's interface.
+    pub const BALANCER: &str = "xlb_balancer";
+    /// The IPIP decapsulator, attached on a backend's interface by `xlb backend-host setup`.
+    pub const DECAP: &str = "xlb_decap";
+    /// Returns `XDP_PASS` and nothing else: attached on veth peers so that native-mode
+    /// `XDP_TX`/redirect onto them is delivered.
+    pub const PASS: &str = "xlb_pass";
+}
+
+/// Most VIPs one agent serves (size of the VIP-indexed arrays).
+pub const MAX_VIPS: u32 = 256;
+/// Most backend slots over all VIPs (a backend of two VIPs takes two slots, one per VIP).
+pub const MAX_BACKENDS: u32 = 4096;
+/// Slots in one half of a VIP's ring. A ring is double buffered: the agent writes the inactive half,
+/// then flips `VipMeta::ring_half` with one map update, so no packet ever reads a half-written ring.
+pub const RING_SLOTS: u32 = 4096;
+/// Entries of the `RINGS` array: `MAX_VIPS` × 2 halves × `RING_SLOTS`.
+pub const RING_ENTRIES: u32 = MAX_VIPS * 2 * RING_SLOTS;
+/// Default flow-table capacity (entries of the LRU `FLOWS` map); the agent may set another at load.
+pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 18;
+/// Entries of the decapsulator's local-address set.
+pub const MAX_DECAP_ADDRS: u32 = 64;
+
+/// Index of a ring slot in `RINGS`.
+#[inline(always)]
+pub const fn ring_index(vip_id: u32, half: u32, slot: u32) -> u32 {
+    (vip_id * 2 + (half & 1)) * RING_SLOTS + slot
+}
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// How a VIP's packets reach its backends. Both are direct server return.
+pub const FORWARD_IPIP: u32 = 0;
+pub const FORWARD_L2: u32 = 1;
+
+/// Key of the `VIPS` hash map: a service is (address, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    /// IPv4 address, network order.
+    pub addr: u32,
+    /// L4 port, network order.
+    pub port: u16,
+    /// IP protocol number (`IPPROTO_TCP` or `IPPROTO_UDP`).
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the `VIPS` hash map. Replaced whole by the agent (one map update), so the data path
+/// always sees a ring length and half that belong together.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipMeta {
+    /// Index into the VIP-indexed arrays (`RINGS`, `RR_COUNTERS`, `VIP_STATS`), host order.
+    pub id: u32,
+    /// Live slots in the active ring half (0 = no backend: packets are dropped and counted).
+    pub ring_len: u32,
+    /// Which ring half is active (0 or 1).
+    pub ring_half: u32,
+    /// `FORWARD_IPIP` or `FORWARD_L2`.
+    pub forward: u32,
+}
+
+/// Value of the `BACKENDS` array, indexed by backend slot id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// IPv4 address, network order. 0 = free slot.
+    pub addr: u32,
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+    /// The VIP this slot belongs to, host order.
+    pub vip_id: u32,
+    pub _pad: u32,
+}
+
+/// The backend may keep its existing flows (set for every configured backend; cleared when it is
+/// removed, so flows pinned to a reused slot are re-steered rather than misdelivered).
+pub const BACKEND_F_ACTIVE: u32 = 1;
+
+/// Key of the `FLOWS` LRU map: the 5-tuple as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Network order.
+    pub src_addr: u32,
+    /// Network order (the VIP).
+    pub dst_addr: u32,
+    /// Network order.
+    pub src_port: u16,
+    /// Network order.
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the `FLOWS` LRU map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    /// The backend's address, network order: a flow is pinned to an address, and a slot id is only a
+    /// cache of where that address lives. If the slot no longer holds it, the flow is re-steered.
+    pub backend_addr: u32,
+    /// Backend slot id, host order.
+    pub backend_id: u32,
+    /// `bpf_ktime_get_ns()` of the last packet (CLOCK_MONOTONIC, host order).
+    pub last_seen_ns: u64,
+}
+
+/// Per-CPU traffic counters (values of `VIP_STATS` and `BACKEND_STATS`), host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Value of the one-entry `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbConfig {
+    /// Outer source address of IPIP packets, network order. 0 = not configured (IPIP VIPs drop).
+    pub lb_addr: u32,
+    pub _pad: u32,
+}
+
+/// What happened to a packet: one per-CPU packet counter each in `REASON_STATS`. Every packet the
+/// balancer sees lands in exactly one of these.
+pub mod reason {
+    /// Not IPv4 (ARP, IPv6, ...): passed to the kernel.
+    pub const PASS_NOT_IPV4: u32 = 0;
+    /// IPv4 but not to a VIP address: passed.
+    pub const PASS_NOT_VIP: u32 = 1;
+    /// Ethernet header or IPv4 header truncated or invalid (bad IHL/version): passed, the kernel
+    /// drops it with its own accounting; we cannot tell whether it was for a VIP.
+    pub const PASS_MALFORMED: u32 = 2;
+    /// To a VIP address, but no VIP has that port and protocol (ICMP included): dropped.
+    pub const DROP_UNKNOWN_PORT: u32 = 3;
+    /// To a VIP address, L4 header truncated: dropped.
+    pub const DROP_MALFORMED_L4: u32 = 4;
+    /// An IP fragment to a VIP address (no L4 header to steer by): dropped.
+    pub const DROP_FRAGMENT: u32 = 5;
+    /// The VIP has no backend in its ring: dropped.
+    pub const DROP_NO_BACKEND: u32 = 6;
+    /// No route to the backend (or FIB lookup failed otherwise): dropped.
+    pub const DROP_NO_ROUTE: u32 = 7;
+    /// Packet too big for the egress MTU after encapsulation, DF not set: dropped (XDP cannot
+    /// fragment, and a fragmented IPIP packet could not be decapsulated by the backend's XDP).
+    pub const DROP_TOO_BIG: u32 = 8;
+    /// Header adjustment failed (no headroom) or IPIP without an LB address: dropped.
+    pub const DROP_ENCAP_FAILED: u32 = 9;
+    /// Too big with DF set: answered with ICMP fragmentation-needed (`XDP_TX`).
+    pub const TX_ICMP_FRAG_NEEDED: u32 = 10;
+    /// Forwarded back out of the ingress interface (`XDP_TX`).
+    pub const FWD_TX: u32 = 11;
+    /// Forwarded to another interface (`XDP_REDIRECT`).
+    pub const FWD_REDIRECT: u32 = 12;
+    /// Forwarded packet whose next hop has no neighbour entry yet: passed to the kernel, which
+    /// resolves it and sends the (already rewritten) packet.
+    pub const PASS_NO_NEIGH: u32 = 13;
+    /// `l2` forwarding whose backend has no neighbour entry yet: dropped, because handing the
+    /// unchanged frame (still addressed to the VIP) to the kernel would route it back towards the
+    /// router and loop. The agent keeps backends' neighbour entries warm so this stays rare.
+    pub const DROP_NO_NEIGH: u32 = 14;
+    /// Number of reasons (size of `REASON_STATS`).
+    pub const COUNT: u32 = 15;
+
+    /// Stable names for metrics, `xlb stats` and tests, indexed by reason.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pass_not_ipv4",
+        "pass_not_vip",
+        "pass_malformed",
+        "drop_unknown_port",
+        "drop_malformed_l4",
+        "drop_fragment",
+        "drop_no_backend",
+        "drop_no_route",
+        "drop_too_big",
+        "drop_encap_failed",
+        "tx_icmp_frag_needed",
+        "fwd_tx",
+        "fwd_redirect",
+        "pass_no_neigh",
+        "drop_no_neigh",
+    ];
+}
+
+/// Per-CPU packet counters of the decapsulator (`DECAP_STATS`).
+pub mod decap_reason {
+    /// IPIP to a local address: outer header removed, inner packet passed up.
+    pub const DECAPSULATED: u32 = 0;
+    /// Anything else: passed untouched.
+    pub const PASS_OTHER: u32 = 1;
+    /// IPIP to a local address whose inner header is truncated or not IPv4: dropped.
+    pub const DROP_MALFORMED: u32 = 2;
+    pub const COUNT: u32 = 3;
+    pub const NAMES: [&str; COUNT as usize] = ["decapsulated", "pass_other", "drop_malformed"];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], contain only integers, and have explicit padding fields,
+    // so every bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for LbConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<VipKey>(), 8);
+        assert_eq!(size_of::<VipMeta>(), 16);
+        assert_eq!(size_of::<Backend>(), 16);
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<FlowValue>(), 16);
+        assert_eq!(size_of::<TrafficCounters>(), 24);
+        assert_eq!(size_of::<LbConfig>(), 8);
+    }
+
+    #[test]
+    fn ring_halves_do_not_overlap() {
+        assert_eq!(ring_index(0, 0, RING_SLOTS - 1) + 1, ring_index(0, 1, 0));
+        assert_eq!(ring_index(0, 1, RING_SLOTS - 1) + 1, ring_index(1, 0, 0));
+        assert_eq!(ring_index(MAX_VIPS - 1, 1, RING_SLOTS - 1), RING_ENTRIES - 1);
+    }
+}

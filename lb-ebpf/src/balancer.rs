@@ -1,0 +1,208 @@
+//! The balancer's decisions: is this packet for a VIP, which flow is it, which backend gets it.
+//! Forwarding itself is in `forward.rs`.
+
+use crate::{
+    Verdict,
+    forward,
+    maps::{BACKENDS, FLOWS, RINGS, RR_COUNTERS, VIP_ADDRS, VIPS},
+    parse::{ETH_HLEN, ETH_P_IP, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at},
+    stats,
+};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
+use core::arch::asm;
+use lb_common::{
+    BACKEND_F_ACTIVE, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta,
+    reason, ring_index,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+/// What `classify` learned about a packet for a configured VIP, copied out of the packet so it
+/// stays valid after the headers move.
+pub struct Packet {
+    pub vip: VipMeta,
+    pub flow: FlowKey,
+    /// IPv4 total length, host order.
+    pub ip_len: u16,
+    pub tos: u8,
+    /// The sender set Don't Fragment.
+    pub df: bool,
+    /// Frame length as received (what the byte counters count).
+    pub frame_len: u64,
+}
+
+pub fn try_balance(ctx: &XdpContext) -> Verdict {
+    match classify(ctx) {
+        Ok(pkt) => steer(ctx, &pkt),
+        Err(verdict) => verdict,
+    }
+}
+
+/// Parse up to L4 and find the VIP. Anything we cannot attribute to a VIP is passed; anything for
+/// a VIP address that we cannot serve is dropped.
+fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(reason::PASS_MALFORMED))?;
+    // SAFETY: `ptr_at` checked the bounds.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return Err(Verdict::pass(reason::PASS_NOT_IPV4));
+    }
+    let ip: *const Ipv4Hdr =
+        ptr_at(ctx, ETH_HLEN).ok_or(Verdict::pass(reason::PASS_MALFORMED))?;
+    // SAFETY: as above; everything needed later is copied out before any header moves.
+    let ip = unsafe { &*ip };
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    if ip.vihl >> 4 != 4 || ihl < IPV4_HLEN {
+        return Err(Verdict::pass(reason::PASS_MALFORMED));
+    }
+    let dst_addr = u32::from_ne_bytes(ip.dst_addr);
+    // SAFETY: read-only lookup; the value is not used.
+    if unsafe { VIP_ADDRS.get(&dst_addr) }.is_none() {
+        return Err(Verdict::pass(reason::PASS_NOT_VIP));
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    if frags & (IP_MF | IP_OFFSET_MASK) != 0 {
+        return Err(Verdict::drop(reason::DROP_FRAGMENT));
+    }
+    let l4 = ETH_HLEN + ihl;
+    // TCP and UDP both start with source and destination port; check the whole minimal header
+    // so a truncated one is recognised as such.
+    let ports: [u8; 4] = match ip.proto {
+        IPPROTO_TCP => {
+            let h: *const [u8; 20] =
+                ptr_at(ctx, l4).ok_or(Verdict::drop(reason::DROP_MALFORMED_L4))?;
+            // SAFETY: bounds checked.
+            let h = unsafe { &*h };
+            [h[0], h[1], h[2], h[3]]
+        }
+        IPPROTO_UDP => {
+            let h: *const [u8; 8] =
+                ptr_at(ctx, l4).ok_or(Verdict::drop(reason::DROP_MALFORMED_L4))?;
+            // SAFETY: bounds checked.
+            let h = unsafe { &*h };
+            [h[0], h[1], h[2], h[3]]
+        }
+        _ => return Err(Verdict::drop(reason::DROP_UNKNOWN_PORT)),
+    };
+    let src_port = u16::from_ne_bytes([ports[0], ports[1]]);
+    let dst_port = u16::from_ne_bytes([ports[2], ports[3]]);
+    let vip_key = VipKey {
+        addr: dst_addr,
+        port: dst_port,
+        proto: ip.proto,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once; the agent replaces VIP entries whole.
+    let vip = *unsafe { VIPS.get(&vip_key) }.ok_or(Verdict::drop(reason::DROP_UNKNOWN_PORT))?;
+    Ok(Packet {
+        vip,
+        flow: FlowKey {
+            src_addr: u32::from_ne_bytes(ip.src_addr),
+            dst_addr,
+            src_port,
+            dst_port,
+            proto: ip.proto,
+            _pad: [0; 3],
+        },
+        ip_len: u16::from_be_bytes(ip.tot_len),
+        tos: ip.tos,
+        df: frags & IP_DF != 0,
+        frame_len: frame_len(ctx) as u64,
+    })
+}
+
+fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (backend_id, backend_addr) = match existing_flow(pkt, now) {
+        Some(backend) => backend,
+        None => match new_flow(pkt, now) {
+            Ok(backend) => backend,
+            Err(verdict) => return verdict,
+        },
+    };
+    let verdict = forward::forward(ctx, pkt, backend_addr);
+    if forward::is_forwarded(&verdict) {
+        stats::count_forwarded(pkt.vip.id, backend_id, pkt.frame_len);
+    }
+    verdict
+}
+
+/// The flow's backend, if the flow is known and its backend slot still holds the same address
+/// for the same VIP and is active. Otherwise the flow is re-steered as if new.
+fn existing_flow(pkt: &Packet, now: u64) -> Option<(u32, u32)> {
+    let flow = FLOWS.get_ptr_mut(&pkt.flow)?;
+    // SAFETY: map value pointer from a successful lookup.
+    let (id, addr) = unsafe { ((*flow).backend_id, (*flow).backend_addr) };
+    let backend = BACKENDS.get(id)?;
+    if backend.addr != addr || backend.flags & BACKEND_F_ACTIVE == 0 || backend.vip_id != pkt.vip.id
+    {
+        return None;
+    }
+    // SAFETY: as above. A racing writer on another CPU can only store another recent time.
+    unsafe { (*flow).last_seen_ns = now };
+    Some((id, addr))
+}
+
+/// Atomic 64-bit fetch-and-add (`BPF_ATOMIC | BPF_FETCH | BPF_DW`, kernel ≥ 5.12); every CPU's
+/// access to a round-robin counter goes through it.
+///
+/// Why inline assembly: the BPF target's `core` has no atomic types, and aya-build compiles for
+/// LLVM's `generic` BPF CPU (v1), where an `atomicrmw add` whose old value is used is rejected
+/// ("Invalid usage of the XADD return value") — rustflags such as `-C target-cpu=v3` cannot be
+/// passed through aya-build. The fetch form of the instruction itself needs no CPU level in
+/// LLVM's assembler, and the kernel verifies it on its own merits.
+///
+/// # Safety
+/// `ptr` must be a valid, 8-byte aligned map value.
+#[inline(always)]
+unsafe fn fetch_add(ptr: *mut u64, value: u64) -> u64 {
+    let mut old = value;
+    // SAFETY: guaranteed by the caller; the instruction reads and writes only `*ptr` and `old`.
+    unsafe {
+        asm!(
+            "{old} = atomic_fetch_add((u64 *)({ptr} + 0), {old})",
+            ptr = in(reg) ptr,
+            old = inout(reg) old,
+            options(nostack),
+        );
+    }
+    old
+}
+
+/// Take the next slot of the VIP's ring (one atomic counter per VIP, shared by all CPUs, so N new
+/// flows over K equal backends land exactly N/K on each) and remember the choice.
+fn new_flow(pkt: &Packet, now: u64) -> Result<(u32, u32), Verdict> {
+    let vip = &pkt.vip;
+    let no_backend = Verdict::drop(reason::DROP_NO_BACKEND);
+    // Copied to a local: the asm below may (as far as the compiler knows) write memory, and a
+    // re-read length could be zero again, which would leave a division-by-zero panic path that the
+    // verifier rejects.
+    let ring_len = vip.ring_len;
+    if ring_len == 0 || ring_len > RING_SLOTS {
+        return Err(no_backend);
+    }
+    let counter = RR_COUNTERS.get_ptr_mut(vip.id).ok_or(no_backend)?;
+    // SAFETY: a map value is 8-byte aligned and lives as long as the map.
+    let n = unsafe { fetch_add(counter, 1) };
+    let slot = n
+        .checked_rem(u64::from(ring_len))
+        .ok_or(Verdict::drop(reason::DROP_NO_BACKEND))? as u32;
+    let id = *RINGS
+        .get(ring_index(vip.id, vip.ring_half, slot))
+        .ok_or(Verdict::drop(reason::DROP_NO_BACKEND))?;
+    let backend = BACKENDS
+        .get(id)
+        .ok_or(Verdict::drop(reason::DROP_NO_BACKEND))?;
+    if backend.addr == 0 || backend.flags & BACKEND_F_ACTIVE == 0 {
+        return Err(Verdict::drop(reason::DROP_NO_BACKEND));
+    }
+    let value = FlowValue {
+        backend_addr: backend.addr,
+        backend_id: id,
+        last_seen_ns: now,
+    };
+    // An LRU map evicts rather than fails when full; if the insert fails anyway, the packet still
+    // goes to this backend and the next one of the flow takes another slot.
+    let _ = FLOWS.insert(&pkt.flow, &value, 0);
+    stats::count_new_flow(vip.id, id);
+    Ok((id, backend.addr))
+}

@@ -1,0 +1,190 @@
+//! Getting a steered packet to its backend, both ways direct server return:
+//! - `ipip`: prepend an outer IPv4 header (protocol 4) from the LB's address to the backend's;
+//! - `l2`: rewrite the destination MAC only (backend on the LB's segment, VIP on its `lo`).
+//! Next hop and egress interface come from `bpf_fib_lookup`, which also checks the egress MTU.
+
+use crate::{
+    Verdict,
+    balancer::Packet,
+    csum, icmp,
+    maps::CONFIG,
+    parse::{ETH_HLEN, ETH_P_IP, IPV4_HLEN, ptr_at},
+};
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, xdp_action,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
+use core::mem;
+use lb_common::{FORWARD_L2, IPPROTO_IPIP, reason};
+use network_types::eth::EthHdr;
+
+const AF_INET: u8 = 2;
+/// TTL of the outer header (the inner TTL is the client's business).
+const OUTER_TTL: u8 = 64;
+
+pub fn forward(ctx: &XdpContext, pkt: &Packet, backend_addr: u32) -> Verdict {
+    if pkt.vip.forward == FORWARD_L2 {
+        l2(ctx, pkt, backend_addr)
+    } else {
+        ipip(ctx, pkt, backend_addr)
+    }
+}
+
+/// Did the packet leave towards its backend (so it counts as forwarded)?
+pub fn is_forwarded(verdict: &Verdict) -> bool {
+    matches!(
+        verdict.reason,
+        reason::FWD_TX | reason::FWD_REDIRECT | reason::PASS_NO_NEIGH
+    )
+}
+
+/// Route lookup for `src → dst` as if the packet came in on the ingress interface; `tot_len` is the
+/// IP length the packet will have on the wire, so the kernel can check the egress MTU.
+fn fib(ctx: &XdpContext, src: u32, dst: u32, tot_len: u16, proto: u8) -> (i64, FibParams) {
+    // SAFETY: plain C struct, all-zero is its documented "unset" state.
+    let mut params: FibParams = unsafe { mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = proto;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_3.ipv4_src = src;
+    params.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: params is a valid, correctly sized bpf_fib_lookup.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &mut params,
+            mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    (rc, params)
+}
+
+/// Send out of the interface the FIB chose: `XDP_TX` when it is the one the packet came in on.
+fn egress(ctx: &XdpContext, ifindex: u32) -> Verdict {
+    if ifindex == ctx.ingress_ifindex() as u32 {
+        Verdict::tx(reason::FWD_TX)
+    } else {
+        // SAFETY: plain helper call; it returns XDP_REDIRECT or XDP_ABORTED-equivalent on error.
+        let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
+        if action == xdp_action::XDP_REDIRECT {
+            Verdict { action, reason: reason::FWD_REDIRECT }
+        } else {
+            Verdict::drop(reason::DROP_NO_ROUTE)
+        }
+    }
+}
+
+/// The packet will not fit the egress MTU (`mtu`) once `overhead` bytes are added: tell the client
+/// the largest packet that would (ICMP fragmentation needed), or drop it if it allowed
+/// fragmentation, which XDP cannot do.
+fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16, overhead: u16) -> Verdict {
+    if !pkt.df {
+        return Verdict::drop(reason::DROP_TOO_BIG);
+    }
+    match icmp::frag_needed(ctx, mtu.saturating_sub(overhead)) {
+        Some(()) => Verdict::tx(reason::TX_ICMP_FRAG_NEEDED),
+        None => Verdict::drop(reason::DROP_ENCAP_FAILED),
+    }
+}
+
+fn write_macs(eth: *mut EthHdr, dst: [u8; 6], src: [u8; 6]) {
+    // SAFETY: callers got `eth` from `ptr_at`.
+    unsafe {
+        (*eth).dst_addr = dst;
+        (*eth).src_addr = src;
+        (*eth).ether_type = ETH_P_IP.to_be();
+    }
+}
+
+fn ipip(ctx: &XdpContext, pkt: &Packet, backend_addr: u32) -> Verdict {
+    let lb_addr = match CONFIG.get(0) {
+        Some(cfg) if cfg.lb_addr != 0 => cfg.lb_addr,
+        _ => return Verdict::drop(reason::DROP_ENCAP_FAILED),
+    };
+    let Some(outer_len) = pkt.ip_len.checked_add(IPV4_HLEN as u16) else {
+        return Verdict::drop(reason::DROP_TOO_BIG);
+    };
+    let (rc, params) = fib(ctx, lb_addr, backend_addr, outer_len, IPPROTO_IPIP);
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {}
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            // SAFETY: the kernel wrote mtu_result for this return code.
+            let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+            return too_big(ctx, pkt, mtu, IPV4_HLEN as u16);
+        }
+        _ => return Verdict::drop(reason::DROP_NO_ROUTE),
+    }
+
+    let Some(old_eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Verdict::drop(reason::DROP_ENCAP_FAILED);
+    };
+    // SAFETY: bounds checked.
+    let (old_dst, old_src) = unsafe { ((*old_eth).dst_addr, (*old_eth).src_addr) };
+    // SAFETY: growing the head by 20 bytes; all pointers are re-derived afterwards.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_HLEN as i32)) } != 0 {
+        return Verdict::drop(reason::DROP_ENCAP_FAILED);
+    }
+    let (Some(eth), Some(outer)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN),
+    ) else {
+        return Verdict::drop(reason::DROP_ENCAP_FAILED);
+    };
+    let no_neigh = rc as u32 == BPF_FIB_LKUP_RET_NO_NEIGH;
+    if no_neigh {
+        // Keep the frame addressed to us: the kernel forwards the encapsulated packet and resolves
+        // the next hop itself.
+        write_macs(eth, old_dst, old_src);
+    } else {
+        write_macs(eth, params.dmac, params.smac);
+    }
+    let [len_hi, len_lo] = outer_len.to_be_bytes();
+    let [s0, s1, s2, s3] = lb_addr.to_ne_bytes();
+    let [d0, d1, d2, d3] = backend_addr.to_ne_bytes();
+    // Outer DF mirrors the inner one: a DF packet stays unfragmentable end to end.
+    let df = if pkt.df { 0x40 } else { 0 };
+    let mut hdr: [u8; IPV4_HLEN] = [
+        0x45, pkt.tos, len_hi, len_lo, 0, 0, df, 0, OUTER_TTL, IPPROTO_IPIP, 0, 0, s0, s1, s2, s3,
+        d0, d1, d2, d3,
+    ];
+    let [c0, c1] = csum::ipv4_header(&hdr);
+    hdr[10] = c0;
+    hdr[11] = c1;
+    // SAFETY: bounds checked.
+    unsafe { *outer = hdr };
+    if no_neigh {
+        return Verdict::pass(reason::PASS_NO_NEIGH);
+    }
+    egress(ctx, params.ifindex)
+}
+
+fn l2(ctx: &XdpContext, pkt: &Packet, backend_addr: u32) -> Verdict {
+    let (rc, params) = fib(
+        ctx,
+        pkt.flow.src_addr,
+        backend_addr,
+        pkt.ip_len,
+        pkt.flow.proto,
+    );
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Verdict::drop(reason::DROP_NO_NEIGH),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            // SAFETY: the kernel wrote mtu_result for this return code.
+            let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+            return too_big(ctx, pkt, mtu, 0);
+        }
+        _ => return Verdict::drop(reason::DROP_NO_ROUTE),
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Verdict::drop(reason::DROP_ENCAP_FAILED);
+    };
+    write_macs(eth, params.dmac, params.smac);
+    egress(ctx, params.ifindex)
+}

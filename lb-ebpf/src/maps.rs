@@ -1,0 +1,54 @@
+//! Every map of the object. Sizes come from lb-common so the agent agrees; `FLOWS`' capacity is a
+//! placeholder the agent overrides at load time (`EbpfLoader::map_max_entries`).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    decap_reason, reason, Backend, FlowKey, FlowValue, LbConfig, TrafficCounters, VipKey, VipMeta,
+    DEFAULT_FLOW_CAPACITY, MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_VIPS, RING_ENTRIES,
+};
+
+#[map(name = "VIPS")]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// VIP address (network order) → number of VIPs on it. Tells "for a VIP address, unknown port"
+/// (drop) from "not ours" (pass) with one lookup.
+#[map(name = "VIP_ADDRS")]
+pub static VIP_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// Backend slot ids, `ring_index(vip, half, slot)`.
+#[map(name = "RINGS")]
+pub static RINGS: Array<u32> = Array::with_max_entries(RING_ENTRIES, 0);
+
+/// Per-VIP new-flow counter, shared by all CPUs (atomic) so round robin is exact, not per CPU.
+#[map(name = "RR_COUNTERS")]
+pub static RR_COUNTERS: Array<u64> = Array::with_max_entries(MAX_VIPS, 0);
+
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+#[map(name = "VIP_STATS")]
+pub static VIP_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+#[map(name = "BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "REASON_STATS")]
+pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
+
+/// Addresses (network order) whose IPIP packets the decapsulator strips.
+#[map(name = "DECAP_ADDRS")]
+pub static DECAP_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DECAP_ADDRS, 0);
+
+#[map(name = "DECAP_STATS")]
+pub static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(decap_reason::COUNT, 0);

@@ -1,0 +1,55 @@
+//! Per-CPU counters: no atomics, no cache-line sharing between CPUs; the agent sums them.
+
+use crate::maps::{BACKEND_STATS, DECAP_STATS, REASON_STATS, VIP_STATS};
+use aya_ebpf::maps::PerCpuArray;
+use lb_common::TrafficCounters;
+
+#[inline(always)]
+fn bump(map: &PerCpuArray<u64>, index: u32) {
+    if let Some(counter) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_reason(reason: u32) {
+    bump(&REASON_STATS, reason);
+}
+
+#[inline(always)]
+pub fn count_decap(reason: u32) {
+    bump(&DECAP_STATS, reason);
+}
+
+#[inline(always)]
+fn add_traffic(map: &PerCpuArray<TrafficCounters>, index: u32, bytes: u64) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, as above.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+#[inline(always)]
+fn add_new_flow(map: &PerCpuArray<TrafficCounters>, index: u32) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, as above.
+        unsafe { (*c).new_flows += 1 };
+    }
+}
+
+/// A packet of `bytes` (the frame as received) forwarded for `vip_id` to `backend_id`.
+#[inline(always)]
+pub fn count_forwarded(vip_id: u32, backend_id: u32, bytes: u64) {
+    add_traffic(&VIP_STATS, vip_id, bytes);
+    add_traffic(&BACKEND_STATS, backend_id, bytes);
+}
+
+#[inline(always)]
+pub fn count_new_flow(vip_id: u32, backend_id: u32) {
+    add_new_flow(&VIP_STATS, vip_id);
+    add_new_flow(&BACKEND_STATS, backend_id);
+}

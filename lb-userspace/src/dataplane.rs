@@ -1,0 +1,647 @@
+//! The kernel side as seen from the agent: loads the XDP object, attaches the balancer, and turns
+//! `VipSpec`s into map entries (VIP, backend slots, double-buffered ring), reads counters.
+//! Slot ids are this module's business only: callers speak in addresses.
+
+use crate::{
+    ebpf_object::EBPF_OBJECT,
+    model::{ServiceKey, VipSpec},
+    ring::{self, RingError},
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{Xdp, XdpMode},
+};
+use lb_common::{
+    BACKEND_F_ACTIVE, Backend, FlowKey, FlowValue, LbConfig, MAX_BACKENDS, MAX_VIPS,
+    TrafficCounters, VipKey, VipMeta, maps, programs, reason, ring_index,
+};
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    str::FromStr,
+};
+
+/// How the agent asks to attach: `auto` tries driver (native) mode and falls back to generic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum XdpModeChoice {
+    #[default]
+    Auto,
+    Driver,
+    Generic,
+}
+
+impl FromStr for XdpModeChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "driver" | "native" => Ok(Self::Driver),
+            "generic" | "skb" => Ok(Self::Generic),
+            other => Err(format!(
+                "unknown XDP mode {other:?} (expected auto, driver or generic)"
+            )),
+        }
+    }
+}
+
+/// The mode a program actually got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachedMode {
+    Driver,
+    Generic,
+}
+
+impl fmt::Display for AttachedMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttachedMode::Driver => "driver",
+            AttachedMode::Generic => "generic",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("interface {0} does not exist")]
+    NoSuchInterface(String),
+    #[error("interface {0} has no IPv4 address to use as the IPIP source; pass --lb-addr")]
+    NoLbAddress(String),
+    #[error("loading the XDP object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("XDP program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching XDP to {iface} in {mode} mode failed: {source}")]
+    Attach {
+        iface: String,
+        mode: AttachedMode,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name} is missing from the XDP object")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("no free VIP slot: at most {MAX_VIPS} VIPs")]
+    NoVipSlot,
+    #[error(
+        "not enough free backend slots: {needed} needed, {free} free (at most {MAX_BACKENDS} over all VIPs)"
+    )]
+    NoBackendSlots { needed: usize, free: usize },
+    #[error("{0}")]
+    Ring(#[from] RingError),
+    #[error("unknown VIP {0}")]
+    UnknownVip(ServiceKey),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+#[derive(Clone, Debug)]
+pub struct DataplaneOptions {
+    pub iface: String,
+    pub mode: XdpModeChoice,
+    /// Entries of the LRU flow table.
+    pub flow_capacity: u32,
+    /// Outer source of IPIP packets; `None` = the interface's first IPv4 address.
+    pub lb_addr: Option<Ipv4Addr>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStats {
+    pub addr: Ipv4Addr,
+    pub counters: Counters,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipStats {
+    pub key: ServiceKey,
+    pub counters: Counters,
+    pub backends: Vec<BackendStats>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataplaneStats {
+    pub vips: Vec<VipStats>,
+    /// Packets per outcome, by `lb_common::reason::NAMES`, every reason present (zeros included).
+    pub reasons: BTreeMap<String, u64>,
+    pub flow_capacity: u32,
+}
+
+/// A VIP as installed: its slot ids, which ring half is live, and the addresses of its backend
+/// slots in spec order.
+struct InstalledVip {
+    id: u32,
+    half: u32,
+    backends: Vec<(Ipv4Addr, u32)>,
+}
+
+type KernelHash<K, V> = HashMap<MapData, K, V>;
+
+/// The loaded object and typed handles to its maps. Dropping it detaches the balancer (the
+/// program's link and maps are released with the `Ebpf`).
+pub struct Dataplane {
+    ebpf: Ebpf,
+    mode: Option<AttachedMode>,
+    lb_addr: Option<Ipv4Addr>,
+    flow_capacity: u32,
+    vips_map: KernelHash<VipKey, VipMeta>,
+    vip_addrs: KernelHash<u32, u32>,
+    rings: Array<MapData, u32>,
+    rr_counters: Array<MapData, u64>,
+    backends_map: Array<MapData, Backend>,
+    vip_stats: PerCpuArray<MapData, TrafficCounters>,
+    backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    reason_stats: PerCpuArray<MapData, u64>,
+    installed: BTreeMap<ServiceKey, InstalledVip>,
+    free_vip_ids: BTreeSet<u32>,
+    free_backend_ids: BTreeSet<u32>,
+    nr_cpus: usize,
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::MissingMap { name })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+/// `if_nametoindex`, with "does not exist" as a typed error.
+pub fn ifindex(iface: &str) -> Result<u32, DataplaneError> {
+    let name = std::ffi::CString::new(iface)
+        .map_err(|_| DataplaneError::NoSuchInterface(iface.to_string()))?;
+    // SAFETY: valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(DataplaneError::NoSuchInterface(iface.to_string())),
+        index => Ok(index),
+    }
+}
+
+/// IPv4 addresses on `iface`, in the order the kernel lists them.
+pub fn iface_ipv4_addrs(iface: &str) -> Result<Vec<Ipv4Addr>, DataplaneError> {
+    let mut addrs = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(DataplaneError::Io {
+            what: "listing interface addresses".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: walking the list getifaddrs returned; pointers are valid until freeifaddrs.
+        unsafe {
+            let ifa = &*cur;
+            if !ifa.ifa_addr.is_null()
+                && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET
+                && std::ffi::CStr::from_ptr(ifa.ifa_name).to_bytes() == iface.as_bytes()
+            {
+                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                addrs.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+            cur = ifa.ifa_next;
+        }
+    }
+    // SAFETY: `head` came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(addrs)
+}
+
+/// `bpf_fib_lookup` refuses to route for an interface with forwarding off
+/// (BPF_FIB_LKUP_RET_FWD_DISABLED), and the kernel must forward the packets the balancer hands it
+/// for neighbour resolution, so the LB's interface needs IPv4 forwarding.
+fn ensure_forwarding(iface: &str) -> Result<(), DataplaneError> {
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
+    let io = |what: &str, source| DataplaneError::Io {
+        what: format!("{what} {path}"),
+        source,
+    };
+    let current = std::fs::read_to_string(&path).map_err(|e| io("reading", e))?;
+    if current.trim() != "1" {
+        log::info!("enabling IPv4 forwarding on {iface} (needed by bpf_fib_lookup)");
+        std::fs::write(&path, "1").map_err(|e| io("writing", e))?;
+    }
+    Ok(())
+}
+
+fn ipv4_be(addr: Ipv4Addr) -> u32 {
+    // The kernel's maps hold addresses as they are on the wire.
+    u32::from_ne_bytes(addr.octets())
+}
+
+fn vip_key(key: &ServiceKey) -> VipKey {
+    VipKey {
+        addr: ipv4_be(key.addr),
+        port: key.port.to_be(),
+        proto: key.proto.ip_proto(),
+        _pad: 0,
+    }
+}
+
+impl Dataplane {
+    /// Load the object, size the flow table, write the config, attach the balancer to `iface`.
+    /// Errors if the interface does not exist or the attach fails (nothing stays attached then).
+    pub fn load(opts: &DataplaneOptions) -> Result<Self, DataplaneError> {
+        ifindex(&opts.iface)?;
+        let lb_addr = match opts.lb_addr {
+            Some(addr) => addr,
+            None => *iface_ipv4_addrs(&opts.iface)?
+                .first()
+                .ok_or_else(|| DataplaneError::NoLbAddress(opts.iface.clone()))?,
+        };
+        ensure_forwarding(&opts.iface)?;
+        let mut dp = Self::load_unattached(opts.flow_capacity, Some(lb_addr))?;
+        let prog = dp.balancer_mut()?;
+        let attempts: &[(XdpMode, AttachedMode)] = match opts.mode {
+            XdpModeChoice::Driver => &[(XdpMode::Driver, AttachedMode::Driver)],
+            XdpModeChoice::Generic => &[(XdpMode::Skb, AttachedMode::Generic)],
+            XdpModeChoice::Auto => &[
+                (XdpMode::Driver, AttachedMode::Driver),
+                (XdpMode::Skb, AttachedMode::Generic),
+            ],
+        };
+        let mut last_err = None;
+        for (flag, mode) in attempts {
+            match prog.attach(&opts.iface, *flag) {
+                Ok(_) => {
+                    dp.mode = Some(*mode);
+                    break;
+                }
+                Err(source) => {
+                    if opts.mode == XdpModeChoice::Auto && *mode == AttachedMode::Driver {
+                        log::warn!(
+                            "driver-mode XDP on {} failed ({source}); falling back to generic mode, which is slower",
+                            opts.iface
+                        );
+                    }
+                    last_err = Some(DataplaneError::Attach {
+                        iface: opts.iface.clone(),
+                        mode: *mode,
+                        source,
+                    });
+                }
+            }
+        }
+        match dp.mode {
+            Some(_) => Ok(dp),
+            None => Err(last_err.expect("at least one attach attempt")),
+        }
+    }
+
+    /// Load the object and its maps without attaching anywhere: for `BPF_PROG_TEST_RUN` fixtures
+    /// and benchmarks. `lb_addr` is the IPIP outer source.
+    pub fn load_unattached(
+        flow_capacity: u32,
+        lb_addr: Option<Ipv4Addr>,
+    ) -> Result<Self, DataplaneError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::FLOWS, flow_capacity)
+            .load(EBPF_OBJECT)?;
+        let mut config: Array<MapData, LbConfig> = take_map(&mut ebpf, maps::CONFIG)?;
+        config
+            .set(
+                0,
+                LbConfig {
+                    lb_addr: lb_addr.map(ipv4_be).unwrap_or(0),
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(map_err(maps::CONFIG))?;
+        let nr_cpus = aya::util::nr_cpus().map_err(|(what, source)| DataplaneError::Io {
+            what: what.to_string(),
+            source,
+        })?;
+        let mut dp = Dataplane {
+            vips_map: take_map(&mut ebpf, maps::VIPS)?,
+            vip_addrs: take_map(&mut ebpf, maps::VIP_ADDRS)?,
+            rings: take_map(&mut ebpf, maps::RINGS)?,
+            rr_counters: take_map(&mut ebpf, maps::RR_COUNTERS)?,
+            backends_map: take_map(&mut ebpf, maps::BACKENDS)?,
+            vip_stats: take_map(&mut ebpf, maps::VIP_STATS)?,
+            backend_stats: take_map(&mut ebpf, maps::BACKEND_STATS)?,
+            reason_stats: take_map(&mut ebpf, maps::REASON_STATS)?,
+            ebpf,
+            mode: None,
+            lb_addr,
+            flow_capacity,
+            installed: BTreeMap::new(),
+            free_vip_ids: (0..MAX_VIPS).collect(),
+            free_backend_ids: (0..MAX_BACKENDS).collect(),
+            nr_cpus,
+        };
+        dp.balancer_mut()?
+            .load()
+            .map_err(|source| DataplaneError::Program {
+                name: programs::BALANCER,
+                source,
+            })?;
+        Ok(dp)
+    }
+
+    fn balancer_mut(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        let name = programs::BALANCER;
+        let prog = self.ebpf.program_mut(name).ok_or(DataplaneError::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?;
+        prog.try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    /// The loaded balancer program (for `BPF_PROG_TEST_RUN`).
+    pub fn balancer(&self) -> Result<&Xdp, DataplaneError> {
+        let name = programs::BALANCER;
+        let prog = self.ebpf.program(name).ok_or(DataplaneError::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?;
+        prog.try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    /// The flow table, read-only (for tests and, later, state sync).
+    pub fn flows(&self) -> Result<HashMap<&MapData, FlowKey, FlowValue>, DataplaneError> {
+        let map = self
+            .ebpf
+            .map(maps::FLOWS)
+            .ok_or(DataplaneError::MissingMap { name: maps::FLOWS })?;
+        HashMap::try_from(map).map_err(map_err(maps::FLOWS))
+    }
+
+    /// The attach mode, or `None` if loaded unattached.
+    pub fn mode(&self) -> Option<AttachedMode> {
+        self.mode
+    }
+
+    pub fn lb_addr(&self) -> Option<Ipv4Addr> {
+        self.lb_addr
+    }
+
+    pub fn flow_capacity(&self) -> u32 {
+        self.flow_capacity
+    }
+
+    /// Check that `spec` fits (VIP slots, backend slots, ring size) without changing anything.
+    pub fn check_vip(&self, spec: &VipSpec) -> Result<(), DataplaneError> {
+        let existing = self.installed.get(&spec.key);
+        if existing.is_none() && self.free_vip_ids.is_empty() {
+            return Err(DataplaneError::NoVipSlot);
+        }
+        let needed = spec
+            .backends
+            .iter()
+            .filter(|b| {
+                !existing.is_some_and(|vip| vip.backends.iter().any(|(addr, _)| *addr == b.addr))
+            })
+            .count();
+        // Slots of backends this spec drops are freed only after the swap, so they do not count.
+        if needed > self.free_backend_ids.len() {
+            return Err(DataplaneError::NoBackendSlots {
+                needed,
+                free: self.free_backend_ids.len(),
+            });
+        }
+        let weights: Vec<u32> = spec.backends.iter().map(|b| b.weight).collect();
+        ring::build(&weights)?;
+        Ok(())
+    }
+
+    fn zero_counters(
+        map: &mut PerCpuArray<MapData, TrafficCounters>,
+        name: &'static str,
+        index: u32,
+        nr_cpus: usize,
+    ) -> Result<(), DataplaneError> {
+        let zeros = PerCpuValues::try_from(vec![TrafficCounters::default(); nr_cpus]).map_err(
+            |source| DataplaneError::Io {
+                what: format!("building zeroed counters for {name}"),
+                source,
+            },
+        )?;
+        map.set(index, zeros, 0).map_err(map_err(name))
+    }
+
+    /// Install or replace a VIP and its backends. Validates capacity first (`check_vip`): on error
+    /// nothing has changed. The data path sees the old or the new VIP, never a mix: new backend
+    /// slots and the inactive ring half are written first, then one update of the VIP's entry
+    /// switches to them, and only then are dropped backends' slots cleared.
+    pub fn apply_vip(&mut self, spec: &VipSpec) -> Result<(), DataplaneError> {
+        self.check_vip(spec)?;
+        let key = vip_key(&spec.key);
+        let is_new = !self.installed.contains_key(&spec.key);
+        let (vip_id, half) = match self.installed.get(&spec.key) {
+            Some(vip) => (vip.id, vip.half ^ 1),
+            None => (
+                *self.free_vip_ids.first().ok_or(DataplaneError::NoVipSlot)?,
+                0,
+            ),
+        };
+        let old_backends = self
+            .installed
+            .get(&spec.key)
+            .map(|vip| vip.backends.clone())
+            .unwrap_or_default();
+
+        // Backend slots: keep an address's slot (its flows stay put), take fresh ones for new
+        // addresses.
+        let mut slots = Vec::with_capacity(spec.backends.len());
+        let mut fresh = Vec::new();
+        let mut free = self.free_backend_ids.iter();
+        for b in &spec.backends {
+            match old_backends.iter().find(|(addr, _)| *addr == b.addr) {
+                Some((_, id)) => slots.push((b.addr, *id)),
+                None => {
+                    let id = *free
+                        .next()
+                        .ok_or(DataplaneError::NoBackendSlots { needed: 1, free: 0 })?;
+                    slots.push((b.addr, id));
+                    fresh.push((b.addr, id));
+                }
+            }
+        }
+        let weights: Vec<u32> = spec.backends.iter().map(|b| b.weight).collect();
+        let ring = ring::build(&weights)?;
+
+        for (addr, id) in &fresh {
+            Self::zero_counters(
+                &mut self.backend_stats,
+                maps::BACKEND_STATS,
+                *id,
+                self.nr_cpus,
+            )?;
+            self.backends_map
+                .set(
+                    *id,
+                    Backend {
+                        addr: ipv4_be(*addr),
+                        flags: BACKEND_F_ACTIVE,
+                        vip_id,
+                        _pad: 0,
+                    },
+                    0,
+                )
+                .map_err(map_err(maps::BACKENDS))?;
+        }
+        for (slot, backend_index) in ring.iter().enumerate() {
+            self.rings
+                .set(
+                    ring_index(vip_id, half, slot as u32),
+                    slots[*backend_index].1,
+                    0,
+                )
+                .map_err(map_err(maps::RINGS))?;
+        }
+        if is_new {
+            Self::zero_counters(&mut self.vip_stats, maps::VIP_STATS, vip_id, self.nr_cpus)?;
+            self.rr_counters
+                .set(vip_id, 0, 0)
+                .map_err(map_err(maps::RR_COUNTERS))?;
+        }
+        let meta = VipMeta {
+            id: vip_id,
+            ring_len: ring.len() as u32,
+            ring_half: half,
+            forward: spec.forward.code(),
+        };
+        // The switch: one element update, atomic for the data path.
+        self.vips_map
+            .insert(key, meta, 0)
+            .map_err(map_err(maps::VIPS))?;
+        if is_new {
+            let users = self.vip_addrs.get(&key.addr, 0).unwrap_or(0);
+            self.vip_addrs
+                .insert(key.addr, users + 1, 0)
+                .map_err(map_err(maps::VIP_ADDRS))?;
+            self.free_vip_ids.remove(&vip_id);
+        }
+        for (_, id) in &fresh {
+            self.free_backend_ids.remove(id);
+        }
+        // Backends that left: clear their slots so flows pinned to them are re-steered.
+        for (addr, id) in &old_backends {
+            if !slots.iter().any(|(a, _)| a == addr) {
+                self.release_backend(*id)?;
+            }
+        }
+        self.installed.insert(
+            spec.key,
+            InstalledVip {
+                id: vip_id,
+                half,
+                backends: slots,
+            },
+        );
+        Ok(())
+    }
+
+    fn release_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.backends_map
+            .set(id, Backend::default(), 0)
+            .map_err(map_err(maps::BACKENDS))?;
+        self.free_backend_ids.insert(id);
+        Ok(())
+    }
+
+    /// Remove a VIP: its packets are dropped as unknown port from then on (or passed if no other
+    /// VIP shares its address). Unknown key → error, nothing changed.
+    pub fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        let vip = self
+            .installed
+            .get(key)
+            .ok_or(DataplaneError::UnknownVip(*key))?;
+        let (id, backends) = (vip.id, vip.backends.clone());
+        let kkey = vip_key(key);
+        self.vips_map.remove(&kkey).map_err(map_err(maps::VIPS))?;
+        match self.vip_addrs.get(&kkey.addr, 0).unwrap_or(1) {
+            0 | 1 => self
+                .vip_addrs
+                .remove(&kkey.addr)
+                .map_err(map_err(maps::VIP_ADDRS))?,
+            users => self
+                .vip_addrs
+                .insert(kkey.addr, users - 1, 0)
+                .map_err(map_err(maps::VIP_ADDRS))?,
+        }
+        for (_, bid) in backends {
+            self.release_backend(bid)?;
+        }
+        self.installed.remove(key);
+        self.free_vip_ids.insert(id);
+        Ok(())
+    }
+
+    fn sum(
+        map: &PerCpuArray<MapData, TrafficCounters>,
+        name: &'static str,
+        index: u32,
+    ) -> Result<Counters, DataplaneError> {
+        let values = map.get(&index, 0).map_err(map_err(name))?;
+        Ok(values.iter().fold(Counters::default(), |acc, c| Counters {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+            new_flows: acc.new_flows + c.new_flows,
+        }))
+    }
+
+    /// Sum the per-CPU counters of every configured VIP and backend, and the per-reason counters.
+    pub fn stats(&self) -> Result<DataplaneStats, DataplaneError> {
+        let mut vips = Vec::with_capacity(self.installed.len());
+        for (key, vip) in &self.installed {
+            let mut backends = Vec::with_capacity(vip.backends.len());
+            for (addr, id) in &vip.backends {
+                backends.push(BackendStats {
+                    addr: *addr,
+                    counters: Self::sum(&self.backend_stats, maps::BACKEND_STATS, *id)?,
+                });
+            }
+            vips.push(VipStats {
+                key: *key,
+                counters: Self::sum(&self.vip_stats, maps::VIP_STATS, vip.id)?,
+                backends,
+            });
+        }
+        let mut reasons = BTreeMap::new();
+        for (index, name) in reason::NAMES.iter().enumerate() {
+            let values = self
+                .reason_stats
+                .get(&(index as u32), 0)
+                .map_err(map_err(maps::REASON_STATS))?;
+            reasons.insert(name.to_string(), values.iter().sum());
+        }
+        Ok(DataplaneStats {
+            vips,
+            reasons,
+            flow_capacity: self.flow_capacity,
+        })
+    }
+}
