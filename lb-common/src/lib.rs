@@ -262,6 +262,9 @@ mod tests {
     fn ring_halves_do_not_overlap() {
         assert_eq!(ring_index(0, 0, RING_SLOTS - 1) + 1, ring_index(0, 1, 0));
         assert_eq!(ring_index(0, 1, RING_SLOTS - 1) + 1, ring_index(1, 0, 0));
-        assert_eq!(ring_index(MAX_VIPS - 1, 1, RING_SLOTS - 1), RING_ENTRIES - 1);
+        assert_eq!(
+            ring_index(MAX_VIPS - 1, 1, RING_SLOTS - 1),
+            RING_ENTRIES - 1
+        );
     }
 }

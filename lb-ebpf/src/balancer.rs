@@ -2,8 +2,7 @@
 //! Forwarding itself is in `forward.rs`.
 
 use crate::{
-    Verdict,
-    forward,
+    Verdict, forward,
     maps::{BACKENDS, FLOWS, RINGS, RR_COUNTERS, VIP_ADDRS, VIPS},
     parse::{ETH_HLEN, ETH_P_IP, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at},
     stats,
@@ -45,8 +44,7 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
         return Err(Verdict::pass(reason::PASS_NOT_IPV4));
     }
-    let ip: *const Ipv4Hdr =
-        ptr_at(ctx, ETH_HLEN).ok_or(Verdict::pass(reason::PASS_MALFORMED))?;
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(Verdict::pass(reason::PASS_MALFORMED))?;
     // SAFETY: as above; everything needed later is copied out before any header moves.
     let ip = unsafe { &*ip };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
@@ -55,7 +53,7 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
     }
     let dst_addr = u32::from_ne_bytes(ip.dst_addr);
     // SAFETY: read-only lookup; the value is not used.
-    if unsafe { VIP_ADDRS.get(&dst_addr) }.is_none() {
+    if unsafe { VIP_ADDRS.get(dst_addr) }.is_none() {
         return Err(Verdict::pass(reason::PASS_NOT_VIP));
     }
     let frags = u16::from_be_bytes(ip.frags);
@@ -91,7 +89,7 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
         _pad: 0,
     };
     // SAFETY: copied out at once; the agent replaces VIP entries whole.
-    let vip = *unsafe { VIPS.get(&vip_key) }.ok_or(Verdict::drop(reason::DROP_UNKNOWN_PORT))?;
+    let vip = *unsafe { VIPS.get(vip_key) }.ok_or(Verdict::drop(reason::DROP_UNKNOWN_PORT))?;
     Ok(Packet {
         vip,
         flow: FlowKey {
@@ -129,7 +127,7 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
 /// The flow's backend, if the flow is known and its backend slot still holds the same address
 /// for the same VIP and is active. Otherwise the flow is re-steered as if new.
 fn existing_flow(pkt: &Packet, now: u64) -> Option<(u32, u32)> {
-    let flow = FLOWS.get_ptr_mut(&pkt.flow)?;
+    let flow = FLOWS.get_ptr_mut(pkt.flow)?;
     // SAFETY: map value pointer from a successful lookup.
     let (id, addr) = unsafe { ((*flow).backend_id, (*flow).backend_addr) };
     let backend = BACKENDS.get(id)?;
@@ -202,7 +200,7 @@ fn new_flow(pkt: &Packet, now: u64) -> Result<(u32, u32), Verdict> {
     };
     // An LRU map evicts rather than fails when full; if the insert fails anyway, the packet still
     // goes to this backend and the next one of the flow takes another slot.
-    let _ = FLOWS.insert(&pkt.flow, &value, 0);
+    let _ = FLOWS.insert(pkt.flow, value, 0);
     stats::count_new_flow(vip.id, id);
     Ok((id, backend.addr))
 }

@@ -27,7 +27,7 @@ pub fn try_decap(ctx: &XdpContext) -> Verdict {
     let outer = unsafe { &*outer };
     let dst = u32::from_ne_bytes(outer.dst_addr);
     // SAFETY: read-only lookup.
-    if outer.proto != IPPROTO_IPIP || unsafe { DECAP_ADDRS.get(&dst) }.is_none() {
+    if outer.proto != IPPROTO_IPIP || unsafe { DECAP_ADDRS.get(dst) }.is_none() {
         return pass;
     }
     let ihl = ((outer.vihl & 0x0f) as usize) * 4;

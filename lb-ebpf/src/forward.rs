@@ -1,6 +1,7 @@
 //! Getting a steered packet to its backend, both ways direct server return:
 //! - `ipip`: prepend an outer IPv4 header (protocol 4) from the LB's address to the backend's;
 //! - `l2`: rewrite the destination MAC only (backend on the LB's segment, VIP on its `lo`).
+//!
 //! Next hop and egress interface come from `bpf_fib_lookup`, which also checks the egress MTU.
 
 use crate::{
@@ -73,7 +74,10 @@ fn egress(ctx: &XdpContext, ifindex: u32) -> Verdict {
         // SAFETY: plain helper call; it returns XDP_REDIRECT or XDP_ABORTED-equivalent on error.
         let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
         if action == xdp_action::XDP_REDIRECT {
-            Verdict { action, reason: reason::FWD_REDIRECT }
+            Verdict {
+                action,
+                reason: reason::FWD_REDIRECT,
+            }
         } else {
             Verdict::drop(reason::DROP_NO_ROUTE)
         }
@@ -150,8 +154,26 @@ fn ipip(ctx: &XdpContext, pkt: &Packet, backend_addr: u32) -> Verdict {
     // Outer DF mirrors the inner one: a DF packet stays unfragmentable end to end.
     let df = if pkt.df { 0x40 } else { 0 };
     let mut hdr: [u8; IPV4_HLEN] = [
-        0x45, pkt.tos, len_hi, len_lo, 0, 0, df, 0, OUTER_TTL, IPPROTO_IPIP, 0, 0, s0, s1, s2, s3,
-        d0, d1, d2, d3,
+        0x45,
+        pkt.tos,
+        len_hi,
+        len_lo,
+        0,
+        0,
+        df,
+        0,
+        OUTER_TTL,
+        IPPROTO_IPIP,
+        0,
+        0,
+        s0,
+        s1,
+        s2,
+        s3,
+        d0,
+        d1,
+        d2,
+        d3,
     ];
     let [c0, c1] = csum::ipv4_header(&hdr);
     hdr[10] = c0;

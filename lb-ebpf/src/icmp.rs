@@ -96,7 +96,16 @@ pub fn frag_needed(ctx: &XdpContext, mtu: u16) -> Option<()> {
     // SAFETY: bounds checked.
     unsafe {
         *hdr = ip_hdr;
-        *icmp = [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0, mtu_hi, mtu_lo];
+        *icmp = [
+            ICMP_DEST_UNREACH,
+            ICMP_FRAG_NEEDED,
+            0,
+            0,
+            0,
+            0,
+            mtu_hi,
+            mtu_lo,
+        ];
     }
     let sum = csum::packet_words(ctx, ETH_HLEN + IPV4_HLEN, icmp_len / 2)?;
     let [s0, s1] = csum::fold(sum).to_be_bytes();

@@ -26,13 +26,22 @@ pub struct Verdict {
 
 impl Verdict {
     pub const fn pass(reason: u32) -> Self {
-        Self { action: xdp_action::XDP_PASS, reason }
+        Self {
+            action: xdp_action::XDP_PASS,
+            reason,
+        }
     }
     pub const fn drop(reason: u32) -> Self {
-        Self { action: xdp_action::XDP_DROP, reason }
+        Self {
+            action: xdp_action::XDP_DROP,
+            reason,
+        }
     }
     pub const fn tx(reason: u32) -> Self {
-        Self { action: xdp_action::XDP_TX, reason }
+        Self {
+            action: xdp_action::XDP_TX,
+            reason,
+        }
     }
 }
 

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    decap_reason, reason, Backend, FlowKey, FlowValue, LbConfig, TrafficCounters, VipKey, VipMeta,
-    DEFAULT_FLOW_CAPACITY, MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_VIPS, RING_ENTRIES,
+    Backend, DEFAULT_FLOW_CAPACITY, FlowKey, FlowValue, LbConfig, MAX_BACKENDS, MAX_DECAP_ADDRS,
+    MAX_VIPS, RING_ENTRIES, TrafficCounters, VipKey, VipMeta, decap_reason, reason,
 };
 
 #[map(name = "VIPS")]
