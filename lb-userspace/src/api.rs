@@ -1,0 +1,294 @@
+//! The agent ↔ CLI protocol: a Unix stream socket carrying newline-delimited JSON, one `Request`
+//! line answered by one `Response` line. Both enums are internally tagged so a line is readable by a
+//! human with `socat` and stays stable when variants are added.
+//!
+//! The report types (`VipSummary`, `VipReport`, `StatsReport`) are also exactly what the CLI prints
+//! with `--json`, so their field names are a public interface: do not rename them.
+
+use crate::model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec};
+use serde::{Deserialize, Serialize};
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+/// Longest request or response line accepted, newline included. Generous for any real request, and
+/// it bounds what a misbehaving peer can make us buffer.
+pub const MAX_LINE: usize = 4 << 20;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    VipAdd {
+        vip: ServiceKey,
+        forward: Forward,
+    },
+    VipDel {
+        vip: ServiceKey,
+    },
+    VipList,
+    BackendAdd {
+        vip: ServiceKey,
+        backend: Ipv4Addr,
+        weight: u32,
+    },
+    BackendDel {
+        vip: ServiceKey,
+        backend: Ipv4Addr,
+    },
+    BackendList {
+        vip: ServiceKey,
+    },
+    Stats,
+}
+
+impl Request {
+    /// Whether the request changes desired state (the agent re-warms neighbours after those).
+    pub fn is_mutation(&self) -> bool {
+        matches!(
+            self,
+            Request::VipAdd { .. }
+                | Request::VipDel { .. }
+                | Request::BackendAdd { .. }
+                | Request::BackendDel { .. }
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum Response {
+    /// A change was applied and persisted; `message` says what, for the operator.
+    Done {
+        message: String,
+    },
+    VipList {
+        vips: Vec<VipSummary>,
+    },
+    BackendList {
+        vip: VipReport,
+    },
+    Stats {
+        stats: StatsReport,
+    },
+    /// Nothing changed; `message` names the problem (one line).
+    Error {
+        message: String,
+    },
+}
+
+/// One backend as configured (`vip list --json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendSummary {
+    pub address: Ipv4Addr,
+    pub weight: u32,
+}
+
+/// One VIP as configured (`vip list --json` prints `{"vips": [VipSummary, ...]}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipSummary {
+    /// `ADDR:PORT`, as typed on the command line.
+    pub vip: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub proto: Proto,
+    pub forward: Forward,
+    pub backends: Vec<BackendSummary>,
+}
+
+impl From<&VipSpec> for VipSummary {
+    fn from(spec: &VipSpec) -> Self {
+        VipSummary {
+            vip: vip_string(&spec.key),
+            address: spec.key.addr,
+            port: spec.key.port,
+            proto: spec.key.proto,
+            forward: spec.forward,
+            backends: spec
+                .backends
+                .iter()
+                .map(|b: &BackendSpec| BackendSummary {
+                    address: b.addr,
+                    weight: b.weight,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What `vip list --json` prints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipList {
+    pub vips: Vec<VipSummary>,
+}
+
+/// One backend with its data-path counters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendReport {
+    pub address: Ipv4Addr,
+    pub weight: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// One VIP with its counters and its backends' (`backend list --json` prints this object).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipReport {
+    pub vip: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub proto: Proto,
+    pub forward: Forward,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub backends: Vec<BackendReport>,
+}
+
+/// Everything `xlb stats --json` prints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub vips: Vec<VipReport>,
+    /// Packets per outcome (`lb_common::reason::NAMES`), every reason present.
+    pub reasons: BTreeMap<String, u64>,
+    pub flow_capacity: u32,
+}
+
+/// `ADDR:PORT` of a service key (the protocol is reported separately).
+pub fn vip_string(key: &ServiceKey) -> String {
+    format!("{}:{}", key.addr, key.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> ServiceKey {
+        ServiceKey {
+            addr: Ipv4Addr::new(10, 111, 100, 1),
+            port: 80,
+            proto: Proto::Tcp,
+        }
+    }
+
+    fn round_trip_request(req: Request) {
+        let line = serde_json::to_string(&req).unwrap();
+        assert!(!line.contains('\n'), "one request must be one line: {line}");
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), req);
+    }
+
+    fn round_trip_response(resp: Response) {
+        let line = serde_json::to_string(&resp).unwrap();
+        assert!(!line.contains('\n'));
+        assert_eq!(serde_json::from_str::<Response>(&line).unwrap(), resp);
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        let backend = Ipv4Addr::new(10, 111, 1, 11);
+        for req in [
+            Request::VipAdd {
+                vip: key(),
+                forward: Forward::L2,
+            },
+            Request::VipDel { vip: key() },
+            Request::VipList,
+            Request::BackendAdd {
+                vip: key(),
+                backend,
+                weight: 3,
+            },
+            Request::BackendDel {
+                vip: key(),
+                backend,
+            },
+            Request::BackendList { vip: key() },
+            Request::Stats,
+        ] {
+            round_trip_request(req);
+        }
+    }
+
+    #[test]
+    fn every_response_round_trips() {
+        let spec = VipSpec {
+            key: key(),
+            forward: Forward::Ipip,
+            backends: vec![BackendSpec {
+                addr: Ipv4Addr::new(10, 111, 1, 11),
+                weight: 1,
+            }],
+        };
+        let report = VipReport {
+            vip: "10.111.100.1:80".into(),
+            address: key().addr,
+            port: 80,
+            proto: Proto::Udp,
+            forward: Forward::L2,
+            packets: 1,
+            bytes: 2,
+            new_flows: 3,
+            backends: vec![BackendReport {
+                address: Ipv4Addr::new(10, 111, 1, 12),
+                weight: 2,
+                packets: 4,
+                bytes: 5,
+                new_flows: 6,
+            }],
+        };
+        for resp in [
+            Response::Done {
+                message: "added".into(),
+            },
+            Response::VipList {
+                vips: vec![VipSummary::from(&spec)],
+            },
+            Response::BackendList {
+                vip: report.clone(),
+            },
+            Response::Stats {
+                stats: StatsReport {
+                    vips: vec![report],
+                    reasons: [("fwd_tx".to_string(), 7)].into_iter().collect(),
+                    flow_capacity: 1024,
+                },
+            },
+            Response::Error {
+                message: "unknown VIP".into(),
+            },
+        ] {
+            round_trip_response(resp);
+        }
+    }
+
+    #[test]
+    fn wire_format_is_stable() {
+        let req = Request::BackendAdd {
+            vip: key(),
+            backend: Ipv4Addr::new(10, 111, 1, 11),
+            weight: 1,
+        };
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"request":"backend_add","vip":{"addr":"10.111.100.1","port":80,"proto":"tcp"},"backend":"10.111.1.11","weight":1}"#
+        );
+        let summary = VipSummary::from(&VipSpec {
+            key: key(),
+            forward: Forward::Ipip,
+            backends: vec![],
+        });
+        assert_eq!(
+            serde_json::to_string(&summary).unwrap(),
+            r#"{"vip":"10.111.100.1:80","address":"10.111.100.1","port":80,"proto":"tcp","forward":"ipip","backends":[]}"#
+        );
+    }
+
+    #[test]
+    fn garbage_is_rejected() {
+        assert!(serde_json::from_str::<Request>(r#"{"request":"reboot"}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(
+                r#"{"request":"vip_del","vip":{"addr":"10.111.300.1","port":80,"proto":"tcp"}}"#
+            )
+            .is_err()
+        );
+    }
+}

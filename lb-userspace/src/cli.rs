@@ -1,0 +1,716 @@
+//! Command-line interface: the clap definitions of every `xlb` subcommand, and the client side of
+//! each (send a request, print the answer as a table or as JSON).
+//!
+//! Addresses are taken as strings and parsed here rather than by clap, so a malformed one is
+//! reported like every other input error (`xlb: error: ...`, exit 1) instead of as a usage error.
+
+use crate::{
+    agent::{AgentOptions, DEFAULT_SOCKET, DEFAULT_STATE_DIR},
+    api::{Request, Response, StatsReport, VipList, VipReport, VipSummary},
+    backend_host::{self, BackendHostError, RECORD_DIR, SetupOptions},
+    client::{self, ClientError},
+    dataplane::{DataplaneError, XdpModeChoice},
+    model::{DEFAULT_WEIGHT, Forward, Proto, ServiceKey},
+    parse::{ParseError, parse_addr_port, parse_ipv4},
+    xdp_persist,
+};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::{
+    io::{self, Write},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xlb",
+    version,
+    about = "xlb: an XDP layer-4 load balancer with direct server return",
+    long_about = "xlb steers packets for virtual services (VIPs) to backends at the NIC, with XDP.\n\
+                  `xlb agent` attaches the data path to an interface and keeps the desired state;\n\
+                  the other commands talk to it over a Unix socket."
+)]
+pub struct Cli {
+    /// The agent's control socket.
+    #[arg(long, global = true, env = "XLB_SOCKET", default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: attach the balancer to an interface, install the desired state (from
+    /// --config or the state saved in --state-dir) and serve the CLI until SIGINT/SIGTERM.
+    Agent(AgentArgs),
+    /// Add, delete and list virtual services.
+    #[command(subcommand)]
+    Vip(VipCommand),
+    /// Add, delete and list the backends of a virtual service.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Per-VIP, per-backend and per-reason packet counters.
+    Stats {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prepare this host (run it inside the backend's network namespace) as a direct-server-return
+    /// backend, or undo that.
+    #[command(subcommand)]
+    BackendHost(BackendHostCommand),
+    /// Attach or detach a trivial XDP program that passes every packet.
+    ///
+    /// On veth pairs, packets that an XDP program in native (driver) mode sends with XDP_TX or
+    /// redirects onto a veth are dropped unless the receiving peer has an XDP program attached.
+    /// Attach this to the peers of the interface the agent runs on when using --xdp-mode driver
+    /// on veths. Generic mode does not need it. The program stays attached after this command
+    /// exits.
+    #[command(subcommand)]
+    XdpPass(XdpPassCommand),
+}
+
+/// XDP attach mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum XdpModeArg {
+    /// Driver (native) mode if the driver supports it, generic otherwise (with a warning).
+    Auto,
+    /// Driver (native) mode only.
+    Driver,
+    /// Generic (SKB) mode: works everywhere, slower.
+    Generic,
+}
+
+impl From<XdpModeArg> for XdpModeChoice {
+    fn from(m: XdpModeArg) -> Self {
+        match m {
+            XdpModeArg::Auto => XdpModeChoice::Auto,
+            XdpModeArg::Driver => XdpModeChoice::Driver,
+            XdpModeArg::Generic => XdpModeChoice::Generic,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProtoArg {
+    Tcp,
+    Udp,
+}
+
+impl From<ProtoArg> for Proto {
+    fn from(p: ProtoArg) -> Self {
+        match p {
+            ProtoArg::Tcp => Proto::Tcp,
+            ProtoArg::Udp => Proto::Udp,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ForwardArg {
+    /// IPIP encapsulation to the backend (works across subnets; the backend decapsulates).
+    Ipip,
+    /// Rewrite the destination MAC only (backends on the load balancer's L2 segment).
+    L2,
+}
+
+impl From<ForwardArg> for Forward {
+    fn from(f: ForwardArg) -> Self {
+        match f {
+            ForwardArg::Ipip => Forward::Ipip,
+            ForwardArg::L2 => Forward::L2,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Interface to attach the balancer to (or `iface` under [agent] in the config file).
+    #[arg(long, value_name = "IF")]
+    pub iface: Option<String>,
+    /// XDP attach mode [default: auto].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub xdp_mode: Option<XdpModeArg>,
+    /// Directory of the persisted desired state (state.json).
+    #[arg(long, env = "XLB_STATE_DIR", default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// TOML file with the VIPs to serve (replaces the saved state) and optional [agent] options;
+    /// command-line flags win over the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Outer source address of IPIP packets [default: the interface's first IPv4 address].
+    #[arg(long, value_name = "ADDR")]
+    pub lb_addr: Option<Ipv4Addr>,
+    /// Entries of the flow table [default: 262144].
+    #[arg(long, value_name = "N")]
+    pub flow_capacity: Option<u32>,
+}
+
+impl AgentArgs {
+    pub fn into_options(self, socket: PathBuf) -> AgentOptions {
+        AgentOptions {
+            iface: self.iface,
+            xdp_mode: self.xdp_mode.map(Into::into),
+            socket,
+            state_dir: self.state_dir,
+            config_file: self.config,
+            lb_addr: self.lb_addr,
+            flow_capacity: self.flow_capacity,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VipCommand {
+    /// Add a virtual service (with no backends yet).
+    Add {
+        /// ADDR:PORT, e.g. 10.111.100.1:80
+        vip: String,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: ProtoArg,
+        #[arg(long, value_enum, default_value = "ipip")]
+        forward: ForwardArg,
+    },
+    /// Delete a virtual service and its backends.
+    Del {
+        /// ADDR:PORT
+        vip: String,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: ProtoArg,
+    },
+    /// List virtual services.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendCommand {
+    /// Add a backend to a virtual service.
+    Add {
+        /// The VIP, ADDR:PORT
+        vip: String,
+        /// The backend's IPv4 address (no port: direct server return keeps the VIP's port).
+        backend: String,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: ProtoArg,
+        /// Relative share of new flows (0-256; 0 = no new flows).
+        #[arg(long, default_value_t = DEFAULT_WEIGHT)]
+        weight: u32,
+    },
+    /// Remove a backend from a virtual service.
+    Del {
+        vip: String,
+        backend: String,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: ProtoArg,
+    },
+    /// List the backends of a virtual service with their counters.
+    List {
+        vip: String,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: ProtoArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendHostCommand {
+    /// Add the VIPs to lo, set the ARP and rp_filter sysctls DSR needs, and attach the IPIP
+    /// decapsulator; records what it did for `teardown`.
+    Setup {
+        /// A VIP this backend serves (repeatable).
+        #[arg(long = "vip", value_name = "ADDR", required = true)]
+        vips: Vec<String>,
+        /// Interface to decapsulate on (repeatable) [default: every non-loopback interface that
+        /// is up and has an IPv4 address].
+        #[arg(long = "iface", value_name = "IF")]
+        ifaces: Vec<String>,
+        #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
+        xdp_mode: XdpModeArg,
+    },
+    /// Undo exactly what `setup` did in this network namespace.
+    Teardown,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum XdpPassCommand {
+    /// Attach the pass program to IFACE.
+    Attach {
+        iface: String,
+        #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
+        xdp_mode: XdpModeArg,
+    },
+    /// Detach whatever XDP program IFACE has.
+    Detach { iface: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Parse(#[from] ParseError),
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    BackendHost(#[from] BackendHostError),
+    #[error("interface {0:?} does not exist")]
+    NoSuchInterface(String),
+    #[error("{iface}: {source}")]
+    Xdp {
+        iface: String,
+        source: Box<DataplaneError>,
+    },
+    #[error("unexpected answer from the agent: {0}")]
+    Unexpected(String),
+    #[error("writing output: {0}")]
+    Output(#[from] io::Error),
+}
+
+fn service_key(vip: &str, proto: ProtoArg) -> Result<ServiceKey, ParseError> {
+    let (addr, port) = parse_addr_port(vip)?;
+    Ok(ServiceKey {
+        addr,
+        port,
+        proto: proto.into(),
+    })
+}
+
+fn unexpected(resp: Response) -> CliError {
+    CliError::Unexpected(format!("{resp:?}"))
+}
+
+fn print(text: &str) -> Result<(), CliError> {
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
+    let mut s = serde_json::to_string_pretty(value).expect("reports serialise to JSON");
+    s.push('\n');
+    print(&s)
+}
+
+/// Send a mutating request and print the agent's confirmation.
+fn change(socket: &Path, req: Request) -> Result<(), CliError> {
+    match client::call(socket, &req)? {
+        Response::Done { message } => print(&format!("{message}\n")),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub fn vip(socket: &Path, cmd: VipCommand) -> Result<(), CliError> {
+    match cmd {
+        VipCommand::Add {
+            vip,
+            proto,
+            forward,
+        } => change(
+            socket,
+            Request::VipAdd {
+                vip: service_key(&vip, proto)?,
+                forward: forward.into(),
+            },
+        ),
+        VipCommand::Del { vip, proto } => change(
+            socket,
+            Request::VipDel {
+                vip: service_key(&vip, proto)?,
+            },
+        ),
+        VipCommand::List { json } => match client::call(socket, &Request::VipList)? {
+            Response::VipList { vips } if json => print_json(&VipList { vips }),
+            Response::VipList { vips } => print(&vip_table(&vips)),
+            other => Err(unexpected(other)),
+        },
+    }
+}
+
+pub fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError> {
+    match cmd {
+        BackendCommand::Add {
+            vip,
+            backend,
+            proto,
+            weight,
+        } => {
+            let vip = service_key(&vip, proto)?;
+            let backend = parse_ipv4(&backend)?;
+            change(
+                socket,
+                Request::BackendAdd {
+                    vip,
+                    backend,
+                    weight,
+                },
+            )
+        }
+        BackendCommand::Del {
+            vip,
+            backend,
+            proto,
+        } => {
+            let vip = service_key(&vip, proto)?;
+            let backend = parse_ipv4(&backend)?;
+            change(socket, Request::BackendDel { vip, backend })
+        }
+        BackendCommand::List { vip, proto, json } => {
+            let vip = service_key(&vip, proto)?;
+            match client::call(socket, &Request::BackendList { vip })? {
+                Response::BackendList { vip } if json => print_json(&vip),
+                Response::BackendList { vip } => print(&backend_table(&vip, "")),
+                other => Err(unexpected(other)),
+            }
+        }
+    }
+}
+
+pub fn stats(socket: &Path, json: bool) -> Result<(), CliError> {
+    match client::call(socket, &Request::Stats)? {
+        Response::Stats { stats } if json => print_json(&stats),
+        Response::Stats { stats } => print(&stats_text(&stats)),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub async fn backend_host(cmd: BackendHostCommand) -> Result<(), CliError> {
+    match cmd {
+        BackendHostCommand::Setup {
+            vips,
+            ifaces,
+            xdp_mode,
+        } => {
+            let vips = vips
+                .iter()
+                .map(|v| parse_ipv4(v))
+                .collect::<Result<Vec<_>, _>>()?;
+            let record = backend_host::setup(&SetupOptions {
+                vips,
+                ifaces,
+                mode: xdp_mode.into(),
+                record_dir: PathBuf::from(RECORD_DIR),
+            })
+            .await?;
+            let ifaces: Vec<String> = record
+                .xdp
+                .iter()
+                .map(|x| format!("{} ({})", x.iface, x.mode))
+                .collect();
+            print(&format!(
+                "backend host set up: {} VIP address(es) added to lo, {} sysctl(s) changed, decapsulator on {}\n",
+                record.lo_addrs.len(),
+                record.sysctls.len(),
+                ifaces.join(", ")
+            ))
+        }
+        BackendHostCommand::Teardown => {
+            let record = backend_host::teardown(Path::new(RECORD_DIR)).await?;
+            print(&format!(
+                "backend host torn down: {} VIP address(es) removed from lo, {} sysctl(s) restored, decapsulator detached from {} interface(s)\n",
+                record.lo_addrs.len(),
+                record.sysctls.len(),
+                record.xdp.len()
+            ))
+        }
+    }
+}
+
+pub fn xdp_pass(cmd: XdpPassCommand) -> Result<(), CliError> {
+    let iface = match &cmd {
+        XdpPassCommand::Attach { iface, .. } | XdpPassCommand::Detach { iface } => iface.clone(),
+    };
+    if crate::agent::interface_index(&iface).is_err() {
+        return Err(CliError::NoSuchInterface(iface));
+    }
+    let xdp_err = |source| CliError::Xdp {
+        iface: iface.clone(),
+        source: Box::new(source),
+    };
+    match cmd {
+        XdpPassCommand::Attach { xdp_mode, .. } => {
+            let mode = xdp_persist::attach_pass(&iface, xdp_mode.into()).map_err(xdp_err)?;
+            print(&format!(
+                "pass program attached to {iface} in {mode} mode\n"
+            ))
+        }
+        XdpPassCommand::Detach { .. } => {
+            xdp_persist::detach(&iface).map_err(xdp_err)?;
+            print(&format!("XDP program detached from {iface}\n"))
+        }
+    }
+}
+
+/// Left-aligned columns, two spaces apart, each line prefixed with `indent`.
+fn table(indent: &str, header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = indent.to_string();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        s.push('\n');
+        s
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// `xlb vip list`:
+/// ```text
+/// VIP              PROTO  FORWARD  BACKENDS
+/// 10.111.100.1:80  tcp    ipip     3
+/// ```
+pub fn vip_table(vips: &[VipSummary]) -> String {
+    let rows: Vec<Vec<String>> = vips
+        .iter()
+        .map(|v| {
+            vec![
+                v.vip.clone(),
+                v.proto.to_string(),
+                v.forward.to_string(),
+                v.backends.len().to_string(),
+            ]
+        })
+        .collect();
+    table("", &["VIP", "PROTO", "FORWARD", "BACKENDS"], &rows)
+}
+
+/// `xlb backend list VIP:PORT`:
+/// ```text
+/// BACKEND      WEIGHT  PACKETS  BYTES  NEW_FLOWS
+/// 10.111.1.11  1       10       840    10
+/// ```
+pub fn backend_table(vip: &VipReport, indent: &str) -> String {
+    let rows: Vec<Vec<String>> = vip
+        .backends
+        .iter()
+        .map(|b| {
+            vec![
+                b.address.to_string(),
+                b.weight.to_string(),
+                b.packets.to_string(),
+                b.bytes.to_string(),
+                b.new_flows.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        indent,
+        &["BACKEND", "WEIGHT", "PACKETS", "BYTES", "NEW_FLOWS"],
+        &rows,
+    )
+}
+
+/// `xlb stats`: one block per VIP (its counters, then its backends'), then the per-reason
+/// counters and the flow-table capacity.
+pub fn stats_text(stats: &StatsReport) -> String {
+    let mut out = String::new();
+    for v in &stats.vips {
+        out.push_str(&format!(
+            "VIP {}/{} forward {}: packets {} bytes {} new_flows {}\n",
+            v.vip, v.proto, v.forward, v.packets, v.bytes, v.new_flows
+        ));
+        out.push_str(&backend_table(v, "  "));
+        out.push('\n');
+    }
+    let rows: Vec<Vec<String>> = stats
+        .reasons
+        .iter()
+        .map(|(name, n)| vec![name.clone(), n.to_string()])
+        .collect();
+    out.push_str(&table("", &["REASON", "PACKETS"], &rows));
+    out.push_str(&format!("\nflow table capacity: {}\n", stats.flow_capacity));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BackendReport, BackendSummary};
+    use clap::CommandFactory;
+
+    fn report() -> VipReport {
+        VipReport {
+            vip: "10.111.100.1:80".into(),
+            address: Ipv4Addr::new(10, 111, 100, 1),
+            port: 80,
+            proto: Proto::Tcp,
+            forward: Forward::Ipip,
+            packets: 30,
+            bytes: 2520,
+            new_flows: 30,
+            backends: vec![BackendReport {
+                address: Ipv4Addr::new(10, 111, 1, 11),
+                weight: 1,
+                packets: 10,
+                bytes: 840,
+                new_flows: 10,
+            }],
+        }
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_the_documented_command_lines() {
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "backend",
+            "add",
+            "10.111.100.1:80",
+            "10.111.1.11",
+            "--weight",
+            "3",
+            "--proto",
+            "udp",
+            "--socket",
+            "/tmp/x.sock",
+        ])
+        .unwrap();
+        assert_eq!(cli.socket, PathBuf::from("/tmp/x.sock"));
+        assert!(matches!(
+            cli.command,
+            Command::Backend(BackendCommand::Add {
+                weight: 3,
+                proto: ProtoArg::Udp,
+                ..
+            })
+        ));
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "backend-host",
+            "setup",
+            "--vip",
+            "10.111.100.1",
+            "--vip",
+            "10.111.100.2",
+            "--iface",
+            "eth0",
+            "--xdp-mode",
+            "generic",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::BackendHost(BackendHostCommand::Setup {
+                vips,
+                ifaces,
+                xdp_mode,
+            }) => {
+                assert_eq!(vips.len(), 2);
+                assert_eq!(ifaces, vec!["eth0".to_string()]);
+                assert_eq!(xdp_mode, XdpModeArg::Generic);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "agent",
+            "--iface",
+            "veth0",
+            "--xdp-mode",
+            "driver",
+            "--state-dir",
+            "/tmp/s",
+            "--flow-capacity",
+            "1000",
+        ])
+        .unwrap();
+        let Command::Agent(args) = cli.command else {
+            panic!()
+        };
+        let opts = args.into_options(cli.socket);
+        assert_eq!(opts.iface.as_deref(), Some("veth0"));
+        assert_eq!(opts.xdp_mode, Some(XdpModeChoice::Driver));
+        assert_eq!(opts.flow_capacity, Some(1000));
+        assert!(
+            Cli::try_parse_from(["xlb", "vip", "add", "1.2.3.4:80", "--forward", "nat"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["xlb", "backend-host", "setup"]).is_err());
+    }
+
+    #[test]
+    fn malformed_addresses_fail_before_any_connection() {
+        // The socket does not exist: a parse error must win over "cannot reach".
+        let sock = Path::new("/nonexistent/xlb.sock");
+        for vip in ["10.111.300.1:80", "foo", "10.111.100.1"] {
+            let e = super::vip(
+                sock,
+                VipCommand::Add {
+                    vip: vip.into(),
+                    proto: ProtoArg::Tcp,
+                    forward: ForwardArg::Ipip,
+                },
+            )
+            .unwrap_err();
+            assert!(matches!(e, CliError::Parse(_)), "{vip}: {e}");
+        }
+        let e = super::backend(
+            sock,
+            BackendCommand::Add {
+                vip: "10.111.100.1:80".into(),
+                backend: "10.111.1.300".into(),
+                proto: ProtoArg::Tcp,
+                weight: 1,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, CliError::Parse(_)), "{e}");
+    }
+
+    #[test]
+    fn tables_have_the_documented_layout() {
+        let vips = vec![VipSummary {
+            vip: "10.111.100.1:80".into(),
+            address: Ipv4Addr::new(10, 111, 100, 1),
+            port: 80,
+            proto: Proto::Tcp,
+            forward: Forward::Ipip,
+            backends: vec![
+                BackendSummary {
+                    address: Ipv4Addr::new(10, 111, 1, 11),
+                    weight: 1,
+                };
+                3
+            ],
+        }];
+        assert_eq!(
+            vip_table(&vips),
+            "VIP              PROTO  FORWARD  BACKENDS\n10.111.100.1:80  tcp    ipip     3\n"
+        );
+        assert_eq!(
+            backend_table(&report(), ""),
+            "BACKEND      WEIGHT  PACKETS  BYTES  NEW_FLOWS\n10.111.1.11  1       10       840    10\n"
+        );
+        let stats = StatsReport {
+            vips: vec![report()],
+            reasons: [("fwd_tx".to_string(), 30)].into_iter().collect(),
+            flow_capacity: 262144,
+        };
+        let text = stats_text(&stats);
+        assert!(text.starts_with(
+            "VIP 10.111.100.1:80/tcp forward ipip: packets 30 bytes 2520 new_flows 30\n  BACKEND"
+        ));
+        assert!(text.contains("REASON  PACKETS\nfwd_tx  30\n"), "{text}");
+        assert!(text.ends_with("flow table capacity: 262144\n"));
+    }
+}

@@ -1,0 +1,308 @@
+//! The TOML configuration file (`xlb agent --config FILE`): the VIPs to serve and, optionally,
+//! agent options under `[agent]` (command-line flags win over them).
+//!
+//! ```toml
+//! [agent]
+//! iface = "eth0"
+//! xdp_mode = "auto"        # auto | driver | generic
+//! lb_addr = "10.111.1.2"   # outer source of IPIP packets
+//! flow_capacity = 262144
+//!
+//! [[vip]]
+//! address = "10.111.100.1:80"
+//! proto = "tcp"            # default tcp
+//! forward = "ipip"         # default ipip
+//! [[vip.backend]]
+//! address = "10.111.1.11"
+//! weight = 1               # default 1
+//! ```
+//!
+//! Unknown keys are errors: a misspelt `wieght` silently ignored would be worse than a refusal.
+
+use crate::{
+    model::{BackendSpec, DEFAULT_WEIGHT, Forward, Proto, ServiceKey, VipSpec},
+    parse::{ParseError, parse_addr_port, parse_ipv4},
+    state::{DesiredState, StateError},
+};
+use serde::Deserialize;
+use std::{
+    fs, io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("config file {}: {}", path.display(), one_line(source))]
+    Toml {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("config file {}: vip #{index}: {source}", path.display())]
+    VipAddress {
+        path: PathBuf,
+        index: usize,
+        source: ParseError,
+    },
+    #[error("config file {}: vip {vip}, backend #{index}: {source}", path.display())]
+    BackendAddress {
+        path: PathBuf,
+        vip: String,
+        index: usize,
+        source: ParseError,
+    },
+    #[error("config file {}: unknown XDP mode {mode:?} (expected auto, driver or generic)", path.display())]
+    XdpMode { path: PathBuf, mode: String },
+    #[error("config file {}: {source}", path.display())]
+    Invalid { path: PathBuf, source: StateError },
+}
+
+/// toml's errors span several lines (a source excerpt with a caret); the agent reports errors on one.
+fn one_line(e: &toml::de::Error) -> String {
+    let mut msg = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if let Some(span) = e.span() {
+        msg = format!("{msg} (at byte {})", span.start);
+    }
+    msg
+}
+
+/// `[agent]`: options that may also be given as flags.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    pub iface: Option<String>,
+    pub xdp_mode: Option<String>,
+    pub lb_addr: Option<Ipv4Addr>,
+    pub flow_capacity: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    agent: AgentSection,
+    #[serde(default, rename = "vip")]
+    vips: Vec<RawVip>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    address: String,
+    #[serde(default)]
+    proto: Proto,
+    #[serde(default)]
+    forward: Forward,
+    #[serde(default, rename = "backend")]
+    backends: Vec<RawBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: String,
+    #[serde(default = "default_weight")]
+    weight: u32,
+}
+
+fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
+}
+
+/// A parsed and validated config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub agent: AgentSection,
+    pub state: DesiredState,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parse `text` (read from `path`, which is only used in messages) and validate it as a whole.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let p = || path.to_path_buf();
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|source| ConfigError::Toml { path: p(), source })?;
+        if let Some(mode) = &raw.agent.xdp_mode
+            && mode.parse::<crate::dataplane::XdpModeChoice>().is_err()
+        {
+            return Err(ConfigError::XdpMode {
+                path: p(),
+                mode: mode.clone(),
+            });
+        }
+        let mut specs = Vec::with_capacity(raw.vips.len());
+        for (index, vip) in raw.vips.into_iter().enumerate() {
+            let (addr, port) =
+                parse_addr_port(&vip.address).map_err(|source| ConfigError::VipAddress {
+                    path: p(),
+                    index: index + 1,
+                    source,
+                })?;
+            let mut backends = Vec::with_capacity(vip.backends.len());
+            for (bi, b) in vip.backends.into_iter().enumerate() {
+                let baddr =
+                    parse_ipv4(&b.address).map_err(|source| ConfigError::BackendAddress {
+                        path: p(),
+                        vip: vip.address.clone(),
+                        index: bi + 1,
+                        source,
+                    })?;
+                backends.push(BackendSpec {
+                    addr: baddr,
+                    weight: b.weight,
+                });
+            }
+            specs.push(VipSpec {
+                key: ServiceKey {
+                    addr,
+                    port,
+                    proto: vip.proto,
+                },
+                forward: vip.forward,
+                backends,
+            });
+        }
+        let state = DesiredState::from_specs(specs)
+            .map_err(|source| ConfigError::Invalid { path: p(), source })?;
+        Ok(Config {
+            agent: raw.agent,
+            state,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("xlb.toml"), text)
+    }
+
+    #[test]
+    fn full_example_parses_with_defaults() {
+        let cfg = parse(
+            r#"
+            [agent]
+            iface = "veth0"
+            xdp_mode = "generic"
+            lb_addr = "10.111.1.2"
+            flow_capacity = 1024
+
+            [[vip]]
+            address = "10.111.100.1:80"
+            [[vip.backend]]
+            address = "10.111.1.11"
+            [[vip.backend]]
+            address = "10.111.1.12"
+            weight = 3
+
+            [[vip]]
+            address = "10.111.100.1:53"
+            proto = "udp"
+            forward = "l2"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.agent.iface.as_deref(), Some("veth0"));
+        assert_eq!(cfg.agent.xdp_mode.as_deref(), Some("generic"));
+        assert_eq!(cfg.agent.lb_addr, Some(Ipv4Addr::new(10, 111, 1, 2)));
+        assert_eq!(cfg.agent.flow_capacity, Some(1024));
+        let vips: Vec<&VipSpec> = cfg.state.vips().collect();
+        assert_eq!(vips.len(), 2);
+        // Ordered by key: port 53 before port 80.
+        assert_eq!(vips[0].key.proto, Proto::Udp);
+        assert_eq!(vips[0].forward, Forward::L2);
+        assert!(vips[0].backends.is_empty());
+        assert_eq!(vips[1].key.port, 80);
+        assert_eq!(vips[1].key.proto, Proto::Tcp);
+        assert_eq!(vips[1].forward, Forward::Ipip);
+        assert_eq!(
+            vips[1].backends,
+            vec![
+                BackendSpec {
+                    addr: Ipv4Addr::new(10, 111, 1, 11),
+                    weight: 1
+                },
+                BackendSpec {
+                    addr: Ipv4Addr::new(10, 111, 1, 12),
+                    weight: 3
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_file_is_an_empty_state() {
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg.state.vip_count(), 0);
+        assert_eq!(cfg.agent, AgentSection::default());
+    }
+
+    #[test]
+    fn bad_files_are_rejected_with_the_reason() {
+        let cases = [
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\nwieght = 1\n",
+                "unknown field",
+            ),
+            ("[agent]\nifname = \"x\"\n", "unknown field"),
+            (
+                "[[vip]]\naddress = \"10.111.300.1:80\"\n",
+                "vip #1: malformed address",
+            ),
+            ("[[vip]]\naddress = \"10.111.100.1\"\n", "missing port"),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\nproto = \"sctp\"\n",
+                "sctp",
+            ),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\nforward = \"nat\"\n",
+                "nat",
+            ),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\n[[vip.backend]]\naddress = \"10.111.1.11:80\"\n",
+                "backend #1: malformed address \"10.111.1.11:80\": a backend address takes no port",
+            ),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\n[[vip]]\naddress = \"10.111.100.1:80\"\n",
+                "VIP 10.111.100.1:80/tcp already exists",
+            ),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\n[[vip.backend]]\naddress = \"10.111.1.11\"\n[[vip.backend]]\naddress = \"10.111.1.11\"\n",
+                "backend 10.111.1.11 already exists in VIP 10.111.100.1:80/tcp",
+            ),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\n[[vip.backend]]\naddress = \"10.111.1.11\"\nweight = 1000\n",
+                "above the maximum",
+            ),
+            (
+                "[agent]\nxdp_mode = \"turbo\"\n",
+                "unknown XDP mode \"turbo\"",
+            ),
+            ("[[vip]\n", "xlb.toml"),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: {err:?} lacks {want:?}");
+            assert!(err.starts_with("config file xlb.toml"), "{err}");
+            assert!(!err.contains('\n'), "one line: {err:?}");
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Parsing of the addresses an operator types (`ADDR:PORT` for a VIP, `ADDR` for a backend), with
+//! errors that quote the input and say what was expected, so the CLI and the config file can report
+//! the problem in one line.
+
+use std::net::Ipv4Addr;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("malformed address {input:?}: missing port (expected ADDR:PORT, e.g. 10.0.0.1:80)")]
+    MissingPort { input: String },
+    #[error("malformed address {input:?}: expected ADDR:PORT, e.g. 10.0.0.1:80")]
+    NotAddrPort { input: String },
+    #[error("malformed address {input:?}: {addr:?} is not an IPv4 address")]
+    BadIpv4 { input: String, addr: String },
+    #[error("malformed address {input:?}: {port:?} is not a port (expected 1-65535)")]
+    BadPort { input: String, port: String },
+    #[error("malformed address {input:?}: port 0 is not a valid port (expected 1-65535)")]
+    PortZero { input: String },
+    #[error(
+        "malformed address {input:?}: a backend address takes no port (the VIP's port is kept)"
+    )]
+    UnexpectedPort { input: String },
+}
+
+/// Parse `ADDR:PORT` (a VIP). Port 0 is rejected: no packet is ever addressed to it.
+pub fn parse_addr_port(input: &str) -> Result<(Ipv4Addr, u16), ParseError> {
+    let owned = || input.to_string();
+    let Some((addr, port)) = input.rsplit_once(':') else {
+        // A bare address is the common slip; anything else is just not an address.
+        return Err(if input.parse::<Ipv4Addr>().is_ok() {
+            ParseError::MissingPort { input: owned() }
+        } else if looks_like_ipv4(input) {
+            ParseError::BadIpv4 {
+                input: owned(),
+                addr: input.to_string(),
+            }
+        } else {
+            ParseError::NotAddrPort { input: owned() }
+        });
+    };
+    let addr: Ipv4Addr = addr.parse().map_err(|_| {
+        if looks_like_ipv4(addr) {
+            ParseError::BadIpv4 {
+                input: owned(),
+                addr: addr.to_string(),
+            }
+        } else {
+            ParseError::NotAddrPort { input: owned() }
+        }
+    })?;
+    if port.is_empty() {
+        return Err(ParseError::MissingPort { input: owned() });
+    }
+    let port: u16 = port.parse().map_err(|_| ParseError::BadPort {
+        input: owned(),
+        port: port.to_string(),
+    })?;
+    if port == 0 {
+        return Err(ParseError::PortZero { input: owned() });
+    }
+    Ok((addr, port))
+}
+
+/// Parse a plain IPv4 address (a backend). `ADDR:PORT` is rejected with its own message, because DSR
+/// cannot change the destination port.
+pub fn parse_ipv4(input: &str) -> Result<Ipv4Addr, ParseError> {
+    if let Ok(addr) = input.parse() {
+        return Ok(addr);
+    }
+    if parse_addr_port(input).is_ok() {
+        return Err(ParseError::UnexpectedPort {
+            input: input.to_string(),
+        });
+    }
+    Err(ParseError::BadIpv4 {
+        input: input.to_string(),
+        addr: input.to_string(),
+    })
+}
+
+/// "Four dot-separated groups of digits": used only to pick the more helpful of two messages.
+fn looks_like_ipv4(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() == 4
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn good_addresses_parse() {
+        assert_eq!(
+            parse_addr_port("10.111.100.1:80").unwrap(),
+            (Ipv4Addr::new(10, 111, 100, 1), 80)
+        );
+        assert_eq!(
+            parse_addr_port("0.0.0.0:65535").unwrap(),
+            (Ipv4Addr::UNSPECIFIED, 65535)
+        );
+        assert_eq!(
+            parse_ipv4("10.111.1.11").unwrap(),
+            Ipv4Addr::new(10, 111, 1, 11)
+        );
+    }
+
+    #[test]
+    fn malformed_addresses_name_the_problem() {
+        let e = parse_addr_port("10.111.300.1:80").unwrap_err();
+        assert!(matches!(e, ParseError::BadIpv4 { ref addr, .. } if addr == "10.111.300.1"));
+        assert_eq!(
+            e.to_string(),
+            "malformed address \"10.111.300.1:80\": \"10.111.300.1\" is not an IPv4 address"
+        );
+        assert!(matches!(
+            parse_addr_port("foo").unwrap_err(),
+            ParseError::NotAddrPort { .. }
+        ));
+        assert!(matches!(
+            parse_addr_port("foo:80").unwrap_err(),
+            ParseError::NotAddrPort { .. }
+        ));
+        assert!(matches!(
+            parse_addr_port("10.111.100.1").unwrap_err(),
+            ParseError::MissingPort { .. }
+        ));
+        assert!(matches!(
+            parse_addr_port("10.111.100.1:").unwrap_err(),
+            ParseError::MissingPort { .. }
+        ));
+        assert!(matches!(
+            parse_addr_port("10.111.100.1:0").unwrap_err(),
+            ParseError::PortZero { .. }
+        ));
+        assert!(matches!(
+            parse_addr_port("10.111.100.1:65536").unwrap_err(),
+            ParseError::BadPort { .. }
+        ));
+        assert!(matches!(
+            parse_addr_port("10.111.100.1:http").unwrap_err(),
+            ParseError::BadPort { .. }
+        ));
+        assert!(matches!(
+            parse_addr_port("10.111.300.1").unwrap_err(),
+            ParseError::BadIpv4 { .. }
+        ));
+        assert!(matches!(
+            parse_addr_port("").unwrap_err(),
+            ParseError::NotAddrPort { .. }
+        ));
+    }
+
+    #[test]
+    fn backend_addresses_take_no_port() {
+        assert!(matches!(
+            parse_ipv4("10.111.1.11:80").unwrap_err(),
+            ParseError::UnexpectedPort { .. }
+        ));
+        assert!(matches!(
+            parse_ipv4("10.111.1.300").unwrap_err(),
+            ParseError::BadIpv4 { .. }
+        ));
+        assert!(matches!(
+            parse_ipv4("bar").unwrap_err(),
+            ParseError::BadIpv4 { .. }
+        ));
+    }
+}

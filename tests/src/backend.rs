@@ -1,0 +1,197 @@
+//! A backend host: real nginx (HTTP on port 80, on every address so both the backend's own address
+//! and the VIP) and a UDP echo-the-name service bound to the VIP.
+
+use crate::{cmd::wait_for, netns::Netns, process::Process, topology::VIP};
+use anyhow::{Context, Result};
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+/// Size of the download and upload bodies.
+pub const BIG: usize = 1 << 20;
+pub const HTTP_PORT: u16 = 80;
+pub const UDP_PORT: u16 = 5353;
+/// Port of the second nginx server that reports what the front one received for `/upload`.
+const UPLOAD_SINK_PORT: u16 = 8080;
+
+/// 1 MiB of known, non-repeating content (xorshift), so truncation, reordering or corruption of
+/// the transfer shows up as a mismatch.
+pub fn big_content() -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out = Vec::with_capacity(BIG);
+    while out.len() < BIG {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(BIG);
+    out
+}
+
+/// nginx for backend `name`, everything it writes kept inside `dir`.
+///
+/// - `GET /` → `<name>\n`
+/// - `GET /1m` → the 1 MiB [`big_content`]
+/// - `POST /upload` → `<name> <bytes received>\n`: the front server buffers the whole request
+///   body before it proxies (proxy_request_buffering is on by default), so the sink's
+///   `$content_length` is only reported once all of the body has arrived.
+pub fn nginx_conf(name: &str, dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log notice;
+events {{ worker_connections 512; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    default_type application/octet-stream;
+    keepalive_requests 1000;
+    server {{
+        listen {HTTP_PORT};
+        client_max_body_size 4m;
+        client_body_buffer_size 2m;
+        location = / {{
+            default_type text/plain;
+            return 200 "{name}\n";
+        }}
+        location = /1m {{
+            root {d}/www;
+        }}
+        location = /upload {{
+            proxy_pass http://127.0.0.1:{UPLOAD_SINK_PORT};
+        }}
+    }}
+    server {{
+        listen 127.0.0.1:{UPLOAD_SINK_PORT};
+        location / {{
+            default_type text/plain;
+            return 200 "{name} $content_length\n";
+        }}
+    }}
+}}
+"#
+    )
+}
+
+/// One backend's running services.
+pub struct Backend {
+    pub name: String,
+    pub addr: Ipv4Addr,
+    dir: PathBuf,
+    // Stopped (by pid) before the namespace goes away: the testbed drops backends first.
+    nginx: Process,
+    udp: Option<Process>,
+}
+
+impl Backend {
+    /// Starts nginx in `ns` and waits until it accepts connections on the backend's address.
+    pub fn start_http(
+        ns: &Netns,
+        name: &str,
+        addr: Ipv4Addr,
+        dir: &Path,
+        content: &[u8],
+    ) -> Result<Self> {
+        fs::create_dir_all(dir.join("www"))?;
+        fs::write(dir.join("www").join("1m"), content)?;
+        let conf = dir.join("nginx.conf");
+        fs::write(&conf, nginx_conf(name, dir))?;
+        let mut cmd = ns.command("nginx");
+        cmd.arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off; master_process off;"]);
+        let mut nginx = Process::spawn(
+            &format!("nginx on {name}"),
+            &mut cmd,
+            &dir.join("nginx.out"),
+        )?;
+        let target = SocketAddr::from((addr, HTTP_PORT));
+        wait_for(&format!("nginx on {name}"), Duration::from_secs(10), || {
+            nginx.ensure_running()?;
+            Ok(ns
+                .enter(move || {
+                    TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok()
+                })?
+                .then_some(()))
+        })
+        .with_context(|| fs::read_to_string(dir.join("error.log")).unwrap_or_default())?;
+        Ok(Self {
+            name: name.to_string(),
+            addr,
+            dir: dir.to_path_buf(),
+            nginx,
+            udp: None,
+        })
+    }
+
+    /// Starts the UDP service on VIP:5353 (answers `<name>\n` from the VIP, as direct server return
+    /// requires). The VIP must already be on the backend's `lo`; waits until it answers locally.
+    pub fn start_udp(&mut self, ns: &Netns) -> Result<()> {
+        let mut cmd = ns.command("socat");
+        cmd.arg(format!("UDP4-RECVFROM:{UDP_PORT},bind={VIP},fork"))
+            .arg(format!("SYSTEM:echo {}", self.name));
+        let mut udp = Process::spawn(
+            &format!("UDP service on {}", self.name),
+            &mut cmd,
+            &self.dir.join("socat.out"),
+        )?;
+        let name = self.name.clone();
+        wait_for(
+            &format!("UDP service on {}", self.name),
+            Duration::from_secs(10),
+            || {
+                udp.ensure_running()?;
+                let answer = ns.enter(|| {
+                    udp_query(
+                        SocketAddr::from((VIP, UDP_PORT)),
+                        Duration::from_millis(300),
+                    )
+                })?;
+                Ok(answer.ok().filter(|a| *a == name).map(|_| ()))
+            },
+        )?;
+        self.udp = Some(udp);
+        Ok(())
+    }
+
+    pub fn nginx_error_log(&self) -> String {
+        fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+
+    pub fn nginx_pid(&self) -> i32 {
+        self.nginx.pid()
+    }
+
+    /// Pids of nginx and, once started, the UDP service.
+    pub fn pids(&self) -> Vec<i32> {
+        let mut pids = vec![self.nginx.pid()];
+        pids.extend(self.udp.as_ref().map(Process::pid));
+        pids
+    }
+}
+
+/// One datagram to `target`, the trimmed text of the reply. Run it inside a namespace.
+pub fn udp_query(target: SocketAddr, timeout: Duration) -> Result<String> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.connect(target)?;
+    sock.send(b"who?\n")?;
+    let mut buf = [0u8; 512];
+    let n = sock
+        .recv(&mut buf)
+        .with_context(|| format!("no UDP answer from {target} within {timeout:?}"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}

@@ -1,0 +1,115 @@
+//! `cargo xtask demo`: brings up the test topology with three nginx backends behind xlb, sends
+//! requests through the VIP, prints which backend answered each one and xlb's counters, then tears
+//! everything down (also on Ctrl-C or a failure).
+
+use anyhow::{Result, bail};
+use clap::Parser;
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
+use xlb_tests::{
+    netns,
+    testbed::{Testbed, TestbedOptions},
+    topology::{LB1_ADDR, VIP},
+};
+
+#[derive(Parser)]
+#[command(about = "xlb demo: three nginx backends behind xlb in network namespaces")]
+struct Args {
+    /// Forwarding method of the VIP.
+    #[arg(long, default_value = "ipip", value_parser = ["ipip", "l2"])]
+    forward: String,
+    /// XDP mode of the agent (and the backends' decapsulator).
+    #[arg(long, default_value = "generic", value_parser = ["driver", "generic"])]
+    xdp_mode: String,
+    /// HTTP requests to send, each on a new connection.
+    #[arg(long, default_value_t = 12)]
+    requests: u32,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn main() {
+    let args = Args::parse();
+    // A flag instead of dying: returning normally runs the guards that delete the namespaces and
+    // stop nginx and the agent.
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    netns::require_root();
+    match run(&args) {
+        Ok(()) => println!("demo: done, every namespace and process removed"),
+        Err(e) => {
+            eprintln!("demo: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let start = Instant::now();
+    println!(
+        "demo: building namespaces (cli — rtr/br0 — lb1, be1..be3), nginx on each backend, \
+         xlb agent on lb1 (XDP {}), VIP {VIP}:80 and :5353/udp (forward {})",
+        args.xdp_mode, args.forward
+    );
+    let bed = Testbed::up(TestbedOptions::new(&args.forward, &args.xdp_mode))?;
+    println!(
+        "demo: ready in {:.1}s (namespaces {}-*)\n",
+        start.elapsed().as_secs_f64(),
+        bed.topo.prefix()
+    );
+    let mut result = traffic(&bed, args);
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        // Ctrl-C also reached curl and the servers; their errors are not the story.
+        result = Err(anyhow::anyhow!("interrupted"));
+    } else if result.is_err() {
+        eprintln!("{}", bed.diagnostics());
+    }
+    println!("\ndemo: tearing down");
+    drop(bed);
+    let left: Vec<String> = netns::list()?
+        .into_iter()
+        .filter(|n| n.starts_with(netns::PREFIX))
+        .collect();
+    if !left.is_empty() {
+        bail!("namespaces left behind: {left:?}");
+    }
+    result
+}
+
+fn traffic(bed: &Testbed, args: &Args) -> Result<()> {
+    println!("$ ip netns exec cli curl http://{VIP}/   (one new connection per request)");
+    for n in 1..=args.requests {
+        check_interrupted()?;
+        println!("request {n:2} -> {}", bed.get_backend()?);
+    }
+    check_interrupted()?;
+    let keepalive = bed.keepalive(5)?;
+    let names: Vec<&str> = keepalive.iter().map(|(b, _)| b.as_str()).collect();
+    println!("keep-alive connection, 5 requests -> {}", names.join(" "));
+    check_interrupted()?;
+    println!("udp {VIP}:5353 -> {}", bed.udp()?);
+    println!(
+        "tcp {LB1_ADDR}:2222 (lb1's own address, not a VIP) -> {}",
+        bed.lb1_tcp()?
+    );
+    check_interrupted()?;
+    println!("\n$ xlb stats");
+    print!("{}", bed.client().ok(&["stats"])?);
+    Ok(())
+}

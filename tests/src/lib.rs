@@ -1,0 +1,15 @@
+//! xlb's network-namespace test bed: the DESIGN.md topology (cli — rtr/br0 — lb1, be1..be3),
+//! real nginx backends, the `xlb` agent and CLI, and guards that remove every namespace and stop
+//! every process they started (by pid), also when a test panics.
+//!
+//! Everything here needs root. Rules kept throughout: only 10.111.0.0/16, only inside namespaces
+//! created here (named `xlbt<pid>x<n>-<role>`), nothing routed from the root namespace, and every
+//! command and wait bounded in time.
+
+pub mod backend;
+pub mod cmd;
+pub mod netns;
+pub mod process;
+pub mod testbed;
+pub mod topology;
+pub mod xlb;

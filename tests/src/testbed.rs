@@ -1,0 +1,421 @@
+//! The whole end-to-end set-up: the topology, three nginx backends prepared with
+//! `xlb backend-host setup`, `xlb agent` on lb1 configured through the CLI, and the client-side
+//! probes the tests and the demo use.
+
+use crate::{
+    backend::{BIG, Backend, HTTP_PORT, UDP_PORT, big_content, udp_query},
+    cmd::{Output, run_timeout},
+    netns::{Netns, TempDir},
+    process::Process,
+    topology::{HOST_IFACE, LB1_ADDR, Topology, TopologyOptions, VIP, backend_addr, backend_name},
+    xlb::{Agent, Xlb, expect_clean_exit, has_xdp, xdp_mode, xlb_in},
+};
+use anyhow::{Context, Result, bail, ensure};
+use std::{
+    io::Read,
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+/// Port of the "SSH-like" listener on lb1's own address.
+pub const LB1_TCP_PORT: u16 = 2222;
+pub const LB1_TCP_ANSWER: &str = "lb1-ssh";
+/// Prints `all`'s arp_ignore and arp_announce (0 0 in a fresh namespace, 1 2 once set up).
+const ARP_SYSCTLS: &str =
+    "cat /proc/sys/net/ipv4/conf/all/arp_ignore /proc/sys/net/ipv4/conf/all/arp_announce";
+/// Per-request limit for curl.
+pub const CURL_MAX_TIME: u64 = 5;
+
+#[derive(Clone, Debug)]
+pub struct TestbedOptions {
+    /// `ipip` or `l2`.
+    pub forward: String,
+    /// `driver` or `generic`, for the agent and the backends' decapsulator.
+    pub xdp_mode: String,
+    pub backends: usize,
+}
+
+impl TestbedOptions {
+    pub fn new(forward: &str, xdp_mode: &str) -> Self {
+        Self {
+            forward: forward.to_string(),
+            xdp_mode: xdp_mode.to_string(),
+            backends: 3,
+        }
+    }
+}
+
+pub struct Testbed {
+    // Field order is drop order: the agent detaches and every process is stopped (by pid) before
+    // the namespaces they live in are deleted, and the temporary directory goes last.
+    agent: Option<Agent>,
+    lb1_listener: Option<Process>,
+    backends: Vec<Backend>,
+    /// Backends where `backend-host setup` ran and `teardown` has not: torn down on drop, so no
+    /// setup record outlives the namespace it describes.
+    hosts_set_up: Vec<String>,
+    pub topo: Topology,
+    pub dir: TempDir,
+    pub options: TestbedOptions,
+    pub content: Vec<u8>,
+}
+
+impl Testbed {
+    /// Builds everything; on any error, whatever was built is torn down again.
+    pub fn up(options: TestbedOptions) -> Result<Self> {
+        let topo = Topology::build(TopologyOptions {
+            backends: options.backends,
+            lb2: false,
+        })?;
+        let dir = TempDir::new(topo.prefix())?;
+        let mut bed = Self {
+            agent: None,
+            lb1_listener: None,
+            backends: Vec::new(),
+            hosts_set_up: Vec::new(),
+            topo,
+            dir,
+            options,
+            content: big_content(),
+        };
+        bed.start_backends().context("starting the backends")?;
+        bed.start_lb1_listener()
+            .context("starting the listener on lb1")?;
+        bed.start_agent().context("starting xlb on lb1")?;
+        bed.configure().context("configuring xlb through the CLI")?;
+        Ok(bed)
+    }
+
+    fn start_backends(&mut self) -> Result<()> {
+        let mode = self.options.xdp_mode.clone();
+        let mode_wanted = mode.clone();
+        let vip = VIP.to_string();
+        for i in 1..=self.options.backends {
+            let name = backend_name(i);
+            let ns = self.topo.ns(&name);
+            let dir = self.dir.path().join(&name);
+            let mut backend = Backend::start_http(ns, &name, backend_addr(i), &dir, &self.content)?;
+            // What is under test: VIP on lo, ARP and rp_filter sysctls, the decapsulator.
+            xlb_in(
+                ns,
+                &[
+                    "backend-host",
+                    "setup",
+                    "--vip",
+                    &vip,
+                    "--iface",
+                    HOST_IFACE,
+                    "--xdp-mode",
+                    &mode,
+                ],
+            )
+            .with_context(|| format!("xlb backend-host setup on {name}"))?;
+            self.hosts_set_up.push(name.clone());
+            let arp = ns.sh(ARP_SYSCTLS)?;
+            ensure!(
+                arp.split_whitespace().eq(["1", "2"]),
+                "{name}: arp_ignore/arp_announce after setup: {arp}"
+            );
+            let mode = xdp_mode(ns, HOST_IFACE)?;
+            ensure!(
+                mode == Some(mode_wanted.as_str()),
+                "decapsulator on {name}'s {HOST_IFACE}: XDP mode {mode:?}, expected {mode_wanted}"
+            );
+            let lo = ns.ip(&["-4", "addr", "show", "dev", "lo"])?;
+            ensure!(
+                lo.contains(&format!("{VIP}/32")),
+                "VIP not on {name}'s lo after setup: {lo}"
+            );
+            backend.start_udp(ns)?;
+            self.backends.push(backend);
+        }
+        Ok(())
+    }
+
+    fn start_lb1_listener(&mut self) -> Result<()> {
+        let lb1 = self.topo.ns("lb1");
+        let mut cmd = lb1.command("socat");
+        cmd.arg(format!(
+            "TCP-LISTEN:{LB1_TCP_PORT},bind={LB1_ADDR},fork,reuseaddr"
+        ))
+        .arg(format!("SYSTEM:echo {LB1_TCP_ANSWER}"));
+        let mut listener = Process::spawn(
+            "TCP listener on lb1",
+            &mut cmd,
+            &self.dir.path().join("lb1-socat.out"),
+        )?;
+        let target = SocketAddr::from((LB1_ADDR, LB1_TCP_PORT));
+        crate::cmd::wait_for("the TCP listener on lb1", Duration::from_secs(10), || {
+            listener.ensure_running()?;
+            Ok(lb1
+                .enter(move || {
+                    TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok()
+                })?
+                .then_some(()))
+        })?;
+        self.lb1_listener = Some(listener);
+        Ok(())
+    }
+
+    fn start_agent(&mut self) -> Result<()> {
+        if self.options.xdp_mode == "driver" {
+            // Native-mode XDP_TX out of lb1's veth is only delivered if the receiving peer runs an
+            // XDP program; generic mode needs none.
+            let peer = Topology::peer_iface("lb1");
+            xlb_in(
+                self.topo.ns("rtr"),
+                &["xdp-pass", "attach", &peer, "--xdp-mode", "driver"],
+            )?;
+        }
+        let agent_dir = self.dir.path().join("lb1");
+        std::fs::create_dir_all(&agent_dir)?;
+        self.agent = Some(Agent::start(
+            self.topo.ns("lb1"),
+            HOST_IFACE,
+            &self.options.xdp_mode,
+            &agent_dir,
+            &[],
+        )?);
+        // Explicitly asked for, so no silent fallback to the other mode.
+        let mode = xdp_mode(self.topo.ns("lb1"), HOST_IFACE)?;
+        ensure!(
+            mode == Some(self.options.xdp_mode.as_str()),
+            "balancer on lb1's {HOST_IFACE}: XDP mode {mode:?}, expected {}",
+            self.options.xdp_mode
+        );
+        Ok(())
+    }
+
+    fn configure(&mut self) -> Result<()> {
+        let xlb = self.client().clone();
+        let forward = self.options.forward.clone();
+        for (port, proto) in [(HTTP_PORT, "tcp"), (UDP_PORT, "udp")] {
+            let vip = format!("{VIP}:{port}");
+            xlb.ok(&["vip", "add", &vip, "--proto", proto, "--forward", &forward])?;
+            for i in 1..=self.options.backends {
+                xlb.ok(&[
+                    "backend",
+                    "add",
+                    &vip,
+                    &backend_addr(i).to_string(),
+                    "--proto",
+                    proto,
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn client(&self) -> &Xlb {
+        &self.agent.as_ref().expect("agent running").client
+    }
+
+    pub fn agent_mut(&mut self) -> &mut Agent {
+        self.agent.as_mut().expect("agent running")
+    }
+
+    pub fn ns(&self, role: &str) -> &Netns {
+        self.topo.ns(role)
+    }
+
+    /// Pids of every process the bed started (agent, nginx, socat), for checking the clean-up.
+    pub fn pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self.backends.iter().flat_map(Backend::pids).collect();
+        pids.extend(self.agent.as_ref().map(Agent::pid));
+        pids.extend(self.lb1_listener.as_ref().map(Process::pid));
+        pids
+    }
+
+    pub fn backend_names(&self) -> Vec<String> {
+        self.backends.iter().map(|b| b.name.clone()).collect()
+    }
+
+    /// `curl -sS --max-time 5 <args…>` from cli.
+    pub fn curl(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = self.ns("cli").command("curl");
+        cmd.args(["-sS", "--max-time", &CURL_MAX_TIME.to_string()])
+            .args(args);
+        run_timeout(&mut cmd, Duration::from_secs(CURL_MAX_TIME + 10))
+    }
+
+    /// One new connection, `GET http://VIP/`: the name of the backend that answered.
+    pub fn get_backend(&self) -> Result<String> {
+        let out = self.curl(&[&format!("http://{VIP}/")])?.checked()?;
+        let name = out.stdout.trim().to_string();
+        ensure!(
+            self.backend_names().contains(&name),
+            "unexpected answer from the VIP: {:?}",
+            out.stdout
+        );
+        Ok(name)
+    }
+
+    /// One curl invocation with `n` URLs (one keep-alive connection): per request, the backend
+    /// name and curl's count of new connections it made for it.
+    pub fn keepalive(&self, n: usize) -> Result<Vec<(String, u64)>> {
+        let url = format!("http://{VIP}/");
+        let mut args: Vec<&str> = vec!["-w", "|%{num_connects}\n"];
+        args.extend(std::iter::repeat_n(url.as_str(), n));
+        let out = self.curl(&args)?.checked()?;
+        // Each transfer prints "beN\n" then "|<connects>\n".
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        ensure!(
+            lines.len() == 2 * n,
+            "expected {} lines from curl, got: {:?}",
+            2 * n,
+            out.stdout
+        );
+        lines
+            .chunks(2)
+            .map(|pair| {
+                let connects = pair[1]
+                    .strip_prefix('|')
+                    .and_then(|c| c.parse().ok())
+                    .with_context(|| format!("bad curl -w output {:?}", pair[1]))?;
+                Ok((pair[0].to_string(), connects))
+            })
+            .collect()
+    }
+
+    /// `GET /1m` through the VIP; the body.
+    pub fn download(&self) -> Result<Vec<u8>> {
+        let file = self.dir.path().join("download.bin");
+        let _ = std::fs::remove_file(&file);
+        let out = self.curl(&["-o", &file.to_string_lossy(), &format!("http://{VIP}/1m")])?;
+        out.checked()?;
+        Ok(std::fs::read(&file)?)
+    }
+
+    /// `POST /upload` of the 1 MiB content through the VIP; the backend's "<name> <length>" answer.
+    pub fn upload(&self) -> Result<String> {
+        let file = self.dir.path().join("upload.bin");
+        std::fs::write(&file, &self.content)?;
+        let out = self.curl(&[
+            "-H",
+            "Expect:",
+            "--data-binary",
+            &format!("@{}", file.display()),
+            &format!("http://{VIP}/upload"),
+        ])?;
+        Ok(out.checked()?.stdout.trim().to_string())
+    }
+
+    /// One UDP query to VIP:5353 from cli (a new flow each time: a fresh source port).
+    pub fn udp(&self) -> Result<String> {
+        let target = SocketAddr::from((VIP, UDP_PORT));
+        self.ns("cli")
+            .enter(move || udp_query(target, Duration::from_secs(2)))?
+    }
+
+    /// Connects from cli to the listener on lb1's own address; what it said.
+    pub fn lb1_tcp(&self) -> Result<String> {
+        let target = SocketAddr::from((LB1_ADDR, LB1_TCP_PORT));
+        self.ns("cli").enter(move || -> Result<String> {
+            let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer)?;
+            Ok(answer.trim().to_string())
+        })?
+    }
+
+    /// `ping -c 1` from cli to lb1's own address.
+    pub fn ping_lb1(&self) -> Result<()> {
+        let mut cmd = self.ns("cli").command("ping");
+        cmd.args(["-c", "1", "-W", "2", &LB1_ADDR.to_string()]);
+        run_timeout(&mut cmd, Duration::from_secs(10))?.checked()?;
+        Ok(())
+    }
+
+    /// Stops the agent with SIGTERM: it must exit 0 in time and leave no XDP program on lb1.
+    pub fn stop_agent(&mut self) -> Result<()> {
+        let mut agent = self.agent.take().context("agent already stopped")?;
+        let status = agent.stop()?;
+        expect_clean_exit("xlb agent", status, &agent.log())?;
+        if has_xdp(self.ns("lb1"), HOST_IFACE)? {
+            bail!("the agent exited but lb1's {HOST_IFACE} still has an XDP program");
+        }
+        Ok(())
+    }
+
+    /// `xlb backend-host teardown` on every backend; checks the VIP left `lo` and the
+    /// decapsulator left eth0. In driver mode also detaches the pass program from lb1's peer.
+    pub fn teardown_hosts(&mut self) -> Result<()> {
+        for name in std::mem::take(&mut self.hosts_set_up) {
+            let ns = self.ns(&name);
+            xlb_in(ns, &["backend-host", "teardown"])?;
+            let arp = ns.sh(ARP_SYSCTLS)?;
+            ensure!(
+                arp.split_whitespace().eq(["0", "0"]),
+                "{name}: arp_ignore/arp_announce after teardown: {arp}"
+            );
+            let lo = ns.ip(&["-4", "addr", "show", "dev", "lo"])?;
+            ensure!(
+                !lo.contains(&VIP.to_string()),
+                "VIP still on {name}'s lo after teardown: {lo}"
+            );
+            ensure!(
+                !has_xdp(ns, HOST_IFACE)?,
+                "{name}'s {HOST_IFACE} still has XDP after teardown"
+            );
+        }
+        if self.options.xdp_mode == "driver" {
+            let peer = Topology::peer_iface("lb1");
+            xlb_in(self.ns("rtr"), &["xdp-pass", "detach", &peer])?;
+            ensure!(
+                !has_xdp(self.ns("rtr"), &peer)?,
+                "{peer} still has XDP after xdp-pass detach"
+            );
+        }
+        Ok(())
+    }
+
+    /// The big body must come back intact.
+    pub fn check_content(&self, got: &[u8]) -> Result<()> {
+        ensure!(
+            got.len() == BIG,
+            "downloaded {} bytes instead of {BIG}",
+            got.len()
+        );
+        if let Some(at) = got.iter().zip(&self.content).position(|(a, b)| a != b) {
+            bail!("downloaded content differs from the served file at byte {at}");
+        }
+        Ok(())
+    }
+
+    /// What to look at when something failed: the agent's log, its stats, the nginx error logs.
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        if let Some(agent) = &self.agent {
+            out += &format!("--- xlb agent log:\n{}\n", agent.log());
+            if let Ok(o) = agent.client.run(&["stats"]) {
+                out += &format!("--- xlb stats:\n{}{}\n", o.stdout, o.stderr);
+            }
+        }
+        for b in &self.backends {
+            out += &format!(
+                "--- nginx error log of {}:\n{}\n",
+                b.name,
+                b.nginx_error_log()
+            );
+        }
+        out
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "xlb-tests: test bed {} failed;\n{}",
+                self.topo.prefix(),
+                self.diagnostics()
+            );
+        }
+        for name in std::mem::take(&mut self.hosts_set_up) {
+            if let Err(e) = xlb_in(self.ns(&name), &["backend-host", "teardown"]) {
+                eprintln!("xlb-tests: backend-host teardown on {name}: {e:#}");
+            }
+        }
+    }
+}

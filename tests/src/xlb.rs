@@ -1,0 +1,360 @@
+//! Driving the `xlb` binary: the CLI against an agent's socket, and the agent itself.
+
+use crate::{
+    cmd::{Output, SHORT, run_timeout, wait_for},
+    netns::Netns,
+    process::Process,
+};
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus},
+    time::Duration,
+};
+
+/// The `xlb` binary: `$XLB_BIN`, else `xlb` in the cargo profile directory this executable was
+/// built into (`target/<profile>/deps/<test>` or `target/<profile>/demo`). Panics if there is none.
+pub fn xlb_bin() -> PathBuf {
+    find_xlb_bin().unwrap_or_else(|| {
+        panic!("xlb binary not found: set XLB_BIN or build it first (`cargo build --bins`; `cargo xtask test` does)")
+    })
+}
+
+/// [`xlb_bin`] without the panic.
+pub fn find_xlb_bin() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("XLB_BIN") {
+        return Some(PathBuf::from(bin)).filter(|b| b.exists());
+    }
+    let exe = std::env::current_exe().ok()?;
+    let mut dir = exe.parent()?.to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    Some(dir.join("xlb")).filter(|b| b.exists())
+}
+
+/// The CLI, pointed at one agent's socket.
+#[derive(Clone, Debug)]
+pub struct Xlb {
+    pub bin: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Xlb {
+    pub fn new(socket: &Path) -> Self {
+        Self {
+            bin: xlb_bin(),
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    /// `xlb args… --socket <socket>`. The socket is a filesystem path, reachable from any network
+    /// namespace, so client commands run in the test's own namespace.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).arg("--socket").arg(&self.socket);
+        // An inherited XLB_SOCKET must not redirect a test's commands to some other agent.
+        cmd.env_remove("XLB_SOCKET");
+        cmd
+    }
+
+    /// Runs a client command; the caller inspects status and output.
+    pub fn run(&self, args: &[&str]) -> Result<Output> {
+        run_timeout(&mut self.command(args), SHORT)
+    }
+
+    /// Runs a client command that must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> Result<String> {
+        Ok(self.run(args)?.checked()?.stdout)
+    }
+
+    /// Runs a client command with `--json` appended and parses its stdout.
+    pub fn json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.ok(&all)?;
+        serde_json::from_str(&out)
+            .with_context(|| format!("`xlb {}` printed invalid JSON: {out}", all.join(" ")))
+    }
+
+    pub fn stats(&self) -> Result<Value> {
+        self.json(&["stats"])
+    }
+
+    pub fn vip_list(&self) -> Result<Value> {
+        self.json(&["vip", "list"])
+    }
+}
+
+/// Runs `xlb args…` (no socket: backend-host, xdp-pass) inside `ns`; must succeed.
+pub fn xlb_in(ns: &Netns, args: &[&str]) -> Result<String> {
+    Ok(run_timeout(ns.command(xlb_bin()).args(args), SHORT)?
+        .checked()?
+        .stdout)
+}
+
+/// A running `xlb agent`, started inside a namespace.
+pub struct Agent {
+    process: Process,
+    pub client: Xlb,
+}
+
+/// How long the agent may take to answer on its socket after start.
+const AGENT_READY: Duration = Duration::from_secs(20);
+/// How long it may take to detach and exit after SIGTERM.
+pub const AGENT_STOP: Duration = Duration::from_secs(5);
+
+impl Agent {
+    /// Starts `xlb agent --iface <iface> --xdp-mode <mode> --socket <dir>/xlb.sock --state-dir
+    /// <dir>/state [extra…]` in `ns` and waits until `xlb vip list` answers.
+    pub fn start(ns: &Netns, iface: &str, mode: &str, dir: &Path, extra: &[&str]) -> Result<Self> {
+        let socket = dir.join("xlb.sock");
+        let mut cmd = ns.command(xlb_bin());
+        cmd.args(["agent", "--iface", iface, "--xdp-mode", mode, "--socket"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        let process = Process::spawn(
+            &format!("xlb agent in {}", ns.name()),
+            &mut cmd,
+            &dir.join("agent.log"),
+        )?;
+        let mut agent = Self {
+            process,
+            client: Xlb::new(&socket),
+        };
+        let client = agent.client.clone();
+        let process = &mut agent.process;
+        wait_for("the agent to answer on its socket", AGENT_READY, || {
+            process.ensure_running()?;
+            Ok(client.run(&["vip", "list"])?.success().then_some(()))
+        })?;
+        Ok(agent)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.process.pid()
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+
+    /// Errors (with the agent's log) if it has exited.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        self.process.ensure_running()
+    }
+
+    /// SIGTERM; the exit status, or an error if it is still running after [`AGENT_STOP`].
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        self.process.terminate(AGENT_STOP)
+    }
+}
+
+/// The mode of the XDP program attached to `iface` (`driver`, `generic`, `offload`, `multi`), from
+/// the flag `ip link` prints after the MTU; `None` when nothing is attached.
+pub fn xdp_mode(ns: &Netns, iface: &str) -> Result<Option<&'static str>> {
+    let out = ns.ip(&["link", "show", "dev", iface])?;
+    Ok(out.split_whitespace().find_map(|w| match w {
+        "xdp" | "xdpdrv" => Some("driver"),
+        "xdpgeneric" => Some("generic"),
+        "xdpoffload" => Some("offload"),
+        "xdpmulti" => Some("multi"),
+        _ => None,
+    }))
+}
+
+/// Does the interface have an XDP program attached?
+pub fn has_xdp(ns: &Netns, iface: &str) -> Result<bool> {
+    Ok(xdp_mode(ns, iface)?.is_some())
+}
+
+/// Finds a VIP's entry in `xlb stats --json` (or `vip list --json`) output. Accepts the key as a
+/// nested `key` object, flat `addr`/`port`/`proto` fields, or an "addr:port[/proto]" string, so
+/// the assertions survive cosmetic changes to the JSON shape.
+pub fn find_vip<'a>(doc: &'a Value, addr: Ipv4Addr, port: u16, proto: &str) -> Option<&'a Value> {
+    let list = doc
+        .get("vips")
+        .and_then(Value::as_array)
+        .or_else(|| doc.as_array())?;
+    list.iter().find(|v| vip_matches(v, addr, port, proto))
+}
+
+fn vip_matches(v: &Value, addr: Ipv4Addr, port: u16, proto: &str) -> bool {
+    let key = v.get("key").unwrap_or(v);
+    let field_proto = key
+        .get("proto")
+        .or_else(|| key.get("protocol"))
+        .or_else(|| v.get("proto"))
+        .and_then(Value::as_str);
+    let a = key
+        .get("addr")
+        .or_else(|| key.get("address"))
+        .and_then(Value::as_str);
+    let p = key.get("port").and_then(Value::as_u64);
+    if let (Some(a), Some(p)) = (a, p) {
+        return a == addr.to_string()
+            && p == u64::from(port)
+            && field_proto.unwrap_or("tcp").eq_ignore_ascii_case(proto);
+    }
+    // Only a string: "addr:port" or "addr:port/proto".
+    let Some(s) = key
+        .as_str()
+        .or_else(|| v.get("vip").and_then(Value::as_str))
+    else {
+        return false;
+    };
+    let s = s.to_ascii_lowercase();
+    let (hostport, p) = match s.split_once('/') {
+        Some((hp, p)) => (hp, p),
+        None => (s.as_str(), field_proto.unwrap_or("tcp")),
+    };
+    hostport == format!("{addr}:{port}") && p.eq_ignore_ascii_case(proto)
+}
+
+/// A counter (`packets`, `bytes`, `new_flows`) of an entry that has it either directly or under
+/// `counters`.
+pub fn counter(entry: &Value, field: &str) -> Option<u64> {
+    entry
+        .get("counters")
+        .and_then(|c| c.get(field))
+        .or_else(|| entry.get(field))
+        .and_then(Value::as_u64)
+}
+
+/// Per-backend `field` of one VIP in `xlb stats --json`, keyed by backend address.
+pub fn backend_counters(
+    stats: &Value,
+    addr: Ipv4Addr,
+    port: u16,
+    proto: &str,
+    field: &str,
+) -> Result<BTreeMap<Ipv4Addr, u64>> {
+    let vip = find_vip(stats, addr, port, proto)
+        .with_context(|| format!("no VIP {addr}:{port}/{proto} in stats: {stats}"))?;
+    let backends = vip
+        .get("backends")
+        .and_then(Value::as_array)
+        .with_context(|| format!("VIP entry without backends: {vip}"))?;
+    let mut out = BTreeMap::new();
+    for b in backends {
+        let a: Ipv4Addr = b
+            .get("addr")
+            .or_else(|| b.get("address"))
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("backend entry without an address: {b}"))?;
+        let n = counter(b, field).with_context(|| format!("backend entry without {field}: {b}"))?;
+        out.insert(a, n);
+    }
+    Ok(out)
+}
+
+/// A per-reason counter (`drop_unknown_port`, `fwd_tx`, …) from `xlb stats --json`.
+pub fn reason(stats: &Value, name: &str) -> Result<u64> {
+    let reasons = stats
+        .get("reasons")
+        .with_context(|| format!("no reasons in stats: {stats}"))?;
+    if let Some(n) = reasons.get(name).and_then(Value::as_u64) {
+        return Ok(n);
+    }
+    // Also accept a list of {"reason"/"name": .., "packets"/"count"/"value": ..}.
+    reasons
+        .as_array()
+        .and_then(|list| {
+            list.iter().find_map(|r| {
+                let n = r
+                    .get("reason")
+                    .or_else(|| r.get("name"))
+                    .and_then(Value::as_str)?;
+                (n == name).then(|| {
+                    r.get("packets")
+                        .or_else(|| r.get("count"))
+                        .or_else(|| r.get("value"))
+                        .and_then(Value::as_u64)
+                })?
+            })
+        })
+        .with_context(|| format!("no counter {name} in stats reasons: {reasons}"))
+}
+
+/// Fails unless `status` is a clean exit 0.
+pub fn expect_clean_exit(what: &str, status: ExitStatus, log: &str) -> Result<()> {
+    if status.code() != Some(0) {
+        bail!("{what} exited with {status} instead of 0; its output:\n{log}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn stats() -> Value {
+        json!({
+            "vips": [
+                {"vip": "10.111.100.1:80", "address": "10.111.100.1", "port": 80, "proto": "tcp",
+                 "forward": "ipip", "packets": 9, "bytes": 900, "new_flows": 3,
+                 "backends": [
+                    {"address": "10.111.1.11", "weight": 1, "packets": 5, "bytes": 500, "new_flows": 2},
+                    {"address": "10.111.1.12", "weight": 1, "packets": 4, "bytes": 400, "new_flows": 1}]},
+                {"vip": "10.111.100.1:80", "address": "10.111.100.1", "port": 80, "proto": "udp",
+                 "forward": "l2", "packets": 1, "bytes": 50, "new_flows": 1,
+                 "backends": [{"address": "10.111.1.13", "weight": 1, "packets": 1, "bytes": 50, "new_flows": 1}]}
+            ],
+            "reasons": {"drop_unknown_port": 7, "fwd_tx": 10},
+            "flow_capacity": 262144
+        })
+    }
+
+    #[test]
+    fn finds_a_vip_by_address_port_and_protocol() {
+        let s = stats();
+        let tcp = find_vip(&s, VIP_FOR_TEST, 80, "tcp").unwrap();
+        assert_eq!(counter(tcp, "new_flows"), Some(3));
+        let udp = find_vip(&s, VIP_FOR_TEST, 80, "udp").unwrap();
+        assert_eq!(udp["forward"], "l2");
+        assert!(find_vip(&s, VIP_FOR_TEST, 81, "tcp").is_none());
+    }
+
+    #[test]
+    fn reads_backend_and_reason_counters() {
+        let s = stats();
+        let flows = backend_counters(&s, VIP_FOR_TEST, 80, "tcp", "new_flows").unwrap();
+        assert_eq!(
+            flows.into_iter().collect::<Vec<_>>(),
+            vec![
+                (Ipv4Addr::new(10, 111, 1, 11), 2),
+                (Ipv4Addr::new(10, 111, 1, 12), 1)
+            ]
+        );
+        assert_eq!(reason(&s, "drop_unknown_port").unwrap(), 7);
+        assert!(reason(&s, "no_such_reason").is_err());
+    }
+
+    #[test]
+    fn accepts_a_nested_key_and_counters() {
+        let s = json!({"vips": [{"key": {"addr": "10.111.100.1", "port": 53, "proto": "udp"},
+            "counters": {"new_flows": 4},
+            "backends": [{"addr": "10.111.1.11", "counters": {"new_flows": 4}}]}]});
+        let v = find_vip(&s, VIP_FOR_TEST, 53, "udp").unwrap();
+        assert_eq!(counter(v, "new_flows"), Some(4));
+        assert_eq!(
+            backend_counters(&s, VIP_FOR_TEST, 53, "udp", "new_flows")
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    const VIP_FOR_TEST: Ipv4Addr = Ipv4Addr::new(10, 111, 100, 1);
+}

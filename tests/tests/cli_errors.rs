@@ -1,0 +1,198 @@
+//! Bad input to the CLI and the agent (issue 2, tests item 3): each gets a one-line error naming
+//! the problem and exit status 1, and the running state does not change.
+
+use serde_json::Value;
+use std::{process::Command, time::Duration};
+use xlb_tests::{
+    cmd::{Output, SHORT, run_timeout},
+    netns::{Netns, TempDir, require_root, unique_prefix},
+    topology::{HOST_IFACE, Topology, TopologyOptions, VIP},
+    xlb::{Agent, Xlb, expect_clean_exit, xlb_bin},
+};
+
+fn assert_error(out: &Output, mentions: &[&str]) {
+    let err = out.stderr.trim();
+    assert_eq!(
+        out.code(),
+        Some(1),
+        "`{}` should fail with exit 1; stdout {:?}, stderr {err:?}",
+        out.command,
+        out.stdout
+    );
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "`{}`: expected a one-line error, got {err:?}",
+        out.command
+    );
+    for m in mentions {
+        assert!(
+            err.contains(m),
+            "`{}`: error {err:?} does not mention {m:?}",
+            out.command
+        );
+    }
+}
+
+#[test]
+fn agent_not_running_names_the_socket() {
+    let dir = TempDir::new(&unique_prefix()).unwrap();
+    let socket = dir.path().join("nobody-listens.sock");
+    let socket_str = socket.to_string_lossy().to_string();
+    let xlb = Xlb::new(&socket);
+    for args in [
+        &["vip", "list"][..],
+        &["stats"],
+        &["vip", "add", "10.111.100.1:80"],
+    ] {
+        assert_error(&xlb.run(args).unwrap(), &[&socket_str]);
+    }
+    // The socket also comes from the environment.
+    let mut cmd = Command::new(xlb_bin());
+    cmd.args(["vip", "list"]).env("XLB_SOCKET", &socket);
+    assert_error(&run_timeout(&mut cmd, SHORT).unwrap(), &[&socket_str]);
+}
+
+#[test]
+fn agent_refuses_an_interface_that_does_not_exist() {
+    require_root();
+    let prefix = unique_prefix();
+    let ns = Netns::create(&format!("{prefix}-lb")).unwrap();
+    let dir = TempDir::new(&prefix).unwrap();
+    let socket = dir.path().join("xlb.sock");
+    let mut cmd = ns.command(xlb_bin());
+    cmd.args([
+        "agent",
+        "--iface",
+        "xlbnosuch0",
+        "--xdp-mode",
+        "generic",
+        "--socket",
+    ])
+    .arg(&socket)
+    .arg("--state-dir")
+    .arg(dir.path().join("state"));
+    let out = run_timeout(&mut cmd, Duration::from_secs(20)).unwrap();
+    assert_eq!(
+        out.code(),
+        Some(1),
+        "agent with a missing interface: {out:?}"
+    );
+    let last = out.stderr.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.contains("xlbnosuch0"),
+        "error does not name the interface: {:?}",
+        out.stderr
+    );
+    // It did not start serving either.
+    assert!(!Xlb::new(&socket).run(&["vip", "list"]).unwrap().success());
+}
+
+/// Current `vip list --json` and `backend list --json` of every VIP, to compare before/after.
+fn snapshot(xlb: &Xlb) -> (Value, Value) {
+    let vips = xlb.vip_list().expect("vip list --json");
+    let backends = xlb
+        .json(&["backend", "list", &format!("{VIP}:80")])
+        .expect("backend list --json");
+    (vips, backends)
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    require_root();
+    let topo = Topology::build(TopologyOptions {
+        backends: 0,
+        lb2: false,
+    })
+    .unwrap();
+    let dir = TempDir::new(topo.prefix()).unwrap();
+    let mut agent =
+        Agent::start(topo.ns("lb1"), HOST_IFACE, "generic", dir.path(), &[]).expect("agent");
+    let xlb = agent.client.clone();
+    let vip = format!("{VIP}:80");
+    xlb.ok(&["vip", "add", &vip, "--forward", "ipip"]).unwrap();
+    xlb.ok(&["backend", "add", &vip, "10.111.1.11"]).unwrap();
+    let baseline = snapshot(&xlb);
+
+    // Input errors the issue names: one line, exit 1, naming the offending input.
+    let cases: &[(&[&str], &[&str])] = &[
+        // Malformed addresses and values.
+        (&["vip", "add", "10.111.100.300:80"], &["10.111.100.300"]),
+        (&["vip", "add", "10.111.100.1"], &["10.111.100.1"]),
+        (&["vip", "add", "10.111.100.2:70000"], &["70000"]),
+        (&["backend", "add", &vip, "10.111.1.x"], &["10.111.1.x"]),
+        (
+            &["backend", "add", &vip, "10.111.1.12", "--weight", "100000"],
+            &["100000"],
+        ),
+        // Unknown VIP (address, port, or protocol).
+        (
+            &["backend", "add", "10.111.100.9:80", "10.111.1.11"],
+            &["10.111.100.9:80"],
+        ),
+        (
+            &["backend", "add", &vip, "10.111.1.12", "--proto", "udp"],
+            &["10.111.100.1:80"],
+        ),
+        (
+            &["backend", "list", "10.111.100.9:80"],
+            &["10.111.100.9:80"],
+        ),
+        (&["vip", "del", "10.111.100.1:81"], &["10.111.100.1:81"]),
+        // Unknown and duplicate backend.
+        (&["backend", "del", &vip, "10.111.1.99"], &["10.111.1.99"]),
+        (&["backend", "add", &vip, "10.111.1.11"], &["10.111.1.11"]),
+    ];
+    for (args, mentions) in cases {
+        let out = xlb.run(args).unwrap();
+        assert_error(&out, mentions);
+        assert_eq!(
+            snapshot(&xlb),
+            baseline,
+            "state changed after `xlb {}`",
+            args.join(" ")
+        );
+        agent.ensure_running().expect("agent survives bad input");
+    }
+    // Values outside a fixed set are usage errors, which clap reports in its own format and with
+    // its own exit status (2): still a failure that names the value, and still no change.
+    for (args, value) in [
+        (
+            &["vip", "add", "10.111.100.2:80", "--proto", "sctp"][..],
+            "sctp",
+        ),
+        (
+            &["vip", "add", "10.111.100.2:80", "--forward", "gre"],
+            "gre",
+        ),
+    ] {
+        let out = xlb.run(args).unwrap();
+        assert!(
+            matches!(out.code(), Some(1 | 2)),
+            "`{}`: {out:?}",
+            out.command
+        );
+        let first = out.stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.contains(value),
+            "`{}`: error {:?} does not name {value:?}",
+            out.command,
+            out.stderr
+        );
+        assert_eq!(
+            snapshot(&xlb),
+            baseline,
+            "state changed after `xlb {}`",
+            args.join(" ")
+        );
+    }
+
+    // Desired state survives a restart from the same state directory.
+    let status = agent.stop().unwrap();
+    expect_clean_exit("xlb agent", status, &agent.log()).unwrap();
+    let mut agent = Agent::start(topo.ns("lb1"), HOST_IFACE, "generic", dir.path(), &[])
+        .expect("restarted agent");
+    assert_eq!(snapshot(&agent.client), baseline, "state after restart");
+    let status = agent.stop().unwrap();
+    expect_clean_exit("restarted xlb agent", status, &agent.log()).unwrap();
+}

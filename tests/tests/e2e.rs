@@ -1,0 +1,226 @@
+//! End to end through real namespaces (issue 2, tests item 2): three nginx backends prepared with
+//! `xlb backend-host setup`, `xlb agent` on lb1 configured through the CLI, traffic from cli via
+//! the VIP. Once per forwarding method, with the agent in driver and in generic mode.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+use xlb_tests::{
+    backend::{BIG, HTTP_PORT, UDP_PORT},
+    netns::{self, require_root},
+    testbed::{LB1_TCP_ANSWER, Testbed, TestbedOptions},
+    topology::{VIP, backend_addr},
+    xlb::{backend_counters, counter, find_vip, reason},
+};
+
+const NEW_CONNECTIONS: usize = 30;
+const KEEPALIVE_REQUESTS: usize = 20;
+
+fn scenario(forward: &str, xdp_mode: &str) {
+    require_root();
+    let mut bed =
+        Testbed::up(TestbedOptions::new(forward, xdp_mode)).expect("bringing up the test bed");
+    let namespaces = bed.topo.namespace_names();
+    let backends = bed.backend_names();
+    let n = backends.len();
+
+    // Each new connection takes the next ring slot: exactly NEW_CONNECTIONS / n per backend.
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..NEW_CONNECTIONS {
+        let b = bed
+            .get_backend()
+            .unwrap_or_else(|e| panic!("new connection {i} through the VIP: {e:#}"));
+        *answers.entry(b).or_default() += 1;
+    }
+    let expected: BTreeMap<String, usize> = backends
+        .iter()
+        .map(|b| (b.clone(), NEW_CONNECTIONS / n))
+        .collect();
+    assert_eq!(
+        answers, expected,
+        "{NEW_CONNECTIONS} new connections over {n} backends"
+    );
+
+    // The data path counted the same thing.
+    let stats = bed.client().stats().expect("xlb stats --json");
+    let flows = backend_counters(&stats, VIP, HTTP_PORT, "tcp", "new_flows")
+        .expect("per-backend new_flows");
+    let expected_flows: BTreeMap<_, _> = (1..=n)
+        .map(|i| (backend_addr(i), (NEW_CONNECTIONS / n) as u64))
+        .collect();
+    assert_eq!(
+        flows, expected_flows,
+        "new flows per backend in xlb stats: {stats}"
+    );
+    let vip = find_vip(&stats, VIP, HTTP_PORT, "tcp").expect("VIP in stats");
+    assert_eq!(
+        counter(vip, "new_flows"),
+        Some(NEW_CONNECTIONS as u64),
+        "VIP new_flows: {vip}"
+    );
+
+    // One keep-alive connection: every request on it stays on the same backend.
+    let keepalive = bed
+        .keepalive(KEEPALIVE_REQUESTS)
+        .expect("keep-alive requests");
+    let on: BTreeSet<&str> = keepalive.iter().map(|(b, _)| b.as_str()).collect();
+    assert_eq!(on.len(), 1, "keep-alive requests spread over {on:?}");
+    assert!(
+        backends.iter().any(|b| on.contains(b.as_str())),
+        "unexpected answers {on:?}"
+    );
+    let connects: u64 = keepalive.iter().map(|(_, c)| c).sum();
+    assert_eq!(
+        connects, 1,
+        "curl opened {connects} connections for the keep-alive requests"
+    );
+
+    // 1 MiB each way, MTU 1500 on every link (IPIP needs the fragmentation-needed reply for this).
+    let body = bed.download().expect("1 MiB download through the VIP");
+    bed.check_content(&body).expect("download content");
+    let upload = bed.upload().expect("1 MiB upload through the VIP");
+    assert!(
+        backends.iter().any(|b| upload == format!("{b} {BIG}")),
+        "upload answer {upload:?}, expected \"beN {BIG}\""
+    );
+
+    // The big upload needed path-MTU discovery through the encapsulation: xlb answered the full-size
+    // segments with ICMP fragmentation-needed. l2 adds no header, so it never needs to.
+    let stats = bed.client().stats().expect("xlb stats --json");
+    let frag = reason(&stats, "tx_icmp_frag_needed").expect("tx_icmp_frag_needed");
+    if forward == "ipip" {
+        assert!(
+            frag > 0,
+            "1 MiB upload over IPIP without a fragmentation-needed reply: {stats}"
+        );
+    } else {
+        assert_eq!(frag, 0, "fragmentation-needed sent for an l2 VIP: {stats}");
+    }
+    assert!(
+        reason(&stats, "fwd_tx").unwrap() > 0,
+        "nothing forwarded with XDP_TX: {stats}"
+    );
+
+    // UDP VIP: each query is a new flow (new source port), so n queries reach n distinct backends;
+    // the answer comes from the VIP (the client socket is connected to it).
+    let udp: BTreeSet<String> = (0..n)
+        .map(|_| bed.udp().expect("UDP query to the VIP"))
+        .collect();
+    assert_eq!(
+        udp,
+        backends.iter().cloned().collect(),
+        "UDP answers over {n} new flows"
+    );
+    let stats = bed.client().stats().expect("xlb stats --json");
+    let udp_flows =
+        backend_counters(&stats, VIP, UDP_PORT, "udp", "new_flows").expect("UDP new_flows");
+    assert!(
+        udp_flows.values().all(|&f| f == 1),
+        "UDP new flows per backend: {udp_flows:?}"
+    );
+
+    // A port of the VIP address that is not configured is dropped, and counted.
+    let before = reason(&stats, "drop_unknown_port").expect("drop_unknown_port counter");
+    let target = SocketAddr::from((VIP, 81));
+    let connected = bed
+        .ns("cli")
+        .enter(move || TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_ok())
+        .unwrap();
+    assert!(
+        !connected,
+        "a connection to unconfigured VIP port 81 succeeded"
+    );
+    let after = reason(&bed.client().stats().unwrap(), "drop_unknown_port").unwrap();
+    assert!(
+        after > before,
+        "drop_unknown_port did not grow ({before} -> {after})"
+    );
+
+    // Traffic for lb1 itself is not touched.
+    assert_eq!(
+        bed.lb1_tcp().expect("TCP to lb1's own address"),
+        LB1_TCP_ANSWER
+    );
+    bed.ping_lb1().expect("ping lb1");
+
+    bed.agent_mut()
+        .ensure_running()
+        .expect("agent still running");
+    bed.stop_agent().expect("agent stops cleanly on SIGTERM");
+    bed.teardown_hosts().expect("backend-host teardown");
+
+    drop(bed);
+    let left: Vec<String> = netns::list()
+        .unwrap()
+        .into_iter()
+        .filter(|ns| namespaces.contains(ns))
+        .collect();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+}
+
+/// A test that fails half-way (agent attached, backends set up) still leaves nothing behind: no
+/// namespace, no process, no backend-host setup record.
+#[test]
+fn a_failing_test_leaves_nothing_behind() {
+    require_root();
+    let mut seen = None;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let bed =
+            Testbed::up(TestbedOptions::new("ipip", "generic")).expect("bringing up the test bed");
+        let records: Vec<String> = bed
+            .backend_names()
+            .iter()
+            .map(|b| {
+                let inode = std::fs::metadata(format!("/run/netns/{}", bed.ns(b).name()))
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                    .unwrap();
+                format!("/run/xlb/backend-host.{inode}.json")
+            })
+            .collect();
+        for r in &records {
+            assert!(std::path::Path::new(r).exists(), "no setup record at {r}");
+        }
+        seen = Some((bed.topo.namespace_names(), bed.pids(), records));
+        panic!("deliberate failure with everything running");
+    }));
+    assert!(result.is_err());
+    let (namespaces, pids, records) = seen.expect("the bed came up");
+    let left: Vec<String> = netns::list()
+        .unwrap()
+        .into_iter()
+        .filter(|n| namespaces.contains(n))
+        .collect();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} still running"
+        );
+    }
+    for r in records {
+        assert!(
+            !std::path::Path::new(&r).exists(),
+            "setup record {r} left behind"
+        );
+    }
+}
+
+#[test]
+fn ipip_driver() {
+    scenario("ipip", "driver");
+}
+
+#[test]
+fn ipip_generic() {
+    scenario("ipip", "generic");
+}
+
+#[test]
+fn l2_driver() {
+    scenario("l2", "driver");
+}
+
+#[test]
+fn l2_generic() {
+    scenario("l2", "generic");
+}
