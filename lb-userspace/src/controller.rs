@@ -36,7 +36,8 @@ impl DataplaneOps for Dataplane {
         Dataplane::check_vip(self, spec)
     }
     fn apply_vip(&mut self, spec: &VipSpec) -> Result<(), DataplaneError> {
-        Dataplane::apply_vip(self, spec)
+        // Health checks are not wired in yet: every backend counts as up.
+        Dataplane::apply_vip(self, spec, &std::collections::BTreeSet::new())
     }
     fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
         Dataplane::remove_vip(self, key)
@@ -398,6 +399,7 @@ pub(crate) mod fake {
                             .backends
                             .iter()
                             .map(|b| BackendStats {
+                                active_flows: 0,
                                 addr: b.addr,
                                 counters: Counters {
                                     packets: u64::from(b.addr.octets()[3]),

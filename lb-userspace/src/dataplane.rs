@@ -136,7 +136,13 @@ pub struct Counters {
 pub struct BackendStats {
     pub addr: Ipv4Addr,
     pub counters: Counters,
+    /// Flow-table entries pinned to this backend that saw a packet in the last
+    /// `ACTIVE_FLOW_WINDOW` (the table is an LRU: finished flows linger until evicted).
+    pub active_flows: u64,
 }
+
+/// How recently a flow must have seen a packet to count as active in `BackendStats`.
+pub const ACTIVE_FLOW_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipStats {
@@ -455,7 +461,17 @@ impl Dataplane {
     /// nothing has changed. The data path sees the old or the new VIP, never a mix: new backend
     /// slots and the inactive ring half are written first, then one update of the VIP's entry
     /// switches to them, and only then are dropped backends' slots cleared.
-    pub fn apply_vip(&mut self, spec: &VipSpec) -> Result<(), DataplaneError> {
+    ///
+    /// `down` holds the backends (by address) that failed their health checks: they get no ring
+    /// slot and lose `BACKEND_F_ACTIVE`, so their existing flows are re-steered to a healthy
+    /// backend. A backend with weight 0 (draining) also gets no ring slot, but stays active, so
+    /// its existing flows stay with it. No backend left → the VIP's packets are dropped
+    /// (`drop_no_backend`).
+    pub fn apply_vip(
+        &mut self,
+        spec: &VipSpec,
+        down: &BTreeSet<Ipv4Addr>,
+    ) -> Result<(), DataplaneError> {
         self.check_vip(spec)?;
         let key = vip_key(&spec.key);
         let is_new = !self.installed.contains_key(&spec.key);
@@ -489,28 +505,25 @@ impl Dataplane {
                 }
             }
         }
-        let weights: Vec<u32> = spec.backends.iter().map(|b| b.weight).collect();
+        let weights: Vec<u32> = spec
+            .backends
+            .iter()
+            .map(|b| if down.contains(&b.addr) { 0 } else { b.weight })
+            .collect();
         let ring = ring::build(&weights)?;
 
-        for (addr, id) in &fresh {
+        for (_, id) in &fresh {
             Self::zero_counters(
                 &mut self.backend_stats,
                 maps::BACKEND_STATS,
                 *id,
                 self.nr_cpus,
             )?;
-            self.backends_map
-                .set(
-                    *id,
-                    Backend {
-                        addr: ipv4_be(*addr),
-                        flags: BACKEND_F_ACTIVE,
-                        vip_id,
-                        _pad: 0,
-                    },
-                    0,
-                )
-                .map_err(map_err(maps::BACKENDS))?;
+        }
+        // Backends that are up become (or stay) active before the ring can name them; those that
+        // are down are deactivated only after the ring stops naming them (below).
+        for (addr, id) in slots.iter().filter(|(addr, _)| !down.contains(addr)) {
+            self.set_backend(*id, *addr, vip_id, BACKEND_F_ACTIVE)?;
         }
         for (slot, backend_index) in ring.iter().enumerate() {
             self.rings
@@ -547,6 +560,9 @@ impl Dataplane {
         for (_, id) in &fresh {
             self.free_backend_ids.remove(id);
         }
+        for (addr, id) in slots.iter().filter(|(addr, _)| down.contains(addr)) {
+            self.set_backend(*id, *addr, vip_id, 0)?;
+        }
         // Backends that left: clear their slots so flows pinned to them are re-steered.
         for (addr, id) in &old_backends {
             if !slots.iter().any(|(a, _)| a == addr) {
@@ -562,6 +578,27 @@ impl Dataplane {
             },
         );
         Ok(())
+    }
+
+    fn set_backend(
+        &mut self,
+        id: u32,
+        addr: Ipv4Addr,
+        vip_id: u32,
+        flags: u32,
+    ) -> Result<(), DataplaneError> {
+        self.backends_map
+            .set(
+                id,
+                Backend {
+                    addr: ipv4_be(addr),
+                    flags,
+                    vip_id,
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(map_err(maps::BACKENDS))
     }
 
     fn release_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
@@ -613,8 +650,33 @@ impl Dataplane {
         }))
     }
 
+    /// Active flows per (backend slot, backend address in network order): walks the flow table,
+    /// so it costs one pass over it.
+    fn active_flows(&self) -> Result<BTreeMap<(u32, u32), u64>, DataplaneError> {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid out-pointer; CLOCK_MONOTONIC is bpf_ktime_get_ns()'s clock.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+        let since = now_ns.saturating_sub(ACTIVE_FLOW_WINDOW.as_nanos() as u64);
+        let mut counts = BTreeMap::new();
+        for entry in self.flows()?.iter() {
+            // An entry evicted while we walk is simply skipped.
+            let Ok((_, flow)) = entry else { continue };
+            if flow.last_seen_ns >= since {
+                *counts
+                    .entry((flow.backend_id, flow.backend_addr))
+                    .or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
+
     /// Sum the per-CPU counters of every configured VIP and backend, and the per-reason counters.
     pub fn stats(&self) -> Result<DataplaneStats, DataplaneError> {
+        let active = self.active_flows()?;
         let mut vips = Vec::with_capacity(self.installed.len());
         for (key, vip) in &self.installed {
             let mut backends = Vec::with_capacity(vip.backends.len());
@@ -622,6 +684,8 @@ impl Dataplane {
                 backends.push(BackendStats {
                     addr: *addr,
                     counters: Self::sum(&self.backend_stats, maps::BACKEND_STATS, *id)?,
+                    // A slot's flows count only while the slot still holds this address.
+                    active_flows: active.get(&(*id, ipv4_be(*addr))).copied().unwrap_or(0),
                 });
             }
             vips.push(VipStats {

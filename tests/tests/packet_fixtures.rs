@@ -9,7 +9,7 @@
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_common::{DEFAULT_FLOW_CAPACITY, reason};
-use std::net::Ipv4Addr;
+use std::{collections::BTreeSet, net::Ipv4Addr};
 use xlb::{
     dataplane::Dataplane,
     model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec},
@@ -269,7 +269,7 @@ fn balancer() -> Dataplane {
         vip(VIP_NO_NEIGH, 80, Proto::Tcp, Forward::Ipip, &[UNRESOLVED]),
         vip(VIP_NO_NEIGH, 8080, Proto::Tcp, Forward::L2, &[UNRESOLVED]),
     ] {
-        dp.apply_vip(&spec).expect("apply VIP");
+        dp.apply_vip(&spec, &BTreeSet::new()).expect("apply VIP");
     }
     dp
 }
@@ -684,8 +684,11 @@ fn removed_backend_flows_are_resteered_and_removed_vip_drops() {
         let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&syn));
         assert_eq!(out, encapsulated(&syn, 0));
         // be1 leaves: its flow must move, not keep going to a slot that may be reused.
-        dp.apply_vip(&vip(VIP, 80, Proto::Tcp, Forward::Ipip, &BACKENDS[1..]))
-            .unwrap();
+        dp.apply_vip(
+            &vip(VIP, 80, Proto::Tcp, Forward::Ipip, &BACKENDS[1..]),
+            &BTreeSet::new(),
+        )
+        .unwrap();
         let ack = Ip::to(CLIENT, VIP, 6).packet(&tcp(48000, 80, ACK, 10));
         let (action, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&ack));
         assert_eq!(action, XDP_TX);
@@ -757,5 +760,91 @@ fn decap_strips_ipip_to_local_addresses_only() {
                 },
             ],
         );
+    });
+}
+
+/// Issue 3's data-path rules: a down backend takes no new flows and its flows move; a draining one
+/// (weight 0) takes no new flows but keeps its own; with none left the VIP drops and counts.
+#[test]
+fn down_backends_lose_their_flows_draining_ones_keep_them() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let tcp80 = vip(VIP, 80, Proto::Tcp, Forward::Ipip, &BACKENDS);
+        // Three flows, one per backend (the ring starts at be1).
+        let syns: Vec<Vec<u8>> = (0..3).map(|i| client_syn(50000 + i, 80)).collect();
+        for (i, syn) in syns.iter().enumerate() {
+            let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(syn));
+            assert_eq!(out, encapsulated(syn, i));
+        }
+        let active = |dp: &Dataplane| -> Vec<u64> {
+            let stats = dp.stats().unwrap();
+            let v = stats
+                .vips
+                .iter()
+                .find(|v| v.key == tcp80.key)
+                .unwrap()
+                .clone();
+            v.backends.iter().map(|b| b.active_flows).collect()
+        };
+        assert_eq!(active(&dp), vec![1, 1, 1]);
+
+        // be2 down: its flow moves, new flows alternate be1/be3.
+        dp.apply_vip(&tcp80, &BTreeSet::from([BACKENDS[1]]))
+            .unwrap();
+        let ack = |sport: u16| Ip::to(CLIENT, VIP, 6).packet(&tcp(sport, 80, ACK, 10));
+        let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&ack(50001)));
+        assert_ne!(
+            out,
+            encapsulated(&ack(50001), 1),
+            "flow left the down backend"
+        );
+        let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&ack(50000)));
+        assert_eq!(out, encapsulated(&ack(50000), 0), "be1's flow is untouched");
+        for i in 0..4u16 {
+            let syn = client_syn(51000 + i, 80);
+            let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&syn));
+            assert!(
+                out == encapsulated(&syn, 0) || out == encapsulated(&syn, 2),
+                "new flow {i} went to the down backend"
+            );
+        }
+
+        // be1 draining (weight 0), be2 back up: be1 keeps its flow, gets no new ones.
+        let mut drained = tcp80.clone();
+        drained.backends[0].weight = 0;
+        dp.apply_vip(&drained, &BTreeSet::new()).unwrap();
+        let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&ack(50000)));
+        assert_eq!(
+            out,
+            encapsulated(&ack(50000), 0),
+            "draining keeps existing flows"
+        );
+        for i in 0..4u16 {
+            let syn = client_syn(52000 + i, 80);
+            let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&syn));
+            assert!(
+                out == encapsulated(&syn, 1) || out == encapsulated(&syn, 2),
+                "new flow {i} went to the draining backend"
+            );
+        }
+
+        // Everything down: dropped and counted, nothing sent anywhere.
+        dp.apply_vip(&tcp80, &BTreeSet::from(BACKENDS)).unwrap();
+        let before = dp.stats().unwrap().reasons["drop_no_backend"];
+        for input in [inbound(&ack(50000)), inbound(&client_syn(53000, 80))] {
+            let (action, _) = run(dp.balancer().unwrap(), ifindex, &input);
+            assert_eq!(action, XDP_DROP);
+        }
+        assert_eq!(dp.stats().unwrap().reasons["drop_no_backend"], before + 2);
+
+        // One comes back: traffic resumes, to it only.
+        dp.apply_vip(&tcp80, &BTreeSet::from([BACKENDS[0], BACKENDS[1]]))
+            .unwrap();
+        for i in 0..3u16 {
+            let syn = client_syn(54000 + i, 80);
+            let (action, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&syn));
+            assert_eq!(action, XDP_TX);
+            assert_eq!(out, encapsulated(&syn, 2));
+        }
     });
 }
