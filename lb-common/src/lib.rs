@@ -21,6 +21,8 @@ pub mod maps {
     pub const CONFIG: &str = "CONFIG";
     pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
     pub const DECAP_STATS: &str = "DECAP_STATS";
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+    pub const EVENT_STATS: &str = "EVENT_STATS";
 }
 
 /// Program names (the Rust function names of the `#[xdp]` entry points).
@@ -45,6 +47,9 @@ pub const RING_SLOTS: u32 = 4096;
 pub const RING_ENTRIES: u32 = MAX_VIPS * 2 * RING_SLOTS;
 /// Default flow-table capacity (entries of the LRU `FLOWS` map); the agent may set another at load.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 18;
+/// Bytes of the `FLOW_EVENTS` ring buffer (a power of two, as the kernel requires): room for
+/// about 10k `FlowEvent`s (24 bytes + an 8-byte record header each) between two reads.
+pub const FLOW_EVENTS_BYTES: u32 = 1 << 18;
 /// Entries of the decapsulator's local-address set.
 pub const MAX_DECAP_ADDRS: u32 = 64;
 
@@ -137,6 +142,18 @@ pub struct FlowValue {
     pub last_seen_ns: u64,
 }
 
+/// A flow the balancer just assigned (new, or re-steered because its backend went away), sent on
+/// the `FLOW_EVENTS` ring buffer so the agent can tell its peers. The backend is named by address,
+/// never by slot id: slot ids are local to one node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEvent {
+    pub flow: FlowKey,
+    /// Network order.
+    pub backend_addr: u32,
+    pub _pad: u32,
+}
+
 /// Per-CPU traffic counters (values of `VIP_STATS` and `BACKEND_STATS`), host order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -216,6 +233,21 @@ pub mod reason {
     ];
 }
 
+/// Per-CPU event counters (`EVENT_STATS`): things worth knowing that are not a packet's outcome
+/// (the packet is also counted under its `reason`).
+pub mod event {
+    /// A TCP packet without SYN that found no flow entry: a flow the node never saw start (peer
+    /// sync gap, agent restart with a fresh table, ECMP change). It is steered as a new flow.
+    pub const MIDFLOW_MISS: u32 = 0;
+    /// A flow entry whose backend slot no longer holds its backend (down or removed): re-steered.
+    pub const FLOW_RESTEERED: u32 = 1;
+    /// A `FlowEvent` that did not fit in the ring buffer (the agent is not keeping up): that
+    /// flow is not synced to peers.
+    pub const FLOW_EVENT_LOST: u32 = 2;
+    pub const COUNT: u32 = 3;
+    pub const NAMES: [&str; COUNT as usize] = ["midflow_miss", "flow_resteered", "flow_event_lost"];
+}
+
 /// Per-CPU packet counters of the decapsulator (`DECAP_STATS`).
 pub mod decap_reason {
     /// IPIP to a local address: outer header removed, inner packet passed up.
@@ -240,6 +272,7 @@ mod pod {
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for LbConfig {}
+    unsafe impl aya::Pod for FlowEvent {}
 }
 
 #[cfg(test)]
@@ -256,6 +289,7 @@ mod tests {
         assert_eq!(size_of::<FlowValue>(), 16);
         assert_eq!(size_of::<TrafficCounters>(), 24);
         assert_eq!(size_of::<LbConfig>(), 8);
+        assert_eq!(size_of::<FlowEvent>(), 24);
     }
 
     #[test]

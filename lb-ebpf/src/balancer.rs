@@ -3,17 +3,20 @@
 
 use crate::{
     Verdict, forward,
-    maps::{BACKENDS, FLOWS, RINGS, RR_COUNTERS, VIP_ADDRS, VIPS},
+    maps::{BACKENDS, FLOW_EVENTS, FLOWS, RINGS, RR_COUNTERS, VIP_ADDRS, VIPS},
     parse::{ETH_HLEN, ETH_P_IP, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at},
     stats,
 };
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
 use core::arch::asm;
 use lb_common::{
-    BACKEND_F_ACTIVE, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta,
-    reason, ring_index,
+    BACKEND_F_ACTIVE, FlowEvent, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey,
+    VipMeta, event, reason, ring_index,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+/// TCP header flag bit (byte 13).
+const TCP_SYN: u8 = 0x02;
 
 /// What `classify` learned about a packet for a configured VIP, copied out of the packet so it
 /// stays valid after the headers move.
@@ -27,6 +30,8 @@ pub struct Packet {
     pub df: bool,
     /// Frame length as received (what the byte counters count).
     pub frame_len: u64,
+    /// TCP without SYN: a packet from the middle of a connection.
+    pub midflow: bool,
 }
 
 pub fn try_balance(ctx: &XdpContext) -> Verdict {
@@ -63,20 +68,20 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
     let l4 = ETH_HLEN + ihl;
     // TCP and UDP both start with source and destination port; check the whole minimal header
     // so a truncated one is recognised as such.
-    let ports: [u8; 4] = match ip.proto {
+    let (ports, midflow): ([u8; 4], bool) = match ip.proto {
         IPPROTO_TCP => {
             let h: *const [u8; 20] =
                 ptr_at(ctx, l4).ok_or(Verdict::drop(reason::DROP_MALFORMED_L4))?;
             // SAFETY: bounds checked.
             let h = unsafe { &*h };
-            [h[0], h[1], h[2], h[3]]
+            ([h[0], h[1], h[2], h[3]], h[13] & TCP_SYN == 0)
         }
         IPPROTO_UDP => {
             let h: *const [u8; 8] =
                 ptr_at(ctx, l4).ok_or(Verdict::drop(reason::DROP_MALFORMED_L4))?;
             // SAFETY: bounds checked.
             let h = unsafe { &*h };
-            [h[0], h[1], h[2], h[3]]
+            ([h[0], h[1], h[2], h[3]], false)
         }
         _ => return Err(Verdict::drop(reason::DROP_UNKNOWN_PORT)),
     };
@@ -104,6 +109,7 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
         tos: ip.tos,
         df: frags & IP_DF != 0,
         frame_len: frame_len(ctx) as u64,
+        midflow,
     })
 }
 
@@ -111,11 +117,18 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let (backend_id, backend_addr) = match existing_flow(pkt, now) {
-        Some(backend) => backend,
-        None => match new_flow(pkt, now) {
-            Ok(backend) => backend,
-            Err(verdict) => return verdict,
-        },
+        Lookup::Hit(id, addr) => (id, addr),
+        miss => {
+            match miss {
+                Lookup::Stale => stats::count_event(event::FLOW_RESTEERED),
+                _ if pkt.midflow => stats::count_event(event::MIDFLOW_MISS),
+                _ => {}
+            }
+            match new_flow(pkt, now) {
+                Ok(backend) => backend,
+                Err(verdict) => return verdict,
+            }
+        }
     };
     let verdict = forward::forward(ctx, pkt, backend_addr);
     if forward::is_forwarded(&verdict) {
@@ -124,20 +137,33 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     verdict
 }
 
+enum Lookup {
+    /// Known flow, backend still there: (slot id, address).
+    Hit(u32, u32),
+    /// Known flow whose backend slot no longer holds its backend (down, removed, reused).
+    Stale,
+    /// No entry.
+    Miss,
+}
+
 /// The flow's backend, if the flow is known and its backend slot still holds the same address
 /// for the same VIP and is active. Otherwise the flow is re-steered as if new.
-fn existing_flow(pkt: &Packet, now: u64) -> Option<(u32, u32)> {
-    let flow = FLOWS.get_ptr_mut(pkt.flow)?;
+fn existing_flow(pkt: &Packet, now: u64) -> Lookup {
+    let Some(flow) = FLOWS.get_ptr_mut(pkt.flow) else {
+        return Lookup::Miss;
+    };
     // SAFETY: map value pointer from a successful lookup.
     let (id, addr) = unsafe { ((*flow).backend_id, (*flow).backend_addr) };
-    let backend = BACKENDS.get(id)?;
+    let Some(backend) = BACKENDS.get(id) else {
+        return Lookup::Stale;
+    };
     if backend.addr != addr || backend.flags & BACKEND_F_ACTIVE == 0 || backend.vip_id != pkt.vip.id
     {
-        return None;
+        return Lookup::Stale;
     }
     // SAFETY: as above. A racing writer on another CPU can only store another recent time.
     unsafe { (*flow).last_seen_ns = now };
-    Some((id, addr))
+    Lookup::Hit(id, addr)
 }
 
 /// Atomic 64-bit fetch-and-add (`BPF_ATOMIC | BPF_FETCH | BPF_DW`, kernel ≥ 5.12); every CPU's
@@ -202,5 +228,13 @@ fn new_flow(pkt: &Packet, now: u64) -> Result<(u32, u32), Verdict> {
     // goes to this backend and the next one of the flow takes another slot.
     let _ = FLOWS.insert(pkt.flow, value, 0);
     stats::count_new_flow(vip.id, id);
+    let event = FlowEvent {
+        flow: pkt.flow,
+        backend_addr: backend.addr,
+        _pad: 0,
+    };
+    if FLOW_EVENTS.output(event, 0).is_err() {
+        stats::count_event(event::FLOW_EVENT_LOST);
+    }
     Ok((id, backend.addr))
 }

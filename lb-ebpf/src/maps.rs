@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    Backend, DEFAULT_FLOW_CAPACITY, FlowKey, FlowValue, LbConfig, MAX_BACKENDS, MAX_DECAP_ADDRS,
-    MAX_VIPS, RING_ENTRIES, TrafficCounters, VipKey, VipMeta, decap_reason, reason,
+    Backend, DEFAULT_FLOW_CAPACITY, FLOW_EVENTS_BYTES, FlowKey, FlowValue, LbConfig, MAX_BACKENDS,
+    MAX_DECAP_ADDRS, MAX_VIPS, RING_ENTRIES, TrafficCounters, VipKey, VipMeta, decap_reason, event,
+    reason,
 };
 
 #[map(name = "VIPS")]
@@ -52,3 +53,10 @@ pub static DECAP_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DECAP_
 
 #[map(name = "DECAP_STATS")]
 pub static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(decap_reason::COUNT, 0);
+
+/// New-flow events for peer sync (`FlowEvent`s), read by the agent.
+#[map(name = "FLOW_EVENTS")]
+pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
+
+#[map(name = "EVENT_STATS")]
+pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(event::COUNT, 0);

@@ -1,6 +1,6 @@
 //! Per-CPU counters: no atomics, no cache-line sharing between CPUs; the agent sums them.
 
-use crate::maps::{BACKEND_STATS, DECAP_STATS, REASON_STATS, VIP_STATS};
+use crate::maps::{BACKEND_STATS, DECAP_STATS, EVENT_STATS, REASON_STATS, VIP_STATS};
 use aya_ebpf::maps::PerCpuArray;
 use lb_common::TrafficCounters;
 
@@ -15,6 +15,11 @@ fn bump(map: &PerCpuArray<u64>, index: u32) {
 #[inline(always)]
 pub fn count_reason(reason: u32) {
     bump(&REASON_STATS, reason);
+}
+
+#[inline(always)]
+pub fn count_event(event: u32) {
+    bump(&EVENT_STATS, event);
 }
 
 #[inline(always)]

@@ -9,12 +9,12 @@ use crate::{
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    BACKEND_F_ACTIVE, Backend, FlowKey, FlowValue, LbConfig, MAX_BACKENDS, MAX_VIPS,
-    TrafficCounters, VipKey, VipMeta, maps, programs, reason, ring_index,
+    BACKEND_F_ACTIVE, Backend, FlowEvent, FlowKey, FlowValue, LbConfig, MAX_BACKENDS, MAX_VIPS,
+    TrafficCounters, VipKey, VipMeta, event, maps, programs, reason, ring_index,
 };
 use serde::{Deserialize, Serialize};
 use std::{
@@ -171,6 +171,14 @@ type KernelHash<K, V> = HashMap<MapData, K, V>;
 
 /// The loaded object and typed handles to its maps. Dropping it detaches the balancer (the
 /// program's link and maps are released with the `Ebpf`).
+/// What `install_flows` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallReport {
+    pub installed: u64,
+    /// Flows whose VIP or backend this node does not have.
+    pub unknown_backend: u64,
+}
+
 pub struct Dataplane {
     ebpf: Ebpf,
     mode: Option<AttachedMode>,
@@ -184,6 +192,7 @@ pub struct Dataplane {
     vip_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     reason_stats: PerCpuArray<MapData, u64>,
+    event_stats: PerCpuArray<MapData, u64>,
     installed: BTreeMap<ServiceKey, InstalledVip>,
     free_vip_ids: BTreeSet<u32>,
     free_backend_ids: BTreeSet<u32>,
@@ -257,6 +266,17 @@ fn ensure_forwarding(iface: &str) -> Result<(), DataplaneError> {
         std::fs::write(&path, "1").map_err(|e| io("writing", e))?;
     }
     Ok(())
+}
+
+/// `bpf_ktime_get_ns()`'s clock (CLOCK_MONOTONIC), in nanoseconds.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 fn ipv4_be(addr: Ipv4Addr) -> u32 {
@@ -356,6 +376,7 @@ impl Dataplane {
             vip_stats: take_map(&mut ebpf, maps::VIP_STATS)?,
             backend_stats: take_map(&mut ebpf, maps::BACKEND_STATS)?,
             reason_stats: take_map(&mut ebpf, maps::REASON_STATS)?,
+            event_stats: take_map(&mut ebpf, maps::EVENT_STATS)?,
             ebpf,
             mode: None,
             lb_addr,
@@ -650,17 +671,97 @@ impl Dataplane {
         }))
     }
 
+    /// The ring buffer of `FlowEvent`s (new and re-steered flows, for peer sync). It can be taken
+    /// once; later calls fail with `MissingMap`.
+    pub fn take_flow_events(&mut self) -> Result<RingBuf<MapData>, DataplaneError> {
+        take_map(&mut self.ebpf, maps::FLOW_EVENTS)
+    }
+
+    /// Install flows learned from a peer, each pinned to its backend by address. A flow whose VIP
+    /// or backend this node does not have is skipped and counted in the report (never guessed).
+    /// An existing entry is overwritten: the peer saw the flow's latest assignment.
+    pub fn install_flows(
+        &mut self,
+        flows: impl IntoIterator<Item = FlowEvent>,
+    ) -> Result<InstallReport, DataplaneError> {
+        let now = monotonic_ns();
+        // (VIP as the data path keys it, backend address in network order) → slot id.
+        let mut slots = std::collections::HashMap::new();
+        for (key, vip) in &self.installed {
+            for (addr, id) in &vip.backends {
+                slots.insert((vip_key(key), ipv4_be(*addr)), *id);
+            }
+        }
+        let map = self
+            .ebpf
+            .map_mut(maps::FLOWS)
+            .ok_or(DataplaneError::MissingMap { name: maps::FLOWS })?;
+        let mut table: HashMap<&mut MapData, FlowKey, FlowValue> =
+            HashMap::try_from(map).map_err(map_err(maps::FLOWS))?;
+        let mut report = InstallReport::default();
+        for event in flows {
+            let vip = VipKey {
+                addr: event.flow.dst_addr,
+                port: event.flow.dst_port,
+                proto: event.flow.proto,
+                _pad: 0,
+            };
+            match slots.get(&(vip, event.backend_addr)) {
+                Some(id) => {
+                    let value = FlowValue {
+                        backend_addr: event.backend_addr,
+                        backend_id: *id,
+                        last_seen_ns: now,
+                    };
+                    table
+                        .insert(event.flow, value, 0)
+                        .map_err(map_err(maps::FLOWS))?;
+                    report.installed += 1;
+                }
+                None => report.unknown_backend += 1,
+            }
+        }
+        Ok(report)
+    }
+
+    /// Every flow seen within `max_age`, as `FlowEvent`s (the snapshot a (re)joining peer gets).
+    pub fn snapshot_flows(
+        &self,
+        max_age: std::time::Duration,
+    ) -> Result<Vec<FlowEvent>, DataplaneError> {
+        let since = monotonic_ns().saturating_sub(max_age.as_nanos() as u64);
+        let mut flows = Vec::new();
+        for entry in self.flows()?.iter() {
+            // An entry evicted while we walk is simply skipped.
+            let Ok((flow, value)) = entry else { continue };
+            if value.last_seen_ns >= since {
+                flows.push(FlowEvent {
+                    flow,
+                    backend_addr: value.backend_addr,
+                    _pad: 0,
+                });
+            }
+        }
+        Ok(flows)
+    }
+
+    /// Per-event counters (`lb_common::event::NAMES`), summed over CPUs.
+    pub fn event_stats(&self) -> Result<BTreeMap<String, u64>, DataplaneError> {
+        let mut events = BTreeMap::new();
+        for (index, name) in event::NAMES.iter().enumerate() {
+            let values = self
+                .event_stats
+                .get(&(index as u32), 0)
+                .map_err(map_err(maps::EVENT_STATS))?;
+            events.insert(name.to_string(), values.iter().sum());
+        }
+        Ok(events)
+    }
+
     /// Active flows per (backend slot, backend address in network order): walks the flow table,
     /// so it costs one pass over it.
     fn active_flows(&self) -> Result<BTreeMap<(u32, u32), u64>, DataplaneError> {
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: valid out-pointer; CLOCK_MONOTONIC is bpf_ktime_get_ns()'s clock.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-        let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
-        let since = now_ns.saturating_sub(ACTIVE_FLOW_WINDOW.as_nanos() as u64);
+        let since = monotonic_ns().saturating_sub(ACTIVE_FLOW_WINDOW.as_nanos() as u64);
         let mut counts = BTreeMap::new();
         for entry in self.flows()?.iter() {
             // An entry evicted while we walk is simply skipped.

@@ -8,7 +8,7 @@
 //! client network via 10.111.1.1. Needs root.
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use lb_common::{DEFAULT_FLOW_CAPACITY, reason};
+use lb_common::{DEFAULT_FLOW_CAPACITY, FlowEvent, FlowKey, reason};
 use std::{collections::BTreeSet, net::Ipv4Addr};
 use xlb::{
     dataplane::Dataplane,
@@ -846,5 +846,84 @@ fn down_backends_lose_their_flows_draining_ones_keep_them() {
             assert_eq!(action, XDP_TX);
             assert_eq!(out, encapsulated(&syn, 2));
         }
+    });
+}
+
+/// Issue 4's data-path side: every new flow is reported once on the ring buffer, with its backend
+/// by address; flows installed from a peer steer by address; a mid-flow packet with no entry is
+/// counted.
+#[test]
+fn flows_are_reported_and_peer_flows_are_honoured() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let mut events = dp.take_flow_events().expect("ring buffer");
+        let syn = client_syn(55000, 80);
+        let ack = Ip::to(CLIENT, VIP, 6).packet(&tcp(55000, 80, ACK, 10));
+        run(dp.balancer().unwrap(), ifindex, &inbound(&syn));
+        run(dp.balancer().unwrap(), ifindex, &inbound(&ack));
+        let mut seen = Vec::new();
+        while let Some(item) = events.next() {
+            assert_eq!(item.len(), std::mem::size_of::<FlowEvent>());
+            // SAFETY: the program writes whole FlowEvents; read_unaligned copes with any alignment.
+            seen.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
+        }
+        assert_eq!(
+            seen.len(),
+            1,
+            "one event per new flow, none for its later packets"
+        );
+        let e = seen[0];
+        assert_eq!(e.backend_addr, u32::from_ne_bytes(BACKENDS[0].octets()));
+        assert_eq!(e.flow.src_addr, u32::from_ne_bytes(CLIENT.octets()));
+        assert_eq!(e.flow.dst_addr, u32::from_ne_bytes(VIP.octets()));
+        assert_eq!(e.flow.src_port, 55000u16.to_be());
+        assert_eq!(e.flow.dst_port, 80u16.to_be());
+        assert_eq!(e.flow.proto, 6);
+        assert_eq!(dp.event_stats().unwrap()["midflow_miss"], 0);
+
+        // A peer's flows: one pinned to be3, one to a backend this node lacks.
+        let peer_flow = |sport: u16, backend: Ipv4Addr| FlowEvent {
+            flow: FlowKey {
+                src_addr: u32::from_ne_bytes(CLIENT.octets()),
+                dst_addr: u32::from_ne_bytes(VIP.octets()),
+                src_port: sport.to_be(),
+                dst_port: 80u16.to_be(),
+                proto: 6,
+                _pad: [0; 3],
+            },
+            backend_addr: u32::from_ne_bytes(backend.octets()),
+            _pad: 0,
+        };
+        let report = dp
+            .install_flows([
+                peer_flow(55001, BACKENDS[2]),
+                peer_flow(55002, Ipv4Addr::new(10, 111, 1, 99)),
+            ])
+            .unwrap();
+        assert_eq!(report.installed, 1);
+        assert_eq!(report.unknown_backend, 1);
+        // Round robin would give be2 next; the installed flow must go to be3.
+        let synced = Ip::to(CLIENT, VIP, 6).packet(&tcp(55001, 80, ACK, 10));
+        let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&synced));
+        assert_eq!(out, encapsulated(&synced, 2));
+        assert_eq!(dp.event_stats().unwrap()["midflow_miss"], 0);
+        // The unknown one arrives mid-flow with no entry: counted, steered as new (be2).
+        let orphan = Ip::to(CLIENT, VIP, 6).packet(&tcp(55002, 80, ACK, 10));
+        let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&orphan));
+        assert_eq!(out, encapsulated(&orphan, 1));
+        assert_eq!(dp.event_stats().unwrap()["midflow_miss"], 1);
+
+        let mut snapshot: Vec<(u16, u32)> = dp
+            .snapshot_flows(std::time::Duration::from_secs(60))
+            .unwrap()
+            .iter()
+            .map(|e| (u16::from_be(e.flow.src_port), e.backend_addr))
+            .collect();
+        snapshot.sort();
+        let be = |i: usize| u32::from_ne_bytes(BACKENDS[i].octets());
+        assert_eq!(
+            snapshot,
+            vec![(55000, be(0)), (55001, be(2)), (55002, be(1))]
+        );
     });
 }
