@@ -7,6 +7,11 @@
 //! and forwards requests to the loop over a channel. Shutdown: stop accepting, tell the connection
 //! tasks, wait for them, then drop the listener's socket file and the data path (which detaches
 //! the XDP program).
+//!
+//! Health checks run as tokio tasks (`health::Monitor`, one per checked backend); their results
+//! arrive on a channel that the same loop serves, so health changes and CLI requests are applied
+//! to the controller one at a time. After every change of desired state the monitor is synced
+//! with the controller's probe targets.
 
 use crate::{
     api::{MAX_LINE, Request, Response},
@@ -14,6 +19,7 @@ use crate::{
     config::{Config, ConfigError},
     controller::{Controller, ControllerError, DataplaneOps},
     dataplane::{Dataplane, DataplaneError, DataplaneOptions, XdpModeChoice},
+    health::{CheckReport, HealthError, Monitor},
     state::{self, DesiredState, STATE_FILE, StateError},
 };
 use std::{
@@ -67,6 +73,8 @@ pub enum AgentError {
     Dataplane(Box<DataplaneError>),
     #[error("installing the desired state failed: {0}")]
     Install(#[from] ControllerError),
+    #[error("{0}")]
+    Health(#[from] HealthError),
 }
 
 impl From<DataplaneError> for AgentError {
@@ -176,6 +184,7 @@ pub async fn run(
         },
     };
 
+    let health = Monitor::new()?;
     // Bound before the data path is loaded: a second agent then fails here instead of replacing
     // the running agent's XDP program.
     let (listener, socket_file) = bind_socket(&config.socket)?;
@@ -211,7 +220,7 @@ pub async fn run(
     );
     log::info!("listening on {}", config.socket.display());
 
-    let controller = serve(listener, controller, shutdown, config.warm_interval).await;
+    let controller = serve(listener, controller, health, shutdown, config.warm_interval).await;
     // Socket first, so no CLI connects to an agent that is going away; then the data path.
     drop(socket_file);
     drop(controller);
@@ -225,15 +234,20 @@ struct Job {
     reply: oneshot::Sender<Response>,
 }
 
-/// Serve requests on `listener` with `controller` until `shutdown` resolves, then wind down every
-/// connection task and hand the controller back (the caller decides when the data path goes).
+/// Serve requests on `listener` with `controller`, and health-check results of `health`'s tasks,
+/// until `shutdown` resolves; then stop the checks, wind down every connection task and hand the
+/// controller back (the caller decides when the data path goes).
 pub async fn serve<D: DataplaneOps>(
     listener: UnixListener,
     mut controller: Controller<D>,
+    health: (Monitor, mpsc::Receiver<CheckReport>),
     shutdown: impl Future<Output = ()>,
     warm_interval: Duration,
 ) -> Controller<D> {
     tokio::pin!(shutdown);
+    let (mut monitor, mut results) = health;
+    monitor.sync(controller.probe_targets());
+    log::info!("health checks running for {} backends", monitor.len());
     let (job_tx, mut job_rx) = mpsc::channel::<Job>(64);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
@@ -262,9 +276,11 @@ pub async fn serve<D: DataplaneOps>(
                 // The CLI may have given up waiting; the change stands either way.
                 let _ = job.reply.send(resp);
                 if mutation {
+                    monitor.sync(controller.probe_targets());
                     warm_neighbours(&controller.state().backend_addrs());
                 }
             }
+            Some(report) = results.recv() => controller.health_result(report),
             _ = warm.tick() => warm_neighbours(&controller.state().backend_addrs()),
             Some(done) = conns.join_next(), if !conns.is_empty() => {
                 if let Err(e) = done && e.is_panic() {
@@ -275,6 +291,7 @@ pub async fn serve<D: DataplaneOps>(
     }
 
     log::info!("shutting down");
+    drop(monitor);
     drop(listener);
     // Connection tasks waiting for an answer get an error from the dropped queue; idle ones
     // see the stop signal.
@@ -568,6 +585,7 @@ mod tests {
             let ctl = serve(
                 listener,
                 ctl,
+                Monitor::new().unwrap(),
                 async {
                     let _ = stopped.await;
                 },
@@ -585,6 +603,7 @@ mod tests {
                 &Request::VipAdd {
                     vip: key(),
                     forward: Forward::L2,
+                    check: Default::default(),
                 },
             );
             let dup = client::call(
@@ -592,6 +611,7 @@ mod tests {
                 &Request::VipAdd {
                     vip: key(),
                     forward: Forward::L2,
+                    check: Default::default(),
                 },
             );
             let list = client::call(&s, &Request::VipList);

@@ -5,7 +5,11 @@
 //! The report types (`VipSummary`, `VipReport`, `StatsReport`) are also exactly what the CLI prints
 //! with `--json`, so their field names are a public interface: do not rename them.
 
-use crate::model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec};
+use crate::{
+    check::{CheckPatch, CheckSpec},
+    health::BackendState,
+    model::{BackendConfig, Forward, Proto, ServiceKey, VipConfig},
+};
 use serde::{Deserialize, Serialize};
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -19,6 +23,14 @@ pub enum Request {
     VipAdd {
         vip: ServiceKey,
         forward: Forward,
+        /// Applied to the protocol's default check.
+        #[serde(default, skip_serializing_if = "CheckPatch::is_empty")]
+        check: CheckPatch,
+    },
+    /// Change a VIP's check (fields not in `check` keep their values).
+    VipSet {
+        vip: ServiceKey,
+        check: CheckPatch,
     },
     VipDel {
         vip: ServiceKey,
@@ -28,6 +40,24 @@ pub enum Request {
         vip: ServiceKey,
         backend: Ipv4Addr,
         weight: u32,
+        /// Non-empty: the backend's own check, the VIP's with these fields applied.
+        #[serde(default, skip_serializing_if = "CheckPatch::is_empty")]
+        check: CheckPatch,
+    },
+    /// Change a backend's weight (a weight above 0 ends a drain).
+    BackendSet {
+        vip: ServiceKey,
+        backend: Ipv4Addr,
+        weight: u32,
+    },
+    /// Weight 0, remembering the weight for `BackendUndrain`.
+    BackendDrain {
+        vip: ServiceKey,
+        backend: Ipv4Addr,
+    },
+    BackendUndrain {
+        vip: ServiceKey,
+        backend: Ipv4Addr,
     },
     BackendDel {
         vip: ServiceKey,
@@ -45,14 +75,18 @@ impl Request {
         matches!(
             self,
             Request::VipAdd { .. }
+                | Request::VipSet { .. }
                 | Request::VipDel { .. }
                 | Request::BackendAdd { .. }
+                | Request::BackendSet { .. }
+                | Request::BackendDrain { .. }
+                | Request::BackendUndrain { .. }
                 | Request::BackendDel { .. }
         )
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "snake_case")]
 pub enum Response {
     /// A change was applied and persisted; `message` says what, for the operator.
@@ -79,6 +113,8 @@ pub enum Response {
 pub struct BackendSummary {
     pub address: Ipv4Addr,
     pub weight: u32,
+    /// The backend's own check, if it has one (otherwise the VIP's applies).
+    pub check: Option<CheckSpec>,
 }
 
 /// One VIP as configured (`vip list --json` prints `{"vips": [VipSummary, ...]}`).
@@ -90,23 +126,26 @@ pub struct VipSummary {
     pub port: u16,
     pub proto: Proto,
     pub forward: Forward,
+    pub check: CheckSpec,
     pub backends: Vec<BackendSummary>,
 }
 
-impl From<&VipSpec> for VipSummary {
-    fn from(spec: &VipSpec) -> Self {
+impl From<&VipConfig> for VipSummary {
+    fn from(spec: &VipConfig) -> Self {
         VipSummary {
             vip: vip_string(&spec.key),
             address: spec.key.addr,
             port: spec.key.port,
             proto: spec.key.proto,
             forward: spec.forward,
+            check: spec.check.clone(),
             backends: spec
                 .backends
                 .iter()
-                .map(|b: &BackendSpec| BackendSummary {
+                .map(|b: &BackendConfig| BackendSummary {
                     address: b.addr,
                     weight: b.weight,
+                    check: b.check.clone(),
                 })
                 .collect(),
         }
@@ -119,18 +158,36 @@ pub struct VipList {
     pub vips: Vec<VipSummary>,
 }
 
-/// One backend with its data-path counters.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The last health check of a backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastCheck {
+    pub ok: bool,
+    /// `connected` / `HTTP 200` when ok, the failure reason otherwise.
+    pub detail: String,
+    pub latency_ms: f64,
+    pub at_unix_ms: u64,
+}
+
+/// One backend with its health and its data-path counters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendReport {
     pub address: Ipv4Addr,
     pub weight: u32,
+    pub state: BackendState,
+    /// When `state` began, RFC 3339 UTC.
+    pub since: String,
+    pub since_unix_ms: u64,
+    /// `None` before the first check and for backends without checks.
+    pub last_check: Option<LastCheck>,
+    /// Flows of this backend that saw a packet in the last minute.
+    pub active_flows: u64,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
 }
 
 /// One VIP with its counters and its backends' (`backend list --json` prints this object).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VipReport {
     pub vip: String,
     pub address: Ipv4Addr,
@@ -144,7 +201,7 @@ pub struct VipReport {
 }
 
 /// Everything `xlb stats --json` prints.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatsReport {
     pub vips: Vec<VipReport>,
     /// Packets per outcome (`lb_common::reason::NAMES`), every reason present.
@@ -160,6 +217,7 @@ pub fn vip_string(key: &ServiceKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::check::CheckKind;
 
     fn key() -> ServiceKey {
         ServiceKey {
@@ -188,6 +246,24 @@ mod tests {
             Request::VipAdd {
                 vip: key(),
                 forward: Forward::L2,
+                check: CheckPatch::default(),
+            },
+            Request::VipAdd {
+                vip: key(),
+                forward: Forward::L2,
+                check: CheckPatch {
+                    kind: Some(CheckKind::Http),
+                    path: Some("/healthz".into()),
+                    interval: Some(std::time::Duration::from_millis(200)),
+                    ..Default::default()
+                },
+            },
+            Request::VipSet {
+                vip: key(),
+                check: CheckPatch {
+                    fall: Some(5),
+                    ..Default::default()
+                },
             },
             Request::VipDel { vip: key() },
             Request::VipList,
@@ -195,6 +271,23 @@ mod tests {
                 vip: key(),
                 backend,
                 weight: 3,
+                check: CheckPatch {
+                    port: Some(8080),
+                    ..Default::default()
+                },
+            },
+            Request::BackendSet {
+                vip: key(),
+                backend,
+                weight: 0,
+            },
+            Request::BackendDrain {
+                vip: key(),
+                backend,
+            },
+            Request::BackendUndrain {
+                vip: key(),
+                backend,
             },
             Request::BackendDel {
                 vip: key(),
@@ -209,14 +302,8 @@ mod tests {
 
     #[test]
     fn every_response_round_trips() {
-        let spec = VipSpec {
-            key: key(),
-            forward: Forward::Ipip,
-            backends: vec![BackendSpec {
-                addr: Ipv4Addr::new(10, 111, 1, 11),
-                weight: 1,
-            }],
-        };
+        let mut spec = VipConfig::new(key(), Forward::Ipip);
+        spec.backends = vec![BackendConfig::new(Ipv4Addr::new(10, 111, 1, 11), 1)];
         let report = VipReport {
             vip: "10.111.100.1:80".into(),
             address: key().addr,
@@ -229,6 +316,16 @@ mod tests {
             backends: vec![BackendReport {
                 address: Ipv4Addr::new(10, 111, 1, 12),
                 weight: 2,
+                state: BackendState::Down,
+                since: "2026-05-20T10:00:00.000Z".into(),
+                since_unix_ms: 1_779_271_200_000,
+                last_check: Some(LastCheck {
+                    ok: false,
+                    detail: "connection refused".into(),
+                    latency_ms: 0.25,
+                    at_unix_ms: 1_779_271_200_500,
+                }),
+                active_flows: 3,
                 packets: 4,
                 bytes: 5,
                 new_flows: 6,
@@ -265,19 +362,38 @@ mod tests {
             vip: key(),
             backend: Ipv4Addr::new(10, 111, 1, 11),
             weight: 1,
+            check: CheckPatch::default(),
         };
         assert_eq!(
             serde_json::to_string(&req).unwrap(),
             r#"{"request":"backend_add","vip":{"addr":"10.111.100.1","port":80,"proto":"tcp"},"backend":"10.111.1.11","weight":1}"#
         );
-        let summary = VipSummary::from(&VipSpec {
-            key: key(),
-            forward: Forward::Ipip,
-            backends: vec![],
-        });
+        let summary = VipSummary::from(&VipConfig::new(key(), Forward::Ipip));
         assert_eq!(
             serde_json::to_string(&summary).unwrap(),
-            r#"{"vip":"10.111.100.1:80","address":"10.111.100.1","port":80,"proto":"tcp","forward":"ipip","backends":[]}"#
+            r#"{"vip":"10.111.100.1:80","address":"10.111.100.1","port":80,"proto":"tcp","forward":"ipip","check":{"kind":"tcp","path":"/","port":null,"interval":"1s","timeout":"1s","rise":2,"fall":3,"expect_status":"200-399","expect_body":null,"tls_verify":false},"backends":[]}"#
+        );
+        // Older CLIs send no `check`.
+        let old = r#"{"request":"vip_add","vip":{"addr":"10.111.100.1","port":80,"proto":"tcp"},"forward":"ipip"}"#;
+        assert!(matches!(
+            serde_json::from_str::<Request>(old).unwrap(),
+            Request::VipAdd { check, .. } if check.is_empty()
+        ));
+        let report = BackendReport {
+            address: Ipv4Addr::new(10, 111, 1, 11),
+            weight: 1,
+            state: BackendState::Draining,
+            since: "2026-05-20T10:00:00.000Z".into(),
+            since_unix_ms: 1_779_271_200_000,
+            last_check: None,
+            active_flows: 1,
+            packets: 2,
+            bytes: 3,
+            new_flows: 4,
+        };
+        assert_eq!(
+            serde_json::to_string(&report).unwrap(),
+            r#"{"address":"10.111.1.11","weight":1,"state":"draining","since":"2026-05-20T10:00:00.000Z","since_unix_ms":1779271200000,"last_check":null,"active_flows":1,"packets":2,"bytes":3,"new_flows":4}"#
         );
     }
 

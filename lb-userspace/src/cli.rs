@@ -8,6 +8,7 @@ use crate::{
     agent::{AgentOptions, DEFAULT_SOCKET, DEFAULT_STATE_DIR},
     api::{Request, Response, StatsReport, VipList, VipReport, VipSummary},
     backend_host::{self, BackendHostError, RECORD_DIR, SetupOptions},
+    check::{CheckError, CheckFlags, CheckKind, fmt_duration},
     client::{self, ClientError},
     dataplane::{DataplaneError, XdpModeChoice},
     model::{DEFAULT_WEIGHT, Forward, Proto, ServiceKey},
@@ -19,6 +20,7 @@ use std::{
     io::{self, Write},
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 #[derive(Debug, Parser)]
@@ -160,6 +162,57 @@ impl AgentArgs {
     }
 }
 
+/// Health-check flags, shared by `vip add`, `vip set` and `backend add`. Taken as strings and
+/// parsed by `CheckFlags::to_patch`, so a bad value is a one-line error (exit 1).
+#[derive(Debug, Default, Args)]
+pub struct CheckArgs {
+    /// Health check: tcp (connect), http:/PATH, https:/PATH (GET, TLS certificate not verified
+    /// unless --tls-verify) or none (always up) [default: tcp for TCP VIPs; none for UDP VIPs,
+    /// because a TCP connect cannot check a UDP service].
+    #[arg(long, value_name = "KIND")]
+    pub check: Option<String>,
+    /// Port checked on the backend's own address [default: the VIP's port].
+    #[arg(long, value_name = "N")]
+    pub check_port: Option<String>,
+    /// Time between checks, e.g. 200ms [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub interval: Option<String>,
+    /// Time a check may take, at most the interval [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+    /// Consecutive passed checks that bring a down backend back [default: 2].
+    #[arg(long, value_name = "N")]
+    pub rise: Option<String>,
+    /// Consecutive failed checks that take a backend down [default: 3].
+    #[arg(long, value_name = "N")]
+    pub fall: Option<String>,
+    /// HTTP status or range that passes, e.g. 200 or 200-399 [default: 200-399].
+    #[arg(long, value_name = "STATUS")]
+    pub expect_status: Option<String>,
+    /// Text the HTTP body must contain ("" removes the condition).
+    #[arg(long, value_name = "STR")]
+    pub expect_body: Option<String>,
+    /// Verify the https check's certificate (--tls-verify=false turns it off again).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub tls_verify: Option<String>,
+}
+
+impl CheckArgs {
+    fn flags(&self) -> CheckFlags {
+        CheckFlags {
+            check: self.check.clone(),
+            port: self.check_port.clone(),
+            interval: self.interval.clone(),
+            timeout: self.timeout.clone(),
+            rise: self.rise.clone(),
+            fall: self.fall.clone(),
+            expect_status: self.expect_status.clone(),
+            expect_body: self.expect_body.clone(),
+            tls_verify: self.tls_verify.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum VipCommand {
     /// Add a virtual service (with no backends yet).
@@ -170,6 +223,17 @@ pub enum VipCommand {
         proto: ProtoArg,
         #[arg(long, value_enum, default_value = "ipip")]
         forward: ForwardArg,
+        #[command(flatten)]
+        check: CheckArgs,
+    },
+    /// Change a virtual service's health check (flags not given keep their values).
+    Set {
+        /// ADDR:PORT
+        vip: String,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: ProtoArg,
+        #[command(flatten)]
+        check: CheckArgs,
     },
     /// Delete a virtual service and its backends.
     Del {
@@ -199,6 +263,34 @@ pub enum BackendCommand {
         /// Relative share of new flows (0-256; 0 = no new flows).
         #[arg(long, default_value_t = DEFAULT_WEIGHT)]
         weight: u32,
+        /// Any check flag gives this backend its own check: the VIP's with these flags applied.
+        /// (Boxed: the flags are large next to the other variants.)
+        #[command(flatten)]
+        check: Box<CheckArgs>,
+    },
+    /// Change a backend's weight at run time (a weight above 0 ends a drain).
+    Set {
+        vip: String,
+        backend: String,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: ProtoArg,
+        /// Relative share of new flows (0-256; 0 = no new flows).
+        #[arg(long, required = true)]
+        weight: u32,
+    },
+    /// Drain a backend: weight 0, so no new flows; its existing flows stay until they end.
+    Drain {
+        vip: String,
+        backend: String,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: ProtoArg,
+    },
+    /// End a drain: the backend gets back the weight it had before.
+    Undrain {
+        vip: String,
+        backend: String,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: ProtoArg,
     },
     /// Remove a backend from a virtual service.
     Del {
@@ -207,7 +299,8 @@ pub enum BackendCommand {
         #[arg(long, value_enum, default_value = "tcp")]
         proto: ProtoArg,
     },
-    /// List the backends of a virtual service with their counters.
+    /// List the backends of a virtual service: weight, state (up, down, draining) and since when,
+    /// last check, flows and counters.
     List {
         vip: String,
         #[arg(long, value_enum, default_value = "tcp")]
@@ -255,6 +348,8 @@ pub enum CliError {
     Parse(#[from] ParseError),
     #[error("{0}")]
     Client(#[from] ClientError),
+    #[error("{0}")]
+    Check(#[from] CheckError),
     #[error("{0}")]
     BackendHost(#[from] BackendHostError),
     #[error("interface {0:?} does not exist")]
@@ -310,13 +405,24 @@ pub fn vip(socket: &Path, cmd: VipCommand) -> Result<(), CliError> {
             vip,
             proto,
             forward,
-        } => change(
-            socket,
-            Request::VipAdd {
-                vip: service_key(&vip, proto)?,
-                forward: forward.into(),
-            },
-        ),
+            check,
+        } => {
+            let vip = service_key(&vip, proto)?;
+            let check = check.flags().to_patch()?;
+            change(
+                socket,
+                Request::VipAdd {
+                    vip,
+                    forward: forward.into(),
+                    check,
+                },
+            )
+        }
+        VipCommand::Set { vip, proto, check } => {
+            let vip = service_key(&vip, proto)?;
+            let check = check.flags().to_patch()?;
+            change(socket, Request::VipSet { vip, check })
+        }
         VipCommand::Del { vip, proto } => change(
             socket,
             Request::VipDel {
@@ -338,17 +444,55 @@ pub fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError> {
             backend,
             proto,
             weight,
+            check,
         } => {
             let vip = service_key(&vip, proto)?;
             let backend = parse_ipv4(&backend)?;
+            let check = check.flags().to_patch()?;
             change(
                 socket,
                 Request::BackendAdd {
                     vip,
                     backend,
                     weight,
+                    check,
                 },
             )
+        }
+        BackendCommand::Set {
+            vip,
+            backend,
+            proto,
+            weight,
+        } => {
+            let vip = service_key(&vip, proto)?;
+            let backend = parse_ipv4(&backend)?;
+            change(
+                socket,
+                Request::BackendSet {
+                    vip,
+                    backend,
+                    weight,
+                },
+            )
+        }
+        BackendCommand::Drain {
+            vip,
+            backend,
+            proto,
+        } => {
+            let vip = service_key(&vip, proto)?;
+            let backend = parse_ipv4(&backend)?;
+            change(socket, Request::BackendDrain { vip, backend })
+        }
+        BackendCommand::Undrain {
+            vip,
+            backend,
+            proto,
+        } => {
+            let vip = service_key(&vip, proto)?;
+            let backend = parse_ipv4(&backend)?;
+            change(socket, Request::BackendUndrain { vip, backend })
         }
         BackendCommand::Del {
             vip,
@@ -363,7 +507,7 @@ pub fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError> {
             let vip = service_key(&vip, proto)?;
             match client::call(socket, &Request::BackendList { vip })? {
                 Response::BackendList { vip } if json => print_json(&vip),
-                Response::BackendList { vip } => print(&backend_table(&vip, "")),
+                Response::BackendList { vip } => print(&backend_table(&vip, "", SystemTime::now())),
                 other => Err(unexpected(other)),
             }
         }
@@ -474,8 +618,8 @@ fn table(indent: &str, header: &[&str], rows: &[Vec<String>]) -> String {
 
 /// `xlb vip list`:
 /// ```text
-/// VIP              PROTO  FORWARD  BACKENDS
-/// 10.111.100.1:80  tcp    ipip     3
+/// VIP              PROTO  FORWARD  BACKENDS  CHECK
+/// 10.111.100.1:80  tcp    ipip     3         http:/healthz every 200ms
 /// ```
 pub fn vip_table(vips: &[VipSummary]) -> String {
     let rows: Vec<Vec<String>> = vips
@@ -486,25 +630,48 @@ pub fn vip_table(vips: &[VipSummary]) -> String {
                 v.proto.to_string(),
                 v.forward.to_string(),
                 v.backends.len().to_string(),
+                if v.check.kind == CheckKind::None {
+                    v.check.summary()
+                } else {
+                    format!(
+                        "{} every {}",
+                        v.check.summary(),
+                        fmt_duration(v.check.interval)
+                    )
+                },
             ]
         })
         .collect();
-    table("", &["VIP", "PROTO", "FORWARD", "BACKENDS"], &rows)
+    table("", &["VIP", "PROTO", "FORWARD", "BACKENDS", "CHECK"], &rows)
 }
 
-/// `xlb backend list VIP:PORT`:
+/// `xlb backend list VIP:PORT` (ages relative to `now`):
 /// ```text
-/// BACKEND      WEIGHT  PACKETS  BYTES  NEW_FLOWS
-/// 10.111.1.11  1       10       840    10
+/// BACKEND      WEIGHT  STATE  SINCE                           LAST_CHECK  ACTIVE_FLOWS  PACKETS  BYTES  NEW_FLOWS
+/// 10.111.1.11  1       up     2026-05-20T10:00:00Z (12s ago)  ok 1.2ms    3             10       840    10
 /// ```
-pub fn backend_table(vip: &VipReport, indent: &str) -> String {
+pub fn backend_table(vip: &VipReport, indent: &str, now: SystemTime) -> String {
     let rows: Vec<Vec<String>> = vip
         .backends
         .iter()
         .map(|b| {
+            let since = UNIX_EPOCH + Duration::from_millis(b.since_unix_ms);
+            let age = now.duration_since(since).unwrap_or_default();
             vec![
                 b.address.to_string(),
                 b.weight.to_string(),
+                b.state.to_string(),
+                format!(
+                    "{} ({} ago)",
+                    humantime::format_rfc3339_seconds(since),
+                    short_age(age)
+                ),
+                match &b.last_check {
+                    None => "-".to_string(),
+                    Some(c) if c.ok => format!("ok {:.1}ms", c.latency_ms),
+                    Some(c) => format!("failed: {}", c.detail),
+                },
+                b.active_flows.to_string(),
                 b.packets.to_string(),
                 b.bytes.to_string(),
                 b.new_flows.to_string(),
@@ -513,9 +680,30 @@ pub fn backend_table(vip: &VipReport, indent: &str) -> String {
         .collect();
     table(
         indent,
-        &["BACKEND", "WEIGHT", "PACKETS", "BYTES", "NEW_FLOWS"],
+        &[
+            "BACKEND",
+            "WEIGHT",
+            "STATE",
+            "SINCE",
+            "LAST_CHECK",
+            "ACTIVE_FLOWS",
+            "PACKETS",
+            "BYTES",
+            "NEW_FLOWS",
+        ],
         &rows,
     )
+}
+
+/// `12s`, `3m12s`, `2h5m`, `3d4h`: the two largest units, enough to read at a glance.
+fn short_age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86400, s % 86400 / 3600),
+    }
 }
 
 /// `xlb stats`: one block per VIP (its counters, then its backends'), then the per-reason
@@ -527,7 +715,7 @@ pub fn stats_text(stats: &StatsReport) -> String {
             "VIP {}/{} forward {}: packets {} bytes {} new_flows {}\n",
             v.vip, v.proto, v.forward, v.packets, v.bytes, v.new_flows
         ));
-        out.push_str(&backend_table(v, "  "));
+        out.push_str(&backend_table(v, "  ", SystemTime::now()));
         out.push('\n');
     }
     let rows: Vec<Vec<String>> = stats
@@ -559,11 +747,110 @@ mod tests {
             backends: vec![BackendReport {
                 address: Ipv4Addr::new(10, 111, 1, 11),
                 weight: 1,
+                state: crate::health::BackendState::Up,
+                since: "2026-05-20T10:00:00.000Z".into(),
+                since_unix_ms: 1_779_271_200_000,
+                last_check: Some(crate::api::LastCheck {
+                    ok: true,
+                    detail: "connected".into(),
+                    latency_ms: 1.23,
+                    at_unix_ms: 1_779_271_211_000,
+                }),
+                active_flows: 3,
                 packets: 10,
                 bytes: 840,
                 new_flows: 10,
             }],
         }
+    }
+
+    #[test]
+    fn lifecycle_and_check_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "vip",
+            "add",
+            "10.111.100.1:80",
+            "--check",
+            "http:/healthz",
+            "--check-port",
+            "8080",
+            "--interval",
+            "200ms",
+            "--timeout",
+            "150ms",
+            "--rise",
+            "2",
+            "--fall",
+            "3",
+            "--expect-status",
+            "200-399",
+            "--expect-body",
+            "ok",
+            "--tls-verify",
+        ])
+        .unwrap();
+        let Command::Vip(VipCommand::Add { check, .. }) = cli.command else {
+            panic!()
+        };
+        let p = check.flags().to_patch().unwrap();
+        assert_eq!(p.tls_verify, Some(true));
+        assert_eq!(p.port, Some(8080));
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "vip",
+            "set",
+            "10.111.100.1:53",
+            "--proto",
+            "udp",
+            "--tls-verify=false",
+        ])
+        .unwrap();
+        let Command::Vip(VipCommand::Set { check, proto, .. }) = cli.command else {
+            panic!()
+        };
+        assert_eq!(proto, ProtoArg::Udp);
+        assert_eq!(check.flags().to_patch().unwrap().tls_verify, Some(false));
+        assert!(matches!(
+            Cli::try_parse_from([
+                "xlb",
+                "backend",
+                "set",
+                "10.111.100.1:80",
+                "10.111.1.11",
+                "--weight",
+                "3"
+            ])
+            .unwrap()
+            .command,
+            Command::Backend(BackendCommand::Set { weight: 3, .. })
+        ));
+        assert!(
+            Cli::try_parse_from(["xlb", "backend", "set", "10.111.100.1:80", "10.111.1.11"])
+                .is_err()
+        );
+        for sub in ["drain", "undrain"] {
+            assert!(
+                Cli::try_parse_from(["xlb", "backend", sub, "10.111.100.1:80", "10.111.1.11"])
+                    .is_ok()
+            );
+        }
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "backend",
+            "add",
+            "10.111.100.1:80",
+            "10.111.1.11",
+            "--check",
+            "tcp",
+            "--check-port",
+            "22",
+        ])
+        .unwrap();
+        let Command::Backend(BackendCommand::Add { check, .. }) = cli.command else {
+            panic!()
+        };
+        assert!(!check.flags().to_patch().unwrap().is_empty());
     }
 
     #[test]
@@ -659,6 +946,7 @@ mod tests {
                     vip: vip.into(),
                     proto: ProtoArg::Tcp,
                     forward: ForwardArg::Ipip,
+                    check: CheckArgs::default(),
                 },
             )
             .unwrap_err();
@@ -671,10 +959,34 @@ mod tests {
                 backend: "10.111.1.300".into(),
                 proto: ProtoArg::Tcp,
                 weight: 1,
+                check: Box::default(),
             },
         )
         .unwrap_err();
         assert!(matches!(e, CliError::Parse(_)), "{e}");
+        // Bad check flags too: one line, before any connection.
+        let bad = |f: fn(&mut CheckArgs)| {
+            let mut check = CheckArgs::default();
+            f(&mut check);
+            super::vip(
+                sock,
+                VipCommand::Set {
+                    vip: "10.111.100.1:80".into(),
+                    proto: ProtoArg::Tcp,
+                    check,
+                },
+            )
+            .unwrap_err()
+        };
+        for e in [
+            bad(|c| c.interval = Some("fast".into())),
+            bad(|c| c.rise = Some("x".into())),
+            bad(|c| c.expect_status = Some("200-100".into())),
+            bad(|c| c.check = Some("ftp".into())),
+        ] {
+            assert!(matches!(e, CliError::Check(_)), "{e}");
+            assert!(!e.to_string().contains('\n'));
+        }
     }
 
     #[test]
@@ -685,22 +997,38 @@ mod tests {
             port: 80,
             proto: Proto::Tcp,
             forward: Forward::Ipip,
+            check: crate::check::CheckSpec::default_for(Proto::Tcp),
             backends: vec![
                 BackendSummary {
                     address: Ipv4Addr::new(10, 111, 1, 11),
                     weight: 1,
+                    check: None,
                 };
                 3
             ],
         }];
         assert_eq!(
             vip_table(&vips),
-            "VIP              PROTO  FORWARD  BACKENDS\n10.111.100.1:80  tcp    ipip     3\n"
+            "VIP              PROTO  FORWARD  BACKENDS  CHECK\n10.111.100.1:80  tcp    ipip     3         tcp every 1s\n"
         );
+        let now = UNIX_EPOCH + Duration::from_millis(1_779_271_212_000);
         assert_eq!(
-            backend_table(&report(), ""),
-            "BACKEND      WEIGHT  PACKETS  BYTES  NEW_FLOWS\n10.111.1.11  1       10       840    10\n"
+            backend_table(&report(), "", now),
+            "BACKEND      WEIGHT  STATE  SINCE                           LAST_CHECK  ACTIVE_FLOWS  PACKETS  BYTES  NEW_FLOWS\n\
+             10.111.1.11  1       up     2026-05-20T10:00:00Z (12s ago)  ok 1.2ms    3             10       840    10\n"
         );
+        let mut down = report();
+        down.backends[0].state = crate::health::BackendState::Down;
+        down.backends[0].last_check.as_mut().unwrap().ok = false;
+        down.backends[0].last_check.as_mut().unwrap().detail = "connection refused".into();
+        assert!(
+            backend_table(&down, "", now)
+                .contains("  down   2026-05-20T10:00:00Z (12s ago)  failed: connection refused  3")
+        );
+        down.backends[0].last_check = None;
+        assert!(backend_table(&down, "", now).contains("(12s ago)  -           3"));
+        assert_eq!(short_age(Duration::from_secs(3725)), "1h2m");
+        assert_eq!(short_age(Duration::from_secs(75)), "1m15s");
         let stats = StatsReport {
             vips: vec![report()],
             reasons: [("fwd_tx".to_string(), 30)].into_iter().collect(),

@@ -12,15 +12,29 @@
 //! address = "10.111.100.1:80"
 //! proto = "tcp"            # default tcp
 //! forward = "ipip"         # default ipip
+//! [vip.check]             # default: tcp for tcp VIPs, none for udp VIPs
+//! kind = "http"            # tcp | http | https | none
+//! path = "/healthz"
+//! port = 8080              # default: the VIP's port
+//! interval = "200ms"       # default 1s
+//! timeout = "150ms"        # default 1s, at most the interval
+//! rise = 2
+//! fall = 3
+//! expect_status = "200-399"
+//! expect_body = "ok"
+//! tls_verify = false
 //! [[vip.backend]]
 //! address = "10.111.1.11"
 //! weight = 1               # default 1
+//! [vip.backend.check]      # this backend's own check: the VIP's with these keys replaced
+//! port = 8081
 //! ```
 //!
 //! Unknown keys are errors: a misspelt `wieght` silently ignored would be worse than a refusal.
 
 use crate::{
-    model::{BackendSpec, DEFAULT_WEIGHT, Forward, Proto, ServiceKey, VipSpec},
+    check::{CheckPatch, CheckSpec},
+    model::{BackendConfig, DEFAULT_WEIGHT, Forward, Proto, ServiceKey, VipConfig},
     parse::{ParseError, parse_addr_port, parse_ipv4},
     state::{DesiredState, StateError},
 };
@@ -101,6 +115,9 @@ struct RawVip {
     proto: Proto,
     #[serde(default)]
     forward: Forward,
+    /// Applied to the protocol's default check.
+    #[serde(default)]
+    check: Option<CheckPatch>,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
 }
@@ -111,6 +128,9 @@ struct RawBackend {
     address: String,
     #[serde(default = "default_weight")]
     weight: u32,
+    /// The backend's own check: the VIP's with these keys replaced.
+    #[serde(default)]
+    check: Option<CheckPatch>,
 }
 
 fn default_weight() -> u32 {
@@ -154,6 +174,8 @@ impl Config {
                     index: index + 1,
                     source,
                 })?;
+            let vip_check =
+                CheckSpec::default_for(vip.proto).patched(&vip.check.unwrap_or_default());
             let mut backends = Vec::with_capacity(vip.backends.len());
             for (bi, b) in vip.backends.into_iter().enumerate() {
                 let baddr =
@@ -163,18 +185,19 @@ impl Config {
                         index: bi + 1,
                         source,
                     })?;
-                backends.push(BackendSpec {
-                    addr: baddr,
-                    weight: b.weight,
+                backends.push(BackendConfig {
+                    check: b.check.map(|p| vip_check.patched(&p)),
+                    ..BackendConfig::new(baddr, b.weight)
                 });
             }
-            specs.push(VipSpec {
+            specs.push(VipConfig {
                 key: ServiceKey {
                     addr,
                     port,
                     proto: vip.proto,
                 },
                 forward: vip.forward,
+                check: vip_check,
                 backends,
             });
         }
@@ -224,7 +247,7 @@ mod tests {
         assert_eq!(cfg.agent.xdp_mode.as_deref(), Some("generic"));
         assert_eq!(cfg.agent.lb_addr, Some(Ipv4Addr::new(10, 111, 1, 2)));
         assert_eq!(cfg.agent.flow_capacity, Some(1024));
-        let vips: Vec<&VipSpec> = cfg.state.vips().collect();
+        let vips: Vec<&VipConfig> = cfg.state.vips().collect();
         assert_eq!(vips.len(), 2);
         // Ordered by key: port 53 before port 80.
         assert_eq!(vips[0].key.proto, Proto::Udp);
@@ -236,16 +259,54 @@ mod tests {
         assert_eq!(
             vips[1].backends,
             vec![
-                BackendSpec {
-                    addr: Ipv4Addr::new(10, 111, 1, 11),
-                    weight: 1
-                },
-                BackendSpec {
-                    addr: Ipv4Addr::new(10, 111, 1, 12),
-                    weight: 3
-                },
+                BackendConfig::new(Ipv4Addr::new(10, 111, 1, 11), 1),
+                BackendConfig::new(Ipv4Addr::new(10, 111, 1, 12), 3),
             ]
         );
+        assert_eq!(vips[1].check, CheckSpec::default_for(Proto::Tcp));
+        assert_eq!(vips[0].check, CheckSpec::default_for(Proto::Udp));
+    }
+
+    #[test]
+    fn checks_parse_with_defaults_and_overrides() {
+        use crate::check::{CheckKind, StatusRange};
+        use std::time::Duration;
+        let cfg = parse(
+            r#"
+            [[vip]]
+            address = "10.111.100.1:80"
+            [vip.check]
+            kind = "http"
+            path = "/healthz"
+            port = 8080
+            interval = "200ms"
+            timeout = "150ms"
+            rise = 2
+            fall = 3
+            expect_status = "200-399"
+            expect_body = "ok"
+            tls_verify = false
+            [[vip.backend]]
+            address = "10.111.1.11"
+            [[vip.backend]]
+            address = "10.111.1.12"
+            [vip.backend.check]
+            port = 8081
+            "#,
+        )
+        .unwrap();
+        let v = cfg.state.vips().next().unwrap();
+        assert_eq!(v.check.kind, CheckKind::Http);
+        assert_eq!(v.check.path, "/healthz");
+        assert_eq!(v.check.port, Some(8080));
+        assert_eq!(v.check.interval, Duration::from_millis(200));
+        assert_eq!(v.check.timeout, Duration::from_millis(150));
+        assert_eq!(v.check.expect_status, StatusRange::DEFAULT);
+        assert_eq!(v.check.expect_body.as_deref(), Some("ok"));
+        assert!(v.backends[0].check.is_none());
+        let own = v.backends[1].check.as_ref().unwrap();
+        assert_eq!((own.kind, own.port), (CheckKind::Http, Some(8081)));
+        assert_eq!(own.interval, Duration::from_millis(200));
     }
 
     #[test]
@@ -297,6 +358,26 @@ mod tests {
                 "unknown XDP mode \"turbo\"",
             ),
             ("[[vip]\n", "xlb.toml"),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\n[vip.check]\nkind = \"http\"\nintervall = \"1s\"\n",
+                "unknown field",
+            ),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\n[vip.check]\ninterval = \"200ms\"\ntimeout = \"300ms\"\n",
+                "VIP 10.111.100.1:80/tcp: check timeout 300ms exceeds the interval 200ms",
+            ),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\n[vip.check]\ninterval = \"soon\"\n",
+                "soon",
+            ),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\n[[vip.backend]]\naddress = \"10.111.1.11\"\n[vip.backend.check]\nfall = 0\n",
+                "backend 10.111.1.11 in VIP 10.111.100.1:80/tcp: fall must be at least 1",
+            ),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\n[vip.check]\nexpect_status = \"600\"\n",
+                "600",
+            ),
         ];
         for (text, want) in cases {
             let err = parse(text).expect_err(text).to_string();

@@ -9,22 +9,32 @@
 //! If 2 or 3 fails, the data path is put back to the old VIP (re-applied, or the new one removed)
 //! and the request fails with a message naming the problem. The controller is generic over
 //! `DataplaneOps`, so all of this is tested without a kernel.
+//!
+//! The controller also keeps the backends' health (`HealthBook`): every apply passes the VIP's
+//! down backends to the data path, and a health result that changes a backend's state re-applies
+//! its VIP. Health is not persisted: after a restart every backend starts up (as in HAProxy), so
+//! a restart causes no outage.
 
 use crate::{
-    api::{BackendReport, Request, Response, StatsReport, VipReport, VipSummary, vip_string},
-    dataplane::{Counters, Dataplane, DataplaneError, DataplaneStats},
-    model::{Forward, ServiceKey, VipSpec},
+    api::{
+        BackendReport, LastCheck, Request, Response, StatsReport, VipReport, VipSummary, vip_string,
+    },
+    check::{CheckKind, CheckPatch},
+    dataplane::{BackendStats, Dataplane, DataplaneError, DataplaneStats},
+    health::{BackendState, CheckReport, HealthBook, ProbeTarget, unix_ms},
+    model::{Forward, ServiceKey, VipConfig, VipSpec},
     state::{self, DesiredState, StateError},
 };
-use std::{fmt, net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeSet, fmt, net::Ipv4Addr, path::PathBuf, time::SystemTime};
 
 /// What the controller needs from a data path.
 pub trait DataplaneOps {
     type Error: fmt::Display;
     /// Whether `spec` fits, without changing anything.
     fn check_vip(&self, spec: &VipSpec) -> Result<(), Self::Error>;
-    /// Install or replace a VIP; on error nothing has changed.
-    fn apply_vip(&mut self, spec: &VipSpec) -> Result<(), Self::Error>;
+    /// Install or replace a VIP whose backends in `down` failed their health checks (they get no
+    /// new flows and their flows are re-steered); on error nothing has changed.
+    fn apply_vip(&mut self, spec: &VipSpec, down: &BTreeSet<Ipv4Addr>) -> Result<(), Self::Error>;
     /// Remove a VIP; on error nothing has changed.
     fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), Self::Error>;
     fn stats(&self) -> Result<DataplaneStats, Self::Error>;
@@ -35,9 +45,12 @@ impl DataplaneOps for Dataplane {
     fn check_vip(&self, spec: &VipSpec) -> Result<(), DataplaneError> {
         Dataplane::check_vip(self, spec)
     }
-    fn apply_vip(&mut self, spec: &VipSpec) -> Result<(), DataplaneError> {
-        // Health checks are not wired in yet: every backend counts as up.
-        Dataplane::apply_vip(self, spec, &std::collections::BTreeSet::new())
+    fn apply_vip(
+        &mut self,
+        spec: &VipSpec,
+        down: &BTreeSet<Ipv4Addr>,
+    ) -> Result<(), DataplaneError> {
+        Dataplane::apply_vip(self, spec, down)
     }
     fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
         Dataplane::remove_vip(self, key)
@@ -73,6 +86,9 @@ pub struct Controller<D> {
     dp: D,
     state: DesiredState,
     state_path: PathBuf,
+    health: HealthBook,
+    /// VIPs whose re-apply after a health change failed: retried on their next check result.
+    retry: BTreeSet<ServiceKey>,
 }
 
 impl<D: DataplaneOps> Controller<D> {
@@ -87,10 +103,12 @@ impl<D: DataplaneOps> Controller<D> {
             dp,
             state: DesiredState::default(),
             state_path,
+            health: HealthBook::default(),
+            retry: BTreeSet::new(),
         };
         for spec in initial.vips() {
             ctl.dp
-                .check_vip(spec)
+                .check_vip(&spec.spec())
                 .map_err(|e| ControllerError::Capacity {
                     key: spec.key,
                     message: e.to_string(),
@@ -99,7 +117,8 @@ impl<D: DataplaneOps> Controller<D> {
         let mut applied: Vec<ServiceKey> = Vec::new();
         let mut outcome = Ok(());
         for spec in initial.vips() {
-            if let Err(e) = ctl.dp.apply_vip(spec) {
+            // Every backend starts up: nothing is down before its first checks.
+            if let Err(e) = ctl.dp.apply_vip(&spec.spec(), &BTreeSet::new()) {
                 outcome = Err(ControllerError::Apply {
                     key: spec.key,
                     message: e.to_string(),
@@ -120,6 +139,8 @@ impl<D: DataplaneOps> Controller<D> {
             return Err(e);
         }
         ctl.state = initial;
+        ctl.health.sync(ctl.state.vips(), SystemTime::now());
+        ctl.log_unchecked_udp(ctl.state.vips().map(|v| v.key).collect());
         Ok(ctl)
     }
 
@@ -134,11 +155,19 @@ impl<D: DataplaneOps> Controller<D> {
     /// Answer one protocol request. Errors become `Response::Error` with a one-line message.
     pub fn handle(&mut self, req: Request) -> Response {
         let result = match req {
-            Request::VipAdd { vip, forward } => {
-                self.vip_add(vip, forward).map(|()| Response::Done {
-                    message: format!("added VIP {vip} (forward {forward})"),
-                })
-            }
+            Request::VipAdd {
+                vip,
+                forward,
+                check,
+            } => self.vip_add(vip, forward, &check).map(|()| Response::Done {
+                message: format!(
+                    "added VIP {vip} (forward {forward}, check {})",
+                    self.check_summary(&vip)
+                ),
+            }),
+            Request::VipSet { vip, check } => self.vip_set(&vip, &check).map(|()| Response::Done {
+                message: format!("VIP {vip}: check {}", self.check_summary(&vip)),
+            }),
             Request::VipDel { vip } => self.vip_del(&vip).map(|()| Response::Done {
                 message: format!("deleted VIP {vip}"),
             }),
@@ -149,11 +178,44 @@ impl<D: DataplaneOps> Controller<D> {
                 vip,
                 backend,
                 weight,
+                check,
             } => self
-                .backend_add(&vip, backend, weight)
+                .backend_add(&vip, backend, weight, &check)
                 .map(|()| Response::Done {
-                    message: format!("added backend {backend} (weight {weight}) to VIP {vip}"),
+                    message: if check.is_empty() {
+                        format!("added backend {backend} (weight {weight}) to VIP {vip}")
+                    } else {
+                        format!(
+                            "added backend {backend} (weight {weight}, own check {}) to VIP {vip}",
+                            self.backend_check_summary(&vip, backend)
+                        )
+                    },
                 }),
+            Request::BackendSet {
+                vip,
+                backend,
+                weight,
+            } => self
+                .backend_set_weight(&vip, backend, weight)
+                .map(|()| Response::Done {
+                    message: format!("backend {backend} of VIP {vip}: weight {weight}"),
+                }),
+            Request::BackendDrain { vip, backend } => {
+                self.backend_drain(&vip, backend).map(|()| Response::Done {
+                    message: format!(
+                        "draining backend {backend} of VIP {vip}: no new flows, existing flows stay"
+                    ),
+                })
+            }
+            Request::BackendUndrain { vip, backend } => {
+                self.backend_undrain(&vip, backend)
+                    .map(|()| Response::Done {
+                        message: format!(
+                            "backend {backend} of VIP {vip} takes new flows again (weight {})",
+                            self.weight_of(&vip, backend)
+                        ),
+                    })
+            }
             Request::BackendDel { vip, backend } => {
                 self.backend_del(&vip, backend).map(|()| Response::Done {
                     message: format!("deleted backend {backend} from VIP {vip}"),
@@ -169,9 +231,22 @@ impl<D: DataplaneOps> Controller<D> {
         })
     }
 
-    pub fn vip_add(&mut self, key: ServiceKey, forward: Forward) -> Result<(), ControllerError> {
-        let spec = self.state.plan_vip_add(key, forward)?;
-        self.commit(key, None, Some(spec))
+    pub fn vip_add(
+        &mut self,
+        key: ServiceKey,
+        forward: Forward,
+        check: &CheckPatch,
+    ) -> Result<(), ControllerError> {
+        let spec = self.state.plan_vip_add(key, forward, check)?;
+        self.commit(key, None, Some(spec))?;
+        self.log_unchecked_udp(vec![key]);
+        Ok(())
+    }
+
+    pub fn vip_set(&mut self, key: &ServiceKey, check: &CheckPatch) -> Result<(), ControllerError> {
+        let new = self.state.plan_vip_set(key, check)?;
+        let old = self.state.get(key).cloned();
+        self.commit(*key, old, Some(new))
     }
 
     pub fn vip_del(&mut self, key: &ServiceKey) -> Result<(), ControllerError> {
@@ -184,8 +259,9 @@ impl<D: DataplaneOps> Controller<D> {
         key: &ServiceKey,
         addr: Ipv4Addr,
         weight: u32,
+        check: &CheckPatch,
     ) -> Result<(), ControllerError> {
-        let new = self.state.plan_backend_add(key, addr, weight)?;
+        let new = self.state.plan_backend_add(key, addr, weight, check)?;
         let old = self.state.get(key).cloned();
         self.commit(*key, old, Some(new))
     }
@@ -196,6 +272,113 @@ impl<D: DataplaneOps> Controller<D> {
         self.commit(*key, old, Some(new))
     }
 
+    pub fn backend_set_weight(
+        &mut self,
+        key: &ServiceKey,
+        addr: Ipv4Addr,
+        weight: u32,
+    ) -> Result<(), ControllerError> {
+        let new = self.state.plan_backend_set_weight(key, addr, weight)?;
+        let old = self.state.get(key).cloned();
+        self.commit(*key, old, Some(new))
+    }
+
+    pub fn backend_drain(
+        &mut self,
+        key: &ServiceKey,
+        addr: Ipv4Addr,
+    ) -> Result<(), ControllerError> {
+        let new = self.state.plan_backend_drain(key, addr)?;
+        let old = self.state.get(key).cloned();
+        self.commit(*key, old, Some(new))
+    }
+
+    pub fn backend_undrain(
+        &mut self,
+        key: &ServiceKey,
+        addr: Ipv4Addr,
+    ) -> Result<(), ControllerError> {
+        let new = self.state.plan_backend_undrain(key, addr)?;
+        let old = self.state.get(key).cloned();
+        self.commit(*key, old, Some(new))
+    }
+
+    /// What the check tasks must be checking now.
+    pub fn probe_targets(&self) -> Vec<ProbeTarget> {
+        self.health.targets()
+    }
+
+    /// Take one health-check result. A state change is logged and its VIP re-applied with the
+    /// new down set; if that fails it is logged and retried on the VIP's next result (the data
+    /// path keeps the previous ring meanwhile).
+    pub fn health_result(&mut self, report: CheckReport) {
+        let key = report.key;
+        if let Some(t) = self.health.record(report) {
+            if t.up {
+                log::info!("{t}");
+            } else {
+                log::warn!("{t}");
+            }
+            self.retry.insert(key);
+        }
+        if !self.retry.contains(&key) {
+            return;
+        }
+        let Some(vip) = self.state.get(&key) else {
+            self.retry.remove(&key);
+            return;
+        };
+        let down = self.health.down_for(vip);
+        match self.dp.apply_vip(&vip.spec(), &down) {
+            Ok(()) => {
+                self.retry.remove(&key);
+            }
+            Err(e) => log::error!(
+                "re-applying VIP {key} after a health change failed (retrying on its next check): {e}"
+            ),
+        }
+    }
+
+    /// Say so when a UDP VIP has no health check: its backends always count as up.
+    fn log_unchecked_udp(&self, keys: Vec<ServiceKey>) {
+        for key in keys {
+            if let Some(v) = self.state.get(&key)
+                && key.proto == crate::model::Proto::Udp
+                && v.check.kind == CheckKind::None
+            {
+                log::info!(
+                    "VIP {key} has no health check (the default for UDP: a TCP connect cannot check a UDP service); its backends always count as up"
+                );
+            }
+        }
+    }
+
+    fn check_summary(&self, key: &ServiceKey) -> String {
+        self.state
+            .get(key)
+            .map(|v| v.check.summary())
+            .unwrap_or_default()
+    }
+
+    fn backend_check_summary(&self, key: &ServiceKey, addr: Ipv4Addr) -> String {
+        self.state
+            .get(key)
+            .and_then(|v| {
+                v.backends
+                    .iter()
+                    .find(|b| b.addr == addr)
+                    .map(|b| v.check_of(b).summary())
+            })
+            .unwrap_or_default()
+    }
+
+    fn weight_of(&self, key: &ServiceKey, addr: Ipv4Addr) -> u32 {
+        self.state
+            .get(key)
+            .and_then(|v| v.backends.iter().find(|b| b.addr == addr))
+            .map_or(0, |b| b.weight)
+    }
+
     pub fn vip_list(&self) -> Vec<VipSummary> {
         self.state.vips().map(VipSummary::from).collect()
     }
@@ -203,13 +386,17 @@ impl<D: DataplaneOps> Controller<D> {
     pub fn backend_list(&self, key: &ServiceKey) -> Result<VipReport, ControllerError> {
         let spec = self.state.get(key).ok_or(StateError::UnknownVip(*key))?;
         let stats = self.dp_stats()?;
-        Ok(report(spec, &stats))
+        Ok(report(spec, &stats, &self.health, SystemTime::now()))
     }
 
     pub fn stats(&self) -> Result<StatsReport, ControllerError> {
         let stats = self.dp_stats()?;
         Ok(StatsReport {
-            vips: self.state.vips().map(|s| report(s, &stats)).collect(),
+            vips: self
+                .state
+                .vips()
+                .map(|s| report(s, &stats, &self.health, SystemTime::now()))
+                .collect(),
             reasons: stats.reasons.clone(),
             flow_capacity: stats.flow_capacity,
         })
@@ -225,14 +412,14 @@ impl<D: DataplaneOps> Controller<D> {
     fn commit(
         &mut self,
         key: ServiceKey,
-        old: Option<VipSpec>,
-        new: Option<VipSpec>,
+        old: Option<VipConfig>,
+        new: Option<VipConfig>,
     ) -> Result<(), ControllerError> {
         let mut next = self.state.clone();
         match &new {
             Some(spec) => {
                 self.dp
-                    .check_vip(spec)
+                    .check_vip(&spec.spec())
                     .map_err(|e| ControllerError::Capacity {
                         key,
                         message: e.to_string(),
@@ -245,10 +432,13 @@ impl<D: DataplaneOps> Controller<D> {
         }
 
         let applied = match &new {
-            Some(spec) => self.dp.apply_vip(spec).map_err(|e| ControllerError::Apply {
-                key,
-                message: e.to_string(),
-            }),
+            Some(spec) => self
+                .dp
+                .apply_vip(&spec.spec(), &self.health.down_for(spec))
+                .map_err(|e| ControllerError::Apply {
+                    key,
+                    message: e.to_string(),
+                }),
             None => self
                 .dp
                 .remove_vip(&key)
@@ -271,6 +461,8 @@ impl<D: DataplaneOps> Controller<D> {
             return Err(self.restore(key, old.as_ref(), error.into()));
         }
         self.state = next;
+        self.retry.remove(&key);
+        self.health.sync(self.state.vips(), SystemTime::now());
         Ok(())
     }
 
@@ -278,11 +470,11 @@ impl<D: DataplaneOps> Controller<D> {
     fn restore(
         &mut self,
         key: ServiceKey,
-        old: Option<&VipSpec>,
+        old: Option<&VipConfig>,
         error: ControllerError,
     ) -> ControllerError {
         let result = match old {
-            Some(spec) => self.dp.apply_vip(spec),
+            Some(spec) => self.dp.apply_vip(&spec.spec(), &self.health.down_for(spec)),
             None => self.dp.remove_vip(&key),
         };
         match result {
@@ -296,7 +488,12 @@ impl<D: DataplaneOps> Controller<D> {
     }
 }
 
-fn report(spec: &VipSpec, stats: &DataplaneStats) -> VipReport {
+fn report(
+    spec: &VipConfig,
+    stats: &DataplaneStats,
+    health: &HealthBook,
+    now: SystemTime,
+) -> VipReport {
     let vs = stats.vips.iter().find(|v| v.key == spec.key);
     let vip_counters = vs.map(|v| v.counters).unwrap_or_default();
     let backends = spec
@@ -304,16 +501,43 @@ fn report(spec: &VipSpec, stats: &DataplaneStats) -> VipReport {
         .iter()
         .map(|b| {
             // A VIP applied a moment ago may not have counters yet: report zeros then.
-            let c: Counters = vs
+            let bs: BackendStats = vs
                 .and_then(|v| v.backends.iter().find(|bs| bs.addr == b.addr))
-                .map(|bs| bs.counters)
-                .unwrap_or_default();
+                .cloned()
+                .unwrap_or(BackendStats {
+                    addr: b.addr,
+                    counters: Default::default(),
+                    active_flows: 0,
+                });
+            // Every committed backend is in the book; the fallback only covers a report built
+            // between a commit and the book's sync, which the controller never does.
+            let h = health.status(&spec.key, b.addr);
+            let state = h.as_ref().map_or(
+                if b.weight == 0 {
+                    BackendState::Draining
+                } else {
+                    BackendState::Up
+                },
+                |h| h.state,
+            );
+            let since = h.as_ref().map_or(now, |h| h.since);
+            let last_check = h.and_then(|h| h.last).map(|r| LastCheck {
+                ok: r.ok,
+                detail: r.detail,
+                latency_ms: r.latency.as_secs_f64() * 1000.0,
+                at_unix_ms: unix_ms(r.at),
+            });
             BackendReport {
                 address: b.addr,
                 weight: b.weight,
-                packets: c.packets,
-                bytes: c.bytes,
-                new_flows: c.new_flows,
+                state,
+                since: humantime::format_rfc3339_millis(since).to_string(),
+                since_unix_ms: unix_ms(since),
+                last_check,
+                active_flows: bs.active_flows,
+                packets: bs.counters.packets,
+                bytes: bs.counters.bytes,
+                new_flows: bs.counters.new_flows,
             }
         })
         .collect();
@@ -334,7 +558,7 @@ fn report(spec: &VipSpec, stats: &DataplaneStats) -> VipReport {
 #[cfg(test)]
 pub(crate) mod fake {
     use super::*;
-    use crate::dataplane::{BackendStats, VipStats};
+    use crate::dataplane::{Counters, VipStats};
     use std::collections::BTreeMap;
 
     #[derive(Default)]
@@ -347,6 +571,19 @@ pub(crate) mod fake {
         pub fail_applies: usize,
         pub fail_remove: bool,
         pub apply_calls: usize,
+        /// The `down` set of every successful `apply_vip`, in order.
+        pub down_log: Vec<(ServiceKey, BTreeSet<Ipv4Addr>)>,
+    }
+
+    impl FakeDataplane {
+        /// The down set the VIP was last applied with.
+        pub fn down(&self, key: &ServiceKey) -> Option<&BTreeSet<Ipv4Addr>> {
+            self.down_log
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, d)| d)
+        }
     }
 
     #[derive(Debug)]
@@ -365,13 +602,18 @@ pub(crate) mod fake {
                 _ => Ok(()),
             }
         }
-        fn apply_vip(&mut self, spec: &VipSpec) -> Result<(), FakeError> {
+        fn apply_vip(
+            &mut self,
+            spec: &VipSpec,
+            down: &BTreeSet<Ipv4Addr>,
+        ) -> Result<(), FakeError> {
             self.apply_calls += 1;
             if self.fail_applies > 0 {
                 self.fail_applies -= 1;
                 return Err(FakeError("map update failed"));
             }
             self.applied.insert(spec.key, spec.clone());
+            self.down_log.push((spec.key, down.clone()));
             Ok(())
         }
         fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), FakeError> {
@@ -399,7 +641,7 @@ pub(crate) mod fake {
                             .backends
                             .iter()
                             .map(|b| BackendStats {
-                                active_flows: 0,
+                                active_flows: 3,
                                 addr: b.addr,
                                 counters: Counters {
                                     packets: u64::from(b.addr.octets()[3]),
@@ -422,9 +664,16 @@ mod tests {
     use super::fake::FakeDataplane;
     use super::*;
     use crate::{
-        model::{BackendSpec, Proto},
+        check::CheckKind,
+        health::CheckResult,
+        model::{BackendConfig, BackendSpec, Proto},
         state::STATE_FILE,
     };
+    use std::time::Duration;
+
+    fn none() -> CheckPatch {
+        CheckPatch::default()
+    }
 
     fn key(port: u16) -> ServiceKey {
         ServiceKey {
@@ -456,8 +705,8 @@ mod tests {
         }
         /// Memory, kernel and file all hold the same VIPs.
         fn assert_consistent(&self) {
-            let mem: Vec<&VipSpec> = self.ctl.state().vips().collect();
-            let kernel: Vec<&VipSpec> = self.ctl.dataplane().applied.values().collect();
+            let mem: Vec<VipSpec> = self.ctl.state().vips().map(VipConfig::spec).collect();
+            let kernel: Vec<VipSpec> = self.ctl.dataplane().applied.values().cloned().collect();
             assert_eq!(mem, kernel, "memory and data path disagree");
             assert_eq!(
                 &self.on_disk(),
@@ -470,23 +719,14 @@ mod tests {
     #[test]
     fn changes_reach_kernel_file_and_memory() {
         let mut f = Fixture::new(FakeDataplane::default());
-        f.ctl.vip_add(key(80), Forward::L2).unwrap();
-        f.ctl.backend_add(&key(80), be(11), 1).unwrap();
-        f.ctl.backend_add(&key(80), be(12), 3).unwrap();
+        f.ctl.vip_add(key(80), Forward::L2, &none()).unwrap();
+        f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
+        f.ctl.backend_add(&key(80), be(12), 3, &none()).unwrap();
         f.assert_consistent();
         let spec = f.ctl.state().get(&key(80)).unwrap();
         assert_eq!(
             spec.backends,
-            vec![
-                BackendSpec {
-                    addr: be(11),
-                    weight: 1
-                },
-                BackendSpec {
-                    addr: be(12),
-                    weight: 3
-                }
-            ]
+            vec![BackendConfig::new(be(11), 1), BackendConfig::new(be(12), 3)]
         );
         f.ctl.backend_del(&key(80), be(11)).unwrap();
         f.assert_consistent();
@@ -499,8 +739,8 @@ mod tests {
     #[test]
     fn invalid_requests_change_nothing() {
         let mut f = Fixture::new(FakeDataplane::default());
-        f.ctl.vip_add(key(80), Forward::Ipip).unwrap();
-        f.ctl.backend_add(&key(80), be(11), 1).unwrap();
+        f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+        f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
         let calls = f.ctl.dataplane().apply_calls;
 
         let cases = [
@@ -508,6 +748,7 @@ mod tests {
                 Request::VipAdd {
                     vip: key(80),
                     forward: Forward::Ipip,
+                    check: none(),
                 },
                 "VIP 10.111.100.1:80/tcp already exists",
             ),
@@ -520,6 +761,7 @@ mod tests {
                     vip: key(81),
                     backend: be(12),
                     weight: 1,
+                    check: none(),
                 },
                 "unknown VIP 10.111.100.1:81/tcp",
             ),
@@ -528,6 +770,7 @@ mod tests {
                     vip: key(80),
                     backend: be(11),
                     weight: 1,
+                    check: none(),
                 },
                 "backend 10.111.1.11 already exists in VIP 10.111.100.1:80/tcp",
             ),
@@ -536,6 +779,7 @@ mod tests {
                     vip: key(80),
                     backend: be(12),
                     weight: 257,
+                    check: none(),
                 },
                 "weight 257 of backend 10.111.1.12 in VIP 10.111.100.1:80/tcp is above the maximum of 256",
             ),
@@ -550,6 +794,7 @@ mod tests {
                 Request::VipAdd {
                     vip: key(0),
                     forward: Forward::Ipip,
+                    check: none(),
                 },
                 "VIP 10.111.100.1:0/tcp: port 0 is not a valid port",
             ),
@@ -578,9 +823,9 @@ mod tests {
             max_backends_per_vip: Some(1),
             ..Default::default()
         });
-        f.ctl.vip_add(key(80), Forward::Ipip).unwrap();
-        f.ctl.backend_add(&key(80), be(11), 1).unwrap();
-        let e = f.ctl.backend_add(&key(80), be(12), 1).unwrap_err();
+        f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+        f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
+        let e = f.ctl.backend_add(&key(80), be(12), 1, &none()).unwrap_err();
         assert_eq!(
             e.to_string(),
             "VIP 10.111.100.1:80/tcp does not fit in the data path: too many backends"
@@ -592,14 +837,14 @@ mod tests {
     #[test]
     fn failed_apply_restores_the_old_vip() {
         let mut f = Fixture::new(FakeDataplane::default());
-        f.ctl.vip_add(key(80), Forward::Ipip).unwrap();
-        f.ctl.backend_add(&key(80), be(11), 1).unwrap();
-        let old = f.ctl.state().get(&key(80)).unwrap().clone();
+        f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+        f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
+        let old = f.ctl.state().get(&key(80)).unwrap().spec();
 
         // The apply fails, the old spec is re-applied: the error is the apply's.
         f.ctl.dp.fail_applies = 1;
         let calls = f.ctl.dp.apply_calls;
-        let e = f.ctl.backend_add(&key(80), be(12), 1).unwrap_err();
+        let e = f.ctl.backend_add(&key(80), be(12), 1, &none()).unwrap_err();
         assert_eq!(
             e.to_string(),
             "applying VIP 10.111.100.1:80/tcp to the data path failed: map update failed"
@@ -610,14 +855,14 @@ mod tests {
 
         // The apply and the re-apply fail: both are reported, the desired state is unchanged.
         f.ctl.dp.fail_applies = 2;
-        let e = f.ctl.backend_add(&key(80), be(12), 1).unwrap_err();
+        let e = f.ctl.backend_add(&key(80), be(12), 1, &none()).unwrap_err();
         assert!(matches!(e, ControllerError::Rollback { .. }), "{e}");
         assert!(e.to_string().contains("restoring VIP 10.111.100.1:80/tcp"));
-        assert_eq!(f.ctl.state().get(&key(80)), Some(&old));
+        assert_eq!(f.ctl.state().get(&key(80)).map(VipConfig::spec), Some(old));
 
         // A brand-new VIP that fails to apply has nothing to restore.
         f.ctl.dp.fail_applies = 1;
-        let e = f.ctl.vip_add(key(81), Forward::Ipip).unwrap_err();
+        let e = f.ctl.vip_add(key(81), Forward::Ipip, &none()).unwrap_err();
         assert_eq!(
             e.to_string(),
             "applying VIP 10.111.100.1:81/tcp to the data path failed: map update failed"
@@ -629,8 +874,8 @@ mod tests {
     #[test]
     fn failed_persist_rolls_the_data_path_back() {
         let mut f = Fixture::new(FakeDataplane::default());
-        f.ctl.vip_add(key(80), Forward::Ipip).unwrap();
-        f.ctl.backend_add(&key(80), be(11), 1).unwrap();
+        f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+        f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
         let good = f.ctl.state().clone();
 
         // Make the state file unwritable: its directory is replaced by a regular file.
@@ -638,10 +883,10 @@ mod tests {
         f.ctl.state_path = f.dir.path().join(STATE_FILE).join("x");
 
         assert!(matches!(
-            f.ctl.backend_add(&key(80), be(12), 1),
+            f.ctl.backend_add(&key(80), be(12), 1, &none()),
             Err(ControllerError::State(StateError::Write { .. }))
         ));
-        assert!(f.ctl.vip_add(key(81), Forward::Ipip).is_err());
+        assert!(f.ctl.vip_add(key(81), Forward::Ipip, &none()).is_err());
         assert!(f.ctl.vip_del(&key(80)).is_err());
         assert_eq!(f.ctl.state(), &good);
         f.ctl.state_path = real;
@@ -651,7 +896,7 @@ mod tests {
     #[test]
     fn failed_remove_keeps_the_vip() {
         let mut f = Fixture::new(FakeDataplane::default());
-        f.ctl.vip_add(key(80), Forward::Ipip).unwrap();
+        f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
         f.ctl.dp.fail_remove = true;
         let e = f.ctl.vip_del(&key(80)).unwrap_err();
         assert!(matches!(
@@ -701,31 +946,41 @@ mod tests {
     #[test]
     fn reports_join_desired_state_and_counters() {
         let mut f = Fixture::new(FakeDataplane::default());
-        f.ctl.vip_add(key(80), Forward::Ipip).unwrap();
-        f.ctl.backend_add(&key(80), be(11), 2).unwrap();
-        f.ctl.backend_add(&key(80), be(12), 1).unwrap();
+        f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+        f.ctl.backend_add(&key(80), be(11), 2, &none()).unwrap();
+        f.ctl.backend_add(&key(80), be(12), 1, &none()).unwrap();
         let r = f.ctl.backend_list(&key(80)).unwrap();
         assert_eq!(r.vip, "10.111.100.1:80");
         assert_eq!(r.packets, 10);
+        let brief: Vec<_> = r
+            .backends
+            .iter()
+            .map(|b| {
+                (
+                    b.address,
+                    b.weight,
+                    b.state,
+                    b.active_flows,
+                    b.packets,
+                    b.bytes,
+                    b.new_flows,
+                    b.last_check.is_none(),
+                )
+            })
+            .collect();
         assert_eq!(
-            r.backends,
+            brief,
             vec![
-                BackendReport {
-                    address: be(11),
-                    weight: 2,
-                    packets: 11,
-                    bytes: 100,
-                    new_flows: 1
-                },
-                BackendReport {
-                    address: be(12),
-                    weight: 1,
-                    packets: 12,
-                    bytes: 100,
-                    new_flows: 1
-                },
+                (be(11), 2, BackendState::Up, 3, 11, 100, 1, true),
+                (be(12), 1, BackendState::Up, 3, 12, 100, 1, true),
             ]
         );
+        assert!(
+            r.backends[0].since.ends_with('Z'),
+            "{}",
+            r.backends[0].since
+        );
+        assert!(r.backends[0].since_unix_ms > 0);
         let s = f.ctl.stats().unwrap();
         assert_eq!(s.vips.len(), 1);
         assert_eq!(s.reasons.get("fwd_tx"), Some(&42));
@@ -733,5 +988,313 @@ mod tests {
         let list = f.ctl.vip_list();
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].backends.len(), 2);
+    }
+
+    /// A VIP on port 80 over be11..be13, checked with fall 2, rise 1 (short sequences).
+    fn checked_fixture() -> Fixture {
+        let mut f = Fixture::new(FakeDataplane::default());
+        let check = CheckPatch {
+            rise: Some(1),
+            fall: Some(2),
+            ..Default::default()
+        };
+        f.ctl.vip_add(key(80), Forward::Ipip, &check).unwrap();
+        for b in [11, 12, 13] {
+            f.ctl.backend_add(&key(80), be(b), 1, &none()).unwrap();
+        }
+        f
+    }
+
+    /// Feed a check result for `addr` under its current check configuration.
+    fn feed(ctl: &mut Controller<FakeDataplane>, addr: Ipv4Addr, ok: bool, detail: &str) {
+        let t = ctl
+            .probe_targets()
+            .into_iter()
+            .find(|t| t.addr == addr)
+            .expect("a probe target");
+        ctl.health_result(CheckReport {
+            key: t.key,
+            addr,
+            generation: t.generation,
+            result: CheckResult {
+                ok,
+                detail: detail.into(),
+                latency: Duration::from_micros(1500),
+                at: SystemTime::now(),
+            },
+        });
+    }
+
+    fn state_of(ctl: &Controller<FakeDataplane>, addr: Ipv4Addr) -> BackendState {
+        let r = ctl.backend_list(&key(80)).unwrap();
+        r.backends.iter().find(|b| b.address == addr).unwrap().state
+    }
+
+    #[test]
+    fn health_changes_reapply_the_vip_with_its_down_set() {
+        let mut f = checked_fixture();
+        assert_eq!(f.ctl.probe_targets().len(), 3);
+        assert_eq!(f.ctl.dp.down(&key(80)), Some(&BTreeSet::new()));
+        let calls = f.ctl.dp.apply_calls;
+
+        feed(&mut f.ctl, be(12), false, "connection refused");
+        assert_eq!(f.ctl.dp.apply_calls, calls, "one failure is not fall 2");
+        assert_eq!(state_of(&f.ctl, be(12)), BackendState::Up);
+        feed(&mut f.ctl, be(12), false, "connection refused");
+        assert_eq!(f.ctl.dp.apply_calls, calls + 1);
+        assert_eq!(f.ctl.dp.down(&key(80)), Some(&BTreeSet::from([be(12)])));
+        let r = f.ctl.backend_list(&key(80)).unwrap();
+        let b = &r.backends[1];
+        assert_eq!(b.state, BackendState::Down);
+        let last = b.last_check.as_ref().unwrap();
+        assert!(!last.ok);
+        assert_eq!(last.detail, "connection refused");
+        assert!((last.latency_ms - 1.5).abs() < 1e-9);
+
+        // Another change of the VIP keeps be12 out of the ring.
+        f.ctl.backend_set_weight(&key(80), be(11), 3).unwrap();
+        assert_eq!(f.ctl.dp.down(&key(80)), Some(&BTreeSet::from([be(12)])));
+        f.assert_consistent();
+
+        // rise 1: one success brings it back.
+        feed(&mut f.ctl, be(12), true, "connected");
+        assert_eq!(f.ctl.dp.down(&key(80)), Some(&BTreeSet::new()));
+        assert_eq!(state_of(&f.ctl, be(12)), BackendState::Up);
+
+        // Everything down: the data path gets all three (and drops the VIP's packets).
+        for b in [11, 12, 13] {
+            feed(&mut f.ctl, be(b), false, "timeout after 1s");
+            feed(&mut f.ctl, be(b), false, "timeout after 1s");
+        }
+        assert_eq!(
+            f.ctl.dp.down(&key(80)),
+            Some(&BTreeSet::from([be(11), be(12), be(13)]))
+        );
+    }
+
+    #[test]
+    fn a_failed_reapply_is_retried_on_the_next_result() {
+        let mut f = checked_fixture();
+        feed(&mut f.ctl, be(13), false, "HTTP 503");
+        f.ctl.dp.fail_applies = 1;
+        feed(&mut f.ctl, be(13), false, "HTTP 503");
+        assert_eq!(
+            f.ctl.dp.down(&key(80)),
+            Some(&BTreeSet::new()),
+            "apply failed"
+        );
+        // No transition, but the pending re-apply is retried.
+        feed(&mut f.ctl, be(13), false, "HTTP 503");
+        assert_eq!(f.ctl.dp.down(&key(80)), Some(&BTreeSet::from([be(13)])));
+        let calls = f.ctl.dp.apply_calls;
+        feed(&mut f.ctl, be(13), false, "HTTP 503");
+        assert_eq!(f.ctl.dp.apply_calls, calls, "nothing pending any more");
+    }
+
+    #[test]
+    fn drain_undrain_and_down_wins() {
+        let mut f = checked_fixture();
+        f.ctl.backend_set_weight(&key(80), be(11), 3).unwrap();
+        f.ctl.backend_drain(&key(80), be(11)).unwrap();
+        assert_eq!(f.ctl.dp.applied[&key(80)].backends[0].weight, 0);
+        assert_eq!(state_of(&f.ctl, be(11)), BackendState::Draining);
+        f.assert_consistent();
+        assert_eq!(
+            f.ctl.handle(Request::BackendDrain {
+                vip: key(80),
+                backend: be(11)
+            }),
+            Response::Error {
+                message:
+                    "backend 10.111.1.11 in VIP 10.111.100.1:80/tcp is already draining (weight 0)"
+                        .into()
+            }
+        );
+        // Down wins over draining.
+        feed(&mut f.ctl, be(11), false, "connection refused");
+        feed(&mut f.ctl, be(11), false, "connection refused");
+        assert_eq!(state_of(&f.ctl, be(11)), BackendState::Down);
+        feed(&mut f.ctl, be(11), true, "connected");
+        assert_eq!(state_of(&f.ctl, be(11)), BackendState::Draining);
+
+        assert!(matches!(
+            f.ctl.handle(Request::BackendUndrain {
+                vip: key(80),
+                backend: be(11)
+            }),
+            Response::Done { message } if message.ends_with("(weight 3)")
+        ));
+        assert_eq!(f.ctl.dp.applied[&key(80)].backends[0].weight, 3);
+        assert_eq!(state_of(&f.ctl, be(11)), BackendState::Up);
+        assert!(matches!(
+            f.ctl.backend_undrain(&key(80), be(11)),
+            Err(ControllerError::State(StateError::NotDraining { .. }))
+        ));
+        f.assert_consistent();
+        // The drain memory survives the state file.
+        f.ctl.backend_drain(&key(80), be(12)).unwrap();
+        let disk = f.on_disk();
+        let b = &disk.get(&key(80)).unwrap().backends[1];
+        assert_eq!((b.weight, b.drained_from), (0, Some(1)));
+    }
+
+    #[test]
+    fn check_changes_restart_or_stop_the_checks() {
+        let mut f = checked_fixture();
+        feed(&mut f.ctl, be(12), false, "connection refused");
+        feed(&mut f.ctl, be(12), false, "connection refused");
+        let before: Vec<u64> = f.ctl.probe_targets().iter().map(|t| t.generation).collect();
+
+        // A new interval: new generations, be12 stays down until its checks pass.
+        let faster = CheckPatch {
+            interval: Some(Duration::from_millis(200)),
+            timeout: Some(Duration::from_millis(100)),
+            ..Default::default()
+        };
+        f.ctl.vip_set(&key(80), &faster).unwrap();
+        let after = f.ctl.probe_targets();
+        assert!(after.iter().all(|t| !before.contains(&t.generation)));
+        assert!(
+            after
+                .iter()
+                .all(|t| t.check.interval == Duration::from_millis(200))
+        );
+        assert_eq!(f.ctl.dp.down(&key(80)), Some(&BTreeSet::from([be(12)])));
+
+        // Checks off: nothing is checked, nothing is down.
+        let off = CheckPatch {
+            kind: Some(CheckKind::None),
+            ..Default::default()
+        };
+        f.ctl.vip_set(&key(80), &off).unwrap();
+        assert!(f.ctl.probe_targets().is_empty());
+        assert_eq!(f.ctl.dp.down(&key(80)), Some(&BTreeSet::new()));
+        assert_eq!(state_of(&f.ctl, be(12)), BackendState::Up);
+        let r = f.ctl.backend_list(&key(80)).unwrap();
+        assert!(r.backends.iter().all(|b| b.last_check.is_none()));
+
+        // A backend with its own check is checked even when the VIP is not.
+        let own = CheckPatch {
+            kind: Some(CheckKind::Tcp),
+            port: Some(8080),
+            ..Default::default()
+        };
+        f.ctl.backend_add(&key(80), be(14), 1, &own).unwrap();
+        let t = f.ctl.probe_targets();
+        assert_eq!(t.len(), 1);
+        assert_eq!((t[0].addr, t[0].port), (be(14), 8080));
+        f.assert_consistent();
+
+        // A removed backend's late results are ignored.
+        let stale = t[0].clone();
+        f.ctl.backend_del(&key(80), be(14)).unwrap();
+        let calls = f.ctl.dp.apply_calls;
+        for _ in 0..3 {
+            f.ctl.health_result(CheckReport {
+                key: stale.key,
+                addr: stale.addr,
+                generation: stale.generation,
+                result: CheckResult {
+                    ok: false,
+                    detail: "x".into(),
+                    latency: Duration::ZERO,
+                    at: SystemTime::now(),
+                },
+            });
+        }
+        assert_eq!(f.ctl.dp.apply_calls, calls);
+    }
+
+    #[test]
+    fn bad_checks_and_weights_change_nothing() {
+        let mut f = checked_fixture();
+        let calls = f.ctl.dp.apply_calls;
+        let cases = [
+            (
+                Request::VipSet {
+                    vip: key(80),
+                    check: CheckPatch {
+                        timeout: Some(Duration::from_secs(5)),
+                        ..Default::default()
+                    },
+                },
+                "VIP 10.111.100.1:80/tcp: check timeout 5s exceeds the interval 1s (a check must end before the next one starts)",
+            ),
+            (
+                Request::VipSet {
+                    vip: key(80),
+                    check: CheckPatch {
+                        rise: Some(0),
+                        ..Default::default()
+                    },
+                },
+                "VIP 10.111.100.1:80/tcp: rise must be at least 1",
+            ),
+            (
+                Request::VipSet {
+                    vip: key(80),
+                    check: none(),
+                },
+                "VIP 10.111.100.1:80/tcp: nothing to change (give at least one check flag)",
+            ),
+            (
+                Request::VipAdd {
+                    vip: key(81),
+                    forward: Forward::Ipip,
+                    check: CheckPatch {
+                        fall: Some(0),
+                        ..Default::default()
+                    },
+                },
+                "VIP 10.111.100.1:81/tcp: fall must be at least 1",
+            ),
+            (
+                Request::BackendAdd {
+                    vip: key(80),
+                    backend: be(14),
+                    weight: 1,
+                    check: CheckPatch {
+                        interval: Some(Duration::from_millis(100)),
+                        ..Default::default()
+                    },
+                },
+                "backend 10.111.1.14 in VIP 10.111.100.1:80/tcp: check timeout 1s exceeds the interval 100ms (a check must end before the next one starts)",
+            ),
+            (
+                Request::BackendSet {
+                    vip: key(80),
+                    backend: be(11),
+                    weight: 257,
+                },
+                "weight 257 of backend 10.111.1.11 in VIP 10.111.100.1:80/tcp is above the maximum of 256",
+            ),
+            (
+                Request::BackendSet {
+                    vip: key(80),
+                    backend: be(19),
+                    weight: 1,
+                },
+                "unknown backend 10.111.1.19 in VIP 10.111.100.1:80/tcp",
+            ),
+            (
+                Request::BackendUndrain {
+                    vip: key(80),
+                    backend: be(11),
+                },
+                "backend 10.111.1.11 in VIP 10.111.100.1:80/tcp is not draining (weight 1)",
+            ),
+        ];
+        for (req, message) in cases {
+            let before = f.ctl.state().clone();
+            assert_eq!(
+                f.ctl.handle(req),
+                Response::Error {
+                    message: message.to_string()
+                }
+            );
+            assert_eq!(f.ctl.state(), &before);
+        }
+        assert_eq!(f.ctl.dp.apply_calls, calls);
+        f.assert_consistent();
     }
 }

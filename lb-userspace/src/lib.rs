@@ -3,12 +3,14 @@
 pub mod agent;
 pub mod api;
 pub mod backend_host;
+pub mod check;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod controller;
 pub mod dataplane;
 pub mod ebpf_object;
+pub mod health;
 pub mod model;
 pub mod parse;
 pub mod ring;

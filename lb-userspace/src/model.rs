@@ -1,7 +1,8 @@
-//! The desired-state vocabulary: what an operator configures (VIPs, backends, weights), independent
+//! The desired-state vocabulary: what an operator configures (VIPs, backends, weights, checks), independent
 //! of how the data path stores it. The agent persists these, the CLI sends them, the TOML config
 //! holds them, and `dataplane` turns them into map entries.
 
+use crate::check::CheckSpec;
 use serde::{Deserialize, Serialize};
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
@@ -121,3 +122,112 @@ pub struct VipSpec {
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Largest accepted weight (as HAProxy's).
 pub const MAX_WEIGHT: u32 = 256;
+
+/// One backend as configured: its data-path part (address, weight) plus what only the agent
+/// needs (its own health check, the weight to return to after a drain).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendConfig {
+    pub addr: Ipv4Addr,
+    pub weight: u32,
+    /// Replaces the VIP's check for this backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckSpec>,
+    /// While the weight is 0: the weight `undrain` restores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained_from: Option<u32>,
+}
+
+impl BackendConfig {
+    pub fn new(addr: Ipv4Addr, weight: u32) -> Self {
+        BackendConfig {
+            addr,
+            weight,
+            check: None,
+            drained_from: None,
+        }
+    }
+}
+
+/// One VIP as configured: the data-path part plus its health check. Stored in the state file;
+/// `spec()` is what the data path gets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "VipConfigRepr")]
+pub struct VipConfig {
+    pub key: ServiceKey,
+    pub forward: Forward,
+    pub check: CheckSpec,
+    pub backends: Vec<BackendConfig>,
+}
+
+/// The stored form of a `VipConfig`: state files written before health checks existed have no
+/// `check`, and get the protocol's default.
+#[derive(Deserialize)]
+struct VipConfigRepr {
+    key: ServiceKey,
+    forward: Forward,
+    #[serde(default)]
+    check: Option<CheckSpec>,
+    backends: Vec<BackendConfig>,
+}
+
+impl From<VipConfigRepr> for VipConfig {
+    fn from(r: VipConfigRepr) -> Self {
+        VipConfig {
+            check: r
+                .check
+                .unwrap_or_else(|| CheckSpec::default_for(r.key.proto)),
+            key: r.key,
+            forward: r.forward,
+            backends: r.backends,
+        }
+    }
+}
+
+impl VipConfig {
+    /// A VIP with no backends and its protocol's default check.
+    pub fn new(key: ServiceKey, forward: Forward) -> Self {
+        VipConfig {
+            key,
+            forward,
+            check: CheckSpec::default_for(key.proto),
+            backends: Vec::new(),
+        }
+    }
+
+    /// What the data path needs.
+    pub fn spec(&self) -> VipSpec {
+        VipSpec {
+            key: self.key,
+            forward: self.forward,
+            backends: self
+                .backends
+                .iter()
+                .map(|b| BackendSpec {
+                    addr: b.addr,
+                    weight: b.weight,
+                })
+                .collect(),
+        }
+    }
+
+    /// The check that applies to `b`: its own, or the VIP's.
+    pub fn check_of<'a>(&'a self, b: &'a BackendConfig) -> &'a CheckSpec {
+        b.check.as_ref().unwrap_or(&self.check)
+    }
+}
+
+impl From<VipSpec> for VipConfig {
+    /// A data-path spec with the protocol's default check (tests, and configs without checks).
+    fn from(spec: VipSpec) -> Self {
+        VipConfig {
+            check: CheckSpec::default_for(spec.key.proto),
+            key: spec.key,
+            forward: spec.forward,
+            backends: spec
+                .backends
+                .into_iter()
+                .map(|b| BackendConfig::new(b.addr, b.weight))
+                .collect(),
+        }
+    }
+}

@@ -1,11 +1,15 @@
-//! The agent's desired state (VIPs, backends, weights), its validation rules, and its on-disk form.
+//! The agent's desired state (VIPs, backends, weights, health checks, drains), its validation
+//! rules, and its on-disk form.
 //!
 //! Every change is planned first (`plan_*` return the VIP as it would become, touching nothing), so
 //! the controller can validate, apply to the kernel and persist before it commits the change here.
 //! The file is written atomically (temporary file, fsync, rename, fsync of the directory), so a
 //! crash leaves either the old or the new state, never a torn one.
 
-use crate::model::{BackendSpec, Forward, MAX_WEIGHT, ServiceKey, VipSpec};
+use crate::{
+    check::{CheckError, CheckPatch},
+    model::{BackendConfig, DEFAULT_WEIGHT, Forward, MAX_WEIGHT, ServiceKey, VipConfig},
+};
 use serde::{Deserialize, Serialize};
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -42,6 +46,24 @@ pub enum StateError {
     BadVipAddress(ServiceKey, Ipv4Addr),
     #[error("backend {addr} in VIP {key}: not a unicast host address")]
     BadBackendAddress { key: ServiceKey, addr: Ipv4Addr },
+    #[error("VIP {key}: {source}")]
+    VipCheck { key: ServiceKey, source: CheckError },
+    #[error("backend {addr} in VIP {key}: {source}")]
+    BackendCheck {
+        key: ServiceKey,
+        addr: Ipv4Addr,
+        source: CheckError,
+    },
+    #[error("VIP {0}: nothing to change (give at least one check flag)")]
+    NothingToSet(ServiceKey),
+    #[error("backend {addr} in VIP {key} is already draining (weight 0)")]
+    AlreadyDraining { key: ServiceKey, addr: Ipv4Addr },
+    #[error("backend {addr} in VIP {key} is not draining (weight {weight})")]
+    NotDraining {
+        key: ServiceKey,
+        addr: Ipv4Addr,
+        weight: u32,
+    },
     #[error("cannot read state file {}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
     #[error("state file {} is corrupt: {source}", path.display())]
@@ -58,7 +80,7 @@ pub enum StateError {
 /// The VIPs an operator asked for, ordered by key (so listings and the state file are stable).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
-    vips: BTreeMap<ServiceKey, VipSpec>,
+    vips: BTreeMap<ServiceKey, VipConfig>,
 }
 
 /// Unicast, not 0.0.0.0 (which the data path uses as "free slot"), not limited broadcast.
@@ -76,7 +98,7 @@ fn validate_key(key: &ServiceKey) -> Result<(), StateError> {
     Ok(())
 }
 
-fn validate_backend(key: &ServiceKey, b: &BackendSpec) -> Result<(), StateError> {
+fn validate_backend(key: &ServiceKey, b: &BackendConfig) -> Result<(), StateError> {
     if !is_host_address(b.addr) {
         return Err(StateError::BadBackendAddress {
             key: *key,
@@ -90,12 +112,25 @@ fn validate_backend(key: &ServiceKey, b: &BackendSpec) -> Result<(), StateError>
             weight: b.weight,
         });
     }
+    if let Some(c) = &b.check {
+        c.validate().map_err(|source| StateError::BackendCheck {
+            key: *key,
+            addr: b.addr,
+            source,
+        })?;
+    }
     Ok(())
 }
 
 /// Every rule that applies to one VIP on its own.
-pub fn validate_spec(spec: &VipSpec) -> Result<(), StateError> {
+pub fn validate_spec(spec: &VipConfig) -> Result<(), StateError> {
     validate_key(&spec.key)?;
+    spec.check
+        .validate()
+        .map_err(|source| StateError::VipCheck {
+            key: spec.key,
+            source,
+        })?;
     let mut seen = BTreeSet::new();
     for b in &spec.backends {
         validate_backend(&spec.key, b)?;
@@ -111,9 +146,12 @@ pub fn validate_spec(spec: &VipSpec) -> Result<(), StateError> {
 
 impl DesiredState {
     /// Build a state from a list of VIPs, validating all of them and rejecting duplicates.
-    pub fn from_specs(specs: impl IntoIterator<Item = VipSpec>) -> Result<Self, StateError> {
+    pub fn from_specs<T: Into<VipConfig>>(
+        specs: impl IntoIterator<Item = T>,
+    ) -> Result<Self, StateError> {
         let mut vips = BTreeMap::new();
         for spec in specs {
+            let spec: VipConfig = spec.into();
             validate_spec(&spec)?;
             if vips.contains_key(&spec.key) {
                 return Err(StateError::DuplicateVip(spec.key));
@@ -123,11 +161,11 @@ impl DesiredState {
         Ok(DesiredState { vips })
     }
 
-    pub fn vips(&self) -> impl Iterator<Item = &VipSpec> {
+    pub fn vips(&self) -> impl Iterator<Item = &VipConfig> {
         self.vips.values()
     }
 
-    pub fn get(&self, key: &ServiceKey) -> Option<&VipSpec> {
+    pub fn get(&self, key: &ServiceKey) -> Option<&VipConfig> {
         self.vips.get(key)
     }
 
@@ -149,37 +187,77 @@ impl DesiredState {
         set.into_iter().collect()
     }
 
-    fn existing(&self, key: &ServiceKey) -> Result<&VipSpec, StateError> {
+    fn existing(&self, key: &ServiceKey) -> Result<&VipConfig, StateError> {
         self.vips.get(key).ok_or(StateError::UnknownVip(*key))
     }
 
-    /// The new VIP `vip add` would create (no backends yet).
-    pub fn plan_vip_add(&self, key: ServiceKey, forward: Forward) -> Result<VipSpec, StateError> {
+    /// A copy of VIP `key` and the index of its backend `addr`.
+    fn existing_backend(
+        &self,
+        key: &ServiceKey,
+        addr: Ipv4Addr,
+    ) -> Result<(VipConfig, usize), StateError> {
+        let spec = self.existing(key)?.clone();
+        let i = spec
+            .backends
+            .iter()
+            .position(|b| b.addr == addr)
+            .ok_or(StateError::UnknownBackend { key: *key, addr })?;
+        Ok((spec, i))
+    }
+
+    /// The new VIP `vip add` would create (no backends yet): the protocol's default check with
+    /// `check` applied.
+    pub fn plan_vip_add(
+        &self,
+        key: ServiceKey,
+        forward: Forward,
+        check: &CheckPatch,
+    ) -> Result<VipConfig, StateError> {
         validate_key(&key)?;
         if self.vips.contains_key(&key) {
             return Err(StateError::DuplicateVip(key));
         }
-        Ok(VipSpec {
-            key,
-            forward,
-            backends: Vec::new(),
-        })
+        let mut spec = VipConfig::new(key, forward);
+        spec.check = spec.check.patched(check);
+        validate_spec(&spec)?;
+        Ok(spec)
+    }
+
+    /// The VIP as `vip set` would leave it (its check changed; unset fields keep their values).
+    pub fn plan_vip_set(
+        &self,
+        key: &ServiceKey,
+        check: &CheckPatch,
+    ) -> Result<VipConfig, StateError> {
+        let mut spec = self.existing(key)?.clone();
+        if check.is_empty() {
+            return Err(StateError::NothingToSet(*key));
+        }
+        spec.check = spec.check.patched(check);
+        validate_spec(&spec)?;
+        Ok(spec)
     }
 
     /// The VIP `vip del` would remove.
-    pub fn plan_vip_del(&self, key: &ServiceKey) -> Result<&VipSpec, StateError> {
+    pub fn plan_vip_del(&self, key: &ServiceKey) -> Result<&VipConfig, StateError> {
         self.existing(key)
     }
 
-    /// The VIP as `backend add` would leave it (new backend appended, order kept).
+    /// The VIP as `backend add` would leave it (new backend appended, order kept). A non-empty
+    /// `check` gives the backend its own check: the VIP's with `check` applied.
     pub fn plan_backend_add(
         &self,
         key: &ServiceKey,
         addr: Ipv4Addr,
         weight: u32,
-    ) -> Result<VipSpec, StateError> {
+        check: &CheckPatch,
+    ) -> Result<VipConfig, StateError> {
         let mut spec = self.existing(key)?.clone();
-        let backend = BackendSpec { addr, weight };
+        let mut backend = BackendConfig::new(addr, weight);
+        if !check.is_empty() {
+            backend.check = Some(spec.check.patched(check));
+        }
         validate_backend(key, &backend)?;
         if spec.backends.iter().any(|b| b.addr == addr) {
             return Err(StateError::DuplicateBackend { key: *key, addr });
@@ -193,22 +271,74 @@ impl DesiredState {
         &self,
         key: &ServiceKey,
         addr: Ipv4Addr,
-    ) -> Result<VipSpec, StateError> {
-        let mut spec = self.existing(key)?.clone();
-        let before = spec.backends.len();
-        spec.backends.retain(|b| b.addr != addr);
-        if spec.backends.len() == before {
-            return Err(StateError::UnknownBackend { key: *key, addr });
+    ) -> Result<VipConfig, StateError> {
+        let (mut spec, i) = self.existing_backend(key, addr)?;
+        spec.backends.remove(i);
+        Ok(spec)
+    }
+
+    /// The VIP as `backend set --weight` would leave it. A weight above 0 ends a drain; a weight
+    /// of 0 is a drain (the previous weight is remembered for `undrain`).
+    pub fn plan_backend_set_weight(
+        &self,
+        key: &ServiceKey,
+        addr: Ipv4Addr,
+        weight: u32,
+    ) -> Result<VipConfig, StateError> {
+        let (mut spec, i) = self.existing_backend(key, addr)?;
+        let b = &mut spec.backends[i];
+        if weight == 0 && b.weight > 0 {
+            b.drained_from = Some(b.weight);
+        } else if weight > 0 {
+            b.drained_from = None;
         }
+        b.weight = weight;
+        validate_backend(key, b)?;
+        Ok(spec)
+    }
+
+    /// The VIP as `backend drain` would leave it: weight 0, the old weight remembered.
+    pub fn plan_backend_drain(
+        &self,
+        key: &ServiceKey,
+        addr: Ipv4Addr,
+    ) -> Result<VipConfig, StateError> {
+        let (mut spec, i) = self.existing_backend(key, addr)?;
+        let b = &mut spec.backends[i];
+        if b.weight == 0 {
+            return Err(StateError::AlreadyDraining { key: *key, addr });
+        }
+        b.drained_from = Some(b.weight);
+        b.weight = 0;
+        Ok(spec)
+    }
+
+    /// The VIP as `backend undrain` would leave it: the weight from before the drain (the default
+    /// weight for a backend that was added with weight 0 and so never had another).
+    pub fn plan_backend_undrain(
+        &self,
+        key: &ServiceKey,
+        addr: Ipv4Addr,
+    ) -> Result<VipConfig, StateError> {
+        let (mut spec, i) = self.existing_backend(key, addr)?;
+        let b = &mut spec.backends[i];
+        if b.weight != 0 {
+            return Err(StateError::NotDraining {
+                key: *key,
+                addr,
+                weight: b.weight,
+            });
+        }
+        b.weight = b.drained_from.take().unwrap_or(DEFAULT_WEIGHT);
         Ok(spec)
     }
 
     /// Insert or replace a VIP (after it was planned, applied and persisted).
-    pub fn insert(&mut self, spec: VipSpec) {
+    pub fn insert(&mut self, spec: VipConfig) {
         self.vips.insert(spec.key, spec);
     }
 
-    pub fn remove(&mut self, key: &ServiceKey) -> Option<VipSpec> {
+    pub fn remove(&mut self, key: &ServiceKey) -> Option<VipConfig> {
         self.vips.remove(key)
     }
 }
@@ -217,7 +347,7 @@ impl DesiredState {
 #[serde(deny_unknown_fields)]
 struct StateFile {
     version: u32,
-    vips: Vec<VipSpec>,
+    vips: Vec<VipConfig>,
 }
 
 /// Write `bytes` to `path` so that readers (and a crash) see the old content or the new, never a
@@ -305,18 +435,16 @@ mod tests {
     fn be(last: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, 111, 1, last)
     }
-    fn spec(port: u16, backends: &[(u8, u32)]) -> VipSpec {
-        VipSpec {
-            key: key(port),
-            forward: Forward::Ipip,
-            backends: backends
-                .iter()
-                .map(|&(b, weight)| BackendSpec {
-                    addr: be(b),
-                    weight,
-                })
-                .collect(),
-        }
+    fn spec(port: u16, backends: &[(u8, u32)]) -> VipConfig {
+        let mut v = VipConfig::new(key(port), Forward::Ipip);
+        v.backends = backends
+            .iter()
+            .map(|&(b, weight)| BackendConfig::new(be(b), weight))
+            .collect();
+        v
+    }
+    fn none() -> CheckPatch {
+        CheckPatch::default()
     }
 
     #[test]
@@ -325,11 +453,11 @@ mod tests {
         let before = state.clone();
 
         assert!(matches!(
-            state.plan_vip_add(key(80), Forward::L2),
+            state.plan_vip_add(key(80), Forward::L2, &none()),
             Err(StateError::DuplicateVip(k)) if k == key(80)
         ));
         assert!(matches!(
-            state.plan_vip_add(key(0), Forward::L2),
+            state.plan_vip_add(key(0), Forward::L2, &none()),
             Err(StateError::PortZero(_))
         ));
         let bad_addr = ServiceKey {
@@ -337,23 +465,31 @@ mod tests {
             ..key(80)
         };
         assert!(matches!(
-            state.plan_vip_add(bad_addr, Forward::L2),
+            state.plan_vip_add(bad_addr, Forward::L2, &none()),
             Err(StateError::BadVipAddress(..))
         ));
-        let e = state.plan_backend_add(&key(81), be(12), 1).unwrap_err();
+        let e = state
+            .plan_backend_add(&key(81), be(12), 1, &none())
+            .unwrap_err();
         assert_eq!(e.to_string(), "unknown VIP 10.111.100.1:81/tcp");
-        let e = state.plan_backend_add(&key(80), be(11), 1).unwrap_err();
+        let e = state
+            .plan_backend_add(&key(80), be(11), 1, &none())
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "backend 10.111.1.11 already exists in VIP 10.111.100.1:80/tcp"
         );
         assert!(matches!(
-            state.plan_backend_add(&key(80), be(12), MAX_WEIGHT + 1),
+            state.plan_backend_add(&key(80), be(12), MAX_WEIGHT + 1, &none()),
             Err(StateError::WeightTooHigh { weight, .. }) if weight == MAX_WEIGHT + 1
         ));
-        assert!(state.plan_backend_add(&key(80), be(12), MAX_WEIGHT).is_ok());
+        assert!(
+            state
+                .plan_backend_add(&key(80), be(12), MAX_WEIGHT, &none())
+                .is_ok()
+        );
         assert!(matches!(
-            state.plan_backend_add(&key(80), Ipv4Addr::UNSPECIFIED, 1),
+            state.plan_backend_add(&key(80), Ipv4Addr::UNSPECIFIED, 1, &none()),
             Err(StateError::BadBackendAddress { .. })
         ));
         assert!(matches!(
@@ -370,13 +506,139 @@ mod tests {
     #[test]
     fn plans_produce_the_next_spec() {
         let state = DesiredState::from_specs([spec(80, &[(11, 1), (12, 2)])]).unwrap();
-        let added = state.plan_backend_add(&key(80), be(13), 5).unwrap();
+        let added = state
+            .plan_backend_add(&key(80), be(13), 5, &none())
+            .unwrap();
         assert_eq!(added, spec(80, &[(11, 1), (12, 2), (13, 5)]));
         let deleted = state.plan_backend_del(&key(80), be(11)).unwrap();
         assert_eq!(deleted, spec(80, &[(12, 2)]));
-        let new_vip = state.plan_vip_add(key(443), Forward::L2).unwrap();
+        let new_vip = state.plan_vip_add(key(443), Forward::L2, &none()).unwrap();
         assert_eq!(new_vip.backends, vec![]);
         assert_eq!(new_vip.forward, Forward::L2);
+    }
+
+    #[test]
+    fn weights_drain_and_undrain() {
+        let state = DesiredState::from_specs([spec(80, &[(11, 3), (12, 0)])]).unwrap();
+        let w = |v: &VipConfig, i: usize| (v.backends[i].weight, v.backends[i].drained_from);
+
+        let drained = state.plan_backend_drain(&key(80), be(11)).unwrap();
+        assert_eq!(w(&drained, 0), (0, Some(3)));
+        let s2 = DesiredState::from_specs([drained]).unwrap();
+        assert!(matches!(
+            s2.plan_backend_drain(&key(80), be(11)),
+            Err(StateError::AlreadyDraining { .. })
+        ));
+        assert_eq!(
+            w(&s2.plan_backend_undrain(&key(80), be(11)).unwrap(), 0),
+            (3, None)
+        );
+        // `set --weight N>0` also ends a drain; `set --weight 0` is a drain.
+        assert_eq!(
+            w(&s2.plan_backend_set_weight(&key(80), be(11), 5).unwrap(), 0),
+            (5, None)
+        );
+        assert_eq!(
+            w(
+                &state.plan_backend_set_weight(&key(80), be(11), 0).unwrap(),
+                0
+            ),
+            (0, Some(3))
+        );
+        // Added with weight 0: undrain gives the default weight.
+        assert_eq!(
+            w(&state.plan_backend_undrain(&key(80), be(12)).unwrap(), 1),
+            (DEFAULT_WEIGHT, None)
+        );
+        let e = state.plan_backend_undrain(&key(80), be(11)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "backend 10.111.1.11 in VIP 10.111.100.1:80/tcp is not draining (weight 3)"
+        );
+        assert!(matches!(
+            state.plan_backend_set_weight(&key(80), be(11), MAX_WEIGHT + 1),
+            Err(StateError::WeightTooHigh { .. })
+        ));
+        assert!(matches!(
+            state.plan_backend_set_weight(&key(80), be(13), 1),
+            Err(StateError::UnknownBackend { .. })
+        ));
+    }
+
+    #[test]
+    fn checks_are_planned_and_validated() {
+        use crate::check::CheckKind;
+        use std::time::Duration;
+        let state = DesiredState::from_specs([spec(80, &[(11, 1)])]).unwrap();
+        let http = CheckPatch {
+            kind: Some(CheckKind::Http),
+            path: Some("/healthz".into()),
+            interval: Some(Duration::from_millis(200)),
+            timeout: Some(Duration::from_millis(200)),
+            ..Default::default()
+        };
+        let set = state.plan_vip_set(&key(80), &http).unwrap();
+        assert_eq!(set.check.kind, CheckKind::Http);
+        assert_eq!(set.check.rise, 2, "unset fields keep their values");
+        let bad = CheckPatch {
+            timeout: Some(Duration::from_secs(2)),
+            ..Default::default()
+        };
+        assert_eq!(
+            state.plan_vip_set(&key(80), &bad).unwrap_err().to_string(),
+            "VIP 10.111.100.1:80/tcp: check timeout 2s exceeds the interval 1s (a check must end before the next one starts)"
+        );
+        assert!(matches!(
+            state.plan_vip_set(&key(80), &none()),
+            Err(StateError::NothingToSet(_))
+        ));
+        assert!(matches!(
+            state.plan_vip_add(key(81), Forward::Ipip, &bad),
+            Err(StateError::VipCheck { .. })
+        ));
+        // A backend override is the VIP's check with the flags applied.
+        let port = CheckPatch {
+            port: Some(8080),
+            ..Default::default()
+        };
+        let added = state.plan_backend_add(&key(80), be(12), 1, &port).unwrap();
+        let own = added.backends[1].check.as_ref().unwrap();
+        assert_eq!((own.kind, own.port), (CheckKind::Tcp, Some(8080)));
+        assert!(added.backends[0].check.is_none());
+        assert!(matches!(
+            state.plan_backend_add(&key(80), be(12), 1, &bad),
+            Err(StateError::BackendCheck { .. })
+        ));
+        let udp = ServiceKey {
+            proto: crate::model::Proto::Udp,
+            ..key(53)
+        };
+        let v = state.plan_vip_add(udp, Forward::Ipip, &none()).unwrap();
+        assert_eq!(v.check.kind, CheckKind::None);
+    }
+
+    #[test]
+    fn state_files_without_checks_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        fs::write(
+            &path,
+            r#"{"version":1,"vips":[{"key":{"addr":"10.111.100.1","port":80,"proto":"tcp"},
+               "forward":"ipip","backends":[{"addr":"10.111.1.11","weight":1}]},
+              {"key":{"addr":"10.111.100.1","port":53,"proto":"udp"},"forward":"ipip","backends":[]}]}"#,
+        )
+        .unwrap();
+        let s = load(&path).unwrap().unwrap();
+        let vips: Vec<&VipConfig> = s.vips().collect();
+        assert_eq!(vips[0].check.kind, crate::check::CheckKind::None);
+        assert_eq!(
+            vips[1].check,
+            crate::check::CheckSpec::default_for(crate::model::Proto::Tcp)
+        );
+        assert_eq!(vips[1].backends, vec![BackendConfig::new(be(11), 1)]);
+        // Written back, with checks, it loads to the same.
+        save(&path, &s).unwrap();
+        assert_eq!(load(&path).unwrap().unwrap(), s);
     }
 
     #[test]

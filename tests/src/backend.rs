@@ -1,11 +1,11 @@
 //! A backend host: real nginx (HTTP on port 80, on every address so both the backend's own address
 //! and the VIP) and a UDP echo-the-name service bound to the VIP.
 
-use crate::{cmd::wait_for, netns::Netns, process::Process, topology::VIP};
-use anyhow::{Context, Result};
+use crate::{cmd::wait_for, http, netns::Netns, process::Process, topology::VIP};
+use anyhow::{Context, Result, bail};
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -14,6 +14,8 @@ use std::{
 pub const BIG: usize = 1 << 20;
 pub const HTTP_PORT: u16 = 80;
 pub const UDP_PORT: u16 = 5353;
+/// Bytes per second nginx sends `/slow` at: 1 MiB in about 4 s.
+pub const SLOW_RATE: usize = 256 * 1024;
 /// Port of the second nginx server that reports what the front one received for `/upload`.
 const UPLOAD_SINK_PORT: u16 = 8080;
 
@@ -39,6 +41,10 @@ pub fn big_content() -> Vec<u8> {
 /// - `POST /upload` → `<name> <bytes received>\n`: the front server buffers the whole request
 ///   body before it proxies (proxy_request_buffering is on by default), so the sink's
 ///   `$content_length` is only reported once all of the body has arrived.
+/// - `GET /slow` → the same 1 MiB at [`SLOW_RATE`] bytes/s (about 4 s): a long transfer that a
+///   drain or a failure can happen in the middle of
+/// - every response carries `X-Backend: <name>`, so a client knows who answers from the headers,
+///   before the body
 pub fn nginx_conf(name: &str, dir: &Path) -> String {
     let d = dir.display();
     format!(
@@ -57,6 +63,7 @@ http {{
     keepalive_requests 1000;
     server {{
         listen {HTTP_PORT};
+        add_header X-Backend {name} always;
         client_max_body_size 4m;
         client_body_buffer_size 2m;
         location = / {{
@@ -65,6 +72,10 @@ http {{
         }}
         location = /1m {{
             root {d}/www;
+        }}
+        location = /slow {{
+            alias {d}/www/1m;
+            limit_rate {SLOW_RATE};
         }}
         location = /upload {{
             proxy_pass http://127.0.0.1:{UPLOAD_SINK_PORT};
@@ -87,13 +98,21 @@ pub struct Backend {
     pub name: String,
     pub addr: Ipv4Addr,
     dir: PathBuf,
-    // Stopped (by pid) before the namespace goes away: the testbed drops backends first.
-    nginx: Process,
+    // Stopped (by pid) before the namespace goes away: the testbed drops backends first. `None`
+    // while a test has nginx stopped (see [`Backend::stop_http`]).
+    nginx: Option<Process>,
+    /// Pids of nginx processes this backend started and stopped again (for clean-up checks).
+    stopped: Vec<i32>,
     udp: Option<Process>,
 }
 
+/// How long a (re)started nginx may take to serve.
+const NGINX_READY: Duration = Duration::from_secs(10);
+/// How long a stopped nginx may take to exit after SIGTERM before it is killed.
+const NGINX_STOP: Duration = Duration::from_secs(3);
+
 impl Backend {
-    /// Starts nginx in `ns` and waits until it accepts connections on the backend's address.
+    /// Starts nginx in `ns` and waits until it serves `GET /` on the backend's address.
     pub fn start_http(
         ns: &Netns,
         name: &str,
@@ -103,38 +122,69 @@ impl Backend {
     ) -> Result<Self> {
         fs::create_dir_all(dir.join("www"))?;
         fs::write(dir.join("www").join("1m"), content)?;
-        let conf = dir.join("nginx.conf");
-        fs::write(&conf, nginx_conf(name, dir))?;
+        fs::write(dir.join("nginx.conf"), nginx_conf(name, dir))?;
+        let mut backend = Self {
+            name: name.to_string(),
+            addr,
+            dir: dir.to_path_buf(),
+            nginx: None,
+            stopped: Vec::new(),
+            udp: None,
+        };
+        backend.restart_http(ns)?;
+        Ok(backend)
+    }
+
+    /// Stops nginx (SIGTERM to its pid, SIGKILL if it lingers) and waits until it is gone: from
+    /// then on the backend refuses connections on port 80, like a crashed web server.
+    pub fn stop_http(&mut self) -> Result<()> {
+        let mut nginx = self
+            .nginx
+            .take()
+            .with_context(|| format!("nginx on {} is not running", self.name))?;
+        self.stopped.push(nginx.pid());
+        nginx.terminate(NGINX_STOP)?;
+        Ok(())
+    }
+
+    /// Starts nginx again with the same configuration (also the first start) and waits until it
+    /// serves `GET /` with this backend's name on the backend's own address.
+    pub fn restart_http(&mut self, ns: &Netns) -> Result<()> {
+        if self.nginx.is_some() {
+            bail!("nginx on {} is already running", self.name);
+        }
+        let dir = &self.dir;
         let mut cmd = ns.command("nginx");
         cmd.arg("-p")
             .arg(dir)
             .arg("-e")
             .arg(dir.join("error.log"))
             .arg("-c")
-            .arg(&conf)
+            .arg(dir.join("nginx.conf"))
             .args(["-g", "daemon off; master_process off;"]);
         let mut nginx = Process::spawn(
-            &format!("nginx on {name}"),
+            &format!("nginx on {}", self.name),
             &mut cmd,
-            &dir.join("nginx.out"),
+            &dir.join(format!("nginx.{}.out", self.stopped.len())),
         )?;
-        let target = SocketAddr::from((addr, HTTP_PORT));
-        wait_for(&format!("nginx on {name}"), Duration::from_secs(10), || {
+        let target = SocketAddr::from((self.addr, HTTP_PORT));
+        let name = self.name.clone();
+        let ready = wait_for(&format!("nginx on {name}"), NGINX_READY, || {
             nginx.ensure_running()?;
-            Ok(ns
-                .enter(move || {
-                    TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok()
-                })?
-                .then_some(()))
-        })
-        .with_context(|| fs::read_to_string(dir.join("error.log")).unwrap_or_default())?;
-        Ok(Self {
-            name: name.to_string(),
-            addr,
-            dir: dir.to_path_buf(),
-            nginx,
-            udp: None,
-        })
+            let answer = ns.enter(move || http::get(target, "/", Duration::from_millis(300)))?;
+            Ok(answer
+                .ok()
+                .filter(|r| r.status == 200 && r.text() == name)
+                .map(|_| ()))
+        });
+        // On failure `nginx` is dropped here, which stops it.
+        ready.with_context(|| self.nginx_error_log())?;
+        self.nginx = Some(nginx);
+        Ok(())
+    }
+
+    pub fn http_running(&self) -> bool {
+        self.nginx.is_some()
     }
 
     /// Starts the UDP service on VIP:5353 (answers `<name>\n` from the VIP, as direct server return
@@ -171,13 +221,16 @@ impl Backend {
         fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
     }
 
-    pub fn nginx_pid(&self) -> i32 {
-        self.nginx.pid()
+    /// Pid of the running nginx, if it runs.
+    pub fn nginx_pid(&self) -> Option<i32> {
+        self.nginx.as_ref().map(Process::pid)
     }
 
-    /// Pids of nginx and, once started, the UDP service.
+    /// Pids of every process this backend started: nginx (also earlier, stopped instances) and,
+    /// once started, the UDP service.
     pub fn pids(&self) -> Vec<i32> {
-        let mut pids = vec![self.nginx.pid()];
+        let mut pids = self.stopped.clone();
+        pids.extend(self.nginx.as_ref().map(Process::pid));
         pids.extend(self.udp.as_ref().map(Process::pid));
         pids
     }

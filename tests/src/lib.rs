@@ -7,7 +7,9 @@
 //! command and wait bounded in time.
 
 pub mod backend;
+pub mod client;
 pub mod cmd;
+pub mod http;
 pub mod netns;
 pub mod process;
 pub mod testbed;

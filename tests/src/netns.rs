@@ -155,6 +155,16 @@ impl Netns {
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
         in_netns(&self.name, f)
     }
+
+    /// Like [`Netns::enter`] but does not wait: `f` runs on a background thread that has joined
+    /// this namespace. The caller joins the handle (and must bound how long `f` runs).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<Result<T>> {
+        let path = PathBuf::from("/run/netns").join(&self.name);
+        thread::spawn(move || join_netns(&path).map(|()| f()))
+    }
 }
 
 impl Drop for Netns {
@@ -180,21 +190,28 @@ pub fn in_netns<T: Send + 'static>(
 ) -> Result<T> {
     let path = PathBuf::from("/run/netns").join(name);
     let handle = thread::spawn(move || -> Result<T> {
-        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: setns on a valid namespace fd; it only affects this thread, which ends with `f`.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!(
-                "setns({}): {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
-        }
+        join_netns(&path)?;
         Ok(f())
     });
     match handle.join() {
         Ok(r) => r,
         Err(panic) => std::panic::resume_unwind(panic),
     }
+}
+
+/// Moves the calling thread (only it) into the network namespace at `path`. Only ever called on
+/// threads spawned for that purpose, which end with the work they were spawned for.
+fn join_netns(path: &Path) -> Result<()> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: setns on a valid namespace fd; it only affects the calling thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!(
+            "setns({}): {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 /// A directory under /tmp for configs, logs, sockets and state; removed on drop.

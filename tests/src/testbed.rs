@@ -4,17 +4,22 @@
 
 use crate::{
     backend::{BIG, Backend, HTTP_PORT, UDP_PORT, big_content, udp_query},
-    cmd::{Output, run_timeout},
+    cmd::{Output, run_timeout, wait_for},
+    http,
     netns::{Netns, TempDir},
     process::Process,
     topology::{HOST_IFACE, LB1_ADDR, Topology, TopologyOptions, VIP, backend_addr, backend_name},
-    xlb::{Agent, Xlb, expect_clean_exit, has_xdp, xdp_mode, xlb_in},
+    xlb::{Agent, Xlb, backend_state, expect_clean_exit, has_xdp, xdp_mode, xlb_in},
 };
 use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
 use std::{
+    collections::BTreeMap,
     io::Read,
-    net::{SocketAddr, TcpStream},
-    time::Duration,
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    sync::mpsc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
 /// Port of the "SSH-like" listener on lb1's own address.
@@ -33,7 +38,24 @@ pub struct TestbedOptions {
     /// `driver` or `generic`, for the agent and the backends' decapsulator.
     pub xdp_mode: String,
     pub backends: usize,
+    /// Extra arguments of `xlb vip add` for the HTTP VIP (health-check flags); empty = defaults.
+    pub http_vip_args: Vec<String>,
 }
+
+/// The health check the lifecycle tests and the demo give the HTTP VIP: `GET /` every 200 ms,
+/// down after 3 failures in a row, up again after 2 successes.
+pub const FAST_HTTP_CHECK: &[&str] = &[
+    "--check",
+    "http:/",
+    "--interval",
+    "200ms",
+    "--timeout",
+    "150ms",
+    "--rise",
+    "2",
+    "--fall",
+    "3",
+];
 
 impl TestbedOptions {
     pub fn new(forward: &str, xdp_mode: &str) -> Self {
@@ -41,7 +63,14 @@ impl TestbedOptions {
             forward: forward.to_string(),
             xdp_mode: xdp_mode.to_string(),
             backends: 3,
+            http_vip_args: Vec::new(),
         }
+    }
+
+    /// The same with [`FAST_HTTP_CHECK`] on the HTTP VIP.
+    pub fn with_fast_checks(mut self) -> Self {
+        self.http_vip_args = FAST_HTTP_CHECK.iter().map(|s| s.to_string()).collect();
+        self
     }
 }
 
@@ -145,7 +174,7 @@ impl Testbed {
             &self.dir.path().join("lb1-socat.out"),
         )?;
         let target = SocketAddr::from((LB1_ADDR, LB1_TCP_PORT));
-        crate::cmd::wait_for("the TCP listener on lb1", Duration::from_secs(10), || {
+        wait_for("the TCP listener on lb1", Duration::from_secs(10), || {
             listener.ensure_running()?;
             Ok(lb1
                 .enter(move || {
@@ -191,7 +220,11 @@ impl Testbed {
         let forward = self.options.forward.clone();
         for (port, proto) in [(HTTP_PORT, "tcp"), (UDP_PORT, "udp")] {
             let vip = format!("{VIP}:{port}");
-            xlb.ok(&["vip", "add", &vip, "--proto", proto, "--forward", &forward])?;
+            let mut args = vec!["vip", "add", &vip, "--proto", proto, "--forward", &forward];
+            if port == HTTP_PORT {
+                args.extend(self.options.http_vip_args.iter().map(String::as_str));
+            }
+            xlb.ok(&args)?;
             for i in 1..=self.options.backends {
                 xlb.ok(&[
                     "backend",
@@ -275,6 +308,151 @@ impl Testbed {
                 Ok((pair[0].to_string(), connects))
             })
             .collect()
+    }
+
+    /// One new connection, `GET http://VIP/` with the test bed's own HTTP client (faster than
+    /// curl): the name of the backend that answered.
+    pub fn new_connection(&self) -> Result<String> {
+        let target = SocketAddr::from((VIP, HTTP_PORT));
+        let r = self
+            .ns("cli")
+            .enter(move || http::get(target, "/", Duration::from_secs(2)))??;
+        let name = r.text();
+        ensure!(
+            r.status == 200 && self.backend_names().contains(&name),
+            "unexpected answer from the VIP: HTTP {} {name:?}",
+            r.status
+        );
+        Ok(name)
+    }
+
+    /// `n` new connections in a row: how many each backend answered.
+    pub fn tally_new_connections(&self, n: usize) -> Result<BTreeMap<String, usize>> {
+        let mut out = BTreeMap::new();
+        for i in 0..n {
+            let b = self
+                .new_connection()
+                .with_context(|| format!("new connection {i} of {n}"))?;
+            *out.entry(b).or_default() += 1;
+        }
+        Ok(out)
+    }
+
+    /// Starts `GET path` through the VIP on a background thread in cli, opening new connections
+    /// (at most `tries`) until `backend` answers (`X-Backend`); returns once that connection's
+    /// headers are in. The body is read in the background: [`Download::finish`].
+    pub fn start_download_from(&self, path: &str, backend: &str, tries: usize) -> Result<Download> {
+        let target = SocketAddr::from((VIP, HTTP_PORT));
+        let (tx, rx) = mpsc::channel();
+        let (path, want) = (path.to_string(), backend.to_string());
+        let handle = self.ns("cli").spawn(move || -> Result<Body> {
+            for _ in 0..tries {
+                let stream = match http::open(target, &path, Duration::from_secs(2)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("{e:#}")));
+                        return Err(e);
+                    }
+                };
+                if stream.status == 200 && stream.header("x-backend") == Some(want.as_str()) {
+                    let _ = tx.send(Ok(stream.local_port().unwrap_or(0)));
+                    let body = stream.body(DOWNLOAD_DEADLINE)?;
+                    return Ok((body, Instant::now()));
+                }
+                // Someone else answered: close it (a reset, mid-body) and try the next slot.
+            }
+            let msg = format!("{want} did not answer {path} on any of {tries} new connections");
+            let _ = tx.send(Err(msg.clone()));
+            bail!(msg)
+        });
+        let port = match rx.recv_timeout(Duration::from_secs(10 * tries as u64)) {
+            Ok(Ok(port)) => port,
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                bail!("starting the download from {backend}: {e}")
+            }
+            Err(e) => bail!("starting the download from {backend}: {e}"),
+        };
+        Ok(Download {
+            client_port: port,
+            handle: Some(handle),
+        })
+    }
+
+    /// Pid of nginx on backend `name`, while it runs.
+    pub fn nginx_pid(&self, name: &str) -> Option<i32> {
+        self.backend(name).ok()?.nginx_pid()
+    }
+
+    /// What the agent has logged so far.
+    pub fn agent_log(&self) -> String {
+        self.agent.as_ref().map(Agent::log).unwrap_or_default()
+    }
+
+    /// Where backend `name` (be1…) lives.
+    pub fn backend_addr(&self, name: &str) -> Result<Ipv4Addr> {
+        Ok(self.backend(name)?.addr)
+    }
+
+    fn backend(&self, name: &str) -> Result<&Backend> {
+        self.backends
+            .iter()
+            .find(|b| b.name == name)
+            .with_context(|| format!("no backend {name}"))
+    }
+
+    /// Stops nginx on backend `name` (by pid) and waits until it has exited.
+    pub fn stop_backend(&mut self, name: &str) -> Result<()> {
+        let backend = self
+            .backends
+            .iter_mut()
+            .find(|b| b.name == name)
+            .with_context(|| format!("no backend {name}"))?;
+        backend.stop_http()
+    }
+
+    /// Starts nginx on backend `name` again and waits until it serves on its own address.
+    pub fn start_backend(&mut self, name: &str) -> Result<()> {
+        let ns = self.topo.ns(name);
+        let backend = self
+            .backends
+            .iter_mut()
+            .find(|b| b.name == name)
+            .with_context(|| format!("no backend {name}"))?;
+        backend.restart_http(ns)
+    }
+
+    /// `xlb backend list VIP:80 --json`.
+    pub fn backend_list(&self) -> Result<Value> {
+        self.client()
+            .json(&["backend", "list", &format!("{VIP}:{HTTP_PORT}")])
+    }
+
+    /// Backend `name`'s state in `xlb backend list` of the HTTP VIP.
+    pub fn backend_state(&self, name: &str) -> Result<String> {
+        backend_state(&self.backend_list()?, self.backend_addr(name)?)
+    }
+
+    /// Polls `xlb backend list` until backend `name` is in `state`; how long that took.
+    pub fn wait_backend_state(
+        &self,
+        name: &str,
+        state: &str,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        wait_for(
+            &format!("{name} to be {state} in xlb backend list"),
+            timeout,
+            || {
+                let now = self.backend_state(name)?;
+                if now == state {
+                    Ok(Some(start.elapsed()))
+                } else {
+                    bail!("{name} is {now}")
+                }
+            },
+        )
     }
 
     /// `GET /1m` through the VIP; the body.
@@ -400,6 +578,37 @@ impl Testbed {
             );
         }
         out
+    }
+}
+
+/// Bound on a whole background download ([`Testbed::start_download_from`]); `/slow` takes ~4 s.
+const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A download running on a background thread in cli.
+pub struct Download {
+    /// The client's source port (identifies the flow).
+    pub client_port: u16,
+    handle: Option<JoinHandle<Result<Result<Body>>>>,
+}
+
+/// A downloaded body and when its last byte arrived.
+type Body = (Vec<u8>, Instant);
+
+impl Download {
+    /// Waits for the rest of the body (bounded): all of it, and when its last byte arrived.
+    pub fn finish(mut self) -> Result<Body> {
+        let handle = self.handle.take().context("download already finished")?;
+        handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("the download thread panicked"))??
+    }
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
 

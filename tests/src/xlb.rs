@@ -258,6 +258,42 @@ pub fn backend_counters(
     Ok(out)
 }
 
+/// The backend objects of `xlb backend list --json` (or of a VIP entry of `xlb stats --json`),
+/// keyed by address.
+pub fn backend_entries(doc: &Value) -> Result<BTreeMap<Ipv4Addr, &Value>> {
+    let backends = doc
+        .get("backends")
+        .and_then(Value::as_array)
+        .with_context(|| format!("no backends in {doc}"))?;
+    let mut out = BTreeMap::new();
+    for b in backends {
+        let a: Ipv4Addr = b
+            .get("address")
+            .or_else(|| b.get("addr"))
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("backend entry without an address: {b}"))?;
+        out.insert(a, b);
+    }
+    Ok(out)
+}
+
+/// One backend's object in `xlb backend list --json`.
+pub fn backend_entry(doc: &Value, addr: Ipv4Addr) -> Result<&Value> {
+    backend_entries(doc)?
+        .remove(&addr)
+        .with_context(|| format!("backend {addr} not listed: {doc}"))
+}
+
+/// One backend's `state` (`up`, `down`, `draining`) in `xlb backend list --json`.
+pub fn backend_state(doc: &Value, addr: Ipv4Addr) -> Result<String> {
+    let b = backend_entry(doc, addr)?;
+    b.get("state")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .with_context(|| format!("backend {addr} without a state: {b}"))
+}
+
 /// A per-reason counter (`drop_unknown_port`, `fwd_tx`, …) from `xlb stats --json`.
 pub fn reason(stats: &Value, name: &str) -> Result<u64> {
     let reasons = stats
@@ -354,6 +390,25 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn reads_backend_states() {
+        let list = json!({"vip": "10.111.100.1:80", "backends": [
+            {"address": "10.111.1.11", "weight": 1, "state": "up", "last_check": null},
+            {"address": "10.111.1.12", "weight": 1, "state": "down",
+             "last_check": {"ok": false, "detail": "connection refused"}}]});
+        let be2 = Ipv4Addr::new(10, 111, 1, 12);
+        assert_eq!(backend_state(&list, be2).unwrap(), "down");
+        assert_eq!(
+            backend_state(&list, Ipv4Addr::new(10, 111, 1, 11)).unwrap(),
+            "up"
+        );
+        assert_eq!(
+            backend_entry(&list, be2).unwrap()["last_check"]["ok"],
+            false
+        );
+        assert!(backend_state(&list, Ipv4Addr::new(10, 111, 1, 13)).is_err());
     }
 
     const VIP_FOR_TEST: Ipv4Addr = Ipv4Addr::new(10, 111, 100, 1);

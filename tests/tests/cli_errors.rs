@@ -88,13 +88,21 @@ fn agent_refuses_an_interface_that_does_not_exist() {
     assert!(!Xlb::new(&socket).run(&["vip", "list"]).unwrap().success());
 }
 
-/// Current `vip list --json` and `backend list --json` of every VIP, to compare before/after.
+/// Current `vip list --json` and the desired part of `backend list --json` (address and weight
+/// per backend: state, `since`, the last check and the counters are run-time facts that change on
+/// their own), to compare before/after.
 fn snapshot(xlb: &Xlb) -> (Value, Value) {
     let vips = xlb.vip_list().expect("vip list --json");
-    let backends = xlb
+    let list = xlb
         .json(&["backend", "list", &format!("{VIP}:80")])
         .expect("backend list --json");
-    (vips, backends)
+    let backends: Vec<Value> = list["backends"]
+        .as_array()
+        .expect("backends in backend list --json")
+        .iter()
+        .map(|b| serde_json::json!({"address": b["address"], "weight": b["weight"]}))
+        .collect();
+    (vips, Value::Array(backends))
 }
 
 #[test]
@@ -142,6 +150,56 @@ fn bad_input_is_refused_and_changes_nothing() {
         // Unknown and duplicate backend.
         (&["backend", "del", &vip, "10.111.1.99"], &["10.111.1.99"]),
         (&["backend", "add", &vip, "10.111.1.11"], &["10.111.1.11"]),
+        (
+            &["backend", "set", &vip, "10.111.1.99", "--weight", "2"],
+            &["10.111.1.99"],
+        ),
+        (&["backend", "drain", &vip, "10.111.1.99"], &["10.111.1.99"]),
+        (
+            &["backend", "undrain", &vip, "10.111.1.99"],
+            &["10.111.1.99"],
+        ),
+        // Health-check flags (issue 3): malformed, out of range, inconsistent, unknown VIP.
+        (
+            &["vip", "add", "10.111.100.2:80", "--check", "bogus"],
+            &["bogus"],
+        ),
+        (
+            &["vip", "set", &vip, "--check", "http:x"],
+            &["path", "\"x\""],
+        ),
+        (&["vip", "set", &vip, "--interval", "2x"], &["2x"]),
+        (&["vip", "set", &vip, "--interval", "5ms"], &["5ms"]),
+        (
+            &[
+                "vip",
+                "set",
+                &vip,
+                "--interval",
+                "200ms",
+                "--timeout",
+                "300ms",
+            ],
+            &["300ms", "200ms"],
+        ),
+        (&["vip", "set", &vip, "--rise", "0"], &["rise"]),
+        (&["vip", "set", &vip, "--fall", "0"], &["fall"]),
+        (
+            &[
+                "vip",
+                "set",
+                &vip,
+                "--check",
+                "http:/",
+                "--expect-status",
+                "700",
+            ],
+            &["700"],
+        ),
+        (
+            &["vip", "set", "10.111.100.9:80", "--interval", "1s"],
+            &["10.111.100.9:80"],
+        ),
     ];
     for (args, mentions) in cases {
         let out = xlb.run(args).unwrap();

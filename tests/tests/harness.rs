@@ -103,7 +103,7 @@ fn topology_routes_and_nginx_serves_directly() {
     );
     assert!(CLI_ADDR.to_string().starts_with("10.111."));
 
-    let nginx_pid = backend.nginx_pid();
+    let nginx_pid = backend.nginx_pid().expect("nginx runs");
     drop(backend);
     assert!(
         !std::path::Path::new(&format!("/proc/{nginx_pid}")).exists(),
@@ -138,7 +138,7 @@ fn guards_clean_up_when_a_test_panics() {
             b"x",
         )
         .unwrap();
-        pid = backend.nginx_pid();
+        pid = backend.nginx_pid().expect("nginx runs");
         panic!("deliberate failure with nginx running in {prefix}");
     }));
     assert!(result.is_err());
@@ -156,4 +156,118 @@ fn guards_clean_up_when_a_test_panics() {
         !std::path::Path::new(&format!("/tmp/{prefix}")).exists(),
         "temp dir survived the panic"
     );
+}
+
+/// The pieces the health-check tests build on, against a backend's own address (no xlb): nginx
+/// stopped and started again by pid, the continuous client recording failures and recoveries,
+/// `/slow` taking seconds and arriving intact, and `X-Backend` naming the server in the headers.
+#[test]
+fn nginx_restarts_and_the_continuous_client_sees_it() {
+    use std::time::Instant;
+    use xlb_tests::{
+        backend::{HTTP_PORT, SLOW_RATE},
+        client::{ClientOptions, ContinuousClient, started_between, tally, timeline},
+        http,
+    };
+    require_root();
+    let topo = Topology::build(TopologyOptions {
+        backends: 1,
+        lb2: false,
+    })
+    .expect("topology");
+    let dir = TempDir::new(topo.prefix()).expect("temp dir");
+    let content = big_content();
+    let be1 = topo.ns("be1");
+    let mut backend = Backend::start_http(
+        be1,
+        "be1",
+        backend_addr(1),
+        &dir.path().join("be1"),
+        &content,
+    )
+    .expect("nginx on be1");
+    let target = SocketAddr::from((backend_addr(1), HTTP_PORT));
+
+    let client = ContinuousClient::start(topo.ns("cli"), target, ClientOptions::default());
+    std::thread::sleep(Duration::from_millis(300));
+    let first_pid = backend.nginx_pid().expect("nginx runs");
+    let stopped_at = Instant::now();
+    backend.stop_http().expect("stopping nginx");
+    let stopped = Instant::now();
+    assert!(!backend.http_running());
+    assert!(
+        !std::path::Path::new(&format!("/proc/{first_pid}")).exists(),
+        "nginx (pid {first_pid}) still there after stop_http"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let restart_at = Instant::now();
+    backend.restart_http(be1).expect("restarting nginx");
+    let restarted = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    let requests = client.stop().expect("client results");
+    let end = requests.last().expect("some requests").start;
+
+    // A request in flight at the moment of the stop may fail either way: not counted.
+    let before: Vec<_> = started_between(&requests, requests[0].start, stopped_at)
+        .into_iter()
+        .filter(|r| r.end < stopped_at)
+        .collect();
+    let down = started_between(&requests, stopped, restart_at);
+    let after = started_between(&requests, restarted, end + Duration::from_millis(1));
+    let all: Vec<_> = requests.iter().collect();
+    let context = timeline(&all, stopped_at);
+    // 300 ms at one request per 20 ms: about 15 in each phase.
+    for (phase, reqs, expect) in [
+        ("before the stop", &before, "be1"),
+        ("while stopped", &down, "error"),
+        ("after the restart", &after, "be1"),
+    ] {
+        assert!(reqs.len() >= 5, "{phase}: only {} requests", reqs.len());
+        let t = tally(reqs.iter().copied());
+        assert_eq!(
+            t.keys().collect::<Vec<_>>(),
+            [expect],
+            "{phase}: {t:?}\n{context}"
+        );
+    }
+    assert!(
+        down.iter()
+            .all(|r| r.outcome.as_ref().unwrap_err().contains("refused")),
+        "a stopped nginx refuses connections:\n{context}"
+    );
+    assert_ne!(backend.nginx_pid(), Some(first_pid));
+    assert_eq!(backend.pids().len(), 2, "both nginx instances are recorded");
+
+    // /slow: the whole 1 MiB, intact, at the configured rate; the backend is named in the headers.
+    let start = Instant::now();
+    let body = topo
+        .ns("cli")
+        .enter(move || -> anyhow::Result<Vec<u8>> {
+            let stream = http::open(target, "/slow", Duration::from_secs(2))?;
+            anyhow::ensure!(stream.status == 200, "HTTP {}", stream.status);
+            anyhow::ensure!(
+                stream.header("x-backend") == Some("be1"),
+                "X-Backend: {:?}",
+                stream.header("x-backend")
+            );
+            stream.body(Duration::from_secs(15))
+        })
+        .unwrap()
+        .expect("GET /slow");
+    let took = start.elapsed();
+    assert!(body == content, "/slow body differs ({} bytes)", body.len());
+    let nominal = Duration::from_secs_f64(BIG as f64 / SLOW_RATE as f64);
+    assert!(
+        took >= nominal * 3 / 4 && took < nominal * 3,
+        "/slow took {took:?}, nominal {nominal:?}"
+    );
+
+    let pids = backend.pids();
+    drop(backend);
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} still running"
+        );
+    }
 }

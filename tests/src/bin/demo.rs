@@ -1,18 +1,25 @@
 //! `cargo xtask demo`: brings up the test topology with three nginx backends behind xlb, sends
-//! requests through the VIP, prints which backend answered each one and xlb's counters, then tears
-//! everything down (also on Ctrl-C or a failure).
+//! requests through the VIP, prints which backend answered each one and xlb's counters, then stops
+//! nginx on be2 and starts it again: the health checks take it out of the rotation and back in.
+//! Everything is torn down at the end (also on Ctrl-C or a failure).
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 use std::{
     sync::atomic::{AtomicBool, Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 use xlb_tests::{
+    backend::HTTP_PORT,
     netns,
-    testbed::{Testbed, TestbedOptions},
+    testbed::{FAST_HTTP_CHECK, Testbed, TestbedOptions},
     topology::{LB1_ADDR, VIP},
 };
+
+/// The backend the demo stops and starts again.
+const VICTIM: &str = "be2";
+/// Bound on waiting for a state change in `xlb backend list`.
+const STATE_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(about = "xlb demo: three nginx backends behind xlb in network namespaces")]
@@ -67,13 +74,18 @@ fn run(args: &Args) -> Result<()> {
          xlb agent on lb1 (XDP {}), VIP {VIP}:80 and :5353/udp (forward {})",
         args.xdp_mode, args.forward
     );
-    let bed = Testbed::up(TestbedOptions::new(&args.forward, &args.xdp_mode))?;
+    println!(
+        "demo: health check of the HTTP VIP: xlb vip add {VIP}:{HTTP_PORT} {}",
+        FAST_HTTP_CHECK.join(" ")
+    );
+    let mut bed =
+        Testbed::up(TestbedOptions::new(&args.forward, &args.xdp_mode).with_fast_checks())?;
     println!(
         "demo: ready in {:.1}s (namespaces {}-*)\n",
         start.elapsed().as_secs_f64(),
         bed.topo.prefix()
     );
-    let mut result = traffic(&bed, args);
+    let mut result = traffic(&bed, args).and_then(|()| fail_and_recover(&mut bed));
     if INTERRUPTED.load(Ordering::SeqCst) {
         // Ctrl-C also reached curl and the servers; their errors are not the story.
         result = Err(anyhow::anyhow!("interrupted"));
@@ -111,5 +123,76 @@ fn traffic(bed: &Testbed, args: &Args) -> Result<()> {
     check_interrupted()?;
     println!("\n$ xlb stats");
     print!("{}", bed.client().ok(&["stats"])?);
+    Ok(())
+}
+
+/// `n` new connections through the VIP, printed on one line.
+fn rotation(bed: &Testbed, n: usize) -> Result<String> {
+    let mut names = Vec::new();
+    for _ in 0..n {
+        check_interrupted()?;
+        names.push(bed.new_connection()?);
+    }
+    Ok(names.join(" "))
+}
+
+/// Stops nginx on [`VICTIM`], shows it leave the rotation and the reason, starts it again.
+fn fail_and_recover(bed: &mut Testbed) -> Result<()> {
+    let list = format!("xlb backend list {VIP}:{HTTP_PORT}");
+    let show_list = |bed: &Testbed| -> Result<()> {
+        println!("$ {list}");
+        print!(
+            "{}",
+            bed.client()
+                .ok(&["backend", "list", &format!("{VIP}:{HTTP_PORT}")])?
+        );
+        Ok(())
+    };
+    let addr = bed.backend_addr(VICTIM)?;
+    println!("\n--- a backend fails and recovers");
+    let pid = bed.nginx_pid(VICTIM).context("nginx not running")?;
+    println!("$ kill {pid}   # nginx on {VICTIM} ({addr})");
+    let stopped = Instant::now();
+    bed.stop_backend(VICTIM)?;
+    bed.wait_backend_state(VICTIM, "down", STATE_WAIT)?;
+    println!(
+        "xlb marked {VICTIM} down {:.2}s after the kill",
+        stopped.elapsed().as_secs_f64()
+    );
+    let answers = rotation(bed, 9)?;
+    if answers.contains(VICTIM) {
+        bail!("{VICTIM} still answered while down: {answers}");
+    }
+    println!("9 new connections -> {answers}   ({VICTIM} skipped)");
+    show_list(bed)?;
+    check_interrupted()?;
+
+    println!("$ nginx   # on {VICTIM} again, same configuration");
+    let restarted = Instant::now();
+    bed.start_backend(VICTIM)?;
+    bed.wait_backend_state(VICTIM, "up", STATE_WAIT)?;
+    println!(
+        "xlb marked {VICTIM} up {:.2}s after the restart",
+        restarted.elapsed().as_secs_f64()
+    );
+    let answers = rotation(bed, 9)?;
+    if !answers.contains(VICTIM) {
+        bail!("{VICTIM} not back in rotation: {answers}");
+    }
+    println!("9 new connections -> {answers}   ({VICTIM} back in rotation)");
+    show_list(bed)?;
+    println!("\nthe agent's log of these changes:");
+    let needle = addr.to_string();
+    for line in bed
+        .agent_log()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains(" down ") || l.contains(" up ")
+        })
+    {
+        println!("  {line}");
+    }
     Ok(())
 }

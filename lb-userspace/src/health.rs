@@ -1,0 +1,863 @@
+//! Health checking at run time: the rise/fall state machine (`RiseFall`), one probe (`probe`),
+//! the per-backend book the controller keeps (`HealthBook`), and the tokio tasks that run the
+//! checks (`Monitor`).
+//!
+//! Division of work: a task per (VIP, backend) only probes, every `interval`, and sends each
+//! result over a channel to the task that owns the `Controller`; the controller feeds results to
+//! its `HealthBook`, which holds the rise/fall counters, and re-applies the VIP when a backend
+//! changes state. So the counters live in one place, the tasks need no shared state, and a slow
+//! check never blocks the controller (a task that cannot deliver waits, not the controller).
+//!
+//! Each check configuration of a backend has a generation number; the monitor restarts a task when
+//! it changes and the book drops results of older generations still in the channel.
+
+use crate::{
+    check::{CheckKind, CheckSpec, fmt_duration},
+    client::os_message,
+    model::{ServiceKey, VipConfig},
+};
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt, io,
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+use tokio::{net::TcpStream, sync::mpsc, task::JoinHandle};
+
+/// Check results waiting for the controller; beyond this the check tasks wait (never the
+/// controller).
+const CHANNEL_CAPACITY: usize = 1024;
+/// How much of an HTTP body is searched for `expect_body`: health pages are small, and a check
+/// must not download a large page every interval.
+const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error("cannot set up the HTTP health-check client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// HAProxy's rise/fall logic for one backend. A backend starts up (so a restarted agent, or a
+/// newly added backend, takes traffic at once); `fall` consecutive failures take it down, `rise`
+/// consecutive successes bring it back; a success resets the failure count and vice versa.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RiseFall {
+    up: bool,
+    successes: u32,
+    failures: u32,
+}
+
+impl Default for RiseFall {
+    fn default() -> Self {
+        RiseFall {
+            up: true,
+            successes: 0,
+            failures: 0,
+        }
+    }
+}
+
+impl RiseFall {
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    /// Record one check result; `Some(up)` when it changes the state.
+    pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        if ok {
+            self.failures = 0;
+            self.successes = self.successes.saturating_add(1);
+            if !self.up && self.successes >= rise {
+                self.up = true;
+                return Some(true);
+            }
+        } else {
+            self.successes = 0;
+            self.failures = self.failures.saturating_add(1);
+            if self.up && self.failures >= fall {
+                self.up = false;
+                return Some(false);
+            }
+        }
+        None
+    }
+
+    /// Forget the counts but keep the state (the check's configuration changed).
+    pub fn reset_counts(&mut self) {
+        self.successes = 0;
+        self.failures = 0;
+    }
+}
+
+/// What `backend list` shows as a backend's state. Down wins over draining.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    Up,
+    Down,
+    /// Up, weight 0: no new flows, existing flows stay.
+    Draining,
+}
+
+impl BackendState {
+    fn of(up: bool, weight: u32) -> Self {
+        match (up, weight) {
+            (false, _) => BackendState::Down,
+            (true, 0) => BackendState::Draining,
+            (true, _) => BackendState::Up,
+        }
+    }
+}
+
+impl fmt::Display for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendState::Up => "up",
+            BackendState::Down => "down",
+            BackendState::Draining => "draining",
+        })
+    }
+}
+
+/// The outcome of one check.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckResult {
+    pub ok: bool,
+    /// `connected`, `HTTP 200` when ok; the reason otherwise (`connection refused`, `HTTP 503`,
+    /// `timeout after 300ms`, `body does not contain "ok"`).
+    pub detail: String,
+    pub latency: Duration,
+    pub at: SystemTime,
+}
+
+/// What a check task checks: one backend of one VIP, with one check configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeTarget {
+    pub key: ServiceKey,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub check: CheckSpec,
+    pub generation: u64,
+}
+
+/// One result, from a task to the controller.
+#[derive(Clone, Debug)]
+pub struct CheckReport {
+    pub key: ServiceKey,
+    pub addr: Ipv4Addr,
+    pub generation: u64,
+    pub result: CheckResult,
+}
+
+/// A backend's state change, for the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub key: ServiceKey,
+    pub addr: Ipv4Addr,
+    pub up: bool,
+    /// Consecutive checks that caused it.
+    pub count: u32,
+    /// The last check's detail (the failure reason when going down).
+    pub reason: String,
+}
+
+impl fmt::Display for Transition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = if self.count == 1 { "" } else { "s" };
+        if self.up {
+            write!(
+                f,
+                "backend {} of VIP {} is UP after {} passed check{s}",
+                self.addr, self.key, self.count
+            )
+        } else {
+            write!(
+                f,
+                "backend {} of VIP {} is DOWN after {} failed check{s}: {}",
+                self.addr, self.key, self.count, self.reason
+            )
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 for times before it, which a clock never reports here).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A backend's health as reported.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendHealth {
+    pub state: BackendState,
+    pub since: SystemTime,
+    /// `None` before the first check and for `none` checks.
+    pub last: Option<CheckResult>,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    check: CheckSpec,
+    port: u16,
+    weight: u32,
+    generation: u64,
+    machine: RiseFall,
+    last: Option<CheckResult>,
+    shown: BackendState,
+    since: SystemTime,
+}
+
+impl Entry {
+    fn checked(&self) -> bool {
+        self.check.kind != CheckKind::None
+    }
+    /// Update the shown state (and when it began) after the machine or the weight changed.
+    fn reshow(&mut self, now: SystemTime) {
+        let shown = BackendState::of(self.machine.is_up(), self.weight);
+        if shown != self.shown {
+            self.shown = shown;
+            self.since = now;
+        }
+    }
+}
+
+/// Health of every backend of every VIP, kept by the controller.
+#[derive(Debug, Default)]
+pub struct HealthBook {
+    entries: BTreeMap<(ServiceKey, Ipv4Addr), Entry>,
+    next_generation: u64,
+}
+
+impl HealthBook {
+    /// Follow the desired state: new backends start up, removed ones are forgotten, a changed
+    /// check gets a new generation (its counts restart, its state stays; a check turned to
+    /// `none` brings the backend up at once).
+    pub fn sync<'a>(&mut self, vips: impl IntoIterator<Item = &'a VipConfig>, now: SystemTime) {
+        let mut seen = BTreeSet::new();
+        for vip in vips {
+            for b in &vip.backends {
+                let id = (vip.key, b.addr);
+                seen.insert(id);
+                let check = vip.check_of(b).clone();
+                let port = check.port.unwrap_or(vip.key.port);
+                match self.entries.get_mut(&id) {
+                    Some(e) => {
+                        if e.check != check || e.port != port {
+                            self.next_generation += 1;
+                            e.generation = self.next_generation;
+                            e.machine.reset_counts();
+                            e.check = check;
+                            e.port = port;
+                            if !e.checked() {
+                                e.last = None;
+                                if !e.machine.is_up() {
+                                    e.machine = RiseFall::default();
+                                    log::info!(
+                                        "backend {} of VIP {} is UP: its health check is now none",
+                                        b.addr,
+                                        vip.key
+                                    );
+                                }
+                            }
+                        }
+                        e.weight = b.weight;
+                        e.reshow(now);
+                    }
+                    None => {
+                        self.next_generation += 1;
+                        self.entries.insert(
+                            id,
+                            Entry {
+                                check,
+                                port,
+                                weight: b.weight,
+                                generation: self.next_generation,
+                                machine: RiseFall::default(),
+                                last: None,
+                                shown: BackendState::of(true, b.weight),
+                                since: now,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        self.entries.retain(|id, _| seen.contains(id));
+    }
+
+    /// The backends of `vip` (as it is, or as it is about to become) that are down: down now and
+    /// still checked under `vip`'s configuration. Backends unknown to the book are up.
+    pub fn down_for(&self, vip: &VipConfig) -> BTreeSet<Ipv4Addr> {
+        vip.backends
+            .iter()
+            .filter(|b| vip.check_of(b).kind != CheckKind::None)
+            .filter(|b| {
+                self.entries
+                    .get(&(vip.key, b.addr))
+                    .is_some_and(|e| !e.machine.is_up())
+            })
+            .map(|b| b.addr)
+            .collect()
+    }
+
+    /// Feed one result; the transition if it changed the backend's state. Results of a backend
+    /// that is gone or of an older check configuration are ignored.
+    pub fn record(&mut self, report: CheckReport) -> Option<Transition> {
+        let e = self.entries.get_mut(&(report.key, report.addr))?;
+        if e.generation != report.generation || !e.checked() {
+            return None;
+        }
+        let ok = report.result.ok;
+        let reason = report.result.detail.clone();
+        let at = report.result.at;
+        e.last = Some(report.result);
+        let up = e.machine.record(ok, e.check.rise, e.check.fall)?;
+        e.reshow(at);
+        Some(Transition {
+            key: report.key,
+            addr: report.addr,
+            up,
+            count: if up { e.check.rise } else { e.check.fall },
+            reason,
+        })
+    }
+
+    pub fn status(&self, key: &ServiceKey, addr: Ipv4Addr) -> Option<BackendHealth> {
+        self.entries.get(&(*key, addr)).map(|e| BackendHealth {
+            state: e.shown,
+            since: e.since,
+            last: e.last.clone(),
+        })
+    }
+
+    /// What the monitor must be checking: every backend whose check is not `none`.
+    pub fn targets(&self) -> Vec<ProbeTarget> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.checked())
+            .map(|((key, addr), e)| ProbeTarget {
+                key: *key,
+                addr: *addr,
+                port: e.port,
+                check: e.check.clone(),
+                generation: e.generation,
+            })
+            .collect()
+    }
+}
+
+/// The HTTP clients of the checks, built once (building one loads the TLS roots).
+pub struct HttpClients {
+    verify: reqwest::Client,
+    no_verify: reqwest::Client,
+}
+
+impl HttpClients {
+    pub fn new() -> Result<Self, HealthError> {
+        // reqwest (rustls with the `ring` provider, no default features): a maintained HTTP/1.1
+        // client with TLS that builds without cmake or OpenSSL on this toolchain.
+        let build = |verify: bool| {
+            reqwest::Client::builder()
+                // Checks go straight to the backend, never through a proxy from the environment.
+                .no_proxy()
+                // A fresh connection per check (as HAProxy): a pooled one would hide a listener
+                // that stopped accepting.
+                .pool_max_idle_per_host(0)
+                // A 3xx is judged by `expect_status`, not followed elsewhere.
+                .redirect(reqwest::redirect::Policy::none())
+                .danger_accept_invalid_certs(!verify)
+                .user_agent(concat!("xlb-health-check/", env!("CARGO_PKG_VERSION")))
+                .build()
+        };
+        Ok(HttpClients {
+            verify: build(true)?,
+            no_verify: build(false)?,
+        })
+    }
+}
+
+/// An I/O error as a short reason: `connection refused`, `host unreachable`, ...
+fn io_reason(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+        io::ErrorKind::ConnectionReset => "connection reset".to_string(),
+        io::ErrorKind::HostUnreachable => "host unreachable".to_string(),
+        io::ErrorKind::NetworkUnreachable => "network unreachable".to_string(),
+        _ => {
+            let msg = os_message(e);
+            let mut chars = msg.chars();
+            match chars.next() {
+                Some(c) => c.to_lowercase().chain(chars).collect(),
+                None => msg,
+            }
+        }
+    }
+}
+
+/// The most specific reason in a reqwest error's chain (the innermost I/O error if any).
+fn http_reason(e: &reqwest::Error) -> String {
+    let mut reason = e.to_string();
+    let mut cur: &dyn std::error::Error = e;
+    while let Some(src) = cur.source() {
+        if let Some(io) = src.downcast_ref::<io::Error>()
+            && io.get_ref().is_none()
+        {
+            return io_reason(io);
+        }
+        reason = src.to_string();
+        cur = src;
+    }
+    reason
+}
+
+/// Run one check of `t` (bounded by its timeout).
+pub async fn probe(t: &ProbeTarget, clients: &HttpClients) -> CheckResult {
+    let at = SystemTime::now();
+    let start = Instant::now();
+    let addr = SocketAddr::from((t.addr, t.port));
+    let outcome = tokio::time::timeout(t.check.timeout, async {
+        match t.check.kind {
+            CheckKind::None => Ok("no check".to_string()),
+            CheckKind::Tcp => TcpStream::connect(addr)
+                .await
+                .map(|_| "connected".to_string())
+                .map_err(|e| io_reason(&e)),
+            CheckKind::Http | CheckKind::Https => http_check(t, addr, clients).await,
+        }
+    })
+    .await;
+    let latency = start.elapsed();
+    let (ok, detail) = match outcome {
+        Ok(Ok(d)) => (true, d),
+        Ok(Err(reason)) => (false, reason),
+        Err(_) => (
+            false,
+            format!("timeout after {}", fmt_duration(t.check.timeout)),
+        ),
+    };
+    CheckResult {
+        ok,
+        detail,
+        latency,
+        at,
+    }
+}
+
+/// GET the check path on the backend's own address: the URL's host is the address, so that is
+/// also the Host header.
+async fn http_check(
+    t: &ProbeTarget,
+    addr: SocketAddr,
+    clients: &HttpClients,
+) -> Result<String, String> {
+    let (scheme, client) = match (t.check.kind, t.check.tls_verify) {
+        (CheckKind::Https, true) => ("https", &clients.verify),
+        (CheckKind::Https, false) => ("https", &clients.no_verify),
+        _ => ("http", &clients.no_verify),
+    };
+    let url = format!("{scheme}://{addr}{}", t.check.path);
+    let mut resp = client.get(&url).send().await.map_err(|e| http_reason(&e))?;
+    let status = resp.status().as_u16();
+    if !t.check.expect_status.contains(status) {
+        return Err(format!("HTTP {status}"));
+    }
+    if let Some(want) = &t.check.expect_body {
+        let mut body = Vec::new();
+        while body.len() < MAX_BODY {
+            match resp.chunk().await.map_err(|e| http_reason(&e))? {
+                Some(chunk) => body.extend_from_slice(&chunk),
+                None => break,
+            }
+        }
+        body.truncate(MAX_BODY);
+        let found = body
+            .windows(want.len().max(1))
+            .any(|w| w == want.as_bytes());
+        if !found {
+            return Err(format!("body does not contain {want:?}"));
+        }
+    }
+    Ok(format!("HTTP {status}"))
+}
+
+/// The check tasks: one per checked backend, following `HealthBook::targets`.
+pub struct Monitor {
+    tx: mpsc::Sender<CheckReport>,
+    clients: Arc<HttpClients>,
+    tasks: HashMap<(ServiceKey, Ipv4Addr), (u64, JoinHandle<()>)>,
+}
+
+impl Monitor {
+    /// A monitor with no tasks, and the receiving end of its results.
+    pub fn new() -> Result<(Monitor, mpsc::Receiver<CheckReport>), HealthError> {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        Ok((
+            Monitor {
+                tx,
+                clients: Arc::new(HttpClients::new()?),
+                tasks: HashMap::new(),
+            },
+            rx,
+        ))
+    }
+
+    /// Start tasks for new targets, restart those whose generation changed, stop the rest.
+    pub fn sync(&mut self, targets: Vec<ProbeTarget>) {
+        let wanted: HashMap<(ServiceKey, Ipv4Addr), ProbeTarget> =
+            targets.into_iter().map(|t| ((t.key, t.addr), t)).collect();
+        self.tasks.retain(|id, (generation, handle)| {
+            let keep = wanted.get(id).is_some_and(|t| t.generation == *generation);
+            if !keep {
+                handle.abort();
+            }
+            keep
+        });
+        for (id, t) in wanted {
+            if self.tasks.contains_key(&id) {
+                continue;
+            }
+            let generation = t.generation;
+            let handle = tokio::spawn(run_checks(t, self.clients.clone(), self.tx.clone()));
+            self.tasks.insert(id, (generation, handle));
+        }
+    }
+
+    /// Number of running check tasks.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        for (_, handle) in self.tasks.values() {
+            handle.abort();
+        }
+    }
+}
+
+/// Check `t` every interval (the first check at once) until aborted or the controller is gone.
+async fn run_checks(t: ProbeTarget, clients: Arc<HttpClients>, tx: mpsc::Sender<CheckReport>) {
+    let mut ticker = tokio::time::interval(t.check.interval);
+    // A late check is not made up for with a burst.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let result = probe(&t, &clients).await;
+        let report = CheckReport {
+            key: t.key,
+            addr: t.addr,
+            generation: t.generation,
+            result,
+        };
+        if tx.send(report).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        check::CheckPatch,
+        model::{BackendConfig, Forward, Proto},
+    };
+    use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpListener};
+
+    /// Feed `seq` ('+' pass, '-' fail) and return the state after each step ('U'/'D').
+    fn run(seq: &str, rise: u32, fall: u32) -> String {
+        let mut m = RiseFall::default();
+        seq.chars()
+            .map(|c| {
+                m.record(c == '+', rise, fall);
+                if m.is_up() { 'U' } else { 'D' }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rise_fall_sequences() {
+        assert!(RiseFall::default().is_up(), "a new backend starts up");
+        // fall 3: three consecutive failures take it down; rise 2: two successes bring it back.
+        assert_eq!(run("---++", 2, 3), "UUDDU");
+        // A success resets the failure count.
+        assert_eq!(run("--+--+---", 2, 3), "UUUUUUUUD");
+        // A failure resets the success count while down.
+        assert_eq!(run("---+-++", 2, 3), "UUDDDDU");
+        // rise 1 / fall 1 follow every result.
+        assert_eq!(run("-+-+", 1, 1), "DUDU");
+        // More failures while down change nothing.
+        assert_eq!(run("------+", 1, 3), "UUDDDDU");
+    }
+
+    #[test]
+    fn record_reports_transitions_only() {
+        let mut m = RiseFall::default();
+        assert_eq!(m.record(false, 2, 2), None);
+        assert_eq!(m.record(false, 2, 2), Some(false));
+        assert_eq!(m.record(false, 2, 2), None);
+        assert_eq!(m.record(true, 2, 2), None);
+        assert_eq!(m.record(true, 2, 2), Some(true));
+        assert_eq!(m.record(true, 2, 2), None);
+    }
+
+    fn key() -> ServiceKey {
+        ServiceKey {
+            addr: Ipv4Addr::new(10, 111, 100, 1),
+            port: 80,
+            proto: Proto::Tcp,
+        }
+    }
+    fn be(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 111, 1, last)
+    }
+    fn vip(backends: &[(u8, u32)]) -> VipConfig {
+        let mut v = VipConfig::new(key(), Forward::Ipip);
+        v.backends = backends
+            .iter()
+            .map(|&(b, w)| BackendConfig::new(be(b), w))
+            .collect();
+        v
+    }
+    fn result(ok: bool, detail: &str) -> CheckResult {
+        CheckResult {
+            ok,
+            detail: detail.into(),
+            latency: Duration::from_millis(1),
+            at: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn book_follows_results_and_config() {
+        let mut book = HealthBook::default();
+        let v = vip(&[(11, 1), (12, 0)]);
+        let t0 = SystemTime::now();
+        book.sync([&v], t0);
+        assert_eq!(book.status(&key(), be(11)).unwrap().state, BackendState::Up);
+        assert_eq!(
+            book.status(&key(), be(12)).unwrap().state,
+            BackendState::Draining
+        );
+        let targets = book.targets();
+        assert_eq!(targets.len(), 2);
+        assert_eq!(targets[0].port, 80);
+        let g = targets[0].generation;
+        let report = |ok, generation| CheckReport {
+            key: key(),
+            addr: be(11),
+            generation,
+            result: result(ok, "connection refused"),
+        };
+        assert_eq!(book.record(report(false, g)), None);
+        assert_eq!(book.record(report(false, g)), None);
+        // A stale generation is ignored.
+        assert_eq!(book.record(report(false, g + 100)), None);
+        let t = book.record(report(false, g)).unwrap();
+        assert_eq!(
+            t.to_string(),
+            "backend 10.111.1.11 of VIP 10.111.100.1:80/tcp is DOWN after 3 failed checks: connection refused"
+        );
+        assert_eq!(book.down_for(&v), BTreeSet::from([be(11)]));
+        let st = book.status(&key(), be(11)).unwrap();
+        assert_eq!(st.state, BackendState::Down);
+        assert!(st.since >= t0);
+        assert_eq!(st.last.unwrap().detail, "connection refused");
+
+        // A changed check (port) keeps the state, restarts the counts with a new generation.
+        let mut v2 = v.clone();
+        v2.check = v2.check.patched(&CheckPatch {
+            port: Some(8080),
+            ..Default::default()
+        });
+        book.sync([&v2], SystemTime::now());
+        let t2 = book.targets();
+        assert_eq!(t2[0].port, 8080);
+        assert_ne!(t2[0].generation, g);
+        assert_eq!(book.down_for(&v2), BTreeSet::from([be(11)]));
+        assert_eq!(book.record(report(true, t2[0].generation)), None);
+        let up = book.record(report(true, t2[0].generation)).unwrap();
+        assert_eq!(
+            up.to_string(),
+            "backend 10.111.1.11 of VIP 10.111.100.1:80/tcp is UP after 2 passed checks"
+        );
+        assert!(book.down_for(&v2).is_empty());
+
+        // Checks turned off: no targets, nobody down; a removed backend is forgotten.
+        let mut off = vip(&[(11, 1)]);
+        off.check.kind = CheckKind::None;
+        book.sync([&off], SystemTime::now());
+        assert!(book.targets().is_empty());
+        assert!(book.status(&key(), be(12)).is_none());
+    }
+
+    #[test]
+    fn check_none_brings_a_down_backend_up() {
+        let mut book = HealthBook::default();
+        let v = vip(&[(11, 1)]);
+        book.sync([&v], SystemTime::now());
+        let g = book.targets()[0].generation;
+        for _ in 0..3 {
+            book.record(CheckReport {
+                key: key(),
+                addr: be(11),
+                generation: g,
+                result: result(false, "x"),
+            });
+        }
+        assert_eq!(book.down_for(&v).len(), 1);
+        let mut off = v.clone();
+        off.check.kind = CheckKind::None;
+        // Before the change is committed, the planned config already counts it up.
+        assert!(book.down_for(&off).is_empty());
+        book.sync([&off], SystemTime::now());
+        let st = book.status(&key(), be(11)).unwrap();
+        assert_eq!(st.state, BackendState::Up);
+        assert!(st.last.is_none());
+    }
+
+    fn target(kind: CheckKind, port: u16, f: impl FnOnce(&mut CheckSpec)) -> ProbeTarget {
+        let mut check = CheckSpec::default_for(Proto::Tcp);
+        check.kind = kind;
+        check.timeout = Duration::from_millis(500);
+        f(&mut check);
+        ProbeTarget {
+            key: key(),
+            addr: Ipv4Addr::LOCALHOST,
+            port,
+            check,
+            generation: 1,
+        }
+    }
+
+    /// A one-shot HTTP server on 127.0.0.1 answering every connection with `response`.
+    async fn http_server(response: &'static str) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let req = String::from_utf8_lossy(&got);
+                    assert!(req.starts_with("GET /healthz HTTP/1.1\r\n"), "{req}");
+                    assert!(req.to_lowercase().contains("host: 127.0.0.1:"), "{req}");
+                    let _ = s.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn probes_report_the_reason() {
+        let clients = HttpClients::new().unwrap();
+        // TCP: a listener passes; a closed port is refused.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = l.local_addr().unwrap().port();
+        let r = probe(&target(CheckKind::Tcp, open, |_| {}), &clients).await;
+        assert!(r.ok, "{r:?}");
+        drop(l);
+        let r = probe(&target(CheckKind::Tcp, open, |_| {}), &clients).await;
+        assert_eq!((r.ok, r.detail.as_str()), (false, "connection refused"));
+
+        let ok = http_server(
+            "HTTP/1.1 200 OK\r\ncontent-length: 7\r\nconnection: close\r\n\r\nall ok\n",
+        )
+        .await;
+        let path = |c: &mut CheckSpec| c.path = "/healthz".into();
+        let r = probe(&target(CheckKind::Http, ok, path), &clients).await;
+        assert_eq!((r.ok, r.detail.as_str()), (true, "HTTP 200"));
+        let r = probe(
+            &target(CheckKind::Http, ok, |c| {
+                path(c);
+                c.expect_body = Some("ok".into());
+            }),
+            &clients,
+        )
+        .await;
+        assert!(r.ok, "{r:?}");
+        let r = probe(
+            &target(CheckKind::Http, ok, |c| {
+                path(c);
+                c.expect_body = Some("ready".into());
+            }),
+            &clients,
+        )
+        .await;
+        assert_eq!(r.detail, "body does not contain \"ready\"");
+
+        let bad = http_server(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        let r = probe(&target(CheckKind::Http, bad, path), &clients).await;
+        assert_eq!((r.ok, r.detail.as_str()), (false, "HTTP 503"));
+
+        // A server that accepts but never answers: the timeout is the reason.
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let r = probe(
+            &target(CheckKind::Http, port, |c| {
+                path(c);
+                c.timeout = Duration::from_millis(100);
+            }),
+            &clients,
+        )
+        .await;
+        assert_eq!((r.ok, r.detail.as_str()), (false, "timeout after 100ms"));
+        assert!(r.latency >= Duration::from_millis(100));
+        // TLS against a plain-HTTP server fails with a TLS reason, not a hang.
+        let r = probe(&target(CheckKind::Https, ok, path), &clients).await;
+        assert!(!r.ok, "{r:?}");
+        drop(silent);
+    }
+
+    #[tokio::test]
+    async fn monitor_runs_and_restarts_tasks() {
+        let (mut monitor, mut rx) = Monitor::new().unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut t = target(CheckKind::Tcp, port, |c| {
+            c.interval = Duration::from_millis(20);
+            c.timeout = Duration::from_millis(20);
+        });
+        monitor.sync(vec![t.clone()]);
+        assert_eq!(monitor.len(), 1);
+        let r = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.generation, r.result.ok), (1, true));
+        t.generation = 2;
+        monitor.sync(vec![t]);
+        // Results of generation 1 may still be queued; generation 2 arrives soon.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let r = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if r.generation == 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline);
+        }
+        monitor.sync(vec![]);
+        assert!(monitor.is_empty());
+    }
+}
