@@ -21,13 +21,14 @@ use crate::{
     dataplane::{Dataplane, DataplaneError, DataplaneOptions, XdpModeChoice},
     health::{CheckReport, HealthError, Monitor},
     state::{self, DesiredState, STATE_FILE, StateError},
+    sync::{self, RingBufSource, SYNC_REQUEST_QUEUE, SyncConfig, SyncError, SyncKey, SyncRequest},
 };
 use std::{
     ffi::CString,
     fs,
     future::Future,
     io,
-    net::{Ipv4Addr, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
     os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt},
     path::{Path, PathBuf},
     time::Duration,
@@ -75,6 +76,12 @@ pub enum AgentError {
     Install(#[from] ControllerError),
     #[error("{0}")]
     Health(#[from] HealthError),
+    #[error("peer sync: {0}")]
+    Sync(#[from] SyncError),
+    #[error("--peer and --sync-key-file need --sync-listen (peer sync is off without it)")]
+    SyncWithoutListen,
+    #[error("--sync-listen needs --sync-key-file: peer sync is always authenticated")]
+    SyncWithoutKey,
 }
 
 impl From<DataplaneError> for AgentError {
@@ -94,6 +101,10 @@ pub struct AgentOptions {
     pub config_file: Option<PathBuf>,
     pub lb_addr: Option<Ipv4Addr>,
     pub flow_capacity: Option<u32>,
+    pub sync_listen: Option<SocketAddr>,
+    /// Empty = the config file's `peers`, if any.
+    pub peers: Vec<SocketAddr>,
+    pub sync_key_file: Option<PathBuf>,
 }
 
 /// Where the agent's initial desired state comes from.
@@ -116,6 +127,8 @@ pub struct AgentConfig {
     pub flow_capacity: u32,
     pub initial: InitialState,
     pub warm_interval: Duration,
+    /// Peer sync (active-active), if `--sync-listen` was given.
+    pub sync: Option<SyncConfig>,
 }
 
 impl AgentConfig {
@@ -151,6 +164,23 @@ impl AgentConfig {
         if flow_capacity == 0 {
             return Err(AgentError::FlowCapacity);
         }
+        let peers = if opts.peers.is_empty() {
+            section.peers.unwrap_or_default()
+        } else {
+            opts.peers
+        };
+        let key_file = opts.sync_key_file.or(section.sync_key_file);
+        let sync = match (opts.sync_listen.or(section.sync_listen), key_file) {
+            (Some(listen), Some(key_file)) => {
+                let key = SyncKey::load(&key_file).map_err(SyncError::from)?;
+                Some(SyncConfig::new(listen, peers, key)?)
+            }
+            (Some(_), None) => return Err(AgentError::SyncWithoutKey),
+            (None, key_file) if key_file.is_some() || !peers.is_empty() => {
+                return Err(AgentError::SyncWithoutListen);
+            }
+            (None, _) => None,
+        };
         Ok(AgentConfig {
             iface,
             xdp_mode,
@@ -160,6 +190,7 @@ impl AgentConfig {
             flow_capacity,
             initial,
             warm_interval: WARM_INTERVAL,
+            sync,
         })
     }
 }
@@ -197,7 +228,7 @@ pub async fn run(
             source,
         })?;
 
-    let dp = Dataplane::load(&DataplaneOptions {
+    let mut dp = Dataplane::load(&DataplaneOptions {
         iface: config.iface.clone(),
         mode: config.xdp_mode,
         flow_capacity: config.flow_capacity,
@@ -212,6 +243,18 @@ pub async fn run(
         dp.lb_addr()
             .map_or_else(|| "unset".to_string(), |a| a.to_string())
     );
+    // The sync reader takes the kernel's flow-event ring buffer before the data path moves into
+    // the serve loop.
+    let mut sync_parts = None;
+    if let Some(sync_config) = config.sync.clone() {
+        let events = RingBufSource::new(dp.take_flow_events()?)?;
+        let (request_tx, request_rx) = mpsc::channel(SYNC_REQUEST_QUEUE);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (listen, peers) = (sync_config.listen, sync_config.peers.len());
+        let handle = sync::spawn(sync_config, events, request_tx, stop_rx).await?;
+        log::info!("peer sync listening on {listen}, streaming to {peers} peer(s)");
+        sync_parts = Some((handle, request_rx, stop_tx));
+    }
     let controller = Controller::start(dp, state_path, initial)?;
     log::info!(
         "desired state from {source}: {} VIPs, {} backends",
@@ -220,12 +263,61 @@ pub async fn run(
     );
     log::info!("listening on {}", config.socket.display());
 
-    let controller = serve(listener, controller, health, shutdown, config.warm_interval).await;
-    // Socket first, so no CLI connects to an agent that is going away; then the data path.
+    let (sync_handle, sync_requests, sync_stop) = match sync_parts {
+        Some((handle, requests, stop)) => (Some(handle), Some(requests), Some(stop)),
+        None => (None, None, None),
+    };
+    let peers = sync_handle.as_ref().map(|h| h.status());
+    let controller = serve(
+        listener,
+        controller,
+        health,
+        Sync {
+            requests: sync_requests,
+            status: peers,
+        },
+        shutdown,
+        config.warm_interval,
+    )
+    .await;
+    // Sync first (its tasks may still ask the data path for something), then the socket, so no
+    // CLI connects to an agent that is going away, then the data path.
+    if let (Some(handle), Some(stop)) = (sync_handle, sync_stop) {
+        let _ = stop.send(true);
+        handle.join().await;
+    }
     drop(socket_file);
     drop(controller);
     log::info!("stopped; XDP program detached from {}", config.iface);
     Ok(())
+}
+
+/// The serve loop's side of peer sync: requests from the sync tasks, and their status for
+/// `xlb peers`. Both `None` when sync is off.
+pub struct Sync {
+    pub requests: Option<mpsc::Receiver<SyncRequest>>,
+    pub status: Option<sync::SyncStatus>,
+}
+
+impl Sync {
+    pub fn off() -> Self {
+        Sync {
+            requests: None,
+            status: None,
+        }
+    }
+}
+
+/// The next sync request, or never when sync is off (so `select!` can always poll it).
+async fn next_sync_request(requests: &mut Option<mpsc::Receiver<SyncRequest>>) -> SyncRequest {
+    match requests {
+        Some(rx) => match rx.recv().await {
+            Some(req) => req,
+            // Every sync task has ended (shutdown): nothing more will come.
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// One request from a connection task, with where to send its answer.
@@ -241,6 +333,7 @@ pub async fn serve<D: DataplaneOps>(
     listener: UnixListener,
     mut controller: Controller<D>,
     health: (Monitor, mpsc::Receiver<CheckReport>),
+    mut sync: Sync,
     shutdown: impl Future<Output = ()>,
     warm_interval: Duration,
 ) -> Controller<D> {
@@ -264,8 +357,13 @@ pub async fn serve<D: DataplaneOps>(
                 }
                 Err(e) => log::warn!("accepting a CLI connection: {e}"),
             },
+            req = next_sync_request(&mut sync.requests) => controller.sync_request(req),
             Some(job) = job_rx.recv() => {
                 log::debug!("request {:?}", job.req);
+                if let (Request::Peers, Some(status)) = (&job.req, &sync.status) {
+                    let _ = job.reply.send(Response::Peers { peers: status.report() });
+                    continue;
+                }
                 let mutation = job.req.is_mutation();
                 let resp = controller.handle(job.req);
                 match &resp {
@@ -539,6 +637,51 @@ mod tests {
     }
 
     #[test]
+    fn peer_sync_needs_a_listen_address_and_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("sync.key");
+        fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let base = || AgentOptions {
+            iface: Some("lo".into()),
+            ..Default::default()
+        };
+        let listen: SocketAddr = "10.111.1.2:7946".parse().unwrap();
+        let peer: SocketAddr = "10.111.1.3:7946".parse().unwrap();
+
+        let off = AgentConfig::from_options(base()).unwrap();
+        assert!(off.sync.is_none());
+        let on = AgentConfig::from_options(AgentOptions {
+            sync_listen: Some(listen),
+            peers: vec![peer],
+            sync_key_file: Some(key.clone()),
+            ..base()
+        })
+        .unwrap();
+        let sync = on.sync.expect("sync configured");
+        assert_eq!((sync.listen, sync.peers), (listen, vec![peer]));
+
+        let no_key = AgentConfig::from_options(AgentOptions {
+            sync_listen: Some(listen),
+            ..base()
+        });
+        assert!(matches!(no_key, Err(AgentError::SyncWithoutKey)));
+        let no_listen = AgentConfig::from_options(AgentOptions {
+            peers: vec![peer],
+            sync_key_file: Some(key.clone()),
+            ..base()
+        });
+        assert!(matches!(no_listen, Err(AgentError::SyncWithoutListen)));
+        fs::write(&key, "short").unwrap();
+        let weak = AgentConfig::from_options(AgentOptions {
+            sync_listen: Some(listen),
+            sync_key_file: Some(key),
+            ..base()
+        })
+        .unwrap_err();
+        assert!(weak.to_string().contains("16"), "{weak}");
+    }
+
+    #[test]
     fn missing_interface_is_named() {
         let e = interface_index("xlb-nope0").unwrap_err();
         assert_eq!(e.to_string(), "interface \"xlb-nope0\" does not exist");
@@ -586,6 +729,7 @@ mod tests {
                 listener,
                 ctl,
                 Monitor::new().unwrap(),
+                Sync::off(),
                 async {
                     let _ = stopped.await;
                 },

@@ -67,6 +67,8 @@ pub enum Request {
         vip: ServiceKey,
     },
     Stats,
+    /// Peer sync status (`xlb peers`).
+    Peers,
 }
 
 impl Request {
@@ -101,6 +103,9 @@ pub enum Response {
     },
     Stats {
         stats: StatsReport,
+    },
+    Peers {
+        peers: crate::sync::PeersReport,
     },
     /// Nothing changed; `message` names the problem (one line).
     Error {
@@ -206,6 +211,9 @@ pub struct StatsReport {
     pub vips: Vec<VipReport>,
     /// Packets per outcome (`lb_common::reason::NAMES`), every reason present.
     pub reasons: BTreeMap<String, u64>,
+    /// Data-path events (`lb_common::event::NAMES`): `midflow_miss` (a TCP packet without SYN
+    /// that found no flow entry: a sync gap), `flow_resteered`, `flow_event_lost`.
+    pub events: BTreeMap<String, u64>,
     pub flow_capacity: u32,
 }
 
@@ -345,6 +353,7 @@ mod tests {
                 stats: StatsReport {
                     vips: vec![report],
                     reasons: [("fwd_tx".to_string(), 7)].into_iter().collect(),
+                    events: [("midflow_miss".to_string(), 0)].into_iter().collect(),
                     flow_capacity: 1024,
                 },
             },

@@ -18,7 +18,7 @@ use crate::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::{
     io::{self, Write},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -54,6 +54,13 @@ pub enum Command {
     /// Per-VIP, per-backend and per-reason packet counters.
     Stats {
         /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Peer sync (active-active): each peer's connection, flows sent and received, last message
+    /// age, rejected messages, and the sync lag.
+    Peers {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -146,6 +153,18 @@ pub struct AgentArgs {
     /// Entries of the flow table [default: 262144].
     #[arg(long, value_name = "N")]
     pub flow_capacity: Option<u32>,
+    /// Accept flow state from peer load balancers on ADDR:PORT (active-active). Needs
+    /// --sync-key-file.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub sync_listen: Option<SocketAddr>,
+    /// A peer load balancer's --sync-listen address: this agent streams its flows there (its
+    /// whole flow table first, on every (re)connect). Repeat for several peers.
+    #[arg(long = "peer", value_name = "ADDR:PORT")]
+    pub peers: Vec<SocketAddr>,
+    /// File holding the key shared by all peers (at least 16 bytes; surrounding whitespace is
+    /// ignored). Every sync frame is authenticated with HMAC-SHA256 under it.
+    #[arg(long, value_name = "FILE")]
+    pub sync_key_file: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -158,6 +177,9 @@ impl AgentArgs {
             config_file: self.config,
             lb_addr: self.lb_addr,
             flow_capacity: self.flow_capacity,
+            sync_listen: self.sync_listen,
+            peers: self.peers,
+            sync_key_file: self.sync_key_file,
         }
     }
 }
@@ -514,6 +536,14 @@ pub fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError> {
     }
 }
 
+pub fn peers(socket: &Path, json: bool) -> Result<(), CliError> {
+    match client::call(socket, &Request::Peers)? {
+        Response::Peers { peers } if json => print_json(&peers),
+        Response::Peers { peers } => print(&crate::sync::render_table(&peers)),
+        other => Err(unexpected(other)),
+    }
+}
+
 pub fn stats(socket: &Path, json: bool) -> Result<(), CliError> {
     match client::call(socket, &Request::Stats)? {
         Response::Stats { stats } if json => print_json(&stats),
@@ -724,6 +754,13 @@ pub fn stats_text(stats: &StatsReport) -> String {
         .map(|(name, n)| vec![name.clone(), n.to_string()])
         .collect();
     out.push_str(&table("", &["REASON", "PACKETS"], &rows));
+    let rows: Vec<Vec<String>> = stats
+        .events
+        .iter()
+        .map(|(name, n)| vec![name.clone(), n.to_string()])
+        .collect();
+    out.push('\n');
+    out.push_str(&table("", &["EVENT", "COUNT"], &rows));
     out.push_str(&format!("\nflow table capacity: {}\n", stats.flow_capacity));
     out
 }
@@ -1032,6 +1069,7 @@ mod tests {
         let stats = StatsReport {
             vips: vec![report()],
             reasons: [("fwd_tx".to_string(), 30)].into_iter().collect(),
+            events: [("midflow_miss".to_string(), 2)].into_iter().collect(),
             flow_capacity: 262144,
         };
         let text = stats_text(&stats);

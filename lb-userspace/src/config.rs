@@ -96,6 +96,12 @@ pub struct AgentSection {
     pub xdp_mode: Option<String>,
     pub lb_addr: Option<Ipv4Addr>,
     pub flow_capacity: Option<u32>,
+    /// Peer sync: where to accept peers' flows (`--sync-listen`).
+    pub sync_listen: Option<std::net::SocketAddr>,
+    /// Peer sync: where to send ours (`--peer`, repeatable).
+    pub peers: Option<Vec<std::net::SocketAddr>>,
+    /// Peer sync: the shared key (`--sync-key-file`).
+    pub sync_key_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

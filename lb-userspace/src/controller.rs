@@ -20,12 +20,20 @@ use crate::{
         BackendReport, LastCheck, Request, Response, StatsReport, VipReport, VipSummary, vip_string,
     },
     check::{CheckKind, CheckPatch},
-    dataplane::{BackendStats, Dataplane, DataplaneError, DataplaneStats},
+    dataplane::{BackendStats, Dataplane, DataplaneError, DataplaneStats, InstallReport},
     health::{BackendState, CheckReport, HealthBook, ProbeTarget, unix_ms},
     model::{Forward, ServiceKey, VipConfig, VipSpec},
     state::{self, DesiredState, StateError},
+    sync::SyncRequest,
 };
-use std::{collections::BTreeSet, fmt, net::Ipv4Addr, path::PathBuf, time::SystemTime};
+use lb_common::FlowEvent;
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
 /// What the controller needs from a data path.
 pub trait DataplaneOps {
@@ -38,6 +46,10 @@ pub trait DataplaneOps {
     /// Remove a VIP; on error nothing has changed.
     fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), Self::Error>;
     fn stats(&self) -> Result<DataplaneStats, Self::Error>;
+    /// Install flows learned from a peer (pinned by backend address).
+    fn install_flows(&mut self, flows: Vec<FlowEvent>) -> Result<InstallReport, Self::Error>;
+    /// Flows seen within `max_age`, for a peer's snapshot.
+    fn snapshot_flows(&self, max_age: Duration) -> Result<Vec<FlowEvent>, Self::Error>;
 }
 
 impl DataplaneOps for Dataplane {
@@ -57,6 +69,12 @@ impl DataplaneOps for Dataplane {
     }
     fn stats(&self) -> Result<DataplaneStats, DataplaneError> {
         Dataplane::stats(self)
+    }
+    fn install_flows(&mut self, flows: Vec<FlowEvent>) -> Result<InstallReport, DataplaneError> {
+        Dataplane::install_flows(self, flows)
+    }
+    fn snapshot_flows(&self, max_age: Duration) -> Result<Vec<FlowEvent>, DataplaneError> {
+        Dataplane::snapshot_flows(self, max_age)
     }
 }
 
@@ -225,6 +243,11 @@ impl<D: DataplaneOps> Controller<D> {
                 .backend_list(&vip)
                 .map(|vip| Response::BackendList { vip }),
             Request::Stats => self.stats().map(|stats| Response::Stats { stats }),
+            // The serve loop answers this when peer sync runs; reaching here means it does not.
+            Request::Peers => Ok(Response::Error {
+                message: "peer sync is not configured on this agent (start it with --sync-listen)"
+                    .to_string(),
+            }),
         };
         result.unwrap_or_else(|e| Response::Error {
             message: e.to_string(),
@@ -398,8 +421,22 @@ impl<D: DataplaneOps> Controller<D> {
                 .map(|s| report(s, &stats, &self.health, SystemTime::now()))
                 .collect(),
             reasons: stats.reasons.clone(),
+            events: stats.events.clone(),
             flow_capacity: stats.flow_capacity,
         })
+    }
+
+    /// Serve a request of the peer-sync tasks: install a peer's flows, or snapshot ours. Errors go
+    /// back to the sync task, which logs them and closes that peer's connection.
+    pub fn sync_request(&mut self, req: SyncRequest) {
+        match req {
+            SyncRequest::Install { flows, reply } => {
+                let _ = reply.send(self.dp.install_flows(flows).map_err(|e| e.to_string()));
+            }
+            SyncRequest::Snapshot { max_age, reply } => {
+                let _ = reply.send(self.dp.snapshot_flows(max_age).map_err(|e| e.to_string()));
+            }
+        }
     }
 
     fn dp_stats(&self) -> Result<DataplaneStats, ControllerError> {
@@ -573,6 +610,8 @@ pub(crate) mod fake {
         pub apply_calls: usize,
         /// The `down` set of every successful `apply_vip`, in order.
         pub down_log: Vec<(ServiceKey, BTreeSet<Ipv4Addr>)>,
+        /// Flows installed from peers, in order.
+        pub flows: Vec<FlowEvent>,
     }
 
     impl FakeDataplane {
@@ -653,8 +692,20 @@ pub(crate) mod fake {
                     })
                     .collect(),
                 reasons: [("fwd_tx".to_string(), 42)].into_iter().collect(),
+                events: [("midflow_miss".to_string(), 1)].into_iter().collect(),
                 flow_capacity: 1024,
             })
+        }
+        fn install_flows(&mut self, flows: Vec<FlowEvent>) -> Result<InstallReport, FakeError> {
+            let installed = flows.len() as u64;
+            self.flows.extend(flows);
+            Ok(InstallReport {
+                installed,
+                unknown_backend: 0,
+            })
+        }
+        fn snapshot_flows(&self, _max_age: Duration) -> Result<Vec<FlowEvent>, FakeError> {
+            Ok(self.flows.clone())
         }
     }
 }

@@ -156,6 +156,9 @@ pub struct DataplaneStats {
     pub vips: Vec<VipStats>,
     /// Packets per outcome, by `lb_common::reason::NAMES`, every reason present (zeros included).
     pub reasons: BTreeMap<String, u64>,
+    /// Data-path events by `lb_common::event::NAMES` (mid-flow misses, re-steers, lost sync
+    /// events), every event present.
+    pub events: BTreeMap<String, u64>,
     pub flow_capacity: u32,
 }
 
@@ -806,6 +809,7 @@ impl Dataplane {
         Ok(DataplaneStats {
             vips,
             reasons,
+            events: self.event_stats()?,
             flow_capacity: self.flow_capacity,
         })
     }

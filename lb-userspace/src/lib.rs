@@ -15,4 +15,5 @@ pub mod model;
 pub mod parse;
 pub mod ring;
 pub mod state;
+pub mod sync;
 pub mod xdp_persist;

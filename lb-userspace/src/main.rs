@@ -55,6 +55,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vip(cmd) => cli::vip(&socket, cmd)?,
         Command::Backend(cmd) => cli::backend(&socket, cmd)?,
         Command::Stats { json } => cli::stats(&socket, json)?,
+        Command::Peers { json } => cli::peers(&socket, json)?,
         Command::BackendHost(cmd) => cli::backend_host(cmd).await?,
         Command::XdpPass(cmd) => cli::xdp_pass(cmd)?,
     }

@@ -1,0 +1,376 @@
+//! Active-active flow sync (issue 4): every flow this node's XDP program assigns is streamed to
+//! the peers, which install it, so a connection that moves between load balancers keeps its
+//! backend.
+//!
+//! Parts: [`wire`] (frame format), [`auth`] (key, HMAC tags, challenge and sequence replay
+//! protection), [`peer`] (the TCP tasks), [`status`] (counters, `xlb peers` report and table).
+//!
+//! # Tasks
+//!
+//! - one **reader** owns the [`EventSource`] (in the agent: [`RingBufSource`] over the kernel's
+//!   `FLOW_EVENTS` ring buffer), batches events (a batch is flushed at
+//!   [`wire::MAX_FLOWS_PER_FRAME`] flows or [`SyncConfig::flush_after`] after its first flow) and
+//!   broadcasts each batch to every peer sender;
+//! - one **sender** per `--peer`: connects (reconnecting with 100 ms → 1 s backoff), then sends a
+//!   full snapshot (asked from the agent with [`SyncRequest::Snapshot`]) and streams batches, plus
+//!   a heartbeat every [`SyncConfig::heartbeat`]. A sender that falls more than
+//!   [`SyncConfig::stream_buffer`] batches behind re-sends a snapshot instead of losing flows
+//!   (counted as `resyncs`);
+//! - the **listener** on `--sync-listen` and one **receiver** per accepted connection: sends the
+//!   challenge, authenticates every frame and installs flows through [`SyncRequest::Install`].
+//!   A frame that fails authentication, the sequence check or decoding is counted (`rejected`),
+//!   logged with the peer's address and reason, and its connection is closed.
+//!
+//! # Wiring into the agent
+//!
+//! ```ignore
+//! let key = SyncKey::load(&key_file)?;                       // --sync-key-file
+//! let config = SyncConfig::new(listen, peers, key)?;          // --sync-listen, --peer ...
+//! let events = RingBufSource::new(dp.take_flow_events()?)?;   // before the Dataplane moves into the loop
+//! let (sync_tx, mut sync_rx) = mpsc::channel::<SyncRequest>(SYNC_REQUEST_QUEUE);
+//! let (sync_stop_tx, sync_stop_rx) = watch::channel(false);
+//! let sync = sync::spawn(config, events, sync_tx, sync_stop_rx).await?;
+//! let peers = sync.status();                                  // Clone; .report() for `xlb peers`
+//!
+//! // in the serve loop's select!, next to the CLI jobs:
+//! Some(req) = sync_rx.recv() => match req {
+//!     SyncRequest::Install { flows, reply } => {
+//!         let _ = reply.send(dp.install_flows(flows).map_err(|e| e.to_string()));
+//!     }
+//!     SyncRequest::Snapshot { max_age, reply } => {
+//!         let _ = reply.send(dp.snapshot_flows(max_age).map_err(|e| e.to_string()));
+//!     }
+//! },
+//!
+//! // on shutdown, before the data path is dropped:
+//! let _ = sync_stop_tx.send(true);
+//! drop(sync_rx);          // or keep serving it; either way no sync task waits forever
+//! sync.join().await;      // every sync task has ended; sockets are closed
+//! ```
+//!
+//! The `watch::Sender` must live as long as the sync should run: dropping it stops the sync like
+//! sending `true`. The reply senders may be dropped (the sync task then closes that connection).
+//! Both requests are cheap for the loop: an install is at most [`wire::MAX_FLOWS_PER_FRAME`] map
+//! updates; a snapshot walks the flow table once per peer (re)connect or resync.
+
+pub mod auth;
+pub mod peer;
+pub mod status;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub use auth::{AuthError, SyncKey};
+pub use status::{LagReport, PeerReport, PeersReport, SyncTotals, render_table};
+
+use crate::dataplane::InstallReport;
+use aya::maps::{MapData, RingBuf};
+use lb_common::{FlowEvent, FlowKey};
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    net::TcpListener,
+    sync::{broadcast, mpsc, oneshot, watch},
+    task::JoinSet,
+};
+
+/// Default heartbeat interval; a receiver closes a connection silent for 5 heartbeats.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Default longest time a new flow waits in the reader's batch before it is sent.
+pub const DEFAULT_FLUSH_AFTER: Duration = Duration::from_millis(2);
+/// Default age limit of flows in a snapshot: flows idle longer than this are not sent to a
+/// (re)joining peer.
+pub const DEFAULT_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(600);
+/// Default number of batches a peer sender may fall behind before it resyncs.
+pub const DEFAULT_STREAM_BUFFER: usize = 1024;
+/// A reasonable capacity for the agent's `SyncRequest` channel: receivers wait for each reply, so
+/// it never holds more than one request per connection and sender.
+pub const SYNC_REQUEST_QUEUE: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("cannot listen for sync peers on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("cannot poll the flow event ring buffer: {0}")]
+    EventSource(io::Error),
+    #[error("--peer {0} is this node's own --sync-listen address")]
+    SelfPeer(SocketAddr),
+}
+
+/// What the sync needs from the agent's configuration.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// `--sync-listen ADDR:PORT`: where peers connect to send us their flows.
+    pub listen: SocketAddr,
+    /// `--peer ADDR:PORT` (repeatable): peers' `--sync-listen` addresses we send our flows to.
+    pub peers: Vec<SocketAddr>,
+    /// `--sync-key-file`.
+    pub key: SyncKey,
+    /// Random per start; names this node in peers' logs and detects a node peered with itself.
+    pub node_id: u64,
+    pub heartbeat: Duration,
+    pub flush_after: Duration,
+    /// Passed to the agent in [`SyncRequest::Snapshot`].
+    pub snapshot_max_age: Duration,
+    pub stream_buffer: usize,
+}
+
+impl SyncConfig {
+    /// A configuration with the defaults above and a fresh random node id.
+    pub fn new(
+        listen: SocketAddr,
+        peers: Vec<SocketAddr>,
+        key: SyncKey,
+    ) -> Result<Self, SyncError> {
+        if let Some(p) = peers.iter().find(|p| **p == listen) {
+            return Err(SyncError::SelfPeer(*p));
+        }
+        Ok(SyncConfig {
+            listen,
+            peers,
+            key,
+            node_id: auth::random_node_id()?,
+            heartbeat: DEFAULT_HEARTBEAT,
+            flush_after: DEFAULT_FLUSH_AFTER,
+            snapshot_max_age: DEFAULT_SNAPSHOT_MAX_AGE,
+            stream_buffer: DEFAULT_STREAM_BUFFER,
+        })
+    }
+}
+
+/// What the sync asks of the agent loop (the only owner of the data path). See the module docs.
+#[derive(Debug)]
+pub enum SyncRequest {
+    /// Install flows received from a peer: `Dataplane::install_flows`.
+    Install {
+        flows: Vec<FlowEvent>,
+        reply: oneshot::Sender<Result<InstallReport, String>>,
+    },
+    /// The live flow table for a (re)connecting peer: `Dataplane::snapshot_flows(max_age)`.
+    Snapshot {
+        max_age: Duration,
+        reply: oneshot::Sender<Result<Vec<FlowEvent>, String>>,
+    },
+}
+
+/// Where new local flows come from: the kernel's ring buffer in the agent, a channel in tests.
+pub trait EventSource: Send + 'static {
+    /// Wait until at least one event is available, then move between 1 and `max` events into
+    /// `out` and return `Ok(true)`; `Ok(false)` means the source has ended for good. Must be
+    /// cancel-safe: if the future is dropped before it completes, no event is lost.
+    fn next_events(
+        &mut self,
+        out: &mut Vec<FlowEvent>,
+        max: usize,
+    ) -> impl Future<Output = io::Result<bool>> + Send;
+}
+
+/// The kernel's `FLOW_EVENTS` ring buffer (`Dataplane::take_flow_events`), polled through epoll.
+pub struct RingBufSource {
+    ring: AsyncFd<RingBuf<MapData>>,
+    malformed: u64,
+}
+
+impl RingBufSource {
+    /// Must be called inside the tokio runtime.
+    pub fn new(ring: RingBuf<MapData>) -> Result<Self, SyncError> {
+        // SAFETY: the ring buffer owns its map's file descriptor (an `OwnedFd` inside `MapData`)
+        // for as long as it lives, and `as_raw_fd` always returns that one descriptor; the
+        // `AsyncFd` owns the ring buffer, so the descriptor outlives the registration.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|e| SyncError::EventSource(e.into_parts().1))?;
+        Ok(RingBufSource { ring, malformed: 0 })
+    }
+}
+
+/// A `FlowEvent` from its in-memory bytes (the kernel wrote the struct; fields stay as they are,
+/// the addresses and ports in network order).
+fn parse_event(b: &[u8]) -> Option<FlowEvent> {
+    if b.len() < size_of::<FlowEvent>() {
+        return None;
+    }
+    let u32_at = |at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let u16_at = |at: usize| u16::from_ne_bytes([b[at], b[at + 1]]);
+    Some(FlowEvent {
+        flow: FlowKey {
+            src_addr: u32_at(0),
+            dst_addr: u32_at(4),
+            src_port: u16_at(8),
+            dst_port: u16_at(10),
+            proto: b[12],
+            _pad: [0; 3],
+        },
+        backend_addr: u32_at(16),
+        _pad: 0,
+    })
+}
+
+impl EventSource for RingBufSource {
+    async fn next_events(&mut self, out: &mut Vec<FlowEvent>, max: usize) -> io::Result<bool> {
+        loop {
+            let mut guard = self.ring.readable_mut().await?;
+            let ring = guard.get_inner_mut();
+            let mut taken = 0;
+            let mut drained = false;
+            while taken < max {
+                let Some(item) = ring.next() else {
+                    drained = true;
+                    break;
+                };
+                match parse_event(&item) {
+                    Some(ev) => {
+                        out.push(ev);
+                        taken += 1;
+                    }
+                    None => {
+                        self.malformed += 1;
+                        // Only possible with a mismatched eBPF object; say so once per 1000.
+                        if self.malformed % 1000 == 1 {
+                            log::error!(
+                                "sync: {} flow events of {} bytes (expected {}) skipped",
+                                self.malformed,
+                                item.len(),
+                                size_of::<FlowEvent>()
+                            );
+                        }
+                    }
+                }
+            }
+            // Only an empty ring may clear readiness (tokio keeps readiness that arrived since).
+            if drained {
+                guard.clear_ready();
+            }
+            if taken > 0 {
+                return Ok(true);
+            }
+        }
+    }
+}
+
+/// Events from a channel: for tests, and for embedding the sync without a kernel.
+pub struct ChannelSource(pub mpsc::Receiver<FlowEvent>);
+
+impl EventSource for ChannelSource {
+    async fn next_events(&mut self, out: &mut Vec<FlowEvent>, max: usize) -> io::Result<bool> {
+        Ok(self.0.recv_many(out, max).await > 0)
+    }
+}
+
+/// A cheap, cloneable view of the sync's counters.
+#[derive(Clone)]
+pub struct SyncStatus(Arc<status::Status>);
+
+impl SyncStatus {
+    pub fn report(&self) -> PeersReport {
+        self.0.report()
+    }
+}
+
+/// The running sync. Dropping it does not stop the tasks; signal the shutdown and `join`.
+pub struct SyncHandle {
+    status: SyncStatus,
+    local_addr: SocketAddr,
+    tasks: JoinSet<()>,
+}
+
+impl SyncHandle {
+    pub fn report(&self) -> PeersReport {
+        self.status.report()
+    }
+
+    /// For the agent's CLI connection tasks.
+    pub fn status(&self) -> SyncStatus {
+        self.status.clone()
+    }
+
+    /// The bound listen address (the real port when `--sync-listen` used port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Wait for every sync task to end; call after signalling the shutdown.
+    pub async fn join(mut self) {
+        while let Some(done) = self.tasks.join_next().await {
+            if let Err(e) = done
+                && e.is_panic()
+            {
+                log::error!("sync: a task panicked: {e}");
+            }
+        }
+    }
+}
+
+/// Bind the listener and start every sync task. Errors only for what the operator must fix
+/// (address in use, no randomness); unreachable peers are retried for as long as the sync runs.
+pub async fn spawn<S: EventSource>(
+    config: SyncConfig,
+    events: S,
+    requests: mpsc::Sender<SyncRequest>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<SyncHandle, SyncError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| SyncError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| SyncError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let status = Arc::new(status::Status::new(
+        config.node_id,
+        local_addr,
+        config.peers.clone(),
+    ));
+    let ctx = Arc::new(peer::Ctx {
+        key: config.key,
+        node_id: config.node_id,
+        listen_port: local_addr.port(),
+        heartbeat: config.heartbeat,
+        snapshot_max_age: config.snapshot_max_age,
+        status: status.clone(),
+        requests,
+    });
+    let (batches, _) = broadcast::channel(config.stream_buffer.max(1));
+    let mut tasks = JoinSet::new();
+    tasks.spawn(peer::read_events(
+        events,
+        batches.clone(),
+        config.flush_after,
+        status.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(peer::listen(listener, ctx.clone(), shutdown.clone()));
+    for (index, addr) in config.peers.iter().enumerate() {
+        tasks.spawn(peer::outbound(
+            index,
+            *addr,
+            ctx.clone(),
+            batches.clone(),
+            shutdown.clone(),
+        ));
+    }
+    log::info!(
+        "sync: node {:016x} listening on {local_addr}, peers: {}",
+        config.node_id,
+        if config.peers.is_empty() {
+            "none".to_string()
+        } else {
+            config
+                .peers
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    Ok(SyncHandle {
+        status: SyncStatus(status),
+        local_addr,
+        tasks,
+    })
+}
