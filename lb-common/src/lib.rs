@@ -23,6 +23,7 @@ pub mod maps {
     pub const DECAP_STATS: &str = "DECAP_STATS";
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     pub const EVENT_STATS: &str = "EVENT_STATS";
+    pub const DEBUG_VIPS: &str = "DEBUG_VIPS";
 }
 
 /// Program names (the Rust function names of the `#[xdp]` entry points).

@@ -2,7 +2,7 @@
 //! Forwarding itself is in `forward.rs`.
 
 use crate::{
-    Verdict, forward,
+    Verdict, debug, forward,
     maps::{BACKENDS, FLOW_EVENTS, FLOWS, RINGS, RR_COUNTERS, VIP_ADDRS, VIPS},
     parse::{ETH_HLEN, ETH_P_IP, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at},
     stats,
@@ -116,6 +116,7 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
 fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    let mut how = debug::STEER_EXISTING;
     let (backend_id, backend_addr) = match existing_flow(pkt, now) {
         Lookup::Hit(id, addr) => (id, addr),
         miss => {
@@ -124,6 +125,7 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
                 _ if pkt.midflow => stats::count_event(event::MIDFLOW_MISS),
                 _ => {}
             }
+            how = debug::STEER_NEW;
             match new_flow(pkt, now) {
                 Ok(backend) => backend,
                 Err(verdict) => return verdict,
@@ -133,6 +135,9 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     let verdict = forward::forward(ctx, pkt, backend_addr);
     if forward::is_forwarded(&verdict) {
         stats::count_forwarded(pkt.vip.id, backend_id, pkt.frame_len);
+    }
+    if debug::enabled(pkt.vip.id) {
+        debug::log_steer(ctx, pkt, backend_addr, how, &verdict);
     }
     verdict
 }

@@ -9,6 +9,7 @@
 
 mod balancer;
 mod csum;
+mod debug;
 mod decap;
 mod forward;
 mod icmp;

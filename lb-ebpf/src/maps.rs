@@ -60,3 +60,8 @@ pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
 
 #[map(name = "EVENT_STATS")]
 pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(event::COUNT, 0);
+
+/// VIP id → 1 when the agent switched on debug events for that VIP (`xlb vip debug`). Read per
+/// packet of a VIP: one array lookup, and the log call only runs when it is on.
+#[map(name = "DEBUG_VIPS")]
+pub static DEBUG_VIPS: Array<u32> = Array::with_max_entries(MAX_VIPS, 0);

@@ -196,6 +196,9 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     reason_stats: PerCpuArray<MapData, u64>,
     event_stats: PerCpuArray<MapData, u64>,
+    debug_vips: Array<MapData, u32>,
+    /// Forwards the XDP program's debug events (aya-log) to this process's log.
+    log_pump: Option<tokio::task::JoinHandle<()>>,
     installed: BTreeMap<ServiceKey, InstalledVip>,
     free_vip_ids: BTreeSet<u32>,
     free_backend_ids: BTreeSet<u32>,
@@ -271,6 +274,55 @@ fn ensure_forwarding(iface: &str) -> Result<(), DataplaneError> {
     Ok(())
 }
 
+/// Forward the program's aya-log records to this process's `log` whenever the ring buffer has
+/// some. Only when loaded inside a tokio runtime (the agent); `None` otherwise, or if the logger
+/// cannot be set up — then debug events are unavailable, which is logged, not fatal.
+fn spawn_log_pump(ebpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => logger,
+        Err(e) => {
+            log::warn!("data-path debug events unavailable: {e}");
+            return None;
+        }
+    };
+    let _entered = runtime.enter();
+    // SAFETY: the logger owns its ring buffer's file descriptor for as long as it lives and
+    // `as_raw_fd` always returns that one descriptor; the `AsyncFd` owns the logger, so the
+    // descriptor outlives the registration.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::warn!("data-path debug events unavailable: {}", e.into_parts().1);
+            return None;
+        }
+    };
+    Some(runtime.spawn(async move {
+        loop {
+            let mut ready = match fd.readable_mut().await {
+                Ok(ready) => ready,
+                Err(e) => {
+                    log::warn!("data-path debug events stopped: {e}");
+                    return;
+                }
+            };
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    }))
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        if let Some(pump) = self.log_pump.take() {
+            pump.abort();
+        }
+    }
+}
+
 /// `bpf_ktime_get_ns()`'s clock (CLOCK_MONOTONIC), in nanoseconds.
 fn monotonic_ns() -> u64 {
     let mut now = libc::timespec {
@@ -309,6 +361,7 @@ impl Dataplane {
         };
         ensure_forwarding(&opts.iface)?;
         let mut dp = Self::load_unattached(opts.flow_capacity, Some(lb_addr))?;
+        dp.log_pump = spawn_log_pump(&mut dp.ebpf);
         let prog = dp.balancer_mut()?;
         let attempts: &[(XdpMode, AttachedMode)] = match opts.mode {
             XdpModeChoice::Driver => &[(XdpMode::Driver, AttachedMode::Driver)],
@@ -380,6 +433,8 @@ impl Dataplane {
             backend_stats: take_map(&mut ebpf, maps::BACKEND_STATS)?,
             reason_stats: take_map(&mut ebpf, maps::REASON_STATS)?,
             event_stats: take_map(&mut ebpf, maps::EVENT_STATS)?,
+            debug_vips: take_map(&mut ebpf, maps::DEBUG_VIPS)?,
+            log_pump: None,
             ebpf,
             mode: None,
             lb_addr,
@@ -656,6 +711,10 @@ impl Dataplane {
         for (_, bid) in backends {
             self.release_backend(bid)?;
         }
+        // VIP ids are reused: the next VIP on this id starts with debug events off.
+        self.debug_vips
+            .set(id, 0, 0)
+            .map_err(map_err(maps::DEBUG_VIPS))?;
         self.installed.remove(key);
         self.free_vip_ids.insert(id);
         Ok(())
@@ -746,6 +805,26 @@ impl Dataplane {
             }
         }
         Ok(flows)
+    }
+
+    /// Switch the data path's debug events for one VIP on or off, at run time (not persisted).
+    pub fn set_vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), DataplaneError> {
+        let vip = self
+            .installed
+            .get(key)
+            .ok_or(DataplaneError::UnknownVip(*key))?;
+        self.debug_vips
+            .set(vip.id, u32::from(on), 0)
+            .map_err(map_err(maps::DEBUG_VIPS))
+    }
+
+    /// A logger for the XDP program's debug events, sending them to `logger` on each `flush()`
+    /// (tests read them this way; the agent gets a pump into its own log from `load`).
+    pub fn event_logger<T: log::Log>(
+        &mut self,
+        logger: T,
+    ) -> Result<aya_log::EbpfLogger<T>, aya_log::Error> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
     }
 
     /// Per-event counters (`lb_common::event::NAMES`), summed over CPUs.

@@ -927,3 +927,61 @@ fn flows_are_reported_and_peer_flows_are_honoured() {
         );
     });
 }
+
+/// Collects log records (the data path's debug events arrive through aya-log).
+#[derive(Clone, Default)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        self.0.lock().unwrap().push(record.args().to_string());
+    }
+    fn flush(&self) {}
+}
+
+/// Issue 5: debug events are off by default, can be switched on for one VIP at run time (no
+/// reload), say what happened to each packet, and stop when switched off.
+#[test]
+fn debug_events_follow_the_per_vip_switch() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let capture = Capture::default();
+        let mut logger = dp.event_logger(capture.clone()).expect("aya-log");
+        let tcp80 = ServiceKey {
+            addr: VIP,
+            port: 80,
+            proto: Proto::Tcp,
+        };
+        let mut send = |dp: &Dataplane, sport: u16, dport: u16| {
+            run(
+                dp.balancer().unwrap(),
+                ifindex,
+                &inbound(&client_syn(sport, dport)),
+            );
+            logger.flush();
+            std::mem::take(&mut *capture.0.lock().unwrap())
+        };
+        assert!(send(&dp, 56000, 80).is_empty(), "off by default");
+        dp.set_vip_debug(&tcp80, true).unwrap();
+        let lines = send(&dp, 56001, 80);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains("10.111.0.2:56001 -> 10.111.100.1:80")
+                && lines[0].contains("backend 10.111.1.12")
+                && lines[0].contains("new 1"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            send(&dp, 56002, 8080).is_empty(),
+            "only the switched-on VIP"
+        );
+        dp.set_vip_debug(&tcp80, false).unwrap();
+        assert!(send(&dp, 56003, 80).is_empty(), "switched off again");
+        let unknown = ServiceKey { port: 81, ..tcp80 };
+        assert!(dp.set_vip_debug(&unknown, true).is_err());
+    });
+}
