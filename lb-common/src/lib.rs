@@ -170,8 +170,13 @@ pub struct TrafficCounters {
 pub struct LbConfig {
     /// Outer source address of IPIP packets, network order. 0 = not configured (IPIP VIPs drop).
     pub lb_addr: u32,
-    pub _pad: u32,
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
 }
+
+/// Report new flows on `FLOW_EVENTS`: set when the agent reads them (peer sync on). Without a
+/// reader the ring buffer would fill once and every later flow would count as `flow_event_lost`.
+pub const CONFIG_F_FLOW_EVENTS: u32 = 1;
 
 /// What happened to a packet: one per-CPU packet counter each in `REASON_STATS`. Every packet the
 /// balancer sees lands in exactly one of these.

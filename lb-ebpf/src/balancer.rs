@@ -3,15 +3,15 @@
 
 use crate::{
     Verdict, debug, forward,
-    maps::{BACKENDS, FLOW_EVENTS, FLOWS, RINGS, RR_COUNTERS, VIP_ADDRS, VIPS},
+    maps::{BACKENDS, CONFIG, FLOW_EVENTS, FLOWS, RINGS, RR_COUNTERS, VIP_ADDRS, VIPS},
     parse::{ETH_HLEN, ETH_P_IP, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at},
     stats,
 };
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
 use core::arch::asm;
 use lb_common::{
-    BACKEND_F_ACTIVE, FlowEvent, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey,
-    VipMeta, event, reason, ring_index,
+    BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, FlowEvent, FlowKey, FlowValue, IPPROTO_TCP,
+    IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta, event, reason, ring_index,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -233,13 +233,18 @@ fn new_flow(pkt: &Packet, now: u64) -> Result<(u32, u32), Verdict> {
     // goes to this backend and the next one of the flow takes another slot.
     let _ = FLOWS.insert(pkt.flow, value, 0);
     stats::count_new_flow(vip.id, id);
-    let event = FlowEvent {
-        flow: pkt.flow,
-        backend_addr: backend.addr,
-        _pad: 0,
-    };
-    if FLOW_EVENTS.output(event, 0).is_err() {
-        stats::count_event(event::FLOW_EVENT_LOST);
+    if CONFIG
+        .get(0)
+        .is_some_and(|cfg| cfg.flags & CONFIG_F_FLOW_EVENTS != 0)
+    {
+        let event = FlowEvent {
+            flow: pkt.flow,
+            backend_addr: backend.addr,
+            _pad: 0,
+        };
+        if FLOW_EVENTS.output(event, 0).is_err() {
+            stats::count_event(event::FLOW_EVENT_LOST);
+        }
     }
     Ok((id, backend.addr))
 }

@@ -13,8 +13,9 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    BACKEND_F_ACTIVE, Backend, FlowEvent, FlowKey, FlowValue, LbConfig, MAX_BACKENDS, MAX_VIPS,
-    TrafficCounters, VipKey, VipMeta, event, maps, programs, reason, ring_index,
+    BACKEND_F_ACTIVE, Backend, CONFIG_F_FLOW_EVENTS, FlowEvent, FlowKey, FlowValue, LbConfig,
+    MAX_BACKENDS, MAX_VIPS, TrafficCounters, VipKey, VipMeta, event, maps, programs, reason,
+    ring_index,
 };
 use serde::{Deserialize, Serialize};
 use std::{
@@ -197,6 +198,8 @@ pub struct Dataplane {
     reason_stats: PerCpuArray<MapData, u64>,
     event_stats: PerCpuArray<MapData, u64>,
     debug_vips: Array<MapData, u32>,
+    config: Array<MapData, LbConfig>,
+    lb_config: LbConfig,
     /// Forwards the XDP program's debug events (aya-log) to this process's log.
     log_pump: Option<tokio::task::JoinHandle<()>>,
     installed: BTreeMap<ServiceKey, InstalledVip>,
@@ -409,16 +412,11 @@ impl Dataplane {
             .map_max_entries(maps::FLOWS, flow_capacity)
             .load(EBPF_OBJECT)?;
         let mut config: Array<MapData, LbConfig> = take_map(&mut ebpf, maps::CONFIG)?;
-        config
-            .set(
-                0,
-                LbConfig {
-                    lb_addr: lb_addr.map(ipv4_be).unwrap_or(0),
-                    _pad: 0,
-                },
-                0,
-            )
-            .map_err(map_err(maps::CONFIG))?;
+        let lb_config = LbConfig {
+            lb_addr: lb_addr.map(ipv4_be).unwrap_or(0),
+            flags: 0,
+        };
+        config.set(0, lb_config, 0).map_err(map_err(maps::CONFIG))?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, source)| DataplaneError::Io {
             what: what.to_string(),
             source,
@@ -434,6 +432,8 @@ impl Dataplane {
             reason_stats: take_map(&mut ebpf, maps::REASON_STATS)?,
             event_stats: take_map(&mut ebpf, maps::EVENT_STATS)?,
             debug_vips: take_map(&mut ebpf, maps::DEBUG_VIPS)?,
+            config,
+            lb_config,
             log_pump: None,
             ebpf,
             mode: None,
@@ -625,38 +625,68 @@ impl Dataplane {
             ring_half: half,
             forward: spec.forward.code(),
         };
-        // The switch: one element update, atomic for the data path.
-        self.vips_map
-            .insert(key, meta, 0)
-            .map_err(map_err(maps::VIPS))?;
-        if is_new {
+        // A new VIP's address goes in before the switch, so that the switch is the last step that
+        // can fail while nothing is visible yet (until it, the address's packets are dropped as
+        // an unknown port rather than passed, for a moment).
+        let previous_users = if is_new {
             let users = self.vip_addrs.get(&key.addr, 0).unwrap_or(0);
             self.vip_addrs
                 .insert(key.addr, users + 1, 0)
                 .map_err(map_err(maps::VIP_ADDRS))?;
+            Some(users)
+        } else {
+            None
+        };
+        // The switch: one element update, atomic for the data path.
+        if let Err(e) = self.vips_map.insert(key, meta, 0) {
+            if let Some(users) = previous_users {
+                self.set_vip_addr_users(key.addr, users);
+            }
+            return Err(map_err(maps::VIPS)(e));
+        }
+        // The data path now uses the new ring half and slots: record that before anything else
+        // can fail, so the bookkeeping always matches the kernel (a retry then writes the other
+        // half, never the live one).
+        if is_new {
             self.free_vip_ids.remove(&vip_id);
         }
         for (_, id) in &fresh {
             self.free_backend_ids.remove(id);
         }
-        for (addr, id) in slots.iter().filter(|(addr, _)| down.contains(addr)) {
-            self.set_backend(*id, *addr, vip_id, 0)?;
-        }
-        // Backends that left: clear their slots so flows pinned to them are re-steered.
-        for (addr, id) in &old_backends {
-            if !slots.iter().any(|(a, _)| a == addr) {
-                self.release_backend(*id)?;
-            }
-        }
+        let departed: Vec<u32> = old_backends
+            .iter()
+            .filter(|(addr, _)| !slots.iter().any(|(a, _)| a == addr))
+            .map(|(_, id)| *id)
+            .collect();
         self.installed.insert(
             spec.key,
             InstalledVip {
                 id: vip_id,
                 half,
-                backends: slots,
+                backends: slots.clone(),
             },
         );
+        for (addr, id) in slots.iter().filter(|(addr, _)| down.contains(addr)) {
+            self.set_backend(*id, *addr, vip_id, 0)?;
+        }
+        // Backends that left: clear their slots so flows pinned to them are re-steered.
+        for id in departed {
+            self.release_backend(id)?;
+        }
         Ok(())
+    }
+
+    /// Put a VIP address's user count back after a failed switch (best effort: the failure being
+    /// reported is the switch's).
+    fn set_vip_addr_users(&mut self, addr: u32, users: u32) {
+        let result = if users == 0 {
+            self.vip_addrs.remove(&addr)
+        } else {
+            self.vip_addrs.insert(addr, users, 0)
+        };
+        if let Err(e) = result {
+            log::warn!("restoring the VIP address set after a failed update: {e}");
+        }
     }
 
     fn set_backend(
@@ -734,9 +764,17 @@ impl Dataplane {
     }
 
     /// The ring buffer of `FlowEvent`s (new and re-steered flows, for peer sync). It can be taken
-    /// once; later calls fail with `MissingMap`.
+    /// once; later calls fail with `MissingMap`. Until it is taken the program reports nothing.
     pub fn take_flow_events(&mut self) -> Result<RingBuf<MapData>, DataplaneError> {
-        take_map(&mut self.ebpf, maps::FLOW_EVENTS)
+        let ring = take_map(&mut self.ebpf, maps::FLOW_EVENTS)?;
+        // Someone reads the events now: start reporting them.
+        let cfg = LbConfig {
+            flags: self.lb_config.flags | CONFIG_F_FLOW_EVENTS,
+            ..self.lb_config
+        };
+        self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))?;
+        self.lb_config = cfg;
+        Ok(ring)
     }
 
     /// Install flows learned from a peer, each pinned to its backend by address. A flow whose VIP

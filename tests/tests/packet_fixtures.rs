@@ -985,3 +985,27 @@ fn debug_events_follow_the_per_vip_switch() {
         assert!(dp.set_vip_debug(&unknown, true).is_err());
     });
 }
+
+/// Without peer sync nobody reads `FLOW_EVENTS`: the program must not report into it, or the ring
+/// (room for 8192 events) would fill once and every later new flow would count as lost.
+#[test]
+fn flow_events_are_only_produced_for_a_reader() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let new_flows = |dp: &Dataplane, first_port: u16| {
+            let prog = dp.balancer().unwrap();
+            for sport in first_port..first_port + 9000 {
+                let dgram = Ip::to(CLIENT, VIP, 17).packet(&udp(sport, 53, b"q"));
+                let (action, _) = run(prog, ifindex, &inbound(&dgram));
+                assert_eq!(action, XDP_TX);
+            }
+        };
+        new_flows(&dp, 10000);
+        assert_eq!(dp.event_stats().unwrap()["flow_event_lost"], 0);
+        // The same load with a reader that does not keep up does lose events: the check above
+        // would have seen them.
+        let _unread = dp.take_flow_events().unwrap();
+        new_flows(&dp, 20000);
+        assert!(dp.event_stats().unwrap()["flow_event_lost"] > 0);
+    });
+}
