@@ -16,6 +16,9 @@ pub const HTTP_PORT: u16 = 80;
 pub const UDP_PORT: u16 = 5353;
 /// Bytes per second nginx sends `/slow` at: 1 MiB in about 4 s.
 pub const SLOW_RATE: usize = 256 * 1024;
+/// Bytes per second nginx sends `/long` at: 1 MiB in about 16 s, long enough for a load balancer
+/// to be lost or restarted (and the route switched) while every transfer is still running.
+pub const LONG_RATE: usize = 64 * 1024;
 /// Port of the second nginx server that reports what the front one received for `/upload`.
 const UPLOAD_SINK_PORT: u16 = 8080;
 
@@ -43,6 +46,8 @@ pub fn big_content() -> Vec<u8> {
 ///   `$content_length` is only reported once all of the body has arrived.
 /// - `GET /slow` → the same 1 MiB at [`SLOW_RATE`] bytes/s (about 4 s): a long transfer that a
 ///   drain or a failure can happen in the middle of
+/// - `GET /long` → the same 1 MiB at [`LONG_RATE`] bytes/s (about 16 s): connections that outlive
+///   a load balancer
 /// - every response carries `X-Backend: <name>`, so a client knows who answers from the headers,
 ///   before the body
 pub fn nginx_conf(name: &str, dir: &Path) -> String {
@@ -76,6 +81,10 @@ http {{
         location = /slow {{
             alias {d}/www/1m;
             limit_rate {SLOW_RATE};
+        }}
+        location = /long {{
+            alias {d}/www/1m;
+            limit_rate {LONG_RATE};
         }}
         location = /upload {{
             proxy_pass http://127.0.0.1:{UPLOAD_SINK_PORT};
@@ -217,6 +226,12 @@ impl Backend {
         Ok(())
     }
 
+    /// nginx's access log (combined format: `"GET /long HTTP/1.1" 200 1048576 …` per request,
+    /// written when the response ends).
+    pub fn access_log(&self) -> String {
+        fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
+    }
+
     pub fn nginx_error_log(&self) -> String {
         fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
     }
@@ -238,13 +253,25 @@ impl Backend {
 
 /// One datagram to `target`, the trimmed text of the reply. Run it inside a namespace.
 pub fn udp_query(target: SocketAddr, timeout: Duration) -> Result<String> {
+    // Like any UDP client (DNS, for one), resend if no answer comes: a datagram can be lost on a
+    // loaded machine. The same socket keeps the same 5-tuple, so a resend is the same flow and
+    // goes to the same backend; the overall wait stays `timeout`.
+    const ATTEMPTS: u32 = 3;
     let sock = UdpSocket::bind("0.0.0.0:0")?;
-    sock.set_read_timeout(Some(timeout))?;
+    sock.set_read_timeout(Some(timeout / ATTEMPTS))?;
     sock.connect(target)?;
-    sock.send(b"who?\n")?;
     let mut buf = [0u8; 512];
-    let n = sock
-        .recv(&mut buf)
-        .with_context(|| format!("no UDP answer from {target} within {timeout:?}"))?;
-    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    let mut last_err = None;
+    for _ in 0..ATTEMPTS {
+        sock.send(b"who?\n")?;
+        match sock.recv(&mut buf) {
+            Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string()),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(
+        anyhow::Error::from(last_err.expect("at least one attempt")).context(format!(
+            "no UDP answer from {target} within {timeout:?} ({ATTEMPTS} sends)"
+        )),
+    )
 }

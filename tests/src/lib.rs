@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod client;
 pub mod cmd;
+pub mod downloads;
 pub mod http;
 pub mod netns;
 pub mod process;

@@ -1,6 +1,7 @@
 //! The whole end-to-end set-up: the topology, three nginx backends prepared with
 //! `xlb backend-host setup`, `xlb agent` on lb1 configured through the CLI, and the client-side
-//! probes the tests and the demo use.
+//! probes the tests and the demo use. With [`TestbedOptions::active_active`], lb2 runs a second
+//! agent with the same VIPs and backends, and the two are peered for flow sync.
 
 use crate::{
     backend::{BIG, Backend, HTTP_PORT, UDP_PORT, big_content, udp_query},
@@ -8,8 +9,10 @@ use crate::{
     http,
     netns::{Netns, TempDir},
     process::Process,
-    topology::{HOST_IFACE, LB1_ADDR, Topology, TopologyOptions, VIP, backend_addr, backend_name},
-    xlb::{Agent, Xlb, backend_state, expect_clean_exit, has_xdp, xdp_mode, xlb_in},
+    topology::{
+        HOST_IFACE, LB1_ADDR, LB2_ADDR, Topology, TopologyOptions, VIP, backend_addr, backend_name,
+    },
+    xlb::{Agent, Xlb, backend_state, expect_clean_exit, has_xdp, peer_entry, xdp_mode, xlb_in},
 };
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
@@ -17,6 +20,7 @@ use std::{
     collections::BTreeMap,
     io::Read,
     net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::PathBuf,
     sync::mpsc,
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -28,6 +32,8 @@ pub const LB1_TCP_ANSWER: &str = "lb1-ssh";
 /// Prints `all`'s arp_ignore and arp_announce (0 0 in a fresh namespace, 1 2 once set up).
 const ARP_SYSCTLS: &str =
     "cat /proc/sys/net/ipv4/conf/all/arp_ignore /proc/sys/net/ipv4/conf/all/arp_announce";
+/// Port of the flow-sync listener on each load balancer's own address (active-active beds).
+pub const SYNC_PORT: u16 = 7946;
 /// Per-request limit for curl.
 pub const CURL_MAX_TIME: u64 = 5;
 
@@ -40,6 +46,10 @@ pub struct TestbedOptions {
     pub backends: usize,
     /// Extra arguments of `xlb vip add` for the HTTP VIP (health-check flags); empty = defaults.
     pub http_vip_args: Vec<String>,
+    /// Active-active: lb2 too, both running `xlb agent` with the same VIPs and backends, peered
+    /// with each other (`--sync-listen <own address>:7946 --peer <other>:7946`, one key file).
+    /// The VIP is still routed via lb1 only; see [`Topology::route_vip`].
+    pub lb2: bool,
 }
 
 /// The health check the lifecycle tests and the demo give the HTTP VIP: `GET /` every 200 ms,
@@ -64,7 +74,14 @@ impl TestbedOptions {
             xdp_mode: xdp_mode.to_string(),
             backends: 3,
             http_vip_args: Vec::new(),
+            lb2: false,
         }
+    }
+
+    /// The same with lb2 and flow sync (see [`TestbedOptions::lb2`]).
+    pub fn active_active(mut self) -> Self {
+        self.lb2 = true;
+        self
     }
 
     /// The same with [`FAST_HTTP_CHECK`] on the HTTP VIP.
@@ -78,6 +95,8 @@ pub struct Testbed {
     // Field order is drop order: the agent detaches and every process is stopped (by pid) before
     // the namespaces they live in are deleted, and the temporary directory goes last.
     agent: Option<Agent>,
+    /// lb2's agent (active-active beds only).
+    agent2: Option<Agent>,
     lb1_listener: Option<Process>,
     backends: Vec<Backend>,
     /// Backends where `backend-host setup` ran and `teardown` has not: torn down on drop, so no
@@ -94,11 +113,12 @@ impl Testbed {
     pub fn up(options: TestbedOptions) -> Result<Self> {
         let topo = Topology::build(TopologyOptions {
             backends: options.backends,
-            lb2: false,
+            lb2: options.lb2,
         })?;
         let dir = TempDir::new(topo.prefix())?;
         let mut bed = Self {
             agent: None,
+            agent2: None,
             lb1_listener: None,
             backends: Vec::new(),
             hosts_set_up: Vec::new(),
@@ -110,8 +130,19 @@ impl Testbed {
         bed.start_backends().context("starting the backends")?;
         bed.start_lb1_listener()
             .context("starting the listener on lb1")?;
-        bed.start_agent().context("starting xlb on lb1")?;
-        bed.configure().context("configuring xlb through the CLI")?;
+        if bed.options.lb2 {
+            std::fs::write(bed.sync_key_file(), bed.sync_key())?;
+        }
+        bed.start_agent("lb1").context("starting xlb on lb1")?;
+        bed.configure("lb1")
+            .context("configuring xlb on lb1 through the CLI")?;
+        if bed.options.lb2 {
+            bed.start_agent("lb2").context("starting xlb on lb2")?;
+            bed.configure("lb2")
+                .context("configuring xlb on lb2 through the CLI")?;
+            bed.wait_peered(PEERING)
+                .context("lb1 and lb2 peering for flow sync")?;
+        }
         Ok(bed)
     }
 
@@ -186,37 +217,142 @@ impl Testbed {
         Ok(())
     }
 
-    fn start_agent(&mut self) -> Result<()> {
-        if self.options.xdp_mode == "driver" {
-            // Native-mode XDP_TX out of lb1's veth is only delivered if the receiving peer runs an
-            // XDP program; generic mode needs none.
-            let peer = Topology::peer_iface("lb1");
+    /// The key both agents of an active-active bed share (`--sync-key-file`).
+    pub fn sync_key(&self) -> String {
+        format!("{}-shared-sync-key-0123456789", self.topo.prefix())
+    }
+
+    pub fn sync_key_file(&self) -> PathBuf {
+        self.dir.path().join("sync.key")
+    }
+
+    /// `ADDR:7946` of the sync listener of `lb` (lb1 or lb2).
+    pub fn sync_addr(lb: &str) -> String {
+        format!("{}:{SYNC_PORT}", lb_addr(lb))
+    }
+
+    /// The agent's command-line flags beyond interface, mode, socket and state directory: the
+    /// sync flags in an active-active bed, none otherwise.
+    fn agent_args(&self, lb: &str) -> Vec<String> {
+        if !self.options.lb2 {
+            return Vec::new();
+        }
+        let other = if lb == "lb1" { "lb2" } else { "lb1" };
+        vec![
+            "--sync-listen".into(),
+            Self::sync_addr(lb),
+            "--peer".into(),
+            Self::sync_addr(other),
+            "--sync-key-file".into(),
+            self.sync_key_file().to_string_lossy().into_owned(),
+        ]
+    }
+
+    fn agent_slot(&mut self, lb: &str) -> &mut Option<Agent> {
+        match lb {
+            "lb1" => &mut self.agent,
+            "lb2" => &mut self.agent2,
+            _ => panic!("no load balancer {lb}"),
+        }
+    }
+
+    /// Starts `xlb agent` on `lb` (its state directory keeps the configuration across restarts)
+    /// and checks the balancer is attached in the requested mode.
+    fn start_agent(&mut self, lb: &str) -> Result<()> {
+        ensure!(
+            self.agent_slot(lb).is_none(),
+            "the agent on {lb} is still there"
+        );
+        let peer = Topology::peer_iface(lb);
+        if self.options.xdp_mode == "driver" && !has_xdp(self.topo.ns("rtr"), &peer)? {
+            // Native-mode XDP_TX out of the LB's veth is only delivered if the receiving peer
+            // runs an XDP program; generic mode needs none.
             xlb_in(
                 self.topo.ns("rtr"),
                 &["xdp-pass", "attach", &peer, "--xdp-mode", "driver"],
             )?;
         }
-        let agent_dir = self.dir.path().join("lb1");
+        let agent_dir = self.dir.path().join(lb);
         std::fs::create_dir_all(&agent_dir)?;
-        self.agent = Some(Agent::start(
-            self.topo.ns("lb1"),
+        let args = self.agent_args(lb);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let agent = Agent::start(
+            self.topo.ns(lb),
             HOST_IFACE,
             &self.options.xdp_mode,
             &agent_dir,
-            &[],
-        )?);
+            &args,
+        )?;
+        *self.agent_slot(lb) = Some(agent);
         // Explicitly asked for, so no silent fallback to the other mode.
-        let mode = xdp_mode(self.topo.ns("lb1"), HOST_IFACE)?;
+        let mode = xdp_mode(self.topo.ns(lb), HOST_IFACE)?;
         ensure!(
             mode == Some(self.options.xdp_mode.as_str()),
-            "balancer on lb1's {HOST_IFACE}: XDP mode {mode:?}, expected {}",
+            "balancer on {lb}'s {HOST_IFACE}: XDP mode {mode:?}, expected {}",
             self.options.xdp_mode
         );
         Ok(())
     }
 
-    fn configure(&mut self) -> Result<()> {
-        let xlb = self.client().clone();
+    /// Restarts the agent on `lb`: SIGTERM (it must exit 0 and detach), then the same command
+    /// again. Returns when the new agent answers on its socket, and when it was started.
+    pub fn restart_agent(&mut self, lb: &str) -> Result<Instant> {
+        self.stop_lb_agent(lb)?;
+        let started = Instant::now();
+        self.start_agent(lb)?;
+        Ok(started)
+    }
+
+    /// SIGKILL to the agent on `lb` (by pid). The dead agent stays in the bed (its log is still
+    /// shown if the test fails); its client commands fail from now on.
+    pub fn kill_agent(&mut self, lb: &str) -> Result<()> {
+        let agent = self
+            .agent_slot(lb)
+            .as_mut()
+            .with_context(|| format!("no agent on {lb}"))?;
+        agent.kill()?;
+        Ok(())
+    }
+
+    /// The CLI pointed at `lb`'s agent.
+    pub fn lb_client(&self, lb: &str) -> &Xlb {
+        let agent = match lb {
+            "lb1" => &self.agent,
+            "lb2" => &self.agent2,
+            _ => panic!("no load balancer {lb}"),
+        };
+        &agent
+            .as_ref()
+            .unwrap_or_else(|| panic!("no agent on {lb}"))
+            .client
+    }
+
+    /// `ip link set eth0 down` on `lb`.
+    pub fn link_down(&self, lb: &str) -> Result<()> {
+        self.ns(lb).ip(&["link", "set", HOST_IFACE, "down"])?;
+        Ok(())
+    }
+
+    /// Waits until each LB's `xlb peers` shows the other connected both ways: its own sender
+    /// connected and the other's connection to it open. How long that took.
+    pub fn wait_peered(&self, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        wait_for("lb1 and lb2 to be connected", timeout, || {
+            for (lb, other) in [("lb1", "lb2"), ("lb2", "lb1")] {
+                let peers = self.lb_client(lb).peers()?;
+                let p = peer_entry(&peers, &Self::sync_addr(other))?;
+                let out = p["connected"] == Value::Bool(true);
+                let inbound = p["inbound_connections"].as_u64().unwrap_or(0) >= 1;
+                if !(out && inbound) {
+                    bail!("{lb}'s view of {other}: {p}");
+                }
+            }
+            Ok(Some(start.elapsed()))
+        })
+    }
+
+    fn configure(&mut self, lb: &str) -> Result<()> {
+        let xlb = self.lb_client(lb).clone();
         let forward = self.options.forward.clone();
         for (port, proto) in [(HTTP_PORT, "tcp"), (UDP_PORT, "udp")] {
             let vip = format!("{VIP}:{port}");
@@ -255,6 +391,7 @@ impl Testbed {
     pub fn pids(&self) -> Vec<i32> {
         let mut pids: Vec<i32> = self.backends.iter().flat_map(Backend::pids).collect();
         pids.extend(self.agent.as_ref().map(Agent::pid));
+        pids.extend(self.agent2.as_ref().map(Agent::pid));
         pids.extend(self.lb1_listener.as_ref().map(Process::pid));
         pids
     }
@@ -389,6 +526,11 @@ impl Testbed {
         self.agent.as_ref().map(Agent::log).unwrap_or_default()
     }
 
+    /// nginx's access log on backend `name`.
+    pub fn access_log(&self, name: &str) -> Result<String> {
+        Ok(self.backend(name)?.access_log())
+    }
+
     /// Where backend `name` (be1…) lives.
     pub fn backend_addr(&self, name: &str) -> Result<Ipv4Addr> {
         Ok(self.backend(name)?.addr)
@@ -507,11 +649,19 @@ impl Testbed {
 
     /// Stops the agent with SIGTERM: it must exit 0 in time and leave no XDP program on lb1.
     pub fn stop_agent(&mut self) -> Result<()> {
-        let mut agent = self.agent.take().context("agent already stopped")?;
+        self.stop_lb_agent("lb1")
+    }
+
+    /// Stops the agent on `lb` with SIGTERM: it must exit 0 in time and leave no XDP program.
+    pub fn stop_lb_agent(&mut self, lb: &str) -> Result<()> {
+        let mut agent = self
+            .agent_slot(lb)
+            .take()
+            .with_context(|| format!("the agent on {lb} is already stopped"))?;
         let status = agent.stop()?;
-        expect_clean_exit("xlb agent", status, &agent.log())?;
-        if has_xdp(self.ns("lb1"), HOST_IFACE)? {
-            bail!("the agent exited but lb1's {HOST_IFACE} still has an XDP program");
+        expect_clean_exit(&format!("xlb agent on {lb}"), status, &agent.log())?;
+        if has_xdp(self.ns(lb), HOST_IFACE)? {
+            bail!("the agent exited but {lb}'s {HOST_IFACE} still has an XDP program");
         }
         Ok(())
     }
@@ -538,12 +688,19 @@ impl Testbed {
             );
         }
         if self.options.xdp_mode == "driver" {
-            let peer = Topology::peer_iface("lb1");
-            xlb_in(self.ns("rtr"), &["xdp-pass", "detach", &peer])?;
-            ensure!(
-                !has_xdp(self.ns("rtr"), &peer)?,
-                "{peer} still has XDP after xdp-pass detach"
-            );
+            let lbs: &[&str] = if self.options.lb2 {
+                &["lb1", "lb2"]
+            } else {
+                &["lb1"]
+            };
+            for lb in lbs {
+                let peer = Topology::peer_iface(lb);
+                xlb_in(self.ns("rtr"), &["xdp-pass", "detach", &peer])?;
+                ensure!(
+                    !has_xdp(self.ns("rtr"), &peer)?,
+                    "{peer} still has XDP after xdp-pass detach"
+                );
+            }
         }
         Ok(())
     }
@@ -564,10 +721,16 @@ impl Testbed {
     /// What to look at when something failed: the agent's log, its stats, the nginx error logs.
     pub fn diagnostics(&self) -> String {
         let mut out = String::new();
-        if let Some(agent) = &self.agent {
-            out += &format!("--- xlb agent log:\n{}\n", agent.log());
+        for (lb, agent) in [("lb1", &self.agent), ("lb2", &self.agent2)] {
+            let Some(agent) = agent else { continue };
+            out += &format!("--- xlb agent log ({lb}):\n{}\n", agent.log());
             if let Ok(o) = agent.client.run(&["stats"]) {
-                out += &format!("--- xlb stats:\n{}{}\n", o.stdout, o.stderr);
+                out += &format!("--- xlb stats ({lb}):\n{}{}\n", o.stdout, o.stderr);
+            }
+            if self.options.lb2
+                && let Ok(o) = agent.client.run(&["peers"])
+            {
+                out += &format!("--- xlb peers ({lb}):\n{}{}\n", o.stdout, o.stderr);
             }
         }
         for b in &self.backends {
@@ -578,6 +741,18 @@ impl Testbed {
             );
         }
         out
+    }
+}
+
+/// How long two freshly started agents may take to connect to each other.
+const PEERING: Duration = Duration::from_secs(15);
+
+/// The own address of load balancer `lb` (lb1 or lb2).
+pub fn lb_addr(lb: &str) -> Ipv4Addr {
+    match lb {
+        "lb1" => LB1_ADDR,
+        "lb2" => LB2_ADDR,
+        _ => panic!("no load balancer {lb}"),
     }
 }
 

@@ -4,7 +4,8 @@
 //!  cli 10.111.0.2 ── rtr 10.111.0.1 │ br0 10.111.1.1 ── lb1 10.111.1.2
 //!                                   │                ── lb2 10.111.1.3 (optional)
 //!                                   │                ── be1..be3 10.111.1.11-13
-//!  VIP 10.111.100.1 is routed by rtr via lb1
+//!  VIP 10.111.100.1 is routed by rtr via lb1 (with lb2: [`Topology::route_vip`] can spread it
+//!  over both, ECMP on an L4 hash)
 //! ```
 //!
 //! Every host namespace has one interface, `eth0`; its veth peer lives in `rtr` as `v-<role>`
@@ -40,7 +41,9 @@ pub fn backend_name(i: usize) -> String {
 pub struct TopologyOptions {
     /// How many backend namespaces (be1..beN).
     pub backends: usize,
-    /// Also create lb2 (10.111.1.3) on the bridge; the VIP route still points at lb1 only.
+    /// Also create lb2 (10.111.1.3) on the bridge. The VIP route still points at lb1 only;
+    /// rtr hashes multipath routes on L4 (`fib_multipath_hash_policy=1`), so
+    /// [`Topology::route_vip`] over lb1 and lb2 spreads connections, not just clients.
     pub lb2: bool,
 }
 
@@ -178,6 +181,8 @@ impl Topology {
         let mut forwarders = vec!["rtr", "lb1"];
         if self.options.lb2 {
             forwarders.push("lb2");
+            self.ns("rtr")
+                .sh("echo 1 > /proc/sys/net/ipv4/fib_multipath_hash_policy")?;
         }
         for role in forwarders {
             self.ns(role).sh("echo 1 > /proc/sys/net/ipv4/ip_forward")?;
@@ -187,6 +192,34 @@ impl Topology {
             ns.sh("for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > \"$f\"; done")?;
         }
         Ok(())
+    }
+
+    /// Routes the VIP (on rtr) via `next_hops`: one address is a plain route, several an ECMP
+    /// route (`nexthop via A nexthop via B`). Replaces whatever route the VIP had.
+    pub fn route_vip(&self, next_hops: &[Ipv4Addr]) -> Result<()> {
+        let vip = format!("{VIP}/32");
+        let hops: Vec<String> = next_hops.iter().map(ToString::to_string).collect();
+        let mut args = vec!["route", "replace", vip.as_str()];
+        match hops.as_slice() {
+            [] => bail!("a VIP route needs at least one next hop"),
+            [one] => args.extend(["via", one.as_str()]),
+            many => {
+                for hop in many {
+                    args.extend(["nexthop", "via", hop.as_str()]);
+                }
+            }
+        }
+        self.ns("rtr").ip(&args)?;
+        Ok(())
+    }
+
+    /// The VIP's route on rtr as `ip route show` prints it.
+    pub fn vip_route(&self) -> Result<String> {
+        Ok(self
+            .ns("rtr")
+            .ip(&["route", "show", &format!("{VIP}/32")])?
+            .trim()
+            .to_string())
     }
 
     /// Creates `role`'s eth0 with its peer `v-<role>` directly in rtr, and turns TX checksum

@@ -87,6 +87,11 @@ impl Xlb {
     pub fn vip_list(&self) -> Result<Value> {
         self.json(&["vip", "list"])
     }
+
+    /// `xlb peers --json`.
+    pub fn peers(&self) -> Result<Value> {
+        self.json(&["peers"])
+    }
 }
 
 /// Runs `xlb args…` (no socket: backend-host, xdp-pass) inside `ns`; must succeed.
@@ -156,6 +161,14 @@ impl Agent {
     /// SIGTERM; the exit status, or an error if it is still running after [`AGENT_STOP`].
     pub fn stop(&mut self) -> Result<ExitStatus> {
         self.process.terminate(AGENT_STOP)
+    }
+
+    /// SIGKILL to the agent's pid (a crash: no detach, no goodbye to peers); waits until it is
+    /// gone and reaped. The kernel detaches its XDP program with the last reference to its link.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.process
+            .signal_and_wait(libc::SIGKILL, AGENT_STOP)
+            .with_context(|| format!("{} did not die of SIGKILL", self.process.name()))
     }
 }
 
@@ -322,6 +335,36 @@ pub fn reason(stats: &Value, name: &str) -> Result<u64> {
         .with_context(|| format!("no counter {name} in stats reasons: {reasons}"))
 }
 
+/// A data-path event counter (`midflow_miss`, `flow_resteered`, `flow_event_lost`) from the
+/// `events` object of `xlb stats --json`.
+pub fn event(stats: &Value, name: &str) -> Result<u64> {
+    stats
+        .get("events")
+        .and_then(|e| e.get(name))
+        .and_then(Value::as_u64)
+        .with_context(|| format!("no event counter {name} in stats: {stats}"))
+}
+
+/// The entry of peer `addr` (`ADDR:PORT` as configured with `--peer`) in `xlb peers --json`.
+pub fn peer_entry<'a>(peers: &'a Value, addr: &str) -> Result<&'a Value> {
+    peers
+        .get("peers")
+        .and_then(Value::as_array)
+        .and_then(|list| {
+            list.iter()
+                .find(|p| p.get("address").and_then(Value::as_str) == Some(addr))
+        })
+        .with_context(|| format!("no peer {addr} in xlb peers: {peers}"))
+}
+
+/// A numeric field of `xlb peers --json`, by path (`["totals", "rejected"]`, `["lag", "p99_ms"]`).
+pub fn peers_field(peers: &Value, path: &[&str]) -> Result<u64> {
+    path.iter()
+        .try_fold(peers, |v, k| v.get(k))
+        .and_then(Value::as_u64)
+        .with_context(|| format!("no {} in xlb peers: {peers}", path.join(".")))
+}
+
 /// Fails unless `status` is a clean exit 0.
 pub fn expect_clean_exit(what: &str, status: ExitStatus, log: &str) -> Result<()> {
     if status.code() != Some(0) {
@@ -409,6 +452,21 @@ mod tests {
             false
         );
         assert!(backend_state(&list, Ipv4Addr::new(10, 111, 1, 13)).is_err());
+    }
+
+    #[test]
+    fn reads_events_and_peer_fields() {
+        let s = json!({"events": {"midflow_miss": 2, "flow_resteered": 0}});
+        assert_eq!(event(&s, "midflow_miss").unwrap(), 2);
+        assert!(event(&s, "nothing").is_err());
+        let p = json!({"node_id": "00ff", "listen": "10.111.1.2:7946",
+            "peers": [{"address": "10.111.1.3:7946", "connected": true, "flows_received": 7}],
+            "totals": {"rejected": 1}, "lag": {"p99_ms": null}});
+        let lb2 = peer_entry(&p, "10.111.1.3:7946").unwrap();
+        assert_eq!(peers_field(lb2, &["flows_received"]).unwrap(), 7);
+        assert!(peer_entry(&p, "10.111.1.4:7946").is_err());
+        assert_eq!(peers_field(&p, &["totals", "rejected"]).unwrap(), 1);
+        assert!(peers_field(&p, &["lag", "p99_ms"]).is_err());
     }
 
     const VIP_FOR_TEST: Ipv4Addr = Ipv4Addr::new(10, 111, 100, 1);

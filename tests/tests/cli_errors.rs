@@ -245,6 +245,10 @@ fn bad_input_is_refused_and_changes_nothing() {
         );
     }
 
+    // `xlb peers` needs an agent with peer sync (issue 4); this one runs without.
+    assert_error(&xlb.run(&["peers"]).unwrap(), &["--sync-listen"]);
+    assert_error(&xlb.run(&["peers", "--json"]).unwrap(), &["--sync-listen"]);
+
     // Desired state survives a restart from the same state directory.
     let status = agent.stop().unwrap();
     expect_clean_exit("xlb agent", status, &agent.log()).unwrap();
@@ -253,4 +257,114 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(snapshot(&agent.client), baseline, "state after restart");
     let status = agent.stop().unwrap();
     expect_clean_exit("restarted xlb agent", status, &agent.log()).unwrap();
+}
+
+/// Peer sync settings (issue 4): inconsistent or unusable ones stop the agent at start with a
+/// one-line error naming the problem; the TOML form (`[agent] sync_listen`, `peers`,
+/// `sync_key_file`) works like the flags.
+#[test]
+fn agent_refuses_bad_sync_settings_and_reads_them_from_toml() {
+    require_root();
+    let prefix = unique_prefix();
+    let ns = Netns::create(&format!("{prefix}-lb")).unwrap();
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    ns.ip(&[
+        "link", "add", HOST_IFACE, "type", "veth", "peer", "name", "xlbpeer0",
+    ])
+    .unwrap();
+    // The IPIP source address the agent needs (a namespace of its own: any 10.111/16 address).
+    ns.ip(&["addr", "add", "10.111.9.1/24", "dev", HOST_IFACE])
+        .unwrap();
+    for i in [HOST_IFACE, "xlbpeer0"] {
+        ns.ip(&["link", "set", i, "up"]).unwrap();
+    }
+    let dir = TempDir::new(&prefix).unwrap();
+    let good_key = dir.path().join("good.key");
+    std::fs::write(&good_key, "  0123456789abcdef-shared-key\n").unwrap();
+    let short_key = dir.path().join("short.key");
+    std::fs::write(&short_key, "0123456789\n\n").unwrap();
+    let missing_key = dir.path().join("missing.key");
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let (good, short, missing) = (path(&good_key), path(&short_key), path(&missing_key));
+    let listen = "127.0.0.1:7946";
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--sync-listen", listen], &["--sync-key-file"]),
+        (&["--peer", "127.0.0.2:7946"], &["--sync-listen"]),
+        (&["--sync-key-file", &good], &["--sync-listen"]),
+        (
+            &["--sync-listen", listen, "--sync-key-file", &short],
+            &[&short, "16"],
+        ),
+        (
+            &["--sync-listen", listen, "--sync-key-file", &missing],
+            &[&missing],
+        ),
+        (
+            &[
+                "--sync-listen",
+                listen,
+                "--sync-key-file",
+                &good,
+                "--peer",
+                listen,
+            ],
+            &[listen],
+        ),
+    ];
+    let socket = dir.path().join("xlb.sock");
+    for (extra, mentions) in cases {
+        let mut cmd = ns.command(xlb_bin());
+        cmd.args([
+            "agent",
+            "--iface",
+            HOST_IFACE,
+            "--xdp-mode",
+            "generic",
+            "--socket",
+        ])
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(*extra);
+        let out = run_timeout(&mut cmd, Duration::from_secs(20)).unwrap();
+        assert_eq!(out.code(), Some(1), "agent {extra:?}: {out:?}");
+        let last = out.stderr.trim().lines().last().unwrap_or_default();
+        for m in *mentions {
+            assert!(
+                last.contains(m),
+                "agent {extra:?}: error {:?} does not mention {m:?}",
+                out.stderr
+            );
+        }
+        assert!(!Xlb::new(&socket).run(&["vip", "list"]).unwrap().success());
+    }
+
+    // The same settings from the configuration file.
+    let config = dir.path().join("xlb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nsync_listen = \"{listen}\"\npeers = [\"127.0.0.2:7946\"]\nsync_key_file = \"{good}\"\n"
+        ),
+    )
+    .unwrap();
+    let config = path(&config);
+    let mut agent = Agent::start(
+        &ns,
+        HOST_IFACE,
+        "generic",
+        dir.path(),
+        &["--config", &config],
+    )
+    .expect("agent with sync settings from TOML");
+    let peers = agent.client.peers().expect("xlb peers --json");
+    assert_eq!(peers["listen"], listen, "{peers}");
+    let list = peers["peers"].as_array().expect("peers array");
+    assert_eq!(list.len(), 1, "{peers}");
+    assert_eq!(list[0]["address"], "127.0.0.2:7946", "{peers}");
+    assert_eq!(list[0]["connected"], false, "nobody listens there: {peers}");
+    let table = agent.client.ok(&["peers"]).expect("xlb peers");
+    assert!(table.contains("127.0.0.2:7946"), "{table}");
+    let status = agent.stop().unwrap();
+    expect_clean_exit("xlb agent", status, &agent.log()).unwrap();
 }
