@@ -20,6 +20,7 @@ use crate::{
     controller::{Controller, ControllerError, DataplaneOps},
     dataplane::{Dataplane, DataplaneError, DataplaneOptions, XdpModeChoice},
     health::{CheckReport, HealthError, Monitor},
+    metrics::{self, MetricsError, SCRAPE_QUEUE, StatsReply},
     state::{self, DesiredState, STATE_FILE, StateError},
     sync::{self, RingBufSource, SYNC_REQUEST_QUEUE, SyncConfig, SyncError, SyncKey, SyncRequest},
 };
@@ -35,7 +36,7 @@ use std::{
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
+    net::{TcpListener, UnixListener, UnixStream},
     sync::{mpsc, oneshot, watch},
     task::JoinSet,
 };
@@ -78,6 +79,8 @@ pub enum AgentError {
     Health(#[from] HealthError),
     #[error("peer sync: {0}")]
     Sync(#[from] SyncError),
+    #[error("{0}")]
+    Metrics(#[from] MetricsError),
     #[error("--peer and --sync-key-file need --sync-listen (peer sync is off without it)")]
     SyncWithoutListen,
     #[error("--sync-listen needs --sync-key-file: peer sync is always authenticated")]
@@ -105,6 +108,8 @@ pub struct AgentOptions {
     /// Empty = the config file's `peers`, if any.
     pub peers: Vec<SocketAddr>,
     pub sync_key_file: Option<PathBuf>,
+    /// `--metrics-listen`: serve Prometheus metrics there.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Where the agent's initial desired state comes from.
@@ -129,6 +134,8 @@ pub struct AgentConfig {
     pub warm_interval: Duration,
     /// Peer sync (active-active), if `--sync-listen` was given.
     pub sync: Option<SyncConfig>,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -191,6 +198,7 @@ impl AgentConfig {
             initial,
             warm_interval: WARM_INTERVAL,
             sync,
+            metrics_listen: opts.metrics_listen.or(section.metrics_listen),
         })
     }
 }
@@ -219,6 +227,15 @@ pub async fn run(
     // Bound before the data path is loaded: a second agent then fails here instead of replacing
     // the running agent's XDP program.
     let (listener, socket_file) = bind_socket(&config.socket)?;
+    // Also before the data path: a taken metrics port fails the start, not a running agent.
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => {
+            let l = metrics::bind(addr).await?;
+            log::info!("serving Prometheus metrics on http://{addr}/metrics");
+            Some(l)
+        }
+        None => None,
+    };
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
@@ -276,6 +293,7 @@ pub async fn run(
             requests: sync_requests,
             status: peers,
         },
+        metrics_listener,
         shutdown,
         config.warm_interval,
     )
@@ -326,14 +344,16 @@ struct Job {
     reply: oneshot::Sender<Response>,
 }
 
-/// Serve requests on `listener` with `controller`, and health-check results of `health`'s tasks,
-/// until `shutdown` resolves; then stop the checks, wind down every connection task and hand the
-/// controller back (the caller decides when the data path goes).
+/// Serve requests on `listener` with `controller`, health-check results of `health`'s tasks and,
+/// with `metrics`, Prometheus scrapes, until `shutdown` resolves; then stop the checks, wind down
+/// every connection task and hand the controller back (the caller decides when the data path
+/// goes).
 pub async fn serve<D: DataplaneOps>(
     listener: UnixListener,
     mut controller: Controller<D>,
     health: (Monitor, mpsc::Receiver<CheckReport>),
     mut sync: Sync,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
     warm_interval: Duration,
 ) -> Controller<D> {
@@ -347,6 +367,18 @@ pub async fn serve<D: DataplaneOps>(
     // The first tick fires at once: that is the warm-up at start.
     let mut warm = tokio::time::interval(warm_interval);
     warm.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The HTTP side of metrics runs as its own task; only building the stats report (the same
+    // work as `xlb stats`) happens here, between other requests.
+    let (scrape_tx, mut scrapes) = mpsc::channel::<StatsReply>(SCRAPE_QUEUE);
+    let metrics_task = metrics.map(|l| {
+        tokio::spawn(metrics::serve(
+            l,
+            scrape_tx.clone(),
+            sync.status.clone(),
+            stop_rx.clone(),
+        ))
+    });
+    drop(scrape_tx);
 
     loop {
         tokio::select! {
@@ -379,6 +411,10 @@ pub async fn serve<D: DataplaneOps>(
                 }
             }
             Some(report) = results.recv() => controller.health_result(report),
+            Some(reply) = scrapes.recv() => {
+                // The scraper may have timed out; nothing to undo either way.
+                let _ = reply.send(controller.stats().map_err(|e| e.to_string()));
+            }
             _ = warm.tick() => warm_neighbours(&controller.state().backend_addrs()),
             Some(done) = conns.join_next(), if !conns.is_empty() => {
                 if let Err(e) = done && e.is_panic() {
@@ -395,6 +431,13 @@ pub async fn serve<D: DataplaneOps>(
     // see the stop signal.
     let _ = stop_tx.send(true);
     drop(job_rx);
+    drop(scrapes);
+    if let Some(task) = metrics_task
+        && let Err(e) = task.await
+        && e.is_panic()
+    {
+        log::error!("the metrics server panicked: {e}");
+    }
     let drain = tokio::time::sleep(DRAIN_TIMEOUT);
     tokio::pin!(drain);
     loop {
@@ -730,6 +773,7 @@ mod tests {
                 ctl,
                 Monitor::new().unwrap(),
                 Sync::off(),
+                None,
                 async {
                     let _ = stopped.await;
                 },

@@ -69,6 +69,12 @@ pub enum Request {
     Stats,
     /// Peer sync status (`xlb peers`).
     Peers,
+    /// Switch the data path's debug events (aya-log lines in the agent's log) for one VIP on or
+    /// off. Runtime only: not part of the desired state, not persisted.
+    VipDebug {
+        vip: ServiceKey,
+        on: bool,
+    },
 }
 
 impl Request {
@@ -189,6 +195,12 @@ pub struct BackendReport {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// Health checks passed / failed since the backend was added (0 without checks). Defaulted
+    /// so a newer CLI still reads an older agent's answer.
+    #[serde(default)]
+    pub checks_ok: u64,
+    #[serde(default)]
+    pub checks_failed: u64,
 }
 
 /// One VIP with its counters and its backends' (`backend list --json` prints this object).
@@ -215,6 +227,11 @@ pub struct StatsReport {
     /// that found no flow entry: a sync gap), `flow_resteered`, `flow_event_lost`.
     pub events: BTreeMap<String, u64>,
     pub flow_capacity: u32,
+    /// Entries in the flow table (live and finished-but-not-evicted flows: it is an LRU). The
+    /// agent counts them by walking the table at most once per second, so this may be up to a
+    /// second old. Defaulted for older agents.
+    #[serde(default)]
+    pub flow_entries: u64,
 }
 
 /// `ADDR:PORT` of a service key (the protocol is reported separately).
@@ -303,6 +320,11 @@ mod tests {
             },
             Request::BackendList { vip: key() },
             Request::Stats,
+            Request::Peers,
+            Request::VipDebug {
+                vip: key(),
+                on: true,
+            },
         ] {
             round_trip_request(req);
         }
@@ -337,6 +359,8 @@ mod tests {
                 packets: 4,
                 bytes: 5,
                 new_flows: 6,
+                checks_ok: 7,
+                checks_failed: 8,
             }],
         };
         for resp in [
@@ -355,6 +379,7 @@ mod tests {
                     reasons: [("fwd_tx".to_string(), 7)].into_iter().collect(),
                     events: [("midflow_miss".to_string(), 0)].into_iter().collect(),
                     flow_capacity: 1024,
+                    flow_entries: 12,
                 },
             },
             Response::Error {
@@ -399,10 +424,20 @@ mod tests {
             packets: 2,
             bytes: 3,
             new_flows: 4,
+            checks_ok: 5,
+            checks_failed: 6,
         };
         assert_eq!(
             serde_json::to_string(&report).unwrap(),
-            r#"{"address":"10.111.1.11","weight":1,"state":"draining","since":"2026-05-20T10:00:00.000Z","since_unix_ms":1779271200000,"last_check":null,"active_flows":1,"packets":2,"bytes":3,"new_flows":4}"#
+            r#"{"address":"10.111.1.11","weight":1,"state":"draining","since":"2026-05-20T10:00:00.000Z","since_unix_ms":1779271200000,"last_check":null,"active_flows":1,"packets":2,"bytes":3,"new_flows":4,"checks_ok":5,"checks_failed":6}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::VipDebug {
+                vip: key(),
+                on: false
+            })
+            .unwrap(),
+            r#"{"request":"vip_debug","vip":{"addr":"10.111.100.1","port":80,"proto":"tcp"},"on":false}"#
         );
     }
 

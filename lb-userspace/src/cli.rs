@@ -8,7 +8,7 @@ use crate::{
     agent::{AgentOptions, DEFAULT_SOCKET, DEFAULT_STATE_DIR},
     api::{Request, Response, StatsReport, VipList, VipReport, VipSummary},
     backend_host::{self, BackendHostError, RECORD_DIR, SetupOptions},
-    check::{CheckError, CheckFlags, CheckKind, fmt_duration},
+    check::{CheckError, CheckFlags, CheckKind, fmt_duration, parse_duration},
     client::{self, ClientError},
     dataplane::{DataplaneError, XdpModeChoice},
     model::{DEFAULT_WEIGHT, Forward, Proto, ServiceKey},
@@ -17,10 +17,11 @@ use crate::{
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::{
+    collections::BTreeMap,
     io::{self, Write},
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 #[derive(Debug, Parser)]
@@ -51,12 +52,9 @@ pub enum Command {
     /// Add, delete and list the backends of a virtual service.
     #[command(subcommand)]
     Backend(BackendCommand),
-    /// Per-VIP, per-backend and per-reason packet counters.
-    Stats {
-        /// Print JSON instead of tables.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Per-VIP, per-backend and per-reason packet counters; with --watch, refreshed with
+    /// per-second rates.
+    Stats(StatsArgs),
     /// Peer sync (active-active): each peer's connection, flows sent and received, last message
     /// age, rejected messages, and the sync lag.
     Peers {
@@ -165,6 +163,29 @@ pub struct AgentArgs {
     /// ignored). Every sync frame is authenticated with HMAC-SHA256 under it.
     #[arg(long, value_name = "FILE")]
     pub sync_key_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9477).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// `xlb stats` flags.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Print JSON instead of tables (with --watch: one JSON object per line per interval).
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every --interval with per-second rates (packets/s, bytes/s, new flows/s), until
+    /// Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
+    /// Time between two refreshes of --watch, e.g. 500ms, 2s.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "1s",
+        requires = "watch"
+    )]
+    pub interval: String,
 }
 
 impl AgentArgs {
@@ -180,6 +201,7 @@ impl AgentArgs {
             sync_listen: self.sync_listen,
             peers: self.peers,
             sync_key_file: self.sync_key_file,
+            metrics_listen: self.metrics_listen,
         }
     }
 }
@@ -270,6 +292,22 @@ pub enum VipCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Switch the data path's debug events (one log line per packet decision, in the agent's
+    /// log under target xlb_ebpf) on or off for one VIP. Off by default; not persisted.
+    Debug {
+        /// ADDR:PORT
+        vip: String,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: ProtoArg,
+        #[arg(value_enum)]
+        state: OnOff,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Debug, Subcommand)]
@@ -383,6 +421,8 @@ pub enum CliError {
     },
     #[error("unexpected answer from the agent: {0}")]
     Unexpected(String),
+    #[error("--interval {0} is too short: at least 100ms")]
+    WatchInterval(String),
     #[error("writing output: {0}")]
     Output(#[from] io::Error),
 }
@@ -449,6 +489,13 @@ pub fn vip(socket: &Path, cmd: VipCommand) -> Result<(), CliError> {
             socket,
             Request::VipDel {
                 vip: service_key(&vip, proto)?,
+            },
+        ),
+        VipCommand::Debug { vip, proto, state } => change(
+            socket,
+            Request::VipDebug {
+                vip: service_key(&vip, proto)?,
+                on: state == OnOff::On,
             },
         ),
         VipCommand::List { json } => match client::call(socket, &Request::VipList)? {
@@ -544,12 +591,288 @@ pub fn peers(socket: &Path, json: bool) -> Result<(), CliError> {
     }
 }
 
-pub fn stats(socket: &Path, json: bool) -> Result<(), CliError> {
+fn fetch_stats(socket: &Path) -> Result<StatsReport, CliError> {
     match client::call(socket, &Request::Stats)? {
-        Response::Stats { stats } if json => print_json(&stats),
-        Response::Stats { stats } => print(&stats_text(&stats)),
+        Response::Stats { stats } => Ok(stats),
         other => Err(unexpected(other)),
     }
+}
+
+/// Shortest `--watch` interval: below it the rates are mostly noise and the agent would spend
+/// its time answering.
+pub const MIN_WATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+pub fn stats(socket: &Path, args: StatsArgs) -> Result<(), CliError> {
+    if !args.watch {
+        let stats = fetch_stats(socket)?;
+        return if args.json {
+            print_json(&stats)
+        } else {
+            print(&stats_text(&stats))
+        };
+    }
+    let interval = parse_duration("--interval", &args.interval)?;
+    if interval < MIN_WATCH_INTERVAL {
+        return Err(CliError::WatchInterval(args.interval));
+    }
+    let result = watch_stats(socket, interval, args.json);
+    // `xlb stats --watch | head` closing the pipe is the reader being done, not an error.
+    match result {
+        Err(CliError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+/// Poll the agent every `interval` until interrupted (SIGINT's default action ends the
+/// process: there is nothing to clean up). Rates come from two consecutive reports and the time
+/// between them as measured here.
+fn watch_stats(socket: &Path, interval: Duration, json: bool) -> Result<(), CliError> {
+    let mut prev: Option<(Instant, StatsReport)> = None;
+    loop {
+        let stats = fetch_stats(socket)?;
+        let at = Instant::now();
+        let r = prev
+            .as_ref()
+            .map(|(t, p)| rates(p, &stats, at.duration_since(*t)));
+        if json {
+            let frame = WatchFrame {
+                stats: &stats,
+                rates: r.as_ref(),
+            };
+            let mut line = serde_json::to_string(&frame).expect("reports serialise to JSON");
+            line.push('\n');
+            print(&line)?;
+        } else {
+            // Home + clear screen (plain ANSI), then the frame.
+            print(&format!(
+                "\x1b[H\x1b[2J{}",
+                watch_text(&stats, r.as_ref(), interval, SystemTime::now())
+            ))?;
+        }
+        prev = Some((at, stats));
+        std::thread::sleep(interval);
+    }
+}
+
+/// One line of `xlb stats --watch --json`: the `xlb stats --json` object plus `rates` (`null`
+/// in the first line).
+#[derive(Debug, serde::Serialize)]
+pub struct WatchFrame<'a> {
+    #[serde(flatten)]
+    pub stats: &'a StatsReport,
+    pub rates: Option<&'a Rates>,
+}
+
+/// Per-second rates between two stats reports.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Rates {
+    /// Seconds between the two reports.
+    pub interval_s: f64,
+    pub vips: Vec<VipRates>,
+    /// Packets per second per reason; `None` when the counter went backwards.
+    pub reasons: BTreeMap<String, Option<f64>>,
+}
+
+/// Rates are `None` when there is nothing to compare with: the VIP or backend is new, or its
+/// counter went backwards (it was removed and added again).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct VipRates {
+    pub vip: String,
+    pub proto: Proto,
+    pub packets_per_s: Option<f64>,
+    pub bytes_per_s: Option<f64>,
+    pub new_flows_per_s: Option<f64>,
+    pub backends: Vec<BackendRates>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct BackendRates {
+    pub address: Ipv4Addr,
+    pub packets_per_s: Option<f64>,
+    pub bytes_per_s: Option<f64>,
+    pub new_flows_per_s: Option<f64>,
+}
+
+/// `(cur - prev) / elapsed`, or `None` without a previous value, with a counter that went
+/// backwards, or with no time elapsed.
+fn rate(prev: Option<u64>, cur: u64, elapsed: Duration) -> Option<f64> {
+    let secs = elapsed.as_secs_f64();
+    let delta = cur.checked_sub(prev?)?;
+    (secs > 0.0).then(|| delta as f64 / secs)
+}
+
+/// Rates of every VIP and backend of `cur`, against the same VIP (address, port, protocol) and
+/// backend (address) in `prev`.
+pub fn rates(prev: &StatsReport, cur: &StatsReport, elapsed: Duration) -> Rates {
+    let vips = cur
+        .vips
+        .iter()
+        .map(|v| {
+            let p = prev
+                .vips
+                .iter()
+                .find(|p| p.vip == v.vip && p.proto == v.proto);
+            VipRates {
+                vip: v.vip.clone(),
+                proto: v.proto,
+                packets_per_s: rate(p.map(|p| p.packets), v.packets, elapsed),
+                bytes_per_s: rate(p.map(|p| p.bytes), v.bytes, elapsed),
+                new_flows_per_s: rate(p.map(|p| p.new_flows), v.new_flows, elapsed),
+                backends: v
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let pb =
+                            p.and_then(|p| p.backends.iter().find(|pb| pb.address == b.address));
+                        BackendRates {
+                            address: b.address,
+                            packets_per_s: rate(pb.map(|x| x.packets), b.packets, elapsed),
+                            bytes_per_s: rate(pb.map(|x| x.bytes), b.bytes, elapsed),
+                            new_flows_per_s: rate(pb.map(|x| x.new_flows), b.new_flows, elapsed),
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let reasons = cur
+        .reasons
+        .iter()
+        .map(|(name, n)| {
+            (
+                name.clone(),
+                rate(prev.reasons.get(name).copied(), *n, elapsed),
+            )
+        })
+        .collect();
+    Rates {
+        interval_s: elapsed.as_secs_f64(),
+        vips,
+        reasons,
+    }
+}
+
+/// A rate for a table cell: `-` when unknown, else 3 significant-ish digits with k/M/G.
+fn fmt_rate(r: Option<f64>) -> String {
+    match r {
+        None => "-".to_string(),
+        Some(x) if x < 1_000.0 => format!("{x:.1}"),
+        Some(x) if x < 1_000_000.0 => format!("{:.1}k", x / 1e3),
+        Some(x) if x < 1_000_000_000.0 => format!("{:.1}M", x / 1e6),
+        Some(x) => format!("{:.1}G", x / 1e9),
+    }
+}
+
+/// One `xlb stats --watch` frame (`rates` is `None` for the first):
+/// ```text
+/// xlb stats every 1s, 2026-05-20T10:00:12Z (Ctrl-C to quit)
+///
+/// VIP / BACKEND       PROTO  STATE  WEIGHT  ACTIVE  PACKETS  BYTES   NEW_FLOWS  PKT/S  BYTES/S  FLOWS/S
+/// 10.111.100.1:80     tcp                           120      9840    30         12.0   984.0    3.0
+///   -> 10.111.1.11           up     1       10      40       3280    10         4.0    328.0    1.0
+/// ```
+/// then the non-zero reasons and events and the flow table's fill.
+pub fn watch_text(
+    stats: &StatsReport,
+    rates: Option<&Rates>,
+    interval: Duration,
+    now: SystemTime,
+) -> String {
+    let mut out = format!(
+        "xlb stats every {}, {} (Ctrl-C to quit)\n\n",
+        fmt_duration(interval),
+        humantime::format_rfc3339_seconds(now)
+    );
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for v in &stats.vips {
+        let vr = rates.and_then(|r| r.vips.iter().find(|x| x.vip == v.vip && x.proto == v.proto));
+        rows.push(vec![
+            v.vip.clone(),
+            v.proto.to_string(),
+            String::new(),
+            String::new(),
+            v.backends
+                .iter()
+                .map(|b| b.active_flows)
+                .sum::<u64>()
+                .to_string(),
+            v.packets.to_string(),
+            v.bytes.to_string(),
+            v.new_flows.to_string(),
+            fmt_rate(vr.and_then(|r| r.packets_per_s)),
+            fmt_rate(vr.and_then(|r| r.bytes_per_s)),
+            fmt_rate(vr.and_then(|r| r.new_flows_per_s)),
+        ]);
+        for b in &v.backends {
+            let br = vr.and_then(|r| r.backends.iter().find(|x| x.address == b.address));
+            rows.push(vec![
+                format!("  -> {}", b.address),
+                String::new(),
+                b.state.to_string(),
+                b.weight.to_string(),
+                b.active_flows.to_string(),
+                b.packets.to_string(),
+                b.bytes.to_string(),
+                b.new_flows.to_string(),
+                fmt_rate(br.and_then(|r| r.packets_per_s)),
+                fmt_rate(br.and_then(|r| r.bytes_per_s)),
+                fmt_rate(br.and_then(|r| r.new_flows_per_s)),
+            ]);
+        }
+    }
+    out.push_str(&table(
+        "",
+        &[
+            "VIP / BACKEND",
+            "PROTO",
+            "STATE",
+            "WEIGHT",
+            "ACTIVE",
+            "PACKETS",
+            "BYTES",
+            "NEW_FLOWS",
+            "PKT/S",
+            "BYTES/S",
+            "FLOWS/S",
+        ],
+        &rows,
+    ));
+    // Zero reasons are noise in a live view; the full list is in plain `xlb stats`.
+    let rows: Vec<Vec<String>> = stats
+        .reasons
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(name, n)| {
+            let r = rates.and_then(|r| r.reasons.get(name).copied().flatten());
+            vec![name.clone(), n.to_string(), fmt_rate(r)]
+        })
+        .collect();
+    out.push('\n');
+    out.push_str(&table("", &["REASON", "PACKETS", "PKT/S"], &rows));
+    let events: Vec<String> = stats
+        .events
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    if !events.is_empty() {
+        out.push_str(&format!("\nevents: {}\n", events.join(", ")));
+    }
+    out.push_str(&format!("\n{}\n", flow_table_line(stats)));
+    out
+}
+
+/// `flow table: 12 of 262144 entries in use (0.0%)`.
+fn flow_table_line(stats: &StatsReport) -> String {
+    let pct = if stats.flow_capacity == 0 {
+        0.0
+    } else {
+        stats.flow_entries as f64 * 100.0 / f64::from(stats.flow_capacity)
+    };
+    format!(
+        "flow table: {} of {} entries in use ({pct:.1}%)",
+        stats.flow_entries, stats.flow_capacity
+    )
 }
 
 pub async fn backend_host(cmd: BackendHostCommand) -> Result<(), CliError> {
@@ -761,7 +1084,7 @@ pub fn stats_text(stats: &StatsReport) -> String {
         .collect();
     out.push('\n');
     out.push_str(&table("", &["EVENT", "COUNT"], &rows));
-    out.push_str(&format!("\nflow table capacity: {}\n", stats.flow_capacity));
+    out.push_str(&format!("\n{}\n", flow_table_line(stats)));
     out
 }
 
@@ -797,8 +1120,194 @@ mod tests {
                 packets: 10,
                 bytes: 840,
                 new_flows: 10,
+                checks_ok: 12,
+                checks_failed: 0,
             }],
         }
+    }
+
+    fn snapshot(vip: (u64, u64, u64), be: (u64, u64, u64), fwd_tx: u64) -> StatsReport {
+        let mut v = report();
+        (v.packets, v.bytes, v.new_flows) = vip;
+        let b = &mut v.backends[0];
+        (b.packets, b.bytes, b.new_flows) = be;
+        StatsReport {
+            vips: vec![v],
+            reasons: [
+                ("fwd_tx".to_string(), fwd_tx),
+                ("drop_no_backend".to_string(), 0),
+            ]
+            .into_iter()
+            .collect(),
+            events: [("midflow_miss".to_string(), 0)].into_iter().collect(),
+            flow_capacity: 1000,
+            flow_entries: 250,
+        }
+    }
+
+    #[test]
+    fn rates_are_deltas_over_the_elapsed_time() {
+        let prev = snapshot((100, 10_000, 10), (40, 4_000, 4), 100);
+        let cur = snapshot((400, 40_000, 25), (190, 19_000, 9), 400);
+        let r = rates(&prev, &cur, Duration::from_millis(1500));
+        assert_eq!(r.interval_s, 1.5);
+        let v = &r.vips[0];
+        assert_eq!(
+            (v.packets_per_s, v.bytes_per_s, v.new_flows_per_s),
+            (Some(200.0), Some(20_000.0), Some(10.0))
+        );
+        let b = &v.backends[0];
+        assert_eq!(
+            (b.packets_per_s, b.bytes_per_s, b.new_flows_per_s),
+            (Some(100.0), Some(10_000.0), Some(10.0 / 3.0))
+        );
+        assert_eq!(r.reasons["fwd_tx"], Some(200.0));
+        assert_eq!(r.reasons["drop_no_backend"], Some(0.0));
+
+        // A counter that went backwards (VIP removed and added again), a VIP or backend that
+        // is new, and no elapsed time: no rate rather than a wrong one.
+        let r = rates(&cur, &prev, Duration::from_secs(1));
+        assert_eq!(r.vips[0].packets_per_s, None);
+        assert_eq!(r.reasons["fwd_tx"], None);
+        let mut other = cur.clone();
+        other.vips[0].proto = Proto::Udp;
+        other.vips[0].backends[0].address = Ipv4Addr::new(10, 111, 1, 99);
+        let r = rates(&prev, &other, Duration::from_secs(1));
+        assert_eq!(r.vips[0].bytes_per_s, None);
+        let mut moved = cur.clone();
+        moved.vips[0].backends[0].address = Ipv4Addr::new(10, 111, 1, 99);
+        let r = rates(&prev, &moved, Duration::from_secs(1));
+        assert_eq!(r.vips[0].packets_per_s, Some(300.0));
+        assert_eq!(r.vips[0].backends[0].packets_per_s, None);
+        assert_eq!(
+            rates(&prev, &cur, Duration::ZERO).vips[0].packets_per_s,
+            None
+        );
+
+        assert_eq!(fmt_rate(None), "-");
+        assert_eq!(fmt_rate(Some(12.345)), "12.3");
+        assert_eq!(fmt_rate(Some(20_000.0)), "20.0k");
+        assert_eq!(fmt_rate(Some(3_500_000.0)), "3.5M");
+        assert_eq!(fmt_rate(Some(1.25e9)), "1.2G");
+    }
+
+    #[test]
+    fn watch_frames_show_totals_and_rates() {
+        let prev = snapshot((100, 10_000, 10), (40, 4_000, 4), 100);
+        let cur = snapshot((400, 40_000, 25), (190, 19_000, 9), 400);
+        let r = rates(&prev, &cur, Duration::from_secs(1));
+        let now = UNIX_EPOCH + Duration::from_secs(1_779_271_212);
+        let text = watch_text(&cur, Some(&r), Duration::from_secs(1), now);
+        assert_eq!(
+            text,
+            "xlb stats every 1s, 2026-05-20T10:00:12Z (Ctrl-C to quit)\n\n\
+             VIP / BACKEND     PROTO  STATE  WEIGHT  ACTIVE  PACKETS  BYTES  NEW_FLOWS  PKT/S  BYTES/S  FLOWS/S\n\
+             10.111.100.1:80   tcp                   3       400      40000  25         300.0  30.0k    15.0\n\
+             \x20 -> 10.111.1.11         up     1       3       190      19000  9          150.0  15.0k    5.0\n\
+             \n\
+             REASON  PACKETS  PKT/S\n\
+             fwd_tx  400      300.0\n\
+             \n\
+             flow table: 250 of 1000 entries in use (25.0%)\n"
+        );
+        // The first frame has no rates yet.
+        let first = watch_text(&cur, None, Duration::from_secs(1), now);
+        assert!(first.contains("  -> 10.111.1.11         up     1       3       190      19000  9          -      -        -\n"), "{first}");
+        // --watch --json: the stats object with `rates` next to its fields, on one line.
+        let line = serde_json::to_string(&WatchFrame {
+            stats: &cur,
+            rates: Some(&r),
+        })
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["vips"][0]["packets"], 400);
+        assert_eq!(v["rates"]["vips"][0]["new_flows_per_s"], 15.0);
+        assert_eq!(v["flow_entries"], 250);
+        let first = serde_json::to_string(&WatchFrame {
+            stats: &cur,
+            rates: None,
+        })
+        .unwrap();
+        assert!(first.ends_with(r#""rates":null}"#), "{first}");
+    }
+
+    #[test]
+    fn stats_watch_and_vip_debug_parse() {
+        let cli = Cli::try_parse_from(["xlb", "stats", "--watch", "--interval", "500ms", "--json"])
+            .unwrap();
+        let Command::Stats(a) = cli.command else {
+            panic!()
+        };
+        assert!(a.watch && a.json);
+        assert_eq!(a.interval, "500ms");
+        let Command::Stats(a) = Cli::try_parse_from(["xlb", "stats"]).unwrap().command else {
+            panic!()
+        };
+        assert!(!a.watch && !a.json);
+        assert!(Cli::try_parse_from(["xlb", "stats", "--interval", "2s"]).is_err());
+        let sock = Path::new("/nonexistent/xlb.sock");
+        for bad in ["fast", "10ms"] {
+            let e = super::stats(
+                sock,
+                StatsArgs {
+                    json: false,
+                    watch: true,
+                    interval: bad.into(),
+                },
+            )
+            .unwrap_err();
+            assert!(
+                matches!(e, CliError::Check(_) | CliError::WatchInterval(_)),
+                "{e}"
+            );
+        }
+
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "vip",
+            "debug",
+            "10.111.100.1:5353",
+            "--proto",
+            "udp",
+            "on",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Vip(VipCommand::Debug {
+                proto: ProtoArg::Udp,
+                state: OnOff::On,
+                ..
+            })
+        ));
+        assert!(Cli::try_parse_from(["xlb", "vip", "debug", "10.111.100.1:80", "maybe"]).is_err());
+        let e = super::vip(
+            sock,
+            VipCommand::Debug {
+                vip: "10.111.100.1".into(),
+                proto: ProtoArg::Tcp,
+                state: OnOff::Off,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, CliError::Parse(_)), "{e}");
+
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "agent",
+            "--iface",
+            "eth0",
+            "--metrics-listen",
+            "127.0.0.1:9477",
+        ])
+        .unwrap();
+        let Command::Agent(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            args.into_options(cli.socket).metrics_listen,
+            Some("127.0.0.1:9477".parse().unwrap())
+        );
     }
 
     #[test]
@@ -1071,12 +1580,16 @@ mod tests {
             reasons: [("fwd_tx".to_string(), 30)].into_iter().collect(),
             events: [("midflow_miss".to_string(), 2)].into_iter().collect(),
             flow_capacity: 262144,
+            flow_entries: 12,
         };
         let text = stats_text(&stats);
         assert!(text.starts_with(
             "VIP 10.111.100.1:80/tcp forward ipip: packets 30 bytes 2520 new_flows 30\n  BACKEND"
         ));
         assert!(text.contains("REASON  PACKETS\nfwd_tx  30\n"), "{text}");
-        assert!(text.ends_with("flow table capacity: 262144\n"));
+        assert!(
+            text.ends_with("flow table: 12 of 262144 entries in use (0.0%)\n"),
+            "{text}"
+        );
     }
 }

@@ -102,6 +102,8 @@ pub struct AgentSection {
     pub peers: Option<Vec<std::net::SocketAddr>>,
     /// Peer sync: the shared key (`--sync-key-file`).
     pub sync_key_file: Option<std::path::PathBuf>,
+    /// Where to serve Prometheus metrics, `ADDR:PORT` (`--metrics-listen`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -28,11 +28,12 @@ use crate::{
 };
 use lb_common::FlowEvent;
 use std::{
+    cell::Cell,
     collections::BTreeSet,
     fmt,
     net::Ipv4Addr,
     path::PathBuf,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 /// What the controller needs from a data path.
@@ -50,6 +51,10 @@ pub trait DataplaneOps {
     fn install_flows(&mut self, flows: Vec<FlowEvent>) -> Result<InstallReport, Self::Error>;
     /// Flows seen within `max_age`, for a peer's snapshot.
     fn snapshot_flows(&self, max_age: Duration) -> Result<Vec<FlowEvent>, Self::Error>;
+    /// Entries in the flow table (one pass over it: callers cache the answer).
+    fn flow_entries(&self) -> Result<u64, Self::Error>;
+    /// Switch the data path's debug events for one installed VIP on or off (runtime only).
+    fn set_vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), Self::Error>;
 }
 
 impl DataplaneOps for Dataplane {
@@ -76,7 +81,19 @@ impl DataplaneOps for Dataplane {
     fn snapshot_flows(&self, max_age: Duration) -> Result<Vec<FlowEvent>, DataplaneError> {
         Dataplane::snapshot_flows(self, max_age)
     }
+    fn flow_entries(&self) -> Result<u64, DataplaneError> {
+        // Keys only: one syscall per entry instead of two (no value lookups). An entry evicted
+        // while we walk ends or skips the walk; the count is an estimate of a moving LRU anyway.
+        Ok(self.flows()?.keys().filter(Result::is_ok).count() as u64)
+    }
+    fn set_vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), DataplaneError> {
+        Dataplane::set_vip_debug(self, key, on)
+    }
 }
+
+/// How long a counted number of flow-table entries is reused: counting walks the whole table,
+/// so scrapes and `xlb stats` in quick succession must not each pay for a walk.
+pub const FLOW_ENTRIES_MAX_AGE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
@@ -90,6 +107,8 @@ pub enum ControllerError {
     Remove { key: ServiceKey, message: String },
     #[error("reading data-path counters failed: {message}")]
     Stats { message: String },
+    #[error("switching debug events of VIP {key} failed: {message}")]
+    Debug { key: ServiceKey, message: String },
     /// The change failed and putting the data path back failed too: the kernel may now differ from
     /// the desired state, which is kept as it was.
     #[error("{error}; restoring VIP {key} in the data path also failed: {rollback}")]
@@ -107,6 +126,9 @@ pub struct Controller<D> {
     health: HealthBook,
     /// VIPs whose re-apply after a health change failed: retried on their next check result.
     retry: BTreeSet<ServiceKey>,
+    /// The last count of flow-table entries and when it was taken (`FLOW_ENTRIES_MAX_AGE`). A
+    /// `Cell` because reports are built through `&self`.
+    flow_entries: Cell<Option<(Instant, u64)>>,
 }
 
 impl<D: DataplaneOps> Controller<D> {
@@ -123,6 +145,7 @@ impl<D: DataplaneOps> Controller<D> {
             state_path,
             health: HealthBook::default(),
             retry: BTreeSet::new(),
+            flow_entries: Cell::new(None),
         };
         for spec in initial.vips() {
             ctl.dp
@@ -248,6 +271,15 @@ impl<D: DataplaneOps> Controller<D> {
                 message: "peer sync is not configured on this agent (start it with --sync-listen)"
                     .to_string(),
             }),
+            Request::VipDebug { vip, on } => self.vip_debug(&vip, on).map(|()| Response::Done {
+                message: if on {
+                    format!(
+                        "VIP {vip}: data-path debug events on (they appear in the agent's log, target xlb_ebpf)"
+                    )
+                } else {
+                    format!("VIP {vip}: data-path debug events off")
+                },
+            }),
         };
         result.unwrap_or_else(|e| Response::Error {
             message: e.to_string(),
@@ -264,6 +296,20 @@ impl<D: DataplaneOps> Controller<D> {
         self.commit(key, None, Some(spec))?;
         self.log_unchecked_udp(vec![key]);
         Ok(())
+    }
+
+    /// Debug events for one VIP. Not desired state: nothing is persisted, and a restarted agent
+    /// starts with every VIP's events off.
+    pub fn vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), ControllerError> {
+        if self.state.get(key).is_none() {
+            return Err(StateError::UnknownVip(*key).into());
+        }
+        self.dp
+            .set_vip_debug(key, on)
+            .map_err(|e| ControllerError::Debug {
+                key: *key,
+                message: e.to_string(),
+            })
     }
 
     pub fn vip_set(&mut self, key: &ServiceKey, check: &CheckPatch) -> Result<(), ControllerError> {
@@ -423,7 +469,23 @@ impl<D: DataplaneOps> Controller<D> {
             reasons: stats.reasons.clone(),
             events: stats.events.clone(),
             flow_capacity: stats.flow_capacity,
+            flow_entries: self.flow_entries()?,
         })
+    }
+
+    /// Flow-table entries, counted at most once per `FLOW_ENTRIES_MAX_AGE`.
+    fn flow_entries(&self) -> Result<u64, ControllerError> {
+        let now = Instant::now();
+        if let Some((at, n)) = self.flow_entries.get()
+            && now.duration_since(at) < FLOW_ENTRIES_MAX_AGE
+        {
+            return Ok(n);
+        }
+        let n = self.dp.flow_entries().map_err(|e| ControllerError::Stats {
+            message: e.to_string(),
+        })?;
+        self.flow_entries.set(Some((now, n)));
+        Ok(n)
     }
 
     /// Serve a request of the peer-sync tasks: install a peer's flows, or snapshot ours. Errors go
@@ -558,6 +620,9 @@ fn report(
                 |h| h.state,
             );
             let since = h.as_ref().map_or(now, |h| h.since);
+            let (checks_ok, checks_failed) = h
+                .as_ref()
+                .map_or((0, 0), |h| (h.checks_ok, h.checks_failed));
             let last_check = h.and_then(|h| h.last).map(|r| LastCheck {
                 ok: r.ok,
                 detail: r.detail,
@@ -575,6 +640,8 @@ fn report(
                 packets: bs.counters.packets,
                 bytes: bs.counters.bytes,
                 new_flows: bs.counters.new_flows,
+                checks_ok,
+                checks_failed,
             }
         })
         .collect();
@@ -612,6 +679,10 @@ pub(crate) mod fake {
         pub down_log: Vec<(ServiceKey, BTreeSet<Ipv4Addr>)>,
         /// Flows installed from peers, in order.
         pub flows: Vec<FlowEvent>,
+        /// Every `set_vip_debug` call, in order.
+        pub debug_log: Vec<(ServiceKey, bool)>,
+        /// How many times the flow table was "walked" (`flow_entries`).
+        pub flow_walks: std::cell::Cell<usize>,
     }
 
     impl FakeDataplane {
@@ -706,6 +777,17 @@ pub(crate) mod fake {
         }
         fn snapshot_flows(&self, _max_age: Duration) -> Result<Vec<FlowEvent>, FakeError> {
             Ok(self.flows.clone())
+        }
+        fn flow_entries(&self) -> Result<u64, FakeError> {
+            self.flow_walks.set(self.flow_walks.get() + 1);
+            Ok(self.flows.len() as u64 + 5)
+        }
+        fn set_vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), FakeError> {
+            if !self.applied.contains_key(key) {
+                return Err(FakeError("no such VIP"));
+            }
+            self.debug_log.push((*key, on));
+            Ok(())
         }
     }
 }
@@ -1036,6 +1118,12 @@ mod tests {
         assert_eq!(s.vips.len(), 1);
         assert_eq!(s.reasons.get("fwd_tx"), Some(&42));
         assert_eq!(s.flow_capacity, 1024);
+        assert_eq!(s.flow_entries, 5);
+        // The table is walked at most once per FLOW_ENTRIES_MAX_AGE.
+        let walks = f.ctl.dp.flow_walks.get();
+        f.ctl.stats().unwrap();
+        f.ctl.stats().unwrap();
+        assert_eq!(f.ctl.dp.flow_walks.get(), walks);
         let list = f.ctl.vip_list();
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].backends.len(), 2);
@@ -1079,6 +1167,61 @@ mod tests {
     fn state_of(ctl: &Controller<FakeDataplane>, addr: Ipv4Addr) -> BackendState {
         let r = ctl.backend_list(&key(80)).unwrap();
         r.backends.iter().find(|b| b.address == addr).unwrap().state
+    }
+
+    #[test]
+    fn vip_debug_reaches_the_data_path_and_unknown_vips_are_refused() {
+        let mut f = checked_fixture();
+        let before = f.ctl.state().clone();
+        assert!(matches!(
+            f.ctl.handle(Request::VipDebug { vip: key(80), on: true }),
+            Response::Done { message } if message.contains("debug events on")
+        ));
+        assert!(matches!(
+            f.ctl.handle(Request::VipDebug { vip: key(80), on: false }),
+            Response::Done { message } if message.ends_with("debug events off")
+        ));
+        assert_eq!(
+            f.ctl.handle(Request::VipDebug {
+                vip: key(81),
+                on: true
+            }),
+            Response::Error {
+                message: "unknown VIP 10.111.100.1:81/tcp".into()
+            }
+        );
+        assert_eq!(f.ctl.dp.debug_log, vec![(key(80), true), (key(80), false)]);
+        // Runtime only: the desired state (and its file) did not change.
+        assert_eq!(f.ctl.state(), &before);
+        f.assert_consistent();
+    }
+
+    #[test]
+    fn check_results_are_counted_per_backend() {
+        let mut f = checked_fixture();
+        feed(&mut f.ctl, be(12), false, "connection refused");
+        feed(&mut f.ctl, be(12), true, "connected");
+        feed(&mut f.ctl, be(12), true, "connected");
+        feed(&mut f.ctl, be(11), true, "connected");
+        let r = f.ctl.stats().unwrap();
+        let counts: Vec<_> = r.vips[0]
+            .backends
+            .iter()
+            .map(|b| (b.address, b.checks_ok, b.checks_failed))
+            .collect();
+        assert_eq!(counts, vec![(be(11), 1, 0), (be(12), 2, 1), (be(13), 0, 0)]);
+        // A check change restarts the rise/fall counts, not these counters.
+        let faster = CheckPatch {
+            interval: Some(Duration::from_millis(500)),
+            timeout: Some(Duration::from_millis(100)),
+            ..Default::default()
+        };
+        f.ctl.vip_set(&key(80), &faster).unwrap();
+        let r = f.ctl.backend_list(&key(80)).unwrap();
+        assert_eq!(
+            (r.backends[1].checks_ok, r.backends[1].checks_failed),
+            (2, 1)
+        );
     }
 
     #[test]

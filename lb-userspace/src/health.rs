@@ -196,6 +196,10 @@ pub struct BackendHealth {
     pub since: SystemTime,
     /// `None` before the first check and for `none` checks.
     pub last: Option<CheckResult>,
+    /// Checks that passed / failed since the backend was added (kept across check changes, so
+    /// they behave as Prometheus counters).
+    pub checks_ok: u64,
+    pub checks_failed: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -208,6 +212,8 @@ struct Entry {
     last: Option<CheckResult>,
     shown: BackendState,
     since: SystemTime,
+    checks_ok: u64,
+    checks_failed: u64,
 }
 
 impl Entry {
@@ -279,6 +285,8 @@ impl HealthBook {
                                 last: None,
                                 shown: BackendState::of(true, b.weight),
                                 since: now,
+                                checks_ok: 0,
+                                checks_failed: 0,
                             },
                         );
                     }
@@ -313,6 +321,11 @@ impl HealthBook {
         let ok = report.result.ok;
         let reason = report.result.detail.clone();
         let at = report.result.at;
+        if ok {
+            e.checks_ok += 1;
+        } else {
+            e.checks_failed += 1;
+        }
         e.last = Some(report.result);
         let up = e.machine.record(ok, e.check.rise, e.check.fall)?;
         e.reshow(at);
@@ -330,6 +343,8 @@ impl HealthBook {
             state: e.shown,
             since: e.since,
             last: e.last.clone(),
+            checks_ok: e.checks_ok,
+            checks_failed: e.checks_failed,
         })
     }
 

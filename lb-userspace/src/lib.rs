@@ -11,6 +11,7 @@ pub mod controller;
 pub mod dataplane;
 pub mod ebpf_object;
 pub mod health;
+pub mod metrics;
 pub mod model;
 pub mod parse;
 pub mod ring;

@@ -54,7 +54,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Vip(cmd) => cli::vip(&socket, cmd)?,
         Command::Backend(cmd) => cli::backend(&socket, cmd)?,
-        Command::Stats { json } => cli::stats(&socket, json)?,
+        Command::Stats(args) => cli::stats(&socket, args)?,
         Command::Peers { json } => cli::peers(&socket, json)?,
         Command::BackendHost(cmd) => cli::backend_host(cmd).await?,
         Command::XdpPass(cmd) => cli::xdp_pass(cmd)?,

@@ -79,6 +79,9 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iputils-ping",
     "procps",
+    // promtool, which the monitoring tests run on /metrics (the package's server is not started:
+    // the install runs under a policy-rc.d that forbids service starts).
+    "prometheus",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

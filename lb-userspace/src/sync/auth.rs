@@ -11,15 +11,30 @@
 //!
 //! The receiver checks the tag before it looks at the sequence or the payload, so nothing of an
 //! unauthenticated frame except its 36-byte header is ever interpreted. Verification is
-//! constant-time (`hmac`'s `verify_slice`). The receiver does not prove itself to the sender: a
-//! node that accepts sync connections without the key learns flows but cannot inject any.
+//! constant-time (`hmac`'s `verify_slice`).
+//!
+//! The sender authenticates the receiver too. Its second frame (AckRequest) carries a fresh random
+//! 16-byte nonce; a receiver that accepted the Hello answers with an Ack holding
+//! HMAC-SHA256(K_ack, challenge ‖ sender's node id ‖ nonce), where
+//! K_ack = HMAC-SHA256(key, "xlb-sync ack key v1"). The sender sends no flow (and does not ask its
+//! agent for a snapshot) before that Ack verified. So a node that accepts sync connections without
+//! the key gets nothing, and neither does one that replays an Ack recorded from another connection
+//! (other nonce). The separate key K_ack keeps Acks and frame tags apart: no frame tag a sender
+//! makes, whatever challenge it was given, can serve as an Ack. Frames are authenticated, not
+//! encrypted: someone who can read the traffic still sees the flows, so sync belongs on a trusted
+//! network.
 
-use super::wire::{self, Challenge, HEADER_LEN, Header, MAX_FLOWS_PER_FRAME, Message, TAG_LEN};
+use super::wire::{
+    self, Challenge, HEADER_LEN, Header, MAX_FLOWS_PER_FRAME, Message, Nonce, Proof, TAG_LEN,
+};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::{fmt, path::Path, path::PathBuf};
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// Derivation label of the key that Acks are made with (see the module docs).
+const ACK_KEY_LABEL: &[u8] = b"xlb-sync ack key v1";
 
 /// Shortest accepted key, after trimming whitespace.
 pub const MIN_KEY_LEN: usize = 16;
@@ -46,12 +61,16 @@ pub enum AuthError {
     Malformed(#[from] wire::WireError),
     #[error("a frame holds at most {MAX_FLOWS_PER_FRAME} flows, not {0}")]
     TooManyFlows(usize),
+    #[error("the peer's Ack does not prove it has the key")]
+    BadAck,
 }
 
-/// The shared sync key, kept as a keyed HMAC state so each frame only clones it.
+/// The shared sync key, kept as a keyed HMAC state so each frame only clones it, and the derived
+/// key of Acks (module docs), likewise.
 #[derive(Clone)]
 pub struct SyncKey {
     mac: HmacSha256,
+    ack: HmacSha256,
 }
 
 impl fmt::Debug for SyncKey {
@@ -86,11 +105,46 @@ impl SyncKey {
             });
         }
         // HMAC takes keys of any length; the error case cannot happen, but is not unwrapped.
-        let mac = <HmacSha256 as Mac>::new_from_slice(key).map_err(|_| AuthError::KeyTooShort {
+        let too_short = |_| AuthError::KeyTooShort {
             path: None,
             len: key.len(),
-        })?;
-        Ok(SyncKey { mac })
+        };
+        let mac = <HmacSha256 as Mac>::new_from_slice(key).map_err(too_short)?;
+        let mut derive = mac.clone();
+        derive.update(ACK_KEY_LABEL);
+        let ack = <HmacSha256 as Mac>::new_from_slice(&derive.finalize().into_bytes())
+            .map_err(too_short)?;
+        Ok(SyncKey { mac, ack })
+    }
+
+    fn ack_mac(&self, challenge: &Challenge, node_id: u64, nonce: &Nonce) -> HmacSha256 {
+        let mut mac = self.ack.clone();
+        mac.update(challenge);
+        mac.update(&node_id.to_be_bytes());
+        mac.update(nonce);
+        mac
+    }
+
+    /// The receiver's Ack proof for the connection with `challenge`, whose Hello came from
+    /// `node_id` (authenticated header) and whose AckRequest carried `nonce`.
+    pub fn ack_proof(&self, challenge: &Challenge, node_id: u64, nonce: &Nonce) -> Proof {
+        self.ack_mac(challenge, node_id, nonce)
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+
+    /// The sender's check of an Ack (constant-time).
+    pub fn verify_ack(
+        &self,
+        challenge: &Challenge,
+        node_id: u64,
+        nonce: &Nonce,
+        proof: &Proof,
+    ) -> Result<(), AuthError> {
+        self.ack_mac(challenge, node_id, nonce)
+            .verify_slice(proof)
+            .map_err(|_| AuthError::BadAck)
     }
 
     fn with_challenge(&self, challenge: &Challenge) -> HmacSha256 {
@@ -105,6 +159,13 @@ pub fn new_challenge() -> Result<Challenge, AuthError> {
     let mut c = [0u8; wire::CHALLENGE_LEN];
     getrandom::getrandom(&mut c).map_err(AuthError::Random)?;
     Ok(c)
+}
+
+/// A fresh random nonce for an outbound connection's AckRequest.
+pub fn new_nonce() -> Result<Nonce, AuthError> {
+    let mut n = [0u8; wire::NONCE_LEN];
+    getrandom::getrandom(&mut n).map_err(AuthError::Random)?;
+    Ok(n)
 }
 
 /// A random node id (one per agent start).
@@ -303,6 +364,37 @@ mod tests {
             opener.open_frame(&recorded[0]),
             Err(AuthError::BadMac)
         ));
+    }
+
+    #[test]
+    fn ack_proves_the_key_for_this_connection_only() {
+        let k = key("0123456789abcdef-shared");
+        let (c, n) = (new_challenge().unwrap(), new_nonce().unwrap());
+        let proof = k.ack_proof(&c, 7, &n);
+        k.verify_ack(&c, 7, &n, &proof).unwrap();
+        // The same key loaded again (whitespace around it) agrees.
+        key(" 0123456789abcdef-shared\n")
+            .verify_ack(&c, 7, &n, &proof)
+            .unwrap();
+        let other = key("0123456789abcdef-other");
+        assert!(matches!(
+            other.verify_ack(&c, 7, &n, &proof),
+            Err(AuthError::BadAck)
+        ));
+        let bad = |r: Result<(), AuthError>| assert!(matches!(r, Err(AuthError::BadAck)));
+        bad(k.verify_ack(&new_challenge().unwrap(), 7, &n, &proof));
+        bad(k.verify_ack(&c, 8, &n, &proof));
+        bad(k.verify_ack(&c, 7, &new_nonce().unwrap(), &proof));
+        let mut flipped = proof;
+        flipped[31] ^= 1;
+        bad(k.verify_ack(&c, 7, &n, &flipped));
+        // Made with the derived key, not the frame key: not equal to a frame-style HMAC of the
+        // same bytes.
+        let mut frame_style = k.with_challenge(&c);
+        frame_style.update(&7u64.to_be_bytes());
+        frame_style.update(&n);
+        let frame_style: Proof = frame_style.finalize().into_bytes().into();
+        assert_ne!(frame_style, proof);
     }
 
     #[test]

@@ -11,15 +11,27 @@
 //!   `FLOW_EVENTS` ring buffer), batches events (a batch is flushed at
 //!   [`wire::MAX_FLOWS_PER_FRAME`] flows or [`SyncConfig::flush_after`] after its first flow) and
 //!   broadcasts each batch to every peer sender;
-//! - one **sender** per `--peer`: connects (reconnecting with 100 ms → 1 s backoff), then sends a
-//!   full snapshot (asked from the agent with [`SyncRequest::Snapshot`]) and streams batches, plus
-//!   a heartbeat every [`SyncConfig::heartbeat`]. A sender that falls more than
-//!   [`SyncConfig::stream_buffer`] batches behind re-sends a snapshot instead of losing flows
-//!   (counted as `resyncs`);
+//! - one **sender** per `--peer`: connects, sends Hello and waits for the receiver's Ack, which
+//!   proves that the receiver holds the key (see [`auth`]; so the sender authenticates the
+//!   receiver too). Only then is it `connected` and asks the agent for a full snapshot
+//!   ([`SyncRequest::Snapshot`]), sends it and streams batches, plus a heartbeat every
+//!   [`SyncConfig::heartbeat`], also while it waits for the Ack or the snapshot. It reconnects
+//!   with a 100 ms → 1 s backoff, which resets only after a session that was acknowledged and
+//!   lasted 5 heartbeats: a peer that rejects us (wrong key) is retried at most once a second,
+//!   with one warning and the rest at debug level, and never costs the agent a snapshot.
+//!   While the sender waits or writes it keeps taking batches from the broadcast into a held
+//!   queue (up to half a million flows) that it sends next. A sender that still falls behind
+//!   (more than [`SyncConfig::stream_buffer`] batches between two polls, or a full held queue)
+//!   drops the backlog, resubscribes and re-sends a snapshot instead of losing flows (counted as
+//!   `resyncs`);
 //! - the **listener** on `--sync-listen` and one **receiver** per accepted connection: sends the
-//!   challenge, authenticates every frame and installs flows through [`SyncRequest::Install`].
-//!   A frame that fails authentication, the sequence check or decoding is counted (`rejected`),
-//!   logged with the peer's address and reason, and its connection is closed.
+//!   challenge, authenticates every frame, answers the AckRequest and installs flows through
+//!   [`SyncRequest::Install`]. A frame that fails authentication, the sequence check or decoding
+//!   is counted (`rejected`), logged with the peer's address and reason, and its connection is
+//!   closed. So is a connection without a valid Hello 2 s after the accept. At most 4
+//!   connections per address, and 32 from all addresses that are not configured peers, may be
+//!   waiting for their Hello at once; more are refused, so strangers cannot use up the 64
+//!   inbound slots.
 //!
 //! # Wiring into the agent
 //!
@@ -82,7 +94,9 @@ pub const DEFAULT_FLUSH_AFTER: Duration = Duration::from_millis(2);
 /// Default age limit of flows in a snapshot: flows idle longer than this are not sent to a
 /// (re)joining peer.
 pub const DEFAULT_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(600);
-/// Default number of batches a peer sender may fall behind before it resyncs.
+/// Default capacity of the broadcast of batches to the senders: how many batches the reader may
+/// publish between two polls of a sender before that sender must resync. Senders drain it while
+/// they wait or write, so it only covers scheduling delays; at full load a batch is 4096 flows.
 pub const DEFAULT_STREAM_BUFFER: usize = 1024;
 /// A reasonable capacity for the agent's `SyncRequest` channel: receivers wait for each reply, so
 /// it never holds more than one request per connection and sender.

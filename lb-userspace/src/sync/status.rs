@@ -35,7 +35,7 @@ fn unix_ms() -> u64 {
 
 #[derive(Default)]
 pub(crate) struct PeerStats {
-    /// Outbound connection established (challenge received).
+    /// Outbound connection established (the peer's Ack verified).
     connected: AtomicBool,
     since_ms: AtomicU64,
     inbound: AtomicU32,
@@ -235,7 +235,8 @@ pub struct PeersReport {
 pub struct PeerReport {
     /// As configured (`--peer`).
     pub address: SocketAddr,
-    /// Our outbound (sending) connection to it is up.
+    /// Our outbound (sending) connection to it is up: it acknowledged our Hello, proving it has
+    /// the key.
     pub connected: bool,
     /// Last change of `connected` (or agent start), unix ms.
     pub since_unix_ms: u64,
@@ -247,7 +248,8 @@ pub struct PeerReport {
     pub flows_received: u64,
     /// Since the last frame sent to it or received from it; `None` before the first.
     pub last_msg_age_ms: Option<u64>,
-    /// Frames from its address that failed authentication, sequence or format checks.
+    /// Frames from its address that failed authentication, sequence or format checks, and
+    /// connections from it that sent no valid Hello within 2 s of the accept.
     pub rejected: u64,
     /// Received flows whose VIP or backend this node does not have (skipped).
     pub unknown_backend: u64,

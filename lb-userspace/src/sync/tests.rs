@@ -41,6 +41,8 @@ struct Node {
     events: mpsc::Sender<FlowEvent>,
     table: Table,
     installs: Arc<AtomicU64>,
+    /// Snapshot requests the fake agent answered.
+    snapshots: Arc<AtomicU64>,
     agent: JoinHandle<()>,
 }
 
@@ -49,7 +51,9 @@ fn fake_agent(
     mut rx: mpsc::Receiver<SyncRequest>,
     table: Table,
     installs: Arc<AtomicU64>,
+    snapshots: Arc<AtomicU64>,
     install_delay: Duration,
+    snapshot_delay: Duration,
 ) -> JoinHandle<()> {
     let backends = known_backends();
     tokio::spawn(async move {
@@ -74,6 +78,11 @@ fn fake_agent(
                     let _ = reply.send(Ok(report));
                 }
                 SyncRequest::Snapshot { reply, .. } => {
+                    snapshots.fetch_add(1, Relaxed);
+                    // A big table: the real loop is busy for this long (serving nothing else).
+                    if !snapshot_delay.is_zero() {
+                        tokio::time::sleep(snapshot_delay).await;
+                    }
                     let flows = table
                         .lock()
                         .unwrap()
@@ -100,6 +109,8 @@ struct NodeOpts {
     key: &'static str,
     stream_buffer: usize,
     install_delay: Duration,
+    snapshot_delay: Duration,
+    heartbeat: Duration,
     table: Option<Table>,
 }
 
@@ -109,6 +120,8 @@ impl Default for NodeOpts {
             key: KEY,
             stream_buffer: super::DEFAULT_STREAM_BUFFER,
             install_delay: Duration::ZERO,
+            snapshot_delay: Duration::ZERO,
+            heartbeat: super::DEFAULT_HEARTBEAT,
             table: None,
         }
     }
@@ -118,12 +131,21 @@ async fn start(listen: SocketAddr, peers: Vec<SocketAddr>, opts: NodeOpts) -> No
     let key = SyncKey::from_bytes(opts.key.as_bytes()).unwrap();
     let mut config = SyncConfig::new(listen, peers, key).unwrap();
     config.stream_buffer = opts.stream_buffer;
+    config.heartbeat = opts.heartbeat;
     let (events, source) = mpsc::channel(65_536);
     let (req_tx, req_rx) = mpsc::channel(super::SYNC_REQUEST_QUEUE);
     let (stop, stop_rx) = watch::channel(false);
     let table = opts.table.unwrap_or_default();
     let installs = Arc::new(AtomicU64::new(0));
-    let agent = fake_agent(req_rx, table.clone(), installs.clone(), opts.install_delay);
+    let snapshots = Arc::new(AtomicU64::new(0));
+    let agent = fake_agent(
+        req_rx,
+        table.clone(),
+        installs.clone(),
+        snapshots.clone(),
+        opts.install_delay,
+        opts.snapshot_delay,
+    );
     let handle = spawn(config, ChannelSource(source), req_tx, stop_rx)
         .await
         .unwrap();
@@ -133,6 +155,7 @@ async fn start(listen: SocketAddr, peers: Vec<SocketAddr>, opts: NodeOpts) -> No
         events,
         table,
         installs,
+        snapshots,
         agent,
     }
 }
@@ -275,13 +298,159 @@ async fn a_peer_with_the_wrong_key_is_rejected_and_installs_nothing() {
     for i in 0..10 {
         a.new_flow(flow(i)).await;
     }
+    let started = Instant::now();
+    let since = a.report().peers[0].since_unix_ms;
     // Two rejections: the first connection and at least one reconnect.
     wait_for("B rejects twice", || b.report().peers[0].rejected >= 2).await;
+    // No storm: B never acknowledges, so A's backoff keeps growing (100, 200, 400, 800 ms, then
+    // every second): about 5 attempts in 2 s, where resetting the backoff made it ~20.
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(started.elapsed())).await;
     let rb = b.report();
+    assert!(
+        rb.peers[0].rejected <= 7,
+        "{} attempts in 2 s",
+        rb.peers[0].rejected
+    );
     assert_eq!(rb.peers[0].flows_received, 0);
     assert_eq!(rb.totals.rejected, rb.peers[0].rejected);
     assert_eq!(b.len(), 0);
     assert_eq!(b.installs.load(Relaxed), 0, "no install request at all");
+    // And it never cost A a flow-table walk, nor did A ever count as connected.
+    assert_eq!(
+        a.snapshots.load(Relaxed),
+        0,
+        "no snapshot for a rejecting peer"
+    );
+    let ra = a.report();
+    assert!(!ra.peers[0].connected);
+    assert_eq!(ra.peers[0].since_unix_ms, since, "never connected");
+    assert_eq!(ra.peers[0].flows_sent, 0);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Read one frame by hand: its header and its payload (the tag is read and not checked).
+async fn read_frame(s: &mut TcpStream) -> (wire::Header, Vec<u8>) {
+    let mut head = [0u8; wire::HEADER_LEN];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut head))
+        .await
+        .expect("a frame in time")
+        .unwrap();
+    let header = wire::decode_header(&head).unwrap();
+    let mut body = vec![0u8; header.payload_len as usize + wire::TAG_LEN];
+    s.read_exact(&mut body).await.unwrap();
+    body.truncate(header.payload_len as usize);
+    (header, body)
+}
+
+/// Waits until the other end closes `s` (EOF or reset); returns what it sent before.
+async fn closed_by_peer(s: &mut TcpStream) -> Vec<u8> {
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
+        .await
+        .expect("the other end closes the connection");
+    assert!(
+        r.is_ok() || rest.is_empty(),
+        "{r:?} after {} bytes",
+        rest.len()
+    );
+    rest
+}
+
+/// The sender authenticates the receiver: a listener that does not have the key (it answers
+/// with an Ack made with another key, or closes instead of answering) gets Hello and
+/// AckRequest, and nothing else — no snapshot is even asked of the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_without_the_key_gets_no_flows() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake = listener.local_addr().unwrap();
+    let a = start(free_port(), vec![fake], NodeOpts::default()).await;
+    a.new_flow(flow(1)).await;
+    let since = a.report().peers[0].since_unix_ms;
+    let other = SyncKey::from_bytes(b"some-other-key-0123").unwrap();
+    for answer_with_ack in [true, false] {
+        let (mut s, _) = tokio::time::timeout(DEADLINE, listener.accept())
+            .await
+            .expect("A connects")
+            .unwrap();
+        let challenge = [u8::from(answer_with_ack); wire::CHALLENGE_LEN];
+        s.write_all(&wire::encode_challenge(&challenge))
+            .await
+            .unwrap();
+        let (hello, _) = read_frame(&mut s).await;
+        assert_eq!(hello.kind, wire::Kind::Hello);
+        let (req, payload) = read_frame(&mut s).await;
+        assert_eq!(req.kind, wire::Kind::AckRequest);
+        let Ok(Message::AckRequest { nonce }) = wire::decode_payload(req.kind, &payload) else {
+            panic!("not an AckRequest: {payload:?}");
+        };
+        if answer_with_ack {
+            // Well-formed and for this very connection, but not made with the shared key.
+            let proof = other.ack_proof(&challenge, hello.node_id, &nonce);
+            s.write_all(&wire::encode_ack(&proof)).await.unwrap();
+            assert!(
+                closed_by_peer(&mut s).await.is_empty(),
+                "nothing after a bad Ack"
+            );
+        } else {
+            drop(s); // what a receiver that rejects the Hello does
+        }
+    }
+    assert_eq!(a.snapshots.load(Relaxed), 0);
+    let ra = a.report();
+    assert!(!ra.peers[0].connected);
+    assert_eq!(ra.peers[0].since_unix_ms, since, "never connected");
+    assert_eq!(ra.peers[0].flows_sent, 0);
+    a.stop().await;
+}
+
+/// A snapshot the agent takes long to produce (a big table) must not let the connection go
+/// idle: the receiver drops a connection silent for 5 heartbeats, and the reconnect would ask
+/// for another snapshot, and so on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_snapshot_does_not_starve_the_connection() {
+    let (a_addr, b_addr) = (free_port(), free_port());
+    let heartbeat = Duration::from_millis(50);
+    let table: Table = Table::default();
+    table
+        .lock()
+        .unwrap()
+        .extend((0..100).map(flow).map(|f| (f.flow, f.backend_addr)));
+    let a = start(
+        a_addr,
+        vec![b_addr],
+        NodeOpts {
+            heartbeat,
+            // 20 heartbeats; B gives up after 5 silent ones.
+            snapshot_delay: heartbeat * 20,
+            table: Some(table),
+            ..NodeOpts::default()
+        },
+    )
+    .await;
+    let b = start(
+        b_addr,
+        vec![],
+        NodeOpts {
+            heartbeat,
+            ..NodeOpts::default()
+        },
+    )
+    .await;
+    wait_for("B has A's snapshot", || b.len() == 100).await;
+    tokio::time::sleep(heartbeat * 10).await;
+    assert_eq!(
+        a.snapshots.load(Relaxed),
+        1,
+        "the first connection survived the wait"
+    );
+    let ra = a.report();
+    assert!(ra.peers[0].connected, "{ra:?}");
+    assert_eq!(b.report().peers.len(), 0);
+    assert_eq!(b.report().totals.rejected, 0);
+    let f = flow(1000);
+    a.new_flow(f).await;
+    wait_for("the stream continues", || b.has(&f)).await;
     a.stop().await;
     b.stop().await;
 }
@@ -299,13 +468,6 @@ async fn forged_and_replayed_frames_over_tcp_are_rejected() {
         let mut c = [0u8; CHALLENGE_MSG_LEN];
         s.read_exact(&mut c).await.unwrap();
         (s, wire::decode_challenge(&c).unwrap())
-    }
-    async fn closed_by_peer(s: &mut TcpStream) {
-        let mut b = [0u8; 1];
-        let n = tokio::time::timeout(DEADLINE, s.read(&mut b))
-            .await
-            .expect("receiver closes the connection");
-        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
     }
 
     let (mut s, challenge) = connect(b_addr).await;
@@ -398,6 +560,120 @@ async fn a_lagging_sender_resyncs_with_a_snapshot() {
     let ra = a.report();
     assert!(ra.peers[0].resyncs >= 1, "{ra:?}");
     assert_eq!(ra.totals.resyncs, ra.peers[0].resyncs);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// After a lag the sender resubscribes and, while it waits for the resync's snapshot, keeps
+/// taking new batches (sent after the snapshot): a steady stream during a slow snapshot does not
+/// overflow the small buffer again, so there is exactly one resync. Current-thread runtime, as
+/// above, so that the burst is published before the sender runs.
+#[tokio::test]
+async fn a_resync_keeps_reading_the_stream_and_does_not_loop() {
+    let (a_addr, b_addr) = (free_port(), free_port());
+    let a = start(
+        a_addr,
+        vec![b_addr],
+        NodeOpts {
+            stream_buffer: 2,
+            snapshot_delay: Duration::from_millis(300),
+            ..NodeOpts::default()
+        },
+    )
+    .await;
+    let b = start(b_addr, vec![], NodeOpts::default()).await;
+    let first = flow(0);
+    a.new_flow(first).await;
+    wait_for("the first snapshot arrived", || b.has(&first)).await;
+    let queue = |f: FlowEvent| {
+        a.table.lock().unwrap().insert(f.flow, f.backend_addr);
+        a.events.try_send(f).unwrap();
+    };
+    // About 10 full batches at once: the sender lags.
+    (1..40_001).map(flow).for_each(queue);
+    wait_for("the resync started", || a.report().peers[0].resyncs == 1).await;
+    // One batch every 10 ms for as long as the resync's snapshot takes: 30 batches, 15 times the
+    // buffer.
+    for round in 0..30u32 {
+        (0..100)
+            .map(|i| flow(50_000 + round * 100 + i))
+            .for_each(queue);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let total = 1 + 40_000 + 3000;
+    wait_for("B has every flow", || b.len() == total).await;
+    let ra = a.report();
+    assert_eq!(ra.peers[0].resyncs, 1, "{ra:?}");
+    assert_eq!(a.snapshots.load(Relaxed), 2, "the first one and the resync");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Connections that never authenticate are closed after [`HELLO_TIMEOUT`] and counted, and
+/// while they are open they cannot lock a configured peer out: at most 4 per address and 32
+/// from all strangers together (127.0.0.2..=127.0.0.10 play the strangers; the peer is on
+/// 127.0.0.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_hold_the_inbound_slots() {
+    use super::peer::HELLO_TIMEOUT;
+    let (a_addr, b_addr) = (free_port(), free_port());
+    let b = start(b_addr, vec![a_addr], NodeOpts::default()).await;
+    let open_from = |host: u8| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::from(([127, 0, 0, host], 0))).unwrap();
+        tokio::time::timeout(DEADLINE, sock.connect(b_addr))
+            .await
+            .expect("connect in time")
+            .unwrap()
+    };
+    // Whether B admitted the connection (sent the challenge) or closed it at once.
+    async fn admitted(s: &mut TcpStream) -> bool {
+        let mut c = [0u8; CHALLENGE_MSG_LEN];
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut c))
+            .await
+            .expect("challenge or close in time")
+            .is_ok()
+    }
+    let opened = Instant::now();
+    let mut idle = Vec::new();
+    for host in 2..=9u8 {
+        for _ in 0..4 {
+            let mut s = open_from(host).await;
+            assert!(admitted(&mut s).await, "from 127.0.0.{host}");
+            idle.push(s);
+        }
+        let mut s = open_from(host).await;
+        assert!(!admitted(&mut s).await, "a 5th from 127.0.0.{host}");
+    }
+    let mut s = open_from(10).await;
+    assert!(!admitted(&mut s).await, "a 33rd from strangers");
+
+    // The configured peer still gets in while those wait for their deadline.
+    let a = start(a_addr, vec![b_addr], NodeOpts::default()).await;
+    wait_for("A connected to B", || a.report().peers[0].connected).await;
+    let f = flow(1);
+    a.new_flow(f).await;
+    wait_for("B has A's flow", || b.has(&f)).await;
+    assert!(
+        opened.elapsed() < HELLO_TIMEOUT,
+        "too slow to show anything"
+    );
+    assert_eq!(b.report().totals.inbound_other, 32);
+
+    for s in &mut idle {
+        closed_by_peer(s).await;
+    }
+    assert!(opened.elapsed() >= HELLO_TIMEOUT);
+    wait_for("all 32 counted", || {
+        let t = b.report().totals;
+        t.rejected_unknown_source == 32 && t.inbound_other == 0
+    })
+    .await;
+    assert_eq!(b.report().totals.rejected, 32);
+    // Their slots are free again.
+    let mut s = open_from(10).await;
+    assert!(admitted(&mut s).await);
+    drop(s);
     a.stop().await;
     b.stop().await;
 }

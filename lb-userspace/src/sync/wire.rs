@@ -3,8 +3,18 @@
 //! network order.
 //!
 //! A sync connection is one-way for data: the node that connects (the *sender*) streams its flows
-//! to the node that accepted (the *receiver*). The receiver sends exactly one message, right after
-//! accepting, and nothing else:
+//! to the node that accepted (the *receiver*). The receiver sends only two messages: the
+//! challenge, right after accepting, and one Ack, in answer to the sender's AckRequest.
+//!
+//! Sequence on a connection:
+//! 1. receiver → sender: Challenge;
+//! 2. sender → receiver: Hello (seq 1) and AckRequest (seq 2), written together; the receiver
+//!    closes the connection unless a valid Hello arrived within 2 s of the accept;
+//! 3. receiver → sender: Ack, which proves that the receiver holds the key (see `auth.rs`). A
+//!    receiver that rejected the Hello (wrong key, self-peering) closes the connection instead;
+//! 4. sender → receiver, only after the Ack verified: Snapshot frames, SnapshotEnd, then Flows
+//!    and Heartbeat frames (a heartbeat at least every heartbeat interval, also while the sender
+//!    waits for the Ack or for its agent's snapshot).
 //!
 //! **Challenge** (receiver → sender, [`CHALLENGE_MSG_LEN`] = 24 bytes)
 //!
@@ -15,6 +25,15 @@
 //! | 5  | 3  | reserved, zero |
 //! | 8  | 16 | challenge: fresh random bytes for this connection |
 //!
+//! **Ack** (receiver → sender, [`ACK_MSG_LEN`] = 40 bytes)
+//!
+//! | offset | size | field |
+//! |-------:|-----:|-------|
+//! | 0  | 4  | magic `XLBA` |
+//! | 4  | 1  | version, [`VERSION`] |
+//! | 5  | 3  | reserved, zero |
+//! | 8  | 32 | proof: HMAC-SHA256 with a key derived from the sync key over challenge ‖ sender's node id ‖ the AckRequest's nonce (see `auth.rs`) |
+//!
 //! **Frame** (sender → receiver): a fixed [`HEADER_LEN`] = 36-byte header, the payload, and a
 //! 32-byte tag.
 //!
@@ -22,7 +41,7 @@
 //! |-------:|-----:|-------|
 //! | 0  | 4  | magic `XLBS` |
 //! | 4  | 1  | version, [`VERSION`] |
-//! | 5  | 1  | kind: 1 Hello, 2 Flows, 3 Snapshot, 4 SnapshotEnd, 5 Heartbeat |
+//! | 5  | 1  | kind: 1 Hello, 2 Flows, 3 Snapshot, 4 SnapshotEnd, 5 Heartbeat, 6 AckRequest |
 //! | 6  | 2  | flags; none are defined in version 1, so anything but 0 is rejected |
 //! | 8  | 8  | sender's node id (random per agent start; names the sender in logs, detects self-peering) |
 //! | 16 | 8  | sequence: 1 for the first frame of a connection, +1 for each next one |
@@ -37,6 +56,8 @@
 //! - Flows, Snapshot: n / [`RECORD_LEN`] flow records, at most [`MAX_FLOWS_PER_FRAME`].
 //! - SnapshotEnd: 8 bytes, the number of flows the snapshot carried.
 //! - Heartbeat: empty.
+//! - AckRequest (only as the second frame, right after Hello): 16 bytes, a fresh random nonce the
+//!   receiver's Ack must cover, so an Ack recorded from another connection is worthless.
 //!
 //! Flow record ([`RECORD_LEN`] = 20 bytes):
 //!
@@ -63,6 +84,12 @@ pub const HEADER_LEN: usize = 36;
 pub const TAG_LEN: usize = 32;
 pub const CHALLENGE_LEN: usize = 16;
 pub const CHALLENGE_MSG_LEN: usize = 8 + CHALLENGE_LEN;
+pub const ACK_MAGIC: [u8; 4] = *b"XLBA";
+/// Length of the AckRequest's nonce.
+pub const NONCE_LEN: usize = 16;
+/// Length of the proof in an Ack (an HMAC-SHA256 output).
+pub const PROOF_LEN: usize = 32;
+pub const ACK_MSG_LEN: usize = 8 + PROOF_LEN;
 pub const RECORD_LEN: usize = 20;
 /// Flows per Flows/Snapshot frame: big enough that a snapshot of a million flows is ~250 frames,
 /// small enough that one frame is installed in well under a millisecond.
@@ -74,6 +101,10 @@ const _: () = assert!(MAX_FRAME_LEN <= 256 * 1024);
 
 /// A random value the receiver picks for each connection; every frame's tag covers it.
 pub type Challenge = [u8; CHALLENGE_LEN];
+/// A random value the sender picks for each connection; the receiver's Ack covers it.
+pub type Nonce = [u8; NONCE_LEN];
+/// The receiver's proof of key possession in an Ack.
+pub type Proof = [u8; PROOF_LEN];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
@@ -103,15 +134,17 @@ pub enum Kind {
     Snapshot = 3,
     SnapshotEnd = 4,
     Heartbeat = 5,
+    AckRequest = 6,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Hello,
         Kind::Flows,
         Kind::Snapshot,
         Kind::SnapshotEnd,
         Kind::Heartbeat,
+        Kind::AckRequest,
     ];
 
     fn from_u8(v: u8) -> Result<Self, WireError> {
@@ -129,6 +162,7 @@ impl Kind {
             Kind::Flows | Kind::Snapshot => len <= MAX_PAYLOAD && len.is_multiple_of(RECORD_LEN),
             Kind::SnapshotEnd => len == 8,
             Kind::Heartbeat => len == 0,
+            Kind::AckRequest => len == NONCE_LEN,
         }
     }
 }
@@ -158,6 +192,7 @@ pub enum Message<'a> {
     Snapshot(Cow<'a, [FlowEvent]>),
     SnapshotEnd { total: u64 },
     Heartbeat,
+    AckRequest { nonce: Nonce },
 }
 
 impl Message<'_> {
@@ -168,6 +203,7 @@ impl Message<'_> {
             Message::Snapshot(_) => Kind::Snapshot,
             Message::SnapshotEnd { .. } => Kind::SnapshotEnd,
             Message::Heartbeat => Kind::Heartbeat,
+            Message::AckRequest { .. } => Kind::AckRequest,
         }
     }
 
@@ -177,6 +213,7 @@ impl Message<'_> {
             Message::Flows(f) | Message::Snapshot(f) => f.len() * RECORD_LEN,
             Message::SnapshotEnd { .. } => 8,
             Message::Heartbeat => 0,
+            Message::AckRequest { .. } => NONCE_LEN,
         }
     }
 }
@@ -239,6 +276,7 @@ pub fn encode_body(node_id: u64, seq: u64, sent_ns: u64, msg: &Message<'_>, out:
         }
         Message::SnapshotEnd { total } => out.extend_from_slice(&total.to_be_bytes()),
         Message::Heartbeat => {}
+        Message::AckRequest { nonce } => out.extend_from_slice(nonce),
     }
 }
 
@@ -291,6 +329,11 @@ pub fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message<'static>, Wi
             total: be_u64(payload, 0),
         },
         Kind::Heartbeat => Message::Heartbeat,
+        Kind::AckRequest => {
+            let mut nonce = [0u8; NONCE_LEN];
+            nonce.copy_from_slice(payload);
+            Message::AckRequest { nonce }
+        }
     })
 }
 
@@ -371,6 +414,35 @@ pub fn decode_challenge(buf: &[u8]) -> Result<Challenge, WireError> {
     Ok(challenge)
 }
 
+pub fn encode_ack(proof: &Proof) -> [u8; ACK_MSG_LEN] {
+    let mut out = [0u8; ACK_MSG_LEN];
+    out[..4].copy_from_slice(&ACK_MAGIC);
+    out[4] = VERSION;
+    out[8..].copy_from_slice(proof);
+    out
+}
+
+/// The proof of an Ack (only its format is checked here; `SyncKey::verify_ack` checks the proof).
+pub fn decode_ack(buf: &[u8]) -> Result<Proof, WireError> {
+    need(buf, ACK_MSG_LEN)?;
+    if buf.len() > ACK_MSG_LEN {
+        return Err(WireError::Trailing(buf.len() - ACK_MSG_LEN));
+    }
+    let magic = raw4(buf, 0);
+    if magic != ACK_MAGIC {
+        return Err(WireError::BadMagic(magic));
+    }
+    if buf[4] != VERSION {
+        return Err(WireError::BadVersion(buf[4]));
+    }
+    if buf[5..8] != [0; 3] {
+        return Err(WireError::Reserved);
+    }
+    let mut proof = [0u8; PROOF_LEN];
+    proof.copy_from_slice(&buf[8..]);
+    Ok(proof)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -412,6 +484,9 @@ pub(crate) mod tests {
             Message::Snapshot(Cow::Owned(flows)),
             Message::SnapshotEnd { total: 123_456 },
             Message::Heartbeat,
+            Message::AckRequest {
+                nonce: [0x5a; NONCE_LEN],
+            },
         ]
     }
 
@@ -491,6 +566,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn ack_layout_and_checks() {
+        let proof: Proof = std::array::from_fn(|i| i as u8);
+        let a = encode_ack(&proof);
+        assert_eq!(&a[..8], b"XLBA\x01\0\0\0");
+        assert_eq!(decode_ack(&a), Ok(proof));
+        for cut in 0..a.len() {
+            assert!(decode_ack(&a[..cut]).is_err());
+        }
+        let mut longer = a.to_vec();
+        longer.push(0);
+        assert_eq!(decode_ack(&longer), Err(WireError::Trailing(1)));
+        let mut b = a;
+        b[3] = b'C';
+        assert!(matches!(decode_ack(&b), Err(WireError::BadMagic(_))));
+        let mut b = a;
+        b[4] = 2;
+        assert_eq!(decode_ack(&b), Err(WireError::BadVersion(2)));
+        let mut b = a;
+        b[6] = 1;
+        assert_eq!(decode_ack(&b), Err(WireError::Reserved));
+        // A challenge is not an Ack and an Ack is not a challenge.
+        assert!(decode_ack(&encode_challenge(&[0; CHALLENGE_LEN])).is_err());
+        assert!(decode_challenge(&a).is_err());
+        // AckRequest carries exactly one nonce.
+        assert!(decode_payload(Kind::AckRequest, &[0; NONCE_LEN - 1]).is_err());
+        assert!(decode_payload(Kind::AckRequest, &[0; NONCE_LEN + 1]).is_err());
+    }
+
+    #[test]
     fn header_fields_are_checked() {
         let good = frame(&Message::Heartbeat);
         let mut b = good.clone();
@@ -499,7 +603,7 @@ pub(crate) mod tests {
         let mut b = good.clone();
         b[4] = 2;
         assert_eq!(split_frame(&b), Err(WireError::BadVersion(2)));
-        for kind in [0u8, 6, 255] {
+        for kind in [0u8, 7, 255] {
             let mut b = good.clone();
             b[5] = kind;
             assert_eq!(split_frame(&b), Err(WireError::UnknownKind(kind)));
@@ -563,6 +667,7 @@ pub(crate) mod tests {
             }
             let _ = split_frame(&buf);
             let _ = decode_challenge(&buf);
+            let _ = decode_ack(&buf);
             if let Ok(h) = decode_header(&buf) {
                 let end = (HEADER_LEN + h.payload_len as usize).min(buf.len());
                 let _ = decode_payload(h.kind, &buf[HEADER_LEN.min(end)..end]);
