@@ -218,6 +218,34 @@ where
     T::try_from(map).map_err(map_err(name))
 }
 
+fn program_error(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> DataplaneError {
+    move |source| DataplaneError::Program { name, source }
+}
+
+/// The XDP program `name` of `ebpf`.
+pub(crate) fn xdp_program<'a>(
+    ebpf: &'a Ebpf,
+    name: &'static str,
+) -> Result<&'a Xdp, DataplaneError> {
+    let prog = ebpf
+        .program(name)
+        .ok_or(aya::programs::ProgramError::NotLoaded)
+        .map_err(program_error(name))?;
+    prog.try_into().map_err(program_error(name))
+}
+
+/// The XDP program `name` of `ebpf`, mutable (to load or attach it).
+pub(crate) fn xdp_program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut Xdp, DataplaneError> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(aya::programs::ProgramError::NotLoaded)
+        .map_err(program_error(name))?;
+    prog.try_into().map_err(program_error(name))
+}
+
 /// `if_nametoindex`, with "does not exist" as a typed error.
 pub fn ifindex(iface: &str) -> Result<u32, DataplaneError> {
     let name = std::ffi::CString::new(iface)
@@ -454,24 +482,12 @@ impl Dataplane {
     }
 
     fn balancer_mut(&mut self) -> Result<&mut Xdp, DataplaneError> {
-        let name = programs::BALANCER;
-        let prog = self.ebpf.program_mut(name).ok_or(DataplaneError::Program {
-            name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?;
-        prog.try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+        xdp_program_mut(&mut self.ebpf, programs::BALANCER)
     }
 
     /// The loaded balancer program (for `BPF_PROG_TEST_RUN`).
     pub fn balancer(&self) -> Result<&Xdp, DataplaneError> {
-        let name = programs::BALANCER;
-        let prog = self.ebpf.program(name).ok_or(DataplaneError::Program {
-            name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?;
-        prog.try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+        xdp_program(&self.ebpf, programs::BALANCER)
     }
 
     /// The flow table, read-only (for tests and, later, state sync).

@@ -4,10 +4,12 @@
 //! `ip link set dev X xdp` does it: by netlink (IFLA_XDP), which the interface itself then holds.
 
 use crate::{
-    dataplane::{AttachedMode, DataplaneError, XdpModeChoice, ifindex},
+    dataplane::{
+        AttachedMode, DataplaneError, XdpModeChoice, ifindex, xdp_program, xdp_program_mut,
+    },
     ebpf_object::EBPF_OBJECT,
 };
-use aya::{Ebpf, EbpfLoader, maps::HashMap, programs::Xdp};
+use aya::{Ebpf, EbpfLoader, maps::HashMap};
 use lb_common::{maps, programs};
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -40,21 +42,12 @@ fn load(program: &'static str) -> Result<Ebpf, DataplaneError> {
         .map_max_entries(maps::BACKENDS, 1)
         .map_max_entries(maps::BACKEND_STATS, 1)
         .load(EBPF_OBJECT)?;
-    let prog: &mut Xdp = ebpf
-        .program_mut(program)
-        .ok_or(DataplaneError::Program {
-            name: program,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?
-        .try_into()
+    xdp_program_mut(&mut ebpf, program)?
+        .load()
         .map_err(|source| DataplaneError::Program {
             name: program,
             source,
         })?;
-    prog.load().map_err(|source| DataplaneError::Program {
-        name: program,
-        source,
-    })?;
     Ok(ebpf)
 }
 
@@ -136,17 +129,7 @@ fn attach(
     iface: &str,
     mode: XdpModeChoice,
 ) -> Result<AttachedMode, DataplaneError> {
-    let prog: &Xdp = ebpf
-        .program(program)
-        .ok_or(DataplaneError::Program {
-            name: program,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?
-        .try_into()
-        .map_err(|source| DataplaneError::Program {
-            name: program,
-            source,
-        })?;
+    let prog = xdp_program(ebpf, program)?;
     let fd = prog.fd().map_err(|source| DataplaneError::Program {
         name: program,
         source,
