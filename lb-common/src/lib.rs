@@ -35,6 +35,11 @@ pub mod programs {
     /// Returns `XDP_PASS` and nothing else: attached on veth peers so that native-mode
     /// `XDP_TX`/redirect onto them is delivered.
     pub const PASS: &str = "xlb_pass";
+    /// Benchmark floor: returns `XDP_TX` without reading the packet.
+    pub const FLOOR_TX: &str = "xlb_floor_tx";
+    /// Benchmark floor: parses Ethernet, IPv4 and TCP with the same accessor as the balancer,
+    /// then returns `XDP_TX` (`XDP_PASS` if the packet is not IPv4/TCP).
+    pub const FLOOR_PARSE_TX: &str = "xlb_floor_parse_tx";
 }
 
 /// Most VIPs one agent serves (size of the VIP-indexed arrays).

@@ -65,6 +65,22 @@ pub fn xlb_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Benchmark floor (`cargo xtask bench`): the cheapest program that forwards.
+#[xdp]
+pub fn xlb_floor_tx(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
+}
+
+/// Benchmark floor: what any L4 balancer must at least do, parse up to the ports, then forward.
+#[xdp]
+pub fn xlb_floor_parse_tx(ctx: XdpContext) -> u32 {
+    if parse::tcp_ports(&ctx).is_some() {
+        xdp_action::XDP_TX
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

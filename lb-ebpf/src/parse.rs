@@ -28,3 +28,25 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 pub fn frame_len(ctx: &XdpContext) -> usize {
     ctx.data_end() - ctx.data()
 }
+
+/// Source and destination port of an Ethernet/IPv4/TCP packet (network order), or `None`. Only
+/// the benchmark floor uses it; the balancer parses inline because it needs more of the headers.
+#[inline(always)]
+pub fn tcp_ports(ctx: &XdpContext) -> Option<[u8; 4]> {
+    let eth: *const network_types::eth::EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return None;
+    }
+    let ip: *const network_types::ip::Ipv4Hdr = ptr_at(ctx, ETH_HLEN)?;
+    // SAFETY: as above.
+    let (vihl, proto) = unsafe { ((*ip).vihl, (*ip).proto) };
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < IPV4_HLEN || proto != lb_common::IPPROTO_TCP {
+        return None;
+    }
+    let tcp: *const [u8; 20] = ptr_at(ctx, ETH_HLEN + ihl)?;
+    // SAFETY: as above.
+    let tcp = unsafe { &*tcp };
+    Some([tcp[0], tcp[1], tcp[2], tcp[3]])
+}

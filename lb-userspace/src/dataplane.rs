@@ -490,6 +490,16 @@ impl Dataplane {
         xdp_program(&self.ebpf, programs::BALANCER)
     }
 
+    /// Load one of the benchmark floor programs (`programs::FLOOR_TX`, `FLOOR_PARSE_TX`) from
+    /// the same object, for side-by-side `BPF_PROG_TEST_RUN` measurements.
+    pub fn floor_program(&mut self, name: &'static str) -> Result<&Xdp, DataplaneError> {
+        let prog = xdp_program_mut(&mut self.ebpf, name)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(program_error(name))?;
+        }
+        xdp_program(&self.ebpf, name)
+    }
+
     /// The flow table, read-only (for tests and, later, state sync).
     pub fn flows(&self) -> Result<HashMap<&MapData, FlowKey, FlowValue>, DataplaneError> {
         let map = self
