@@ -7,6 +7,7 @@
 //! command and wait bounded in time.
 
 pub mod backend;
+pub mod bench_e2e;
 pub mod client;
 pub mod cmd;
 pub mod downloads;

@@ -207,8 +207,12 @@ fn stop_and_restart_one(xdp_mode: &str) {
         .collect();
     let t = tally(rotation.iter().copied());
     let be2_share = t.get("be2").copied().unwrap_or(0);
+    // Exact round robin gives be2 at least ⌊n/3⌋. Allow two turns less: the client's kernel may
+    // reuse a source port (the server closes first, so the client keeps no TIME_WAIT), and a
+    // "new" connection on a 5-tuple the flow table still holds goes to that flow's backend, as
+    // it must, shifting the rotation by one.
     assert!(
-        be2_share * 3 + 3 >= rotation.len(),
+        be2_share * 3 + 6 >= rotation.len(),
         "be2 answered {be2_share} of {} after its return: {t:?}",
         rotation.len()
     );

@@ -6,6 +6,8 @@
 //!   suite, serially (the network-namespace tests share kernel state).
 //! - `demo`:  setup, build, then bring up the namespace topology with nginx backends and xlb, send
 //!   traffic and show which backend answered.
+//! - `bench`: setup, release build, then the benchmarks (`tests/src/bin/bench.rs`); results under
+//!   `bench/results/`.
 //!
 //! This crate deliberately depends on nothing from the workspace: it has to build and run before
 //! the prerequisites of the eBPF build exist.
@@ -59,6 +61,18 @@ enum Task {
         #[arg(long, default_value_t = 12)]
         requests: u32,
     },
+    /// Setup, release build, then the benchmarks; results in `bench/results/`.
+    Bench {
+        /// Do not run `setup` first.
+        #[arg(long)]
+        skip_setup: bool,
+        /// Fewer and shorter repeats (under a minute).
+        #[arg(long)]
+        quick: bool,
+        /// Leave out the end-to-end and packet-rate part.
+        #[arg(long)]
+        skip_e2e: bool,
+    },
 }
 
 /// Debian packages the build and the tests need. `iputils-ping` is for the "ping to the LB still
@@ -82,6 +96,9 @@ const APT_PACKAGES: &[&str] = &[
     // promtool, which the monitoring tests run on /metrics (the package's server is not started:
     // the install runs under a policy-rc.d that forbids service starts).
     "prometheus",
+    // `cargo xtask bench`: HAProxy (mode tcp) and trafgen are comparison points.
+    "haproxy",
+    "netsniff-ng",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -103,6 +120,11 @@ fn main() {
             xdp_mode,
             requests,
         } => demo(skip_setup, &forward, &xdp_mode, requests),
+        Task::Bench {
+            skip_setup,
+            quick,
+            skip_e2e,
+        } => bench(skip_setup, quick, skip_e2e),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -454,6 +476,46 @@ fn demo(skip_setup: bool, forward: &str, xdp_mode: &str, requests: u32) -> Resul
     )?;
     if !status.success() {
         bail!("the demo failed ({status})");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench
+
+fn bench(skip_setup: bool, quick: bool, skip_e2e: bool) -> Result<()> {
+    if !skip_setup {
+        setup()?;
+    }
+    phase("build binaries (release)", || {
+        run(cargo().args([
+            "build",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "lb-ebpf",
+            "--bins",
+        ]))
+    })?;
+    let release = target_dir().join("release");
+    // As for the demo: the bench removes its namespaces on SIGINT and exits, so xtask waits.
+    extern "C" fn ignore(_: libc::c_int) {}
+    // SAFETY: installing an empty, async-signal-safe handler.
+    unsafe {
+        libc::signal(libc::SIGINT, ignore as *const () as libc::sighandler_t);
+    }
+    let mut cmd = Command::new(release.join("bench"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    if skip_e2e {
+        cmd.arg("--skip-e2e");
+    }
+    cmd.current_dir(workspace_root())
+        .env("XLB_BIN", release.join("xlb"));
+    let status = status_of(&mut cmd)?;
+    if !status.success() {
+        bail!("the benchmarks failed ({status})");
     }
     Ok(())
 }

@@ -1,0 +1,100 @@
+//! Building the benchmark's frames and namespace (the same shapes as `tests/packet_fixtures.rs`).
+
+use anyhow::Result;
+use std::net::Ipv4Addr;
+
+use xlb_tests::netns::{self, Netns};
+
+pub const LB: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 2);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 100, 1);
+/// An address nobody serves (the non-VIP pass case).
+pub const OTHER: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 99);
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const RTR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+/// Most backends a benchmark VIP has; each gets a permanent neighbour entry.
+pub const MAX_BENCH_BACKENDS: u32 = 1000;
+
+/// Backend `i` (0-based): 10.111.16.10 + i, on-link on `lb0` (10.111.16.0/20).
+pub fn backend(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 111, 16, 10)) + i)
+}
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Ethernet (router → LB), IPv4 (DF, TTL 63), TCP with `flags` and `payload_len` bytes.
+pub fn tcp_frame(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    payload_len: usize,
+) -> Vec<u8> {
+    let mut t = vec![0u8; 20 + payload_len];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut h = vec![0u8; 20];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&((20 + t.len()) as u16).to_be_bytes());
+    h[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+    h[6..8].copy_from_slice(&0x4000u16.to_be_bytes());
+    h[8] = 63;
+    h[9] = 6;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::with_capacity(14 + h.len() + t.len());
+    f.extend_from_slice(&LB_MAC);
+    f.extend_from_slice(&RTR_MAC);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&h);
+    f.extend_from_slice(&t);
+    f
+}
+
+/// A namespace with `lb0` (10.111.1.2/24 and 10.111.16.2/20, MTU 1500, forwarding on), a route to
+/// the client network and permanent neighbour entries for every benchmark backend, so
+/// `bpf_fib_lookup` resolves each of them.
+pub fn bench_netns() -> Result<Netns> {
+    let ns = Netns::create(&format!("{}-bench", netns::unique_prefix()))?;
+    let mut script = String::from(
+        "set -e
+         ip link add lb0 address 02:00:00:00:00:02 type veth peer name peer0 address 02:00:00:00:00:01
+         ip link set lb0 mtu 1500 up
+         ip link set peer0 up
+         ip addr add 10.111.1.2/24 dev lb0
+         ip addr add 10.111.16.2/20 dev lb0
+         ip route add 10.111.0.0/24 via 10.111.1.1 dev lb0
+         sysctl -qw net.ipv4.conf.lb0.forwarding=1
+         ip -batch - <<'EOF'
+neigh add 10.111.1.1 lladdr 02:00:00:00:00:01 dev lb0 nud permanent
+",
+    );
+    for i in 0..MAX_BENCH_BACKENDS {
+        script.push_str(&format!(
+            "neigh add {} lladdr 02:00:00:01:{:02x}:{:02x} dev lb0 nud permanent\n",
+            backend(i),
+            i >> 8,
+            i & 0xff
+        ));
+    }
+    script.push_str("EOF\n");
+    ns.sh(&script)?;
+    Ok(ns)
+}

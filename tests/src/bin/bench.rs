@@ -1,0 +1,776 @@
+//! `cargo xtask bench [--quick]`: xlb's per-packet cost against the floor programs in the same
+//! object, through `BPF_PROG_TEST_RUN`, and the control plane's scale figures (issue 6, parts 1
+//! and 4). Writes `bench/results/<UTC date-time>.{md,json}` and `bench/results/latest.md`.
+//!
+//! Method (also written into the results):
+//! - *repeat*: one packet run `repeat` times in the kernel; the kernel reports the average
+//!   (integer ns). The packet is not reset between iterations, so this is only used where the
+//!   program leaves the frame a valid input for itself (floors, pass, drop, L2 forwarding, which
+//!   only rewrites MACs). A repeated SYN is a new flow only the first time.
+//! - *per call*: `repeat = 1`, one distinct packet per call (a new source port for every SYN);
+//!   the kernel's figure for one run, which includes its timer reads (tens of ns), so per-call
+//!   figures are compared only with the floor measured the same way. The value of a batch is the
+//!   median of its calls; min/median/max are over batches.
+//! - *new flow, derived*: established (repeat) + (new-flow per call − established per call), i.e.
+//!   the per-call difference added to the repeat figure, which cancels the timer overhead.
+
+#[path = "../bench/packets.rs"]
+mod packets;
+#[path = "../bench/stats.rs"]
+mod stats;
+
+use anyhow::{Context, Result, bail};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use clap::Parser;
+use lb_common::{FlowEvent, FlowKey, programs};
+use packets::{ACK, LB, OTHER, SYN, VIP, backend, tcp_frame};
+use serde_json::{Value, json};
+use stats::{Row, Spread, median};
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+use xlb::{
+    dataplane::Dataplane,
+    model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec},
+};
+use xlb_tests::netns;
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+/// VIP ports: L2 (the backend/fill matrix), IPIP (per-call rows), one nobody serves.
+const PORT_L2: u16 = 80;
+const PORT_IPIP: u16 = 90;
+const PORT_UNKNOWN: u16 = 9999;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 2);
+/// Flow-table capacity of the per-packet runs.
+const CAPACITY: u32 = 1 << 18;
+const BACKEND_COUNTS: [u32; 3] = [3, 100, 1000];
+const FILLS: [u32; 2] = [1, 90];
+/// "Flat" means the largest median across backend counts and fills is within this factor of the
+/// smallest.
+const FLAT: f64 = 1.25;
+
+#[derive(Parser)]
+#[command(about = "xlb benchmarks: per-packet cost vs the floor, control-plane scale")]
+struct Args {
+    /// Fewer and shorter repeats (under a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Where the results go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Leave out the end-to-end and packet-rate part (`bench_e2e`).
+    #[arg(long)]
+    skip_e2e: bool,
+}
+
+struct Plan {
+    /// Runs of each repeat-mode figure.
+    runs: usize,
+    /// Packets per repeat-mode run.
+    repeat: u32,
+    /// Batches of per-call figures, and calls per batch.
+    batches: usize,
+    batch: usize,
+    /// Repeats of control-plane figures.
+    cp_repeats: usize,
+    /// Flows for the snapshot and install figures.
+    flows: u32,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn main() {
+    let args = Args::parse();
+    // SAFETY: the handler only stores to an atomic; returning normally runs the namespace guard.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    netns::require_root();
+    if let Err(e) = run(&args) {
+        eprintln!("bench: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let started = Instant::now();
+    let plan = if args.quick {
+        Plan {
+            runs: 3,
+            repeat: 200_000,
+            batches: 3,
+            batch: 200,
+            cp_repeats: 3,
+            flows: 1 << 20,
+        }
+    } else {
+        Plan {
+            runs: 7,
+            repeat: 2_000_000,
+            batches: 7,
+            batch: 300,
+            cp_repeats: 5,
+            flows: 1 << 20,
+        }
+    };
+    let _ = netns::sweep_stale();
+    let machine = machine()?;
+    println!(
+        "bench: {} mode, kernel {}, {} × {}",
+        if args.quick { "quick" } else { "full" },
+        machine["kernel"].as_str().unwrap_or("?"),
+        machine["nproc"],
+        machine["cpu"].as_str().unwrap_or("?")
+    );
+
+    let ns = packets::bench_netns().context("benchmark namespace")?;
+    let (mut rows, targets) = {
+        let plan_in = (plan.runs, plan.repeat, plan.batches, plan.batch);
+        ns.enter(move || per_packet(plan_in))??
+    };
+    drop(ns);
+    check_interrupted()?;
+    rows.extend(control_plane(&plan)?);
+
+    let mut md = stats::markdown(&rows);
+    let mut e2e = Value::Null;
+    if !args.skip_e2e {
+        check_interrupted()?;
+        println!("bench: end to end and packet rate (bench_e2e)");
+        match xlb_tests::bench_e2e::run(args.quick) {
+            Ok((v, m)) => {
+                md.push_str(&format!("\n{m}\n"));
+                e2e = v;
+            }
+            Err(e) => {
+                eprintln!("bench: end-to-end part failed: {e:#}");
+                md.push_str(&format!("\n### End to end\n\nfailed: {e:#}\n"));
+                e2e = json!({"error": format!("{e:#}")});
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let doc = document(&machine, args.quick, &md, &targets.markdown, elapsed);
+    println!("{doc}");
+
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let stamp = machine["date"]
+        .as_str()
+        .unwrap_or("unknown")
+        .replace(':', "");
+    let md_path = args.out.join(format!("{stamp}.md"));
+    let json_path = args.out.join(format!("{stamp}.json"));
+    std::fs::write(&md_path, &doc)?;
+    std::fs::write(args.out.join("latest.md"), &doc)?;
+    let j = json!({
+        "machine": machine,
+        "quick": args.quick,
+        "elapsed_s": elapsed,
+        "method": METHOD,
+        "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
+        "targets": targets.json,
+        "e2e": e2e,
+    });
+    std::fs::write(&json_path, serde_json::to_string_pretty(&j)? + "\n")?;
+    println!(
+        "bench: wrote {}, {} and latest.md in {elapsed:.0}s",
+        md_path.display(),
+        json_path.display()
+    );
+    Ok(())
+}
+
+const METHOD: &str = "Per-packet figures come from BPF_PROG_TEST_RUN on the programs of one loaded object, \
+in a namespace whose routes and permanent neighbour entries let bpf_fib_lookup resolve every backend. \
+*repeat*: one frame run `repeat` times, kernel-reported average (integer ns); used where the program leaves the \
+frame a valid input for itself (floors, pass, drop, L2 forwarding). *per call*: repeat = 1 with a distinct frame per \
+call (every SYN a new source port, so every one is a new flow); includes the kernel's timer reads, so it is only \
+compared with the floor measured the same way; a batch's value is the median of its calls. *new flow (derived)*: \
+established (repeat) + (new flow per call − established per call). IPIP encapsulation grows the frame in place, \
+which a repeated run would feed back to itself, so IPIP is measured per call only. min/median/max are over runs \
+or batches; ratios are of medians.";
+
+fn document(machine: &Value, quick: bool, table: &str, targets: &str, elapsed: f64) -> String {
+    format!(
+        "# xlb benchmark results\n\n\
+         - date (UTC): {}\n- commit: {}\n- kernel: {}\n- CPU: {} × {}\n- mode: {} ({elapsed:.0} s)\n\n\
+         {METHOD}\n{table}\n### Targets (issue 6)\n\n{targets}",
+        machine["date"].as_str().unwrap_or("?"),
+        machine["commit"].as_str().unwrap_or("?"),
+        machine["kernel"].as_str().unwrap_or("?"),
+        machine["nproc"],
+        machine["cpu"].as_str().unwrap_or("?"),
+        if quick { "quick" } else { "full" },
+    )
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn machine() -> Result<Value> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")?
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let mut commit = sh("git", &["rev-parse", "--short", "HEAD"]);
+    if !sh("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty() {
+        commit.push_str(" (with uncommitted changes)");
+    }
+    Ok(json!({
+        "kernel": sh("uname", &["-r"]),
+        "cpu": cpu,
+        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "date": sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        "commit": commit,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running a program.
+
+fn ctx(len: usize, ifindex: u32) -> Vec<u8> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    [0, len as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|v: &u32| v.to_ne_bytes())
+        .collect()
+}
+
+/// One `BPF_PROG_TEST_RUN`: (action, kernel-reported ns per run).
+fn test_run(prog: &Xdp, ifindex: u32, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
+    let c = ctx(frame.len(), ifindex);
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&c),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    Ok((r.return_value, r.duration.as_nanos() as f64))
+}
+
+/// `runs` repeat-mode figures (ns/packet) of one frame; every run must end in `action`.
+fn repeated(
+    prog: &Xdp,
+    ifindex: u32,
+    frame: &[u8],
+    action: u32,
+    runs: usize,
+    repeat: u32,
+    what: &str,
+) -> Result<Vec<f64>> {
+    check_interrupted()?;
+    (0..runs)
+        .map(|_| {
+            let (a, ns) = test_run(prog, ifindex, frame, repeat)?;
+            if a != action {
+                bail!("{what}: action {a}, expected {action}");
+            }
+            Ok(ns)
+        })
+        .collect()
+}
+
+/// Per-call figures: one batch per element of `batches`, each the median of its calls.
+fn per_call(
+    prog: &Xdp,
+    ifindex: u32,
+    batches: &[Vec<Vec<u8>>],
+    action: u32,
+    what: &str,
+) -> Result<Vec<f64>> {
+    check_interrupted()?;
+    let mut out = Vec::new();
+    for frames in batches {
+        let mut calls = Vec::with_capacity(frames.len());
+        for f in frames {
+            let (a, ns) = test_run(prog, ifindex, f, 1)?;
+            if a != action {
+                bail!("{what}: action {a}, expected {action}");
+            }
+            calls.push(ns);
+        }
+        out.push(median(&calls));
+    }
+    Ok(out)
+}
+
+fn same_frame(frame: &[u8], batches: usize, batch: usize) -> Vec<Vec<Vec<u8>>> {
+    vec![vec![frame.to_vec(); batch]; batches]
+}
+
+/// Distinct SYNs to `port` from `src`, source ports from `first_sport` up.
+fn syns(
+    src: Ipv4Addr,
+    port: u16,
+    first_sport: u16,
+    batches: usize,
+    batch: usize,
+) -> Vec<Vec<Vec<u8>>> {
+    (0..batches)
+        .map(|b| {
+            (0..batch)
+                .map(|i| {
+                    let sport = first_sport + (b * batch + i) as u16;
+                    tcp_frame(src, VIP, sport, port, SYN, 0)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-packet cost.
+
+fn vip_spec(port: u16, forward: Forward, backends: impl Iterator<Item = Ipv4Addr>) -> VipSpec {
+    VipSpec {
+        key: ServiceKey {
+            addr: VIP,
+            port,
+            proto: Proto::Tcp,
+        },
+        forward,
+        backends: backends
+            .map(|addr| BackendSpec { addr, weight: 1 })
+            .collect(),
+    }
+}
+
+fn be(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+/// `n` flows to VIP:`port`, spread over the first `backends` backends (none from `CLIENT`).
+fn fill_events(n: u32, port: u16, backends: u32) -> impl Iterator<Item = FlowEvent> {
+    (0..n).map(move |i| FlowEvent {
+        flow: FlowKey {
+            src_addr: be(Ipv4Addr::from(
+                u32::from(Ipv4Addr::new(10, 111, 64, 0)) + (i >> 16),
+            )),
+            dst_addr: be(VIP),
+            src_port: ((i & 0xffff) as u16).to_be(),
+            dst_port: port.to_be(),
+            proto: 6,
+            _pad: [0; 3],
+        },
+        backend_addr: be(backend(i % backends)),
+        _pad: 0,
+    })
+}
+
+struct Targets {
+    markdown: String,
+    json: Value,
+}
+
+struct Floors {
+    tx: Vec<f64>,
+    parse_tx: Vec<f64>,
+    tx_call: Vec<f64>,
+    parse_tx_call: Vec<f64>,
+}
+
+fn measure_floors(
+    dp: &mut Dataplane,
+    ifindex: u32,
+    frame: &[u8],
+    f: &mut Floors,
+    p: (usize, u32, usize, usize),
+) -> Result<()> {
+    let (runs, repeat, batches, batch) = p;
+    let calls = same_frame(frame, batches, batch);
+    let tx = dp.floor_program(programs::FLOOR_TX)?;
+    f.tx.extend(repeated(
+        tx, ifindex, frame, XDP_TX, runs, repeat, "floor TX",
+    )?);
+    f.tx_call
+        .extend(per_call(tx, ifindex, &calls, XDP_TX, "floor TX")?);
+    let ptx = dp.floor_program(programs::FLOOR_PARSE_TX)?;
+    f.parse_tx.extend(repeated(
+        ptx,
+        ifindex,
+        frame,
+        XDP_TX,
+        runs,
+        repeat,
+        "floor parse+TX",
+    )?);
+    f.parse_tx_call
+        .extend(per_call(ptx, ifindex, &calls, XDP_TX, "floor parse+TX")?);
+    Ok(())
+}
+
+struct Cell {
+    backends: u32,
+    fill: u32,
+    entries_after: u32,
+    est: Vec<f64>,
+    est_call: Vec<f64>,
+    new_call: Vec<f64>,
+    new_derived: Vec<f64>,
+}
+
+fn per_packet(p: (usize, u32, usize, usize)) -> Result<(Vec<Row>, Targets)> {
+    let (runs, repeat, batches, batch) = p;
+    let ifindex = xlb::dataplane::ifindex("lb0")?;
+    let ack = tcp_frame(CLIENT, VIP, 1000, PORT_L2, ACK, 0);
+    let mut floors = Floors {
+        tx: vec![],
+        parse_tx: vec![],
+        tx_call: vec![],
+        parse_tx_call: vec![],
+    };
+    let mut other = Vec::new();
+    let mut cells = Vec::new();
+    let ncells = FILLS.len() * BACKEND_COUNTS.len();
+    for (k, (fill, nb)) in FILLS
+        .iter()
+        .flat_map(|f| BACKEND_COUNTS.iter().map(move |b| (*f, *b)))
+        .enumerate()
+    {
+        check_interrupted()?;
+        println!("bench: per-packet, {nb} backends, flow table {fill}% full");
+        let mut dp = Dataplane::load_unattached(CAPACITY, Some(LB))?;
+        dp.apply_vip(
+            &vip_spec(PORT_L2, Forward::L2, (0..nb).map(backend)),
+            &BTreeSet::new(),
+        )?;
+        dp.apply_vip(
+            &vip_spec(PORT_IPIP, Forward::Ipip, (0..3).map(backend)),
+            &BTreeSet::new(),
+        )?;
+        let fill_n = CAPACITY / 100 * fill;
+        let report = dp.install_flows(fill_events(fill_n, PORT_L2, nb))?;
+        if report.installed != u64::from(fill_n) {
+            bail!("filled {} of {fill_n} flows", report.installed);
+        }
+        // Floors in the first and the last cell, so a drift of the machine shows in their spread.
+        if k == 0 || k == ncells - 1 {
+            measure_floors(&mut dp, ifindex, &ack, &mut floors, p)?;
+        }
+        let prog = dp.balancer()?;
+        if k == 0 {
+            let pass = tcp_frame(CLIENT, OTHER, 1000, PORT_L2, ACK, 0);
+            let drop = tcp_frame(CLIENT, VIP, 1000, PORT_UNKNOWN, ACK, 0);
+            other.push((
+                "non-VIP packet (XDP_PASS)",
+                repeated(prog, ifindex, &pass, XDP_PASS, runs, repeat, "pass")?,
+                false,
+            ));
+            other.push((
+                "dropped packet, unknown port (XDP_DROP)",
+                repeated(prog, ifindex, &drop, XDP_DROP, runs, repeat, "drop")?,
+                false,
+            ));
+            // IPIP: per call only (see METHOD).
+            let first = tcp_frame(CLIENT, VIP, 1000, PORT_IPIP, SYN, 0);
+            test_run(prog, ifindex, &first, 1)?;
+            let ipip_ack = tcp_frame(CLIENT, VIP, 1000, PORT_IPIP, ACK, 0);
+            other.push((
+                "established packet, IPIP, 3 backends",
+                per_call(
+                    prog,
+                    ifindex,
+                    &same_frame(&ipip_ack, batches, batch),
+                    XDP_TX,
+                    "established ipip",
+                )?,
+                true,
+            ));
+            other.push((
+                "new-flow SYN, IPIP, 3 backends",
+                per_call(
+                    prog,
+                    ifindex,
+                    &syns(
+                        Ipv4Addr::new(10, 111, 0, 3),
+                        PORT_IPIP,
+                        2000,
+                        batches,
+                        batch,
+                    ),
+                    XDP_TX,
+                    "new flow ipip",
+                )?,
+                true,
+            ));
+        }
+        // The flow the established packets belong to.
+        let (a, _) = test_run(
+            prog,
+            ifindex,
+            &tcp_frame(CLIENT, VIP, 1000, PORT_L2, SYN, 0),
+            1,
+        )?;
+        if a != XDP_TX {
+            bail!("first SYN: action {a}");
+        }
+        let est = repeated(prog, ifindex, &ack, XDP_TX, runs, repeat, "established")?;
+        let est_call = per_call(
+            prog,
+            ifindex,
+            &same_frame(&ack, batches, batch),
+            XDP_TX,
+            "established",
+        )?;
+        let new_call = per_call(
+            prog,
+            ifindex,
+            &syns(CLIENT, PORT_L2, 2000, batches, batch),
+            XDP_TX,
+            "new flow",
+        )?;
+        let base = median(&est) - median(&est_call);
+        let new_derived = new_call.iter().map(|n| n + base).collect();
+        let entries_after = dp.flows()?.keys().count() as u32;
+        cells.push(Cell {
+            backends: nb,
+            fill,
+            entries_after,
+            est,
+            est_call,
+            new_call,
+            new_derived,
+        });
+    }
+
+    let s = "Per-packet cost (BPF_PROG_TEST_RUN)";
+    let c = "Per-packet cost, per call (repeat = 1)";
+    let m = "New-flow and established cost vs backends and flow-table fill (L2 VIP)";
+    let ptx = Spread::of(&floors.parse_tx);
+    let ptx_call = Spread::of(&floors.parse_tx_call);
+    let floor = "parse+TX floor";
+    let mut rows = vec![
+        Row::new(s, "floor: XDP_TX only", "ns/pkt", Spread::of(&floors.tx)).vs(floor, &ptx),
+        Row::new(s, "floor: parse Eth/IPv4/TCP + XDP_TX", "ns/pkt", ptx),
+    ];
+    for (name, v, call) in &other {
+        if !call {
+            rows.push(Row::new(s, *name, "ns/pkt", Spread::of(v)).vs(floor, &ptx));
+        }
+    }
+    let c0 = &cells[0];
+    let est0 = Spread::of(&c0.est);
+    let new0 = Spread::of(&c0.new_derived);
+    rows.push(
+        Row::new(
+            s,
+            "established packet, L2, 3 backends, 1% full",
+            "ns/pkt",
+            est0,
+        )
+        .vs(floor, &ptx),
+    );
+    rows.push(
+        Row::new(
+            s,
+            "new-flow SYN (derived), L2, 3 backends, 1% full",
+            "ns/pkt",
+            new0,
+        )
+        .vs(floor, &ptx)
+        .note("established + (new − established) per call"),
+    );
+    rows.push(Row::new(
+        c,
+        "floor: XDP_TX only",
+        "ns/call",
+        Spread::of(&floors.tx_call),
+    ));
+    rows.push(Row::new(c, "floor: parse + XDP_TX", "ns/call", ptx_call));
+    rows.push(
+        Row::new(
+            c,
+            "established packet, L2, 3 backends",
+            "ns/call",
+            Spread::of(&c0.est_call),
+        )
+        .vs(floor, &ptx_call),
+    );
+    rows.push(
+        Row::new(
+            c,
+            "new-flow SYN, L2, 3 backends",
+            "ns/call",
+            Spread::of(&c0.new_call),
+        )
+        .vs(floor, &ptx_call),
+    );
+    for (name, v, call) in &other {
+        if *call {
+            rows.push(Row::new(c, *name, "ns/call", Spread::of(v)).vs(floor, &ptx_call));
+        }
+    }
+    for cell in &cells {
+        let note = format!(
+            "{} flows after ({:.1}%)",
+            cell.entries_after,
+            100.0 * f64::from(cell.entries_after) / f64::from(CAPACITY)
+        );
+        let label = format!("{} backends, {}% full", cell.backends, cell.fill);
+        rows.push(
+            Row::new(
+                m,
+                format!("established, {label}"),
+                "ns/pkt",
+                Spread::of(&cell.est),
+            )
+            .vs(floor, &ptx),
+        );
+        rows.push(
+            Row::new(
+                m,
+                format!("new-flow SYN (derived), {label}"),
+                "ns/pkt",
+                Spread::of(&cell.new_derived),
+            )
+            .vs(floor, &ptx)
+            .note(note),
+        );
+    }
+
+    // Targets.
+    let spread = |f: &dyn Fn(&Cell) -> f64| {
+        let v: Vec<f64> = cells.iter().map(f).collect();
+        let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().cloned().fold(0.0, f64::max);
+        hi / lo
+    };
+    let est_ratio = est0.median / ptx.median;
+    let new_ratio = new0.median / ptx.median;
+    let new_call_ratio = median(&c0.new_call) / ptx_call.median;
+    let est_flat = spread(&|c| median(&c.est));
+    let new_flat = spread(&|c| median(&c.new_derived));
+    let met = |ok: bool| if ok { "**met**" } else { "**missed**" };
+    let markdown = format!(
+        "- Established-flow cost ≤ 2× the parse+TX floor: {} ({est_ratio:.2}×: {:.1} vs {:.1} ns/pkt, medians).\n\
+         - New-flow cost ≤ 3× the floor: {} ({new_ratio:.2}× derived, {:.1} vs {:.1} ns/pkt; per call {new_call_ratio:.2}×).\n\
+         - Flat in backends (3/100/1000) and fill (1%/90%), taken as largest/smallest median ≤ {FLAT}: \
+         established {} ({est_flat:.2}), new flow {} ({new_flat:.2}).\n",
+        met(est_ratio <= 2.0),
+        est0.median,
+        ptx.median,
+        met(new_ratio <= 3.0),
+        new0.median,
+        ptx.median,
+        met(est_flat <= FLAT),
+        met(new_flat <= FLAT),
+    );
+    let json = json!({
+        "established_vs_floor": {"ratio": est_ratio, "target": 2.0, "met": est_ratio <= 2.0},
+        "new_flow_vs_floor": {"ratio": new_ratio, "per_call_ratio": new_call_ratio, "target": 3.0, "met": new_ratio <= 3.0},
+        "established_flatness": {"max_over_min": est_flat, "threshold": FLAT, "met": est_flat <= FLAT},
+        "new_flow_flatness": {"max_over_min": new_flat, "threshold": FLAT, "met": new_flat <= FLAT},
+    });
+    Ok((rows, Targets { markdown, json }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control plane.
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn control_plane(plan: &Plan) -> Result<Vec<Row>> {
+    let s = "Control plane";
+    let mut rows = Vec::new();
+
+    println!("bench: ring rebuild and swap, 1000 backends");
+    let mut dp = Dataplane::load_unattached(1024, Some(LB))?;
+    let a = vip_spec(PORT_L2, Forward::L2, (0..1000).map(backend));
+    let b = vip_spec(PORT_L2, Forward::L2, (1..1001).map(backend));
+    let t = Instant::now();
+    dp.apply_vip(&a, &BTreeSet::new())?;
+    let first = secs(t.elapsed()) * 1e3;
+    let mut rebuild = Vec::new();
+    for i in 0..plan.cp_repeats * 2 {
+        check_interrupted()?;
+        let spec = if i % 2 == 0 { &b } else { &a };
+        let t = Instant::now();
+        dp.apply_vip(spec, &BTreeSet::new())?;
+        rebuild.push(secs(t.elapsed()) * 1e3);
+    }
+    rows.push(
+        Row::new(
+            s,
+            "ring rebuild + swap, 1000 backends (apply_vip)",
+            "ms",
+            Spread::of(&rebuild),
+        )
+        .note(format!(
+            "one backend replaced each time; first apply {first:.1} ms"
+        )),
+    );
+    drop(dp);
+
+    println!("bench: flow install and snapshot, {} flows", plan.flows);
+    let mut dp = Dataplane::load_unattached(plan.flows, Some(LB))?;
+    dp.apply_vip(
+        &vip_spec(PORT_L2, Forward::L2, (0..3).map(backend)),
+        &BTreeSet::new(),
+    )?;
+    let mut install = Vec::new();
+    let mut snapshot = Vec::new();
+    let mut count = 0;
+    for _ in 0..plan.cp_repeats.min(3) {
+        check_interrupted()?;
+        let t = Instant::now();
+        let r = dp.install_flows(fill_events(plan.flows, PORT_L2, 3))?;
+        install.push(r.installed as f64 / secs(t.elapsed()));
+        let t = Instant::now();
+        count = dp.snapshot_flows(Duration::from_secs(3600))?.len();
+        snapshot.push(secs(t.elapsed()));
+    }
+    rows.push(
+        Row::new(
+            s,
+            format!("peer-sync install (install_flows), {} flows", plan.flows),
+            "flows/s",
+            Spread::of(&install),
+        )
+        .note("first pass inserts, later passes overwrite"),
+    );
+    rows.push(
+        Row::new(
+            s,
+            format!(
+                "flow-table snapshot (snapshot_flows), capacity {}",
+                plan.flows
+            ),
+            "s",
+            Spread::of(&snapshot),
+        )
+        .note(format!("{count} entries in the snapshot (LRU)")),
+    );
+    Ok(rows)
+}
