@@ -1,5 +1,5 @@
 //! Every map of the object. Sizes come from lb-common so the agent agrees; `FLOWS`' capacity is a
-//! placeholder the agent overrides at load time (`EbpfLoader::map_max_entries`).
+//! default the agent overrides at load time (`EbpfLoader::map_max_entries`).
 
 use aya_ebpf::{
     macros::map,

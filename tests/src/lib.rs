@@ -12,6 +12,7 @@ pub mod client;
 pub mod cmd;
 pub mod downloads;
 pub mod http;
+pub mod interrupt;
 pub mod netns;
 pub mod process;
 pub mod testbed;

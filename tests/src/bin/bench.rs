@@ -31,14 +31,13 @@ use std::{
     net::Ipv4Addr,
     path::PathBuf,
     process::Command,
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 use xlb::{
     dataplane::Dataplane,
     model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec},
 };
-use xlb_tests::netns;
+use xlb_tests::{interrupt, netns};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -84,26 +83,9 @@ struct Plan {
     flows: u32,
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
 fn main() {
     let args = Args::parse();
-    // SAFETY: the handler only stores to an atomic; returning normally runs the namespace guard.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    interrupt::install();
     netns::require_root();
     if let Err(e) = run(&args) {
         eprintln!("bench: error: {e:#}");
@@ -148,13 +130,13 @@ fn run(args: &Args) -> Result<()> {
         ns.enter(move || per_packet(plan_in))??
     };
     drop(ns);
-    check_interrupted()?;
+    interrupt::check()?;
     rows.extend(control_plane(&plan)?);
 
     let mut md = stats::markdown(&rows);
     let mut e2e = Value::Null;
     if !args.skip_e2e {
-        check_interrupted()?;
+        interrupt::check()?;
         println!("bench: end to end and packet rate (bench_e2e)");
         match xlb_tests::bench_e2e::run(args.quick) {
             Ok((v, m)) => {
@@ -288,7 +270,7 @@ fn repeated(
     repeat: u32,
     what: &str,
 ) -> Result<Vec<f64>> {
-    check_interrupted()?;
+    interrupt::check()?;
     (0..runs)
         .map(|_| {
             let (a, ns) = test_run(prog, ifindex, frame, repeat)?;
@@ -308,7 +290,7 @@ fn per_call(
     action: u32,
     what: &str,
 ) -> Result<Vec<f64>> {
-    check_interrupted()?;
+    interrupt::check()?;
     let mut out = Vec::new();
     for frames in batches {
         let mut calls = Vec::with_capacity(frames.len());
@@ -457,7 +439,7 @@ fn per_packet(p: (usize, u32, usize, usize)) -> Result<(Vec<Row>, Targets)> {
         .flat_map(|f| BACKEND_COUNTS.iter().map(move |b| (*f, *b)))
         .enumerate()
     {
-        check_interrupted()?;
+        interrupt::check()?;
         println!("bench: per-packet, {nb} backends, flow table {fill}% full");
         let mut dp = Dataplane::load_unattached(CAPACITY, Some(LB))?;
         dp.apply_vip(
@@ -714,7 +696,7 @@ fn control_plane(plan: &Plan) -> Result<Vec<Row>> {
     let first = secs(t.elapsed()) * 1e3;
     let mut rebuild = Vec::new();
     for i in 0..plan.cp_repeats * 2 {
-        check_interrupted()?;
+        interrupt::check()?;
         let spec = if i % 2 == 0 { &b } else { &a };
         let t = Instant::now();
         dp.apply_vip(spec, &BTreeSet::new())?;
@@ -743,7 +725,7 @@ fn control_plane(plan: &Plan) -> Result<Vec<Row>> {
     let mut snapshot = Vec::new();
     let mut count = 0;
     for _ in 0..plan.cp_repeats.min(3) {
-        check_interrupted()?;
+        interrupt::check()?;
         let t = Instant::now();
         let r = dp.install_flows(fill_events(plan.flows, PORT_L2, 3))?;
         install.push(r.installed as f64 / secs(t.elapsed()));

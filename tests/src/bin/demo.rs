@@ -5,13 +5,10 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use std::{
-    sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 use xlb_tests::{
     backend::HTTP_PORT,
-    netns,
+    interrupt, netns,
     testbed::{FAST_HTTP_CHECK, Testbed, TestbedOptions},
     topology::{LB1_ADDR, VIP},
 };
@@ -35,28 +32,9 @@ struct Args {
     requests: u32,
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
 fn main() {
     let args = Args::parse();
-    // A flag instead of dying: returning normally runs the guards that delete the namespaces and
-    // stop nginx and the agent.
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    interrupt::install();
     netns::require_root();
     match run(&args) {
         Ok(()) => println!("demo: done, every namespace and process removed"),
@@ -86,9 +64,9 @@ fn run(args: &Args) -> Result<()> {
         bed.topo.prefix()
     );
     let mut result = traffic(&bed, args).and_then(|()| fail_and_recover(&mut bed));
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if let Err(interrupted) = interrupt::check() {
         // Ctrl-C also reached curl and the servers; their errors are not the story.
-        result = Err(anyhow::anyhow!("interrupted"));
+        result = Err(interrupted);
     } else if result.is_err() {
         eprintln!("{}", bed.diagnostics());
     }
@@ -107,20 +85,20 @@ fn run(args: &Args) -> Result<()> {
 fn traffic(bed: &Testbed, args: &Args) -> Result<()> {
     println!("$ ip netns exec cli curl http://{VIP}/   (one new connection per request)");
     for n in 1..=args.requests {
-        check_interrupted()?;
+        interrupt::check()?;
         println!("request {n:2} -> {}", bed.get_backend()?);
     }
-    check_interrupted()?;
+    interrupt::check()?;
     let keepalive = bed.keepalive(5)?;
     let names: Vec<&str> = keepalive.iter().map(|(b, _)| b.as_str()).collect();
     println!("keep-alive connection, 5 requests -> {}", names.join(" "));
-    check_interrupted()?;
+    interrupt::check()?;
     println!("udp {VIP}:5353 -> {}", bed.udp()?);
     println!(
         "tcp {LB1_ADDR}:2222 (lb1's own address, not a VIP) -> {}",
         bed.lb1_tcp()?
     );
-    check_interrupted()?;
+    interrupt::check()?;
     println!("\n$ xlb stats");
     print!("{}", bed.client().ok(&["stats"])?);
     Ok(())
@@ -130,7 +108,7 @@ fn traffic(bed: &Testbed, args: &Args) -> Result<()> {
 fn rotation(bed: &Testbed, n: usize) -> Result<String> {
     let mut names = Vec::new();
     for _ in 0..n {
-        check_interrupted()?;
+        interrupt::check()?;
         names.push(bed.new_connection()?);
     }
     Ok(names.join(" "))
@@ -165,7 +143,7 @@ fn fail_and_recover(bed: &mut Testbed) -> Result<()> {
     }
     println!("9 new connections -> {answers}   ({VICTIM} skipped)");
     show_list(bed)?;
-    check_interrupted()?;
+    interrupt::check()?;
 
     println!("$ nginx   # on {VICTIM} again, same configuration");
     let restarted = Instant::now();
