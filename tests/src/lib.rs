@@ -14,6 +14,7 @@ pub mod downloads;
 pub mod http;
 pub mod interrupt;
 pub mod netns;
+pub mod packet;
 pub mod process;
 pub mod testbed;
 pub mod topology;

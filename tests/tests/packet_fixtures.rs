@@ -15,7 +15,10 @@ use xlb::{
     model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec},
     xdp_persist,
 };
-use xlb_tests::netns::{self, Netns};
+use xlb_tests::{
+    netns::{self, Netns},
+    packet::checksum,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -41,17 +44,6 @@ fn backend_mac(i: usize) -> [u8; 6] {
 
 // ---------------------------------------------------------------------------------------------
 // A small packet builder: every field the fixtures vary is explicit.
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
 
 #[derive(Clone)]
 struct Ip {

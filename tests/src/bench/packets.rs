@@ -3,7 +3,10 @@
 use anyhow::Result;
 use std::net::Ipv4Addr;
 
-use xlb_tests::netns::{self, Netns};
+use xlb_tests::{
+    netns::{self, Netns},
+    packet::checksum,
+};
 
 pub const LB: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 2);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 100, 1);
@@ -19,17 +22,6 @@ pub const MAX_BENCH_BACKENDS: u32 = 1000;
 /// Backend `i` (0-based): 10.111.16.10 + i, on-link on `lb0` (10.111.16.0/20).
 pub fn backend(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 111, 16, 10)) + i)
-}
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// Ethernet (router → LB), IPv4 (DF, TTL 63), TCP with `flags` and `payload_len` bytes.
