@@ -24,6 +24,7 @@ pub mod maps {
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     pub const EVENT_STATS: &str = "EVENT_STATS";
     pub const DEBUG_VIPS: &str = "DEBUG_VIPS";
+    pub const BENCH_GEN: &str = "BENCH_GEN";
 }
 
 /// Program names (the Rust function names of the `#[xdp]` entry points).
@@ -40,7 +41,19 @@ pub mod programs {
     /// Benchmark floor: parses Ethernet, IPv4 and TCP with the same accessor as the balancer,
     /// then returns `XDP_TX` (`XDP_PASS` if the packet is not IPv4/TCP).
     pub const FLOOR_PARSE_TX: &str = "xlb_floor_parse_tx";
+    /// Benchmark packet generator, run with `BPF_F_TEST_XDP_LIVE_FRAMES`: gives each Ethernet/
+    /// IPv4/UDP frame the next of `BENCH_GEN_FLOWS` source ports and sends it (`XDP_TX`).
+    pub const BENCH_GEN: &str = "xlb_bench_gen";
 }
+
+/// Source ports the benchmark generator cycles through: `BENCH_GEN_FIRST_PORT` and up.
+pub const BENCH_GEN_FLOWS: u16 = 4096;
+pub const BENCH_GEN_FIRST_PORT: u16 = 1024;
+
+/// How long the data path reuses a backend's resolved next hop (MACs, egress interface, MTU)
+/// before asking the kernel's FIB again (CLOCK_MONOTONIC_COARSE ns): a route or neighbour change
+/// reaches established flows within this time.
+pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 
 /// Most VIPs one agent serves (size of the VIP-indexed arrays).
 pub const MAX_VIPS: u32 = 256;
@@ -255,8 +268,17 @@ pub mod event {
     /// A `FlowEvent` that did not fit in the ring buffer (the agent is not keeping up): that
     /// flow is not synced to peers.
     pub const FLOW_EVENT_LOST: u32 = 2;
-    pub const COUNT: u32 = 3;
-    pub const NAMES: [&str; COUNT as usize] = ["midflow_miss", "flow_resteered", "flow_event_lost"];
+    /// A `bpf_fib_lookup` for a backend's next hop: the per-CPU next-hop cache had no live entry
+    /// for it (first packet, entry older than `NEXTHOP_TTL_NS`, packet over the cached MTU, or
+    /// the kernel had no neighbour entry, which is never cached).
+    pub const NEXTHOP_LOOKUP: u32 = 3;
+    pub const COUNT: u32 = 4;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "midflow_miss",
+        "flow_resteered",
+        "flow_event_lost",
+        "nexthop_lookup",
+    ];
 }
 
 /// Per-CPU packet counters of the decapsulator (`DECAP_STATS`).

@@ -2,36 +2,41 @@
 //! - `ipip`: prepend an outer IPv4 header (protocol 4) from the LB's address to the backend's;
 //! - `l2`: rewrite the destination MAC only (backend on the LB's segment, VIP on its `lo`).
 //!
-//! Next hop and egress interface come from `bpf_fib_lookup`, which also checks the egress MTU.
+//! Next hop, egress interface and MTU come from `bpf_fib_lookup`, through the per-CPU next-hop
+//! cache (`nexthop.rs`).
 
 use crate::{
     Verdict,
     balancer::Packet,
     csum, icmp,
     maps::CONFIG,
+    nexthop::{self, Resolved},
     parse::{ETH_HLEN, ETH_P_IP, IPV4_HLEN, ptr_at},
 };
 use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        bpf_fib_lookup as FibParams, xdp_action,
-    },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
+    bindings::xdp_action,
+    helpers::{bpf_redirect, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
-use core::mem;
 use lb_common::{FORWARD_L2, IPPROTO_IPIP, reason};
 use network_types::eth::EthHdr;
 
-const AF_INET: u8 = 2;
 /// TTL of the outer header (the inner TTL is the client's business).
 const OUTER_TTL: u8 = 64;
 
-pub fn forward(ctx: &XdpContext, pkt: &Packet, backend_addr: u32) -> Verdict {
+/// Forward `pkt` to backend slot `backend_id` at `backend_addr`; `now` is
+/// `bpf_ktime_get_coarse_ns()` (for the next-hop cache).
+pub fn forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    backend_id: u32,
+    backend_addr: u32,
+    now: u64,
+) -> Verdict {
     if pkt.vip.forward == FORWARD_L2 {
-        l2(ctx, pkt, backend_addr)
+        l2(ctx, pkt, backend_id, backend_addr, now)
     } else {
-        ipip(ctx, pkt, backend_addr)
+        ipip(ctx, pkt, backend_id, backend_addr, now)
     }
 }
 
@@ -41,29 +46,6 @@ pub fn is_forwarded(verdict: &Verdict) -> bool {
         verdict.reason,
         reason::FWD_TX | reason::FWD_REDIRECT | reason::PASS_NO_NEIGH
     )
-}
-
-/// Route lookup for `src → dst` as if the packet came in on the ingress interface; `tot_len` is the
-/// IP length the packet will have on the wire, so the kernel can check the egress MTU.
-fn fib(ctx: &XdpContext, src: u32, dst: u32, tot_len: u16, proto: u8) -> (i64, FibParams) {
-    // SAFETY: plain C struct, all-zero is its documented "unset" state.
-    let mut params: FibParams = unsafe { mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = proto;
-    params.__bindgen_anon_1.tot_len = tot_len;
-    params.ifindex = ctx.ingress_ifindex() as u32;
-    params.__bindgen_anon_3.ipv4_src = src;
-    params.__bindgen_anon_4.ipv4_dst = dst;
-    // SAFETY: params is a valid, correctly sized bpf_fib_lookup.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx.cast(),
-            &mut params,
-            mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
-    (rc, params)
 }
 
 /// Send out of the interface the FIB chose: `XDP_TX` when it is the one the packet came in on.
@@ -106,7 +88,7 @@ fn write_macs(eth: *mut EthHdr, dst: [u8; 6], src: [u8; 6]) {
     }
 }
 
-fn ipip(ctx: &XdpContext, pkt: &Packet, backend_addr: u32) -> Verdict {
+fn ipip(ctx: &XdpContext, pkt: &Packet, backend_id: u32, backend_addr: u32, now: u64) -> Verdict {
     let lb_addr = match CONFIG.get(0) {
         Some(cfg) if cfg.lb_addr != 0 => cfg.lb_addr,
         _ => return Verdict::drop(reason::DROP_ENCAP_FAILED),
@@ -114,16 +96,20 @@ fn ipip(ctx: &XdpContext, pkt: &Packet, backend_addr: u32) -> Verdict {
     let Some(outer_len) = pkt.ip_len.checked_add(IPV4_HLEN as u16) else {
         return Verdict::drop(reason::DROP_TOO_BIG);
     };
-    let (rc, params) = fib(ctx, lb_addr, backend_addr, outer_len, IPPROTO_IPIP);
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {}
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
-            // SAFETY: the kernel wrote mtu_result for this return code.
-            let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
-            return too_big(ctx, pkt, mtu, IPV4_HLEN as u16);
-        }
-        _ => return Verdict::drop(reason::DROP_NO_ROUTE),
-    }
+    let hop = match nexthop::resolve(
+        ctx,
+        backend_id,
+        lb_addr,
+        backend_addr,
+        outer_len,
+        IPPROTO_IPIP,
+        now,
+    ) {
+        Resolved::Hop(hop) => Some(hop),
+        Resolved::NoNeigh => None,
+        Resolved::TooBig(mtu) => return too_big(ctx, pkt, mtu, IPV4_HLEN as u16),
+        Resolved::NoRoute => return Verdict::drop(reason::DROP_NO_ROUTE),
+    };
 
     let Some(old_eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Verdict::drop(reason::DROP_ENCAP_FAILED);
@@ -140,13 +126,11 @@ fn ipip(ctx: &XdpContext, pkt: &Packet, backend_addr: u32) -> Verdict {
     ) else {
         return Verdict::drop(reason::DROP_ENCAP_FAILED);
     };
-    let no_neigh = rc as u32 == BPF_FIB_LKUP_RET_NO_NEIGH;
-    if no_neigh {
+    match &hop {
+        Some(hop) => write_macs(eth, hop.dmac, hop.smac),
         // Keep the frame addressed to us: the kernel forwards the encapsulated packet and resolves
         // the next hop itself.
-        write_macs(eth, old_dst, old_src);
-    } else {
-        write_macs(eth, params.dmac, params.smac);
+        None => write_macs(eth, old_dst, old_src),
     }
     let [len_hi, len_lo] = outer_len.to_be_bytes();
     let [s0, s1, s2, s3] = lb_addr.to_ne_bytes();
@@ -180,33 +164,30 @@ fn ipip(ctx: &XdpContext, pkt: &Packet, backend_addr: u32) -> Verdict {
     hdr[11] = c1;
     // SAFETY: bounds checked.
     unsafe { *outer = hdr };
-    if no_neigh {
-        return Verdict::pass(reason::PASS_NO_NEIGH);
+    match hop {
+        Some(hop) => egress(ctx, hop.ifindex),
+        None => Verdict::pass(reason::PASS_NO_NEIGH),
     }
-    egress(ctx, params.ifindex)
 }
 
-fn l2(ctx: &XdpContext, pkt: &Packet, backend_addr: u32) -> Verdict {
-    let (rc, params) = fib(
+fn l2(ctx: &XdpContext, pkt: &Packet, backend_id: u32, backend_addr: u32, now: u64) -> Verdict {
+    let hop = match nexthop::resolve(
         ctx,
+        backend_id,
         pkt.flow.src_addr,
         backend_addr,
         pkt.ip_len,
         pkt.flow.proto,
-    );
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {}
-        BPF_FIB_LKUP_RET_NO_NEIGH => return Verdict::drop(reason::DROP_NO_NEIGH),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
-            // SAFETY: the kernel wrote mtu_result for this return code.
-            let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
-            return too_big(ctx, pkt, mtu, 0);
-        }
-        _ => return Verdict::drop(reason::DROP_NO_ROUTE),
-    }
+        now,
+    ) {
+        Resolved::Hop(hop) => hop,
+        Resolved::NoNeigh => return Verdict::drop(reason::DROP_NO_NEIGH),
+        Resolved::TooBig(mtu) => return too_big(ctx, pkt, mtu, 0),
+        Resolved::NoRoute => return Verdict::drop(reason::DROP_NO_ROUTE),
+    };
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Verdict::drop(reason::DROP_ENCAP_FAILED);
     };
-    write_macs(eth, params.dmac, params.smac);
-    egress(ctx, params.ifindex)
+    write_macs(eth, hop.dmac, hop.smac);
+    egress(ctx, hop.ifindex)
 }

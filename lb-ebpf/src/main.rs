@@ -14,6 +14,7 @@ mod decap;
 mod forward;
 mod icmp;
 mod maps;
+mod nexthop;
 mod parse;
 mod stats;
 
@@ -78,6 +79,31 @@ pub fn xlb_floor_parse_tx(ctx: XdpContext) -> u32 {
         xdp_action::XDP_TX
     } else {
         xdp_action::XDP_PASS
+    }
+}
+
+/// Benchmark packet generator (see `lb_common::programs::BENCH_GEN`). Not a floor: it is run in
+/// live-frames mode on a *sending* interface, to offer the balancer more packets per second than
+/// a userspace generator can on these machines.
+#[xdp]
+pub fn xlb_bench_gen(ctx: XdpContext) -> u32 {
+    match parse::udp_src_port(&ctx) {
+        Some(port) => {
+            let n = maps::BENCH_GEN.get_ptr_mut(0).map_or(0, |c| {
+                // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+                unsafe {
+                    *c += 1;
+                    *c
+                }
+            });
+            let p = lb_common::BENCH_GEN_FIRST_PORT
+                + (n % u64::from(lb_common::BENCH_GEN_FLOWS)) as u16;
+            // SAFETY: `udp_src_port` bounds-checked these two bytes. The UDP checksum stays as
+            // the frame had it, so generator frames must carry 0 (no checksum, valid in IPv4).
+            unsafe { *port = p.to_be_bytes() };
+            xdp_action::XDP_TX
+        }
+        None => xdp_action::XDP_ABORTED,
     }
 }
 

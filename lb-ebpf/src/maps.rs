@@ -65,3 +65,12 @@ pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(event::
 /// packet of a VIP: one array lookup, and the log call only runs when it is on.
 #[map(name = "DEBUG_VIPS")]
 pub static DEBUG_VIPS: Array<u32> = Array::with_max_entries(MAX_VIPS, 0);
+
+/// The benchmark generator's frame counter (one per CPU; `xlb_bench_gen`).
+#[map(name = "BENCH_GEN")]
+pub static BENCH_GEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Backend slot id → its resolved next hop, per CPU (`nexthop.rs`).
+#[map(name = "NEXTHOPS")]
+pub static NEXTHOPS: PerCpuArray<crate::nexthop::Entry> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);

@@ -224,7 +224,8 @@ pub struct StatsReport {
     /// Packets per outcome (`lb_common::reason::NAMES`), every reason present.
     pub reasons: BTreeMap<String, u64>,
     /// Data-path events (`lb_common::event::NAMES`): `midflow_miss` (a TCP packet without SYN
-    /// that found no flow entry: a sync gap), `flow_resteered`, `flow_event_lost`.
+    /// that found no flow entry: a sync gap), `flow_resteered`, `flow_event_lost`,
+    /// `nexthop_lookup` (FIB lookups for a backend's next hop, which is cached per CPU for 1 s).
     pub events: BTreeMap<String, u64>,
     pub flow_capacity: u32,
     /// Entries in the flow table (live and finished-but-not-evicted flows: it is an LRU). The

@@ -229,7 +229,8 @@ pub fn render(stats: &StatsReport, sync: Option<&PeersReport>) -> Result<String,
     let events = f.counter(
         "xlb_datapath_events_total",
         "Data-path events: midflow_miss (a TCP packet without SYN and no flow entry), \
-         flow_resteered, flow_event_lost (sync ring buffer full).",
+         flow_resteered, flow_event_lost (sync ring buffer full), nexthop_lookup (FIB lookup \
+         for a backend's next hop; cached per CPU for 1 s).",
         &["event"],
     )?;
     for (name, n) in &stats.events {

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod bench_e2e;
 pub mod client;
 pub mod cmd;
+pub mod cpu;
 pub mod downloads;
 pub mod http;
 pub mod interrupt;

@@ -1001,3 +1001,89 @@ fn flow_events_are_only_produced_for_a_reader() {
         assert!(dp.event_stats().unwrap()["flow_event_lost"] > 0);
     });
 }
+
+#[test]
+fn next_hops_are_cached_per_backend_and_refreshed_after_the_ttl() {
+    in_fixture_netns(|ifindex| {
+        // The next-hop cache is per CPU: every run on one CPU, so the lookups can be counted.
+        xlb_tests::cpu::pin_to(0).expect("pin to CPU 0");
+        let dp = balancer();
+        let prog = dp.balancer().unwrap();
+        let lookups = || dp.stats().unwrap().events["nexthop_lookup"];
+        let syn = client_syn(49000, 8080);
+        check(
+            prog,
+            ifindex,
+            &[Fixture {
+                description: "l2: first packet to be1 resolves its next hop",
+                input: inbound(&syn),
+                expected: Some(eth(backend_mac(0), LB_MAC, 0x0800, &syn)),
+                action: XDP_TX,
+            }],
+        );
+        assert_eq!(lookups(), 1);
+        // Larger packets than the first, still within the 1500-byte MTU the FIB reported: the
+        // cached entry serves them (so the MTU was cached, not the first packet's length).
+        let acks: Vec<Fixture> = (0..20)
+            .map(|i| {
+                let ack = Ip::to(CLIENT, VIP, 6).packet(&tcp(49000, 8080, ACK, 100 + 60 * i));
+                Fixture {
+                    description: "l2: established packet → be1 from the cache",
+                    input: inbound(&ack),
+                    expected: Some(eth(backend_mac(0), LB_MAC, 0x0800, &ack)),
+                    action: XDP_TX,
+                }
+            })
+            .collect();
+        check(prog, ifindex, &acks);
+        assert_eq!(
+            lookups(),
+            1,
+            "20 established packets, no further FIB lookup"
+        );
+
+        // Another backend has its own entry.
+        let syn2 = client_syn(49001, 8080);
+        check(
+            prog,
+            ifindex,
+            &[Fixture {
+                description: "l2: second flow → be2, resolved once",
+                input: inbound(&syn2),
+                expected: Some(eth(backend_mac(1), LB_MAC, 0x0800, &syn2)),
+                action: XDP_TX,
+            }],
+        );
+        assert_eq!(lookups(), 2);
+
+        // be1 moves to a new MAC: once the entry's TTL has passed, packets follow the kernel.
+        let status = std::process::Command::new("ip")
+            .args([
+                "neigh",
+                "replace",
+                "10.111.1.11",
+                "lladdr",
+                "02:00:00:00:09:11",
+            ])
+            .args(["dev", "lb0", "nud", "permanent"])
+            .status()
+            .expect("ip neigh replace");
+        assert!(status.success());
+        std::thread::sleep(
+            std::time::Duration::from_nanos(lb_common::NEXTHOP_TTL_NS)
+                + std::time::Duration::from_millis(100),
+        );
+        let ack = Ip::to(CLIENT, VIP, 6).packet(&tcp(49000, 8080, ACK, 10));
+        check(
+            prog,
+            ifindex,
+            &[Fixture {
+                description: "l2: after the TTL → be1's new MAC",
+                input: inbound(&ack),
+                expected: Some(eth([2, 0, 0, 0, 9, 0x11], LB_MAC, 0x0800, &ack)),
+                action: XDP_TX,
+            }],
+        );
+        assert_eq!(lookups(), 3);
+    });
+}

@@ -16,6 +16,8 @@
 
 #[path = "../bench/packets.rs"]
 mod packets;
+#[path = "../bench/profile.rs"]
+mod profile;
 #[path = "../bench/stats.rs"]
 mod stats;
 
@@ -81,6 +83,8 @@ struct Plan {
     cp_repeats: usize,
     /// Flows for the snapshot and install figures.
     flows: u32,
+    /// Seconds of `perf record` per profiled figure.
+    profile_secs: u64,
 }
 
 fn main() {
@@ -103,6 +107,7 @@ fn run(args: &Args) -> Result<()> {
             batch: 200,
             cp_repeats: 3,
             flows: 1 << 20,
+            profile_secs: 1,
         }
     } else {
         Plan {
@@ -112,6 +117,7 @@ fn run(args: &Args) -> Result<()> {
             batch: 300,
             cp_repeats: 5,
             flows: 1 << 20,
+            profile_secs: 3,
         }
     };
     let _ = netns::sweep_stale();
@@ -125,15 +131,21 @@ fn run(args: &Args) -> Result<()> {
     );
 
     let ns = packets::bench_netns().context("benchmark namespace")?;
-    let (mut rows, targets) = {
+    let profiling = profile::available();
+    if !profiling {
+        println!("bench: perf is not usable here; the profiles are left out");
+    }
+    let (mut rows, targets, profiles) = {
         let plan_in = (plan.runs, plan.repeat, plan.batches, plan.batch);
-        ns.enter(move || per_packet(plan_in))??
+        let secs = plan.profile_secs;
+        ns.enter(move || per_packet(plan_in, profiling.then_some(secs)))??
     };
     drop(ns);
     interrupt::check()?;
     rows.extend(control_plane(&plan)?);
 
     let mut md = stats::markdown(&rows);
+    md.push_str(&profile_section(&profiles, profiling));
     let mut e2e = Value::Null;
     if !args.skip_e2e {
         interrupt::check()?;
@@ -171,6 +183,7 @@ fn run(args: &Args) -> Result<()> {
         "method": METHOD,
         "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
         "targets": targets.json,
+        "profiles": profile::json(&profiles),
         "e2e": e2e,
     });
     std::fs::write(&json_path, serde_json::to_string_pretty(&j)? + "\n")?;
@@ -189,8 +202,9 @@ frame a valid input for itself (floors, pass, drop, L2 forwarding). *per call*: 
 call (every SYN a new source port, so every one is a new flow); includes the kernel's timer reads, so it is only \
 compared with the floor measured the same way; a batch's value is the median of its calls. *new flow (derived)*: \
 established (repeat) + (new flow per call − established per call). IPIP encapsulation grows the frame in place, \
-which a repeated run would feed back to itself, so IPIP is measured per call only. min/median/max are over runs \
-or batches; ratios are of medians.";
+which a repeated run would feed back to itself, so IPIP is measured per call only. The measuring thread is pinned \
+to CPU 0, and before the new-flow batches one SYN per backend fills that CPU's next-hop cache, as traffic keeps \
+it filled on a loaded balancer. min/median/max are over runs or batches; ratios are of medians.";
 
 fn document(machine: &Value, quick: bool, table: &str, targets: &str, elapsed: f64) -> String {
     format!(
@@ -421,8 +435,15 @@ struct Cell {
     new_derived: Vec<f64>,
 }
 
-fn per_packet(p: (usize, u32, usize, usize)) -> Result<(Vec<Row>, Targets)> {
+fn per_packet(
+    p: (usize, u32, usize, usize),
+    profile_secs: Option<u64>,
+) -> Result<(Vec<Row>, Targets, Vec<profile::Profile>)> {
     let (runs, repeat, batches, batch) = p;
+    let mut profiles = Vec::new();
+    // One CPU for every per-packet figure: the next-hop cache and the per-CPU counters are per
+    // CPU, and a thread that migrates would measure cold caches.
+    xlb_tests::cpu::pin_to(0)?;
     let ifindex = xlb::dataplane::ifindex("lb0")?;
     let ack = tcp_frame(CLIENT, VIP, 1000, PORT_L2, ACK, 0);
     let mut floors = Floors {
@@ -524,6 +545,15 @@ fn per_packet(p: (usize, u32, usize, usize)) -> Result<(Vec<Row>, Targets)> {
             XDP_TX,
             "established",
         )?;
+        // One SYN per backend first, so every backend's next hop is in this CPU's cache, as it
+        // is on a loaded balancer (an entry lives NEXTHOP_TTL_NS; the batches take milliseconds).
+        // Without it, with 1000 backends every measured SYN would also pay a FIB lookup.
+        for f in syns(Ipv4Addr::new(10, 111, 0, 4), PORT_L2, 3000, 1, nb as usize)
+            .iter()
+            .flatten()
+        {
+            test_run(prog, ifindex, f, 1)?;
+        }
         let new_call = per_call(
             prog,
             ifindex,
@@ -534,6 +564,24 @@ fn per_packet(p: (usize, u32, usize, usize)) -> Result<(Vec<Row>, Targets)> {
         let base = median(&est) - median(&est_call);
         let new_derived = new_call.iter().map(|n| n + base).collect();
         let entries_after = dp.flows()?.keys().count() as u32;
+        if let Some(secs) = profile_secs {
+            let dur = Duration::from_secs(secs);
+            if k == 0 {
+                let mut p = profile_figures(prog, ifindex, dur)?;
+                // Only the repeat-mode figure covers the same work as its samples (per-call
+                // samples also hold the syscall, which the kernel's per-call figure leaves out).
+                p[0].ns = Some(median(&est));
+                profiles.append(&mut p);
+            } else if k == ncells - 1 {
+                // The new-flow cost that is not flat: the same SYNs into a 90%-full table.
+                profiles.push(profile_new_flows(
+                    prog,
+                    ifindex,
+                    dur,
+                    &format!("new-flow SYN, L2, per call, {nb} backends, {fill}% full"),
+                )?);
+            }
+        }
         cells.push(Cell {
             backends: nb,
             fill,
@@ -673,7 +721,75 @@ fn per_packet(p: (usize, u32, usize, usize)) -> Result<(Vec<Row>, Targets)> {
         "established_flatness": {"max_over_min": est_flat, "threshold": FLAT, "met": est_flat <= FLAT},
         "new_flow_flatness": {"max_over_min": new_flat, "threshold": FLAT, "met": new_flat <= FLAT},
     });
-    Ok((rows, Targets { markdown, json }))
+    Ok((rows, Targets { markdown, json }, profiles))
+}
+
+/// Profiles of the figures whose cost the targets are about, on the 3-backend, 1%-full cell.
+fn profile_figures(prog: &Xdp, ifindex: u32, dur: Duration) -> Result<Vec<profile::Profile>> {
+    println!(
+        "bench: profiling (perf record, {}s per figure)",
+        dur.as_secs()
+    );
+    let mut out = Vec::new();
+    let ack = tcp_frame(CLIENT, VIP, 1000, PORT_L2, ACK, 0);
+    out.push(profile::profile(
+        "established packet, L2, repeat mode",
+        dur,
+        || test_run(prog, ifindex, &ack, 1_000_000).map(drop),
+    )?);
+    out.push(profile_new_flows(
+        prog,
+        ifindex,
+        dur,
+        "new-flow SYN, L2, per call, 3 backends, 1% full",
+    )?);
+    let ipip = tcp_frame(CLIENT, VIP, 1000, PORT_IPIP, ACK, 0);
+    out.push(profile::profile(
+        "established packet, IPIP, per call",
+        dur,
+        || test_run(prog, ifindex, &ipip, 1).map(drop),
+    )?);
+    Ok(out)
+}
+
+/// Every SYN a new flow: sources walk 10.111.128.0/17 × 64k ports, far more than a few seconds
+/// of calls can use, so no SYN repeats (the LRU evicts once the table is full, as it would under
+/// a real SYN load).
+fn profile_new_flows(
+    prog: &Xdp,
+    ifindex: u32,
+    dur: Duration,
+    what: &str,
+) -> Result<profile::Profile> {
+    let mut i: u32 = 0;
+    profile::profile(what, dur, || {
+        let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 111, 128, 0)) + (i >> 16));
+        let f = tcp_frame(src, VIP, (i & 0xffff) as u16, PORT_L2, SYN, 0);
+        i += 1;
+        let (a, _) = test_run(prog, ifindex, &f, 1)?;
+        if a != XDP_TX {
+            bail!("profiled SYN: action {a}");
+        }
+        Ok(())
+    })
+}
+
+fn profile_section(profiles: &[profile::Profile], profiling: bool) -> String {
+    if !profiling {
+        return "\n### Where the time goes\n\nperf was not usable on this machine; no profile.\n"
+            .into();
+    }
+    format!(
+        "\n### Where the time goes (perf record -e cpu-clock on the benchmark thread)\n\n\
+         Shares of the samples taken while one kind of packet ran through BPF_PROG_TEST_RUN, by \
+         kernel symbol, summed by what the symbol does: the JIT-compiled program itself, the map \
+         code and helpers it calls, and the test-run harness (in per-call mode also the syscall). \
+         For the repeat-mode figure, \"≈ ns\" splits its measured ns/packet by those shares; \
+         per-call samples also cover the syscall around each run, which the per-call figure leaves \
+         out, so they are given as shares only. Software sampling (cpu-clock, 20 kHz): these VMs expose no hardware PMU, so \
+         `bpftool prog profile` cannot count cycles or instructions here.\n{}",
+        profile::markdown(profiles)
+    )
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,175 @@
+//! Backends' next hops: what `bpf_fib_lookup` answered (egress interface, MACs, egress MTU), kept
+//! per CPU and per backend slot for `NEXTHOP_TTL_NS`. An established flow's packet then costs one
+//! inlined array lookup instead of a FIB and neighbour lookup, which `cargo xtask bench`'s profile
+//! showed to be about a quarter of its time (Katran keeps the gateway MAC for the same reason).
+//!
+//! The cache is per CPU so entries are written without atomics and never read half-written. An
+//! entry is used only for the backend address and ingress interface it was resolved for, while
+//! it is younger than the TTL, and for packets that fit its MTU; anything else asks the FIB again
+//! (counted as `event::NEXTHOP_LOOKUP`), which also produces the exact frag-needed answer. A
+//! missing neighbour is never cached, so the kernel's resolution is retried on every packet.
+//!
+//! What the cache does not see: for `l2` VIPs the FIB is asked with the client's source address,
+//! and the answer is reused for other clients of the same backend, so source-based policy routing
+//! towards backends is not supported (the backends of an `l2` VIP are on the LB's own segment).
+
+use crate::{maps::NEXTHOPS, stats};
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams,
+    },
+    helpers::bpf_fib_lookup,
+    programs::XdpContext,
+};
+use core::mem;
+use lb_common::{NEXTHOP_TTL_NS, event};
+
+const AF_INET: u8 = 2;
+
+/// Where a packet to a backend leaves.
+pub struct Hop {
+    /// Egress interface, host order.
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}
+
+pub enum Resolved {
+    Hop(Hop),
+    /// The route is known but the next hop has no (valid) neighbour entry yet.
+    NoNeigh,
+    /// The packet does not fit the egress MTU (host order).
+    TooBig(u16),
+    /// No route, or the FIB refused the lookup (blackhole, prohibit, forwarding off, ...).
+    NoRoute,
+}
+
+/// Value of the per-CPU `NEXTHOPS` array, indexed by backend slot id.
+#[repr(C)]
+pub struct Entry {
+    /// Backend address the entry was resolved for (network order); 0 = never filled.
+    backend_addr: u32,
+    /// The interface the lookup ran as if the packet came in on (host order): part of the
+    /// FIB's input.
+    ingress_ifindex: u32,
+    /// Egress interface, host order.
+    ifindex: u32,
+    /// Egress MTU, host order.
+    mtu: u16,
+    dmac: [u8; 6],
+    smac: [u8; 6],
+    _pad: [u8; 6],
+    /// CLOCK_MONOTONIC_COARSE ns from which the entry is resolved again.
+    expires_ns: u64,
+}
+
+/// The next hop towards `dst` (backend `backend_id`) for a packet of IP length `tot_len` sent
+/// from `src` with protocol `proto`; `now` is `bpf_ktime_get_coarse_ns()`.
+#[inline(always)]
+pub fn resolve(
+    ctx: &XdpContext,
+    backend_id: u32,
+    src: u32,
+    dst: u32,
+    tot_len: u16,
+    proto: u8,
+    now: u64,
+) -> Resolved {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let slot = NEXTHOPS.get_ptr_mut(backend_id);
+    if let Some(e) = slot {
+        // SAFETY: per-CPU map value from a successful lookup; only this CPU writes it.
+        let e = unsafe { &*e };
+        if e.backend_addr == dst
+            && e.ingress_ifindex == ingress
+            && now < e.expires_ns
+            && tot_len <= e.mtu
+        {
+            return Resolved::Hop(Hop {
+                ifindex: e.ifindex,
+                dmac: e.dmac,
+                smac: e.smac,
+            });
+        }
+    }
+    stats::count_event(event::NEXTHOP_LOOKUP);
+    let mut buf = mem::MaybeUninit::uninit();
+    let (rc, params) = fib(ctx, &mut buf, ingress, src, dst, tot_len, proto);
+    // SAFETY: the kernel writes `mtu_result` (a union with the input `tot_len`) for these return
+    // codes: the egress MTU.
+    let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            if let Some(e) = slot {
+                // Field by field: a whole-struct write would zero `_pad` through a memset call
+                // (see `balancer::flow_key`); the map created it zeroed and nothing writes it.
+                // SAFETY: as above.
+                unsafe {
+                    (*e).backend_addr = dst;
+                    (*e).ingress_ifindex = ingress;
+                    (*e).ifindex = params.ifindex;
+                    (*e).mtu = mtu;
+                    (*e).dmac = params.dmac;
+                    (*e).smac = params.smac;
+                    (*e).expires_ns = now + NEXTHOP_TTL_NS;
+                }
+            }
+            Resolved::Hop(Hop {
+                ifindex: params.ifindex,
+                dmac: params.dmac,
+                smac: params.smac,
+            })
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => Resolved::NoNeigh,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Resolved::TooBig(mtu),
+        _ => Resolved::NoRoute,
+    }
+}
+
+/// A `bpf_fib_lookup` argument, 8-byte aligned so it can be zeroed a word at a time.
+#[repr(C, align(8))]
+struct Params(FibParams);
+
+/// Route lookup for `src → dst` as if the packet came in on `ingress`; `tot_len` is the IP
+/// length the packet will have on the wire, so the kernel checks the egress MTU. The kernel's
+/// answer is left in `buf`.
+#[inline(always)]
+fn fib<'a>(
+    ctx: &XdpContext,
+    buf: &'a mut mem::MaybeUninit<Params>,
+    ingress: u32,
+    src: u32,
+    dst: u32,
+    tot_len: u16,
+    proto: u8,
+) -> (i64, &'a FibParams) {
+    // Zeroed with volatile u64 stores, in place: `mem::zeroed()`, a plain loop of stores and
+    // moving a zeroed struct all compiled to a call to a byte-by-byte memset subprogram (LLVM
+    // recognises the idiom; the BPF backend does not inline it).
+    const WORDS: usize = mem::size_of::<Params>() / 8;
+    const _: () = assert!(mem::size_of::<FibParams>() == WORDS * 8);
+    let words = buf.as_mut_ptr().cast::<u64>();
+    for i in 0..WORDS {
+        // SAFETY: within `buf`, 8-byte aligned.
+        unsafe { words.add(i).write_volatile(0) };
+    }
+    // SAFETY: plain C struct of integers, fully written above; all-zero is its "unset" state.
+    let params = unsafe { &mut (*buf.as_mut_ptr()).0 };
+    params.family = AF_INET;
+    params.l4_protocol = proto;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.ifindex = ingress;
+    params.__bindgen_anon_3.ipv4_src = src;
+    params.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: params is a valid, correctly sized bpf_fib_lookup.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            params,
+            mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    (rc, params)
+}

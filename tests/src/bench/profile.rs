@@ -1,0 +1,348 @@
+//! Where a per-packet figure's time goes: `perf record` (software `cpu-clock` sampling, since
+//! these VMs expose no hardware PMU, so `bpftool prog profile` cannot run) on the benchmark thread
+//! while it runs one kind of packet through `BPF_PROG_TEST_RUN`, then `perf report` by symbol.
+//!
+//! Samples taken in the syscall belong to this thread, so the report splits the time between the
+//! JIT-compiled program (`bpf_prog_<tag>_<name>`), the helpers and map code it calls
+//! (`bpf_xdp_fib_lookup`, `htab_lru_*`, ...) and the test-run harness itself.
+
+use anyhow::{Context, Result, bail};
+use std::{
+    os::unix::process::ExitStatusExt,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// Sampling frequency (Hz). cpu-clock is an hrtimer, so this is a real rate.
+const FREQ: &str = "20000";
+/// Symbols under this share (percent) are not listed one by one.
+const MIN_SHARE: f64 = 1.0;
+
+/// One symbol's share of the samples.
+#[derive(Clone, Debug)]
+pub struct Share {
+    pub symbol: String,
+    pub percent: f64,
+}
+
+/// The profile of one figure.
+pub struct Profile {
+    pub what: String,
+    pub samples: u64,
+    /// The largest symbols, then "other".
+    pub shares: Vec<Share>,
+    /// Every sample by what it was spent on (`category`), largest first.
+    pub categories: Vec<Share>,
+    /// The figure's measured cost (ns per packet or per call), to split by category.
+    pub ns: Option<f64>,
+}
+
+/// Symbols at most listed per profile (the categories cover the rest).
+const TOP: usize = 12;
+
+/// What a kernel symbol's time is spent on, for the summary of a profile.
+pub fn category(sym: &str) -> &'static str {
+    const HARNESS: [&str; 24] = [
+        "bpf_test_",
+        "bpf_prog_test_run",
+        "bpf_ctx_",
+        "__sys_bpf",
+        "do_syscall",
+        "syscall",
+        "entry_SYSCALL",
+        "_copy_from_user",
+        "_copy_to_user",
+        "__check_object_size",
+        "__check_heap_object",
+        "__virt_addr_valid",
+        "is_vmalloc_addr",
+        "__kmalloc",
+        "kfree",
+        "kmalloc",
+        "security_bpf",
+        "fdget",
+        "fput",
+        "__bpf_prog_put",
+        "__bpf_prog_enter",
+        "__bpf_prog_exit",
+        "__vdso",
+        "bpf_probe_read_kernel",
+    ];
+    if sym.starts_with("bpf_prog_") && !sym.starts_with("bpf_prog_test_run") {
+        "the program's own instructions (JIT code)"
+    } else if [
+        "htab",
+        "lookup_nulls_elem",
+        "lookup_elem_raw",
+        "bpf_lru",
+        "memcmp",
+        "jhash",
+    ]
+    .iter()
+    .any(|p| sym.contains(p))
+    {
+        "hash and LRU maps (VIP and flow lookups, flow insert)"
+    } else if ["fib", "neigh"].iter().any(|p| sym.contains(p)) {
+        "FIB and neighbour lookup"
+    } else if ["ktime", "read_tsc", "clock"]
+        .iter()
+        .any(|p| sym.contains(p))
+    {
+        "clock reads (the program's and the harness's timers)"
+    } else if HARNESS.iter().any(|p| sym.starts_with(p)) {
+        "test-run harness and syscall"
+    } else {
+        "other kernel code"
+    }
+}
+
+/// Is `perf` usable here (installed, and allowed to sample)?
+pub fn available() -> bool {
+    Command::new("perf")
+        .args(["stat", "-e", "cpu-clock", "-x,", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+struct Recorder {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Recorder {
+    fn start(what: &str) -> Result<Recorder> {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let out = std::env::temp_dir().join(format!(
+            "xlb-bench-perf-{}-{}.data",
+            std::process::id(),
+            what.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+        ));
+        let child = Command::new("perf")
+            .args(["record", "-q", "-e", "cpu-clock", "-F", FREQ, "-t"])
+            .arg(tid.to_string())
+            .arg("-o")
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting perf record")?;
+        // perf needs a moment to open its events; samples before that are simply not taken.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Recorder { child, out })
+    }
+
+    /// Stop recording (SIGINT to perf's own PID, which makes it write its file) and report.
+    fn finish(mut self) -> Result<(u64, Vec<Share>)> {
+        // SAFETY: signalling the child we spawned, by PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().context("waiting for perf record")?;
+        // perf re-raises the SIGINT it handled once its file is written, so that is success.
+        if !status.success() && status.signal() != Some(libc::SIGINT) {
+            bail!("perf record exited with {status}");
+        }
+        let out = Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "--sort", "sym", "-i"])
+            .arg(&self.out)
+            .output()
+            .context("perf report")?;
+        let _ = std::fs::remove_file(&self.out);
+        let _ = std::fs::remove_file(self.out.with_extension("data.old"));
+        if !out.status.success() {
+            bail!(
+                "perf report failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(parse_report(&String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        // Only reached with perf still running when the work failed: stop it by PID.
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: as in `finish`.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+            let _ = self.child.wait();
+            let _ = std::fs::remove_file(&self.out);
+        }
+    }
+}
+
+/// `perf report --stdio --sort sym`: "# Samples: 12K of event ..." and lines
+/// "    41.20%  [k] bpf_prog_0123abcd_xlb_balancer".
+fn parse_report(text: &str) -> (u64, Vec<Share>) {
+    let mut samples = 0;
+    let mut shares = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# Samples: ") {
+            let n = rest.split_whitespace().next().unwrap_or("0");
+            samples = parse_count(n);
+            continue;
+        }
+        let line = line.trim();
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let Some((pct, sym)) = line.split_once("%") else {
+            continue;
+        };
+        let Ok(percent) = pct.trim().parse::<f64>() else {
+            continue;
+        };
+        let sym = sym.trim();
+        let sym = sym
+            .strip_prefix("[k] ")
+            .or_else(|| sym.strip_prefix("[.] "))
+            .unwrap_or(sym);
+        shares.push(Share {
+            symbol: tidy(sym),
+            percent,
+        });
+    }
+    (samples, shares)
+}
+
+/// "12K" → 12000.
+fn parse_count(s: &str) -> u64 {
+    let (num, mult) = match s.strip_suffix('K') {
+        Some(n) => (n, 1000.0),
+        None => match s.strip_suffix('M') {
+            Some(n) => (n, 1e6),
+            None => (s, 1.0),
+        },
+    };
+    (num.parse::<f64>().unwrap_or(0.0) * mult) as u64
+}
+
+/// JIT symbols carry the program's tag, which changes with every build: keep the name only.
+fn tidy(sym: &str) -> String {
+    match sym.strip_prefix("bpf_prog_") {
+        Some(rest) => match rest.split_once('_') {
+            Some((tag, name)) if tag.len() == 16 => format!("bpf_prog_…_{name} (JIT code)"),
+            _ => sym.to_string(),
+        },
+        None => sym.to_string(),
+    }
+}
+
+/// Profile `work`, called repeatedly on this thread for at least `dur`.
+pub fn profile(what: &str, dur: Duration, mut work: impl FnMut() -> Result<()>) -> Result<Profile> {
+    let rec = Recorder::start(what)?;
+    let t = Instant::now();
+    while t.elapsed() < dur {
+        work()?;
+    }
+    let (samples, all) = rec.finish()?;
+    let mut categories: Vec<Share> = Vec::new();
+    for s in &all {
+        let c = category(&s.symbol);
+        match categories.iter_mut().find(|x| x.symbol == c) {
+            Some(x) => x.percent += s.percent,
+            None => categories.push(Share {
+                symbol: c.to_string(),
+                percent: s.percent,
+            }),
+        }
+    }
+    categories.sort_by(|a, b| b.percent.total_cmp(&a.percent));
+    let mut shares: Vec<Share> = all
+        .iter()
+        .filter(|s| s.percent >= MIN_SHARE)
+        .take(TOP)
+        .cloned()
+        .collect();
+    let listed: f64 = shares.iter().map(|s| s.percent).sum();
+    let other: f64 = all.iter().map(|s| s.percent).sum::<f64>() - listed;
+    if other > 0.0 {
+        shares.push(Share {
+            symbol: "everything else".to_string(),
+            percent: other,
+        });
+    }
+    Ok(Profile {
+        what: what.to_string(),
+        samples,
+        shares,
+        categories,
+        ns: None,
+    })
+}
+
+/// The profiles as markdown: per figure, the categories (with `ns` per packet each, when the
+/// figure's cost is known) and the largest symbols.
+pub fn markdown(profiles: &[Profile]) -> String {
+    let mut s = String::new();
+    for p in profiles {
+        let ns = p.ns;
+        s.push_str(&format!("\n**{}** ({} samples", p.what, p.samples));
+        if let Some(ns) = ns {
+            s.push_str(&format!("; measured {ns:.0} ns"));
+        }
+        s.push_str(")\n\n| share | ≈ ns | spent on |\n|---:|---:|---|\n");
+        for c in &p.categories {
+            let part = ns.map_or("".into(), |ns| format!("{:.0}", ns * c.percent / 100.0));
+            s.push_str(&format!("| {:.1}% | {part} | {} |\n", c.percent, c.symbol));
+        }
+        s.push_str("\n| share | largest symbols |\n|---:|---|\n");
+        for sh in &p.shares {
+            s.push_str(&format!("| {:.1}% | `{}` |\n", sh.percent, sh.symbol));
+        }
+    }
+    s
+}
+
+pub fn json(profiles: &[Profile]) -> serde_json::Value {
+    serde_json::Value::Array(
+        profiles
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "what": p.what,
+                    "samples": p.samples,
+                    "ns": p.ns,
+                    "categories": p.categories.iter().map(|s| serde_json::json!({"category": s.symbol, "percent": s.percent})).collect::<Vec<_>>(),
+                    "symbols": p.shares.iter().map(|s| serde_json::json!({"symbol": s.symbol, "percent": s.percent})).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_perf_report() {
+        let text = "# Samples: 12K of event 'cpu-clock'\n#\n# Overhead  Symbol\n\
+                    #\n    41.20%  [k] bpf_prog_0123456789abcdef_xlb_balancer\n\
+                    \x20    9.50%  [k] bpf_xdp_fib_lookup\n     0.20%  [.] main\n";
+        let (n, shares) = parse_report(text);
+        assert_eq!(n, 12000);
+        assert_eq!(shares.len(), 3);
+        assert_eq!(shares[0].symbol, "bpf_prog_…_xlb_balancer (JIT code)");
+        assert!((shares[0].percent - 41.2).abs() < 1e-9);
+        assert_eq!(shares[1].symbol, "bpf_xdp_fib_lookup");
+        assert_eq!(shares[2].symbol, "main");
+    }
+
+    #[test]
+    fn categories_split_program_maps_fib_and_harness() {
+        assert_eq!(
+            category("bpf_prog_…_xlb_balancer (JIT code)"),
+            "the program's own instructions (JIT code)"
+        );
+        assert!(category("htab_map_hash").starts_with("hash"));
+        assert!(category("bpf_lru_pop_free").starts_with("hash"));
+        assert!(category("bpf_ipv4_fib_lookup").starts_with("FIB"));
+        assert!(category("read_tsc").starts_with("clock"));
+        assert!(category("bpf_prog_test_run_xdp").starts_with("test-run"));
+        assert!(category("do_syscall_64").starts_with("test-run"));
+        assert_eq!(category("schedule"), "other kernel code");
+    }
+}
