@@ -25,6 +25,7 @@ pub mod maps {
     pub const EVENT_STATS: &str = "EVENT_STATS";
     pub const DEBUG_VIPS: &str = "DEBUG_VIPS";
     pub const BENCH_GEN: &str = "BENCH_GEN";
+    pub const BENCH_GEN_HEADER: &str = "BENCH_GEN_HEADER";
 }
 
 /// Program names (the Rust function names of the `#[xdp]` entry points).
@@ -41,14 +42,50 @@ pub mod programs {
     /// Benchmark floor: parses Ethernet, IPv4 and TCP with the same accessor as the balancer,
     /// then returns `XDP_TX` (`XDP_PASS` if the packet is not IPv4/TCP).
     pub const FLOOR_PARSE_TX: &str = "xlb_floor_parse_tx";
-    /// Benchmark packet generator, run with `BPF_F_TEST_XDP_LIVE_FRAMES`: gives each Ethernet/
-    /// IPv4/UDP frame the next of `BENCH_GEN_FLOWS` source ports and sends it (`XDP_TX`).
+    /// Benchmark packet generator, run with `BPF_F_TEST_XDP_LIVE_FRAMES`: writes the frame's
+    /// Ethernet/IPv4/UDP headers from `BenchGenHeader`, gives it the next of `BENCH_GEN_FLOWS`
+    /// source ports and sends it (`XDP_TX`).
     pub const BENCH_GEN: &str = "xlb_bench_gen";
+    /// Benchmark sink: drops UDP to `BENCH_SINK_PORT`, also inside IPIP, passes the rest (the
+    /// veth's XDP drop counter counts what was forwarded to it).
+    pub const BENCH_SINK: &str = "xlb_bench_sink";
 }
 
 /// Source ports the benchmark generator cycles through: `BENCH_GEN_FIRST_PORT` and up.
 pub const BENCH_GEN_FLOWS: u16 = 4096;
 pub const BENCH_GEN_FIRST_PORT: u16 = 1024;
+/// UDP port of the benchmark flood, which the sink drops.
+pub const BENCH_SINK_PORT: u16 = 9;
+/// Bytes of header the generator writes: Ethernet (14), IPv4 without options (20), UDP (8).
+pub const BENCH_GEN_HEADER_LEN: usize = 42;
+
+/// Value of the `BENCH_GEN_HEADER` array (one entry): the generator's frame headers, written
+/// into every frame before it is sent. Live-frames mode recycles its pages without copying the
+/// frame in again, and whatever the generator's frames went through on the way (a balancer
+/// rewriting MACs or encapsulating, DNAT) rewrote them in place.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BenchGenHeader {
+    /// The first `BENCH_GEN_HEADER_LEN` bytes of the frame as on the wire, as 8-byte words in
+    /// memory order (`u64::from_ne_bytes`); the rest is zero.
+    pub words: [u64; 6],
+}
+
+impl BenchGenHeader {
+    /// `None` if `frame` is shorter than `BENCH_GEN_HEADER_LEN`.
+    pub fn from_frame(frame: &[u8]) -> Option<Self> {
+        let head = frame.get(..BENCH_GEN_HEADER_LEN)?;
+        let mut bytes = [0u8; 48];
+        bytes[..BENCH_GEN_HEADER_LEN].copy_from_slice(head);
+        let mut words = [0u64; 6];
+        for (w, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            *w = u64::from_ne_bytes(b);
+        }
+        Some(Self { words })
+    }
+}
 
 /// How long the data path reuses a backend's resolved next hop (MACs, egress interface, MTU)
 /// before asking the kernel's FIB again (CLOCK_MONOTONIC_COARSE ns): a route or neighbour change
@@ -306,6 +343,7 @@ mod pod {
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for LbConfig {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for BenchGenHeader {}
 }
 
 #[cfg(test)]
@@ -319,6 +357,7 @@ mod tests {
         assert_eq!(size_of::<VipMeta>(), 16);
         assert_eq!(size_of::<Backend>(), 16);
         assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<BenchGenHeader>(), 48);
         assert_eq!(size_of::<FlowValue>(), 16);
         assert_eq!(size_of::<TrafficCounters>(), 24);
         assert_eq!(size_of::<LbConfig>(), 8);

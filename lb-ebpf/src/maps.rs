@@ -70,6 +70,10 @@ pub static DEBUG_VIPS: Array<u32> = Array::with_max_entries(MAX_VIPS, 0);
 #[map(name = "BENCH_GEN")]
 pub static BENCH_GEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// The benchmark generator's frame headers, written by the benchmark before it runs.
+#[map(name = "BENCH_GEN_HEADER")]
+pub static BENCH_GEN_HEADER: Array<lb_common::BenchGenHeader> = Array::with_max_entries(1, 0);
+
 /// Backend slot id → its resolved next hop, per CPU (`nexthop.rs`).
 #[map(name = "NEXTHOPS")]
 pub static NEXTHOPS: PerCpuArray<crate::nexthop::Entry> =

@@ -50,23 +50,3 @@ pub fn tcp_ports(ctx: &XdpContext) -> Option<[u8; 4]> {
     let tcp = unsafe { &*tcp };
     Some([tcp[0], tcp[1], tcp[2], tcp[3]])
 }
-
-/// The UDP source port of an Ethernet/IPv4 (no options)/UDP frame, for writing; only the
-/// benchmark generator uses it.
-#[inline(always)]
-pub fn udp_src_port(ctx: &XdpContext) -> Option<*mut [u8; 2]> {
-    let eth: *const network_types::eth::EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: bounds checked by ptr_at.
-    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
-        return None;
-    }
-    let ip: *const network_types::ip::Ipv4Hdr = ptr_at(ctx, ETH_HLEN)?;
-    // SAFETY: as above.
-    let (vihl, proto) = unsafe { ((*ip).vihl, (*ip).proto) };
-    if vihl != 0x45 || proto != lb_common::IPPROTO_UDP {
-        return None;
-    }
-    // The whole 8-byte UDP header must be there, not just the port.
-    ptr_at::<[u8; 8]>(ctx, ETH_HLEN + IPV4_HLEN)?;
-    ptr_at(ctx, ETH_HLEN + IPV4_HLEN)
-}

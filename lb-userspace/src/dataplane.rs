@@ -13,9 +13,9 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    BACKEND_F_ACTIVE, Backend, CONFIG_F_FLOW_EVENTS, FlowEvent, FlowKey, FlowValue, LbConfig,
-    MAX_BACKENDS, MAX_VIPS, TrafficCounters, VipKey, VipMeta, event, maps, programs, reason,
-    ring_index,
+    BACKEND_F_ACTIVE, Backend, BenchGenHeader, CONFIG_F_FLOW_EVENTS, FlowEvent, FlowKey, FlowValue,
+    LbConfig, MAX_BACKENDS, MAX_VIPS, TrafficCounters, VipKey, VipMeta, event, maps, programs,
+    reason, ring_index,
 };
 use serde::{Deserialize, Serialize};
 use std::{
@@ -490,14 +490,49 @@ impl Dataplane {
         xdp_program(&self.ebpf, programs::BALANCER)
     }
 
-    /// Load one of the benchmark floor programs (`programs::FLOOR_TX`, `FLOOR_PARSE_TX`) from
-    /// the same object, for side-by-side `BPF_PROG_TEST_RUN` measurements.
+    /// Load one of the benchmark programs (`programs::FLOOR_TX`, `FLOOR_PARSE_TX`, `BENCH_SINK`)
+    /// from the same object, for side-by-side `BPF_PROG_TEST_RUN` measurements.
     pub fn floor_program(&mut self, name: &'static str) -> Result<&Xdp, DataplaneError> {
         let prog = xdp_program_mut(&mut self.ebpf, name)?;
         if prog.fd().is_err() {
             prog.load().map_err(program_error(name))?;
         }
         xdp_program(&self.ebpf, name)
+    }
+
+    /// The benchmark generator (`programs::BENCH_GEN`), loaded, with `header` as the headers it
+    /// writes into every frame.
+    pub fn bench_generator(&mut self, header: &BenchGenHeader) -> Result<&Xdp, DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::BENCH_GEN_HEADER)
+            .ok_or(DataplaneError::MissingMap {
+                name: maps::BENCH_GEN_HEADER,
+            })?;
+        let mut array: Array<&mut MapData, BenchGenHeader> =
+            Array::try_from(map).map_err(map_err(maps::BENCH_GEN_HEADER))?;
+        array
+            .set(0, header, 0)
+            .map_err(map_err(maps::BENCH_GEN_HEADER))?;
+        self.floor_program(programs::BENCH_GEN)
+    }
+
+    /// Load benchmark program `name` and attach it to `iface` (in the calling thread's network
+    /// namespace) in driver mode; it stays attached until this `Dataplane` is dropped.
+    pub fn attach_bench_program(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+    ) -> Result<(), DataplaneError> {
+        self.floor_program(name)?;
+        let prog = xdp_program_mut(&mut self.ebpf, name)?;
+        prog.attach(iface, XdpMode::Driver)
+            .map_err(|source| DataplaneError::Attach {
+                iface: iface.to_string(),
+                mode: AttachedMode::Driver,
+                source,
+            })?;
+        Ok(())
     }
 
     /// The flow table, read-only (for tests and, later, state sync).

@@ -1087,3 +1087,77 @@ fn next_hops_are_cached_per_backend_and_refreshed_after_the_ttl() {
         assert_eq!(lookups(), 3);
     });
 }
+
+#[test]
+fn bench_generator_rewrites_its_headers_and_the_sink_drops_only_the_flood() {
+    in_fixture_netns(|ifindex| {
+        // The generator's frame counter is per CPU.
+        xlb_tests::cpu::pin_to(0).expect("pin to CPU 0");
+        let mut dp = balancer();
+        // The flood: UDP to the sink port with checksum 0, as `cargo xtask bench` sends it.
+        let flood = inbound(&Ip::to(CLIENT, VIP, 17).packet(&udp(
+            lb_common::BENCH_GEN_FIRST_PORT,
+            lb_common::BENCH_SINK_PORT,
+            &[0; 18],
+        )));
+        let header = lb_common::BenchGenHeader::from_frame(&flood).unwrap();
+        let gen_prog = dp.bench_generator(&header).unwrap();
+        // A frame as a balancer left it (MACs rewritten, TTL and addresses changed): the
+        // generator writes the template back and takes the next source port.
+        let mut used = flood.clone();
+        used[..12].copy_from_slice(&[9; 12]);
+        used[22] = 1;
+        used[26..34].copy_from_slice(&[7; 8]);
+        for n in 1..=3u16 {
+            let mut expected = flood.clone();
+            let port = lb_common::BENCH_GEN_FIRST_PORT + n;
+            expected[34..36].copy_from_slice(&port.to_be_bytes());
+            let (action, out) = run(gen_prog, ifindex, &used);
+            assert_eq!(action, XDP_TX, "generator: XDP_TX");
+            assert_eq!(hex(&out), hex(&expected), "generator frame {n}");
+        }
+
+        let sink = dp.floor_program(lb_common::programs::BENCH_SINK).unwrap();
+        let ipip = encapsulated(&flood[14..], 0);
+        let other_port = inbound(&Ip::to(CLIENT, VIP, 17).packet(&udp(1024, 53, &[0; 18])));
+        let tcp9 = inbound(&Ip::to(CLIENT, VIP, 6).packet(&tcp(1024, 9, ACK, 0)));
+        let mut truncated = flood.clone();
+        truncated.truncate(40);
+        check(
+            sink,
+            ifindex,
+            &[
+                Fixture {
+                    description: "sink: the flood → drop",
+                    input: flood.clone(),
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "sink: the flood inside IPIP → drop",
+                    input: ipip,
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "sink: UDP to another port → pass",
+                    input: other_port,
+                    expected: None,
+                    action: XDP_PASS,
+                },
+                Fixture {
+                    description: "sink: TCP to port 9 → pass",
+                    input: tcp9,
+                    expected: None,
+                    action: XDP_PASS,
+                },
+                Fixture {
+                    description: "sink: UDP header cut short → pass",
+                    input: truncated,
+                    expected: None,
+                    action: XDP_PASS,
+                },
+            ],
+        );
+    });
+}

@@ -96,9 +96,10 @@ const APT_PACKAGES: &[&str] = &[
     // promtool, which the monitoring tests run on /metrics (the package's server is not started:
     // the install runs under a policy-rc.d that forbids service starts).
     "prometheus",
-    // `cargo xtask bench`: HAProxy (mode tcp) and trafgen are comparison points.
+    // `cargo xtask bench`: HAProxy (mode tcp) is a comparison point; perf profiles the
+    // per-packet figures ("where the time goes").
     "haproxy",
-    "netsniff-ng",
+    "linux-perf",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
