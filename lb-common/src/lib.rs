@@ -194,7 +194,7 @@ pub struct FlowValue {
     pub backend_addr: u32,
     /// Backend slot id, host order.
     pub backend_id: u32,
-    /// `bpf_ktime_get_ns()` of the last packet (CLOCK_MONOTONIC, host order).
+    /// `bpf_ktime_get_coarse_ns()` of the last packet (CLOCK_MONOTONIC_COARSE, host order).
     pub last_seen_ns: u64,
 }
 

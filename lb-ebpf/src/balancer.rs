@@ -129,8 +129,14 @@ fn flow_key(src_addr: u32, dst_addr: u32, ports: [u8; 4], proto: u8) -> FlowKey 
         u32::from_ne_bytes(ports),
         u32::from_ne_bytes([proto, 0, 0, 0]),
     ];
+    const _: () = {
+        assert!(core::mem::offset_of!(FlowKey, dst_addr) == 4);
+        assert!(core::mem::offset_of!(FlowKey, src_port) == 8);
+        assert!(core::mem::offset_of!(FlowKey, dst_port) == 10);
+        assert!(core::mem::offset_of!(FlowKey, proto) == 12);
+    };
     // SAFETY: FlowKey is #[repr(C)], 16 bytes of integers (any bit pattern is valid), with the
-    // field offsets written out above; transmute checks the size.
+    // field offsets asserted above; transmute checks the size.
     unsafe { core::mem::transmute::<[u32; 4], FlowKey>(words) }
 }
 

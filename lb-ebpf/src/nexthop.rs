@@ -4,14 +4,17 @@
 //! showed to be about a quarter of its time (Katran keeps the gateway MAC for the same reason).
 //!
 //! The cache is per CPU so entries are written without atomics and never read half-written. An
-//! entry is used only for the backend address and ingress interface it was resolved for, while
-//! it is younger than the TTL, and for packets that fit its MTU; anything else asks the FIB again
-//! (counted as `event::NEXTHOP_LOOKUP`), which also produces the exact frag-needed answer. A
+//! entry is used only for the backend address, ingress interface and source key it was resolved
+//! for, while it is younger than the TTL, and for packets that fit its MTU; anything else asks the
+//! FIB again (counted as `event::NEXTHOP_LOOKUP`), which then gives the frag-needed answer. A
 //! missing neighbour is never cached, so the kernel's resolution is retried on every packet.
 //!
-//! What the cache does not see: for `l2` VIPs the FIB is asked with the client's source address,
-//! and the answer is reused for other clients of the same backend, so source-based policy routing
-//! towards backends is not supported (the backends of an `l2` VIP are on the LB's own segment).
+//! What the cache does not see, for up to the TTL: a change of route, neighbour MAC or egress
+//! MTU (a *smaller* MTU only reaches packets between the new and the old size after the TTL). For
+//! `l2` VIPs the FIB is asked with the client's source address and the answer is reused for other
+//! clients of the same backend (source key 0), so source-based policy routing towards `l2`
+//! backends is not supported (they are on the LB's own segment). One entry per backend and CPU:
+//! a backend whose packets arrive on two interfaces alternately asks the FIB every time.
 
 use crate::{maps::NEXTHOPS, stats};
 use aya_ebpf::{
@@ -53,24 +56,30 @@ pub struct Entry {
     /// The interface the lookup ran as if the packet came in on (host order): part of the
     /// FIB's input.
     ingress_ifindex: u32,
+    /// The source address the entry holds for (network order; 0 for any): the LB's address for
+    /// `ipip`, so a changed `--lb-addr` resolves again.
+    src_key: u32,
     /// Egress interface, host order.
     ifindex: u32,
     /// Egress MTU, host order.
     mtu: u16,
     dmac: [u8; 6],
     smac: [u8; 6],
-    _pad: [u8; 6],
+    _pad: [u8; 2],
     /// CLOCK_MONOTONIC_COARSE ns from which the entry is resolved again.
     expires_ns: u64,
 }
 
 /// The next hop towards `dst` (backend `backend_id`) for a packet of IP length `tot_len` sent
-/// from `src` with protocol `proto`; `now` is `bpf_ktime_get_coarse_ns()`.
+/// from `src` with protocol `proto`; an entry is shared by the packets with the same `src_key`
+/// (`src`, or 0 when any source may share it); `now` is `bpf_ktime_get_coarse_ns()`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn resolve(
     ctx: &XdpContext,
     backend_id: u32,
     src: u32,
+    src_key: u32,
     dst: u32,
     tot_len: u16,
     proto: u8,
@@ -83,6 +92,7 @@ pub fn resolve(
         let e = unsafe { &*e };
         if e.backend_addr == dst
             && e.ingress_ifindex == ingress
+            && e.src_key == src_key
             && now < e.expires_ns
             && tot_len <= e.mtu
         {
@@ -108,6 +118,7 @@ pub fn resolve(
                 unsafe {
                     (*e).backend_addr = dst;
                     (*e).ingress_ifindex = ingress;
+                    (*e).src_key = src_key;
                     (*e).ifindex = params.ifindex;
                     (*e).mtu = mtu;
                     (*e).dmac = params.dmac;

@@ -354,14 +354,15 @@ impl Drop for Dataplane {
     }
 }
 
-/// `bpf_ktime_get_ns()`'s clock (CLOCK_MONOTONIC), in nanoseconds.
+/// The data path's flow clock (`bpf_ktime_get_coarse_ns()`: CLOCK_MONOTONIC_COARSE), in
+/// nanoseconds.
 fn monotonic_ns() -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
@@ -492,7 +493,7 @@ impl Dataplane {
 
     /// Load one of the benchmark programs (`programs::FLOOR_TX`, `FLOOR_PARSE_TX`, `BENCH_SINK`)
     /// from the same object, for side-by-side `BPF_PROG_TEST_RUN` measurements.
-    pub fn floor_program(&mut self, name: &'static str) -> Result<&Xdp, DataplaneError> {
+    pub fn bench_program(&mut self, name: &'static str) -> Result<&Xdp, DataplaneError> {
         let prog = xdp_program_mut(&mut self.ebpf, name)?;
         if prog.fd().is_err() {
             prog.load().map_err(program_error(name))?;
@@ -514,7 +515,7 @@ impl Dataplane {
         array
             .set(0, header, 0)
             .map_err(map_err(maps::BENCH_GEN_HEADER))?;
-        self.floor_program(programs::BENCH_GEN)
+        self.bench_program(programs::BENCH_GEN)
     }
 
     /// Load benchmark program `name` and attach it to `iface` (in the calling thread's network
@@ -524,7 +525,7 @@ impl Dataplane {
         name: &'static str,
         iface: &str,
     ) -> Result<(), DataplaneError> {
-        self.floor_program(name)?;
+        self.bench_program(name)?;
         let prog = xdp_program_mut(&mut self.ebpf, name)?;
         prog.attach(iface, XdpMode::Driver)
             .map_err(|source| DataplaneError::Attach {

@@ -16,6 +16,7 @@ use crate::{
     http,
     netns::Netns,
     process::Process,
+    profile,
     testbed::{Testbed, TestbedOptions},
     topology::{CLI_ADDR, HOST_IFACE, LB1_ADDR, Topology, VIP, backend_addr, backend_name},
     xlb::{Agent, has_xdp, xdp_mode, xlb_bin},
@@ -489,8 +490,9 @@ const GEN_BATCH: u32 = 64;
 /// Target length of one live-frames call: short enough to stop promptly, long enough that the
 /// syscall and the per-call page-pool setup do not count.
 const GEN_CALL: Duration = Duration::from_millis(50);
-/// Flow-table size of the generator's own (unattached) copy of the object; its maps are unused.
-const GEN_OBJECT_FLOWS: u32 = 1024;
+/// Flow-table size of the copies of the object that only run a benchmark program (generator,
+/// sink, floor): their balancer maps are unused.
+const BENCH_OBJECT_FLOWS: u32 = 1024;
 /// Before the first window: every one of the 4096 flows seen (xlb's flow table, conntrack).
 const PPS_WARMUP: Duration = Duration::from_secs(1);
 
@@ -552,7 +554,7 @@ struct GenReport {
 /// The generator's loop, on a thread inside rtr: live-frames calls of `xlb_bench_gen` on `iface`
 /// until `stop`, each a bounded number of frames; errors past `limit`.
 fn generate(iface: &str, frame: &[u8], stop: &AtomicBool, limit: Duration) -> Result<GenReport> {
-    let mut dp = Dataplane::load_unattached(GEN_OBJECT_FLOWS, None)
+    let mut dp = Dataplane::load_unattached(BENCH_OBJECT_FLOWS, None)
         .context("loading the eBPF object for the generator")?;
     let header =
         BenchGenHeader::from_frame(frame).context("flood frame shorter than its headers")?;
@@ -707,7 +709,7 @@ struct BenchXdp {
 fn attach_bench(ns: &Netns, iface: &str, name: &'static str) -> Result<BenchXdp> {
     let iface = iface.to_string();
     let dp = ns.enter(move || -> Result<Dataplane> {
-        let mut dp = Dataplane::load_unattached(GEN_OBJECT_FLOWS, None)
+        let mut dp = Dataplane::load_unattached(BENCH_OBJECT_FLOWS, None)
             .context("loading the eBPF object")?;
         // The interface index is resolved in this thread's namespace, hence inside `ns`.
         dp.attach_bench_program(name, &iface)
@@ -835,6 +837,9 @@ fn stats(v: &[f64]) -> Value {
 
 #[derive(Default)]
 struct Samples {
+    /// Where the machine's time went during the last round's keep-alive run (perf, every CPU):
+    /// samples, and shares by `profile::system_category`.
+    ka_profile: Option<(u64, Vec<profile::Share>)>,
     ka: Vec<WrkResult>,
     close: Vec<WrkResult>,
     pps: Vec<PpsResult>,
@@ -883,6 +888,7 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
     prepare(&bed, &mut undo)?;
 
     let mut samples: Vec<Samples> = CONFIGS.iter().map(|_| Samples::default()).collect();
+    let profiling = profile::available();
     for round in 0..rounds {
         for (ci, &config) in CONFIGS.iter().enumerate() {
             let tag = format!("{}-{round}", config.key());
@@ -891,6 +897,21 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
                 if config.http() {
                     let ka =
                         wrk(&bed, config.target(), false, wrk_secs).context("wrk keep-alive")?;
+                    // The keep-alive gap to direct is what needs explaining: in the last round,
+                    // one more keep-alive run with the whole machine profiled. Sampling slows
+                    // it, so its figures are not among the samples; a failed profile is
+                    // reported, not fatal.
+                    if profiling && round + 1 == rounds {
+                        match profile::system_profile(config.key(), || {
+                            wrk(&bed, config.target(), false, wrk_secs)
+                        }) {
+                            Ok((_, n, shares)) => samples[ci].ka_profile = Some((n, shares)),
+                            Err(e) => eprintln!(
+                                "bench e2e: {}: keep-alive profile failed: {e:#}",
+                                config.label()
+                            ),
+                        }
+                    }
                     let close = wrk(&bed, config.target(), true, wrk_secs)
                         .context("wrk Connection: close")?;
                     samples[ci].ka.push(ka);
@@ -944,6 +965,13 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
                     "label": config.label(),
                     "keepalive": mode(&s.ka),
                     "close": mode(&s.close),
+                    "keepalive_profile": s.ka_profile.as_ref().map(|(n, shares)| json!({
+                        "samples": n,
+                        "percent_by_category": shares
+                            .iter()
+                            .map(|sh| (sh.symbol.clone(), json!(sh.percent)))
+                            .collect::<serde_json::Map<_, _>>(),
+                    })),
                     "failures": s.errors,
                 }),
             );
@@ -1072,6 +1100,53 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
     Ok((doc, md))
 }
 
+/// Where the time went during the keep-alive runs, one row per HTTP configuration.
+fn keepalive_profiles(samples: &[Samples]) -> String {
+    let rows: Vec<(Config, &(u64, Vec<profile::Share>))> = CONFIGS
+        .iter()
+        .zip(samples)
+        .filter_map(|(c, s)| s.ka_profile.as_ref().map(|p| (*c, p)))
+        .collect();
+    let Some((_, (_, first))) = rows.first() else {
+        return "\n**Where the keep-alive time goes**: not profiled (perf not usable here).\n"
+            .into();
+    };
+    // Columns: every category any row has, in the first row's order.
+    let mut columns: Vec<String> = first.iter().map(|s| s.symbol.clone()).collect();
+    for (_, (_, shares)) in &rows {
+        for s in shares {
+            if !columns.contains(&s.symbol) {
+                columns.push(s.symbol.clone());
+            }
+        }
+    }
+    let mut md = String::from(
+        "\n**Where the keep-alive time goes**: `perf record -a -e cpu-clock` over both CPUs during \
+         the last round's keep-alive run, every sample by what it was spent on. Client, router, \
+         balancer and backends share the machine's 2 cores, so a configuration's extra hop costs \
+         requests/s directly; on separate machines it would cost the client nothing.\n\n\
+         | configuration | samples |",
+    );
+    for c in &columns {
+        let _ = write!(md, " {c} |");
+    }
+    md.push_str("\n|---|---:|");
+    md.push_str(&"---:|".repeat(columns.len()));
+    md.push('\n');
+    for (config, (n, shares)) in &rows {
+        let _ = write!(md, "| {} | {n} |", config.label());
+        for c in &columns {
+            let v = shares
+                .iter()
+                .find(|s| &s.symbol == c)
+                .map_or(0.0, |s| s.percent);
+            let _ = write!(md, " {v:.1}% |");
+        }
+        md.push('\n');
+    }
+    md
+}
+
 fn markdown(doc: &Value, samples: &[Samples]) -> String {
     let mut md = String::new();
     let g = |v: &Value| v.as_f64();
@@ -1169,6 +1244,7 @@ fn markdown(doc: &Value, samples: &[Samples]) -> String {
             failures
         );
     }
+    md.push_str(&keepalive_profiles(samples));
     let _ = writeln!(md, "\n**Targets** (issue 6):\n");
     for t in doc["targets"].as_array().into_iter().flatten() {
         let met = match t["met"].as_bool() {

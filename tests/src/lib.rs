@@ -17,6 +17,7 @@ pub mod interrupt;
 pub mod netns;
 pub mod packet;
 pub mod process;
+pub mod profile;
 pub mod testbed;
 pub mod topology;
 pub mod xlb;

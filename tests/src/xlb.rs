@@ -335,7 +335,8 @@ pub fn reason(stats: &Value, name: &str) -> Result<u64> {
         .with_context(|| format!("no counter {name} in stats reasons: {reasons}"))
 }
 
-/// A data-path event counter (`midflow_miss`, `flow_resteered`, `flow_event_lost`) from the
+/// A data-path event counter (`midflow_miss`, `flow_resteered`, `flow_event_lost`,
+/// `nexthop_lookup`) from the
 /// `events` object of `xlb stats --json`.
 pub fn event(stats: &Value, name: &str) -> Result<u64> {
     stats

@@ -1006,7 +1006,7 @@ fn flow_events_are_only_produced_for_a_reader() {
 fn next_hops_are_cached_per_backend_and_refreshed_after_the_ttl() {
     in_fixture_netns(|ifindex| {
         // The next-hop cache is per CPU: every run on one CPU, so the lookups can be counted.
-        xlb_tests::cpu::pin_to(0).expect("pin to CPU 0");
+        xlb_tests::cpu::pin_to_one().expect("pin to one CPU");
         let dp = balancer();
         let prog = dp.balancer().unwrap();
         let lookups = || dp.stats().unwrap().events["nexthop_lookup"];
@@ -1089,10 +1089,67 @@ fn next_hops_are_cached_per_backend_and_refreshed_after_the_ttl() {
 }
 
 #[test]
+fn cached_next_hop_still_answers_frag_needed_for_ipip() {
+    in_fixture_netns(|ifindex| {
+        xlb_tests::cpu::pin_to_one().expect("pin to one CPU");
+        let dp = balancer();
+        let prog = dp.balancer().unwrap();
+        let lookups = || dp.stats().unwrap().events["nexthop_lookup"];
+        let syn = client_syn(50000, 80);
+        let fits = Ip::to(CLIENT, VIP, 6).packet(&tcp(50000, 80, ACK, 1440));
+        assert_eq!(fits.len(), 1480);
+        check(
+            prog,
+            ifindex,
+            &[
+                Fixture {
+                    description: "ipip: SYN → be1, next hop resolved",
+                    input: inbound(&syn),
+                    expected: Some(encapsulated(&syn, 0)),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "ipip: 1480-byte packet, 1500 encapsulated → from the cache",
+                    input: inbound(&fits),
+                    expected: Some(encapsulated(&fits, 0)),
+                    action: XDP_TX,
+                },
+            ],
+        );
+        assert_eq!(lookups(), 1, "the second packet used the cached next hop");
+        // One byte over once encapsulated: the cached MTU sends it to the FIB, which answers
+        // frag-needed; the entry stays for packets that fit.
+        let big = Ip::to(CLIENT, VIP, 6).packet(&tcp(50000, 80, ACK, 1441));
+        let (action, out) = run(prog, ifindex, &inbound(&big));
+        assert_eq!(action, XDP_TX, "ICMP back to the client");
+        assert_eq!(out[23], 1, "an ICMP packet");
+        assert_eq!(
+            &out[34..36],
+            &[3, 4],
+            "destination unreachable, fragmentation needed"
+        );
+        assert_eq!(&out[40..42], &1480u16.to_be_bytes(), "next-hop MTU 1480");
+        assert_eq!(lookups(), 2);
+        check(
+            prog,
+            ifindex,
+            &[Fixture {
+                description: "ipip: fitting packet again → still from the cache",
+                input: inbound(&fits),
+                expected: Some(encapsulated(&fits, 0)),
+                action: XDP_TX,
+            }],
+        );
+        assert_eq!(lookups(), 2);
+        assert_eq!(dp.stats().unwrap().reasons["tx_icmp_frag_needed"], 1);
+    });
+}
+
+#[test]
 fn bench_generator_rewrites_its_headers_and_the_sink_drops_only_the_flood() {
     in_fixture_netns(|ifindex| {
         // The generator's frame counter is per CPU.
-        xlb_tests::cpu::pin_to(0).expect("pin to CPU 0");
+        xlb_tests::cpu::pin_to_one().expect("pin to one CPU");
         let mut dp = balancer();
         // The flood: UDP to the sink port with checksum 0, as `cargo xtask bench` sends it.
         let flood = inbound(&Ip::to(CLIENT, VIP, 17).packet(&udp(
@@ -1117,7 +1174,7 @@ fn bench_generator_rewrites_its_headers_and_the_sink_drops_only_the_flood() {
             assert_eq!(hex(&out), hex(&expected), "generator frame {n}");
         }
 
-        let sink = dp.floor_program(lb_common::programs::BENCH_SINK).unwrap();
+        let sink = dp.bench_program(lb_common::programs::BENCH_SINK).unwrap();
         let ipip = encapsulated(&flood[14..], 0);
         let other_port = inbound(&Ip::to(CLIENT, VIP, 17).packet(&udp(1024, 53, &[0; 18])));
         let tcp9 = inbound(&Ip::to(CLIENT, VIP, 6).packet(&tcp(1024, 9, ACK, 0)));

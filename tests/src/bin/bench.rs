@@ -16,8 +16,6 @@
 
 #[path = "../bench/packets.rs"]
 mod packets;
-#[path = "../bench/profile.rs"]
-mod profile;
 #[path = "../bench/stats.rs"]
 mod stats;
 
@@ -39,7 +37,7 @@ use xlb::{
     dataplane::Dataplane,
     model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec},
 };
-use xlb_tests::{interrupt, netns};
+use xlb_tests::{interrupt, netns, profile};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -203,7 +201,7 @@ call (every SYN a new source port, so every one is a new flow); includes the ker
 compared with the floor measured the same way; a batch's value is the median of its calls. *new flow (derived)*: \
 established (repeat) + (new flow per call − established per call). IPIP encapsulation grows the frame in place, \
 which a repeated run would feed back to itself, so IPIP is measured per call only. The measuring thread is pinned \
-to CPU 0, and before the new-flow batches one SYN per backend fills that CPU's next-hop cache, as traffic keeps \
+to one CPU, and before the new-flow batches one SYN per backend fills that CPU's next-hop cache, as traffic keeps \
 it filled on a loaded balancer. min/median/max are over runs or batches; ratios are of medians.";
 
 fn document(machine: &Value, quick: bool, table: &str, targets: &str, elapsed: f64) -> String {
@@ -404,13 +402,13 @@ fn measure_floors(
 ) -> Result<()> {
     let (runs, repeat, batches, batch) = p;
     let calls = same_frame(frame, batches, batch);
-    let tx = dp.floor_program(programs::FLOOR_TX)?;
+    let tx = dp.bench_program(programs::FLOOR_TX)?;
     f.tx.extend(repeated(
         tx, ifindex, frame, XDP_TX, runs, repeat, "floor TX",
     )?);
     f.tx_call
         .extend(per_call(tx, ifindex, &calls, XDP_TX, "floor TX")?);
-    let ptx = dp.floor_program(programs::FLOOR_PARSE_TX)?;
+    let ptx = dp.bench_program(programs::FLOOR_PARSE_TX)?;
     f.parse_tx.extend(repeated(
         ptx,
         ifindex,
@@ -443,7 +441,7 @@ fn per_packet(
     let mut profiles = Vec::new();
     // One CPU for every per-packet figure: the next-hop cache and the per-CPU counters are per
     // CPU, and a thread that migrates would measure cold caches.
-    xlb_tests::cpu::pin_to(0)?;
+    xlb_tests::cpu::pin_to_one()?;
     let ifindex = xlb::dataplane::ifindex("lb0")?;
     let ack = tcp_frame(CLIENT, VIP, 1000, PORT_L2, ACK, 0);
     let mut floors = Floors {
@@ -566,20 +564,33 @@ fn per_packet(
         let entries_after = dp.flows()?.keys().count() as u32;
         if let Some(secs) = profile_secs {
             let dur = Duration::from_secs(secs);
+            // A failed profile is reported, not fatal: the figures stand without it.
             if k == 0 {
-                let mut p = profile_figures(prog, ifindex, dur)?;
-                // Only the repeat-mode figure covers the same work as its samples (per-call
-                // samples also hold the syscall, which the kernel's per-call figure leaves out).
-                p[0].ns = Some(median(&est));
-                profiles.append(&mut p);
+                match profile_figures(prog, ifindex, dur) {
+                    Ok(mut p) => {
+                        // Only the repeat-mode figure covers the same work as its samples
+                        // (per-call samples also hold the syscall, which the kernel's per-call
+                        // figure leaves out).
+                        p[0].ns = Some(median(&est));
+                        profiles.append(&mut p);
+                    }
+                    Err(e) => eprintln!("bench: profiling failed: {e:#}"),
+                }
             } else if k == ncells - 1 {
-                // The new-flow cost that is not flat: the same SYNs into a 90%-full table.
-                profiles.push(profile_new_flows(
+                // The new-flow cost that is not flat: SYNs into a 90%-full table, which is full
+                // and evicting after the first tenth of capacity.
+                match profile_new_flows(
                     prog,
                     ifindex,
                     dur,
-                    &format!("new-flow SYN, L2, per call, {nb} backends, {fill}% full"),
-                )?);
+                    &format!(
+                        "new-flow SYN, L2, per call, {nb} backends, table {fill}% full, then full and evicting"
+                    ),
+                    u32::MAX,
+                ) {
+                    Ok(p) => profiles.push(p),
+                    Err(e) => eprintln!("bench: profiling failed: {e:#}"),
+                }
             }
         }
         cells.push(Cell {
@@ -735,34 +746,39 @@ fn profile_figures(prog: &Xdp, ifindex: u32, dur: Duration) -> Result<Vec<profil
     out.push(profile::profile(
         "established packet, L2, repeat mode",
         dur,
-        || test_run(prog, ifindex, &ack, 1_000_000).map(drop),
+        || test_run(prog, ifindex, &ack, 1_000_000).map(|_| true),
     )?);
+    // Bounded, so the table stays below half full (it starts 1% full).
     out.push(profile_new_flows(
         prog,
         ifindex,
         dur,
-        "new-flow SYN, L2, per call, 3 backends, 1% full",
+        "new-flow SYN, L2, per call, 3 backends, table 1% → at most 41% full",
+        CAPACITY / 100 * 40,
     )?);
     let ipip = tcp_frame(CLIENT, VIP, 1000, PORT_IPIP, ACK, 0);
     out.push(profile::profile(
         "established packet, IPIP, per call",
         dur,
-        || test_run(prog, ifindex, &ipip, 1).map(drop),
+        || test_run(prog, ifindex, &ipip, 1).map(|_| true),
     )?);
     Ok(out)
 }
 
-/// Every SYN a new flow: sources walk 10.111.128.0/17 × 64k ports, far more than a few seconds
-/// of calls can use, so no SYN repeats (the LRU evicts once the table is full, as it would under
-/// a real SYN load).
+/// At most `max` SYNs for `dur`, every one a new flow: sources walk 10.111.128.0/17 × 64k ports,
+/// so no SYN repeats (once the table is full the LRU evicts, as under a real SYN load).
 fn profile_new_flows(
     prog: &Xdp,
     ifindex: u32,
     dur: Duration,
     what: &str,
+    max: u32,
 ) -> Result<profile::Profile> {
     let mut i: u32 = 0;
     profile::profile(what, dur, || {
+        if i >= max {
+            return Ok(false);
+        }
         let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 111, 128, 0)) + (i >> 16));
         let f = tcp_frame(src, VIP, (i & 0xffff) as u16, PORT_L2, SYN, 0);
         i += 1;
@@ -770,7 +786,7 @@ fn profile_new_flows(
         if a != XDP_TX {
             bail!("profiled SYN: action {a}");
         }
-        Ok(())
+        Ok(true)
     })
 }
 

@@ -1,10 +1,13 @@
-//! Where a per-packet figure's time goes: `perf record` (software `cpu-clock` sampling, since
-//! these VMs expose no hardware PMU, so `bpftool prog profile` cannot run) on the benchmark thread
-//! while it runs one kind of packet through `BPF_PROG_TEST_RUN`, then `perf report` by symbol.
+//! Where a benchmark's time goes: `perf record` (software `cpu-clock` sampling, since these VMs
+//! expose no hardware PMU, so `bpftool prog profile` cannot run), then `perf report` by symbol.
 //!
-//! Samples taken in the syscall belong to this thread, so the report splits the time between the
-//! JIT-compiled program (`bpf_prog_<tag>_<name>`), the helpers and map code it calls
-//! (`bpf_xdp_fib_lookup`, `htab_lru_*`, ...) and the test-run harness itself.
+//! - Per packet (`profile`): the benchmark thread, while it runs one kind of packet through
+//!   `BPF_PROG_TEST_RUN`. Samples taken in the syscall belong to this thread, so the report splits
+//!   the time between the JIT-compiled program (`bpf_prog_<tag>_<name>`), the helpers and map code
+//!   it calls (`bpf_xdp_fib_lookup`, `htab_lru_*`, ...) and the test-run harness itself.
+//! - End to end (`system_profile`): every CPU while a load runs through the test bed, by what the
+//!   machine spent it on (`system_category`): xlb's program, generic-XDP glue, the rest of the
+//!   kernel, user space, idle.
 
 use anyhow::{Context, Result, bail};
 use std::{
@@ -43,6 +46,7 @@ const TOP: usize = 12;
 
 /// What a kernel symbol's time is spent on, for the summary of a profile.
 pub fn category(sym: &str) -> &'static str {
+    let sym = sym.strip_prefix("[.] ").unwrap_or(sym);
     const HARNESS: [&str; 24] = [
         "bpf_test_",
         "bpf_prog_test_run",
@@ -113,17 +117,23 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn start(what: &str) -> Result<Recorder> {
+    /// Record this thread (`system` false) or every CPU.
+    fn start(what: &str, system: bool) -> Result<Recorder> {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
+        let target = if system {
+            vec!["-a".to_string()]
+        } else {
+            vec!["-t".to_string(), tid.to_string()]
+        };
         let out = std::env::temp_dir().join(format!(
             "xlb-bench-perf-{}-{}.data",
             std::process::id(),
             what.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
         ));
         let child = Command::new("perf")
-            .args(["record", "-q", "-e", "cpu-clock", "-F", FREQ, "-t"])
-            .arg(tid.to_string())
+            .args(["record", "-q", "-e", "cpu-clock", "-F", FREQ])
+            .args(&target)
             .arg("-o")
             .arg(&out)
             .stdout(Stdio::null())
@@ -195,14 +205,12 @@ fn parse_report(text: &str) -> (u64, Vec<Share>) {
             continue;
         };
         let sym = sym.trim();
-        let sym = sym
-            .strip_prefix("[k] ")
-            .or_else(|| sym.strip_prefix("[.] "))
-            .unwrap_or(sym);
-        shares.push(Share {
-            symbol: tidy(sym),
-            percent,
-        });
+        // Kernel symbols lose their "[k] "; user-space ones keep "[.] " (see `system_category`).
+        let symbol = match sym.strip_prefix("[k] ") {
+            Some(k) => tidy(k),
+            None => sym.to_string(),
+        };
+        shares.push(Share { symbol, percent });
     }
     (samples, shares)
 }
@@ -230,12 +238,18 @@ fn tidy(sym: &str) -> String {
     }
 }
 
-/// Profile `work`, called repeatedly on this thread for at least `dur`.
-pub fn profile(what: &str, dur: Duration, mut work: impl FnMut() -> Result<()>) -> Result<Profile> {
-    let rec = Recorder::start(what)?;
+/// Profile `work`, called repeatedly on this thread for `dur` or until it returns false.
+pub fn profile(
+    what: &str,
+    dur: Duration,
+    mut work: impl FnMut() -> Result<bool>,
+) -> Result<Profile> {
+    let rec = Recorder::start(what, false)?;
     let t = Instant::now();
     while t.elapsed() < dur {
-        work()?;
+        if !work()? {
+            break;
+        }
     }
     let (samples, all) = rec.finish()?;
     let mut categories: Vec<Share> = Vec::new();
@@ -271,6 +285,50 @@ pub fn profile(what: &str, dur: Duration, mut work: impl FnMut() -> Result<()>) 
         categories,
         ns: None,
     })
+}
+
+/// What the machine spent a sample on, in an end-to-end profile.
+pub fn system_category(sym: &str) -> &'static str {
+    if sym.starts_with("[.] ") {
+        "user space (wrk, nginx, HAProxy, ...)"
+    } else if sym.starts_with("bpf_prog_") && sym.contains("xlb_balancer") {
+        "xlb's XDP program (JIT code)"
+    } else if sym.starts_with("bpf_prog_") || sym.starts_with("htab") || sym.starts_with("bpf_") {
+        "other BPF programs, maps and helpers"
+    } else if sym.contains("generic_xdp") || sym.contains("xdp_generic") {
+        "generic-mode XDP glue (skb to XDP and back)"
+    } else if ["idle", "halt", "mwait", "poll_idle"]
+        .iter()
+        .any(|p| sym.contains(p))
+    {
+        "idle"
+    } else {
+        "the rest of the kernel (TCP/IP, veth, bridge, softirq, syscalls)"
+    }
+}
+
+/// Profile every CPU while `load` runs; the shares by `system_category`, largest first, and the
+/// number of samples.
+pub fn system_profile<T>(
+    what: &str,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<(T, u64, Vec<Share>)> {
+    let rec = Recorder::start(what, true)?;
+    let out = load()?;
+    let (samples, all) = rec.finish()?;
+    let mut categories: Vec<Share> = Vec::new();
+    for s in &all {
+        let c = system_category(&s.symbol);
+        match categories.iter_mut().find(|x| x.symbol == c) {
+            Some(x) => x.percent += s.percent,
+            None => categories.push(Share {
+                symbol: c.to_string(),
+                percent: s.percent,
+            }),
+        }
+    }
+    categories.sort_by(|a, b| b.percent.total_cmp(&a.percent));
+    Ok((out, samples, categories))
 }
 
 /// The profiles as markdown: per figure, the categories (with `ns` per packet each, when the
@@ -328,7 +386,7 @@ mod tests {
         assert_eq!(shares[0].symbol, "bpf_prog_…_xlb_balancer (JIT code)");
         assert!((shares[0].percent - 41.2).abs() < 1e-9);
         assert_eq!(shares[1].symbol, "bpf_xdp_fib_lookup");
-        assert_eq!(shares[2].symbol, "main");
+        assert_eq!(shares[2].symbol, "[.] main");
     }
 
     #[test]
@@ -344,5 +402,17 @@ mod tests {
         assert!(category("bpf_prog_test_run_xdp").starts_with("test-run"));
         assert!(category("do_syscall_64").starts_with("test-run"));
         assert_eq!(category("schedule"), "other kernel code");
+        assert!(category("[.] syscall").starts_with("test-run"));
+    }
+
+    #[test]
+    fn system_categories() {
+        assert!(system_category("[.] nginx_worker").starts_with("user"));
+        assert!(system_category("bpf_prog_…_xlb_balancer (JIT code)").starts_with("xlb's"));
+        assert!(system_category("bpf_prog_…_xlb_pass (JIT code)").starts_with("other BPF"));
+        assert!(system_category("do_xdp_generic").starts_with("generic"));
+        assert!(system_category("netif_receive_generic_xdp").starts_with("generic"));
+        assert!(system_category("pv_native_safe_halt").starts_with("idle"));
+        assert!(system_category("tcp_v4_rcv").starts_with("the rest"));
     }
 }
