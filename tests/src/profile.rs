@@ -252,18 +252,7 @@ pub fn profile(
         }
     }
     let (samples, all) = rec.finish()?;
-    let mut categories: Vec<Share> = Vec::new();
-    for s in &all {
-        let c = category(&s.symbol);
-        match categories.iter_mut().find(|x| x.symbol == c) {
-            Some(x) => x.percent += s.percent,
-            None => categories.push(Share {
-                symbol: c.to_string(),
-                percent: s.percent,
-            }),
-        }
-    }
-    categories.sort_by(|a, b| b.percent.total_cmp(&a.percent));
+    let categories = by_category(&all, category);
     let mut shares: Vec<Share> = all
         .iter()
         .filter(|s| s.percent >= MIN_SHARE)
@@ -285,6 +274,23 @@ pub fn profile(
         categories,
         ns: None,
     })
+}
+
+/// The shares summed by `category` of their symbol, largest first.
+fn by_category(all: &[Share], category: fn(&str) -> &'static str) -> Vec<Share> {
+    let mut categories: Vec<Share> = Vec::new();
+    for s in all {
+        let c = category(&s.symbol);
+        match categories.iter_mut().find(|x| x.symbol == c) {
+            Some(x) => x.percent += s.percent,
+            None => categories.push(Share {
+                symbol: c.to_string(),
+                percent: s.percent,
+            }),
+        }
+    }
+    categories.sort_by(|a, b| b.percent.total_cmp(&a.percent));
+    categories
 }
 
 /// What the machine spent a sample on, in an end-to-end profile.
@@ -316,18 +322,7 @@ pub fn system_profile<T>(
     let rec = Recorder::start(what, true)?;
     let out = load()?;
     let (samples, all) = rec.finish()?;
-    let mut categories: Vec<Share> = Vec::new();
-    for s in &all {
-        let c = system_category(&s.symbol);
-        match categories.iter_mut().find(|x| x.symbol == c) {
-            Some(x) => x.percent += s.percent,
-            None => categories.push(Share {
-                symbol: c.to_string(),
-                percent: s.percent,
-            }),
-        }
-    }
-    categories.sort_by(|a, b| b.percent.total_cmp(&a.percent));
+    let categories = by_category(&all, system_category);
     Ok((out, samples, categories))
 }
 
