@@ -835,11 +835,31 @@ fn stats(v: &[f64]) -> Value {
     })
 }
 
+/// A keep-alive run profiled over every CPU (perf): its samples, their shares by
+/// `profile::system_category`, and the requests the run completed.
+struct KaProfile {
+    samples: u64,
+    shares: Vec<profile::Share>,
+    requests: u64,
+}
+
+impl KaProfile {
+    /// CPU time per request spent on `category`, in µs (0 if the category has no samples).
+    fn us_per_request(&self, category: &str) -> f64 {
+        let pct = self
+            .shares
+            .iter()
+            .find(|s| s.symbol == category)
+            .map_or(0.0, |s| s.percent);
+        let cpu_s = self.samples as f64 / f64::from(profile::FREQ_HZ) * pct / 100.0;
+        cpu_s * 1e6 / self.requests.max(1) as f64
+    }
+}
+
 #[derive(Default)]
 struct Samples {
-    /// Where the machine's time went during the last round's keep-alive run (perf, every CPU):
-    /// samples, and shares by `profile::system_category`.
-    ka_profile: Option<(u64, Vec<profile::Share>)>,
+    /// Where the machine's time went during an extra keep-alive run in the last round.
+    ka_profile: Option<KaProfile>,
     ka: Vec<WrkResult>,
     close: Vec<WrkResult>,
     pps: Vec<PpsResult>,
@@ -905,7 +925,13 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
                         match profile::system_profile(config.key(), || {
                             wrk(&bed, config.target(), false, wrk_secs)
                         }) {
-                            Ok((_, n, shares)) => samples[ci].ka_profile = Some((n, shares)),
+                            Ok((run, n, shares)) => {
+                                samples[ci].ka_profile = Some(KaProfile {
+                                    samples: n,
+                                    shares,
+                                    requests: run.requests,
+                                })
+                            }
                             Err(e) => eprintln!(
                                 "bench e2e: {}: keep-alive profile failed: {e:#}",
                                 config.label()
@@ -965,9 +991,10 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
                     "label": config.label(),
                     "keepalive": mode(&s.ka),
                     "close": mode(&s.close),
-                    "keepalive_profile": s.ka_profile.as_ref().map(|(n, shares)| json!({
-                        "samples": n,
-                        "percent_by_category": shares
+                    "keepalive_profile": s.ka_profile.as_ref().map(|p| json!({
+                        "samples": p.samples,
+                        "requests": p.requests,
+                        "percent_by_category": p.shares
                             .iter()
                             .map(|sh| (sh.symbol.clone(), json!(sh.percent)))
                             .collect::<serde_json::Map<_, _>>(),
@@ -1100,50 +1127,68 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
     Ok((doc, md))
 }
 
-/// Where the time went during the keep-alive runs, one row per HTTP configuration.
+/// Where the time went during the profiled keep-alive runs: CPU µs per request by category, one
+/// column per configuration.
 fn keepalive_profiles(samples: &[Samples]) -> String {
-    let rows: Vec<(Config, &(u64, Vec<profile::Share>))> = CONFIGS
+    let cols: Vec<(Config, &KaProfile)> = CONFIGS
         .iter()
         .zip(samples)
         .filter_map(|(c, s)| s.ka_profile.as_ref().map(|p| (*c, p)))
         .collect();
-    let Some((_, (_, first))) = rows.first() else {
+    if cols.is_empty() {
         return "\n**Where the keep-alive time goes**: not profiled (perf not usable here).\n"
             .into();
-    };
-    // Columns: every category any row has, in the first row's order.
-    let mut columns: Vec<String> = first.iter().map(|s| s.symbol.clone()).collect();
-    for (_, (_, shares)) in &rows {
-        for s in shares {
-            if !columns.contains(&s.symbol) {
-                columns.push(s.symbol.clone());
+    }
+    // Rows: every category any run has, largest (in the first column) first; idle last.
+    let mut rows: Vec<&str> = Vec::new();
+    for (_, p) in &cols {
+        for s in &p.shares {
+            if !rows.contains(&s.symbol.as_str()) {
+                rows.push(&s.symbol);
             }
         }
     }
+    rows.sort_by(|a, b| {
+        let key = |c: &str| (c == "idle", -cols[0].1.us_per_request(c));
+        key(a)
+            .partial_cmp(&key(b))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
     let mut md = String::from(
-        "\n**Where the keep-alive time goes**: `perf record -a -e cpu-clock` over both CPUs during \
-         the last round's keep-alive run, every sample by what it was spent on. Client, router, \
-         balancer and backends share the machine's 2 cores, so a configuration's extra hop costs \
-         requests/s directly; on separate machines it would cost the client nothing.\n\n\
-         | configuration | samples |",
+        "\n**Where the keep-alive time goes**: one more keep-alive run per configuration in the \
+         last round (not among the figures above), with `perf record -a -e cpu-clock` over both \
+         CPUs; each sample is put under the subsystem of its kernel symbol. Shown as CPU µs per \
+         completed request. Client, router, balancer and backends share the machine's 2 cores, \
+         so every µs a configuration adds per request costs requests/s directly.\n\n| spent on |",
     );
-    for c in &columns {
-        let _ = write!(md, " {c} |");
+    for (c, _) in &cols {
+        let _ = write!(md, " {} |", c.label());
     }
-    md.push_str("\n|---|---:|");
-    md.push_str(&"---:|".repeat(columns.len()));
+    md.push_str("\n|---|");
+    md.push_str(&"---:|".repeat(cols.len()));
     md.push('\n');
-    for (config, (n, shares)) in &rows {
-        let _ = write!(md, "| {} | {n} |", config.label());
-        for c in &columns {
-            let v = shares
-                .iter()
-                .find(|s| &s.symbol == c)
-                .map_or(0.0, |s| s.percent);
-            let _ = write!(md, " {v:.1}% |");
+    for r in &rows {
+        let _ = write!(md, "| {r} |");
+        for (_, p) in &cols {
+            let _ = write!(md, " {:.2} |", p.us_per_request(r));
         }
         md.push('\n');
     }
+    let _ = write!(md, "| **busy CPU per request (all but idle)** |");
+    for (_, p) in &cols {
+        let busy: f64 = rows
+            .iter()
+            .filter(|r| **r != "idle")
+            .map(|r| p.us_per_request(r))
+            .sum();
+        let _ = write!(md, " **{busy:.2}** |");
+    }
+    md.push('\n');
+    let _ = write!(md, "| requests in the profiled run |");
+    for (_, p) in &cols {
+        let _ = write!(md, " {} |", p.requests);
+    }
+    md.push('\n');
     md
 }
 

@@ -18,7 +18,7 @@ use std::{
 };
 
 /// Sampling frequency (Hz). cpu-clock is an hrtimer, so this is a real rate.
-const FREQ: &str = "20000";
+pub const FREQ_HZ: u32 = 20_000;
 /// Symbols under this share (percent) are not listed one by one.
 const MIN_SHARE: f64 = 1.0;
 
@@ -132,7 +132,8 @@ impl Recorder {
             what.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
         ));
         let child = Command::new("perf")
-            .args(["record", "-q", "-e", "cpu-clock", "-F", FREQ])
+            .args(["record", "-q", "-e", "cpu-clock", "-F"])
+            .arg(FREQ_HZ.to_string())
             .args(&target)
             .arg("-o")
             .arg(&out)
@@ -293,24 +294,202 @@ fn by_category(all: &[Share], category: fn(&str) -> &'static str) -> Vec<Share> 
     categories
 }
 
-/// What the machine spent a sample on, in an end-to-end profile.
+/// What the machine spent a sample on, in an end-to-end profile: by subsystem, from the kernel
+/// symbol's prefix (the first rule that matches).
 pub fn system_category(sym: &str) -> &'static str {
+    const RULES: &[(&str, &[&str])] = &[
+        (
+            "idle",
+            &[
+                "default_idle",
+                "cpu_idle",
+                "do_idle",
+                "poll_idle",
+                "pv_native_safe_halt",
+                "mwait",
+                "acpi_idle",
+                "cpuidle",
+            ],
+        ),
+        ("veth", &["veth_"]),
+        ("bridge", &["br_", "__br_"]),
+        (
+            "netfilter and conntrack",
+            &["nf_", "__nf_", "nft_", "ipt_", "hash_conntrack"],
+        ),
+        (
+            "TCP and sockets",
+            &[
+                "tcp_",
+                "__tcp_",
+                "inet_",
+                "__inet_",
+                "sock_",
+                "__sock_",
+                "sk_",
+                "__sk_",
+                "release_sock",
+                "lock_sock",
+            ],
+        ),
+        (
+            "IP and routing",
+            &[
+                "ip_", "__ip_", "ip4_", "ipv4_", "fib_", "dst_", "rt_", "raw_v4", "icmp_",
+            ],
+        ),
+        (
+            "device layer and NAPI",
+            &[
+                "netif_",
+                "__netif_",
+                "dev_",
+                "__dev_",
+                "net_rx_action",
+                "process_backlog",
+                "napi_",
+                "__napi_",
+                "gro_",
+                "dev_gro",
+                "validate_xmit",
+                "sch_direct",
+                "qdisc",
+                "__qdisc",
+                "pfifo",
+                "eth_",
+                "neigh_",
+            ],
+        ),
+        (
+            "skb, memory and copies",
+            &[
+                "skb_",
+                "__skb_",
+                "kfree_skb",
+                "consume_skb",
+                "__alloc_skb",
+                "__build_skb",
+                "__netdev_alloc",
+                "kmem_cache",
+                "__kmalloc",
+                "kmalloc",
+                "kfree",
+                "page_pool",
+                "copy_",
+                "_copy_",
+                "memcpy",
+                "memset",
+                "memmove",
+                "__memcpy",
+                "rep_movs",
+                "clear_page",
+                "__slab",
+                "___slab",
+                "slab_",
+                "__page",
+                "free_",
+                "alloc_",
+                "__alloc",
+                "get_page",
+                "put_page",
+                "folio",
+            ],
+        ),
+        (
+            "syscalls, epoll and files",
+            &[
+                "__sys_",
+                "sys_",
+                "__x64_sys",
+                "do_syscall",
+                "entry_SYSCALL",
+                "syscall_",
+                "ep_",
+                "do_epoll",
+                "__fdget",
+                "fdget",
+                "fput",
+                "security_",
+                "aa_",
+                "apparmor",
+                "vfs_",
+                "fsnotify",
+                "__fsnotify",
+                "ksys_",
+                "rw_verify",
+                "import_",
+                "__check_object",
+                "check_heap",
+                "__virt_addr",
+            ],
+        ),
+        (
+            "scheduler, softirq, timers and locks",
+            &[
+                "schedule",
+                "__schedule",
+                "_raw_spin",
+                "native_queued",
+                "queued_spin",
+                "do_softirq",
+                "__do_softirq",
+                "handle_softirqs",
+                "__local_bh",
+                "local_bh",
+                "irq_",
+                "finish_task_switch",
+                "try_to_wake_up",
+                "ttwu",
+                "enqueue_",
+                "dequeue_",
+                "update_",
+                "pick_next",
+                "psi_",
+                "rcu_",
+                "__rcu",
+                "select_task",
+                "wake_up",
+                "__wake_up",
+                "hrtimer",
+                "__hrtimer",
+                "tick_",
+                "ktime",
+                "read_tsc",
+                "sched_",
+                "run_timer",
+                "asm_",
+                "__sysvec",
+                "sysvec_",
+                "set_next",
+                "put_prev",
+                "check_preempt",
+                "resched",
+                "switch_",
+                "__switch",
+                "migrate_",
+                "cpuacct",
+                "account_",
+                "native_sched",
+                "preempt_",
+            ],
+        ),
+    ];
     if sym.starts_with("[.] ") {
-        "user space (wrk, nginx, HAProxy, ...)"
-    } else if sym.starts_with("bpf_prog_") && sym.contains("xlb_balancer") {
-        "xlb's XDP program (JIT code)"
-    } else if sym.starts_with("bpf_prog_") || sym.starts_with("htab") || sym.starts_with("bpf_") {
-        "other BPF programs, maps and helpers"
-    } else if sym.contains("generic_xdp") || sym.contains("xdp_generic") {
-        "generic-mode XDP glue (skb to XDP and back)"
-    } else if ["idle", "halt", "mwait", "poll_idle"]
-        .iter()
-        .any(|p| sym.contains(p))
-    {
-        "idle"
-    } else {
-        "the rest of the kernel (TCP/IP, veth, bridge, softirq, syscalls)"
+        return "user space (wrk, nginx, HAProxy, ...)";
     }
+    if sym.starts_with("bpf_prog_") && sym.contains("xlb_balancer") {
+        return "xlb's XDP program (JIT code)";
+    }
+    if sym.starts_with("bpf_") || sym.starts_with("htab") {
+        return "other BPF programs, maps and helpers";
+    }
+    if sym.contains("generic_xdp") || sym.contains("xdp_generic") {
+        return "generic-mode XDP glue (skb to XDP and back)";
+    }
+    RULES
+        .iter()
+        .find(|(_, prefixes)| prefixes.iter().any(|p| sym.starts_with(p)))
+        .map_or("other kernel code", |(name, _)| name)
 }
 
 /// Profile every CPU while `load` runs; the shares by `system_category`, largest first, and the
@@ -408,6 +587,30 @@ mod tests {
         assert!(system_category("do_xdp_generic").starts_with("generic"));
         assert!(system_category("netif_receive_generic_xdp").starts_with("generic"));
         assert!(system_category("pv_native_safe_halt").starts_with("idle"));
-        assert!(system_category("tcp_v4_rcv").starts_with("the rest"));
+        assert_eq!(system_category("tcp_v4_rcv"), "TCP and sockets");
+        assert_eq!(system_category("veth_xmit"), "veth");
+        assert_eq!(system_category("br_handle_frame"), "bridge");
+        assert_eq!(
+            system_category("nf_conntrack_in"),
+            "netfilter and conntrack"
+        );
+        assert_eq!(system_category("ip_rcv"), "IP and routing");
+        assert_eq!(
+            system_category("__netif_receive_skb_core"),
+            "device layer and NAPI"
+        );
+        assert_eq!(
+            system_category("skb_release_data"),
+            "skb, memory and copies"
+        );
+        assert_eq!(
+            system_category("do_syscall_64"),
+            "syscalls, epoll and files"
+        );
+        assert_eq!(
+            system_category("_raw_spin_lock"),
+            "scheduler, softirq, timers and locks"
+        );
+        assert_eq!(system_category("something_else"), "other kernel code");
     }
 }
