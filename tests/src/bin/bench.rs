@@ -18,6 +18,8 @@
 mod packets;
 #[path = "../bench/stats.rs"]
 mod stats;
+#[path = "../bench/sync.rs"]
+mod sync;
 
 use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
@@ -81,6 +83,8 @@ struct Plan {
     cp_repeats: usize,
     /// Flows for the snapshot and install figures.
     flows: u32,
+    /// Flows per peer-sync run.
+    sync_flows: u32,
     /// Seconds of `perf record` per profiled figure.
     profile_secs: u64,
 }
@@ -105,6 +109,7 @@ fn run(args: &Args) -> Result<()> {
             batch: 200,
             cp_repeats: 3,
             flows: 1 << 20,
+            sync_flows: 100_000,
             profile_secs: 1,
         }
     } else {
@@ -115,6 +120,7 @@ fn run(args: &Args) -> Result<()> {
             batch: 300,
             cp_repeats: 5,
             flows: 1 << 20,
+            sync_flows: 200_000,
             profile_secs: 3,
         }
     };
@@ -900,6 +906,40 @@ fn control_plane(plan: &Plan) -> Result<Vec<Row>> {
             Spread::of(&snapshot),
         )
         .note(format!("{count} entries in the snapshot (LRU)")),
+    );
+    drop(dp);
+
+    println!(
+        "bench: peer sync over loopback into the kernel flow table, {} flows",
+        plan.sync_flows
+    );
+    let ns = netns::Netns::create(&format!("{}-sync", netns::unique_prefix()))?;
+    ns.sh("ip link set lo up")?;
+    let (n, repeats) = (plan.sync_flows, plan.cp_repeats.min(3));
+    let rates = ns.enter(move || -> Result<Vec<f64>> {
+        let mut dp = Dataplane::load_unattached(1 << 20, Some(LB))?;
+        dp.apply_vip(
+            &vip_spec(PORT_L2, Forward::L2, (0..3).map(backend)),
+            &BTreeSet::new(),
+        )?;
+        let mut rates = Vec::new();
+        for _ in 0..repeats {
+            interrupt::check()?;
+            let flows = fill_events(n, PORT_L2, 3).collect();
+            let (rate, _) = sync::throughput(&mut dp, flows, Duration::from_secs(120))?;
+            rates.push(rate);
+        }
+        Ok(rates)
+    })??;
+    drop(ns);
+    rows.push(
+        Row::new(
+            s,
+            format!("peer sync A → B over loopback, into B's kernel flow table, {n} flows"),
+            "flows/s",
+            Spread::of(&rates),
+        )
+        .note("TCP, HMAC-authenticated frames, install_flows as in the agent; first pass inserts, later ones overwrite"),
     );
     Ok(rows)
 }
