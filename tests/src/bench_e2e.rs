@@ -836,23 +836,31 @@ fn stats(v: &[f64]) -> Value {
 }
 
 /// A keep-alive run profiled over every CPU (perf): its samples, their shares by
-/// `profile::system_category`, and the requests the run completed.
+/// `profile::system_category`, the requests the run completed and the CPU time it had (CPUs ×
+/// wrk's duration).
 struct KaProfile {
     samples: u64,
     shares: Vec<profile::Share>,
     requests: u64,
+    cpu_seconds: f64,
 }
 
 impl KaProfile {
-    /// CPU time per request spent on `category`, in µs (0 if the category has no samples).
+    /// CPU time per request spent on `category`, in µs (0 if the category has no samples): its
+    /// share of the samples applied to the run's CPU time. The shares, not the sample count,
+    /// carry the figure, so samples perf did not take (its start-up, rounding in the report)
+    /// do not bias it.
     fn us_per_request(&self, category: &str) -> f64 {
+        let total: f64 = self.shares.iter().map(|s| s.percent).sum();
         let pct = self
             .shares
             .iter()
             .find(|s| s.symbol == category)
             .map_or(0.0, |s| s.percent);
-        let cpu_s = self.samples as f64 / f64::from(profile::FREQ_HZ) * pct / 100.0;
-        cpu_s * 1e6 / self.requests.max(1) as f64
+        if total <= 0.0 {
+            return 0.0;
+        }
+        self.cpu_seconds * pct / total * 1e6 / self.requests.max(1) as f64
     }
 }
 
@@ -909,6 +917,7 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
 
     let mut samples: Vec<Samples> = CONFIGS.iter().map(|_| Samples::default()).collect();
     let profiling = profile::available();
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
     for round in 0..rounds {
         for (ci, &config) in CONFIGS.iter().enumerate() {
             let tag = format!("{}-{round}", config.key());
@@ -930,6 +939,7 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
                                     samples: n,
                                     shares,
                                     requests: run.requests,
+                                    cpu_seconds: cpus as f64 * wrk_secs as f64,
                                 })
                             }
                             Err(e) => eprintln!(
@@ -994,6 +1004,7 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
                     "keepalive_profile": s.ka_profile.as_ref().map(|p| json!({
                         "samples": p.samples,
                         "requests": p.requests,
+                        "cpu_seconds": p.cpu_seconds,
                         "percent_by_category": p.shares
                             .iter()
                             .map(|sh| (sh.symbol.clone(), json!(sh.percent)))
@@ -1158,7 +1169,8 @@ fn keepalive_profiles(samples: &[Samples]) -> String {
         "\n**Where the keep-alive time goes**: one more keep-alive run per configuration in the \
          last round (not among the figures above), with `perf record -a -e cpu-clock` over both \
          CPUs; each sample is put under the subsystem of its kernel symbol. Shown as CPU µs per \
-         completed request. Client, router, balancer and backends share the machine's 2 cores, \
+         completed request: a category's share of the samples × the run's CPU time (CPUs × wrk's \
+         duration) / requests. Client, router, balancer and backends share the machine's 2 cores, \
          so every µs a configuration adds per request costs requests/s directly.\n\n| spent on |",
     );
     for (c, _) in &cols {

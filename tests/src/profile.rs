@@ -335,7 +335,16 @@ pub fn system_category(sym: &str) -> &'static str {
         (
             "IP and routing",
             &[
-                "ip_", "__ip_", "ip4_", "ipv4_", "fib_", "dst_", "rt_", "raw_v4", "icmp_",
+                "ip_",
+                "__ip_",
+                "iptunnel_",
+                "ip4_",
+                "ipv4_",
+                "fib_",
+                "dst_",
+                "rt_",
+                "raw_v4",
+                "icmp_",
             ],
         ),
         (
@@ -379,6 +388,8 @@ pub fn system_category(sym: &str) -> &'static str {
                 "_copy_",
                 "memcpy",
                 "memset",
+                "__pi_mem",
+                "csum_",
                 "memmove",
                 "__memcpy",
                 "rep_movs",
@@ -416,6 +427,8 @@ pub fn system_category(sym: &str) -> &'static str {
                 "fsnotify",
                 "__fsnotify",
                 "ksys_",
+                "x64_sys_call",
+                "entry_SYSRET",
                 "rw_verify",
                 "import_",
                 "__check_object",
@@ -430,6 +443,10 @@ pub fn system_category(sym: &str) -> &'static str {
                 "__schedule",
                 "_raw_spin",
                 "native_queued",
+                "__raw_callee_save",
+                "__pv_queued",
+                "raw_spin_rq",
+                "__update_load_avg",
                 "queued_spin",
                 "do_softirq",
                 "__do_softirq",
@@ -477,14 +494,29 @@ pub fn system_category(sym: &str) -> &'static str {
     if sym.starts_with("[.] ") {
         return "user space (wrk, nginx, HAProxy, ...)";
     }
+    // Generic XDP first: its main function is `bpf_prog_run_generic_xdp`.
+    if sym.contains("generic_xdp")
+        || sym.contains("xdp_generic")
+        || sym.contains("generic_redirect")
+    {
+        return "generic-mode XDP glue (skb to XDP and back)";
+    }
     if sym.starts_with("bpf_prog_") && sym.contains("xlb_balancer") {
         return "xlb's XDP program (JIT code)";
     }
-    if sym.starts_with("bpf_") || sym.starts_with("htab") {
+    if sym.starts_with("bpf_")
+        || [
+            "htab",
+            "lookup_nulls_elem",
+            "lookup_elem_raw",
+            "bpf_lru",
+            "memcmp",
+            "jhash",
+        ]
+        .iter()
+        .any(|p| sym.contains(p))
+    {
         return "other BPF programs, maps and helpers";
-    }
-    if sym.contains("generic_xdp") || sym.contains("xdp_generic") {
-        return "generic-mode XDP glue (skb to XDP and back)";
     }
     RULES
         .iter()
@@ -585,6 +617,9 @@ mod tests {
         assert!(system_category("bpf_prog_…_xlb_balancer (JIT code)").starts_with("xlb's"));
         assert!(system_category("bpf_prog_…_xlb_pass (JIT code)").starts_with("other BPF"));
         assert!(system_category("do_xdp_generic").starts_with("generic"));
+        assert!(system_category("bpf_prog_run_generic_xdp").starts_with("generic"));
+        assert!(system_category("lookup_nulls_elem_raw").starts_with("other BPF"));
+        assert_eq!(system_category("__pi_memset"), "skb, memory and copies");
         assert!(system_category("netif_receive_generic_xdp").starts_with("generic"));
         assert!(system_category("pv_native_safe_halt").starts_with("idle"));
         assert_eq!(system_category("tcp_v4_rcv"), "TCP and sockets");

@@ -70,7 +70,8 @@ pub fn throughput(
         .await?;
 
         let deadline = Instant::now() + limit;
-        // Connected (A's snapshot, empty, has gone through B) before the clock starts.
+        // Connected before the clock starts (A's empty snapshot may still be on its way: a few
+        // frames, nothing next to the figure).
         while !a.report().peers.iter().all(|p| p.connected) {
             ensure!(Instant::now() < deadline, "sync peers did not connect");
             tokio::select! {
@@ -90,6 +91,7 @@ pub fn throughput(
         });
         let mut installed = 0;
         while installed < n {
+            xlb_tests::interrupt::check()?;
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 bail!("{installed} of {n} flows installed within {limit:?}");
@@ -97,7 +99,8 @@ pub fn throughput(
             tokio::select! {
                 Some(r) = b_req.recv() => installed += serve(dp, r),
                 Some(r) = a_req.recv() => { serve(dp, r); }
-                _ = tokio::time::sleep(left) => {}
+                // Wake at least every 100 ms to notice Ctrl-C.
+                _ = tokio::time::sleep(left.min(Duration::from_millis(100))) => {}
             }
         }
         let took = started.elapsed();

@@ -53,8 +53,8 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 2);
 const CAPACITY: u32 = 1 << 18;
 const BACKEND_COUNTS: [u32; 3] = [3, 100, 1000];
 const FILLS: [u32; 2] = [1, 90];
-/// "Flat" means the largest median across backend counts and fills is within this factor of the
-/// smallest.
+/// "Flat" means that across backend counts (at each fill), and across fills (at each backend
+/// count), the largest median is within this factor of the smallest.
 const FLAT: f64 = 1.25;
 
 #[derive(Parser)]
