@@ -535,15 +535,6 @@ fn parse_mac(s: &str) -> Result<[u8; 6]> {
         .map_err(|_| anyhow::anyhow!("MAC address {s:?}: not 6 bytes"))
 }
 
-/// struct xdp_md for BPF_PROG_TEST_RUN: data, data_end, data_meta, ingress_ifindex,
-/// rx_queue_index, egress_ifindex. In live-frames mode the ingress device is where XDP_TX goes.
-fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
-    [0, len as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|v: &u32| v.to_ne_bytes())
-        .collect()
-}
-
 /// What the generator did over its whole run.
 #[derive(Clone, Copy, Debug, Default)]
 struct GenReport {
@@ -562,7 +553,7 @@ fn generate(iface: &str, frame: &[u8], stop: &AtomicBool, limit: Duration) -> Re
         .bench_generator(&header)
         .with_context(|| format!("loading {}", programs::BENCH_GEN))?;
     let ifindex = xlb::dataplane::ifindex(iface)?;
-    let ctx = xdp_md(frame.len(), ifindex);
+    let ctx = crate::packet::xdp_md(frame.len(), ifindex);
     let started = Instant::now();
     let mut repeat: u32 = 1 << 16;
     let mut report = GenReport::default();

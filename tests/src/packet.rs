@@ -1,4 +1,15 @@
-//! Helpers for building test packets by hand (packet fixtures and the benchmark's frames).
+//! Helpers for building test packets by hand (packet fixtures and the benchmark's frames), and
+//! the context that goes with a frame into BPF_PROG_TEST_RUN.
+
+/// `struct xdp_md` for BPF_PROG_TEST_RUN of a `len`-byte frame received on `ifindex`: data,
+/// data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex. (In live-frames mode the
+/// ingress device is also where XDP_TX sends.)
+pub fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
+    [0, len as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|v: &u32| v.to_ne_bytes())
+        .collect()
+}
 
 /// The Internet checksum (RFC 1071) of `bytes`, as stored in IPv4/ICMP headers (host order
 /// value; write it with `to_be_bytes`). An odd trailing byte is padded with zero.

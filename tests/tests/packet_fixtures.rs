@@ -163,11 +163,7 @@ struct Fixture {
 }
 
 fn run(prog: &Xdp, ifindex: u32, input: &[u8]) -> (u32, Vec<u8>) {
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-    let ctx: Vec<u8> = [0, input.len() as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|v: &u32| v.to_ne_bytes())
-        .collect();
+    let ctx = xlb_tests::packet::xdp_md(input.len(), ifindex);
     let mut out = vec![0u8; 4096];
     let result = prog
         .test_run(TestRunOptions {

@@ -256,17 +256,9 @@ fn machine() -> Result<Value> {
 // ---------------------------------------------------------------------------------------------
 // Running a program.
 
-fn ctx(len: usize, ifindex: u32) -> Vec<u8> {
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-    [0, len as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|v: &u32| v.to_ne_bytes())
-        .collect()
-}
-
 /// One `BPF_PROG_TEST_RUN`: (action, kernel-reported ns per run).
 fn test_run(prog: &Xdp, ifindex: u32, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
-    let c = ctx(frame.len(), ifindex);
+    let c = xlb_tests::packet::xdp_md(frame.len(), ifindex);
     let r = prog
         .test_run(TestRunOptions {
             data_in: Some(frame),
