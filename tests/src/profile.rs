@@ -44,6 +44,20 @@ pub struct Profile {
 /// Symbols at most listed per profile (the categories cover the rest).
 const TOP: usize = 12;
 
+/// The kernel's hash and LRU map code (lookup, hash, bucket walk, key compare, LRU lists).
+fn is_map_code(sym: &str) -> bool {
+    [
+        "htab",
+        "lookup_nulls_elem",
+        "lookup_elem_raw",
+        "bpf_lru",
+        "memcmp",
+        "jhash",
+    ]
+    .iter()
+    .any(|p| sym.contains(p))
+}
+
 /// What a kernel symbol's time is spent on, for the summary of a profile.
 pub fn category(sym: &str) -> &'static str {
     let sym = sym.strip_prefix("[.] ").unwrap_or(sym);
@@ -75,17 +89,7 @@ pub fn category(sym: &str) -> &'static str {
     ];
     if sym.starts_with("bpf_prog_") && !sym.starts_with("bpf_prog_test_run") {
         "the program's own instructions (JIT code)"
-    } else if [
-        "htab",
-        "lookup_nulls_elem",
-        "lookup_elem_raw",
-        "bpf_lru",
-        "memcmp",
-        "jhash",
-    ]
-    .iter()
-    .any(|p| sym.contains(p))
-    {
+    } else if is_map_code(sym) {
         "hash and LRU maps (VIP and flow lookups, flow insert)"
     } else if ["fib", "neigh"].iter().any(|p| sym.contains(p)) {
         "FIB and neighbour lookup"
@@ -504,18 +508,7 @@ pub fn system_category(sym: &str) -> &'static str {
     if sym.starts_with("bpf_prog_") && sym.contains("xlb_balancer") {
         return "xlb's XDP program (JIT code)";
     }
-    if sym.starts_with("bpf_")
-        || [
-            "htab",
-            "lookup_nulls_elem",
-            "lookup_elem_raw",
-            "bpf_lru",
-            "memcmp",
-            "jhash",
-        ]
-        .iter()
-        .any(|p| sym.contains(p))
-    {
+    if sym.starts_with("bpf_") || is_map_code(sym) {
         return "other BPF programs, maps and helpers";
     }
     RULES
