@@ -194,6 +194,17 @@ fn nft_file(ns: &Netns, dir: &std::path::Path, name: &str, rules: &str) -> Resul
     Ok(())
 }
 
+/// The elements of an nftables map from 0, 1, … to `items` (`0 : a, 1 : b, …`), which `numgen`
+/// and `jhash … mod N` index.
+fn numbered_map(items: &[impl std::fmt::Display]) -> String {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| format!("{i} : {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn mac_of(ns: &Netns, iface: &str) -> Result<String> {
     let mac = ns.sh(&format!("cat /sys/class/net/{iface}/address"))?;
     Ok(mac.trim().to_string())
@@ -252,12 +263,7 @@ fn setup(bed: &Testbed, config: Config, tag: &str) -> Result<Active> {
             agent = Some(a);
         }
         Config::NftDnat => {
-            let map = backends
-                .iter()
-                .enumerate()
-                .map(|(i, b)| format!("{i} : {b}"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let map = numbered_map(&backends);
             undo.apply(
                 lb1,
                 "true",
@@ -291,12 +297,7 @@ fn setup(bed: &Testbed, config: Config, tag: &str) -> Result<Active> {
             for i in 1..=BACKENDS {
                 macs.push(mac_of(bed.ns(&backend_name(i)), HOST_IFACE)?);
             }
-            let map = macs
-                .iter()
-                .enumerate()
-                .map(|(i, m)| format!("{i} : {m}"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let map = numbered_map(&macs);
             let own = mac_of(lb1, HOST_IFACE)?;
             undo.apply(
                 lb1,
@@ -625,9 +626,7 @@ impl Generator {
     fn finish(&mut self) -> Result<GenReport> {
         self.stop.store(true, Ordering::Relaxed);
         let handle = self.handle.take().context("generator already joined")?;
-        handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("the generator thread panicked"))??
+        crate::netns::join(handle, "generator")
     }
 }
 

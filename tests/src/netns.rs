@@ -167,6 +167,14 @@ impl Netns {
     }
 }
 
+/// Join a thread from [`Netns::spawn`] whose work returns a `Result`: its value, or the error of
+/// joining the namespace, of the work, or of a panic (named by `what`).
+pub fn join<T>(handle: thread::JoinHandle<Result<Result<T>>>, what: &str) -> Result<T> {
+    handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("the {what} thread panicked"))??
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         // Processes are normally stopped by their own guards before this; anything still inside

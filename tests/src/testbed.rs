@@ -773,9 +773,7 @@ impl Download {
     /// Waits for the rest of the body (bounded): all of it, and when its last byte arrived.
     pub fn finish(mut self) -> Result<Body> {
         let handle = self.handle.take().context("download already finished")?;
-        handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("the download thread panicked"))??
+        crate::netns::join(handle, "download")
     }
 }
 
