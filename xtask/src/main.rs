@@ -100,6 +100,13 @@ const APT_PACKAGES: &[&str] = &[
     // per-packet figures ("where the time goes").
     "haproxy",
     "linux-perf",
+    // Route announcement tests: BIRD 2 runs in rtr, lb1 and lb2 (eBGP + BFD).
+    "bird2",
+    // The database tier of the stack tests: PostgreSQL 15 primary and streaming replica (run as
+    // the `postgres` user), pgbench as the real client; openssl makes the test CA.
+    "postgresql-15",
+    "postgresql-contrib",
+    "openssl",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
