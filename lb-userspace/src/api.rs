@@ -6,8 +6,8 @@
 //! with `--json`, so their field names are a public interface: do not rename them.
 
 use crate::{
-    check::{CheckPatch, CheckSpec},
-    health::BackendState,
+    agent::health::BackendState,
+    model::check::{CheckPatch, CheckSpec},
     model::{BackendConfig, Forward, Proto, ServiceKey, VipConfig},
 };
 use serde::{Deserialize, Serialize};
@@ -243,7 +243,7 @@ pub fn vip_string(key: &ServiceKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::CheckKind;
+    use crate::model::check::CheckKind;
 
     fn key() -> ServiceKey {
         ServiceKey {

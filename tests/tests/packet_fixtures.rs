@@ -11,9 +11,8 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_common::{DEFAULT_FLOW_CAPACITY, FlowEvent, FlowKey, reason};
 use std::{collections::BTreeSet, net::Ipv4Addr};
 use xlb::{
-    dataplane::Dataplane,
+    dataplane::{Dataplane, persistent},
     model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec},
-    xdp_persist,
 };
 use xlb_tests::{
     netns::{self, Netns},
@@ -706,7 +705,7 @@ fn removed_backend_flows_are_resteered_and_removed_vip_drops() {
 #[test]
 fn decap_strips_ipip_to_local_addresses_only() {
     in_fixture_netns(|ifindex| {
-        let ebpf = xdp_persist::load_decap(&[BACKENDS[0]]).expect("load decap");
+        let ebpf = persistent::load_decap(&[BACKENDS[0]]).expect("load decap");
         let prog: &Xdp = ebpf
             .program(lb_common::programs::DECAP)
             .unwrap()

@@ -4,10 +4,10 @@
 //! `ip link set dev X xdp` does it: by netlink (IFLA_XDP), which the interface itself then holds.
 
 use crate::{
+    dataplane::object::EBPF_OBJECT,
     dataplane::{
         AttachedMode, DataplaneError, XdpModeChoice, ifindex, xdp_program, xdp_program_mut,
     },
-    ebpf_object::EBPF_OBJECT,
 };
 use aya::{Ebpf, EbpfLoader, maps::HashMap};
 use lb_common::{maps, programs};

@@ -16,14 +16,14 @@
 //! a restart causes no outage.
 
 use crate::{
+    agent::health::{BackendState, CheckReport, HealthBook, ProbeTarget, unix_ms},
+    agent::state::{self, DesiredState, StateError},
     api::{
         BackendReport, LastCheck, Request, Response, StatsReport, VipReport, VipSummary, vip_string,
     },
-    check::{CheckKind, CheckPatch},
     dataplane::{BackendStats, Dataplane, DataplaneError, DataplaneStats, InstallReport},
-    health::{BackendState, CheckReport, HealthBook, ProbeTarget, unix_ms},
+    model::check::{CheckKind, CheckPatch},
     model::{Forward, ServiceKey, VipConfig, VipSpec},
-    state::{self, DesiredState, StateError},
     sync::SyncRequest,
 };
 use lb_common::FlowEvent;
@@ -797,10 +797,10 @@ mod tests {
     use super::fake::FakeDataplane;
     use super::*;
     use crate::{
-        check::CheckKind,
-        health::CheckResult,
+        agent::health::CheckResult,
+        agent::state::STATE_FILE,
+        model::check::CheckKind,
         model::{BackendConfig, BackendSpec, Proto},
-        state::STATE_FILE,
     };
     use std::time::Duration;
 

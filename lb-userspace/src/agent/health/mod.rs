@@ -12,8 +12,8 @@
 //! it changes and the book drops results of older generations still in the channel.
 
 use crate::{
-    check::{CheckKind, CheckSpec, fmt_duration},
-    client::os_message,
+    cli::client::os_message,
+    model::check::{CheckKind, CheckSpec, fmt_duration},
     model::{ServiceKey, VipConfig},
 };
 use serde::{Deserialize, Serialize};
@@ -582,7 +582,7 @@ async fn run_checks(t: ProbeTarget, clients: Arc<HttpClients>, tx: mpsc::Sender<
 mod tests {
     use super::*;
     use crate::{
-        check::CheckPatch,
+        model::check::CheckPatch,
         model::{BackendConfig, Forward, Proto},
     };
     use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpListener};

@@ -2,7 +2,10 @@
 //! of how the data path stores it. The agent persists these, the CLI sends them, the TOML config
 //! holds them, and `dataplane` turns them into map entries.
 
-use crate::check::CheckSpec;
+pub mod addr;
+pub mod check;
+
+use crate::model::check::CheckSpec;
 use serde::{Deserialize, Serialize};
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 

@@ -13,15 +13,21 @@
 //! to the controller one at a time. After every change of desired state the monitor is synced
 //! with the controller's probe targets.
 
+pub mod config_file;
+pub mod controller;
+pub mod health;
+pub mod metrics;
+pub mod state;
+
 use crate::{
+    agent::config_file::{Config, ConfigError},
+    agent::controller::{Controller, ControllerError, DataplaneOps},
+    agent::health::{CheckReport, HealthError, Monitor},
+    agent::metrics::{MetricsError, SCRAPE_QUEUE, StatsReply},
+    agent::state::{DesiredState, STATE_FILE, StateError},
     api::{MAX_LINE, Request, Response},
-    client::os_message,
-    config::{Config, ConfigError},
-    controller::{Controller, ControllerError, DataplaneOps},
+    cli::client::os_message,
     dataplane::{Dataplane, DataplaneError, DataplaneOptions, XdpModeChoice},
-    health::{CheckReport, HealthError, Monitor},
-    metrics::{self, MetricsError, SCRAPE_QUEUE, StatsReply},
-    state::{self, DesiredState, STATE_FILE, StateError},
     sync::{self, RingBufSource, SYNC_REQUEST_QUEUE, SyncConfig, SyncError, SyncKey, SyncRequest},
 };
 use std::{
@@ -621,8 +627,8 @@ pub fn warm_neighbours(addrs: &[Ipv4Addr]) {
 mod tests {
     use super::*;
     use crate::{
-        client,
-        controller::fake::FakeDataplane,
+        agent::controller::fake::FakeDataplane,
+        cli::client,
         model::{Forward, Proto, ServiceKey},
     };
 

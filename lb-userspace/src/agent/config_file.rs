@@ -33,10 +33,10 @@
 //! Unknown keys are errors: a misspelt `wieght` silently ignored would be worse than a refusal.
 
 use crate::{
-    check::{CheckPatch, CheckSpec},
+    agent::state::{DesiredState, StateError},
+    model::addr::{ParseError, parse_addr_port, parse_ipv4},
+    model::check::{CheckPatch, CheckSpec},
     model::{BackendConfig, DEFAULT_WEIGHT, Forward, Proto, ServiceKey, VipConfig},
-    parse::{ParseError, parse_addr_port, parse_ipv4},
-    state::{DesiredState, StateError},
 };
 use serde::Deserialize;
 use std::{
@@ -277,7 +277,7 @@ mod tests {
 
     #[test]
     fn checks_parse_with_defaults_and_overrides() {
-        use crate::check::{CheckKind, StatusRange};
+        use crate::model::check::{CheckKind, StatusRange};
         use std::time::Duration;
         let cfg = parse(
             r#"

@@ -7,7 +7,7 @@
 //! crash leaves either the old or the new state, never a torn one.
 
 use crate::{
-    check::{CheckError, CheckPatch},
+    model::check::{CheckError, CheckPatch},
     model::{BackendConfig, DEFAULT_WEIGHT, Forward, MAX_WEIGHT, ServiceKey, VipConfig},
 };
 use serde::{Deserialize, Serialize};
@@ -567,7 +567,7 @@ mod tests {
 
     #[test]
     fn checks_are_planned_and_validated() {
-        use crate::check::CheckKind;
+        use crate::model::check::CheckKind;
         use std::time::Duration;
         let state = DesiredState::from_specs([spec(80, &[(11, 1)])]).unwrap();
         let http = CheckPatch {
@@ -630,10 +630,10 @@ mod tests {
         .unwrap();
         let s = load(&path).unwrap().unwrap();
         let vips: Vec<&VipConfig> = s.vips().collect();
-        assert_eq!(vips[0].check.kind, crate::check::CheckKind::None);
+        assert_eq!(vips[0].check.kind, crate::model::check::CheckKind::None);
         assert_eq!(
             vips[1].check,
-            crate::check::CheckSpec::default_for(crate::model::Proto::Tcp)
+            crate::model::check::CheckSpec::default_for(crate::model::Proto::Tcp)
         );
         assert_eq!(vips[1].backends, vec![BackendConfig::new(be(11), 1)]);
         // Written back, with checks, it loads to the same.

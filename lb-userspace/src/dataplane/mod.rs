@@ -2,10 +2,14 @@
 //! `VipSpec`s into map entries (VIP, backend slots, double-buffered ring), reads counters.
 //! Slot ids are this module's business only: callers speak in addresses.
 
+pub mod object;
+pub mod persistent;
+pub mod ring;
+
 use crate::{
-    ebpf_object::EBPF_OBJECT,
+    dataplane::object::EBPF_OBJECT,
+    dataplane::ring::RingError,
     model::{ServiceKey, VipSpec},
-    ring::{self, RingError},
 };
 use aya::{
     Ebpf, EbpfLoader,

@@ -4,16 +4,17 @@
 //! Addresses are taken as strings and parsed here rather than by clap, so a malformed one is
 //! reported like every other input error (`xlb: error: ...`, exit 1) instead of as a usage error.
 
+pub mod client;
+
 use crate::{
     agent::{AgentOptions, DEFAULT_SOCKET, DEFAULT_STATE_DIR},
     api::{Request, Response, StatsReport, VipList, VipReport, VipSummary},
     backend_host::{self, BackendHostError, RECORD_DIR, SetupOptions},
-    check::{CheckError, CheckFlags, CheckKind, fmt_duration, parse_duration},
-    client::{self, ClientError},
+    cli::client::ClientError,
     dataplane::{DataplaneError, XdpModeChoice},
+    model::addr::{ParseError, parse_addr_port, parse_ipv4},
+    model::check::{CheckError, CheckFlags, CheckKind, fmt_duration, parse_duration},
     model::{DEFAULT_WEIGHT, Forward, Proto, ServiceKey},
-    parse::{ParseError, parse_addr_port, parse_ipv4},
-    xdp_persist,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::{
@@ -930,13 +931,14 @@ pub fn xdp_pass(cmd: XdpPassCommand) -> Result<(), CliError> {
     };
     match cmd {
         XdpPassCommand::Attach { xdp_mode, .. } => {
-            let mode = xdp_persist::attach_pass(&iface, xdp_mode.into()).map_err(xdp_err)?;
+            let mode = crate::dataplane::persistent::attach_pass(&iface, xdp_mode.into())
+                .map_err(xdp_err)?;
             print(&format!(
                 "pass program attached to {iface} in {mode} mode\n"
             ))
         }
         XdpPassCommand::Detach { .. } => {
-            xdp_persist::detach(&iface).map_err(xdp_err)?;
+            crate::dataplane::persistent::detach(&iface).map_err(xdp_err)?;
             print(&format!("XDP program detached from {iface}\n"))
         }
     }
@@ -1107,7 +1109,7 @@ mod tests {
             backends: vec![BackendReport {
                 address: Ipv4Addr::new(10, 111, 1, 11),
                 weight: 1,
-                state: crate::health::BackendState::Up,
+                state: crate::agent::health::BackendState::Up,
                 since: "2026-05-20T10:00:00.000Z".into(),
                 since_unix_ms: 1_779_271_200_000,
                 last_check: Some(crate::api::LastCheck {
@@ -1543,7 +1545,7 @@ mod tests {
             port: 80,
             proto: Proto::Tcp,
             forward: Forward::Ipip,
-            check: crate::check::CheckSpec::default_for(Proto::Tcp),
+            check: crate::model::check::CheckSpec::default_for(Proto::Tcp),
             backends: vec![
                 BackendSummary {
                     address: Ipv4Addr::new(10, 111, 1, 11),
@@ -1564,7 +1566,7 @@ mod tests {
              10.111.1.11  1       up     2026-05-20T10:00:00Z (12s ago)  ok 1.2ms    3             10       840    10\n"
         );
         let mut down = report();
-        down.backends[0].state = crate::health::BackendState::Down;
+        down.backends[0].state = crate::agent::health::BackendState::Down;
         down.backends[0].last_check.as_mut().unwrap().ok = false;
         down.backends[0].last_check.as_mut().unwrap().detail = "connection refused".into();
         assert!(

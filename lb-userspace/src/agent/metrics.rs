@@ -13,8 +13,8 @@
 //! its counter family names without `_total`.
 
 use crate::{
+    agent::health::BackendState,
     api::StatsReport,
-    health::BackendState,
     sync::{PeersReport, SyncStatus},
 };
 use bytes::Bytes;

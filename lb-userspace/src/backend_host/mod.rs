@@ -20,10 +20,9 @@
 //! reported.
 
 use crate::{
-    client::os_message,
+    agent::state::write_atomic,
+    cli::client::os_message,
     dataplane::{AttachedMode, DataplaneError, XdpModeChoice},
-    state::write_atomic,
-    xdp_persist,
 };
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::{
@@ -499,12 +498,12 @@ async fn apply(
     }
 
     for (iface, local) in targets {
-        let mode = xdp_persist::attach_decap(iface, local, opts.mode).map_err(|source| {
-            BackendHostError::Xdp {
+        let mode = crate::dataplane::persistent::attach_decap(iface, local, opts.mode).map_err(
+            |source| BackendHostError::Xdp {
                 iface: iface.clone(),
                 source: Box::new(source),
-            }
-        })?;
+            },
+        )?;
         log::info!(
             "decapsulator attached to {iface} in {mode} mode for {}",
             local
@@ -544,7 +543,7 @@ async fn undo(nl: &Netlink, record: &BackendHostRecord) -> (BackendHostRecord, V
         if !interface_exists(&x.iface) {
             continue;
         }
-        if let Err(e) = xdp_persist::detach(&x.iface) {
+        if let Err(e) = crate::dataplane::persistent::detach(&x.iface) {
             errors.push(format!("detaching XDP from {}: {e}", x.iface));
             left.xdp.insert(0, x.clone());
         }
