@@ -6,12 +6,11 @@
 //! with `--json`, so their field names are a public interface: do not rename them.
 
 use crate::{
-    agent::health::BackendState,
     model::check::{CheckPatch, CheckSpec},
     model::{BackendConfig, Forward, Proto, ServiceKey, VipConfig},
 };
 use serde::{Deserialize, Serialize};
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
 /// Longest request or response line accepted, newline included. Generous for any real request, and
 /// it bounds what a misbehaving peer can make us buffer.
@@ -233,6 +232,36 @@ pub struct StatsReport {
     /// second old. Defaulted for older agents.
     #[serde(default)]
     pub flow_entries: u64,
+}
+
+/// What `backend list` shows as a backend's state. Down wins over draining.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    Up,
+    Down,
+    /// Up, weight 0: no new flows, existing flows stay.
+    Draining,
+}
+
+impl BackendState {
+    pub(crate) fn of(up: bool, weight: u32) -> Self {
+        match (up, weight) {
+            (false, _) => BackendState::Down,
+            (true, 0) => BackendState::Draining,
+            (true, _) => BackendState::Up,
+        }
+    }
+}
+
+impl fmt::Display for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendState::Up => "up",
+            BackendState::Down => "down",
+            BackendState::Draining => "draining",
+        })
+    }
 }
 
 /// `ADDR:PORT` of a service key (the protocol is reported separately).

@@ -9,6 +9,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use xlb::{
     agent::{self, AgentConfig},
     cli::{self, Cli, Command},
+    util::one_line,
 };
 
 fn main() -> ExitCode {
@@ -60,13 +61,4 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::XdpPass(cmd) => cli::xdp_pass(cmd)?,
     }
     Ok(())
-}
-
-/// `text` with its lines trimmed and joined by "; ", empty lines dropped.
-fn one_line(text: &str) -> String {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
 }

@@ -553,7 +553,7 @@ fn generate(iface: &str, frame: &[u8], stop: &AtomicBool, limit: Duration) -> Re
     let prog = dp
         .bench_generator(&header)
         .with_context(|| format!("loading {}", programs::BENCH_GEN))?;
-    let ifindex = xlb::dataplane::ifindex(iface)?;
+    let ifindex = xlb::util::interface_index(iface)?;
     let ctx = crate::packet::xdp_md(frame.len(), ifindex);
     let started = Instant::now();
     let mut repeat: u32 = 1 << 16;

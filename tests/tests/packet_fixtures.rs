@@ -264,7 +264,7 @@ fn balancer() -> Dataplane {
 fn in_fixture_netns(f: impl FnOnce(u32) + Send + 'static) {
     let ns = fixture_netns();
     ns.enter(move || {
-        let ifindex = xlb::dataplane::ifindex("lb0").expect("lb0");
+        let ifindex = xlb::util::interface_index("lb0").expect("lb0");
         f(ifindex)
     })
     .expect("run in namespace");

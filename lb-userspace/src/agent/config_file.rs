@@ -37,6 +37,7 @@ use crate::{
     model::addr::{ParseError, parse_addr_port, parse_ipv4},
     model::check::{CheckPatch, CheckSpec},
     model::{BackendConfig, DEFAULT_WEIGHT, Forward, Proto, ServiceKey, VipConfig},
+    util::one_line,
 };
 use serde::Deserialize;
 use std::{
@@ -49,7 +50,7 @@ use std::{
 pub enum ConfigError {
     #[error("cannot read config file {}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
-    #[error("config file {}: {}", path.display(), one_line(source))]
+    #[error("config file {}: {}", path.display(), toml_message(source))]
     Toml {
         path: PathBuf,
         source: toml::de::Error,
@@ -74,14 +75,8 @@ pub enum ConfigError {
 }
 
 /// toml's errors span several lines (a source excerpt with a caret); the agent reports errors on one.
-fn one_line(e: &toml::de::Error) -> String {
-    let mut msg = e
-        .message()
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ");
+fn toml_message(e: &toml::de::Error) -> String {
+    let mut msg = one_line(e.message());
     if let Some(span) = e.span() {
         msg = format!("{msg} (at byte {})", span.start);
     }

@@ -16,15 +16,17 @@
 //! a restart causes no outage.
 
 use crate::{
-    agent::health::{BackendState, CheckReport, HealthBook, ProbeTarget, unix_ms},
+    agent::health::{CheckReport, HealthBook, ProbeTarget},
     agent::state::{self, DesiredState, StateError},
     api::{
-        BackendReport, LastCheck, Request, Response, StatsReport, VipReport, VipSummary, vip_string,
+        BackendReport, BackendState, LastCheck, Request, Response, StatsReport, VipReport,
+        VipSummary, vip_string,
     },
     dataplane::{BackendStats, Dataplane, DataplaneError, DataplaneStats, InstallReport},
     model::check::{CheckKind, CheckPatch},
     model::{Forward, ServiceKey, VipConfig, VipSpec},
     sync::SyncRequest,
+    util::unix_ms,
 };
 use lb_common::FlowEvent;
 use std::{

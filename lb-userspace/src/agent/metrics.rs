@@ -13,8 +13,7 @@
 //! its counter family names without `_total`.
 
 use crate::{
-    agent::health::BackendState,
-    api::StatsReport,
+    api::{BackendState, StatsReport},
     sync::{PeersReport, SyncStatus},
 };
 use bytes::Bytes;

@@ -26,12 +26,11 @@ use crate::{
     agent::metrics::{MetricsError, SCRAPE_QUEUE, StatsReply},
     agent::state::{DesiredState, STATE_FILE, StateError},
     api::{MAX_LINE, Request, Response},
-    cli::client::os_message,
     dataplane::{Dataplane, DataplaneError, DataplaneOptions, XdpModeChoice},
     sync::{self, RingBufSource, SYNC_REQUEST_QUEUE, SyncConfig, SyncError, SyncKey, SyncRequest},
+    util::{NoSuchInterface, interface_index, os_message},
 };
 use std::{
-    ffi::CString,
     fs,
     future::Future,
     io,
@@ -61,8 +60,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum AgentError {
     #[error("no interface given: pass --iface or set iface under [agent] in the config file")]
     NoInterface,
-    #[error("interface {0:?} does not exist")]
-    NoSuchInterface(String),
+    #[error(transparent)]
+    NoSuchInterface(#[from] NoSuchInterface),
     #[error("--flow-capacity must be at least 1")]
     FlowCapacity,
     #[error("{0}")]
@@ -581,17 +580,6 @@ pub fn bind_socket(path: &Path) -> Result<(UnixListener, SocketFile), AgentError
     ))
 }
 
-/// The interface's index, or `NoSuchInterface`.
-pub fn interface_index(name: &str) -> Result<u32, AgentError> {
-    let missing = || AgentError::NoSuchInterface(name.to_string());
-    let c = CString::new(name).map_err(|_| missing())?;
-    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
-    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => Err(missing()),
-        index => Ok(index),
-    }
-}
-
 /// Make the kernel resolve the next hop towards every backend.
 ///
 /// Why: `bpf_fib_lookup` in the XDP program only *reads* the neighbour table; it cannot start ARP.
@@ -728,13 +716,6 @@ mod tests {
         })
         .unwrap_err();
         assert!(weak.to_string().contains("16"), "{weak}");
-    }
-
-    #[test]
-    fn missing_interface_is_named() {
-        let e = interface_index("xlb-nope0").unwrap_err();
-        assert_eq!(e.to_string(), "interface \"xlb-nope0\" does not exist");
-        assert!(interface_index("lo").is_ok());
     }
 
     #[tokio::test]

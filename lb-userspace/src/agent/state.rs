@@ -9,12 +9,12 @@
 use crate::{
     model::check::{CheckError, CheckPatch},
     model::{BackendConfig, DEFAULT_WEIGHT, Forward, MAX_WEIGHT, ServiceKey, VipConfig},
+    util::write_atomic,
 };
 use serde::{Deserialize, Serialize};
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
-    io::{self, Write},
+    fs, io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -348,36 +348,6 @@ impl DesiredState {
 struct StateFile {
     version: u32,
     vips: Vec<VipConfig>,
-}
-
-/// Write `bytes` to `path` so that readers (and a crash) see the old content or the new, never a
-/// mix: temporary file in the same directory, fsync, rename over, fsync the directory (so the rename
-/// itself survives a power loss).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        // Best effort: a leftover temporary file is harmless but untidy.
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// Persist `state` to `path` atomically.

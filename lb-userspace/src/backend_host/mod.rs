@@ -20,9 +20,8 @@
 //! reported.
 
 use crate::{
-    agent::state::write_atomic,
-    cli::client::os_message,
     dataplane::{AttachedMode, DataplaneError, XdpModeChoice},
+    util::{interface_index, os_message, write_atomic},
 };
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::{
@@ -521,13 +520,6 @@ async fn apply(
     Ok(())
 }
 
-fn interface_exists(name: &str) -> bool {
-    std::ffi::CString::new(name)
-        // SAFETY: a valid NUL-terminated string that outlives the call.
-        .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) } != 0)
-        .unwrap_or(false)
-}
-
 /// Undo `record` in reverse order. Returns what could not be undone (as a record) and why.
 /// Things that are already gone (an interface deleted since, an address removed by hand) count as
 /// undone.
@@ -540,7 +532,7 @@ async fn undo(nl: &Netlink, record: &BackendHostRecord) -> (BackendHostRecord, V
     let mut errors = Vec::new();
 
     for x in record.xdp.iter().rev() {
-        if !interface_exists(&x.iface) {
+        if interface_index(&x.iface).is_err() {
             continue;
         }
         if let Err(e) = crate::dataplane::persistent::detach(&x.iface) {

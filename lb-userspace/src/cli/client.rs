@@ -1,7 +1,10 @@
 //! The CLI's side of the protocol: connect to the agent's socket, send one request line, read one
 //! response line. Blocking std I/O: a CLI invocation does exactly one round trip.
 
-use crate::api::{MAX_LINE, Request, Response};
+use crate::{
+    api::{MAX_LINE, Request, Response},
+    util::os_message,
+};
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
     os::unix::net::UnixStream,
@@ -29,15 +32,6 @@ pub enum ClientError {
     /// The agent refused the request; the message names the problem.
     #[error("{0}")]
     Agent(String),
-}
-
-/// `io::Error`'s text without the " (os error N)" suffix, which means nothing to an operator.
-pub fn os_message(e: &io::Error) -> String {
-    let s = e.to_string();
-    match s.rfind(" (os error ") {
-        Some(i) if s.ends_with(')') => s[..i].to_string(),
-        _ => s,
-    }
 }
 
 /// Send `req` to the agent at `socket` and return its answer. `Response::Error` is turned into

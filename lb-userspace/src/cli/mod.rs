@@ -13,8 +13,9 @@ use crate::{
     cli::client::ClientError,
     dataplane::{DataplaneError, XdpModeChoice},
     model::addr::{ParseError, parse_addr_port, parse_ipv4},
-    model::check::{CheckError, CheckFlags, CheckKind, fmt_duration, parse_duration},
+    model::check::{CheckError, CheckFlags, CheckKind, parse_duration},
     model::{DEFAULT_WEIGHT, Forward, Proto, ServiceKey},
+    util::{fmt_age, fmt_duration, interface_index},
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::{
@@ -922,7 +923,7 @@ pub fn xdp_pass(cmd: XdpPassCommand) -> Result<(), CliError> {
     let iface = match &cmd {
         XdpPassCommand::Attach { iface, .. } | XdpPassCommand::Detach { iface } => iface.clone(),
     };
-    if crate::agent::interface_index(&iface).is_err() {
+    if interface_index(&iface).is_err() {
         return Err(CliError::NoSuchInterface(iface));
     }
     let xdp_err = |source| CliError::Xdp {
@@ -1019,7 +1020,7 @@ pub fn backend_table(vip: &VipReport, indent: &str, now: SystemTime) -> String {
                 format!(
                     "{} ({} ago)",
                     humantime::format_rfc3339_seconds(since),
-                    short_age(age)
+                    fmt_age(age)
                 ),
                 match &b.last_check {
                     None => "-".to_string(),
@@ -1048,17 +1049,6 @@ pub fn backend_table(vip: &VipReport, indent: &str, now: SystemTime) -> String {
         ],
         &rows,
     )
-}
-
-/// `12s`, `3m12s`, `2h5m`, `3d4h`: the two largest units, enough to read at a glance.
-fn short_age(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{}h", s / 86400, s % 86400 / 3600),
-    }
 }
 
 /// `xlb stats`: one block per VIP (its counters, then its backends'), then the per-reason
@@ -1109,7 +1099,7 @@ mod tests {
             backends: vec![BackendReport {
                 address: Ipv4Addr::new(10, 111, 1, 11),
                 weight: 1,
-                state: crate::agent::health::BackendState::Up,
+                state: crate::api::BackendState::Up,
                 since: "2026-05-20T10:00:00.000Z".into(),
                 since_unix_ms: 1_779_271_200_000,
                 last_check: Some(crate::api::LastCheck {
@@ -1566,7 +1556,7 @@ mod tests {
              10.111.1.11  1       up     2026-05-20T10:00:00Z (12s ago)  ok 1.2ms    3             10       840    10\n"
         );
         let mut down = report();
-        down.backends[0].state = crate::agent::health::BackendState::Down;
+        down.backends[0].state = crate::api::BackendState::Down;
         down.backends[0].last_check.as_mut().unwrap().ok = false;
         down.backends[0].last_check.as_mut().unwrap().detail = "connection refused".into();
         assert!(
@@ -1575,8 +1565,6 @@ mod tests {
         );
         down.backends[0].last_check = None;
         assert!(backend_table(&down, "", now).contains("(12s ago)  -           3"));
-        assert_eq!(short_age(Duration::from_secs(3725)), "1h2m");
-        assert_eq!(short_age(Duration::from_secs(75)), "1m15s");
         let stats = StatsReport {
             vips: vec![report()],
             reasons: [("fwd_tx".to_string(), 30)].into_iter().collect(),

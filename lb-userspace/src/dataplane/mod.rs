@@ -10,6 +10,7 @@ use crate::{
     dataplane::object::EBPF_OBJECT,
     dataplane::ring::RingError,
     model::{ServiceKey, VipSpec},
+    util::{NoSuchInterface, interface_index},
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -71,8 +72,8 @@ impl fmt::Display for AttachedMode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("interface {0} does not exist")]
-    NoSuchInterface(String),
+    #[error(transparent)]
+    NoSuchInterface(#[from] NoSuchInterface),
     #[error("interface {0} has no IPv4 address to use as the IPIP source; pass --lb-addr")]
     NoLbAddress(String),
     #[error("loading the XDP object failed: {0}")]
@@ -177,8 +178,6 @@ struct InstalledVip {
 
 type KernelHash<K, V> = HashMap<MapData, K, V>;
 
-/// The loaded object and typed handles to its maps. Dropping it detaches the balancer (the
-/// program's link and maps are released with the `Ebpf`).
 /// What `install_flows` did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstallReport {
@@ -187,6 +186,8 @@ pub struct InstallReport {
     pub unknown_backend: u64,
 }
 
+/// The loaded object and typed handles to its maps. Dropping it detaches the balancer (the
+/// program's link and maps are released with the `Ebpf`).
 pub struct Dataplane {
     ebpf: Ebpf,
     mode: Option<AttachedMode>,
@@ -248,17 +249,6 @@ pub(crate) fn xdp_program_mut<'a>(
         .ok_or(aya::programs::ProgramError::NotLoaded)
         .map_err(program_error(name))?;
     prog.try_into().map_err(program_error(name))
-}
-
-/// `if_nametoindex`, with "does not exist" as a typed error.
-pub fn ifindex(iface: &str) -> Result<u32, DataplaneError> {
-    let name = std::ffi::CString::new(iface)
-        .map_err(|_| DataplaneError::NoSuchInterface(iface.to_string()))?;
-    // SAFETY: valid NUL-terminated string.
-    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
-        0 => Err(DataplaneError::NoSuchInterface(iface.to_string())),
-        index => Ok(index),
-    }
 }
 
 /// IPv4 addresses on `iface`, in the order the kernel lists them.
@@ -388,7 +378,7 @@ impl Dataplane {
     /// Load the object, size the flow table, write the config, attach the balancer to `iface`.
     /// Errors if the interface does not exist or the attach fails (nothing stays attached then).
     pub fn load(opts: &DataplaneOptions) -> Result<Self, DataplaneError> {
-        ifindex(&opts.iface)?;
+        interface_index(&opts.iface)?;
         let lb_addr = match opts.lb_addr {
             Some(addr) => addr,
             None => *iface_ipv4_addrs(&opts.iface)?
@@ -540,7 +530,8 @@ impl Dataplane {
         Ok(())
     }
 
-    /// The flow table, read-only (for tests and, later, state sync).
+    /// The flow table, read-only: its entries for tests and the walks of `active_flows`,
+    /// `snapshot_flows` and the flow-entry count.
     pub fn flows(&self) -> Result<HashMap<&MapData, FlowKey, FlowValue>, DataplaneError> {
         let map = self
             .ebpf

@@ -5,9 +5,8 @@
 
 use crate::{
     dataplane::object::EBPF_OBJECT,
-    dataplane::{
-        AttachedMode, DataplaneError, XdpModeChoice, ifindex, xdp_program, xdp_program_mut,
-    },
+    dataplane::{AttachedMode, DataplaneError, XdpModeChoice, xdp_program, xdp_program_mut},
+    util::interface_index,
 };
 use aya::{Ebpf, EbpfLoader, maps::HashMap};
 use lb_common::{maps, programs};
@@ -79,7 +78,7 @@ pub fn load_decap(local_addrs: &[Ipv4Addr]) -> Result<Ebpf, DataplaneError> {
 
 /// Send one RTM_SETLINK with an IFLA_XDP attribute and wait for the kernel's answer.
 fn set_link_xdp(iface: &str, fd: i32, flags: u32) -> Result<(), DataplaneError> {
-    let index = ifindex(iface)?;
+    let index = interface_index(iface)?;
     let mut link = LinkMessage::default();
     link.header.index = index;
     link.attributes.push(LinkAttribute::Xdp(vec![
@@ -159,14 +158,14 @@ pub fn attach_decap(
     local_addrs: &[Ipv4Addr],
     mode: XdpModeChoice,
 ) -> Result<AttachedMode, DataplaneError> {
-    ifindex(iface)?;
+    interface_index(iface)?;
     let ebpf = load_decap(local_addrs)?;
     attach(&ebpf, programs::DECAP, iface, mode)
 }
 
 /// Attach the trivial pass program to `iface` (veth peers receiving native-mode XDP_TX/redirect).
 pub fn attach_pass(iface: &str, mode: XdpModeChoice) -> Result<AttachedMode, DataplaneError> {
-    ifindex(iface)?;
+    interface_index(iface)?;
     let ebpf = load(programs::PASS)?;
     attach(&ebpf, programs::PASS, iface, mode)
 }

@@ -5,7 +5,7 @@
 //! consecutive failures mark a backend down, `rise` consecutive successes bring it back. The
 //! runtime side (probes, the rise/fall machine) is in `health.rs`.
 
-use crate::model::Proto;
+use crate::{model::Proto, util::fmt_duration};
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 use std::{fmt, str::FromStr, time::Duration};
 
@@ -170,11 +170,6 @@ impl<'de> Deserialize<'de> for StatusRange {
         }
         d.deserialize_any(V)
     }
-}
-
-/// `200ms`, `1s`, `1m30s`: humantime's form, which is also how durations are written back.
-pub fn fmt_duration(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
 }
 
 /// Parse a duration as an operator types it (`200ms`, `1s`, `1m30s`); `what` names the setting.

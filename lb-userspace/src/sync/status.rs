@@ -9,6 +9,7 @@
 //! install, but it compares two hosts' wall clocks: on one machine (the test beds here run all
 //! nodes on one kernel) that is exact; across hosts it is only as good as their clock sync.
 
+use crate::util;
 use serde::{Deserialize, Serialize};
 use std::{
     fmt::Write as _,
@@ -17,7 +18,7 @@ use std::{
         Mutex,
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed},
     },
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 /// Lag samples kept for the percentiles.
@@ -30,7 +31,7 @@ pub(crate) fn unix_ns() -> u64 {
 }
 
 fn unix_ms() -> u64 {
-    unix_ns() / 1_000_000
+    util::unix_ms(SystemTime::now())
 }
 
 #[derive(Default)]
@@ -284,17 +285,9 @@ pub struct LagReport {
     pub max_ms: Option<f64>,
 }
 
-fn fmt_duration_ms(ms: u64) -> String {
-    if ms < 1_000 {
-        return format!("{ms}ms");
-    }
-    let s = ms / 1_000;
-    match s {
-        0..60 => format!("{}.{}s", s, (ms % 1_000) / 100),
-        60..3_600 => format!("{}m{}s", s / 60, s % 60),
-        3_600..86_400 => format!("{}h{}m", s / 3_600, (s % 3_600) / 60),
-        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3_600),
-    }
+/// A peers-table age from two unix-ms timestamps.
+fn age_ms(ms: u64) -> String {
+    util::fmt_age(Duration::from_millis(ms))
 }
 
 /// The text form of `xlb peers`. SINCE and LAST_MSG are ages ("12s" = 12 seconds ago), each
@@ -317,11 +310,10 @@ pub fn render_table(report: &PeersReport) -> String {
             [
                 p.address.to_string(),
                 if p.connected { "yes" } else { "no" }.to_string(),
-                fmt_duration_ms(report.generated_unix_ms.saturating_sub(p.since_unix_ms)),
+                age_ms(report.generated_unix_ms.saturating_sub(p.since_unix_ms)),
                 p.flows_sent.to_string(),
                 p.flows_received.to_string(),
-                p.last_msg_age_ms
-                    .map_or_else(|| "-".to_string(), fmt_duration_ms),
+                p.last_msg_age_ms.map_or_else(|| "-".to_string(), age_ms),
                 p.rejected.to_string(),
                 p.unknown_backend.to_string(),
             ]
@@ -460,7 +452,7 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         let back: PeersReport = serde_json::from_str(&json).unwrap();
         assert_eq!(back, r);
-        assert_eq!(fmt_duration_ms(61_000), "1m1s");
-        assert_eq!(fmt_duration_ms(1_500), "1.5s");
+        assert_eq!(age_ms(61_000), "1m1s");
+        assert_eq!(age_ms(1_500), "1.5s");
     }
 }

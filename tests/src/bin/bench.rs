@@ -440,7 +440,7 @@ fn per_packet(
     // One CPU for every per-packet figure: the next-hop cache and the per-CPU counters are per
     // CPU, and a thread that migrates would measure cold caches.
     xlb_tests::cpu::pin_to_one()?;
-    let ifindex = xlb::dataplane::ifindex("lb0")?;
+    let ifindex = xlb::util::interface_index("lb0")?;
     let ack = tcp_frame(CLIENT, VIP, 1000, PORT_L2, ACK, 0);
     let mut floors = Floors {
         tx: vec![],

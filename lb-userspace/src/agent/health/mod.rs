@@ -12,17 +12,19 @@
 //! it changes and the book drops results of older generations still in the channel.
 
 use crate::{
-    cli::client::os_message,
-    model::check::{CheckKind, CheckSpec, fmt_duration},
-    model::{ServiceKey, VipConfig},
+    api::BackendState,
+    model::{
+        ServiceKey, VipConfig,
+        check::{CheckKind, CheckSpec},
+    },
+    util::{fmt_duration, os_message},
 };
-use serde::{Deserialize, Serialize};
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt, io,
     net::{Ipv4Addr, SocketAddr},
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime},
 };
 use tokio::{net::TcpStream, sync::mpsc, task::JoinHandle};
 
@@ -91,36 +93,6 @@ impl RiseFall {
     }
 }
 
-/// What `backend list` shows as a backend's state. Down wins over draining.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendState {
-    Up,
-    Down,
-    /// Up, weight 0: no new flows, existing flows stay.
-    Draining,
-}
-
-impl BackendState {
-    fn of(up: bool, weight: u32) -> Self {
-        match (up, weight) {
-            (false, _) => BackendState::Down,
-            (true, 0) => BackendState::Draining,
-            (true, _) => BackendState::Up,
-        }
-    }
-}
-
-impl fmt::Display for BackendState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            BackendState::Up => "up",
-            BackendState::Down => "down",
-            BackendState::Draining => "draining",
-        })
-    }
-}
-
 /// The outcome of one check.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CheckResult {
@@ -180,13 +152,6 @@ impl fmt::Display for Transition {
             )
         }
     }
-}
-
-/// Milliseconds since the Unix epoch (0 for times before it, which a clock never reports here).
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// A backend's health as reported.
