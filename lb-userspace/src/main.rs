@@ -7,8 +7,11 @@ use clap::Parser;
 use std::process::ExitCode;
 use tokio::signal::unix::{SignalKind, signal};
 use xlb::{
-    agent::{self, AgentConfig},
-    cli::{self, Cli, Command},
+    agent::{self, options::AgentConfig},
+    cli::{
+        args::{Cli, Command},
+        commands,
+    },
     util::one_line,
 };
 
@@ -38,7 +41,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let socket = cli.socket;
     match cli.command {
         Command::Agent(args) => {
-            let config = AgentConfig::from_options(args.into_options(socket))?;
+            let config = AgentConfig::resolve(args, socket)?;
             // Registered before the agent starts, so a signal during start-up is not lost (nor
             // kills the process with the default action) and still leads to a clean stop.
             let mut term = signal(SignalKind::terminate())
@@ -53,12 +56,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             agent::run(config, shutdown).await?;
         }
-        Command::Vip(cmd) => cli::vip(&socket, cmd)?,
-        Command::Backend(cmd) => cli::backend(&socket, cmd)?,
-        Command::Stats(args) => cli::stats(&socket, args)?,
-        Command::Peers { json } => cli::peers(&socket, json)?,
-        Command::BackendHost(cmd) => cli::backend_host(cmd).await?,
-        Command::XdpPass(cmd) => cli::xdp_pass(cmd)?,
+        Command::Vip(cmd) => commands::vip(&socket, cmd)?,
+        Command::Backend(cmd) => commands::backend(&socket, cmd)?,
+        Command::Stats(args) => commands::stats(&socket, args)?,
+        Command::Peers { json } => commands::peers(&socket, json)?,
+        Command::BackendHost(cmd) => commands::backend_host(cmd).await?,
+        Command::XdpPass(cmd) => commands::xdp_pass(cmd)?,
     }
     Ok(())
 }

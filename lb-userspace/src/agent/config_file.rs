@@ -33,6 +33,7 @@
 //! Unknown keys are errors: a misspelt `wieght` silently ignored would be worse than a refusal.
 
 use crate::{
+    agent::options::AgentOptions,
     agent::state::{DesiredState, StateError},
     model::addr::{ParseError, parse_addr_port, parse_ipv4},
     model::check::{CheckPatch, CheckSpec},
@@ -42,7 +43,6 @@ use crate::{
 use serde::Deserialize;
 use std::{
     fs, io,
-    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
@@ -68,8 +68,6 @@ pub enum ConfigError {
         index: usize,
         source: ParseError,
     },
-    #[error("config file {}: unknown XDP mode {mode:?} (expected auto, driver or generic)", path.display())]
-    XdpMode { path: PathBuf, mode: String },
     #[error("config file {}: {source}", path.display())]
     Invalid { path: PathBuf, source: StateError },
 }
@@ -83,29 +81,11 @@ fn toml_message(e: &toml::de::Error) -> String {
     msg
 }
 
-/// `[agent]`: options that may also be given as flags.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentSection {
-    pub iface: Option<String>,
-    pub xdp_mode: Option<String>,
-    pub lb_addr: Option<Ipv4Addr>,
-    pub flow_capacity: Option<u32>,
-    /// Peer sync: where to accept peers' flows (`--sync-listen`).
-    pub sync_listen: Option<std::net::SocketAddr>,
-    /// Peer sync: where to send ours (`--peer`, repeatable).
-    pub peers: Option<Vec<std::net::SocketAddr>>,
-    /// Peer sync: the shared key (`--sync-key-file`).
-    pub sync_key_file: Option<std::path::PathBuf>,
-    /// Where to serve Prometheus metrics, `ADDR:PORT` (`--metrics-listen`).
-    pub metrics_listen: Option<std::net::SocketAddr>,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
-    agent: AgentSection,
+    agent: AgentOptions,
     #[serde(default, rename = "vip")]
     vips: Vec<RawVip>,
 }
@@ -143,7 +123,7 @@ fn default_weight() -> u32 {
 /// A parsed and validated config file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    pub agent: AgentSection,
+    pub agent: AgentOptions,
     pub state: DesiredState,
 }
 
@@ -161,14 +141,6 @@ impl Config {
         let p = || path.to_path_buf();
         let raw: RawConfig =
             toml::from_str(text).map_err(|source| ConfigError::Toml { path: p(), source })?;
-        if let Some(mode) = &raw.agent.xdp_mode
-            && mode.parse::<crate::dataplane::XdpModeChoice>().is_err()
-        {
-            return Err(ConfigError::XdpMode {
-                path: p(),
-                mode: mode.clone(),
-            });
-        }
         let mut specs = Vec::with_capacity(raw.vips.len());
         for (index, vip) in raw.vips.into_iter().enumerate() {
             let (addr, port) =
@@ -216,6 +188,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("xlb.toml"), text)
@@ -223,6 +196,7 @@ mod tests {
 
     #[test]
     fn full_example_parses_with_defaults() {
+        use crate::dataplane::XdpModeChoice;
         let cfg = parse(
             r#"
             [agent]
@@ -247,7 +221,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.agent.iface.as_deref(), Some("veth0"));
-        assert_eq!(cfg.agent.xdp_mode.as_deref(), Some("generic"));
+        assert_eq!(cfg.agent.xdp_mode, Some(XdpModeChoice::Generic));
         assert_eq!(cfg.agent.lb_addr, Some(Ipv4Addr::new(10, 111, 1, 2)));
         assert_eq!(cfg.agent.flow_capacity, Some(1024));
         let vips: Vec<&VipConfig> = cfg.state.vips().collect();
@@ -316,7 +290,7 @@ mod tests {
     fn empty_file_is_an_empty_state() {
         let cfg = parse("").unwrap();
         assert_eq!(cfg.state.vip_count(), 0);
-        assert_eq!(cfg.agent, AgentSection::default());
+        assert_eq!(cfg.agent, AgentOptions::default());
     }
 
     #[test]

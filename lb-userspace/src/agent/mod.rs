@@ -17,24 +17,25 @@ pub mod config_file;
 pub mod controller;
 pub mod health;
 pub mod metrics;
+pub mod options;
 pub mod state;
 
 use crate::{
-    agent::config_file::{Config, ConfigError},
     agent::controller::{Controller, ControllerError, DataplaneOps},
     agent::health::{CheckReport, HealthError, Monitor},
     agent::metrics::{MetricsError, SCRAPE_QUEUE, StatsReply},
+    agent::options::{AgentConfig, InitialState},
     agent::state::{DesiredState, STATE_FILE, StateError},
     api::{MAX_LINE, Request, Response},
-    dataplane::{Dataplane, DataplaneError, DataplaneOptions, XdpModeChoice},
-    sync::{self, RingBufSource, SYNC_REQUEST_QUEUE, SyncConfig, SyncError, SyncKey, SyncRequest},
+    dataplane::{Dataplane, DataplaneError, DataplaneOptions},
+    sync::{self, RingBufSource, SYNC_REQUEST_QUEUE, SyncError, SyncRequest},
     util::{NoSuchInterface, interface_index, os_message},
 };
 use std::{
     fs,
     future::Future,
     io,
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{Ipv4Addr, UdpSocket},
     os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt},
     path::{Path, PathBuf},
     time::Duration,
@@ -58,15 +59,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("no interface given: pass --iface or set iface under [agent] in the config file")]
-    NoInterface,
     #[error(transparent)]
     NoSuchInterface(#[from] NoSuchInterface),
-    #[error("--flow-capacity must be at least 1")]
-    FlowCapacity,
-    #[error("{0}")]
-    Config(#[from] ConfigError),
-    #[error("{0}")]
+    #[error(transparent)]
     State(#[from] StateError),
     #[error("another xlb agent is already running on {}", .0.display())]
     AlreadyRunning(PathBuf),
@@ -86,125 +81,11 @@ pub enum AgentError {
     Sync(#[from] SyncError),
     #[error("{0}")]
     Metrics(#[from] MetricsError),
-    #[error("--peer and --sync-key-file need --sync-listen (peer sync is off without it)")]
-    SyncWithoutListen,
-    #[error("--sync-listen needs --sync-key-file: peer sync is always authenticated")]
-    SyncWithoutKey,
 }
 
 impl From<DataplaneError> for AgentError {
     fn from(e: DataplaneError) -> Self {
         AgentError::Dataplane(Box::new(e))
-    }
-}
-
-/// The agent's options as given on the command line (`None` = not given, so the config file's
-/// `[agent]` value or the built-in default applies).
-#[derive(Clone, Debug, Default)]
-pub struct AgentOptions {
-    pub iface: Option<String>,
-    pub xdp_mode: Option<XdpModeChoice>,
-    pub socket: PathBuf,
-    pub state_dir: PathBuf,
-    pub config_file: Option<PathBuf>,
-    pub lb_addr: Option<Ipv4Addr>,
-    pub flow_capacity: Option<u32>,
-    pub sync_listen: Option<SocketAddr>,
-    /// Empty = the config file's `peers`, if any.
-    pub peers: Vec<SocketAddr>,
-    pub sync_key_file: Option<PathBuf>,
-    /// `--metrics-listen`: serve Prometheus metrics there.
-    pub metrics_listen: Option<SocketAddr>,
-}
-
-/// Where the agent's initial desired state comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum InitialState {
-    /// `--config FILE`: its VIPs replace whatever was saved.
-    Config { path: PathBuf, state: DesiredState },
-    /// `<state-dir>/state.json`, if present; empty otherwise.
-    Saved,
-}
-
-/// Everything `run` needs, resolved and validated.
-#[derive(Clone, Debug)]
-pub struct AgentConfig {
-    pub iface: String,
-    pub xdp_mode: XdpModeChoice,
-    pub socket: PathBuf,
-    pub state_dir: PathBuf,
-    pub lb_addr: Option<Ipv4Addr>,
-    pub flow_capacity: u32,
-    pub initial: InitialState,
-    pub warm_interval: Duration,
-    /// Peer sync (active-active), if `--sync-listen` was given.
-    pub sync: Option<SyncConfig>,
-    /// Where `/metrics` is served, if anywhere.
-    pub metrics_listen: Option<SocketAddr>,
-}
-
-impl AgentConfig {
-    /// Merge command-line options with the config file's `[agent]` section (flags win) and load
-    /// the config file's VIPs. Any error in the file is an error here, before anything is touched.
-    pub fn from_options(opts: AgentOptions) -> Result<AgentConfig, AgentError> {
-        let (section, initial) = match &opts.config_file {
-            Some(path) => {
-                let cfg = Config::load(path)?;
-                (
-                    cfg.agent,
-                    InitialState::Config {
-                        path: path.clone(),
-                        state: cfg.state,
-                    },
-                )
-            }
-            None => (Default::default(), InitialState::Saved),
-        };
-        let iface = opts
-            .iface
-            .or(section.iface)
-            .ok_or(AgentError::NoInterface)?;
-        // The file's mode was checked to parse when the file was loaded.
-        let xdp_mode = opts
-            .xdp_mode
-            .or_else(|| section.xdp_mode.and_then(|m| m.parse().ok()))
-            .unwrap_or_default();
-        let flow_capacity = opts
-            .flow_capacity
-            .or(section.flow_capacity)
-            .unwrap_or(lb_common::DEFAULT_FLOW_CAPACITY);
-        if flow_capacity == 0 {
-            return Err(AgentError::FlowCapacity);
-        }
-        let peers = if opts.peers.is_empty() {
-            section.peers.unwrap_or_default()
-        } else {
-            opts.peers
-        };
-        let key_file = opts.sync_key_file.or(section.sync_key_file);
-        let sync = match (opts.sync_listen.or(section.sync_listen), key_file) {
-            (Some(listen), Some(key_file)) => {
-                let key = SyncKey::load(&key_file).map_err(SyncError::from)?;
-                Some(SyncConfig::new(listen, peers, key)?)
-            }
-            (Some(_), None) => return Err(AgentError::SyncWithoutKey),
-            (None, key_file) if key_file.is_some() || !peers.is_empty() => {
-                return Err(AgentError::SyncWithoutListen);
-            }
-            (None, _) => None,
-        };
-        Ok(AgentConfig {
-            iface,
-            xdp_mode,
-            socket: opts.socket,
-            state_dir: opts.state_dir,
-            lb_addr: opts.lb_addr.or(section.lb_addr),
-            flow_capacity,
-            initial,
-            warm_interval: WARM_INTERVAL,
-            sync,
-            metrics_listen: opts.metrics_listen.or(section.metrics_listen),
-        })
     }
 }
 
@@ -626,96 +507,6 @@ mod tests {
             port: 80,
             proto: Proto::Tcp,
         }
-    }
-
-    #[test]
-    fn options_merge_flags_over_config_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("xlb.toml");
-        fs::write(
-            &cfg,
-            "[agent]\niface = \"eth9\"\nxdp_mode = \"generic\"\nflow_capacity = 77\nlb_addr = \"10.0.0.1\"\n\
-             [[vip]]\naddress = \"10.111.100.1:80\"\n",
-        )
-        .unwrap();
-        let base = AgentOptions {
-            socket: dir.path().join("s"),
-            state_dir: dir.path().to_path_buf(),
-            config_file: Some(cfg.clone()),
-            ..Default::default()
-        };
-        let c = AgentConfig::from_options(base.clone()).unwrap();
-        assert_eq!(c.iface, "eth9");
-        assert_eq!(c.xdp_mode, XdpModeChoice::Generic);
-        assert_eq!(c.flow_capacity, 77);
-        assert_eq!(c.lb_addr, Some(Ipv4Addr::new(10, 0, 0, 1)));
-        assert!(matches!(&c.initial, InitialState::Config { state, .. } if state.vip_count() == 1));
-
-        let c = AgentConfig::from_options(AgentOptions {
-            iface: Some("veth0".into()),
-            xdp_mode: Some(XdpModeChoice::Driver),
-            flow_capacity: Some(5),
-            ..base
-        })
-        .unwrap();
-        assert_eq!(c.iface, "veth0");
-        assert_eq!(c.xdp_mode, XdpModeChoice::Driver);
-        assert_eq!(c.flow_capacity, 5);
-
-        let none = AgentConfig::from_options(AgentOptions::default());
-        assert!(matches!(none, Err(AgentError::NoInterface)));
-        let defaults = AgentConfig::from_options(AgentOptions {
-            iface: Some("lo".into()),
-            ..Default::default()
-        })
-        .unwrap();
-        assert_eq!(defaults.flow_capacity, lb_common::DEFAULT_FLOW_CAPACITY);
-        assert_eq!(defaults.initial, InitialState::Saved);
-    }
-
-    #[test]
-    fn peer_sync_needs_a_listen_address_and_a_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("sync.key");
-        fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
-        let base = || AgentOptions {
-            iface: Some("lo".into()),
-            ..Default::default()
-        };
-        let listen: SocketAddr = "10.111.1.2:7946".parse().unwrap();
-        let peer: SocketAddr = "10.111.1.3:7946".parse().unwrap();
-
-        let off = AgentConfig::from_options(base()).unwrap();
-        assert!(off.sync.is_none());
-        let on = AgentConfig::from_options(AgentOptions {
-            sync_listen: Some(listen),
-            peers: vec![peer],
-            sync_key_file: Some(key.clone()),
-            ..base()
-        })
-        .unwrap();
-        let sync = on.sync.expect("sync configured");
-        assert_eq!((sync.listen, sync.peers), (listen, vec![peer]));
-
-        let no_key = AgentConfig::from_options(AgentOptions {
-            sync_listen: Some(listen),
-            ..base()
-        });
-        assert!(matches!(no_key, Err(AgentError::SyncWithoutKey)));
-        let no_listen = AgentConfig::from_options(AgentOptions {
-            peers: vec![peer],
-            sync_key_file: Some(key.clone()),
-            ..base()
-        });
-        assert!(matches!(no_listen, Err(AgentError::SyncWithoutListen)));
-        fs::write(&key, "short").unwrap();
-        let weak = AgentConfig::from_options(AgentOptions {
-            sync_listen: Some(listen),
-            sync_key_file: Some(key),
-            ..base()
-        })
-        .unwrap_err();
-        assert!(weak.to_string().contains("16"), "{weak}");
     }
 
     #[tokio::test]

@@ -27,29 +27,34 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
-    str::FromStr,
 };
 
-/// How the agent asks to attach: `auto` tries driver (native) mode and falls back to generic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// How to attach (`--xdp-mode`, `xdp_mode` under `[agent]`): `auto` tries driver (native) mode
+/// and falls back to generic. `native` and `skb`, the kernel's names, are accepted too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(try_from = "String")]
 pub enum XdpModeChoice {
+    /// Driver (native) mode if the driver supports it, generic otherwise (with a warning).
     #[default]
     Auto,
+    /// Driver (native) mode only.
+    #[value(alias = "native")]
     Driver,
+    /// Generic (SKB) mode: works everywhere, slower.
+    #[value(alias = "skb")]
     Generic,
 }
 
-impl FromStr for XdpModeChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "driver" | "native" => Ok(Self::Driver),
-            "generic" | "skb" => Ok(Self::Generic),
-            other => Err(format!(
-                "unknown XDP mode {other:?} (expected auto, driver or generic)"
-            )),
-        }
+/// An `xdp_mode` in the config file that is none of the modes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown XDP mode {0:?} (expected auto, driver or generic)")]
+pub struct UnknownXdpMode(String);
+
+impl TryFrom<String> for XdpModeChoice {
+    type Error = UnknownXdpMode;
+    /// The same names (and aliases) as on the command line.
+    fn try_from(s: String) -> Result<Self, UnknownXdpMode> {
+        <Self as clap::ValueEnum>::from_str(&s, false).map_err(|_| UnknownXdpMode(s))
     }
 }
 

@@ -413,89 +413,9 @@ impl CheckPatch {
     }
 }
 
-/// The check flags as typed (`--check`, `--interval`, ...), turned into a `CheckPatch` here rather
-/// than by clap so a bad value gets the same one-line error (exit 1) as any other bad input.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CheckFlags {
-    pub check: Option<String>,
-    pub port: Option<String>,
-    pub interval: Option<String>,
-    pub timeout: Option<String>,
-    pub rise: Option<String>,
-    pub fall: Option<String>,
-    pub expect_status: Option<String>,
-    pub expect_body: Option<String>,
-    pub tls_verify: Option<String>,
-}
-
-impl CheckFlags {
-    pub fn to_patch(&self) -> Result<CheckPatch, CheckError> {
-        let count = |what: &'static str, v: &Option<String>| -> Result<Option<u32>, CheckError> {
-            v.as_deref()
-                .map(|s| {
-                    s.trim().parse::<u32>().map_err(|_| CheckError::Number {
-                        what,
-                        value: s.to_string(),
-                    })
-                })
-                .transpose()
-        };
-        let (kind, path) = match &self.check {
-            Some(c) => {
-                let (k, p) = parse_kind(c)?;
-                (Some(k), p)
-            }
-            None => (None, None),
-        };
-        let port = self
-            .port
-            .as_deref()
-            .map(|p| match p.trim().parse::<u16>() {
-                Ok(0) | Err(_) => Err(CheckError::Port(p.to_string())),
-                Ok(n) => Ok(n),
-            })
-            .transpose()?;
-        let tls_verify = self
-            .tls_verify
-            .as_deref()
-            .map(|v| match v {
-                "true" | "yes" | "on" => Ok(true),
-                "false" | "no" | "off" => Ok(false),
-                other => Err(CheckError::Bool(other.to_string())),
-            })
-            .transpose()?;
-        Ok(CheckPatch {
-            kind,
-            path,
-            port,
-            interval: self
-                .interval
-                .as_deref()
-                .map(|s| parse_duration("--interval", s))
-                .transpose()?,
-            timeout: self
-                .timeout
-                .as_deref()
-                .map(|s| parse_duration("--timeout", s))
-                .transpose()?,
-            rise: count("--rise", &self.rise)?,
-            fall: count("--fall", &self.fall)?,
-            expect_status: self.expect_status.as_deref().map(str::parse).transpose()?,
-            expect_body: self.expect_body.clone(),
-            tls_verify,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn flags(f: impl FnOnce(&mut CheckFlags)) -> Result<CheckPatch, CheckError> {
-        let mut c = CheckFlags::default();
-        f(&mut c);
-        c.to_patch()
-    }
 
     #[test]
     fn defaults_depend_on_the_protocol() {
@@ -533,66 +453,6 @@ mod tests {
         for bad in ["399-200", "abc", "99", "600", "200-", "-200", "+200", ""] {
             let e = bad.parse::<StatusRange>().unwrap_err();
             assert_eq!(e, CheckError::Status(bad.to_string()));
-        }
-    }
-
-    #[test]
-    fn flags_become_a_patch() {
-        let p = flags(|f| {
-            f.check = Some("http:/healthz".into());
-            f.port = Some("8080".into());
-            f.interval = Some("200ms".into());
-            f.timeout = Some("150ms".into());
-            f.rise = Some("2".into());
-            f.fall = Some("3".into());
-            f.expect_status = Some("200-299".into());
-            f.expect_body = Some("ok".into());
-            f.tls_verify = Some("true".into());
-        })
-        .unwrap();
-        let c = CheckSpec::default_for(Proto::Tcp).patched(&p);
-        assert_eq!(c.kind, CheckKind::Http);
-        assert_eq!(c.path, "/healthz");
-        assert_eq!(c.port, Some(8080));
-        assert_eq!(c.interval, Duration::from_millis(200));
-        assert_eq!(c.timeout, Duration::from_millis(150));
-        assert_eq!(c.expect_status, StatusRange { lo: 200, hi: 299 });
-        assert_eq!(c.expect_body.as_deref(), Some("ok"));
-        assert!(c.tls_verify);
-        assert!(c.validate().is_ok());
-        assert!(flags(|_| {}).unwrap().is_empty());
-    }
-
-    #[test]
-    fn bad_flags_are_one_line_errors() {
-        let cases: Vec<(Result<CheckPatch, CheckError>, &str)> = vec![
-            (
-                flags(|f| f.interval = Some("2x".into())),
-                "malformed duration \"2x\" for --interval",
-            ),
-            (
-                flags(|f| f.timeout = Some("".into())),
-                "malformed duration \"\" for --timeout",
-            ),
-            (flags(|f| f.rise = Some("-1".into())), "--rise \"-1\""),
-            (flags(|f| f.check_port_zero()), "--check-port \"0\""),
-            (
-                flags(|f| f.expect_status = Some("500-200".into())),
-                "malformed status \"500-200\"",
-            ),
-            (flags(|f| f.check = Some("icmp".into())), "unknown check"),
-            (flags(|f| f.tls_verify = Some("maybe".into())), "maybe"),
-        ];
-        for (r, want) in cases {
-            let e = r.unwrap_err().to_string();
-            assert!(e.contains(want), "{e:?} lacks {want:?}");
-            assert!(!e.contains('\n'));
-        }
-    }
-
-    impl CheckFlags {
-        fn check_port_zero(&mut self) {
-            self.port = Some("0".into());
         }
     }
 

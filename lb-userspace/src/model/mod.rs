@@ -7,11 +7,22 @@ pub mod check;
 
 use crate::model::check::CheckSpec;
 use serde::{Deserialize, Serialize};
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+use std::{fmt, net::Ipv4Addr};
 
 /// L4 protocol of a VIP.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    Default,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
@@ -38,25 +49,16 @@ impl fmt::Display for Proto {
     }
 }
 
-impl FromStr for Proto {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "tcp" => Ok(Proto::Tcp),
-            "udp" => Ok(Proto::Udp),
-            other => Err(format!("unknown protocol {other:?} (expected tcp or udp)")),
-        }
-    }
-}
-
 /// How a VIP's packets reach its backends (both are direct server return).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Forward {
-    /// IPIP encapsulation to the backend's address (works across subnets).
+    /// IPIP encapsulation to the backend (works across subnets; the backend decapsulates).
     #[default]
     Ipip,
-    /// Destination-MAC rewrite (backends on the LB's L2 segment).
+    /// Rewrite the destination MAC only (backends on the load balancer's L2 segment).
     L2,
 }
 
@@ -75,19 +77,6 @@ impl fmt::Display for Forward {
             Forward::Ipip => "ipip",
             Forward::L2 => "l2",
         })
-    }
-}
-
-impl FromStr for Forward {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "ipip" => Ok(Forward::Ipip),
-            "l2" => Ok(Forward::L2),
-            other => Err(format!(
-                "unknown forwarding method {other:?} (expected ipip or l2)"
-            )),
-        }
     }
 }
 

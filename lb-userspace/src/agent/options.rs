@@ -1,0 +1,309 @@
+//! The agent's options, defined once: `AgentOptions` is both the flags of `xlb agent` and the
+//! `[agent]` table of the config file, and `merge` lays the flags over the file. `AgentConfig`
+//! is what `run` gets: every option resolved (defaults applied) and checked.
+
+use crate::{
+    agent::{
+        DEFAULT_STATE_DIR, WARM_INTERVAL,
+        config_file::{Config, ConfigError},
+        state::DesiredState,
+    },
+    dataplane::XdpModeChoice,
+    sync::{SyncConfig, SyncError, SyncKey},
+};
+use serde::Deserialize;
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+/// Options that may come from the command line or from `[agent]` in the config file (the key is
+/// the flag's name with `_` for `-`, and `peers` for `--peer`). `None` (or no peers) = not given.
+#[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentOptions {
+    /// Interface to attach the balancer to (or `iface` under [agent] in the config file).
+    #[arg(long, value_name = "IF")]
+    pub iface: Option<String>,
+    /// XDP attach mode [default: auto].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub xdp_mode: Option<XdpModeChoice>,
+    /// Outer source address of IPIP packets [default: the interface's first IPv4 address].
+    #[arg(long, value_name = "ADDR")]
+    pub lb_addr: Option<Ipv4Addr>,
+    /// Entries of the flow table [default: 262144].
+    #[arg(long, value_name = "N")]
+    pub flow_capacity: Option<u32>,
+    /// Accept flow state from peer load balancers on ADDR:PORT (active-active). Needs
+    /// --sync-key-file.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub sync_listen: Option<SocketAddr>,
+    /// A peer load balancer's --sync-listen address: this agent streams its flows there (its
+    /// whole flow table first, on every (re)connect). Repeat for several peers.
+    #[arg(long = "peer", value_name = "ADDR:PORT")]
+    #[serde(default)]
+    pub peers: Vec<SocketAddr>,
+    /// File holding the key shared by all peers (at least 16 bytes; surrounding whitespace is
+    /// ignored). Every sync frame is authenticated with HMAC-SHA256 under it.
+    #[arg(long, value_name = "FILE")]
+    pub sync_key_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9477).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl AgentOptions {
+    /// These options (the flags) over `file`'s: each option given here wins; `--peer` given at
+    /// least once replaces the file's `peers`.
+    pub fn merge(self, file: AgentOptions) -> AgentOptions {
+        AgentOptions {
+            iface: self.iface.or(file.iface),
+            xdp_mode: self.xdp_mode.or(file.xdp_mode),
+            lb_addr: self.lb_addr.or(file.lb_addr),
+            flow_capacity: self.flow_capacity.or(file.flow_capacity),
+            sync_listen: self.sync_listen.or(file.sync_listen),
+            peers: if self.peers.is_empty() {
+                file.peers
+            } else {
+                self.peers
+            },
+            sync_key_file: self.sync_key_file.or(file.sync_key_file),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+        }
+    }
+}
+
+/// `xlb agent`: the options, and what only the command line gives.
+#[derive(Clone, Debug, clap::Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub options: AgentOptions,
+    /// Directory of the persisted desired state (state.json).
+    #[arg(long, env = "XLB_STATE_DIR", default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// TOML file with the VIPs to serve (replaces the saved state) and optional [agent] options;
+    /// command-line flags win over the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OptionsError {
+    #[error("no interface given: pass --iface or set iface under [agent] in the config file")]
+    NoInterface,
+    #[error("--flow-capacity must be at least 1")]
+    FlowCapacity,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("peer sync: {0}")]
+    Sync(#[from] SyncError),
+    #[error("--peer and --sync-key-file need --sync-listen (peer sync is off without it)")]
+    SyncWithoutListen,
+    #[error("--sync-listen needs --sync-key-file: peer sync is always authenticated")]
+    SyncWithoutKey,
+}
+
+/// Where the agent's initial desired state comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InitialState {
+    /// `--config FILE`: its VIPs replace whatever was saved.
+    Config { path: PathBuf, state: DesiredState },
+    /// `<state-dir>/state.json`, if present; empty otherwise.
+    Saved,
+}
+
+/// Everything `run` needs, resolved and validated.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub iface: String,
+    pub xdp_mode: XdpModeChoice,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub lb_addr: Option<Ipv4Addr>,
+    pub flow_capacity: u32,
+    pub initial: InitialState,
+    pub warm_interval: Duration,
+    /// Peer sync (active-active), if `--sync-listen` was given.
+    pub sync: Option<SyncConfig>,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl AgentConfig {
+    /// Lay the flags over the config file's `[agent]` table, apply the defaults, and load the
+    /// file's VIPs. Any error in the file is an error here, before anything is touched.
+    pub fn resolve(args: AgentArgs, socket: PathBuf) -> Result<AgentConfig, OptionsError> {
+        let (file, initial) = match &args.config {
+            Some(path) => {
+                let cfg = Config::load(path)?;
+                let initial = InitialState::Config {
+                    path: path.clone(),
+                    state: cfg.state,
+                };
+                (cfg.agent, initial)
+            }
+            None => (AgentOptions::default(), InitialState::Saved),
+        };
+        let opts = args.options.merge(file);
+        let iface = opts.iface.clone().ok_or(OptionsError::NoInterface)?;
+        let flow_capacity = opts
+            .flow_capacity
+            .unwrap_or(lb_common::DEFAULT_FLOW_CAPACITY);
+        if flow_capacity == 0 {
+            return Err(OptionsError::FlowCapacity);
+        }
+        Ok(AgentConfig {
+            sync: sync_config(&opts)?,
+            iface,
+            xdp_mode: opts.xdp_mode.unwrap_or_default(),
+            socket,
+            state_dir: args.state_dir,
+            lb_addr: opts.lb_addr,
+            flow_capacity,
+            initial,
+            warm_interval: WARM_INTERVAL,
+            metrics_listen: opts.metrics_listen,
+        })
+    }
+}
+
+/// Peer sync runs with a listen address and a key; peers or a key without a listen address are
+/// a mistake, not a silent "off".
+fn sync_config(opts: &AgentOptions) -> Result<Option<SyncConfig>, OptionsError> {
+    match (opts.sync_listen, &opts.sync_key_file) {
+        (Some(listen), Some(key_file)) => {
+            let key = SyncKey::load(key_file).map_err(SyncError::from)?;
+            Ok(Some(SyncConfig::new(listen, opts.peers.clone(), key)?))
+        }
+        (Some(_), None) => Err(OptionsError::SyncWithoutKey),
+        (None, Some(_)) => Err(OptionsError::SyncWithoutListen),
+        (None, None) if !opts.peers.is_empty() => Err(OptionsError::SyncWithoutListen),
+        (None, None) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn args(options: AgentOptions) -> AgentArgs {
+        AgentArgs {
+            options,
+            state_dir: PathBuf::from("/nonexistent/state"),
+            config: None,
+        }
+    }
+
+    fn resolve(options: AgentOptions) -> Result<AgentConfig, OptionsError> {
+        AgentConfig::resolve(args(options), PathBuf::from("/nonexistent/s"))
+    }
+
+    #[test]
+    fn options_merge_flags_over_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("xlb.toml");
+        fs::write(
+            &cfg,
+            "[agent]\niface = \"eth9\"\nxdp_mode = \"generic\"\nflow_capacity = 77\nlb_addr = \"10.0.0.1\"\n\
+             [[vip]]\naddress = \"10.111.100.1:80\"\n",
+        )
+        .unwrap();
+        let with_file = |options| AgentArgs {
+            config: Some(cfg.clone()),
+            ..args(options)
+        };
+        let c =
+            AgentConfig::resolve(with_file(AgentOptions::default()), dir.path().join("s")).unwrap();
+        assert_eq!(c.iface, "eth9");
+        assert_eq!(c.xdp_mode, XdpModeChoice::Generic);
+        assert_eq!(c.flow_capacity, 77);
+        assert_eq!(c.lb_addr, Some(Ipv4Addr::new(10, 0, 0, 1)));
+        assert!(matches!(&c.initial, InitialState::Config { state, .. } if state.vip_count() == 1));
+
+        let flags = AgentOptions {
+            iface: Some("veth0".into()),
+            xdp_mode: Some(XdpModeChoice::Driver),
+            flow_capacity: Some(5),
+            ..Default::default()
+        };
+        let c = AgentConfig::resolve(with_file(flags), dir.path().join("s")).unwrap();
+        assert_eq!(c.iface, "veth0");
+        assert_eq!(c.xdp_mode, XdpModeChoice::Driver);
+        assert_eq!(c.flow_capacity, 5);
+
+        let none = resolve(AgentOptions::default());
+        assert!(matches!(none, Err(OptionsError::NoInterface)));
+        let defaults = resolve(AgentOptions {
+            iface: Some("lo".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(defaults.flow_capacity, lb_common::DEFAULT_FLOW_CAPACITY);
+        assert_eq!(defaults.initial, InitialState::Saved);
+    }
+
+    #[test]
+    fn peers_from_the_flags_replace_the_files() {
+        let flag: SocketAddr = "10.111.1.4:7946".parse().unwrap();
+        let file = AgentOptions {
+            peers: vec!["10.111.1.3:7946".parse().unwrap()],
+            sync_listen: Some("10.111.1.2:7946".parse().unwrap()),
+            ..Default::default()
+        };
+        let merged = AgentOptions {
+            peers: vec![flag],
+            ..Default::default()
+        }
+        .merge(file.clone());
+        assert_eq!(merged.peers, vec![flag]);
+        assert_eq!(merged.sync_listen, file.sync_listen);
+        assert_eq!(AgentOptions::default().merge(file.clone()), file);
+    }
+
+    #[test]
+    fn peer_sync_needs_a_listen_address_and_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("sync.key");
+        fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let base = || AgentOptions {
+            iface: Some("lo".into()),
+            ..Default::default()
+        };
+        let listen: SocketAddr = "10.111.1.2:7946".parse().unwrap();
+        let peer: SocketAddr = "10.111.1.3:7946".parse().unwrap();
+
+        let off = resolve(base()).unwrap();
+        assert!(off.sync.is_none());
+        let on = resolve(AgentOptions {
+            sync_listen: Some(listen),
+            peers: vec![peer],
+            sync_key_file: Some(key.clone()),
+            ..base()
+        })
+        .unwrap();
+        let sync = on.sync.expect("sync configured");
+        assert_eq!((sync.listen, sync.peers), (listen, vec![peer]));
+
+        let no_key = resolve(AgentOptions {
+            sync_listen: Some(listen),
+            ..base()
+        });
+        assert!(matches!(no_key, Err(OptionsError::SyncWithoutKey)));
+        let no_listen = resolve(AgentOptions {
+            peers: vec![peer],
+            sync_key_file: Some(key.clone()),
+            ..base()
+        });
+        assert!(matches!(no_listen, Err(OptionsError::SyncWithoutListen)));
+        fs::write(&key, "short").unwrap();
+        let weak = resolve(AgentOptions {
+            sync_listen: Some(listen),
+            sync_key_file: Some(key),
+            ..base()
+        })
+        .unwrap_err();
+        assert!(weak.to_string().contains("16"), "{weak}");
+    }
+}

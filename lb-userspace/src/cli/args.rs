@@ -1,0 +1,663 @@
+//! The command line: the clap definitions of every `xlb` subcommand.
+//!
+//! Addresses and check settings are taken as strings and parsed by `VipRef::key`,
+//! `BackendRef::keys` and `CheckArgs::to_patch` rather than by clap, so a malformed one is
+//! reported like every other input error (`xlb: error: ...`, exit 1) instead of as a usage error.
+//! Values from a fixed set (`--proto`, `--forward`, `--xdp-mode`, on/off) are clap's: a typo
+//! there is a usage error that lists the choices.
+
+use crate::{
+    agent::{DEFAULT_SOCKET, options::AgentArgs},
+    dataplane::XdpModeChoice,
+    model::{
+        DEFAULT_WEIGHT, Forward, Proto, ServiceKey,
+        addr::{ParseError, parse_addr_port, parse_ipv4},
+        check::{CheckError, CheckPatch, parse_duration, parse_kind},
+    },
+};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::{net::Ipv4Addr, path::PathBuf};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xlb",
+    version,
+    about = "xlb: an XDP layer-4 load balancer with direct server return",
+    long_about = "xlb steers packets for virtual services (VIPs) to backends at the NIC, with XDP.\n\
+                  `xlb agent` attaches the data path to an interface and keeps the desired state;\n\
+                  the other commands talk to it over a Unix socket."
+)]
+pub struct Cli {
+    /// The agent's control socket.
+    #[arg(long, global = true, env = "XLB_SOCKET", default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: attach the balancer to an interface, install the desired state (from
+    /// --config or the state saved in --state-dir) and serve the CLI until SIGINT/SIGTERM.
+    Agent(AgentArgs),
+    /// Add, delete and list virtual services.
+    #[command(subcommand)]
+    Vip(VipCommand),
+    /// Add, delete and list the backends of a virtual service.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Per-VIP, per-backend and per-reason packet counters; with --watch, refreshed with
+    /// per-second rates.
+    Stats(StatsArgs),
+    /// Peer sync (active-active): each peer's connection, flows sent and received, last message
+    /// age, rejected messages, and the sync lag.
+    Peers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prepare this host (run it inside the backend's network namespace) as a direct-server-return
+    /// backend, or undo that.
+    #[command(subcommand)]
+    BackendHost(BackendHostCommand),
+    /// Attach or detach a trivial XDP program that passes every packet.
+    ///
+    /// On veth pairs, packets that an XDP program in native (driver) mode sends with XDP_TX or
+    /// redirects onto a veth are dropped unless the receiving peer has an XDP program attached.
+    /// Attach this to the peers of the interface the agent runs on when using --xdp-mode driver
+    /// on veths. Generic mode does not need it. The program stays attached after this command
+    /// exits.
+    #[command(subcommand)]
+    XdpPass(XdpPassCommand),
+}
+
+/// A virtual service on the command line: its address and port, and `--proto`.
+#[derive(Clone, Debug, Args)]
+pub struct VipRef {
+    /// The VIP, ADDR:PORT (e.g. 10.111.100.1:80).
+    pub vip: String,
+    /// The VIP's protocol.
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub proto: Proto,
+}
+
+impl VipRef {
+    pub fn key(&self) -> Result<ServiceKey, ParseError> {
+        let (addr, port) = parse_addr_port(&self.vip)?;
+        Ok(ServiceKey {
+            addr,
+            port,
+            proto: self.proto,
+        })
+    }
+}
+
+/// One backend of a virtual service on the command line.
+#[derive(Clone, Debug, Args)]
+pub struct BackendRef {
+    #[command(flatten)]
+    pub vip: VipRef,
+    /// The backend's IPv4 address (no port: direct server return keeps the VIP's port).
+    pub backend: String,
+}
+
+impl BackendRef {
+    /// The VIP's key and the backend's address; the VIP is checked first.
+    pub fn keys(&self) -> Result<(ServiceKey, Ipv4Addr), ParseError> {
+        Ok((self.vip.key()?, parse_ipv4(&self.backend)?))
+    }
+}
+
+/// `xlb stats` flags.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Print JSON instead of tables (with --watch: one JSON object per line per interval).
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every --interval with per-second rates (packets/s, bytes/s, new flows/s), until
+    /// Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
+    /// Time between two refreshes of --watch, e.g. 500ms, 2s.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "1s",
+        requires = "watch"
+    )]
+    pub interval: String,
+}
+
+/// Health-check flags, shared by `vip add`, `vip set` and `backend add`: taken as typed and
+/// turned into a `CheckPatch` by `to_patch`.
+#[derive(Clone, Debug, Default, Args)]
+pub struct CheckArgs {
+    /// Health check: tcp (connect), http:/PATH, https:/PATH (GET, TLS certificate not verified
+    /// unless --tls-verify) or none (always up) [default: tcp for TCP VIPs; none for UDP VIPs,
+    /// because a TCP connect cannot check a UDP service].
+    #[arg(long, value_name = "KIND")]
+    pub check: Option<String>,
+    /// Port checked on the backend's own address [default: the VIP's port].
+    #[arg(long, value_name = "N")]
+    pub check_port: Option<String>,
+    /// Time between checks, e.g. 200ms [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub interval: Option<String>,
+    /// Time a check may take, at most the interval [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+    /// Consecutive passed checks that bring a down backend back [default: 2].
+    #[arg(long, value_name = "N")]
+    pub rise: Option<String>,
+    /// Consecutive failed checks that take a backend down [default: 3].
+    #[arg(long, value_name = "N")]
+    pub fall: Option<String>,
+    /// HTTP status or range that passes, e.g. 200 or 200-399 [default: 200-399].
+    #[arg(long, value_name = "STATUS")]
+    pub expect_status: Option<String>,
+    /// Text the HTTP body must contain ("" removes the condition).
+    #[arg(long, value_name = "STR")]
+    pub expect_body: Option<String>,
+    /// Verify the https check's certificate (--tls-verify=false turns it off again).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub tls_verify: Option<String>,
+}
+
+impl CheckArgs {
+    /// The flags given, as a patch of a check (nothing given: an empty patch).
+    pub fn to_patch(&self) -> Result<CheckPatch, CheckError> {
+        let count = |what: &'static str, v: &Option<String>| -> Result<Option<u32>, CheckError> {
+            v.as_deref()
+                .map(|s| {
+                    s.trim().parse::<u32>().map_err(|_| CheckError::Number {
+                        what,
+                        value: s.to_string(),
+                    })
+                })
+                .transpose()
+        };
+        let duration = |what: &'static str, v: &Option<String>| {
+            v.as_deref().map(|s| parse_duration(what, s)).transpose()
+        };
+        let (kind, path) = match self.check.as_deref().map(parse_kind).transpose()? {
+            Some((k, p)) => (Some(k), p),
+            None => (None, None),
+        };
+        let port = self
+            .check_port
+            .as_deref()
+            .map(|p| match p.trim().parse::<u16>() {
+                Ok(0) | Err(_) => Err(CheckError::Port(p.to_string())),
+                Ok(n) => Ok(n),
+            })
+            .transpose()?;
+        let tls_verify = self
+            .tls_verify
+            .as_deref()
+            .map(|v| match v {
+                "true" | "yes" | "on" => Ok(true),
+                "false" | "no" | "off" => Ok(false),
+                other => Err(CheckError::Bool(other.to_string())),
+            })
+            .transpose()?;
+        Ok(CheckPatch {
+            kind,
+            path,
+            port,
+            interval: duration("--interval", &self.interval)?,
+            timeout: duration("--timeout", &self.timeout)?,
+            rise: count("--rise", &self.rise)?,
+            fall: count("--fall", &self.fall)?,
+            expect_status: self.expect_status.as_deref().map(str::parse).transpose()?,
+            expect_body: self.expect_body.clone(),
+            tls_verify,
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VipCommand {
+    /// Add a virtual service (with no backends yet).
+    Add {
+        #[command(flatten)]
+        vip: VipRef,
+        #[arg(long, value_enum, default_value = "ipip")]
+        forward: Forward,
+        #[command(flatten)]
+        check: CheckArgs,
+    },
+    /// Change a virtual service's health check (flags not given keep their values).
+    Set {
+        #[command(flatten)]
+        vip: VipRef,
+        #[command(flatten)]
+        check: CheckArgs,
+    },
+    /// Delete a virtual service and its backends.
+    Del {
+        #[command(flatten)]
+        vip: VipRef,
+    },
+    /// List virtual services.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch the data path's debug events (one log line per packet decision, in the agent's
+    /// log under target xlb_ebpf) on or off for one VIP. Off by default; not persisted.
+    Debug {
+        #[command(flatten)]
+        vip: VipRef,
+        #[arg(value_enum)]
+        state: OnOff,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendCommand {
+    /// Add a backend to a virtual service.
+    Add {
+        #[command(flatten)]
+        backend: BackendRef,
+        /// Relative share of new flows (0-256; 0 = no new flows).
+        #[arg(long, default_value_t = DEFAULT_WEIGHT)]
+        weight: u32,
+        /// Any check flag gives this backend its own check: the VIP's with these flags applied.
+        /// (Boxed: the flags are large next to the other variants.)
+        #[command(flatten)]
+        check: Box<CheckArgs>,
+    },
+    /// Change a backend's weight at run time (a weight above 0 ends a drain).
+    Set {
+        #[command(flatten)]
+        backend: BackendRef,
+        /// Relative share of new flows (0-256; 0 = no new flows).
+        #[arg(long, required = true)]
+        weight: u32,
+    },
+    /// Drain a backend: weight 0, so no new flows; its existing flows stay until they end.
+    Drain {
+        #[command(flatten)]
+        backend: BackendRef,
+    },
+    /// End a drain: the backend gets back the weight it had before.
+    Undrain {
+        #[command(flatten)]
+        backend: BackendRef,
+    },
+    /// Remove a backend from a virtual service.
+    Del {
+        #[command(flatten)]
+        backend: BackendRef,
+    },
+    /// List the backends of a virtual service: weight, state (up, down, draining) and since when,
+    /// last check, flows and counters.
+    List {
+        #[command(flatten)]
+        vip: VipRef,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendHostCommand {
+    /// Add the VIPs to lo, set the ARP and rp_filter sysctls DSR needs, and attach the IPIP
+    /// decapsulator; records what it did for `teardown`.
+    Setup {
+        /// A VIP this backend serves (repeatable).
+        #[arg(long = "vip", value_name = "ADDR", required = true)]
+        vips: Vec<String>,
+        /// Interface to decapsulate on (repeatable) [default: every non-loopback interface that
+        /// is up and has an IPv4 address].
+        #[arg(long = "iface", value_name = "IF")]
+        ifaces: Vec<String>,
+        #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
+        xdp_mode: XdpModeChoice,
+    },
+    /// Undo exactly what `setup` did in this network namespace.
+    Teardown,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum XdpPassCommand {
+    /// Attach the pass program to IFACE.
+    Attach {
+        iface: String,
+        #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
+        xdp_mode: XdpModeChoice,
+    },
+    /// Detach whatever XDP program IFACE has.
+    Detach { iface: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::check::{CheckKind, CheckSpec, StatusRange};
+    use clap::CommandFactory;
+    use std::time::Duration;
+
+    fn flags(f: impl FnOnce(&mut CheckArgs)) -> Result<CheckPatch, CheckError> {
+        let mut c = CheckArgs::default();
+        f(&mut c);
+        c.to_patch()
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_become_a_patch() {
+        let p = flags(|f| {
+            f.check = Some("http:/healthz".into());
+            f.check_port = Some("8080".into());
+            f.interval = Some("200ms".into());
+            f.timeout = Some("150ms".into());
+            f.rise = Some("2".into());
+            f.fall = Some("3".into());
+            f.expect_status = Some("200-299".into());
+            f.expect_body = Some("ok".into());
+            f.tls_verify = Some("true".into());
+        })
+        .unwrap();
+        let c = CheckSpec::default_for(Proto::Tcp).patched(&p);
+        assert_eq!(c.kind, CheckKind::Http);
+        assert_eq!(c.path, "/healthz");
+        assert_eq!(c.port, Some(8080));
+        assert_eq!(c.interval, Duration::from_millis(200));
+        assert_eq!(c.timeout, Duration::from_millis(150));
+        assert_eq!(c.expect_status, StatusRange { lo: 200, hi: 299 });
+        assert_eq!(c.expect_body.as_deref(), Some("ok"));
+        assert!(c.tls_verify);
+        assert!(c.validate().is_ok());
+        assert!(flags(|_| {}).unwrap().is_empty());
+    }
+
+    #[test]
+    fn bad_flags_are_one_line_errors() {
+        let cases: Vec<(Result<CheckPatch, CheckError>, &str)> = vec![
+            (
+                flags(|f| f.interval = Some("2x".into())),
+                "malformed duration \"2x\" for --interval",
+            ),
+            (
+                flags(|f| f.timeout = Some("".into())),
+                "malformed duration \"\" for --timeout",
+            ),
+            (flags(|f| f.rise = Some("-1".into())), "--rise \"-1\""),
+            (
+                flags(|f| f.check_port = Some("0".into())),
+                "--check-port \"0\"",
+            ),
+            (
+                flags(|f| f.expect_status = Some("500-200".into())),
+                "malformed status \"500-200\"",
+            ),
+            (flags(|f| f.check = Some("icmp".into())), "unknown check"),
+            (flags(|f| f.tls_verify = Some("maybe".into())), "maybe"),
+        ];
+        for (r, want) in cases {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+            assert!(!e.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn lifecycle_and_check_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "vip",
+            "add",
+            "10.111.100.1:80",
+            "--check",
+            "http:/healthz",
+            "--check-port",
+            "8080",
+            "--interval",
+            "200ms",
+            "--timeout",
+            "150ms",
+            "--rise",
+            "2",
+            "--fall",
+            "3",
+            "--expect-status",
+            "200-399",
+            "--expect-body",
+            "ok",
+            "--tls-verify",
+        ])
+        .unwrap();
+        let Command::Vip(VipCommand::Add { check, .. }) = cli.command else {
+            panic!()
+        };
+        let p = check.to_patch().unwrap();
+        assert_eq!(p.tls_verify, Some(true));
+        assert_eq!(p.port, Some(8080));
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "vip",
+            "set",
+            "10.111.100.1:53",
+            "--proto",
+            "udp",
+            "--tls-verify=false",
+        ])
+        .unwrap();
+        let Command::Vip(VipCommand::Set { check, vip }) = cli.command else {
+            panic!()
+        };
+        assert_eq!(vip.proto, Proto::Udp);
+        assert_eq!(check.to_patch().unwrap().tls_verify, Some(false));
+        assert!(matches!(
+            Cli::try_parse_from([
+                "xlb",
+                "backend",
+                "set",
+                "10.111.100.1:80",
+                "10.111.1.11",
+                "--weight",
+                "3"
+            ])
+            .unwrap()
+            .command,
+            Command::Backend(BackendCommand::Set { weight: 3, .. })
+        ));
+        assert!(
+            Cli::try_parse_from(["xlb", "backend", "set", "10.111.100.1:80", "10.111.1.11"])
+                .is_err()
+        );
+        for sub in ["drain", "undrain"] {
+            assert!(
+                Cli::try_parse_from(["xlb", "backend", sub, "10.111.100.1:80", "10.111.1.11"])
+                    .is_ok()
+            );
+        }
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "backend",
+            "add",
+            "10.111.100.1:80",
+            "10.111.1.11",
+            "--check",
+            "tcp",
+            "--check-port",
+            "22",
+        ])
+        .unwrap();
+        let Command::Backend(BackendCommand::Add { check, .. }) = cli.command else {
+            panic!()
+        };
+        assert!(!check.to_patch().unwrap().is_empty());
+    }
+
+    #[test]
+    fn stats_watch_and_vip_debug_parse() {
+        let cli = Cli::try_parse_from(["xlb", "stats", "--watch", "--interval", "500ms", "--json"])
+            .unwrap();
+        let Command::Stats(a) = cli.command else {
+            panic!()
+        };
+        assert!(a.watch && a.json);
+        assert_eq!(a.interval, "500ms");
+        let Command::Stats(a) = Cli::try_parse_from(["xlb", "stats"]).unwrap().command else {
+            panic!()
+        };
+        assert!(!a.watch && !a.json);
+        assert!(Cli::try_parse_from(["xlb", "stats", "--interval", "2s"]).is_err());
+
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "vip",
+            "debug",
+            "10.111.100.1:5353",
+            "--proto",
+            "udp",
+            "on",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Vip(VipCommand::Debug {
+                vip: VipRef {
+                    proto: Proto::Udp,
+                    ..
+                },
+                state: OnOff::On,
+            })
+        ));
+        assert!(Cli::try_parse_from(["xlb", "vip", "debug", "10.111.100.1:80", "maybe"]).is_err());
+
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "agent",
+            "--iface",
+            "eth0",
+            "--metrics-listen",
+            "127.0.0.1:9477",
+        ])
+        .unwrap();
+        let Command::Agent(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            args.options.metrics_listen,
+            Some("127.0.0.1:9477".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn parses_the_documented_command_lines() {
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "backend",
+            "add",
+            "10.111.100.1:80",
+            "10.111.1.11",
+            "--weight",
+            "3",
+            "--proto",
+            "udp",
+            "--socket",
+            "/tmp/x.sock",
+        ])
+        .unwrap();
+        assert_eq!(cli.socket, PathBuf::from("/tmp/x.sock"));
+        let Command::Backend(BackendCommand::Add {
+            backend, weight, ..
+        }) = cli.command
+        else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!((weight, backend.vip.proto), (3, Proto::Udp));
+        assert_eq!(backend.backend, "10.111.1.11");
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "backend-host",
+            "setup",
+            "--vip",
+            "10.111.100.1",
+            "--vip",
+            "10.111.100.2",
+            "--iface",
+            "eth0",
+            "--xdp-mode",
+            "generic",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::BackendHost(BackendHostCommand::Setup {
+                vips,
+                ifaces,
+                xdp_mode,
+            }) => {
+                assert_eq!(vips.len(), 2);
+                assert_eq!(ifaces, vec!["eth0".to_string()]);
+                assert_eq!(xdp_mode, XdpModeChoice::Generic);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "agent",
+            "--iface",
+            "veth0",
+            "--xdp-mode",
+            "driver",
+            "--state-dir",
+            "/tmp/s",
+            "--flow-capacity",
+            "1000",
+        ])
+        .unwrap();
+        let Command::Agent(args) = cli.command else {
+            panic!()
+        };
+        let opts = args.options;
+        assert_eq!(opts.iface.as_deref(), Some("veth0"));
+        assert_eq!(opts.xdp_mode, Some(XdpModeChoice::Driver));
+        assert_eq!(opts.flow_capacity, Some(1000));
+        assert_eq!(args.state_dir, PathBuf::from("/tmp/s"));
+        assert!(
+            Cli::try_parse_from(["xlb", "vip", "add", "1.2.3.4:80", "--forward", "nat"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["xlb", "backend-host", "setup"]).is_err());
+    }
+
+    #[test]
+    fn references_parse_the_vip_first() {
+        let b = BackendRef {
+            vip: VipRef {
+                vip: "10.111.100.1:80".into(),
+                proto: Proto::Udp,
+            },
+            backend: "10.111.1.11".into(),
+        };
+        let (key, addr) = b.keys().unwrap();
+        assert_eq!(key.to_string(), "10.111.100.1:80/udp");
+        assert_eq!(addr, Ipv4Addr::new(10, 111, 1, 11));
+        let bad = BackendRef {
+            vip: VipRef {
+                vip: "10.111.100.1".into(),
+                proto: Proto::Tcp,
+            },
+            backend: "nonsense".into(),
+        };
+        assert!(matches!(
+            bad.keys().unwrap_err(),
+            ParseError::MissingPort { .. }
+        ));
+    }
+}

@@ -1,0 +1,315 @@
+//! The client side of each subcommand: turn the arguments into a request, send it, print the
+//! answer (a table, or `--json`). `backend-host` and `xdp-pass` act on this host directly.
+
+use super::{
+    CliError,
+    args::{BackendCommand, BackendHostCommand, OnOff, StatsArgs, VipCommand, XdpPassCommand},
+    client, print, print_json,
+    render::{backend_table, stats_text, vip_table},
+    watch::watch_stats,
+};
+use crate::{
+    api::{Request, Response, StatsReport, VipList},
+    backend_host::{self, RECORD_DIR, SetupOptions},
+    dataplane::persistent,
+    model::{addr::parse_ipv4, check::parse_duration},
+    util::interface_index,
+};
+use std::{
+    io,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+/// Shortest `--watch` interval: below it the rates are mostly noise and the agent would spend
+/// its time answering.
+pub(super) const MIN_WATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+fn unexpected(resp: Response) -> CliError {
+    CliError::Unexpected(format!("{resp:?}"))
+}
+
+/// Send a mutating request and print the agent's confirmation.
+fn change(socket: &Path, req: Request) -> Result<(), CliError> {
+    match client::call(socket, &req)? {
+        Response::Done { message } => print(&format!("{message}\n")),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub fn vip(socket: &Path, cmd: VipCommand) -> Result<(), CliError> {
+    let req = match cmd {
+        VipCommand::Add {
+            vip,
+            forward,
+            check,
+        } => Request::VipAdd {
+            vip: vip.key()?,
+            forward,
+            check: check.to_patch()?,
+        },
+        VipCommand::Set { vip, check } => Request::VipSet {
+            vip: vip.key()?,
+            check: check.to_patch()?,
+        },
+        VipCommand::Del { vip } => Request::VipDel { vip: vip.key()? },
+        VipCommand::Debug { vip, state } => Request::VipDebug {
+            vip: vip.key()?,
+            on: state == OnOff::On,
+        },
+        VipCommand::List { json } => {
+            return match client::call(socket, &Request::VipList)? {
+                Response::VipList { vips } if json => print_json(&VipList { vips }),
+                Response::VipList { vips } => print(&vip_table(&vips)),
+                other => Err(unexpected(other)),
+            };
+        }
+    };
+    change(socket, req)
+}
+
+pub fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError> {
+    let req = match cmd {
+        BackendCommand::Add {
+            backend,
+            weight,
+            check,
+        } => {
+            let (vip, backend) = backend.keys()?;
+            Request::BackendAdd {
+                vip,
+                backend,
+                weight,
+                check: check.to_patch()?,
+            }
+        }
+        BackendCommand::Set { backend, weight } => {
+            let (vip, backend) = backend.keys()?;
+            Request::BackendSet {
+                vip,
+                backend,
+                weight,
+            }
+        }
+        BackendCommand::Drain { backend } => {
+            let (vip, backend) = backend.keys()?;
+            Request::BackendDrain { vip, backend }
+        }
+        BackendCommand::Undrain { backend } => {
+            let (vip, backend) = backend.keys()?;
+            Request::BackendUndrain { vip, backend }
+        }
+        BackendCommand::Del { backend } => {
+            let (vip, backend) = backend.keys()?;
+            Request::BackendDel { vip, backend }
+        }
+        BackendCommand::List { vip, json } => {
+            let vip = vip.key()?;
+            return match client::call(socket, &Request::BackendList { vip })? {
+                Response::BackendList { vip } if json => print_json(&vip),
+                Response::BackendList { vip } => print(&backend_table(&vip, "", SystemTime::now())),
+                other => Err(unexpected(other)),
+            };
+        }
+    };
+    change(socket, req)
+}
+
+pub fn peers(socket: &Path, json: bool) -> Result<(), CliError> {
+    match client::call(socket, &Request::Peers)? {
+        Response::Peers { peers } if json => print_json(&peers),
+        Response::Peers { peers } => print(&crate::sync::render_table(&peers)),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub(super) fn fetch_stats(socket: &Path) -> Result<StatsReport, CliError> {
+    match client::call(socket, &Request::Stats)? {
+        Response::Stats { stats } => Ok(stats),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub fn stats(socket: &Path, args: StatsArgs) -> Result<(), CliError> {
+    if !args.watch {
+        let stats = fetch_stats(socket)?;
+        return if args.json {
+            print_json(&stats)
+        } else {
+            print(&stats_text(&stats))
+        };
+    }
+    let interval = parse_duration("--interval", &args.interval)?;
+    if interval < MIN_WATCH_INTERVAL {
+        return Err(CliError::WatchInterval(args.interval));
+    }
+    let result = watch_stats(socket, interval, args.json);
+    // `xlb stats --watch | head` closing the pipe is the reader being done, not an error.
+    match result {
+        Err(CliError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+pub async fn backend_host(cmd: BackendHostCommand) -> Result<(), CliError> {
+    match cmd {
+        BackendHostCommand::Setup {
+            vips,
+            ifaces,
+            xdp_mode,
+        } => {
+            let vips = vips
+                .iter()
+                .map(|v| parse_ipv4(v))
+                .collect::<Result<Vec<_>, _>>()?;
+            let record = backend_host::setup(&SetupOptions {
+                vips,
+                ifaces,
+                mode: xdp_mode,
+                record_dir: PathBuf::from(RECORD_DIR),
+            })
+            .await?;
+            let ifaces: Vec<String> = record
+                .xdp
+                .iter()
+                .map(|x| format!("{} ({})", x.iface, x.mode))
+                .collect();
+            print(&format!(
+                "backend host set up: {} VIP address(es) added to lo, {} sysctl(s) changed, decapsulator on {}\n",
+                record.lo_addrs.len(),
+                record.sysctls.len(),
+                ifaces.join(", ")
+            ))
+        }
+        BackendHostCommand::Teardown => {
+            let record = backend_host::teardown(Path::new(RECORD_DIR)).await?;
+            print(&format!(
+                "backend host torn down: {} VIP address(es) removed from lo, {} sysctl(s) restored, decapsulator detached from {} interface(s)\n",
+                record.lo_addrs.len(),
+                record.sysctls.len(),
+                record.xdp.len()
+            ))
+        }
+    }
+}
+
+pub fn xdp_pass(cmd: XdpPassCommand) -> Result<(), CliError> {
+    let iface = match &cmd {
+        XdpPassCommand::Attach { iface, .. } | XdpPassCommand::Detach { iface } => iface.clone(),
+    };
+    interface_index(&iface)?;
+    let xdp_err = |source| CliError::Xdp {
+        iface: iface.clone(),
+        source: Box::new(source),
+    };
+    match cmd {
+        XdpPassCommand::Attach { xdp_mode, .. } => {
+            let mode = persistent::attach_pass(&iface, xdp_mode).map_err(xdp_err)?;
+            print(&format!(
+                "pass program attached to {iface} in {mode} mode\n"
+            ))
+        }
+        XdpPassCommand::Detach { .. } => {
+            persistent::detach(&iface).map_err(xdp_err)?;
+            print(&format!("XDP program detached from {iface}\n"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        cli::args::{BackendRef, CheckArgs, VipRef},
+        model::{Forward, Proto},
+    };
+
+    fn vip_ref(vip: &str) -> VipRef {
+        VipRef {
+            vip: vip.into(),
+            proto: Proto::Tcp,
+        }
+    }
+
+    #[test]
+    fn malformed_addresses_fail_before_any_connection() {
+        // The socket does not exist: a parse error must win over "cannot reach".
+        let sock = Path::new("/nonexistent/xlb.sock");
+        for vip in ["10.111.300.1:80", "foo", "10.111.100.1"] {
+            let e = super::vip(
+                sock,
+                VipCommand::Add {
+                    vip: vip_ref(vip),
+                    forward: Forward::Ipip,
+                    check: CheckArgs::default(),
+                },
+            )
+            .unwrap_err();
+            assert!(matches!(e, CliError::Parse(_)), "{vip}: {e}");
+        }
+        let e = super::backend(
+            sock,
+            BackendCommand::Add {
+                backend: BackendRef {
+                    vip: vip_ref("10.111.100.1:80"),
+                    backend: "10.111.1.300".into(),
+                },
+                weight: 1,
+                check: Box::default(),
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, CliError::Parse(_)), "{e}");
+        // Bad check flags too: one line, before any connection.
+        let bad = |f: fn(&mut CheckArgs)| {
+            let mut check = CheckArgs::default();
+            f(&mut check);
+            super::vip(
+                sock,
+                VipCommand::Set {
+                    vip: vip_ref("10.111.100.1:80"),
+                    check,
+                },
+            )
+            .unwrap_err()
+        };
+        for e in [
+            bad(|c| c.interval = Some("fast".into())),
+            bad(|c| c.rise = Some("x".into())),
+            bad(|c| c.expect_status = Some("200-100".into())),
+            bad(|c| c.check = Some("ftp".into())),
+        ] {
+            assert!(matches!(e, CliError::Check(_)), "{e}");
+            assert!(!e.to_string().contains('\n'));
+        }
+        let e = super::vip(
+            sock,
+            VipCommand::Debug {
+                vip: vip_ref("10.111.100.1"),
+                state: OnOff::Off,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, CliError::Parse(_)), "{e}");
+    }
+
+    #[test]
+    fn bad_watch_intervals_fail_before_any_connection() {
+        let sock = Path::new("/nonexistent/xlb.sock");
+        for bad in ["fast", "10ms"] {
+            let e = super::stats(
+                sock,
+                StatsArgs {
+                    json: false,
+                    watch: true,
+                    interval: bad.into(),
+                },
+            )
+            .unwrap_err();
+            assert!(
+                matches!(e, CliError::Check(_) | CliError::WatchInterval(_)),
+                "{e}"
+            );
+        }
+    }
+}

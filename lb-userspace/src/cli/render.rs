@@ -1,0 +1,255 @@
+//! Tables for people: `vip list`, `backend list`, `stats` (the `--json` forms print the report
+//! types of `api` as they are).
+
+use crate::{
+    api::{StatsReport, VipReport, VipSummary},
+    model::check::CheckKind,
+    util::{fmt_age, fmt_duration},
+};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Left-aligned columns, two spaces apart, each line prefixed with `indent`.
+pub(super) fn table(indent: &str, header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = indent.to_string();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        s.push('\n');
+        s
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// `xlb vip list`:
+/// ```text
+/// VIP              PROTO  FORWARD  BACKENDS  CHECK
+/// 10.111.100.1:80  tcp    ipip     3         http:/healthz every 200ms
+/// ```
+pub fn vip_table(vips: &[VipSummary]) -> String {
+    let rows: Vec<Vec<String>> = vips
+        .iter()
+        .map(|v| {
+            vec![
+                v.vip.clone(),
+                v.proto.to_string(),
+                v.forward.to_string(),
+                v.backends.len().to_string(),
+                if v.check.kind == CheckKind::None {
+                    v.check.summary()
+                } else {
+                    format!(
+                        "{} every {}",
+                        v.check.summary(),
+                        fmt_duration(v.check.interval)
+                    )
+                },
+            ]
+        })
+        .collect();
+    table("", &["VIP", "PROTO", "FORWARD", "BACKENDS", "CHECK"], &rows)
+}
+
+/// `xlb backend list VIP:PORT` (ages relative to `now`):
+/// ```text
+/// BACKEND      WEIGHT  STATE  SINCE                           LAST_CHECK  ACTIVE_FLOWS  PACKETS  BYTES  NEW_FLOWS
+/// 10.111.1.11  1       up     2026-05-20T10:00:00Z (12s ago)  ok 1.2ms    3             10       840    10
+/// ```
+pub fn backend_table(vip: &VipReport, indent: &str, now: SystemTime) -> String {
+    let rows: Vec<Vec<String>> = vip
+        .backends
+        .iter()
+        .map(|b| {
+            let since = UNIX_EPOCH + Duration::from_millis(b.since_unix_ms);
+            let age = now.duration_since(since).unwrap_or_default();
+            vec![
+                b.address.to_string(),
+                b.weight.to_string(),
+                b.state.to_string(),
+                format!(
+                    "{} ({} ago)",
+                    humantime::format_rfc3339_seconds(since),
+                    fmt_age(age)
+                ),
+                match &b.last_check {
+                    None => "-".to_string(),
+                    Some(c) if c.ok => format!("ok {:.1}ms", c.latency_ms),
+                    Some(c) => format!("failed: {}", c.detail),
+                },
+                b.active_flows.to_string(),
+                b.packets.to_string(),
+                b.bytes.to_string(),
+                b.new_flows.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        indent,
+        &[
+            "BACKEND",
+            "WEIGHT",
+            "STATE",
+            "SINCE",
+            "LAST_CHECK",
+            "ACTIVE_FLOWS",
+            "PACKETS",
+            "BYTES",
+            "NEW_FLOWS",
+        ],
+        &rows,
+    )
+}
+
+/// `xlb stats`: one block per VIP (its counters, then its backends'), then the per-reason
+/// counters and the flow-table capacity.
+pub fn stats_text(stats: &StatsReport) -> String {
+    let mut out = String::new();
+    for v in &stats.vips {
+        out.push_str(&format!(
+            "VIP {}/{} forward {}: packets {} bytes {} new_flows {}\n",
+            v.vip, v.proto, v.forward, v.packets, v.bytes, v.new_flows
+        ));
+        out.push_str(&backend_table(v, "  ", SystemTime::now()));
+        out.push('\n');
+    }
+    let rows: Vec<Vec<String>> = stats
+        .reasons
+        .iter()
+        .map(|(name, n)| vec![name.clone(), n.to_string()])
+        .collect();
+    out.push_str(&table("", &["REASON", "PACKETS"], &rows));
+    let rows: Vec<Vec<String>> = stats
+        .events
+        .iter()
+        .map(|(name, n)| vec![name.clone(), n.to_string()])
+        .collect();
+    out.push('\n');
+    out.push_str(&table("", &["EVENT", "COUNT"], &rows));
+    out.push_str(&format!("\n{}\n", flow_table_line(stats)));
+    out
+}
+
+/// `flow table: 12 of 262144 entries in use (0.0%)`.
+pub(super) fn flow_table_line(stats: &StatsReport) -> String {
+    let pct = if stats.flow_capacity == 0 {
+        0.0
+    } else {
+        stats.flow_entries as f64 * 100.0 / f64::from(stats.flow_capacity)
+    };
+    format!(
+        "flow table: {} of {} entries in use ({pct:.1}%)",
+        stats.flow_entries, stats.flow_capacity
+    )
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::{
+        api::{BackendReport, BackendState, BackendSummary, LastCheck},
+        model::{Forward, Proto, check::CheckSpec},
+    };
+    use std::net::Ipv4Addr;
+
+    pub(in crate::cli) fn report() -> VipReport {
+        VipReport {
+            vip: "10.111.100.1:80".into(),
+            address: Ipv4Addr::new(10, 111, 100, 1),
+            port: 80,
+            proto: Proto::Tcp,
+            forward: Forward::Ipip,
+            packets: 30,
+            bytes: 2520,
+            new_flows: 30,
+            backends: vec![BackendReport {
+                address: Ipv4Addr::new(10, 111, 1, 11),
+                weight: 1,
+                state: BackendState::Up,
+                since: "2026-05-20T10:00:00.000Z".into(),
+                since_unix_ms: 1_779_271_200_000,
+                last_check: Some(LastCheck {
+                    ok: true,
+                    detail: "connected".into(),
+                    latency_ms: 1.23,
+                    at_unix_ms: 1_779_271_211_000,
+                }),
+                active_flows: 3,
+                packets: 10,
+                bytes: 840,
+                new_flows: 10,
+                checks_ok: 12,
+                checks_failed: 0,
+            }],
+        }
+    }
+
+    #[test]
+    fn tables_have_the_documented_layout() {
+        let vips = vec![VipSummary {
+            vip: "10.111.100.1:80".into(),
+            address: Ipv4Addr::new(10, 111, 100, 1),
+            port: 80,
+            proto: Proto::Tcp,
+            forward: Forward::Ipip,
+            check: CheckSpec::default_for(Proto::Tcp),
+            backends: vec![
+                BackendSummary {
+                    address: Ipv4Addr::new(10, 111, 1, 11),
+                    weight: 1,
+                    check: None,
+                };
+                3
+            ],
+        }];
+        assert_eq!(
+            vip_table(&vips),
+            "VIP              PROTO  FORWARD  BACKENDS  CHECK\n10.111.100.1:80  tcp    ipip     3         tcp every 1s\n"
+        );
+        let now = UNIX_EPOCH + Duration::from_millis(1_779_271_212_000);
+        assert_eq!(
+            backend_table(&report(), "", now),
+            "BACKEND      WEIGHT  STATE  SINCE                           LAST_CHECK  ACTIVE_FLOWS  PACKETS  BYTES  NEW_FLOWS\n\
+             10.111.1.11  1       up     2026-05-20T10:00:00Z (12s ago)  ok 1.2ms    3             10       840    10\n"
+        );
+        let mut down = report();
+        down.backends[0].state = BackendState::Down;
+        down.backends[0].last_check.as_mut().unwrap().ok = false;
+        down.backends[0].last_check.as_mut().unwrap().detail = "connection refused".into();
+        assert!(
+            backend_table(&down, "", now)
+                .contains("  down   2026-05-20T10:00:00Z (12s ago)  failed: connection refused  3")
+        );
+        down.backends[0].last_check = None;
+        assert!(backend_table(&down, "", now).contains("(12s ago)  -           3"));
+        let stats = StatsReport {
+            vips: vec![report()],
+            reasons: [("fwd_tx".to_string(), 30)].into_iter().collect(),
+            events: [("midflow_miss".to_string(), 2)].into_iter().collect(),
+            flow_capacity: 262144,
+            flow_entries: 12,
+        };
+        let text = stats_text(&stats);
+        assert!(text.starts_with(
+            "VIP 10.111.100.1:80/tcp forward ipip: packets 30 bytes 2520 new_flows 30\n  BACKEND"
+        ));
+        assert!(text.contains("REASON  PACKETS\nfwd_tx  30\n"), "{text}");
+        assert!(
+            text.ends_with("flow table: 12 of 262144 entries in use (0.0%)\n"),
+            "{text}"
+        );
+    }
+}
