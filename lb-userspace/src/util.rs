@@ -89,6 +89,10 @@ pub fn one_line(text: &str) -> String {
         .join("; ")
 }
 
+/// An error of any kind, kept as the cause of another (across layers that must not know each
+/// other's error types, and across channels).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// An interface name the kernel does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("interface {0:?} does not exist")]

@@ -26,13 +26,12 @@ use crate::{
     model::check::{CheckKind, CheckPatch},
     model::{Forward, ServiceKey, VipConfig, VipSpec},
     sync::SyncRequest,
-    util::unix_ms,
+    util::{BoxError, unix_ms},
 };
 use lb_common::FlowEvent;
 use std::{
     cell::Cell,
     collections::BTreeSet,
-    fmt,
     net::Ipv4Addr,
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
@@ -40,7 +39,7 @@ use std::{
 
 /// What the controller needs from a data path.
 pub trait DataplaneOps {
-    type Error: fmt::Display;
+    type Error: std::error::Error + Send + Sync + 'static;
     /// Whether `spec` fits, without changing anything.
     fn check_vip(&self, spec: &VipSpec) -> Result<(), Self::Error>;
     /// Install or replace a VIP whose backends in `down` failed their health checks (they get no
@@ -99,25 +98,26 @@ pub const FLOW_ENTRIES_MAX_AGE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
-    #[error("{0}")]
+    #[error(transparent)]
     State(#[from] StateError),
-    #[error("VIP {key} does not fit in the data path: {message}")]
-    Capacity { key: ServiceKey, message: String },
-    #[error("applying VIP {key} to the data path failed: {message}")]
-    Apply { key: ServiceKey, message: String },
-    #[error("removing VIP {key} from the data path failed: {message}")]
-    Remove { key: ServiceKey, message: String },
-    #[error("reading data-path counters failed: {message}")]
-    Stats { message: String },
-    #[error("switching debug events of VIP {key} failed: {message}")]
-    Debug { key: ServiceKey, message: String },
+    #[error("VIP {key} does not fit in the data path: {source}")]
+    Capacity { key: ServiceKey, source: BoxError },
+    #[error("applying VIP {key} to the data path failed: {source}")]
+    Apply { key: ServiceKey, source: BoxError },
+    #[error("removing VIP {key} from the data path failed: {source}")]
+    Remove { key: ServiceKey, source: BoxError },
+    #[error("reading data-path counters failed: {source}")]
+    Stats { source: BoxError },
+    #[error("switching debug events of VIP {key} failed: {source}")]
+    Debug { key: ServiceKey, source: BoxError },
     /// The change failed and putting the data path back failed too: the kernel may now differ from
     /// the desired state, which is kept as it was.
     #[error("{error}; restoring VIP {key} in the data path also failed: {rollback}")]
     Rollback {
         key: ServiceKey,
+        #[source]
         error: Box<ControllerError>,
-        rollback: String,
+        rollback: BoxError,
     },
 }
 
@@ -154,7 +154,7 @@ impl<D: DataplaneOps> Controller<D> {
                 .check_vip(&spec.spec())
                 .map_err(|e| ControllerError::Capacity {
                     key: spec.key,
-                    message: e.to_string(),
+                    source: e.into(),
                 })?;
         }
         let mut applied: Vec<ServiceKey> = Vec::new();
@@ -164,7 +164,7 @@ impl<D: DataplaneOps> Controller<D> {
             if let Err(e) = ctl.dp.apply_vip(&spec.spec(), &BTreeSet::new()) {
                 outcome = Err(ControllerError::Apply {
                     key: spec.key,
-                    message: e.to_string(),
+                    source: e.into(),
                 });
                 break;
             }
@@ -310,7 +310,7 @@ impl<D: DataplaneOps> Controller<D> {
             .set_vip_debug(key, on)
             .map_err(|e| ControllerError::Debug {
                 key: *key,
-                message: e.to_string(),
+                source: e.into(),
             })
     }
 
@@ -483,9 +483,10 @@ impl<D: DataplaneOps> Controller<D> {
         {
             return Ok(n);
         }
-        let n = self.dp.flow_entries().map_err(|e| ControllerError::Stats {
-            message: e.to_string(),
-        })?;
+        let n = self
+            .dp
+            .flow_entries()
+            .map_err(|e| ControllerError::Stats { source: e.into() })?;
         self.flow_entries.set(Some((now, n)));
         Ok(n)
     }
@@ -495,18 +496,18 @@ impl<D: DataplaneOps> Controller<D> {
     pub fn sync_request(&mut self, req: SyncRequest) {
         match req {
             SyncRequest::Install { flows, reply } => {
-                let _ = reply.send(self.dp.install_flows(flows).map_err(|e| e.to_string()));
+                let _ = reply.send(self.dp.install_flows(flows).map_err(Into::into));
             }
             SyncRequest::Snapshot { max_age, reply } => {
-                let _ = reply.send(self.dp.snapshot_flows(max_age).map_err(|e| e.to_string()));
+                let _ = reply.send(self.dp.snapshot_flows(max_age).map_err(Into::into));
             }
         }
     }
 
     fn dp_stats(&self) -> Result<DataplaneStats, ControllerError> {
-        self.dp.stats().map_err(|e| ControllerError::Stats {
-            message: e.to_string(),
-        })
+        self.dp
+            .stats()
+            .map_err(|e| ControllerError::Stats { source: e.into() })
     }
 
     /// Move VIP `key` from `old` to `new` (`None` = absent) in kernel, file and memory, or in none.
@@ -523,7 +524,7 @@ impl<D: DataplaneOps> Controller<D> {
                     .check_vip(&spec.spec())
                     .map_err(|e| ControllerError::Capacity {
                         key,
-                        message: e.to_string(),
+                        source: e.into(),
                     })?;
                 next.insert(spec.clone());
             }
@@ -538,14 +539,14 @@ impl<D: DataplaneOps> Controller<D> {
                 .apply_vip(&spec.spec(), &self.health.down_for(spec))
                 .map_err(|e| ControllerError::Apply {
                     key,
-                    message: e.to_string(),
+                    source: e.into(),
                 }),
             None => self
                 .dp
                 .remove_vip(&key)
                 .map_err(|e| ControllerError::Remove {
                     key,
-                    message: e.to_string(),
+                    source: e.into(),
                 }),
         };
         if let Err(error) = applied {
@@ -583,7 +584,7 @@ impl<D: DataplaneOps> Controller<D> {
             Err(e) => ControllerError::Rollback {
                 key,
                 error: Box::new(error),
-                rollback: e.to_string(),
+                rollback: e.into(),
             },
         }
     }
@@ -698,13 +699,9 @@ pub(crate) mod fake {
         }
     }
 
-    #[derive(Debug)]
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
     pub struct FakeError(&'static str);
-    impl fmt::Display for FakeError {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str(self.0)
-        }
-    }
 
     impl DataplaneOps for FakeDataplane {
         type Error = FakeError;
@@ -984,6 +981,12 @@ mod tests {
             e.to_string(),
             "applying VIP 10.111.100.1:80/tcp to the data path failed: map update failed"
         );
+        // The data path's error is the cause, not just text.
+        let cause = std::error::Error::source(&e).expect("a source");
+        assert!(
+            cause.downcast_ref::<fake::FakeError>().is_some(),
+            "{cause:?}"
+        );
         assert_eq!(f.ctl.dp.apply_calls, calls + 2, "old spec re-applied");
         assert_eq!(f.ctl.dp.applied.get(&key(80)), Some(&old));
         f.assert_consistent();
@@ -993,6 +996,11 @@ mod tests {
         let e = f.ctl.backend_add(&key(80), be(12), 1, &none()).unwrap_err();
         assert!(matches!(e, ControllerError::Rollback { .. }), "{e}");
         assert!(e.to_string().contains("restoring VIP 10.111.100.1:80/tcp"));
+        let first = std::error::Error::source(&e).expect("the failed change");
+        assert!(matches!(
+            first.downcast_ref::<Box<ControllerError>>().map(|b| &**b),
+            Some(ControllerError::Apply { .. })
+        ));
         assert_eq!(f.ctl.state().get(&key(80)).map(VipConfig::spec), Some(old));
 
         // A brand-new VIP that fails to apply has nothing to restore.

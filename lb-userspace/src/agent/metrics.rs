@@ -13,6 +13,7 @@
 //! its counter family names without `_total`.
 
 use crate::{
+    agent::controller::ControllerError,
     api::{BackendState, StatsReport},
     sync::{PeersReport, SyncStatus},
 };
@@ -29,7 +30,7 @@ use tokio::{
 };
 
 /// How a scrape asks the serve loop for the stats report: it sends where the answer goes.
-pub type StatsReply = oneshot::Sender<Result<StatsReport, String>>;
+pub type StatsReply = oneshot::Sender<Result<StatsReport, ControllerError>>;
 
 /// Capacity of the scrape → serve loop queue; a scrape that finds it full is answered 503 rather
 /// than queueing behind a backlog of others.
@@ -464,8 +465,8 @@ async fn answer(
     }
     let stats = match tokio::time::timeout(SCRAPE_TIMEOUT, answer).await {
         Ok(Ok(Ok(stats))) => stats,
-        Ok(Ok(Err(message))) => {
-            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{message}\n"));
+        Ok(Ok(Err(e))) => {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
         }
         Ok(Err(_)) => {
             return text(
@@ -860,7 +861,9 @@ mod tests {
             first.send(Ok(stats())).unwrap();
             let second = rx.recv().await.unwrap();
             second
-                .send(Err("reading data-path counters failed: boom".into()))
+                .send(Err(ControllerError::Stats {
+                    source: "boom".into(),
+                }))
                 .unwrap();
         });
         let (ok, err, other, post) = tokio::task::spawn_blocking(move || {

@@ -71,15 +71,15 @@ pub enum AgentError {
     Socket { path: PathBuf, source: io::Error },
     #[error("cannot create state directory {}: {}", path.display(), os_message(source))]
     StateDir { path: PathBuf, source: io::Error },
-    #[error("{0}")]
+    #[error(transparent)]
     Dataplane(Box<DataplaneError>),
     #[error("installing the desired state failed: {0}")]
     Install(#[from] ControllerError),
-    #[error("{0}")]
+    #[error(transparent)]
     Health(#[from] HealthError),
     #[error("peer sync: {0}")]
     Sync(#[from] SyncError),
-    #[error("{0}")]
+    #[error(transparent)]
     Metrics(#[from] MetricsError),
 }
 
@@ -299,7 +299,7 @@ pub async fn serve<D: DataplaneOps>(
             Some(report) = results.recv() => controller.health_result(report),
             Some(reply) = scrapes.recv() => {
                 // The scraper may have timed out; nothing to undo either way.
-                let _ = reply.send(controller.stats().map_err(|e| e.to_string()));
+                let _ = reply.send(controller.stats());
             }
             _ = warm.tick() => warm_neighbours(&controller.state().backend_addrs()),
             Some(done) = conns.join_next(), if !conns.is_empty() => {

@@ -110,7 +110,7 @@ pub enum DataplaneError {
         "not enough free backend slots: {needed} needed, {free} free (at most {MAX_BACKENDS} over all VIPs)"
     )]
     NoBackendSlots { needed: usize, free: usize },
-    #[error("{0}")]
+    #[error(transparent)]
     Ring(#[from] RingError),
     #[error("unknown VIP {0}")]
     UnknownVip(ServiceKey),

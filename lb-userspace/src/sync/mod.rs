@@ -76,7 +76,7 @@ mod tests;
 pub use auth::{AuthError, SyncKey};
 pub use status::{LagReport, PeerReport, PeersReport, SyncTotals, render_table};
 
-use crate::dataplane::InstallReport;
+use crate::{dataplane::InstallReport, util::BoxError};
 use aya::maps::{MapData, RingBuf};
 use lb_common::{FlowEvent, FlowKey};
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
@@ -161,12 +161,12 @@ pub enum SyncRequest {
     /// Install flows received from a peer: `Dataplane::install_flows`.
     Install {
         flows: Vec<FlowEvent>,
-        reply: oneshot::Sender<Result<InstallReport, String>>,
+        reply: oneshot::Sender<Result<InstallReport, BoxError>>,
     },
     /// The live flow table for a (re)connecting peer: `Dataplane::snapshot_flows(max_age)`.
     Snapshot {
         max_age: Duration,
-        reply: oneshot::Sender<Result<Vec<FlowEvent>, String>>,
+        reply: oneshot::Sender<Result<Vec<FlowEvent>, BoxError>>,
     },
 }
 

@@ -11,7 +11,7 @@ use super::{
         TAG_LEN, WireError,
     },
 };
-use crate::dataplane::InstallReport;
+use crate::{dataplane::InstallReport, util::BoxError};
 use lb_common::FlowEvent;
 use std::{
     borrow::Cow,
@@ -63,7 +63,7 @@ pub enum PeerError {
     Connect(io::Error),
     #[error("timed out {0}")]
     Timeout(&'static str),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
     #[error("invalid challenge: {0}")]
     Challenge(WireError),
@@ -74,7 +74,7 @@ pub enum PeerError {
     #[error("the agent stopped serving sync requests")]
     AgentGone,
     #[error("the agent could not list its flows: {0}")]
-    Snapshot(String),
+    Snapshot(#[source] BoxError),
     #[error(
         "the peer closed the connection instead of acknowledging our Hello (wrong key? see its log)"
     )]

@@ -19,7 +19,7 @@ use xlb::{
 fn serve(dp: &mut Dataplane, req: SyncRequest) -> u64 {
     match req {
         SyncRequest::Install { flows, reply } => {
-            let result = dp.install_flows(flows).map_err(|e| e.to_string());
+            let result = dp.install_flows(flows).map_err(Into::into);
             let installed = result.as_ref().map_or(0, |r| r.installed);
             let _ = reply.send(result);
             installed
