@@ -6,5 +6,6 @@ pub mod backend_host;
 pub mod cli;
 pub mod dataplane;
 pub mod model;
+pub mod netlink;
 pub mod sync;
 pub mod util;

@@ -61,7 +61,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stats(args) => commands::stats(&socket, args)?,
         Command::Peers { json } => commands::peers(&socket, json)?,
         Command::BackendHost(cmd) => commands::backend_host(cmd).await?,
-        Command::XdpPass(cmd) => commands::xdp_pass(cmd)?,
+        Command::XdpPass(cmd) => commands::xdp_pass(cmd).await?,
     }
     Ok(())
 }

@@ -28,6 +28,7 @@ use crate::{
     agent::state::{DesiredState, STATE_FILE, StateError},
     api::{MAX_LINE, Request, Response},
     dataplane::{Dataplane, DataplaneError, DataplaneOptions},
+    netlink::{Netlink, NetlinkError},
     sync::{self, RingBufSource, SYNC_REQUEST_QUEUE, SyncError, SyncRequest},
     util::{NoSuchInterface, interface_index, os_message},
 };
@@ -61,6 +62,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum AgentError {
     #[error(transparent)]
     NoSuchInterface(#[from] NoSuchInterface),
+    #[error("interface {0} has no IPv4 address to use as the IPIP source; pass --lb-addr")]
+    NoLbAddress(String),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
     #[error(transparent)]
     State(#[from] StateError),
     #[error("another xlb agent is already running on {}", .0.display())]
@@ -87,6 +92,19 @@ impl From<DataplaneError> for AgentError {
     fn from(e: DataplaneError) -> Self {
         AgentError::Dataplane(Box::new(e))
     }
+}
+
+/// The outer source of IPIP packets: `--lb-addr`, else the interface's first IPv4 address.
+async fn lb_address(iface: &str, given: Option<Ipv4Addr>) -> Result<Ipv4Addr, AgentError> {
+    if let Some(addr) = given {
+        return Ok(addr);
+    }
+    let index = interface_index(iface)?;
+    let addrs = Netlink::connect()?.ipv4_addrs_of(index).await?;
+    addrs
+        .first()
+        .copied()
+        .ok_or_else(|| AgentError::NoLbAddress(iface.to_string()))
 }
 
 /// Run the agent until `shutdown` resolves. Returns after the socket file is removed and the XDP
@@ -131,11 +149,12 @@ pub async fn run(
             source,
         })?;
 
+    let lb_addr = lb_address(&config.iface, config.lb_addr).await?;
     let mut dp = Dataplane::load(&DataplaneOptions {
         iface: config.iface.clone(),
         mode: config.xdp_mode,
         flow_capacity: config.flow_capacity,
-        lb_addr: config.lb_addr,
+        lb_addr,
     })?;
     log::info!(
         "attached to {} in {} mode (flow table {} entries, IPIP source {})",

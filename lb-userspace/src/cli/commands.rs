@@ -193,24 +193,23 @@ pub async fn backend_host(cmd: BackendHostCommand) -> Result<(), CliError> {
     }
 }
 
-pub fn xdp_pass(cmd: XdpPassCommand) -> Result<(), CliError> {
+pub async fn xdp_pass(cmd: XdpPassCommand) -> Result<(), CliError> {
     let iface = match &cmd {
         XdpPassCommand::Attach { iface, .. } | XdpPassCommand::Detach { iface } => iface.clone(),
     };
     interface_index(&iface)?;
-    let xdp_err = |source| CliError::Xdp {
-        iface: iface.clone(),
-        source: Box::new(source),
-    };
+    let xdp_err = |e| CliError::Xdp(Box::new(e));
     match cmd {
         XdpPassCommand::Attach { xdp_mode, .. } => {
-            let mode = persistent::attach_pass(&iface, xdp_mode).map_err(xdp_err)?;
+            let mode = persistent::attach_pass(&iface, xdp_mode)
+                .await
+                .map_err(xdp_err)?;
             print(&format!(
                 "pass program attached to {iface} in {mode} mode\n"
             ))
         }
         XdpPassCommand::Detach { .. } => {
-            persistent::detach(&iface).map_err(xdp_err)?;
+            persistent::detach(&iface).await.map_err(xdp_err)?;
             print(&format!("XDP program detached from {iface}\n"))
         }
     }

@@ -29,11 +29,8 @@ pub enum CliError {
     BackendHost(#[from] BackendHostError),
     #[error(transparent)]
     NoSuchInterface(#[from] NoSuchInterface),
-    #[error("{iface}: {source}")]
-    Xdp {
-        iface: String,
-        source: Box<DataplaneError>,
-    },
+    #[error(transparent)]
+    Xdp(Box<DataplaneError>),
     #[error("unexpected answer from the agent: {0}")]
     Unexpected(String),
     #[error("--interval {0} is too short: at least 100ms")]

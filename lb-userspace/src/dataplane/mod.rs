@@ -10,6 +10,7 @@ use crate::{
     dataplane::object::EBPF_OBJECT,
     dataplane::ring::RingError,
     model::{ServiceKey, VipSpec},
+    netlink::NetlinkError,
     util::{NoSuchInterface, interface_index},
 };
 use aya::{
@@ -79,8 +80,6 @@ impl fmt::Display for AttachedMode {
 pub enum DataplaneError {
     #[error(transparent)]
     NoSuchInterface(#[from] NoSuchInterface),
-    #[error("interface {0} has no IPv4 address to use as the IPIP source; pass --lb-addr")]
-    NoLbAddress(String),
     #[error("loading the XDP object failed: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("XDP program {name}: {source}")]
@@ -114,6 +113,12 @@ pub enum DataplaneError {
     Ring(#[from] RingError),
     #[error("unknown VIP {0}")]
     UnknownVip(ServiceKey),
+    #[error("{iface}: {source}")]
+    Netlink {
+        iface: String,
+        #[source]
+        source: NetlinkError,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -132,8 +137,8 @@ pub struct DataplaneOptions {
     pub mode: XdpModeChoice,
     /// Entries of the LRU flow table.
     pub flow_capacity: u32,
-    /// Outer source of IPIP packets; `None` = the interface's first IPv4 address.
-    pub lb_addr: Option<Ipv4Addr>,
+    /// Outer source of IPIP packets.
+    pub lb_addr: Ipv4Addr,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,37 +261,6 @@ pub(crate) fn xdp_program_mut<'a>(
     prog.try_into().map_err(program_error(name))
 }
 
-/// IPv4 addresses on `iface`, in the order the kernel lists them.
-pub fn iface_ipv4_addrs(iface: &str) -> Result<Vec<Ipv4Addr>, DataplaneError> {
-    let mut addrs = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(DataplaneError::Io {
-            what: "listing interface addresses".into(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: walking the list getifaddrs returned; pointers are valid until freeifaddrs.
-        unsafe {
-            let ifa = &*cur;
-            if !ifa.ifa_addr.is_null()
-                && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET
-                && std::ffi::CStr::from_ptr(ifa.ifa_name).to_bytes() == iface.as_bytes()
-            {
-                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                addrs.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-            }
-            cur = ifa.ifa_next;
-        }
-    }
-    // SAFETY: `head` came from getifaddrs.
-    unsafe { libc::freeifaddrs(head) };
-    Ok(addrs)
-}
-
 /// `bpf_fib_lookup` refuses to route for an interface with forwarding off
 /// (BPF_FIB_LKUP_RET_FWD_DISABLED), and the kernel must forward the packets the balancer hands it
 /// for neighbour resolution, so the LB's interface needs IPv4 forwarding.
@@ -384,14 +358,8 @@ impl Dataplane {
     /// Errors if the interface does not exist or the attach fails (nothing stays attached then).
     pub fn load(opts: &DataplaneOptions) -> Result<Self, DataplaneError> {
         interface_index(&opts.iface)?;
-        let lb_addr = match opts.lb_addr {
-            Some(addr) => addr,
-            None => *iface_ipv4_addrs(&opts.iface)?
-                .first()
-                .ok_or_else(|| DataplaneError::NoLbAddress(opts.iface.clone()))?,
-        };
         ensure_forwarding(&opts.iface)?;
-        let mut dp = Self::load_unattached(opts.flow_capacity, Some(lb_addr))?;
+        let mut dp = Self::load_unattached(opts.flow_capacity, Some(opts.lb_addr))?;
         dp.log_pump = spawn_log_pump(&mut dp.ebpf);
         let prog = dp.balancer_mut()?;
         let attempts: &[(XdpMode, AttachedMode)] = match opts.mode {

@@ -6,30 +6,19 @@
 use crate::{
     dataplane::object::EBPF_OBJECT,
     dataplane::{AttachedMode, DataplaneError, XdpModeChoice, xdp_program, xdp_program_mut},
+    netlink::{Netlink, NetlinkError, XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE},
     util::interface_index,
 };
 use aya::{Ebpf, EbpfLoader, maps::HashMap};
 use lb_common::{maps, programs};
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
-use netlink_packet_route::{
-    RouteNetlinkMessage,
-    link::{LinkAttribute, LinkMessage, LinkXdp},
-};
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use std::{
-    io,
     net::Ipv4Addr,
     os::fd::{AsFd, AsRawFd},
 };
 
-/// `XDP_FLAGS_*` from linux/if_link.h.
-const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
-const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-
-fn netlink_err(what: String) -> impl FnOnce(io::Error) -> DataplaneError {
-    move |source| DataplaneError::Io { what, source }
+fn netlink_err(iface: &str) -> impl FnOnce(NetlinkError) -> DataplaneError {
+    let iface = iface.to_string();
+    move |source| DataplaneError::Netlink { iface, source }
 }
 
 /// Load only `program` from the object. The balancer's big maps are shrunk to one entry: they
@@ -76,76 +65,39 @@ pub fn load_decap(local_addrs: &[Ipv4Addr]) -> Result<Ebpf, DataplaneError> {
     Ok(ebpf)
 }
 
-/// Send one RTM_SETLINK with an IFLA_XDP attribute and wait for the kernel's answer.
-fn set_link_xdp(iface: &str, fd: i32, flags: u32) -> Result<(), DataplaneError> {
-    let index = interface_index(iface)?;
-    let mut link = LinkMessage::default();
-    link.header.index = index;
-    link.attributes.push(LinkAttribute::Xdp(vec![
-        LinkXdp::Fd(fd),
-        LinkXdp::Flags(flags),
-    ]));
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    let mut msg = NetlinkMessage::new(
-        header,
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::SetLink(link)),
-    );
-    msg.finalize();
-    let mut buf = vec![0u8; msg.buffer_len()];
-    msg.serialize(&mut buf);
-
-    let what = |w: &str| format!("netlink {w} for XDP on {iface}");
-    let mut socket = Socket::new(NETLINK_ROUTE).map_err(netlink_err(what("socket")))?;
-    socket.bind_auto().map_err(netlink_err(what("bind")))?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(netlink_err(what("connect")))?;
-    socket.send(&buf, 0).map_err(netlink_err(what("send")))?;
-    let (reply, _) = socket
-        .recv_from_full()
-        .map_err(netlink_err(what("receive")))?;
-    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply).map_err(|e| {
-        DataplaneError::Io {
-            what: what("reply"),
-            source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
-        }
-    })?;
-    match reply.payload {
-        NetlinkPayload::Error(err) if err.code.is_some() => Err(DataplaneError::Io {
-            what: format!("attaching XDP to {iface}"),
-            source: err.to_io(),
-        }),
-        _ => Ok(()),
-    }
-}
-
 /// Attach `program` (already loaded in `ebpf`) to `iface` by netlink, in the requested mode
 /// (auto: driver, else generic).
-fn attach(
+async fn attach(
     ebpf: &Ebpf,
     program: &'static str,
     iface: &str,
     mode: XdpModeChoice,
 ) -> Result<AttachedMode, DataplaneError> {
+    let index = interface_index(iface)?;
     let prog = xdp_program(ebpf, program)?;
     let fd = prog.fd().map_err(|source| DataplaneError::Program {
         name: program,
         source,
     })?;
     let raw = fd.as_fd().as_raw_fd();
+    let nl = Netlink::connect().map_err(netlink_err(iface))?;
+    let set = |flags: u32, attached: AttachedMode| {
+        let nl = &nl;
+        async move {
+            nl.set_xdp(index, raw, flags)
+                .await
+                .map(|()| attached)
+                .map_err(netlink_err(iface))
+        }
+    };
     match mode {
-        XdpModeChoice::Driver => {
-            set_link_xdp(iface, raw, XDP_FLAGS_DRV_MODE).map(|()| AttachedMode::Driver)
-        }
-        XdpModeChoice::Generic => {
-            set_link_xdp(iface, raw, XDP_FLAGS_SKB_MODE).map(|()| AttachedMode::Generic)
-        }
-        XdpModeChoice::Auto => match set_link_xdp(iface, raw, XDP_FLAGS_DRV_MODE) {
-            Ok(()) => Ok(AttachedMode::Driver),
+        XdpModeChoice::Driver => set(XDP_FLAGS_DRV_MODE, AttachedMode::Driver).await,
+        XdpModeChoice::Generic => set(XDP_FLAGS_SKB_MODE, AttachedMode::Generic).await,
+        XdpModeChoice::Auto => match set(XDP_FLAGS_DRV_MODE, AttachedMode::Driver).await {
+            Ok(m) => Ok(m),
             Err(err) => {
                 log::warn!("driver-mode XDP on {iface} failed ({err}); using generic mode");
-                set_link_xdp(iface, raw, XDP_FLAGS_SKB_MODE).map(|()| AttachedMode::Generic)
+                set(XDP_FLAGS_SKB_MODE, AttachedMode::Generic).await
             }
         },
     }
@@ -153,26 +105,32 @@ fn attach(
 
 /// Attach the IPIP decapsulator to `iface`; it strips IPIP packets whose outer destination is one
 /// of `local_addrs` and passes everything else. Replaces any XDP program already there.
-pub fn attach_decap(
+pub async fn attach_decap(
     iface: &str,
     local_addrs: &[Ipv4Addr],
     mode: XdpModeChoice,
 ) -> Result<AttachedMode, DataplaneError> {
     interface_index(iface)?;
     let ebpf = load_decap(local_addrs)?;
-    attach(&ebpf, programs::DECAP, iface, mode)
+    attach(&ebpf, programs::DECAP, iface, mode).await
 }
 
 /// Attach the trivial pass program to `iface` (veth peers receiving native-mode XDP_TX/redirect).
-pub fn attach_pass(iface: &str, mode: XdpModeChoice) -> Result<AttachedMode, DataplaneError> {
+pub async fn attach_pass(iface: &str, mode: XdpModeChoice) -> Result<AttachedMode, DataplaneError> {
     interface_index(iface)?;
     let ebpf = load(programs::PASS)?;
-    attach(&ebpf, programs::PASS, iface, mode)
+    attach(&ebpf, programs::PASS, iface, mode).await
 }
 
 /// Remove whatever XDP program is attached to `iface` by netlink, in either mode. No program
 /// attached is not an error.
-pub fn detach(iface: &str) -> Result<(), DataplaneError> {
-    set_link_xdp(iface, -1, XDP_FLAGS_DRV_MODE)?;
-    set_link_xdp(iface, -1, XDP_FLAGS_SKB_MODE)
+pub async fn detach(iface: &str) -> Result<(), DataplaneError> {
+    let index = interface_index(iface)?;
+    let nl = Netlink::connect().map_err(netlink_err(iface))?;
+    for flags in [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE] {
+        nl.set_xdp(index, -1, flags)
+            .await
+            .map_err(netlink_err(iface))?;
+    }
+    Ok(())
 }
