@@ -1,52 +1,48 @@
 //! `xlb agent`: attaches the data path, installs the desired state, and serves the CLI on a Unix
 //! socket until `shutdown` resolves.
 //!
-//! Task structure (as in tokio-rs/mini-redis): the `Controller` — and with it the `Dataplane` — is
-//! owned by the `serve` loop itself, never shared, so requests are applied strictly one at a time
-//! and the data path needs no lock (nor `Send`). Each connection gets a task that parses lines
-//! and forwards requests to the loop over a channel. Shutdown: stop accepting, tell the connection
-//! tasks, wait for them, then drop the listener's socket file and the data path (which detaches
-//! the XDP program).
+//! Parts: `options` and `config_file` (what to run), `server` (the serve loop, which owns the
+//! `controller` and with it the data path), `socket` (the CLI's connections), `health` (checks),
+//! `state` (desired state and its file), `metrics` (`/metrics`), `neighbours` (ARP warm-up).
 //!
-//! Health checks run as tokio tasks (`health::Monitor`, one per checked backend); their results
-//! arrive on a channel that the same loop serves, so health changes and CLI requests are applied
-//! to the controller one at a time. After every change of desired state the monitor is synced
-//! with the controller's probe targets.
+//! Tasks: one cancellation tree. Every task the agent starts (CLI connections, health checks,
+//! peer sync, the metrics server and its connections) runs on one `TaskTracker` and ends when
+//! the agent's `CancellationToken` (or a child of it) is cancelled. Shutdown: cancel the token,
+//! which ends the serve loop (it hands the controller back); wait for the tracker; remove the
+//! socket file; drop the controller, which detaches the XDP program. So no task can still ask
+//! the data path for something when it goes.
 
 pub mod config_file;
 pub mod controller;
 pub mod health;
 pub mod metrics;
+pub mod neighbours;
 pub mod options;
+pub mod server;
+pub mod socket;
 pub mod state;
 
 use crate::{
-    agent::controller::{Controller, ControllerError, DataplaneOps},
-    agent::health::{CheckReport, HealthError, Monitor},
-    agent::metrics::{MetricsError, SCRAPE_QUEUE, StatsReply},
-    agent::options::{AgentConfig, InitialState},
-    agent::state::{DesiredState, STATE_FILE, StateError},
-    api::{MAX_LINE, Request, Response},
+    agent::{
+        controller::{Controller, ControllerError},
+        health::{HealthError, Monitor},
+        metrics::{MetricsError, SCRAPE_QUEUE},
+        options::{AgentConfig, InitialState},
+        server::{Inputs, Server, SyncLink},
+        socket::{SocketError, SocketFile, bind_socket},
+        state::{DesiredState, STATE_FILE, StateError},
+    },
     dataplane::{Dataplane, DataplaneError, DataplaneOptions},
     netlink::{Netlink, NetlinkError},
-    sync::{self, RingBufSource, SYNC_REQUEST_QUEUE, SyncError, SyncRequest},
+    sync::{self, RingBufSource, SYNC_REQUEST_QUEUE, SyncError},
     util::{NoSuchInterface, interface_index, os_message},
 };
 use std::{
-    fs,
-    future::Future,
-    io,
-    net::{Ipv4Addr, UdpSocket},
-    os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt},
-    path::{Path, PathBuf},
+    fs, future::Future, io, net::Ipv4Addr, os::unix::fs::DirBuilderExt, path::PathBuf,
     time::Duration,
 };
-use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::{TcpListener, UnixListener, UnixStream},
-    sync::{mpsc, oneshot, watch},
-    task::JoinSet,
-};
+use tokio::sync::mpsc;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// Default path of the agent's socket (`--socket`, `XLB_SOCKET`).
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
@@ -55,7 +51,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/xlb";
 /// How often backend neighbour entries are refreshed (well under the kernel's default
 /// `base_reachable_time` of 30 s, so an entry in use never has to be resolved from scratch).
 pub const WARM_INTERVAL: Duration = Duration::from_secs(10);
-/// How long shutdown waits for open CLI connections to finish their current request.
+/// How long shutdown waits for the agent's tasks (a CLI connection finishing its current request,
+/// a peer connection closing).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -68,12 +65,8 @@ pub enum AgentError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("another xlb agent is already running on {}", .0.display())]
-    AlreadyRunning(PathBuf),
-    #[error("{} exists and is not a socket; refusing to replace it", .0.display())]
-    NotASocket(PathBuf),
-    #[error("cannot create agent socket {}: {}", path.display(), os_message(source))]
-    Socket { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     #[error("cannot create state directory {}: {}", path.display(), os_message(source))]
     StateDir { path: PathBuf, source: io::Error },
     #[error(transparent)]
@@ -94,6 +87,128 @@ impl From<DataplaneError> for AgentError {
     }
 }
 
+/// Run the agent until `shutdown` resolves. Returns after every task of the agent ended, the
+/// socket file is removed and the XDP program detached.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    // Checked first so a typo fails before anything is created or attached.
+    interface_index(&config.iface)?;
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let result = match start(&config, &cancel, &tasks).await {
+        Ok((server, socket_file)) => {
+            let stop = async {
+                tokio::select! {
+                    () = shutdown => cancel.cancel(),
+                    () = cancel.cancelled() => {}
+                }
+            };
+            let (controller, ()) = tokio::join!(server.run(), stop);
+            Ok((controller, socket_file))
+        }
+        Err(e) => Err(e),
+    };
+    // Also after a failed start: the tasks started before the failure end here.
+    cancel.cancel();
+    tasks.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
+        .await
+        .is_err()
+    {
+        log::warn!(
+            "{} tasks still running {DRAIN_TIMEOUT:?} after the shutdown",
+            tasks.len()
+        );
+    }
+    let (controller, socket_file) = result?;
+    // The socket first, so no CLI connects to an agent that is going away, then the data path.
+    drop(socket_file);
+    drop(controller);
+    log::info!("stopped; XDP program detached from {}", config.iface);
+    Ok(())
+}
+
+/// Where the initial desired state comes from, and its name for the log.
+fn initial_state(config: &AgentConfig) -> Result<(DesiredState, String), AgentError> {
+    let state_path = config.state_dir.join(STATE_FILE);
+    Ok(match &config.initial {
+        InitialState::Config { path, state } => {
+            (state.clone(), format!("config file {}", path.display()))
+        }
+        InitialState::Saved => match state::load(&state_path)? {
+            Some(state) => (state, format!("state file {}", state_path.display())),
+            None => (
+                DesiredState::default(),
+                "nothing (no --config, no saved state)".to_string(),
+            ),
+        },
+    })
+}
+
+/// Everything up to the serve loop, in an order that fails before anything visible changes:
+/// socket and metrics port bound before the data path is loaded (a second agent fails there
+/// instead of replacing the running agent's program), the data path attached, peer sync
+/// started, the desired state installed.
+async fn start(
+    config: &AgentConfig,
+    cancel: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<(Server<Dataplane>, SocketFile), AgentError> {
+    let (initial, source) = initial_state(config)?;
+    let health = Monitor::new(cancel.child_token(), tasks.clone())?;
+    let (listener, socket_file) = bind_socket(&config.socket)?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&config.state_dir)
+        .map_err(|source| AgentError::StateDir {
+            path: config.state_dir.clone(),
+            source,
+        })?;
+    let mut dp = load_dataplane(config).await?;
+    let sync = match config.sync.clone() {
+        Some(sync_config) => Some(start_sync(sync_config, &mut dp, cancel, tasks).await?),
+        None => None,
+    };
+    let scrapes = metrics_listener.map(|listener| {
+        let addr = listener.local_addr().ok();
+        let (scrape_tx, scrapes) = mpsc::channel(SCRAPE_QUEUE);
+        let status = sync.as_ref().map(|s: &SyncLink| s.status.clone());
+        tasks.spawn(metrics::serve(
+            listener,
+            scrape_tx,
+            status,
+            cancel.child_token(),
+            tasks.clone(),
+        ));
+        if let Some(addr) = addr {
+            log::info!("serving Prometheus metrics on http://{addr}/metrics");
+        }
+        scrapes
+    });
+    let controller = Controller::start(dp, config.state_dir.join(STATE_FILE), initial)?;
+    log::info!(
+        "desired state from {source}: {} VIPs, {} backends",
+        controller.state().vip_count(),
+        controller.state().backend_count()
+    );
+    log::info!("listening on {}", config.socket.display());
+    let inputs = Inputs {
+        health,
+        sync,
+        scrapes,
+        warm_interval: config.warm_interval,
+    };
+    let server = Server::new(controller, listener, inputs, cancel.clone(), tasks.clone());
+    Ok((server, socket_file))
+}
+
 /// The outer source of IPIP packets: `--lb-addr`, else the interface's first IPv4 address.
 async fn lb_address(iface: &str, given: Option<Ipv4Addr>) -> Result<Ipv4Addr, AgentError> {
     if let Some(addr) = given {
@@ -107,408 +222,41 @@ async fn lb_address(iface: &str, given: Option<Ipv4Addr>) -> Result<Ipv4Addr, Ag
         .ok_or_else(|| AgentError::NoLbAddress(iface.to_string()))
 }
 
-/// Run the agent until `shutdown` resolves. Returns after the socket file is removed and the XDP
-/// program detached.
-pub async fn run(
-    config: AgentConfig,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), AgentError> {
-    // Checked first so a typo fails before anything is created or attached.
-    interface_index(&config.iface)?;
-    let state_path = config.state_dir.join(STATE_FILE);
-    let (initial, source) = match config.initial {
-        InitialState::Config { path, state } => (state, format!("config file {}", path.display())),
-        InitialState::Saved => match state::load(&state_path)? {
-            Some(state) => (state, format!("state file {}", state_path.display())),
-            None => (
-                DesiredState::default(),
-                "nothing (no --config, no saved state)".to_string(),
-            ),
-        },
-    };
-
-    let health = Monitor::new()?;
-    // Bound before the data path is loaded: a second agent then fails here instead of replacing
-    // the running agent's XDP program.
-    let (listener, socket_file) = bind_socket(&config.socket)?;
-    // Also before the data path: a taken metrics port fails the start, not a running agent.
-    let metrics_listener = match config.metrics_listen {
-        Some(addr) => {
-            let l = metrics::bind(addr).await?;
-            log::info!("serving Prometheus metrics on http://{addr}/metrics");
-            Some(l)
-        }
-        None => None,
-    };
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(&config.state_dir)
-        .map_err(|source| AgentError::StateDir {
-            path: config.state_dir.clone(),
-            source,
-        })?;
-
+async fn load_dataplane(config: &AgentConfig) -> Result<Dataplane, AgentError> {
     let lb_addr = lb_address(&config.iface, config.lb_addr).await?;
-    let mut dp = Dataplane::load(&DataplaneOptions {
+    let dp = Dataplane::load(&DataplaneOptions {
         iface: config.iface.clone(),
         mode: config.xdp_mode,
         flow_capacity: config.flow_capacity,
         lb_addr,
     })?;
     log::info!(
-        "attached to {} in {} mode (flow table {} entries, IPIP source {})",
+        "attached to {} in {} mode (flow table {} entries, IPIP source {lb_addr})",
         config.iface,
         dp.mode()
             .map_or_else(|| "unattached".to_string(), |m| m.to_string()),
         dp.flow_capacity(),
-        dp.lb_addr()
-            .map_or_else(|| "unset".to_string(), |a| a.to_string())
     );
-    // The sync reader takes the kernel's flow-event ring buffer before the data path moves into
-    // the serve loop.
-    let mut sync_parts = None;
-    if let Some(sync_config) = config.sync.clone() {
-        let events = RingBufSource::new(dp.take_flow_events()?)?;
-        let (request_tx, request_rx) = mpsc::channel(SYNC_REQUEST_QUEUE);
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let (listen, peers) = (sync_config.listen, sync_config.peers.len());
-        let handle = sync::spawn(sync_config, events, request_tx, stop_rx).await?;
-        log::info!("peer sync listening on {listen}, streaming to {peers} peer(s)");
-        sync_parts = Some((handle, request_rx, stop_tx));
-    }
-    let controller = Controller::start(dp, state_path, initial)?;
-    log::info!(
-        "desired state from {source}: {} VIPs, {} backends",
-        controller.state().vip_count(),
-        controller.state().backend_count()
-    );
-    log::info!("listening on {}", config.socket.display());
-
-    let (sync_handle, sync_requests, sync_stop) = match sync_parts {
-        Some((handle, requests, stop)) => (Some(handle), Some(requests), Some(stop)),
-        None => (None, None, None),
-    };
-    let peers = sync_handle.as_ref().map(|h| h.status());
-    let controller = serve(
-        listener,
-        controller,
-        health,
-        Sync {
-            requests: sync_requests,
-            status: peers,
-        },
-        metrics_listener,
-        shutdown,
-        config.warm_interval,
-    )
-    .await;
-    // Sync first (its tasks may still ask the data path for something), then the socket, so no
-    // CLI connects to an agent that is going away, then the data path.
-    if let (Some(handle), Some(stop)) = (sync_handle, sync_stop) {
-        let _ = stop.send(true);
-        handle.join().await;
-    }
-    drop(socket_file);
-    drop(controller);
-    log::info!("stopped; XDP program detached from {}", config.iface);
-    Ok(())
+    Ok(dp)
 }
 
-/// The serve loop's side of peer sync: requests from the sync tasks, and their status for
-/// `xlb peers`. Both `None` when sync is off.
-pub struct Sync {
-    pub requests: Option<mpsc::Receiver<SyncRequest>>,
-    pub status: Option<sync::SyncStatus>,
-}
-
-impl Sync {
-    pub fn off() -> Self {
-        Sync {
-            requests: None,
-            status: None,
-        }
-    }
-}
-
-/// The next sync request, or never when sync is off (so `select!` can always poll it).
-async fn next_sync_request(requests: &mut Option<mpsc::Receiver<SyncRequest>>) -> SyncRequest {
-    match requests {
-        Some(rx) => match rx.recv().await {
-            Some(req) => req,
-            // Every sync task has ended (shutdown): nothing more will come.
-            None => std::future::pending().await,
-        },
-        None => std::future::pending().await,
-    }
-}
-
-/// One request from a connection task, with where to send its answer.
-struct Job {
-    req: Request,
-    reply: oneshot::Sender<Response>,
-}
-
-/// Serve requests on `listener` with `controller`, health-check results of `health`'s tasks and,
-/// with `metrics`, Prometheus scrapes, until `shutdown` resolves; then stop the checks, wind down
-/// every connection task and hand the controller back (the caller decides when the data path
-/// goes).
-pub async fn serve<D: DataplaneOps>(
-    listener: UnixListener,
-    mut controller: Controller<D>,
-    health: (Monitor, mpsc::Receiver<CheckReport>),
-    mut sync: Sync,
-    metrics: Option<TcpListener>,
-    shutdown: impl Future<Output = ()>,
-    warm_interval: Duration,
-) -> Controller<D> {
-    tokio::pin!(shutdown);
-    let (mut monitor, mut results) = health;
-    monitor.sync(controller.probe_targets());
-    log::info!("health checks running for {} backends", monitor.len());
-    let (job_tx, mut job_rx) = mpsc::channel::<Job>(64);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut conns = JoinSet::new();
-    // The first tick fires at once: that is the warm-up at start.
-    let mut warm = tokio::time::interval(warm_interval);
-    warm.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The HTTP side of metrics runs as its own task; only building the stats report (the same
-    // work as `xlb stats`) happens here, between other requests.
-    let (scrape_tx, mut scrapes) = mpsc::channel::<StatsReply>(SCRAPE_QUEUE);
-    let metrics_task = metrics.map(|l| {
-        tokio::spawn(metrics::serve(
-            l,
-            scrape_tx.clone(),
-            sync.status.clone(),
-            stop_rx.clone(),
-        ))
-    });
-    drop(scrape_tx);
-
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    conns.spawn(serve_connection(stream, job_tx.clone(), stop_rx.clone()));
-                }
-                Err(e) => log::warn!("accepting a CLI connection: {e}"),
-            },
-            req = next_sync_request(&mut sync.requests) => controller.sync_request(req),
-            Some(job) = job_rx.recv() => {
-                log::debug!("request {:?}", job.req);
-                if let (Request::Peers, Some(status)) = (&job.req, &sync.status) {
-                    let _ = job.reply.send(Response::Peers { peers: status.report() });
-                    continue;
-                }
-                let mutation = job.req.is_mutation();
-                let resp = controller.handle(job.req);
-                match &resp {
-                    Response::Done { message } => log::info!("{message}"),
-                    Response::Error { message } => log::info!("request refused: {message}"),
-                    _ => {}
-                }
-                // The CLI may have given up waiting; the change stands either way.
-                let _ = job.reply.send(resp);
-                if mutation {
-                    monitor.sync(controller.probe_targets());
-                    warm_neighbours(&controller.state().backend_addrs());
-                }
-            }
-            Some(report) = results.recv() => controller.health_result(report),
-            Some(reply) = scrapes.recv() => {
-                // The scraper may have timed out; nothing to undo either way.
-                let _ = reply.send(controller.stats());
-            }
-            _ = warm.tick() => warm_neighbours(&controller.state().backend_addrs()),
-            Some(done) = conns.join_next(), if !conns.is_empty() => {
-                if let Err(e) = done && e.is_panic() {
-                    log::error!("a CLI connection task panicked: {e}");
-                }
-            }
-        }
-    }
-
-    log::info!("shutting down");
-    drop(monitor);
-    drop(listener);
-    // Connection tasks waiting for an answer get an error from the dropped queue; idle ones
-    // see the stop signal.
-    let _ = stop_tx.send(true);
-    drop(job_rx);
-    drop(scrapes);
-    if let Some(task) = metrics_task
-        && let Err(e) = task.await
-        && e.is_panic()
-    {
-        log::error!("the metrics server panicked: {e}");
-    }
-    let drain = tokio::time::sleep(DRAIN_TIMEOUT);
-    tokio::pin!(drain);
-    loop {
-        tokio::select! {
-            next = conns.join_next() => match next {
-                None => break,
-                Some(Err(e)) if e.is_panic() => log::error!("a CLI connection task panicked: {e}"),
-                Some(_) => {}
-            },
-            () = &mut drain => {
-                log::warn!("{} CLI connections still open after {DRAIN_TIMEOUT:?}; closing them", conns.len());
-                conns.shutdown().await;
-                break;
-            }
-        }
-    }
-    controller
-}
-
-/// Read request lines from one CLI connection, answer each with one line.
-async fn serve_connection(
-    stream: UnixStream,
-    jobs: mpsc::Sender<Job>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        let mut limited = (&mut reader).take(MAX_LINE as u64);
-        let n = tokio::select! {
-            r = limited.read_until(b'\n', &mut line) => match r {
-                Ok(n) => n,
-                Err(e) => {
-                    log::debug!("reading a CLI request: {e}");
-                    return;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        if n == 0 {
-            return;
-        }
-        let too_long = !line.ends_with(b"\n") && n >= MAX_LINE;
-        let resp = if too_long {
-            Response::Error {
-                message: format!("request longer than {MAX_LINE} bytes"),
-            }
-        } else {
-            match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => {
-                    let (reply, answer) = oneshot::channel();
-                    let agent_gone = || Response::Error {
-                        message: "the agent is shutting down".to_string(),
-                    };
-                    if jobs.send(Job { req, reply }).await.is_err() {
-                        agent_gone()
-                    } else {
-                        answer.await.unwrap_or_else(|_| agent_gone())
-                    }
-                }
-                Err(e) => Response::Error {
-                    message: format!("malformed request: {e}"),
-                },
-            }
-        };
-        let mut out = serde_json::to_vec(&resp).expect("responses serialise to JSON");
-        out.push(b'\n');
-        if let Err(e) = write.write_all(&out).await {
-            log::debug!("answering a CLI request: {e}");
-            return;
-        }
-        if too_long {
-            return;
-        }
-    }
-}
-
-/// The agent's socket file; removed on drop unless another process has replaced it since.
-pub struct SocketFile {
-    path: PathBuf,
-    ino: u64,
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        match fs::symlink_metadata(&self.path) {
-            Ok(md) if md.ino() == self.ino => {
-                if let Err(e) = fs::remove_file(&self.path) {
-                    log::warn!("removing {}: {e}", self.path.display());
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Create the socket's directory (0755) if needed, replace a stale socket left by a dead agent,
-/// refuse if a live agent answers on it, and bind.
-pub fn bind_socket(path: &Path) -> Result<(UnixListener, SocketFile), AgentError> {
-    let err = |source| AgentError::Socket {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(err)?;
-    }
-    match fs::symlink_metadata(path) {
-        Ok(md) if md.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(AgentError::AlreadyRunning(path.to_path_buf()));
-            }
-            log::info!("replacing stale socket {}", path.display());
-            fs::remove_file(path).map_err(err)?;
-        }
-        Ok(_) => return Err(AgentError::NotASocket(path.to_path_buf())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    let ino = fs::symlink_metadata(path).map_err(err)?.ino();
-    Ok((
-        listener,
-        SocketFile {
-            path: path.to_path_buf(),
-            ino,
-        },
-    ))
-}
-
-/// Make the kernel resolve the next hop towards every backend.
-///
-/// Why: `bpf_fib_lookup` in the XDP program only *reads* the neighbour table; it cannot start ARP.
-/// Without an entry the program must hand the packet to the kernel (`pass_no_neigh`), which is the
-/// slow path. An ordinary datagram sent through the stack makes the kernel route it and ARP for
-/// exactly the next hop the data path will ask about (the backend itself on-link, or its gateway),
-/// and sending again every `WARM_INTERVAL` keeps the entry fresh. Port 9 is "discard" and the
-/// datagram is empty, so a backend at worst answers with an ICMP port-unreachable.
-pub fn warm_neighbours(addrs: &[Ipv4Addr]) {
-    if addrs.is_empty() {
-        return;
-    }
-    // Wildcard address and port: the kernel picks the source per route, as for any client.
-    let sock = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
-        Ok(s) => s,
-        Err(e) => {
-            log::debug!("neighbour warm-up: cannot open a UDP socket: {e}");
-            return;
-        }
-    };
-    if let Err(e) = sock.set_nonblocking(true) {
-        log::debug!("neighbour warm-up: {e}");
-        return;
-    }
-    for addr in addrs {
-        if let Err(e) = sock.send_to(&[], (*addr, 9)) {
-            log::debug!("neighbour warm-up of {addr}: {e}");
-        }
-    }
+/// Start peer sync on the data path's flow events (taken before the data path moves into the
+/// serve loop).
+async fn start_sync(
+    config: sync::SyncConfig,
+    dp: &mut Dataplane,
+    cancel: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<SyncLink, AgentError> {
+    let events = RingBufSource::new(dp.take_flow_events()?)?;
+    let (request_tx, requests) = mpsc::channel(SYNC_REQUEST_QUEUE);
+    let (listen, peers) = (config.listen, config.peers.len());
+    let handle = sync::spawn(config, events, request_tx, cancel.child_token(), tasks).await?;
+    log::info!("peer sync listening on {listen}, streaming to {peers} peer(s)");
+    Ok(SyncLink {
+        requests,
+        status: handle.status(),
+    })
 }
 
 #[cfg(test)]
@@ -516,8 +264,13 @@ mod tests {
     use super::*;
     use crate::{
         agent::controller::fake::FakeDataplane,
+        api::{Request, Response},
         cli::client,
         model::{Forward, Proto, ServiceKey},
+    };
+    use tokio::{
+        io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+        net::UnixStream,
     };
 
     fn key() -> ServiceKey {
@@ -526,30 +279,6 @@ mod tests {
             port: 80,
             proto: Proto::Tcp,
         }
-    }
-
-    #[tokio::test]
-    async fn stale_socket_is_replaced_live_one_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/dir/xlb.sock");
-        let (listener, guard) = bind_socket(&path).unwrap();
-        let md = fs::metadata(path.parent().unwrap()).unwrap();
-        assert_eq!(md.mode() & 0o777, 0o755);
-        assert!(matches!(
-            bind_socket(&path),
-            Err(AgentError::AlreadyRunning(_))
-        ));
-        // A dead agent leaves its socket file behind: nothing listens on it any more.
-        drop(listener);
-        std::mem::forget(guard);
-        assert!(path.exists());
-        let (_listener, guard) = bind_socket(&path).unwrap();
-        drop(guard);
-        assert!(!path.exists(), "the socket file is removed on drop");
-
-        let file = dir.path().join("plain");
-        fs::write(&file, b"").unwrap();
-        assert!(matches!(bind_socket(&file), Err(AgentError::NotASocket(_))));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -563,20 +292,18 @@ mod tests {
             DesiredState::default(),
         )
         .unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
+        let (cancel, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let inputs = Inputs {
+            health: Monitor::new(cancel.child_token(), tasks.clone()).unwrap(),
+            sync: None,
+            scrapes: None,
+            warm_interval: Duration::from_secs(3600),
+        };
+        let serving = Server::new(ctl, listener, inputs, cancel.clone(), tasks.clone());
         let server = tokio::spawn(async move {
-            let ctl = serve(
-                listener,
-                ctl,
-                Monitor::new().unwrap(),
-                Sync::off(),
-                None,
-                async {
-                    let _ = stopped.await;
-                },
-                Duration::from_secs(3600),
-            )
-            .await;
+            let ctl = serving.run().await;
+            tasks.close();
+            tasks.wait().await;
             drop(guard);
             ctl
         });
@@ -625,7 +352,7 @@ mod tests {
         assert!(answer.contains("malformed request"), "{answer}");
 
         // An idle open connection must not keep the agent from stopping.
-        stop.send(()).unwrap();
+        cancel.cancel();
         let ctl = tokio::time::timeout(Duration::from_secs(3), server)
             .await
             .expect("agent stops promptly")

@@ -3,7 +3,8 @@
 //! backend.
 //!
 //! Parts: [`wire`] (frame format), [`auth`] (key, HMAC tags, challenge and sequence replay
-//! protection), [`peer`] (the TCP tasks), [`status`] (counters, `xlb peers` report and table).
+//! protection), `sender` and `receiver` (the TCP tasks, with what they share in `peer`),
+//! [`status`] (counters, `xlb peers` report and table).
 //!
 //! # Tasks
 //!
@@ -33,40 +34,20 @@
 //!   waiting for their Hello at once; more are refused, so strangers cannot use up the 64
 //!   inbound slots.
 //!
-//! # Wiring into the agent
+//! # In the agent
 //!
-//! ```ignore
-//! let key = SyncKey::load(&key_file)?;                       // --sync-key-file
-//! let config = SyncConfig::new(listen, peers, key)?;          // --sync-listen, --peer ...
-//! let events = RingBufSource::new(dp.take_flow_events()?)?;   // before the Dataplane moves into the loop
-//! let (sync_tx, mut sync_rx) = mpsc::channel::<SyncRequest>(SYNC_REQUEST_QUEUE);
-//! let (sync_stop_tx, sync_stop_rx) = watch::channel(false);
-//! let sync = sync::spawn(config, events, sync_tx, sync_stop_rx).await?;
-//! let peers = sync.status();                                  // Clone; .report() for `xlb peers`
-//!
-//! // in the serve loop's select!, next to the CLI jobs:
-//! Some(req) = sync_rx.recv() => match req {
-//!     SyncRequest::Install { flows, reply } => {
-//!         let _ = reply.send(dp.install_flows(flows).map_err(|e| e.to_string()));
-//!     }
-//!     SyncRequest::Snapshot { max_age, reply } => {
-//!         let _ = reply.send(dp.snapshot_flows(max_age).map_err(|e| e.to_string()));
-//!     }
-//! },
-//!
-//! // on shutdown, before the data path is dropped:
-//! let _ = sync_stop_tx.send(true);
-//! drop(sync_rx);          // or keep serving it; either way no sync task waits forever
-//! sync.join().await;      // every sync task has ended; sockets are closed
-//! ```
-//!
-//! The `watch::Sender` must live as long as the sync should run: dropping it stops the sync like
-//! sending `true`. The reply senders may be dropped (the sync task then closes that connection).
-//! Both requests are cheap for the loop: an install is at most [`wire::MAX_FLOWS_PER_FRAME`] map
-//! updates; a snapshot walks the flow table once per peer (re)connect or resync.
+//! The agent takes the `FLOW_EVENTS` ring buffer from the data path before the data path moves
+//! into its serve loop ([`RingBufSource`]), calls [`spawn`] with a child of its cancellation
+//! token and its task tracker, and serves the [`SyncRequest`]s in its loop (`agent/server.rs`):
+//! installs there (at most [`wire::MAX_FLOWS_PER_FRAME`] map updates each), snapshots on a
+//! blocking task with its own handle to the flow table, so a walk of a big table never holds the
+//! loop up. The reply senders may be dropped (the sync task then closes that connection). On
+//! shutdown the token is cancelled and the agent waits for the tracker before the data path goes.
 
 pub mod auth;
-pub mod peer;
+mod peer;
+mod receiver;
+mod sender;
 pub mod status;
 pub mod wire;
 
@@ -83,9 +64,9 @@ use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     net::TcpListener,
-    sync::{broadcast, mpsc, oneshot, watch},
-    task::JoinSet,
+    sync::{broadcast, mpsc, oneshot},
 };
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// Default heartbeat interval; a receiver closes a connection silent for 5 heartbeats.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
@@ -283,11 +264,11 @@ impl SyncStatus {
     }
 }
 
-/// The running sync. Dropping it does not stop the tasks; signal the shutdown and `join`.
+/// The running sync: its status and address. Its tasks run on the tracker `spawn` was given
+/// and end when the token it was given is cancelled.
 pub struct SyncHandle {
     status: SyncStatus,
     local_addr: SocketAddr,
-    tasks: JoinSet<()>,
 }
 
 impl SyncHandle {
@@ -304,26 +285,17 @@ impl SyncHandle {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
-
-    /// Wait for every sync task to end; call after signalling the shutdown.
-    pub async fn join(mut self) {
-        while let Some(done) = self.tasks.join_next().await {
-            if let Err(e) = done
-                && e.is_panic()
-            {
-                log::error!("sync: a task panicked: {e}");
-            }
-        }
-    }
 }
 
-/// Bind the listener and start every sync task. Errors only for what the operator must fix
-/// (address in use, no randomness); unreachable peers are retried for as long as the sync runs.
+/// Bind the listener and start every sync task on `tasks`; they all end once `cancel` is
+/// cancelled. Errors only for what the operator must fix (address in use, no randomness);
+/// unreachable peers are retried for as long as the sync runs.
 pub async fn spawn<S: EventSource>(
     config: SyncConfig,
     events: S,
     requests: mpsc::Sender<SyncRequest>,
-    shutdown: watch::Receiver<bool>,
+    cancel: CancellationToken,
+    tasks: &TaskTracker,
 ) -> Result<SyncHandle, SyncError> {
     let listener = TcpListener::bind(config.listen)
         .await
@@ -350,22 +322,26 @@ pub async fn spawn<S: EventSource>(
         requests,
     });
     let (batches, _) = broadcast::channel(config.stream_buffer.max(1));
-    let mut tasks = JoinSet::new();
-    tasks.spawn(peer::read_events(
+    tasks.spawn(sender::read_events(
         events,
         batches.clone(),
         config.flush_after,
         status.clone(),
-        shutdown.clone(),
+        cancel.clone(),
     ));
-    tasks.spawn(peer::listen(listener, ctx.clone(), shutdown.clone()));
+    tasks.spawn(receiver::listen(
+        listener,
+        ctx.clone(),
+        cancel.clone(),
+        tasks.clone(),
+    ));
     for (index, addr) in config.peers.iter().enumerate() {
-        tasks.spawn(peer::outbound(
+        tasks.spawn(sender::outbound(
             index,
             *addr,
             ctx.clone(),
             batches.clone(),
-            shutdown.clone(),
+            cancel.clone(),
         ));
     }
     log::info!(
@@ -385,6 +361,5 @@ pub async fn spawn<S: EventSource>(
     Ok(SyncHandle {
         status: SyncStatus(status),
         local_addr,
-        tasks,
     })
 }

@@ -20,9 +20,10 @@ use std::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::{mpsc, watch},
+    sync::mpsc,
     task::JoinHandle,
 };
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 const KEY: &str = "test-key-0123456789abcdef";
 /// Every wait in these tests gives up after this long.
@@ -37,7 +38,8 @@ fn known_backends() -> HashSet<u32> {
 
 struct Node {
     handle: SyncHandle,
-    stop: watch::Sender<bool>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
     events: mpsc::Sender<FlowEvent>,
     table: Table,
     installs: Arc<AtomicU64>,
@@ -134,7 +136,7 @@ async fn start(listen: SocketAddr, peers: Vec<SocketAddr>, opts: NodeOpts) -> No
     config.heartbeat = opts.heartbeat;
     let (events, source) = mpsc::channel(65_536);
     let (req_tx, req_rx) = mpsc::channel(super::SYNC_REQUEST_QUEUE);
-    let (stop, stop_rx) = watch::channel(false);
+    let (cancel, tasks) = (CancellationToken::new(), TaskTracker::new());
     let table = opts.table.unwrap_or_default();
     let installs = Arc::new(AtomicU64::new(0));
     let snapshots = Arc::new(AtomicU64::new(0));
@@ -146,12 +148,19 @@ async fn start(listen: SocketAddr, peers: Vec<SocketAddr>, opts: NodeOpts) -> No
         opts.install_delay,
         opts.snapshot_delay,
     );
-    let handle = spawn(config, ChannelSource(source), req_tx, stop_rx)
-        .await
-        .unwrap();
+    let handle = spawn(
+        config,
+        ChannelSource(source),
+        req_tx,
+        cancel.clone(),
+        &tasks,
+    )
+    .await
+    .unwrap();
     Node {
         handle,
-        stop,
+        cancel,
+        tasks,
         events,
         table,
         installs,
@@ -180,8 +189,9 @@ impl Node {
     }
 
     async fn stop(self) -> Table {
-        self.stop.send(true).unwrap();
-        tokio::time::timeout(DEADLINE, self.handle.join())
+        self.cancel.cancel();
+        self.tasks.close();
+        tokio::time::timeout(DEADLINE, self.tasks.wait())
             .await
             .expect("sync tasks end after shutdown");
         // The sync's request senders are gone, so the fake agent ends too.

@@ -9,7 +9,8 @@ use std::{
     net::SocketAddr,
     time::{Duration, Instant},
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use xlb::{
     dataplane::Dataplane,
     sync::{self, ChannelSource, SyncConfig, SyncRequest, auth::SyncKey},
@@ -48,7 +49,7 @@ pub fn throughput(
     rt.block_on(async move {
         let key = || SyncKey::from_bytes(b"xlb-bench-sync-key-not-a-secret-0123456789");
         let any: SocketAddr = "127.0.0.1:0".parse()?;
-        let (stop, stop_rx) = watch::channel(false);
+        let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
 
         let (b_req_tx, mut b_req) = mpsc::channel(sync::SYNC_REQUEST_QUEUE);
         let (_b_events_tx, b_events) = mpsc::channel(1);
@@ -56,7 +57,8 @@ pub fn throughput(
             SyncConfig::new(any, vec![], key()?)?,
             ChannelSource(b_events),
             b_req_tx,
-            stop_rx.clone(),
+            stop.clone(),
+            &tasks,
         )
         .await?;
         let (a_req_tx, mut a_req) = mpsc::channel(sync::SYNC_REQUEST_QUEUE);
@@ -65,7 +67,8 @@ pub fn throughput(
             SyncConfig::new(any, vec![b.local_addr()], key()?)?,
             ChannelSource(a_events),
             a_req_tx,
-            stop_rx,
+            stop.clone(),
+            &tasks,
         )
         .await?;
 
@@ -104,10 +107,10 @@ pub fn throughput(
             }
         }
         let took = started.elapsed();
-        let _ = stop.send(true);
+        stop.cancel();
         feeder.abort();
-        a.join().await;
-        b.join().await;
+        tasks.close();
+        tasks.wait().await;
         Ok((n as f64 / took.as_secs_f64(), took))
     })
 }

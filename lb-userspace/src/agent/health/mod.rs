@@ -1,6 +1,6 @@
-//! Health checking at run time: the rise/fall state machine (`RiseFall`), one probe (`probe`),
-//! the per-backend book the controller keeps (`HealthBook`), and the tokio tasks that run the
-//! checks (`Monitor`).
+//! Health checking at run time: the rise/fall state machine (`RiseFall`) and the per-backend
+//! book the controller keeps (`HealthBook`) here, one probe in `probe`, and the tasks that run
+//! the checks in `monitor` (`Monitor`).
 //!
 //! Division of work: a task per (VIP, backend) only probes, every `interval`, and sends each
 //! result over a channel to the task that owns the `Controller`; the controller feeds results to
@@ -11,29 +11,24 @@
 //! Each check configuration of a backend has a generation number; the monitor restarts a task when
 //! it changes and the book drops results of older generations still in the channel.
 
+pub mod monitor;
+pub mod probe;
+
+pub use monitor::Monitor;
+
 use crate::{
     api::BackendState,
     model::{
         ServiceKey, VipConfig,
         check::{CheckKind, CheckSpec},
     },
-    util::{fmt_duration, os_message},
 };
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    fmt, io,
-    net::{Ipv4Addr, SocketAddr},
-    sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    time::{Duration, SystemTime},
 };
-use tokio::{net::TcpStream, sync::mpsc, task::JoinHandle};
-
-/// Check results waiting for the controller; beyond this the check tasks wait (never the
-/// controller).
-const CHANNEL_CAPACITY: usize = 1024;
-/// How much of an HTTP body is searched for `expect_body`: health pages are small, and a check
-/// must not download a large page every interval.
-const MAX_BODY: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {
@@ -329,220 +324,6 @@ impl HealthBook {
     }
 }
 
-/// The HTTP clients of the checks, built once (building one loads the TLS roots).
-pub struct HttpClients {
-    verify: reqwest::Client,
-    no_verify: reqwest::Client,
-}
-
-impl HttpClients {
-    pub fn new() -> Result<Self, HealthError> {
-        // reqwest (rustls with the `ring` provider, no default features): a maintained HTTP/1.1
-        // client with TLS that builds without cmake or OpenSSL on this toolchain.
-        let build = |verify: bool| {
-            reqwest::Client::builder()
-                // Checks go straight to the backend, never through a proxy from the environment.
-                .no_proxy()
-                // A fresh connection per check (as HAProxy): a pooled one would hide a listener
-                // that stopped accepting.
-                .pool_max_idle_per_host(0)
-                // A 3xx is judged by `expect_status`, not followed elsewhere.
-                .redirect(reqwest::redirect::Policy::none())
-                .danger_accept_invalid_certs(!verify)
-                .user_agent(concat!("xlb-health-check/", env!("CARGO_PKG_VERSION")))
-                .build()
-        };
-        Ok(HttpClients {
-            verify: build(true)?,
-            no_verify: build(false)?,
-        })
-    }
-}
-
-/// An I/O error as a short reason: `connection refused`, `host unreachable`, ...
-fn io_reason(e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
-        io::ErrorKind::ConnectionReset => "connection reset".to_string(),
-        io::ErrorKind::HostUnreachable => "host unreachable".to_string(),
-        io::ErrorKind::NetworkUnreachable => "network unreachable".to_string(),
-        _ => {
-            let msg = os_message(e);
-            let mut chars = msg.chars();
-            match chars.next() {
-                Some(c) => c.to_lowercase().chain(chars).collect(),
-                None => msg,
-            }
-        }
-    }
-}
-
-/// The most specific reason in a reqwest error's chain (the innermost I/O error if any).
-fn http_reason(e: &reqwest::Error) -> String {
-    let mut reason = e.to_string();
-    let mut cur: &dyn std::error::Error = e;
-    while let Some(src) = cur.source() {
-        if let Some(io) = src.downcast_ref::<io::Error>()
-            && io.get_ref().is_none()
-        {
-            return io_reason(io);
-        }
-        reason = src.to_string();
-        cur = src;
-    }
-    reason
-}
-
-/// Run one check of `t` (bounded by its timeout).
-pub async fn probe(t: &ProbeTarget, clients: &HttpClients) -> CheckResult {
-    let at = SystemTime::now();
-    let start = Instant::now();
-    let addr = SocketAddr::from((t.addr, t.port));
-    let outcome = tokio::time::timeout(t.check.timeout, async {
-        match t.check.kind {
-            CheckKind::None => Ok("no check".to_string()),
-            CheckKind::Tcp => TcpStream::connect(addr)
-                .await
-                .map(|_| "connected".to_string())
-                .map_err(|e| io_reason(&e)),
-            CheckKind::Http | CheckKind::Https => http_check(t, addr, clients).await,
-        }
-    })
-    .await;
-    let latency = start.elapsed();
-    let (ok, detail) = match outcome {
-        Ok(Ok(d)) => (true, d),
-        Ok(Err(reason)) => (false, reason),
-        Err(_) => (
-            false,
-            format!("timeout after {}", fmt_duration(t.check.timeout)),
-        ),
-    };
-    CheckResult {
-        ok,
-        detail,
-        latency,
-        at,
-    }
-}
-
-/// GET the check path on the backend's own address: the URL's host is the address, so that is
-/// also the Host header.
-async fn http_check(
-    t: &ProbeTarget,
-    addr: SocketAddr,
-    clients: &HttpClients,
-) -> Result<String, String> {
-    let (scheme, client) = match (t.check.kind, t.check.tls_verify) {
-        (CheckKind::Https, true) => ("https", &clients.verify),
-        (CheckKind::Https, false) => ("https", &clients.no_verify),
-        _ => ("http", &clients.no_verify),
-    };
-    let url = format!("{scheme}://{addr}{}", t.check.path);
-    let mut resp = client.get(&url).send().await.map_err(|e| http_reason(&e))?;
-    let status = resp.status().as_u16();
-    if !t.check.expect_status.contains(status) {
-        return Err(format!("HTTP {status}"));
-    }
-    if let Some(want) = &t.check.expect_body {
-        let mut body = Vec::new();
-        while body.len() < MAX_BODY {
-            match resp.chunk().await.map_err(|e| http_reason(&e))? {
-                Some(chunk) => body.extend_from_slice(&chunk),
-                None => break,
-            }
-        }
-        body.truncate(MAX_BODY);
-        let found = body
-            .windows(want.len().max(1))
-            .any(|w| w == want.as_bytes());
-        if !found {
-            return Err(format!("body does not contain {want:?}"));
-        }
-    }
-    Ok(format!("HTTP {status}"))
-}
-
-/// The check tasks: one per checked backend, following `HealthBook::targets`.
-pub struct Monitor {
-    tx: mpsc::Sender<CheckReport>,
-    clients: Arc<HttpClients>,
-    tasks: HashMap<(ServiceKey, Ipv4Addr), (u64, JoinHandle<()>)>,
-}
-
-impl Monitor {
-    /// A monitor with no tasks, and the receiving end of its results.
-    pub fn new() -> Result<(Monitor, mpsc::Receiver<CheckReport>), HealthError> {
-        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        Ok((
-            Monitor {
-                tx,
-                clients: Arc::new(HttpClients::new()?),
-                tasks: HashMap::new(),
-            },
-            rx,
-        ))
-    }
-
-    /// Start tasks for new targets, restart those whose generation changed, stop the rest.
-    pub fn sync(&mut self, targets: Vec<ProbeTarget>) {
-        let wanted: HashMap<(ServiceKey, Ipv4Addr), ProbeTarget> =
-            targets.into_iter().map(|t| ((t.key, t.addr), t)).collect();
-        self.tasks.retain(|id, (generation, handle)| {
-            let keep = wanted.get(id).is_some_and(|t| t.generation == *generation);
-            if !keep {
-                handle.abort();
-            }
-            keep
-        });
-        for (id, t) in wanted {
-            if self.tasks.contains_key(&id) {
-                continue;
-            }
-            let generation = t.generation;
-            let handle = tokio::spawn(run_checks(t, self.clients.clone(), self.tx.clone()));
-            self.tasks.insert(id, (generation, handle));
-        }
-    }
-
-    /// Number of running check tasks.
-    pub fn len(&self) -> usize {
-        self.tasks.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tasks.is_empty()
-    }
-}
-
-impl Drop for Monitor {
-    fn drop(&mut self) {
-        for (_, handle) in self.tasks.values() {
-            handle.abort();
-        }
-    }
-}
-
-/// Check `t` every interval (the first check at once) until aborted or the controller is gone.
-async fn run_checks(t: ProbeTarget, clients: Arc<HttpClients>, tx: mpsc::Sender<CheckReport>) {
-    let mut ticker = tokio::time::interval(t.check.interval);
-    // A late check is not made up for with a burst.
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        let result = probe(&t, &clients).await;
-        let report = CheckReport {
-            key: t.key,
-            addr: t.addr,
-            generation: t.generation,
-            result,
-        };
-        if tx.send(report).await.is_err() {
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,7 +331,6 @@ mod tests {
         model::check::CheckPatch,
         model::{BackendConfig, Forward, Proto},
     };
-    use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpListener};
 
     /// Feed `seq` ('+' pass, '-' fail) and return the state after each step ('U'/'D').
     fn run(seq: &str, rise: u32, fall: u32) -> String {
@@ -702,142 +482,5 @@ mod tests {
         let st = book.status(&key(), be(11)).unwrap();
         assert_eq!(st.state, BackendState::Up);
         assert!(st.last.is_none());
-    }
-
-    fn target(kind: CheckKind, port: u16, f: impl FnOnce(&mut CheckSpec)) -> ProbeTarget {
-        let mut check = CheckSpec::default_for(Proto::Tcp);
-        check.kind = kind;
-        check.timeout = Duration::from_millis(500);
-        f(&mut check);
-        ProbeTarget {
-            key: key(),
-            addr: Ipv4Addr::LOCALHOST,
-            port,
-            check,
-            generation: 1,
-        }
-    }
-
-    /// A one-shot HTTP server on 127.0.0.1 answering every connection with `response`.
-    async fn http_server(response: &'static str) -> u16 {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut got = Vec::new();
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let req = String::from_utf8_lossy(&got);
-                    assert!(req.starts_with("GET /healthz HTTP/1.1\r\n"), "{req}");
-                    assert!(req.to_lowercase().contains("host: 127.0.0.1:"), "{req}");
-                    let _ = s.write_all(response.as_bytes()).await;
-                });
-            }
-        });
-        port
-    }
-
-    #[tokio::test]
-    async fn probes_report_the_reason() {
-        let clients = HttpClients::new().unwrap();
-        // TCP: a listener passes; a closed port is refused.
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let open = l.local_addr().unwrap().port();
-        let r = probe(&target(CheckKind::Tcp, open, |_| {}), &clients).await;
-        assert!(r.ok, "{r:?}");
-        drop(l);
-        let r = probe(&target(CheckKind::Tcp, open, |_| {}), &clients).await;
-        assert_eq!((r.ok, r.detail.as_str()), (false, "connection refused"));
-
-        let ok = http_server(
-            "HTTP/1.1 200 OK\r\ncontent-length: 7\r\nconnection: close\r\n\r\nall ok\n",
-        )
-        .await;
-        let path = |c: &mut CheckSpec| c.path = "/healthz".into();
-        let r = probe(&target(CheckKind::Http, ok, path), &clients).await;
-        assert_eq!((r.ok, r.detail.as_str()), (true, "HTTP 200"));
-        let r = probe(
-            &target(CheckKind::Http, ok, |c| {
-                path(c);
-                c.expect_body = Some("ok".into());
-            }),
-            &clients,
-        )
-        .await;
-        assert!(r.ok, "{r:?}");
-        let r = probe(
-            &target(CheckKind::Http, ok, |c| {
-                path(c);
-                c.expect_body = Some("ready".into());
-            }),
-            &clients,
-        )
-        .await;
-        assert_eq!(r.detail, "body does not contain \"ready\"");
-
-        let bad = http_server(
-            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-        )
-        .await;
-        let r = probe(&target(CheckKind::Http, bad, path), &clients).await;
-        assert_eq!((r.ok, r.detail.as_str()), (false, "HTTP 503"));
-
-        // A server that accepts but never answers: the timeout is the reason.
-        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = silent.local_addr().unwrap().port();
-        let r = probe(
-            &target(CheckKind::Http, port, |c| {
-                path(c);
-                c.timeout = Duration::from_millis(100);
-            }),
-            &clients,
-        )
-        .await;
-        assert_eq!((r.ok, r.detail.as_str()), (false, "timeout after 100ms"));
-        assert!(r.latency >= Duration::from_millis(100));
-        // TLS against a plain-HTTP server fails with a TLS reason, not a hang.
-        let r = probe(&target(CheckKind::Https, ok, path), &clients).await;
-        assert!(!r.ok, "{r:?}");
-        drop(silent);
-    }
-
-    #[tokio::test]
-    async fn monitor_runs_and_restarts_tasks() {
-        let (mut monitor, mut rx) = Monitor::new().unwrap();
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        let mut t = target(CheckKind::Tcp, port, |c| {
-            c.interval = Duration::from_millis(20);
-            c.timeout = Duration::from_millis(20);
-        });
-        monitor.sync(vec![t.clone()]);
-        assert_eq!(monitor.len(), 1);
-        let r = tokio::time::timeout(Duration::from_secs(2), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!((r.generation, r.result.ok), (1, true));
-        t.generation = 2;
-        monitor.sync(vec![t]);
-        // Results of generation 1 may still be queued; generation 2 arrives soon.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            let r = tokio::time::timeout(Duration::from_secs(2), rx.recv())
-                .await
-                .unwrap()
-                .unwrap();
-            if r.generation == 2 {
-                break;
-            }
-            assert!(Instant::now() < deadline);
-        }
-        monitor.sync(vec![]);
-        assert!(monitor.is_empty());
     }
 }

@@ -1,72 +1,12 @@
-//! Prometheus metrics: `GET /metrics` on `--metrics-listen ADDR:PORT`.
-//!
-//! Nothing is kept in metric objects between scrapes. Each scrape asks the serve loop for the
-//! same `StatsReport` that `xlb stats --json` prints (per-CPU kernel counters summed by the
-//! agent, the health book, the cached flow-table count) and reads the peer-sync status the same
-//! way `xlb peers` does, then renders both here, in the HTTP task: the serve loop only builds the
-//! report, exactly as for a CLI `stats` request, so `/metrics` and `xlb stats` can never disagree
-//! and a scrape costs the loop no more than one `xlb stats`. The XDP program is not involved:
-//! reading per-CPU arrays from userspace does not touch its hot path.
-//!
-//! The output is the Prometheus text format 0.0.4 (the `prometheus` crate's `TextEncoder`), not
-//! OpenMetrics: Debian 12's `promtool check metrics` (2.42) rejects OpenMetrics' `info` type and
-//! its counter family names without `_total`.
+//! The Prometheus text of one scrape, built from the reports `xlb stats --json` and
+//! `xlb peers --json` print: a fresh registry each time, nothing kept between scrapes.
 
+use super::MetricsError;
 use crate::{
-    agent::controller::ControllerError,
     api::{BackendState, StatsReport},
-    sync::{PeersReport, SyncStatus},
+    sync::{PeerReport, PeersReport},
 };
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
-use std::{convert::Infallible, io, net::SocketAddr, time::Duration};
-use tokio::{
-    net::TcpListener,
-    sync::{mpsc, oneshot, watch},
-    task::JoinSet,
-};
-
-/// How a scrape asks the serve loop for the stats report: it sends where the answer goes.
-pub type StatsReply = oneshot::Sender<Result<StatsReport, ControllerError>>;
-
-/// Capacity of the scrape → serve loop queue; a scrape that finds it full is answered 503 rather
-/// than queueing behind a backlog of others.
-pub const SCRAPE_QUEUE: usize = 8;
-/// How long a scrape waits for the serve loop (it may be applying a change).
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A client must send its request headers within this (no slow-loris holding a task).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Upper bound on one connection's life (one request: keep-alive is off).
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections served at once; more are closed at accept.
-const MAX_CONNECTIONS: usize = 32;
-
-/// The media type of the text format 0.0.4.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-#[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    #[error("cannot listen for metrics scrapes on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: io::Error },
-    #[error("building metric {name}: {source}")]
-    Metric {
-        name: &'static str,
-        source: prometheus::Error,
-    },
-    #[error("encoding metrics: {0}")]
-    Encode(prometheus::Error),
-}
-
-/// Bind the metrics listener (done before the data path is loaded, so a taken port fails the
-/// start instead of a half-started agent).
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| MetricsError::Bind { addr, source })
-}
 
 /// A fresh registry per scrape, with helpers that register families under the `xlb_` names.
 struct Families(Registry);
@@ -118,14 +58,28 @@ fn i64_of(n: u64) -> i64 {
 /// its report (as `xlb peers --json` has it).
 pub fn render(stats: &StatsReport, sync: Option<&PeersReport>) -> Result<String, MetricsError> {
     let f = Families(Registry::new());
-
-    let build = f.gauge(
+    f.gauge(
         "xlb_build_info",
         "The running xlb agent's version (always 1).",
         &["version"],
-    )?;
-    build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    )?
+    .with_label_values(&[env!("CARGO_PKG_VERSION")])
+    .set(1);
+    render_vips(&f, stats)?;
+    render_datapath(&f, stats)?;
+    if let Some(sync) = sync {
+        render_sync(&f, sync)?;
+    }
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&f.0.gather(), &mut out)
+        .map_err(MetricsError::Encode)?;
+    // The encoder writes only UTF-8 (names, label values and numbers).
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
 
+/// Per-VIP and per-backend families: counters, state, weight, active flows, checks.
+fn render_vips(f: &Families, stats: &StatsReport) -> Result<(), MetricsError> {
     let vl = ["vip", "proto"];
     let bl = ["vip", "proto", "backend"];
     let vip_packets = f.counter("xlb_vip_packets_total", "Packets steered for the VIP.", &vl)?;
@@ -218,6 +172,11 @@ pub fn render(stats: &StatsReport, sync: Option<&PeersReport>) -> Result<String,
         }
     }
 
+    Ok(())
+}
+
+/// Per-reason packets, data-path events and the flow table's size and fill.
+fn render_datapath(f: &Families, stats: &StatsReport) -> Result<(), MetricsError> {
     let reasons = f.counter(
         "xlb_packets_total",
         "Packets the balancer saw, by outcome (pass_*, drop_*, fwd_*, tx_*; see the README).",
@@ -252,16 +211,7 @@ pub fn render(stats: &StatsReport, sync: Option<&PeersReport>) -> Result<String,
     .with_label_values::<&str>(&[])
     .set(i64_of(stats.flow_entries));
 
-    if let Some(sync) = sync {
-        render_sync(&f, sync)?;
-    }
-
-    let mut out = Vec::new();
-    TextEncoder::new()
-        .encode(&f.0.gather(), &mut out)
-        .map_err(MetricsError::Encode)?;
-    // The encoder writes only UTF-8 (names, label values and numbers).
-    Ok(String::from_utf8_lossy(&out).into_owned())
+    Ok(())
 }
 
 /// Peer-sync families. Per configured peer (`peer="ADDR:PORT"`), plus `peer="other"` for what
@@ -318,8 +268,7 @@ fn render_sync(f: &Families, sync: &PeersReport) -> Result<(), MetricsError> {
             .set(i64::from(p.inbound_connections));
     }
     let t = &sync.totals;
-    let sum =
-        |field: fn(&crate::sync::PeerReport) -> u64| -> u64 { sync.peers.iter().map(field).sum() };
+    let sum = |field: fn(&PeerReport) -> u64| -> u64 { sync.peers.iter().map(field).sum() };
     let other = ["other"];
     received
         .with_label_values(&other)
@@ -365,141 +314,8 @@ fn render_sync(f: &Families, sync: &PeersReport) -> Result<(), MetricsError> {
     Ok(())
 }
 
-/// Serve `/metrics` on `listener` until `stop` turns true. Each scrape sends a `StatsReply` on
-/// `scrapes` (answered by the serve loop) and reads `sync` directly (lock-free counters).
-pub async fn serve(
-    listener: TcpListener,
-    scrapes: mpsc::Sender<StatsReply>,
-    sync: Option<SyncStatus>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = stop.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    if conns.len() >= MAX_CONNECTIONS {
-                        log::debug!("metrics: {MAX_CONNECTIONS} connections open; closing {peer}");
-                        continue;
-                    }
-                    let scrapes = scrapes.clone();
-                    let sync = sync.clone();
-                    conns.spawn(async move {
-                        let service = hyper::service::service_fn(move |req| {
-                            let scrapes = scrapes.clone();
-                            let sync = sync.clone();
-                            async move { Ok::<_, Infallible>(answer(req, scrapes, sync).await) }
-                        });
-                        let conn = hyper::server::conn::http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(HEADER_TIMEOUT)
-                            // One request per connection: scrapers reconnect cheaply, and no
-                            // idle connection holds one of the MAX_CONNECTIONS slots.
-                            .keep_alive(false)
-                            .serve_connection(TokioIo::new(stream), service);
-                        match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => log::debug!("metrics connection from {peer}: {e}"),
-                            Err(_) => log::debug!("metrics connection from {peer} timed out"),
-                        }
-                    });
-                }
-                Err(e) => {
-                    // E.g. out of file descriptors: back off instead of spinning.
-                    log::warn!("accepting a metrics connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
-    conns.shutdown().await;
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
-async fn answer(
-    req: Request<Incoming>,
-    scrapes: mpsc::Sender<StatsReply>,
-    sync: Option<SyncStatus>,
-) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut resp = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "only GET and HEAD\n".to_string(),
-        );
-        resp.headers_mut()
-            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
-        return resp;
-    }
-    match req.uri().path() {
-        "/metrics" => {}
-        "/" => {
-            return text(
-                StatusCode::OK,
-                "xlb agent: Prometheus metrics at /metrics\n".to_string(),
-            );
-        }
-        _ => {
-            return text(
-                StatusCode::NOT_FOUND,
-                "not found; try /metrics\n".to_string(),
-            );
-        }
-    }
-    let (reply, answer) = oneshot::channel();
-    if scrapes.try_send(reply).is_err() {
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many scrapes waiting for the agent, or it is shutting down\n".to_string(),
-        );
-    }
-    let stats = match tokio::time::timeout(SCRAPE_TIMEOUT, answer).await {
-        Ok(Ok(Ok(stats))) => stats,
-        Ok(Ok(Err(e))) => {
-            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
-        }
-        Ok(Err(_)) => {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the agent is shutting down\n".to_string(),
-            );
-        }
-        Err(_) => {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the agent did not answer within {SCRAPE_TIMEOUT:?}\n"),
-            );
-        }
-    };
-    let peers = sync.map(|s| s.report());
-    match render(&stats, peers.as_ref()) {
-        Ok(body) => {
-            let mut resp = text(StatusCode::OK, body);
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static(CONTENT_TYPE),
-            );
-            resp
-        }
-        Err(e) => {
-            log::error!("metrics scrape: {e}");
-            text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::{
         api::{BackendReport, LastCheck, VipReport},
@@ -507,8 +323,8 @@ mod tests {
         sync::{LagReport, PeerReport, SyncTotals},
     };
     use std::{
-        io::{Read, Write},
-        net::Ipv4Addr,
+        io::Write,
+        net::{Ipv4Addr, SocketAddr},
         process::{Command, Stdio},
     };
 
@@ -534,7 +350,7 @@ mod tests {
         }
     }
 
-    fn stats() -> StatsReport {
+    pub(in crate::agent::metrics) fn stats() -> StatsReport {
         StatsReport {
             vips: vec![
                 VipReport {
@@ -834,76 +650,5 @@ mod tests {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-    }
-
-    /// A blocking HTTP/1.0-style GET against `addr`: status line and body.
-    fn get(addr: SocketAddr, method: &str, path: &str) -> (String, String, String) {
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-        let status = head.lines().next().unwrap().to_string();
-        (status, head.to_string(), body.to_string())
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn serves_scrapes_from_the_loops_report() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, mut rx) = mpsc::channel::<StatsReply>(SCRAPE_QUEUE);
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let server = tokio::spawn(serve(listener, tx, None, stop_rx));
-        // Stands in for the serve loop: the first scrape gets a report, the second an error.
-        let answered = tokio::spawn(async move {
-            let first = rx.recv().await.unwrap();
-            first.send(Ok(stats())).unwrap();
-            let second = rx.recv().await.unwrap();
-            second
-                .send(Err(ControllerError::Stats {
-                    source: "boom".into(),
-                }))
-                .unwrap();
-        });
-        let (ok, err, other, post) = tokio::task::spawn_blocking(move || {
-            (
-                get(addr, "GET", "/metrics"),
-                get(addr, "GET", "/metrics"),
-                get(addr, "GET", "/nope"),
-                get(addr, "POST", "/metrics"),
-            )
-        })
-        .await
-        .unwrap();
-        answered.await.unwrap();
-        assert!(ok.0.contains(" 200 "), "{ok:?}");
-        assert!(
-            ok.1.to_ascii_lowercase()
-                .contains("content-type: text/plain; version=0.0.4"),
-            "{}",
-            ok.1
-        );
-        assert_eq!(ok.2, render(&stats(), None).unwrap());
-        assert!(err.0.contains(" 500 ") && err.2.contains("boom"), "{err:?}");
-        assert!(other.0.contains(" 404 "), "{other:?}");
-        assert!(post.0.contains(" 405 "), "{post:?}");
-        stop_tx.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(3), server)
-            .await
-            .expect("the metrics server stops")
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_taken_port_is_a_one_line_error() {
-        let first = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = first.local_addr().unwrap();
-        let e = bind(addr).await.unwrap_err().to_string();
-        assert!(
-            e.starts_with(&format!("cannot listen for metrics scrapes on {addr}: ")),
-            "{e}"
-        );
-        assert!(!e.contains('\n'));
     }
 }

@@ -1,0 +1,422 @@
+//! The sending side of peer sync: the reader takes new flows from the event source and
+//! broadcasts them in batches; one sender per configured peer connects, waits for the peer's Ack,
+//! sends a snapshot and then streams the batches.
+
+use super::{
+    EventSource, SyncRequest,
+    auth::{Sealer, new_nonce},
+    peer::{BACKOFF_MIN, Batch, Ctx, IO_TIMEOUT, PeerError},
+    status::{PeerStats, Status, unix_ns},
+    wire::{self, ACK_MSG_LEN, CHALLENGE_MSG_LEN, Kind, MAX_FLOWS_PER_FRAME, Message},
+};
+use lb_common::FlowEvent;
+use std::{
+    borrow::Cow,
+    collections::VecDeque,
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpStream, tcp::OwnedWriteHalf},
+    sync::{broadcast, oneshot},
+    time::{Instant, Interval, sleep, sleep_until, timeout},
+};
+use tokio_util::sync::CancellationToken;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A sender's session counts as working (the reconnect backoff and the quiet logging reset) only
+/// once the receiver acknowledged the Hello and the session lasted this many heartbeats.
+const STABLE_HEARTBEATS: u32 = 5;
+/// New flows a sender holds back at most while it is busy (waiting for a snapshot, writing):
+/// about 12 MiB, shared with the other senders (batches are reference-counted). Beyond that it
+/// drops them and sends a snapshot instead.
+const MAX_HELD_FLOWS: usize = 1 << 19;
+/// A sender hands the socket this much at once while sending a snapshot.
+const WRITE_CHUNK: usize = 256 * 1024;
+
+/// The reader: source → batches → broadcast.
+pub(super) async fn read_events<S: EventSource>(
+    mut source: S,
+    batches: broadcast::Sender<Arc<Batch>>,
+    flush_after: Duration,
+    status: Arc<Status>,
+    cancel: CancellationToken,
+) {
+    let mut batch: Vec<FlowEvent> = Vec::new();
+    let mut incoming: Vec<FlowEvent> = Vec::new();
+    let mut first_seen_ns = 0;
+    let mut deadline = Instant::now();
+    let flush = |batch: &mut Vec<FlowEvent>, first_seen_ns: u64| {
+        if !batch.is_empty() {
+            let flows = std::mem::take(batch);
+            // No subscribers (no peer connected) is fine: a peer that connects gets a snapshot.
+            let _ = batches.send(Arc::new(Batch {
+                first_seen_ns,
+                flows,
+            }));
+        }
+    };
+    loop {
+        let pending = !batch.is_empty();
+        let room = MAX_FLOWS_PER_FRAME - batch.len();
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            () = sleep_until(deadline), if pending => flush(&mut batch, first_seen_ns),
+            r = source.next_events(&mut incoming, room) => {
+                match r {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        flush(&mut batch, first_seen_ns);
+                        log::info!("sync: the flow event source ended");
+                        return;
+                    }
+                    Err(e) => {
+                        flush(&mut batch, first_seen_ns);
+                        log::error!("sync: reading flow events: {e}; new local flows are no longer sent to peers");
+                        return;
+                    }
+                }
+                if batch.is_empty() {
+                    first_seen_ns = unix_ns();
+                    deadline = Instant::now() + flush_after;
+                }
+                status.local_flows.fetch_add(incoming.len() as u64, Relaxed);
+                batch.append(&mut incoming);
+                if batch.len() >= MAX_FLOWS_PER_FRAME {
+                    flush(&mut batch, first_seen_ns);
+                }
+            }
+        }
+    }
+}
+
+/// The sender for configured peer `index`: connect, snapshot, stream; reconnect on any error.
+pub(super) async fn outbound(
+    index: usize,
+    addr: SocketAddr,
+    ctx: Arc<Ctx>,
+    batches: broadcast::Sender<Arc<Batch>>,
+    cancel: CancellationToken,
+) {
+    let stats = ctx.status.peer(Some(index));
+    let stable_after = ctx.heartbeat * STABLE_HEARTBEATS;
+    let mut backoff = BACKOFF_MIN;
+    // After one logged failure the repeats go to debug until a session works again, so a peer
+    // that is down (or rejects us) does not flood the log.
+    let mut quiet = false;
+    loop {
+        let mut acknowledged = None;
+        let err = tokio::select! {
+            () = cancel.cancelled() => break,
+            r = session(index, addr, &ctx, &batches, &mut acknowledged) => match r {
+                Ok(never) => match never {},
+                Err(e) => e,
+            },
+        };
+        stats.set_connected(false);
+        // Only a session that the receiver acknowledged (it has the key and accepted our Hello)
+        // and that then lasted resets the backoff and the logging. A peer that rejects us, or
+        // drops us right after the Ack, is retried with a growing backoff (at most once a
+        // second), and since the Ack comes first, never costs the agent a snapshot.
+        if acknowledged.is_some_and(|at: Instant| at.elapsed() > stable_after) {
+            backoff = BACKOFF_MIN;
+            quiet = false;
+        }
+        // The end of an acknowledged session is always worth a line: it pairs with the
+        // "connected" line, and the backoff keeps both to at most one a second.
+        if quiet && acknowledged.is_none() {
+            log::debug!("sync: peer {addr}: {err}");
+        } else {
+            log::warn!("sync: peer {addr}: {err}; retrying");
+            quiet = true;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+    stats.set_connected(false);
+}
+
+/// A sender's subscription to the reader's batches, with the batches it took but has not sent
+/// yet. Whenever the sender waits (for the Ack, for the agent's snapshot) or writes, it keeps
+/// taking batches into `held`, so the broadcast buffer only has to cover the moments between two
+/// polls of the sender, not a whole snapshot.
+struct Stream {
+    rx: broadcast::Receiver<Arc<Batch>>,
+    open: bool,
+    held: VecDeque<Arc<Batch>>,
+    held_flows: usize,
+    /// Batches were lost since the last snapshot was requested: another snapshot is due.
+    resync_due: bool,
+    /// Batches lost since the last resync (for its log line).
+    missed: u64,
+}
+
+impl Stream {
+    fn new(rx: broadcast::Receiver<Arc<Batch>>) -> Self {
+        Stream {
+            rx,
+            open: true,
+            held: VecDeque::new(),
+            held_flows: 0,
+            resync_due: false,
+            missed: 0,
+        }
+    }
+
+    /// Handle one result of `rx.recv()`.
+    fn take(&mut self, r: Result<Arc<Batch>, broadcast::error::RecvError>) {
+        match r {
+            Ok(batch) if self.held_flows + batch.flows.len() <= MAX_HELD_FLOWS => {
+                self.held_flows += batch.flows.len();
+                self.held.push_back(batch);
+            }
+            Ok(_) => self.lose(1),
+            Err(broadcast::error::RecvError::Lagged(missed)) => self.lose(missed),
+            Err(broadcast::error::RecvError::Closed) => self.open = false,
+        }
+    }
+
+    /// Batches were lost: drop the held ones too and skip what is still queued, since the
+    /// snapshot that is now due is taken after this point and covers all of them. Resubscribing
+    /// (rather than reading on from the oldest retained batch) is what keeps a big backlog from
+    /// overflowing the buffer again while that snapshot is sent.
+    fn lose(&mut self, missed: u64) {
+        self.missed += missed + self.held.len() as u64;
+        self.held.clear();
+        self.held_flows = 0;
+        self.rx = self.rx.resubscribe();
+        self.resync_due = true;
+    }
+
+    fn pop(&mut self) -> Option<Arc<Batch>> {
+        let batch = self.held.pop_front()?;
+        self.held_flows -= batch.flows.len();
+        Some(batch)
+    }
+}
+
+/// The sending half of one outbound connection.
+struct Sender<'a> {
+    addr: SocketAddr,
+    wr: OwnedWriteHalf,
+    sealer: Sealer,
+    out: Vec<u8>,
+    stats: &'a PeerStats,
+}
+
+impl Sender<'_> {
+    /// Write `out`, taking new batches into `stream` meanwhile.
+    async fn write_out(&mut self, stream: &mut Stream) -> Result<(), PeerError> {
+        let write = timeout(IO_TIMEOUT, self.wr.write_all(&self.out));
+        tokio::pin!(write);
+        let written = loop {
+            tokio::select! {
+                biased;
+                r = &mut write => break r,
+                r = stream.rx.recv(), if stream.open => stream.take(r),
+            }
+        };
+        written.map_err(|_| PeerError::Timeout("writing to the peer"))??;
+        self.out.clear();
+        self.stats.touch();
+        Ok(())
+    }
+
+    async fn send(&mut self, msg: &Message<'_>, stream: &mut Stream) -> Result<(), PeerError> {
+        self.sealer.seal(msg, unix_ns(), &mut self.out)?;
+        self.write_out(stream).await
+    }
+
+    /// Flows or Snapshot frames for `flows`, any number of them.
+    async fn send_flows(
+        &mut self,
+        kind: Kind,
+        flows: &[FlowEvent],
+        sent_ns: u64,
+        stream: &mut Stream,
+    ) -> Result<(), PeerError> {
+        for chunk in flows.chunks(MAX_FLOWS_PER_FRAME) {
+            let msg = if kind == Kind::Snapshot {
+                Message::Snapshot(Cow::Borrowed(chunk))
+            } else {
+                Message::Flows(Cow::Borrowed(chunk))
+            };
+            self.sealer.seal(&msg, sent_ns, &mut self.out)?;
+            if self.out.len() >= WRITE_CHUNK {
+                self.write_out(stream).await?;
+            }
+        }
+        if !self.out.is_empty() {
+            self.write_out(stream).await?;
+        }
+        self.stats.flows_sent.fetch_add(flows.len() as u64, Relaxed);
+        Ok(())
+    }
+
+    /// Wait for `fut` without going silent: a heartbeat every interval (the receiver closes a
+    /// connection that sent nothing for 5), and new batches taken into `stream`.
+    async fn keep_alive_while<T>(
+        &mut self,
+        fut: impl Future<Output = T>,
+        heartbeat: &mut Interval,
+        stream: &mut Stream,
+    ) -> Result<T, PeerError> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut fut => return Ok(r),
+                r = stream.rx.recv(), if stream.open => stream.take(r),
+                _ = heartbeat.tick() => self.send(&Message::Heartbeat, stream).await?,
+            }
+        }
+    }
+
+    async fn send_snapshot(
+        &mut self,
+        ctx: &Ctx,
+        heartbeat: &mut Interval,
+        stream: &mut Stream,
+    ) -> Result<(), PeerError> {
+        let (reply, answer) = oneshot::channel();
+        let request = async move {
+            ctx.requests
+                .send(SyncRequest::Snapshot {
+                    max_age: ctx.snapshot_max_age,
+                    reply,
+                })
+                .await
+                .map_err(|_| PeerError::AgentGone)?;
+            answer
+                .await
+                .map_err(|_| PeerError::AgentGone)?
+                .map_err(PeerError::Snapshot)
+        };
+        // The agent may take a while with a big table (and the request queue may be full).
+        let flows = self.keep_alive_while(request, heartbeat, stream).await??;
+        self.send_flows(Kind::Snapshot, &flows, unix_ns(), stream)
+            .await?;
+        self.send(
+            &Message::SnapshotEnd {
+                total: flows.len() as u64,
+            },
+            stream,
+        )
+        .await?;
+        log::info!(
+            "sync: sent a snapshot of {} flows to peer {}",
+            flows.len(),
+            self.addr
+        );
+        Ok(())
+    }
+}
+
+/// One outbound connection, until it fails. Sets `acknowledged` when the receiver's Ack
+/// verified.
+async fn session(
+    index: usize,
+    addr: SocketAddr,
+    ctx: &Ctx,
+    batches: &broadcast::Sender<Arc<Batch>>,
+    acknowledged: &mut Option<Instant>,
+) -> Result<std::convert::Infallible, PeerError> {
+    let conn = timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| PeerError::Timeout("connecting"))?
+        .map_err(PeerError::Connect)?;
+    conn.set_nodelay(true)?;
+    let (mut rd, wr) = conn.into_split();
+    let mut c = [0u8; CHALLENGE_MSG_LEN];
+    timeout(IO_TIMEOUT, rd.read_exact(&mut c))
+        .await
+        .map_err(|_| PeerError::Timeout("waiting for the challenge"))??;
+    let challenge = wire::decode_challenge(&c).map_err(PeerError::Challenge)?;
+    // Subscribed before the snapshot is requested: a flow assigned meanwhile is sent twice
+    // (installs are idempotent) rather than never.
+    let mut stream = Stream::new(batches.subscribe());
+    let stats = ctx.status.peer(Some(index));
+    let mut tx = Sender {
+        addr,
+        wr,
+        sealer: Sealer::new(&ctx.key, &challenge, ctx.node_id),
+        out: Vec::with_capacity(64 * 1024),
+        stats,
+    };
+    let mut heartbeat = tokio::time::interval_at(Instant::now() + ctx.heartbeat, ctx.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    // Hello and AckRequest in one write; then nothing but heartbeats until the receiver proved
+    // that it has the key. A receiver that rejects the Hello closes the connection instead, so a
+    // peer with another key never makes the agent walk its flow table.
+    let nonce = new_nonce()?;
+    tx.sealer.seal(
+        &Message::Hello {
+            listen_port: ctx.listen_port,
+        },
+        unix_ns(),
+        &mut tx.out,
+    )?;
+    tx.sealer
+        .seal(&Message::AckRequest { nonce }, unix_ns(), &mut tx.out)?;
+    tx.write_out(&mut stream).await?;
+    let mut ack = [0u8; ACK_MSG_LEN];
+    let read = timeout(IO_TIMEOUT, rd.read_exact(&mut ack));
+    match tx
+        .keep_alive_while(read, &mut heartbeat, &mut stream)
+        .await?
+    {
+        Err(_) => return Err(PeerError::Timeout("waiting for the peer's Ack")),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(PeerError::NotAcknowledged);
+        }
+        Ok(r) => r?,
+    };
+    let proof = wire::decode_ack(&ack).map_err(PeerError::BadAck)?;
+    ctx.key
+        .verify_ack(&challenge, ctx.node_id, &nonce, &proof)?;
+    *acknowledged = Some(Instant::now());
+    stats.set_connected(true);
+    log::info!("sync: connected to peer {addr}");
+    tx.send_snapshot(ctx, &mut heartbeat, &mut stream).await?;
+
+    let mut probe = [0u8; 1];
+    loop {
+        if stream.resync_due {
+            stream.resync_due = false;
+            stats.resyncs.fetch_add(1, Relaxed);
+            log::warn!(
+                "sync: peer {addr} fell {} batches behind; re-sending the full flow table",
+                std::mem::take(&mut stream.missed)
+            );
+            tx.send_snapshot(ctx, &mut heartbeat, &mut stream).await?;
+            continue;
+        }
+        // Batches taken while busy go first, in order.
+        if let Some(batch) = stream.pop() {
+            tx.send_flows(Kind::Flows, &batch.flows, batch.first_seen_ns, &mut stream)
+                .await?;
+            continue;
+        }
+        tokio::select! {
+            r = stream.rx.recv(), if stream.open => stream.take(r),
+            _ = heartbeat.tick() => tx.send(&Message::Heartbeat, &mut stream).await?,
+            // The receiver sends nothing after the Ack: this only completes when it closes the
+            // connection (for instance after rejecting a frame).
+            r = rd.read(&mut probe) => return Err(match r {
+                Ok(0) => PeerError::Closed,
+                Ok(_) => PeerError::Unexpected,
+                Err(e) => PeerError::Io(e),
+            }),
+        }
+    }
+}
