@@ -227,9 +227,10 @@ pub struct StatsReport {
     /// `nexthop_lookup` (FIB lookups for a backend's next hop, which is cached per CPU for 1 s).
     pub events: BTreeMap<String, u64>,
     pub flow_capacity: u32,
-    /// Entries in the flow table (live and finished-but-not-evicted flows: it is an LRU). The
-    /// agent counts them by walking the table at most once per second, so this may be up to a
-    /// second old. Defaulted for older agents.
+    /// Entries in the flow table (live and finished-but-not-evicted flows: it is an LRU),
+    /// counted by a walk of the table off the agent's serve loop: a walk made for this report
+    /// while walks are cheap, else the last one, at most a second (and one walk) old; see
+    /// `agent::flows`. Defaulted for older agents.
     #[serde(default)]
     pub flow_entries: u64,
 }

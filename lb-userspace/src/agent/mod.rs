@@ -14,10 +14,12 @@
 
 pub mod config_file;
 pub mod controller;
+pub mod flows;
 pub mod health;
 pub mod metrics;
 pub mod neighbours;
 pub mod options;
+pub mod report;
 pub mod server;
 pub mod socket;
 pub mod state;
@@ -25,6 +27,7 @@ pub mod state;
 use crate::{
     agent::{
         controller::{Controller, ControllerError},
+        flows::FlowCounter,
         health::{HealthError, Monitor},
         metrics::{MetricsError, SCRAPE_QUEUE},
         options::{AgentConfig, InitialState},
@@ -38,7 +41,7 @@ use crate::{
     util::{NoSuchInterface, interface_index, os_message},
 };
 use std::{
-    fs, future::Future, io, net::Ipv4Addr, os::unix::fs::DirBuilderExt, path::PathBuf,
+    fs, future::Future, io, net::Ipv4Addr, os::unix::fs::DirBuilderExt, path::PathBuf, sync::Arc,
     time::Duration,
 };
 use tokio::sync::mpsc;
@@ -172,6 +175,7 @@ async fn start(
             source,
         })?;
     let mut dp = load_dataplane(config).await?;
+    let flows = FlowCounter::new(Arc::new(dp.flow_table()?), tasks.clone());
     let sync = match config.sync.clone() {
         Some(sync_config) => Some(start_sync(sync_config, &mut dp, cancel, tasks).await?),
         None => None,
@@ -184,6 +188,7 @@ async fn start(
             listener,
             scrape_tx,
             status,
+            flows.clone(),
             cancel.child_token(),
             tasks.clone(),
         ));
@@ -203,6 +208,7 @@ async fn start(
         health,
         sync,
         scrapes,
+        flows,
         warm_interval: config.warm_interval,
     };
     let server = Server::new(controller, listener, inputs, cancel.clone(), tasks.clone());
@@ -263,7 +269,7 @@ async fn start_sync(
 mod tests {
     use super::*;
     use crate::{
-        agent::controller::fake::FakeDataplane,
+        agent::{controller::fake::FakeDataplane, flows::tests::FakeTable},
         api::{Request, Response},
         cli::client,
         model::{Forward, Proto, ServiceKey},
@@ -297,6 +303,7 @@ mod tests {
             health: Monitor::new(cancel.child_token(), tasks.clone()).unwrap(),
             sync: None,
             scrapes: None,
+            flows: FlowCounter::new(FakeTable::new(0, Duration::ZERO), tasks.clone()),
             warm_interval: Duration::from_secs(3600),
         };
         let serving = Server::new(ctl, listener, inputs, cancel.clone(), tasks.clone());

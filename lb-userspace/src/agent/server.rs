@@ -7,6 +7,7 @@
 use crate::{
     agent::{
         controller::{Controller, DataplaneOps},
+        flows::FlowCounter,
         health::{CheckReport, Monitor},
         metrics::StatsReply,
         neighbours::warm_neighbours,
@@ -15,7 +16,7 @@ use crate::{
     api::{Request, Response},
     sync::{SyncRequest, SyncStatus},
 };
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 use tokio::{
     net::UnixListener,
     sync::mpsc,
@@ -41,6 +42,8 @@ pub(crate) struct Inputs {
     pub(crate) sync: Option<SyncLink>,
     /// `/metrics` scrapes, when metrics are served.
     pub(crate) scrapes: Option<mpsc::Receiver<StatsReply>>,
+    /// The flow table's counts (walked off the loop) and its snapshots for peers.
+    pub(crate) flows: Arc<FlowCounter>,
     /// How often backend neighbour entries are refreshed.
     pub(crate) warm_interval: Duration,
 }
@@ -55,6 +58,7 @@ pub(crate) struct Server<D: DataplaneOps> {
     job_tx: mpsc::Sender<Job>,
     sync: Option<SyncLink>,
     scrapes: Option<mpsc::Receiver<StatsReply>>,
+    flows: Arc<FlowCounter>,
     warm: Interval,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -84,6 +88,7 @@ impl<D: DataplaneOps> Server<D> {
             job_tx,
             sync: inputs.sync,
             scrapes: inputs.scrapes,
+            flows: inputs.flows,
             warm,
             cancel,
             tasks,
@@ -101,16 +106,16 @@ impl<D: DataplaneOps> Server<D> {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let (jobs, cancel) = (self.job_tx.clone(), self.cancel.clone());
-                        self.tasks.spawn(serve_connection(stream, jobs, cancel));
+                        let flows = self.flows.clone();
+                        self.tasks.spawn(serve_connection(stream, jobs, flows, cancel));
                     }
                     Err(e) => log::warn!("accepting a CLI connection: {e}"),
                 },
-                Some(req) = next(self.sync.as_mut().map(|s| &mut s.requests)) => {
-                    self.controller.sync_request(req);
-                }
+                Some(req) = next(self.sync.as_mut().map(|s| &mut s.requests)) => self.sync(req),
                 Some(job) = self.jobs.recv() => self.job(job),
                 Some(report) = self.health.recv() => self.controller.health_result(report),
                 Some(reply) = next(self.scrapes.as_mut()) => {
+                    self.controller.set_flow_counts(self.flows.latest());
                     // The scraper may have timed out; nothing to undo either way.
                     let _ = reply.send(self.controller.stats());
                 }
@@ -131,6 +136,8 @@ impl<D: DataplaneOps> Server<D> {
             return;
         }
         let mutation = job.req.is_mutation();
+        // The counts of the walk the connection task waited for (or the last one).
+        self.controller.set_flow_counts(self.flows.latest());
         let resp = self.controller.handle(job.req);
         match &resp {
             Response::Done { message } => log::info!("{message}"),
@@ -142,6 +149,24 @@ impl<D: DataplaneOps> Server<D> {
         if mutation {
             self.monitor.sync(self.controller.probe_targets());
             warm_neighbours(&self.controller.state().backend_addrs());
+        }
+    }
+}
+
+impl<D: DataplaneOps> Server<D> {
+    /// A peer-sync request: an install is a frame's worth of map updates, done here; a snapshot
+    /// walks the whole table, so it runs as a task of its own on a blocking thread.
+    fn sync(&mut self, req: SyncRequest) {
+        match req {
+            SyncRequest::Install { flows, reply } => {
+                let _ = reply.send(self.controller.install_flows(flows).map_err(Into::into));
+            }
+            SyncRequest::Snapshot { max_age, reply } => {
+                let flows = self.flows.clone();
+                self.tasks.spawn(async move {
+                    let _ = reply.send(flows.snapshot(max_age).await.map_err(Into::into));
+                });
+            }
         }
     }
 }

@@ -2,12 +2,16 @@
 //! removed when the agent stops, and one task per CLI connection that reads request lines,
 //! hands each to the serve loop and writes its answer.
 
-use crate::api::{MAX_LINE, Request, Response};
-use crate::util::os_message;
+use crate::{
+    agent::flows::FlowCounter,
+    api::{MAX_LINE, Request, Response},
+    util::os_message,
+};
 use std::{
     fs, io,
     os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -95,6 +99,7 @@ pub fn bind_socket(path: &Path) -> Result<(UnixListener, SocketFile), SocketErro
 pub(crate) async fn serve_connection(
     stream: UnixStream,
     jobs: mpsc::Sender<Job>,
+    flows: Arc<FlowCounter>,
     cancel: CancellationToken,
 ) {
     let (read, mut write) = stream.into_split();
@@ -122,7 +127,10 @@ pub(crate) async fn serve_connection(
                 message: format!("request longer than {MAX_LINE} bytes"),
             }
         } else {
-            answer(&line, &jobs).await
+            tokio::select! {
+                resp = answer(&line, &jobs, &flows) => resp,
+                () = cancel.cancelled() => return,
+            }
         };
         let mut out = serde_json::to_vec(&resp).expect("responses serialise to JSON");
         out.push(b'\n');
@@ -141,8 +149,9 @@ pub(crate) async fn serve_connection(
     }
 }
 
-/// The loop's answer to one request line.
-async fn answer(line: &[u8], jobs: &mpsc::Sender<Job>) -> Response {
+/// The loop's answer to one request line. Reports with flow counts first get the counts ready
+/// (a walk of the flow table, here, never in the loop).
+async fn answer(line: &[u8], jobs: &mpsc::Sender<Job>, flows: &Arc<FlowCounter>) -> Response {
     let req = match serde_json::from_slice::<Request>(line) {
         Ok(req) => req,
         Err(e) => {
@@ -151,6 +160,9 @@ async fn answer(line: &[u8], jobs: &mpsc::Sender<Job>) -> Response {
             };
         }
     };
+    if matches!(req, Request::Stats | Request::BackendList { .. }) {
+        flows.prepare().await;
+    }
     let (reply, answer) = oneshot::channel();
     let agent_gone = || Response::Error {
         message: "the agent is shutting down".to_string(),

@@ -1,80 +1,38 @@
-//! The kernel side as seen from the agent: loads the XDP object, attaches the balancer, and turns
-//! `VipSpec`s into map entries (VIP, backend slots, double-buffered ring), reads counters.
-//! Slot ids are this module's business only: callers speak in addresses.
+//! The kernel side as seen from the agent: the loaded XDP object and typed handles to its maps.
+//! Parts: `attach` (how the balancer is attached), `vips` (VIPs, backend slots and rings in the
+//! maps), `flows` (the flow table: peers' flows installed, walks for counts and snapshots),
+//! `stats` (counters), `ring` (ring construction), `object` (the embedded object and its
+//! programs), `persistent` (programs that outlive the process: decapsulator, pass program).
 
+pub mod attach;
+pub mod flows;
 pub mod object;
 pub mod persistent;
 pub mod ring;
+pub mod stats;
+pub mod vips;
+
+pub use attach::{AttachedMode, UnknownXdpMode, XdpModeChoice};
+pub use flows::{ACTIVE_FLOW_WINDOW, FlowCounts, FlowTable, InstallReport};
+pub use stats::{BackendStats, Counters, DataplaneStats, VipStats};
 
 use crate::{
-    dataplane::object::EBPF_OBJECT,
-    dataplane::ring::RingError,
-    model::{ServiceKey, VipSpec},
+    dataplane::{object::EBPF_OBJECT, ring::RingError},
+    model::ServiceKey,
     netlink::NetlinkError,
     util::{NoSuchInterface, interface_index},
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
-    programs::{Xdp, XdpMode},
+    maps::{Array, HashMap, MapData, PerCpuArray},
 };
 use lb_common::{
-    BACKEND_F_ACTIVE, Backend, BenchGenHeader, CONFIG_F_FLOW_EVENTS, FlowEvent, FlowKey, FlowValue,
-    LbConfig, MAX_BACKENDS, MAX_VIPS, TrafficCounters, VipKey, VipMeta, event, maps, programs,
-    reason, ring_index,
+    Backend, LbConfig, MAX_BACKENDS, MAX_VIPS, TrafficCounters, VipKey, VipMeta, maps, programs,
 };
-use serde::{Deserialize, Serialize};
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt,
     net::Ipv4Addr,
 };
-
-/// How to attach (`--xdp-mode`, `xdp_mode` under `[agent]`): `auto` tries driver (native) mode
-/// and falls back to generic. `native` and `skb`, the kernel's names, are accepted too.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
-#[serde(try_from = "String")]
-pub enum XdpModeChoice {
-    /// Driver (native) mode if the driver supports it, generic otherwise (with a warning).
-    #[default]
-    Auto,
-    /// Driver (native) mode only.
-    #[value(alias = "native")]
-    Driver,
-    /// Generic (SKB) mode: works everywhere, slower.
-    #[value(alias = "skb")]
-    Generic,
-}
-
-/// An `xdp_mode` in the config file that is none of the modes.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown XDP mode {0:?} (expected auto, driver or generic)")]
-pub struct UnknownXdpMode(String);
-
-impl TryFrom<String> for XdpModeChoice {
-    type Error = UnknownXdpMode;
-    /// The same names (and aliases) as on the command line.
-    fn try_from(s: String) -> Result<Self, UnknownXdpMode> {
-        <Self as clap::ValueEnum>::from_str(&s, false).map_err(|_| UnknownXdpMode(s))
-    }
-}
-
-/// The mode a program actually got.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttachedMode {
-    Driver,
-    Generic,
-}
-
-impl fmt::Display for AttachedMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            AttachedMode::Driver => "driver",
-            AttachedMode::Generic => "generic",
-        })
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -141,43 +99,6 @@ pub struct DataplaneOptions {
     pub lb_addr: Ipv4Addr,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
-    pub packets: u64,
-    pub bytes: u64,
-    pub new_flows: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackendStats {
-    pub addr: Ipv4Addr,
-    pub counters: Counters,
-    /// Flow-table entries pinned to this backend that saw a packet in the last
-    /// `ACTIVE_FLOW_WINDOW` (the table is an LRU: finished flows linger until evicted).
-    pub active_flows: u64,
-}
-
-/// How recently a flow must have seen a packet to count as active in `BackendStats`.
-pub const ACTIVE_FLOW_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VipStats {
-    pub key: ServiceKey,
-    pub counters: Counters,
-    pub backends: Vec<BackendStats>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DataplaneStats {
-    pub vips: Vec<VipStats>,
-    /// Packets per outcome, by `lb_common::reason::NAMES`, every reason present (zeros included).
-    pub reasons: BTreeMap<String, u64>,
-    /// Data-path events by `lb_common::event::NAMES` (mid-flow misses, re-steers, lost sync
-    /// events), every event present.
-    pub events: BTreeMap<String, u64>,
-    pub flow_capacity: u32,
-}
-
 /// A VIP as installed: its slot ids, which ring half is live, and the addresses of its backend
 /// slots in spec order.
 struct InstalledVip {
@@ -187,14 +108,6 @@ struct InstalledVip {
 }
 
 type KernelHash<K, V> = HashMap<MapData, K, V>;
-
-/// What `install_flows` did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstallReport {
-    pub installed: u64,
-    /// Flows whose VIP or backend this node does not have.
-    pub unknown_backend: u64,
-}
 
 /// The loaded object and typed handles to its maps. Dropping it detaches the balancer (the
 /// program's link and maps are released with the `Ebpf`).
@@ -231,34 +144,6 @@ where
         .take_map(name)
         .ok_or(DataplaneError::MissingMap { name })?;
     T::try_from(map).map_err(map_err(name))
-}
-
-fn program_error(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> DataplaneError {
-    move |source| DataplaneError::Program { name, source }
-}
-
-/// The XDP program `name` of `ebpf`.
-pub(crate) fn xdp_program<'a>(
-    ebpf: &'a Ebpf,
-    name: &'static str,
-) -> Result<&'a Xdp, DataplaneError> {
-    let prog = ebpf
-        .program(name)
-        .ok_or(aya::programs::ProgramError::NotLoaded)
-        .map_err(program_error(name))?;
-    prog.try_into().map_err(program_error(name))
-}
-
-/// The XDP program `name` of `ebpf`, mutable (to load or attach it).
-pub(crate) fn xdp_program_mut<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut Xdp, DataplaneError> {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or(aya::programs::ProgramError::NotLoaded)
-        .map_err(program_error(name))?;
-    prog.try_into().map_err(program_error(name))
 }
 
 /// `bpf_fib_lookup` refuses to route for an interface with forwarding off
@@ -327,18 +212,6 @@ impl Drop for Dataplane {
     }
 }
 
-/// The data path's flow clock (`bpf_ktime_get_coarse_ns()`: CLOCK_MONOTONIC_COARSE), in
-/// nanoseconds.
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
-}
-
 fn ipv4_be(addr: Ipv4Addr) -> u32 {
     // The kernel's maps hold addresses as they are on the wire.
     u32::from_ne_bytes(addr.octets())
@@ -361,41 +234,12 @@ impl Dataplane {
         ensure_forwarding(&opts.iface)?;
         let mut dp = Self::load_unattached(opts.flow_capacity, Some(opts.lb_addr))?;
         dp.log_pump = spawn_log_pump(&mut dp.ebpf);
-        let prog = dp.balancer_mut()?;
-        let attempts: &[(XdpMode, AttachedMode)] = match opts.mode {
-            XdpModeChoice::Driver => &[(XdpMode::Driver, AttachedMode::Driver)],
-            XdpModeChoice::Generic => &[(XdpMode::Skb, AttachedMode::Generic)],
-            XdpModeChoice::Auto => &[
-                (XdpMode::Driver, AttachedMode::Driver),
-                (XdpMode::Skb, AttachedMode::Generic),
-            ],
-        };
-        let mut last_err = None;
-        for (flag, mode) in attempts {
-            match prog.attach(&opts.iface, *flag) {
-                Ok(_) => {
-                    dp.mode = Some(*mode);
-                    break;
-                }
-                Err(source) => {
-                    if opts.mode == XdpModeChoice::Auto && *mode == AttachedMode::Driver {
-                        log::warn!(
-                            "driver-mode XDP on {} failed ({source}); falling back to generic mode, which is slower",
-                            opts.iface
-                        );
-                    }
-                    last_err = Some(DataplaneError::Attach {
-                        iface: opts.iface.clone(),
-                        mode: *mode,
-                        source,
-                    });
-                }
-            }
-        }
-        match dp.mode {
-            Some(_) => Ok(dp),
-            None => Err(last_err.expect("at least one attach attempt")),
-        }
+        dp.mode = Some(attach::attach_link(
+            dp.balancer_mut()?,
+            &opts.iface,
+            opts.mode,
+        )?);
+        Ok(dp)
     }
 
     /// Load the object and its maps without attaching anywhere: for `BPF_PROG_TEST_RUN` fixtures
@@ -449,70 +293,6 @@ impl Dataplane {
         Ok(dp)
     }
 
-    fn balancer_mut(&mut self) -> Result<&mut Xdp, DataplaneError> {
-        xdp_program_mut(&mut self.ebpf, programs::BALANCER)
-    }
-
-    /// The loaded balancer program (for `BPF_PROG_TEST_RUN`).
-    pub fn balancer(&self) -> Result<&Xdp, DataplaneError> {
-        xdp_program(&self.ebpf, programs::BALANCER)
-    }
-
-    /// Load one of the benchmark programs (`programs::FLOOR_TX`, `FLOOR_PARSE_TX`, `BENCH_SINK`)
-    /// from the same object, for side-by-side `BPF_PROG_TEST_RUN` measurements.
-    pub fn bench_program(&mut self, name: &'static str) -> Result<&Xdp, DataplaneError> {
-        let prog = xdp_program_mut(&mut self.ebpf, name)?;
-        if prog.fd().is_err() {
-            prog.load().map_err(program_error(name))?;
-        }
-        xdp_program(&self.ebpf, name)
-    }
-
-    /// The benchmark generator (`programs::BENCH_GEN`), loaded, with `header` as the headers it
-    /// writes into every frame.
-    pub fn bench_generator(&mut self, header: &BenchGenHeader) -> Result<&Xdp, DataplaneError> {
-        let map = self
-            .ebpf
-            .map_mut(maps::BENCH_GEN_HEADER)
-            .ok_or(DataplaneError::MissingMap {
-                name: maps::BENCH_GEN_HEADER,
-            })?;
-        let mut array: Array<&mut MapData, BenchGenHeader> =
-            Array::try_from(map).map_err(map_err(maps::BENCH_GEN_HEADER))?;
-        array
-            .set(0, header, 0)
-            .map_err(map_err(maps::BENCH_GEN_HEADER))?;
-        self.bench_program(programs::BENCH_GEN)
-    }
-
-    /// Load benchmark program `name` and attach it to `iface` (in the calling thread's network
-    /// namespace) in driver mode; it stays attached until this `Dataplane` is dropped.
-    pub fn attach_bench_program(
-        &mut self,
-        name: &'static str,
-        iface: &str,
-    ) -> Result<(), DataplaneError> {
-        self.bench_program(name)?;
-        let prog = xdp_program_mut(&mut self.ebpf, name)?;
-        prog.attach(iface, XdpMode::Driver)
-            .map_err(|source| DataplaneError::Attach {
-                iface: iface.to_string(),
-                mode: AttachedMode::Driver,
-                source,
-            })?;
-        Ok(())
-    }
-
-    /// The flow table, read-only: its entries for tests and the walks of `active_flows`,
-    /// `snapshot_flows` and the flow-entry count.
-    pub fn flows(&self) -> Result<HashMap<&MapData, FlowKey, FlowValue>, DataplaneError> {
-        let map = self
-            .ebpf
-            .map(maps::FLOWS)
-            .ok_or(DataplaneError::MissingMap { name: maps::FLOWS })?;
-        HashMap::try_from(map).map_err(map_err(maps::FLOWS))
-    }
-
     /// The attach mode, or `None` if loaded unattached.
     pub fn mode(&self) -> Option<AttachedMode> {
         self.mode
@@ -526,366 +306,6 @@ impl Dataplane {
         self.flow_capacity
     }
 
-    /// Check that `spec` fits (VIP slots, backend slots, ring size) without changing anything.
-    pub fn check_vip(&self, spec: &VipSpec) -> Result<(), DataplaneError> {
-        let existing = self.installed.get(&spec.key);
-        if existing.is_none() && self.free_vip_ids.is_empty() {
-            return Err(DataplaneError::NoVipSlot);
-        }
-        let needed = spec
-            .backends
-            .iter()
-            .filter(|b| {
-                !existing.is_some_and(|vip| vip.backends.iter().any(|(addr, _)| *addr == b.addr))
-            })
-            .count();
-        // Slots of backends this spec drops are freed only after the swap, so they do not count.
-        if needed > self.free_backend_ids.len() {
-            return Err(DataplaneError::NoBackendSlots {
-                needed,
-                free: self.free_backend_ids.len(),
-            });
-        }
-        let weights: Vec<u32> = spec.backends.iter().map(|b| b.weight).collect();
-        ring::build(&weights)?;
-        Ok(())
-    }
-
-    fn zero_counters(
-        map: &mut PerCpuArray<MapData, TrafficCounters>,
-        name: &'static str,
-        index: u32,
-        nr_cpus: usize,
-    ) -> Result<(), DataplaneError> {
-        let zeros = PerCpuValues::try_from(vec![TrafficCounters::default(); nr_cpus]).map_err(
-            |source| DataplaneError::Io {
-                what: format!("building zeroed counters for {name}"),
-                source,
-            },
-        )?;
-        map.set(index, zeros, 0).map_err(map_err(name))
-    }
-
-    /// Install or replace a VIP and its backends. Validates capacity first (`check_vip`): on error
-    /// nothing has changed. The data path sees the old or the new VIP, never a mix: new backend
-    /// slots and the inactive ring half are written first, then one update of the VIP's entry
-    /// switches to them, and only then are dropped backends' slots cleared.
-    ///
-    /// `down` holds the backends (by address) that failed their health checks: they get no ring
-    /// slot and lose `BACKEND_F_ACTIVE`, so their existing flows are re-steered to a healthy
-    /// backend. A backend with weight 0 (draining) also gets no ring slot, but stays active, so
-    /// its existing flows stay with it. No backend left → the VIP's packets are dropped
-    /// (`drop_no_backend`).
-    pub fn apply_vip(
-        &mut self,
-        spec: &VipSpec,
-        down: &BTreeSet<Ipv4Addr>,
-    ) -> Result<(), DataplaneError> {
-        self.check_vip(spec)?;
-        let key = vip_key(&spec.key);
-        let is_new = !self.installed.contains_key(&spec.key);
-        let (vip_id, half) = match self.installed.get(&spec.key) {
-            Some(vip) => (vip.id, vip.half ^ 1),
-            None => (
-                *self.free_vip_ids.first().ok_or(DataplaneError::NoVipSlot)?,
-                0,
-            ),
-        };
-        let old_backends = self
-            .installed
-            .get(&spec.key)
-            .map(|vip| vip.backends.clone())
-            .unwrap_or_default();
-
-        // Backend slots: keep an address's slot (its flows stay put), take fresh ones for new
-        // addresses.
-        let mut slots = Vec::with_capacity(spec.backends.len());
-        let mut fresh = Vec::new();
-        let mut free = self.free_backend_ids.iter();
-        for b in &spec.backends {
-            match old_backends.iter().find(|(addr, _)| *addr == b.addr) {
-                Some((_, id)) => slots.push((b.addr, *id)),
-                None => {
-                    let id = *free
-                        .next()
-                        .ok_or(DataplaneError::NoBackendSlots { needed: 1, free: 0 })?;
-                    slots.push((b.addr, id));
-                    fresh.push((b.addr, id));
-                }
-            }
-        }
-        let weights: Vec<u32> = spec
-            .backends
-            .iter()
-            .map(|b| if down.contains(&b.addr) { 0 } else { b.weight })
-            .collect();
-        let ring = ring::build(&weights)?;
-
-        for (_, id) in &fresh {
-            Self::zero_counters(
-                &mut self.backend_stats,
-                maps::BACKEND_STATS,
-                *id,
-                self.nr_cpus,
-            )?;
-        }
-        // Backends that are up become (or stay) active before the ring can name them; those that
-        // are down are deactivated only after the ring stops naming them (below).
-        for (addr, id) in slots.iter().filter(|(addr, _)| !down.contains(addr)) {
-            self.set_backend(*id, *addr, vip_id, BACKEND_F_ACTIVE)?;
-        }
-        for (slot, backend_index) in ring.iter().enumerate() {
-            self.rings
-                .set(
-                    ring_index(vip_id, half, slot as u32),
-                    slots[*backend_index].1,
-                    0,
-                )
-                .map_err(map_err(maps::RINGS))?;
-        }
-        if is_new {
-            Self::zero_counters(&mut self.vip_stats, maps::VIP_STATS, vip_id, self.nr_cpus)?;
-            self.rr_counters
-                .set(vip_id, 0, 0)
-                .map_err(map_err(maps::RR_COUNTERS))?;
-        }
-        let meta = VipMeta {
-            id: vip_id,
-            ring_len: ring.len() as u32,
-            ring_half: half,
-            forward: spec.forward.code(),
-        };
-        // A new VIP's address goes in before the switch, so that the switch is the last step that
-        // can fail while nothing is visible yet (until it, the address's packets are dropped as
-        // an unknown port rather than passed, for a moment).
-        let previous_users = if is_new {
-            let users = self.vip_addrs.get(&key.addr, 0).unwrap_or(0);
-            self.vip_addrs
-                .insert(key.addr, users + 1, 0)
-                .map_err(map_err(maps::VIP_ADDRS))?;
-            Some(users)
-        } else {
-            None
-        };
-        // The switch: one element update, atomic for the data path.
-        if let Err(e) = self.vips_map.insert(key, meta, 0) {
-            if let Some(users) = previous_users {
-                self.set_vip_addr_users(key.addr, users);
-            }
-            return Err(map_err(maps::VIPS)(e));
-        }
-        // The data path now uses the new ring half and slots: record that before anything else
-        // can fail, so the bookkeeping always matches the kernel (a retry then writes the other
-        // half, never the live one).
-        if is_new {
-            self.free_vip_ids.remove(&vip_id);
-        }
-        for (_, id) in &fresh {
-            self.free_backend_ids.remove(id);
-        }
-        let departed: Vec<u32> = old_backends
-            .iter()
-            .filter(|(addr, _)| !slots.iter().any(|(a, _)| a == addr))
-            .map(|(_, id)| *id)
-            .collect();
-        self.installed.insert(
-            spec.key,
-            InstalledVip {
-                id: vip_id,
-                half,
-                backends: slots.clone(),
-            },
-        );
-        for (addr, id) in slots.iter().filter(|(addr, _)| down.contains(addr)) {
-            self.set_backend(*id, *addr, vip_id, 0)?;
-        }
-        // Backends that left: clear their slots so flows pinned to them are re-steered.
-        for id in departed {
-            self.release_backend(id)?;
-        }
-        Ok(())
-    }
-
-    /// Put a VIP address's user count back after a failed switch (best effort: the failure being
-    /// reported is the switch's).
-    fn set_vip_addr_users(&mut self, addr: u32, users: u32) {
-        let result = if users == 0 {
-            self.vip_addrs.remove(&addr)
-        } else {
-            self.vip_addrs.insert(addr, users, 0)
-        };
-        if let Err(e) = result {
-            log::warn!("restoring the VIP address set after a failed update: {e}");
-        }
-    }
-
-    fn set_backend(
-        &mut self,
-        id: u32,
-        addr: Ipv4Addr,
-        vip_id: u32,
-        flags: u32,
-    ) -> Result<(), DataplaneError> {
-        self.backends_map
-            .set(
-                id,
-                Backend {
-                    addr: ipv4_be(addr),
-                    flags,
-                    vip_id,
-                    _pad: 0,
-                },
-                0,
-            )
-            .map_err(map_err(maps::BACKENDS))
-    }
-
-    fn release_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
-        self.backends_map
-            .set(id, Backend::default(), 0)
-            .map_err(map_err(maps::BACKENDS))?;
-        self.free_backend_ids.insert(id);
-        Ok(())
-    }
-
-    /// Remove a VIP: its packets are dropped as unknown port from then on (or passed if no other
-    /// VIP shares its address). Unknown key → error, nothing changed.
-    pub fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
-        let vip = self
-            .installed
-            .get(key)
-            .ok_or(DataplaneError::UnknownVip(*key))?;
-        let (id, backends) = (vip.id, vip.backends.clone());
-        let kkey = vip_key(key);
-        self.vips_map.remove(&kkey).map_err(map_err(maps::VIPS))?;
-        match self.vip_addrs.get(&kkey.addr, 0).unwrap_or(1) {
-            0 | 1 => self
-                .vip_addrs
-                .remove(&kkey.addr)
-                .map_err(map_err(maps::VIP_ADDRS))?,
-            users => self
-                .vip_addrs
-                .insert(kkey.addr, users - 1, 0)
-                .map_err(map_err(maps::VIP_ADDRS))?,
-        }
-        for (_, bid) in backends {
-            self.release_backend(bid)?;
-        }
-        // VIP ids are reused: the next VIP on this id starts with debug events off.
-        self.debug_vips
-            .set(id, 0, 0)
-            .map_err(map_err(maps::DEBUG_VIPS))?;
-        self.installed.remove(key);
-        self.free_vip_ids.insert(id);
-        Ok(())
-    }
-
-    fn sum(
-        map: &PerCpuArray<MapData, TrafficCounters>,
-        name: &'static str,
-        index: u32,
-    ) -> Result<Counters, DataplaneError> {
-        let values = map.get(&index, 0).map_err(map_err(name))?;
-        Ok(values.iter().fold(Counters::default(), |acc, c| Counters {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-            new_flows: acc.new_flows + c.new_flows,
-        }))
-    }
-
-    /// The ring buffer of `FlowEvent`s (new and re-steered flows, for peer sync). It can be taken
-    /// once; later calls fail with `MissingMap`. Until it is taken the program reports nothing.
-    pub fn take_flow_events(&mut self) -> Result<RingBuf<MapData>, DataplaneError> {
-        let ring = take_map(&mut self.ebpf, maps::FLOW_EVENTS)?;
-        // Someone reads the events now: start reporting them.
-        let cfg = LbConfig {
-            flags: self.lb_config.flags | CONFIG_F_FLOW_EVENTS,
-            ..self.lb_config
-        };
-        self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))?;
-        self.lb_config = cfg;
-        Ok(ring)
-    }
-
-    /// Install flows learned from a peer, each pinned to its backend by address. A flow whose VIP
-    /// or backend this node does not have is skipped and counted in the report (never guessed).
-    /// An existing entry is overwritten: the peer saw the flow's latest assignment.
-    pub fn install_flows(
-        &mut self,
-        flows: impl IntoIterator<Item = FlowEvent>,
-    ) -> Result<InstallReport, DataplaneError> {
-        let now = monotonic_ns();
-        // (VIP as the data path keys it, backend address in network order) → slot id.
-        let mut slots = std::collections::HashMap::new();
-        for (key, vip) in &self.installed {
-            for (addr, id) in &vip.backends {
-                slots.insert((vip_key(key), ipv4_be(*addr)), *id);
-            }
-        }
-        let map = self
-            .ebpf
-            .map_mut(maps::FLOWS)
-            .ok_or(DataplaneError::MissingMap { name: maps::FLOWS })?;
-        let mut table: HashMap<&mut MapData, FlowKey, FlowValue> =
-            HashMap::try_from(map).map_err(map_err(maps::FLOWS))?;
-        let mut report = InstallReport::default();
-        for event in flows {
-            let vip = VipKey {
-                addr: event.flow.dst_addr,
-                port: event.flow.dst_port,
-                proto: event.flow.proto,
-                _pad: 0,
-            };
-            match slots.get(&(vip, event.backend_addr)) {
-                Some(id) => {
-                    let value = FlowValue {
-                        backend_addr: event.backend_addr,
-                        backend_id: *id,
-                        last_seen_ns: now,
-                    };
-                    table
-                        .insert(event.flow, value, 0)
-                        .map_err(map_err(maps::FLOWS))?;
-                    report.installed += 1;
-                }
-                None => report.unknown_backend += 1,
-            }
-        }
-        Ok(report)
-    }
-
-    /// Every flow seen within `max_age`, as `FlowEvent`s (the snapshot a (re)joining peer gets).
-    pub fn snapshot_flows(
-        &self,
-        max_age: std::time::Duration,
-    ) -> Result<Vec<FlowEvent>, DataplaneError> {
-        let since = monotonic_ns().saturating_sub(max_age.as_nanos() as u64);
-        let mut flows = Vec::new();
-        for entry in self.flows()?.iter() {
-            // An entry evicted while we walk is simply skipped.
-            let Ok((flow, value)) = entry else { continue };
-            if value.last_seen_ns >= since {
-                flows.push(FlowEvent {
-                    flow,
-                    backend_addr: value.backend_addr,
-                    _pad: 0,
-                });
-            }
-        }
-        Ok(flows)
-    }
-
-    /// Switch the data path's debug events for one VIP on or off, at run time (not persisted).
-    pub fn set_vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), DataplaneError> {
-        let vip = self
-            .installed
-            .get(key)
-            .ok_or(DataplaneError::UnknownVip(*key))?;
-        self.debug_vips
-            .set(vip.id, u32::from(on), 0)
-            .map_err(map_err(maps::DEBUG_VIPS))
-    }
-
     /// A logger for the XDP program's debug events, sending them to `logger` on each `flush()`
     /// (tests read them this way; the agent gets a pump into its own log from `load`).
     pub fn event_logger<T: log::Log>(
@@ -893,71 +313,5 @@ impl Dataplane {
         logger: T,
     ) -> Result<aya_log::EbpfLogger<T>, aya_log::Error> {
         aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
-    }
-
-    /// Per-event counters (`lb_common::event::NAMES`), summed over CPUs.
-    pub fn event_stats(&self) -> Result<BTreeMap<String, u64>, DataplaneError> {
-        let mut events = BTreeMap::new();
-        for (index, name) in event::NAMES.iter().enumerate() {
-            let values = self
-                .event_stats
-                .get(&(index as u32), 0)
-                .map_err(map_err(maps::EVENT_STATS))?;
-            events.insert(name.to_string(), values.iter().sum());
-        }
-        Ok(events)
-    }
-
-    /// Active flows per (backend slot, backend address in network order): walks the flow table,
-    /// so it costs one pass over it.
-    fn active_flows(&self) -> Result<BTreeMap<(u32, u32), u64>, DataplaneError> {
-        let since = monotonic_ns().saturating_sub(ACTIVE_FLOW_WINDOW.as_nanos() as u64);
-        let mut counts = BTreeMap::new();
-        for entry in self.flows()?.iter() {
-            // An entry evicted while we walk is simply skipped.
-            let Ok((_, flow)) = entry else { continue };
-            if flow.last_seen_ns >= since {
-                *counts
-                    .entry((flow.backend_id, flow.backend_addr))
-                    .or_insert(0) += 1;
-            }
-        }
-        Ok(counts)
-    }
-
-    /// Sum the per-CPU counters of every configured VIP and backend, and the per-reason counters.
-    pub fn stats(&self) -> Result<DataplaneStats, DataplaneError> {
-        let active = self.active_flows()?;
-        let mut vips = Vec::with_capacity(self.installed.len());
-        for (key, vip) in &self.installed {
-            let mut backends = Vec::with_capacity(vip.backends.len());
-            for (addr, id) in &vip.backends {
-                backends.push(BackendStats {
-                    addr: *addr,
-                    counters: Self::sum(&self.backend_stats, maps::BACKEND_STATS, *id)?,
-                    // A slot's flows count only while the slot still holds this address.
-                    active_flows: active.get(&(*id, ipv4_be(*addr))).copied().unwrap_or(0),
-                });
-            }
-            vips.push(VipStats {
-                key: *key,
-                counters: Self::sum(&self.vip_stats, maps::VIP_STATS, vip.id)?,
-                backends,
-            });
-        }
-        let mut reasons = BTreeMap::new();
-        for (index, name) in reason::NAMES.iter().enumerate() {
-            let values = self
-                .reason_stats
-                .get(&(index as u32), 0)
-                .map_err(map_err(maps::REASON_STATS))?;
-            reasons.insert(name.to_string(), values.iter().sum());
-        }
-        Ok(DataplaneStats {
-            vips,
-            reasons,
-            events: self.event_stats()?,
-            flow_capacity: self.flow_capacity,
-        })
     }
 }

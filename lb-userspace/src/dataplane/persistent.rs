@@ -5,7 +5,10 @@
 
 use crate::{
     dataplane::object::EBPF_OBJECT,
-    dataplane::{AttachedMode, DataplaneError, XdpModeChoice, xdp_program, xdp_program_mut},
+    dataplane::{
+        AttachedMode, DataplaneError, XdpModeChoice,
+        object::{xdp_program, xdp_program_mut},
+    },
     netlink::{Netlink, NetlinkError, XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE},
     util::interface_index,
 };

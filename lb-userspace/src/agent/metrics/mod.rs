@@ -16,7 +16,11 @@ pub mod render;
 
 pub use render::render;
 
-use crate::{agent::controller::ControllerError, api::StatsReport, sync::SyncStatus};
+use crate::{
+    agent::{controller::ControllerError, flows::FlowCounter},
+    api::StatsReport,
+    sync::SyncStatus,
+};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
@@ -74,6 +78,7 @@ pub async fn serve(
     listener: TcpListener,
     scrapes: mpsc::Sender<StatsReply>,
     sync: Option<SyncStatus>,
+    flows: Arc<FlowCounter>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -95,28 +100,35 @@ pub async fn serve(
             log::debug!("metrics: {MAX_CONNECTIONS} connections open; closing {peer}");
             continue;
         };
-        let (scrapes, sync, cancel) = (scrapes.clone(), sync.clone(), cancel.clone());
+        let scraper = Scraper {
+            scrapes: scrapes.clone(),
+            sync: sync.clone(),
+            flows: flows.clone(),
+        };
+        let cancel = cancel.clone();
         tasks.spawn(async move {
             tokio::select! {
                 () = cancel.cancelled() => {}
-                () = connection(stream, peer, scrapes, sync) => {}
+                () = connection(stream, peer, scraper) => {}
             }
             drop(slot);
         });
     }
 }
 
-/// One HTTP connection: one request (keep-alive is off), bounded in time.
-async fn connection(
-    stream: TcpStream,
-    peer: SocketAddr,
+/// What answering a scrape needs.
+#[derive(Clone)]
+struct Scraper {
     scrapes: mpsc::Sender<StatsReply>,
     sync: Option<SyncStatus>,
-) {
+    flows: Arc<FlowCounter>,
+}
+
+/// One HTTP connection: one request (keep-alive is off), bounded in time.
+async fn connection(stream: TcpStream, peer: SocketAddr, scraper: Scraper) {
     let service = hyper::service::service_fn(move |req| {
-        let scrapes = scrapes.clone();
-        let sync = sync.clone();
-        async move { Ok::<_, Infallible>(answer(req, scrapes, sync).await) }
+        let scraper = scraper.clone();
+        async move { Ok::<_, Infallible>(answer(req, scraper).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -142,11 +154,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     resp
 }
 
-async fn answer(
-    req: Request<Incoming>,
-    scrapes: mpsc::Sender<StatsReply>,
-    sync: Option<SyncStatus>,
-) -> Response<Full<Bytes>> {
+async fn answer(req: Request<Incoming>, scraper: Scraper) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut resp = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -157,66 +165,62 @@ async fn answer(
         return resp;
     }
     match req.uri().path() {
-        "/metrics" => {}
-        "/" => {
-            return text(
-                StatusCode::OK,
-                "xlb agent: Prometheus metrics at /metrics\n".to_string(),
-            );
-        }
-        _ => {
-            return text(
-                StatusCode::NOT_FOUND,
-                "not found; try /metrics\n".to_string(),
-            );
-        }
+        "/metrics" => match scraper.scrape().await {
+            Ok(body) => {
+                let mut resp = text(StatusCode::OK, body);
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(CONTENT_TYPE),
+                );
+                resp
+            }
+            Err((status, message)) => text(status, format!("{message}\n")),
+        },
+        "/" => text(
+            StatusCode::OK,
+            "xlb agent: Prometheus metrics at /metrics\n".to_string(),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics\n".to_string(),
+        ),
     }
-    let (reply, answer) = oneshot::channel();
-    if scrapes.try_send(reply).is_err() {
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many scrapes waiting for the agent, or it is shutting down\n".to_string(),
-        );
-    }
-    let stats = match tokio::time::timeout(SCRAPE_TIMEOUT, answer).await {
-        Ok(Ok(Ok(stats))) => stats,
-        Ok(Ok(Err(e))) => {
-            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
+}
+
+impl Scraper {
+    /// The text of one scrape, or the status and message of why there is none.
+    async fn scrape(&self) -> Result<String, (StatusCode, String)> {
+        let unavailable = |m: String| (StatusCode::SERVICE_UNAVAILABLE, m);
+        // The counts of a walk of the flow table, made here, not in the serve loop.
+        self.flows.prepare().await;
+        let (reply, answer) = oneshot::channel();
+        if self.scrapes.try_send(reply).is_err() {
+            return Err(unavailable(
+                "too many scrapes waiting for the agent, or it is shutting down".to_string(),
+            ));
         }
-        Ok(Err(_)) => {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the agent is shutting down\n".to_string(),
-            );
-        }
-        Err(_) => {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the agent did not answer within {SCRAPE_TIMEOUT:?}\n"),
-            );
-        }
-    };
-    let peers = sync.map(|s| s.report());
-    match render(&stats, peers.as_ref()) {
-        Ok(body) => {
-            let mut resp = text(StatusCode::OK, body);
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static(CONTENT_TYPE),
-            );
-            resp
-        }
-        Err(e) => {
+        let stats = match tokio::time::timeout(SCRAPE_TIMEOUT, answer).await {
+            Ok(Ok(Ok(stats))) => stats,
+            Ok(Ok(Err(e))) => return Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+            Ok(Err(_)) => return Err(unavailable("the agent is shutting down".to_string())),
+            Err(_) => {
+                return Err(unavailable(format!(
+                    "the agent did not answer within {SCRAPE_TIMEOUT:?}"
+                )));
+            }
+        };
+        let peers = self.sync.as_ref().map(SyncStatus::report);
+        render(&stats, peers.as_ref()).map_err(|e| {
             log::error!("metrics scrape: {e}");
-            text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
-        }
+            (StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::metrics::render::tests::stats;
+    use crate::agent::{flows::tests::FakeTable, metrics::render::tests::stats};
     use std::io::{Read, Write};
 
     /// A blocking HTTP/1.0-style GET against `addr`: status line and body.
@@ -237,7 +241,15 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (tx, mut rx) = mpsc::channel::<StatsReply>(SCRAPE_QUEUE);
         let (cancel, tasks) = (CancellationToken::new(), TaskTracker::new());
-        let server = tokio::spawn(serve(listener, tx, None, cancel.clone(), tasks.clone()));
+        let flows = FlowCounter::new(FakeTable::new(0, Duration::ZERO), tasks.clone());
+        let server = tokio::spawn(serve(
+            listener,
+            tx,
+            None,
+            flows,
+            cancel.clone(),
+            tasks.clone(),
+        ));
         // Stands in for the serve loop: the first scrape gets a report, the second an error.
         let answered = tokio::spawn(async move {
             let first = rx.recv().await.unwrap();

@@ -204,8 +204,8 @@ fn render_datapath(f: &Families, stats: &StatsReport) -> Result<(), MetricsError
     .set(i64::from(stats.flow_capacity));
     f.gauge(
         "xlb_flow_table_entries",
-        "Entries in use in the flow table (an LRU: finished flows stay until evicted); counted at \
-         most once per second.",
+        "Entries in use in the flow table (an LRU: finished flows stay until evicted); on large \
+         tables counted at most once per second.",
         &[],
     )?
     .with_label_values::<&str>(&[])

@@ -1,0 +1,143 @@
+//! A data path in memory for tests: what is "in the kernel", with knobs to make operations fail.
+
+use super::DataplaneOps;
+use crate::{
+    dataplane::{BackendStats, Counters, DataplaneStats, FlowCounts, InstallReport, VipStats},
+    model::{ServiceKey, VipSpec},
+};
+use lb_common::FlowEvent;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+#[derive(Default)]
+pub struct FakeDataplane {
+    /// What is "in the kernel".
+    pub applied: BTreeMap<ServiceKey, VipSpec>,
+    /// `check_vip` rejects VIPs with more backends than this.
+    pub max_backends_per_vip: Option<usize>,
+    /// The next this-many `apply_vip` calls fail (and change nothing).
+    pub fail_applies: usize,
+    pub fail_remove: bool,
+    pub apply_calls: usize,
+    /// The `down` set of every successful `apply_vip`, in order.
+    pub down_log: Vec<(ServiceKey, BTreeSet<Ipv4Addr>)>,
+    /// Flows installed from peers, in order.
+    pub flows: Vec<FlowEvent>,
+    /// Every `set_vip_debug` call, in order.
+    pub debug_log: Vec<(ServiceKey, bool)>,
+}
+
+/// The slot a backend gets here: its address's last byte.
+pub fn slot_of(addr: Ipv4Addr) -> u32 {
+    u32::from(addr.octets()[3])
+}
+
+/// Flow counts as a walk of the fake's table would find them: `per_backend` active flows for
+/// every backend applied, and `entries` entries.
+pub fn flow_counts(dp: &FakeDataplane, entries: u64, per_backend: u64) -> FlowCounts {
+    let mut counts = FlowCounts {
+        entries,
+        ..Default::default()
+    };
+    for b in dp.applied.values().flat_map(|v| &v.backends) {
+        counts.active.insert(
+            (slot_of(b.addr), u32::from_ne_bytes(b.addr.octets())),
+            per_backend,
+        );
+    }
+    counts
+}
+
+impl FakeDataplane {
+    /// The down set the VIP was last applied with.
+    pub fn down(&self, key: &ServiceKey) -> Option<&BTreeSet<Ipv4Addr>> {
+        self.down_log
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, d)| d)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FakeError(&'static str);
+
+impl DataplaneOps for FakeDataplane {
+    type Error = FakeError;
+    fn check_vip(&self, spec: &VipSpec) -> Result<(), FakeError> {
+        match self.max_backends_per_vip {
+            Some(max) if spec.backends.len() > max => Err(FakeError("too many backends")),
+            _ => Ok(()),
+        }
+    }
+    fn apply_vip(&mut self, spec: &VipSpec, down: &BTreeSet<Ipv4Addr>) -> Result<(), FakeError> {
+        self.apply_calls += 1;
+        if self.fail_applies > 0 {
+            self.fail_applies -= 1;
+            return Err(FakeError("map update failed"));
+        }
+        self.applied.insert(spec.key, spec.clone());
+        self.down_log.push((spec.key, down.clone()));
+        Ok(())
+    }
+    fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), FakeError> {
+        if self.fail_remove {
+            return Err(FakeError("map delete failed"));
+        }
+        self.applied
+            .remove(key)
+            .map(|_| ())
+            .ok_or(FakeError("no such VIP"))
+    }
+    fn counters(&self) -> Result<DataplaneStats, FakeError> {
+        Ok(DataplaneStats {
+            vips: self
+                .applied
+                .values()
+                .map(|s| VipStats {
+                    key: s.key,
+                    counters: Counters {
+                        packets: 10,
+                        bytes: 1000,
+                        new_flows: 2,
+                    },
+                    backends: s
+                        .backends
+                        .iter()
+                        .map(|b| BackendStats {
+                            active_flows: 0,
+                            addr: b.addr,
+                            slot: slot_of(b.addr),
+                            counters: Counters {
+                                packets: u64::from(b.addr.octets()[3]),
+                                bytes: 100,
+                                new_flows: 1,
+                            },
+                        })
+                        .collect(),
+                })
+                .collect(),
+            reasons: [("fwd_tx".to_string(), 42)].into_iter().collect(),
+            events: [("midflow_miss".to_string(), 1)].into_iter().collect(),
+            flow_capacity: 1024,
+        })
+    }
+    fn install_flows(&mut self, flows: Vec<FlowEvent>) -> Result<InstallReport, FakeError> {
+        let installed = flows.len() as u64;
+        self.flows.extend(flows);
+        Ok(InstallReport {
+            installed,
+            unknown_backend: 0,
+        })
+    }
+    fn set_vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), FakeError> {
+        if !self.applied.contains_key(key) {
+            return Err(FakeError("no such VIP"));
+        }
+        self.debug_log.push((*key, on));
+        Ok(())
+    }
+}

@@ -1,0 +1,560 @@
+//! Turns requests into changes of desired state, in an order that never leaves the three copies
+//! of it (memory, kernel maps, state file) disagreeing after an error:
+//!
+//! 1. plan + validate everything (`state::DesiredState::plan_*`, `DataplaneOps::check_vip`);
+//! 2. apply to the data path;
+//! 3. persist the whole new state atomically;
+//! 4. only then commit it in memory.
+//!
+//! If 2 or 3 fails, the data path is put back to the old VIP (re-applied, or the new one removed)
+//! and the request fails with a message naming the problem. The controller is generic over
+//! `DataplaneOps`, so all of this is tested without a kernel.
+//!
+//! The controller also keeps the backends' health (`HealthBook`): every apply passes the VIP's
+//! down backends to the data path, and a health result that changes a backend's state re-applies
+//! its VIP. Health is not persisted: after a restart every backend starts up (as in HAProxy), so
+//! a restart causes no outage.
+
+use crate::{
+    agent::{
+        health::{CheckReport, HealthBook, ProbeTarget},
+        report::vip_report,
+        state::{self, DesiredState, StateError},
+    },
+    api::{Request, Response, StatsReport, VipReport, VipSummary},
+    dataplane::{Dataplane, DataplaneError, DataplaneStats, FlowCounts, InstallReport},
+    model::{
+        Forward, ServiceKey, VipConfig, VipSpec,
+        check::{CheckKind, CheckPatch},
+    },
+    util::BoxError,
+};
+use lb_common::FlowEvent;
+use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf, sync::Arc, time::SystemTime};
+
+/// What the controller needs from a data path.
+pub trait DataplaneOps {
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Whether `spec` fits, without changing anything.
+    fn check_vip(&self, spec: &VipSpec) -> Result<(), Self::Error>;
+    /// Install or replace a VIP whose backends in `down` failed their health checks (they get no
+    /// new flows and their flows are re-steered); on error nothing has changed.
+    fn apply_vip(&mut self, spec: &VipSpec, down: &BTreeSet<Ipv4Addr>) -> Result<(), Self::Error>;
+    /// Remove a VIP; on error nothing has changed.
+    fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), Self::Error>;
+    /// The counters, summed (cheap: no walk of the flow table; active flows are 0).
+    fn counters(&self) -> Result<DataplaneStats, Self::Error>;
+    /// Install flows learned from a peer (pinned by backend address).
+    fn install_flows(&mut self, flows: Vec<FlowEvent>) -> Result<InstallReport, Self::Error>;
+    /// Switch the data path's debug events for one installed VIP on or off (runtime only).
+    fn set_vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), Self::Error>;
+}
+
+impl DataplaneOps for Dataplane {
+    type Error = DataplaneError;
+    fn check_vip(&self, spec: &VipSpec) -> Result<(), DataplaneError> {
+        Dataplane::check_vip(self, spec)
+    }
+    fn apply_vip(
+        &mut self,
+        spec: &VipSpec,
+        down: &BTreeSet<Ipv4Addr>,
+    ) -> Result<(), DataplaneError> {
+        Dataplane::apply_vip(self, spec, down)
+    }
+    fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        Dataplane::remove_vip(self, key)
+    }
+    fn counters(&self) -> Result<DataplaneStats, DataplaneError> {
+        Dataplane::counters(self)
+    }
+    fn install_flows(&mut self, flows: Vec<FlowEvent>) -> Result<InstallReport, DataplaneError> {
+        Dataplane::install_flows(self, flows)
+    }
+    fn set_vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), DataplaneError> {
+        Dataplane::set_vip_debug(self, key, on)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("VIP {key} does not fit in the data path: {source}")]
+    Capacity { key: ServiceKey, source: BoxError },
+    #[error("applying VIP {key} to the data path failed: {source}")]
+    Apply { key: ServiceKey, source: BoxError },
+    #[error("removing VIP {key} from the data path failed: {source}")]
+    Remove { key: ServiceKey, source: BoxError },
+    #[error("reading data-path counters failed: {source}")]
+    Stats { source: BoxError },
+    #[error("switching debug events of VIP {key} failed: {source}")]
+    Debug { key: ServiceKey, source: BoxError },
+    /// The change failed and putting the data path back failed too: the kernel may now differ from
+    /// the desired state, which is kept as it was.
+    #[error("{error}; restoring VIP {key} in the data path also failed: {rollback}")]
+    Rollback {
+        key: ServiceKey,
+        #[source]
+        error: Box<ControllerError>,
+        rollback: BoxError,
+    },
+}
+
+pub struct Controller<D> {
+    dp: D,
+    state: DesiredState,
+    state_path: PathBuf,
+    health: HealthBook,
+    /// VIPs whose re-apply after a health change failed: retried on their next check result.
+    retry: BTreeSet<ServiceKey>,
+    /// The flow table's counts that reports show (walked off the serve loop: `agent::flows`).
+    flows: Arc<FlowCounts>,
+}
+
+impl<D: DataplaneOps> Controller<D> {
+    /// Install `initial` into the data path and persist it. Every VIP is checked before the first
+    /// one is applied; if any apply fails, the ones already applied are removed again.
+    pub fn start(
+        dp: D,
+        state_path: PathBuf,
+        initial: DesiredState,
+    ) -> Result<Self, ControllerError> {
+        let mut ctl = Controller {
+            dp,
+            state: DesiredState::default(),
+            state_path,
+            health: HealthBook::default(),
+            retry: BTreeSet::new(),
+            flows: Arc::default(),
+        };
+        for spec in initial.vips() {
+            ctl.dp
+                .check_vip(&spec.spec())
+                .map_err(|e| ControllerError::Capacity {
+                    key: spec.key,
+                    source: e.into(),
+                })?;
+        }
+        let mut applied: Vec<ServiceKey> = Vec::new();
+        let mut outcome = Ok(());
+        for spec in initial.vips() {
+            // Every backend starts up: nothing is down before its first checks.
+            if let Err(e) = ctl.dp.apply_vip(&spec.spec(), &BTreeSet::new()) {
+                outcome = Err(ControllerError::Apply {
+                    key: spec.key,
+                    source: e.into(),
+                });
+                break;
+            }
+            applied.push(spec.key);
+        }
+        if outcome.is_ok() {
+            outcome = state::save(&ctl.state_path, &initial).map_err(ControllerError::from);
+        }
+        if let Err(e) = outcome {
+            for key in applied.iter().rev() {
+                if let Err(re) = ctl.dp.remove_vip(key) {
+                    log::warn!("removing VIP {key} after a failed start: {re}");
+                }
+            }
+            return Err(e);
+        }
+        ctl.state = initial;
+        ctl.health.sync(ctl.state.vips(), SystemTime::now());
+        ctl.log_unchecked_udp(ctl.state.vips().map(|v| v.key).collect());
+        Ok(ctl)
+    }
+
+    pub fn state(&self) -> &DesiredState {
+        &self.state
+    }
+
+    pub fn dataplane(&self) -> &D {
+        &self.dp
+    }
+
+    /// Answer one protocol request. Errors become `Response::Error` with a one-line message.
+    pub fn handle(&mut self, req: Request) -> Response {
+        let result = match req {
+            Request::VipAdd {
+                vip,
+                forward,
+                check,
+            } => self.vip_add(vip, forward, &check).map(|()| Response::Done {
+                message: format!(
+                    "added VIP {vip} (forward {forward}, check {})",
+                    self.check_summary(&vip)
+                ),
+            }),
+            Request::VipSet { vip, check } => self.vip_set(&vip, &check).map(|()| Response::Done {
+                message: format!("VIP {vip}: check {}", self.check_summary(&vip)),
+            }),
+            Request::VipDel { vip } => self.vip_del(&vip).map(|()| Response::Done {
+                message: format!("deleted VIP {vip}"),
+            }),
+            Request::VipList => Ok(Response::VipList {
+                vips: self.vip_list(),
+            }),
+            Request::BackendAdd {
+                vip,
+                backend,
+                weight,
+                check,
+            } => self
+                .backend_add(&vip, backend, weight, &check)
+                .map(|()| Response::Done {
+                    message: if check.is_empty() {
+                        format!("added backend {backend} (weight {weight}) to VIP {vip}")
+                    } else {
+                        format!(
+                            "added backend {backend} (weight {weight}, own check {}) to VIP {vip}",
+                            self.backend_check_summary(&vip, backend)
+                        )
+                    },
+                }),
+            Request::BackendSet {
+                vip,
+                backend,
+                weight,
+            } => self
+                .backend_set_weight(&vip, backend, weight)
+                .map(|()| Response::Done {
+                    message: format!("backend {backend} of VIP {vip}: weight {weight}"),
+                }),
+            Request::BackendDrain { vip, backend } => {
+                self.backend_drain(&vip, backend).map(|()| Response::Done {
+                    message: format!(
+                        "draining backend {backend} of VIP {vip}: no new flows, existing flows stay"
+                    ),
+                })
+            }
+            Request::BackendUndrain { vip, backend } => {
+                self.backend_undrain(&vip, backend)
+                    .map(|()| Response::Done {
+                        message: format!(
+                            "backend {backend} of VIP {vip} takes new flows again (weight {})",
+                            self.weight_of(&vip, backend)
+                        ),
+                    })
+            }
+            Request::BackendDel { vip, backend } => {
+                self.backend_del(&vip, backend).map(|()| Response::Done {
+                    message: format!("deleted backend {backend} from VIP {vip}"),
+                })
+            }
+            Request::BackendList { vip } => self
+                .backend_list(&vip)
+                .map(|vip| Response::BackendList { vip }),
+            Request::Stats => self.stats().map(|stats| Response::Stats { stats }),
+            // The serve loop answers this when peer sync runs; reaching here means it does not.
+            Request::Peers => Ok(Response::Error {
+                message: "peer sync is not configured on this agent (start it with --sync-listen)"
+                    .to_string(),
+            }),
+            Request::VipDebug { vip, on } => self.vip_debug(&vip, on).map(|()| Response::Done {
+                message: if on {
+                    format!(
+                        "VIP {vip}: data-path debug events on (they appear in the agent's log, target xlb_ebpf)"
+                    )
+                } else {
+                    format!("VIP {vip}: data-path debug events off")
+                },
+            }),
+        };
+        result.unwrap_or_else(|e| Response::Error {
+            message: e.to_string(),
+        })
+    }
+
+    pub fn vip_add(
+        &mut self,
+        key: ServiceKey,
+        forward: Forward,
+        check: &CheckPatch,
+    ) -> Result<(), ControllerError> {
+        let spec = self.state.plan_vip_add(key, forward, check)?;
+        self.commit(key, None, Some(spec))?;
+        self.log_unchecked_udp(vec![key]);
+        Ok(())
+    }
+
+    /// Debug events for one VIP. Not desired state: nothing is persisted, and a restarted agent
+    /// starts with every VIP's events off.
+    pub fn vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), ControllerError> {
+        if self.state.get(key).is_none() {
+            return Err(StateError::UnknownVip(*key).into());
+        }
+        self.dp
+            .set_vip_debug(key, on)
+            .map_err(|e| ControllerError::Debug {
+                key: *key,
+                source: e.into(),
+            })
+    }
+
+    pub fn vip_set(&mut self, key: &ServiceKey, check: &CheckPatch) -> Result<(), ControllerError> {
+        let new = self.state.plan_vip_set(key, check)?;
+        let old = self.state.get(key).cloned();
+        self.commit(*key, old, Some(new))
+    }
+
+    pub fn vip_del(&mut self, key: &ServiceKey) -> Result<(), ControllerError> {
+        let old = self.state.plan_vip_del(key)?.clone();
+        self.commit(*key, Some(old), None)
+    }
+
+    pub fn backend_add(
+        &mut self,
+        key: &ServiceKey,
+        addr: Ipv4Addr,
+        weight: u32,
+        check: &CheckPatch,
+    ) -> Result<(), ControllerError> {
+        let new = self.state.plan_backend_add(key, addr, weight, check)?;
+        let old = self.state.get(key).cloned();
+        self.commit(*key, old, Some(new))
+    }
+
+    pub fn backend_del(&mut self, key: &ServiceKey, addr: Ipv4Addr) -> Result<(), ControllerError> {
+        let new = self.state.plan_backend_del(key, addr)?;
+        let old = self.state.get(key).cloned();
+        self.commit(*key, old, Some(new))
+    }
+
+    pub fn backend_set_weight(
+        &mut self,
+        key: &ServiceKey,
+        addr: Ipv4Addr,
+        weight: u32,
+    ) -> Result<(), ControllerError> {
+        let new = self.state.plan_backend_set_weight(key, addr, weight)?;
+        let old = self.state.get(key).cloned();
+        self.commit(*key, old, Some(new))
+    }
+
+    pub fn backend_drain(
+        &mut self,
+        key: &ServiceKey,
+        addr: Ipv4Addr,
+    ) -> Result<(), ControllerError> {
+        let new = self.state.plan_backend_drain(key, addr)?;
+        let old = self.state.get(key).cloned();
+        self.commit(*key, old, Some(new))
+    }
+
+    pub fn backend_undrain(
+        &mut self,
+        key: &ServiceKey,
+        addr: Ipv4Addr,
+    ) -> Result<(), ControllerError> {
+        let new = self.state.plan_backend_undrain(key, addr)?;
+        let old = self.state.get(key).cloned();
+        self.commit(*key, old, Some(new))
+    }
+
+    /// What the check tasks must be checking now.
+    pub fn probe_targets(&self) -> Vec<ProbeTarget> {
+        self.health.targets()
+    }
+
+    /// Take one health-check result. A state change is logged and its VIP re-applied with the
+    /// new down set; if that fails it is logged and retried on the VIP's next result (the data
+    /// path keeps the previous ring meanwhile).
+    pub fn health_result(&mut self, report: CheckReport) {
+        let key = report.key;
+        if let Some(t) = self.health.record(report) {
+            if t.up {
+                log::info!("{t}");
+            } else {
+                log::warn!("{t}");
+            }
+            self.retry.insert(key);
+        }
+        if !self.retry.contains(&key) {
+            return;
+        }
+        let Some(vip) = self.state.get(&key) else {
+            self.retry.remove(&key);
+            return;
+        };
+        let down = self.health.down_for(vip);
+        match self.dp.apply_vip(&vip.spec(), &down) {
+            Ok(()) => {
+                self.retry.remove(&key);
+            }
+            Err(e) => log::error!(
+                "re-applying VIP {key} after a health change failed (retrying on its next check): {e}"
+            ),
+        }
+    }
+
+    /// Say so when a UDP VIP has no health check: its backends always count as up.
+    fn log_unchecked_udp(&self, keys: Vec<ServiceKey>) {
+        for key in keys {
+            if let Some(v) = self.state.get(&key)
+                && key.proto == crate::model::Proto::Udp
+                && v.check.kind == CheckKind::None
+            {
+                log::info!(
+                    "VIP {key} has no health check (the default for UDP: a TCP connect cannot check a UDP service); its backends always count as up"
+                );
+            }
+        }
+    }
+
+    fn check_summary(&self, key: &ServiceKey) -> String {
+        self.state
+            .get(key)
+            .map(|v| v.check.summary())
+            .unwrap_or_default()
+    }
+
+    fn backend_check_summary(&self, key: &ServiceKey, addr: Ipv4Addr) -> String {
+        self.state
+            .get(key)
+            .and_then(|v| {
+                v.backends
+                    .iter()
+                    .find(|b| b.addr == addr)
+                    .map(|b| v.check_of(b).summary())
+            })
+            .unwrap_or_default()
+    }
+
+    fn weight_of(&self, key: &ServiceKey, addr: Ipv4Addr) -> u32 {
+        self.state
+            .get(key)
+            .and_then(|v| v.backends.iter().find(|b| b.addr == addr))
+            .map_or(0, |b| b.weight)
+    }
+
+    pub fn vip_list(&self) -> Vec<VipSummary> {
+        self.state.vips().map(VipSummary::from).collect()
+    }
+
+    /// The flow table's counts the next reports show.
+    pub fn set_flow_counts(&mut self, flows: Arc<FlowCounts>) {
+        self.flows = flows;
+    }
+
+    pub fn backend_list(&self, key: &ServiceKey) -> Result<VipReport, ControllerError> {
+        let spec = self.state.get(key).ok_or(StateError::UnknownVip(*key))?;
+        let stats = self.dp_stats()?;
+        Ok(vip_report(spec, &stats, &self.health, SystemTime::now()))
+    }
+
+    pub fn stats(&self) -> Result<StatsReport, ControllerError> {
+        let stats = self.dp_stats()?;
+        Ok(StatsReport {
+            vips: self
+                .state
+                .vips()
+                .map(|s| vip_report(s, &stats, &self.health, SystemTime::now()))
+                .collect(),
+            reasons: stats.reasons.clone(),
+            events: stats.events.clone(),
+            flow_capacity: stats.flow_capacity,
+            flow_entries: self.flows.entries,
+        })
+    }
+
+    /// Install flows a peer sent (at most a frame's worth: a bounded number of map updates). An
+    /// error goes back to the sync task, which logs it.
+    pub fn install_flows(&mut self, flows: Vec<FlowEvent>) -> Result<InstallReport, D::Error> {
+        self.dp.install_flows(flows)
+    }
+
+    /// The data path's counters with the active flows of the last walk.
+    fn dp_stats(&self) -> Result<DataplaneStats, ControllerError> {
+        Ok(self
+            .dp
+            .counters()
+            .map_err(|e| ControllerError::Stats { source: e.into() })?
+            .with_flows(&self.flows))
+    }
+
+    /// Move VIP `key` from `old` to `new` (`None` = absent) in kernel, file and memory, or in none.
+    fn commit(
+        &mut self,
+        key: ServiceKey,
+        old: Option<VipConfig>,
+        new: Option<VipConfig>,
+    ) -> Result<(), ControllerError> {
+        let mut next = self.state.clone();
+        match &new {
+            Some(spec) => {
+                self.dp
+                    .check_vip(&spec.spec())
+                    .map_err(|e| ControllerError::Capacity {
+                        key,
+                        source: e.into(),
+                    })?;
+                next.insert(spec.clone());
+            }
+            None => {
+                next.remove(&key);
+            }
+        }
+
+        let applied = match &new {
+            Some(spec) => self
+                .dp
+                .apply_vip(&spec.spec(), &self.health.down_for(spec))
+                .map_err(|e| ControllerError::Apply {
+                    key,
+                    source: e.into(),
+                }),
+            None => self
+                .dp
+                .remove_vip(&key)
+                .map_err(|e| ControllerError::Remove {
+                    key,
+                    source: e.into(),
+                }),
+        };
+        if let Err(error) = applied {
+            // The data path promises a failed apply/remove changed nothing, but re-installing the
+            // old VIP is cheap insurance against a half-written ring. A brand-new VIP that failed
+            // to apply has nothing to restore.
+            return Err(match &old {
+                Some(old) => self.restore(key, Some(old), error),
+                None => error,
+            });
+        }
+
+        if let Err(error) = state::save(&self.state_path, &next) {
+            return Err(self.restore(key, old.as_ref(), error.into()));
+        }
+        self.state = next;
+        self.retry.remove(&key);
+        self.health.sync(self.state.vips(), SystemTime::now());
+        Ok(())
+    }
+
+    /// Put VIP `key` back to `old` in the data path after `error`; returns the error to report.
+    fn restore(
+        &mut self,
+        key: ServiceKey,
+        old: Option<&VipConfig>,
+        error: ControllerError,
+    ) -> ControllerError {
+        let result = match old {
+            Some(spec) => self.dp.apply_vip(&spec.spec(), &self.health.down_for(spec)),
+            None => self.dp.remove_vip(&key),
+        };
+        match result {
+            Ok(()) => error,
+            Err(e) => ControllerError::Rollback {
+                key,
+                error: Box::new(error),
+                rollback: e.into(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fake;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,316 @@
+//! The flow table from userspace: peers' flows installed (`install_flows`, in the serve loop: a
+//! frame's worth of map updates), and walks of the whole table — counts for reports, snapshots
+//! for peers — through `FlowTable`, a handle of its own that the agent walks off its serve loop.
+//!
+//! A walk reads the table in batches (`BPF_MAP_LOOKUP_BATCH`, thousands of entries per system
+//! call) where the kernel has them, and entry by entry otherwise. The table keeps changing under
+//! any walk: an entry added or evicted meanwhile may be seen or missed.
+
+use super::{Dataplane, DataplaneError, ipv4_be, map_err, take_map, vip_key};
+use aya::maps::{HashMap, IterableMap, Map, MapData, RingBuf};
+use lb_common::{CONFIG_F_FLOW_EVENTS, FlowEvent, FlowKey, FlowValue, LbConfig, VipKey, maps};
+use serde::{Deserialize, Serialize};
+use std::{
+    io,
+    net::Ipv4Addr,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    time::Duration,
+};
+
+/// How recently a flow must have seen a packet to count as active in `BackendStats`.
+pub const ACTIVE_FLOW_WINDOW: Duration = Duration::from_secs(60);
+
+/// Entries read per `BPF_MAP_LOOKUP_BATCH` call (512 KiB of keys and values).
+const BATCH: usize = 16_384;
+
+/// What `install_flows` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallReport {
+    pub installed: u64,
+    /// Flows whose VIP or backend this node does not have.
+    pub unknown_backend: u64,
+}
+
+/// What one walk of the flow table counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounts {
+    /// Entries in the table: live flows and finished ones not evicted yet (it is an LRU).
+    pub entries: u64,
+    /// Entries that saw a packet within `ACTIVE_FLOW_WINDOW`, per (backend slot, backend address
+    /// in network order).
+    pub active: std::collections::HashMap<(u32, u32), u64>,
+}
+
+impl FlowCounts {
+    /// Active flows of the backend at `addr` in slot `slot` (a slot's flows count only while the
+    /// slot still holds that address).
+    pub fn active_of(&self, slot: u32, addr: Ipv4Addr) -> u64 {
+        self.active
+            .get(&(slot, ipv4_be(addr)))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// A handle of its own to the flow table (the same kernel map), to walk it from another thread
+/// than the one that owns the `Dataplane`.
+pub struct FlowTable {
+    map: HashMap<MapData, FlowKey, FlowValue>,
+}
+
+impl FlowTable {
+    /// Call `f` for every entry.
+    pub fn for_each(&self, mut f: impl FnMut(&FlowKey, &FlowValue)) -> Result<(), DataplaneError> {
+        match lookup_batches(self.map.map().fd().as_fd(), &mut f) {
+            Ok(()) => Ok(()),
+            // EINVAL: a kernel without the command (before 5.6); ENOTSUPP (524) or EOPNOTSUPP: a
+            // map type without it. Both are read entry by entry.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | 524 | libc::EOPNOTSUPP)
+                ) =>
+            {
+                // An entry evicted while we walk is simply skipped.
+                for (key, value) in self.map.iter().flatten() {
+                    f(&key, &value);
+                }
+                Ok(())
+            }
+            Err(source) => Err(DataplaneError::Io {
+                what: format!("reading map {}", maps::FLOWS),
+                source,
+            }),
+        }
+    }
+
+    /// Entries, and active entries per backend slot and address (one walk).
+    pub fn counts(&self) -> Result<FlowCounts, DataplaneError> {
+        let since = monotonic_ns().saturating_sub(ACTIVE_FLOW_WINDOW.as_nanos() as u64);
+        let mut counts = FlowCounts::default();
+        self.for_each(|_, flow| {
+            counts.entries += 1;
+            if flow.last_seen_ns >= since {
+                *counts
+                    .active
+                    .entry((flow.backend_id, flow.backend_addr))
+                    .or_insert(0) += 1;
+            }
+        })?;
+        Ok(counts)
+    }
+
+    /// Every flow seen within `max_age`, as `FlowEvent`s (the snapshot a (re)joining peer gets).
+    pub fn snapshot(&self, max_age: Duration) -> Result<Vec<FlowEvent>, DataplaneError> {
+        let since = monotonic_ns().saturating_sub(max_age.as_nanos() as u64);
+        let mut flows = Vec::new();
+        self.for_each(|flow, value| {
+            if value.last_seen_ns >= since {
+                flows.push(FlowEvent {
+                    flow: *flow,
+                    backend_addr: value.backend_addr,
+                    _pad: 0,
+                });
+            }
+        })?;
+        Ok(flows)
+    }
+}
+
+/// `union bpf_attr` as `BPF_MAP_LOOKUP_BATCH` reads it (linux/bpf.h, the `batch` member).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Read the whole hash map `fd` in batches and call `f` for each entry. aya has no batch
+/// operations; one call copies thousands of entries, where the iterator makes two system calls
+/// per entry (a million entries: about 2 s).
+fn lookup_batches(fd: BorrowedFd<'_>, f: &mut impl FnMut(&FlowKey, &FlowValue)) -> io::Result<()> {
+    let mut keys = vec![FlowKey::default(); BATCH];
+    let mut values = vec![FlowValue::default(); BATCH];
+    // The kernel's position in the table (a bucket index for hash maps); 8 bytes leave room.
+    let (mut token_in, mut token_out) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &raw const token_in as u64 },
+            out_batch: &raw mut token_out as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` describes buffers of `BATCH` keys and values of the map's key and value
+        // types (`FlowKey`, `FlowValue`: plain `repr(C)` integers) and two 8-byte tokens, all
+        // alive and not otherwise borrowed for the duration of the call; the kernel writes at
+        // most `count` entries and one token.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        let err = (rc < 0).then(io::Error::last_os_error);
+        // Also on ENOENT (the end of the table) `count` holds the entries of this last batch.
+        let n = match &err {
+            None => attr.count as usize,
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => attr.count as usize,
+            Some(_) => 0,
+        };
+        for (key, value) in keys.iter().zip(&values).take(n.min(BATCH)) {
+            f(key, value);
+        }
+        match err {
+            None => {}
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Some(e) => return Err(e),
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
+
+/// The data path's flow clock (`bpf_ktime_get_coarse_ns()`: CLOCK_MONOTONIC_COARSE), in
+/// nanoseconds.
+pub(super) fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+impl Dataplane {
+    /// The flow table, read-only, through the `Dataplane` (tests read single entries this way).
+    pub fn flows(&self) -> Result<HashMap<&MapData, FlowKey, FlowValue>, DataplaneError> {
+        let map = self
+            .ebpf
+            .map(maps::FLOWS)
+            .ok_or(DataplaneError::MissingMap { name: maps::FLOWS })?;
+        HashMap::try_from(map).map_err(map_err(maps::FLOWS))
+    }
+
+    /// A handle of its own to the flow table, for walks on other threads.
+    pub fn flow_table(&self) -> Result<FlowTable, DataplaneError> {
+        let io_err = |source| DataplaneError::Io {
+            what: format!("opening map {} again", maps::FLOWS),
+            source,
+        };
+        let fd = self
+            .flows()?
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(io_err)?;
+        let data = MapData::from_fd(fd).map_err(map_err(maps::FLOWS))?;
+        let map = Map::from_map_data(data).map_err(map_err(maps::FLOWS))?;
+        Ok(FlowTable {
+            map: HashMap::try_from(map).map_err(map_err(maps::FLOWS))?,
+        })
+    }
+
+    /// The ring buffer of `FlowEvent`s (new and re-steered flows, for peer sync). It can be taken
+    /// once; later calls fail with `MissingMap`. Until it is taken the program reports nothing.
+    pub fn take_flow_events(&mut self) -> Result<RingBuf<MapData>, DataplaneError> {
+        let ring = take_map(&mut self.ebpf, maps::FLOW_EVENTS)?;
+        // Someone reads the events now: start reporting them.
+        let cfg = LbConfig {
+            flags: self.lb_config.flags | CONFIG_F_FLOW_EVENTS,
+            ..self.lb_config
+        };
+        self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))?;
+        self.lb_config = cfg;
+        Ok(ring)
+    }
+
+    /// Install flows learned from a peer, each pinned to its backend by address. A flow whose VIP
+    /// or backend this node does not have is skipped and counted in the report (never guessed).
+    /// An existing entry is overwritten: the peer saw the flow's latest assignment.
+    pub fn install_flows(
+        &mut self,
+        flows: impl IntoIterator<Item = FlowEvent>,
+    ) -> Result<InstallReport, DataplaneError> {
+        let now = monotonic_ns();
+        // (VIP as the data path keys it, backend address in network order) → slot id.
+        let mut slots = std::collections::HashMap::new();
+        for (key, vip) in &self.installed {
+            for (addr, id) in &vip.backends {
+                slots.insert((vip_key(key), ipv4_be(*addr)), *id);
+            }
+        }
+        let map = self
+            .ebpf
+            .map_mut(maps::FLOWS)
+            .ok_or(DataplaneError::MissingMap { name: maps::FLOWS })?;
+        let mut table: HashMap<&mut MapData, FlowKey, FlowValue> =
+            HashMap::try_from(map).map_err(map_err(maps::FLOWS))?;
+        let mut report = InstallReport::default();
+        for event in flows {
+            let vip = VipKey {
+                addr: event.flow.dst_addr,
+                port: event.flow.dst_port,
+                proto: event.flow.proto,
+                _pad: 0,
+            };
+            match slots.get(&(vip, event.backend_addr)) {
+                Some(id) => {
+                    let value = FlowValue {
+                        backend_addr: event.backend_addr,
+                        backend_id: *id,
+                        last_seen_ns: now,
+                    };
+                    table
+                        .insert(event.flow, value, 0)
+                        .map_err(map_err(maps::FLOWS))?;
+                    report.installed += 1;
+                }
+                None => report.unknown_backend += 1,
+            }
+        }
+        Ok(report)
+    }
+
+    /// Every flow seen within `max_age`, as `FlowEvent`s: one walk of the table (the agent walks
+    /// its `flow_table()` off its serve loop instead).
+    pub fn snapshot_flows(&self, max_age: Duration) -> Result<Vec<FlowEvent>, DataplaneError> {
+        self.flow_table()?.snapshot(max_age)
+    }
+
+    /// The flow counts of one walk of the table (the agent walks its `flow_table()` off its
+    /// serve loop instead).
+    pub fn flow_counts(&self) -> Result<FlowCounts, DataplaneError> {
+        self.flow_table()?.counts()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_attr_has_the_kernels_layout() {
+        // linux/bpf.h: in_batch, out_batch, keys, values (u64), count, map_fd (u32), elem_flags,
+        // flags (u64).
+        assert_eq!(size_of::<BatchAttr>(), 56);
+        assert_eq!(std::mem::offset_of!(BatchAttr, count), 32);
+        assert_eq!(std::mem::offset_of!(BatchAttr, map_fd), 36);
+        assert_eq!(std::mem::offset_of!(BatchAttr, flags), 48);
+    }
+}

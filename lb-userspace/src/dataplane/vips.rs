@@ -1,0 +1,322 @@
+//! VIPs in the maps: a VIP's entry, its backends' slots and its double-buffered ring. A change
+//! writes the inactive half of the ring and new slots first, then switches with one update of
+//! the VIP's entry, and only then clears what the old version used, so the data path sees the
+//! old VIP or the new one, never a mix. Slot ids are this module's business: callers speak in
+//! addresses.
+
+use super::{Dataplane, DataplaneError, InstalledVip, ipv4_be, map_err, ring, vip_key};
+use crate::model::{ServiceKey, VipSpec};
+use aya::maps::{MapData, PerCpuArray, PerCpuValues};
+use lb_common::{BACKEND_F_ACTIVE, Backend, TrafficCounters, VipMeta, maps, ring_index};
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+/// Where a new version of a VIP goes: its id, the ring half it writes, and its backends' slots.
+struct Placement {
+    vip_id: u32,
+    half: u32,
+    is_new: bool,
+    /// (address, slot) of the old version.
+    old: Vec<(Ipv4Addr, u32)>,
+    /// (address, slot) in spec order.
+    slots: Vec<(Ipv4Addr, u32)>,
+    /// The slots in `slots` that were free before.
+    fresh: Vec<u32>,
+}
+
+impl Dataplane {
+    /// Check that `spec` fits (VIP slots, backend slots, ring size) without changing anything.
+    pub fn check_vip(&self, spec: &VipSpec) -> Result<(), DataplaneError> {
+        let existing = self.installed.get(&spec.key);
+        if existing.is_none() && self.free_vip_ids.is_empty() {
+            return Err(DataplaneError::NoVipSlot);
+        }
+        let needed = spec
+            .backends
+            .iter()
+            .filter(|b| {
+                !existing.is_some_and(|vip| vip.backends.iter().any(|(addr, _)| *addr == b.addr))
+            })
+            .count();
+        // Slots of backends this spec drops are freed only after the swap, so they do not count.
+        if needed > self.free_backend_ids.len() {
+            return Err(DataplaneError::NoBackendSlots {
+                needed,
+                free: self.free_backend_ids.len(),
+            });
+        }
+        let weights: Vec<u32> = spec.backends.iter().map(|b| b.weight).collect();
+        ring::build(&weights)?;
+        Ok(())
+    }
+
+    fn zero_counters(
+        map: &mut PerCpuArray<MapData, TrafficCounters>,
+        name: &'static str,
+        index: u32,
+        nr_cpus: usize,
+    ) -> Result<(), DataplaneError> {
+        let zeros = PerCpuValues::try_from(vec![TrafficCounters::default(); nr_cpus]).map_err(
+            |source| DataplaneError::Io {
+                what: format!("building zeroed counters for {name}"),
+                source,
+            },
+        )?;
+        map.set(index, zeros, 0).map_err(map_err(name))
+    }
+
+    /// Install or replace a VIP and its backends. Validates capacity first (`check_vip`): on error
+    /// nothing has changed. The data path sees the old or the new VIP, never a mix: new backend
+    /// slots and the inactive ring half are written first, then one update of the VIP's entry
+    /// switches to them, and only then are dropped backends' slots cleared.
+    ///
+    /// `down` holds the backends (by address) that failed their health checks: they get no ring
+    /// slot and lose `BACKEND_F_ACTIVE`, so their existing flows are re-steered to a healthy
+    /// backend. A backend with weight 0 (draining) also gets no ring slot, but stays active, so
+    /// its existing flows stay with it. No backend left → the VIP's packets are dropped
+    /// (`drop_no_backend`).
+    pub fn apply_vip(
+        &mut self,
+        spec: &VipSpec,
+        down: &BTreeSet<Ipv4Addr>,
+    ) -> Result<(), DataplaneError> {
+        self.check_vip(spec)?;
+        let place = self.place(spec)?;
+        let weights: Vec<u32> = spec
+            .backends
+            .iter()
+            .map(|b| if down.contains(&b.addr) { 0 } else { b.weight })
+            .collect();
+        let ring = ring::build(&weights)?;
+        self.prepare(&place, &ring, down)?;
+        let meta = VipMeta {
+            id: place.vip_id,
+            ring_len: ring.len() as u32,
+            ring_half: place.half,
+            forward: spec.forward.code(),
+        };
+        self.switch(&spec.key, meta, place.is_new)?;
+        // The data path now uses the new ring half and slots: record that before anything else
+        // can fail, so the bookkeeping always matches the kernel (a retry then writes the other
+        // half, never the live one).
+        if place.is_new {
+            self.free_vip_ids.remove(&place.vip_id);
+        }
+        for id in &place.fresh {
+            self.free_backend_ids.remove(id);
+        }
+        self.installed.insert(
+            spec.key,
+            InstalledVip {
+                id: place.vip_id,
+                half: place.half,
+                backends: place.slots.clone(),
+            },
+        );
+        for (addr, id) in place.slots.iter().filter(|(addr, _)| down.contains(addr)) {
+            self.set_backend(*id, *addr, place.vip_id, 0)?;
+        }
+        // Backends that left: clear their slots so flows pinned to them are re-steered.
+        for (addr, id) in &place.old {
+            if !place.slots.iter().any(|(a, _)| a == addr) {
+                self.release_backend(*id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The VIP's id and inactive ring half, and a slot per backend: an address keeps its slot
+    /// (its flows stay put), new addresses take free ones.
+    fn place(&self, spec: &VipSpec) -> Result<Placement, DataplaneError> {
+        let installed = self.installed.get(&spec.key);
+        let (vip_id, half) = match installed {
+            Some(vip) => (vip.id, vip.half ^ 1),
+            None => (
+                *self.free_vip_ids.first().ok_or(DataplaneError::NoVipSlot)?,
+                0,
+            ),
+        };
+        let old = installed
+            .map(|vip| vip.backends.clone())
+            .unwrap_or_default();
+        let mut slots = Vec::with_capacity(spec.backends.len());
+        let mut fresh = Vec::new();
+        let mut free = self.free_backend_ids.iter();
+        for b in &spec.backends {
+            match old.iter().find(|(addr, _)| *addr == b.addr) {
+                Some((_, id)) => slots.push((b.addr, *id)),
+                None => {
+                    let id = *free
+                        .next()
+                        .ok_or(DataplaneError::NoBackendSlots { needed: 1, free: 0 })?;
+                    slots.push((b.addr, id));
+                    fresh.push(id);
+                }
+            }
+        }
+        Ok(Placement {
+            vip_id,
+            half,
+            is_new: installed.is_none(),
+            old,
+            slots,
+            fresh,
+        })
+    }
+
+    /// Everything the switch will make visible: fresh slots' counters zeroed, backends that are
+    /// up active (before the ring can name them; those that are down are deactivated only after
+    /// the ring stops naming them), the inactive ring half, a new VIP's counters.
+    fn prepare(
+        &mut self,
+        place: &Placement,
+        ring: &[usize],
+        down: &BTreeSet<Ipv4Addr>,
+    ) -> Result<(), DataplaneError> {
+        for id in &place.fresh {
+            Self::zero_counters(
+                &mut self.backend_stats,
+                maps::BACKEND_STATS,
+                *id,
+                self.nr_cpus,
+            )?;
+        }
+        for (addr, id) in place.slots.iter().filter(|(addr, _)| !down.contains(addr)) {
+            self.set_backend(*id, *addr, place.vip_id, BACKEND_F_ACTIVE)?;
+        }
+        for (slot, backend_index) in ring.iter().enumerate() {
+            self.rings
+                .set(
+                    ring_index(place.vip_id, place.half, slot as u32),
+                    place.slots[*backend_index].1,
+                    0,
+                )
+                .map_err(map_err(maps::RINGS))?;
+        }
+        if place.is_new {
+            Self::zero_counters(
+                &mut self.vip_stats,
+                maps::VIP_STATS,
+                place.vip_id,
+                self.nr_cpus,
+            )?;
+            self.rr_counters
+                .set(place.vip_id, 0, 0)
+                .map_err(map_err(maps::RR_COUNTERS))?;
+        }
+        Ok(())
+    }
+
+    /// The switch: one update of the VIP's entry, atomic for the data path. A new VIP's address
+    /// goes in before it, so that the switch is the last step that can fail while nothing is
+    /// visible yet (until it, the address's packets are dropped as an unknown port rather than
+    /// passed, for a moment).
+    fn switch(
+        &mut self,
+        key: &ServiceKey,
+        meta: VipMeta,
+        is_new: bool,
+    ) -> Result<(), DataplaneError> {
+        let key = vip_key(key);
+        let previous_users = if is_new {
+            let users = self.vip_addrs.get(&key.addr, 0).unwrap_or(0);
+            self.vip_addrs
+                .insert(key.addr, users + 1, 0)
+                .map_err(map_err(maps::VIP_ADDRS))?;
+            Some(users)
+        } else {
+            None
+        };
+        if let Err(e) = self.vips_map.insert(key, meta, 0) {
+            if let Some(users) = previous_users {
+                self.set_vip_addr_users(key.addr, users);
+            }
+            return Err(map_err(maps::VIPS)(e));
+        }
+        Ok(())
+    }
+
+    /// Put a VIP address's user count back after a failed switch (best effort: the failure being
+    /// reported is the switch's).
+    fn set_vip_addr_users(&mut self, addr: u32, users: u32) {
+        let result = if users == 0 {
+            self.vip_addrs.remove(&addr)
+        } else {
+            self.vip_addrs.insert(addr, users, 0)
+        };
+        if let Err(e) = result {
+            log::warn!("restoring the VIP address set after a failed update: {e}");
+        }
+    }
+
+    fn set_backend(
+        &mut self,
+        id: u32,
+        addr: Ipv4Addr,
+        vip_id: u32,
+        flags: u32,
+    ) -> Result<(), DataplaneError> {
+        self.backends_map
+            .set(
+                id,
+                Backend {
+                    addr: ipv4_be(addr),
+                    flags,
+                    vip_id,
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(map_err(maps::BACKENDS))
+    }
+
+    fn release_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.backends_map
+            .set(id, Backend::default(), 0)
+            .map_err(map_err(maps::BACKENDS))?;
+        self.free_backend_ids.insert(id);
+        Ok(())
+    }
+
+    /// Remove a VIP: its packets are dropped as unknown port from then on (or passed if no other
+    /// VIP shares its address). Unknown key → error, nothing changed.
+    pub fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        let vip = self
+            .installed
+            .get(key)
+            .ok_or(DataplaneError::UnknownVip(*key))?;
+        let (id, backends) = (vip.id, vip.backends.clone());
+        let kkey = vip_key(key);
+        self.vips_map.remove(&kkey).map_err(map_err(maps::VIPS))?;
+        match self.vip_addrs.get(&kkey.addr, 0).unwrap_or(1) {
+            0 | 1 => self
+                .vip_addrs
+                .remove(&kkey.addr)
+                .map_err(map_err(maps::VIP_ADDRS))?,
+            users => self
+                .vip_addrs
+                .insert(kkey.addr, users - 1, 0)
+                .map_err(map_err(maps::VIP_ADDRS))?,
+        }
+        for (_, bid) in backends {
+            self.release_backend(bid)?;
+        }
+        // VIP ids are reused: the next VIP on this id starts with debug events off.
+        self.debug_vips
+            .set(id, 0, 0)
+            .map_err(map_err(maps::DEBUG_VIPS))?;
+        self.installed.remove(key);
+        self.free_vip_ids.insert(id);
+        Ok(())
+    }
+
+    /// Switch the data path's debug events for one VIP on or off, at run time (not persisted).
+    pub fn set_vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), DataplaneError> {
+        let vip = self
+            .installed
+            .get(key)
+            .ok_or(DataplaneError::UnknownVip(*key))?;
+        self.debug_vips
+            .set(vip.id, u32::from(on), 0)
+            .map_err(map_err(maps::DEBUG_VIPS))
+    }
+}
