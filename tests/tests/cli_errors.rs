@@ -262,22 +262,28 @@ fn bad_input_is_refused_and_changes_nothing() {
 /// Peer sync settings (issue 4): inconsistent or unusable ones stop the agent at start with a
 /// one-line error naming the problem; the TOML form (`[agent] sync_listen`, `peers`,
 /// `sync_key_file`) works like the flags.
-#[test]
-fn agent_refuses_bad_sync_settings_and_reads_them_from_toml() {
-    require_root();
-    let prefix = unique_prefix();
+/// A namespace of its own for one agent: `lo` up and `HOST_IFACE`, a veth with an address (the
+/// IPIP source the agent needs; any 10.111/16 address) and its peer, both up.
+fn lb_netns(prefix: &str) -> Netns {
     let ns = Netns::create(&format!("{prefix}-lb")).unwrap();
     ns.ip(&["link", "set", "lo", "up"]).unwrap();
     ns.ip(&[
         "link", "add", HOST_IFACE, "type", "veth", "peer", "name", "xlbpeer0",
     ])
     .unwrap();
-    // The IPIP source address the agent needs (a namespace of its own: any 10.111/16 address).
     ns.ip(&["addr", "add", "10.111.9.1/24", "dev", HOST_IFACE])
         .unwrap();
     for i in [HOST_IFACE, "xlbpeer0"] {
         ns.ip(&["link", "set", i, "up"]).unwrap();
     }
+    ns
+}
+
+#[test]
+fn agent_refuses_bad_sync_settings_and_reads_them_from_toml() {
+    require_root();
+    let prefix = unique_prefix();
+    let ns = lb_netns(&prefix);
     let dir = TempDir::new(&prefix).unwrap();
     let good_key = dir.path().join("good.key");
     std::fs::write(&good_key, "  0123456789abcdef-shared-key\n").unwrap();
@@ -365,6 +371,66 @@ fn agent_refuses_bad_sync_settings_and_reads_them_from_toml() {
     assert_eq!(list[0]["connected"], false, "nobody listens there: {peers}");
     let table = agent.client.ok(&["peers"]).expect("xlb peers");
     assert!(table.contains("127.0.0.2:7946"), "{table}");
+    let status = agent.stop().unwrap();
+    expect_clean_exit("xlb agent", status, &agent.log()).unwrap();
+}
+
+/// The health-check timeout defaults to min(1 s, interval) (issue 10): `--interval 200ms` alone
+/// is accepted with a 200 ms timeout, as an operator used to HAProxy types it; an explicit
+/// timeout longer than the interval is still refused.
+#[test]
+fn a_short_check_interval_alone_is_accepted() {
+    require_root();
+    let prefix = unique_prefix();
+    let ns = lb_netns(&prefix);
+    let dir = TempDir::new(&prefix).unwrap();
+    let mut agent = Agent::start(&ns, HOST_IFACE, "generic", dir.path(), &[]).expect("agent");
+    let xlb = agent.client.clone();
+    let vip = format!("{VIP}:80");
+    xlb.ok(&[
+        "vip",
+        "add",
+        &vip,
+        "--check",
+        "http:/healthz",
+        "--interval",
+        "200ms",
+    ])
+    .expect("a check every 200 ms without --timeout");
+    let check = |xlb: &Xlb| xlb.vip_list().expect("vip list --json")["vips"][0]["check"].clone();
+    let c = check(&xlb);
+    assert_eq!(
+        (&c["interval"], &c["timeout"]),
+        (&"200ms".into(), &"200ms".into()),
+        "{c}"
+    );
+    let before = xlb.vip_list().unwrap();
+    assert_error(
+        &xlb.run(&[
+            "vip",
+            "set",
+            &vip,
+            "--interval",
+            "100ms",
+            "--timeout",
+            "150ms",
+        ])
+        .unwrap(),
+        &["150ms", "100ms"],
+    );
+    assert_eq!(
+        xlb.vip_list().unwrap(),
+        before,
+        "the refused change changed nothing"
+    );
+    // A longer interval alone: the timeout goes back to its 1 s default.
+    xlb.ok(&["vip", "set", &vip, "--interval", "5s"]).unwrap();
+    let c = check(&xlb);
+    assert_eq!(
+        (&c["interval"], &c["timeout"]),
+        (&"5s".into(), &"1s".into()),
+        "{c}"
+    );
     let status = agent.stop().unwrap();
     expect_clean_exit("xlb agent", status, &agent.log()).unwrap();
 }

@@ -17,7 +17,7 @@
 //! path = "/healthz"
 //! port = 8080              # default: the VIP's port
 //! interval = "200ms"       # default 1s
-//! timeout = "150ms"        # default 1s, at most the interval
+//! timeout = "150ms"        # default 1s or the interval if shorter; at most the interval
 //! rise = 2
 //! fall = 3
 //! expect_status = "200-399"
@@ -284,6 +284,17 @@ mod tests {
         let own = v.backends[1].check.as_ref().unwrap();
         assert_eq!((own.kind, own.port), (CheckKind::Http, Some(8081)));
         assert_eq!(own.interval, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_short_interval_alone_shortens_the_timeout() {
+        use std::time::Duration;
+        let cfg = parse(
+            "[[vip]]\naddress = \"10.111.100.1:80\"\n[vip.check]\nkind = \"http\"\ninterval = \"200ms\"\n",
+        )
+        .unwrap();
+        let v = cfg.state.vips().next().unwrap();
+        assert_eq!(v.check.timeout, Duration::from_millis(200));
     }
 
     #[test]

@@ -143,7 +143,7 @@ pub struct CheckArgs {
     /// Time between checks, e.g. 200ms [default: 1s].
     #[arg(long, value_name = "DURATION")]
     pub interval: Option<String>,
-    /// Time a check may take, at most the interval [default: 1s].
+    /// Time a check may take, at most the interval [default: 1s, or the interval if shorter].
     #[arg(long, value_name = "DURATION")]
     pub timeout: Option<String>,
     /// Consecutive passed checks that bring a down backend back [default: 2].

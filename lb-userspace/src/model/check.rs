@@ -12,6 +12,8 @@ use std::{fmt, str::FromStr, time::Duration};
 /// Default time between two checks of a backend: HAProxy's `inter` is 2 s, the issue asks for
 /// at most 1 s so a dead server is noticed in about 3 s with the default `fall`.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+/// The timeout of a check with the default interval; with a shorter interval the timeout is the
+/// interval (`default_timeout`), as HAProxy's `timeout check` defaults to `inter`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 /// HAProxy's defaults.
 pub const DEFAULT_RISE: u32 = 2;
@@ -183,6 +185,11 @@ pub fn parse_duration(what: &'static str, input: &str) -> Result<Duration, Check
     })
 }
 
+/// The timeout of a check every `interval` when none is given: 1 s, or the interval if shorter.
+pub fn default_timeout(interval: Duration) -> Duration {
+    DEFAULT_TIMEOUT.min(interval)
+}
+
 /// Serde form of a `Duration`: a humantime string.
 mod duration_str {
     use super::*;
@@ -283,7 +290,7 @@ impl CheckSpec {
             path: "/".to_string(),
             port: None,
             interval: DEFAULT_INTERVAL,
-            timeout: DEFAULT_TIMEOUT,
+            timeout: default_timeout(DEFAULT_INTERVAL),
             rise: DEFAULT_RISE,
             fall: DEFAULT_FALL,
             expect_status: StatusRange::DEFAULT,
@@ -305,6 +312,12 @@ impl CheckSpec {
             c.port = Some(p);
         }
         if let Some(i) = patch.interval {
+            // A timeout that is its interval's default follows a new interval (unless the patch
+            // gives one): `--interval 200ms` alone is a 200 ms check, not a refused 1 s timeout.
+            // A timeout set to something else stays, and is checked against the new interval.
+            if patch.timeout.is_none() && c.timeout == default_timeout(c.interval) {
+                c.timeout = default_timeout(i);
+            }
             c.interval = i;
         }
         if let Some(t) = patch.timeout {
@@ -454,6 +467,44 @@ mod tests {
             let e = bad.parse::<StatusRange>().unwrap_err();
             assert_eq!(e, CheckError::Status(bad.to_string()));
         }
+    }
+
+    #[test]
+    fn timeout_defaults_to_the_interval_when_shorter() {
+        let base = CheckSpec::default_for(Proto::Tcp);
+        let interval = |ms| CheckPatch {
+            interval: Some(Duration::from_millis(ms)),
+            ..Default::default()
+        };
+        // `--interval 200ms` alone: a 200 ms timeout, accepted.
+        let fast = base.patched(&interval(200));
+        assert_eq!(fast.timeout, Duration::from_millis(200));
+        assert!(fast.validate().is_ok());
+        // A longer interval again: back to the 1 s default.
+        let slow = fast.patched(&interval(5_000));
+        assert_eq!(slow.timeout, Duration::from_secs(1));
+        // An explicit timeout wins, and one longer than the interval is still an error.
+        let given = base.patched(&CheckPatch {
+            timeout: Some(Duration::from_millis(150)),
+            ..interval(200)
+        });
+        assert_eq!(given.timeout, Duration::from_millis(150));
+        let too_long = base.patched(&CheckPatch {
+            timeout: Some(Duration::from_millis(300)),
+            ..interval(200)
+        });
+        assert!(matches!(
+            too_long.validate(),
+            Err(CheckError::TimeoutAboveInterval { .. })
+        ));
+        // A timeout set to something else than its default stays when the interval changes.
+        let set = base.patched(&CheckPatch {
+            timeout: Some(Duration::from_millis(1_500)),
+            ..interval(2_000)
+        });
+        let shorter = set.patched(&interval(500));
+        assert_eq!(shorter.timeout, Duration::from_millis(1_500));
+        assert!(shorter.validate().is_err());
     }
 
     #[test]

@@ -662,8 +662,11 @@ fn bad_checks_and_weights_change_nothing() {
                 vip: key(80),
                 backend: be(14),
                 weight: 1,
+                // An explicit timeout longer than the interval (without one, the timeout would
+                // follow the interval: see check::default_timeout).
                 check: CheckPatch {
                     interval: Some(Duration::from_millis(100)),
+                    timeout: Some(Duration::from_secs(1)),
                     ..Default::default()
                 },
             },
