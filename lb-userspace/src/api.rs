@@ -14,11 +14,11 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
 /// Longest request or response line accepted, newline included. Generous for any real request, and
 /// it bounds what a misbehaving peer can make us buffer.
-pub const MAX_LINE: usize = 4 << 20;
+pub(crate) const MAX_LINE: usize = 4 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
-pub enum Request {
+pub(crate) enum Request {
     VipAdd {
         vip: ServiceKey,
         forward: Forward,
@@ -78,7 +78,7 @@ pub enum Request {
 
 impl Request {
     /// Whether the request changes desired state (the agent re-warms neighbours after those).
-    pub fn is_mutation(&self) -> bool {
+    pub(crate) fn is_mutation(&self) -> bool {
         matches!(
             self,
             Request::VipAdd { .. }
@@ -95,7 +95,7 @@ impl Request {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "snake_case")]
-pub enum Response {
+pub(crate) enum Response {
     /// A change was applied and persisted; `message` says what, for the operator.
     Done {
         message: String,
@@ -120,24 +120,24 @@ pub enum Response {
 
 /// One backend as configured (`vip list --json`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackendSummary {
-    pub address: Ipv4Addr,
-    pub weight: u32,
+pub(crate) struct BackendSummary {
+    pub(crate) address: Ipv4Addr,
+    pub(crate) weight: u32,
     /// The backend's own check, if it has one (otherwise the VIP's applies).
-    pub check: Option<CheckSpec>,
+    pub(crate) check: Option<CheckSpec>,
 }
 
 /// One VIP as configured (`vip list --json` prints `{"vips": [VipSummary, ...]}`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VipSummary {
+pub(crate) struct VipSummary {
     /// `ADDR:PORT`, as typed on the command line.
-    pub vip: String,
-    pub address: Ipv4Addr,
-    pub port: u16,
-    pub proto: Proto,
-    pub forward: Forward,
-    pub check: CheckSpec,
-    pub backends: Vec<BackendSummary>,
+    pub(crate) vip: String,
+    pub(crate) address: Ipv4Addr,
+    pub(crate) port: u16,
+    pub(crate) proto: Proto,
+    pub(crate) forward: Forward,
+    pub(crate) check: CheckSpec,
+    pub(crate) backends: Vec<BackendSummary>,
 }
 
 impl From<&VipConfig> for VipSummary {
@@ -164,81 +164,81 @@ impl From<&VipConfig> for VipSummary {
 
 /// What `vip list --json` prints.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VipList {
-    pub vips: Vec<VipSummary>,
+pub(crate) struct VipList {
+    pub(crate) vips: Vec<VipSummary>,
 }
 
 /// The last health check of a backend.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LastCheck {
-    pub ok: bool,
+pub(crate) struct LastCheck {
+    pub(crate) ok: bool,
     /// `connected` / `HTTP 200` when ok, the failure reason otherwise.
-    pub detail: String,
-    pub latency_ms: f64,
-    pub at_unix_ms: u64,
+    pub(crate) detail: String,
+    pub(crate) latency_ms: f64,
+    pub(crate) at_unix_ms: u64,
 }
 
 /// One backend with its health and its data-path counters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct BackendReport {
-    pub address: Ipv4Addr,
-    pub weight: u32,
-    pub state: BackendState,
+pub(crate) struct BackendReport {
+    pub(crate) address: Ipv4Addr,
+    pub(crate) weight: u32,
+    pub(crate) state: BackendState,
     /// When `state` began, RFC 3339 UTC.
-    pub since: String,
-    pub since_unix_ms: u64,
+    pub(crate) since: String,
+    pub(crate) since_unix_ms: u64,
     /// `None` before the first check and for backends without checks.
-    pub last_check: Option<LastCheck>,
+    pub(crate) last_check: Option<LastCheck>,
     /// Flows of this backend that saw a packet in the last minute.
-    pub active_flows: u64,
-    pub packets: u64,
-    pub bytes: u64,
-    pub new_flows: u64,
+    pub(crate) active_flows: u64,
+    pub(crate) packets: u64,
+    pub(crate) bytes: u64,
+    pub(crate) new_flows: u64,
     /// Health checks passed / failed since the backend was added (0 without checks). Defaulted
     /// so a newer CLI still reads an older agent's answer.
     #[serde(default)]
-    pub checks_ok: u64,
+    pub(crate) checks_ok: u64,
     #[serde(default)]
-    pub checks_failed: u64,
+    pub(crate) checks_failed: u64,
 }
 
 /// One VIP with its counters and its backends' (`backend list --json` prints this object).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VipReport {
-    pub vip: String,
-    pub address: Ipv4Addr,
-    pub port: u16,
-    pub proto: Proto,
-    pub forward: Forward,
-    pub packets: u64,
-    pub bytes: u64,
-    pub new_flows: u64,
-    pub backends: Vec<BackendReport>,
+pub(crate) struct VipReport {
+    pub(crate) vip: String,
+    pub(crate) address: Ipv4Addr,
+    pub(crate) port: u16,
+    pub(crate) proto: Proto,
+    pub(crate) forward: Forward,
+    pub(crate) packets: u64,
+    pub(crate) bytes: u64,
+    pub(crate) new_flows: u64,
+    pub(crate) backends: Vec<BackendReport>,
 }
 
 /// Everything `xlb stats --json` prints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StatsReport {
-    pub vips: Vec<VipReport>,
+pub(crate) struct StatsReport {
+    pub(crate) vips: Vec<VipReport>,
     /// Packets per outcome (`lb_common::reason::NAMES`), every reason present.
-    pub reasons: BTreeMap<String, u64>,
+    pub(crate) reasons: BTreeMap<String, u64>,
     /// Data-path events (`lb_common::event::NAMES`): `midflow_miss` (a TCP packet without SYN
     /// that found no flow entry: a sync gap), `flow_resteered`, `flow_event_lost`,
     /// `nexthop_lookup` (FIB lookups for a backend's next hop, which is cached per CPU for 1 s).
-    pub events: BTreeMap<String, u64>,
-    pub flow_capacity: u32,
+    pub(crate) events: BTreeMap<String, u64>,
+    pub(crate) flow_capacity: u32,
     /// Entries in the flow table (live and finished-but-not-evicted flows: it is an LRU),
     /// counted by a walk of the table off the agent's serve loop: a walk made for this report
     /// while walks are cheap, else the last one, at most a second (and one walk) old; see
     /// `agent::flows`. Defaulted for older agents.
     #[serde(default)]
-    pub flow_entries: u64,
+    pub(crate) flow_entries: u64,
 }
 
 /// What `backend list` shows as a backend's state. Down wins over draining.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum BackendState {
+pub(crate) enum BackendState {
     Up,
     Down,
     /// Up, weight 0: no new flows, existing flows stay.
@@ -266,7 +266,7 @@ impl fmt::Display for BackendState {
 }
 
 /// `ADDR:PORT` of a service key (the protocol is reported separately).
-pub fn vip_string(key: &ServiceKey) -> String {
+pub(crate) fn vip_string(key: &ServiceKey) -> String {
     format!("{}:{}", key.addr, key.port)
 }
 

@@ -19,8 +19,8 @@ use std::{
 };
 
 /// `XDP_FLAGS_*` from linux/if_link.h.
-pub const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
-pub const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+pub(crate) const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+pub(crate) const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -49,37 +49,37 @@ fn request(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkE
 
 /// A network interface.
 #[derive(Clone, Debug)]
-pub struct Link {
-    pub index: u32,
-    pub name: String,
-    pub up: bool,
-    pub loopback: bool,
+pub(crate) struct Link {
+    pub(crate) index: u32,
+    pub(crate) name: String,
+    pub(crate) up: bool,
+    pub(crate) loopback: bool,
 }
 
 /// An IPv4 address of an interface.
 #[derive(Clone, Debug)]
-pub struct Addr {
-    pub index: u32,
-    pub addr: Ipv4Addr,
+pub(crate) struct Addr {
+    pub(crate) index: u32,
+    pub(crate) addr: Ipv4Addr,
     /// The kernel's message, which removing the address needs back.
-    pub msg: AddressMessage,
+    pub(crate) msg: AddressMessage,
 }
 
 /// A route-netlink connection of the calling thread's network namespace.
-pub struct Netlink {
+pub(crate) struct Netlink {
     handle: rtnetlink::Handle,
 }
 
 impl Netlink {
     /// Must be called inside the tokio runtime (the connection runs as a task of it).
-    pub fn connect() -> Result<Self, NetlinkError> {
+    pub(crate) fn connect() -> Result<Self, NetlinkError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
         // The connection task ends by itself when the last handle is dropped.
         tokio::spawn(conn);
         Ok(Netlink { handle })
     }
 
-    pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
+    pub(crate) async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
         let msgs: Vec<_> = self
             .handle
             .link()
@@ -106,7 +106,7 @@ impl Netlink {
     }
 
     /// Every IPv4 address of every interface, in the order the kernel lists them.
-    pub async fn ipv4_addrs(&self) -> Result<Vec<Addr>, NetlinkError> {
+    pub(crate) async fn ipv4_addrs(&self) -> Result<Vec<Addr>, NetlinkError> {
         let msgs: Vec<AddressMessage> = self
             .handle
             .address()
@@ -139,7 +139,7 @@ impl Netlink {
     }
 
     /// The IPv4 addresses of interface `index`, in the kernel's order.
-    pub async fn ipv4_addrs_of(&self, index: u32) -> Result<Vec<Ipv4Addr>, NetlinkError> {
+    pub(crate) async fn ipv4_addrs_of(&self, index: u32) -> Result<Vec<Ipv4Addr>, NetlinkError> {
         Ok(self
             .ipv4_addrs()
             .await?
@@ -150,7 +150,11 @@ impl Netlink {
     }
 
     /// Add `addr`/32 to interface `index`.
-    pub async fn add_host_addr(&self, index: u32, addr: Ipv4Addr) -> Result<(), NetlinkError> {
+    pub(crate) async fn add_host_addr(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
         self.handle
             .address()
             .add(index, IpAddr::V4(addr), 32)
@@ -159,7 +163,7 @@ impl Netlink {
             .map_err(request(format!("adding {addr}/32")))
     }
 
-    pub async fn del_addr(&self, addr: &Addr) -> Result<(), NetlinkError> {
+    pub(crate) async fn del_addr(&self, addr: &Addr) -> Result<(), NetlinkError> {
         self.handle
             .address()
             .del(addr.msg.clone())
@@ -168,7 +172,7 @@ impl Netlink {
             .map_err(request(format!("removing {}", addr.addr)))
     }
 
-    pub async fn set_up(&self, index: u32, up: bool) -> Result<(), NetlinkError> {
+    pub(crate) async fn set_up(&self, index: u32, up: bool) -> Result<(), NetlinkError> {
         let b = LinkUnspec::new_with_index(index);
         let msg = if up { b.up() } else { b.down() }.build();
         self.handle
@@ -182,7 +186,12 @@ impl Netlink {
     /// Attach the XDP program `fd` to interface `index` with `XDP_FLAGS_*` `flags` (replacing
     /// any program in that mode), or with `fd` -1 detach the program of that mode. The interface
     /// holds the program from then on, whatever happens to this process.
-    pub async fn set_xdp(&self, index: u32, fd: RawFd, flags: u32) -> Result<(), NetlinkError> {
+    pub(crate) async fn set_xdp(
+        &self,
+        index: u32,
+        fd: RawFd,
+        flags: u32,
+    ) -> Result<(), NetlinkError> {
         let msg = LinkUnspec::new_with_index(index)
             .append_extra_attribute(LinkAttribute::Xdp(vec![
                 LinkXdp::Fd(fd),

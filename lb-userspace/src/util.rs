@@ -10,7 +10,7 @@ use std::{
 };
 
 /// `io::Error`'s text without the " (os error N)" suffix, which means nothing to an operator.
-pub fn os_message(e: &io::Error) -> String {
+pub(crate) fn os_message(e: &io::Error) -> String {
     let s = e.to_string();
     match s.rfind(" (os error ") {
         Some(i) if s.ends_with(')') => s[..i].to_string(),
@@ -21,7 +21,7 @@ pub fn os_message(e: &io::Error) -> String {
 /// Write `bytes` to `path` so that readers (and a crash) see the old content or the new, never a
 /// mix: temporary file in the same directory, fsync, rename over, fsync the directory (so the
 /// rename itself survives a power loss).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -49,7 +49,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Milliseconds since the Unix epoch (0 for times before it, which a clock never reports here).
-pub fn unix_ms(t: SystemTime) -> u64 {
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
@@ -57,13 +57,13 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 
 /// A configured duration, exactly: `200ms`, `1s`, `1m 30s` (humantime's form, which is also
 /// what `parse_duration` reads back).
-pub fn fmt_duration(d: Duration) -> String {
+pub(crate) fn fmt_duration(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
 /// An age at a glance, always one word (tables are split on whitespace): `350ms`, `1.5s`, `12s`,
 /// `3m12s`, `2h5m`, `3d4h` — tenths below a minute, then the two largest units.
-pub fn fmt_age(d: Duration) -> String {
+pub(crate) fn fmt_age(d: Duration) -> String {
     let ms = d.as_millis();
     let s = d.as_secs();
     match s {
@@ -81,7 +81,7 @@ pub fn fmt_age(d: Duration) -> String {
 /// `text` with its lines trimmed and joined by "; ", empty lines dropped: every error xlb
 /// prints is one line, also when it carries multi-line text from elsewhere (the verifier's log,
 /// toml's source excerpts).
-pub fn one_line(text: &str) -> String {
+pub(crate) fn one_line(text: &str) -> String {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())

@@ -47,7 +47,7 @@ use std::{
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     #[error("cannot read config file {}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
     #[error("config file {}: {}", path.display(), toml_message(source))]
@@ -122,13 +122,13 @@ fn default_weight() -> u32 {
 
 /// A parsed and validated config file.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Config {
-    pub agent: AgentOptions,
-    pub state: DesiredState,
+pub(crate) struct Config {
+    pub(crate) agent: AgentOptions,
+    pub(crate) state: DesiredState,
 }
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -137,7 +137,7 @@ impl Config {
     }
 
     /// Parse `text` (read from `path`, which is only used in messages) and validate it as a whole.
-    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let p = || path.to_path_buf();
         let raw: RawConfig =
             toml::from_str(text).map_err(|source| ConfigError::Toml { path: p(), source })?;

@@ -22,12 +22,12 @@ use std::{
 use tokio_util::task::TaskTracker;
 
 /// Walks that take at most this long are made for every report that asks.
-pub const EXACT_WALK: Duration = Duration::from_millis(20);
+pub(crate) const EXACT_WALK: Duration = Duration::from_millis(20);
 /// Longer walks begin at most this often; reports are then up to this (plus one walk) old.
-pub const MAX_AGE: Duration = Duration::from_secs(1);
+pub(crate) const MAX_AGE: Duration = Duration::from_secs(1);
 
 /// What walks the table: the data path's `FlowTable`, or a stand-in in tests.
-pub trait FlowWalker: Send + Sync + 'static {
+pub(crate) trait FlowWalker: Send + Sync + 'static {
     fn counts(&self) -> Result<FlowCounts, DataplaneError>;
     fn snapshot(&self, max_age: Duration) -> Result<Vec<FlowEvent>, DataplaneError>;
 }
@@ -50,7 +50,7 @@ struct Walked {
 }
 
 /// The flow counts of reports, and the walks that make them.
-pub struct FlowCounter {
+pub(crate) struct FlowCounter {
     walker: Arc<dyn FlowWalker>,
     last: Mutex<Walked>,
     /// One counting walk at a time; a report waiting for a walk waits here.
@@ -62,7 +62,7 @@ pub struct FlowCounter {
 
 impl FlowCounter {
     /// Walks run on `tasks`' blocking threads.
-    pub fn new(walker: Arc<dyn FlowWalker>, tasks: TaskTracker) -> Arc<Self> {
+    pub(crate) fn new(walker: Arc<dyn FlowWalker>, tasks: TaskTracker) -> Arc<Self> {
         Arc::new(FlowCounter {
             walker,
             last: Mutex::new(Walked::default()),
@@ -73,7 +73,7 @@ impl FlowCounter {
     }
 
     /// The last walk's counts (empty before the first): what the serve loop reports.
-    pub fn latest(&self) -> Arc<FlowCounts> {
+    pub(crate) fn latest(&self) -> Arc<FlowCounts> {
         self.last().counts
     }
 
@@ -83,7 +83,7 @@ impl FlowCounter {
 
     /// Make `latest` fit for a report asked for now (see the module docs). Called by the task
     /// that asks (a CLI connection, a scrape), never by the serve loop.
-    pub async fn prepare(self: &Arc<Self>) {
+    pub(crate) async fn prepare(self: &Arc<Self>) {
         let asked = Instant::now();
         let last = self.last();
         if last.took <= EXACT_WALK {
@@ -125,7 +125,10 @@ impl FlowCounter {
     }
 
     /// The flows seen within `max_age` (a peer's snapshot), from a walk on a blocking thread.
-    pub async fn snapshot(&self, max_age: Duration) -> Result<Vec<FlowEvent>, DataplaneError> {
+    pub(crate) async fn snapshot(
+        &self,
+        max_age: Duration,
+    ) -> Result<Vec<FlowEvent>, DataplaneError> {
         let walker = self.walker.clone();
         self.tasks
             .spawn_blocking(move || walker.snapshot(max_age))

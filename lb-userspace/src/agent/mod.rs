@@ -12,17 +12,17 @@
 //! socket file; drop the controller, which detaches the XDP program. So no task can still ask
 //! the data path for something when it goes.
 
-pub mod config_file;
-pub mod controller;
-pub mod flows;
-pub mod health;
-pub mod metrics;
-pub mod neighbours;
-pub mod options;
-pub mod report;
-pub mod server;
-pub mod socket;
-pub mod state;
+pub(crate) mod config_file;
+pub(crate) mod controller;
+pub(crate) mod flows;
+pub(crate) mod health;
+pub(crate) mod metrics;
+pub(crate) mod neighbours;
+pub(crate) mod options;
+pub(crate) mod report;
+pub(crate) mod server;
+pub(crate) mod socket;
+pub(crate) mod state;
 
 use crate::{
     agent::{
@@ -48,18 +48,18 @@ use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// Default path of the agent's socket (`--socket`, `XLB_SOCKET`).
-pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
+pub(crate) const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
 /// Default directory of the persisted state (`--state-dir`, `XLB_STATE_DIR`).
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/xlb";
+pub(crate) const DEFAULT_STATE_DIR: &str = "/var/lib/xlb";
 /// How often backend neighbour entries are refreshed (well under the kernel's default
 /// `base_reachable_time` of 30 s, so an entry in use never has to be resolved from scratch).
-pub const WARM_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const WARM_INTERVAL: Duration = Duration::from_secs(10);
 /// How long shutdown waits for the agent's tasks (a CLI connection finishing its current request,
 /// a peer connection closing).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
-pub enum AgentError {
+pub(crate) enum AgentError {
     #[error(transparent)]
     NoSuchInterface(#[from] NoSuchInterface),
     #[error("interface {0} has no IPv4 address to use as the IPIP source; pass --lb-addr")]
@@ -92,7 +92,7 @@ impl From<DataplaneError> for AgentError {
 
 /// Run the agent until `shutdown` resolves. Returns after every task of the agent ended, the
 /// socket file is removed and the XDP program detached.
-pub async fn run(
+pub(crate) async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {

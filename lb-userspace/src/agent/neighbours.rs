@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, UdpSocket};
 /// exactly the next hop the data path will ask about (the backend itself on-link, or its gateway),
 /// and sending again every `WARM_INTERVAL` keeps the entry fresh. Port 9 is "discard" and the
 /// datagram is empty, so a backend at worst answers with an ICMP port-unreachable.
-pub fn warm_neighbours(addrs: &[Ipv4Addr]) {
+pub(crate) fn warm_neighbours(addrs: &[Ipv4Addr]) {
     if addrs.is_empty() {
         return;
     }

@@ -22,41 +22,41 @@ use std::{
 /// the flag's name with `_` for `-`, and `peers` for `--peer`). `None` (or no peers) = not given.
 #[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AgentOptions {
+pub(crate) struct AgentOptions {
     /// Interface to attach the balancer to (or `iface` under [agent] in the config file).
     #[arg(long, value_name = "IF")]
-    pub iface: Option<String>,
+    pub(crate) iface: Option<String>,
     /// XDP attach mode [default: auto].
     #[arg(long, value_enum, value_name = "MODE")]
-    pub xdp_mode: Option<XdpModeChoice>,
+    pub(crate) xdp_mode: Option<XdpModeChoice>,
     /// Outer source address of IPIP packets [default: the interface's first IPv4 address].
     #[arg(long, value_name = "ADDR")]
-    pub lb_addr: Option<Ipv4Addr>,
+    pub(crate) lb_addr: Option<Ipv4Addr>,
     /// Entries of the flow table [default: 262144].
     #[arg(long, value_name = "N")]
-    pub flow_capacity: Option<u32>,
+    pub(crate) flow_capacity: Option<u32>,
     /// Accept flow state from peer load balancers on ADDR:PORT (active-active). Needs
     /// --sync-key-file.
     #[arg(long, value_name = "ADDR:PORT")]
-    pub sync_listen: Option<SocketAddr>,
+    pub(crate) sync_listen: Option<SocketAddr>,
     /// A peer load balancer's --sync-listen address: this agent streams its flows there (its
     /// whole flow table first, on every (re)connect). Repeat for several peers.
     #[arg(long = "peer", value_name = "ADDR:PORT")]
     #[serde(default)]
-    pub peers: Vec<SocketAddr>,
+    pub(crate) peers: Vec<SocketAddr>,
     /// File holding the key shared by all peers (at least 16 bytes; surrounding whitespace is
     /// ignored). Every sync frame is authenticated with HMAC-SHA256 under it.
     #[arg(long, value_name = "FILE")]
-    pub sync_key_file: Option<PathBuf>,
+    pub(crate) sync_key_file: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9477).
     #[arg(long, value_name = "ADDR:PORT")]
-    pub metrics_listen: Option<SocketAddr>,
+    pub(crate) metrics_listen: Option<SocketAddr>,
 }
 
 impl AgentOptions {
     /// These options (the flags) over `file`'s: each option given here wins; `--peer` given at
     /// least once replaces the file's `peers`.
-    pub fn merge(self, file: AgentOptions) -> AgentOptions {
+    pub(crate) fn merge(self, file: AgentOptions) -> AgentOptions {
         AgentOptions {
             iface: self.iface.or(file.iface),
             xdp_mode: self.xdp_mode.or(file.xdp_mode),
@@ -76,20 +76,20 @@ impl AgentOptions {
 
 /// `xlb agent`: the options, and what only the command line gives.
 #[derive(Clone, Debug, clap::Args)]
-pub struct AgentArgs {
+pub(crate) struct AgentArgs {
     #[command(flatten)]
-    pub options: AgentOptions,
+    pub(crate) options: AgentOptions,
     /// Directory of the persisted desired state (state.json).
     #[arg(long, env = "XLB_STATE_DIR", default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     /// TOML file with the VIPs to serve (replaces the saved state) and optional [agent] options;
     /// command-line flags win over the file.
     #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum OptionsError {
+pub(crate) enum OptionsError {
     #[error("no interface given: pass --iface or set iface under [agent] in the config file")]
     NoInterface,
     #[error("--flow-capacity must be at least 1")]
@@ -106,7 +106,7 @@ pub enum OptionsError {
 
 /// Where the agent's initial desired state comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum InitialState {
+pub(crate) enum InitialState {
     /// `--config FILE`: its VIPs replace whatever was saved.
     Config { path: PathBuf, state: DesiredState },
     /// `<state-dir>/state.json`, if present; empty otherwise.
@@ -115,25 +115,25 @@ pub enum InitialState {
 
 /// Everything `run` needs, resolved and validated.
 #[derive(Clone, Debug)]
-pub struct AgentConfig {
-    pub iface: String,
-    pub xdp_mode: XdpModeChoice,
-    pub socket: PathBuf,
-    pub state_dir: PathBuf,
-    pub lb_addr: Option<Ipv4Addr>,
-    pub flow_capacity: u32,
-    pub initial: InitialState,
-    pub warm_interval: Duration,
+pub(crate) struct AgentConfig {
+    pub(crate) iface: String,
+    pub(crate) xdp_mode: XdpModeChoice,
+    pub(crate) socket: PathBuf,
+    pub(crate) state_dir: PathBuf,
+    pub(crate) lb_addr: Option<Ipv4Addr>,
+    pub(crate) flow_capacity: u32,
+    pub(crate) initial: InitialState,
+    pub(crate) warm_interval: Duration,
     /// Peer sync (active-active), if `--sync-listen` was given.
-    pub sync: Option<SyncConfig>,
+    pub(crate) sync: Option<SyncConfig>,
     /// Where `/metrics` is served, if anywhere.
-    pub metrics_listen: Option<SocketAddr>,
+    pub(crate) metrics_listen: Option<SocketAddr>,
 }
 
 impl AgentConfig {
     /// Lay the flags over the config file's `[agent]` table, apply the defaults, and load the
     /// file's VIPs. Any error in the file is an error here, before anything is touched.
-    pub fn resolve(args: AgentArgs, socket: PathBuf) -> Result<AgentConfig, OptionsError> {
+    pub(crate) fn resolve(args: AgentArgs, socket: PathBuf) -> Result<AgentConfig, OptionsError> {
         let (file, initial) = match &args.config {
             Some(path) => {
                 let cfg = Config::load(path)?;

@@ -21,7 +21,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
-pub enum SocketError {
+pub(crate) enum SocketError {
     #[error("another xlb agent is already running on {}", .0.display())]
     AlreadyRunning(PathBuf),
     #[error("{} exists and is not a socket; refusing to replace it", .0.display())]
@@ -37,7 +37,7 @@ pub(crate) struct Job {
 }
 
 /// The agent's socket file; removed on drop unless another process has replaced it since.
-pub struct SocketFile {
+pub(crate) struct SocketFile {
     path: PathBuf,
     ino: u64,
 }
@@ -57,7 +57,7 @@ impl Drop for SocketFile {
 
 /// Create the socket's directory (0755) if needed, replace a stale socket left by a dead agent,
 /// refuse if a live agent answers on it, and bind.
-pub fn bind_socket(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
+pub(crate) fn bind_socket(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
     let err = |source| SocketError::Create {
         path: path.to_path_buf(),
         source,

@@ -20,12 +20,12 @@ use std::{
 };
 
 /// Name of the state file inside `--state-dir`.
-pub const STATE_FILE: &str = "state.json";
+pub(crate) const STATE_FILE: &str = "state.json";
 /// Version of the on-disk format; bumped when it changes incompatibly.
 const STATE_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
-pub enum StateError {
+pub(crate) enum StateError {
     #[error("VIP {0} already exists")]
     DuplicateVip(ServiceKey),
     #[error("unknown VIP {0}")]
@@ -79,7 +79,7 @@ pub enum StateError {
 
 /// The VIPs an operator asked for, ordered by key (so listings and the state file are stable).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DesiredState {
+pub(crate) struct DesiredState {
     vips: BTreeMap<ServiceKey, VipConfig>,
 }
 
@@ -123,7 +123,7 @@ fn validate_backend(key: &ServiceKey, b: &BackendConfig) -> Result<(), StateErro
 }
 
 /// Every rule that applies to one VIP on its own.
-pub fn validate_spec(spec: &VipConfig) -> Result<(), StateError> {
+pub(crate) fn validate_spec(spec: &VipConfig) -> Result<(), StateError> {
     validate_key(&spec.key)?;
     spec.check
         .validate()
@@ -146,7 +146,7 @@ pub fn validate_spec(spec: &VipConfig) -> Result<(), StateError> {
 
 impl DesiredState {
     /// Build a state from a list of VIPs, validating all of them and rejecting duplicates.
-    pub fn from_specs<T: Into<VipConfig>>(
+    pub(crate) fn from_specs<T: Into<VipConfig>>(
         specs: impl IntoIterator<Item = T>,
     ) -> Result<Self, StateError> {
         let mut vips = BTreeMap::new();
@@ -161,24 +161,24 @@ impl DesiredState {
         Ok(DesiredState { vips })
     }
 
-    pub fn vips(&self) -> impl Iterator<Item = &VipConfig> {
+    pub(crate) fn vips(&self) -> impl Iterator<Item = &VipConfig> {
         self.vips.values()
     }
 
-    pub fn get(&self, key: &ServiceKey) -> Option<&VipConfig> {
+    pub(crate) fn get(&self, key: &ServiceKey) -> Option<&VipConfig> {
         self.vips.get(key)
     }
 
-    pub fn vip_count(&self) -> usize {
+    pub(crate) fn vip_count(&self) -> usize {
         self.vips.len()
     }
 
-    pub fn backend_count(&self) -> usize {
+    pub(crate) fn backend_count(&self) -> usize {
         self.vips.values().map(|v| v.backends.len()).sum()
     }
 
     /// Every distinct backend address over all VIPs.
-    pub fn backend_addrs(&self) -> Vec<Ipv4Addr> {
+    pub(crate) fn backend_addrs(&self) -> Vec<Ipv4Addr> {
         let set: BTreeSet<Ipv4Addr> = self
             .vips
             .values()
@@ -208,7 +208,7 @@ impl DesiredState {
 
     /// The new VIP `vip add` would create (no backends yet): the protocol's default check with
     /// `check` applied.
-    pub fn plan_vip_add(
+    pub(crate) fn plan_vip_add(
         &self,
         key: ServiceKey,
         forward: Forward,
@@ -225,7 +225,7 @@ impl DesiredState {
     }
 
     /// The VIP as `vip set` would leave it (its check changed; unset fields keep their values).
-    pub fn plan_vip_set(
+    pub(crate) fn plan_vip_set(
         &self,
         key: &ServiceKey,
         check: &CheckPatch,
@@ -240,13 +240,13 @@ impl DesiredState {
     }
 
     /// The VIP `vip del` would remove.
-    pub fn plan_vip_del(&self, key: &ServiceKey) -> Result<&VipConfig, StateError> {
+    pub(crate) fn plan_vip_del(&self, key: &ServiceKey) -> Result<&VipConfig, StateError> {
         self.existing(key)
     }
 
     /// The VIP as `backend add` would leave it (new backend appended, order kept). A non-empty
     /// `check` gives the backend its own check: the VIP's with `check` applied.
-    pub fn plan_backend_add(
+    pub(crate) fn plan_backend_add(
         &self,
         key: &ServiceKey,
         addr: Ipv4Addr,
@@ -267,7 +267,7 @@ impl DesiredState {
     }
 
     /// The VIP as `backend del` would leave it.
-    pub fn plan_backend_del(
+    pub(crate) fn plan_backend_del(
         &self,
         key: &ServiceKey,
         addr: Ipv4Addr,
@@ -279,7 +279,7 @@ impl DesiredState {
 
     /// The VIP as `backend set --weight` would leave it. A weight above 0 ends a drain; a weight
     /// of 0 is a drain (the previous weight is remembered for `undrain`).
-    pub fn plan_backend_set_weight(
+    pub(crate) fn plan_backend_set_weight(
         &self,
         key: &ServiceKey,
         addr: Ipv4Addr,
@@ -298,7 +298,7 @@ impl DesiredState {
     }
 
     /// The VIP as `backend drain` would leave it: weight 0, the old weight remembered.
-    pub fn plan_backend_drain(
+    pub(crate) fn plan_backend_drain(
         &self,
         key: &ServiceKey,
         addr: Ipv4Addr,
@@ -315,7 +315,7 @@ impl DesiredState {
 
     /// The VIP as `backend undrain` would leave it: the weight from before the drain (the default
     /// weight for a backend that was added with weight 0 and so never had another).
-    pub fn plan_backend_undrain(
+    pub(crate) fn plan_backend_undrain(
         &self,
         key: &ServiceKey,
         addr: Ipv4Addr,
@@ -334,11 +334,11 @@ impl DesiredState {
     }
 
     /// Insert or replace a VIP (after it was planned, applied and persisted).
-    pub fn insert(&mut self, spec: VipConfig) {
+    pub(crate) fn insert(&mut self, spec: VipConfig) {
         self.vips.insert(spec.key, spec);
     }
 
-    pub fn remove(&mut self, key: &ServiceKey) -> Option<VipConfig> {
+    pub(crate) fn remove(&mut self, key: &ServiceKey) -> Option<VipConfig> {
         self.vips.remove(key)
     }
 }
@@ -351,7 +351,7 @@ struct StateFile {
 }
 
 /// Persist `state` to `path` atomically.
-pub fn save(path: &Path, state: &DesiredState) -> Result<(), StateError> {
+pub(crate) fn save(path: &Path, state: &DesiredState) -> Result<(), StateError> {
     let file = StateFile {
         version: STATE_VERSION,
         vips: state.vips.values().cloned().collect(),
@@ -366,7 +366,7 @@ pub fn save(path: &Path, state: &DesiredState) -> Result<(), StateError> {
 
 /// Load the state saved at `path`; `Ok(None)` if there is none. A file that exists but does not
 /// parse or validate is an error: silently starting empty would drop every VIP.
-pub fn load(path: &Path) -> Result<Option<DesiredState>, StateError> {
+pub(crate) fn load(path: &Path) -> Result<Option<DesiredState>, StateError> {
     let bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),

@@ -13,7 +13,7 @@
 //!
 //! If a step fails, what was already done is undone before the error is reported.
 
-pub mod record;
+pub(crate) mod record;
 
 use crate::{
     dataplane::{DataplaneError, XdpModeChoice, persistent},
@@ -31,11 +31,11 @@ use std::{
 };
 
 /// Default directory of setup records.
-pub const RECORD_DIR: &str = "/run/xlb";
+pub(crate) const RECORD_DIR: &str = "/run/xlb";
 const SYSCTL_ROOT: &str = "/proc/sys/net/ipv4/conf";
 
 #[derive(Debug, thiserror::Error)]
-pub enum BackendHostError {
+pub(crate) enum BackendHostError {
     #[error("already set up; run teardown first (record {})", .0.display())]
     AlreadySetUp(PathBuf),
     #[error("not set up in this network namespace (no record at {})", .0.display())]
@@ -81,16 +81,16 @@ pub enum BackendHostError {
 }
 
 #[derive(Clone, Debug)]
-pub struct SetupOptions {
-    pub vips: Vec<Ipv4Addr>,
+pub(crate) struct SetupOptions {
+    pub(crate) vips: Vec<Ipv4Addr>,
     /// Empty = every non-loopback interface that is up and has an IPv4 address.
-    pub ifaces: Vec<String>,
-    pub mode: XdpModeChoice,
-    pub record_dir: PathBuf,
+    pub(crate) ifaces: Vec<String>,
+    pub(crate) mode: XdpModeChoice,
+    pub(crate) record_dir: PathBuf,
 }
 
 /// The sysctls setup wants, in the order it writes them: (path under `root`, value).
-pub fn sysctl_plan(root: &Path, ifaces: &[String]) -> Vec<(PathBuf, &'static str)> {
+pub(crate) fn sysctl_plan(root: &Path, ifaces: &[String]) -> Vec<(PathBuf, &'static str)> {
     let mut plan = Vec::new();
     let mut arp_scopes: Vec<&str> = vec!["all", "lo"];
     arp_scopes.extend(ifaces.iter().map(String::as_str).filter(|i| *i != "lo"));
@@ -161,7 +161,7 @@ async fn plan(nl: &Netlink, ifaces: &[String]) -> Result<Plan, BackendHostError>
 }
 
 /// Prepare this namespace as a DSR backend; returns what was done (also saved as the record).
-pub async fn setup(opts: &SetupOptions) -> Result<BackendHostRecord, BackendHostError> {
+pub(crate) async fn setup(opts: &SetupOptions) -> Result<BackendHostRecord, BackendHostError> {
     for vip in &opts.vips {
         if vip.is_unspecified() || vip.is_broadcast() || vip.is_multicast() {
             return Err(BackendHostError::BadVip(*vip));
@@ -351,7 +351,7 @@ async fn undo_lo(
 
 /// Undo what `setup` recorded in this namespace and delete the record. If something cannot be
 /// undone, the record is rewritten with only what is left, so a later teardown can finish.
-pub async fn teardown(record_dir: &Path) -> Result<BackendHostRecord, BackendHostError> {
+pub(crate) async fn teardown(record_dir: &Path) -> Result<BackendHostRecord, BackendHostError> {
     let path = record_path(record_dir, netns_inode()?);
     let record = load_own_record(&path, netns_cookie()?)?
         .ok_or_else(|| BackendHostError::NotSetUp(path.clone()))?;

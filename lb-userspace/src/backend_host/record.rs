@@ -23,43 +23,43 @@ pub(super) const NETNS_PATH: &str = "/proc/self/ns/net";
 /// One sysctl setup changed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SysctlChange {
-    pub path: PathBuf,
-    pub previous: String,
-    pub value: String,
+pub(crate) struct SysctlChange {
+    pub(crate) path: PathBuf,
+    pub(crate) previous: String,
+    pub(crate) value: String,
 }
 
 /// One interface the decapsulator was attached to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct XdpAttachment {
-    pub iface: String,
-    pub mode: AttachedMode,
-    pub local_addrs: Vec<Ipv4Addr>,
+pub(crate) struct XdpAttachment {
+    pub(crate) iface: String,
+    pub(crate) mode: AttachedMode,
+    pub(crate) local_addrs: Vec<Ipv4Addr>,
 }
 
 /// What setup did, so teardown undoes exactly that.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BackendHostRecord {
-    pub netns_inode: u64,
+pub(crate) struct BackendHostRecord {
+    pub(crate) netns_inode: u64,
     /// `SO_NETNS_COOKIE` of the namespace that made the record.
-    pub netns_cookie: u64,
+    pub(crate) netns_cookie: u64,
     /// `lo` was down and setup brought it up.
-    pub lo_brought_up: bool,
+    pub(crate) lo_brought_up: bool,
     /// VIPs setup added to `lo` (not the ones that were already there).
-    pub lo_addrs: Vec<Ipv4Addr>,
+    pub(crate) lo_addrs: Vec<Ipv4Addr>,
     /// In the order they were made.
-    pub sysctls: Vec<SysctlChange>,
-    pub xdp: Vec<XdpAttachment>,
+    pub(crate) sysctls: Vec<SysctlChange>,
+    pub(crate) xdp: Vec<XdpAttachment>,
 }
 
 /// `<dir>/backend-host.<inode>.json`.
-pub fn record_path(dir: &Path, netns_inode: u64) -> PathBuf {
+pub(crate) fn record_path(dir: &Path, netns_inode: u64) -> PathBuf {
     dir.join(format!("backend-host.{netns_inode}.json"))
 }
 
-pub fn save_record(path: &Path, record: &BackendHostRecord) -> Result<(), BackendHostError> {
+pub(crate) fn save_record(path: &Path, record: &BackendHostRecord) -> Result<(), BackendHostError> {
     let err = |source| BackendHostError::RecordWrite {
         path: path.to_path_buf(),
         source,
@@ -77,7 +77,7 @@ pub fn save_record(path: &Path, record: &BackendHostRecord) -> Result<(), Backen
 }
 
 /// The record at `path`, `Ok(None)` if there is none.
-pub fn load_record(path: &Path) -> Result<Option<BackendHostRecord>, BackendHostError> {
+pub(crate) fn load_record(path: &Path) -> Result<Option<BackendHostRecord>, BackendHostError> {
     match fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| {
             BackendHostError::RecordCorrupt {
@@ -94,7 +94,7 @@ pub fn load_record(path: &Path) -> Result<Option<BackendHostRecord>, BackendHost
 }
 
 /// The current network namespace's cookie: unique among all namespaces since boot.
-pub fn netns_cookie() -> Result<u64, BackendHostError> {
+pub(crate) fn netns_cookie() -> Result<u64, BackendHostError> {
     // SAFETY: plain socket calls on an fd we own and close.
     unsafe {
         let fd = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
@@ -142,7 +142,7 @@ pub(super) fn load_own_record(
 }
 
 /// Identity of the current network namespace.
-pub fn netns_inode() -> Result<u64, BackendHostError> {
+pub(crate) fn netns_inode() -> Result<u64, BackendHostError> {
     fs::metadata(NETNS_PATH)
         .map(|m| m.ino())
         .map_err(BackendHostError::Netns)

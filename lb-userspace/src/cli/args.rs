@@ -27,16 +27,16 @@ use std::{net::Ipv4Addr, path::PathBuf};
                   `xlb agent` attaches the data path to an interface and keeps the desired state;\n\
                   the other commands talk to it over a Unix socket."
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// The agent's control socket.
     #[arg(long, global = true, env = "XLB_SOCKET", default_value = DEFAULT_SOCKET, value_name = "PATH")]
-    pub socket: PathBuf,
+    pub(crate) socket: PathBuf,
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the agent: attach the balancer to an interface, install the desired state (from
     /// --config or the state saved in --state-dir) and serve the CLI until SIGINT/SIGTERM.
     Agent(AgentArgs),
@@ -73,16 +73,16 @@ pub enum Command {
 
 /// A virtual service on the command line: its address and port, and `--proto`.
 #[derive(Clone, Debug, Args)]
-pub struct VipRef {
+pub(crate) struct VipRef {
     /// The VIP, ADDR:PORT (e.g. 10.111.100.1:80).
-    pub vip: String,
+    pub(crate) vip: String,
     /// The VIP's protocol.
     #[arg(long, value_enum, default_value = "tcp")]
-    pub proto: Proto,
+    pub(crate) proto: Proto,
 }
 
 impl VipRef {
-    pub fn key(&self) -> Result<ServiceKey, ParseError> {
+    pub(crate) fn key(&self) -> Result<ServiceKey, ParseError> {
         let (addr, port) = parse_addr_port(&self.vip)?;
         Ok(ServiceKey {
             addr,
@@ -94,30 +94,30 @@ impl VipRef {
 
 /// One backend of a virtual service on the command line.
 #[derive(Clone, Debug, Args)]
-pub struct BackendRef {
+pub(crate) struct BackendRef {
     #[command(flatten)]
-    pub vip: VipRef,
+    pub(crate) vip: VipRef,
     /// The backend's IPv4 address (no port: direct server return keeps the VIP's port).
-    pub backend: String,
+    pub(crate) backend: String,
 }
 
 impl BackendRef {
     /// The VIP's key and the backend's address; the VIP is checked first.
-    pub fn keys(&self) -> Result<(ServiceKey, Ipv4Addr), ParseError> {
+    pub(crate) fn keys(&self) -> Result<(ServiceKey, Ipv4Addr), ParseError> {
         Ok((self.vip.key()?, parse_ipv4(&self.backend)?))
     }
 }
 
 /// `xlb stats` flags.
 #[derive(Debug, Args)]
-pub struct StatsArgs {
+pub(crate) struct StatsArgs {
     /// Print JSON instead of tables (with --watch: one JSON object per line per interval).
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
     /// Refresh every --interval with per-second rates (packets/s, bytes/s, new flows/s), until
     /// Ctrl-C.
     #[arg(long)]
-    pub watch: bool,
+    pub(crate) watch: bool,
     /// Time between two refreshes of --watch, e.g. 500ms, 2s.
     #[arg(
         long,
@@ -125,47 +125,47 @@ pub struct StatsArgs {
         default_value = "1s",
         requires = "watch"
     )]
-    pub interval: String,
+    pub(crate) interval: String,
 }
 
 /// Health-check flags, shared by `vip add`, `vip set` and `backend add`: taken as typed and
 /// turned into a `CheckPatch` by `to_patch`.
 #[derive(Clone, Debug, Default, Args)]
-pub struct CheckArgs {
+pub(crate) struct CheckArgs {
     /// Health check: tcp (connect), http:/PATH, https:/PATH (GET, TLS certificate not verified
     /// unless --tls-verify) or none (always up) [default: tcp for TCP VIPs; none for UDP VIPs,
     /// because a TCP connect cannot check a UDP service].
     #[arg(long, value_name = "KIND")]
-    pub check: Option<String>,
+    pub(crate) check: Option<String>,
     /// Port checked on the backend's own address [default: the VIP's port].
     #[arg(long, value_name = "N")]
-    pub check_port: Option<String>,
+    pub(crate) check_port: Option<String>,
     /// Time between checks, e.g. 200ms [default: 1s].
     #[arg(long, value_name = "DURATION")]
-    pub interval: Option<String>,
+    pub(crate) interval: Option<String>,
     /// Time a check may take, at most the interval [default: 1s, or the interval if shorter].
     #[arg(long, value_name = "DURATION")]
-    pub timeout: Option<String>,
+    pub(crate) timeout: Option<String>,
     /// Consecutive passed checks that bring a down backend back [default: 2].
     #[arg(long, value_name = "N")]
-    pub rise: Option<String>,
+    pub(crate) rise: Option<String>,
     /// Consecutive failed checks that take a backend down [default: 3].
     #[arg(long, value_name = "N")]
-    pub fall: Option<String>,
+    pub(crate) fall: Option<String>,
     /// HTTP status or range that passes, e.g. 200 or 200-399 [default: 200-399].
     #[arg(long, value_name = "STATUS")]
-    pub expect_status: Option<String>,
+    pub(crate) expect_status: Option<String>,
     /// Text the HTTP body must contain ("" removes the condition).
     #[arg(long, value_name = "STR")]
-    pub expect_body: Option<String>,
+    pub(crate) expect_body: Option<String>,
     /// Verify the https check's certificate (--tls-verify=false turns it off again).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
-    pub tls_verify: Option<String>,
+    pub(crate) tls_verify: Option<String>,
 }
 
 impl CheckArgs {
     /// The flags given, as a patch of a check (nothing given: an empty patch).
-    pub fn to_patch(&self) -> Result<CheckPatch, CheckError> {
+    pub(crate) fn to_patch(&self) -> Result<CheckPatch, CheckError> {
         let count = |what: &'static str, v: &Option<String>| -> Result<Option<u32>, CheckError> {
             v.as_deref()
                 .map(|s| {
@@ -216,7 +216,7 @@ impl CheckArgs {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum VipCommand {
+pub(crate) enum VipCommand {
     /// Add a virtual service (with no backends yet).
     Add {
         #[command(flatten)]
@@ -255,13 +255,13 @@ pub enum VipCommand {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OnOff {
+pub(crate) enum OnOff {
     On,
     Off,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum BackendCommand {
+pub(crate) enum BackendCommand {
     /// Add a backend to a virtual service.
     Add {
         #[command(flatten)]
@@ -309,7 +309,7 @@ pub enum BackendCommand {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum BackendHostCommand {
+pub(crate) enum BackendHostCommand {
     /// Add the VIPs to lo, set the ARP and rp_filter sysctls DSR needs, and attach the IPIP
     /// decapsulator; records what it did for `teardown`.
     Setup {
@@ -328,7 +328,7 @@ pub enum BackendHostCommand {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum XdpPassCommand {
+pub(crate) enum XdpPassCommand {
     /// Attach the pass program to IFACE.
     Attach {
         iface: String,

@@ -17,7 +17,7 @@ use std::{
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     #[error("cannot reach xlb agent at {}: {} (is 'xlb agent' running?)", path.display(), os_message(source))]
     Connect { path: PathBuf, source: io::Error },
     #[error("talking to xlb agent at {}: {}", path.display(), os_message(source))]
@@ -36,7 +36,7 @@ pub enum ClientError {
 
 /// Send `req` to the agent at `socket` and return its answer. `Response::Error` is turned into
 /// `ClientError::Agent`, so callers only see successful responses.
-pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
+pub(crate) fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
     let path = || socket.to_path_buf();
     let stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
         path: path(),

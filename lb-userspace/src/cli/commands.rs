@@ -37,7 +37,7 @@ fn change(socket: &Path, req: Request) -> Result<(), CliError> {
     }
 }
 
-pub fn vip(socket: &Path, cmd: VipCommand) -> Result<(), CliError> {
+pub(crate) fn vip(socket: &Path, cmd: VipCommand) -> Result<(), CliError> {
     let req = match cmd {
         VipCommand::Add {
             vip,
@@ -68,7 +68,7 @@ pub fn vip(socket: &Path, cmd: VipCommand) -> Result<(), CliError> {
     change(socket, req)
 }
 
-pub fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError> {
+pub(crate) fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError> {
     let req = match cmd {
         BackendCommand::Add {
             backend,
@@ -115,7 +115,7 @@ pub fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError> {
     change(socket, req)
 }
 
-pub fn peers(socket: &Path, json: bool) -> Result<(), CliError> {
+pub(crate) fn peers(socket: &Path, json: bool) -> Result<(), CliError> {
     match client::call(socket, &Request::Peers)? {
         Response::Peers { peers } if json => print_json(&peers),
         Response::Peers { peers } => print(&crate::sync::render_table(&peers)),
@@ -130,7 +130,7 @@ pub(super) fn fetch_stats(socket: &Path) -> Result<StatsReport, CliError> {
     }
 }
 
-pub fn stats(socket: &Path, args: StatsArgs) -> Result<(), CliError> {
+pub(crate) fn stats(socket: &Path, args: StatsArgs) -> Result<(), CliError> {
     if !args.watch {
         let stats = fetch_stats(socket)?;
         return if args.json {
@@ -151,7 +151,7 @@ pub fn stats(socket: &Path, args: StatsArgs) -> Result<(), CliError> {
     }
 }
 
-pub async fn backend_host(cmd: BackendHostCommand) -> Result<(), CliError> {
+pub(crate) async fn backend_host(cmd: BackendHostCommand) -> Result<(), CliError> {
     match cmd {
         BackendHostCommand::Setup {
             vips,
@@ -193,7 +193,7 @@ pub async fn backend_host(cmd: BackendHostCommand) -> Result<(), CliError> {
     }
 }
 
-pub async fn xdp_pass(cmd: XdpPassCommand) -> Result<(), CliError> {
+pub(crate) async fn xdp_pass(cmd: XdpPassCommand) -> Result<(), CliError> {
     let iface = match &cmd {
         XdpPassCommand::Attach { iface, .. } | XdpPassCommand::Detach { iface } => iface.clone(),
     };

@@ -40,7 +40,7 @@ pub(super) fn table(indent: &str, header: &[&str], rows: &[Vec<String>]) -> Stri
 /// VIP              PROTO  FORWARD  BACKENDS  CHECK
 /// 10.111.100.1:80  tcp    ipip     3         http:/healthz every 200ms
 /// ```
-pub fn vip_table(vips: &[VipSummary]) -> String {
+pub(crate) fn vip_table(vips: &[VipSummary]) -> String {
     let rows: Vec<Vec<String>> = vips
         .iter()
         .map(|v| {
@@ -69,7 +69,7 @@ pub fn vip_table(vips: &[VipSummary]) -> String {
 /// BACKEND      WEIGHT  STATE  SINCE                           LAST_CHECK  ACTIVE_FLOWS  PACKETS  BYTES  NEW_FLOWS
 /// 10.111.1.11  1       up     2026-05-20T10:00:00Z (12s ago)  ok 1.2ms    3             10       840    10
 /// ```
-pub fn backend_table(vip: &VipReport, indent: &str, now: SystemTime) -> String {
+pub(crate) fn backend_table(vip: &VipReport, indent: &str, now: SystemTime) -> String {
     let rows: Vec<Vec<String>> = vip
         .backends
         .iter()
@@ -116,7 +116,7 @@ pub fn backend_table(vip: &VipReport, indent: &str, now: SystemTime) -> String {
 
 /// `xlb stats`: one block per VIP (its counters, then its backends'), then the per-reason
 /// counters and the flow-table capacity.
-pub fn stats_text(stats: &StatsReport) -> String {
+pub(crate) fn stats_text(stats: &StatsReport) -> String {
     let mut out = String::new();
     for v in &stats.vips {
         out.push_str(&format!(

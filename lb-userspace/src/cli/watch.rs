@@ -48,40 +48,40 @@ pub(super) fn watch_stats(socket: &Path, interval: Duration, json: bool) -> Resu
 /// One line of `xlb stats --watch --json`: the `xlb stats --json` object plus `rates` (`null`
 /// in the first line).
 #[derive(Debug, serde::Serialize)]
-pub struct WatchFrame<'a> {
+pub(crate) struct WatchFrame<'a> {
     #[serde(flatten)]
-    pub stats: &'a StatsReport,
-    pub rates: Option<&'a Rates>,
+    pub(crate) stats: &'a StatsReport,
+    pub(crate) rates: Option<&'a Rates>,
 }
 
 /// Per-second rates between two stats reports.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct Rates {
+pub(crate) struct Rates {
     /// Seconds between the two reports.
-    pub interval_s: f64,
-    pub vips: Vec<VipRates>,
+    pub(crate) interval_s: f64,
+    pub(crate) vips: Vec<VipRates>,
     /// Packets per second per reason; `None` when the counter went backwards.
-    pub reasons: BTreeMap<String, Option<f64>>,
+    pub(crate) reasons: BTreeMap<String, Option<f64>>,
 }
 
 /// Rates are `None` when there is nothing to compare with: the VIP or backend is new, or its
 /// counter went backwards (it was removed and added again).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct VipRates {
-    pub vip: String,
-    pub proto: Proto,
-    pub packets_per_s: Option<f64>,
-    pub bytes_per_s: Option<f64>,
-    pub new_flows_per_s: Option<f64>,
-    pub backends: Vec<BackendRates>,
+pub(crate) struct VipRates {
+    pub(crate) vip: String,
+    pub(crate) proto: Proto,
+    pub(crate) packets_per_s: Option<f64>,
+    pub(crate) bytes_per_s: Option<f64>,
+    pub(crate) new_flows_per_s: Option<f64>,
+    pub(crate) backends: Vec<BackendRates>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct BackendRates {
-    pub address: Ipv4Addr,
-    pub packets_per_s: Option<f64>,
-    pub bytes_per_s: Option<f64>,
-    pub new_flows_per_s: Option<f64>,
+pub(crate) struct BackendRates {
+    pub(crate) address: Ipv4Addr,
+    pub(crate) packets_per_s: Option<f64>,
+    pub(crate) bytes_per_s: Option<f64>,
+    pub(crate) new_flows_per_s: Option<f64>,
 }
 
 /// `(cur - prev) / elapsed`, or `None` without a previous value, with a counter that went
@@ -94,7 +94,7 @@ fn rate(prev: Option<u64>, cur: u64, elapsed: Duration) -> Option<f64> {
 
 /// Rates of every VIP and backend of `cur`, against the same VIP (address, port, protocol) and
 /// backend (address) in `prev`.
-pub fn rates(prev: &StatsReport, cur: &StatsReport, elapsed: Duration) -> Rates {
+pub(crate) fn rates(prev: &StatsReport, cur: &StatsReport, elapsed: Duration) -> Rates {
     let vips = cur
         .vips
         .iter()
@@ -163,7 +163,7 @@ fn fmt_rate(r: Option<f64>) -> String {
 ///   -> 10.111.1.11           up     1       10      40       3280    10         4.0    328.0    1.0
 /// ```
 /// then the non-zero reasons and events and the flow table's fill.
-pub fn watch_text(
+pub(crate) fn watch_text(
     stats: &StatsReport,
     rates: Option<&Rates>,
     interval: Duration,

@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ParseError {
+pub(crate) enum ParseError {
     #[error("malformed address {input:?}: missing port (expected ADDR:PORT, e.g. 10.0.0.1:80)")]
     MissingPort { input: String },
     #[error("malformed address {input:?}: expected ADDR:PORT, e.g. 10.0.0.1:80")]
@@ -23,7 +23,7 @@ pub enum ParseError {
 }
 
 /// Parse `ADDR:PORT` (a VIP). Port 0 is rejected: no packet is ever addressed to it.
-pub fn parse_addr_port(input: &str) -> Result<(Ipv4Addr, u16), ParseError> {
+pub(crate) fn parse_addr_port(input: &str) -> Result<(Ipv4Addr, u16), ParseError> {
     let owned = || input.to_string();
     let Some((addr, port)) = input.rsplit_once(':') else {
         // A bare address is the common slip; anything else is just not an address.
@@ -63,7 +63,7 @@ pub fn parse_addr_port(input: &str) -> Result<(Ipv4Addr, u16), ParseError> {
 
 /// Parse a plain IPv4 address (a backend). `ADDR:PORT` is rejected with its own message, because DSR
 /// cannot change the destination port.
-pub fn parse_ipv4(input: &str) -> Result<Ipv4Addr, ParseError> {
+pub(crate) fn parse_ipv4(input: &str) -> Result<Ipv4Addr, ParseError> {
     if let Ok(addr) = input.parse() {
         return Ok(addr);
     }

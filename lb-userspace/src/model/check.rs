@@ -193,10 +193,10 @@ pub fn default_timeout(interval: Duration) -> Duration {
 /// Serde form of a `Duration`: a humantime string.
 mod duration_str {
     use super::*;
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&fmt_duration(*d))
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         parse_duration("a duration", &s).map_err(de::Error::custom)
     }
@@ -205,13 +205,15 @@ mod duration_str {
 /// Serde form of an optional `Duration`.
 mod opt_duration_str {
     use super::*;
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => s.collect_str(&fmt_duration(*d)),
             None => s.serialize_none(),
         }
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
         let s = String::deserialize(d)?;
         parse_duration("a duration", &s)
             .map(Some)

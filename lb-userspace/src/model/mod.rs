@@ -2,7 +2,7 @@
 //! of how the data path stores it. The agent persists these, the CLI sends them, the TOML config
 //! holds them, and `dataplane` turns them into map entries.
 
-pub mod addr;
+pub(crate) mod addr;
 pub mod check;
 
 use crate::model::check::CheckSpec;

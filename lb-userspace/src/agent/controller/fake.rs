@@ -12,31 +12,31 @@ use std::{
 };
 
 #[derive(Default)]
-pub struct FakeDataplane {
+pub(crate) struct FakeDataplane {
     /// What is "in the kernel".
-    pub applied: BTreeMap<ServiceKey, VipSpec>,
+    pub(crate) applied: BTreeMap<ServiceKey, VipSpec>,
     /// `check_vip` rejects VIPs with more backends than this.
-    pub max_backends_per_vip: Option<usize>,
+    pub(crate) max_backends_per_vip: Option<usize>,
     /// The next this-many `apply_vip` calls fail (and change nothing).
-    pub fail_applies: usize,
-    pub fail_remove: bool,
-    pub apply_calls: usize,
+    pub(crate) fail_applies: usize,
+    pub(crate) fail_remove: bool,
+    pub(crate) apply_calls: usize,
     /// The `down` set of every successful `apply_vip`, in order.
-    pub down_log: Vec<(ServiceKey, BTreeSet<Ipv4Addr>)>,
+    pub(crate) down_log: Vec<(ServiceKey, BTreeSet<Ipv4Addr>)>,
     /// Flows installed from peers, in order.
-    pub flows: Vec<FlowEvent>,
+    pub(crate) flows: Vec<FlowEvent>,
     /// Every `set_vip_debug` call, in order.
-    pub debug_log: Vec<(ServiceKey, bool)>,
+    pub(crate) debug_log: Vec<(ServiceKey, bool)>,
 }
 
 /// The slot a backend gets here: its address's last byte.
-pub fn slot_of(addr: Ipv4Addr) -> u32 {
+pub(crate) fn slot_of(addr: Ipv4Addr) -> u32 {
     u32::from(addr.octets()[3])
 }
 
 /// Flow counts as a walk of the fake's table would find them: `per_backend` active flows for
 /// every backend applied, and `entries` entries.
-pub fn flow_counts(dp: &FakeDataplane, entries: u64, per_backend: u64) -> FlowCounts {
+pub(crate) fn flow_counts(dp: &FakeDataplane, entries: u64, per_backend: u64) -> FlowCounts {
     let mut counts = FlowCounts {
         entries,
         ..Default::default()
@@ -52,7 +52,7 @@ pub fn flow_counts(dp: &FakeDataplane, entries: u64, per_backend: u64) -> FlowCo
 
 impl FakeDataplane {
     /// The down set the VIP was last applied with.
-    pub fn down(&self, key: &ServiceKey) -> Option<&BTreeSet<Ipv4Addr>> {
+    pub(crate) fn down(&self, key: &ServiceKey) -> Option<&BTreeSet<Ipv4Addr>> {
         self.down_log
             .iter()
             .rev()
@@ -63,7 +63,7 @@ impl FakeDataplane {
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct FakeError(&'static str);
+pub(crate) struct FakeError(&'static str);
 
 impl DataplaneOps for FakeDataplane {
     type Error = FakeError;

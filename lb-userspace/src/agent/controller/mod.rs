@@ -33,7 +33,7 @@ use lb_common::FlowEvent;
 use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf, sync::Arc, time::SystemTime};
 
 /// What the controller needs from a data path.
-pub trait DataplaneOps {
+pub(crate) trait DataplaneOps {
     type Error: std::error::Error + Send + Sync + 'static;
     /// Whether `spec` fits, without changing anything.
     fn check_vip(&self, spec: &VipSpec) -> Result<(), Self::Error>;
@@ -77,7 +77,7 @@ impl DataplaneOps for Dataplane {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ControllerError {
+pub(crate) enum ControllerError {
     #[error(transparent)]
     State(#[from] StateError),
     #[error("VIP {key} does not fit in the data path: {source}")]
@@ -101,7 +101,7 @@ pub enum ControllerError {
     },
 }
 
-pub struct Controller<D> {
+pub(crate) struct Controller<D> {
     dp: D,
     state: DesiredState,
     state_path: PathBuf,
@@ -115,7 +115,7 @@ pub struct Controller<D> {
 impl<D: DataplaneOps> Controller<D> {
     /// Install `initial` into the data path and persist it. Every VIP is checked before the first
     /// one is applied; if any apply fails, the ones already applied are removed again.
-    pub fn start(
+    pub(crate) fn start(
         dp: D,
         state_path: PathBuf,
         initial: DesiredState,
@@ -166,16 +166,17 @@ impl<D: DataplaneOps> Controller<D> {
         Ok(ctl)
     }
 
-    pub fn state(&self) -> &DesiredState {
+    pub(crate) fn state(&self) -> &DesiredState {
         &self.state
     }
 
-    pub fn dataplane(&self) -> &D {
+    #[cfg(test)]
+    pub(crate) fn dataplane(&self) -> &D {
         &self.dp
     }
 
     /// Answer one protocol request. Errors become `Response::Error` with a one-line message.
-    pub fn handle(&mut self, req: Request) -> Response {
+    pub(crate) fn handle(&mut self, req: Request) -> Response {
         let result = match req {
             Request::VipAdd {
                 vip,
@@ -267,7 +268,7 @@ impl<D: DataplaneOps> Controller<D> {
         })
     }
 
-    pub fn vip_add(
+    pub(crate) fn vip_add(
         &mut self,
         key: ServiceKey,
         forward: Forward,
@@ -281,7 +282,7 @@ impl<D: DataplaneOps> Controller<D> {
 
     /// Debug events for one VIP. Not desired state: nothing is persisted, and a restarted agent
     /// starts with every VIP's events off.
-    pub fn vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), ControllerError> {
+    pub(crate) fn vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), ControllerError> {
         if self.state.get(key).is_none() {
             return Err(StateError::UnknownVip(*key).into());
         }
@@ -293,18 +294,22 @@ impl<D: DataplaneOps> Controller<D> {
             })
     }
 
-    pub fn vip_set(&mut self, key: &ServiceKey, check: &CheckPatch) -> Result<(), ControllerError> {
+    pub(crate) fn vip_set(
+        &mut self,
+        key: &ServiceKey,
+        check: &CheckPatch,
+    ) -> Result<(), ControllerError> {
         let new = self.state.plan_vip_set(key, check)?;
         let old = self.state.get(key).cloned();
         self.commit(*key, old, Some(new))
     }
 
-    pub fn vip_del(&mut self, key: &ServiceKey) -> Result<(), ControllerError> {
+    pub(crate) fn vip_del(&mut self, key: &ServiceKey) -> Result<(), ControllerError> {
         let old = self.state.plan_vip_del(key)?.clone();
         self.commit(*key, Some(old), None)
     }
 
-    pub fn backend_add(
+    pub(crate) fn backend_add(
         &mut self,
         key: &ServiceKey,
         addr: Ipv4Addr,
@@ -316,13 +321,17 @@ impl<D: DataplaneOps> Controller<D> {
         self.commit(*key, old, Some(new))
     }
 
-    pub fn backend_del(&mut self, key: &ServiceKey, addr: Ipv4Addr) -> Result<(), ControllerError> {
+    pub(crate) fn backend_del(
+        &mut self,
+        key: &ServiceKey,
+        addr: Ipv4Addr,
+    ) -> Result<(), ControllerError> {
         let new = self.state.plan_backend_del(key, addr)?;
         let old = self.state.get(key).cloned();
         self.commit(*key, old, Some(new))
     }
 
-    pub fn backend_set_weight(
+    pub(crate) fn backend_set_weight(
         &mut self,
         key: &ServiceKey,
         addr: Ipv4Addr,
@@ -333,7 +342,7 @@ impl<D: DataplaneOps> Controller<D> {
         self.commit(*key, old, Some(new))
     }
 
-    pub fn backend_drain(
+    pub(crate) fn backend_drain(
         &mut self,
         key: &ServiceKey,
         addr: Ipv4Addr,
@@ -343,7 +352,7 @@ impl<D: DataplaneOps> Controller<D> {
         self.commit(*key, old, Some(new))
     }
 
-    pub fn backend_undrain(
+    pub(crate) fn backend_undrain(
         &mut self,
         key: &ServiceKey,
         addr: Ipv4Addr,
@@ -354,14 +363,14 @@ impl<D: DataplaneOps> Controller<D> {
     }
 
     /// What the check tasks must be checking now.
-    pub fn probe_targets(&self) -> Vec<ProbeTarget> {
+    pub(crate) fn probe_targets(&self) -> Vec<ProbeTarget> {
         self.health.targets()
     }
 
     /// Take one health-check result. A state change is logged and its VIP re-applied with the
     /// new down set; if that fails it is logged and retried on the VIP's next result (the data
     /// path keeps the previous ring meanwhile).
-    pub fn health_result(&mut self, report: CheckReport) {
+    pub(crate) fn health_result(&mut self, report: CheckReport) {
         let key = report.key;
         if let Some(t) = self.health.record(report) {
             if t.up {
@@ -429,22 +438,22 @@ impl<D: DataplaneOps> Controller<D> {
             .map_or(0, |b| b.weight)
     }
 
-    pub fn vip_list(&self) -> Vec<VipSummary> {
+    pub(crate) fn vip_list(&self) -> Vec<VipSummary> {
         self.state.vips().map(VipSummary::from).collect()
     }
 
     /// The flow table's counts the next reports show.
-    pub fn set_flow_counts(&mut self, flows: Arc<FlowCounts>) {
+    pub(crate) fn set_flow_counts(&mut self, flows: Arc<FlowCounts>) {
         self.flows = flows;
     }
 
-    pub fn backend_list(&self, key: &ServiceKey) -> Result<VipReport, ControllerError> {
+    pub(crate) fn backend_list(&self, key: &ServiceKey) -> Result<VipReport, ControllerError> {
         let spec = self.state.get(key).ok_or(StateError::UnknownVip(*key))?;
         let stats = self.dp_stats()?;
         Ok(vip_report(spec, &stats, &self.health, SystemTime::now()))
     }
 
-    pub fn stats(&self) -> Result<StatsReport, ControllerError> {
+    pub(crate) fn stats(&self) -> Result<StatsReport, ControllerError> {
         let stats = self.dp_stats()?;
         Ok(StatsReport {
             vips: self
@@ -461,7 +470,10 @@ impl<D: DataplaneOps> Controller<D> {
 
     /// Install flows a peer sent (at most a frame's worth: a bounded number of map updates). An
     /// error goes back to the sync task, which logs it.
-    pub fn install_flows(&mut self, flows: Vec<FlowEvent>) -> Result<InstallReport, D::Error> {
+    pub(crate) fn install_flows(
+        &mut self,
+        flows: Vec<FlowEvent>,
+    ) -> Result<InstallReport, D::Error> {
         self.dp.install_flows(flows)
     }
 

@@ -11,10 +11,10 @@
 //! Each check configuration of a backend has a generation number; the monitor restarts a task when
 //! it changes and the book drops results of older generations still in the channel.
 
-pub mod monitor;
-pub mod probe;
+pub(crate) mod monitor;
+pub(crate) mod probe;
 
-pub use monitor::Monitor;
+pub(crate) use monitor::Monitor;
 
 use crate::{
     api::BackendState,
@@ -31,7 +31,7 @@ use std::{
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum HealthError {
+pub(crate) enum HealthError {
     #[error("cannot set up the HTTP health-check client: {0}")]
     Client(#[from] reqwest::Error),
 }
@@ -40,7 +40,7 @@ pub enum HealthError {
 /// newly added backend, takes traffic at once); `fall` consecutive failures take it down, `rise`
 /// consecutive successes bring it back; a success resets the failure count and vice versa.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RiseFall {
+pub(crate) struct RiseFall {
     up: bool,
     successes: u32,
     failures: u32,
@@ -57,12 +57,12 @@ impl Default for RiseFall {
 }
 
 impl RiseFall {
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.up
     }
 
     /// Record one check result; `Some(up)` when it changes the state.
-    pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+    pub(crate) fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
         if ok {
             self.failures = 0;
             self.successes = self.successes.saturating_add(1);
@@ -82,7 +82,7 @@ impl RiseFall {
     }
 
     /// Forget the counts but keep the state (the check's configuration changed).
-    pub fn reset_counts(&mut self) {
+    pub(crate) fn reset_counts(&mut self) {
         self.successes = 0;
         self.failures = 0;
     }
@@ -90,44 +90,44 @@ impl RiseFall {
 
 /// The outcome of one check.
 #[derive(Clone, Debug, PartialEq)]
-pub struct CheckResult {
-    pub ok: bool,
+pub(crate) struct CheckResult {
+    pub(crate) ok: bool,
     /// `connected`, `HTTP 200` when ok; the reason otherwise (`connection refused`, `HTTP 503`,
     /// `timeout after 300ms`, `body does not contain "ok"`).
-    pub detail: String,
-    pub latency: Duration,
-    pub at: SystemTime,
+    pub(crate) detail: String,
+    pub(crate) latency: Duration,
+    pub(crate) at: SystemTime,
 }
 
 /// What a check task checks: one backend of one VIP, with one check configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProbeTarget {
-    pub key: ServiceKey,
-    pub addr: Ipv4Addr,
-    pub port: u16,
-    pub check: CheckSpec,
-    pub generation: u64,
+pub(crate) struct ProbeTarget {
+    pub(crate) key: ServiceKey,
+    pub(crate) addr: Ipv4Addr,
+    pub(crate) port: u16,
+    pub(crate) check: CheckSpec,
+    pub(crate) generation: u64,
 }
 
 /// One result, from a task to the controller.
 #[derive(Clone, Debug)]
-pub struct CheckReport {
-    pub key: ServiceKey,
-    pub addr: Ipv4Addr,
-    pub generation: u64,
-    pub result: CheckResult,
+pub(crate) struct CheckReport {
+    pub(crate) key: ServiceKey,
+    pub(crate) addr: Ipv4Addr,
+    pub(crate) generation: u64,
+    pub(crate) result: CheckResult,
 }
 
 /// A backend's state change, for the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transition {
-    pub key: ServiceKey,
-    pub addr: Ipv4Addr,
-    pub up: bool,
+pub(crate) struct Transition {
+    pub(crate) key: ServiceKey,
+    pub(crate) addr: Ipv4Addr,
+    pub(crate) up: bool,
     /// Consecutive checks that caused it.
-    pub count: u32,
+    pub(crate) count: u32,
     /// The last check's detail (the failure reason when going down).
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 impl fmt::Display for Transition {
@@ -151,15 +151,15 @@ impl fmt::Display for Transition {
 
 /// A backend's health as reported.
 #[derive(Clone, Debug, PartialEq)]
-pub struct BackendHealth {
-    pub state: BackendState,
-    pub since: SystemTime,
+pub(crate) struct BackendHealth {
+    pub(crate) state: BackendState,
+    pub(crate) since: SystemTime,
     /// `None` before the first check and for `none` checks.
-    pub last: Option<CheckResult>,
+    pub(crate) last: Option<CheckResult>,
     /// Checks that passed / failed since the backend was added (kept across check changes, so
     /// they behave as Prometheus counters).
-    pub checks_ok: u64,
-    pub checks_failed: u64,
+    pub(crate) checks_ok: u64,
+    pub(crate) checks_failed: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -192,7 +192,7 @@ impl Entry {
 
 /// Health of every backend of every VIP, kept by the controller.
 #[derive(Debug, Default)]
-pub struct HealthBook {
+pub(crate) struct HealthBook {
     entries: BTreeMap<(ServiceKey, Ipv4Addr), Entry>,
     next_generation: u64,
 }
@@ -201,7 +201,11 @@ impl HealthBook {
     /// Follow the desired state: new backends start up, removed ones are forgotten, a changed
     /// check gets a new generation (its counts restart, its state stays; a check turned to
     /// `none` brings the backend up at once).
-    pub fn sync<'a>(&mut self, vips: impl IntoIterator<Item = &'a VipConfig>, now: SystemTime) {
+    pub(crate) fn sync<'a>(
+        &mut self,
+        vips: impl IntoIterator<Item = &'a VipConfig>,
+        now: SystemTime,
+    ) {
         let mut seen = BTreeSet::new();
         for vip in vips {
             for b in &vip.backends {
@@ -258,7 +262,7 @@ impl HealthBook {
 
     /// The backends of `vip` (as it is, or as it is about to become) that are down: down now and
     /// still checked under `vip`'s configuration. Backends unknown to the book are up.
-    pub fn down_for(&self, vip: &VipConfig) -> BTreeSet<Ipv4Addr> {
+    pub(crate) fn down_for(&self, vip: &VipConfig) -> BTreeSet<Ipv4Addr> {
         vip.backends
             .iter()
             .filter(|b| vip.check_of(b).kind != CheckKind::None)
@@ -273,7 +277,7 @@ impl HealthBook {
 
     /// Feed one result; the transition if it changed the backend's state. Results of a backend
     /// that is gone or of an older check configuration are ignored.
-    pub fn record(&mut self, report: CheckReport) -> Option<Transition> {
+    pub(crate) fn record(&mut self, report: CheckReport) -> Option<Transition> {
         let e = self.entries.get_mut(&(report.key, report.addr))?;
         if e.generation != report.generation || !e.checked() {
             return None;
@@ -298,7 +302,7 @@ impl HealthBook {
         })
     }
 
-    pub fn status(&self, key: &ServiceKey, addr: Ipv4Addr) -> Option<BackendHealth> {
+    pub(crate) fn status(&self, key: &ServiceKey, addr: Ipv4Addr) -> Option<BackendHealth> {
         self.entries.get(&(*key, addr)).map(|e| BackendHealth {
             state: e.shown,
             since: e.since,
@@ -309,7 +313,7 @@ impl HealthBook {
     }
 
     /// What the monitor must be checking: every backend whose check is not `none`.
-    pub fn targets(&self) -> Vec<ProbeTarget> {
+    pub(crate) fn targets(&self) -> Vec<ProbeTarget> {
         self.entries
             .iter()
             .filter(|(_, e)| e.checked())

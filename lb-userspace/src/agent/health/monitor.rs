@@ -16,7 +16,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 const CHANNEL_CAPACITY: usize = 1024;
 
 /// The check tasks: one per checked backend, following `HealthBook::targets`.
-pub struct Monitor {
+pub(crate) struct Monitor {
     tx: mpsc::Sender<CheckReport>,
     clients: Arc<HttpClients>,
     /// Parent of every check task's token.
@@ -29,7 +29,7 @@ pub struct Monitor {
 impl Monitor {
     /// A monitor with no tasks, and the receiving end of its results. Its tasks run on `tasks`
     /// under children of `cancel`.
-    pub fn new(
+    pub(crate) fn new(
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) -> Result<(Monitor, mpsc::Receiver<CheckReport>), HealthError> {
@@ -47,7 +47,7 @@ impl Monitor {
     }
 
     /// Start tasks for new targets, restart those whose generation changed, stop the rest.
-    pub fn sync(&mut self, targets: Vec<ProbeTarget>) {
+    pub(crate) fn sync(&mut self, targets: Vec<ProbeTarget>) {
         let wanted: HashMap<(ServiceKey, Ipv4Addr), ProbeTarget> =
             targets.into_iter().map(|t| ((t.key, t.addr), t)).collect();
         self.running.retain(|id, (generation, token)| {
@@ -69,12 +69,8 @@ impl Monitor {
     }
 
     /// Number of running check tasks.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.running.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.running.is_empty()
     }
 }
 
@@ -151,7 +147,7 @@ mod tests {
             assert!(Instant::now() < deadline);
         }
         monitor.sync(vec![]);
-        assert!(monitor.is_empty());
+        assert_eq!(monitor.len(), 0);
         // Every task ended: dropped targets cancel their tasks.
         tasks.close();
         tokio::time::timeout(Duration::from_secs(2), tasks.wait())

@@ -18,13 +18,13 @@ use tokio::net::TcpStream;
 const MAX_BODY: usize = 64 * 1024;
 
 /// The HTTP clients of the checks, built once (building one loads the TLS roots).
-pub struct HttpClients {
+pub(crate) struct HttpClients {
     verify: reqwest::Client,
     no_verify: reqwest::Client,
 }
 
 impl HttpClients {
-    pub fn new() -> Result<Self, HealthError> {
+    pub(crate) fn new() -> Result<Self, HealthError> {
         // reqwest (rustls with the `ring` provider, no default features): a maintained HTTP/1.1
         // client with TLS that builds without cmake or OpenSSL on this toolchain.
         let build = |verify: bool| {
@@ -82,7 +82,7 @@ fn http_reason(e: &reqwest::Error) -> String {
 }
 
 /// Run one check of `t` (bounded by its timeout).
-pub async fn probe(t: &ProbeTarget, clients: &HttpClients) -> CheckResult {
+pub(crate) async fn probe(t: &ProbeTarget, clients: &HttpClients) -> CheckResult {
     let at = SystemTime::now();
     let start = Instant::now();
     let addr = SocketAddr::from((t.addr, t.port));

@@ -12,9 +12,9 @@
 //! OpenMetrics: Debian 12's `promtool check metrics` (2.42) rejects OpenMetrics' `info` type and
 //! its counter family names without `_total`.
 
-pub mod render;
+pub(crate) mod render;
 
-pub use render::render;
+pub(crate) use render::render;
 
 use crate::{
     agent::{controller::ControllerError, flows::FlowCounter},
@@ -33,11 +33,11 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// How a scrape asks the serve loop for the stats report: it sends where the answer goes.
-pub type StatsReply = oneshot::Sender<Result<StatsReport, ControllerError>>;
+pub(crate) type StatsReply = oneshot::Sender<Result<StatsReport, ControllerError>>;
 
 /// Capacity of the scrape → serve loop queue; a scrape that finds it full is answered 503 rather
 /// than queueing behind a backlog of others.
-pub const SCRAPE_QUEUE: usize = 8;
+pub(crate) const SCRAPE_QUEUE: usize = 8;
 /// How long a scrape waits for the serve loop (it may be applying a change).
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client must send its request headers within this (no slow-loris holding a task).
@@ -48,10 +48,10 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_CONNECTIONS: usize = 32;
 
 /// The media type of the text format 0.0.4.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
+pub(crate) enum MetricsError {
     #[error("cannot listen for metrics scrapes on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
     #[error("building metric {name}: {source}")]
@@ -65,7 +65,7 @@ pub enum MetricsError {
 
 /// Bind the metrics listener (done before the data path is loaded, so a taken port fails the
 /// start instead of a half-started agent).
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| MetricsError::Bind { addr, source })
@@ -74,7 +74,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
 /// Serve `/metrics` on `listener` until `cancel` is cancelled; each connection is a task of
 /// `tasks` and ends with the same token. Each scrape sends a `StatsReply` on `scrapes` (answered
 /// by the serve loop) and reads `sync` directly (lock-free counters).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     scrapes: mpsc::Sender<StatsReply>,
     sync: Option<SyncStatus>,

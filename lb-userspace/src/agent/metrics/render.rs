@@ -56,7 +56,10 @@ fn i64_of(n: u64) -> i64 {
 
 /// Render one scrape: the stats report (as `xlb stats --json` has it) and, when peer sync runs,
 /// its report (as `xlb peers --json` has it).
-pub fn render(stats: &StatsReport, sync: Option<&PeersReport>) -> Result<String, MetricsError> {
+pub(crate) fn render(
+    stats: &StatsReport,
+    sync: Option<&PeersReport>,
+) -> Result<String, MetricsError> {
     let f = Families(Registry::new());
     f.gauge(
         "xlb_build_info",
