@@ -114,7 +114,6 @@ type KernelHash<K, V> = HashMap<MapData, K, V>;
 pub struct Dataplane {
     ebpf: Ebpf,
     mode: Option<AttachedMode>,
-    lb_addr: Option<Ipv4Addr>,
     flow_capacity: u32,
     vips_map: KernelHash<VipKey, VipMeta>,
     vip_addrs: KernelHash<u32, u32>,
@@ -277,7 +276,6 @@ impl Dataplane {
             log_pump: None,
             ebpf,
             mode: None,
-            lb_addr,
             flow_capacity,
             installed: BTreeMap::new(),
             free_vip_ids: (0..MAX_VIPS).collect(),
@@ -296,10 +294,6 @@ impl Dataplane {
     /// The attach mode, or `None` if loaded unattached.
     pub fn mode(&self) -> Option<AttachedMode> {
         self.mode
-    }
-
-    pub fn lb_addr(&self) -> Option<Ipv4Addr> {
-        self.lb_addr
     }
 
     pub fn flow_capacity(&self) -> u32 {

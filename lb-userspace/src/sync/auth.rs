@@ -255,8 +255,13 @@ impl Opener {
         Ok(msg)
     }
 
-    /// Convenience for one complete frame in a buffer.
-    pub fn open_frame(&mut self, frame: &[u8]) -> Result<(Header, Message<'static>), AuthError> {
+    /// Convenience for one complete frame in a buffer (the tests' way in; the receiver reads the
+    /// parts separately).
+    #[cfg(test)]
+    pub(crate) fn open_frame(
+        &mut self,
+        frame: &[u8],
+    ) -> Result<(Header, Message<'static>), AuthError> {
         let f = wire::split_frame(frame)?;
         let msg = self.open(&f.header, f.header_bytes, f.payload, f.tag)?;
         Ok((f.header, msg))

@@ -360,17 +360,19 @@ fn decode_records(payload: &[u8]) -> Result<Vec<FlowEvent>, WireError> {
 }
 
 /// One complete frame, split into its parts (nothing checked but the format).
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FrameParts<'a> {
-    pub header: Header,
-    pub header_bytes: &'a [u8],
-    pub payload: &'a [u8],
-    pub tag: &'a [u8],
+pub(crate) struct FrameParts<'a> {
+    pub(crate) header: Header,
+    pub(crate) header_bytes: &'a [u8],
+    pub(crate) payload: &'a [u8],
+    pub(crate) tag: &'a [u8],
 }
 
-/// Split one complete frame (exactly one, nothing after it). Used by tests and tools; the
-/// connection reader reads the parts separately.
-pub fn split_frame(buf: &[u8]) -> Result<FrameParts<'_>, WireError> {
+/// Split one complete frame (exactly one, nothing after it): the tests' way in; the connection
+/// reader reads the parts separately.
+#[cfg(test)]
+pub(crate) fn split_frame(buf: &[u8]) -> Result<FrameParts<'_>, WireError> {
     let header = decode_header(buf)?;
     let end = HEADER_LEN + header.payload_len as usize + TAG_LEN;
     need(buf, end)?;
