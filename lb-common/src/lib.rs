@@ -330,6 +330,21 @@ pub mod decap_reason {
     pub const NAMES: [&str; COUNT as usize] = ["decapsulated", "pass_other", "drop_malformed"];
 }
 
+// The layouts the kernel and userspace share, checked when either side compiles (the eBPF build
+// too): every struct is exactly the sum of its fields, with no padding the compiler added.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<VipKey>() == 8);
+    assert!(size_of::<VipMeta>() == 16);
+    assert!(size_of::<Backend>() == 16);
+    assert!(size_of::<FlowKey>() == 16);
+    assert!(size_of::<FlowValue>() == 16);
+    assert!(size_of::<FlowEvent>() == 24);
+    assert!(size_of::<TrafficCounters>() == 24);
+    assert!(size_of::<LbConfig>() == 8);
+    assert!(size_of::<BenchGenHeader>() == 48);
+};
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -349,20 +364,6 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use core::mem::size_of;
-
-    #[test]
-    fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<VipKey>(), 8);
-        assert_eq!(size_of::<VipMeta>(), 16);
-        assert_eq!(size_of::<Backend>(), 16);
-        assert_eq!(size_of::<FlowKey>(), 16);
-        assert_eq!(size_of::<BenchGenHeader>(), 48);
-        assert_eq!(size_of::<FlowValue>(), 16);
-        assert_eq!(size_of::<TrafficCounters>(), 24);
-        assert_eq!(size_of::<LbConfig>(), 8);
-        assert_eq!(size_of::<FlowEvent>(), 24);
-    }
 
     #[test]
     fn ring_halves_do_not_overlap() {
