@@ -174,6 +174,50 @@ pub(crate) fn watch_text(
         fmt_duration(interval),
         humantime::format_rfc3339_seconds(now)
     );
+    out.push_str(&table(
+        "",
+        &[
+            "VIP / BACKEND",
+            "PROTO",
+            "STATE",
+            "WEIGHT",
+            "ACTIVE",
+            "PACKETS",
+            "BYTES",
+            "NEW_FLOWS",
+            "PKT/S",
+            "BYTES/S",
+            "FLOWS/S",
+        ],
+        &vip_rows(stats, rates),
+    ));
+    // Zero reasons are noise in a live view; the full list is in plain `xlb stats`.
+    let rows: Vec<Vec<String>> = stats
+        .reasons
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(name, n)| {
+            let r = rates.and_then(|r| r.reasons.get(name).copied().flatten());
+            vec![name.clone(), n.to_string(), fmt_rate(r)]
+        })
+        .collect();
+    out.push('\n');
+    out.push_str(&table("", &["REASON", "PACKETS", "PKT/S"], &rows));
+    let events: Vec<String> = stats
+        .events
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    if !events.is_empty() {
+        out.push_str(&format!("\nevents: {}\n", events.join(", ")));
+    }
+    out.push_str(&format!("\n{}\n", flow_table_line(stats)));
+    out
+}
+
+/// A row per VIP, then one per backend of it, with totals and rates.
+fn vip_rows(stats: &StatsReport, rates: Option<&Rates>) -> Vec<Vec<String>> {
     let mut rows: Vec<Vec<String>> = Vec::new();
     for v in &stats.vips {
         let vr = rates.and_then(|r| r.vips.iter().find(|x| x.vip == v.vip && x.proto == v.proto));
@@ -211,46 +255,7 @@ pub(crate) fn watch_text(
             ]);
         }
     }
-    out.push_str(&table(
-        "",
-        &[
-            "VIP / BACKEND",
-            "PROTO",
-            "STATE",
-            "WEIGHT",
-            "ACTIVE",
-            "PACKETS",
-            "BYTES",
-            "NEW_FLOWS",
-            "PKT/S",
-            "BYTES/S",
-            "FLOWS/S",
-        ],
-        &rows,
-    ));
-    // Zero reasons are noise in a live view; the full list is in plain `xlb stats`.
-    let rows: Vec<Vec<String>> = stats
-        .reasons
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(name, n)| {
-            let r = rates.and_then(|r| r.reasons.get(name).copied().flatten());
-            vec![name.clone(), n.to_string(), fmt_rate(r)]
-        })
-        .collect();
-    out.push('\n');
-    out.push_str(&table("", &["REASON", "PACKETS", "PKT/S"], &rows));
-    let events: Vec<String> = stats
-        .events
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(name, n)| format!("{name} {n}"))
-        .collect();
-    if !events.is_empty() {
-        out.push_str(&format!("\nevents: {}\n", events.join(", ")));
-    }
-    out.push_str(&format!("\n{}\n", flow_table_line(stats)));
-    out
+    rows
 }
 
 #[cfg(test)]

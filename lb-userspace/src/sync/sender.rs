@@ -7,7 +7,7 @@ use super::{
     auth::{Sealer, new_nonce},
     peer::{BACKOFF_MIN, Batch, Ctx, IO_TIMEOUT, PeerError},
     status::{PeerStats, Status, unix_ns},
-    wire::{self, ACK_MSG_LEN, CHALLENGE_MSG_LEN, Kind, MAX_FLOWS_PER_FRAME, Message},
+    wire::{self, ACK_MSG_LEN, CHALLENGE_MSG_LEN, Challenge, Kind, MAX_FLOWS_PER_FRAME, Message},
 };
 use lb_common::FlowEvent;
 use std::{
@@ -21,7 +21,10 @@ use std::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpStream, tcp::OwnedWriteHalf},
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
     sync::{broadcast, oneshot},
     time::{Instant, Interval, sleep, sleep_until, timeout},
 };
@@ -330,17 +333,7 @@ async fn session(
     batches: &broadcast::Sender<Arc<Batch>>,
     acknowledged: &mut Option<Instant>,
 ) -> Result<std::convert::Infallible, PeerError> {
-    let conn = timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| PeerError::Timeout("connecting"))?
-        .map_err(PeerError::Connect)?;
-    conn.set_nodelay(true)?;
-    let (mut rd, wr) = conn.into_split();
-    let mut c = [0u8; CHALLENGE_MSG_LEN];
-    timeout(IO_TIMEOUT, rd.read_exact(&mut c))
-        .await
-        .map_err(|_| PeerError::Timeout("waiting for the challenge"))??;
-    let challenge = wire::decode_challenge(&c).map_err(PeerError::Challenge)?;
+    let (mut rd, wr, challenge) = connect(addr).await?;
     // Subscribed before the snapshot is requested: a flow assigned meanwhile is sent twice
     // (installs are idempotent) rather than never.
     let mut stream = Stream::new(batches.subscribe());
@@ -354,36 +347,8 @@ async fn session(
     };
     let mut heartbeat = tokio::time::interval_at(Instant::now() + ctx.heartbeat, ctx.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
-    // Hello and AckRequest in one write; then nothing but heartbeats until the receiver proved
-    // that it has the key. A receiver that rejects the Hello closes the connection instead, so a
-    // peer with another key never makes the agent walk its flow table.
-    let nonce = new_nonce()?;
-    tx.sealer.seal(
-        &Message::Hello {
-            listen_port: ctx.listen_port,
-        },
-        unix_ns(),
-        &mut tx.out,
-    )?;
-    tx.sealer
-        .seal(&Message::AckRequest { nonce }, unix_ns(), &mut tx.out)?;
-    tx.write_out(&mut stream).await?;
-    let mut ack = [0u8; ACK_MSG_LEN];
-    let read = timeout(IO_TIMEOUT, rd.read_exact(&mut ack));
-    match tx
-        .keep_alive_while(read, &mut heartbeat, &mut stream)
-        .await?
-    {
-        Err(_) => return Err(PeerError::Timeout("waiting for the peer's Ack")),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            return Err(PeerError::NotAcknowledged);
-        }
-        Ok(r) => r?,
-    };
-    let proof = wire::decode_ack(&ack).map_err(PeerError::BadAck)?;
-    ctx.key
-        .verify_ack(&challenge, ctx.node_id, &nonce, &proof)?;
+    tx.handshake(ctx, &challenge, &mut rd, &mut heartbeat, &mut stream)
+        .await?;
     *acknowledged = Some(Instant::now());
     stats.set_connected(true);
     log::info!("sync: connected to peer {addr}");
@@ -418,5 +383,58 @@ async fn session(
                 Err(e) => PeerError::Io(e),
             }),
         }
+    }
+}
+
+/// Connect to `addr` and read the receiver's challenge.
+async fn connect(
+    addr: SocketAddr,
+) -> Result<(OwnedReadHalf, OwnedWriteHalf, Challenge), PeerError> {
+    let conn = timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| PeerError::Timeout("connecting"))?
+        .map_err(PeerError::Connect)?;
+    conn.set_nodelay(true)?;
+    let (mut rd, wr) = conn.into_split();
+    let mut c = [0u8; CHALLENGE_MSG_LEN];
+    timeout(IO_TIMEOUT, rd.read_exact(&mut c))
+        .await
+        .map_err(|_| PeerError::Timeout("waiting for the challenge"))??;
+    let challenge = wire::decode_challenge(&c).map_err(PeerError::Challenge)?;
+    Ok((rd, wr, challenge))
+}
+
+impl Sender<'_> {
+    /// Hello and AckRequest in one write; then nothing but heartbeats until the receiver proved
+    /// that it has the key. A receiver that rejects the Hello closes the connection instead, so
+    /// a peer with another key never makes the agent walk its flow table.
+    async fn handshake(
+        &mut self,
+        ctx: &Ctx,
+        challenge: &Challenge,
+        rd: &mut OwnedReadHalf,
+        heartbeat: &mut Interval,
+        stream: &mut Stream,
+    ) -> Result<(), PeerError> {
+        let nonce = new_nonce()?;
+        let hello = Message::Hello {
+            listen_port: ctx.listen_port,
+        };
+        self.sealer.seal(&hello, unix_ns(), &mut self.out)?;
+        self.sealer
+            .seal(&Message::AckRequest { nonce }, unix_ns(), &mut self.out)?;
+        self.write_out(stream).await?;
+        let mut ack = [0u8; ACK_MSG_LEN];
+        let read = timeout(IO_TIMEOUT, rd.read_exact(&mut ack));
+        match self.keep_alive_while(read, heartbeat, stream).await? {
+            Err(_) => return Err(PeerError::Timeout("waiting for the peer's Ack")),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(PeerError::NotAcknowledged);
+            }
+            Ok(r) => r?,
+        };
+        let proof = wire::decode_ack(&ack).map_err(PeerError::BadAck)?;
+        ctx.key.verify_ack(challenge, ctx.node_id, &nonce, &proof)?;
+        Ok(())
     }
 }

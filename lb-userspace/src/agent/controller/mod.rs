@@ -178,72 +178,9 @@ impl<D: DataplaneOps> Controller<D> {
     /// Answer one protocol request. Errors become `Response::Error` with a one-line message.
     pub(crate) fn handle(&mut self, req: Request) -> Response {
         let result = match req {
-            Request::VipAdd {
-                vip,
-                forward,
-                check,
-            } => self.vip_add(vip, forward, &check).map(|()| Response::Done {
-                message: format!(
-                    "added VIP {vip} (forward {forward}, check {})",
-                    self.check_summary(&vip)
-                ),
-            }),
-            Request::VipSet { vip, check } => self.vip_set(&vip, &check).map(|()| Response::Done {
-                message: format!("VIP {vip}: check {}", self.check_summary(&vip)),
-            }),
-            Request::VipDel { vip } => self.vip_del(&vip).map(|()| Response::Done {
-                message: format!("deleted VIP {vip}"),
-            }),
             Request::VipList => Ok(Response::VipList {
                 vips: self.vip_list(),
             }),
-            Request::BackendAdd {
-                vip,
-                backend,
-                weight,
-                check,
-            } => self
-                .backend_add(&vip, backend, weight, &check)
-                .map(|()| Response::Done {
-                    message: if check.is_empty() {
-                        format!("added backend {backend} (weight {weight}) to VIP {vip}")
-                    } else {
-                        format!(
-                            "added backend {backend} (weight {weight}, own check {}) to VIP {vip}",
-                            self.backend_check_summary(&vip, backend)
-                        )
-                    },
-                }),
-            Request::BackendSet {
-                vip,
-                backend,
-                weight,
-            } => self
-                .backend_set_weight(&vip, backend, weight)
-                .map(|()| Response::Done {
-                    message: format!("backend {backend} of VIP {vip}: weight {weight}"),
-                }),
-            Request::BackendDrain { vip, backend } => {
-                self.backend_drain(&vip, backend).map(|()| Response::Done {
-                    message: format!(
-                        "draining backend {backend} of VIP {vip}: no new flows, existing flows stay"
-                    ),
-                })
-            }
-            Request::BackendUndrain { vip, backend } => {
-                self.backend_undrain(&vip, backend)
-                    .map(|()| Response::Done {
-                        message: format!(
-                            "backend {backend} of VIP {vip} takes new flows again (weight {})",
-                            self.weight_of(&vip, backend)
-                        ),
-                    })
-            }
-            Request::BackendDel { vip, backend } => {
-                self.backend_del(&vip, backend).map(|()| Response::Done {
-                    message: format!("deleted backend {backend} from VIP {vip}"),
-                })
-            }
             Request::BackendList { vip } => self
                 .backend_list(&vip)
                 .map(|vip| Response::BackendList { vip }),
@@ -253,18 +190,87 @@ impl<D: DataplaneOps> Controller<D> {
                 message: "peer sync is not configured on this agent (start it with --sync-listen)"
                     .to_string(),
             }),
-            Request::VipDebug { vip, on } => self.vip_debug(&vip, on).map(|()| Response::Done {
-                message: if on {
-                    format!(
-                        "VIP {vip}: data-path debug events on (they appear in the agent's log, target xlb_ebpf)"
-                    )
-                } else {
-                    format!("VIP {vip}: data-path debug events off")
-                },
-            }),
+            change => self
+                .change(change)
+                .map(|message| Response::Done { message }),
         };
         result.unwrap_or_else(|e| Response::Error {
             message: e.to_string(),
+        })
+    }
+
+    /// Apply a request that changes something; what it did, for the operator.
+    fn change(&mut self, req: Request) -> Result<String, ControllerError> {
+        Ok(match req {
+            Request::VipAdd {
+                vip,
+                forward,
+                check,
+            } => {
+                self.vip_add(vip, forward, &check)?;
+                let check = self.check_summary(&vip);
+                format!("added VIP {vip} (forward {forward}, check {check})")
+            }
+            Request::VipSet { vip, check } => {
+                self.vip_set(&vip, &check)?;
+                format!("VIP {vip}: check {}", self.check_summary(&vip))
+            }
+            Request::VipDel { vip } => {
+                self.vip_del(&vip)?;
+                format!("deleted VIP {vip}")
+            }
+            Request::BackendAdd {
+                vip,
+                backend,
+                weight,
+                check,
+            } => {
+                self.backend_add(&vip, backend, weight, &check)?;
+                if check.is_empty() {
+                    format!("added backend {backend} (weight {weight}) to VIP {vip}")
+                } else {
+                    let own = self.backend_check_summary(&vip, backend);
+                    format!(
+                        "added backend {backend} (weight {weight}, own check {own}) to VIP {vip}"
+                    )
+                }
+            }
+            Request::BackendSet {
+                vip,
+                backend,
+                weight,
+            } => {
+                self.backend_set_weight(&vip, backend, weight)?;
+                format!("backend {backend} of VIP {vip}: weight {weight}")
+            }
+            Request::BackendDrain { vip, backend } => {
+                self.backend_drain(&vip, backend)?;
+                format!(
+                    "draining backend {backend} of VIP {vip}: no new flows, existing flows stay"
+                )
+            }
+            Request::BackendUndrain { vip, backend } => {
+                self.backend_undrain(&vip, backend)?;
+                let weight = self.weight_of(&vip, backend);
+                format!("backend {backend} of VIP {vip} takes new flows again (weight {weight})")
+            }
+            Request::BackendDel { vip, backend } => {
+                self.backend_del(&vip, backend)?;
+                format!("deleted backend {backend} from VIP {vip}")
+            }
+            Request::VipDebug { vip, on: true } => {
+                self.vip_debug(&vip, true)?;
+                format!(
+                    "VIP {vip}: data-path debug events on (they appear in the agent's log, target xlb_ebpf)"
+                )
+            }
+            Request::VipDebug { vip, on: false } => {
+                self.vip_debug(&vip, false)?;
+                format!("VIP {vip}: data-path debug events off")
+            }
+            Request::VipList | Request::BackendList { .. } | Request::Stats | Request::Peers => {
+                unreachable!("queries are answered by handle")
+            }
         })
     }
 

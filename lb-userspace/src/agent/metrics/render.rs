@@ -3,7 +3,7 @@
 
 use super::MetricsError;
 use crate::{
-    api::{BackendState, StatsReport},
+    api::{BackendReport, BackendState, StatsReport, VipReport},
     sync::{PeerReport, PeersReport},
 };
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
@@ -83,54 +83,91 @@ pub(crate) fn render(
 
 /// Per-VIP and per-backend families: counters, state, weight, active flows, checks.
 fn render_vips(f: &Families, stats: &StatsReport) -> Result<(), MetricsError> {
-    let vl = ["vip", "proto"];
-    let bl = ["vip", "proto", "backend"];
-    let vip_packets = f.counter("xlb_vip_packets_total", "Packets steered for the VIP.", &vl)?;
-    let vip_bytes = f.counter(
-        "xlb_vip_bytes_total",
-        "Bytes (IP packets as received) steered for the VIP.",
-        &vl,
-    )?;
-    let vip_flows = f.counter(
-        "xlb_vip_new_flows_total",
-        "New flows the VIP assigned to a backend.",
-        &vl,
-    )?;
-    let be_packets = f.counter(
+    type VipCounter = (&'static str, &'static str, fn(&VipReport) -> u64);
+    let vip_counters: [VipCounter; 3] = [
+        (
+            "xlb_vip_packets_total",
+            "Packets steered for the VIP.",
+            |v| v.packets,
+        ),
+        (
+            "xlb_vip_bytes_total",
+            "Bytes (IP packets as received) steered for the VIP.",
+            |v| v.bytes,
+        ),
+        (
+            "xlb_vip_new_flows_total",
+            "New flows the VIP assigned to a backend.",
+            |v| v.new_flows,
+        ),
+    ];
+    for (name, help, value) in vip_counters {
+        let family = f.counter(name, help, &["vip", "proto"])?;
+        for v in &stats.vips {
+            let proto = v.proto.to_string();
+            family
+                .with_label_values(&[v.vip.as_str(), proto.as_str()])
+                .inc_by(value(v));
+        }
+    }
+    render_backends(f, stats)
+}
+
+/// A backend family: its name, its help, and its value for one backend.
+type BackendValue<T> = (&'static str, &'static str, fn(&BackendReport) -> T);
+
+const BACKEND_COUNTERS: [BackendValue<u64>; 3] = [
+    (
         "xlb_backend_packets_total",
         "Packets forwarded to the backend.",
-        &bl,
-    )?;
-    let be_bytes = f.counter(
+        |b| b.packets,
+    ),
+    (
         "xlb_backend_bytes_total",
         "Bytes (IP packets as received, before encapsulation) forwarded to the backend.",
-        &bl,
-    )?;
-    let be_flows = f.counter(
+        |b| b.bytes,
+    ),
+    (
         "xlb_backend_new_flows_total",
         "New flows assigned to the backend.",
-        &bl,
-    )?;
-    let be_up = f.gauge(
+        |b| b.new_flows,
+    ),
+];
+
+const BACKEND_GAUGES: [BackendValue<i64>; 4] = [
+    (
         "xlb_backend_up",
         "1 unless the backend failed its health checks (down); a draining backend is up.",
-        &bl,
-    )?;
-    let be_draining = f.gauge(
+        |b| i64::from(b.state != BackendState::Down),
+    ),
+    (
         "xlb_backend_draining",
         "1 if the backend is drained (weight 0: no new flows, existing flows stay).",
-        &bl,
-    )?;
-    let be_weight = f.gauge(
+        |b| i64::from(b.weight == 0),
+    ),
+    (
         "xlb_backend_weight",
         "Configured weight of the backend (0 = drained).",
-        &bl,
-    )?;
-    let be_active = f.gauge(
+        |b| i64::from(b.weight),
+    ),
+    (
         "xlb_backend_active_flows",
         "Flow-table entries of the backend that saw a packet in the last 60 s.",
-        &bl,
-    )?;
+        |b| i64_of(b.active_flows),
+    ),
+];
+
+/// A backend's families: its counters, state, weight, active flows and health checks.
+fn render_backends(f: &Families, stats: &StatsReport) -> Result<(), MetricsError> {
+    let bl = ["vip", "proto", "backend"];
+    let counters = BACKEND_COUNTERS
+        .into_iter()
+        .map(|(name, help, value)| Ok((f.counter(name, help, &bl)?, value)))
+        .collect::<Result<Vec<_>, MetricsError>>()?;
+    let gauges = BACKEND_GAUGES
+        .into_iter()
+        .map(|(name, help, value)| Ok((f.gauge(name, help, &bl)?, value)))
+        .collect::<Result<Vec<_>, MetricsError>>()?;
     let checks = f.counter(
         "xlb_health_checks_total",
         "Health checks of the backend by result (ok, fail).",
@@ -142,29 +179,19 @@ fn render_vips(f: &Families, stats: &StatsReport) -> Result<(), MetricsError> {
         &bl,
     )?;
     for v in &stats.vips {
-        let vip = &v.vip;
         let proto = v.proto.to_string();
-        let l = [vip.as_str(), proto.as_str()];
-        vip_packets.with_label_values(&l).inc_by(v.packets);
-        vip_bytes.with_label_values(&l).inc_by(v.bytes);
-        vip_flows.with_label_values(&l).inc_by(v.new_flows);
         for b in &v.backends {
             let addr = b.address.to_string();
-            let l = [vip.as_str(), proto.as_str(), addr.as_str()];
-            be_packets.with_label_values(&l).inc_by(b.packets);
-            be_bytes.with_label_values(&l).inc_by(b.bytes);
-            be_flows.with_label_values(&l).inc_by(b.new_flows);
-            be_up
-                .with_label_values(&l)
-                .set(i64::from(b.state != BackendState::Down));
-            be_draining
-                .with_label_values(&l)
-                .set(i64::from(b.weight == 0));
-            be_weight.with_label_values(&l).set(i64::from(b.weight));
-            be_active.with_label_values(&l).set(i64_of(b.active_flows));
+            let l = [v.vip.as_str(), proto.as_str(), addr.as_str()];
+            for (family, value) in &counters {
+                family.with_label_values(&l).inc_by(value(b));
+            }
+            for (family, value) in &gauges {
+                family.with_label_values(&l).set(value(b));
+            }
             for (result, n) in [("ok", b.checks_ok), ("fail", b.checks_failed)] {
                 checks
-                    .with_label_values(&[vip.as_str(), proto.as_str(), addr.as_str(), result])
+                    .with_label_values(&[l[0], l[1], l[2], result])
                     .inc_by(n);
             }
             if let Some(c) = &b.last_check {
@@ -174,7 +201,6 @@ fn render_vips(f: &Families, stats: &StatsReport) -> Result<(), MetricsError> {
             }
         }
     }
-
     Ok(())
 }
 
@@ -285,14 +311,18 @@ fn render_sync(f: &Families, sync: &PeersReport) -> Result<(), MetricsError> {
     inbound
         .with_label_values(&other)
         .set(i64::from(t.inbound_other));
+    render_sync_node(f, sync)
+}
 
+/// Sync families of this node as a whole: flows taken for sync, and the lag.
+fn render_sync_node(f: &Families, sync: &PeersReport) -> Result<(), MetricsError> {
     f.counter(
         "xlb_sync_local_flows_total",
         "New flows of this node's data path taken for sync.",
         &[],
     )?
     .with_label_values::<&str>(&[])
-    .inc_by(t.local_flows);
+    .inc_by(sync.totals.local_flows);
     f.counter(
         "xlb_sync_lag_samples_total",
         "Flow frames received whose sync lag was measured.",
