@@ -72,6 +72,9 @@ enum Task {
         /// Leave out the end-to-end and packet-rate part.
         #[arg(long)]
         skip_e2e: bool,
+        /// Run only this part (repeatable): packets, control-plane, serve-loop, e2e.
+        #[arg(long, value_name = "PART")]
+        only: Vec<String>,
     },
 }
 
@@ -132,7 +135,8 @@ fn main() {
             skip_setup,
             quick,
             skip_e2e,
-        } => bench(skip_setup, quick, skip_e2e),
+            only,
+        } => bench(skip_setup, quick, skip_e2e, &only),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -491,7 +495,7 @@ fn demo(skip_setup: bool, forward: &str, xdp_mode: &str, requests: u32) -> Resul
 // ---------------------------------------------------------------------------------------------
 // bench
 
-fn bench(skip_setup: bool, quick: bool, skip_e2e: bool) -> Result<()> {
+fn bench(skip_setup: bool, quick: bool, skip_e2e: bool, only: &[String]) -> Result<()> {
     if !skip_setup {
         setup()?;
     }
@@ -518,6 +522,9 @@ fn bench(skip_setup: bool, quick: bool, skip_e2e: bool) -> Result<()> {
     }
     if skip_e2e {
         cmd.arg("--skip-e2e");
+    }
+    for part in only {
+        cmd.args(["--only", part]);
     }
     cmd.current_dir(workspace_root())
         .env("XLB_BIN", release.join("xlb"));

@@ -16,6 +16,8 @@
 
 #[path = "../bench/packets.rs"]
 mod packets;
+#[path = "../bench/serve_loop.rs"]
+mod serve_loop;
 #[path = "../bench/stats.rs"]
 mod stats;
 #[path = "../bench/sync.rs"]
@@ -69,6 +71,29 @@ struct Args {
     /// Leave out the end-to-end and packet-rate part (`bench_e2e`).
     #[arg(long)]
     skip_e2e: bool,
+    /// Run only these parts (repeatable); the results then go to `<date>-<parts>.{md,json}`
+    /// and `latest.md`, which describes a full run, is left as it is.
+    #[arg(long, value_enum)]
+    only: Vec<Part>,
+}
+
+/// The parts of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    /// Per-packet cost through BPF_PROG_TEST_RUN.
+    Packets,
+    /// Ring rebuild, flow install, walks and snapshots, peer sync.
+    ControlPlane,
+    /// The agent's serve loop under stats and scrapes with its flow table full.
+    ServeLoop,
+    /// End to end and packet rate in the netns topology.
+    E2e,
+}
+
+impl Args {
+    fn wants(&self, part: Part) -> bool {
+        (self.only.is_empty() || self.only.contains(&part)) && !(part == Part::E2e && self.skip_e2e)
+    }
 }
 
 struct Plan {
@@ -87,6 +112,8 @@ struct Plan {
     sync_flows: u32,
     /// Seconds of `perf record` per profiled figure.
     profile_secs: u64,
+    /// How long the serve loop is measured under load.
+    serve_window: Duration,
 }
 
 fn main() {
@@ -111,6 +138,7 @@ fn run(args: &Args) -> Result<()> {
             flows: 1 << 20,
             sync_flows: 100_000,
             profile_secs: 1,
+            serve_window: Duration::from_secs(10),
         }
     } else {
         Plan {
@@ -122,6 +150,7 @@ fn run(args: &Args) -> Result<()> {
             flows: 1 << 20,
             sync_flows: 200_000,
             profile_secs: 3,
+            serve_window: Duration::from_secs(30),
         }
     };
     let _ = netns::sweep_stale();
@@ -134,24 +163,34 @@ fn run(args: &Args) -> Result<()> {
         machine["cpu"].as_str().unwrap_or("?")
     );
 
-    let ns = packets::bench_netns().context("benchmark namespace")?;
     let profiling = profile::available();
-    if !profiling {
-        println!("bench: perf is not usable here; the profiles are left out");
-    }
-    let (mut rows, targets, profiles) = {
+    let (mut rows, mut targets, mut profiles) = (Vec::new(), Targets::none(), Vec::new());
+    if args.wants(Part::Packets) {
+        if !profiling {
+            println!("bench: perf is not usable here; the profiles are left out");
+        }
+        let ns = packets::bench_netns().context("benchmark namespace")?;
         let plan_in = (plan.runs, plan.repeat, plan.batches, plan.batch);
         let secs = plan.profile_secs;
-        ns.enter(move || per_packet(plan_in, profiling.then_some(secs)))??
-    };
-    drop(ns);
+        (rows, targets, profiles) =
+            ns.enter(move || per_packet(plan_in, profiling.then_some(secs)))??;
+    }
     interrupt::check()?;
-    rows.extend(control_plane(&plan)?);
+    if args.wants(Part::ControlPlane) {
+        rows.extend(control_plane(&plan)?);
+    }
+    if args.wants(Part::ServeLoop) {
+        let (serve_rows, serve_targets) = serve_loop_rows(&plan)?;
+        rows.extend(serve_rows);
+        targets.markdown.push_str(&serve_targets);
+    }
 
     let mut md = stats::markdown(&rows);
-    md.push_str(&profile_section(&profiles, profiling));
+    if args.wants(Part::Packets) {
+        md.push_str(&profile_section(&profiles, profiling));
+    }
     let mut e2e = Value::Null;
-    if !args.skip_e2e {
+    if args.wants(Part::E2e) {
         interrupt::check()?;
         println!("bench: end to end and packet rate (bench_e2e)");
         match xlb_tests::bench_e2e::run(args.quick) {
@@ -172,14 +211,20 @@ fn run(args: &Args) -> Result<()> {
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let stamp = machine["date"]
+    let mut stamp = machine["date"]
         .as_str()
         .unwrap_or("unknown")
         .replace(':', "");
+    for part in &args.only {
+        stamp.push('-');
+        stamp.push_str(&format!("{part:?}").to_lowercase());
+    }
     let md_path = args.out.join(format!("{stamp}.md"));
     let json_path = args.out.join(format!("{stamp}.json"));
     std::fs::write(&md_path, &doc)?;
-    std::fs::write(args.out.join("latest.md"), &doc)?;
+    if args.only.is_empty() {
+        std::fs::write(args.out.join("latest.md"), &doc)?;
+    }
     let j = json!({
         "machine": machine,
         "quick": args.quick,
@@ -192,9 +237,14 @@ fn run(args: &Args) -> Result<()> {
     });
     std::fs::write(&json_path, serde_json::to_string_pretty(&j)? + "\n")?;
     println!(
-        "bench: wrote {}, {} and latest.md in {elapsed:.0}s",
+        "bench: wrote {} and {}{} in {elapsed:.0}s",
         md_path.display(),
-        json_path.display()
+        json_path.display(),
+        if args.only.is_empty() {
+            " and latest.md"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
@@ -214,7 +264,7 @@ fn document(machine: &Value, quick: bool, table: &str, targets: &str, elapsed: f
     format!(
         "# xlb benchmark results\n\n\
          - date (UTC): {}\n- commit: {}\n- kernel: {}\n- CPU: {} × {}\n- mode: {} ({elapsed:.0} s)\n\n\
-         {METHOD}\n{table}\n### Targets (issue 6)\n\n{targets}",
+         {METHOD}\n{table}\n### Targets (issues 6 and 10)\n\n{targets}",
         machine["date"].as_str().unwrap_or("?"),
         machine["commit"].as_str().unwrap_or("?"),
         machine["kernel"].as_str().unwrap_or("?"),
@@ -382,6 +432,16 @@ fn fill_events(n: u32, port: u16, backends: u32) -> impl Iterator<Item = FlowEve
 struct Targets {
     markdown: String,
     json: Value,
+}
+
+impl Targets {
+    /// No per-packet part ran.
+    fn none() -> Targets {
+        Targets {
+            markdown: String::new(),
+            json: Value::Null,
+        }
+    }
 }
 
 struct Floors {
@@ -868,7 +928,9 @@ fn control_plane(plan: &Plan) -> Result<Vec<Row>> {
     )?;
     let mut install = Vec::new();
     let mut snapshot = Vec::new();
+    let mut walk = Vec::new();
     let mut count = 0;
+    let table = dp.flow_table()?;
     for _ in 0..plan.cp_repeats.min(3) {
         interrupt::check()?;
         let t = Instant::now();
@@ -877,6 +939,15 @@ fn control_plane(plan: &Plan) -> Result<Vec<Row>> {
         let t = Instant::now();
         count = dp.snapshot_flows(Duration::from_secs(3600))?.len();
         snapshot.push(secs(t.elapsed()));
+        let t = Instant::now();
+        let counts = table.counts()?;
+        walk.push(secs(t.elapsed()) * 1e3);
+        if counts.entries != count as u64 {
+            bail!(
+                "the walk counted {} entries, the snapshot {count}",
+                counts.entries
+            );
+        }
     }
     rows.push(
         Row::new(
@@ -898,6 +969,18 @@ fn control_plane(plan: &Plan) -> Result<Vec<Row>> {
             Spread::of(&snapshot),
         )
         .note(format!("{count} entries in the snapshot (LRU)")),
+    );
+    rows.push(
+        Row::new(
+            s,
+            format!(
+                "flow-table walk for the report counts (FlowTable::counts), capacity {}",
+                plan.flows
+            ),
+            "ms",
+            Spread::of(&walk),
+        )
+        .note("BPF_MAP_LOOKUP_BATCH on a handle of its own, as the agent walks off its serve loop"),
     );
     drop(dp);
 
@@ -934,4 +1017,62 @@ fn control_plane(plan: &Plan) -> Result<Vec<Row>> {
         .note("TCP, HMAC-authenticated frames, install_flows as in the agent; first pass inserts, later ones overwrite"),
     );
     Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The serve loop under load.
+
+/// Round trips of `xlb stats --json` and scrapes, and health changes reaching the data path, with
+/// the flow table full at 1M entries (issue 10; target: p99 of the CLI round trip and the largest
+/// health delay both under 50 ms).
+fn serve_loop_rows(plan: &Plan) -> Result<(Vec<Row>, String)> {
+    let s = "Serve loop under load";
+    let capacity = 1 << 20;
+    println!("bench: serve loop, flow table full at {capacity} entries");
+    let load = serve_loop::measure(capacity, plan.serve_window)?;
+    let p99 = |v: &[f64]| serve_loop::percentile(v, 0.99);
+    let max = |v: &[f64]| serve_loop::percentile(v, 1.0);
+    let rows = vec![
+        Row::new(
+            s,
+            "`xlb stats --json` every 100 ms, round trip of the CLI process",
+            "ms",
+            Spread::of(&load.stats_ms),
+        )
+        .note(format!(
+            "p99 {:.1} ms over {} requests; {} flow entries (filled by a peer in {:.1} s); a scrape every second and a health change every 0.6 s meanwhile",
+            p99(&load.stats_ms),
+            load.stats_ms.len(),
+            load.entries,
+            load.fill_s
+        )),
+        Row::new(
+            s,
+            "`/metrics` scrape every second",
+            "ms",
+            Spread::of(&load.scrape_ms),
+        )
+        .note(format!("p99 {:.1} ms over {} scrapes", p99(&load.scrape_ms), load.scrape_ms.len())),
+        Row::new(
+            s,
+            "health change → data path (the check's answer → the VIP's ring in the kernel)",
+            "ms",
+            Spread::of(&load.health_ms),
+        )
+        .note(format!(
+            "largest {:.1} ms over {} changes (checks every 100 ms, rise 1, fall 1)",
+            max(&load.health_ms),
+            load.health_ms.len()
+        )),
+    ];
+    let verdict = |v: f64| if v < 50.0 { "**met**" } else { "**missed**" };
+    let targets = format!(
+        "\n- Serve loop with the flow table full ({} entries): p99 of the `xlb stats --json` round trip {:.1} ms, largest health-change delay {:.1} ms; target both under 50 ms: {} and {}.\n",
+        load.entries,
+        p99(&load.stats_ms),
+        max(&load.health_ms),
+        verdict(p99(&load.stats_ms)),
+        verdict(max(&load.health_ms)),
+    );
+    Ok((rows, targets))
 }
