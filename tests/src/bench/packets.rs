@@ -1,6 +1,7 @@
 //! Building the benchmark's frames and namespace (the same shapes as `tests/packet_fixtures.rs`).
 
 use anyhow::Result;
+use lb_common::{FlowEvent, FlowKey};
 use std::net::Ipv4Addr;
 
 use xlb_tests::{
@@ -20,8 +21,31 @@ pub const ACK: u8 = 0x10;
 pub const MAX_BENCH_BACKENDS: u32 = 1000;
 
 /// Backend `i` (0-based): 10.111.16.10 + i, on-link on `lb0` (10.111.16.0/20).
-pub fn backend(i: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 111, 16, 10)) + i)
+pub const fn backend(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from_bits(Ipv4Addr::new(10, 111, 16, 10).to_bits() + i)
+}
+
+/// An address as the data path's maps hold it (network order in memory).
+pub fn be(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+/// `n` flows to VIP:`port`, spread over the first `backends` backends (none from `CLIENT`).
+pub fn fill_events(n: u32, port: u16, backends: u32) -> impl Iterator<Item = FlowEvent> {
+    (0..n).map(move |i| FlowEvent {
+        flow: FlowKey {
+            src_addr: be(Ipv4Addr::from(
+                u32::from(Ipv4Addr::new(10, 111, 64, 0)) + (i >> 16),
+            )),
+            dst_addr: be(VIP),
+            src_port: ((i & 0xffff) as u16).to_be(),
+            dst_port: port.to_be(),
+            proto: 6,
+            _pad: [0; 3],
+        },
+        backend_addr: be(backend(i % backends)),
+        _pad: 0,
+    })
 }
 
 /// Ethernet (router → LB), IPv4 (DF, TTL 63), TCP with `flags` and `payload_len` bytes.

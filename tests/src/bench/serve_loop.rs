@@ -8,9 +8,10 @@
 //! The table is filled the way a peer fills it: an in-process sync node streams the flows to the
 //! agent's `--sync-listen` (authenticated frames), and the agent installs them.
 
+use super::packets::{VIP, backend, be, fill_events};
 use anyhow::{Context, Result, bail, ensure};
 use aya::maps::{HashMap as BpfHashMap, MapData, MapInfo};
-use lb_common::{FlowEvent, FlowKey, VipKey, VipMeta, maps};
+use lb_common::{FlowEvent, VipKey, VipMeta, maps};
 use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
@@ -33,14 +34,10 @@ use xlb_tests::{
     xlb::{Agent, Xlb},
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 100, 1);
 const VIP_PORT: u16 = 80;
-/// The backend whose check flips; the other two always pass.
-const BACKENDS: [Ipv4Addr; 3] = [
-    Ipv4Addr::new(10, 111, 16, 10),
-    Ipv4Addr::new(10, 111, 16, 11),
-    Ipv4Addr::new(10, 111, 16, 12),
-];
+/// The VIP's backends (`packets::backend(0..3)`, where `fill_events` pins the flows); the first
+/// one's check flips, the other two always pass.
+const BACKENDS: [Ipv4Addr; 3] = [backend(0), backend(1), backend(2)];
 const CHECK_PORT: u16 = 8080;
 const SYNC_LISTEN: &str = "127.0.0.1:7946";
 const METRICS: &str = "127.0.0.1:9477";
@@ -66,14 +63,6 @@ pub struct Load {
     pub scrape_ms: Vec<f64>,
     /// Health changes, check answer → data path, ms.
     pub health_ms: Vec<f64>,
-}
-
-/// Nearest-rank percentile of `samples` (`p` in 0..=1).
-pub fn percentile(samples: &[f64], p: f64) -> f64 {
-    let mut s = samples.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p * s.len() as f64).ceil() as usize).clamp(1, s.len());
-    s[rank - 1]
 }
 
 /// Run the agent with a table of `capacity` entries, full, and measure for `window`.
@@ -184,28 +173,6 @@ fn configure(xlb: &Xlb) -> Result<()> {
     Ok(())
 }
 
-fn be(a: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(a.octets())
-}
-
-/// `n` distinct flows to the VIP, spread over the backends.
-fn flows(n: u32) -> impl Iterator<Item = FlowEvent> {
-    (0..n).map(|i| FlowEvent {
-        flow: FlowKey {
-            src_addr: be(Ipv4Addr::from(
-                u32::from(Ipv4Addr::new(10, 111, 64, 0)) + (i >> 16),
-            )),
-            dst_addr: be(VIP),
-            src_port: ((i & 0xffff) as u16).to_be(),
-            dst_port: VIP_PORT.to_be(),
-            proto: 6,
-            _pad: [0; 3],
-        },
-        backend_addr: be(BACKENDS[i as usize % BACKENDS.len()]),
-        _pad: 0,
-    })
-}
-
 /// Stream `n` flows to the agent from a sync node in `ns` (its peer, as far as the agent can
 /// tell), until all are sent.
 fn fill(ns: &Netns, n: u32) -> Result<()> {
@@ -252,7 +219,7 @@ fn fill(ns: &Netns, n: u32) -> Result<()> {
             }
             // In chunks, each sent before the next is taken: a sender that falls too far behind
             // drops its backlog for a snapshot, and this node's snapshot is empty.
-            let all: Vec<FlowEvent> = flows(n).collect();
+            let all: Vec<FlowEvent> = fill_events(n, VIP_PORT, BACKENDS.len() as u32).collect();
             let mut sent = 0;
             for chunk in all.chunks(FILL_CHUNK) {
                 for f in chunk {

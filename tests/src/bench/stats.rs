@@ -33,6 +33,14 @@ pub fn median(samples: &[f64]) -> f64 {
     median_sorted(&s)
 }
 
+/// Nearest-rank percentile of `samples` (`p` in 0..=1; 1 is the largest).
+pub fn percentile(samples: &[f64], p: f64) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
 fn median_sorted(s: &[f64]) -> f64 {
     let n = s.len();
     if n % 2 == 1 {

@@ -26,8 +26,8 @@ mod sync;
 use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use clap::Parser;
-use lb_common::{FlowEvent, FlowKey, programs};
-use packets::{ACK, LB, OTHER, SYN, VIP, backend, tcp_frame};
+use lb_common::programs;
+use packets::{ACK, LB, OTHER, SYN, VIP, backend, fill_events, tcp_frame};
 use serde_json::{Value, json};
 use stats::{Row, Spread, median};
 use std::{
@@ -405,28 +405,6 @@ fn vip_spec(port: u16, forward: Forward, backends: impl Iterator<Item = Ipv4Addr
             .map(|addr| BackendSpec { addr, weight: 1 })
             .collect(),
     }
-}
-
-fn be(a: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(a.octets())
-}
-
-/// `n` flows to VIP:`port`, spread over the first `backends` backends (none from `CLIENT`).
-fn fill_events(n: u32, port: u16, backends: u32) -> impl Iterator<Item = FlowEvent> {
-    (0..n).map(move |i| FlowEvent {
-        flow: FlowKey {
-            src_addr: be(Ipv4Addr::from(
-                u32::from(Ipv4Addr::new(10, 111, 64, 0)) + (i >> 16),
-            )),
-            dst_addr: be(VIP),
-            src_port: ((i & 0xffff) as u16).to_be(),
-            dst_port: port.to_be(),
-            proto: 6,
-            _pad: [0; 3],
-        },
-        backend_addr: be(backend(i % backends)),
-        _pad: 0,
-    })
 }
 
 struct Targets {
@@ -1030,8 +1008,8 @@ fn serve_loop_rows(plan: &Plan) -> Result<(Vec<Row>, String)> {
     let capacity = 1 << 20;
     println!("bench: serve loop, flow table full at {capacity} entries");
     let load = serve_loop::measure(capacity, plan.serve_window)?;
-    let p99 = |v: &[f64]| serve_loop::percentile(v, 0.99);
-    let max = |v: &[f64]| serve_loop::percentile(v, 1.0);
+    let p99 = |v: &[f64]| stats::percentile(v, 0.99);
+    let max = |v: &[f64]| stats::percentile(v, 1.0);
     let rows = vec![
         Row::new(
             s,
