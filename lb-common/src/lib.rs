@@ -271,8 +271,12 @@ pub mod reason {
     /// unchanged frame (still addressed to the VIP) to the kernel would route it back towards the
     /// router and loop. The agent keeps backends' neighbour entries warm so this stays rare.
     pub const DROP_NO_NEIGH: u32 = 14;
+    /// To a VIP, and the frame is shorter than the IPv4 total length, or the total length is
+    /// shorter than the IPv4 header plus the L4 header: dropped (forwarding it would send the
+    /// backend a packet whose header claims bytes that do not exist).
+    pub const DROP_BAD_LENGTH: u32 = 15;
     /// Number of reasons (size of `REASON_STATS`).
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Stable names for metrics, `xlb stats` and tests, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -291,6 +295,7 @@ pub mod reason {
         "fwd_redirect",
         "pass_no_neigh",
         "drop_no_neigh",
+        "drop_bad_length",
     ];
 }
 

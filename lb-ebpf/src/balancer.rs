@@ -17,6 +17,9 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 /// TCP header flag bit (byte 13).
 const TCP_SYN: u8 = 0x02;
+/// Minimal TCP and UDP header lengths.
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
 
 /// What `classify` learned about a packet for a configured VIP, copied out of the packet so it
 /// stays valid after the headers move.
@@ -76,20 +79,20 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
     let l4 = ETH_HLEN + ihl;
     // TCP and UDP both start with source and destination port; check the whole minimal header
     // so a truncated one is recognised as such.
-    let (ports, midflow): ([u8; 4], bool) = match ip.proto {
+    let (ports, midflow, l4_len): ([u8; 4], bool, usize) = match ip.proto {
         IPPROTO_TCP => {
-            let h: *const [u8; 20] =
+            let h: *const [u8; TCP_HLEN] =
                 ptr_at(ctx, l4).ok_or_else(|| not_served(reason::DROP_MALFORMED_L4))?;
             // SAFETY: bounds checked.
             let h = unsafe { &*h };
-            ([h[0], h[1], h[2], h[3]], h[13] & TCP_SYN == 0)
+            ([h[0], h[1], h[2], h[3]], h[13] & TCP_SYN == 0, TCP_HLEN)
         }
         IPPROTO_UDP => {
-            let h: *const [u8; 8] =
+            let h: *const [u8; UDP_HLEN] =
                 ptr_at(ctx, l4).ok_or_else(|| not_served(reason::DROP_MALFORMED_L4))?;
             // SAFETY: bounds checked.
             let h = unsafe { &*h };
-            ([h[0], h[1], h[2], h[3]], false)
+            ([h[0], h[1], h[2], h[3]], false, UDP_HLEN)
         }
         _ => return Err(not_served(reason::DROP_UNKNOWN_PORT)),
     };
@@ -105,15 +108,29 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
         Some(vip) => *vip,
         None => return Err(not_served(reason::DROP_UNKNOWN_PORT)),
     };
+    let ip_len = u16::from_be_bytes(ip.tot_len);
+    let frame_len = frame_len(ctx);
+    if !lengths_agree(ip_len, ihl + l4_len, frame_len) {
+        return Err(Verdict::drop(reason::DROP_BAD_LENGTH));
+    }
     Ok(Packet {
         vip,
         flow: flow_key(u32::from_ne_bytes(ip.src_addr), dst_addr, ports, ip.proto),
-        ip_len: u16::from_be_bytes(ip.tot_len),
+        ip_len,
         tos: ip.tos,
         df: frags & IP_DF != 0,
-        frame_len: frame_len(ctx) as u64,
+        frame_len: frame_len as u64,
         midflow,
     })
+}
+
+/// The IPv4 total length `ip_len` covers the `headers` the balancer read (IP and L4), and the
+/// frame of `frame_len` bytes holds all of it. Frames longer than Ethernet + `ip_len` are normal
+/// (Ethernet pads short frames to 60 bytes); shorter ones lost bytes the header claims.
+#[inline(always)]
+pub fn lengths_agree(ip_len: u16, headers: usize, frame_len: usize) -> bool {
+    let ip_len = usize::from(ip_len);
+    ip_len >= headers && frame_len >= ETH_HLEN + ip_len
 }
 
 /// The flow key, assembled as four words. Written as a struct literal, its `[u8; 3]` padding

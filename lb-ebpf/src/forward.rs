@@ -15,7 +15,7 @@ use crate::{
 };
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_redirect, bpf_xdp_adjust_head},
+    helpers::{bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use lb_common::{FORWARD_L2, IPPROTO_IPIP, reason};
@@ -112,6 +112,14 @@ fn ipip(ctx: &XdpContext, pkt: &Packet, backend_id: u32, backend_addr: u32, now:
         Resolved::NoRoute => return Verdict::drop(reason::DROP_NO_ROUTE),
     };
 
+    // Ethernet padding of a short frame (anything past the IP packet) would end up after the
+    // outer packet, where it is only noise: cut it, so the frame is exactly the outer packet.
+    let padding = pkt.frame_len as i64 - (ETH_HLEN as i64 + i64::from(pkt.ip_len));
+    // SAFETY: shrinking only (classify checked the frame holds the IP packet); pointers are
+    // derived afterwards.
+    if padding > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -(padding as i32)) } != 0 {
+        return Verdict::drop(reason::DROP_ENCAP_FAILED);
+    }
     let Some(old_eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Verdict::drop(reason::DROP_ENCAP_FAILED);
     };

@@ -550,6 +550,103 @@ fn truncated_headers_at_every_layer_never_abort() {
     });
 }
 
+/// `packet` (an IPv4 packet) with its total length field set to `total` and the header checksum
+/// recomputed: a header that lies about the packet's size.
+fn with_total_len(mut packet: Vec<u8>, total: u16) -> Vec<u8> {
+    let hlen = usize::from(packet[0] & 0x0f) * 4;
+    packet[2..4].copy_from_slice(&total.to_be_bytes());
+    packet[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&packet[..hlen]);
+    packet[10..12].copy_from_slice(&c.to_be_bytes());
+    packet
+}
+
+/// Issue 17: the IPv4 total length must fit the frame and cover the headers; Ethernet padding
+/// past it is normal and must not end up inside an encapsulated packet.
+#[test]
+fn bad_lengths_are_dropped_and_padding_stays_out_of_the_tunnel() {
+    in_fixture_netns(|ifindex| {
+        let dp = balancer();
+        let prog = dp.balancer().unwrap();
+        // A 140-byte TCP packet whose frame ends after 50 bytes of its 100-byte payload: the L4
+        // header is complete, the rest is missing.
+        let ack = inbound(&Ip::to(CLIENT, VIP, 6).packet(&tcp(60000, 80, ACK, 100)));
+        let cut = ack[..14 + 20 + 20 + 50].to_vec();
+        // Total lengths that do not even cover the headers: 30 < 20 + 20 (TCP), 20 < 20 + 8
+        // (UDP); the frames themselves are complete.
+        let short_tcp = inbound(&with_total_len(client_syn(60001, 80), 30));
+        let short_udp = inbound(&with_total_len(
+            Ip::to(CLIENT, VIP, 17).packet(&udp(60002, 53, b"")),
+            20,
+        ));
+        // Not for a VIP: passed untouched, whatever its lengths say.
+        let not_ours = inbound(&with_total_len(
+            Ip::to(CLIENT, LB, 6).packet(&tcp(60003, 22, SYN, 0)),
+            1000,
+        ));
+        // A 40-byte SYN in a 60-byte frame (the minimum Ethernet frame: 6 bytes of padding).
+        let syn = client_syn(60004, 80);
+        let mut padded = inbound(&syn);
+        padded.resize(60, 0);
+        let l2_syn = client_syn(60005, 8080);
+        let mut l2_padded = inbound(&l2_syn);
+        l2_padded.resize(60, 0);
+        let mut l2_expected = eth(backend_mac(0), LB_MAC, 0x0800, &l2_syn);
+        l2_expected.resize(60, 0);
+        check(
+            prog,
+            ifindex,
+            &[
+                Fixture {
+                    description: "frame shorter than the IP total length → drop",
+                    input: cut,
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "TCP: total length shorter than IP + TCP header → drop",
+                    input: short_tcp,
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "UDP: total length shorter than IP + UDP header → drop",
+                    input: short_udp,
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "inconsistent lengths, not for a VIP → pass untouched",
+                    input: not_ours,
+                    expected: None,
+                    action: XDP_PASS,
+                },
+                Fixture {
+                    description: "ipip: 60-byte frame, 40-byte packet → outer length 60, no padding inside or after",
+                    input: padded,
+                    expected: Some(encapsulated(&syn, 0)),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "l2: 60-byte frame, 40-byte packet → forwarded as it came (padding kept)",
+                    input: l2_padded,
+                    expected: Some(l2_expected),
+                    action: XDP_TX,
+                },
+            ],
+        );
+        let r = dp.stats().unwrap().reasons;
+        assert_eq!(r["drop_bad_length"], 3);
+        assert_eq!(r["pass_not_vip"], 1);
+        assert_eq!(r["fwd_tx"], 2);
+        assert_eq!(
+            dp.flows().unwrap().keys().count(),
+            2,
+            "only the two good SYNs"
+        );
+    });
+}
+
 #[test]
 fn ip_options_are_carried_inside_the_tunnel() {
     in_fixture_netns(|ifindex| {
