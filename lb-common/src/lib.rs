@@ -227,6 +227,19 @@ pub struct LbConfig {
     pub lb_addr: u32,
     /// `CONFIG_F_*` bits.
     pub flags: u32,
+    /// How many high bits of an outer IPv4 ID carry the CPU number (host order; at most 16):
+    /// enough for every possible CPU, see `ipip_id_cpu_bits`.
+    pub ipip_id_cpu_bits: u32,
+    pub _pad: u32,
+}
+
+/// The `LbConfig::ipip_id_cpu_bits` for a machine with `possible_cpus` CPUs: the fewest bits
+/// that number them all. The outer ID of a fragmentable IPIP packet is the CPU number in these
+/// high bits and a per-CPU counter in the rest, so two CPUs never send the same ID and each one
+/// repeats an ID only after 2^(16 - bits) such packets.
+pub const fn ipip_id_cpu_bits(possible_cpus: u32) -> u32 {
+    let bits = possible_cpus.next_power_of_two().trailing_zeros();
+    if bits > 16 { 16 } else { bits }
 }
 
 /// Report new flows on `FLOW_EVENTS`: set when the agent reads them (peer sync on). Without a
@@ -365,8 +378,18 @@ mod tests {
         assert_eq!(size_of::<BenchGenHeader>(), 48);
         assert_eq!(size_of::<FlowValue>(), 16);
         assert_eq!(size_of::<TrafficCounters>(), 24);
-        assert_eq!(size_of::<LbConfig>(), 8);
+        assert_eq!(size_of::<LbConfig>(), 16);
         assert_eq!(size_of::<FlowEvent>(), 24);
+    }
+
+    #[test]
+    fn ipip_ids_number_every_cpu() {
+        assert_eq!(ipip_id_cpu_bits(1), 0);
+        assert_eq!(ipip_id_cpu_bits(2), 1);
+        assert_eq!(ipip_id_cpu_bits(3), 2);
+        assert_eq!(ipip_id_cpu_bits(64), 6);
+        assert_eq!(ipip_id_cpu_bits(65), 7);
+        assert_eq!(ipip_id_cpu_bits(1 << 20), 16);
     }
 
     #[test]

@@ -78,3 +78,7 @@ pub static BENCH_GEN_HEADER: Array<lb_common::BenchGenHeader> = Array::with_max_
 #[map(name = "NEXTHOPS")]
 pub static NEXTHOPS: PerCpuArray<crate::nexthop::Entry> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// The outer IPv4 ID counter of fragmentable IPIP packets, one per CPU (`forward.rs`).
+#[map(name = "IPIP_IDS")]
+pub static IPIP_IDS: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);

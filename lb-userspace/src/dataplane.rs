@@ -440,16 +440,20 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::FLOWS, flow_capacity)
             .load(EBPF_OBJECT)?;
-        let mut config: Array<MapData, LbConfig> = take_map(&mut ebpf, maps::CONFIG)?;
-        let lb_config = LbConfig {
-            lb_addr: lb_addr.map(ipv4_be).unwrap_or(0),
-            flags: 0,
-        };
-        config.set(0, lb_config, 0).map_err(map_err(maps::CONFIG))?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, source)| DataplaneError::Io {
             what: what.to_string(),
             source,
         })?;
+        let mut config: Array<MapData, LbConfig> = take_map(&mut ebpf, maps::CONFIG)?;
+        let lb_config = LbConfig {
+            lb_addr: lb_addr.map(ipv4_be).unwrap_or(0),
+            flags: 0,
+            ipip_id_cpu_bits: lb_common::ipip_id_cpu_bits(
+                u32::try_from(nr_cpus).unwrap_or(u32::MAX),
+            ),
+            _pad: 0,
+        };
+        config.set(0, lb_config, 0).map_err(map_err(maps::CONFIG))?;
         let mut dp = Dataplane {
             vips_map: take_map(&mut ebpf, maps::VIPS)?,
             vip_addrs: take_map(&mut ebpf, maps::VIP_ADDRS)?,

@@ -135,9 +135,15 @@ fn client_syn(sport: u16, dport: u16) -> Vec<u8> {
 
 /// The outer header the balancer must prepend, field by field.
 fn outer_header(inner_len: usize, backend: Ipv4Addr, df: bool) -> Vec<u8> {
+    outer_header_with_id(inner_len, backend, df, 0)
+}
+
+/// The same with identification `id` (packets without DF).
+fn outer_header_with_id(inner_len: usize, backend: Ipv4Addr, df: bool, id: u16) -> Vec<u8> {
     let mut h = vec![0x45, 0];
     h.extend_from_slice(&((inner_len + 20) as u16).to_be_bytes());
-    h.extend_from_slice(&[0, 0, if df { 0x40 } else { 0 }, 0, 64, 4, 0, 0]);
+    h.extend_from_slice(&id.to_be_bytes());
+    h.extend_from_slice(&[if df { 0x40 } else { 0 }, 0, 64, 4, 0, 0]);
     h.extend_from_slice(&LB.octets());
     h.extend_from_slice(&backend.octets());
     let c = checksum(&h);
@@ -665,6 +671,53 @@ fn ip_options_are_carried_inside_the_tunnel() {
                 action: XDP_TX,
             }],
         );
+    });
+}
+
+/// Issue 17 (RFC 6864 §4.1): an outer header without DF may be fragmented on its way to the
+/// backend, so its ID must not repeat while fragments can meet. Each CPU counts such packets in
+/// the low bits and puts its own number in the high bits; DF packets keep ID 0.
+#[test]
+fn outer_ids_of_fragmentable_ipip_packets_do_not_repeat() {
+    in_fixture_netns(|ifindex| {
+        let dp = balancer();
+        let prog = dp.balancer().unwrap();
+        let possible = aya::util::nr_cpus().expect("possible CPUs") as u32;
+        let counter_bits = 16 - lb_common::ipip_id_cpu_bits(possible);
+        let cpus = xlb_tests::cpu::allowed().expect("allowed CPUs");
+        let mut seen = BTreeSet::new();
+        // Two CPUs (where there are two) send the same four flows (new on the first CPU: be1,
+        // be2, be3, be1), each datagram followed by one with DF.
+        for &cpu in cpus.iter().take(2) {
+            xlb_tests::cpu::pin_to(cpu).expect("pin");
+            for n in 0..4u16 {
+                let mut ip = Ip::to(CLIENT, VIP, 17);
+                ip.frag = 0;
+                let dgram = ip.packet(&udp(61000 + n, 53, b"no DF"));
+                let id = ((cpu as u16) << counter_bits) | n;
+                let backend = usize::from(n) % 3;
+                let mut payload = outer_header_with_id(dgram.len(), BACKENDS[backend], false, id);
+                payload.extend_from_slice(&dgram);
+                let (action, out) = run(prog, ifindex, &inbound(&dgram));
+                assert_eq!(action, XDP_TX);
+                assert_eq!(
+                    hex(&out),
+                    hex(&eth(backend_mac(backend), LB_MAC, 0x0800, &payload)),
+                    "cpu {cpu}, datagram {n} without DF: outer ID {id:#06x}, DF clear"
+                );
+                assert!(seen.insert(id), "outer ID {id:#06x} repeated");
+                let with_df = Ip::to(CLIENT, VIP, 17).packet(&udp(61000 + n, 53, b"DF"));
+                let (_, out) = run(prog, ifindex, &inbound(&with_df));
+                assert_eq!(
+                    hex(&out),
+                    hex(&encapsulated(&with_df, backend)),
+                    "cpu {cpu}, datagram {n} with DF: ID 0, DF set"
+                );
+            }
+        }
+        if cpus.len() < 2 {
+            eprintln!("only one CPU: outer IDs checked on one CPU");
+        }
     });
 }
 
