@@ -256,9 +256,10 @@ pub mod reason {
     /// Ethernet header or IPv4 header truncated or invalid (bad IHL/version): passed, the kernel
     /// drops it with its own accounting; we cannot tell whether it was for a VIP.
     pub const PASS_MALFORMED: u32 = 2;
-    /// To a VIP address, but no VIP has that port and protocol (ICMP included): dropped.
+    /// To a VIP address, but no VIP has that port and protocol (and it is not ICMP): dropped.
     pub const DROP_UNKNOWN_PORT: u32 = 3;
-    /// To a VIP address, L4 header truncated: dropped.
+    /// To a VIP address, L4 header truncated (TCP, UDP, ICMP; for an ICMP error also the quoted
+    /// IPv4 header and the 8 bytes after it): dropped.
     pub const DROP_MALFORMED_L4: u32 = 4;
     /// An IP fragment to a VIP address (no L4 header to steer by): dropped.
     pub const DROP_FRAGMENT: u32 = 5;
@@ -288,8 +289,22 @@ pub mod reason {
     /// shorter than the IPv4 header plus the L4 header: dropped (forwarding it would send the
     /// backend a packet whose header claims bytes that do not exist).
     pub const DROP_BAD_LENGTH: u32 = 15;
+    /// ICMP destination unreachable to a VIP address that quotes no live flow of a VIP there (no
+    /// such VIP, no flow entry, the flow's backend gone, a quoted non-first fragment, not TCP or
+    /// UDP): dropped. Nothing is steered or created for it.
+    pub const DROP_ICMP_NO_FLOW: u32 = 16;
+    /// ICMP to a VIP address that is neither answered nor forwarded: every type other than
+    /// destination unreachable and echo request, and echo requests the configuration does not
+    /// answer: dropped.
+    pub const DROP_ICMP_OTHER: u32 = 17;
+    /// ICMP fragmentation needed (destination unreachable, code 4) about a live flow: forwarded
+    /// to the flow's backend, so it lowers its path MTU towards the client.
+    pub const FWD_ICMP_FRAG_NEEDED: u32 = 18;
+    /// Any other ICMP destination unreachable about a live flow: forwarded to the flow's backend,
+    /// which sees what a server without a balancer in front would see.
+    pub const FWD_ICMP_UNREACH: u32 = 19;
     /// Number of reasons (size of `REASON_STATS`).
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 20;
 
     /// Stable names for metrics, `xlb stats` and tests, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -309,6 +324,10 @@ pub mod reason {
         "pass_no_neigh",
         "drop_no_neigh",
         "drop_bad_length",
+        "drop_icmp_no_flow",
+        "drop_icmp_other",
+        "fwd_icmp_frag_needed",
+        "fwd_icmp_unreach",
     ];
 }
 

@@ -5,13 +5,13 @@ use crate::{
     Verdict, debug, forward,
     maps::{BACKENDS, CONFIG, FLOW_EVENTS, FLOWS, RINGS, RR_COUNTERS, VIP_ADDRS, VIPS},
     parse::{ETH_HLEN, ETH_P_IP, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at},
-    stats,
+    stats, vip_icmp,
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use core::arch::asm;
 use lb_common::{
-    BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, FlowEvent, FlowKey, FlowValue, IPPROTO_TCP,
-    IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta, event, reason, ring_index,
+    BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, FlowEvent, FlowKey, FlowValue, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta, event, reason, ring_index,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -19,7 +19,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 const TCP_SYN: u8 = 0x02;
 /// Minimal TCP and UDP header lengths.
 const TCP_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
+pub const UDP_HLEN: usize = 8;
 
 /// What `classify` learned about a packet for a configured VIP, copied out of the packet so it
 /// stays valid after the headers move.
@@ -35,6 +35,9 @@ pub struct Packet {
     pub frame_len: u64,
     /// TCP without SYN: a packet from the middle of a connection.
     pub midflow: bool,
+    /// An ICMP error about the flow (`vip_icmp.rs`), not a packet of it: never answered with
+    /// another ICMP error (RFC 1122 §3.2.2).
+    pub icmp_error: bool,
 }
 
 pub fn try_balance(ctx: &XdpContext) -> Verdict {
@@ -94,6 +97,18 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
             let h = unsafe { &*h };
             ([h[0], h[1], h[2], h[3]], false, UDP_HLEN)
         }
+        IPPROTO_ICMP => {
+            return Err(vip_icmp::handle(
+                ctx,
+                &vip_icmp::Outer {
+                    dst_addr,
+                    ihl,
+                    ip_len: u16::from_be_bytes(ip.tot_len),
+                    tos: ip.tos,
+                    df: frags & IP_DF != 0,
+                },
+            ));
+        }
         _ => return Err(not_served(reason::DROP_UNKNOWN_PORT)),
     };
     let dst_port = u16::from_ne_bytes([ports[2], ports[3]]);
@@ -121,6 +136,7 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
         df: frags & IP_DF != 0,
         frame_len: frame_len as u64,
         midflow,
+        icmp_error: false,
     })
 }
 
@@ -137,7 +153,7 @@ pub fn lengths_agree(ip_len: u16, headers: usize, frame_len: usize) -> bool {
 /// became a call to a byte-by-byte `memset` subprogram on every packet (`bpftool prog dump
 /// xlated`): the BPF backend does not inline unaligned memsets.
 #[inline(always)]
-fn flow_key(src_addr: u32, dst_addr: u32, ports: [u8; 4], proto: u8) -> FlowKey {
+pub fn flow_key(src_addr: u32, dst_addr: u32, ports: [u8; 4], proto: u8) -> FlowKey {
     // FlowKey's layout: src_addr, dst_addr, src_port and dst_port (the packet's port bytes, in
     // wire order), proto, 3 bytes of zero padding.
     let words: [u32; 4] = [
@@ -164,7 +180,7 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut how = debug::STEER_EXISTING;
-    let (backend_id, backend_addr) = match existing_flow(pkt, now) {
+    let (backend_id, backend_addr) = match existing_flow(pkt.flow, pkt.vip.id, Some(now)) {
         Lookup::Hit(id, addr) => (id, addr),
         miss => {
             match miss {
@@ -189,7 +205,7 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     verdict
 }
 
-enum Lookup {
+pub enum Lookup {
     /// Known flow, backend still there: (slot id, address).
     Hit(u32, u32),
     /// Known flow whose backend slot no longer holds its backend (down, removed, reused).
@@ -198,10 +214,13 @@ enum Lookup {
     Miss,
 }
 
-/// The flow's backend, if the flow is known and its backend slot still holds the same address
-/// for the same VIP and is active. Otherwise the flow is re-steered as if new.
-fn existing_flow(pkt: &Packet, now: u64) -> Lookup {
-    let Some(flow) = FLOWS.get_ptr_mut(pkt.flow) else {
+/// The backend of flow `key` of VIP `vip_id`, if the flow is known and its backend slot still
+/// holds the same address for the same VIP and is active (otherwise the flow is re-steered as if
+/// new). A hit records `seen_at` as the flow's last packet, if given: packets of the flow do,
+/// ICMP errors about it do not.
+#[inline(always)]
+pub fn existing_flow(key: FlowKey, vip_id: u32, seen_at: Option<u64>) -> Lookup {
+    let Some(flow) = FLOWS.get_ptr_mut(key) else {
         return Lookup::Miss;
     };
     // SAFETY: map value pointer from a successful lookup.
@@ -209,12 +228,13 @@ fn existing_flow(pkt: &Packet, now: u64) -> Lookup {
     let Some(backend) = BACKENDS.get(id) else {
         return Lookup::Stale;
     };
-    if backend.addr != addr || backend.flags & BACKEND_F_ACTIVE == 0 || backend.vip_id != pkt.vip.id
-    {
+    if backend.addr != addr || backend.flags & BACKEND_F_ACTIVE == 0 || backend.vip_id != vip_id {
         return Lookup::Stale;
     }
-    // SAFETY: as above. A racing writer on another CPU can only store another recent time.
-    unsafe { (*flow).last_seen_ns = now };
+    if let Some(now) = seen_at {
+        // SAFETY: as above. A racing writer on another CPU can only store another recent time.
+        unsafe { (*flow).last_seen_ns = now };
+    }
     Lookup::Hit(id, addr)
 }
 

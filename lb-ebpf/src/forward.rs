@@ -25,7 +25,9 @@ use network_types::eth::EthHdr;
 const OUTER_TTL: u8 = 64;
 
 /// Forward `pkt` to backend slot `backend_id` at `backend_addr`; `now` is
-/// `bpf_ktime_get_coarse_ns()` (for the next-hop cache).
+/// `bpf_ktime_get_coarse_ns()` (for the next-hop cache). Inlined into its two callers (a flow's
+/// packets, ICMP errors about a flow): a BPF call takes at most five arguments.
+#[inline(always)]
 pub fn forward(
     ctx: &XdpContext,
     pkt: &Packet,
@@ -68,9 +70,9 @@ fn egress(ctx: &XdpContext, ifindex: u32) -> Verdict {
 
 /// The packet will not fit the egress MTU (`mtu`) once `overhead` bytes are added: tell the client
 /// the largest packet that would (ICMP fragmentation needed), or drop it if it allowed
-/// fragmentation, which XDP cannot do.
+/// fragmentation, which XDP cannot do, or if it is itself an ICMP error (no error about an error).
 fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16, overhead: u16) -> Verdict {
-    if !pkt.df {
+    if !pkt.df || pkt.icmp_error {
         return Verdict::drop(reason::DROP_TOO_BIG);
     }
     match icmp::frag_needed(ctx, mtu.saturating_sub(overhead)) {
@@ -88,6 +90,7 @@ fn write_macs(eth: *mut EthHdr, dst: [u8; 6], src: [u8; 6]) {
     }
 }
 
+#[inline(always)]
 fn ipip(ctx: &XdpContext, pkt: &Packet, backend_id: u32, backend_addr: u32, now: u64) -> Verdict {
     let (lb_addr, id_cpu_bits) = match CONFIG.get(0) {
         Some(cfg) if cfg.lb_addr != 0 => (cfg.lb_addr, cfg.ipip_id_cpu_bits),
@@ -206,6 +209,7 @@ fn outer_id(cpu_bits: u32) -> u16 {
     ((cpu << counter_bits) | (n & counter_mask)) as u16
 }
 
+#[inline(always)]
 fn l2(ctx: &XdpContext, pkt: &Packet, backend_id: u32, backend_addr: u32, now: u64) -> Verdict {
     let hop = match nexthop::resolve(
         ctx,

@@ -483,7 +483,8 @@ fn traffic_not_for_a_service_is_passed_or_dropped_by_rule() {
         let r = dp.stats().unwrap().reasons;
         assert_eq!(r["pass_not_ipv4"], 2);
         assert_eq!(r["pass_not_vip"], 2);
-        assert_eq!(r["drop_unknown_port"], 3);
+        assert_eq!(r["drop_unknown_port"], 2);
+        assert_eq!(r["drop_icmp_other"], 1);
         assert_eq!(r["drop_fragment"], 1);
         assert_eq!(dp.flows().unwrap().keys().count(), 0, "nothing was steered");
     });
@@ -775,6 +776,211 @@ fn oversized_packet_gets_icmp_fragmentation_needed() {
         let r = dp.stats().unwrap().reasons;
         assert_eq!(r["tx_icmp_frag_needed"], 1);
         assert_eq!(r["drop_too_big"], 1);
+    });
+}
+
+/// The router on the client's side (rtr's address towards cli), where ICMP errors come from.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 1);
+
+/// An ICMP message from `from` to `to`: `kind`, `code`, the 4 bytes after the checksum, then
+/// `body` (for errors: the quoted IPv4 header and 8 bytes); no DF, as Linux sends its errors.
+fn icmp(from: Ipv4Addr, to: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut msg = vec![kind, code, 0, 0];
+    msg.extend_from_slice(&rest);
+    msg.extend_from_slice(body);
+    let c = checksum(&msg);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = Ip::to(from, to, 1);
+    ip.frag = 0;
+    ip.packet(&msg)
+}
+
+/// "Fragmentation needed, next-hop MTU `mtu`" from the router about `quoted`.
+fn frag_needed_about(quoted: &[u8], mtu: u16) -> Vec<u8> {
+    let [hi, lo] = mtu.to_be_bytes();
+    icmp(ROUTER, VIP, 3, 4, [0, 0, hi, lo], quoted)
+}
+
+/// What an ICMP error quotes of a backend's reply to the client: its IPv4 header and 8 bytes.
+fn quote(reply: &[u8]) -> Vec<u8> {
+    let hlen = usize::from(reply[0] & 0x0f) * 4;
+    reply[..hlen + 8].to_vec()
+}
+
+/// A full-size TCP reply of the backend, from the VIP's `vip_port` to the client's `client_port`.
+fn tcp_reply(vip_port: u16, client_port: u16) -> Vec<u8> {
+    Ip::to(VIP, CLIENT, 6).packet(&tcp(vip_port, client_port, ACK, 1460))
+}
+
+/// Issue 17: a router's ICMP errors about a backend's replies come to the VIP. Destination
+/// unreachable quoting a live flow goes to that flow's backend, by the VIP's method; anything
+/// else is dropped and counted, and no flow is created for an error.
+#[test]
+fn icmp_errors_about_a_flow_go_to_its_backend() {
+    in_fixture_netns(|ifindex| {
+        // The outer ID of the (DF-less) errors forwarded by ipip is per CPU.
+        let cpu = xlb_tests::cpu::pin_to_one().expect("pin to one CPU");
+        let possible = aya::util::nr_cpus().expect("possible CPUs") as u32;
+        let first_id = (cpu as u16) << (16 - lb_common::ipip_id_cpu_bits(possible));
+        let mut dp = balancer();
+        // Three flows, the first of each VIP, so all on be1: TCP ipip, TCP l2, UDP ipip.
+        for syn in [
+            client_syn(62000, 80),
+            client_syn(62001, 8080),
+            Ip::to(CLIENT, VIP, 17).packet(&udp(62002, 53, b"q")),
+        ] {
+            let (action, _) = run(dp.balancer().unwrap(), ifindex, &inbound(&syn));
+            assert_eq!(action, XDP_TX);
+        }
+        let to_ipip = frag_needed_about(&quote(&tcp_reply(80, 62000)), 1280);
+        // The first one byte by byte: outer ICMP header 3/4, MTU 1280 (0x0500), then the quoted
+        // reply's header and ports.
+        assert_eq!(
+            &to_ipip[20..28],
+            &[3, 4, to_ipip[22], to_ipip[23], 0, 0, 0x05, 0x00]
+        );
+        assert_eq!(&to_ipip[40..44], &[10, 111, 100, 1]);
+        assert_eq!(&to_ipip[44..48], &[10, 111, 0, 2]);
+        assert_eq!(&to_ipip[48..52], &[0, 80, 0xf2, 0x30]);
+        let mut ipip_frame = outer_header_with_id(to_ipip.len(), BACKENDS[0], false, first_id);
+        ipip_frame.extend_from_slice(&to_ipip);
+        let to_l2 = frag_needed_about(&quote(&tcp_reply(8080, 62001)), 1280);
+        let udp_reply = Ip::to(VIP, CLIENT, 17).packet(&udp(53, 62002, b"answer"));
+        let port_unreachable = icmp(ROUTER, VIP, 3, 3, [0; 4], &quote(&udp_reply));
+        let mut udp_frame =
+            outer_header_with_id(port_unreachable.len(), BACKENDS[0], false, first_id + 1);
+        udp_frame.extend_from_slice(&port_unreachable);
+        check(
+            dp.balancer().unwrap(),
+            ifindex,
+            &[
+                Fixture {
+                    description: "frag-needed about an ipip flow → IPIP to its backend (be1)",
+                    input: inbound(&to_ipip),
+                    expected: Some(eth(backend_mac(0), LB_MAC, 0x0800, &ipip_frame)),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "frag-needed about an l2 flow → be1's MAC, packet unchanged",
+                    input: inbound(&to_l2),
+                    expected: Some(eth(backend_mac(0), LB_MAC, 0x0800, &to_l2)),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "port unreachable about a UDP flow → IPIP to its backend",
+                    input: inbound(&port_unreachable),
+                    expected: Some(eth(backend_mac(0), LB_MAC, 0x0800, &udp_frame)),
+                    action: XDP_TX,
+                },
+            ],
+        );
+
+        let mut reply_with_options = Ip::to(VIP, CLIENT, 6);
+        reply_with_options.ihl = 7;
+        let reply_with_options = reply_with_options.packet(&tcp(80, 62000, ACK, 1400));
+        let mut first_fragment = Ip::to(VIP, CLIENT, 17);
+        first_fragment.frag = 0x2000;
+        let first_fragment = first_fragment.packet(&udp(53, 62002, &[0; 1400]));
+        let mut later_fragment = Ip::to(VIP, CLIENT, 17);
+        later_fragment.frag = 0x00b9;
+        let later_fragment = later_fragment.packet(&[0; 200]);
+        let other_vip_reply = Ip::to(VIP_NO_NEIGH, CLIENT, 6).packet(&tcp(80, 62000, ACK, 10));
+        let dropped = |description, input: Vec<u8>| Fixture {
+            description,
+            input: inbound(&input),
+            expected: None,
+            action: XDP_DROP,
+        };
+        check(
+            dp.balancer().unwrap(),
+            ifindex,
+            &[
+                Fixture {
+                    description: "quoted reply with IP options (IHL 7) → still found, be1",
+                    input: inbound(&frag_needed_about(&quote(&reply_with_options), 1280)),
+                    expected: Some(eth(backend_mac(0), LB_MAC, 0x0800, &{
+                        let e = frag_needed_about(&quote(&reply_with_options), 1280);
+                        let mut f = outer_header_with_id(e.len(), BACKENDS[0], false, first_id + 2);
+                        f.extend_from_slice(&e);
+                        f
+                    })),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "quoted first fragment (ports inside) → forwarded",
+                    input: inbound(&icmp(
+                        ROUTER,
+                        VIP,
+                        3,
+                        4,
+                        [0, 0, 5, 0],
+                        &quote(&first_fragment),
+                    )),
+                    expected: Some(eth(backend_mac(0), LB_MAC, 0x0800, &{
+                        let e = icmp(ROUTER, VIP, 3, 4, [0, 0, 5, 0], &quote(&first_fragment));
+                        let mut f = outer_header_with_id(e.len(), BACKENDS[0], false, first_id + 3);
+                        f.extend_from_slice(&e);
+                        f
+                    })),
+                    action: XDP_TX,
+                },
+                dropped(
+                    "frag-needed about a flow nobody has → drop",
+                    frag_needed_about(&quote(&tcp_reply(80, 62999)), 1280),
+                ),
+                dropped(
+                    "frag-needed about an unconfigured VIP port → drop",
+                    frag_needed_about(&quote(&tcp_reply(81, 62000)), 1280),
+                ),
+                dropped(
+                    "quoting another VIP address than the error came to → drop",
+                    frag_needed_about(&quote(&other_vip_reply), 1280),
+                ),
+                dropped(
+                    "quoting a non-first fragment (no ports) → drop",
+                    icmp(ROUTER, VIP, 3, 4, [0, 0, 5, 0], &quote(&later_fragment)),
+                ),
+                dropped(
+                    "quoted header cut after 20 bytes → drop",
+                    icmp(ROUTER, VIP, 3, 4, [0, 0, 5, 0], &tcp_reply(80, 62000)[..20]),
+                ),
+                dropped(
+                    "ICMP header cut short → drop",
+                    Ip::to(ROUTER, VIP, 1).packet(&[3, 4, 0, 0]),
+                ),
+                dropped(
+                    "time exceeded about a live flow → drop",
+                    icmp(ROUTER, VIP, 11, 0, [0; 4], &quote(&tcp_reply(80, 62000))),
+                ),
+            ],
+        );
+        let r = dp.stats().unwrap().reasons;
+        assert_eq!(r["fwd_icmp_frag_needed"], 4);
+        assert_eq!(r["fwd_icmp_unreach"], 1);
+        assert_eq!(r["drop_icmp_no_flow"], 4);
+        assert_eq!(r["drop_malformed_l4"], 2);
+        assert_eq!(r["drop_icmp_other"], 1);
+        assert_eq!(r["fwd_tx"], 3, "only the three packets of the flows");
+        assert_eq!(
+            dp.flows().unwrap().keys().count(),
+            3,
+            "no flow made for an error"
+        );
+        let stats = dp.stats().unwrap();
+        let packets: u64 = stats.vips.iter().map(|v| v.counters.packets).sum();
+        assert_eq!(packets, 3, "errors are not the VIPs' traffic");
+
+        // be1 leaves VIP:80: its flow is dead, an error about it has no backend to go to (and
+        // does not re-steer the flow).
+        dp.apply_vip(
+            &vip(VIP, 80, Proto::Tcp, Forward::Ipip, &BACKENDS[1..]),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        let (action, _) = run(dp.balancer().unwrap(), ifindex, &inbound(&to_ipip));
+        assert_eq!(action, XDP_DROP, "error about a flow whose backend left");
+        assert_eq!(dp.stats().unwrap().reasons["drop_icmp_no_flow"], 5);
+        assert_eq!(dp.stats().unwrap().events["flow_resteered"], 0);
     });
 }
 
