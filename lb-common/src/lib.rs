@@ -152,6 +152,20 @@ pub struct VipMeta {
     pub forward: u32,
 }
 
+/// Value of the `VIP_ADDRS` hash map (key: a VIP address, network order): what the data path
+/// needs to know about an address that carries VIPs, whatever the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipAddr {
+    /// VIPs (address, port, protocol) on this address, host order.
+    pub vips: u32,
+    /// `VIP_ADDR_F_*` bits.
+    pub flags: u32,
+}
+
+/// ICMP echo requests to this address are answered (if `CONFIG_F_ICMP_ECHO` is set too).
+pub const VIP_ADDR_F_ICMP_ECHO: u32 = 1;
+
 /// Value of the `BACKENDS` array, indexed by backend slot id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -245,6 +259,9 @@ pub const fn ipip_id_cpu_bits(possible_cpus: u32) -> u32 {
 /// Report new flows on `FLOW_EVENTS`: set when the agent reads them (peer sync on). Without a
 /// reader the ring buffer would fill once and every later flow would count as `flow_event_lost`.
 pub const CONFIG_F_FLOW_EVENTS: u32 = 1;
+/// Answer ICMP echo requests to VIP addresses (the global switch; each address also needs
+/// `VIP_ADDR_F_ICMP_ECHO`).
+pub const CONFIG_F_ICMP_ECHO: u32 = 2;
 
 /// What happened to a packet: one per-CPU packet counter each in `REASON_STATS`. Every packet the
 /// balancer sees lands in exactly one of these.
@@ -294,8 +311,8 @@ pub mod reason {
     /// UDP): dropped. Nothing is steered or created for it.
     pub const DROP_ICMP_NO_FLOW: u32 = 16;
     /// ICMP to a VIP address that is neither answered nor forwarded: every type other than
-    /// destination unreachable and echo request, and echo requests the configuration does not
-    /// answer: dropped.
+    /// destination unreachable and echo request, echo requests where echo is off (globally or
+    /// for every VIP of the address), and echo requests with IP options: dropped.
     pub const DROP_ICMP_OTHER: u32 = 17;
     /// ICMP fragmentation needed (destination unreachable, code 4) about a live flow: forwarded
     /// to the flow's backend, so it lowers its path MTU towards the client.
@@ -303,8 +320,11 @@ pub mod reason {
     /// Any other ICMP destination unreachable about a live flow: forwarded to the flow's backend,
     /// which sees what a server without a balancer in front would see.
     pub const FWD_ICMP_UNREACH: u32 = 19;
+    /// ICMP echo request to a VIP address where echo is on: answered by the balancer itself
+    /// (`XDP_TX`).
+    pub const TX_ICMP_ECHO_REPLY: u32 = 20;
     /// Number of reasons (size of `REASON_STATS`).
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
 
     /// Stable names for metrics, `xlb stats` and tests, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -328,6 +348,7 @@ pub mod reason {
         "drop_icmp_other",
         "fwd_icmp_frag_needed",
         "fwd_icmp_unreach",
+        "tx_icmp_echo_reply",
     ];
 }
 
@@ -374,6 +395,7 @@ mod pod {
     // so every bit pattern is valid and there are no uninitialised bytes.
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for VipAddr {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
@@ -392,6 +414,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<VipKey>(), 8);
         assert_eq!(size_of::<VipMeta>(), 16);
+        assert_eq!(size_of::<VipAddr>(), 8);
         assert_eq!(size_of::<Backend>(), 16);
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<BenchGenHeader>(), 48);

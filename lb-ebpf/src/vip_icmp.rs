@@ -3,7 +3,8 @@
 //! is to the balancer. A "fragmentation needed" that died here would leave the backend sending
 //! segments too large for the path, and the transfer would stall (a path-MTU black hole), so
 //! destination-unreachable errors quoting a live flow go to that flow's backend, forwarded like
-//! the flow's own packets. Everything else to a VIP address is dropped and counted.
+//! the flow's own packets. Echo requests are answered by the balancer itself (as Katran does),
+//! where the configuration allows it. Everything else to a VIP address is dropped and counted.
 //!
 //! Every destination-unreachable code is forwarded, not only fragmentation needed (code 4): the
 //! backend then sees what a server without a balancer in front would see (a connection still
@@ -19,14 +20,21 @@
 use crate::{
     Verdict,
     balancer::{self, Lookup, Packet, UDP_HLEN},
-    forward,
+    csum, forward,
     icmp::{ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HLEN, QUOTED_L4},
-    maps::{VIP_ADDRS, VIPS},
+    maps::{CONFIG, VIP_ADDRS, VIPS},
     parse::{ETH_HLEN, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at},
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, VipKey, reason};
-use network_types::ip::Ipv4Hdr;
+use lb_common::{
+    CONFIG_F_ICMP_ECHO, IPPROTO_TCP, IPPROTO_UDP, VIP_ADDR_F_ICMP_ECHO, VipKey, reason,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+const ICMP_ECHO: u8 = 8;
+const ICMP_ECHO_REPLY: u8 = 0;
+/// TTL of the balancer's echo replies (the request's TTL is the client's business).
+const ECHO_REPLY_TTL: u8 = 64;
 
 // Quoting 8 bytes of L4 header is what gives the ports; a UDP header is exactly that long.
 const _: () = assert!(QUOTED_L4 == UDP_HLEN);
@@ -48,10 +56,10 @@ pub struct Outer {
 /// else forward, answer or drop it.
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, outer: &Outer) -> Verdict {
-    // SAFETY: read-only lookup; the value is not used.
-    if unsafe { VIP_ADDRS.get(outer.dst_addr) }.is_none() {
+    // SAFETY: read-only lookup, copied out.
+    let Some(addr_flags) = (unsafe { VIP_ADDRS.get(outer.dst_addr) }).map(|a| a.flags) else {
         return Verdict::pass(reason::PASS_NOT_VIP);
-    }
+    };
     let l4 = ETH_HLEN + outer.ihl;
     let Some(icmp) = ptr_at::<[u8; ICMP_HLEN]>(ctx, l4) else {
         return Verdict::drop(reason::DROP_MALFORMED_L4);
@@ -63,8 +71,65 @@ pub fn handle(ctx: &XdpContext, outer: &Outer) -> Verdict {
     let (kind, code) = unsafe { ((*icmp)[0], (*icmp)[1]) };
     match kind {
         ICMP_DEST_UNREACH => unreachable(ctx, outer, l4 + ICMP_HLEN, code),
+        ICMP_ECHO if echo_on(addr_flags) => echo_reply(ctx, outer, code),
         _ => Verdict::drop(reason::DROP_ICMP_OTHER),
     }
+}
+
+/// Echo requests to an address are answered when the global switch is on and at least one VIP
+/// on the address allows it (the agent keeps `VIP_ADDR_F_ICMP_ECHO` so).
+#[inline(always)]
+fn echo_on(addr_flags: u32) -> bool {
+    addr_flags & VIP_ADDR_F_ICMP_ECHO != 0
+        && CONFIG
+            .get(0)
+            .is_some_and(|cfg| cfg.flags & CONFIG_F_ICMP_ECHO != 0)
+}
+
+/// Turn the echo request in the frame into its reply, in place, and send it back the way it
+/// came: MACs and addresses swapped, TTL 64, type 0 (echo reply); identifier, sequence number and
+/// data stay. Requests with IP options are not answered: some (source routes, record route)
+/// would have to be reversed or rewritten for the reply, as a host's stack does.
+#[inline(always)]
+fn echo_reply(ctx: &XdpContext, outer: &Outer, code: u8) -> Verdict {
+    if outer.ihl != IPV4_HLEN {
+        return Verdict::drop(reason::DROP_ICMP_OTHER);
+    }
+    let (Some(eth), Some(ip), Some(icmp)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN),
+        ptr_at::<[u8; ICMP_HLEN]>(ctx, ETH_HLEN + IPV4_HLEN),
+    ) else {
+        return Verdict::drop(reason::DROP_MALFORMED_L4);
+    };
+    // SAFETY: all three bounds checked; nothing moves the packet meanwhile.
+    unsafe {
+        let (dst, src) = ((*eth).dst_addr, (*eth).src_addr);
+        (*eth).dst_addr = src;
+        (*eth).src_addr = dst;
+        let mut hdr = *ip;
+        for i in 12..16 {
+            hdr.swap(i, i + 4);
+        }
+        hdr[8] = ECHO_REPLY_TTL;
+        hdr[10] = 0;
+        hdr[11] = 0;
+        let [c0, c1] = csum::ipv4_header(&hdr);
+        hdr[10] = c0;
+        hdr[11] = c1;
+        *ip = hdr;
+        // Only the type word changes in the ICMP message, so its checksum is updated for that
+        // word instead of summed again over the data (which may be as long as the MTU).
+        let check = u16::from_be_bytes([(*icmp)[2], (*icmp)[3]]);
+        let check = csum::replace16(
+            check,
+            u16::from_be_bytes([ICMP_ECHO, code]),
+            u16::from_be_bytes([ICMP_ECHO_REPLY, code]),
+        );
+        (*icmp)[0] = ICMP_ECHO_REPLY;
+        [(*icmp)[2], (*icmp)[3]] = check.to_be_bytes();
+    }
+    Verdict::tx(reason::TX_ICMP_ECHO_REPLY)
 }
 
 /// A destination-unreachable error whose quoted packet starts at `quoted`: forwarded to the

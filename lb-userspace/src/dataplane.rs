@@ -13,9 +13,9 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    BACKEND_F_ACTIVE, Backend, BenchGenHeader, CONFIG_F_FLOW_EVENTS, FlowEvent, FlowKey, FlowValue,
-    LbConfig, MAX_BACKENDS, MAX_VIPS, TrafficCounters, VipKey, VipMeta, event, maps, programs,
-    reason, ring_index,
+    BACKEND_F_ACTIVE, Backend, BenchGenHeader, CONFIG_F_FLOW_EVENTS, CONFIG_F_ICMP_ECHO, FlowEvent,
+    FlowKey, FlowValue, LbConfig, MAX_BACKENDS, MAX_VIPS, TrafficCounters, VIP_ADDR_F_ICMP_ECHO,
+    VipAddr, VipKey, VipMeta, event, maps, programs, reason, ring_index,
 };
 use serde::{Deserialize, Serialize};
 use std::{
@@ -189,7 +189,7 @@ pub struct Dataplane {
     lb_addr: Option<Ipv4Addr>,
     flow_capacity: u32,
     vips_map: KernelHash<VipKey, VipMeta>,
-    vip_addrs: KernelHash<u32, u32>,
+    vip_addrs: KernelHash<u32, VipAddr>,
     rings: Array<MapData, u32>,
     rr_counters: Array<MapData, u64>,
     backends_map: Array<MapData, Backend>,
@@ -447,7 +447,8 @@ impl Dataplane {
         let mut config: Array<MapData, LbConfig> = take_map(&mut ebpf, maps::CONFIG)?;
         let lb_config = LbConfig {
             lb_addr: lb_addr.map(ipv4_be).unwrap_or(0),
-            flags: 0,
+            // Echo requests to VIP addresses are answered unless the agent is told otherwise.
+            flags: CONFIG_F_ICMP_ECHO,
             ipip_id_cpu_bits: lb_common::ipip_id_cpu_bits(
                 u32::try_from(nr_cpus).unwrap_or(u32::MAX),
             ),
@@ -694,19 +695,23 @@ impl Dataplane {
         // A new VIP's address goes in before the switch, so that the switch is the last step that
         // can fail while nothing is visible yet (until it, the address's packets are dropped as
         // an unknown port rather than passed, for a moment).
-        let previous_users = if is_new {
-            let users = self.vip_addrs.get(&key.addr, 0).unwrap_or(0);
+        let previous_addr = if is_new {
+            let old = self.vip_addrs.get(&key.addr, 0).ok();
+            let new = VipAddr {
+                vips: old.map_or(0, |a| a.vips) + 1,
+                flags: VIP_ADDR_F_ICMP_ECHO,
+            };
             self.vip_addrs
-                .insert(key.addr, users + 1, 0)
+                .insert(key.addr, new, 0)
                 .map_err(map_err(maps::VIP_ADDRS))?;
-            Some(users)
+            Some(old)
         } else {
             None
         };
         // The switch: one element update, atomic for the data path.
         if let Err(e) = self.vips_map.insert(key, meta, 0) {
-            if let Some(users) = previous_users {
-                self.set_vip_addr_users(key.addr, users);
+            if let Some(old) = previous_addr {
+                self.restore_vip_addr(key.addr, old);
             }
             return Err(map_err(maps::VIPS)(e));
         }
@@ -742,13 +747,12 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Put a VIP address's user count back after a failed switch (best effort: the failure being
+    /// Put a VIP address's entry back after a failed switch (best effort: the failure being
     /// reported is the switch's).
-    fn set_vip_addr_users(&mut self, addr: u32, users: u32) {
-        let result = if users == 0 {
-            self.vip_addrs.remove(&addr)
-        } else {
-            self.vip_addrs.insert(addr, users, 0)
+    fn restore_vip_addr(&mut self, addr: u32, old: Option<VipAddr>) {
+        let result = match old {
+            None => self.vip_addrs.remove(&addr),
+            Some(old) => self.vip_addrs.insert(addr, old, 0),
         };
         if let Err(e) = result {
             log::warn!("restoring the VIP address set after a failed update: {e}");
@@ -794,14 +798,21 @@ impl Dataplane {
         let (id, backends) = (vip.id, vip.backends.clone());
         let kkey = vip_key(key);
         self.vips_map.remove(&kkey).map_err(map_err(maps::VIPS))?;
-        match self.vip_addrs.get(&kkey.addr, 0).unwrap_or(1) {
-            0 | 1 => self
+        match self.vip_addrs.get(&kkey.addr, 0) {
+            Ok(a) if a.vips > 1 => self
+                .vip_addrs
+                .insert(
+                    kkey.addr,
+                    VipAddr {
+                        vips: a.vips - 1,
+                        ..a
+                    },
+                    0,
+                )
+                .map_err(map_err(maps::VIP_ADDRS))?,
+            _ => self
                 .vip_addrs
                 .remove(&kkey.addr)
-                .map_err(map_err(maps::VIP_ADDRS))?,
-            users => self
-                .vip_addrs
-                .insert(kkey.addr, users - 1, 0)
                 .map_err(map_err(maps::VIP_ADDRS))?,
         }
         for (_, bid) in backends {
@@ -827,6 +838,22 @@ impl Dataplane {
             bytes: acc.bytes + c.bytes,
             new_flows: acc.new_flows + c.new_flows,
         }))
+    }
+
+    /// Answer ICMP echo requests to VIP addresses (the default) or drop them, for every VIP.
+    pub fn set_icmp_echo(&mut self, on: bool) -> Result<(), DataplaneError> {
+        let flags = if on {
+            self.lb_config.flags | CONFIG_F_ICMP_ECHO
+        } else {
+            self.lb_config.flags & !CONFIG_F_ICMP_ECHO
+        };
+        let cfg = LbConfig {
+            flags,
+            ..self.lb_config
+        };
+        self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))?;
+        self.lb_config = cfg;
+        Ok(())
     }
 
     /// The ring buffer of `FlowEvent`s (new and re-steered flows, for peer sync). It can be taken

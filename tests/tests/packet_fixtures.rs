@@ -423,7 +423,7 @@ fn traffic_not_for_a_service_is_passed_or_dropped_by_rule() {
         let ping_lb = inbound(&Ip::to(CLIENT, LB, 1).packet(&[8, 0, 0xf7, 0xff, 0, 0, 0, 0]));
         let ssh_lb = inbound(&Ip::to(CLIENT, LB, 6).packet(&tcp(43000, 22, SYN, 0)));
         let ipv6 = eth(LB_MAC, RTR_MAC, 0x86dd, &[0x60; 40]);
-        let ping_vip = inbound(&Ip::to(CLIENT, VIP, 1).packet(&[8, 0, 0xf7, 0xff, 0, 0, 0, 0]));
+        let pong_to_vip = inbound(&Ip::to(CLIENT, VIP, 1).packet(&[0, 0, 0xff, 0xff, 0, 0, 0, 0]));
         let wrong_port = inbound(&client_syn(43001, 81));
         let udp_to_tcp_port = inbound(&Ip::to(CLIENT, VIP, 17).packet(&udp(43002, 80, b"x")));
         let mut frag = Ip::to(CLIENT, VIP, 6);
@@ -455,8 +455,8 @@ fn traffic_not_for_a_service_is_passed_or_dropped_by_rule() {
                 action: XDP_PASS,
             },
             Fixture {
-                description: "ICMP to a VIP → drop",
-                input: ping_vip,
+                description: "ICMP echo reply to a VIP → drop",
+                input: pong_to_vip,
                 expected: None,
                 action: XDP_DROP,
             },
@@ -981,6 +981,156 @@ fn icmp_errors_about_a_flow_go_to_its_backend() {
         assert_eq!(action, XDP_DROP, "error about a flow whose backend left");
         assert_eq!(dp.stats().unwrap().reasons["drop_icmp_no_flow"], 5);
         assert_eq!(dp.stats().unwrap().events["flow_resteered"], 0);
+    });
+}
+
+/// `packet` (an IPv4 packet) with TTL `ttl` and the header checksum recomputed.
+fn with_ttl(mut packet: Vec<u8>, ttl: u8) -> Vec<u8> {
+    let hlen = usize::from(packet[0] & 0x0f) * 4;
+    packet[8] = ttl;
+    packet[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&packet[..hlen]);
+    packet[10..12].copy_from_slice(&c.to_be_bytes());
+    packet
+}
+
+/// An echo request (type 8) from the client to `to`, identifier 1, sequence `seq`, `data`.
+fn echo_request(to: Ipv4Addr, seq: u16, data: &[u8]) -> Vec<u8> {
+    let mut body = seq.to_be_bytes().to_vec();
+    body.extend_from_slice(data);
+    icmp_with_df(CLIENT, to, 8, [0, 1, body[0], body[1]], &body[2..])
+}
+
+/// Its reply as the balancer must send it: addresses swapped, TTL 64, type 0, both checksums
+/// computed from scratch.
+fn echo_reply(seq: u16, data: &[u8]) -> Vec<u8> {
+    let mut body = seq.to_be_bytes().to_vec();
+    body.extend_from_slice(data);
+    with_ttl(
+        icmp_with_df(VIP, CLIENT, 0, [0, 1, body[0], body[1]], &body[2..]),
+        64,
+    )
+}
+
+/// `icmp` with code 0 and DF set, as ping sends it.
+fn icmp_with_df(from: Ipv4Addr, to: Ipv4Addr, kind: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut p = icmp(from, to, kind, 0, rest, body);
+    p[6] = 0x40;
+    with_ttl(p, 63)
+}
+
+/// Issue 17: echo requests to a VIP address are answered by the balancer (as Katran does),
+/// unless switched off; bad ones are dropped and counted.
+#[test]
+fn echo_requests_to_a_vip_are_answered_by_the_balancer() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let request = echo_request(VIP, 1, b"xlb-ping");
+        // Spelled out once (checksums by hand: IPv4 0xb0c4 → 0xafc4 for TTL 63 → 64, ICMP
+        // 0x3e93 → 0x4693 for type 8 → 0).
+        let mut exact_request = inbound(&[]);
+        exact_request.extend_from_slice(&[
+            0x45, 0x00, 0x00, 0x24, 0x12, 0x34, 0x40, 0x00, 0x3f, 0x01, 0xb0, 0xc4, 10, 111, 0, 2,
+            10, 111, 100, 1, // IPv4
+            8, 0, 0x3e, 0x93, 0, 1, 0, 1, b'x', b'l', b'b', b'-', b'p', b'i', b'n',
+            b'g', // ICMP
+        ]);
+        assert_eq!(hex(&inbound(&request)), hex(&exact_request));
+        let mut exact_reply = eth(RTR_MAC, LB_MAC, 0x0800, &[]);
+        exact_reply.extend_from_slice(&[
+            0x45, 0x00, 0x00, 0x24, 0x12, 0x34, 0x40, 0x00, 0x40, 0x01, 0xaf, 0xc4, 10, 111, 100,
+            1, 10, 111, 0, 2, // IPv4
+            0, 0, 0x46, 0x93, 0, 1, 0, 1, b'x', b'l', b'b', b'-', b'p', b'i', b'n',
+            b'g', // ICMP
+        ]);
+        assert_eq!(
+            hex(&eth(RTR_MAC, LB_MAC, 0x0800, &echo_reply(1, b"xlb-ping"))),
+            hex(&exact_reply)
+        );
+        // Identifier 0, sequence 0, no data: the reply's data is all zeros, whose checksum
+        // must be 0xffff (0x0000 would fail every receiver's check).
+        let zeros = icmp_with_df(CLIENT, VIP, 8, [0; 4], &[]);
+        let zeros_reply = with_ttl(icmp_with_df(VIP, CLIENT, 0, [0; 4], &[]), 64);
+        assert_eq!(zeros_reply[22..24], [0xff, 0xff]);
+        // A 42-byte frame padded to 60: answered with its padding.
+        let mut padded = inbound(&echo_request(VIP, 2, b""));
+        padded.resize(60, 0);
+        let mut padded_reply = eth(RTR_MAC, LB_MAC, 0x0800, &echo_reply(2, b""));
+        padded_reply.resize(60, 0);
+        let mut with_options = Ip::to(CLIENT, VIP, 1);
+        with_options.ihl = 6;
+        let with_options = with_options.packet(&request[20..]);
+        let cut = inbound(&request)[..14 + 20 + 6].to_vec();
+        let mut truncated = inbound(&request);
+        truncated.truncate(truncated.len() - 4);
+        check(
+            dp.balancer().unwrap(),
+            ifindex,
+            &[
+                Fixture {
+                    description: "echo request to a VIP → echo reply from the VIP, XDP_TX",
+                    input: exact_request,
+                    expected: Some(exact_reply),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "all-zero echo → reply with checksum 0xffff",
+                    input: inbound(&zeros),
+                    expected: Some(eth(RTR_MAC, LB_MAC, 0x0800, &zeros_reply)),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "padded echo → answered, padding kept",
+                    input: padded,
+                    expected: Some(padded_reply),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "echo request with IP options → drop",
+                    input: inbound(&with_options),
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "echo request cut inside its ICMP header → drop",
+                    input: cut,
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "echo request shorter than its total length → drop",
+                    input: truncated,
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "echo request to the LB's own address → pass (the kernel answers)",
+                    input: inbound(&echo_request(LB, 3, b"")),
+                    expected: None,
+                    action: XDP_PASS,
+                },
+            ],
+        );
+        let r = dp.stats().unwrap().reasons;
+        assert_eq!(r["tx_icmp_echo_reply"], 3);
+        assert_eq!(r["drop_icmp_other"], 1);
+        assert_eq!(r["drop_malformed_l4"], 1);
+        assert_eq!(r["drop_bad_length"], 1);
+
+        // The agent's global switch.
+        dp.set_icmp_echo(false).unwrap();
+        let (action, _) = run(dp.balancer().unwrap(), ifindex, &inbound(&request));
+        assert_eq!(action, XDP_DROP, "echo off: dropped");
+        assert_eq!(dp.stats().unwrap().reasons["drop_icmp_other"], 2);
+        dp.set_icmp_echo(true).unwrap();
+        let (action, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&request));
+        assert_eq!(action, XDP_TX, "echo on again: answered");
+        assert_eq!(
+            hex(&out),
+            hex(&eth(RTR_MAC, LB_MAC, 0x0800, &echo_reply(1, b"xlb-ping")))
+        );
+        assert_eq!(dp.stats().unwrap().reasons["tx_icmp_echo_reply"], 4);
+        assert_eq!(dp.flows().unwrap().keys().count(), 0, "no flow for ICMP");
     });
 }
 
