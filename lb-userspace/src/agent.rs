@@ -110,6 +110,8 @@ pub struct AgentOptions {
     pub sync_key_file: Option<PathBuf>,
     /// `--metrics-listen`: serve Prometheus metrics there.
     pub metrics_listen: Option<SocketAddr>,
+    /// `--icmp-echo`: answer ICMP echo to VIP addresses at all.
+    pub icmp_echo: Option<bool>,
 }
 
 /// Where the agent's initial desired state comes from.
@@ -136,6 +138,8 @@ pub struct AgentConfig {
     pub sync: Option<SyncConfig>,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// The global ICMP echo switch (each VIP address also needs a VIP that allows it).
+    pub icmp_echo: bool,
 }
 
 impl AgentConfig {
@@ -199,6 +203,7 @@ impl AgentConfig {
             warm_interval: WARM_INTERVAL,
             sync,
             metrics_listen: opts.metrics_listen.or(section.metrics_listen),
+            icmp_echo: opts.icmp_echo.or(section.icmp_echo).unwrap_or(true),
         })
     }
 }
@@ -251,6 +256,10 @@ pub async fn run(
         flow_capacity: config.flow_capacity,
         lb_addr: config.lb_addr,
     })?;
+    if !config.icmp_echo {
+        dp.set_icmp_echo(false)?;
+        log::info!("ICMP echo to VIP addresses is off (--icmp-echo off)");
+    }
     log::info!(
         "attached to {} in {} mode (flow table {} entries, IPIP source {})",
         config.iface,
@@ -640,7 +649,7 @@ mod tests {
         let cfg = dir.path().join("xlb.toml");
         fs::write(
             &cfg,
-            "[agent]\niface = \"eth9\"\nxdp_mode = \"generic\"\nflow_capacity = 77\nlb_addr = \"10.0.0.1\"\n\
+            "[agent]\niface = \"eth9\"\nxdp_mode = \"generic\"\nflow_capacity = 77\nlb_addr = \"10.0.0.1\"\nicmp_echo = false\n\
              [[vip]]\naddress = \"10.111.100.1:80\"\n",
         )
         .unwrap();
@@ -655,16 +664,19 @@ mod tests {
         assert_eq!(c.xdp_mode, XdpModeChoice::Generic);
         assert_eq!(c.flow_capacity, 77);
         assert_eq!(c.lb_addr, Some(Ipv4Addr::new(10, 0, 0, 1)));
+        assert!(!c.icmp_echo);
         assert!(matches!(&c.initial, InitialState::Config { state, .. } if state.vip_count() == 1));
 
         let c = AgentConfig::from_options(AgentOptions {
             iface: Some("veth0".into()),
             xdp_mode: Some(XdpModeChoice::Driver),
             flow_capacity: Some(5),
+            icmp_echo: Some(true),
             ..base
         })
         .unwrap();
         assert_eq!(c.iface, "veth0");
+        assert!(c.icmp_echo);
         assert_eq!(c.xdp_mode, XdpModeChoice::Driver);
         assert_eq!(c.flow_capacity, 5);
 
@@ -676,6 +688,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(defaults.flow_capacity, lb_common::DEFAULT_FLOW_CAPACITY);
+        assert!(defaults.icmp_echo);
         assert_eq!(defaults.initial, InitialState::Saved);
     }
 
@@ -792,6 +805,7 @@ mod tests {
                     vip: key(),
                     forward: Forward::L2,
                     check: Default::default(),
+                    icmp_echo: true,
                 },
             );
             let dup = client::call(
@@ -800,6 +814,7 @@ mod tests {
                     vip: key(),
                     forward: Forward::L2,
                     check: Default::default(),
+                    icmp_echo: true,
                 },
             );
             let list = client::call(&s, &Request::VipList);

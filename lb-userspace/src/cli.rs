@@ -166,6 +166,10 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9477).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Answer ICMP echo requests to VIP addresses at all; off drops them whatever the VIPs'
+    /// --icmp-echo [default: on].
+    #[arg(long, value_enum, value_name = "on|off")]
+    pub icmp_echo: Option<OnOff>,
 }
 
 /// `xlb stats` flags.
@@ -202,6 +206,7 @@ impl AgentArgs {
             peers: self.peers,
             sync_key_file: self.sync_key_file,
             metrics_listen: self.metrics_listen,
+            icmp_echo: self.icmp_echo.map(|e| e == OnOff::On),
         }
     }
 }
@@ -269,8 +274,12 @@ pub enum VipCommand {
         forward: ForwardArg,
         #[command(flatten)]
         check: CheckArgs,
+        /// Answer ICMP echo requests to the VIP's address (the address answers if any of its
+        /// VIPs does, and the agent's --icmp-echo is on).
+        #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
+        icmp_echo: OnOff,
     },
-    /// Change a virtual service's health check (flags not given keep their values).
+    /// Change a virtual service's health check or ICMP echo (flags not given keep their values).
     Set {
         /// ADDR:PORT
         vip: String,
@@ -278,6 +287,9 @@ pub enum VipCommand {
         proto: ProtoArg,
         #[command(flatten)]
         check: CheckArgs,
+        /// Answer ICMP echo requests to the VIP's address (see `vip add`).
+        #[arg(long, value_enum, value_name = "on|off")]
+        icmp_echo: Option<OnOff>,
     },
     /// Delete a virtual service and its backends.
     Del {
@@ -468,6 +480,7 @@ pub fn vip(socket: &Path, cmd: VipCommand) -> Result<(), CliError> {
             proto,
             forward,
             check,
+            icmp_echo,
         } => {
             let vip = service_key(&vip, proto)?;
             let check = check.flags().to_patch()?;
@@ -477,13 +490,26 @@ pub fn vip(socket: &Path, cmd: VipCommand) -> Result<(), CliError> {
                     vip,
                     forward: forward.into(),
                     check,
+                    icmp_echo: icmp_echo == OnOff::On,
                 },
             )
         }
-        VipCommand::Set { vip, proto, check } => {
+        VipCommand::Set {
+            vip,
+            proto,
+            check,
+            icmp_echo,
+        } => {
             let vip = service_key(&vip, proto)?;
             let check = check.flags().to_patch()?;
-            change(socket, Request::VipSet { vip, check })
+            change(
+                socket,
+                Request::VipSet {
+                    vip,
+                    check,
+                    icmp_echo: icmp_echo.map(|e| e == OnOff::On),
+                },
+            )
         }
         VipCommand::Del { vip, proto } => change(
             socket,
@@ -971,8 +997,8 @@ fn table(indent: &str, header: &[&str], rows: &[Vec<String>]) -> String {
 
 /// `xlb vip list`:
 /// ```text
-/// VIP              PROTO  FORWARD  BACKENDS  CHECK
-/// 10.111.100.1:80  tcp    ipip     3         http:/healthz every 200ms
+/// VIP              PROTO  FORWARD  BACKENDS  ICMP_ECHO  CHECK
+/// 10.111.100.1:80  tcp    ipip     3         on         http:/healthz every 200ms
 /// ```
 pub fn vip_table(vips: &[VipSummary]) -> String {
     let rows: Vec<Vec<String>> = vips
@@ -983,6 +1009,7 @@ pub fn vip_table(vips: &[VipSummary]) -> String {
                 v.proto.to_string(),
                 v.forward.to_string(),
                 v.backends.len().to_string(),
+                if v.icmp_echo { "on" } else { "off" }.to_string(),
                 if v.check.kind == CheckKind::None {
                     v.check.summary()
                 } else {
@@ -995,7 +1022,11 @@ pub fn vip_table(vips: &[VipSummary]) -> String {
             ]
         })
         .collect();
-    table("", &["VIP", "PROTO", "FORWARD", "BACKENDS", "CHECK"], &rows)
+    table(
+        "",
+        &["VIP", "PROTO", "FORWARD", "BACKENDS", "ICMP_ECHO", "CHECK"],
+        &rows,
+    )
 }
 
 /// `xlb backend list VIP:PORT` (ages relative to `now`):
@@ -1466,6 +1497,8 @@ mod tests {
             "/tmp/s",
             "--flow-capacity",
             "1000",
+            "--icmp-echo",
+            "off",
         ])
         .unwrap();
         let Command::Agent(args) = cli.command else {
@@ -1475,9 +1508,26 @@ mod tests {
         assert_eq!(opts.iface.as_deref(), Some("veth0"));
         assert_eq!(opts.xdp_mode, Some(XdpModeChoice::Driver));
         assert_eq!(opts.flow_capacity, Some(1000));
+        assert_eq!(opts.icmp_echo, Some(false));
         assert!(
             Cli::try_parse_from(["xlb", "vip", "add", "1.2.3.4:80", "--forward", "nat"]).is_err()
         );
+        let echo = |args: &[&str]| match Cli::try_parse_from(args).map(|c| c.command) {
+            Ok(Command::Vip(VipCommand::Add { icmp_echo, .. })) => Some(Some(icmp_echo)),
+            Ok(Command::Vip(VipCommand::Set { icmp_echo, .. })) => Some(icmp_echo),
+            _ => None,
+        };
+        assert_eq!(
+            echo(&["xlb", "vip", "add", "1.2.3.4:80"]),
+            Some(Some(OnOff::On))
+        );
+        let add_off = ["xlb", "vip", "add", "1.2.3.4:80", "--icmp-echo", "off"];
+        assert_eq!(echo(&add_off), Some(Some(OnOff::Off)));
+        assert_eq!(echo(&["xlb", "vip", "set", "1.2.3.4:80"]), Some(None));
+        let set_on = ["xlb", "vip", "set", "1.2.3.4:80", "--icmp-echo", "on"];
+        assert_eq!(echo(&set_on), Some(Some(OnOff::On)));
+        let bad = ["xlb", "vip", "add", "1.2.3.4:80", "--icmp-echo", "maybe"];
+        assert_eq!(echo(&bad), None);
         assert!(Cli::try_parse_from(["xlb", "backend-host", "setup"]).is_err());
     }
 
@@ -1493,6 +1543,7 @@ mod tests {
                     proto: ProtoArg::Tcp,
                     forward: ForwardArg::Ipip,
                     check: CheckArgs::default(),
+                    icmp_echo: OnOff::On,
                 },
             )
             .unwrap_err();
@@ -1520,6 +1571,7 @@ mod tests {
                     vip: "10.111.100.1:80".into(),
                     proto: ProtoArg::Tcp,
                     check,
+                    icmp_echo: None,
                 },
             )
             .unwrap_err()
@@ -1552,10 +1604,11 @@ mod tests {
                 };
                 3
             ],
+            icmp_echo: true,
         }];
         assert_eq!(
             vip_table(&vips),
-            "VIP              PROTO  FORWARD  BACKENDS  CHECK\n10.111.100.1:80  tcp    ipip     3         tcp every 1s\n"
+            "VIP              PROTO  FORWARD  BACKENDS  ICMP_ECHO  CHECK\n10.111.100.1:80  tcp    ipip     3         on         tcp every 1s\n"
         );
         let now = UNIX_EPOCH + Duration::from_millis(1_779_271_212_000);
         assert_eq!(

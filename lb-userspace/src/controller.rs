@@ -200,15 +200,33 @@ impl<D: DataplaneOps> Controller<D> {
                 vip,
                 forward,
                 check,
-            } => self.vip_add(vip, forward, &check).map(|()| Response::Done {
-                message: format!(
-                    "added VIP {vip} (forward {forward}, check {})",
-                    self.check_summary(&vip)
-                ),
-            }),
-            Request::VipSet { vip, check } => self.vip_set(&vip, &check).map(|()| Response::Done {
-                message: format!("VIP {vip}: check {}", self.check_summary(&vip)),
-            }),
+                icmp_echo,
+            } => self
+                .vip_add(vip, forward, &check, icmp_echo)
+                .map(|()| Response::Done {
+                    message: format!(
+                        "added VIP {vip} (forward {forward}, check {}{})",
+                        self.check_summary(&vip),
+                        if icmp_echo { "" } else { ", ICMP echo off" }
+                    ),
+                }),
+            Request::VipSet {
+                vip,
+                check,
+                icmp_echo,
+            } => self
+                .vip_set(&vip, &check, icmp_echo)
+                .map(|()| Response::Done {
+                    message: format!(
+                        "VIP {vip}: check {}, ICMP echo {}",
+                        self.check_summary(&vip),
+                        if self.state.get(&vip).is_some_and(|v| v.icmp_echo) {
+                            "on"
+                        } else {
+                            "off"
+                        }
+                    ),
+                }),
             Request::VipDel { vip } => self.vip_del(&vip).map(|()| Response::Done {
                 message: format!("deleted VIP {vip}"),
             }),
@@ -291,8 +309,12 @@ impl<D: DataplaneOps> Controller<D> {
         key: ServiceKey,
         forward: Forward,
         check: &CheckPatch,
+        icmp_echo: bool,
     ) -> Result<(), ControllerError> {
-        let spec = self.state.plan_vip_add(key, forward, check)?;
+        let spec = VipConfig {
+            icmp_echo,
+            ..self.state.plan_vip_add(key, forward, check)?
+        };
         self.commit(key, None, Some(spec))?;
         self.log_unchecked_udp(vec![key]);
         Ok(())
@@ -312,8 +334,13 @@ impl<D: DataplaneOps> Controller<D> {
             })
     }
 
-    pub fn vip_set(&mut self, key: &ServiceKey, check: &CheckPatch) -> Result<(), ControllerError> {
-        let new = self.state.plan_vip_set(key, check)?;
+    pub fn vip_set(
+        &mut self,
+        key: &ServiceKey,
+        check: &CheckPatch,
+        icmp_echo: Option<bool>,
+    ) -> Result<(), ControllerError> {
+        let new = self.state.plan_vip_set(key, check, icmp_echo)?;
         let old = self.state.get(key).cloned();
         self.commit(*key, old, Some(new))
     }
@@ -852,7 +879,7 @@ mod tests {
     #[test]
     fn changes_reach_kernel_file_and_memory() {
         let mut f = Fixture::new(FakeDataplane::default());
-        f.ctl.vip_add(key(80), Forward::L2, &none()).unwrap();
+        f.ctl.vip_add(key(80), Forward::L2, &none(), true).unwrap();
         f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
         f.ctl.backend_add(&key(80), be(12), 3, &none()).unwrap();
         f.assert_consistent();
@@ -872,7 +899,9 @@ mod tests {
     #[test]
     fn invalid_requests_change_nothing() {
         let mut f = Fixture::new(FakeDataplane::default());
-        f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+        f.ctl
+            .vip_add(key(80), Forward::Ipip, &none(), true)
+            .unwrap();
         f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
         let calls = f.ctl.dataplane().apply_calls;
 
@@ -882,6 +911,7 @@ mod tests {
                     vip: key(80),
                     forward: Forward::Ipip,
                     check: none(),
+                    icmp_echo: true,
                 },
                 "VIP 10.111.100.1:80/tcp already exists",
             ),
@@ -928,6 +958,7 @@ mod tests {
                     vip: key(0),
                     forward: Forward::Ipip,
                     check: none(),
+                    icmp_echo: true,
                 },
                 "VIP 10.111.100.1:0/tcp: port 0 is not a valid port",
             ),
@@ -956,7 +987,9 @@ mod tests {
             max_backends_per_vip: Some(1),
             ..Default::default()
         });
-        f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+        f.ctl
+            .vip_add(key(80), Forward::Ipip, &none(), true)
+            .unwrap();
         f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
         let e = f.ctl.backend_add(&key(80), be(12), 1, &none()).unwrap_err();
         assert_eq!(
@@ -970,7 +1003,9 @@ mod tests {
     #[test]
     fn failed_apply_restores_the_old_vip() {
         let mut f = Fixture::new(FakeDataplane::default());
-        f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+        f.ctl
+            .vip_add(key(80), Forward::Ipip, &none(), true)
+            .unwrap();
         f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
         let old = f.ctl.state().get(&key(80)).unwrap().spec();
 
@@ -995,7 +1030,10 @@ mod tests {
 
         // A brand-new VIP that fails to apply has nothing to restore.
         f.ctl.dp.fail_applies = 1;
-        let e = f.ctl.vip_add(key(81), Forward::Ipip, &none()).unwrap_err();
+        let e = f
+            .ctl
+            .vip_add(key(81), Forward::Ipip, &none(), true)
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "applying VIP 10.111.100.1:81/tcp to the data path failed: map update failed"
@@ -1007,7 +1045,9 @@ mod tests {
     #[test]
     fn failed_persist_rolls_the_data_path_back() {
         let mut f = Fixture::new(FakeDataplane::default());
-        f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+        f.ctl
+            .vip_add(key(80), Forward::Ipip, &none(), true)
+            .unwrap();
         f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
         let good = f.ctl.state().clone();
 
@@ -1019,7 +1059,11 @@ mod tests {
             f.ctl.backend_add(&key(80), be(12), 1, &none()),
             Err(ControllerError::State(StateError::Write { .. }))
         ));
-        assert!(f.ctl.vip_add(key(81), Forward::Ipip, &none()).is_err());
+        assert!(
+            f.ctl
+                .vip_add(key(81), Forward::Ipip, &none(), true)
+                .is_err()
+        );
         assert!(f.ctl.vip_del(&key(80)).is_err());
         assert_eq!(f.ctl.state(), &good);
         f.ctl.state_path = real;
@@ -1029,7 +1073,9 @@ mod tests {
     #[test]
     fn failed_remove_keeps_the_vip() {
         let mut f = Fixture::new(FakeDataplane::default());
-        f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+        f.ctl
+            .vip_add(key(80), Forward::Ipip, &none(), true)
+            .unwrap();
         f.ctl.dp.fail_remove = true;
         let e = f.ctl.vip_del(&key(80)).unwrap_err();
         assert!(matches!(
@@ -1053,11 +1099,13 @@ mod tests {
                     addr: be(11),
                     weight: 1,
                 }],
+                icmp_echo: true,
             },
             VipSpec {
                 key: key(53),
                 forward: Forward::L2,
                 backends: vec![],
+                icmp_echo: true,
             },
         ])
         .unwrap();
@@ -1077,9 +1125,49 @@ mod tests {
     }
 
     #[test]
+    fn icmp_echo_reaches_kernel_file_and_memory() {
+        let mut f = Fixture::new(FakeDataplane::default());
+        f.ctl
+            .vip_add(key(80), Forward::Ipip, &none(), false)
+            .unwrap();
+        f.ctl
+            .vip_add(key(81), Forward::Ipip, &none(), true)
+            .unwrap();
+        f.assert_consistent();
+        assert!(!f.ctl.dataplane().applied[&key(80)].icmp_echo);
+        assert!(f.ctl.dataplane().applied[&key(81)].icmp_echo);
+        assert_eq!(
+            f.ctl.handle(Request::VipSet {
+                vip: key(80),
+                check: none(),
+                icmp_echo: Some(true),
+            }),
+            Response::Done {
+                message: "VIP 10.111.100.1:80/tcp: check tcp, ICMP echo on".into()
+            }
+        );
+        f.assert_consistent();
+        assert!(f.ctl.dataplane().applied[&key(80)].icmp_echo);
+        assert!(f.on_disk().get(&key(80)).unwrap().icmp_echo);
+        // A check change keeps the echo setting.
+        f.ctl.vip_set(&key(81), &none(), Some(false)).unwrap();
+        let faster = CheckPatch {
+            interval: Some(Duration::from_millis(500)),
+            timeout: Some(Duration::from_millis(500)),
+            ..Default::default()
+        };
+        f.ctl.vip_set(&key(81), &faster, None).unwrap();
+        f.assert_consistent();
+        assert!(!f.ctl.dataplane().applied[&key(81)].icmp_echo);
+        assert!(!f.ctl.vip_list()[1].icmp_echo);
+    }
+
+    #[test]
     fn reports_join_desired_state_and_counters() {
         let mut f = Fixture::new(FakeDataplane::default());
-        f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+        f.ctl
+            .vip_add(key(80), Forward::Ipip, &none(), true)
+            .unwrap();
         f.ctl.backend_add(&key(80), be(11), 2, &none()).unwrap();
         f.ctl.backend_add(&key(80), be(12), 1, &none()).unwrap();
         let r = f.ctl.backend_list(&key(80)).unwrap();
@@ -1137,7 +1225,7 @@ mod tests {
             fall: Some(2),
             ..Default::default()
         };
-        f.ctl.vip_add(key(80), Forward::Ipip, &check).unwrap();
+        f.ctl.vip_add(key(80), Forward::Ipip, &check, true).unwrap();
         for b in [11, 12, 13] {
             f.ctl.backend_add(&key(80), be(b), 1, &none()).unwrap();
         }
@@ -1216,7 +1304,7 @@ mod tests {
             timeout: Some(Duration::from_millis(100)),
             ..Default::default()
         };
-        f.ctl.vip_set(&key(80), &faster).unwrap();
+        f.ctl.vip_set(&key(80), &faster, None).unwrap();
         let r = f.ctl.backend_list(&key(80)).unwrap();
         assert_eq!(
             (r.backends[1].checks_ok, r.backends[1].checks_failed),
@@ -1345,7 +1433,7 @@ mod tests {
             timeout: Some(Duration::from_millis(100)),
             ..Default::default()
         };
-        f.ctl.vip_set(&key(80), &faster).unwrap();
+        f.ctl.vip_set(&key(80), &faster, None).unwrap();
         let after = f.ctl.probe_targets();
         assert!(after.iter().all(|t| !before.contains(&t.generation)));
         assert!(
@@ -1360,7 +1448,7 @@ mod tests {
             kind: Some(CheckKind::None),
             ..Default::default()
         };
-        f.ctl.vip_set(&key(80), &off).unwrap();
+        f.ctl.vip_set(&key(80), &off, None).unwrap();
         assert!(f.ctl.probe_targets().is_empty());
         assert_eq!(f.ctl.dp.down(&key(80)), Some(&BTreeSet::new()));
         assert_eq!(state_of(&f.ctl, be(12)), BackendState::Up);
@@ -1411,6 +1499,7 @@ mod tests {
                         timeout: Some(Duration::from_secs(5)),
                         ..Default::default()
                     },
+                    icmp_echo: None,
                 },
                 "VIP 10.111.100.1:80/tcp: check timeout 5s exceeds the interval 1s (a check must end before the next one starts)",
             ),
@@ -1421,6 +1510,7 @@ mod tests {
                         rise: Some(0),
                         ..Default::default()
                     },
+                    icmp_echo: None,
                 },
                 "VIP 10.111.100.1:80/tcp: rise must be at least 1",
             ),
@@ -1428,8 +1518,9 @@ mod tests {
                 Request::VipSet {
                     vip: key(80),
                     check: none(),
+                    icmp_echo: None,
                 },
-                "VIP 10.111.100.1:80/tcp: nothing to change (give at least one check flag)",
+                "VIP 10.111.100.1:80/tcp: nothing to change (give --icmp-echo or at least one check flag)",
             ),
             (
                 Request::VipAdd {
@@ -1439,6 +1530,7 @@ mod tests {
                         fall: Some(0),
                         ..Default::default()
                     },
+                    icmp_echo: true,
                 },
                 "VIP 10.111.100.1:81/tcp: fall must be at least 1",
             ),

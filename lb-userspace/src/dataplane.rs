@@ -169,6 +169,7 @@ struct InstalledVip {
     id: u32,
     half: u32,
     backends: Vec<(Ipv4Addr, u32)>,
+    icmp_echo: bool,
 }
 
 type KernelHash<K, V> = HashMap<MapData, K, V>;
@@ -694,17 +695,14 @@ impl Dataplane {
         };
         // A new VIP's address goes in before the switch, so that the switch is the last step that
         // can fail while nothing is visible yet (until it, the address's packets are dropped as
-        // an unknown port rather than passed, for a moment).
-        let previous_addr = if is_new {
-            let old = self.vip_addrs.get(&key.addr, 0).ok();
-            let new = VipAddr {
-                vips: old.map_or(0, |a| a.vips) + 1,
-                flags: VIP_ADDR_F_ICMP_ECHO,
-            };
+        // an unknown port rather than passed, for a moment). A changed `icmp_echo` changes it too.
+        let addr_entry = self.vip_addr_entry(&spec.key, Some(spec.icmp_echo));
+        let old_entry = self.vip_addrs.get(&key.addr, 0).ok();
+        let previous_addr = if old_entry != Some(addr_entry) {
             self.vip_addrs
-                .insert(key.addr, new, 0)
+                .insert(key.addr, addr_entry, 0)
                 .map_err(map_err(maps::VIP_ADDRS))?;
-            Some(old)
+            Some(old_entry)
         } else {
             None
         };
@@ -735,6 +733,7 @@ impl Dataplane {
                 id: vip_id,
                 half,
                 backends: slots.clone(),
+                icmp_echo: spec.icmp_echo,
             },
         );
         for (addr, id) in slots.iter().filter(|(addr, _)| down.contains(addr)) {
@@ -745,6 +744,24 @@ impl Dataplane {
             self.release_backend(id)?;
         }
         Ok(())
+    }
+
+    /// The `VIP_ADDRS` entry of `key`'s address with `key`'s VIP installed with ICMP echo
+    /// `with_echo` (`None`: removed) and the address's other VIPs as they are: how many VIPs it
+    /// carries, and whether any of them answers echo.
+    fn vip_addr_entry(&self, key: &ServiceKey, with_echo: Option<bool>) -> VipAddr {
+        let others = self
+            .installed
+            .iter()
+            .filter(|(k, _)| k.addr == key.addr && *k != key)
+            .map(|(_, v)| v.icmp_echo);
+        let (vips, echo) = others
+            .chain(with_echo)
+            .fold((0, false), |(n, any), echo| (n + 1, any || echo));
+        VipAddr {
+            vips,
+            flags: if echo { VIP_ADDR_F_ICMP_ECHO } else { 0 },
+        }
     }
 
     /// Put a VIP address's entry back after a failed switch (best effort: the failure being
@@ -798,21 +815,14 @@ impl Dataplane {
         let (id, backends) = (vip.id, vip.backends.clone());
         let kkey = vip_key(key);
         self.vips_map.remove(&kkey).map_err(map_err(maps::VIPS))?;
-        match self.vip_addrs.get(&kkey.addr, 0) {
-            Ok(a) if a.vips > 1 => self
-                .vip_addrs
-                .insert(
-                    kkey.addr,
-                    VipAddr {
-                        vips: a.vips - 1,
-                        ..a
-                    },
-                    0,
-                )
-                .map_err(map_err(maps::VIP_ADDRS))?,
-            _ => self
+        match self.vip_addr_entry(key, None) {
+            VipAddr { vips: 0, .. } => self
                 .vip_addrs
                 .remove(&kkey.addr)
+                .map_err(map_err(maps::VIP_ADDRS))?,
+            rest => self
+                .vip_addrs
+                .insert(kkey.addr, rest, 0)
                 .map_err(map_err(maps::VIP_ADDRS))?,
         }
         for (_, bid) in backends {

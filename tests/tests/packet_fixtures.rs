@@ -248,6 +248,7 @@ fn vip(
                 weight: 1,
             })
             .collect(),
+        icmp_echo: true,
     }
 }
 
@@ -1131,6 +1132,52 @@ fn echo_requests_to_a_vip_are_answered_by_the_balancer() {
         );
         assert_eq!(dp.stats().unwrap().reasons["tx_icmp_echo_reply"], 4);
         assert_eq!(dp.flows().unwrap().keys().count(), 0, "no flow for ICMP");
+    });
+}
+
+/// The per-VIP `--icmp-echo`: an address carries several VIPs (ports) and answers echo when
+/// any of them allows it; the rule follows VIPs being changed and removed.
+#[test]
+fn an_address_answers_echo_while_any_of_its_vips_allows_it() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let request = inbound(&echo_request(VIP, 1, b"xlb-ping"));
+        let send = |dp: &Dataplane| run(dp.balancer().unwrap(), ifindex, &request).0;
+        let specs = [
+            vip(VIP, 80, Proto::Tcp, Forward::Ipip, &BACKENDS),
+            vip(VIP, 8080, Proto::Tcp, Forward::L2, &BACKENDS),
+            vip(VIP, 53, Proto::Udp, Forward::Ipip, &BACKENDS),
+        ];
+        let set = |dp: &mut Dataplane, i: usize, icmp_echo: bool| {
+            let spec = VipSpec {
+                icmp_echo,
+                ..specs[i].clone()
+            };
+            dp.apply_vip(&spec, &BTreeSet::new()).unwrap();
+        };
+        set(&mut dp, 0, false);
+        set(&mut dp, 1, false);
+        assert_eq!(send(&dp), XDP_TX, "VIP:53 still allows echo");
+        set(&mut dp, 2, false);
+        assert_eq!(send(&dp), XDP_DROP, "no VIP on the address allows echo");
+        set(&mut dp, 1, true);
+        assert_eq!(send(&dp), XDP_TX, "VIP:8080 allows it again");
+        dp.remove_vip(&specs[1].key).unwrap();
+        assert_eq!(send(&dp), XDP_DROP, "the VIP that allowed it is gone");
+        dp.apply_vip(&specs[1], &BTreeSet::new()).unwrap();
+        assert_eq!(send(&dp), XDP_TX, "added again, with echo on");
+        // The agent's global switch wins over every VIP.
+        dp.set_icmp_echo(false).unwrap();
+        assert_eq!(send(&dp), XDP_DROP, "global switch off");
+        // Removing VIPs keeps the address a VIP address (dropped, not passed) until the last.
+        dp.set_icmp_echo(true).unwrap();
+        for spec in &specs {
+            dp.remove_vip(&spec.key).unwrap();
+        }
+        assert_eq!(send(&dp), XDP_PASS, "no VIP left: the kernel's business");
+        let r = dp.stats().unwrap().reasons;
+        assert_eq!(r["tx_icmp_echo_reply"], 3);
+        assert_eq!(r["drop_icmp_other"], 3);
     });
 }
 
