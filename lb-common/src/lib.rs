@@ -152,6 +152,20 @@ pub struct VipMeta {
     pub forward: u32,
 }
 
+/// Value of the `VIP_ADDRS` hash map (key: a VIP address, network order): what the data path
+/// needs to know about an address that carries VIPs, whatever the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipAddr {
+    /// VIPs (address, port, protocol) on this address, host order.
+    pub vips: u32,
+    /// `VIP_ADDR_F_*` bits.
+    pub flags: u32,
+}
+
+/// ICMP echo requests to this address are answered (if `CONFIG_F_ICMP_ECHO` is set too).
+pub const VIP_ADDR_F_ICMP_ECHO: u32 = 1;
+
 /// Value of the `BACKENDS` array, indexed by backend slot id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -227,11 +241,27 @@ pub struct LbConfig {
     pub lb_addr: u32,
     /// `CONFIG_F_*` bits.
     pub flags: u32,
+    /// How many high bits of an outer IPv4 ID carry the CPU number (host order; at most 16):
+    /// enough for every possible CPU, see `ipip_id_cpu_bits`.
+    pub ipip_id_cpu_bits: u32,
+    pub _pad: u32,
+}
+
+/// The `LbConfig::ipip_id_cpu_bits` for a machine with `possible_cpus` CPUs: the fewest bits
+/// that number them all. The outer ID of a fragmentable IPIP packet is the CPU number in these
+/// high bits and a per-CPU counter in the rest, so two CPUs never send the same ID and each one
+/// repeats an ID only after 2^(16 - bits) such packets.
+pub const fn ipip_id_cpu_bits(possible_cpus: u32) -> u32 {
+    let bits = possible_cpus.next_power_of_two().trailing_zeros();
+    if bits > 16 { 16 } else { bits }
 }
 
 /// Report new flows on `FLOW_EVENTS`: set when the agent reads them (peer sync on). Without a
 /// reader the ring buffer would fill once and every later flow would count as `flow_event_lost`.
 pub const CONFIG_F_FLOW_EVENTS: u32 = 1;
+/// Answer ICMP echo requests to VIP addresses (the global switch; each address also needs
+/// `VIP_ADDR_F_ICMP_ECHO`).
+pub const CONFIG_F_ICMP_ECHO: u32 = 2;
 
 /// What happened to a packet: one per-CPU packet counter each in `REASON_STATS`. Every packet the
 /// balancer sees lands in exactly one of these.
@@ -243,9 +273,10 @@ pub mod reason {
     /// Ethernet header or IPv4 header truncated or invalid (bad IHL/version): passed, the kernel
     /// drops it with its own accounting; we cannot tell whether it was for a VIP.
     pub const PASS_MALFORMED: u32 = 2;
-    /// To a VIP address, but no VIP has that port and protocol (ICMP included): dropped.
+    /// To a VIP address, but no VIP has that port and protocol (and it is not ICMP): dropped.
     pub const DROP_UNKNOWN_PORT: u32 = 3;
-    /// To a VIP address, L4 header truncated: dropped.
+    /// To a VIP address, L4 header truncated (TCP, UDP, ICMP; for an ICMP error also the quoted
+    /// IPv4 header and the 8 bytes after it): dropped.
     pub const DROP_MALFORMED_L4: u32 = 4;
     /// An IP fragment to a VIP address (no L4 header to steer by): dropped.
     pub const DROP_FRAGMENT: u32 = 5;
@@ -271,8 +302,29 @@ pub mod reason {
     /// unchanged frame (still addressed to the VIP) to the kernel would route it back towards the
     /// router and loop. The agent keeps backends' neighbour entries warm so this stays rare.
     pub const DROP_NO_NEIGH: u32 = 14;
+    /// To a VIP, and the frame is shorter than the IPv4 total length, or the total length is
+    /// shorter than the IPv4 header plus the L4 header: dropped (forwarding it would send the
+    /// backend a packet whose header claims bytes that do not exist).
+    pub const DROP_BAD_LENGTH: u32 = 15;
+    /// ICMP destination unreachable to a VIP address that quotes no live flow of a VIP there (no
+    /// such VIP, no flow entry, the flow's backend gone, a quoted non-first fragment, not TCP or
+    /// UDP): dropped. Nothing is steered or created for it.
+    pub const DROP_ICMP_NO_FLOW: u32 = 16;
+    /// ICMP to a VIP address that is neither answered nor forwarded: every type other than
+    /// destination unreachable and echo request, echo requests where echo is off (globally or
+    /// for every VIP of the address), and echo requests with IP options: dropped.
+    pub const DROP_ICMP_OTHER: u32 = 17;
+    /// ICMP fragmentation needed (destination unreachable, code 4) about a live flow: forwarded
+    /// to the flow's backend, so it lowers its path MTU towards the client.
+    pub const FWD_ICMP_FRAG_NEEDED: u32 = 18;
+    /// Any other ICMP destination unreachable about a live flow: forwarded to the flow's backend,
+    /// which sees what a server without a balancer in front would see.
+    pub const FWD_ICMP_UNREACH: u32 = 19;
+    /// ICMP echo request to a VIP address where echo is on: answered by the balancer itself
+    /// (`XDP_TX`).
+    pub const TX_ICMP_ECHO_REPLY: u32 = 20;
     /// Number of reasons (size of `REASON_STATS`).
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 21;
 
     /// Stable names for metrics, `xlb stats` and tests, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -291,6 +343,12 @@ pub mod reason {
         "fwd_redirect",
         "pass_no_neigh",
         "drop_no_neigh",
+        "drop_bad_length",
+        "drop_icmp_no_flow",
+        "drop_icmp_other",
+        "fwd_icmp_frag_needed",
+        "fwd_icmp_unreach",
+        "tx_icmp_echo_reply",
     ];
 }
 
@@ -336,12 +394,13 @@ const _: () = {
     use core::mem::size_of;
     assert!(size_of::<VipKey>() == 8);
     assert!(size_of::<VipMeta>() == 16);
+    assert!(size_of::<VipAddr>() == 8);
     assert!(size_of::<Backend>() == 16);
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<FlowValue>() == 16);
     assert!(size_of::<FlowEvent>() == 24);
     assert!(size_of::<TrafficCounters>() == 24);
-    assert!(size_of::<LbConfig>() == 8);
+    assert!(size_of::<LbConfig>() == 16);
     assert!(size_of::<BenchGenHeader>() == 48);
 };
 
@@ -352,6 +411,7 @@ mod pod {
     // so every bit pattern is valid and there are no uninitialised bytes.
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for VipAddr {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
@@ -364,6 +424,16 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipip_ids_number_every_cpu() {
+        assert_eq!(ipip_id_cpu_bits(1), 0);
+        assert_eq!(ipip_id_cpu_bits(2), 1);
+        assert_eq!(ipip_id_cpu_bits(3), 2);
+        assert_eq!(ipip_id_cpu_bits(64), 6);
+        assert_eq!(ipip_id_cpu_bits(65), 7);
+        assert_eq!(ipip_id_cpu_bits(1 << 20), 16);
+    }
 
     #[test]
     fn ring_halves_do_not_overlap() {

@@ -5,18 +5,21 @@ use crate::{
     Verdict, debug, forward,
     maps::{BACKENDS, CONFIG, FLOW_EVENTS, FLOWS, RINGS, RR_COUNTERS, VIP_ADDRS, VIPS},
     parse::{ETH_HLEN, ETH_P_IP, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at},
-    stats,
+    stats, vip_icmp,
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use core::arch::asm;
 use lb_common::{
-    BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, FlowEvent, FlowKey, FlowValue, IPPROTO_TCP,
-    IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta, event, reason, ring_index,
+    BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, FlowEvent, FlowKey, FlowValue, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta, event, reason, ring_index,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 /// TCP header flag bit (byte 13).
 const TCP_SYN: u8 = 0x02;
+/// Minimal TCP and UDP header lengths.
+const TCP_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
 
 /// What `classify` learned about a packet for a configured VIP, copied out of the packet so it
 /// stays valid after the headers move.
@@ -32,6 +35,9 @@ pub struct Packet {
     pub frame_len: u64,
     /// TCP without SYN: a packet from the middle of a connection.
     pub midflow: bool,
+    /// An ICMP error about the flow (`vip_icmp.rs`), not a packet of it: never answered with
+    /// another ICMP error (RFC 1122 §3.2.2).
+    pub icmp_error: bool,
 }
 
 pub fn try_balance(ctx: &XdpContext) -> Verdict {
@@ -76,20 +82,32 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
     let l4 = ETH_HLEN + ihl;
     // TCP and UDP both start with source and destination port; check the whole minimal header
     // so a truncated one is recognised as such.
-    let (ports, midflow): ([u8; 4], bool) = match ip.proto {
+    let (ports, midflow, l4_len): ([u8; 4], bool, usize) = match ip.proto {
         IPPROTO_TCP => {
-            let h: *const [u8; 20] =
+            let h: *const [u8; TCP_HLEN] =
                 ptr_at(ctx, l4).ok_or_else(|| not_served(reason::DROP_MALFORMED_L4))?;
             // SAFETY: bounds checked.
             let h = unsafe { &*h };
-            ([h[0], h[1], h[2], h[3]], h[13] & TCP_SYN == 0)
+            ([h[0], h[1], h[2], h[3]], h[13] & TCP_SYN == 0, TCP_HLEN)
         }
         IPPROTO_UDP => {
-            let h: *const [u8; 8] =
+            let h: *const [u8; UDP_HLEN] =
                 ptr_at(ctx, l4).ok_or_else(|| not_served(reason::DROP_MALFORMED_L4))?;
             // SAFETY: bounds checked.
             let h = unsafe { &*h };
-            ([h[0], h[1], h[2], h[3]], false)
+            ([h[0], h[1], h[2], h[3]], false, UDP_HLEN)
+        }
+        IPPROTO_ICMP => {
+            return Err(vip_icmp::handle(
+                ctx,
+                &vip_icmp::Outer {
+                    dst_addr,
+                    ihl,
+                    ip_len: u16::from_be_bytes(ip.tot_len),
+                    tos: ip.tos,
+                    df: frags & IP_DF != 0,
+                },
+            ));
         }
         _ => return Err(not_served(reason::DROP_UNKNOWN_PORT)),
     };
@@ -105,22 +123,37 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
         Some(vip) => *vip,
         None => return Err(not_served(reason::DROP_UNKNOWN_PORT)),
     };
+    let ip_len = u16::from_be_bytes(ip.tot_len);
+    let frame_len = frame_len(ctx);
+    if !lengths_agree(ip_len, ihl + l4_len, frame_len) {
+        return Err(Verdict::drop(reason::DROP_BAD_LENGTH));
+    }
     Ok(Packet {
         vip,
         flow: flow_key(u32::from_ne_bytes(ip.src_addr), dst_addr, ports, ip.proto),
-        ip_len: u16::from_be_bytes(ip.tot_len),
+        ip_len,
         tos: ip.tos,
         df: frags & IP_DF != 0,
-        frame_len: frame_len(ctx) as u64,
+        frame_len: frame_len as u64,
         midflow,
+        icmp_error: false,
     })
+}
+
+/// The IPv4 total length `ip_len` covers the `headers` the balancer read (IP and L4), and the
+/// frame of `frame_len` bytes holds all of it. Frames longer than Ethernet + `ip_len` are normal
+/// (Ethernet pads short frames to 60 bytes); shorter ones lost bytes the header claims.
+#[inline(always)]
+pub fn lengths_agree(ip_len: u16, headers: usize, frame_len: usize) -> bool {
+    let ip_len = usize::from(ip_len);
+    ip_len >= headers && frame_len >= ETH_HLEN + ip_len
 }
 
 /// The flow key, assembled as four words. Written as a struct literal, its `[u8; 3]` padding
 /// became a call to a byte-by-byte `memset` subprogram on every packet (`bpftool prog dump
 /// xlated`): the BPF backend does not inline unaligned memsets.
 #[inline(always)]
-fn flow_key(src_addr: u32, dst_addr: u32, ports: [u8; 4], proto: u8) -> FlowKey {
+pub fn flow_key(src_addr: u32, dst_addr: u32, ports: [u8; 4], proto: u8) -> FlowKey {
     // FlowKey's layout: src_addr, dst_addr, src_port and dst_port (the packet's port bytes, in
     // wire order), proto, 3 bytes of zero padding.
     let words: [u32; 4] = [
@@ -147,7 +180,7 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut how = debug::STEER_EXISTING;
-    let (backend_id, backend_addr) = match existing_flow(pkt, now) {
+    let (backend_id, backend_addr) = match existing_flow(pkt.flow, pkt.vip.id, Some(now)) {
         Lookup::Hit(id, addr) => (id, addr),
         miss => {
             match miss {
@@ -172,7 +205,7 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     verdict
 }
 
-enum Lookup {
+pub enum Lookup {
     /// Known flow, backend still there: (slot id, address).
     Hit(u32, u32),
     /// Known flow whose backend slot no longer holds its backend (down, removed, reused).
@@ -181,10 +214,13 @@ enum Lookup {
     Miss,
 }
 
-/// The flow's backend, if the flow is known and its backend slot still holds the same address
-/// for the same VIP and is active. Otherwise the flow is re-steered as if new.
-fn existing_flow(pkt: &Packet, now: u64) -> Lookup {
-    let Some(flow) = FLOWS.get_ptr_mut(pkt.flow) else {
+/// The backend of flow `key` of VIP `vip_id`, if the flow is known and its backend slot still
+/// holds the same address for the same VIP and is active (otherwise the flow is re-steered as if
+/// new). A hit records `seen_at` as the flow's last packet, if given: packets of the flow do,
+/// ICMP errors about it do not.
+#[inline(always)]
+pub fn existing_flow(key: FlowKey, vip_id: u32, seen_at: Option<u64>) -> Lookup {
+    let Some(flow) = FLOWS.get_ptr_mut(key) else {
         return Lookup::Miss;
     };
     // SAFETY: map value pointer from a successful lookup.
@@ -192,12 +228,13 @@ fn existing_flow(pkt: &Packet, now: u64) -> Lookup {
     let Some(backend) = BACKENDS.get(id) else {
         return Lookup::Stale;
     };
-    if backend.addr != addr || backend.flags & BACKEND_F_ACTIVE == 0 || backend.vip_id != pkt.vip.id
-    {
+    if backend.addr != addr || backend.flags & BACKEND_F_ACTIVE == 0 || backend.vip_id != vip_id {
         return Lookup::Stale;
     }
-    // SAFETY: as above. A racing writer on another CPU can only store another recent time.
-    unsafe { (*flow).last_seen_ns = now };
+    if let Some(now) = seen_at {
+        // SAFETY: as above. A racing writer on another CPU can only store another recent time.
+        unsafe { (*flow).last_seen_ns = now };
+    }
     Lookup::Hit(id, addr)
 }
 

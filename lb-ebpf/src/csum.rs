@@ -10,6 +10,18 @@ pub fn fold(mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
+/// Checksum `check` (as stored: host-order value of the two wire bytes) after one 16-bit word of
+/// the data it covers changed from `old` to `new` (RFC 1624, eqn. 3). The result is never
+/// 0x0000: where that arises, 0xffff is the same value in one's complement and the only one a
+/// receiver accepts if the data became all zeros.
+#[inline(always)]
+pub fn replace16(check: u16, old: u16, new: u16) -> u16 {
+    match fold(u32::from(!check) + u32::from(!old) + u32::from(new)) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
 /// Checksum of a 20-byte IPv4 header whose checksum field is zero. Returns the value to store, as
 /// bytes in network order.
 #[inline(always)]

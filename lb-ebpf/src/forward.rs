@@ -9,13 +9,13 @@ use crate::{
     Verdict,
     balancer::Packet,
     csum, icmp,
-    maps::CONFIG,
+    maps::{CONFIG, IPIP_IDS},
     nexthop::{self, Resolved},
     parse::{ETH_HLEN, ETH_P_IP, IPV4_HLEN, ptr_at},
 };
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_redirect, bpf_xdp_adjust_head},
+    helpers::{bpf_get_smp_processor_id, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use lb_common::{FORWARD_L2, IPPROTO_IPIP, reason};
@@ -25,7 +25,9 @@ use network_types::eth::EthHdr;
 const OUTER_TTL: u8 = 64;
 
 /// Forward `pkt` to backend slot `backend_id` at `backend_addr`; `now` is
-/// `bpf_ktime_get_coarse_ns()` (for the next-hop cache).
+/// `bpf_ktime_get_coarse_ns()` (for the next-hop cache). Inlined into its two callers (a flow's
+/// packets, ICMP errors about a flow): a BPF call takes at most five arguments.
+#[inline(always)]
 pub fn forward(
     ctx: &XdpContext,
     pkt: &Packet,
@@ -68,9 +70,9 @@ fn egress(ctx: &XdpContext, ifindex: u32) -> Verdict {
 
 /// The packet will not fit the egress MTU (`mtu`) once `overhead` bytes are added: tell the client
 /// the largest packet that would (ICMP fragmentation needed), or drop it if it allowed
-/// fragmentation, which XDP cannot do.
+/// fragmentation, which XDP cannot do, or if it is itself an ICMP error (no error about an error).
 fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16, overhead: u16) -> Verdict {
-    if !pkt.df {
+    if !pkt.df || pkt.icmp_error {
         return Verdict::drop(reason::DROP_TOO_BIG);
     }
     match icmp::frag_needed(ctx, mtu.saturating_sub(overhead)) {
@@ -88,9 +90,10 @@ fn write_macs(eth: *mut EthHdr, dst: [u8; 6], src: [u8; 6]) {
     }
 }
 
+#[inline(always)]
 fn ipip(ctx: &XdpContext, pkt: &Packet, backend_id: u32, backend_addr: u32, now: u64) -> Verdict {
-    let lb_addr = match CONFIG.get(0) {
-        Some(cfg) if cfg.lb_addr != 0 => cfg.lb_addr,
+    let (lb_addr, id_cpu_bits) = match CONFIG.get(0) {
+        Some(cfg) if cfg.lb_addr != 0 => (cfg.lb_addr, cfg.ipip_id_cpu_bits),
         _ => return Verdict::drop(reason::DROP_ENCAP_FAILED),
     };
     let Some(outer_len) = pkt.ip_len.checked_add(IPV4_HLEN as u16) else {
@@ -112,6 +115,14 @@ fn ipip(ctx: &XdpContext, pkt: &Packet, backend_id: u32, backend_addr: u32, now:
         Resolved::NoRoute => return Verdict::drop(reason::DROP_NO_ROUTE),
     };
 
+    // Ethernet padding of a short frame (anything past the IP packet) would end up after the
+    // outer packet, where it is only noise: cut it, so the frame is exactly the outer packet.
+    let padding = pkt.frame_len as i64 - (ETH_HLEN as i64 + i64::from(pkt.ip_len));
+    // SAFETY: shrinking only (classify checked the frame holds the IP packet); pointers are
+    // derived afterwards.
+    if padding > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -(padding as i32)) } != 0 {
+        return Verdict::drop(reason::DROP_ENCAP_FAILED);
+    }
     let Some(old_eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Verdict::drop(reason::DROP_ENCAP_FAILED);
     };
@@ -136,15 +147,21 @@ fn ipip(ctx: &XdpContext, pkt: &Packet, backend_id: u32, backend_addr: u32, now:
     let [len_hi, len_lo] = outer_len.to_be_bytes();
     let [s0, s1, s2, s3] = lb_addr.to_ne_bytes();
     let [d0, d1, d2, d3] = backend_addr.to_ne_bytes();
-    // Outer DF mirrors the inner one: a DF packet stays unfragmentable end to end.
-    let df = if pkt.df { 0x40 } else { 0 };
+    // Outer DF mirrors the inner one (RFC 2003): a DF packet stays unfragmentable end to end
+    // and its ID means nothing (RFC 6864: 0). Without DF the outer packet may be fragmented on
+    // the way, so its ID must not repeat while fragments can still meet.
+    let (df, [id_hi, id_lo]) = if pkt.df {
+        (0x40, [0, 0])
+    } else {
+        (0, outer_id(id_cpu_bits).to_be_bytes())
+    };
     let mut hdr: [u8; IPV4_HLEN] = [
         0x45,
         pkt.tos,
         len_hi,
         len_lo,
-        0,
-        0,
+        id_hi,
+        id_lo,
         df,
         0,
         OUTER_TTL,
@@ -171,6 +188,28 @@ fn ipip(ctx: &XdpContext, pkt: &Packet, backend_id: u32, backend_addr: u32, now:
     }
 }
 
+/// The ID of a fragmentable outer header: this CPU's number in the top `cpu_bits` bits (so two
+/// CPUs never send the same ID), this CPU's counter of such packets in the rest (so one CPU
+/// repeats an ID only after 2^(16 - cpu_bits) of them). The agent sets `cpu_bits` from the
+/// number of possible CPUs (`lb_common::ipip_id_cpu_bits`).
+#[inline(always)]
+fn outer_id(cpu_bits: u32) -> u16 {
+    let n = IPIP_IDS.get_ptr_mut(0).map_or(0, |c| {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe {
+            let n = *c;
+            *c = n.wrapping_add(1);
+            n
+        }
+    });
+    // SAFETY: helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let counter_bits = 16 - cpu_bits.min(16);
+    let counter_mask = (1u32 << counter_bits) - 1;
+    ((cpu << counter_bits) | (n & counter_mask)) as u16
+}
+
+#[inline(always)]
 fn l2(ctx: &XdpContext, pkt: &Packet, backend_id: u32, backend_addr: u32, now: u64) -> Verdict {
     let hop = match nexthop::resolve(
         ctx,

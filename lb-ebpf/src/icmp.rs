@@ -13,12 +13,12 @@ use aya_ebpf::{
 use lb_common::IPPROTO_ICMP;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-const ICMP_HLEN: usize = 8;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_FRAG_NEEDED: u8 = 4;
-/// Bytes of the offending datagram past its IP header that the reply quotes (RFC 792: 64 bits,
-/// enough for the ports and TCP sequence number the client matches on).
-const QUOTED_L4: usize = 8;
+pub const ICMP_HLEN: usize = 8;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// Bytes of the offending datagram past its IP header that an ICMP error quotes (RFC 792: 64
+/// bits, enough for the ports and TCP sequence number the receiver matches on).
+pub const QUOTED_L4: usize = 8;
 const ICMP_TTL: u8 = 64;
 
 /// Turn the packet in `ctx` (Ethernet + IPv4 with a validated L4 header of at least 8 bytes) into

@@ -19,6 +19,7 @@ mod maps;
 mod nexthop;
 mod parse;
 mod stats;
+mod vip_icmp;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 

@@ -7,17 +7,17 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, DEFAULT_FLOW_CAPACITY, FLOW_EVENTS_BYTES, FlowKey, FlowValue, LbConfig, MAX_BACKENDS,
-    MAX_DECAP_ADDRS, MAX_VIPS, RING_ENTRIES, TrafficCounters, VipKey, VipMeta, decap_reason, event,
-    reason,
+    MAX_DECAP_ADDRS, MAX_VIPS, RING_ENTRIES, TrafficCounters, VipAddr, VipKey, VipMeta,
+    decap_reason, event, reason,
 };
 
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
 
-/// VIP address (network order) → number of VIPs on it. Tells "for a VIP address, unknown port"
-/// (drop) from "not ours" (pass) with one lookup.
+/// VIP address (network order) → number of VIPs on it and per-address flags. Tells "for a VIP
+/// address, unknown port" (drop) from "not ours" (pass) with one lookup.
 #[map(name = "VIP_ADDRS")]
-pub static VIP_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
+pub static VIP_ADDRS: HashMap<u32, VipAddr> = HashMap::with_max_entries(MAX_VIPS, 0);
 
 /// Backend slot ids, `ring_index(vip, half, slot)`.
 #[map(name = "RINGS")]
@@ -78,3 +78,7 @@ pub static BENCH_GEN_HEADER: Array<lb_common::BenchGenHeader> = Array::with_max_
 #[map(name = "NEXTHOPS")]
 pub static NEXTHOPS: PerCpuArray<crate::nexthop::Entry> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// The outer IPv4 ID counter of fragmentable IPIP packets, one per CPU (`forward.rs`).
+#[map(name = "IPIP_IDS")]
+pub static IPIP_IDS: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);

@@ -7,7 +7,7 @@
 
 use crate::{
     model::check::{CheckPatch, CheckSpec},
-    model::{BackendConfig, Forward, Proto, ServiceKey, VipConfig},
+    model::{BackendConfig, Forward, Proto, ServiceKey, VipConfig, icmp_echo_default},
 };
 use serde::{Deserialize, Serialize};
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
@@ -25,11 +25,15 @@ pub(crate) enum Request {
         /// Applied to the protocol's default check.
         #[serde(default, skip_serializing_if = "CheckPatch::is_empty")]
         check: CheckPatch,
+        #[serde(default = "icmp_echo_default")]
+        icmp_echo: bool,
     },
-    /// Change a VIP's check (fields not in `check` keep their values).
+    /// Change a VIP's check (fields not in `check` keep their values) and/or ICMP echo.
     VipSet {
         vip: ServiceKey,
         check: CheckPatch,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        icmp_echo: Option<bool>,
     },
     VipDel {
         vip: ServiceKey,
@@ -138,6 +142,8 @@ pub(crate) struct VipSummary {
     pub(crate) forward: Forward,
     pub(crate) check: CheckSpec,
     pub(crate) backends: Vec<BackendSummary>,
+    /// Whether this VIP lets its address answer ICMP echo.
+    pub(crate) icmp_echo: bool,
 }
 
 impl From<&VipConfig> for VipSummary {
@@ -158,6 +164,7 @@ impl From<&VipConfig> for VipSummary {
                     check: b.check.clone(),
                 })
                 .collect(),
+            icmp_echo: spec.icmp_echo,
         }
     }
 }
@@ -303,6 +310,7 @@ mod tests {
                 vip: key(),
                 forward: Forward::L2,
                 check: CheckPatch::default(),
+                icmp_echo: true,
             },
             Request::VipAdd {
                 vip: key(),
@@ -313,6 +321,7 @@ mod tests {
                     interval: Some(std::time::Duration::from_millis(200)),
                     ..Default::default()
                 },
+                icmp_echo: false,
             },
             Request::VipSet {
                 vip: key(),
@@ -320,6 +329,7 @@ mod tests {
                     fall: Some(5),
                     ..Default::default()
                 },
+                icmp_echo: Some(false),
             },
             Request::VipDel { vip: key() },
             Request::VipList,
@@ -436,13 +446,21 @@ mod tests {
         let summary = VipSummary::from(&VipConfig::new(key(), Forward::Ipip));
         assert_eq!(
             serde_json::to_string(&summary).unwrap(),
-            r#"{"vip":"10.111.100.1:80","address":"10.111.100.1","port":80,"proto":"tcp","forward":"ipip","check":{"kind":"tcp","path":"/","port":null,"interval":"1s","timeout":"1s","rise":2,"fall":3,"expect_status":"200-399","expect_body":null,"tls_verify":false},"backends":[]}"#
+            r#"{"vip":"10.111.100.1:80","address":"10.111.100.1","port":80,"proto":"tcp","forward":"ipip","check":{"kind":"tcp","path":"/","port":null,"interval":"1s","timeout":"1s","rise":2,"fall":3,"expect_status":"200-399","expect_body":null,"tls_verify":false},"backends":[],"icmp_echo":true}"#
         );
-        // Older CLIs send no `check`.
+        // Older CLIs send no `check` and no `icmp_echo`.
         let old = r#"{"request":"vip_add","vip":{"addr":"10.111.100.1","port":80,"proto":"tcp"},"forward":"ipip"}"#;
         assert!(matches!(
             serde_json::from_str::<Request>(old).unwrap(),
-            Request::VipAdd { check, .. } if check.is_empty()
+            Request::VipAdd { check, icmp_echo: true, .. } if check.is_empty()
+        ));
+        let old = r#"{"request":"vip_set","vip":{"addr":"10.111.100.1","port":80,"proto":"tcp"},"check":{"rise":3}}"#;
+        assert!(matches!(
+            serde_json::from_str::<Request>(old).unwrap(),
+            Request::VipSet {
+                icmp_echo: None,
+                ..
+            }
         ));
         let report = BackendReport {
             address: Ipv4Addr::new(10, 111, 1, 11),

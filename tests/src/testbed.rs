@@ -641,10 +641,15 @@ impl Testbed {
 
     /// `ping -c 1` from cli to lb1's own address.
     pub fn ping_lb1(&self) -> Result<()> {
-        let mut cmd = self.ns("cli").command("ping");
-        cmd.args(["-c", "1", "-W", "2", &LB1_ADDR.to_string()]);
-        run_timeout(&mut cmd, Duration::from_secs(10))?.checked()?;
+        ensure!(self.ping(LB1_ADDR)?, "no answer to ping {LB1_ADDR}");
         Ok(())
+    }
+
+    /// `ping -c 1 -W 2 addr` from cli: whether an answer came.
+    pub fn ping(&self, addr: Ipv4Addr) -> Result<bool> {
+        let mut cmd = self.ns("cli").command("ping");
+        cmd.args(["-c", "1", "-W", "2", &addr.to_string()]);
+        Ok(run_timeout(&mut cmd, Duration::from_secs(10))?.success())
     }
 
     /// Stops the agent with SIGTERM: it must exit 0 in time and leave no XDP program on lb1.

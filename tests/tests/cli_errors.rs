@@ -118,9 +118,19 @@ fn bad_input_is_refused_and_changes_nothing() {
         Agent::start(topo.ns("lb1"), HOST_IFACE, "generic", dir.path(), &[]).expect("agent");
     let xlb = agent.client.clone();
     let vip = format!("{VIP}:80");
-    xlb.ok(&["vip", "add", &vip, "--forward", "ipip"]).unwrap();
+    xlb.ok(&[
+        "vip",
+        "add",
+        &vip,
+        "--forward",
+        "ipip",
+        "--icmp-echo",
+        "off",
+    ])
+    .unwrap();
     xlb.ok(&["backend", "add", &vip, "10.111.1.11"]).unwrap();
     let baseline = snapshot(&xlb);
+    assert_eq!(baseline.0["vips"][0]["icmp_echo"], false, "{}", baseline.0);
 
     // Input errors the issue names: one line, exit 1, naming the offending input.
     let cases: &[(&[&str], &[&str])] = &[
@@ -200,6 +210,12 @@ fn bad_input_is_refused_and_changes_nothing() {
             &["vip", "set", "10.111.100.9:80", "--interval", "1s"],
             &["10.111.100.9:80"],
         ),
+        // Nothing to change (issue 17 adds --icmp-echo to what may be changed).
+        (&["vip", "set", &vip], &["--icmp-echo", "check flag"]),
+        (
+            &["vip", "set", "10.111.100.9:80", "--icmp-echo", "on"],
+            &["10.111.100.9:80"],
+        ),
     ];
     for (args, mentions) in cases {
         let out = xlb.run(args).unwrap();
@@ -223,6 +239,7 @@ fn bad_input_is_refused_and_changes_nothing() {
             &["vip", "add", "10.111.100.2:80", "--forward", "gre"],
             "gre",
         ),
+        (&["vip", "set", &vip, "--icmp-echo", "maybe"], "maybe"),
     ] {
         let out = xlb.run(args).unwrap();
         assert!(

@@ -134,9 +134,15 @@ fn client_syn(sport: u16, dport: u16) -> Vec<u8> {
 
 /// The outer header the balancer must prepend, field by field.
 fn outer_header(inner_len: usize, backend: Ipv4Addr, df: bool) -> Vec<u8> {
+    outer_header_with_id(inner_len, backend, df, 0)
+}
+
+/// The same with identification `id` (packets without DF).
+fn outer_header_with_id(inner_len: usize, backend: Ipv4Addr, df: bool, id: u16) -> Vec<u8> {
     let mut h = vec![0x45, 0];
     h.extend_from_slice(&((inner_len + 20) as u16).to_be_bytes());
-    h.extend_from_slice(&[0, 0, if df { 0x40 } else { 0 }, 0, 64, 4, 0, 0]);
+    h.extend_from_slice(&id.to_be_bytes());
+    h.extend_from_slice(&[if df { 0x40 } else { 0 }, 0, 64, 4, 0, 0]);
     h.extend_from_slice(&LB.octets());
     h.extend_from_slice(&backend.octets());
     let c = checksum(&h);
@@ -241,6 +247,7 @@ fn vip(
                 weight: 1,
             })
             .collect(),
+        icmp_echo: true,
     }
 }
 
@@ -416,7 +423,7 @@ fn traffic_not_for_a_service_is_passed_or_dropped_by_rule() {
         let ping_lb = inbound(&Ip::to(CLIENT, LB, 1).packet(&[8, 0, 0xf7, 0xff, 0, 0, 0, 0]));
         let ssh_lb = inbound(&Ip::to(CLIENT, LB, 6).packet(&tcp(43000, 22, SYN, 0)));
         let ipv6 = eth(LB_MAC, RTR_MAC, 0x86dd, &[0x60; 40]);
-        let ping_vip = inbound(&Ip::to(CLIENT, VIP, 1).packet(&[8, 0, 0xf7, 0xff, 0, 0, 0, 0]));
+        let pong_to_vip = inbound(&Ip::to(CLIENT, VIP, 1).packet(&[0, 0, 0xff, 0xff, 0, 0, 0, 0]));
         let wrong_port = inbound(&client_syn(43001, 81));
         let udp_to_tcp_port = inbound(&Ip::to(CLIENT, VIP, 17).packet(&udp(43002, 80, b"x")));
         let mut frag = Ip::to(CLIENT, VIP, 6);
@@ -448,8 +455,8 @@ fn traffic_not_for_a_service_is_passed_or_dropped_by_rule() {
                 action: XDP_PASS,
             },
             Fixture {
-                description: "ICMP to a VIP → drop",
-                input: ping_vip,
+                description: "ICMP echo reply to a VIP → drop",
+                input: pong_to_vip,
                 expected: None,
                 action: XDP_DROP,
             },
@@ -476,7 +483,8 @@ fn traffic_not_for_a_service_is_passed_or_dropped_by_rule() {
         let r = dp.stats().unwrap().reasons;
         assert_eq!(r["pass_not_ipv4"], 2);
         assert_eq!(r["pass_not_vip"], 2);
-        assert_eq!(r["drop_unknown_port"], 3);
+        assert_eq!(r["drop_unknown_port"], 2);
+        assert_eq!(r["drop_icmp_other"], 1);
         assert_eq!(r["drop_fragment"], 1);
         assert_eq!(dp.flows().unwrap().keys().count(), 0, "nothing was steered");
     });
@@ -549,6 +557,103 @@ fn truncated_headers_at_every_layer_never_abort() {
     });
 }
 
+/// `packet` (an IPv4 packet) with its total length field set to `total` and the header checksum
+/// recomputed: a header that lies about the packet's size.
+fn with_total_len(mut packet: Vec<u8>, total: u16) -> Vec<u8> {
+    let hlen = usize::from(packet[0] & 0x0f) * 4;
+    packet[2..4].copy_from_slice(&total.to_be_bytes());
+    packet[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&packet[..hlen]);
+    packet[10..12].copy_from_slice(&c.to_be_bytes());
+    packet
+}
+
+/// Issue 17: the IPv4 total length must fit the frame and cover the headers; Ethernet padding
+/// past it is normal and must not end up inside an encapsulated packet.
+#[test]
+fn bad_lengths_are_dropped_and_padding_stays_out_of_the_tunnel() {
+    in_fixture_netns(|ifindex| {
+        let dp = balancer();
+        let prog = dp.balancer().unwrap();
+        // A 140-byte TCP packet whose frame ends after 50 bytes of its 100-byte payload: the L4
+        // header is complete, the rest is missing.
+        let ack = inbound(&Ip::to(CLIENT, VIP, 6).packet(&tcp(60000, 80, ACK, 100)));
+        let cut = ack[..14 + 20 + 20 + 50].to_vec();
+        // Total lengths that do not even cover the headers: 30 < 20 + 20 (TCP), 20 < 20 + 8
+        // (UDP); the frames themselves are complete.
+        let short_tcp = inbound(&with_total_len(client_syn(60001, 80), 30));
+        let short_udp = inbound(&with_total_len(
+            Ip::to(CLIENT, VIP, 17).packet(&udp(60002, 53, b"")),
+            20,
+        ));
+        // Not for a VIP: passed untouched, whatever its lengths say.
+        let not_ours = inbound(&with_total_len(
+            Ip::to(CLIENT, LB, 6).packet(&tcp(60003, 22, SYN, 0)),
+            1000,
+        ));
+        // A 40-byte SYN in a 60-byte frame (the minimum Ethernet frame: 6 bytes of padding).
+        let syn = client_syn(60004, 80);
+        let mut padded = inbound(&syn);
+        padded.resize(60, 0);
+        let l2_syn = client_syn(60005, 8080);
+        let mut l2_padded = inbound(&l2_syn);
+        l2_padded.resize(60, 0);
+        let mut l2_expected = eth(backend_mac(0), LB_MAC, 0x0800, &l2_syn);
+        l2_expected.resize(60, 0);
+        check(
+            prog,
+            ifindex,
+            &[
+                Fixture {
+                    description: "frame shorter than the IP total length → drop",
+                    input: cut,
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "TCP: total length shorter than IP + TCP header → drop",
+                    input: short_tcp,
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "UDP: total length shorter than IP + UDP header → drop",
+                    input: short_udp,
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "inconsistent lengths, not for a VIP → pass untouched",
+                    input: not_ours,
+                    expected: None,
+                    action: XDP_PASS,
+                },
+                Fixture {
+                    description: "ipip: 60-byte frame, 40-byte packet → outer length 60, no padding inside or after",
+                    input: padded,
+                    expected: Some(encapsulated(&syn, 0)),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "l2: 60-byte frame, 40-byte packet → forwarded as it came (padding kept)",
+                    input: l2_padded,
+                    expected: Some(l2_expected),
+                    action: XDP_TX,
+                },
+            ],
+        );
+        let r = dp.stats().unwrap().reasons;
+        assert_eq!(r["drop_bad_length"], 3);
+        assert_eq!(r["pass_not_vip"], 1);
+        assert_eq!(r["fwd_tx"], 2);
+        assert_eq!(
+            dp.flows().unwrap().keys().count(),
+            2,
+            "only the two good SYNs"
+        );
+    });
+}
+
 #[test]
 fn ip_options_are_carried_inside_the_tunnel() {
     in_fixture_netns(|ifindex| {
@@ -567,6 +672,53 @@ fn ip_options_are_carried_inside_the_tunnel() {
                 action: XDP_TX,
             }],
         );
+    });
+}
+
+/// Issue 17 (RFC 6864 §4.1): an outer header without DF may be fragmented on its way to the
+/// backend, so its ID must not repeat while fragments can meet. Each CPU counts such packets in
+/// the low bits and puts its own number in the high bits; DF packets keep ID 0.
+#[test]
+fn outer_ids_of_fragmentable_ipip_packets_do_not_repeat() {
+    in_fixture_netns(|ifindex| {
+        let dp = balancer();
+        let prog = dp.balancer().unwrap();
+        let possible = aya::util::nr_cpus().expect("possible CPUs") as u32;
+        let counter_bits = 16 - lb_common::ipip_id_cpu_bits(possible);
+        let cpus = xlb_tests::cpu::allowed().expect("allowed CPUs");
+        let mut seen = BTreeSet::new();
+        // Two CPUs (where there are two) send the same four flows (new on the first CPU: be1,
+        // be2, be3, be1), each datagram followed by one with DF.
+        for &cpu in cpus.iter().take(2) {
+            xlb_tests::cpu::pin_to(cpu).expect("pin");
+            for n in 0..4u16 {
+                let mut ip = Ip::to(CLIENT, VIP, 17);
+                ip.frag = 0;
+                let dgram = ip.packet(&udp(61000 + n, 53, b"no DF"));
+                let id = ((cpu as u16) << counter_bits) | n;
+                let backend = usize::from(n) % 3;
+                let mut payload = outer_header_with_id(dgram.len(), BACKENDS[backend], false, id);
+                payload.extend_from_slice(&dgram);
+                let (action, out) = run(prog, ifindex, &inbound(&dgram));
+                assert_eq!(action, XDP_TX);
+                assert_eq!(
+                    hex(&out),
+                    hex(&eth(backend_mac(backend), LB_MAC, 0x0800, &payload)),
+                    "cpu {cpu}, datagram {n} without DF: outer ID {id:#06x}, DF clear"
+                );
+                assert!(seen.insert(id), "outer ID {id:#06x} repeated");
+                let with_df = Ip::to(CLIENT, VIP, 17).packet(&udp(61000 + n, 53, b"DF"));
+                let (_, out) = run(prog, ifindex, &inbound(&with_df));
+                assert_eq!(
+                    hex(&out),
+                    hex(&encapsulated(&with_df, backend)),
+                    "cpu {cpu}, datagram {n} with DF: ID 0, DF set"
+                );
+            }
+        }
+        if cpus.len() < 2 {
+            eprintln!("only one CPU: outer IDs checked on one CPU");
+        }
     });
 }
 
@@ -624,6 +776,407 @@ fn oversized_packet_gets_icmp_fragmentation_needed() {
         let r = dp.stats().unwrap().reasons;
         assert_eq!(r["tx_icmp_frag_needed"], 1);
         assert_eq!(r["drop_too_big"], 1);
+    });
+}
+
+/// The router on the client's side (rtr's address towards cli), where ICMP errors come from.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 1);
+
+/// An ICMP message from `from` to `to`: `kind`, `code`, the 4 bytes after the checksum, then
+/// `body` (for errors: the quoted IPv4 header and 8 bytes); no DF, as Linux sends its errors.
+fn icmp(from: Ipv4Addr, to: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut msg = vec![kind, code, 0, 0];
+    msg.extend_from_slice(&rest);
+    msg.extend_from_slice(body);
+    let c = checksum(&msg);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = Ip::to(from, to, 1);
+    ip.frag = 0;
+    ip.packet(&msg)
+}
+
+/// "Fragmentation needed, next-hop MTU `mtu`" from the router about `quoted`.
+fn frag_needed_about(quoted: &[u8], mtu: u16) -> Vec<u8> {
+    let [hi, lo] = mtu.to_be_bytes();
+    icmp(ROUTER, VIP, 3, 4, [0, 0, hi, lo], quoted)
+}
+
+/// What an ICMP error quotes of a backend's reply to the client: its IPv4 header and 8 bytes.
+fn quote(reply: &[u8]) -> Vec<u8> {
+    let hlen = usize::from(reply[0] & 0x0f) * 4;
+    reply[..hlen + 8].to_vec()
+}
+
+/// A full-size TCP reply of the backend, from the VIP's `vip_port` to the client's `client_port`.
+fn tcp_reply(vip_port: u16, client_port: u16) -> Vec<u8> {
+    Ip::to(VIP, CLIENT, 6).packet(&tcp(vip_port, client_port, ACK, 1460))
+}
+
+/// Issue 17: a router's ICMP errors about a backend's replies come to the VIP. Destination
+/// unreachable quoting a live flow goes to that flow's backend, by the VIP's method; anything
+/// else is dropped and counted, and no flow is created for an error.
+#[test]
+fn icmp_errors_about_a_flow_go_to_its_backend() {
+    in_fixture_netns(|ifindex| {
+        // The outer ID of the (DF-less) errors forwarded by ipip is per CPU.
+        let cpu = xlb_tests::cpu::pin_to_one().expect("pin to one CPU");
+        let possible = aya::util::nr_cpus().expect("possible CPUs") as u32;
+        let first_id = (cpu as u16) << (16 - lb_common::ipip_id_cpu_bits(possible));
+        let mut dp = balancer();
+        // Three flows, the first of each VIP, so all on be1: TCP ipip, TCP l2, UDP ipip.
+        for syn in [
+            client_syn(62000, 80),
+            client_syn(62001, 8080),
+            Ip::to(CLIENT, VIP, 17).packet(&udp(62002, 53, b"q")),
+        ] {
+            let (action, _) = run(dp.balancer().unwrap(), ifindex, &inbound(&syn));
+            assert_eq!(action, XDP_TX);
+        }
+        let to_ipip = frag_needed_about(&quote(&tcp_reply(80, 62000)), 1280);
+        // The first one byte by byte: outer ICMP header 3/4, MTU 1280 (0x0500), then the quoted
+        // reply's header and ports.
+        assert_eq!(
+            &to_ipip[20..28],
+            &[3, 4, to_ipip[22], to_ipip[23], 0, 0, 0x05, 0x00]
+        );
+        assert_eq!(&to_ipip[40..44], &[10, 111, 100, 1]);
+        assert_eq!(&to_ipip[44..48], &[10, 111, 0, 2]);
+        assert_eq!(&to_ipip[48..52], &[0, 80, 0xf2, 0x30]);
+        let mut ipip_frame = outer_header_with_id(to_ipip.len(), BACKENDS[0], false, first_id);
+        ipip_frame.extend_from_slice(&to_ipip);
+        let to_l2 = frag_needed_about(&quote(&tcp_reply(8080, 62001)), 1280);
+        let udp_reply = Ip::to(VIP, CLIENT, 17).packet(&udp(53, 62002, b"answer"));
+        let port_unreachable = icmp(ROUTER, VIP, 3, 3, [0; 4], &quote(&udp_reply));
+        let mut udp_frame =
+            outer_header_with_id(port_unreachable.len(), BACKENDS[0], false, first_id + 1);
+        udp_frame.extend_from_slice(&port_unreachable);
+        check(
+            dp.balancer().unwrap(),
+            ifindex,
+            &[
+                Fixture {
+                    description: "frag-needed about an ipip flow → IPIP to its backend (be1)",
+                    input: inbound(&to_ipip),
+                    expected: Some(eth(backend_mac(0), LB_MAC, 0x0800, &ipip_frame)),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "frag-needed about an l2 flow → be1's MAC, packet unchanged",
+                    input: inbound(&to_l2),
+                    expected: Some(eth(backend_mac(0), LB_MAC, 0x0800, &to_l2)),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "port unreachable about a UDP flow → IPIP to its backend",
+                    input: inbound(&port_unreachable),
+                    expected: Some(eth(backend_mac(0), LB_MAC, 0x0800, &udp_frame)),
+                    action: XDP_TX,
+                },
+            ],
+        );
+
+        let mut reply_with_options = Ip::to(VIP, CLIENT, 6);
+        reply_with_options.ihl = 7;
+        let reply_with_options = reply_with_options.packet(&tcp(80, 62000, ACK, 1400));
+        let mut first_fragment = Ip::to(VIP, CLIENT, 17);
+        first_fragment.frag = 0x2000;
+        let first_fragment = first_fragment.packet(&udp(53, 62002, &[0; 1400]));
+        let mut later_fragment = Ip::to(VIP, CLIENT, 17);
+        later_fragment.frag = 0x00b9;
+        let later_fragment = later_fragment.packet(&[0; 200]);
+        let other_vip_reply = Ip::to(VIP_NO_NEIGH, CLIENT, 6).packet(&tcp(80, 62000, ACK, 10));
+        let dropped = |description, input: Vec<u8>| Fixture {
+            description,
+            input: inbound(&input),
+            expected: None,
+            action: XDP_DROP,
+        };
+        check(
+            dp.balancer().unwrap(),
+            ifindex,
+            &[
+                Fixture {
+                    description: "quoted reply with IP options (IHL 7) → still found, be1",
+                    input: inbound(&frag_needed_about(&quote(&reply_with_options), 1280)),
+                    expected: Some(eth(backend_mac(0), LB_MAC, 0x0800, &{
+                        let e = frag_needed_about(&quote(&reply_with_options), 1280);
+                        let mut f = outer_header_with_id(e.len(), BACKENDS[0], false, first_id + 2);
+                        f.extend_from_slice(&e);
+                        f
+                    })),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "quoted first fragment (ports inside) → forwarded",
+                    input: inbound(&icmp(
+                        ROUTER,
+                        VIP,
+                        3,
+                        4,
+                        [0, 0, 5, 0],
+                        &quote(&first_fragment),
+                    )),
+                    expected: Some(eth(backend_mac(0), LB_MAC, 0x0800, &{
+                        let e = icmp(ROUTER, VIP, 3, 4, [0, 0, 5, 0], &quote(&first_fragment));
+                        let mut f = outer_header_with_id(e.len(), BACKENDS[0], false, first_id + 3);
+                        f.extend_from_slice(&e);
+                        f
+                    })),
+                    action: XDP_TX,
+                },
+                dropped(
+                    "frag-needed about a flow nobody has → drop",
+                    frag_needed_about(&quote(&tcp_reply(80, 62999)), 1280),
+                ),
+                dropped(
+                    "frag-needed about an unconfigured VIP port → drop",
+                    frag_needed_about(&quote(&tcp_reply(81, 62000)), 1280),
+                ),
+                dropped(
+                    "quoting another VIP address than the error came to → drop",
+                    frag_needed_about(&quote(&other_vip_reply), 1280),
+                ),
+                dropped(
+                    "quoting a non-first fragment (no ports) → drop",
+                    icmp(ROUTER, VIP, 3, 4, [0, 0, 5, 0], &quote(&later_fragment)),
+                ),
+                dropped(
+                    "quoted header cut after 20 bytes → drop",
+                    icmp(ROUTER, VIP, 3, 4, [0, 0, 5, 0], &tcp_reply(80, 62000)[..20]),
+                ),
+                dropped(
+                    "ICMP header cut short → drop",
+                    Ip::to(ROUTER, VIP, 1).packet(&[3, 4, 0, 0]),
+                ),
+                dropped(
+                    "time exceeded about a live flow → drop",
+                    icmp(ROUTER, VIP, 11, 0, [0; 4], &quote(&tcp_reply(80, 62000))),
+                ),
+            ],
+        );
+        let r = dp.stats().unwrap().reasons;
+        assert_eq!(r["fwd_icmp_frag_needed"], 4);
+        assert_eq!(r["fwd_icmp_unreach"], 1);
+        assert_eq!(r["drop_icmp_no_flow"], 4);
+        assert_eq!(r["drop_malformed_l4"], 2);
+        assert_eq!(r["drop_icmp_other"], 1);
+        assert_eq!(r["fwd_tx"], 3, "only the three packets of the flows");
+        assert_eq!(
+            dp.flows().unwrap().keys().count(),
+            3,
+            "no flow made for an error"
+        );
+        let stats = dp.stats().unwrap();
+        let packets: u64 = stats.vips.iter().map(|v| v.counters.packets).sum();
+        assert_eq!(packets, 3, "errors are not the VIPs' traffic");
+
+        // be1 leaves VIP:80: its flow is dead, an error about it has no backend to go to (and
+        // does not re-steer the flow).
+        dp.apply_vip(
+            &vip(VIP, 80, Proto::Tcp, Forward::Ipip, &BACKENDS[1..]),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        let (action, _) = run(dp.balancer().unwrap(), ifindex, &inbound(&to_ipip));
+        assert_eq!(action, XDP_DROP, "error about a flow whose backend left");
+        assert_eq!(dp.stats().unwrap().reasons["drop_icmp_no_flow"], 5);
+        assert_eq!(dp.stats().unwrap().events["flow_resteered"], 0);
+    });
+}
+
+/// `packet` (an IPv4 packet) with TTL `ttl` and the header checksum recomputed.
+fn with_ttl(mut packet: Vec<u8>, ttl: u8) -> Vec<u8> {
+    let hlen = usize::from(packet[0] & 0x0f) * 4;
+    packet[8] = ttl;
+    packet[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&packet[..hlen]);
+    packet[10..12].copy_from_slice(&c.to_be_bytes());
+    packet
+}
+
+/// An echo request (type 8) from the client to `to`, identifier 1, sequence `seq`, `data`.
+fn echo_request(to: Ipv4Addr, seq: u16, data: &[u8]) -> Vec<u8> {
+    let mut body = seq.to_be_bytes().to_vec();
+    body.extend_from_slice(data);
+    icmp_with_df(CLIENT, to, 8, [0, 1, body[0], body[1]], &body[2..])
+}
+
+/// Its reply as the balancer must send it: addresses swapped, TTL 64, type 0, both checksums
+/// computed from scratch.
+fn echo_reply(seq: u16, data: &[u8]) -> Vec<u8> {
+    let mut body = seq.to_be_bytes().to_vec();
+    body.extend_from_slice(data);
+    with_ttl(
+        icmp_with_df(VIP, CLIENT, 0, [0, 1, body[0], body[1]], &body[2..]),
+        64,
+    )
+}
+
+/// `icmp` with code 0 and DF set, as ping sends it.
+fn icmp_with_df(from: Ipv4Addr, to: Ipv4Addr, kind: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut p = icmp(from, to, kind, 0, rest, body);
+    p[6] = 0x40;
+    with_ttl(p, 63)
+}
+
+/// Issue 17: echo requests to a VIP address are answered by the balancer (as Katran does),
+/// unless switched off; bad ones are dropped and counted.
+#[test]
+fn echo_requests_to_a_vip_are_answered_by_the_balancer() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let request = echo_request(VIP, 1, b"xlb-ping");
+        // Spelled out once (checksums by hand: IPv4 0xb0c4 → 0xafc4 for TTL 63 → 64, ICMP
+        // 0x3e93 → 0x4693 for type 8 → 0).
+        let mut exact_request = inbound(&[]);
+        exact_request.extend_from_slice(&[
+            0x45, 0x00, 0x00, 0x24, 0x12, 0x34, 0x40, 0x00, 0x3f, 0x01, 0xb0, 0xc4, 10, 111, 0, 2,
+            10, 111, 100, 1, // IPv4
+            8, 0, 0x3e, 0x93, 0, 1, 0, 1, b'x', b'l', b'b', b'-', b'p', b'i', b'n',
+            b'g', // ICMP
+        ]);
+        assert_eq!(hex(&inbound(&request)), hex(&exact_request));
+        let mut exact_reply = eth(RTR_MAC, LB_MAC, 0x0800, &[]);
+        exact_reply.extend_from_slice(&[
+            0x45, 0x00, 0x00, 0x24, 0x12, 0x34, 0x40, 0x00, 0x40, 0x01, 0xaf, 0xc4, 10, 111, 100,
+            1, 10, 111, 0, 2, // IPv4
+            0, 0, 0x46, 0x93, 0, 1, 0, 1, b'x', b'l', b'b', b'-', b'p', b'i', b'n',
+            b'g', // ICMP
+        ]);
+        assert_eq!(
+            hex(&eth(RTR_MAC, LB_MAC, 0x0800, &echo_reply(1, b"xlb-ping"))),
+            hex(&exact_reply)
+        );
+        // Identifier 0, sequence 0, no data: the reply's data is all zeros, whose checksum
+        // must be 0xffff (0x0000 would fail every receiver's check).
+        let zeros = icmp_with_df(CLIENT, VIP, 8, [0; 4], &[]);
+        let zeros_reply = with_ttl(icmp_with_df(VIP, CLIENT, 0, [0; 4], &[]), 64);
+        assert_eq!(zeros_reply[22..24], [0xff, 0xff]);
+        // A 42-byte frame padded to 60: answered with its padding.
+        let mut padded = inbound(&echo_request(VIP, 2, b""));
+        padded.resize(60, 0);
+        let mut padded_reply = eth(RTR_MAC, LB_MAC, 0x0800, &echo_reply(2, b""));
+        padded_reply.resize(60, 0);
+        let mut with_options = Ip::to(CLIENT, VIP, 1);
+        with_options.ihl = 6;
+        let with_options = with_options.packet(&request[20..]);
+        let cut = inbound(&request)[..14 + 20 + 6].to_vec();
+        let mut truncated = inbound(&request);
+        truncated.truncate(truncated.len() - 4);
+        check(
+            dp.balancer().unwrap(),
+            ifindex,
+            &[
+                Fixture {
+                    description: "echo request to a VIP → echo reply from the VIP, XDP_TX",
+                    input: exact_request,
+                    expected: Some(exact_reply),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "all-zero echo → reply with checksum 0xffff",
+                    input: inbound(&zeros),
+                    expected: Some(eth(RTR_MAC, LB_MAC, 0x0800, &zeros_reply)),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "padded echo → answered, padding kept",
+                    input: padded,
+                    expected: Some(padded_reply),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "echo request with IP options → drop",
+                    input: inbound(&with_options),
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "echo request cut inside its ICMP header → drop",
+                    input: cut,
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "echo request shorter than its total length → drop",
+                    input: truncated,
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "echo request to the LB's own address → pass (the kernel answers)",
+                    input: inbound(&echo_request(LB, 3, b"")),
+                    expected: None,
+                    action: XDP_PASS,
+                },
+            ],
+        );
+        let r = dp.stats().unwrap().reasons;
+        assert_eq!(r["tx_icmp_echo_reply"], 3);
+        assert_eq!(r["drop_icmp_other"], 1);
+        assert_eq!(r["drop_malformed_l4"], 1);
+        assert_eq!(r["drop_bad_length"], 1);
+
+        // The agent's global switch.
+        dp.set_icmp_echo(false).unwrap();
+        let (action, _) = run(dp.balancer().unwrap(), ifindex, &inbound(&request));
+        assert_eq!(action, XDP_DROP, "echo off: dropped");
+        assert_eq!(dp.stats().unwrap().reasons["drop_icmp_other"], 2);
+        dp.set_icmp_echo(true).unwrap();
+        let (action, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&request));
+        assert_eq!(action, XDP_TX, "echo on again: answered");
+        assert_eq!(
+            hex(&out),
+            hex(&eth(RTR_MAC, LB_MAC, 0x0800, &echo_reply(1, b"xlb-ping")))
+        );
+        assert_eq!(dp.stats().unwrap().reasons["tx_icmp_echo_reply"], 4);
+        assert_eq!(dp.flows().unwrap().keys().count(), 0, "no flow for ICMP");
+    });
+}
+
+/// The per-VIP `--icmp-echo`: an address carries several VIPs (ports) and answers echo when
+/// any of them allows it; the rule follows VIPs being changed and removed.
+#[test]
+fn an_address_answers_echo_while_any_of_its_vips_allows_it() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let request = inbound(&echo_request(VIP, 1, b"xlb-ping"));
+        let send = |dp: &Dataplane| run(dp.balancer().unwrap(), ifindex, &request).0;
+        let specs = [
+            vip(VIP, 80, Proto::Tcp, Forward::Ipip, &BACKENDS),
+            vip(VIP, 8080, Proto::Tcp, Forward::L2, &BACKENDS),
+            vip(VIP, 53, Proto::Udp, Forward::Ipip, &BACKENDS),
+        ];
+        let set = |dp: &mut Dataplane, i: usize, icmp_echo: bool| {
+            let spec = VipSpec {
+                icmp_echo,
+                ..specs[i].clone()
+            };
+            dp.apply_vip(&spec, &BTreeSet::new()).unwrap();
+        };
+        set(&mut dp, 0, false);
+        set(&mut dp, 1, false);
+        assert_eq!(send(&dp), XDP_TX, "VIP:53 still allows echo");
+        set(&mut dp, 2, false);
+        assert_eq!(send(&dp), XDP_DROP, "no VIP on the address allows echo");
+        set(&mut dp, 1, true);
+        assert_eq!(send(&dp), XDP_TX, "VIP:8080 allows it again");
+        dp.remove_vip(&specs[1].key).unwrap();
+        assert_eq!(send(&dp), XDP_DROP, "the VIP that allowed it is gone");
+        dp.apply_vip(&specs[1], &BTreeSet::new()).unwrap();
+        assert_eq!(send(&dp), XDP_TX, "added again, with echo on");
+        // The agent's global switch wins over every VIP.
+        dp.set_icmp_echo(false).unwrap();
+        assert_eq!(send(&dp), XDP_DROP, "global switch off");
+        // Removing VIPs keeps the address a VIP address (dropped, not passed) until the last.
+        dp.set_icmp_echo(true).unwrap();
+        for spec in &specs {
+            dp.remove_vip(&spec.key).unwrap();
+        }
+        assert_eq!(send(&dp), XDP_PASS, "no VIP left: the kernel's business");
+        let r = dp.stats().unwrap().reasons;
+        assert_eq!(r["tx_icmp_echo_reply"], 3);
+        assert_eq!(r["drop_icmp_other"], 3);
     });
 }
 

@@ -7,11 +7,13 @@
 //! xdp_mode = "auto"        # auto | driver | generic
 //! lb_addr = "10.111.1.2"   # outer source of IPIP packets
 //! flow_capacity = 262144
+//! icmp_echo = true         # answer ICMP echo to VIP addresses at all (default true)
 //!
 //! [[vip]]
 //! address = "10.111.100.1:80"
 //! proto = "tcp"            # default tcp
 //! forward = "ipip"         # default ipip
+//! icmp_echo = true         # default true; an address answers if any VIP on it does
 //! [vip.check]             # default: tcp for tcp VIPs, none for udp VIPs
 //! kind = "http"            # tcp | http | https | none
 //! path = "/healthz"
@@ -37,7 +39,9 @@ use crate::{
     agent::state::{DesiredState, StateError},
     model::addr::{ParseError, parse_addr_port, parse_ipv4},
     model::check::{CheckPatch, CheckSpec},
-    model::{BackendConfig, DEFAULT_WEIGHT, Forward, Proto, ServiceKey, VipConfig},
+    model::{
+        BackendConfig, DEFAULT_WEIGHT, Forward, Proto, ServiceKey, VipConfig, icmp_echo_default,
+    },
     util::one_line,
 };
 use serde::Deserialize;
@@ -103,6 +107,8 @@ struct RawVip {
     check: Option<CheckPatch>,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
+    #[serde(default = "icmp_echo_default")]
+    icmp_echo: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +180,7 @@ impl Config {
                 forward: vip.forward,
                 check: vip_check,
                 backends,
+                icmp_echo: vip.icmp_echo,
             });
         }
         let state = DesiredState::from_specs(specs)
@@ -217,10 +224,12 @@ mod tests {
             address = "10.111.100.1:53"
             proto = "udp"
             forward = "l2"
+            icmp_echo = false
             "#,
         )
         .unwrap();
         assert_eq!(cfg.agent.iface.as_deref(), Some("veth0"));
+        assert_eq!(cfg.agent.icmp_echo, None);
         assert_eq!(cfg.agent.xdp_mode, Some(XdpModeChoice::Generic));
         assert_eq!(cfg.agent.lb_addr, Some(Ipv4Addr::new(10, 111, 1, 2)));
         assert_eq!(cfg.agent.flow_capacity, Some(1024));
@@ -242,6 +251,10 @@ mod tests {
         );
         assert_eq!(vips[1].check, CheckSpec::default_for(Proto::Tcp));
         assert_eq!(vips[0].check, CheckSpec::default_for(Proto::Udp));
+        assert!(!vips[0].icmp_echo, "icmp_echo = false");
+        assert!(vips[1].icmp_echo, "icmp_echo defaults to true");
+        let off = parse("[agent]\nicmp_echo = false\n").unwrap();
+        assert_eq!(off.agent.icmp_echo, Some(false));
     }
 
     #[test]

@@ -230,12 +230,16 @@ async fn lb_address(iface: &str, given: Option<Ipv4Addr>) -> Result<Ipv4Addr, Ag
 
 async fn load_dataplane(config: &AgentConfig) -> Result<Dataplane, AgentError> {
     let lb_addr = lb_address(&config.iface, config.lb_addr).await?;
-    let dp = Dataplane::load(&DataplaneOptions {
+    let mut dp = Dataplane::load(&DataplaneOptions {
         iface: config.iface.clone(),
         mode: config.xdp_mode,
         flow_capacity: config.flow_capacity,
         lb_addr,
     })?;
+    if !config.icmp_echo {
+        dp.set_icmp_echo(false)?;
+        log::info!("ICMP echo to VIP addresses is off (--icmp-echo off)");
+    }
     log::info!(
         "attached to {} in {} mode (flow table {} entries, IPIP source {lb_addr})",
         config.iface,
@@ -323,6 +327,7 @@ mod tests {
                     vip: key(),
                     forward: Forward::L2,
                     check: Default::default(),
+                    icmp_echo: true,
                 },
             );
             let dup = client::call(
@@ -331,6 +336,7 @@ mod tests {
                     vip: key(),
                     forward: Forward::L2,
                     check: Default::default(),
+                    icmp_echo: true,
                 },
             );
             let list = client::call(&s, &Request::VipList);

@@ -51,6 +51,10 @@ pub(crate) struct AgentOptions {
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9477).
     #[arg(long, value_name = "ADDR:PORT")]
     pub(crate) metrics_listen: Option<SocketAddr>,
+    /// Answer ICMP echo requests to VIP addresses at all; off drops them whatever the VIPs'
+    /// --icmp-echo [default: on]. (TOML: `icmp_echo = true|false`.)
+    #[arg(long, value_name = "on|off", value_parser = clap::builder::BoolishValueParser::new())]
+    pub(crate) icmp_echo: Option<bool>,
 }
 
 impl AgentOptions {
@@ -70,6 +74,7 @@ impl AgentOptions {
             },
             sync_key_file: self.sync_key_file.or(file.sync_key_file),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            icmp_echo: self.icmp_echo.or(file.icmp_echo),
         }
     }
 }
@@ -128,6 +133,8 @@ pub(crate) struct AgentConfig {
     pub(crate) sync: Option<SyncConfig>,
     /// Where `/metrics` is served, if anywhere.
     pub(crate) metrics_listen: Option<SocketAddr>,
+    /// The global ICMP echo switch (each VIP address also needs a VIP that allows it).
+    pub(crate) icmp_echo: bool,
 }
 
 impl AgentConfig {
@@ -164,6 +171,7 @@ impl AgentConfig {
             initial,
             warm_interval: WARM_INTERVAL,
             metrics_listen: opts.metrics_listen,
+            icmp_echo: opts.icmp_echo.unwrap_or(true),
         })
     }
 }
@@ -206,7 +214,7 @@ mod tests {
         let cfg = dir.path().join("xlb.toml");
         fs::write(
             &cfg,
-            "[agent]\niface = \"eth9\"\nxdp_mode = \"generic\"\nflow_capacity = 77\nlb_addr = \"10.0.0.1\"\n\
+            "[agent]\niface = \"eth9\"\nxdp_mode = \"generic\"\nflow_capacity = 77\nlb_addr = \"10.0.0.1\"\nicmp_echo = false\n\
              [[vip]]\naddress = \"10.111.100.1:80\"\n",
         )
         .unwrap();
@@ -220,16 +228,19 @@ mod tests {
         assert_eq!(c.xdp_mode, XdpModeChoice::Generic);
         assert_eq!(c.flow_capacity, 77);
         assert_eq!(c.lb_addr, Some(Ipv4Addr::new(10, 0, 0, 1)));
+        assert!(!c.icmp_echo);
         assert!(matches!(&c.initial, InitialState::Config { state, .. } if state.vip_count() == 1));
 
         let flags = AgentOptions {
             iface: Some("veth0".into()),
             xdp_mode: Some(XdpModeChoice::Driver),
             flow_capacity: Some(5),
+            icmp_echo: Some(true),
             ..Default::default()
         };
         let c = AgentConfig::resolve(with_file(flags), dir.path().join("s")).unwrap();
         assert_eq!(c.iface, "veth0");
+        assert!(c.icmp_echo);
         assert_eq!(c.xdp_mode, XdpModeChoice::Driver);
         assert_eq!(c.flow_capacity, 5);
 
@@ -241,6 +252,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(defaults.flow_capacity, lb_common::DEFAULT_FLOW_CAPACITY);
+        assert!(defaults.icmp_echo);
         assert_eq!(defaults.initial, InitialState::Saved);
     }
 

@@ -54,7 +54,7 @@ pub(crate) enum StateError {
         addr: Ipv4Addr,
         source: CheckError,
     },
-    #[error("VIP {0}: nothing to change (give at least one check flag)")]
+    #[error("VIP {0}: nothing to change (give --icmp-echo or at least one check flag)")]
     NothingToSet(ServiceKey),
     #[error("backend {addr} in VIP {key} is already draining (weight 0)")]
     AlreadyDraining { key: ServiceKey, addr: Ipv4Addr },
@@ -224,17 +224,20 @@ impl DesiredState {
         Ok(spec)
     }
 
-    /// The VIP as `vip set` would leave it (its check changed; unset fields keep their values).
+    /// The VIP as `vip set` would leave it (its check and/or ICMP echo changed; unset fields keep
+    /// their values).
     pub(crate) fn plan_vip_set(
         &self,
         key: &ServiceKey,
         check: &CheckPatch,
+        icmp_echo: Option<bool>,
     ) -> Result<VipConfig, StateError> {
         let mut spec = self.existing(key)?.clone();
-        if check.is_empty() {
+        if check.is_empty() && icmp_echo.is_none() {
             return Err(StateError::NothingToSet(*key));
         }
         spec.check = spec.check.patched(check);
+        spec.icmp_echo = icmp_echo.unwrap_or(spec.icmp_echo);
         validate_spec(&spec)?;
         Ok(spec)
     }
@@ -547,19 +550,30 @@ mod tests {
             timeout: Some(Duration::from_millis(200)),
             ..Default::default()
         };
-        let set = state.plan_vip_set(&key(80), &http).unwrap();
+        let set = state.plan_vip_set(&key(80), &http, None).unwrap();
         assert_eq!(set.check.kind, CheckKind::Http);
         assert_eq!(set.check.rise, 2, "unset fields keep their values");
+        assert!(set.icmp_echo, "ICMP echo kept");
+        let echo_off = state.plan_vip_set(&key(80), &none(), Some(false)).unwrap();
+        assert!(!echo_off.icmp_echo);
+        assert_eq!(
+            echo_off.check,
+            state.get(&key(80)).unwrap().check,
+            "check kept"
+        );
         let bad = CheckPatch {
             timeout: Some(Duration::from_secs(2)),
             ..Default::default()
         };
         assert_eq!(
-            state.plan_vip_set(&key(80), &bad).unwrap_err().to_string(),
+            state
+                .plan_vip_set(&key(80), &bad, None)
+                .unwrap_err()
+                .to_string(),
             "VIP 10.111.100.1:80/tcp: check timeout 2s exceeds the interval 1s (a check must end before the next one starts)"
         );
         assert!(matches!(
-            state.plan_vip_set(&key(80), &none()),
+            state.plan_vip_set(&key(80), &none(), None),
             Err(StateError::NothingToSet(_))
         ));
         assert!(matches!(
@@ -606,6 +620,10 @@ mod tests {
             crate::model::check::CheckSpec::default_for(crate::model::Proto::Tcp)
         );
         assert_eq!(vips[1].backends, vec![BackendConfig::new(be(11), 1)]);
+        assert!(
+            vips.iter().all(|v| v.icmp_echo),
+            "ICMP echo on when not stored"
+        );
         // Written back, with checks, it loads to the same.
         save(&path, &s).unwrap();
         assert_eq!(load(&path).unwrap().unwrap(), s);

@@ -225,13 +225,20 @@ pub(crate) enum VipCommand {
         forward: Forward,
         #[command(flatten)]
         check: CheckArgs,
+        /// Answer ICMP echo requests to the VIP's address (the address answers if any of its
+        /// VIPs does, and the agent's --icmp-echo is on).
+        #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
+        icmp_echo: OnOff,
     },
-    /// Change a virtual service's health check (flags not given keep their values).
+    /// Change a virtual service's health check or ICMP echo (flags not given keep their values).
     Set {
         #[command(flatten)]
         vip: VipRef,
         #[command(flatten)]
         check: CheckArgs,
+        /// Answer ICMP echo requests to the VIP's address (see `vip add`).
+        #[arg(long, value_enum, value_name = "on|off")]
+        icmp_echo: Option<OnOff>,
     },
     /// Delete a virtual service and its backends.
     Del {
@@ -456,7 +463,7 @@ mod tests {
             "--tls-verify=false",
         ])
         .unwrap();
-        let Command::Vip(VipCommand::Set { check, vip }) = cli.command else {
+        let Command::Vip(VipCommand::Set { check, vip, .. }) = cli.command else {
             panic!()
         };
         assert_eq!(vip.proto, Proto::Udp);
@@ -620,6 +627,8 @@ mod tests {
             "/tmp/s",
             "--flow-capacity",
             "1000",
+            "--icmp-echo",
+            "off",
         ])
         .unwrap();
         let Command::Agent(args) = cli.command else {
@@ -629,10 +638,29 @@ mod tests {
         assert_eq!(opts.iface.as_deref(), Some("veth0"));
         assert_eq!(opts.xdp_mode, Some(XdpModeChoice::Driver));
         assert_eq!(opts.flow_capacity, Some(1000));
+        assert_eq!(opts.icmp_echo, Some(false));
         assert_eq!(args.state_dir, PathBuf::from("/tmp/s"));
         assert!(
             Cli::try_parse_from(["xlb", "vip", "add", "1.2.3.4:80", "--forward", "nat"]).is_err()
         );
+        let echo = |args: &[&str]| match Cli::try_parse_from(args).map(|c| c.command) {
+            Ok(Command::Vip(VipCommand::Add { icmp_echo, .. })) => Some(Some(icmp_echo)),
+            Ok(Command::Vip(VipCommand::Set { icmp_echo, .. })) => Some(icmp_echo),
+            _ => None,
+        };
+        assert_eq!(
+            echo(&["xlb", "vip", "add", "1.2.3.4:80"]),
+            Some(Some(OnOff::On))
+        );
+        let add_off = ["xlb", "vip", "add", "1.2.3.4:80", "--icmp-echo", "off"];
+        assert_eq!(echo(&add_off), Some(Some(OnOff::Off)));
+        assert_eq!(echo(&["xlb", "vip", "set", "1.2.3.4:80"]), Some(None));
+        let set_on = ["xlb", "vip", "set", "1.2.3.4:80", "--icmp-echo", "on"];
+        assert_eq!(echo(&set_on), Some(Some(OnOff::On)));
+        let bad = ["xlb", "vip", "add", "1.2.3.4:80", "--icmp-echo", "maybe"];
+        assert_eq!(echo(&bad), None);
+        let agent_bad = ["xlb", "agent", "--iface", "veth0", "--icmp-echo", "maybe"];
+        assert!(Cli::try_parse_from(agent_bad).is_err());
         assert!(Cli::try_parse_from(["xlb", "backend-host", "setup"]).is_err());
     }
 

@@ -43,14 +43,21 @@ pub(crate) fn vip(socket: &Path, cmd: VipCommand) -> Result<(), CliError> {
             vip,
             forward,
             check,
+            icmp_echo,
         } => Request::VipAdd {
             vip: vip.key()?,
             forward,
             check: check.to_patch()?,
+            icmp_echo: icmp_echo == OnOff::On,
         },
-        VipCommand::Set { vip, check } => Request::VipSet {
+        VipCommand::Set {
+            vip,
+            check,
+            icmp_echo,
+        } => Request::VipSet {
             vip: vip.key()?,
             check: check.to_patch()?,
+            icmp_echo: icmp_echo.map(|e| e == OnOff::On),
         },
         VipCommand::Del { vip } => Request::VipDel { vip: vip.key()? },
         VipCommand::Debug { vip, state } => Request::VipDebug {
@@ -241,6 +248,7 @@ mod tests {
                     vip: vip_ref(vip),
                     forward: Forward::Ipip,
                     check: CheckArgs::default(),
+                    icmp_echo: OnOff::On,
                 },
             )
             .unwrap_err();
@@ -268,6 +276,7 @@ mod tests {
                 VipCommand::Set {
                     vip: vip_ref("10.111.100.1:80"),
                     check,
+                    icmp_echo: None,
                 },
             )
             .unwrap_err()

@@ -37,8 +37,8 @@ pub(super) fn table(indent: &str, header: &[&str], rows: &[Vec<String>]) -> Stri
 
 /// `xlb vip list`:
 /// ```text
-/// VIP              PROTO  FORWARD  BACKENDS  CHECK
-/// 10.111.100.1:80  tcp    ipip     3         http:/healthz every 200ms
+/// VIP              PROTO  FORWARD  BACKENDS  ICMP_ECHO  CHECK
+/// 10.111.100.1:80  tcp    ipip     3         on         http:/healthz every 200ms
 /// ```
 pub(crate) fn vip_table(vips: &[VipSummary]) -> String {
     let rows: Vec<Vec<String>> = vips
@@ -49,6 +49,7 @@ pub(crate) fn vip_table(vips: &[VipSummary]) -> String {
                 v.proto.to_string(),
                 v.forward.to_string(),
                 v.backends.len().to_string(),
+                if v.icmp_echo { "on" } else { "off" }.to_string(),
                 if v.check.kind == CheckKind::None {
                     v.check.summary()
                 } else {
@@ -61,7 +62,11 @@ pub(crate) fn vip_table(vips: &[VipSummary]) -> String {
             ]
         })
         .collect();
-    table("", &["VIP", "PROTO", "FORWARD", "BACKENDS", "CHECK"], &rows)
+    table(
+        "",
+        &["VIP", "PROTO", "FORWARD", "BACKENDS", "ICMP_ECHO", "CHECK"],
+        &rows,
+    )
 }
 
 /// `xlb backend list VIP:PORT` (ages relative to `now`):
@@ -214,10 +219,11 @@ pub(super) mod tests {
                 };
                 3
             ],
+            icmp_echo: true,
         }];
         assert_eq!(
             vip_table(&vips),
-            "VIP              PROTO  FORWARD  BACKENDS  CHECK\n10.111.100.1:80  tcp    ipip     3         tcp every 1s\n"
+            "VIP              PROTO  FORWARD  BACKENDS  ICMP_ECHO  CHECK\n10.111.100.1:80  tcp    ipip     3         on         tcp every 1s\n"
         );
         let now = UNIX_EPOCH + Duration::from_millis(1_779_271_212_000);
         assert_eq!(

@@ -8,7 +8,7 @@
 
 use super::{Dataplane, DataplaneError, ipv4_be, map_err, take_map, vip_key};
 use aya::maps::{HashMap, IterableMap, Map, MapData, RingBuf};
-use lb_common::{CONFIG_F_FLOW_EVENTS, FlowEvent, FlowKey, FlowValue, LbConfig, VipKey, maps};
+use lb_common::{CONFIG_F_FLOW_EVENTS, FlowEvent, FlowKey, FlowValue, VipKey, maps};
 use serde::{Deserialize, Serialize};
 use std::{
     io,
@@ -231,12 +231,7 @@ impl Dataplane {
     pub fn take_flow_events(&mut self) -> Result<RingBuf<MapData>, DataplaneError> {
         let ring = take_map(&mut self.ebpf, maps::FLOW_EVENTS)?;
         // Someone reads the events now: start reporting them.
-        let cfg = LbConfig {
-            flags: self.lb_config.flags | CONFIG_F_FLOW_EVENTS,
-            ..self.lb_config
-        };
-        self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))?;
-        self.lb_config = cfg;
+        self.set_config_flag(CONFIG_F_FLOW_EVENTS, true)?;
         Ok(ring)
     }
 

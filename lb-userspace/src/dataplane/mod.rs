@@ -27,7 +27,8 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
 };
 use lb_common::{
-    Backend, LbConfig, MAX_BACKENDS, MAX_VIPS, TrafficCounters, VipKey, VipMeta, maps, programs,
+    Backend, CONFIG_F_ICMP_ECHO, LbConfig, MAX_BACKENDS, MAX_VIPS, TrafficCounters, VipAddr,
+    VipKey, VipMeta, maps, programs,
 };
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -105,6 +106,8 @@ struct InstalledVip {
     id: u32,
     half: u32,
     backends: Vec<(Ipv4Addr, u32)>,
+    /// Whether this VIP lets its address answer ICMP echo (`VipSpec::icmp_echo`).
+    icmp_echo: bool,
 }
 
 type KernelHash<K, V> = HashMap<MapData, K, V>;
@@ -116,7 +119,7 @@ pub struct Dataplane {
     mode: Option<AttachedMode>,
     flow_capacity: u32,
     vips_map: KernelHash<VipKey, VipMeta>,
-    vip_addrs: KernelHash<u32, u32>,
+    vip_addrs: KernelHash<u32, VipAddr>,
     rings: Array<MapData, u32>,
     rr_counters: Array<MapData, u64>,
     backends_map: Array<MapData, Backend>,
@@ -250,16 +253,21 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::FLOWS, flow_capacity)
             .load(EBPF_OBJECT)?;
-        let mut config: Array<MapData, LbConfig> = take_map(&mut ebpf, maps::CONFIG)?;
-        let lb_config = LbConfig {
-            lb_addr: lb_addr.map(ipv4_be).unwrap_or(0),
-            flags: 0,
-        };
-        config.set(0, lb_config, 0).map_err(map_err(maps::CONFIG))?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, source)| DataplaneError::Io {
             what: what.to_string(),
             source,
         })?;
+        let mut config: Array<MapData, LbConfig> = take_map(&mut ebpf, maps::CONFIG)?;
+        let lb_config = LbConfig {
+            lb_addr: lb_addr.map(ipv4_be).unwrap_or(0),
+            // Echo requests to VIP addresses are answered unless the agent is told otherwise.
+            flags: CONFIG_F_ICMP_ECHO,
+            ipip_id_cpu_bits: lb_common::ipip_id_cpu_bits(
+                u32::try_from(nr_cpus).unwrap_or(u32::MAX),
+            ),
+            _pad: 0,
+        };
+        config.set(0, lb_config, 0).map_err(map_err(maps::CONFIG))?;
         let mut dp = Dataplane {
             vips_map: take_map(&mut ebpf, maps::VIPS)?,
             vip_addrs: take_map(&mut ebpf, maps::VIP_ADDRS)?,
@@ -298,6 +306,27 @@ impl Dataplane {
 
     pub fn flow_capacity(&self) -> u32 {
         self.flow_capacity
+    }
+
+    /// Answer ICMP echo requests to VIP addresses (the default) or drop them, for every VIP.
+    pub fn set_icmp_echo(&mut self, on: bool) -> Result<(), DataplaneError> {
+        self.set_config_flag(CONFIG_F_ICMP_ECHO, on)
+    }
+
+    /// Set or clear one `CONFIG_F_*` bit of the data path's configuration.
+    fn set_config_flag(&mut self, flag: u32, on: bool) -> Result<(), DataplaneError> {
+        let flags = if on {
+            self.lb_config.flags | flag
+        } else {
+            self.lb_config.flags & !flag
+        };
+        let cfg = LbConfig {
+            flags,
+            ..self.lb_config
+        };
+        self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))?;
+        self.lb_config = cfg;
+        Ok(())
     }
 
     /// A logger for the XDP program's debug events, sending them to `logger` on each `flush()`

@@ -7,7 +7,10 @@
 use super::{Dataplane, DataplaneError, InstalledVip, ipv4_be, map_err, ring, vip_key};
 use crate::model::{ServiceKey, VipSpec};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
-use lb_common::{BACKEND_F_ACTIVE, Backend, TrafficCounters, VipMeta, maps, ring_index};
+use lb_common::{
+    BACKEND_F_ACTIVE, Backend, TrafficCounters, VIP_ADDR_F_ICMP_ECHO, VipAddr, VipMeta, maps,
+    ring_index,
+};
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 /// Where a new version of a VIP goes: its id, the ring half it writes, and its backends' slots.
@@ -94,7 +97,7 @@ impl Dataplane {
             ring_half: place.half,
             forward: spec.forward.code(),
         };
-        self.switch(&spec.key, meta, place.is_new)?;
+        self.switch(&spec.key, meta, spec.icmp_echo)?;
         // The data path now uses the new ring half and slots: record that before anything else
         // can fail, so the bookkeeping always matches the kernel (a retry then writes the other
         // half, never the live one).
@@ -110,6 +113,7 @@ impl Dataplane {
                 id: place.vip_id,
                 half: place.half,
                 backends: place.slots.clone(),
+                icmp_echo: spec.icmp_echo,
             },
         );
         for (addr, id) in place.slots.iter().filter(|(addr, _)| down.contains(addr)) {
@@ -206,42 +210,60 @@ impl Dataplane {
         Ok(())
     }
 
-    /// The switch: one update of the VIP's entry, atomic for the data path. A new VIP's address
-    /// goes in before it, so that the switch is the last step that can fail while nothing is
-    /// visible yet (until it, the address's packets are dropped as an unknown port rather than
-    /// passed, for a moment).
+    /// The switch: one update of the VIP's entry, atomic for the data path. The address's
+    /// `VIP_ADDRS` entry (a new VIP's address, or a changed `icmp_echo`) goes in before it, so
+    /// that the switch is the last step that can fail while nothing is visible yet (until it, a
+    /// new address's packets are dropped as an unknown port rather than passed, for a moment).
     fn switch(
         &mut self,
         key: &ServiceKey,
         meta: VipMeta,
-        is_new: bool,
+        icmp_echo: bool,
     ) -> Result<(), DataplaneError> {
+        let addr_entry = self.vip_addr_entry(key, Some(icmp_echo));
         let key = vip_key(key);
-        let previous_users = if is_new {
-            let users = self.vip_addrs.get(&key.addr, 0).unwrap_or(0);
+        let old_entry = self.vip_addrs.get(&key.addr, 0).ok();
+        let previous_addr = if old_entry != Some(addr_entry) {
             self.vip_addrs
-                .insert(key.addr, users + 1, 0)
+                .insert(key.addr, addr_entry, 0)
                 .map_err(map_err(maps::VIP_ADDRS))?;
-            Some(users)
+            Some(old_entry)
         } else {
             None
         };
         if let Err(e) = self.vips_map.insert(key, meta, 0) {
-            if let Some(users) = previous_users {
-                self.set_vip_addr_users(key.addr, users);
+            if let Some(old) = previous_addr {
+                self.restore_vip_addr(key.addr, old);
             }
             return Err(map_err(maps::VIPS)(e));
         }
         Ok(())
     }
 
-    /// Put a VIP address's user count back after a failed switch (best effort: the failure being
+    /// The `VIP_ADDRS` entry of `key`'s address with `key`'s VIP installed with ICMP echo
+    /// `with_echo` (`None`: removed) and the address's other VIPs as they are: how many VIPs it
+    /// carries, and whether any of them answers echo.
+    fn vip_addr_entry(&self, key: &ServiceKey, with_echo: Option<bool>) -> VipAddr {
+        let others = self
+            .installed
+            .iter()
+            .filter(|(k, _)| k.addr == key.addr && *k != key)
+            .map(|(_, v)| v.icmp_echo);
+        let (vips, echo) = others
+            .chain(with_echo)
+            .fold((0, false), |(n, any), echo| (n + 1, any || echo));
+        VipAddr {
+            vips,
+            flags: if echo { VIP_ADDR_F_ICMP_ECHO } else { 0 },
+        }
+    }
+
+    /// Put a VIP address's entry back after a failed switch (best effort: the failure being
     /// reported is the switch's).
-    fn set_vip_addr_users(&mut self, addr: u32, users: u32) {
-        let result = if users == 0 {
-            self.vip_addrs.remove(&addr)
-        } else {
-            self.vip_addrs.insert(addr, users, 0)
+    fn restore_vip_addr(&mut self, addr: u32, old: Option<VipAddr>) {
+        let result = match old {
+            None => self.vip_addrs.remove(&addr),
+            Some(old) => self.vip_addrs.insert(addr, old, 0),
         };
         if let Err(e) = result {
             log::warn!("restoring the VIP address set after a failed update: {e}");
@@ -287,14 +309,14 @@ impl Dataplane {
         let (id, backends) = (vip.id, vip.backends.clone());
         let kkey = vip_key(key);
         self.vips_map.remove(&kkey).map_err(map_err(maps::VIPS))?;
-        match self.vip_addrs.get(&kkey.addr, 0).unwrap_or(1) {
-            0 | 1 => self
+        match self.vip_addr_entry(key, None) {
+            VipAddr { vips: 0, .. } => self
                 .vip_addrs
                 .remove(&kkey.addr)
                 .map_err(map_err(maps::VIP_ADDRS))?,
-            users => self
+            rest => self
                 .vip_addrs
-                .insert(kkey.addr, users - 1, 0)
+                .insert(kkey.addr, rest, 0)
                 .map_err(map_err(maps::VIP_ADDRS))?,
         }
         for (_, bid) in backends {

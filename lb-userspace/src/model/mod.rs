@@ -108,6 +108,9 @@ pub struct VipSpec {
     pub key: ServiceKey,
     pub forward: Forward,
     pub backends: Vec<BackendSpec>,
+    /// Answer ICMP echo requests to the VIP's address. An address carries several VIPs (ports):
+    /// it answers when any of them allows it (and the agent's global switch is on).
+    pub icmp_echo: bool,
 }
 
 /// Default weight of a backend added without `--weight`.
@@ -149,10 +152,12 @@ pub struct VipConfig {
     pub forward: Forward,
     pub check: CheckSpec,
     pub backends: Vec<BackendConfig>,
+    /// See `VipSpec::icmp_echo`.
+    pub icmp_echo: bool,
 }
 
 /// The stored form of a `VipConfig`: state files written before health checks existed have no
-/// `check`, and get the protocol's default.
+/// `check`, and get the protocol's default; those written before `icmp_echo` answer echo.
 #[derive(Deserialize)]
 struct VipConfigRepr {
     key: ServiceKey,
@@ -160,6 +165,13 @@ struct VipConfigRepr {
     #[serde(default)]
     check: Option<CheckSpec>,
     backends: Vec<BackendConfig>,
+    #[serde(default = "icmp_echo_default")]
+    icmp_echo: bool,
+}
+
+/// ICMP echo to a VIP address is answered unless switched off (`--icmp-echo off`).
+pub fn icmp_echo_default() -> bool {
+    true
 }
 
 impl From<VipConfigRepr> for VipConfig {
@@ -171,6 +183,7 @@ impl From<VipConfigRepr> for VipConfig {
             key: r.key,
             forward: r.forward,
             backends: r.backends,
+            icmp_echo: r.icmp_echo,
         }
     }
 }
@@ -183,6 +196,7 @@ impl VipConfig {
             forward,
             check: CheckSpec::default_for(key.proto),
             backends: Vec::new(),
+            icmp_echo: icmp_echo_default(),
         }
     }
 
@@ -199,6 +213,7 @@ impl VipConfig {
                     weight: b.weight,
                 })
                 .collect(),
+            icmp_echo: self.icmp_echo,
         }
     }
 
@@ -220,6 +235,7 @@ impl From<VipSpec> for VipConfig {
                 .into_iter()
                 .map(|b| BackendConfig::new(b.addr, b.weight))
                 .collect(),
+            icmp_echo: spec.icmp_echo,
         }
     }
 }

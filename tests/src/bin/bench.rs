@@ -404,6 +404,7 @@ fn vip_spec(port: u16, forward: Forward, backends: impl Iterator<Item = Ipv4Addr
         backends: backends
             .map(|addr| BackendSpec { addr, weight: 1 })
             .collect(),
+        icmp_echo: true,
     }
 }
 

@@ -206,14 +206,28 @@ impl<D: DataplaneOps> Controller<D> {
                 vip,
                 forward,
                 check,
+                icmp_echo,
             } => {
-                self.vip_add(vip, forward, &check)?;
+                self.vip_add(vip, forward, &check, icmp_echo)?;
                 let check = self.check_summary(&vip);
-                format!("added VIP {vip} (forward {forward}, check {check})")
+                let echo = if icmp_echo { "" } else { ", ICMP echo off" };
+                format!("added VIP {vip} (forward {forward}, check {check}{echo})")
             }
-            Request::VipSet { vip, check } => {
-                self.vip_set(&vip, &check)?;
-                format!("VIP {vip}: check {}", self.check_summary(&vip))
+            Request::VipSet {
+                vip,
+                check,
+                icmp_echo,
+            } => {
+                self.vip_set(&vip, &check, icmp_echo)?;
+                let echo = if self.state.get(&vip).is_some_and(|v| v.icmp_echo) {
+                    "on"
+                } else {
+                    "off"
+                };
+                format!(
+                    "VIP {vip}: check {}, ICMP echo {echo}",
+                    self.check_summary(&vip)
+                )
             }
             Request::VipDel { vip } => {
                 self.vip_del(&vip)?;
@@ -279,8 +293,12 @@ impl<D: DataplaneOps> Controller<D> {
         key: ServiceKey,
         forward: Forward,
         check: &CheckPatch,
+        icmp_echo: bool,
     ) -> Result<(), ControllerError> {
-        let spec = self.state.plan_vip_add(key, forward, check)?;
+        let spec = VipConfig {
+            icmp_echo,
+            ..self.state.plan_vip_add(key, forward, check)?
+        };
         self.commit(key, None, Some(spec))?;
         self.log_unchecked_udp(vec![key]);
         Ok(())
@@ -304,8 +322,9 @@ impl<D: DataplaneOps> Controller<D> {
         &mut self,
         key: &ServiceKey,
         check: &CheckPatch,
+        icmp_echo: Option<bool>,
     ) -> Result<(), ControllerError> {
-        let new = self.state.plan_vip_set(key, check)?;
+        let new = self.state.plan_vip_set(key, check, icmp_echo)?;
         let old = self.state.get(key).cloned();
         self.commit(*key, old, Some(new))
     }

@@ -57,7 +57,7 @@ impl Fixture {
 #[test]
 fn changes_reach_kernel_file_and_memory() {
     let mut f = Fixture::new(FakeDataplane::default());
-    f.ctl.vip_add(key(80), Forward::L2, &none()).unwrap();
+    f.ctl.vip_add(key(80), Forward::L2, &none(), true).unwrap();
     f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
     f.ctl.backend_add(&key(80), be(12), 3, &none()).unwrap();
     f.assert_consistent();
@@ -77,7 +77,9 @@ fn changes_reach_kernel_file_and_memory() {
 #[test]
 fn invalid_requests_change_nothing() {
     let mut f = Fixture::new(FakeDataplane::default());
-    f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+    f.ctl
+        .vip_add(key(80), Forward::Ipip, &none(), true)
+        .unwrap();
     f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
     let calls = f.ctl.dataplane().apply_calls;
 
@@ -87,6 +89,7 @@ fn invalid_requests_change_nothing() {
                 vip: key(80),
                 forward: Forward::Ipip,
                 check: none(),
+                icmp_echo: true,
             },
             "VIP 10.111.100.1:80/tcp already exists",
         ),
@@ -133,6 +136,7 @@ fn invalid_requests_change_nothing() {
                 vip: key(0),
                 forward: Forward::Ipip,
                 check: none(),
+                icmp_echo: true,
             },
             "VIP 10.111.100.1:0/tcp: port 0 is not a valid port",
         ),
@@ -161,7 +165,9 @@ fn capacity_errors_come_from_the_data_path() {
         max_backends_per_vip: Some(1),
         ..Default::default()
     });
-    f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+    f.ctl
+        .vip_add(key(80), Forward::Ipip, &none(), true)
+        .unwrap();
     f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
     let e = f.ctl.backend_add(&key(80), be(12), 1, &none()).unwrap_err();
     assert_eq!(
@@ -175,7 +181,9 @@ fn capacity_errors_come_from_the_data_path() {
 #[test]
 fn failed_apply_restores_the_old_vip() {
     let mut f = Fixture::new(FakeDataplane::default());
-    f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+    f.ctl
+        .vip_add(key(80), Forward::Ipip, &none(), true)
+        .unwrap();
     f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
     let old = f.ctl.state().get(&key(80)).unwrap().spec();
 
@@ -211,7 +219,10 @@ fn failed_apply_restores_the_old_vip() {
 
     // A brand-new VIP that fails to apply has nothing to restore.
     f.ctl.dp.fail_applies = 1;
-    let e = f.ctl.vip_add(key(81), Forward::Ipip, &none()).unwrap_err();
+    let e = f
+        .ctl
+        .vip_add(key(81), Forward::Ipip, &none(), true)
+        .unwrap_err();
     assert_eq!(
         e.to_string(),
         "applying VIP 10.111.100.1:81/tcp to the data path failed: map update failed"
@@ -223,7 +234,9 @@ fn failed_apply_restores_the_old_vip() {
 #[test]
 fn failed_persist_rolls_the_data_path_back() {
     let mut f = Fixture::new(FakeDataplane::default());
-    f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+    f.ctl
+        .vip_add(key(80), Forward::Ipip, &none(), true)
+        .unwrap();
     f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
     let good = f.ctl.state().clone();
 
@@ -235,7 +248,11 @@ fn failed_persist_rolls_the_data_path_back() {
         f.ctl.backend_add(&key(80), be(12), 1, &none()),
         Err(ControllerError::State(StateError::Write { .. }))
     ));
-    assert!(f.ctl.vip_add(key(81), Forward::Ipip, &none()).is_err());
+    assert!(
+        f.ctl
+            .vip_add(key(81), Forward::Ipip, &none(), true)
+            .is_err()
+    );
     assert!(f.ctl.vip_del(&key(80)).is_err());
     assert_eq!(f.ctl.state(), &good);
     f.ctl.state_path = real;
@@ -245,7 +262,9 @@ fn failed_persist_rolls_the_data_path_back() {
 #[test]
 fn failed_remove_keeps_the_vip() {
     let mut f = Fixture::new(FakeDataplane::default());
-    f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+    f.ctl
+        .vip_add(key(80), Forward::Ipip, &none(), true)
+        .unwrap();
     f.ctl.dp.fail_remove = true;
     let e = f.ctl.vip_del(&key(80)).unwrap_err();
     assert!(matches!(
@@ -269,11 +288,13 @@ fn start_installs_and_persists_initial_state() {
                 addr: be(11),
                 weight: 1,
             }],
+            icmp_echo: true,
         },
         VipSpec {
             key: key(53),
             forward: Forward::L2,
             backends: vec![],
+            icmp_echo: true,
         },
     ])
     .unwrap();
@@ -292,9 +313,49 @@ fn start_installs_and_persists_initial_state() {
 }
 
 #[test]
+fn icmp_echo_reaches_kernel_file_and_memory() {
+    let mut f = Fixture::new(FakeDataplane::default());
+    f.ctl
+        .vip_add(key(80), Forward::Ipip, &none(), false)
+        .unwrap();
+    f.ctl
+        .vip_add(key(81), Forward::Ipip, &none(), true)
+        .unwrap();
+    f.assert_consistent();
+    assert!(!f.ctl.dataplane().applied[&key(80)].icmp_echo);
+    assert!(f.ctl.dataplane().applied[&key(81)].icmp_echo);
+    assert_eq!(
+        f.ctl.handle(Request::VipSet {
+            vip: key(80),
+            check: none(),
+            icmp_echo: Some(true),
+        }),
+        Response::Done {
+            message: "VIP 10.111.100.1:80/tcp: check tcp, ICMP echo on".into()
+        }
+    );
+    f.assert_consistent();
+    assert!(f.ctl.dataplane().applied[&key(80)].icmp_echo);
+    assert!(f.on_disk().get(&key(80)).unwrap().icmp_echo);
+    // A check change keeps the echo setting.
+    f.ctl.vip_set(&key(81), &none(), Some(false)).unwrap();
+    let faster = CheckPatch {
+        interval: Some(Duration::from_millis(500)),
+        timeout: Some(Duration::from_millis(500)),
+        ..Default::default()
+    };
+    f.ctl.vip_set(&key(81), &faster, None).unwrap();
+    f.assert_consistent();
+    assert!(!f.ctl.dataplane().applied[&key(81)].icmp_echo);
+    assert!(!f.ctl.vip_list()[1].icmp_echo);
+}
+
+#[test]
 fn reports_join_desired_state_and_counters() {
     let mut f = Fixture::new(FakeDataplane::default());
-    f.ctl.vip_add(key(80), Forward::Ipip, &none()).unwrap();
+    f.ctl
+        .vip_add(key(80), Forward::Ipip, &none(), true)
+        .unwrap();
     f.ctl.backend_add(&key(80), be(11), 2, &none()).unwrap();
     f.ctl.backend_add(&key(80), be(12), 1, &none()).unwrap();
     // A walk of the flow table (made off the serve loop) found 3 active flows per backend and 5
@@ -352,7 +413,7 @@ fn checked_fixture() -> Fixture {
         fall: Some(2),
         ..Default::default()
     };
-    f.ctl.vip_add(key(80), Forward::Ipip, &check).unwrap();
+    f.ctl.vip_add(key(80), Forward::Ipip, &check, true).unwrap();
     for b in [11, 12, 13] {
         f.ctl.backend_add(&key(80), be(b), 1, &none()).unwrap();
     }
@@ -431,7 +492,7 @@ fn check_results_are_counted_per_backend() {
         timeout: Some(Duration::from_millis(100)),
         ..Default::default()
     };
-    f.ctl.vip_set(&key(80), &faster).unwrap();
+    f.ctl.vip_set(&key(80), &faster, None).unwrap();
     let r = f.ctl.backend_list(&key(80)).unwrap();
     assert_eq!(
         (r.backends[1].checks_ok, r.backends[1].checks_failed),
@@ -560,7 +621,7 @@ fn check_changes_restart_or_stop_the_checks() {
         timeout: Some(Duration::from_millis(100)),
         ..Default::default()
     };
-    f.ctl.vip_set(&key(80), &faster).unwrap();
+    f.ctl.vip_set(&key(80), &faster, None).unwrap();
     let after = f.ctl.probe_targets();
     assert!(after.iter().all(|t| !before.contains(&t.generation)));
     assert!(
@@ -575,7 +636,7 @@ fn check_changes_restart_or_stop_the_checks() {
         kind: Some(CheckKind::None),
         ..Default::default()
     };
-    f.ctl.vip_set(&key(80), &off).unwrap();
+    f.ctl.vip_set(&key(80), &off, None).unwrap();
     assert!(f.ctl.probe_targets().is_empty());
     assert_eq!(f.ctl.dp.down(&key(80)), Some(&BTreeSet::new()));
     assert_eq!(state_of(&f.ctl, be(12)), BackendState::Up);
@@ -626,6 +687,7 @@ fn bad_checks_and_weights_change_nothing() {
                     timeout: Some(Duration::from_secs(5)),
                     ..Default::default()
                 },
+                icmp_echo: None,
             },
             "VIP 10.111.100.1:80/tcp: check timeout 5s exceeds the interval 1s (a check must end before the next one starts)",
         ),
@@ -636,6 +698,7 @@ fn bad_checks_and_weights_change_nothing() {
                     rise: Some(0),
                     ..Default::default()
                 },
+                icmp_echo: None,
             },
             "VIP 10.111.100.1:80/tcp: rise must be at least 1",
         ),
@@ -643,8 +706,9 @@ fn bad_checks_and_weights_change_nothing() {
             Request::VipSet {
                 vip: key(80),
                 check: none(),
+                icmp_echo: None,
             },
-            "VIP 10.111.100.1:80/tcp: nothing to change (give at least one check flag)",
+            "VIP 10.111.100.1:80/tcp: nothing to change (give --icmp-echo or at least one check flag)",
         ),
         (
             Request::VipAdd {
@@ -654,6 +718,7 @@ fn bad_checks_and_weights_change_nothing() {
                     fall: Some(0),
                     ..Default::default()
                 },
+                icmp_echo: true,
             },
             "VIP 10.111.100.1:81/tcp: fall must be at least 1",
         ),
