@@ -199,7 +199,8 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// Value of the `FLOWS` LRU map.
+/// Value of the `FLOWS` LRU map. The data path writes a whole value only when it assigns a flow
+/// (new, or re-steered); a packet of a known flow writes `last_seen_ns` alone.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
@@ -210,7 +211,14 @@ pub struct FlowValue {
     pub backend_id: u32,
     /// `bpf_ktime_get_coarse_ns()` of the last packet (CLOCK_MONOTONIC_COARSE, host order).
     pub last_seen_ns: u64,
+    /// `FLOW_F_*` bits, host order: 0 when the data path assigned the flow.
+    pub flags: u32,
+    pub _pad: u32,
 }
+
+/// The flow was installed by the agent from a peer's sync (its backend was chosen by another
+/// node); cleared when this node's data path (re)assigns the flow.
+pub const FLOW_F_PEER: u32 = 1;
 
 /// A flow the balancer just assigned (new, or re-steered because its backend went away), sent on
 /// the `FLOW_EVENTS` ring buffer so the agent can tell its peers. The backend is named by address,
@@ -397,7 +405,7 @@ const _: () = {
     assert!(size_of::<VipAddr>() == 8);
     assert!(size_of::<Backend>() == 16);
     assert!(size_of::<FlowKey>() == 16);
-    assert!(size_of::<FlowValue>() == 16);
+    assert!(size_of::<FlowValue>() == 24);
     assert!(size_of::<FlowEvent>() == 24);
     assert!(size_of::<TrafficCounters>() == 24);
     assert!(size_of::<LbConfig>() == 16);

@@ -295,6 +295,9 @@ fn new_flow(pkt: &Packet, now: u64) -> Result<(u32, u32), Verdict> {
         backend_addr: backend.addr,
         backend_id: id,
         last_seen_ns: now,
+        // Assigned here: a local flow, whatever a peer had installed under this key before.
+        flags: 0,
+        _pad: 0,
     };
     // An LRU map evicts rather than fails when full; if the insert fails anyway, the packet still
     // goes to this backend and the next one of the flow takes another slot.

@@ -8,7 +8,7 @@
 
 use super::{Dataplane, DataplaneError, ipv4_be, map_err, take_map, vip_key};
 use aya::maps::{HashMap, IterableMap, Map, MapData, RingBuf};
-use lb_common::{CONFIG_F_FLOW_EVENTS, FlowEvent, FlowKey, FlowValue, VipKey, maps};
+use lb_common::{CONFIG_F_FLOW_EVENTS, FLOW_F_PEER, FlowEvent, FlowKey, FlowValue, VipKey, maps};
 use serde::{Deserialize, Serialize};
 use std::{
     io,
@@ -235,9 +235,10 @@ impl Dataplane {
         Ok(ring)
     }
 
-    /// Install flows learned from a peer, each pinned to its backend by address. A flow whose VIP
-    /// or backend this node does not have is skipped and counted in the report (never guessed).
-    /// An existing entry is overwritten: the peer saw the flow's latest assignment.
+    /// Install flows learned from a peer, each pinned to its backend by address and marked
+    /// `FLOW_F_PEER` (origin `peer` in `xlb flows`). A flow whose VIP or backend this node does not
+    /// have is skipped and counted in the report (never guessed). An existing entry is
+    /// overwritten: the peer saw the flow's latest assignment.
     pub fn install_flows(
         &mut self,
         flows: impl IntoIterator<Item = FlowEvent>,
@@ -270,6 +271,8 @@ impl Dataplane {
                         backend_addr: event.backend_addr,
                         backend_id: *id,
                         last_seen_ns: now,
+                        flags: FLOW_F_PEER,
+                        _pad: 0,
                     };
                     table
                         .insert(event.flow, value, 0)
