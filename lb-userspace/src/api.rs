@@ -7,6 +7,7 @@
 
 use crate::{
     model::check::{CheckPatch, CheckSpec},
+    model::flows::{CountBy, FlowFilter, Origin},
     model::{BackendConfig, Forward, Proto, ServiceKey, VipConfig, icmp_echo_default},
 };
 use serde::{Deserialize, Serialize};
@@ -78,6 +79,27 @@ pub(crate) enum Request {
         vip: ServiceKey,
         on: bool,
     },
+    /// The `limit` most recent flows that match `filter` (`xlb flows`).
+    FlowList {
+        #[serde(default)]
+        filter: FlowFilter,
+        limit: u32,
+    },
+    /// How many flows match `filter`, in groups if `by` is given (`xlb flows --count`).
+    FlowCount {
+        #[serde(default)]
+        filter: FlowFilter,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<CountBy>,
+    },
+    /// Delete the flows that match `filter` from the flow table, so their next packets take a
+    /// backend as new flows (`xlb flows flush`). An empty filter needs `all`.
+    FlowFlush {
+        #[serde(default)]
+        filter: FlowFilter,
+        #[serde(default)]
+        all: bool,
+    },
 }
 
 impl Request {
@@ -116,10 +138,88 @@ pub(crate) enum Response {
     Peers {
         peers: crate::sync::PeersReport,
     },
+    FlowList {
+        flows: FlowListReport,
+    },
+    FlowCount {
+        count: FlowCountReport,
+    },
+    FlowFlush {
+        flush: FlowFlushReport,
+    },
     /// Nothing changed; `message` names the problem (one line).
     Error {
         message: String,
     },
+}
+
+/// One flow of the table (`xlb flows --json`: an element of `flows`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct FlowEntry {
+    /// The client's address and port (the flow's source).
+    pub(crate) client: Ipv4Addr,
+    pub(crate) client_port: u16,
+    /// The VIP, `ADDR:PORT` (its protocol is `proto`).
+    pub(crate) vip: String,
+    pub(crate) proto: Proto,
+    /// The backend the flow is pinned to.
+    pub(crate) backend: Ipv4Addr,
+    /// Milliseconds since the flow's last packet (or since a peer's sync installed it).
+    pub(crate) age_ms: u64,
+    /// `local`: this node's data path chose the backend; `peer`: installed from a peer's sync.
+    pub(crate) origin: Origin,
+}
+
+/// How one walk of the flow table went: every answer about flows says it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct WalkReport {
+    /// Entries the walk read (the whole table, live and finished-but-not-evicted flows).
+    pub(crate) entries: u64,
+    /// Entries that matched the filter.
+    pub(crate) matched: u64,
+    /// How long the walk took, milliseconds.
+    pub(crate) walk_ms: f64,
+}
+
+/// What `xlb flows --json` prints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct FlowListReport {
+    #[serde(flatten)]
+    pub(crate) walk: WalkReport,
+    /// Matching flows not in `flows` (over `--limit`).
+    pub(crate) left_out: u64,
+    /// The most recent matching flows (smallest `age_ms` first), at most `--limit`.
+    pub(crate) flows: Vec<FlowEntry>,
+}
+
+/// One group of `xlb flows --count --by`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct FlowGroup {
+    /// The VIP (`ADDR:PORT/PROTO`), the backend address, or the origin (`local`, `peer`).
+    pub(crate) key: String,
+    pub(crate) flows: u64,
+}
+
+/// What `xlb flows --count --json` prints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct FlowCountReport {
+    #[serde(flatten)]
+    pub(crate) walk: WalkReport,
+    /// The grouping asked for (`--by`), if any.
+    pub(crate) by: Option<CountBy>,
+    /// Matching flows per group, most flows first (empty without `--by`).
+    pub(crate) groups: Vec<FlowGroup>,
+}
+
+/// What `xlb flows flush --json` prints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct FlowFlushReport {
+    #[serde(flatten)]
+    pub(crate) walk: WalkReport,
+    /// Matching entries deleted (fewer than `matched` if some were evicted meanwhile).
+    pub(crate) flushed: u64,
+    /// How long the deletion took, milliseconds.
+    pub(crate) delete_ms: f64,
 }
 
 /// One backend as configured (`vip list --json`).
@@ -240,6 +340,9 @@ pub(crate) struct StatsReport {
     /// `agent::flows`. Defaulted for older agents.
     #[serde(default)]
     pub(crate) flow_entries: u64,
+    /// Flows deleted by `xlb flows flush` since the agent started. Defaulted for older agents.
+    #[serde(default)]
+    pub(crate) flows_flushed: u64,
 }
 
 /// What `backend list` shows as a backend's state. Down wins over draining.
@@ -366,6 +469,22 @@ mod tests {
                 vip: key(),
                 on: true,
             },
+            Request::FlowList {
+                filter: FlowFilter {
+                    vip: Some(key()),
+                    backend: Some(backend),
+                    ..Default::default()
+                },
+                limit: 50,
+            },
+            Request::FlowCount {
+                filter: FlowFilter::default(),
+                by: Some(CountBy::Origin),
+            },
+            Request::FlowFlush {
+                filter: FlowFilter::default(),
+                all: true,
+            },
         ] {
             round_trip_request(req);
         }
@@ -373,6 +492,11 @@ mod tests {
 
     #[test]
     fn every_response_round_trips() {
+        let walk = WalkReport {
+            entries: 10,
+            matched: 2,
+            walk_ms: 0.5,
+        };
         let mut spec = VipConfig::new(key(), Forward::Ipip);
         spec.backends = vec![BackendConfig::new(Ipv4Addr::new(10, 111, 1, 11), 1)];
         let report = VipReport {
@@ -421,6 +545,39 @@ mod tests {
                     events: [("midflow_miss".to_string(), 0)].into_iter().collect(),
                     flow_capacity: 1024,
                     flow_entries: 12,
+                    flows_flushed: 3,
+                },
+            },
+            Response::FlowList {
+                flows: FlowListReport {
+                    walk,
+                    left_out: 1,
+                    flows: vec![FlowEntry {
+                        client: Ipv4Addr::new(10, 111, 0, 2),
+                        client_port: 40000,
+                        vip: "10.111.100.1:80".into(),
+                        proto: Proto::Tcp,
+                        backend: Ipv4Addr::new(10, 111, 1, 11),
+                        age_ms: 1500,
+                        origin: Origin::Peer,
+                    }],
+                },
+            },
+            Response::FlowCount {
+                count: FlowCountReport {
+                    walk,
+                    by: Some(CountBy::Backend),
+                    groups: vec![FlowGroup {
+                        key: "10.111.1.11".into(),
+                        flows: 2,
+                    }],
+                },
+            },
+            Response::FlowFlush {
+                flush: FlowFlushReport {
+                    walk,
+                    flushed: 2,
+                    delete_ms: 0.25,
                 },
             },
             Response::Error {

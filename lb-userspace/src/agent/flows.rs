@@ -10,8 +10,8 @@
 //!   and the last walk began more than `MAX_AGE` before; the report takes the last walk's counts,
 //!   which are then at most `MAX_AGE` plus one walk old.
 
-use crate::dataplane::{DataplaneError, FlowCounts, FlowTable};
-use lb_common::FlowEvent;
+use crate::dataplane::{DataplaneError, FlowCounts, FlowTable, monotonic_ns};
+use lb_common::{FlowEvent, FlowKey, FlowValue};
 use std::{
     sync::{
         Arc, Mutex,
@@ -30,6 +30,12 @@ pub(crate) const MAX_AGE: Duration = Duration::from_secs(1);
 pub(crate) trait FlowWalker: Send + Sync + 'static {
     fn counts(&self) -> Result<FlowCounts, DataplaneError>;
     fn snapshot(&self, max_age: Duration) -> Result<Vec<FlowEvent>, DataplaneError>;
+    /// Call `f` for every entry (`xlb flows`: `agent::flow_query`).
+    fn walk(&self, f: &mut dyn FnMut(&FlowKey, &FlowValue)) -> Result<(), DataplaneError>;
+    /// Delete these entries; how many were there to delete.
+    fn delete(&self, keys: &[FlowKey]) -> Result<u64, DataplaneError>;
+    /// The data path's flow clock now (`FlowValue::last_seen_ns` is on it).
+    fn now_ns(&self) -> u64;
 }
 
 impl FlowWalker for FlowTable {
@@ -38,6 +44,15 @@ impl FlowWalker for FlowTable {
     }
     fn snapshot(&self, max_age: Duration) -> Result<Vec<FlowEvent>, DataplaneError> {
         FlowTable::snapshot(self, max_age)
+    }
+    fn walk(&self, f: &mut dyn FnMut(&FlowKey, &FlowValue)) -> Result<(), DataplaneError> {
+        self.for_each(f)
+    }
+    fn delete(&self, keys: &[FlowKey]) -> Result<u64, DataplaneError> {
+        FlowTable::delete(self, keys)
+    }
+    fn now_ns(&self) -> u64 {
+        monotonic_ns()
     }
 }
 
@@ -173,6 +188,15 @@ pub(crate) mod tests {
         }
         fn snapshot(&self, _max_age: Duration) -> Result<Vec<FlowEvent>, DataplaneError> {
             Ok(Vec::new())
+        }
+        fn walk(&self, _: &mut dyn FnMut(&FlowKey, &FlowValue)) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn delete(&self, _: &[FlowKey]) -> Result<u64, DataplaneError> {
+            Ok(0)
+        }
+        fn now_ns(&self) -> u64 {
+            0
         }
     }
 

@@ -14,6 +14,7 @@
 
 pub(crate) mod config_file;
 pub(crate) mod controller;
+pub(crate) mod flow_query;
 pub(crate) mod flows;
 pub(crate) mod health;
 pub(crate) mod metrics;
@@ -27,6 +28,7 @@ pub(crate) mod state;
 use crate::{
     agent::{
         controller::{Controller, ControllerError},
+        flow_query::FlowQueries,
         flows::FlowCounter,
         health::{HealthError, Monitor},
         metrics::{MetricsError, SCRAPE_QUEUE},
@@ -176,6 +178,7 @@ async fn start(
         })?;
     let mut dp = load_dataplane(config).await?;
     let flows = FlowCounter::new(Arc::new(dp.flow_table()?), tasks.clone());
+    let queries = FlowQueries::new(Arc::new(dp.flow_table()?), tasks.clone());
     let sync = match config.sync.clone() {
         Some(sync_config) => Some(start_sync(sync_config, &mut dp, cancel, tasks).await?),
         None => None,
@@ -209,6 +212,7 @@ async fn start(
         sync,
         scrapes,
         flows,
+        queries,
         warm_interval: config.warm_interval,
     };
     let server = Server::new(controller, listener, inputs, cancel.clone(), tasks.clone());
@@ -308,6 +312,7 @@ mod tests {
             sync: None,
             scrapes: None,
             flows: FlowCounter::new(FakeTable::new(0, Duration::ZERO), tasks.clone()),
+            queries: FlowQueries::new(FakeTable::new(0, Duration::ZERO), tasks.clone()),
             warm_interval: Duration::from_secs(3600),
         };
         let serving = Server::new(ctl, listener, inputs, cancel.clone(), tasks.clone());

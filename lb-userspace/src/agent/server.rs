@@ -7,6 +7,7 @@
 use crate::{
     agent::{
         controller::{Controller, DataplaneOps},
+        flow_query::FlowQueries,
         flows::FlowCounter,
         health::{CheckReport, Monitor},
         metrics::StatsReply,
@@ -44,6 +45,8 @@ pub(crate) struct Inputs {
     pub(crate) scrapes: Option<mpsc::Receiver<StatsReply>>,
     /// The flow table's counts (walked off the loop) and its snapshots for peers.
     pub(crate) flows: Arc<FlowCounter>,
+    /// `xlb flows` queries (walked off the loop, by the connection tasks).
+    pub(crate) queries: Arc<FlowQueries>,
     /// How often backend neighbour entries are refreshed.
     pub(crate) warm_interval: Duration,
 }
@@ -59,6 +62,7 @@ pub(crate) struct Server<D: DataplaneOps> {
     sync: Option<SyncLink>,
     scrapes: Option<mpsc::Receiver<StatsReply>>,
     flows: Arc<FlowCounter>,
+    queries: Arc<FlowQueries>,
     warm: Interval,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -89,6 +93,7 @@ impl<D: DataplaneOps> Server<D> {
             sync: inputs.sync,
             scrapes: inputs.scrapes,
             flows: inputs.flows,
+            queries: inputs.queries,
             warm,
             cancel,
             tasks,
@@ -106,8 +111,8 @@ impl<D: DataplaneOps> Server<D> {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let (jobs, cancel) = (self.job_tx.clone(), self.cancel.clone());
-                        let flows = self.flows.clone();
-                        self.tasks.spawn(serve_connection(stream, jobs, flows, cancel));
+                        let (flows, queries) = (self.flows.clone(), self.queries.clone());
+                        self.tasks.spawn(serve_connection(stream, jobs, flows, queries, cancel));
                     }
                     Err(e) => log::warn!("accepting a CLI connection: {e}"),
                 },
@@ -115,7 +120,7 @@ impl<D: DataplaneOps> Server<D> {
                 Some(job) = self.jobs.recv() => self.job(job),
                 Some(report) = self.health.recv() => self.controller.health_result(report),
                 Some(reply) = next(self.scrapes.as_mut()) => {
-                    self.controller.set_flow_counts(self.flows.latest());
+                    self.controller.set_flow_counts(self.flows.latest(), self.queries.flushed());
                     // The scraper may have timed out; nothing to undo either way.
                     let _ = reply.send(self.controller.stats());
                 }
@@ -137,7 +142,8 @@ impl<D: DataplaneOps> Server<D> {
         }
         let mutation = job.req.is_mutation();
         // The counts of the walk the connection task waited for (or the last one).
-        self.controller.set_flow_counts(self.flows.latest());
+        self.controller
+            .set_flow_counts(self.flows.latest(), self.queries.flushed());
         let resp = self.controller.handle(job.req);
         match &resp {
             Response::Done { message } => log::info!("{message}"),

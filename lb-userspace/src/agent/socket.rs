@@ -3,7 +3,7 @@
 //! hands each to the serve loop and writes its answer.
 
 use crate::{
-    agent::flows::FlowCounter,
+    agent::{flow_query::FlowQueries, flows::FlowCounter},
     api::{MAX_LINE, Request, Response},
     util::os_message,
 };
@@ -100,6 +100,7 @@ pub(crate) async fn serve_connection(
     stream: UnixStream,
     jobs: mpsc::Sender<Job>,
     flows: Arc<FlowCounter>,
+    queries: Arc<FlowQueries>,
     cancel: CancellationToken,
 ) {
     let (read, mut write) = stream.into_split();
@@ -128,7 +129,7 @@ pub(crate) async fn serve_connection(
             }
         } else {
             tokio::select! {
-                resp = answer(&line, &jobs, &flows) => resp,
+                resp = answer(&line, &jobs, &flows, &queries) => resp,
                 () = cancel.cancelled() => return,
             }
         };
@@ -149,9 +150,15 @@ pub(crate) async fn serve_connection(
     }
 }
 
-/// The loop's answer to one request line. Reports with flow counts first get the counts ready
-/// (a walk of the flow table, here, never in the loop).
-async fn answer(line: &[u8], jobs: &mpsc::Sender<Job>, flows: &Arc<FlowCounter>) -> Response {
+/// The answer to one request line: the loop's, except for flow queries, which walk the table
+/// here (the loop only tells which VIPs there are). Reports with flow counts first get the counts
+/// ready (a walk of the flow table, here, never in the loop).
+async fn answer(
+    line: &[u8],
+    jobs: &mpsc::Sender<Job>,
+    flows: &Arc<FlowCounter>,
+    queries: &FlowQueries,
+) -> Response {
     let req = match serde_json::from_slice::<Request>(line) {
         Ok(req) => req,
         Err(e) => {
@@ -160,9 +167,20 @@ async fn answer(line: &[u8], jobs: &mpsc::Sender<Job>, flows: &Arc<FlowCounter>)
             };
         }
     };
+    if FlowQueries::handles(&req) {
+        return match ask_loop(jobs, Request::VipList).await {
+            Response::VipList { vips } => queries.answer(req, &vips).await,
+            other => other,
+        };
+    }
     if matches!(req, Request::Stats | Request::BackendList { .. }) {
         flows.prepare().await;
     }
+    ask_loop(jobs, req).await
+}
+
+/// Hand `req` to the serve loop and wait for its answer.
+async fn ask_loop(jobs: &mpsc::Sender<Job>, req: Request) -> Response {
     let (reply, answer) = oneshot::channel();
     let agent_gone = || Response::Error {
         message: "the agent is shutting down".to_string(),

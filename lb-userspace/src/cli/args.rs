@@ -11,8 +11,9 @@ use crate::{
     dataplane::XdpModeChoice,
     model::{
         DEFAULT_WEIGHT, Forward, Proto, ServiceKey,
-        addr::{ParseError, parse_addr_port, parse_ipv4},
+        addr::{ParseError, parse_addr_port, parse_ipv4, parse_prefix},
         check::{CheckError, CheckPatch, parse_duration, parse_kind},
+        flows::{ClientPrefix, CountBy, FlowFilter},
     },
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -49,6 +50,9 @@ pub(crate) enum Command {
     /// Per-VIP, per-backend and per-reason packet counters; with --watch, refreshed with
     /// per-second rates.
     Stats(StatsArgs),
+    /// The flow table: list the most recent flows (client, VIP, backend, age, origin), count
+    /// them (--count), or flush some (`flows flush`) so their next packets take a new backend.
+    Flows(FlowsArgs),
     /// Peer sync (active-active): each peer's connection, flows sent and received, last message
     /// age, rejected messages, and the sync lag.
     Peers {
@@ -126,6 +130,93 @@ pub(crate) struct StatsArgs {
         requires = "watch"
     )]
     pub(crate) interval: String,
+}
+
+/// Which flows: the filter flags of `xlb flows` and `xlb flows flush`, taken as typed and turned
+/// into a `FlowFilter` by `to_filter`. Every one given must match.
+#[derive(Clone, Debug, Default, Args)]
+pub(crate) struct FilterArgs {
+    /// Only the flows of this VIP, ADDR:PORT (its protocol: --proto, default tcp).
+    pub(crate) vip: Option<String>,
+    /// Only flows of this protocol [default: both; with a VIP: tcp].
+    #[arg(long, value_enum)]
+    pub(crate) proto: Option<Proto>,
+    /// Only the flows pinned to this backend (a backend of the VIP, or of any VIP).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) backend: Option<String>,
+    /// Only the flows from clients in this prefix (ADDR/LEN, or one address).
+    #[arg(long, value_name = "CIDR")]
+    pub(crate) client: Option<String>,
+}
+
+impl FilterArgs {
+    pub(crate) fn to_filter(&self) -> Result<FlowFilter, ParseError> {
+        let vip = self
+            .vip
+            .as_deref()
+            .map(|v| -> Result<ServiceKey, ParseError> {
+                let (addr, port) = parse_addr_port(v)?;
+                Ok(ServiceKey {
+                    addr,
+                    port,
+                    proto: self.proto.unwrap_or_default(),
+                })
+            })
+            .transpose()?;
+        let client = self
+            .client
+            .as_deref()
+            .map(|c| parse_prefix(c).map(|(addr, len)| ClientPrefix { addr, len }))
+            .transpose()?;
+        Ok(FlowFilter {
+            vip,
+            // With a VIP its key carries the protocol.
+            proto: if vip.is_some() { None } else { self.proto },
+            backend: self.backend.as_deref().map(parse_ipv4).transpose()?,
+            client,
+        })
+    }
+}
+
+/// `xlb flows` flags (and its `flush` subcommand).
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct FlowsArgs {
+    #[command(subcommand)]
+    pub(crate) command: Option<FlowsCommand>,
+    #[command(flatten)]
+    pub(crate) filter: FilterArgs,
+    /// Most flows listed, the most recent first (1-10000); the output says how many more
+    /// matched.
+    #[arg(long, value_name = "N", default_value = "50", conflicts_with = "count")]
+    pub(crate) limit: String,
+    /// Count the matching flows instead of listing them.
+    #[arg(long)]
+    pub(crate) count: bool,
+    /// With --count: totals per VIP, per backend or per origin (local, peer).
+    #[arg(long, value_enum, requires = "count")]
+    pub(crate) by: Option<CountBy>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum FlowsCommand {
+    /// Delete the matching flows from the flow table: their next packets take a backend as new
+    /// flows (a TCP connection moved this way is reset by its new backend). Drain or remove the
+    /// backend first, or the ring may give some of them the same backend again. Needs a filter,
+    /// or --all.
+    Flush {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Flush every flow (only without a filter).
+        #[arg(long)]
+        all: bool,
+        /// Print JSON instead of a line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Health-check flags, shared by `vip add`, `vip set` and `backend add`: taken as typed and
@@ -662,6 +753,94 @@ mod tests {
         let agent_bad = ["xlb", "agent", "--iface", "veth0", "--icmp-echo", "maybe"];
         assert!(Cli::try_parse_from(agent_bad).is_err());
         assert!(Cli::try_parse_from(["xlb", "backend-host", "setup"]).is_err());
+    }
+
+    fn flows(args: &[&str]) -> FlowsArgs {
+        let mut argv = vec!["xlb", "flows"];
+        argv.extend(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Flows(f) => f,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn flows_flags_parse_into_a_filter() {
+        let f = flows(&[]);
+        assert!(f.command.is_none() && !f.count && !f.json);
+        assert_eq!(f.limit, "50");
+        assert!(f.filter.to_filter().unwrap().is_empty());
+
+        let f = flows(&[
+            "10.111.100.1:53",
+            "--proto",
+            "udp",
+            "--backend",
+            "10.111.1.11",
+            "--client",
+            "10.111.0.0/16",
+            "--limit",
+            "100",
+            "--json",
+        ]);
+        assert_eq!(f.limit, "100");
+        let filter = f.filter.to_filter().unwrap();
+        assert_eq!(filter.vip.unwrap().to_string(), "10.111.100.1:53/udp");
+        assert_eq!(filter.proto, None, "the VIP carries the protocol");
+        assert_eq!(filter.backend, Some(Ipv4Addr::new(10, 111, 1, 11)));
+        assert_eq!(filter.client.unwrap().to_string(), "10.111.0.0/16");
+
+        let f = flows(&["--proto", "tcp", "--client", "10.111.0.2"]);
+        let filter = f.filter.to_filter().unwrap();
+        assert_eq!((filter.vip, filter.proto), (None, Some(Proto::Tcp)));
+        assert_eq!(filter.client.unwrap().to_string(), "10.111.0.2/32");
+        let f = flows(&["10.111.100.1:80"]);
+        assert_eq!(f.filter.to_filter().unwrap().vip.unwrap().proto, Proto::Tcp);
+
+        let f = flows(&["--count", "--by", "backend"]);
+        assert!(f.count);
+        assert_eq!(f.by, Some(CountBy::Backend));
+        assert!(Cli::try_parse_from(["xlb", "flows", "--by", "vip"]).is_err());
+        assert!(Cli::try_parse_from(["xlb", "flows", "--count", "--by", "pid"]).is_err());
+        assert!(Cli::try_parse_from(["xlb", "flows", "--count", "--limit", "5"]).is_err());
+
+        let f = flows(&["flush", "--backend", "10.111.1.11", "10.111.100.1:80"]);
+        let Some(FlowsCommand::Flush { filter, all, json }) = f.command else {
+            panic!("{f:?}")
+        };
+        assert!(!all && !json);
+        let filter = filter.to_filter().unwrap();
+        assert_eq!(filter.vip.unwrap().to_string(), "10.111.100.1:80/tcp");
+        assert_eq!(filter.backend, Some(Ipv4Addr::new(10, 111, 1, 11)));
+        let f = flows(&["flush", "--all"]);
+        assert!(matches!(
+            f.command,
+            Some(FlowsCommand::Flush { all: true, .. })
+        ));
+    }
+
+    #[test]
+    fn bad_flow_filters_are_one_line_errors() {
+        for (args, want) in [
+            (
+                vec!["--client", "10.111.0.0/33"],
+                "malformed prefix \"10.111.0.0/33\"",
+            ),
+            (
+                vec!["--client", "10.111.0.1/16"],
+                "did you mean 10.111.0.0/16?",
+            ),
+            (vec!["--client", "nowhere"], "malformed prefix \"nowhere\""),
+            (
+                vec!["--backend", "10.111.1.300"],
+                "\"10.111.1.300\" is not an IPv4 address",
+            ),
+            (vec!["10.111.100.1"], "missing port"),
+        ] {
+            let e = flows(&args).filter.to_filter().unwrap_err().to_string();
+            assert!(e.contains(want), "{args:?}: {e}");
+            assert!(!e.contains('\n'));
+        }
     }
 
     #[test]

@@ -3,12 +3,16 @@
 
 use super::{
     CliError,
-    args::{BackendCommand, BackendHostCommand, OnOff, StatsArgs, VipCommand, XdpPassCommand},
+    args::{
+        BackendCommand, BackendHostCommand, FlowsArgs, FlowsCommand, OnOff, StatsArgs, VipCommand,
+        XdpPassCommand,
+    },
     client, print, print_json,
-    render::{backend_table, stats_text, vip_table},
+    render::{backend_table, count_text, flow_table, flush_text, stats_text, vip_table},
     watch::watch_stats,
 };
 use crate::{
+    agent::flow_query::MAX_LIMIT,
     api::{Request, Response, StatsReport, VipList},
     backend_host::{self, RECORD_DIR, SetupOptions},
     dataplane::persistent,
@@ -120,6 +124,41 @@ pub(crate) fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError
         }
     };
     change(socket, req)
+}
+
+pub(crate) fn flows(socket: &Path, args: FlowsArgs) -> Result<(), CliError> {
+    if let Some(FlowsCommand::Flush { filter, all, json }) = args.command {
+        let req = Request::FlowFlush {
+            filter: filter.to_filter()?,
+            all,
+        };
+        return match client::call(socket, &req)? {
+            Response::FlowFlush { flush } if json => print_json(&flush),
+            Response::FlowFlush { flush } => print(&flush_text(&flush)),
+            other => Err(unexpected(other)),
+        };
+    }
+    let filter = args.filter.to_filter()?;
+    if args.count {
+        let req = Request::FlowCount {
+            filter,
+            by: args.by,
+        };
+        return match client::call(socket, &req)? {
+            Response::FlowCount { count } if args.json => print_json(&count),
+            Response::FlowCount { count } => print(&count_text(&count)),
+            other => Err(unexpected(other)),
+        };
+    }
+    let limit = match args.limit.trim().parse::<u32>() {
+        Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+        _ => return Err(CliError::Limit(args.limit)),
+    };
+    match client::call(socket, &Request::FlowList { filter, limit })? {
+        Response::FlowList { flows } if args.json => print_json(&flows),
+        Response::FlowList { flows } => print(&flow_table(&flows)),
+        other => Err(unexpected(other)),
+    }
 }
 
 pub(crate) fn peers(socket: &Path, json: bool) -> Result<(), CliError> {
@@ -299,6 +338,32 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, CliError::Parse(_)), "{e}");
+    }
+
+    #[test]
+    fn bad_flow_arguments_fail_before_any_connection() {
+        let sock = Path::new("/nonexistent/xlb.sock");
+        let args = |limit: &str, client: Option<&str>| FlowsArgs {
+            command: None,
+            filter: crate::cli::args::FilterArgs {
+                client: client.map(String::from),
+                ..Default::default()
+            },
+            limit: limit.into(),
+            count: false,
+            by: None,
+            json: false,
+        };
+        for bad in ["0", "10001", "many", "-1"] {
+            let e = super::flows(sock, args(bad, None)).unwrap_err();
+            assert!(matches!(e, CliError::Limit(_)), "{bad}: {e}");
+            assert!(e.to_string().contains("from 1 to 10000"), "{e}");
+        }
+        let e = super::flows(sock, args("50", Some("10.0.0.0/40"))).unwrap_err();
+        assert!(matches!(e, CliError::Parse(_)), "{e}");
+        // A good command line gets as far as the (missing) agent.
+        let e = super::flows(sock, args("50", Some("10.0.0.0/8"))).unwrap_err();
+        assert!(matches!(e, CliError::Client(_)), "{e}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub(crate) mod render;
 pub(crate) mod watch;
 
 use crate::{
-    agent::{self, options::AgentConfig},
+    agent::{self, flow_query::MAX_LIMIT, options::AgentConfig},
     backend_host::BackendHostError,
     cli::{
         args::{Cli, Command},
@@ -46,6 +46,8 @@ pub(crate) enum CliError {
     Unexpected(String),
     #[error("--interval {0} is too short: at least 100ms")]
     WatchInterval(String),
+    #[error("--limit {0:?} is not a number of flows from 1 to {MAX_LIMIT}")]
+    Limit(String),
     #[error("writing output: {0}")]
     Output(#[from] io::Error),
 }
@@ -111,6 +113,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vip(cmd) => commands::vip(&socket, cmd)?,
         Command::Backend(cmd) => commands::backend(&socket, cmd)?,
         Command::Stats(args) => commands::stats(&socket, args)?,
+        Command::Flows(args) => commands::flows(&socket, args)?,
         Command::Peers { json } => commands::peers(&socket, json)?,
         Command::BackendHost(cmd) => commands::backend_host(cmd).await?,
         Command::XdpPass(cmd) => commands::xdp_pass(cmd).await?,

@@ -2,7 +2,10 @@
 //! types of `api` as they are).
 
 use crate::{
-    api::{StatsReport, VipReport, VipSummary},
+    api::{
+        FlowCountReport, FlowFlushReport, FlowListReport, StatsReport, VipReport, VipSummary,
+        WalkReport,
+    },
     model::check::CheckKind,
     util::{fmt_age, fmt_duration},
 };
@@ -148,6 +151,90 @@ pub(crate) fn stats_text(stats: &StatsReport) -> String {
     out
 }
 
+/// `xlb flows`:
+/// ```text
+/// CLIENT            VIP                  BACKEND      AGE    ORIGIN
+/// 10.111.0.2:40312  10.111.100.1:80/tcp  10.111.1.11  350ms  local
+/// 1 flow matched (2 entries walked in 0.1 ms)
+/// ```
+pub(crate) fn flow_table(list: &FlowListReport) -> String {
+    let rows: Vec<Vec<String>> = list
+        .flows
+        .iter()
+        .map(|f| {
+            vec![
+                format!("{}:{}", f.client, f.client_port),
+                format!("{}/{}", f.vip, f.proto),
+                f.backend.to_string(),
+                fmt_age(Duration::from_millis(f.age_ms)),
+                f.origin.to_string(),
+            ]
+        })
+        .collect();
+    let mut out = if rows.is_empty() {
+        String::new()
+    } else {
+        table("", &["CLIENT", "VIP", "BACKEND", "AGE", "ORIGIN"], &rows)
+    };
+    let w = &list.walk;
+    let walked = walked(w);
+    out.push_str(&if list.left_out == 0 {
+        format!("{} matched ({walked})\n", flows_word(w.matched))
+    } else {
+        format!(
+            "{} matched: the {} most recent shown, {} left out (--limit N shows more; {walked})\n",
+            flows_word(w.matched),
+            list.flows.len(),
+            list.left_out
+        )
+    });
+    out
+}
+
+/// `xlb flows --count [--by ...]`: a table of the groups, then the total.
+pub(crate) fn count_text(count: &FlowCountReport) -> String {
+    let mut out = String::new();
+    if let Some(by) = count.by {
+        let rows: Vec<Vec<String>> = count
+            .groups
+            .iter()
+            .map(|g| vec![g.key.clone(), g.flows.to_string()])
+            .collect();
+        out.push_str(&table(
+            "",
+            &[&by.to_string().to_uppercase(), "FLOWS"],
+            &rows,
+        ));
+    }
+    let w = &count.walk;
+    out.push_str(&format!("{} ({})\n", flows_word(w.matched), walked(w)));
+    out
+}
+
+/// `xlb flows flush`: one line.
+pub(crate) fn flush_text(flush: &FlowFlushReport) -> String {
+    let w = &flush.walk;
+    format!(
+        "flushed {} ({} matched; {}, deleted in {:.1} ms)\n",
+        flows_word(flush.flushed),
+        w.matched,
+        walked(w),
+        flush.delete_ms
+    )
+}
+
+fn flows_word(n: u64) -> String {
+    if n == 1 {
+        "1 flow".to_string()
+    } else {
+        format!("{n} flows")
+    }
+}
+
+fn walked(w: &WalkReport) -> String {
+    format!("{} entries walked in {:.1} ms", w.entries, w.walk_ms)
+}
+
 /// `flow table: 12 of 262144 entries in use (0.0%)`.
 pub(super) fn flow_table_line(stats: &StatsReport) -> String {
     let pct = if stats.flow_capacity == 0 {
@@ -155,8 +242,12 @@ pub(super) fn flow_table_line(stats: &StatsReport) -> String {
     } else {
         stats.flow_entries as f64 * 100.0 / f64::from(stats.flow_capacity)
     };
+    let flushed = match stats.flows_flushed {
+        0 => String::new(),
+        n => format!("; {n} flows flushed since the agent started"),
+    };
     format!(
-        "flow table: {} of {} entries in use ({pct:.1}%)",
+        "flow table: {} of {} entries in use ({pct:.1}%){flushed}",
         stats.flow_entries, stats.flow_capacity
     )
 }
@@ -164,6 +255,78 @@ pub(super) fn flow_table_line(stats: &StatsReport) -> String {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::{
+        api::{FlowEntry, FlowGroup},
+        model::flows::{CountBy, Origin},
+    };
+
+    #[test]
+    fn flow_tables_say_what_was_left_out() {
+        let walk = WalkReport {
+            entries: 1_000_000,
+            matched: 3,
+            walk_ms: 265.04,
+        };
+        let entry = FlowEntry {
+            client: Ipv4Addr::new(10, 111, 0, 2),
+            client_port: 40312,
+            vip: "10.111.100.1:80".into(),
+            proto: Proto::Tcp,
+            backend: Ipv4Addr::new(10, 111, 1, 11),
+            age_ms: 1500,
+            origin: Origin::Peer,
+        };
+        let list = FlowListReport {
+            walk,
+            left_out: 2,
+            flows: vec![entry],
+        };
+        assert_eq!(
+            flow_table(&list),
+            "CLIENT            VIP                  BACKEND      AGE   ORIGIN\n\
+             10.111.0.2:40312  10.111.100.1:80/tcp  10.111.1.11  1.5s  peer\n\
+             3 flows matched: the 1 most recent shown, 2 left out (--limit N shows more; \
+             1000000 entries walked in 265.0 ms)\n"
+        );
+        let none = FlowListReport {
+            walk: WalkReport { matched: 0, ..walk },
+            left_out: 0,
+            flows: vec![],
+        };
+        assert_eq!(
+            flow_table(&none),
+            "0 flows matched (1000000 entries walked in 265.0 ms)\n"
+        );
+        let count = FlowCountReport {
+            walk,
+            by: Some(CountBy::Backend),
+            groups: vec![
+                FlowGroup {
+                    key: "10.111.1.11".into(),
+                    flows: 2,
+                },
+                FlowGroup {
+                    key: "10.111.1.12".into(),
+                    flows: 1,
+                },
+            ],
+        };
+        assert_eq!(
+            count_text(&count),
+            "BACKEND      FLOWS\n10.111.1.11  2\n10.111.1.12  1\n\
+             3 flows (1000000 entries walked in 265.0 ms)\n"
+        );
+        let flush = FlowFlushReport {
+            walk: WalkReport { matched: 1, ..walk },
+            flushed: 1,
+            delete_ms: 0.04,
+        };
+        assert_eq!(
+            flush_text(&flush),
+            "flushed 1 flow (1 matched; 1000000 entries walked in 265.0 ms, deleted in 0.0 ms)\n"
+        );
+    }
+
     use crate::{
         api::{BackendReport, BackendState, BackendSummary, LastCheck},
         model::{Forward, Proto, check::CheckSpec},
@@ -247,6 +410,7 @@ pub(super) mod tests {
             events: [("midflow_miss".to_string(), 2)].into_iter().collect(),
             flow_capacity: 262144,
             flow_entries: 12,
+            flows_flushed: 0,
         };
         let text = stats_text(&stats);
         assert!(text.starts_with(

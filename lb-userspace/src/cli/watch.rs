@@ -280,6 +280,7 @@ mod tests {
             events: [("midflow_miss".to_string(), 0)].into_iter().collect(),
             flow_capacity: 1000,
             flow_entries: 250,
+            flows_flushed: 0,
         }
     }
 

@@ -84,6 +84,51 @@ impl FlowTable {
         }
     }
 
+    /// Delete the entries of `keys` (batches of `BPF_MAP_DELETE_BATCH` where the kernel has it,
+    /// one `BPF_MAP_DELETE_ELEM` per key otherwise). How many were deleted: a key that is gone
+    /// already (evicted, or deleted by someone else since it was read) is skipped.
+    pub fn delete(&self, keys: &[FlowKey]) -> Result<u64, DataplaneError> {
+        let fd = self.map.map().fd().as_fd();
+        let io_err = |source| DataplaneError::Io {
+            what: format!("deleting entries of map {}", maps::FLOWS),
+            source,
+        };
+        let (mut done, mut deleted) = (0, 0u64);
+        while done < keys.len() {
+            let chunk = &keys[done..keys.len().min(done + BATCH)];
+            match delete_batch(fd, chunk) {
+                Ok(n) => {
+                    deleted += n as u64;
+                    done += n;
+                }
+                // The key after the `n` deleted ones is gone already: skip it.
+                Err((n, e)) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    deleted += n as u64;
+                    done += n + 1;
+                }
+                // No batch deletion here (a kernel before 5.6 or a map type without it: the
+                // kernel refused before deleting anything).
+                Err((_, e))
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | 524 | libc::EOPNOTSUPP)
+                    ) =>
+                {
+                    for key in &keys[done..] {
+                        match delete_elem(fd, key) {
+                            Ok(()) => deleted += 1,
+                            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                            Err(e) => return Err(io_err(e)),
+                        }
+                    }
+                    return Ok(deleted);
+                }
+                Err((_, e)) => return Err(io_err(e)),
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Entries, and active entries per backend slot and address (one walk).
     pub fn counts(&self) -> Result<FlowCounts, DataplaneError> {
         let since = monotonic_ns().saturating_sub(ACTIVE_FLOW_WINDOW.as_nanos() as u64);
@@ -132,6 +177,70 @@ struct BatchAttr {
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+/// `union bpf_attr` as `BPF_MAP_DELETE_ELEM` reads it (linux/bpf.h: map_fd, then the key pointer
+/// 8-byte aligned, the value pointer and flags that deletion leaves unused).
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Delete `keys` with one `BPF_MAP_DELETE_BATCH` call: `Ok(keys.len())`, or the error with how
+/// many keys were deleted before it (the kernel stops at the first key it cannot delete; the
+/// count is meaningful for ENOENT, which only a key it reached can cause).
+fn delete_batch(fd: BorrowedFd<'_>, keys: &[FlowKey]) -> Result<usize, (usize, io::Error)> {
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: `attr` points at `keys.len()` keys of the map's key type (`FlowKey`, plain
+    // `repr(C)` integers), alive and unchanged for the call; the kernel only reads them and
+    // writes `attr.count`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_BATCH,
+            &raw mut attr,
+            size_of::<BatchAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        let n = (attr.count as usize).min(keys.len());
+        return Err((n, io::Error::last_os_error()));
+    }
+    Ok(keys.len())
+}
+
+fn delete_elem(fd: BorrowedFd<'_>, key: &FlowKey) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        ..ElemAttr::default()
+    };
+    // SAFETY: `attr` points at one key of the map's key type, alive for the call; the kernel
+    // only reads it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &raw mut attr,
+            size_of::<ElemAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// Read the whole hash map `fd` in batches and call `f` for each entry. aya has no batch
 /// operations; one call copies thousands of entries, where the iterator makes two system calls
@@ -186,7 +295,7 @@ fn lookup_batches(fd: BorrowedFd<'_>, f: &mut impl FnMut(&FlowKey, &FlowValue)) 
 
 /// The data path's flow clock (`bpf_ktime_get_coarse_ns()`: CLOCK_MONOTONIC_COARSE), in
 /// nanoseconds.
-pub(super) fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -310,5 +419,8 @@ mod tests {
         assert_eq!(std::mem::offset_of!(BatchAttr, count), 32);
         assert_eq!(std::mem::offset_of!(BatchAttr, map_fd), 36);
         assert_eq!(std::mem::offset_of!(BatchAttr, flags), 48);
+        // map_fd (u32), key, value, flags (u64, 8-byte aligned).
+        assert_eq!(std::mem::offset_of!(ElemAttr, key), 8);
+        assert_eq!(size_of::<ElemAttr>(), 32);
     }
 }

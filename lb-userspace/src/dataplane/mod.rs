@@ -13,7 +13,7 @@ pub mod stats;
 pub mod vips;
 
 pub use attach::{AttachedMode, UnknownXdpMode, XdpModeChoice};
-pub use flows::{ACTIVE_FLOW_WINDOW, FlowCounts, FlowTable, InstallReport};
+pub use flows::{ACTIVE_FLOW_WINDOW, FlowCounts, FlowTable, InstallReport, monotonic_ns};
 pub use stats::{BackendStats, Counters, DataplaneStats, VipStats};
 
 use crate::{

@@ -20,6 +20,18 @@ pub(crate) enum ParseError {
         "malformed address {input:?}: a backend address takes no port (the VIP's port is kept)"
     )]
     UnexpectedPort { input: String },
+    #[error(
+        "malformed prefix {input:?}: expected ADDR/LEN with LEN 0-32 (e.g. 10.111.0.0/16) or one address"
+    )]
+    BadPrefix { input: String },
+    #[error(
+        "malformed prefix {input:?}: bits set after the first {len} (did you mean {net}/{len}?)"
+    )]
+    PrefixHostBits {
+        input: String,
+        net: Ipv4Addr,
+        len: u8,
+    },
 }
 
 /// Parse `ADDR:PORT` (a VIP). Port 0 is rejected: no packet is ever addressed to it.
@@ -76,6 +88,41 @@ pub(crate) fn parse_ipv4(input: &str) -> Result<Ipv4Addr, ParseError> {
         input: input.to_string(),
         addr: input.to_string(),
     })
+}
+
+/// Parse an IPv4 prefix, `ADDR/LEN`, or one address (`/32`). Bits set after the prefix length
+/// are refused rather than cleared: `10.111.0.5/16` is more likely a typo than a wish.
+pub(crate) fn parse_prefix(input: &str) -> Result<(Ipv4Addr, u8), ParseError> {
+    let bad = || ParseError::BadPrefix {
+        input: input.to_string(),
+    };
+    let (addr, len) = match input.split_once('/') {
+        Some((addr, len)) => {
+            let len: u8 = len.parse().map_err(|_| bad())?;
+            (addr, len)
+        }
+        None => (input, 32),
+    };
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    if len > 32 {
+        return Err(bad());
+    }
+    let net = Ipv4Addr::from(u32::from(addr) & prefix_mask(len));
+    if net != addr {
+        return Err(ParseError::PrefixHostBits {
+            input: input.to_string(),
+            net,
+            len,
+        });
+    }
+    Ok((addr, len))
+}
+
+/// The netmask of a prefix length (0-32), host order.
+pub(crate) fn prefix_mask(len: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32 - u32::from(len.min(32)))
+        .unwrap_or(0)
 }
 
 /// "Four dot-separated groups of digits": used only to pick the more helpful of two messages.
@@ -151,6 +198,39 @@ mod tests {
             parse_addr_port("").unwrap_err(),
             ParseError::NotAddrPort { .. }
         ));
+    }
+
+    #[test]
+    fn prefixes_parse_and_name_the_problem() {
+        let a = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            parse_prefix("10.111.0.0/16").unwrap(),
+            (a("10.111.0.0"), 16)
+        );
+        assert_eq!(parse_prefix("10.111.0.2").unwrap(), (a("10.111.0.2"), 32));
+        assert_eq!(parse_prefix("0.0.0.0/0").unwrap(), (a("0.0.0.0"), 0));
+        assert_eq!(
+            parse_prefix("10.111.0.2/32").unwrap(),
+            (a("10.111.0.2"), 32)
+        );
+        for bad in [
+            "10.111.0.0/33",
+            "10.111.0.0/",
+            "10.111.0/16",
+            "x/8",
+            "",
+            "10.111.0.0/-1",
+        ] {
+            let e = parse_prefix(bad).unwrap_err();
+            assert!(matches!(e, ParseError::BadPrefix { .. }), "{bad}: {e}");
+        }
+        assert_eq!(
+            parse_prefix("10.111.0.5/16").unwrap_err().to_string(),
+            "malformed prefix \"10.111.0.5/16\": bits set after the first 16 (did you mean 10.111.0.0/16?)"
+        );
+        assert_eq!(prefix_mask(0), 0);
+        assert_eq!(prefix_mask(8), 0xff00_0000);
+        assert_eq!(prefix_mask(32), u32::MAX);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub(crate) mod addr;
 pub mod check;
+pub mod flows;
 
 use crate::model::check::CheckSpec;
 use serde::{Deserialize, Serialize};

@@ -110,6 +110,8 @@ pub(crate) struct Controller<D> {
     retry: BTreeSet<ServiceKey>,
     /// The flow table's counts that reports show (walked off the serve loop: `agent::flows`).
     flows: Arc<FlowCounts>,
+    /// Flows deleted by `xlb flows flush` so far (counted by `agent::flow_query`).
+    flows_flushed: u64,
 }
 
 impl<D: DataplaneOps> Controller<D> {
@@ -127,6 +129,7 @@ impl<D: DataplaneOps> Controller<D> {
             health: HealthBook::default(),
             retry: BTreeSet::new(),
             flows: Arc::default(),
+            flows_flushed: 0,
         };
         for spec in initial.vips() {
             ctl.dp
@@ -190,6 +193,13 @@ impl<D: DataplaneOps> Controller<D> {
                 message: "peer sync is not configured on this agent (start it with --sync-listen)"
                     .to_string(),
             }),
+            // The connection tasks answer these with walks of their own (`agent::flow_query`);
+            // the controller has no handle to walk the table with.
+            Request::FlowList { .. } | Request::FlowCount { .. } | Request::FlowFlush { .. } => {
+                Ok(Response::Error {
+                    message: "flow queries are answered off the serve loop".to_string(),
+                })
+            }
             change => self
                 .change(change)
                 .map(|message| Response::Done { message }),
@@ -282,7 +292,13 @@ impl<D: DataplaneOps> Controller<D> {
                 self.vip_debug(&vip, false)?;
                 format!("VIP {vip}: data-path debug events off")
             }
-            Request::VipList | Request::BackendList { .. } | Request::Stats | Request::Peers => {
+            Request::VipList
+            | Request::BackendList { .. }
+            | Request::Stats
+            | Request::Peers
+            | Request::FlowList { .. }
+            | Request::FlowCount { .. }
+            | Request::FlowFlush { .. } => {
                 unreachable!("queries are answered by handle")
             }
         })
@@ -467,9 +483,10 @@ impl<D: DataplaneOps> Controller<D> {
         self.state.vips().map(VipSummary::from).collect()
     }
 
-    /// The flow table's counts the next reports show.
-    pub(crate) fn set_flow_counts(&mut self, flows: Arc<FlowCounts>) {
+    /// The flow table's counts, and the flows flushed so far, that the next reports show.
+    pub(crate) fn set_flow_counts(&mut self, flows: Arc<FlowCounts>, flushed: u64) {
         self.flows = flows;
+        self.flows_flushed = flushed;
     }
 
     pub(crate) fn backend_list(&self, key: &ServiceKey) -> Result<VipReport, ControllerError> {
@@ -490,6 +507,7 @@ impl<D: DataplaneOps> Controller<D> {
             events: stats.events.clone(),
             flow_capacity: stats.flow_capacity,
             flow_entries: self.flows.entries,
+            flows_flushed: self.flows_flushed,
         })
     }
 

@@ -361,7 +361,7 @@ fn reports_join_desired_state_and_counters() {
     // A walk of the flow table (made off the serve loop) found 3 active flows per backend and 5
     // entries.
     let counts = super::fake::flow_counts(f.ctl.dataplane(), 5, 3);
-    f.ctl.set_flow_counts(std::sync::Arc::new(counts));
+    f.ctl.set_flow_counts(std::sync::Arc::new(counts), 0);
     let r = f.ctl.backend_list(&key(80)).unwrap();
     assert_eq!(r.vip, "10.111.100.1:80");
     assert_eq!(r.packets, 10);

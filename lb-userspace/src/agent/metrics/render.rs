@@ -239,6 +239,14 @@ fn render_datapath(f: &Families, stats: &StatsReport) -> Result<(), MetricsError
     )?
     .with_label_values::<&str>(&[])
     .set(i64_of(stats.flow_entries));
+    f.counter(
+        "xlb_flows_flushed_total",
+        "Flows deleted from the flow table by `xlb flows flush` (their next packets took a \
+         backend anew).",
+        &[],
+    )?
+    .with_label_values::<&str>(&[])
+    .inc_by(stats.flows_flushed);
 
     Ok(())
 }
@@ -428,6 +436,7 @@ pub(super) mod tests {
             .collect(),
             flow_capacity: 262_144,
             flow_entries: 77,
+            flows_flushed: 5,
         }
     }
 
@@ -567,6 +576,7 @@ pub(super) mod tests {
         );
         assert_eq!(sample(&text, "xlb_flow_table_capacity"), 262144.0);
         assert_eq!(sample(&text, "xlb_flow_table_entries"), 77.0);
+        assert_eq!(sample(&text, "xlb_flows_flushed_total"), 5.0);
         let version = env!("CARGO_PKG_VERSION");
         assert_eq!(
             sample(&text, &format!(r#"xlb_build_info{{version="{version}"}}"#)),
@@ -582,6 +592,7 @@ pub(super) mod tests {
             ("xlb_backend_weight", "gauge"),
             ("xlb_health_check_duration_seconds", "gauge"),
             ("xlb_flow_table_entries", "gauge"),
+            ("xlb_flows_flushed_total", "counter"),
             ("xlb_build_info", "gauge"),
         ] {
             assert_eq!(type_of(&text, name), kind, "{name}");

@@ -1,0 +1,354 @@
+//! Which flows of the flow table an operator means (`xlb flows`, `xlb flows --count`, `xlb flows
+//! flush`): a filter the CLI sends and the agent applies to every entry of a walk, and the words
+//! the answers use (origin, count groups).
+//!
+//! A filter is matched against `FlowKey`/`FlowValue` as the kernel stores them: `FlowMatch` holds
+//! the filter in network order once, so a walk of a million entries compares integers only.
+
+use crate::model::{Proto, ServiceKey, addr::prefix_mask};
+use lb_common::{FLOW_F_PEER, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP};
+use serde::{Deserialize, Serialize};
+use std::{fmt, net::Ipv4Addr};
+
+/// A client prefix: the flows whose source address is in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientPrefix {
+    pub addr: Ipv4Addr,
+    /// 0-32.
+    pub len: u8,
+}
+
+impl ClientPrefix {
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        let mask = prefix_mask(self.len);
+        u32::from(addr) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl fmt::Display for ClientPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// The flows an operator means; every field given must match (no field: every flow).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowFilter {
+    /// Flows of this VIP (address, port and protocol).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<ServiceKey>,
+    /// Flows of this protocol (with `vip`, the VIP's protocol decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<Proto>,
+    /// Flows pinned to this backend address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Ipv4Addr>,
+    /// Flows whose client (source) address is in this prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<ClientPrefix>,
+}
+
+impl FlowFilter {
+    /// Whether it matches every flow.
+    pub fn is_empty(&self) -> bool {
+        *self == FlowFilter::default()
+    }
+
+    pub fn matcher(&self) -> FlowMatch {
+        FlowMatch {
+            vip: self
+                .vip
+                .map(|k| (ipv4_be(k.addr), k.port.to_be(), k.proto.ip_proto())),
+            proto: self.proto.map(Proto::ip_proto),
+            backend: self.backend.map(ipv4_be),
+            client: self.client.map(|c| {
+                let mask = prefix_mask(c.len);
+                (u32::from(c.addr) & mask, mask)
+            }),
+        }
+    }
+}
+
+impl fmt::Display for FlowFilter {
+    /// `VIP 10.111.100.1:80/tcp, backend 10.111.1.11`, or `every flow`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(vip) = self.vip {
+            parts.push(format!("VIP {vip}"));
+        } else if let Some(proto) = self.proto {
+            parts.push(format!("proto {proto}"));
+        }
+        if let Some(b) = self.backend {
+            parts.push(format!("backend {b}"));
+        }
+        if let Some(c) = self.client {
+            parts.push(format!("client {c}"));
+        }
+        if parts.is_empty() {
+            f.write_str("every flow")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
+/// A `FlowFilter` in the kernel's byte orders, for matching entries of a walk.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowMatch {
+    /// Address and port in network order, IP protocol number.
+    vip: Option<(u32, u16, u8)>,
+    proto: Option<u8>,
+    /// Network order.
+    backend: Option<u32>,
+    /// Prefix and mask, host order (the key's address is swapped once per entry that gets here).
+    client: Option<(u32, u32)>,
+}
+
+impl FlowMatch {
+    #[inline]
+    pub fn matches(&self, key: &FlowKey, value: &FlowValue) -> bool {
+        if let Some((addr, port, proto)) = self.vip
+            && (key.dst_addr, key.dst_port, key.proto) != (addr, port, proto)
+        {
+            return false;
+        }
+        if self.proto.is_some_and(|p| p != key.proto) {
+            return false;
+        }
+        if self.backend.is_some_and(|b| b != value.backend_addr) {
+            return false;
+        }
+        if let Some((net, mask)) = self.client
+            && u32::from_be(key.src_addr) & mask != net
+        {
+            return false;
+        }
+        true
+    }
+}
+
+/// Who chose a flow's backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// This node's data path.
+    Local,
+    /// A peer, whose sync installed the flow here.
+    Peer,
+}
+
+impl Origin {
+    pub fn of(value: &FlowValue) -> Self {
+        if value.flags & FLOW_F_PEER != 0 {
+            Origin::Peer
+        } else {
+            Origin::Local
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Origin::Local => "local",
+            Origin::Peer => "peer",
+        })
+    }
+}
+
+/// How `xlb flows --count --by` groups the flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CountBy {
+    /// Per VIP (`ADDR:PORT/PROTO`).
+    Vip,
+    /// Per backend address.
+    Backend,
+    /// Per origin (`local`, `peer`).
+    Origin,
+}
+
+impl fmt::Display for CountBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CountBy::Vip => "vip",
+            CountBy::Backend => "backend",
+            CountBy::Origin => "origin",
+        })
+    }
+}
+
+/// The protocol of a flow key's IP protocol number (`None`: neither TCP nor UDP, which the data
+/// path never stores).
+pub fn proto_of(ip_proto: u8) -> Option<Proto> {
+    match ip_proto {
+        IPPROTO_TCP => Some(Proto::Tcp),
+        IPPROTO_UDP => Some(Proto::Udp),
+        _ => None,
+    }
+}
+
+/// A flow key's VIP as a `ServiceKey` (`None` for a protocol other than TCP and UDP).
+pub fn vip_of(key: &FlowKey) -> Option<ServiceKey> {
+    Some(ServiceKey {
+        addr: Ipv4Addr::from(u32::from_be(key.dst_addr)),
+        port: u16::from_be(key.dst_port),
+        proto: proto_of(key.proto)?,
+    })
+}
+
+fn ipv4_be(addr: Ipv4Addr) -> u32 {
+    u32::from(addr).to_be()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn a(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    /// A flow from `client:port` to `vip:80/proto`, pinned to `backend`.
+    pub(crate) fn flow(
+        client: &str,
+        port: u16,
+        vip: &str,
+        proto: Proto,
+        backend: &str,
+        seen: u64,
+        flags: u32,
+    ) -> (FlowKey, FlowValue) {
+        (
+            FlowKey {
+                src_addr: ipv4_be(a(client)),
+                dst_addr: ipv4_be(a(vip)),
+                src_port: port.to_be(),
+                dst_port: 80u16.to_be(),
+                proto: proto.ip_proto(),
+                _pad: [0; 3],
+            },
+            FlowValue {
+                backend_addr: ipv4_be(a(backend)),
+                backend_id: 0,
+                last_seen_ns: seen,
+                flags,
+                _pad: 0,
+            },
+        )
+    }
+
+    #[test]
+    fn every_field_of_a_filter_must_match() {
+        let (k, v) = flow(
+            "10.111.0.2",
+            4000,
+            "10.111.100.1",
+            Proto::Tcp,
+            "10.111.1.11",
+            0,
+            0,
+        );
+        let vip = ServiceKey {
+            addr: a("10.111.100.1"),
+            port: 80,
+            proto: Proto::Tcp,
+        };
+        let yes = |f: FlowFilter| assert!(f.matcher().matches(&k, &v), "{f}");
+        let no = |f: FlowFilter| assert!(!f.matcher().matches(&k, &v), "{f}");
+        yes(FlowFilter::default());
+        yes(FlowFilter {
+            vip: Some(vip),
+            backend: Some(a("10.111.1.11")),
+            client: Some(ClientPrefix {
+                addr: a("10.111.0.0"),
+                len: 24,
+            }),
+            proto: None,
+        });
+        no(FlowFilter {
+            vip: Some(ServiceKey { port: 81, ..vip }),
+            ..Default::default()
+        });
+        no(FlowFilter {
+            vip: Some(ServiceKey {
+                proto: Proto::Udp,
+                ..vip
+            }),
+            ..Default::default()
+        });
+        yes(FlowFilter {
+            proto: Some(Proto::Tcp),
+            ..Default::default()
+        });
+        no(FlowFilter {
+            proto: Some(Proto::Udp),
+            ..Default::default()
+        });
+        no(FlowFilter {
+            backend: Some(a("10.111.1.12")),
+            ..Default::default()
+        });
+        for (prefix, len, hit) in [
+            ("10.111.0.2", 32, true),
+            ("10.111.0.3", 32, false),
+            ("10.0.0.0", 8, true),
+            ("10.112.0.0", 16, false),
+            ("0.0.0.0", 0, true),
+        ] {
+            let f = FlowFilter {
+                client: Some(ClientPrefix {
+                    addr: a(prefix),
+                    len,
+                }),
+                ..Default::default()
+            };
+            assert_eq!(f.matcher().matches(&k, &v), hit, "{f}");
+        }
+    }
+
+    #[test]
+    fn origin_and_vip_come_from_the_entry() {
+        let (k, v) = flow(
+            "10.111.0.2",
+            4000,
+            "10.111.100.1",
+            Proto::Udp,
+            "10.111.1.11",
+            0,
+            0,
+        );
+        assert_eq!(Origin::of(&v), Origin::Local);
+        let peer = FlowValue {
+            flags: FLOW_F_PEER,
+            ..v
+        };
+        assert_eq!(Origin::of(&peer), Origin::Peer);
+        assert_eq!(vip_of(&k).unwrap().to_string(), "10.111.100.1:80/udp");
+        assert_eq!(vip_of(&FlowKey { proto: 1, ..k }), None);
+    }
+
+    #[test]
+    fn filters_describe_themselves_and_travel_as_json() {
+        let f = FlowFilter {
+            proto: Some(Proto::Udp),
+            client: Some(ClientPrefix {
+                addr: a("10.111.0.0"),
+                len: 16,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(f.to_string(), "proto udp, client 10.111.0.0/16");
+        assert_eq!(FlowFilter::default().to_string(), "every flow");
+        let json = serde_json::to_string(&f).unwrap();
+        assert_eq!(
+            json,
+            r#"{"proto":"udp","client":{"addr":"10.111.0.0","len":16}}"#
+        );
+        assert_eq!(serde_json::from_str::<FlowFilter>(&json).unwrap(), f);
+        assert_eq!(
+            serde_json::from_str::<FlowFilter>("{}").unwrap(),
+            FlowFilter::default()
+        );
+    }
+}
