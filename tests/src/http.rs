@@ -1,6 +1,7 @@
 //! A minimal HTTP/1.1 client on std sockets, for use inside a namespace (from a thread that joined
-//! it, see [`crate::netns::Netns::enter`]): one request per connection (`Connection: close`), every
-//! step bounded by a timeout. Faster than spawning curl, and it can stop reading half-way.
+//! it, see [`crate::netns::Netns::enter`]): one request per connection (`Connection: close`), or
+//! several on one kept-alive connection ([`KeepAlive`]), every step bounded by a timeout. Faster
+//! than spawning curl, and it can stop reading half-way.
 
 use anyhow::{Context, Result, bail, ensure};
 use std::{
@@ -107,6 +108,20 @@ pub fn open(target: SocketAddr, path: &str, timeout: Duration) -> Result<Stream>
         "GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: xlb-tests\r\nConnection: close\r\n\r\n"
     )
     .context("sending the request")?;
+    let (status, headers, head_of_body) = read_head(&mut conn)?;
+    Ok(Stream {
+        status,
+        headers,
+        conn,
+        head_of_body,
+    })
+}
+
+type Head = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// Reads a response's status line and headers: the status, the headers (names lower-cased) and
+/// the body bytes that came with them.
+fn read_head(conn: &mut TcpStream) -> Result<Head> {
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
     let end = loop {
@@ -137,12 +152,67 @@ pub fn open(target: SocketAddr, path: &str, timeout: Duration) -> Result<Stream>
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
-    Ok(Stream {
-        status,
-        headers,
-        conn,
-        head_of_body: head[end + 4..].to_vec(),
-    })
+    Ok((status, headers, head[end + 4..].to_vec()))
+}
+
+/// One connection kept open for several requests (HTTP/1.1 keep-alive), every step bounded by
+/// the timeout given at `connect`. Bodies must carry `Content-Length` (nginx's static answers do).
+pub struct KeepAlive {
+    conn: TcpStream,
+    target: SocketAddr,
+}
+
+impl KeepAlive {
+    /// Connects to `target` (inside the caller's namespace; the socket stays there when it is
+    /// used from another thread later).
+    pub fn connect(target: SocketAddr, timeout: Duration) -> Result<Self> {
+        let conn = TcpStream::connect_timeout(&target, timeout)
+            .with_context(|| format!("connecting to {target}"))?;
+        conn.set_read_timeout(Some(timeout))?;
+        conn.set_write_timeout(Some(timeout))?;
+        conn.set_nodelay(true)?;
+        Ok(Self { conn, target })
+    }
+
+    /// The client's local port: with the VIP as destination it identifies the flow.
+    pub fn local_port(&self) -> u16 {
+        self.conn.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// `GET path` on this connection, which stays open for the next one.
+    pub fn get(&mut self, path: &str) -> Result<Response> {
+        write!(
+            self.conn,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: xlb-tests\r\n\r\n",
+            self.target
+        )
+        .context("sending the request")?;
+        let (status, headers, mut body) = read_head(&mut self.conn)?;
+        let want: usize = header(&headers, "content-length")
+            .context("a keep-alive answer without Content-Length")?
+            .parse()
+            .context("bad Content-Length")?;
+        let mut buf = [0u8; 4096];
+        while body.len() < want {
+            let n = self.conn.read(&mut buf).context("reading the body")?;
+            ensure!(
+                n > 0,
+                "connection closed after {} of {want} bytes",
+                body.len()
+            );
+            body.extend_from_slice(&buf[..n]);
+        }
+        ensure!(
+            body.len() == want,
+            "{} body bytes, Content-Length {want}",
+            body.len()
+        );
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
 }
 
 /// One complete `GET path` on a new connection; the whole exchange within about 3 × `timeout`.
