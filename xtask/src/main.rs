@@ -72,7 +72,7 @@ enum Task {
         /// Leave out the end-to-end and packet-rate part.
         #[arg(long)]
         skip_e2e: bool,
-        /// Run only this part (repeatable): packets, control-plane, serve-loop, e2e.
+        /// Run only this part (repeatable): packets, control-plane, serve-loop, flows, e2e.
         #[arg(long, value_name = "PART")]
         only: Vec<String>,
     },

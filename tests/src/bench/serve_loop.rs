@@ -5,6 +5,10 @@
 //! the data path — from the check server's first answer in the new state to the VIP's ring in the
 //! kernel (`VIPS`, read by map id) having the backend's slot added or removed.
 //!
+//! With `xlb flows` queries on (issue 18), a third client runs `xlb flows --count` and `xlb flows
+//! --limit 100` once a second each, so the stats round trips and health changes are measured
+//! while the table is walked for them.
+//!
 //! The table is filled the way a peer fills it: an in-process sync node streams the flows to the
 //! agent's `--sync-listen` (authenticated frames), and the agent installs them.
 
@@ -63,10 +67,23 @@ pub struct Load {
     pub scrape_ms: Vec<f64>,
     /// Health changes, check answer → data path, ms.
     pub health_ms: Vec<f64>,
+    /// `xlb flows` queries, when asked for.
+    pub flows: Option<FlowQueries>,
 }
 
-/// Run the agent with a table of `capacity` entries, full, and measure for `window`.
-pub fn measure(capacity: u32, window: Duration) -> Result<Load> {
+/// `xlb flows` round trips (the CLI process, start to exit) and the walks the agent reported for
+/// them, ms.
+#[derive(Default)]
+pub struct FlowQueries {
+    pub count_ms: Vec<f64>,
+    pub count_walk_ms: Vec<f64>,
+    pub list_ms: Vec<f64>,
+    pub list_walk_ms: Vec<f64>,
+}
+
+/// Run the agent with a table of `capacity` entries, full, and measure for `window`; with
+/// `flows`, `xlb flows` queries run meanwhile.
+pub fn measure(capacity: u32, window: Duration, flows: bool) -> Result<Load> {
     let ns = Netns::create(&format!("{}-serve", netns::unique_prefix()))?;
     ns.sh(&namespace_script())?;
     let dir = TempDir::new(&format!("{}-serve", netns::unique_prefix()))?;
@@ -78,7 +95,7 @@ pub fn measure(capacity: u32, window: Duration) -> Result<Load> {
         let (flip, stop) = (flip.clone(), stop.clone());
         ns.spawn(move || serve_checks(&flip, &stop))
     };
-    let result = run(&ns, dir.path(), &key, capacity, window, &flip);
+    let result = run(&ns, dir.path(), &key, (capacity, window, flows), &flip);
     stop.store(true, Ordering::Relaxed);
     netns::join(checks, "check server")?;
     result
@@ -104,8 +121,7 @@ fn run(
     ns: &Netns,
     dir: &Path,
     key: &Path,
-    capacity: u32,
-    window: Duration,
+    (capacity, window, flows): (u32, Duration, bool),
     flip: &Arc<Flip>,
 ) -> Result<Load> {
     let cap = capacity.to_string();
@@ -131,17 +147,18 @@ fn run(
         "bench: serve loop: {entries} flow entries after {fill_s:.1} s; measuring for {window:?}"
     );
     let vips = vips_map(agent.pid())?;
-    let load = under_load(ns, &xlb, &vips, flip, window);
+    let load = under_load(ns, &xlb, &vips, flip, (window, flows));
     agent.ensure_running()?;
     let status = agent.stop()?;
     ensure!(status.success(), "the agent exited with {status}");
-    let (stats_ms, scrape_ms, health_ms) = load?;
+    let (stats_ms, scrape_ms, health_ms, flows) = load?;
     Ok(Load {
         entries,
         fill_s,
         stats_ms,
         scrape_ms,
         health_ms,
+        flows,
     })
 }
 
@@ -343,28 +360,79 @@ fn serve_checks(flip: &Flip, stop: &AtomicBool) -> Result<()> {
     Ok(())
 }
 
-type Samples = (Vec<f64>, Vec<f64>, Vec<f64>);
+type Samples = (Vec<f64>, Vec<f64>, Vec<f64>, Option<FlowQueries>);
 
-/// The stats client and the scraper run for `window` while the health flips.
+/// The stats client and the scraper (and, with `flows`, the flows client) run for `window` while
+/// the health flips.
 fn under_load(
     ns: &Netns,
     xlb: &Xlb,
     vips: &BpfHashMap<MapData, VipKey, VipMeta>,
     flip: &Flip,
-    window: Duration,
+    (window, flows): (Duration, bool),
 ) -> Result<Samples> {
     let until = Instant::now() + window;
     let stats = {
         let cmd = xlb.clone();
         thread::spawn(move || every(STATS_EVERY, until, || stats_round_trip(&cmd)))
     };
+    let queries = flows.then(|| {
+        let cmd = xlb.clone();
+        thread::spawn(move || flow_queries(&cmd, until))
+    });
     let scrapes = ns.spawn(move || every(SCRAPE_EVERY, until, scrape));
     let health = flips(vips, flip, until);
     let stats = stats
         .join()
         .map_err(|_| anyhow::anyhow!("the stats thread panicked"))?;
+    let queries = queries
+        .map(|q| {
+            q.join()
+                .map_err(|_| anyhow::anyhow!("the flows thread panicked"))?
+        })
+        .transpose()?;
     let scrapes = netns::join(scrapes, "scrape")?;
-    Ok((stats?, scrapes, health?))
+    Ok((stats?, scrapes, health?, queries))
+}
+
+/// `xlb flows --count` and `xlb flows --limit 100`, once a second each, until `until`.
+fn flow_queries(xlb: &Xlb, until: Instant) -> Result<FlowQueries> {
+    let mut q = FlowQueries::default();
+    let mut next = Instant::now();
+    while next < until {
+        interrupt::check()?;
+        let (ms, v) = flows_round_trip(xlb, &["--count"])?;
+        ensure!(
+            v["matched"].as_u64().unwrap_or(0) > 0,
+            "no flows counted: {v}"
+        );
+        q.count_ms.push(ms);
+        q.count_walk_ms
+            .push(v["walk_ms"].as_f64().unwrap_or(f64::NAN));
+        let (ms, v) = flows_round_trip(xlb, &["--limit", "100"])?;
+        let listed = v["flows"].as_array().map_or(0, Vec::len);
+        ensure!(listed == 100, "{listed} flows listed, not 100");
+        q.list_ms.push(ms);
+        q.list_walk_ms
+            .push(v["walk_ms"].as_f64().unwrap_or(f64::NAN));
+        next += SCRAPE_EVERY;
+        thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    Ok(q)
+}
+
+/// One `xlb flows ARGS --json`: the CLI process's round trip (ms) and its answer.
+fn flows_round_trip(xlb: &Xlb, args: &[&str]) -> Result<(f64, serde_json::Value)> {
+    let t = Instant::now();
+    let out = Command::new(&xlb.bin)
+        .arg("flows")
+        .args(args)
+        .args(["--json", "--socket"])
+        .arg(&xlb.socket)
+        .output()?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    ensure!(out.status.success(), "xlb flows {args:?}: {out:?}");
+    Ok((ms, serde_json::from_slice(&out.stdout)?))
 }
 
 /// Run `f` every `period` until `until`; its durations in ms.

@@ -86,6 +86,8 @@ enum Part {
     ControlPlane,
     /// The agent's serve loop under stats and scrapes with its flow table full.
     ServeLoop,
+    /// `xlb flows` (count, list of 100) on a full table, and the serve loop meanwhile.
+    Flows,
     /// End to end and packet rate in the netns topology.
     E2e,
 }
@@ -183,6 +185,11 @@ fn run(args: &Args) -> Result<()> {
         let (serve_rows, serve_targets) = serve_loop_rows(&plan)?;
         rows.extend(serve_rows);
         targets.markdown.push_str(&serve_targets);
+    }
+    if args.wants(Part::Flows) {
+        let (flow_rows, flow_targets) = flows_rows(&plan)?;
+        rows.extend(flow_rows);
+        targets.markdown.push_str(&flow_targets);
     }
 
     let mut md = stats::markdown(&rows);
@@ -1008,7 +1015,7 @@ fn serve_loop_rows(plan: &Plan) -> Result<(Vec<Row>, String)> {
     let s = "Serve loop under load";
     let capacity = 1 << 20;
     println!("bench: serve loop, flow table full at {capacity} entries");
-    let load = serve_loop::measure(capacity, plan.serve_window)?;
+    let load = serve_loop::measure(capacity, plan.serve_window, false)?;
     let p99 = |v: &[f64]| stats::percentile(v, 0.99);
     let max = |v: &[f64]| stats::percentile(v, 1.0);
     let rows = vec![
@@ -1048,6 +1055,81 @@ fn serve_loop_rows(plan: &Plan) -> Result<(Vec<Row>, String)> {
     let targets = format!(
         "\n- Serve loop with the flow table full ({} entries): p99 of the `xlb stats --json` round trip {:.1} ms, largest health-change delay {:.1} ms; target both under 50 ms: {} and {}.\n",
         load.entries,
+        p99(&load.stats_ms),
+        max(&load.health_ms),
+        verdict(p99(&load.stats_ms)),
+        verdict(max(&load.health_ms)),
+    );
+    Ok((rows, targets))
+}
+
+/// `xlb flows --count` and `xlb flows --limit 100` once a second each on a table full at 1M
+/// entries, with the serve loop's stats round trips and health changes measured meanwhile (issue
+/// 18: the walks never delay them).
+fn flows_rows(plan: &Plan) -> Result<(Vec<Row>, String)> {
+    let s = "`xlb flows` on a full table";
+    let capacity = 1 << 20;
+    println!("bench: xlb flows, flow table full at {capacity} entries");
+    let load = serve_loop::measure(capacity, plan.serve_window, true)?;
+    let q = load
+        .flows
+        .as_ref()
+        .context("the flows client measured nothing")?;
+    let p99 = |v: &[f64]| stats::percentile(v, 0.99);
+    let max = |v: &[f64]| stats::percentile(v, 1.0);
+    let rows = vec![
+        Row::new(
+            s,
+            "`xlb flows --count`, round trip of the CLI process",
+            "ms",
+            Spread::of(&q.count_ms),
+        )
+        .note(format!(
+            "{} entries; the agent's walk (reported) median {:.0} ms; {} queries",
+            load.entries,
+            median(&q.count_walk_ms),
+            q.count_ms.len()
+        )),
+        Row::new(
+            s,
+            "`xlb flows --limit 100`, round trip of the CLI process",
+            "ms",
+            Spread::of(&q.list_ms),
+        )
+        .note(format!(
+            "walk with the bounded top-100 heap, median {:.0} ms; {} queries",
+            median(&q.list_walk_ms),
+            q.list_ms.len()
+        )),
+        Row::new(
+            s,
+            "`xlb stats --json` every 100 ms meanwhile, round trip",
+            "ms",
+            Spread::of(&load.stats_ms),
+        )
+        .note(format!(
+            "p99 {:.1} ms over {} requests",
+            p99(&load.stats_ms),
+            load.stats_ms.len()
+        )),
+        Row::new(
+            s,
+            "health change → data path meanwhile",
+            "ms",
+            Spread::of(&load.health_ms),
+        )
+        .note(format!(
+            "largest {:.1} ms over {} changes",
+            max(&load.health_ms),
+            load.health_ms.len()
+        )),
+    ];
+    let verdict = |v: f64| if v < 50.0 { "**met**" } else { "**missed**" };
+    let targets = format!(
+        "\n- `xlb flows` on a full table ({} entries): count {:.0} ms, list of 100 {:.0} ms (medians of the CLI round trip); meanwhile p99 of `xlb stats --json` {:.1} ms and largest health-change delay {:.1} ms; target both under 50 ms: {} and {}.\n",
+        load.entries,
+        median(&q.count_ms),
+        median(&q.list_ms),
         p99(&load.stats_ms),
         max(&load.health_ms),
         verdict(p99(&load.stats_ms)),
