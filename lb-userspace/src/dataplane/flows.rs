@@ -205,19 +205,10 @@ fn delete_batch(fd: BorrowedFd<'_>, keys: &[FlowKey]) -> Result<usize, (usize, i
     // SAFETY: `attr` points at `keys.len()` keys of the map's key type (`FlowKey`, plain
     // `repr(C)` integers), alive and unchanged for the call; the kernel only reads them and
     // writes `attr.count`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_DELETE_BATCH,
-            &raw mut attr,
-            size_of::<BatchAttr>() as u32,
-        )
-    };
-    if rc < 0 {
-        let n = (attr.count as usize).min(keys.len());
-        return Err((n, io::Error::last_os_error()));
+    match unsafe { bpf(BPF_MAP_DELETE_BATCH, &mut attr) } {
+        Ok(()) => Ok(keys.len()),
+        Err(e) => Err(((attr.count as usize).min(keys.len()), e)),
     }
-    Ok(keys.len())
 }
 
 fn delete_elem(fd: BorrowedFd<'_>, key: &FlowKey) -> io::Result<()> {
@@ -228,14 +219,17 @@ fn delete_elem(fd: BorrowedFd<'_>, key: &FlowKey) -> io::Result<()> {
     };
     // SAFETY: `attr` points at one key of the map's key type, alive for the call; the kernel
     // only reads it.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_DELETE_ELEM,
-            &raw mut attr,
-            size_of::<ElemAttr>() as u32,
-        )
-    };
+    unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) }
+}
+
+/// The `bpf(2)` system call with command `cmd` and `attr` as its `union bpf_attr`.
+///
+/// # Safety
+/// `attr` must have the layout the kernel reads for `cmd`, and every pointer in it must be valid
+/// for what the kernel does with it during the call.
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+    // SAFETY: guaranteed by the caller; `attr` itself is valid for `size_of::<A>()` bytes.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, size_of::<A>() as u32) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -265,15 +259,7 @@ fn lookup_batches(fd: BorrowedFd<'_>, f: &mut impl FnMut(&FlowKey, &FlowValue)) 
         // types (`FlowKey`, `FlowValue`: plain `repr(C)` integers) and two 8-byte tokens, all
         // alive and not otherwise borrowed for the duration of the call; the kernel writes at
         // most `count` entries and one token.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        let err = (rc < 0).then(io::Error::last_os_error);
+        let err = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         // Also on ENOENT (the end of the table) `count` holds the entries of this last batch.
         let n = match &err {
             None => attr.count as usize,
