@@ -8,7 +8,7 @@
 //! client network via 10.111.1.1. Needs root.
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use lb_common::{DEFAULT_FLOW_CAPACITY, FlowEvent, FlowKey, reason};
+use lb_common::{DEFAULT_FLOW_CAPACITY, FLOW_F_PEER, FlowEvent, FlowKey, reason};
 use std::{collections::BTreeSet, net::Ipv4Addr};
 use xlb::{
     dataplane::{Dataplane, persistent},
@@ -1465,6 +1465,32 @@ fn flows_are_reported_and_peer_flows_are_honoured() {
             snapshot,
             vec![(55000, be(0)), (55001, be(2)), (55002, be(1))]
         );
+
+        // Origin: only the installed flow carries the peer bit; the data path's are local.
+        let flows = dp.flows().unwrap();
+        let flags = |sport| {
+            flows
+                .get(&peer_flow(sport, BACKENDS[0]).flow, 0)
+                .unwrap()
+                .flags
+        };
+        assert_eq!(
+            (flags(55000), flags(55001), flags(55002)),
+            (0, FLOW_F_PEER, 0)
+        );
+        // Deletion in a batch skips a key that is not there and goes on with the next one.
+        let keys: Vec<FlowKey> = [55000, 55003, 55002]
+            .iter()
+            .map(|p| peer_flow(*p, BACKENDS[0]).flow)
+            .collect();
+        assert_eq!(dp.flow_table().unwrap().delete(&keys).unwrap(), 2);
+        let left: Vec<u16> = dp
+            .snapshot_flows(std::time::Duration::from_secs(60))
+            .unwrap()
+            .iter()
+            .map(|e| u16::from_be(e.flow.src_port))
+            .collect();
+        assert_eq!(left, vec![55001]);
     });
 }
 
