@@ -210,8 +210,8 @@ pub(crate) enum FlowsCommand {
     Flush {
         #[command(flatten)]
         filter: FilterArgs,
-        /// Flush every flow (only without a filter).
-        #[arg(long)]
+        /// Flush every flow (refused together with a filter).
+        #[arg(long, conflicts_with_all = ["vip", "proto", "backend", "client"])]
         all: bool,
         /// Print JSON instead of a line.
         #[arg(long)]
@@ -817,6 +817,16 @@ mod tests {
             f.command,
             Some(FlowsCommand::Flush { all: true, .. })
         ));
+        for with_filter in [
+            &["flows", "flush", "--all", "10.111.100.1:80"][..],
+            &["flows", "flush", "--all", "--backend", "10.111.1.11"],
+            &["flows", "flush", "--all", "--client", "10.0.0.0/8"],
+            &["flows", "flush", "--all", "--proto", "udp"],
+        ] {
+            let mut argv = vec!["xlb"];
+            argv.extend(with_filter);
+            assert!(Cli::try_parse_from(argv).is_err(), "{with_filter:?}");
+        }
     }
 
     #[test]
