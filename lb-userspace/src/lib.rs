@@ -13,6 +13,7 @@ pub(crate) mod cli;
 pub mod dataplane;
 pub mod model;
 pub mod netlink;
+pub mod pg_probe;
 pub mod sync;
 pub mod util;
 
