@@ -111,6 +111,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     let topo = Topology::build(TopologyOptions {
         backends: 0,
         lb2: false,
+        ..Default::default()
     })
     .unwrap();
     let dir = TempDir::new(topo.prefix()).unwrap();
