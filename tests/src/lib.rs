@@ -16,6 +16,8 @@ pub mod http;
 pub mod interrupt;
 pub mod netns;
 pub mod packet;
+pub mod pki;
+pub mod postgres;
 pub mod process;
 pub mod profile;
 pub mod testbed;

@@ -70,7 +70,8 @@ pub fn sweep_stale() -> Result<()> {
         }
         let _ = run("ip", &["netns", "del", &name]);
     }
-    // Their temporary directories (configs, logs, agent state) too.
+    // Their temporary directories (configs, logs, agent state) and database directories too.
+    crate::postgres::sweep_stale_dirs(is_stale);
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
         for entry in entries.flatten() {
             if entry.file_name().to_str().is_some_and(is_stale) {
