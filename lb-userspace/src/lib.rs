@@ -15,6 +15,7 @@ pub mod model;
 pub mod netlink;
 pub mod pg_probe;
 pub mod sync;
+pub mod tls_check;
 pub mod util;
 
 pub use cli::main;

@@ -7,6 +7,7 @@
 //! every probe (so a rotated password is picked up without a restart) and is never part of an
 //! error, a log line or a result.
 
+use crate::client::os_message;
 use std::{
     fmt, io,
     net::SocketAddr,
@@ -76,7 +77,7 @@ pub enum PgProbeError {
     /// The TCP connection failed; the caller words the I/O error.
     #[error("{0}")]
     Connect(io::Error),
-    #[error("cannot read password file {}: {source}", path.display())]
+    #[error("cannot read password file {}: {}", path.display(), os_message(source))]
     PasswordFile { path: PathBuf, source: io::Error },
     #[error("password file {} is larger than {MAX_PASSWORD_FILE} bytes", .0.display())]
     PasswordFileTooLarge(PathBuf),
@@ -229,7 +230,7 @@ mod tests {
         let e = read_password(missing).unwrap_err().to_string();
         assert_eq!(
             e,
-            "cannot read password file /nonexistent/xlb-password: No such file or directory (os error 2)"
+            "cannot read password file /nonexistent/xlb-password: No such file or directory"
         );
         let mut big = tempfile::NamedTempFile::new().unwrap();
         big.write_all(&vec![b'x'; 5000]).unwrap();

@@ -2,14 +2,17 @@
 //! PostgreSQL primary/replicas behind a write VIP and a read VIP.
 
 use std::{net::SocketAddr, path::PathBuf};
-use xlb::pg_probe::{PgRole, PgStatus, PgTarget, probe};
+use xlb::{
+    pg_probe::{PgRole, PgStatus, PgTarget, probe},
+    tls_check::{TlsTarget, certificate_reason},
+};
 use xlb_tests::{
-    backend::HTTPS_PORT,
+    backend::{HTTPS_EXPIRED_PORT, HTTPS_PORT, HTTPS_WRONG_NAME_PORT},
     netns::require_root,
     pki::SERVICE_NAME,
     postgres::{CHECK_MD5_USER, CHECK_USER, PG_PORT, PgClient},
     testbed::{Testbed, TestbedOptions},
-    topology::{VIP, VIP2, db_addr},
+    topology::{VIP, VIP2, backend_addr, db_addr},
 };
 
 /// The stack's test bed before any database-aware check: plain TCP checks, so only the plumbing
@@ -37,6 +40,27 @@ fn stack_bed_plumbing() {
         ])
         .unwrap();
     assert_eq!(out.checked().unwrap().stdout.trim(), "be1");
+
+    // xlb's https-check client from lb1 against be1's three TLS ports, verified with the test CA
+    // and the service name.
+    for (port, want) in [
+        (HTTPS_PORT, Ok("be1".to_string())),
+        (
+            HTTPS_WRONG_NAME_PORT,
+            Err(format!(
+                "certificate not valid for name {SERVICE_NAME} (it is for other.xlb.test)"
+            )),
+        ),
+        (HTTPS_EXPIRED_PORT, Err("certificate expired".to_string())),
+    ] {
+        let target = TlsTarget {
+            addr: SocketAddr::from((backend_addr(1), port)),
+            sni: Some(SERVICE_NAME.into()),
+            ca: Some(ca.clone()),
+            verify: true,
+        };
+        assert_eq!(https_from_lb1(&bed, target), want, "port {port}");
+    }
 
     for (vip, db) in [(VIP, 1), (VIP2, 2)] {
         let v = format!("{vip}:{PG_PORT}");
@@ -125,4 +149,24 @@ fn pg_target(db: usize, user: &str, password_file: Option<PathBuf>) -> PgTarget 
         database: "postgres".into(),
         password_file,
     }
+}
+
+/// `GET /` with xlb's https-check client, run from lb1: the body, or the certificate problem.
+fn https_from_lb1(bed: &Testbed, target: TlsTarget) -> Result<String, String> {
+    bed.ns("lb1")
+        .enter(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let client = target.client(reqwest::Client::builder()).unwrap();
+            let url = format!("{}/", target.base_url());
+            rt.block_on(async {
+                match client.get(&url).send().await {
+                    Ok(r) => Ok(r.text().await.unwrap().trim().to_string()),
+                    Err(e) => Err(certificate_reason(&e).unwrap_or_else(|| e.to_string())),
+                }
+            })
+        })
+        .unwrap()
 }
