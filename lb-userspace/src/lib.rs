@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod model;
 pub mod netlink;
 pub mod pg_probe;
+pub mod selection;
 pub mod sync;
 pub mod tls_check;
 pub mod util;

@@ -7,7 +7,7 @@
 //! every probe (so a rotated password is picked up without a restart) and is never part of an
 //! error, a log line or a result.
 
-use crate::client::os_message;
+use crate::util::os_message;
 use std::{
     fmt, io,
     net::SocketAddr,
