@@ -16,6 +16,7 @@ pub mod http;
 pub mod interrupt;
 pub mod netns;
 pub mod packet;
+pub mod pgload;
 pub mod pki;
 pub mod postgres;
 pub mod process;

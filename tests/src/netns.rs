@@ -108,6 +108,14 @@ fn kill_pids_in(name: &str) {
     }
 }
 
+/// `ip netns exec <name> program`, by the namespace's name (for threads that outlive a borrow of
+/// its [`Netns`]).
+pub fn command_in(name: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", name]).arg(program);
+    cmd
+}
+
 /// One namespace; deleted (with whatever is still inside it) on drop.
 pub struct Netns {
     name: String,
@@ -127,9 +135,7 @@ impl Netns {
 
     /// `ip netns exec <ns> program` (iproute2 execs in place, so the child's pid is the program's).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
+        command_in(&self.name, program)
     }
 
     /// Runs `program args…` inside the namespace with the short deadline; errors if it fails.

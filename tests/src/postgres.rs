@@ -508,7 +508,12 @@ impl PgClient {
     /// `command` (psql, pgbench) run in `ns` as root (only the server refuses root), with the
     /// password in `PGPASSWORD` and no rc files.
     pub fn command(&self, ns: &Netns, program: &str) -> Command {
-        let mut cmd = ns.command(Path::new(PG_BIN).join(program));
+        self.command_in(ns.name(), program)
+    }
+
+    /// [`PgClient::command`] by the namespace's name.
+    pub fn command_in(&self, ns: &str, program: &str) -> Command {
+        let mut cmd = crate::netns::command_in(ns, Path::new(PG_BIN).join(program));
         cmd.env("PGPASSWORD", &self.password)
             .env("PGCONNECT_TIMEOUT", "2");
         cmd

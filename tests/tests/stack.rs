@@ -1,7 +1,7 @@
 //! The seed's whole stack behind xlb (issue 14): HTTPS on the web backends with a test CA, and
 //! PostgreSQL primary/replicas behind a write VIP and a read VIP.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use xlb::{
     pg_probe::{PgRole, PgStatus, PgTarget, probe},
     tls_check::{TlsTarget, certificate_reason},
@@ -9,6 +9,7 @@ use xlb::{
 use xlb_tests::{
     backend::{HTTPS_EXPIRED_PORT, HTTPS_PORT, HTTPS_WRONG_NAME_PORT},
     netns::require_root,
+    pgload::{PgbenchLoop, WriteProbe, pgbench_init},
     pki::SERVICE_NAME,
     postgres::{CHECK_MD5_USER, CHECK_USER, PG_PORT, PgClient},
     testbed::{Testbed, TestbedOptions},
@@ -83,6 +84,32 @@ fn stack_bed_plumbing() {
         )
         .unwrap();
     assert_eq!(r, "db2 true");
+
+    // The load helpers through the write VIP: pgbench's tables, then a write probe and
+    // back-to-back pgbench runs for two seconds, all clean.
+    let bench = PgClient::bench(VIP);
+    pgbench_init(cli, &bench).unwrap();
+    let probe = WriteProbe::start(
+        cli,
+        bench.clone(),
+        Duration::from_millis(50),
+        Duration::from_secs(10),
+    );
+    let load = PgbenchLoop::start(cli, bench, Duration::from_secs(2));
+    let runs = load.wait().unwrap();
+    let attempts = probe.stop().unwrap();
+    assert!(
+        !runs.is_empty() && runs.iter().all(|r| r.clean()),
+        "{runs:?}"
+    );
+    assert!(
+        runs.iter().map(|r| r.processed).sum::<u64>() > 50,
+        "{runs:?}"
+    );
+    assert!(
+        attempts.len() > 10 && attempts.iter().all(|a| a.outcome.is_ok()),
+        "{attempts:?}"
+    );
 
     let pg = bed.pg.as_ref().unwrap();
     let scram = pg.check_password_file();
