@@ -21,6 +21,7 @@ pub mod pki;
 pub mod postgres;
 pub mod process;
 pub mod profile;
+pub mod prometheus;
 pub mod testbed;
 pub mod topology;
 pub mod xlb;

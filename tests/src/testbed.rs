@@ -62,7 +62,14 @@ pub struct TestbedOptions {
     /// Database hosts db1..dbN: PostgreSQL primary on db1, streaming replicas on the others
     /// ([`Testbed::pg`]); 0 = none.
     pub databases: usize,
+    /// Each agent serves Prometheus metrics on its own address, port [`METRICS_PORT`].
+    pub metrics: bool,
+    /// The `mon` host (see [`crate::topology::MON_ADDR`]) for a Prometheus server.
+    pub monitor: bool,
 }
+
+/// Port of each agent's `--metrics-listen` (with [`TestbedOptions::metrics`]).
+pub const METRICS_PORT: u16 = 9100;
 
 /// The health check the lifecycle tests and the demo give the HTTP VIP: `GET /` every 200 ms,
 /// down after 3 failures in a row, up again after 2 successes.
@@ -89,6 +96,8 @@ impl TestbedOptions {
             lb2: false,
             https: false,
             databases: 0,
+            metrics: false,
+            monitor: false,
         }
     }
 
@@ -133,6 +142,7 @@ impl Testbed {
             backends: options.backends,
             lb2: options.lb2,
             databases: options.databases,
+            monitor: options.monitor,
         })?;
         let dir = TempDir::new(topo.prefix())?;
         let mut bed = Self {
@@ -281,20 +291,26 @@ impl Testbed {
     }
 
     /// The agent's command-line flags beyond interface, mode, socket and state directory: the
-    /// sync flags in an active-active bed, none otherwise.
+    /// metrics listener if asked for, the sync flags in an active-active bed.
     fn agent_args(&self, lb: &str) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.options.metrics {
+            args.push("--metrics-listen".into());
+            args.push(format!("{}:{METRICS_PORT}", lb_addr(lb)));
+        }
         if !self.options.lb2 {
-            return Vec::new();
+            return args;
         }
         let other = if lb == "lb1" { "lb2" } else { "lb1" };
-        vec![
+        args.extend([
             "--sync-listen".into(),
             Self::sync_addr(lb),
             "--peer".into(),
             Self::sync_addr(other),
             "--sync-key-file".into(),
             self.sync_key_file().to_string_lossy().into_owned(),
-        ]
+        ]);
+        args
     }
 
     fn agent_slot(&mut self, lb: &str) -> &mut Option<Agent> {

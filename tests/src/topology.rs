@@ -5,6 +5,7 @@
 //!                                   │                ── lb2 10.111.1.3 (optional)
 //!                                   │                ── be1..be3 10.111.1.11-13
 //!                                   │                ── db1..db3 10.111.1.21-23 (optional)
+//!                                   │                ── mon 10.111.1.30 (optional: Prometheus)
 //!  VIP 10.111.100.1 (and the second VIP address 10.111.100.2) is routed by rtr via lb1 (with
 //!  lb2: [`Topology::route_vip`] can spread them over both, ECMP on an L4 hash)
 //! ```
@@ -28,6 +29,8 @@ pub const RTR_CLI_ADDR: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 1);
 pub const RTR_BR_ADDR: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 1);
 pub const LB1_ADDR: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 2);
 pub const LB2_ADDR: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 3);
+/// The monitoring host (Prometheus), when the topology has one.
+pub const MON_ADDR: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 30);
 
 /// The interface name every host namespace uses.
 pub const HOST_IFACE: &str = "eth0";
@@ -64,6 +67,8 @@ pub struct TopologyOptions {
     pub lb2: bool,
     /// How many database namespaces (db1..dbN, 10.111.1.21..).
     pub databases: usize,
+    /// Also create `mon` (10.111.1.30) on the bridge, for a Prometheus server.
+    pub monitor: bool,
 }
 
 impl Default for TopologyOptions {
@@ -72,6 +77,7 @@ impl Default for TopologyOptions {
             backends: 3,
             lb2: false,
             databases: 0,
+            monitor: false,
         }
     }
 }
@@ -146,6 +152,9 @@ impl Topology {
         }
         for i in 1..=self.options.databases {
             hosts.push((db_name(i), db_addr(i)));
+        }
+        if self.options.monitor {
+            hosts.push(("mon".to_string(), MON_ADDR));
         }
         hosts
     }
