@@ -22,6 +22,8 @@ pub mod postgres;
 pub mod process;
 pub mod profile;
 pub mod prometheus;
+pub mod stack;
+pub mod stack_demo;
 pub mod testbed;
 pub mod topology;
 pub mod xlb;

@@ -591,7 +591,17 @@ impl Testbed {
 
     /// What the agent has logged so far.
     pub fn agent_log(&self) -> String {
-        self.agent.as_ref().map(Agent::log).unwrap_or_default()
+        self.agent_log_of("lb1")
+    }
+
+    /// What the agent on `lb` has logged so far.
+    pub fn agent_log_of(&self, lb: &str) -> String {
+        let agent = match lb {
+            "lb1" => &self.agent,
+            "lb2" => &self.agent2,
+            _ => panic!("no load balancer {lb}"),
+        };
+        agent.as_ref().map(Agent::log).unwrap_or_default()
     }
 
     /// nginx's access log on backend `name`.
