@@ -13,10 +13,7 @@ pub(crate) mod cli;
 pub mod dataplane;
 pub mod model;
 pub mod netlink;
-pub mod pg_probe;
-pub mod selection;
 pub mod sync;
-pub mod tls_check;
 pub mod util;
 
 pub use cli::main;

@@ -13,7 +13,6 @@ use std::{
     thread,
     time::{Duration, Instant},
 };
-use xlb::pg_probe::{PgRole, PgStatus, PgTarget, probe};
 use xlb_tests::{
     backend::{BIG, HTTPS_EXPIRED_PORT, HTTPS_WRONG_NAME_PORT},
     http,
@@ -146,29 +145,6 @@ fn https_end_to_end_and_checks_that_verify() {
 // ------------------------------------------------------------------------------------------------
 // PostgreSQL
 
-/// xlb's probe from lb1 (in process), for what the agent-level steps do not show: md5 against a
-/// stored md5 verifier, a wrong password's reason, no password configured.
-fn probe_from_lb1(bed: &Testbed, target: PgTarget) -> Result<PgStatus, String> {
-    bed.ns("lb1")
-        .enter(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(probe(&target)).map_err(|e| e.to_string())
-        })
-        .unwrap()
-}
-
-fn pg_target(db: usize, user: &str, password_file: Option<PathBuf>) -> PgTarget {
-    PgTarget {
-        addr: SocketAddr::from((db_addr(db), PG_PORT)),
-        user: user.into(),
-        database: "postgres".into(),
-        password_file,
-    }
-}
-
 /// `n` new connections through the read VIP: how many each server answered.
 fn read_spread(bed: &Testbed, n: usize) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
@@ -207,53 +183,57 @@ fn postgres_roles_backup_failover_and_never_two_primaries() {
     let md5_file = pg.check_md5_password_file();
     let pw_file = pg.check_password_file();
 
-    // The probe itself: SCRAM and md5 logins, roles, the server's reasons.
-    let primary = Ok(PgStatus {
-        role: PgRole::Primary,
-        timeline: Some(1),
-    });
-    let replica = Ok(PgStatus {
-        role: PgRole::Replica,
-        timeline: None,
-    });
-    for (db, user, file, want) in [
-        (1, CHECK_USER, Some(pw_file.clone()), primary.clone()),
-        (2, CHECK_USER, Some(pw_file.clone()), replica),
-        (1, CHECK_MD5_USER, Some(md5_file.clone()), primary),
-        (
-            1,
-            CHECK_MD5_USER,
-            Some(pw_file.clone()),
-            Err(format!(
-                "password authentication failed for user \"{CHECK_MD5_USER}\""
-            )),
-        ),
-        (
-            2,
-            CHECK_USER,
-            None,
-            Err("the server asks for a password and none is configured".to_string()),
-        ),
-    ] {
-        assert_eq!(
-            probe_from_lb1(&bed, pg_target(db, user, file)),
-            want,
-            "db{db} as {user}"
-        );
-    }
-    let log = bed.pg.as_ref().unwrap().server("db1").log();
-    assert!(
-        log.contains(&format!("identity=\"{CHECK_MD5_USER}\" method=md5")),
-        "no md5 login in db1's log"
+    // The check's login failures name the server's reason: a throwaway VIP (port 5433, checks
+    // on 5432) whose backends log in as the md5 user with the wrong password file, and with none.
+    let xlb = bed.client().clone();
+    let probe_vip = format!("{READ_VIP}:5433");
+    let (scram, md5) = (pw_file.to_string_lossy(), md5_file.to_string_lossy());
+    xlb.ok(&[
+        "vip",
+        "add",
+        &probe_vip,
+        "--check",
+        "postgres",
+        "--check-port",
+        "5432",
+        "--check-user",
+        CHECK_MD5_USER,
+        "--check-password-file",
+        &scram,
+        "--interval",
+        "200ms",
+    ])
+    .unwrap();
+    xlb.ok(&["backend", "add", &probe_vip, &db1.to_string()])
+        .unwrap();
+    xlb.ok(&[
+        "backend",
+        "add",
+        &probe_vip,
+        &db2.to_string(),
+        "--check-user",
+        CHECK_USER,
+        "--check-password-file",
+        "",
+    ])
+    .unwrap();
+    wait_state(&bed, &probe_vip, db1, "down");
+    wait_state(&bed, &probe_vip, db2, "down");
+    assert_eq!(
+        last_detail(&entry(&bed, &probe_vip, db1)),
+        format!("password authentication failed for user \"{CHECK_MD5_USER}\"")
     );
+    assert_eq!(
+        last_detail(&entry(&bed, &probe_vip, db2)),
+        "the server asks for a password and none is configured"
+    );
+    xlb.ok(&["vip", "del", &probe_vip]).unwrap();
 
     // --- Roles through the VIPs. db3 is checked as the md5 user (its own check on the read VIP).
-    let xlb = bed.client().clone();
     configure_databases(&xlb, &bed).unwrap();
     xlb.ok(&["backend", "del", &read_vip(), &db3.to_string()])
         .unwrap();
     // Its own check: the read VIP's with another user and password file.
-    let md5 = md5_file.to_string_lossy();
     xlb.ok(&[
         "backend",
         "add",
@@ -266,6 +246,12 @@ fn postgres_roles_backup_failover_and_never_two_primaries() {
     ])
     .unwrap();
     wait_state(&bed, &write_vip(), db1, "up");
+    // db3's check logs in with md5 for real (the password is stored as md5 on the server).
+    let log = bed.pg.as_ref().unwrap().server("db3").log();
+    assert!(
+        log.contains(&format!("identity=\"{CHECK_MD5_USER}\" method=md5")),
+        "no md5 login in db3's log"
+    );
     for db in [db2, db3] {
         wait_state(&bed, &write_vip(), db, "down");
         wait_state(&bed, &read_vip(), db, "up");

@@ -12,7 +12,10 @@
 //! it changes and the book drops results of older generations still in the channel.
 
 pub(crate) mod monitor;
+pub(crate) mod postgres;
 pub(crate) mod probe;
+pub(crate) mod selection;
+pub(crate) mod tls;
 
 pub(crate) use monitor::Monitor;
 

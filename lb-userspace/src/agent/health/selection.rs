@@ -22,7 +22,7 @@ use std::{
 
 /// A backend's health as its own checks see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Health {
+pub(crate) enum Health {
     Up,
     Down,
     /// Role-checked and not answered yet: takes no new flows until its first check decides.
@@ -31,20 +31,20 @@ pub enum Health {
 
 /// One backend of a VIP, as the rules need it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Member {
-    pub addr: Ipv4Addr,
-    pub weight: u32,
-    pub backup: bool,
-    pub health: Health,
+pub(crate) struct Member {
+    pub(crate) addr: Ipv4Addr,
+    pub(crate) weight: u32,
+    pub(crate) backup: bool,
+    pub(crate) health: Health,
     /// Checked `postgres:primary`: one of the backends the never-two-primaries rule chooses from.
-    pub primary_check: bool,
+    pub(crate) primary_check: bool,
     /// The timeline its last check read (primaries only).
-    pub timeline: Option<u32>,
+    pub(crate) timeline: Option<u32>,
 }
 
 /// Why the elected primary was chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rule {
+pub(crate) enum Rule {
     /// The only backend reporting primary.
     Only,
     /// Several report primary; this one already served the VIP.
@@ -68,23 +68,23 @@ impl fmt::Display for Rule {
 
 /// The outcome of the never-two-primaries rule for one VIP.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct Election {
+pub(crate) struct Election {
     /// The primary that gets new flows; `None` if no backend is (yet) an eligible primary.
-    pub winner: Option<(Ipv4Addr, Rule)>,
+    pub(crate) winner: Option<(Ipv4Addr, Rule)>,
     /// Every up backend that reports primary, the winner included (more than one = a conflict).
-    pub primaries: Vec<(Ipv4Addr, Option<u32>)>,
+    pub(crate) primaries: Vec<(Ipv4Addr, Option<u32>)>,
     /// Some primary-checked backend has not answered yet and there is no incumbent: no choice.
-    pub waiting: bool,
+    pub(crate) waiting: bool,
 }
 
 impl Election {
     /// More than one backend reports primary.
-    pub fn conflict(&self) -> bool {
+    pub(crate) fn conflict(&self) -> bool {
         self.primaries.len() > 1
     }
 
     /// The up primaries that get no new flows because another one serves.
-    pub fn losers(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    pub(crate) fn losers(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
         let winner = self.winner.map(|(a, _)| a);
         self.primaries
             .iter()
@@ -94,7 +94,7 @@ impl Election {
 }
 
 /// Applies the never-two-primaries rule to a VIP's `members` given the primary it served so far.
-pub fn elect(members: &[Member], incumbent: Option<Ipv4Addr>) -> Election {
+pub(crate) fn elect(members: &[Member], incumbent: Option<Ipv4Addr>) -> Election {
     let checked: Vec<&Member> = members.iter().filter(|m| m.primary_check).collect();
     let primaries: Vec<(Ipv4Addr, Option<u32>)> = checked
         .iter()
@@ -137,7 +137,7 @@ pub fn elect(members: &[Member], incumbent: Option<Ipv4Addr>) -> Election {
 
 /// Why a backend that its own checks call up gets no new flows, or why a backup does.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Note {
+pub(crate) enum Note {
     /// It reports primary, and another primary serves the VIP.
     AnotherPrimary(Ipv4Addr),
     /// Its first role check has not answered yet.
@@ -166,19 +166,19 @@ impl fmt::Display for Note {
 
 /// What the data path gets for a VIP.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// Weight per backend for the ring: the configured one, or 0 for a backup standing by (like a
     /// drain: no new flows, its existing flows stay).
-    pub weights: BTreeMap<Ipv4Addr, u32>,
+    pub(crate) weights: BTreeMap<Ipv4Addr, u32>,
     /// Backends that get no new flows and whose flows are re-steered: down, not checked yet, or
     /// a primary that lost the election.
-    pub down: BTreeSet<Ipv4Addr>,
-    pub notes: BTreeMap<Ipv4Addr, Note>,
+    pub(crate) down: BTreeSet<Ipv4Addr>,
+    pub(crate) notes: BTreeMap<Ipv4Addr, Note>,
 }
 
 /// Applies both rules: the election's losers (and, while it waits, every primary-checked
 /// backend) are down; backups stand by while a regular backend can take new flows.
-pub fn plan(members: &[Member], election: &Election) -> Plan {
+pub(crate) fn plan(members: &[Member], election: &Election) -> Plan {
     let mut p = Plan::default();
     let winner = election.winner.map(|(a, _)| a);
     for m in members {

@@ -29,17 +29,17 @@ const MAX_PASSWORD_FILE: u64 = 4096;
 
 /// What one probe connects with.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PgTarget {
-    pub addr: SocketAddr,
-    pub user: String,
-    pub database: String,
+pub(crate) struct PgTarget {
+    pub(crate) addr: SocketAddr,
+    pub(crate) user: String,
+    pub(crate) database: String,
     /// `None`: no password (the server trusts the check's address).
-    pub password_file: Option<PathBuf>,
+    pub(crate) password_file: Option<PathBuf>,
 }
 
 /// A server's role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PgRole {
+pub(crate) enum PgRole {
     /// Accepts writes (`pg_is_in_recovery()` is false).
     Primary,
     /// In recovery: a streaming replica (hot standby), read-only.
@@ -57,10 +57,10 @@ impl fmt::Display for PgRole {
 
 /// What a server answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PgStatus {
-    pub role: PgRole,
+pub(crate) struct PgStatus {
+    pub(crate) role: PgRole,
     /// A primary's timeline (1 after initdb, +1 at every promotion); `None` on a replica.
-    pub timeline: Option<u32>,
+    pub(crate) timeline: Option<u32>,
 }
 
 impl fmt::Display for PgStatus {
@@ -73,7 +73,7 @@ impl fmt::Display for PgStatus {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum PgProbeError {
+pub(crate) enum PgProbeError {
     /// The TCP connection failed; the caller words the I/O error.
     #[error("{0}")]
     Connect(io::Error),
@@ -94,7 +94,7 @@ pub enum PgProbeError {
 
 impl PgProbeError {
     /// The I/O error behind a failed connection, for the caller's wording.
-    pub fn io(&self) -> Option<&io::Error> {
+    pub(crate) fn io(&self) -> Option<&io::Error> {
         match self {
             PgProbeError::Connect(e) => Some(e),
             _ => None,
@@ -106,7 +106,7 @@ impl PgProbeError {
 /// works). Checked by the agent when a check is configured, and again at every probe. A plain
 /// blocking read: a file of at most 4 KiB on a local disk, cheaper than a trip to tokio's
 /// blocking pool.
-pub fn read_password(path: &Path) -> Result<String, PgProbeError> {
+pub(crate) fn read_password(path: &Path) -> Result<String, PgProbeError> {
     let err = |source| PgProbeError::PasswordFile {
         path: path.to_path_buf(),
         source,
@@ -121,7 +121,7 @@ pub fn read_password(path: &Path) -> Result<String, PgProbeError> {
 
 /// One probe. Not bounded in time by itself: the caller wraps it in the check's timeout (which
 /// drops the connection mid-way if it expires).
-pub async fn probe(t: &PgTarget) -> Result<PgStatus, PgProbeError> {
+pub(crate) async fn probe(t: &PgTarget) -> Result<PgStatus, PgProbeError> {
     let mut config = tokio_postgres::Config::new();
     config
         .user(&t.user)

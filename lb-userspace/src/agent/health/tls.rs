@@ -14,7 +14,7 @@ use std::{
 const MAX_CA_FILE: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
-pub enum TlsCheckError {
+pub(crate) enum TlsCheckError {
     #[error("cannot read CA file {}: {}", path.display(), os_message(source))]
     Read { path: PathBuf, source: io::Error },
     #[error("CA file {} is larger than 1 MiB", .0.display())]
@@ -32,7 +32,7 @@ pub enum TlsCheckError {
 
 /// The certificates of a PEM file (one or more `BEGIN CERTIFICATE` blocks). Read when a check is
 /// configured (so a bad file is refused with the command) and when its check task starts.
-pub fn load_ca(path: &Path) -> Result<Vec<reqwest::Certificate>, TlsCheckError> {
+pub(crate) fn load_ca(path: &Path) -> Result<Vec<reqwest::Certificate>, TlsCheckError> {
     let read = |source| TlsCheckError::Read {
         path: path.to_path_buf(),
         source,
@@ -54,21 +54,21 @@ pub fn load_ca(path: &Path) -> Result<Vec<reqwest::Certificate>, TlsCheckError> 
 
 /// How an https check connects.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TlsTarget {
+pub(crate) struct TlsTarget {
     /// The backend's own address and check port: where the connection goes, whatever the name.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// The name sent as SNI and verified in the certificate; `None`: the address itself.
-    pub sni: Option<String>,
+    pub(crate) sni: Option<String>,
     /// Trust only this CA; `None`: the built-in web PKI roots.
-    pub ca: Option<PathBuf>,
+    pub(crate) ca: Option<PathBuf>,
     /// Verify the certificate at all.
-    pub verify: bool,
+    pub(crate) verify: bool,
 }
 
 impl TlsTarget {
     /// `https://NAME:PORT` (the client resolves NAME to the backend's address) or
     /// `https://ADDR:PORT`.
-    pub fn base_url(&self) -> String {
+    pub(crate) fn base_url(&self) -> String {
         match &self.sni {
             Some(name) => format!("https://{name}:{}", self.addr.port()),
             None => format!("https://{}", self.addr),
@@ -76,7 +76,7 @@ impl TlsTarget {
     }
 
     /// A client for this target, built once per check task (building one parses the roots).
-    pub fn client(
+    pub(crate) fn client(
         &self,
         builder: reqwest::ClientBuilder,
     ) -> Result<reqwest::Client, TlsCheckError> {
@@ -99,7 +99,7 @@ impl TlsTarget {
 
 /// The certificate problem behind a failed request, worded for an operator; `None` if the failure
 /// was not about a certificate (the caller words it).
-pub fn certificate_reason(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+pub(crate) fn certificate_reason(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(tls) = err.downcast_ref::<rustls::Error>() {
