@@ -247,17 +247,20 @@ impl DesiredState {
         self.existing(key)
     }
 
-    /// The VIP as `backend add` would leave it (new backend appended, order kept). A non-empty
-    /// `check` gives the backend its own check: the VIP's with `check` applied.
+    /// The VIP as `backend add` would leave it (new backend appended, order kept), a backup if
+    /// `backup`. A non-empty `check` gives the backend its own check: the VIP's with `check`
+    /// applied.
     pub(crate) fn plan_backend_add(
         &self,
         key: &ServiceKey,
         addr: Ipv4Addr,
         weight: u32,
+        backup: bool,
         check: &CheckPatch,
     ) -> Result<VipConfig, StateError> {
         let mut spec = self.existing(key)?.clone();
         let mut backend = BackendConfig::new(addr, weight);
+        backend.backup = backup;
         if !check.is_empty() {
             backend.check = Some(spec.check.patched(check));
         }
@@ -442,27 +445,27 @@ mod tests {
             Err(StateError::BadVipAddress(..))
         ));
         let e = state
-            .plan_backend_add(&key(81), be(12), 1, &none())
+            .plan_backend_add(&key(81), be(12), 1, false, &none())
             .unwrap_err();
         assert_eq!(e.to_string(), "unknown VIP 10.111.100.1:81/tcp");
         let e = state
-            .plan_backend_add(&key(80), be(11), 1, &none())
+            .plan_backend_add(&key(80), be(11), 1, false, &none())
             .unwrap_err();
         assert_eq!(
             e.to_string(),
             "backend 10.111.1.11 already exists in VIP 10.111.100.1:80/tcp"
         );
         assert!(matches!(
-            state.plan_backend_add(&key(80), be(12), MAX_WEIGHT + 1, &none()),
+            state.plan_backend_add(&key(80), be(12), MAX_WEIGHT + 1, false, &none()),
             Err(StateError::WeightTooHigh { weight, .. }) if weight == MAX_WEIGHT + 1
         ));
         assert!(
             state
-                .plan_backend_add(&key(80), be(12), MAX_WEIGHT, &none())
+                .plan_backend_add(&key(80), be(12), MAX_WEIGHT, false, &none())
                 .is_ok()
         );
         assert!(matches!(
-            state.plan_backend_add(&key(80), Ipv4Addr::UNSPECIFIED, 1, &none()),
+            state.plan_backend_add(&key(80), Ipv4Addr::UNSPECIFIED, 1, false, &none()),
             Err(StateError::BadBackendAddress { .. })
         ));
         assert!(matches!(
@@ -480,7 +483,7 @@ mod tests {
     fn plans_produce_the_next_spec() {
         let state = DesiredState::from_specs([spec(80, &[(11, 1), (12, 2)])]).unwrap();
         let added = state
-            .plan_backend_add(&key(80), be(13), 5, &none())
+            .plan_backend_add(&key(80), be(13), 5, false, &none())
             .unwrap();
         assert_eq!(added, spec(80, &[(11, 1), (12, 2), (13, 5)]));
         let deleted = state.plan_backend_del(&key(80), be(11)).unwrap();
@@ -585,12 +588,14 @@ mod tests {
             port: Some(8080),
             ..Default::default()
         };
-        let added = state.plan_backend_add(&key(80), be(12), 1, &port).unwrap();
+        let added = state
+            .plan_backend_add(&key(80), be(12), 1, false, &port)
+            .unwrap();
         let own = added.backends[1].check.as_ref().unwrap();
         assert_eq!((own.kind, own.port), (CheckKind::Tcp, Some(8080)));
         assert!(added.backends[0].check.is_none());
         assert!(matches!(
-            state.plan_backend_add(&key(80), be(12), 1, &bad),
+            state.plan_backend_add(&key(80), be(12), 1, false, &bad),
             Err(StateError::BackendCheck { .. })
         ));
         let udp = ServiceKey {

@@ -38,7 +38,10 @@ pub(crate) struct Member {
     pub(crate) health: Health,
     /// Checked `postgres:primary`: one of the backends the never-two-primaries rule chooses from.
     pub(crate) primary_check: bool,
-    /// The timeline its last check read (primaries only).
+    /// Its last check passed: a primary-checked backend reports primary right now (an up one
+    /// whose last check failed is on its way down, not a second primary).
+    pub(crate) reporting: bool,
+    /// The timeline its last passed check read (primaries only).
     pub(crate) timeline: Option<u32>,
 }
 
@@ -71,39 +74,35 @@ impl fmt::Display for Rule {
 pub(crate) struct Election {
     /// The primary that gets new flows; `None` if no backend is (yet) an eligible primary.
     pub(crate) winner: Option<(Ipv4Addr, Rule)>,
-    /// Every up backend that reports primary, the winner included (more than one = a conflict).
+    /// The up primary-checked backends: the winner is one of them, the others are held down.
+    pub(crate) candidates: Vec<Ipv4Addr>,
+    /// Those of them whose last check reported primary, with their timelines (more than one:
+    /// a conflict).
     pub(crate) primaries: Vec<(Ipv4Addr, Option<u32>)>,
     /// Some primary-checked backend has not answered yet and there is no incumbent: no choice.
     pub(crate) waiting: bool,
 }
 
 impl Election {
-    /// More than one backend reports primary.
+    /// More than one backend reports primary right now.
     pub(crate) fn conflict(&self) -> bool {
         self.primaries.len() > 1
-    }
-
-    /// The up primaries that get no new flows because another one serves.
-    pub(crate) fn losers(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
-        let winner = self.winner.map(|(a, _)| a);
-        self.primaries
-            .iter()
-            .map(|(a, _)| *a)
-            .filter(move |a| Some(*a) != winner)
     }
 }
 
 /// Applies the never-two-primaries rule to a VIP's `members` given the primary it served so far.
 pub(crate) fn elect(members: &[Member], incumbent: Option<Ipv4Addr>) -> Election {
     let checked: Vec<&Member> = members.iter().filter(|m| m.primary_check).collect();
-    let primaries: Vec<(Ipv4Addr, Option<u32>)> = checked
+    let up: Vec<&Member> = checked
         .iter()
+        .copied()
         .filter(|m| m.health == Health::Up)
-        .map(|m| (m.addr, m.timeline))
         .collect();
+    let candidates: Vec<(Ipv4Addr, Option<u32>)> =
+        up.iter().map(|m| (m.addr, m.timeline)).collect();
     let waiting = checked.iter().any(|m| m.health == Health::Pending);
-    let winner = if let Some(inc) = incumbent.filter(|i| primaries.iter().any(|(a, _)| a == i)) {
-        let rule = if primaries.len() == 1 {
+    let winner = if let Some(inc) = incumbent.filter(|i| candidates.iter().any(|(a, _)| a == i)) {
+        let rule = if candidates.len() == 1 {
             Rule::Only
         } else {
             Rule::Incumbent
@@ -114,13 +113,13 @@ pub(crate) fn elect(members: &[Member], incumbent: Option<Ipv4Addr>) -> Election
     } else {
         // Highest timeline first, then the lowest address: `max_by_key` keeps the last maximum,
         // so compare addresses reversed.
-        primaries
+        candidates
             .iter()
             .max_by_key(|(addr, tl)| (*tl, std::cmp::Reverse(*addr)))
             .map(|(addr, tl)| {
-                let rule = if primaries.len() == 1 {
+                let rule = if candidates.len() == 1 {
                     Rule::Only
-                } else if primaries.iter().all(|(a, other)| a == addr || other < tl) {
+                } else if candidates.iter().all(|(a, other)| a == addr || other < tl) {
                     Rule::Timeline
                 } else {
                     Rule::LowestAddress
@@ -130,7 +129,12 @@ pub(crate) fn elect(members: &[Member], incumbent: Option<Ipv4Addr>) -> Election
     };
     Election {
         winner,
-        primaries,
+        primaries: up
+            .iter()
+            .filter(|m| m.reporting)
+            .map(|m| (m.addr, m.timeline))
+            .collect(),
+        candidates: candidates.into_iter().map(|(a, _)| a).collect(),
         waiting: waiting && winner.is_none(),
     }
 }
@@ -148,6 +152,16 @@ pub(crate) enum Note {
     BackupStandingBy,
     /// A backup, taking new flows because no regular backend can.
     BackupServing,
+}
+
+impl Note {
+    /// The backend gets no new flows and its flows are re-steered, though its checks pass.
+    pub(crate) fn holds_down(&self) -> bool {
+        matches!(
+            self,
+            Note::AnotherPrimary(_) | Note::WaitingFirstCheck | Note::WaitingElection
+        )
+    }
 }
 
 impl fmt::Display for Note {
@@ -233,6 +247,7 @@ mod tests {
             backup: false,
             health,
             primary_check: true,
+            reporting: health == Health::Up,
             timeline,
         }
     }
@@ -244,6 +259,7 @@ mod tests {
             backup,
             health,
             primary_check: false,
+            reporting: health == Health::Up,
             timeline: None,
         }
     }
@@ -274,7 +290,6 @@ mod tests {
             let e = elect(&m, Some(a(inc)));
             assert_eq!(e.winner, Some((a(inc), Rule::Incumbent)));
             assert!(e.conflict());
-            assert_eq!(e.losers().collect::<Vec<_>>(), vec![a(other)]);
             let p = plan(&m, &e);
             assert_eq!(p.down, BTreeSet::from([a(other)]));
             assert_eq!(p.notes[&a(other)], Note::AnotherPrimary(a(inc)));
@@ -316,6 +331,25 @@ mod tests {
             elect(&unknown, None).winner,
             Some((a(22), Rule::LowestAddress))
         );
+    }
+
+    #[test]
+    fn a_failing_incumbent_keeps_the_flows_but_is_no_conflict() {
+        // The old primary stopped: still up (fall not reached) but its last check failed; the
+        // promoted one reports primary. New flows stay (on the dying one) until it is down, and
+        // nobody warns about two primaries.
+        let mut m = [
+            primary(21, Health::Up, Some(1)),
+            primary(22, Health::Up, Some(2)),
+        ];
+        m[0].reporting = false;
+        let e = elect(&m, Some(a(21)));
+        assert_eq!(e.winner, Some((a(21), Rule::Incumbent)));
+        assert!(!e.conflict());
+        assert_eq!(plan(&m, &e).down, BTreeSet::from([a(22)]));
+        m[0].health = Health::Down;
+        let e = elect(&m, Some(a(21)));
+        assert_eq!(e.winner, Some((a(22), Rule::Only)));
     }
 
     #[test]
