@@ -1,8 +1,9 @@
 //! Database load through a VIP, run in the client namespace, for the failover tests and the demo:
 //!
 //! - [`WriteProbe`]: a client that opens a new connection every few milliseconds and writes one
-//!   row, recording when each attempt started and ended and what the server said (its SQLSTATE
-//!   and message) — the instant writes work again after a failover, and proof of what failed.
+//!   row (attempts overlap), recording when each started and ended and what the server said (its
+//!   SQLSTATE and message) — the instant writes work again after a failover, and proof of what
+//!   failed.
 //! - [`PgbenchLoop`]: `pgbench` (the real client) in back-to-back one-second runs. PostgreSQL 15's
 //!   pgbench aborts a client on any lost connection (`-C` included), so one run cannot cross a
 //!   failover; a run that starts after it must be clean.
@@ -49,34 +50,53 @@ pub struct WriteProbe {
 }
 
 impl WriteProbe {
-    /// Starts writing as `client` from `ns`; stops by itself after `max`.
+    /// Starts writing as `client` from `ns`, a new attempt every `period` whether or not the
+    /// previous ones have ended (so one attempt whose SYN was lost, waiting a second for the
+    /// retransmission, does not hide when writes work again); stops by itself after `max`.
     pub fn start(ns: &Netns, client: PgClient, period: Duration, max: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let handle = ns.spawn(move || -> Result<Vec<Attempt>> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let conninfo = format!("{} password={}", client.conninfo(), client.password);
-            let until = Instant::now() + max;
-            let mut attempts = Vec::new();
-            while !flag.load(Ordering::Relaxed) && Instant::now() < until {
-                let start = Instant::now();
-                let outcome = rt.block_on(async {
-                    match tokio::time::timeout(ATTEMPT_TIMEOUT, write_once(&conninfo)).await {
-                        Ok(r) => r,
-                        Err(_) => Err(format!("timeout after {ATTEMPT_TIMEOUT:?}")),
+        let handle =
+            ns.spawn(move || -> Result<Vec<Attempt>> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let conninfo = Arc::new(format!(
+                    "{} password={}",
+                    client.conninfo(),
+                    client.password
+                ));
+                let until = Instant::now() + max;
+                rt.block_on(async move {
+                    let mut running = tokio::task::JoinSet::new();
+                    let mut ticker = tokio::time::interval(period);
+                    while !flag.load(Ordering::Relaxed) && Instant::now() < until {
+                        ticker.tick().await;
+                        let conninfo = conninfo.clone();
+                        running.spawn(async move {
+                            let start = Instant::now();
+                            let outcome =
+                                match tokio::time::timeout(ATTEMPT_TIMEOUT, write_once(&conninfo))
+                                    .await
+                                {
+                                    Ok(r) => r,
+                                    Err(_) => Err(format!("timeout after {ATTEMPT_TIMEOUT:?}")),
+                                };
+                            Attempt {
+                                start,
+                                end: Instant::now(),
+                                outcome,
+                            }
+                        });
                     }
-                });
-                attempts.push(Attempt {
-                    start,
-                    end: Instant::now(),
-                    outcome,
-                });
-                std::thread::sleep(period.saturating_sub(start.elapsed()));
-            }
-            Ok(attempts)
-        });
+                    let mut attempts = Vec::new();
+                    while let Some(a) = running.join_next().await {
+                        attempts.push(a?);
+                    }
+                    attempts.sort_by_key(|a| a.start);
+                    Ok(attempts)
+                })
+            });
         Self {
             stop,
             handle: Some(handle),
@@ -130,11 +150,12 @@ fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// The first successful attempt that started at or after `after`.
+/// The successful attempt that started at or after `after` and ended first.
 pub fn first_success_after(attempts: &[Attempt], after: Instant) -> Option<&Attempt> {
     attempts
         .iter()
-        .find(|a| a.start >= after && a.outcome.is_ok())
+        .filter(|a| a.start >= after && a.outcome.is_ok())
+        .min_by_key(|a| a.end)
 }
 
 /// One pgbench run.

@@ -153,6 +153,7 @@ pub fn https_backend(bed: &Testbed) -> Result<String> {
         .trim()
         .rsplit_once('|')
         .with_context(|| format!("unexpected curl output {:?}", out.stdout))?;
+    let name = name.trim();
     ensure!(
         verify == "0",
         "curl's certificate verification result {verify}"

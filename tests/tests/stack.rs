@@ -9,7 +9,6 @@ use serde_json::Value;
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
@@ -19,7 +18,7 @@ use xlb_tests::{
     netns::require_root,
     pgload::{PgbenchLoop, READ_ONLY_SQLSTATE, WriteProbe, first_success_after, pgbench_init},
     pki::{OTHER_NAME, SERVICE_NAME},
-    postgres::{CHECK_MD5_USER, CHECK_PASSWORD, CHECK_USER, PG_PORT, PgClient},
+    postgres::{CHECK_MD5_USER, CHECK_PASSWORD, CHECK_USER, PgClient},
     stack::{
         READ_VIP, WRITE_VIP, configure_databases, configure_web, curl_https, https_backend, pg_who,
         read_vip, web_vip, write_vip,
@@ -408,7 +407,8 @@ fn postgres_roles_backup_failover_and_never_two_primaries() {
          {:.0} ms before the promotion); write probe every 20 ms: {} writes, {} failed {reasons:?}; \
          pgbench: {} runs, {tx_before} transactions before the stop in {} runs, {tx_after} after \
          the first write in {} runs with {failed_after} failed and {aborted_after} unclean; \
-         {} runs crossed the failover; writes that reached a read-only server: {}",
+         {} runs in between (the outage: they end at once, connection refused); writes that \
+         reached a read-only server: {}",
         failover.as_secs_f64() * 1000.0,
         FAILOVER_TARGET.as_millis(),
         promoted.duration_since(stopped).as_secs_f64() * 1000.0,
