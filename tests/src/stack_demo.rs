@@ -75,6 +75,9 @@ pub fn run(xdp_mode: &str) -> Result<()> {
             ],
             &bed.dir.path().join("prometheus"),
         )?;
+        // Both agents scraped before anything happens, so lb1's counters are on record when it
+        // is lost in step 3.
+        prom.wait_targets_up(bed.ns("cli"), 2, Duration::from_secs(30))?;
         println!(
             "stack: ready in {:.1}s (namespaces {}-*, Prometheus pid {} on {MON_ADDR}:{PROMETHEUS_PORT})",
             start.elapsed().as_secs_f64(),
@@ -107,15 +110,16 @@ pub fn run(xdp_mode: &str) -> Result<()> {
 fn route_over_both(bed: &Testbed) -> Result<()> {
     bed.topo.route_vip(&[LB1_ADDR, LB2_ADDR])?;
     println!("$ ip netns exec rtr ip route   # the VIPs over both load balancers (ECMP)");
-    let routes = bed.ns("rtr").ip(&[
-        "route",
-        "show",
-        "10.111.100.0/24",
-        "root",
-        "10.111.100.0/24",
-    ])?;
+    let routes = bed.ns("rtr").ip(&["route", "show"])?;
+    let mut vip_route = false;
     for line in routes.lines() {
-        println!("  {line}");
+        // A multipath route continues on indented `nexthop` lines.
+        if !line.starts_with(char::is_whitespace) {
+            vip_route = line.starts_with("10.111.100.");
+        }
+        if vip_route {
+            println!("  {line}");
+        }
     }
     Ok(())
 }
@@ -366,20 +370,8 @@ fn primary_dies(bed: &mut Testbed) -> Result<()> {
     for (reason, n) in reasons {
         println!("  {n:3} x {reason}");
     }
-    println!("pgbench runs (1 s each, -C: a connection per transaction):");
-    for r in &runs {
-        let at = offset(r.start, promoted);
-        println!(
-            "  t={at:+5.1}s  transactions {:3}  failed {}  exit {}{}",
-            r.processed,
-            r.failed,
-            r.exit.map_or("killed".to_string(), |c| c.to_string()),
-            r.errors
-                .first()
-                .map(|e| format!("  ({e})"))
-                .unwrap_or_default()
-        );
-    }
+    println!("pgbench runs (1 s each, -C: a connection per transaction; t from the promotion):");
+    print_runs(&runs, promoted);
     let read_only = attempts
         .iter()
         .filter(|a| a.outcome.as_ref().is_err_and(|e| e.starts_with("25006")))
@@ -389,6 +381,45 @@ fn primary_dies(bed: &mut Testbed) -> Result<()> {
     println!("write VIP {} -> {}", write_vip(), pg_who(bed, WRITE_VIP)?);
     show_backends(bed, &write_vip())?;
     Ok(())
+}
+
+/// The runs, one line each, except that a stretch of runs that could not connect at all (they
+/// end at once) is one line.
+fn print_runs(runs: &[crate::pgload::PgbenchRun], zero: Instant) {
+    let no_connection = |r: &crate::pgload::PgbenchRun| r.processed == 0 && r.exit == Some(1);
+    let mut i = 0;
+    while i < runs.len() {
+        let r = &runs[i];
+        let at = offset(r.start, zero);
+        if no_connection(r) {
+            let n = runs[i..].iter().take_while(|r| no_connection(r)).count();
+            let last = &runs[i + n - 1];
+            let mut reasons: Vec<&str> = runs[i..i + n]
+                .iter()
+                .filter_map(|r| r.errors.first())
+                .map(|e| e.rsplit(": ").next().unwrap_or(e).trim())
+                .collect();
+            reasons.dedup();
+            println!(
+                "  t={at:+5.1}s..{:+.1}s  {n} runs could not connect ({})",
+                offset(last.end, zero),
+                reasons.join("; ")
+            );
+            i += n;
+            continue;
+        }
+        println!(
+            "  t={at:+5.1}s  transactions {:3}  failed {}  exit {}{}",
+            r.processed,
+            r.failed,
+            r.exit.map_or("killed".to_string(), |c| c.to_string()),
+            r.errors
+                .first()
+                .map(|e| format!("  ({})", e.trim()))
+                .unwrap_or_default()
+        );
+        i += 1;
+    }
 }
 
 /// Seconds from `zero` to `t`, negative before it.
@@ -464,9 +495,9 @@ fn prometheus_evidence(bed: &Testbed, prom: &Prometheus) -> Result<()> {
     for (what, q) in [
         ("scrape targets up", "up{job=\"xlb\"}".to_string()),
         (
-            "new HTTPS flows per load balancer",
+            "new HTTPS flows per load balancer (lb1's last scrape included)",
             format!(
-                "sum by (lb) (xlb_vip_new_flows_total{{vip=\"{}\"}})",
+                "sum by (lb) (max_over_time(xlb_vip_new_flows_total{{vip=\"{}\"}}[5m]))",
                 web_vip()
             ),
         ),
@@ -479,9 +510,9 @@ fn prometheus_evidence(bed: &Testbed, prom: &Prometheus) -> Result<()> {
             "max by (vip) (max_over_time(xlb_vip_primary_conflict[5m]))".to_string(),
         ),
         (
-            "failed health checks per backend, write VIP (lb2)",
+            "new flows per backend of the write VIP on lb2: the writes moved from db1 to db2",
             format!(
-                "sum by (backend) (xlb_health_checks_total{{vip=\"{}\",lb=\"lb2\",result=\"fail\"}})",
+                "xlb_backend_new_flows_total{{vip=\"{}\",lb=\"lb2\"}}",
                 write_vip()
             ),
         ),
