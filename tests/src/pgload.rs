@@ -300,6 +300,20 @@ fn parse_run(start: Instant, end: Instant, exit: Option<i32>, out: &str) -> Pgbe
     }
 }
 
+/// The write load of the failover tests and the demo, through `client.host` from `ns`: a
+/// [`WriteProbe`] every `period` and a [`PgbenchLoop`], both for at most `max`.
+pub fn start_write_load(
+    ns: &Netns,
+    client: &PgClient,
+    period: Duration,
+    max: Duration,
+) -> (WriteProbe, PgbenchLoop) {
+    (
+        WriteProbe::start(ns, client.clone(), period, max),
+        PgbenchLoop::start(ns, client.clone(), max),
+    )
+}
+
 /// `pgbench -i -s 1` through `client.host` (the write VIP): the tables, without vacuum.
 pub fn pgbench_init(ns: &Netns, client: &PgClient) -> Result<()> {
     let mut cmd = client.command(ns, "pgbench");

@@ -1,14 +1,15 @@
 //! The seed's stack on the test bed, shared by the stack tests and `demo --stack`: the web service
 //! over HTTPS (checked `https:/` with the test CA and the service name), and PostgreSQL behind a
 //! write VIP (`postgres:primary`) and a read VIP (`postgres:replica`, db1 as its `--backup`
-//! checked `postgres:primary`).
+//! checked `postgres:primary`). Every check runs every 200 ms, down after 3 failures, up after 2
+//! passes ([`FAST_CHECK_TIMING`]): the failover target is set for a 200 ms interval.
 
 use crate::{
     backend::HTTPS_PORT,
     cmd::Output,
     pki::SERVICE_NAME,
     postgres::{CHECK_USER, PG_PORT, PgClient},
-    testbed::Testbed,
+    testbed::{FAST_CHECK_TIMING, Testbed},
     topology::{VIP, VIP2, db_addr},
     xlb::Xlb,
 };
@@ -20,19 +21,6 @@ pub const WRITE_VIP: Ipv4Addr = VIP;
 /// The read VIP's address: another address, since with direct server return the VIP's port is
 /// the servers' port, 5432 for both.
 pub const READ_VIP: Ipv4Addr = VIP2;
-
-/// Check timing of every stack VIP: a check every 200 ms, down after 3 failures, up after 2
-/// passes (the failover target is set for a 200 ms interval).
-pub const FAST: &[&str] = &[
-    "--interval",
-    "200ms",
-    "--timeout",
-    "150ms",
-    "--rise",
-    "2",
-    "--fall",
-    "3",
-];
 
 /// `ADDR:PORT` of the HTTPS VIP.
 pub fn web_vip() -> String {
@@ -62,7 +50,7 @@ pub fn https_check(ca: &Path) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    args.extend(FAST.iter().map(|s| s.to_string()));
+    args.extend(FAST_CHECK_TIMING.iter().map(|s| s.to_string()));
     args
 }
 
@@ -79,7 +67,7 @@ pub fn pg_check(kind: &str, password_file: &Path) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    args.extend(FAST.iter().map(|s| s.to_string()));
+    args.extend(FAST_CHECK_TIMING.iter().map(|s| s.to_string()));
     args
 }
 

@@ -17,7 +17,7 @@
 use crate::{
     cmd::wait_for,
     interrupt,
-    pgload::{PgbenchLoop, WriteProbe, first_success_after, pgbench_init},
+    pgload::{first_success_after, pgbench_init, start_write_load},
     pki::SERVICE_NAME,
     postgres::{PgClient, PgServer},
     prometheus::{Prometheus, sample_value},
@@ -326,13 +326,12 @@ fn primary_dies(bed: &mut Testbed) -> Result<()> {
         pg_who(bed, READ_VIP)?
     );
     let cli = bed.ns("cli");
-    let probe = WriteProbe::start(
+    let (probe, load) = start_write_load(
         cli,
-        PgClient::bench(WRITE_VIP),
+        &PgClient::bench(WRITE_VIP),
         Duration::from_millis(25),
         Duration::from_secs(20),
     );
-    let load = PgbenchLoop::start(cli, PgClient::bench(WRITE_VIP), Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(1500));
     let pg = bed.pg.as_mut().context("databases")?;
     println!("$ kill -INT <postmaster of db1>   # fast shutdown of the primary");

@@ -86,6 +86,10 @@ pub const FAST_HTTP_CHECK: &[&str] = &[
     "3",
 ];
 
+/// The timing part of [`FAST_HTTP_CHECK`] (every 200 ms, timeout 150 ms, fall 3, rise 2), for
+/// checks of other kinds.
+pub const FAST_CHECK_TIMING: &[&str] = FAST_HTTP_CHECK.split_at(2).1;
+
 impl TestbedOptions {
     pub fn new(forward: &str, xdp_mode: &str) -> Self {
         Self {

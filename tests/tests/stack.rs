@@ -16,7 +16,7 @@ use xlb_tests::{
     backend::{BIG, HTTPS_EXPIRED_PORT, HTTPS_WRONG_NAME_PORT},
     http,
     netns::require_root,
-    pgload::{PgbenchLoop, READ_ONLY_SQLSTATE, WriteProbe, first_success_after, pgbench_init},
+    pgload::{READ_ONLY_SQLSTATE, first_success_after, pgbench_init, start_write_load},
     pki::{OTHER_NAME, SERVICE_NAME},
     postgres::{CHECK_MD5_USER, CHECK_PASSWORD, CHECK_USER, PgClient},
     stack::{
@@ -353,13 +353,12 @@ fn postgres_roles_backup_failover_and_never_two_primaries() {
     // --- Failover under load: pgbench and a write probe through the write VIP; db1 stops, db2
     // is promoted.
     pgbench_init(cli, &PgClient::bench(WRITE_VIP)).unwrap();
-    let probe_writes = WriteProbe::start(
+    let (probe_writes, load) = start_write_load(
         cli,
-        PgClient::bench(WRITE_VIP),
+        &PgClient::bench(WRITE_VIP),
         Duration::from_millis(20),
         Duration::from_secs(30),
     );
-    let load = PgbenchLoop::start(cli, PgClient::bench(WRITE_VIP), Duration::from_secs(30));
     thread::sleep(Duration::from_millis(2500));
     let stopped = Instant::now();
     bed.pg.as_mut().unwrap().server_mut("db1").stop().unwrap();
