@@ -45,72 +45,106 @@ impl Pki {
     pub fn create(dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir.join("cadb"))?;
         fs::write(dir.join("cadb/index.txt"), "")?;
-        let ca_key = dir.join("ca.key");
-        let ca_cert = dir.join("ca.crt");
+        let ca = CertPair {
+            cert: dir.join("ca.crt"),
+            key: dir.join("ca.key"),
+        };
         openssl(
             Command::new("openssl")
                 .args(["req", "-x509", "-newkey", "ec"])
                 .args(["-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout"])
-                .arg(&ca_key)
+                .arg(&ca.key)
                 .arg("-out")
-                .arg(&ca_cert)
+                .arg(&ca.cert)
                 .args(["-days", "3650", "-subj", "/CN=xlb-test-CA"])
                 .args(["-addext", "basicConstraints=critical,CA:TRUE"])
                 .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]),
         )
         .context("making the test CA")?;
-        let leaf = |name: &str, cn: &str, san: &str| -> Result<(CertPair, PathBuf, PathBuf)> {
-            let pair = CertPair {
-                cert: dir.join(format!("{name}.crt")),
-                key: dir.join(format!("{name}.key")),
-            };
-            let csr = dir.join(format!("{name}.csr"));
-            let ext = dir.join(format!("{name}.ext"));
-            openssl(
-                Command::new("openssl")
-                    .args(["req", "-new", "-newkey", "ec"])
-                    .args(["-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout"])
-                    .arg(&pair.key)
-                    .arg("-out")
-                    .arg(&csr)
-                    .arg("-subj")
-                    .arg(format!("/CN={cn}")),
-            )
-            .with_context(|| format!("making the key and request of the {name} certificate"))?;
-            fs::write(
-                &ext,
-                format!(
-                    "subjectAltName={san}\nbasicConstraints=CA:FALSE\n\
-                     keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-                ),
-            )?;
-            Ok((pair, csr, ext))
-        };
-        let sign = |pair: &CertPair, csr: &Path, ext: &Path| -> Result<()> {
-            openssl(
-                Command::new("openssl")
-                    .args(["x509", "-req", "-in"])
-                    .arg(csr)
-                    .arg("-CA")
-                    .arg(&ca_cert)
-                    .arg("-CAkey")
-                    .arg(&ca_key)
-                    .args(["-CAcreateserial", "-days", "365", "-extfile"])
-                    .arg(ext)
-                    .arg("-out")
-                    .arg(&pair.cert),
-            )
-            .map(drop)
-        };
-        let (good, csr, ext) = leaf(
+        let good = Leaf::request(
+            dir,
             "good",
             SERVICE_NAME,
             &format!("DNS:{SERVICE_NAME},IP:{VIP}"),
         )?;
-        sign(&good, &csr, &ext).context("signing the good certificate")?;
-        let (wrong, csr, ext) = leaf("wrong", OTHER_NAME, &format!("DNS:{OTHER_NAME}"))?;
-        sign(&wrong, &csr, &ext).context("signing the wrong-name certificate")?;
-        let (expired, csr, ext) = leaf("expired", SERVICE_NAME, &format!("DNS:{SERVICE_NAME}"))?;
+        good.sign(&ca).context("signing the good certificate")?;
+        let wrong = Leaf::request(dir, "wrong", OTHER_NAME, &format!("DNS:{OTHER_NAME}"))?;
+        wrong
+            .sign(&ca)
+            .context("signing the wrong-name certificate")?;
+        let expired = Leaf::request(dir, "expired", SERVICE_NAME, &format!("DNS:{SERVICE_NAME}"))?;
+        expired
+            .sign_dated(&ca, dir, "20250101000000Z", "20250201000000Z")
+            .context("signing the expired certificate")?;
+        Ok(Self {
+            ca_cert: ca.cert,
+            good: good.pair,
+            wrong: wrong.pair,
+            expired: expired.pair,
+        })
+    }
+}
+
+/// A server certificate on its way: its key, its request and its extensions.
+struct Leaf {
+    pair: CertPair,
+    csr: PathBuf,
+    ext: PathBuf,
+}
+
+impl Leaf {
+    /// A new key and a request for `cn`, with `san` as the subject alternative names.
+    fn request(dir: &Path, name: &str, cn: &str, san: &str) -> Result<Self> {
+        let leaf = Leaf {
+            pair: CertPair {
+                cert: dir.join(format!("{name}.crt")),
+                key: dir.join(format!("{name}.key")),
+            },
+            csr: dir.join(format!("{name}.csr")),
+            ext: dir.join(format!("{name}.ext")),
+        };
+        openssl(
+            Command::new("openssl")
+                .args(["req", "-new", "-newkey", "ec"])
+                .args(["-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout"])
+                .arg(&leaf.pair.key)
+                .arg("-out")
+                .arg(&leaf.csr)
+                .arg("-subj")
+                .arg(format!("/CN={cn}")),
+        )
+        .with_context(|| format!("making the key and request of the {name} certificate"))?;
+        fs::write(
+            &leaf.ext,
+            format!(
+                "subjectAltName={san}\nbasicConstraints=CA:FALSE\n\
+                 keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+            ),
+        )?;
+        Ok(leaf)
+    }
+
+    /// Signed by `ca`, valid for a year from now.
+    fn sign(&self, ca: &CertPair) -> Result<()> {
+        openssl(
+            Command::new("openssl")
+                .args(["x509", "-req", "-in"])
+                .arg(&self.csr)
+                .arg("-CA")
+                .arg(&ca.cert)
+                .arg("-CAkey")
+                .arg(&ca.key)
+                .args(["-CAcreateserial", "-days", "365", "-extfile"])
+                .arg(&self.ext)
+                .arg("-out")
+                .arg(&self.pair.cert),
+        )
+        .map(drop)
+    }
+
+    /// Signed by `ca` with explicit validity dates (`YYYYMMDDHHMMSSZ`), which only `openssl ca`
+    /// can set in openssl 3.0 (its database lives in `dir/cadb`).
+    fn sign_dated(&self, ca: &CertPair, dir: &Path, start: &str, end: &str) -> Result<()> {
         let ca_cnf = dir.join("ca.cnf");
         fs::write(
             &ca_cnf,
@@ -126,29 +160,18 @@ impl Pki {
                 .args(["ca", "-batch", "-notext", "-config"])
                 .arg(&ca_cnf)
                 .arg("-cert")
-                .arg(&ca_cert)
+                .arg(&ca.cert)
                 .arg("-keyfile")
-                .arg(&ca_key)
+                .arg(&ca.key)
                 .arg("-in")
-                .arg(&csr)
+                .arg(&self.csr)
                 .arg("-out")
-                .arg(&expired.cert)
-                .args([
-                    "-startdate",
-                    "20250101000000Z",
-                    "-enddate",
-                    "20250201000000Z",
-                ])
+                .arg(&self.pair.cert)
+                .args(["-startdate", start, "-enddate", end])
                 .arg("-extfile")
-                .arg(&ext),
+                .arg(&self.ext),
         )
-        .context("signing the expired certificate")?;
-        Ok(Self {
-            ca_cert,
-            good,
-            wrong,
-            expired,
-        })
+        .map(drop)
     }
 }
 

@@ -7,7 +7,8 @@
 //! crash leaves either the old or the new state, never a torn one.
 
 use crate::{
-    model::check::{CheckError, CheckPatch},
+    agent::health::check_files,
+    model::check::{CheckError, CheckPatch, CheckSpec},
     model::{BackendConfig, DEFAULT_WEIGHT, Forward, MAX_WEIGHT, ServiceKey, VipConfig},
     util::write_atomic,
 };
@@ -54,6 +55,9 @@ pub(crate) enum StateError {
         addr: Ipv4Addr,
         source: CheckError,
     },
+    /// A file a new check names (its CA, its password file) cannot be used.
+    #[error("{whose}: {message}")]
+    CheckFile { whose: String, message: String },
     #[error("VIP {0}: nothing to change (give --icmp-echo or at least one check flag)")]
     NothingToSet(ServiceKey),
     #[error("backend {addr} in VIP {key} is already draining (weight 0)")]
@@ -118,6 +122,28 @@ fn validate_backend(key: &ServiceKey, b: &BackendConfig) -> Result<(), StateErro
             addr: b.addr,
             source,
         })?;
+    }
+    Ok(())
+}
+
+/// The files named by checks of `new` that `old` does not have (a CA, a password file) must be
+/// usable now: a typo is refused with the command, not found later in a failing check. Checks
+/// already in `old` are not read again, so a VIP whose file went away can still be changed
+/// otherwise (its checks report the problem). Not part of `validate_spec`: a state file or a
+/// config file loads even when a file is missing at start.
+pub(crate) fn check_new_files(new: &VipConfig, old: Option<&VipConfig>) -> Result<(), StateError> {
+    let known = |c: &CheckSpec| {
+        old.is_some_and(|o| o.check == *c || o.backends.iter().any(|b| b.check.as_ref() == Some(c)))
+    };
+    let own = new.backends.iter().filter_map(|b| {
+        b.check
+            .as_ref()
+            .map(|c| (format!("backend {} in VIP {}", b.addr, new.key), c))
+    });
+    for (whose, check) in std::iter::once((format!("VIP {}", new.key), &new.check)).chain(own) {
+        if !known(check) {
+            check_files(check).map_err(|message| StateError::CheckFile { whose, message })?;
+        }
     }
     Ok(())
 }

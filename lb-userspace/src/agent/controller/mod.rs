@@ -19,7 +19,7 @@
 
 use crate::{
     agent::{
-        health::{Cause, CheckReport, HealthBook, ProbeTarget, check_files},
+        health::{Cause, CheckReport, HealthBook, ProbeTarget},
         report::vip_report,
         state::{self, DesiredState, StateError},
     },
@@ -92,9 +92,6 @@ pub(crate) enum ControllerError {
     Stats { source: BoxError },
     #[error("switching debug events of VIP {key} failed: {source}")]
     Debug { key: ServiceKey, source: BoxError },
-    /// A file a check names (CA, password file) cannot be used; nothing changed.
-    #[error("{whose}: {message}")]
-    CheckFile { whose: String, message: String },
     /// The change failed and putting the data path back failed too: the kernel may now differ from
     /// the desired state, which is kept as it was.
     #[error("{error}; restoring VIP {key} in the data path also failed: {rollback}")]
@@ -541,7 +538,7 @@ impl<D: DataplaneOps> Controller<D> {
         let mut next = self.state.clone();
         match &new {
             Some(spec) => {
-                self.check_new_files(spec, old.as_ref())?;
+                state::check_new_files(spec, old.as_ref())?;
                 self.dp
                     .check_vip(&spec.spec())
                     .map_err(|e| ControllerError::Capacity {
@@ -592,35 +589,6 @@ impl<D: DataplaneOps> Controller<D> {
         self.health.sync(self.state.vips(), now);
         if let Some(spec) = &new {
             self.health.settle(spec, now);
-        }
-        Ok(())
-    }
-
-    /// The files named by checks of `new` that `old` does not have (a CA, a password file) must
-    /// be readable now: a typo is refused with the command, not found later in a failing check.
-    /// Unchanged checks are not read again, so a VIP whose file went away can still be changed
-    /// otherwise (its checks report the problem).
-    fn check_new_files(
-        &self,
-        new: &VipConfig,
-        old: Option<&VipConfig>,
-    ) -> Result<(), ControllerError> {
-        let unchanged = |c: &crate::model::check::CheckSpec| {
-            old.is_some_and(|o| {
-                o.check == *c || o.backends.iter().any(|b| b.check.as_ref() == Some(c))
-            })
-        };
-        let mut checks = vec![(format!("VIP {}", new.key), &new.check)];
-        for b in &new.backends {
-            if let Some(c) = &b.check {
-                checks.push((format!("backend {} in VIP {}", b.addr, new.key), c));
-            }
-        }
-        for (whose, check) in checks {
-            if unchanged(check) {
-                continue;
-            }
-            check_files(check).map_err(|message| ControllerError::CheckFile { whose, message })?;
         }
         Ok(())
     }
