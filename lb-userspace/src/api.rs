@@ -44,6 +44,9 @@ pub(crate) enum Request {
         vip: ServiceKey,
         backend: Ipv4Addr,
         weight: u32,
+        /// A backup backend (new flows only while no regular backend can take them).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        backup: bool,
         /// Non-empty: the backend's own check, the VIP's with these fields applied.
         #[serde(default, skip_serializing_if = "CheckPatch::is_empty")]
         check: CheckPatch,
@@ -229,6 +232,9 @@ pub(crate) struct BackendSummary {
     pub(crate) weight: u32,
     /// The backend's own check, if it has one (otherwise the VIP's applies).
     pub(crate) check: Option<CheckSpec>,
+    /// A backup backend. Defaulted for older agents.
+    #[serde(default)]
+    pub(crate) backup: bool,
 }
 
 /// One VIP as configured (`vip list --json` prints `{"vips": [VipSummary, ...]}`).
@@ -262,6 +268,7 @@ impl From<&VipConfig> for VipSummary {
                     address: b.addr,
                     weight: b.weight,
                     check: b.check.clone(),
+                    backup: b.backup,
                 })
                 .collect(),
             icmp_echo: spec.icmp_echo,
@@ -307,6 +314,14 @@ pub(crate) struct BackendReport {
     pub(crate) checks_ok: u64,
     #[serde(default)]
     pub(crate) checks_failed: u64,
+    /// A backup backend (new flows only while no regular backend can take them).
+    #[serde(default)]
+    pub(crate) backup: bool,
+    /// Why a backend is not simply up or down by its own checks: `another primary is serving:
+    /// ADDR`, `waiting for its first check`, `backup, standing by`, `backup, serving: no regular
+    /// backend is up`; `None` otherwise.
+    #[serde(default)]
+    pub(crate) reason: Option<String>,
 }
 
 /// One VIP with its counters and its backends' (`backend list --json` prints this object).
@@ -321,6 +336,10 @@ pub(crate) struct VipReport {
     pub(crate) bytes: u64,
     pub(crate) new_flows: u64,
     pub(crate) backends: Vec<BackendReport>,
+    /// VIPs with `postgres:primary` checks only: whether more than one backend reports primary
+    /// right now (the others get no new flows; see `agent::health::selection`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) primary_conflict: Option<bool>,
 }
 
 /// Everything `xlb stats --json` prints.
@@ -440,6 +459,7 @@ mod tests {
                 vip: key(),
                 backend,
                 weight: 3,
+                backup: true,
                 check: CheckPatch {
                     port: Some(8080),
                     ..Default::default()
@@ -526,7 +546,10 @@ mod tests {
                 new_flows: 6,
                 checks_ok: 7,
                 checks_failed: 8,
+                backup: false,
+                reason: None,
             }],
+            primary_conflict: Some(false),
         };
         for resp in [
             Response::Done {
@@ -594,6 +617,7 @@ mod tests {
             vip: key(),
             backend: Ipv4Addr::new(10, 111, 1, 11),
             weight: 1,
+            backup: false,
             check: CheckPatch::default(),
         };
         assert_eq!(
@@ -603,7 +627,7 @@ mod tests {
         let summary = VipSummary::from(&VipConfig::new(key(), Forward::Ipip));
         assert_eq!(
             serde_json::to_string(&summary).unwrap(),
-            r#"{"vip":"10.111.100.1:80","address":"10.111.100.1","port":80,"proto":"tcp","forward":"ipip","check":{"kind":"tcp","path":"/","port":null,"interval":"1s","timeout":"1s","rise":2,"fall":3,"expect_status":"200-399","expect_body":null,"tls_verify":false},"backends":[],"icmp_echo":true}"#
+            r#"{"vip":"10.111.100.1:80","address":"10.111.100.1","port":80,"proto":"tcp","forward":"ipip","check":{"kind":"tcp","path":"/","port":null,"interval":"1s","timeout":"1s","rise":2,"fall":3,"expect_status":"200-399","expect_body":null,"tls_verify":false,"tls_ca":null,"tls_sni":null,"role":"any","user":null,"database":null,"password_file":null},"backends":[],"icmp_echo":true}"#
         );
         // Older CLIs send no `check` and no `icmp_echo`.
         let old = r#"{"request":"vip_add","vip":{"addr":"10.111.100.1","port":80,"proto":"tcp"},"forward":"ipip"}"#;
@@ -632,10 +656,12 @@ mod tests {
             new_flows: 4,
             checks_ok: 5,
             checks_failed: 6,
+            backup: false,
+            reason: None,
         };
         assert_eq!(
             serde_json::to_string(&report).unwrap(),
-            r#"{"address":"10.111.1.11","weight":1,"state":"draining","since":"2026-05-20T10:00:00.000Z","since_unix_ms":1779271200000,"last_check":null,"active_flows":1,"packets":2,"bytes":3,"new_flows":4,"checks_ok":5,"checks_failed":6}"#
+            r#"{"address":"10.111.1.11","weight":1,"state":"draining","since":"2026-05-20T10:00:00.000Z","since_unix_ms":1779271200000,"last_check":null,"active_flows":1,"packets":2,"bytes":3,"new_flows":4,"checks_ok":5,"checks_failed":6,"backup":false,"reason":null}"#
         );
         assert_eq!(
             serde_json::to_string(&Request::VipDebug {

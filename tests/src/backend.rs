@@ -1,7 +1,8 @@
 //! A backend host: real nginx (HTTP on port 80, on every address so both the backend's own address
-//! and the VIP) and a UDP echo-the-name service bound to the VIP.
+//! and the VIP; optionally HTTPS on 443 with the test CA's certificates) and a UDP echo-the-name
+//! service bound to the VIP.
 
-use crate::{cmd::wait_for, http, netns::Netns, process::Process, topology::VIP};
+use crate::{cmd::wait_for, http, netns::Netns, pki::Pki, process::Process, topology::VIP};
 use anyhow::{Context, Result, bail};
 use std::{
     fs,
@@ -13,6 +14,12 @@ use std::{
 /// Size of the download and upload bodies.
 pub const BIG: usize = 1 << 20;
 pub const HTTP_PORT: u16 = 80;
+/// HTTPS with the good certificate: the same content as port 80.
+pub const HTTPS_PORT: u16 = 443;
+/// HTTPS with the wrong-name certificate (`GET /` only).
+pub const HTTPS_WRONG_NAME_PORT: u16 = 4431;
+/// HTTPS with the expired certificate (`GET /` only).
+pub const HTTPS_EXPIRED_PORT: u16 = 4432;
 pub const UDP_PORT: u16 = 5353;
 /// Bytes per second nginx sends `/slow` at: 1 MiB in about 4 s.
 pub const SLOW_RATE: usize = 256 * 1024;
@@ -50,8 +57,36 @@ pub fn big_content() -> Vec<u8> {
 ///   a load balancer
 /// - every response carries `X-Backend: <name>`, so a client knows who answers from the headers,
 ///   before the body
-pub fn nginx_conf(name: &str, dir: &Path) -> String {
+///
+/// With `tls`, the same server also listens on [`HTTPS_PORT`] with the good certificate, and
+/// `GET /` is answered over TLS with the wrong-name certificate on [`HTTPS_WRONG_NAME_PORT`] and
+/// with the expired one on [`HTTPS_EXPIRED_PORT`].
+pub fn nginx_conf(name: &str, dir: &Path, tls: Option<&Pki>) -> String {
     let d = dir.display();
+    let (https, extra_servers) = match tls {
+        None => (String::new(), String::new()),
+        Some(pki) => {
+            let pair = |p: &crate::pki::CertPair| {
+                format!(
+                    "ssl_certificate {}; ssl_certificate_key {};",
+                    p.cert.display(),
+                    p.key.display()
+                )
+            };
+            let only_root = |port: u16, p: &crate::pki::CertPair| {
+                format!(
+                    "    server {{\n        listen {port} ssl;\n        {}\n        \
+                     location / {{ default_type text/plain; return 200 \"{name}\\n\"; }}\n    }}\n",
+                    pair(p)
+                )
+            };
+            (
+                format!("listen {HTTPS_PORT} ssl;\n        {}", pair(&pki.good)),
+                only_root(HTTPS_WRONG_NAME_PORT, &pki.wrong)
+                    + &only_root(HTTPS_EXPIRED_PORT, &pki.expired),
+            )
+        }
+    };
     format!(
         r#"worker_processes 1;
 pid {d}/nginx.pid;
@@ -66,8 +101,10 @@ http {{
     scgi_temp_path {d}/scgi;
     default_type application/octet-stream;
     keepalive_requests 1000;
+    ssl_protocols TLSv1.2 TLSv1.3;
     server {{
         listen {HTTP_PORT};
+        {https}
         add_header X-Backend {name} always;
         client_max_body_size 4m;
         client_body_buffer_size 2m;
@@ -97,7 +134,7 @@ http {{
             return 200 "{name} $content_length\n";
         }}
     }}
-}}
+{extra_servers}}}
 "#
     )
 }
@@ -129,9 +166,21 @@ impl Backend {
         dir: &Path,
         content: &[u8],
     ) -> Result<Self> {
+        Self::start_web(ns, name, addr, dir, content, None)
+    }
+
+    /// [`Backend::start_http`], with HTTPS too when `tls` is given (see [`nginx_conf`]).
+    pub fn start_web(
+        ns: &Netns,
+        name: &str,
+        addr: Ipv4Addr,
+        dir: &Path,
+        content: &[u8],
+        tls: Option<&Pki>,
+    ) -> Result<Self> {
         fs::create_dir_all(dir.join("www"))?;
         fs::write(dir.join("www").join("1m"), content)?;
-        fs::write(dir.join("nginx.conf"), nginx_conf(name, dir))?;
+        fs::write(dir.join("nginx.conf"), nginx_conf(name, dir, tls))?;
         let mut backend = Self {
             name: name.to_string(),
             addr,

@@ -70,7 +70,8 @@ pub fn sweep_stale() -> Result<()> {
         }
         let _ = run("ip", &["netns", "del", &name]);
     }
-    // Their temporary directories (configs, logs, agent state) too.
+    // Their temporary directories (configs, logs, agent state) and database directories too.
+    crate::postgres::sweep_stale_dirs(is_stale);
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
         for entry in entries.flatten() {
             if entry.file_name().to_str().is_some_and(is_stale) {
@@ -107,6 +108,14 @@ fn kill_pids_in(name: &str) {
     }
 }
 
+/// `ip netns exec <name> program`, by the namespace's name (for threads that outlive a borrow of
+/// its [`Netns`]).
+pub fn command_in(name: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", name]).arg(program);
+    cmd
+}
+
 /// One namespace; deleted (with whatever is still inside it) on drop.
 pub struct Netns {
     name: String,
@@ -126,9 +135,7 @@ impl Netns {
 
     /// `ip netns exec <ns> program` (iproute2 execs in place, so the child's pid is the program's).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
+        command_in(&self.name, program)
     }
 
     /// Runs `program args…` inside the namespace with the short deadline; errors if it fails.

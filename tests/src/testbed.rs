@@ -1,16 +1,22 @@
 //! The whole end-to-end set-up: the topology, three nginx backends prepared with
 //! `xlb backend-host setup`, `xlb agent` on lb1 configured through the CLI, and the client-side
 //! probes the tests and the demo use. With [`TestbedOptions::active_active`], lb2 runs a second
-//! agent with the same VIPs and backends, and the two are peered for flow sync.
+//! agent with the same VIPs and backends, and the two are peered for flow sync. With
+//! [`TestbedOptions::https`] the web backends also serve HTTPS with a test CA's certificates, and
+//! with [`TestbedOptions::databases`] PostgreSQL runs on db1 (primary) and db2… (streaming
+//! replicas), prepared like the web backends for both VIP addresses.
 
 use crate::{
     backend::{BIG, Backend, HTTP_PORT, UDP_PORT, big_content, udp_query},
     cmd::{Output, run_timeout, wait_for},
     http,
     netns::{Netns, TempDir},
+    pki::Pki,
+    postgres::PgCluster,
     process::Process,
     topology::{
-        HOST_IFACE, LB1_ADDR, LB2_ADDR, Topology, TopologyOptions, VIP, backend_addr, backend_name,
+        HOST_IFACE, LB1_ADDR, LB2_ADDR, Topology, TopologyOptions, VIP, VIPS, backend_addr,
+        backend_name, db_addr, db_name,
     },
     xlb::{Agent, Xlb, backend_state, expect_clean_exit, has_xdp, peer_entry, xdp_mode, xlb_in},
 };
@@ -50,7 +56,20 @@ pub struct TestbedOptions {
     /// with each other (`--sync-listen <own address>:7946 --peer <other>:7946`, one key file).
     /// The VIP is still routed via lb1 only; see [`Topology::route_vip`].
     pub lb2: bool,
+    /// The web backends also serve HTTPS (443 good certificate, 4431 wrong name, 4432 expired;
+    /// see [`crate::backend::nginx_conf`]) with a test CA made at start ([`Testbed::pki`]).
+    pub https: bool,
+    /// Database hosts db1..dbN: PostgreSQL primary on db1, streaming replicas on the others
+    /// ([`Testbed::pg`]); 0 = none.
+    pub databases: usize,
+    /// Each agent serves Prometheus metrics on its own address, port [`METRICS_PORT`].
+    pub metrics: bool,
+    /// The `mon` host (see [`crate::topology::MON_ADDR`]) for a Prometheus server.
+    pub monitor: bool,
 }
+
+/// Port of each agent's `--metrics-listen` (with [`TestbedOptions::metrics`]).
+pub const METRICS_PORT: u16 = 9100;
 
 /// The health check the lifecycle tests and the demo give the HTTP VIP: `GET /` every 200 ms,
 /// down after 3 failures in a row, up again after 2 successes.
@@ -67,6 +86,10 @@ pub const FAST_HTTP_CHECK: &[&str] = &[
     "3",
 ];
 
+/// The timing part of [`FAST_HTTP_CHECK`] (every 200 ms, timeout 150 ms, fall 3, rise 2), for
+/// checks of other kinds.
+pub const FAST_CHECK_TIMING: &[&str] = FAST_HTTP_CHECK.split_at(2).1;
+
 impl TestbedOptions {
     pub fn new(forward: &str, xdp_mode: &str) -> Self {
         Self {
@@ -75,6 +98,10 @@ impl TestbedOptions {
             backends: 3,
             http_vip_args: Vec::new(),
             lb2: false,
+            https: false,
+            databases: 0,
+            metrics: false,
+            monitor: false,
         }
     }
 
@@ -99,6 +126,10 @@ pub struct Testbed {
     agent2: Option<Agent>,
     lb1_listener: Option<Process>,
     backends: Vec<Backend>,
+    /// The database servers (stopped by pid before their namespaces go).
+    pub pg: Option<PgCluster>,
+    /// The test CA and certificates (with [`TestbedOptions::https`]).
+    pub pki: Option<Pki>,
     /// Backends where `backend-host setup` ran and `teardown` has not: torn down on drop, so no
     /// setup record outlives the namespace it describes.
     hosts_set_up: Vec<String>,
@@ -114,6 +145,8 @@ impl Testbed {
         let topo = Topology::build(TopologyOptions {
             backends: options.backends,
             lb2: options.lb2,
+            databases: options.databases,
+            monitor: options.monitor,
         })?;
         let dir = TempDir::new(topo.prefix())?;
         let mut bed = Self {
@@ -121,13 +154,19 @@ impl Testbed {
             agent2: None,
             lb1_listener: None,
             backends: Vec::new(),
+            pg: None,
+            pki: None,
             hosts_set_up: Vec::new(),
             topo,
             dir,
             options,
             content: big_content(),
         };
+        if bed.options.https {
+            bed.pki = Some(Pki::create(&bed.dir.path().join("pki")).context("the test CA")?);
+        }
         bed.start_backends().context("starting the backends")?;
+        bed.start_databases().context("starting the databases")?;
         bed.start_lb1_listener()
             .context("starting the listener on lb1")?;
         if bed.options.lb2 {
@@ -147,48 +186,72 @@ impl Testbed {
     }
 
     fn start_backends(&mut self) -> Result<()> {
-        let mode = self.options.xdp_mode.clone();
-        let mode_wanted = mode.clone();
-        let vip = VIP.to_string();
         for i in 1..=self.options.backends {
             let name = backend_name(i);
             let ns = self.topo.ns(&name);
             let dir = self.dir.path().join(&name);
-            let mut backend = Backend::start_http(ns, &name, backend_addr(i), &dir, &self.content)?;
-            // What is under test: VIP on lo, ARP and rp_filter sysctls, the decapsulator.
-            xlb_in(
+            let mut backend = Backend::start_web(
                 ns,
-                &[
-                    "backend-host",
-                    "setup",
-                    "--vip",
-                    &vip,
-                    "--iface",
-                    HOST_IFACE,
-                    "--xdp-mode",
-                    &mode,
-                ],
-            )
-            .with_context(|| format!("xlb backend-host setup on {name}"))?;
-            self.hosts_set_up.push(name.clone());
-            let arp = ns.sh(ARP_SYSCTLS)?;
-            ensure!(
-                arp.split_whitespace().eq(["1", "2"]),
-                "{name}: arp_ignore/arp_announce after setup: {arp}"
-            );
-            let mode = xdp_mode(ns, HOST_IFACE)?;
-            ensure!(
-                mode == Some(mode_wanted.as_str()),
-                "decapsulator on {name}'s {HOST_IFACE}: XDP mode {mode:?}, expected {mode_wanted}"
-            );
-            let lo = ns.ip(&["-4", "addr", "show", "dev", "lo"])?;
-            ensure!(
-                lo.contains(&format!("{VIP}/32")),
-                "VIP not on {name}'s lo after setup: {lo}"
-            );
-            backend.start_udp(ns)?;
+                &name,
+                backend_addr(i),
+                &dir,
+                &self.content,
+                self.pki.as_ref(),
+            )?;
+            self.set_up_host(&name, &[VIP])?;
+            backend.start_udp(self.topo.ns(&name))?;
             self.backends.push(backend);
         }
+        Ok(())
+    }
+
+    /// `xlb backend-host setup` on host `name` for `vips`, and checks what is under test: the VIPs
+    /// on lo, the ARP and rp_filter sysctls, the decapsulator in the bed's XDP mode.
+    fn set_up_host(&mut self, name: &str, vips: &[Ipv4Addr]) -> Result<()> {
+        let mode = self.options.xdp_mode.clone();
+        let ns = self.topo.ns(name);
+        let mut args = vec!["backend-host", "setup", "--iface", HOST_IFACE, "--xdp-mode"];
+        args.push(&mode);
+        let vips: Vec<String> = vips.iter().map(ToString::to_string).collect();
+        for vip in &vips {
+            args.extend(["--vip", vip.as_str()]);
+        }
+        xlb_in(ns, &args).with_context(|| format!("xlb backend-host setup on {name}"))?;
+        self.hosts_set_up.push(name.to_string());
+        let arp = ns.sh(ARP_SYSCTLS)?;
+        ensure!(
+            arp.split_whitespace().eq(["1", "2"]),
+            "{name}: arp_ignore/arp_announce after setup: {arp}"
+        );
+        let got = xdp_mode(ns, HOST_IFACE)?;
+        ensure!(
+            got == Some(mode.as_str()),
+            "decapsulator on {name}'s {HOST_IFACE}: XDP mode {got:?}, expected {mode}"
+        );
+        let lo = ns.ip(&["-4", "addr", "show", "dev", "lo"])?;
+        for vip in &vips {
+            ensure!(
+                lo.contains(&format!("{vip}/32")),
+                "VIP {vip} not on {name}'s lo after setup: {lo}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The database hosts, prepared for both VIP addresses (write and read VIP), then PostgreSQL:
+    /// primary on db1, replicas on the others, streaming.
+    fn start_databases(&mut self) -> Result<()> {
+        if self.options.databases == 0 {
+            return Ok(());
+        }
+        for i in 1..=self.options.databases {
+            self.set_up_host(&db_name(i), &VIPS)?;
+        }
+        let hosts: Vec<(&Netns, String, Ipv4Addr)> = (1..=self.options.databases)
+            .map(|i| (self.topo.ns(&db_name(i)), db_name(i), db_addr(i)))
+            .collect();
+        let cluster = PgCluster::start(self.topo.prefix(), &hosts)?;
+        self.pg = Some(cluster);
         Ok(())
     }
 
@@ -232,20 +295,26 @@ impl Testbed {
     }
 
     /// The agent's command-line flags beyond interface, mode, socket and state directory: the
-    /// sync flags in an active-active bed, none otherwise.
+    /// metrics listener if asked for, the sync flags in an active-active bed.
     fn agent_args(&self, lb: &str) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.options.metrics {
+            args.push("--metrics-listen".into());
+            args.push(format!("{}:{METRICS_PORT}", lb_addr(lb)));
+        }
         if !self.options.lb2 {
-            return Vec::new();
+            return args;
         }
         let other = if lb == "lb1" { "lb2" } else { "lb1" };
-        vec![
+        args.extend([
             "--sync-listen".into(),
             Self::sync_addr(lb),
             "--peer".into(),
             Self::sync_addr(other),
             "--sync-key-file".into(),
             self.sync_key_file().to_string_lossy().into_owned(),
-        ]
+        ]);
+        args
     }
 
     fn agent_slot(&mut self, lb: &str) -> &mut Option<Agent> {
@@ -393,6 +462,9 @@ impl Testbed {
         pids.extend(self.agent.as_ref().map(Agent::pid));
         pids.extend(self.agent2.as_ref().map(Agent::pid));
         pids.extend(self.lb1_listener.as_ref().map(Process::pid));
+        if let Some(pg) = &self.pg {
+            pids.extend(pg.servers.iter().filter_map(|s| s.pid()));
+        }
         pids
     }
 
@@ -523,7 +595,17 @@ impl Testbed {
 
     /// What the agent has logged so far.
     pub fn agent_log(&self) -> String {
-        self.agent.as_ref().map(Agent::log).unwrap_or_default()
+        self.agent_log_of("lb1")
+    }
+
+    /// What the agent on `lb` has logged so far.
+    pub fn agent_log_of(&self, lb: &str) -> String {
+        let agent = match lb {
+            "lb1" => &self.agent,
+            "lb2" => &self.agent2,
+            _ => panic!("no load balancer {lb}"),
+        };
+        agent.as_ref().map(Agent::log).unwrap_or_default()
     }
 
     /// nginx's access log on backend `name`.
@@ -745,6 +827,9 @@ impl Testbed {
                 b.nginx_error_log()
             );
         }
+        if let Some(pg) = &self.pg {
+            out += &pg.logs();
+        }
         out
     }
 }
@@ -799,6 +884,8 @@ impl Drop for Testbed {
                 self.diagnostics()
             );
         }
+        // The databases stop before their hosts are torn down (fast shutdown, by pid).
+        self.pg = None;
         for name in std::mem::take(&mut self.hosts_set_up) {
             if let Err(e) = xlb_in(self.ns(&name), &["backend-host", "teardown"]) {
                 eprintln!("xlb-tests: backend-host teardown on {name}: {e:#}");

@@ -4,8 +4,10 @@
 //!  cli 10.111.0.2 ── rtr 10.111.0.1 │ br0 10.111.1.1 ── lb1 10.111.1.2
 //!                                   │                ── lb2 10.111.1.3 (optional)
 //!                                   │                ── be1..be3 10.111.1.11-13
-//!  VIP 10.111.100.1 is routed by rtr via lb1 (with lb2: [`Topology::route_vip`] can spread it
-//!  over both, ECMP on an L4 hash)
+//!                                   │                ── db1..db3 10.111.1.21-23 (optional)
+//!                                   │                ── mon 10.111.1.30 (optional: Prometheus)
+//!  VIP 10.111.100.1 (and the second VIP address 10.111.100.2) is routed by rtr via lb1 (with
+//!  lb2: [`Topology::route_vip`] can spread them over both, ECMP on an L4 hash)
 //! ```
 //!
 //! Every host namespace has one interface, `eth0`; its veth peer lives in `rtr` as `v-<role>`
@@ -17,11 +19,18 @@ use anyhow::{Context, Result, bail};
 use std::net::Ipv4Addr;
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 100, 1);
+/// A second VIP address, for a service whose backends listen on a port another VIP already uses
+/// (with direct server return a VIP's port is the backend's port): the database's read VIP.
+pub const VIP2: Ipv4Addr = Ipv4Addr::new(10, 111, 100, 2);
+/// Both VIP addresses, routed alike.
+pub const VIPS: [Ipv4Addr; 2] = [VIP, VIP2];
 pub const CLI_ADDR: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 2);
 pub const RTR_CLI_ADDR: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 1);
 pub const RTR_BR_ADDR: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 1);
 pub const LB1_ADDR: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 2);
 pub const LB2_ADDR: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 3);
+/// The monitoring host (Prometheus), when the topology has one.
+pub const MON_ADDR: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 30);
 
 /// The interface name every host namespace uses.
 pub const HOST_IFACE: &str = "eth0";
@@ -37,6 +46,17 @@ pub fn backend_name(i: usize) -> String {
     format!("be{i}")
 }
 
+/// Address of database host `i` (1-based): 10.111.1.2i.
+pub fn db_addr(i: usize) -> Ipv4Addr {
+    assert!((1..=9).contains(&i), "database index {i} out of range");
+    Ipv4Addr::new(10, 111, 1, 20 + i as u8)
+}
+
+/// Role names of the database hosts: db1, db2, …
+pub fn db_name(i: usize) -> String {
+    format!("db{i}")
+}
+
 #[derive(Clone, Debug)]
 pub struct TopologyOptions {
     /// How many backend namespaces (be1..beN).
@@ -45,6 +65,10 @@ pub struct TopologyOptions {
     /// rtr hashes multipath routes on L4 (`fib_multipath_hash_policy=1`), so
     /// [`Topology::route_vip`] over lb1 and lb2 spreads connections, not just clients.
     pub lb2: bool,
+    /// How many database namespaces (db1..dbN, 10.111.1.21..).
+    pub databases: usize,
+    /// Also create `mon` (10.111.1.30) on the bridge, for a Prometheus server.
+    pub monitor: bool,
 }
 
 impl Default for TopologyOptions {
@@ -52,6 +76,8 @@ impl Default for TopologyOptions {
         Self {
             backends: 3,
             lb2: false,
+            databases: 0,
+            monitor: false,
         }
     }
 }
@@ -124,12 +150,18 @@ impl Topology {
         for i in 1..=self.options.backends {
             hosts.push((backend_name(i), backend_addr(i)));
         }
+        for i in 1..=self.options.databases {
+            hosts.push((db_name(i), db_addr(i)));
+        }
+        if self.options.monitor {
+            hosts.push(("mon".to_string(), MON_ADDR));
+        }
         hosts
     }
 
     fn create(&mut self) -> Result<()> {
-        if self.options.backends > 9 {
-            bail!("at most 9 backends");
+        if self.options.backends > 9 || self.options.databases > 9 {
+            bail!("at most 9 backends and 9 databases");
         }
         let hosts = self.hosts_on_bridge();
         for role in ["cli", "rtr"] {
@@ -171,13 +203,7 @@ impl Topology {
             host.ip(&["route", "add", "default", "via", &RTR_BR_ADDR.to_string()])?;
         }
 
-        self.ns("rtr").ip(&[
-            "route",
-            "add",
-            &format!("{VIP}/32"),
-            "via",
-            &LB1_ADDR.to_string(),
-        ])?;
+        self.route_vip(&[LB1_ADDR])?;
         let mut forwarders = vec!["rtr", "lb1"];
         if self.options.lb2 {
             forwarders.push("lb2");
@@ -194,22 +220,24 @@ impl Topology {
         Ok(())
     }
 
-    /// Routes the VIP (on rtr) via `next_hops`: one address is a plain route, several an ECMP
-    /// route (`nexthop via A nexthop via B`). Replaces whatever route the VIP had.
+    /// Routes the VIP addresses ([`VIPS`]) on rtr via `next_hops`: one address is a plain route,
+    /// several an ECMP route (`nexthop via A nexthop via B`). Replaces whatever route they had.
     pub fn route_vip(&self, next_hops: &[Ipv4Addr]) -> Result<()> {
-        let vip = format!("{VIP}/32");
         let hops: Vec<String> = next_hops.iter().map(ToString::to_string).collect();
-        let mut args = vec!["route", "replace", vip.as_str()];
-        match hops.as_slice() {
-            [] => bail!("a VIP route needs at least one next hop"),
-            [one] => args.extend(["via", one.as_str()]),
-            many => {
-                for hop in many {
-                    args.extend(["nexthop", "via", hop.as_str()]);
+        for vip in VIPS {
+            let vip = format!("{vip}/32");
+            let mut args = vec!["route", "replace", vip.as_str()];
+            match hops.as_slice() {
+                [] => bail!("a VIP route needs at least one next hop"),
+                [one] => args.extend(["via", one.as_str()]),
+                many => {
+                    for hop in many {
+                        args.extend(["nexthop", "via", hop.as_str()]);
+                    }
                 }
             }
+            self.ns("rtr").ip(&args)?;
         }
-        self.ns("rtr").ip(&args)?;
         Ok(())
     }
 

@@ -111,6 +111,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     let topo = Topology::build(TopologyOptions {
         backends: 0,
         lb2: false,
+        ..Default::default()
     })
     .unwrap();
     let dir = TempDir::new(topo.prefix()).unwrap();
@@ -131,6 +132,10 @@ fn bad_input_is_refused_and_changes_nothing() {
     xlb.ok(&["backend", "add", &vip, "10.111.1.11"]).unwrap();
     let baseline = snapshot(&xlb);
     assert_eq!(baseline.0["vips"][0]["icmp_echo"], false, "{}", baseline.0);
+    // A file that exists but is not a CA certificate.
+    let not_a_ca = dir.path().join("not-a-ca.pem");
+    std::fs::write(&not_a_ca, "not a certificate\n").unwrap();
+    let not_a_ca = not_a_ca.to_string_lossy().into_owned();
 
     // Input errors the issue names: one line, exit 1, naming the offending input.
     let cases: &[(&[&str], &[&str])] = &[
@@ -215,6 +220,85 @@ fn bad_input_is_refused_and_changes_nothing() {
         (
             &["vip", "set", "10.111.100.9:80", "--icmp-echo", "on"],
             &["10.111.100.9:80"],
+        ),
+        // Stack checks (issue 14): unknown kind or role, a postgres check without a user, files
+        // that cannot be read, settings of another kind.
+        (
+            &["vip", "add", "10.111.100.2:5432", "--check", "pgsql"],
+            &["pgsql"],
+        ),
+        (
+            &[
+                "vip",
+                "add",
+                "10.111.100.2:5432",
+                "--check",
+                "postgres:master",
+            ],
+            &["master", "postgres:primary"],
+        ),
+        (
+            &[
+                "vip",
+                "add",
+                "10.111.100.2:5432",
+                "--check",
+                "postgres:primary",
+            ],
+            &["--check-user"],
+        ),
+        (
+            &[
+                "vip",
+                "add",
+                "10.111.100.2:5432",
+                "--check",
+                "postgres:primary",
+                "--check-user",
+                "xlbcheck",
+                "--check-password-file",
+                "/nonexistent/xlb/pg.password",
+            ],
+            &["password file", "/nonexistent/xlb/pg.password"],
+        ),
+        (
+            &[
+                "vip",
+                "set",
+                &vip,
+                "--check",
+                "https:/",
+                "--tls-ca",
+                "/nonexistent/xlb/ca.pem",
+            ],
+            &["CA file", "/nonexistent/xlb/ca.pem"],
+        ),
+        (
+            &[
+                "vip", "set", &vip, "--check", "https:/", "--tls-ca", &not_a_ca,
+            ],
+            &["CA file", &not_a_ca, "no PEM certificate"],
+        ),
+        (
+            &[
+                "backend",
+                "add",
+                &vip,
+                "10.111.1.12",
+                "--check",
+                "https:/",
+                "--tls-ca",
+                "/nonexistent/xlb/ca.pem",
+            ],
+            &["10.111.1.12", "/nonexistent/xlb/ca.pem"],
+        ),
+        (
+            &["vip", "set", &vip, "--tls-sni", "www.example.com"],
+            &["--tls-sni", "https"],
+        ),
+        (
+            &["vip", "set", &vip, "--check-user", "xlbcheck"],
+            &["--check-user", "postgres"],
         ),
     ];
     for (args, mentions) in cases {

@@ -30,6 +30,7 @@ fn topology_routes_and_nginx_serves_directly() {
     let topo = Topology::build(TopologyOptions {
         backends: 2,
         lb2: true,
+        ..Default::default()
     })
     .expect("topology");
     let prefix = topo.prefix().to_string();
@@ -126,6 +127,7 @@ fn guards_clean_up_when_a_test_panics() {
         let topo = Topology::build(TopologyOptions {
             backends: 1,
             lb2: false,
+            ..Default::default()
         })
         .unwrap();
         prefix = topo.prefix().to_string();
@@ -173,6 +175,7 @@ fn nginx_restarts_and_the_continuous_client_sees_it() {
     let topo = Topology::build(TopologyOptions {
         backends: 1,
         lb2: false,
+        ..Default::default()
     })
     .expect("topology");
     let dir = TempDir::new(topo.prefix()).expect("temp dir");

@@ -46,7 +46,8 @@ enum Task {
         #[arg(last = true)]
         test_args: Vec<String>,
     },
-    /// Setup, build, then run the namespace demo (three nginx backends behind xlb).
+    /// Setup, build, then run the namespace demo (three nginx backends behind xlb; with
+    /// --stack the seed's whole stack).
     Demo {
         /// Do not run `setup` first.
         #[arg(long)]
@@ -60,6 +61,10 @@ enum Task {
         /// How many HTTP requests to send through the VIP.
         #[arg(long, default_value_t = 12)]
         requests: u32,
+        /// The seed's whole stack: two xlb nodes active-active, nginx over HTTPS, PostgreSQL
+        /// primary and replica behind a write and a read VIP, Prometheus scraping both agents.
+        #[arg(long)]
+        stack: bool,
     },
     /// Setup, release build, then the benchmarks; results in `bench/results/`.
     Bench {
@@ -130,7 +135,8 @@ fn main() {
             forward,
             xdp_mode,
             requests,
-        } => demo(skip_setup, &forward, &xdp_mode, requests),
+            stack,
+        } => demo(skip_setup, &forward, &xdp_mode, requests, stack),
         Task::Bench {
             skip_setup,
             quick,
@@ -459,7 +465,7 @@ fn build_bins() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // demo
 
-fn demo(skip_setup: bool, forward: &str, xdp_mode: &str, requests: u32) -> Result<()> {
+fn demo(skip_setup: bool, forward: &str, xdp_mode: &str, requests: u32, stack: bool) -> Result<()> {
     if !skip_setup {
         setup()?;
     }
@@ -484,6 +490,7 @@ fn demo(skip_setup: bool, forward: &str, xdp_mode: &str, requests: u32) -> Resul
                 OsStr::new("--requests"),
             ])
             .arg(requests.to_string())
+            .args(stack.then_some("--stack"))
             .env("XLB_BIN", xlb_bin()),
     )?;
     if !status.success() {

@@ -15,7 +15,7 @@
 //! forward = "ipip"         # default ipip
 //! icmp_echo = true         # default true; an address answers if any VIP on it does
 //! [vip.check]             # default: tcp for tcp VIPs, none for udp VIPs
-//! kind = "http"            # tcp | http | https | none
+//! kind = "http"            # tcp | http | https | postgres | none
 //! path = "/healthz"
 //! port = 8080              # default: the VIP's port
 //! interval = "200ms"       # default 1s
@@ -25,11 +25,23 @@
 //! expect_status = "200-399"
 //! expect_body = "ok"
 //! tls_verify = false
+//! tls_ca = "ca.pem"        # https: trust only this CA (verifies); relative to this file
+//! tls_sni = "www.example.com"  # https: name for SNI and verification
 //! [[vip.backend]]
 //! address = "10.111.1.11"
 //! weight = 1               # default 1
+//! backup = false           # default false
 //! [vip.backend.check]      # this backend's own check: the VIP's with these keys replaced
 //! port = 8081
+//!
+//! [[vip]]
+//! address = "10.111.100.1:5432"
+//! [vip.check]
+//! kind = "postgres"
+//! role = "primary"         # any (default) | primary | replica
+//! user = "xlbcheck"
+//! database = "postgres"    # default postgres
+//! password_file = "/etc/xlb/pg-check.password"   # relative to this file if not absolute
 //! ```
 //!
 //! Unknown keys are errors: a misspelt `wieght` silently ignored would be worse than a refusal.
@@ -117,6 +129,8 @@ struct RawBackend {
     address: String,
     #[serde(default = "default_weight")]
     weight: u32,
+    #[serde(default)]
+    backup: bool,
     /// The backend's own check: the VIP's with these keys replaced.
     #[serde(default)]
     check: Option<CheckPatch>,
@@ -124,6 +138,20 @@ struct RawBackend {
 
 fn default_weight() -> u32 {
     DEFAULT_WEIGHT
+}
+
+/// The files a check names, relative to the config file's directory when not absolute (the
+/// agent's working directory is nobody's business); "" stays "" (no file).
+fn anchored(mut patch: CheckPatch, dir: &Path) -> CheckPatch {
+    for file in [&mut patch.tls_ca, &mut patch.password_file]
+        .into_iter()
+        .flatten()
+    {
+        if !file.as_os_str().is_empty() && file.is_relative() {
+            *file = dir.join(&*file);
+        }
+    }
+    patch
 }
 
 /// A parsed and validated config file.
@@ -155,8 +183,9 @@ impl Config {
                     index: index + 1,
                     source,
                 })?;
-            let vip_check =
-                CheckSpec::default_for(vip.proto).patched(&vip.check.unwrap_or_default());
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let vip_check = CheckSpec::default_for(vip.proto)
+                .patched(&anchored(vip.check.unwrap_or_default(), dir));
             let mut backends = Vec::with_capacity(vip.backends.len());
             for (bi, b) in vip.backends.into_iter().enumerate() {
                 let baddr =
@@ -167,7 +196,8 @@ impl Config {
                         source,
                     })?;
                 backends.push(BackendConfig {
-                    check: b.check.map(|p| vip_check.patched(&p)),
+                    check: b.check.map(|p| vip_check.patched(&anchored(p, dir))),
+                    backup: b.backup,
                     ..BackendConfig::new(baddr, b.weight)
                 });
             }
@@ -297,6 +327,70 @@ mod tests {
         let own = v.backends[1].check.as_ref().unwrap();
         assert_eq!((own.kind, own.port), (CheckKind::Http, Some(8081)));
         assert_eq!(own.interval, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn postgres_checks_backups_and_files_relative_to_the_config() {
+        use crate::model::check::{CheckKind, Role};
+        let cfg = Config::parse(
+            Path::new("/etc/xlb/xlb.toml"),
+            r#"
+            [[vip]]
+            address = "10.111.100.2:5432"
+            [vip.check]
+            kind = "postgres"
+            role = "replica"
+            user = "xlbcheck"
+            password_file = "pg.password"
+            [[vip.backend]]
+            address = "10.111.1.22"
+            [[vip.backend]]
+            address = "10.111.1.21"
+            backup = true
+            [vip.backend.check]
+            role = "primary"
+            [[vip]]
+            address = "10.111.100.1:443"
+            [vip.check]
+            kind = "https"
+            tls_ca = "/etc/ssl/ca.pem"
+            tls_sni = "www.example.com"
+            "#,
+        )
+        .unwrap();
+        let mut vips = cfg.state.vips();
+        let https = vips.next().unwrap();
+        assert_eq!(
+            https.check.tls_ca.as_deref(),
+            Some(Path::new("/etc/ssl/ca.pem"))
+        );
+        assert!(https.check.verifies());
+        let pg = vips.next().unwrap();
+        assert_eq!(
+            (pg.check.kind, pg.check.role),
+            (CheckKind::Postgres, Role::Replica)
+        );
+        assert_eq!(
+            pg.check.password_file.as_deref(),
+            Some(Path::new("/etc/xlb/pg.password"))
+        );
+        assert!(!pg.backends[0].backup && pg.backends[1].backup);
+        let own = pg.backends[1].check.as_ref().unwrap();
+        assert_eq!(
+            (own.role, own.user.as_deref()),
+            (Role::Primary, Some("xlbcheck"))
+        );
+        // A postgres check without a user is refused with the file's name.
+        let e = Config::parse(
+            Path::new("/etc/xlb/xlb.toml"),
+            "[[vip]]\naddress = \"10.111.100.1:5432\"\n[vip.check]\nkind = \"postgres\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/etc/xlb/xlb.toml") && e.contains("--check-user"),
+            "{e}"
+        );
     }
 
     #[test]

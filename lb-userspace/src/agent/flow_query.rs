@@ -695,6 +695,7 @@ mod tests {
                     address: a(b),
                     weight: 1,
                     check: None,
+                    backup: false,
                 })
                 .collect(),
             icmp_echo: true,

@@ -39,6 +39,7 @@ pub(crate) fn vip_report(
         bytes: vip_counters.bytes,
         new_flows: vip_counters.new_flows,
         backends,
+        primary_conflict: health.primary_conflict(&spec.key),
     }
 }
 
@@ -58,6 +59,10 @@ fn backend_report(
     let (checks_ok, checks_failed) = health
         .as_ref()
         .map_or((0, 0), |h| (h.checks_ok, h.checks_failed));
+    let reason = health
+        .as_ref()
+        .and_then(|h| h.note.as_ref())
+        .map(ToString::to_string);
     let last_check = health.and_then(|h| h.last).map(|r| LastCheck {
         ok: r.ok,
         detail: r.detail,
@@ -77,5 +82,7 @@ fn backend_report(
         new_flows: counters.new_flows,
         checks_ok,
         checks_failed,
+        backup: b.backup,
+        reason,
     }
 }

@@ -7,7 +7,8 @@
 //! crash leaves either the old or the new state, never a torn one.
 
 use crate::{
-    model::check::{CheckError, CheckPatch},
+    agent::health::check_files,
+    model::check::{CheckError, CheckPatch, CheckSpec},
     model::{BackendConfig, DEFAULT_WEIGHT, Forward, MAX_WEIGHT, ServiceKey, VipConfig},
     util::write_atomic,
 };
@@ -54,6 +55,9 @@ pub(crate) enum StateError {
         addr: Ipv4Addr,
         source: CheckError,
     },
+    /// A file a new check names (its CA, its password file) cannot be used.
+    #[error("{whose}: {message}")]
+    CheckFile { whose: String, message: String },
     #[error("VIP {0}: nothing to change (give --icmp-echo or at least one check flag)")]
     NothingToSet(ServiceKey),
     #[error("backend {addr} in VIP {key} is already draining (weight 0)")]
@@ -118,6 +122,28 @@ fn validate_backend(key: &ServiceKey, b: &BackendConfig) -> Result<(), StateErro
             addr: b.addr,
             source,
         })?;
+    }
+    Ok(())
+}
+
+/// The files named by checks of `new` that `old` does not have (a CA, a password file) must be
+/// usable now: a typo is refused with the command, not found later in a failing check. Checks
+/// already in `old` are not read again, so a VIP whose file went away can still be changed
+/// otherwise (its checks report the problem). Not part of `validate_spec`: a state file or a
+/// config file loads even when a file is missing at start.
+pub(crate) fn check_new_files(new: &VipConfig, old: Option<&VipConfig>) -> Result<(), StateError> {
+    let known = |c: &CheckSpec| {
+        old.is_some_and(|o| o.check == *c || o.backends.iter().any(|b| b.check.as_ref() == Some(c)))
+    };
+    let own = new.backends.iter().filter_map(|b| {
+        b.check
+            .as_ref()
+            .map(|c| (format!("backend {} in VIP {}", b.addr, new.key), c))
+    });
+    for (whose, check) in std::iter::once((format!("VIP {}", new.key), &new.check)).chain(own) {
+        if !known(check) {
+            check_files(check).map_err(|message| StateError::CheckFile { whose, message })?;
+        }
     }
     Ok(())
 }
@@ -247,17 +273,20 @@ impl DesiredState {
         self.existing(key)
     }
 
-    /// The VIP as `backend add` would leave it (new backend appended, order kept). A non-empty
-    /// `check` gives the backend its own check: the VIP's with `check` applied.
+    /// The VIP as `backend add` would leave it (new backend appended, order kept), a backup if
+    /// `backup`. A non-empty `check` gives the backend its own check: the VIP's with `check`
+    /// applied.
     pub(crate) fn plan_backend_add(
         &self,
         key: &ServiceKey,
         addr: Ipv4Addr,
         weight: u32,
+        backup: bool,
         check: &CheckPatch,
     ) -> Result<VipConfig, StateError> {
         let mut spec = self.existing(key)?.clone();
         let mut backend = BackendConfig::new(addr, weight);
+        backend.backup = backup;
         if !check.is_empty() {
             backend.check = Some(spec.check.patched(check));
         }
@@ -442,27 +471,27 @@ mod tests {
             Err(StateError::BadVipAddress(..))
         ));
         let e = state
-            .plan_backend_add(&key(81), be(12), 1, &none())
+            .plan_backend_add(&key(81), be(12), 1, false, &none())
             .unwrap_err();
         assert_eq!(e.to_string(), "unknown VIP 10.111.100.1:81/tcp");
         let e = state
-            .plan_backend_add(&key(80), be(11), 1, &none())
+            .plan_backend_add(&key(80), be(11), 1, false, &none())
             .unwrap_err();
         assert_eq!(
             e.to_string(),
             "backend 10.111.1.11 already exists in VIP 10.111.100.1:80/tcp"
         );
         assert!(matches!(
-            state.plan_backend_add(&key(80), be(12), MAX_WEIGHT + 1, &none()),
+            state.plan_backend_add(&key(80), be(12), MAX_WEIGHT + 1, false, &none()),
             Err(StateError::WeightTooHigh { weight, .. }) if weight == MAX_WEIGHT + 1
         ));
         assert!(
             state
-                .plan_backend_add(&key(80), be(12), MAX_WEIGHT, &none())
+                .plan_backend_add(&key(80), be(12), MAX_WEIGHT, false, &none())
                 .is_ok()
         );
         assert!(matches!(
-            state.plan_backend_add(&key(80), Ipv4Addr::UNSPECIFIED, 1, &none()),
+            state.plan_backend_add(&key(80), Ipv4Addr::UNSPECIFIED, 1, false, &none()),
             Err(StateError::BadBackendAddress { .. })
         ));
         assert!(matches!(
@@ -480,7 +509,7 @@ mod tests {
     fn plans_produce_the_next_spec() {
         let state = DesiredState::from_specs([spec(80, &[(11, 1), (12, 2)])]).unwrap();
         let added = state
-            .plan_backend_add(&key(80), be(13), 5, &none())
+            .plan_backend_add(&key(80), be(13), 5, false, &none())
             .unwrap();
         assert_eq!(added, spec(80, &[(11, 1), (12, 2), (13, 5)]));
         let deleted = state.plan_backend_del(&key(80), be(11)).unwrap();
@@ -585,12 +614,14 @@ mod tests {
             port: Some(8080),
             ..Default::default()
         };
-        let added = state.plan_backend_add(&key(80), be(12), 1, &port).unwrap();
+        let added = state
+            .plan_backend_add(&key(80), be(12), 1, false, &port)
+            .unwrap();
         let own = added.backends[1].check.as_ref().unwrap();
         assert_eq!((own.kind, own.port), (CheckKind::Tcp, Some(8080)));
         assert!(added.backends[0].check.is_none());
         assert!(matches!(
-            state.plan_backend_add(&key(80), be(12), 1, &bad),
+            state.plan_backend_add(&key(80), be(12), 1, false, &bad),
             Err(StateError::BackendCheck { .. })
         ));
         let udp = ServiceKey {

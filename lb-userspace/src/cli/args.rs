@@ -224,8 +224,9 @@ pub(crate) enum FlowsCommand {
 #[derive(Clone, Debug, Default, Args)]
 pub(crate) struct CheckArgs {
     /// Health check: tcp (connect), http:/PATH, https:/PATH (GET, TLS certificate not verified
-    /// unless --tls-verify) or none (always up) [default: tcp for TCP VIPs; none for UDP VIPs,
-    /// because a TCP connect cannot check a UDP service].
+    /// unless --tls-verify or --tls-ca), postgres (a login and a query), postgres:primary or
+    /// postgres:replica (the server must have that role), or none (always up) [default: tcp for
+    /// TCP VIPs; none for UDP VIPs, because a TCP connect cannot check a UDP service].
     #[arg(long, value_name = "KIND")]
     pub(crate) check: Option<String>,
     /// Port checked on the backend's own address [default: the VIP's port].
@@ -252,6 +253,37 @@ pub(crate) struct CheckArgs {
     /// Verify the https check's certificate (--tls-verify=false turns it off again).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     pub(crate) tls_verify: Option<String>,
+    /// https: trust only the CA certificate(s) in this PEM file and verify the certificate
+    /// ("" removes it).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_ca: Option<String>,
+    /// https: send this name (SNI, Host) and verify the certificate for it, still connecting to
+    /// the backend's own address ("" removes it) [default: the backend's address].
+    #[arg(long, value_name = "NAME")]
+    pub(crate) tls_sni: Option<String>,
+    /// postgres: the user the check logs in as (it needs LOGIN and nothing else).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) check_user: Option<String>,
+    /// postgres: the database to connect to [default: postgres].
+    #[arg(long, value_name = "NAME")]
+    pub(crate) check_database: Option<String>,
+    /// postgres: file whose first line is the check user's password, read at every check; the
+    /// password itself is never stored, listed or logged ("" removes it).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) check_password_file: Option<String>,
+}
+
+/// A file named on the command line, as the agent (another process, another working directory)
+/// must see it: absolute. "" stays "" (it removes the setting).
+fn absolute(path: &Option<String>) -> Option<PathBuf> {
+    path.as_deref().map(|p| {
+        let p = PathBuf::from(p);
+        if p.as_os_str().is_empty() || p.is_absolute() {
+            p
+        } else {
+            std::path::absolute(&p).unwrap_or(p)
+        }
+    })
 }
 
 impl CheckArgs {
@@ -270,9 +302,9 @@ impl CheckArgs {
         let duration = |what: &'static str, v: &Option<String>| {
             v.as_deref().map(|s| parse_duration(what, s)).transpose()
         };
-        let (kind, path) = match self.check.as_deref().map(parse_kind).transpose()? {
-            Some((k, p)) => (Some(k), p),
-            None => (None, None),
+        let (kind, path, role) = match self.check.as_deref().map(parse_kind).transpose()? {
+            Some(k) => (Some(k.kind), k.path, k.role),
+            None => (None, None, None),
         };
         let port = self
             .check_port
@@ -302,6 +334,12 @@ impl CheckArgs {
             expect_status: self.expect_status.as_deref().map(str::parse).transpose()?,
             expect_body: self.expect_body.clone(),
             tls_verify,
+            tls_ca: absolute(&self.tls_ca),
+            tls_sni: self.tls_sni.clone(),
+            role,
+            user: self.check_user.clone(),
+            database: self.check_database.clone(),
+            password_file: absolute(&self.check_password_file),
         })
     }
 }
@@ -367,6 +405,10 @@ pub(crate) enum BackendCommand {
         /// Relative share of new flows (0-256; 0 = no new flows).
         #[arg(long, default_value_t = DEFAULT_WEIGHT)]
         weight: u32,
+        /// A backup (HAProxy's `backup`): it takes new flows only while no regular backend of
+        /// the VIP can (all down or drained); then every usable backup shares them by weight.
+        #[arg(long)]
+        backup: bool,
         /// Any check flag gives this backend its own check: the VIP's with these flags applied.
         /// (Boxed: the flags are large next to the other variants.)
         #[command(flatten)]
@@ -440,7 +482,7 @@ pub(crate) enum XdpPassCommand {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::check::{CheckKind, CheckSpec, StatusRange};
+    use crate::model::check::{CheckKind, CheckSpec, Role, StatusRange};
     use clap::CommandFactory;
     use std::time::Duration;
 
@@ -483,6 +525,44 @@ mod tests {
     }
 
     #[test]
+    fn postgres_and_tls_flags_become_a_patch() {
+        let p = flags(|f| {
+            f.check = Some("postgres:replica".into());
+            f.check_user = Some("xlbcheck".into());
+            f.check_database = Some("app".into());
+            f.check_password_file = Some("pg.password".into());
+        })
+        .unwrap();
+        let c = CheckSpec::default_for(Proto::Tcp).patched(&p);
+        assert_eq!((c.kind, c.role), (CheckKind::Postgres, Role::Replica));
+        assert_eq!(c.database_name(), "app");
+        // A relative file is made absolute here: the agent runs elsewhere.
+        let file = c.password_file.clone().unwrap();
+        assert!(
+            file.is_absolute() && file.ends_with("pg.password"),
+            "{file:?}"
+        );
+        assert!(c.validate().is_ok());
+        // `postgres` alone is any role; "" removes a file.
+        let any = flags(|f| {
+            f.check = Some("postgres".into());
+            f.check_password_file = Some(String::new());
+        })
+        .unwrap();
+        assert_eq!(any.role, Some(Role::Any));
+        assert_eq!(c.patched(&any).password_file, None);
+        let https = flags(|f| {
+            f.check = Some("https:/".into());
+            f.tls_ca = Some("/etc/xlb/ca.pem".into());
+            f.tls_sni = Some("www.example.com".into());
+        })
+        .unwrap();
+        let c = CheckSpec::default_for(Proto::Tcp).patched(&https);
+        assert!(c.verifies());
+        assert_eq!(c.tls_sni.as_deref(), Some("www.example.com"));
+    }
+
+    #[test]
     fn bad_flags_are_one_line_errors() {
         let cases: Vec<(Result<CheckPatch, CheckError>, &str)> = vec![
             (
@@ -503,6 +583,10 @@ mod tests {
                 "malformed status \"500-200\"",
             ),
             (flags(|f| f.check = Some("icmp".into())), "unknown check"),
+            (
+                flags(|f| f.check = Some("postgres:standby".into())),
+                "unknown PostgreSQL role \"standby\"",
+            ),
             (flags(|f| f.tls_verify = Some("maybe".into())), "maybe"),
         ];
         for (r, want) in cases {

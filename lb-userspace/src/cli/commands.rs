@@ -84,6 +84,7 @@ pub(crate) fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError
         BackendCommand::Add {
             backend,
             weight,
+            backup,
             check,
         } => {
             let (vip, backend) = backend.keys()?;
@@ -91,6 +92,7 @@ pub(crate) fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError
                 vip,
                 backend,
                 weight,
+                backup,
                 check: check.to_patch()?,
             }
         }
@@ -301,6 +303,7 @@ mod tests {
                     backend: "10.111.1.300".into(),
                 },
                 weight: 1,
+                backup: false,
                 check: Box::default(),
             },
         )

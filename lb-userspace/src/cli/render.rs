@@ -72,7 +72,9 @@ pub(crate) fn vip_table(vips: &[VipSummary]) -> String {
     )
 }
 
-/// `xlb backend list VIP:PORT` (ages relative to `now`):
+/// `xlb backend list VIP:PORT` (ages relative to `now`; a reason the VIP's rules give follows
+/// the state in parentheses, e.g. `up (backup, standing by)`, `down (another primary is serving:
+/// 10.111.1.22)`):
 /// ```text
 /// BACKEND      WEIGHT  STATE  SINCE                           LAST_CHECK  ACTIVE_FLOWS  PACKETS  BYTES  NEW_FLOWS
 /// 10.111.1.11  1       up     2026-05-20T10:00:00Z (12s ago)  ok 1.2ms    3             10       840    10
@@ -87,7 +89,10 @@ pub(crate) fn backend_table(vip: &VipReport, indent: &str, now: SystemTime) -> S
             vec![
                 b.address.to_string(),
                 b.weight.to_string(),
-                b.state.to_string(),
+                match &b.reason {
+                    Some(r) => format!("{} ({r})", b.state),
+                    None => b.state.to_string(),
+                },
                 format!(
                     "{} ({} ago)",
                     humantime::format_rfc3339_seconds(since),
@@ -361,7 +366,10 @@ pub(super) mod tests {
                 new_flows: 10,
                 checks_ok: 12,
                 checks_failed: 0,
+                backup: false,
+                reason: None,
             }],
+            primary_conflict: None,
         }
     }
 
@@ -379,6 +387,7 @@ pub(super) mod tests {
                     address: Ipv4Addr::new(10, 111, 1, 11),
                     weight: 1,
                     check: None,
+                    backup: false,
                 };
                 3
             ],
@@ -401,6 +410,14 @@ pub(super) mod tests {
         assert!(
             backend_table(&down, "", now)
                 .contains("  down   2026-05-20T10:00:00Z (12s ago)  failed: connection refused  3")
+        );
+        // A reason from the VIP's rules follows the state.
+        let mut held = report();
+        held.backends[0].state = BackendState::Down;
+        held.backends[0].reason = Some("another primary is serving: 10.111.1.22".into());
+        assert!(
+            backend_table(&held, "", now)
+                .contains("  down (another primary is serving: 10.111.1.22)  2026-05-20T10:00:00Z")
         );
         down.backends[0].last_check = None;
         assert!(backend_table(&down, "", now).contains("(12s ago)  -           3"));

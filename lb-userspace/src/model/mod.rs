@@ -120,7 +120,7 @@ pub const DEFAULT_WEIGHT: u32 = 1;
 pub const MAX_WEIGHT: u32 = 256;
 
 /// One backend as configured: its data-path part (address, weight) plus what only the agent
-/// needs (its own health check, the weight to return to after a drain).
+/// needs (its own health check, the weight to return to after a drain, whether it is a backup).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendConfig {
     pub addr: Ipv4Addr,
@@ -131,6 +131,9 @@ pub struct BackendConfig {
     /// While the weight is 0: the weight `undrain` restores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drained_from: Option<u32>,
+    /// A backup: takes new flows only while no regular backend of the VIP can.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub backup: bool,
 }
 
 impl BackendConfig {
@@ -140,6 +143,7 @@ impl BackendConfig {
             weight,
             check: None,
             drained_from: None,
+            backup: false,
         }
     }
 }

@@ -1,14 +1,15 @@
 //! `cargo xtask demo`: brings up the test topology with three nginx backends behind xlb, sends
 //! requests through the VIP, prints which backend answered each one and xlb's counters, then stops
 //! nginx on be2 and starts it again: the health checks take it out of the rotation and back in.
-//! Everything is torn down at the end (also on Ctrl-C or a failure).
+//! Everything is torn down at the end (also on Ctrl-C or a failure). With `--stack`, the seed's
+//! whole stack instead (see `xlb_tests::stack_demo`).
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use std::time::{Duration, Instant};
 use xlb_tests::{
     backend::HTTP_PORT,
-    interrupt, netns,
+    interrupt, netns, stack_demo,
     testbed::{FAST_HTTP_CHECK, Testbed, TestbedOptions},
     topology::{LB1_ADDR, VIP},
 };
@@ -30,6 +31,10 @@ struct Args {
     /// HTTP requests to send, each on a new connection.
     #[arg(long, default_value_t = 12)]
     requests: u32,
+    /// The whole stack instead: two xlb nodes active-active, nginx over HTTPS, PostgreSQL
+    /// primary and replica behind a write and a read VIP, Prometheus scraping both agents.
+    #[arg(long)]
+    stack: bool,
 }
 
 fn main() {
@@ -46,6 +51,27 @@ fn main() {
 }
 
 fn run(args: &Args) -> Result<()> {
+    let mut result = if args.stack {
+        stack_demo::run(&args.xdp_mode)
+    } else {
+        plain(args)
+    };
+    if let Err(interrupted) = interrupt::check() {
+        // Ctrl-C also reached curl and the servers; their errors are not the story.
+        result = Err(interrupted);
+    }
+    let left: Vec<String> = netns::list()?
+        .into_iter()
+        .filter(|n| n.starts_with(netns::PREFIX))
+        .collect();
+    if !left.is_empty() {
+        bail!("namespaces left behind: {left:?}");
+    }
+    result
+}
+
+/// The plain demo: three nginx backends behind one agent.
+fn plain(args: &Args) -> Result<()> {
     let start = Instant::now();
     println!(
         "demo: building namespaces (cli — rtr/br0 — lb1, be1..be3), nginx on each backend, \
@@ -63,22 +89,12 @@ fn run(args: &Args) -> Result<()> {
         start.elapsed().as_secs_f64(),
         bed.topo.prefix()
     );
-    let mut result = traffic(&bed, args).and_then(|()| fail_and_recover(&mut bed));
-    if let Err(interrupted) = interrupt::check() {
-        // Ctrl-C also reached curl and the servers; their errors are not the story.
-        result = Err(interrupted);
-    } else if result.is_err() {
+    let result = traffic(&bed, args).and_then(|()| fail_and_recover(&mut bed));
+    if result.is_err() && interrupt::check().is_ok() {
         eprintln!("{}", bed.diagnostics());
     }
     println!("\ndemo: tearing down");
     drop(bed);
-    let left: Vec<String> = netns::list()?
-        .into_iter()
-        .filter(|n| n.starts_with(netns::PREFIX))
-        .collect();
-    if !left.is_empty() {
-        bail!("namespaces left behind: {left:?}");
-    }
     result
 }
 

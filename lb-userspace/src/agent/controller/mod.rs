@@ -10,14 +10,16 @@
 //! and the request fails with a message naming the problem. The controller is generic over
 //! `DataplaneOps`, so all of this is tested without a kernel.
 //!
-//! The controller also keeps the backends' health (`HealthBook`): every apply passes the VIP's
-//! down backends to the data path, and a health result that changes a backend's state re-applies
-//! its VIP. Health is not persisted: after a restart every backend starts up (as in HAProxy), so
-//! a restart causes no outage.
+//! The controller also keeps the backends' health (`HealthBook`): every apply passes what the book
+//! plans for the VIP (its down backends, and the weights the backup rule gives) to the data path,
+//! then settles it in the book; a health result that changes a backend's state re-applies its
+//! VIP. Health is not persisted: after a restart every backend starts up (as in HAProxy), so a
+//! restart causes no outage — except under a role check (`postgres:primary`/`replica`), where a
+//! backend starts pending until its first check says which role it has.
 
 use crate::{
     agent::{
-        health::{CheckReport, HealthBook, ProbeTarget},
+        health::{Cause, CheckReport, HealthBook, ProbeTarget},
         report::vip_report,
         state::{self, DesiredState, StateError},
     },
@@ -131,6 +133,9 @@ impl<D: DataplaneOps> Controller<D> {
             flows: Arc::default(),
             flows_flushed: 0,
         };
+        // The book knows the backends before the first apply, so role-checked ones are pending
+        // (no new flows) from the start; every other backend starts up.
+        ctl.health.sync(initial.vips(), SystemTime::now());
         for spec in initial.vips() {
             ctl.dp
                 .check_vip(&spec.spec())
@@ -142,8 +147,8 @@ impl<D: DataplaneOps> Controller<D> {
         let mut applied: Vec<ServiceKey> = Vec::new();
         let mut outcome = Ok(());
         for spec in initial.vips() {
-            // Every backend starts up: nothing is down before its first checks.
-            if let Err(e) = ctl.dp.apply_vip(&spec.spec(), &BTreeSet::new()) {
+            let (planned, down) = ctl.health.plan(spec);
+            if let Err(e) = ctl.dp.apply_vip(&planned, &down) {
                 outcome = Err(ControllerError::Apply {
                     key: spec.key,
                     source: e.into(),
@@ -164,7 +169,10 @@ impl<D: DataplaneOps> Controller<D> {
             return Err(e);
         }
         ctl.state = initial;
-        ctl.health.sync(ctl.state.vips(), SystemTime::now());
+        let now = SystemTime::now();
+        for spec in ctl.state.vips() {
+            ctl.health.settle(spec, now);
+        }
         ctl.log_unchecked_udp(ctl.state.vips().map(|v| v.key).collect());
         Ok(ctl)
     }
@@ -247,15 +255,17 @@ impl<D: DataplaneOps> Controller<D> {
                 vip,
                 backend,
                 weight,
+                backup,
                 check,
             } => {
-                self.backend_add(&vip, backend, weight, &check)?;
+                self.backend_add(&vip, backend, weight, backup, &check)?;
+                let role = if backup { "backup, " } else { "" };
                 if check.is_empty() {
-                    format!("added backend {backend} (weight {weight}) to VIP {vip}")
+                    format!("added backend {backend} ({role}weight {weight}) to VIP {vip}")
                 } else {
                     let own = self.backend_check_summary(&vip, backend);
                     format!(
-                        "added backend {backend} (weight {weight}, own check {own}) to VIP {vip}"
+                        "added backend {backend} ({role}weight {weight}, own check {own}) to VIP {vip}"
                     )
                 }
             }
@@ -355,9 +365,12 @@ impl<D: DataplaneOps> Controller<D> {
         key: &ServiceKey,
         addr: Ipv4Addr,
         weight: u32,
+        backup: bool,
         check: &CheckPatch,
     ) -> Result<(), ControllerError> {
-        let new = self.state.plan_backend_add(key, addr, weight, check)?;
+        let new = self
+            .state
+            .plan_backend_add(key, addr, weight, backup, check)?;
         let old = self.state.get(key).cloned();
         self.commit(*key, old, Some(new))
     }
@@ -414,7 +427,9 @@ impl<D: DataplaneOps> Controller<D> {
     pub(crate) fn health_result(&mut self, report: CheckReport) {
         let key = report.key;
         if let Some(t) = self.health.record(report) {
-            if t.up {
+            // A check that finds the other role is the normal state of a role-checked VIP (a
+            // replica behind the write VIP) or a failover going as planned, not an alarm.
+            if t.up || t.cause != Cause::Counted {
                 log::info!("{t}");
             } else {
                 log::warn!("{t}");
@@ -428,10 +443,12 @@ impl<D: DataplaneOps> Controller<D> {
             self.retry.remove(&key);
             return;
         };
-        let down = self.health.down_for(vip);
-        match self.dp.apply_vip(&vip.spec(), &down) {
+        let (planned, down) = self.health.plan(vip);
+        match self.dp.apply_vip(&planned, &down) {
             Ok(()) => {
                 self.retry.remove(&key);
+                let vip = vip.clone();
+                self.health.settle(&vip, SystemTime::now());
             }
             Err(e) => log::error!(
                 "re-applying VIP {key} after a health change failed (retrying on its next check): {e}"
@@ -539,6 +556,7 @@ impl<D: DataplaneOps> Controller<D> {
         let mut next = self.state.clone();
         match &new {
             Some(spec) => {
+                state::check_new_files(spec, old.as_ref())?;
                 self.dp
                     .check_vip(&spec.spec())
                     .map_err(|e| ControllerError::Capacity {
@@ -553,13 +571,15 @@ impl<D: DataplaneOps> Controller<D> {
         }
 
         let applied = match &new {
-            Some(spec) => self
-                .dp
-                .apply_vip(&spec.spec(), &self.health.down_for(spec))
-                .map_err(|e| ControllerError::Apply {
-                    key,
-                    source: e.into(),
-                }),
+            Some(spec) => {
+                let (planned, down) = self.health.plan(spec);
+                self.dp
+                    .apply_vip(&planned, &down)
+                    .map_err(|e| ControllerError::Apply {
+                        key,
+                        source: e.into(),
+                    })
+            }
             None => self
                 .dp
                 .remove_vip(&key)
@@ -583,7 +603,11 @@ impl<D: DataplaneOps> Controller<D> {
         }
         self.state = next;
         self.retry.remove(&key);
-        self.health.sync(self.state.vips(), SystemTime::now());
+        let now = SystemTime::now();
+        self.health.sync(self.state.vips(), now);
+        if let Some(spec) = &new {
+            self.health.settle(spec, now);
+        }
         Ok(())
     }
 
@@ -595,7 +619,10 @@ impl<D: DataplaneOps> Controller<D> {
         error: ControllerError,
     ) -> ControllerError {
         let result = match old {
-            Some(spec) => self.dp.apply_vip(&spec.spec(), &self.health.down_for(spec)),
+            Some(spec) => {
+                let (planned, down) = self.health.plan(spec);
+                self.dp.apply_vip(&planned, &down)
+            }
             None => self.dp.remove_vip(&key),
         };
         match result {

@@ -7,7 +7,7 @@ use crate::{
     model::check::CheckKind,
     model::{BackendConfig, BackendSpec, Proto},
 };
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
 fn none() -> CheckPatch {
     CheckPatch::default()
@@ -58,8 +58,12 @@ impl Fixture {
 fn changes_reach_kernel_file_and_memory() {
     let mut f = Fixture::new(FakeDataplane::default());
     f.ctl.vip_add(key(80), Forward::L2, &none(), true).unwrap();
-    f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
-    f.ctl.backend_add(&key(80), be(12), 3, &none()).unwrap();
+    f.ctl
+        .backend_add(&key(80), be(11), 1, false, &none())
+        .unwrap();
+    f.ctl
+        .backend_add(&key(80), be(12), 3, false, &none())
+        .unwrap();
     f.assert_consistent();
     let spec = f.ctl.state().get(&key(80)).unwrap();
     assert_eq!(
@@ -80,7 +84,9 @@ fn invalid_requests_change_nothing() {
     f.ctl
         .vip_add(key(80), Forward::Ipip, &none(), true)
         .unwrap();
-    f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
+    f.ctl
+        .backend_add(&key(80), be(11), 1, false, &none())
+        .unwrap();
     let calls = f.ctl.dataplane().apply_calls;
 
     let cases = [
@@ -102,6 +108,7 @@ fn invalid_requests_change_nothing() {
                 vip: key(81),
                 backend: be(12),
                 weight: 1,
+                backup: false,
                 check: none(),
             },
             "unknown VIP 10.111.100.1:81/tcp",
@@ -111,6 +118,7 @@ fn invalid_requests_change_nothing() {
                 vip: key(80),
                 backend: be(11),
                 weight: 1,
+                backup: false,
                 check: none(),
             },
             "backend 10.111.1.11 already exists in VIP 10.111.100.1:80/tcp",
@@ -120,6 +128,7 @@ fn invalid_requests_change_nothing() {
                 vip: key(80),
                 backend: be(12),
                 weight: 257,
+                backup: false,
                 check: none(),
             },
             "weight 257 of backend 10.111.1.12 in VIP 10.111.100.1:80/tcp is above the maximum of 256",
@@ -168,8 +177,13 @@ fn capacity_errors_come_from_the_data_path() {
     f.ctl
         .vip_add(key(80), Forward::Ipip, &none(), true)
         .unwrap();
-    f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
-    let e = f.ctl.backend_add(&key(80), be(12), 1, &none()).unwrap_err();
+    f.ctl
+        .backend_add(&key(80), be(11), 1, false, &none())
+        .unwrap();
+    let e = f
+        .ctl
+        .backend_add(&key(80), be(12), 1, false, &none())
+        .unwrap_err();
     assert_eq!(
         e.to_string(),
         "VIP 10.111.100.1:80/tcp does not fit in the data path: too many backends"
@@ -184,13 +198,18 @@ fn failed_apply_restores_the_old_vip() {
     f.ctl
         .vip_add(key(80), Forward::Ipip, &none(), true)
         .unwrap();
-    f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
+    f.ctl
+        .backend_add(&key(80), be(11), 1, false, &none())
+        .unwrap();
     let old = f.ctl.state().get(&key(80)).unwrap().spec();
 
     // The apply fails, the old spec is re-applied: the error is the apply's.
     f.ctl.dp.fail_applies = 1;
     let calls = f.ctl.dp.apply_calls;
-    let e = f.ctl.backend_add(&key(80), be(12), 1, &none()).unwrap_err();
+    let e = f
+        .ctl
+        .backend_add(&key(80), be(12), 1, false, &none())
+        .unwrap_err();
     assert_eq!(
         e.to_string(),
         "applying VIP 10.111.100.1:80/tcp to the data path failed: map update failed"
@@ -207,7 +226,10 @@ fn failed_apply_restores_the_old_vip() {
 
     // The apply and the re-apply fail: both are reported, the desired state is unchanged.
     f.ctl.dp.fail_applies = 2;
-    let e = f.ctl.backend_add(&key(80), be(12), 1, &none()).unwrap_err();
+    let e = f
+        .ctl
+        .backend_add(&key(80), be(12), 1, false, &none())
+        .unwrap_err();
     assert!(matches!(e, ControllerError::Rollback { .. }), "{e}");
     assert!(e.to_string().contains("restoring VIP 10.111.100.1:80/tcp"));
     let first = std::error::Error::source(&e).expect("the failed change");
@@ -237,7 +259,9 @@ fn failed_persist_rolls_the_data_path_back() {
     f.ctl
         .vip_add(key(80), Forward::Ipip, &none(), true)
         .unwrap();
-    f.ctl.backend_add(&key(80), be(11), 1, &none()).unwrap();
+    f.ctl
+        .backend_add(&key(80), be(11), 1, false, &none())
+        .unwrap();
     let good = f.ctl.state().clone();
 
     // Make the state file unwritable: its directory is replaced by a regular file.
@@ -245,7 +269,7 @@ fn failed_persist_rolls_the_data_path_back() {
     f.ctl.state_path = f.dir.path().join(STATE_FILE).join("x");
 
     assert!(matches!(
-        f.ctl.backend_add(&key(80), be(12), 1, &none()),
+        f.ctl.backend_add(&key(80), be(12), 1, false, &none()),
         Err(ControllerError::State(StateError::Write { .. }))
     ));
     assert!(
@@ -356,8 +380,12 @@ fn reports_join_desired_state_and_counters() {
     f.ctl
         .vip_add(key(80), Forward::Ipip, &none(), true)
         .unwrap();
-    f.ctl.backend_add(&key(80), be(11), 2, &none()).unwrap();
-    f.ctl.backend_add(&key(80), be(12), 1, &none()).unwrap();
+    f.ctl
+        .backend_add(&key(80), be(11), 2, false, &none())
+        .unwrap();
+    f.ctl
+        .backend_add(&key(80), be(12), 1, false, &none())
+        .unwrap();
     // A walk of the flow table (made off the serve loop) found 3 active flows per backend and 5
     // entries.
     let counts = super::fake::flow_counts(f.ctl.dataplane(), 5, 3);
@@ -415,13 +443,26 @@ fn checked_fixture() -> Fixture {
     };
     f.ctl.vip_add(key(80), Forward::Ipip, &check, true).unwrap();
     for b in [11, 12, 13] {
-        f.ctl.backend_add(&key(80), be(b), 1, &none()).unwrap();
+        f.ctl
+            .backend_add(&key(80), be(b), 1, false, &none())
+            .unwrap();
     }
     f
 }
 
 /// Feed a check result for `addr` under its current check configuration.
 fn feed(ctl: &mut Controller<FakeDataplane>, addr: Ipv4Addr, ok: bool, detail: &str) {
+    feed_on(ctl, addr, ok, detail, None);
+}
+
+/// The same, with a PostgreSQL primary's timeline.
+fn feed_on(
+    ctl: &mut Controller<FakeDataplane>,
+    addr: Ipv4Addr,
+    ok: bool,
+    detail: &str,
+    timeline: Option<u32>,
+) {
     let t = ctl
         .probe_targets()
         .into_iter()
@@ -436,8 +477,169 @@ fn feed(ctl: &mut Controller<FakeDataplane>, addr: Ipv4Addr, ok: bool, detail: &
             detail: detail.into(),
             latency: Duration::from_micros(1500),
             at: SystemTime::now(),
+            timeline,
+            wrong_role: false,
         },
     });
+}
+
+/// The weights `key` was last applied with, by backend.
+fn applied_weights(ctl: &Controller<FakeDataplane>, key: &ServiceKey) -> Vec<(Ipv4Addr, u32)> {
+    ctl.dataplane().applied[key]
+        .backends
+        .iter()
+        .map(|b| (b.addr, b.weight))
+        .collect()
+}
+
+#[test]
+fn backups_take_new_flows_only_while_no_regular_backend_can() {
+    let mut f = checked_fixture();
+    f.ctl
+        .backend_add(&key(80), be(14), 2, true, &none())
+        .unwrap();
+    let r = f.ctl.backend_list(&key(80)).unwrap();
+    let b14 = r.backends.iter().find(|b| b.address == be(14)).unwrap();
+    assert!(b14.backup);
+    assert_eq!(b14.state, BackendState::Up);
+    assert_eq!(b14.reason.as_deref(), Some("backup, standing by"));
+    // Standing by: weight 0 in the data path (no new flows, its flows stay), not down.
+    assert_eq!(
+        applied_weights(&f.ctl, &key(80)),
+        vec![(be(11), 1), (be(12), 1), (be(13), 1), (be(14), 0)]
+    );
+    assert!(f.ctl.dataplane().down(&key(80)).unwrap().is_empty());
+    for b in [11, 12] {
+        feed(&mut f.ctl, be(b), false, "connection refused");
+        feed(&mut f.ctl, be(b), false, "connection refused");
+    }
+    // One regular backend left: still standing by.
+    assert_eq!(applied_weights(&f.ctl, &key(80))[3], (be(14), 0));
+    // Drained, the last regular one can take no new flows either: the backup serves.
+    f.ctl.backend_drain(&key(80), be(13)).unwrap();
+    assert_eq!(applied_weights(&f.ctl, &key(80))[3], (be(14), 2));
+    let r = f.ctl.backend_list(&key(80)).unwrap();
+    assert_eq!(
+        r.backends[3].reason.as_deref(),
+        Some("backup, serving: no regular backend is up")
+    );
+    // A regular backend back up: the backup stands by again.
+    feed(&mut f.ctl, be(11), true, "connected");
+    assert_eq!(applied_weights(&f.ctl, &key(80))[3], (be(14), 0));
+    // Backups are persisted.
+    assert!(f.on_disk().get(&key(80)).unwrap().backends[3].backup);
+}
+
+#[test]
+fn role_checks_start_pending_and_two_primaries_never_serve_together() {
+    use crate::model::check::Role;
+    let mut f = Fixture::new(FakeDataplane::default());
+    let pg = CheckPatch {
+        kind: Some(CheckKind::Postgres),
+        role: Some(Role::Primary),
+        user: Some("xlbcheck".into()),
+        rise: Some(2),
+        fall: Some(2),
+        ..Default::default()
+    };
+    let k = key(5432);
+    f.ctl.vip_add(k, Forward::Ipip, &pg, true).unwrap();
+    for b in [21, 22] {
+        f.ctl.backend_add(&k, be(b), 1, false, &none()).unwrap();
+    }
+    let down = |f: &Fixture| f.ctl.dataplane().down(&k).unwrap().clone();
+    let reason = |f: &Fixture, b: u8| {
+        let r = f.ctl.backend_list(&k).unwrap();
+        let e = r.backends.iter().find(|e| e.address == be(b)).unwrap();
+        (e.state, e.reason.clone())
+    };
+    // Nothing takes new flows before its first check says which role it has.
+    assert_eq!(down(&f), BTreeSet::from([be(21), be(22)]));
+    assert_eq!(
+        reason(&f, 22),
+        (
+            BackendState::Down,
+            Some("waiting for its first check".into())
+        )
+    );
+    // The first check decides at once (no rise): db21 primary. db22 has not answered: with no
+    // primary chosen yet, db21 waits for it (the choice must not depend on who answered first).
+    feed_on(&mut f.ctl, be(21), true, "primary (timeline 1)", Some(1));
+    assert_eq!(down(&f), BTreeSet::from([be(21), be(22)]));
+    feed(&mut f.ctl, be(22), false, "replica, not a primary");
+    assert_eq!(down(&f), BTreeSet::from([be(22)]));
+    assert_eq!(
+        f.ctl.backend_list(&k).unwrap().primary_conflict,
+        Some(false)
+    );
+    // db22 promoted (timeline 2): two primaries; new flows stay on db21, the incumbent.
+    for _ in 0..2 {
+        feed_on(&mut f.ctl, be(22), true, "primary (timeline 2)", Some(2));
+    }
+    assert_eq!(down(&f), BTreeSet::from([be(22)]));
+    assert_eq!(
+        reason(&f, 22),
+        (
+            BackendState::Down,
+            Some("another primary is serving: 10.111.1.21".into())
+        )
+    );
+    assert_eq!(f.ctl.backend_list(&k).unwrap().primary_conflict, Some(true));
+    // db21 fails: db22 is the only primary left and takes over.
+    for _ in 0..2 {
+        feed(&mut f.ctl, be(21), false, "connection refused");
+    }
+    assert_eq!(down(&f), BTreeSet::from([be(21)]));
+    assert_eq!(
+        f.ctl.backend_list(&k).unwrap().primary_conflict,
+        Some(false)
+    );
+    // db21 comes back as a primary on the old timeline: db22 stays (incumbent), db21 is held.
+    for _ in 0..2 {
+        feed_on(&mut f.ctl, be(21), true, "primary (timeline 1)", Some(1));
+    }
+    assert_eq!(down(&f), BTreeSet::from([be(21)]));
+    assert_eq!(
+        reason(&f, 21).1.as_deref(),
+        Some("another primary is serving: 10.111.1.22")
+    );
+}
+
+#[test]
+fn unreadable_check_files_are_refused_and_change_nothing() {
+    let mut f = checked_fixture();
+    let before = f.ctl.state().clone();
+    let missing = CheckPatch {
+        kind: Some(CheckKind::Postgres),
+        user: Some("xlbcheck".into()),
+        password_file: Some("/nonexistent/xlb/pg.password".into()),
+        ..Default::default()
+    };
+    let e = f
+        .ctl
+        .vip_set(&key(80), &missing, None)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "VIP 10.111.100.1:80/tcp: cannot read password file /nonexistent/xlb/pg.password: No such file or directory"
+    );
+    let ca = CheckPatch {
+        kind: Some(CheckKind::Https),
+        tls_ca: Some("/nonexistent/xlb/ca.pem".into()),
+        ..Default::default()
+    };
+    let e = f
+        .ctl
+        .backend_add(&key(80), be(14), 1, false, &ca)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "backend 10.111.1.14 in VIP 10.111.100.1:80/tcp: cannot read CA file /nonexistent/xlb/ca.pem: No such file or directory"
+    );
+    assert_eq!(f.ctl.state(), &before);
+    assert_eq!(f.on_disk(), before);
 }
 
 fn state_of(ctl: &Controller<FakeDataplane>, addr: Ipv4Addr) -> BackendState {
@@ -649,7 +851,7 @@ fn check_changes_restart_or_stop_the_checks() {
         port: Some(8080),
         ..Default::default()
     };
-    f.ctl.backend_add(&key(80), be(14), 1, &own).unwrap();
+    f.ctl.backend_add(&key(80), be(14), 1, false, &own).unwrap();
     let t = f.ctl.probe_targets();
     assert_eq!(t.len(), 1);
     assert_eq!((t[0].addr, t[0].port), (be(14), 8080));
@@ -669,6 +871,8 @@ fn check_changes_restart_or_stop_the_checks() {
                 detail: "x".into(),
                 latency: Duration::ZERO,
                 at: SystemTime::now(),
+                timeline: None,
+                wrong_role: false,
             },
         });
     }
@@ -727,6 +931,7 @@ fn bad_checks_and_weights_change_nothing() {
                 vip: key(80),
                 backend: be(14),
                 weight: 1,
+                backup: false,
                 // An explicit timeout longer than the interval (without one, the timeout would
                 // follow the interval: see check::default_timeout).
                 check: CheckPatch {

@@ -10,25 +10,47 @@
 //!
 //! Each check configuration of a backend has a generation number; the monitor restarts a task when
 //! it changes and the book drops results of older generations still in the channel.
+//!
+//! What a VIP's data path gets is more than each backend's own health: `selection` applies the
+//! rules that look at a VIP's backends together (never two primaries; backups only while no
+//! regular backend can serve). `HealthBook::plan` gives the weights and the down set to apply,
+//! `HealthBook::settle` records what was applied (the serving primary, the notes `backend list`
+//! shows) and logs a two-primaries conflict once per change.
 
 pub(crate) mod monitor;
+pub(crate) mod postgres;
 pub(crate) mod probe;
+pub(crate) mod selection;
+pub(crate) mod tls;
 
 pub(crate) use monitor::Monitor;
 
 use crate::{
     api::BackendState,
     model::{
-        ServiceKey, VipConfig,
-        check::{CheckKind, CheckSpec},
+        ServiceKey, VipConfig, VipSpec,
+        check::{CheckKind, CheckSpec, Role},
     },
 };
+use selection::{Election, Health, Member, Note, Plan};
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
     time::{Duration, SystemTime},
 };
+
+/// Reads the files `check` names (its CA, its password file) as its check tasks will: the
+/// reason if one cannot be used. The password itself goes nowhere.
+pub(crate) fn check_files(check: &CheckSpec) -> Result<(), String> {
+    if let Some(ca) = &check.tls_ca {
+        tls::load_ca(ca).map_err(|e| e.to_string())?;
+    }
+    if let Some(file) = &check.password_file {
+        postgres::read_password(file).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum HealthError {
@@ -39,9 +61,14 @@ pub(crate) enum HealthError {
 /// HAProxy's rise/fall logic for one backend. A backend starts up (so a restarted agent, or a
 /// newly added backend, takes traffic at once); `fall` consecutive failures take it down, `rise`
 /// consecutive successes bring it back; a success resets the failure count and vice versa.
+///
+/// A backend whose check asks for a role (`postgres:primary`, `postgres:replica`) starts
+/// pending instead: no new flows until its first check, which alone decides up or down — a
+/// replica must never take a write VIP's flows for `fall` checks after a start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct RiseFall {
     up: bool,
+    pending: bool,
     successes: u32,
     failures: u32,
 }
@@ -50,6 +77,7 @@ impl Default for RiseFall {
     fn default() -> Self {
         RiseFall {
             up: true,
+            pending: false,
             successes: 0,
             failures: 0,
         }
@@ -57,12 +85,48 @@ impl Default for RiseFall {
 }
 
 impl RiseFall {
+    /// Not up, not down: waiting for the first check.
+    pub(crate) fn pending() -> Self {
+        RiseFall {
+            up: false,
+            pending: true,
+            ..RiseFall::default()
+        }
+    }
+
+    /// The machine a backend starts with under `check`.
+    fn start(check: &CheckSpec) -> Self {
+        if role_checked(check) {
+            RiseFall::pending()
+        } else {
+            RiseFall::default()
+        }
+    }
+
     pub(crate) fn is_up(&self) -> bool {
         self.up
     }
 
+    fn health(&self) -> Health {
+        match (self.pending, self.up) {
+            (true, _) => Health::Pending,
+            (false, true) => Health::Up,
+            (false, false) => Health::Down,
+        }
+    }
+
     /// Record one check result; `Some(up)` when it changes the state.
     pub(crate) fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        if self.pending {
+            self.pending = false;
+            self.up = ok;
+            if ok {
+                self.successes = 1;
+            } else {
+                self.failures = 1;
+            }
+            return Some(ok);
+        }
         if ok {
             self.failures = 0;
             self.successes = self.successes.saturating_add(1);
@@ -81,6 +145,19 @@ impl RiseFall {
         None
     }
 
+    /// A definite answer decides at once, whatever the counts: up or down from now on.
+    /// `Some(up)` when that changes the state (or ends pending).
+    fn set(&mut self, up: bool) -> Option<bool> {
+        let changed = self.pending || self.up != up;
+        *self = RiseFall {
+            up,
+            pending: false,
+            successes: u32::from(up),
+            failures: u32::from(!up),
+        };
+        changed.then_some(up)
+    }
+
     /// Forget the counts but keep the state (the check's configuration changed).
     pub(crate) fn reset_counts(&mut self) {
         self.successes = 0;
@@ -97,6 +174,15 @@ pub(crate) struct CheckResult {
     pub(crate) detail: String,
     pub(crate) latency: Duration,
     pub(crate) at: SystemTime,
+    /// A PostgreSQL primary's timeline, as the check read it.
+    pub(crate) timeline: Option<u32>,
+    /// The server answered, with the other role than the check asks for.
+    pub(crate) wrong_role: bool,
+}
+
+/// Whether `check` asks for a server role (the backend then starts pending).
+fn role_checked(check: &CheckSpec) -> bool {
+    check.kind == CheckKind::Postgres && check.role != Role::Any
 }
 
 /// What a check task checks: one backend of one VIP, with one check configuration.
@@ -128,12 +214,39 @@ pub(crate) struct Transition {
     pub(crate) count: u32,
     /// The last check's detail (the failure reason when going down).
     pub(crate) reason: String,
+    pub(crate) cause: Cause,
+}
+
+/// What decided a transition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// `rise` passed or `fall` failed checks in a row.
+    Counted,
+    /// The first check of a pending backend.
+    FirstCheck,
+    /// A role check's answer: the other role takes a backend down at once, the wanted role after
+    /// that brings it up at once. A role is an answer, not a symptom: rise and fall count failures
+    /// to answer (refused, timeout, login), which may be passing trouble.
+    Role,
 }
 
 impl fmt::Display for Transition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = if self.count == 1 { "" } else { "s" };
-        if self.up {
+        let state = if self.up { "UP" } else { "DOWN" };
+        if self.cause == Cause::FirstCheck {
+            write!(
+                f,
+                "backend {} of VIP {} is {state} after its first check: {}",
+                self.addr, self.key, self.reason
+            )
+        } else if self.cause == Cause::Role {
+            write!(
+                f,
+                "backend {} of VIP {} is {state} at once by its role: {}",
+                self.addr, self.key, self.reason
+            )
+        } else if self.up {
             write!(
                 f,
                 "backend {} of VIP {} is UP after {} passed check{s}",
@@ -160,6 +273,8 @@ pub(crate) struct BackendHealth {
     /// they behave as Prometheus counters).
     pub(crate) checks_ok: u64,
     pub(crate) checks_failed: u64,
+    /// Why it is held down although its checks pass, or what it does as a backup.
+    pub(crate) note: Option<Note>,
 }
 
 #[derive(Clone, Debug)]
@@ -174,15 +289,22 @@ struct Entry {
     since: SystemTime,
     checks_ok: u64,
     checks_failed: u64,
+    /// What the VIP's last applied plan said about it.
+    note: Option<Note>,
+    /// The timeline its last passed PostgreSQL check read (kept while checks fail, so a failing
+    /// primary is still told apart by it).
+    timeline: Option<u32>,
 }
 
 impl Entry {
     fn checked(&self) -> bool {
         self.check.kind != CheckKind::None
     }
-    /// Update the shown state (and when it began) after the machine or the weight changed.
+    /// Update the shown state (and when it began) after the machine, the weight or the note
+    /// changed. A backend held down by its VIP's rules is shown down.
     fn reshow(&mut self, now: SystemTime) {
-        let shown = BackendState::of(self.machine.is_up(), self.weight);
+        let held = self.note.as_ref().is_some_and(Note::holds_down);
+        let shown = BackendState::of(self.machine.is_up() && !held, self.weight);
         if shown != self.shown {
             self.shown = shown;
             self.since = now;
@@ -195,6 +317,9 @@ impl Entry {
 pub(crate) struct HealthBook {
     entries: BTreeMap<(ServiceKey, Ipv4Addr), Entry>,
     next_generation: u64,
+    /// Per VIP with `postgres:primary` checks: the election last applied (its winner is the
+    /// incumbent of the next one).
+    elections: BTreeMap<ServiceKey, Election>,
 }
 
 impl HealthBook {
@@ -219,6 +344,12 @@ impl HealthBook {
                             self.next_generation += 1;
                             e.generation = self.next_generation;
                             e.machine.reset_counts();
+                            // A role asked for anew: what the old check said proves nothing.
+                            let role_asked = role_checked(&check)
+                                && (e.check.kind, e.check.role) != (check.kind, check.role);
+                            if role_asked {
+                                e.machine = RiseFall::pending();
+                            }
                             e.check = check;
                             e.port = port;
                             if !e.checked() {
@@ -238,6 +369,7 @@ impl HealthBook {
                     }
                     None => {
                         self.next_generation += 1;
+                        let machine = RiseFall::start(&check);
                         self.entries.insert(
                             id,
                             Entry {
@@ -245,12 +377,14 @@ impl HealthBook {
                                 port,
                                 weight: b.weight,
                                 generation: self.next_generation,
-                                machine: RiseFall::default(),
+                                machine,
                                 last: None,
-                                shown: BackendState::of(true, b.weight),
+                                shown: BackendState::of(machine.is_up(), b.weight),
                                 since: now,
                                 checks_ok: 0,
                                 checks_failed: 0,
+                                note: None,
+                                timeline: None,
                             },
                         );
                     }
@@ -258,21 +392,118 @@ impl HealthBook {
             }
         }
         self.entries.retain(|id, _| seen.contains(id));
+        let keys: BTreeSet<ServiceKey> = self.entries.keys().map(|(k, _)| *k).collect();
+        self.elections.retain(|k, _| keys.contains(k));
     }
 
-    /// The backends of `vip` (as it is, or as it is about to become) that are down: down now and
-    /// still checked under `vip`'s configuration. Backends unknown to the book are up.
-    pub(crate) fn down_for(&self, vip: &VipConfig) -> BTreeSet<Ipv4Addr> {
+    /// `vip`'s backends (as it is, or as it is about to become) as the selection rules see them:
+    /// backends unknown to the book start as a new one would (up, or pending under a role
+    /// check), a check of `none` is up.
+    fn members(&self, vip: &VipConfig) -> Vec<Member> {
         vip.backends
             .iter()
-            .filter(|b| vip.check_of(b).kind != CheckKind::None)
-            .filter(|b| {
-                self.entries
-                    .get(&(vip.key, b.addr))
-                    .is_some_and(|e| !e.machine.is_up())
+            .map(|b| {
+                let check = vip.check_of(b);
+                let entry = self.entries.get(&(vip.key, b.addr));
+                let health = match (check.kind, entry) {
+                    (CheckKind::None, _) => Health::Up,
+                    (_, Some(e)) => e.machine.health(),
+                    (_, None) => RiseFall::start(check).health(),
+                };
+                Member {
+                    addr: b.addr,
+                    weight: b.weight,
+                    backup: b.backup,
+                    health,
+                    primary_check: check.kind == CheckKind::Postgres && check.role == Role::Primary,
+                    reporting: entry.and_then(|e| e.last.as_ref()).is_some_and(|r| r.ok),
+                    timeline: entry.and_then(|e| e.timeline),
+                }
             })
-            .map(|b| b.addr)
             .collect()
+    }
+
+    /// The election and the plan for `vip`, the last winner being the incumbent.
+    fn decide(&self, vip: &VipConfig) -> (Election, Plan) {
+        let members = self.members(vip);
+        let incumbent = self
+            .elections
+            .get(&vip.key)
+            .and_then(|e| e.winner)
+            .map(|(addr, _)| addr);
+        let election = selection::elect(&members, incumbent);
+        let plan = selection::plan(&members, &election);
+        (election, plan)
+    }
+
+    /// What the data path gets for `vip`: its spec with the weights the rules give (a standing-by
+    /// backup at 0), and the backends that get no new flows and whose flows are re-steered.
+    pub(crate) fn plan(&self, vip: &VipConfig) -> (VipSpec, BTreeSet<Ipv4Addr>) {
+        let (_, plan) = self.decide(vip);
+        let mut spec = vip.spec();
+        for b in &mut spec.backends {
+            if let Some(w) = plan.weights.get(&b.addr) {
+                b.weight = *w;
+            }
+        }
+        (spec, plan.down)
+    }
+
+    /// Records that `plan(vip)` is what the data path now has: the serving primary, the notes
+    /// for `backend list`. A change in who reports primary is logged, once.
+    pub(crate) fn settle(&mut self, vip: &VipConfig, now: SystemTime) {
+        let (election, plan) = self.decide(vip);
+        for b in &vip.backends {
+            if let Some(e) = self.entries.get_mut(&(vip.key, b.addr)) {
+                e.note = plan.notes.get(&b.addr).cloned();
+                e.reshow(now);
+            }
+        }
+        if !vip.backends.iter().any(|b| {
+            let c = vip.check_of(b);
+            c.kind == CheckKind::Postgres && c.role == Role::Primary
+        }) {
+            self.elections.remove(&vip.key);
+            return;
+        }
+        let before = self.elections.insert(vip.key, election.clone());
+        let was = before.as_ref().filter(|b| b.conflict());
+        match (was, election.conflict()) {
+            (_, true)
+                if was.map(|b| (&b.primaries, b.winner))
+                    != Some((&election.primaries, election.winner)) =>
+            {
+                let (winner, rule) = election.winner.expect("a conflict has a winner");
+                let primaries: Vec<String> = election
+                    .primaries
+                    .iter()
+                    .map(|(a, tl)| match tl {
+                        Some(tl) => format!("{a} (timeline {tl})"),
+                        None => a.to_string(),
+                    })
+                    .collect();
+                log::warn!(
+                    "VIP {}: {} backends report primary: {}; new flows go to {winner} only ({rule}), the others are held down until they are replicas again or removed",
+                    vip.key,
+                    primaries.len(),
+                    primaries.join(", ")
+                );
+            }
+            (Some(_), false) => log::info!(
+                "VIP {}: one primary again ({})",
+                vip.key,
+                election
+                    .winner
+                    .map_or("none up".to_string(), |(a, _)| a.to_string())
+            ),
+            _ => {}
+        }
+    }
+
+    /// Whether more than one backend of `key` reports primary (`None`: no `postgres:primary`
+    /// checks there).
+    pub(crate) fn primary_conflict(&self, key: &ServiceKey) -> Option<bool> {
+        self.elections.get(key).map(Election::conflict)
     }
 
     /// Feed one result; the transition if it changed the backend's state. Results of a backend
@@ -287,18 +518,36 @@ impl HealthBook {
         let at = report.result.at;
         if ok {
             e.checks_ok += 1;
+            e.timeline = report.result.timeline.or(e.timeline);
         } else {
             e.checks_failed += 1;
         }
+        let was_wrong_role = e.last.as_ref().is_some_and(|r| r.wrong_role);
+        let wrong_role = report.result.wrong_role;
         e.last = Some(report.result);
-        let up = e.machine.record(ok, e.check.rise, e.check.fall)?;
+        let cause = if e.machine.health() == Health::Pending {
+            Cause::FirstCheck
+        } else if wrong_role || (ok && was_wrong_role) {
+            Cause::Role
+        } else {
+            Cause::Counted
+        };
+        let up = match cause {
+            Cause::Counted => e.machine.record(ok, e.check.rise, e.check.fall),
+            Cause::FirstCheck | Cause::Role => e.machine.set(ok),
+        }?;
         e.reshow(at);
         Some(Transition {
             key: report.key,
             addr: report.addr,
             up,
-            count: if up { e.check.rise } else { e.check.fall },
+            count: match (cause, up) {
+                (Cause::Counted, true) => e.check.rise,
+                (Cause::Counted, false) => e.check.fall,
+                _ => 1,
+            },
             reason,
+            cause,
         })
     }
 
@@ -309,6 +558,7 @@ impl HealthBook {
             last: e.last.clone(),
             checks_ok: e.checks_ok,
             checks_failed: e.checks_failed,
+            note: e.note.clone(),
         })
     }
 
@@ -329,162 +579,4 @@ impl HealthBook {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{
-        model::check::CheckPatch,
-        model::{BackendConfig, Forward, Proto},
-    };
-
-    /// Feed `seq` ('+' pass, '-' fail) and return the state after each step ('U'/'D').
-    fn run(seq: &str, rise: u32, fall: u32) -> String {
-        let mut m = RiseFall::default();
-        seq.chars()
-            .map(|c| {
-                m.record(c == '+', rise, fall);
-                if m.is_up() { 'U' } else { 'D' }
-            })
-            .collect()
-    }
-
-    #[test]
-    fn rise_fall_sequences() {
-        assert!(RiseFall::default().is_up(), "a new backend starts up");
-        // fall 3: three consecutive failures take it down; rise 2: two successes bring it back.
-        assert_eq!(run("---++", 2, 3), "UUDDU");
-        // A success resets the failure count.
-        assert_eq!(run("--+--+---", 2, 3), "UUUUUUUUD");
-        // A failure resets the success count while down.
-        assert_eq!(run("---+-++", 2, 3), "UUDDDDU");
-        // rise 1 / fall 1 follow every result.
-        assert_eq!(run("-+-+", 1, 1), "DUDU");
-        // More failures while down change nothing.
-        assert_eq!(run("------+", 1, 3), "UUDDDDU");
-    }
-
-    #[test]
-    fn record_reports_transitions_only() {
-        let mut m = RiseFall::default();
-        assert_eq!(m.record(false, 2, 2), None);
-        assert_eq!(m.record(false, 2, 2), Some(false));
-        assert_eq!(m.record(false, 2, 2), None);
-        assert_eq!(m.record(true, 2, 2), None);
-        assert_eq!(m.record(true, 2, 2), Some(true));
-        assert_eq!(m.record(true, 2, 2), None);
-    }
-
-    fn key() -> ServiceKey {
-        ServiceKey {
-            addr: Ipv4Addr::new(10, 111, 100, 1),
-            port: 80,
-            proto: Proto::Tcp,
-        }
-    }
-    fn be(last: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 111, 1, last)
-    }
-    fn vip(backends: &[(u8, u32)]) -> VipConfig {
-        let mut v = VipConfig::new(key(), Forward::Ipip);
-        v.backends = backends
-            .iter()
-            .map(|&(b, w)| BackendConfig::new(be(b), w))
-            .collect();
-        v
-    }
-    fn result(ok: bool, detail: &str) -> CheckResult {
-        CheckResult {
-            ok,
-            detail: detail.into(),
-            latency: Duration::from_millis(1),
-            at: SystemTime::now(),
-        }
-    }
-
-    #[test]
-    fn book_follows_results_and_config() {
-        let mut book = HealthBook::default();
-        let v = vip(&[(11, 1), (12, 0)]);
-        let t0 = SystemTime::now();
-        book.sync([&v], t0);
-        assert_eq!(book.status(&key(), be(11)).unwrap().state, BackendState::Up);
-        assert_eq!(
-            book.status(&key(), be(12)).unwrap().state,
-            BackendState::Draining
-        );
-        let targets = book.targets();
-        assert_eq!(targets.len(), 2);
-        assert_eq!(targets[0].port, 80);
-        let g = targets[0].generation;
-        let report = |ok, generation| CheckReport {
-            key: key(),
-            addr: be(11),
-            generation,
-            result: result(ok, "connection refused"),
-        };
-        assert_eq!(book.record(report(false, g)), None);
-        assert_eq!(book.record(report(false, g)), None);
-        // A stale generation is ignored.
-        assert_eq!(book.record(report(false, g + 100)), None);
-        let t = book.record(report(false, g)).unwrap();
-        assert_eq!(
-            t.to_string(),
-            "backend 10.111.1.11 of VIP 10.111.100.1:80/tcp is DOWN after 3 failed checks: connection refused"
-        );
-        assert_eq!(book.down_for(&v), BTreeSet::from([be(11)]));
-        let st = book.status(&key(), be(11)).unwrap();
-        assert_eq!(st.state, BackendState::Down);
-        assert!(st.since >= t0);
-        assert_eq!(st.last.unwrap().detail, "connection refused");
-
-        // A changed check (port) keeps the state, restarts the counts with a new generation.
-        let mut v2 = v.clone();
-        v2.check = v2.check.patched(&CheckPatch {
-            port: Some(8080),
-            ..Default::default()
-        });
-        book.sync([&v2], SystemTime::now());
-        let t2 = book.targets();
-        assert_eq!(t2[0].port, 8080);
-        assert_ne!(t2[0].generation, g);
-        assert_eq!(book.down_for(&v2), BTreeSet::from([be(11)]));
-        assert_eq!(book.record(report(true, t2[0].generation)), None);
-        let up = book.record(report(true, t2[0].generation)).unwrap();
-        assert_eq!(
-            up.to_string(),
-            "backend 10.111.1.11 of VIP 10.111.100.1:80/tcp is UP after 2 passed checks"
-        );
-        assert!(book.down_for(&v2).is_empty());
-
-        // Checks turned off: no targets, nobody down; a removed backend is forgotten.
-        let mut off = vip(&[(11, 1)]);
-        off.check.kind = CheckKind::None;
-        book.sync([&off], SystemTime::now());
-        assert!(book.targets().is_empty());
-        assert!(book.status(&key(), be(12)).is_none());
-    }
-
-    #[test]
-    fn check_none_brings_a_down_backend_up() {
-        let mut book = HealthBook::default();
-        let v = vip(&[(11, 1)]);
-        book.sync([&v], SystemTime::now());
-        let g = book.targets()[0].generation;
-        for _ in 0..3 {
-            book.record(CheckReport {
-                key: key(),
-                addr: be(11),
-                generation: g,
-                result: result(false, "x"),
-            });
-        }
-        assert_eq!(book.down_for(&v).len(), 1);
-        let mut off = v.clone();
-        off.check.kind = CheckKind::None;
-        // Before the change is committed, the planned config already counts it up.
-        assert!(book.down_for(&off).is_empty());
-        book.sync([&off], SystemTime::now());
-        let st = book.status(&key(), be(11)).unwrap();
-        assert_eq!(st.state, BackendState::Up);
-        assert!(st.last.is_none());
-    }
-}
+mod tests;

@@ -4,7 +4,7 @@
 
 use super::{
     CheckReport, HealthError, ProbeTarget,
-    probe::{HttpClients, probe},
+    probe::{HttpClients, OwnClient, probe},
 };
 use crate::model::ServiceKey;
 use std::{collections::HashMap, net::Ipv4Addr, sync::Arc};
@@ -82,6 +82,8 @@ async fn run_checks(
     tx: mpsc::Sender<CheckReport>,
     cancel: CancellationToken,
 ) {
+    // Built once per task: it reads the CA file (which the check's configuration named).
+    let own = OwnClient::for_target(&t);
     let mut ticker = tokio::time::interval(t.check.interval);
     // A late check is not made up for with a burst.
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -90,7 +92,7 @@ async fn run_checks(
             () = cancel.cancelled() => return,
             result = async {
                 ticker.tick().await;
-                probe(&t, &clients).await
+                probe(&t, &clients, own.as_ref()).await
             } => result,
         };
         let report = CheckReport {

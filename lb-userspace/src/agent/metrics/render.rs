@@ -110,6 +110,20 @@ fn render_vips(f: &Families, stats: &StatsReport) -> Result<(), MetricsError> {
                 .inc_by(value(v));
         }
     }
+    let conflict = f.gauge(
+        "xlb_vip_primary_conflict",
+        "VIPs with postgres:primary checks: 1 while more than one backend reports primary (new \
+         flows go to one only; see xlb_backend_up).",
+        &["vip", "proto"],
+    )?;
+    for v in &stats.vips {
+        if let Some(c) = v.primary_conflict {
+            let proto = v.proto.to_string();
+            conflict
+                .with_label_values(&[v.vip.as_str(), proto.as_str()])
+                .set(i64::from(c));
+        }
+    }
     render_backends(f, stats)
 }
 
@@ -134,10 +148,12 @@ const BACKEND_COUNTERS: [BackendValue<u64>; 3] = [
     ),
 ];
 
-const BACKEND_GAUGES: [BackendValue<i64>; 4] = [
+const BACKEND_GAUGES: [BackendValue<i64>; 5] = [
     (
         "xlb_backend_up",
-        "1 unless the backend failed its health checks (down); a draining backend is up.",
+        "1 unless the backend is down (it failed its health checks, or its VIP's rules hold it \
+         down: another primary serves, or its first role check is outstanding); a draining \
+         backend is up.",
         |b| i64::from(b.state != BackendState::Down),
     ),
     (
@@ -149,6 +165,11 @@ const BACKEND_GAUGES: [BackendValue<i64>; 4] = [
         "xlb_backend_weight",
         "Configured weight of the backend (0 = drained).",
         |b| i64::from(b.weight),
+    ),
+    (
+        "xlb_backend_backup",
+        "1 if the backend is a backup (new flows only while no regular backend can take them).",
+        |b| i64::from(b.backup),
     ),
     (
         "xlb_backend_active_flows",
@@ -388,6 +409,8 @@ pub(super) mod tests {
             new_flows: u64::from(last),
             checks_ok: 40,
             checks_failed: u64::from(state == BackendState::Down) * 3,
+            backup: last == 13,
+            reason: None,
         }
     }
 
@@ -408,6 +431,7 @@ pub(super) mod tests {
                         backend(12, BackendState::Down, 1),
                         backend(13, BackendState::Draining, 0),
                     ],
+                    primary_conflict: Some(true),
                 },
                 VipReport {
                     vip: "10.111.100.1:5353".into(),
@@ -419,6 +443,7 @@ pub(super) mod tests {
                     bytes: 0,
                     new_flows: 0,
                     backends: vec![],
+                    primary_conflict: None,
                 },
             ],
             reasons: lb_common::reason::NAMES
@@ -542,6 +567,16 @@ pub(super) mod tests {
             [11, 12, 13].map(|b| be("xlb_backend_weight", b)),
             [2.0, 1.0, 0.0]
         );
+        assert_eq!(
+            [11, 12, 13].map(|b| be("xlb_backend_backup", b)),
+            [0.0, 0.0, 1.0]
+        );
+        // The conflict gauge exists only for VIPs with postgres:primary checks.
+        assert_eq!(
+            sample(&text, &format!("xlb_vip_primary_conflict{vip}")),
+            1.0
+        );
+        assert!(!text.contains(r#"xlb_vip_primary_conflict{proto="udp""#));
         assert_eq!(be("xlb_health_check_duration_seconds", 11), 0.0015);
         assert!(
             !text.contains(r#"xlb_health_check_duration_seconds{backend="10.111.1.13""#),
@@ -590,6 +625,7 @@ pub(super) mod tests {
             ("xlb_datapath_events_total", "counter"),
             ("xlb_backend_up", "gauge"),
             ("xlb_backend_weight", "gauge"),
+            ("xlb_vip_primary_conflict", "gauge"),
             ("xlb_health_check_duration_seconds", "gauge"),
             ("xlb_flow_table_entries", "gauge"),
             ("xlb_flows_flushed_total", "counter"),

@@ -3,11 +3,24 @@
 //!
 //! The vocabulary follows HAProxy: `interval` between checks, `timeout` per check, `fall`
 //! consecutive failures mark a backend down, `rise` consecutive successes bring it back. The
-//! runtime side (probes, the rise/fall machine) is in `health.rs`.
+//! runtime side (probes, the rise/fall machine) is in `agent/health`.
+//!
+//! Kinds and their spelling: `tcp`, `http:/PATH`, `https:/PATH`, `none`, and `postgres`,
+//! `postgres:primary`, `postgres:replica` on the command line; in TOML the part after the colon
+//! is a key of its own, as for http (`kind = "http"`, `path = "/healthz"`; `kind = "postgres"`,
+//! `role = "primary"`).
+
+mod status;
+
+pub use status::StatusRange;
 
 use crate::{model::Proto, util::fmt_duration};
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
-use std::{fmt, str::FromStr, time::Duration};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 /// Default time between two checks of a backend: HAProxy's `inter` is 2 s, the issue asks for
 /// at most 1 s so a dead server is noticed in about 3 s with the default `fall`.
@@ -26,9 +39,24 @@ pub const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CheckError {
     #[error(
-        "unknown check {0:?} (expected tcp, http:/PATH, https:/PATH or none, e.g. http:/healthz)"
+        "unknown check {0:?} (expected tcp, http:/PATH, https:/PATH, postgres, postgres:primary, \
+         postgres:replica or none, e.g. http:/healthz)"
     )]
     Kind(String),
+    #[error(
+        "unknown PostgreSQL role {0:?} (expected postgres, postgres:primary or postgres:replica)"
+    )]
+    Role(String),
+    #[error("a postgres check needs a user to log in as (--check-user)")]
+    NoUser,
+    #[error("{0} applies to postgres checks only")]
+    NotPostgres(&'static str),
+    #[error("{0} applies to https checks only")]
+    NotHttps(&'static str),
+    #[error("{what} must be an absolute path, not {}", path.display())]
+    RelativePath { what: &'static str, path: PathBuf },
+    #[error("{what} {value:?} must not be empty or contain spaces or control characters")]
+    Name { what: &'static str, value: String },
     #[error("check path {0:?} must start with / and contain no spaces or control characters")]
     Path(String),
     #[error("malformed duration {input:?} for {what}: {reason} (e.g. 200ms, 1s, 1m30s)")]
@@ -74,8 +102,34 @@ pub enum CheckKind {
     Http,
     /// As `http`, over TLS.
     Https,
+    /// A PostgreSQL login and `SELECT pg_is_in_recovery()`: the server must accept queries and,
+    /// with a `role`, have that role.
+    Postgres,
     /// No check: the backend always counts as up.
     None,
+}
+
+/// The role a `postgres` check asks of the server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Any server that accepts queries (`postgres`).
+    #[default]
+    Any,
+    /// Not in recovery: accepts writes (`postgres:primary`).
+    Primary,
+    /// In recovery: a streaming replica (`postgres:replica`).
+    Replica,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Any => "any",
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        })
+    }
 }
 
 impl fmt::Display for CheckKind {
@@ -84,93 +138,9 @@ impl fmt::Display for CheckKind {
             CheckKind::Tcp => "tcp",
             CheckKind::Http => "http",
             CheckKind::Https => "https",
+            CheckKind::Postgres => "postgres",
             CheckKind::None => "none",
         })
-    }
-}
-
-/// An inclusive range of HTTP status codes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct StatusRange {
-    pub lo: u16,
-    pub hi: u16,
-}
-
-impl StatusRange {
-    /// HAProxy's `httpchk` default: 2xx and 3xx are healthy.
-    pub const DEFAULT: StatusRange = StatusRange { lo: 200, hi: 399 };
-
-    pub fn contains(&self, status: u16) -> bool {
-        (self.lo..=self.hi).contains(&status)
-    }
-}
-
-impl FromStr for StatusRange {
-    type Err = CheckError;
-    fn from_str(s: &str) -> Result<Self, CheckError> {
-        let bad = || CheckError::Status(s.to_string());
-        let code = |t: &str| -> Result<u16, CheckError> {
-            let t = t.trim();
-            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(bad());
-            }
-            let n: u16 = t.parse().map_err(|_| bad())?;
-            if (100..=599).contains(&n) {
-                Ok(n)
-            } else {
-                Err(bad())
-            }
-        };
-        let (lo, hi) = match s.split_once('-') {
-            Some((a, b)) => (code(a)?, code(b)?),
-            None => {
-                let n = code(s)?;
-                (n, n)
-            }
-        };
-        if lo > hi {
-            return Err(bad());
-        }
-        Ok(StatusRange { lo, hi })
-    }
-}
-
-impl fmt::Display for StatusRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.lo == self.hi {
-            write!(f, "{}", self.lo)
-        } else {
-            write!(f, "{}-{}", self.lo, self.hi)
-        }
-    }
-}
-
-impl Serialize for StatusRange {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for StatusRange {
-    /// `"200-399"` or `"200"`, and also a bare integer (`expect_status = 200` in TOML).
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl de::Visitor<'_> for V {
-            type Value = StatusRange;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a status code like 200 or a range like \"200-399\"")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<StatusRange, E> {
-                v.parse().map_err(E::custom)
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<StatusRange, E> {
-                v.to_string().parse().map_err(E::custom)
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<StatusRange, E> {
-                v.to_string().parse().map_err(E::custom)
-            }
-        }
-        d.deserialize_any(V)
     }
 }
 
@@ -221,9 +191,19 @@ mod opt_duration_str {
     }
 }
 
-/// Parse `--check`: `tcp`, `none`, `http`, `http:/PATH`, `https`, `https:/PATH`.
-pub fn parse_kind(input: &str) -> Result<(CheckKind, Option<String>), CheckError> {
-    let (kind, path) = match input.split_once(':') {
+/// What `--check` says: the kind, and the http path or the postgres role if it gives one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KindArg {
+    pub kind: CheckKind,
+    pub path: Option<String>,
+    /// Set for every `postgres` spelling: a bare `postgres` is a check of any role.
+    pub role: Option<Role>,
+}
+
+/// Parse `--check`: `tcp`, `none`, `http`, `http:/PATH`, `https`, `https:/PATH`, `postgres`,
+/// `postgres:primary`, `postgres:replica`.
+pub fn parse_kind(input: &str) -> Result<KindArg, CheckError> {
+    let (kind, arg) = match input.split_once(':') {
         Some((k, p)) => (k, Some(p)),
         None => (input, None),
     };
@@ -231,18 +211,22 @@ pub fn parse_kind(input: &str) -> Result<(CheckKind, Option<String>), CheckError
         "tcp" => CheckKind::Tcp,
         "http" => CheckKind::Http,
         "https" => CheckKind::Https,
+        "postgres" => CheckKind::Postgres,
         "none" => CheckKind::None,
         _ => return Err(CheckError::Kind(input.to_string())),
     };
-    match path {
-        Some(_) if matches!(kind, CheckKind::Tcp | CheckKind::None) => {
-            Err(CheckError::Kind(input.to_string()))
-        }
-        Some(p) => {
+    let parsed = |path, role| KindArg { kind, path, role };
+    match (kind, arg) {
+        (CheckKind::Postgres, None) => Ok(parsed(None, Some(Role::Any))),
+        (CheckKind::Postgres, Some("primary")) => Ok(parsed(None, Some(Role::Primary))),
+        (CheckKind::Postgres, Some("replica")) => Ok(parsed(None, Some(Role::Replica))),
+        (CheckKind::Postgres, Some(other)) => Err(CheckError::Role(other.to_string())),
+        (CheckKind::Tcp | CheckKind::None, Some(_)) => Err(CheckError::Kind(input.to_string())),
+        (_, Some(p)) => {
             validate_path(p)?;
-            Ok((kind, Some(p.to_string())))
+            Ok(parsed(Some(p.to_string()), None))
         }
-        None => Ok((kind, None)),
+        (_, None) => Ok(parsed(None, None)),
     }
 }
 
@@ -274,10 +258,33 @@ pub struct CheckSpec {
     #[serde(default)]
     pub expect_body: Option<String>,
     /// `https`: verify the backend's certificate (off by default: backends usually present
-    /// certificates for the service name, not for their own address).
+    /// certificates for the service name, not for their own address). `tls_ca` turns it on.
     #[serde(default)]
     pub tls_verify: bool,
+    /// `https`: trust only the CA certificate(s) in this PEM file (verification on).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// `https`: the name sent as SNI (and the Host header) and verified in the certificate,
+    /// while the connection still goes to the backend's own address.
+    #[serde(default)]
+    pub tls_sni: Option<String>,
+    /// `postgres`: the role the server must have.
+    #[serde(default)]
+    pub role: Role,
+    /// `postgres`: the user the check logs in as (it needs no privileges but LOGIN).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// `postgres`: the database it connects to; `None` = `postgres`.
+    #[serde(default)]
+    pub database: Option<String>,
+    /// `postgres`: the file holding the password (its first line), read at every check; never
+    /// the password itself, so it appears in no state file, listing or log.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
 }
+
+/// The database a `postgres` check connects to when none is given (it always exists).
+pub const DEFAULT_DATABASE: &str = "postgres";
 
 impl CheckSpec {
     /// The check a VIP gets when nothing is configured: a TCP connect for TCP services, none for
@@ -298,13 +305,43 @@ impl CheckSpec {
             expect_status: StatusRange::DEFAULT,
             expect_body: None,
             tls_verify: false,
+            tls_ca: None,
+            tls_sni: None,
+            role: Role::Any,
+            user: None,
+            database: None,
+            password_file: None,
         }
     }
 
-    /// This check with the fields `patch` sets replaced.
+    /// Whether an https check verifies the certificate: asked for, or implied by a CA.
+    pub fn verifies(&self) -> bool {
+        self.tls_verify || self.tls_ca.is_some()
+    }
+
+    /// The database a postgres check connects to.
+    pub fn database_name(&self) -> &str {
+        self.database.as_deref().unwrap_or(DEFAULT_DATABASE)
+    }
+
+    /// This check with the fields `patch` sets replaced. A patch that changes the kind drops the
+    /// old kind's own settings it does not set again (a postgres check's user, an https check's
+    /// CA and name), so `--check tcp` on a postgres VIP is a plain TCP check.
     pub fn patched(&self, patch: &CheckPatch) -> CheckSpec {
         let mut c = self.clone();
         if let Some(k) = patch.kind {
+            if k != c.kind {
+                if k != CheckKind::Postgres {
+                    c.role = Role::Any;
+                    c.user = None;
+                    c.database = None;
+                    c.password_file = None;
+                }
+                if k != CheckKind::Https {
+                    c.tls_ca = None;
+                    c.tls_sni = None;
+                }
+            }
             c.kind = k;
         }
         if let Some(p) = &patch.path {
@@ -341,6 +378,25 @@ impl CheckSpec {
         if let Some(v) = patch.tls_verify {
             c.tls_verify = v;
         }
+        // An empty value clears an optional setting (there is no other way to unset one).
+        let text = |v: &Option<String>, old: &mut Option<String>| {
+            if let Some(v) = v {
+                *old = (!v.is_empty()).then(|| v.clone());
+            }
+        };
+        let path = |v: &Option<PathBuf>, old: &mut Option<PathBuf>| {
+            if let Some(v) = v {
+                *old = (!v.as_os_str().is_empty()).then(|| v.clone());
+            }
+        };
+        path(&patch.tls_ca, &mut c.tls_ca);
+        text(&patch.tls_sni, &mut c.tls_sni);
+        if let Some(r) = patch.role {
+            c.role = r;
+        }
+        text(&patch.user, &mut c.user);
+        text(&patch.database, &mut c.database);
+        path(&patch.password_file, &mut c.password_file);
         c
     }
 
@@ -371,15 +427,94 @@ impl CheckSpec {
         if self.fall == 0 {
             return Err(CheckError::Zero("fall"));
         }
+        self.validate_kind_settings()
+    }
+
+    /// The settings of one kind appear only with that kind, and are well formed.
+    fn validate_kind_settings(&self) -> Result<(), CheckError> {
+        let postgres = self.kind == CheckKind::Postgres;
+        let https = self.kind == CheckKind::Https;
+        for (set, flag) in [
+            (
+                self.role != Role::Any,
+                "a role (postgres:primary, postgres:replica)",
+            ),
+            (self.user.is_some(), "--check-user"),
+            (self.database.is_some(), "--check-database"),
+            (self.password_file.is_some(), "--check-password-file"),
+        ] {
+            if set && !postgres {
+                return Err(CheckError::NotPostgres(flag));
+            }
+        }
+        for (set, flag) in [
+            (self.tls_ca.is_some(), "--tls-ca"),
+            (self.tls_sni.is_some(), "--tls-sni"),
+        ] {
+            if set && !https {
+                return Err(CheckError::NotHttps(flag));
+            }
+        }
+        if postgres && self.user.is_none() {
+            return Err(CheckError::NoUser);
+        }
+        for (value, what) in [
+            (&self.user, "--check-user"),
+            (&self.database, "--check-database"),
+            (&self.tls_sni, "--tls-sni"),
+        ] {
+            if let Some(v) = value
+                && (v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                return Err(CheckError::Name {
+                    what,
+                    value: v.clone(),
+                });
+            }
+        }
+        for (value, what) in [
+            (&self.password_file, "--check-password-file"),
+            (&self.tls_ca, "--tls-ca"),
+        ] {
+            if let Some(p) = value
+                && !p.is_absolute()
+            {
+                return Err(CheckError::RelativePath {
+                    what,
+                    path: p.clone(),
+                });
+            }
+        }
         Ok(())
     }
 
-    /// Short form for tables: `tcp`, `http:/healthz`, `https:/x port 8443`, `none`.
+    /// The files the check reads (CA, password file), to be checked when it is configured.
+    pub fn files(&self) -> impl Iterator<Item = (&'static str, &Path)> {
+        [
+            ("--tls-ca", self.tls_ca.as_deref()),
+            ("--check-password-file", self.password_file.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(what, p)| p.map(|p| (what, p)))
+    }
+
+    /// Short form for tables: `tcp`, `http:/healthz`, `https:/x port 8443 sni www.example.com`,
+    /// `postgres:primary user xlb`, `none`.
     pub fn summary(&self) -> String {
         let mut s = match self.kind {
             CheckKind::Http | CheckKind::Https => format!("{}:{}", self.kind, self.path),
+            CheckKind::Postgres if self.role != Role::Any => format!("postgres:{}", self.role),
             k => k.to_string(),
         };
+        if let Some(name) = &self.tls_sni {
+            s.push_str(&format!(" sni {name}"));
+        }
+        if let Some(user) = &self.user {
+            s.push_str(&format!(" user {user}"));
+        }
+        if let Some(db) = &self.database {
+            s.push_str(&format!(" db {db}"));
+        }
         if let (Some(p), false) = (self.port, self.kind == CheckKind::None) {
             s.push_str(&format!(" port {p}"));
         }
@@ -420,6 +555,18 @@ pub struct CheckPatch {
     pub expect_body: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_verify: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_sni: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
 }
 
 impl CheckPatch {
@@ -442,18 +589,135 @@ mod tests {
         assert_eq!(CheckSpec::default_for(Proto::Udp).kind, CheckKind::None);
     }
 
+    fn kind(kind: CheckKind, path: Option<&str>, role: Option<Role>) -> KindArg {
+        KindArg {
+            kind,
+            path: path.map(str::to_string),
+            role,
+        }
+    }
+
     #[test]
     fn kinds_parse() {
-        assert_eq!(parse_kind("tcp").unwrap(), (CheckKind::Tcp, None));
-        assert_eq!(parse_kind("none").unwrap(), (CheckKind::None, None));
-        assert_eq!(parse_kind("http").unwrap(), (CheckKind::Http, None));
+        assert_eq!(parse_kind("tcp").unwrap(), kind(CheckKind::Tcp, None, None));
+        assert_eq!(
+            parse_kind("none").unwrap(),
+            kind(CheckKind::None, None, None)
+        );
+        assert_eq!(
+            parse_kind("http").unwrap(),
+            kind(CheckKind::Http, None, None)
+        );
         assert_eq!(
             parse_kind("https:/healthz?x=1").unwrap(),
-            (CheckKind::Https, Some("/healthz?x=1".into()))
+            kind(CheckKind::Https, Some("/healthz?x=1"), None)
         );
-        for bad in ["udp", "http:healthz", "tcp:/x", "http:/a b", ""] {
+        for (input, role) in [
+            ("postgres", Role::Any),
+            ("postgres:primary", Role::Primary),
+            ("postgres:replica", Role::Replica),
+        ] {
+            assert_eq!(
+                parse_kind(input).unwrap(),
+                kind(CheckKind::Postgres, None, Some(role)),
+                "{input}"
+            );
+        }
+        for bad in [
+            "udp",
+            "http:healthz",
+            "tcp:/x",
+            "http:/a b",
+            "",
+            "pgsql",
+            "postgres:/x",
+        ] {
             assert!(parse_kind(bad).is_err(), "{bad}");
         }
+        assert_eq!(
+            parse_kind("postgres:master").unwrap_err().to_string(),
+            "unknown PostgreSQL role \"master\" (expected postgres, postgres:primary or postgres:replica)"
+        );
+    }
+
+    #[test]
+    fn postgres_and_tls_settings() {
+        let base = CheckSpec::default_for(Proto::Tcp);
+        let pg = base.patched(&CheckPatch {
+            kind: Some(CheckKind::Postgres),
+            role: Some(Role::Primary),
+            user: Some("xlbcheck".into()),
+            password_file: Some("/etc/xlb/pg.password".into()),
+            ..Default::default()
+        });
+        assert!(pg.validate().is_ok());
+        assert_eq!(pg.database_name(), "postgres");
+        assert_eq!(pg.summary(), "postgres:primary user xlbcheck");
+        assert_eq!(
+            pg.files().collect::<Vec<_>>(),
+            vec![("--check-password-file", Path::new("/etc/xlb/pg.password"))]
+        );
+        // No user: refused. Another kind: its postgres settings go with it.
+        let no_user = CheckPatch {
+            kind: Some(CheckKind::Postgres),
+            ..Default::default()
+        };
+        assert_eq!(base.patched(&no_user).validate(), Err(CheckError::NoUser));
+        let tcp = pg.patched(&CheckPatch {
+            kind: Some(CheckKind::Tcp),
+            ..Default::default()
+        });
+        assert_eq!(tcp, base);
+        // Settings of another kind given with it: refused.
+        let stray = base.patched(&CheckPatch {
+            user: Some("x".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            stray.validate().unwrap_err().to_string(),
+            "--check-user applies to postgres checks only"
+        );
+        let stray = pg.patched(&CheckPatch {
+            tls_sni: Some("www.example.com".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            stray.validate().unwrap_err().to_string(),
+            "--tls-sni applies to https checks only"
+        );
+        // An empty value clears; a relative path is refused.
+        assert_eq!(
+            pg.patched(&CheckPatch {
+                password_file: Some(PathBuf::new()),
+                ..Default::default()
+            })
+            .password_file,
+            None
+        );
+        let relative = pg.patched(&CheckPatch {
+            password_file: Some("pg.password".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            relative.validate().unwrap_err().to_string(),
+            "--check-password-file must be an absolute path, not pg.password"
+        );
+        // https with a CA verifies; the name shows in the summary.
+        let https = base.patched(&CheckPatch {
+            kind: Some(CheckKind::Https),
+            path: Some("/healthz".into()),
+            tls_ca: Some("/etc/xlb/ca.pem".into()),
+            tls_sni: Some("www.example.com".into()),
+            ..Default::default()
+        });
+        assert!(https.validate().is_ok());
+        assert!(https.verifies() && !base.verifies());
+        assert_eq!(https.summary(), "https:/healthz sni www.example.com");
+        let bad_name = https.patched(&CheckPatch {
+            tls_sni: Some("www example".into()),
+            ..Default::default()
+        });
+        assert!(matches!(bad_name.validate(), Err(CheckError::Name { .. })));
     }
 
     #[test]
@@ -573,6 +837,20 @@ mod tests {
         assert_eq!(p.expect_status, Some(StatusRange { lo: 200, hi: 200 }));
         assert_eq!(p.timeout, Some(Duration::from_millis(150)));
         assert!(toml::from_str::<CheckPatch>("intervall = \"1s\"").is_err());
+        let p: CheckPatch = toml::from_str(
+            "kind = \"postgres\"\nrole = \"replica\"\nuser = \"xlbcheck\"\n\
+             database = \"app\"\npassword_file = \"/etc/xlb/pg.password\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (p.kind, p.role, p.database.as_deref()),
+            (Some(CheckKind::Postgres), Some(Role::Replica), Some("app"))
+        );
+        assert!(toml::from_str::<CheckPatch>("kind = \"postgres\"\nrole = \"master\"").is_err());
+        // A state file written before these settings existed still loads.
+        let old = r#"{"kind":"tcp","path":"/","port":null,"interval":"1s","timeout":"1s","rise":2,"fall":3,"expect_status":"200-399"}"#;
+        let c: CheckSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(c, CheckSpec::default_for(Proto::Tcp));
         assert!(toml::from_str::<CheckPatch>("interval = \"soon\"").is_err());
     }
 }
