@@ -7,8 +7,8 @@
 //!    the backend it started on, and lb2 never misses a flow.
 //! 2. The VIP goes via lb1 only; lb2's agent is restarted in the middle of long downloads, pulls
 //!    lb1's table (the snapshot) and then takes over the route without losing a connection.
-//! 3. The test plays a peer by hand: forged (wrong key) and replayed frames are rejected, counted
-//!    and logged, and leave the flow table as it was.
+//! 3. The test plays a peer by hand: forged (wrong key), replayed and reordered records are
+//!    rejected, counted and logged, and leave the flow table as it was.
 //!
 //! Each prints a `SYNC …` line with what it measured (lag, snapshot time, mid-flow misses).
 
@@ -24,8 +24,11 @@ use std::{
 };
 use xlb::sync::{
     PeersReport, SyncKey,
-    auth::Sealer,
-    wire::{CHALLENGE_MSG_LEN, Challenge, Message, decode_challenge},
+    noise::{Initiator, Session},
+    wire::{
+        Challenge, Message, PREAMBLE_LEN, RECORD_HEADER_LEN, RecordHeader, decode_preamble,
+        decode_record_header,
+    },
 };
 use xlb_tests::{
     backend::HTTP_PORT,
@@ -402,8 +405,9 @@ fn flow_to(src_port: u16, backend: Ipv4Addr) -> FlowEvent {
     }
 }
 
-fn hello() -> Message<'static> {
+fn hello(node_id: u64) -> Message<'static> {
     Message::Hello {
+        node_id,
         listen_port: SYNC_PORT,
     }
 }
@@ -412,49 +416,89 @@ fn flows(f: FlowEvent) -> Message<'static> {
     Message::Flows(Cow::Owned(vec![f]))
 }
 
-/// One frame of `msg`, sealed by `sealer`.
-fn frame(sealer: &mut Sealer, msg: &Message<'_>) -> Vec<u8> {
+/// One data record of `msg`, sealed by `session`.
+fn record(session: &mut Session, msg: &Message<'_>) -> Vec<u8> {
     let mut out = Vec::new();
-    sealer.seal(msg, unix_ns(), &mut out).expect("sealing");
+    session.seal(msg, unix_ns(), &mut out).expect("sealing");
     out
 }
 
-/// A connection to lb1's sync listener and the challenge it sent. Run inside a namespace.
+/// A connection to lb1's sync listener and the challenge of its preamble. Run inside a
+/// namespace.
 fn connect() -> anyhow::Result<(TcpStream, Challenge)> {
     let addr = SocketAddr::from((LB1_ADDR, SYNC_PORT));
     let mut s = TcpStream::connect_timeout(&addr, FAKE_IO)?;
     s.set_read_timeout(Some(FAKE_IO))?;
     s.set_write_timeout(Some(FAKE_IO))?;
-    let mut c = [0u8; CHALLENGE_MSG_LEN];
-    s.read_exact(&mut c)?;
-    Ok((s, decode_challenge(&c)?))
+    let mut p = [0u8; PREAMBLE_LEN];
+    s.read_exact(&mut p)?;
+    Ok((s, decode_preamble(&p)?))
 }
 
-/// Errors unless the receiver closes the connection (EOF or reset) within [`FAKE_IO`].
+/// One record from the receiver: header and Noise message.
+fn read_record(s: &mut TcpStream) -> anyhow::Result<(RecordHeader, Vec<u8>)> {
+    let mut head = [0u8; RECORD_HEADER_LEN];
+    s.read_exact(&mut head)?;
+    let header = decode_record_header(&head)?;
+    let mut msg = vec![0u8; header.len];
+    s.read_exact(&mut msg)?;
+    Ok((header, msg))
+}
+
+/// Message 1 under `key` for the connection with `challenge`.
+fn message1(key: &SyncKey, challenge: &Challenge) -> (Initiator, Vec<u8>) {
+    let mut m1 = Vec::new();
+    let init = Initiator::start(key, challenge, &mut m1).expect("handshake message 1");
+    (init, m1)
+}
+
+/// The handshake with lb1 under `key`: returns the session and the message 1 that was sent.
+fn handshake(
+    s: &mut TcpStream,
+    key: &SyncKey,
+    challenge: &Challenge,
+) -> anyhow::Result<(Session, Vec<u8>)> {
+    let (init, m1) = message1(key, challenge);
+    s.write_all(&m1)?;
+    let (h, m2) = read_record(s)?;
+    Ok((init.finish(&h, &m2)?, m1))
+}
+
+/// Reads lb1's Ack to the Hello of `session`.
+fn read_ack(s: &mut TcpStream, session: &mut Session) -> anyhow::Result<()> {
+    let (h, m) = read_record(s)?;
+    let msg = session.open(&h, &m)?.msg;
+    anyhow::ensure!(msg == Message::Ack, "lb1 answered the Hello with {msg:?}");
+    Ok(())
+}
+
+/// Errors unless the receiver closes the connection (EOF or reset) within [`FAKE_IO`] without
+/// sending anything more.
 fn closed_by_receiver(s: &mut TcpStream) -> anyhow::Result<()> {
     let mut b = [0u8; 1];
     match s.read(&mut b) {
         Ok(0) => Ok(()),
         Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => Ok(()),
-        Ok(_) => anyhow::bail!("the receiver sent data after the challenge"),
+        Ok(_) => anyhow::bail!("the receiver sent data instead of closing"),
         Err(e) => anyhow::bail!("the receiver kept the connection open: {e}"),
     }
 }
 
-/// Sends `frames` on a new connection to lb1 from `ns`; the receiver must close it.
+/// On a new connection to lb1 from `ns`, `play` speaks (it gets the stream and the challenge);
+/// then the receiver must close it.
 fn send_rejected(
     bed: &Testbed,
     ns: &str,
-    build: impl FnOnce(&Challenge) -> Vec<u8> + Send + 'static,
+    play: impl FnOnce(&mut TcpStream, &Challenge) -> anyhow::Result<()> + Send + 'static,
 ) {
     bed.ns(ns)
         .enter(move || -> anyhow::Result<()> {
             let (mut s, challenge) = connect()?;
-            s.write_all(&build(&challenge))?;
+            play(&mut s, &challenge)?;
             closed_by_receiver(&mut s)
         })
         .unwrap()
-        .unwrap_or_else(|e| panic!("a rejected frame from {ns}: {e:#}"));
+        .unwrap_or_else(|e| panic!("a rejected record from {ns}: {e:#}"));
 }
 
 /// lb1's counters that the fake peer must move (and nothing else).
@@ -516,84 +560,80 @@ fn forged_and_replayed_sync_frames_are_rejected_and_change_nothing() {
     let key = bed.sync_key();
     let good = SyncKey::from_bytes(key.as_bytes()).unwrap();
     let wrong = SyncKey::from_bytes(b"definitely-not-the-shared-key").unwrap();
-    // Two flows the fake peer talks about: one only in forged frames, one in valid ones.
+    // Two flows the fake peer talks about: one only in rejected records, one in valid ones.
     const FORGED_PORT: u16 = 45001;
     const VALID_PORT: u16 = 45002;
     let (be1, be2, be3) = (backend_addr(1), backend_addr(2), backend_addr(3));
-    let forged_flow = flow_to(FORGED_PORT, be1);
     let new_flows_before = vip_counter(&stats(&bed, "lb1"), "new_flows");
     let mut want = seen(&bed);
 
-    // Forged (wrong key) from cli, an address that is not a peer: rejected at the first frame.
+    // Forged (wrong key) from cli, an address that is not a peer: rejected at the handshake's
+    // first message, which is all a sender without the key can make.
     let k = wrong.clone();
-    send_rejected(&bed, "cli", move |c| {
-        let mut sealer = Sealer::new(&k, c, 0xf0f0);
-        let mut out = frame(&mut sealer, &hello());
-        out.extend(frame(&mut sealer, &flows(forged_flow)));
-        out
-    });
+    send_rejected(
+        &bed,
+        "cli",
+        move |s, c| Ok(s.write_all(&message1(&k, c).1)?),
+    );
     want.rejected += 1;
     want.rejected_unknown_source += 1;
-    expect_seen(&bed, &want, "a forged frame from cli");
+    expect_seen(&bed, &want, "a forged handshake from cli");
 
     // Forged from lb2's address (a configured peer): counted against lb2.
     let k = wrong.clone();
-    send_rejected(&bed, "lb2", move |c| {
-        let mut sealer = Sealer::new(&k, c, 0xf0f1);
-        let mut out = frame(&mut sealer, &hello());
-        out.extend(frame(&mut sealer, &flows(forged_flow)));
-        out
-    });
+    send_rejected(
+        &bed,
+        "lb2",
+        move |s, c| Ok(s.write_all(&message1(&k, c).1)?),
+    );
     want.rejected += 1;
     want.lb2_rejected += 1;
-    expect_seen(&bed, &want, "a forged frame from lb2's address");
+    expect_seen(&bed, &want, "a forged handshake from lb2's address");
 
-    // A valid session from lb2's address (right key): the flow goes to be2, then to be3 (an
-    // existing entry is overwritten). Then the first Flows frame again in the same connection:
-    // a replay by sequence number.
+    // A valid session from lb2's address (right key), recorded: the flow goes to be2, then to
+    // be3 (an existing entry is overwritten). Then the first Flows record again in the same
+    // connection: a replay by sequence number.
     let k = good.clone();
-    let (conn, recorded_hello, recorded_v1, v2) = bed
+    let (mut conn, mut session, recorded_m1, recorded_hello, recorded_v1, v2) = bed
         .ns("lb2")
         .enter(move || -> anyhow::Result<_> {
-            let (s, challenge) = connect()?;
-            let mut sealer = Sealer::new(&k, &challenge, 0xf0f2);
-            let h = frame(&mut sealer, &hello());
-            let v1 = frame(&mut sealer, &flows(flow_to(VALID_PORT, be2)));
-            let v2 = frame(&mut sealer, &flows(flow_to(VALID_PORT, be3)));
-            Ok((s, h, v1, v2))
+            let (mut s, challenge) = connect()?;
+            let (mut session, m1) = handshake(&mut s, &k, &challenge)?;
+            let h = record(&mut session, &hello(0xf0f2));
+            let v1 = record(&mut session, &flows(flow_to(VALID_PORT, be2)));
+            let v2 = record(&mut session, &flows(flow_to(VALID_PORT, be3)));
+            Ok((s, session, m1, h, v1, v2))
         })
         .unwrap()
         .unwrap_or_else(|e| panic!("fake peer session: {e:#}"));
-    // The socket belongs to lb2's namespace since it was made; any thread can write to it.
-    let mut conn = conn;
-    let mut send = |bytes: &[u8]| {
-        conn.write_all(bytes)
-            .unwrap_or_else(|e| panic!("writing to lb1's sync port: {e}"))
-    };
-    send(&[recorded_hello.as_slice(), recorded_v1.as_slice()].concat());
+    // The socket belongs to lb2's namespace since it was made; any thread can use it.
+    conn.write_all(&[recorded_hello.as_slice(), &recorded_v1].concat())
+        .unwrap_or_else(|e| panic!("writing to lb1's sync port: {e}"));
+    read_ack(&mut conn, &mut session).unwrap_or_else(|e| panic!("lb1's Ack: {e:#}"));
     want.lb2_received += 1;
     want.received += 1;
     *want.active.get_mut(&be2).unwrap() += 1;
-    expect_seen(&bed, &want, "a valid frame (flow -> be2)");
-    send(&v2);
+    expect_seen(&bed, &want, "a valid record (flow -> be2)");
+    conn.write_all(&v2).unwrap();
     want.lb2_received += 1;
     want.received += 1;
     *want.active.get_mut(&be2).unwrap() -= 1;
     *want.active.get_mut(&be3).unwrap() += 1;
-    expect_seen(&bed, &want, "a second valid frame (the flow -> be3)");
-    send(&recorded_v1);
+    expect_seen(&bed, &want, "a second valid record (the flow -> be3)");
+    conn.write_all(&recorded_v1).unwrap();
     closed_by_receiver(&mut conn).expect("lb1 closes the connection after an in-session replay");
     want.rejected += 1;
     want.lb2_rejected += 1;
     expect_seen(
         &bed,
         &want,
-        "the first frame replayed in its own connection",
+        "the first Flows record replayed in its own connection",
     );
 
-    // The recorded session replayed verbatim into a new connection (new challenge).
-    let (h, v1) = (recorded_hello.clone(), recorded_v1.clone());
-    send_rejected(&bed, "lb2", move |_| [h, v1].concat());
+    // The recorded session replayed verbatim into a new connection (new challenge): its
+    // message 1 belongs to the old connection.
+    let replay = [recorded_m1, recorded_hello, recorded_v1.clone()].concat();
+    send_rejected(&bed, "lb2", move |s, _| Ok(s.write_all(&replay)?));
     want.rejected += 1;
     want.lb2_rejected += 1;
     expect_seen(
@@ -602,15 +642,32 @@ fn forged_and_replayed_sync_frames_are_rejected_and_change_nothing() {
         "the recorded session replayed in a new connection",
     );
 
-    // A fresh, valid Hello, then the recorded Flows frame: its tag belongs to the old challenge.
+    // A fresh, valid handshake and Hello, then the recorded Flows record: its sequence (1) is
+    // the one expected, but it was encrypted under the old connection's keys.
     let (k, v1) = (good.clone(), recorded_v1);
-    send_rejected(&bed, "lb2", move |c| {
-        let mut sealer = Sealer::new(&k, c, 0xf0f3);
-        [frame(&mut sealer, &hello()), v1].concat()
+    send_rejected(&bed, "lb2", move |s, c| {
+        let (mut session, _) = handshake(s, &k, c)?;
+        s.write_all(&record(&mut session, &hello(0xf0f3)))?;
+        read_ack(s, &mut session)?;
+        Ok(s.write_all(&v1)?)
     });
     want.rejected += 1;
     want.lb2_rejected += 1;
-    expect_seen(&bed, &want, "a recorded frame after a valid Hello");
+    expect_seen(&bed, &want, "a recorded record after a valid Hello");
+
+    // A fresh session whose records arrive out of order: the third before the second.
+    let k = good.clone();
+    send_rejected(&bed, "lb2", move |s, c| {
+        let (mut session, _) = handshake(s, &k, c)?;
+        s.write_all(&record(&mut session, &hello(0xf0f4)))?;
+        read_ack(s, &mut session)?;
+        let second = record(&mut session, &flows(flow_to(FORGED_PORT, be1)));
+        let third = record(&mut session, &flows(flow_to(FORGED_PORT, be2)));
+        Ok(s.write_all(&[third, second].concat())?)
+    });
+    want.rejected += 1;
+    want.lb2_rejected += 1;
+    expect_seen(&bed, &want, "records out of order");
 
     // Logged with the sender's address.
     let log = bed.agent_log();
@@ -624,8 +681,8 @@ fn forged_and_replayed_sync_frames_are_rejected_and_change_nothing() {
         "lb1 did not log the rejection from cli:\n{log}"
     );
     assert!(
-        rejected_lines(&format!("{LB2_ADDR}:")) >= 4,
-        "lb1 did not log the 4 rejections from lb2's address:\n{log}"
+        rejected_lines(&format!("{LB2_ADDR}:")) >= 5,
+        "lb1 did not log the 5 rejections from lb2's address:\n{log}"
     );
 
     // The data path agrees: the valid flow is pinned to be3 (no new flow for it), the forged one
@@ -647,9 +704,10 @@ fn forged_and_replayed_sync_frames_are_rejected_and_change_nothing() {
         "the forged flow's connection did not start a new flow: it was installed"
     );
     report(&format!(
-        "SYNC forged/replayed: lb1 rejected 5 frames (1 forged from cli counted as \
-         rejected_unknown_source, 1 forged + 3 replayed from lb2's address counted as lb2's \
-         rejected), installed only the 2 authentic flows frames; totals {:?}",
+        "SYNC forged/replayed/reordered: lb1 rejected 6 (1 forged handshake from cli counted \
+         as rejected_unknown_source; 1 forged handshake, 3 replays and 1 reordering from lb2's \
+         address counted as lb2's rejected), installed only the 2 authentic Flows records; \
+         totals {:?}",
         seen(&bed)
     ));
 }

@@ -2,9 +2,10 @@
 //! the peers, which install it, so a connection that moves between load balancers keeps its
 //! backend.
 //!
-//! Parts: [`wire`] (frame format), [`auth`] (key, HMAC tags, challenge and sequence replay
-//! protection), `sender` and `receiver` (the TCP tasks, with what they share in `peer`),
-//! [`status`] (counters, `xlb peers` report and table).
+//! Parts: [`wire`] (record and frame format), [`key`] (the shared key and the Noise PSK derived
+//! from it), [`noise`] (the Noise handshake, encrypted records, sequence checks), `sender` and
+//! `receiver` (the TCP tasks, with what they share in `peer`), [`status`] (counters, `xlb peers`
+//! report and table).
 //!
 //! # Tasks
 //!
@@ -12,9 +13,10 @@
 //!   `FLOW_EVENTS` ring buffer), batches events (a batch is flushed at
 //!   [`wire::MAX_FLOWS_PER_FRAME`] flows or [`SyncConfig::flush_after`] after its first flow) and
 //!   broadcasts each batch to every peer sender;
-//! - one **sender** per `--peer`: connects, sends Hello and waits for the receiver's Ack, which
-//!   proves that the receiver holds the key (see [`auth`]; so the sender authenticates the
-//!   receiver too). Only then is it `connected` and asks the agent for a full snapshot
+//! - one **sender** per `--peer`: connects, makes the Noise handshake (which the receiver
+//!   completes only with the key, see [`noise`]; so the sender authenticates the receiver too),
+//!   sends Hello and waits for the receiver's Ack. Only then is it `connected` and asks the
+//!   agent for a full snapshot
 //!   ([`SyncRequest::Snapshot`]), sends it and streams batches, plus a heartbeat every
 //!   [`SyncConfig::heartbeat`], also while it waits for the Ack or the snapshot. It reconnects
 //!   with a 100 ms → 1 s backoff, which resets only after a session that was acknowledged and
@@ -26,10 +28,11 @@
 //!   drops the backlog, resubscribes and re-sends a snapshot instead of losing flows (counted as
 //!   `resyncs`);
 //! - the **listener** on `--sync-listen` and one **receiver** per accepted connection: sends the
-//!   challenge, authenticates every frame, answers the AckRequest and installs flows through
-//!   [`SyncRequest::Install`]. A frame that fails authentication, the sequence check or decoding
-//!   is counted (`rejected`), logged with the peer's address and reason, and its connection is
-//!   closed. So is a connection without a valid Hello 2 s after the accept. At most 4
+//!   preamble with a fresh challenge, answers the handshake, decrypts and authenticates every
+//!   record, answers the Hello with an Ack and installs flows through [`SyncRequest::Install`].
+//!   A handshake or record that fails authentication, the sequence check or decoding is counted
+//!   (`rejected`), logged with the peer's address and reason, and its connection is closed. So
+//!   is a connection without a valid Hello 2 s after the accept. At most 4
 //!   connections per address, and 32 from all addresses that are not configured peers, may be
 //!   waiting for their Hello at once; more are refused, so strangers cannot use up the 64
 //!   inbound slots.
@@ -44,7 +47,8 @@
 //! loop up. The reply senders may be dropped (the sync task then closes that connection). On
 //! shutdown the token is cancelled and the agent waits for the tracker before the data path goes.
 
-pub mod auth;
+pub mod key;
+pub mod noise;
 mod peer;
 mod receiver;
 mod sender;
@@ -54,7 +58,7 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
-pub use auth::{AuthError, SyncKey};
+pub use key::{KeyError, SyncKey};
 pub use status::{LagReport, PeerReport, PeersReport, SyncTotals, render_table};
 
 use crate::{dataplane::InstallReport, util::BoxError};
@@ -88,7 +92,9 @@ pub enum SyncError {
     #[error("cannot listen for sync peers on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
-    Auth(#[from] AuthError),
+    Key(#[from] KeyError),
+    #[error("no randomness from the operating system: {0}")]
+    Random(getrandom::Error),
     #[error("cannot poll the flow event ring buffer: {0}")]
     EventSource(io::Error),
     #[error("--peer {0} is this node's own --sync-listen address")]
@@ -127,13 +133,20 @@ impl SyncConfig {
             listen,
             peers,
             key,
-            node_id: auth::random_node_id()?,
+            node_id: random_node_id()?,
             heartbeat: DEFAULT_HEARTBEAT,
             flush_after: DEFAULT_FLUSH_AFTER,
             snapshot_max_age: DEFAULT_SNAPSHOT_MAX_AGE,
             stream_buffer: DEFAULT_STREAM_BUFFER,
         })
     }
+}
+
+/// A random node id (one per agent start).
+fn random_node_id() -> Result<u64, SyncError> {
+    let mut b = [0u8; 8];
+    getrandom::getrandom(&mut b).map_err(SyncError::Random)?;
+    Ok(u64::from_ne_bytes(b))
 }
 
 /// What the sync asks of the agent loop (the only owner of the data path). See the module docs.

@@ -5,16 +5,18 @@
 
 use super::{
     SyncRequest,
-    auth::{AuthError, SyncKey},
+    key::SyncKey,
+    noise::NoiseError,
     status::Status,
-    wire::WireError,
+    wire::{self, Kind, RECORD_HEADER_LEN, RecordHeader, WireError},
 };
 use crate::util::BoxError;
 use lb_common::FlowEvent;
 use std::{io, sync::Arc, time::Duration};
-use tokio::sync::mpsc;
+use tokio::{io::AsyncReadExt, sync::mpsc};
 
-/// Deadline for one write, the challenge, and the rest of a frame once its header arrived.
+/// Deadline for one write, the preamble, the handshake, and the rest of a record once its
+/// header arrived.
 pub(super) const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Shortest pause before a reconnect, and after a failed accept.
 pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -30,24 +32,35 @@ pub(super) enum PeerError {
     Timeout(&'static str),
     #[error(transparent)]
     Io(#[from] io::Error),
-    #[error("invalid challenge: {0}")]
-    Challenge(WireError),
+    #[error("invalid preamble: {0}")]
+    Preamble(WireError),
+    #[error(
+        "the peer speaks sync protocol version {0} and this node version {v}: run the same xlb version on every peer",
+        v = wire::VERSION
+    )]
+    Version(u8),
+    #[error("invalid record: {0}")]
+    Record(WireError),
     #[error(transparent)]
-    Auth(#[from] AuthError),
-    #[error("frame rejected")]
+    Noise(#[from] NoiseError),
+    #[error("record rejected")]
     Rejected,
     #[error("the agent stopped serving sync requests")]
     AgentGone,
     #[error("the agent could not list its flows: {0}")]
     Snapshot(#[source] BoxError),
     #[error(
-        "the peer closed the connection instead of acknowledging our Hello (wrong key? see its log)"
+        "the peer closed the connection during the handshake (wrong key, or another xlb version? see its log)"
     )]
+    HandshakeClosed,
+    #[error("the peer closed the connection instead of acknowledging our Hello (see its log)")]
     NotAcknowledged,
-    #[error("invalid Ack: {0}")]
-    BadAck(WireError),
+    #[error("the peer answered our Hello with {0}, not an Ack")]
+    NotAck(Kind),
     #[error("connection closed by the peer")]
     Closed,
+    #[error("connection closed by the peer before its handshake")]
+    ClosedBeforeHandshake,
     #[error("the peer sent data on a send-only connection")]
     Unexpected,
     #[error("a second Hello")]
@@ -77,4 +90,19 @@ pub(super) struct Batch {
     /// When the reader took the first of them from the kernel (unix ns): the frames' sent time.
     pub(super) first_seen_ns: u64,
     pub(super) flows: Vec<FlowEvent>,
+}
+
+/// Read one record: its header (decoded and returned) and its Noise message into `msg`. The peer
+/// closing is an `io::ErrorKind::UnexpectedEof` for the caller to name; a bad header is
+/// [`PeerError::Record`], before anything more is read.
+pub(super) async fn read_record(
+    rd: &mut (impl AsyncReadExt + Unpin),
+    msg: &mut Vec<u8>,
+) -> Result<RecordHeader, PeerError> {
+    let mut head = [0u8; RECORD_HEADER_LEN];
+    rd.read_exact(&mut head).await?;
+    let header = wire::decode_record_header(&head).map_err(PeerError::Record)?;
+    msg.resize(header.len, 0);
+    rd.read_exact(msg).await?;
+    Ok(header)
 }

@@ -1,13 +1,14 @@
 //! The receiving side of peer sync: the listener admits connections (bounded per address and
-//! for strangers), and one receiver per connection sends the challenge, authenticates every frame,
-//! answers the AckRequest and hands flows to the agent.
+//! for strangers), and one receiver per connection sends the preamble, answers the Noise
+//! handshake, decrypts and authenticates every record, answers the Hello with an Ack and hands
+//! flows to the agent.
 
 use super::{
     SyncRequest,
-    auth::{AuthError, Opener, new_challenge},
+    noise::{self, NoiseError, new_challenge},
     peer::{BACKOFF_MIN, Ctx, HELLO_TIMEOUT, IO_TIMEOUT, PeerError},
     status::unix_ns,
-    wire::{self, HEADER_LEN, Kind, Message, TAG_LEN},
+    wire::{self, Frame, Kind, Message, RECORD_HEADER_LEN, RecordHeader},
 };
 use crate::dataplane::InstallReport;
 use lb_common::FlowEvent;
@@ -180,6 +181,13 @@ async fn inbound(
     match result {
         Ok(()) | Err(PeerError::Rejected) => {}
         Err(PeerError::Closed) => log::info!("sync: peer {remote} disconnected"),
+        // Not counted: port probes do this too. It is also what a node of an older xlb does
+        // after it read our preamble (and logs "unsupported version" on its side).
+        Err(PeerError::ClosedBeforeHandshake) => {
+            log::info!(
+                "sync: connection from {remote} closed before its handshake (a node of another xlb version does this; see its log)"
+            );
+        }
         Err(PeerError::NoHello) => {
             // Counted like a rejected frame: it is the same "someone without the key" signal.
             ctx.status.peer(peer).rejected.fetch_add(1, Relaxed);
@@ -233,7 +241,7 @@ struct Receiver<'a> {
 }
 
 impl Receiver<'_> {
-    /// Challenge, then frames until the connection fails or closes.
+    /// Preamble, handshake, then records until the connection fails or closes.
     async fn run(&mut self, stream: TcpStream) -> Result<(), PeerError> {
         // Everything up to a valid Hello must happen within this, whatever the sender trickles.
         let hello_deadline = Instant::now() + HELLO_TIMEOUT;
@@ -242,62 +250,71 @@ impl Receiver<'_> {
         let challenge = new_challenge()?;
         timeout_at(
             hello_deadline,
-            wr.write_all(&wire::encode_challenge(&challenge)),
+            wr.write_all(&wire::encode_preamble(&challenge)),
         )
         .await
-        .map_err(|_| PeerError::Timeout("sending the challenge"))??;
-        let mut opener = Opener::new(&self.ctx.key, &challenge);
-        let mut rd = BufReader::with_capacity(2 * wire::MAX_FRAME_LEN, rd);
-        let mut head = [0u8; HEADER_LEN];
-        let mut body = Vec::new();
+        .map_err(|_| PeerError::Timeout("sending the preamble"))??;
+        let mut rd = BufReader::with_capacity(2 * wire::MAX_RECORD_LEN, rd);
+        let mut msg = Vec::new();
+        let mut out = Vec::new();
+        let header = self
+            .read_record(&mut rd, &mut msg, hello_deadline, true)
+            .await?;
+        // A sender without the key, or replaying a handshake made for another connection, fails
+        // here and gets nothing back.
+        let mut session = noise::respond(&self.ctx.key, &challenge, &header, &msg, &mut out)
+            .map_err(|e| self.reject(&e))?;
+        timeout_at(hello_deadline, wr.write_all(&out))
+            .await
+            .map_err(|_| PeerError::Timeout("sending the handshake"))??;
         loop {
             let header = self
-                .read_frame(&mut rd, &mut head, &mut body, hello_deadline)
+                .read_record(&mut rd, &mut msg, hello_deadline, false)
                 .await?;
-            let (payload, tag) = body.split_at(header.payload_len as usize);
-            let msg = opener
-                .open(&header, &head, payload, tag)
-                .map_err(|e| self.reject(&e))?;
-            if !self.hello && msg.kind() != Kind::Hello {
-                let reason = format!("first frame is {}, not Hello", msg.kind());
+            let Frame {
+                sent_ns,
+                msg: frame,
+            } = session.open(&header, &msg).map_err(|e| self.reject(&e))?;
+            if !self.hello && frame.kind() != Kind::Hello {
+                let reason = format!("first frame is {}, not Hello", frame.kind());
                 return Err(self.reject(&reason));
             }
             self.ctx.status.peer(self.peer).touch();
-            match msg {
-                Message::Hello { listen_port } => self.on_hello(&header, listen_port)?,
-                Message::Flows(flows) => self.on_flows(&header, flows.into_owned(), false).await?,
-                Message::Snapshot(flows) => {
-                    self.on_flows(&header, flows.into_owned(), true).await?;
-                }
-                Message::SnapshotEnd { total } => self.on_snapshot_end(total),
-                Message::Heartbeat => {}
-                Message::AckRequest { nonce } => {
-                    // Only right after Hello (the sender waits for the Ack before anything else).
-                    if header.seq != 2 {
-                        let reason = format!("AckRequest as frame {}, not 2", header.seq);
-                        return Err(self.reject(&reason));
-                    }
-                    // Proves to the sender that this node has the key, bound to this
-                    // connection's challenge and the sender's fresh nonce.
-                    let proof = self.ctx.key.ack_proof(&challenge, header.node_id, &nonce);
-                    timeout(IO_TIMEOUT, wr.write_all(&wire::encode_ack(&proof)))
+            match frame {
+                Message::Hello {
+                    node_id,
+                    listen_port,
+                } => {
+                    self.on_hello(node_id, listen_port)?;
+                    // The sender waits for this before it sends flows or asks for a snapshot.
+                    out.clear();
+                    session.seal(&Message::Ack, unix_ns(), &mut out)?;
+                    timeout(IO_TIMEOUT, wr.write_all(&out))
                         .await
                         .map_err(|_| PeerError::Timeout("sending the Ack"))??;
                 }
+                Message::Flows(flows) => self.on_flows(sent_ns, flows.into_owned(), false).await?,
+                Message::Snapshot(flows) => {
+                    self.on_flows(sent_ns, flows.into_owned(), true).await?;
+                }
+                Message::SnapshotEnd { total } => self.on_snapshot_end(total),
+                Message::Heartbeat => {}
+                Message::Ack => return Err(self.reject(&"an Ack from the sending side")),
             }
         }
     }
 
-    /// Read one frame's header into `head` and its payload and tag into `body`. Before the Hello
-    /// everything must arrive by `hello_deadline`; after it, a header within the idle limit and
-    /// the rest of the frame within `IO_TIMEOUT`.
-    async fn read_frame(
+    /// Read one record's header and its Noise message into `msg`. Before the Hello everything
+    /// must arrive by `hello_deadline`; after it, a header within the idle limit and the rest of
+    /// the record within `IO_TIMEOUT`. `first`: the handshake record, the first the sender
+    /// writes.
+    async fn read_record(
         &self,
         rd: &mut (impl AsyncReadExt + Unpin),
-        head: &mut [u8; HEADER_LEN],
-        body: &mut Vec<u8>,
+        msg: &mut Vec<u8>,
         hello_deadline: Instant,
-    ) -> Result<wire::Header, PeerError> {
+        first: bool,
+    ) -> Result<RecordHeader, PeerError> {
         let idle = self.ctx.heartbeat * IDLE_HEARTBEATS;
         let deadline = |after: Duration| {
             if self.hello {
@@ -306,27 +323,33 @@ impl Receiver<'_> {
                 hello_deadline
             }
         };
-        match timeout_at(deadline(idle), rd.read_exact(head)).await {
+        let mut head = [0u8; RECORD_HEADER_LEN];
+        match timeout_at(deadline(idle), rd.read_exact(&mut head)).await {
             Err(_) if !self.hello => return Err(PeerError::NoHello),
             Err(_) => return Err(PeerError::Idle(idle)),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(PeerError::Closed);
+                return Err(if first {
+                    PeerError::ClosedBeforeHandshake
+                } else {
+                    PeerError::Closed
+                });
             }
             Ok(r) => r?,
         };
-        // Only the header's length field is trusted before the tag is checked, and only within
-        // the kind's limit that `decode_header` enforces (at most one maximal frame is buffered).
-        let header =
-            wire::decode_header(head).map_err(|e| self.reject(&AuthError::Malformed(e)))?;
-        body.resize(header.payload_len as usize + TAG_LEN, 0);
-        match timeout_at(deadline(IO_TIMEOUT), rd.read_exact(body)).await {
+        // Only the header's length is trusted before the message is authenticated, and only
+        // within the type's limits that `decode_record_header` enforces (at most one maximal
+        // record, 64 KiB, is buffered).
+        let header = wire::decode_record_header(&head)
+            .map_err(|e| self.reject(&NoiseError::Malformed(e)))?;
+        msg.resize(header.len, 0);
+        match timeout_at(deadline(IO_TIMEOUT), rd.read_exact(msg)).await {
             Err(_) if !self.hello => Err(PeerError::NoHello),
-            Err(_) => Err(PeerError::Timeout("reading a frame")),
+            Err(_) => Err(PeerError::Timeout("reading a record")),
             Ok(r) => r.map(|_| header).map_err(PeerError::from),
         }
     }
 
-    /// Count, log and close for a frame that must not be trusted.
+    /// Count, log and close for a record that must not be trusted.
     fn reject(&self, reason: &dyn std::fmt::Display) -> PeerError {
         self.ctx
             .status
@@ -334,19 +357,19 @@ impl Receiver<'_> {
             .rejected
             .fetch_add(1, Relaxed);
         log::warn!(
-            "sync: rejected a frame from {}: {reason}; closing the connection",
+            "sync: rejected a record from {}: {reason}; closing the connection",
             self.remote
         );
         PeerError::Rejected
     }
 
-    fn on_hello(&mut self, header: &wire::Header, listen_port: u16) -> Result<(), PeerError> {
+    fn on_hello(&mut self, node_id: u64, listen_port: u16) -> Result<(), PeerError> {
         let (ctx, remote) = (self.ctx, self.remote);
         if self.hello {
             return Err(PeerError::SecondHello);
         }
-        if header.node_id == ctx.node_id {
-            return Err(PeerError::SelfPeer(header.node_id));
+        if node_id == ctx.node_id {
+            return Err(PeerError::SelfPeer(node_id));
         }
         self.hello = true;
         // Authenticated: no longer counts against the unauthenticated limits.
@@ -360,12 +383,12 @@ impl Receiver<'_> {
         if matched.is_none() {
             log::warn!(
                 "sync: {remote} (node {:016x}) is not a configured peer; accepting its flows (it has the key)",
-                header.node_id
+                node_id
             );
         }
         log::info!(
             "sync: peer {remote} (node {:016x}, listening on port {listen_port}) connected",
-            header.node_id
+            node_id
         );
         ctx.status.peer(self.peer).touch();
         Ok(())
@@ -375,7 +398,7 @@ impl Receiver<'_> {
     /// sample.
     async fn on_flows(
         &mut self,
-        header: &wire::Header,
+        sent_ns: u64,
         flows: Vec<FlowEvent>,
         snapshot: bool,
     ) -> Result<(), PeerError> {
@@ -393,7 +416,7 @@ impl Receiver<'_> {
         } else {
             self.ctx
                 .status
-                .record_lag_ns(unix_ns().saturating_sub(header.sent_ns));
+                .record_lag_ns(unix_ns().saturating_sub(sent_ns));
         }
         Ok(())
     }

@@ -1,13 +1,18 @@
 //! The sending side of peer sync: the reader takes new flows from the event source and
-//! broadcasts them in batches; one sender per configured peer connects, waits for the peer's Ack,
-//! sends a snapshot and then streams the batches.
+//! broadcasts them in batches; one sender per configured peer connects, makes the Noise
+//! handshake, sends its Hello and waits for the peer's Ack, sends a snapshot and then streams
+//! the batches.
 
 use super::{
     EventSource, SyncRequest,
-    auth::{Sealer, new_nonce},
-    peer::{BACKOFF_MIN, Batch, Ctx, IO_TIMEOUT, PeerError},
+    key::SyncKey,
+    noise::{Initiator, Session},
+    peer::{BACKOFF_MIN, Batch, Ctx, IO_TIMEOUT, PeerError, read_record},
     status::{PeerStats, Status, unix_ns},
-    wire::{self, ACK_MSG_LEN, CHALLENGE_MSG_LEN, Challenge, Kind, MAX_FLOWS_PER_FRAME, Message},
+    wire::{
+        self, HANDSHAKE_MSG_LEN, Kind, MAX_FLOWS_PER_FRAME, Message, PREAMBLE_LEN,
+        RECORD_HEADER_LEN, WireError,
+    },
 };
 use lb_common::FlowEvent;
 use std::{
@@ -211,7 +216,7 @@ impl Stream {
 struct Sender<'a> {
     addr: SocketAddr,
     wr: OwnedWriteHalf,
-    sealer: Sealer,
+    session: Session,
     out: Vec<u8>,
     stats: &'a PeerStats,
 }
@@ -235,7 +240,7 @@ impl Sender<'_> {
     }
 
     async fn send(&mut self, msg: &Message<'_>, stream: &mut Stream) -> Result<(), PeerError> {
-        self.sealer.seal(msg, unix_ns(), &mut self.out)?;
+        self.session.seal(msg, unix_ns(), &mut self.out)?;
         self.write_out(stream).await
     }
 
@@ -253,7 +258,7 @@ impl Sender<'_> {
             } else {
                 Message::Flows(Cow::Borrowed(chunk))
             };
-            self.sealer.seal(&msg, sent_ns, &mut self.out)?;
+            self.session.seal(&msg, sent_ns, &mut self.out)?;
             if self.out.len() >= WRITE_CHUNK {
                 self.write_out(stream).await?;
             }
@@ -325,7 +330,7 @@ impl Sender<'_> {
 }
 
 /// One outbound connection, until it fails. Sets `acknowledged` when the receiver's Ack
-/// verified.
+/// arrived.
 async fn session(
     index: usize,
     addr: SocketAddr,
@@ -333,7 +338,7 @@ async fn session(
     batches: &broadcast::Sender<Arc<Batch>>,
     acknowledged: &mut Option<Instant>,
 ) -> Result<std::convert::Infallible, PeerError> {
-    let (mut rd, wr, challenge) = connect(addr).await?;
+    let (mut rd, wr, session) = connect(addr, &ctx.key).await?;
     // Subscribed before the snapshot is requested: a flow assigned meanwhile is sent twice
     // (installs are idempotent) rather than never.
     let mut stream = Stream::new(batches.subscribe());
@@ -341,14 +346,13 @@ async fn session(
     let mut tx = Sender {
         addr,
         wr,
-        sealer: Sealer::new(&ctx.key, &challenge, ctx.node_id),
+        session,
         out: Vec::with_capacity(64 * 1024),
         stats,
     };
     let mut heartbeat = tokio::time::interval_at(Instant::now() + ctx.heartbeat, ctx.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tx.handshake(ctx, &challenge, &mut rd, &mut heartbeat, &mut stream)
-        .await?;
+    tx.hello(ctx, &mut rd, &mut heartbeat, &mut stream).await?;
     *acknowledged = Some(Instant::now());
     stats.set_connected(true);
     log::info!("sync: connected to peer {addr}");
@@ -386,55 +390,80 @@ async fn session(
     }
 }
 
-/// Connect to `addr` and read the receiver's challenge.
+/// Connect to `addr`, read the receiver's preamble and make the Noise handshake: a returned
+/// session proves that the receiver has the key.
 async fn connect(
     addr: SocketAddr,
-) -> Result<(OwnedReadHalf, OwnedWriteHalf, Challenge), PeerError> {
+    key: &SyncKey,
+) -> Result<(OwnedReadHalf, OwnedWriteHalf, Session), PeerError> {
     let conn = timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| PeerError::Timeout("connecting"))?
         .map_err(PeerError::Connect)?;
     conn.set_nodelay(true)?;
-    let (mut rd, wr) = conn.into_split();
-    let mut c = [0u8; CHALLENGE_MSG_LEN];
-    timeout(IO_TIMEOUT, rd.read_exact(&mut c))
+    let (mut rd, mut wr) = conn.into_split();
+    let mut p = [0u8; PREAMBLE_LEN];
+    timeout(IO_TIMEOUT, rd.read_exact(&mut p))
         .await
-        .map_err(|_| PeerError::Timeout("waiting for the challenge"))??;
-    let challenge = wire::decode_challenge(&c).map_err(PeerError::Challenge)?;
-    Ok((rd, wr, challenge))
+        .map_err(|_| PeerError::Timeout("waiting for the preamble"))??;
+    let challenge = match wire::decode_preamble(&p) {
+        Ok(c) => c,
+        Err(WireError::BadVersion(v)) => {
+            // So that the receiver logs the mismatch too (wire::version_notice); we close anyway.
+            let _ = timeout(IO_TIMEOUT, wr.write_all(&wire::version_notice())).await;
+            return Err(PeerError::Version(v));
+        }
+        Err(e) => return Err(PeerError::Preamble(e)),
+    };
+    let mut m1 = Vec::with_capacity(RECORD_HEADER_LEN + HANDSHAKE_MSG_LEN);
+    let initiator = Initiator::start(key, &challenge, &mut m1)?;
+    timeout(IO_TIMEOUT, wr.write_all(&m1))
+        .await
+        .map_err(|_| PeerError::Timeout("writing the handshake"))??;
+    let mut m2 = Vec::with_capacity(HANDSHAKE_MSG_LEN);
+    let header = match timeout(IO_TIMEOUT, read_record(&mut rd, &mut m2)).await {
+        Err(_) => return Err(PeerError::Timeout("waiting for the peer's handshake")),
+        Ok(Err(PeerError::Io(e))) if closed(&e) => return Err(PeerError::HandshakeClosed),
+        Ok(r) => r?,
+    };
+    let session = initiator.finish(&header, &m2)?;
+    Ok((rd, wr, session))
+}
+
+/// The peer closed the connection (rather than some other I/O failure).
+fn closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+    )
 }
 
 impl Sender<'_> {
-    /// Hello and AckRequest in one write; then nothing but heartbeats until the receiver proved
-    /// that it has the key. A receiver that rejects the Hello closes the connection instead, so
-    /// a peer with another key never makes the agent walk its flow table.
-    async fn handshake(
+    /// Hello; then nothing but heartbeats until the receiver's Ack. A receiver that rejects the
+    /// Hello (a node peered with itself) closes the connection instead, so it never makes the
+    /// agent walk its flow table.
+    async fn hello(
         &mut self,
         ctx: &Ctx,
-        challenge: &Challenge,
         rd: &mut OwnedReadHalf,
         heartbeat: &mut Interval,
         stream: &mut Stream,
     ) -> Result<(), PeerError> {
-        let nonce = new_nonce()?;
         let hello = Message::Hello {
+            node_id: ctx.node_id,
             listen_port: ctx.listen_port,
         };
-        self.sealer.seal(&hello, unix_ns(), &mut self.out)?;
-        self.sealer
-            .seal(&Message::AckRequest { nonce }, unix_ns(), &mut self.out)?;
-        self.write_out(stream).await?;
-        let mut ack = [0u8; ACK_MSG_LEN];
-        let read = timeout(IO_TIMEOUT, rd.read_exact(&mut ack));
-        match self.keep_alive_while(read, heartbeat, stream).await? {
+        self.send(&hello, stream).await?;
+        let mut msg = Vec::new();
+        let read = timeout(IO_TIMEOUT, read_record(rd, &mut msg));
+        let header = match self.keep_alive_while(read, heartbeat, stream).await? {
             Err(_) => return Err(PeerError::Timeout("waiting for the peer's Ack")),
-            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return Err(PeerError::NotAcknowledged);
-            }
+            Ok(Err(PeerError::Io(e))) if closed(&e) => return Err(PeerError::NotAcknowledged),
             Ok(r) => r?,
         };
-        let proof = wire::decode_ack(&ack).map_err(PeerError::BadAck)?;
-        ctx.key.verify_ack(challenge, ctx.node_id, &nonce, &proof)?;
-        Ok(())
+        match self.session.open(&header, &msg)?.msg {
+            Message::Ack => Ok(()),
+            other => Err(PeerError::NotAck(other.kind())),
+        }
     }
 }

@@ -2,8 +2,10 @@
 //! ring buffer and a task answering `SyncRequest`s from a hash map stands in for the agent loop.
 
 use super::{
-    ChannelSource, PeersReport, SyncConfig, SyncHandle, SyncKey, SyncRequest, spawn,
-    wire::{self, CHALLENGE_MSG_LEN, Message, tests::flow},
+    ChannelSource, PeersReport, SyncConfig, SyncHandle, SyncKey, SyncRequest,
+    noise::{Initiator, Session},
+    spawn,
+    wire::{self, Message, PREAMBLE_LEN, tests::flow},
 };
 use crate::dataplane::InstallReport;
 use lb_common::{FlowEvent, FlowKey};
@@ -339,18 +341,17 @@ async fn a_peer_with_the_wrong_key_is_rejected_and_installs_nothing() {
     b.stop().await;
 }
 
-/// Read one frame by hand: its header and its payload (the tag is read and not checked).
-async fn read_frame(s: &mut TcpStream) -> (wire::Header, Vec<u8>) {
-    let mut head = [0u8; wire::HEADER_LEN];
+/// Read one record by hand: its header and its Noise message.
+async fn read_record(s: &mut TcpStream) -> (wire::RecordHeader, Vec<u8>) {
+    let mut head = [0u8; wire::RECORD_HEADER_LEN];
     tokio::time::timeout(DEADLINE, s.read_exact(&mut head))
         .await
-        .expect("a frame in time")
+        .expect("a record in time")
         .unwrap();
-    let header = wire::decode_header(&head).unwrap();
-    let mut body = vec![0u8; header.payload_len as usize + wire::TAG_LEN];
-    s.read_exact(&mut body).await.unwrap();
-    body.truncate(header.payload_len as usize);
-    (header, body)
+    let header = wire::decode_record_header(&head).unwrap();
+    let mut msg = vec![0u8; header.len];
+    s.read_exact(&mut msg).await.unwrap();
+    (header, msg)
 }
 
 /// Waits until the other end closes `s` (EOF or reset); returns what it sent before.
@@ -367,9 +368,42 @@ async fn closed_by_peer(s: &mut TcpStream) -> Vec<u8> {
     rest
 }
 
+/// A hand-made sender's connection to `addr` and the challenge of the preamble it got.
+async fn connect(addr: SocketAddr) -> (TcpStream, wire::Challenge) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut p = [0u8; PREAMBLE_LEN];
+    s.read_exact(&mut p).await.unwrap();
+    (s, wire::decode_preamble(&p).unwrap())
+}
+
+/// A hand-made sender's handshake with `key`: message 1 written, message 2 read.
+async fn handshake(s: &mut TcpStream, key: &SyncKey, challenge: &wire::Challenge) -> Session {
+    let mut m1 = Vec::new();
+    let init = Initiator::start(key, challenge, &mut m1).unwrap();
+    s.write_all(&m1).await.unwrap();
+    let (h, m2) = read_record(s).await;
+    init.finish(&h, &m2).unwrap()
+}
+
+fn sealed(session: &mut Session, msg: &Message<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    session
+        .seal(msg, super::status::unix_ns(), &mut out)
+        .unwrap();
+    out
+}
+
+fn hello(node_id: u64) -> Message<'static> {
+    Message::Hello {
+        node_id,
+        listen_port: 1,
+    }
+}
+
 /// The sender authenticates the receiver: a listener that does not have the key (it answers
-/// with an Ack made with another key, or closes instead of answering) gets Hello and
-/// AckRequest, and nothing else — no snapshot is even asked of the agent.
+/// the handshake with a message made under another key, or closes), and one that completes the
+/// handshake but never acknowledges the Hello, get message 1 (and the encrypted Hello), and
+/// nothing else — no snapshot is even asked of the agent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_without_the_key_gets_no_flows() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -377,34 +411,52 @@ async fn a_receiver_without_the_key_gets_no_flows() {
     let a = start(free_port(), vec![fake], NodeOpts::default()).await;
     a.new_flow(flow(1)).await;
     let since = a.report().peers[0].since_unix_ms;
+    let key = SyncKey::from_bytes(KEY.as_bytes()).unwrap();
     let other = SyncKey::from_bytes(b"some-other-key-0123").unwrap();
-    for answer_with_ack in [true, false] {
+    for round in ["another key", "closes", "no Ack"] {
         let (mut s, _) = tokio::time::timeout(DEADLINE, listener.accept())
             .await
             .expect("A connects")
             .unwrap();
-        let challenge = [u8::from(answer_with_ack); wire::CHALLENGE_LEN];
-        s.write_all(&wire::encode_challenge(&challenge))
+        let challenge = super::noise::new_challenge().unwrap();
+        s.write_all(&wire::encode_preamble(&challenge))
             .await
             .unwrap();
-        let (hello, _) = read_frame(&mut s).await;
-        assert_eq!(hello.kind, wire::Kind::Hello);
-        let (req, payload) = read_frame(&mut s).await;
-        assert_eq!(req.kind, wire::Kind::AckRequest);
-        let Ok(Message::AckRequest { nonce }) = wire::decode_payload(req.kind, &payload) else {
-            panic!("not an AckRequest: {payload:?}");
-        };
-        if answer_with_ack {
-            // Well-formed and for this very connection, but not made with the shared key.
-            let proof = other.ack_proof(&challenge, hello.node_id, &nonce);
-            s.write_all(&wire::encode_ack(&proof)).await.unwrap();
-            assert!(
-                closed_by_peer(&mut s).await.is_empty(),
-                "nothing after a bad Ack"
-            );
-        } else {
-            drop(s); // what a receiver that rejects the Hello does
+        let (h1, m1) = read_record(&mut s).await;
+        assert_eq!(h1.rtype, wire::RecordType::Handshake);
+        match round {
+            "another key" => {
+                // Well-formed and for this very connection, but made under another key: the
+                // answer to a message 1 of its own.
+                let mut own = Vec::new();
+                Initiator::start(&other, &challenge, &mut own).unwrap();
+                let (oh, om) = wire::split_record(&own).unwrap();
+                let mut m2 = Vec::new();
+                super::noise::respond(&other, &challenge, &oh, om, &mut m2).unwrap();
+                s.write_all(&m2).await.unwrap();
+            }
+            "closes" => {
+                drop(s); // what a receiver without the key does
+                continue;
+            }
+            _ => {
+                let mut m2 = Vec::new();
+                let mut session =
+                    super::noise::respond(&key, &challenge, &h1, &m1, &mut m2).unwrap();
+                s.write_all(&m2).await.unwrap();
+                let (h, m) = read_record(&mut s).await;
+                assert!(matches!(
+                    session.open(&h, &m).unwrap().msg,
+                    Message::Hello { .. }
+                ));
+                drop(s); // what a receiver that rejects the Hello (self-peering) does
+                continue;
+            }
         }
+        assert!(
+            closed_by_peer(&mut s).await.is_empty(),
+            "nothing after a bad handshake"
+        );
     }
     assert_eq!(a.snapshots.load(Relaxed), 0);
     let ra = a.report();
@@ -465,76 +517,157 @@ async fn a_slow_snapshot_does_not_starve_the_connection() {
     b.stop().await;
 }
 
-/// Speak the protocol by hand: a good frame is installed, the same frame replayed in its
-/// connection and replayed into a new connection are both rejected and counted.
+/// Speak the protocol by hand: a good record is installed; the same record replayed in its
+/// connection, a recorded session replayed into a new connection, a handshake under another
+/// key, garbage, records out of order, a tampered record and a version-1 frame are each
+/// rejected and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_and_replayed_frames_over_tcp_are_rejected() {
+async fn forged_and_replayed_records_over_tcp_are_rejected() {
     let b_addr = free_port();
     let b = start(b_addr, vec![], NodeOpts::default()).await;
     let key = SyncKey::from_bytes(KEY.as_bytes()).unwrap();
+    let rejected = |n: u64| {
+        let b = &b;
+        async move {
+            wait_for(&format!("{n} rejected"), || b.report().totals.rejected == n).await;
+        }
+    };
 
-    async fn connect(addr: SocketAddr) -> (TcpStream, wire::Challenge) {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        let mut c = [0u8; CHALLENGE_MSG_LEN];
-        s.read_exact(&mut c).await.unwrap();
-        (s, wire::decode_challenge(&c).unwrap())
-    }
-
+    // A valid session, recorded as it goes.
     let (mut s, challenge) = connect(b_addr).await;
-    let mut sealer = super::auth::Sealer::new(&key, &challenge, 99);
-    let (mut hello, mut flows) = (Vec::new(), Vec::new());
-    sealer
-        .seal(&Message::Hello { listen_port: 1 }, 0, &mut hello)
-        .unwrap();
+    let mut m1 = Vec::new();
+    let init = Initiator::start(&key, &challenge, &mut m1).unwrap();
+    s.write_all(&m1).await.unwrap();
+    let (h2, m2) = read_record(&mut s).await;
+    let mut session = init.finish(&h2, &m2).unwrap();
     let good = flow(1);
-    sealer
-        .seal(
-            &Message::Flows(Cow::Owned(vec![good])),
-            super::status::unix_ns(),
-            &mut flows,
-        )
+    let recorded_hello = sealed(&mut session, &hello(99));
+    let recorded_flows = sealed(&mut session, &Message::Flows(Cow::Owned(vec![good])));
+    s.write_all(&[recorded_hello.as_slice(), &recorded_flows].concat())
+        .await
         .unwrap();
-    s.write_all(&hello).await.unwrap();
-    s.write_all(&flows).await.unwrap();
+    let (h, m) = read_record(&mut s).await;
+    assert_eq!(session.open(&h, &m).unwrap().msg, Message::Ack);
     wait_for("good flow installed", || b.has(&good)).await;
     // Replay in the same connection.
-    s.write_all(&flows).await.unwrap();
+    s.write_all(&recorded_flows).await.unwrap();
     closed_by_peer(&mut s).await;
-    wait_for("replay counted", || b.report().totals.rejected == 1).await;
+    rejected(1).await;
 
-    // Replay of the recorded frames into a new connection (new challenge).
+    // The recorded session replayed into a new connection (new challenge): its message 1 fails.
     let (mut s, _) = connect(b_addr).await;
-    s.write_all(&hello).await.unwrap();
-    s.write_all(&flows).await.unwrap();
-    closed_by_peer(&mut s).await;
-    wait_for("cross-session replay counted", || {
-        b.report().totals.rejected == 2
-    })
-    .await;
+    s.write_all(&[m1.as_slice(), &recorded_hello, &recorded_flows].concat())
+        .await
+        .unwrap();
+    assert!(
+        closed_by_peer(&mut s).await.is_empty(),
+        "no handshake answer"
+    );
+    rejected(2).await;
 
-    // A forged frame: right format, made with another key.
+    // A handshake under another key.
     let (mut s, challenge) = connect(b_addr).await;
     let other = SyncKey::from_bytes(b"some-other-key-0123").unwrap();
     let mut forged = Vec::new();
-    super::auth::Sealer::new(&other, &challenge, 98)
-        .seal(&Message::Hello { listen_port: 1 }, 0, &mut forged)
-        .unwrap();
+    Initiator::start(&other, &challenge, &mut forged).unwrap();
     s.write_all(&forged).await.unwrap();
-    closed_by_peer(&mut s).await;
-    // Garbage that is not a frame at all.
+    assert!(
+        closed_by_peer(&mut s).await.is_empty(),
+        "no handshake answer"
+    );
+    rejected(3).await;
+
+    // Garbage that is not a record at all.
     let (mut s, _) = connect(b_addr).await;
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n0123456789")
         .await
         .unwrap();
     closed_by_peer(&mut s).await;
-    wait_for("forged and garbage counted", || {
-        b.report().totals.rejected == 4
-    })
-    .await;
+    rejected(4).await;
+
+    // Reordered: after the Hello, the third record before the second.
+    let (mut s, challenge) = connect(b_addr).await;
+    let mut session = handshake(&mut s, &key, &challenge).await;
+    let h = sealed(&mut session, &hello(98));
+    let first = sealed(&mut session, &Message::Flows(Cow::Owned(vec![flow(2)])));
+    let second = sealed(&mut session, &Message::Flows(Cow::Owned(vec![flow(3)])));
+    s.write_all(&[h.as_slice(), &second, &first].concat())
+        .await
+        .unwrap();
+    closed_by_peer(&mut s).await;
+    rejected(5).await;
+
+    // A tampered record: one bit of the encrypted flow.
+    let (mut s, challenge) = connect(b_addr).await;
+    let mut session = handshake(&mut s, &key, &challenge).await;
+    let h = sealed(&mut session, &hello(97));
+    let mut tampered = sealed(&mut session, &Message::Flows(Cow::Owned(vec![flow(4)])));
+    tampered[wire::RECORD_HEADER_LEN + wire::FRAME_HEADER_LEN] ^= 1;
+    s.write_all(&[h.as_slice(), &tampered].concat())
+        .await
+        .unwrap();
+    closed_by_peer(&mut s).await;
+    rejected(6).await;
+
     let rb = b.report();
-    assert_eq!(rb.totals.rejected_unknown_source, 4, "no peers configured");
+    assert_eq!(rb.totals.rejected_unknown_source, 6, "no peers configured");
     assert_eq!(b.len(), 1, "only the authentic flow");
     assert_eq!(b.installs.load(Relaxed), 1);
+    b.stop().await;
+}
+
+/// Nodes of sync protocol version 1 and 2 refuse each other with the version named, instead of
+/// misparsing: each side's first bytes are checked against the layout version 1 reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_version_is_refused_not_misparsed() {
+    // A version-1 receiver: its challenge, byte for byte. The sender writes the version notice
+    // (36 bytes, the length a version-1 receiver reads as a frame header) and closes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let old = listener.local_addr().unwrap();
+    let a = start(free_port(), vec![old], NodeOpts::default()).await;
+    a.new_flow(flow(1)).await;
+    let (mut s, _) = tokio::time::timeout(DEADLINE, listener.accept())
+        .await
+        .expect("A connects")
+        .unwrap();
+    s.write_all(&[b"XLBC\x01\0\0\0".as_slice(), &[7; 16]].concat())
+        .await
+        .unwrap();
+    let notice = closed_by_peer(&mut s).await;
+    assert_eq!(notice, wire::version_notice());
+    assert_eq!(
+        &notice[..5],
+        b"XLBS\x02",
+        "magic and version where version 1 reads them"
+    );
+    assert_eq!(a.snapshots.load(Relaxed), 0);
+    assert!(!a.report().peers[0].connected);
+    a.stop().await;
+
+    // A version-1 sender: it reads the 24-byte preamble as its challenge and finds version 2
+    // where it looks for its version. Were it to send its Hello anyway, the receiver rejects it
+    // by its version, counts it and installs nothing.
+    let b_addr = free_port();
+    let b = start(b_addr, vec![], NodeOpts::default()).await;
+    let mut s = TcpStream::connect(b_addr).await.unwrap();
+    let mut p = [0u8; PREAMBLE_LEN];
+    s.read_exact(&mut p).await.unwrap();
+    assert_eq!(&p[..5], b"XLBC\x02");
+    let v1_hello = [
+        b"XLBS\x01\x01\0\0".as_slice(),
+        &[0x11; 24],
+        &2u32.to_be_bytes(),
+        &[0x1e, 0xd2],
+        &[0xab; 32],
+    ]
+    .concat();
+    s.write_all(&v1_hello).await.unwrap();
+    closed_by_peer(&mut s).await;
+    wait_for("the version-1 frame counted", || {
+        b.report().totals.rejected == 1
+    })
+    .await;
+    assert_eq!(b.installs.load(Relaxed), 0);
     b.stop().await;
 }
 
@@ -638,7 +771,7 @@ async fn strangers_cannot_hold_the_inbound_slots() {
     };
     // Whether B admitted the connection (sent the challenge) or closed it at once.
     async fn admitted(s: &mut TcpStream) -> bool {
-        let mut c = [0u8; CHALLENGE_MSG_LEN];
+        let mut c = [0u8; PREAMBLE_LEN];
         tokio::time::timeout(DEADLINE, s.read_exact(&mut c))
             .await
             .expect("challenge or close in time")

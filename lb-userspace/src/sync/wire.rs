@@ -1,22 +1,28 @@
-//! Wire format of peer flow sync. Every multi-byte integer is big-endian (network order); flow
-//! addresses and ports are copied byte for byte from `FlowEvent`, which already holds them in
-//! network order.
+//! Wire format of peer flow sync, version 2: a Noise handshake, then encrypted frames. Every
+//! multi-byte integer is big-endian (network order); flow addresses and ports are copied byte for
+//! byte from `FlowEvent`, which already holds them in network order. The cryptography (what goes
+//! into each Noise message, keys, sequence checks) is in `noise.rs`; this file is the layout.
 //!
-//! A sync connection is one-way for data: the node that connects (the *sender*) streams its flows
-//! to the node that accepted (the *receiver*). The receiver sends only two messages: the
-//! challenge, right after accepting, and one Ack, in answer to the sender's AckRequest.
+//! A sync connection is one-way for data: the node that connects (the *sender*, the Noise
+//! initiator) streams its flows to the node that accepted (the *receiver*, the responder). The
+//! receiver sends only three things: the preamble, right after accepting; the second handshake
+//! message; and one Ack, in answer to the sender's Hello.
 //!
 //! Sequence on a connection:
-//! 1. receiver → sender: Challenge;
-//! 2. sender → receiver: Hello (seq 1) and AckRequest (seq 2), written together; the receiver
-//!    closes the connection unless a valid Hello arrived within 2 s of the accept;
-//! 3. receiver → sender: Ack, which proves that the receiver holds the key (see `auth.rs`). A
-//!    receiver that rejected the Hello (wrong key, self-peering) closes the connection instead;
-//! 4. sender → receiver, only after the Ack verified: Snapshot frames, SnapshotEnd, then Flows
-//!    and Heartbeat frames (a heartbeat at least every heartbeat interval, also while the sender
+//! 1. receiver → sender: Preamble (magic, version and a fresh random challenge);
+//! 2. sender → receiver: handshake record, Noise message 1 (`psk, e`); the receiver closes the
+//!    connection unless the handshake and a valid Hello arrive within 2 s of the accept;
+//! 3. receiver → sender: handshake record, Noise message 2 (`e, ee`). A receiver that could not
+//!    read message 1 (another key, or a message made for another connection) closes instead;
+//! 4. sender → receiver: data record 0, Hello;
+//! 5. receiver → sender: data record 0, Ack. A receiver that rejected the Hello (self-peering)
+//!    closes instead;
+//! 6. sender → receiver, only after the Ack: Snapshot frames, SnapshotEnd, then Flows and
+//!    Heartbeat frames (a heartbeat at least every heartbeat interval, also while the sender
 //!    waits for the Ack or for its agent's snapshot).
 //!
-//! **Challenge** (receiver → sender, [`CHALLENGE_MSG_LEN`] = 24 bytes)
+//! **Preamble** (receiver → sender, [`PREAMBLE_LEN`] = 24 bytes; the layout of version 1's
+//! challenge, so that a node of either version reads the other's version instead of misparsing)
 //!
 //! | offset | size | field |
 //! |-------:|-----:|-------|
@@ -25,39 +31,39 @@
 //! | 5  | 3  | reserved, zero |
 //! | 8  | 16 | challenge: fresh random bytes for this connection |
 //!
-//! **Ack** (receiver → sender, [`ACK_MSG_LEN`] = 40 bytes)
+//! **Record** (both directions after the preamble): a [`RECORD_HEADER_LEN`] = 16-byte header in
+//! clear, then one Noise message of n bytes.
 //!
 //! | offset | size | field |
 //! |-------:|-----:|-------|
-//! | 0  | 4  | magic `XLBA` |
-//! | 4  | 1  | version, [`VERSION`] |
-//! | 5  | 3  | reserved, zero |
-//! | 8  | 32 | proof: HMAC-SHA256 with a key derived from the sync key over challenge ‖ sender's node id ‖ the AckRequest's nonce (see `auth.rs`) |
+//! | 0  | 4 | magic `XLBS` |
+//! | 4  | 1 | version, [`VERSION`] |
+//! | 5  | 1 | type: 1 handshake, 2 data |
+//! | 6  | 2 | n, the Noise message's length: [`HANDSHAKE_MSG_LEN`] for handshake records, [`MIN_DATA_MSG_LEN`]..=65535 for data records |
+//! | 8  | 8 | sequence: 0 in handshake records; in data records the Noise nonce the message was encrypted with, 0 for the first data record in each direction and +1 for each next |
+//! | 16 | n | the Noise message: for data records, the encrypted frame and its 16-byte tag |
 //!
-//! **Frame** (sender → receiver): a fixed [`HEADER_LEN`] = 36-byte header, the payload, and a
-//! 32-byte tag.
+//! The header is not encrypted, but nothing in it can be changed unnoticed: magic, version, type
+//! and length are checked, and the sequence must be the next one expected and is the nonce the
+//! message decrypts with.
+//!
+//! **Frame** (the plaintext of a data record; at most 65535 − 16 bytes):
 //!
 //! | offset | size | field |
 //! |-------:|-----:|-------|
-//! | 0  | 4  | magic `XLBS` |
-//! | 4  | 1  | version, [`VERSION`] |
-//! | 5  | 1  | kind: 1 Hello, 2 Flows, 3 Snapshot, 4 SnapshotEnd, 5 Heartbeat, 6 AckRequest |
-//! | 6  | 2  | flags; none are defined in version 1, so anything but 0 is rejected |
-//! | 8  | 8  | sender's node id (random per agent start; names the sender in logs, detects self-peering) |
-//! | 16 | 8  | sequence: 1 for the first frame of a connection, +1 for each next one |
-//! | 24 | 8  | sent time, unix ns (for Flows: when the sender's agent took the batch's first flow from the kernel) |
-//! | 32 | 4  | payload length n in bytes, at most [`MAX_PAYLOAD`] |
-//! | 36 | n  | payload, by kind (below) |
-//! | 36+n | 32 | HMAC-SHA256 over challenge ‖ bytes 0..36+n (see `auth.rs`) |
+//! | 0  | 1 | kind: 1 Hello, 2 Flows, 3 Snapshot, 4 SnapshotEnd, 5 Heartbeat, 6 Ack |
+//! | 1  | 3 | reserved, zero |
+//! | 4  | 8 | sent time, unix ns (for Flows: when the sender's agent took the batch's first flow from the kernel) |
+//! | 12 | … | payload, by kind (below); its length is the frame's length − 12 |
 //!
 //! Payloads:
-//! - Hello (always the first frame): 2 bytes, the sender's sync listen port (lets the receiver
-//!   tell apart two peers on one address).
-//! - Flows, Snapshot: n / [`RECORD_LEN`] flow records, at most [`MAX_FLOWS_PER_FRAME`].
+//! - Hello (always the sender's first frame): 10 bytes, the sender's node id (random per agent
+//!   start; names the sender in logs, detects self-peering) and its sync listen port (lets the
+//!   receiver tell apart two peers on one address).
+//! - Flows, Snapshot: flow records, at most [`MAX_FLOWS_PER_FRAME`].
 //! - SnapshotEnd: 8 bytes, the number of flows the snapshot carried.
 //! - Heartbeat: empty.
-//! - AckRequest (only as the second frame, right after Hello): 16 bytes, a fresh random nonce the
-//!   receiver's Ack must cover, so an Ack recorded from another connection is worthless.
+//! - Ack (the receiver's only frame): empty.
 //!
 //! Flow record ([`RECORD_LEN`] = 20 bytes):
 //!
@@ -71,40 +77,50 @@
 //! | 13 | 3 | reserved, zero |
 //! | 16 | 4 | backend address: backends are named by address, never by a node-local slot |
 //!
-//! Decoding is total: every malformed input is an `Err`, and the payload length is checked
-//! against the kind's limit from the header alone, before anything is allocated for it.
+//! **Versions.** Every version begins the receiver's preamble and everything a sender writes
+//! with the magic and the version byte at the same offsets. A sender that reads a preamble of
+//! another version writes [`version_notice`] (36 bytes: the length of a version-1 frame header,
+//! so a version-1 receiver reads it whole and reports the version) and closes; a version-1
+//! sender stops at a version-2 preamble with "unsupported version 2". Neither side misparses
+//! the other.
+//!
+//! Decoding is total: every malformed input is an `Err`, and a record's length is checked
+//! against its type's limits from the header alone, before anything is read for it.
 
 use lb_common::{FlowEvent, FlowKey};
 use std::borrow::Cow;
 
 pub const MAGIC: [u8; 4] = *b"XLBS";
-pub const CHALLENGE_MAGIC: [u8; 4] = *b"XLBC";
-pub const VERSION: u8 = 1;
-pub const HEADER_LEN: usize = 36;
-pub const TAG_LEN: usize = 32;
+pub const PREAMBLE_MAGIC: [u8; 4] = *b"XLBC";
+/// 1: HMAC-authenticated frames in clear; 2: Noise handshake and encrypted frames.
+pub const VERSION: u8 = 2;
 pub const CHALLENGE_LEN: usize = 16;
-pub const CHALLENGE_MSG_LEN: usize = 8 + CHALLENGE_LEN;
-pub const ACK_MAGIC: [u8; 4] = *b"XLBA";
-/// Length of the AckRequest's nonce.
-pub const NONCE_LEN: usize = 16;
-/// Length of the proof in an Ack (an HMAC-SHA256 output).
-pub const PROOF_LEN: usize = 32;
-pub const ACK_MSG_LEN: usize = 8 + PROOF_LEN;
+pub const PREAMBLE_LEN: usize = 8 + CHALLENGE_LEN;
+pub const RECORD_HEADER_LEN: usize = 16;
+/// Noise's limit on one message, tag included.
+pub const NOISE_MAX_MSG_LEN: usize = 65_535;
+/// The AEAD tag at the end of every encrypted Noise payload.
+pub const NOISE_TAG_LEN: usize = 16;
+/// Both NNpsk0 handshake messages: an ephemeral X25519 key and the tag of an empty payload.
+pub const HANDSHAKE_MSG_LEN: usize = 32 + NOISE_TAG_LEN;
+pub const FRAME_HEADER_LEN: usize = 12;
+/// The largest frame (plaintext of one data record).
+pub const MAX_FRAME_LEN: usize = NOISE_MAX_MSG_LEN - NOISE_TAG_LEN;
+/// The smallest data record's Noise message: an empty payload's frame and the tag.
+pub const MIN_DATA_MSG_LEN: usize = FRAME_HEADER_LEN + NOISE_TAG_LEN;
 pub const RECORD_LEN: usize = 20;
-/// Flows per Flows/Snapshot frame: big enough that a snapshot of a million flows is ~250 frames,
-/// small enough that one frame is installed in well under a millisecond.
-pub const MAX_FLOWS_PER_FRAME: usize = 4096;
+/// Flows per Flows/Snapshot frame: as many as one Noise message holds (a snapshot of a million
+/// flows is ~306 frames; one frame is installed in well under a millisecond).
+pub const MAX_FLOWS_PER_FRAME: usize = (MAX_FRAME_LEN - FRAME_HEADER_LEN) / RECORD_LEN;
 pub const MAX_PAYLOAD: usize = MAX_FLOWS_PER_FRAME * RECORD_LEN;
-/// The largest frame on the wire (80 KiB + 68 bytes); comfortably under the 256 KiB cap.
-pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_PAYLOAD + TAG_LEN;
-const _: () = assert!(MAX_FRAME_LEN <= 256 * 1024);
+/// The largest record on the wire (64 KiB + 16 bytes).
+pub const MAX_RECORD_LEN: usize = RECORD_HEADER_LEN + NOISE_MAX_MSG_LEN;
+const HELLO_LEN: usize = 10;
+/// See [`version_notice`].
+pub const VERSION_NOTICE_LEN: usize = 36;
 
-/// A random value the receiver picks for each connection; every frame's tag covers it.
+/// A random value the receiver picks for each connection; the handshake is bound to it.
 pub type Challenge = [u8; CHALLENGE_LEN];
-/// A random value the sender picks for each connection; the receiver's Ack covers it.
-pub type Nonce = [u8; NONCE_LEN];
-/// The receiver's proof of key possession in an Ack.
-pub type Proof = [u8; PROOF_LEN];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
@@ -112,21 +128,51 @@ pub enum WireError {
     Truncated { need: usize, have: usize },
     #[error("bad magic {0:02x?}")]
     BadMagic([u8; 4]),
-    #[error("unsupported version {0} (this node speaks {VERSION})")]
+    #[error(
+        "unsupported sync protocol version {0} (this node speaks {VERSION}): run the same xlb version on every peer"
+    )]
     BadVersion(u8),
+    #[error("unknown record type {0}")]
+    UnknownRecordType(u8),
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
-    #[error("unknown flags {0:#06x}")]
-    BadFlags(u16),
+    #[error("a {rtype} record of {len} bytes is not valid")]
+    BadRecordLength { rtype: RecordType, len: usize },
+    #[error("a handshake record with sequence {0}, not 0")]
+    HandshakeSequence(u64),
     #[error("payload of {len} bytes is not valid for a {kind} frame")]
-    BadPayloadLength { kind: Kind, len: u32 },
+    BadPayloadLength { kind: Kind, len: usize },
     #[error("reserved bytes are not zero")]
     Reserved,
-    #[error("{0} bytes after the end of the frame")]
+    #[error("{0} bytes after the end")]
     Trailing(usize),
 }
 
-/// Frame kinds (byte 5 of the header).
+/// Record types (byte 5 of a record header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordType {
+    Handshake = 1,
+    Data = 2,
+}
+
+impl std::fmt::Display for RecordType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RecordType::Handshake => "handshake",
+            RecordType::Data => "data",
+        })
+    }
+}
+
+/// A decoded record header: the Noise message of `len` bytes follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub rtype: RecordType,
+    pub len: usize,
+    pub seq: u64,
+}
+
+/// Frame kinds (byte 0 of a frame).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Hello = 1,
@@ -134,7 +180,7 @@ pub enum Kind {
     Snapshot = 3,
     SnapshotEnd = 4,
     Heartbeat = 5,
-    AckRequest = 6,
+    Ack = 6,
 }
 
 impl Kind {
@@ -144,7 +190,7 @@ impl Kind {
         Kind::Snapshot,
         Kind::SnapshotEnd,
         Kind::Heartbeat,
-        Kind::AckRequest,
+        Kind::Ack,
     ];
 
     fn from_u8(v: u8) -> Result<Self, WireError> {
@@ -155,14 +201,12 @@ impl Kind {
     }
 
     /// Whether `len` is a valid payload length for this kind.
-    fn payload_len_ok(self, len: u32) -> bool {
-        let len = len as usize;
+    fn payload_len_ok(self, len: usize) -> bool {
         match self {
-            Kind::Hello => len == 2,
+            Kind::Hello => len == HELLO_LEN,
             Kind::Flows | Kind::Snapshot => len <= MAX_PAYLOAD && len.is_multiple_of(RECORD_LEN),
             Kind::SnapshotEnd => len == 8,
-            Kind::Heartbeat => len == 0,
-            Kind::AckRequest => len == NONCE_LEN,
+            Kind::Heartbeat | Kind::Ack => len == 0,
         }
     }
 }
@@ -173,26 +217,16 @@ impl std::fmt::Display for Kind {
     }
 }
 
-/// A decoded frame header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Header {
-    pub kind: Kind,
-    pub node_id: u64,
-    pub seq: u64,
-    pub sent_ns: u64,
-    pub payload_len: u32,
-}
-
 /// A frame's content. Flows are borrowed when encoding (no copy of a batch shared by several peer
 /// senders) and owned after decoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message<'a> {
-    Hello { listen_port: u16 },
+    Hello { node_id: u64, listen_port: u16 },
     Flows(Cow<'a, [FlowEvent]>),
     Snapshot(Cow<'a, [FlowEvent]>),
     SnapshotEnd { total: u64 },
     Heartbeat,
-    AckRequest { nonce: Nonce },
+    Ack,
 }
 
 impl Message<'_> {
@@ -203,19 +237,27 @@ impl Message<'_> {
             Message::Snapshot(_) => Kind::Snapshot,
             Message::SnapshotEnd { .. } => Kind::SnapshotEnd,
             Message::Heartbeat => Kind::Heartbeat,
-            Message::AckRequest { .. } => Kind::AckRequest,
+            Message::Ack => Kind::Ack,
         }
     }
 
-    fn payload_len(&self) -> usize {
-        match self {
-            Message::Hello { .. } => 2,
-            Message::Flows(f) | Message::Snapshot(f) => f.len() * RECORD_LEN,
-            Message::SnapshotEnd { .. } => 8,
-            Message::Heartbeat => 0,
-            Message::AckRequest { .. } => NONCE_LEN,
-        }
+    /// The length of this message's frame (header and payload).
+    pub fn frame_len(&self) -> usize {
+        FRAME_HEADER_LEN
+            + match self {
+                Message::Hello { .. } => HELLO_LEN,
+                Message::Flows(f) | Message::Snapshot(f) => f.len() * RECORD_LEN,
+                Message::SnapshotEnd { .. } => 8,
+                Message::Heartbeat | Message::Ack => 0,
+            }
     }
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub sent_ns: u64,
+    pub msg: Message<'static>,
 }
 
 fn need(buf: &[u8], n: usize) -> Result<(), WireError> {
@@ -229,16 +271,18 @@ fn need(buf: &[u8], n: usize) -> Result<(), WireError> {
     }
 }
 
+fn exactly(buf: &[u8], n: usize) -> Result<(), WireError> {
+    need(buf, n)?;
+    if buf.len() > n {
+        return Err(WireError::Trailing(buf.len() - n));
+    }
+    Ok(())
+}
+
 fn be_u64(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_be_bytes(a)
-}
-
-fn be_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
 }
 
 fn raw4(b: &[u8], at: usize) -> [u8; 4] {
@@ -247,21 +291,33 @@ fn raw4(b: &[u8], at: usize) -> [u8; 4] {
     a
 }
 
-/// Append header and payload of `msg` to `out` (no tag: `auth::Sealer` adds it). `msg` must hold
-/// at most [`MAX_FLOWS_PER_FRAME`] flows; callers split larger batches (the sealer checks).
-pub fn encode_body(node_id: u64, seq: u64, sent_ns: u64, msg: &Message<'_>, out: &mut Vec<u8>) {
-    let len = msg.payload_len();
-    out.reserve(HEADER_LEN + len + TAG_LEN);
-    out.extend_from_slice(&MAGIC);
-    out.push(VERSION);
+/// Checks magic and version, the first 5 bytes of everything either side writes.
+fn check_magic(buf: &[u8], magic: [u8; 4]) -> Result<(), WireError> {
+    let got = raw4(buf, 0);
+    if got != magic {
+        return Err(WireError::BadMagic(got));
+    }
+    if buf[4] != VERSION {
+        return Err(WireError::BadVersion(buf[4]));
+    }
+    Ok(())
+}
+
+/// Append `msg`'s frame to `out`. `msg` must hold at most [`MAX_FLOWS_PER_FRAME`] flows; callers
+/// split larger batches (`noise::Session::seal` checks).
+pub fn encode_frame(sent_ns: u64, msg: &Message<'_>, out: &mut Vec<u8>) {
+    out.reserve(msg.frame_len());
     out.push(msg.kind() as u8);
-    out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&node_id.to_be_bytes());
-    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&[0; 3]);
     out.extend_from_slice(&sent_ns.to_be_bytes());
-    out.extend_from_slice(&(len as u32).to_be_bytes());
     match msg {
-        Message::Hello { listen_port } => out.extend_from_slice(&listen_port.to_be_bytes()),
+        Message::Hello {
+            node_id,
+            listen_port,
+        } => {
+            out.extend_from_slice(&node_id.to_be_bytes());
+            out.extend_from_slice(&listen_port.to_be_bytes());
+        }
         Message::Flows(flows) | Message::Snapshot(flows) => {
             for f in flows.iter() {
                 // Already network order in memory: native-endian bytes are the wire bytes.
@@ -275,53 +331,29 @@ pub fn encode_body(node_id: u64, seq: u64, sent_ns: u64, msg: &Message<'_>, out:
             }
         }
         Message::SnapshotEnd { total } => out.extend_from_slice(&total.to_be_bytes()),
-        Message::Heartbeat => {}
-        Message::AckRequest { nonce } => out.extend_from_slice(nonce),
+        Message::Heartbeat | Message::Ack => {}
     }
 }
 
-/// Decode and validate the first [`HEADER_LEN`] bytes of `buf`, including the payload length
-/// against the kind's limit, so a reader knows how much more to read before allocating it.
-pub fn decode_header(buf: &[u8]) -> Result<Header, WireError> {
-    need(buf, HEADER_LEN)?;
-    let magic = raw4(buf, 0);
-    if magic != MAGIC {
-        return Err(WireError::BadMagic(magic));
+/// Decode one whole frame (a data record's plaintext).
+pub fn decode_frame(buf: &[u8]) -> Result<Frame, WireError> {
+    need(buf, FRAME_HEADER_LEN)?;
+    let kind = Kind::from_u8(buf[0])?;
+    if buf[1..4] != [0; 3] {
+        return Err(WireError::Reserved);
     }
-    if buf[4] != VERSION {
-        return Err(WireError::BadVersion(buf[4]));
-    }
-    let kind = Kind::from_u8(buf[5])?;
-    let flags = u16::from_be_bytes([buf[6], buf[7]]);
-    if flags != 0 {
-        return Err(WireError::BadFlags(flags));
-    }
-    let payload_len = be_u32(buf, 32);
-    if !kind.payload_len_ok(payload_len) {
+    let sent_ns = be_u64(buf, 4);
+    let payload = &buf[FRAME_HEADER_LEN..];
+    if !kind.payload_len_ok(payload.len()) {
         return Err(WireError::BadPayloadLength {
             kind,
-            len: payload_len,
+            len: payload.len(),
         });
     }
-    Ok(Header {
-        kind,
-        node_id: be_u64(buf, 8),
-        seq: be_u64(buf, 16),
-        sent_ns: be_u64(buf, 24),
-        payload_len,
-    })
-}
-
-/// Decode a payload of `kind` (its length already checked by `decode_header`, checked again here
-/// so this function is total on its own).
-pub fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message<'static>, WireError> {
-    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-    if !kind.payload_len_ok(len) {
-        return Err(WireError::BadPayloadLength { kind, len });
-    }
-    Ok(match kind {
+    let msg = match kind {
         Kind::Hello => Message::Hello {
-            listen_port: u16::from_be_bytes([payload[0], payload[1]]),
+            node_id: be_u64(payload, 0),
+            listen_port: u16::from_be_bytes([payload[8], payload[9]]),
         },
         Kind::Flows => Message::Flows(Cow::Owned(decode_records(payload)?)),
         Kind::Snapshot => Message::Snapshot(Cow::Owned(decode_records(payload)?)),
@@ -329,12 +361,9 @@ pub fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message<'static>, Wi
             total: be_u64(payload, 0),
         },
         Kind::Heartbeat => Message::Heartbeat,
-        Kind::AckRequest => {
-            let mut nonce = [0u8; NONCE_LEN];
-            nonce.copy_from_slice(payload);
-            Message::AckRequest { nonce }
-        }
-    })
+        Kind::Ack => Message::Ack,
+    };
+    Ok(Frame { sent_ns, msg })
 }
 
 fn decode_records(payload: &[u8]) -> Result<Vec<FlowEvent>, WireError> {
@@ -359,55 +388,61 @@ fn decode_records(payload: &[u8]) -> Result<Vec<FlowEvent>, WireError> {
     Ok(flows)
 }
 
-/// One complete frame, split into its parts (nothing checked but the format).
-#[cfg(test)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct FrameParts<'a> {
-    pub(crate) header: Header,
-    pub(crate) header_bytes: &'a [u8],
-    pub(crate) payload: &'a [u8],
-    pub(crate) tag: &'a [u8],
+/// Append a record header for a Noise message of `len` bytes.
+pub fn encode_record_header(rtype: RecordType, len: usize, seq: u64, out: &mut Vec<u8>) {
+    debug_assert!(len <= NOISE_MAX_MSG_LEN);
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(rtype as u8);
+    out.extend_from_slice(&(len as u16).to_be_bytes());
+    out.extend_from_slice(&seq.to_be_bytes());
 }
 
-/// Split one complete frame (exactly one, nothing after it): the tests' way in; the connection
-/// reader reads the parts separately.
-#[cfg(test)]
-pub(crate) fn split_frame(buf: &[u8]) -> Result<FrameParts<'_>, WireError> {
-    let header = decode_header(buf)?;
-    let end = HEADER_LEN + header.payload_len as usize + TAG_LEN;
-    need(buf, end)?;
-    if buf.len() > end {
-        return Err(WireError::Trailing(buf.len() - end));
+/// Decode and validate the first [`RECORD_HEADER_LEN`] bytes of `buf`, including the length
+/// against the type's limits, so a reader knows how much more to read.
+pub fn decode_record_header(buf: &[u8]) -> Result<RecordHeader, WireError> {
+    need(buf, RECORD_HEADER_LEN)?;
+    check_magic(buf, MAGIC)?;
+    let rtype = match buf[5] {
+        1 => RecordType::Handshake,
+        2 => RecordType::Data,
+        other => return Err(WireError::UnknownRecordType(other)),
+    };
+    let len = usize::from(u16::from_be_bytes([buf[6], buf[7]]));
+    let seq = be_u64(buf, 8);
+    let len_ok = match rtype {
+        RecordType::Handshake => len == HANDSHAKE_MSG_LEN,
+        RecordType::Data => len >= MIN_DATA_MSG_LEN,
+    };
+    if !len_ok {
+        return Err(WireError::BadRecordLength { rtype, len });
     }
-    let payload_end = end - TAG_LEN;
-    Ok(FrameParts {
-        header,
-        header_bytes: &buf[..HEADER_LEN],
-        payload: &buf[HEADER_LEN..payload_end],
-        tag: &buf[payload_end..end],
-    })
+    if rtype == RecordType::Handshake && seq != 0 {
+        return Err(WireError::HandshakeSequence(seq));
+    }
+    Ok(RecordHeader { rtype, len, seq })
 }
 
-pub fn encode_challenge(challenge: &Challenge) -> [u8; CHALLENGE_MSG_LEN] {
-    let mut out = [0u8; CHALLENGE_MSG_LEN];
-    out[..4].copy_from_slice(&CHALLENGE_MAGIC);
+/// One complete record, split into its header and Noise message (nothing checked but the
+/// format).
+pub fn split_record(buf: &[u8]) -> Result<(RecordHeader, &[u8]), WireError> {
+    let header = decode_record_header(buf)?;
+    exactly(buf, RECORD_HEADER_LEN + header.len)?;
+    Ok((header, &buf[RECORD_HEADER_LEN..]))
+}
+
+pub fn encode_preamble(challenge: &Challenge) -> [u8; PREAMBLE_LEN] {
+    let mut out = [0u8; PREAMBLE_LEN];
+    out[..4].copy_from_slice(&PREAMBLE_MAGIC);
     out[4] = VERSION;
     out[8..].copy_from_slice(challenge);
     out
 }
 
-pub fn decode_challenge(buf: &[u8]) -> Result<Challenge, WireError> {
-    need(buf, CHALLENGE_MSG_LEN)?;
-    if buf.len() > CHALLENGE_MSG_LEN {
-        return Err(WireError::Trailing(buf.len() - CHALLENGE_MSG_LEN));
-    }
-    let magic = raw4(buf, 0);
-    if magic != CHALLENGE_MAGIC {
-        return Err(WireError::BadMagic(magic));
-    }
-    if buf[4] != VERSION {
-        return Err(WireError::BadVersion(buf[4]));
-    }
+/// The challenge of a preamble; [`WireError::BadVersion`] for a peer of another version.
+pub fn decode_preamble(buf: &[u8]) -> Result<Challenge, WireError> {
+    exactly(buf, PREAMBLE_LEN)?;
+    check_magic(buf, PREAMBLE_MAGIC)?;
     if buf[5..8] != [0; 3] {
         return Err(WireError::Reserved);
     }
@@ -416,33 +451,15 @@ pub fn decode_challenge(buf: &[u8]) -> Result<Challenge, WireError> {
     Ok(challenge)
 }
 
-pub fn encode_ack(proof: &Proof) -> [u8; ACK_MSG_LEN] {
-    let mut out = [0u8; ACK_MSG_LEN];
-    out[..4].copy_from_slice(&ACK_MAGIC);
+/// What a sender writes to a receiver of another version before it closes: the record magic and
+/// this version, zero-padded to the length of a version-1 frame header, which a version-1
+/// receiver reads whole and rejects with "unsupported version 2". (A version-2 receiver rejects
+/// it as an unknown record type; it never gets one, since it sent a version-2 preamble.)
+pub fn version_notice() -> [u8; VERSION_NOTICE_LEN] {
+    let mut out = [0u8; VERSION_NOTICE_LEN];
+    out[..4].copy_from_slice(&MAGIC);
     out[4] = VERSION;
-    out[8..].copy_from_slice(proof);
     out
-}
-
-/// The proof of an Ack (only its format is checked here; `SyncKey::verify_ack` checks the proof).
-pub fn decode_ack(buf: &[u8]) -> Result<Proof, WireError> {
-    need(buf, ACK_MSG_LEN)?;
-    if buf.len() > ACK_MSG_LEN {
-        return Err(WireError::Trailing(buf.len() - ACK_MSG_LEN));
-    }
-    let magic = raw4(buf, 0);
-    if magic != ACK_MAGIC {
-        return Err(WireError::BadMagic(magic));
-    }
-    if buf[4] != VERSION {
-        return Err(WireError::BadVersion(buf[4]));
-    }
-    if buf[5..8] != [0; 3] {
-        return Err(WireError::Reserved);
-    }
-    let mut proof = [0u8; PROOF_LEN];
-    proof.copy_from_slice(&buf[8..]);
-    Ok(proof)
 }
 
 #[cfg(test)]
@@ -475,33 +492,28 @@ pub(crate) mod tests {
         }
     }
 
-    fn samples() -> Vec<Message<'static>> {
+    pub(crate) fn samples() -> Vec<Message<'static>> {
         let flows: Vec<FlowEvent> = (0..37).map(flow).collect();
         let full: Vec<FlowEvent> = (0..MAX_FLOWS_PER_FRAME as u32).map(flow).collect();
         vec![
-            Message::Hello { listen_port: 7946 },
+            Message::Hello {
+                node_id: 0x1122_3344_5566_7788,
+                listen_port: 7946,
+            },
             Message::Flows(Cow::Owned(flows.clone())),
             Message::Flows(Cow::Owned(full)),
             Message::Flows(Cow::Owned(Vec::new())),
             Message::Snapshot(Cow::Owned(flows)),
             Message::SnapshotEnd { total: 123_456 },
             Message::Heartbeat,
-            Message::AckRequest {
-                nonce: [0x5a; NONCE_LEN],
-            },
+            Message::Ack,
         ]
     }
 
     fn frame(msg: &Message<'_>) -> Vec<u8> {
         let mut out = Vec::new();
-        encode_body(
-            0x1122_3344_5566_7788,
-            42,
-            1_700_000_000_123_456_789,
-            msg,
-            &mut out,
-        );
-        out.extend_from_slice(&[0xab; TAG_LEN]);
+        encode_frame(1_700_000_000_123_456_789, msg, &mut out);
+        assert_eq!(out.len(), msg.frame_len());
         out
     }
 
@@ -510,20 +522,10 @@ pub(crate) mod tests {
         let mut seen = Vec::new();
         for msg in samples() {
             let buf = frame(&msg);
-            let FrameParts {
-                header: h,
-                header_bytes: hb,
-                payload,
-                tag,
-            } = split_frame(&buf).unwrap();
-            assert_eq!(h.kind, msg.kind());
-            assert_eq!(h.node_id, 0x1122_3344_5566_7788);
-            assert_eq!(h.seq, 42);
-            assert_eq!(h.sent_ns, 1_700_000_000_123_456_789);
-            assert_eq!(hb.len(), HEADER_LEN);
-            assert_eq!(tag, &[0xab; TAG_LEN]);
-            assert_eq!(decode_payload(h.kind, payload).unwrap(), msg);
-            seen.push(h.kind);
+            let f = decode_frame(&buf).unwrap();
+            assert_eq!(f.sent_ns, 1_700_000_000_123_456_789);
+            assert_eq!(f.msg, msg);
+            seen.push(msg.kind());
         }
         for k in Kind::ALL {
             assert!(seen.contains(&k), "{k} not covered");
@@ -531,152 +533,207 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_largest_frame_fits_one_noise_message() {
+        let full = samples().swap_remove(2);
+        assert_eq!(full.frame_len(), FRAME_HEADER_LEN + MAX_PAYLOAD);
+        assert!(full.frame_len() + NOISE_TAG_LEN <= NOISE_MAX_MSG_LEN);
+        // One more record would not.
+        assert!(full.frame_len() + RECORD_LEN + NOISE_TAG_LEN > NOISE_MAX_MSG_LEN);
+    }
+
+    #[test]
     fn record_layout_is_network_order() {
         let f = flow(0x0001_0203);
         let buf = frame(&Message::Flows(Cow::Owned(vec![f])));
-        let r = &buf[HEADER_LEN..HEADER_LEN + RECORD_LEN];
+        let r = &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + RECORD_LEN];
         assert_eq!(&r[0..4], &[10, 111, 0, 3]);
         assert_eq!(&r[4..8], &[10, 111, 100, 1]);
         assert_eq!(&r[8..10], &[0x02, 0x03]);
         assert_eq!(&r[10..12], &[0, 80]);
         assert_eq!(r[12], 6);
         assert_eq!(&r[16..20], &[10, 111, 1, 11 + (0x0001_0203 % 3) as u8]);
-        assert_eq!(&buf[32..36], &(RECORD_LEN as u32).to_be_bytes());
+        let mut h = Vec::new();
+        encode_record_header(RecordType::Data, 300, 0x0102_0304_0506_0708, &mut h);
+        assert_eq!(h, b"XLBS\x02\x02\x01\x2c\x01\x02\x03\x04\x05\x06\x07\x08");
     }
 
+    /// A frame's length is the record's (which the tag covers), so a cut frame is only ever a
+    /// shorter frame of whole flow records or an error, never a misread; preambles and records
+    /// cut anywhere are errors.
     #[test]
     fn truncated_at_every_offset_is_rejected() {
         for msg in samples() {
             let buf = frame(&msg);
-            // The full 4096-flow frame is 80 KiB; every offset of it is still quick.
             for cut in 0..buf.len() {
-                assert!(
-                    split_frame(&buf[..cut]).is_err(),
-                    "{} cut at {cut}",
-                    msg.kind()
-                );
+                let Ok(f) = decode_frame(&buf[..cut]) else {
+                    continue;
+                };
+                let (Message::Flows(got) | Message::Snapshot(got)) = &f.msg else {
+                    panic!("{} cut at {cut} decoded as {:?}", msg.kind(), f.msg);
+                };
+                let (Message::Flows(all) | Message::Snapshot(all)) = &msg else {
+                    unreachable!("only flow frames decode when cut");
+                };
+                assert_eq!(f.msg.kind(), msg.kind());
+                assert_eq!(&all[..got.len()], &got[..]);
+                assert_eq!(cut, FRAME_HEADER_LEN + got.len() * RECORD_LEN);
             }
-            let mut longer = buf.clone();
-            longer.push(0);
-            assert_eq!(split_frame(&longer), Err(WireError::Trailing(1)));
         }
-        let c = encode_challenge(&[7; CHALLENGE_LEN]);
-        assert_eq!(decode_challenge(&c), Ok([7; CHALLENGE_LEN]));
-        for cut in 0..c.len() {
-            assert!(decode_challenge(&c[..cut]).is_err());
+        let p = encode_preamble(&[7; CHALLENGE_LEN]);
+        assert_eq!(decode_preamble(&p), Ok([7; CHALLENGE_LEN]));
+        for cut in 0..p.len() {
+            assert!(decode_preamble(&p[..cut]).is_err());
         }
-    }
-
-    #[test]
-    fn ack_layout_and_checks() {
-        let proof: Proof = std::array::from_fn(|i| i as u8);
-        let a = encode_ack(&proof);
-        assert_eq!(&a[..8], b"XLBA\x01\0\0\0");
-        assert_eq!(decode_ack(&a), Ok(proof));
-        for cut in 0..a.len() {
-            assert!(decode_ack(&a[..cut]).is_err());
+        let mut record = Vec::new();
+        encode_record_header(RecordType::Handshake, HANDSHAKE_MSG_LEN, 0, &mut record);
+        record.extend_from_slice(&[0x5a; HANDSHAKE_MSG_LEN]);
+        assert!(split_record(&record).is_ok());
+        for cut in 0..record.len() {
+            assert!(split_record(&record[..cut]).is_err(), "cut at {cut}");
         }
-        let mut longer = a.to_vec();
-        longer.push(0);
-        assert_eq!(decode_ack(&longer), Err(WireError::Trailing(1)));
-        let mut b = a;
-        b[3] = b'C';
-        assert!(matches!(decode_ack(&b), Err(WireError::BadMagic(_))));
-        let mut b = a;
-        b[4] = 2;
-        assert_eq!(decode_ack(&b), Err(WireError::BadVersion(2)));
-        let mut b = a;
-        b[6] = 1;
-        assert_eq!(decode_ack(&b), Err(WireError::Reserved));
-        // A challenge is not an Ack and an Ack is not a challenge.
-        assert!(decode_ack(&encode_challenge(&[0; CHALLENGE_LEN])).is_err());
-        assert!(decode_challenge(&a).is_err());
-        // AckRequest carries exactly one nonce.
-        assert!(decode_payload(Kind::AckRequest, &[0; NONCE_LEN - 1]).is_err());
-        assert!(decode_payload(Kind::AckRequest, &[0; NONCE_LEN + 1]).is_err());
+        record.push(0);
+        assert_eq!(split_record(&record), Err(WireError::Trailing(1)));
     }
 
     #[test]
     fn header_fields_are_checked() {
-        let good = frame(&Message::Heartbeat);
+        let mut good = Vec::new();
+        encode_record_header(RecordType::Data, MIN_DATA_MSG_LEN, 5, &mut good);
+        assert_eq!(
+            decode_record_header(&good),
+            Ok(RecordHeader {
+                rtype: RecordType::Data,
+                len: MIN_DATA_MSG_LEN,
+                seq: 5
+            })
+        );
         let mut b = good.clone();
         b[0] = b'Y';
-        assert!(matches!(split_frame(&b), Err(WireError::BadMagic(_))));
+        assert!(matches!(
+            decode_record_header(&b),
+            Err(WireError::BadMagic(_))
+        ));
         let mut b = good.clone();
-        b[4] = 2;
-        assert_eq!(split_frame(&b), Err(WireError::BadVersion(2)));
-        for kind in [0u8, 7, 255] {
+        b[4] = 1;
+        assert_eq!(decode_record_header(&b), Err(WireError::BadVersion(1)));
+        for t in [0u8, 3, 255] {
             let mut b = good.clone();
-            b[5] = kind;
-            assert_eq!(split_frame(&b), Err(WireError::UnknownKind(kind)));
+            b[5] = t;
+            assert_eq!(
+                decode_record_header(&b),
+                Err(WireError::UnknownRecordType(t))
+            );
         }
+        // Too short for a data record.
         let mut b = good.clone();
-        b[7] = 1;
-        assert_eq!(split_frame(&b), Err(WireError::BadFlags(1)));
-        // Reserved bytes of a record.
-        let mut b = frame(&Message::Flows(Cow::Owned(vec![flow(1)])));
-        b[HEADER_LEN + 14] = 1;
-        let parts = split_frame(&b).unwrap();
+        b[6..8].copy_from_slice(&(MIN_DATA_MSG_LEN as u16 - 1).to_be_bytes());
+        assert!(matches!(
+            decode_record_header(&b),
+            Err(WireError::BadRecordLength { .. })
+        ));
+        // Handshake records: exactly one length, sequence 0.
+        let mut h = Vec::new();
+        encode_record_header(RecordType::Handshake, HANDSHAKE_MSG_LEN + 1, 0, &mut h);
+        assert!(decode_record_header(&h).is_err());
+        let mut h = Vec::new();
+        encode_record_header(RecordType::Handshake, HANDSHAKE_MSG_LEN, 1, &mut h);
         assert_eq!(
-            decode_payload(parts.header.kind, parts.payload),
-            Err(WireError::Reserved)
+            decode_record_header(&h),
+            Err(WireError::HandshakeSequence(1))
         );
+        // Frames: kind, reserved bytes, payload lengths.
+        for kind in [0u8, 7, 255] {
+            let mut f = frame(&Message::Heartbeat);
+            f[0] = kind;
+            assert_eq!(decode_frame(&f), Err(WireError::UnknownKind(kind)));
+        }
+        let mut f = frame(&Message::Heartbeat);
+        f[2] = 1;
+        assert_eq!(decode_frame(&f), Err(WireError::Reserved));
+        let mut f = frame(&Message::Flows(Cow::Owned(vec![flow(1)])));
+        f[FRAME_HEADER_LEN + 14] = 1;
+        assert_eq!(decode_frame(&f), Err(WireError::Reserved));
+        let mut f = frame(&Message::Heartbeat);
+        f.push(0);
+        assert!(matches!(
+            decode_frame(&f),
+            Err(WireError::BadPayloadLength { .. })
+        ));
+        let mut f = frame(&Message::Flows(Cow::Owned(vec![flow(1)])));
+        f.pop();
+        assert!(decode_frame(&f).is_err());
+        let mut f = frame(&Message::Flows(Cow::Owned(Vec::new())));
+        f.resize(FRAME_HEADER_LEN + MAX_PAYLOAD + RECORD_LEN, 0);
+        assert!(decode_frame(&f).is_err());
+    }
+
+    /// Version 1's challenge and frame header, byte for byte as version 1 wrote them.
+    fn version1_challenge() -> Vec<u8> {
+        [b"XLBC\x01\0\0\0".as_slice(), &[9; 16]].concat()
     }
 
     #[test]
-    fn oversized_length_is_rejected_from_the_header_alone() {
-        let mut b = frame(&Message::Flows(Cow::Owned(Vec::new())));
-        for len in [
-            MAX_PAYLOAD as u32 + RECORD_LEN as u32,
-            u32::MAX - 19,
-            u32::MAX,
-            7, // not a whole number of records
-        ] {
-            b[32..36].copy_from_slice(&len.to_be_bytes());
-            assert!(matches!(
-                decode_header(&b),
-                Err(WireError::BadPayloadLength { .. })
-            ));
-        }
-        // Fixed-size kinds with a wrong length.
-        let mut b = frame(&Message::Heartbeat);
-        b[32..36].copy_from_slice(&1u32.to_be_bytes());
-        assert!(decode_header(&b).is_err());
-        assert!(decode_payload(Kind::Hello, &[1]).is_err());
-        assert!(decode_payload(Kind::SnapshotEnd, &[0; 9]).is_err());
-        assert!(decode_payload(Kind::Flows, &vec![0; MAX_PAYLOAD + RECORD_LEN]).is_err());
+    fn other_versions_are_named_not_misparsed() {
+        // A version-1 receiver's challenge, read by this sender.
+        assert_eq!(
+            decode_preamble(&version1_challenge()),
+            Err(WireError::BadVersion(1))
+        );
+        let e = WireError::BadVersion(1).to_string();
+        assert!(e.contains("version 1 (this node speaks 2)"), "{e}");
+        // This receiver's preamble, as a version-1 sender reads it: its first 5 bytes are
+        // magic `XLBC` and the version, where version 1 looked for them, in 24 bytes.
+        let p = encode_preamble(&[1; CHALLENGE_LEN]);
+        assert_eq!(p.len(), version1_challenge().len());
+        assert_eq!(&p[..5], b"XLBC\x02");
+        // The notice a sender writes to a version-1 receiver: a version-1 frame header's
+        // length (36), magic `XLBS` and version 2 where version 1 reads them.
+        let n = version_notice();
+        assert_eq!(n.len(), 36);
+        assert_eq!(&n[..5], b"XLBS\x02");
+        // A version-1 Hello frame sent to this receiver: the version, not garbage.
+        let v1_hello = [b"XLBS\x01\x01\0\0".as_slice(), &[0; 28]].concat();
+        assert_eq!(
+            decode_record_header(&v1_hello),
+            Err(WireError::BadVersion(1))
+        );
     }
 
     #[test]
     fn random_garbage_never_panics() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let valid = frame(&Message::Flows(Cow::Owned((0..4).map(flow).collect())));
+        let mut header = Vec::new();
+        encode_record_header(
+            RecordType::Data,
+            valid.len() + NOISE_TAG_LEN,
+            3,
+            &mut header,
+        );
+        let valid_record = [header, valid.clone(), vec![0; NOISE_TAG_LEN]].concat();
         for round in 0..20_000 {
             let len = (rng.next() % 200) as usize;
-            let mut buf: Vec<u8> = if round % 2 == 0 {
-                (0..len).map(|_| rng.next() as u8).collect()
-            } else {
-                // Mutations of a valid frame reach deeper than pure noise.
-                let mut b = valid.clone();
-                for _ in 0..1 + rng.next() % 4 {
-                    let at = (rng.next() as usize) % b.len();
-                    b[at] = rng.next() as u8;
+            let buf: Vec<u8> = match round % 3 {
+                0 => (0..len).map(|_| rng.next() as u8).collect(),
+                // Mutations of valid input reach deeper than pure noise.
+                r => {
+                    let mut b = if r == 1 {
+                        valid.clone()
+                    } else {
+                        valid_record.clone()
+                    };
+                    for _ in 0..1 + rng.next() % 4 {
+                        let at = (rng.next() as usize) % b.len();
+                        b[at] = rng.next() as u8;
+                    }
+                    b.truncate((rng.next() as usize) % (b.len() + 1));
+                    b
                 }
-                b
             };
-            if round % 7 == 0 && buf.len() >= 4 {
-                buf[..4].copy_from_slice(&MAGIC);
-            }
-            let _ = split_frame(&buf);
-            let _ = decode_challenge(&buf);
-            let _ = decode_ack(&buf);
-            if let Ok(h) = decode_header(&buf) {
-                let end = (HEADER_LEN + h.payload_len as usize).min(buf.len());
-                let _ = decode_payload(h.kind, &buf[HEADER_LEN.min(end)..end]);
-            }
-            for k in Kind::ALL {
-                let _ = decode_payload(k, &buf);
-            }
+            let _ = decode_frame(&buf);
+            let _ = decode_record_header(&buf);
+            let _ = split_record(&buf);
+            let _ = decode_preamble(&buf);
         }
     }
 }

@@ -31,7 +31,7 @@ use std::{
 };
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use xlb::sync::{self, ChannelSource, SyncConfig, SyncRequest, auth::SyncKey};
+use xlb::sync::{self, ChannelSource, SyncConfig, SyncKey, SyncRequest};
 use xlb_tests::{
     interrupt,
     netns::{self, Netns, TempDir},

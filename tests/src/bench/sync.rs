@@ -1,5 +1,5 @@
 //! Peer-sync throughput end to end (issue 6, part 4): node A streams new flows to node B over
-//! TCP on loopback, with the real framing and HMAC authentication, and B's requests are served
+//! TCP on loopback, with the real Noise handshake and encrypted records, and B's requests are served
 //! as the agent serves them: `Dataplane::install_flows` into B's kernel flow table. The figure is
 //! flows/s from A's first event to the last flow installed in B's kernel.
 
@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use xlb::{
     dataplane::Dataplane,
-    sync::{self, ChannelSource, SyncConfig, SyncRequest, auth::SyncKey},
+    sync::{self, ChannelSource, SyncConfig, SyncKey, SyncRequest},
 };
 
 /// Serve one sync request the way the agent's serve loop does; returns the flows installed.

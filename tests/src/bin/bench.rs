@@ -1000,7 +1000,7 @@ fn control_plane(plan: &Plan) -> Result<Vec<Row>> {
             "flows/s",
             Spread::of(&rates),
         )
-        .note("TCP, HMAC-authenticated frames, install_flows as in the agent; first pass inserts, later ones overwrite"),
+        .note("TCP, Noise-encrypted records (ChaCha20-Poly1305), install_flows as in the agent; first pass inserts, later ones overwrite"),
     );
     Ok(rows)
 }
