@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod bench_e2e;
+pub mod capture;
 pub mod client;
 pub mod cmd;
 pub mod cpu;

@@ -9,6 +9,8 @@
 //!    lb1's table (the snapshot) and then takes over the route without losing a connection.
 //! 3. The test plays a peer by hand: forged (wrong key), replayed and reordered records are
 //!    rejected, counted and logged, and leave the flow table as it was.
+//! 4. tcpdump on the sync link while real connections are synced: no client address or port
+//!    pair in clear.
 //!
 //! Each prints a `SYNC …` line with what it measured (lag, snapshot time, mid-flow misses).
 
@@ -26,17 +28,18 @@ use xlb::sync::{
     PeersReport, SyncKey,
     noise::{Initiator, Session},
     wire::{
-        Challenge, Message, PREAMBLE_LEN, RECORD_HEADER_LEN, RecordHeader, decode_preamble,
+        self, Challenge, Message, PREAMBLE_LEN, RECORD_HEADER_LEN, RecordHeader, decode_preamble,
         decode_record_header,
     },
 };
 use xlb_tests::{
     backend::HTTP_PORT,
+    capture::{Capture, contains, count},
     cmd::wait_for,
     downloads::{Finished, LongDownloads},
     netns::require_root,
     testbed::{SYNC_PORT, Testbed, TestbedOptions},
-    topology::{CLI_ADDR, LB1_ADDR, LB2_ADDR, VIP, backend_addr},
+    topology::{CLI_ADDR, HOST_IFACE, LB1_ADDR, LB2_ADDR, VIP, backend_addr},
     xlb::{backend_counters, counter, event, find_vip},
 };
 
@@ -709,5 +712,123 @@ fn forged_and_replayed_sync_frames_are_rejected_and_change_nothing() {
          address counted as lb2's rejected), installed only the 2 authentic Flows records; \
          totals {:?}",
         seen(&bed)
+    ));
+}
+
+// ---- test 4: what crosses the sync link ----
+
+/// Client connections in the capture test, from these client ports.
+const CAPTURED_PORTS: std::ops::Range<u16> = 46001..46021;
+/// Bound on each capture's life (the test stops them well before).
+const CAPTURE_LIMIT: Duration = Duration::from_secs(90);
+
+/// The 4 bytes of a client port and the HTTP VIP port as they follow each other in a TCP header
+/// and in a sync flow record: network order.
+fn port_pair(client_port: u16) -> [u8; 4] {
+    let (c, v) = (client_port.to_be_bytes(), HTTP_PORT.to_be_bytes());
+    [c[0], c[1], v[0], v[1]]
+}
+
+/// tcpdump on lb1's link, filtered to the sync port, while real connections through the VIP
+/// become flows that lb1 streams to lb2: the capture holds the sync records (their clear
+/// headers) but neither the client's address nor any of its port pairs. The same search finds
+/// both in the client's own packets, captured on cli's link, and in the plaintext of a Flows
+/// frame, which is what crossed the link before encryption.
+#[test]
+fn the_sync_link_carries_no_client_address_in_clear() {
+    let bed = bed("generic");
+    let dir = bed.dir.path();
+    let sync_capture = Capture::start(
+        bed.ns("lb1"),
+        HOST_IFACE,
+        &format!("tcp port {SYNC_PORT}"),
+        &dir.join("sync.pcap"),
+        CAPTURE_LIMIT,
+    )
+    .expect("tcpdump on lb1's link");
+    let client_capture = Capture::start(
+        bed.ns("cli"),
+        HOST_IFACE,
+        &format!("tcp port {HTTP_PORT}"),
+        &dir.join("client.pcap"),
+        CAPTURE_LIMIT,
+    )
+    .expect("tcpdump on cli's link");
+    let received = |bed: &Testbed| peer_of(&peers(bed, "lb2"), "lb1").flows_received;
+    let before = received(&bed);
+    for port in CAPTURED_PORTS {
+        get_from_port(&bed, port);
+    }
+    let n = CAPTURED_PORTS.len() as u64;
+    wait_for("lb2 to receive the new flows", SYNC_WAIT, || {
+        Ok((received(&bed) >= before + n).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", bed.agent_log()));
+    // A heartbeat or two more, so the capture also holds records after the flows.
+    std::thread::sleep(Duration::from_millis(1500));
+    let sync = sync_capture.finish().expect("the sync capture");
+    let client = client_capture.finish().expect("the client capture");
+
+    let addr = CLI_ADDR.octets();
+    // The search works: the client's own packets carry its address and port pairs in their
+    // plain IP and TCP headers...
+    assert!(
+        contains(&client, &addr),
+        "the client capture lacks the client's address"
+    );
+    for port in CAPTURED_PORTS {
+        assert!(
+            contains(&client, &port_pair(port)),
+            "client capture lacks port {port}"
+        );
+    }
+    // ... and so does the plaintext of the flows lb1 sent (the frame version 1 sent in clear).
+    let mut plain = Vec::new();
+    let sent: Vec<FlowEvent> = CAPTURED_PORTS
+        .map(|p| flow_to(p, backend_addr(1)))
+        .collect();
+    wire::encode_frame(unix_ns(), &Message::Flows(Cow::Owned(sent)), &mut plain);
+    assert!(contains(&plain, &addr));
+    assert!(
+        CAPTURED_PORTS
+            .clone()
+            .all(|p| contains(&plain, &port_pair(p)))
+    );
+
+    // The sync link carried the flows: the data records' headers are in clear (magic, version
+    // 2, type data, then the length), and the frames they announce hold at least the flows'
+    // records.
+    let data_header = [&wire::MAGIC[..], &[wire::VERSION, 2]].concat();
+    let records = count(&sync, &data_header);
+    let frame_payload: usize = sync
+        .windows(data_header.len() + 2)
+        .filter(|w| w.starts_with(&data_header))
+        .map(|w| {
+            usize::from(u16::from_be_bytes([w[6], w[7]])).saturating_sub(wire::MIN_DATA_MSG_LEN)
+        })
+        .sum();
+    assert!(
+        frame_payload >= CAPTURED_PORTS.len() * wire::RECORD_LEN,
+        "{records} data records holding {frame_payload} bytes of payload in the sync capture"
+    );
+    // ... and nothing of them in clear.
+    assert!(
+        !contains(&sync, &addr),
+        "the client's address {CLI_ADDR} crossed the sync link in clear"
+    );
+    let leaked: Vec<u16> = CAPTURED_PORTS
+        .filter(|p| contains(&sync, &port_pair(*p)))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "port pairs crossed the sync link in clear: {leaked:?}"
+    );
+    report(&format!(
+        "SYNC capture: {n} client connections synced lb1 -> lb2; {} bytes captured on lb1's sync \
+         link ({records} data records, {frame_payload} bytes of encrypted payload), client address {CLI_ADDR} and its {n} \
+         port pairs found 0 times there; the same search finds them in cli's capture ({} \
+         bytes) and in the Flows frame's plaintext",
+        sync.len(),
+        client.len()
     ));
 }
