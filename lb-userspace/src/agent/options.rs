@@ -45,7 +45,8 @@ pub(crate) struct AgentOptions {
     #[serde(default)]
     pub(crate) peers: Vec<SocketAddr>,
     /// File holding the key shared by all peers (at least 16 bytes; surrounding whitespace is
-    /// ignored). Every sync frame is authenticated with HMAC-SHA256 under it.
+    /// ignored). Sync connections are encrypted and authenticated with a key derived from it
+    /// (a Noise handshake with it as the pre-shared key).
     #[arg(long, value_name = "FILE")]
     pub(crate) sync_key_file: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9477).
