@@ -115,9 +115,11 @@ pub(super) async fn outbound(
     let stats = ctx.status.peer(Some(index));
     let stable_after = ctx.heartbeat * STABLE_HEARTBEATS;
     let mut backoff = BACKOFF_MIN;
-    // After one logged failure the repeats go to debug until a session works again, so a peer
-    // that is down (or rejects us) does not flood the log.
-    let mut quiet = false;
+    // After one logged failure its repeats go to debug until a session works again, so a peer
+    // that is down (or rejects us) does not flood the log. Another kind of failure is logged
+    // again: a peer that was down at first and then turns out to speak another protocol
+    // version must not stay silent.
+    let mut quiet: Option<std::mem::Discriminant<PeerError>> = None;
     loop {
         let mut acknowledged = None;
         let err = tokio::select! {
@@ -134,15 +136,16 @@ pub(super) async fn outbound(
         // second), and since the Ack comes first, never costs the agent a snapshot.
         if acknowledged.is_some_and(|at: Instant| at.elapsed() > stable_after) {
             backoff = BACKOFF_MIN;
-            quiet = false;
+            quiet = None;
         }
         // The end of an acknowledged session is always worth a line: it pairs with the
         // "connected" line, and the backoff keeps both to at most one a second.
-        if quiet && acknowledged.is_none() {
+        let kind = std::mem::discriminant(&err);
+        if quiet == Some(kind) && acknowledged.is_none() {
             log::debug!("sync: peer {addr}: {err}");
         } else {
             log::warn!("sync: peer {addr}: {err}; retrying");
-            quiet = true;
+            quiet = Some(kind);
         }
         tokio::select! {
             () = cancel.cancelled() => break,
