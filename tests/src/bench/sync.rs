@@ -3,9 +3,11 @@
 //! as the agent serves them: `Dataplane::install_flows` into B's kernel flow table. The figure is
 //! flows/s from A's first event to the last flow installed in B's kernel.
 
+use super::packets::fill_events;
 use anyhow::{Context, Result, bail, ensure};
 use lb_common::FlowEvent;
 use std::{
+    borrow::Cow,
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -13,7 +15,11 @@ use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use xlb::{
     dataplane::Dataplane,
-    sync::{self, ChannelSource, SyncConfig, SyncKey, SyncRequest},
+    sync::{
+        self, ChannelSource, SyncConfig, SyncKey, SyncRequest,
+        noise::{self, Initiator},
+        wire::{self, MAX_FLOWS_PER_FRAME, Message},
+    },
 };
 
 /// Serve one sync request the way the agent's serve loop does; returns the flows installed.
@@ -113,4 +119,35 @@ pub fn throughput(
         tasks.wait().await;
         Ok((n as f64 / took.as_secs_f64(), took))
     })
+}
+
+/// The record layer alone, on the calling thread: full Flows frames ([`MAX_FLOWS_PER_FRAME`]
+/// flows each) sealed by one session and opened by its peer, `frames` times; flows/s. What the
+/// encryption costs a flow, next to the end-to-end figure above (which includes TCP, the tasks
+/// and the kernel install).
+pub fn record_layer(frames: usize) -> Result<f64> {
+    let key = SyncKey::from_bytes(b"xlb-bench-sync-key-not-a-secret-0123456789")?;
+    let challenge = [7u8; wire::CHALLENGE_LEN];
+    let mut m1 = Vec::new();
+    let initiator = Initiator::start(&key, &challenge, &mut m1)?;
+    let (h1, b1) = wire::split_record(&m1)?;
+    let mut m2 = Vec::new();
+    let mut receiver = noise::respond(&key, &challenge, &h1, b1, &mut m2)?;
+    let (h2, b2) = wire::split_record(&m2)?;
+    let mut sender = initiator.finish(&h2, b2)?;
+    let flows: Vec<FlowEvent> = fill_events(MAX_FLOWS_PER_FRAME as u32, 80, 3).collect();
+    let msg = Message::Flows(Cow::Borrowed(&flows));
+    let mut record = Vec::with_capacity(wire::MAX_RECORD_LEN);
+    let started = Instant::now();
+    for _ in 0..frames {
+        record.clear();
+        sender.seal(&msg, 0, &mut record)?;
+        let (header, body) = wire::split_record(&record)?;
+        let frame = receiver.open(&header, body)?;
+        ensure!(
+            matches!(&frame.msg, Message::Flows(f) if f.len() == flows.len()),
+            "the opened frame is not the sealed one"
+        );
+    }
+    Ok((frames * MAX_FLOWS_PER_FRAME) as f64 / started.elapsed().as_secs_f64())
 }

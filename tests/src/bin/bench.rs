@@ -1002,6 +1002,28 @@ fn control_plane(plan: &Plan) -> Result<Vec<Row>> {
         )
         .note("TCP, Noise-encrypted records (ChaCha20-Poly1305), install_flows as in the agent; first pass inserts, later ones overwrite"),
     );
+    let frames = if plan.sync_flows >= 200_000 {
+        2000
+    } else {
+        500
+    };
+    let mut layer = Vec::new();
+    for _ in 0..plan.cp_repeats.min(3) {
+        interrupt::check()?;
+        layer.push(sync::record_layer(frames)?);
+    }
+    rows.push(
+        Row::new(
+            s,
+            format!(
+                "peer-sync record layer: seal + open of {frames} full Flows frames ({} flows each), one thread",
+                xlb::sync::wire::MAX_FLOWS_PER_FRAME
+            ),
+            "flows/s",
+            Spread::of(&layer),
+        )
+        .note("Noise transport, ChaCha20-Poly1305 both ways plus frame encoding and decoding: the encryption's share of the figure above"),
+    );
     Ok(rows)
 }
 
