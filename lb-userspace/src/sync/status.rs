@@ -249,7 +249,8 @@ pub struct PeerReport {
     pub flows_received: u64,
     /// Since the last frame sent to it or received from it; `None` before the first.
     pub last_msg_age_ms: Option<u64>,
-    /// Frames from its address that failed authentication, sequence or format checks, and
+    /// Handshakes and records from its address that failed the key, sequence, decryption,
+    /// format or version checks, and
     /// connections from it that sent no valid Hello within 2 s of the accept.
     pub rejected: u64,
     /// Received flows whose VIP or backend this node does not have (skipped).

@@ -289,7 +289,7 @@ fn render_sync(f: &Families, sync: &PeersReport) -> Result<(), MetricsError> {
     )?;
     let rejected = f.counter(
         "xlb_sync_rejected_total",
-        "Sync frames from the peer that failed authentication, sequence or format checks.",
+        "Sync handshakes and records from the peer that failed the key, sequence, decryption, format or version checks, and connections without a Hello in time.",
         &pl,
     )?;
     let unknown = f.counter(
