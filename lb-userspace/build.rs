@@ -28,10 +28,17 @@ fn main() -> anyhow::Result<()> {
     let root_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
+    // The test-only second build (`--features layout-test`) embeds a data path built the same way.
+    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_LAYOUT_TEST").is_some() {
+        &["layout-test"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "lb-ebpf",
             root_dir,
+            features,
             ..Default::default()
         }],
         aya_build::Toolchain::default(),

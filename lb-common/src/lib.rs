@@ -26,6 +26,53 @@ pub mod maps {
     pub const DEBUG_VIPS: &str = "DEBUG_VIPS";
     pub const BENCH_GEN: &str = "BENCH_GEN";
     pub const BENCH_GEN_HEADER: &str = "BENCH_GEN_HEADER";
+    pub const IPIP_IDS: &str = "IPIP_IDS";
+}
+
+/// Layout versions of the maps whose contents outlive an agent: the agent pins them in bpffs as
+/// `NAME-v<version>` and a later agent (or a newer build) reuses them as they are only when the
+/// version matches. Bump a map's version whenever the layout of its key or value (or the meaning
+/// of an array's indexes) changes, and teach the agent to migrate the old version (or to refuse
+/// it); `tests::every_pinned_map_layout_matches_its_version` fails until both are done. A change of
+/// capacity (`max_entries`) alone is not a new version: the agent copies into a resized map.
+pub mod layout {
+    pub const VIPS: u32 = 1;
+    pub const VIP_ADDRS: u32 = 1;
+    pub const RINGS: u32 = 1;
+    pub const RR_COUNTERS: u32 = 1;
+    pub const BACKENDS: u32 = 1;
+    /// Version 2 exists only in builds with the test-only `layout-test` feature, where
+    /// `FlowValue` has one more field: a second build whose data path really differs, to test
+    /// an upgrade that migrates the flow table.
+    #[cfg(not(feature = "layout-test"))]
+    pub const FLOWS: u32 = 1;
+    #[cfg(feature = "layout-test")]
+    pub const FLOWS: u32 = 2;
+    pub const VIP_STATS: u32 = 1;
+    pub const BACKEND_STATS: u32 = 1;
+    /// Indexed by `reason::*`: new reasons are only ever appended (a longer array is a resize).
+    pub const REASON_STATS: u32 = 1;
+    /// Indexed by `event::*`: new events are only ever appended.
+    pub const EVENT_STATS: u32 = 1;
+    pub const FLOW_EVENTS: u32 = 1;
+    /// Pinned so that a restarted agent's program does not reuse the outer IDs it just sent.
+    pub const IPIP_IDS: u32 = 1;
+
+    /// Every map the agent pins, with its current layout version.
+    pub const PINNED: &[(&str, u32)] = &[
+        (super::maps::VIPS, VIPS),
+        (super::maps::VIP_ADDRS, VIP_ADDRS),
+        (super::maps::RINGS, RINGS),
+        (super::maps::RR_COUNTERS, RR_COUNTERS),
+        (super::maps::BACKENDS, BACKENDS),
+        (super::maps::FLOWS, FLOWS),
+        (super::maps::VIP_STATS, VIP_STATS),
+        (super::maps::BACKEND_STATS, BACKEND_STATS),
+        (super::maps::REASON_STATS, REASON_STATS),
+        (super::maps::EVENT_STATS, EVENT_STATS),
+        (super::maps::FLOW_EVENTS, FLOW_EVENTS),
+        (super::maps::IPIP_IDS, IPIP_IDS),
+    ];
 }
 
 /// Program names (the Rust function names of the `#[xdp]` entry points).
@@ -214,6 +261,27 @@ pub struct FlowValue {
     /// `FLOW_F_*` bits, host order: 0 when the data path assigned the flow.
     pub flags: u32,
     pub _pad: u32,
+    /// Builds with the test-only `layout-test` feature only (`layout::FLOWS` 2): when the flow
+    /// was assigned (CLOCK_MONOTONIC_COARSE, host order).
+    #[cfg(feature = "layout-test")]
+    pub created_ns: u64,
+}
+
+impl FlowValue {
+    /// A flow assigned to the backend at `backend_addr` (network order) in slot `backend_id`,
+    /// seen at `now`, with `FLOW_F_*` `flags`.
+    #[inline(always)]
+    pub const fn new(backend_addr: u32, backend_id: u32, now: u64, flags: u32) -> Self {
+        FlowValue {
+            backend_addr,
+            backend_id,
+            last_seen_ns: now,
+            flags,
+            _pad: 0,
+            #[cfg(feature = "layout-test")]
+            created_ns: now,
+        }
+    }
 }
 
 /// The flow was installed by the agent from a peer's sync (its backend was chosen by another
@@ -270,6 +338,11 @@ pub const CONFIG_F_FLOW_EVENTS: u32 = 1;
 /// Answer ICMP echo requests to VIP addresses (the global switch; each address also needs
 /// `VIP_ADDR_F_ICMP_ECHO`).
 pub const CONFIG_F_ICMP_ECHO: u32 = 2;
+/// The flow table is being copied from a map of an older layout (an upgrade): a TCP packet
+/// without SYN that finds no flow is dropped (`drop_migrating`) instead of being steered as a new
+/// flow, because its entry may still be on its way from the old table; its sender retransmits it.
+/// Set by the agent only between the program swap and the last copy pass.
+pub const CONFIG_F_MIGRATING: u32 = 1 << 2;
 
 /// What happened to a packet: one per-CPU packet counter each in `REASON_STATS`. Every packet the
 /// balancer sees lands in exactly one of these.
@@ -331,8 +404,11 @@ pub mod reason {
     /// ICMP echo request to a VIP address where echo is on: answered by the balancer itself
     /// (`XDP_TX`).
     pub const TX_ICMP_ECHO_REPLY: u32 = 20;
+    /// A TCP packet without SYN whose flow was not (yet) in the table while the agent copied
+    /// the table from an older layout (`CONFIG_F_MIGRATING`): dropped, the sender retransmits.
+    pub const DROP_MIGRATING: u32 = 21;
     /// Number of reasons (size of `REASON_STATS`).
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
 
     /// Stable names for metrics, `xlb stats` and tests, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -357,6 +433,7 @@ pub mod reason {
         "fwd_icmp_frag_needed",
         "fwd_icmp_unreach",
         "tx_icmp_echo_reply",
+        "drop_migrating",
     ];
 }
 
@@ -405,7 +482,10 @@ const _: () = {
     assert!(size_of::<VipAddr>() == 8);
     assert!(size_of::<Backend>() == 16);
     assert!(size_of::<FlowKey>() == 16);
+    #[cfg(not(feature = "layout-test"))]
     assert!(size_of::<FlowValue>() == 24);
+    #[cfg(feature = "layout-test")]
+    assert!(size_of::<FlowValue>() == 32);
     assert!(size_of::<FlowEvent>() == 24);
     assert!(size_of::<TrafficCounters>() == 24);
     assert!(size_of::<LbConfig>() == 16);
@@ -432,6 +512,259 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+    extern crate std;
+    use std::{format, string::String, vec::Vec};
+
+    /// `Type=size field@offset:size …`: what a map key or value looks like in memory.
+    macro_rules! shape {
+        ($t:ty) => {
+            format!("{}={}", stringify!($t), size_of::<$t>())
+        };
+        ($t:ty { $($f:ident),* $(,)? }) => {{
+            let v = <$t as Default>::default();
+            let mut s = format!("{}={}", stringify!($t), size_of::<$t>());
+            $(s += &format!(" {}@{}:{}", stringify!($f), core::mem::offset_of!($t, $f), size_of_val(&v.$f));)*
+            s
+        }};
+    }
+
+    /// The key and value layout of every pinned map as this build has them.
+    fn current_layouts() -> Vec<(&'static str, u32, String)> {
+        let vip_key = shape!(VipKey {
+            addr,
+            port,
+            proto,
+            _pad
+        });
+        let counters = shape!(TrafficCounters {
+            packets,
+            bytes,
+            new_flows
+        });
+        #[cfg(not(feature = "layout-test"))]
+        let flow_value = shape!(FlowValue {
+            backend_addr,
+            backend_id,
+            last_seen_ns,
+            flags,
+            _pad
+        });
+        #[cfg(feature = "layout-test")]
+        let flow_value = shape!(FlowValue {
+            backend_addr,
+            backend_id,
+            last_seen_ns,
+            flags,
+            _pad,
+            created_ns
+        });
+        let kv = |k: String, v: String| format!("key {k}; value {v}");
+        std::vec![
+            (
+                maps::VIPS,
+                layout::VIPS,
+                kv(
+                    vip_key.clone(),
+                    shape!(VipMeta {
+                        id,
+                        ring_len,
+                        ring_half,
+                        forward
+                    })
+                )
+            ),
+            (
+                maps::VIP_ADDRS,
+                layout::VIP_ADDRS,
+                kv(shape!(u32), shape!(VipAddr { vips, flags }))
+            ),
+            (maps::RINGS, layout::RINGS, kv(shape!(u32), shape!(u32))),
+            (
+                maps::RR_COUNTERS,
+                layout::RR_COUNTERS,
+                kv(shape!(u32), shape!(u64))
+            ),
+            (
+                maps::BACKENDS,
+                layout::BACKENDS,
+                kv(
+                    shape!(u32),
+                    shape!(Backend {
+                        addr,
+                        flags,
+                        vip_id,
+                        _pad
+                    })
+                )
+            ),
+            (
+                maps::FLOWS,
+                layout::FLOWS,
+                kv(
+                    shape!(FlowKey {
+                        src_addr,
+                        dst_addr,
+                        src_port,
+                        dst_port,
+                        proto,
+                        _pad
+                    }),
+                    flow_value
+                ),
+            ),
+            (
+                maps::VIP_STATS,
+                layout::VIP_STATS,
+                kv(shape!(u32), counters.clone())
+            ),
+            (
+                maps::BACKEND_STATS,
+                layout::BACKEND_STATS,
+                kv(shape!(u32), counters)
+            ),
+            (
+                maps::REASON_STATS,
+                layout::REASON_STATS,
+                kv(shape!(u32), shape!(u64))
+            ),
+            (
+                maps::EVENT_STATS,
+                layout::EVENT_STATS,
+                kv(shape!(u32), shape!(u64))
+            ),
+            (
+                maps::FLOW_EVENTS,
+                layout::FLOW_EVENTS,
+                format!(
+                    "records {}",
+                    shape!(FlowEvent {
+                        flow,
+                        backend_addr,
+                        _pad
+                    })
+                )
+            ),
+            (
+                maps::IPIP_IDS,
+                layout::IPIP_IDS,
+                kv(shape!(u32), shape!(u32))
+            ),
+        ]
+    }
+
+    /// Every (map, layout version) there has been, with its layout. A version's layout never
+    /// changes: a new layout gets a new version and a new row, and the old row stays.
+    const KNOWN_LAYOUTS: &[(&str, u32, &str)] = &[
+        (
+            "VIPS",
+            1,
+            "key VipKey=8 addr@0:4 port@4:2 proto@6:1 _pad@7:1; value VipMeta=16 id@0:4 ring_len@4:4 ring_half@8:4 forward@12:4",
+        ),
+        (
+            "VIP_ADDRS",
+            1,
+            "key u32=4; value VipAddr=8 vips@0:4 flags@4:4",
+        ),
+        ("RINGS", 1, "key u32=4; value u32=4"),
+        ("RR_COUNTERS", 1, "key u32=4; value u64=8"),
+        (
+            "BACKENDS",
+            1,
+            "key u32=4; value Backend=16 addr@0:4 flags@4:4 vip_id@8:4 _pad@12:4",
+        ),
+        (
+            "FLOWS",
+            1,
+            "key FlowKey=16 src_addr@0:4 dst_addr@4:4 src_port@8:2 dst_port@10:2 proto@12:1 _pad@13:3; value FlowValue=24 backend_addr@0:4 backend_id@4:4 last_seen_ns@8:8 flags@16:4 _pad@20:4",
+        ),
+        (
+            "FLOWS",
+            2,
+            "key FlowKey=16 src_addr@0:4 dst_addr@4:4 src_port@8:2 dst_port@10:2 proto@12:1 _pad@13:3; value FlowValue=32 backend_addr@0:4 backend_id@4:4 last_seen_ns@8:8 flags@16:4 _pad@20:4 created_ns@24:8",
+        ),
+        (
+            "VIP_STATS",
+            1,
+            "key u32=4; value TrafficCounters=24 packets@0:8 bytes@8:8 new_flows@16:8",
+        ),
+        (
+            "BACKEND_STATS",
+            1,
+            "key u32=4; value TrafficCounters=24 packets@0:8 bytes@8:8 new_flows@16:8",
+        ),
+        ("REASON_STATS", 1, "key u32=4; value u64=8"),
+        ("EVENT_STATS", 1, "key u32=4; value u64=8"),
+        (
+            "FLOW_EVENTS",
+            1,
+            "records FlowEvent=24 flow@0:16 backend_addr@16:4 _pad@20:4",
+        ),
+        ("IPIP_IDS", 1, "key u32=4; value u32=4"),
+    ];
+
+    #[test]
+    fn every_pinned_map_layout_matches_its_version() {
+        let current = current_layouts();
+        let names: Vec<&str> = current.iter().map(|(n, _, _)| *n).collect();
+        let pinned: Vec<&str> = layout::PINNED.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names, pinned,
+            "layout::PINNED and this test list the same maps"
+        );
+        for (name, version, got) in &current {
+            let Some((_, _, known)) = KNOWN_LAYOUTS
+                .iter()
+                .find(|(n, v, _)| n == name && v == version)
+            else {
+                panic!(
+                    "{name} v{version} is not in KNOWN_LAYOUTS; add (\"{name}\", {version}, \"{got}\")"
+                );
+            };
+            assert_eq!(
+                known, got,
+                "the layout of {name} changed but layout::{name} is still {version}: bump it, add a row for the new version (keep the old one) and a migration in the agent"
+            );
+        }
+    }
+
+    /// The reasons and events counted by version 1 of `REASON_STATS` and `EVENT_STATS`, in index
+    /// order: later versions may only append.
+    const REASONS_V1: &[&str] = &[
+        "pass_not_ipv4",
+        "pass_not_vip",
+        "pass_malformed",
+        "drop_unknown_port",
+        "drop_malformed_l4",
+        "drop_fragment",
+        "drop_no_backend",
+        "drop_no_route",
+        "drop_too_big",
+        "drop_encap_failed",
+        "tx_icmp_frag_needed",
+        "fwd_tx",
+        "fwd_redirect",
+        "pass_no_neigh",
+        "drop_no_neigh",
+        "drop_bad_length",
+        "drop_icmp_no_flow",
+        "drop_icmp_other",
+        "fwd_icmp_frag_needed",
+        "fwd_icmp_unreach",
+        "tx_icmp_echo_reply",
+        "drop_migrating",
+    ];
+    const EVENTS_V1: &[&str] = &[
+        "midflow_miss",
+        "flow_resteered",
+        "flow_event_lost",
+        "nexthop_lookup",
+    ];
+
+    #[test]
+    fn counter_indexes_only_grow_at_the_end() {
+        assert!(reason::NAMES.starts_with(REASONS_V1), "{:?}", reason::NAMES);
+        assert!(event::NAMES.starts_with(EVENTS_V1), "{:?}", event::NAMES);
+    }
 
     #[test]
     fn ipip_ids_number_every_cpu() {

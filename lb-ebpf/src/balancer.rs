@@ -10,8 +10,8 @@ use crate::{
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use core::arch::asm;
 use lb_common::{
-    BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, FlowEvent, FlowKey, FlowValue, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta, event, reason, ring_index,
+    BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, CONFIG_F_MIGRATING, FlowEvent, FlowKey, FlowValue,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta, event, reason, ring_index,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -185,6 +185,10 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
         miss => {
             match miss {
                 Lookup::Stale => stats::count_event(event::FLOW_RESTEERED),
+                // While the agent copies the flow table from an older layout, the flow may only
+                // be missing for now: its sender retransmits this packet, steering it anew could
+                // send it to another backend.
+                _ if pkt.midflow && migrating() => return Verdict::drop(reason::DROP_MIGRATING),
                 _ if pkt.midflow => stats::count_event(event::MIDFLOW_MISS),
                 _ => {}
             }
@@ -203,6 +207,13 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
         debug::log_steer(ctx, pkt, backend_addr, how, &verdict);
     }
     verdict
+}
+
+/// Whether the agent is copying the flow table from an older layout (`CONFIG_F_MIGRATING`).
+fn migrating() -> bool {
+    CONFIG
+        .get(0)
+        .is_some_and(|cfg| cfg.flags & CONFIG_F_MIGRATING != 0)
 }
 
 pub enum Lookup {
@@ -291,14 +302,8 @@ fn new_flow(pkt: &Packet, now: u64) -> Result<(u32, u32), Verdict> {
     if backend.addr == 0 || backend.flags & BACKEND_F_ACTIVE == 0 {
         return Err(Verdict::drop(reason::DROP_NO_BACKEND));
     }
-    let value = FlowValue {
-        backend_addr: backend.addr,
-        backend_id: id,
-        last_seen_ns: now,
-        // Assigned here: a local flow, whatever a peer had installed under this key before.
-        flags: 0,
-        _pad: 0,
-    };
+    // Assigned here: a local flow, whatever a peer had installed under this key before.
+    let value = FlowValue::new(backend.addr, id, now, 0);
     // An LRU map evicts rather than fails when full; if the insert fails anyway, the packet still
     // goes to this backend and the next one of the flow takes another slot.
     let _ = FLOWS.insert(pkt.flow, value, 0);
