@@ -103,6 +103,14 @@ pub(crate) enum Request {
         #[serde(default)]
         all: bool,
     },
+    /// Re-read the agent's `--config` file and apply what changed (`xlb reload`).
+    Reload,
+    /// Remove the data path for good and exit (`xlb detach` while the agent runs). `dir` is the
+    /// name of the data path's directory in bpffs (`ns<cookie>-if<ifindex>`), so an agent never
+    /// removes a data path the caller did not mean.
+    Detach {
+        dir: String,
+    },
 }
 
 impl Request {
@@ -118,6 +126,7 @@ impl Request {
                 | Request::BackendDrain { .. }
                 | Request::BackendUndrain { .. }
                 | Request::BackendDel { .. }
+                | Request::Reload
         )
     }
 }

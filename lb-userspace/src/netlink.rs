@@ -105,6 +105,37 @@ impl Netlink {
             .collect())
     }
 
+    /// The XDP program attached to interface `index` (in any mode): its id and whether it runs
+    /// in driver mode (`false`: generic), or `None`.
+    pub(crate) async fn xdp_program(
+        &self,
+        index: u32,
+    ) -> Result<Option<(u32, bool)>, NetlinkError> {
+        let msgs: Vec<_> = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(request("reading the interface"))?;
+        let mut id = None;
+        let mut generic = false;
+        for attr in msgs.iter().flat_map(|m| &m.attributes) {
+            if let LinkAttribute::Xdp(xdp) = attr {
+                for x in xdp {
+                    match x {
+                        LinkXdp::ProgId(p) if *p != 0 => id = Some(*p),
+                        LinkXdp::SkbProgId(p) if *p != 0 => generic = true,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(id.map(|id| (id, !generic)))
+    }
+
     /// Every IPv4 address of every interface, in the order the kernel lists them.
     pub(crate) async fn ipv4_addrs(&self) -> Result<Vec<Addr>, NetlinkError> {
         let msgs: Vec<AddressMessage> = self

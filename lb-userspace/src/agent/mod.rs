@@ -9,8 +9,12 @@
 //! peer sync, the metrics server and its connections) runs on one `TaskTracker` and ends when
 //! the agent's `CancellationToken` (or a child of it) is cancelled. Shutdown: cancel the token,
 //! which ends the serve loop (it hands the controller back); wait for the tracker; remove the
-//! socket file; drop the controller, which detaches the XDP program. So no task can still ask
-//! the data path for something when it goes.
+//! socket file; drop the controller. The data path is pinned in bpffs and keeps serving: only
+//! `xlb detach` (or `--detach-on-exit`) removes it, after every task has ended.
+//!
+//! Start-up takes over the data path that runs on the interface, if any (`Dataplane::load`):
+//! its flows, counters and ring state stay, the desired state is reconciled into its maps by
+//! difference, and this build's program is swapped in (`go_live`); then systemd hears READY=1.
 
 pub(crate) mod config_file;
 pub(crate) mod controller;
@@ -33,20 +37,29 @@ use crate::{
         health::{HealthError, Monitor},
         metrics::{MetricsError, SCRAPE_QUEUE},
         options::{AgentConfig, InitialState},
-        server::{Inputs, Server, SyncLink},
+        server::{Inputs, Server, Stop, SyncLink},
         socket::{SocketError, SocketFile, bind_socket},
         state::{DesiredState, STATE_FILE, StateError},
     },
-    dataplane::{Dataplane, DataplaneError, DataplaneOptions},
+    dataplane::{Dataplane, DataplaneError, DataplaneOptions, Startup},
     netlink::{Netlink, NetlinkError},
     sync::{self, RingBufSource, SYNC_REQUEST_QUEUE, SyncError},
     util::{NoSuchInterface, interface_index, os_message},
 };
 use std::{
-    fs, future::Future, io, net::Ipv4Addr, os::unix::fs::DirBuilderExt, path::PathBuf, sync::Arc,
-    time::Duration,
+    fs,
+    future::Future,
+    io,
+    net::Ipv4Addr,
+    os::unix::fs::DirBuilderExt,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
 };
-use tokio::sync::mpsc;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// Default path of the agent's socket (`--socket`, `XLB_SOCKET`).
@@ -84,6 +97,8 @@ pub(crate) enum AgentError {
     Sync(#[from] SyncError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error("cannot handle SIGHUP: {0}")]
+    Signal(io::Error),
 }
 
 impl From<DataplaneError> for AgentError {
@@ -92,8 +107,8 @@ impl From<DataplaneError> for AgentError {
     }
 }
 
-/// Run the agent until `shutdown` resolves. Returns after every task of the agent ended, the
-/// socket file is removed and the XDP program detached.
+/// Run the agent until `shutdown` resolves. Returns after every task of the agent ended and the
+/// socket file is removed; the data path keeps serving unless a detach was asked for.
 pub(crate) async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
@@ -110,8 +125,8 @@ pub(crate) async fn run(
                     () = cancel.cancelled() => {}
                 }
             };
-            let (controller, ()) = tokio::join!(server.run(), stop);
-            Ok((controller, socket_file))
+            let ((controller, stop), ()) = tokio::join!(server.run(), stop);
+            Ok((controller, stop, socket_file))
         }
         Err(e) => Err(e),
     };
@@ -127,11 +142,20 @@ pub(crate) async fn run(
             tasks.len()
         );
     }
-    let (controller, socket_file) = result?;
-    // The socket first, so no CLI connects to an agent that is going away, then the data path.
+    let (mut controller, stop, socket_file) = result?;
+    // The socket first, so no CLI connects to an agent that is going away.
     drop(socket_file);
-    drop(controller);
-    log::info!("stopped; XDP program detached from {}", config.iface);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    if stop == Stop::Detach || config.detach_on_exit {
+        let message = controller.dataplane_mut().detach()?;
+        log::info!("stopped; {message}");
+    } else {
+        log::info!(
+            "stopped; the data path on {} keeps serving (`xlb detach --iface {}` removes it)",
+            config.iface,
+            config.iface
+        );
+    }
     Ok(())
 }
 
@@ -153,16 +177,19 @@ fn initial_state(config: &AgentConfig) -> Result<(DesiredState, String), AgentEr
 }
 
 /// Everything up to the serve loop, in an order that fails before anything visible changes:
-/// socket and metrics port bound before the data path is loaded (a second agent fails there
-/// instead of replacing the running agent's program), the data path attached, peer sync
-/// started, the desired state installed.
+/// socket and metrics port bound before the data path is loaded (a second agent with the same
+/// socket fails there; one with another socket at the data path's lock), the data path loaded
+/// (taking over the running one: nothing changes for traffic yet), peer sync started, the desired
+/// state reconciled into the maps, and only then the new program swapped in (or attached).
 async fn start(
     config: &AgentConfig,
     cancel: &CancellationToken,
     tasks: &TaskTracker,
 ) -> Result<(Server<Dataplane>, SocketFile), AgentError> {
+    let started = Instant::now();
     let (initial, source) = initial_state(config)?;
     let health = Monitor::new(cancel.child_token(), tasks.clone())?;
+    let hangups = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
     let (listener, socket_file) = bind_socket(&config.socket)?;
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(metrics::bind(addr).await?),
@@ -176,7 +203,14 @@ async fn start(
             path: config.state_dir.clone(),
             source,
         })?;
-    let mut dp = load_dataplane(config).await?;
+    let (mut dp, startup) = load_dataplane(config).await?;
+    for line in &startup.copies {
+        log::info!("upgrade: {line}");
+    }
+    let pin_dir = dp
+        .pin_dir()
+        .and_then(|d| d.file_name())
+        .map(|n| n.to_string_lossy().into_owned());
     let flows = FlowCounter::new(Arc::new(dp.flow_table()?), tasks.clone());
     let queries = FlowQueries::new(Arc::new(dp.flow_table()?), tasks.clone());
     let sync = match config.sync.clone() {
@@ -200,13 +234,39 @@ async fn start(
         }
         scrapes
     });
-    let controller = Controller::start(dp, config.state_dir.join(STATE_FILE), initial)?;
+    let mut controller = Controller::start(
+        dp,
+        config.state_dir.join(STATE_FILE),
+        initial,
+        &startup.down,
+    )?;
     log::info!(
         "desired state from {source}: {} VIPs, {} backends",
         controller.state().vip_count(),
         controller.state().backend_count()
     );
+    controller.dataplane_mut().go_live(config.xdp_mode)?;
+    let dp = controller.dataplane_mut();
+    log::info!(
+        "{} the data path on {} in {} mode (pinned at {}; flow table {} entries) in {:.0} ms",
+        if startup.adopted {
+            "took over"
+        } else {
+            "attached"
+        },
+        config.iface,
+        dp.mode()
+            .map_or_else(|| "unknown".to_string(), |m| m.to_string()),
+        dp.pin_dir()
+            .map_or_else(String::new, |d| d.display().to_string()),
+        dp.flow_capacity(),
+        started.elapsed().as_secs_f64() * 1e3,
+    );
     log::info!("listening on {}", config.socket.display());
+    let config_path = match &config.initial {
+        InitialState::Config { path, .. } => Some(path.clone()),
+        InitialState::Saved => None,
+    };
     let inputs = Inputs {
         health,
         sync,
@@ -214,8 +274,17 @@ async fn start(
         flows,
         queries,
         warm_interval: config.warm_interval,
+        config: config_path,
+        hangups: Some(hangups),
+        pin_dir,
+        watchdog: sd_notify::watchdog_enabled(),
     };
+    let vips = controller.state().vip_count();
     let server = Server::new(controller, listener, inputs, cancel.clone(), tasks.clone());
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("serving {vips} VIPs on {}", config.iface)),
+    ]);
     Ok((server, socket_file))
 }
 
@@ -232,26 +301,22 @@ async fn lb_address(iface: &str, given: Option<Ipv4Addr>) -> Result<Ipv4Addr, Ag
         .ok_or_else(|| AgentError::NoLbAddress(iface.to_string()))
 }
 
-async fn load_dataplane(config: &AgentConfig) -> Result<Dataplane, AgentError> {
+async fn load_dataplane(config: &AgentConfig) -> Result<(Dataplane, Startup), AgentError> {
     let lb_addr = lb_address(&config.iface, config.lb_addr).await?;
-    let mut dp = Dataplane::load(&DataplaneOptions {
+    let (mut dp, startup) = Dataplane::load(&DataplaneOptions {
         iface: config.iface.clone(),
         mode: config.xdp_mode,
         flow_capacity: config.flow_capacity,
         lb_addr,
-    })?;
+        bpffs: config.bpffs.clone(),
+    })
+    .await?;
     if !config.icmp_echo {
         dp.set_icmp_echo(false)?;
         log::info!("ICMP echo to VIP addresses is off (--icmp-echo off)");
     }
-    log::info!(
-        "attached to {} in {} mode (flow table {} entries, IPIP source {lb_addr})",
-        config.iface,
-        dp.mode()
-            .map_or_else(|| "unattached".to_string(), |m| m.to_string()),
-        dp.flow_capacity(),
-    );
-    Ok(dp)
+    log::info!("IPIP source {lb_addr}");
+    Ok((dp, startup))
 }
 
 /// Start peer sync on the data path's flow events (taken before the data path moves into the
@@ -304,6 +369,7 @@ mod tests {
             FakeDataplane::default(),
             dir.path().join(STATE_FILE),
             DesiredState::default(),
+            &Default::default(),
         )
         .unwrap();
         let (cancel, tasks) = (CancellationToken::new(), TaskTracker::new());
@@ -314,10 +380,14 @@ mod tests {
             flows: FlowCounter::new(FakeTable::new(0, Duration::ZERO), tasks.clone()),
             queries: FlowQueries::new(FakeTable::new(0, Duration::ZERO), tasks.clone()),
             warm_interval: Duration::from_secs(3600),
+            config: None,
+            hangups: None,
+            pin_dir: None,
+            watchdog: None,
         };
         let serving = Server::new(ctl, listener, inputs, cancel.clone(), tasks.clone());
         let server = tokio::spawn(async move {
-            let ctl = serving.run().await;
+            let (ctl, _) = serving.run().await;
             tasks.close();
             tasks.wait().await;
             drop(guard);

@@ -56,6 +56,10 @@ pub(crate) struct AgentOptions {
     /// --icmp-echo [default: on]. (TOML: `icmp_echo = true|false`.)
     #[arg(long, value_name = "on|off", value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) icmp_echo: Option<bool>,
+    /// Where the data path is pinned so that it outlives the agent: a bpffs mount (mounted there
+    /// when missing, in the host's mount namespace only) [default: /sys/fs/bpf].
+    #[arg(long, value_name = "PATH")]
+    pub(crate) bpffs: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -76,6 +80,7 @@ impl AgentOptions {
             sync_key_file: self.sync_key_file.or(file.sync_key_file),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             icmp_echo: self.icmp_echo.or(file.icmp_echo),
+            bpffs: self.bpffs.or(file.bpffs),
         }
     }
 }
@@ -89,9 +94,13 @@ pub(crate) struct AgentArgs {
     #[arg(long, env = "XLB_STATE_DIR", default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
     pub(crate) state_dir: PathBuf,
     /// TOML file with the VIPs to serve (replaces the saved state) and optional [agent] options;
-    /// command-line flags win over the file.
+    /// command-line flags win over the file. `xlb reload` (or SIGHUP) applies its changes.
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
+    /// Remove the data path when the agent stops on SIGTERM/SIGINT (without it, the data path
+    /// keeps serving until `xlb detach`).
+    #[arg(long)]
+    pub(crate) detach_on_exit: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +145,10 @@ pub(crate) struct AgentConfig {
     pub(crate) metrics_listen: Option<SocketAddr>,
     /// The global ICMP echo switch (each VIP address also needs a VIP that allows it).
     pub(crate) icmp_echo: bool,
+    /// The bpffs the data path is pinned in.
+    pub(crate) bpffs: PathBuf,
+    /// Remove the data path on SIGTERM/SIGINT.
+    pub(crate) detach_on_exit: bool,
 }
 
 impl AgentConfig {
@@ -173,6 +186,10 @@ impl AgentConfig {
             warm_interval: WARM_INTERVAL,
             metrics_listen: opts.metrics_listen,
             icmp_echo: opts.icmp_echo.unwrap_or(true),
+            bpffs: opts
+                .bpffs
+                .unwrap_or_else(|| PathBuf::from(crate::dataplane::DEFAULT_BPFFS)),
+            detach_on_exit: args.detach_on_exit,
         })
     }
 }
@@ -202,6 +219,7 @@ mod tests {
             options,
             state_dir: PathBuf::from("/nonexistent/state"),
             config: None,
+            detach_on_exit: false,
         }
     }
 

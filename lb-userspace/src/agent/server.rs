@@ -6,6 +6,7 @@
 
 use crate::{
     agent::{
+        config_file::Config,
         controller::{Controller, DataplaneOps},
         flow_query::FlowQueries,
         flows::FlowCounter,
@@ -17,9 +18,10 @@ use crate::{
     api::{Request, Response},
     sync::{SyncRequest, SyncStatus},
 };
-use std::{sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 use tokio::{
     net::UnixListener,
+    signal::unix::Signal,
     sync::mpsc,
     time::{Interval, MissedTickBehavior},
 };
@@ -49,6 +51,23 @@ pub(crate) struct Inputs {
     pub(crate) queries: Arc<FlowQueries>,
     /// How often backend neighbour entries are refreshed.
     pub(crate) warm_interval: Duration,
+    /// The `--config` file that `xlb reload` and SIGHUP re-read, if the agent has one.
+    pub(crate) config: Option<PathBuf>,
+    /// SIGHUP: reload.
+    pub(crate) hangups: Option<Signal>,
+    /// The name of the data path's directory in bpffs (what `xlb detach` must name).
+    pub(crate) pin_dir: Option<String>,
+    /// systemd's watchdog period (`WATCHDOG_USEC`), if it watches this agent.
+    pub(crate) watchdog: Option<Duration>,
+}
+
+/// How the serve loop ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// Cancelled (a signal, or a failure elsewhere): the data path stays.
+    Cancelled,
+    /// `xlb detach` asked for the data path to be removed.
+    Detach,
 }
 
 pub(crate) struct Server<D: DataplaneOps> {
@@ -64,6 +83,12 @@ pub(crate) struct Server<D: DataplaneOps> {
     flows: Arc<FlowCounter>,
     queries: Arc<FlowQueries>,
     warm: Interval,
+    config: Option<PathBuf>,
+    hangups: Option<Signal>,
+    pin_dir: Option<String>,
+    /// Ticks at half the watchdog period while the loop runs.
+    watchdog: Option<Interval>,
+    stop: Stop,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -83,7 +108,17 @@ impl<D: DataplaneOps> Server<D> {
         let mut warm = tokio::time::interval(inputs.warm_interval);
         warm.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let (monitor, health) = inputs.health;
+        let watchdog = inputs.watchdog.map(|period| {
+            let mut tick = tokio::time::interval(period / 2);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            tick
+        });
         Server {
+            config: inputs.config,
+            hangups: inputs.hangups,
+            pin_dir: inputs.pin_dir,
+            watchdog,
+            stop: Stop::Cancelled,
             controller,
             listener,
             monitor,
@@ -100,9 +135,9 @@ impl<D: DataplaneOps> Server<D> {
         }
     }
 
-    /// Serve until the token is cancelled; then hand the controller back (the caller decides
-    /// when the data path goes, after the other tasks ended).
-    pub(crate) async fn run(mut self) -> Controller<D> {
+    /// Serve until the token is cancelled; then hand the controller back with why the loop
+    /// ended (the caller decides what happens to the data path, after the other tasks ended).
+    pub(crate) async fn run(mut self) -> (Controller<D>, Stop) {
         self.monitor.sync(self.controller.probe_targets());
         log::info!("health checks running for {} backends", self.monitor.len());
         loop {
@@ -125,15 +160,89 @@ impl<D: DataplaneOps> Server<D> {
                     let _ = reply.send(self.controller.stats());
                 }
                 _ = self.warm.tick() => warm_neighbours(&self.controller.state().backend_addrs()),
+                Some(()) = hangup(self.hangups.as_mut()) => {
+                    log::info!("SIGHUP received");
+                    match self.reload() {
+                        Ok(summary) => log::info!("{summary}"),
+                        Err(e) => log::error!("reload failed, nothing changed: {e}"),
+                    }
+                }
+                // Alive as long as this loop turns: a loop stuck anywhere stops the pings, and
+                // systemd restarts the agent (which takes over the running data path).
+                _ = tick(self.watchdog.as_mut()) => {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
             }
         }
         log::info!("shutting down");
-        self.controller
+        (self.controller, self.stop)
     }
 
-    /// One CLI request: answered by the controller, except `peers` (the sync's own counters).
+    /// Re-read the config file and apply what changed; the one-line summary.
+    fn reload(&mut self) -> Result<String, String> {
+        let path = self.config.clone().ok_or(
+            "this agent was started without --config: there is no file to reload (change it with the CLI)",
+        )?;
+        let config = Config::load(&path).map_err(|e| e.to_string())?;
+        let summary = self
+            .controller
+            .reload(&config.state)
+            .map_err(|e| e.to_string())?;
+        self.monitor.sync(self.controller.probe_targets());
+        warm_neighbours(&self.controller.state().backend_addrs());
+        let vips = self.controller.state().vip_count();
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&format!("serving {vips} VIPs; {summary}")),
+        ]);
+        Ok(summary)
+    }
+
+    /// One CLI request: answered by the controller, except `peers` (the sync's own counters),
+    /// `reload` and `detach` (this loop's own business).
     fn job(&mut self, job: Job) {
         log::debug!("request {:?}", job.req);
+        match &job.req {
+            Request::Reload => {
+                let resp = match self.reload() {
+                    Ok(message) => {
+                        log::info!("{message}");
+                        Response::Done { message }
+                    }
+                    Err(message) => {
+                        log::warn!("reload refused, nothing changed: {message}");
+                        Response::Error { message }
+                    }
+                };
+                let _ = job.reply.send(resp);
+                return;
+            }
+            Request::Detach { dir } => {
+                let resp = if self.pin_dir.as_deref() == Some(dir.as_str()) {
+                    log::info!("detach requested: removing the data path and exiting");
+                    self.stop = Stop::Detach;
+                    // A moment for the answer to reach the CLI before the connections close.
+                    let cancel = self.cancel.clone();
+                    self.tasks.spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        cancel.cancel();
+                    });
+                    Response::Done {
+                        message: "the agent removes the data path and exits".into(),
+                    }
+                } else {
+                    Response::Error {
+                        message: format!(
+                            "this agent manages {}, not {dir}",
+                            self.pin_dir.as_deref().unwrap_or("no pinned data path")
+                        ),
+                    }
+                };
+                let _ = job.reply.send(resp);
+                return;
+            }
+            _ => {}
+        }
         if let (Request::Peers, Some(sync)) = (&job.req, &self.sync) {
             let _ = job.reply.send(Response::Peers {
                 peers: sync.status.report(),
@@ -174,6 +283,24 @@ impl<D: DataplaneOps> Server<D> {
                 });
             }
         }
+    }
+}
+
+/// The next SIGHUP, if the loop listens for it; never otherwise.
+async fn hangup(signal: Option<&mut Signal>) -> Option<()> {
+    match signal {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next tick of an optional interval; never without one.
+async fn tick(interval: Option<&mut Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -87,6 +87,54 @@ pub(crate) struct DesiredState {
     vips: BTreeMap<ServiceKey, VipConfig>,
 }
 
+/// What differs between two desired states (`xlb reload`), VIP by VIP.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct StateDiff {
+    pub(crate) added: Vec<ServiceKey>,
+    pub(crate) removed: Vec<ServiceKey>,
+    /// VIPs in both whose configuration differs (forwarding, checks, backends, weights).
+    pub(crate) changed: Vec<ServiceKey>,
+    pub(crate) unchanged: usize,
+    /// Over the changed VIPs: backends added, removed, and kept with another weight or check.
+    pub(crate) backends_added: usize,
+    pub(crate) backends_removed: usize,
+    pub(crate) backends_changed: usize,
+}
+
+impl StateDiff {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+
+    /// One line: `reload: 1 VIP added, 0 removed, 1 changed (backends +1 -0 ~1), 2 unchanged`.
+    pub(crate) fn summary(&self) -> String {
+        if self.is_empty() {
+            return format!("reload: nothing changed ({} VIPs)", self.unchanged);
+        }
+        let names = |keys: &[ServiceKey]| {
+            if keys.is_empty() {
+                String::new()
+            } else {
+                let list: Vec<String> = keys.iter().map(ToString::to_string).collect();
+                format!(" [{}]", list.join(", "))
+            }
+        };
+        format!(
+            "reload: {} VIPs added{}, {} removed{}, {} changed{} (backends +{} -{} ~{}), {} unchanged",
+            self.added.len(),
+            names(&self.added),
+            self.removed.len(),
+            names(&self.removed),
+            self.changed.len(),
+            names(&self.changed),
+            self.backends_added,
+            self.backends_removed,
+            self.backends_changed,
+            self.unchanged
+        )
+    }
+}
+
 /// Unicast, not 0.0.0.0 (which the data path uses as "free slot"), not limited broadcast.
 fn is_host_address(addr: Ipv4Addr) -> bool {
     !(addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast())
@@ -211,6 +259,39 @@ impl DesiredState {
             .flat_map(|v| v.backends.iter().map(|b| b.addr))
             .collect();
         set.into_iter().collect()
+    }
+
+    /// What `next` adds, removes and changes compared with this state.
+    pub(crate) fn diff(&self, next: &DesiredState) -> StateDiff {
+        let mut d = StateDiff::default();
+        for (key, new) in &next.vips {
+            match self.vips.get(key) {
+                None => d.added.push(*key),
+                Some(old) if old == new => d.unchanged += 1,
+                Some(old) => {
+                    d.changed.push(*key);
+                    for b in &new.backends {
+                        match old.backends.iter().find(|o| o.addr == b.addr) {
+                            None => d.backends_added += 1,
+                            Some(o) if o != b => d.backends_changed += 1,
+                            Some(_) => {}
+                        }
+                    }
+                    d.backends_removed += old
+                        .backends
+                        .iter()
+                        .filter(|o| !new.backends.iter().any(|b| b.addr == o.addr))
+                        .count();
+                }
+            }
+        }
+        d.removed = self
+            .vips
+            .keys()
+            .filter(|k| !next.vips.contains_key(k))
+            .copied()
+            .collect();
+        d
     }
 
     fn existing(&self, key: &ServiceKey) -> Result<&VipConfig, StateError> {
@@ -447,6 +528,45 @@ mod tests {
     }
     fn none() -> CheckPatch {
         CheckPatch::default()
+    }
+
+    #[test]
+    fn reload_diff_names_vips_and_counts_backends() {
+        let old = DesiredState::from_specs([
+            spec(80, &[(11, 1), (12, 1), (13, 1)]),
+            spec(443, &[(11, 1)]),
+            spec(53, &[(11, 1)]),
+        ])
+        .unwrap();
+        let mut l2 = spec(53, &[(11, 1)]);
+        l2.forward = Forward::L2;
+        let next = DesiredState::from_specs([
+            // 80: be12 removed, be13's weight changed, be14 added.
+            spec(80, &[(11, 1), (13, 2), (14, 1)]),
+            // 443 unchanged; 53 changed without any backend change; 8080 added; none removed
+            // but... 443 stays, so nothing is removed.
+            spec(443, &[(11, 1)]),
+            l2,
+            spec(8080, &[(11, 1)]),
+        ])
+        .unwrap();
+        let d = old.diff(&next);
+        assert_eq!(d.added, vec![key(8080)]);
+        assert!(d.removed.is_empty());
+        assert_eq!(d.changed, vec![key(53), key(80)]);
+        assert_eq!(d.unchanged, 1);
+        assert_eq!(
+            (d.backends_added, d.backends_removed, d.backends_changed),
+            (1, 1, 1)
+        );
+        assert_eq!(
+            d.summary(),
+            "reload: 1 VIPs added [10.111.100.1:8080/tcp], 0 removed, 2 changed [10.111.100.1:53/tcp, 10.111.100.1:80/tcp] (backends +1 -1 ~1), 1 unchanged"
+        );
+        let back = next.diff(&old);
+        assert_eq!(back.removed, vec![key(8080)]);
+        assert_eq!(old.diff(&old).summary(), "reload: nothing changed (3 VIPs)");
+        assert!(old.diff(&old).is_empty());
     }
 
     #[test]

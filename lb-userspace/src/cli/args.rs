@@ -38,9 +38,26 @@ pub(crate) struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Run the agent: attach the balancer to an interface, install the desired state (from
-    /// --config or the state saved in --state-dir) and serve the CLI until SIGINT/SIGTERM.
+    /// Run the agent: take over the data path pinned for an interface (or attach a new one),
+    /// install the desired state (from --config or the state saved in --state-dir) and serve the
+    /// CLI until SIGINT/SIGTERM. The data path keeps serving after the agent stops; `xlb detach`
+    /// removes it.
     Agent(AgentArgs),
+    /// Re-read the running agent's --config file and apply what changed (VIPs and backends
+    /// added, removed, changed); an invalid file changes nothing. SIGHUP does the same.
+    Reload,
+    /// Remove the data path for good: detach the balancer from the interface, remove its pins,
+    /// and put back what the agent changed on the host (IPv4 forwarding). A running agent is
+    /// asked to do it over its socket, and exits.
+    Detach(DetachArgs),
+    /// Print a shell completion script for xlb.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (one per command) into DIR.
+    #[command(hide = true)]
+    ManPages { dir: PathBuf },
     /// Add, delete and list virtual services.
     #[command(subcommand)]
     Vip(VipCommand),
@@ -73,6 +90,25 @@ pub(crate) enum Command {
     /// exits.
     #[command(subcommand)]
     XdpPass(XdpPassCommand),
+}
+
+/// `xlb detach`: which data path.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["iface", "all", "pin_dir"])))]
+pub(crate) struct DetachArgs {
+    /// The interface whose data path to remove (in this network namespace).
+    #[arg(long, value_name = "IF")]
+    pub(crate) iface: Option<String>,
+    /// Every xlb data path of this network namespace.
+    #[arg(long)]
+    pub(crate) all: bool,
+    /// The data path pinned in this directory (`<bpffs>/xlb/ns<cookie>-if<index>`), e.g. one
+    /// whose interface moved to another network namespace.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) pin_dir: Option<PathBuf>,
+    /// The bpffs the data path is pinned in (the agent's --bpffs).
+    #[arg(long, value_name = "PATH", default_value = crate::dataplane::DEFAULT_BPFFS)]
+    pub(crate) bpffs: PathBuf,
 }
 
 /// A virtual service on the command line: its address and port, and `--proto`.

@@ -4,8 +4,8 @@
 use super::{
     CliError,
     args::{
-        BackendCommand, BackendHostCommand, FlowsArgs, FlowsCommand, OnOff, StatsArgs, VipCommand,
-        XdpPassCommand,
+        BackendCommand, BackendHostCommand, DetachArgs, FlowsArgs, FlowsCommand, OnOff, StatsArgs,
+        VipCommand, XdpPassCommand,
     },
     client, print, print_json,
     render::{backend_table, count_text, flow_table, flush_text, stats_text, vip_table},
@@ -15,7 +15,11 @@ use crate::{
     agent::flow_query::MAX_LIMIT,
     api::{Request, Response, StatsReport, VipList},
     backend_host::{self, RECORD_DIR, SetupOptions},
-    dataplane::persistent,
+    dataplane::{
+        PinDir, PinError, persistent,
+        pins::{self, dir_name, netns_cookie},
+        remove_data_path,
+    },
     model::{addr::parse_ipv4, check::parse_duration},
     util::interface_index,
 };
@@ -34,8 +38,8 @@ fn unexpected(resp: Response) -> CliError {
 }
 
 /// Send a mutating request and print the agent's confirmation.
-fn change(socket: &Path, req: Request) -> Result<(), CliError> {
-    match client::call(socket, &req)? {
+fn change(socket: &Path, req: &Request) -> Result<(), CliError> {
+    match client::call(socket, req)? {
         Response::Done { message } => print(&format!("{message}\n")),
         other => Err(unexpected(other)),
     }
@@ -76,7 +80,7 @@ pub(crate) fn vip(socket: &Path, cmd: VipCommand) -> Result<(), CliError> {
             };
         }
     };
-    change(socket, req)
+    change(socket, &req)
 }
 
 pub(crate) fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError> {
@@ -125,7 +129,7 @@ pub(crate) fn backend(socket: &Path, cmd: BackendCommand) -> Result<(), CliError
             };
         }
     };
-    change(socket, req)
+    change(socket, &req)
 }
 
 pub(crate) fn flows(socket: &Path, args: FlowsArgs) -> Result<(), CliError> {
@@ -260,6 +264,95 @@ pub(crate) async fn xdp_pass(cmd: XdpPassCommand) -> Result<(), CliError> {
             persistent::detach(&iface).await.map_err(xdp_err)?;
             print(&format!("XDP program detached from {iface}\n"))
         }
+    }
+}
+
+/// `xlb reload`: the agent re-reads its --config and says what changed.
+pub(crate) fn reload(socket: &Path) -> Result<(), CliError> {
+    change(socket, &Request::Reload)
+}
+
+/// How long `xlb detach` waits for a running agent to remove the data path and exit.
+const DETACH_WAIT: Duration = Duration::from_secs(10);
+
+/// `xlb detach`: remove the chosen data paths. Each is removed here when no agent holds it, or by
+/// the agent that holds it (asked over `socket`, which then exits).
+pub(crate) fn detach(socket: &Path, args: &DetachArgs) -> Result<(), CliError> {
+    let root = pins::existing_root(&args.bpffs)?;
+    let targets: Vec<(PathBuf, String)> = if let Some(dir) = &args.pin_dir {
+        vec![(dir.clone(), dir.display().to_string())]
+    } else if let Some(iface) = &args.iface {
+        let dir = root.join(dir_name(netns_cookie()?, interface_index(iface)?));
+        if !dir.exists() {
+            return Err(CliError::Detach(format!(
+                "no xlb data path is pinned for {iface} ({} does not exist)",
+                dir.display()
+            )));
+        }
+        vec![(dir, iface.clone())]
+    } else {
+        pins::dirs_of_this_namespace(&root)?
+            .into_iter()
+            .map(|(dir, ifindex)| (dir, format!("interface #{ifindex}")))
+            .collect()
+    };
+    if targets.is_empty() {
+        return print("no xlb data path in this network namespace\n");
+    }
+    let mut failed = Vec::new();
+    for (dir, name) in targets {
+        match detach_one(socket, &dir, &name) {
+            Ok(message) => print(&format!("{message}\n"))?,
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Detach(failed.join("; ")))
+    }
+}
+
+fn detach_one(socket: &Path, dir: &Path, name: &str) -> Result<String, CliError> {
+    if !dir.exists() {
+        return Err(CliError::Detach(format!(
+            "{} does not exist",
+            dir.display()
+        )));
+    }
+    match PinDir::lock_path(dir, name) {
+        Ok(lock) => remove_data_path(&lock).map_err(|e| CliError::Xdp(Box::new(e))),
+        Err(PinError::Busy { holder, .. }) => {
+            let dir_name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let holder = holder.map(|p| format!(" (pid {p})")).unwrap_or_default();
+            client::call(socket, &Request::Detach { dir: dir_name }).map_err(|e| {
+                CliError::Detach(format!(
+                    "the data path at {} is held by a running agent{holder}, which did not take the request on {}: {e} (pass that agent's --socket)",
+                    dir.display(),
+                    socket.display()
+                ))
+            })?;
+            // The agent removes the data path after its tasks ended, then exits and its lock
+            // goes with it.
+            let deadline = std::time::Instant::now() + DETACH_WAIT;
+            while dir.exists() {
+                if std::time::Instant::now() > deadline {
+                    return Err(CliError::Detach(format!(
+                        "the agent{holder} accepted the request but {} is still there after {DETACH_WAIT:?}; see its log",
+                        dir.display()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(format!(
+                "the agent{holder} detached the balancer from {name} and removed {}",
+                dir.display()
+            ))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

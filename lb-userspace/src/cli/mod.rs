@@ -6,6 +6,7 @@
 pub(crate) mod args;
 pub(crate) mod client;
 pub(crate) mod commands;
+pub(crate) mod docs;
 pub(crate) mod render;
 pub(crate) mod watch;
 
@@ -50,6 +51,10 @@ pub(crate) enum CliError {
     Limit(String),
     #[error("writing output: {0}")]
     Output(#[from] io::Error),
+    #[error(transparent)]
+    Pin(#[from] crate::dataplane::PinError),
+    #[error("{0}")]
+    Detach(String),
 }
 
 fn print(text: &str) -> Result<(), CliError> {
@@ -117,6 +122,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Peers { json } => commands::peers(&socket, json)?,
         Command::BackendHost(cmd) => commands::backend_host(cmd).await?,
         Command::XdpPass(cmd) => commands::xdp_pass(cmd).await?,
+        Command::Reload => commands::reload(&socket)?,
+        Command::Detach(args) => commands::detach(&socket, &args)?,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "xlb", &mut io::stdout());
+        }
+        Command::ManPages { dir } => docs::man_pages(&dir)?,
     }
     Ok(())
 }

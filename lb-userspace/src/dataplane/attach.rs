@@ -1,9 +1,10 @@
 //! How the balancer is attached: the mode asked for (`XdpModeChoice`, with `auto` falling back
 //! from driver to generic mode) and the mode it got (`AttachedMode`). The agent attaches through
-//! a bpf_link, which dies with the agent; `persistent` attaches programs that must outlive it.
+//! a bpf_link, which it pins (`live`) so that the data path outlives it; `persistent` attaches
+//! the other programs by netlink.
 
 use super::DataplaneError;
-use aya::programs::{Xdp, XdpMode};
+use aya::programs::{Xdp, XdpMode, links::FdLink};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -53,13 +54,13 @@ impl fmt::Display for AttachedMode {
     }
 }
 
-/// Attach `prog` to `iface` in `mode` (auto: driver, else generic, with a warning); the link
-/// lives as long as the program's `Ebpf`.
+/// Attach `prog` to `iface` in `mode` (auto: driver, else generic, with a warning); the link,
+/// taken out of the program so that dropping the program does not detach it.
 pub(super) fn attach_link(
     prog: &mut Xdp,
     iface: &str,
     mode: XdpModeChoice,
-) -> Result<AttachedMode, DataplaneError> {
+) -> Result<(AttachedMode, FdLink), DataplaneError> {
     let attempts: &[(XdpMode, AttachedMode)] = match mode {
         XdpModeChoice::Driver => &[(XdpMode::Driver, AttachedMode::Driver)],
         XdpModeChoice::Generic => &[(XdpMode::Skb, AttachedMode::Generic)],
@@ -71,7 +72,21 @@ pub(super) fn attach_link(
     let mut last_err = None;
     for (flag, attached) in attempts {
         match prog.attach(iface, *flag) {
-            Ok(_) => return Ok(*attached),
+            Ok(id) => {
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| DataplaneError::Attach {
+                        iface: iface.to_string(),
+                        mode: *attached,
+                        source,
+                    })?;
+                // A link made by netlink (kernels before 5.9) cannot be pinned.
+                let link = FdLink::try_from(link).map_err(|e| DataplaneError::Link {
+                    what: "the kernel attached XDP without a bpf_link, which cannot be pinned",
+                    source: Box::new(e),
+                })?;
+                return Ok((*attached, link));
+            }
             Err(source) => {
                 if mode == XdpModeChoice::Auto && *attached == AttachedMode::Driver {
                     log::warn!(

@@ -6,9 +6,9 @@
 //! call) where the kernel has them, and entry by entry otherwise. The table keeps changing under
 //! any walk: an entry added or evicted meanwhile may be seen or missed.
 
-use super::{Dataplane, DataplaneError, ipv4_be, map_err, take_map, vip_key};
+use super::{Dataplane, DataplaneError, ipv4_be, map_err, take_map};
 use aya::maps::{HashMap, IterableMap, Map, MapData, RingBuf};
-use lb_common::{CONFIG_F_FLOW_EVENTS, FLOW_F_PEER, FlowEvent, FlowKey, FlowValue, VipKey, maps};
+use lb_common::{CONFIG_F_FLOW_EVENTS, FLOW_F_PEER, FlowEvent, FlowKey, FlowValue, maps};
 use serde::{Deserialize, Serialize};
 use std::{
     io,
@@ -338,46 +338,13 @@ impl Dataplane {
         &mut self,
         flows: impl IntoIterator<Item = FlowEvent>,
     ) -> Result<InstallReport, DataplaneError> {
-        let now = monotonic_ns();
-        // (VIP as the data path keys it, backend address in network order) → slot id.
-        let mut slots = std::collections::HashMap::new();
-        for (key, vip) in &self.installed {
-            for (addr, id) in &vip.backends {
-                slots.insert((vip_key(key), ipv4_be(*addr)), *id);
-            }
-        }
-        let map = self
-            .ebpf
-            .map_mut(maps::FLOWS)
-            .ok_or(DataplaneError::MissingMap { name: maps::FLOWS })?;
-        let mut table: HashMap<&mut MapData, FlowKey, FlowValue> =
-            HashMap::try_from(map).map_err(map_err(maps::FLOWS))?;
-        let mut report = InstallReport::default();
-        for event in flows {
-            let vip = VipKey {
-                addr: event.flow.dst_addr,
-                port: event.flow.dst_port,
-                proto: event.flow.proto,
-                _pad: 0,
-            };
-            match slots.get(&(vip, event.backend_addr)) {
-                Some(id) => {
-                    let value = FlowValue {
-                        backend_addr: event.backend_addr,
-                        backend_id: *id,
-                        last_seen_ns: now,
-                        flags: FLOW_F_PEER,
-                        _pad: 0,
-                    };
-                    table
-                        .insert(event.flow, value, 0)
-                        .map_err(map_err(maps::FLOWS))?;
-                    report.installed += 1;
-                }
-                None => report.unknown_backend += 1,
-            }
-        }
-        Ok(report)
+        // Chosen by the peer: marked so (`xlb flows` shows the origin).
+        self.install(
+            flows
+                .into_iter()
+                .map(|e| (e.flow, e.backend_addr, None, FLOW_F_PEER)),
+            0,
+        )
     }
 
     /// Every flow seen within `max_age`, as `FlowEvent`s: one walk of the table (the agent walks

@@ -1,26 +1,40 @@
 //! The kernel side as seen from the agent: the loaded XDP object and typed handles to its maps.
-//! Parts: `attach` (how the balancer is attached), `vips` (VIPs, backend slots and rings in the
-//! maps), `flows` (the flow table: peers' flows installed, walks for counts and snapshots),
-//! `stats` (counters), `ring` (ring construction), `object` (the embedded object and its
-//! programs), `persistent` (programs that outlive the process: decapsulator, pass program).
+//! Parts: `live` (the data path in bpffs: take over or prepare, go live, remove), `pins` (its
+//! directory, lock and links), `plan` (which pinned map each state map is), `migrate` (copies
+//! into maps of another capacity or layout), `adopt` (bookkeeping read back from a running data
+//! path), `meta` (what was changed on the host), `attach` (how the balancer is attached),
+//! `vips` (VIPs, backend slots and rings in the maps), `flows` (the flow table: peers' flows
+//! installed, walks for counts and snapshots), `stats` (counters), `ring` (ring construction),
+//! `object` (the embedded object and its programs), `persistent` (programs that outlive the
+//! process: decapsulator, pass program).
 
+pub mod adopt;
 pub mod attach;
 pub mod flows;
+pub mod live;
+mod meta;
+mod migrate;
 pub mod object;
 pub mod persistent;
+pub mod pins;
+mod plan;
 pub mod ring;
 pub mod stats;
 pub mod vips;
 
+pub use adopt::DownBackend;
 pub use attach::{AttachedMode, UnknownXdpMode, XdpModeChoice};
 pub use flows::{ACTIVE_FLOW_WINDOW, FlowCounts, FlowTable, InstallReport, monotonic_ns};
+pub use live::{Startup, remove_data_path};
+pub use pins::{DEFAULT_BPFFS, PinDir, PinError};
+pub use plan::PlanError;
 pub use stats::{BackendStats, Counters, DataplaneStats, VipStats};
 
 use crate::{
     dataplane::{object::EBPF_OBJECT, ring::RingError},
     model::ServiceKey,
     netlink::NetlinkError,
-    util::{NoSuchInterface, interface_index},
+    util::NoSuchInterface,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -33,6 +47,7 @@ use lb_common::{
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    path::PathBuf,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +99,37 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Pin(Box<PinError>),
+    #[error(transparent)]
+    Plan(Box<PlanError>),
+    #[error("{what}: {source}")]
+    Link {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "{} holds a live xlb data path (program {prog}) that is not the one on {iface} in this network namespace (its interface moved to another namespace?); `xlb detach --pin-dir {}` removes it",
+        dir.display(), dir.display()
+    )]
+    LinkElsewhere {
+        iface: String,
+        dir: PathBuf,
+        prog: u32,
+    },
+    #[error(
+        "{iface} already has an XDP program (id {prog}){}",
+        match dirs.first() {
+            Some(d) => format!(": the xlb data path pinned at {} (another network namespace or interface); `xlb detach --pin-dir {}` removes it", d.display(), d.display()),
+            None => " that xlb did not attach; remove it first (ip link set dev IF xdp off)".to_string(),
+        }
+    )]
+    Foreign {
+        iface: String,
+        prog: u32,
+        dirs: Vec<PathBuf>,
+    },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
@@ -98,6 +144,8 @@ pub struct DataplaneOptions {
     pub flow_capacity: u32,
     /// Outer source of IPIP packets.
     pub lb_addr: Ipv4Addr,
+    /// Where bpffs is mounted (or is to be mounted): `--bpffs`.
+    pub bpffs: PathBuf,
 }
 
 /// A VIP as installed: its slot ids, which ring half is live, and the addresses of its backend
@@ -112,8 +160,8 @@ struct InstalledVip {
 
 type KernelHash<K, V> = HashMap<MapData, K, V>;
 
-/// The loaded object and typed handles to its maps. Dropping it detaches the balancer (the
-/// program's link and maps are released with the `Ebpf`).
+/// The loaded object and typed handles to its maps. Dropping it never detaches the balancer:
+/// an attached data path is held by its pinned link (`live`), and only `detach` removes it.
 pub struct Dataplane {
     ebpf: Ebpf,
     mode: Option<AttachedMode>,
@@ -136,6 +184,17 @@ pub struct Dataplane {
     free_vip_ids: BTreeSet<u32>,
     free_backend_ids: BTreeSet<u32>,
     nr_cpus: usize,
+    /// The data path's directory in bpffs and what is left to do there (`None` for loads
+    /// without pins: tests and benchmarks).
+    pinned: Option<live::Pinned>,
+}
+
+/// The number of possible CPUs (the length of per-CPU values).
+pub(crate) fn possible_cpus() -> Result<usize, DataplaneError> {
+    aya::util::nr_cpus().map_err(|(what, source)| DataplaneError::Io {
+        what: what.to_string(),
+        source,
+    })
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
@@ -148,27 +207,10 @@ where
     T::try_from(map).map_err(map_err(name))
 }
 
-/// `bpf_fib_lookup` refuses to route for an interface with forwarding off
-/// (BPF_FIB_LKUP_RET_FWD_DISABLED), and the kernel must forward the packets the balancer hands it
-/// for neighbour resolution, so the LB's interface needs IPv4 forwarding.
-fn ensure_forwarding(iface: &str) -> Result<(), DataplaneError> {
-    let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
-    let io = |what: &str, source| DataplaneError::Io {
-        what: format!("{what} {path}"),
-        source,
-    };
-    let current = std::fs::read_to_string(&path).map_err(|e| io("reading", e))?;
-    if current.trim() != "1" {
-        log::info!("enabling IPv4 forwarding on {iface} (needed by bpf_fib_lookup)");
-        std::fs::write(&path, "1").map_err(|e| io("writing", e))?;
-    }
-    Ok(())
-}
-
 /// Forward the program's aya-log records to this process's `log` whenever the ring buffer has
 /// some. Only when loaded inside a tokio runtime (the agent); `None` otherwise, or if the logger
 /// cannot be set up — then debug events are unavailable, which is logged, not fatal.
-fn spawn_log_pump(ebpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
+pub(super) fn spawn_log_pump(ebpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
     let runtime = tokio::runtime::Handle::try_current().ok()?;
     let logger = match aya_log::EbpfLogger::init(ebpf) {
         Ok(logger) => logger,
@@ -229,34 +271,25 @@ fn vip_key(key: &ServiceKey) -> VipKey {
 }
 
 impl Dataplane {
-    /// Load the object, size the flow table, write the config, attach the balancer to `iface`.
-    /// Errors if the interface does not exist or the attach fails (nothing stays attached then).
-    pub fn load(opts: &DataplaneOptions) -> Result<Self, DataplaneError> {
-        interface_index(&opts.iface)?;
-        ensure_forwarding(&opts.iface)?;
-        let mut dp = Self::load_unattached(opts.flow_capacity, Some(opts.lb_addr))?;
-        dp.log_pump = spawn_log_pump(&mut dp.ebpf);
-        dp.mode = Some(attach::attach_link(
-            dp.balancer_mut()?,
-            &opts.iface,
-            opts.mode,
-        )?);
-        Ok(dp)
-    }
-
-    /// Load the object and its maps without attaching anywhere: for `BPF_PROG_TEST_RUN` fixtures
-    /// and benchmarks. `lb_addr` is the IPIP outer source.
+    /// Load the object and its maps without attaching anywhere or pinning anything: for
+    /// `BPF_PROG_TEST_RUN` fixtures and benchmarks. `lb_addr` is the IPIP outer source.
     pub fn load_unattached(
         flow_capacity: u32,
         lb_addr: Option<Ipv4Addr>,
     ) -> Result<Self, DataplaneError> {
-        let mut ebpf = EbpfLoader::new()
+        let ebpf = EbpfLoader::new()
             .map_max_entries(maps::FLOWS, flow_capacity)
             .load(EBPF_OBJECT)?;
-        let nr_cpus = aya::util::nr_cpus().map_err(|(what, source)| DataplaneError::Io {
-            what: what.to_string(),
-            source,
-        })?;
+        Self::from_ebpf(ebpf, flow_capacity, lb_addr)
+    }
+
+    /// Take the maps of a loaded object, write its config and load the balancer (not attached).
+    fn from_ebpf(
+        mut ebpf: Ebpf,
+        flow_capacity: u32,
+        lb_addr: Option<Ipv4Addr>,
+    ) -> Result<Self, DataplaneError> {
+        let nr_cpus = possible_cpus()?;
         let mut config: Array<MapData, LbConfig> = take_map(&mut ebpf, maps::CONFIG)?;
         let lb_config = LbConfig {
             lb_addr: lb_addr.map(ipv4_be).unwrap_or(0),
@@ -289,6 +322,7 @@ impl Dataplane {
             free_vip_ids: (0..MAX_VIPS).collect(),
             free_backend_ids: (0..MAX_BACKENDS).collect(),
             nr_cpus,
+            pinned: None,
         };
         dp.balancer_mut()?
             .load()
@@ -314,7 +348,7 @@ impl Dataplane {
     }
 
     /// Set or clear one `CONFIG_F_*` bit of the data path's configuration.
-    fn set_config_flag(&mut self, flag: u32, on: bool) -> Result<(), DataplaneError> {
+    pub(super) fn set_config_flag(&mut self, flag: u32, on: bool) -> Result<(), DataplaneError> {
         let flags = if on {
             self.lb_config.flags | flag
         } else {

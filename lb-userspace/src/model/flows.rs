@@ -228,13 +228,7 @@ pub(crate) mod tests {
                 proto: proto.ip_proto(),
                 _pad: [0; 3],
             },
-            FlowValue {
-                backend_addr: ipv4_be(a(backend)),
-                backend_id: 0,
-                last_seen_ns: seen,
-                flags,
-                _pad: 0,
-            },
+            FlowValue::new(ipv4_be(a(backend)), 0, seen, flags),
         )
     }
 

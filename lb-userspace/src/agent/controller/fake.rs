@@ -67,6 +67,9 @@ pub(crate) struct FakeError(&'static str);
 
 impl DataplaneOps for FakeDataplane {
     type Error = FakeError;
+    fn installed_vips(&self) -> Vec<ServiceKey> {
+        self.applied.keys().copied().collect()
+    }
     fn check_vip(&self, spec: &VipSpec) -> Result<(), FakeError> {
         match self.max_backends_per_vip {
             Some(max) if spec.backends.len() > max => Err(FakeError("too many backends")),

@@ -13,9 +13,11 @@
 //! The controller also keeps the backends' health (`HealthBook`): every apply passes what the book
 //! plans for the VIP (its down backends, and the weights the backup rule gives) to the data path,
 //! then settles it in the book; a health result that changes a backend's state re-applies its
-//! VIP. Health is not persisted: after a restart every backend starts up (as in HAProxy), so a
-//! restart causes no outage — except under a role check (`postgres:primary`/`replica`), where a
-//! backend starts pending until its first check says which role it has.
+//! VIP. Across a restart health comes back from the data path itself: a backend whose slot the
+//! running data path had taken out of service starts down (and its checks take it from there);
+//! every other backend, and every backend of a first attach, starts up — except under a role
+//! check (`postgres:primary`/`replica`), where a backend starts pending until its first check
+//! says which role it has.
 
 use crate::{
     agent::{
@@ -50,6 +52,8 @@ pub(crate) trait DataplaneOps {
     fn install_flows(&mut self, flows: Vec<FlowEvent>) -> Result<InstallReport, Self::Error>;
     /// Switch the data path's debug events for one installed VIP on or off (runtime only).
     fn set_vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), Self::Error>;
+    /// The VIPs in the data path now (those of a running data path that was taken over).
+    fn installed_vips(&self) -> Vec<ServiceKey>;
 }
 
 impl DataplaneOps for Dataplane {
@@ -75,6 +79,9 @@ impl DataplaneOps for Dataplane {
     }
     fn set_vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), DataplaneError> {
         Dataplane::set_vip_debug(self, key, on)
+    }
+    fn installed_vips(&self) -> Vec<ServiceKey> {
+        Dataplane::installed_vips(self)
     }
 }
 
@@ -117,12 +124,17 @@ pub(crate) struct Controller<D> {
 }
 
 impl<D: DataplaneOps> Controller<D> {
-    /// Install `initial` into the data path and persist it. Every VIP is checked before the first
-    /// one is applied; if any apply fails, the ones already applied are removed again.
+    /// Install `initial` into the data path and persist it. The data path may already hold VIPs
+    /// (one that was taken over): it is reconciled by difference, never cleared — VIPs it has
+    /// and `initial` has not are removed, the others applied over what is there (a VIP keeps its
+    /// slots, counters and flows). `down` are the backends it had out of service: they start
+    /// down. Every VIP is checked before the first change; if an apply fails, the VIPs this call
+    /// added are removed again (those that were there stay).
     pub(crate) fn start(
         dp: D,
         state_path: PathBuf,
         initial: DesiredState,
+        down: &BTreeSet<(ServiceKey, Ipv4Addr)>,
     ) -> Result<Self, ControllerError> {
         let mut ctl = Controller {
             dp,
@@ -144,11 +156,30 @@ impl<D: DataplaneOps> Controller<D> {
                     source: e.into(),
                 })?;
         }
+        let present: BTreeSet<ServiceKey> = ctl.dp.installed_vips().into_iter().collect();
+        for key in present.iter().filter(|k| initial.get(k).is_none()) {
+            ctl.dp
+                .remove_vip(key)
+                .map_err(|e| ControllerError::Remove {
+                    key: *key,
+                    source: e.into(),
+                })?;
+            log::info!(
+                "removed VIP {key}: the running data path had it, the desired state has not"
+            );
+        }
+        // Backends the running data path had out of service stay down until checks pass.
+        let n = ctl
+            .health
+            .start_down(down.iter().copied(), SystemTime::now());
+        if n > 0 {
+            log::info!("{n} backends start down: the running data path had them out of service");
+        }
         let mut applied: Vec<ServiceKey> = Vec::new();
         let mut outcome = Ok(());
         for spec in initial.vips() {
-            let (planned, down) = ctl.health.plan(spec);
-            if let Err(e) = ctl.dp.apply_vip(&planned, &down) {
+            let (planned, held) = ctl.health.plan(spec);
+            if let Err(e) = ctl.dp.apply_vip(&planned, &held) {
                 outcome = Err(ControllerError::Apply {
                     key: spec.key,
                     source: e.into(),
@@ -161,7 +192,7 @@ impl<D: DataplaneOps> Controller<D> {
             outcome = state::save(&ctl.state_path, &initial).map_err(ControllerError::from);
         }
         if let Err(e) = outcome {
-            for key in applied.iter().rev() {
+            for key in applied.iter().rev().filter(|k| !present.contains(k)) {
                 if let Err(re) = ctl.dp.remove_vip(key) {
                     log::warn!("removing VIP {key} after a failed start: {re}");
                 }
@@ -177,6 +208,33 @@ impl<D: DataplaneOps> Controller<D> {
         Ok(ctl)
     }
 
+    /// Make `next` the desired state by difference (`xlb reload`, SIGHUP): VIPs added, removed
+    /// and changed one by one, each validated, applied and persisted like a CLI change; the rest
+    /// untouched (their flows and counters too). Every VIP of `next` is checked first, so an
+    /// invalid file changes nothing. The summary, in one line.
+    pub(crate) fn reload(&mut self, next: &DesiredState) -> Result<String, ControllerError> {
+        let diff = self.state.diff(next);
+        for key in diff.added.iter().chain(&diff.changed) {
+            let spec = next.get(key).expect("diff keys come from next");
+            self.dp
+                .check_vip(&spec.spec())
+                .map_err(|e| ControllerError::Capacity {
+                    key: *key,
+                    source: e.into(),
+                })?;
+        }
+        for key in &diff.removed {
+            let old = self.state.get(key).cloned();
+            self.commit(*key, old, None)?;
+        }
+        for key in diff.added.iter().chain(&diff.changed) {
+            let old = self.state.get(key).cloned();
+            self.commit(*key, old, next.get(key).cloned())?;
+        }
+        self.log_unchecked_udp(diff.added.clone());
+        Ok(diff.summary())
+    }
+
     pub(crate) fn state(&self) -> &DesiredState {
         &self.state
     }
@@ -184,6 +242,11 @@ impl<D: DataplaneOps> Controller<D> {
     #[cfg(test)]
     pub(crate) fn dataplane(&self) -> &D {
         &self.dp
+    }
+
+    /// The data path itself (the agent swaps the program in and detaches through it).
+    pub(crate) fn dataplane_mut(&mut self) -> &mut D {
+        &mut self.dp
     }
 
     /// Answer one protocol request. Errors become `Response::Error` with a one-line message.
@@ -310,6 +373,9 @@ impl<D: DataplaneOps> Controller<D> {
             | Request::FlowCount { .. }
             | Request::FlowFlush { .. } => {
                 unreachable!("queries are answered by handle")
+            }
+            Request::Reload | Request::Detach { .. } => {
+                unreachable!("the serve loop answers reload and detach")
             }
         })
     }

@@ -32,8 +32,13 @@ struct Fixture {
 impl Fixture {
     fn new(dp: FakeDataplane) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ctl =
-            Controller::start(dp, dir.path().join(STATE_FILE), DesiredState::default()).unwrap();
+        let ctl = Controller::start(
+            dp,
+            dir.path().join(STATE_FILE),
+            DesiredState::default(),
+            &Default::default(),
+        )
+        .unwrap();
         Fixture { dir, ctl }
     }
     fn on_disk(&self) -> DesiredState {
@@ -322,7 +327,13 @@ fn start_installs_and_persists_initial_state() {
         },
     ])
     .unwrap();
-    let ctl = Controller::start(FakeDataplane::default(), path.clone(), initial.clone()).unwrap();
+    let ctl = Controller::start(
+        FakeDataplane::default(),
+        path.clone(),
+        initial.clone(),
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(ctl.dataplane().applied.len(), 2);
     assert_eq!(state::load(&path).unwrap().unwrap(), initial);
 
@@ -331,7 +342,13 @@ fn start_installs_and_persists_initial_state() {
         max_backends_per_vip: Some(0),
         ..Default::default()
     };
-    let e = Controller::start(dp, dir.path().join("other.json"), initial).err();
+    let e = Controller::start(
+        dp,
+        dir.path().join("other.json"),
+        initial,
+        &Default::default(),
+    )
+    .err();
     assert!(matches!(e, Some(ControllerError::Capacity { .. })));
     assert!(!dir.path().join("other.json").exists());
 }

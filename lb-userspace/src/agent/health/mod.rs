@@ -158,6 +158,14 @@ impl RiseFall {
         changed.then_some(up)
     }
 
+    /// A backend that starts down: the data path it was taken over from had it out of service.
+    pub(crate) fn down() -> Self {
+        RiseFall {
+            up: false,
+            ..RiseFall::default()
+        }
+    }
+
     /// Forget the counts but keep the state (the check's configuration changed).
     pub(crate) fn reset_counts(&mut self) {
         self.successes = 0;
@@ -394,6 +402,27 @@ impl HealthBook {
         self.entries.retain(|id, _| seen.contains(id));
         let keys: BTreeSet<ServiceKey> = self.entries.keys().map(|(k, _)| *k).collect();
         self.elections.retain(|k, _| keys.contains(k));
+    }
+
+    /// Start these backends down (they were out of service in the data path a restarted agent
+    /// took over): checked, they stay down until `rise` checks pass. Unknown or unchecked
+    /// backends are left as they are.
+    pub(crate) fn start_down(
+        &mut self,
+        backends: impl IntoIterator<Item = (ServiceKey, Ipv4Addr)>,
+        now: SystemTime,
+    ) -> usize {
+        let mut n = 0;
+        for id in backends {
+            if let Some(e) = self.entries.get_mut(&id)
+                && e.checked()
+            {
+                e.machine = RiseFall::down();
+                e.reshow(now);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// `vip`'s backends (as it is, or as it is about to become) as the selection rules see them:

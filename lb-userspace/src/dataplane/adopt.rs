@@ -1,0 +1,196 @@
+//! Taking over a running data path's maps: which VIP ids, backend slots and ring halves are in
+//! use is read back from `VIPS`, `RINGS` and `BACKENDS`, so the agent continues exactly where the
+//! last one stopped (a VIP keeps its id and counters, a backend its slot and its flows, the next
+//! ring is written into the half that is not live), and the backends the data path had taken out
+//! of service stay down until their checks say otherwise.
+
+use super::{Dataplane, DataplaneError, InstalledVip, map_err};
+use crate::model::{Proto, ServiceKey};
+use lb_common::{BACKEND_F_ACTIVE, Backend, MAX_BACKENDS, MAX_VIPS, RING_SLOTS, maps, ring_index};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+/// A backend the running data path had taken out of service (its slot inactive): down.
+pub type DownBackend = (ServiceKey, Ipv4Addr);
+
+fn service_key(key: &lb_common::VipKey) -> Option<ServiceKey> {
+    let proto = match key.proto {
+        lb_common::IPPROTO_TCP => Proto::Tcp,
+        lb_common::IPPROTO_UDP => Proto::Udp,
+        _ => return None,
+    };
+    Some(ServiceKey {
+        addr: Ipv4Addr::from(key.addr.to_ne_bytes()),
+        port: u16::from_be(key.port),
+        proto,
+    })
+}
+
+/// Which slot a VIP's backend at one address has: the one its live ring names, if several slots
+/// claim that address (an agent that died between preparing and switching a VIP).
+fn pick_slots(
+    claims: Vec<(u32, Backend)>,
+    in_ring: &BTreeSet<u32>,
+) -> (Vec<(Ipv4Addr, u32, u32)>, Vec<u32>) {
+    let mut by_addr: BTreeMap<u32, (u32, Backend)> = BTreeMap::new();
+    let mut orphans = Vec::new();
+    for (slot, b) in claims {
+        match by_addr.get(&b.addr) {
+            Some((kept, _)) if in_ring.contains(kept) || !in_ring.contains(&slot) => {
+                orphans.push(slot)
+            }
+            Some((kept, _)) => {
+                orphans.push(*kept);
+                by_addr.insert(b.addr, (slot, b));
+            }
+            None => {
+                by_addr.insert(b.addr, (slot, b));
+            }
+        }
+    }
+    let kept = by_addr
+        .into_values()
+        .map(|(slot, b)| (Ipv4Addr::from(b.addr.to_ne_bytes()), slot, b.flags))
+        .collect();
+    (kept, orphans)
+}
+
+impl Dataplane {
+    /// Rebuild the bookkeeping of VIPs and slots from the maps of the data path being adopted.
+    /// Slots no VIP accounts for (an agent that died in the middle of a change) are cleared.
+    /// Returns the backends whose slots were inactive: they were down.
+    pub(super) fn rebuild_from_maps(&mut self) -> Result<BTreeSet<DownBackend>, DataplaneError> {
+        let mut vips = Vec::new();
+        for item in self.vips_map.iter() {
+            let (key, meta) = item.map_err(map_err(maps::VIPS))?;
+            vips.push((key, meta));
+        }
+        let mut claims: BTreeMap<u32, Vec<(u32, Backend)>> = BTreeMap::new();
+        for slot in 0..MAX_BACKENDS {
+            let b = self
+                .backends_map
+                .get(&slot, 0)
+                .map_err(map_err(maps::BACKENDS))?;
+            if b.addr != 0 {
+                claims.entry(b.vip_id).or_default().push((slot, b));
+            }
+        }
+        let mut down = BTreeSet::new();
+        let mut installed = BTreeMap::new();
+        for (key, meta) in vips {
+            let Some(service) = service_key(&key) else {
+                log::warn!(
+                    "the running data path has a VIP of protocol {}; ignored",
+                    key.proto
+                );
+                continue;
+            };
+            let mut in_ring = BTreeSet::new();
+            for slot in 0..meta.ring_len.min(RING_SLOTS) {
+                let id = self
+                    .rings
+                    .get(&ring_index(meta.id, meta.ring_half, slot), 0)
+                    .map_err(map_err(maps::RINGS))?;
+                in_ring.insert(id);
+            }
+            let (kept, orphans) = pick_slots(claims.remove(&meta.id).unwrap_or_default(), &in_ring);
+            for slot in orphans {
+                self.backends_map
+                    .set(slot, Backend::default(), 0)
+                    .map_err(map_err(maps::BACKENDS))?;
+            }
+            for (addr, _, flags) in &kept {
+                if flags & BACKEND_F_ACTIVE == 0 {
+                    down.insert((service, *addr));
+                }
+            }
+            // Per VIP, the maps only keep whether some VIP of the address answers echo; the
+            // reconcile that follows re-applies every VIP with its own setting.
+            let icmp_echo = self
+                .vip_addrs
+                .get(&key.addr, 0)
+                .is_ok_and(|a| a.flags & lb_common::VIP_ADDR_F_ICMP_ECHO != 0);
+            installed.insert(
+                service,
+                InstalledVip {
+                    id: meta.id,
+                    half: meta.ring_half,
+                    backends: kept.into_iter().map(|(a, slot, _)| (a, slot)).collect(),
+                    icmp_echo,
+                },
+            );
+        }
+        // Slots of VIPs that no longer exist.
+        for slot in claims.into_values().flatten().map(|(slot, _)| slot) {
+            self.backends_map
+                .set(slot, Backend::default(), 0)
+                .map_err(map_err(maps::BACKENDS))?;
+        }
+        let used_vips: BTreeSet<u32> = installed.values().map(|v: &InstalledVip| v.id).collect();
+        let used_slots: BTreeSet<u32> = installed
+            .values()
+            .flat_map(|v| v.backends.iter().map(|(_, slot)| *slot))
+            .collect();
+        self.free_vip_ids = (0..MAX_VIPS).filter(|id| !used_vips.contains(id)).collect();
+        self.free_backend_ids = (0..MAX_BACKENDS)
+            .filter(|id| !used_slots.contains(id))
+            .collect();
+        self.installed = installed;
+        Ok(down)
+    }
+
+    /// The VIPs installed in the data path (after an adoption: those the running one had).
+    pub fn installed_vips(&self) -> Vec<ServiceKey> {
+        self.installed.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(addr: u8, flags: u32) -> Backend {
+        Backend {
+            addr: u32::from_ne_bytes([10, 111, 1, addr]),
+            flags,
+            vip_id: 0,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn duplicate_claims_keep_the_slot_the_ring_names() {
+        let claims = vec![(3, b(11, 1)), (4, b(12, 0)), (9, b(11, 1))];
+        let (kept, orphans) = pick_slots(claims.clone(), &BTreeSet::from([9, 4]));
+        assert_eq!(
+            kept,
+            vec![
+                (Ipv4Addr::new(10, 111, 1, 11), 9, 1),
+                (Ipv4Addr::new(10, 111, 1, 12), 4, 0)
+            ]
+        );
+        assert_eq!(orphans, vec![3]);
+        // Neither in the ring (a drained or down backend): the first claim stays.
+        let (kept, orphans) = pick_slots(claims, &BTreeSet::new());
+        assert_eq!(kept[0].1, 3);
+        assert_eq!(orphans, vec![9]);
+    }
+
+    #[test]
+    fn vip_keys_read_back_as_services() {
+        let key = lb_common::VipKey {
+            addr: u32::from_ne_bytes([10, 111, 100, 1]),
+            port: 80u16.to_be(),
+            proto: lb_common::IPPROTO_UDP,
+            _pad: 0,
+        };
+        let s = service_key(&key).unwrap();
+        assert_eq!(
+            (s.addr, s.port, s.proto),
+            (Ipv4Addr::new(10, 111, 100, 1), 80, Proto::Udp)
+        );
+        assert!(service_key(&lb_common::VipKey { proto: 1, ..key }).is_none());
+    }
+}

@@ -1,0 +1,140 @@
+//! `META-v1`, a one-entry array pinned with a data path: the interface's name and the attach
+//! mode (for logs and for `xlb detach --pin-dir`), and what the agent changed on the host so
+//! that removing the data path can put it back. bpffs holds no regular files, so this is a map.
+
+use super::{AttachedMode, pins::PinError};
+use aya::maps::{Array, IterableMap, MapData};
+use std::{io, path::Path};
+
+/// Pin name of the record (layout version 1).
+pub(crate) const META_PIN: &str = "META-v1";
+const MAGIC: u32 = u32::from_be_bytes(*b"XLB1");
+/// `forwarding_before` when nothing was recorded.
+const NOT_RECORDED: u32 = u32::MAX;
+
+/// The record, host order throughout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PinMeta {
+    magic: u32,
+    ifindex: u32,
+    /// `net.ipv4.conf.<ifname>.forwarding` before the agent turned it on: 0, 1, or
+    /// `NOT_RECORDED`.
+    forwarding_before: u32,
+    /// 1 driver, 2 generic, 0 unknown.
+    mode: u32,
+    /// NUL-padded.
+    ifname: [u8; 16],
+}
+
+// SAFETY: repr(C), integers and bytes only, no padding (4 × 4 + 16 bytes).
+unsafe impl aya::Pod for PinMeta {}
+
+const _: () = assert!(size_of::<PinMeta>() == 32);
+
+impl PinMeta {
+    pub(crate) fn new(ifname: &str, ifindex: u32) -> Self {
+        let mut name = [0u8; 16];
+        let n = ifname.len().min(15);
+        name[..n].copy_from_slice(&ifname.as_bytes()[..n]);
+        PinMeta {
+            magic: MAGIC,
+            ifindex,
+            forwarding_before: NOT_RECORDED,
+            mode: 0,
+            ifname: name,
+        }
+    }
+
+    pub(crate) fn ifname(&self) -> String {
+        let end = self.ifname.iter().position(|b| *b == 0).unwrap_or(16);
+        String::from_utf8_lossy(&self.ifname[..end]).into_owned()
+    }
+
+    pub(crate) fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    pub(crate) fn forwarding_before(&self) -> Option<bool> {
+        match self.forwarding_before {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn set_forwarding_before(&mut self, on: bool) {
+        self.forwarding_before = u32::from(on);
+    }
+
+    pub(crate) fn mode(&self) -> Option<AttachedMode> {
+        match self.mode {
+            1 => Some(AttachedMode::Driver),
+            2 => Some(AttachedMode::Generic),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn set_mode(&mut self, mode: AttachedMode) {
+        self.mode = match mode {
+            AttachedMode::Driver => 1,
+            AttachedMode::Generic => 2,
+        };
+    }
+}
+
+fn err(what: &'static str, path: &Path) -> impl FnOnce(aya::maps::MapError) -> PinError {
+    let path = path.to_path_buf();
+    move |e| PinError::Io {
+        what,
+        path,
+        source: io::Error::other(e),
+    }
+}
+
+/// The record pinned in `dir`, if there is a readable one.
+pub(crate) fn read(dir: &Path) -> Option<PinMeta> {
+    let path = dir.join(META_PIN);
+    let data = MapData::from_pin(&path).ok()?;
+    let map = aya::maps::Map::from_map_data(data).ok()?;
+    let array: Array<MapData, PinMeta> = Array::try_from(map).ok()?;
+    array.get(&0, 0).ok().filter(|m| m.magic == MAGIC)
+}
+
+/// Write `meta` as the record of `dir` (creating and pinning the map when there is none).
+pub(crate) fn write(dir: &Path, meta: &PinMeta) -> Result<(), PinError> {
+    let path = dir.join(META_PIN);
+    let mut array: Array<MapData, PinMeta> = match MapData::from_pin(&path) {
+        Ok(data) => aya::maps::Map::from_map_data(data)
+            .and_then(Array::try_from)
+            .map_err(err("opening", &path))?,
+        Err(_) => {
+            let array = Array::<MapData, PinMeta>::create(1, 0).map_err(err("creating", &path))?;
+            array.map().pin(&path).map_err(|e| PinError::Io {
+                what: "pinning",
+                path: path.clone(),
+                source: io::Error::other(e),
+            })?;
+            array
+        }
+    };
+    array.set(0, meta, 0).map_err(err("writing", &path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_keeps_name_mode_and_sysctl() {
+        let mut m = PinMeta::new("a-very-long-interface-name", 7);
+        assert_eq!(m.ifname(), "a-very-long-int", "truncated to IFNAMSIZ - 1");
+        assert_eq!(m.ifindex(), 7);
+        assert_eq!((m.forwarding_before(), m.mode()), (None, None));
+        m.set_forwarding_before(false);
+        m.set_mode(AttachedMode::Generic);
+        assert_eq!(m.forwarding_before(), Some(false));
+        assert_eq!(m.mode(), Some(AttachedMode::Generic));
+        assert_eq!(PinMeta::new("eth0", 2).ifname(), "eth0");
+    }
+}

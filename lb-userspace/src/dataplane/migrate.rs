@@ -1,0 +1,346 @@
+//! Copying a running data path's state into new maps: when a map's capacity changed (same
+//! layout: entries copied as they are), or the flow table's layout version did (each flow decoded
+//! from its old layout into a neutral form and installed in the new table by backend address, the
+//! way peers' flows are). Done once before the program swap, and once more after it for what the
+//! old program wrote meanwhile (flows it created, counts it added).
+//!
+//! The decoders of older flow-table layouts stay here for as long as an upgrade from them is
+//! supported; `plan::can_migrate` asks `flow_value_size` which versions those are.
+
+use super::pins::{MapShape, bpf};
+use lb_common::FlowKey;
+use std::{
+    collections::BTreeMap,
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+/// `enum bpf_map_type` values this module treats specially.
+pub(crate) const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+pub(crate) const BPF_MAP_TYPE_ARRAY: u32 = 2;
+pub(crate) const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+/// A map's entries as raw bytes: key → value (per-CPU values: every CPU's copy in a row).
+pub(crate) type Entries = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// `BPF_NOEXIST`: insert only if the key is absent.
+pub(crate) const BPF_NOEXIST: u64 = 1;
+
+/// Bytes of a `FlowValue` in flow-table layout `version`, for the versions this build can read.
+pub(crate) fn flow_value_size(version: u32) -> Option<usize> {
+    match version {
+        1 => Some(24),
+        // Only the test-only second build knows version 2 (see `lb_common::layout::FLOWS`).
+        #[cfg(feature = "layout-test")]
+        2 => Some(32),
+        _ => None,
+    }
+}
+
+/// A flow as every layout version has it: what the new table needs to carry it on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NeutralFlow {
+    pub(crate) key: FlowKey,
+    /// Network order.
+    pub(crate) backend_addr: u32,
+    /// CLOCK_MONOTONIC_COARSE ns of its last packet.
+    pub(crate) last_seen_ns: u64,
+    /// `FLOW_F_*` (who chose the backend).
+    pub(crate) flags: u32,
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes(b[at..at + 2].try_into().expect("2 bytes"))
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// A `FlowKey` from its 16 bytes (the same in every layout version so far).
+pub(crate) fn decode_flow_key(b: &[u8]) -> Option<FlowKey> {
+    (b.len() == 16).then(|| FlowKey {
+        src_addr: u32_at(b, 0),
+        dst_addr: u32_at(b, 4),
+        src_port: u16_at(b, 8),
+        dst_port: u16_at(b, 10),
+        proto: b[12],
+        _pad: [0; 3],
+    })
+}
+
+/// One flow of layout `version`: `None` for a version this build cannot read or a value of the
+/// wrong size.
+///
+/// - v1: backend_addr (u32, network order) @0, backend_id (u32) @4, last_seen_ns (u64) @8,
+///   flags (u32) @16, padding @20.
+/// - v2 (layout-test builds): v1 + created_ns (u64) @24, which a v1 table cannot carry.
+pub(crate) fn decode_flow(version: u32, key: &[u8], value: &[u8]) -> Option<NeutralFlow> {
+    if flow_value_size(version)? != value.len() {
+        return None;
+    }
+    Some(NeutralFlow {
+        key: decode_flow_key(key)?,
+        backend_addr: u32_at(value, 0),
+        last_seen_ns: u64_at(value, 8),
+        flags: u32_at(value, 16),
+    })
+}
+
+/// The bytes of one value of `shape` as the syscalls read and write it: per-CPU maps hold one
+/// 8-byte-aligned copy per possible CPU.
+pub(crate) fn value_buffer_len(shape: &MapShape, nr_cpus: usize) -> usize {
+    if shape.map_type == BPF_MAP_TYPE_PERCPU_ARRAY {
+        (shape.value_size as usize).div_ceil(8) * 8 * nr_cpus
+    } else {
+        shape.value_size as usize
+    }
+}
+
+fn attr_lookup(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> [u8; 32] {
+    // map_fd (u32), pad, key (u64), value (u64), flags (u64).
+    let mut attr = [0u8; 32];
+    attr[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(key.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(value.as_mut_ptr() as u64).to_ne_bytes());
+    attr
+}
+
+/// `BPF_MAP_LOOKUP_ELEM`: `false` if there is no such key.
+pub(crate) fn lookup(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+    let mut attr = attr_lookup(fd, key, value);
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `BPF_MAP_UPDATE_ELEM` with `flags`; `false` if `BPF_NOEXIST` found the key present.
+pub(crate) fn update(fd: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -> io::Result<bool> {
+    let mut value = value.to_vec();
+    let mut attr = attr_lookup(fd, key, &mut value);
+    attr[24..32].copy_from_slice(&flags.to_ne_bytes());
+    match bpf(BPF_MAP_UPDATE_ELEM, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if flags == BPF_NOEXIST && e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Every key of a hash map (`BPF_MAP_GET_NEXT_KEY`). Entries may come and go meanwhile.
+fn hash_keys(fd: BorrowedFd<'_>, key_size: usize) -> io::Result<Vec<Vec<u8>>> {
+    let mut keys = Vec::new();
+    let mut prev: Option<Vec<u8>> = None;
+    loop {
+        let mut next = vec![0u8; key_size];
+        let mut attr = [0u8; 32];
+        attr[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+        // A null key asks for the first one.
+        let key_ptr = prev.as_ref().map_or(0, |k| k.as_ptr() as u64);
+        attr[8..16].copy_from_slice(&key_ptr.to_ne_bytes());
+        attr[16..24].copy_from_slice(&(next.as_mut_ptr() as u64).to_ne_bytes());
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+            Err(e) => return Err(e),
+        }
+        keys.push(next.clone());
+        prev = Some(next);
+    }
+}
+
+/// Every entry of a map as raw bytes, by key: arrays by index (only entries that are not all
+/// zero: a new array starts zeroed), hash maps by key.
+pub(crate) fn read_entries(
+    fd: BorrowedFd<'_>,
+    shape: &MapShape,
+    nr_cpus: usize,
+) -> io::Result<Entries> {
+    let value_len = value_buffer_len(shape, nr_cpus);
+    let keys: Vec<Vec<u8>> = match shape.map_type {
+        BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_PERCPU_ARRAY => (0..shape.max_entries)
+            .map(|i| i.to_ne_bytes().to_vec())
+            .collect(),
+        _ => hash_keys(fd, shape.key_size as usize)?,
+    };
+    let mut out = BTreeMap::new();
+    for key in keys {
+        let mut value = vec![0u8; value_len];
+        if lookup(fd, &key, &mut value)? && value.iter().any(|b| *b != 0) {
+            out.insert(key, value);
+        }
+    }
+    Ok(out)
+}
+
+/// The index an array key stands for.
+fn index_of(key: &[u8]) -> u32 {
+    u32::from_ne_bytes(key[..4].try_into().expect("array keys are 4 bytes"))
+}
+
+/// Copy `entries` (read from a map of the same layout) into `fd` of `shape`: entries whose index
+/// is past a smaller array are left out and counted.
+pub(crate) fn write_entries(
+    fd: BorrowedFd<'_>,
+    shape: &MapShape,
+    entries: &Entries,
+) -> io::Result<CopyCount> {
+    let mut count = CopyCount::default();
+    let is_array = matches!(
+        shape.map_type,
+        BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_PERCPU_ARRAY
+    );
+    for (key, value) in entries {
+        if is_array && index_of(key) >= shape.max_entries {
+            count.left_out += 1;
+            continue;
+        }
+        match update(fd, key, value, 0) {
+            Ok(_) => count.copied += 1,
+            // A full hash map: the rest does not fit.
+            Err(e) if e.raw_os_error() == Some(libc::E2BIG) => count.left_out += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(count)
+}
+
+/// Add to each counter of `fd` what the old map's counter grew by since `before` was read:
+/// values are taken as 64-bit counters (every counter map's values are). Best effort: a
+/// packet counted on a CPU between the read and the write here is lost.
+pub(crate) fn add_growth(
+    fd: BorrowedFd<'_>,
+    shape: &MapShape,
+    nr_cpus: usize,
+    before: &Entries,
+    after: &Entries,
+) -> io::Result<u64> {
+    let value_len = value_buffer_len(shape, nr_cpus);
+    let mut added = 0;
+    for (key, now) in after {
+        if index_of(key) >= shape.max_entries {
+            continue;
+        }
+        let zero = vec![0u8; now.len()];
+        let was = before.get(key).unwrap_or(&zero);
+        let mut current = vec![0u8; value_len];
+        lookup(fd, key, &mut current)?;
+        let mut changed = false;
+        for at in (0..now.len().min(value_len)).step_by(8) {
+            let grew = u64_at(now, at).wrapping_sub(u64_at(was, at));
+            if grew != 0 {
+                let sum = u64_at(&current, at).wrapping_add(grew);
+                current[at..at + 8].copy_from_slice(&sum.to_ne_bytes());
+                added += grew;
+                changed = true;
+            }
+        }
+        if changed {
+            update(fd, key, &current, 0)?;
+        }
+    }
+    Ok(added)
+}
+
+/// What a copy did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct CopyCount {
+    pub(crate) copied: u64,
+    /// Entries the new map had no room for (a smaller capacity), or, for flows, whose VIP or
+    /// backend this agent no longer has.
+    pub(crate) left_out: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_bytes() -> Vec<u8> {
+        let mut k = Vec::new();
+        k.extend_from_slice(&[10, 111, 0, 2]);
+        k.extend_from_slice(&[10, 111, 100, 1]);
+        k.extend_from_slice(&40000u16.to_be().to_ne_bytes());
+        k.extend_from_slice(&80u16.to_be().to_ne_bytes());
+        k.extend_from_slice(&[6, 0, 0, 0]);
+        k
+    }
+
+    #[test]
+    fn flow_v1_decodes_into_the_neutral_form() {
+        let mut v = Vec::new();
+        v.extend_from_slice(&[10, 111, 1, 12]);
+        v.extend_from_slice(&7u32.to_ne_bytes());
+        v.extend_from_slice(&123_456_789u64.to_ne_bytes());
+        v.extend_from_slice(&lb_common::FLOW_F_PEER.to_ne_bytes());
+        v.extend_from_slice(&0u32.to_ne_bytes());
+        let f = decode_flow(1, &key_bytes(), &v).unwrap();
+        assert_eq!(f.flags, lb_common::FLOW_F_PEER);
+        assert_eq!(f.backend_addr, u32::from_ne_bytes([10, 111, 1, 12]));
+        assert_eq!(f.last_seen_ns, 123_456_789);
+        assert_eq!(f.key.dst_addr, u32::from_ne_bytes([10, 111, 100, 1]));
+        assert_eq!(u16::from_be(f.key.src_port), 40000);
+        assert_eq!(u16::from_be(f.key.dst_port), 80);
+        assert_eq!(f.key.proto, 6);
+        // The bytes of the current layout's value (this build's `FlowValue`) decode the same way
+        // when this build is version 1.
+        #[cfg(not(feature = "layout-test"))]
+        {
+            let value =
+                lb_common::FlowValue::new(f.backend_addr, 7, 123_456_789, lb_common::FLOW_F_PEER);
+            // SAFETY: FlowValue is repr(C) plain integers with explicit padding.
+            let bytes: [u8; 24] = unsafe { std::mem::transmute(value) };
+            assert_eq!(
+                decode_flow(lb_common::layout::FLOWS, &key_bytes(), &bytes),
+                Some(f)
+            );
+        }
+        // Wrong sizes and unknown versions are not guessed at.
+        assert_eq!(decode_flow(1, &key_bytes(), &v[..16]), None);
+        assert_eq!(decode_flow(99, &key_bytes(), &v), None);
+        assert_eq!(decode_flow(1, &key_bytes()[..8], &v), None);
+    }
+
+    #[cfg(feature = "layout-test")]
+    #[test]
+    fn flow_v2_decodes_and_carries_what_v1_had() {
+        let mut v = Vec::new();
+        v.extend_from_slice(&[10, 111, 1, 13]);
+        v.extend_from_slice(&2u32.to_ne_bytes());
+        v.extend_from_slice(&55u64.to_ne_bytes());
+        v.extend_from_slice(&0u32.to_ne_bytes());
+        v.extend_from_slice(&0u32.to_ne_bytes());
+        v.extend_from_slice(&44u64.to_ne_bytes());
+        let f = decode_flow(2, &key_bytes(), &v).unwrap();
+        assert_eq!(
+            (f.backend_addr, f.last_seen_ns),
+            (u32::from_ne_bytes([10, 111, 1, 13]), 55)
+        );
+        assert_eq!(decode_flow(2, &key_bytes(), &v[..24]), None);
+    }
+
+    #[test]
+    fn per_cpu_values_take_an_aligned_copy_per_cpu() {
+        let shape = |map_type, value_size| MapShape {
+            map_type,
+            key_size: 4,
+            value_size,
+            max_entries: 1,
+            flags: 0,
+        };
+        assert_eq!(
+            value_buffer_len(&shape(BPF_MAP_TYPE_PERCPU_ARRAY, 24), 2),
+            48
+        );
+        assert_eq!(
+            value_buffer_len(&shape(BPF_MAP_TYPE_PERCPU_ARRAY, 4), 3),
+            24
+        );
+        assert_eq!(value_buffer_len(&shape(BPF_MAP_TYPE_ARRAY, 4), 3), 4);
+    }
+}
