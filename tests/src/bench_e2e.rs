@@ -244,7 +244,9 @@ fn setup(bed: &Testbed, config: Config, tag: &str) -> Result<Active> {
                         .context("the sink program on lb1's peer")?,
                 );
             }
-            let a = Agent::start(lb1, HOST_IFACE, mode, &dir, &[])?;
+            // Its data path goes with it (SIGTERM when the configuration is dropped), so the
+            // next configuration attaches its own, in its own mode.
+            let a = Agent::start(lb1, HOST_IFACE, mode, &dir, &["--detach-on-exit"])?;
             // Asked for explicitly: no silent fallback to the other mode.
             let attached = xdp_mode(lb1, HOST_IFACE)?;
             ensure!(
@@ -900,8 +902,9 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
         parse_mac(&mac_of(bed.ns("lb1"), HOST_IFACE)?)?,
         VIP,
     );
-    // The bed's own agent goes; each xlb configuration starts its own (one forwarding method).
-    bed.stop_agent()?;
+    // The bed's own agent and data path go; each xlb configuration starts its own (one
+    // forwarding method and XDP mode).
+    bed.detach_lb("lb1")?;
     let mut undo = Undo::default();
     prepare(&bed, &mut undo)?;
 

@@ -70,11 +70,13 @@ pub fn sweep_stale() -> Result<()> {
         }
         let _ = run("ip", &["netns", "del", &name]);
     }
-    // Their temporary directories (configs, logs, agent state) and database directories too.
+    // Their temporary directories (configs, logs, agent state, bpffs mounts) and database
+    // directories too.
     crate::postgres::sweep_stale_dirs(is_stale);
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
         for entry in entries.flatten() {
             if entry.file_name().to_str().is_some_and(is_stale) {
+                unmount_below(&entry.path());
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
@@ -251,6 +253,32 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // The agents' bpffs mounts (`xlb::agent_bpffs`) go first: unmounting frees every pin
+        // of the data paths in them, also those a failed test left behind.
+        unmount_below(&self.path);
         let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Unmount (lazily, deepest first) every mount point at or below `dir` in this mount
+/// namespace: the tests' bpffs mounts.
+pub fn unmount_below(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    // Field 5 is the mount point (octal escapes for spaces, which our paths do not have).
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in points {
+        let Ok(c) = std::ffi::CString::new(point.as_os_str().as_encoded_bytes()) else {
+            continue;
+        };
+        // SAFETY: a NUL-terminated path alive for the call.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
 }

@@ -18,7 +18,10 @@ use crate::{
         HOST_IFACE, LB1_ADDR, LB2_ADDR, Topology, TopologyOptions, VIP, VIPS, backend_addr,
         backend_name, db_addr, db_name,
     },
-    xlb::{Agent, Xlb, backend_state, expect_clean_exit, has_xdp, peer_entry, xdp_mode, xlb_in},
+    xlb::{
+        Agent, Xlb, agent_bpffs, backend_state, detach_command, expect_clean_exit, has_xdp,
+        peer_entry, xdp_mode, xlb_bin, xlb_in,
+    },
 };
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
@@ -137,6 +140,8 @@ pub struct Testbed {
     pub dir: TempDir,
     pub options: TestbedOptions,
     pub content: Vec<u8>,
+    /// Extra `xlb agent` arguments per load balancer (e.g. `--config FILE`), for later starts.
+    agent_extra: BTreeMap<String, Vec<String>>,
 }
 
 impl Testbed {
@@ -161,6 +166,7 @@ impl Testbed {
             dir,
             options,
             content: big_content(),
+            agent_extra: BTreeMap::new(),
         };
         if bed.options.https {
             bed.pki = Some(Pki::create(&bed.dir.path().join("pki")).context("the test CA")?);
@@ -297,7 +303,7 @@ impl Testbed {
     /// The agent's command-line flags beyond interface, mode, socket and state directory: the
     /// metrics listener if asked for, the sync flags in an active-active bed.
     fn agent_args(&self, lb: &str) -> Vec<String> {
-        let mut args = Vec::new();
+        let mut args = self.agent_extra.get(lb).cloned().unwrap_or_default();
         if self.options.metrics {
             args.push("--metrics-listen".into());
             args.push(format!("{}:{METRICS_PORT}", lb_addr(lb)));
@@ -317,6 +323,12 @@ impl Testbed {
         args
     }
 
+    /// Extra arguments for every later start of the agent on `lb` (e.g. `--config FILE`).
+    pub fn set_agent_args(&mut self, lb: &str, args: &[&str]) {
+        self.agent_extra
+            .insert(lb.to_string(), args.iter().map(|a| a.to_string()).collect());
+    }
+
     fn agent_slot(&mut self, lb: &str) -> &mut Option<Agent> {
         match lb {
             "lb1" => &mut self.agent,
@@ -328,6 +340,12 @@ impl Testbed {
     /// Starts `xlb agent` on `lb` (its state directory keeps the configuration across restarts)
     /// and checks the balancer is attached in the requested mode.
     fn start_agent(&mut self, lb: &str) -> Result<()> {
+        self.start_agent_with(lb, &xlb_bin())
+    }
+
+    /// [`Testbed::start_agent`] with another `xlb` binary (an upgrade to another build); how long
+    /// it took to answer on its socket.
+    pub fn start_agent_with(&mut self, lb: &str, bin: &std::path::Path) -> Result<()> {
         ensure!(
             self.agent_slot(lb).is_none(),
             "the agent on {lb} is still there"
@@ -345,7 +363,8 @@ impl Testbed {
         std::fs::create_dir_all(&agent_dir)?;
         let args = self.agent_args(lb);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let agent = Agent::start(
+        let agent = Agent::start_with(
+            bin,
             self.topo.ns(lb),
             HOST_IFACE,
             &self.options.xdp_mode,
@@ -363,13 +382,67 @@ impl Testbed {
         Ok(())
     }
 
-    /// Restarts the agent on `lb`: SIGTERM (it must exit 0 and detach), then the same command
-    /// again. Returns when the new agent answers on its socket, and when it was started.
+    /// Restarts the agent on `lb`: SIGTERM (it must exit 0 and leave the data path serving),
+    /// then the same command again, which takes the data path over. Returns when the new agent
+    /// answers on its socket, and when it was started.
     pub fn restart_agent(&mut self, lb: &str) -> Result<Instant> {
         self.stop_lb_agent(lb)?;
         let started = Instant::now();
         self.start_agent(lb)?;
         Ok(started)
+    }
+
+    /// SIGKILL to the agent on `lb`, then the same command again (a crash and a restart); how
+    /// long the new agent took to answer.
+    pub fn kill_and_restart_agent(&mut self, lb: &str) -> Result<Duration> {
+        self.kill_agent(lb)?;
+        ensure!(
+            has_xdp(self.ns(lb), HOST_IFACE)?,
+            "{lb}'s data path went with its SIGKILLed agent"
+        );
+        *self.agent_slot(lb) = None;
+        self.start_agent(lb)?;
+        Ok(self.agent_ready_after(lb))
+    }
+
+    /// How long the agent on `lb` took from its start to its first answer.
+    pub fn agent_ready_after(&self, lb: &str) -> Duration {
+        match lb {
+            "lb1" => self.agent.as_ref(),
+            _ => self.agent2.as_ref(),
+        }
+        .map_or(Duration::ZERO, |a| a.ready_after)
+    }
+
+    /// `xlb detach` on `lb`: asks its agent, if one runs, else removes the data path itself.
+    /// Checks that no XDP program and no pin is left.
+    pub fn detach_lb(&mut self, lb: &str) -> Result<String> {
+        let dir = self.dir.path().join(lb);
+        let bpffs = agent_bpffs(&dir)?;
+        let out = match self.agent_slot(lb).take() {
+            Some(mut agent) => agent.detach()?,
+            None => detach_command(
+                self.ns(lb).name(),
+                HOST_IFACE,
+                &bpffs,
+                &dir.join("xlb.sock"),
+            )?,
+        };
+        ensure!(
+            !has_xdp(self.ns(lb), HOST_IFACE)?,
+            "{lb}'s {HOST_IFACE} still has an XDP program after xlb detach: {out}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&bpffs)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".debug"))
+            .collect();
+        ensure!(
+            left.is_empty(),
+            "pins left in {}: {left:?}",
+            bpffs.display()
+        );
+        Ok(out)
     }
 
     /// SIGKILL to the agent on `lb` (by pid). The dead agent stays in the bed (its log is still
@@ -734,12 +807,13 @@ impl Testbed {
         Ok(run_timeout(&mut cmd, Duration::from_secs(10))?.success())
     }
 
-    /// Stops the agent with SIGTERM: it must exit 0 in time and leave no XDP program on lb1.
+    /// Stops the agent with SIGTERM: it must exit 0 in time and leave the data path on lb1.
     pub fn stop_agent(&mut self) -> Result<()> {
         self.stop_lb_agent("lb1")
     }
 
-    /// Stops the agent on `lb` with SIGTERM: it must exit 0 in time and leave no XDP program.
+    /// Stops the agent on `lb` with SIGTERM: it must exit 0 in time and leave the data path
+    /// attached (serving until `xlb detach`).
     pub fn stop_lb_agent(&mut self, lb: &str) -> Result<()> {
         let mut agent = self
             .agent_slot(lb)
@@ -747,8 +821,8 @@ impl Testbed {
             .with_context(|| format!("the agent on {lb} is already stopped"))?;
         let status = agent.stop()?;
         expect_clean_exit(&format!("xlb agent on {lb}"), status, &agent.log())?;
-        if has_xdp(self.ns(lb), HOST_IFACE)? {
-            bail!("the agent exited but {lb}'s {HOST_IFACE} still has an XDP program");
+        if !has_xdp(self.ns(lb), HOST_IFACE)? {
+            bail!("the agent exited on SIGTERM and took {lb}'s data path with it");
         }
         Ok(())
     }

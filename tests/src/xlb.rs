@@ -101,10 +101,31 @@ pub fn xlb_in(ns: &Netns, args: &[&str]) -> Result<String> {
         .stdout)
 }
 
+/// The bpffs an agent whose files live in `dir` pins its data path in: `<dir>/bpffs`, mounted
+/// here, in the test's own (the root) mount namespace, so that pins outlive the agent's
+/// `ip netns exec` (which replaces /sys). Mounted once; a restarted agent with the same `dir`
+/// finds its data path there. Unmounted with the test's `TempDir`, which frees every pin.
+pub fn agent_bpffs(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("bpffs");
+    if !xlb::dataplane::pins::is_bpffs(&path) {
+        std::fs::create_dir_all(&path)?;
+        crate::cmd::run("mount", &["-t", "bpf", "bpf", &path.to_string_lossy()])?.checked()?;
+    }
+    Ok(path)
+}
+
 /// A running `xlb agent`, started inside a namespace.
 pub struct Agent {
     process: Process,
     pub client: Xlb,
+    /// Its `--bpffs`.
+    pub bpffs: PathBuf,
+    /// Its interface and network namespace (for `xlb detach`).
+    iface: String,
+    ns: String,
+    /// From the start of the process to its first answer on the socket (a takeover of a
+    /// running data path included).
+    pub ready_after: Duration,
 }
 
 /// How long the agent may take to answer on its socket after start.
@@ -114,19 +135,35 @@ pub const AGENT_STOP: Duration = Duration::from_secs(5);
 
 impl Agent {
     /// Starts `xlb agent --iface <iface> --xdp-mode <mode> --socket <dir>/xlb.sock --state-dir
-    /// <dir>/state [extra…]` in `ns` and waits until `xlb vip list` answers.
+    /// <dir>/state --bpffs <dir>/bpffs [extra…]` in `ns` and waits until `xlb vip list` answers.
     pub fn start(ns: &Netns, iface: &str, mode: &str, dir: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_with(&xlb_bin(), ns, iface, mode, dir, extra)
+    }
+
+    /// [`Agent::start`] with another `xlb` binary (an upgrade to another build).
+    pub fn start_with(
+        bin: &Path,
+        ns: &Netns,
+        iface: &str,
+        mode: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let socket = dir.join("xlb.sock");
-        let mut cmd = ns.command(xlb_bin());
+        let bpffs = agent_bpffs(dir)?;
+        let mut cmd = ns.command(bin);
         cmd.args(["agent", "--iface", iface, "--xdp-mode", mode, "--socket"])
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.join("state"))
+            .arg("--bpffs")
+            .arg(&bpffs)
             .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             );
+        let started = std::time::Instant::now();
         let process = Process::spawn(
             &format!("xlb agent in {}", ns.name()),
             &mut cmd,
@@ -135,6 +172,10 @@ impl Agent {
         let mut agent = Self {
             process,
             client: Xlb::new(&socket),
+            bpffs,
+            iface: iface.to_string(),
+            ns: ns.name().to_string(),
+            ready_after: Duration::ZERO,
         };
         let client = agent.client.clone();
         let process = &mut agent.process;
@@ -142,7 +183,23 @@ impl Agent {
             process.ensure_running()?;
             Ok(client.run(&["vip", "list"])?.success().then_some(()))
         })?;
+        agent.ready_after = started.elapsed();
         Ok(agent)
+    }
+
+    /// `xlb detach --iface <iface> --bpffs <bpffs>` in the agent's namespace: a running agent is
+    /// asked over its socket (and exits), a stopped one's data path is removed by the command.
+    /// Waits until the agent's process is gone; the command's output.
+    pub fn detach(&mut self) -> Result<String> {
+        let out = detach_command(&self.ns, &self.iface, &self.bpffs, &self.client.socket)?;
+        if self.process.exited().is_none() {
+            self.process
+                .signal_and_wait(0, AGENT_STOP)
+                .with_context(|| {
+                    format!("{} did not exit after xlb detach", self.process.name())
+                })?;
+        }
+        Ok(out)
     }
 
     pub fn pid(&self) -> i32 {
@@ -170,6 +227,20 @@ impl Agent {
             .signal_and_wait(libc::SIGKILL, AGENT_STOP)
             .with_context(|| format!("{} did not die of SIGKILL", self.process.name()))
     }
+}
+
+/// Runs `xlb detach --iface <iface> --bpffs <bpffs> --socket <socket>` in namespace `ns`
+/// (by name); must succeed. Its output.
+pub fn detach_command(ns: &str, iface: &str, bpffs: &Path, socket: &Path) -> Result<String> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
+        .arg(xlb_bin())
+        .args(["detach", "--iface", iface, "--bpffs"])
+        .arg(bpffs)
+        .arg("--socket")
+        .arg(socket)
+        .env_remove("XLB_SOCKET");
+    Ok(run_timeout(&mut cmd, SHORT)?.checked()?.stdout)
 }
 
 /// The mode of the XDP program attached to `iface` (`driver`, `generic`, `offload`, `multi`), from

@@ -146,7 +146,17 @@ fn scenario(forward: &str, xdp_mode: &str) {
     bed.agent_mut()
         .ensure_running()
         .expect("agent still running");
-    bed.stop_agent().expect("agent stops cleanly on SIGTERM");
+    bed.stop_agent()
+        .expect("agent stops cleanly on SIGTERM, leaving the data path");
+    assert_eq!(
+        bed.tally_new_connections(3)
+            .expect("the data path serves without its agent")
+            .values()
+            .sum::<usize>(),
+        3
+    );
+    bed.detach_lb("lb1")
+        .expect("xlb detach removes the program and every pin");
     bed.teardown_hosts().expect("backend-host teardown");
 
     drop(bed);
