@@ -437,12 +437,17 @@ fn test(skip_setup: bool, no_lint: bool, test_args: &[String]) -> Result<()> {
         })?;
     }
     phase("build binaries", build_bins)?;
+    phase(
+        "build the upgrade test's second xlb (layout-test)",
+        build_upgrade_bin,
+    )?;
     phase("cargo test (serial)", || {
         let mut cmd = cargo();
         cmd.args(["test", "--workspace", "--exclude", "lb-ebpf", "--"])
             .arg("--test-threads=1")
             .args(test_args)
-            .env("XLB_BIN", xlb_bin());
+            .env("XLB_BIN", xlb_bin())
+            .env("XLB_UPGRADE_BIN", upgrade_bin());
         run(&mut cmd)
     })?;
     println!(
@@ -460,6 +465,35 @@ fn xlb_bin() -> PathBuf {
 /// before `cargo test` starts (cargo only builds a test's own crate's binaries for it).
 fn build_bins() -> Result<()> {
     run(cargo().args(["build", "--workspace", "--exclude", "lb-ebpf", "--bins"]))
+}
+
+/// Where the upgrade test finds the second build of `xlb`.
+fn upgrade_bin() -> PathBuf {
+    target_dir().join("layout-test").join("xlb")
+}
+
+/// The second build for the upgrade test (`tests/tests/restart.rs`): `xlb` with the test-only
+/// `layout-test` feature, whose data path has another flow-table layout. Built in the shared
+/// target directory (only lb-common, lb-userspace and the eBPF object differ, so the other
+/// dependencies are not built again, which a target directory of its own would cost) and
+/// copied into `target/layout-test/`; then the default binaries are built again, which only
+/// relinks them.
+fn build_upgrade_bin() -> Result<()> {
+    run(cargo().args([
+        "build",
+        "-p",
+        "lb-userspace",
+        "--bin",
+        "xlb",
+        "--features",
+        "layout-test",
+    ]))?;
+    let dest = upgrade_bin();
+    fs::create_dir_all(dest.parent().expect("a parent"))?;
+    // A copy, not a link: the next build replaces target/debug/xlb.
+    let _ = fs::remove_file(&dest);
+    fs::copy(xlb_bin(), &dest).with_context(|| format!("copying to {}", dest.display()))?;
+    build_bins()
 }
 
 // ---------------------------------------------------------------------------------------------
