@@ -217,7 +217,23 @@ impl Dataplane {
         let ifindex = interface_index(&opts.iface)?;
         let root = pins::agent_root(&opts.bpffs).map_err(pin_err)?;
         let dir = PinDir::lock(&root, &opts.iface, ifindex).map_err(pin_err)?;
-        pins::collect_garbage(&root, dir.path());
+        let path = dir.path().to_path_buf();
+        let loaded = Self::load_locked(opts, &root, dir).await;
+        if loaded.is_err() {
+            // A directory this attempt created and left empty (a refusal before anything was
+            // pinned) goes; one with pins in it is not touched.
+            let _ = fs::remove_dir(&path);
+        }
+        loaded
+    }
+
+    async fn load_locked(
+        opts: &super::DataplaneOptions,
+        root: &Path,
+        dir: PinDir,
+    ) -> Result<(Self, Startup), DataplaneError> {
+        let ifindex = interface_index(&opts.iface)?;
+        pins::collect_garbage(root, dir.path());
         let netlink_err = |source| DataplaneError::Netlink {
             iface: opts.iface.clone(),
             source,
@@ -241,7 +257,7 @@ impl Dataplane {
                 return Err(DataplaneError::Foreign {
                     iface: opts.iface.clone(),
                     prog,
-                    dirs: pins::dirs_with_program(&root, prog),
+                    dirs: pins::dirs_with_program(root, prog),
                 });
             }
             _ => None,
