@@ -8,6 +8,8 @@
 //!   traffic and show which backend answered.
 //! - `bench`: setup, release build, then the benchmarks (`tests/src/bin/bench.rs`); results under
 //!   `bench/results/`.
+//! - `package`: release build, man pages and shell completions (`dist`), then the Debian package
+//!   with cargo-deb (installed by `setup` when missing) in `target/debian/`.
 //!
 //! This crate deliberately depends on nothing from the workspace: it has to build and run before
 //! the prerequisites of the eBPF build exist.
@@ -66,6 +68,12 @@ enum Task {
         #[arg(long)]
         stack: bool,
     },
+    /// Release build, man pages and completions, then the Debian package (target/debian/).
+    Package {
+        /// Do not run `setup` first.
+        #[arg(long)]
+        skip_setup: bool,
+    },
     /// Setup, release build, then the benchmarks; results in `bench/results/`.
     Bench {
         /// Do not run `setup` first.
@@ -115,6 +123,10 @@ const APT_PACKAGES: &[&str] = &[
     "postgresql-15",
     "postgresql-contrib",
     "openssl",
+    // The package test: `systemd-analyze verify` of the unit, `man -l` of a page (groff renders).
+    "systemd",
+    "man-db",
+    "groff-base",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -143,6 +155,7 @@ fn main() {
             skip_e2e,
             only,
         } => bench(skip_setup, quick, skip_e2e, &only),
+        Task::Package { skip_setup } => package(skip_setup),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -222,6 +235,28 @@ fn setup() -> Result<()> {
     phase("setup: nightly rust-src", rust_src)?;
     phase("setup: bpf-linker (LLVM 22)", bpf_linker)?;
     phase("setup: bpffs", bpffs)?;
+    phase("setup: cargo-deb", cargo_deb)?;
+    Ok(())
+}
+
+fn cargo_deb_works() -> bool {
+    cargo()
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// cargo-deb builds the Debian package (`cargo xtask package`, and the package test). Built from
+/// its crate once (about 1.5 minutes); seconds when present.
+fn cargo_deb() -> Result<()> {
+    if cargo_deb_works() {
+        println!("xtask: cargo-deb present");
+        return Ok(());
+    }
+    run(cargo().args(["install", "cargo-deb", "--locked"]))?;
+    if !cargo_deb_works() {
+        bail!("cargo-deb was installed but `cargo deb --version` fails (is ~/.cargo/bin on PATH?)");
+    }
     Ok(())
 }
 
@@ -441,13 +476,18 @@ fn test(skip_setup: bool, no_lint: bool, test_args: &[String]) -> Result<()> {
         "build the upgrade test's second xlb (layout-test)",
         build_upgrade_bin,
     )?;
+    phase("the package test's .deb (debug binary)", || {
+        dist(&xlb_bin())?;
+        deb(&["--profile", "dev", "-o"], &test_deb())
+    })?;
     phase("cargo test (serial)", || {
         let mut cmd = cargo();
         cmd.args(["test", "--workspace", "--exclude", "lb-ebpf", "--"])
             .arg("--test-threads=1")
             .args(test_args)
             .env("XLB_BIN", xlb_bin())
-            .env("XLB_UPGRADE_BIN", upgrade_bin());
+            .env("XLB_UPGRADE_BIN", upgrade_bin())
+            .env("XLB_DEB", test_deb());
         run(&mut cmd)
     })?;
     println!(
@@ -494,6 +534,61 @@ fn build_upgrade_bin() -> Result<()> {
     let _ = fs::remove_file(&dest);
     fs::copy(xlb_bin(), &dest).with_context(|| format!("copying to {}", dest.display()))?;
     build_bins()
+}
+
+// ---------------------------------------------------------------------------------------------
+// package
+
+/// The .deb the package test installs: the debug binary (no release build in the tests).
+fn test_deb() -> PathBuf {
+    target_dir().join("debian").join("xlb_test.deb")
+}
+
+/// Man pages (one per command) and bash/zsh completions from `bin` into `target/dist/`, where
+/// the package's assets point.
+fn dist(bin: &Path) -> Result<()> {
+    let dist = target_dir().join("dist");
+    let _ = fs::remove_dir_all(&dist);
+    let completions = dist.join("completions");
+    fs::create_dir_all(&completions)?;
+    run(Command::new(bin).arg("man-pages").arg(dist.join("man")))?;
+    for (shell, file) in [("bash", "xlb.bash"), ("zsh", "_xlb")] {
+        let out = Command::new(bin)
+            .args(["completions", shell])
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        if !out.status.success() {
+            bail!("xlb completions {shell} failed");
+        }
+        fs::write(completions.join(file), out.stdout)?;
+    }
+    Ok(())
+}
+
+/// `cargo deb -p lb-userspace --no-build <args> <out>`.
+fn deb(args: &[&str], out: &Path) -> Result<()> {
+    fs::create_dir_all(out.parent().expect("a parent"))?;
+    run(cargo()
+        .args(["deb", "-p", "lb-userspace", "--no-build"])
+        .args(args)
+        .arg(out))
+}
+
+fn package(skip_setup: bool) -> Result<()> {
+    if !skip_setup {
+        setup()?;
+    } else {
+        phase("cargo-deb", cargo_deb)?;
+    }
+    phase("build xlb (release)", || {
+        run(cargo().args(["build", "--release", "-p", "lb-userspace", "--bin", "xlb"]))
+    })?;
+    let release = target_dir().join("release").join("xlb");
+    phase("man pages and completions", || dist(&release))?;
+    let out = target_dir().join("debian");
+    phase("cargo deb", || deb(&["-o"], &out))?;
+    println!("xtask: the package is in {}", out.display());
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

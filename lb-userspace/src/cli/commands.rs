@@ -278,7 +278,17 @@ const DETACH_WAIT: Duration = Duration::from_secs(10);
 /// `xlb detach`: remove the chosen data paths. Each is removed here when no agent holds it, or by
 /// the agent that holds it (asked over `socket`, which then exits).
 pub(crate) fn detach(socket: &Path, args: &DetachArgs) -> Result<(), CliError> {
-    let root = pins::existing_root(&args.bpffs)?;
+    let root = match pins::existing_root(&args.bpffs) {
+        // Nothing can be pinned where there is no bpffs: for --all (package removal) that is
+        // "nothing to do", not a failure.
+        Err(PinError::NotBpffs(path)) if args.all => {
+            return print(&format!(
+                "no xlb data path ({} is not a bpffs)\n",
+                path.display()
+            ));
+        }
+        other => other?,
+    };
     let targets: Vec<(PathBuf, String)> = if let Some(dir) = &args.pin_dir {
         vec![(dir.clone(), dir.display().to_string())]
     } else if let Some(iface) = &args.iface {
