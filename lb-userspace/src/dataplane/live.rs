@@ -64,6 +64,18 @@ struct Pending {
     before: Entries,
 }
 
+impl Pending {
+    fn new(plan: &MapPlan, from: &plan::Source, before: Entries) -> Self {
+        Pending {
+            name: plan.name,
+            pin: plan.pin.clone(),
+            from: from.clone(),
+            new_shape: plan.shape,
+            before,
+        }
+    }
+}
+
 /// The pinned side of an attached `Dataplane`.
 pub(crate) struct Pinned {
     dir: PinDir,
@@ -355,13 +367,7 @@ impl Dataplane {
             if let (Action::Copy(from), false) = (&p.action, p.name == maps::FLOWS) {
                 let (before, count) = copy_same_layout(p, from, nr_cpus)?;
                 startup.copies.push(describe(p, from, count));
-                pending.push(Pending {
-                    name: p.name,
-                    pin: p.pin.clone(),
-                    from: from.clone(),
-                    new_shape: p.shape,
-                    before,
-                });
+                pending.push(Pending::new(p, from, before));
             }
         }
         let mut dp = Self::from_ebpf(ebpf, opts.flow_capacity, Some(opts.lb_addr))?;
@@ -374,13 +380,7 @@ impl Dataplane {
         {
             let count = dp.copy_flows(from, 0)?;
             startup.copies.push(describe(p, from, count));
-            pending.push(Pending {
-                name: p.name,
-                pin: p.pin.clone(),
-                from: from.clone(),
-                new_shape: p.shape,
-                before: Entries::new(),
-            });
+            pending.push(Pending::new(p, from, Entries::new()));
             // Until the last pass after the swap, a flow may be missing from the new table only
             // for now: the new program drops (rather than re-steers) its packets meanwhile.
             dp.set_config_flag(CONFIG_F_MIGRATING, true)?;
