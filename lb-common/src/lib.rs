@@ -27,6 +27,15 @@ pub mod maps {
     pub const BENCH_GEN: &str = "BENCH_GEN";
     pub const BENCH_GEN_HEADER: &str = "BENCH_GEN_HEADER";
     pub const IPIP_IDS: &str = "IPIP_IDS";
+    /// The global deny list, double buffered: `LbConfig::deny_live` picks the live one.
+    pub const DENY: [&str; 2] = ["DENY0", "DENY1"];
+    pub const VIP_ALLOW: &str = "VIP_ALLOW";
+    pub const VIP_DENY: &str = "VIP_DENY";
+    pub const VIP_LIMITS: &str = "VIP_LIMITS";
+    pub const VIP_BUCKETS: &str = "VIP_BUCKETS";
+    pub const SRC_BUCKETS: &str = "SRC_BUCKETS";
+    pub const VIP_DROPS: &str = "VIP_DROPS";
+    pub const EMBRYOS: &str = "EMBRYOS";
 }
 
 /// Layout versions of the maps whose contents outlive an agent: the agent pins them in bpffs as
@@ -155,6 +164,16 @@ pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 18;
 pub const FLOW_EVENTS_BYTES: u32 = 1 << 18;
 /// Entries of the decapsulator's local-address set.
 pub const MAX_DECAP_ADDRS: u32 = 64;
+/// Prefixes each half of the global deny list holds (`DENY0`, `DENY1`): at least a million.
+pub const MAX_DENY_PREFIXES: u32 = 1 << 20;
+/// Source prefixes `VIP_ALLOW` and `VIP_DENY` each hold, over all VIPs and both halves of each
+/// VIP's lists (a change writes the new half before the old one is cleared).
+pub const MAX_VIP_PREFIXES: u32 = 1 << 18;
+/// Token buckets of the per-(source, VIP) new-flow limits (`SRC_BUCKETS`, an LRU).
+pub const SRC_BUCKET_ENTRIES: u32 = 1 << 16;
+/// Default capacity of the embryonic-flow table (`EMBRYOS`, an LRU): TCP flows that have sent
+/// nothing but SYNs; the agent may set another at load.
+pub const DEFAULT_EMBRYO_CAPACITY: u32 = 1 << 16;
 
 /// Index of a ring slot in `RINGS`.
 #[inline(always)]
@@ -197,6 +216,65 @@ pub struct VipMeta {
     pub ring_half: u32,
     /// `FORWARD_IPIP` or `FORWARD_L2`.
     pub forward: u32,
+    /// `VIP_F_*` bits, host order.
+    pub flags: u32,
+}
+
+/// The VIP has a source allow list (in `VIP_ALLOW`): sources outside it are dropped.
+pub const VIP_F_ALLOW: u32 = 1;
+/// The VIP has a source deny list (in `VIP_DENY`).
+pub const VIP_F_DENY: u32 = 2;
+/// New flows are limited per (source address, VIP): `VipLimits::src_*`.
+pub const VIP_F_SRC_LIMIT: u32 = 4;
+/// New flows are limited per VIP: `VipLimits::vip_*`.
+pub const VIP_F_VIP_LIMIT: u32 = 8;
+/// Which half of the VIP's source lists is live (set: half 1). The agent writes the other half,
+/// then switches with the one update of the VIP's entry that also switches its ring, so a packet
+/// sees the old lists or the new ones.
+pub const VIP_F_LIST_HALF: u32 = 16;
+
+/// The tag of a VIP's source list half in `VipSrcKey`: the VIP id and the half, so lists of
+/// different VIPs (and halves) never match each other.
+#[inline(always)]
+pub const fn vip_list_tag(vip_id: u32, half: u32) -> u32 {
+    (vip_id << 1) | (half & 1)
+}
+
+/// Key data of the global deny list tries (`DENY0`, `DENY1`; LPM, prefix length 0 to 32): the
+/// address, network order.
+pub type DenyData = [u8; 4];
+
+/// Key data of `VIP_ALLOW` and `VIP_DENY` (LPM, prefix length 32 + the source prefix's): the
+/// list's tag (`vip_list_tag`, big endian, so it is the high-order part every prefix of the list
+/// shares) then the source address, network order.
+pub type VipSrcData = [u8; 8];
+
+/// `VipSrcData` of `tag` and `addr` (network order).
+#[inline(always)]
+pub const fn vip_src_data(tag: u32, addr: [u8; 4]) -> VipSrcData {
+    let t = tag.to_be_bytes();
+    [t[0], t[1], t[2], t[3], addr[0], addr[1], addr[2], addr[3]]
+}
+
+/// Value of the per-VIP `VIP_LIMITS` array: the new-flow limits as GCRA parameters (host order,
+/// nanoseconds). A limit of R new flows per second with a burst of B is an interval of 1e9/R ns
+/// between flows and a tolerance of B intervals: a flow is admitted while the bucket's
+/// theoretical arrival time, advanced by one interval, is at most the tolerance ahead of now.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipLimits {
+    pub src_interval_ns: u64,
+    pub src_tolerance_ns: u64,
+    pub vip_interval_ns: u64,
+    pub vip_tolerance_ns: u64,
+}
+
+/// Key of `SRC_BUCKETS`: a source address (network order) and a VIP id (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SrcBucketKey {
+    pub src_addr: u32,
+    pub vip_id: u32,
 }
 
 /// Value of the `VIP_ADDRS` hash map (key: a VIP address, network order): what the data path
@@ -246,8 +324,9 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// Value of the `FLOWS` LRU map. The data path writes a whole value only when it assigns a flow
-/// (new, or re-steered); a packet of a known flow writes `last_seen_ns` alone.
+/// Value of the `FLOWS` (and `EMBRYOS`) LRU map. The data path writes a whole value only when it
+/// assigns a flow (new, or re-steered) or promotes an embryonic one; a packet of a known flow
+/// writes `last_seen_ns` alone, and `policy_gen` after checking its source again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
@@ -260,7 +339,10 @@ pub struct FlowValue {
     pub last_seen_ns: u64,
     /// `FLOW_F_*` bits, host order: 0 when the data path assigned the flow.
     pub flags: u32,
-    pub _pad: u32,
+    /// `LbConfig::policy_gen` when the flow's cached decisions were last made (host order; 0 =
+    /// never): while it equals the current generation, the flow's packets skip the source checks
+    /// (deny list, the VIP's allow and deny lists). Flows installed from peers carry 0.
+    pub policy_gen: u32,
     /// Builds with the test-only `layout-test` feature only (`layout::FLOWS` 2): when the flow
     /// was assigned (CLOCK_MONOTONIC_COARSE, host order).
     #[cfg(feature = "layout-test")]
@@ -277,7 +359,7 @@ impl FlowValue {
             backend_id,
             last_seen_ns: now,
             flags,
-            _pad: 0,
+            policy_gen: 0,
             #[cfg(feature = "layout-test")]
             created_ns: now,
         }
@@ -320,6 +402,12 @@ pub struct LbConfig {
     /// How many high bits of an outer IPv4 ID carry the CPU number (host order; at most 16):
     /// enough for every possible CPU, see `ipip_id_cpu_bits`.
     pub ipip_id_cpu_bits: u32,
+    /// The policy generation (host order, never 0): bumped by the agent whenever the deny list,
+    /// a VIP's source lists or a VIP changes. A flow's cached decisions (`FlowValue::policy_gen`)
+    /// are valid while they were made under the current generation.
+    pub policy_gen: u32,
+    /// Which of `DENY0`/`DENY1` is the live deny list (0 or 1, host order).
+    pub deny_live: u32,
     pub _pad: u32,
 }
 
@@ -343,6 +431,9 @@ pub const CONFIG_F_ICMP_ECHO: u32 = 2;
 /// flow, because its entry may still be on its way from the old table; its sender retransmits it.
 /// Set by the agent only between the program swap and the last copy pass.
 pub const CONFIG_F_MIGRATING: u32 = 1 << 2;
+/// The live deny list has prefixes: every packet's source is looked up in it (without the flag,
+/// an empty list costs nothing).
+pub const CONFIG_F_DENY_LIST: u32 = 1 << 3;
 
 /// What happened to a packet: one per-CPU packet counter each in `REASON_STATS`. Every packet the
 /// balancer sees lands in exactly one of these.
@@ -407,8 +498,19 @@ pub mod reason {
     /// A TCP packet without SYN whose flow was not (yet) in the table while the agent copied
     /// the table from an older layout (`CONFIG_F_MIGRATING`): dropped, the sender retransmits.
     pub const DROP_MIGRATING: u32 = 21;
+    /// IPv4 from a source on the global deny list (`xlb deny`): dropped, whatever it was for
+    /// (a VIP, the LB's own addresses, anything else).
+    pub const DROP_DENY_LIST: u32 = 22;
+    /// To a VIP, from a source on the VIP's deny list (`--deny-src`): dropped.
+    pub const DROP_SRC_DENIED: u32 = 23;
+    /// To a VIP that has an allow list (`--allow-src`), from a source outside it: dropped.
+    pub const DROP_SRC_NOT_ALLOWED: u32 = 24;
+    /// A new flow over its source's limit for the VIP (`--src-rate`, `--src-burst`): dropped.
+    pub const DROP_RATE_LIMITED_SRC: u32 = 25;
+    /// A new flow over the VIP's limit (`--vip-rate`, `--vip-burst`): dropped.
+    pub const DROP_RATE_LIMITED_VIP: u32 = 26;
     /// Number of reasons (size of `REASON_STATS`).
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 27;
 
     /// Stable names for metrics, `xlb stats` and tests, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -434,7 +536,26 @@ pub mod reason {
         "fwd_icmp_unreach",
         "tx_icmp_echo_reply",
         "drop_migrating",
+        "drop_deny_list",
+        "drop_src_denied",
+        "drop_src_not_allowed",
+        "drop_rate_limited_src",
+        "drop_rate_limited_vip",
     ];
+}
+
+/// Per-VIP drop counters (`VIP_DROPS`, per CPU, indexed by VIP id): the packets of a VIP that
+/// its source checks and new-flow limits dropped, by reason. Each is also counted under the
+/// reason of the same name in `REASON_STATS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipDrops {
+    /// `drop_deny_list` (the packet was for this VIP).
+    pub deny_list: u64,
+    pub src_denied: u64,
+    pub src_not_allowed: u64,
+    pub rate_limited_src: u64,
+    pub rate_limited_vip: u64,
 }
 
 /// Per-CPU event counters (`EVENT_STATS`): things worth knowing that are not a packet's outcome
@@ -452,12 +573,28 @@ pub mod event {
     /// for it (first packet, entry older than `NEXTHOP_TTL_NS`, packet over the cached MTU, or
     /// the kernel had no neighbour entry, which is never cached).
     pub const NEXTHOP_LOOKUP: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// A new TCP flow held in the embryonic table (`EMBRYOS`) until its first packet without
+    /// SYN: a SYN flood churns that table, not the flow table.
+    pub const EMBRYONIC_NEW: u32 = 4;
+    /// An embryonic flow's first packet without SYN (the client's handshake ACK): the flow moved
+    /// into `FLOWS` (and was reported for peer sync).
+    pub const EMBRYONIC_PROMOTED: u32 = 5;
+    /// A flow whose cached source checks were made under an older policy generation: checked
+    /// again (the deny list, a VIP's lists or a VIP changed since).
+    pub const POLICY_RECHECK: u32 = 6;
+    /// A new-flow limit's bucket kept changing under this CPU's compare-and-swap (other CPUs
+    /// taking tokens at the same time): the flow was counted as limited.
+    pub const RATE_LIMIT_CONTENDED: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const NAMES: [&str; COUNT as usize] = [
         "midflow_miss",
         "flow_resteered",
         "flow_event_lost",
         "nexthop_lookup",
+        "embryonic_new",
+        "embryonic_promoted",
+        "policy_recheck",
+        "rate_limit_contended",
     ];
 }
 
@@ -478,7 +615,10 @@ pub mod decap_reason {
 const _: () = {
     use core::mem::size_of;
     assert!(size_of::<VipKey>() == 8);
-    assert!(size_of::<VipMeta>() == 16);
+    assert!(size_of::<VipMeta>() == 20);
+    assert!(size_of::<VipLimits>() == 32);
+    assert!(size_of::<SrcBucketKey>() == 8);
+    assert!(size_of::<VipDrops>() == 40);
     assert!(size_of::<VipAddr>() == 8);
     assert!(size_of::<Backend>() == 16);
     assert!(size_of::<FlowKey>() == 16);
@@ -488,7 +628,7 @@ const _: () = {
     assert!(size_of::<FlowValue>() == 32);
     assert!(size_of::<FlowEvent>() == 24);
     assert!(size_of::<TrafficCounters>() == 24);
-    assert!(size_of::<LbConfig>() == 16);
+    assert!(size_of::<LbConfig>() == 24);
     assert!(size_of::<BenchGenHeader>() == 48);
 };
 
@@ -507,6 +647,9 @@ mod pod {
     unsafe impl aya::Pod for LbConfig {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for BenchGenHeader {}
+    unsafe impl aya::Pod for VipLimits {}
+    unsafe impl aya::Pod for SrcBucketKey {}
+    unsafe impl aya::Pod for VipDrops {}
 }
 
 #[cfg(test)]
@@ -547,7 +690,7 @@ mod tests {
             backend_id,
             last_seen_ns,
             flags,
-            _pad
+            policy_gen
         });
         #[cfg(feature = "layout-test")]
         let flow_value = shape!(FlowValue {
@@ -555,7 +698,7 @@ mod tests {
             backend_id,
             last_seen_ns,
             flags,
-            _pad,
+            policy_gen,
             created_ns
         });
         let kv = |k: String, v: String| format!("key {k}; value {v}");

@@ -2,12 +2,14 @@
 //! Forwarding itself is in `forward.rs`.
 
 use crate::{
-    Verdict, debug, forward,
-    maps::{BACKENDS, CONFIG, FLOW_EVENTS, FLOWS, RINGS, RR_COUNTERS, VIP_ADDRS, VIPS},
+    Verdict, debug,
+    firewall::{self, Policy},
+    forward,
+    maps::{BACKENDS, CONFIG, EMBRYOS, FLOW_EVENTS, FLOWS, RINGS, RR_COUNTERS, VIP_ADDRS, VIPS},
     parse::{ETH_HLEN, ETH_P_IP, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at},
     stats, vip_icmp,
 };
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap, programs::XdpContext};
 use core::arch::asm;
 use lb_common::{
     BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, CONFIG_F_MIGRATING, FlowEvent, FlowKey, FlowValue,
@@ -63,17 +65,28 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
         return Err(Verdict::pass(reason::PASS_MALFORMED));
     }
     let dst_addr = u32::from_ne_bytes(ip.dst_addr);
+    let src_addr = u32::from_ne_bytes(ip.src_addr);
+    // The deny list comes first for every IPv4 packet. Packets of a VIP service have it checked
+    // in `steer`, where an established flow's cached verdict can spare the lookup; every other
+    // verdict of this function goes through here.
+    let denied_or = |verdict: Verdict| {
+        if firewall::deny_listed(src_addr, &firewall::policy()) {
+            Verdict::drop(reason::DROP_DENY_LIST)
+        } else {
+            verdict
+        }
+    };
     // VIP traffic is looked up by (address, port, protocol) in one go. Only packets that cannot
     // be, or are not, a VIP service's pay the second lookup that tells "a VIP address, nothing
     // served here" (dropped) from "not ours" (passed): the hot path costs one hash lookup, the
     // LB's own traffic two.
     let not_served = |drop_reason: u32| {
         // SAFETY: read-only lookup; the value is not used.
-        if unsafe { VIP_ADDRS.get(dst_addr) }.is_some() {
+        denied_or(if unsafe { VIP_ADDRS.get(dst_addr) }.is_some() {
             Verdict::drop(drop_reason)
         } else {
             Verdict::pass(reason::PASS_NOT_VIP)
-        }
+        })
     };
     let frags = u16::from_be_bytes(ip.frags);
     if frags & (IP_MF | IP_OFFSET_MASK) != 0 {
@@ -98,6 +111,9 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
             ([h[0], h[1], h[2], h[3]], false, UDP_HLEN)
         }
         IPPROTO_ICMP => {
+            if firewall::deny_listed(src_addr, &firewall::policy()) {
+                return Err(Verdict::drop(reason::DROP_DENY_LIST));
+            }
             return Err(vip_icmp::handle(
                 ctx,
                 &vip_icmp::Outer {
@@ -126,11 +142,11 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
     let ip_len = u16::from_be_bytes(ip.tot_len);
     let frame_len = frame_len(ctx);
     if !lengths_agree(ip_len, ihl + l4_len, frame_len) {
-        return Err(Verdict::drop(reason::DROP_BAD_LENGTH));
+        return Err(denied_or(Verdict::drop(reason::DROP_BAD_LENGTH)));
     }
     Ok(Packet {
         vip,
-        flow: flow_key(u32::from_ne_bytes(ip.src_addr), dst_addr, ports, ip.proto),
+        flow: flow_key(src_addr, dst_addr, ports, ip.proto),
         ip_len,
         tos: ip.tos,
         df: frags & IP_DF != 0,
@@ -179,25 +195,34 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     // packet's time in the profile.
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let policy = firewall::policy();
     let mut how = debug::STEER_EXISTING;
-    let (backend_id, backend_addr) = match existing_flow(pkt.flow, pkt.vip.id, Some(now)) {
-        Lookup::Hit(id, addr) => (id, addr),
-        miss => {
-            match miss {
-                Lookup::Stale => stats::count_event(event::FLOW_RESTEERED),
-                // While the agent copies the flow table from an older layout, the flow may only
-                // be missing for now: its sender retransmits this packet, steering it anew could
-                // send it to another backend.
-                _ if pkt.midflow && migrating() => return Verdict::drop(reason::DROP_MIGRATING),
-                _ if pkt.midflow => stats::count_event(event::MIDFLOW_MISS),
-                _ => {}
-            }
+    let chosen = match existing_flow(&FLOWS, pkt.flow, pkt.vip.id, Some(now)) {
+        Lookup::Hit(id, addr, value) => recheck(pkt, &policy, value).map(|()| (id, addr)),
+        Lookup::Stale => {
+            // An established flow whose backend went away: re-steered in the flow table (it is
+            // no new connection, so no limit applies), its source checked again.
+            stats::count_event(event::FLOW_RESTEERED);
             how = debug::STEER_NEW;
-            match new_flow(pkt, now) {
-                Ok(backend) => backend,
-                Err(verdict) => return verdict,
-            }
+            check_source(pkt, &policy).and_then(|()| new_flow(pkt, now, &policy, Table::Flows))
         }
+        Lookup::Miss if pkt.flow.proto == IPPROTO_TCP => {
+            let (chosen, new) = tcp_miss(pkt, now, &policy);
+            if new {
+                how = debug::STEER_NEW;
+            }
+            chosen
+        }
+        Lookup::Miss => {
+            how = debug::STEER_NEW;
+            check_source(pkt, &policy)
+                .and_then(|()| limit(pkt))
+                .and_then(|()| new_flow(pkt, now, &policy, Table::Flows))
+        }
+    };
+    let (backend_id, backend_addr) = match chosen {
+        Ok(backend) => backend,
+        Err(verdict) => return verdict,
     };
     let verdict = forward::forward(ctx, pkt, backend_id, backend_addr, now);
     if forward::is_forwarded(&verdict) {
@@ -216,22 +241,116 @@ fn migrating() -> bool {
         .is_some_and(|cfg| cfg.flags & CONFIG_F_MIGRATING != 0)
 }
 
+/// A TCP packet whose flow is not in `FLOWS`. New TCP flows wait in the embryonic table until
+/// their first packet without SYN (with direct server return the balancer sees the client's
+/// handshake ACK), so a flood of SYNs from spoofed sources churns `EMBRYOS` and never evicts an
+/// established flow. A retransmitted SYN finds its embryo and keeps its backend; the first
+/// packet without SYN moves the flow into `FLOWS`. Returns the backend, and whether a new flow
+/// was assigned.
+#[inline(always)]
+fn tcp_miss(pkt: &Packet, now: u64, policy: &Policy) -> (Result<(u32, u32), Verdict>, bool) {
+    match existing_flow(&EMBRYOS, pkt.flow, pkt.vip.id, Some(now)) {
+        Lookup::Hit(id, addr, value) => {
+            let checked = recheck(pkt, policy, value);
+            if checked.is_ok() && pkt.midflow {
+                promote(pkt, value, now);
+            }
+            (checked.map(|()| (id, addr)), false)
+        }
+        miss => {
+            match miss {
+                Lookup::Stale => stats::count_event(event::FLOW_RESTEERED),
+                // While the agent copies the flow tables from an older layout, the flow may only
+                // be missing for now: its sender retransmits this packet, steering it anew could
+                // send it to another backend.
+                _ if pkt.midflow && migrating() => {
+                    return (Err(Verdict::drop(reason::DROP_MIGRATING)), false);
+                }
+                _ if pkt.midflow => stats::count_event(event::MIDFLOW_MISS),
+                _ => {}
+            }
+            // A packet from the middle of a connection this node never saw (a sync gap) is held
+            // apart too: its next packet promotes it, and a flood of lone ACKs stays out of the
+            // flow table as SYNs do.
+            let chosen = check_source(pkt, policy)
+                .and_then(|()| limit(pkt))
+                .and_then(|()| new_flow(pkt, now, policy, Table::Embryos));
+            (chosen, true)
+        }
+    }
+}
+
+/// A known flow's packet: its cached source checks hold while they were made under the current
+/// policy generation; otherwise they are made again (and the generation stored if they pass).
+#[inline(always)]
+fn recheck(pkt: &Packet, policy: &Policy, value: *mut FlowValue) -> Result<(), Verdict> {
+    // SAFETY: map value pointer from a successful lookup, live for this run of the program.
+    if unsafe { (*value).policy_gen } == policy.generation {
+        return Ok(());
+    }
+    stats::count_event(event::POLICY_RECHECK);
+    check_source(pkt, policy)?;
+    // SAFETY: as above; a racing CPU can only store the same generation or a newer one's check.
+    unsafe { (*value).policy_gen = policy.generation };
+    Ok(())
+}
+
+#[inline(always)]
+fn check_source(pkt: &Packet, policy: &Policy) -> Result<(), Verdict> {
+    firewall::check_source(pkt.flow.src_addr, &pkt.vip, policy).map_err(Verdict::drop)
+}
+
+#[inline(always)]
+fn limit(pkt: &Packet) -> Result<(), Verdict> {
+    firewall::admit_new_flow(pkt.flow.src_addr, &pkt.vip).map_err(Verdict::drop)
+}
+
+/// Move an embryonic flow into `FLOWS` (its backend and checks as they are) and report it to
+/// the peers: from now on it is an established flow.
+#[inline(always)]
+fn promote(pkt: &Packet, embryo: *mut FlowValue, now: u64) {
+    // SAFETY: map value pointer from a successful lookup; copied before the entry is removed.
+    let (backend_addr, backend_id, policy_gen) = unsafe {
+        (
+            (*embryo).backend_addr,
+            (*embryo).backend_id,
+            (*embryo).policy_gen,
+        )
+    };
+    // Assigned by this node's data path (embryos never come from peers).
+    let value = FlowValue {
+        policy_gen,
+        ..FlowValue::new(backend_addr, backend_id, now, 0)
+    };
+    // An LRU map evicts rather than fails when full; if the insert failed anyway, the next
+    // packet finds the embryo gone and is a mid-flow miss.
+    let _ = FLOWS.insert(pkt.flow, value, 0);
+    let _ = EMBRYOS.remove(pkt.flow);
+    stats::count_event(event::EMBRYONIC_PROMOTED);
+    report_flow(pkt.flow, backend_addr);
+}
+
 pub enum Lookup {
-    /// Known flow, backend still there: (slot id, address).
-    Hit(u32, u32),
+    /// Known flow, backend still there: (slot id, address, the entry).
+    Hit(u32, u32, *mut FlowValue),
     /// Known flow whose backend slot no longer holds its backend (down, removed, reused).
     Stale,
     /// No entry.
     Miss,
 }
 
-/// The backend of flow `key` of VIP `vip_id`, if the flow is known and its backend slot still
-/// holds the same address for the same VIP and is active (otherwise the flow is re-steered as if
-/// new). A hit records `seen_at` as the flow's last packet, if given: packets of the flow do,
-/// ICMP errors about it do not.
+/// The backend of flow `key` of VIP `vip_id` in `table` (`FLOWS` or `EMBRYOS`), if the flow is
+/// known and its backend slot still holds the same address for the same VIP and is active
+/// (otherwise the flow is re-steered as if new). A hit records `seen_at` as the flow's last
+/// packet, if given: packets of the flow do, ICMP errors about it do not.
 #[inline(always)]
-pub fn existing_flow(key: FlowKey, vip_id: u32, seen_at: Option<u64>) -> Lookup {
-    let Some(flow) = FLOWS.get_ptr_mut(key) else {
+pub fn existing_flow(
+    table: &LruHashMap<FlowKey, FlowValue>,
+    key: FlowKey,
+    vip_id: u32,
+    seen_at: Option<u64>,
+) -> Lookup {
+    let Some(flow) = table.get_ptr_mut(key) else {
         return Lookup::Miss;
     };
     // SAFETY: map value pointer from a successful lookup.
@@ -246,7 +365,7 @@ pub fn existing_flow(key: FlowKey, vip_id: u32, seen_at: Option<u64>) -> Lookup 
         // SAFETY: as above. A racing writer on another CPU can only store another recent time.
         unsafe { (*flow).last_seen_ns = now };
     }
-    Lookup::Hit(id, addr)
+    Lookup::Hit(id, addr, flow)
 }
 
 /// Atomic 64-bit fetch-and-add (`BPF_ATOMIC | BPF_FETCH | BPF_DW`, kernel ≥ 5.12); every CPU's
@@ -275,9 +394,20 @@ unsafe fn fetch_add(ptr: *mut u64, value: u64) -> u64 {
     old
 }
 
+/// Where a new flow is kept.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Table {
+    /// The flow table: UDP flows, re-steered flows (reported to peers at once).
+    Flows,
+    /// The embryonic table: new TCP flows (reported when promoted).
+    Embryos,
+}
+
 /// Take the next slot of the VIP's ring (one atomic counter per VIP, shared by all CPUs, so N new
-/// flows over K equal backends land exactly N/K on each) and remember the choice.
-fn new_flow(pkt: &Packet, now: u64) -> Result<(u32, u32), Verdict> {
+/// flows over K equal backends land exactly N/K on each) and remember the choice in `table`,
+/// with the policy generation its checks passed under.
+#[inline(always)]
+fn new_flow(pkt: &Packet, now: u64, policy: &Policy, table: Table) -> Result<(u32, u32), Verdict> {
     let vip = &pkt.vip;
     let no_backend = Verdict::drop(reason::DROP_NO_BACKEND);
     // Copied to a local: the asm below may (as far as the compiler knows) write memory, and a
@@ -303,23 +433,40 @@ fn new_flow(pkt: &Packet, now: u64) -> Result<(u32, u32), Verdict> {
         return Err(Verdict::drop(reason::DROP_NO_BACKEND));
     }
     // Assigned here: a local flow, whatever a peer had installed under this key before.
-    let value = FlowValue::new(backend.addr, id, now, 0);
+    let value = FlowValue {
+        policy_gen: policy.generation,
+        ..FlowValue::new(backend.addr, id, now, 0)
+    };
+    stats::count_new_flow(vip.id, id);
     // An LRU map evicts rather than fails when full; if the insert fails anyway, the packet still
     // goes to this backend and the next one of the flow takes another slot.
-    let _ = FLOWS.insert(pkt.flow, value, 0);
-    stats::count_new_flow(vip.id, id);
+    match table {
+        Table::Flows => {
+            let _ = FLOWS.insert(pkt.flow, value, 0);
+            report_flow(pkt.flow, backend.addr);
+        }
+        Table::Embryos => {
+            let _ = EMBRYOS.insert(pkt.flow, value, 0);
+            stats::count_event(event::EMBRYONIC_NEW);
+        }
+    }
+    Ok((id, backend.addr))
+}
+
+/// Tell the peers (through the agent) about a flow that is now in `FLOWS`, if anyone reads.
+#[inline(always)]
+fn report_flow(flow: FlowKey, backend_addr: u32) {
     if CONFIG
         .get(0)
         .is_some_and(|cfg| cfg.flags & CONFIG_F_FLOW_EVENTS != 0)
     {
         let event = FlowEvent {
-            flow: pkt.flow,
-            backend_addr: backend.addr,
+            flow,
+            backend_addr,
             _pad: 0,
         };
         if FLOW_EVENTS.output(event, 0).is_err() {
             stats::count_event(event::FLOW_EVENT_LOST);
         }
     }
-    Ok((id, backend.addr))
 }

@@ -5,7 +5,8 @@
 //! - the benchmark programs of `cargo xtask bench` (`bench.rs`): floors, generator, sink.
 #![no_std]
 #![no_main]
-// Inline assembly for the shared round-robin counter's fetch-and-add (see balancer.rs).
+// Inline assembly for the shared round-robin counter's fetch-and-add (see balancer.rs) and the
+// new-flow limits' compare-and-swap (firewall.rs).
 #![feature(asm_experimental_arch)]
 
 mod balancer;
@@ -13,6 +14,7 @@ mod bench;
 mod csum;
 mod debug;
 mod decap;
+mod firewall;
 mod forward;
 mod icmp;
 mod maps;

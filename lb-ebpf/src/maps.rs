@@ -3,12 +3,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    Backend, DEFAULT_FLOW_CAPACITY, FLOW_EVENTS_BYTES, FlowKey, FlowValue, LbConfig, MAX_BACKENDS,
-    MAX_DECAP_ADDRS, MAX_VIPS, RING_ENTRIES, TrafficCounters, VipAddr, VipKey, VipMeta,
-    decap_reason, event, reason,
+    Backend, DEFAULT_EMBRYO_CAPACITY, DEFAULT_FLOW_CAPACITY, DenyData, FLOW_EVENTS_BYTES, FlowKey,
+    FlowValue, LbConfig, MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_DENY_PREFIXES, MAX_VIP_PREFIXES,
+    MAX_VIPS, RING_ENTRIES, SRC_BUCKET_ENTRIES, SrcBucketKey, TrafficCounters, VipAddr, VipDrops,
+    VipKey, VipLimits, VipMeta, VipSrcData, decap_reason, event, reason,
 };
 
 #[map(name = "VIPS")]
@@ -33,6 +34,46 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map(name = "FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// TCP flows that have sent only SYNs so far (`balancer.rs`): a SYN flood churns this table, and
+/// a flow moves into `FLOWS` with its first packet without SYN. Capacity set by the agent.
+#[map(name = "EMBRYOS")]
+pub static EMBRYOS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_EMBRYO_CAPACITY, 0);
+
+/// The global deny list, two copies (`LbConfig::deny_live` picks the live one): `xlb deny load`
+/// fills the other, then switches with one update of `CONFIG`. LPM tries (the kernel requires
+/// BPF_F_NO_PREALLOC, which aya adds): memory is taken per prefix, not for the capacity.
+#[map(name = "DENY0")]
+pub static DENY0: LpmTrie<DenyData, u8> = LpmTrie::with_max_entries(MAX_DENY_PREFIXES, 0);
+#[map(name = "DENY1")]
+pub static DENY1: LpmTrie<DenyData, u8> = LpmTrie::with_max_entries(MAX_DENY_PREFIXES, 0);
+
+/// Every VIP's source allow lists, each under its VIP's tag (`lb_common::vip_list_tag`).
+#[map(name = "VIP_ALLOW")]
+pub static VIP_ALLOW: LpmTrie<VipSrcData, u8> = LpmTrie::with_max_entries(MAX_VIP_PREFIXES, 0);
+/// Every VIP's source deny lists, as `VIP_ALLOW`.
+#[map(name = "VIP_DENY")]
+pub static VIP_DENY: LpmTrie<VipSrcData, u8> = LpmTrie::with_max_entries(MAX_VIP_PREFIXES, 0);
+
+/// VIP id → its new-flow limits (read only when the VIP's flags say it has one).
+#[map(name = "VIP_LIMITS")]
+pub static VIP_LIMITS: Array<VipLimits> = Array::with_max_entries(MAX_VIPS, 0);
+
+/// VIP id → its new-flow bucket (a GCRA theoretical arrival time in ns), shared by all CPUs and
+/// updated with compare-and-swap (`firewall.rs`).
+#[map(name = "VIP_BUCKETS")]
+pub static VIP_BUCKETS: Array<u64> = Array::with_max_entries(MAX_VIPS, 0);
+
+/// (source, VIP) → its new-flow bucket, as `VIP_BUCKETS`; an LRU, so sources that stopped
+/// opening flows make room.
+#[map(name = "SRC_BUCKETS")]
+pub static SRC_BUCKETS: LruHashMap<SrcBucketKey, u64> =
+    LruHashMap::with_max_entries(SRC_BUCKET_ENTRIES, 0);
+
+/// VIP id → the packets its source checks and limits dropped, by reason (per CPU).
+#[map(name = "VIP_DROPS")]
+pub static VIP_DROPS: PerCpuArray<VipDrops> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
 
 #[map(name = "VIP_STATS")]
 pub static VIP_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_VIPS, 0);

@@ -22,7 +22,7 @@ use crate::{
     balancer::{self, Lookup, Packet, UDP_HLEN},
     csum, forward,
     icmp::{ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HLEN, QUOTED_L4},
-    maps::{CONFIG, VIP_ADDRS, VIPS},
+    maps::{CONFIG, EMBRYOS, FLOWS, VIP_ADDRS, VIPS},
     parse::{ETH_HLEN, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at},
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
@@ -192,7 +192,12 @@ fn unreachable(ctx: &XdpContext, outer: &Outer, quoted: usize, code: u8) -> Verd
     );
     // No flow is created and no ring slot taken for an error: only a flow that is still served
     // by a backend of this VIP gets it.
-    let Lookup::Hit(backend_id, backend_addr) = balancer::existing_flow(flow, vip.id, None) else {
+    // Established or embryonic (an error about a backend's SYN-ACK, e.g. the client is gone).
+    let found = match balancer::existing_flow(&FLOWS, flow, vip.id, None) {
+        Lookup::Miss => balancer::existing_flow(&EMBRYOS, flow, vip.id, None),
+        found => found,
+    };
+    let Lookup::Hit(backend_id, backend_addr, _) = found else {
         return no_flow;
     };
     let pkt = Packet {

@@ -13,6 +13,7 @@ pub mod client;
 pub mod cmd;
 pub mod cpu;
 pub mod downloads;
+pub mod fixture;
 pub mod http;
 pub mod interrupt;
 pub mod netns;

@@ -310,20 +310,27 @@ fn flush_moves_a_drained_backends_keepalive_connections() {
             ),
         }
     }
-    // Their flows now point elsewhere: the reset came from their new backend.
+    // Their flows point elsewhere now: the reset came from their new backend. A packet from the
+    // middle of a connection without a flow entry is held in the embryonic table, like a SYN,
+    // until the connection's next packet (issue 13: a flood of lone packets stays out of the
+    // flow table); the reset connection sends none, so none of them is in the flow table.
     let now = by_port(&flows_json(
         &xlb,
         &["--client", &CLI_ADDR.to_string(), "--limit", "100"],
     ));
     for port in &on_be1 {
-        let (backend, origin) = now
-            .get(port)
-            .unwrap_or_else(|| panic!("no flow for {port}: {now:?}"));
-        assert_ne!(*backend, be1, "port {port} still on be1");
-        assert_eq!(origin, "local");
+        assert!(
+            now.get(port).is_none_or(|(backend, _)| *backend != be1),
+            "port {port} still on be1: {now:?}"
+        );
     }
-    let midflow = event(&xlb.stats().unwrap(), "midflow_miss").unwrap() - midflow_before;
+    let stats = xlb.stats().unwrap();
+    let midflow = event(&stats, "midflow_miss").unwrap() - midflow_before;
     assert!(midflow >= on_be1.len() as u64, "midflow_miss +{midflow}");
+    assert!(
+        event(&stats, "embryonic_new").unwrap() >= on_be1.len() as u64,
+        "{stats}"
+    );
 
     // Every other connection: the same backend, on the same connection.
     for (c, name) in conns.iter_mut().filter(|(_, b)| b != "be1") {

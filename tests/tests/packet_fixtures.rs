@@ -1,282 +1,18 @@
 //! Packet-in/packet-out fixtures for the XDP programs, run with BPF_PROG_TEST_RUN, in the manner of
 //! Katran's `lib/testing/fixtures`: a table of {description, input packet, expected output packet,
-//! expected action}.
-//!
-//! `bpf_fib_lookup` answers from the namespace the test runs in, so each test builds a small,
-//! fully known one: `lb0` (10.111.1.2/24, MAC 02:00:00:00:00:02, MTU 1500) with permanent
-//! neighbour entries for be1..be3 (10.111.1.11-13) and none for 10.111.1.14, and a route to the
-//! client network via 10.111.1.1. Needs root.
+//! expected action}. The namespace, the balancer's VIPs and the packet builder are in the test
+//! library (`xlb_tests::fixture`, `xlb_tests::packet`), shared with the fuzzer. Needs root.
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
-use lb_common::{DEFAULT_FLOW_CAPACITY, FLOW_F_PEER, FlowEvent, FlowKey, reason};
+use lb_common::{FLOW_F_PEER, FlowEvent, FlowKey, reason};
 use std::{collections::BTreeSet, net::Ipv4Addr};
 use xlb::{
     dataplane::{Dataplane, persistent},
-    model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec},
+    model::{Forward, Proto, ServiceKey, VipSpec},
 };
 use xlb_tests::{
-    netns::{self, Netns},
-    packet::checksum,
+    fixture::*,
+    packet::{ACK, Ip, SYN, checksum, eth, icmp_message, quote, tcp, udp},
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-
-const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-const RTR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const LB: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 2);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 2);
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 100, 1);
-/// A VIP whose only backend has no neighbour entry.
-const VIP_NO_NEIGH: Ipv4Addr = Ipv4Addr::new(10, 111, 100, 2);
-const BACKENDS: [Ipv4Addr; 3] = [
-    Ipv4Addr::new(10, 111, 1, 11),
-    Ipv4Addr::new(10, 111, 1, 12),
-    Ipv4Addr::new(10, 111, 1, 13),
-];
-const UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 14);
-
-fn backend_mac(i: usize) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0x01, 0x11 + i as u8]
-}
-
-// ---------------------------------------------------------------------------------------------
-// A small packet builder: every field the fixtures vary is explicit.
-
-#[derive(Clone)]
-struct Ip {
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    proto: u8,
-    /// Flags and fragment offset, host order (0x4000 = DF).
-    frag: u16,
-    /// IHL in 32-bit words.
-    ihl: u8,
-}
-
-impl Ip {
-    fn to(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Self {
-        Ip {
-            src,
-            dst,
-            proto,
-            frag: 0x4000,
-            ihl: 5,
-        }
-    }
-    /// The IPv4 header followed by `payload`.
-    fn packet(&self, payload: &[u8]) -> Vec<u8> {
-        let hlen = usize::from(self.ihl) * 4;
-        let total = (hlen + payload.len()) as u16;
-        let mut h = vec![0u8; hlen];
-        h[0] = 0x40 | self.ihl;
-        h[2..4].copy_from_slice(&total.to_be_bytes());
-        h[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
-        h[6..8].copy_from_slice(&self.frag.to_be_bytes());
-        h[8] = 63;
-        h[9] = self.proto;
-        h[12..16].copy_from_slice(&self.src.octets());
-        h[16..20].copy_from_slice(&self.dst.octets());
-        // Options, if any, are NOPs.
-        for b in h.iter_mut().skip(20) {
-            *b = 1;
-        }
-        let c = checksum(&h);
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        h.extend_from_slice(payload);
-        h
-    }
-}
-
-fn tcp(sport: u16, dport: u16, flags: u8, payload_len: usize) -> Vec<u8> {
-    let mut t = vec![0u8; 20 + payload_len];
-    t[0..2].copy_from_slice(&sport.to_be_bytes());
-    t[2..4].copy_from_slice(&dport.to_be_bytes());
-    t[4..8].copy_from_slice(&1000u32.to_be_bytes());
-    t[12] = 5 << 4;
-    t[13] = flags;
-    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    for (i, b) in t.iter_mut().enumerate().skip(20) {
-        *b = i as u8;
-    }
-    t
-}
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-
-fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut u = vec![0u8; 8];
-    u[0..2].copy_from_slice(&sport.to_be_bytes());
-    u[2..4].copy_from_slice(&dport.to_be_bytes());
-    u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    u.extend_from_slice(payload);
-    u
-}
-
-fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(14 + payload.len());
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// A frame from the router to the LB carrying `ip_packet`.
-fn inbound(ip_packet: &[u8]) -> Vec<u8> {
-    eth(LB_MAC, RTR_MAC, 0x0800, ip_packet)
-}
-
-fn client_syn(sport: u16, dport: u16) -> Vec<u8> {
-    Ip::to(CLIENT, VIP, 6).packet(&tcp(sport, dport, SYN, 0))
-}
-
-/// The outer header the balancer must prepend, field by field.
-fn outer_header(inner_len: usize, backend: Ipv4Addr, df: bool) -> Vec<u8> {
-    outer_header_with_id(inner_len, backend, df, 0)
-}
-
-/// The same with identification `id` (packets without DF).
-fn outer_header_with_id(inner_len: usize, backend: Ipv4Addr, df: bool, id: u16) -> Vec<u8> {
-    let mut h = vec![0x45, 0];
-    h.extend_from_slice(&((inner_len + 20) as u16).to_be_bytes());
-    h.extend_from_slice(&id.to_be_bytes());
-    h.extend_from_slice(&[if df { 0x40 } else { 0 }, 0, 64, 4, 0, 0]);
-    h.extend_from_slice(&LB.octets());
-    h.extend_from_slice(&backend.octets());
-    let c = checksum(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h
-}
-
-fn encapsulated(inner: &[u8], backend: usize) -> Vec<u8> {
-    let mut payload = outer_header(inner.len(), BACKENDS[backend], true);
-    payload.extend_from_slice(inner);
-    eth(backend_mac(backend), LB_MAC, 0x0800, &payload)
-}
-
-// ---------------------------------------------------------------------------------------------
-// The harness.
-
-struct Fixture {
-    description: &'static str,
-    input: Vec<u8>,
-    /// `None`: the output must equal the input (untouched).
-    expected: Option<Vec<u8>>,
-    action: u32,
-}
-
-fn run(prog: &Xdp, ifindex: u32, input: &[u8]) -> (u32, Vec<u8>) {
-    let ctx = xlb_tests::packet::xdp_md(input.len(), ifindex);
-    let mut out = vec![0u8; 4096];
-    let result = prog
-        .test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
-}
-
-fn check(prog: &Xdp, ifindex: u32, fixtures: &[Fixture]) {
-    for f in fixtures {
-        let (action, out) = run(prog, ifindex, &f.input);
-        assert_eq!(action, f.action, "{}: action", f.description);
-        let expected = f.expected.as_ref().unwrap_or(&f.input);
-        assert_eq!(
-            hex(&out),
-            hex(expected),
-            "{}: output packet differs",
-            f.description
-        );
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes
-        .chunks(16)
-        .map(|c| {
-            c.iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// The namespace every fixture runs in; see the module comment.
-fn fixture_netns() -> Netns {
-    netns::require_root();
-    let ns = Netns::create(&format!("{}-fx", netns::unique_prefix())).expect("netns");
-    ns.sh(&format!(
-        "set -e
-         ip link add lb0 address 02:00:00:00:00:02 type veth peer name peer0 address 02:00:00:00:00:01
-         ip link set lb0 mtu 1500 up
-         ip link set peer0 up
-         ip addr add {LB}/24 dev lb0
-         ip route add 10.111.0.0/24 via 10.111.1.1 dev lb0
-         ip neigh add 10.111.1.1 lladdr 02:00:00:00:00:01 dev lb0 nud permanent
-         ip neigh add 10.111.1.11 lladdr 02:00:00:00:01:11 dev lb0 nud permanent
-         ip neigh add 10.111.1.12 lladdr 02:00:00:00:01:12 dev lb0 nud permanent
-         ip neigh add 10.111.1.13 lladdr 02:00:00:00:01:13 dev lb0 nud permanent
-         sysctl -qw net.ipv4.conf.lb0.forwarding=1"
-    ))
-    .expect("fixture namespace set-up");
-    ns
-}
-
-fn vip(
-    addr: Ipv4Addr,
-    port: u16,
-    proto: Proto,
-    forward: Forward,
-    backends: &[Ipv4Addr],
-) -> VipSpec {
-    VipSpec {
-        key: ServiceKey { addr, port, proto },
-        forward,
-        backends: backends
-            .iter()
-            .map(|addr| BackendSpec {
-                addr: *addr,
-                weight: 1,
-            })
-            .collect(),
-        icmp_echo: true,
-    }
-}
-
-/// Load the balancer with the fixtures' VIPs: `VIP:80/tcp` ipip, `VIP:8080/tcp` l2,
-/// `VIP:53/udp` ipip (each over be1..be3), and `VIP_NO_NEIGH:80` ipip / `:8080` l2 over the
-/// unresolved backend.
-fn balancer() -> Dataplane {
-    let mut dp = Dataplane::load_unattached(DEFAULT_FLOW_CAPACITY, Some(LB)).expect("load");
-    for spec in [
-        vip(VIP, 80, Proto::Tcp, Forward::Ipip, &BACKENDS),
-        vip(VIP, 8080, Proto::Tcp, Forward::L2, &BACKENDS),
-        vip(VIP, 53, Proto::Udp, Forward::Ipip, &BACKENDS),
-        vip(VIP_NO_NEIGH, 80, Proto::Tcp, Forward::Ipip, &[UNRESOLVED]),
-        vip(VIP_NO_NEIGH, 8080, Proto::Tcp, Forward::L2, &[UNRESOLVED]),
-    ] {
-        dp.apply_vip(&spec, &BTreeSet::new()).expect("apply VIP");
-    }
-    dp
-}
-
-fn in_fixture_netns(f: impl FnOnce(u32) + Send + 'static) {
-    let ns = fixture_netns();
-    ns.enter(move || {
-        let ifindex = xlb::util::interface_index("lb0").expect("lb0");
-        f(ifindex)
-    })
-    .expect("run in namespace");
-}
-
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -647,10 +383,11 @@ fn bad_lengths_are_dropped_and_padding_stays_out_of_the_tunnel() {
         assert_eq!(r["pass_not_vip"], 1);
         assert_eq!(r["fwd_tx"], 2);
         assert_eq!(
-            dp.flows().unwrap().keys().count(),
+            dp.embryos().unwrap().keys().count(),
             2,
-            "only the two good SYNs"
+            "only the two good SYNs, held as embryonic flows"
         );
+        assert_eq!(dp.flows().unwrap().keys().count(), 0);
     });
 }
 
@@ -779,32 +516,17 @@ fn oversized_packet_gets_icmp_fragmentation_needed() {
     });
 }
 
-/// The router on the client's side (rtr's address towards cli), where ICMP errors come from.
-const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 1);
-
-/// An ICMP message from `from` to `to`: `kind`, `code`, the 4 bytes after the checksum, then
-/// `body` (for errors: the quoted IPv4 header and 8 bytes); no DF, as Linux sends its errors.
+/// An ICMP message from `from` to `to` (see `icmp_message`); no DF, as Linux sends its errors.
 fn icmp(from: Ipv4Addr, to: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
-    let mut msg = vec![kind, code, 0, 0];
-    msg.extend_from_slice(&rest);
-    msg.extend_from_slice(body);
-    let c = checksum(&msg);
-    msg[2..4].copy_from_slice(&c.to_be_bytes());
     let mut ip = Ip::to(from, to, 1);
     ip.frag = 0;
-    ip.packet(&msg)
+    ip.packet(&icmp_message(kind, code, rest, body))
 }
 
 /// "Fragmentation needed, next-hop MTU `mtu`" from the router about `quoted`.
 fn frag_needed_about(quoted: &[u8], mtu: u16) -> Vec<u8> {
     let [hi, lo] = mtu.to_be_bytes();
     icmp(ROUTER, VIP, 3, 4, [0, 0, hi, lo], quoted)
-}
-
-/// What an ICMP error quotes of a backend's reply to the client: its IPv4 header and 8 bytes.
-fn quote(reply: &[u8]) -> Vec<u8> {
-    let hlen = usize::from(reply[0] & 0x0f) * 4;
-    reply[..hlen + 8].to_vec()
 }
 
 /// A full-size TCP reply of the backend, from the VIP's `vip_port` to the client's `client_port`.
@@ -961,9 +683,14 @@ fn icmp_errors_about_a_flow_go_to_its_backend() {
         assert_eq!(r["drop_malformed_l4"], 2);
         assert_eq!(r["drop_icmp_other"], 1);
         assert_eq!(r["fwd_tx"], 3, "only the three packets of the flows");
+        // The UDP flow is established, the two TCP ones (SYNs only) embryonic; errors about
+        // either reach the backend.
         assert_eq!(
-            dp.flows().unwrap().keys().count(),
-            3,
+            (
+                dp.flows().unwrap().keys().count(),
+                dp.embryos().unwrap().keys().count()
+            ),
+            (1, 2),
             "no flow made for an error"
         );
         let stats = dp.stats().unwrap();
@@ -1259,7 +986,7 @@ fn removed_backend_flows_are_resteered_and_removed_vip_drops() {
 fn decap_strips_ipip_to_local_addresses_only() {
     in_fixture_netns(|ifindex| {
         let ebpf = persistent::load_decap(&[BACKENDS[0]]).expect("load decap");
-        let prog: &Xdp = ebpf
+        let prog: &aya::programs::Xdp = ebpf
             .program(lb_common::programs::DECAP)
             .unwrap()
             .try_into()
@@ -1311,10 +1038,18 @@ fn down_backends_lose_their_flows_draining_ones_keep_them() {
         let mut dp = balancer();
         let tcp80 = vip(VIP, 80, Proto::Tcp, Forward::Ipip, &BACKENDS);
         // Three flows, one per backend (the ring starts at be1).
-        let syns: Vec<Vec<u8>> = (0..3).map(|i| client_syn(50000 + i, 80)).collect();
-        for (i, syn) in syns.iter().enumerate() {
-            let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(syn));
-            assert_eq!(out, encapsulated(syn, i));
+        let ack = |sport: u16| Ip::to(CLIENT, VIP, 6).packet(&tcp(sport, 80, ACK, 10));
+        for i in 0..3 {
+            // SYN, then the handshake's ACK, which makes the flow established.
+            let syn = client_syn(50000 + i as u16, 80);
+            let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&syn));
+            assert_eq!(out, encapsulated(&syn, i));
+            let (_, out) = run(
+                dp.balancer().unwrap(),
+                ifindex,
+                &inbound(&ack(50000 + i as u16)),
+            );
+            assert_eq!(out, encapsulated(&ack(50000 + i as u16), i));
         }
         let active = |dp: &Dataplane| -> Vec<u64> {
             let stats = dp.stats().unwrap();
@@ -1331,7 +1066,6 @@ fn down_backends_lose_their_flows_draining_ones_keep_them() {
         // be2 down: its flow moves, new flows alternate be1/be3.
         dp.apply_vip(&tcp80, &BTreeSet::from([BACKENDS[1]]))
             .unwrap();
-        let ack = |sport: u16| Ip::to(CLIENT, VIP, 6).packet(&tcp(sport, 80, ACK, 10));
         let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&ack(50001)));
         assert_ne!(
             out,
@@ -1447,11 +1181,21 @@ fn flows_are_reported_and_peer_flows_are_honoured() {
         let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&synced));
         assert_eq!(out, encapsulated(&synced, 2));
         assert_eq!(dp.event_stats().unwrap()["midflow_miss"], 0);
-        // The unknown one arrives mid-flow with no entry: counted, steered as new (be2).
+        // The unknown one arrives mid-flow with no entry: counted, steered as new (be2), and held
+        // apart until its next packet, which makes it established (and reports it).
         let orphan = Ip::to(CLIENT, VIP, 6).packet(&tcp(55002, 80, ACK, 10));
         let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&orphan));
         assert_eq!(out, encapsulated(&orphan, 1));
         assert_eq!(dp.event_stats().unwrap()["midflow_miss"], 1);
+        assert_eq!(dp.embryos().unwrap().keys().count(), 1);
+        let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&orphan));
+        assert_eq!(out, encapsulated(&orphan, 1));
+        assert_eq!(
+            dp.event_stats().unwrap()["midflow_miss"],
+            1,
+            "promoted, not missed again"
+        );
+        assert_eq!(dp.embryos().unwrap().keys().count(), 0);
 
         let mut snapshot: Vec<(u16, u32)> = dp
             .snapshot_flows(std::time::Duration::from_secs(60))

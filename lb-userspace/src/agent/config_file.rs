@@ -53,6 +53,7 @@ use crate::{
     model::check::{CheckPatch, CheckSpec},
     model::{
         BackendConfig, DEFAULT_WEIGHT, Forward, Proto, ServiceKey, VipConfig, icmp_echo_default,
+        policy::SourcePolicy,
     },
     util::one_line,
 };
@@ -211,6 +212,7 @@ impl Config {
                 check: vip_check,
                 backends,
                 icmp_echo: vip.icmp_echo,
+                policy: SourcePolicy::default(),
             });
         }
         let state = DesiredState::from_specs(specs)

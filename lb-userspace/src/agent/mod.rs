@@ -307,8 +307,10 @@ async fn load_dataplane(config: &AgentConfig) -> Result<(Dataplane, Startup), Ag
         iface: config.iface.clone(),
         mode: config.xdp_mode,
         flow_capacity: config.flow_capacity,
+        embryo_capacity: lb_common::DEFAULT_EMBRYO_CAPACITY,
         lb_addr,
         bpffs: config.bpffs.clone(),
+        deny: Vec::new(),
     })
     .await?;
     if !config.icmp_echo {

@@ -119,6 +119,10 @@ impl Dataplane {
                     half: meta.ring_half,
                     backends: kept.into_iter().map(|(a, slot, _)| (a, slot)).collect(),
                     icmp_echo,
+                    // Read back from the source-list tries below.
+                    policy: Default::default(),
+                    list_half: u32::from(meta.flags & lb_common::VIP_F_LIST_HALF != 0),
+                    leftover: None,
                 },
             );
         }

@@ -6,8 +6,8 @@
 //! call) where the kernel has them, and entry by entry otherwise. The table keeps changing under
 //! any walk: an entry added or evicted meanwhile may be seen or missed.
 
-use super::{Dataplane, DataplaneError, ipv4_be, map_err, take_map};
-use aya::maps::{HashMap, IterableMap, Map, MapData, RingBuf};
+use super::{Dataplane, DataplaneError, batch, ipv4_be, map_err, take_map};
+use aya::maps::{HashMap, IterableMap, MapData, RingBuf};
 use lb_common::{CONFIG_F_FLOW_EVENTS, FLOW_F_PEER, FlowEvent, FlowKey, FlowValue, maps};
 use serde::{Deserialize, Serialize};
 use std::{
@@ -36,6 +36,8 @@ pub struct InstallReport {
 pub struct FlowCounts {
     /// Entries in the table: live flows and finished ones not evicted yet (it is an LRU).
     pub entries: u64,
+    /// Entries in the embryonic table (TCP flows that have sent only SYNs; an LRU too).
+    pub embryos: u64,
     /// Entries that saw a packet within `ACTIVE_FLOW_WINDOW`, per (backend slot, backend address
     /// in network order).
     pub active: std::collections::HashMap<(u32, u32), u64>,
@@ -52,87 +54,60 @@ impl FlowCounts {
     }
 }
 
-/// A handle of its own to the flow table (the same kernel map), to walk it from another thread
-/// than the one that owns the `Dataplane`.
+/// A handle of its own to the flow table and the embryonic table (the same kernel maps), to walk
+/// them from another thread than the one that owns the `Dataplane`.
 pub struct FlowTable {
     map: HashMap<MapData, FlowKey, FlowValue>,
+    embryos: HashMap<MapData, FlowKey, FlowValue>,
+}
+
+/// Call `f` for every entry of `map` (`name`: for errors).
+fn walk(
+    map: &HashMap<MapData, FlowKey, FlowValue>,
+    name: &'static str,
+    mut f: impl FnMut(&FlowKey, &FlowValue),
+) -> Result<(), DataplaneError> {
+    match lookup_batches(map.map().fd().as_fd(), &mut f) {
+        Ok(()) => Ok(()),
+        // A kernel or map type without the batch command: read entry by entry.
+        Err(e) if batch::unsupported(&e) => {
+            // An entry evicted while we walk is simply skipped.
+            for (key, value) in map.iter().flatten() {
+                f(&key, &value);
+            }
+            Ok(())
+        }
+        Err(source) => Err(DataplaneError::Io {
+            what: format!("reading map {name}"),
+            source,
+        }),
+    }
 }
 
 impl FlowTable {
-    /// Call `f` for every entry.
-    pub fn for_each(&self, mut f: impl FnMut(&FlowKey, &FlowValue)) -> Result<(), DataplaneError> {
-        match lookup_batches(self.map.map().fd().as_fd(), &mut f) {
-            Ok(()) => Ok(()),
-            // EINVAL: a kernel without the command (before 5.6); ENOTSUPP (524) or EOPNOTSUPP: a
-            // map type without it. Both are read entry by entry.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINVAL | 524 | libc::EOPNOTSUPP)
-                ) =>
-            {
-                // An entry evicted while we walk is simply skipped.
-                for (key, value) in self.map.iter().flatten() {
-                    f(&key, &value);
-                }
-                Ok(())
-            }
-            Err(source) => Err(DataplaneError::Io {
-                what: format!("reading map {}", maps::FLOWS),
-                source,
-            }),
-        }
+    /// Call `f` for every entry of the flow table.
+    pub fn for_each(&self, f: impl FnMut(&FlowKey, &FlowValue)) -> Result<(), DataplaneError> {
+        walk(&self.map, maps::FLOWS, f)
     }
 
     /// Delete the entries of `keys` (batches of `BPF_MAP_DELETE_BATCH` where the kernel has it,
     /// one `BPF_MAP_DELETE_ELEM` per key otherwise). How many were deleted: a key that is gone
     /// already (evicted, or deleted by someone else since it was read) is skipped.
     pub fn delete(&self, keys: &[FlowKey]) -> Result<u64, DataplaneError> {
-        let fd = self.map.map().fd().as_fd();
-        let io_err = |source| DataplaneError::Io {
-            what: format!("deleting entries of map {}", maps::FLOWS),
-            source,
-        };
-        let (mut done, mut deleted) = (0, 0u64);
-        while done < keys.len() {
-            let chunk = &keys[done..keys.len().min(done + BATCH)];
-            match delete_batch(fd, chunk) {
-                Ok(n) => {
-                    deleted += n as u64;
-                    done += n;
-                }
-                // The key after the `n` deleted ones is gone already: skip it.
-                Err((n, e)) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    deleted += n as u64;
-                    done += n + 1;
-                }
-                // No batch deletion here (a kernel before 5.6 or a map type without it: the
-                // kernel refused before deleting anything).
-                Err((_, e))
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINVAL | 524 | libc::EOPNOTSUPP)
-                    ) =>
-                {
-                    for key in &keys[done..] {
-                        match delete_elem(fd, key) {
-                            Ok(()) => deleted += 1,
-                            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                            Err(e) => return Err(io_err(e)),
-                        }
-                    }
-                    return Ok(deleted);
-                }
-                Err((_, e)) => return Err(io_err(e)),
+        batch::delete_all(self.map.map().fd().as_fd(), keys, BATCH).map_err(|source| {
+            DataplaneError::Io {
+                what: format!("deleting entries of map {}", maps::FLOWS),
+                source,
             }
-        }
-        Ok(deleted)
+        })
     }
 
-    /// Entries, and active entries per backend slot and address (one walk).
+    /// Entries, and active entries per backend slot and address (one walk), and the embryonic
+    /// table's entries (a walk of that too: it is small).
     pub fn counts(&self) -> Result<FlowCounts, DataplaneError> {
         let since = monotonic_ns().saturating_sub(ACTIVE_FLOW_WINDOW.as_nanos() as u64);
         let mut counts = FlowCounts::default();
+        walk(&self.embryos, maps::EMBRYOS, |_, _| counts.embryos += 1)?;
         self.for_each(|_, flow| {
             counts.entries += 1;
             if flow.last_seen_ns >= since {
@@ -162,84 +137,11 @@ impl FlowTable {
     }
 }
 
-/// `union bpf_attr` as `BPF_MAP_LOOKUP_BATCH` reads it (linux/bpf.h, the `batch` member).
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-
-/// `union bpf_attr` as `BPF_MAP_DELETE_ELEM` reads it (linux/bpf.h: map_fd, then the key pointer
-/// 8-byte aligned, the value pointer and flags that deletion leaves unused).
-#[repr(C)]
-#[derive(Default)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-/// Delete `keys` with one `BPF_MAP_DELETE_BATCH` call: `Ok(keys.len())`, or the error with how
-/// many keys were deleted before it (the kernel stops at the first key it cannot delete; the
-/// count is meaningful for ENOENT, which only a key it reached can cause).
-fn delete_batch(fd: BorrowedFd<'_>, keys: &[FlowKey]) -> Result<usize, (usize, io::Error)> {
-    let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd: fd.as_raw_fd() as u32,
-        ..BatchAttr::default()
-    };
-    // SAFETY: `attr` points at `keys.len()` keys of the map's key type (`FlowKey`, plain
-    // `repr(C)` integers), alive and unchanged for the call; the kernel only reads them and
-    // writes `attr.count`.
-    match unsafe { bpf(BPF_MAP_DELETE_BATCH, &mut attr) } {
-        Ok(()) => Ok(keys.len()),
-        Err(e) => Err(((attr.count as usize).min(keys.len()), e)),
-    }
-}
-
-fn delete_elem(fd: BorrowedFd<'_>, key: &FlowKey) -> io::Result<()> {
-    let mut attr = ElemAttr {
-        map_fd: fd.as_raw_fd() as u32,
-        key: std::ptr::from_ref(key) as u64,
-        ..ElemAttr::default()
-    };
-    // SAFETY: `attr` points at one key of the map's key type, alive for the call; the kernel
-    // only reads it.
-    unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) }
-}
-
-/// The `bpf(2)` system call with command `cmd` and `attr` as its `union bpf_attr`.
-///
-/// # Safety
-/// `attr` must have the layout the kernel reads for `cmd`, and every pointer in it must be valid
-/// for what the kernel does with it during the call.
-unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
-    // SAFETY: guaranteed by the caller; `attr` itself is valid for `size_of::<A>()` bytes.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, size_of::<A>() as u32) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Read the whole hash map `fd` in batches and call `f` for each entry. aya has no batch
 /// operations; one call copies thousands of entries, where the iterator makes two system calls
 /// per entry (a million entries: about 2 s).
 fn lookup_batches(fd: BorrowedFd<'_>, f: &mut impl FnMut(&FlowKey, &FlowValue)) -> io::Result<()> {
+    use batch::{BPF_MAP_LOOKUP_BATCH, BatchAttr};
     let mut keys = vec![FlowKey::default(); BATCH];
     let mut values = vec![FlowValue::default(); BATCH];
     // The kernel's position in the table (a bucket index for hash maps); 8 bytes leave room.
@@ -259,7 +161,7 @@ fn lookup_batches(fd: BorrowedFd<'_>, f: &mut impl FnMut(&FlowKey, &FlowValue)) 
         // types (`FlowKey`, `FlowValue`: plain `repr(C)` integers) and two 8-byte tokens, all
         // alive and not otherwise borrowed for the duration of the call; the kernel writes at
         // most `count` entries and one token.
-        let err = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
+        let err = unsafe { batch::bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         // Also on ENOENT (the end of the table) `count` holds the entries of this last batch.
         let n = match &err {
             None => attr.count as usize,
@@ -301,23 +203,24 @@ impl Dataplane {
         HashMap::try_from(map).map_err(map_err(maps::FLOWS))
     }
 
-    /// A handle of its own to the flow table, for walks on other threads.
+    /// The embryonic table, read-only (tests read it this way).
+    pub fn embryos(&self) -> Result<HashMap<&MapData, FlowKey, FlowValue>, DataplaneError> {
+        let map = self
+            .ebpf
+            .map(maps::EMBRYOS)
+            .ok_or(DataplaneError::MissingMap {
+                name: maps::EMBRYOS,
+            })?;
+        HashMap::try_from(map).map_err(map_err(maps::EMBRYOS))
+    }
+
+    /// A handle of its own to the flow table (and the embryonic table), for walks on other
+    /// threads.
     pub fn flow_table(&self) -> Result<FlowTable, DataplaneError> {
-        let io_err = |source| DataplaneError::Io {
-            what: format!("opening map {} again", maps::FLOWS),
-            source,
-        };
-        let fd = self
-            .flows()?
-            .map()
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(io_err)?;
-        let data = MapData::from_fd(fd).map_err(map_err(maps::FLOWS))?;
-        let map = Map::from_map_data(data).map_err(map_err(maps::FLOWS))?;
         Ok(FlowTable {
-            map: HashMap::try_from(map).map_err(map_err(maps::FLOWS))?,
+            map: HashMap::try_from(self.reopen(maps::FLOWS)?).map_err(map_err(maps::FLOWS))?,
+            embryos: HashMap::try_from(self.reopen(maps::EMBRYOS)?)
+                .map_err(map_err(maps::EMBRYOS))?,
         })
     }
 
@@ -357,23 +260,5 @@ impl Dataplane {
     /// serve loop instead).
     pub fn flow_counts(&self) -> Result<FlowCounts, DataplaneError> {
         self.flow_table()?.counts()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batch_attr_has_the_kernels_layout() {
-        // linux/bpf.h: in_batch, out_batch, keys, values (u64), count, map_fd (u32), elem_flags,
-        // flags (u64).
-        assert_eq!(size_of::<BatchAttr>(), 56);
-        assert_eq!(std::mem::offset_of!(BatchAttr, count), 32);
-        assert_eq!(std::mem::offset_of!(BatchAttr, map_fd), 36);
-        assert_eq!(std::mem::offset_of!(BatchAttr, flags), 48);
-        // map_fd (u32), key, value, flags (u64, 8-byte aligned).
-        assert_eq!(std::mem::offset_of!(ElemAttr, key), 8);
-        assert_eq!(size_of::<ElemAttr>(), 32);
     }
 }

@@ -307,6 +307,10 @@ impl Dataplane {
             }
         };
         let (mut dp, startup, pending) = loaded;
+        if adopted.is_none() && !opts.deny.is_empty() {
+            // A first attach: the deny list is in place before the program sees a packet.
+            dp.install_deny_list(&opts.deny)?;
+        }
         if adopted.is_some() {
             // The link keeps the mode of its first attach.
             dp.mode = meta.mode().or(attached.map(|(_, driver)| {
@@ -351,6 +355,7 @@ impl Dataplane {
     ) -> Result<(Self, Startup, Vec<Pending>), DataplaneError> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(maps::FLOWS, opts.flow_capacity);
+        loader.map_max_entries(maps::EMBRYOS, opts.embryo_capacity);
         for p in plans {
             loader.map_pin_path(p.name, p.pin.as_path());
         }
@@ -370,7 +375,12 @@ impl Dataplane {
                 pending.push(Pending::new(p, from, before));
             }
         }
-        let mut dp = Self::from_ebpf(ebpf, opts.flow_capacity, Some(opts.lb_addr))?;
+        let mut dp = Self::from_ebpf(
+            ebpf,
+            opts.flow_capacity,
+            opts.embryo_capacity,
+            Some(opts.lb_addr),
+        )?;
         dp.log_pump = super::spawn_log_pump(&mut dp.ebpf);
         if adopting {
             startup.down = dp.rebuild_from_maps()?;

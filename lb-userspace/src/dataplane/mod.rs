@@ -10,6 +10,8 @@
 
 pub mod adopt;
 pub mod attach;
+mod batch;
+pub mod firewall;
 pub mod flows;
 pub mod live;
 mod meta;
@@ -24,6 +26,7 @@ pub mod vips;
 
 pub use adopt::DownBackend;
 pub use attach::{AttachedMode, UnknownXdpMode, XdpModeChoice};
+pub use firewall::{DenyMaps, VipDropCounts};
 pub use flows::{ACTIVE_FLOW_WINDOW, FlowCounts, FlowTable, InstallReport, monotonic_ns};
 pub use live::{Startup, remove_data_path};
 pub use pins::{DEFAULT_BPFFS, PinDir, PinError};
@@ -32,7 +35,7 @@ pub use stats::{BackendStats, Counters, DataplaneStats, VipStats};
 
 use crate::{
     dataplane::{object::EBPF_OBJECT, ring::RingError},
-    model::ServiceKey,
+    model::{ServiceKey, net::Ipv4Net, policy::SourcePolicy},
     netlink::NetlinkError,
     util::NoSuchInterface,
 };
@@ -41,12 +44,13 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
 };
 use lb_common::{
-    Backend, CONFIG_F_ICMP_ECHO, LbConfig, MAX_BACKENDS, MAX_VIPS, TrafficCounters, VipAddr,
-    VipKey, VipMeta, maps, programs,
+    Backend, CONFIG_F_ICMP_ECHO, DEFAULT_EMBRYO_CAPACITY, LbConfig, MAX_BACKENDS, MAX_VIPS,
+    TrafficCounters, VipAddr, VipDrops, VipKey, VipLimits, VipMeta, maps, programs,
 };
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    os::fd::AsFd,
     path::PathBuf,
 };
 
@@ -130,6 +134,17 @@ pub enum DataplaneError {
         prog: u32,
         dirs: Vec<PathBuf>,
     },
+    #[error(
+        "source {what} lists are full: {used} prefixes in use over all VIPs, {new} more asked for, at most {max}"
+    )]
+    SourceListsFull {
+        what: &'static str,
+        used: usize,
+        new: usize,
+        max: usize,
+    },
+    #[error("the deny list holds at most {max} prefixes, {n} given")]
+    DenyListFull { n: usize, max: usize },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
@@ -142,10 +157,14 @@ pub struct DataplaneOptions {
     pub mode: XdpModeChoice,
     /// Entries of the LRU flow table.
     pub flow_capacity: u32,
+    /// Entries of the LRU embryonic-flow table.
+    pub embryo_capacity: u32,
     /// Outer source of IPIP packets.
     pub lb_addr: Ipv4Addr,
     /// Where bpffs is mounted (or is to be mounted): `--bpffs`.
     pub bpffs: PathBuf,
+    /// The deny list, installed before the balancer is attached.
+    pub deny: Vec<Ipv4Net>,
 }
 
 /// A VIP as installed: its slot ids, which ring half is live, and the addresses of its backend
@@ -156,6 +175,13 @@ struct InstalledVip {
     backends: Vec<(Ipv4Addr, u32)>,
     /// Whether this VIP lets its address answer ICMP echo (`VipSpec::icmp_echo`).
     icmp_echo: bool,
+    /// Its source lists and limits, as installed in `list_half`.
+    policy: SourcePolicy,
+    /// The live half of its source lists.
+    list_half: u32,
+    /// Lists left in the other half by a clear that failed: removed before that half is
+    /// written again.
+    leftover: Option<SourcePolicy>,
 }
 
 type KernelHash<K, V> = HashMap<MapData, K, V>;
@@ -178,6 +204,12 @@ pub struct Dataplane {
     debug_vips: Array<MapData, u32>,
     config: Array<MapData, LbConfig>,
     lb_config: LbConfig,
+    vip_allow: firewall::VipTrie,
+    vip_deny: firewall::VipTrie,
+    vip_limits: Array<MapData, VipLimits>,
+    vip_buckets: Array<MapData, u64>,
+    vip_drops: PerCpuArray<MapData, VipDrops>,
+    embryo_capacity: u32,
     /// Forwards the XDP program's debug events (aya-log) to this process's log.
     log_pump: Option<tokio::task::JoinHandle<()>>,
     installed: BTreeMap<ServiceKey, InstalledVip>,
@@ -195,6 +227,34 @@ pub(crate) fn possible_cpus() -> Result<usize, DataplaneError> {
         what: what.to_string(),
         source,
     })
+}
+
+impl Dataplane {
+    /// A handle of its own to map `name` of the object (a duplicated file descriptor), for
+    /// threads other than the one that owns the `Dataplane`.
+    fn reopen(&self, name: &'static str) -> Result<aya::maps::Map, DataplaneError> {
+        use aya::maps::Map;
+        let data = match self.ebpf.map(name) {
+            Some(
+                Map::HashMap(d)
+                | Map::LruHashMap(d)
+                | Map::LpmTrie(d)
+                | Map::Array(d)
+                | Map::PerCpuArray(d),
+            ) => d,
+            _ => return Err(DataplaneError::MissingMap { name }),
+        };
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| DataplaneError::Io {
+                what: format!("opening map {name} again"),
+                source,
+            })?;
+        let data = MapData::from_fd(fd).map_err(map_err(name))?;
+        aya::maps::Map::from_map_data(data).map_err(map_err(name))
+    }
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
@@ -277,16 +337,27 @@ impl Dataplane {
         flow_capacity: u32,
         lb_addr: Option<Ipv4Addr>,
     ) -> Result<Self, DataplaneError> {
+        Self::load_unattached_sized(flow_capacity, DEFAULT_EMBRYO_CAPACITY, lb_addr)
+    }
+
+    /// `load_unattached` with an embryonic table of `embryo_capacity` entries.
+    pub fn load_unattached_sized(
+        flow_capacity: u32,
+        embryo_capacity: u32,
+        lb_addr: Option<Ipv4Addr>,
+    ) -> Result<Self, DataplaneError> {
         let ebpf = EbpfLoader::new()
             .map_max_entries(maps::FLOWS, flow_capacity)
+            .map_max_entries(maps::EMBRYOS, embryo_capacity)
             .load(EBPF_OBJECT)?;
-        Self::from_ebpf(ebpf, flow_capacity, lb_addr)
+        Self::from_ebpf(ebpf, flow_capacity, embryo_capacity, lb_addr)
     }
 
     /// Take the maps of a loaded object, write its config and load the balancer (not attached).
     fn from_ebpf(
         mut ebpf: Ebpf,
         flow_capacity: u32,
+        embryo_capacity: u32,
         lb_addr: Option<Ipv4Addr>,
     ) -> Result<Self, DataplaneError> {
         let nr_cpus = possible_cpus()?;
@@ -298,6 +369,8 @@ impl Dataplane {
             ipip_id_cpu_bits: lb_common::ipip_id_cpu_bits(
                 u32::try_from(nr_cpus).unwrap_or(u32::MAX),
             ),
+            policy_gen: 1,
+            deny_live: 0,
             _pad: 0,
         };
         config.set(0, lb_config, 0).map_err(map_err(maps::CONFIG))?;
@@ -314,6 +387,12 @@ impl Dataplane {
             debug_vips: take_map(&mut ebpf, maps::DEBUG_VIPS)?,
             config,
             lb_config,
+            vip_allow: take_map(&mut ebpf, maps::VIP_ALLOW)?,
+            vip_deny: take_map(&mut ebpf, maps::VIP_DENY)?,
+            vip_limits: take_map(&mut ebpf, maps::VIP_LIMITS)?,
+            vip_buckets: take_map(&mut ebpf, maps::VIP_BUCKETS)?,
+            vip_drops: take_map(&mut ebpf, maps::VIP_DROPS)?,
+            embryo_capacity,
             log_pump: None,
             ebpf,
             mode: None,
@@ -342,6 +421,10 @@ impl Dataplane {
         self.flow_capacity
     }
 
+    pub fn embryo_capacity(&self) -> u32 {
+        self.embryo_capacity
+    }
+
     /// Answer ICMP echo requests to VIP addresses (the default) or drop them, for every VIP.
     pub fn set_icmp_echo(&mut self, on: bool) -> Result<(), DataplaneError> {
         self.set_config_flag(CONFIG_F_ICMP_ECHO, on)
@@ -354,13 +437,10 @@ impl Dataplane {
         } else {
             self.lb_config.flags & !flag
         };
-        let cfg = LbConfig {
+        self.write_config(LbConfig {
             flags,
             ..self.lb_config
-        };
-        self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))?;
-        self.lb_config = cfg;
-        Ok(())
+        })
     }
 
     /// A logger for the XDP program's debug events, sending them to `logger` on each `flush()`

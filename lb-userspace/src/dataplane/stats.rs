@@ -2,7 +2,7 @@
 //! event. Reading them costs the data path nothing; none of this walks the flow table (the
 //! active-flow counts come from a walk, `FlowCounts`, added with `with_flows`).
 
-use super::{Dataplane, DataplaneError, FlowCounts, map_err};
+use super::{Dataplane, DataplaneError, FlowCounts, VipDropCounts, map_err};
 use crate::model::ServiceKey;
 use aya::maps::{MapData, PerCpuArray};
 use lb_common::{TrafficCounters, event, maps, reason};
@@ -32,6 +32,8 @@ pub struct BackendStats {
 pub struct VipStats {
     pub key: ServiceKey,
     pub counters: Counters,
+    /// Packets its source checks and new-flow limits dropped, by reason.
+    pub drops: VipDropCounts,
     pub backends: Vec<BackendStats>,
 }
 
@@ -44,6 +46,7 @@ pub struct DataplaneStats {
     /// events), every event present.
     pub events: BTreeMap<String, u64>,
     pub flow_capacity: u32,
+    pub embryo_capacity: u32,
 }
 
 impl DataplaneStats {
@@ -79,6 +82,7 @@ impl Dataplane {
             vips.push(VipStats {
                 key: *key,
                 counters: sum(&self.vip_stats, maps::VIP_STATS, vip.id)?,
+                drops: self.vip_drops(vip.id)?,
                 backends,
             });
         }
@@ -87,6 +91,7 @@ impl Dataplane {
             reasons: sum_names(&self.reason_stats, maps::REASON_STATS, &reason::NAMES)?,
             events: self.event_stats()?,
             flow_capacity: self.flow_capacity,
+            embryo_capacity: self.embryo_capacity,
         })
     }
 

@@ -4,7 +4,11 @@
 //! old VIP or the new one, never a mix. Slot ids are this module's business: callers speak in
 //! addresses.
 
-use super::{Dataplane, DataplaneError, InstalledVip, ipv4_be, map_err, ring, vip_key};
+use super::{
+    Dataplane, DataplaneError, InstalledVip,
+    firewall::{half_flag, vip_flags},
+    ipv4_be, map_err, ring, vip_key,
+};
 use crate::model::{ServiceKey, VipSpec};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
@@ -49,6 +53,9 @@ impl Dataplane {
         }
         let weights: Vec<u32> = spec.backends.iter().map(|b| b.weight).collect();
         ring::build(&weights)?;
+        if lists_changed(existing, spec) {
+            self.check_source_lists(&spec.policy)?;
+        }
         Ok(())
     }
 
@@ -90,32 +97,63 @@ impl Dataplane {
             .map(|b| if down.contains(&b.addr) { 0 } else { b.weight })
             .collect();
         let ring = ring::build(&weights)?;
-        self.prepare(&place, &ring, down)?;
-        let meta = VipMeta {
-            id: place.vip_id,
-            ring_len: ring.len() as u32,
-            ring_half: place.half,
-            forward: spec.forward.code(),
-        };
-        self.switch(&spec.key, meta, spec.icmp_echo)?;
-        // The data path now uses the new ring half and slots: record that before anything else
-        // can fail, so the bookkeeping always matches the kernel (a retry then writes the other
-        // half, never the live one).
+        let list_half = self.prepare_lists(spec, &place)?;
+        let written = list_half
+            != self
+                .installed
+                .get(&spec.key)
+                .map_or(u32::MAX, |v| v.list_half);
+        let visible = self
+            .prepare(&place, &ring, down)
+            .and_then(|()| self.prepare_limits(spec, &place))
+            .and_then(|flags| {
+                let meta = VipMeta {
+                    id: place.vip_id,
+                    ring_len: ring.len() as u32,
+                    ring_half: place.half,
+                    forward: spec.forward.code(),
+                    flags: flags | half_flag(list_half),
+                };
+                self.switch(&spec.key, meta, spec.icmp_echo)
+            });
+        if let Err(e) = visible {
+            if written {
+                self.unwrite_lists(spec, place.vip_id, list_half);
+            }
+            return Err(e);
+        }
+        // The data path now uses the new ring half, slots and lists: record that before anything
+        // else can fail, so the bookkeeping always matches the kernel (a retry then writes the
+        // other half, never the live one).
         if place.is_new {
             self.free_vip_ids.remove(&place.vip_id);
         }
         for id in &place.fresh {
             self.free_backend_ids.remove(id);
         }
-        self.installed.insert(
+        let old = self.installed.insert(
             spec.key,
             InstalledVip {
                 id: place.vip_id,
                 half: place.half,
                 backends: place.slots.clone(),
                 icmp_echo: spec.icmp_echo,
+                policy: spec.policy.clone(),
+                list_half,
+                leftover: None,
             },
         );
+        if let Some(old) = old {
+            if written {
+                let mut vip = self.installed.remove(&spec.key).expect("just inserted");
+                self.clear_old_lists(&mut vip, &old.policy);
+                self.installed.insert(spec.key, vip);
+            } else if let Some(vip) = self.installed.get_mut(&spec.key) {
+                vip.leftover = old.leftover;
+            }
+        }
+        // Flows re-check their sources against the VIP as it is now.
+        self.bump_policy()?;
         for (addr, id) in place.slots.iter().filter(|(addr, _)| down.contains(addr)) {
             self.set_backend(*id, *addr, place.vip_id, 0)?;
         }
@@ -126,6 +164,54 @@ impl Dataplane {
             }
         }
         Ok(())
+    }
+
+    /// The half of the VIP's source lists the new version uses: the live one if the lists are
+    /// unchanged, else the other one, written now (after clearing what a failed clear left
+    /// there). Nothing of it is visible before the switch.
+    fn prepare_lists(&mut self, spec: &VipSpec, place: &Placement) -> Result<u32, DataplaneError> {
+        let installed = self.installed.get(&spec.key);
+        if !lists_changed(installed, spec) {
+            return Ok(installed.map_or(0, |v| v.list_half));
+        }
+        let (half, leftover) = match installed {
+            Some(v) => (v.list_half ^ 1, v.leftover.clone()),
+            None => (0, None),
+        };
+        if let Some(left) = leftover {
+            self.clear_source_lists(place.vip_id, half, &left)?;
+            if let Some(v) = self.installed.get_mut(&spec.key) {
+                v.leftover = None;
+            }
+        }
+        self.write_source_lists(place.vip_id, half, &spec.policy)?;
+        Ok(half)
+    }
+
+    /// Lists written for a change that then failed: removed again, or remembered as leftovers.
+    fn unwrite_lists(&mut self, spec: &VipSpec, vip_id: u32, half: u32) {
+        if let Err(e) = self.clear_source_lists(vip_id, half, &spec.policy) {
+            log::error!(
+                "removing the source lists of a failed change of VIP {}: {e}",
+                spec.key
+            );
+            if let Some(v) = self.installed.get_mut(&spec.key) {
+                v.leftover = Some(spec.policy.clone());
+            }
+        }
+    }
+
+    /// The VIP's new-flow limits in `VIP_LIMITS` (not used before the switch sets its flags);
+    /// returns the VIP's flags without the list half.
+    fn prepare_limits(&mut self, spec: &VipSpec, place: &Placement) -> Result<u32, DataplaneError> {
+        let (flags, limits) = vip_flags(&spec.policy);
+        let old_limit = self
+            .installed
+            .get(&spec.key)
+            .and_then(|v| v.policy.vip_limit);
+        let fresh = place.is_new || old_limit != spec.policy.vip_limit;
+        self.write_limits(place.vip_id, limits, fresh)?;
+        Ok(flags)
     }
 
     /// The VIP's id and inactive ring half, and a slot per backend: an address keeps its slot
@@ -326,8 +412,21 @@ impl Dataplane {
         self.debug_vips
             .set(id, 0, 0)
             .map_err(map_err(maps::DEBUG_VIPS))?;
-        self.installed.remove(key);
-        self.free_vip_ids.insert(id);
+        let vip = self.installed.remove(key).expect("looked up above");
+        self.bump_policy()?;
+        // ... and with empty source lists: an id whose lists could not be cleared is not reused.
+        let mut cleared = self.clear_source_lists(vip.id, vip.list_half, &vip.policy);
+        if let (Ok(()), Some(left)) = (&cleared, &vip.leftover) {
+            cleared = self.clear_source_lists(vip.id, vip.list_half ^ 1, left);
+        }
+        match cleared {
+            Ok(()) => {
+                self.free_vip_ids.insert(id);
+            }
+            Err(e) => log::error!(
+                "VIP id {id} kept out of use: clearing the source lists of {key} failed: {e}"
+            ),
+        }
         Ok(())
     }
 
@@ -341,4 +440,11 @@ impl Dataplane {
             .set(vip.id, u32::from(on), 0)
             .map_err(map_err(maps::DEBUG_VIPS))
     }
+}
+
+/// Whether `spec`'s source lists differ from the installed VIP's (a new VIP: always).
+fn lists_changed(installed: Option<&InstalledVip>, spec: &VipSpec) -> bool {
+    installed.is_none_or(|v| {
+        v.policy.allow_src != spec.policy.allow_src || v.policy.deny_src != spec.policy.deny_src
+    })
 }

@@ -5,8 +5,10 @@
 pub(crate) mod addr;
 pub mod check;
 pub mod flows;
+pub mod net;
+pub mod policy;
 
-use crate::model::check::CheckSpec;
+use crate::model::{check::CheckSpec, policy::SourcePolicy};
 use serde::{Deserialize, Serialize};
 use std::{fmt, net::Ipv4Addr};
 
@@ -112,6 +114,8 @@ pub struct VipSpec {
     /// Answer ICMP echo requests to the VIP's address. An address carries several VIPs (ports):
     /// it answers when any of them allows it (and the agent's global switch is on).
     pub icmp_echo: bool,
+    /// Source allow and deny lists, new-flow limits.
+    pub policy: SourcePolicy,
 }
 
 /// Default weight of a backend added without `--weight`.
@@ -159,6 +163,9 @@ pub struct VipConfig {
     pub backends: Vec<BackendConfig>,
     /// See `VipSpec::icmp_echo`.
     pub icmp_echo: bool,
+    /// See `VipSpec::policy`.
+    #[serde(skip_serializing_if = "SourcePolicy::is_empty")]
+    pub policy: SourcePolicy,
 }
 
 /// The stored form of a `VipConfig`: state files written before health checks existed have no
@@ -172,6 +179,9 @@ struct VipConfigRepr {
     backends: Vec<BackendConfig>,
     #[serde(default = "icmp_echo_default")]
     icmp_echo: bool,
+    /// State files from before source policies have none: everyone, unlimited.
+    #[serde(default)]
+    policy: SourcePolicy,
 }
 
 /// ICMP echo to a VIP address is answered unless switched off (`--icmp-echo off`).
@@ -189,6 +199,7 @@ impl From<VipConfigRepr> for VipConfig {
             forward: r.forward,
             backends: r.backends,
             icmp_echo: r.icmp_echo,
+            policy: r.policy,
         }
     }
 }
@@ -202,6 +213,7 @@ impl VipConfig {
             check: CheckSpec::default_for(key.proto),
             backends: Vec::new(),
             icmp_echo: icmp_echo_default(),
+            policy: SourcePolicy::default(),
         }
     }
 
@@ -219,6 +231,7 @@ impl VipConfig {
                 })
                 .collect(),
             icmp_echo: self.icmp_echo,
+            policy: self.policy.clone(),
         }
     }
 
@@ -241,6 +254,7 @@ impl From<VipSpec> for VipConfig {
                 .map(|b| BackendConfig::new(b.addr, b.weight))
                 .collect(),
             icmp_echo: spec.icmp_echo,
+            policy: spec.policy,
         }
     }
 }

@@ -39,7 +39,7 @@ use std::{
 };
 use xlb::{
     dataplane::Dataplane,
-    model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec},
+    model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec, policy::SourcePolicy},
 };
 use xlb_tests::{interrupt, netns, profile};
 
@@ -412,6 +412,7 @@ fn vip_spec(port: u16, forward: Forward, backends: impl Iterator<Item = Ipv4Addr
             .map(|addr| BackendSpec { addr, weight: 1 })
             .collect(),
         icmp_echo: true,
+        policy: SourcePolicy::default(),
     }
 }
 

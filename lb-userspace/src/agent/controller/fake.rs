@@ -107,6 +107,7 @@ impl DataplaneOps for FakeDataplane {
                         bytes: 1000,
                         new_flows: 2,
                     },
+                    drops: Default::default(),
                     backends: s
                         .backends
                         .iter()
@@ -126,6 +127,7 @@ impl DataplaneOps for FakeDataplane {
             reasons: [("fwd_tx".to_string(), 42)].into_iter().collect(),
             events: [("midflow_miss".to_string(), 1)].into_iter().collect(),
             flow_capacity: 1024,
+            embryo_capacity: 256,
         })
     }
     fn install_flows(&mut self, flows: Vec<FlowEvent>) -> Result<InstallReport, FakeError> {

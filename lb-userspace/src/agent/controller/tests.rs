@@ -318,12 +318,14 @@ fn start_installs_and_persists_initial_state() {
                 weight: 1,
             }],
             icmp_echo: true,
+            policy: Default::default(),
         },
         VipSpec {
             key: key(53),
             forward: Forward::L2,
             backends: vec![],
             icmp_echo: true,
+            policy: Default::default(),
         },
     ])
     .unwrap();

@@ -1,0 +1,200 @@
+//! The door: who may reach the balancer at all (the global deny list), who may reach a VIP (its
+//! source allow and deny lists), and how fast new flows may come (per source and VIP, per VIP).
+//!
+//! Order, as the decisions are made: the deny list first (every IPv4 packet of the interface,
+//! VIP or not), then the VIP's deny list, then its allow list; the limits only for packets that
+//! would create a flow. Packets of existing flows are never limited.
+//!
+//! An LPM lookup costs tens of nanoseconds, more than an established packet's whole budget, so a
+//! flow remembers the policy generation its checks passed under (`FlowValue::policy_gen`): while
+//! it equals `LbConfig::policy_gen`, the flow's packets skip the source checks. The agent bumps
+//! the generation after every change of the deny list, of a VIP's lists or of a VIP, so every
+//! flow is checked once more against the new policy on its next packet.
+
+use crate::{
+    maps::{CONFIG, DENY0, DENY1, SRC_BUCKETS, VIP_ALLOW, VIP_BUCKETS, VIP_DENY, VIP_LIMITS},
+    stats,
+};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use core::arch::asm;
+use lb_common::{
+    CONFIG_F_DENY_LIST, SrcBucketKey, VIP_F_ALLOW, VIP_F_DENY, VIP_F_LIST_HALF, VIP_F_SRC_LIMIT,
+    VIP_F_VIP_LIMIT, VipMeta, event, reason, vip_list_tag, vip_src_data,
+};
+
+/// Compare-and-swap attempts on a bucket before a flow counts as limited (other CPUs kept
+/// changing it): bounded, as the verifier needs.
+const CAS_ATTEMPTS: usize = 4;
+
+/// What the data path reads of `CONFIG` for its source checks.
+#[derive(Clone, Copy)]
+pub struct Policy {
+    /// `LbConfig::policy_gen`.
+    pub generation: u32,
+    deny_live: u32,
+    flags: u32,
+}
+
+/// The current policy (one array lookup).
+#[inline(always)]
+pub fn policy() -> Policy {
+    match CONFIG.get(0) {
+        Some(cfg) => Policy {
+            generation: cfg.policy_gen,
+            deny_live: cfg.deny_live,
+            flags: cfg.flags,
+        },
+        None => Policy {
+            generation: 0,
+            deny_live: 0,
+            flags: 0,
+        },
+    }
+}
+
+/// `src` (network order) is on the live deny list. Free while the list is empty.
+#[inline(always)]
+pub fn deny_listed(src: u32, policy: &Policy) -> bool {
+    if policy.flags & CONFIG_F_DENY_LIST == 0 {
+        return false;
+    }
+    let key = Key::new(32, src.to_ne_bytes());
+    if policy.deny_live == 0 {
+        DENY0.get(&key).is_some()
+    } else {
+        DENY1.get(&key).is_some()
+    }
+}
+
+/// The source checks of a packet from `src` (network order) for `vip`: the deny list, the VIP's
+/// deny list (any match drops, whatever the allow list says), the VIP's allow list. `Err` holds
+/// the drop reason, already counted for the VIP.
+#[inline(always)]
+pub fn check_source(src: u32, vip: &VipMeta, policy: &Policy) -> Result<(), u32> {
+    let verdict = source_verdict(src, vip, policy);
+    if let Err(why) = verdict {
+        stats::count_vip_drop(vip.id, why);
+    }
+    verdict
+}
+
+#[inline(always)]
+fn source_verdict(src: u32, vip: &VipMeta, policy: &Policy) -> Result<(), u32> {
+    if deny_listed(src, policy) {
+        return Err(reason::DROP_DENY_LIST);
+    }
+    if vip.flags & (VIP_F_ALLOW | VIP_F_DENY) == 0 {
+        return Ok(());
+    }
+    let half = u32::from(vip.flags & VIP_F_LIST_HALF != 0);
+    let key = Key::new(
+        64,
+        vip_src_data(vip_list_tag(vip.id, half), src.to_ne_bytes()),
+    );
+    if vip.flags & VIP_F_DENY != 0 && VIP_DENY.get(&key).is_some() {
+        return Err(reason::DROP_SRC_DENIED);
+    }
+    if vip.flags & VIP_F_ALLOW != 0 && VIP_ALLOW.get(&key).is_none() {
+        return Err(reason::DROP_SRC_NOT_ALLOWED);
+    }
+    Ok(())
+}
+
+/// The new-flow limits of `vip` for a flow from `src` (network order): its source's bucket
+/// first (an abusive source is stopped before it spends the VIP's budget), then the VIP's.
+/// `Err` holds the drop reason, already counted for the VIP.
+#[inline(always)]
+pub fn admit_new_flow(src: u32, vip: &VipMeta) -> Result<(), u32> {
+    let verdict = limits_verdict(src, vip);
+    if let Err(why) = verdict {
+        stats::count_vip_drop(vip.id, why);
+    }
+    verdict
+}
+
+#[inline(always)]
+fn limits_verdict(src: u32, vip: &VipMeta) -> Result<(), u32> {
+    if vip.flags & (VIP_F_SRC_LIMIT | VIP_F_VIP_LIMIT) == 0 {
+        return Ok(());
+    }
+    let Some(limits) = VIP_LIMITS.get(vip.id) else {
+        return Ok(());
+    };
+    // The precise clock: at a tick-resolution clock, a limit above one flow per tick could only
+    // be granted a burst per tick.
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if vip.flags & VIP_F_SRC_LIMIT != 0 {
+        let key = SrcBucketKey {
+            src_addr: src,
+            vip_id: vip.id,
+        };
+        let bucket = match SRC_BUCKETS.get_ptr_mut(key) {
+            Some(b) => Some(b),
+            None => {
+                // A fresh bucket is full (time 0 is long past). Another CPU may create it at the
+                // same moment: NOEXIST keeps the first, and both take tokens from it.
+                let _ = SRC_BUCKETS.insert(key, 0, u64::from(BPF_NOEXIST));
+                SRC_BUCKETS.get_ptr_mut(key)
+            }
+        };
+        // Without a bucket (the insert failed) the source is not limited: the VIP's limit
+        // still holds.
+        if let Some(bucket) = bucket
+            && !take_token(bucket, now, limits.src_interval_ns, limits.src_tolerance_ns)
+        {
+            return Err(reason::DROP_RATE_LIMITED_SRC);
+        }
+    }
+    if vip.flags & VIP_F_VIP_LIMIT != 0
+        && let Some(bucket) = VIP_BUCKETS.get_ptr_mut(vip.id)
+        && !take_token(bucket, now, limits.vip_interval_ns, limits.vip_tolerance_ns)
+    {
+        return Err(reason::DROP_RATE_LIMITED_VIP);
+    }
+    Ok(())
+}
+
+/// One flow's worth from the GCRA bucket at `bucket` (a theoretical arrival time, ns): admitted
+/// while the time advanced by `interval` stays within `tolerance` of `now`. Shared by every CPU,
+/// so the new time is written with compare-and-swap: of N CPUs taking tokens at once, each
+/// admission is counted exactly once, and a burst of B flows admits exactly B.
+#[inline(always)]
+fn take_token(bucket: *mut u64, now: u64, interval: u64, tolerance: u64) -> bool {
+    for _ in 0..CAS_ATTEMPTS {
+        // SAFETY: a map value, 8-byte aligned, live for the program's run; read once.
+        let tat = unsafe { core::ptr::read_volatile(bucket) };
+        let next = tat.max(now).saturating_add(interval);
+        if next - now > tolerance {
+            return false;
+        }
+        // SAFETY: as above.
+        if unsafe { compare_exchange(bucket, tat, next) } == tat {
+            return true;
+        }
+    }
+    stats::count_event(event::RATE_LIMIT_CONTENDED);
+    false
+}
+
+/// Atomic 64-bit compare-and-swap (`BPF_ATOMIC | BPF_CMPXCHG | BPF_DW`, kernel ≥ 5.12): store
+/// `new` at `ptr` if it holds `expected`; returns what it held. Inline assembly for the reasons
+/// given at `balancer::fetch_add`; the instruction compares with and returns in r0.
+///
+/// # Safety
+/// `ptr` must be a valid, 8-byte aligned map value.
+#[inline(always)]
+unsafe fn compare_exchange(ptr: *mut u64, expected: u64, new: u64) -> u64 {
+    let mut old = expected;
+    // SAFETY: guaranteed by the caller; the instruction reads and writes only `*ptr` and r0.
+    unsafe {
+        asm!(
+            "r0 = cmpxchg_64({ptr} + 0, r0, {new})",
+            ptr = in(reg) ptr,
+            new = in(reg) new,
+            inout("r0") old,
+            options(nostack),
+        );
+    }
+    old
+}

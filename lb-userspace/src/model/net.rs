@@ -1,0 +1,185 @@
+//! IPv4 prefixes (`10.0.0.0/8`) as operators type them for source lists and the deny list.
+//!
+//! Host bits are refused, not cleared: `10.1.2.3/8` is far more often a typo (for
+//! `10.1.2.3/32`, or `/24`) than a wish to list all of 10.0.0.0/8, and clearing them would
+//! silently deny or allow a network 65 536 times larger than the one written. The error names
+//! the network the prefix would have been.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetError {
+    #[error("malformed prefix {input:?}: expected ADDR/LEN, e.g. 192.0.2.0/24, or an address")]
+    Malformed { input: String },
+    #[error("malformed prefix {input:?}: {addr:?} is not an IPv4 address")]
+    BadAddress { input: String, addr: String },
+    #[error("malformed prefix {input:?}: prefix length {len:?} is not 0-32")]
+    BadLength { input: String, len: String },
+    #[error("prefix {input:?} has host bits set (the network is {network})")]
+    HostBits { input: String, network: Ipv4Net },
+}
+
+/// An IPv4 prefix: an address whose bits past `len` are zero, and `len` (0-32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv4Net {
+    addr: Ipv4Addr,
+    len: u8,
+}
+
+impl Ipv4Net {
+    /// `addr/len`, or `None` if `len` is over 32 or `addr` has bits set past it.
+    pub fn new(addr: Ipv4Addr, len: u8) -> Option<Self> {
+        (len <= 32 && addr.to_bits() & !mask(len) == 0).then_some(Ipv4Net { addr, len })
+    }
+
+    /// One address, as a /32.
+    pub fn host(addr: Ipv4Addr) -> Self {
+        Ipv4Net { addr, len: 32 }
+    }
+
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.len
+    }
+
+    /// Whether `addr` lies inside this prefix.
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        addr.to_bits() & mask(self.len) == self.addr.to_bits()
+    }
+}
+
+/// The network mask of a prefix length (0-32), host order.
+fn mask(len: u8) -> u32 {
+    match len {
+        0 => 0,
+        n => u32::MAX << (32 - u32::from(n.min(32))),
+    }
+}
+
+impl fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Ipv4Net {
+    type Err = NetError;
+
+    /// `ADDR/LEN` or a plain address (a /32). Surrounding whitespace is not accepted here (the
+    /// deny-list file reader trims its lines).
+    fn from_str(input: &str) -> Result<Self, NetError> {
+        let (addr_s, len_s) = match input.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (input, None),
+        };
+        let addr: Ipv4Addr = addr_s.parse().map_err(|_| {
+            if addr_s.is_empty() || addr_s.contains(|c: char| !(c.is_ascii_digit() || c == '.')) {
+                NetError::Malformed {
+                    input: input.to_string(),
+                }
+            } else {
+                NetError::BadAddress {
+                    input: input.to_string(),
+                    addr: addr_s.to_string(),
+                }
+            }
+        })?;
+        let len = match len_s {
+            None => 32,
+            Some(l) => match l.parse::<u8>() {
+                Ok(n) if n <= 32 && !l.starts_with('+') => n,
+                _ => {
+                    return Err(NetError::BadLength {
+                        input: input.to_string(),
+                        len: l.to_string(),
+                    });
+                }
+            },
+        };
+        Ipv4Net::new(addr, len).ok_or_else(|| NetError::HostBits {
+            input: input.to_string(),
+            network: Ipv4Net {
+                addr: Ipv4Addr::from_bits(addr.to_bits() & mask(len)),
+                len,
+            },
+        })
+    }
+}
+
+impl Serialize for Ipv4Net {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Ipv4Net {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_and_addresses_parse() {
+        let n: Ipv4Net = "10.0.0.0/8".parse().unwrap();
+        assert_eq!((n.addr(), n.prefix_len()), (Ipv4Addr::new(10, 0, 0, 0), 8));
+        assert_eq!(n.to_string(), "10.0.0.0/8");
+        let h: Ipv4Net = "192.0.2.7".parse().unwrap();
+        assert_eq!(h, Ipv4Net::host(Ipv4Addr::new(192, 0, 2, 7)));
+        assert_eq!(h.to_string(), "192.0.2.7/32");
+        assert_eq!("0.0.0.0/0".parse::<Ipv4Net>().unwrap().prefix_len(), 0);
+        assert!(n.contains(Ipv4Addr::new(10, 200, 1, 1)));
+        assert!(!n.contains(Ipv4Addr::new(11, 0, 0, 1)));
+        assert!(
+            "0.0.0.0/0"
+                .parse::<Ipv4Net>()
+                .unwrap()
+                .contains(Ipv4Addr::BROADCAST)
+        );
+    }
+
+    #[test]
+    fn bad_prefixes_are_one_line_errors() {
+        let cases = [
+            ("10.0.0.0/33", "prefix length \"33\" is not 0-32"),
+            ("10.0.0.0/-1", "prefix length \"-1\""),
+            ("10.0.0.0/+8", "prefix length \"+8\""),
+            ("10.0.0.0/", "prefix length \"\""),
+            ("10.0.0/8", "\"10.0.0\" is not an IPv4 address"),
+            ("10.0.0.256", "is not an IPv4 address"),
+            ("foo", "expected ADDR/LEN"),
+            ("", "expected ADDR/LEN"),
+            (
+                "10.1.2.3/8",
+                "prefix \"10.1.2.3/8\" has host bits set (the network is 10.0.0.0/8)",
+            ),
+            ("192.0.2.1/31", "the network is 192.0.2.0/31"),
+        ];
+        for (input, want) in cases {
+            let e = input.parse::<Ipv4Net>().unwrap_err().to_string();
+            assert!(e.contains(want), "{input}: {e:?} lacks {want:?}");
+            assert!(!e.contains('\n'));
+        }
+        assert_eq!(Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 1), 8), None);
+        assert_eq!(Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 33), None);
+    }
+
+    #[test]
+    fn serde_is_the_text_form() {
+        let n: Ipv4Net = "198.51.100.0/24".parse().unwrap();
+        assert_eq!(serde_json::to_string(&n).unwrap(), "\"198.51.100.0/24\"");
+        assert_eq!(
+            serde_json::from_str::<Ipv4Net>("\"198.51.100.0/24\"").unwrap(),
+            n
+        );
+        assert!(serde_json::from_str::<Ipv4Net>("\"198.51.100.1/24\"").is_err());
+    }
+}

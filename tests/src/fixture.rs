@@ -1,0 +1,209 @@
+//! The packet fixtures' world, shared by `tests/packet_fixtures.rs` and the fuzzer: a small,
+//! fully known namespace for `bpf_fib_lookup` to answer from — `lb0` (10.111.1.2/24, MAC
+//! 02:00:00:00:00:02, MTU 1500) with permanent neighbour entries for be1..be3 (10.111.1.11-13)
+//! and none for 10.111.1.14, and a route to the client network via 10.111.1.1 — the balancer
+//! loaded with the fixtures' VIPs, and a harness that runs frames through it with
+//! BPF_PROG_TEST_RUN. Needs root.
+
+use crate::{
+    netns::{self, Netns},
+    packet::{ETH_P_IP, Ip, SYN, checksum, eth, tcp, xdp_md},
+};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use lb_common::DEFAULT_FLOW_CAPACITY;
+use std::{collections::BTreeSet, net::Ipv4Addr};
+use xlb::{
+    dataplane::Dataplane,
+    model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec, policy::SourcePolicy},
+};
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const RTR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const LB: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 2);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 2);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 100, 1);
+/// A VIP whose only backend has no neighbour entry.
+pub const VIP_NO_NEIGH: Ipv4Addr = Ipv4Addr::new(10, 111, 100, 2);
+pub const BACKENDS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 111, 1, 11),
+    Ipv4Addr::new(10, 111, 1, 12),
+    Ipv4Addr::new(10, 111, 1, 13),
+];
+pub const UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 14);
+/// The router on the client's side (rtr's address towards cli), where ICMP errors come from.
+pub const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 1);
+
+/// The MAC address of backend `i` (0-based) in the fixture namespace.
+pub fn backend_mac(i: usize) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0x01, 0x11 + i as u8]
+}
+
+/// A frame from the router to the LB carrying `ip_packet`.
+pub fn inbound(ip_packet: &[u8]) -> Vec<u8> {
+    eth(LB_MAC, RTR_MAC, ETH_P_IP, ip_packet)
+}
+
+/// A SYN from the client to the VIP.
+pub fn client_syn(sport: u16, dport: u16) -> Vec<u8> {
+    Ip::to(CLIENT, VIP, 6).packet(&tcp(sport, dport, SYN, 0))
+}
+
+/// The outer header the balancer must prepend, field by field.
+pub fn outer_header(inner_len: usize, backend: Ipv4Addr, df: bool) -> Vec<u8> {
+    outer_header_with_id(inner_len, backend, df, 0)
+}
+
+/// The same with identification `id` (packets without DF).
+pub fn outer_header_with_id(inner_len: usize, backend: Ipv4Addr, df: bool, id: u16) -> Vec<u8> {
+    let mut h = vec![0x45, 0];
+    h.extend_from_slice(&((inner_len + 20) as u16).to_be_bytes());
+    h.extend_from_slice(&id.to_be_bytes());
+    h.extend_from_slice(&[if df { 0x40 } else { 0 }, 0, 64, 4, 0, 0]);
+    h.extend_from_slice(&LB.octets());
+    h.extend_from_slice(&backend.octets());
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h
+}
+
+/// `inner` (with DF) encapsulated for backend `backend` (0-based), as the balancer sends it.
+pub fn encapsulated(inner: &[u8], backend: usize) -> Vec<u8> {
+    let mut payload = outer_header(inner.len(), BACKENDS[backend], true);
+    payload.extend_from_slice(inner);
+    eth(backend_mac(backend), LB_MAC, ETH_P_IP, &payload)
+}
+
+/// One packet in, one expected packet and action out.
+pub struct Fixture {
+    pub description: &'static str,
+    pub input: Vec<u8>,
+    /// `None`: the output must equal the input (untouched).
+    pub expected: Option<Vec<u8>>,
+    pub action: u32,
+}
+
+/// Run `input`, received on `ifindex`, through `prog` once: (action, output frame).
+pub fn run(prog: &Xdp, ifindex: u32, input: &[u8]) -> (u32, Vec<u8>) {
+    let ctx = xdp_md(input.len(), ifindex);
+    let mut out = vec![0u8; 4096];
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// Run every fixture and compare action and output.
+pub fn check(prog: &Xdp, ifindex: u32, fixtures: &[Fixture]) {
+    for f in fixtures {
+        let (action, out) = run(prog, ifindex, &f.input);
+        assert_eq!(action, f.action, "{}: action", f.description);
+        let expected = f.expected.as_ref().unwrap_or(&f.input);
+        assert_eq!(
+            hex(&out),
+            hex(expected),
+            "{}: output packet differs",
+            f.description
+        );
+    }
+}
+
+/// 16 bytes a line, for readable differences.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes
+        .chunks(16)
+        .map(|c| {
+            c.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The namespace every fixture runs in; see the module comment.
+pub fn fixture_netns() -> Netns {
+    netns::require_root();
+    let ns = Netns::create(&format!("{}-fx", netns::unique_prefix())).expect("netns");
+    ns.sh(&format!(
+        "set -e
+         ip link add lb0 address 02:00:00:00:00:02 type veth peer name peer0 address 02:00:00:00:00:01
+         ip link set lb0 mtu 1500 up
+         ip link set peer0 up
+         ip addr add {LB}/24 dev lb0
+         ip route add 10.111.0.0/24 via 10.111.1.1 dev lb0
+         ip neigh add 10.111.1.1 lladdr 02:00:00:00:00:01 dev lb0 nud permanent
+         ip neigh add 10.111.1.11 lladdr 02:00:00:00:01:11 dev lb0 nud permanent
+         ip neigh add 10.111.1.12 lladdr 02:00:00:00:01:12 dev lb0 nud permanent
+         ip neigh add 10.111.1.13 lladdr 02:00:00:00:01:13 dev lb0 nud permanent
+         sysctl -qw net.ipv4.conf.lb0.forwarding=1"
+    ))
+    .expect("fixture namespace set-up");
+    ns
+}
+
+/// A VIP over `backends` (weight 1 each), echo on, no source policy.
+pub fn vip(
+    addr: Ipv4Addr,
+    port: u16,
+    proto: Proto,
+    forward: Forward,
+    backends: &[Ipv4Addr],
+) -> VipSpec {
+    VipSpec {
+        key: ServiceKey { addr, port, proto },
+        forward,
+        backends: backends
+            .iter()
+            .map(|addr| BackendSpec {
+                addr: *addr,
+                weight: 1,
+            })
+            .collect(),
+        icmp_echo: true,
+        policy: SourcePolicy::default(),
+    }
+}
+
+/// The fixtures' VIPs: `VIP:80/tcp` ipip, `VIP:8080/tcp` l2, `VIP:53/udp` ipip (each over
+/// be1..be3), and `VIP_NO_NEIGH:80` ipip / `:8080` l2 over the unresolved backend.
+pub fn fixture_vips() -> [VipSpec; 5] {
+    [
+        vip(VIP, 80, Proto::Tcp, Forward::Ipip, &BACKENDS),
+        vip(VIP, 8080, Proto::Tcp, Forward::L2, &BACKENDS),
+        vip(VIP, 53, Proto::Udp, Forward::Ipip, &BACKENDS),
+        vip(VIP_NO_NEIGH, 80, Proto::Tcp, Forward::Ipip, &[UNRESOLVED]),
+        vip(VIP_NO_NEIGH, 8080, Proto::Tcp, Forward::L2, &[UNRESOLVED]),
+    ]
+}
+
+/// Load the balancer with `fixture_vips`.
+pub fn balancer() -> Dataplane {
+    let mut dp = Dataplane::load_unattached(DEFAULT_FLOW_CAPACITY, Some(LB)).expect("load");
+    for spec in fixture_vips() {
+        dp.apply_vip(&spec, &BTreeSet::new()).expect("apply VIP");
+    }
+    dp
+}
+
+/// Run `f` inside a fresh fixture namespace, with `lb0`'s interface index.
+pub fn in_fixture_netns(f: impl FnOnce(u32) + Send + 'static) {
+    let ns = fixture_netns();
+    ns.enter(move || {
+        let ifindex = xlb::util::interface_index("lb0").expect("lb0");
+        f(ifindex)
+    })
+    .expect("run in namespace");
+}

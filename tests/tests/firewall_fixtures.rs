@@ -1,0 +1,453 @@
+//! Packet fixtures of the door (issue 13), through BPF_PROG_TEST_RUN in the fixture namespace
+//! (`xlb_tests::fixture`): the global deny list, the VIPs' source allow and deny lists, the
+//! new-flow limits with exact counts, and the embryonic table that keeps a SYN flood out of the
+//! flow table. Needs root.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+use xlb::{
+    dataplane::Dataplane,
+    model::{
+        Forward, Proto, VipSpec,
+        net::Ipv4Net,
+        policy::{RateLimit, SourcePolicy},
+    },
+};
+use xlb_tests::{
+    fixture::*,
+    packet::{ACK, Ip, SYN, icmp_message, tcp, udp},
+};
+
+fn nets(list: &[&str]) -> Vec<Ipv4Net> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+/// `VIP:80/tcp` (ipip over be1..be3) with `policy`.
+fn tcp80(policy: SourcePolicy) -> VipSpec {
+    VipSpec {
+        policy,
+        ..vip(VIP, 80, Proto::Tcp, Forward::Ipip, &BACKENDS)
+    }
+}
+
+fn syn_from(src: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    inbound(&Ip::to(src, VIP, 6).packet(&tcp(sport, dport, SYN, 0)))
+}
+
+fn ack_from(src: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    inbound(&Ip::to(src, VIP, 6).packet(&tcp(sport, dport, ACK, 10)))
+}
+
+/// Send `frame` and return the action.
+fn send(dp: &Dataplane, ifindex: u32, frame: &[u8]) -> u32 {
+    run(dp.balancer().unwrap(), ifindex, frame).0
+}
+
+fn reason(dp: &Dataplane, name: &str) -> u64 {
+    dp.stats().unwrap().reasons[name]
+}
+
+fn event(dp: &Dataplane, name: &str) -> u64 {
+    dp.event_stats().unwrap()[name]
+}
+
+fn drops_of(dp: &Dataplane, port: u16) -> xlb::dataplane::VipDropCounts {
+    let stats = dp.stats().unwrap();
+    stats
+        .vips
+        .iter()
+        .find(|v| v.key.addr == VIP && v.key.port == port)
+        .unwrap()
+        .drops
+}
+
+#[test]
+fn source_lists_allow_and_deny_by_longest_prefix() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let inside = Ipv4Addr::new(10, 111, 0, 2);
+        let denied = Ipv4Addr::new(10, 111, 0, 200);
+        let outside = Ipv4Addr::new(10, 111, 5, 5);
+        // Allowed: 10.111.0.0/24, except 10.111.0.128/25.
+        dp.apply_vip(
+            &tcp80(SourcePolicy {
+                allow_src: nets(&["10.111.0.0/24"]),
+                deny_src: nets(&["10.111.0.128/25"]),
+                ..Default::default()
+            }),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(send(&dp, ifindex, &syn_from(inside, 1000, 80)), XDP_TX);
+        assert_eq!(send(&dp, ifindex, &syn_from(denied, 1001, 80)), XDP_DROP);
+        assert_eq!(send(&dp, ifindex, &syn_from(outside, 1002, 80)), XDP_DROP);
+        assert_eq!(
+            send(&dp, ifindex, &syn_from(outside, 1003, 8080)),
+            XDP_TX,
+            "another VIP of the address has no lists"
+        );
+        assert_eq!(reason(&dp, "drop_src_denied"), 1);
+        assert_eq!(reason(&dp, "drop_src_not_allowed"), 1);
+        let d = drops_of(&dp, 80);
+        assert_eq!((d.src_denied, d.src_not_allowed, d.deny_list), (1, 1, 0));
+        assert_eq!(drops_of(&dp, 8080), Default::default());
+
+        // Deny wins over a longer allow.
+        dp.apply_vip(
+            &tcp80(SourcePolicy {
+                allow_src: nets(&["10.111.0.2/32"]),
+                deny_src: nets(&["10.111.0.0/16"]),
+                ..Default::default()
+            }),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(send(&dp, ifindex, &syn_from(inside, 1004, 80)), XDP_DROP);
+        assert_eq!(reason(&dp, "drop_src_denied"), 2);
+    });
+}
+
+/// A list change reaches established flows: each is checked again on its next packet (the
+/// policy generation moved), and passes again once the change is undone.
+#[test]
+fn established_flows_are_checked_again_after_a_policy_change() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let client = Ipv4Addr::new(10, 111, 0, 2);
+        assert_eq!(send(&dp, ifindex, &syn_from(client, 2000, 80)), XDP_TX);
+        assert_eq!(send(&dp, ifindex, &ack_from(client, 2000, 80)), XDP_TX);
+        let rechecks = event(&dp, "policy_recheck");
+        for _ in 0..5 {
+            assert_eq!(send(&dp, ifindex, &ack_from(client, 2000, 80)), XDP_TX);
+        }
+        assert_eq!(
+            event(&dp, "policy_recheck"),
+            rechecks,
+            "no check while the policy is unchanged"
+        );
+        dp.apply_vip(
+            &tcp80(SourcePolicy {
+                deny_src: nets(&["10.111.0.0/24"]),
+                ..Default::default()
+            }),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        for _ in 0..3 {
+            assert_eq!(send(&dp, ifindex, &ack_from(client, 2000, 80)), XDP_DROP);
+        }
+        assert_eq!(reason(&dp, "drop_src_denied"), 3);
+        dp.apply_vip(&tcp80(SourcePolicy::default()), &BTreeSet::new())
+            .unwrap();
+        assert_eq!(send(&dp, ifindex, &ack_from(client, 2000, 80)), XDP_TX);
+        assert_eq!(
+            dp.flows().unwrap().keys().count(),
+            1,
+            "the flow kept its entry"
+        );
+        assert_eq!(event(&dp, "midflow_miss"), 0);
+    });
+}
+
+#[test]
+fn the_deny_list_drops_every_packet_of_a_listed_source() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let bad = Ipv4Addr::new(10, 111, 0, 9);
+        let good = Ipv4Addr::new(10, 111, 0, 2);
+        // An established flow from the source before it is listed.
+        assert_eq!(send(&dp, ifindex, &syn_from(bad, 3000, 80)), XDP_TX);
+        assert_eq!(send(&dp, ifindex, &ack_from(bad, 3000, 80)), XDP_TX);
+
+        let mut deny = dp.deny_maps().unwrap();
+        let list = nets(&["10.111.0.8/29", "192.0.2.0/24"]);
+        deny.fill(1, &list).unwrap();
+        dp.set_deny_list(1, list.len()).unwrap();
+        let ping_vip =
+            inbound(&Ip::to(bad, VIP, 1).packet(&icmp_message(8, 0, [0, 1, 0, 1], b"x")));
+        let ssh_lb = inbound(&Ip::to(bad, LB, 6).packet(&tcp(3001, 22, SYN, 0)));
+        let udp_vip = inbound(&Ip::to(bad, VIP, 17).packet(&udp(3002, 53, b"q")));
+        let unknown_port = syn_from(bad, 3003, 81);
+        for (what, frame) in [
+            (
+                "the established flow's next packet",
+                ack_from(bad, 3000, 80),
+            ),
+            ("a new flow", syn_from(bad, 3004, 80)),
+            ("ping to the VIP", ping_vip),
+            ("TCP to the LB's own address", ssh_lb),
+            ("UDP to a VIP", udp_vip),
+            ("a VIP address's unknown port", unknown_port),
+        ] {
+            assert_eq!(send(&dp, ifindex, &frame), XDP_DROP, "{what}");
+        }
+        assert_eq!(reason(&dp, "drop_deny_list"), 6);
+        assert_eq!(drops_of(&dp, 80).deny_list, 2, "the two for VIP:80");
+        assert_eq!(drops_of(&dp, 53).deny_list, 1);
+        assert_eq!(send(&dp, ifindex, &syn_from(good, 3005, 80)), XDP_TX);
+        let ssh_good = inbound(&Ip::to(good, LB, 6).packet(&tcp(3006, 22, SYN, 0)));
+        assert_eq!(send(&dp, ifindex, &ssh_good), XDP_PASS);
+
+        // A new list in the other half, switched in one step: the old prefix passes again.
+        let list = nets(&["10.111.0.2/32"]);
+        deny.fill(0, &list).unwrap();
+        dp.set_deny_list(0, list.len()).unwrap();
+        deny.clear(1, &nets(&["10.111.0.8/29", "192.0.2.0/24"]))
+            .unwrap();
+        assert_eq!(send(&dp, ifindex, &ack_from(bad, 3000, 80)), XDP_TX);
+        assert_eq!(send(&dp, ifindex, &syn_from(good, 3007, 80)), XDP_DROP);
+        // An empty list costs no lookup and drops nothing.
+        deny.clear(0, &list).unwrap();
+        dp.set_deny_list(1, 0).unwrap();
+        assert_eq!(send(&dp, ifindex, &syn_from(good, 3008, 80)), XDP_TX);
+    });
+}
+
+/// Issue 13's exact count: rate 10/s, burst 20, 100 SYNs from one source in one burst → exactly
+/// 20 pass. Packets of admitted flows are never limited; other sources have buckets of their own.
+#[test]
+fn a_source_limit_admits_exactly_its_burst() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        dp.apply_vip(
+            &tcp80(SourcePolicy {
+                src_limit: Some(RateLimit {
+                    rate: 10,
+                    burst: 20,
+                }),
+                ..Default::default()
+            }),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        let src = Ipv4Addr::new(10, 111, 0, 2);
+        let passed: Vec<u16> = (0..100u16)
+            .filter(|i| send(&dp, ifindex, &syn_from(src, 4000 + i, 80)) == XDP_TX)
+            .collect();
+        assert_eq!(passed.len(), 20, "{passed:?}");
+        assert_eq!(passed, (0..20).collect::<Vec<_>>(), "the first 20");
+        assert_eq!(reason(&dp, "drop_rate_limited_src"), 80);
+        assert_eq!(drops_of(&dp, 80).rate_limited_src, 80);
+        // Admitted flows: retransmitted SYNs and the rest of the connection pass, unlimited.
+        for i in 0..20u16 {
+            assert_eq!(send(&dp, ifindex, &syn_from(src, 4000 + i, 80)), XDP_TX);
+            for _ in 0..3 {
+                assert_eq!(send(&dp, ifindex, &ack_from(src, 4000 + i, 80)), XDP_TX);
+            }
+        }
+        assert_eq!(reason(&dp, "drop_rate_limited_src"), 80, "none of them");
+        let other = Ipv4Addr::new(10, 111, 0, 3);
+        let passed = (0..30u16)
+            .filter(|i| send(&dp, ifindex, &syn_from(other, 5000 + i, 80)) == XDP_TX)
+            .count();
+        assert_eq!(passed, 20, "another source's own bucket");
+        assert_eq!(event(&dp, "rate_limit_contended"), 0);
+    });
+}
+
+#[test]
+fn a_vip_limit_counts_every_source() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let mut udp53 = vip(VIP, 53, Proto::Udp, Forward::Ipip, &BACKENDS);
+        udp53.policy.vip_limit = Some(RateLimit { rate: 1, burst: 30 });
+        dp.apply_vip(&udp53, &BTreeSet::new()).unwrap();
+        let mut passed = 0;
+        for s in 0..5u8 {
+            for i in 0..10u16 {
+                let dgram = Ip::to(Ipv4Addr::new(10, 111, 0, 10 + s), VIP, 17).packet(&udp(
+                    6000 + i,
+                    53,
+                    b"q",
+                ));
+                if send(&dp, ifindex, &inbound(&dgram)) == XDP_TX {
+                    passed += 1;
+                }
+            }
+        }
+        assert_eq!(passed, 30);
+        assert_eq!(reason(&dp, "drop_rate_limited_vip"), 20);
+        assert_eq!(drops_of(&dp, 53).rate_limited_vip, 20);
+        // A changed limit starts with a full bucket.
+        udp53.policy.vip_limit = Some(RateLimit { rate: 1, burst: 5 });
+        dp.apply_vip(&udp53, &BTreeSet::new()).unwrap();
+        let passed = (0..10u16)
+            .filter(|i| {
+                let dgram =
+                    Ip::to(Ipv4Addr::new(10, 111, 0, 99), VIP, 17).packet(&udp(7000 + i, 53, b"q"));
+                send(&dp, ifindex, &inbound(&dgram)) == XDP_TX
+            })
+            .count();
+        assert_eq!(passed, 5);
+    });
+}
+
+/// The bucket is shared by the CPUs and taken with compare-and-swap: two CPUs sending SYNs from
+/// one source at the same time admit exactly the burst between them.
+#[test]
+fn limits_are_exact_across_cpus() {
+    in_fixture_netns(|ifindex| {
+        let cpus = xlb_tests::cpu::allowed().expect("allowed CPUs");
+        let mut dp = balancer();
+        dp.apply_vip(
+            &tcp80(SourcePolicy {
+                src_limit: Some(RateLimit {
+                    rate: 1,
+                    burst: 100,
+                }),
+                ..Default::default()
+            }),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        let dp = std::sync::Arc::new(dp);
+        let src = Ipv4Addr::new(10, 111, 0, 2);
+        let threads: Vec<_> = cpus
+            .iter()
+            .take(2)
+            .enumerate()
+            .map(|(t, &cpu)| {
+                let dp = dp.clone();
+                std::thread::spawn(move || {
+                    xlb_tests::cpu::pin_to(cpu).expect("pin");
+                    (0..500u16)
+                        .filter(|i| {
+                            let sport = 10_000 + t as u16 * 1000 + i;
+                            send(&dp, ifindex, &syn_from(src, sport, 80)) == XDP_TX
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        let passed: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(passed, 100, "{} CPUs", cpus.len().min(2));
+        eprintln!(
+            "limits across CPUs: {passed} admitted, {} contended compare-and-swaps",
+            event(&dp, "rate_limit_contended")
+        );
+    });
+}
+
+/// New TCP flows wait in the embryonic table: a retransmitted SYN keeps its backend without
+/// taking another ring slot, the handshake's ACK moves the flow into the flow table (and reports
+/// it), and round robin stays exact.
+#[test]
+fn embryonic_flows_are_promoted_by_their_first_packet_without_syn() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let mut events = dp.take_flow_events().expect("ring buffer");
+        let client = Ipv4Addr::new(10, 111, 0, 2);
+        for i in 0..6u16 {
+            let syn = syn_from(client, 8000 + i, 80);
+            let (action, out) = run(dp.balancer().unwrap(), ifindex, &syn);
+            assert_eq!(action, XDP_TX);
+            let inner = &syn[14..];
+            assert_eq!(out, encapsulated(inner, usize::from(i % 3)));
+            // Retransmitted: the same backend, no new ring slot.
+            let (_, again) = run(dp.balancer().unwrap(), ifindex, &syn);
+            assert_eq!(again, out);
+        }
+        assert_eq!(dp.flows().unwrap().keys().count(), 0);
+        assert_eq!(dp.embryos().unwrap().keys().count(), 6);
+        assert_eq!(event(&dp, "embryonic_new"), 6);
+        assert!(events.next().is_none(), "nothing reported before the ACK");
+        for i in 0..6u16 {
+            let ack = ack_from(client, 8000 + i, 80);
+            let (_, out) = run(dp.balancer().unwrap(), ifindex, &ack);
+            assert_eq!(out, encapsulated(&ack[14..], usize::from(i % 3)));
+        }
+        assert_eq!(dp.flows().unwrap().keys().count(), 6);
+        assert_eq!(dp.embryos().unwrap().keys().count(), 0);
+        assert_eq!(event(&dp, "embryonic_promoted"), 6);
+        let mut reported = 0;
+        while events.next().is_some() {
+            reported += 1;
+        }
+        assert_eq!(reported, 6, "one event per promoted flow");
+        let stats = dp.stats().unwrap();
+        let v = stats
+            .vips
+            .iter()
+            .find(|v| v.key.port == 80 && v.key.addr == VIP)
+            .unwrap();
+        let per_backend: Vec<u64> = v.backends.iter().map(|b| b.counters.new_flows).collect();
+        assert_eq!(per_backend, vec![2, 2, 2]);
+        assert_eq!(event(&dp, "midflow_miss"), 0);
+    });
+}
+
+/// A SYN flood from spoofed sources, far larger than the embryonic table, churns that table and
+/// leaves the flow table's established entries where they are.
+#[test]
+fn a_syn_flood_larger_than_the_embryonic_table_leaves_established_flows_intact() {
+    in_fixture_netns(|ifindex| {
+        const FLOWS: u32 = 1024;
+        const EMBRYOS: u32 = 256;
+        const FLOOD: u32 = 20 * FLOWS;
+        let mut dp = Dataplane::load_unattached_sized(FLOWS, EMBRYOS, Some(LB)).expect("load");
+        for spec in fixture_vips() {
+            dp.apply_vip(&spec, &BTreeSet::new()).unwrap();
+        }
+        let client = Ipv4Addr::new(10, 111, 0, 2);
+        let established: Vec<u16> = (0..100).map(|i| 20_000 + i).collect();
+        let mut backend_of = Vec::new();
+        for &sport in &established {
+            run(
+                dp.balancer().unwrap(),
+                ifindex,
+                &syn_from(client, sport, 80),
+            );
+            let (_, out) = run(
+                dp.balancer().unwrap(),
+                ifindex,
+                &ack_from(client, sport, 80),
+            );
+            backend_of.push(out);
+        }
+        assert_eq!(dp.flows().unwrap().keys().count(), established.len());
+        // The flood: every SYN from another spoofed source (10.111.128.0/17) and port.
+        for i in 0..FLOOD {
+            let src = Ipv4Addr::from_bits(Ipv4Addr::new(10, 111, 128, 0).to_bits() + (i % 32768));
+            let frame = syn_from(src, 1024 + (i / 32768) as u16, 80);
+            assert_eq!(send(&dp, ifindex, &frame), XDP_TX);
+        }
+        assert_eq!(
+            dp.flows().unwrap().keys().count(),
+            established.len(),
+            "the flood put nothing into the flow table"
+        );
+        assert!(dp.embryos().unwrap().keys().count() <= EMBRYOS as usize);
+        for (sport, before) in established.iter().zip(&backend_of) {
+            let (_, out) = run(
+                dp.balancer().unwrap(),
+                ifindex,
+                &ack_from(client, *sport, 80),
+            );
+            assert_eq!(&out, before, "flow {sport} kept its backend");
+        }
+        // A legitimate handshake in the middle of the flood completes.
+        run(
+            dp.balancer().unwrap(),
+            ifindex,
+            &syn_from(client, 30_000, 80),
+        );
+        run(
+            dp.balancer().unwrap(),
+            ifindex,
+            &ack_from(client, 30_000, 80),
+        );
+        assert_eq!(dp.flows().unwrap().keys().count(), established.len() + 1);
+        assert_eq!(event(&dp, "midflow_miss"), 0);
+        assert_eq!(event(&dp, "flow_resteered"), 0);
+        assert_eq!(
+            event(&dp, "embryonic_new"),
+            u64::from(FLOOD) + established.len() as u64 + 1
+        );
+        assert_eq!(
+            event(&dp, "embryonic_promoted"),
+            established.len() as u64 + 1
+        );
+        let stats = dp.stats().unwrap().with_flows(&dp.flow_counts().unwrap());
+        assert_eq!(stats.embryo_capacity, EMBRYOS);
+        assert!(dp.flow_counts().unwrap().embryos <= u64::from(EMBRYOS));
+    });
+}
