@@ -9,6 +9,7 @@ use crate::{
     model::check::{CheckPatch, CheckSpec},
     model::flows::{CountBy, FlowFilter, Origin},
     model::{BackendConfig, Forward, Proto, ServiceKey, VipConfig, icmp_echo_default},
+    model::{net::Ipv4Net, policy::PolicyPatch},
 };
 use serde::{Deserialize, Serialize};
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
@@ -28,13 +29,19 @@ pub(crate) enum Request {
         check: CheckPatch,
         #[serde(default = "icmp_echo_default")]
         icmp_echo: bool,
+        /// Applied to "no source policy".
+        #[serde(default, skip_serializing_if = "PolicyPatch::is_empty")]
+        policy: PolicyPatch,
     },
-    /// Change a VIP's check (fields not in `check` keep their values) and/or ICMP echo.
+    /// Change a VIP's check (fields not in `check` keep their values), ICMP echo and/or source
+    /// policy.
     VipSet {
         vip: ServiceKey,
         check: CheckPatch,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         icmp_echo: Option<bool>,
+        #[serde(default, skip_serializing_if = "PolicyPatch::is_empty")]
+        policy: PolicyPatch,
     },
     VipDel {
         vip: ServiceKey,
@@ -259,6 +266,40 @@ pub(crate) struct VipSummary {
     pub(crate) backends: Vec<BackendSummary>,
     /// Whether this VIP lets its address answer ICMP echo.
     pub(crate) icmp_echo: bool,
+    /// Sources that may reach the VIP (empty: every source).
+    #[serde(default)]
+    pub(crate) allow_src: Vec<Ipv4Net>,
+    /// Sources that may not.
+    #[serde(default)]
+    pub(crate) deny_src: Vec<Ipv4Net>,
+    /// New flows per second and burst per (source, VIP) and per VIP; `null`: no limit.
+    #[serde(default)]
+    pub(crate) src_rate: Option<u32>,
+    #[serde(default)]
+    pub(crate) src_burst: Option<u32>,
+    #[serde(default)]
+    pub(crate) vip_rate: Option<u32>,
+    #[serde(default)]
+    pub(crate) vip_burst: Option<u32>,
+}
+
+impl VipSummary {
+    /// The source policy these fields describe.
+    pub(crate) fn policy(&self) -> crate::model::policy::SourcePolicy {
+        use crate::model::policy::{RateLimit, SourcePolicy};
+        let limit = |rate: Option<u32>, burst: Option<u32>| {
+            rate.map(|rate| RateLimit {
+                rate,
+                burst: burst.unwrap_or(rate),
+            })
+        };
+        SourcePolicy {
+            allow_src: self.allow_src.clone(),
+            deny_src: self.deny_src.clone(),
+            src_limit: limit(self.src_rate, self.src_burst),
+            vip_limit: limit(self.vip_rate, self.vip_burst),
+        }
+    }
 }
 
 impl From<&VipConfig> for VipSummary {
@@ -281,6 +322,12 @@ impl From<&VipConfig> for VipSummary {
                 })
                 .collect(),
             icmp_echo: spec.icmp_echo,
+            allow_src: spec.policy.allow_src.clone(),
+            deny_src: spec.policy.deny_src.clone(),
+            src_rate: spec.policy.src_limit.map(|l| l.rate),
+            src_burst: spec.policy.src_limit.map(|l| l.burst),
+            vip_rate: spec.policy.vip_limit.map(|l| l.rate),
+            vip_burst: spec.policy.vip_limit.map(|l| l.burst),
         }
     }
 }
@@ -344,6 +391,11 @@ pub(crate) struct VipReport {
     pub(crate) packets: u64,
     pub(crate) bytes: u64,
     pub(crate) new_flows: u64,
+    /// Packets its source checks and new-flow limits dropped, by reason (`drop_deny_list`,
+    /// `drop_src_denied`, `drop_src_not_allowed`, `drop_rate_limited_src`,
+    /// `drop_rate_limited_vip`; every one present). Defaulted for older agents.
+    #[serde(default)]
+    pub(crate) drops: BTreeMap<String, u64>,
     pub(crate) backends: Vec<BackendReport>,
     /// VIPs with `postgres:primary` checks only: whether more than one backend reports primary
     /// right now (the others get no new flows; see `agent::health::selection`).
@@ -371,6 +423,15 @@ pub(crate) struct StatsReport {
     /// Flows deleted by `xlb flows flush` since the agent started. Defaulted for older agents.
     #[serde(default)]
     pub(crate) flows_flushed: u64,
+    /// Size of the embryonic table (new TCP flows that have sent only SYNs) and its entries,
+    /// counted by the same walk as `flow_entries`.
+    #[serde(default)]
+    pub(crate) embryonic_capacity: u32,
+    #[serde(default)]
+    pub(crate) embryonic_entries: u64,
+    /// Prefixes on the global deny list.
+    #[serde(default)]
+    pub(crate) deny_list: u64,
 }
 
 /// What `backend list` shows as a backend's state. Down wins over draining.
@@ -442,6 +503,7 @@ mod tests {
                 forward: Forward::L2,
                 check: CheckPatch::default(),
                 icmp_echo: true,
+                policy: PolicyPatch::default(),
             },
             Request::VipAdd {
                 vip: key(),
@@ -453,6 +515,11 @@ mod tests {
                     ..Default::default()
                 },
                 icmp_echo: false,
+                policy: PolicyPatch {
+                    allow_src: Some(vec!["10.0.0.0/8".parse().unwrap()]),
+                    src_rate: Some(crate::model::policy::RateSetting::Rate(10)),
+                    ..Default::default()
+                },
             },
             Request::VipSet {
                 vip: key(),
@@ -461,6 +528,11 @@ mod tests {
                     ..Default::default()
                 },
                 icmp_echo: Some(false),
+                policy: PolicyPatch {
+                    deny_src: Some(vec![]),
+                    vip_rate: Some(crate::model::policy::RateSetting::Off),
+                    ..Default::default()
+                },
             },
             Request::VipDel { vip: key() },
             Request::VipList,
@@ -537,6 +609,7 @@ mod tests {
             packets: 1,
             bytes: 2,
             new_flows: 3,
+            drops: [("drop_src_denied".to_string(), 9)].into_iter().collect(),
             backends: vec![BackendReport {
                 address: Ipv4Addr::new(10, 111, 1, 12),
                 weight: 2,
@@ -578,6 +651,9 @@ mod tests {
                     flow_capacity: 1024,
                     flow_entries: 12,
                     flows_flushed: 3,
+                    embryonic_capacity: 256,
+                    embryonic_entries: 1,
+                    deny_list: 2,
                 },
             },
             Response::FlowList {
@@ -636,7 +712,7 @@ mod tests {
         let summary = VipSummary::from(&VipConfig::new(key(), Forward::Ipip));
         assert_eq!(
             serde_json::to_string(&summary).unwrap(),
-            r#"{"vip":"10.111.100.1:80","address":"10.111.100.1","port":80,"proto":"tcp","forward":"ipip","check":{"kind":"tcp","path":"/","port":null,"interval":"1s","timeout":"1s","rise":2,"fall":3,"expect_status":"200-399","expect_body":null,"tls_verify":false,"tls_ca":null,"tls_sni":null,"role":"any","user":null,"database":null,"password_file":null},"backends":[],"icmp_echo":true}"#
+            r#"{"vip":"10.111.100.1:80","address":"10.111.100.1","port":80,"proto":"tcp","forward":"ipip","check":{"kind":"tcp","path":"/","port":null,"interval":"1s","timeout":"1s","rise":2,"fall":3,"expect_status":"200-399","expect_body":null,"tls_verify":false,"tls_ca":null,"tls_sni":null,"role":"any","user":null,"database":null,"password_file":null},"backends":[],"icmp_echo":true,"allow_src":[],"deny_src":[],"src_rate":null,"src_burst":null,"vip_rate":null,"vip_burst":null}"#
         );
         // Older CLIs send no `check` and no `icmp_echo`.
         let old = r#"{"request":"vip_add","vip":{"addr":"10.111.100.1","port":80,"proto":"tcp"},"forward":"ipip"}"#;

@@ -14,6 +14,12 @@
 //! proto = "tcp"            # default tcp
 //! forward = "ipip"         # default ipip
 //! icmp_echo = true         # default true; an address answers if any VIP on it does
+//! allow_src = ["192.0.2.0/24"]   # default: every source
+//! deny_src = ["192.0.2.128/25"]  # wins over allow_src
+//! src_rate = 10            # new flows/s per source address; default: no limit
+//! src_burst = 20           # default: src_rate
+//! vip_rate = 1000          # new flows/s to the VIP; default: no limit
+//! vip_burst = 1000         # default: vip_rate
 //! [vip.check]             # default: tcp for tcp VIPs, none for udp VIPs
 //! kind = "http"            # tcp | http | https | postgres | none
 //! path = "/healthz"
@@ -53,7 +59,8 @@ use crate::{
     model::check::{CheckPatch, CheckSpec},
     model::{
         BackendConfig, DEFAULT_WEIGHT, Forward, Proto, ServiceKey, VipConfig, icmp_echo_default,
-        policy::SourcePolicy,
+        net::Ipv4Net,
+        policy::{PolicyError, PolicyPatch, RateSetting, SourcePolicy},
     },
     util::one_line,
 };
@@ -87,6 +94,12 @@ pub(crate) enum ConfigError {
     },
     #[error("config file {}: {source}", path.display())]
     Invalid { path: PathBuf, source: StateError },
+    #[error("config file {}: vip {vip}: {source}", path.display())]
+    Policy {
+        path: PathBuf,
+        vip: String,
+        source: Box<PolicyError>,
+    },
 }
 
 /// toml's errors span several lines (a source excerpt with a caret); the agent reports errors on one.
@@ -122,6 +135,34 @@ struct RawVip {
     backends: Vec<RawBackend>,
     #[serde(default = "icmp_echo_default")]
     icmp_echo: bool,
+    /// Sources that may reach the VIP (absent: every source).
+    #[serde(default)]
+    allow_src: Vec<Ipv4Net>,
+    #[serde(default)]
+    deny_src: Vec<Ipv4Net>,
+    #[serde(default)]
+    src_rate: Option<u32>,
+    #[serde(default)]
+    src_burst: Option<u32>,
+    #[serde(default)]
+    vip_rate: Option<u32>,
+    #[serde(default)]
+    vip_burst: Option<u32>,
+}
+
+impl RawVip {
+    /// The VIP's source policy: its keys as the flags of `vip add` would give them.
+    fn policy(&self) -> Result<SourcePolicy, PolicyError> {
+        let list = |l: &Vec<Ipv4Net>| (!l.is_empty()).then(|| l.clone());
+        SourcePolicy::default().patched(&PolicyPatch {
+            allow_src: list(&self.allow_src),
+            deny_src: list(&self.deny_src),
+            src_rate: self.src_rate.map(RateSetting::Rate),
+            src_burst: self.src_burst,
+            vip_rate: self.vip_rate.map(RateSetting::Rate),
+            vip_burst: self.vip_burst,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +225,11 @@ impl Config {
                     index: index + 1,
                     source,
                 })?;
+            let policy = vip.policy().map_err(|source| ConfigError::Policy {
+                path: p(),
+                vip: vip.address.clone(),
+                source: Box::new(source),
+            })?;
             let dir = path.parent().unwrap_or(Path::new("."));
             let vip_check = CheckSpec::default_for(vip.proto)
                 .patched(&anchored(vip.check.unwrap_or_default(), dir));
@@ -212,7 +258,7 @@ impl Config {
                 check: vip_check,
                 backends,
                 icmp_echo: vip.icmp_echo,
-                policy: SourcePolicy::default(),
+                policy,
             });
         }
         let state = DesiredState::from_specs(specs)
@@ -396,6 +442,34 @@ mod tests {
     }
 
     #[test]
+    fn source_policies_parse() {
+        use crate::model::policy::RateLimit;
+        let cfg = parse(
+            "[[vip]]\naddress = \"10.111.100.1:80\"\nallow_src = [\"10.111.0.0/16\", \"192.0.2.7\"]\n\
+             deny_src = [\"10.111.9.0/24\"]\nsrc_rate = 10\nsrc_burst = 20\nvip_rate = 1000\n",
+        )
+        .unwrap();
+        let p = &cfg.state.vips().next().unwrap().policy;
+        assert_eq!(p.allow_src.len(), 2);
+        assert_eq!(p.allow_src[1].to_string(), "192.0.2.7/32");
+        assert_eq!(p.deny_src[0].to_string(), "10.111.9.0/24");
+        assert_eq!(
+            p.src_limit,
+            Some(RateLimit {
+                rate: 10,
+                burst: 20
+            })
+        );
+        assert_eq!(
+            p.vip_limit,
+            Some(RateLimit {
+                rate: 1000,
+                burst: 1000
+            })
+        );
+    }
+
+    #[test]
     fn a_short_interval_alone_shortens_the_timeout() {
         use std::time::Duration;
         let cfg = parse(
@@ -474,6 +548,26 @@ mod tests {
             (
                 "[[vip]]\naddress = \"10.111.100.1:80\"\n[vip.check]\nexpect_status = \"600\"\n",
                 "600",
+            ),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\nallow_src = [\"10.0.0.1/8\"]\n",
+                "host bits set (the network is 10.0.0.0/8)",
+            ),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\ndeny_src = [\"10.0.0.0/33\"]\n",
+                "prefix length \"33\" is not 0-32",
+            ),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\nsrc_rate = 0\n",
+                "vip 10.111.100.1:80: --src-rate must be at least 1",
+            ),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\nvip_burst = 10\n",
+                "--vip-burst needs --vip-rate",
+            ),
+            (
+                "[[vip]]\naddress = \"10.111.100.1:80\"\nvip_rate = 20000000\n",
+                "above the maximum",
             ),
         ];
         for (text, want) in cases {

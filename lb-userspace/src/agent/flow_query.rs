@@ -699,6 +699,12 @@ mod tests {
                 })
                 .collect(),
             icmp_echo: true,
+            allow_src: vec![],
+            deny_src: vec![],
+            src_rate: None,
+            src_burst: None,
+            vip_rate: None,
+            vip_burst: None,
         };
         vec![
             summary(80, Proto::Tcp, &["10.111.1.11", "10.111.1.12"]),

@@ -307,7 +307,7 @@ async fn load_dataplane(config: &AgentConfig) -> Result<(Dataplane, Startup), Ag
         iface: config.iface.clone(),
         mode: config.xdp_mode,
         flow_capacity: config.flow_capacity,
-        embryo_capacity: lb_common::DEFAULT_EMBRYO_CAPACITY,
+        embryo_capacity: config.embryonic_capacity,
         lb_addr,
         bpffs: config.bpffs.clone(),
         deny: Vec::new(),
@@ -317,7 +317,10 @@ async fn load_dataplane(config: &AgentConfig) -> Result<(Dataplane, Startup), Ag
         dp.set_icmp_echo(false)?;
         log::info!("ICMP echo to VIP addresses is off (--icmp-echo off)");
     }
-    log::info!("IPIP source {lb_addr}");
+    log::info!(
+        "IPIP source {lb_addr}, embryonic table {} entries",
+        dp.embryo_capacity()
+    );
     Ok((dp, startup))
 }
 
@@ -347,7 +350,7 @@ mod tests {
         agent::{controller::fake::FakeDataplane, flows::tests::FakeTable},
         api::{Request, Response},
         cli::client,
-        model::{Forward, Proto, ServiceKey},
+        model::{Forward, Proto, ServiceKey, policy::PolicyPatch},
     };
     use tokio::{
         io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -405,6 +408,7 @@ mod tests {
                     forward: Forward::L2,
                     check: Default::default(),
                     icmp_echo: true,
+                    policy: PolicyPatch::default(),
                 },
             );
             let dup = client::call(
@@ -414,6 +418,7 @@ mod tests {
                     forward: Forward::L2,
                     check: Default::default(),
                     icmp_echo: true,
+                    policy: PolicyPatch::default(),
                 },
             );
             let list = client::call(&s, &Request::VipList);

@@ -35,6 +35,10 @@ pub(crate) struct AgentOptions {
     /// Entries of the flow table [default: 262144].
     #[arg(long, value_name = "N")]
     pub(crate) flow_capacity: Option<u32>,
+    /// Entries of the embryonic table, where new TCP flows wait for their first packet without
+    /// SYN, so a SYN flood churns it and not the flow table [default: 65536].
+    #[arg(long, value_name = "N")]
+    pub(crate) embryonic_capacity: Option<u32>,
     /// Accept flow state from peer load balancers on ADDR:PORT (active-active). Needs
     /// --sync-key-file.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -71,6 +75,7 @@ impl AgentOptions {
             xdp_mode: self.xdp_mode.or(file.xdp_mode),
             lb_addr: self.lb_addr.or(file.lb_addr),
             flow_capacity: self.flow_capacity.or(file.flow_capacity),
+            embryonic_capacity: self.embryonic_capacity.or(file.embryonic_capacity),
             sync_listen: self.sync_listen.or(file.sync_listen),
             peers: if self.peers.is_empty() {
                 file.peers
@@ -109,6 +114,8 @@ pub(crate) enum OptionsError {
     NoInterface,
     #[error("--flow-capacity must be at least 1")]
     FlowCapacity,
+    #[error("--embryonic-capacity must be at least 1")]
+    EmbryonicCapacity,
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("peer sync: {0}")]
@@ -137,6 +144,7 @@ pub(crate) struct AgentConfig {
     pub(crate) state_dir: PathBuf,
     pub(crate) lb_addr: Option<Ipv4Addr>,
     pub(crate) flow_capacity: u32,
+    pub(crate) embryonic_capacity: u32,
     pub(crate) initial: InitialState,
     pub(crate) warm_interval: Duration,
     /// Peer sync (active-active), if `--sync-listen` was given.
@@ -174,6 +182,12 @@ impl AgentConfig {
         if flow_capacity == 0 {
             return Err(OptionsError::FlowCapacity);
         }
+        let embryonic_capacity = opts
+            .embryonic_capacity
+            .unwrap_or(lb_common::DEFAULT_EMBRYO_CAPACITY);
+        if embryonic_capacity == 0 {
+            return Err(OptionsError::EmbryonicCapacity);
+        }
         Ok(AgentConfig {
             sync: sync_config(&opts)?,
             iface,
@@ -182,6 +196,7 @@ impl AgentConfig {
             state_dir: args.state_dir,
             lb_addr: opts.lb_addr,
             flow_capacity,
+            embryonic_capacity,
             initial,
             warm_interval: WARM_INTERVAL,
             metrics_listen: opts.metrics_listen,
@@ -233,7 +248,7 @@ mod tests {
         let cfg = dir.path().join("xlb.toml");
         fs::write(
             &cfg,
-            "[agent]\niface = \"eth9\"\nxdp_mode = \"generic\"\nflow_capacity = 77\nlb_addr = \"10.0.0.1\"\nicmp_echo = false\n\
+            "[agent]\niface = \"eth9\"\nxdp_mode = \"generic\"\nflow_capacity = 77\nembryonic_capacity = 33\nlb_addr = \"10.0.0.1\"\nicmp_echo = false\n\
              [[vip]]\naddress = \"10.111.100.1:80\"\n",
         )
         .unwrap();
@@ -246,6 +261,7 @@ mod tests {
         assert_eq!(c.iface, "eth9");
         assert_eq!(c.xdp_mode, XdpModeChoice::Generic);
         assert_eq!(c.flow_capacity, 77);
+        assert_eq!(c.embryonic_capacity, 33);
         assert_eq!(c.lb_addr, Some(Ipv4Addr::new(10, 0, 0, 1)));
         assert!(!c.icmp_echo);
         assert!(matches!(&c.initial, InitialState::Config { state, .. } if state.vip_count() == 1));
@@ -271,6 +287,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(defaults.flow_capacity, lb_common::DEFAULT_FLOW_CAPACITY);
+        assert_eq!(
+            defaults.embryonic_capacity,
+            lb_common::DEFAULT_EMBRYO_CAPACITY
+        );
         assert!(defaults.icmp_echo);
         assert_eq!(defaults.initial, InitialState::Saved);
     }

@@ -21,6 +21,13 @@ pub(crate) fn vip_report(
     let vs = stats.vips.iter().find(|v| v.key == spec.key);
     // A VIP applied a moment ago may not have counters yet: report zeros then.
     let vip_counters = vs.map(|v| v.counters).unwrap_or_default();
+    let drops = vs
+        .map(|v| v.drops)
+        .unwrap_or_default()
+        .by_reason()
+        .into_iter()
+        .map(|(reason, n)| (reason.to_string(), n))
+        .collect();
     let backends = spec
         .backends
         .iter()
@@ -38,6 +45,7 @@ pub(crate) fn vip_report(
         packets: vip_counters.packets,
         bytes: vip_counters.bytes,
         new_flows: vip_counters.new_flows,
+        drops,
         backends,
         primary_conflict: health.primary_conflict(&spec.key),
     }

@@ -9,6 +9,7 @@
 use crate::{
     agent::health::check_files,
     model::check::{CheckError, CheckPatch, CheckSpec},
+    model::policy::{PolicyError, PolicyPatch},
     model::{BackendConfig, DEFAULT_WEIGHT, Forward, MAX_WEIGHT, ServiceKey, VipConfig},
     util::write_atomic,
 };
@@ -58,7 +59,14 @@ pub(crate) enum StateError {
     /// A file a new check names (its CA, its password file) cannot be used.
     #[error("{whose}: {message}")]
     CheckFile { whose: String, message: String },
-    #[error("VIP {0}: nothing to change (give --icmp-echo or at least one check flag)")]
+    #[error("VIP {key}: {source}")]
+    Policy {
+        key: ServiceKey,
+        source: PolicyError,
+    },
+    #[error(
+        "VIP {0}: nothing to change (give --icmp-echo, a check flag, or a source or limit flag)"
+    )]
     NothingToSet(ServiceKey),
     #[error("backend {addr} in VIP {key} is already draining (weight 0)")]
     AlreadyDraining { key: ServiceKey, addr: Ipv4Addr },
@@ -199,6 +207,12 @@ pub(crate) fn check_new_files(new: &VipConfig, old: Option<&VipConfig>) -> Resul
 /// Every rule that applies to one VIP on its own.
 pub(crate) fn validate_spec(spec: &VipConfig) -> Result<(), StateError> {
     validate_key(&spec.key)?;
+    spec.policy
+        .validate()
+        .map_err(|source| StateError::Policy {
+            key: spec.key,
+            source,
+        })?;
     spec.check
         .validate()
         .map_err(|source| StateError::VipCheck {
@@ -314,12 +328,13 @@ impl DesiredState {
     }
 
     /// The new VIP `vip add` would create (no backends yet): the protocol's default check with
-    /// `check` applied.
+    /// `check` applied, no source policy but `policy`.
     pub(crate) fn plan_vip_add(
         &self,
         key: ServiceKey,
         forward: Forward,
         check: &CheckPatch,
+        policy: &PolicyPatch,
     ) -> Result<VipConfig, StateError> {
         validate_key(&key)?;
         if self.vips.contains_key(&key) {
@@ -327,24 +342,33 @@ impl DesiredState {
         }
         let mut spec = VipConfig::new(key, forward);
         spec.check = spec.check.patched(check);
+        spec.policy = spec
+            .policy
+            .patched(policy)
+            .map_err(|source| StateError::Policy { key, source })?;
         validate_spec(&spec)?;
         Ok(spec)
     }
 
-    /// The VIP as `vip set` would leave it (its check and/or ICMP echo changed; unset fields keep
-    /// their values).
+    /// The VIP as `vip set` would leave it (its check, ICMP echo and/or source policy changed;
+    /// unset fields keep their values).
     pub(crate) fn plan_vip_set(
         &self,
         key: &ServiceKey,
         check: &CheckPatch,
         icmp_echo: Option<bool>,
+        policy: &PolicyPatch,
     ) -> Result<VipConfig, StateError> {
         let mut spec = self.existing(key)?.clone();
-        if check.is_empty() && icmp_echo.is_none() {
+        if check.is_empty() && icmp_echo.is_none() && policy.is_empty() {
             return Err(StateError::NothingToSet(*key));
         }
         spec.check = spec.check.patched(check);
         spec.icmp_echo = icmp_echo.unwrap_or(spec.icmp_echo);
+        spec.policy = spec
+            .policy
+            .patched(policy)
+            .map_err(|source| StateError::Policy { key: *key, source })?;
         validate_spec(&spec)?;
         Ok(spec)
     }
@@ -529,6 +553,9 @@ mod tests {
     fn none() -> CheckPatch {
         CheckPatch::default()
     }
+    fn no_policy() -> PolicyPatch {
+        PolicyPatch::default()
+    }
 
     #[test]
     fn reload_diff_names_vips_and_counts_backends() {
@@ -575,11 +602,11 @@ mod tests {
         let before = state.clone();
 
         assert!(matches!(
-            state.plan_vip_add(key(80), Forward::L2, &none()),
+            state.plan_vip_add(key(80), Forward::L2, &none(), &no_policy()),
             Err(StateError::DuplicateVip(k)) if k == key(80)
         ));
         assert!(matches!(
-            state.plan_vip_add(key(0), Forward::L2, &none()),
+            state.plan_vip_add(key(0), Forward::L2, &none(), &no_policy()),
             Err(StateError::PortZero(_))
         ));
         let bad_addr = ServiceKey {
@@ -587,7 +614,7 @@ mod tests {
             ..key(80)
         };
         assert!(matches!(
-            state.plan_vip_add(bad_addr, Forward::L2, &none()),
+            state.plan_vip_add(bad_addr, Forward::L2, &none(), &no_policy()),
             Err(StateError::BadVipAddress(..))
         ));
         let e = state
@@ -634,7 +661,9 @@ mod tests {
         assert_eq!(added, spec(80, &[(11, 1), (12, 2), (13, 5)]));
         let deleted = state.plan_backend_del(&key(80), be(11)).unwrap();
         assert_eq!(deleted, spec(80, &[(12, 2)]));
-        let new_vip = state.plan_vip_add(key(443), Forward::L2, &none()).unwrap();
+        let new_vip = state
+            .plan_vip_add(key(443), Forward::L2, &none(), &no_policy())
+            .unwrap();
         assert_eq!(new_vip.backends, vec![]);
         assert_eq!(new_vip.forward, Forward::L2);
     }
@@ -699,11 +728,15 @@ mod tests {
             timeout: Some(Duration::from_millis(200)),
             ..Default::default()
         };
-        let set = state.plan_vip_set(&key(80), &http, None).unwrap();
+        let set = state
+            .plan_vip_set(&key(80), &http, None, &no_policy())
+            .unwrap();
         assert_eq!(set.check.kind, CheckKind::Http);
         assert_eq!(set.check.rise, 2, "unset fields keep their values");
         assert!(set.icmp_echo, "ICMP echo kept");
-        let echo_off = state.plan_vip_set(&key(80), &none(), Some(false)).unwrap();
+        let echo_off = state
+            .plan_vip_set(&key(80), &none(), Some(false), &no_policy())
+            .unwrap();
         assert!(!echo_off.icmp_echo);
         assert_eq!(
             echo_off.check,
@@ -716,17 +749,17 @@ mod tests {
         };
         assert_eq!(
             state
-                .plan_vip_set(&key(80), &bad, None)
+                .plan_vip_set(&key(80), &bad, None, &no_policy())
                 .unwrap_err()
                 .to_string(),
             "VIP 10.111.100.1:80/tcp: check timeout 2s exceeds the interval 1s (a check must end before the next one starts)"
         );
         assert!(matches!(
-            state.plan_vip_set(&key(80), &none(), None),
+            state.plan_vip_set(&key(80), &none(), None, &no_policy()),
             Err(StateError::NothingToSet(_))
         ));
         assert!(matches!(
-            state.plan_vip_add(key(81), Forward::Ipip, &bad),
+            state.plan_vip_add(key(81), Forward::Ipip, &bad, &no_policy()),
             Err(StateError::VipCheck { .. })
         ));
         // A backend override is the VIP's check with the flags applied.
@@ -748,8 +781,50 @@ mod tests {
             proto: crate::model::Proto::Udp,
             ..key(53)
         };
-        let v = state.plan_vip_add(udp, Forward::Ipip, &none()).unwrap();
+        let v = state
+            .plan_vip_add(udp, Forward::Ipip, &none(), &no_policy())
+            .unwrap();
         assert_eq!(v.check.kind, CheckKind::None);
+    }
+
+    #[test]
+    fn source_policies_are_planned_validated_and_stored() {
+        use crate::model::policy::{RateLimit, RateSetting};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let state = DesiredState::from_specs([spec(80, &[(11, 1)])]).unwrap();
+        let patch = PolicyPatch {
+            allow_src: Some(vec!["10.0.0.0/8".parse().unwrap()]),
+            src_rate: Some(RateSetting::Rate(10)),
+            src_burst: Some(20),
+            ..Default::default()
+        };
+        let set = state.plan_vip_set(&key(80), &none(), None, &patch).unwrap();
+        assert_eq!(
+            set.policy.src_limit,
+            Some(RateLimit {
+                rate: 10,
+                burst: 20
+            })
+        );
+        assert_eq!(set.check, state.get(&key(80)).unwrap().check, "check kept");
+        let bad = PolicyPatch {
+            vip_burst: Some(5),
+            ..Default::default()
+        };
+        assert!(matches!(
+            state.plan_vip_set(&key(80), &none(), None, &bad),
+            Err(StateError::Policy { .. })
+        ));
+        let added = state
+            .plan_vip_add(key(81), Forward::Ipip, &none(), &patch)
+            .unwrap();
+        assert_eq!(added.policy, set.policy);
+        let stored = DesiredState::from_specs([set]).unwrap();
+        save(&path, &stored).unwrap();
+        assert_eq!(load(&path).unwrap().unwrap(), stored);
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"allow_src\""), "{text}");
     }
 
     #[test]

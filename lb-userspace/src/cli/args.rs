@@ -14,6 +14,7 @@ use crate::{
         addr::{ParseError, parse_addr_port, parse_ipv4, parse_prefix},
         check::{CheckError, CheckPatch, parse_duration, parse_kind},
         flows::{ClientPrefix, CountBy, FlowFilter},
+        policy::{PolicyError, PolicyPatch, RateSetting, parse_burst, parse_list},
     },
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -380,6 +381,55 @@ impl CheckArgs {
     }
 }
 
+/// Source and new-flow-limit flags, shared by `vip add` and `vip set`: taken as typed and
+/// turned into a `PolicyPatch` by `to_patch`.
+#[derive(Clone, Debug, Default, Args)]
+pub(crate) struct PolicyArgs {
+    /// Only sources in this prefix (or address) may reach the VIP; repeatable [default: every
+    /// source]. `vip set` replaces the list; `--allow-src none` clears it.
+    #[arg(long, value_name = "CIDR")]
+    pub(crate) allow_src: Vec<String>,
+    /// Sources in this prefix may not reach the VIP, whatever --allow-src says; repeatable.
+    /// `vip set` replaces the list; `--deny-src none` clears it.
+    #[arg(long, value_name = "CIDR")]
+    pub(crate) deny_src: Vec<String>,
+    /// New flows per second from one source address to this VIP (1-10000000); `off` removes
+    /// the limit [default: no limit].
+    #[arg(long, value_name = "N")]
+    pub(crate) src_rate: Option<String>,
+    /// Flows one source may open at once above --src-rate [default: the rate].
+    #[arg(long, value_name = "N")]
+    pub(crate) src_burst: Option<String>,
+    /// New flows per second to this VIP from all sources together; `off` removes the limit
+    /// [default: no limit].
+    #[arg(long, value_name = "N")]
+    pub(crate) vip_rate: Option<String>,
+    /// Flows the VIP takes at once above --vip-rate [default: the rate].
+    #[arg(long, value_name = "N")]
+    pub(crate) vip_burst: Option<String>,
+}
+
+impl PolicyArgs {
+    /// The flags given, as a patch of a source policy (nothing given: an empty patch).
+    pub(crate) fn to_patch(&self) -> Result<PolicyPatch, PolicyError> {
+        let rate = |what, v: &Option<String>| {
+            v.as_deref()
+                .map(|s| RateSetting::parse(what, s))
+                .transpose()
+        };
+        let burst =
+            |what, v: &Option<String>| v.as_deref().map(|s| parse_burst(what, s)).transpose();
+        Ok(PolicyPatch {
+            allow_src: parse_list("--allow-src", &self.allow_src)?,
+            deny_src: parse_list("--deny-src", &self.deny_src)?,
+            src_rate: rate("--src-rate", &self.src_rate)?,
+            src_burst: burst("--src-burst", &self.src_burst)?,
+            vip_rate: rate("--vip-rate", &self.vip_rate)?,
+            vip_burst: burst("--vip-burst", &self.vip_burst)?,
+        })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum VipCommand {
     /// Add a virtual service (with no backends yet).
@@ -394,8 +444,12 @@ pub(crate) enum VipCommand {
         /// VIPs does, and the agent's --icmp-echo is on).
         #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
         icmp_echo: OnOff,
+        /// (Boxed: the flags are large next to the other variants.)
+        #[command(flatten)]
+        policy: Box<PolicyArgs>,
     },
-    /// Change a virtual service's health check or ICMP echo (flags not given keep their values).
+    /// Change a virtual service's health check, ICMP echo, source lists or new-flow limits
+    /// (flags not given keep their values).
     Set {
         #[command(flatten)]
         vip: VipRef,
@@ -404,6 +458,8 @@ pub(crate) enum VipCommand {
         /// Answer ICMP echo requests to the VIP's address (see `vip add`).
         #[arg(long, value_enum, value_name = "on|off")]
         icmp_echo: Option<OnOff>,
+        #[command(flatten)]
+        policy: Box<PolicyArgs>,
     },
     /// Delete a virtual service and its backends.
     Del {
@@ -970,6 +1026,76 @@ mod tests {
             let e = flows(&args).filter.to_filter().unwrap_err().to_string();
             assert!(e.contains(want), "{args:?}: {e}");
             assert!(!e.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn source_and_limit_flags_become_a_patch() {
+        use crate::model::policy::RateSetting;
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "vip",
+            "add",
+            "10.111.100.1:80",
+            "--allow-src",
+            "10.0.0.0/8",
+            "--allow-src",
+            "192.0.2.1",
+            "--deny-src",
+            "10.1.0.0/16",
+            "--src-rate",
+            "10",
+            "--src-burst",
+            "20",
+            "--vip-rate",
+            "1000",
+        ])
+        .unwrap();
+        let Command::Vip(VipCommand::Add { policy, .. }) = cli.command else {
+            panic!()
+        };
+        let p = policy.to_patch().unwrap();
+        assert_eq!(p.allow_src.as_ref().map(Vec::len), Some(2));
+        assert_eq!(p.deny_src.as_ref().map(Vec::len), Some(1));
+        assert_eq!(p.src_rate, Some(RateSetting::Rate(10)));
+        assert_eq!(p.src_burst, Some(20));
+        assert_eq!(p.vip_rate, Some(RateSetting::Rate(1000)));
+        assert_eq!(p.vip_burst, None);
+        let cli = Cli::try_parse_from([
+            "xlb",
+            "vip",
+            "set",
+            "10.111.100.1:80",
+            "--allow-src",
+            "none",
+            "--src-rate",
+            "off",
+        ])
+        .unwrap();
+        let Command::Vip(VipCommand::Set { policy, .. }) = cli.command else {
+            panic!()
+        };
+        let p = policy.to_patch().unwrap();
+        assert_eq!(p.allow_src, Some(vec![]));
+        assert_eq!(p.src_rate, Some(RateSetting::Off));
+        for (flag, value, want) in [
+            ("--src-rate", "0", "--src-rate must be at least 1"),
+            ("--vip-rate", "lots", "malformed --vip-rate \"lots\""),
+            ("--src-burst", "0", "--src-burst must be at least 1"),
+            (
+                "--allow-src",
+                "10.0.0.0/33",
+                "prefix length \"33\" is not 0-32",
+            ),
+            ("--deny-src", "10.0.0.1/24", "host bits set"),
+        ] {
+            let cli =
+                Cli::try_parse_from(["xlb", "vip", "set", "10.111.100.1:80", flag, value]).unwrap();
+            let Command::Vip(VipCommand::Set { policy, .. }) = cli.command else {
+                panic!()
+            };
+            let e = policy.to_patch().unwrap_err().to_string();
+            assert!(e.contains(want), "{flag} {value}: {e}");
         }
     }
 

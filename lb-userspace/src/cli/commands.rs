@@ -52,20 +52,24 @@ pub(crate) fn vip(socket: &Path, cmd: VipCommand) -> Result<(), CliError> {
             forward,
             check,
             icmp_echo,
+            policy,
         } => Request::VipAdd {
             vip: vip.key()?,
             forward,
             check: check.to_patch()?,
             icmp_echo: icmp_echo == OnOff::On,
+            policy: policy.to_patch()?,
         },
         VipCommand::Set {
             vip,
             check,
             icmp_echo,
+            policy,
         } => Request::VipSet {
             vip: vip.key()?,
             check: check.to_patch()?,
             icmp_echo: icmp_echo.map(|e| e == OnOff::On),
+            policy: policy.to_patch()?,
         },
         VipCommand::Del { vip } => Request::VipDel { vip: vip.key()? },
         VipCommand::Debug { vip, state } => Request::VipDebug {
@@ -393,6 +397,7 @@ mod tests {
                     forward: Forward::Ipip,
                     check: CheckArgs::default(),
                     icmp_echo: OnOff::On,
+                    policy: Box::default(),
                 },
             )
             .unwrap_err();
@@ -422,6 +427,7 @@ mod tests {
                     vip: vip_ref("10.111.100.1:80"),
                     check,
                     icmp_echo: None,
+                    policy: Box::default(),
                 },
             )
             .unwrap_err()

@@ -18,7 +18,7 @@ use crate::{
         client::ClientError,
     },
     dataplane::DataplaneError,
-    model::{addr::ParseError, check::CheckError},
+    model::{addr::ParseError, check::CheckError, net::NetError, policy::PolicyError},
     util::{NoSuchInterface, one_line},
 };
 use anyhow::anyhow;
@@ -37,6 +37,10 @@ pub(crate) enum CliError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Check(#[from] CheckError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error(transparent)]
     BackendHost(#[from] BackendHostError),
     #[error(transparent)]

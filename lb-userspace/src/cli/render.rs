@@ -40,8 +40,8 @@ pub(super) fn table(indent: &str, header: &[&str], rows: &[Vec<String>]) -> Stri
 
 /// `xlb vip list`:
 /// ```text
-/// VIP              PROTO  FORWARD  BACKENDS  ICMP_ECHO  CHECK
-/// 10.111.100.1:80  tcp    ipip     3         on         http:/healthz every 200ms
+/// VIP              PROTO  FORWARD  BACKENDS  ICMP_ECHO  SOURCES                          CHECK
+/// 10.111.100.1:80  tcp    ipip     3         on         allow 10.0.0.0/8, 10/s (burst 20) per source  http:/healthz every 200ms
 /// ```
 pub(crate) fn vip_table(vips: &[VipSummary]) -> String {
     let rows: Vec<Vec<String>> = vips
@@ -53,6 +53,7 @@ pub(crate) fn vip_table(vips: &[VipSummary]) -> String {
                 v.forward.to_string(),
                 v.backends.len().to_string(),
                 if v.icmp_echo { "on" } else { "off" }.to_string(),
+                v.policy().summary(),
                 if v.check.kind == CheckKind::None {
                     v.check.summary()
                 } else {
@@ -67,7 +68,15 @@ pub(crate) fn vip_table(vips: &[VipSummary]) -> String {
         .collect();
     table(
         "",
-        &["VIP", "PROTO", "FORWARD", "BACKENDS", "ICMP_ECHO", "CHECK"],
+        &[
+            "VIP",
+            "PROTO",
+            "FORWARD",
+            "BACKENDS",
+            "ICMP_ECHO",
+            "SOURCES",
+            "CHECK",
+        ],
         &rows,
     )
 }
@@ -127,8 +136,9 @@ pub(crate) fn backend_table(vip: &VipReport, indent: &str, now: SystemTime) -> S
     )
 }
 
-/// `xlb stats`: one block per VIP (its counters, then its backends'), then the per-reason
-/// counters and the flow-table capacity.
+/// `xlb stats`: one block per VIP (its counters, what its source checks and limits dropped,
+/// then its backends'), then the per-reason counters, the flow and embryonic tables and the
+/// deny list.
 pub(crate) fn stats_text(stats: &StatsReport) -> String {
     let mut out = String::new();
     for v in &stats.vips {
@@ -136,6 +146,15 @@ pub(crate) fn stats_text(stats: &StatsReport) -> String {
             "VIP {}/{} forward {}: packets {} bytes {} new_flows {}\n",
             v.vip, v.proto, v.forward, v.packets, v.bytes, v.new_flows
         ));
+        let dropped: Vec<String> = v
+            .drops
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        if !dropped.is_empty() {
+            out.push_str(&format!("  dropped: {}\n", dropped.join(", ")));
+        }
         out.push_str(&backend_table(v, "  ", SystemTime::now()));
         out.push('\n');
     }
@@ -240,20 +259,31 @@ fn walked(w: &WalkReport) -> String {
     format!("{} entries walked in {:.1} ms", w.entries, w.walk_ms)
 }
 
-/// `flow table: 12 of 262144 entries in use (0.0%)`.
+/// `flow table: 12 of 262144 entries in use (0.0%)`, then the embryonic table and the deny
+/// list on lines of their own.
 pub(super) fn flow_table_line(stats: &StatsReport) -> String {
-    let pct = if stats.flow_capacity == 0 {
-        0.0
-    } else {
-        stats.flow_entries as f64 * 100.0 / f64::from(stats.flow_capacity)
+    let pct = |n: u64, of: u32| {
+        if of == 0 {
+            0.0
+        } else {
+            n as f64 * 100.0 / f64::from(of)
+        }
     };
     let flushed = match stats.flows_flushed {
         0 => String::new(),
         n => format!("; {n} flows flushed since the agent started"),
     };
     format!(
-        "flow table: {} of {} entries in use ({pct:.1}%){flushed}",
-        stats.flow_entries, stats.flow_capacity
+        "flow table: {} of {} entries in use ({:.1}%){flushed}\n\
+         embryonic table: {} of {} entries in use ({:.1}%)\n\
+         deny list: {} prefixes",
+        stats.flow_entries,
+        stats.flow_capacity,
+        pct(stats.flow_entries, stats.flow_capacity),
+        stats.embryonic_entries,
+        stats.embryonic_capacity,
+        pct(stats.embryonic_entries, stats.embryonic_capacity),
+        stats.deny_list,
     )
 }
 
@@ -348,6 +378,12 @@ pub(super) mod tests {
             packets: 30,
             bytes: 2520,
             new_flows: 30,
+            drops: [
+                ("drop_src_denied".to_string(), 0),
+                ("drop_rate_limited_src".to_string(), 80),
+            ]
+            .into_iter()
+            .collect(),
             backends: vec![BackendReport {
                 address: Ipv4Addr::new(10, 111, 1, 11),
                 weight: 1,
@@ -392,10 +428,17 @@ pub(super) mod tests {
                 3
             ],
             icmp_echo: true,
+            allow_src: vec![],
+            deny_src: vec![],
+            src_rate: Some(10),
+            src_burst: Some(20),
+            vip_rate: None,
+            vip_burst: None,
         }];
         assert_eq!(
             vip_table(&vips),
-            "VIP              PROTO  FORWARD  BACKENDS  ICMP_ECHO  CHECK\n10.111.100.1:80  tcp    ipip     3         on         tcp every 1s\n"
+            "VIP              PROTO  FORWARD  BACKENDS  ICMP_ECHO  SOURCES                     CHECK\n\
+             10.111.100.1:80  tcp    ipip     3         on         10/s (burst 20) per source  tcp every 1s\n"
         );
         let now = UNIX_EPOCH + Duration::from_millis(1_779_271_212_000);
         assert_eq!(
@@ -428,14 +471,21 @@ pub(super) mod tests {
             flow_capacity: 262144,
             flow_entries: 12,
             flows_flushed: 0,
+            embryonic_capacity: 65536,
+            embryonic_entries: 3,
+            deny_list: 2,
         };
         let text = stats_text(&stats);
         assert!(text.starts_with(
-            "VIP 10.111.100.1:80/tcp forward ipip: packets 30 bytes 2520 new_flows 30\n  BACKEND"
-        ));
+            "VIP 10.111.100.1:80/tcp forward ipip: packets 30 bytes 2520 new_flows 30\n  dropped: drop_rate_limited_src 80\n  BACKEND"
+        ), "{text}");
         assert!(text.contains("REASON  PACKETS\nfwd_tx  30\n"), "{text}");
         assert!(
-            text.ends_with("flow table: 12 of 262144 entries in use (0.0%)\n"),
+            text.ends_with(
+                "flow table: 12 of 262144 entries in use (0.0%)\n\
+                 embryonic table: 3 of 65536 entries in use (0.0%)\n\
+                 deny list: 2 prefixes\n"
+            ),
             "{text}"
         );
     }

@@ -281,6 +281,9 @@ mod tests {
             flow_capacity: 1000,
             flow_entries: 250,
             flows_flushed: 0,
+            embryonic_capacity: 100,
+            embryonic_entries: 10,
+            deny_list: 0,
         }
     }
 
@@ -347,7 +350,9 @@ mod tests {
              REASON  PACKETS  PKT/S\n\
              fwd_tx  400      300.0\n\
              \n\
-             flow table: 250 of 1000 entries in use (25.0%)\n"
+             flow table: 250 of 1000 entries in use (25.0%)\n\
+             embryonic table: 10 of 100 entries in use (10.0%)\n\
+             deny list: 0 prefixes\n"
         );
         // The first frame has no rates yet.
         let first = watch_text(&cur, None, Duration::from_secs(1), now);

@@ -2,7 +2,7 @@
 //! flows may come (per source address, per VIP). `SourcePolicy` is the desired state;
 //! `PolicyPatch` a change to it from `vip add|set` flags or a TOML table.
 
-use crate::model::net::Ipv4Net;
+use crate::model::net::{Ipv4Net, NetError};
 use serde::{Deserialize, Serialize};
 
 /// Largest new-flow rate accepted (flows per second, for a source or a VIP): more than one core
@@ -34,6 +34,15 @@ pub enum PolicyError {
     Duplicate { what: &'static str, prefix: Ipv4Net },
     #[error("malformed {what} {value:?}: expected a number of new flows per second, or \"off\"")]
     BadRate { what: &'static str, value: String },
+    #[error("malformed {what} {value:?}: expected a number of flows")]
+    BadBurst { what: &'static str, value: String },
+    #[error("{what}: {source}")]
+    Prefix {
+        what: &'static str,
+        source: NetError,
+    },
+    #[error("{what} none clears the list and takes no prefix next to it")]
+    NoneWithPrefixes { what: &'static str },
 }
 
 /// A new-flow limit: `rate` flows per second with bursts of up to `burst` flows (a token bucket
@@ -74,6 +83,29 @@ pub struct SourcePolicy {
 impl SourcePolicy {
     pub fn is_empty(&self) -> bool {
         *self == SourcePolicy::default()
+    }
+
+    /// One line for messages and tables: `allow 2, deny 1, 10/s (burst 20) per source, 1000/s
+    /// (burst 1000) per VIP`, or `-` for none.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        let list = |what: &str, l: &[Ipv4Net]| match l {
+            [] => None,
+            [one] => Some(format!("{what} {one}")),
+            many => Some(format!("{what} {} prefixes", many.len())),
+        };
+        parts.extend(list("allow", &self.allow_src));
+        parts.extend(list("deny", &self.deny_src));
+        for (limit, per) in [(self.src_limit, "source"), (self.vip_limit, "VIP")] {
+            if let Some(l) = limit {
+                parts.push(format!("{}/s (burst {}) per {per}", l.rate, l.burst));
+            }
+        }
+        if parts.is_empty() {
+            "-".to_string()
+        } else {
+            parts.join(", ")
+        }
     }
 
     /// Every rule of a policy on its own (the data path's capacity over all VIPs is checked by
@@ -209,6 +241,45 @@ impl RateSetting {
                 max: MAX_RATE.into(),
             })?;
         Ok(RateSetting::Rate(n))
+    }
+}
+
+/// A burst as given: a number of flows, 1 to `MAX_BURST`.
+pub fn parse_burst(what: &'static str, s: &str) -> Result<u32, PolicyError> {
+    let n: u64 = s.trim().parse().map_err(|_| PolicyError::BadBurst {
+        what,
+        value: s.to_string(),
+    })?;
+    let n = u32::try_from(n).map_err(|_| PolicyError::TooHigh {
+        what,
+        value: n,
+        max: MAX_BURST.into(),
+    })?;
+    check_number(what, n, MAX_BURST)?;
+    Ok(n)
+}
+
+/// A list flag as given, each value a prefix or an address: `None` if not given, an empty list
+/// for `none` (which clears the list in `vip set`).
+pub fn parse_list(
+    what: &'static str,
+    values: &[String],
+) -> Result<Option<Vec<Ipv4Net>>, PolicyError> {
+    match values {
+        [] => Ok(None),
+        [one] if one.trim() == "none" => Ok(Some(Vec::new())),
+        many if many.iter().any(|v| v.trim() == "none") => {
+            Err(PolicyError::NoneWithPrefixes { what })
+        }
+        many => many
+            .iter()
+            .map(|v| {
+                v.trim()
+                    .parse()
+                    .map_err(|source| PolicyError::Prefix { what, source })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
     }
 }
 
@@ -358,6 +429,53 @@ mod tests {
         assert_eq!(
             RateSetting::parse("--vip-rate", "250").unwrap(),
             RateSetting::Rate(250)
+        );
+        assert_eq!(parse_burst("--src-burst", "20").unwrap(), 20);
+        for bad in ["0", "x", "-1", "99999999999"] {
+            assert!(parse_burst("--src-burst", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn list_flags_parse() {
+        let list = |v: &[&str]| {
+            parse_list(
+                "--allow-src",
+                &v.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(list(&[]).unwrap(), None);
+        assert_eq!(list(&["none"]).unwrap(), Some(vec![]));
+        assert_eq!(
+            list(&["10.0.0.0/8", "192.0.2.1"]).unwrap(),
+            Some(nets(&["10.0.0.0/8", "192.0.2.1/32"]))
+        );
+        let e = list(&["10.0.0.1/8"]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "--allow-src: prefix \"10.0.0.1/8\" has host bits set (the network is 10.0.0.0/8)"
+        );
+        assert!(matches!(
+            list(&["none", "10.0.0.0/8"]),
+            Err(PolicyError::NoneWithPrefixes { .. })
+        ));
+    }
+
+    #[test]
+    fn summaries_name_what_is_set() {
+        assert_eq!(SourcePolicy::default().summary(), "-");
+        let p = SourcePolicy {
+            allow_src: nets(&["10.0.0.0/8", "192.0.2.0/24"]),
+            deny_src: nets(&["10.1.0.0/16"]),
+            src_limit: Some(RateLimit {
+                rate: 10,
+                burst: 20,
+            }),
+            vip_limit: None,
+        };
+        assert_eq!(
+            p.summary(),
+            "allow 2 prefixes, deny 10.1.0.0/16, 10/s (burst 20) per source"
         );
     }
 

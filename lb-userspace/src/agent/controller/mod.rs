@@ -30,6 +30,7 @@ use crate::{
     model::{
         Forward, ServiceKey, VipConfig, VipSpec,
         check::{CheckKind, CheckPatch},
+        policy::PolicyPatch,
     },
     util::BoxError,
 };
@@ -121,6 +122,8 @@ pub(crate) struct Controller<D> {
     flows: Arc<FlowCounts>,
     /// Flows deleted by `xlb flows flush` so far (counted by `agent::flow_query`).
     flows_flushed: u64,
+    /// Prefixes on the live deny list (`deny_switch`).
+    deny_prefixes: u64,
 }
 
 impl<D: DataplaneOps> Controller<D> {
@@ -144,6 +147,7 @@ impl<D: DataplaneOps> Controller<D> {
             retry: BTreeSet::new(),
             flows: Arc::default(),
             flows_flushed: 0,
+            deny_prefixes: 0,
         };
         // The book knows the backends before the first apply, so role-checked ones are pending
         // (no new flows) from the start; every other backend starts up.
@@ -288,26 +292,33 @@ impl<D: DataplaneOps> Controller<D> {
                 forward,
                 check,
                 icmp_echo,
+                policy,
             } => {
-                self.vip_add(vip, forward, &check, icmp_echo)?;
+                self.vip_add(vip, forward, &check, icmp_echo, &policy)?;
                 let check = self.check_summary(&vip);
                 let echo = if icmp_echo { "" } else { ", ICMP echo off" };
-                format!("added VIP {vip} (forward {forward}, check {check}{echo})")
+                let policy = match self.policy_summary(&vip) {
+                    p if p == "-" => String::new(),
+                    p => format!(", sources {p}"),
+                };
+                format!("added VIP {vip} (forward {forward}, check {check}{echo}{policy})")
             }
             Request::VipSet {
                 vip,
                 check,
                 icmp_echo,
+                policy,
             } => {
-                self.vip_set(&vip, &check, icmp_echo)?;
+                self.vip_set(&vip, &check, icmp_echo, &policy)?;
                 let echo = if self.state.get(&vip).is_some_and(|v| v.icmp_echo) {
                     "on"
                 } else {
                     "off"
                 };
                 format!(
-                    "VIP {vip}: check {}, ICMP echo {echo}",
-                    self.check_summary(&vip)
+                    "VIP {vip}: check {}, ICMP echo {echo}, sources {}",
+                    self.check_summary(&vip),
+                    self.policy_summary(&vip)
                 )
             }
             Request::VipDel { vip } => {
@@ -386,10 +397,11 @@ impl<D: DataplaneOps> Controller<D> {
         forward: Forward,
         check: &CheckPatch,
         icmp_echo: bool,
+        policy: &PolicyPatch,
     ) -> Result<(), ControllerError> {
         let spec = VipConfig {
             icmp_echo,
-            ..self.state.plan_vip_add(key, forward, check)?
+            ..self.state.plan_vip_add(key, forward, check, policy)?
         };
         self.commit(key, None, Some(spec))?;
         self.log_unchecked_udp(vec![key]);
@@ -415,8 +427,9 @@ impl<D: DataplaneOps> Controller<D> {
         key: &ServiceKey,
         check: &CheckPatch,
         icmp_echo: Option<bool>,
+        policy: &PolicyPatch,
     ) -> Result<(), ControllerError> {
-        let new = self.state.plan_vip_set(key, check, icmp_echo)?;
+        let new = self.state.plan_vip_set(key, check, icmp_echo, policy)?;
         let old = self.state.get(key).cloned();
         self.commit(*key, old, Some(new))
     }
@@ -543,6 +556,13 @@ impl<D: DataplaneOps> Controller<D> {
             .unwrap_or_default()
     }
 
+    fn policy_summary(&self, key: &ServiceKey) -> String {
+        self.state
+            .get(key)
+            .map(|v| v.policy.summary())
+            .unwrap_or_default()
+    }
+
     fn backend_check_summary(&self, key: &ServiceKey, addr: Ipv4Addr) -> String {
         self.state
             .get(key)
@@ -591,6 +611,9 @@ impl<D: DataplaneOps> Controller<D> {
             flow_capacity: stats.flow_capacity,
             flow_entries: self.flows.entries,
             flows_flushed: self.flows_flushed,
+            embryonic_capacity: stats.embryo_capacity,
+            embryonic_entries: self.flows.embryos,
+            deny_list: self.deny_prefixes,
         })
     }
 

@@ -9,6 +9,10 @@ use crate::{
 };
 use std::{collections::BTreeSet, time::Duration};
 
+fn no_policy() -> PolicyPatch {
+    PolicyPatch::default()
+}
+
 fn none() -> CheckPatch {
     CheckPatch::default()
 }
@@ -62,7 +66,9 @@ impl Fixture {
 #[test]
 fn changes_reach_kernel_file_and_memory() {
     let mut f = Fixture::new(FakeDataplane::default());
-    f.ctl.vip_add(key(80), Forward::L2, &none(), true).unwrap();
+    f.ctl
+        .vip_add(key(80), Forward::L2, &none(), true, &no_policy())
+        .unwrap();
     f.ctl
         .backend_add(&key(80), be(11), 1, false, &none())
         .unwrap();
@@ -87,7 +93,7 @@ fn changes_reach_kernel_file_and_memory() {
 fn invalid_requests_change_nothing() {
     let mut f = Fixture::new(FakeDataplane::default());
     f.ctl
-        .vip_add(key(80), Forward::Ipip, &none(), true)
+        .vip_add(key(80), Forward::Ipip, &none(), true, &no_policy())
         .unwrap();
     f.ctl
         .backend_add(&key(80), be(11), 1, false, &none())
@@ -101,6 +107,7 @@ fn invalid_requests_change_nothing() {
                 forward: Forward::Ipip,
                 check: none(),
                 icmp_echo: true,
+                policy: PolicyPatch::default(),
             },
             "VIP 10.111.100.1:80/tcp already exists",
         ),
@@ -151,6 +158,7 @@ fn invalid_requests_change_nothing() {
                 forward: Forward::Ipip,
                 check: none(),
                 icmp_echo: true,
+                policy: PolicyPatch::default(),
             },
             "VIP 10.111.100.1:0/tcp: port 0 is not a valid port",
         ),
@@ -180,7 +188,7 @@ fn capacity_errors_come_from_the_data_path() {
         ..Default::default()
     });
     f.ctl
-        .vip_add(key(80), Forward::Ipip, &none(), true)
+        .vip_add(key(80), Forward::Ipip, &none(), true, &no_policy())
         .unwrap();
     f.ctl
         .backend_add(&key(80), be(11), 1, false, &none())
@@ -201,7 +209,7 @@ fn capacity_errors_come_from_the_data_path() {
 fn failed_apply_restores_the_old_vip() {
     let mut f = Fixture::new(FakeDataplane::default());
     f.ctl
-        .vip_add(key(80), Forward::Ipip, &none(), true)
+        .vip_add(key(80), Forward::Ipip, &none(), true, &no_policy())
         .unwrap();
     f.ctl
         .backend_add(&key(80), be(11), 1, false, &none())
@@ -248,7 +256,7 @@ fn failed_apply_restores_the_old_vip() {
     f.ctl.dp.fail_applies = 1;
     let e = f
         .ctl
-        .vip_add(key(81), Forward::Ipip, &none(), true)
+        .vip_add(key(81), Forward::Ipip, &none(), true, &no_policy())
         .unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -262,7 +270,7 @@ fn failed_apply_restores_the_old_vip() {
 fn failed_persist_rolls_the_data_path_back() {
     let mut f = Fixture::new(FakeDataplane::default());
     f.ctl
-        .vip_add(key(80), Forward::Ipip, &none(), true)
+        .vip_add(key(80), Forward::Ipip, &none(), true, &no_policy())
         .unwrap();
     f.ctl
         .backend_add(&key(80), be(11), 1, false, &none())
@@ -279,7 +287,7 @@ fn failed_persist_rolls_the_data_path_back() {
     ));
     assert!(
         f.ctl
-            .vip_add(key(81), Forward::Ipip, &none(), true)
+            .vip_add(key(81), Forward::Ipip, &none(), true, &no_policy())
             .is_err()
     );
     assert!(f.ctl.vip_del(&key(80)).is_err());
@@ -292,7 +300,7 @@ fn failed_persist_rolls_the_data_path_back() {
 fn failed_remove_keeps_the_vip() {
     let mut f = Fixture::new(FakeDataplane::default());
     f.ctl
-        .vip_add(key(80), Forward::Ipip, &none(), true)
+        .vip_add(key(80), Forward::Ipip, &none(), true, &no_policy())
         .unwrap();
     f.ctl.dp.fail_remove = true;
     let e = f.ctl.vip_del(&key(80)).unwrap_err();
@@ -359,10 +367,10 @@ fn start_installs_and_persists_initial_state() {
 fn icmp_echo_reaches_kernel_file_and_memory() {
     let mut f = Fixture::new(FakeDataplane::default());
     f.ctl
-        .vip_add(key(80), Forward::Ipip, &none(), false)
+        .vip_add(key(80), Forward::Ipip, &none(), false, &no_policy())
         .unwrap();
     f.ctl
-        .vip_add(key(81), Forward::Ipip, &none(), true)
+        .vip_add(key(81), Forward::Ipip, &none(), true, &no_policy())
         .unwrap();
     f.assert_consistent();
     assert!(!f.ctl.dataplane().applied[&key(80)].icmp_echo);
@@ -372,22 +380,27 @@ fn icmp_echo_reaches_kernel_file_and_memory() {
             vip: key(80),
             check: none(),
             icmp_echo: Some(true),
+            policy: no_policy(),
         }),
         Response::Done {
-            message: "VIP 10.111.100.1:80/tcp: check tcp, ICMP echo on".into()
+            message: "VIP 10.111.100.1:80/tcp: check tcp, ICMP echo on, sources -".into()
         }
     );
     f.assert_consistent();
     assert!(f.ctl.dataplane().applied[&key(80)].icmp_echo);
     assert!(f.on_disk().get(&key(80)).unwrap().icmp_echo);
     // A check change keeps the echo setting.
-    f.ctl.vip_set(&key(81), &none(), Some(false)).unwrap();
+    f.ctl
+        .vip_set(&key(81), &none(), Some(false), &no_policy())
+        .unwrap();
     let faster = CheckPatch {
         interval: Some(Duration::from_millis(500)),
         timeout: Some(Duration::from_millis(500)),
         ..Default::default()
     };
-    f.ctl.vip_set(&key(81), &faster, None).unwrap();
+    f.ctl
+        .vip_set(&key(81), &faster, None, &no_policy())
+        .unwrap();
     f.assert_consistent();
     assert!(!f.ctl.dataplane().applied[&key(81)].icmp_echo);
     assert!(!f.ctl.vip_list()[1].icmp_echo);
@@ -397,7 +410,7 @@ fn icmp_echo_reaches_kernel_file_and_memory() {
 fn reports_join_desired_state_and_counters() {
     let mut f = Fixture::new(FakeDataplane::default());
     f.ctl
-        .vip_add(key(80), Forward::Ipip, &none(), true)
+        .vip_add(key(80), Forward::Ipip, &none(), true, &no_policy())
         .unwrap();
     f.ctl
         .backend_add(&key(80), be(11), 2, false, &none())
@@ -460,7 +473,9 @@ fn checked_fixture() -> Fixture {
         fall: Some(2),
         ..Default::default()
     };
-    f.ctl.vip_add(key(80), Forward::Ipip, &check, true).unwrap();
+    f.ctl
+        .vip_add(key(80), Forward::Ipip, &check, true, &no_policy())
+        .unwrap();
     for b in [11, 12, 13] {
         f.ctl
             .backend_add(&key(80), be(b), 1, false, &none())
@@ -562,7 +577,9 @@ fn role_checks_start_pending_and_two_primaries_never_serve_together() {
         ..Default::default()
     };
     let k = key(5432);
-    f.ctl.vip_add(k, Forward::Ipip, &pg, true).unwrap();
+    f.ctl
+        .vip_add(k, Forward::Ipip, &pg, true, &no_policy())
+        .unwrap();
     for b in [21, 22] {
         f.ctl.backend_add(&k, be(b), 1, false, &none()).unwrap();
     }
@@ -636,7 +653,7 @@ fn unreadable_check_files_are_refused_and_change_nothing() {
     };
     let e = f
         .ctl
-        .vip_set(&key(80), &missing, None)
+        .vip_set(&key(80), &missing, None, &no_policy())
         .unwrap_err()
         .to_string();
     assert_eq!(
@@ -713,7 +730,9 @@ fn check_results_are_counted_per_backend() {
         timeout: Some(Duration::from_millis(100)),
         ..Default::default()
     };
-    f.ctl.vip_set(&key(80), &faster, None).unwrap();
+    f.ctl
+        .vip_set(&key(80), &faster, None, &no_policy())
+        .unwrap();
     let r = f.ctl.backend_list(&key(80)).unwrap();
     assert_eq!(
         (r.backends[1].checks_ok, r.backends[1].checks_failed),
@@ -842,7 +861,9 @@ fn check_changes_restart_or_stop_the_checks() {
         timeout: Some(Duration::from_millis(100)),
         ..Default::default()
     };
-    f.ctl.vip_set(&key(80), &faster, None).unwrap();
+    f.ctl
+        .vip_set(&key(80), &faster, None, &no_policy())
+        .unwrap();
     let after = f.ctl.probe_targets();
     assert!(after.iter().all(|t| !before.contains(&t.generation)));
     assert!(
@@ -857,7 +878,7 @@ fn check_changes_restart_or_stop_the_checks() {
         kind: Some(CheckKind::None),
         ..Default::default()
     };
-    f.ctl.vip_set(&key(80), &off, None).unwrap();
+    f.ctl.vip_set(&key(80), &off, None, &no_policy()).unwrap();
     assert!(f.ctl.probe_targets().is_empty());
     assert_eq!(f.ctl.dp.down(&key(80)), Some(&BTreeSet::new()));
     assert_eq!(state_of(&f.ctl, be(12)), BackendState::Up);
@@ -911,6 +932,7 @@ fn bad_checks_and_weights_change_nothing() {
                     ..Default::default()
                 },
                 icmp_echo: None,
+                policy: PolicyPatch::default(),
             },
             "VIP 10.111.100.1:80/tcp: check timeout 5s exceeds the interval 1s (a check must end before the next one starts)",
         ),
@@ -922,6 +944,7 @@ fn bad_checks_and_weights_change_nothing() {
                     ..Default::default()
                 },
                 icmp_echo: None,
+                policy: PolicyPatch::default(),
             },
             "VIP 10.111.100.1:80/tcp: rise must be at least 1",
         ),
@@ -930,8 +953,9 @@ fn bad_checks_and_weights_change_nothing() {
                 vip: key(80),
                 check: none(),
                 icmp_echo: None,
+                policy: PolicyPatch::default(),
             },
-            "VIP 10.111.100.1:80/tcp: nothing to change (give --icmp-echo or at least one check flag)",
+            "VIP 10.111.100.1:80/tcp: nothing to change (give --icmp-echo, a check flag, or a source or limit flag)",
         ),
         (
             Request::VipAdd {
@@ -942,6 +966,7 @@ fn bad_checks_and_weights_change_nothing() {
                     ..Default::default()
                 },
                 icmp_echo: true,
+                policy: PolicyPatch::default(),
             },
             "VIP 10.111.100.1:81/tcp: fall must be at least 1",
         ),

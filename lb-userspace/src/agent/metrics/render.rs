@@ -124,6 +124,21 @@ fn render_vips(f: &Families, stats: &StatsReport) -> Result<(), MetricsError> {
                 .set(i64::from(c));
         }
     }
+    let dropped = f.counter(
+        "xlb_vip_dropped_packets_total",
+        "Packets for the VIP dropped by its source checks and new-flow limits, by reason \
+         (drop_deny_list, drop_src_denied, drop_src_not_allowed, drop_rate_limited_src, \
+         drop_rate_limited_vip).",
+        &["vip", "proto", "reason"],
+    )?;
+    for v in &stats.vips {
+        let proto = v.proto.to_string();
+        for (reason, n) in &v.drops {
+            dropped
+                .with_label_values(&[v.vip.as_str(), proto.as_str(), reason.as_str()])
+                .inc_by(*n);
+        }
+    }
     render_backends(f, stats)
 }
 
@@ -268,7 +283,35 @@ fn render_datapath(f: &Families, stats: &StatsReport) -> Result<(), MetricsError
     )?
     .with_label_values::<&str>(&[])
     .inc_by(stats.flows_flushed);
+    render_door(f, stats)
+}
 
+/// The embryonic table's size and fill, and the deny list's length.
+fn render_door(f: &Families, stats: &StatsReport) -> Result<(), MetricsError> {
+    let gauges: [(&'static str, &str, i64); 3] = [
+        (
+            "xlb_embryonic_table_capacity",
+            "Entries of the embryonic table, where new TCP flows wait for their first packet \
+             without SYN (--embryonic-capacity).",
+            i64::from(stats.embryonic_capacity),
+        ),
+        (
+            "xlb_embryonic_table_entries",
+            "Entries in use in the embryonic table (an LRU: a SYN flood churns it; counted by \
+             the flow table's walk).",
+            i64_of(stats.embryonic_entries),
+        ),
+        (
+            "xlb_deny_list_prefixes",
+            "Prefixes on the global deny list (xlb deny).",
+            i64_of(stats.deny_list),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        f.gauge(name, help, &[])?
+            .with_label_values::<&str>(&[])
+            .set(value);
+    }
     Ok(())
 }
 
@@ -426,6 +469,7 @@ pub(super) mod tests {
                     packets: 3600,
                     bytes: 360_000,
                     new_flows: 36,
+                    drops: [("drop_src_denied".to_string(), 4)].into_iter().collect(),
                     backends: vec![
                         backend(11, BackendState::Up, 2),
                         backend(12, BackendState::Down, 1),
@@ -442,6 +486,7 @@ pub(super) mod tests {
                     packets: 0,
                     bytes: 0,
                     new_flows: 0,
+                    drops: Default::default(),
                     backends: vec![],
                     primary_conflict: None,
                 },
@@ -462,6 +507,9 @@ pub(super) mod tests {
             flow_capacity: 262_144,
             flow_entries: 77,
             flows_flushed: 5,
+            embryonic_capacity: 65536,
+            embryonic_entries: 5,
+            deny_list: 3,
         }
     }
 
