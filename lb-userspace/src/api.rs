@@ -14,9 +14,10 @@ use crate::{
 use serde::{Deserialize, Serialize};
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
-/// Longest request or response line accepted, newline included. Generous for any real request, and
-/// it bounds what a misbehaving peer can make us buffer.
-pub(crate) const MAX_LINE: usize = 4 << 20;
+/// Longest request or response line accepted, newline included: room for a deny list of a
+/// million prefixes (about 20 MB of JSON) either way, and a bound on what a misbehaving client
+/// of the (root-only) socket can make the agent buffer.
+pub(crate) const MAX_LINE: usize = 64 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
@@ -118,9 +119,34 @@ pub(crate) enum Request {
     Detach {
         dir: String,
     },
+    /// Add prefixes to the global deny list (those already on it are left as they are).
+    DenyAdd {
+        prefixes: Vec<Ipv4Net>,
+    },
+    /// Remove prefixes from the global deny list (each must be on it).
+    DenyDel {
+        prefixes: Vec<Ipv4Net>,
+    },
+    DenyList,
+    /// Replace the global deny list (the CLI read and checked the file `source`).
+    DenyLoad {
+        prefixes: Vec<Ipv4Net>,
+        source: String,
+    },
 }
 
 impl Request {
+    /// Whether the request is about the deny list (answered off the serve loop).
+    pub(crate) fn is_deny(&self) -> bool {
+        matches!(
+            self,
+            Request::DenyAdd { .. }
+                | Request::DenyDel { .. }
+                | Request::DenyList
+                | Request::DenyLoad { .. }
+        )
+    }
+
     /// Whether the request changes desired state (the agent re-warms neighbours after those).
     pub(crate) fn is_mutation(&self) -> bool {
         matches!(
@@ -165,6 +191,9 @@ pub(crate) enum Response {
     },
     FlowFlush {
         flush: FlowFlushReport,
+    },
+    DenyList {
+        deny: DenyReport,
     },
     /// Nothing changed; `message` names the problem (one line).
     Error {
@@ -239,6 +268,14 @@ pub(crate) struct FlowFlushReport {
     pub(crate) flushed: u64,
     /// How long the deletion took, milliseconds.
     pub(crate) delete_ms: f64,
+}
+
+/// The global deny list (`xlb deny list --json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DenyReport {
+    pub(crate) count: usize,
+    pub(crate) capacity: u32,
+    pub(crate) prefixes: Vec<Ipv4Net>,
 }
 
 /// One backend as configured (`vip list --json`).
@@ -586,6 +623,17 @@ mod tests {
                 filter: FlowFilter::default(),
                 all: true,
             },
+            Request::DenyAdd {
+                prefixes: vec!["192.0.2.0/24".parse().unwrap()],
+            },
+            Request::DenyDel {
+                prefixes: vec!["192.0.2.0/24".parse().unwrap()],
+            },
+            Request::DenyList,
+            Request::DenyLoad {
+                prefixes: vec!["198.51.100.0/24".parse().unwrap()],
+                source: "feed.txt".into(),
+            },
         ] {
             round_trip_request(req);
         }
@@ -690,6 +738,13 @@ mod tests {
             },
             Response::Error {
                 message: "unknown VIP".into(),
+            },
+            Response::DenyList {
+                deny: DenyReport {
+                    count: 1,
+                    capacity: 1 << 20,
+                    prefixes: vec!["192.0.2.0/24".parse().unwrap()],
+                },
             },
         ] {
             round_trip_response(resp);

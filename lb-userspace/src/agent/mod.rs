@@ -18,6 +18,7 @@
 
 pub(crate) mod config_file;
 pub(crate) mod controller;
+pub(crate) mod deny;
 pub(crate) mod flow_query;
 pub(crate) mod flows;
 pub(crate) mod health;
@@ -32,12 +33,13 @@ pub(crate) mod state;
 use crate::{
     agent::{
         controller::{Controller, ControllerError},
+        deny::{DENY_FILE, DenyError, DenyList},
         flow_query::FlowQueries,
         flows::FlowCounter,
         health::{HealthError, Monitor},
         metrics::{MetricsError, SCRAPE_QUEUE},
         options::{AgentConfig, InitialState},
-        server::{Inputs, Server, Stop, SyncLink},
+        server::{DenyLink, Inputs, Server, Stop, SyncLink},
         socket::{SocketError, SocketFile, bind_socket},
         state::{DesiredState, STATE_FILE, StateError},
     },
@@ -99,6 +101,8 @@ pub(crate) enum AgentError {
     Metrics(#[from] MetricsError),
     #[error("cannot handle SIGHUP: {0}")]
     Signal(io::Error),
+    #[error("the saved deny list: {0}")]
+    Deny(#[from] DenyError),
 }
 
 impl From<DataplaneError> for AgentError {
@@ -203,7 +207,11 @@ async fn start(
             path: config.state_dir.clone(),
             source,
         })?;
-    let (mut dp, startup) = load_dataplane(config).await?;
+    // The deny list goes into the data path before it serves: a restarted agent never lets in,
+    // even for a moment, what the list keeps out.
+    let deny_path = config.state_dir.join(DENY_FILE);
+    let deny = deny::load_file(&deny_path)?;
+    let (mut dp, startup) = load_dataplane(config, deny.clone()).await?;
     for line in &startup.copies {
         log::info!("upgrade: {line}");
     }
@@ -211,6 +219,14 @@ async fn start(
         .pin_dir()
         .and_then(|d| d.file_name())
         .map(|n| n.to_string_lossy().into_owned());
+    let deny_count = deny.len();
+    if deny_count > 0 {
+        log::info!(
+            "deny list: {deny_count} prefixes from {}",
+            deny_path.display()
+        );
+    }
+    let deny = DenyList::new(Box::new(dp.deny_maps()?), dp.deny_live(), deny, deny_path);
     let flows = FlowCounter::new(Arc::new(dp.flow_table()?), tasks.clone());
     let queries = FlowQueries::new(Arc::new(dp.flow_table()?), tasks.clone());
     let sync = match config.sync.clone() {
@@ -240,6 +256,7 @@ async fn start(
         initial,
         &startup.down,
     )?;
+    controller.set_deny_count(deny_count);
     log::info!(
         "desired state from {source}: {} VIPs, {} backends",
         controller.state().vip_count(),
@@ -278,6 +295,7 @@ async fn start(
         hangups: Some(hangups),
         pin_dir,
         watchdog: sd_notify::watchdog_enabled(),
+        deny: Some(DenyLink::new(deny)),
     };
     let vips = controller.state().vip_count();
     let server = Server::new(controller, listener, inputs, cancel.clone(), tasks.clone());
@@ -301,7 +319,10 @@ async fn lb_address(iface: &str, given: Option<Ipv4Addr>) -> Result<Ipv4Addr, Ag
         .ok_or_else(|| AgentError::NoLbAddress(iface.to_string()))
 }
 
-async fn load_dataplane(config: &AgentConfig) -> Result<(Dataplane, Startup), AgentError> {
+async fn load_dataplane(
+    config: &AgentConfig,
+    deny: Vec<crate::model::net::Ipv4Net>,
+) -> Result<(Dataplane, Startup), AgentError> {
     let lb_addr = lb_address(&config.iface, config.lb_addr).await?;
     let (mut dp, startup) = Dataplane::load(&DataplaneOptions {
         iface: config.iface.clone(),
@@ -310,7 +331,7 @@ async fn load_dataplane(config: &AgentConfig) -> Result<(Dataplane, Startup), Ag
         embryo_capacity: config.embryonic_capacity,
         lb_addr,
         bpffs: config.bpffs.clone(),
-        deny: Vec::new(),
+        deny,
     })
     .await?;
     if !config.icmp_echo {
@@ -389,6 +410,7 @@ mod tests {
             hangups: None,
             pin_dir: None,
             watchdog: None,
+            deny: None,
         };
         let serving = Server::new(ctl, listener, inputs, cancel.clone(), tasks.clone());
         let server = tokio::spawn(async move {

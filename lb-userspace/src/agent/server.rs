@@ -8,6 +8,7 @@ use crate::{
     agent::{
         config_file::Config,
         controller::{Controller, DataplaneOps},
+        deny::{DenyError, DenyList, Switch},
         flow_query::FlowQueries,
         flows::FlowCounter,
         health::{CheckReport, Monitor},
@@ -15,14 +16,19 @@ use crate::{
         neighbours::warm_neighbours,
         socket::{Job, serve_connection},
     },
-    api::{Request, Response},
+    api::{DenyReport, Request, Response},
     sync::{SyncRequest, SyncStatus},
 };
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use lb_common::MAX_DENY_PREFIXES;
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 use tokio::{
     net::UnixListener,
     signal::unix::Signal,
-    sync::mpsc,
+    sync::{mpsc, oneshot},
     time::{Interval, MissedTickBehavior},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -35,6 +41,53 @@ const JOB_QUEUE: usize = 64;
 pub(crate) struct SyncLink {
     pub(crate) requests: mpsc::Receiver<SyncRequest>,
     pub(crate) status: SyncStatus,
+}
+
+/// The deny list's thread asks the loop to make a half live (the loop owns the data path).
+pub(crate) struct SwitchRequest {
+    live: u32,
+    prefixes: usize,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+/// The serve loop's side of the deny list: the list (changed on blocking threads, one change at
+/// a time) and its switch requests.
+pub(crate) struct DenyLink {
+    list: Arc<Mutex<DenyList>>,
+    switch_tx: mpsc::Sender<SwitchRequest>,
+    switches: mpsc::Receiver<SwitchRequest>,
+}
+
+impl DenyLink {
+    pub(crate) fn new(list: DenyList) -> Self {
+        let (switch_tx, switches) = mpsc::channel(1);
+        DenyLink {
+            list: Arc::new(Mutex::new(list)),
+            switch_tx,
+            switches,
+        }
+    }
+}
+
+/// `Switch` for the deny list's thread: a request to the loop, and its answer.
+struct LoopSwitch(mpsc::Sender<SwitchRequest>);
+
+impl Switch for LoopSwitch {
+    fn switch(&self, live: u32, prefixes: usize) -> Result<(), DenyError> {
+        let gone = || DenyError::Switch("the agent is shutting down".to_string());
+        let (reply, answer) = oneshot::channel();
+        self.0
+            .blocking_send(SwitchRequest {
+                live,
+                prefixes,
+                reply,
+            })
+            .map_err(|_| gone())?;
+        answer
+            .blocking_recv()
+            .map_err(|_| gone())?
+            .map_err(DenyError::Switch)
+    }
 }
 
 /// Where the loop's work comes from, besides its own socket.
@@ -51,6 +104,8 @@ pub(crate) struct Inputs {
     pub(crate) queries: Arc<FlowQueries>,
     /// How often backend neighbour entries are refreshed.
     pub(crate) warm_interval: Duration,
+    /// The global deny list (absent in tests that run without a data path).
+    pub(crate) deny: Option<DenyLink>,
     /// The `--config` file that `xlb reload` and SIGHUP re-read, if the agent has one.
     pub(crate) config: Option<PathBuf>,
     /// SIGHUP: reload.
@@ -82,6 +137,7 @@ pub(crate) struct Server<D: DataplaneOps> {
     scrapes: Option<mpsc::Receiver<StatsReply>>,
     flows: Arc<FlowCounter>,
     queries: Arc<FlowQueries>,
+    deny: Option<DenyLink>,
     warm: Interval,
     config: Option<PathBuf>,
     hangups: Option<Signal>,
@@ -129,6 +185,7 @@ impl<D: DataplaneOps> Server<D> {
             scrapes: inputs.scrapes,
             flows: inputs.flows,
             queries: inputs.queries,
+            deny: inputs.deny,
             warm,
             cancel,
             tasks,
@@ -152,6 +209,10 @@ impl<D: DataplaneOps> Server<D> {
                     Err(e) => log::warn!("accepting a CLI connection: {e}"),
                 },
                 Some(req) = next(self.sync.as_mut().map(|s| &mut s.requests)) => self.sync(req),
+                Some(req) = next(self.deny.as_mut().map(|d| &mut d.switches)) => {
+                    let result = self.controller.deny_switch(req.live, req.prefixes);
+                    let _ = req.reply.send(result.map_err(|e| e.to_string()));
+                }
                 Some(job) = self.jobs.recv() => self.job(job),
                 Some(report) = self.health.recv() => self.controller.health_result(report),
                 Some(reply) = next(self.scrapes.as_mut()) => {
@@ -199,8 +260,17 @@ impl<D: DataplaneOps> Server<D> {
     }
 
     /// One CLI request: answered by the controller, except `peers` (the sync's own counters),
-    /// `reload` and `detach` (this loop's own business).
+    /// `reload` and `detach` (this loop's own business), and the deny list's (on a blocking
+    /// thread).
     fn job(&mut self, job: Job) {
+        if job.req.is_deny()
+            && let Some(deny) = &self.deny
+        {
+            let (list, switch) = (deny.list.clone(), LoopSwitch(deny.switch_tx.clone()));
+            self.tasks
+                .spawn_blocking(move || deny_job(job, &list, &switch));
+            return;
+        }
         log::debug!("request {:?}", job.req);
         match &job.req {
             Request::Reload => {
@@ -302,6 +372,36 @@ async fn tick(interval: Option<&mut Interval>) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// A deny-list request, on a blocking thread: changes wait for the one before them.
+fn deny_job(job: Job, list: &Mutex<DenyList>, switch: &LoopSwitch) {
+    let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
+    let done = |r: Result<String, DenyError>| match r {
+        Ok(message) => {
+            log::info!("{message}");
+            Response::Done { message }
+        }
+        Err(e) => {
+            log::info!("request refused: {e}");
+            Response::Error {
+                message: e.to_string(),
+            }
+        }
+    };
+    let resp = match job.req {
+        Request::DenyAdd { prefixes } => done(list.add(&prefixes, switch)),
+        Request::DenyDel { prefixes } => done(list.del(&prefixes, switch)),
+        Request::DenyLoad { prefixes, source } => done(list.load(&prefixes, &source, switch)),
+        _ => Response::DenyList {
+            deny: DenyReport {
+                count: list.len(),
+                capacity: MAX_DENY_PREFIXES,
+                prefixes: list.list(),
+            },
+        },
+    };
+    let _ = job.reply.send(resp);
 }
 
 /// The next message of an optional receiver; never, without one (so `select!` can always poll

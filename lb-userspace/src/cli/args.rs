@@ -71,6 +71,10 @@ pub(crate) enum Command {
     /// The flow table: list the most recent flows (client, VIP, backend, age, origin), count
     /// them (--count), or flush some (`flows flush`) so their next packets take a new backend.
     Flows(FlowsArgs),
+    /// The global deny list: sources dropped at the door, whatever they send to this interface
+    /// (VIPs and the load balancer's own addresses).
+    #[command(subcommand)]
+    Deny(DenyCommand),
     /// Peer sync (active-active): each peer's connection, flows sent and received, last message
     /// age, rejected messages, and the sync lag.
     Peers {
@@ -479,6 +483,32 @@ pub(crate) enum VipCommand {
         vip: VipRef,
         #[arg(value_enum)]
         state: OnOff,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DenyCommand {
+    /// Add prefixes (or addresses) to the deny list; those already on it are left as they are.
+    Add {
+        #[arg(value_name = "CIDR", required = true)]
+        prefixes: Vec<String>,
+    },
+    /// Remove prefixes from the deny list (each must be on it).
+    Del {
+        #[arg(value_name = "CIDR", required = true)]
+        prefixes: Vec<String>,
+    },
+    /// Print the deny list, one prefix per line.
+    List {
+        /// Print JSON (count, capacity, prefixes) instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the deny list with a file's: one prefix per line, `#` comments. A packet sees the
+    /// old list or the new one, never a mix; a bad line changes nothing and is named.
+    Load {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
     },
 }
 
@@ -1097,6 +1127,29 @@ mod tests {
             let e = policy.to_patch().unwrap_err().to_string();
             assert!(e.contains(want), "{flag} {value}: {e}");
         }
+    }
+
+    #[test]
+    fn deny_commands_parse() {
+        let cli = Cli::try_parse_from(["xlb", "deny", "add", "10.0.0.0/8", "192.0.2.1"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Deny(DenyCommand::Add { ref prefixes }) if prefixes.len() == 2
+        ));
+        assert!(Cli::try_parse_from(["xlb", "deny", "add"]).is_err());
+        assert!(Cli::try_parse_from(["xlb", "deny", "del"]).is_err());
+        assert!(matches!(
+            Cli::try_parse_from(["xlb", "deny", "list", "--json"])
+                .unwrap()
+                .command,
+            Command::Deny(DenyCommand::List { json: true })
+        ));
+        assert!(matches!(
+            Cli::try_parse_from(["xlb", "deny", "load", "/tmp/feed.txt"])
+                .unwrap()
+                .command,
+            Command::Deny(DenyCommand::Load { .. })
+        ));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 use super::{
     CliError,
     args::{
-        BackendCommand, BackendHostCommand, DetachArgs, FlowsArgs, FlowsCommand, OnOff, StatsArgs,
-        VipCommand, XdpPassCommand,
+        BackendCommand, BackendHostCommand, DenyCommand, DetachArgs, FlowsArgs, FlowsCommand,
+        OnOff, StatsArgs, VipCommand, XdpPassCommand,
     },
     client, print, print_json,
     render::{backend_table, count_text, flow_table, flush_text, stats_text, vip_table},
@@ -20,7 +20,11 @@ use crate::{
         pins::{self, dir_name, netns_cookie},
         remove_data_path,
     },
-    model::{addr::parse_ipv4, check::parse_duration},
+    model::{
+        addr::parse_ipv4,
+        check::parse_duration,
+        net::{Ipv4Net, parse_list},
+    },
     util::interface_index,
 };
 use std::{
@@ -169,6 +173,48 @@ pub(crate) fn flows(socket: &Path, args: FlowsArgs) -> Result<(), CliError> {
         Response::FlowList { flows } => print(&flow_table(&flows)),
         other => Err(unexpected(other)),
     }
+}
+
+pub(crate) fn deny(socket: &Path, cmd: DenyCommand) -> Result<(), CliError> {
+    let parse = |prefixes: &[String]| -> Result<Vec<Ipv4Net>, CliError> {
+        prefixes
+            .iter()
+            .map(|p| p.trim().parse().map_err(CliError::from))
+            .collect()
+    };
+    let req = match cmd {
+        DenyCommand::Add { prefixes } => Request::DenyAdd {
+            prefixes: parse(&prefixes)?,
+        },
+        DenyCommand::Del { prefixes } => Request::DenyDel {
+            prefixes: parse(&prefixes)?,
+        },
+        DenyCommand::Load { file } => {
+            let name = file.display().to_string();
+            let text = std::fs::read_to_string(&file).map_err(|source| CliError::ReadFile {
+                path: file.clone(),
+                source,
+            })?;
+            Request::DenyLoad {
+                prefixes: parse_list(&text, &name)?,
+                source: name,
+            }
+        }
+        DenyCommand::List { json } => {
+            return match client::call(socket, &Request::DenyList)? {
+                Response::DenyList { deny } if json => print_json(&deny),
+                Response::DenyList { deny } => print(
+                    &deny
+                        .prefixes
+                        .iter()
+                        .map(|p| format!("{p}\n"))
+                        .collect::<String>(),
+                ),
+                other => Err(unexpected(other)),
+            };
+        }
+    };
+    change(socket, &req)
 }
 
 pub(crate) fn peers(socket: &Path, json: bool) -> Result<(), CliError> {
@@ -476,6 +522,43 @@ mod tests {
         // A good command line gets as far as the (missing) agent.
         let e = super::flows(sock, args("50", Some("10.0.0.0/8"))).unwrap_err();
         assert!(matches!(e, CliError::Client(_)), "{e}");
+    }
+
+    #[test]
+    fn bad_deny_input_fails_before_any_connection() {
+        let sock = Path::new("/nonexistent/xlb.sock");
+        let dir = tempfile::tempdir().unwrap();
+        let feed = dir.path().join("feed.txt");
+        std::fs::write(&feed, "# feed\n10.0.0.0/8\n10.0.0.0/33\n").unwrap();
+        for (cmd, want) in [
+            (
+                DenyCommand::Add {
+                    prefixes: vec!["10.0.0.0/8".into(), "10.1.2.3/16".into()],
+                },
+                "has host bits set (the network is 10.1.0.0/16)",
+            ),
+            (
+                DenyCommand::Del {
+                    prefixes: vec!["nonsense".into()],
+                },
+                "malformed prefix \"nonsense\"",
+            ),
+            (
+                DenyCommand::Load { file: feed.clone() },
+                "feed.txt line 3: malformed prefix \"10.0.0.0/33\"",
+            ),
+            (
+                DenyCommand::Load {
+                    file: dir.path().join("missing.txt"),
+                },
+                "missing.txt",
+            ),
+        ] {
+            let e = super::deny(sock, cmd).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+            assert!(!e.contains('\n'));
+            assert!(!e.contains("cannot reach"), "{e}");
+        }
     }
 
     #[test]

@@ -18,8 +18,13 @@ use crate::{
         client::ClientError,
     },
     dataplane::DataplaneError,
-    model::{addr::ParseError, check::CheckError, net::NetError, policy::PolicyError},
-    util::{NoSuchInterface, one_line},
+    model::{
+        addr::ParseError,
+        check::CheckError,
+        net::{ListError, NetError},
+        policy::PolicyError,
+    },
+    util::{NoSuchInterface, one_line, os_message},
 };
 use anyhow::anyhow;
 use clap::Parser;
@@ -41,6 +46,13 @@ pub(crate) enum CliError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    List(#[from] ListError),
+    #[error("cannot read {}: {}", path.display(), os_message(source))]
+    ReadFile {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
     #[error(transparent)]
     BackendHost(#[from] BackendHostError),
     #[error(transparent)]
@@ -123,6 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backend(cmd) => commands::backend(&socket, cmd)?,
         Command::Stats(args) => commands::stats(&socket, args)?,
         Command::Flows(args) => commands::flows(&socket, args)?,
+        Command::Deny(cmd) => commands::deny(&socket, cmd)?,
         Command::Peers { json } => commands::peers(&socket, json)?,
         Command::BackendHost(cmd) => commands::backend_host(cmd).await?,
         Command::XdpPass(cmd) => commands::xdp_pass(cmd).await?,

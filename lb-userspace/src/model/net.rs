@@ -110,6 +110,40 @@ impl FromStr for Ipv4Net {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{source_name} line {line}: {error}")]
+pub struct ListError {
+    /// Where the list came from (a file name), for the message.
+    pub source_name: String,
+    /// 1-based.
+    pub line: usize,
+    pub error: NetError,
+}
+
+/// A list of prefixes as a file holds them: one prefix (or address) per line, `#` starts a
+/// comment, blank lines and surrounding whitespace are ignored. The first bad line fails the
+/// whole list (nothing of it is used), named by its number. Duplicates are kept out; the order
+/// is the file's.
+pub fn parse_list(text: &str, source_name: &str) -> Result<Vec<Ipv4Net>, ListError> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let content = line.split('#').next().unwrap_or("").trim();
+        if content.is_empty() {
+            continue;
+        }
+        let net: Ipv4Net = content.parse().map_err(|error| ListError {
+            source_name: source_name.to_string(),
+            line: i + 1,
+            error,
+        })?;
+        if seen.insert(net) {
+            out.push(net);
+        }
+    }
+    Ok(out)
+}
+
 impl Serialize for Ipv4Net {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -170,6 +204,23 @@ mod tests {
         }
         assert_eq!(Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 1), 8), None);
         assert_eq!(Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 33), None);
+    }
+
+    #[test]
+    fn lists_skip_comments_and_name_the_bad_line() {
+        let text = "# a feed\n10.0.0.0/8\n\n  192.0.2.7  # one host\n10.0.0.0/8\n";
+        let list = parse_list(text, "feed.txt").unwrap();
+        assert_eq!(
+            list.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            ["10.0.0.0/8", "192.0.2.7/32"]
+        );
+        let e = parse_list("10.0.0.0/8\n# ok\n10.0.0.0/40\n", "feed.txt").unwrap_err();
+        assert_eq!(e.line, 3);
+        assert_eq!(
+            e.to_string(),
+            "feed.txt line 3: malformed prefix \"10.0.0.0/40\": prefix length \"40\" is not 0-32"
+        );
+        assert_eq!(parse_list("", "x").unwrap(), vec![]);
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub(crate) struct FakeDataplane {
     pub(crate) flows: Vec<FlowEvent>,
     /// Every `set_vip_debug` call, in order.
     pub(crate) debug_log: Vec<(ServiceKey, bool)>,
+    /// Every `set_deny_list` call, in order.
+    pub(crate) deny_log: Vec<(u32, usize)>,
 }
 
 /// The slot a backend gets here: its address's last byte.
@@ -143,6 +145,10 @@ impl DataplaneOps for FakeDataplane {
             return Err(FakeError("no such VIP"));
         }
         self.debug_log.push((*key, on));
+        Ok(())
+    }
+    fn set_deny_list(&mut self, live: u32, prefixes: usize) -> Result<(), FakeError> {
+        self.deny_log.push((live, prefixes));
         Ok(())
     }
 }

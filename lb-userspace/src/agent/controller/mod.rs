@@ -55,6 +55,9 @@ pub(crate) trait DataplaneOps {
     fn set_vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), Self::Error>;
     /// The VIPs in the data path now (those of a running data path that was taken over).
     fn installed_vips(&self) -> Vec<ServiceKey>;
+    /// Make half `live` of the deny list live, holding `prefixes` prefixes, and bump the policy
+    /// generation (one update).
+    fn set_deny_list(&mut self, live: u32, prefixes: usize) -> Result<(), Self::Error>;
 }
 
 impl DataplaneOps for Dataplane {
@@ -84,6 +87,9 @@ impl DataplaneOps for Dataplane {
     fn installed_vips(&self) -> Vec<ServiceKey> {
         Dataplane::installed_vips(self)
     }
+    fn set_deny_list(&mut self, live: u32, prefixes: usize) -> Result<(), DataplaneError> {
+        Dataplane::set_deny_list(self, live, prefixes)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +106,10 @@ pub(crate) enum ControllerError {
     Stats { source: BoxError },
     #[error("switching debug events of VIP {key} failed: {source}")]
     Debug { key: ServiceKey, source: BoxError },
+    #[error("the deny list is not available on this agent")]
+    DenyUnavailable,
+    #[error("{source}")]
+    DenySwitch { source: BoxError },
     /// The change failed and putting the data path back failed too: the kernel may now differ from
     /// the desired state, which is kept as it was.
     #[error("{error}; restoring VIP {key} in the data path also failed: {rollback}")]
@@ -388,6 +398,12 @@ impl<D: DataplaneOps> Controller<D> {
             Request::Reload | Request::Detach { .. } => {
                 unreachable!("the serve loop answers reload and detach")
             }
+            Request::DenyAdd { .. }
+            | Request::DenyDel { .. }
+            | Request::DenyList
+            | Request::DenyLoad { .. } => {
+                return Err(ControllerError::DenyUnavailable);
+            }
         })
     }
 
@@ -590,6 +606,25 @@ impl<D: DataplaneOps> Controller<D> {
     pub(crate) fn set_flow_counts(&mut self, flows: Arc<FlowCounts>, flushed: u64) {
         self.flows = flows;
         self.flows_flushed = flushed;
+    }
+
+    /// Make half `live` of the deny list live with `prefixes` prefixes (for the deny list's
+    /// thread, through the serve loop); reports show the count from then on.
+    pub(crate) fn deny_switch(
+        &mut self,
+        live: u32,
+        prefixes: usize,
+    ) -> Result<(), ControllerError> {
+        self.dp
+            .set_deny_list(live, prefixes)
+            .map_err(|e| ControllerError::DenySwitch { source: e.into() })?;
+        self.deny_prefixes = prefixes as u64;
+        Ok(())
+    }
+
+    /// The deny list installed at start holds `prefixes` prefixes.
+    pub(crate) fn set_deny_count(&mut self, prefixes: usize) {
+        self.deny_prefixes = prefixes as u64;
     }
 
     pub(crate) fn backend_list(&self, key: &ServiceKey) -> Result<VipReport, ControllerError> {
