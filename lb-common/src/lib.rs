@@ -107,39 +107,76 @@ pub mod programs {
     pub const BENCH_SINK: &str = "xlb_bench_sink";
 }
 
-/// Source ports the benchmark generator cycles through: `BENCH_GEN_FIRST_PORT` and up.
+/// Source ports the UDP benchmark generator cycles through: `BENCH_GEN_FIRST_PORT` and up.
 pub const BENCH_GEN_FLOWS: u16 = 4096;
 pub const BENCH_GEN_FIRST_PORT: u16 = 1024;
 /// UDP port of the benchmark flood, which the sink drops.
 pub const BENCH_SINK_PORT: u16 = 9;
-/// Bytes of header the generator writes: Ethernet (14), IPv4 without options (20), UDP (8).
-pub const BENCH_GEN_HEADER_LEN: usize = 42;
+/// Where the SYN flood's spoofed sources come from (10.111.128.0/17, nothing else of the test
+/// bed is there): the sink drops TCP SYNs from these, so the flood ends at the balancer's
+/// doorstep instead of in the backends.
+pub const BENCH_FLOOD_NET: [u8; 4] = [10, 111, 128, 0];
+pub const BENCH_FLOOD_PREFIX_LEN: u32 = 17;
+/// Bytes of header the generator writes: Ethernet (14), IPv4 without options (20), TCP (20); a
+/// UDP frame's template is its 42 header bytes and 12 of its payload.
+pub const BENCH_GEN_HEADER_LEN: usize = 54;
+/// `BenchGenHeader::vary`: the n-th frame gets source port `BENCH_GEN_FIRST_PORT` + n mod
+/// `flows` (the UDP flood).
+pub const BENCH_GEN_VARY_PORT: u32 = 0;
+/// `BenchGenHeader::vary`: the n-th frame (i = n mod `flows`) gets source address template + i
+/// mod `sources` and source port template + i / `sources`, and its IPv4 checksum again (the
+/// SYN flood from spoofed sources; the TCP checksum is left as the template's).
+pub const BENCH_GEN_VARY_SOURCE: u32 = 1;
 
 /// Value of the `BENCH_GEN_HEADER` array (one entry): the generator's frame headers, written
-/// into every frame before it is sent. Live-frames mode recycles its pages without copying the
-/// frame in again, and whatever the generator's frames went through on the way (a balancer
-/// rewriting MACs or encapsulating, DNAT) rewrote them in place.
+/// into every frame before it is sent, and how they vary. Live-frames mode recycles its pages
+/// without copying the frame in again, and whatever the generator's frames went through on the
+/// way (a balancer rewriting MACs or encapsulating, DNAT) rewrote them in place.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BenchGenHeader {
     /// The first `BENCH_GEN_HEADER_LEN` bytes of the frame as on the wire, as 8-byte words in
     /// memory order (`u64::from_ne_bytes`); the rest is zero.
-    pub words: [u64; 6],
+    pub words: [u64; 7],
+    /// `BENCH_GEN_VARY_*`, host order.
+    pub vary: u32,
+    /// Distinct source addresses (`BENCH_GEN_VARY_SOURCE`), host order.
+    pub sources: u32,
+    /// Distinct flows, host order (at least 1).
+    pub flows: u32,
+    pub _pad: u32,
 }
 
 impl BenchGenHeader {
-    /// `None` if `frame` is shorter than `BENCH_GEN_HEADER_LEN`.
+    /// The UDP flood of `frame`: `BENCH_GEN_FLOWS` source ports. `None` if `frame` is shorter
+    /// than `BENCH_GEN_HEADER_LEN`.
     pub fn from_frame(frame: &[u8]) -> Option<Self> {
+        Self::template(frame, BENCH_GEN_VARY_PORT, 1, BENCH_GEN_FLOWS as u32)
+    }
+
+    /// A flood of `frame` (a TCP SYN) from `sources` addresses counted up from its own, `flows`
+    /// distinct (address, port) pairs in all (a multiple of `sources`).
+    pub fn syn_flood(frame: &[u8], sources: u32, flows: u32) -> Option<Self> {
+        Self::template(frame, BENCH_GEN_VARY_SOURCE, sources.max(1), flows.max(1))
+    }
+
+    fn template(frame: &[u8], vary: u32, sources: u32, flows: u32) -> Option<Self> {
         let head = frame.get(..BENCH_GEN_HEADER_LEN)?;
-        let mut bytes = [0u8; 48];
+        let mut bytes = [0u8; 56];
         bytes[..BENCH_GEN_HEADER_LEN].copy_from_slice(head);
-        let mut words = [0u64; 6];
+        let mut words = [0u64; 7];
         for (w, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
             let mut b = [0u8; 8];
             b.copy_from_slice(chunk);
             *w = u64::from_ne_bytes(b);
         }
-        Some(Self { words })
+        Some(Self {
+            words,
+            vary,
+            sources,
+            flows,
+            _pad: 0,
+        })
     }
 }
 
@@ -629,7 +666,7 @@ const _: () = {
     assert!(size_of::<FlowEvent>() == 24);
     assert!(size_of::<TrafficCounters>() == 24);
     assert!(size_of::<LbConfig>() == 24);
-    assert!(size_of::<BenchGenHeader>() == 48);
+    assert!(size_of::<BenchGenHeader>() == 72);
 };
 
 #[cfg(feature = "user")]

@@ -3,13 +3,14 @@
 //! live-frames mode, and the sink that counts what the balancer forwarded.
 
 use crate::{
+    csum,
     maps::{BENCH_GEN, BENCH_GEN_HEADER},
     parse::{self, ETH_HLEN, ETH_P_IP, IPV4_HLEN, ptr_at},
 };
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    BENCH_GEN_FIRST_PORT, BENCH_GEN_FLOWS, BENCH_GEN_HEADER_LEN, BENCH_SINK_PORT, IPPROTO_IPIP,
-    IPPROTO_UDP,
+    BENCH_FLOOD_NET, BENCH_FLOOD_PREFIX_LEN, BENCH_GEN_FIRST_PORT, BENCH_GEN_HEADER_LEN,
+    BENCH_GEN_VARY_SOURCE, BENCH_SINK_PORT, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP,
 };
 use network_types::eth::EthHdr;
 
@@ -31,7 +32,7 @@ pub fn xlb_floor_parse_tx(ctx: XdpContext) -> u32 {
 
 /// Generator (`lb_common::programs::BENCH_GEN`), run with `BPF_F_TEST_XDP_LIVE_FRAMES` on a
 /// sending interface, to offer the balancer more packets per second than a userspace generator
-/// can on these machines: header from `BENCH_GEN_HEADER`, next source port, `XDP_TX`.
+/// can on these machines: header from `BENCH_GEN_HEADER`, the next flow's source, `XDP_TX`.
 #[xdp]
 pub fn xlb_bench_gen(ctx: XdpContext) -> u32 {
     let (Some(header), Some(frame)) = (
@@ -40,6 +41,7 @@ pub fn xlb_bench_gen(ctx: XdpContext) -> u32 {
     ) else {
         return xdp_action::XDP_ABORTED;
     };
+    let bytes = frame.cast::<u8>();
     let dst = frame.cast::<u64>();
     // Word by word: a plain array copy became a byte-by-byte memcpy subprogram call.
     for i in 0..BENCH_GEN_HEADER_LEN / 8 {
@@ -48,13 +50,12 @@ pub fn xlb_bench_gen(ctx: XdpContext) -> u32 {
         unsafe { dst.add(i).write_unaligned(header.words[i]) };
     }
     let tail = header.words[BENCH_GEN_HEADER_LEN / 8].to_ne_bytes();
-    // SAFETY: the last 2 of the checked bytes (BENCH_GEN_HEADER_LEN = 5 × 8 + 2).
+    // SAFETY: the last 6 of the checked bytes (BENCH_GEN_HEADER_LEN = 6 × 8 + 6).
     unsafe {
-        frame
-            .cast::<u8>()
-            .add(BENCH_GEN_HEADER_LEN - 2)
-            .cast::<[u8; 2]>()
-            .write([tail[0], tail[1]])
+        bytes
+            .add(BENCH_GEN_HEADER_LEN - 6)
+            .cast::<[u8; 6]>()
+            .write([tail[0], tail[1], tail[2], tail[3], tail[4], tail[5]])
     };
     let n = BENCH_GEN.get_ptr_mut(0).map_or(0, |c| {
         // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
@@ -63,22 +64,54 @@ pub fn xlb_bench_gen(ctx: XdpContext) -> u32 {
             *c
         }
     });
-    let port = BENCH_GEN_FIRST_PORT + (n % u64::from(BENCH_GEN_FLOWS)) as u16;
-    // The UDP checksum stays as the header had it, so generator headers carry 0 (none, valid in
-    // IPv4). Source port: bytes 34..36.
+    let Some(i) = n.checked_rem(u64::from(header.flows)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // Source port: bytes 34..36 (UDP and TCP alike).
+    let sport = if header.vary == BENCH_GEN_VARY_SOURCE {
+        let Some(addr_off) = i.checked_rem(u64::from(header.sources)) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        let port_off = i / u64::from(header.sources.max(1));
+        let w3 = header.words[3].to_ne_bytes();
+        let w4 = header.words[4].to_ne_bytes();
+        let src = u32::from_be_bytes([w3[2], w3[3], w3[4], w3[5]]).wrapping_add(addr_off as u32);
+        let [a, b, c, d] = src.to_be_bytes();
+        let Some(ip) = ptr_at::<[u8; IPV4_HLEN]>(&ctx, ETH_HLEN) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: bounds checked; the header is rewritten whole, its checksum over the new one.
+        unsafe {
+            let mut hdr = *ip;
+            hdr[10] = 0;
+            hdr[11] = 0;
+            hdr[12] = a;
+            hdr[13] = b;
+            hdr[14] = c;
+            hdr[15] = d;
+            let [c0, c1] = csum::ipv4_header(&hdr);
+            hdr[10] = c0;
+            hdr[11] = c1;
+            *ip = hdr;
+        }
+        u16::from_be_bytes([w4[2], w4[3]]).wrapping_add(port_off as u16)
+    } else {
+        BENCH_GEN_FIRST_PORT.wrapping_add(i as u16)
+    };
+    // The checksum of a UDP flood stays as the header had it (0: none, valid in IPv4).
     // SAFETY: within the checked header.
     unsafe {
-        frame
-            .cast::<u8>()
+        bytes
             .add(ETH_HLEN + IPV4_HLEN)
             .cast::<[u8; 2]>()
-            .write(port.to_be_bytes())
+            .write(sport.to_be_bytes())
     };
     xdp_action::XDP_TX
 }
 
-/// Sink (`lb_common::programs::BENCH_SINK`): drops the flood, plain or IPIP-encapsulated, as a
-/// balancer sends it on; a veth counts the drops. Passes everything else.
+/// Sink (`lb_common::programs::BENCH_SINK`): drops the floods, plain or IPIP-encapsulated, as a
+/// balancer sends them on (a veth counts the drops): UDP to `BENCH_SINK_PORT`, and TCP SYNs from
+/// `BENCH_FLOOD_NET`. Passes everything else.
 #[xdp]
 pub fn xlb_bench_sink(ctx: XdpContext) -> u32 {
     if is_flood(&ctx) {
@@ -88,7 +121,7 @@ pub fn xlb_bench_sink(ctx: XdpContext) -> u32 {
     }
 }
 
-/// IPv4 (no options) UDP to `BENCH_SINK_PORT`, or IPIP around one.
+/// One of the floods, plain or inside IPIP.
 #[inline(always)]
 fn is_flood(ctx: &XdpContext) -> bool {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
@@ -98,14 +131,33 @@ fn is_flood(ctx: &XdpContext) -> bool {
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
         return false;
     }
-    match ipv4_proto(ctx, ETH_HLEN) {
-        Some(IPPROTO_UDP) => udp_to_sink(ctx, ETH_HLEN + IPV4_HLEN),
-        Some(IPPROTO_IPIP) => {
-            ipv4_proto(ctx, ETH_HLEN + IPV4_HLEN) == Some(IPPROTO_UDP)
-                && udp_to_sink(ctx, ETH_HLEN + 2 * IPV4_HLEN)
-        }
+    let inner = match ipv4_proto(ctx, ETH_HLEN) {
+        Some(IPPROTO_IPIP) => ETH_HLEN + IPV4_HLEN,
+        Some(_) => ETH_HLEN,
+        None => return false,
+    };
+    match ipv4_proto(ctx, inner) {
+        Some(IPPROTO_UDP) => udp_to_sink(ctx, inner + IPV4_HLEN),
+        Some(IPPROTO_TCP) => flood_syn(ctx, inner),
         _ => false,
     }
+}
+
+/// A TCP SYN from `BENCH_FLOOD_NET` in the option-less IPv4 header at `offset`.
+#[inline(always)]
+fn flood_syn(ctx: &XdpContext, offset: usize) -> bool {
+    let (Some(ip), Some(tcp)) = (
+        ptr_at::<[u8; IPV4_HLEN]>(ctx, offset),
+        ptr_at::<[u8; 14]>(ctx, offset + IPV4_HLEN),
+    ) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let (ip, tcp) = unsafe { (&*ip, &*tcp) };
+    let src = u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    let net = u32::from_be_bytes(BENCH_FLOOD_NET);
+    let mask = u32::MAX << (32 - BENCH_FLOOD_PREFIX_LEN);
+    src & mask == net && tcp[13] & 0x12 == 0x02
 }
 
 /// The protocol of an option-less IPv4 header at `offset`.

@@ -14,6 +14,7 @@
 use crate::{
     cmd::{run_timeout, wait_for},
     http,
+    livegen::{BenchXdp, GEN_BATCH, Generator, attach_bench, parse_mac, veth_xdp},
     netns::Netns,
     process::Process,
     profile,
@@ -22,21 +23,15 @@ use crate::{
     xlb::{Agent, has_xdp, xdp_mode, xlb_bin},
 };
 use anyhow::{Context, Result, ensure};
-use aya::programs::{ProgramError, TestRun, TestRunAttrs, TestRunOptions};
 use lb_common::{BenchGenHeader, programs};
 use serde_json::{Value, json};
 use std::{
     collections::BTreeSet,
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
-use xlb::dataplane::Dataplane;
 
 /// UDP port of the packet-rate flood ("discard"); the sink on rtr's end of lb1's link counts and
 /// drops it before it reaches the backends.
@@ -488,14 +483,6 @@ losing more to sleeping and waking than the second core gave.)";
 
 /// Frame size of the flood (the Ethernet minimum without FCS).
 const FRAME_LEN: usize = 60;
-/// Frames per live-frames batch (the kernel's default; at most 256).
-const GEN_BATCH: u32 = 64;
-/// Target length of one live-frames call: short enough to stop promptly, long enough that the
-/// syscall and the per-call page-pool setup do not count.
-const GEN_CALL: Duration = Duration::from_millis(50);
-/// Flow-table size of the copies of the object that only run a benchmark program (generator,
-/// sink, floor): their balancer maps are unused.
-const BENCH_OBJECT_FLOWS: u32 = 1024;
 /// Before the first window: every one of the 4096 flows seen (xlb's flow table, conntrack).
 const PPS_WARMUP: Duration = Duration::from_secs(1);
 
@@ -527,159 +514,6 @@ fn flood_frame(src_mac: [u8; 6], dst_mac: [u8; 6], dst: Ipv4Addr) -> Vec<u8> {
     f
 }
 
-fn parse_mac(s: &str) -> Result<[u8; 6]> {
-    let bytes: Vec<u8> = s
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("MAC address {s:?}"))?;
-    bytes
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("MAC address {s:?}: not 6 bytes"))
-}
-
-/// What the generator did over its whole run.
-#[derive(Clone, Copy, Debug, Default)]
-struct GenReport {
-    frames: u64,
-    busy: Duration,
-}
-
-/// The generator's loop, on a thread inside rtr: live-frames calls of `xlb_bench_gen` on `iface`
-/// until `stop`, each a bounded number of frames; errors past `limit`.
-fn generate(iface: &str, frame: &[u8], stop: &AtomicBool, limit: Duration) -> Result<GenReport> {
-    let mut dp = Dataplane::load_unattached(BENCH_OBJECT_FLOWS, None)
-        .context("loading the eBPF object for the generator")?;
-    let header =
-        BenchGenHeader::from_frame(frame).context("flood frame shorter than its headers")?;
-    let prog = dp
-        .bench_generator(&header)
-        .with_context(|| format!("loading {}", programs::BENCH_GEN))?;
-    let ifindex = xlb::util::interface_index(iface)?;
-    let ctx = crate::packet::xdp_md(frame.len(), ifindex);
-    let started = Instant::now();
-    let mut repeat: u32 = 1 << 16;
-    let mut report = GenReport::default();
-    while !stop.load(Ordering::Relaxed) {
-        ensure!(
-            started.elapsed() < limit,
-            "the generator was not stopped within {limit:?}"
-        );
-        let t = Instant::now();
-        let run = prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(&ctx),
-            repeat,
-            attrs: TestRunAttrs::new().xdp_live_frames(GEN_BATCH),
-            ..TestRunOptions::default()
-        });
-        match run {
-            Ok(_) => {}
-            // The kernel ends a run early when a signal is pending for this thread; unless it
-            // was Ctrl-C or SIGTERM, go on (the frames of the cut-short call are left out of
-            // the generator's own figure; the veth counters saw them).
-            Err(ProgramError::SyscallError(e))
-                if e.io_error.kind() == std::io::ErrorKind::Interrupted =>
-            {
-                crate::interrupt::check()?;
-                continue;
-            }
-            Err(e) => {
-                return Err(e).context("BPF_PROG_TEST_RUN of the generator in live-frames mode");
-            }
-        }
-        let took = t.elapsed();
-        report.frames += u64::from(repeat);
-        report.busy += took;
-        // Rates differ tenfold between configurations; keep every call near GEN_CALL.
-        let next = f64::from(repeat) * GEN_CALL.as_secs_f64() / took.as_secs_f64().max(1e-4);
-        repeat = next.clamp(4096.0, f64::from(1u32 << 24)) as u32;
-    }
-    Ok(report)
-}
-
-/// The running generator; stopped and joined on drop (also when the measurement fails).
-struct Generator {
-    stop: Arc<AtomicBool>,
-    handle: Option<thread::JoinHandle<Result<Result<GenReport>>>>,
-}
-
-impl Generator {
-    fn start(ns: &Netns, iface: &str, frame: Vec<u8>, limit: Duration) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let iface = iface.to_string();
-        let handle = ns.spawn(move || generate(&iface, &frame, &flag, limit));
-        Self {
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    /// Errors (with the generator's error) if it has ended on its own.
-    fn ensure_running(&mut self) -> Result<()> {
-        if self.handle.as_ref().is_some_and(|h| h.is_finished()) {
-            self.finish()?;
-            anyhow::bail!("the generator ended early");
-        }
-        Ok(())
-    }
-
-    fn finish(&mut self) -> Result<GenReport> {
-        self.stop.store(true, Ordering::Relaxed);
-        let handle = self.handle.take().context("generator already joined")?;
-        crate::netns::join(handle, "generator")
-    }
-}
-
-impl Drop for Generator {
-    fn drop(&mut self) {
-        if self.handle.is_some() {
-            let _ = self.finish();
-        }
-    }
-}
-
-/// XDP counters of a veth (`ethtool -S`, summed over queues).
-#[derive(Clone, Copy, Debug, Default)]
-struct VethXdp {
-    /// Frames sent through ndo_xdp_xmit into the peer's receive ring, and refused (ring full).
-    xmit: u64,
-    xmit_errors: u64,
-    /// XDP_DROP verdicts of the program on this device (the sink).
-    drops: u64,
-}
-
-fn veth_xdp(ns: &Netns, iface: &str) -> Result<VethXdp> {
-    let out = ns.run("ethtool", &["-S", iface])?;
-    let mut c = VethXdp::default();
-    let mut seen = 0;
-    for line in out.lines() {
-        let Some((key, value)) = line.trim().split_once(':') else {
-            continue;
-        };
-        let slot = if key.starts_with("tx_queue_") && key.ends_with("_xdp_xmit") {
-            &mut c.xmit
-        } else if key.starts_with("tx_queue_") && key.ends_with("_xdp_xmit_errors") {
-            &mut c.xmit_errors
-        } else if key.starts_with("rx_queue_") && key.ends_with("_xdp_drops") {
-            &mut c.drops
-        } else {
-            continue;
-        };
-        *slot += value
-            .trim()
-            .parse::<u64>()
-            .with_context(|| format!("ethtool -S {iface}: {line}"))?;
-        seen += 1;
-    }
-    ensure!(
-        seen >= 3,
-        "no veth XDP counters in `ethtool -S {iface}`:\n{out}"
-    );
-    Ok(c)
-}
-
 #[derive(Clone, Debug, Default)]
 struct PpsResult {
     /// Frames the generator pushed towards lb1 (taken or refused by lb1's receive ring).
@@ -690,25 +524,6 @@ struct PpsResult {
     forwarded_pps: f64,
     /// The generator's own figure over its whole run (warm-up and windows).
     generator_pps: f64,
-}
-
-/// One of the object's benchmark programs (the sink, the floor) attached in driver mode to an
-/// interface of a namespace, through its own copy of the object; detached when dropped.
-struct BenchXdp {
-    _dp: Dataplane,
-}
-
-fn attach_bench(ns: &Netns, iface: &str, name: &'static str) -> Result<BenchXdp> {
-    let iface = iface.to_string();
-    let dp = ns.enter(move || -> Result<Dataplane> {
-        let mut dp = Dataplane::load_unattached(BENCH_OBJECT_FLOWS, None)
-            .context("loading the eBPF object")?;
-        // The interface index is resolved in this thread's namespace, hence inside `ns`.
-        dp.attach_bench_program(name, &iface)
-            .with_context(|| format!("attaching {name} to {iface} in driver mode"))?;
-        Ok(dp)
-    })??;
-    Ok(BenchXdp { _dp: dp })
 }
 
 /// The flood for one configuration: warm-up, then `windows` measurements of `window` each.
@@ -743,12 +558,14 @@ fn flood(
         )?;
     }
     let limit = PPS_WARMUP + window * windows as u32 + Duration::from_secs(20);
-    let mut generator = Generator::start(rtr, &peer, frame.to_vec(), limit);
+    let header =
+        BenchGenHeader::from_frame(frame).context("flood frame shorter than its headers")?;
+    let mut generator = Generator::start(rtr, &peer, frame.to_vec(), header, limit);
     thread::sleep(PPS_WARMUP);
     generator.ensure_running()?;
     let mut results = Vec::new();
     // A counter snapshot is dated halfway through the `ethtool` run that took it.
-    let snapshot = || -> Result<(VethXdp, Instant)> {
+    let snapshot = || -> Result<(crate::livegen::VethXdp, Instant)> {
         let before = Instant::now();
         let c = veth_xdp(rtr, &peer)?;
         Ok((c, before + before.elapsed() / 2))

@@ -16,6 +16,7 @@ pub mod downloads;
 pub mod fixture;
 pub mod http;
 pub mod interrupt;
+pub mod livegen;
 pub mod netns;
 pub mod packet;
 pub mod pgload;

@@ -69,6 +69,8 @@ pub struct TestbedOptions {
     pub metrics: bool,
     /// The `mon` host (see [`crate::topology::MON_ADDR`]) for a Prometheus server.
     pub monitor: bool,
+    /// Extra arguments of `xlb agent` (e.g. table sizes).
+    pub agent_args: Vec<String>,
 }
 
 /// Port of each agent's `--metrics-listen` (with [`TestbedOptions::metrics`]).
@@ -105,6 +107,7 @@ impl TestbedOptions {
             databases: 0,
             metrics: false,
             monitor: false,
+            agent_args: Vec::new(),
         }
     }
 
@@ -303,7 +306,8 @@ impl Testbed {
     /// The agent's command-line flags beyond interface, mode, socket and state directory: the
     /// metrics listener if asked for, the sync flags in an active-active bed.
     fn agent_args(&self, lb: &str) -> Vec<String> {
-        let mut args = self.agent_extra.get(lb).cloned().unwrap_or_default();
+        let mut args = self.options.agent_args.clone();
+        args.extend(self.agent_extra.get(lb).cloned().unwrap_or_default());
         if self.options.metrics {
             args.push("--metrics-listen".into());
             args.push(format!("{}:{METRICS_PORT}", lb_addr(lb)));

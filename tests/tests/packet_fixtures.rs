@@ -1463,6 +1463,16 @@ fn cached_next_hop_still_answers_frag_needed_for_ipip() {
     });
 }
 
+/// A frame as a balancer may have left it (MACs rewritten, TTL and addresses changed): the
+/// generator must write its whole template back.
+fn used_copy(frame: &[u8]) -> Vec<u8> {
+    let mut used = frame.to_vec();
+    used[..12].copy_from_slice(&[9; 12]);
+    used[22] = 1;
+    used[26..34].copy_from_slice(&[7; 8]);
+    used
+}
+
 #[test]
 fn bench_generator_rewrites_its_headers_and_the_sink_drops_only_the_flood() {
     in_fixture_netns(|ifindex| {
@@ -1477,12 +1487,8 @@ fn bench_generator_rewrites_its_headers_and_the_sink_drops_only_the_flood() {
         )));
         let header = lb_common::BenchGenHeader::from_frame(&flood).unwrap();
         let gen_prog = dp.bench_generator(&header).unwrap();
-        // A frame as a balancer left it (MACs rewritten, TTL and addresses changed): the
-        // generator writes the template back and takes the next source port.
-        let mut used = flood.clone();
-        used[..12].copy_from_slice(&[9; 12]);
-        used[22] = 1;
-        used[26..34].copy_from_slice(&[7; 8]);
+        // The generator writes the template back and takes the next source port.
+        let used = used_copy(&flood);
         for n in 1..=3u16 {
             let mut expected = flood.clone();
             let port = lb_common::BENCH_GEN_FIRST_PORT + n;
@@ -1492,8 +1498,36 @@ fn bench_generator_rewrites_its_headers_and_the_sink_drops_only_the_flood() {
             assert_eq!(hex(&out), hex(&expected), "generator frame {n}");
         }
 
+        // The SYN flood: spoofed sources counted up from the template's (4 addresses, 2 ports
+        // each), every frame with a valid IPv4 checksum.
+        let flood_src = Ipv4Addr::from(lb_common::BENCH_FLOOD_NET);
+        let syn = inbound(&Ip::to(flood_src, VIP, 6).packet(&tcp(1024, 80, SYN, 0)));
+        let header = lb_common::BenchGenHeader::syn_flood(&syn, 4, 8).unwrap();
+        let gen_prog = dp.bench_generator(&header).unwrap();
+        let first = run(gen_prog, ifindex, &syn).1;
+        // Where the per-CPU counter stands: the first frame's flow, from its address and port.
+        let n0 = u32::from_be_bytes(first[26..30].try_into().unwrap()) - flood_src.to_bits()
+            + 4 * u32::from(u16::from_be_bytes([first[34], first[35]]) - 1024);
+        for k in 1..=8u32 {
+            let i = (n0 + k) % 8;
+            let src = Ipv4Addr::from_bits(flood_src.to_bits() + i % 4);
+            let expected =
+                inbound(&Ip::to(src, VIP, 6).packet(&tcp(1024 + (i / 4) as u16, 80, SYN, 0)));
+            let (action, out) = run(gen_prog, ifindex, &used_copy(&syn));
+            assert_eq!(action, XDP_TX);
+            // The TCP checksum stays the template's (0 here); everything else is as built.
+            assert_eq!(hex(&out), hex(&expected), "SYN flood frame {k}");
+            assert_eq!(checksum(&out[14..34]), 0, "IPv4 checksum of frame {k}");
+        }
+
         let sink = dp.bench_program(lb_common::programs::BENCH_SINK).unwrap();
         let ipip = encapsulated(&flood[14..], 0);
+        let flood_syn =
+            inbound(&Ip::to(Ipv4Addr::new(10, 111, 200, 5), VIP, 6).packet(&tcp(1024, 80, SYN, 0)));
+        let flood_syn_ipip = encapsulated(&flood_syn[14..], 1);
+        let legit_syn = inbound(&client_syn(1024, 80));
+        let flood_ack =
+            inbound(&Ip::to(Ipv4Addr::new(10, 111, 200, 5), VIP, 6).packet(&tcp(1024, 80, ACK, 0)));
         let other_port = inbound(&Ip::to(CLIENT, VIP, 17).packet(&udp(1024, 53, &[0; 18])));
         let tcp9 = inbound(&Ip::to(CLIENT, VIP, 6).packet(&tcp(1024, 9, ACK, 0)));
         let mut truncated = flood.clone();
@@ -1529,6 +1563,30 @@ fn bench_generator_rewrites_its_headers_and_the_sink_drops_only_the_flood() {
                 Fixture {
                     description: "sink: UDP header cut short → pass",
                     input: truncated,
+                    expected: None,
+                    action: XDP_PASS,
+                },
+                Fixture {
+                    description: "sink: a SYN from the flood's sources → drop",
+                    input: flood_syn,
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "sink: the same inside IPIP → drop",
+                    input: flood_syn_ipip,
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "sink: a client's SYN → pass",
+                    input: legit_syn,
+                    expected: None,
+                    action: XDP_PASS,
+                },
+                Fixture {
+                    description: "sink: an ACK from the flood's sources → pass",
+                    input: flood_ack,
                     expected: None,
                     action: XDP_PASS,
                 },
