@@ -14,6 +14,7 @@ pub mod cmd;
 pub mod cpu;
 pub mod downloads;
 pub mod fixture;
+pub mod fuzz;
 pub mod http;
 pub mod interrupt;
 pub mod livegen;

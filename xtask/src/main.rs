@@ -10,6 +10,7 @@
 //!   `bench/results/`.
 //! - `package`: release build, man pages and shell completions (`dist`), then the Debian package
 //!   with cargo-deb (installed by `setup` when missing) in `target/debian/`.
+//! - `fuzz`: release build, then the balancer fuzzer (`tests/src/bin/fuzz.rs`) for long runs.
 //!
 //! This crate deliberately depends on nothing from the workspace: it has to build and run before
 //! the prerequisites of the eBPF build exist.
@@ -85,9 +86,20 @@ enum Task {
         /// Leave out the end-to-end and packet-rate part.
         #[arg(long)]
         skip_e2e: bool,
-        /// Run only this part (repeatable): packets, control-plane, serve-loop, flows, e2e.
+        /// Run only this part (repeatable): packets, control-plane, serve-loop, flows, firewall,
+        /// e2e.
         #[arg(long, value_name = "PART")]
         only: Vec<String>,
+    },
+    /// Release build, then fuzz the balancer with random and mutated frames
+    /// (BPF_PROG_TEST_RUN); `cargo xtask test` runs 200000 of them.
+    Fuzz {
+        /// Frames to send.
+        #[arg(long, default_value_t = 10_000_000)]
+        frames: u64,
+        /// Seed (the same seed sends the same frames; `cargo xtask test` uses 13).
+        #[arg(long, default_value_t = 13)]
+        seed: u64,
     },
 }
 
@@ -156,6 +168,7 @@ fn main() {
             only,
         } => bench(skip_setup, quick, skip_e2e, &only),
         Task::Package { skip_setup } => package(skip_setup),
+        Task::Fuzz { frames, seed } => fuzz(frames, seed),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -631,10 +644,7 @@ fn demo(skip_setup: bool, forward: &str, xdp_mode: &str, requests: u32, stack: b
 // ---------------------------------------------------------------------------------------------
 // bench
 
-fn bench(skip_setup: bool, quick: bool, skip_e2e: bool, only: &[String]) -> Result<()> {
-    if !skip_setup {
-        setup()?;
-    }
+fn build_release() -> Result<()> {
     phase("build binaries (release)", || {
         run(cargo().args([
             "build",
@@ -644,14 +654,26 @@ fn bench(skip_setup: bool, quick: bool, skip_e2e: bool, only: &[String]) -> Resu
             "lb-ebpf",
             "--bins",
         ]))
-    })?;
-    let release = target_dir().join("release");
-    // As for the demo: the bench removes its namespaces on SIGINT and exits, so xtask waits.
+    })
+}
+
+/// As for the demo: the bench and the fuzzer remove their namespaces on SIGINT and exit, so
+/// xtask waits for them.
+fn wait_through_sigint() {
     extern "C" fn ignore(_: libc::c_int) {}
     // SAFETY: installing an empty, async-signal-safe handler.
     unsafe {
         libc::signal(libc::SIGINT, ignore as *const () as libc::sighandler_t);
     }
+}
+
+fn bench(skip_setup: bool, quick: bool, skip_e2e: bool, only: &[String]) -> Result<()> {
+    if !skip_setup {
+        setup()?;
+    }
+    build_release()?;
+    let release = target_dir().join("release");
+    wait_through_sigint();
     let mut cmd = Command::new(release.join("bench"));
     if quick {
         cmd.arg("--quick");
@@ -667,6 +689,23 @@ fn bench(skip_setup: bool, quick: bool, skip_e2e: bool, only: &[String]) -> Resu
     let status = status_of(&mut cmd)?;
     if !status.success() {
         bail!("the benchmarks failed ({status})");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// fuzz
+
+fn fuzz(frames: u64, seed: u64) -> Result<()> {
+    build_release()?;
+    wait_through_sigint();
+    let status = status_of(
+        Command::new(target_dir().join("release").join("fuzz"))
+            .args(["--frames", &frames.to_string(), "--seed", &seed.to_string()])
+            .current_dir(workspace_root()),
+    )?;
+    if !status.success() {
+        bail!("the fuzzer failed ({status})");
     }
     Ok(())
 }

@@ -60,6 +60,11 @@ impl DataplaneStats {
 }
 
 impl Dataplane {
+    /// Per-reason packet counters (`lb_common::reason::NAMES`), summed over CPUs.
+    pub fn reason_stats(&self) -> Result<BTreeMap<String, u64>, DataplaneError> {
+        sum_names(&self.reason_stats, maps::REASON_STATS, &reason::NAMES)
+    }
+
     /// Per-event counters (`lb_common::event::NAMES`), summed over CPUs.
     pub fn event_stats(&self) -> Result<BTreeMap<String, u64>, DataplaneError> {
         sum_names(&self.event_stats, maps::EVENT_STATS, &event::NAMES)
@@ -88,7 +93,7 @@ impl Dataplane {
         }
         Ok(DataplaneStats {
             vips,
-            reasons: sum_names(&self.reason_stats, maps::REASON_STATS, &reason::NAMES)?,
+            reasons: self.reason_stats()?,
             events: self.event_stats()?,
             flow_capacity: self.flow_capacity,
             embryo_capacity: self.embryo_capacity,
