@@ -7,6 +7,7 @@
 //! command and wait bounded in time.
 
 pub mod backend;
+pub mod bench_door;
 pub mod bench_e2e;
 pub mod capture;
 pub mod client;

@@ -161,6 +161,8 @@ pub struct VethXdp {
     pub xmit_errors: u64,
     /// XDP_DROP verdicts of the program on this device (the sink).
     pub drops: u64,
+    /// Frames the device's XDP program ran on.
+    pub packets: u64,
 }
 
 /// The XDP counters of `iface` in `ns`.
@@ -178,6 +180,8 @@ pub fn veth_xdp(ns: &Netns, iface: &str) -> Result<VethXdp> {
             &mut c.xmit_errors
         } else if key.starts_with("rx_queue_") && key.ends_with("_xdp_drops") {
             &mut c.drops
+        } else if key.starts_with("rx_queue_") && key.ends_with("_xdp_packets") {
+            &mut c.packets
         } else {
             continue;
         };
@@ -188,7 +192,7 @@ pub fn veth_xdp(ns: &Netns, iface: &str) -> Result<VethXdp> {
         seen += 1;
     }
     ensure!(
-        seen >= 3,
+        seen >= 4,
         "no veth XDP counters in `ethtool -S {iface}`:\n{out}"
     );
     Ok(c)

@@ -103,6 +103,11 @@ impl DenyMaps {
         )
     }
 
+    /// The file descriptor of half `half` (its fdinfo tells the kernel's memory figure).
+    pub fn fd(&self, half: u32) -> std::os::fd::BorrowedFd<'_> {
+        self.tries[half as usize & 1].map().fd().as_fd()
+    }
+
     /// Delete `prefixes` from half `half` (those not there are skipped).
     pub fn clear(&mut self, half: u32, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError> {
         let keys: Vec<_> = prefixes.iter().map(deny_key).collect();

@@ -14,6 +14,8 @@
 //! - *new flow, derived*: established (repeat) + (new-flow per call − established per call), i.e.
 //!   the per-call difference added to the repeat figure, which cancels the timer overhead.
 
+#[path = "../bench/firewall.rs"]
+mod firewall;
 #[path = "../bench/packets.rs"]
 mod packets;
 #[path = "../bench/serve_loop.rs"]
@@ -88,6 +90,9 @@ enum Part {
     ServeLoop,
     /// `xlb flows` (count, list of 100) on a full table, and the serve loop meanwhile.
     Flows,
+    /// The door (issue 13): per-packet cost with a million deny-list prefixes, loading them,
+    /// and, live, denied packets against nftables and a SYN flood.
+    Firewall,
     /// End to end and packet rate in the netns topology.
     E2e,
 }
@@ -191,10 +196,36 @@ fn run(args: &Args) -> Result<()> {
         rows.extend(flow_rows);
         targets.markdown.push_str(&flow_targets);
     }
+    if args.wants(Part::Firewall) {
+        let ns = packets::bench_netns().context("benchmark namespace")?;
+        let plan_in = (plan.runs, plan.repeat, plan.batches, plan.batch);
+        let (door_rows, door_targets) = ns.enter(move || firewall::rows(plan_in))??;
+        rows.extend(door_rows);
+        targets.markdown.push_str(&door_targets);
+    }
 
     let mut md = stats::markdown(&rows);
     if args.wants(Part::Packets) {
         md.push_str(&profile_section(&profiles, profiling));
+    }
+    let mut door = Value::Null;
+    if args.wants(Part::Firewall) && !args.skip_e2e {
+        interrupt::check()?;
+        println!("bench: the door on the live path (bench_door)");
+        let deny = firewall::deny_prefixes(firewall::DENY_PREFIXES);
+        match xlb_tests::bench_door::run(args.quick, &deny) {
+            Ok(d) => {
+                md.push_str(&d.markdown);
+                door = d.json;
+            }
+            Err(e) => {
+                eprintln!("bench: the door's live part failed: {e:#}");
+                md.push_str(&format!(
+                    "\n### The door on the live path\n\nfailed: {e:#}\n"
+                ));
+                door = json!({"error": format!("{e:#}")});
+            }
+        }
     }
     let mut e2e = Value::Null;
     if args.wants(Part::E2e) {
@@ -241,6 +272,7 @@ fn run(args: &Args) -> Result<()> {
         "targets": targets.json,
         "profiles": profile::json(&profiles),
         "e2e": e2e,
+        "door": door,
     });
     std::fs::write(&json_path, serde_json::to_string_pretty(&j)? + "\n")?;
     println!(
@@ -271,7 +303,7 @@ fn document(machine: &Value, quick: bool, table: &str, targets: &str, elapsed: f
     format!(
         "# xlb benchmark results\n\n\
          - date (UTC): {}\n- commit: {}\n- kernel: {}\n- CPU: {} × {}\n- mode: {} ({elapsed:.0} s)\n\n\
-         {METHOD}\n{table}\n### Targets (issues 6 and 10)\n\n{targets}",
+         {METHOD}\n{table}\n### Targets (issues 6, 10 and 13)\n\n{targets}",
         machine["date"].as_str().unwrap_or("?"),
         machine["commit"].as_str().unwrap_or("?"),
         machine["kernel"].as_str().unwrap_or("?"),

@@ -1,0 +1,243 @@
+//! The door's per-packet cost and the deny list's scale (issue 13), through BPF_PROG_TEST_RUN
+//! in the benchmark namespace: the same L2 VIP with and without a million deny-list prefixes
+//! and ten thousand allow-list prefixes loaded, side by side; and what loading a million
+//! prefixes takes (time, kernel memory).
+
+use crate::{
+    packets::{ACK, LB, SYN, VIP, backend, tcp_frame},
+    per_call, repeated, same_frame,
+    stats::{Row, Spread, median},
+    syns, test_run,
+};
+use anyhow::{Result, bail};
+use std::{collections::BTreeSet, net::Ipv4Addr, os::fd::AsRawFd, time::Instant};
+use xlb::{
+    dataplane::Dataplane,
+    model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec, net::Ipv4Net, policy::SourcePolicy},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const PORT: u16 = 80;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 2);
+/// A source on the deny list.
+const DENIED: Ipv4Addr = Ipv4Addr::new(10, 111, 128, 7);
+pub const DENY_PREFIXES: u32 = 1_000_000;
+pub const ALLOW_PREFIXES: u32 = 10_000;
+
+/// `n` distinct random /32s (a fixed seed), none in 10.111.0.0/16, then 10.111.128.0/17.
+pub fn deny_prefixes(n: u32) -> Vec<Ipv4Net> {
+    let mut seen = BTreeSet::new();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    while seen.len() < n as usize - 1 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let a = Ipv4Addr::from_bits(x as u32);
+        if a.octets()[..2] != [10, 111] {
+            seen.insert(Ipv4Net::host(a));
+        }
+    }
+    let mut v: Vec<Ipv4Net> = seen.into_iter().collect();
+    v.push("10.111.128.0/17".parse().unwrap());
+    v
+}
+
+/// The client's /24 and `n - 1` other /24s of 100.64.0.0/10.
+fn allow_prefixes(n: u32) -> Vec<Ipv4Net> {
+    let mut v = vec!["10.111.0.0/24".parse().unwrap()];
+    for i in 0..n - 1 {
+        let a = Ipv4Addr::from_bits(Ipv4Addr::new(100, 64, 0, 0).to_bits() + (i << 8));
+        v.push(Ipv4Net::new(a, 24).unwrap());
+    }
+    v
+}
+
+fn vip_spec(policy: SourcePolicy) -> VipSpec {
+    VipSpec {
+        key: ServiceKey {
+            addr: VIP,
+            port: PORT,
+            proto: Proto::Tcp,
+        },
+        forward: Forward::L2,
+        backends: (0..3)
+            .map(|i| BackendSpec {
+                addr: backend(i),
+                weight: 1,
+            })
+            .collect(),
+        icmp_echo: true,
+        policy,
+    }
+}
+
+/// The kernel's figure for a map's memory (`memlock` in /proc/self/fdinfo of its descriptor).
+fn memlock(fd: i32) -> Option<u64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Slab memory of the machine (kB): the tries' nodes come from it.
+fn slab_kb() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Slab:")
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+}
+
+/// The door's rows; `p` is (runs, repeat, batches, batch) as for the per-packet part.
+pub fn rows(p: (usize, u32, usize, usize)) -> Result<(Vec<Row>, String)> {
+    let (runs, repeat, batches, batch) = p;
+    let s = "Door (issue 13), per packet";
+    let c = "Door (issue 13), control plane";
+    xlb_tests::cpu::pin_to_one()?;
+    let ifindex = xlb::util::interface_index("lb0")?;
+    let mut dp = Dataplane::load_unattached(1 << 18, Some(LB))?;
+    dp.apply_vip(&vip_spec(SourcePolicy::default()), &BTreeSet::new())?;
+    let established = |dp: &Dataplane, sport: u16| -> Result<Vec<u8>> {
+        let prog = dp.balancer()?;
+        test_run(
+            prog,
+            ifindex,
+            &tcp_frame(CLIENT, VIP, sport, PORT, SYN, 0),
+            1,
+        )?;
+        let ack = tcp_frame(CLIENT, VIP, sport, PORT, ACK, 0);
+        test_run(prog, ifindex, &ack, 1)?;
+        Ok(ack)
+    };
+    let pass = tcp_frame(CLIENT, Ipv4Addr::new(10, 111, 1, 99), 1000, 22, SYN, 0);
+    let denied = tcp_frame(DENIED, VIP, 1000, PORT, SYN, 0);
+
+    // Without lists.
+    println!("bench: door, per packet without lists");
+    let ack = established(&dp, 1000)?;
+    let prog = dp.balancer()?;
+    let est_plain = repeated(prog, ifindex, &ack, XDP_TX, runs, repeat, "established")?;
+    let est_plain_call = per_call(
+        prog,
+        ifindex,
+        &same_frame(&ack, batches, batch),
+        XDP_TX,
+        "est",
+    )?;
+    let new_plain_call = per_call(
+        prog,
+        ifindex,
+        &syns(CLIENT, PORT, 2000, batches, batch),
+        XDP_TX,
+        "new flow",
+    )?;
+    let pass_plain = repeated(prog, ifindex, &pass, XDP_PASS, runs, repeat, "pass")?;
+
+    // The lists: a million deny-list prefixes (batches into the other half, then the switch, as
+    // `xlb deny load` does), ten thousand allow-list prefixes on the VIP.
+    println!("bench: door, loading {DENY_PREFIXES} deny-list prefixes");
+    let deny = deny_prefixes(DENY_PREFIXES);
+    let mut maps = dp.deny_maps()?;
+    let slab_before = slab_kb();
+    let t = Instant::now();
+    maps.fill(1, &deny)?;
+    dp.set_deny_list(1, deny.len())?;
+    let fill_s = t.elapsed().as_secs_f64();
+    let slab_after = slab_kb();
+    let memlock_mb = memlock(maps.fd(1).as_raw_fd()).map(|b| b as f64 / 1e6);
+    let allow = allow_prefixes(ALLOW_PREFIXES);
+    let t = Instant::now();
+    dp.apply_vip(
+        &vip_spec(SourcePolicy {
+            allow_src: allow,
+            ..Default::default()
+        }),
+        &BTreeSet::new(),
+    )?;
+    let allow_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    println!("bench: door, per packet with the lists");
+    let ack = established(&dp, 1001)?;
+    let prog = dp.balancer()?;
+    let est_lists = repeated(
+        prog,
+        ifindex,
+        &ack,
+        XDP_TX,
+        runs,
+        repeat,
+        "established, lists",
+    )?;
+    let est_lists_call = per_call(
+        prog,
+        ifindex,
+        &same_frame(&ack, batches, batch),
+        XDP_TX,
+        "est, lists",
+    )?;
+    let new_lists_call = per_call(
+        prog,
+        ifindex,
+        &syns(CLIENT, PORT, 20_000, batches, batch),
+        XDP_TX,
+        "new flow, lists",
+    )?;
+    let pass_lists = repeated(prog, ifindex, &pass, XDP_PASS, runs, repeat, "pass, lists")?;
+    let drop_lists = repeated(prog, ifindex, &denied, XDP_DROP, runs, repeat, "denied")?;
+    if dp.stats()?.reasons["drop_deny_list"] == 0 {
+        bail!("the denied SYNs were not counted as drop_deny_list");
+    }
+
+    // Emptying the old half after a load, as the agent does.
+    let t = Instant::now();
+    maps.clear(1, &deny)?;
+    let clear_s = t.elapsed().as_secs_f64();
+    dp.set_deny_list(0, 0)?;
+
+    let base = Spread::of(&est_plain);
+    let with = Spread::of(&est_lists);
+    let added = with.median - base.median;
+    let new_added = median(&new_lists_call) - median(&new_plain_call);
+    let lists = format!("{DENY_PREFIXES} deny + {ALLOW_PREFIXES} allow prefixes");
+    let slab = match (slab_before, slab_after) {
+        (Some(a), Some(b)) => format!("{:.0} MB", (b as f64 - a as f64) / 1e3),
+        _ => "n/a".into(),
+    };
+    let mem = memlock_mb.map_or("n/a".into(), |m| format!("{m:.0} MB"));
+    let rows = vec![
+        Row::new(s, "established packet, L2, no lists", "ns/pkt", base),
+        Row::new(s, format!("established packet, L2, {lists}"), "ns/pkt", with)
+            .vs("no lists", &base)
+            .note(format!("{added:+.1} ns: the flow's cached checks hold (policy generation)")),
+        Row::new(s, "established packet, per call, no lists", "ns/call", Spread::of(&est_plain_call)),
+        Row::new(s, format!("established packet, per call, {lists}"), "ns/call", Spread::of(&est_lists_call))
+            .vs("no lists", &Spread::of(&est_plain_call)),
+        Row::new(s, "new-flow SYN, per call, no lists", "ns/call", Spread::of(&new_plain_call)),
+        Row::new(s, format!("new-flow SYN, per call, {lists}"), "ns/call", Spread::of(&new_lists_call))
+            .vs("no lists", &Spread::of(&new_plain_call))
+            .note(format!("{new_added:+.0} ns: the deny-list, VIP deny and allow lookups")),
+        Row::new(s, "non-VIP packet (XDP_PASS), empty deny list", "ns/pkt", Spread::of(&pass_plain)),
+        Row::new(s, format!("non-VIP packet (XDP_PASS), {DENY_PREFIXES} deny prefixes"), "ns/pkt", Spread::of(&pass_lists))
+            .vs("empty list", &Spread::of(&pass_plain)),
+        Row::new(s, format!("denied SYN to the VIP (XDP_DROP), {DENY_PREFIXES} deny prefixes"), "ns/pkt", Spread::of(&drop_lists)),
+        Row::new(c, format!("deny list: {DENY_PREFIXES} prefixes into the inactive half (batches) + switch"), "s", Spread::of(&[fill_s]))
+            .note(format!("kernel memory: memlock {mem}, slab grew by {slab} (the machine is shared: slab is noisy)")),
+        Row::new(c, format!("deny list: {DENY_PREFIXES} prefixes out of the old half (batches)"), "s", Spread::of(&[clear_s])),
+        Row::new(c, format!("VIP with {ALLOW_PREFIXES} allow prefixes applied (apply_vip)"), "ms", Spread::of(&[allow_ms])),
+    ];
+    let verdict = if added <= 15.0 {
+        "**met**"
+    } else {
+        "**missed**"
+    };
+    let targets = format!(
+        "\n- Established packet with {lists} loaded: {added:+.1} ns over the same packet without lists \
+         ({:.1} vs {:.1} ns/pkt, medians); target ≤ 15 ns: {verdict}.\n",
+        with.median, base.median
+    );
+    Ok((rows, targets))
+}
