@@ -27,7 +27,7 @@ pub mod maps {
     pub const BENCH_GEN: &str = "BENCH_GEN";
     pub const BENCH_GEN_HEADER: &str = "BENCH_GEN_HEADER";
     pub const IPIP_IDS: &str = "IPIP_IDS";
-    /// The global deny list, double buffered: `LbConfig::deny_live` picks the live one.
+    /// The global deny list, double buffered: `PolicyState::deny_live` picks the live one.
     pub const DENY: [&str; 2] = ["DENY0", "DENY1"];
     pub const VIP_ALLOW: &str = "VIP_ALLOW";
     pub const VIP_DENY: &str = "VIP_DENY";
@@ -36,6 +36,7 @@ pub mod maps {
     pub const SRC_BUCKETS: &str = "SRC_BUCKETS";
     pub const VIP_DROPS: &str = "VIP_DROPS";
     pub const EMBRYOS: &str = "EMBRYOS";
+    pub const POLICY: &str = "POLICY";
 }
 
 /// Layout versions of the maps whose contents outlive an agent: the agent pins them in bpffs as
@@ -45,18 +46,40 @@ pub mod maps {
 /// it); `tests::every_pinned_map_layout_matches_its_version` fails until both are done. A change of
 /// capacity (`max_entries`) alone is not a new version: the agent copies into a resized map.
 pub mod layout {
-    pub const VIPS: u32 = 1;
+    /// Version 2: `VipMeta` gained `flags` (the door's `VIP_F_*`); a v1 entry is copied with
+    /// flags 0 (no source lists, no limits: what a build without the door had).
+    pub const VIPS: u32 = 2;
     pub const VIP_ADDRS: u32 = 1;
     pub const RINGS: u32 = 1;
     pub const RR_COUNTERS: u32 = 1;
     pub const BACKENDS: u32 = 1;
-    /// Version 2 exists only in builds with the test-only `layout-test` feature, where
-    /// `FlowValue` has one more field: a second build whose data path really differs, to test
-    /// an upgrade that migrates the flow table.
+    /// Version 2: `FlowValue::policy_gen` where v1 had padding (same size, new meaning); a v1
+    /// flow is copied with generation 0, "check again". Version 3 exists only in builds with
+    /// the test-only `layout-test` feature, where `FlowValue` has one more field: a second build
+    /// whose data path really differs, to test an upgrade that migrates the flow table.
     #[cfg(not(feature = "layout-test"))]
-    pub const FLOWS: u32 = 1;
-    #[cfg(feature = "layout-test")]
     pub const FLOWS: u32 = 2;
+    #[cfg(feature = "layout-test")]
+    pub const FLOWS: u32 = 3;
+    /// The embryonic flows (values are `FlowValue`s, so its layout follows `FLOWS`'s): pinned
+    /// so that a SYN flood finds the same table after a restart and handshakes in progress
+    /// complete on the backend they started with. Version 2 only in `layout-test` builds.
+    #[cfg(not(feature = "layout-test"))]
+    pub const EMBRYOS: u32 = 1;
+    #[cfg(feature = "layout-test")]
+    pub const EMBRYOS: u32 = 2;
+    /// The deny list's two halves: a restart keeps dropping what the list names, with no agent.
+    pub const DENY: u32 = 1;
+    /// The VIPs' source lists, both halves (`VIPS` names the live one of each VIP).
+    pub const VIP_ALLOW: u32 = 1;
+    pub const VIP_DENY: u32 = 1;
+    pub const VIP_LIMITS: u32 = 1;
+    /// The new-flow limits' buckets: a restart must not hand every source a fresh burst.
+    pub const VIP_BUCKETS: u32 = 1;
+    pub const SRC_BUCKETS: u32 = 1;
+    pub const VIP_DROPS: u32 = 1;
+    /// The policy generation and the live deny-list half.
+    pub const POLICY: u32 = 1;
     pub const VIP_STATS: u32 = 1;
     pub const BACKEND_STATS: u32 = 1;
     /// Indexed by `reason::*`: new reasons are only ever appended (a longer array is a resize).
@@ -81,6 +104,16 @@ pub mod layout {
         (super::maps::EVENT_STATS, EVENT_STATS),
         (super::maps::FLOW_EVENTS, FLOW_EVENTS),
         (super::maps::IPIP_IDS, IPIP_IDS),
+        (super::maps::EMBRYOS, EMBRYOS),
+        (super::maps::DENY[0], DENY),
+        (super::maps::DENY[1], DENY),
+        (super::maps::VIP_ALLOW, VIP_ALLOW),
+        (super::maps::VIP_DENY, VIP_DENY),
+        (super::maps::VIP_LIMITS, VIP_LIMITS),
+        (super::maps::VIP_BUCKETS, VIP_BUCKETS),
+        (super::maps::SRC_BUCKETS, SRC_BUCKETS),
+        (super::maps::VIP_DROPS, VIP_DROPS),
+        (super::maps::POLICY, POLICY),
     ];
 }
 
@@ -376,11 +409,11 @@ pub struct FlowValue {
     pub last_seen_ns: u64,
     /// `FLOW_F_*` bits, host order: 0 when the data path assigned the flow.
     pub flags: u32,
-    /// `LbConfig::policy_gen` when the flow's cached decisions were last made (host order; 0 =
+    /// `PolicyState::generation` when the flow's cached decisions were last made (host order; 0 =
     /// never): while it equals the current generation, the flow's packets skip the source checks
     /// (deny list, the VIP's allow and deny lists). Flows installed from peers carry 0.
     pub policy_gen: u32,
-    /// Builds with the test-only `layout-test` feature only (`layout::FLOWS` 2): when the flow
+    /// Builds with the test-only `layout-test` feature only (`layout::FLOWS` 3): when the flow
     /// was assigned (CLOCK_MONOTONIC_COARSE, host order).
     #[cfg(feature = "layout-test")]
     pub created_ns: u64,
@@ -439,14 +472,29 @@ pub struct LbConfig {
     /// How many high bits of an outer IPv4 ID carry the CPU number (host order; at most 16):
     /// enough for every possible CPU, see `ipip_id_cpu_bits`.
     pub ipip_id_cpu_bits: u32,
-    /// The policy generation (host order, never 0): bumped by the agent whenever the deny list,
-    /// a VIP's source lists or a VIP changes. A flow's cached decisions (`FlowValue::policy_gen`)
-    /// are valid while they were made under the current generation.
-    pub policy_gen: u32,
-    /// Which of `DENY0`/`DENY1` is the live deny list (0 or 1, host order).
-    pub deny_live: u32,
     pub _pad: u32,
 }
+
+/// Value of the one-entry `POLICY` array: the door's state that every packet reads and that
+/// must outlive an agent (pinned, unlike `CONFIG`, which belongs to one loaded program): a
+/// restarted agent continues the generation and finds the live deny list where it was.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyState {
+    /// The policy generation (host order; 0 only in a map nobody wrote yet): bumped by the agent
+    /// whenever the deny list, a VIP's source lists or a VIP changes. A flow's cached decisions
+    /// (`FlowValue::policy_gen`) are valid while they were made under the current generation.
+    pub generation: u32,
+    /// Which of `DENY0`/`DENY1` is the live deny list (0 or 1, host order).
+    pub deny_live: u32,
+    /// `POLICY_F_*` bits, host order.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// The live deny list has prefixes: every packet's source is looked up in it (without the flag,
+/// an empty list costs nothing).
+pub const POLICY_F_DENY_LIST: u32 = 1;
 
 /// The `LbConfig::ipip_id_cpu_bits` for a machine with `possible_cpus` CPUs: the fewest bits
 /// that number them all. The outer ID of a fragmentable IPIP packet is the CPU number in these
@@ -468,9 +516,6 @@ pub const CONFIG_F_ICMP_ECHO: u32 = 2;
 /// flow, because its entry may still be on its way from the old table; its sender retransmits it.
 /// Set by the agent only between the program swap and the last copy pass.
 pub const CONFIG_F_MIGRATING: u32 = 1 << 2;
-/// The live deny list has prefixes: every packet's source is looked up in it (without the flag,
-/// an empty list costs nothing).
-pub const CONFIG_F_DENY_LIST: u32 = 1 << 3;
 
 /// What happened to a packet: one per-CPU packet counter each in `REASON_STATS`. Every packet the
 /// balancer sees lands in exactly one of these.
@@ -665,7 +710,8 @@ const _: () = {
     assert!(size_of::<FlowValue>() == 32);
     assert!(size_of::<FlowEvent>() == 24);
     assert!(size_of::<TrafficCounters>() == 24);
-    assert!(size_of::<LbConfig>() == 24);
+    assert!(size_of::<LbConfig>() == 16);
+    assert!(size_of::<PolicyState>() == 16);
     assert!(size_of::<BenchGenHeader>() == 72);
 };
 
@@ -687,6 +733,7 @@ mod pod {
     unsafe impl aya::Pod for VipLimits {}
     unsafe impl aya::Pod for SrcBucketKey {}
     unsafe impl aya::Pod for VipDrops {}
+    unsafe impl aya::Pod for PolicyState {}
 }
 
 #[cfg(test)]
@@ -738,6 +785,16 @@ mod tests {
             policy_gen,
             created_ns
         });
+        let flow_key = shape!(FlowKey {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto,
+            _pad
+        });
+        // aya's LPM key: the prefix length (u32, host order), then the data.
+        let lpm_key = |data: usize| format!("LpmKey={} prefix_len@0:4 data@4:{data}", 4 + data);
         let kv = |k: String, v: String| format!("key {k}; value {v}");
         std::vec![
             (
@@ -749,7 +806,8 @@ mod tests {
                         id,
                         ring_len,
                         ring_half,
-                        forward
+                        forward,
+                        flags
                     })
                 )
             ),
@@ -789,7 +847,7 @@ mod tests {
                         proto,
                         _pad
                     }),
-                    flow_value
+                    flow_value.clone()
                 ),
             ),
             (
@@ -829,6 +887,81 @@ mod tests {
                 layout::IPIP_IDS,
                 kv(shape!(u32), shape!(u32))
             ),
+            (
+                maps::EMBRYOS,
+                layout::EMBRYOS,
+                kv(flow_key.clone(), flow_value.clone())
+            ),
+            (
+                maps::DENY[0],
+                layout::DENY,
+                kv(lpm_key(size_of::<DenyData>()), shape!(u8))
+            ),
+            (
+                maps::DENY[1],
+                layout::DENY,
+                kv(lpm_key(size_of::<DenyData>()), shape!(u8))
+            ),
+            (
+                maps::VIP_ALLOW,
+                layout::VIP_ALLOW,
+                kv(lpm_key(size_of::<VipSrcData>()), shape!(u8))
+            ),
+            (
+                maps::VIP_DENY,
+                layout::VIP_DENY,
+                kv(lpm_key(size_of::<VipSrcData>()), shape!(u8))
+            ),
+            (
+                maps::VIP_LIMITS,
+                layout::VIP_LIMITS,
+                kv(
+                    shape!(u32),
+                    shape!(VipLimits {
+                        src_interval_ns,
+                        src_tolerance_ns,
+                        vip_interval_ns,
+                        vip_tolerance_ns
+                    })
+                )
+            ),
+            (
+                maps::VIP_BUCKETS,
+                layout::VIP_BUCKETS,
+                kv(shape!(u32), shape!(u64))
+            ),
+            (
+                maps::SRC_BUCKETS,
+                layout::SRC_BUCKETS,
+                kv(shape!(SrcBucketKey { src_addr, vip_id }), shape!(u64))
+            ),
+            (
+                maps::VIP_DROPS,
+                layout::VIP_DROPS,
+                kv(
+                    shape!(u32),
+                    shape!(VipDrops {
+                        deny_list,
+                        src_denied,
+                        src_not_allowed,
+                        rate_limited_src,
+                        rate_limited_vip
+                    })
+                )
+            ),
+            (
+                maps::POLICY,
+                layout::POLICY,
+                kv(
+                    shape!(u32),
+                    shape!(PolicyState {
+                        generation,
+                        deny_live,
+                        flags,
+                        _pad
+                    })
+                )
+            ),
         ]
     }
 
@@ -858,11 +991,6 @@ mod tests {
             "key FlowKey=16 src_addr@0:4 dst_addr@4:4 src_port@8:2 dst_port@10:2 proto@12:1 _pad@13:3; value FlowValue=24 backend_addr@0:4 backend_id@4:4 last_seen_ns@8:8 flags@16:4 _pad@20:4",
         ),
         (
-            "FLOWS",
-            2,
-            "key FlowKey=16 src_addr@0:4 dst_addr@4:4 src_port@8:2 dst_port@10:2 proto@12:1 _pad@13:3; value FlowValue=32 backend_addr@0:4 backend_id@4:4 last_seen_ns@8:8 flags@16:4 _pad@20:4 created_ns@24:8",
-        ),
-        (
             "VIP_STATS",
             1,
             "key u32=4; value TrafficCounters=24 packets@0:8 bytes@8:8 new_flows@16:8",
@@ -880,6 +1008,72 @@ mod tests {
             "records FlowEvent=24 flow@0:16 backend_addr@16:4 _pad@20:4",
         ),
         ("IPIP_IDS", 1, "key u32=4; value u32=4"),
+        (
+            "VIPS",
+            2,
+            "key VipKey=8 addr@0:4 port@4:2 proto@6:1 _pad@7:1; value VipMeta=20 id@0:4 ring_len@4:4 ring_half@8:4 forward@12:4 flags@16:4",
+        ),
+        (
+            "FLOWS",
+            2,
+            "key FlowKey=16 src_addr@0:4 dst_addr@4:4 src_port@8:2 dst_port@10:2 proto@12:1 _pad@13:3; value FlowValue=24 backend_addr@0:4 backend_id@4:4 last_seen_ns@8:8 flags@16:4 policy_gen@20:4",
+        ),
+        (
+            "EMBRYOS",
+            1,
+            "key FlowKey=16 src_addr@0:4 dst_addr@4:4 src_port@8:2 dst_port@10:2 proto@12:1 _pad@13:3; value FlowValue=24 backend_addr@0:4 backend_id@4:4 last_seen_ns@8:8 flags@16:4 policy_gen@20:4",
+        ),
+        (
+            "DENY0",
+            1,
+            "key LpmKey=8 prefix_len@0:4 data@4:4; value u8=1",
+        ),
+        (
+            "DENY1",
+            1,
+            "key LpmKey=8 prefix_len@0:4 data@4:4; value u8=1",
+        ),
+        (
+            "VIP_ALLOW",
+            1,
+            "key LpmKey=12 prefix_len@0:4 data@4:8; value u8=1",
+        ),
+        (
+            "VIP_DENY",
+            1,
+            "key LpmKey=12 prefix_len@0:4 data@4:8; value u8=1",
+        ),
+        (
+            "VIP_LIMITS",
+            1,
+            "key u32=4; value VipLimits=32 src_interval_ns@0:8 src_tolerance_ns@8:8 vip_interval_ns@16:8 vip_tolerance_ns@24:8",
+        ),
+        ("VIP_BUCKETS", 1, "key u32=4; value u64=8"),
+        (
+            "SRC_BUCKETS",
+            1,
+            "key SrcBucketKey=8 src_addr@0:4 vip_id@4:4; value u64=8",
+        ),
+        (
+            "VIP_DROPS",
+            1,
+            "key u32=4; value VipDrops=40 deny_list@0:8 src_denied@8:8 src_not_allowed@16:8 rate_limited_src@24:8 rate_limited_vip@32:8",
+        ),
+        (
+            "POLICY",
+            1,
+            "key u32=4; value PolicyState=16 generation@0:4 deny_live@4:4 flags@8:4 _pad@12:4",
+        ),
+        (
+            "FLOWS",
+            3,
+            "key FlowKey=16 src_addr@0:4 dst_addr@4:4 src_port@8:2 dst_port@10:2 proto@12:1 _pad@13:3; value FlowValue=32 backend_addr@0:4 backend_id@4:4 last_seen_ns@8:8 flags@16:4 policy_gen@20:4 created_ns@24:8",
+        ),
+        (
+            "EMBRYOS",
+            2,
+            "key FlowKey=16 src_addr@0:4 dst_addr@4:4 src_port@8:2 dst_port@10:2 proto@12:1 _pad@13:3; value FlowValue=32 backend_addr@0:4 backend_id@4:4 last_seen_ns@8:8 flags@16:4 policy_gen@20:4 created_ns@24:8",
+        ),
     ];
 
     #[test]

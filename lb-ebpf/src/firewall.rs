@@ -7,18 +7,18 @@
 //!
 //! An LPM lookup costs tens of nanoseconds, more than an established packet's whole budget, so a
 //! flow remembers the policy generation its checks passed under (`FlowValue::policy_gen`): while
-//! it equals `LbConfig::policy_gen`, the flow's packets skip the source checks. The agent bumps
+//! it equals `PolicyState::generation` (`POLICY`), the flow's packets skip the source checks. The agent bumps
 //! the generation after every change of the deny list, of a VIP's lists or of a VIP, so every
 //! flow is checked once more against the new policy on its next packet.
 
 use crate::{
-    maps::{CONFIG, DENY0, DENY1, SRC_BUCKETS, VIP_ALLOW, VIP_BUCKETS, VIP_DENY, VIP_LIMITS},
+    maps::{DENY0, DENY1, POLICY, SRC_BUCKETS, VIP_ALLOW, VIP_BUCKETS, VIP_DENY, VIP_LIMITS},
     stats,
 };
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use core::arch::asm;
 use lb_common::{
-    CONFIG_F_DENY_LIST, SrcBucketKey, VIP_F_ALLOW, VIP_F_DENY, VIP_F_LIST_HALF, VIP_F_SRC_LIMIT,
+    POLICY_F_DENY_LIST, SrcBucketKey, VIP_F_ALLOW, VIP_F_DENY, VIP_F_LIST_HALF, VIP_F_SRC_LIMIT,
     VIP_F_VIP_LIMIT, VipMeta, event, reason, vip_list_tag, vip_src_data,
 };
 
@@ -26,10 +26,10 @@ use lb_common::{
 /// changing it): bounded, as the verifier needs.
 const CAS_ATTEMPTS: usize = 4;
 
-/// What the data path reads of `CONFIG` for its source checks.
+/// What the data path reads of `POLICY` for its source checks.
 #[derive(Clone, Copy)]
 pub struct Policy {
-    /// `LbConfig::policy_gen`.
+    /// `PolicyState::generation`.
     pub generation: u32,
     deny_live: u32,
     flags: u32,
@@ -38,11 +38,11 @@ pub struct Policy {
 /// The current policy (one array lookup).
 #[inline(always)]
 pub fn policy() -> Policy {
-    match CONFIG.get(0) {
-        Some(cfg) => Policy {
-            generation: cfg.policy_gen,
-            deny_live: cfg.deny_live,
-            flags: cfg.flags,
+    match POLICY.get(0) {
+        Some(p) => Policy {
+            generation: p.generation,
+            deny_live: p.deny_live,
+            flags: p.flags,
         },
         None => Policy {
             generation: 0,
@@ -55,7 +55,7 @@ pub fn policy() -> Policy {
 /// `src` (network order) is on the live deny list. Free while the list is empty.
 #[inline(always)]
 pub fn deny_listed(src: u32, policy: &Policy) -> bool {
-    if policy.flags & CONFIG_F_DENY_LIST == 0 {
+    if policy.flags & POLICY_F_DENY_LIST == 0 {
         return false;
     }
     let key = Key::new(32, src.to_ne_bytes());

@@ -8,8 +8,8 @@ use aya_ebpf::{
 use lb_common::{
     Backend, DEFAULT_EMBRYO_CAPACITY, DEFAULT_FLOW_CAPACITY, DenyData, FLOW_EVENTS_BYTES, FlowKey,
     FlowValue, LbConfig, MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_DENY_PREFIXES, MAX_VIP_PREFIXES,
-    MAX_VIPS, RING_ENTRIES, SRC_BUCKET_ENTRIES, SrcBucketKey, TrafficCounters, VipAddr, VipDrops,
-    VipKey, VipLimits, VipMeta, VipSrcData, decap_reason, event, reason,
+    MAX_VIPS, PolicyState, RING_ENTRIES, SRC_BUCKET_ENTRIES, SrcBucketKey, TrafficCounters,
+    VipAddr, VipDrops, VipKey, VipLimits, VipMeta, VipSrcData, decap_reason, event, reason,
 };
 
 #[map(name = "VIPS")]
@@ -41,8 +41,8 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
 pub static EMBRYOS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_EMBRYO_CAPACITY, 0);
 
-/// The global deny list, two copies (`LbConfig::deny_live` picks the live one): `xlb deny load`
-/// fills the other, then switches with one update of `CONFIG`. LPM tries (the kernel requires
+/// The global deny list, two copies (`PolicyState::deny_live` picks the live one): `xlb deny
+/// load` fills the other, then switches with one update of `POLICY`. LPM tries (the kernel requires
 /// BPF_F_NO_PREALLOC, which aya adds): memory is taken per prefix, not for the capacity.
 #[map(name = "DENY0")]
 pub static DENY0: LpmTrie<DenyData, u8> = LpmTrie::with_max_entries(MAX_DENY_PREFIXES, 0);
@@ -87,6 +87,11 @@ pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason
 
 #[map(name = "CONFIG")]
 pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
+
+/// The door's state (one entry): the policy generation and the live deny-list half. Pinned with
+/// the tries it points into, so the old and the new program of a restart share it.
+#[map(name = "POLICY")]
+pub static POLICY: Array<PolicyState> = Array::with_max_entries(1, 0);
 
 /// Addresses (network order) whose IPIP packets the decapsulator strips.
 #[map(name = "DECAP_ADDRS")]

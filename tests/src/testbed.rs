@@ -400,6 +400,12 @@ impl Testbed {
     /// long the new agent took to answer.
     pub fn kill_and_restart_agent(&mut self, lb: &str) -> Result<Duration> {
         self.kill_agent(lb)?;
+        self.start_after_kill(lb)
+    }
+
+    /// Start the agent on `lb` again after `kill_agent` (its data path must still be attached);
+    /// how long the new agent took to answer.
+    pub fn start_after_kill(&mut self, lb: &str) -> Result<Duration> {
         ensure!(
             has_xdp(self.ns(lb), HOST_IFACE)?,
             "{lb}'s data path went with its SIGKILLed agent"

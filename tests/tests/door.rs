@@ -1,7 +1,8 @@
 //! The door end to end (issue 13), on one test bed (ipip, driver XDP, so xlb's live-frames
 //! generator can flood lb1): a VIP's allow and deny lists, the global deny list (added,
 //! removed, loaded from files, a file with a bad line refused, kept across an agent restart),
-//! new-flow limits with exact counts, and a bounded SYN flood from spoofed sources while
+//! the pinned deny list and allow list dropping while no agent runs after a SIGKILL and taken
+//! over by the next agent (the deny list by difference from its saved file), new-flow limits with exact counts, and a bounded SYN flood from spoofed sources while
 //! downloads are in flight and a client opens a connection every 20 ms. The long flood with
 //! 30 downloads is in `cargo xtask bench`.
 
@@ -103,6 +104,7 @@ fn the_door_end_to_end() {
     let mut bed = Testbed::up(options).expect("bringing up the test bed");
     source_lists(&bed);
     deny_list(&mut bed);
+    survives_sigkill(&mut bed);
     limits(&bed);
     syn_flood(&bed);
 }
@@ -227,6 +229,56 @@ fn deny_list(bed: &mut Testbed) {
     assert_eq!(deny_count(bed), 0);
     println!(
         "DOOR deny list: add/del, load of 1001 and 1000 prefixes, bad line refused, restart kept it"
+    );
+}
+
+/// The door outlives its agent: after a SIGKILL the pinned deny list and a VIP's allow list keep
+/// dropping with no agent running, and the next agent takes them over — the deny list made equal
+/// to its saved file by difference, in place (the file changed meanwhile, as a restore from a
+/// backup would), the allow list read back as it is.
+fn survives_sigkill(bed: &mut Testbed) {
+    let cli = CLI_ADDR.to_string();
+    xlb(bed, &["deny", "add", "198.51.100.0/24", &cli]);
+    assert!(!can_connect(bed), "denied");
+    bed.kill_agent("lb1").expect("SIGKILL to the agent");
+    assert!(
+        !can_connect(bed),
+        "the deny list drops with no agent running"
+    );
+    assert!(!bed.ping(LB1_ADDR).unwrap(), "ping to lb1 too");
+    let saved = bed.dir.path().join("lb1/state/deny.txt");
+    std::fs::write(&saved, "198.51.100.0/24\n203.0.113.0/24\n").expect("writing deny.txt");
+    bed.start_after_kill("lb1")
+        .expect("starting the agent again");
+    assert_eq!(deny_count(bed), 2);
+    assert!(can_connect(bed), "cli's entry went with the file's");
+    let log = bed.agent_log();
+    assert!(
+        log.contains("deny list taken over: 1 prefixes added, 1 removed"),
+        "{log}"
+    );
+
+    vip_set(bed, &["--allow-src", "10.111.0.128/25"]);
+    assert!(!can_connect(bed), "outside the allow list");
+    bed.kill_agent("lb1").expect("SIGKILL to the agent");
+    assert!(
+        !can_connect(bed),
+        "the allow list holds with no agent running"
+    );
+    bed.start_after_kill("lb1")
+        .expect("starting the agent again");
+    assert!(!can_connect(bed), "and once the new agent took it over");
+    let list = bed.client().vip_list().expect("vip list --json");
+    assert_eq!(
+        list["vips"][0]["allow_src"],
+        serde_json::json!(["10.111.0.128/25"])
+    );
+    vip_set(bed, &["--allow-src", "none"]);
+    assert!(can_connect(bed), "the list cleared by the new agent");
+    xlb(bed, &["deny", "del", "198.51.100.0/24", "203.0.113.0/24"]);
+    assert_eq!(deny_count(bed), 0);
+    println!(
+        "DOOR SIGKILL: deny list and allow list kept dropping without an agent; taken over (deny list by difference)"
     );
 }
 

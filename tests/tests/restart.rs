@@ -32,7 +32,8 @@ const DOWNLOADS: usize = 9;
 const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(40);
 
 /// The other build (`--features layout-test`: `FlowValue` has one more field, FLOWS is layout
-/// version 2): `$XLB_UPGRADE_BIN`, which `cargo xtask test` sets, else where xtask puts it.
+/// version 3 and EMBRYOS, which holds `FlowValue`s too, version 2): `$XLB_UPGRADE_BIN`, which
+/// `cargo xtask test` sets, else where xtask puts it.
 fn upgrade_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("XLB_UPGRADE_BIN") {
         return PathBuf::from(p);
@@ -239,8 +240,14 @@ fn kill_term_upgrade_and_reload_are_hitless() {
     let log = bed.agent_log();
     let migrated: Vec<&str> = log.lines().filter(|l| l.contains("upgrade: ")).collect();
     assert!(
-        migrated.iter().any(|l| l.contains("FLOWS: layout v1 → v2")),
+        migrated.iter().any(|l| l.contains("FLOWS: layout v2 → v3")),
         "the new build did not migrate the flow table:\n{log}"
+    );
+    assert!(
+        migrated
+            .iter()
+            .any(|l| l.contains("EMBRYOS: layout v1 → v2")),
+        "the new build did not migrate the embryonic table:\n{log}"
     );
     for line in &migrated {
         println!(
@@ -344,7 +351,7 @@ fn refuse_downgrade(bed: &Testbed) {
     let last = out.stderr.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("xlb: error: incompatible data path state")
-            && last.contains("FLOWS in layout version 2")
+            && last.contains("FLOWS in layout version 3")
             && last.contains("xlb detach"),
         "{}",
         out.stderr

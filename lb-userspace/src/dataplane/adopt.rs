@@ -2,10 +2,16 @@
 //! use is read back from `VIPS`, `RINGS` and `BACKENDS`, so the agent continues exactly where the
 //! last one stopped (a VIP keeps its id and counters, a backend its slot and its flows, the next
 //! ring is written into the half that is not live), and the backends the data path had taken out
-//! of service stay down until their checks say otherwise.
+//! of service stay down until their checks say otherwise. A VIP's source lists are read back from
+//! `VIP_ALLOW`/`VIP_DENY` (the half its `VIPS` entry names live, the other one's entries as
+//! leftovers to clear before that half is written) and its limits from `VIP_LIMITS`, so the
+//! reconcile that follows rewrites only what differs from the saved state.
 
 use super::{Dataplane, DataplaneError, InstalledVip, map_err};
-use crate::model::{Proto, ServiceKey};
+use crate::model::{
+    Proto, ServiceKey,
+    policy::{RateLimit, SourcePolicy},
+};
 use lb_common::{BACKEND_F_ACTIVE, Backend, MAX_BACKENDS, MAX_VIPS, RING_SLOTS, maps, ring_index};
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -79,6 +85,7 @@ impl Dataplane {
         }
         let mut down = BTreeSet::new();
         let mut installed = BTreeMap::new();
+        let mut lists = self.read_source_lists()?;
         for (key, meta) in vips {
             let Some(service) = service_key(&key) else {
                 log::warn!(
@@ -119,13 +126,17 @@ impl Dataplane {
                     half: meta.ring_half,
                     backends: kept.into_iter().map(|(a, slot, _)| (a, slot)).collect(),
                     icmp_echo,
-                    // Read back from the source-list tries below.
-                    policy: Default::default(),
+                    policy: self.read_back_policy(&meta, &mut lists)?,
                     list_half: u32::from(meta.flags & lb_common::VIP_F_LIST_HALF != 0),
-                    leftover: None,
+                    leftover: lists.remove(&lb_common::vip_list_tag(
+                        meta.id,
+                        u32::from(meta.flags & lb_common::VIP_F_LIST_HALF == 0),
+                    )),
                 },
             );
         }
+        // Lists of VIPs that no longer exist.
+        self.clear_lists_by_tag(&lists);
         // Slots of VIPs that no longer exist.
         for slot in claims.into_values().flatten().map(|(slot, _)| slot) {
             self.backends_map
@@ -143,6 +154,33 @@ impl Dataplane {
             .collect();
         self.installed = installed;
         Ok(down)
+    }
+
+    /// A running VIP's source lists (its live half's, taken out of `lists`) and limits.
+    fn read_back_policy(
+        &self,
+        meta: &lb_common::VipMeta,
+        lists: &mut super::firewall::ListsByTag,
+    ) -> Result<SourcePolicy, DataplaneError> {
+        let half = u32::from(meta.flags & lb_common::VIP_F_LIST_HALF != 0);
+        let mut policy = lists
+            .remove(&lb_common::vip_list_tag(meta.id, half))
+            .unwrap_or_default();
+        let limits = self.installed_limits(meta.id)?;
+        let limit = |on: bool, interval: u64, tolerance: u64| {
+            (on && interval > 0).then(|| RateLimit::from_gcra_ns(interval, tolerance))
+        };
+        policy.src_limit = limit(
+            meta.flags & lb_common::VIP_F_SRC_LIMIT != 0,
+            limits.src_interval_ns,
+            limits.src_tolerance_ns,
+        );
+        policy.vip_limit = limit(
+            meta.flags & lb_common::VIP_F_VIP_LIMIT != 0,
+            limits.vip_interval_ns,
+            limits.vip_tolerance_ns,
+        );
+        Ok(policy)
     }
 
     /// The VIPs installed in the data path (after an adoption: those the running one had).

@@ -1,11 +1,11 @@
 //! The door in the maps: the global deny list (two LPM tries, `DENY0`/`DENY1`, one live), every
 //! VIP's source allow and deny lists (`VIP_ALLOW`, `VIP_DENY`, each list under its VIP's tag and
-//! one of two halves), the new-flow limits (`VIP_LIMITS`), and the policy generation in `CONFIG`
+//! one of two halves), the new-flow limits (`VIP_LIMITS`), and the policy generation in `POLICY`
 //! that tells flows their cached source checks are outdated.
 //!
 //! The deny list is changed by another thread than the one that owns the `Dataplane` (a load of
 //! a million prefixes takes seconds): it works on `DenyMaps`, handles of its own to the two
-//! tries, and only the switch (`set_deny_list`, one `CONFIG` update) goes through here.
+//! tries, and only the switch (`set_deny_list`, one `POLICY` update) goes through here.
 
 use super::{Dataplane, DataplaneError, InstalledVip, batch, map_err};
 use crate::model::{net::Ipv4Net, policy::SourcePolicy};
@@ -14,12 +14,16 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use lb_common::{
-    CONFIG_F_DENY_LIST, DenyData, LbConfig, MAX_DENY_PREFIXES, MAX_VIP_PREFIXES, VIP_F_ALLOW,
+    DenyData, MAX_DENY_PREFIXES, MAX_VIP_PREFIXES, POLICY_F_DENY_LIST, PolicyState, VIP_F_ALLOW,
     VIP_F_DENY, VIP_F_LIST_HALF, VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT, VipDrops, VipLimits, VipSrcData,
     maps, vip_list_tag, vip_src_data,
 };
 use serde::{Deserialize, Serialize};
-use std::os::fd::AsFd;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    os::fd::AsFd,
+};
 
 /// Entries per batch system call when a trie is filled or cleared.
 const CHUNK: usize = 65_536;
@@ -30,6 +34,30 @@ pub(super) type VipTrie = LpmTrie<MapData, VipSrcData, u8>;
 /// The LPM key of a deny-list prefix.
 fn deny_key(net: &Ipv4Net) -> Key<DenyData> {
     Key::new(u32::from(net.prefix_len()), net.addr().octets())
+}
+
+/// The prefix of a deny-list key (`None`: not one this agent could have written).
+fn deny_net(key: &Key<DenyData>) -> Option<Ipv4Net> {
+    Ipv4Net::new(
+        Ipv4Addr::from(key.data()),
+        u8::try_from(key.prefix_len()).ok()?,
+    )
+}
+
+/// The list tag and the prefix of a source-list key.
+fn vip_net(key: &Key<VipSrcData>) -> Option<(u32, Ipv4Net)> {
+    let data = key.data();
+    let tag = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+    let len = u8::try_from(key.prefix_len().checked_sub(32)?).ok()?;
+    let net = Ipv4Net::new(Ipv4Addr::new(data[4], data[5], data[6], data[7]), len)?;
+    Some((tag, net))
+}
+
+fn corrupt(name: &'static str) -> DataplaneError {
+    DataplaneError::Io {
+        what: format!("reading map {name}: a key this agent never writes"),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+    }
 }
 
 /// The LPM key of a source prefix in the list half tagged `tag`.
@@ -108,6 +136,17 @@ impl DenyMaps {
         self.tries[half as usize & 1].map().fd().as_fd()
     }
 
+    /// The prefixes in half `half`, read back from the trie (one `BPF_MAP_GET_NEXT_KEY` each).
+    pub fn read(&self, half: u32) -> Result<BTreeSet<Ipv4Net>, DataplaneError> {
+        let name = maps::DENY[half as usize & 1];
+        let mut nets = BTreeSet::new();
+        for key in self.tries[half as usize & 1].keys() {
+            let key = key.map_err(map_err(name))?;
+            nets.insert(deny_net(&key).ok_or_else(|| corrupt(name))?);
+        }
+        Ok(nets)
+    }
+
     /// Delete `prefixes` from half `half` (those not there are skipped).
     pub fn clear(&mut self, half: u32, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError> {
         let keys: Vec<_> = prefixes.iter().map(deny_key).collect();
@@ -181,43 +220,45 @@ impl Dataplane {
     }
 
     /// Make half `live` of the deny list the live one, holding `prefixes` prefixes (0: the data
-    /// path skips the lookup), and bump the policy generation, in one update of `CONFIG`: a
+    /// path skips the lookup), and bump the policy generation, in one update of `POLICY`: a
     /// packet sees the old list or the new one, and every flow is checked again against it.
     pub fn set_deny_list(&mut self, live: u32, prefixes: usize) -> Result<(), DataplaneError> {
         let flags = if prefixes > 0 {
-            self.lb_config.flags | CONFIG_F_DENY_LIST
+            self.policy_state.flags | POLICY_F_DENY_LIST
         } else {
-            self.lb_config.flags & !CONFIG_F_DENY_LIST
+            self.policy_state.flags & !POLICY_F_DENY_LIST
         };
-        self.write_config(LbConfig {
+        self.write_policy(PolicyState {
             flags,
             deny_live: live & 1,
-            policy_gen: next_generation(self.lb_config.policy_gen),
-            ..self.lb_config
+            generation: next_generation(self.policy_state.generation),
+            ..self.policy_state
         })
     }
 
     /// The live half of the deny list.
     pub fn deny_live(&self) -> u32 {
-        self.lb_config.deny_live
+        self.policy_state.deny_live
     }
 
     /// The current policy generation (a flow checked under another one is checked again).
     pub fn policy_generation(&self) -> u32 {
-        self.lb_config.policy_gen
+        self.policy_state.generation
     }
 
     /// Tell every flow its cached source checks are outdated (after a change of a VIP).
     pub(super) fn bump_policy(&mut self) -> Result<(), DataplaneError> {
-        self.write_config(LbConfig {
-            policy_gen: next_generation(self.lb_config.policy_gen),
-            ..self.lb_config
+        self.write_policy(PolicyState {
+            generation: next_generation(self.policy_state.generation),
+            ..self.policy_state
         })
     }
 
-    pub(super) fn write_config(&mut self, cfg: LbConfig) -> Result<(), DataplaneError> {
-        self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))?;
-        self.lb_config = cfg;
+    fn write_policy(&mut self, state: PolicyState) -> Result<(), DataplaneError> {
+        self.policy
+            .set(0, state, 0)
+            .map_err(map_err(maps::POLICY))?;
+        self.policy_state = state;
         Ok(())
     }
 
@@ -339,6 +380,95 @@ impl Dataplane {
     }
 }
 
+/// What taking over the running data path's deny list changed in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyReconcile {
+    pub added: usize,
+    pub removed: usize,
+    /// Prefixes a load that never switched had left in the other half (emptied).
+    pub leftover: usize,
+}
+
+/// A VIP's source lists as read back from the tries, by list tag (`vip_list_tag`).
+pub(super) type ListsByTag = BTreeMap<u32, SourcePolicy>;
+
+impl Dataplane {
+    /// Taking over a running data path: make its live deny list hold `prefixes` (the saved
+    /// list) by difference, in place — prefixes added first, then the ones no longer listed
+    /// removed, so the list is never empty meanwhile and what stays listed is never let in —
+    /// and empty the other half of what a load that never switched left there.
+    pub(super) fn reconcile_deny_list(
+        &mut self,
+        prefixes: &[Ipv4Net],
+    ) -> Result<DenyReconcile, DataplaneError> {
+        if prefixes.len() > MAX_DENY_PREFIXES as usize {
+            return Err(DataplaneError::DenyListFull {
+                n: prefixes.len(),
+                max: MAX_DENY_PREFIXES as usize,
+            });
+        }
+        let live = self.policy_state.deny_live & 1;
+        let mut tries = self.deny_maps()?;
+        let have = tries.read(live)?;
+        let want: BTreeSet<Ipv4Net> = prefixes.iter().copied().collect();
+        let add: Vec<Ipv4Net> = want.difference(&have).copied().collect();
+        let remove: Vec<Ipv4Net> = have.difference(&want).copied().collect();
+        tries.fill(live, &add)?;
+        tries.clear(live, &remove)?;
+        let other: Vec<Ipv4Net> = tries.read(live ^ 1)?.into_iter().collect();
+        tries.clear(live ^ 1, &other)?;
+        let flagged = self.policy_state.flags & POLICY_F_DENY_LIST != 0;
+        if !add.is_empty() || !remove.is_empty() || flagged == want.is_empty() {
+            self.set_deny_list(live, want.len())?;
+        }
+        Ok(DenyReconcile {
+            added: add.len(),
+            removed: remove.len(),
+            leftover: other.len(),
+        })
+    }
+
+    /// Every source list in `VIP_ALLOW` and `VIP_DENY`, by list tag (taking over: which VIP has
+    /// which lists in which half).
+    pub(super) fn read_source_lists(&self) -> Result<ListsByTag, DataplaneError> {
+        let mut lists = ListsByTag::new();
+        for (trie, name, allow) in [
+            (&self.vip_allow, maps::VIP_ALLOW, true),
+            (&self.vip_deny, maps::VIP_DENY, false),
+        ] {
+            for key in trie.keys() {
+                let key = key.map_err(map_err(name))?;
+                let (tag, net) = vip_net(&key).ok_or_else(|| corrupt(name))?;
+                let policy = lists.entry(tag).or_default();
+                if allow {
+                    policy.allow_src.push(net);
+                } else {
+                    policy.deny_src.push(net);
+                }
+            }
+        }
+        Ok(lists)
+    }
+
+    /// Remove source lists no VIP accounts for (an agent that died between writing a VIP's
+    /// lists and switching to them, or after removing the VIP).
+    pub(super) fn clear_lists_by_tag(&mut self, orphans: &ListsByTag) {
+        for (tag, policy) in orphans {
+            if let Err(e) = self.clear_source_lists(tag >> 1, tag & 1, policy) {
+                log::warn!("clearing source lists no VIP uses (tag {tag}): {e}");
+            }
+        }
+    }
+
+    /// The limits a VIP's `VIP_LIMITS` entry holds now (read back when taking over, and to tell
+    /// whether a change of a VIP's limit needs a fresh bucket).
+    pub(super) fn installed_limits(&self, vip_id: u32) -> Result<VipLimits, DataplaneError> {
+        self.vip_limits
+            .get(&vip_id, 0)
+            .map_err(map_err(maps::VIP_LIMITS))
+    }
+}
+
 /// The generation after `g` (never 0, which marks a flow never checked).
 fn next_generation(g: u32) -> u32 {
     match g.wrapping_add(1) {
@@ -376,6 +506,17 @@ mod tests {
         assert_eq!(limits.src_tolerance_ns, 2_000_000_000);
         assert_eq!(half_flag(1), VIP_F_LIST_HALF);
         assert_eq!(half_flag(0), 0);
+    }
+
+    #[test]
+    fn keys_read_back_as_they_were_written() {
+        let net: Ipv4Net = "10.111.64.0/18".parse().unwrap();
+        assert_eq!(deny_net(&deny_key(&net)), Some(net));
+        let tag = vip_list_tag(300, 1);
+        assert_eq!(vip_net(&vip_key(tag, &net)), Some((tag, net)));
+        // A key no agent writes (host bits, a prefix shorter than the tag) is not guessed at.
+        assert_eq!(deny_net(&Key::new(8, [10, 1, 0, 0])), None);
+        assert_eq!(vip_net(&Key::new(16, [0; 8])), None);
     }
 
     #[test]

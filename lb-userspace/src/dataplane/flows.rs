@@ -243,9 +243,15 @@ impl Dataplane {
     ) -> Result<InstallReport, DataplaneError> {
         // Chosen by the peer: marked so (`xlb flows` shows the origin).
         self.install(
-            flows
-                .into_iter()
-                .map(|e| (e.flow, e.backend_addr, None, FLOW_F_PEER)),
+            maps::FLOWS,
+            flows.into_iter().map(|e| super::live::FlowInstall {
+                key: e.flow,
+                backend_addr: e.backend_addr,
+                last_seen_ns: None,
+                flags: FLOW_F_PEER,
+                // Never checked here: the flow's first packet makes the source checks.
+                policy_gen: 0,
+            }),
             0,
         )
     }

@@ -102,8 +102,11 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> DataplaneError {
 }
 
 /// The maps this build pins, with the shapes its object declares (the flow table at
-/// `flow_capacity`).
-fn expected_maps(flow_capacity: u32) -> Result<Vec<Expected>, DataplaneError> {
+/// `flow_capacity`, the embryonic table at `embryo_capacity`).
+fn expected_maps(
+    flow_capacity: u32,
+    embryo_capacity: u32,
+) -> Result<Vec<Expected>, DataplaneError> {
     let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| DataplaneError::Io {
         what: "parsing the embedded XDP object".into(),
         source: std::io::Error::other(e),
@@ -115,10 +118,10 @@ fn expected_maps(flow_capacity: u32) -> Result<Vec<Expected>, DataplaneError> {
                 .maps
                 .get(name)
                 .ok_or(DataplaneError::MissingMap { name })?;
-            let max_entries = if name == maps::FLOWS {
-                flow_capacity
-            } else {
-                m.max_entries()
+            let max_entries = match name {
+                maps::FLOWS => flow_capacity,
+                maps::EMBRYOS => embryo_capacity,
+                _ => m.max_entries(),
             };
             Ok(Expected {
                 name,
@@ -284,7 +287,7 @@ impl Dataplane {
         let found = found_pins(&dir)?;
         let plans = plan::plan(
             dir.path(),
-            &expected_maps(opts.flow_capacity)?,
+            &expected_maps(opts.flow_capacity, opts.embryo_capacity)?,
             &found,
             adopted.is_some(),
         )
@@ -307,7 +310,19 @@ impl Dataplane {
             }
         };
         let (mut dp, startup, pending) = loaded;
-        if adopted.is_none() && !opts.deny.is_empty() {
+        if adopted.is_some() {
+            // The running data path's deny list (pinned, still dropping) becomes the saved one
+            // by difference: never empty meanwhile.
+            let r = dp.reconcile_deny_list(&opts.deny)?;
+            if r != super::firewall::DenyReconcile::default() {
+                log::info!(
+                    "deny list taken over: {} prefixes added, {} removed ({} left by an unfinished load cleared)",
+                    r.added,
+                    r.removed,
+                    r.leftover
+                );
+            }
+        } else if !opts.deny.is_empty() {
             // A first attach: the deny list is in place before the program sees a packet.
             dp.install_deny_list(&opts.deny)?;
         }
@@ -366,10 +381,10 @@ impl Dataplane {
             ..Startup::default()
         };
         let mut pending = Vec::new();
-        // Everything but the flow table first: the flows are installed by backend address,
+        // Everything but the flow tables first: the flows are installed by backend address,
         // which needs the VIPs and slots in place.
         for p in plans {
-            if let (Action::Copy(from), false) = (&p.action, p.name == maps::FLOWS) {
+            if let (Action::Copy(from), false) = (&p.action, is_flow_table(p.name)) {
                 let (before, count) = copy_same_layout(p, from, nr_cpus)?;
                 startup.copies.push(describe(p, from, count));
                 pending.push(Pending::new(p, from, before));
@@ -385,10 +400,11 @@ impl Dataplane {
         if adopting {
             startup.down = dp.rebuild_from_maps()?;
         }
-        if let Some(p) = plans.iter().find(|p| p.name == maps::FLOWS)
-            && let Action::Copy(from) = &p.action
-        {
-            let count = dp.copy_flows(from, 0)?;
+        for p in plans.iter().filter(|p| is_flow_table(p.name)) {
+            let Action::Copy(from) = &p.action else {
+                continue;
+            };
+            let count = dp.copy_flows(p.name, from, 0)?;
             startup.copies.push(describe(p, from, count));
             pending.push(Pending::new(p, from, Entries::new()));
             // Until the last pass after the swap, a flow may be missing from the new table only
@@ -398,25 +414,35 @@ impl Dataplane {
         Ok((dp, startup, pending))
     }
 
-    /// Copy the flows of the old table at `from` into this load's table, decoded from their
-    /// layout and installed by backend address. `flags` 0 overwrites, `BPF_NOEXIST` keeps what
-    /// the new program wrote.
-    fn copy_flows(&mut self, from: &plan::Source, flags: u64) -> Result<CopyCount, DataplaneError> {
-        let old = MapData::from_pin(&from.path).map_err(super::map_err(maps::FLOWS))?;
+    /// Copy the flows of the old table at `from` into this load's table `table` (`FLOWS` or
+    /// `EMBRYOS`), decoded from their layout and installed by backend address. `flags` 0
+    /// overwrites, `BPF_NOEXIST` keeps what the new program wrote.
+    fn copy_flows(
+        &mut self,
+        table: &'static str,
+        from: &plan::Source,
+        flags: u64,
+    ) -> Result<CopyCount, DataplaneError> {
+        let old = MapData::from_pin(&from.path).map_err(super::map_err(table))?;
         let entries = migrate::read_entries(old.fd().as_fd(), &from.shape, 1)
             .map_err(io_err(format!("reading {}", from.path.display())))?;
         let mut count = CopyCount::default();
         let mut flows = Vec::with_capacity(entries.len());
         for (key, value) in &entries {
-            match migrate::decode_flow(from.version, key, value) {
+            match migrate::decode_flow(migrate::flow_layout(table, from.version), key, value) {
                 Some(f) => flows.push(f),
                 None => count.left_out += 1,
             }
         }
         let report = self.install(
-            flows
-                .into_iter()
-                .map(|f| (f.key, f.backend_addr, Some(f.last_seen_ns), f.flags)),
+            table,
+            flows.into_iter().map(|f| FlowInstall {
+                key: f.key,
+                backend_addr: f.backend_addr,
+                last_seen_ns: Some(f.last_seen_ns),
+                flags: f.flags,
+                policy_gen: f.policy_gen,
+            }),
             flags,
         )?;
         count.copied += report.installed;
@@ -507,11 +533,11 @@ impl Dataplane {
     fn finish_copies(&mut self, p: &mut Pinned) -> Result<(), DataplaneError> {
         let nr_cpus = super::possible_cpus()?;
         for pending in std::mem::take(&mut p.pending) {
-            if pending.name == maps::FLOWS {
-                let count = self.copy_flows(&pending.from, migrate::BPF_NOEXIST)?;
+            if is_flow_table(pending.name) {
+                let count = self.copy_flows(pending.name, &pending.from, migrate::BPF_NOEXIST)?;
                 log::info!(
                     "{}: {} more flows copied after the swap ({} left out)",
-                    maps::FLOWS,
+                    pending.name,
                     count.copied,
                     count.left_out
                 );
@@ -577,7 +603,14 @@ fn is_counter(name: &str) -> bool {
             | maps::REASON_STATS
             | maps::EVENT_STATS
             | maps::RR_COUNTERS
+            | maps::VIP_DROPS
     )
+}
+
+/// The tables of flows (values `FlowValue`), copied by decoding each flow and installing it by
+/// backend address.
+fn is_flow_table(name: &str) -> bool {
+    matches!(name, maps::FLOWS | maps::EMBRYOS)
 }
 
 /// Copy a map of the same layout into the new, bigger or smaller one; the old entries as read.
@@ -593,10 +626,29 @@ fn copy_same_layout(
     let old = MapData::from_pin(&from.path).map_err(super::map_err(plan.name))?;
     let entries = migrate::read_entries(old.fd().as_fd(), &from.shape, nr_cpus)
         .map_err(io_err(format!("reading {}", from.path.display())))?;
+    // Another layout version (`plan::can_migrate` allowed it): each entry converted.
+    let converted = if from.version == plan.version {
+        None
+    } else {
+        Some(
+            migrate::upgrade_entries(plan.name, from.version, plan.version, entries.clone())
+                .ok_or_else(|| DataplaneError::Io {
+                    what: format!(
+                        "converting {} from layout v{} to v{}",
+                        plan.name, from.version, plan.version
+                    ),
+                    source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+                })?,
+        )
+    };
     // The new map, through its pin in staging/.
     let new = pins::obj_get(&plan.pin).map_err(pin_err)?;
-    let count = migrate::write_entries(new.as_fd(), &plan.shape, &entries)
-        .map_err(io_err(format!("writing {}", plan.name)))?;
+    let count = migrate::write_entries(
+        new.as_fd(),
+        &plan.shape,
+        converted.as_ref().unwrap_or(&entries),
+    )
+    .map_err(io_err(format!("writing {}", plan.name)))?;
     Ok((entries, count))
 }
 
@@ -712,13 +764,26 @@ pub fn remove_data_path(dir: &PinDir) -> Result<String, DataplaneError> {
 
 /// A flow to install: its key, its backend's address (network order), when it was last seen
 /// (`None`: now), its `FLOW_F_*` flags.
-pub(super) type FlowInstall = (FlowKey, u32, Option<u64>, u32);
+/// A flow to install by backend address.
+pub(super) struct FlowInstall {
+    pub(super) key: FlowKey,
+    /// Network order.
+    pub(super) backend_addr: u32,
+    /// `None`: now.
+    pub(super) last_seen_ns: Option<u64>,
+    /// `FLOW_F_*`.
+    pub(super) flags: u32,
+    /// The policy generation its source checks were made under (0: check again).
+    pub(super) policy_gen: u32,
+}
 
 impl Dataplane {
-    /// Install flows by backend address into this load's flow table (peer sync and migrations):
-    /// a flow whose VIP or backend this data path does not have is skipped and counted.
+    /// Install flows by backend address into this load's table `table` (`FLOWS`, or `EMBRYOS`
+    /// in a migration; peer sync and migrations): a flow whose VIP or backend this data path
+    /// does not have is skipped and counted.
     pub(super) fn install(
         &mut self,
+        table_name: &'static str,
         flows: impl IntoIterator<Item = FlowInstall>,
         flags: u64,
     ) -> Result<super::InstallReport, DataplaneError> {
@@ -731,12 +796,17 @@ impl Dataplane {
         }
         let map = self
             .ebpf
-            .map_mut(maps::FLOWS)
-            .ok_or(DataplaneError::MissingMap { name: maps::FLOWS })?;
+            .map_mut(table_name)
+            .ok_or(DataplaneError::MissingMap { name: table_name })?;
         let mut table: HashMap<&mut MapData, FlowKey, FlowValue> =
-            HashMap::try_from(map).map_err(super::map_err(maps::FLOWS))?;
+            HashMap::try_from(map).map_err(super::map_err(table_name))?;
         let mut report = super::InstallReport::default();
-        for (flow, backend_addr, last_seen, flow_flags) in flows {
+        for f in flows {
+            let FlowInstall {
+                key: flow,
+                backend_addr,
+                ..
+            } = f;
             let vip = lb_common::VipKey {
                 addr: flow.dst_addr,
                 port: flow.dst_port,
@@ -747,13 +817,16 @@ impl Dataplane {
                 report.unknown_backend += 1;
                 continue;
             };
-            let value = FlowValue::new(backend_addr, *id, last_seen.unwrap_or(now), flow_flags);
+            let value = FlowValue {
+                policy_gen: f.policy_gen,
+                ..FlowValue::new(backend_addr, *id, f.last_seen_ns.unwrap_or(now), f.flags)
+            };
             match table.insert(flow, value, flags) {
                 Ok(()) => report.installed += 1,
                 Err(aya::maps::MapError::SyscallError(e))
                     if flags == migrate::BPF_NOEXIST
                         && e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(super::map_err(maps::FLOWS)(e)),
+                Err(e) => return Err(super::map_err(table_name)(e)),
             }
         }
         Ok(report)

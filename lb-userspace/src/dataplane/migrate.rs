@@ -1,14 +1,15 @@
 //! Copying a running data path's state into new maps: when a map's capacity changed (same
-//! layout: entries copied as they are), or the flow table's layout version did (each flow decoded
-//! from its old layout into a neutral form and installed in the new table by backend address, the
-//! way peers' flows are). Done once before the program swap, and once more after it for what the
-//! old program wrote meanwhile (flows it created, counts it added).
+//! layout: entries copied as they are), or the layout version of the flow table or the embryonic
+//! table did (each flow decoded from its old layout into a neutral form and installed in the new
+//! table by backend address, the way peers' flows are), or that of `VIPS` did (each entry
+//! converted, `upgrade_entries`). Done once before the program swap, and once more after it for
+//! what the old program wrote meanwhile (flows it created, counts it added).
 //!
-//! The decoders of older flow-table layouts stay here for as long as an upgrade from them is
-//! supported; `plan::can_migrate` asks `flow_value_size` which versions those are.
+//! The decoders of older layouts stay here for as long as an upgrade from them is supported;
+//! `plan::can_migrate` asks `flow_value_size` and `upgrade_value` which versions those are.
 
 use super::pins::{MapShape, bpf};
-use lb_common::FlowKey;
+use lb_common::{FlowKey, maps};
 use std::{
     collections::BTreeMap,
     io,
@@ -32,12 +33,52 @@ pub(crate) const BPF_NOEXIST: u64 = 1;
 /// Bytes of a `FlowValue` in flow-table layout `version`, for the versions this build can read.
 pub(crate) fn flow_value_size(version: u32) -> Option<usize> {
     match version {
-        1 => Some(24),
-        // Only the test-only second build knows version 2 (see `lb_common::layout::FLOWS`).
+        1 | 2 => Some(24),
+        // Only the test-only second build knows version 3 (see `lb_common::layout::FLOWS`).
         #[cfg(feature = "layout-test")]
-        2 => Some(32),
+        3 => Some(32),
         _ => None,
     }
+}
+
+/// The flow-table layout whose `FlowValue` the embryonic table's layout `version` holds (the
+/// embryonic table started at flow-table layout 2).
+pub(crate) fn embryo_flow_layout(version: u32) -> u32 {
+    version + 1
+}
+
+/// The flow-table layout of the values of table `name` (`FLOWS` or `EMBRYOS`) at `version`.
+pub(crate) fn flow_layout(name: &str, version: u32) -> u32 {
+    if name == maps::EMBRYOS {
+        embryo_flow_layout(version)
+    } else {
+        version
+    }
+}
+
+/// One value of map `name` in layout `from`, in this build's layout `to`: for the maps whose
+/// entries are converted as they are (not re-installed by backend address, as flows are).
+/// `None`: no conversion exists (or the value has the wrong size).
+///
+/// - `VIPS` v1 → v2: `VipMeta` gained `flags` @16 (the door's `VIP_F_*`); a v1 VIP had no
+///   source lists and no limits, so 0.
+pub(crate) fn upgrade_value(name: &str, from: u32, to: u32, value: &[u8]) -> Option<Vec<u8>> {
+    match (name, from, to) {
+        (maps::VIPS, 1, 2) if value.len() == 16 => {
+            let mut v = value.to_vec();
+            v.extend_from_slice(&0u32.to_ne_bytes());
+            Some(v)
+        }
+        _ => None,
+    }
+}
+
+/// `upgrade_value` for every entry; `None` if one of them has no conversion.
+pub(crate) fn upgrade_entries(name: &str, from: u32, to: u32, entries: Entries) -> Option<Entries> {
+    entries
+        .into_iter()
+        .map(|(k, v)| Some((k, upgrade_value(name, from, to, &v)?)))
+        .collect()
 }
 
 /// A flow as every layout version has it: what the new table needs to carry it on.
@@ -50,6 +91,8 @@ pub(crate) struct NeutralFlow {
     pub(crate) last_seen_ns: u64,
     /// `FLOW_F_*` (who chose the backend).
     pub(crate) flags: u32,
+    /// The policy generation its source checks were made under (0: never, check again).
+    pub(crate) policy_gen: u32,
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -79,7 +122,9 @@ pub(crate) fn decode_flow_key(b: &[u8]) -> Option<FlowKey> {
 ///
 /// - v1: backend_addr (u32, network order) @0, backend_id (u32) @4, last_seen_ns (u64) @8,
 ///   flags (u32) @16, padding @20.
-/// - v2 (layout-test builds): v1 + created_ns (u64) @24, which a v1 table cannot carry.
+/// - v2: v1 with policy_gen (u32) @20 where v1 had padding: a v1 flow gets 0, so its next
+///   packet makes the source checks (v1 builds had none).
+/// - v3 (layout-test builds): v2 + created_ns (u64) @24, which a v2 table cannot carry.
 pub(crate) fn decode_flow(version: u32, key: &[u8], value: &[u8]) -> Option<NeutralFlow> {
     if flow_value_size(version)? != value.len() {
         return None;
@@ -89,6 +134,7 @@ pub(crate) fn decode_flow(version: u32, key: &[u8], value: &[u8]) -> Option<Neut
         backend_addr: u32_at(value, 0),
         last_seen_ns: u64_at(value, 8),
         flags: u32_at(value, 16),
+        policy_gen: if version >= 2 { u32_at(value, 20) } else { 0 },
     })
 }
 
@@ -278,26 +324,30 @@ mod tests {
         v.extend_from_slice(&7u32.to_ne_bytes());
         v.extend_from_slice(&123_456_789u64.to_ne_bytes());
         v.extend_from_slice(&lb_common::FLOW_F_PEER.to_ne_bytes());
-        v.extend_from_slice(&0u32.to_ne_bytes());
+        // Padding in v1: whatever it holds, the flow is to be checked again.
+        v.extend_from_slice(&7u32.to_ne_bytes());
         let f = decode_flow(1, &key_bytes(), &v).unwrap();
         assert_eq!(f.flags, lb_common::FLOW_F_PEER);
+        assert_eq!(f.policy_gen, 0);
         assert_eq!(f.backend_addr, u32::from_ne_bytes([10, 111, 1, 12]));
         assert_eq!(f.last_seen_ns, 123_456_789);
         assert_eq!(f.key.dst_addr, u32::from_ne_bytes([10, 111, 100, 1]));
         assert_eq!(u16::from_be(f.key.src_port), 40000);
         assert_eq!(u16::from_be(f.key.dst_port), 80);
         assert_eq!(f.key.proto, 6);
-        // The bytes of the current layout's value (this build's `FlowValue`) decode the same way
-        // when this build is version 1.
+        // The bytes of the current layout's value (this build's `FlowValue`, version 2) decode
+        // the same way, with their policy generation.
         #[cfg(not(feature = "layout-test"))]
         {
-            let value =
-                lb_common::FlowValue::new(f.backend_addr, 7, 123_456_789, lb_common::FLOW_F_PEER);
+            let value = lb_common::FlowValue {
+                policy_gen: 5,
+                ..lb_common::FlowValue::new(f.backend_addr, 7, 123_456_789, lb_common::FLOW_F_PEER)
+            };
             // SAFETY: FlowValue is repr(C) plain integers with explicit padding.
             let bytes: [u8; 24] = unsafe { std::mem::transmute(value) };
             assert_eq!(
                 decode_flow(lb_common::layout::FLOWS, &key_bytes(), &bytes),
-                Some(f)
+                Some(NeutralFlow { policy_gen: 5, ..f })
             );
         }
         // Wrong sizes and unknown versions are not guessed at.
@@ -308,20 +358,53 @@ mod tests {
 
     #[cfg(feature = "layout-test")]
     #[test]
-    fn flow_v2_decodes_and_carries_what_v1_had() {
+    fn flow_v3_decodes_and_carries_what_v2_had() {
         let mut v = Vec::new();
         v.extend_from_slice(&[10, 111, 1, 13]);
         v.extend_from_slice(&2u32.to_ne_bytes());
         v.extend_from_slice(&55u64.to_ne_bytes());
         v.extend_from_slice(&0u32.to_ne_bytes());
-        v.extend_from_slice(&0u32.to_ne_bytes());
+        v.extend_from_slice(&9u32.to_ne_bytes());
         v.extend_from_slice(&44u64.to_ne_bytes());
-        let f = decode_flow(2, &key_bytes(), &v).unwrap();
+        let f = decode_flow(3, &key_bytes(), &v).unwrap();
         assert_eq!(
-            (f.backend_addr, f.last_seen_ns),
-            (u32::from_ne_bytes([10, 111, 1, 13]), 55)
+            (f.backend_addr, f.last_seen_ns, f.policy_gen),
+            (u32::from_ne_bytes([10, 111, 1, 13]), 55, 9)
         );
-        assert_eq!(decode_flow(2, &key_bytes(), &v[..24]), None);
+        assert_eq!(decode_flow(3, &key_bytes(), &v[..24]), None);
+    }
+
+    #[test]
+    fn the_embryonic_table_follows_the_flow_table_layouts() {
+        assert_eq!(flow_layout(maps::EMBRYOS, 1), 2);
+        assert_eq!(flow_layout(maps::FLOWS, 1), 1);
+        // This build's embryonic table holds this build's flow values.
+        assert_eq!(
+            embryo_flow_layout(lb_common::layout::EMBRYOS),
+            lb_common::layout::FLOWS
+        );
+    }
+
+    #[test]
+    fn a_v1_vip_gets_no_door_flags() {
+        let mut v1 = Vec::new();
+        for x in [3u32, 12, 1, lb_common::FORWARD_IPIP] {
+            v1.extend_from_slice(&x.to_ne_bytes());
+        }
+        let v2 = upgrade_value(maps::VIPS, 1, 2, &v1).unwrap();
+        assert_eq!(v2.len(), size_of::<lb_common::VipMeta>());
+        assert_eq!(&v2[..16], &v1[..]);
+        assert_eq!(u32_at(&v2, 16), 0);
+        // Wrong sizes, other maps and other versions have no conversion.
+        assert_eq!(upgrade_value(maps::VIPS, 1, 2, &v1[..12]), None);
+        assert_eq!(upgrade_value(maps::RINGS, 1, 2, &v1), None);
+        assert_eq!(upgrade_value(maps::VIPS, 2, 3, &v2), None);
+        let mut entries = Entries::new();
+        entries.insert(vec![1; 8], v1.clone());
+        let up = upgrade_entries(maps::VIPS, 1, 2, entries.clone()).unwrap();
+        assert_eq!(up[&vec![1u8; 8]], v2);
+        entries.insert(vec![2; 8], v1[..4].to_vec());
+        assert_eq!(upgrade_entries(maps::VIPS, 1, 2, entries), None);
     }
 
     #[test]

@@ -45,7 +45,7 @@ use aya::{
 };
 use lb_common::{
     Backend, CONFIG_F_ICMP_ECHO, DEFAULT_EMBRYO_CAPACITY, LbConfig, MAX_BACKENDS, MAX_VIPS,
-    TrafficCounters, VipAddr, VipDrops, VipKey, VipLimits, VipMeta, maps, programs,
+    PolicyState, TrafficCounters, VipAddr, VipDrops, VipKey, VipLimits, VipMeta, maps, programs,
 };
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -204,6 +204,9 @@ pub struct Dataplane {
     debug_vips: Array<MapData, u32>,
     config: Array<MapData, LbConfig>,
     lb_config: LbConfig,
+    /// `POLICY`, and what this agent last wrote there (or found, taking over).
+    policy: Array<MapData, PolicyState>,
+    policy_state: PolicyState,
     vip_allow: firewall::VipTrie,
     vip_deny: firewall::VipTrie,
     vip_limits: Array<MapData, VipLimits>,
@@ -369,11 +372,22 @@ impl Dataplane {
             ipip_id_cpu_bits: lb_common::ipip_id_cpu_bits(
                 u32::try_from(nr_cpus).unwrap_or(u32::MAX),
             ),
-            policy_gen: 1,
-            deny_live: 0,
             _pad: 0,
         };
         config.set(0, lb_config, 0).map_err(map_err(maps::CONFIG))?;
+        // Pinned: a data path taken over keeps its generation and live deny-list half; a new map
+        // (all zero) starts at generation 1.
+        let mut policy: Array<MapData, PolicyState> = take_map(&mut ebpf, maps::POLICY)?;
+        let mut policy_state = policy.get(&0, 0).map_err(map_err(maps::POLICY))?;
+        if policy_state.generation == 0 {
+            policy_state = PolicyState {
+                generation: 1,
+                ..PolicyState::default()
+            };
+            policy
+                .set(0, policy_state, 0)
+                .map_err(map_err(maps::POLICY))?;
+        }
         let mut dp = Dataplane {
             vips_map: take_map(&mut ebpf, maps::VIPS)?,
             vip_addrs: take_map(&mut ebpf, maps::VIP_ADDRS)?,
@@ -387,6 +401,8 @@ impl Dataplane {
             debug_vips: take_map(&mut ebpf, maps::DEBUG_VIPS)?,
             config,
             lb_config,
+            policy,
+            policy_state,
             vip_allow: take_map(&mut ebpf, maps::VIP_ALLOW)?,
             vip_deny: take_map(&mut ebpf, maps::VIP_DENY)?,
             vip_limits: take_map(&mut ebpf, maps::VIP_LIMITS)?,
@@ -437,10 +453,13 @@ impl Dataplane {
         } else {
             self.lb_config.flags & !flag
         };
-        self.write_config(LbConfig {
+        let cfg = LbConfig {
             flags,
             ..self.lb_config
-        })
+        };
+        self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))?;
+        self.lb_config = cfg;
+        Ok(())
     }
 
     /// A logger for the XDP program's debug events, sending them to `logger` on each `flush()`

@@ -91,10 +91,18 @@ pub enum PlanError {
     },
 }
 
-/// Layout migrations this build knows, (map, from version): the flow table's older layouts
-/// (`migrate::decode_flow_value`).
+/// Layout migrations this build knows, (map, from version): the older layouts of the flow table
+/// and the embryonic table (`migrate::decode_flow`), and of `VIPS` (`migrate::upgrade_value`).
 pub(crate) fn can_migrate(name: &str, from: u32, to: u32) -> bool {
-    name == maps::FLOWS && super::migrate::flow_value_size(from).is_some() && from != to
+    use super::migrate::{flow_layout, flow_value_size};
+    if from == to {
+        return false;
+    }
+    match name {
+        maps::FLOWS | maps::EMBRYOS => flow_value_size(flow_layout(name, from)).is_some(),
+        maps::VIPS => (from, to) == (1, 2),
+        _ => false,
+    }
 }
 
 /// Plan every expected map against what `dir` holds. `adopting`: a program runs on these maps
@@ -270,12 +278,12 @@ mod tests {
         assert_eq!(obsolete(&p, &f), vec![&f[0]]);
 
         // A newer build's layout (or one no decoder exists for): refused, nothing planned.
-        let f = [found(maps::FLOWS, 3, shape(LRU, 32, 1000))];
+        let f = [found(maps::FLOWS, 9, shape(LRU, 32, 1000))];
         let e = plan(dir(), &expected(), &f, true).unwrap_err();
         assert!(matches!(
             e,
             PlanError::NoMigration {
-                found: 3,
+                found: 9,
                 want: 2,
                 ..
             }
@@ -290,6 +298,12 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, PlanError::NoMigration { .. }));
+        // The VIPs of a build without the door are converted; the embryonic table follows the
+        // flow table's layouts.
+        assert!(can_migrate(maps::VIPS, 1, 2));
+        assert!(!can_migrate(maps::VIPS, 2, 1));
+        assert!(!can_migrate(maps::EMBRYOS, 8, 1));
+        assert!(!can_migrate(maps::DENY[0], 0, 1));
     }
 
     #[test]

@@ -205,11 +205,13 @@ impl Dataplane {
     /// returns the VIP's flags without the list half.
     fn prepare_limits(&mut self, spec: &VipSpec, place: &Placement) -> Result<u32, DataplaneError> {
         let (flags, limits) = vip_flags(&spec.policy);
-        let old_limit = self
-            .installed
-            .get(&spec.key)
-            .and_then(|v| v.policy.vip_limit);
-        let fresh = place.is_new || old_limit != spec.policy.vip_limit;
+        // Compared as the data path has them (a VIP taken over has its limits read back from
+        // there): an unchanged limit keeps its bucket, across restarts too.
+        let fresh = place.is_new || {
+            let old = self.installed_limits(place.vip_id)?;
+            (old.vip_interval_ns, old.vip_tolerance_ns)
+                != (limits.vip_interval_ns, limits.vip_tolerance_ns)
+        };
         self.write_limits(place.vip_id, limits, fresh)?;
         Ok(flags)
     }
@@ -444,7 +446,10 @@ impl Dataplane {
 
 /// Whether `spec`'s source lists differ from the installed VIP's (a new VIP: always).
 fn lists_changed(installed: Option<&InstalledVip>, spec: &VipSpec) -> bool {
+    // As sets: lists read back from the tries (a VIP taken over) come in the tries' order.
+    let set = |l: &[crate::model::net::Ipv4Net]| l.iter().copied().collect::<BTreeSet<_>>();
     installed.is_none_or(|v| {
-        v.policy.allow_src != spec.policy.allow_src || v.policy.deny_src != spec.policy.deny_src
+        set(&v.policy.allow_src) != set(&spec.policy.allow_src)
+            || set(&v.policy.deny_src) != set(&spec.policy.deny_src)
     })
 }

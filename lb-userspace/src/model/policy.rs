@@ -60,6 +60,17 @@ impl RateLimit {
         let interval = 1_000_000_000 / u64::from(self.rate.max(1));
         (interval, interval * u64::from(self.burst))
     }
+
+    /// The limit a `gcra_ns` pair was made from, as near as the integer interval tells (read
+    /// back from a running data path; a rate whose interval rounds is read as the nearest).
+    pub fn from_gcra_ns(interval_ns: u64, tolerance_ns: u64) -> Self {
+        let interval = interval_ns.max(1);
+        let rate = (1_000_000_000 + interval / 2) / interval;
+        RateLimit {
+            rate: u32::try_from(rate.max(1)).unwrap_or(u32::MAX),
+            burst: u32::try_from(tolerance_ns / interval).unwrap_or(u32::MAX),
+        }
+    }
 }
 
 /// Who may open flows to a VIP and how fast. Empty lists and no limits: everyone, unlimited.
