@@ -68,6 +68,17 @@ fn vip_key(tag: u32, net: &Ipv4Net) -> Key<VipSrcData> {
     )
 }
 
+/// The keys of `policy`'s allow and deny lists in half `half` of VIP `vip_id`'s.
+fn list_keys(
+    vip_id: u32,
+    half: u32,
+    policy: &SourcePolicy,
+) -> (Vec<Key<VipSrcData>>, Vec<Key<VipSrcData>>) {
+    let tag = vip_list_tag(vip_id, half);
+    let keys = |list: &[Ipv4Net]| list.iter().map(|n| vip_key(tag, n)).collect();
+    (keys(&policy.allow_src), keys(&policy.deny_src))
+}
+
 /// Write `keys` into `trie` (a batch per `CHUNK`, or one by one where the kernel has no batch
 /// update for LPM tries).
 fn insert_all<K: aya::Pod>(
@@ -292,9 +303,7 @@ impl Dataplane {
         half: u32,
         policy: &SourcePolicy,
     ) -> Result<(), DataplaneError> {
-        let tag = vip_list_tag(vip_id, half);
-        let allow: Vec<_> = policy.allow_src.iter().map(|n| vip_key(tag, n)).collect();
-        let deny: Vec<_> = policy.deny_src.iter().map(|n| vip_key(tag, n)).collect();
+        let (allow, deny) = list_keys(vip_id, half, policy);
         insert_all(&mut self.vip_allow, &allow, maps::VIP_ALLOW)?;
         if let Err(e) = insert_all(&mut self.vip_deny, &deny, maps::VIP_DENY) {
             if let Err(re) = remove_all(&self.vip_allow, &allow, maps::VIP_ALLOW) {
@@ -312,9 +321,7 @@ impl Dataplane {
         half: u32,
         policy: &SourcePolicy,
     ) -> Result<(), DataplaneError> {
-        let tag = vip_list_tag(vip_id, half);
-        let allow: Vec<_> = policy.allow_src.iter().map(|n| vip_key(tag, n)).collect();
-        let deny: Vec<_> = policy.deny_src.iter().map(|n| vip_key(tag, n)).collect();
+        let (allow, deny) = list_keys(vip_id, half, policy);
         remove_all(&self.vip_allow, &allow, maps::VIP_ALLOW)?;
         remove_all(&self.vip_deny, &deny, maps::VIP_DENY)
     }

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use xlb_tests::{
     netns::{self, Netns},
-    packet::checksum,
+    packet,
 };
 
 pub const LB: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 2);
@@ -48,7 +48,8 @@ pub fn fill_events(n: u32, port: u16, backends: u32) -> impl Iterator<Item = Flo
     })
 }
 
-/// Ethernet (router → LB), IPv4 (DF, TTL 63), TCP with `flags` and `payload_len` bytes.
+/// Ethernet (router → LB), IPv4 (DF, TTL 63), TCP with `flags` and `payload_len` bytes: the
+/// test library's builder, as the fixtures use it.
 pub fn tcp_frame(
     src: Ipv4Addr,
     dst: Ipv4Addr,
@@ -57,31 +58,9 @@ pub fn tcp_frame(
     flags: u8,
     payload_len: usize,
 ) -> Vec<u8> {
-    let mut t = vec![0u8; 20 + payload_len];
-    t[0..2].copy_from_slice(&sport.to_be_bytes());
-    t[2..4].copy_from_slice(&dport.to_be_bytes());
-    t[4..8].copy_from_slice(&1000u32.to_be_bytes());
-    t[12] = 5 << 4;
-    t[13] = flags;
-    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let mut h = vec![0u8; 20];
-    h[0] = 0x45;
-    h[2..4].copy_from_slice(&((20 + t.len()) as u16).to_be_bytes());
-    h[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
-    h[6..8].copy_from_slice(&0x4000u16.to_be_bytes());
-    h[8] = 63;
-    h[9] = 6;
-    h[12..16].copy_from_slice(&src.octets());
-    h[16..20].copy_from_slice(&dst.octets());
-    let c = checksum(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = Vec::with_capacity(14 + h.len() + t.len());
-    f.extend_from_slice(&LB_MAC);
-    f.extend_from_slice(&RTR_MAC);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    f.extend_from_slice(&h);
-    f.extend_from_slice(&t);
-    f
+    let segment = packet::tcp(sport, dport, flags, payload_len);
+    let ip = packet::Ip::to(src, dst, lb_common::IPPROTO_TCP).packet(&segment);
+    packet::eth(LB_MAC, RTR_MAC, packet::ETH_P_IP, &ip)
 }
 
 /// A namespace with `lb0` (10.111.1.2/24 and 10.111.16.2/20, MTU 1500, forwarding on), a route to
