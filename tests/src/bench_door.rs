@@ -288,8 +288,9 @@ fn drop_rates(bed: &mut Testbed, quick: bool, deny: &[Ipv4Net]) -> Result<Value>
         .ok(&["deny", "load", &empty.to_string_lossy()])?;
 
     // The floor: the sink on lb1's eth0, which parses each frame and drops it (it is one of
-    // the flood's SYNs), with nothing else of xlb there.
-    bed.stop_agent()?;
+    // the flood's SYNs), with nothing else of xlb there: the data path outlives its agent, so
+    // it is removed for good (`xlb detach`), not just stopped.
+    bed.detach_lb("lb1")?;
     let bed: &Testbed = bed;
     let lb1 = bed.ns("lb1");
     println!("bench: door, the floor (a program that parses and drops)");
