@@ -133,6 +133,12 @@ pub(crate) enum Request {
         prefixes: Vec<Ipv4Net>,
         source: String,
     },
+    /// Withdraw every VIP address from this node's announcement (`xlb node drain`); persisted.
+    NodeDrain,
+    /// End the drain (`xlb node undrain`).
+    NodeUndrain,
+    /// What is announced and why (`xlb node status`).
+    NodeStatus,
 }
 
 impl Request {
@@ -194,6 +200,9 @@ pub(crate) enum Response {
     },
     DenyList {
         deny: DenyReport,
+    },
+    Node {
+        node: NodeReport,
     },
     /// Nothing changed; `message` names the problem (one line).
     Error {
@@ -469,6 +478,60 @@ pub(crate) struct StatsReport {
     /// Prefixes on the global deny list.
     #[serde(default)]
     pub(crate) deny_list: u64,
+    /// Route announcement (`xlb node status`), when the agent runs with `--announce-table`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) node: Option<NodeReport>,
+}
+
+/// `xlb node status --json`: the node's route announcement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct NodeReport {
+    /// The routing table the agent keeps its routes in (`--announce-table`).
+    pub(crate) table: u32,
+    /// Their route protocol number (`--announce-proto`).
+    pub(crate) proto: u8,
+    /// The data path is attached.
+    pub(crate) attached: bool,
+    /// `xlb node drain` is in force (it survives restarts).
+    pub(crate) drained: bool,
+    pub(crate) drained_since_unix_ms: Option<u64>,
+    /// What a starting node still waits for (`starting: waiting for peer snapshot`); `null` once
+    /// it has started.
+    pub(crate) starting: Option<String>,
+    /// The last failure to write the table, until it is in order again.
+    pub(crate) table_error: Option<String>,
+    /// With `--bird-socket`: whether BIRD answers there.
+    pub(crate) routing_daemon: Option<DaemonReport>,
+    /// Every VIP address, in address order.
+    pub(crate) addresses: Vec<AddressReport>,
+}
+
+/// One VIP address in `xlb node status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct AddressReport {
+    pub(crate) address: Ipv4Addr,
+    /// The node wants it announced.
+    pub(crate) announced: bool,
+    /// Its route is in the table (what the routing daemon sees).
+    pub(crate) in_table: bool,
+    /// Why it is not announced (`no healthy backend`, `node drained`, `starting: waiting for
+    /// peer snapshot`, `starting: waiting for the first health checks`, `not attached`); `null`
+    /// when it is.
+    pub(crate) reason: Option<String>,
+    /// The VIPs on the address (`ADDR:PORT/PROTO`).
+    pub(crate) vips: Vec<String>,
+    /// Backends that may take new flows (up, weight above 0), over all of them.
+    pub(crate) serving_backends: u32,
+}
+
+/// The routing daemon as the agent last found it (`--bird-socket`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DaemonReport {
+    pub(crate) socket: std::path::PathBuf,
+    pub(crate) answers: bool,
+    /// `BIRD 2.0.12`, or why nobody answers.
+    pub(crate) detail: String,
+    pub(crate) checked_unix_ms: u64,
 }
 
 /// What `backend list` shows as a backend's state. Down wins over draining.
@@ -702,6 +765,7 @@ mod tests {
                     embryonic_capacity: 256,
                     embryonic_entries: 1,
                     deny_list: 2,
+                    node: None,
                 },
             },
             Response::FlowList {

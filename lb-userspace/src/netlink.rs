@@ -1,16 +1,20 @@
 //! Route netlink, through rtnetlink: the links and IPv4 addresses of this network namespace,
-//! addresses added and removed, links set up or down, and XDP programs attached by `IFLA_XDP`
-//! (as `ip link set dev X xdp` does). Every request waits for the kernel's acknowledgement.
+//! addresses added and removed, links set up or down, XDP programs attached by `IFLA_XDP`
+//! (as `ip link set dev X xdp` does), and the routes of one routing table and the rules that
+//! point at it (route announcement). Every request waits for the kernel's acknowledgement.
 
 use crate::util::os_message;
 use futures_util::TryStreamExt;
 use rtnetlink::{
-    LinkUnspec,
+    IpVersion, LinkUnspec,
     packet_route::{
         AddressFamily,
         address::{AddressAttribute, AddressMessage},
         link::{LinkAttribute, LinkFlags, LinkXdp},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
+        rule::{RuleAttribute, RuleMessage},
     },
+    sys::AsyncSocket,
 };
 use std::{
     io,
@@ -32,6 +36,19 @@ pub enum NetlinkError {
         #[source]
         source: rtnetlink::Error,
     },
+}
+
+impl NetlinkError {
+    /// The kernel's errno, if the kernel refused the request.
+    pub(crate) fn errno(&self) -> Option<i32> {
+        match self {
+            NetlinkError::Request {
+                source: rtnetlink::Error::NetlinkError(m),
+                ..
+            } => Some(-m.raw_code()),
+            _ => None,
+        }
+    }
 }
 
 /// The kernel's answer as an operator reads it (`No such device`), else rtnetlink's text.
@@ -65,6 +82,49 @@ pub(crate) struct Addr {
     pub(crate) msg: AddressMessage,
 }
 
+/// A route of one routing table, as the kernel listed it.
+#[derive(Clone, Debug)]
+pub(crate) struct TableRoute {
+    /// The destination prefix (`None`: the default route).
+    pub(crate) dst: Option<IpAddr>,
+    pub(crate) dst_len: u8,
+    /// Who put it there (`RTPROT_*`, `ip route`'s `proto`).
+    pub(crate) protocol: u8,
+    pub(crate) kind: RouteType,
+    /// The kernel's message, which removing exactly this route needs back.
+    pub(crate) msg: RouteMessage,
+}
+
+impl TableRoute {
+    /// An IPv4 blackhole host route: the only kind the announcer writes.
+    pub(crate) fn blackhole_host(&self) -> Option<Ipv4Addr> {
+        match (self.dst, self.dst_len, self.kind) {
+            (Some(IpAddr::V4(a)), 32, RouteType::BlackHole) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for TableRoute {
+    /// As `ip route` prints it: `blackhole 10.0.0.1/32 proto 120`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            RouteType::Unicast => String::new(),
+            RouteType::BlackHole => "blackhole ".to_string(),
+            RouteType::Unreachable => "unreachable ".to_string(),
+            RouteType::Prohibit => "prohibit ".to_string(),
+            RouteType::Local => "local ".to_string(),
+            RouteType::Throw => "throw ".to_string(),
+            other => format!("type {} ", u8::from(other)),
+        };
+        match self.dst {
+            Some(dst) => write!(f, "{kind}{dst}/{}", self.dst_len)?,
+            None => write!(f, "{kind}default")?,
+        }
+        write!(f, " proto {}", self.protocol)
+    }
+}
+
 /// A route-netlink connection of the calling thread's network namespace.
 pub(crate) struct Netlink {
     handle: rtnetlink::Handle,
@@ -77,6 +137,120 @@ impl Netlink {
         // The connection task ends by itself when the last handle is dropped.
         tokio::spawn(conn);
         Ok(Netlink { handle })
+    }
+
+    /// A connection whose dumps the kernel filters by the request's header
+    /// (`NETLINK_GET_STRICT_CHK`): a dump of one table reads that table only, not every route
+    /// of the host (a router's main table may hold a million).
+    pub(crate) fn connect_strict() -> Result<Self, NetlinkError> {
+        let (mut conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
+        conn.socket_mut()
+            .socket_mut()
+            .set_netlink_get_strict_chk(true)
+            .map_err(NetlinkError::Connect)?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    /// Every route of routing table `table` in `family` (IPv4 or IPv6). A table that does not
+    /// exist yet (nothing was ever put into it) is empty. Needs [`Netlink::connect_strict`]:
+    /// without it the kernel would list every table.
+    pub(crate) async fn table_routes(
+        &self,
+        family: IpVersion,
+        table: u32,
+    ) -> Result<Vec<TableRoute>, NetlinkError> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = match family {
+            IpVersion::V4 => AddressFamily::Inet,
+            IpVersion::V6 => AddressFamily::Inet6,
+        };
+        // A strict dump filters on a non-zero table, protocol and type: only the table here.
+        set_table(&mut msg, table);
+        let listed: Result<Vec<RouteMessage>, _> =
+            self.handle.route().get(msg).execute().try_collect().await;
+        let msgs = match listed {
+            Ok(msgs) => msgs,
+            Err(rtnetlink::Error::NetlinkError(e)) if -e.raw_code() == libc::ENOENT => Vec::new(),
+            Err(source) => {
+                return Err(NetlinkError::Request {
+                    what: format!("listing routing table {table}"),
+                    source,
+                });
+            }
+        };
+        Ok(msgs
+            .into_iter()
+            // Only this table, even if the kernel ignored the filter.
+            .filter(|m| route_table(m) == table)
+            .map(|m| TableRoute {
+                dst: m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+                    RouteAttribute::Destination(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+                    _ => None,
+                }),
+                dst_len: m.header.destination_prefix_length,
+                protocol: m.header.protocol.into(),
+                kind: m.header.kind,
+                msg: m,
+            })
+            .collect())
+    }
+
+    /// Add `blackhole ADDR/32 table TABLE proto PROTO` (as `ip route add` does, never replacing:
+    /// a route somebody else has for the same prefix makes it fail with EEXIST).
+    pub(crate) async fn add_blackhole(
+        &self,
+        table: u32,
+        protocol: u8,
+        addr: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .route()
+            .add(blackhole_route(table, protocol, addr))
+            .execute()
+            .await
+            .map_err(request(format!(
+                "adding blackhole {addr}/32 to routing table {table}"
+            )))
+    }
+
+    /// Remove exactly the route `route` (as listed by [`Netlink::table_routes`]).
+    pub(crate) async fn del_route(&self, route: &TableRoute) -> Result<(), NetlinkError> {
+        self.handle
+            .route()
+            .del(route.msg.clone())
+            .execute()
+            .await
+            .map_err(request(format!(
+                "removing {route} from routing table {}",
+                route_table(&route.msg)
+            )))
+    }
+
+    /// The routing tables that policy-routing rules (`ip rule`, IPv4 and IPv6) look up.
+    pub(crate) async fn rule_tables(&self) -> Result<Vec<u32>, NetlinkError> {
+        let mut tables = Vec::new();
+        for family in [IpVersion::V4, IpVersion::V6] {
+            let rules: Vec<RuleMessage> = self
+                .handle
+                .rule()
+                .get(family)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(request("listing routing rules"))?;
+            tables.extend(rules.iter().map(|r| {
+                r.attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RuleAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(r.header.table))
+            }));
+        }
+        Ok(tables)
     }
 
     pub(crate) async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
@@ -243,9 +417,75 @@ impl Netlink {
     }
 }
 
+/// Set a route message's table: `RTA_TABLE` always (tables above 255 exist only there), and the
+/// header's 8-bit field when the number fits (`RT_TABLE_COMPAT` otherwise, as iproute2 does).
+fn set_table(msg: &mut RouteMessage, table: u32) {
+    msg.header.table = u8::try_from(table).unwrap_or(RT_TABLE_COMPAT);
+    msg.attributes.push(RouteAttribute::Table(table));
+}
+
+/// `RT_TABLE_COMPAT` from linux/rtnetlink.h: the header's table for tables above 255.
+const RT_TABLE_COMPAT: u8 = 252;
+
+/// A route message's table: `RTA_TABLE` if present, else the header's.
+fn route_table(msg: &RouteMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(msg.header.table))
+}
+
+/// `blackhole ADDR/32 table TABLE proto PROTO`: no interface, no gateway, no metric.
+fn blackhole_route(table: u32, protocol: u8, addr: Ipv4Addr) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet;
+    msg.header.destination_prefix_length = 32;
+    msg.header.protocol = RouteProtocol::from(protocol);
+    msg.header.scope = RouteScope::Universe;
+    msg.header.kind = RouteType::BlackHole;
+    set_table(&mut msg, table);
+    // Network byte order on the wire: RouteAddress::Inet is emitted from the octets.
+    msg.attributes
+        .push(RouteAttribute::Destination(RouteAddress::Inet(addr)));
+    msg
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_announced_route_is_a_blackhole_host_route_in_its_table() {
+        let m = blackhole_route(100, 120, Ipv4Addr::new(10, 111, 100, 1));
+        assert_eq!(m.header.address_family, AddressFamily::Inet);
+        assert_eq!(m.header.destination_prefix_length, 32);
+        assert_eq!(u8::from(m.header.protocol), 120);
+        assert_eq!(m.header.kind, RouteType::BlackHole);
+        assert_eq!(m.header.scope, RouteScope::Universe);
+        assert_eq!((m.header.table, route_table(&m)), (100, 100));
+        // No interface, gateway or metric: only the table and the destination.
+        assert_eq!(m.attributes.len(), 2, "{:?}", m.attributes);
+        let big = blackhole_route(70000, 120, Ipv4Addr::new(10, 111, 100, 1));
+        assert_eq!(
+            (big.header.table, route_table(&big)),
+            (RT_TABLE_COMPAT, 70000)
+        );
+        let listed = TableRoute {
+            dst: Some(IpAddr::V4(Ipv4Addr::new(10, 111, 100, 1))),
+            dst_len: 32,
+            protocol: 120,
+            kind: RouteType::BlackHole,
+            msg: m,
+        };
+        assert_eq!(
+            listed.blackhole_host(),
+            Some(Ipv4Addr::new(10, 111, 100, 1))
+        );
+        assert_eq!(listed.to_string(), "blackhole 10.111.100.1/32 proto 120");
+    }
 
     #[tokio::test]
     async fn loopback_is_listed_with_its_address() {

@@ -2,10 +2,10 @@
 //! over what they caught: for checking what crosses a link in clear.
 
 use crate::{cmd::wait_for, netns::Netns, process::Process};
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use std::{
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 /// `tcpdump` writing `filter`'s packets on `iface` to a pcap file; stopped by pid on drop.
@@ -64,6 +64,44 @@ impl Capture {
     }
 }
 
+/// When each packet of a pcap file (as [`Capture::finish`] returns it) was captured: the
+/// record headers' timestamps, in microseconds or nanoseconds as the file's magic says.
+pub fn packet_times(pcap: &[u8]) -> Result<Vec<SystemTime>> {
+    const MICROS: u32 = 0xa1b2_c3d4;
+    const NANOS: u32 = 0xa1b2_3c4d;
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(pcap.get(at..at + 4)?.try_into().ok()?))
+    };
+    // tcpdump writes the host's byte order: little endian here.
+    let per_unit = match u32_at(0) {
+        Some(MICROS) => Duration::from_micros(1),
+        Some(NANOS) => Duration::from_nanos(1),
+        other => bail!("not a little-endian pcap file (magic {other:x?})"),
+    };
+    let mut times = Vec::new();
+    let mut at = 24;
+    while at + 16 <= pcap.len() {
+        let (secs, frac, caplen) = match (u32_at(at), u32_at(at + 4), u32_at(at + 8)) {
+            (Some(s), Some(f), Some(c)) => (s, f, c),
+            _ => break,
+        };
+        times.push(UNIX_EPOCH + Duration::from_secs(secs.into()) + per_unit * frac);
+        at += 16 + caplen as usize;
+    }
+    Ok(times)
+}
+
+/// The MAC address of `iface` in `ns`.
+pub fn mac_of(ns: &Netns, iface: &str) -> Result<String> {
+    let out = ns.ip(&["link", "show", "dev", iface])?;
+    let words: Vec<&str> = out.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[0] == "link/ether")
+        .map(|w| w[1].to_string())
+        .with_context(|| format!("no MAC address in `ip link show dev {iface}`: {out}"))
+}
+
 /// Whether `needle` occurs anywhere in `haystack`.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
@@ -83,6 +121,22 @@ pub fn count(haystack: &[u8], needle: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pcap_timestamps() {
+        let mut pcap = vec![0xd4, 0xc3, 0xb2, 0xa1];
+        pcap.resize(24, 0);
+        for (secs, micros, len) in [(1_800_000_000u32, 250_000u32, 3u32), (1_800_000_001, 5, 0)] {
+            for v in [secs, micros, len, len] {
+                pcap.extend(v.to_le_bytes());
+            }
+            pcap.extend(vec![0xee; len as usize]);
+        }
+        let t = packet_times(&pcap).unwrap();
+        let at = |s: u64, us: u64| UNIX_EPOCH + Duration::from_secs(s) + Duration::from_micros(us);
+        assert_eq!(t, [at(1_800_000_000, 250_000), at(1_800_000_001, 5)]);
+        assert!(packet_times(b"not a pcap file at all, no").is_err());
+    }
 
     #[test]
     fn search() {

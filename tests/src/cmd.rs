@@ -125,6 +125,16 @@ pub fn wait_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus>
 pub fn wait_for<T>(
     what: &str,
     timeout: Duration,
+    probe: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    wait_for_every(what, timeout, Duration::from_millis(50), probe)
+}
+
+/// [`wait_for`], probing every `every` (10 ms where the wait itself is what a test measures).
+pub fn wait_for_every<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
     mut probe: impl FnMut() -> Result<Option<T>>,
 ) -> Result<T> {
     let deadline = Instant::now() + timeout;
@@ -138,6 +148,6 @@ pub fn wait_for<T>(
         if Instant::now() >= deadline {
             bail!("timed out after {timeout:?} waiting for {what}: {last}");
         }
-        thread::sleep(Duration::from_millis(50));
+        thread::sleep(every);
     }
 }

@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod bench_door;
 pub mod bench_e2e;
+pub mod bird;
 pub mod capture;
 pub mod client;
 pub mod cmd;

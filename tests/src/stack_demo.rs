@@ -1,10 +1,10 @@
 //! `cargo xtask demo --stack`: the seed's whole stack in namespaces, walked through step by step
 //! with the evidence of each step printed.
 //!
-//! - two xlb nodes active-active: rtr routes both VIP addresses over lb1 and lb2 (ECMP on an L4
-//!   hash), the nodes share flow state by peer sync. (Route announcement by BGP is another issue;
-//!   when it lands, [`route_over_both`] is the one place that changes: the routes then come from
-//!   the nodes' BGP sessions instead of being written on rtr.)
+//! - two xlb nodes active-active: each announces the VIP addresses it can serve by BGP (BIRD on
+//!   rtr, lb1 and lb2; `xlb agent --announce-table`), rtr routes both VIP addresses over the
+//!   nodes that announce them (ECMP on an L4 hash; BFD takes a dead node out), and the nodes
+//!   share flow state by peer sync;
 //! - three nginx web servers over HTTPS, certificates from a test CA made at start;
 //! - PostgreSQL 15 primary (db1) and streaming replica (db2) behind a write VIP and a read VIP;
 //! - a real Prometheus server on `mon` scraping both agents.
@@ -26,7 +26,7 @@ use crate::{
         read_vip, web_vip, write_vip,
     },
     testbed::{METRICS_PORT, Testbed, TestbedOptions},
-    topology::{LB1_ADDR, LB2_ADDR, MON_ADDR, db_addr},
+    topology::{LB1_ADDR, LB2_ADDR, MON_ADDR, VIPS, db_addr},
     xlb::{backend_state, counter, event, find_vip},
 };
 use anyhow::{Context, Result, ensure};
@@ -57,12 +57,12 @@ pub fn run(xdp_mode: &str) -> Result<()> {
     options.monitor = true;
     let mut bed = Testbed::up(options)?;
     let result = (|| -> Result<()> {
-        route_over_both(&bed)?;
         for lb in ["lb1", "lb2"] {
             let xlb = bed.lb_client(lb).clone();
             configure_web(&xlb, &bed)?;
             configure_databases(&xlb, &bed)?;
         }
+        route_over_both(&bed)?;
         print_config(&bed)?;
         wait_state(&bed, &write_vip(), db_addr(1), "up")?;
         pgbench_init(bed.ns("cli"), &PgClient::bench(WRITE_VIP))?;
@@ -104,12 +104,23 @@ pub fn run(xdp_mode: &str) -> Result<()> {
     result
 }
 
-/// Both VIP addresses over both load balancers, ECMP on rtr. This is where BGP takes over once
-/// route announcement exists: each node then announces the VIPs it serves, and rtr installs the
-/// same multipath route from the sessions.
+/// Both VIP addresses over both load balancers, ECMP on rtr, from BGP: each node announces a VIP
+/// address once one of its VIPs there has a serving backend (the database VIPs after their
+/// first PostgreSQL checks), and rtr installs one multipath route from the sessions.
 fn route_over_both(bed: &Testbed) -> Result<()> {
-    bed.topo.route_vip(&[LB1_ADDR, LB2_ADDR])?;
-    println!("$ ip netns exec rtr ip route   # the VIPs over both load balancers (ECMP)");
+    wait_for(
+        "rtr to route both VIP addresses over lb1 and lb2 (BGP)",
+        STATE_WAIT,
+        || {
+            for vip in VIPS {
+                if bed.topo.next_hops(vip)? != [LB1_ADDR, LB2_ADDR] {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )?;
+    println!("$ ip netns exec rtr ip route   # the VIPs over both load balancers (ECMP, from BGP)");
     let routes = bed.ns("rtr").ip(&["route", "show"])?;
     let mut vip_route = false;
     for line in routes.lines() {
@@ -277,12 +288,20 @@ fn lb_dies(bed: &mut Testbed) -> Result<()> {
         "after 1 s: lb1 carries {} of them, lb2 {}; lb2 already knows lb1's flows by peer sync",
         carried.0, carried.1
     );
-    println!(
-        "$ ip route replace <VIPs> via {LB2_ADDR}; kill -9 <lb1's agent>; ip link set eth0 down   # on rtr / lb1"
-    );
-    bed.topo.route_vip(&[LB2_ADDR])?;
-    bed.kill_agent("lb1")?;
+    println!("$ ip link set eth0 down; kill -9 <lb1's agent>   # on lb1; nobody touches rtr");
+    let lost_at = Instant::now();
     bed.link_down("lb1")?;
+    bed.kill_agent("lb1")?;
+    bed.wait_next_hops(&[LB2_ADDR], Duration::from_secs(5))?;
+    println!(
+        "rtr dropped lb1 from the VIPs' route after {:.0} ms (BFD, 100 ms x 3): {}",
+        lost_at.elapsed().as_secs_f64() * 1e3,
+        bed.topo
+            .vip_route()?
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     let mut intact = 0;
     for (i, mut d) in downloads.into_iter().enumerate() {
         let status = crate::cmd::wait_deadline(&mut d.child, Duration::from_secs(40));

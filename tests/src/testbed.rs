@@ -1,22 +1,26 @@
 //! The whole end-to-end set-up: the topology, three nginx backends prepared with
 //! `xlb backend-host setup`, `xlb agent` on lb1 configured through the CLI, and the client-side
 //! probes the tests and the demo use. With [`TestbedOptions::active_active`], lb2 runs a second
-//! agent with the same VIPs and backends, and the two are peered for flow sync. With
-//! [`TestbedOptions::https`] the web backends also serve HTTPS with a test CA's certificates, and
-//! with [`TestbedOptions::databases`] PostgreSQL runs on db1 (primary) and db2… (streaming
-//! replicas), prepared like the web backends for both VIP addresses.
+//! agent with the same VIPs and backends, the two are peered for flow sync, and the VIPs' routes
+//! come from BGP: BIRD runs on rtr, lb1 and lb2 (the configs of `contrib/bird/`), the agents
+//! announce through routing table 100, and rtr installs an ECMP route over the nodes that
+//! announce a VIP address. With [`TestbedOptions::https`] the web backends also serve HTTPS with
+//! a test CA's certificates, and with [`TestbedOptions::databases`] PostgreSQL runs on db1
+//! (primary) and db2… (streaming replicas), prepared like the web backends for both VIP
+//! addresses.
 
 use crate::{
     backend::{BIG, Backend, HTTP_PORT, UDP_PORT, big_content, udp_query},
-    cmd::{Output, run_timeout, wait_for},
+    bird::{self, ANNOUNCE_TABLE, Bird, with_defines},
+    cmd::{Output, run_timeout, wait_for, wait_for_every},
     http,
     netns::{Netns, TempDir},
     pki::Pki,
     postgres::PgCluster,
     process::Process,
     topology::{
-        HOST_IFACE, LB1_ADDR, LB2_ADDR, Topology, TopologyOptions, VIP, VIPS, backend_addr,
-        backend_name, db_addr, db_name,
+        HOST_IFACE, LB1_ADDR, LB2_ADDR, RTR_BR_ADDR, Topology, TopologyOptions, VIP, VIPS,
+        backend_addr, backend_name, db_addr, db_name,
     },
     xlb::{
         Agent, Xlb, agent_bpffs, backend_state, detach_command, expect_clean_exit, has_xdp,
@@ -57,8 +61,11 @@ pub struct TestbedOptions {
     pub http_vip_args: Vec<String>,
     /// Active-active: lb2 too, both running `xlb agent` with the same VIPs and backends, peered
     /// with each other (`--sync-listen <own address>:7946 --peer <other>:7946`, one key file).
-    /// The VIP is still routed via lb1 only; see [`Topology::route_vip`].
     pub lb2: bool,
+    /// Route announcement: BIRD on rtr and on each LB, the agents started with
+    /// `--announce-table 100 --bird-socket …`, and no static route for the VIPs on rtr. `up`
+    /// returns once rtr routes the HTTP VIP's address over every LB (ECMP with lb2).
+    pub bgp: bool,
     /// The web backends also serve HTTPS (443 good certificate, 4431 wrong name, 4432 expired;
     /// see [`crate::backend::nginx_conf`]) with a test CA made at start ([`Testbed::pki`]).
     pub https: bool,
@@ -103,6 +110,7 @@ impl TestbedOptions {
             backends: 3,
             http_vip_args: Vec::new(),
             lb2: false,
+            bgp: false,
             https: false,
             databases: 0,
             metrics: false,
@@ -111,9 +119,11 @@ impl TestbedOptions {
         }
     }
 
-    /// The same with lb2 and flow sync (see [`TestbedOptions::lb2`]).
+    /// The same with lb2, flow sync and BGP (see [`TestbedOptions::lb2`] and
+    /// [`TestbedOptions::bgp`]).
     pub fn active_active(mut self) -> Self {
         self.lb2 = true;
+        self.bgp = true;
         self
     }
 
@@ -130,6 +140,8 @@ pub struct Testbed {
     agent: Option<Agent>,
     /// lb2's agent (active-active beds only).
     agent2: Option<Agent>,
+    /// BIRD on rtr, lb1 and lb2 (BGP beds only), stopped after the agents.
+    birds: Vec<Bird>,
     lb1_listener: Option<Process>,
     backends: Vec<Backend>,
     /// The database servers (stopped by pid before their namespaces go).
@@ -145,6 +157,10 @@ pub struct Testbed {
     pub content: Vec<u8>,
     /// Extra `xlb agent` arguments per load balancer (e.g. `--config FILE`), for later starts.
     agent_extra: BTreeMap<String, Vec<String>>,
+    /// When each LB's agent was last started.
+    started: BTreeMap<String, Instant>,
+    /// BGP beds: from each agent's start to its next hop in rtr's VIP route, as `up` saw it.
+    pub announced_after: BTreeMap<String, Duration>,
 }
 
 impl Testbed {
@@ -155,11 +171,13 @@ impl Testbed {
             lb2: options.lb2,
             databases: options.databases,
             monitor: options.monitor,
+            static_vip_route: !options.bgp,
         })?;
         let dir = TempDir::new(topo.prefix())?;
         let mut bed = Self {
             agent: None,
             agent2: None,
+            birds: Vec::new(),
             lb1_listener: None,
             backends: Vec::new(),
             pg: None,
@@ -170,7 +188,13 @@ impl Testbed {
             options,
             content: big_content(),
             agent_extra: BTreeMap::new(),
+            started: BTreeMap::new(),
+            announced_after: BTreeMap::new(),
         };
+        if bed.options.bgp {
+            // First, so the BGP sessions come up (about a second) while the rest is built.
+            bed.start_birds().context("starting BIRD")?;
+        }
         if bed.options.https {
             bed.pki = Some(Pki::create(&bed.dir.path().join("pki")).context("the test CA")?);
         }
@@ -191,7 +215,133 @@ impl Testbed {
             bed.wait_peered(PEERING)
                 .context("lb1 and lb2 peering for flow sync")?;
         }
+        if bed.options.bgp {
+            bed.wait_announced()
+                .context("rtr routing the VIP over the LBs (BGP)")?;
+        }
         Ok(bed)
+    }
+
+    /// The LBs of this bed.
+    pub fn lbs(&self) -> Vec<&'static str> {
+        if self.options.lb2 {
+            vec!["lb1", "lb2"]
+        } else {
+            vec!["lb1"]
+        }
+    }
+
+    /// BIRD on rtr (the router config) and on each LB (the node config), from `contrib/bird/`.
+    fn start_birds(&mut self) -> Result<()> {
+        let lbs = self.lbs();
+        let vips = "[ 10.111.100.0/24{32,32} ]".to_string();
+        let rtr = with_defines(
+            bird::ROUTER_CONF,
+            &[
+                ("ROUTER_ADDR", RTR_BR_ADDR.to_string()),
+                ("NODE1_ADDR", LB1_ADDR.to_string()),
+                ("NODE2_ADDR", LB2_ADDR.to_string()),
+                ("XLB_VIPS", vips),
+            ],
+        )?;
+        let bird = Bird::start(self.topo.ns("rtr"), "rtr", &rtr, self.dir.path())?;
+        self.birds.push(bird);
+        for lb in lbs {
+            let conf = with_defines(
+                bird::NODE_CONF,
+                &[
+                    ("NODE_ADDR", lb_addr(lb).to_string()),
+                    ("ROUTER_ADDR", RTR_BR_ADDR.to_string()),
+                    ("XLB_TABLE", ANNOUNCE_TABLE.to_string()),
+                ],
+            )?;
+            let bird = Bird::start(self.topo.ns(lb), lb, &conf, self.dir.path())?;
+            self.birds.push(bird);
+        }
+        Ok(())
+    }
+
+    /// BIRD on `name` (rtr, lb1, lb2).
+    pub fn bird(&self, name: &str) -> &Bird {
+        self.birds
+            .iter()
+            .find(|b| b.name() == name)
+            .unwrap_or_else(|| panic!("no BIRD on {name}"))
+    }
+
+    /// BIRD on `name`, to kill it.
+    pub fn bird_mut(&mut self, name: &str) -> &mut Bird {
+        self.birds
+            .iter_mut()
+            .find(|b| b.name() == name)
+            .unwrap_or_else(|| panic!("no BIRD on {name}"))
+    }
+
+    /// Waits until rtr routes the VIP over every LB, and records how long after each agent's
+    /// start its next hop appeared.
+    fn wait_announced(&mut self) -> Result<()> {
+        let want: Vec<(&str, Ipv4Addr)> =
+            self.lbs().into_iter().map(|lb| (lb, lb_addr(lb))).collect();
+        let mut seen: BTreeMap<String, Duration> = BTreeMap::new();
+        wait_for_every(
+            "rtr to route the VIP over every LB",
+            ANNOUNCED,
+            ROUTE_POLL,
+            || {
+                let hops = self.topo.vip_next_hops()?;
+                for (lb, addr) in &want {
+                    if hops.contains(addr) && !seen.contains_key(*lb) {
+                        let since = self
+                            .started
+                            .get(*lb)
+                            .map(Instant::elapsed)
+                            .unwrap_or_default();
+                        seen.insert(lb.to_string(), since);
+                    }
+                }
+                if seen.len() == want.len() {
+                    Ok(Some(()))
+                } else {
+                    bail!("rtr's VIP route: {:?}", self.topo.vip_route()?)
+                }
+            },
+        )?;
+        self.announced_after = seen;
+        Ok(())
+    }
+
+    /// Polls rtr's VIP route until its next hops are exactly `hops` (in any order); how long that
+    /// took.
+    pub fn wait_next_hops(&self, hops: &[Ipv4Addr], timeout: Duration) -> Result<Duration> {
+        let mut want = hops.to_vec();
+        want.sort();
+        let start = Instant::now();
+        wait_for_every(
+            &format!("rtr to route the VIP via {want:?}"),
+            timeout,
+            ROUTE_POLL,
+            || {
+                let now = self.topo.vip_next_hops()?;
+                if now == want {
+                    Ok(Some(start.elapsed()))
+                } else {
+                    bail!("rtr's VIP route: {:?}", self.topo.vip_route()?)
+                }
+            },
+        )
+    }
+
+    /// `xlb node status --json` on `lb`.
+    pub fn node_status(&self, lb: &str) -> Result<Value> {
+        self.lb_client(lb).json(&["node", "status"])
+    }
+
+    /// Drains lb2 (`xlb node drain`) and waits until rtr routes the VIP via lb1 only: for tests
+    /// of a BGP bed that need every connection on lb1.
+    pub fn route_via_lb1_only(&self) -> Result<()> {
+        self.lb_client("lb2").ok(&["node", "drain"])?;
+        self.wait_next_hops(&[LB1_ADDR], Duration::from_secs(5))?;
+        Ok(())
     }
 
     fn start_backends(&mut self) -> Result<()> {
@@ -304,7 +454,8 @@ impl Testbed {
     }
 
     /// The agent's command-line flags beyond interface, mode, socket and state directory: the
-    /// metrics listener if asked for, the sync flags in an active-active bed.
+    /// metrics listener if asked for, the sync flags in an active-active bed, the announcement
+    /// flags in a BGP bed.
     fn agent_args(&self, lb: &str) -> Vec<String> {
         let mut args = self.options.agent_args.clone();
         args.extend(self.agent_extra.get(lb).cloned().unwrap_or_default());
@@ -312,18 +463,25 @@ impl Testbed {
             args.push("--metrics-listen".into());
             args.push(format!("{}:{METRICS_PORT}", lb_addr(lb)));
         }
-        if !self.options.lb2 {
-            return args;
+        if self.options.lb2 {
+            let other = if lb == "lb1" { "lb2" } else { "lb1" };
+            args.extend([
+                "--sync-listen".into(),
+                Self::sync_addr(lb),
+                "--peer".into(),
+                Self::sync_addr(other),
+                "--sync-key-file".into(),
+                self.sync_key_file().to_string_lossy().into_owned(),
+            ]);
         }
-        let other = if lb == "lb1" { "lb2" } else { "lb1" };
-        args.extend([
-            "--sync-listen".into(),
-            Self::sync_addr(lb),
-            "--peer".into(),
-            Self::sync_addr(other),
-            "--sync-key-file".into(),
-            self.sync_key_file().to_string_lossy().into_owned(),
-        ]);
+        if self.options.bgp {
+            args.extend([
+                "--announce-table".into(),
+                ANNOUNCE_TABLE.to_string(),
+                "--bird-socket".into(),
+                self.bird(lb).socket.to_string_lossy().into_owned(),
+            ]);
+        }
         args
     }
 
@@ -343,7 +501,7 @@ impl Testbed {
 
     /// Starts `xlb agent` on `lb` (its state directory keeps the configuration across restarts)
     /// and checks the balancer is attached in the requested mode.
-    fn start_agent(&mut self, lb: &str) -> Result<()> {
+    pub fn start_agent(&mut self, lb: &str) -> Result<()> {
         self.start_agent_with(lb, &xlb_bin())
     }
 
@@ -367,6 +525,7 @@ impl Testbed {
         std::fs::create_dir_all(&agent_dir)?;
         let args = self.agent_args(lb);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.started.insert(lb.to_string(), Instant::now());
         let agent = Agent::start_with(
             bin,
             self.topo.ns(lb),
@@ -691,6 +850,16 @@ impl Testbed {
         agent.as_ref().map(Agent::log).unwrap_or_default()
     }
 
+    /// What the agent on `lb` has logged since it was last started.
+    pub fn lb_log(&self, lb: &str) -> String {
+        let agent = match lb {
+            "lb1" => &self.agent,
+            "lb2" => &self.agent2,
+            _ => panic!("no load balancer {lb}"),
+        };
+        agent.as_ref().map(Agent::log).unwrap_or_default()
+    }
+
     /// nginx's access log on backend `name`.
     pub fn access_log(&self, name: &str) -> Result<String> {
         Ok(self.backend(name)?.access_log())
@@ -903,6 +1072,25 @@ impl Testbed {
             {
                 out += &format!("--- xlb peers ({lb}):\n{}{}\n", o.stdout, o.stderr);
             }
+            if self.options.bgp
+                && let Ok(o) = agent.client.run(&["node", "status"])
+            {
+                out += &format!("--- xlb node status ({lb}):\n{}{}\n", o.stdout, o.stderr);
+            }
+        }
+        if self.options.bgp {
+            out += &format!(
+                "--- rtr's VIP route: {:?}\n",
+                self.topo.vip_route().unwrap_or_default()
+            );
+            for b in &self.birds {
+                let protocols = b.birdc(&["show", "protocols"]).unwrap_or_default();
+                out += &format!(
+                    "--- BIRD on {}: protocols\n{protocols}--- its log:\n{}\n",
+                    b.name(),
+                    b.log()
+                );
+            }
         }
         for b in &self.backends {
             out += &format!(
@@ -920,6 +1108,13 @@ impl Testbed {
 
 /// How long two freshly started agents may take to connect to each other.
 const PEERING: Duration = Duration::from_secs(15);
+/// How long rtr may take to route the VIP over every LB once they are configured (BGP sessions
+/// up about a second after BIRD starts; a node announces after its first health checks and its
+/// peer's snapshot, at most 5 s).
+const ANNOUNCED: Duration = Duration::from_secs(20);
+
+/// How often route waits poll rtr: the changes measured there take milliseconds.
+const ROUTE_POLL: Duration = Duration::from_millis(10);
 
 /// The own address of load balancer `lb` (lb1 or lb2).
 pub fn lb_addr(lb: &str) -> Ipv4Addr {

@@ -7,7 +7,8 @@
 //!                                   │                ── db1..db3 10.111.1.21-23 (optional)
 //!                                   │                ── mon 10.111.1.30 (optional: Prometheus)
 //!  VIP 10.111.100.1 (and the second VIP address 10.111.100.2) is routed by rtr via lb1 (with
-//!  lb2: [`Topology::route_vip`] can spread them over both, ECMP on an L4 hash)
+//!  lb2: [`Topology::route_vip`] can spread them over both, ECMP on an L4 hash), or by BGP:
+//!  BIRD on rtr installs an ECMP route over the nodes that announce a VIP
 //! ```
 //!
 //! Every host namespace has one interface, `eth0`; its veth peer lives in `rtr` as `v-<role>`
@@ -61,14 +62,17 @@ pub fn db_name(i: usize) -> String {
 pub struct TopologyOptions {
     /// How many backend namespaces (be1..beN).
     pub backends: usize,
-    /// Also create lb2 (10.111.1.3) on the bridge. The VIP route still points at lb1 only;
-    /// rtr hashes multipath routes on L4 (`fib_multipath_hash_policy=1`), so
-    /// [`Topology::route_vip`] over lb1 and lb2 spreads connections, not just clients.
+    /// Also create lb2 (10.111.1.3) on the bridge. rtr hashes multipath routes on L4
+    /// (`fib_multipath_hash_policy=1`), so a VIP routed over lb1 and lb2 spreads connections,
+    /// not just clients.
     pub lb2: bool,
     /// How many database namespaces (db1..dbN, 10.111.1.21..).
     pub databases: usize,
     /// Also create `mon` (10.111.1.30) on the bridge, for a Prometheus server.
     pub monitor: bool,
+    /// rtr routes the VIP addresses via lb1 with a static route. Without it they have no route
+    /// until one is announced (BGP beds: BIRD on rtr installs it).
+    pub static_vip_route: bool,
 }
 
 impl Default for TopologyOptions {
@@ -78,6 +82,7 @@ impl Default for TopologyOptions {
             lb2: false,
             databases: 0,
             monitor: false,
+            static_vip_route: true,
         }
     }
 }
@@ -203,7 +208,9 @@ impl Topology {
             host.ip(&["route", "add", "default", "via", &RTR_BR_ADDR.to_string()])?;
         }
 
-        self.route_vip(&[LB1_ADDR])?;
+        if self.options.static_vip_route {
+            self.route_vip(&[LB1_ADDR])?;
+        }
         let mut forwarders = vec!["rtr", "lb1"];
         if self.options.lb2 {
             forwarders.push("lb2");
@@ -243,11 +250,36 @@ impl Topology {
 
     /// The VIP's route on rtr as `ip route show` prints it.
     pub fn vip_route(&self) -> Result<String> {
+        self.route_of(VIP)
+    }
+
+    /// `addr`'s /32 route on rtr as `ip route show` prints it.
+    pub fn route_of(&self, addr: Ipv4Addr) -> Result<String> {
         Ok(self
             .ns("rtr")
-            .ip(&["route", "show", &format!("{VIP}/32")])?
+            .ip(&["route", "show", &format!("{addr}/32")])?
             .trim()
             .to_string())
+    }
+
+    /// The next hops of the VIP's route on rtr: see [`Topology::next_hops`].
+    pub fn vip_next_hops(&self) -> Result<Vec<Ipv4Addr>> {
+        self.next_hops(VIP)
+    }
+
+    /// The next hops of `addr`'s /32 route on rtr (none without a route), in address order:
+    /// `via A` of a plain route, every `nexthop via A` of an ECMP one.
+    pub fn next_hops(&self, addr: Ipv4Addr) -> Result<Vec<Ipv4Addr>> {
+        let route = self.route_of(addr)?;
+        let words: Vec<&str> = route.split_whitespace().collect();
+        let mut hops: Vec<Ipv4Addr> = words
+            .windows(2)
+            .filter(|w| w[0] == "via")
+            .filter_map(|w| w[1].parse().ok())
+            .collect();
+        hops.sort();
+        hops.dedup();
+        Ok(hops)
     }
 
     /// Creates `role`'s eth0 with its peer `v-<role>` directly in rtr, and turns TX checksum

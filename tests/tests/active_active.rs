@@ -1,18 +1,24 @@
-//! Active-active (issue 4, tests 1–3): lb1 and lb2 both run `xlb agent` with the same VIP and
-//! backends, peered for flow sync (`--sync-listen <own>:7946 --peer <other>:7946`, one key file);
-//! ipip, generic XDP (lb1's loss also in driver mode).
+//! Active-active (issue 4, tests 1–3; issue 12, tests 1–5): lb1 and lb2 both run `xlb agent`
+//! with the same VIP and backends, peered for flow sync (`--sync-listen <own>:7946 --peer
+//! <other>:7946`, one key file), and announce the VIP by BGP: BIRD on rtr, lb1 and lb2 runs the
+//! configs of `contrib/bird/`, and rtr routes the VIP over the nodes that announce it (ECMP, L4
+//! hash, BFD 100 ms x 3). Nobody touches rtr's routes. ipip, generic XDP (lb1's loss also in
+//! driver mode).
 //!
-//! 1. rtr spreads the VIP over both LBs (ECMP, L4 hash); 30 long downloads run through both; lb1 is
-//!    taken away (nexthop removed, agent SIGKILLed, link down): every download completes intact on
-//!    the backend it started on, and lb2 never misses a flow.
-//! 2. The VIP goes via lb1 only; lb2's agent is restarted in the middle of long downloads, pulls
-//!    lb1's table (the snapshot) and then takes over the route without losing a connection.
-//! 3. The test plays a peer by hand: forged (wrong key), replayed and reordered records are
+//! 1. Both announce (rtr has an ECMP route; the time from agent start is reported); 30 long
+//!    downloads run through both; lb1's link goes down and its agent dies: rtr drops lb1 within
+//!    1 s by BFD, every download completes intact on the backend it started on, and lb2 never
+//!    misses a flow.
+//! 2. `xlb node drain` on lb2 under continuous new connections and long downloads, then
+//!    `undrain`; then lb1 cannot check its backends and withdraws: no failure either time.
+//! 3. lb2's agent stops (withdrawn), starts again, and announces only once it holds lb1's table;
+//!    the connections that move to it continue.
+//! 4. The test plays a peer by hand: forged (wrong key), replayed and reordered records are
 //!    rejected, counted and logged, and leave the flow table as it was.
-//! 4. tcpdump on the sync link while real connections are synced: no client address or port
+//! 5. tcpdump on the sync link while real connections are synced: no client address or port
 //!    pair in clear.
 //!
-//! Each prints a `SYNC …` line with what it measured (lag, snapshot time, mid-flow misses).
+//! Each prints `SYNC …` and `BGP …` lines with what it measured.
 
 use lb_common::{FlowEvent, FlowKey};
 use serde_json::Value;
@@ -33,19 +39,21 @@ use xlb::sync::{
     },
 };
 use xlb_tests::{
-    backend::HTTP_PORT,
-    capture::{Capture, contains, count},
-    cmd::wait_for,
+    backend::{HTTP_PORT, UDP_PORT},
+    capture::{Capture, contains, count, mac_of, packet_times},
+    client::{ClientOptions, ContinuousClient, Request, started_between, timeline},
+    cmd::{wait_for, wait_for_every},
     downloads::{Finished, LongDownloads},
     netns::require_root,
-    testbed::{SYNC_PORT, Testbed, TestbedOptions},
+    process::Process,
+    testbed::{FAST_HTTP_CHECK, SYNC_PORT, Testbed, TestbedOptions},
     topology::{CLI_ADDR, HOST_IFACE, LB1_ADDR, LB2_ADDR, VIP, backend_addr},
     xlb::{backend_counters, counter, event, find_vip},
 };
 
 /// Long downloads in test 1 (the issue's number).
 const CONNECTIONS: usize = 30;
-/// Long downloads in test 2.
+/// Long downloads in the drain and restart tests.
 const RESTART_CONNECTIONS: usize = 20;
 /// `/long` takes about 16 s; each download must be complete within this.
 const LONG_DEADLINE: Duration = Duration::from_secs(45);
@@ -164,16 +172,45 @@ fn check_access_logs(bed: &Testbed, expected: &BTreeMap<String, usize>) {
     assert_eq!(&got, expected);
 }
 
+/// The client's connections that started in `[from, to)` and failed, as offsets from `t0`.
+fn failures_between(requests: &[Request], from: Instant, to: Instant, t0: Instant) -> Vec<String> {
+    started_between(requests, from, to)
+        .into_iter()
+        .filter(|r| r.failed())
+        .map(|r| timeline(&[r], t0))
+        .collect()
+}
+
+/// Seconds since `t0`, for report lines.
+fn secs(d: Duration) -> String {
+    format!("{:.3}s", d.as_secs_f64())
+}
+
+/// Tests 1 and 2 of issue 12 (lb1's loss also of issue 4): both agents announce the VIP, rtr
+/// routes it over both by ECMP (from BGP, nobody touches rtr); 30 long downloads spread over both
+/// and a new connection every 20 ms; lb1's link goes down and its agent is killed. rtr drops
+/// lb1's next hop by itself (BFD, at most 1 s), every download completes intact on the backend
+/// it started on, and lb2 never misses a flow.
 fn lb1_lost(xdp_mode: &str) {
     let mut bed = bed(xdp_mode);
-    bed.topo
-        .route_vip(&[LB1_ADDR, LB2_ADDR])
-        .expect("ECMP route for the VIP");
-    let route = bed.topo.vip_route().unwrap();
-    assert!(
-        route.contains(&LB1_ADDR.to_string()) && route.contains(&LB2_ADDR.to_string()),
-        "VIP route on rtr: {route}"
+    report(&format!(
+        "BGP start ({xdp_mode}): rtr routed the VIP via lb1 {} and via lb2 {} after each agent's \
+         start (start, VIPs and backends added through the CLI, first health checks, the peer's \
+         snapshot, BGP)",
+        secs(bed.announced_after["lb1"]),
+        secs(bed.announced_after["lb2"]),
+    ));
+    assert_eq!(
+        bed.topo.vip_next_hops().unwrap(),
+        [LB1_ADDR, LB2_ADDR],
+        "rtr's VIP route: {}",
+        bed.topo.vip_route().unwrap()
     );
+    for lb in ["lb1", "lb2"] {
+        let status = bed.node_status(lb).expect("xlb node status");
+        assert_eq!(status["addresses"][0]["announced"], true, "{lb}: {status}");
+        assert_eq!(status["routing_daemon"]["answers"], true, "{lb}: {status}");
+    }
 
     let downloads = LongDownloads::open(
         bed.ns("cli"),
@@ -211,12 +248,39 @@ fn lb1_lost(xdp_mode: &str) {
         assert_eq!(p.totals.unknown_backend, 0, "{lb}: {p:?}");
     }
     let active2: u64 = active_flows(&s2).values().sum();
+    // Steady traffic over both nodes: pings to the VIP (answered by the balancers themselves)
+    // every 10 ms from 8 client addresses (rtr hashes ICMP by addresses only).
+    let pings = ping_the_vip(&bed, PING_SOURCES);
+    // What rtr still sends to lb1 (to its MAC, for the VIP): after the failure, lost packets.
+    let lb1_mac = mac_of(bed.ns("lb1"), HOST_IFACE).unwrap();
+    let capture = Capture::start(
+        bed.ns("rtr"),
+        "br0",
+        &format!("ether dst {lb1_mac} and dst host {VIP}"),
+        &bed.dir.path().join("rtr-to-lb1.pcap"),
+        CAPTURE_LIMIT,
+    )
+    .expect("capturing on rtr");
+    std::thread::sleep(Duration::from_secs(1));
 
-    // lb1 goes away: out of the route, agent killed (no goodbye), link down.
-    let lost_at = Instant::now();
-    bed.topo.route_vip(&[LB2_ADDR]).expect("route via lb2 only");
-    bed.kill_agent("lb1").expect("SIGKILL lb1's agent");
+    // lb1 fails: its link goes down (BIRD's session and BFD with it), and its agent dies.
+    // Nobody touches rtr.
+    let (lost_at, lost_at_wall) = (Instant::now(), SystemTime::now());
     bed.link_down("lb1").expect("lb1's link down");
+    bed.kill_agent("lb1").expect("SIGKILL lb1's agent");
+    bed.wait_next_hops(&[LB2_ADDR], Duration::from_secs(5))
+        .expect("rtr to drop lb1's next hop");
+    let route_gone = lost_at.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    // The clients' packets (pings, the downloads' ACKs) that rtr sent to dead lb1.
+    let seen = packet_times(&capture.finish().expect("the capture")).expect("the capture");
+    drop(pings);
+    let before = seen.iter().filter(|t| **t < lost_at_wall).count();
+    let lost: Vec<Duration> = seen
+        .into_iter()
+        .filter_map(|t| t.duration_since(lost_at_wall).ok())
+        .collect();
+    let last_lost = lost.iter().max().copied();
 
     let finished = downloads.finish().expect("the downloads");
     let bad = check_downloads(&finished, lost_at, "lb1 was lost");
@@ -233,23 +297,37 @@ fn lb1_lost(xdp_mode: &str) {
     let midflow = event(&s2_after, "midflow_miss").unwrap();
     let resteered = event(&s2_after, "flow_resteered").unwrap();
     let p2_after = peers(&bed, "lb2");
-    let line = format!(
-        "SYNC lb1-lost ({xdp_mode}): {CONNECTIONS} /long downloads, lb1 carried {n1}, lb2 {n2} \
-         (backends {per_backend:?}); lb1 lost {:.1}s before the last finished; all complete and \
-         intact on their first backend; lb2 midflow_miss {midflow}, flow_resteered {resteered}, \
-         new_flows {n2} -> {}; sync lag lb1->lb2 {}, lb2->lb1 {}",
-        finished
-            .iter()
-            .map(|f| f.finished_at)
-            .max()
-            .unwrap()
-            .duration_since(lost_at)
-            .as_secs_f64(),
+    report(&format!(
+        "BGP failover ({xdp_mode}): lb1's link down -> rtr dropped lb1's next hop after {} \
+         (BFD 100 ms x 3); rtr sent the last packet to lb1 {} after the failure ({} client \
+         packets to the VIP lost with lb1, {before} sent to it in the second before; pings every \
+         10 ms from {PING_SOURCES} addresses and the downloads' ACKs); {CONNECTIONS}/{CONNECTIONS} /long downloads complete \
+         and intact (lb1 carried {n1}, lb2 {n2}; backends {per_backend:?}); lb2 midflow_miss \
+         {midflow}, flow_resteered {resteered}, new_flows {n2} -> {}; sync lag lb1->lb2 {}, \
+         lb2->lb1 {}",
+        secs(route_gone),
+        last_lost.map_or("-".into(), secs),
+        lost.len(),
         vip_counter(&s2_after, "new_flows"),
         lag_text(&p2_after),
         lag_text(&p1),
+    ));
+    assert!(
+        route_gone <= Duration::from_secs(1),
+        "rtr kept lb1's next hop for {} after lb1's link went down",
+        secs(route_gone)
     );
-    report(&line);
+    assert!(
+        before > 0,
+        "the capture saw no packet to lb1 before the failure: it measures nothing"
+    );
+    // Once rtr has dropped lb1 it sends lb1 nothing (the route was polled every 10 ms).
+    assert!(
+        last_lost.is_none_or(|l| l <= route_gone + Duration::from_millis(20)),
+        "rtr sent packets to lb1 {} after the failure, but dropped lb1's next hop after {}",
+        secs(last_lost.unwrap_or_default()),
+        secs(route_gone)
+    );
     assert_eq!(midflow, 0, "lb2 saw mid-flow packets without a flow entry");
     assert_eq!(resteered, 0, "lb2 re-steered flows");
     assert_eq!(
@@ -284,6 +362,38 @@ fn lb1_lost(xdp_mode: &str) {
     }
 }
 
+/// Client addresses that ping the VIP in the failover test.
+const PING_SOURCES: u8 = 8;
+
+/// `ping -i 0.01` to the VIP from `n` more addresses of cli (10.111.0.3…), one process each,
+/// stopped by pid when dropped.
+fn ping_the_vip(bed: &Testbed, n: u8) -> Vec<Process> {
+    let cli = bed.ns("cli");
+    (0..n)
+        .map(|i| {
+            let src = Ipv4Addr::new(10, 111, 0, 3 + i);
+            cli.ip(&["addr", "add", &format!("{src}/24"), "dev", HOST_IFACE])
+                .expect("a client address");
+            let mut cmd = cli.command("ping");
+            cmd.args([
+                "-q",
+                "-n",
+                "-i",
+                "0.01",
+                "-I",
+                &src.to_string(),
+                &VIP.to_string(),
+            ]);
+            Process::spawn(
+                &format!("ping from {src}"),
+                &mut cmd,
+                &bed.dir.path().join(format!("ping-{src}.txt")),
+            )
+            .expect("ping")
+        })
+        .collect()
+}
+
 #[test]
 fn lb1_lost_connections_survive_on_lb2_generic() {
     lb1_lost("generic");
@@ -294,15 +404,224 @@ fn lb1_lost_connections_survive_on_lb2_driver() {
     lb1_lost("driver");
 }
 
+/// Tests 3 and 4 of issue 12 on one bed (HTTP VIP checked every 200 ms, fall 3, rise 2).
+///
+/// 3. `xlb node drain` on lb2 under a new connection every 20 ms and long downloads: rtr moves
+///    everything to lb1 (lb2 gets no new flow while drained), nothing fails, no download breaks;
+///    `undrain` brings ECMP back.
+/// 4. lb1's health checks are blocked (nftables in lb1): every backend is down as lb1 sees it, so
+///    lb1 withdraws while lb2 keeps announcing; no connection fails.
 #[test]
-fn lb2_restarted_gets_the_snapshot_and_takes_over() {
-    let mut bed = bed("generic");
-    // The default route: via lb1 only.
-    let route = bed.topo.vip_route().unwrap();
-    assert!(
-        route.contains(&LB1_ADDR.to_string()) && !route.contains(&LB2_ADDR.to_string()),
-        "VIP route on rtr: {route}"
+fn drain_and_health_withdraw_the_node_without_failures() {
+    require_root();
+    let bed = Testbed::up(
+        TestbedOptions::new("ipip", "generic")
+            .active_active()
+            .with_fast_checks(),
+    )
+    .expect("bringing up the active-active test bed");
+    let udp_vip = format!("{VIP}:{UDP_PORT}");
+    // The UDP VIP shares the address; with its default check (none) its backends always count,
+    // and the address would stay announced. Checked through nginx's port like the HTTP VIP.
+    for lb in ["lb1", "lb2"] {
+        bed.lb_client(lb)
+            .ok(&[
+                &[
+                    "vip",
+                    "set",
+                    &udp_vip,
+                    "--proto",
+                    "udp",
+                    "--check-port",
+                    "80",
+                ][..],
+                FAST_HTTP_CHECK,
+            ]
+            .concat())
+            .expect("a check for the UDP VIP");
+    }
+
+    // ---- 3: drain lb2
+    let downloads = LongDownloads::open(
+        bed.ns("cli"),
+        target(),
+        "/long",
+        RESTART_CONNECTIONS,
+        Arc::new(bed.content.clone()),
+        LONG_DEADLINE,
+    )
+    .expect("opening the long downloads");
+    let per_backend = downloads.per_backend();
+    let client = ContinuousClient::start(bed.ns("cli"), target(), ClientOptions::default());
+    std::thread::sleep(Duration::from_secs(1));
+    let drain_at = Instant::now();
+    let said = bed
+        .lb_client("lb2")
+        .ok(&["node", "drain"])
+        .expect("xlb node drain");
+    assert!(said.contains("drained"), "{said}");
+    let drained = bed
+        .wait_next_hops(&[LB1_ADDR], Duration::from_secs(5))
+        .expect("rtr to route the VIP via lb1 only");
+    let status = bed.node_status("lb2").unwrap();
+    assert_eq!(status["drained"], true, "{status}");
+    let address = &status["addresses"][0];
+    assert_eq!(address["reason"], "node drained", "{status}");
+    assert_eq!(address["in_table"], false, "{status}");
+    // Drained: lb2 takes no new connection (the router sends it nothing new).
+    std::thread::sleep(Duration::from_millis(200));
+    let lb2_new = vip_counter(&stats(&bed, "lb2"), "new_flows");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        vip_counter(&stats(&bed, "lb2"), "new_flows"),
+        lb2_new,
+        "lb2 got new flows while drained"
     );
+    let undrain_at = Instant::now();
+    bed.lb_client("lb2")
+        .ok(&["node", "undrain"])
+        .expect("xlb node undrain");
+    let undrained = bed
+        .wait_next_hops(&[LB1_ADDR, LB2_ADDR], Duration::from_secs(5))
+        .expect("rtr to route the VIP over both again");
+    std::thread::sleep(Duration::from_secs(1));
+    let requests = client.stop().expect("the continuous client");
+    assert!(
+        vip_counter(&stats(&bed, "lb2"), "new_flows") > lb2_new,
+        "lb2 got no new connection after the undrain"
+    );
+    let failed = failures_between(
+        &requests,
+        drain_at - Duration::from_secs(1),
+        Instant::now(),
+        drain_at,
+    );
+    let finished = downloads.finish().expect("the downloads");
+    let bad = check_downloads(&finished, undrain_at, "the undrain");
+    check_access_logs(&bed, &per_backend);
+    let midflow: Vec<u64> = ["lb1", "lb2"]
+        .iter()
+        .map(|lb| event(&stats(&bed, lb), "midflow_miss").unwrap())
+        .collect();
+    report(&format!(
+        "BGP drain: `xlb node drain` on lb2 -> rtr routed via lb1 only after {}, `undrain` -> \
+         ECMP again after {}; {} new connections (every 20 ms), {} failed; {RESTART_CONNECTIONS} \
+         /long downloads, {} broken; midflow_miss lb1 {} lb2 {}",
+        secs(drained),
+        secs(undrained),
+        requests.len(),
+        failed.len(),
+        bad.len(),
+        midflow[0],
+        midflow[1],
+    ));
+    assert!(
+        failed.is_empty(),
+        "connections failed:\n{}",
+        failed.join("\n")
+    );
+    assert!(bad.is_empty(), "downloads broke:\n{}", bad.join("\n"));
+    assert_eq!(midflow, [0, 0], "mid-flow misses (lb1, lb2)");
+
+    // ---- 4: lb1 cannot check its backends
+    let client = ContinuousClient::start(
+        bed.ns("cli"),
+        target(),
+        ClientOptions {
+            // A SYN that reaches lb1 between its ring emptying and rtr hearing the withdrawal
+            // (milliseconds) is dropped and sent again after a second: slow, not failed.
+            timeout: Duration::from_secs(2),
+            ..ClientOptions::default()
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let block_at = Instant::now();
+    bed.ns("lb1")
+        .sh(BLOCK_CHECKS)
+        .expect("blocking lb1's health checks");
+    let withdrawn = bed
+        .wait_next_hops(&[LB2_ADDR], Duration::from_secs(10))
+        .expect("lb1 to withdraw (rtr via lb2 only)");
+    let status = bed.node_status("lb1").unwrap();
+    assert_eq!(
+        status["addresses"][0]["reason"], "no healthy backend",
+        "{status}"
+    );
+    assert_eq!(status["addresses"][0]["serving_backends"], 0, "{status}");
+    let status2 = bed.node_status("lb2").unwrap();
+    assert_eq!(status2["addresses"][0]["announced"], true, "{status2}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        bed.topo.vip_next_hops().unwrap(),
+        [LB2_ADDR],
+        "lb2 kept announcing, lb1 stayed out"
+    );
+    bed.ns("lb1")
+        .sh(UNBLOCK_CHECKS)
+        .expect("unblocking lb1's health checks");
+    let back = bed
+        .wait_next_hops(&[LB1_ADDR, LB2_ADDR], Duration::from_secs(10))
+        .expect("lb1 to announce again");
+    std::thread::sleep(Duration::from_millis(500));
+    let requests = client.stop().expect("the continuous client");
+    let failed = failures_between(
+        &requests,
+        block_at - Duration::from_secs(1),
+        Instant::now(),
+        block_at,
+    );
+    let slow = started_between(&requests, block_at, Instant::now())
+        .into_iter()
+        .filter(|r| r.end.duration_since(r.start) > Duration::from_millis(900))
+        .count();
+    report(&format!(
+        "BGP health: lb1's checks blocked -> every backend down on lb1, rtr routed via lb2 only \
+         after {} (fall 3 x 200 ms + withdrawal); unblocked -> both again after {}; {} new \
+         connections, {} failed, {slow} slower than 0.9 s (a SYN that met lb1's empty ring \
+         before rtr heard the withdrawal, sent again)",
+        secs(withdrawn),
+        secs(back),
+        requests.len(),
+        failed.len(),
+    ));
+    assert!(
+        failed.is_empty(),
+        "connections failed:\n{}",
+        failed.join("\n")
+    );
+}
+
+/// An nftables table in lb1 that drops lb1's own TCP to the backends' port 80 (its health
+/// checks); XDP-forwarded traffic never meets it.
+const BLOCK_CHECKS: &str = "nft -f - <<'EOF'
+table ip xlbtest {
+  chain out {
+    type filter hook output priority 0;
+    ip daddr 10.111.1.0/24 tcp dport 80 drop
+  }
+}
+EOF";
+const UNBLOCK_CHECKS: &str = "nft delete table ip xlbtest";
+
+/// Where the number in the agent's "finished starting after N s" line begins.
+fn route_start(log: &str) -> usize {
+    const LINE: &str = "finished starting after ";
+    log.find(LINE)
+        .map(|i| i + LINE.len())
+        .unwrap_or_else(|| panic!("no {LINE:?} in the agent's log:\n{log}"))
+}
+
+/// Test 5 of issue 12 (and 2 of issue 4): lb2's agent stops (its route is withdrawn, rtr sends
+/// everything to lb1) and long downloads start through lb1; lb2's agent starts again and
+/// announces only once it holds lb1's flow table; after rtr spreads the VIP over both again,
+/// the connections that move to lb2 continue: no mid-flow miss, no new flow.
+#[test]
+fn lb2_restarted_announces_only_with_the_snapshot() {
+    let mut bed = bed("generic");
+    bed.stop_lb_agent("lb2").expect("stopping lb2's agent");
+    let out = bed
+        .wait_next_hops(&[LB1_ADDR], Duration::from_secs(5))
+        .expect("lb2's route withdrawn on its stop");
     let downloads = LongDownloads::open(
         bed.ns("cli"),
         target(),
@@ -315,68 +634,87 @@ fn lb2_restarted_gets_the_snapshot_and_takes_over() {
     let per_backend = downloads.per_backend();
     let n = RESTART_CONNECTIONS as u64;
     assert_eq!(vip_counter(&stats(&bed, "lb1"), "new_flows"), n);
-    assert_eq!(vip_counter(&stats(&bed, "lb2"), "new_flows"), 0);
 
-    // lb2's agent restarts (its flow table goes with it) while the downloads run through lb1.
-    let started = bed.restart_agent("lb2").expect("restarting lb2's agent");
+    let started = Instant::now();
+    bed.start_agent("lb2").expect("starting lb2's agent again");
     let ready = started.elapsed();
-    let (snapshot, p2) = wait_for(
-        "lb2 to get lb1's flow table after its restart",
+    // What `xlb node status` says while lb2 starts, until rtr has lb2's next hop.
+    let mut starting_seen = None;
+    wait_for_every(
+        "rtr to route via lb2 again",
         SNAPSHOT_WAIT,
+        Duration::from_millis(10),
         || {
-            let p = peers(&bed, "lb2");
-            let lb1 = peer_of(&p, "lb1");
-            let done = lb1.connected && lb1.inbound_connections >= 1 && lb1.flows_received >= n;
-            Ok(done.then(|| (started.elapsed(), p)))
+            if starting_seen.is_none() {
+                let status = bed.node_status("lb2")?;
+                starting_seen = status["starting"].as_str().map(str::to_string);
+            }
+            Ok(bed.topo.vip_next_hops()?.contains(&LB2_ADDR).then_some(()))
         },
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
-    // Installed: one live entry per download, each on its backend.
-    let active = active_flows(&stats(&bed, "lb2"));
-    let expected_active: BTreeMap<Ipv4Addr, u64> = per_backend
-        .iter()
-        .map(|(b, c)| (bed.backend_addr(b).unwrap(), *c as u64))
-        .collect();
-    let active_nonzero: BTreeMap<Ipv4Addr, u64> =
-        active.into_iter().filter(|(_, c)| *c > 0).collect();
-    assert_eq!(
-        active_nonzero, expected_active,
-        "lb2's active flows per backend after the snapshot"
+    let announced = started.elapsed();
+    let log = bed.lb_log("lb2");
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("lb2's log has no {needle:?}:\n{log}"))
+    };
+    // The order in lb2's own log: the snapshot installed, the start-up over, then the route.
+    let holding = at(&format!(
+        "holding peer {}'s snapshot",
+        Testbed::sync_addr("lb1")
+    ));
+    let route = at(&format!("announced {VIP} (added to routing table"));
+    assert!(
+        at("sync: snapshot from") < holding && holding < route,
+        "lb2 announced before it held lb1's snapshot:\n{log}"
     );
-
-    let s2 = stats(&bed, "lb2");
+    // How long the start-up took by the agent's own account ("finished starting after 0.12 s").
+    let start_up = log[route_start(&log)..]
+        .split_whitespace()
+        .next()
+        .unwrap_or("?")
+        .to_string();
+    let p2 = peer_of(&peers(&bed, "lb2"), "lb1");
+    assert!(
+        p2.snapshots_received >= 1 && p2.flows_received >= n,
+        "lb2's view of lb1 after the start: {p2:?}"
+    );
     let switched_at = Instant::now();
-    bed.topo.route_vip(&[LB2_ADDR]).expect("route via lb2 only");
     let finished = downloads.finish().expect("the downloads");
-    let bad = check_downloads(&finished, switched_at, "the route switch to lb2");
+    let bad = check_downloads(&finished, switched_at, "lb2's return to the route");
     assert!(
         bad.is_empty(),
-        "{} of {RESTART_CONNECTIONS} downloads failed after lb2's restart and the switch:\n{}",
+        "{} of {RESTART_CONNECTIONS} downloads failed after lb2's restart:\n{}",
         bad.len(),
         bad.join("\n")
     );
     check_access_logs(&bed, &per_backend);
-    let s2_after = stats(&bed, "lb2");
-    let midflow = event(&s2_after, "midflow_miss").unwrap();
+    let s2 = stats(&bed, "lb2");
+    let midflow = event(&s2, "midflow_miss").unwrap();
     report(&format!(
-        "SYNC lb2-restart (generic): {RESTART_CONNECTIONS} /long downloads via lb1; lb2's agent \
-         answered {:.3}s after its restart, had lb1's snapshot ({} flows received) {:.3}s after \
-         the restart; after the route switch all complete and intact, lb2 midflow_miss {midflow}, \
-         new_flows {}",
-        ready.as_secs_f64(),
-        peer_of(&p2, "lb1").flows_received,
-        snapshot.as_secs_f64(),
-        vip_counter(&s2_after, "new_flows"),
+        "BGP lb2-restart: lb2 stopped -> rtr via lb1 only after {}; {RESTART_CONNECTIONS} /long \
+         downloads via lb1; lb2's agent started again: answered after {}, finished starting \
+         (first checks, lb1's snapshot of {} flows installed) {start_up} s after its own start, \
+         rtr routed via lb2 again {} after the start (node status meanwhile: {:?}); all complete \
+         and intact, lb2 forwarded {} packets of them, midflow_miss {midflow}, new_flows {}",
+        secs(out),
+        secs(ready),
+        p2.flows_received,
+        secs(announced),
+        starting_seen,
+        vip_counter(&s2, "packets"),
+        vip_counter(&s2, "new_flows"),
     ));
     assert_eq!(midflow, 0, "lb2 saw mid-flow packets without a flow entry");
     assert_eq!(
-        vip_counter(&s2_after, "new_flows"),
+        vip_counter(&s2, "new_flows"),
         0,
         "lb2 created new flows for connections it should have known"
     );
     assert!(
-        vip_counter(&s2_after, "packets") > vip_counter(&s2, "packets"),
-        "lb2 forwarded nothing after the switch"
+        vip_counter(&s2, "packets") > 0,
+        "no connection moved to lb2 after its return (ECMP)"
     );
 }
 
@@ -560,6 +898,8 @@ fn get_from_port(bed: &Testbed, port: u16) -> String {
 #[test]
 fn forged_and_replayed_sync_frames_are_rejected_and_change_nothing() {
     let bed = bed("generic");
+    // Every connection of this test goes through lb1.
+    bed.route_via_lb1_only().expect("lb2 drained");
     let key = bed.sync_key();
     let good = SyncKey::from_bytes(key.as_bytes()).unwrap();
     let wrong = SyncKey::from_bytes(b"definitely-not-the-shared-key").unwrap();
@@ -737,6 +1077,8 @@ fn port_pair(client_port: u16) -> [u8; 4] {
 #[test]
 fn the_sync_link_carries_no_client_address_in_clear() {
     let bed = bed("generic");
+    // Every connection through lb1, so lb1 streams each to lb2.
+    bed.route_via_lb1_only().expect("lb2 drained");
     let dir = bed.dir.path();
     let sync_capture = Capture::start(
         bed.ns("lb1"),

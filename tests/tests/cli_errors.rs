@@ -4,10 +4,10 @@
 use serde_json::Value;
 use std::{process::Command, time::Duration};
 use xlb_tests::{
-    cmd::{Output, SHORT, run_timeout},
+    cmd::{Output, SHORT, run_timeout, wait_for},
     netns::{Netns, TempDir, require_root, unique_prefix},
     topology::{HOST_IFACE, Topology, TopologyOptions, VIP},
-    xlb::{Agent, Xlb, expect_clean_exit, xlb_bin},
+    xlb::{Agent, Xlb, expect_clean_exit, has_xdp, xlb_bin},
 };
 
 fn assert_error(out: &Output, mentions: &[&str]) {
@@ -349,6 +349,15 @@ fn bad_input_is_refused_and_changes_nothing() {
     // `xlb peers` needs an agent with peer sync (issue 4); this one runs without.
     assert_error(&xlb.run(&["peers"]).unwrap(), &["--sync-listen"]);
     assert_error(&xlb.run(&["peers", "--json"]).unwrap(), &["--sync-listen"]);
+    // `xlb node` needs route announcement (issue 12).
+    for args in [
+        &["node", "status"][..],
+        &["node", "drain"],
+        &["node", "undrain"],
+    ] {
+        assert_error(&xlb.run(args).unwrap(), &["--announce-table"]);
+    }
+    assert_eq!(snapshot(&xlb), baseline, "state changed after `xlb node`");
 
     // Desired state survives a restart from the same state directory.
     let status = agent.stop().unwrap();
@@ -531,6 +540,200 @@ fn a_short_check_interval_alone_is_accepted() {
         (&c["interval"], &c["timeout"]),
         (&"5s".into(), &"1s".into()),
         "{c}"
+    );
+    let status = agent.stop().unwrap();
+    expect_clean_exit("xlb agent", status, &agent.log()).unwrap();
+}
+
+/// Route announcement (issue 12, test 6): settings that cannot work and tables the agent must not
+/// write stop it at start with a one-line error, and nothing is touched (no XDP program, the
+/// foreign route and the rule still there). A route of xlb's own left in the table goes at
+/// start; without BIRD the agent runs and says so (`xlb node status`, its log); a drain survives
+/// a restart; a clean stop withdraws; `[agent] announce_table` works like the flag.
+#[test]
+fn route_announcement_refuses_bad_tables_and_keeps_its_state() {
+    require_root();
+    let prefix = unique_prefix();
+    let ns = lb_netns(&prefix);
+    let dir = TempDir::new(&prefix).unwrap();
+    let socket = dir.path().join("xlb.sock");
+    let table = || ns.ip(&["route", "show", "table", "100"]).unwrap();
+    let refused = |extra: &[&str], mentions: &[&str]| {
+        let mut cmd = ns.command(xlb_bin());
+        cmd.args([
+            "agent",
+            "--iface",
+            HOST_IFACE,
+            "--xdp-mode",
+            "generic",
+            "--socket",
+        ])
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(extra);
+        let out = run_timeout(&mut cmd, Duration::from_secs(20)).unwrap();
+        assert_eq!(out.code(), Some(1), "agent {extra:?}: {out:?}");
+        let last = out.stderr.trim().lines().last().unwrap_or_default();
+        for m in mentions {
+            assert!(
+                last.contains(m),
+                "agent {extra:?}: error {:?} does not mention {m:?}",
+                out.stderr
+            );
+        }
+        assert!(
+            !has_xdp(&ns, HOST_IFACE).unwrap(),
+            "agent {extra:?} attached XDP"
+        );
+        assert!(!Xlb::new(&socket).run(&["vip", "list"]).unwrap().success());
+    };
+    for t in ["0", "253", "254", "255", "4294967296"] {
+        refused(
+            &["--announce-table", t],
+            &[&format!("--announce-table {t}"), "254 main"],
+        );
+    }
+    refused(
+        &["--announce-table", "100", "--announce-proto", "12"],
+        &["protocol 12", "bird"],
+    );
+    refused(
+        &["--announce-table", "100", "--announce-proto", "256"],
+        &["--announce-proto 256"],
+    );
+    refused(
+        &["--bird-socket", "/run/bird/bird.ctl"],
+        &["--announce-table"],
+    );
+
+    // A table that holds a route of someone else's, or that a rule looks up.
+    ns.ip(&[
+        "route",
+        "add",
+        "blackhole",
+        "10.111.100.9/32",
+        "table",
+        "100",
+    ])
+    .unwrap();
+    refused(
+        &["--announce-table", "100"],
+        &["routing table 100", "10.111.100.9/32", "not xlb's"],
+    );
+    assert!(
+        table().contains("10.111.100.9"),
+        "the foreign route was touched: {}",
+        table()
+    );
+    ns.ip(&["route", "flush", "table", "100"]).unwrap();
+    ns.ip(&["rule", "add", "from", "10.111.0.0/16", "lookup", "100"])
+        .unwrap();
+    refused(&["--announce-table", "100"], &["ip rule", "table 100"]);
+    let rules = ns.ip(&["rule", "show"]).unwrap();
+    assert!(
+        rules.contains("lookup 100"),
+        "the rule was touched: {rules}"
+    );
+    ns.ip(&["rule", "del", "from", "10.111.0.0/16", "lookup", "100"])
+        .unwrap();
+
+    // A route of xlb's own, left by an agent that died, goes at start; nobody answers on the
+    // BIRD socket: the agent runs anyway and says so.
+    ns.ip(&[
+        "route",
+        "add",
+        "blackhole",
+        "10.111.100.7/32",
+        "table",
+        "100",
+        "proto",
+        "120",
+    ])
+    .unwrap();
+    let bird = dir.path().join("no-bird.ctl");
+    let bird = bird.to_string_lossy();
+    let args = ["--announce-table", "100", "--bird-socket", &bird];
+    let mut agent = Agent::start(&ns, HOST_IFACE, "generic", dir.path(), &args).expect("agent");
+    let xlb = agent.client.clone();
+    wait_for("the stale route to go", Duration::from_secs(5), || {
+        Ok(table().is_empty().then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", table()));
+    xlb.ok(&["vip", "add", "10.111.100.1:80", "--check", "none"])
+        .unwrap();
+    xlb.ok(&["backend", "add", "10.111.100.1:80", "10.111.9.5"])
+        .unwrap();
+    let announced = || table().contains("blackhole 10.111.100.1 proto 120");
+    wait_for("the VIP's route", Duration::from_secs(5), || {
+        Ok(announced().then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", table()));
+    let text = xlb.ok(&["node", "status"]).unwrap();
+    assert!(
+        text.contains(&format!("none answers on {bird}")) && text.contains("announced"),
+        "{text}"
+    );
+    let status = xlb.json(&["node", "status"]).unwrap();
+    assert_eq!(status["routing_daemon"]["answers"], false, "{status}");
+    assert_eq!(status["addresses"][0]["in_table"], true, "{status}");
+    assert!(
+        agent
+            .log()
+            .contains(&format!("no routing daemon answers on {bird}")),
+        "{}",
+        agent.log()
+    );
+    let stats = xlb.stats().unwrap();
+    assert_eq!(
+        stats["node"]["table"], 100,
+        "xlb stats --json has the node: {stats}"
+    );
+
+    // Drained: withdrawn, and still drained after a restart (with nothing announced meanwhile).
+    xlb.ok(&["node", "drain"]).unwrap();
+    assert_error(&xlb.run(&["node", "drain"]).unwrap(), &["already drained"]);
+    wait_for("the drain's withdrawal", Duration::from_secs(5), || {
+        Ok((!announced()).then_some(()))
+    })
+    .unwrap();
+    let status = agent.stop().unwrap();
+    expect_clean_exit("xlb agent", status, &agent.log()).unwrap();
+    let mut agent = Agent::start(&ns, HOST_IFACE, "generic", dir.path(), &args).expect("agent");
+    let status = agent.client.json(&["node", "status"]).unwrap();
+    assert_eq!(status["drained"], true, "{status}");
+    assert_eq!(status["addresses"][0]["reason"], "node drained", "{status}");
+    assert!(!announced(), "announced while drained: {}", table());
+    agent.client.ok(&["node", "undrain"]).unwrap();
+    wait_for("the undrain's announcement", Duration::from_secs(5), || {
+        Ok(announced().then_some(()))
+    })
+    .unwrap();
+    // A clean stop detaches the data path, so the routes go first.
+    let status = agent.stop().unwrap();
+    expect_clean_exit("xlb agent", status, &agent.log()).unwrap();
+    assert!(table().is_empty(), "routes left after SIGTERM: {}", table());
+
+    // The same from the configuration file.
+    let config = dir.path().join("xlb.toml");
+    std::fs::write(
+        &config,
+        "[agent]\nannounce_table = 100\nannounce_proto = 121\n",
+    )
+    .unwrap();
+    let config = config.to_string_lossy();
+    let mut agent = Agent::start(
+        &ns,
+        HOST_IFACE,
+        "generic",
+        dir.path(),
+        &["--config", &config],
+    )
+    .expect("agent with announce_table from TOML");
+    let status = agent.client.json(&["node", "status"]).unwrap();
+    assert_eq!(
+        (status["table"].as_u64(), status["proto"].as_u64()),
+        (Some(100), Some(121))
     );
     let status = agent.stop().unwrap();
     expect_clean_exit("xlb agent", status, &agent.log()).unwrap();

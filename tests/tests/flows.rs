@@ -1,7 +1,7 @@
 //! The flow table from the CLI (issue 18): `xlb flows`, `xlb flows --count`, `xlb flows flush`.
 //!
-//! 1. Active-active bed (ipip, generic; the VIP is routed via lb1 only): 30 connections through
-//!    the VIP. lb1's `xlb flows` lists exactly those 30, each on the backend that answered it
+//! 1. Active-active bed (ipip, generic; lb2 drained with `xlb node drain`, so rtr routes the VIP
+//!    via lb1 only): 30 connections through the VIP. lb1's `xlb flows` lists exactly those 30, each on the backend that answered it
 //!    (nginx's `X-Backend`, matched by client port), origin `local`; `--count --by backend` gives
 //!    10/10/10; lb2 shows the same 30 as origin `peer` (installed from lb1's sync). Limits,
 //!    client prefixes and bad filters (one-line errors, exit 1) on the same bed.
@@ -108,6 +108,8 @@ fn flows_are_listed_counted_and_show_their_origin() {
     require_root();
     let bed = Testbed::up(TestbedOptions::new("ipip", "generic").active_active())
         .expect("bringing up the active-active test bed");
+    // Every connection through lb1 (the bed announces the VIP from both by BGP).
+    bed.route_via_lb1_only().expect("lb2 drained");
     let (lb1, lb2) = (bed.lb_client("lb1"), bed.lb_client("lb2"));
 
     // 30 connections, one request each: client port → the backend nginx says answered.

@@ -16,6 +16,7 @@
 //! its flows, counters and ring state stay, the desired state is reconciled into its maps by
 //! difference, and this build's program is swapped in (`go_live`); then systemd hears READY=1.
 
+pub(crate) mod announce;
 pub(crate) mod config_file;
 pub(crate) mod controller;
 pub(crate) mod deny;
@@ -32,6 +33,7 @@ pub(crate) mod state;
 
 use crate::{
     agent::{
+        announce::{AnnounceError, AnnounceStart, Announcer, RouteControl, WITHDRAW_GRACE},
         controller::{Controller, ControllerError},
         deny::{DENY_FILE, DenyError, DenyList},
         flow_query::FlowQueries,
@@ -74,6 +76,9 @@ pub(crate) const WARM_INTERVAL: Duration = Duration::from_secs(10);
 /// How long shutdown waits for the agent's tasks (a CLI connection finishing its current request,
 /// a peer connection closing).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// After `xlb detach` is accepted, how long the agent waits before it closes the connections, so
+/// the answer reaches the CLI.
+const DETACH_ANSWER: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum AgentError {
@@ -103,6 +108,8 @@ pub(crate) enum AgentError {
     Signal(io::Error),
     #[error("the saved deny list: {0}")]
     Deny(#[from] DenyError),
+    #[error(transparent)]
+    Announce(#[from] AnnounceError),
 }
 
 impl From<DataplaneError> for AgentError {
@@ -119,13 +126,36 @@ pub(crate) async fn run(
 ) -> Result<(), AgentError> {
     // Checked first so a typo fails before anything is created or attached.
     interface_index(&config.iface)?;
+    if let Some(announce) = &config.announce {
+        announce::check(announce).await?;
+    }
     let cancel = CancellationToken::new();
+    let detach = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let result = match start(&config, &cancel, &tasks).await {
-        Ok((server, socket_file)) => {
+    let mut routes = None;
+    let result = match start(&config, &cancel, &detach, &tasks).await {
+        Ok((server, socket_file, route_control)) => {
+            routes = route_control;
             let stop = async {
                 tokio::select! {
-                    () = shutdown => cancel.cancel(),
+                    () = shutdown => {
+                        // A plain stop leaves the data path serving, and with it the routes:
+                        // the router keeps sending, the data path keeps steering, and the next
+                        // agent adopts both. Only a stop that removes the data path withdraws.
+                        if config.detach_on_exit {
+                            withdraw(routes.take(), WITHDRAW_GRACE).await;
+                        }
+                        cancel.cancel();
+                    }
+                    () = detach.cancelled() => {
+                        // `xlb detach`: the routes go first, while the data path still serves
+                        // (and syncs) what the router sends until it hears of it; at least a
+                        // moment for the answer to reach the CLI before the connections close.
+                        if !withdraw(routes.take(), WITHDRAW_GRACE).await {
+                            tokio::time::sleep(DETACH_ANSWER).await;
+                        }
+                        cancel.cancel();
+                    }
                     () = cancel.cancelled() => {}
                 }
             };
@@ -151,9 +181,14 @@ pub(crate) async fn run(
     drop(socket_file);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     if stop == Stop::Detach || config.detach_on_exit {
+        // Whatever stopped the loop, no route may outlive the data path it points at.
+        withdraw(routes.take(), Duration::ZERO).await;
         let message = controller.dataplane_mut().detach()?;
         log::info!("stopped; {message}");
     } else {
+        if let Some(routes) = routes.take() {
+            routes.stay();
+        }
         log::info!(
             "stopped; the data path on {} keeps serving (`xlb detach --iface {}` removes it)",
             config.iface,
@@ -161,6 +196,26 @@ pub(crate) async fn run(
         );
     }
     Ok(())
+}
+
+/// Withdraw every announced VIP address (if the agent announces): the route task removes its
+/// routes, then the table is checked for any left; then the data path serves for `grace` more
+/// (only if something was announced). Whether it waited.
+async fn withdraw(routes: Option<RouteControl>, grace: Duration) -> bool {
+    let Some(routes) = routes else { return false };
+    let announcing = routes.announcing();
+    match routes.withdraw(Duration::from_secs(2)).await {
+        Ok(0) => log::info!("withdrew every VIP address from the routing table"),
+        Ok(n) => {
+            log::info!("withdrew every VIP address from the routing table ({n} left over removed)")
+        }
+        Err(e) => log::error!("withdrawing the VIP addresses failed: {e}"),
+    }
+    if announcing && !grace.is_zero() {
+        tokio::time::sleep(grace).await;
+        return true;
+    }
+    false
 }
 
 /// Where the initial desired state comes from, and its name for the log.
@@ -188,8 +243,9 @@ fn initial_state(config: &AgentConfig) -> Result<(DesiredState, String), AgentEr
 async fn start(
     config: &AgentConfig,
     cancel: &CancellationToken,
+    detach: &CancellationToken,
     tasks: &TaskTracker,
-) -> Result<(Server<Dataplane>, SocketFile), AgentError> {
+) -> Result<(Server<Dataplane>, SocketFile, Option<RouteControl>), AgentError> {
     let started = Instant::now();
     let (initial, source) = initial_state(config)?;
     let health = Monitor::new(cancel.child_token(), tasks.clone())?;
@@ -279,6 +335,35 @@ async fn start(
         dp.flow_capacity(),
         started.elapsed().as_secs_f64() * 1e3,
     );
+    let pin_path = controller
+        .dataplane_mut()
+        .pin_dir()
+        .map(std::path::Path::to_path_buf);
+    let adopted = announce::prepare(
+        config.announce.as_ref(),
+        pin_path.as_deref(),
+        startup.adopted,
+    )
+    .await?;
+    let (announce, routes) = match &config.announce {
+        Some(announce) => {
+            let peers = config.sync.as_ref().map_or(&[][..], |s| &s.peers[..]);
+            let (a, r) = Announcer::start(
+                announce.clone(),
+                AnnounceStart {
+                    state_dir: &config.state_dir,
+                    targets: &controller.probe_targets(),
+                    sync: sync.as_ref().map(|s| s.status.clone()),
+                    peers,
+                    cancel,
+                    tasks,
+                    adopted,
+                },
+            )?;
+            (Some(a), Some(r))
+        }
+        None => (None, None),
+    };
     log::info!("listening on {}", config.socket.display());
     let config_path = match &config.initial {
         InitialState::Config { path, .. } => Some(path.clone()),
@@ -296,6 +381,8 @@ async fn start(
         pin_dir,
         watchdog: sd_notify::watchdog_enabled(),
         deny: Some(DenyLink::new(deny)),
+        detach: detach.clone(),
+        announce,
     };
     let vips = controller.state().vip_count();
     let server = Server::new(controller, listener, inputs, cancel.clone(), tasks.clone());
@@ -303,7 +390,7 @@ async fn start(
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&format!("serving {vips} VIPs on {}", config.iface)),
     ]);
-    Ok((server, socket_file))
+    Ok((server, socket_file, routes))
 }
 
 /// The outer source of IPIP packets: `--lb-addr`, else the interface's first IPv4 address.
@@ -411,6 +498,8 @@ mod tests {
             pin_dir: None,
             watchdog: None,
             deny: None,
+            detach: CancellationToken::new(),
+            announce: None,
         };
         let serving = Server::new(ctl, listener, inputs, cancel.clone(), tasks.clone());
         let server = tokio::spawn(async move {

@@ -5,6 +5,7 @@
 use crate::{
     agent::{
         DEFAULT_STATE_DIR, WARM_INTERVAL,
+        announce::{AnnounceConfig, AnnounceError},
         config_file::{Config, ConfigError},
         state::DesiredState,
     },
@@ -64,6 +65,19 @@ pub(crate) struct AgentOptions {
     /// when missing, in the host's mount namespace only) [default: /sys/fs/bpf].
     #[arg(long, value_name = "PATH")]
     pub(crate) bpffs: Option<PathBuf>,
+    /// Announce the VIP addresses this node can serve as blackhole /32 routes in this kernel
+    /// routing table, for the node's routing daemon (BIRD, FRR) to announce by BGP. Not 253,
+    /// 254, 255; a table of its own that no `ip rule` uses. [default: off]
+    #[arg(long, value_name = "N")]
+    pub(crate) announce_table: Option<u64>,
+    /// Route protocol number that marks xlb's routes in --announce-table (`ip route ... proto
+    /// N`; the routing daemon's import filter matches it) [default: 120].
+    #[arg(long, value_name = "N")]
+    pub(crate) announce_proto: Option<u64>,
+    /// BIRD's control socket: the agent checks every few seconds that BIRD answers there and
+    /// reports it (`xlb node status`, the log, metrics).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) bird_socket: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -86,6 +100,9 @@ impl AgentOptions {
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             icmp_echo: self.icmp_echo.or(file.icmp_echo),
             bpffs: self.bpffs.or(file.bpffs),
+            announce_table: self.announce_table.or(file.announce_table),
+            announce_proto: self.announce_proto.or(file.announce_proto),
+            bird_socket: self.bird_socket.or(file.bird_socket),
         }
     }
 }
@@ -124,6 +141,8 @@ pub(crate) enum OptionsError {
     SyncWithoutListen,
     #[error("--sync-listen needs --sync-key-file: peer sync is always authenticated")]
     SyncWithoutKey,
+    #[error(transparent)]
+    Announce(#[from] AnnounceError),
 }
 
 /// Where the agent's initial desired state comes from.
@@ -157,6 +176,8 @@ pub(crate) struct AgentConfig {
     pub(crate) bpffs: PathBuf,
     /// Remove the data path on SIGTERM/SIGINT.
     pub(crate) detach_on_exit: bool,
+    /// Route announcement, if `--announce-table` was given.
+    pub(crate) announce: Option<AnnounceConfig>,
 }
 
 impl AgentConfig {
@@ -205,6 +226,11 @@ impl AgentConfig {
                 .bpffs
                 .unwrap_or_else(|| PathBuf::from(crate::dataplane::DEFAULT_BPFFS)),
             detach_on_exit: args.detach_on_exit,
+            announce: AnnounceConfig::from_options(
+                opts.announce_table,
+                opts.announce_proto,
+                opts.bird_socket.clone(),
+            )?,
         })
     }
 }
@@ -249,6 +275,7 @@ mod tests {
         fs::write(
             &cfg,
             "[agent]\niface = \"eth9\"\nxdp_mode = \"generic\"\nflow_capacity = 77\nembryonic_capacity = 33\nlb_addr = \"10.0.0.1\"\nicmp_echo = false\n\
+             announce_table = 100\nbird_socket = \"/run/bird/bird.ctl\"\n\
              [[vip]]\naddress = \"10.111.100.1:80\"\n",
         )
         .unwrap();
@@ -264,6 +291,12 @@ mod tests {
         assert_eq!(c.embryonic_capacity, 33);
         assert_eq!(c.lb_addr, Some(Ipv4Addr::new(10, 0, 0, 1)));
         assert!(!c.icmp_echo);
+        let announce = c.announce.as_ref().expect("announce_table from the file");
+        assert_eq!((announce.table, announce.proto), (100, 120));
+        assert_eq!(
+            announce.bird_socket.as_deref(),
+            Some(std::path::Path::new("/run/bird/bird.ctl"))
+        );
         assert!(matches!(&c.initial, InitialState::Config { state, .. } if state.vip_count() == 1));
 
         let flags = AgentOptions {
@@ -271,10 +304,14 @@ mod tests {
             xdp_mode: Some(XdpModeChoice::Driver),
             flow_capacity: Some(5),
             icmp_echo: Some(true),
+            announce_table: Some(7),
+            announce_proto: Some(77),
             ..Default::default()
         };
         let c = AgentConfig::resolve(with_file(flags), dir.path().join("s")).unwrap();
         assert_eq!(c.iface, "veth0");
+        let announce = c.announce.expect("announce_table from the flag");
+        assert_eq!((announce.table, announce.proto), (7, 77));
         assert!(c.icmp_echo);
         assert_eq!(c.xdp_mode, XdpModeChoice::Driver);
         assert_eq!(c.flow_capacity, 5);
@@ -292,6 +329,7 @@ mod tests {
             lb_common::DEFAULT_EMBRYO_CAPACITY
         );
         assert!(defaults.icmp_echo);
+        assert!(defaults.announce.is_none());
         assert_eq!(defaults.initial, InitialState::Saved);
     }
 

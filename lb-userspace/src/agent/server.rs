@@ -6,6 +6,7 @@
 
 use crate::{
     agent::{
+        announce::Announcer,
         config_file::Config,
         controller::{Controller, DataplaneOps},
         deny::{DenyError, DenyList, Switch},
@@ -114,6 +115,11 @@ pub(crate) struct Inputs {
     pub(crate) pin_dir: Option<String>,
     /// systemd's watchdog period (`WATCHDOG_USEC`), if it watches this agent.
     pub(crate) watchdog: Option<Duration>,
+    /// Cancelled when `xlb detach` is accepted: the agent withdraws its routes, then stops the
+    /// loop.
+    pub(crate) detach: CancellationToken,
+    /// Route announcement, with `--announce-table`.
+    pub(crate) announce: Option<Announcer>,
 }
 
 /// How the serve loop ended.
@@ -142,9 +148,11 @@ pub(crate) struct Server<D: DataplaneOps> {
     config: Option<PathBuf>,
     hangups: Option<Signal>,
     pin_dir: Option<String>,
+    detach: CancellationToken,
     /// Ticks at half the watchdog period while the loop runs.
     watchdog: Option<Interval>,
     stop: Stop,
+    announce: Option<Announcer>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -173,6 +181,7 @@ impl<D: DataplaneOps> Server<D> {
             config: inputs.config,
             hangups: inputs.hangups,
             pin_dir: inputs.pin_dir,
+            detach: inputs.detach,
             watchdog,
             stop: Stop::Cancelled,
             controller,
@@ -187,6 +196,7 @@ impl<D: DataplaneOps> Server<D> {
             queries: inputs.queries,
             deny: inputs.deny,
             warm,
+            announce: inputs.announce,
             cancel,
             tasks,
         }
@@ -197,6 +207,7 @@ impl<D: DataplaneOps> Server<D> {
     pub(crate) async fn run(mut self) -> (Controller<D>, Stop) {
         self.monitor.sync(self.controller.probe_targets());
         log::info!("health checks running for {} backends", self.monitor.len());
+        self.reannounce();
         loop {
             tokio::select! {
                 () = self.cancel.cancelled() => break,
@@ -214,11 +225,31 @@ impl<D: DataplaneOps> Server<D> {
                     let _ = req.reply.send(result.map_err(|e| e.to_string()));
                 }
                 Some(job) = self.jobs.recv() => self.job(job),
-                Some(report) = self.health.recv() => self.controller.health_result(report),
+                Some(report) = self.health.recv() => {
+                    if let Some(a) = &mut self.announce {
+                        a.health_result(&report);
+                    }
+                    self.controller.health_result(report);
+                    self.reannounce();
+                }
                 Some(reply) = next(self.scrapes.as_mut()) => {
                     self.controller.set_flow_counts(self.flows.latest(), self.queries.flushed());
+                    let stats = self.controller.stats().map(|mut s| {
+                        s.node = self.announce.as_ref().map(Announcer::report);
+                        s
+                    });
                     // The scraper may have timed out; nothing to undo either way.
-                    let _ = reply.send(self.controller.stats());
+                    let _ = reply.send(stats);
+                }
+                // While the node starts: its peers' snapshots, and the start-up's deadlines.
+                () = peers_changed(self.announce.as_ref()) => {
+                    if let Some(a) = &mut self.announce {
+                        a.peers_update();
+                    }
+                    self.reannounce();
+                }
+                () = until(self.announce.as_ref().and_then(Announcer::next_deadline)) => {
+                    self.reannounce();
                 }
                 _ = self.warm.tick() => warm_neighbours(&self.controller.state().backend_addrs()),
                 Some(()) = hangup(self.hangups.as_mut()) => {
@@ -251,6 +282,7 @@ impl<D: DataplaneOps> Server<D> {
             .map_err(|e| e.to_string())?;
         self.monitor.sync(self.controller.probe_targets());
         warm_neighbours(&self.controller.state().backend_addrs());
+        self.reannounce();
         let vips = self.controller.state().vip_count();
         let _ = sd_notify::notify(&[
             sd_notify::NotifyState::Ready,
@@ -260,8 +292,8 @@ impl<D: DataplaneOps> Server<D> {
     }
 
     /// One CLI request: answered by the controller, except `peers` (the sync's own counters),
-    /// `reload` and `detach` (this loop's own business), and the deny list's (on a blocking
-    /// thread).
+    /// `reload` and `detach` (this loop's own business), the deny list's (on a blocking
+    /// thread) and `node` (the announcer's).
     fn job(&mut self, job: Job) {
         if job.req.is_deny()
             && let Some(deny) = &self.deny
@@ -291,12 +323,9 @@ impl<D: DataplaneOps> Server<D> {
                 let resp = if self.pin_dir.as_deref() == Some(dir.as_str()) {
                     log::info!("detach requested: removing the data path and exiting");
                     self.stop = Stop::Detach;
-                    // A moment for the answer to reach the CLI before the connections close.
-                    let cancel = self.cancel.clone();
-                    self.tasks.spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        cancel.cancel();
-                    });
+                    // The agent withdraws its routes (if any), lets the answer reach the CLI,
+                    // then ends this loop.
+                    self.detach.cancel();
                     Response::Done {
                         message: "the agent removes the data path and exits".into(),
                     }
@@ -319,11 +348,38 @@ impl<D: DataplaneOps> Server<D> {
             });
             return;
         }
+        if let (Request::NodeDrain | Request::NodeUndrain | Request::NodeStatus, Some(a)) =
+            (&job.req, &mut self.announce)
+        {
+            let resp = match job.req {
+                Request::NodeDrain => a.drain(),
+                Request::NodeUndrain => a.undrain(),
+                _ => Ok(String::new()),
+            };
+            self.reannounce();
+            let resp = match (resp, &self.announce) {
+                (Err(e), _) => Response::Error {
+                    message: e.to_string(),
+                },
+                (Ok(_), Some(a)) if matches!(job.req, Request::NodeStatus) => {
+                    Response::Node { node: a.report() }
+                }
+                (Ok(message), _) => {
+                    log::warn!("{message}");
+                    Response::Done { message }
+                }
+            };
+            let _ = job.reply.send(resp);
+            return;
+        }
         let mutation = job.req.is_mutation();
         // The counts of the walk the connection task waited for (or the last one).
         self.controller
             .set_flow_counts(self.flows.latest(), self.queries.flushed());
-        let resp = self.controller.handle(job.req);
+        let mut resp = self.controller.handle(job.req);
+        if let (Response::Stats { stats }, Some(a)) = (&mut resp, &self.announce) {
+            stats.node = Some(a.report());
+        }
         match &resp {
             Response::Done { message } => log::info!("{message}"),
             Response::Error { message } => log::info!("request refused: {message}"),
@@ -334,6 +390,16 @@ impl<D: DataplaneOps> Server<D> {
         if mutation {
             self.monitor.sync(self.controller.probe_targets());
             warm_neighbours(&self.controller.state().backend_addrs());
+            self.reannounce();
+        }
+    }
+
+    /// Decide the announcement again from the controller's view (after anything that may
+    /// change it: a health result, a change of the desired state, the start-up's progress).
+    fn reannounce(&mut self) {
+        if let Some(a) = &mut self.announce {
+            a.try_finish_start();
+            a.refresh(self.controller.node_view());
         }
     }
 }
@@ -360,6 +426,14 @@ impl<D: DataplaneOps> Server<D> {
 async fn hangup(signal: Option<&mut Signal>) -> Option<()> {
     match signal {
         Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The sync's peer news while the node starts; never otherwise.
+async fn peers_changed(announce: Option<&Announcer>) {
+    match announce {
+        Some(a) => a.peers_changed().await,
         None => std::future::pending().await,
     }
 }
@@ -402,6 +476,14 @@ fn deny_job(job: Job, list: &Mutex<DenyList>, switch: &LoopSwitch) {
         },
     };
     let _ = job.reply.send(resp);
+}
+
+/// Resolves at `deadline`; never without one.
+async fn until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The next message of an optional receiver; never, without one (so `select!` can always poll

@@ -82,6 +82,11 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// This node's route announcement (agent started with --announce-table): drain it (every
+    /// VIP address withdrawn, the data path keeps serving what still arrives), undrain it, or
+    /// show what is announced and why.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Prepare this host (run it inside the backend's network namespace) as a direct-server-return
     /// backend, or undo that.
     #[command(subcommand)]
@@ -587,6 +592,23 @@ pub(crate) enum BackendHostCommand {
     },
     /// Undo exactly what `setup` did in this network namespace.
     Teardown,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum NodeCommand {
+    /// Withdraw every VIP address from this node's announcement; the router moves the traffic
+    /// to the other nodes, and this node keeps forwarding what still arrives. Survives agent
+    /// restarts until `undrain`.
+    Drain,
+    /// Announce the VIP addresses again (each as soon as it has a serving backend).
+    Undrain,
+    /// Per VIP address: announced or not, and why not (node drained, starting, no healthy
+    /// backend, not attached); the routing table, and whether BIRD answers (--bird-socket).
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,18 +5,21 @@ use super::{
     CliError,
     args::{
         BackendCommand, BackendHostCommand, DenyCommand, DetachArgs, FlowsArgs, FlowsCommand,
-        OnOff, StatsArgs, VipCommand, XdpPassCommand,
+        NodeCommand, OnOff, StatsArgs, VipCommand, XdpPassCommand,
     },
     client, print, print_json,
-    render::{backend_table, count_text, flow_table, flush_text, stats_text, vip_table},
+    render::{backend_table, count_text, flow_table, flush_text, node_text, stats_text, vip_table},
     watch::watch_stats,
 };
 use crate::{
-    agent::flow_query::MAX_LIMIT,
+    agent::{
+        announce::{WITHDRAW_GRACE, routes::RouteTable, withdraw_recorded},
+        flow_query::MAX_LIMIT,
+    },
     api::{Request, Response, StatsReport, VipList},
     backend_host::{self, RECORD_DIR, SetupOptions},
     dataplane::{
-        PinDir, PinError, persistent,
+        PinDir, PinError, announced_routes, persistent,
         pins::{self, dir_name, netns_cookie},
         remove_data_path,
     },
@@ -225,6 +228,18 @@ pub(crate) fn peers(socket: &Path, json: bool) -> Result<(), CliError> {
     }
 }
 
+pub(crate) fn node(socket: &Path, cmd: NodeCommand) -> Result<(), CliError> {
+    match cmd {
+        NodeCommand::Drain => change(socket, &Request::NodeDrain),
+        NodeCommand::Undrain => change(socket, &Request::NodeUndrain),
+        NodeCommand::Status { json } => match client::call(socket, &Request::NodeStatus)? {
+            Response::Node { node } if json => print_json(&node),
+            Response::Node { node } => print(&node_text(&node, SystemTime::now())),
+            other => Err(unexpected(other)),
+        },
+    }
+}
+
 pub(super) fn fetch_stats(socket: &Path) -> Result<StatsReport, CliError> {
     match client::call(socket, &Request::Stats)? {
         Response::Stats { stats } => Ok(stats),
@@ -327,7 +342,7 @@ const DETACH_WAIT: Duration = Duration::from_secs(10);
 
 /// `xlb detach`: remove the chosen data paths. Each is removed here when no agent holds it, or by
 /// the agent that holds it (asked over `socket`, which then exits).
-pub(crate) fn detach(socket: &Path, args: &DetachArgs) -> Result<(), CliError> {
+pub(crate) async fn detach(socket: &Path, args: &DetachArgs) -> Result<(), CliError> {
     let root = match pins::existing_root(&args.bpffs) {
         // Nothing can be pinned where there is no bpffs: for --all (package removal) that is
         // "nothing to do", not a failure.
@@ -361,7 +376,7 @@ pub(crate) fn detach(socket: &Path, args: &DetachArgs) -> Result<(), CliError> {
     }
     let mut failed = Vec::new();
     for (dir, name) in targets {
-        match detach_one(socket, &dir, &name) {
+        match detach_one(socket, &dir, &name).await {
             Ok(message) => print(&format!("{message}\n"))?,
             Err(e) => failed.push(e.to_string()),
         }
@@ -373,7 +388,7 @@ pub(crate) fn detach(socket: &Path, args: &DetachArgs) -> Result<(), CliError> {
     }
 }
 
-fn detach_one(socket: &Path, dir: &Path, name: &str) -> Result<String, CliError> {
+async fn detach_one(socket: &Path, dir: &Path, name: &str) -> Result<String, CliError> {
     if !dir.exists() {
         return Err(CliError::Detach(format!(
             "{} does not exist",
@@ -381,7 +396,13 @@ fn detach_one(socket: &Path, dir: &Path, name: &str) -> Result<String, CliError>
         )));
     }
     match PinDir::lock_path(dir, name) {
-        Ok(lock) => remove_data_path(&lock).map_err(|e| CliError::Xdp(Box::new(e))),
+        Ok(lock) => {
+            // No agent: the routes its last agent announced go first, while the data path
+            // still serves what the router sends until it hears of the withdrawal.
+            let withdrew = withdraw_recorded_routes(dir).await?;
+            let removed = remove_data_path(&lock).map_err(|e| CliError::Xdp(Box::new(e)))?;
+            Ok(format!("{withdrew}{removed}"))
+        }
         Err(PinError::Busy { holder, .. }) => {
             let dir_name = dir
                 .file_name()
@@ -414,6 +435,38 @@ fn detach_one(socket: &Path, dir: &Path, name: &str) -> Result<String, CliError>
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The routes recorded with the data path in `dir` (its agent ran with `--announce-table`),
+/// withdrawn from this network namespace's routing table; what to say about it ("" if there
+/// were none).
+async fn withdraw_recorded_routes(dir: &Path) -> Result<String, CliError> {
+    let Some((table, proto)) = announced_routes(dir) else {
+        return Ok(String::new());
+    };
+    let ours = dir
+        .file_name()
+        .and_then(|n| pins::parse_dir_name(&n.to_string_lossy()))
+        .is_some_and(|(cookie, _)| netns_cookie().ok() == Some(cookie));
+    if !ours {
+        return Err(CliError::Detach(format!(
+            "the data path at {} announced VIP routes in routing table {table} (proto {proto}) of \
+             another network namespace: run xlb detach there, or remove them there first \
+             (`ip route flush table {table} proto {proto}`) and remove {} by hand",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    let n = withdraw_recorded(RouteTable { table, proto })
+        .await
+        .map_err(|e| CliError::Detach(format!("withdrawing the VIP routes first: {e}")))?;
+    if n == 0 {
+        return Ok(String::new());
+    }
+    tokio::time::sleep(WITHDRAW_GRACE).await;
+    Ok(format!(
+        "withdrew {n} VIP route(s) from routing table {table}, then "
+    ))
 }
 
 #[cfg(test)]

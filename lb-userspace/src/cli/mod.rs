@@ -137,10 +137,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Flows(args) => commands::flows(&socket, args)?,
         Command::Deny(cmd) => commands::deny(&socket, cmd)?,
         Command::Peers { json } => commands::peers(&socket, json)?,
+        Command::Node(cmd) => commands::node(&socket, cmd)?,
         Command::BackendHost(cmd) => commands::backend_host(cmd).await?,
         Command::XdpPass(cmd) => commands::xdp_pass(cmd).await?,
         Command::Reload => commands::reload(&socket)?,
-        Command::Detach(args) => commands::detach(&socket, &args)?,
+        Command::Detach(args) => commands::detach(&socket, &args).await?,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "xlb", &mut io::stdout());

@@ -3,8 +3,8 @@
 
 use crate::{
     api::{
-        FlowCountReport, FlowFlushReport, FlowListReport, StatsReport, VipReport, VipSummary,
-        WalkReport,
+        FlowCountReport, FlowFlushReport, FlowListReport, NodeReport, StatsReport, VipReport,
+        VipSummary, WalkReport,
     },
     model::check::CheckKind,
     util::{fmt_age, fmt_duration},
@@ -34,6 +34,88 @@ pub(super) fn table(indent: &str, header: &[&str], rows: &[Vec<String>]) -> Stri
     let mut out = line(header.to_vec());
     for row in rows {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// `xlb node status`:
+/// ```text
+/// node: announcing through routing table 100 (proto 120)
+/// routing daemon: BIRD 2.0.12 answers on /run/bird/bird.ctl (checked 2.1s ago)
+/// ADDRESS       STATE      REASON              SERVING  VIPS
+/// 10.111.100.1  announced  -                   3        10.111.100.1:80/tcp, 10.111.100.1:5353/udp
+/// 10.111.100.2  withdrawn  no healthy backend  0        10.111.100.2:80/tcp
+/// ```
+pub(crate) fn node_text(node: &NodeReport, now: SystemTime) -> String {
+    let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+    let ago = |ms: u64| fmt_age(now.duration_since(at(ms)).unwrap_or_default());
+    let mut out = format!(
+        "node: {} through routing table {} (proto {})\n",
+        if !node.attached {
+            "not attached: nothing announced".to_string()
+        } else if node.drained {
+            let since = node.drained_since_unix_ms.map_or_else(String::new, |ms| {
+                format!(
+                    " since {} ({} ago)",
+                    humantime::format_rfc3339_seconds(at(ms)),
+                    ago(ms)
+                )
+            });
+            format!("DRAINED{since}: nothing announced")
+        } else if let Some(s) = &node.starting {
+            format!("{s}: nothing announced yet")
+        } else {
+            "announcing".to_string()
+        },
+        node.table,
+        node.proto
+    );
+    if let Some(d) = &node.routing_daemon {
+        let checked = ago(d.checked_unix_ms);
+        out += &if d.answers {
+            format!(
+                "routing daemon: {} answers on {} (checked {checked} ago)\n",
+                d.detail,
+                d.socket.display()
+            )
+        } else {
+            format!(
+                "routing daemon: none answers on {} ({}; checked {checked} ago): nothing reaches the router\n",
+                d.socket.display(),
+                d.detail
+            )
+        };
+    }
+    if let Some(e) = &node.table_error {
+        out += &format!("routing table error: {e}\n");
+    }
+    let rows: Vec<Vec<String>> = node
+        .addresses
+        .iter()
+        .map(|a| {
+            let state = match (a.announced, a.in_table) {
+                (true, true) => "announced",
+                (true, false) => "announcing",
+                (false, true) => "withdrawing",
+                (false, false) => "withdrawn",
+            };
+            vec![
+                a.address.to_string(),
+                state.to_string(),
+                a.reason.clone().unwrap_or_else(|| "-".into()),
+                a.serving_backends.to_string(),
+                a.vips.join(", "),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        out += "no VIPs configured\n";
+    } else {
+        out += &table(
+            "",
+            &["ADDRESS", "STATE", "REASON", "SERVING", "VIPS"],
+            &rows,
+        );
     }
     out
 }
@@ -296,6 +378,65 @@ pub(super) mod tests {
     };
 
     #[test]
+    fn node_status_names_the_state_and_the_reason_per_address() {
+        use crate::api::{AddressReport, DaemonReport};
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ms = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        let address = |last: u8, announced, in_table, reason: Option<&str>| AddressReport {
+            address: std::net::Ipv4Addr::new(10, 111, 100, last),
+            announced,
+            in_table,
+            reason: reason.map(Into::into),
+            vips: vec![format!("10.111.100.{last}:80/tcp")],
+            serving_backends: u32::from(announced) * 3,
+        };
+        let mut node = NodeReport {
+            table: 100,
+            proto: 120,
+            attached: true,
+            drained: false,
+            drained_since_unix_ms: None,
+            starting: None,
+            table_error: None,
+            routing_daemon: Some(DaemonReport {
+                socket: "/run/bird/bird.ctl".into(),
+                answers: false,
+                detail: "Connection refused".into(),
+                checked_unix_ms: ms(now - Duration::from_secs(2)),
+            }),
+            addresses: vec![
+                address(1, true, true, None),
+                address(2, false, false, Some("no healthy backend")),
+            ],
+        };
+        let text = node_text(&node, now);
+        assert!(
+            text.starts_with("node: announcing through routing table 100 (proto 120)\n"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "routing daemon: none answers on /run/bird/bird.ctl (Connection refused; checked 2s ago)"
+        ), "{text}");
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("ADDRESS"))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows[1][..4], ["10.111.100.1", "announced", "-", "3"]);
+        assert_eq!(rows[2][..2], ["10.111.100.2", "withdrawn"]);
+        assert!(text.contains("no healthy backend"));
+        node.drained = true;
+        node.drained_since_unix_ms = Some(ms(now - Duration::from_secs(60)));
+        let text = node_text(&node, now);
+        assert!(
+            text.starts_with(
+                "node: DRAINED since 2027-01-15T07:59:00Z (1m0s ago): nothing announced"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn flow_tables_say_what_was_left_out() {
         let walk = WalkReport {
             entries: 1_000_000,
@@ -474,6 +615,7 @@ pub(super) mod tests {
             embryonic_capacity: 65536,
             embryonic_entries: 3,
             deny_list: 2,
+            node: None,
         };
         let text = stats_text(&stats);
         assert!(text.starts_with(

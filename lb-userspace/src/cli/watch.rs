@@ -284,6 +284,7 @@ mod tests {
             embryonic_capacity: 100,
             embryonic_entries: 10,
             deny_list: 0,
+            node: None,
         }
     }
 

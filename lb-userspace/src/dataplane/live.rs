@@ -142,7 +142,7 @@ fn expected_maps(
 fn found_pins(dir: &PinDir) -> Result<Vec<Found>, DataplaneError> {
     let mut found = Vec::new();
     for (name, version, path) in dir.map_pins().map_err(pin_err)? {
-        if path.file_name().is_some_and(|f| f == meta::META_PIN) {
+        if path.file_name().is_some_and(meta::is_record) {
             continue;
         }
         let (_, shape) = pins::pinned_map(&path).map_err(pin_err)?;
@@ -156,14 +156,14 @@ fn found_pins(dir: &PinDir) -> Result<Vec<Found>, DataplaneError> {
     Ok(found)
 }
 
-/// Everything in `dir` but the host record: leftovers that steer nothing.
+/// Everything in `dir` but the host records: leftovers that steer nothing.
 fn clear_leftovers(dir: &PinDir) -> Result<(), DataplaneError> {
     let entries =
         fs::read_dir(dir.path()).map_err(io_err(format!("listing {}", dir.path().display())))?;
     let mut removed = 0;
     for entry in entries.flatten() {
         let path = entry.path();
-        if entry.file_name() == meta::META_PIN {
+        if meta::is_record(&entry.file_name()) {
             continue;
         }
         let result = if path.is_dir() {

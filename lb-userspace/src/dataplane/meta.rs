@@ -1,6 +1,11 @@
 //! `META-v1`, a one-entry array pinned with a data path: the interface's name and the attach
 //! mode (for logs and for `xlb detach --pin-dir`), and what the agent changed on the host so
 //! that removing the data path can put it back. bpffs holds no regular files, so this is a map.
+//!
+//! `ROUTES-v1`, another one-entry array, is there while an agent announces the data path's VIP
+//! addresses (`--announce-table`): the routing table and route protocol of those routes, so that
+//! whoever removes the data path (`xlb detach` without an agent) withdraws them first, and a
+//! restarted agent knows which routes the data path it takes over was announced with.
 
 use super::{AttachedMode, pins::PinError};
 use aya::maps::{Array, IterableMap, MapData};
@@ -119,6 +124,75 @@ pub(crate) fn write(dir: &Path, meta: &PinMeta) -> Result<(), PinError> {
         }
     };
     array.set(0, meta, 0).map_err(err("writing", &path))
+}
+
+/// Pin name of the announcement record (layout version 1).
+pub(crate) const ROUTES_PIN: &str = "ROUTES-v1";
+const ROUTES_MAGIC: u32 = u32::from_be_bytes(*b"XLBR");
+
+/// The announcement record, host order throughout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PinRoutes {
+    magic: u32,
+    table: u32,
+    proto: u32,
+    reserved: u32,
+}
+
+// SAFETY: repr(C), four u32, no padding.
+unsafe impl aya::Pod for PinRoutes {}
+
+/// Whether `file` (a name in a pin directory) is one of the host records rather than a map of
+/// the data path.
+pub(crate) fn is_record(file: &std::ffi::OsStr) -> bool {
+    file == META_PIN || file == ROUTES_PIN
+}
+
+/// The routing table and route protocol recorded in `dir`, if an agent announced there.
+pub fn announced_routes(dir: &Path) -> Option<(u32, u8)> {
+    let data = MapData::from_pin(dir.join(ROUTES_PIN)).ok()?;
+    let map = aya::maps::Map::from_map_data(data).ok()?;
+    let array: Array<MapData, PinRoutes> = Array::try_from(map).ok()?;
+    let r = array.get(&0, 0).ok().filter(|r| r.magic == ROUTES_MAGIC)?;
+    Some((r.table, u8::try_from(r.proto).ok()?))
+}
+
+/// Record (`Some((table, proto))`) or forget (`None`) the data path's announcement in `dir`.
+pub fn record_routes(dir: &Path, routes: Option<(u32, u8)>) -> Result<(), PinError> {
+    let path = dir.join(ROUTES_PIN);
+    let Some((table, proto)) = routes else {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(PinError::Io {
+                what: "removing",
+                path,
+                source: e,
+            }),
+            _ => Ok(()),
+        };
+    };
+    let mut array: Array<MapData, PinRoutes> = match MapData::from_pin(&path) {
+        Ok(data) => aya::maps::Map::from_map_data(data)
+            .and_then(Array::try_from)
+            .map_err(err("opening", &path))?,
+        Err(_) => {
+            let array =
+                Array::<MapData, PinRoutes>::create(1, 0).map_err(err("creating", &path))?;
+            array.map().pin(&path).map_err(|e| PinError::Io {
+                what: "pinning",
+                path: path.clone(),
+                source: io::Error::other(e),
+            })?;
+            array
+        }
+    };
+    let record = PinRoutes {
+        magic: ROUTES_MAGIC,
+        table,
+        proto: u32::from(proto),
+        reserved: 0,
+    };
+    array.set(0, record, 0).map_err(err("writing", &path))
 }
 
 #[cfg(test)]

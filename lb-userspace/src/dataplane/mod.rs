@@ -29,6 +29,7 @@ pub use attach::{AttachedMode, UnknownXdpMode, XdpModeChoice};
 pub use firewall::{DenyMaps, VipDropCounts};
 pub use flows::{ACTIVE_FLOW_WINDOW, FlowCounts, FlowTable, InstallReport, monotonic_ns};
 pub use live::{Startup, remove_data_path};
+pub use meta::{announced_routes, record_routes};
 pub use pins::{DEFAULT_BPFFS, PinDir, PinError};
 pub use plan::PlanError;
 pub use stats::{BackendStats, Counters, DataplaneStats, VipStats};

@@ -1,9 +1,10 @@
 //! Where a data path lives in bpffs, so that it outlives the agent: one directory per (network
 //! namespace, interface), `<bpffs>/xlb/ns<netns cookie>-if<ifindex>/`, holding the XDP link
 //! (`link`, pinned last on a first attach: "this data path exists"), the state maps
-//! (`NAME-v<layout version>`), `META-v1` (what the agent changed on the host), and `staging/`
-//! while an upgrade copies maps. Not `NAME.vN`: bpffs reserves names with a dot (its lookup
-//! answers EPERM for them).
+//! (`NAME-v<layout version>`), `META-v1` (what the agent changed on the host), `ROUTES-v1` (the
+//! routing table its VIP routes are in, while an agent announces them), and `staging/` while an
+//! upgrade copies maps. Not `NAME.vN`: bpffs reserves names with a dot (its lookup answers EPERM
+//! for them).
 //!
 //! - The network namespace is named by its cookie (`SO_NETNS_COOKIE`): unique per boot, unlike
 //!   a namespace's inode, which the kernel reuses. The interface by its index, which survives a

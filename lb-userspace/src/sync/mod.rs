@@ -59,7 +59,7 @@ pub mod wire;
 mod tests;
 
 pub use key::{KeyError, SyncKey};
-pub use status::{LagReport, PeerReport, PeersReport, SyncTotals, render_table};
+pub use status::{LagReport, PeerReport, PeerStartup, PeersReport, SyncTotals, render_table};
 
 use crate::{dataplane::InstallReport, util::BoxError};
 use aya::maps::{MapData, RingBuf};
@@ -274,6 +274,18 @@ pub struct SyncStatus(Arc<status::Status>);
 impl SyncStatus {
     pub fn report(&self) -> PeersReport {
         self.0.report()
+    }
+
+    /// Per configured peer: snapshots received, reachable or not (what a starting agent waits
+    /// for before it announces its VIPs).
+    pub fn startup(&self) -> Vec<PeerStartup> {
+        self.0.startup()
+    }
+
+    /// Resolves once [`SyncStatus::startup`] may have changed (at once if it changed since the
+    /// last call). Meant for one waiter.
+    pub async fn changed(&self) {
+        self.0.changed().await;
     }
 }
 

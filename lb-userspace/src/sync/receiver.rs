@@ -435,6 +435,10 @@ impl Receiver<'_> {
                 "sync: snapshot from {remote} announced {total} flows but carried {}",
                 t.flows
             );
+        } else if let Some(index) = self.peer {
+            // Every flow of it is installed (each frame's install was awaited before the next
+            // frame was read): the peer's table is here.
+            self.ctx.status.snapshot_received(index);
         }
     }
 }

@@ -36,6 +36,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// What a connection attempt that timed out was doing.
+const CONNECTING: &str = "connecting";
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A sender's session counts as working (the reconnect backoff and the quiet logging reset) only
 /// once the receiver acknowledged the Hello and the session lasted this many heartbeats.
@@ -130,6 +132,10 @@ pub(super) async fn outbound(
             },
         };
         stats.set_connected(false);
+        // Nobody listens there (or the address is unreachable): a starting agent need not wait
+        // for this peer's snapshot.
+        let unreachable = matches!(err, PeerError::Connect(_) | PeerError::Timeout(CONNECTING));
+        ctx.status.set_unreachable(index, unreachable);
         // Only a session that the receiver acknowledged (it has the key and accepted our Hello)
         // and that then lasted resets the backoff and the logging. A peer that rejects us, or
         // drops us right after the Ack, is retried with a growing backoff (at most once a
@@ -342,6 +348,7 @@ async fn session(
     acknowledged: &mut Option<Instant>,
 ) -> Result<std::convert::Infallible, PeerError> {
     let (mut rd, wr, session) = connect(addr, &ctx.key).await?;
+    ctx.status.set_unreachable(index, false);
     // Subscribed before the snapshot is requested: a flow assigned meanwhile is sent twice
     // (installs are idempotent) rather than never.
     let mut stream = Stream::new(batches.subscribe());
@@ -401,7 +408,7 @@ async fn connect(
 ) -> Result<(OwnedReadHalf, OwnedWriteHalf, Session), PeerError> {
     let conn = timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
-        .map_err(|_| PeerError::Timeout("connecting"))?
+        .map_err(|_| PeerError::Timeout(CONNECTING))?
         .map_err(PeerError::Connect)?;
     conn.set_nodelay(true)?;
     let (mut rd, mut wr) = conn.into_split();

@@ -20,6 +20,7 @@ use std::{
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
+use tokio::sync::Notify;
 
 /// Lag samples kept for the percentiles.
 pub const LAG_WINDOW: usize = 10_000;
@@ -46,6 +47,11 @@ pub(crate) struct PeerStats {
     pub(crate) rejected: AtomicU64,
     pub(crate) unknown_backend: AtomicU64,
     pub(crate) resyncs: AtomicU64,
+    /// Complete snapshots received from it (SnapshotEnd with every flow it announced).
+    snapshots: AtomicU64,
+    /// Our last attempt to connect to it failed at the TCP level (refused, timed out): nobody
+    /// listens there, so no snapshot will come from it either.
+    unreachable: AtomicBool,
 }
 
 impl PeerStats {
@@ -83,6 +89,9 @@ pub(crate) struct Status {
     other: PeerStats,
     pub(crate) local_flows: AtomicU64,
     lag: Mutex<LagWindow>,
+    /// Woken when a peer's start-up view changes (a snapshot completed, reachability changed);
+    /// one waiter, the agent's serve loop while it starts.
+    changed: Notify,
 }
 
 impl Status {
@@ -108,7 +117,44 @@ impl Status {
                 next: 0,
                 total: 0,
             }),
+            changed: Notify::new(),
         }
+    }
+
+    /// Configured peer `index` sent a complete snapshot.
+    pub(crate) fn snapshot_received(&self, index: usize) {
+        if let Some(p) = self.peers.get(index) {
+            p.snapshots.fetch_add(1, Relaxed);
+            self.changed.notify_one();
+        }
+    }
+
+    /// Our connection attempts to configured peer `index` fail (`true`) or reached it (`false`).
+    pub(crate) fn set_unreachable(&self, index: usize, unreachable: bool) {
+        if let Some(p) = self.peers.get(index)
+            && p.unreachable.swap(unreachable, Relaxed) != unreachable
+        {
+            self.changed.notify_one();
+        }
+    }
+
+    /// What a starting agent waits for, per configured peer.
+    pub(crate) fn startup(&self) -> Vec<PeerStartup> {
+        self.addrs
+            .iter()
+            .zip(&self.peers)
+            .map(|(addr, s)| PeerStartup {
+                address: *addr,
+                snapshots: s.snapshots.load(Relaxed),
+                unreachable: s.unreachable.load(Relaxed),
+            })
+            .collect()
+    }
+
+    /// Resolves after the next change of [`Status::startup`] (or at once if one happened since
+    /// the last call).
+    pub(crate) async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     /// Stats of configured peer `index`, or of "other" for `None`.
@@ -163,6 +209,7 @@ impl Status {
                 rejected: s.rejected.load(Relaxed),
                 unknown_backend: s.unknown_backend.load(Relaxed),
                 resyncs: s.resyncs.load(Relaxed),
+                snapshots_received: s.snapshots.load(Relaxed),
             })
             .collect();
         let sum = |f: fn(&PeerReport) -> u64| peers.iter().map(f).sum::<u64>();
@@ -257,6 +304,21 @@ pub struct PeerReport {
     pub unknown_backend: u64,
     /// Full snapshots re-sent because the stream to it fell behind.
     pub resyncs: u64,
+    /// Complete snapshots (its whole flow table) received from it since this agent started.
+    /// Defaulted for older agents.
+    #[serde(default)]
+    pub snapshots_received: u64,
+}
+
+/// What a starting agent knows about one configured peer: whether its flow table arrived, or
+/// whether nobody answers there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerStartup {
+    pub address: SocketAddr,
+    /// Complete snapshots received from it.
+    pub snapshots: u64,
+    /// Our last connection attempt to it failed at the TCP level.
+    pub unreachable: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

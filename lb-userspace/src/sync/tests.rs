@@ -274,15 +274,29 @@ async fn restarted_node_gets_the_snapshot() {
     let old = b.stop().await;
     assert_eq!(old.lock().unwrap().len(), 500);
     wait_for("A notices", || !a.report().peers[0].connected).await;
+    // Nobody listens on B's port now: a starting agent would not wait for B.
+    wait_for("A finds B unreachable", || {
+        a.handle.status().startup()[0].unreachable
+    })
+    .await;
     let while_down = flow(9000);
     a.new_flow(while_down).await;
 
     let b = start(b_addr, vec![a_addr], NodeOpts::default()).await;
-    let took = wait_for("restarted B has A's whole table", || {
-        b.len() == 501 && b.has(&while_down)
+    assert_eq!(b.handle.status().startup()[0].snapshots, 0);
+    let took = wait_for("restarted B holds A's snapshot", || {
+        b.handle.status().startup()[0].snapshots >= 1
     })
     .await;
+    // Complete means installed: every flow of the snapshot is in B's table by then.
+    assert_eq!(b.len(), 501);
+    assert!(b.has(&while_down));
+    assert_eq!(b.report().peers[0].snapshots_received, 1);
     println!("restarted node had the peer's 501 flows after {took:?}");
+    wait_for("A reaches B again", || {
+        !a.handle.status().startup()[0].unreachable
+    })
+    .await;
     // And the stream continues.
     let after = flow(9001);
     a.new_flow(after).await;

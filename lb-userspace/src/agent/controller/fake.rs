@@ -29,6 +29,8 @@ pub(crate) struct FakeDataplane {
     pub(crate) debug_log: Vec<(ServiceKey, bool)>,
     /// Every `set_deny_list` call, in order.
     pub(crate) deny_log: Vec<(u32, usize)>,
+    /// The balancer is not attached (`attached()` is false).
+    pub(crate) detached: bool,
 }
 
 /// The slot a backend gets here: its address's last byte.
@@ -150,5 +152,8 @@ impl DataplaneOps for FakeDataplane {
     fn set_deny_list(&mut self, live: u32, prefixes: usize) -> Result<(), FakeError> {
         self.deny_log.push((live, prefixes));
         Ok(())
+    }
+    fn attached(&self) -> bool {
+        !self.detached
     }
 }

@@ -21,6 +21,7 @@
 
 use crate::{
     agent::{
+        announce::{AnnounceError, NodeView, decide::VipServing},
         health::{Cause, CheckReport, HealthBook, ProbeTarget},
         report::vip_report,
         state::{self, DesiredState, StateError},
@@ -58,6 +59,8 @@ pub(crate) trait DataplaneOps {
     /// Make half `live` of the deny list live, holding `prefixes` prefixes, and bump the policy
     /// generation (one update).
     fn set_deny_list(&mut self, live: u32, prefixes: usize) -> Result<(), Self::Error>;
+    /// Whether the balancer is attached to its interface (steering traffic).
+    fn attached(&self) -> bool;
 }
 
 impl DataplaneOps for Dataplane {
@@ -89,6 +92,9 @@ impl DataplaneOps for Dataplane {
     }
     fn set_deny_list(&mut self, live: u32, prefixes: usize) -> Result<(), DataplaneError> {
         Dataplane::set_deny_list(self, live, prefixes)
+    }
+    fn attached(&self) -> bool {
+        self.mode().is_some()
     }
 }
 
@@ -285,6 +291,12 @@ impl<D: DataplaneOps> Controller<D> {
                     message: "flow queries are answered off the serve loop".to_string(),
                 })
             }
+            // The serve loop answers these when route announcement runs.
+            Request::NodeDrain | Request::NodeUndrain | Request::NodeStatus => {
+                Ok(Response::Error {
+                    message: AnnounceError::Off.to_string(),
+                })
+            }
             change => self
                 .change(change)
                 .map(|message| Response::Done { message }),
@@ -392,7 +404,10 @@ impl<D: DataplaneOps> Controller<D> {
             | Request::Peers
             | Request::FlowList { .. }
             | Request::FlowCount { .. }
-            | Request::FlowFlush { .. } => {
+            | Request::FlowFlush { .. }
+            | Request::NodeDrain
+            | Request::NodeUndrain
+            | Request::NodeStatus => {
                 unreachable!("queries are answered by handle")
             }
             Request::Reload | Request::Detach { .. } => {
@@ -514,6 +529,31 @@ impl<D: DataplaneOps> Controller<D> {
     /// What the check tasks must be checking now.
     pub(crate) fn probe_targets(&self) -> Vec<ProbeTarget> {
         self.health.targets()
+    }
+
+    /// What route announcement decides on: whether the data path is attached, and per VIP the
+    /// backends that may take new flows as the data path has them (weight above 0 and not down:
+    /// a backup counts while it serves, a standing-by one does not).
+    pub(crate) fn node_view(&self) -> NodeView {
+        NodeView {
+            attached: self.dp.attached(),
+            vips: self
+                .state
+                .vips()
+                .map(|v| {
+                    let (spec, down) = self.health.plan(v);
+                    let serving = spec
+                        .backends
+                        .iter()
+                        .filter(|b| b.weight > 0 && !down.contains(&b.addr))
+                        .count();
+                    VipServing {
+                        key: v.key,
+                        serving: u32::try_from(serving).unwrap_or(u32::MAX),
+                    }
+                })
+                .collect(),
+        }
     }
 
     /// Take one health-check result. A state change is logged and its VIP re-applied with the
@@ -649,6 +689,7 @@ impl<D: DataplaneOps> Controller<D> {
             embryonic_capacity: stats.embryo_capacity,
             embryonic_entries: self.flows.embryos,
             deny_list: self.deny_prefixes,
+            node: None,
         })
     }
 

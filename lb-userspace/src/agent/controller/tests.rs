@@ -1023,3 +1023,42 @@ fn bad_checks_and_weights_change_nothing() {
     assert_eq!(f.ctl.dp.apply_calls, calls);
     f.assert_consistent();
 }
+
+/// Route announcement reads the controller's view: serving backends per VIP (up and weight
+/// above 0) and the attachment; decided on it, an address goes when its last one does.
+#[test]
+fn node_view_counts_serving_backends_for_the_announcement() {
+    use crate::agent::announce::decide::{NodeInputs, Withheld, decide};
+    let mut f = checked_fixture();
+    let decided = |ctl: &Controller<FakeDataplane>| {
+        let view = ctl.node_view();
+        decide(&NodeInputs {
+            attached: view.attached,
+            drained: false,
+            starting: None,
+            adopted: Default::default(),
+            vips: view.vips,
+        })[&key(80).addr]
+            .clone()
+    };
+    assert_eq!(decided(&f.ctl).serving, 3);
+    assert!(decided(&f.ctl).announced());
+    f.ctl.backend_drain(&key(80), be(11)).unwrap();
+    for _ in 0..2 {
+        feed(&mut f.ctl, be(12), false, "connection refused");
+    }
+    let d = decided(&f.ctl);
+    assert_eq!((d.serving, d.announced()), (1, true));
+    for _ in 0..2 {
+        feed(&mut f.ctl, be(13), false, "connection refused");
+    }
+    let d = decided(&f.ctl);
+    assert_eq!(
+        (d.serving, d.withheld),
+        (0, Some(Withheld::NoHealthyBackend))
+    );
+    feed(&mut f.ctl, be(13), true, "connected");
+    assert!(decided(&f.ctl).announced(), "rise 1: back at once");
+    f.ctl.dp.detached = true;
+    assert_eq!(decided(&f.ctl).withheld, Some(Withheld::NotAttached));
+}

@@ -3,7 +3,7 @@
 
 use super::MetricsError;
 use crate::{
-    api::{BackendReport, BackendState, StatsReport, VipReport},
+    api::{BackendReport, BackendState, NodeReport, StatsReport, VipReport},
     sync::{PeerReport, PeersReport},
 };
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
@@ -70,6 +70,9 @@ pub(crate) fn render(
     .set(1);
     render_vips(&f, stats)?;
     render_datapath(&f, stats)?;
+    if let Some(node) = &stats.node {
+        render_node(&f, node)?;
+    }
     if let Some(sync) = sync {
         render_sync(&f, sync)?;
     }
@@ -241,6 +244,50 @@ fn render_backends(f: &Families, stats: &StatsReport) -> Result<(), MetricsError
 }
 
 /// Per-reason packets, data-path events and the flow table's size and fill.
+/// Route announcement (`--announce-table`): per VIP address whether its route is in the table
+/// the routing daemon announces, and the node's drain and start-up.
+fn render_node(f: &Families, node: &NodeReport) -> Result<(), MetricsError> {
+    let announced = f.gauge(
+        "xlb_vip_announced",
+        "1 while the VIP address's route is in the announce table (the routing daemon \
+         announces it to the router), else 0; `xlb node status` says why.",
+        &["address"],
+    )?;
+    for a in &node.addresses {
+        announced
+            .with_label_values(&[a.address.to_string().as_str()])
+            .set(i64::from(a.in_table));
+    }
+    let flags = [
+        (
+            "xlb_node_drained",
+            "1 while the node is drained (`xlb node drain`): no VIP address is announced.",
+            node.drained,
+        ),
+        (
+            "xlb_node_starting",
+            "1 while the agent starts: it announces nothing before its first health checks \
+             and its peers' flow tables.",
+            node.starting.is_some(),
+        ),
+    ];
+    for (name, help, on) in flags {
+        f.gauge(name, help, &[])?
+            .with_label_values::<&str>(&[])
+            .set(i64::from(on));
+    }
+    if let Some(d) = &node.routing_daemon {
+        f.gauge(
+            "xlb_routing_daemon_up",
+            "1 while the routing daemon answers on its control socket (--bird-socket).",
+            &[],
+        )?
+        .with_label_values::<&str>(&[])
+        .set(i64::from(d.answers));
+    }
+    Ok(())
+}
+
 fn render_datapath(f: &Families, stats: &StatsReport) -> Result<(), MetricsError> {
     let reasons = f.counter(
         "xlb_packets_total",
@@ -510,6 +557,32 @@ pub(super) mod tests {
             embryonic_capacity: 65536,
             embryonic_entries: 5,
             deny_list: 3,
+            node: Some(NodeReport {
+                table: 100,
+                proto: 120,
+                attached: true,
+                drained: false,
+                drained_since_unix_ms: None,
+                starting: None,
+                table_error: None,
+                routing_daemon: Some(crate::api::DaemonReport {
+                    socket: "/run/bird/bird.ctl".into(),
+                    answers: true,
+                    detail: "BIRD 2.0.12".into(),
+                    checked_unix_ms: 1,
+                }),
+                addresses: [(1, true), (2, false)]
+                    .into_iter()
+                    .map(|(last, on)| crate::api::AddressReport {
+                        address: Ipv4Addr::new(10, 111, 100, last),
+                        announced: on,
+                        in_table: on,
+                        reason: (!on).then(|| "no healthy backend".into()),
+                        vips: vec![format!("10.111.100.{last}:80/tcp")],
+                        serving_backends: u32::from(on),
+                    })
+                    .collect(),
+            }),
         }
     }
 
@@ -525,6 +598,7 @@ pub(super) mod tests {
             rejected,
             unknown_backend: 1,
             resyncs: 0,
+            snapshots_received: 1,
         };
         PeersReport {
             node_id: "00000000000000aa".into(),
@@ -692,6 +766,26 @@ pub(super) mod tests {
             !text.contains("xlb_sync_"),
             "no sync families when sync is off"
         );
+    }
+
+    #[test]
+    fn announcement_families_follow_the_node_report() {
+        let text = render(&stats(), None).unwrap();
+        assert_eq!(
+            sample(&text, r#"xlb_vip_announced{address="10.111.100.1"}"#),
+            1.0
+        );
+        assert_eq!(
+            sample(&text, r#"xlb_vip_announced{address="10.111.100.2"}"#),
+            0.0
+        );
+        assert_eq!(sample(&text, "xlb_node_drained"), 0.0);
+        assert_eq!(sample(&text, "xlb_node_starting"), 0.0);
+        assert_eq!(sample(&text, "xlb_routing_daemon_up"), 1.0);
+        let mut off = stats();
+        off.node = None;
+        let text = render(&off, None).unwrap();
+        assert!(!text.contains("xlb_vip_announced") && !text.contains("xlb_node_"));
     }
 
     #[test]
