@@ -850,6 +850,27 @@ impl Testbed {
         agent.as_ref().map(Agent::log).unwrap_or_default()
     }
 
+    /// Waits until the agent on `lb` has logged `needle` since it was last started.
+    pub fn wait_for_log(&self, lb: &str, needle: &str, timeout: Duration) -> Result<()> {
+        wait_for_every(
+            &format!("{lb}'s agent to log {needle:?}"),
+            timeout,
+            ROUTE_POLL,
+            || {
+                if self.lb_log(lb).contains(needle) {
+                    Ok(Some(()))
+                } else {
+                    bail!("not yet")
+                }
+            },
+        )
+    }
+
+    /// Forgets the (dead) agent on `lb`, so the next `xlb detach` runs without one.
+    pub fn forget_agent(&mut self, lb: &str) {
+        *self.agent_slot(lb) = None;
+    }
+
     /// What the agent on `lb` has logged since it was last started.
     pub fn lb_log(&self, lb: &str) -> String {
         let agent = match lb {

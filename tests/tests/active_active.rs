@@ -611,17 +611,29 @@ fn route_start(log: &str) -> usize {
         .unwrap_or_else(|| panic!("no {LINE:?} in the agent's log:\n{log}"))
 }
 
-/// Test 5 of issue 12 (and 2 of issue 4): lb2's agent stops (its route is withdrawn, rtr sends
-/// everything to lb1) and long downloads start through lb1; lb2's agent starts again and
-/// announces only once it holds lb1's flow table; after rtr spreads the VIP over both again,
-/// the connections that move to lb2 continue: no mid-flow miss, no new flow.
+/// Test 5 of issue 12 (and 2 of issue 4), and what happens to the routes when an agent stops:
+///
+/// - `xlb detach` on lb2 (through its agent) withdraws lb2's route before the data path goes:
+///   rtr routes via lb1 only by the time the command returns. Long downloads start through lb1.
+///   lb2's agent starts again on a fresh data path and announces only once it holds lb1's
+///   table; after rtr spreads the VIP over both again, the connections that move to lb2
+///   continue: no mid-flow miss, no new flow.
+/// - lb2's agent restarts (SIGTERM, then the same command: `systemctl restart`): the data path
+///   keeps serving and the route stays; rtr never loses lb2's next hop (polled every 10 ms), and
+///   the new agent keeps the route it took over through its start-up.
+/// - lb2's agent is SIGKILLed: the route stays. `xlb detach` without an agent withdraws it (the
+///   table is recorded with the data path) before it removes the data path.
 #[test]
 fn lb2_restarted_announces_only_with_the_snapshot() {
     let mut bed = bed("generic");
-    bed.stop_lb_agent("lb2").expect("stopping lb2's agent");
-    let out = bed
-        .wait_next_hops(&[LB1_ADDR], Duration::from_secs(5))
-        .expect("lb2's route withdrawn on its stop");
+    let detach_at = Instant::now();
+    let said = bed.detach_lb("lb2").expect("xlb detach on lb2");
+    let detached = detach_at.elapsed();
+    assert_eq!(
+        bed.topo.vip_next_hops().unwrap(),
+        [LB1_ADDR],
+        "rtr still routes via lb2 when xlb detach returned ({said})"
+    );
     let downloads = LongDownloads::open(
         bed.ns("cli"),
         target(),
@@ -638,6 +650,11 @@ fn lb2_restarted_announces_only_with_the_snapshot() {
     let started = Instant::now();
     bed.start_agent("lb2").expect("starting lb2's agent again");
     let ready = started.elapsed();
+    assert!(
+        bed.lb_log("lb2").contains("attached the data path"),
+        "after xlb detach, lb2's agent attaches a new data path:\n{}",
+        bed.lb_log("lb2")
+    );
     // What `xlb node status` says while lb2 starts, until rtr has lb2's next hop.
     let mut starting_seen = None;
     wait_for_every(
@@ -693,12 +710,13 @@ fn lb2_restarted_announces_only_with_the_snapshot() {
     let s2 = stats(&bed, "lb2");
     let midflow = event(&s2, "midflow_miss").unwrap();
     report(&format!(
-        "BGP lb2-restart: lb2 stopped -> rtr via lb1 only after {}; {RESTART_CONNECTIONS} /long \
-         downloads via lb1; lb2's agent started again: answered after {}, finished starting \
-         (first checks, lb1's snapshot of {} flows installed) {start_up} s after its own start, \
-         rtr routed via lb2 again {} after the start (node status meanwhile: {:?}); all complete \
-         and intact, lb2 forwarded {} packets of them, midflow_miss {midflow}, new_flows {}",
-        secs(out),
+        "BGP lb2-restart: xlb detach on lb2 -> route withdrawn, then the data path removed, in {}; \
+         {RESTART_CONNECTIONS} /long downloads via lb1; lb2's agent started again on a new data \
+         path: answered after {}, finished starting (first checks, lb1's snapshot of {} flows \
+         installed) {start_up} s after its own start, rtr routed via lb2 again {} after the start \
+         (node status meanwhile: {:?}); all complete and intact, lb2 forwarded {} packets of \
+         them, midflow_miss {midflow}, new_flows {}",
+        secs(detached),
         secs(ready),
         p2.flows_received,
         secs(announced),
@@ -716,6 +734,92 @@ fn lb2_restarted_announces_only_with_the_snapshot() {
         vip_counter(&s2, "packets") > 0,
         "no connection moved to lb2 after its return (ECMP)"
     );
+
+    // ---- a restart (SIGTERM, start): the route stays all along
+    let watch = RouteWatch::start(&bed);
+    bed.restart_agent("lb2").expect("restarting lb2's agent");
+    bed.wait_for_log("lb2", "finished starting after", Duration::from_secs(10))
+        .expect("lb2's agent to finish starting");
+    std::thread::sleep(Duration::from_secs(1));
+    let (polls, without_lb2) = watch.stop();
+    let log = bed.lb_log("lb2");
+    assert!(
+        log.contains(&format!(
+            "keeping {VIP} announced (taken over with the data path)"
+        )),
+        "lb2's new agent did not keep its route:\n{log}"
+    );
+    assert!(
+        !log.contains("withdrew"),
+        "lb2's new agent withdrew a route on its start:\n{log}"
+    );
+    report(&format!(
+        "BGP lb2-sigterm-restart: the agent answered {} after its start; rtr's VIP route polled \
+         {polls} times meanwhile, {without_lb2} without lb2",
+        secs(bed.agent_ready_after("lb2")),
+    ));
+    assert!(polls > 20, "the route was hardly polled ({polls})");
+    assert_eq!(without_lb2, 0, "rtr lost lb2's next hop during its restart");
+
+    // ---- SIGKILL: the route stays; xlb detach without an agent withdraws it first
+    bed.kill_agent("lb2").expect("SIGKILL lb2's agent");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        bed.topo.vip_next_hops().unwrap(),
+        [LB1_ADDR, LB2_ADDR],
+        "lb2's route went with its SIGKILLed agent"
+    );
+    bed.forget_agent("lb2");
+    let said = bed
+        .detach_lb("lb2")
+        .expect("xlb detach on lb2 without an agent");
+    assert!(
+        said.contains("withdrew 1 VIP route(s) from routing table"),
+        "{said}"
+    );
+    assert_eq!(
+        bed.topo.vip_next_hops().unwrap(),
+        [LB1_ADDR],
+        "rtr still routes via lb2 when xlb detach returned ({said})"
+    );
+}
+
+/// Polls rtr's VIP route every 10 ms on a thread of its own (`ip -n rtr route show`), counting
+/// the polls that found no next hop via lb2.
+struct RouteWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u32, u32)>,
+}
+
+impl RouteWatch {
+    fn start(bed: &Testbed) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let ns = bed.ns("rtr").name().to_string();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut polls, mut without) = (0, 0);
+            while !flag.load(Ordering::Relaxed) {
+                let out = std::process::Command::new("ip")
+                    .args(["-n", &ns, "route", "show", &format!("{VIP}/32")])
+                    .output()
+                    .expect("ip route show");
+                polls += 1;
+                if !String::from_utf8_lossy(&out.stdout).contains(&format!("via {LB2_ADDR} ")) {
+                    without += 1;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (polls, without)
+        });
+        RouteWatch { stop, thread }
+    }
+
+    /// Polls made, and how many of them found no next hop via lb2.
+    fn stop(self) -> (u32, u32) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("the route watch")
+    }
 }
 
 // ---- test 3: a fake peer ----

@@ -549,7 +549,8 @@ fn a_short_check_interval_alone_is_accepted() {
 /// write stop it at start with a one-line error, and nothing is touched (no XDP program, the
 /// foreign route and the rule still there). A route of xlb's own left in the table goes at
 /// start; without BIRD the agent runs and says so (`xlb node status`, its log); a drain survives
-/// a restart; a clean stop withdraws; `[agent] announce_table` works like the flag.
+/// a restart; a clean stop leaves the route (the data path keeps serving); `[agent]
+/// announce_table` works like the flag, and a new protocol withdraws the routes of the old one.
 #[test]
 fn route_announcement_refuses_bad_tables_and_keeps_its_state() {
     require_root();
@@ -709,12 +710,13 @@ fn route_announcement_refuses_bad_tables_and_keeps_its_state() {
         Ok(announced().then_some(()))
     })
     .unwrap();
-    // A clean stop detaches the data path, so the routes go first.
+    // A clean stop leaves the data path serving, and the route with it.
     let status = agent.stop().unwrap();
     expect_clean_exit("xlb agent", status, &agent.log()).unwrap();
-    assert!(table().is_empty(), "routes left after SIGTERM: {}", table());
+    assert!(announced(), "the route went on SIGTERM: {}", table());
 
-    // The same from the configuration file.
+    // The same from the configuration file, with another protocol: the new agent takes the data
+    // path over and withdraws the route the earlier one recorded with it (proto 120).
     let config = dir.path().join("xlb.toml");
     std::fs::write(
         &config,
@@ -734,6 +736,18 @@ fn route_announcement_refuses_bad_tables_and_keeps_its_state() {
     assert_eq!(
         (status["table"].as_u64(), status["proto"].as_u64()),
         (Some(100), Some(121))
+    );
+    assert!(
+        table().is_empty(),
+        "the proto 120 route stayed: {}",
+        table()
+    );
+    assert!(
+        agent.log().contains(
+            "withdrew 1 VIP route(s) an earlier agent left in routing table 100 (proto 120)"
+        ),
+        "{}",
+        agent.log()
     );
     let status = agent.stop().unwrap();
     expect_clean_exit("xlb agent", status, &agent.log()).unwrap();

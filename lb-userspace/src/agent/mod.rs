@@ -127,7 +127,7 @@ pub(crate) async fn run(
     // Checked first so a typo fails before anything is created or attached.
     interface_index(&config.iface)?;
     if let Some(announce) = &config.announce {
-        announce::check(announce).await?;
+        announce::check(announce, recorded_announcement(&config)).await?;
     }
     let cancel = CancellationToken::new();
     let detach = CancellationToken::new();
@@ -216,6 +216,18 @@ async fn withdraw(routes: Option<RouteControl>, grace: Duration) -> bool {
         return true;
     }
     false
+}
+
+/// The announcement recorded with the data path this agent will take over, if one is pinned
+/// (read only: nothing is mounted or created).
+fn recorded_announcement(config: &AgentConfig) -> Option<announce::RouteTable> {
+    let root = crate::dataplane::pins::existing_root(&config.bpffs).ok()?;
+    let dir = root.join(crate::dataplane::pins::dir_name(
+        crate::dataplane::pins::netns_cookie().ok()?,
+        interface_index(&config.iface).ok()?,
+    ));
+    crate::dataplane::announced_routes(&dir)
+        .map(|(table, proto)| announce::RouteTable { table, proto })
 }
 
 /// Where the initial desired state comes from, and its name for the log.

@@ -29,7 +29,8 @@ use crate::{
 use daemon::DaemonStatus;
 use decide::{AddressDecision, NodeInputs, VipServing, announced, decide};
 use gate::StartGate;
-use routes::{RouteTable, TableState};
+pub(crate) use routes::RouteTable;
+use routes::TableState;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
@@ -184,9 +185,14 @@ impl AnnounceConfig {
 
 /// Check the table before anything visible changes (see `routes::check_table`), and say once
 /// what the routing daemon must do.
-pub(crate) async fn check(config: &AnnounceConfig) -> Result<(), AnnounceError> {
+/// `earlier` is the announcement recorded with the data path this agent is about to take over:
+/// its routes are not foreign (the start-up withdraws them if the protocol changed).
+pub(crate) async fn check(
+    config: &AnnounceConfig,
+    earlier: Option<RouteTable>,
+) -> Result<(), AnnounceError> {
     let nl = Netlink::connect_strict()?;
-    routes::check_table(&nl, config.route_table()).await?;
+    routes::check_table(&nl, config.route_table(), earlier).await?;
     if config.bird_socket.is_none() {
         log::info!(
             "announcing VIP addresses through routing table {} (blackhole /32, proto {}); the \

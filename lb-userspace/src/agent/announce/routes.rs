@@ -54,17 +54,26 @@ pub(crate) struct TableState {
 /// own traffic to a VIP would hit the blackhole), or one that holds routes of another protocol
 /// (the agent keeps "nothing else" in its table, and the daemon may announce whatever is there).
 /// Reads only; changes nothing.
-pub(crate) async fn check_table(nl: &Netlink, t: RouteTable) -> Result<(), AnnounceError> {
+/// Routes of `earlier` (the announcement recorded with the data path being taken over) in the
+/// same table count as the agent's own.
+pub(crate) async fn check_table(
+    nl: &Netlink,
+    t: RouteTable,
+    earlier: Option<RouteTable>,
+) -> Result<(), AnnounceError> {
     if nl.rule_tables().await?.contains(&t.table) {
         return Err(AnnounceError::RuleUsesTable { table: t.table });
     }
+    let ours = |r: &TableRoute| {
+        t.is_ours(r) || earlier.is_some_and(|e| e.table == t.table && e.is_ours(r))
+    };
     for family in [IpVersion::V4, IpVersion::V6] {
         let routes = nl.table_routes(family, t.table).await?;
-        if let Some(foreign) = routes.iter().find(|r| !t.is_ours(r)) {
+        if let Some(foreign) = routes.iter().find(|r| !ours(r)) {
             return Err(AnnounceError::Foreign {
                 table: t.table,
                 route: foreign.to_string(),
-                count: routes.iter().filter(|r| !t.is_ours(r)).count(),
+                count: routes.iter().filter(|r| !ours(r)).count(),
             });
         }
     }
