@@ -751,4 +751,37 @@ fn route_announcement_refuses_bad_tables_and_keeps_its_state() {
     );
     let status = agent.stop().unwrap();
     expect_clean_exit("xlb agent", status, &agent.log()).unwrap();
+
+    // --detach-on-exit: SIGTERM removes the data path, and the routes first.
+    let mut agent = Agent::start(
+        &ns,
+        HOST_IFACE,
+        "generic",
+        dir.path(),
+        &[&args[..], &["--detach-on-exit"]].concat(),
+    )
+    .expect("agent with --detach-on-exit");
+    agent
+        .client
+        .ok(&["vip", "add", "10.111.100.1:80", "--check", "none"])
+        .unwrap();
+    agent
+        .client
+        .ok(&["backend", "add", "10.111.100.1:80", "10.111.9.5"])
+        .unwrap();
+    wait_for("the VIP's route", Duration::from_secs(5), || {
+        Ok(announced().then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", table()));
+    let status = agent.stop().unwrap();
+    expect_clean_exit("xlb agent --detach-on-exit", status, &agent.log()).unwrap();
+    assert!(table().is_empty(), "routes left: {}", table());
+    assert!(!has_xdp(&ns, HOST_IFACE).unwrap(), "the data path stayed");
+    let log = agent.log();
+    let withdrew = log.find("withdrew every VIP address").unwrap_or(usize::MAX);
+    let detached = log.find("stopped; detached").unwrap_or(0);
+    assert!(
+        withdrew < detached,
+        "not withdrawn before the detach:\n{log}"
+    );
 }

@@ -243,7 +243,6 @@ fn render_backends(f: &Families, stats: &StatsReport) -> Result<(), MetricsError
     Ok(())
 }
 
-/// Per-reason packets, data-path events and the flow table's size and fill.
 /// Route announcement (`--announce-table`): per VIP address whether its route is in the table
 /// the routing daemon announces, and the node's drain and start-up.
 fn render_node(f: &Families, node: &NodeReport) -> Result<(), MetricsError> {
@@ -288,6 +287,7 @@ fn render_node(f: &Families, node: &NodeReport) -> Result<(), MetricsError> {
     Ok(())
 }
 
+/// Per-reason packets, data-path events and the flow table's size and fill.
 fn render_datapath(f: &Families, stats: &StatsReport) -> Result<(), MetricsError> {
     let reasons = f.counter(
         "xlb_packets_total",
