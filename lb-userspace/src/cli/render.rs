@@ -63,7 +63,7 @@ pub(crate) fn node_text(node: &NodeReport, now: SystemTime) -> String {
             });
             format!("DRAINED{since}: nothing announced")
         } else if let Some(s) = &node.starting {
-            format!("{s}: nothing announced yet")
+            format!("{s}: announces nothing new yet")
         } else {
             "announcing".to_string()
         },
