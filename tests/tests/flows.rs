@@ -1,10 +1,11 @@
 //! The flow table from the CLI (issue 18): `xlb flows`, `xlb flows --count`, `xlb flows flush`.
 //!
 //! 1. Active-active bed (ipip, generic; lb2 drained with `xlb node drain`, so rtr routes the VIP
-//!    via lb1 only): 30 connections through the VIP. lb1's `xlb flows` lists exactly those 30, each on the backend that answered it
-//!    (nginx's `X-Backend`, matched by client port), origin `local`; `--count --by backend` gives
-//!    10/10/10; lb2 shows the same 30 as origin `peer` (installed from lb1's sync). Limits,
-//!    client prefixes and bad filters (one-line errors, exit 1) on the same bed.
+//!    via lb1 only): 30 connections through the VIP. lb1's `xlb flows` lists exactly those 30,
+//!    each on the backend that answered it (nginx's `X-Backend`, matched by client port), origin
+//!    `local`; `--count --by backend` gives 10/10/10; lb2 shows the same 30 as origin `peer`
+//!    (installed from lb1's sync). Limits, client prefixes and bad filters (one-line errors, exit
+//!    1) on the same bed.
 //! 2. One LB: keep-alive connections on every backend; be1 drained, then its flows flushed. The
 //!    next request on each of be1's connections reaches another backend, which resets it (and
 //!    the data path counts a `midflow_miss`); every other connection's next request still
