@@ -181,6 +181,19 @@ fn failures_between(requests: &[Request], from: Instant, to: Instant, t0: Instan
         .collect()
 }
 
+/// `n` `/long` downloads through the VIP from cli, each on a connection of its own.
+fn long_downloads(bed: &Testbed, n: usize) -> LongDownloads {
+    LongDownloads::open(
+        bed.ns("cli"),
+        target(),
+        "/long",
+        n,
+        Arc::new(bed.content.clone()),
+        LONG_DEADLINE,
+    )
+    .expect("opening the long downloads")
+}
+
 /// Seconds since `t0`, for report lines.
 fn secs(d: Duration) -> String {
     format!("{:.3}s", d.as_secs_f64())
@@ -212,15 +225,7 @@ fn lb1_lost(xdp_mode: &str) {
         assert_eq!(status["routing_daemon"]["answers"], true, "{lb}: {status}");
     }
 
-    let downloads = LongDownloads::open(
-        bed.ns("cli"),
-        target(),
-        "/long",
-        CONNECTIONS,
-        Arc::new(bed.content.clone()),
-        LONG_DEADLINE,
-    )
-    .expect("opening the long downloads");
+    let downloads = long_downloads(&bed, CONNECTIONS);
     let per_backend = downloads.per_backend();
 
     // Both load balancers carried some of them; together exactly one new flow per connection.
@@ -442,15 +447,7 @@ fn drain_and_health_withdraw_the_node_without_failures() {
     }
 
     // ---- 3: drain lb2
-    let downloads = LongDownloads::open(
-        bed.ns("cli"),
-        target(),
-        "/long",
-        RESTART_CONNECTIONS,
-        Arc::new(bed.content.clone()),
-        LONG_DEADLINE,
-    )
-    .expect("opening the long downloads");
+    let downloads = long_downloads(&bed, RESTART_CONNECTIONS);
     let per_backend = downloads.per_backend();
     let client = ContinuousClient::start(bed.ns("cli"), target(), ClientOptions::default());
     std::thread::sleep(Duration::from_secs(1));
@@ -634,15 +631,7 @@ fn lb2_restarted_announces_only_with_the_snapshot() {
         [LB1_ADDR],
         "rtr still routes via lb2 when xlb detach returned ({said})"
     );
-    let downloads = LongDownloads::open(
-        bed.ns("cli"),
-        target(),
-        "/long",
-        RESTART_CONNECTIONS,
-        Arc::new(bed.content.clone()),
-        LONG_DEADLINE,
-    )
-    .expect("opening the long downloads");
+    let downloads = long_downloads(&bed, RESTART_CONNECTIONS);
     let per_backend = downloads.per_backend();
     let n = RESTART_CONNECTIONS as u64;
     assert_eq!(vip_counter(&stats(&bed, "lb1"), "new_flows"), n);

@@ -389,6 +389,40 @@ fn lb_netns(prefix: &str) -> Netns {
     ns
 }
 
+/// `xlb agent` with `extra` flags in `ns` must exit 1 with a last stderr line that names each of
+/// `mentions`, leave no XDP program and no socket answering.
+fn agent_refused(ns: &Netns, dir: &std::path::Path, extra: &[&str], mentions: &[&str]) {
+    let socket = dir.join("xlb.sock");
+    let mut cmd = ns.command(xlb_bin());
+    cmd.args([
+        "agent",
+        "--iface",
+        HOST_IFACE,
+        "--xdp-mode",
+        "generic",
+        "--socket",
+    ])
+    .arg(&socket)
+    .arg("--state-dir")
+    .arg(dir.join("state"))
+    .args(extra);
+    let out = run_timeout(&mut cmd, Duration::from_secs(20)).unwrap();
+    assert_eq!(out.code(), Some(1), "agent {extra:?}: {out:?}");
+    let last = out.stderr.trim().lines().last().unwrap_or_default();
+    for m in mentions {
+        assert!(
+            last.contains(m),
+            "agent {extra:?}: error {:?} does not mention {m:?}",
+            out.stderr
+        );
+    }
+    assert!(
+        !has_xdp(ns, HOST_IFACE).unwrap(),
+        "agent {extra:?} attached XDP"
+    );
+    assert!(!Xlb::new(&socket).run(&["vip", "list"]).unwrap().success());
+}
+
 #[test]
 fn agent_refuses_bad_sync_settings_and_reads_them_from_toml() {
     require_root();
@@ -427,32 +461,8 @@ fn agent_refuses_bad_sync_settings_and_reads_them_from_toml() {
             &[listen],
         ),
     ];
-    let socket = dir.path().join("xlb.sock");
     for (extra, mentions) in cases {
-        let mut cmd = ns.command(xlb_bin());
-        cmd.args([
-            "agent",
-            "--iface",
-            HOST_IFACE,
-            "--xdp-mode",
-            "generic",
-            "--socket",
-        ])
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args(*extra);
-        let out = run_timeout(&mut cmd, Duration::from_secs(20)).unwrap();
-        assert_eq!(out.code(), Some(1), "agent {extra:?}: {out:?}");
-        let last = out.stderr.trim().lines().last().unwrap_or_default();
-        for m in *mentions {
-            assert!(
-                last.contains(m),
-                "agent {extra:?}: error {:?} does not mention {m:?}",
-                out.stderr
-            );
-        }
-        assert!(!Xlb::new(&socket).run(&["vip", "list"]).unwrap().success());
+        agent_refused(&ns, dir.path(), extra, mentions);
     }
 
     // The same settings from the configuration file.
@@ -557,37 +567,9 @@ fn route_announcement_refuses_bad_tables_and_keeps_its_state() {
     let prefix = unique_prefix();
     let ns = lb_netns(&prefix);
     let dir = TempDir::new(&prefix).unwrap();
-    let socket = dir.path().join("xlb.sock");
     let table = || ns.ip(&["route", "show", "table", "100"]).unwrap();
     let refused = |extra: &[&str], mentions: &[&str]| {
-        let mut cmd = ns.command(xlb_bin());
-        cmd.args([
-            "agent",
-            "--iface",
-            HOST_IFACE,
-            "--xdp-mode",
-            "generic",
-            "--socket",
-        ])
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args(extra);
-        let out = run_timeout(&mut cmd, Duration::from_secs(20)).unwrap();
-        assert_eq!(out.code(), Some(1), "agent {extra:?}: {out:?}");
-        let last = out.stderr.trim().lines().last().unwrap_or_default();
-        for m in mentions {
-            assert!(
-                last.contains(m),
-                "agent {extra:?}: error {:?} does not mention {m:?}",
-                out.stderr
-            );
-        }
-        assert!(
-            !has_xdp(&ns, HOST_IFACE).unwrap(),
-            "agent {extra:?} attached XDP"
-        );
-        assert!(!Xlb::new(&socket).run(&["vip", "list"]).unwrap().success());
+        agent_refused(&ns, dir.path(), extra, mentions);
     };
     for t in ["0", "253", "254", "255", "4294967296"] {
         refused(

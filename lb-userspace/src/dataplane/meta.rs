@@ -99,31 +99,39 @@ fn err(what: &'static str, path: &Path) -> impl FnOnce(aya::maps::MapError) -> P
 
 /// The record pinned in `dir`, if there is a readable one.
 pub(crate) fn read(dir: &Path) -> Option<PinMeta> {
-    let path = dir.join(META_PIN);
-    let data = MapData::from_pin(&path).ok()?;
+    read_record::<PinMeta>(&dir.join(META_PIN)).filter(|m| m.magic == MAGIC)
+}
+
+/// The value of the one-entry array pinned at `path`, if there is a readable one.
+fn read_record<T: aya::Pod>(path: &Path) -> Option<T> {
+    let data = MapData::from_pin(path).ok()?;
     let map = aya::maps::Map::from_map_data(data).ok()?;
-    let array: Array<MapData, PinMeta> = Array::try_from(map).ok()?;
-    array.get(&0, 0).ok().filter(|m| m.magic == MAGIC)
+    let array: Array<MapData, T> = Array::try_from(map).ok()?;
+    array.get(&0, 0).ok()
 }
 
 /// Write `meta` as the record of `dir` (creating and pinning the map when there is none).
 pub(crate) fn write(dir: &Path, meta: &PinMeta) -> Result<(), PinError> {
-    let path = dir.join(META_PIN);
-    let mut array: Array<MapData, PinMeta> = match MapData::from_pin(&path) {
+    write_record(&dir.join(META_PIN), *meta)
+}
+
+/// The one-entry array pinned at `path` (created and pinned when there is none), set to `value`.
+fn write_record<T: aya::Pod>(path: &Path, value: T) -> Result<(), PinError> {
+    let mut array: Array<MapData, T> = match MapData::from_pin(path) {
         Ok(data) => aya::maps::Map::from_map_data(data)
             .and_then(Array::try_from)
-            .map_err(err("opening", &path))?,
+            .map_err(err("opening", path))?,
         Err(_) => {
-            let array = Array::<MapData, PinMeta>::create(1, 0).map_err(err("creating", &path))?;
-            array.map().pin(&path).map_err(|e| PinError::Io {
+            let array = Array::<MapData, T>::create(1, 0).map_err(err("creating", path))?;
+            array.map().pin(path).map_err(|e| PinError::Io {
                 what: "pinning",
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source: io::Error::other(e),
             })?;
             array
         }
     };
-    array.set(0, meta, 0).map_err(err("writing", &path))
+    array.set(0, value, 0).map_err(err("writing", path))
 }
 
 /// Pin name of the announcement record (layout version 1).
@@ -151,10 +159,7 @@ pub(crate) fn is_record(file: &std::ffi::OsStr) -> bool {
 
 /// The routing table and route protocol recorded in `dir`, if an agent announced there.
 pub fn announced_routes(dir: &Path) -> Option<(u32, u8)> {
-    let data = MapData::from_pin(dir.join(ROUTES_PIN)).ok()?;
-    let map = aya::maps::Map::from_map_data(data).ok()?;
-    let array: Array<MapData, PinRoutes> = Array::try_from(map).ok()?;
-    let r = array.get(&0, 0).ok().filter(|r| r.magic == ROUTES_MAGIC)?;
+    let r = read_record::<PinRoutes>(&dir.join(ROUTES_PIN)).filter(|r| r.magic == ROUTES_MAGIC)?;
     Some((r.table, u8::try_from(r.proto).ok()?))
 }
 
@@ -171,28 +176,15 @@ pub fn record_routes(dir: &Path, routes: Option<(u32, u8)>) -> Result<(), PinErr
             _ => Ok(()),
         };
     };
-    let mut array: Array<MapData, PinRoutes> = match MapData::from_pin(&path) {
-        Ok(data) => aya::maps::Map::from_map_data(data)
-            .and_then(Array::try_from)
-            .map_err(err("opening", &path))?,
-        Err(_) => {
-            let array =
-                Array::<MapData, PinRoutes>::create(1, 0).map_err(err("creating", &path))?;
-            array.map().pin(&path).map_err(|e| PinError::Io {
-                what: "pinning",
-                path: path.clone(),
-                source: io::Error::other(e),
-            })?;
-            array
-        }
-    };
-    let record = PinRoutes {
-        magic: ROUTES_MAGIC,
-        table,
-        proto: u32::from(proto),
-        reserved: 0,
-    };
-    array.set(0, record, 0).map_err(err("writing", &path))
+    write_record(
+        &path,
+        PinRoutes {
+            magic: ROUTES_MAGIC,
+            table,
+            proto: u32::from(proto),
+            reserved: 0,
+        },
+    )
 }
 
 #[cfg(test)]
