@@ -620,6 +620,13 @@ fn route_announcement_refuses_bad_tables_and_keeps_its_state() {
     );
     ns.ip(&["rule", "del", "from", "10.111.0.0/16", "lookup", "100"])
         .unwrap();
+    // A drain file that does not parse: starting undrained by mistake would announce a node an
+    // operator took out.
+    let node_file = dir.path().join("state").join("node.json");
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(&node_file, b"{\"version\": 1, \"drained\": maybe}").unwrap();
+    refused(&["--announce-table", "100"], &["node.json", "corrupt"]);
+    std::fs::remove_file(&node_file).unwrap();
 
     // A route of xlb's own, left by an agent that died, goes at start; nobody answers on the
     // BIRD socket: the agent runs anyway and says so.

@@ -127,7 +127,7 @@ pub(crate) async fn run(
     // Checked first so a typo fails before anything is created or attached.
     interface_index(&config.iface)?;
     if let Some(announce) = &config.announce {
-        announce::check(announce, recorded_announcement(&config)).await?;
+        announce::check(announce, recorded_announcement(&config), &config.state_dir).await?;
     }
     let cancel = CancellationToken::new();
     let detach = CancellationToken::new();

@@ -187,10 +187,14 @@ impl AnnounceConfig {
 /// what the routing daemon must do.
 /// `earlier` is the announcement recorded with the data path this agent is about to take over:
 /// its routes are not foreign (the start-up withdraws them if the protocol changed).
+/// The drain file in `state_dir` is read too: a corrupt one stops the agent here, before the data
+/// path changes.
 pub(crate) async fn check(
     config: &AnnounceConfig,
     earlier: Option<RouteTable>,
+    state_dir: &std::path::Path,
 ) -> Result<(), AnnounceError> {
+    node::load(&state_dir.join(node::NODE_FILE))?;
     let nl = Netlink::connect_strict()?;
     routes::check_table(&nl, config.route_table(), earlier).await?;
     if config.bird_socket.is_none() {
