@@ -94,10 +94,6 @@ impl Bird {
         Ok(bird)
     }
 
-    pub fn pid(&self) -> i32 {
-        self.process.pid()
-    }
-
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -105,18 +101,6 @@ impl Bird {
     /// `birdc -s <socket> args…`: its output.
     pub fn birdc(&self, args: &[&str]) -> Result<String> {
         birdc(&self.socket, args)
-    }
-
-    /// Whether BGP protocol `proto` is Established.
-    pub fn established(&self, proto: &str) -> bool {
-        self.birdc(&["show", "protocols", proto])
-            .is_ok_and(|o| o.contains("Established"))
-    }
-
-    /// SIGKILL (a crashed daemon: no Cease to its peers).
-    pub fn kill(&mut self) {
-        self.process
-            .signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
     }
 
     /// What BIRD logged.

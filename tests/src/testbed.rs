@@ -269,14 +269,6 @@ impl Testbed {
             .unwrap_or_else(|| panic!("no BIRD on {name}"))
     }
 
-    /// BIRD on `name`, to kill it.
-    pub fn bird_mut(&mut self, name: &str) -> &mut Bird {
-        self.birds
-            .iter_mut()
-            .find(|b| b.name() == name)
-            .unwrap_or_else(|| panic!("no BIRD on {name}"))
-    }
-
     /// Waits until rtr routes the VIP over every LB, and records how long after each agent's
     /// start its next hop appeared.
     fn wait_announced(&mut self) -> Result<()> {
