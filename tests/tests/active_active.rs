@@ -626,6 +626,10 @@ fn lb2_restarted_announces_only_with_the_snapshot() {
     let detach_at = Instant::now();
     let said = bed.detach_lb("lb2").expect("xlb detach on lb2");
     let detached = detach_at.elapsed();
+    assert!(
+        said.contains("withdrew its VIP routes, then detached"),
+        "{said}"
+    );
     assert_eq!(
         bed.topo.vip_next_hops().unwrap(),
         [LB1_ADDR],

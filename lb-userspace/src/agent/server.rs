@@ -327,7 +327,12 @@ impl<D: DataplaneOps> Server<D> {
                     // then ends this loop.
                     self.detach.cancel();
                     Response::Done {
-                        message: "the agent removes the data path and exits".into(),
+                        message: if self.announce.is_some() {
+                            "the agent withdraws its VIP routes, removes the data path and exits"
+                        } else {
+                            "the agent removes the data path and exits"
+                        }
+                        .into(),
                     }
                 } else {
                     Response::Error {

@@ -409,7 +409,7 @@ async fn detach_one(socket: &Path, dir: &Path, name: &str) -> Result<String, Cli
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let holder = holder.map(|p| format!(" (pid {p})")).unwrap_or_default();
-            client::call(socket, &Request::Detach { dir: dir_name }).map_err(|e| {
+            let accepted = client::call(socket, &Request::Detach { dir: dir_name }).map_err(|e| {
                 CliError::Detach(format!(
                     "the data path at {} is held by a running agent{holder}, which did not take the request on {}: {e} (pass that agent's --socket)",
                     dir.display(),
@@ -428,8 +428,15 @@ async fn detach_one(socket: &Path, dir: &Path, name: &str) -> Result<String, Cli
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
+            // The agent says whether it withdrew routes first.
+            let withdrew = match accepted {
+                Response::Done { message } if message.contains("withdr") => {
+                    "withdrew its VIP routes, then "
+                }
+                _ => "",
+            };
             Ok(format!(
-                "the agent{holder} detached the balancer from {name} and removed {}",
+                "the agent{holder} {withdrew}detached the balancer from {name} and removed {}",
                 dir.display()
             ))
         }
