@@ -27,8 +27,11 @@ pub mod maps {
     pub const BENCH_GEN: &str = "BENCH_GEN";
     pub const BENCH_GEN_HEADER: &str = "BENCH_GEN_HEADER";
     pub const IPIP_IDS: &str = "IPIP_IDS";
-    /// The global deny list, double buffered: `PolicyState::deny_live` picks the live one.
+    /// The global deny list's prefixes shorter than /32, double buffered:
+    /// `PolicyState::deny_live` picks the live one (with the same half of `DENY_HOSTS`).
     pub const DENY: [&str; 2] = ["DENY0", "DENY1"];
+    /// The global deny list's host entries (/32), double buffered like `DENY`.
+    pub const DENY_HOSTS: [&str; 2] = ["DENY_HOSTS0", "DENY_HOSTS1"];
     pub const VIP_ALLOW: &str = "VIP_ALLOW";
     pub const VIP_DENY: &str = "VIP_DENY";
     pub const VIP_LIMITS: &str = "VIP_LIMITS";
@@ -69,7 +72,13 @@ pub mod layout {
     #[cfg(feature = "layout-test")]
     pub const EMBRYOS: u32 = 2;
     /// The deny list's two halves: a restart keeps dropping what the list names, with no agent.
+    /// Version 1 of these tries held the whole list; since `DENY_HOSTS` exists they hold only
+    /// prefixes shorter than /32 (same layout: an agent taking over a trie that still holds host
+    /// entries keeps them there until its program runs, then moves them, see
+    /// `Dataplane::tidy_deny_list`).
     pub const DENY: u32 = 1;
+    /// The deny list's host entries, one exact-match hash per half.
+    pub const DENY_HOSTS: u32 = 1;
     /// The VIPs' source lists, both halves (`VIPS` names the live one of each VIP).
     pub const VIP_ALLOW: u32 = 1;
     pub const VIP_DENY: u32 = 1;
@@ -78,7 +87,10 @@ pub mod layout {
     pub const VIP_BUCKETS: u32 = 1;
     pub const SRC_BUCKETS: u32 = 1;
     pub const VIP_DROPS: u32 = 1;
-    /// The policy generation and the live deny-list half.
+    /// The policy generation, the live deny-list half and which of its structures hold entries.
+    /// Still version 1 with `POLICY_F_DENY_HOSTS`: the value's layout is the same and
+    /// `POLICY_F_DENY_LIST` kept its meaning ("look in the live trie"); a v1 entry written by
+    /// a build without the hash maps has the new bit clear, which is true of it.
     pub const POLICY: u32 = 1;
     pub const VIP_STATS: u32 = 1;
     pub const BACKEND_STATS: u32 = 1;
@@ -107,6 +119,8 @@ pub mod layout {
         (super::maps::EMBRYOS, EMBRYOS),
         (super::maps::DENY[0], DENY),
         (super::maps::DENY[1], DENY),
+        (super::maps::DENY_HOSTS[0], DENY_HOSTS),
+        (super::maps::DENY_HOSTS[1], DENY_HOSTS),
         (super::maps::VIP_ALLOW, VIP_ALLOW),
         (super::maps::VIP_DENY, VIP_DENY),
         (super::maps::VIP_LIMITS, VIP_LIMITS),
@@ -234,7 +248,9 @@ pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 18;
 pub const FLOW_EVENTS_BYTES: u32 = 1 << 18;
 /// Entries of the decapsulator's local-address set.
 pub const MAX_DECAP_ADDRS: u32 = 64;
-/// Prefixes each half of the global deny list holds (`DENY0`, `DENY1`): at least a million.
+/// Entries the global deny list holds, host entries and shorter prefixes together: at least a
+/// million. Each structure of a half (`DENY_HOSTSn`, `DENYn`) is sized for all of them, so the
+/// list may be all hosts or all prefixes.
 pub const MAX_DENY_PREFIXES: u32 = 1 << 20;
 /// Source prefixes `VIP_ALLOW` and `VIP_DENY` each hold, over all VIPs and both halves of each
 /// VIP's lists (a change writes the new half before the old one is cleared).
@@ -310,9 +326,13 @@ pub const fn vip_list_tag(vip_id: u32, half: u32) -> u32 {
     (vip_id << 1) | (half & 1)
 }
 
-/// Key data of the global deny list tries (`DENY0`, `DENY1`; LPM, prefix length 0 to 32): the
+/// Key data of the global deny list tries (`DENY0`, `DENY1`; LPM, prefix length 0 to 31): the
 /// address, network order.
 pub type DenyData = [u8; 4];
+
+/// Key of the deny list's host-entry hashes (`DENY_HOSTS0`, `DENY_HOSTS1`): the IPv4 address,
+/// network order (the bytes of the packet's source field, read as a native `u32`).
+pub type DenyHostKey = u32;
 
 /// Key data of `VIP_ALLOW` and `VIP_DENY` (LPM, prefix length 32 + the source prefix's): the
 /// list's tag (`vip_list_tag`, big endian, so it is the high-order part every prefix of the list
@@ -485,16 +505,20 @@ pub struct PolicyState {
     /// whenever the deny list, a VIP's source lists or a VIP changes. A flow's cached decisions
     /// (`FlowValue::policy_gen`) are valid while they were made under the current generation.
     pub generation: u32,
-    /// Which of `DENY0`/`DENY1` is the live deny list (0 or 1, host order).
+    /// Which half of the deny list is live, `DENY0` with `DENY_HOSTS0` or `DENY1` with
+    /// `DENY_HOSTS1` (0 or 1, host order).
     pub deny_live: u32,
     /// `POLICY_F_*` bits, host order.
     pub flags: u32,
     pub _pad: u32,
 }
 
-/// The live deny list has prefixes: every packet's source is looked up in it (without the flag,
-/// an empty list costs nothing).
+/// The live deny-list trie has prefixes (shorter than /32): every packet's source is looked up
+/// in it (without the flag, a list of host entries only never walks the trie).
 pub const POLICY_F_DENY_LIST: u32 = 1;
+/// The live deny-list hash has host entries: every packet's source is looked up in it first
+/// (one exact-match lookup, where the trie would walk up to 32 nodes).
+pub const POLICY_F_DENY_HOSTS: u32 = 2;
 
 /// The `LbConfig::ipip_id_cpu_bits` for a machine with `possible_cpus` CPUs: the fewest bits
 /// that number them all. The outer ID of a fragmentable IPIP packet is the CPU number in these
@@ -903,6 +927,16 @@ mod tests {
                 kv(lpm_key(size_of::<DenyData>()), shape!(u8))
             ),
             (
+                maps::DENY_HOSTS[0],
+                layout::DENY_HOSTS,
+                kv(shape!(DenyHostKey), shape!(u8))
+            ),
+            (
+                maps::DENY_HOSTS[1],
+                layout::DENY_HOSTS,
+                kv(shape!(DenyHostKey), shape!(u8))
+            ),
+            (
                 maps::VIP_ALLOW,
                 layout::VIP_ALLOW,
                 kv(lpm_key(size_of::<VipSrcData>()), shape!(u8))
@@ -1074,6 +1108,8 @@ mod tests {
             2,
             "key FlowKey=16 src_addr@0:4 dst_addr@4:4 src_port@8:2 dst_port@10:2 proto@12:1 _pad@13:3; value FlowValue=32 backend_addr@0:4 backend_id@4:4 last_seen_ns@8:8 flags@16:4 policy_gen@20:4 created_ns@24:8",
         ),
+        ("DENY_HOSTS0", 1, "key DenyHostKey=4; value u8=1"),
+        ("DENY_HOSTS1", 1, "key DenyHostKey=4; value u8=1"),
     ];
 
     #[test]

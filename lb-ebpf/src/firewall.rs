@@ -12,14 +12,18 @@
 //! flow is checked once more against the new policy on its next packet.
 
 use crate::{
-    maps::{DENY0, DENY1, POLICY, SRC_BUCKETS, VIP_ALLOW, VIP_BUCKETS, VIP_DENY, VIP_LIMITS},
+    maps::{
+        DENY_HOSTS0, DENY_HOSTS1, DENY0, DENY1, POLICY, SRC_BUCKETS, VIP_ALLOW, VIP_BUCKETS,
+        VIP_DENY, VIP_LIMITS,
+    },
     stats,
 };
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use core::arch::asm;
 use lb_common::{
-    POLICY_F_DENY_LIST, SrcBucketKey, VIP_F_ALLOW, VIP_F_DENY, VIP_F_LIST_HALF, VIP_F_SRC_LIMIT,
-    VIP_F_VIP_LIMIT, VipMeta, event, reason, vip_list_tag, vip_src_data,
+    POLICY_F_DENY_HOSTS, POLICY_F_DENY_LIST, SrcBucketKey, VIP_F_ALLOW, VIP_F_DENY,
+    VIP_F_LIST_HALF, VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT, VipMeta, event, reason, vip_list_tag,
+    vip_src_data,
 };
 
 /// Compare-and-swap attempts on a bucket before a flow counts as limited (other CPUs kept
@@ -52,9 +56,21 @@ pub fn policy() -> Policy {
     }
 }
 
-/// `src` (network order) is on the live deny list. Free while the list is empty.
+/// `src` (network order) is on the live deny list: its host entries first (one hash lookup),
+/// then its shorter prefixes (the trie). Each is skipped while it is empty, so an empty list is
+/// free and a list of host entries never walks the trie.
 #[inline(always)]
 pub fn deny_listed(src: u32, policy: &Policy) -> bool {
+    if policy.flags & POLICY_F_DENY_HOSTS != 0 {
+        let host = if policy.deny_live == 0 {
+            DENY_HOSTS0.get_ptr(src).is_some()
+        } else {
+            DENY_HOSTS1.get_ptr(src).is_some()
+        };
+        if host {
+            return true;
+        }
+    }
     if policy.flags & POLICY_F_DENY_LIST == 0 {
         return false;
     }

@@ -2,14 +2,16 @@
 //! default the agent overrides at load time (`EbpfLoader::map_max_entries`).
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    Backend, DEFAULT_EMBRYO_CAPACITY, DEFAULT_FLOW_CAPACITY, DenyData, FLOW_EVENTS_BYTES, FlowKey,
-    FlowValue, LbConfig, MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_DENY_PREFIXES, MAX_VIP_PREFIXES,
-    MAX_VIPS, PolicyState, RING_ENTRIES, SRC_BUCKET_ENTRIES, SrcBucketKey, TrafficCounters,
-    VipAddr, VipDrops, VipKey, VipLimits, VipMeta, VipSrcData, decap_reason, event, reason,
+    Backend, DEFAULT_EMBRYO_CAPACITY, DEFAULT_FLOW_CAPACITY, DenyData, DenyHostKey,
+    FLOW_EVENTS_BYTES, FlowKey, FlowValue, LbConfig, MAX_BACKENDS, MAX_DECAP_ADDRS,
+    MAX_DENY_PREFIXES, MAX_VIP_PREFIXES, MAX_VIPS, PolicyState, RING_ENTRIES, SRC_BUCKET_ENTRIES,
+    SrcBucketKey, TrafficCounters, VipAddr, VipDrops, VipKey, VipLimits, VipMeta, VipSrcData,
+    decap_reason, event, reason,
 };
 
 #[map(name = "VIPS")]
@@ -42,8 +44,17 @@ pub static EMBRYOS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_EMBRYO_CAPACITY, 0);
 
 /// The global deny list, two copies (`PolicyState::deny_live` picks the live one): `xlb deny
-/// load` fills the other, then switches with one update of `POLICY`. LPM tries (the kernel requires
-/// BPF_F_NO_PREALLOC, which aya adds): memory is taken per prefix, not for the capacity.
+/// load` fills the other, then switches with one update of `POLICY`. Each copy is a hash of its
+/// host entries (/32: one lookup, a cache miss or two, where walking a trie of a million
+/// prefixes costs about twenty dependent ones) and an LPM trie of its shorter prefixes.
+/// Both without preallocation (the kernel requires BPF_F_NO_PREALLOC for tries, which aya adds):
+/// memory is taken per entry, not for the capacity; an empty hash costs its buckets.
+#[map(name = "DENY_HOSTS0")]
+pub static DENY_HOSTS0: HashMap<DenyHostKey, u8> =
+    HashMap::with_max_entries(MAX_DENY_PREFIXES, BPF_F_NO_PREALLOC);
+#[map(name = "DENY_HOSTS1")]
+pub static DENY_HOSTS1: HashMap<DenyHostKey, u8> =
+    HashMap::with_max_entries(MAX_DENY_PREFIXES, BPF_F_NO_PREALLOC);
 #[map(name = "DENY0")]
 pub static DENY0: LpmTrie<DenyData, u8> = LpmTrie::with_max_entries(MAX_DENY_PREFIXES, 0);
 #[map(name = "DENY1")]

@@ -478,6 +478,9 @@ pub(crate) struct StatsReport {
     /// Prefixes on the global deny list.
     #[serde(default)]
     pub(crate) deny_list: u64,
+    /// Of them, host entries (/32: the data path's exact-match hash; the rest is in its trie).
+    #[serde(default)]
+    pub(crate) deny_hosts: u64,
     /// Route announcement (`xlb node status`), when the agent runs with `--announce-table`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) node: Option<NodeReport>,
@@ -765,6 +768,7 @@ mod tests {
                     embryonic_capacity: 256,
                     embryonic_entries: 1,
                     deny_list: 2,
+                    deny_hosts: 1,
                     node: None,
                 },
             },

@@ -31,7 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 use xlb::{
-    dataplane::Dataplane,
+    dataplane::{Dataplane, DenyCount},
     model::{
         Forward, Proto,
         net::Ipv4Net,
@@ -176,9 +176,15 @@ pub fn fuzz_balancer() -> Result<Dataplane> {
         ),
         &BTreeSet::new(),
     )?;
-    let deny = nets(&["10.111.9.0/24", "198.51.100.0/24"]);
+    // A prefix (the trie) and host entries (the hash), one of them inside the prefix.
+    let deny = nets(&[
+        "10.111.9.0/24",
+        "198.51.100.0/24",
+        "10.111.9.77/32",
+        "10.111.8.5/32",
+    ]);
     dp.deny_maps()?.fill(1, &deny)?;
-    dp.set_deny_list(1, deny.len())?;
+    dp.set_deny_list(1, DenyCount::of(&deny))?;
     Ok(dp)
 }
 
@@ -306,7 +312,11 @@ impl FrameSource {
         match self.rng.below(8) {
             0 => CLIENT,
             1 => Ipv4Addr::new(10, 111, 0, 128 + self.rng.byte() / 2),
-            2 => Ipv4Addr::new(10, 111, 9, self.rng.byte()),
+            // The deny list's prefix, and a host entry outside it (its hash alone drops it).
+            2 => match self.rng.below(4) {
+                0 => Ipv4Addr::new(10, 111, 8, 5),
+                _ => Ipv4Addr::new(10, 111, 9, self.rng.byte()),
+            },
             3 => Ipv4Addr::new(192, 0, 2, self.rng.byte()),
             4 => Ipv4Addr::new(10, 111, self.rng.byte(), self.rng.byte()),
             _ => Ipv4Addr::from_bits(self.rng.next_u64() as u32),

@@ -150,9 +150,12 @@ fn source_lists(bed: &Testbed) {
 /// `count` prefixes of 198.18.0.0/15 (benchmarking space, not the bed's), one per line.
 fn feed(count: u32, extra: &[&str]) -> String {
     let mut text = String::from("# a deny-list feed\n");
+    // Host entries and shorter prefixes, alternately: the data path keeps them apart (a hash
+    // and a trie).
     for i in 0..count {
         let a = Ipv4Addr::from_bits(Ipv4Addr::new(198, 18, 0, 0).to_bits() + i * 4);
-        let _ = writeln!(text, "{a}/30");
+        let len = if i % 2 == 0 { 30 } else { 32 };
+        let _ = writeln!(text, "{a}/{len}");
     }
     for e in extra {
         let _ = writeln!(text, "{e}");
@@ -187,6 +190,11 @@ fn deny_list(bed: &mut Testbed) {
     xlb(bed, &["deny", "del", &cli]);
     assert!(can_connect(bed));
     bed.ping_lb1().expect("ping to lb1 again");
+    // The same with a shorter prefix (the trie, where the host entry was in the hash).
+    xlb(bed, &["deny", "add", "10.111.0.0/30"]);
+    assert!(!can_connect(bed), "VIP from a source in a denied prefix");
+    xlb(bed, &["deny", "del", "10.111.0.0/30"]);
+    assert!(can_connect(bed));
 
     let dir = bed.dir.path().to_path_buf();
     let with_client = dir.join("deny-a.txt");
@@ -194,6 +202,7 @@ fn deny_list(bed: &mut Testbed) {
     let out = xlb(bed, &["deny", "load", &with_client.to_string_lossy()]);
     assert!(out.contains("loaded 1001 prefixes"), "{out}");
     assert!(!can_connect(bed), "the loaded list holds cli");
+    assert_eq!(stats(bed)["deny_hosts"], 500, "host entries counted apart");
     // A file with one bad line: refused, naming the line, and nothing of it applied.
     let bad = dir.join("deny-bad.txt");
     std::fs::write(

@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
 use xlb::{
-    dataplane::Dataplane,
+    dataplane::{Dataplane, DenyCount},
     model::{
         Forward, Proto, VipSpec,
         net::Ipv4Net,
@@ -158,10 +158,12 @@ fn the_deny_list_drops_every_packet_of_a_listed_source() {
         assert_eq!(send(&dp, ifindex, &syn_from(bad, 3000, 80)), XDP_TX);
         assert_eq!(send(&dp, ifindex, &ack_from(bad, 3000, 80)), XDP_TX);
 
+        // A shorter prefix (the trie) and a host entry (the hash), in half 1.
+        let host = Ipv4Addr::new(10, 111, 0, 3);
         let mut deny = dp.deny_maps().unwrap();
-        let list = nets(&["10.111.0.8/29", "192.0.2.0/24"]);
+        let list = nets(&["10.111.0.8/29", "192.0.2.0/24", "10.111.0.3/32"]);
         deny.fill(1, &list).unwrap();
-        dp.set_deny_list(1, list.len()).unwrap();
+        dp.set_deny_list(1, DenyCount::of(&list)).unwrap();
         let ping_vip =
             inbound(&Ip::to(bad, VIP, 1).packet(&icmp_message(8, 0, [0, 1, 0, 1], b"x")));
         let ssh_lb = inbound(&Ip::to(bad, LB, 6).packet(&tcp(3001, 22, SYN, 0)));
@@ -177,27 +179,58 @@ fn the_deny_list_drops_every_packet_of_a_listed_source() {
             ("TCP to the LB's own address", ssh_lb),
             ("UDP to a VIP", udp_vip),
             ("a VIP address's unknown port", unknown_port),
+            ("a new flow from the listed host", syn_from(host, 3010, 80)),
+            (
+                "the listed host to the LB's own address",
+                inbound(&Ip::to(host, LB, 6).packet(&tcp(3011, 22, SYN, 0))),
+            ),
         ] {
             assert_eq!(send(&dp, ifindex, &frame), XDP_DROP, "{what}");
         }
-        assert_eq!(reason(&dp, "drop_deny_list"), 6);
-        assert_eq!(drops_of(&dp, 80).deny_list, 2, "the two for VIP:80");
+        assert_eq!(reason(&dp, "drop_deny_list"), 8);
+        assert_eq!(drops_of(&dp, 80).deny_list, 3, "the three for VIP:80");
         assert_eq!(drops_of(&dp, 53).deny_list, 1);
         assert_eq!(send(&dp, ifindex, &syn_from(good, 3005, 80)), XDP_TX);
         let ssh_good = inbound(&Ip::to(good, LB, 6).packet(&tcp(3006, 22, SYN, 0)));
         assert_eq!(send(&dp, ifindex, &ssh_good), XDP_PASS);
 
-        // A new list in the other half, switched in one step: the old prefix passes again.
-        let list = nets(&["10.111.0.2/32"]);
+        // `xlb deny del` of the host entry, in the live half: it passes again, the prefix
+        // still drops; then of the prefix.
+        deny.clear(1, &nets(&["10.111.0.3/32"])).unwrap();
+        let left = nets(&["10.111.0.8/29", "192.0.2.0/24"]);
+        dp.set_deny_list(1, DenyCount::of(&left)).unwrap();
+        assert_eq!(send(&dp, ifindex, &syn_from(host, 3012, 80)), XDP_TX);
+        assert_eq!(send(&dp, ifindex, &syn_from(bad, 3013, 80)), XDP_DROP);
+        deny.clear(1, &nets(&["10.111.0.8/29"])).unwrap();
+        let left = nets(&["192.0.2.0/24"]);
+        dp.set_deny_list(1, DenyCount::of(&left)).unwrap();
+        assert_eq!(send(&dp, ifindex, &syn_from(bad, 3014, 80)), XDP_TX);
+        // And of a host entry again with no prefix left: only the hash is looked into.
+        let hosts = nets(&["10.111.0.9/32"]);
+        deny.fill(1, &hosts).unwrap();
+        deny.clear(1, &left).unwrap();
+        dp.set_deny_list(1, DenyCount::of(&hosts)).unwrap();
+        assert_eq!(send(&dp, ifindex, &syn_from(bad, 3015, 80)), XDP_DROP);
+        assert_eq!(send(&dp, ifindex, &syn_from(host, 3016, 80)), XDP_TX);
+
+        // A load: the new list (a host entry and a prefix) fills the inactive pair, which no
+        // packet sees until the switch; then the old half is emptied.
+        let list = nets(&["10.111.0.2/32", "203.0.113.0/24"]);
+        let other_src = Ipv4Addr::new(203, 0, 113, 7);
         deny.fill(0, &list).unwrap();
-        dp.set_deny_list(0, list.len()).unwrap();
-        deny.clear(1, &nets(&["10.111.0.8/29", "192.0.2.0/24"]))
-            .unwrap();
+        assert_eq!(send(&dp, ifindex, &syn_from(good, 3007, 80)), XDP_TX);
+        assert_eq!(send(&dp, ifindex, &syn_from(other_src, 3017, 80)), XDP_TX);
+        assert_eq!(send(&dp, ifindex, &syn_from(bad, 3018, 80)), XDP_DROP);
+        dp.set_deny_list(0, DenyCount::of(&list)).unwrap();
+        deny.clear(1, &hosts).unwrap();
         assert_eq!(send(&dp, ifindex, &ack_from(bad, 3000, 80)), XDP_TX);
-        assert_eq!(send(&dp, ifindex, &syn_from(good, 3007, 80)), XDP_DROP);
+        assert_eq!(send(&dp, ifindex, &syn_from(good, 3019, 80)), XDP_DROP);
+        assert_eq!(send(&dp, ifindex, &syn_from(other_src, 3020, 80)), XDP_DROP);
+        assert!(deny.read(1).unwrap().is_empty(), "the old pair emptied");
+        assert_eq!(deny.read(0).unwrap(), list.iter().copied().collect());
         // An empty list costs no lookup and drops nothing.
         deny.clear(0, &list).unwrap();
-        dp.set_deny_list(1, 0).unwrap();
+        dp.set_deny_list(1, DenyCount::default()).unwrap();
         assert_eq!(send(&dp, ifindex, &syn_from(good, 3008, 80)), XDP_TX);
     });
 }

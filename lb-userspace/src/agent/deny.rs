@@ -15,7 +15,7 @@
 //!   the new one, never a mix), then empties the old half.
 
 use crate::{
-    dataplane::{DataplaneError, DenyMaps},
+    dataplane::{DataplaneError, DenyCount, DenyMaps},
     model::net::{Ipv4Net, ListError, parse_list},
     util::write_atomic,
 };
@@ -76,10 +76,10 @@ impl DenyTables for DenyMaps {
     }
 }
 
-/// Tells the data path which half is live and how many prefixes it holds (and bumps the policy
-/// generation): through the serve loop in the agent.
+/// Tells the data path which half is live and how many entries it holds in each structure (and
+/// bumps the policy generation): through the serve loop in the agent.
 pub(crate) trait Switch {
-    fn switch(&self, live: u32, prefixes: usize) -> Result<(), DenyError>;
+    fn switch(&self, live: u32, count: DenyCount) -> Result<(), DenyError>;
 }
 
 /// The deny list.
@@ -111,6 +111,11 @@ impl DenyList {
 
     pub(crate) fn len(&self) -> usize {
         self.prefixes.len()
+    }
+
+    /// Its host entries and shorter prefixes.
+    pub(crate) fn count(&self) -> DenyCount {
+        DenyCount::of(&self.prefixes)
     }
 
     /// Every prefix, in order.
@@ -240,9 +245,9 @@ impl DenyList {
         next: &BTreeSet<Ipv4Net>,
         switch: &dyn Switch,
     ) -> Result<(), DenyError> {
-        switch.switch(live, next.len())?;
+        switch.switch(live, DenyCount::of(next))?;
         if let Err(e) = save(&self.path, next.iter()) {
-            if let Err(re) = switch.switch(self.live, self.prefixes.len()) {
+            if let Err(re) = switch.switch(self.live, DenyCount::of(&self.prefixes)) {
                 log::error!("switching the deny list back after a failed write: {re}");
             }
             return Err(e);
@@ -335,16 +340,16 @@ pub(crate) mod tests {
     /// Records every switch; fails when told.
     #[derive(Default)]
     pub(crate) struct FakeSwitch {
-        pub(crate) log: RefCell<Vec<(u32, usize)>>,
+        pub(crate) log: RefCell<Vec<(u32, DenyCount)>>,
         pub(crate) fail: bool,
     }
 
     impl Switch for FakeSwitch {
-        fn switch(&self, live: u32, prefixes: usize) -> Result<(), DenyError> {
+        fn switch(&self, live: u32, count: DenyCount) -> Result<(), DenyError> {
             if self.fail {
                 return Err(DenyError::Switch("map update failed".into()));
             }
-            self.log.borrow_mut().push((live, prefixes));
+            self.log.borrow_mut().push((live, count));
             Ok(())
         }
     }
@@ -403,7 +408,7 @@ pub(crate) mod tests {
         drop(h);
         assert_eq!(
             sw.log.borrow().last(),
-            Some(&(1, 1)),
+            Some(&(1, DenyCount { hosts: 0, nets: 1 })),
             "the other half made live"
         );
         assert_eq!(
@@ -411,8 +416,13 @@ pub(crate) mod tests {
             nets(&["203.0.113.0/24"])
         );
         // The next load goes back to half 0.
-        list.load(&nets(&["10.0.0.0/8"]), "f", &sw).unwrap();
-        assert_eq!(sw.log.borrow().last(), Some(&(0, 1)));
+        list.load(&nets(&["10.0.0.0/8", "192.0.2.1/32"]), "f", &sw)
+            .unwrap();
+        assert_eq!(
+            sw.log.borrow().last(),
+            Some(&(0, DenyCount { hosts: 1, nets: 1 })),
+            "host entries and shorter prefixes counted apart"
+        );
     }
 
     #[test]
@@ -451,7 +461,8 @@ pub(crate) mod tests {
             list.add(&nets(&["10.0.0.0/8"]), &sw),
             Err(DenyError::Write { .. })
         ));
-        assert_eq!(*sw.log.borrow(), vec![(0, 1), (0, 0)]);
+        let one = DenyCount { hosts: 0, nets: 1 };
+        assert_eq!(*sw.log.borrow(), vec![(0, one), (0, DenyCount::default())]);
         assert!(h2.lock().unwrap()[0].is_empty());
         assert_eq!(list.len(), 0);
     }

@@ -324,7 +324,7 @@ async fn start(
         initial,
         &startup.down,
     )?;
-    controller.set_deny_count(deny_count);
+    controller.set_deny_count(deny.count());
     log::info!(
         "desired state from {source}: {} VIPs, {} backends",
         controller.state().vip_count(),

@@ -18,6 +18,7 @@ use crate::{
         socket::{Job, serve_connection},
     },
     api::{DenyReport, Request, Response},
+    dataplane::DenyCount,
     sync::{SyncRequest, SyncStatus},
 };
 use lb_common::MAX_DENY_PREFIXES;
@@ -47,7 +48,7 @@ pub(crate) struct SyncLink {
 /// The deny list's thread asks the loop to make a half live (the loop owns the data path).
 pub(crate) struct SwitchRequest {
     live: u32,
-    prefixes: usize,
+    count: DenyCount,
     reply: oneshot::Sender<Result<(), String>>,
 }
 
@@ -74,15 +75,11 @@ impl DenyLink {
 struct LoopSwitch(mpsc::Sender<SwitchRequest>);
 
 impl Switch for LoopSwitch {
-    fn switch(&self, live: u32, prefixes: usize) -> Result<(), DenyError> {
+    fn switch(&self, live: u32, count: DenyCount) -> Result<(), DenyError> {
         let gone = || DenyError::Switch("the agent is shutting down".to_string());
         let (reply, answer) = oneshot::channel();
         self.0
-            .blocking_send(SwitchRequest {
-                live,
-                prefixes,
-                reply,
-            })
+            .blocking_send(SwitchRequest { live, count, reply })
             .map_err(|_| gone())?;
         answer
             .blocking_recv()
@@ -221,7 +218,7 @@ impl<D: DataplaneOps> Server<D> {
                 },
                 Some(req) = next(self.sync.as_mut().map(|s| &mut s.requests)) => self.sync(req),
                 Some(req) = next(self.deny.as_mut().map(|d| &mut d.switches)) => {
-                    let result = self.controller.deny_switch(req.live, req.prefixes);
+                    let result = self.controller.deny_switch(req.live, req.count);
                     let _ = req.reply.send(result.map_err(|e| e.to_string()));
                 }
                 Some(job) = self.jobs.recv() => self.job(job),

@@ -358,7 +358,7 @@ pub(super) fn flow_table_line(stats: &StatsReport) -> String {
     format!(
         "flow table: {} of {} entries in use ({:.1}%){flushed}\n\
          embryonic table: {} of {} entries in use ({:.1}%)\n\
-         deny list: {} prefixes",
+         deny list: {} prefixes ({} of them host entries)",
         stats.flow_entries,
         stats.flow_capacity,
         pct(stats.flow_entries, stats.flow_capacity),
@@ -366,6 +366,7 @@ pub(super) fn flow_table_line(stats: &StatsReport) -> String {
         stats.embryonic_capacity,
         pct(stats.embryonic_entries, stats.embryonic_capacity),
         stats.deny_list,
+        stats.deny_hosts,
     )
 }
 
@@ -615,6 +616,7 @@ pub(super) mod tests {
             embryonic_capacity: 65536,
             embryonic_entries: 3,
             deny_list: 2,
+            deny_hosts: 1,
             node: None,
         };
         let text = stats_text(&stats);
@@ -626,7 +628,7 @@ pub(super) mod tests {
             text.ends_with(
                 "flow table: 12 of 262144 entries in use (0.0%)\n\
                  embryonic table: 3 of 65536 entries in use (0.0%)\n\
-                 deny list: 2 prefixes\n"
+                 deny list: 2 prefixes (1 of them host entries)\n"
             ),
             "{text}"
         );

@@ -1,22 +1,27 @@
-//! The door in the maps: the global deny list (two LPM tries, `DENY0`/`DENY1`, one live), every
+//! The door in the maps: the global deny list (two halves, one live, each a hash of its host
+//! entries, `DENY_HOSTSn`, and an LPM trie of its shorter prefixes, `DENYn`), every
 //! VIP's source allow and deny lists (`VIP_ALLOW`, `VIP_DENY`, each list under its VIP's tag and
 //! one of two halves), the new-flow limits (`VIP_LIMITS`), and the policy generation in `POLICY`
 //! that tells flows their cached source checks are outdated.
 //!
 //! The deny list is changed by another thread than the one that owns the `Dataplane` (a load of
 //! a million prefixes takes seconds): it works on `DenyMaps`, handles of its own to the two
-//! tries, and only the switch (`set_deny_list`, one `POLICY` update) goes through here.
+//! halves, and only the switch (`set_deny_list`, one `POLICY` update) goes through here.
+//!
+//! A /32 goes into the hash, anything shorter into the trie: on the data path a host entry
+//! costs one exact-match lookup where a trie of a million prefixes costs some twenty dependent
+//! cache misses, and the trie is skipped while it is empty (`POLICY_F_DENY_LIST`).
 
 use super::{Dataplane, DataplaneError, InstalledVip, batch, map_err};
 use crate::model::{net::Ipv4Net, policy::SourcePolicy};
 use aya::maps::{
-    IterableMap, MapData,
+    HashMap, IterableMap, MapData,
     lpm_trie::{Key, LpmTrie},
 };
 use lb_common::{
-    DenyData, MAX_DENY_PREFIXES, MAX_VIP_PREFIXES, POLICY_F_DENY_LIST, PolicyState, VIP_F_ALLOW,
-    VIP_F_DENY, VIP_F_LIST_HALF, VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT, VipDrops, VipLimits, VipSrcData,
-    maps, vip_list_tag, vip_src_data,
+    DenyData, DenyHostKey, MAX_DENY_PREFIXES, MAX_VIP_PREFIXES, POLICY_F_DENY_HOSTS,
+    POLICY_F_DENY_LIST, PolicyState, VIP_F_ALLOW, VIP_F_DENY, VIP_F_LIST_HALF, VIP_F_SRC_LIMIT,
+    VIP_F_VIP_LIMIT, VipDrops, VipLimits, VipSrcData, maps, vip_list_tag, vip_src_data,
 };
 use serde::{Deserialize, Serialize};
 use std::{
@@ -29,7 +34,69 @@ use std::{
 const CHUNK: usize = 65_536;
 
 type DenyTrie = LpmTrie<MapData, DenyData, u8>;
+type DenyHash = HashMap<MapData, DenyHostKey, u8>;
 pub(super) type VipTrie = LpmTrie<MapData, VipSrcData, u8>;
+
+/// A prefix the deny list keeps in its hash rather than its trie.
+fn is_host(net: &Ipv4Net) -> bool {
+    net.prefix_len() == 32
+}
+
+/// The hash key of a host entry: the address, network order.
+fn host_key(net: &Ipv4Net) -> DenyHostKey {
+    u32::from_ne_bytes(net.addr().octets())
+}
+
+/// How many entries a deny list has in each structure of its half: host entries in the hash,
+/// shorter prefixes in the trie. The data path looks only into the structures that have some.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyCount {
+    pub hosts: usize,
+    pub nets: usize,
+}
+
+impl DenyCount {
+    /// The count of a list of distinct prefixes.
+    pub fn of<'a>(prefixes: impl IntoIterator<Item = &'a Ipv4Net>) -> Self {
+        prefixes
+            .into_iter()
+            .fold(DenyCount::default(), |c, n| match is_host(n) {
+                true => DenyCount {
+                    hosts: c.hosts + 1,
+                    ..c
+                },
+                false => DenyCount {
+                    nets: c.nets + 1,
+                    ..c
+                },
+            })
+    }
+
+    pub fn total(&self) -> usize {
+        self.hosts + self.nets
+    }
+
+    /// The `POLICY_F_*` bits of a live half with these counts.
+    fn flags(&self) -> u32 {
+        let mut flags = 0;
+        if self.hosts > 0 {
+            flags |= POLICY_F_DENY_HOSTS;
+        }
+        if self.nets > 0 {
+            flags |= POLICY_F_DENY_LIST;
+        }
+        flags
+    }
+}
+
+/// Host entries a taken-over deny list still had in its live trie (written by a build without
+/// the hash): kept there while the old program, which reads only the trie, runs; removed once
+/// this build's program does (`Dataplane::tidy_deny_list`).
+pub(super) struct DenyTidy {
+    hosts: Vec<Ipv4Net>,
+    /// Prefixes the trie holds once they are gone.
+    nets: usize,
+}
 
 /// The LPM key of a deny-list prefix.
 fn deny_key(net: &Ipv4Net) -> Key<DenyData> {
@@ -79,32 +146,45 @@ fn list_keys(
     (keys(&policy.allow_src), keys(&policy.deny_src))
 }
 
-/// Write `keys` into `trie` (a batch per `CHUNK`, or one by one where the kernel has no batch
-/// update for LPM tries).
-fn insert_all<K: aya::Pod>(
-    trie: &mut LpmTrie<MapData, K, u8>,
-    keys: &[Key<K>],
+/// Write `keys` (all with the value 0) into the map `fd`, a batch per `CHUNK`, or one by one
+/// with `one` where the kernel has no batch update for the map's type.
+fn insert_batched<K>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
     name: &'static str,
+    mut one: impl FnMut(&K) -> Result<(), aya::maps::MapError>,
 ) -> Result<(), DataplaneError> {
     let values = vec![0u8; keys.len().min(CHUNK)];
-    let fd = trie
-        .map()
-        .fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| io(name, e))?;
     for chunk in keys.chunks(CHUNK) {
-        match batch::update(fd.as_fd(), chunk, &values[..chunk.len()]) {
+        match batch::update(fd, chunk, &values[..chunk.len()]) {
             Ok(()) => {}
             Err(e) if batch::unsupported(&e) => {
                 for k in chunk {
-                    trie.insert(k, 0, 0).map_err(map_err(name))?;
+                    one(k).map_err(map_err(name))?;
                 }
             }
             Err(e) => return Err(io(name, e)),
         }
     }
     Ok(())
+}
+
+/// A descriptor of our own to `map`, so that its handle can be borrowed mutably meanwhile.
+fn own_fd(map: &MapData, name: &'static str) -> Result<std::os::fd::OwnedFd, DataplaneError> {
+    map.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| io(name, e))
+}
+
+/// Write `keys` into `trie`.
+fn insert_all<K: aya::Pod>(
+    trie: &mut LpmTrie<MapData, K, u8>,
+    keys: &[Key<K>],
+    name: &'static str,
+) -> Result<(), DataplaneError> {
+    let fd = own_fd(trie.map(), name)?;
+    insert_batched(fd.as_fd(), keys, name, |k| trie.insert(k, 0, 0))
 }
 
 /// Delete `keys` from `trie`; keys that are not there are skipped.
@@ -125,47 +205,108 @@ fn io(name: &'static str, source: std::io::Error) -> DataplaneError {
     }
 }
 
+/// Write `keys` into `hash`.
+fn insert_hosts(
+    hash: &mut DenyHash,
+    keys: &[DenyHostKey],
+    name: &'static str,
+) -> Result<(), DataplaneError> {
+    let fd = own_fd(hash.map(), name)?;
+    insert_batched(fd.as_fd(), keys, name, |k| hash.insert(k, 0, 0))
+}
+
 /// Handles of their own to the two halves of the global deny list, for the thread that changes
 /// it. Which half is live is the `Dataplane`'s to say (`set_deny_list`); these only write.
 pub struct DenyMaps {
     tries: [DenyTrie; 2],
+    hosts: [DenyHash; 2],
+}
+
+/// `prefixes` split into the host entries' hash keys and the shorter prefixes' trie keys.
+fn split(prefixes: &[Ipv4Net]) -> (Vec<DenyHostKey>, Vec<Key<DenyData>>) {
+    let (hosts, nets): (Vec<&Ipv4Net>, Vec<&Ipv4Net>) = prefixes.iter().partition(|n| is_host(n));
+    (
+        hosts.into_iter().map(host_key).collect(),
+        nets.into_iter().map(deny_key).collect(),
+    )
 }
 
 impl DenyMaps {
-    /// Write `prefixes` into half `half`.
+    /// Write `prefixes` into half `half`: host entries into its hash, the rest into its trie.
     pub fn fill(&mut self, half: u32, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError> {
-        let keys: Vec<_> = prefixes.iter().map(deny_key).collect();
-        insert_all(
-            &mut self.tries[half as usize & 1],
-            &keys,
-            maps::DENY[half as usize & 1],
-        )
+        let h = half as usize & 1;
+        let (hosts, nets) = split(prefixes);
+        insert_hosts(&mut self.hosts[h], &hosts, maps::DENY_HOSTS[h])?;
+        insert_all(&mut self.tries[h], &nets, maps::DENY[h])
     }
 
-    /// The file descriptor of half `half` (its fdinfo tells the kernel's memory figure).
-    pub fn fd(&self, half: u32) -> std::os::fd::BorrowedFd<'_> {
-        self.tries[half as usize & 1].map().fd().as_fd()
+    /// The file descriptors of half `half`, its hash then its trie (their fdinfo tells the
+    /// kernel's memory figure).
+    pub fn fds(&self, half: u32) -> [std::os::fd::BorrowedFd<'_>; 2] {
+        let h = half as usize & 1;
+        [
+            self.hosts[h].map().fd().as_fd(),
+            self.tries[h].map().fd().as_fd(),
+        ]
     }
 
-    /// The prefixes in half `half`, read back from the trie (one `BPF_MAP_GET_NEXT_KEY` each).
-    pub fn read(&self, half: u32) -> Result<BTreeSet<Ipv4Net>, DataplaneError> {
-        let name = maps::DENY[half as usize & 1];
+    /// The host entries in half `half`'s hash.
+    fn read_hosts(&self, half: u32) -> Result<BTreeSet<Ipv4Net>, DataplaneError> {
+        let h = half as usize & 1;
+        self.hosts[h]
+            .keys()
+            .map(|key| match key {
+                Ok(addr) => Ok(Ipv4Net::host(Ipv4Addr::from(addr.to_ne_bytes()))),
+                Err(e) => Err(map_err(maps::DENY_HOSTS[h])(e)),
+            })
+            .collect()
+    }
+
+    /// The prefixes in half `half`'s trie (host entries only if a build without the hash
+    /// wrote them).
+    fn read_trie(&self, half: u32) -> Result<BTreeSet<Ipv4Net>, DataplaneError> {
+        let h = half as usize & 1;
+        let name = maps::DENY[h];
         let mut nets = BTreeSet::new();
-        for key in self.tries[half as usize & 1].keys() {
+        for key in self.tries[h].keys() {
             let key = key.map_err(map_err(name))?;
             nets.insert(deny_net(&key).ok_or_else(|| corrupt(name))?);
         }
         Ok(nets)
     }
 
-    /// Delete `prefixes` from half `half` (those not there are skipped).
+    /// The prefixes in half `half`, read back from its hash and its trie (one
+    /// `BPF_MAP_GET_NEXT_KEY` each).
+    pub fn read(&self, half: u32) -> Result<BTreeSet<Ipv4Net>, DataplaneError> {
+        let mut all = self.read_hosts(half)?;
+        all.extend(self.read_trie(half)?);
+        Ok(all)
+    }
+
+    /// Delete `prefixes` from half `half` (those not there are skipped): host entries from its
+    /// hash, the rest from its trie.
     pub fn clear(&mut self, half: u32, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError> {
+        let h = half as usize & 1;
+        let (hosts, nets) = split(prefixes);
+        batch::delete_all(self.hosts[h].map().fd().as_fd(), &hosts, CHUNK)
+            .map_err(|e| io(maps::DENY_HOSTS[h], e))?;
+        remove_all(&self.tries[h], &nets, maps::DENY[h])
+    }
+
+    /// Delete `prefixes` from half `half`'s trie, host entries included.
+    fn clear_trie(&mut self, half: u32, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError> {
+        let h = half as usize & 1;
         let keys: Vec<_> = prefixes.iter().map(deny_key).collect();
-        remove_all(
-            &self.tries[half as usize & 1],
-            &keys,
-            maps::DENY[half as usize & 1],
-        )
+        remove_all(&self.tries[h], &keys, maps::DENY[h])
+    }
+
+    /// Empty half `half`, whatever is in it: how many entries it held.
+    fn empty(&mut self, half: u32) -> Result<usize, DataplaneError> {
+        let hosts: Vec<_> = self.read_hosts(half)?.into_iter().collect();
+        let nets: Vec<_> = self.read_trie(half)?.into_iter().collect();
+        self.clear(half, &hosts)?;
+        self.clear_trie(half, &nets)?;
+        Ok(hosts.len() + nets.len())
     }
 }
 
@@ -225,20 +366,22 @@ impl Dataplane {
         let trie = |name: &'static str| -> Result<DenyTrie, DataplaneError> {
             LpmTrie::try_from(self.reopen(name)?).map_err(map_err(name))
         };
+        let hash = |name: &'static str| -> Result<DenyHash, DataplaneError> {
+            HashMap::try_from(self.reopen(name)?).map_err(map_err(name))
+        };
         Ok(DenyMaps {
             tries: [trie(maps::DENY[0])?, trie(maps::DENY[1])?],
+            hosts: [hash(maps::DENY_HOSTS[0])?, hash(maps::DENY_HOSTS[1])?],
         })
     }
 
-    /// Make half `live` of the deny list the live one, holding `prefixes` prefixes (0: the data
-    /// path skips the lookup), and bump the policy generation, in one update of `POLICY`: a
-    /// packet sees the old list or the new one, and every flow is checked again against it.
-    pub fn set_deny_list(&mut self, live: u32, prefixes: usize) -> Result<(), DataplaneError> {
-        let flags = if prefixes > 0 {
-            self.policy_state.flags | POLICY_F_DENY_LIST
-        } else {
-            self.policy_state.flags & !POLICY_F_DENY_LIST
-        };
+    /// Make half `live` of the deny list the live one, holding `count` entries (the data path
+    /// looks only into the structures that have some), and bump the policy generation, in one
+    /// update of `POLICY`: a packet sees the old list or the new one, and every flow is
+    /// checked again against it.
+    pub fn set_deny_list(&mut self, live: u32, count: DenyCount) -> Result<(), DataplaneError> {
+        let flags =
+            (self.policy_state.flags & !(POLICY_F_DENY_LIST | POLICY_F_DENY_HOSTS)) | count.flags();
         self.write_policy(PolicyState {
             flags,
             deny_live: live & 1,
@@ -383,7 +526,7 @@ impl Dataplane {
             });
         }
         self.deny_maps()?.fill(0, prefixes)?;
-        self.set_deny_list(0, prefixes.len())
+        self.set_deny_list(0, DenyCount::of(prefixes))
     }
 }
 
@@ -404,6 +547,10 @@ impl Dataplane {
     /// list) by difference, in place — prefixes added first, then the ones no longer listed
     /// removed, so the list is never empty meanwhile and what stays listed is never let in —
     /// and empty the other half of what a load that never switched left there.
+    ///
+    /// Host entries the live trie holds (a build without the hash wrote them) are added to the
+    /// hash and stay in the trie, which is all the running program reads, until this build's
+    /// program runs (`tidy_deny_list`).
     pub(super) fn reconcile_deny_list(
         &mut self,
         prefixes: &[Ipv4Net],
@@ -415,24 +562,69 @@ impl Dataplane {
             });
         }
         let live = self.policy_state.deny_live & 1;
-        let mut tries = self.deny_maps()?;
-        let have = tries.read(live)?;
+        let mut halves = self.deny_maps()?;
+        let have_hosts = halves.read_hosts(live)?;
+        let have_trie = halves.read_trie(live)?;
         let want: BTreeSet<Ipv4Net> = prefixes.iter().copied().collect();
-        let add: Vec<Ipv4Net> = want.difference(&have).copied().collect();
-        let remove: Vec<Ipv4Net> = have.difference(&want).copied().collect();
-        tries.fill(live, &add)?;
-        tries.clear(live, &remove)?;
-        let other: Vec<Ipv4Net> = tries.read(live ^ 1)?.into_iter().collect();
-        tries.clear(live ^ 1, &other)?;
-        let flagged = self.policy_state.flags & POLICY_F_DENY_LIST != 0;
-        if !add.is_empty() || !remove.is_empty() || flagged == want.is_empty() {
-            self.set_deny_list(live, want.len())?;
+        // Where each wanted prefix belongs, and what is there already.
+        let add: Vec<Ipv4Net> = want
+            .iter()
+            .filter(|n| match is_host(n) {
+                true => !have_hosts.contains(n),
+                false => !have_trie.contains(n),
+            })
+            .copied()
+            .collect();
+        let remove_hosts: Vec<Ipv4Net> = have_hosts.difference(&want).copied().collect();
+        let remove_trie: Vec<Ipv4Net> = have_trie.difference(&want).copied().collect();
+        halves.fill(live, &add)?;
+        halves.clear(live, &remove_hosts)?;
+        halves.clear_trie(live, &remove_trie)?;
+        let leftover = halves.empty(live ^ 1)?;
+        let legacy: Vec<Ipv4Net> = have_trie
+            .iter()
+            .filter(|n| is_host(n) && want.contains(n))
+            .copied()
+            .collect();
+        let wanted = DenyCount::of(&want);
+        // The trie as it is now: the wanted prefixes, and the host entries it keeps for now.
+        let count = DenyCount {
+            nets: wanted.nets + legacy.len(),
+            ..wanted
+        };
+        self.deny_tidy = (!legacy.is_empty()).then_some(DenyTidy {
+            hosts: legacy,
+            nets: wanted.nets,
+        });
+        let removed = remove_hosts.len() + remove_trie.len();
+        let flags = self.policy_state.flags & (POLICY_F_DENY_LIST | POLICY_F_DENY_HOSTS);
+        if !add.is_empty() || removed > 0 || flags != count.flags() {
+            self.set_deny_list(live, count)?;
         }
         Ok(DenyReconcile {
             added: add.len(),
-            removed: remove.len(),
-            leftover: other.len(),
+            removed,
+            leftover,
         })
+    }
+
+    /// Once this build's program serves: remove from the live trie the host entries a build
+    /// without the hash had put there (`reconcile_deny_list` put them in the hash as well), and
+    /// stop walking the trie if nothing else is in it. The list's contents do not change, so
+    /// flows keep their checks. How many were moved.
+    pub(super) fn tidy_deny_list(&mut self) -> Result<usize, DataplaneError> {
+        let Some(tidy) = self.deny_tidy.take() else {
+            return Ok(0);
+        };
+        let live = self.policy_state.deny_live & 1;
+        self.deny_maps()?.clear_trie(live, &tidy.hosts)?;
+        if tidy.nets == 0 {
+            self.write_policy(PolicyState {
+                flags: self.policy_state.flags & !POLICY_F_DENY_LIST,
+                ..self.policy_state
+            })?;
+        }
+        Ok(tidy.hosts.len())
     }
 
     /// Every source list in `VIP_ALLOW` and `VIP_DENY`, by list tag (taking over: which VIP has

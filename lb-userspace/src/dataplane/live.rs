@@ -515,9 +515,19 @@ impl Dataplane {
                     })?;
             }
         }
-        if !p.pending.is_empty() {
+        // The old program may still be running on another CPU for a moment: what it reads is
+        // changed only after the grace.
+        if !p.pending.is_empty() || self.deny_tidy.is_some() {
             std::thread::sleep(SWAP_GRACE);
+        }
+        if !p.pending.is_empty() {
             self.finish_copies(p)?;
+        }
+        // Only this program reads the deny list's hash: the host entries an older build had
+        // kept in the trie leave it now.
+        let moved = self.tidy_deny_list()?;
+        if moved > 0 {
+            log::info!("deny list: {moved} host entries moved from the trie to the hash");
         }
         for f in plan::obsolete(&p.plans, &p.found) {
             match fs::remove_file(&f.path) {

@@ -26,7 +26,7 @@ pub mod vips;
 
 pub use adopt::DownBackend;
 pub use attach::{AttachedMode, UnknownXdpMode, XdpModeChoice};
-pub use firewall::{DenyMaps, VipDropCounts};
+pub use firewall::{DenyCount, DenyMaps, VipDropCounts};
 pub use flows::{ACTIVE_FLOW_WINDOW, FlowCounts, FlowTable, InstallReport, monotonic_ns};
 pub use live::{Startup, remove_data_path};
 pub use meta::{announced_routes, record_routes};
@@ -213,6 +213,8 @@ pub struct Dataplane {
     vip_limits: Array<MapData, VipLimits>,
     vip_buckets: Array<MapData, u64>,
     vip_drops: PerCpuArray<MapData, VipDrops>,
+    /// Host entries to move out of the live deny-list trie once this program serves.
+    deny_tidy: Option<firewall::DenyTidy>,
     embryo_capacity: u32,
     /// Forwards the XDP program's debug events (aya-log) to this process's log.
     log_pump: Option<tokio::task::JoinHandle<()>>,
@@ -409,6 +411,7 @@ impl Dataplane {
             vip_limits: take_map(&mut ebpf, maps::VIP_LIMITS)?,
             vip_buckets: take_map(&mut ebpf, maps::VIP_BUCKETS)?,
             vip_drops: take_map(&mut ebpf, maps::VIP_DROPS)?,
+            deny_tidy: None,
             embryo_capacity,
             log_pump: None,
             ebpf,

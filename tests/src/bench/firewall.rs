@@ -12,7 +12,7 @@ use crate::{
 use anyhow::{Result, bail};
 use std::{collections::BTreeSet, net::Ipv4Addr, os::fd::AsRawFd, time::Instant};
 use xlb::{
-    dataplane::Dataplane,
+    dataplane::{Dataplane, DenyCount},
     model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec, net::Ipv4Net, policy::SourcePolicy},
 };
 
@@ -21,7 +21,7 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const PORT: u16 = 80;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 2);
-/// A source on the deny list.
+/// A source on the deny list, in its /17 (the trie, after a miss in the hash).
 const DENIED: Ipv4Addr = Ipv4Addr::new(10, 111, 128, 7);
 pub const DENY_PREFIXES: u32 = 1_000_000;
 pub const ALLOW_PREFIXES: u32 = 10_000;
@@ -145,10 +145,17 @@ pub fn rows(p: (usize, u32, usize, usize)) -> Result<(Vec<Row>, String)> {
     let slab_before = slab_kb();
     let t = Instant::now();
     maps.fill(1, &deny)?;
-    dp.set_deny_list(1, deny.len())?;
+    dp.set_deny_list(1, DenyCount::of(&deny))?;
     let fill_s = t.elapsed().as_secs_f64();
     let slab_after = slab_kb();
-    let memlock_mb = memlock(maps.fd(1).as_raw_fd()).map(|b| b as f64 / 1e6);
+    let memlock_mb = maps
+        .fds(1)
+        .iter()
+        .map(|fd| memlock(fd.as_raw_fd()))
+        .sum::<Option<u64>>()
+        .map(|b| b as f64 / 1e6);
+    // A source that is one of the list's host entries (the hash).
+    let denied_host = tcp_frame(deny[0].addr(), VIP, 1000, PORT, SYN, 0);
     let allow = allow_prefixes(ALLOW_PREFIXES);
     let t = Instant::now();
     dp.apply_vip(
@@ -188,6 +195,15 @@ pub fn rows(p: (usize, u32, usize, usize)) -> Result<(Vec<Row>, String)> {
     )?;
     let pass_lists = repeated(prog, ifindex, &pass, XDP_PASS, runs, repeat, "pass, lists")?;
     let drop_lists = repeated(prog, ifindex, &denied, XDP_DROP, runs, repeat, "denied")?;
+    let drop_host = repeated(
+        prog,
+        ifindex,
+        &denied_host,
+        XDP_DROP,
+        runs,
+        repeat,
+        "denied host",
+    )?;
     if dp.stats()?.reasons["drop_deny_list"] == 0 {
         bail!("the denied SYNs were not counted as drop_deny_list");
     }
@@ -196,7 +212,7 @@ pub fn rows(p: (usize, u32, usize, usize)) -> Result<(Vec<Row>, String)> {
     let t = Instant::now();
     maps.clear(1, &deny)?;
     let clear_s = t.elapsed().as_secs_f64();
-    dp.set_deny_list(0, 0)?;
+    dp.set_deny_list(0, DenyCount::default())?;
 
     let base = Spread::of(&est_plain);
     let with = Spread::of(&est_lists);
@@ -223,9 +239,12 @@ pub fn rows(p: (usize, u32, usize, usize)) -> Result<(Vec<Row>, String)> {
         Row::new(s, "non-VIP packet (XDP_PASS), empty deny list", "ns/pkt", Spread::of(&pass_plain)),
         Row::new(s, format!("non-VIP packet (XDP_PASS), {DENY_PREFIXES} deny prefixes"), "ns/pkt", Spread::of(&pass_lists))
             .vs("empty list", &Spread::of(&pass_plain)),
-        Row::new(s, format!("denied SYN to the VIP (XDP_DROP), {DENY_PREFIXES} deny prefixes"), "ns/pkt", Spread::of(&drop_lists)),
+        Row::new(s, format!("denied SYN to the VIP (XDP_DROP), {DENY_PREFIXES} deny prefixes, source in the /17"), "ns/pkt", Spread::of(&drop_lists))
+            .note("a miss in the host-entry hash, then the trie (one prefix)"),
+        Row::new(s, format!("denied SYN to the VIP (XDP_DROP), {DENY_PREFIXES} deny prefixes, source a listed /32"), "ns/pkt", Spread::of(&drop_host))
+            .note("a hit in the host-entry hash"),
         Row::new(c, format!("deny list: {DENY_PREFIXES} prefixes into the inactive half (batches) + switch"), "s", Spread::of(&[fill_s]))
-            .note(format!("kernel memory: memlock {mem}, slab grew by {slab} (the machine is shared: slab is noisy)")),
+            .note(format!("kernel memory: memlock {mem} (hash + trie), slab grew by {slab} (the machine is shared: slab is noisy)")),
         Row::new(c, format!("deny list: {DENY_PREFIXES} prefixes out of the old half (batches)"), "s", Spread::of(&[clear_s])),
         Row::new(c, format!("VIP with {ALLOW_PREFIXES} allow prefixes applied (apply_vip)"), "ms", Spread::of(&[allow_ms])),
     ];

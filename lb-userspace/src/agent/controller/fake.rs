@@ -2,7 +2,9 @@
 
 use super::DataplaneOps;
 use crate::{
-    dataplane::{BackendStats, Counters, DataplaneStats, FlowCounts, InstallReport, VipStats},
+    dataplane::{
+        BackendStats, Counters, DataplaneStats, DenyCount, FlowCounts, InstallReport, VipStats,
+    },
     model::{ServiceKey, VipSpec},
 };
 use lb_common::FlowEvent;
@@ -28,7 +30,7 @@ pub(crate) struct FakeDataplane {
     /// Every `set_vip_debug` call, in order.
     pub(crate) debug_log: Vec<(ServiceKey, bool)>,
     /// Every `set_deny_list` call, in order.
-    pub(crate) deny_log: Vec<(u32, usize)>,
+    pub(crate) deny_log: Vec<(u32, DenyCount)>,
     /// The balancer is not attached (`attached()` is false).
     pub(crate) detached: bool,
 }
@@ -149,8 +151,8 @@ impl DataplaneOps for FakeDataplane {
         self.debug_log.push((*key, on));
         Ok(())
     }
-    fn set_deny_list(&mut self, live: u32, prefixes: usize) -> Result<(), FakeError> {
-        self.deny_log.push((live, prefixes));
+    fn set_deny_list(&mut self, live: u32, count: DenyCount) -> Result<(), FakeError> {
+        self.deny_log.push((live, count));
         Ok(())
     }
     fn attached(&self) -> bool {

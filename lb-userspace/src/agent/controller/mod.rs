@@ -27,7 +27,7 @@ use crate::{
         state::{self, DesiredState, StateError},
     },
     api::{Request, Response, StatsReport, VipReport, VipSummary},
-    dataplane::{Dataplane, DataplaneError, DataplaneStats, FlowCounts, InstallReport},
+    dataplane::{Dataplane, DataplaneError, DataplaneStats, DenyCount, FlowCounts, InstallReport},
     model::{
         Forward, ServiceKey, VipConfig, VipSpec,
         check::{CheckKind, CheckPatch},
@@ -56,9 +56,9 @@ pub(crate) trait DataplaneOps {
     fn set_vip_debug(&mut self, key: &ServiceKey, on: bool) -> Result<(), Self::Error>;
     /// The VIPs in the data path now (those of a running data path that was taken over).
     fn installed_vips(&self) -> Vec<ServiceKey>;
-    /// Make half `live` of the deny list live, holding `prefixes` prefixes, and bump the policy
+    /// Make half `live` of the deny list live, holding `count` entries, and bump the policy
     /// generation (one update).
-    fn set_deny_list(&mut self, live: u32, prefixes: usize) -> Result<(), Self::Error>;
+    fn set_deny_list(&mut self, live: u32, count: DenyCount) -> Result<(), Self::Error>;
     /// Whether the balancer is attached to its interface (steering traffic).
     fn attached(&self) -> bool;
 }
@@ -90,8 +90,8 @@ impl DataplaneOps for Dataplane {
     fn installed_vips(&self) -> Vec<ServiceKey> {
         Dataplane::installed_vips(self)
     }
-    fn set_deny_list(&mut self, live: u32, prefixes: usize) -> Result<(), DataplaneError> {
-        Dataplane::set_deny_list(self, live, prefixes)
+    fn set_deny_list(&mut self, live: u32, count: DenyCount) -> Result<(), DataplaneError> {
+        Dataplane::set_deny_list(self, live, count)
     }
     fn attached(&self) -> bool {
         self.mode().is_some()
@@ -138,8 +138,8 @@ pub(crate) struct Controller<D> {
     flows: Arc<FlowCounts>,
     /// Flows deleted by `xlb flows flush` so far (counted by `agent::flow_query`).
     flows_flushed: u64,
-    /// Prefixes on the live deny list (`deny_switch`).
-    deny_prefixes: u64,
+    /// Entries on the live deny list (`deny_switch`).
+    deny_count: DenyCount,
 }
 
 impl<D: DataplaneOps> Controller<D> {
@@ -163,7 +163,7 @@ impl<D: DataplaneOps> Controller<D> {
             retry: BTreeSet::new(),
             flows: Arc::default(),
             flows_flushed: 0,
-            deny_prefixes: 0,
+            deny_count: DenyCount::default(),
         };
         // The book knows the backends before the first apply, so role-checked ones are pending
         // (no new flows) from the start; every other backend starts up.
@@ -648,23 +648,23 @@ impl<D: DataplaneOps> Controller<D> {
         self.flows_flushed = flushed;
     }
 
-    /// Make half `live` of the deny list live with `prefixes` prefixes (for the deny list's
+    /// Make half `live` of the deny list live with `count` entries (for the deny list's
     /// thread, through the serve loop); reports show the count from then on.
     pub(crate) fn deny_switch(
         &mut self,
         live: u32,
-        prefixes: usize,
+        count: DenyCount,
     ) -> Result<(), ControllerError> {
         self.dp
-            .set_deny_list(live, prefixes)
+            .set_deny_list(live, count)
             .map_err(|e| ControllerError::DenySwitch { source: e.into() })?;
-        self.deny_prefixes = prefixes as u64;
+        self.deny_count = count;
         Ok(())
     }
 
-    /// The deny list installed at start holds `prefixes` prefixes.
-    pub(crate) fn set_deny_count(&mut self, prefixes: usize) {
-        self.deny_prefixes = prefixes as u64;
+    /// The deny list installed at start holds `count` entries.
+    pub(crate) fn set_deny_count(&mut self, count: DenyCount) {
+        self.deny_count = count;
     }
 
     pub(crate) fn backend_list(&self, key: &ServiceKey) -> Result<VipReport, ControllerError> {
@@ -688,7 +688,8 @@ impl<D: DataplaneOps> Controller<D> {
             flows_flushed: self.flows_flushed,
             embryonic_capacity: stats.embryo_capacity,
             embryonic_entries: self.flows.embryos,
-            deny_list: self.deny_prefixes,
+            deny_list: self.deny_count.total() as u64,
+            deny_hosts: self.deny_count.hosts as u64,
             node: None,
         })
     }

@@ -335,7 +335,7 @@ fn render_datapath(f: &Families, stats: &StatsReport) -> Result<(), MetricsError
 
 /// The embryonic table's size and fill, and the deny list's length.
 fn render_door(f: &Families, stats: &StatsReport) -> Result<(), MetricsError> {
-    let gauges: [(&'static str, &str, i64); 3] = [
+    let gauges: [(&'static str, &str, i64); 4] = [
         (
             "xlb_embryonic_table_capacity",
             "Entries of the embryonic table, where new TCP flows wait for their first packet \
@@ -352,6 +352,12 @@ fn render_door(f: &Families, stats: &StatsReport) -> Result<(), MetricsError> {
             "xlb_deny_list_prefixes",
             "Prefixes on the global deny list (xlb deny).",
             i64_of(stats.deny_list),
+        ),
+        (
+            "xlb_deny_list_host_entries",
+            "Of the deny list's prefixes, host entries (/32), which the data path finds with one \
+             exact-match lookup; the shorter ones are in its LPM trie.",
+            i64_of(stats.deny_hosts),
         ),
     ];
     for (name, help, value) in gauges {
@@ -557,6 +563,7 @@ pub(super) mod tests {
             embryonic_capacity: 65536,
             embryonic_entries: 5,
             deny_list: 3,
+            deny_hosts: 1,
             node: Some(NodeReport {
                 table: 100,
                 proto: 120,
