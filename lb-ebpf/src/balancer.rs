@@ -195,7 +195,18 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     // packet's time in the profile.
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let policy = firewall::policy();
+    let mut policy = firewall::policy();
+    // A SYN opens a flow (or repeats the opening of one): its source is checked whatever the
+    // flow tables say, so it is checked against the deny list first. A flood from denied
+    // sources is then dropped after one lookup in the list, not after two misses in the flow
+    // tables (random keys: cache misses each) as well; packets of established flows still skip
+    // the list while their cached checks hold.
+    if pkt.flow.proto == IPPROTO_TCP && !pkt.midflow && !pkt.icmp_error {
+        match firewall::check_deny_list(pkt.flow.src_addr, &pkt.vip, &policy) {
+            Ok(checked) => policy = checked,
+            Err(why) => return Verdict::drop(why),
+        }
+    }
     let mut how = debug::STEER_EXISTING;
     let chosen = match existing_flow(&FLOWS, pkt.flow, pkt.vip.id, Some(now)) {
         Lookup::Hit(id, addr, value) => recheck(pkt, &policy, value).map(|()| (id, addr)),

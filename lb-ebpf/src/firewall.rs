@@ -39,6 +39,29 @@ pub struct Policy {
     flags: u32,
 }
 
+impl Policy {
+    /// This policy for the rest of one packet's checks, once its deny list was looked into.
+    #[inline(always)]
+    fn deny_list_checked(self) -> Policy {
+        Policy {
+            flags: self.flags & !(POLICY_F_DENY_HOSTS | POLICY_F_DENY_LIST),
+            ..self
+        }
+    }
+}
+
+/// The deny list alone, for a packet of `vip` from `src` (network order), before its flow is
+/// looked up: the policy for the packet's other checks, which need not look at the deny list
+/// again, or the drop reason, already counted for the VIP.
+#[inline(always)]
+pub fn check_deny_list(src: u32, vip: &VipMeta, policy: &Policy) -> Result<Policy, u32> {
+    if deny_listed(src, policy) {
+        stats::count_vip_drop(vip.id, reason::DROP_DENY_LIST);
+        return Err(reason::DROP_DENY_LIST);
+    }
+    Ok(policy.deny_list_checked())
+}
+
 /// The current policy (one array lookup).
 #[inline(always)]
 pub fn policy() -> Policy {
