@@ -13,8 +13,8 @@
 
 use crate::{
     maps::{
-        DENY_HOSTS0, DENY_HOSTS1, DENY0, DENY1, POLICY, SRC_BUCKETS, VIP_ALLOW, VIP_BUCKETS,
-        VIP_DENY, VIP_LIMITS,
+        DENY_HOST_NETS0, DENY_HOST_NETS1, DENY_HOSTS0, DENY_HOSTS1, DENY0, DENY1, POLICY,
+        SRC_BUCKETS, VIP_ALLOW, VIP_BUCKETS, VIP_DENY, VIP_LIMITS,
     },
     stats,
 };
@@ -22,8 +22,8 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie:
 use core::arch::asm;
 use lb_common::{
     POLICY_F_DENY_HOSTS, POLICY_F_DENY_LIST, SrcBucketKey, VIP_F_ALLOW, VIP_F_DENY,
-    VIP_F_LIST_HALF, VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT, VipMeta, event, reason, vip_list_tag,
-    vip_src_data,
+    VIP_F_LIST_HALF, VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT, VipMeta, deny_host_net_bit, event, reason,
+    vip_list_tag, vip_src_data,
 };
 
 /// Compare-and-swap attempts on a bucket before a flow counts as limited (other CPUs kept
@@ -79,20 +79,14 @@ pub fn policy() -> Policy {
     }
 }
 
-/// `src` (network order) is on the live deny list: its host entries first (one hash lookup),
-/// then its shorter prefixes (the trie). Each is skipped while it is empty, so an empty list is
-/// free and a list of host entries never walks the trie.
+/// `src` (network order) is on the live deny list: its host entries first (the /24 bitmap, then
+/// one hash lookup only if the source's /24 holds a listed host), then its shorter prefixes (the
+/// trie). Each is skipped while it is empty, so an empty list is free and a list of host
+/// entries never walks the trie.
 #[inline(always)]
 pub fn deny_listed(src: u32, policy: &Policy) -> bool {
-    if policy.flags & POLICY_F_DENY_HOSTS != 0 {
-        let host = if policy.deny_live == 0 {
-            DENY_HOSTS0.get_ptr(src).is_some()
-        } else {
-            DENY_HOSTS1.get_ptr(src).is_some()
-        };
-        if host {
-            return true;
-        }
+    if policy.flags & POLICY_F_DENY_HOSTS != 0 && host_listed(src, policy.deny_live) {
+        return true;
     }
     if policy.flags & POLICY_F_DENY_LIST == 0 {
         return false;
@@ -102,6 +96,31 @@ pub fn deny_listed(src: u32, policy: &Policy) -> bool {
         DENY0.get(&key).is_some()
     } else {
         DENY1.get(&key).is_some()
+    }
+}
+
+/// `src` (network order) is one of half `live`'s host entries. The agent sets a /24's bit before
+/// it inserts the /24's first host and clears it only after removing its last, so a clear bit
+/// proves the hash has no entry for `src` and the hash lookup is skipped.
+#[inline(always)]
+fn host_listed(src: u32, live: u32) -> bool {
+    let (word, bit) = deny_host_net_bit(u32::from_be(src));
+    let nets = if live == 0 {
+        DENY_HOST_NETS0.get(word)
+    } else {
+        DENY_HOST_NETS1.get(word)
+    };
+    // A missing word cannot happen (the index is below 2^18, the array's size); looking into
+    // the hash then is the safe side.
+    if let Some(w) = nets
+        && *w & (1 << bit) == 0
+    {
+        return false;
+    }
+    if live == 0 {
+        DENY_HOSTS0.get_ptr(src).is_some()
+    } else {
+        DENY_HOSTS1.get_ptr(src).is_some()
     }
 }
 

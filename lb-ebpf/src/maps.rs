@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    Backend, DEFAULT_EMBRYO_CAPACITY, DEFAULT_FLOW_CAPACITY, DenyData, DenyHostKey,
-    FLOW_EVENTS_BYTES, FlowKey, FlowValue, LbConfig, MAX_BACKENDS, MAX_DECAP_ADDRS,
+    Backend, DEFAULT_EMBRYO_CAPACITY, DEFAULT_FLOW_CAPACITY, DENY_HOST_NET_WORDS, DenyData,
+    DenyHostKey, FLOW_EVENTS_BYTES, FlowKey, FlowValue, LbConfig, MAX_BACKENDS, MAX_DECAP_ADDRS,
     MAX_DENY_PREFIXES, MAX_VIP_PREFIXES, MAX_VIPS, PolicyState, RING_ENTRIES, SRC_BUCKET_ENTRIES,
     SrcBucketKey, TrafficCounters, VipAddr, VipDrops, VipKey, VipLimits, VipMeta, VipSrcData,
     decap_reason, event, reason,
@@ -55,6 +55,13 @@ pub static DENY_HOSTS0: HashMap<DenyHostKey, u8> =
 #[map(name = "DENY_HOSTS1")]
 pub static DENY_HOSTS1: HashMap<DenyHostKey, u8> =
     HashMap::with_max_entries(MAX_DENY_PREFIXES, BPF_F_NO_PREALLOC);
+/// The prefilter of each half's host hash: one bit per /24 with at least one host entry
+/// (`lb_common::DENY_HOST_NET_WORDS`, `deny_host_net_bit`; words in host order). 2 MiB each,
+/// preallocated (an array): a source whose /24 holds no listed host never reaches the hash.
+#[map(name = "DENY_HOST_NETS0")]
+pub static DENY_HOST_NETS0: Array<u64> = Array::with_max_entries(DENY_HOST_NET_WORDS, 0);
+#[map(name = "DENY_HOST_NETS1")]
+pub static DENY_HOST_NETS1: Array<u64> = Array::with_max_entries(DENY_HOST_NET_WORDS, 0);
 #[map(name = "DENY0")]
 pub static DENY0: LpmTrie<DenyData, u8> = LpmTrie::with_max_entries(MAX_DENY_PREFIXES, 0);
 #[map(name = "DENY1")]

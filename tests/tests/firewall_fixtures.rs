@@ -235,6 +235,80 @@ fn the_deny_list_drops_every_packet_of_a_listed_source() {
     });
 }
 
+/// The /24 bitmap in front of the host hash: a listed host is dropped, an unlisted address of
+/// the same /24 passes (the bit is set, the hash misses), the bit stays while one host of its /24
+/// remains and goes with the last; a load's bits are set in the inactive half only; a second
+/// set of handles (an agent taking over) counts the hosts again from the hash.
+#[test]
+fn the_host_bitmap_follows_the_hosts_of_each_slash_24() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let (a, b) = (Ipv4Addr::new(10, 111, 0, 3), Ipv4Addr::new(10, 111, 0, 4));
+        let neighbour = Ipv4Addr::new(10, 111, 0, 5);
+        let keep = Ipv4Addr::new(10, 111, 9, 9);
+        let mut deny = dp.deny_maps().unwrap();
+        let list = nets(&["10.111.0.3/32", "10.111.0.4/32", "10.111.9.9/32"]);
+        deny.fill(1, &list).unwrap();
+        dp.set_deny_list(1, DenyCount::of(&list)).unwrap();
+        assert_eq!(deny.host_nets(1), 2);
+        assert!(deny.host_net_listed(1, neighbour).unwrap());
+        assert!(
+            !deny.host_net_listed(0, neighbour).unwrap(),
+            "half 0 untouched"
+        );
+        assert_eq!(send(&dp, ifindex, &syn_from(a, 4000, 80)), XDP_DROP);
+        assert_eq!(send(&dp, ifindex, &syn_from(b, 4001, 80)), XDP_DROP);
+        assert_eq!(
+            send(&dp, ifindex, &syn_from(neighbour, 4002, 80)),
+            XDP_TX,
+            "same /24, not listed: the bit is set, the hash misses"
+        );
+
+        // Removing one of the /24's two hosts leaves its bit; the other is still dropped.
+        deny.clear(1, &nets(&["10.111.0.3/32"])).unwrap();
+        let left = nets(&["10.111.0.4/32", "10.111.9.9/32"]);
+        dp.set_deny_list(1, DenyCount::of(&left)).unwrap();
+        assert!(deny.host_net_listed(1, a).unwrap());
+        assert_eq!(send(&dp, ifindex, &syn_from(a, 4003, 80)), XDP_TX);
+        assert_eq!(send(&dp, ifindex, &syn_from(b, 4004, 80)), XDP_DROP);
+
+        // Handles opened afresh count the hosts from the hash: the last host's removal
+        // through them clears the bit.
+        drop(deny);
+        let mut deny = dp.deny_maps().unwrap();
+        assert_eq!(deny.host_nets(1), 2);
+        deny.clear(1, &nets(&["10.111.0.4/32"])).unwrap();
+        let left = nets(&["10.111.9.9/32"]);
+        dp.set_deny_list(1, DenyCount::of(&left)).unwrap();
+        assert!(
+            !deny.host_net_listed(1, b).unwrap(),
+            "the /24's last host gone"
+        );
+        assert!(deny.host_net_listed(1, keep).unwrap());
+        assert_eq!(deny.host_nets(1), 1);
+        assert_eq!(send(&dp, ifindex, &syn_from(b, 4005, 80)), XDP_TX);
+        assert_eq!(send(&dp, ifindex, &syn_from(keep, 4006, 80)), XDP_DROP);
+
+        // A load into half 0: its bits and hosts are not seen before the switch.
+        let load = nets(&["10.111.0.5/32"]);
+        deny.fill(0, &load).unwrap();
+        assert!(deny.host_net_listed(0, neighbour).unwrap());
+        assert!(!deny.host_net_listed(1, neighbour).unwrap());
+        assert_eq!(send(&dp, ifindex, &syn_from(neighbour, 4007, 80)), XDP_TX);
+        dp.set_deny_list(0, DenyCount::of(&load)).unwrap();
+        deny.clear(1, &left).unwrap();
+        assert_eq!(deny.host_nets(1), 0);
+        assert!(
+            !deny.host_net_listed(1, keep).unwrap(),
+            "the old half's bits cleared"
+        );
+        assert_eq!(send(&dp, ifindex, &syn_from(neighbour, 4008, 80)), XDP_DROP);
+        assert_eq!(send(&dp, ifindex, &syn_from(keep, 4009, 80)), XDP_TX);
+        deny.clear(0, &load).unwrap();
+        dp.set_deny_list(1, DenyCount::default()).unwrap();
+    });
+}
+
 /// Issue 13's exact count: rate 10/s, burst 20, 100 SYNs from one source in one burst → exactly
 /// 20 pass. Packets of admitted flows are never limited; other sources have buckets of their own.
 #[test]

@@ -11,17 +11,24 @@
 //! A /32 goes into the hash, anything shorter into the trie: on the data path a host entry
 //! costs one exact-match lookup where a trie of a million prefixes costs some twenty dependent
 //! cache misses, and the trie is skipped while it is empty (`POLICY_F_DENY_LIST`).
+//!
+//! In front of each hash sits a bitmap with one bit per /24 (`DENY_HOST_NETSn`, 2 MiB): the data
+//! path reads the hash only for a source whose /24 holds a listed host. `DenyMaps` counts the
+//! host entries per /24 of each half (rebuilt from the hashes whenever it is opened) and keeps
+//! the bits in step: set before the /24's first host is inserted, cleared after its last one is
+//! removed, so a packet never misses a listed host.
 
 use super::{Dataplane, DataplaneError, InstalledVip, batch, map_err};
 use crate::model::{net::Ipv4Net, policy::SourcePolicy};
 use aya::maps::{
-    HashMap, IterableMap, MapData,
+    Array, HashMap, IterableMap, MapData,
     lpm_trie::{Key, LpmTrie},
 };
 use lb_common::{
-    DenyData, DenyHostKey, MAX_DENY_PREFIXES, MAX_VIP_PREFIXES, POLICY_F_DENY_HOSTS,
-    POLICY_F_DENY_LIST, PolicyState, VIP_F_ALLOW, VIP_F_DENY, VIP_F_LIST_HALF, VIP_F_SRC_LIMIT,
-    VIP_F_VIP_LIMIT, VipDrops, VipLimits, VipSrcData, maps, vip_list_tag, vip_src_data,
+    DENY_HOST_NET_WORDS, DenyData, DenyHostKey, MAX_DENY_PREFIXES, MAX_VIP_PREFIXES,
+    POLICY_F_DENY_HOSTS, POLICY_F_DENY_LIST, PolicyState, VIP_F_ALLOW, VIP_F_DENY, VIP_F_LIST_HALF,
+    VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT, VipDrops, VipLimits, VipSrcData, deny_host_net_bit, maps,
+    vip_list_tag, vip_src_data,
 };
 use serde::{Deserialize, Serialize};
 use std::{
@@ -215,11 +222,106 @@ fn insert_hosts(
     insert_batched(fd.as_fd(), keys, name, |k| hash.insert(k, 0, 0))
 }
 
+/// One half's /24 bitmap (`DENY_HOST_NETSn`), its copy in memory, and the count of the half's
+/// host entries per /24 that says when a bit may be cleared.
+struct HostNets {
+    map: Array<MapData, u64>,
+    name: &'static str,
+    /// /24 (the address's upper 24 bits, host order) → host entries of the half in it.
+    counts: std::collections::HashMap<u32, u32>,
+    /// What the map holds, word for word (host order).
+    words: Vec<u64>,
+}
+
+impl HostNets {
+    /// The bitmap of a hash holding `hosts`, not written yet (`write_all`).
+    fn new(map: Array<MapData, u64>, name: &'static str, hosts: &[DenyHostKey]) -> Self {
+        let mut nets = HostNets {
+            map,
+            name,
+            counts: std::collections::HashMap::new(),
+            words: vec![0; DENY_HOST_NET_WORDS as usize],
+        };
+        nets.count_in(hosts);
+        nets
+    }
+
+    /// Count `hosts` (network order) in, setting the bits of /24s that had none: the words
+    /// that changed.
+    fn count_in(&mut self, hosts: &[DenyHostKey]) -> BTreeSet<u32> {
+        let mut changed = BTreeSet::new();
+        for &h in hosts {
+            let addr = u32::from_be(h);
+            let n = self.counts.entry(addr >> 8).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                let (word, bit) = deny_host_net_bit(addr);
+                self.words[word as usize] |= 1 << bit;
+                changed.insert(word);
+            }
+        }
+        changed
+    }
+
+    /// Count `hosts` (network order, removed from the hash) out, clearing the bits of /24s
+    /// left with none: the words that changed. Counts never go below zero (a host the count
+    /// never had leaves its /24's bit as it is: a set bit only costs a hash lookup).
+    fn count_out(&mut self, hosts: &[DenyHostKey]) -> BTreeSet<u32> {
+        let mut changed = BTreeSet::new();
+        for &h in hosts {
+            let addr = u32::from_be(h);
+            let Some(n) = self.counts.get_mut(&(addr >> 8)) else {
+                continue;
+            };
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(&(addr >> 8));
+                let (word, bit) = deny_host_net_bit(addr);
+                self.words[word as usize] &= !(1 << bit);
+                changed.insert(word);
+            }
+        }
+        changed
+    }
+
+    /// Write `words` of the copy into the map: one batch, or word by word where the kernel
+    /// has no batch update.
+    fn write(&mut self, words: &[u32]) -> Result<(), DataplaneError> {
+        let values: Vec<u64> = words.iter().map(|&w| self.words[w as usize]).collect();
+        let fd = own_fd(self.map.map(), self.name)?;
+        for (keys, vals) in words.chunks(CHUNK * 4).zip(values.chunks(CHUNK * 4)) {
+            match batch::update(fd.as_fd(), keys, vals) {
+                Ok(()) => {}
+                Err(e) if batch::unsupported(&e) => {
+                    for (&k, &v) in keys.iter().zip(vals) {
+                        self.map.set(k, v, 0).map_err(map_err(self.name))?;
+                    }
+                }
+                Err(e) => return Err(io(self.name, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the whole copy into the map (opening the list: a map created empty, or one whose
+    /// bits a crashed agent left behind).
+    fn write_all(&mut self) -> Result<(), DataplaneError> {
+        let all: Vec<u32> = (0..DENY_HOST_NET_WORDS).collect();
+        self.write(&all)
+    }
+
+    /// /24s with at least one host entry.
+    fn nets(&self) -> usize {
+        self.counts.len()
+    }
+}
+
 /// Handles of their own to the two halves of the global deny list, for the thread that changes
 /// it. Which half is live is the `Dataplane`'s to say (`set_deny_list`); these only write.
 pub struct DenyMaps {
     tries: [DenyTrie; 2],
     hosts: [DenyHash; 2],
+    host_nets: [HostNets; 2],
 }
 
 /// `prefixes` split into the host entries' hash keys and the shorter prefixes' trie keys.
@@ -236,18 +338,38 @@ impl DenyMaps {
     pub fn fill(&mut self, half: u32, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError> {
         let h = half as usize & 1;
         let (hosts, nets) = split(prefixes);
+        // The bits first: a packet from a host being inserted must find its /24's bit set.
+        let changed: Vec<u32> = self.host_nets[h].count_in(&hosts).into_iter().collect();
+        self.host_nets[h].write(&changed)?;
         insert_hosts(&mut self.hosts[h], &hosts, maps::DENY_HOSTS[h])?;
         insert_all(&mut self.tries[h], &nets, maps::DENY[h])
     }
 
-    /// The file descriptors of half `half`, its hash then its trie (their fdinfo tells the
-    /// kernel's memory figure).
-    pub fn fds(&self, half: u32) -> [std::os::fd::BorrowedFd<'_>; 2] {
+    /// The file descriptors of half `half`, its hash, its /24 bitmap, then its trie (their
+    /// fdinfo tells the kernel's memory figure).
+    pub fn fds(&self, half: u32) -> [std::os::fd::BorrowedFd<'_>; 3] {
         let h = half as usize & 1;
         [
             self.hosts[h].map().fd().as_fd(),
+            self.host_nets[h].map.map().fd().as_fd(),
             self.tries[h].map().fd().as_fd(),
         ]
+    }
+
+    /// Whether the /24 of `addr` has its bit set in half `half`'s bitmap, as the map holds it.
+    pub fn host_net_listed(&self, half: u32, addr: Ipv4Addr) -> Result<bool, DataplaneError> {
+        let h = half as usize & 1;
+        let (word, bit) = deny_host_net_bit(u32::from(addr));
+        let w = self.host_nets[h]
+            .map
+            .get(&word, 0)
+            .map_err(map_err(self.host_nets[h].name))?;
+        Ok(w & (1 << bit) != 0)
+    }
+
+    /// The /24s with a bit set in half `half`'s bitmap (by the agent's count).
+    pub fn host_nets(&self, half: u32) -> usize {
+        self.host_nets[half as usize & 1].nets()
     }
 
     /// The host entries in half `half`'s hash.
@@ -290,6 +412,10 @@ impl DenyMaps {
         let (hosts, nets) = split(prefixes);
         batch::delete_all(self.hosts[h].map().fd().as_fd(), &hosts, CHUNK)
             .map_err(|e| io(maps::DENY_HOSTS[h], e))?;
+        // The bits only now that the hosts are gone (on an error above, they stay set: a set
+        // bit costs a hash lookup, a clear one would let a listed host in).
+        let changed: Vec<u32> = self.host_nets[h].count_out(&hosts).into_iter().collect();
+        self.host_nets[h].write(&changed)?;
         remove_all(&self.tries[h], &nets, maps::DENY[h])
     }
 
@@ -369,9 +495,26 @@ impl Dataplane {
         let hash = |name: &'static str| -> Result<DenyHash, DataplaneError> {
             HashMap::try_from(self.reopen(name)?).map_err(map_err(name))
         };
+        let hosts = [hash(maps::DENY_HOSTS[0])?, hash(maps::DENY_HOSTS[1])?];
+        // The per-/24 counts come from what the hashes hold (a list taken over, or pinned by a
+        // build without the bitmaps, whose maps were just created empty); the bitmaps are
+        // written whole from them, before anything reads them to skip a lookup.
+        let host_nets = |h: usize| -> Result<HostNets, DataplaneError> {
+            let name = maps::DENY_HOST_NETS[h];
+            let keys = hosts[h]
+                .keys()
+                .collect::<Result<Vec<DenyHostKey>, _>>()
+                .map_err(map_err(maps::DENY_HOSTS[h]))?;
+            let map = Array::try_from(self.reopen(name)?).map_err(map_err(name))?;
+            let mut nets = HostNets::new(map, name, &keys);
+            nets.write_all()?;
+            Ok(nets)
+        };
+        let host_nets = [host_nets(0)?, host_nets(1)?];
         Ok(DenyMaps {
             tries: [trie(maps::DENY[0])?, trie(maps::DENY[1])?],
-            hosts: [hash(maps::DENY_HOSTS[0])?, hash(maps::DENY_HOSTS[1])?],
+            hosts,
+            host_nets,
         })
     }
 
