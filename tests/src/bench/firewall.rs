@@ -240,11 +240,11 @@ pub fn rows(p: (usize, u32, usize, usize)) -> Result<(Vec<Row>, String)> {
         Row::new(s, format!("non-VIP packet (XDP_PASS), {DENY_PREFIXES} deny prefixes"), "ns/pkt", Spread::of(&pass_lists))
             .vs("empty list", &Spread::of(&pass_plain)),
         Row::new(s, format!("denied SYN to the VIP (XDP_DROP), {DENY_PREFIXES} deny prefixes, source in the /17"), "ns/pkt", Spread::of(&drop_lists))
-            .note("a miss in the host-entry hash, then the trie (one prefix)"),
+            .note("its /24 bit clear (no hash lookup), then the trie (one prefix)"),
         Row::new(s, format!("denied SYN to the VIP (XDP_DROP), {DENY_PREFIXES} deny prefixes, source a listed /32"), "ns/pkt", Spread::of(&drop_host))
-            .note("a hit in the host-entry hash"),
+            .note("its /24 bit set, then a hit in the host-entry hash"),
         Row::new(c, format!("deny list: {DENY_PREFIXES} prefixes into the inactive half (batches) + switch"), "s", Spread::of(&[fill_s]))
-            .note(format!("kernel memory: memlock {mem} (hash + trie), slab grew by {slab} (the machine is shared: slab is noisy)")),
+            .note(format!("kernel memory: memlock {mem} (hash + /24 bitmap + trie, one half), slab grew by {slab} (the machine is shared: slab is noisy)")),
         Row::new(c, format!("deny list: {DENY_PREFIXES} prefixes out of the old half (batches)"), "s", Spread::of(&[clear_s])),
         Row::new(c, format!("VIP with {ALLOW_PREFIXES} allow prefixes applied (apply_vip)"), "ms", Spread::of(&[allow_ms])),
     ];
