@@ -64,7 +64,7 @@ pub fn run(xdp_mode: &str) -> Result<()> {
         }
         route_over_both(&bed)?;
         print_config(&bed)?;
-        wait_state(&bed, &write_vip(), db_addr(1), "up")?;
+        wait_state(&bed, &BOTH, &write_vip(), db_addr(1), "up")?;
         pgbench_init(bed.ns("cli"), &PgClient::bench(WRITE_VIP))?;
         let prom = Prometheus::start(
             bed.ns("mon"),
@@ -139,6 +139,9 @@ fn heading(text: &str) {
     println!("\n=== {text}");
 }
 
+/// Both load balancers, while both run (lb1 dies in step 3).
+const BOTH: [&str; 2] = ["lb1", "lb2"];
+
 fn print_config(bed: &Testbed) -> Result<()> {
     heading("configuration (the same on lb1 and lb2)");
     println!("$ xlb vip list");
@@ -146,14 +149,27 @@ fn print_config(bed: &Testbed) -> Result<()> {
     Ok(())
 }
 
-fn wait_state(bed: &Testbed, vip: &str, addr: std::net::Ipv4Addr, state: &str) -> Result<Duration> {
+/// Until every load balancer of `lbs` sees `addr` in `state`: while both run, rtr's ECMP sends
+/// new connections through either, so one node's view alone says nothing about the next one.
+fn wait_state(
+    bed: &Testbed,
+    lbs: &[&str],
+    vip: &str,
+    addr: std::net::Ipv4Addr,
+    state: &str,
+) -> Result<Duration> {
     let start = Instant::now();
     wait_for(
-        &format!("{addr} to be {state} in {vip}"),
+        &format!("{addr} to be {state} in {vip} on {}", lbs.join(" and ")),
         STATE_WAIT,
         || {
-            let list = bed.lb_client("lb2").json(&["backend", "list", vip])?;
-            Ok((backend_state(&list, addr)? == state).then(|| start.elapsed()))
+            for lb in lbs {
+                let list = bed.lb_client(lb).json(&["backend", "list", vip])?;
+                if backend_state(&list, addr)? != state {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(start.elapsed()))
         },
     )
 }
@@ -220,8 +236,11 @@ fn web_server_dies(bed: &mut Testbed) -> Result<()> {
     let pid = bed.nginx_pid("be2").context("nginx on be2")?;
     println!("$ kill {pid}   # nginx on be2 ({addr})");
     bed.stop_backend("be2")?;
-    let took = wait_state(bed, &web_vip(), addr, "down")?;
-    println!("be2 is down {:.2}s after the kill", took.as_secs_f64());
+    let took = wait_state(bed, &BOTH, &web_vip(), addr, "down")?;
+    println!(
+        "be2 is down on both load balancers {:.2}s after the kill",
+        took.as_secs_f64()
+    );
     let answers: Result<Vec<String>> = (0..6).map(|_| https_backend(bed)).collect();
     let answers = answers?;
     ensure!(
@@ -234,7 +253,7 @@ fn web_server_dies(bed: &mut Testbed) -> Result<()> {
     );
     show_backends(bed, &web_vip())?;
     bed.start_backend("be2")?;
-    let took = wait_state(bed, &web_vip(), addr, "up")?;
+    let took = wait_state(bed, &BOTH, &web_vip(), addr, "up")?;
     println!(
         "nginx on be2 started again: up {:.2}s later",
         took.as_secs_f64()
@@ -493,7 +512,8 @@ fn old_primary_returns(bed: &mut Testbed) -> Result<()> {
         println!("$ xlb {line}");
         bed.lb_client("lb2").ok(&args)?;
     }
-    wait_state(bed, &read_vip(), db1, "up")?;
+    // lb1 is gone since step 3.
+    wait_state(bed, &["lb2"], &read_vip(), db1, "up")?;
     println!(
         "read VIP {} -> {}; write VIP {} -> {}",
         read_vip(),
