@@ -22,6 +22,7 @@ pub mod interrupt;
 pub mod livegen;
 pub mod netns;
 pub mod packet;
+pub mod packet6;
 pub mod pgload;
 pub mod pki;
 pub mod postgres;
