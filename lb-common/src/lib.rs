@@ -7,6 +7,9 @@
 //! host order.
 #![no_std]
 
+pub mod addr;
+pub use addr::{Addr, V4_MAPPED_WORD};
+
 /// Map names, shared so the agent never mistypes one.
 pub mod maps {
     pub const VIPS: &str = "VIPS";
@@ -254,7 +257,8 @@ pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 18;
 /// Bytes of the `FLOW_EVENTS` ring buffer (a power of two, as the kernel requires): room for
 /// about 10k `FlowEvent`s (24 bytes + an 8-byte record header each) between two reads.
 pub const FLOW_EVENTS_BYTES: u32 = 1 << 18;
-/// Entries of the decapsulator's local-address set.
+/// Entries of the decapsulator's local-address set (`DECAP_ADDRS`: IPv4 and IPv6 addresses,
+/// keyed by `Addr`).
 pub const MAX_DECAP_ADDRS: u32 = 64;
 /// Entries the global deny list holds, host entries and shorter prefixes together: at least a
 /// million. Each structure of a half (`DENY_HOSTSn`, `DENYn`) is sized for all of them, so the
@@ -279,6 +283,9 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// IPv6 next header of an IPv6 packet inside IPv6 (RFC 2473).
+pub const IPPROTO_IPV6: u8 = 41;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// How a VIP's packets reach its backends. Both are direct server return.
 pub const FORWARD_IPIP: u32 = 0;
@@ -727,11 +734,14 @@ pub mod event {
 
 /// Per-CPU packet counters of the decapsulator (`DECAP_STATS`).
 pub mod decap_reason {
-    /// IPIP to a local address: outer header removed, inner packet passed up.
+    /// A tunnelled packet to a local address (IPv4 in IPv4, IPv6 in IPv6, IPv4 in IPv6): outer
+    /// header removed, inner packet passed up.
     pub const DECAPSULATED: u32 = 0;
     /// Anything else: passed untouched.
     pub const PASS_OTHER: u32 = 1;
-    /// IPIP to a local address whose inner header is truncated or not IPv4: dropped.
+    /// A tunnelled packet to a local address that cannot be decapsulated here: an outer fragment
+    /// (nothing here reassembles), or an inner header that is truncated or of the wrong version.
+    /// Dropped.
     pub const DROP_MALFORMED: u32 = 2;
     pub const COUNT: u32 = 3;
     pub const NAMES: [&str; COUNT as usize] = ["decapsulated", "pass_other", "drop_malformed"];
@@ -758,6 +768,7 @@ const _: () = {
     assert!(size_of::<LbConfig>() == 16);
     assert!(size_of::<PolicyState>() == 16);
     assert!(size_of::<BenchGenHeader>() == 72);
+    assert!(size_of::<Addr>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -779,6 +790,7 @@ mod pod {
     unsafe impl aya::Pod for SrcBucketKey {}
     unsafe impl aya::Pod for VipDrops {}
     unsafe impl aya::Pod for PolicyState {}
+    unsafe impl aya::Pod for Addr {}
 }
 
 #[cfg(test)]

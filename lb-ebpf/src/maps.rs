@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    Backend, DEFAULT_EMBRYO_CAPACITY, DEFAULT_FLOW_CAPACITY, DENY_HOST_NET_WORDS, DenyData,
+    Addr, Backend, DEFAULT_EMBRYO_CAPACITY, DEFAULT_FLOW_CAPACITY, DENY_HOST_NET_WORDS, DenyData,
     DenyHostKey, FLOW_EVENTS_BYTES, FlowKey, FlowValue, LbConfig, MAX_BACKENDS, MAX_DECAP_ADDRS,
     MAX_DENY_PREFIXES, MAX_VIP_PREFIXES, MAX_VIPS, PolicyState, RING_ENTRIES, SRC_BUCKET_ENTRIES,
     SrcBucketKey, TrafficCounters, VipAddr, VipDrops, VipKey, VipLimits, VipMeta, VipSrcData,
@@ -111,9 +111,10 @@ pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
 #[map(name = "POLICY")]
 pub static POLICY: Array<PolicyState> = Array::with_max_entries(1, 0);
 
-/// Addresses (network order) whose IPIP packets the decapsulator strips.
+/// Addresses of this host (IPv4 and IPv6, as `Addr`) whose tunnelled packets the decapsulator
+/// strips.
 #[map(name = "DECAP_ADDRS")]
-pub static DECAP_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DECAP_ADDRS, 0);
+pub static DECAP_ADDRS: HashMap<Addr, u32> = HashMap::with_max_entries(MAX_DECAP_ADDRS, 0);
 
 #[map(name = "DECAP_STATS")]
 pub static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(decap_reason::COUNT, 0);

@@ -6,6 +6,11 @@ use core::mem;
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN: usize = 20;
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// The fixed IPv6 header; extension headers follow it.
+pub const IPV6_HLEN: usize = 40;
+/// IPv6 next header of a Fragment header (RFC 8200 §4.5).
+pub const IPPROTO_FRAGMENT: u8 = 44;
 /// IPv4 `frag_off` bits (host order after `u16::from_be_bytes`).
 pub const IP_DF: u16 = 0x4000;
 pub const IP_MF: u16 = 0x2000;

@@ -1,7 +1,7 @@
-//! Route netlink, through rtnetlink: the links and IPv4 addresses of this network namespace,
-//! addresses added and removed, links set up or down, XDP programs attached by `IFLA_XDP`
-//! (as `ip link set dev X xdp` does), and the routes of one routing table and the rules that
-//! point at it (route announcement). Every request waits for the kernel's acknowledgement.
+//! Route netlink, through rtnetlink: the links and addresses (IPv4 and IPv6) of this network
+//! namespace, addresses added and removed, links set up or down, XDP programs attached by
+//! `IFLA_XDP` (as `ip link set dev X xdp` does), and the routes of one routing table and the rules
+//! that point at it (route announcement). Every request waits for the kernel's acknowledgement.
 
 use crate::util::os_message;
 use futures_util::TryStreamExt;
@@ -9,7 +9,7 @@ use rtnetlink::{
     IpVersion, LinkUnspec,
     packet_route::{
         AddressFamily,
-        address::{AddressAttribute, AddressMessage},
+        address::{AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope},
         link::{LinkAttribute, LinkFlags, LinkXdp},
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
         rule::{RuleAttribute, RuleMessage},
@@ -73,11 +73,14 @@ pub(crate) struct Link {
     pub(crate) loopback: bool,
 }
 
-/// An IPv4 address of an interface.
+/// An address of an interface, of either family.
 #[derive(Clone, Debug)]
 pub(crate) struct Addr {
     pub(crate) index: u32,
-    pub(crate) addr: Ipv4Addr,
+    pub(crate) addr: IpAddr,
+    /// Link-local scope (IPv6 `fe80::/10`): never a tunnel's outer address, nor a source the
+    /// balancer may use towards a backend in another subnet.
+    pub(crate) link_local: bool,
     /// The kernel's message, which removing the address needs back.
     pub(crate) msg: AddressMessage,
 }
@@ -310,8 +313,8 @@ impl Netlink {
         Ok(id.map(|id| (id, !generic)))
     }
 
-    /// Every IPv4 address of every interface, in the order the kernel lists them.
-    pub(crate) async fn ipv4_addrs(&self) -> Result<Vec<Addr>, NetlinkError> {
+    /// Every address of every interface (IPv4 and IPv6), in the order the kernel lists them.
+    pub(crate) async fn addrs(&self) -> Result<Vec<Addr>, NetlinkError> {
         let msgs: Vec<AddressMessage> = self
             .handle
             .address()
@@ -322,21 +325,23 @@ impl Netlink {
             .map_err(request("listing addresses"))?;
         Ok(msgs
             .into_iter()
-            .filter(|m| m.header.family == AddressFamily::Inet)
+            .filter(|m| matches!(m.header.family, AddressFamily::Inet | AddressFamily::Inet6))
             .filter_map(|m| {
                 // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer on
-                // point-to-point links); plain interfaces carry both, equal.
+                // point-to-point links); plain interfaces carry both, equal, and IPv6 ones often
+                // only IFA_ADDRESS.
                 let local = m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Local(IpAddr::V4(v4)) => Some(*v4),
+                    AddressAttribute::Local(ip) => Some(*ip),
                     _ => None,
                 });
                 let address = m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(IpAddr::V4(v4)) => Some(*v4),
+                    AddressAttribute::Address(ip) => Some(*ip),
                     _ => None,
                 });
                 Some(Addr {
                     index: m.header.index,
                     addr: local.or(address)?,
+                    link_local: m.header.scope == AddressScope::Link,
                     msg: m,
                 })
             })
@@ -346,26 +351,28 @@ impl Netlink {
     /// The IPv4 addresses of interface `index`, in the kernel's order.
     pub(crate) async fn ipv4_addrs_of(&self, index: u32) -> Result<Vec<Ipv4Addr>, NetlinkError> {
         Ok(self
-            .ipv4_addrs()
+            .addrs()
             .await?
             .into_iter()
             .filter(|a| a.index == index)
-            .map(|a| a.addr)
+            .filter_map(|a| match a.addr {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
             .collect())
     }
 
-    /// Add `addr`/32 to interface `index`.
-    pub(crate) async fn add_host_addr(
-        &self,
-        index: u32,
-        addr: Ipv4Addr,
-    ) -> Result<(), NetlinkError> {
-        self.handle
-            .address()
-            .add(index, IpAddr::V4(addr), 32)
-            .execute()
+    /// Add `addr` as a host address (/32, or /128 without duplicate address detection: a VIP
+    /// is on many hosts' `lo` on purpose) to interface `index`.
+    pub(crate) async fn add_host_addr(&self, index: u32, addr: IpAddr) -> Result<(), NetlinkError> {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        let mut req = self.handle.address().add(index, addr, prefix);
+        if addr.is_ipv6() {
+            req.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+        }
+        req.execute()
             .await
-            .map_err(request(format!("adding {addr}/32")))
+            .map_err(request(format!("adding {addr}/{prefix}")))
     }
 
     pub(crate) async fn del_addr(&self, addr: &Addr) -> Result<(), NetlinkError> {

@@ -985,7 +985,7 @@ fn removed_backend_flows_are_resteered_and_removed_vip_drops() {
 #[test]
 fn decap_strips_ipip_to_local_addresses_only() {
     in_fixture_netns(|ifindex| {
-        let ebpf = persistent::load_decap(&[BACKENDS[0]]).expect("load decap");
+        let ebpf = persistent::load_decap(&[BACKENDS[0].into()]).expect("load decap");
         let prog: &aya::programs::Xdp = ebpf
             .program(lb_common::programs::DECAP)
             .unwrap()
@@ -1027,6 +1027,132 @@ fn decap_strips_ipip_to_local_addresses_only() {
                 },
             ],
         );
+    });
+}
+
+/// The decapsulator's IPv6 tunnels (issue 15): IPv6 in IPv6 (next header 41) and IPv4 in IPv6
+/// (next header 4) to one of the host's IPv6 addresses are stripped; anything else passes, except
+/// what is ours but cannot be decapsulated (an outer fragment, an inner header that is truncated
+/// or of the wrong version), which is dropped.
+#[test]
+fn decap_strips_ipv6_tunnels_to_local_addresses_only() {
+    use xlb_tests::packet6::{ETH_P_IPV6, Ext, Ip6, NH_IPIP, NH_IPV6, NH_TCP};
+    let v6 = |s: &str| -> std::net::Ipv6Addr { s.parse().unwrap() };
+    let (lb, be1, be2) = (v6("fd11:2::2"), v6("fd11:2::11"), v6("fd11:2::12"));
+    let (client, vip) = (v6("fd11:1::2"), v6("fd11:100::1"));
+    in_fixture_netns(move |ifindex| {
+        // Local: be1's IPv6 address, and its IPv4 one (IPv4 in IPv4 keeps working alongside).
+        let ebpf = persistent::load_decap(&[be1.into(), BACKENDS[0].into()]).expect("load decap");
+        let prog: &aya::programs::Xdp = ebpf
+            .program(lb_common::programs::DECAP)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let inner6 = Ip6::to(client, vip, NH_TCP).packet(&tcp(49000, 80, SYN, 0));
+        let inner4 = client_syn(49001, 80);
+        let tunnel = |to: std::net::Ipv6Addr, next: u8, inner: &[u8]| {
+            let mut outer = Ip6::to(lb, to, next);
+            outer.hop_limit = 64;
+            outer.flow_label = 0;
+            eth(backend_mac(0), LB_MAC, ETH_P_IPV6, &outer.packet(inner))
+        };
+        // The first input spelled out: the outer header as the balancer writes it (version 6,
+        // traffic class 0, flow label 0, payload length 60, next header 41, hop limit 64).
+        let mut exact = vec![
+            0x02, 0, 0, 0, 0x01, 0x11, 0x02, 0, 0, 0, 0, 0x02, 0x86, 0xdd, // eth
+            0x60, 0, 0, 0, 0, 60, 41, 64, // outer IPv6, then lb → be1
+            0xfd, 0x11, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, //
+            0xfd, 0x11, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11,
+        ];
+        exact.extend_from_slice(&inner6);
+        assert_eq!(hex(&exact), hex(&tunnel(be1, NH_IPV6, &inner6)));
+        let fragmented = {
+            let outer = Ip6::to(lb, be1, NH_IPV6).with(Ext::Fragment {
+                offset: 0,
+                more: true,
+                id: 1,
+            });
+            eth(backend_mac(0), LB_MAC, ETH_P_IPV6, &outer.packet(&inner6))
+        };
+        let with_dest_opts = {
+            let outer = Ip6::to(lb, be1, NH_IPV6).with(Ext::DestOpts { units: 0 });
+            eth(backend_mac(0), LB_MAC, ETH_P_IPV6, &outer.packet(&inner6))
+        };
+        let mut truncated_inner = tunnel(be1, NH_IPV6, &inner6);
+        truncated_inner.truncate(14 + 40 + 30);
+        check(
+            prog,
+            ifindex,
+            &[
+                Fixture {
+                    description: "IPv6 in IPv6 to a local address → outer header stripped, pass",
+                    input: exact,
+                    expected: Some(eth(backend_mac(0), LB_MAC, ETH_P_IPV6, &inner6)),
+                    action: XDP_PASS,
+                },
+                Fixture {
+                    description: "IPv4 in IPv6 to a local address → stripped, ethertype IPv4",
+                    input: tunnel(be1, NH_IPIP, &inner4),
+                    expected: Some(eth(backend_mac(0), LB_MAC, 0x0800, &inner4)),
+                    action: XDP_PASS,
+                },
+                Fixture {
+                    description: "IPv4 in IPv4 to the local IPv4 address → stripped",
+                    input: encapsulated(&inner4, 0),
+                    expected: Some(eth(backend_mac(0), LB_MAC, 0x0800, &inner4)),
+                    action: XDP_PASS,
+                },
+                Fixture {
+                    description: "IPv6 in IPv6 to another host → untouched",
+                    input: tunnel(be2, NH_IPV6, &inner6),
+                    expected: None,
+                    action: XDP_PASS,
+                },
+                Fixture {
+                    description: "plain IPv6 TCP to the host → untouched",
+                    input: eth(backend_mac(0), LB_MAC, ETH_P_IPV6, &inner6),
+                    expected: None,
+                    action: XDP_PASS,
+                },
+                Fixture {
+                    description: "outer header with destination options → not our tunnel, untouched",
+                    input: with_dest_opts,
+                    expected: None,
+                    action: XDP_PASS,
+                },
+                Fixture {
+                    description: "outer fragment of a tunnel to us → drop (nothing reassembles here)",
+                    input: fragmented,
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "IPv6 in IPv6 with a truncated inner header → drop",
+                    input: truncated_inner,
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "next header 41 with an IPv4 packet inside → drop",
+                    input: tunnel(be1, NH_IPV6, &inner4),
+                    expected: None,
+                    action: XDP_DROP,
+                },
+                Fixture {
+                    description: "next header 4 with an IPv6 packet inside → drop",
+                    input: tunnel(be1, NH_IPIP, &inner6),
+                    expected: None,
+                    action: XDP_DROP,
+                },
+            ],
+        );
+        let stats: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(ebpf.map(lb_common::maps::DECAP_STATS).unwrap())
+                .unwrap();
+        let count = |i: u32| -> u64 { stats.get(&i, 0).unwrap().iter().sum() };
+        assert_eq!(count(lb_common::decap_reason::DECAPSULATED), 3);
+        assert_eq!(count(lb_common::decap_reason::PASS_OTHER), 3);
+        assert_eq!(count(lb_common::decap_reason::DROP_MALFORMED), 4);
     });
 }
 

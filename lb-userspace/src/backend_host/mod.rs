@@ -2,14 +2,18 @@
 //! and undo exactly that.
 //!
 //! Setup, in order, recording each change as it is made (`record`):
-//! 1. bring `lo` up if it is down, and add each VIP as ADDR/32 on `lo` (skipped, and not recorded,
-//!    if already there) — so the host accepts packets addressed to the VIP;
+//! 1. bring `lo` up if it is down, and add each VIP as ADDR/32 (IPv4) or ADDR/128 without duplicate
+//!    address detection (IPv6) on `lo` (skipped, and not recorded, if already there) — so the host
+//!    accepts packets addressed to the VIP;
 //! 2. `arp_ignore=1` and `arp_announce=2` on `all`, `lo` and each interface — so the host neither
 //!    answers ARP for the VIP nor uses it as an ARP source (only the LB may own the VIP on the
 //!    wire); `rp_filter=0` on `all` and each interface — decapsulated packets arrive from clients the
-//!    host would not route back through that interface; previous values are recorded;
-//! 3. the IPIP decapsulator (XDP, attached by netlink so it outlives this command) on each
-//!    interface, told that interface's own IPv4 addresses (the outer destinations the LB uses).
+//!    host would not route back through that interface; previous values are recorded. IPv6 needs
+//!    neither: Linux answers neighbour solicitations only for addresses of the interface they
+//!    arrive on (never for one on `lo`), and has no IPv6 `rp_filter`;
+//! 3. the decapsulator (XDP, attached by netlink so it outlives this command) on each interface,
+//!    told that interface's own IPv4 and (not link-local) IPv6 addresses: the outer destinations
+//!    the LB uses for IPv4 in IPv4, IPv6 in IPv6 and IPv4 in IPv6.
 //!
 //! If a step fails, what was already done is undone before the error is reported.
 
@@ -26,7 +30,7 @@ use record::{
 };
 use std::{
     fs, io,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -46,14 +50,16 @@ pub(crate) enum BackendHostError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     NoSuchInterface(#[from] NoSuchInterface),
-    #[error("interface {0} has no IPv4 address to decapsulate for")]
-    NoIpv4(String),
-    #[error("no interface other than lo is up with an IPv4 address; name one with --iface")]
+    #[error("interface {0} has no IPv4 or IPv6 address (other than link-local) to decapsulate for")]
+    NoAddress(String),
+    #[error(
+        "no interface other than lo is up with an IPv4 or IPv6 address (other than link-local); name one with --iface"
+    )]
     NoInterfaces,
     #[error("no loopback interface found")]
     NoLoopback,
     #[error("VIP {0} is not a unicast host address")]
-    BadVip(Ipv4Addr),
+    BadVip(IpAddr),
     #[error("lo: {0}")]
     Lo(#[source] NetlinkError),
     #[error("cannot read {}: {}", path.display(), os_message(source))]
@@ -82,8 +88,9 @@ pub(crate) enum BackendHostError {
 
 #[derive(Clone, Debug)]
 pub(crate) struct SetupOptions {
-    pub(crate) vips: Vec<Ipv4Addr>,
-    /// Empty = every non-loopback interface that is up and has an IPv4 address.
+    pub(crate) vips: Vec<IpAddr>,
+    /// Empty = every non-loopback interface that is up and has an IPv4 or IPv6 address (other
+    /// than link-local).
     pub(crate) ifaces: Vec<String>,
     pub(crate) mode: XdpModeChoice,
     pub(crate) record_dir: PathBuf,
@@ -107,20 +114,20 @@ pub(crate) fn sysctl_plan(root: &Path, ifaces: &[String]) -> Vec<(PathBuf, &'sta
 }
 
 /// What setup works on: `lo` with its addresses, and each interface to decapsulate on with its
-/// own IPv4 addresses.
+/// own addresses (IPv4, and IPv6 other than link-local: never a tunnel's outer destination).
 struct Plan {
     lo: Link,
-    lo_addrs: Vec<Ipv4Addr>,
-    targets: Vec<(String, Vec<Ipv4Addr>)>,
+    lo_addrs: Vec<IpAddr>,
+    targets: Vec<(String, Vec<IpAddr>)>,
 }
 
 async fn plan(nl: &Netlink, ifaces: &[String]) -> Result<Plan, BackendHostError> {
     let links = nl.links().await?;
-    let addrs = nl.ipv4_addrs().await?;
-    let addrs_of = |index: u32| -> Vec<Ipv4Addr> {
+    let addrs = nl.addrs().await?;
+    let addrs_of = |index: u32| -> Vec<IpAddr> {
         addrs
             .iter()
-            .filter(|a| a.index == index)
+            .filter(|a| a.index == index && !a.link_local)
             .map(|a| a.addr)
             .collect()
     };
@@ -129,7 +136,7 @@ async fn plan(nl: &Netlink, ifaces: &[String]) -> Result<Plan, BackendHostError>
         .find(|l| l.loopback)
         .ok_or(BackendHostError::NoLoopback)?
         .clone();
-    let mut targets: Vec<(String, Vec<Ipv4Addr>)> = Vec::new();
+    let mut targets: Vec<(String, Vec<IpAddr>)> = Vec::new();
     if ifaces.is_empty() {
         for l in links.iter().filter(|l| !l.loopback && l.up) {
             let local = addrs_of(l.index);
@@ -148,7 +155,7 @@ async fn plan(nl: &Netlink, ifaces: &[String]) -> Result<Plan, BackendHostError>
                 .ok_or_else(|| NoSuchInterface(name.clone()))?;
             let local = addrs_of(l.index);
             if local.is_empty() {
-                return Err(BackendHostError::NoIpv4(name.clone()));
+                return Err(BackendHostError::NoAddress(name.clone()));
             }
             targets.push((name.clone(), local));
         }
@@ -160,10 +167,24 @@ async fn plan(nl: &Netlink, ifaces: &[String]) -> Result<Plan, BackendHostError>
     })
 }
 
+/// An address a VIP can be: unicast, not a loopback or link-local one (IPv4-mapped IPv6
+/// addresses never get here: the CLI refuses them).
+fn is_host_address(vip: &IpAddr) -> bool {
+    match vip {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
+        IpAddr::V6(v6) => {
+            !(v6.is_unspecified()
+                || v6.is_multicast()
+                || v6.is_loopback()
+                || v6.is_unicast_link_local())
+        }
+    }
+}
+
 /// Prepare this namespace as a DSR backend; returns what was done (also saved as the record).
 pub(crate) async fn setup(opts: &SetupOptions) -> Result<BackendHostRecord, BackendHostError> {
     for vip in &opts.vips {
-        if vip.is_unspecified() || vip.is_broadcast() || vip.is_multicast() {
+        if !is_host_address(vip) {
             return Err(BackendHostError::BadVip(*vip));
         }
     }
@@ -255,7 +276,7 @@ async fn apply(
             "decapsulator attached to {iface} in {mode} mode for {}",
             local
                 .iter()
-                .map(Ipv4Addr::to_string)
+                .map(IpAddr::to_string)
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -318,7 +339,7 @@ async fn undo_lo(
     left: &mut BackendHostRecord,
     errors: &mut Vec<String>,
 ) {
-    let (links, addrs) = match (nl.links().await, nl.ipv4_addrs().await) {
+    let (links, addrs) = match (nl.links().await, nl.addrs().await) {
         (Ok(links), Ok(addrs)) => (links, addrs),
         (Err(e), _) | (_, Err(e)) => {
             errors.push(format!("listing addresses: {e}"));
@@ -371,6 +392,24 @@ pub(crate) async fn teardown(record_dir: &Path) -> Result<BackendHostRecord, Bac
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vips_must_be_unicast_host_addresses() {
+        for good in ["10.111.100.1", "fd11:100::1", "2001:db8::100"] {
+            assert!(is_host_address(&good.parse().unwrap()), "{good}");
+        }
+        for bad in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::",
+            "::1",
+            "ff02::1",
+            "fe80::1",
+        ] {
+            assert!(!is_host_address(&bad.parse().unwrap()), "{bad}");
+        }
+    }
 
     #[test]
     fn sysctl_plan_covers_all_lo_and_each_interface() {

@@ -13,7 +13,7 @@ use crate::{dataplane::AttachedMode, util::write_atomic};
 use serde::{Deserialize, Serialize};
 use std::{
     fs, io,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::unix::fs::{DirBuilderExt, MetadataExt},
     path::{Path, PathBuf},
 };
@@ -35,7 +35,7 @@ pub(crate) struct SysctlChange {
 pub(crate) struct XdpAttachment {
     pub(crate) iface: String,
     pub(crate) mode: AttachedMode,
-    pub(crate) local_addrs: Vec<Ipv4Addr>,
+    pub(crate) local_addrs: Vec<IpAddr>,
 }
 
 /// What setup did, so teardown undoes exactly that.
@@ -48,7 +48,7 @@ pub(crate) struct BackendHostRecord {
     /// `lo` was down and setup brought it up.
     pub(crate) lo_brought_up: bool,
     /// VIPs setup added to `lo` (not the ones that were already there).
-    pub(crate) lo_addrs: Vec<Ipv4Addr>,
+    pub(crate) lo_addrs: Vec<IpAddr>,
     /// In the order they were made.
     pub(crate) sysctls: Vec<SysctlChange>,
     pub(crate) xdp: Vec<XdpAttachment>,
@@ -157,7 +157,10 @@ mod tests {
             netns_inode: 4026532000,
             netns_cookie: 4096,
             lo_brought_up: true,
-            lo_addrs: vec![Ipv4Addr::new(10, 111, 100, 1)],
+            lo_addrs: vec![
+                IpAddr::from([10, 111, 100, 1]),
+                "fd11:100::1".parse().unwrap(),
+            ],
             sysctls: vec![SysctlChange {
                 path: PathBuf::from("/proc/sys/net/ipv4/conf/all/arp_ignore"),
                 previous: "0".into(),
@@ -166,7 +169,10 @@ mod tests {
             xdp: vec![XdpAttachment {
                 iface: "eth0".into(),
                 mode: AttachedMode::Generic,
-                local_addrs: vec![Ipv4Addr::new(10, 111, 1, 11)],
+                local_addrs: vec![
+                    IpAddr::from([10, 111, 1, 11]),
+                    "fd11:2::11".parse().unwrap(),
+                ],
             }],
         }
     }
@@ -182,6 +188,23 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
         assert_eq!(json["xdp"][0]["mode"], "generic");
         assert_eq!(json["lo_addrs"][0], "10.111.100.1");
+        assert_eq!(json["lo_addrs"][1], "fd11:100::1");
+    }
+
+    #[test]
+    fn records_written_before_ipv6_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = record_path(dir.path(), 7);
+        fs::write(
+            &path,
+            br#"{"netns_inode": 7, "netns_cookie": 8, "lo_brought_up": false,
+                 "lo_addrs": ["10.111.100.1"], "sysctls": [],
+                 "xdp": [{"iface": "eth0", "mode": "driver", "local_addrs": ["10.111.1.11"]}]}"#,
+        )
+        .unwrap();
+        let r = load_record(&path).unwrap().unwrap();
+        assert_eq!(r.lo_addrs, vec![IpAddr::from([10, 111, 100, 1])]);
+        assert_eq!(r.xdp[0].local_addrs, vec![IpAddr::from([10, 111, 1, 11])]);
     }
 
     #[test]

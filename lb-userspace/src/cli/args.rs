@@ -577,14 +577,15 @@ pub(crate) enum BackendCommand {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum BackendHostCommand {
-    /// Add the VIPs to lo, set the ARP and rp_filter sysctls DSR needs, and attach the IPIP
-    /// decapsulator; records what it did for `teardown`.
+    /// Add the VIPs to lo, set the ARP and rp_filter sysctls DSR needs, and attach the
+    /// decapsulator (IPv4 in IPv4, IPv6 in IPv6, IPv4 in IPv6); records what it did for
+    /// `teardown`.
     Setup {
-        /// A VIP this backend serves (repeatable).
+        /// A VIP this backend serves, IPv4 or IPv6 (repeatable).
         #[arg(long = "vip", value_name = "ADDR", required = true)]
         vips: Vec<String>,
         /// Interface to decapsulate on (repeatable) [default: every non-loopback interface that
-        /// is up and has an IPv4 address].
+        /// is up and has an IPv4 or IPv6 address other than link-local].
         #[arg(long = "iface", value_name = "IF")]
         ifaces: Vec<String>,
         #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]

@@ -24,7 +24,7 @@ use crate::{
         remove_data_path,
     },
     model::{
-        addr::parse_ipv4,
+        addr::parse_ip,
         check::parse_duration,
         net::{Ipv4Net, parse_list},
     },
@@ -277,7 +277,7 @@ pub(crate) async fn backend_host(cmd: BackendHostCommand) -> Result<(), CliError
         } => {
             let vips = vips
                 .iter()
-                .map(|v| parse_ipv4(v))
+                .map(|v| parse_ip(v))
                 .collect::<Result<Vec<_>, _>>()?;
             let record = backend_host::setup(&SetupOptions {
                 vips,

@@ -13,9 +13,9 @@ use crate::{
     util::interface_index,
 };
 use aya::{Ebpf, EbpfLoader, maps::HashMap};
-use lb_common::{maps, programs};
+use lb_common::{Addr, maps, programs};
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     os::fd::{AsFd, AsRawFd},
 };
 
@@ -42,11 +42,11 @@ fn load(program: &'static str) -> Result<Ebpf, DataplaneError> {
     Ok(ebpf)
 }
 
-/// The decapsulator, loaded and told which outer destinations are ours, not attached (also what
-/// the packet fixtures run).
-pub fn load_decap(local_addrs: &[Ipv4Addr]) -> Result<Ebpf, DataplaneError> {
+/// The decapsulator, loaded and told which outer destinations (IPv4 and IPv6) are ours, not
+/// attached (also what the packet fixtures run).
+pub fn load_decap(local_addrs: &[IpAddr]) -> Result<Ebpf, DataplaneError> {
     let mut ebpf = load(programs::DECAP)?;
-    let mut addrs: HashMap<_, u32, u32> = HashMap::try_from(
+    let mut addrs: HashMap<_, Addr, u32> = HashMap::try_from(
         ebpf.map_mut(maps::DECAP_ADDRS)
             .ok_or(DataplaneError::MissingMap {
                 name: maps::DECAP_ADDRS,
@@ -57,9 +57,9 @@ pub fn load_decap(local_addrs: &[Ipv4Addr]) -> Result<Ebpf, DataplaneError> {
         source,
     })?;
     for addr in local_addrs {
-        // Network order, as the packet carries it.
+        // 16 bytes in network order, IPv4 mapped, as the data path builds its keys.
         addrs
-            .insert(u32::from_ne_bytes(addr.octets()), 1, 0)
+            .insert(Addr::from(*addr), 1, 0)
             .map_err(|source| DataplaneError::Map {
                 name: maps::DECAP_ADDRS,
                 source,
@@ -106,11 +106,12 @@ async fn attach(
     }
 }
 
-/// Attach the IPIP decapsulator to `iface`; it strips IPIP packets whose outer destination is one
-/// of `local_addrs` and passes everything else. Replaces any XDP program already there.
+/// Attach the decapsulator to `iface`; it strips tunnelled packets (IPv4 in IPv4, IPv6 in IPv6,
+/// IPv4 in IPv6) whose outer destination is one of `local_addrs` and passes everything else.
+/// Replaces any XDP program already there.
 pub async fn attach_decap(
     iface: &str,
-    local_addrs: &[Ipv4Addr],
+    local_addrs: &[IpAddr],
     mode: XdpModeChoice,
 ) -> Result<AttachedMode, DataplaneError> {
     interface_index(iface)?;

@@ -2,7 +2,7 @@
 //! errors that quote the input and say what was expected, so the CLI and the config file can report
 //! the problem in one line.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum ParseError {
@@ -12,6 +12,10 @@ pub(crate) enum ParseError {
     NotAddrPort { input: String },
     #[error("malformed address {input:?}: {addr:?} is not an IPv4 address")]
     BadIpv4 { input: String, addr: String },
+    #[error("malformed address {input:?}: not an IPv4 or IPv6 address")]
+    BadIp { input: String },
+    #[error("address {input:?} is an IPv4-mapped IPv6 address: write the IPv4 address, {v4}")]
+    Ipv4Mapped { input: String, v4: Ipv4Addr },
     #[error("malformed address {input:?}: {port:?} is not a port (expected 1-65535)")]
     BadPort { input: String, port: String },
     #[error("malformed address {input:?}: port 0 is not a valid port (expected 1-65535)")]
@@ -88,6 +92,31 @@ pub(crate) fn parse_ipv4(input: &str) -> Result<Ipv4Addr, ParseError> {
         input: input.to_string(),
         addr: input.to_string(),
     })
+}
+
+/// Parse a plain address of either family (a backend, a VIP on a backend host). `ADDR:PORT` is
+/// rejected with its own message, because DSR cannot change the destination port, and so is an
+/// IPv4-mapped IPv6 address (`::ffff:10.0.0.1`): the data path keeps IPv4 addresses in exactly
+/// that form, so it must always mean IPv4, written as IPv4.
+pub(crate) fn parse_ip(input: &str) -> Result<IpAddr, ParseError> {
+    match input.parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => Err(ParseError::Ipv4Mapped {
+                input: input.to_string(),
+                v4,
+            }),
+            None => Ok(IpAddr::V6(v6)),
+        },
+        Ok(v4) => Ok(v4),
+        Err(_) if parse_addr_port(input).is_ok() || input.parse::<SocketAddr>().is_ok() => {
+            Err(ParseError::UnexpectedPort {
+                input: input.to_string(),
+            })
+        }
+        Err(_) => Err(ParseError::BadIp {
+            input: input.to_string(),
+        }),
+    }
 }
 
 /// Parse an IPv4 prefix, `ADDR/LEN`, or one address (`/32`). Bits set after the prefix length
@@ -231,6 +260,37 @@ mod tests {
         assert_eq!(prefix_mask(0), 0);
         assert_eq!(prefix_mask(8), 0xff00_0000);
         assert_eq!(prefix_mask(32), u32::MAX);
+    }
+
+    #[test]
+    fn addresses_of_either_family_parse() {
+        assert_eq!(
+            parse_ip("10.111.1.11").unwrap(),
+            IpAddr::V4(Ipv4Addr::new(10, 111, 1, 11))
+        );
+        assert_eq!(
+            parse_ip("2001:db8::100").unwrap(),
+            "2001:db8::100".parse::<IpAddr>().unwrap()
+        );
+        for with_port in ["10.111.1.11:80", "[2001:db8::100]:80"] {
+            assert!(
+                matches!(
+                    parse_ip(with_port).unwrap_err(),
+                    ParseError::UnexpectedPort { .. }
+                ),
+                "{with_port}"
+            );
+        }
+        for bad in ["bar", "2001:db8::g", "10.111.1.300", ""] {
+            assert!(
+                matches!(parse_ip(bad).unwrap_err(), ParseError::BadIp { .. }),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_ip("::ffff:10.111.1.11").unwrap_err().to_string(),
+            "address \"::ffff:10.111.1.11\" is an IPv4-mapped IPv6 address: write the IPv4 address, 10.111.1.11"
+        );
     }
 
     #[test]
