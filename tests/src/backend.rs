@@ -75,13 +75,16 @@ pub fn nginx_conf(name: &str, dir: &Path, tls: Option<&Pki>) -> String {
             };
             let only_root = |port: u16, p: &crate::pki::CertPair| {
                 format!(
-                    "    server {{\n        listen {port} ssl;\n        {}\n        \
+                    "    server {{\n        listen {port} ssl;\n        listen [::]:{port} ssl;\n        {}\n        \
                      location / {{ default_type text/plain; return 200 \"{name}\\n\"; }}\n    }}\n",
                     pair(p)
                 )
             };
             (
-                format!("listen {HTTPS_PORT} ssl;\n        {}", pair(&pki.good)),
+                format!(
+                    "listen {HTTPS_PORT} ssl;\n        listen [::]:{HTTPS_PORT} ssl;\n        {}",
+                    pair(&pki.good)
+                ),
                 only_root(HTTPS_WRONG_NAME_PORT, &pki.wrong)
                     + &only_root(HTTPS_EXPIRED_PORT, &pki.expired),
             )
@@ -104,6 +107,7 @@ http {{
     ssl_protocols TLSv1.2 TLSv1.3;
     server {{
         listen {HTTP_PORT};
+        listen [::]:{HTTP_PORT};
         {https}
         add_header X-Backend {name} always;
         client_max_body_size 4m;

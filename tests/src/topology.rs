@@ -1,23 +1,29 @@
-//! The DESIGN.md test topology, built from named namespaces and veth pairs:
+//! The DESIGN.md test topology, built from named namespaces and veth pairs, dual stack:
 //!
 //! ```text
-//!  cli 10.111.0.2 ── rtr 10.111.0.1 │ br0 10.111.1.1 ── lb1 10.111.1.2
-//!                                   │                ── lb2 10.111.1.3 (optional)
-//!                                   │                ── be1..be3 10.111.1.11-13
-//!                                   │                ── db1..db3 10.111.1.21-23 (optional)
-//!                                   │                ── mon 10.111.1.30 (optional: Prometheus)
-//!  VIP 10.111.100.1 (and the second VIP address 10.111.100.2) is routed by rtr via lb1 (with
-//!  lb2: [`Topology::route_vip`] can spread them over both, ECMP on an L4 hash), or by BGP:
-//!  BIRD on rtr installs an ECMP route over the nodes that announce a VIP
+//!  cli 10.111.0.2  ── rtr 10.111.0.1  │ br0 10.111.1.1  ── lb1 10.111.1.2  fd11:2::2
+//!      fd11:1::2          fd11:1::1   │     fd11:2::1   ── lb2 10.111.1.3  fd11:2::3 (optional)
+//!                                     │                 ── be1..be3 10.111.1.11-13  fd11:2::11-13
+//!                                     │                 ── db1..db3 10.111.1.21-23  fd11:2::21-23 (optional)
+//!                                     │                 ── mon 10.111.1.30  fd11:2::30 (optional: Prometheus)
+//!  VIPs 10.111.100.1 and fd11:100::1 (and the second VIP addresses 10.111.100.2, fd11:100::2) are
+//!  routed by rtr via lb1 (with lb2: [`Topology::route_vip`] can spread them over both, ECMP on an
+//!  L4 hash), or, for IPv4, by BGP: BIRD on rtr installs an ECMP route over the nodes that
+//!  announce a VIP
 //! ```
 //!
 //! Every host namespace has one interface, `eth0`; its veth peer lives in `rtr` as `v-<role>`
-//! (`v-cli` is routed, the others are ports of `br0`). Only 10.111.0.0/16 is used and nothing is
-//! routed from or to the root namespace.
+//! (`v-cli` is routed, the others are ports of `br0`). Only 10.111.0.0/16 and fd11::/16 are used
+//! and nothing is routed from or to the root namespace. A host's IPv6 address is its IPv4 one's
+//! twin ([`twin6`]): the same last number, written in the same digits, in `fd11:1::/64` (client
+//! side) or `fd11:2::/64` (the LB and backend segment). IPv6 addresses are added without
+//! duplicate address detection (and DAD is off in every namespace), so they are usable at once
+//! and a test never waits for DAD; the bridge does no multicast snooping, so neighbour
+//! solicitations reach every port without waiting for MLD reports.
 
 use crate::netns::{Netns, sweep_stale, unique_prefix};
 use anyhow::{Context, Result, bail};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 100, 1);
 /// A second VIP address, for a service whose backends listen on a port another VIP already uses
@@ -32,6 +38,42 @@ pub const LB1_ADDR: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 2);
 pub const LB2_ADDR: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 3);
 /// The monitoring host (Prometheus), when the topology has one.
 pub const MON_ADDR: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 30);
+
+/// The IPv6 VIP, [`VIP`]'s counterpart.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd11, 0x100, 0, 0, 0, 0, 0, 1);
+/// The second IPv6 VIP address, [`VIP2`]'s counterpart.
+pub const VIP6_2: Ipv6Addr = Ipv6Addr::new(0xfd11, 0x100, 0, 0, 0, 0, 0, 2);
+/// Both IPv6 VIP addresses, routed alike.
+pub const VIPS6: [Ipv6Addr; 2] = [VIP6, VIP6_2];
+pub const CLI_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd11, 1, 0, 0, 0, 0, 0, 2);
+pub const RTR_CLI_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd11, 1, 0, 0, 0, 0, 0, 1);
+pub const RTR_BR_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd11, 2, 0, 0, 0, 0, 0, 1);
+pub const LB1_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd11, 2, 0, 0, 0, 0, 0, 2);
+pub const LB2_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd11, 2, 0, 0, 0, 0, 0, 3);
+
+/// The IPv6 twin of a host address of this topology: 10.111.0.N → fd11:1::N and 10.111.1.N →
+/// fd11:2::N, N written with the same digits (10.111.1.11 → fd11:2::11), so a reader of a log
+/// or a capture pairs them at a glance.
+pub fn twin6(v4: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, subnet, n] = v4.octets();
+    assert!(
+        a == 10 && b == 111 && subnet <= 1,
+        "{v4} is not a host address of the test topology"
+    );
+    format!("fd11:{}::{n}", subnet + 1)
+        .parse()
+        .expect("decimal digits are hex digits")
+}
+
+/// `addr`'s IPv6 twin if `v6`, else `addr` itself: what a test parametrised over the family
+/// connects to.
+pub fn in_family(addr: Ipv4Addr, v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(twin6(addr))
+    } else {
+        IpAddr::V4(addr)
+    }
+}
 
 /// The interface name every host namespace uses.
 pub const HOST_IFACE: &str = "eth0";
@@ -177,23 +219,45 @@ impl Topology {
         }
         // Relaxed reverse-path filtering everywhere, before the interfaces exist so they inherit
         // it: with DSR, replies leave the backends from the VIP, which rp_filter would reject.
+        // No duplicate address detection either (also for link-local addresses, which the
+        // kernel adds itself): addresses are unique by construction and usable at once.
         for (_, ns) in &self.namespaces {
             ns.ip(&["link", "set", "lo", "up"])?;
             ns.sh("echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter; echo 0 > /proc/sys/net/ipv4/conf/default/rp_filter")?;
+            ns.sh("for c in all default; do echo 0 > /proc/sys/net/ipv6/conf/$c/accept_dad; echo 0 > /proc/sys/net/ipv6/conf/$c/dad_transmits; done")?;
         }
 
         let rtr = self.ns("rtr");
-        rtr.ip(&["link", "add", "br0", "type", "bridge"])?;
+        rtr.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
         rtr.ip(&["addr", "add", &format!("{RTR_BR_ADDR}/24"), "dev", "br0"])?;
+        add_addr6(rtr, RTR_BR_ADDR6, "br0")?;
         rtr.ip(&["link", "set", "br0", "up"])?;
 
         self.veth_to_rtr("cli")?;
         let cli = self.ns("cli");
         cli.ip(&["addr", "add", &format!("{CLI_ADDR}/24"), "dev", HOST_IFACE])?;
+        add_addr6(cli, CLI_ADDR6, HOST_IFACE)?;
         cli.ip(&["link", "set", HOST_IFACE, "up"])?;
         cli.ip(&["route", "add", "default", "via", &RTR_CLI_ADDR.to_string()])?;
+        cli.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &RTR_CLI_ADDR6.to_string(),
+        ])?;
         let rtr = self.ns("rtr");
         rtr.ip(&["addr", "add", &format!("{RTR_CLI_ADDR}/24"), "dev", "v-cli"])?;
+        add_addr6(rtr, RTR_CLI_ADDR6, "v-cli")?;
         rtr.ip(&["link", "set", "v-cli", "up"])?;
 
         for (role, addr) in &hosts {
@@ -204,8 +268,17 @@ impl Topology {
             rtr.ip(&["link", "set", &peer, "up"])?;
             let host = self.ns(role);
             host.ip(&["addr", "add", &format!("{addr}/24"), "dev", HOST_IFACE])?;
+            add_addr6(host, twin6(*addr), HOST_IFACE)?;
             host.ip(&["link", "set", HOST_IFACE, "up"])?;
             host.ip(&["route", "add", "default", "via", &RTR_BR_ADDR.to_string()])?;
+            host.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &RTR_BR_ADDR6.to_string(),
+            ])?;
         }
 
         if self.options.static_vip_route {
@@ -214,11 +287,14 @@ impl Topology {
         let mut forwarders = vec!["rtr", "lb1"];
         if self.options.lb2 {
             forwarders.push("lb2");
-            self.ns("rtr")
-                .sh("echo 1 > /proc/sys/net/ipv4/fib_multipath_hash_policy")?;
+            self.ns("rtr").sh(
+                "echo 1 > /proc/sys/net/ipv4/fib_multipath_hash_policy; echo 1 > /proc/sys/net/ipv6/fib_multipath_hash_policy",
+            )?;
         }
         for role in forwarders {
-            self.ns(role).sh("echo 1 > /proc/sys/net/ipv4/ip_forward")?;
+            self.ns(role).sh(
+                "echo 1 > /proc/sys/net/ipv4/ip_forward; echo 1 > /proc/sys/net/ipv6/conf/all/forwarding",
+            )?;
         }
         // Per-interface rp_filter too: the effective value is max(all, interface).
         for (_, ns) in &self.namespaces {
@@ -227,12 +303,17 @@ impl Topology {
         Ok(())
     }
 
-    /// Routes the VIP addresses ([`VIPS`]) on rtr via `next_hops`: one address is a plain route,
-    /// several an ECMP route (`nexthop via A nexthop via B`). Replaces whatever route they had.
+    /// Routes the VIP addresses ([`VIPS`], and [`VIPS6`] via the hops' IPv6 twins) on rtr via
+    /// `next_hops`: one address is a plain route, several an ECMP route (`nexthop via A nexthop
+    /// via B`). Replaces whatever route they had.
     pub fn route_vip(&self, next_hops: &[Ipv4Addr]) -> Result<()> {
-        let hops: Vec<String> = next_hops.iter().map(ToString::to_string).collect();
-        for vip in VIPS {
-            let vip = format!("{vip}/32");
+        let hops4: Vec<String> = next_hops.iter().map(ToString::to_string).collect();
+        let hops6: Vec<String> = next_hops.iter().map(|h| twin6(*h).to_string()).collect();
+        let routes = VIPS
+            .iter()
+            .map(|v| (format!("{v}/32"), &hops4))
+            .chain(VIPS6.iter().map(|v| (format!("{v}/128"), &hops6)));
+        for (vip, hops) in routes {
             let mut args = vec!["route", "replace", vip.as_str()];
             match hops.as_slice() {
                 [] => bail!("a VIP route needs at least one next hop"),
@@ -246,6 +327,15 @@ impl Topology {
             self.ns("rtr").ip(&args)?;
         }
         Ok(())
+    }
+
+    /// The IPv6 VIP's route on rtr as `ip -6 route show` prints it.
+    pub fn vip6_route(&self) -> Result<String> {
+        Ok(self
+            .ns("rtr")
+            .ip(&["-6", "route", "show", &format!("{VIP6}/128")])?
+            .trim()
+            .to_string())
     }
 
     /// The VIP's route on rtr as `ip route show` prints it.
@@ -304,5 +394,28 @@ impl Topology {
         host.run("ethtool", &["-K", HOST_IFACE, "tx", "off"])?;
         rtr.run("ethtool", &["-K", &peer, "tx", "off"])?;
         Ok(())
+    }
+}
+
+/// Adds `addr`/64 to `dev` in `ns`, usable at once (`nodad`).
+fn add_addr6(ns: &Netns, addr: Ipv6Addr, dev: &str) -> Result<()> {
+    ns.ip(&["addr", "add", &format!("{addr}/64"), "dev", dev, "nodad"])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_twins_keep_the_digits() {
+        assert_eq!(twin6(backend_addr(1)).to_string(), "fd11:2::11");
+        assert_eq!(twin6(LB1_ADDR), LB1_ADDR6);
+        assert_eq!(twin6(LB2_ADDR), LB2_ADDR6);
+        assert_eq!(twin6(CLI_ADDR), CLI_ADDR6);
+        assert_eq!(twin6(RTR_BR_ADDR), RTR_BR_ADDR6);
+        assert_eq!(twin6(MON_ADDR).to_string(), "fd11:2::30");
+        assert_eq!(in_family(db_addr(1), false), IpAddr::V4(db_addr(1)));
+        assert_eq!(in_family(db_addr(1), true).to_string(), "fd11:2::21");
     }
 }

@@ -1,4 +1,5 @@
-//! Self-test of the test bed, without xlb: the topology routes cli ↔ backends through rtr, real
+//! Self-test of the test bed, without xlb: the topology routes cli ↔ backends through rtr (over
+//! IPv4 and IPv6), real
 //! nginx serves `/`, `/1m` and `/upload` on a backend's own address, the UDP service answers from
 //! the VIP, and the guards remove every namespace and process — also when the test panics.
 
@@ -7,7 +8,10 @@ use xlb_tests::{
     backend::{BIG, Backend, UDP_PORT, big_content, udp_query},
     cmd::run_timeout,
     netns::{self, TempDir, require_root},
-    topology::{CLI_ADDR, Topology, TopologyOptions, VIP, backend_addr},
+    topology::{
+        CLI_ADDR, LB1_ADDR, LB1_ADDR6, LB2_ADDR, Topology, TopologyOptions, VIP, backend_addr,
+        twin6,
+    },
 };
 
 fn ours(prefix: &str) -> Vec<String> {
@@ -55,6 +59,26 @@ fn topology_routes_and_nginx_serves_directly() {
     let out = curl(&topo, &[&format!("http://{}/", backend_addr(1))]);
     assert!(out.success(), "{out:?}");
     assert_eq!(out.stdout, "be1\n");
+    // The same over IPv6, to be1's twin address (nginx listens on both families).
+    let out = curl(
+        &topo,
+        &["-g", &format!("http://[{}]/", twin6(backend_addr(1)))],
+    );
+    assert!(out.success(), "{out:?}");
+    assert_eq!(out.stdout, "be1\n");
+    // Both VIPs are routed via lb1, and both follow route_vip.
+    assert!(topo.vip_route().unwrap().contains(&LB1_ADDR.to_string()));
+    assert!(
+        topo.vip6_route().unwrap().contains(&LB1_ADDR6.to_string()),
+        "{}",
+        topo.vip6_route().unwrap()
+    );
+    topo.route_vip(&[LB1_ADDR, LB2_ADDR]).unwrap();
+    let route6 = topo.vip6_route().unwrap();
+    assert!(
+        route6.contains(&LB1_ADDR6.to_string()) && route6.contains(&twin6(LB2_ADDR).to_string()),
+        "{route6}"
+    );
 
     let file = dir.path().join("dl");
     let out = curl(
@@ -101,6 +125,13 @@ fn topology_routes_and_nginx_serves_directly() {
     assert!(
         !root_routes.contains("10.111."),
         "root namespace routes 10.111/16: {root_routes}"
+    );
+    let root_routes6 = xlb_tests::cmd::run("ip", &["-6", "route", "show"])
+        .unwrap()
+        .stdout;
+    assert!(
+        !root_routes6.contains("fd11:"),
+        "root namespace routes fd11::/16: {root_routes6}"
     );
     assert!(CLI_ADDR.to_string().starts_with("10.111."));
 
