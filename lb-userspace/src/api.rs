@@ -12,7 +12,7 @@ use crate::{
     model::{net::Ipv4Net, policy::PolicyPatch},
 };
 use serde::{Deserialize, Serialize};
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 /// Longest request or response line accepted, newline included: room for a deny list of a
 /// million prefixes (about 20 MB of JSON) either way, and a bound on what a misbehaving client
@@ -50,7 +50,7 @@ pub(crate) enum Request {
     VipList,
     BackendAdd {
         vip: ServiceKey,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         weight: u32,
         /// A backup backend (new flows only while no regular backend can take them).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -62,21 +62,21 @@ pub(crate) enum Request {
     /// Change a backend's weight (a weight above 0 ends a drain).
     BackendSet {
         vip: ServiceKey,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         weight: u32,
     },
     /// Weight 0, remembering the weight for `BackendUndrain`.
     BackendDrain {
         vip: ServiceKey,
-        backend: Ipv4Addr,
+        backend: IpAddr,
     },
     BackendUndrain {
         vip: ServiceKey,
-        backend: Ipv4Addr,
+        backend: IpAddr,
     },
     BackendDel {
         vip: ServiceKey,
-        backend: Ipv4Addr,
+        backend: IpAddr,
     },
     BackendList {
         vip: ServiceKey,
@@ -214,13 +214,13 @@ pub(crate) enum Response {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct FlowEntry {
     /// The client's address and port (the flow's source).
-    pub(crate) client: Ipv4Addr,
+    pub(crate) client: IpAddr,
     pub(crate) client_port: u16,
     /// The VIP, `ADDR:PORT` (its protocol is `proto`).
     pub(crate) vip: String,
     pub(crate) proto: Proto,
     /// The backend the flow is pinned to.
-    pub(crate) backend: Ipv4Addr,
+    pub(crate) backend: IpAddr,
     /// Milliseconds since the flow's last packet (or since a peer's sync installed it).
     pub(crate) age_ms: u64,
     /// `local`: this node's data path chose the backend; `peer`: installed from a peer's sync.
@@ -290,7 +290,7 @@ pub(crate) struct DenyReport {
 /// One backend as configured (`vip list --json`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct BackendSummary {
-    pub(crate) address: Ipv4Addr,
+    pub(crate) address: IpAddr,
     pub(crate) weight: u32,
     /// The backend's own check, if it has one (otherwise the VIP's applies).
     pub(crate) check: Option<CheckSpec>,
@@ -304,7 +304,7 @@ pub(crate) struct BackendSummary {
 pub(crate) struct VipSummary {
     /// `ADDR:PORT`, as typed on the command line.
     pub(crate) vip: String,
-    pub(crate) address: Ipv4Addr,
+    pub(crate) address: IpAddr,
     pub(crate) port: u16,
     pub(crate) proto: Proto,
     pub(crate) forward: Forward,
@@ -397,7 +397,7 @@ pub(crate) struct LastCheck {
 /// One backend with its health and its data-path counters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct BackendReport {
-    pub(crate) address: Ipv4Addr,
+    pub(crate) address: IpAddr,
     pub(crate) weight: u32,
     pub(crate) state: BackendState,
     /// When `state` began, RFC 3339 UTC.
@@ -430,7 +430,7 @@ pub(crate) struct BackendReport {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct VipReport {
     pub(crate) vip: String,
-    pub(crate) address: Ipv4Addr,
+    pub(crate) address: IpAddr,
     pub(crate) port: u16,
     pub(crate) proto: Proto,
     pub(crate) forward: Forward,
@@ -512,7 +512,7 @@ pub(crate) struct NodeReport {
 /// One VIP address in `xlb node status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct AddressReport {
-    pub(crate) address: Ipv4Addr,
+    pub(crate) address: IpAddr,
     /// The node wants it announced.
     pub(crate) announced: bool,
     /// Its route is in the table (what the routing daemon sees).
@@ -567,9 +567,9 @@ impl fmt::Display for BackendState {
     }
 }
 
-/// `ADDR:PORT` of a service key (the protocol is reported separately).
+/// `ADDR:PORT` of a service key, IPv6 in brackets (the protocol is reported separately).
 pub(crate) fn vip_string(key: &ServiceKey) -> String {
-    format!("{}:{}", key.addr, key.port)
+    key.socket_addr().to_string()
 }
 
 #[cfg(test)]
@@ -579,7 +579,7 @@ mod tests {
 
     fn key() -> ServiceKey {
         ServiceKey {
-            addr: Ipv4Addr::new(10, 111, 100, 1),
+            addr: IpAddr::from([10, 111, 100, 1]),
             port: 80,
             proto: Proto::Tcp,
         }
@@ -599,7 +599,7 @@ mod tests {
 
     #[test]
     fn every_request_round_trips() {
-        let backend = Ipv4Addr::new(10, 111, 1, 11);
+        let backend = IpAddr::from([10, 111, 1, 11]);
         for req in [
             Request::VipAdd {
                 vip: key(),
@@ -713,7 +713,7 @@ mod tests {
             walk_ms: 0.5,
         };
         let mut spec = VipConfig::new(key(), Forward::Ipip);
-        spec.backends = vec![BackendConfig::new(Ipv4Addr::new(10, 111, 1, 11), 1)];
+        spec.backends = vec![BackendConfig::new(IpAddr::from([10, 111, 1, 11]), 1)];
         let report = VipReport {
             vip: "10.111.100.1:80".into(),
             address: key().addr,
@@ -725,7 +725,7 @@ mod tests {
             new_flows: 3,
             drops: [("drop_src_denied".to_string(), 9)].into_iter().collect(),
             backends: vec![BackendReport {
-                address: Ipv4Addr::new(10, 111, 1, 12),
+                address: IpAddr::from([10, 111, 1, 12]),
                 weight: 2,
                 state: BackendState::Down,
                 since: "2026-05-20T10:00:00.000Z".into(),
@@ -777,11 +777,11 @@ mod tests {
                     walk,
                     left_out: 1,
                     flows: vec![FlowEntry {
-                        client: Ipv4Addr::new(10, 111, 0, 2),
+                        client: IpAddr::from([10, 111, 0, 2]),
                         client_port: 40000,
                         vip: "10.111.100.1:80".into(),
                         proto: Proto::Tcp,
-                        backend: Ipv4Addr::new(10, 111, 1, 11),
+                        backend: IpAddr::from([10, 111, 1, 11]),
                         age_ms: 1500,
                         origin: Origin::Peer,
                     }],
@@ -823,7 +823,7 @@ mod tests {
     fn wire_format_is_stable() {
         let req = Request::BackendAdd {
             vip: key(),
-            backend: Ipv4Addr::new(10, 111, 1, 11),
+            backend: IpAddr::from([10, 111, 1, 11]),
             weight: 1,
             backup: false,
             check: CheckPatch::default(),
@@ -852,7 +852,7 @@ mod tests {
             }
         ));
         let report = BackendReport {
-            address: Ipv4Addr::new(10, 111, 1, 11),
+            address: IpAddr::from([10, 111, 1, 11]),
             weight: 1,
             state: BackendState::Draining,
             since: "2026-05-20T10:00:00.000Z".into(),

@@ -163,12 +163,16 @@ pub fn vip(
     backends: &[Ipv4Addr],
 ) -> VipSpec {
     VipSpec {
-        key: ServiceKey { addr, port, proto },
+        key: ServiceKey {
+            addr: addr.into(),
+            port,
+            proto,
+        },
         forward,
         backends: backends
             .iter()
             .map(|addr| BackendSpec {
-                addr: *addr,
+                addr: (*addr).into(),
                 weight: 1,
             })
             .collect(),

@@ -7,7 +7,7 @@ use lb_common::{FLOW_F_PEER, FlowEvent, FlowKey, reason};
 use std::{collections::BTreeSet, net::Ipv4Addr};
 use xlb::{
     dataplane::{Dataplane, persistent},
-    model::{Forward, Proto, ServiceKey, VipSpec},
+    model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec},
 };
 use xlb_tests::{
     fixture::*,
@@ -964,7 +964,7 @@ fn removed_backend_flows_are_resteered_and_removed_vip_drops() {
             "re-steered to be2 or be3"
         );
         dp.remove_vip(&ServiceKey {
-            addr: VIP,
+            addr: VIP.into(),
             port: 80,
             proto: Proto::Tcp,
         })
@@ -980,6 +980,50 @@ fn removed_backend_flows_are_resteered_and_removed_vip_drops() {
         assert_eq!(total, 3);
         assert_eq!(reason::NAMES.len(), dp.stats().unwrap().reasons.len());
     });
+}
+
+/// Issue 15, until the IPv6 data path exists: the control plane holds IPv6 VIPs and backends;
+/// this data path refuses to install them, naming the address, and nothing changes.
+#[test]
+fn ipv6_vips_and_backends_are_refused_by_name_and_change_nothing() {
+    xlb_tests::netns::require_root();
+    let mut dp = balancer();
+    let keys = |dp: &Dataplane| -> Vec<ServiceKey> {
+        dp.stats().unwrap().vips.iter().map(|v| v.key).collect()
+    };
+    let before = keys(&dp);
+    let v6 = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+    let spec6 = VipSpec {
+        key: ServiceKey {
+            addr: v6("fd11:100::1"),
+            port: 80,
+            proto: Proto::Tcp,
+        },
+        forward: Forward::L2,
+        backends: vec![BackendSpec {
+            addr: v6("fd11:2::11"),
+            weight: 1,
+        }],
+        icmp_echo: true,
+        policy: Default::default(),
+    };
+    assert_eq!(
+        dp.apply_vip(&spec6, &BTreeSet::new())
+            .unwrap_err()
+            .to_string(),
+        "fd11:100::1 is an IPv6 address: this data path forwards IPv4 only (IPv6 VIPs and backends are accepted by the control plane, not installed)"
+    );
+    let mut mixed = vip(VIP, 81, Proto::Tcp, Forward::Ipip, &BACKENDS);
+    mixed.backends.push(BackendSpec {
+        addr: v6("fd11:2::11"),
+        weight: 1,
+    });
+    let e = dp
+        .apply_vip(&mixed, &BTreeSet::new())
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("fd11:2::11 is an IPv6 address"), "{e}");
+    assert_eq!(keys(&dp), before);
 }
 
 #[test]
@@ -1190,7 +1234,7 @@ fn down_backends_lose_their_flows_draining_ones_keep_them() {
         assert_eq!(active(&dp), vec![1, 1, 1]);
 
         // be2 down: its flow moves, new flows alternate be1/be3.
-        dp.apply_vip(&tcp80, &BTreeSet::from([BACKENDS[1]]))
+        dp.apply_vip(&tcp80, &BTreeSet::from([BACKENDS[1].into()]))
             .unwrap();
         let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&ack(50001)));
         assert_ne!(
@@ -1229,7 +1273,8 @@ fn down_backends_lose_their_flows_draining_ones_keep_them() {
         }
 
         // Everything down: dropped and counted, nothing sent anywhere.
-        dp.apply_vip(&tcp80, &BTreeSet::from(BACKENDS)).unwrap();
+        dp.apply_vip(&tcp80, &BACKENDS.iter().map(|&b| b.into()).collect())
+            .unwrap();
         let before = dp.stats().unwrap().reasons["drop_no_backend"];
         for input in [inbound(&ack(50000)), inbound(&client_syn(53000, 80))] {
             let (action, _) = run(dp.balancer().unwrap(), ifindex, &input);
@@ -1238,8 +1283,11 @@ fn down_backends_lose_their_flows_draining_ones_keep_them() {
         assert_eq!(dp.stats().unwrap().reasons["drop_no_backend"], before + 2);
 
         // One comes back: traffic resumes, to it only.
-        dp.apply_vip(&tcp80, &BTreeSet::from([BACKENDS[0], BACKENDS[1]]))
-            .unwrap();
+        dp.apply_vip(
+            &tcp80,
+            &BTreeSet::from([BACKENDS[0].into(), BACKENDS[1].into()]),
+        )
+        .unwrap();
         for i in 0..3u16 {
             let syn = client_syn(54000 + i, 80);
             let (action, out) = run(dp.balancer().unwrap(), ifindex, &inbound(&syn));
@@ -1387,7 +1435,7 @@ fn debug_events_follow_the_per_vip_switch() {
         let capture = Capture::default();
         let mut logger = dp.event_logger(capture.clone()).expect("aya-log");
         let tcp80 = ServiceKey {
-            addr: VIP,
+            addr: VIP.into(),
             port: 80,
             proto: Proto::Tcp,
         };

@@ -55,7 +55,7 @@
 use crate::{
     agent::options::AgentOptions,
     agent::state::{DesiredState, StateError},
-    model::addr::{ParseError, parse_addr_port, parse_ipv4},
+    model::addr::{ParseError, parse_addr_port, parse_ip},
     model::check::{CheckPatch, CheckSpec},
     model::{
         BackendConfig, DEFAULT_WEIGHT, Forward, Proto, ServiceKey, VipConfig, icmp_echo_default,
@@ -92,8 +92,15 @@ pub(crate) enum ConfigError {
         index: usize,
         source: ParseError,
     },
+    /// Boxed: a `StateError` carries service keys of either family, and this enum travels in
+    /// every `Result` of the config path.
     #[error("config file {}: {source}", path.display())]
-    Invalid { path: PathBuf, source: StateError },
+    /// Boxed: a `StateError` carries service keys of either family, and this enum travels in
+    /// every `Result` of the config path.
+    Invalid {
+        path: PathBuf,
+        source: Box<StateError>,
+    },
     #[error("config file {}: vip {vip}: {source}", path.display())]
     Policy {
         path: PathBuf,
@@ -235,13 +242,12 @@ impl Config {
                 .patched(&anchored(vip.check.unwrap_or_default(), dir));
             let mut backends = Vec::with_capacity(vip.backends.len());
             for (bi, b) in vip.backends.into_iter().enumerate() {
-                let baddr =
-                    parse_ipv4(&b.address).map_err(|source| ConfigError::BackendAddress {
-                        path: p(),
-                        vip: vip.address.clone(),
-                        index: bi + 1,
-                        source,
-                    })?;
+                let baddr = parse_ip(&b.address).map_err(|source| ConfigError::BackendAddress {
+                    path: p(),
+                    vip: vip.address.clone(),
+                    index: bi + 1,
+                    source,
+                })?;
                 backends.push(BackendConfig {
                     check: b.check.map(|p| vip_check.patched(&anchored(p, dir))),
                     backup: b.backup,
@@ -261,8 +267,10 @@ impl Config {
                 policy,
             });
         }
-        let state = DesiredState::from_specs(specs)
-            .map_err(|source| ConfigError::Invalid { path: p(), source })?;
+        let state = DesiredState::from_specs(specs).map_err(|source| ConfigError::Invalid {
+            path: p(),
+            source: Box::new(source),
+        })?;
         Ok(Config {
             agent: raw.agent,
             state,
@@ -273,7 +281,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr};
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("xlb.toml"), text)
@@ -323,8 +331,8 @@ mod tests {
         assert_eq!(
             vips[1].backends,
             vec![
-                BackendConfig::new(Ipv4Addr::new(10, 111, 1, 11), 1),
-                BackendConfig::new(Ipv4Addr::new(10, 111, 1, 12), 3),
+                BackendConfig::new(IpAddr::from([10, 111, 1, 11]), 1),
+                BackendConfig::new(IpAddr::from([10, 111, 1, 12]), 3),
             ]
         );
         assert_eq!(vips[1].check, CheckSpec::default_for(Proto::Tcp));
@@ -478,6 +486,36 @@ mod tests {
         .unwrap();
         let v = cfg.state.vips().next().unwrap();
         assert_eq!(v.check.timeout, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn ipv6_vips_and_backends_parse() {
+        let cfg = parse(
+            r#"
+            [[vip]]
+            address = "[fd11:100::1]:80"
+            forward = "l2"
+            [[vip.backend]]
+            address = "fd11:2::11"
+            "#,
+        )
+        .unwrap();
+        let v = cfg.state.vips().next().unwrap();
+        assert_eq!(v.key.to_string(), "[fd11:100::1]:80/tcp");
+        assert_eq!(v.backends[0].addr, "fd11:2::11".parse::<IpAddr>().unwrap());
+        let e = parse(
+            "[[vip]]\naddress = \"[fd11:100::1]:80\"\n[[vip.backend]]\naddress = \"10.111.1.11\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("backend 10.111.1.11 is IPv4, VIP [fd11:100::1]:80/tcp is IPv6"),
+            "{e}"
+        );
+        let e = parse("[[vip]]\naddress = \"fd11:100::1:80\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("written in brackets"), "{e}");
     }
 
     #[test]

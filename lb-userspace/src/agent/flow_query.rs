@@ -29,7 +29,7 @@ use lb_common::{FlowKey, FlowValue};
 use std::{
     cmp::{Ordering as CmpOrdering, Reverse},
     collections::{BinaryHeap, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -47,11 +47,11 @@ pub(crate) enum FlowQueryError {
     #[error("unknown VIP {0}")]
     UnknownVip(ServiceKey),
     #[error("{backend} is not a backend of VIP {vip}")]
-    NotABackend { vip: ServiceKey, backend: Ipv4Addr },
+    NotABackend { vip: ServiceKey, backend: IpAddr },
     #[error("{0} is not a backend of any VIP")]
-    NoSuchBackend(Ipv4Addr),
+    NoSuchBackend(IpAddr),
     #[error("{backend} is not a backend of any {proto} VIP")]
-    NoSuchBackendOf { backend: Ipv4Addr, proto: Proto },
+    NoSuchBackendOf { backend: IpAddr, proto: Proto },
     #[error("--limit {0} is out of range (1-{MAX_LIMIT})")]
     Limit(u32),
     #[error("flushing needs a filter (VIP, --backend, --client, --proto) or --all for every flow")]
@@ -364,11 +364,11 @@ pub(crate) fn list(
 fn entry(key: &FlowKey, value: &FlowValue, now_ns: u64) -> Option<FlowEntry> {
     let vip = vip_of(key)?;
     Some(FlowEntry {
-        client: Ipv4Addr::from(u32::from_be(key.src_addr)),
+        client: IpAddr::V4(Ipv4Addr::from(u32::from_be(key.src_addr))),
         client_port: u16::from_be(key.src_port),
         vip: vip_string(&vip),
         proto: vip.proto,
-        backend: Ipv4Addr::from(u32::from_be(value.backend_addr)),
+        backend: IpAddr::V4(Ipv4Addr::from(u32::from_be(value.backend_addr))),
         // The coarse clock of another CPU may be a tick ahead of ours.
         age_ms: now_ns.saturating_sub(value.last_seen_ns) / 1_000_000,
         origin: Origin::of(value),
@@ -397,10 +397,11 @@ impl GroupKey {
     fn name(self) -> String {
         match self {
             GroupKey::Vip(addr, port, proto) => {
-                let (addr, port) = (Ipv4Addr::from(u32::from_be(addr)), u16::from_be(port));
+                let vip =
+                    SocketAddr::from((Ipv4Addr::from(u32::from_be(addr)), u16::from_be(port)));
                 match proto_of(proto) {
-                    Some(p) => format!("{addr}:{port}/{p}"),
-                    None => format!("{addr}:{port}/{proto}"),
+                    Some(p) => format!("{vip}/{p}"),
+                    None => format!("{vip}/{proto}"),
                 }
             }
             GroupKey::Backend(addr) => Ipv4Addr::from(u32::from_be(addr)).to_string(),
@@ -531,7 +532,7 @@ mod tests {
         }
     }
 
-    fn a(s: &str) -> Ipv4Addr {
+    fn a(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
@@ -666,7 +667,7 @@ mod tests {
         let t = table();
         let client = FlowFilter {
             client: Some(ClientPrefix {
-                addr: a("10.111.9.0"),
+                addr: std::net::Ipv4Addr::new(10, 111, 9, 0),
                 len: 24,
             }),
             ..backend("10.111.1.13")

@@ -472,6 +472,7 @@ mod tests {
         cli::client,
         model::{Forward, Proto, ServiceKey, policy::PolicyPatch},
     };
+    use std::net::IpAddr;
     use tokio::{
         io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
         net::UnixStream,
@@ -479,7 +480,7 @@ mod tests {
 
     fn key() -> ServiceKey {
         ServiceKey {
-            addr: Ipv4Addr::new(10, 111, 100, 1),
+            addr: IpAddr::from([10, 111, 100, 1]),
             port: 80,
             proto: Proto::Tcp,
         }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -33,27 +33,32 @@ pub(crate) enum StateError {
     #[error("unknown VIP {0}")]
     UnknownVip(ServiceKey),
     #[error("backend {addr} already exists in VIP {key}")]
-    DuplicateBackend { key: ServiceKey, addr: Ipv4Addr },
+    DuplicateBackend { key: ServiceKey, addr: IpAddr },
     #[error("unknown backend {addr} in VIP {key}")]
-    UnknownBackend { key: ServiceKey, addr: Ipv4Addr },
+    UnknownBackend { key: ServiceKey, addr: IpAddr },
     #[error("weight {weight} of backend {addr} in VIP {key} is above the maximum of {MAX_WEIGHT}")]
     WeightTooHigh {
         key: ServiceKey,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         weight: u32,
     },
     #[error("VIP {0}: port 0 is not a valid port")]
     PortZero(ServiceKey),
     #[error("VIP {0}: {1} is not a unicast host address")]
-    BadVipAddress(ServiceKey, Ipv4Addr),
+    BadVipAddress(ServiceKey, IpAddr),
     #[error("backend {addr} in VIP {key}: not a unicast host address")]
-    BadBackendAddress { key: ServiceKey, addr: Ipv4Addr },
+    BadBackendAddress { key: ServiceKey, addr: IpAddr },
+    #[error(
+        "backend {addr} is {}, VIP {key} is {}: a VIP's backends have its address family (an IPv4 VIP with --forward ipip may have IPv6 backends: IPv4 in IPv6)",
+        family(*addr), family(key.addr)
+    )]
+    FamilyMismatch { key: ServiceKey, addr: IpAddr },
     #[error("VIP {key}: {source}")]
     VipCheck { key: ServiceKey, source: CheckError },
     #[error("backend {addr} in VIP {key}: {source}")]
     BackendCheck {
         key: ServiceKey,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         source: CheckError,
     },
     /// A file a new check names (its CA, its password file) cannot be used.
@@ -69,11 +74,11 @@ pub(crate) enum StateError {
     )]
     NothingToSet(ServiceKey),
     #[error("backend {addr} in VIP {key} is already draining (weight 0)")]
-    AlreadyDraining { key: ServiceKey, addr: Ipv4Addr },
+    AlreadyDraining { key: ServiceKey, addr: IpAddr },
     #[error("backend {addr} in VIP {key} is not draining (weight {weight})")]
     NotDraining {
         key: ServiceKey,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         weight: u32,
     },
     #[error("cannot read state file {}: {source}", path.display())]
@@ -143,9 +148,31 @@ impl StateDiff {
     }
 }
 
-/// Unicast, not 0.0.0.0 (which the data path uses as "free slot"), not limited broadcast.
-fn is_host_address(addr: Ipv4Addr) -> bool {
-    !(addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast())
+/// Unicast, not 0.0.0.0 or :: (which the data path uses as "free slot"), not limited broadcast;
+/// for IPv6 not link-local either (a link-local address names no host beyond one link, and the
+/// kernel's FIB lookup refuses it) and never IPv4-mapped (the data path keeps IPv4 addresses in
+/// that form, so it must only ever mean IPv4).
+fn is_host_address(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
+        IpAddr::V6(v6) => {
+            !(v6.is_unspecified()
+                || v6.is_multicast()
+                || v6.is_unicast_link_local()
+                || v6.to_ipv4_mapped().is_some())
+        }
+    }
+}
+
+/// A VIP's backends have its address family, except that an IPv4 VIP forwarded with `ipip` may
+/// have IPv6 backends (IPv4 in IPv6, for an IPv6-only backend network). `l2` cannot change the
+/// family (it rewrites MAC addresses only), and an IPv6 VIP is never carried in IPv4.
+fn families_fit(vip: IpAddr, forward: Forward, backend: IpAddr) -> bool {
+    vip.is_ipv6() == backend.is_ipv6() || (vip.is_ipv4() && forward == Forward::Ipip)
+}
+
+fn family(addr: IpAddr) -> &'static str {
+    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
 fn validate_key(key: &ServiceKey) -> Result<(), StateError> {
@@ -158,9 +185,19 @@ fn validate_key(key: &ServiceKey) -> Result<(), StateError> {
     Ok(())
 }
 
-fn validate_backend(key: &ServiceKey, b: &BackendConfig) -> Result<(), StateError> {
+fn validate_backend(
+    key: &ServiceKey,
+    forward: Forward,
+    b: &BackendConfig,
+) -> Result<(), StateError> {
     if !is_host_address(b.addr) {
         return Err(StateError::BadBackendAddress {
+            key: *key,
+            addr: b.addr,
+        });
+    }
+    if !families_fit(key.addr, forward, b.addr) {
+        return Err(StateError::FamilyMismatch {
             key: *key,
             addr: b.addr,
         });
@@ -221,7 +258,7 @@ pub(crate) fn validate_spec(spec: &VipConfig) -> Result<(), StateError> {
         })?;
     let mut seen = BTreeSet::new();
     for b in &spec.backends {
-        validate_backend(&spec.key, b)?;
+        validate_backend(&spec.key, spec.forward, b)?;
         if !seen.insert(b.addr) {
             return Err(StateError::DuplicateBackend {
                 key: spec.key,
@@ -266,8 +303,8 @@ impl DesiredState {
     }
 
     /// Every distinct backend address over all VIPs.
-    pub(crate) fn backend_addrs(&self) -> Vec<Ipv4Addr> {
-        let set: BTreeSet<Ipv4Addr> = self
+    pub(crate) fn backend_addrs(&self) -> Vec<IpAddr> {
+        let set: BTreeSet<IpAddr> = self
             .vips
             .values()
             .flat_map(|v| v.backends.iter().map(|b| b.addr))
@@ -316,7 +353,7 @@ impl DesiredState {
     fn existing_backend(
         &self,
         key: &ServiceKey,
-        addr: Ipv4Addr,
+        addr: IpAddr,
     ) -> Result<(VipConfig, usize), StateError> {
         let spec = self.existing(key)?.clone();
         let i = spec
@@ -384,7 +421,7 @@ impl DesiredState {
     pub(crate) fn plan_backend_add(
         &self,
         key: &ServiceKey,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         weight: u32,
         backup: bool,
         check: &CheckPatch,
@@ -395,7 +432,7 @@ impl DesiredState {
         if !check.is_empty() {
             backend.check = Some(spec.check.patched(check));
         }
-        validate_backend(key, &backend)?;
+        validate_backend(key, spec.forward, &backend)?;
         if spec.backends.iter().any(|b| b.addr == addr) {
             return Err(StateError::DuplicateBackend { key: *key, addr });
         }
@@ -407,7 +444,7 @@ impl DesiredState {
     pub(crate) fn plan_backend_del(
         &self,
         key: &ServiceKey,
-        addr: Ipv4Addr,
+        addr: IpAddr,
     ) -> Result<VipConfig, StateError> {
         let (mut spec, i) = self.existing_backend(key, addr)?;
         spec.backends.remove(i);
@@ -419,7 +456,7 @@ impl DesiredState {
     pub(crate) fn plan_backend_set_weight(
         &self,
         key: &ServiceKey,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         weight: u32,
     ) -> Result<VipConfig, StateError> {
         let (mut spec, i) = self.existing_backend(key, addr)?;
@@ -430,7 +467,8 @@ impl DesiredState {
             b.drained_from = None;
         }
         b.weight = weight;
-        validate_backend(key, b)?;
+        let b = b.clone();
+        validate_backend(key, spec.forward, &b)?;
         Ok(spec)
     }
 
@@ -438,7 +476,7 @@ impl DesiredState {
     pub(crate) fn plan_backend_drain(
         &self,
         key: &ServiceKey,
-        addr: Ipv4Addr,
+        addr: IpAddr,
     ) -> Result<VipConfig, StateError> {
         let (mut spec, i) = self.existing_backend(key, addr)?;
         let b = &mut spec.backends[i];
@@ -455,7 +493,7 @@ impl DesiredState {
     pub(crate) fn plan_backend_undrain(
         &self,
         key: &ServiceKey,
-        addr: Ipv4Addr,
+        addr: IpAddr,
     ) -> Result<VipConfig, StateError> {
         let (mut spec, i) = self.existing_backend(key, addr)?;
         let b = &mut spec.backends[i];
@@ -534,13 +572,13 @@ mod tests {
 
     fn key(port: u16) -> ServiceKey {
         ServiceKey {
-            addr: Ipv4Addr::new(10, 111, 100, 1),
+            addr: IpAddr::from([10, 111, 100, 1]),
             port,
             proto: Proto::Tcp,
         }
     }
-    fn be(last: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 111, 1, last)
+    fn be(last: u8) -> IpAddr {
+        IpAddr::from([10, 111, 1, last])
     }
     fn spec(port: u16, backends: &[(u8, u32)]) -> VipConfig {
         let mut v = VipConfig::new(key(port), Forward::Ipip);
@@ -610,7 +648,7 @@ mod tests {
             Err(StateError::PortZero(_))
         ));
         let bad_addr = ServiceKey {
-            addr: Ipv4Addr::UNSPECIFIED,
+            addr: IpAddr::from([0, 0, 0, 0]),
             ..key(80)
         };
         assert!(matches!(
@@ -638,7 +676,7 @@ mod tests {
                 .is_ok()
         );
         assert!(matches!(
-            state.plan_backend_add(&key(80), Ipv4Addr::UNSPECIFIED, 1, false, &none()),
+            state.plan_backend_add(&key(80), IpAddr::from([0, 0, 0, 0]), 1, false, &none()),
             Err(StateError::BadBackendAddress { .. })
         ));
         assert!(matches!(
@@ -874,6 +912,89 @@ mod tests {
         assert_eq!(s.vip_count(), 2);
         assert_eq!(s.backend_count(), 3);
         assert_eq!(s.backend_addrs(), vec![be(11), be(12)]);
+    }
+
+    #[test]
+    fn a_vips_backends_have_its_family_except_ipv4_in_ipv6() {
+        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let key6 = ServiceKey {
+            addr: v6("fd11:100::1"),
+            ..key(80)
+        };
+        let state = DesiredState::from_specs([
+            spec(80, &[]),
+            VipConfig::new(key(81), Forward::L2),
+            VipConfig::new(key6, Forward::Ipip),
+        ])
+        .unwrap();
+        // Same family: fine, for IPv6 too; the VIP is written [ADDR]:PORT.
+        let s = state
+            .plan_backend_add(&key6, v6("fd11:2::11"), 1, false, &none())
+            .unwrap();
+        assert_eq!(s.key.to_string(), "[fd11:100::1]:80/tcp");
+        // An IPv4 VIP with ipip may have IPv6 backends (IPv4 in IPv6)…
+        assert!(
+            state
+                .plan_backend_add(&key(80), v6("fd11:2::11"), 1, false, &none())
+                .is_ok()
+        );
+        // …but not with l2, and an IPv6 VIP never has IPv4 backends.
+        assert_eq!(
+            state
+                .plan_backend_add(&key(81), v6("fd11:2::11"), 1, false, &none())
+                .unwrap_err()
+                .to_string(),
+            "backend fd11:2::11 is IPv6, VIP 10.111.100.1:81/tcp is IPv4: a VIP's backends have its address family (an IPv4 VIP with --forward ipip may have IPv6 backends: IPv4 in IPv6)"
+        );
+        assert_eq!(
+            state
+                .plan_backend_add(&key6, be(11), 1, false, &none())
+                .unwrap_err()
+                .to_string(),
+            "backend 10.111.1.11 is IPv4, VIP [fd11:100::1]:80/tcp is IPv6: a VIP's backends have its address family (an IPv4 VIP with --forward ipip may have IPv6 backends: IPv4 in IPv6)"
+        );
+        // IPv6 addresses that name no host: refused as VIPs and as backends.
+        for bad in ["::", "ff02::1", "fe80::1", "::ffff:10.111.1.11"] {
+            assert!(
+                matches!(
+                    state.plan_backend_add(&key6, v6(bad), 1, false, &none()),
+                    Err(StateError::BadBackendAddress { .. })
+                ),
+                "{bad}"
+            );
+            let vip = ServiceKey {
+                addr: v6(bad),
+                ..key6
+            };
+            assert!(
+                matches!(
+                    state.plan_vip_add(vip, Forward::L2, &none(), &no_policy()),
+                    Err(StateError::BadVipAddress(..))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn ipv6_vips_round_trip_through_the_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let mut v6 = VipConfig::new(
+            ServiceKey {
+                addr: "fd11:100::1".parse().unwrap(),
+                ..key(80)
+            },
+            Forward::L2,
+        );
+        v6.backends = vec![BackendConfig::new("fd11:2::11".parse().unwrap(), 2)];
+        let state = DesiredState::from_specs([spec(80, &[(11, 1)]), v6]).unwrap();
+        save(&path, &state).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        // Addresses are strings of either family, as IPv4 ones always were.
+        assert!(text.contains(r#""addr": "fd11:100::1""#), "{text}");
+        assert!(text.contains(r#""addr": "10.111.100.1""#), "{text}");
+        assert_eq!(load(&path).unwrap().unwrap(), state);
     }
 
     #[test]

@@ -11,14 +11,14 @@ use crate::{
     dataplane::XdpModeChoice,
     model::{
         DEFAULT_WEIGHT, Forward, Proto, ServiceKey,
-        addr::{ParseError, parse_addr_port, parse_ipv4, parse_prefix},
+        addr::{ParseError, parse_addr_port, parse_ip, parse_prefix},
         check::{CheckError, CheckPatch, parse_duration, parse_kind},
         flows::{ClientPrefix, CountBy, FlowFilter},
         policy::{PolicyError, PolicyPatch, RateSetting, parse_burst, parse_list},
     },
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{net::IpAddr, path::PathBuf};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -124,7 +124,7 @@ pub(crate) struct DetachArgs {
 /// A virtual service on the command line: its address and port, and `--proto`.
 #[derive(Clone, Debug, Args)]
 pub(crate) struct VipRef {
-    /// The VIP, ADDR:PORT (e.g. 10.111.100.1:80).
+    /// The VIP, ADDR:PORT, IPv6 in brackets (e.g. 10.111.100.1:80, [2001:db8::100]:80).
     pub(crate) vip: String,
     /// The VIP's protocol.
     #[arg(long, value_enum, default_value = "tcp")]
@@ -147,14 +147,15 @@ impl VipRef {
 pub(crate) struct BackendRef {
     #[command(flatten)]
     pub(crate) vip: VipRef,
-    /// The backend's IPv4 address (no port: direct server return keeps the VIP's port).
+    /// The backend's address, of the VIP's family (an IPv4 VIP forwarded with ipip may also
+    /// have IPv6 backends); no port: direct server return keeps the VIP's port.
     pub(crate) backend: String,
 }
 
 impl BackendRef {
     /// The VIP's key and the backend's address; the VIP is checked first.
-    pub(crate) fn keys(&self) -> Result<(ServiceKey, Ipv4Addr), ParseError> {
-        Ok((self.vip.key()?, parse_ipv4(&self.backend)?))
+    pub(crate) fn keys(&self) -> Result<(ServiceKey, IpAddr), ParseError> {
+        Ok((self.vip.key()?, parse_ip(&self.backend)?))
     }
 }
 
@@ -182,7 +183,8 @@ pub(crate) struct StatsArgs {
 /// into a `FlowFilter` by `to_filter`. Every one given must match.
 #[derive(Clone, Debug, Default, Args)]
 pub(crate) struct FilterArgs {
-    /// Only the flows of this VIP, ADDR:PORT (its protocol: --proto, default tcp).
+    /// Only the flows of this VIP, ADDR:PORT or [ADDR]:PORT (its protocol: --proto, default
+    /// tcp).
     pub(crate) vip: Option<String>,
     /// Only flows of this protocol [default: both; with a VIP: tcp].
     #[arg(long, value_enum)]
@@ -190,7 +192,7 @@ pub(crate) struct FilterArgs {
     /// Only the flows pinned to this backend (a backend of the VIP, or of any VIP).
     #[arg(long, value_name = "ADDR")]
     pub(crate) backend: Option<String>,
-    /// Only the flows from clients in this prefix (ADDR/LEN, or one address).
+    /// Only the flows from clients in this IPv4 prefix (ADDR/LEN, or one address).
     #[arg(long, value_name = "CIDR")]
     pub(crate) client: Option<String>,
 }
@@ -218,7 +220,7 @@ impl FilterArgs {
             vip,
             // With a VIP its key carries the protocol.
             proto: if vip.is_some() { None } else { self.proto },
-            backend: self.backend.as_deref().map(parse_ipv4).transpose()?,
+            backend: self.backend.as_deref().map(parse_ip).transpose()?,
             client,
         })
     }
@@ -1016,7 +1018,7 @@ mod tests {
         let filter = f.filter.to_filter().unwrap();
         assert_eq!(filter.vip.unwrap().to_string(), "10.111.100.1:53/udp");
         assert_eq!(filter.proto, None, "the VIP carries the protocol");
-        assert_eq!(filter.backend, Some(Ipv4Addr::new(10, 111, 1, 11)));
+        assert_eq!(filter.backend, Some(IpAddr::from([10, 111, 1, 11])));
         assert_eq!(filter.client.unwrap().to_string(), "10.111.0.0/16");
 
         let f = flows(&["--proto", "tcp", "--client", "10.111.0.2"]);
@@ -1040,7 +1042,7 @@ mod tests {
         assert!(!all && !json);
         let filter = filter.to_filter().unwrap();
         assert_eq!(filter.vip.unwrap().to_string(), "10.111.100.1:80/tcp");
-        assert_eq!(filter.backend, Some(Ipv4Addr::new(10, 111, 1, 11)));
+        assert_eq!(filter.backend, Some(IpAddr::from([10, 111, 1, 11])));
         let f = flows(&["flush", "--all"]);
         assert!(matches!(
             f.command,
@@ -1186,7 +1188,17 @@ mod tests {
         };
         let (key, addr) = b.keys().unwrap();
         assert_eq!(key.to_string(), "10.111.100.1:80/udp");
-        assert_eq!(addr, Ipv4Addr::new(10, 111, 1, 11));
+        assert_eq!(addr, IpAddr::from([10, 111, 1, 11]));
+        let v6 = BackendRef {
+            vip: VipRef {
+                vip: "[2001:db8::100]:80".into(),
+                proto: Proto::Tcp,
+            },
+            backend: "2001:db8:1::11".into(),
+        };
+        let (key, addr) = v6.keys().unwrap();
+        assert_eq!(key.to_string(), "[2001:db8::100]:80/tcp");
+        assert_eq!(addr, "2001:db8:1::11".parse::<IpAddr>().unwrap());
         let bad = BackendRef {
             vip: VipRef {
                 vip: "10.111.100.1".into(),

@@ -269,7 +269,7 @@ pub(crate) fn flow_table(list: &FlowListReport) -> String {
         .iter()
         .map(|f| {
             vec![
-                format!("{}:{}", f.client, f.client_port),
+                std::net::SocketAddr::new(f.client, f.client_port).to_string(),
                 format!("{}/{}", f.vip, f.proto),
                 f.backend.to_string(),
                 fmt_age(Duration::from_millis(f.age_ms)),
@@ -384,7 +384,7 @@ pub(super) mod tests {
         let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let ms = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
         let address = |last: u8, announced, in_table, reason: Option<&str>| AddressReport {
-            address: std::net::Ipv4Addr::new(10, 111, 100, last),
+            address: std::net::IpAddr::from([10, 111, 100, last]),
             announced,
             in_table,
             reason: reason.map(Into::into),
@@ -445,11 +445,11 @@ pub(super) mod tests {
             walk_ms: 265.04,
         };
         let entry = FlowEntry {
-            client: Ipv4Addr::new(10, 111, 0, 2),
+            client: IpAddr::from([10, 111, 0, 2]),
             client_port: 40312,
             vip: "10.111.100.1:80".into(),
             proto: Proto::Tcp,
-            backend: Ipv4Addr::new(10, 111, 1, 11),
+            backend: IpAddr::from([10, 111, 1, 11]),
             age_ms: 1500,
             origin: Origin::Peer,
         };
@@ -508,12 +508,12 @@ pub(super) mod tests {
         api::{BackendReport, BackendState, BackendSummary, LastCheck},
         model::{Forward, Proto, check::CheckSpec},
     };
-    use std::net::Ipv4Addr;
+    use std::net::IpAddr;
 
     pub(in crate::cli) fn report() -> VipReport {
         VipReport {
             vip: "10.111.100.1:80".into(),
-            address: Ipv4Addr::new(10, 111, 100, 1),
+            address: IpAddr::from([10, 111, 100, 1]),
             port: 80,
             proto: Proto::Tcp,
             forward: Forward::Ipip,
@@ -527,7 +527,7 @@ pub(super) mod tests {
             .into_iter()
             .collect(),
             backends: vec![BackendReport {
-                address: Ipv4Addr::new(10, 111, 1, 11),
+                address: IpAddr::from([10, 111, 1, 11]),
                 weight: 1,
                 state: BackendState::Up,
                 since: "2026-05-20T10:00:00.000Z".into(),
@@ -555,14 +555,14 @@ pub(super) mod tests {
     fn tables_have_the_documented_layout() {
         let vips = vec![VipSummary {
             vip: "10.111.100.1:80".into(),
-            address: Ipv4Addr::new(10, 111, 100, 1),
+            address: IpAddr::from([10, 111, 100, 1]),
             port: 80,
             proto: Proto::Tcp,
             forward: Forward::Ipip,
             check: CheckSpec::default_for(Proto::Tcp),
             backends: vec![
                 BackendSummary {
-                    address: Ipv4Addr::new(10, 111, 1, 11),
+                    address: IpAddr::from([10, 111, 1, 11]),
                     weight: 1,
                     check: None,
                     backup: false,

@@ -9,7 +9,7 @@ use super::{
 use crate::{api::StatsReport, model::Proto, util::fmt_duration};
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::Path,
     time::{Duration, Instant, SystemTime},
 };
@@ -78,7 +78,7 @@ pub(crate) struct VipRates {
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub(crate) struct BackendRates {
-    pub(crate) address: Ipv4Addr,
+    pub(crate) address: IpAddr,
     pub(crate) packets_per_s: Option<f64>,
     pub(crate) bytes_per_s: Option<f64>,
     pub(crate) new_flows_per_s: Option<f64>,
@@ -315,11 +315,11 @@ mod tests {
         assert_eq!(r.reasons["fwd_tx"], None);
         let mut other = cur.clone();
         other.vips[0].proto = Proto::Udp;
-        other.vips[0].backends[0].address = Ipv4Addr::new(10, 111, 1, 99);
+        other.vips[0].backends[0].address = IpAddr::from([10, 111, 1, 99]);
         let r = rates(&prev, &other, Duration::from_secs(1));
         assert_eq!(r.vips[0].bytes_per_s, None);
         let mut moved = cur.clone();
-        moved.vips[0].backends[0].address = Ipv4Addr::new(10, 111, 1, 99);
+        moved.vips[0].backends[0].address = IpAddr::from([10, 111, 1, 99]);
         let r = rates(&prev, &moved, Duration::from_secs(1));
         assert_eq!(r.vips[0].packets_per_s, Some(300.0));
         assert_eq!(r.vips[0].backends[0].packets_per_s, None);

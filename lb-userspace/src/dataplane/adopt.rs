@@ -15,11 +15,11 @@ use crate::model::{
 use lb_common::{BACKEND_F_ACTIVE, Backend, MAX_BACKENDS, MAX_VIPS, RING_SLOTS, maps, ring_index};
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 /// A backend the running data path had taken out of service (its slot inactive): down.
-pub type DownBackend = (ServiceKey, Ipv4Addr);
+pub type DownBackend = (ServiceKey, IpAddr);
 
 fn service_key(key: &lb_common::VipKey) -> Option<ServiceKey> {
     let proto = match key.proto {
@@ -28,7 +28,7 @@ fn service_key(key: &lb_common::VipKey) -> Option<ServiceKey> {
         _ => return None,
     };
     Some(ServiceKey {
-        addr: Ipv4Addr::from(key.addr.to_ne_bytes()),
+        addr: IpAddr::V4(Ipv4Addr::from(key.addr.to_ne_bytes())),
         port: u16::from_be(key.port),
         proto,
     })
@@ -39,7 +39,7 @@ fn service_key(key: &lb_common::VipKey) -> Option<ServiceKey> {
 fn pick_slots(
     claims: Vec<(u32, Backend)>,
     in_ring: &BTreeSet<u32>,
-) -> (Vec<(Ipv4Addr, u32, u32)>, Vec<u32>) {
+) -> (Vec<(IpAddr, u32, u32)>, Vec<u32>) {
     let mut by_addr: BTreeMap<u32, (u32, Backend)> = BTreeMap::new();
     let mut orphans = Vec::new();
     for (slot, b) in claims {
@@ -58,7 +58,13 @@ fn pick_slots(
     }
     let kept = by_addr
         .into_values()
-        .map(|(slot, b)| (Ipv4Addr::from(b.addr.to_ne_bytes()), slot, b.flags))
+        .map(|(slot, b)| {
+            (
+                IpAddr::V4(Ipv4Addr::from(b.addr.to_ne_bytes())),
+                slot,
+                b.flags,
+            )
+        })
         .collect();
     (kept, orphans)
 }
@@ -209,8 +215,8 @@ mod tests {
         assert_eq!(
             kept,
             vec![
-                (Ipv4Addr::new(10, 111, 1, 11), 9, 1),
-                (Ipv4Addr::new(10, 111, 1, 12), 4, 0)
+                (IpAddr::from([10, 111, 1, 11]), 9, 1),
+                (IpAddr::from([10, 111, 1, 12]), 4, 0)
             ]
         );
         assert_eq!(orphans, vec![3]);
@@ -231,7 +237,7 @@ mod tests {
         let s = service_key(&key).unwrap();
         assert_eq!(
             (s.addr, s.port, s.proto),
-            (Ipv4Addr::new(10, 111, 100, 1), 80, Proto::Udp)
+            (IpAddr::from([10, 111, 100, 1]), 80, Proto::Udp)
         );
         assert!(service_key(&lb_common::VipKey { proto: 1, ..key }).is_none());
     }

@@ -6,13 +6,13 @@
 //! call) where the kernel has them, and entry by entry otherwise. The table keeps changing under
 //! any walk: an entry added or evicted meanwhile may be seen or missed.
 
-use super::{Dataplane, DataplaneError, batch, ipv4_be, map_err, take_map};
+use super::{Dataplane, DataplaneError, batch, map_addr, map_err, take_map};
 use aya::maps::{HashMap, IterableMap, MapData, RingBuf};
 use lb_common::{CONFIG_F_FLOW_EVENTS, FLOW_F_PEER, FlowEvent, FlowKey, FlowValue, maps};
 use serde::{Deserialize, Serialize};
 use std::{
     io,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     time::Duration,
 };
@@ -46,9 +46,10 @@ pub struct FlowCounts {
 impl FlowCounts {
     /// Active flows of the backend at `addr` in slot `slot` (a slot's flows count only while the
     /// slot still holds that address).
-    pub fn active_of(&self, slot: u32, addr: Ipv4Addr) -> u64 {
-        self.active
-            .get(&(slot, ipv4_be(addr)))
+    pub fn active_of(&self, slot: u32, addr: IpAddr) -> u64 {
+        map_addr(addr)
+            .ok()
+            .and_then(|addr| self.active.get(&(slot, addr)))
             .copied()
             .unwrap_or(0)
     }

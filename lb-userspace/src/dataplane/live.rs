@@ -800,8 +800,14 @@ impl Dataplane {
         let now = super::flows::monotonic_ns();
         let mut slots = std::collections::HashMap::new();
         for (key, vip) in &self.installed {
+            // Installed VIPs and backends passed `check_vip`: their addresses map.
+            let Ok(vip_key) = super::vip_key(key) else {
+                continue;
+            };
             for (addr, id) in &vip.backends {
-                slots.insert((super::vip_key(key), super::ipv4_be(*addr)), *id);
+                if let Ok(addr) = super::map_addr(*addr) {
+                    slots.insert((vip_key, addr), *id);
+                }
             }
         }
         let map = self

@@ -50,7 +50,7 @@ use lb_common::{
 };
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsFd,
     path::PathBuf,
 };
@@ -82,6 +82,10 @@ pub enum DataplaneError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(
+        "{0} is an IPv6 address: this data path forwards IPv4 only (IPv6 VIPs and backends are accepted by the control plane, not installed)"
+    )]
+    Ipv6(Ipv6Addr),
     #[error("no free VIP slot: at most {MAX_VIPS} VIPs")]
     NoVipSlot,
     #[error(
@@ -173,7 +177,7 @@ pub struct DataplaneOptions {
 struct InstalledVip {
     id: u32,
     half: u32,
-    backends: Vec<(Ipv4Addr, u32)>,
+    backends: Vec<(IpAddr, u32)>,
     /// Whether this VIP lets its address answer ICMP echo (`VipSpec::icmp_echo`).
     icmp_echo: bool,
     /// Its source lists and limits, as installed in `list_half`.
@@ -327,13 +331,22 @@ fn ipv4_be(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
 
-fn vip_key(key: &ServiceKey) -> VipKey {
-    VipKey {
-        addr: ipv4_be(key.addr),
+/// An address of a VIP or backend as this data path's maps hold it: IPv4 only (`check_vip`
+/// refuses IPv6 before anything is written).
+fn map_addr(addr: IpAddr) -> Result<u32, DataplaneError> {
+    match addr {
+        IpAddr::V4(v4) => Ok(ipv4_be(v4)),
+        IpAddr::V6(v6) => Err(DataplaneError::Ipv6(v6)),
+    }
+}
+
+fn vip_key(key: &ServiceKey) -> Result<VipKey, DataplaneError> {
+    Ok(VipKey {
+        addr: map_addr(key.addr)?,
         port: key.port.to_be(),
         proto: key.proto.ip_proto(),
         _pad: 0,
-    }
+    })
 }
 
 impl Dataplane {

@@ -7,7 +7,7 @@ use crate::model::ServiceKey;
 use aya::maps::{MapData, PerCpuArray};
 use lb_common::{TrafficCounters, event, maps, reason};
 use serde::{Deserialize, Serialize};
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
@@ -18,7 +18,7 @@ pub struct Counters {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendStats {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// The backend's slot in the data path (its flows name it), this VIP's only.
     pub slot: u32,
     pub counters: Counters,

@@ -7,7 +7,7 @@
 use super::{
     Dataplane, DataplaneError, InstalledVip,
     firewall::{half_flag, vip_flags},
-    ipv4_be, map_err, ring, vip_key,
+    map_addr, map_err, ring, vip_key,
 };
 use crate::model::{ServiceKey, VipSpec};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
@@ -15,7 +15,7 @@ use lb_common::{
     BACKEND_F_ACTIVE, Backend, TrafficCounters, VIP_ADDR_F_ICMP_ECHO, VipAddr, VipMeta, maps,
     ring_index,
 };
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{collections::BTreeSet, net::IpAddr};
 
 /// Where a new version of a VIP goes: its id, the ring half it writes, and its backends' slots.
 struct Placement {
@@ -23,9 +23,9 @@ struct Placement {
     half: u32,
     is_new: bool,
     /// (address, slot) of the old version.
-    old: Vec<(Ipv4Addr, u32)>,
+    old: Vec<(IpAddr, u32)>,
     /// (address, slot) in spec order.
-    slots: Vec<(Ipv4Addr, u32)>,
+    slots: Vec<(IpAddr, u32)>,
     /// The slots in `slots` that were free before.
     fresh: Vec<u32>,
 }
@@ -33,6 +33,10 @@ struct Placement {
 impl Dataplane {
     /// Check that `spec` fits (VIP slots, backend slots, ring size) without changing anything.
     pub fn check_vip(&self, spec: &VipSpec) -> Result<(), DataplaneError> {
+        vip_key(&spec.key)?;
+        for b in &spec.backends {
+            map_addr(b.addr)?;
+        }
         let existing = self.installed.get(&spec.key);
         if existing.is_none() && self.free_vip_ids.is_empty() {
             return Err(DataplaneError::NoVipSlot);
@@ -87,7 +91,7 @@ impl Dataplane {
     pub fn apply_vip(
         &mut self,
         spec: &VipSpec,
-        down: &BTreeSet<Ipv4Addr>,
+        down: &BTreeSet<IpAddr>,
     ) -> Result<(), DataplaneError> {
         self.check_vip(spec)?;
         let place = self.place(spec)?;
@@ -262,7 +266,7 @@ impl Dataplane {
         &mut self,
         place: &Placement,
         ring: &[usize],
-        down: &BTreeSet<Ipv4Addr>,
+        down: &BTreeSet<IpAddr>,
     ) -> Result<(), DataplaneError> {
         for id in &place.fresh {
             Self::zero_counters(
@@ -309,7 +313,7 @@ impl Dataplane {
         icmp_echo: bool,
     ) -> Result<(), DataplaneError> {
         let addr_entry = self.vip_addr_entry(key, Some(icmp_echo));
-        let key = vip_key(key);
+        let key = vip_key(key)?;
         let old_entry = self.vip_addrs.get(&key.addr, 0).ok();
         let previous_addr = if old_entry != Some(addr_entry) {
             self.vip_addrs
@@ -361,7 +365,7 @@ impl Dataplane {
     fn set_backend(
         &mut self,
         id: u32,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         vip_id: u32,
         flags: u32,
     ) -> Result<(), DataplaneError> {
@@ -369,7 +373,7 @@ impl Dataplane {
             .set(
                 id,
                 Backend {
-                    addr: ipv4_be(addr),
+                    addr: map_addr(addr)?,
                     flags,
                     vip_id,
                     _pad: 0,
@@ -395,7 +399,7 @@ impl Dataplane {
             .get(key)
             .ok_or(DataplaneError::UnknownVip(*key))?;
         let (id, backends) = (vip.id, vip.backends.clone());
-        let kkey = vip_key(key);
+        let kkey = vip_key(key)?;
         self.vips_map.remove(&kkey).map_err(map_err(maps::VIPS))?;
         match self.vip_addr_entry(key, None) {
             VipAddr { vips: 0, .. } => self

@@ -1,8 +1,8 @@
-//! Parsing of the addresses an operator types (`ADDR:PORT` for a VIP, `ADDR` for a backend), with
-//! errors that quote the input and say what was expected, so the CLI and the config file can report
-//! the problem in one line.
+//! Parsing of the addresses an operator types (`ADDR:PORT` for a VIP, `[ADDR]:PORT` for an IPv6
+//! one, `ADDR` for a backend), with errors that quote the input and say what was expected, so the
+//! CLI and the config file can report the problem in one line.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum ParseError {
@@ -14,6 +14,10 @@ pub(crate) enum ParseError {
     BadIpv4 { input: String, addr: String },
     #[error("malformed address {input:?}: not an IPv4 or IPv6 address")]
     BadIp { input: String },
+    #[error(
+        "malformed address {input:?}: an IPv6 VIP is written in brackets, [ADDR]:PORT (e.g. [2001:db8::100]:80)"
+    )]
+    Ipv6NoBrackets { input: String },
     #[error("address {input:?} is an IPv4-mapped IPv6 address: write the IPv4 address, {v4}")]
     Ipv4Mapped { input: String, v4: Ipv4Addr },
     #[error("malformed address {input:?}: {port:?} is not a port (expected 1-65535)")]
@@ -38,9 +42,28 @@ pub(crate) enum ParseError {
     },
 }
 
-/// Parse `ADDR:PORT` (a VIP). Port 0 is rejected: no packet is ever addressed to it.
-pub(crate) fn parse_addr_port(input: &str) -> Result<(Ipv4Addr, u16), ParseError> {
+/// Parse `ADDR:PORT` or `[ADDR]:PORT` (a VIP, IPv4 or IPv6, as std's `SocketAddr` writes them).
+/// Port 0 is rejected: no packet is ever addressed to it. So is an IPv4-mapped IPv6 address (see
+/// [`parse_ip`]).
+pub(crate) fn parse_addr_port(input: &str) -> Result<(IpAddr, u16), ParseError> {
     let owned = || input.to_string();
+    if let Some(rest) = input.strip_prefix('[') {
+        let Some((addr, after)) = rest.split_once(']') else {
+            return Err(ParseError::NotAddrPort { input: owned() });
+        };
+        let addr: Ipv6Addr = addr
+            .parse()
+            .map_err(|_| ParseError::BadIp { input: owned() })?;
+        let addr = not_mapped(input, addr)?;
+        let port = after
+            .strip_prefix(':')
+            .ok_or_else(|| ParseError::MissingPort { input: owned() })?;
+        return Ok((addr, parse_port(input, port)?));
+    }
+    // Without brackets an IPv6 address cannot carry a port: `2001:db8::100:80` is one address.
+    if input.parse::<Ipv6Addr>().is_ok() {
+        return Err(ParseError::Ipv6NoBrackets { input: owned() });
+    }
     let Some((addr, port)) = input.rsplit_once(':') else {
         // A bare address is the common slip; anything else is just not an address.
         return Err(if input.parse::<Ipv4Addr>().is_ok() {
@@ -64,34 +87,37 @@ pub(crate) fn parse_addr_port(input: &str) -> Result<(Ipv4Addr, u16), ParseError
             ParseError::NotAddrPort { input: owned() }
         }
     })?;
-    if port.is_empty() {
-        return Err(ParseError::MissingPort { input: owned() });
-    }
-    let port: u16 = port.parse().map_err(|_| ParseError::BadPort {
-        input: owned(),
-        port: port.to_string(),
-    })?;
-    if port == 0 {
-        return Err(ParseError::PortZero { input: owned() });
-    }
-    Ok((addr, port))
+    Ok((IpAddr::V4(addr), parse_port(input, port)?))
 }
 
-/// Parse a plain IPv4 address (a backend). `ADDR:PORT` is rejected with its own message, because DSR
-/// cannot change the destination port.
-pub(crate) fn parse_ipv4(input: &str) -> Result<Ipv4Addr, ParseError> {
-    if let Ok(addr) = input.parse() {
-        return Ok(addr);
-    }
-    if parse_addr_port(input).is_ok() {
-        return Err(ParseError::UnexpectedPort {
+/// The port of `input` (`ADDR:PORT`): 1-65535.
+fn parse_port(input: &str, port: &str) -> Result<u16, ParseError> {
+    if port.is_empty() {
+        return Err(ParseError::MissingPort {
             input: input.to_string(),
         });
     }
-    Err(ParseError::BadIpv4 {
+    let port: u16 = port.parse().map_err(|_| ParseError::BadPort {
         input: input.to_string(),
-        addr: input.to_string(),
-    })
+        port: port.to_string(),
+    })?;
+    if port == 0 {
+        return Err(ParseError::PortZero {
+            input: input.to_string(),
+        });
+    }
+    Ok(port)
+}
+
+/// `addr` unless it is IPv4-mapped (see [`parse_ip`]).
+fn not_mapped(input: &str, addr: Ipv6Addr) -> Result<IpAddr, ParseError> {
+    match addr.to_ipv4_mapped() {
+        Some(v4) => Err(ParseError::Ipv4Mapped {
+            input: input.to_string(),
+            v4,
+        }),
+        None => Ok(IpAddr::V6(addr)),
+    }
 }
 
 /// Parse a plain address of either family (a backend, a VIP on a backend host). `ADDR:PORT` is
@@ -100,19 +126,17 @@ pub(crate) fn parse_ipv4(input: &str) -> Result<Ipv4Addr, ParseError> {
 /// that form, so it must always mean IPv4, written as IPv4.
 pub(crate) fn parse_ip(input: &str) -> Result<IpAddr, ParseError> {
     match input.parse::<IpAddr>() {
-        Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
-            Some(v4) => Err(ParseError::Ipv4Mapped {
-                input: input.to_string(),
-                v4,
-            }),
-            None => Ok(IpAddr::V6(v6)),
-        },
+        Ok(IpAddr::V6(v6)) => not_mapped(input, v6),
         Ok(v4) => Ok(v4),
         Err(_) if parse_addr_port(input).is_ok() || input.parse::<SocketAddr>().is_ok() => {
             Err(ParseError::UnexpectedPort {
                 input: input.to_string(),
             })
         }
+        Err(_) if looks_like_ipv4(input) => Err(ParseError::BadIpv4 {
+            input: input.to_string(),
+            addr: input.to_string(),
+        }),
         Err(_) => Err(ParseError::BadIp {
             input: input.to_string(),
         }),
@@ -171,16 +195,52 @@ mod tests {
     fn good_addresses_parse() {
         assert_eq!(
             parse_addr_port("10.111.100.1:80").unwrap(),
-            (Ipv4Addr::new(10, 111, 100, 1), 80)
+            (IpAddr::from([10, 111, 100, 1]), 80)
         );
         assert_eq!(
             parse_addr_port("0.0.0.0:65535").unwrap(),
-            (Ipv4Addr::UNSPECIFIED, 65535)
+            (IpAddr::from(Ipv4Addr::UNSPECIFIED), 65535)
         );
         assert_eq!(
-            parse_ipv4("10.111.1.11").unwrap(),
-            Ipv4Addr::new(10, 111, 1, 11)
+            parse_addr_port("[2001:db8::100]:80").unwrap(),
+            ("2001:db8::100".parse().unwrap(), 80)
         );
+        assert_eq!(
+            parse_ip("10.111.1.11").unwrap(),
+            IpAddr::from([10, 111, 1, 11])
+        );
+    }
+
+    #[test]
+    fn ipv6_vips_need_brackets_and_a_port() {
+        for (input, want) in [
+            (
+                "2001:db8::100:80",
+                "malformed address \"2001:db8::100:80\": an IPv6 VIP is written in brackets, [ADDR]:PORT (e.g. [2001:db8::100]:80)",
+            ),
+            (
+                "[2001:db8::100]",
+                "malformed address \"[2001:db8::100]\": missing port (expected ADDR:PORT, e.g. 10.0.0.1:80)",
+            ),
+            (
+                "[2001:db8::100]:0",
+                "malformed address \"[2001:db8::100]:0\": port 0 is not a valid port (expected 1-65535)",
+            ),
+            (
+                "[2001:db8::g]:80",
+                "malformed address \"[2001:db8::g]:80\": not an IPv4 or IPv6 address",
+            ),
+            (
+                "[::ffff:10.111.100.1]:80",
+                "address \"[::ffff:10.111.100.1]:80\" is an IPv4-mapped IPv6 address: write the IPv4 address, 10.111.100.1",
+            ),
+        ] {
+            assert_eq!(parse_addr_port(input).unwrap_err().to_string(), want);
+        }
+        assert!(matches!(
+            parse_addr_port("[2001:db8::100:80").unwrap_err(),
+            ParseError::NotAddrPort { .. }
+        ));
     }
 
     #[test]
@@ -281,7 +341,7 @@ mod tests {
                 "{with_port}"
             );
         }
-        for bad in ["bar", "2001:db8::g", "10.111.1.300", ""] {
+        for bad in ["bar", "2001:db8::g", ""] {
             assert!(
                 matches!(parse_ip(bad).unwrap_err(), ParseError::BadIp { .. }),
                 "{bad}"
@@ -296,16 +356,16 @@ mod tests {
     #[test]
     fn backend_addresses_take_no_port() {
         assert!(matches!(
-            parse_ipv4("10.111.1.11:80").unwrap_err(),
+            parse_ip("10.111.1.11:80").unwrap_err(),
             ParseError::UnexpectedPort { .. }
         ));
         assert!(matches!(
-            parse_ipv4("10.111.1.300").unwrap_err(),
+            parse_ip("10.111.1.300").unwrap_err(),
             ParseError::BadIpv4 { .. }
         ));
         assert!(matches!(
-            parse_ipv4("bar").unwrap_err(),
-            ParseError::BadIpv4 { .. }
+            parse_ip("bar").unwrap_err(),
+            ParseError::BadIp { .. }
         ));
     }
 }

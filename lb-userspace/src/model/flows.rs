@@ -6,11 +6,14 @@
 //! the filter in network order once, so a walk of a million entries compares integers only.
 
 use crate::model::{Proto, ServiceKey, addr::prefix_mask};
-use lb_common::{FLOW_F_PEER, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{Addr, FLOW_F_PEER, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP};
 use serde::{Deserialize, Serialize};
-use std::{fmt, net::Ipv4Addr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
 
-/// A client prefix: the flows whose source address is in it.
+/// A client prefix (IPv4): the flows whose source address is in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientPrefix {
     pub addr: Ipv4Addr,
@@ -42,7 +45,7 @@ pub struct FlowFilter {
     pub proto: Option<Proto>,
     /// Flows pinned to this backend address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend: Option<Ipv4Addr>,
+    pub backend: Option<IpAddr>,
     /// Flows whose client (source) address is in this prefix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<ClientPrefix>,
@@ -58,9 +61,9 @@ impl FlowFilter {
         FlowMatch {
             vip: self
                 .vip
-                .map(|k| (ipv4_be(k.addr), k.port.to_be(), k.proto.ip_proto())),
+                .map(|k| (Addr::from(k.addr), k.port.to_be(), k.proto.ip_proto())),
             proto: self.proto.map(Proto::ip_proto),
-            backend: self.backend.map(ipv4_be),
+            backend: self.backend.map(Addr::from),
             client: self.client.map(|c| {
                 let mask = prefix_mask(c.len);
                 (u32::from(c.addr) & mask, mask)
@@ -95,11 +98,10 @@ impl fmt::Display for FlowFilter {
 /// A `FlowFilter` in the kernel's byte orders, for matching entries of a walk.
 #[derive(Clone, Copy, Debug)]
 pub struct FlowMatch {
-    /// Address and port in network order, IP protocol number.
-    vip: Option<(u32, u16, u8)>,
+    /// Address, port in network order, IP protocol number.
+    vip: Option<(Addr, u16, u8)>,
     proto: Option<u8>,
-    /// Network order.
-    backend: Option<u32>,
+    backend: Option<Addr>,
     /// Prefix and mask, host order (the key's address is swapped once per entry that gets here).
     client: Option<(u32, u32)>,
 }
@@ -108,14 +110,17 @@ impl FlowMatch {
     #[inline]
     pub fn matches(&self, key: &FlowKey, value: &FlowValue) -> bool {
         if let Some((addr, port, proto)) = self.vip
-            && (key.dst_addr, key.dst_port, key.proto) != (addr, port, proto)
+            && (Addr::from_v4(key.dst_addr), key.dst_port, key.proto) != (addr, port, proto)
         {
             return false;
         }
         if self.proto.is_some_and(|p| p != key.proto) {
             return false;
         }
-        if self.backend.is_some_and(|b| b != value.backend_addr) {
+        if self
+            .backend
+            .is_some_and(|b| b != Addr::from_v4(value.backend_addr))
+        {
             return false;
         }
         if let Some((net, mask)) = self.client
@@ -191,22 +196,23 @@ pub fn proto_of(ip_proto: u8) -> Option<Proto> {
 /// A flow key's VIP as a `ServiceKey` (`None` for a protocol other than TCP and UDP).
 pub fn vip_of(key: &FlowKey) -> Option<ServiceKey> {
     Some(ServiceKey {
-        addr: Ipv4Addr::from(u32::from_be(key.dst_addr)),
+        addr: IpAddr::V4(Ipv4Addr::from(u32::from_be(key.dst_addr))),
         port: u16::from_be(key.dst_port),
         proto: proto_of(key.proto)?,
     })
-}
-
-fn ipv4_be(addr: Ipv4Addr) -> u32 {
-    u32::from(addr).to_be()
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
 
-    pub(crate) fn a(s: &str) -> Ipv4Addr {
+    pub(crate) fn a(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    /// An IPv4 address as the flow table holds it (network order).
+    fn be(s: &str) -> u32 {
+        u32::from_ne_bytes(s.parse::<Ipv4Addr>().unwrap().octets())
     }
 
     /// A flow from `client:port` to `vip:80/proto`, pinned to `backend`.
@@ -221,14 +227,14 @@ pub(crate) mod tests {
     ) -> (FlowKey, FlowValue) {
         (
             FlowKey {
-                src_addr: ipv4_be(a(client)),
-                dst_addr: ipv4_be(a(vip)),
+                src_addr: be(client),
+                dst_addr: be(vip),
                 src_port: port.to_be(),
                 dst_port: 80u16.to_be(),
                 proto: proto.ip_proto(),
                 _pad: [0; 3],
             },
-            FlowValue::new(ipv4_be(a(backend)), 0, seen, flags),
+            FlowValue::new(be(backend), 0, seen, flags),
         )
     }
 
@@ -255,7 +261,7 @@ pub(crate) mod tests {
             vip: Some(vip),
             backend: Some(a("10.111.1.11")),
             client: Some(ClientPrefix {
-                addr: a("10.111.0.0"),
+                addr: "10.111.0.0".parse().unwrap(),
                 len: 24,
             }),
             proto: None,
@@ -283,6 +289,11 @@ pub(crate) mod tests {
             backend: Some(a("10.111.1.12")),
             ..Default::default()
         });
+        // An IPv6 address never matches an IPv4 flow.
+        no(FlowFilter {
+            backend: Some(a("fd11:2::11")),
+            ..Default::default()
+        });
         for (prefix, len, hit) in [
             ("10.111.0.2", 32, true),
             ("10.111.0.3", 32, false),
@@ -292,7 +303,7 @@ pub(crate) mod tests {
         ] {
             let f = FlowFilter {
                 client: Some(ClientPrefix {
-                    addr: a(prefix),
+                    addr: prefix.parse().unwrap(),
                     len,
                 }),
                 ..Default::default()
@@ -327,7 +338,7 @@ pub(crate) mod tests {
         let f = FlowFilter {
             proto: Some(Proto::Udp),
             client: Some(ClientPrefix {
-                addr: a("10.111.0.0"),
+                addr: "10.111.0.0".parse().unwrap(),
                 len: 16,
             }),
             ..Default::default()

@@ -10,7 +10,10 @@ pub mod policy;
 
 use crate::model::{check::CheckSpec, policy::SourcePolicy};
 use serde::{Deserialize, Serialize};
-use std::{fmt, net::Ipv4Addr};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
 
 /// L4 protocol of a VIP.
 #[derive(
@@ -83,24 +86,33 @@ impl fmt::Display for Forward {
     }
 }
 
-/// A service's identity: (address, port, protocol).
+/// A service's identity: (address, port, protocol). The address is IPv4 or IPv6 (never an
+/// IPv4-mapped IPv6 one: the parsers refuse those).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ServiceKey {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: Proto,
 }
 
+impl ServiceKey {
+    /// `ADDR:PORT`, IPv6 in brackets (`[2001:db8::100]:80`): how VIPs are typed, listed and
+    /// labelled.
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.addr, self.port)
+    }
+}
+
 impl fmt::Display for ServiceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        write!(f, "{}/{}", self.socket_addr(), self.proto)
     }
 }
 
 /// One backend of a VIP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendSpec {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// Relative share of new flows; 0 takes no new flows (drain).
     pub weight: u32,
 }
@@ -127,7 +139,7 @@ pub const MAX_WEIGHT: u32 = 256;
 /// needs (its own health check, the weight to return to after a drain, whether it is a backup).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendConfig {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub weight: u32,
     /// Replaces the VIP's check for this backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -141,7 +153,7 @@ pub struct BackendConfig {
 }
 
 impl BackendConfig {
-    pub fn new(addr: Ipv4Addr, weight: u32) -> Self {
+    pub fn new(addr: IpAddr, weight: u32) -> Self {
         BackendConfig {
             addr,
             weight,

@@ -57,14 +57,14 @@ fn allow_prefixes(n: u32) -> Vec<Ipv4Net> {
 fn vip_spec(policy: SourcePolicy) -> VipSpec {
     VipSpec {
         key: ServiceKey {
-            addr: VIP,
+            addr: VIP.into(),
             port: PORT,
             proto: Proto::Tcp,
         },
         forward: Forward::L2,
         backends: (0..3)
             .map(|i| BackendSpec {
-                addr: backend(i),
+                addr: backend(i).into(),
                 weight: 1,
             })
             .collect(),

@@ -435,13 +435,16 @@ fn syns(
 fn vip_spec(port: u16, forward: Forward, backends: impl Iterator<Item = Ipv4Addr>) -> VipSpec {
     VipSpec {
         key: ServiceKey {
-            addr: VIP,
+            addr: VIP.into(),
             port,
             proto: Proto::Tcp,
         },
         forward,
         backends: backends
-            .map(|addr| BackendSpec { addr, weight: 1 })
+            .map(|addr| BackendSpec {
+                addr: addr.into(),
+                weight: 1,
+            })
             .collect(),
         icmp_echo: true,
         policy: SourcePolicy::default(),

@@ -21,7 +21,7 @@ use crate::model::ServiceKey;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 /// What a starting node still waits for.
@@ -94,11 +94,15 @@ impl AddressDecision {
     }
 }
 
-/// The decision for every VIP address the node has.
+/// The decision for every IPv4 VIP address the node has. IPv6 VIPs are not announced: the
+/// routes this module keeps are IPv4 host routes, and the data path does not serve IPv6 VIPs yet.
 pub(crate) fn decide(inputs: &NodeInputs) -> BTreeMap<Ipv4Addr, AddressDecision> {
     let mut out: BTreeMap<Ipv4Addr, AddressDecision> = BTreeMap::new();
     for v in &inputs.vips {
-        let d = out.entry(v.key.addr).or_insert_with(|| AddressDecision {
+        let IpAddr::V4(addr) = v.key.addr else {
+            continue;
+        };
+        let d = out.entry(addr).or_insert_with(|| AddressDecision {
             withheld: None,
             vips: Vec::new(),
             serving: 0,
@@ -140,7 +144,7 @@ mod tests {
     fn vip(last: u8, port: u16, proto: Proto, serving: u32) -> VipServing {
         VipServing {
             key: ServiceKey {
-                addr: Ipv4Addr::new(10, 111, 100, last),
+                addr: Ipv4Addr::new(10, 111, 100, last).into(),
                 port,
                 proto,
             },
@@ -188,8 +192,11 @@ mod tests {
                 Ipv4Addr::new(10, 111, 100, 3)
             ]
         );
-        // No VIPs: nothing to decide.
+        // No VIPs: nothing to decide. An IPv6 VIP is not announced (IPv4 host routes only).
         assert!(decide(&inputs(Vec::new())).is_empty());
+        let mut v6 = vip(1, 80, Proto::Tcp, 3);
+        v6.key.addr = "fd11:100::1".parse().unwrap();
+        assert!(decide(&inputs(vec![v6])).is_empty());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::decide::Starting;
 use crate::{agent::health::ProbeTarget, model::ServiceKey, sync::PeerStartup};
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -34,7 +34,7 @@ enum PeerWait {
 pub(crate) struct StartGate {
     began: Instant,
     /// Checked backends without a first result, with the generation of their check.
-    health: BTreeMap<(ServiceKey, Ipv4Addr), u64>,
+    health: BTreeMap<(ServiceKey, IpAddr), u64>,
     health_deadline: Instant,
     peers: BTreeMap<SocketAddr, PeerWait>,
     peer_deadline: Instant,
@@ -67,7 +67,7 @@ impl StartGate {
     }
 
     /// A check result arrived.
-    pub(crate) fn health_result(&mut self, key: ServiceKey, addr: Ipv4Addr, generation: u64) {
+    pub(crate) fn health_result(&mut self, key: ServiceKey, addr: IpAddr, generation: u64) {
         if self.health.get(&(key, addr)) == Some(&generation) {
             self.health.remove(&(key, addr));
         }
@@ -153,13 +153,13 @@ mod tests {
 
     fn key() -> ServiceKey {
         ServiceKey {
-            addr: Ipv4Addr::new(10, 111, 100, 1),
+            addr: IpAddr::from([10, 111, 100, 1]),
             port: 80,
             proto: Proto::Tcp,
         }
     }
-    fn be(last: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 111, 1, last)
+    fn be(last: u8) -> IpAddr {
+        IpAddr::from([10, 111, 1, last])
     }
     fn target(last: u8, timeout_ms: u64) -> ProbeTarget {
         let mut check = CheckSpec::default_for(Proto::Tcp);

@@ -33,7 +33,7 @@ pub(crate) use routes::RouteTable;
 use routes::TableState;
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -558,7 +558,7 @@ impl Announcer {
                 .decisions
                 .iter()
                 .map(|(addr, d)| AddressReport {
-                    address: *addr,
+                    address: IpAddr::V4(*addr),
                     announced: d.announced(),
                     in_table: table.present.contains(addr),
                     reason: d.withheld.map(|w| w.to_string()),

@@ -10,7 +10,7 @@ use crate::{
 use lb_common::FlowEvent;
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 #[derive(Default)]
@@ -24,7 +24,7 @@ pub(crate) struct FakeDataplane {
     pub(crate) fail_remove: bool,
     pub(crate) apply_calls: usize,
     /// The `down` set of every successful `apply_vip`, in order.
-    pub(crate) down_log: Vec<(ServiceKey, BTreeSet<Ipv4Addr>)>,
+    pub(crate) down_log: Vec<(ServiceKey, BTreeSet<IpAddr>)>,
     /// Flows installed from peers, in order.
     pub(crate) flows: Vec<FlowEvent>,
     /// Every `set_vip_debug` call, in order.
@@ -36,8 +36,11 @@ pub(crate) struct FakeDataplane {
 }
 
 /// The slot a backend gets here: its address's last byte.
-pub(crate) fn slot_of(addr: Ipv4Addr) -> u32 {
-    u32::from(addr.octets()[3])
+pub(crate) fn slot_of(addr: IpAddr) -> u32 {
+    u32::from(match addr {
+        IpAddr::V4(v4) => v4.octets()[3],
+        IpAddr::V6(v6) => v6.octets()[15],
+    })
 }
 
 /// Flow counts as a walk of the fake's table would find them: `per_backend` active flows for
@@ -48,17 +51,20 @@ pub(crate) fn flow_counts(dp: &FakeDataplane, entries: u64, per_backend: u64) ->
         ..Default::default()
     };
     for b in dp.applied.values().flat_map(|v| &v.backends) {
-        counts.active.insert(
-            (slot_of(b.addr), u32::from_ne_bytes(b.addr.octets())),
-            per_backend,
-        );
+        // The flow table holds IPv4 backends (network order) only.
+        if let IpAddr::V4(v4) = b.addr {
+            counts.active.insert(
+                (slot_of(b.addr), u32::from_ne_bytes(v4.octets())),
+                per_backend,
+            );
+        }
     }
     counts
 }
 
 impl FakeDataplane {
     /// The down set the VIP was last applied with.
-    pub(crate) fn down(&self, key: &ServiceKey) -> Option<&BTreeSet<Ipv4Addr>> {
+    pub(crate) fn down(&self, key: &ServiceKey) -> Option<&BTreeSet<IpAddr>> {
         self.down_log
             .iter()
             .rev()
@@ -82,7 +88,7 @@ impl DataplaneOps for FakeDataplane {
             _ => Ok(()),
         }
     }
-    fn apply_vip(&mut self, spec: &VipSpec, down: &BTreeSet<Ipv4Addr>) -> Result<(), FakeError> {
+    fn apply_vip(&mut self, spec: &VipSpec, down: &BTreeSet<IpAddr>) -> Result<(), FakeError> {
         self.apply_calls += 1;
         if self.fail_applies > 0 {
             self.fail_applies -= 1;
@@ -122,7 +128,7 @@ impl DataplaneOps for FakeDataplane {
                             addr: b.addr,
                             slot: slot_of(b.addr),
                             counters: Counters {
-                                packets: u64::from(b.addr.octets()[3]),
+                                packets: u64::from(slot_of(b.addr)),
                                 bytes: 100,
                                 new_flows: 1,
                             },

@@ -36,7 +36,7 @@ use crate::{
     util::BoxError,
 };
 use lb_common::FlowEvent;
-use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf, sync::Arc, time::SystemTime};
+use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, sync::Arc, time::SystemTime};
 
 /// What the controller needs from a data path.
 pub(crate) trait DataplaneOps {
@@ -45,7 +45,7 @@ pub(crate) trait DataplaneOps {
     fn check_vip(&self, spec: &VipSpec) -> Result<(), Self::Error>;
     /// Install or replace a VIP whose backends in `down` failed their health checks (they get no
     /// new flows and their flows are re-steered); on error nothing has changed.
-    fn apply_vip(&mut self, spec: &VipSpec, down: &BTreeSet<Ipv4Addr>) -> Result<(), Self::Error>;
+    fn apply_vip(&mut self, spec: &VipSpec, down: &BTreeSet<IpAddr>) -> Result<(), Self::Error>;
     /// Remove a VIP; on error nothing has changed.
     fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), Self::Error>;
     /// The counters, summed (cheap: no walk of the flow table; active flows are 0).
@@ -68,11 +68,7 @@ impl DataplaneOps for Dataplane {
     fn check_vip(&self, spec: &VipSpec) -> Result<(), DataplaneError> {
         Dataplane::check_vip(self, spec)
     }
-    fn apply_vip(
-        &mut self,
-        spec: &VipSpec,
-        down: &BTreeSet<Ipv4Addr>,
-    ) -> Result<(), DataplaneError> {
+    fn apply_vip(&mut self, spec: &VipSpec, down: &BTreeSet<IpAddr>) -> Result<(), DataplaneError> {
         Dataplane::apply_vip(self, spec, down)
     }
     fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
@@ -153,7 +149,7 @@ impl<D: DataplaneOps> Controller<D> {
         dp: D,
         state_path: PathBuf,
         initial: DesiredState,
-        down: &BTreeSet<(ServiceKey, Ipv4Addr)>,
+        down: &BTreeSet<(ServiceKey, IpAddr)>,
     ) -> Result<Self, ControllerError> {
         let mut ctl = Controller {
             dp,
@@ -473,7 +469,7 @@ impl<D: DataplaneOps> Controller<D> {
     pub(crate) fn backend_add(
         &mut self,
         key: &ServiceKey,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         weight: u32,
         backup: bool,
         check: &CheckPatch,
@@ -488,7 +484,7 @@ impl<D: DataplaneOps> Controller<D> {
     pub(crate) fn backend_del(
         &mut self,
         key: &ServiceKey,
-        addr: Ipv4Addr,
+        addr: IpAddr,
     ) -> Result<(), ControllerError> {
         let new = self.state.plan_backend_del(key, addr)?;
         let old = self.state.get(key).cloned();
@@ -498,7 +494,7 @@ impl<D: DataplaneOps> Controller<D> {
     pub(crate) fn backend_set_weight(
         &mut self,
         key: &ServiceKey,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         weight: u32,
     ) -> Result<(), ControllerError> {
         let new = self.state.plan_backend_set_weight(key, addr, weight)?;
@@ -509,7 +505,7 @@ impl<D: DataplaneOps> Controller<D> {
     pub(crate) fn backend_drain(
         &mut self,
         key: &ServiceKey,
-        addr: Ipv4Addr,
+        addr: IpAddr,
     ) -> Result<(), ControllerError> {
         let new = self.state.plan_backend_drain(key, addr)?;
         let old = self.state.get(key).cloned();
@@ -519,7 +515,7 @@ impl<D: DataplaneOps> Controller<D> {
     pub(crate) fn backend_undrain(
         &mut self,
         key: &ServiceKey,
-        addr: Ipv4Addr,
+        addr: IpAddr,
     ) -> Result<(), ControllerError> {
         let new = self.state.plan_backend_undrain(key, addr)?;
         let old = self.state.get(key).cloned();
@@ -619,7 +615,7 @@ impl<D: DataplaneOps> Controller<D> {
             .unwrap_or_default()
     }
 
-    fn backend_check_summary(&self, key: &ServiceKey, addr: Ipv4Addr) -> String {
+    fn backend_check_summary(&self, key: &ServiceKey, addr: IpAddr) -> String {
         self.state
             .get(key)
             .and_then(|v| {
@@ -631,7 +627,7 @@ impl<D: DataplaneOps> Controller<D> {
             .unwrap_or_default()
     }
 
-    fn weight_of(&self, key: &ServiceKey, addr: Ipv4Addr) -> u32 {
+    fn weight_of(&self, key: &ServiceKey, addr: IpAddr) -> u32 {
         self.state
             .get(key)
             .and_then(|v| v.backends.iter().find(|b| b.addr == addr))

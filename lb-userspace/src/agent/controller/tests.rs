@@ -17,15 +17,18 @@ fn none() -> CheckPatch {
     CheckPatch::default()
 }
 
+/// The VIP address of `key`, as the announcer keys its decisions.
+const IPV4_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 111, 100, 1);
+
 fn key(port: u16) -> ServiceKey {
     ServiceKey {
-        addr: Ipv4Addr::new(10, 111, 100, 1),
+        addr: IpAddr::V4(IPV4_VIP),
         port,
         proto: Proto::Tcp,
     }
 }
-fn be(last: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 111, 1, last)
+fn be(last: u8) -> IpAddr {
+    IpAddr::from([10, 111, 1, last])
 }
 
 struct Fixture {
@@ -485,14 +488,14 @@ fn checked_fixture() -> Fixture {
 }
 
 /// Feed a check result for `addr` under its current check configuration.
-fn feed(ctl: &mut Controller<FakeDataplane>, addr: Ipv4Addr, ok: bool, detail: &str) {
+fn feed(ctl: &mut Controller<FakeDataplane>, addr: IpAddr, ok: bool, detail: &str) {
     feed_on(ctl, addr, ok, detail, None);
 }
 
 /// The same, with a PostgreSQL primary's timeline.
 fn feed_on(
     ctl: &mut Controller<FakeDataplane>,
-    addr: Ipv4Addr,
+    addr: IpAddr,
     ok: bool,
     detail: &str,
     timeline: Option<u32>,
@@ -518,7 +521,7 @@ fn feed_on(
 }
 
 /// The weights `key` was last applied with, by backend.
-fn applied_weights(ctl: &Controller<FakeDataplane>, key: &ServiceKey) -> Vec<(Ipv4Addr, u32)> {
+fn applied_weights(ctl: &Controller<FakeDataplane>, key: &ServiceKey) -> Vec<(IpAddr, u32)> {
     ctl.dataplane().applied[key]
         .backends
         .iter()
@@ -678,7 +681,7 @@ fn unreadable_check_files_are_refused_and_change_nothing() {
     assert_eq!(f.on_disk(), before);
 }
 
-fn state_of(ctl: &Controller<FakeDataplane>, addr: Ipv4Addr) -> BackendState {
+fn state_of(ctl: &Controller<FakeDataplane>, addr: IpAddr) -> BackendState {
     let r = ctl.backend_list(&key(80)).unwrap();
     r.backends.iter().find(|b| b.address == addr).unwrap().state
 }
@@ -1038,7 +1041,7 @@ fn node_view_counts_serving_backends_for_the_announcement() {
             starting: None,
             adopted: Default::default(),
             vips: view.vips,
-        })[&key(80).addr]
+        })[&IPV4_VIP]
             .clone()
     };
     assert_eq!(decided(&f.ctl).serving, 3);

@@ -36,7 +36,7 @@ use selection::{Election, Health, Member, Note, Plan};
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
     time::{Duration, SystemTime},
 };
 
@@ -197,7 +197,7 @@ fn role_checked(check: &CheckSpec) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ProbeTarget {
     pub(crate) key: ServiceKey,
-    pub(crate) addr: Ipv4Addr,
+    pub(crate) addr: IpAddr,
     pub(crate) port: u16,
     pub(crate) check: CheckSpec,
     pub(crate) generation: u64,
@@ -207,7 +207,7 @@ pub(crate) struct ProbeTarget {
 #[derive(Clone, Debug)]
 pub(crate) struct CheckReport {
     pub(crate) key: ServiceKey,
-    pub(crate) addr: Ipv4Addr,
+    pub(crate) addr: IpAddr,
     pub(crate) generation: u64,
     pub(crate) result: CheckResult,
 }
@@ -216,7 +216,7 @@ pub(crate) struct CheckReport {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Transition {
     pub(crate) key: ServiceKey,
-    pub(crate) addr: Ipv4Addr,
+    pub(crate) addr: IpAddr,
     pub(crate) up: bool,
     /// Consecutive checks that caused it.
     pub(crate) count: u32,
@@ -323,7 +323,7 @@ impl Entry {
 /// Health of every backend of every VIP, kept by the controller.
 #[derive(Debug, Default)]
 pub(crate) struct HealthBook {
-    entries: BTreeMap<(ServiceKey, Ipv4Addr), Entry>,
+    entries: BTreeMap<(ServiceKey, IpAddr), Entry>,
     next_generation: u64,
     /// Per VIP with `postgres:primary` checks: the election last applied (its winner is the
     /// incumbent of the next one).
@@ -409,7 +409,7 @@ impl HealthBook {
     /// backends are left as they are.
     pub(crate) fn start_down(
         &mut self,
-        backends: impl IntoIterator<Item = (ServiceKey, Ipv4Addr)>,
+        backends: impl IntoIterator<Item = (ServiceKey, IpAddr)>,
         now: SystemTime,
     ) -> usize {
         let mut n = 0;
@@ -467,7 +467,7 @@ impl HealthBook {
 
     /// What the data path gets for `vip`: its spec with the weights the rules give (a standing-by
     /// backup at 0), and the backends that get no new flows and whose flows are re-steered.
-    pub(crate) fn plan(&self, vip: &VipConfig) -> (VipSpec, BTreeSet<Ipv4Addr>) {
+    pub(crate) fn plan(&self, vip: &VipConfig) -> (VipSpec, BTreeSet<IpAddr>) {
         let (_, plan) = self.decide(vip);
         let mut spec = vip.spec();
         for b in &mut spec.backends {
@@ -580,7 +580,7 @@ impl HealthBook {
         })
     }
 
-    pub(crate) fn status(&self, key: &ServiceKey, addr: Ipv4Addr) -> Option<BackendHealth> {
+    pub(crate) fn status(&self, key: &ServiceKey, addr: IpAddr) -> Option<BackendHealth> {
         self.entries.get(&(*key, addr)).map(|e| BackendHealth {
             state: e.shown,
             since: e.since,

@@ -7,7 +7,7 @@ use super::{
     probe::{HttpClients, OwnClient, probe},
 };
 use crate::model::ServiceKey;
-use std::{collections::HashMap, net::Ipv4Addr, sync::Arc};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -23,7 +23,7 @@ pub(crate) struct Monitor {
     cancel: CancellationToken,
     tasks: TaskTracker,
     /// The running tasks: their target's generation and their token.
-    running: HashMap<(ServiceKey, Ipv4Addr), (u64, CancellationToken)>,
+    running: HashMap<(ServiceKey, IpAddr), (u64, CancellationToken)>,
 }
 
 impl Monitor {
@@ -48,7 +48,7 @@ impl Monitor {
 
     /// Start tasks for new targets, restart those whose generation changed, stop the rest.
     pub(crate) fn sync(&mut self, targets: Vec<ProbeTarget>) {
-        let wanted: HashMap<(ServiceKey, Ipv4Addr), ProbeTarget> =
+        let wanted: HashMap<(ServiceKey, IpAddr), ProbeTarget> =
             targets.into_iter().map(|t| ((t.key, t.addr), t)).collect();
         self.running.retain(|id, (generation, token)| {
             let keep = wanted.get(id).is_some_and(|t| t.generation == *generation);

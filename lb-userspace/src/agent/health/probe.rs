@@ -268,12 +268,12 @@ async fn http_check(
 pub(super) mod tests {
     use super::*;
     use crate::model::{Proto, ServiceKey, check::CheckSpec};
-    use std::{net::Ipv4Addr, time::Duration};
+    use std::{net::IpAddr, time::Duration};
     use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpListener};
 
     fn key() -> ServiceKey {
         ServiceKey {
-            addr: Ipv4Addr::new(10, 111, 100, 1),
+            addr: IpAddr::from([10, 111, 100, 1]),
             port: 80,
             proto: Proto::Tcp,
         }
@@ -290,7 +290,7 @@ pub(super) mod tests {
         f(&mut check);
         ProbeTarget {
             key: key(),
-            addr: Ipv4Addr::LOCALHOST,
+            addr: IpAddr::from([127, 0, 0, 1]),
             port,
             check,
             generation: 1,
@@ -299,10 +299,19 @@ pub(super) mod tests {
 
     /// A one-shot HTTP server on 127.0.0.1 answering every connection with `response`.
     async fn http_server(response: &'static str) -> u16 {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
+        http_server_on(IpAddr::from([127, 0, 0, 1]), response).await
+    }
+
+    /// An HTTP server on `addr` answering every connection with `response`; the request must
+    /// name `addr` and the port as its host (IPv6 in brackets).
+    async fn http_server_on(addr: IpAddr, response: &'static str) -> u16 {
+        let l = TcpListener::bind((addr, 0)).await.unwrap();
+        let local = l.local_addr().unwrap();
+        let host = format!("host: {local}\r\n");
+        let port = local.port();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
+                let host = host.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut got = Vec::new();
@@ -314,7 +323,7 @@ pub(super) mod tests {
                     }
                     let req = String::from_utf8_lossy(&got);
                     assert!(req.starts_with("GET /healthz HTTP/1.1\r\n"), "{req}");
-                    assert!(req.to_lowercase().contains("host: 127.0.0.1:"), "{req}");
+                    assert!(req.to_lowercase().contains(&host), "{req}");
                     let _ = s.write_all(response.as_bytes()).await;
                 });
             }
@@ -370,6 +379,35 @@ pub(super) mod tests {
             (r.ok, r.detail.as_str(), r.timeline),
             (false, "connection refused", None)
         );
+    }
+
+    #[tokio::test]
+    async fn tcp_and_http_checks_reach_ipv6_backends() {
+        let clients = HttpClients::new().unwrap();
+        let v6 = IpAddr::from(std::net::Ipv6Addr::LOCALHOST);
+        let l = TcpListener::bind((v6, 0)).await.unwrap();
+        let open = l.local_addr().unwrap().port();
+        let on_v6 = |kind, port, f: fn(&mut CheckSpec)| ProbeTarget {
+            addr: v6,
+            ..target(kind, port, f)
+        };
+        let r = probe(&on_v6(CheckKind::Tcp, open, |_| {}), &clients, None).await;
+        assert!(r.ok, "{r:?}");
+        drop(l);
+        let r = probe(&on_v6(CheckKind::Tcp, open, |_| {}), &clients, None).await;
+        assert_eq!((r.ok, r.detail.as_str()), (false, "connection refused"));
+        let ok = http_server_on(
+            v6,
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        let r = probe(
+            &on_v6(CheckKind::Http, ok, |c| c.path = "/healthz".into()),
+            &clients,
+            None,
+        )
+        .await;
+        assert_eq!((r.ok, r.detail.as_str()), (true, "HTTP 200"), "{r:?}");
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 /// A backend's health as its own checks see it.
@@ -32,7 +32,7 @@ pub(crate) enum Health {
 /// One backend of a VIP, as the rules need it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Member {
-    pub(crate) addr: Ipv4Addr,
+    pub(crate) addr: IpAddr,
     pub(crate) weight: u32,
     pub(crate) backup: bool,
     pub(crate) health: Health,
@@ -73,12 +73,12 @@ impl fmt::Display for Rule {
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub(crate) struct Election {
     /// The primary that gets new flows; `None` if no backend is (yet) an eligible primary.
-    pub(crate) winner: Option<(Ipv4Addr, Rule)>,
+    pub(crate) winner: Option<(IpAddr, Rule)>,
     /// The up primary-checked backends: the winner is one of them, the others are held down.
-    pub(crate) candidates: Vec<Ipv4Addr>,
+    pub(crate) candidates: Vec<IpAddr>,
     /// Those of them whose last check reported primary, with their timelines (more than one:
     /// a conflict).
-    pub(crate) primaries: Vec<(Ipv4Addr, Option<u32>)>,
+    pub(crate) primaries: Vec<(IpAddr, Option<u32>)>,
     /// Some primary-checked backend has not answered yet and there is no incumbent: no choice.
     pub(crate) waiting: bool,
 }
@@ -91,15 +91,14 @@ impl Election {
 }
 
 /// Applies the never-two-primaries rule to a VIP's `members` given the primary it served so far.
-pub(crate) fn elect(members: &[Member], incumbent: Option<Ipv4Addr>) -> Election {
+pub(crate) fn elect(members: &[Member], incumbent: Option<IpAddr>) -> Election {
     let checked: Vec<&Member> = members.iter().filter(|m| m.primary_check).collect();
     let up: Vec<&Member> = checked
         .iter()
         .copied()
         .filter(|m| m.health == Health::Up)
         .collect();
-    let candidates: Vec<(Ipv4Addr, Option<u32>)> =
-        up.iter().map(|m| (m.addr, m.timeline)).collect();
+    let candidates: Vec<(IpAddr, Option<u32>)> = up.iter().map(|m| (m.addr, m.timeline)).collect();
     let waiting = checked.iter().any(|m| m.health == Health::Pending);
     let winner = if let Some(inc) = incumbent.filter(|i| candidates.iter().any(|(a, _)| a == i)) {
         let rule = if candidates.len() == 1 {
@@ -143,7 +142,7 @@ pub(crate) fn elect(members: &[Member], incumbent: Option<Ipv4Addr>) -> Election
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Note {
     /// It reports primary, and another primary serves the VIP.
-    AnotherPrimary(Ipv4Addr),
+    AnotherPrimary(IpAddr),
     /// Its first role check has not answered yet.
     WaitingFirstCheck,
     /// Several primaries and some not checked yet: no choice made.
@@ -183,11 +182,11 @@ impl fmt::Display for Note {
 pub(crate) struct Plan {
     /// Weight per backend for the ring: the configured one, or 0 for a backup standing by (like a
     /// drain: no new flows, its existing flows stay).
-    pub(crate) weights: BTreeMap<Ipv4Addr, u32>,
+    pub(crate) weights: BTreeMap<IpAddr, u32>,
     /// Backends that get no new flows and whose flows are re-steered: down, not checked yet, or
     /// a primary that lost the election.
-    pub(crate) down: BTreeSet<Ipv4Addr>,
-    pub(crate) notes: BTreeMap<Ipv4Addr, Note>,
+    pub(crate) down: BTreeSet<IpAddr>,
+    pub(crate) notes: BTreeMap<IpAddr, Note>,
 }
 
 /// Applies both rules: the election's losers (and, while it waits, every primary-checked
@@ -236,8 +235,8 @@ pub(crate) fn plan(members: &[Member], election: &Election) -> Plan {
 mod tests {
     use super::*;
 
-    fn a(last: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 111, 1, last)
+    fn a(last: u8) -> IpAddr {
+        IpAddr::from([10, 111, 1, last])
     }
 
     fn primary(last: u8, health: Health, timeline: Option<u32>) -> Member {

@@ -45,13 +45,13 @@ fn record_reports_transitions_only() {
 
 fn key() -> ServiceKey {
     ServiceKey {
-        addr: Ipv4Addr::new(10, 111, 100, 1),
+        addr: IpAddr::from([10, 111, 100, 1]),
         port: 80,
         proto: Proto::Tcp,
     }
 }
-fn be(last: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 111, 1, last)
+fn be(last: u8) -> IpAddr {
+    IpAddr::from([10, 111, 1, last])
 }
 fn vip(backends: &[(u8, u32)]) -> VipConfig {
     let mut v = VipConfig::new(key(), Forward::Ipip);

@@ -482,13 +482,13 @@ pub(super) mod tests {
     };
     use std::{
         io::Write,
-        net::{Ipv4Addr, SocketAddr},
+        net::{IpAddr, SocketAddr},
         process::{Command, Stdio},
     };
 
     fn backend(last: u8, state: BackendState, weight: u32) -> BackendReport {
         BackendReport {
-            address: Ipv4Addr::new(10, 111, 1, last),
+            address: IpAddr::from([10, 111, 1, last]),
             weight,
             state,
             since: "2026-05-20T10:00:00.000Z".into(),
@@ -515,7 +515,7 @@ pub(super) mod tests {
             vips: vec![
                 VipReport {
                     vip: "10.111.100.1:80".into(),
-                    address: Ipv4Addr::new(10, 111, 100, 1),
+                    address: IpAddr::from([10, 111, 100, 1]),
                     port: 80,
                     proto: Proto::Tcp,
                     forward: Forward::Ipip,
@@ -532,7 +532,7 @@ pub(super) mod tests {
                 },
                 VipReport {
                     vip: "10.111.100.1:5353".into(),
-                    address: Ipv4Addr::new(10, 111, 100, 1),
+                    address: IpAddr::from([10, 111, 100, 1]),
                     port: 5353,
                     proto: Proto::Udp,
                     forward: Forward::L2,
@@ -581,7 +581,7 @@ pub(super) mod tests {
                 addresses: [(1, true), (2, false)]
                     .into_iter()
                     .map(|(last, on)| crate::api::AddressReport {
-                        address: Ipv4Addr::new(10, 111, 100, last),
+                        address: IpAddr::from([10, 111, 100, last]),
                         announced: on,
                         in_table: on,
                         reason: (!on).then(|| "no healthy backend".into()),
