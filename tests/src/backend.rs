@@ -1,12 +1,19 @@
 //! A backend host: real nginx (HTTP on port 80, on every address so both the backend's own address
 //! and the VIP; optionally HTTPS on 443 with the test CA's certificates) and a UDP echo-the-name
-//! service bound to the VIP.
+//! service bound to both VIP addresses (IPv4 and IPv6).
 
-use crate::{cmd::wait_for, http, netns::Netns, pki::Pki, process::Process, topology::VIP};
+use crate::{
+    cmd::wait_for,
+    http,
+    netns::Netns,
+    pki::Pki,
+    process::Process,
+    topology::{VIP, VIP6},
+};
 use anyhow::{Context, Result, bail};
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -153,7 +160,8 @@ pub struct Backend {
     nginx: Option<Process>,
     /// Pids of nginx processes this backend started and stopped again (for clean-up checks).
     stopped: Vec<i32>,
-    udp: Option<Process>,
+    /// The UDP service, one process per VIP address (IPv4 and IPv6).
+    udp: Vec<Process>,
 }
 
 /// How long a (re)started nginx may take to serve.
@@ -191,7 +199,7 @@ impl Backend {
             dir: dir.to_path_buf(),
             nginx: None,
             stopped: Vec::new(),
-            udp: None,
+            udp: Vec::new(),
         };
         backend.restart_http(ns)?;
         Ok(backend)
@@ -249,33 +257,35 @@ impl Backend {
         self.nginx.is_some()
     }
 
-    /// Starts the UDP service on VIP:5353 (answers `<name>\n` from the VIP, as direct server return
-    /// requires). The VIP must already be on the backend's `lo`; waits until it answers locally.
+    /// Starts the UDP service on VIP:5353 and [VIP6]:5353 (answers `<name>\n` from the VIP, as
+    /// direct server return requires). Both VIPs must already be on the backend's `lo`; waits
+    /// until each answers locally.
     pub fn start_udp(&mut self, ns: &Netns) -> Result<()> {
-        let mut cmd = ns.command("socat");
-        cmd.arg(format!("UDP4-RECVFROM:{UDP_PORT},bind={VIP},fork"))
-            .arg(format!("SYSTEM:echo {}", self.name));
-        let mut udp = Process::spawn(
-            &format!("UDP service on {}", self.name),
-            &mut cmd,
-            &self.dir.join("socat.out"),
-        )?;
-        let name = self.name.clone();
-        wait_for(
-            &format!("UDP service on {}", self.name),
-            Duration::from_secs(10),
-            || {
+        for (vip, listen) in [
+            (
+                IpAddr::V4(VIP),
+                format!("UDP4-RECVFROM:{UDP_PORT},bind={VIP},fork"),
+            ),
+            (
+                IpAddr::V6(VIP6),
+                format!("UDP6-RECVFROM:{UDP_PORT},bind=[{VIP6}],fork"),
+            ),
+        ] {
+            let mut cmd = ns.command("socat");
+            cmd.arg(listen).arg(format!("SYSTEM:echo {}", self.name));
+            let what = format!("UDP service on {} ({vip})", self.name);
+            let out = self.dir.join(format!("socat.{}.out", self.udp.len()));
+            let mut udp = Process::spawn(&what, &mut cmd, &out)?;
+            let name = self.name.clone();
+            wait_for(&what, Duration::from_secs(10), || {
                 udp.ensure_running()?;
-                let answer = ns.enter(|| {
-                    udp_query(
-                        SocketAddr::from((VIP, UDP_PORT)),
-                        Duration::from_millis(300),
-                    )
+                let answer = ns.enter(move || {
+                    udp_query(SocketAddr::new(vip, UDP_PORT), Duration::from_millis(300))
                 })?;
                 Ok(answer.ok().filter(|a| *a == name).map(|_| ()))
-            },
-        )?;
-        self.udp = Some(udp);
+            })?;
+            self.udp.push(udp);
+        }
         Ok(())
     }
 
@@ -299,7 +309,7 @@ impl Backend {
     pub fn pids(&self) -> Vec<i32> {
         let mut pids = self.stopped.clone();
         pids.extend(self.nginx.as_ref().map(Process::pid));
-        pids.extend(self.udp.as_ref().map(Process::pid));
+        pids.extend(self.udp.iter().map(Process::pid));
         pids
     }
 }
@@ -310,7 +320,12 @@ pub fn udp_query(target: SocketAddr, timeout: Duration) -> Result<String> {
     // loaded machine. The same socket keeps the same 5-tuple, so a resend is the same flow and
     // goes to the same backend; the overall wait stays `timeout`.
     const ATTEMPTS: u32 = 3;
-    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    let any: IpAddr = if target.is_ipv6() {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    let sock = UdpSocket::bind((any, 0))?;
     sock.set_read_timeout(Some(timeout / ATTEMPTS))?;
     sock.connect(target)?;
     let mut buf = [0u8; 512];

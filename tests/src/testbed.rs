@@ -19,7 +19,7 @@ use crate::{
     postgres::PgCluster,
     process::Process,
     topology::{
-        HOST_IFACE, LB1_ADDR, LB2_ADDR, RTR_BR_ADDR, Topology, TopologyOptions, VIP, VIPS,
+        HOST_IFACE, LB1_ADDR, LB2_ADDR, RTR_BR_ADDR, Topology, TopologyOptions, VIP, VIP6, VIPS,
         backend_addr, backend_name, db_addr, db_name,
     },
     xlb::{
@@ -32,7 +32,7 @@ use serde_json::Value;
 use std::{
     collections::BTreeMap,
     io::Read,
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     path::PathBuf,
     sync::mpsc,
     thread::JoinHandle,
@@ -349,7 +349,7 @@ impl Testbed {
                 &self.content,
                 self.pki.as_ref(),
             )?;
-            self.set_up_host(&name, &[VIP])?;
+            self.set_up_host(&name, &[VIP.into(), VIP6.into()])?;
             backend.start_udp(self.topo.ns(&name))?;
             self.backends.push(backend);
         }
@@ -358,13 +358,13 @@ impl Testbed {
 
     /// `xlb backend-host setup` on host `name` for `vips`, and checks what is under test: the VIPs
     /// on lo, the ARP and rp_filter sysctls, the decapsulator in the bed's XDP mode.
-    fn set_up_host(&mut self, name: &str, vips: &[Ipv4Addr]) -> Result<()> {
+    fn set_up_host(&mut self, name: &str, vips: &[IpAddr]) -> Result<()> {
         let mode = self.options.xdp_mode.clone();
         let ns = self.topo.ns(name);
         let mut args = vec!["backend-host", "setup", "--iface", HOST_IFACE, "--xdp-mode"];
         args.push(&mode);
-        let vips: Vec<String> = vips.iter().map(ToString::to_string).collect();
-        for vip in &vips {
+        let names: Vec<String> = vips.iter().map(ToString::to_string).collect();
+        for vip in &names {
             args.extend(["--vip", vip.as_str()]);
         }
         xlb_in(ns, &args).with_context(|| format!("xlb backend-host setup on {name}"))?;
@@ -379,10 +379,11 @@ impl Testbed {
             got == Some(mode.as_str()),
             "decapsulator on {name}'s {HOST_IFACE}: XDP mode {got:?}, expected {mode}"
         );
-        let lo = ns.ip(&["-4", "addr", "show", "dev", "lo"])?;
-        for vip in &vips {
+        let lo = ns.ip(&["addr", "show", "dev", "lo"])?;
+        for vip in vips {
+            let host = if vip.is_ipv4() { 32 } else { 128 };
             ensure!(
-                lo.contains(&format!("{vip}/32")),
+                lo.contains(&format!("{vip}/{host}")),
                 "VIP {vip} not on {name}'s lo after setup: {lo}"
             );
         }
@@ -396,7 +397,7 @@ impl Testbed {
             return Ok(());
         }
         for i in 1..=self.options.databases {
-            self.set_up_host(&db_name(i), &VIPS)?;
+            self.set_up_host(&db_name(i), &VIPS.map(IpAddr::V4))?;
         }
         let hosts: Vec<(&Netns, String, Ipv4Addr)> = (1..=self.options.databases)
             .map(|i| (self.topo.ns(&db_name(i)), db_name(i), db_addr(i)))
@@ -1019,7 +1020,7 @@ impl Testbed {
         Ok(())
     }
 
-    /// `xlb backend-host teardown` on every backend; checks the VIP left `lo` and the
+    /// `xlb backend-host teardown` on every backend; checks the VIPs (IPv4 and IPv6) left `lo` and the
     /// decapsulator left eth0. In driver mode also detaches the pass program from lb1's peer.
     pub fn teardown_hosts(&mut self) -> Result<()> {
         for name in std::mem::take(&mut self.hosts_set_up) {
@@ -1030,9 +1031,9 @@ impl Testbed {
                 arp.split_whitespace().eq(["0", "0"]),
                 "{name}: arp_ignore/arp_announce after teardown: {arp}"
             );
-            let lo = ns.ip(&["-4", "addr", "show", "dev", "lo"])?;
+            let lo = ns.ip(&["addr", "show", "dev", "lo"])?;
             ensure!(
-                !lo.contains(&VIP.to_string()),
+                !lo.contains(&format!("{VIP}/")) && !lo.contains(&format!("{VIP6}/")),
                 "VIP still on {name}'s lo after teardown: {lo}"
             );
             ensure!(

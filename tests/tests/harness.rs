@@ -3,14 +3,17 @@
 //! nginx serves `/`, `/1m` and `/upload` on a backend's own address, the UDP service answers from
 //! the VIP, and the guards remove every namespace and process — also when the test panics.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 use xlb_tests::{
     backend::{BIG, Backend, UDP_PORT, big_content, udp_query},
     cmd::run_timeout,
     netns::{self, TempDir, require_root},
     topology::{
-        CLI_ADDR, LB1_ADDR, LB1_ADDR6, LB2_ADDR, Topology, TopologyOptions, VIP, backend_addr,
-        twin6,
+        CLI_ADDR, LB1_ADDR, LB1_ADDR6, LB2_ADDR, Topology, TopologyOptions, VIP, VIP6,
+        backend_addr, twin6,
     },
 };
 
@@ -111,12 +114,16 @@ fn topology_routes_and_nginx_serves_directly() {
     // in the end-to-end tests). Queried locally: the VIP itself is not routed to be1.
     be1.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])
         .unwrap();
-    backend.start_udp(be1).expect("UDP service");
-    let answer = be1
-        .enter(|| udp_query(SocketAddr::from((VIP, UDP_PORT)), Duration::from_secs(2)))
-        .unwrap()
+    be1.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])
         .unwrap();
-    assert_eq!(answer, "be1");
+    backend.start_udp(be1).expect("UDP service");
+    for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
+        let answer = be1
+            .enter(move || udp_query(SocketAddr::new(vip, UDP_PORT), Duration::from_secs(2)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer, "be1", "{vip}");
+    }
 
     // The root namespace has no route into the test network.
     let root_routes = xlb_tests::cmd::run("ip", &["-4", "route", "show"])
