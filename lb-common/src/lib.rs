@@ -60,22 +60,30 @@ pub mod layout {
     pub const VIP_ADDRS: u32 = 1;
     pub const RINGS: u32 = 1;
     pub const RR_COUNTERS: u32 = 1;
-    pub const BACKENDS: u32 = 1;
+    /// Version 2: `Backend::addr` is a 16-byte `Addr` (both families) where v1 had an IPv4
+    /// address and padding; a v1 entry is copied with its address mapped.
+    pub const BACKENDS: u32 = 2;
     /// Version 2: `FlowValue::policy_gen` where v1 had padding (same size, new meaning); a v1
     /// flow is copied with generation 0, "check again". Version 3 exists only in builds with
     /// the test-only `layout-test` feature, where `FlowValue` has one more field: a second build
     /// whose data path really differs, to test an upgrade that migrates the flow table.
+    ///
+    /// Version 4: addresses of both families (issue 15): `FlowKey`'s addresses and
+    /// `FlowValue::backend_addr` are 16-byte `Addr`s (IPv4 as IPv4-mapped); a v1/v2 flow is copied
+    /// with its IPv4 addresses mapped. Version 5 is the `layout-test` build's (v4 + created_ns).
     #[cfg(not(feature = "layout-test"))]
-    pub const FLOWS: u32 = 2;
+    pub const FLOWS: u32 = 4;
     #[cfg(feature = "layout-test")]
-    pub const FLOWS: u32 = 3;
+    pub const FLOWS: u32 = 5;
     /// The embryonic flows (values are `FlowValue`s, so its layout follows `FLOWS`'s): pinned
     /// so that a SYN flood finds the same table after a restart and handshakes in progress
     /// complete on the backend they started with. Version 2 only in `layout-test` builds.
+    /// Version 3: `FlowKey` and `FlowValue` of `FLOWS` v4 (both families); version 4 only in
+    /// `layout-test` builds.
     #[cfg(not(feature = "layout-test"))]
-    pub const EMBRYOS: u32 = 1;
+    pub const EMBRYOS: u32 = 3;
     #[cfg(feature = "layout-test")]
-    pub const EMBRYOS: u32 = 2;
+    pub const EMBRYOS: u32 = 4;
     /// The deny list's two halves: a restart keeps dropping what the list names, with no agent.
     /// Version 1 of these tries held the whole list; since `DENY_HOSTS` exists they hold only
     /// prefixes shorter than /32 (same layout: an agent taking over a trie that still holds host
@@ -94,7 +102,9 @@ pub mod layout {
     pub const VIP_LIMITS: u32 = 1;
     /// The new-flow limits' buckets: a restart must not hand every source a fresh burst.
     pub const VIP_BUCKETS: u32 = 1;
-    pub const SRC_BUCKETS: u32 = 1;
+    /// Version 2: `SrcBucketKey::src_addr` is an `Addr`; v1 buckets are copied with their source
+    /// mapped.
+    pub const SRC_BUCKETS: u32 = 2;
     pub const VIP_DROPS: u32 = 1;
     /// The policy generation, the live deny-list half and which of its structures hold entries.
     /// Still version 1 with `POLICY_F_DENY_HOSTS`: the value's layout is the same and
@@ -107,7 +117,9 @@ pub mod layout {
     pub const REASON_STATS: u32 = 1;
     /// Indexed by `event::*`: new events are only ever appended.
     pub const EVENT_STATS: u32 = 1;
-    pub const FLOW_EVENTS: u32 = 1;
+    /// Version 2: `FlowEvent` of both families (56 bytes). A ring holds nothing worth keeping
+    /// across an upgrade (the agent drains it continuously): a new one replaces it.
+    pub const FLOW_EVENTS: u32 = 2;
     /// Pinned so that a restarted agent's program does not reuse the outer IDs it just sent.
     pub const IPIP_IDS: u32 = 1;
 
@@ -255,8 +267,8 @@ pub const RING_ENTRIES: u32 = MAX_VIPS * 2 * RING_SLOTS;
 /// Default flow-table capacity (entries of the LRU `FLOWS` map); the agent may set another at load.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 18;
 /// Bytes of the `FLOW_EVENTS` ring buffer (a power of two, as the kernel requires): room for
-/// about 10k `FlowEvent`s (24 bytes + an 8-byte record header each) between two reads.
-pub const FLOW_EVENTS_BYTES: u32 = 1 << 18;
+/// about 8k `FlowEvent`s (56 bytes + an 8-byte record header each) between two reads.
+pub const FLOW_EVENTS_BYTES: u32 = 1 << 19;
 /// Entries of the decapsulator's local-address set (`DECAP_ADDRS`: IPv4 and IPv6 addresses,
 /// keyed by `Addr`).
 pub const MAX_DECAP_ADDRS: u32 = 64;
@@ -387,11 +399,11 @@ pub struct VipLimits {
     pub vip_tolerance_ns: u64,
 }
 
-/// Key of `SRC_BUCKETS`: a source address (network order) and a VIP id (host order).
+/// Key of `SRC_BUCKETS`: a source address (either family) and a VIP id (host order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SrcBucketKey {
-    pub src_addr: u32,
+    pub src_addr: Addr,
     pub vip_id: u32,
 }
 
@@ -413,27 +425,28 @@ pub const VIP_ADDR_F_ICMP_ECHO: u32 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Backend {
-    /// IPv4 address, network order. 0 = free slot.
-    pub addr: u32,
+    /// The backend's address (either family; `Addr::UNSPECIFIED` = free slot).
+    pub addr: Addr,
     /// `BACKEND_F_*` bits.
     pub flags: u32,
     /// The VIP this slot belongs to, host order.
     pub vip_id: u32,
-    pub _pad: u32,
 }
 
 /// The backend may keep its existing flows (set for every configured backend; cleared when it is
 /// removed, so flows pinned to a reused slot are re-steered rather than misdelivered).
 pub const BACKEND_F_ACTIVE: u32 = 1;
 
-/// Key of the `FLOWS` LRU map: the 5-tuple as seen on the wire.
+/// Key of the `FLOWS` LRU map: the 5-tuple as seen on the wire, one table for both families. The
+/// addresses are `Addr`s (IPv4 as IPv4-mapped), so an IPv4 and an IPv6 flow never share a key;
+/// 40 bytes, a multiple of 4 (the kernel hashes such keys a word at a time).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
-    /// Network order.
-    pub src_addr: u32,
-    /// Network order (the VIP).
-    pub dst_addr: u32,
+    /// The client.
+    pub src_addr: Addr,
+    /// The VIP.
+    pub dst_addr: Addr,
     /// Network order.
     pub src_port: u16,
     /// Network order.
@@ -448,36 +461,38 @@ pub struct FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
-    /// The backend's address, network order: a flow is pinned to an address, and a slot id is only a
-    /// cache of where that address lives. If the slot no longer holds it, the flow is re-steered.
-    pub backend_addr: u32,
+    /// The backend's address: a flow is pinned to an address, and a slot id is only a cache of
+    /// where that address lives. If the slot no longer holds it, the flow is re-steered.
+    pub backend_addr: Addr,
     /// Backend slot id, host order.
     pub backend_id: u32,
-    /// `bpf_ktime_get_coarse_ns()` of the last packet (CLOCK_MONOTONIC_COARSE, host order).
-    pub last_seen_ns: u64,
     /// `FLOW_F_*` bits, host order: 0 when the data path assigned the flow.
     pub flags: u32,
+    /// `bpf_ktime_get_coarse_ns()` of the last packet (CLOCK_MONOTONIC_COARSE, host order).
+    pub last_seen_ns: u64,
     /// `PolicyState::generation` when the flow's cached decisions were last made (host order; 0 =
     /// never): while it equals the current generation, the flow's packets skip the source checks
     /// (deny list, the VIP's allow and deny lists). Flows installed from peers carry 0.
     pub policy_gen: u32,
-    /// Builds with the test-only `layout-test` feature only (`layout::FLOWS` 3): when the flow
+    pub _pad: u32,
+    /// Builds with the test-only `layout-test` feature only (`layout::FLOWS` 5): when the flow
     /// was assigned (CLOCK_MONOTONIC_COARSE, host order).
     #[cfg(feature = "layout-test")]
     pub created_ns: u64,
 }
 
 impl FlowValue {
-    /// A flow assigned to the backend at `backend_addr` (network order) in slot `backend_id`,
-    /// seen at `now`, with `FLOW_F_*` `flags`.
+    /// A flow assigned to the backend at `backend_addr` in slot `backend_id`, seen at `now`,
+    /// with `FLOW_F_*` `flags`.
     #[inline(always)]
-    pub const fn new(backend_addr: u32, backend_id: u32, now: u64, flags: u32) -> Self {
+    pub const fn new(backend_addr: Addr, backend_id: u32, now: u64, flags: u32) -> Self {
         FlowValue {
             backend_addr,
             backend_id,
-            last_seen_ns: now,
             flags,
+            last_seen_ns: now,
             policy_gen: 0,
+            _pad: 0,
             #[cfg(feature = "layout-test")]
             created_ns: now,
         }
@@ -495,9 +510,7 @@ pub const FLOW_F_PEER: u32 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowEvent {
     pub flow: FlowKey,
-    /// Network order.
-    pub backend_addr: u32,
-    pub _pad: u32,
+    pub backend_addr: Addr,
 }
 
 /// Per-CPU traffic counters (values of `VIP_STATS` and `BACKEND_STATS`), host order.
@@ -754,16 +767,16 @@ const _: () = {
     assert!(size_of::<VipKey>() == 8);
     assert!(size_of::<VipMeta>() == 20);
     assert!(size_of::<VipLimits>() == 32);
-    assert!(size_of::<SrcBucketKey>() == 8);
+    assert!(size_of::<SrcBucketKey>() == 20);
     assert!(size_of::<VipDrops>() == 40);
     assert!(size_of::<VipAddr>() == 8);
-    assert!(size_of::<Backend>() == 16);
-    assert!(size_of::<FlowKey>() == 16);
+    assert!(size_of::<Backend>() == 24);
+    assert!(size_of::<FlowKey>() == 40);
     #[cfg(not(feature = "layout-test"))]
-    assert!(size_of::<FlowValue>() == 24);
+    assert!(size_of::<FlowValue>() == 40);
     #[cfg(feature = "layout-test")]
-    assert!(size_of::<FlowValue>() == 32);
-    assert!(size_of::<FlowEvent>() == 24);
+    assert!(size_of::<FlowValue>() == 48);
+    assert!(size_of::<FlowEvent>() == 56);
     assert!(size_of::<TrafficCounters>() == 24);
     assert!(size_of::<LbConfig>() == 16);
     assert!(size_of::<PolicyState>() == 16);
@@ -829,17 +842,19 @@ mod tests {
         let flow_value = shape!(FlowValue {
             backend_addr,
             backend_id,
-            last_seen_ns,
             flags,
-            policy_gen
+            last_seen_ns,
+            policy_gen,
+            _pad
         });
         #[cfg(feature = "layout-test")]
         let flow_value = shape!(FlowValue {
             backend_addr,
             backend_id,
-            last_seen_ns,
             flags,
+            last_seen_ns,
             policy_gen,
+            _pad,
             created_ns
         });
         let flow_key = shape!(FlowKey {
@@ -887,25 +902,14 @@ mod tests {
                     shape!(Backend {
                         addr,
                         flags,
-                        vip_id,
-                        _pad
+                        vip_id
                     })
                 )
             ),
             (
                 maps::FLOWS,
                 layout::FLOWS,
-                kv(
-                    shape!(FlowKey {
-                        src_addr,
-                        dst_addr,
-                        src_port,
-                        dst_port,
-                        proto,
-                        _pad
-                    }),
-                    flow_value.clone()
-                ),
+                kv(flow_key.clone(), flow_value.clone()),
             ),
             (
                 maps::VIP_STATS,
@@ -930,14 +934,7 @@ mod tests {
             (
                 maps::FLOW_EVENTS,
                 layout::FLOW_EVENTS,
-                format!(
-                    "records {}",
-                    shape!(FlowEvent {
-                        flow,
-                        backend_addr,
-                        _pad
-                    })
-                )
+                format!("records {}", shape!(FlowEvent { flow, backend_addr }))
             ),
             (
                 maps::IPIP_IDS,
@@ -1155,6 +1152,41 @@ mod tests {
         ("DENY_HOSTS1", 1, "key DenyHostKey=4; value u8=1"),
         ("DENY_HOST_NETS0", 1, "key u32=4; value u64=8"),
         ("DENY_HOST_NETS1", 1, "key u32=4; value u64=8"),
+        (
+            "BACKENDS",
+            2,
+            "key u32=4; value Backend=24 addr@0:16 flags@16:4 vip_id@20:4",
+        ),
+        (
+            "FLOWS",
+            4,
+            "key FlowKey=40 src_addr@0:16 dst_addr@16:16 src_port@32:2 dst_port@34:2 proto@36:1 _pad@37:3; value FlowValue=40 backend_addr@0:16 backend_id@16:4 flags@20:4 last_seen_ns@24:8 policy_gen@32:4 _pad@36:4",
+        ),
+        (
+            "EMBRYOS",
+            3,
+            "key FlowKey=40 src_addr@0:16 dst_addr@16:16 src_port@32:2 dst_port@34:2 proto@36:1 _pad@37:3; value FlowValue=40 backend_addr@0:16 backend_id@16:4 flags@20:4 last_seen_ns@24:8 policy_gen@32:4 _pad@36:4",
+        ),
+        (
+            "FLOW_EVENTS",
+            2,
+            "records FlowEvent=56 flow@0:40 backend_addr@40:16",
+        ),
+        (
+            "SRC_BUCKETS",
+            2,
+            "key SrcBucketKey=20 src_addr@0:16 vip_id@16:4; value u64=8",
+        ),
+        (
+            "FLOWS",
+            5,
+            "key FlowKey=40 src_addr@0:16 dst_addr@16:16 src_port@32:2 dst_port@34:2 proto@36:1 _pad@37:3; value FlowValue=48 backend_addr@0:16 backend_id@16:4 flags@20:4 last_seen_ns@24:8 policy_gen@32:4 _pad@36:4 created_ns@40:8",
+        ),
+        (
+            "EMBRYOS",
+            4,
+            "key FlowKey=40 src_addr@0:16 dst_addr@16:16 src_port@32:2 dst_port@34:2 proto@36:1 _pad@37:3; value FlowValue=48 backend_addr@0:16 backend_id@16:4 flags@20:4 last_seen_ns@24:8 policy_gen@32:4 _pad@36:4 created_ns@40:8",
+        ),
     ];
 
     #[test]

@@ -12,8 +12,9 @@ use crate::{
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap, programs::XdpContext};
 use core::arch::asm;
 use lb_common::{
-    BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, CONFIG_F_MIGRATING, FlowEvent, FlowKey, FlowValue,
-    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta, event, reason, ring_index,
+    Addr, BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, CONFIG_F_MIGRATING, FlowEvent, FlowKey,
+    FlowValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, V4_MAPPED_WORD, VipKey, VipMeta,
+    event, reason, ring_index,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -165,28 +166,35 @@ pub fn lengths_agree(ip_len: u16, headers: usize, frame_len: usize) -> bool {
     ip_len >= headers && frame_len >= ETH_HLEN + ip_len
 }
 
-/// The flow key, assembled as four words. Written as a struct literal, its `[u8; 3]` padding
-/// became a call to a byte-by-byte `memset` subprogram on every packet (`bpftool prog dump
-/// xlated`): the BPF backend does not inline unaligned memsets.
+/// The flow key of an IPv4 packet, assembled as ten words (its addresses IPv4-mapped). Written
+/// as a struct literal, its `[u8; 3]` padding became a call to a byte-by-byte `memset` subprogram
+/// on every packet (`bpftool prog dump xlated`): the BPF backend does not inline unaligned
+/// memsets.
 #[inline(always)]
 pub fn flow_key(src_addr: u32, dst_addr: u32, ports: [u8; 4], proto: u8) -> FlowKey {
-    // FlowKey's layout: src_addr, dst_addr, src_port and dst_port (the packet's port bytes, in
-    // wire order), proto, 3 bytes of zero padding.
-    let words: [u32; 4] = [
+    // FlowKey's layout: src_addr, dst_addr (16 bytes each: `Addr::from_v4`), src_port and
+    // dst_port (the packet's port bytes, in wire order), proto, 3 bytes of zero padding.
+    let words: [u32; 10] = [
+        0,
+        0,
+        V4_MAPPED_WORD,
         src_addr,
+        0,
+        0,
+        V4_MAPPED_WORD,
         dst_addr,
         u32::from_ne_bytes(ports),
         u32::from_ne_bytes([proto, 0, 0, 0]),
     ];
     const _: () = {
-        assert!(core::mem::offset_of!(FlowKey, dst_addr) == 4);
-        assert!(core::mem::offset_of!(FlowKey, src_port) == 8);
-        assert!(core::mem::offset_of!(FlowKey, dst_port) == 10);
-        assert!(core::mem::offset_of!(FlowKey, proto) == 12);
+        assert!(core::mem::offset_of!(FlowKey, dst_addr) == 16);
+        assert!(core::mem::offset_of!(FlowKey, src_port) == 32);
+        assert!(core::mem::offset_of!(FlowKey, dst_port) == 34);
+        assert!(core::mem::offset_of!(FlowKey, proto) == 36);
     };
-    // SAFETY: FlowKey is #[repr(C)], 16 bytes of integers (any bit pattern is valid), with the
+    // SAFETY: FlowKey is #[repr(C)], 40 bytes of integers (any bit pattern is valid), with the
     // field offsets asserted above; transmute checks the size.
-    unsafe { core::mem::transmute::<[u32; 4], FlowKey>(words) }
+    unsafe { core::mem::transmute::<[u32; 10], FlowKey>(words) }
 }
 
 fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
@@ -202,7 +210,7 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     // tables (random keys: cache misses each) as well; packets of established flows still skip
     // the list while their cached checks hold.
     if pkt.flow.proto == IPPROTO_TCP && !pkt.midflow && !pkt.icmp_error {
-        match firewall::check_deny_list(pkt.flow.src_addr, &pkt.vip, &policy) {
+        match firewall::check_deny_list(pkt.flow.src_addr.v4(), &pkt.vip, &policy) {
             Ok(checked) => policy = checked,
             Err(why) => return Verdict::drop(why),
         }
@@ -235,6 +243,8 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
         Ok(backend) => backend,
         Err(verdict) => return verdict,
     };
+    // IPv4 backends only so far (the agent installs no other): the address as IPv4.
+    let backend_addr = backend_addr.v4();
     let verdict = forward::forward(ctx, pkt, backend_id, backend_addr, now);
     if forward::is_forwarded(&verdict) {
         stats::count_forwarded(pkt.vip.id, backend_id, pkt.frame_len);
@@ -259,7 +269,7 @@ fn migrating() -> bool {
 /// packet without SYN moves the flow into `FLOWS`. Returns the backend, and whether a new flow
 /// was assigned.
 #[inline(always)]
-fn tcp_miss(pkt: &Packet, now: u64, policy: &Policy) -> (Result<(u32, u32), Verdict>, bool) {
+fn tcp_miss(pkt: &Packet, now: u64, policy: &Policy) -> (Result<(u32, Addr), Verdict>, bool) {
     match existing_flow(&EMBRYOS, pkt.flow, pkt.vip.id, Some(now)) {
         Lookup::Hit(id, addr, value) => {
             let checked = recheck(pkt, policy, value);
@@ -308,7 +318,7 @@ fn recheck(pkt: &Packet, policy: &Policy, value: *mut FlowValue) -> Result<(), V
 
 #[inline(always)]
 fn check_source(pkt: &Packet, policy: &Policy) -> Result<(), Verdict> {
-    firewall::check_source(pkt.flow.src_addr, &pkt.vip, policy).map_err(Verdict::drop)
+    firewall::check_source(pkt.flow.src_addr.v4(), &pkt.vip, policy).map_err(Verdict::drop)
 }
 
 #[inline(always)]
@@ -343,7 +353,7 @@ fn promote(pkt: &Packet, embryo: *mut FlowValue, now: u64) {
 
 pub enum Lookup {
     /// Known flow, backend still there: (slot id, address, the entry).
-    Hit(u32, u32, *mut FlowValue),
+    Hit(u32, Addr, *mut FlowValue),
     /// Known flow whose backend slot no longer holds its backend (down, removed, reused).
     Stale,
     /// No entry.
@@ -418,7 +428,7 @@ enum Table {
 /// flows over K equal backends land exactly N/K on each) and remember the choice in `table`,
 /// with the policy generation its checks passed under.
 #[inline(always)]
-fn new_flow(pkt: &Packet, now: u64, policy: &Policy, table: Table) -> Result<(u32, u32), Verdict> {
+fn new_flow(pkt: &Packet, now: u64, policy: &Policy, table: Table) -> Result<(u32, Addr), Verdict> {
     let vip = &pkt.vip;
     let no_backend = Verdict::drop(reason::DROP_NO_BACKEND);
     // Copied to a local: the asm below may (as far as the compiler knows) write memory, and a
@@ -440,7 +450,7 @@ fn new_flow(pkt: &Packet, now: u64, policy: &Policy, table: Table) -> Result<(u3
     let backend = BACKENDS
         .get(id)
         .ok_or(Verdict::drop(reason::DROP_NO_BACKEND))?;
-    if backend.addr == 0 || backend.flags & BACKEND_F_ACTIVE == 0 {
+    if backend.addr.is_unspecified() || backend.flags & BACKEND_F_ACTIVE == 0 {
         return Err(Verdict::drop(reason::DROP_NO_BACKEND));
     }
     // Assigned here: a local flow, whatever a peer had installed under this key before.
@@ -466,16 +476,12 @@ fn new_flow(pkt: &Packet, now: u64, policy: &Policy, table: Table) -> Result<(u3
 
 /// Tell the peers (through the agent) about a flow that is now in `FLOWS`, if anyone reads.
 #[inline(always)]
-fn report_flow(flow: FlowKey, backend_addr: u32) {
+fn report_flow(flow: FlowKey, backend_addr: Addr) {
     if CONFIG
         .get(0)
         .is_some_and(|cfg| cfg.flags & CONFIG_F_FLOW_EVENTS != 0)
     {
-        let event = FlowEvent {
-            flow,
-            backend_addr,
-            _pad: 0,
-        };
+        let event = FlowEvent { flow, backend_addr };
         if FLOW_EVENTS.output(event, 0).is_err() {
             stats::count_event(event::FLOW_EVENT_LOST);
         }

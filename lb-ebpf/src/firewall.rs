@@ -21,7 +21,7 @@ use crate::{
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use core::arch::asm;
 use lb_common::{
-    POLICY_F_DENY_HOSTS, POLICY_F_DENY_LIST, SrcBucketKey, VIP_F_ALLOW, VIP_F_DENY,
+    Addr, POLICY_F_DENY_HOSTS, POLICY_F_DENY_LIST, SrcBucketKey, VIP_F_ALLOW, VIP_F_DENY,
     VIP_F_LIST_HALF, VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT, VipMeta, deny_host_net_bit, event, reason,
     vip_list_tag, vip_src_data,
 };
@@ -158,11 +158,11 @@ fn source_verdict(src: u32, vip: &VipMeta, policy: &Policy) -> Result<(), u32> {
     Ok(())
 }
 
-/// The new-flow limits of `vip` for a flow from `src` (network order): its source's bucket
+/// The new-flow limits of `vip` for a flow from `src` (either family): its source's bucket
 /// first (an abusive source is stopped before it spends the VIP's budget), then the VIP's.
 /// `Err` holds the drop reason, already counted for the VIP.
 #[inline(always)]
-pub fn admit_new_flow(src: u32, vip: &VipMeta) -> Result<(), u32> {
+pub fn admit_new_flow(src: Addr, vip: &VipMeta) -> Result<(), u32> {
     let verdict = limits_verdict(src, vip);
     if let Err(why) = verdict {
         stats::count_vip_drop(vip.id, why);
@@ -171,7 +171,7 @@ pub fn admit_new_flow(src: u32, vip: &VipMeta) -> Result<(), u32> {
 }
 
 #[inline(always)]
-fn limits_verdict(src: u32, vip: &VipMeta) -> Result<(), u32> {
+fn limits_verdict(src: Addr, vip: &VipMeta) -> Result<(), u32> {
     if vip.flags & (VIP_F_SRC_LIMIT | VIP_F_VIP_LIMIT) == 0 {
         return Ok(());
     }

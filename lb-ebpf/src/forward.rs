@@ -214,7 +214,7 @@ fn l2(ctx: &XdpContext, pkt: &Packet, backend_id: u32, backend_addr: u32, now: u
     let hop = match nexthop::resolve(
         ctx,
         backend_id,
-        pkt.flow.src_addr,
+        pkt.flow.src_addr.v4(),
         0,
         backend_addr,
         pkt.ip_len,

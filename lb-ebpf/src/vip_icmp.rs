@@ -212,7 +212,8 @@ fn unreachable(ctx: &XdpContext, outer: &Outer, quoted: usize, code: u8) -> Verd
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let verdict = forward::forward(ctx, &pkt, backend_id, backend_addr, now);
+    // IPv4 backends only so far (the agent installs no other).
+    let verdict = forward::forward(ctx, &pkt, backend_id, backend_addr.v4(), now);
     if !forward::is_forwarded(&verdict) {
         return verdict;
     }

@@ -20,7 +20,7 @@
 //!
 //! Each prints `SYNC …` and `BGP …` lines with what it measured.
 
-use lb_common::{FlowEvent, FlowKey};
+use lb_common::{Addr, FlowEvent, FlowKey};
 use serde_json::Value;
 use std::{
     borrow::Cow,
@@ -831,15 +831,14 @@ fn unix_ns() -> u64 {
 fn flow_to(src_port: u16, backend: Ipv4Addr) -> FlowEvent {
     FlowEvent {
         flow: FlowKey {
-            src_addr: u32::from_ne_bytes(CLI_ADDR.octets()),
-            dst_addr: u32::from_ne_bytes(VIP.octets()),
+            src_addr: Addr::from(CLI_ADDR),
+            dst_addr: Addr::from(VIP),
             src_port: src_port.to_be(),
             dst_port: HTTP_PORT.to_be(),
             proto: 6,
             _pad: [0; 3],
         },
-        backend_addr: u32::from_ne_bytes(backend.octets()),
-        _pad: 0,
+        backend_addr: Addr::from(backend),
     }
 }
 

@@ -3,7 +3,7 @@
 //! expected action}. The namespace, the balancer's VIPs and the packet builder are in the test
 //! library (`xlb_tests::fixture`, `xlb_tests::packet`), shared with the fuzzer. Needs root.
 
-use lb_common::{FLOW_F_PEER, FlowEvent, FlowKey, reason};
+use lb_common::{Addr, FLOW_F_PEER, FlowEvent, FlowKey, reason};
 use std::{collections::BTreeSet, net::Ipv4Addr};
 use xlb::{
     dataplane::{Dataplane, persistent},
@@ -1321,9 +1321,9 @@ fn flows_are_reported_and_peer_flows_are_honoured() {
             "one event per new flow, none for its later packets"
         );
         let e = seen[0];
-        assert_eq!(e.backend_addr, u32::from_ne_bytes(BACKENDS[0].octets()));
-        assert_eq!(e.flow.src_addr, u32::from_ne_bytes(CLIENT.octets()));
-        assert_eq!(e.flow.dst_addr, u32::from_ne_bytes(VIP.octets()));
+        assert_eq!(e.backend_addr, Addr::from(BACKENDS[0]));
+        assert_eq!(e.flow.src_addr, Addr::from(CLIENT));
+        assert_eq!(e.flow.dst_addr, Addr::from(VIP));
         assert_eq!(e.flow.src_port, 55000u16.to_be());
         assert_eq!(e.flow.dst_port, 80u16.to_be());
         assert_eq!(e.flow.proto, 6);
@@ -1332,15 +1332,14 @@ fn flows_are_reported_and_peer_flows_are_honoured() {
         // A peer's flows: one pinned to be3, one to a backend this node lacks.
         let peer_flow = |sport: u16, backend: Ipv4Addr| FlowEvent {
             flow: FlowKey {
-                src_addr: u32::from_ne_bytes(CLIENT.octets()),
-                dst_addr: u32::from_ne_bytes(VIP.octets()),
+                src_addr: Addr::from(CLIENT),
+                dst_addr: Addr::from(VIP),
                 src_port: sport.to_be(),
                 dst_port: 80u16.to_be(),
                 proto: 6,
                 _pad: [0; 3],
             },
-            backend_addr: u32::from_ne_bytes(backend.octets()),
-            _pad: 0,
+            backend_addr: Addr::from(backend),
         };
         let report = dp
             .install_flows([
@@ -1371,14 +1370,14 @@ fn flows_are_reported_and_peer_flows_are_honoured() {
         );
         assert_eq!(dp.embryos().unwrap().keys().count(), 0);
 
-        let mut snapshot: Vec<(u16, u32)> = dp
+        let mut snapshot: Vec<(u16, [u8; 16])> = dp
             .snapshot_flows(std::time::Duration::from_secs(60))
             .unwrap()
             .iter()
-            .map(|e| (u16::from_be(e.flow.src_port), e.backend_addr))
+            .map(|e| (u16::from_be(e.flow.src_port), e.backend_addr.octets()))
             .collect();
         snapshot.sort();
-        let be = |i: usize| u32::from_ne_bytes(BACKENDS[i].octets());
+        let be = |i: usize| Addr::from(BACKENDS[i]).octets();
         assert_eq!(
             snapshot,
             vec![(55000, be(0)), (55001, be(2)), (55002, be(1))]

@@ -239,15 +239,17 @@ fn kill_term_upgrade_and_reload_are_hitless() {
     });
     let log = bed.agent_log();
     let migrated: Vec<&str> = log.lines().filter(|l| l.contains("upgrade: ")).collect();
+    // The second build's layouts are the next versions of this build's.
+    let (flows, embryos) = (lb_common::layout::FLOWS, lb_common::layout::EMBRYOS);
+    let flows_step = format!("FLOWS: layout v{flows} → v{}", flows + 1);
+    let embryos_step = format!("EMBRYOS: layout v{embryos} → v{}", embryos + 1);
     assert!(
-        migrated.iter().any(|l| l.contains("FLOWS: layout v2 → v3")),
-        "the new build did not migrate the flow table:\n{log}"
+        migrated.iter().any(|l| l.contains(&flows_step)),
+        "the new build did not migrate the flow table ({flows_step}):\n{log}"
     );
     assert!(
-        migrated
-            .iter()
-            .any(|l| l.contains("EMBRYOS: layout v1 → v2")),
-        "the new build did not migrate the embryonic table:\n{log}"
+        migrated.iter().any(|l| l.contains(&embryos_step)),
+        "the new build did not migrate the embryonic table ({embryos_step}):\n{log}"
     );
     for line in &migrated {
         println!(
@@ -351,7 +353,10 @@ fn refuse_downgrade(bed: &Testbed) {
     let last = out.stderr.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("xlb: error: incompatible data path state")
-            && last.contains("FLOWS in layout version 3")
+            && last.contains(&format!(
+                "FLOWS in layout version {}",
+                lb_common::layout::FLOWS + 1
+            ))
             && last.contains("xlb detach"),
         "{}",
         out.stderr

@@ -25,11 +25,11 @@ use crate::{
         flows::{CountBy, FlowFilter, Origin, proto_of, vip_of},
     },
 };
-use lb_common::{FlowKey, FlowValue};
+use lb_common::{Addr, FlowKey, FlowValue};
 use std::{
     cmp::{Ordering as CmpOrdering, Reverse},
     collections::{BinaryHeap, HashMap},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -282,13 +282,13 @@ struct Recent {
 }
 
 impl Recent {
-    fn rank(&self) -> (u64, u32, u16, u32, u16, u8) {
+    fn rank(&self) -> (u64, [u8; 16], u16, [u8; 16], u16, u8) {
         let k = &self.key;
         (
             self.value.last_seen_ns,
-            k.src_addr,
+            k.src_addr.octets(),
             k.src_port,
-            k.dst_addr,
+            k.dst_addr.octets(),
             k.dst_port,
             k.proto,
         )
@@ -364,11 +364,11 @@ pub(crate) fn list(
 fn entry(key: &FlowKey, value: &FlowValue, now_ns: u64) -> Option<FlowEntry> {
     let vip = vip_of(key)?;
     Some(FlowEntry {
-        client: IpAddr::V4(Ipv4Addr::from(u32::from_be(key.src_addr))),
+        client: IpAddr::from(key.src_addr),
         client_port: u16::from_be(key.src_port),
         vip: vip_string(&vip),
         proto: vip.proto,
-        backend: IpAddr::V4(Ipv4Addr::from(u32::from_be(value.backend_addr))),
+        backend: IpAddr::from(value.backend_addr),
         // The coarse clock of another CPU may be a tick ahead of ours.
         age_ms: now_ns.saturating_sub(value.last_seen_ns) / 1_000_000,
         origin: Origin::of(value),
@@ -378,10 +378,9 @@ fn entry(key: &FlowKey, value: &FlowValue, now_ns: u64) -> Option<FlowEntry> {
 /// What a count groups by, as read from an entry (formatted once per group, not per entry).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum GroupKey {
-    /// Address and port in network order, IP protocol.
-    Vip(u32, u16, u8),
-    /// Network order.
-    Backend(u32),
+    /// Address, port in network order, IP protocol.
+    Vip(Addr, u16, u8),
+    Backend(Addr),
     Origin(Origin),
 }
 
@@ -397,14 +396,13 @@ impl GroupKey {
     fn name(self) -> String {
         match self {
             GroupKey::Vip(addr, port, proto) => {
-                let vip =
-                    SocketAddr::from((Ipv4Addr::from(u32::from_be(addr)), u16::from_be(port)));
+                let vip = SocketAddr::new(IpAddr::from(addr), u16::from_be(port));
                 match proto_of(proto) {
                     Some(p) => format!("{vip}/{p}"),
                     None => format!("{vip}/{proto}"),
                 }
             }
-            GroupKey::Backend(addr) => Ipv4Addr::from(u32::from_be(addr)).to_string(),
+            GroupKey::Backend(addr) => IpAddr::from(addr).to_string(),
             GroupKey::Origin(o) => o.to_string(),
         }
     }

@@ -40,31 +40,25 @@ fn pick_slots(
     claims: Vec<(u32, Backend)>,
     in_ring: &BTreeSet<u32>,
 ) -> (Vec<(IpAddr, u32, u32)>, Vec<u32>) {
-    let mut by_addr: BTreeMap<u32, (u32, Backend)> = BTreeMap::new();
+    let mut by_addr: BTreeMap<[u8; 16], (u32, Backend)> = BTreeMap::new();
     let mut orphans = Vec::new();
     for (slot, b) in claims {
-        match by_addr.get(&b.addr) {
+        match by_addr.get(&b.addr.octets()) {
             Some((kept, _)) if in_ring.contains(kept) || !in_ring.contains(&slot) => {
                 orphans.push(slot)
             }
             Some((kept, _)) => {
                 orphans.push(*kept);
-                by_addr.insert(b.addr, (slot, b));
+                by_addr.insert(b.addr.octets(), (slot, b));
             }
             None => {
-                by_addr.insert(b.addr, (slot, b));
+                by_addr.insert(b.addr.octets(), (slot, b));
             }
         }
     }
     let kept = by_addr
         .into_values()
-        .map(|(slot, b)| {
-            (
-                IpAddr::V4(Ipv4Addr::from(b.addr.to_ne_bytes())),
-                slot,
-                b.flags,
-            )
-        })
+        .map(|(slot, b)| (IpAddr::from(b.addr), slot, b.flags))
         .collect();
     (kept, orphans)
 }
@@ -85,7 +79,7 @@ impl Dataplane {
                 .backends_map
                 .get(&slot, 0)
                 .map_err(map_err(maps::BACKENDS))?;
-            if b.addr != 0 {
+            if !b.addr.is_unspecified() {
                 claims.entry(b.vip_id).or_default().push((slot, b));
             }
         }
@@ -198,13 +192,13 @@ impl Dataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::Addr;
 
     fn b(addr: u8, flags: u32) -> Backend {
         Backend {
-            addr: u32::from_ne_bytes([10, 111, 1, addr]),
+            addr: Addr::from_v4(u32::from_ne_bytes([10, 111, 1, addr])),
             flags,
             vip_id: 0,
-            _pad: 0,
         }
     }
 

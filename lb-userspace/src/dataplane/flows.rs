@@ -6,9 +6,9 @@
 //! call) where the kernel has them, and entry by entry otherwise. The table keeps changing under
 //! any walk: an entry added or evicted meanwhile may be seen or missed.
 
-use super::{Dataplane, DataplaneError, batch, map_addr, map_err, take_map};
+use super::{Dataplane, DataplaneError, batch, map_err, take_map};
 use aya::maps::{HashMap, IterableMap, MapData, RingBuf};
-use lb_common::{CONFIG_F_FLOW_EVENTS, FLOW_F_PEER, FlowEvent, FlowKey, FlowValue, maps};
+use lb_common::{Addr, CONFIG_F_FLOW_EVENTS, FLOW_F_PEER, FlowEvent, FlowKey, FlowValue, maps};
 use serde::{Deserialize, Serialize};
 use std::{
     io,
@@ -38,18 +38,16 @@ pub struct FlowCounts {
     pub entries: u64,
     /// Entries in the embryonic table (TCP flows that have sent only SYNs; an LRU too).
     pub embryos: u64,
-    /// Entries that saw a packet within `ACTIVE_FLOW_WINDOW`, per (backend slot, backend address
-    /// in network order).
-    pub active: std::collections::HashMap<(u32, u32), u64>,
+    /// Entries that saw a packet within `ACTIVE_FLOW_WINDOW`, per (backend slot, backend address).
+    pub active: std::collections::HashMap<(u32, Addr), u64>,
 }
 
 impl FlowCounts {
     /// Active flows of the backend at `addr` in slot `slot` (a slot's flows count only while the
     /// slot still holds that address).
     pub fn active_of(&self, slot: u32, addr: IpAddr) -> u64 {
-        map_addr(addr)
-            .ok()
-            .and_then(|addr| self.active.get(&(slot, addr)))
+        self.active
+            .get(&(slot, Addr::from(addr)))
             .copied()
             .unwrap_or(0)
     }
@@ -130,7 +128,6 @@ impl FlowTable {
                 flows.push(FlowEvent {
                     flow: *flow,
                     backend_addr: value.backend_addr,
-                    _pad: 0,
                 });
             }
         })?;

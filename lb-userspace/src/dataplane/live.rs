@@ -28,7 +28,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{CONFIG_F_MIGRATING, FlowKey, FlowValue, maps};
+use lb_common::{Addr, CONFIG_F_MIGRATING, FlowKey, FlowValue, maps};
 use std::{
     collections::BTreeSet,
     fs,
@@ -777,8 +777,7 @@ pub fn remove_data_path(dir: &PinDir) -> Result<String, DataplaneError> {
 /// A flow to install by backend address.
 pub(super) struct FlowInstall {
     pub(super) key: FlowKey,
-    /// Network order.
-    pub(super) backend_addr: u32,
+    pub(super) backend_addr: Addr,
     /// `None`: now.
     pub(super) last_seen_ns: Option<u64>,
     /// `FLOW_F_*`.
@@ -800,14 +799,9 @@ impl Dataplane {
         let now = super::flows::monotonic_ns();
         let mut slots = std::collections::HashMap::new();
         for (key, vip) in &self.installed {
-            // Installed VIPs and backends passed `check_vip`: their addresses map.
-            let Ok(vip_key) = super::vip_key(key) else {
-                continue;
-            };
+            let service = (Addr::from(key.addr), key.port.to_be(), key.proto.ip_proto());
             for (addr, id) in &vip.backends {
-                if let Ok(addr) = super::map_addr(*addr) {
-                    slots.insert((vip_key, addr), *id);
-                }
+                slots.insert((service, Addr::from(*addr)), *id);
             }
         }
         let map = self
@@ -823,12 +817,7 @@ impl Dataplane {
                 backend_addr,
                 ..
             } = f;
-            let vip = lb_common::VipKey {
-                addr: flow.dst_addr,
-                port: flow.dst_port,
-                proto: flow.proto,
-                _pad: 0,
-            };
+            let vip = (flow.dst_addr, flow.dst_port, flow.proto);
             let Some(id) = slots.get(&(vip, backend_addr)) else {
                 report.unknown_backend += 1;
                 continue;

@@ -9,7 +9,7 @@
 //! `plan::can_migrate` asks `flow_value_size` and `upgrade_value` which versions those are.
 
 use super::pins::{MapShape, bpf};
-use lb_common::{FlowKey, maps};
+use lb_common::{Addr, FlowKey, maps};
 use std::{
     collections::BTreeMap,
     io,
@@ -34,11 +34,21 @@ pub(crate) const BPF_NOEXIST: u64 = 1;
 pub(crate) fn flow_value_size(version: u32) -> Option<usize> {
     match version {
         1 | 2 => Some(24),
-        // Only the test-only second build knows version 3 (see `lb_common::layout::FLOWS`).
+        4 => Some(40),
+        // Only the test-only second build knows versions 3 and 5 (see
+        // `lb_common::layout::FLOWS`).
         #[cfg(feature = "layout-test")]
         3 => Some(32),
+        #[cfg(feature = "layout-test")]
+        5 => Some(48),
         _ => None,
     }
+}
+
+/// Bytes of a `FlowKey` in flow-table layout `version`: IPv4 addresses up to version 3, 16-byte
+/// addresses of either family from version 4.
+fn flow_key_size(version: u32) -> usize {
+    if version >= 4 { 40 } else { 16 }
 }
 
 /// The flow-table layout whose `FlowValue` the embryonic table's layout `version` holds (the
@@ -62,6 +72,8 @@ pub(crate) fn flow_layout(name: &str, version: u32) -> u32 {
 ///
 /// - `VIPS` v1 → v2: `VipMeta` gained `flags` @16 (the door's `VIP_F_*`); a v1 VIP had no
 ///   source lists and no limits, so 0.
+/// - `BACKENDS` v1 → v2: `Backend::addr` became a 16-byte `Addr` (v1: IPv4 @0, flags @4,
+///   vip_id @8, padding @12), the IPv4 address mapped; a free slot (0.0.0.0) stays free (`::`).
 pub(crate) fn upgrade_value(name: &str, from: u32, to: u32, value: &[u8]) -> Option<Vec<u8>> {
     match (name, from, to) {
         (maps::VIPS, 1, 2) if value.len() == 16 => {
@@ -69,15 +81,58 @@ pub(crate) fn upgrade_value(name: &str, from: u32, to: u32, value: &[u8]) -> Opt
             v.extend_from_slice(&0u32.to_ne_bytes());
             Some(v)
         }
+        (maps::BACKENDS, 1, 2) if value.len() == 16 => {
+            let v4 = u32_at(value, 0);
+            let addr = if v4 == 0 {
+                Addr::UNSPECIFIED
+            } else {
+                Addr::from_v4(v4)
+            };
+            let mut v = addr.octets().to_vec();
+            v.extend_from_slice(&value[4..12]);
+            Some(v)
+        }
         _ => None,
     }
 }
 
-/// `upgrade_value` for every entry; `None` if one of them has no conversion.
+/// One key of map `name` in layout `from`, in layout `to` (most conversions keep the key).
+///
+/// - `SRC_BUCKETS` v1 → v2: `SrcBucketKey::src_addr` became an `Addr` (v1: IPv4 @0, vip_id @4),
+///   the IPv4 source mapped.
+fn upgrade_key(name: &str, from: u32, to: u32, key: Vec<u8>) -> Option<Vec<u8>> {
+    match (name, from, to) {
+        (maps::SRC_BUCKETS, 1, 2) if key.len() == 8 => {
+            let mut k = Addr::from_v4(u32_at(&key, 0)).octets().to_vec();
+            k.extend_from_slice(&key[4..8]);
+            Some(k)
+        }
+        (maps::SRC_BUCKETS, ..) => None,
+        _ => Some(key),
+    }
+}
+
+/// Whether map `name` has a conversion from layout `from` to `to` (`plan::can_migrate`).
+pub(crate) fn has_upgrade(name: &str, from: u32, to: u32) -> bool {
+    matches!(
+        (name, from, to),
+        (maps::VIPS, 1, 2) | (maps::BACKENDS, 1, 2) | (maps::SRC_BUCKETS, 1, 2)
+    )
+}
+
+/// `upgrade_value` (and `upgrade_key`) for every entry; `None` if one of them has no
+/// conversion.
 pub(crate) fn upgrade_entries(name: &str, from: u32, to: u32, entries: Entries) -> Option<Entries> {
     entries
         .into_iter()
-        .map(|(k, v)| Some((k, upgrade_value(name, from, to, &v)?)))
+        .map(|(k, v)| {
+            let v = match name {
+                // Only the key changed.
+                maps::SRC_BUCKETS => v,
+                _ => upgrade_value(name, from, to, &v)?,
+            };
+            Some((upgrade_key(name, from, to, k)?, v))
+        })
         .collect()
 }
 
@@ -85,8 +140,7 @@ pub(crate) fn upgrade_entries(name: &str, from: u32, to: u32, entries: Entries) 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct NeutralFlow {
     pub(crate) key: FlowKey,
-    /// Network order.
-    pub(crate) backend_addr: u32,
+    pub(crate) backend_addr: Addr,
     /// CLOCK_MONOTONIC_COARSE ns of its last packet.
     pub(crate) last_seen_ns: u64,
     /// `FLOW_F_*` (who chose the backend).
@@ -105,15 +159,35 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// A `FlowKey` from its 16 bytes (the same in every layout version so far).
-pub(crate) fn decode_flow_key(b: &[u8]) -> Option<FlowKey> {
-    (b.len() == 16).then(|| FlowKey {
-        src_addr: u32_at(b, 0),
-        dst_addr: u32_at(b, 4),
-        src_port: u16_at(b, 8),
-        dst_port: u16_at(b, 10),
-        proto: b[12],
-        _pad: [0; 3],
+fn addr_at(b: &[u8], at: usize) -> Addr {
+    Addr::from_octets(b[at..at + 16].try_into().expect("16 bytes"))
+}
+
+/// A `FlowKey` from its bytes in flow-table layout `version`: 16 bytes with IPv4 addresses
+/// (versions 1-3: source @0, destination @4, ports @8 and @10, protocol @12), mapped; 40 bytes
+/// with `Addr`s from version 4.
+pub(crate) fn decode_flow_key(version: u32, b: &[u8]) -> Option<FlowKey> {
+    if b.len() != flow_key_size(version) {
+        return None;
+    }
+    Some(if version >= 4 {
+        FlowKey {
+            src_addr: addr_at(b, 0),
+            dst_addr: addr_at(b, 16),
+            src_port: u16_at(b, 32),
+            dst_port: u16_at(b, 34),
+            proto: b[36],
+            _pad: [0; 3],
+        }
+    } else {
+        FlowKey {
+            src_addr: Addr::from_v4(u32_at(b, 0)),
+            dst_addr: Addr::from_v4(u32_at(b, 4)),
+            src_port: u16_at(b, 8),
+            dst_port: u16_at(b, 10),
+            proto: b[12],
+            _pad: [0; 3],
+        }
     })
 }
 
@@ -125,16 +199,30 @@ pub(crate) fn decode_flow_key(b: &[u8]) -> Option<FlowKey> {
 /// - v2: v1 with policy_gen (u32) @20 where v1 had padding: a v1 flow gets 0, so its next
 ///   packet makes the source checks (v1 builds had none).
 /// - v3 (layout-test builds): v2 + created_ns (u64) @24, which a v2 table cannot carry.
+/// - v4: both families: backend_addr (`Addr`) @0, backend_id @16, flags @20, last_seen_ns @24,
+///   policy_gen @32, padding @36; a v1-v3 flow's IPv4 addresses are mapped.
+/// - v5 (layout-test builds): v4 + created_ns (u64) @40.
 pub(crate) fn decode_flow(version: u32, key: &[u8], value: &[u8]) -> Option<NeutralFlow> {
     if flow_value_size(version)? != value.len() {
         return None;
     }
-    Some(NeutralFlow {
-        key: decode_flow_key(key)?,
-        backend_addr: u32_at(value, 0),
-        last_seen_ns: u64_at(value, 8),
-        flags: u32_at(value, 16),
-        policy_gen: if version >= 2 { u32_at(value, 20) } else { 0 },
+    let key = decode_flow_key(version, key)?;
+    Some(if version >= 4 {
+        NeutralFlow {
+            key,
+            backend_addr: addr_at(value, 0),
+            flags: u32_at(value, 20),
+            last_seen_ns: u64_at(value, 24),
+            policy_gen: u32_at(value, 32),
+        }
+    } else {
+        NeutralFlow {
+            key,
+            backend_addr: Addr::from_v4(u32_at(value, 0)),
+            last_seen_ns: u64_at(value, 8),
+            flags: u32_at(value, 16),
+            policy_gen: if version >= 2 { u32_at(value, 20) } else { 0 },
+        }
     })
 }
 
@@ -327,28 +415,37 @@ mod tests {
         // Padding in v1: whatever it holds, the flow is to be checked again.
         v.extend_from_slice(&7u32.to_ne_bytes());
         let f = decode_flow(1, &key_bytes(), &v).unwrap();
+        let v4 = |a: [u8; 4]| Addr::from(std::net::Ipv4Addr::from(a));
         assert_eq!(f.flags, lb_common::FLOW_F_PEER);
         assert_eq!(f.policy_gen, 0);
-        assert_eq!(f.backend_addr, u32::from_ne_bytes([10, 111, 1, 12]));
+        assert_eq!(f.backend_addr, v4([10, 111, 1, 12]));
         assert_eq!(f.last_seen_ns, 123_456_789);
-        assert_eq!(f.key.dst_addr, u32::from_ne_bytes([10, 111, 100, 1]));
+        assert_eq!(f.key.src_addr, v4([10, 111, 0, 2]));
+        assert_eq!(f.key.dst_addr, v4([10, 111, 100, 1]));
         assert_eq!(u16::from_be(f.key.src_port), 40000);
         assert_eq!(u16::from_be(f.key.dst_port), 80);
         assert_eq!(f.key.proto, 6);
-        // The bytes of the current layout's value (this build's `FlowValue`, version 2) decode
-        // the same way, with their policy generation.
+        // The bytes of the current layout (this build's `FlowKey` and `FlowValue`, version 4)
+        // decode the same way, with their policy generation.
         #[cfg(not(feature = "layout-test"))]
         {
             let value = lb_common::FlowValue {
                 policy_gen: 5,
                 ..lb_common::FlowValue::new(f.backend_addr, 7, 123_456_789, lb_common::FLOW_F_PEER)
             };
-            // SAFETY: FlowValue is repr(C) plain integers with explicit padding.
-            let bytes: [u8; 24] = unsafe { std::mem::transmute(value) };
+            // SAFETY: FlowKey and FlowValue are repr(C) plain integers with explicit padding.
+            let (key, bytes) = unsafe {
+                (
+                    std::mem::transmute::<FlowKey, [u8; 40]>(f.key),
+                    std::mem::transmute::<lb_common::FlowValue, [u8; 40]>(value),
+                )
+            };
             assert_eq!(
-                decode_flow(lb_common::layout::FLOWS, &key_bytes(), &bytes),
+                decode_flow(lb_common::layout::FLOWS, &key, &bytes),
                 Some(NeutralFlow { policy_gen: 5, ..f })
             );
+            // A version-4 key is 40 bytes: a version-1 key is not read as one.
+            assert_eq!(decode_flow(4, &key_bytes(), &bytes), None);
         }
         // Wrong sizes and unknown versions are not guessed at.
         assert_eq!(decode_flow(1, &key_bytes(), &v[..16]), None);
@@ -369,7 +466,7 @@ mod tests {
         let f = decode_flow(3, &key_bytes(), &v).unwrap();
         assert_eq!(
             (f.backend_addr, f.last_seen_ns, f.policy_gen),
-            (u32::from_ne_bytes([10, 111, 1, 13]), 55, 9)
+            (Addr::from_v4(u32::from_ne_bytes([10, 111, 1, 13])), 55, 9)
         );
         assert_eq!(decode_flow(3, &key_bytes(), &v[..24]), None);
     }
@@ -405,6 +502,38 @@ mod tests {
         assert_eq!(up[&vec![1u8; 8]], v2);
         entries.insert(vec![2; 8], v1[..4].to_vec());
         assert_eq!(upgrade_entries(maps::VIPS, 1, 2, entries), None);
+    }
+
+    #[test]
+    fn v1_backends_and_source_buckets_get_mapped_addresses() {
+        let mut b1 = vec![10, 111, 1, 12];
+        b1.extend_from_slice(&lb_common::BACKEND_F_ACTIVE.to_ne_bytes());
+        b1.extend_from_slice(&3u32.to_ne_bytes());
+        b1.extend_from_slice(&0u32.to_ne_bytes());
+        let b2 = upgrade_value(maps::BACKENDS, 1, 2, &b1).unwrap();
+        assert_eq!(b2.len(), size_of::<lb_common::Backend>());
+        let be = Addr::from_v4(u32::from_ne_bytes([10, 111, 1, 12]));
+        assert_eq!(addr_at(&b2, 0), be);
+        assert_eq!(u32_at(&b2, 16), lb_common::BACKEND_F_ACTIVE);
+        assert_eq!(u32_at(&b2, 20), 3);
+        // A free v1 slot stays free.
+        let free = upgrade_value(maps::BACKENDS, 1, 2, &[0; 16]).unwrap();
+        assert_eq!(addr_at(&free, 0), Addr::UNSPECIFIED);
+
+        let mut k1 = vec![10, 111, 0, 2];
+        k1.extend_from_slice(&4u32.to_ne_bytes());
+        let mut entries = Entries::new();
+        entries.insert(k1, 77u64.to_ne_bytes().to_vec());
+        let up = upgrade_entries(maps::SRC_BUCKETS, 1, 2, entries).unwrap();
+        let (k2, v2) = up.into_iter().next().unwrap();
+        assert_eq!(k2.len(), size_of::<lb_common::SrcBucketKey>());
+        assert_eq!(
+            addr_at(&k2, 0),
+            Addr::from_v4(u32::from_ne_bytes([10, 111, 0, 2]))
+        );
+        assert_eq!(u32_at(&k2, 16), 4);
+        assert_eq!(u64_at(&v2, 0), 77);
+        assert!(has_upgrade(maps::BACKENDS, 1, 2) && !has_upgrade(maps::BACKENDS, 2, 3));
     }
 
     #[test]

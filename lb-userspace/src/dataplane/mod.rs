@@ -331,9 +331,9 @@ fn ipv4_be(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
 
-/// An address of a VIP or backend as this data path's maps hold it: IPv4 only (`check_vip`
-/// refuses IPv6 before anything is written).
-fn map_addr(addr: IpAddr) -> Result<u32, DataplaneError> {
+/// An IPv4 address as `VIPS`/`VIP_ADDRS` keys hold it; IPv6 ones this data path does not
+/// forward yet (`check_vip` refuses them before anything is written).
+fn ipv4_key(addr: IpAddr) -> Result<u32, DataplaneError> {
     match addr {
         IpAddr::V4(v4) => Ok(ipv4_be(v4)),
         IpAddr::V6(v6) => Err(DataplaneError::Ipv6(v6)),
@@ -342,7 +342,7 @@ fn map_addr(addr: IpAddr) -> Result<u32, DataplaneError> {
 
 fn vip_key(key: &ServiceKey) -> Result<VipKey, DataplaneError> {
     Ok(VipKey {
-        addr: map_addr(key.addr)?,
+        addr: ipv4_key(key.addr)?,
         port: key.port.to_be(),
         proto: key.proto.ip_proto(),
         _pad: 0,

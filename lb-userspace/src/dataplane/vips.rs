@@ -7,12 +7,12 @@
 use super::{
     Dataplane, DataplaneError, InstalledVip,
     firewall::{half_flag, vip_flags},
-    map_addr, map_err, ring, vip_key,
+    ipv4_key, map_err, ring, vip_key,
 };
 use crate::model::{ServiceKey, VipSpec};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
-    BACKEND_F_ACTIVE, Backend, TrafficCounters, VIP_ADDR_F_ICMP_ECHO, VipAddr, VipMeta, maps,
+    Addr, BACKEND_F_ACTIVE, Backend, TrafficCounters, VIP_ADDR_F_ICMP_ECHO, VipAddr, VipMeta, maps,
     ring_index,
 };
 use std::{collections::BTreeSet, net::IpAddr};
@@ -35,7 +35,7 @@ impl Dataplane {
     pub fn check_vip(&self, spec: &VipSpec) -> Result<(), DataplaneError> {
         vip_key(&spec.key)?;
         for b in &spec.backends {
-            map_addr(b.addr)?;
+            ipv4_key(b.addr)?;
         }
         let existing = self.installed.get(&spec.key);
         if existing.is_none() && self.free_vip_ids.is_empty() {
@@ -373,10 +373,9 @@ impl Dataplane {
             .set(
                 id,
                 Backend {
-                    addr: map_addr(addr)?,
+                    addr: Addr::from(addr),
                     flags,
                     vip_id,
-                    _pad: 0,
                 },
                 0,
             )

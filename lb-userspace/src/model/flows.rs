@@ -110,21 +110,19 @@ impl FlowMatch {
     #[inline]
     pub fn matches(&self, key: &FlowKey, value: &FlowValue) -> bool {
         if let Some((addr, port, proto)) = self.vip
-            && (Addr::from_v4(key.dst_addr), key.dst_port, key.proto) != (addr, port, proto)
+            && (key.dst_addr, key.dst_port, key.proto) != (addr, port, proto)
         {
             return false;
         }
         if self.proto.is_some_and(|p| p != key.proto) {
             return false;
         }
-        if self
-            .backend
-            .is_some_and(|b| b != Addr::from_v4(value.backend_addr))
-        {
+        if self.backend.is_some_and(|b| b != value.backend_addr) {
             return false;
         }
+        // An IPv4 prefix: IPv6 flows are outside it.
         if let Some((net, mask)) = self.client
-            && u32::from_be(key.src_addr) & mask != net
+            && !(key.src_addr.is_v4() && u32::from_be(key.src_addr.v4()) & mask == net)
         {
             return false;
         }
@@ -196,7 +194,7 @@ pub fn proto_of(ip_proto: u8) -> Option<Proto> {
 /// A flow key's VIP as a `ServiceKey` (`None` for a protocol other than TCP and UDP).
 pub fn vip_of(key: &FlowKey) -> Option<ServiceKey> {
     Some(ServiceKey {
-        addr: IpAddr::V4(Ipv4Addr::from(u32::from_be(key.dst_addr))),
+        addr: IpAddr::from(key.dst_addr),
         port: u16::from_be(key.dst_port),
         proto: proto_of(key.proto)?,
     })
@@ -210,9 +208,9 @@ pub(crate) mod tests {
         s.parse().unwrap()
     }
 
-    /// An IPv4 address as the flow table holds it (network order).
-    fn be(s: &str) -> u32 {
-        u32::from_ne_bytes(s.parse::<Ipv4Addr>().unwrap().octets())
+    /// An address as the flow table holds it.
+    fn be(s: &str) -> Addr {
+        Addr::from(a(s))
     }
 
     /// A flow from `client:port` to `vip:80/proto`, pinned to `backend`.

@@ -63,7 +63,7 @@ pub use status::{LagReport, PeerReport, PeerStartup, PeersReport, SyncTotals, re
 
 use crate::{dataplane::InstallReport, util::BoxError};
 use aya::maps::{MapData, RingBuf};
-use lb_common::{FlowEvent, FlowKey};
+use lb_common::{Addr, FlowEvent, FlowKey};
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -200,19 +200,22 @@ fn parse_event(b: &[u8]) -> Option<FlowEvent> {
     if b.len() < size_of::<FlowEvent>() {
         return None;
     }
-    let u32_at = |at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let addr_at = |at: usize| {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&b[at..at + 16]);
+        Addr::from_octets(a)
+    };
     let u16_at = |at: usize| u16::from_ne_bytes([b[at], b[at + 1]]);
     Some(FlowEvent {
         flow: FlowKey {
-            src_addr: u32_at(0),
-            dst_addr: u32_at(4),
-            src_port: u16_at(8),
-            dst_port: u16_at(10),
-            proto: b[12],
+            src_addr: addr_at(0),
+            dst_addr: addr_at(16),
+            src_port: u16_at(32),
+            dst_port: u16_at(34),
+            proto: b[36],
             _pad: [0; 3],
         },
-        backend_addr: u32_at(16),
-        _pad: 0,
+        backend_addr: addr_at(40),
     })
 }
 

@@ -344,7 +344,7 @@ pub(crate) mod tests {
         wire::encode_frame(5, &Message::Flows(Cow::Owned(vec![f])), &mut plain);
         let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
         // The plaintext has the client address and the port pair; the record has neither.
-        let client = f.flow.src_addr.to_ne_bytes();
+        let client = f.flow.src_addr.octets();
         let ports = [f.flow.src_port.to_ne_bytes(), f.flow.dst_port.to_ne_bytes()].concat();
         assert!(find(&plain, &client) && find(&plain, &ports));
         assert!(!find(&rec, &client), "client address in clear");

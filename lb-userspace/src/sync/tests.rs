@@ -8,7 +8,7 @@ use super::{
     wire::{self, Message, PREAMBLE_LEN, tests::flow},
 };
 use crate::dataplane::InstallReport;
-use lb_common::{FlowEvent, FlowKey};
+use lb_common::{Addr, FlowEvent, FlowKey};
 use std::{
     borrow::Cow,
     collections::{HashMap, HashSet},
@@ -31,11 +31,16 @@ const KEY: &str = "test-key-0123456789abcdef";
 /// Every wait in these tests gives up after this long.
 const DEADLINE: Duration = Duration::from_secs(10);
 
-type Table = Arc<Mutex<HashMap<FlowKey, u32>>>;
+type Table = Arc<Mutex<HashMap<FlowKey, Addr>>>;
 
 /// Backends every fake agent knows (the `flow()` helper spreads over these three).
-fn known_backends() -> HashSet<u32> {
-    (0..3).map(|i| (0x0a6f_010bu32 + i).to_be()).collect()
+fn known_backends() -> HashSet<Addr> {
+    (0..3)
+        .map(|i| Addr::from_v4((0x0a6f_010bu32 + i).to_be()))
+        .chain([Addr::from(
+            "fd11:2::11".parse::<std::net::Ipv6Addr>().unwrap(),
+        )])
+        .collect()
 }
 
 struct Node {
@@ -94,7 +99,6 @@ fn fake_agent(
                         .map(|(k, b)| FlowEvent {
                             flow: *k,
                             backend_addr: *b,
-                            _pad: 0,
                         })
                         .collect();
                     let _ = reply.send(Ok(flows));
@@ -237,7 +241,7 @@ async fn flows_stream_both_ways_and_unknown_backends_are_counted() {
 
     // A backend B does not have: counted, not installed.
     let mut stray = flow(7000);
-    stray.backend_addr = u32::from_be_bytes([192, 0, 2, 1]).to_be();
+    stray.backend_addr = Addr::from(std::net::Ipv4Addr::new(192, 0, 2, 1));
     a.new_flow(stray).await;
     wait_for("unknown backend counted", || {
         b.report().peers[0].unknown_backend == 1
@@ -630,8 +634,9 @@ async fn forged_and_replayed_records_over_tcp_are_rejected() {
     b.stop().await;
 }
 
-/// Nodes of sync protocol version 1 and 2 refuse each other with the version named, instead of
-/// misparsing: each side's first bytes are checked against the layout version 1 reads.
+/// Nodes of sync protocol version 1 and this one (3) refuse each other with the version named,
+/// instead of misparsing: each side's first bytes are checked against the layout version 1
+/// reads (version 2 reads the same places; `wire` tests it by name).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_of_another_version_is_refused_not_misparsed() {
     // A version-1 receiver: its challenge, byte for byte. The sender writes the version notice
@@ -651,14 +656,14 @@ async fn a_node_of_another_version_is_refused_not_misparsed() {
     assert_eq!(notice, wire::version_notice());
     assert_eq!(
         &notice[..5],
-        b"XLBS\x02",
+        b"XLBS\x03",
         "magic and version where version 1 reads them"
     );
     assert_eq!(a.snapshots.load(Relaxed), 0);
     assert!(!a.report().peers[0].connected);
     a.stop().await;
 
-    // A version-1 sender: it reads the 24-byte preamble as its challenge and finds version 2
+    // A version-1 sender: it reads the 24-byte preamble as its challenge and finds version 3
     // where it looks for its version. Were it to send its Hello anyway, the receiver rejects it
     // by its version, counts it and installs nothing.
     let b_addr = free_port();
@@ -666,7 +671,7 @@ async fn a_node_of_another_version_is_refused_not_misparsed() {
     let mut s = TcpStream::connect(b_addr).await.unwrap();
     let mut p = [0u8; PREAMBLE_LEN];
     s.read_exact(&mut p).await.unwrap();
-    assert_eq!(&p[..5], b"XLBC\x02");
+    assert_eq!(&p[..5], b"XLBC\x03");
     let v1_hello = [
         b"XLBS\x01\x01\0\0".as_slice(),
         &[0x11; 24],

@@ -1,6 +1,7 @@
-//! Wire format of peer flow sync, version 2: a Noise handshake, then encrypted frames. Every
+//! Wire format of peer flow sync, version 3: a Noise handshake, then encrypted frames. Every
 //! multi-byte integer is big-endian (network order); flow addresses and ports are copied byte for
-//! byte from `FlowEvent`, which already holds them in network order. The cryptography (what goes
+//! byte from `FlowEvent`, which already holds them in network order (addresses as 16-byte
+//! `Addr`s, IPv4 as IPv4-mapped). The cryptography (what goes
 //! into each Noise message, keys, sequence checks) is in `noise.rs`; this file is the layout.
 //!
 //! A sync connection is one-way for data: the node that connects (the *sender*, the Noise
@@ -65,35 +66,38 @@
 //! - Heartbeat: empty.
 //! - Ack (the receiver's only frame): empty.
 //!
-//! Flow record ([`RECORD_LEN`] = 20 bytes):
+//! Flow record ([`RECORD_LEN`] = 56 bytes; addresses of either family, 16 bytes, IPv4 as the
+//! IPv4-mapped IPv6 address `::ffff:a.b.c.d`):
 //!
 //! | offset | size | field |
 //! |-------:|-----:|-------|
-//! | 0  | 4 | client address (`FlowKey::src_addr`) |
-//! | 4  | 4 | VIP address (`FlowKey::dst_addr`) |
-//! | 8  | 2 | client port |
-//! | 10 | 2 | VIP port |
-//! | 12 | 1 | IP protocol |
-//! | 13 | 3 | reserved, zero |
-//! | 16 | 4 | backend address: backends are named by address, never by a node-local slot |
+//! | 0  | 16 | client address (`FlowKey::src_addr`) |
+//! | 16 | 16 | VIP address (`FlowKey::dst_addr`) |
+//! | 32 | 2  | client port |
+//! | 34 | 2  | VIP port |
+//! | 36 | 1  | IP protocol |
+//! | 37 | 3  | reserved, zero |
+//! | 40 | 16 | backend address: backends are named by address, never by a node-local slot |
 //!
 //! **Versions.** Every version begins the receiver's preamble and everything a sender writes
 //! with the magic and the version byte at the same offsets. A sender that reads a preamble of
 //! another version writes [`version_notice`] (36 bytes: the length of a version-1 frame header,
-//! so a version-1 receiver reads it whole and reports the version) and closes; a version-1
-//! sender stops at a version-2 preamble with "unsupported version 2". Neither side misparses
+//! so a version-1 receiver reads it whole and reports the version) and closes; a sender of
+//! version 1 or 2 stops at this version's preamble with "unsupported version 3", and a
+//! version-2 receiver rejects this version's notice by its version byte. Neither side misparses
 //! the other.
 //!
 //! Decoding is total: every malformed input is an `Err`, and a record's length is checked
 //! against its type's limits from the header alone, before anything is read for it.
 
-use lb_common::{FlowEvent, FlowKey};
+use lb_common::{Addr, FlowEvent, FlowKey};
 use std::borrow::Cow;
 
 pub const MAGIC: [u8; 4] = *b"XLBS";
 pub const PREAMBLE_MAGIC: [u8; 4] = *b"XLBC";
-/// 1: HMAC-authenticated frames in clear; 2: Noise handshake and encrypted frames.
-pub const VERSION: u8 = 2;
+/// 1: HMAC-authenticated frames in clear; 2: Noise handshake and encrypted frames; 3: flow
+/// records with 16-byte addresses (IPv4 and IPv6 flows).
+pub const VERSION: u8 = 3;
 pub const CHALLENGE_LEN: usize = 16;
 pub const PREAMBLE_LEN: usize = 8 + CHALLENGE_LEN;
 pub const RECORD_HEADER_LEN: usize = 16;
@@ -108,9 +112,9 @@ pub const FRAME_HEADER_LEN: usize = 12;
 pub const MAX_FRAME_LEN: usize = NOISE_MAX_MSG_LEN - NOISE_TAG_LEN;
 /// The smallest data record's Noise message: an empty payload's frame and the tag.
 pub const MIN_DATA_MSG_LEN: usize = FRAME_HEADER_LEN + NOISE_TAG_LEN;
-pub const RECORD_LEN: usize = 20;
-/// Flows per Flows/Snapshot frame: as many as one Noise message holds (a snapshot of a million
-/// flows is ~306 frames; one frame is installed in well under a millisecond).
+pub const RECORD_LEN: usize = 56;
+/// Flows per Flows/Snapshot frame: as many as one Noise message holds (1169; a snapshot of a
+/// million flows is ~856 frames; one frame is installed in well under a millisecond).
 pub const MAX_FLOWS_PER_FRAME: usize = (MAX_FRAME_LEN - FRAME_HEADER_LEN) / RECORD_LEN;
 pub const MAX_PAYLOAD: usize = MAX_FLOWS_PER_FRAME * RECORD_LEN;
 /// The largest record on the wire (64 KiB + 16 bytes).
@@ -285,6 +289,13 @@ fn be_u64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(a)
 }
 
+/// The 16-byte address at `at`.
+fn addr_at(b: &[u8], at: usize) -> Addr {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&b[at..at + 16]);
+    Addr::from_octets(a)
+}
+
 fn raw4(b: &[u8], at: usize) -> [u8; 4] {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[at..at + 4]);
@@ -321,13 +332,13 @@ pub fn encode_frame(sent_ns: u64, msg: &Message<'_>, out: &mut Vec<u8>) {
         Message::Flows(flows) | Message::Snapshot(flows) => {
             for f in flows.iter() {
                 // Already network order in memory: native-endian bytes are the wire bytes.
-                out.extend_from_slice(&f.flow.src_addr.to_ne_bytes());
-                out.extend_from_slice(&f.flow.dst_addr.to_ne_bytes());
+                out.extend_from_slice(&f.flow.src_addr.octets());
+                out.extend_from_slice(&f.flow.dst_addr.octets());
                 out.extend_from_slice(&f.flow.src_port.to_ne_bytes());
                 out.extend_from_slice(&f.flow.dst_port.to_ne_bytes());
                 out.push(f.flow.proto);
                 out.extend_from_slice(&[0; 3]);
-                out.extend_from_slice(&f.backend_addr.to_ne_bytes());
+                out.extend_from_slice(&f.backend_addr.octets());
             }
         }
         Message::SnapshotEnd { total } => out.extend_from_slice(&total.to_be_bytes()),
@@ -369,20 +380,19 @@ pub fn decode_frame(buf: &[u8]) -> Result<Frame, WireError> {
 fn decode_records(payload: &[u8]) -> Result<Vec<FlowEvent>, WireError> {
     let mut flows = Vec::with_capacity(payload.len() / RECORD_LEN);
     for r in payload.chunks_exact(RECORD_LEN) {
-        if r[13..16] != [0; 3] {
+        if r[37..40] != [0; 3] {
             return Err(WireError::Reserved);
         }
         flows.push(FlowEvent {
             flow: FlowKey {
-                src_addr: u32::from_ne_bytes(raw4(r, 0)),
-                dst_addr: u32::from_ne_bytes(raw4(r, 4)),
-                src_port: u16::from_ne_bytes([r[8], r[9]]),
-                dst_port: u16::from_ne_bytes([r[10], r[11]]),
-                proto: r[12],
+                src_addr: addr_at(r, 0),
+                dst_addr: addr_at(r, 16),
+                src_port: u16::from_ne_bytes([r[32], r[33]]),
+                dst_port: u16::from_ne_bytes([r[34], r[35]]),
+                proto: r[36],
                 _pad: [0; 3],
             },
-            backend_addr: u32::from_ne_bytes(raw4(r, 16)),
-            _pad: 0,
+            backend_addr: addr_at(r, 40),
         });
     }
     Ok(flows)
@@ -480,20 +490,35 @@ pub(crate) mod tests {
     pub(crate) fn flow(i: u32) -> FlowEvent {
         FlowEvent {
             flow: FlowKey {
-                src_addr: (0x0a6f_0002u32.wrapping_add(i >> 16)).to_be(),
-                dst_addr: 0x0a6f_6401u32.to_be(),
+                src_addr: Addr::from_v4((0x0a6f_0002u32.wrapping_add(i >> 16)).to_be()),
+                dst_addr: Addr::from_v4(0x0a6f_6401u32.to_be()),
                 src_port: ((i & 0xffff) as u16).to_be(),
                 dst_port: 80u16.to_be(),
                 proto: 6,
                 _pad: [0; 3],
             },
-            backend_addr: (0x0a6f_010bu32 + i % 3).to_be(),
-            _pad: 0,
+            backend_addr: Addr::from_v4((0x0a6f_010bu32 + i % 3).to_be()),
+        }
+    }
+
+    /// An IPv6 flow: client fd11:1::N, VIP fd11:100::1, backend fd11:2::11.
+    pub(crate) fn flow6(i: u16) -> FlowEvent {
+        let a = |s: &str| Addr::from(s.parse::<std::net::Ipv6Addr>().unwrap());
+        FlowEvent {
+            flow: FlowKey {
+                src_addr: a(&format!("fd11:1::{i:x}")),
+                dst_addr: a("fd11:100::1"),
+                src_port: i.to_be(),
+                dst_port: 443u16.to_be(),
+                proto: 6,
+                _pad: [0; 3],
+            },
+            backend_addr: a("fd11:2::11"),
         }
     }
 
     pub(crate) fn samples() -> Vec<Message<'static>> {
-        let flows: Vec<FlowEvent> = (0..37).map(flow).collect();
+        let flows: Vec<FlowEvent> = (0..37).map(flow).chain((1..4).map(flow6)).collect();
         let full: Vec<FlowEvent> = (0..MAX_FLOWS_PER_FRAME as u32).map(flow).collect();
         vec![
             Message::Hello {
@@ -546,15 +571,37 @@ pub(crate) mod tests {
         let f = flow(0x0001_0203);
         let buf = frame(&Message::Flows(Cow::Owned(vec![f])));
         let r = &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + RECORD_LEN];
-        assert_eq!(&r[0..4], &[10, 111, 0, 3]);
-        assert_eq!(&r[4..8], &[10, 111, 100, 1]);
-        assert_eq!(&r[8..10], &[0x02, 0x03]);
-        assert_eq!(&r[10..12], &[0, 80]);
-        assert_eq!(r[12], 6);
-        assert_eq!(&r[16..20], &[10, 111, 1, 11 + (0x0001_0203 % 3) as u8]);
+        let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+        assert_eq!(&r[0..12], &mapped);
+        assert_eq!(&r[12..16], &[10, 111, 0, 3]);
+        assert_eq!(&r[16..28], &mapped);
+        assert_eq!(&r[28..32], &[10, 111, 100, 1]);
+        assert_eq!(&r[32..34], &[0x02, 0x03]);
+        assert_eq!(&r[34..36], &[0, 80]);
+        assert_eq!(&r[36..40], &[6, 0, 0, 0]);
+        assert_eq!(&r[40..52], &mapped);
+        assert_eq!(&r[52..56], &[10, 111, 1, 11 + (0x0001_0203 % 3) as u8]);
+        // An IPv6 flow: its addresses as on the wire.
+        let buf = frame(&Message::Flows(Cow::Owned(vec![flow6(0x12)])));
+        let r = &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + RECORD_LEN];
+        assert_eq!(
+            &r[0..16],
+            &"fd11:1::12".parse::<std::net::Ipv6Addr>().unwrap().octets()
+        );
+        assert_eq!(
+            &r[16..32],
+            &"fd11:100::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
+        assert_eq!(
+            &r[40..56],
+            &"fd11:2::11".parse::<std::net::Ipv6Addr>().unwrap().octets()
+        );
         let mut h = Vec::new();
         encode_record_header(RecordType::Data, 300, 0x0102_0304_0506_0708, &mut h);
-        assert_eq!(h, b"XLBS\x02\x02\x01\x2c\x01\x02\x03\x04\x05\x06\x07\x08");
+        assert_eq!(h, b"XLBS\x03\x02\x01\x2c\x01\x02\x03\x04\x05\x06\x07\x08");
     }
 
     /// A frame's length is the record's (which the tag covers), so a cut frame is only ever a
@@ -651,7 +698,7 @@ pub(crate) mod tests {
         f[2] = 1;
         assert_eq!(decode_frame(&f), Err(WireError::Reserved));
         let mut f = frame(&Message::Flows(Cow::Owned(vec![flow(1)])));
-        f[FRAME_HEADER_LEN + 14] = 1;
+        f[FRAME_HEADER_LEN + 38] = 1;
         assert_eq!(decode_frame(&f), Err(WireError::Reserved));
         let mut f = frame(&Message::Heartbeat);
         f.push(0);
@@ -680,17 +727,21 @@ pub(crate) mod tests {
             Err(WireError::BadVersion(1))
         );
         let e = WireError::BadVersion(1).to_string();
-        assert!(e.contains("version 1 (this node speaks 2)"), "{e}");
+        assert!(e.contains("version 1 (this node speaks 3)"), "{e}");
+        // A version-2 receiver's preamble (the same layout, version 2): named too.
+        let mut v2 = encode_preamble(&[1; CHALLENGE_LEN]);
+        v2[4] = 2;
+        assert_eq!(decode_preamble(&v2), Err(WireError::BadVersion(2)));
         // This receiver's preamble, as a version-1 sender reads it: its first 5 bytes are
         // magic `XLBC` and the version, where version 1 looked for them, in 24 bytes.
         let p = encode_preamble(&[1; CHALLENGE_LEN]);
         assert_eq!(p.len(), version1_challenge().len());
-        assert_eq!(&p[..5], b"XLBC\x02");
-        // The notice a sender writes to a version-1 receiver: a version-1 frame header's
-        // length (36), magic `XLBS` and version 2 where version 1 reads them.
+        assert_eq!(&p[..5], b"XLBC\x03");
+        // The notice a sender writes to an older receiver: a version-1 frame header's length
+        // (36), magic `XLBS` and version 3 where versions 1 and 2 read them.
         let n = version_notice();
         assert_eq!(n.len(), 36);
-        assert_eq!(&n[..5], b"XLBS\x02");
+        assert_eq!(&n[..5], b"XLBS\x03");
         // A version-1 Hello frame sent to this receiver: the version, not garbage.
         let v1_hello = [b"XLBS\x01\x01\0\0".as_slice(), &[0; 28]].concat();
         assert_eq!(

@@ -1,7 +1,7 @@
 //! Building the benchmark's frames and namespace (the same shapes as `tests/packet_fixtures.rs`).
 
 use anyhow::Result;
-use lb_common::{FlowEvent, FlowKey};
+use lb_common::{Addr, FlowEvent, FlowKey};
 use std::net::Ipv4Addr;
 
 use xlb_tests::{
@@ -25,9 +25,9 @@ pub const fn backend(i: u32) -> Ipv4Addr {
     Ipv4Addr::from_bits(Ipv4Addr::new(10, 111, 16, 10).to_bits() + i)
 }
 
-/// An address as the data path's maps hold it (network order in memory).
-pub fn be(a: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(a.octets())
+/// An address as the data path's maps hold it (16 bytes, IPv4-mapped).
+pub fn be(a: Ipv4Addr) -> Addr {
+    Addr::from(a)
 }
 
 /// `n` flows to VIP:`port`, spread over the first `backends` backends (none from `CLIENT`).
@@ -44,7 +44,6 @@ pub fn fill_events(n: u32, port: u16, backends: u32) -> impl Iterator<Item = Flo
             _pad: [0; 3],
         },
         backend_addr: be(backend(i % backends)),
-        _pad: 0,
     })
 }
 

@@ -12,7 +12,7 @@
 //! The table is filled the way a peer fills it: an in-process sync node streams the flows to the
 //! agent's `--sync-listen` (authenticated frames), and the agent installs them.
 
-use super::packets::{VIP, backend, be, fill_events};
+use super::packets::{VIP, backend, fill_events};
 use anyhow::{Context, Result, bail, ensure};
 use aya::maps::{HashMap as BpfHashMap, MapData, MapInfo};
 use lb_common::{FlowEvent, VipKey, VipMeta, maps};
@@ -487,7 +487,7 @@ fn flips(
     until: Instant,
 ) -> Result<Vec<f64>> {
     let key = VipKey {
-        addr: be(VIP),
+        addr: u32::from_ne_bytes(VIP.octets()),
         port: VIP_PORT.to_be(),
         proto: 6,
         _pad: 0,

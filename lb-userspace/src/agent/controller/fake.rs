@@ -7,7 +7,7 @@ use crate::{
     },
     model::{ServiceKey, VipSpec},
 };
-use lb_common::FlowEvent;
+use lb_common::{Addr, FlowEvent};
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -51,13 +51,9 @@ pub(crate) fn flow_counts(dp: &FakeDataplane, entries: u64, per_backend: u64) ->
         ..Default::default()
     };
     for b in dp.applied.values().flat_map(|v| &v.backends) {
-        // The flow table holds IPv4 backends (network order) only.
-        if let IpAddr::V4(v4) = b.addr {
-            counts.active.insert(
-                (slot_of(b.addr), u32::from_ne_bytes(v4.octets())),
-                per_backend,
-            );
-        }
+        counts
+            .active
+            .insert((slot_of(b.addr), Addr::from(b.addr)), per_backend);
     }
     counts
 }
