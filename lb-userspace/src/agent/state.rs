@@ -8,6 +8,7 @@
 
 use crate::{
     agent::health::check_files,
+    model::addr::is_host_address,
     model::check::{CheckError, CheckPatch, CheckSpec},
     model::policy::{PolicyError, PolicyPatch},
     model::{BackendConfig, DEFAULT_WEIGHT, Forward, MAX_WEIGHT, ServiceKey, VipConfig},
@@ -145,22 +146,6 @@ impl StateDiff {
             self.backends_changed,
             self.unchanged
         )
-    }
-}
-
-/// Unicast, not 0.0.0.0 or :: (which the data path uses as "free slot"), not limited broadcast;
-/// for IPv6 not link-local either (a link-local address names no host beyond one link, and the
-/// kernel's FIB lookup refuses it) and never IPv4-mapped (the data path keeps IPv4 addresses in
-/// that form, so it must only ever mean IPv4).
-fn is_host_address(addr: IpAddr) -> bool {
-    match addr {
-        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
-        IpAddr::V6(v6) => {
-            !(v6.is_unspecified()
-                || v6.is_multicast()
-                || v6.is_unicast_link_local()
-                || v6.to_ipv4_mapped().is_some())
-        }
     }
 }
 

@@ -21,6 +21,7 @@ pub(crate) mod record;
 
 use crate::{
     dataplane::{DataplaneError, XdpModeChoice, persistent},
+    model::addr::is_host_address,
     netlink::{Link, Netlink, NetlinkError},
     util::{NoSuchInterface, interface_index, os_message},
 };
@@ -167,24 +168,10 @@ async fn plan(nl: &Netlink, ifaces: &[String]) -> Result<Plan, BackendHostError>
     })
 }
 
-/// An address a VIP can be: unicast, not a loopback or link-local one (IPv4-mapped IPv6
-/// addresses never get here: the CLI refuses them).
-fn is_host_address(vip: &IpAddr) -> bool {
-    match vip {
-        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
-        IpAddr::V6(v6) => {
-            !(v6.is_unspecified()
-                || v6.is_multicast()
-                || v6.is_loopback()
-                || v6.is_unicast_link_local())
-        }
-    }
-}
-
 /// Prepare this namespace as a DSR backend; returns what was done (also saved as the record).
 pub(crate) async fn setup(opts: &SetupOptions) -> Result<BackendHostRecord, BackendHostError> {
     for vip in &opts.vips {
-        if !is_host_address(vip) {
+        if !is_host_address(*vip) {
             return Err(BackendHostError::BadVip(*vip));
         }
     }
@@ -392,24 +379,6 @@ pub(crate) async fn teardown(record_dir: &Path) -> Result<BackendHostRecord, Bac
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn vips_must_be_unicast_host_addresses() {
-        for good in ["10.111.100.1", "fd11:100::1", "2001:db8::100"] {
-            assert!(is_host_address(&good.parse().unwrap()), "{good}");
-        }
-        for bad in [
-            "0.0.0.0",
-            "255.255.255.255",
-            "224.0.0.1",
-            "::",
-            "::1",
-            "ff02::1",
-            "fe80::1",
-        ] {
-            assert!(!is_host_address(&bad.parse().unwrap()), "{bad}");
-        }
-    }
 
     #[test]
     fn sysctl_plan_covers_all_lo_and_each_interface() {

@@ -42,6 +42,24 @@ pub(crate) enum ParseError {
     },
 }
 
+/// An address a VIP or a backend can be: unicast, not 0.0.0.0 or :: (which the data path uses as
+/// "free slot"), not the limited broadcast; for IPv6 neither loopback nor link-local (a
+/// link-local address names no host beyond one link, and the kernel's FIB lookup refuses it) and
+/// never IPv4-mapped (the data path keeps IPv4 addresses in that form, so it must only ever mean
+/// IPv4).
+pub(crate) fn is_host_address(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
+        IpAddr::V6(v6) => {
+            !(v6.is_unspecified()
+                || v6.is_multicast()
+                || v6.is_loopback()
+                || v6.is_unicast_link_local()
+                || v6.to_ipv4_mapped().is_some())
+        }
+    }
+}
+
 /// Parse `ADDR:PORT` or `[ADDR]:PORT` (a VIP, IPv4 or IPv6, as std's `SocketAddr` writes them).
 /// Port 0 is rejected: no packet is ever addressed to it. So is an IPv4-mapped IPv6 address (see
 /// [`parse_ip`]).
@@ -351,6 +369,25 @@ mod tests {
             parse_ip("::ffff:10.111.1.11").unwrap_err().to_string(),
             "address \"::ffff:10.111.1.11\" is an IPv4-mapped IPv6 address: write the IPv4 address, 10.111.1.11"
         );
+    }
+
+    #[test]
+    fn vips_and_backends_must_be_unicast_host_addresses() {
+        for good in ["10.111.100.1", "127.0.0.1", "fd11:100::1", "2001:db8::100"] {
+            assert!(is_host_address(good.parse().unwrap()), "{good}");
+        }
+        for bad in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::",
+            "::1",
+            "ff02::1",
+            "fe80::1",
+            "::ffff:10.111.1.11",
+        ] {
+            assert!(!is_host_address(bad.parse().unwrap()), "{bad}");
+        }
     }
 
     #[test]
