@@ -3,8 +3,9 @@
 //! again. The balancer is loaded with the fixtures' VIPs and every part of the door switched
 //! on (a deny list, a VIP's allow and deny lists, limits), so every path is reachable.
 //!
-//! Frames: packets built field by field (Ethernet with and without VLAN tags, IPv6, ARP and
-//! other EtherTypes; IPv4 with options, fragments and every protocol number; TCP with any
+//! Frames: packets built field by field (Ethernet with and without VLAN tags, IPv6 with
+//! extension headers, fragments, ICMPv6 and tunnels to the IPv6 VIP and elsewhere, ARP and other
+//! EtherTypes; IPv4 with options, fragments and every protocol number; TCP with any
 //! flags, UDP, ICMP echo and errors quoting flows that were created earlier), the same with
 //! bits flipped, bytes overwritten or cut at a random point, every truncation of some of them,
 //! and random bytes.
@@ -23,11 +24,17 @@
 use crate::{
     fixture::*,
     packet::{ACK, ETH_P_IP, Ip, SYN, checksum, eth, icmp_message, quote, tcp, udp},
+    packet6::{
+        Ext, ICMP6_DEST_UNREACH, ICMP6_ECHO_REQUEST, ICMP6_NEIGHBOR_SOLICIT, ICMP6_PACKET_TOO_BIG,
+        ICMP6_TIME_EXCEEDED, Ip6, NH_ESP, NH_ICMPV6, NH_IPIP, NH_IPV6, NH_NONE, NH_TCP, NH_UDP,
+        icmp6,
+    },
+    topology::VIP6,
 };
 use anyhow::{Result, bail, ensure};
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 use xlb::{
@@ -273,9 +280,10 @@ impl FrameSource {
     fn built(&mut self) -> Vec<u8> {
         let ip = self.ipv4();
         let (ethertype, payload) = match self.rng.below(20) {
-            0 => (0x86dd, self.ipv6()),
-            1 => (0x0806, self.rng.bytes(28)),
-            2 => (self.rng.next_u64() as u16, self.rng.bytes(64)),
+            // A dual-stack network: a fifth of what arrives is IPv6.
+            0..=3 => (0x86dd, self.ipv6()),
+            4 => (0x0806, self.rng.bytes(28)),
+            5 => (self.rng.next_u64() as u16, self.rng.bytes(64)),
             _ => (ETH_P_IP, ip),
         };
         let mut frame = match self.rng.below(12) {
@@ -301,11 +309,92 @@ impl FrameSource {
         frame
     }
 
+    /// An IPv6 packet: mostly built with `packet6` (to the IPv6 VIPs, the LB, a backend or
+    /// anywhere; 0-5 extension headers of every kind in any order, fragments among them; TCP,
+    /// UDP, ICMPv6 echo, packet too big, neighbour solicitation, tunnels, other protocols), the
+    /// rest a valid first nibble over random bytes.
     fn ipv6(&mut self) -> Vec<u8> {
-        let mut h = self.rng.some_bytes(40, 60);
-        h[0] = 0x60 | (h[0] & 0x0f);
-        h[6] = self.rng.pick(&[6, 17, 58, 4, 41]);
-        h
+        if self.rng.chance(20) {
+            let mut h = self.rng.some_bytes(40, 60);
+            h[0] = 0x60 | (h[0] & 0x0f);
+            h[6] = self.rng.pick(&[6, 17, 58, 4, 41]);
+            return h;
+        }
+        let v6 = |s: &str| -> Ipv6Addr { s.parse().expect("a literal address") };
+        let src = match self.rng.below(4) {
+            0 => v6("fd11:1::2"),
+            1 => v6("fe80::1"),
+            _ => Ipv6Addr::from(
+                u128::from(self.rng.next_u64()) << 64 | u128::from(self.rng.next_u64()),
+            ),
+        };
+        let dst = match self.rng.below(6) {
+            0..=2 => VIP6,
+            3 => v6("fd11:2::2"),
+            4 => v6("ff02::1:ff00:2"),
+            _ => Ipv6Addr::from(u128::from(self.rng.next_u64())),
+        };
+        let next = self.rng.pick(&[
+            NH_TCP, NH_TCP, NH_UDP, NH_ICMPV6, NH_ICMPV6, NH_IPV6, NH_IPIP, NH_ESP, NH_NONE,
+        ]);
+        let mut ip = Ip6::to(src, dst, next);
+        for _ in 0..self.rng.below(6) {
+            let ext = match self.rng.below(6) {
+                0 => Ext::HopByHop {
+                    units: self.rng.below(3) as u8,
+                },
+                1 => Ext::DestOpts {
+                    units: self.rng.below(3) as u8,
+                },
+                2 => Ext::Routing {
+                    segments_left: self.rng.below(3) as u8,
+                    units: self.rng.below(3) as u8,
+                },
+                3 => Ext::Fragment {
+                    offset: self.rng.below(4) as u16,
+                    more: self.rng.chance(50),
+                    id: self.rng.next_u64() as u32,
+                },
+                4 => Ext::Ah,
+                _ => Ext::HopByHop { units: 0 },
+            };
+            ip = ip.with(ext);
+        }
+        let port = self.port();
+        let payload = match next {
+            NH_TCP => tcp(
+                self.rng.next_u64() as u16,
+                port,
+                self.rng.pick(&[SYN, ACK, SYN | ACK, 0x11, 0x04]),
+                self.rng.below(40) as usize,
+            ),
+            NH_UDP => udp(
+                self.rng.next_u64() as u16,
+                port,
+                &self.rng.some_bytes(0, 32),
+            ),
+            NH_ICMPV6 => {
+                let kind = self.rng.pick(&[
+                    ICMP6_ECHO_REQUEST,
+                    ICMP6_PACKET_TOO_BIG,
+                    ICMP6_DEST_UNREACH,
+                    ICMP6_TIME_EXCEEDED,
+                    ICMP6_NEIGHBOR_SOLICIT,
+                ]);
+                // An error quotes a reply from the VIP, as a backend sends it.
+                let quoted = Ip6::to(VIP6, src, NH_TCP).packet(&tcp(port, 40000, ACK, 0));
+                let body = if kind < 128 {
+                    quoted
+                } else {
+                    self.rng.some_bytes(0, 24)
+                };
+                icmp6(src, dst, kind, 0, [0, 0, 5, 0x78], &body)
+            }
+            NH_IPV6 => Ip6::to(src, VIP6, NH_TCP).packet(&tcp(40001, 80, SYN, 0)),
+            NH_IPIP => client_syn(40002, 80)[14..].to_vec(),
+            _ => self.rng.some_bytes(0, 40),
+        };
+        ip.packet(&payload)
     }
 
     fn source(&mut self) -> Ipv4Addr {
