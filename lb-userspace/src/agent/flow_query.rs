@@ -665,7 +665,7 @@ mod tests {
         let t = table();
         let client = FlowFilter {
             client: Some(ClientPrefix {
-                addr: std::net::Ipv4Addr::new(10, 111, 9, 0),
+                addr: std::net::IpAddr::from([10, 111, 9, 0]),
                 len: 24,
             }),
             ..backend("10.111.1.13")

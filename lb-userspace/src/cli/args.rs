@@ -192,7 +192,7 @@ pub(crate) struct FilterArgs {
     /// Only the flows pinned to this backend (a backend of the VIP, or of any VIP).
     #[arg(long, value_name = "ADDR")]
     pub(crate) backend: Option<String>,
-    /// Only the flows from clients in this IPv4 prefix (ADDR/LEN, or one address).
+    /// Only the flows from clients in this prefix, IPv4 or IPv6 (ADDR/LEN, or one address).
     #[arg(long, value_name = "CIDR")]
     pub(crate) client: Option<String>,
 }

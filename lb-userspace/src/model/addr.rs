@@ -29,17 +29,13 @@ pub(crate) enum ParseError {
     )]
     UnexpectedPort { input: String },
     #[error(
-        "malformed prefix {input:?}: expected ADDR/LEN with LEN 0-32 (e.g. 10.111.0.0/16) or one address"
+        "malformed prefix {input:?}: expected ADDR/LEN with LEN 0-32 for IPv4 or 0-128 for IPv6 (e.g. 10.111.0.0/16, 2001:db8::/32) or one address"
     )]
     BadPrefix { input: String },
     #[error(
         "malformed prefix {input:?}: bits set after the first {len} (did you mean {net}/{len}?)"
     )]
-    PrefixHostBits {
-        input: String,
-        net: Ipv4Addr,
-        len: u8,
-    },
+    PrefixHostBits { input: String, net: IpAddr, len: u8 },
 }
 
 /// An address a VIP or a backend can be: unicast, not 0.0.0.0 or :: (which the data path uses as
@@ -161,24 +157,30 @@ pub(crate) fn parse_ip(input: &str) -> Result<IpAddr, ParseError> {
     }
 }
 
-/// Parse an IPv4 prefix, `ADDR/LEN`, or one address (`/32`). Bits set after the prefix length
-/// are refused rather than cleared: `10.111.0.5/16` is more likely a typo than a wish.
-pub(crate) fn parse_prefix(input: &str) -> Result<(Ipv4Addr, u8), ParseError> {
+/// Parse a prefix of either family, `ADDR/LEN`, or one address (`/32`, `/128`). Bits set after
+/// the prefix length are refused rather than cleared: `10.111.0.5/16` is more likely a typo than
+/// a wish. IPv4-mapped IPv6 prefixes are refused as addresses are (see [`parse_ip`]).
+pub(crate) fn parse_prefix(input: &str) -> Result<(IpAddr, u8), ParseError> {
     let bad = || ParseError::BadPrefix {
         input: input.to_string(),
     };
     let (addr, len) = match input.split_once('/') {
-        Some((addr, len)) => {
-            let len: u8 = len.parse().map_err(|_| bad())?;
-            (addr, len)
-        }
-        None => (input, 32),
+        Some((addr, len)) => (addr, Some(len.parse::<u8>().map_err(|_| bad())?)),
+        None => (input, None),
     };
-    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-    if len > 32 {
+    let addr = match addr.parse::<IpAddr>().map_err(|_| bad())? {
+        IpAddr::V6(v6) => not_mapped(input, v6)?,
+        v4 => v4,
+    };
+    let bits = if addr.is_ipv4() { 32 } else { 128 };
+    let len = len.unwrap_or(bits);
+    if len > bits {
         return Err(bad());
     }
-    let net = Ipv4Addr::from(u32::from(addr) & prefix_mask(len));
+    let net = match addr {
+        IpAddr::V4(v4) => IpAddr::V4(Ipv4Addr::from(u32::from(v4) & prefix_mask(len))),
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & prefix_mask6(len))),
+    };
     if net != addr {
         return Err(ParseError::PrefixHostBits {
             input: input.to_string(),
@@ -189,10 +191,17 @@ pub(crate) fn parse_prefix(input: &str) -> Result<(Ipv4Addr, u8), ParseError> {
     Ok((addr, len))
 }
 
-/// The netmask of a prefix length (0-32), host order.
+/// The netmask of an IPv4 prefix length (0-32), host order.
 pub(crate) fn prefix_mask(len: u8) -> u32 {
     u32::MAX
         .checked_shl(32 - u32::from(len.min(32)))
+        .unwrap_or(0)
+}
+
+/// The netmask of an IPv6 prefix length (0-128), as a host-order `u128`.
+pub(crate) fn prefix_mask6(len: u8) -> u128 {
+    u128::MAX
+        .checked_shl(128 - u32::from(len.min(128)))
         .unwrap_or(0)
 }
 
@@ -309,7 +318,7 @@ mod tests {
 
     #[test]
     fn prefixes_parse_and_name_the_problem() {
-        let a = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
             parse_prefix("10.111.0.0/16").unwrap(),
             (a("10.111.0.0"), 16)
@@ -338,6 +347,28 @@ mod tests {
         assert_eq!(prefix_mask(0), 0);
         assert_eq!(prefix_mask(8), 0xff00_0000);
         assert_eq!(prefix_mask(32), u32::MAX);
+        // IPv6.
+        assert_eq!(
+            parse_prefix("2001:db8::/32").unwrap(),
+            (a("2001:db8::"), 32)
+        );
+        assert_eq!(parse_prefix("fd11:1::2").unwrap(), (a("fd11:1::2"), 128));
+        assert_eq!(parse_prefix("::/0").unwrap(), (a("::"), 0));
+        for bad in ["2001:db8::/129", "2001:db8::/", "2001:db8::g/32"] {
+            let e = parse_prefix(bad).unwrap_err();
+            assert!(matches!(e, ParseError::BadPrefix { .. }), "{bad}: {e}");
+        }
+        assert_eq!(
+            parse_prefix("2001:db8::1/32").unwrap_err().to_string(),
+            "malformed prefix \"2001:db8::1/32\": bits set after the first 32 (did you mean 2001:db8::/32?)"
+        );
+        assert!(matches!(
+            parse_prefix("::ffff:10.0.0.0/104").unwrap_err(),
+            ParseError::Ipv4Mapped { .. }
+        ));
+        assert_eq!(prefix_mask6(0), 0);
+        assert_eq!(prefix_mask6(16), 0xffff << 112);
+        assert_eq!(prefix_mask6(128), u128::MAX);
     }
 
     #[test]

@@ -5,27 +5,39 @@
 //! A filter is matched against `FlowKey`/`FlowValue` as the kernel stores them: `FlowMatch` holds
 //! the filter in network order once, so a walk of a million entries compares integers only.
 
-use crate::model::{Proto, ServiceKey, addr::prefix_mask};
+use crate::model::{Proto, ServiceKey, addr::prefix_mask6};
 use lb_common::{Addr, FLOW_F_PEER, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP};
 use serde::{Deserialize, Serialize};
-use std::{
-    fmt,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{fmt, net::IpAddr};
 
-/// A client prefix (IPv4): the flows whose source address is in it.
+/// A client prefix of either family: the flows whose source address is in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientPrefix {
-    pub addr: Ipv4Addr,
-    /// 0-32.
+    pub addr: IpAddr,
+    /// 0-32 for IPv4, 0-128 for IPv6.
     pub len: u8,
 }
 
 impl ClientPrefix {
-    pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        let mask = prefix_mask(self.len);
-        u32::from(addr) & mask == u32::from(self.addr) & mask
+    /// The prefix in the flow table's 128-bit space (IPv4 as IPv4-mapped, so an IPv4 /n is
+    /// ::ffff:a.b.c.d/(96 + n)): network and mask (host order), and its family, which an
+    /// address must also have (an IPv6 prefix as short as ::/0 would otherwise hold the mapped
+    /// IPv4 addresses).
+    fn wide(&self) -> (u128, u128, bool) {
+        let v4 = self.addr.is_ipv4();
+        let mask = prefix_mask6(if v4 { self.len + 96 } else { self.len });
+        (wide(Addr::from(self.addr)) & mask, mask, v4)
     }
+
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        let (net, mask, v4) = self.wide();
+        addr.is_ipv4() == v4 && wide(Addr::from(addr)) & mask == net
+    }
+}
+
+/// An address of the flow table as one host-order number.
+fn wide(addr: Addr) -> u128 {
+    u128::from_be_bytes(addr.octets())
 }
 
 impl fmt::Display for ClientPrefix {
@@ -46,7 +58,7 @@ pub struct FlowFilter {
     /// Flows pinned to this backend address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<IpAddr>,
-    /// Flows whose client (source) address is in this prefix.
+    /// Flows whose client (source) address is in this prefix (of the client's family).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<ClientPrefix>,
 }
@@ -64,10 +76,7 @@ impl FlowFilter {
                 .map(|k| (Addr::from(k.addr), k.port.to_be(), k.proto.ip_proto())),
             proto: self.proto.map(Proto::ip_proto),
             backend: self.backend.map(Addr::from),
-            client: self.client.map(|c| {
-                let mask = prefix_mask(c.len);
-                (u32::from(c.addr) & mask, mask)
-            }),
+            client: self.client.map(|c| c.wide()),
         }
     }
 }
@@ -102,8 +111,9 @@ pub struct FlowMatch {
     vip: Option<(Addr, u16, u8)>,
     proto: Option<u8>,
     backend: Option<Addr>,
-    /// Prefix and mask, host order (the key's address is swapped once per entry that gets here).
-    client: Option<(u32, u32)>,
+    /// Network and mask in the 128-bit space, host order (the key's address is converted once
+    /// per entry that gets here), and whether the prefix is IPv4.
+    client: Option<(u128, u128, bool)>,
 }
 
 impl FlowMatch {
@@ -120,9 +130,8 @@ impl FlowMatch {
         if self.backend.is_some_and(|b| b != value.backend_addr) {
             return false;
         }
-        // An IPv4 prefix: IPv6 flows are outside it.
-        if let Some((net, mask)) = self.client
-            && !(key.src_addr.is_v4() && u32::from_be(key.src_addr.v4()) & mask == net)
+        if let Some((net, mask, v4)) = self.client
+            && (key.src_addr.is_v4() != v4 || wide(key.src_addr) & mask != net)
         {
             return false;
         }
@@ -298,15 +307,39 @@ pub(crate) mod tests {
             ("10.0.0.0", 8, true),
             ("10.112.0.0", 16, false),
             ("0.0.0.0", 0, true),
+            // An IPv6 prefix never holds an IPv4 client, not even ::/0.
+            ("::", 0, false),
+            ("fd11:1::", 64, false),
         ] {
             let f = FlowFilter {
                 client: Some(ClientPrefix {
-                    addr: prefix.parse().unwrap(),
+                    addr: a(prefix),
                     len,
                 }),
                 ..Default::default()
             };
             assert_eq!(f.matcher().matches(&k, &v), hit, "{f}");
+        }
+        // An IPv6 flow: IPv6 prefixes hold it, IPv4 ones (even 0.0.0.0/0) do not.
+        let mut k6 = k;
+        k6.src_addr = Addr::from(a("fd11:1::2"));
+        for (prefix, len, hit) in [
+            ("fd11:1::", 64, true),
+            ("fd11:1::2", 128, true),
+            ("fd11:2::", 64, false),
+            ("::", 0, true),
+            ("0.0.0.0", 0, false),
+        ] {
+            let client = ClientPrefix {
+                addr: a(prefix),
+                len,
+            };
+            let f = FlowFilter {
+                client: Some(client),
+                ..Default::default()
+            };
+            assert_eq!(f.matcher().matches(&k6, &v), hit, "{f}");
+            assert_eq!(client.contains(a("fd11:1::2")), hit, "{f}");
         }
     }
 
