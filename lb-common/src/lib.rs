@@ -14,6 +14,10 @@ pub use addr::{Addr, V4_MAPPED_WORD};
 pub mod maps {
     pub const VIPS: &str = "VIPS";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    /// IPv6 VIPs (`VipKey6`): a twin of `VIPS`, so an IPv4 packet never hashes a 16-byte address.
+    pub const VIPS6: &str = "VIPS6";
+    /// IPv6 VIP addresses (`Addr`): the twin of `VIP_ADDRS`.
+    pub const VIP_ADDRS6: &str = "VIP_ADDRS6";
     pub const RINGS: &str = "RINGS";
     pub const RR_COUNTERS: &str = "RR_COUNTERS";
     pub const BACKENDS: &str = "BACKENDS";
@@ -58,6 +62,9 @@ pub mod layout {
     /// flags 0 (no source lists, no limits: what a build without the door had).
     pub const VIPS: u32 = 2;
     pub const VIP_ADDRS: u32 = 1;
+    /// The IPv6 twins of `VIPS` and `VIP_ADDRS` (issue 15).
+    pub const VIPS6: u32 = 1;
+    pub const VIP_ADDRS6: u32 = 1;
     pub const RINGS: u32 = 1;
     pub const RR_COUNTERS: u32 = 1;
     /// Version 2: `Backend::addr` is a 16-byte `Addr` (both families) where v1 had an IPv4
@@ -127,6 +134,8 @@ pub mod layout {
     pub const PINNED: &[(&str, u32)] = &[
         (super::maps::VIPS, VIPS),
         (super::maps::VIP_ADDRS, VIP_ADDRS),
+        (super::maps::VIPS6, VIPS6),
+        (super::maps::VIP_ADDRS6, VIP_ADDRS6),
         (super::maps::RINGS, RINGS),
         (super::maps::RR_COUNTERS, RR_COUNTERS),
         (super::maps::BACKENDS, BACKENDS),
@@ -316,7 +325,21 @@ pub struct VipKey {
     pub _pad: u8,
 }
 
-/// Value of the `VIPS` hash map. Replaced whole by the agent (one map update), so the data path
+/// Key of the `VIPS6` hash map: an IPv6 service. IPv4 VIPs stay in `VIPS` (8-byte keys): the
+/// IPv4 path hashes no more than it did before IPv6 existed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey6 {
+    /// IPv6 address, network order (never IPv4-mapped).
+    pub addr: Addr,
+    /// L4 port, network order.
+    pub port: u16,
+    /// IP protocol number (`IPPROTO_TCP` or `IPPROTO_UDP`).
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the `VIPS` (and `VIPS6`) hash map. Replaced whole by the agent (one map update), so the data path
 /// always sees a ring length and half that belong together.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -534,6 +557,9 @@ pub struct LbConfig {
     /// enough for every possible CPU, see `ipip_id_cpu_bits`.
     pub ipip_id_cpu_bits: u32,
     pub _pad: u32,
+    /// Outer source address of IPv6-in-IPv6 and IPv4-in-IPv6 packets (an IPv6 `Addr`).
+    /// `Addr::UNSPECIFIED` = not configured (`ipip` to IPv6 backends drops).
+    pub lb_addr6: Addr,
 }
 
 /// Value of the one-entry `POLICY` array: the door's state that every packet reads and that
@@ -585,9 +611,9 @@ pub const CONFIG_F_MIGRATING: u32 = 1 << 2;
 /// What happened to a packet: one per-CPU packet counter each in `REASON_STATS`. Every packet the
 /// balancer sees lands in exactly one of these.
 pub mod reason {
-    /// Not IPv4 (ARP, IPv6, ...): passed to the kernel.
-    pub const PASS_NOT_IPV4: u32 = 0;
-    /// IPv4 but not to a VIP address: passed.
+    /// Neither IPv4 nor IPv6 (ARP, LLDP, ...): passed to the kernel.
+    pub const PASS_NOT_IP: u32 = 0;
+    /// IPv4 or IPv6 but not to a VIP address (for IPv6 also NDP, MLD, echo to the LB): passed.
     pub const PASS_NOT_VIP: u32 = 1;
     /// Ethernet header or IPv4 header truncated or invalid (bad IHL/version): passed, the kernel
     /// drops it with its own accounting; we cannot tell whether it was for a VIP.
@@ -656,12 +682,16 @@ pub mod reason {
     pub const DROP_RATE_LIMITED_SRC: u32 = 25;
     /// A new flow over the VIP's limit (`--vip-rate`, `--vip-burst`): dropped.
     pub const DROP_RATE_LIMITED_VIP: u32 = 26;
+    /// IPv6 to a VIP address that cannot be steered past its extension headers: a fifth one, a
+    /// Hop-by-Hop header that is not first, a routing header with segments left, AH, ESP, or
+    /// any other next header that is not skipped (see `lb-ebpf/src/ipv6.rs`): dropped.
+    pub const DROP_EXT_HEADER: u32 = 27;
     /// Number of reasons (size of `REASON_STATS`).
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 28;
 
     /// Stable names for metrics, `xlb stats` and tests, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
-        "pass_not_ipv4",
+        "pass_not_ip",
         "pass_not_vip",
         "pass_malformed",
         "drop_unknown_port",
@@ -688,6 +718,7 @@ pub mod reason {
         "drop_src_not_allowed",
         "drop_rate_limited_src",
         "drop_rate_limited_vip",
+        "drop_ext_header",
     ];
 }
 
@@ -778,7 +809,8 @@ const _: () = {
     assert!(size_of::<FlowValue>() == 48);
     assert!(size_of::<FlowEvent>() == 56);
     assert!(size_of::<TrafficCounters>() == 24);
-    assert!(size_of::<LbConfig>() == 16);
+    assert!(size_of::<LbConfig>() == 32);
+    assert!(size_of::<VipKey6>() == 20);
     assert!(size_of::<PolicyState>() == 16);
     assert!(size_of::<BenchGenHeader>() == 72);
     assert!(size_of::<Addr>() == 16);
@@ -790,6 +822,7 @@ mod pod {
     // SAFETY: all of these are #[repr(C)], contain only integers, and have explicit padding fields,
     // so every bit pattern is valid and there are no uninitialised bytes.
     unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipKey6 {}
     unsafe impl aya::Pod for VipMeta {}
     unsafe impl aya::Pod for VipAddr {}
     unsafe impl aya::Pod for Backend {}
@@ -833,6 +866,13 @@ mod tests {
             proto,
             _pad
         });
+        let vip_meta = shape!(VipMeta {
+            id,
+            ring_len,
+            ring_half,
+            forward,
+            flags
+        });
         let counters = shape!(TrafficCounters {
             packets,
             bytes,
@@ -872,21 +912,30 @@ mod tests {
             (
                 maps::VIPS,
                 layout::VIPS,
-                kv(
-                    vip_key.clone(),
-                    shape!(VipMeta {
-                        id,
-                        ring_len,
-                        ring_half,
-                        forward,
-                        flags
-                    })
-                )
+                kv(vip_key.clone(), vip_meta.clone())
             ),
             (
                 maps::VIP_ADDRS,
                 layout::VIP_ADDRS,
                 kv(shape!(u32), shape!(VipAddr { vips, flags }))
+            ),
+            (
+                maps::VIPS6,
+                layout::VIPS6,
+                kv(
+                    shape!(VipKey6 {
+                        addr,
+                        port,
+                        proto,
+                        _pad
+                    }),
+                    vip_meta
+                )
+            ),
+            (
+                maps::VIP_ADDRS6,
+                layout::VIP_ADDRS6,
+                kv(shape!(Addr), shape!(VipAddr { vips, flags }))
             ),
             (maps::RINGS, layout::RINGS, kv(shape!(u32), shape!(u32))),
             (
@@ -1052,6 +1101,16 @@ mod tests {
             1,
             "key u32=4; value VipAddr=8 vips@0:4 flags@4:4",
         ),
+        (
+            "VIPS6",
+            1,
+            "key VipKey6=20 addr@0:16 port@16:2 proto@18:1 _pad@19:1; value VipMeta=20 id@0:4 ring_len@4:4 ring_half@8:4 forward@12:4 flags@16:4",
+        ),
+        (
+            "VIP_ADDRS6",
+            1,
+            "key Addr=16; value VipAddr=8 vips@0:4 flags@4:4",
+        ),
         ("RINGS", 1, "key u32=4; value u32=4"),
         ("RR_COUNTERS", 1, "key u32=4; value u64=8"),
         (
@@ -1216,8 +1275,10 @@ mod tests {
 
     /// The reasons and events counted by version 1 of `REASON_STATS` and `EVENT_STATS`, in index
     /// order: later versions may only append.
+    /// Index 0 was `pass_not_ipv4` until IPv6 got its own path: the same counter, renamed
+    /// `pass_not_ip` when IPv6 stopped landing there.
     const REASONS_V1: &[&str] = &[
-        "pass_not_ipv4",
+        "pass_not_ip",
         "pass_not_vip",
         "pass_malformed",
         "drop_unknown_port",

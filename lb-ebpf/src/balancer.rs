@@ -4,17 +4,21 @@
 use crate::{
     Verdict, debug,
     firewall::{self, Policy},
-    forward,
-    maps::{BACKENDS, CONFIG, EMBRYOS, FLOW_EVENTS, FLOWS, RINGS, RR_COUNTERS, VIP_ADDRS, VIPS},
-    parse::{ETH_HLEN, ETH_P_IP, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at},
-    stats, vip_icmp,
+    forward, ipv6,
+    maps::{
+        BACKENDS, CONFIG, EMBRYOS, FLOW_EVENTS, FLOWS, RINGS, RR_COUNTERS, STEERED, VIP_ADDRS, VIPS,
+    },
+    parse::{
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at,
+    },
+    stats, vip_icmp, vip_icmp6,
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap, programs::XdpContext};
-use core::arch::asm;
+use core::{arch::asm, mem::MaybeUninit};
 use lb_common::{
     Addr, BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, CONFIG_F_MIGRATING, FlowEvent, FlowKey,
-    FlowValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, V4_MAPPED_WORD, VipKey, VipMeta,
-    event, reason, ring_index,
+    FlowValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta, event, reason,
+    ring_index,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -25,14 +29,18 @@ const TCP_HLEN: usize = 20;
 pub const UDP_HLEN: usize = 8;
 
 /// What `classify` learned about a packet for a configured VIP, copied out of the packet so it
-/// stays valid after the headers move.
+/// stays valid after the headers move. The same for both families: the flow key's addresses say
+/// which (IPv4 ones are IPv4-mapped).
+#[derive(Clone, Copy)]
 pub struct Packet {
     pub vip: VipMeta,
     pub flow: FlowKey,
-    /// IPv4 total length, host order.
+    /// Length of the whole IP packet, host order: IPv4's total length; for IPv6, 40 + the
+    /// payload length.
     pub ip_len: u16,
+    /// IPv4 TOS, IPv6 traffic class.
     pub tos: u8,
-    /// The sender set Don't Fragment.
+    /// The sender set Don't Fragment; always for IPv6, where nothing on the way fragments.
     pub df: bool,
     /// Frame length as received (what the byte counters count).
     pub frame_len: u64,
@@ -43,21 +51,90 @@ pub struct Packet {
     pub icmp_error: bool,
 }
 
+/// What the decision stage hands the forwarding stage: the packet, its backend, and how the
+/// backend was found.
+pub struct Steered {
+    pub pkt: Packet,
+    pub backend: forward::Backend,
+    /// `bpf_ktime_get_coarse_ns()` when the packet was steered.
+    pub now: u64,
+    /// For an ICMP error about a flow (`vip_icmp.rs`, `vip_icmp6.rs`): the reason it counts as
+    /// once forwarded (`FWD_ICMP_*`); 0 for a packet of the flow itself.
+    pub icmp_reason: u32,
+    /// `debug::STEER_*`.
+    pub how: u8,
+}
+
+/// The balancer, in two stages called one after the other from the entry point: deciding (per
+/// family: parse, VIP, flow tables, door) and forwarding (either family). Each is a BPF call
+/// whose frame is on the stack only while it runs: the verifier allows 512 bytes for all the
+/// frames of a call chain, and the deciding and the forwarding do not fit in one frame together
+/// with IPv6 as well as IPv4. What the decision found waits in this CPU's `STEERED` slot, not
+/// on the stack, which leaves each stage nearly all of the 512 bytes.
+#[inline(always)]
 pub fn try_balance(ctx: &XdpContext) -> Verdict {
-    match classify(ctx) {
-        Ok(pkt) => steer(ctx, &pkt),
-        Err(verdict) => verdict,
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Verdict::pass(reason::PASS_MALFORMED);
+    };
+    let Some(slot) = STEERED.get_ptr_mut(0) else {
+        // Cannot happen (index 0 of a one-entry array).
+        return Verdict::pass(reason::PASS_MALFORMED);
+    };
+    // SAFETY: this CPU's slot, which only this run of the program uses; `MaybeUninit` has the
+    // layout of `Steered`, and its contents are read only after a stage wrote them whole.
+    let steered = unsafe { &mut *slot.cast::<MaybeUninit<Steered>>() };
+    // SAFETY: `ptr_at` checked the bounds.
+    let decided = match u16::from_be(unsafe { (*eth).ether_type }) {
+        ETH_P_IP => decide4(ctx, steered).map(|()| None),
+        ETH_P_IPV6 => ipv6::decide(ctx, steered),
+        _ => Err(Verdict::pass(reason::PASS_NOT_IP)),
+    };
+    // ICMPv6 to a VIP address is a stage of its own, for the same reason.
+    let decided = match decided {
+        Ok(Some(icmp6)) => vip_icmp6::handle(ctx, icmp6, steered),
+        Ok(None) => Ok(()),
+        Err(verdict) => Err(verdict),
+    };
+    if let Err(verdict) = decided {
+        return verdict;
+    }
+    // SAFETY: the deciders write `steered` whole before they return `Ok`.
+    let s = unsafe { steered.assume_init_ref() };
+    let verdict = forward::forward(ctx, &s.pkt, &s.backend, s.now);
+    if s.icmp_reason != 0 {
+        // An error about a flow is not the VIP's or the backend's traffic, and not debugged.
+        return if forward::is_forwarded(&verdict) {
+            Verdict {
+                action: verdict.action,
+                reason: s.icmp_reason,
+            }
+        } else {
+            verdict
+        };
+    }
+    if forward::is_forwarded(&verdict) {
+        stats::count_forwarded(s.pkt.vip.id, s.backend.id, s.pkt.frame_len);
+    }
+    if debug::enabled(s.pkt.vip.id) {
+        debug::log_steer(ctx, &s.pkt, s.backend.addr, s.how, &verdict);
+    }
+    verdict
+}
+
+/// The decision stage for an IPv4 frame: `Ok` when `out` holds a packet to forward.
+#[inline(never)]
+fn decide4(ctx: &XdpContext, out: &mut MaybeUninit<Steered>) -> Result<(), Verdict> {
+    match classify(ctx, out)? {
+        Some(pkt) => select(pkt, out),
+        None => Ok(()),
     }
 }
 
-/// Parse up to L4 and find the VIP. Anything we cannot attribute to a VIP is passed; anything for
-/// a VIP address that we cannot serve is dropped.
-fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(reason::PASS_MALFORMED))?;
-    // SAFETY: `ptr_at` checked the bounds.
-    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
-        return Err(Verdict::pass(reason::PASS_NOT_IPV4));
-    }
+/// Parse an IPv4 packet up to L4 and find the VIP. Anything we cannot attribute to a VIP is
+/// passed; anything for a VIP address that we cannot serve is dropped. `None`: an ICMP error
+/// about a flow, to be forwarded as `out` says.
+#[inline(always)]
+fn classify(ctx: &XdpContext, out: &mut MaybeUninit<Steered>) -> Result<Option<Packet>, Verdict> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(Verdict::pass(reason::PASS_MALFORMED))?;
     // SAFETY: as above; everything needed later is copied out before any header moves.
     let ip = unsafe { &*ip };
@@ -70,63 +147,40 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
     // The deny list comes first for every IPv4 packet. Packets of a VIP service have it checked
     // in `steer`, where an established flow's cached verdict can spare the lookup; every other
     // verdict of this function goes through here.
-    let denied_or = |verdict: Verdict| {
-        if firewall::deny_listed(src_addr, &firewall::policy()) {
-            Verdict::drop(reason::DROP_DENY_LIST)
-        } else {
-            verdict
-        }
-    };
     // VIP traffic is looked up by (address, port, protocol) in one go. Only packets that cannot
     // be, or are not, a VIP service's pay the second lookup that tells "a VIP address, nothing
     // served here" (dropped) from "not ours" (passed): the hot path costs one hash lookup, the
     // LB's own traffic two.
-    let not_served = |drop_reason: u32| {
-        // SAFETY: read-only lookup; the value is not used.
-        denied_or(if unsafe { VIP_ADDRS.get(dst_addr) }.is_some() {
-            Verdict::drop(drop_reason)
-        } else {
-            Verdict::pass(reason::PASS_NOT_VIP)
-        })
-    };
     let frags = u16::from_be_bytes(ip.frags);
     if frags & (IP_MF | IP_OFFSET_MASK) != 0 {
-        return Err(not_served(reason::DROP_FRAGMENT));
+        return Err(not_served(src_addr, dst_addr, reason::DROP_FRAGMENT));
     }
     let l4 = ETH_HLEN + ihl;
-    // TCP and UDP both start with source and destination port; check the whole minimal header
-    // so a truncated one is recognised as such.
-    let (ports, midflow, l4_len): ([u8; 4], bool, usize) = match ip.proto {
-        IPPROTO_TCP => {
-            let h: *const [u8; TCP_HLEN] =
-                ptr_at(ctx, l4).ok_or_else(|| not_served(reason::DROP_MALFORMED_L4))?;
-            // SAFETY: bounds checked.
-            let h = unsafe { &*h };
-            ([h[0], h[1], h[2], h[3]], h[13] & TCP_SYN == 0, TCP_HLEN)
-        }
-        IPPROTO_UDP => {
-            let h: *const [u8; UDP_HLEN] =
-                ptr_at(ctx, l4).ok_or_else(|| not_served(reason::DROP_MALFORMED_L4))?;
-            // SAFETY: bounds checked.
-            let h = unsafe { &*h };
-            ([h[0], h[1], h[2], h[3]], false, UDP_HLEN)
-        }
+    let L4 {
+        ports,
+        midflow,
+        len: l4_len,
+    } = match ip.proto {
+        IPPROTO_TCP | IPPROTO_UDP => match l4_header(ctx, ip.proto, l4) {
+            Some(h) => h,
+            None => {
+                return Err(not_served(src_addr, dst_addr, reason::DROP_MALFORMED_L4));
+            }
+        },
         IPPROTO_ICMP => {
             if firewall::deny_listed(src_addr, &firewall::policy()) {
                 return Err(Verdict::drop(reason::DROP_DENY_LIST));
             }
-            return Err(vip_icmp::handle(
-                ctx,
-                &vip_icmp::Outer {
-                    dst_addr,
-                    ihl,
-                    ip_len: u16::from_be_bytes(ip.tot_len),
-                    tos: ip.tos,
-                    df: frags & IP_DF != 0,
-                },
-            ));
+            let outer = vip_icmp::Outer {
+                dst_addr,
+                ihl,
+                ip_len: u16::from_be_bytes(ip.tot_len),
+                tos: ip.tos,
+                df: frags & IP_DF != 0,
+            };
+            return vip_icmp::handle(ctx, &outer, out).map(|()| None);
         }
-        _ => return Err(not_served(reason::DROP_UNKNOWN_PORT)),
+        _ => return Err(not_served(src_addr, dst_addr, reason::DROP_UNKNOWN_PORT)),
     };
     let dst_port = u16::from_ne_bytes([ports[2], ports[3]]);
     let vip_key = VipKey {
@@ -138,26 +192,95 @@ fn classify(ctx: &XdpContext) -> Result<Packet, Verdict> {
     // SAFETY: copied out at once; the agent replaces VIP entries whole.
     let vip = match unsafe { VIPS.get(vip_key) } {
         Some(vip) => *vip,
-        None => return Err(not_served(reason::DROP_UNKNOWN_PORT)),
+        None => return Err(not_served(src_addr, dst_addr, reason::DROP_UNKNOWN_PORT)),
     };
     let ip_len = u16::from_be_bytes(ip.tot_len);
     let frame_len = frame_len(ctx);
     if !lengths_agree(ip_len, ihl + l4_len, frame_len) {
-        return Err(denied_or(Verdict::drop(reason::DROP_BAD_LENGTH)));
+        return Err(denied_or(src_addr, Verdict::drop(reason::DROP_BAD_LENGTH)));
     }
-    Ok(Packet {
+    Ok(Some(Packet {
         vip,
-        flow: flow_key(src_addr, dst_addr, ports, ip.proto),
+        flow: flow_key(
+            Addr::from_v4(src_addr),
+            Addr::from_v4(dst_addr),
+            ports,
+            ip.proto,
+        ),
         ip_len,
         tos: ip.tos,
         df: frags & IP_DF != 0,
         frame_len: frame_len as u64,
         midflow,
         icmp_error: false,
-    })
+    }))
 }
 
-/// The IPv4 total length `ip_len` covers the `headers` the balancer read (IP and L4), and the
+/// The deny list comes first for every IPv4 packet. Packets of a VIP service have it checked in
+/// `select`, where an established flow's cached verdict can spare the lookup; every other
+/// verdict of `classify` goes through here. Functions, not closures: LLVM left those out of
+/// line, a BPF call with a frame of its own.
+#[inline(always)]
+fn denied_or(src_addr: u32, verdict: Verdict) -> Verdict {
+    if firewall::deny_listed(src_addr, &firewall::policy()) {
+        Verdict::drop(reason::DROP_DENY_LIST)
+    } else {
+        verdict
+    }
+}
+
+/// A packet from `src_addr` to `dst_addr` (IPv4, network order) that no VIP serves: dropped for
+/// `why` if the address carries VIPs, else passed.
+#[inline(always)]
+fn not_served(src_addr: u32, dst_addr: u32, why: u32) -> Verdict {
+    // SAFETY: read-only lookup; the value is not used.
+    denied_or(
+        src_addr,
+        if unsafe { VIP_ADDRS.get(dst_addr) }.is_some() {
+            Verdict::drop(why)
+        } else {
+            Verdict::pass(reason::PASS_NOT_VIP)
+        },
+    )
+}
+
+/// What a TCP or UDP header says about a flow.
+pub struct L4 {
+    /// Source and destination port, as on the wire.
+    pub ports: [u8; 4],
+    /// TCP without SYN: a packet from the middle of a connection.
+    pub midflow: bool,
+    /// The minimal header's length.
+    pub len: usize,
+}
+
+/// The TCP or UDP (`proto`) header at `l4`, or `None` if the frame does not hold its minimal
+/// header. Both start with the ports; the whole minimal header is checked so that a truncated
+/// one is recognised as such.
+#[inline(always)]
+pub fn l4_header(ctx: &XdpContext, proto: u8, l4: usize) -> Option<L4> {
+    if proto == IPPROTO_TCP {
+        let h: *const [u8; TCP_HLEN] = ptr_at(ctx, l4)?;
+        // SAFETY: bounds checked.
+        let h = unsafe { &*h };
+        Some(L4 {
+            ports: [h[0], h[1], h[2], h[3]],
+            midflow: h[13] & TCP_SYN == 0,
+            len: TCP_HLEN,
+        })
+    } else {
+        let h: *const [u8; UDP_HLEN] = ptr_at(ctx, l4)?;
+        // SAFETY: bounds checked.
+        let h = unsafe { &*h };
+        Some(L4 {
+            ports: [h[0], h[1], h[2], h[3]],
+            midflow: false,
+            len: UDP_HLEN,
+        })
+    }
+}
+
+/// The IP length `ip_len` (the whole packet: IPv4 total length, IPv6 40 + payload length) covers the `headers` the balancer read (IP and L4), and the
 /// frame of `frame_len` bytes holds all of it. Frames longer than Ethernet + `ip_len` are normal
 /// (Ethernet pads short frames to 60 bytes); shorter ones lost bytes the header claims.
 #[inline(always)]
@@ -166,23 +289,25 @@ pub fn lengths_agree(ip_len: u16, headers: usize, frame_len: usize) -> bool {
     ip_len >= headers && frame_len >= ETH_HLEN + ip_len
 }
 
-/// The flow key of an IPv4 packet, assembled as ten words (its addresses IPv4-mapped). Written
-/// as a struct literal, its `[u8; 3]` padding became a call to a byte-by-byte `memset` subprogram
-/// on every packet (`bpftool prog dump xlated`): the BPF backend does not inline unaligned
-/// memsets.
+/// The flow key of a packet of either family (IPv4 addresses as `Addr::from_v4`, which inlined
+/// stays three immediate stores per address), assembled as ten words. Written as a struct
+/// literal, its `[u8; 3]` padding became a call to a byte-by-byte `memset` subprogram on every
+/// packet (`bpftool prog dump xlated`): the BPF backend does not inline unaligned memsets.
 #[inline(always)]
-pub fn flow_key(src_addr: u32, dst_addr: u32, ports: [u8; 4], proto: u8) -> FlowKey {
-    // FlowKey's layout: src_addr, dst_addr (16 bytes each: `Addr::from_v4`), src_port and
-    // dst_port (the packet's port bytes, in wire order), proto, 3 bytes of zero padding.
+pub fn flow_key(src_addr: Addr, dst_addr: Addr, ports: [u8; 4], proto: u8) -> FlowKey {
+    // FlowKey's layout: src_addr, dst_addr (16 bytes each), src_port and dst_port (the packet's
+    // port bytes, in wire order), proto, 3 bytes of zero padding.
+    let [s0, s1, s2, s3] = src_addr.words;
+    let [d0, d1, d2, d3] = dst_addr.words;
     let words: [u32; 10] = [
-        0,
-        0,
-        V4_MAPPED_WORD,
-        src_addr,
-        0,
-        0,
-        V4_MAPPED_WORD,
-        dst_addr,
+        s0,
+        s1,
+        s2,
+        s3,
+        d0,
+        d1,
+        d2,
+        d3,
         u32::from_ne_bytes(ports),
         u32::from_ne_bytes([proto, 0, 0, 0]),
     ];
@@ -197,7 +322,10 @@ pub fn flow_key(src_addr: u32, dst_addr: u32, ports: [u8; 4], proto: u8) -> Flow
     unsafe { core::mem::transmute::<[u32; 10], FlowKey>(words) }
 }
 
-fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
+/// Find or choose the backend of `pkt` (either family); `Ok` when `out` holds it.
+#[inline(always)]
+pub fn select(pkt: Packet, out: &mut MaybeUninit<Steered>) -> Result<(), Verdict> {
+    let pkt = &pkt;
     // The coarse clock (CLOCK_MONOTONIC_COARSE, tick resolution) is enough for flow ages and the
     // next-hop TTL, and reads no clocksource: `bpf_ktime_get_ns` was ~9% of an established
     // packet's time in the profile.
@@ -210,20 +338,20 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     // tables (random keys: cache misses each) as well; packets of established flows still skip
     // the list while their cached checks hold.
     if pkt.flow.proto == IPPROTO_TCP && !pkt.midflow && !pkt.icmp_error {
-        match firewall::check_deny_list(pkt.flow.src_addr.v4(), &pkt.vip, &policy) {
+        match firewall::check_deny_list(pkt.flow.src_addr, &pkt.vip, &policy) {
             Ok(checked) => policy = checked,
-            Err(why) => return Verdict::drop(why),
+            Err(why) => return Err(Verdict::drop(why)),
         }
     }
     let mut how = debug::STEER_EXISTING;
-    let chosen = match existing_flow(&FLOWS, pkt.flow, pkt.vip.id, Some(now)) {
+    let chosen = match existing_flow(&FLOWS, &pkt.flow, pkt.vip.id, Some(now)) {
         Lookup::Hit(id, addr, value) => recheck(pkt, &policy, value).map(|()| (id, addr)),
         Lookup::Stale => {
             // An established flow whose backend went away: re-steered in the flow table (it is
             // no new connection, so no limit applies), its source checked again.
             stats::count_event(event::FLOW_RESTEERED);
             how = debug::STEER_NEW;
-            check_source(pkt, &policy).and_then(|()| new_flow(pkt, now, &policy, Table::Flows))
+            assign(pkt, now, &policy, Table::Flows, false)
         }
         Lookup::Miss if pkt.flow.proto == IPPROTO_TCP => {
             let (chosen, new) = tcp_miss(pkt, now, &policy);
@@ -234,25 +362,18 @@ fn steer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
         }
         Lookup::Miss => {
             how = debug::STEER_NEW;
-            check_source(pkt, &policy)
-                .and_then(|()| limit(pkt))
-                .and_then(|()| new_flow(pkt, now, &policy, Table::Flows))
+            assign(pkt, now, &policy, Table::Flows, true)
         }
     };
-    let (backend_id, backend_addr) = match chosen {
-        Ok(backend) => backend,
-        Err(verdict) => return verdict,
-    };
-    // IPv4 backends only so far (the agent installs no other): the address as IPv4.
-    let backend_addr = backend_addr.v4();
-    let verdict = forward::forward(ctx, pkt, backend_id, backend_addr, now);
-    if forward::is_forwarded(&verdict) {
-        stats::count_forwarded(pkt.vip.id, backend_id, pkt.frame_len);
-    }
-    if debug::enabled(pkt.vip.id) {
-        debug::log_steer(ctx, pkt, backend_addr, how, &verdict);
-    }
-    verdict
+    let (id, addr) = chosen?;
+    out.write(Steered {
+        pkt: *pkt,
+        backend: forward::Backend { id, addr },
+        now,
+        icmp_reason: 0,
+        how,
+    });
+    Ok(())
 }
 
 /// Whether the agent is copying the flow table from an older layout (`CONFIG_F_MIGRATING`).
@@ -270,7 +391,7 @@ fn migrating() -> bool {
 /// was assigned.
 #[inline(always)]
 fn tcp_miss(pkt: &Packet, now: u64, policy: &Policy) -> (Result<(u32, Addr), Verdict>, bool) {
-    match existing_flow(&EMBRYOS, pkt.flow, pkt.vip.id, Some(now)) {
+    match existing_flow(&EMBRYOS, &pkt.flow, pkt.vip.id, Some(now)) {
         Lookup::Hit(id, addr, value) => {
             let checked = recheck(pkt, policy, value);
             if checked.is_ok() && pkt.midflow {
@@ -293,9 +414,7 @@ fn tcp_miss(pkt: &Packet, now: u64, policy: &Policy) -> (Result<(u32, Addr), Ver
             // A packet from the middle of a connection this node never saw (a sync gap) is held
             // apart too: its next packet promotes it, and a flood of lone ACKs stays out of the
             // flow table as SYNs do.
-            let chosen = check_source(pkt, policy)
-                .and_then(|()| limit(pkt))
-                .and_then(|()| new_flow(pkt, now, policy, Table::Embryos));
+            let chosen = assign(pkt, now, policy, Table::Embryos, true);
             (chosen, true)
         }
     }
@@ -318,12 +437,26 @@ fn recheck(pkt: &Packet, policy: &Policy, value: *mut FlowValue) -> Result<(), V
 
 #[inline(always)]
 fn check_source(pkt: &Packet, policy: &Policy) -> Result<(), Verdict> {
-    firewall::check_source(pkt.flow.src_addr.v4(), &pkt.vip, policy).map_err(Verdict::drop)
+    firewall::check_source(pkt.flow.src_addr, &pkt.vip, policy).map_err(Verdict::drop)
 }
 
+/// A flow to assign a backend to: its source checked, its new-flow limits applied when
+/// `limited` (a re-steered flow is no new connection), then the next ring slot. Written out
+/// rather than chained with closures: LLVM left those closures out of line, each a BPF call
+/// with a frame of its own on top of the balancer's.
 #[inline(always)]
-fn limit(pkt: &Packet) -> Result<(), Verdict> {
-    firewall::admit_new_flow(pkt.flow.src_addr, &pkt.vip).map_err(Verdict::drop)
+fn assign(
+    pkt: &Packet,
+    now: u64,
+    policy: &Policy,
+    table: Table,
+    limited: bool,
+) -> Result<(u32, Addr), Verdict> {
+    check_source(pkt, policy)?;
+    if limited {
+        firewall::admit_new_flow(pkt.flow.src_addr, &pkt.vip).map_err(Verdict::drop)?;
+    }
+    new_flow(pkt, now, policy, table)
 }
 
 /// Move an embryonic flow into `FLOWS` (its backend and checks as they are) and report it to
@@ -348,7 +481,7 @@ fn promote(pkt: &Packet, embryo: *mut FlowValue, now: u64) {
     let _ = FLOWS.insert(pkt.flow, value, 0);
     let _ = EMBRYOS.remove(pkt.flow);
     stats::count_event(event::EMBRYONIC_PROMOTED);
-    report_flow(pkt.flow, backend_addr);
+    report_flow(&pkt.flow, backend_addr);
 }
 
 pub enum Lookup {
@@ -367,7 +500,7 @@ pub enum Lookup {
 #[inline(always)]
 pub fn existing_flow(
     table: &LruHashMap<FlowKey, FlowValue>,
-    key: FlowKey,
+    key: &FlowKey,
     vip_id: u32,
     seen_at: Option<u64>,
 ) -> Lookup {
@@ -464,7 +597,7 @@ fn new_flow(pkt: &Packet, now: u64, policy: &Policy, table: Table) -> Result<(u3
     match table {
         Table::Flows => {
             let _ = FLOWS.insert(pkt.flow, value, 0);
-            report_flow(pkt.flow, backend.addr);
+            report_flow(&pkt.flow, backend.addr);
         }
         Table::Embryos => {
             let _ = EMBRYOS.insert(pkt.flow, value, 0);
@@ -476,12 +609,15 @@ fn new_flow(pkt: &Packet, now: u64, policy: &Policy, table: Table) -> Result<(u3
 
 /// Tell the peers (through the agent) about a flow that is now in `FLOWS`, if anyone reads.
 #[inline(always)]
-fn report_flow(flow: FlowKey, backend_addr: Addr) {
+fn report_flow(flow: &FlowKey, backend_addr: Addr) {
     if CONFIG
         .get(0)
         .is_some_and(|cfg| cfg.flags & CONFIG_F_FLOW_EVENTS != 0)
     {
-        let event = FlowEvent { flow, backend_addr };
+        let event = FlowEvent {
+            flow: *flow,
+            backend_addr,
+        };
         if FLOW_EVENTS.output(event, 0).is_err() {
             stats::count_event(event::FLOW_EVENT_LOST);
         }

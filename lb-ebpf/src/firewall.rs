@@ -5,6 +5,10 @@
 //! VIP or not), then the VIP's deny list, then its allow list; the limits only for packets that
 //! would create a flow. Packets of existing flows are never limited.
 //!
+//! The lists hold IPv4 prefixes only (so far): an IPv6 source is on no deny list, and outside
+//! every allow list, so a VIP with an allow list admits no IPv6 client. The new-flow limits key
+//! on the 16-byte source and serve both families.
+//!
 //! An LPM lookup costs tens of nanoseconds, more than an established packet's whole budget, so a
 //! flow remembers the policy generation its checks passed under (`FlowValue::policy_gen`): while
 //! it equals `PolicyState::generation` (`POLICY`), the flow's packets skip the source checks. The agent bumps
@@ -50,12 +54,12 @@ impl Policy {
     }
 }
 
-/// The deny list alone, for a packet of `vip` from `src` (network order), before its flow is
-/// looked up: the policy for the packet's other checks, which need not look at the deny list
-/// again, or the drop reason, already counted for the VIP.
+/// The deny list alone, for a packet of `vip` from `src`, before its flow is looked up: the
+/// policy for the packet's other checks, which need not look at the deny list again, or the drop
+/// reason, already counted for the VIP.
 #[inline(always)]
-pub fn check_deny_list(src: u32, vip: &VipMeta, policy: &Policy) -> Result<Policy, u32> {
-    if deny_listed(src, policy) {
+pub fn check_deny_list(src: Addr, vip: &VipMeta, policy: &Policy) -> Result<Policy, u32> {
+    if src.is_v4() && deny_listed(src.v4(), policy) {
         stats::count_vip_drop(vip.id, reason::DROP_DENY_LIST);
         return Err(reason::DROP_DENY_LIST);
     }
@@ -124,11 +128,11 @@ fn host_listed(src: u32, live: u32) -> bool {
     }
 }
 
-/// The source checks of a packet from `src` (network order) for `vip`: the deny list, the VIP's
-/// deny list (any match drops, whatever the allow list says), the VIP's allow list. `Err` holds
-/// the drop reason, already counted for the VIP.
+/// The source checks of a packet from `src` for `vip`: the deny list, the VIP's deny list (any
+/// match drops, whatever the allow list says), the VIP's allow list. `Err` holds the drop
+/// reason, already counted for the VIP.
 #[inline(always)]
-pub fn check_source(src: u32, vip: &VipMeta, policy: &Policy) -> Result<(), u32> {
+pub fn check_source(src: Addr, vip: &VipMeta, policy: &Policy) -> Result<(), u32> {
     let verdict = source_verdict(src, vip, policy);
     if let Err(why) = verdict {
         stats::count_vip_drop(vip.id, why);
@@ -137,7 +141,17 @@ pub fn check_source(src: u32, vip: &VipMeta, policy: &Policy) -> Result<(), u32>
 }
 
 #[inline(always)]
-fn source_verdict(src: u32, vip: &VipMeta, policy: &Policy) -> Result<(), u32> {
+fn source_verdict(src: Addr, vip: &VipMeta, policy: &Policy) -> Result<(), u32> {
+    if !src.is_v4() {
+        // The lists hold IPv4 prefixes: no deny list names an IPv6 source, no allow list
+        // admits one.
+        return if vip.flags & VIP_F_ALLOW != 0 {
+            Err(reason::DROP_SRC_NOT_ALLOWED)
+        } else {
+            Ok(())
+        };
+    }
+    let src = src.v4();
     if deny_listed(src, policy) {
         return Err(reason::DROP_DENY_LIST);
     }

@@ -1,6 +1,9 @@
 //! Getting a steered packet to its backend, both ways direct server return:
-//! - `ipip`: prepend an outer IPv4 header (protocol 4) from the LB's address to the backend's;
-//! - `l2`: rewrite the destination MAC only (backend on the LB's segment, VIP on its `lo`).
+//! - `ipip`: prepend an outer header from the LB's address to the backend's, of the backend's
+//!   family: IPv4 (protocol 4) for an IPv4 backend; IPv6 for an IPv6 backend, next header 41
+//!   for an IPv6 packet (IPv6 in IPv6) and 4 for an IPv4 one (IPv4 in IPv6, RFC 2473);
+//! - `l2`: rewrite the destination MAC only (backend on the LB's segment, VIP on its `lo`); the
+//!   backend has the packet's family (the agent installs nothing else).
 //!
 //! Next hop, egress interface and MTU come from `bpf_fib_lookup`, through the per-CPU next-hop
 //! cache (`nexthop.rs`).
@@ -8,37 +11,98 @@
 use crate::{
     Verdict,
     balancer::Packet,
-    csum, icmp,
+    csum, icmp, icmp6,
     maps::{CONFIG, IPIP_IDS},
-    nexthop::{self, Resolved},
-    parse::{ETH_HLEN, ETH_P_IP, IPV4_HLEN, ptr_at},
+    nexthop::{self, Hop, Resolved},
+    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, ptr_at},
 };
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::{bpf_get_smp_processor_id, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{FORWARD_L2, IPPROTO_IPIP, reason};
+use lb_common::{Addr, FORWARD_L2, IPPROTO_IPIP, IPPROTO_IPV6, reason};
 use network_types::eth::EthHdr;
 
-/// TTL of the outer header (the inner TTL is the client's business).
+/// TTL (hop limit) of the outer header (the inner one is the client's business).
 const OUTER_TTL: u8 = 64;
 
-/// Forward `pkt` to backend slot `backend_id` at `backend_addr`; `now` is
-/// `bpf_ktime_get_coarse_ns()` (for the next-hop cache). Inlined into its two callers (a flow's
-/// packets, ICMP errors about a flow): a BPF call takes at most five arguments.
-#[inline(always)]
-pub fn forward(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    backend_id: u32,
-    backend_addr: u32,
-    now: u64,
-) -> Verdict {
-    if pkt.vip.forward == FORWARD_L2 {
-        l2(ctx, pkt, backend_id, backend_addr, now)
+/// A flow's backend: its slot id and address.
+pub struct Backend {
+    pub id: u32,
+    pub addr: Addr,
+}
+
+/// Forward `pkt` to `backend`; `now` is `bpf_ktime_get_coarse_ns()` (for the next-hop cache).
+/// One function for every caller (a flow's packets of either family, ICMP errors about a flow)
+/// and every method: the next hop is resolved once, for the packet as it will leave (inner for
+/// `l2`, outer for `ipip`), then the frame is rewritten. A BPF call, like the FIB lookup of a
+/// cache miss and the ICMP answers beside it: each frame is on the stack only while it runs
+/// (all frames of a call chain share 512 bytes).
+#[inline(never)]
+pub fn forward(ctx: &XdpContext, pkt: &Packet, backend: &Backend, now: u64) -> Verdict {
+    let l2 = pkt.vip.forward == FORWARD_L2;
+    let outer6 = !l2 && !backend.addr.is_v4();
+    let Some(cfg) = CONFIG.get(0) else {
+        return Verdict::drop(reason::DROP_ENCAP_FAILED);
+    };
+    // Source (and the cache's source key), bytes added, and protocol of the packet as it leaves.
+    // Addresses by reference: copied into registers, each word would be spilled to a stack
+    // slot of its own.
+    let lb4 = Addr::from_v4(cfg.lb_addr);
+    let (src, src_key, overhead, proto) = if l2 {
+        (&pkt.flow.src_addr, &Addr::UNSPECIFIED, 0, pkt.flow.proto)
+    } else if outer6 {
+        if cfg.lb_addr6.is_unspecified() {
+            return Verdict::drop(reason::DROP_ENCAP_FAILED);
+        }
+        let next = if pkt.flow.dst_addr.is_v4() {
+            IPPROTO_IPIP
+        } else {
+            IPPROTO_IPV6
+        };
+        (&cfg.lb_addr6, &cfg.lb_addr6, IPV6_HLEN as u16, next)
     } else {
-        ipip(ctx, pkt, backend_id, backend_addr, now)
+        if cfg.lb_addr == 0 {
+            return Verdict::drop(reason::DROP_ENCAP_FAILED);
+        }
+        (&lb4, &lb4, IPV4_HLEN as u16, IPPROTO_IPIP)
+    };
+    let Some(tot_len) = pkt.ip_len.checked_add(overhead) else {
+        return Verdict::drop(reason::DROP_TOO_BIG);
+    };
+    let hop = match nexthop::resolve(
+        ctx,
+        backend.id,
+        src,
+        src_key,
+        &backend.addr,
+        tot_len,
+        proto,
+        now,
+    ) {
+        Resolved::Hop(hop) => Some(hop),
+        // Handing the unchanged frame (still addressed to the VIP) to the kernel would route it
+        // back towards the router: `l2` drops; an encapsulated packet is the kernel's to
+        // forward once its next hop is resolved.
+        Resolved::NoNeigh if l2 => return Verdict::drop(reason::DROP_NO_NEIGH),
+        Resolved::NoNeigh => None,
+        Resolved::TooBig(mtu) => return too_big(ctx, pkt, mtu, overhead),
+        Resolved::NoRoute => return Verdict::drop(reason::DROP_NO_ROUTE),
+    };
+    let written = if l2 {
+        rewrite_macs(ctx, pkt, &hop)
+    } else if outer6 {
+        trim_padding(ctx, pkt) && encap6(ctx, pkt, &hop, src, &backend.addr, proto)
+    } else {
+        trim_padding(ctx, pkt) && encap4(ctx, pkt, &hop, src.v4(), backend.addr.v4())
+    };
+    if !written {
+        return Verdict::drop(reason::DROP_ENCAP_FAILED);
+    }
+    match hop {
+        Some(hop) => egress(ctx, hop.ifindex),
+        None => Verdict::pass(reason::PASS_NO_NEIGH),
     }
 }
 
@@ -51,6 +115,7 @@ pub fn is_forwarded(verdict: &Verdict) -> bool {
 }
 
 /// Send out of the interface the FIB chose: `XDP_TX` when it is the one the packet came in on.
+#[inline(always)]
 fn egress(ctx: &XdpContext, ifindex: u32) -> Verdict {
     if ifindex == ctx.ingress_ifindex() as u32 {
         Verdict::tx(reason::FWD_TX)
@@ -69,82 +134,102 @@ fn egress(ctx: &XdpContext, ifindex: u32) -> Verdict {
 }
 
 /// The packet will not fit the egress MTU (`mtu`) once `overhead` bytes are added: tell the client
-/// the largest packet that would (ICMP fragmentation needed), or drop it if it allowed
-/// fragmentation, which XDP cannot do, or if it is itself an ICMP error (no error about an error).
+/// the largest packet that would (ICMP fragmentation needed for IPv4, ICMPv6 packet too big for
+/// IPv6), or drop it if it allowed fragmentation, which XDP cannot do (IPv4 without DF), or if it
+/// is itself an ICMP error (no error about an error).
+#[inline(never)]
 fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16, overhead: u16) -> Verdict {
     if !pkt.df || pkt.icmp_error {
         return Verdict::drop(reason::DROP_TOO_BIG);
     }
-    match icmp::frag_needed(ctx, mtu.saturating_sub(overhead)) {
+    let mtu = mtu.saturating_sub(overhead);
+    let sent = if pkt.flow.dst_addr.is_v4() {
+        icmp::frag_needed(ctx, mtu)
+    } else {
+        icmp6::packet_too_big(ctx, mtu)
+    };
+    match sent {
         Some(()) => Verdict::tx(reason::TX_ICMP_FRAG_NEEDED),
         None => Verdict::drop(reason::DROP_ENCAP_FAILED),
     }
 }
 
-fn write_macs(eth: *mut EthHdr, dst: [u8; 6], src: [u8; 6]) {
+#[inline(always)]
+fn write_macs(eth: *mut EthHdr, dst: [u8; 6], src: [u8; 6], ether_type: u16) {
     // SAFETY: callers got `eth` from `ptr_at`.
     unsafe {
         (*eth).dst_addr = dst;
         (*eth).src_addr = src;
-        (*eth).ether_type = ETH_P_IP.to_be();
+        (*eth).ether_type = ether_type.to_be();
     }
 }
 
+/// `l2`: the frame to the backend's MAC from ours, nothing else changed.
 #[inline(always)]
-fn ipip(ctx: &XdpContext, pkt: &Packet, backend_id: u32, backend_addr: u32, now: u64) -> Verdict {
-    let (lb_addr, id_cpu_bits) = match CONFIG.get(0) {
-        Some(cfg) if cfg.lb_addr != 0 => (cfg.lb_addr, cfg.ipip_id_cpu_bits),
-        _ => return Verdict::drop(reason::DROP_ENCAP_FAILED),
+fn rewrite_macs(ctx: &XdpContext, pkt: &Packet, hop: &Option<Hop>) -> bool {
+    let (Some(hop), Some(eth)) = (hop, ptr_at::<EthHdr>(ctx, 0)) else {
+        return false;
     };
-    let Some(outer_len) = pkt.ip_len.checked_add(IPV4_HLEN as u16) else {
-        return Verdict::drop(reason::DROP_TOO_BIG);
+    let ether_type = if pkt.flow.dst_addr.is_v4() {
+        ETH_P_IP
+    } else {
+        ETH_P_IPV6
     };
-    let hop = match nexthop::resolve(
-        ctx,
-        backend_id,
-        lb_addr,
-        lb_addr,
-        backend_addr,
-        outer_len,
-        IPPROTO_IPIP,
-        now,
-    ) {
-        Resolved::Hop(hop) => Some(hop),
-        Resolved::NoNeigh => None,
-        Resolved::TooBig(mtu) => return too_big(ctx, pkt, mtu, IPV4_HLEN as u16),
-        Resolved::NoRoute => return Verdict::drop(reason::DROP_NO_ROUTE),
-    };
+    write_macs(eth, hop.dmac, hop.smac, ether_type);
+    true
+}
 
-    // Ethernet padding of a short frame (anything past the IP packet) would end up after the
-    // outer packet, where it is only noise: cut it, so the frame is exactly the outer packet.
+/// Cut Ethernet padding of a short frame (anything past the IP packet): after encapsulation it
+/// would end up after the outer packet, where it is only noise. `false` if that failed.
+#[inline(always)]
+fn trim_padding(ctx: &XdpContext, pkt: &Packet) -> bool {
     let padding = pkt.frame_len as i64 - (ETH_HLEN as i64 + i64::from(pkt.ip_len));
     // SAFETY: shrinking only (classify checked the frame holds the IP packet); pointers are
     // derived afterwards.
-    if padding > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -(padding as i32)) } != 0 {
-        return Verdict::drop(reason::DROP_ENCAP_FAILED);
-    }
+    padding <= 0 || unsafe { bpf_xdp_adjust_tail(ctx.ctx, -(padding as i32)) } == 0
+}
+
+/// Grow the head by `outer_len` bytes for an outer header and write the Ethernet header in
+/// front of it: to `hop`'s next hop, or (`None`: no neighbour yet) still addressed to us, so the
+/// kernel forwards the encapsulated packet and resolves the next hop itself.
+#[inline(always)]
+fn push_outer(ctx: &XdpContext, hop: &Option<Hop>, outer_len: usize, ether_type: u16) -> bool {
     let Some(old_eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return Verdict::drop(reason::DROP_ENCAP_FAILED);
+        return false;
     };
     // SAFETY: bounds checked.
     let (old_dst, old_src) = unsafe { ((*old_eth).dst_addr, (*old_eth).src_addr) };
-    // SAFETY: growing the head by 20 bytes; all pointers are re-derived afterwards.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_HLEN as i32)) } != 0 {
-        return Verdict::drop(reason::DROP_ENCAP_FAILED);
+    // SAFETY: growing the head; all pointers are re-derived afterwards.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {
+        return false;
     }
-    let (Some(eth), Some(outer)) = (
-        ptr_at::<EthHdr>(ctx, 0),
-        ptr_at::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN),
-    ) else {
-        return Verdict::drop(reason::DROP_ENCAP_FAILED);
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
     };
-    match &hop {
-        Some(hop) => write_macs(eth, hop.dmac, hop.smac),
-        // Keep the frame addressed to us: the kernel forwards the encapsulated packet and resolves
-        // the next hop itself.
-        None => write_macs(eth, old_dst, old_src),
+    match hop {
+        Some(hop) => write_macs(eth, hop.dmac, hop.smac, ether_type),
+        None => write_macs(eth, old_dst, old_src, ether_type),
     }
-    let [len_hi, len_lo] = outer_len.to_be_bytes();
+    true
+}
+
+/// `ipip` to an IPv4 backend: an outer IPv4 header, protocol 4, from `lb_addr` to `backend_addr`
+/// (both network order).
+#[inline(always)]
+fn encap4(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    hop: &Option<Hop>,
+    lb_addr: u32,
+    backend_addr: u32,
+) -> bool {
+    if !push_outer(ctx, hop, IPV4_HLEN, ETH_P_IP) {
+        return false;
+    }
+    let Some(outer) = ptr_at::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN) else {
+        return false;
+    };
+    let [len_hi, len_lo] = (pkt.ip_len + IPV4_HLEN as u16).to_be_bytes();
     let [s0, s1, s2, s3] = lb_addr.to_ne_bytes();
     let [d0, d1, d2, d3] = backend_addr.to_ne_bytes();
     // Outer DF mirrors the inner one (RFC 2003): a DF packet stays unfragmentable end to end
@@ -153,39 +238,64 @@ fn ipip(ctx: &XdpContext, pkt: &Packet, backend_id: u32, backend_addr: u32, now:
     let (df, [id_hi, id_lo]) = if pkt.df {
         (0x40, [0, 0])
     } else {
-        (0, outer_id(id_cpu_bits).to_be_bytes())
+        let cpu_bits = CONFIG.get(0).map_or(16, |cfg| cfg.ipip_id_cpu_bits);
+        (0, outer_id(cpu_bits).to_be_bytes())
     };
+    #[rustfmt::skip]
     let mut hdr: [u8; IPV4_HLEN] = [
-        0x45,
-        pkt.tos,
-        len_hi,
-        len_lo,
-        id_hi,
-        id_lo,
-        df,
-        0,
-        OUTER_TTL,
-        IPPROTO_IPIP,
-        0,
-        0,
-        s0,
-        s1,
-        s2,
-        s3,
-        d0,
-        d1,
-        d2,
-        d3,
+        0x45, pkt.tos, len_hi, len_lo, id_hi, id_lo, df, 0, OUTER_TTL, IPPROTO_IPIP, 0, 0,
+        s0, s1, s2, s3, d0, d1, d2, d3,
     ];
     let [c0, c1] = csum::ipv4_header(&hdr);
     hdr[10] = c0;
     hdr[11] = c1;
     // SAFETY: bounds checked.
     unsafe { *outer = hdr };
-    match hop {
-        Some(hop) => egress(ctx, hop.ifindex),
-        None => Verdict::pass(reason::PASS_NO_NEIGH),
+    true
+}
+
+/// `ipip` to an IPv6 backend: an outer IPv6 header (RFC 2473) from `lb_addr6` to the backend,
+/// next header `next` (41 around an IPv6 packet, 4 around an IPv4 one: an IPv4 VIP over IPv6
+/// backends). Traffic class is the inner one, flow label 0, hop limit 64; IPv6 has no DF and no
+/// ID, so nothing else varies per packet. Written into the packet field by field, not built on
+/// the stack first.
+#[inline(always)]
+fn encap6(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    hop: &Option<Hop>,
+    lb_addr6: &Addr,
+    backend_addr: &Addr,
+    next: u8,
+) -> bool {
+    if !push_outer(ctx, hop, IPV6_HLEN, ETH_P_IPV6) {
+        return false;
     }
+    let (Some(fixed), Some(src), Some(dst)) = (
+        ptr_at::<[u8; 8]>(ctx, ETH_HLEN),
+        ptr_at::<[u32; 4]>(ctx, ETH_HLEN + 8),
+        ptr_at::<[u32; 4]>(ctx, ETH_HLEN + 24),
+    ) else {
+        return false;
+    };
+    let [len_hi, len_lo] = pkt.ip_len.to_be_bytes();
+    let tc = pkt.tos;
+    // SAFETY: bounds checked; the packet is not aligned for u32, hence unaligned writes.
+    unsafe {
+        *fixed = [
+            0x60 | (tc >> 4),
+            tc << 4,
+            0,
+            0,
+            len_hi,
+            len_lo,
+            next,
+            OUTER_TTL,
+        ];
+        src.write_unaligned(lb_addr6.words);
+        dst.write_unaligned(backend_addr.words);
+    }
+    true
 }
 
 /// The ID of a fragmentable outer header: this CPU's number in the top `cpu_bits` bits (so two
@@ -207,28 +317,4 @@ fn outer_id(cpu_bits: u32) -> u16 {
     let counter_bits = 16 - cpu_bits.min(16);
     let counter_mask = (1u32 << counter_bits) - 1;
     ((cpu << counter_bits) | (n & counter_mask)) as u16
-}
-
-#[inline(always)]
-fn l2(ctx: &XdpContext, pkt: &Packet, backend_id: u32, backend_addr: u32, now: u64) -> Verdict {
-    let hop = match nexthop::resolve(
-        ctx,
-        backend_id,
-        pkt.flow.src_addr.v4(),
-        0,
-        backend_addr,
-        pkt.ip_len,
-        pkt.flow.proto,
-        now,
-    ) {
-        Resolved::Hop(hop) => hop,
-        Resolved::NoNeigh => return Verdict::drop(reason::DROP_NO_NEIGH),
-        Resolved::TooBig(mtu) => return too_big(ctx, pkt, mtu, 0),
-        Resolved::NoRoute => return Verdict::drop(reason::DROP_NO_ROUTE),
-    };
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return Verdict::drop(reason::DROP_ENCAP_FAILED);
-    };
-    write_macs(eth, hop.dmac, hop.smac);
-    egress(ctx, hop.ifindex)
 }

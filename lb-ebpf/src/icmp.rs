@@ -21,6 +21,26 @@ pub const ICMP_FRAG_NEEDED: u8 = 4;
 pub const QUOTED_L4: usize = 8;
 const ICMP_TTL: u8 = 64;
 
+/// Make room for an ICMP error's headers in front of the packet in `ctx` (`grow` bytes) and cut
+/// the frame to `new_len` bytes (the quote's end). `None` if the frame is shorter than that or
+/// the kernel refused; every packet pointer must be derived again afterwards.
+#[inline(always)]
+pub fn reshape(ctx: &XdpContext, grow: usize, new_len: usize) -> Option<()> {
+    // SAFETY: the caller derives its pointers again.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
+        return None;
+    }
+    let cur = frame_len(ctx);
+    if cur < new_len {
+        return None;
+    }
+    // SAFETY: shrinking only.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, new_len as i32 - cur as i32) } != 0 {
+        return None;
+    }
+    Some(())
+}
+
 /// Turn the packet in `ctx` (Ethernet + IPv4 with a validated L4 header of at least 8 bytes) into
 /// the ICMP reply, addressed back the way it came. `mtu` is the next-hop MTU to announce.
 pub fn frag_needed(ctx: &XdpContext, mtu: u16) -> Option<()> {
@@ -43,18 +63,7 @@ pub fn frag_needed(ctx: &XdpContext, mtu: u16) -> Option<()> {
     let new_len = ETH_HLEN + IPV4_HLEN + icmp_len;
 
     // New headers go in front: [eth][ip][icmp] then the original IP header, which stays in place.
-    // SAFETY: pointers are re-derived after each adjustment.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -((IPV4_HLEN + ICMP_HLEN) as i32)) } != 0 {
-        return None;
-    }
-    let cur = frame_len(ctx);
-    if cur < new_len {
-        return None;
-    }
-    // SAFETY: shrinking only.
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, new_len as i32 - cur as i32) } != 0 {
-        return None;
-    }
+    reshape(ctx, IPV4_HLEN + ICMP_HLEN, new_len)?;
 
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     let hdr: *mut [u8; IPV4_HLEN] = ptr_at(ctx, ETH_HLEN)?;

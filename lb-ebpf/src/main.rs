@@ -17,11 +17,14 @@ mod decap;
 mod firewall;
 mod forward;
 mod icmp;
+mod icmp6;
+mod ipv6;
 mod maps;
 mod nexthop;
 mod parse;
 mod stats;
 mod vip_icmp;
+mod vip_icmp6;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 

@@ -10,8 +10,8 @@ use lb_common::{
     Addr, Backend, DEFAULT_EMBRYO_CAPACITY, DEFAULT_FLOW_CAPACITY, DENY_HOST_NET_WORDS, DenyData,
     DenyHostKey, FLOW_EVENTS_BYTES, FlowKey, FlowValue, LbConfig, MAX_BACKENDS, MAX_DECAP_ADDRS,
     MAX_DENY_PREFIXES, MAX_VIP_PREFIXES, MAX_VIPS, PolicyState, RING_ENTRIES, SRC_BUCKET_ENTRIES,
-    SrcBucketKey, TrafficCounters, VipAddr, VipDrops, VipKey, VipLimits, VipMeta, VipSrcData,
-    decap_reason, event, reason,
+    SrcBucketKey, TrafficCounters, VipAddr, VipDrops, VipKey, VipKey6, VipLimits, VipMeta,
+    VipSrcData, decap_reason, event, reason,
 };
 
 #[map(name = "VIPS")]
@@ -21,6 +21,14 @@ pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 
 /// address, unknown port" (drop) from "not ours" (pass) with one lookup.
 #[map(name = "VIP_ADDRS")]
 pub static VIP_ADDRS: HashMap<u32, VipAddr> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// The IPv6 twin of `VIPS` (IPv4 packets keep hashing an 8-byte key).
+#[map(name = "VIPS6")]
+pub static VIPS6: HashMap<VipKey6, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// The IPv6 twin of `VIP_ADDRS`, keyed by the address.
+#[map(name = "VIP_ADDRS6")]
+pub static VIP_ADDRS6: HashMap<Addr, VipAddr> = HashMap::with_max_entries(MAX_VIPS, 0);
 
 /// Backend slot ids, `ring_index(vip, half, slot)`.
 #[map(name = "RINGS")]
@@ -143,6 +151,11 @@ pub static BENCH_GEN_HEADER: Array<lb_common::BenchGenHeader> = Array::with_max_
 #[map(name = "NEXTHOPS")]
 pub static NEXTHOPS: PerCpuArray<crate::nexthop::Entry> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// What the balancer's decision stage hands its forwarding stage, one slot per CPU
+/// (`balancer::try_balance`): off the stack, whose 512 bytes the stages' frames need.
+#[map(name = "STEERED")]
+pub static STEERED: PerCpuArray<crate::balancer::Steered> = PerCpuArray::with_max_entries(1, 0);
 
 /// The outer IPv4 ID counter of fragmentable IPIP packets, one per CPU (`forward.rs`).
 #[map(name = "IPIP_IDS")]

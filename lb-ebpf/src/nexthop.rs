@@ -9,6 +9,10 @@
 //! FIB again (counted as `event::NEXTHOP_LOOKUP`), which then gives the frag-needed answer. A
 //! missing neighbour is never cached, so the kernel's resolution is retried on every packet.
 //!
+//! Both families share the cache: addresses are `Addr`s, and the lookup is `AF_INET` for an
+//! IPv4 (mapped) destination and `AF_INET6` otherwise. For IPv6 the kernel needs forwarding on
+//! the ingress interface (`net.ipv6.conf.IF.forwarding`), which the agent sets.
+//!
 //! What the cache does not see, for up to the TTL: a change of route, neighbour MAC or egress
 //! MTU (a *smaller* MTU only reaches packets between the new and the old size after the TTL). For
 //! `l2` VIPs the FIB is asked with the client's source address and the answer is reused for other
@@ -26,9 +30,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use core::mem;
-use lb_common::{NEXTHOP_TTL_NS, event};
+use lb_common::{Addr, NEXTHOP_TTL_NS, event};
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Where a packet to a backend leaves.
 pub struct Hop {
@@ -51,14 +56,14 @@ pub enum Resolved {
 /// Value of the per-CPU `NEXTHOPS` array, indexed by backend slot id.
 #[repr(C)]
 pub struct Entry {
-    /// Backend address the entry was resolved for (network order); 0 = never filled.
-    backend_addr: u32,
+    /// Backend address the entry was resolved for; `Addr::UNSPECIFIED` = never filled.
+    backend_addr: Addr,
+    /// The source address the entry holds for (`Addr::UNSPECIFIED` for any): the LB's address
+    /// for `ipip`, so a changed `--lb-addr` or `--lb-addr6` resolves again.
+    src_key: Addr,
     /// The interface the lookup ran as if the packet came in on (host order): part of the
     /// FIB's input.
     ingress_ifindex: u32,
-    /// The source address the entry holds for (network order; 0 for any): the LB's address for
-    /// `ipip`, so a changed `--lb-addr` resolves again.
-    src_key: u32,
     /// Egress interface, host order.
     ifindex: u32,
     /// Egress MTU, host order.
@@ -70,29 +75,30 @@ pub struct Entry {
     expires_ns: u64,
 }
 
-/// The next hop towards `dst` (backend `backend_id`) for a packet of IP length `tot_len` sent
-/// from `src` with protocol `proto`; an entry is shared by the packets with the same `src_key`
-/// (`src`, or 0 when any source may share it); `now` is `bpf_ktime_get_coarse_ns()`.
+/// The next hop towards `dst` (backend `backend_id`) for a packet of IP length `tot_len` (the
+/// whole packet, header included, for either family) sent from `src` with protocol `proto`; an
+/// entry is shared by the packets with the same `src_key` (`src`, or `Addr::UNSPECIFIED` when
+/// any source may share it); `now` is `bpf_ktime_get_coarse_ns()`. `src` and `dst` are of the
+/// same family.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn resolve(
     ctx: &XdpContext,
     backend_id: u32,
-    src: u32,
-    src_key: u32,
-    dst: u32,
+    src: &Addr,
+    src_key: &Addr,
+    dst: &Addr,
     tot_len: u16,
     proto: u8,
     now: u64,
 ) -> Resolved {
     let ingress = ctx.ingress_ifindex() as u32;
-    let slot = NEXTHOPS.get_ptr_mut(backend_id);
-    if let Some(e) = slot {
+    if let Some(e) = NEXTHOPS.get_ptr_mut(backend_id) {
         // SAFETY: per-CPU map value from a successful lookup; only this CPU writes it.
         let e = unsafe { &*e };
-        if e.backend_addr == dst
+        if e.backend_addr == *dst
             && e.ingress_ifindex == ingress
-            && e.src_key == src_key
+            && e.src_key == *src_key
             && now < e.expires_ns
             && tot_len <= e.mtu
         {
@@ -103,27 +109,58 @@ pub fn resolve(
             });
         }
     }
+    let query = Query {
+        src,
+        src_key,
+        dst,
+        now,
+        backend_id,
+        ingress,
+        tot_len,
+        proto,
+    };
+    ask_fib(ctx, &query)
+}
+
+/// What a cache miss asks the FIB, in one place: a BPF call takes at most five arguments.
+/// References: addresses copied into registers are spilled a word per 8-byte slot.
+struct Query<'a> {
+    src: &'a Addr,
+    src_key: &'a Addr,
+    dst: &'a Addr,
+    now: u64,
+    backend_id: u32,
+    ingress: u32,
+    tot_len: u16,
+    proto: u8,
+}
+
+/// A cache miss: the FIB asked, its answer cached when it is a next hop. Not inlined: the
+/// lookup's 64-byte argument and the rest stay off the frame of every packet that hits the
+/// cache, which is nearly all of them.
+#[inline(always)]
+fn ask_fib(ctx: &XdpContext, q: &Query) -> Resolved {
     stats::count_event(event::NEXTHOP_LOOKUP);
     let mut buf = mem::MaybeUninit::uninit();
-    let (rc, params) = fib(ctx, &mut buf, ingress, src, dst, tot_len, proto);
+    let (rc, params) = fib(ctx, &mut buf, q);
     // SAFETY: the kernel writes `mtu_result` (a union with the input `tot_len`) for these return
     // codes: the egress MTU.
     let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            if let Some(e) = slot {
+            if let Some(e) = NEXTHOPS.get_ptr_mut(q.backend_id) {
                 // Field by field: a whole-struct write would zero `_pad` through a memset call
                 // (see `balancer::flow_key`); the map created it zeroed and nothing writes it.
-                // SAFETY: as above.
+                // SAFETY: per-CPU map value from a successful lookup; only this CPU writes it.
                 unsafe {
-                    (*e).backend_addr = dst;
-                    (*e).ingress_ifindex = ingress;
-                    (*e).src_key = src_key;
+                    (*e).backend_addr = *q.dst;
+                    (*e).ingress_ifindex = q.ingress;
+                    (*e).src_key = *q.src_key;
                     (*e).ifindex = params.ifindex;
                     (*e).mtu = mtu;
                     (*e).dmac = params.dmac;
                     (*e).smac = params.smac;
-                    (*e).expires_ns = now + NEXTHOP_TTL_NS;
+                    (*e).expires_ns = q.now + NEXTHOP_TTL_NS;
                 }
             }
             Resolved::Hop(Hop {
@@ -142,19 +179,16 @@ pub fn resolve(
 #[repr(C, align(8))]
 struct Params(FibParams);
 
-/// Route lookup for `src → dst` as if the packet came in on `ingress`; `tot_len` is the IP
-/// length the packet will have on the wire, so the kernel checks the egress MTU. The kernel's
+/// Route lookup for `q.src → q.dst` as if the packet came in on `q.ingress`; `q.tot_len` is the
+/// IP length the packet will have on the wire, so the kernel checks the egress MTU. The kernel's
 /// answer is left in `buf`.
 #[inline(always)]
 fn fib<'a>(
     ctx: &XdpContext,
     buf: &'a mut mem::MaybeUninit<Params>,
-    ingress: u32,
-    src: u32,
-    dst: u32,
-    tot_len: u16,
-    proto: u8,
+    q: &Query,
 ) -> (i64, &'a FibParams) {
+    let (src, dst) = (q.src, q.dst);
     // Zeroed with volatile u64 stores, in place: `mem::zeroed()`, a plain loop of stores and
     // moving a zeroed struct all compiled to a call to a byte-by-byte memset subprogram (LLVM
     // recognises the idiom; the BPF backend does not inline it).
@@ -167,12 +201,19 @@ fn fib<'a>(
     }
     // SAFETY: plain C struct of integers, fully written above; all-zero is its "unset" state.
     let params = unsafe { &mut (*buf.as_mut_ptr()).0 };
-    params.family = AF_INET;
-    params.l4_protocol = proto;
-    params.__bindgen_anon_1.tot_len = tot_len;
-    params.ifindex = ingress;
-    params.__bindgen_anon_3.ipv4_src = src;
-    params.__bindgen_anon_4.ipv4_dst = dst;
+    params.l4_protocol = q.proto;
+    params.__bindgen_anon_1.tot_len = q.tot_len;
+    params.ifindex = q.ingress;
+    if dst.is_v4() {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = src.v4();
+        params.__bindgen_anon_4.ipv4_dst = dst.v4();
+    } else {
+        // Four words in network order, as `Addr` holds them.
+        params.family = AF_INET6;
+        params.__bindgen_anon_3.ipv6_src = src.words;
+        params.__bindgen_anon_4.ipv6_dst = dst.words;
+    }
     // SAFETY: params is a valid, correctly sized bpf_fib_lookup.
     let rc = unsafe {
         bpf_fib_lookup(

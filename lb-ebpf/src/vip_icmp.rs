@@ -19,15 +19,17 @@
 
 use crate::{
     Verdict,
-    balancer::{self, Lookup, Packet, UDP_HLEN},
-    csum, forward,
+    balancer::{self, Lookup, Packet, Steered, UDP_HLEN},
+    csum, debug, forward,
     icmp::{ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HLEN, QUOTED_L4},
     maps::{CONFIG, EMBRYOS, FLOWS, VIP_ADDRS, VIPS},
     parse::{ETH_HLEN, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at},
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use core::mem::MaybeUninit;
 use lb_common::{
-    CONFIG_F_ICMP_ECHO, IPPROTO_TCP, IPPROTO_UDP, VIP_ADDR_F_ICMP_ECHO, VipKey, reason,
+    Addr, CONFIG_F_ICMP_ECHO, FlowKey, IPPROTO_TCP, IPPROTO_UDP, VIP_ADDR_F_ICMP_ECHO, VipKey,
+    VipMeta, reason,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -39,13 +41,15 @@ const ECHO_REPLY_TTL: u8 = 64;
 // Quoting 8 bytes of L4 header is what gives the ports; a UDP header is exactly that long.
 const _: () = assert!(QUOTED_L4 == UDP_HLEN);
 
-/// What the balancer already read of the ICMP packet's own IPv4 header.
+/// What the balancer already read of the ICMP packet's own IP header (IPv4, or IPv6 for
+/// `vip_icmp6.rs`).
 pub struct Outer {
-    /// Network order.
+    /// IPv4: network order (IPv6: unused, 0).
     pub dst_addr: u32,
-    /// Header length in bytes (validated: 20 to 60).
+    /// Bytes from the IP header to the ICMP header: IPv4's header length (validated: 20 to 60);
+    /// IPv6's fixed header and extension headers.
     pub ihl: usize,
-    /// Total length, host order.
+    /// Length of the whole IP packet, host order (as `Packet::ip_len`).
     pub ip_len: u16,
     pub tos: u8,
     /// Don't Fragment set.
@@ -53,33 +57,37 @@ pub struct Outer {
 }
 
 /// An ICMP packet (not a fragment) to `outer.dst_addr`: pass it if that is not a VIP address,
-/// else forward, answer or drop it.
+/// else answer or drop it, or (`Ok`) have `out` forward it.
 #[inline(always)]
-pub fn handle(ctx: &XdpContext, outer: &Outer) -> Verdict {
+pub fn handle(
+    ctx: &XdpContext,
+    outer: &Outer,
+    out: &mut MaybeUninit<Steered>,
+) -> Result<(), Verdict> {
     // SAFETY: read-only lookup, copied out.
     let Some(addr_flags) = (unsafe { VIP_ADDRS.get(outer.dst_addr) }).map(|a| a.flags) else {
-        return Verdict::pass(reason::PASS_NOT_VIP);
+        return Err(Verdict::pass(reason::PASS_NOT_VIP));
     };
     let l4 = ETH_HLEN + outer.ihl;
     let Some(icmp) = ptr_at::<[u8; ICMP_HLEN]>(ctx, l4) else {
-        return Verdict::drop(reason::DROP_MALFORMED_L4);
+        return Err(Verdict::drop(reason::DROP_MALFORMED_L4));
     };
     if !balancer::lengths_agree(outer.ip_len, outer.ihl + ICMP_HLEN, frame_len(ctx)) {
-        return Verdict::drop(reason::DROP_BAD_LENGTH);
+        return Err(Verdict::drop(reason::DROP_BAD_LENGTH));
     }
     // SAFETY: bounds checked.
     let (kind, code) = unsafe { ((*icmp)[0], (*icmp)[1]) };
     match kind {
-        ICMP_DEST_UNREACH => unreachable(ctx, outer, l4 + ICMP_HLEN, code),
-        ICMP_ECHO if echo_on(addr_flags) => echo_reply(ctx, outer, code),
-        _ => Verdict::drop(reason::DROP_ICMP_OTHER),
+        ICMP_DEST_UNREACH => unreachable(ctx, outer, l4 + ICMP_HLEN, code, out),
+        ICMP_ECHO if echo_on(addr_flags) => Err(echo_reply(ctx, outer, code)),
+        _ => Err(Verdict::drop(reason::DROP_ICMP_OTHER)),
     }
 }
 
 /// Echo requests to an address are answered when the global switch is on and at least one VIP
 /// on the address allows it (the agent keeps `VIP_ADDR_F_ICMP_ECHO` so).
 #[inline(always)]
-fn echo_on(addr_flags: u32) -> bool {
+pub fn echo_on(addr_flags: u32) -> bool {
     addr_flags & VIP_ADDR_F_ICMP_ECHO != 0
         && CONFIG
             .get(0)
@@ -104,9 +112,6 @@ fn echo_reply(ctx: &XdpContext, outer: &Outer, code: u8) -> Verdict {
     };
     // SAFETY: all three bounds checked; nothing moves the packet meanwhile.
     unsafe {
-        let (dst, src) = ((*eth).dst_addr, (*eth).src_addr);
-        (*eth).dst_addr = src;
-        (*eth).src_addr = dst;
         let mut hdr = *ip;
         for i in 12..16 {
             hdr.swap(i, i + 4);
@@ -118,26 +123,51 @@ fn echo_reply(ctx: &XdpContext, outer: &Outer, code: u8) -> Verdict {
         hdr[10] = c0;
         hdr[11] = c1;
         *ip = hdr;
-        // Only the type word changes in the ICMP message, so its checksum is updated for that
-        // word instead of summed again over the data (which may be as long as the MTU).
+    }
+    answer_echo(eth, icmp, ICMP_ECHO, ICMP_ECHO_REPLY, code)
+}
+
+/// The last steps of answering an echo request of either family in place, once its IP header is
+/// turned around: MACs swapped; the type (`request` → `reply`) changed, and the checksum updated
+/// for that word alone instead of summed again over the data (which may be as long as the MTU;
+/// for ICMPv6 the pseudo-header's sum does not change when source and destination swap).
+#[inline(always)]
+pub fn answer_echo(
+    eth: *mut EthHdr,
+    icmp: *mut [u8; ICMP_HLEN],
+    request: u8,
+    reply: u8,
+    code: u8,
+) -> Verdict {
+    // SAFETY: the callers got both pointers from `ptr_at`; nothing moved the packet since.
+    unsafe {
+        let (dst, src) = ((*eth).dst_addr, (*eth).src_addr);
+        (*eth).dst_addr = src;
+        (*eth).src_addr = dst;
         let check = u16::from_be_bytes([(*icmp)[2], (*icmp)[3]]);
         let check = csum::replace16(
             check,
-            u16::from_be_bytes([ICMP_ECHO, code]),
-            u16::from_be_bytes([ICMP_ECHO_REPLY, code]),
+            u16::from_be_bytes([request, code]),
+            u16::from_be_bytes([reply, code]),
         );
-        (*icmp)[0] = ICMP_ECHO_REPLY;
+        (*icmp)[0] = reply;
         [(*icmp)[2], (*icmp)[3]] = check.to_be_bytes();
     }
     Verdict::tx(reason::TX_ICMP_ECHO_REPLY)
 }
 
 /// A destination-unreachable error whose quoted packet starts at `quoted`: forwarded to the
-/// backend of the flow it is about, or dropped.
+/// backend of the flow it is about (`out`), or dropped.
 #[inline(always)]
-fn unreachable(ctx: &XdpContext, outer: &Outer, quoted: usize, code: u8) -> Verdict {
-    let malformed = Verdict::drop(reason::DROP_MALFORMED_L4);
-    let no_flow = Verdict::drop(reason::DROP_ICMP_NO_FLOW);
+fn unreachable(
+    ctx: &XdpContext,
+    outer: &Outer,
+    quoted: usize,
+    code: u8,
+    out: &mut MaybeUninit<Steered>,
+) -> Result<(), Verdict> {
+    let malformed = Err(Verdict::drop(reason::DROP_MALFORMED_L4));
+    let no_flow = Err(Verdict::drop(reason::DROP_ICMP_NO_FLOW));
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, quoted) else {
         return malformed;
     };
@@ -185,44 +215,56 @@ fn unreachable(ctx: &XdpContext, outer: &Outer, quoted: usize, code: u8) -> Verd
     };
     // The flow as the balancer keys it, client → VIP: the reply's tuple reversed.
     let flow = balancer::flow_key(
-        client_addr,
-        vip_addr,
+        Addr::from_v4(client_addr),
+        Addr::from_v4(vip_addr),
         [l4[2], l4[3], l4[0], l4[1]],
         ip.proto,
     );
-    // No flow is created and no ring slot taken for an error: only a flow that is still served
-    // by a backend of this VIP gets it.
+    forward_error(ctx, vip, flow, outer, code == ICMP_FRAG_NEEDED, out)
+}
+
+/// An ICMP error (of either family) about `flow` of `vip`, which came in `outer` (its own IP
+/// header: `ip_len`, `tos` and `df` are the error packet's): `out` forwards it to the flow's
+/// backend with the VIP's method, to be counted as a forwarded path-MTU error (`frag_needed`)
+/// or another destination-unreachable error; `drop_icmp_no_flow` when no backend of the VIP
+/// serves the flow. No flow is created and no ring slot taken for an error.
+#[inline(always)]
+pub fn forward_error(
+    ctx: &XdpContext,
+    vip: VipMeta,
+    flow: FlowKey,
+    outer: &Outer,
+    frag_needed: bool,
+    out: &mut MaybeUninit<Steered>,
+) -> Result<(), Verdict> {
     // Established or embryonic (an error about a backend's SYN-ACK, e.g. the client is gone).
-    let found = match balancer::existing_flow(&FLOWS, flow, vip.id, None) {
-        Lookup::Miss => balancer::existing_flow(&EMBRYOS, flow, vip.id, None),
+    let found = match balancer::existing_flow(&FLOWS, &flow, vip.id, None) {
+        Lookup::Miss => balancer::existing_flow(&EMBRYOS, &flow, vip.id, None),
         found => found,
     };
-    let Lookup::Hit(backend_id, backend_addr, _) = found else {
-        return no_flow;
+    let Lookup::Hit(id, addr, _) = found else {
+        return Err(Verdict::drop(reason::DROP_ICMP_NO_FLOW));
     };
-    let pkt = Packet {
-        vip,
-        flow,
-        ip_len: outer.ip_len,
-        tos: outer.tos,
-        df: outer.df,
-        frame_len: frame_len(ctx) as u64,
-        midflow: false,
-        icmp_error: true,
-    };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    // IPv4 backends only so far (the agent installs no other).
-    let verdict = forward::forward(ctx, &pkt, backend_id, backend_addr.v4(), now);
-    if !forward::is_forwarded(&verdict) {
-        return verdict;
-    }
-    Verdict {
-        action: verdict.action,
-        reason: if code == ICMP_FRAG_NEEDED {
+    out.write(Steered {
+        pkt: Packet {
+            vip,
+            flow,
+            ip_len: outer.ip_len,
+            tos: outer.tos,
+            df: outer.df,
+            frame_len: frame_len(ctx) as u64,
+            midflow: false,
+            icmp_error: true,
+        },
+        backend: forward::Backend { id, addr },
+        // SAFETY: helper without arguments.
+        now: unsafe { bpf_ktime_get_coarse_ns() },
+        icmp_reason: if frag_needed {
             reason::FWD_ICMP_FRAG_NEEDED
         } else {
             reason::FWD_ICMP_UNREACH
         },
-    }
+        how: debug::STEER_EXISTING,
+    });
+    Ok(())
 }

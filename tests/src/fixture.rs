@@ -1,17 +1,22 @@
-//! The packet fixtures' world, shared by `tests/packet_fixtures.rs` and the fuzzer: a small,
-//! fully known namespace for `bpf_fib_lookup` to answer from — `lb0` (10.111.1.2/24, MAC
-//! 02:00:00:00:00:02, MTU 1500) with permanent neighbour entries for be1..be3 (10.111.1.11-13)
-//! and none for 10.111.1.14, and a route to the client network via 10.111.1.1 — the balancer
-//! loaded with the fixtures' VIPs, and a harness that runs frames through it with
-//! BPF_PROG_TEST_RUN. Needs root.
+//! The packet fixtures' world, shared by `tests/packet_fixtures.rs` (IPv6:
+//! `tests/packet_fixtures6.rs`) and the fuzzer: a small, fully known namespace for
+//! `bpf_fib_lookup` to answer from — `lb0` (10.111.1.2/24 and fd11:2::2/64, MAC
+//! 02:00:00:00:00:02, MTU 1500) with permanent neighbour entries for be1..be3 (10.111.1.11-13,
+//! fd11:2::11-13) and none for 10.111.1.14 and fd11:2::14, and routes to the client network via
+//! 10.111.1.1 and fd11:2::1 — the balancer loaded with the fixtures' VIPs, and a harness that
+//! runs frames through it with BPF_PROG_TEST_RUN. Needs root.
 
 use crate::{
     netns::{self, Netns},
     packet::{ETH_P_IP, Ip, SYN, checksum, eth, tcp, xdp_md},
+    packet6::{ETH_P_IPV6, Ip6, NH_IPV6, NH_TCP},
 };
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_common::DEFAULT_FLOW_CAPACITY;
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 use xlb::{
     dataplane::Dataplane,
     model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec, policy::SourcePolicy},
@@ -38,6 +43,20 @@ pub const BACKENDS: [Ipv4Addr; 3] = [
 pub const UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 14);
 /// The router on the client's side (rtr's address towards cli), where ICMP errors come from.
 pub const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 1);
+
+pub const LB6: Ipv6Addr = Ipv6Addr::new(0xfd11, 2, 0, 0, 0, 0, 0, 2);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd11, 1, 0, 0, 0, 0, 0, 2);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd11, 0x100, 0, 0, 0, 0, 0, 1);
+/// An IPv6 VIP whose only backend has no neighbour entry.
+pub const VIP6_NO_NEIGH: Ipv6Addr = Ipv6Addr::new(0xfd11, 0x100, 0, 0, 0, 0, 0, 2);
+pub const BACKENDS6: [Ipv6Addr; 3] = [
+    Ipv6Addr::new(0xfd11, 2, 0, 0, 0, 0, 0, 0x11),
+    Ipv6Addr::new(0xfd11, 2, 0, 0, 0, 0, 0, 0x12),
+    Ipv6Addr::new(0xfd11, 2, 0, 0, 0, 0, 0, 0x13),
+];
+pub const UNRESOLVED6: Ipv6Addr = Ipv6Addr::new(0xfd11, 2, 0, 0, 0, 0, 0, 0x14);
+/// The router on the client's side, where ICMPv6 errors come from.
+pub const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd11, 1, 0, 0, 0, 0, 0, 1);
 
 /// The MAC address of backend `i` (0-based) in the fixture namespace.
 pub fn backend_mac(i: usize) -> [u8; 6] {
@@ -148,19 +167,28 @@ pub fn fixture_netns() -> Netns {
          ip neigh add 10.111.1.11 lladdr 02:00:00:00:01:11 dev lb0 nud permanent
          ip neigh add 10.111.1.12 lladdr 02:00:00:00:01:12 dev lb0 nud permanent
          ip neigh add 10.111.1.13 lladdr 02:00:00:00:01:13 dev lb0 nud permanent
-         sysctl -qw net.ipv4.conf.lb0.forwarding=1"
+         sysctl -qw net.ipv4.conf.lb0.forwarding=1
+         sysctl -qw net.ipv6.conf.lb0.disable_ipv6=0
+         sysctl -qw net.ipv6.conf.lb0.accept_dad=0
+         ip addr add fd11:2::2/64 dev lb0 nodad
+         ip route add fd11:1::/64 via fd11:2::1 dev lb0
+         ip neigh add fd11:2::1 lladdr 02:00:00:00:00:01 dev lb0 nud permanent
+         ip neigh add fd11:2::11 lladdr 02:00:00:00:01:11 dev lb0 nud permanent
+         ip neigh add fd11:2::12 lladdr 02:00:00:00:01:12 dev lb0 nud permanent
+         ip neigh add fd11:2::13 lladdr 02:00:00:00:01:13 dev lb0 nud permanent
+         sysctl -qw net.ipv6.conf.lb0.forwarding=1"
     ))
     .expect("fixture namespace set-up");
     ns
 }
 
-/// A VIP over `backends` (weight 1 each), echo on, no source policy.
-pub fn vip(
-    addr: Ipv4Addr,
+/// A VIP over `backends` (weight 1 each), echo on, no source policy; addresses of either family.
+pub fn vip<A: Into<IpAddr> + Copy>(
+    addr: impl Into<IpAddr>,
     port: u16,
     proto: Proto,
     forward: Forward,
-    backends: &[Ipv4Addr],
+    backends: &[A],
 ) -> VipSpec {
     VipSpec {
         key: ServiceKey {
@@ -200,6 +228,60 @@ pub fn balancer() -> Dataplane {
         dp.apply_vip(&spec, &BTreeSet::new()).expect("apply VIP");
     }
     dp
+}
+
+/// The IPv6 fixtures' VIPs: `[VIP6]:80/tcp` ipip, `[VIP6]:8080/tcp` l2, `[VIP6]:53/udp` ipip
+/// (each over be1..be3's IPv6 addresses), `[VIP6_NO_NEIGH]:80` ipip / `:8080` l2 over the
+/// unresolved backend, and `VIP:9080/tcp` ipip over be1..be3's IPv6 addresses (IPv4 in IPv6).
+pub fn fixture_vips6() -> [VipSpec; 6] {
+    [
+        vip(VIP6, 80, Proto::Tcp, Forward::Ipip, &BACKENDS6),
+        vip(VIP6, 8080, Proto::Tcp, Forward::L2, &BACKENDS6),
+        vip(VIP6, 53, Proto::Udp, Forward::Ipip, &BACKENDS6),
+        vip(VIP6_NO_NEIGH, 80, Proto::Tcp, Forward::Ipip, &[UNRESOLVED6]),
+        vip(VIP6_NO_NEIGH, 8080, Proto::Tcp, Forward::L2, &[UNRESOLVED6]),
+        vip(VIP, 9080, Proto::Tcp, Forward::Ipip, &BACKENDS6),
+    ]
+}
+
+/// Load the balancer with `fixture_vips` and `fixture_vips6`, `LB6` the outer IPv6 source.
+pub fn balancer6() -> Dataplane {
+    let mut dp = balancer();
+    dp.set_lb_addr6(Some(LB6)).expect("lb_addr6");
+    for spec in fixture_vips6() {
+        dp.apply_vip(&spec, &BTreeSet::new())
+            .expect("apply IPv6 VIP");
+    }
+    dp
+}
+
+/// A frame from the router to the LB carrying the IPv6 packet `ip_packet`.
+pub fn inbound6(ip_packet: &[u8]) -> Vec<u8> {
+    eth(LB_MAC, RTR_MAC, ETH_P_IPV6, ip_packet)
+}
+
+/// A SYN from the IPv6 client to the IPv6 VIP.
+pub fn client_syn6(sport: u16, dport: u16) -> Vec<u8> {
+    Ip6::to(CLIENT6, VIP6, NH_TCP).packet(&tcp(sport, dport, SYN, 0))
+}
+
+/// The outer IPv6 header the balancer must prepend to `inner` for `backend`, next header
+/// `next`, field by field: traffic class `tc`, flow label 0, hop limit 64, from `LB6`.
+pub fn outer_header6(inner_len: usize, backend: Ipv6Addr, next: u8, tc: u8) -> Vec<u8> {
+    let mut h = vec![0x60 | (tc >> 4), tc << 4, 0, 0];
+    h.extend_from_slice(&(inner_len as u16).to_be_bytes());
+    h.extend_from_slice(&[next, 64]);
+    h.extend_from_slice(&LB6.octets());
+    h.extend_from_slice(&backend.octets());
+    h
+}
+
+/// The IPv6 packet `inner` in IPv6 for backend `backend` (0-based), as the balancer sends it.
+pub fn encapsulated6(inner: &[u8], backend: usize) -> Vec<u8> {
+    let tc = (inner[0] << 4) | (inner[1] >> 4);
+    let mut payload = outer_header6(inner.len(), BACKENDS6[backend], NH_IPV6, tc);
+    payload.extend_from_slice(inner);
+    eth(backend_mac(backend), LB_MAC, ETH_P_IPV6, &payload)
 }
 
 /// Run `f` inside a fresh fixture namespace, with `lb0`'s interface index.

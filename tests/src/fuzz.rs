@@ -170,7 +170,13 @@ pub fn fuzz_balancer() -> Result<Dataplane> {
     });
     dp.apply_vip(&udp53, &BTreeSet::new())?;
     dp.apply_vip(
-        &vip(VIP, PORT_NO_BACKEND, Proto::Tcp, Forward::Ipip, &[]),
+        &vip(
+            VIP,
+            PORT_NO_BACKEND,
+            Proto::Tcp,
+            Forward::Ipip,
+            &[] as &[Ipv4Addr],
+        ),
         &BTreeSet::new(),
     )?;
     dp.apply_vip(

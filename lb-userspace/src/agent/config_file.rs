@@ -6,6 +6,7 @@
 //! iface = "eth0"
 //! xdp_mode = "auto"        # auto | driver | generic
 //! lb_addr = "10.111.1.2"   # outer source of IPIP packets
+//! lb_addr6 = "fd11:2::2"   # outer source of IPv6-in-IPv6 and IPv4-in-IPv6 packets
 //! flow_capacity = 262144
 //! icmp_echo = true         # answer ICMP echo to VIP addresses at all (default true)
 //!

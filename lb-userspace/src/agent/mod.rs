@@ -54,7 +54,7 @@ use std::{
     fs,
     future::Future,
     io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::fs::DirBuilderExt,
     path::PathBuf,
     sync::Arc,
@@ -418,17 +418,37 @@ async fn lb_address(iface: &str, given: Option<Ipv4Addr>) -> Result<Ipv4Addr, Ag
         .ok_or_else(|| AgentError::NoLbAddress(iface.to_string()))
 }
 
+/// The outer source of IPv6-in-IPv6 and IPv4-in-IPv6 packets: `--lb-addr6`, else the
+/// interface's first global IPv6 address, else none (`ipip` to IPv6 backends is then refused
+/// by the data path, and logged here).
+async fn lb_address6(iface: &str, given: Option<Ipv6Addr>) -> Result<Option<Ipv6Addr>, AgentError> {
+    if given.is_some() {
+        return Ok(given);
+    }
+    let index = interface_index(iface)?;
+    let addrs = Netlink::connect()?.addrs().await?;
+    Ok(addrs
+        .into_iter()
+        .filter(|a| a.index == index && !a.link_local)
+        .find_map(|a| match a.addr {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        }))
+}
+
 async fn load_dataplane(
     config: &AgentConfig,
     deny: Vec<crate::model::net::Ipv4Net>,
 ) -> Result<(Dataplane, Startup), AgentError> {
     let lb_addr = lb_address(&config.iface, config.lb_addr).await?;
+    let lb_addr6 = lb_address6(&config.iface, config.lb_addr6).await?;
     let (mut dp, startup) = Dataplane::load(&DataplaneOptions {
         iface: config.iface.clone(),
         mode: config.xdp_mode,
         flow_capacity: config.flow_capacity,
         embryo_capacity: config.embryonic_capacity,
         lb_addr,
+        lb_addr6,
         bpffs: config.bpffs.clone(),
         deny,
     })
@@ -436,6 +456,13 @@ async fn load_dataplane(
     if !config.icmp_echo {
         dp.set_icmp_echo(false)?;
         log::info!("ICMP echo to VIP addresses is off (--icmp-echo off)");
+    }
+    match lb_addr6 {
+        Some(a) => log::info!("IPv6 tunnel (ip6ip6, 4in6) source {a}"),
+        None => log::info!(
+            "no IPv6 address on {} and no --lb-addr6: ipip to IPv6 backends is dropped",
+            config.iface
+        ),
     }
     log::info!(
         "IPIP source {lb_addr}, embryonic table {} entries",

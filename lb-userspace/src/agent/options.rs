@@ -14,7 +14,7 @@ use crate::{
 };
 use serde::Deserialize;
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     time::Duration,
 };
@@ -33,6 +33,10 @@ pub(crate) struct AgentOptions {
     /// Outer source address of IPIP packets [default: the interface's first IPv4 address].
     #[arg(long, value_name = "ADDR")]
     pub(crate) lb_addr: Option<Ipv4Addr>,
+    /// Outer source address of IPv6-in-IPv6 and IPv4-in-IPv6 packets (`ipip` to IPv6 backends)
+    /// [default: the interface's first global IPv6 address].
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) lb_addr6: Option<Ipv6Addr>,
     /// Entries of the flow table [default: 262144].
     #[arg(long, value_name = "N")]
     pub(crate) flow_capacity: Option<u32>,
@@ -88,6 +92,7 @@ impl AgentOptions {
             iface: self.iface.or(file.iface),
             xdp_mode: self.xdp_mode.or(file.xdp_mode),
             lb_addr: self.lb_addr.or(file.lb_addr),
+            lb_addr6: self.lb_addr6.or(file.lb_addr6),
             flow_capacity: self.flow_capacity.or(file.flow_capacity),
             embryonic_capacity: self.embryonic_capacity.or(file.embryonic_capacity),
             sync_listen: self.sync_listen.or(file.sync_listen),
@@ -162,6 +167,7 @@ pub(crate) struct AgentConfig {
     pub(crate) socket: PathBuf,
     pub(crate) state_dir: PathBuf,
     pub(crate) lb_addr: Option<Ipv4Addr>,
+    pub(crate) lb_addr6: Option<Ipv6Addr>,
     pub(crate) flow_capacity: u32,
     pub(crate) embryonic_capacity: u32,
     pub(crate) initial: InitialState,
@@ -216,6 +222,7 @@ impl AgentConfig {
             socket,
             state_dir: args.state_dir,
             lb_addr: opts.lb_addr,
+            lb_addr6: opts.lb_addr6,
             flow_capacity,
             embryonic_capacity,
             initial,

@@ -22,14 +22,27 @@ use std::{
 pub type DownBackend = (ServiceKey, IpAddr);
 
 fn service_key(key: &lb_common::VipKey) -> Option<ServiceKey> {
-    let proto = match key.proto {
+    service(
+        IpAddr::V4(Ipv4Addr::from(key.addr.to_ne_bytes())),
+        key.port,
+        key.proto,
+    )
+}
+
+fn service_key6(key: &lb_common::VipKey6) -> Option<ServiceKey> {
+    service(IpAddr::from(key.addr), key.port, key.proto)
+}
+
+/// The service at `addr`, port `port` (network order), protocol `proto`, if xlb serves it.
+fn service(addr: IpAddr, port: u16, proto: u8) -> Option<ServiceKey> {
+    let proto = match proto {
         lb_common::IPPROTO_TCP => Proto::Tcp,
         lb_common::IPPROTO_UDP => Proto::Udp,
         _ => return None,
     };
     Some(ServiceKey {
-        addr: IpAddr::V4(Ipv4Addr::from(key.addr.to_ne_bytes())),
-        port: u16::from_be(key.port),
+        addr,
+        port: u16::from_be(port),
         proto,
     })
 }
@@ -71,7 +84,11 @@ impl Dataplane {
         let mut vips = Vec::new();
         for item in self.vips_map.iter() {
             let (key, meta) = item.map_err(map_err(maps::VIPS))?;
-            vips.push((key, meta));
+            vips.push((service_key(&key), key.proto, meta));
+        }
+        for item in self.vips6.iter() {
+            let (key, meta) = item.map_err(map_err(maps::VIPS6))?;
+            vips.push((service_key6(&key), key.proto, meta));
         }
         let mut claims: BTreeMap<u32, Vec<(u32, Backend)>> = BTreeMap::new();
         for slot in 0..MAX_BACKENDS {
@@ -86,12 +103,9 @@ impl Dataplane {
         let mut down = BTreeSet::new();
         let mut installed = BTreeMap::new();
         let mut lists = self.read_source_lists()?;
-        for (key, meta) in vips {
-            let Some(service) = service_key(&key) else {
-                log::warn!(
-                    "the running data path has a VIP of protocol {}; ignored",
-                    key.proto
-                );
+        for (service, proto, meta) in vips {
+            let Some(service) = service else {
+                log::warn!("the running data path has a VIP of protocol {proto}; ignored");
                 continue;
             };
             let mut in_ring = BTreeSet::new();
@@ -116,9 +130,8 @@ impl Dataplane {
             // Per VIP, the maps only keep whether some VIP of the address answers echo; the
             // reconcile that follows re-applies every VIP with its own setting.
             let icmp_echo = self
-                .vip_addrs
-                .get(&key.addr, 0)
-                .is_ok_and(|a| a.flags & lb_common::VIP_ADDR_F_ICMP_ECHO != 0);
+                .vip_addr(service.addr)
+                .is_some_and(|a| a.flags & lb_common::VIP_ADDR_F_ICMP_ECHO != 0);
             installed.insert(
                 service,
                 InstalledVip {

@@ -396,6 +396,7 @@ impl Dataplane {
             opts.embryo_capacity,
             Some(opts.lb_addr),
         )?;
+        dp.set_lb_addr6(opts.lb_addr6)?;
         dp.log_pump = super::spawn_log_pump(&mut dp.ebpf);
         if adopting {
             startup.down = dp.rebuild_from_maps()?;
@@ -679,24 +680,51 @@ fn describe(p: &MapPlan, from: &plan::Source, count: CopyCount) -> String {
 
 /// `bpf_fib_lookup` refuses to route for an interface with forwarding off
 /// (BPF_FIB_LKUP_RET_FWD_DISABLED), and the kernel must forward the packets the balancer hands it
-/// for neighbour resolution, so the LB's interface needs IPv4 forwarding. The value found first
-/// is recorded (once, by the first attach) so that removing the data path restores it.
+/// for neighbour resolution, so the LB's interface needs IPv4 forwarding, and IPv6 forwarding for
+/// IPv6 (with `force_forwarding`, kernels ≥ 6.17, so the kernel forwards the interface's IPv6
+/// packets whatever `all.forwarding` says). The values found first are recorded (once, by the
+/// first attach) so that removing the data path restores them. An interface without IPv6 gets
+/// IPv4 alone. Note: IPv6 forwarding stops the interface from taking router advertisements
+/// unless its `accept_ra` is 2.
 fn ensure_forwarding(iface: &str, meta: &mut PinMeta) -> Result<(), DataplaneError> {
-    let path = forwarding_path(iface);
-    let current = fs::read_to_string(&path).map_err(io_err(format!("reading {path}")))?;
-    let on = current.trim() == "1";
-    if meta.forwarding_before().is_none() {
+    let first = meta.forwarding_before().is_none();
+    let on = switch_on(&forwarding_path(iface), "IPv4 forwarding", iface)?;
+    if first {
         meta.set_forwarding_before(on);
     }
-    if !on {
-        log::info!("enabling IPv4 forwarding on {iface} (needed by bpf_fib_lookup)");
-        fs::write(&path, "1").map_err(io_err(format!("writing {path}")))?;
+    let v6 = forwarding6_paths(iface);
+    if fs::metadata(&v6[0]).is_err() {
+        return Ok(());
+    }
+    let forwarding = switch_on(&v6[0], "IPv6 forwarding", iface)?;
+    let force = fs::metadata(&v6[1]).is_ok() && switch_on(&v6[1], "IPv6 force_forwarding", iface)?;
+    if first || meta.forwarding6_before().is_none() {
+        meta.set_forwarding6_before(forwarding, force);
     }
     Ok(())
 }
 
+/// Write 1 to the sysctl at `path` unless it is 1; whether it was.
+fn switch_on(path: &str, what: &str, iface: &str) -> Result<bool, DataplaneError> {
+    let current = fs::read_to_string(path).map_err(io_err(format!("reading {path}")))?;
+    let on = current.trim() == "1";
+    if !on {
+        log::info!("enabling {what} on {iface} (needed by bpf_fib_lookup)");
+        fs::write(path, "1").map_err(io_err(format!("writing {path}")))?;
+    }
+    Ok(on)
+}
+
 fn forwarding_path(iface: &str) -> String {
     format!("/proc/sys/net/ipv4/conf/{iface}/forwarding")
+}
+
+/// IPv6's `forwarding` and `force_forwarding` of `iface`.
+fn forwarding6_paths(iface: &str) -> [String; 2] {
+    [
+        format!("/proc/sys/net/ipv6/conf/{iface}/forwarding"),
+        format!("/proc/sys/net/ipv6/conf/{iface}/force_forwarding"),
+    ]
 }
 
 /// The name of interface `ifindex` in this network namespace.
@@ -750,6 +778,20 @@ pub fn remove_data_path(dir: &PinDir) -> Result<String, DataplaneError> {
                     format!("; IPv4 forwarding on {iface} turned off again, as it was before")
             }
             Err(e) => log::warn!("restoring {path}: {e}"),
+        }
+    }
+    if let (Some(iface), Some((forwarding, force))) = (
+        &iface,
+        record.as_ref().and_then(PinMeta::forwarding6_before),
+    ) {
+        let paths = forwarding6_paths(iface);
+        for (path, before) in paths.iter().zip([forwarding, force]) {
+            if !before && let Err(e) = fs::write(path, "0") {
+                log::warn!("restoring {path}: {e}");
+            }
+        }
+        if !forwarding {
+            restored.push_str(&format!("; IPv6 forwarding on {iface} turned off again"));
         }
     }
     dir.remove_all().map_err(pin_err)?;

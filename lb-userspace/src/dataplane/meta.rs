@@ -16,6 +16,12 @@ pub(crate) const META_PIN: &str = "META-v1";
 const MAGIC: u32 = u32::from_be_bytes(*b"XLB1");
 /// `forwarding_before` when nothing was recorded.
 const NOT_RECORDED: u32 = u32::MAX;
+/// `forwarding_before` bits: IPv4 forwarding; IPv6 recorded, its forwarding, its
+/// force_forwarding.
+const FWD_V4: u32 = 1;
+const FWD_V6_RECORDED: u32 = 2;
+const FWD_V6: u32 = 4;
+const FWD_V6_FORCE: u32 = 8;
 
 /// The record, host order throughout.
 #[repr(C)]
@@ -23,8 +29,9 @@ const NOT_RECORDED: u32 = u32::MAX;
 pub(crate) struct PinMeta {
     magic: u32,
     ifindex: u32,
-    /// `net.ipv4.conf.<ifname>.forwarding` before the agent turned it on: 0, 1, or
-    /// `NOT_RECORDED`.
+    /// `net.ipv4.conf.<ifname>.forwarding` before the agent turned it on (bit 0), or
+    /// `NOT_RECORDED`; IPv6's `forwarding` and `force_forwarding` (bits 2 and 3) when bit 1 says
+    /// they were recorded. Records of builds before IPv6 hold 0 or 1: IPv4 only, read the same.
     forwarding_before: u32,
     /// 1 driver, 2 generic, 0 unknown.
     mode: u32,
@@ -62,14 +69,33 @@ impl PinMeta {
 
     pub(crate) fn forwarding_before(&self) -> Option<bool> {
         match self.forwarding_before {
-            0 => Some(false),
-            1 => Some(true),
-            _ => None,
+            NOT_RECORDED => None,
+            v => Some(v & FWD_V4 != 0),
         }
     }
 
     pub(crate) fn set_forwarding_before(&mut self, on: bool) {
-        self.forwarding_before = u32::from(on);
+        self.forwarding_before = if on { FWD_V4 } else { 0 };
+    }
+
+    /// IPv6 `forwarding` and `force_forwarding` before the agent turned them on, if recorded.
+    pub(crate) fn forwarding6_before(&self) -> Option<(bool, bool)> {
+        match self.forwarding_before {
+            NOT_RECORDED => None,
+            v if v & FWD_V6_RECORDED == 0 => None,
+            v => Some((v & FWD_V6 != 0, v & FWD_V6_FORCE != 0)),
+        }
+    }
+
+    /// Record IPv6's settings (after `set_forwarding_before`).
+    pub(crate) fn set_forwarding6_before(&mut self, forwarding: bool, force: bool) {
+        if self.forwarding_before == NOT_RECORDED {
+            return;
+        }
+        self.forwarding_before = (self.forwarding_before & FWD_V4)
+            | FWD_V6_RECORDED
+            | if forwarding { FWD_V6 } else { 0 }
+            | if force { FWD_V6_FORCE } else { 0 };
     }
 
     pub(crate) fn mode(&self) -> Option<AttachedMode> {
@@ -198,6 +224,9 @@ mod tests {
         assert_eq!(m.ifindex(), 7);
         assert_eq!((m.forwarding_before(), m.mode()), (None, None));
         m.set_forwarding_before(false);
+        assert_eq!(m.forwarding6_before(), None);
+        m.set_forwarding6_before(true, false);
+        assert_eq!(m.forwarding6_before(), Some((true, false)));
         m.set_mode(AttachedMode::Generic);
         assert_eq!(m.forwarding_before(), Some(false));
         assert_eq!(m.mode(), Some(AttachedMode::Generic));

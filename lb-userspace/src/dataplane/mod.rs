@@ -45,8 +45,9 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
 };
 use lb_common::{
-    Backend, CONFIG_F_ICMP_ECHO, DEFAULT_EMBRYO_CAPACITY, LbConfig, MAX_BACKENDS, MAX_VIPS,
-    PolicyState, TrafficCounters, VipAddr, VipDrops, VipKey, VipLimits, VipMeta, maps, programs,
+    Addr, Backend, CONFIG_F_ICMP_ECHO, DEFAULT_EMBRYO_CAPACITY, LbConfig, MAX_BACKENDS, MAX_VIPS,
+    PolicyState, TrafficCounters, VipAddr, VipDrops, VipKey, VipKey6, VipLimits, VipMeta, maps,
+    programs,
 };
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -82,10 +83,6 @@ pub enum DataplaneError {
         #[source]
         source: aya::maps::MapError,
     },
-    #[error(
-        "{0} is an IPv6 address: this data path forwards IPv4 only (IPv6 VIPs and backends are accepted by the control plane, not installed)"
-    )]
-    Ipv6(Ipv6Addr),
     #[error("no free VIP slot: at most {MAX_VIPS} VIPs")]
     NoVipSlot,
     #[error(
@@ -166,6 +163,9 @@ pub struct DataplaneOptions {
     pub embryo_capacity: u32,
     /// Outer source of IPIP packets.
     pub lb_addr: Ipv4Addr,
+    /// Outer source of IPv6-in-IPv6 and IPv4-in-IPv6 packets (`None`: `ipip` to IPv6 backends
+    /// drops, counted as `drop_encap_failed`).
+    pub lb_addr6: Option<Ipv6Addr>,
     /// Where bpffs is mounted (or is to be mounted): `--bpffs`.
     pub bpffs: PathBuf,
     /// The deny list, installed before the balancer is attached.
@@ -199,6 +199,9 @@ pub struct Dataplane {
     flow_capacity: u32,
     vips_map: KernelHash<VipKey, VipMeta>,
     vip_addrs: KernelHash<u32, VipAddr>,
+    /// The IPv6 twins of `vips_map` and `vip_addrs`.
+    vips6: KernelHash<VipKey6, VipMeta>,
+    vip_addrs6: KernelHash<Addr, VipAddr>,
     rings: Array<MapData, u32>,
     rr_counters: Array<MapData, u64>,
     backends_map: Array<MapData, Backend>,
@@ -331,22 +334,29 @@ fn ipv4_be(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
 
-/// An IPv4 address as `VIPS`/`VIP_ADDRS` keys hold it; IPv6 ones this data path does not
-/// forward yet (`check_vip` refuses them before anything is written).
-fn ipv4_key(addr: IpAddr) -> Result<u32, DataplaneError> {
-    match addr {
-        IpAddr::V4(v4) => Ok(ipv4_be(v4)),
-        IpAddr::V6(v6) => Err(DataplaneError::Ipv6(v6)),
-    }
+/// A VIP's key in the map of its family: `VIPS` for IPv4, `VIPS6` for IPv6.
+#[derive(Clone, Copy)]
+enum KernelVipKey {
+    V4(VipKey),
+    V6(VipKey6),
 }
 
-fn vip_key(key: &ServiceKey) -> Result<VipKey, DataplaneError> {
-    Ok(VipKey {
-        addr: ipv4_key(key.addr)?,
-        port: key.port.to_be(),
-        proto: key.proto.ip_proto(),
-        _pad: 0,
-    })
+fn vip_key(key: &ServiceKey) -> KernelVipKey {
+    let (port, proto) = (key.port.to_be(), key.proto.ip_proto());
+    match key.addr {
+        IpAddr::V4(v4) => KernelVipKey::V4(VipKey {
+            addr: ipv4_be(v4),
+            port,
+            proto,
+            _pad: 0,
+        }),
+        IpAddr::V6(v6) => KernelVipKey::V6(VipKey6 {
+            addr: v6.into(),
+            port,
+            proto,
+            _pad: 0,
+        }),
+    }
 }
 
 impl Dataplane {
@@ -380,6 +390,7 @@ impl Dataplane {
         lb_addr: Option<Ipv4Addr>,
     ) -> Result<Self, DataplaneError> {
         let nr_cpus = possible_cpus()?;
+        let lb_addr6 = Addr::UNSPECIFIED;
         let mut config: Array<MapData, LbConfig> = take_map(&mut ebpf, maps::CONFIG)?;
         let lb_config = LbConfig {
             lb_addr: lb_addr.map(ipv4_be).unwrap_or(0),
@@ -389,6 +400,7 @@ impl Dataplane {
                 u32::try_from(nr_cpus).unwrap_or(u32::MAX),
             ),
             _pad: 0,
+            lb_addr6,
         };
         config.set(0, lb_config, 0).map_err(map_err(maps::CONFIG))?;
         // Pinned: a data path taken over keeps its generation and live deny-list half; a new map
@@ -407,6 +419,8 @@ impl Dataplane {
         let mut dp = Dataplane {
             vips_map: take_map(&mut ebpf, maps::VIPS)?,
             vip_addrs: take_map(&mut ebpf, maps::VIP_ADDRS)?,
+            vips6: take_map(&mut ebpf, maps::VIPS6)?,
+            vip_addrs6: take_map(&mut ebpf, maps::VIP_ADDRS6)?,
             rings: take_map(&mut ebpf, maps::RINGS)?,
             rr_counters: take_map(&mut ebpf, maps::RR_COUNTERS)?,
             backends_map: take_map(&mut ebpf, maps::BACKENDS)?,
@@ -461,6 +475,23 @@ impl Dataplane {
     /// Answer ICMP echo requests to VIP addresses (the default) or drop them, for every VIP.
     pub fn set_icmp_echo(&mut self, on: bool) -> Result<(), DataplaneError> {
         self.set_config_flag(CONFIG_F_ICMP_ECHO, on)
+    }
+
+    /// The outer source of `ipip` to IPv6 backends (IPv6 in IPv6, IPv4 in IPv6); `None`: such
+    /// packets are dropped (`drop_encap_failed`).
+    pub fn set_lb_addr6(&mut self, addr: Option<Ipv6Addr>) -> Result<(), DataplaneError> {
+        let cfg = LbConfig {
+            lb_addr6: addr.map_or(Addr::UNSPECIFIED, Addr::from),
+            ..self.lb_config
+        };
+        self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))?;
+        self.lb_config = cfg;
+        Ok(())
+    }
+
+    /// Whether an outer IPv6 source is configured.
+    pub fn has_lb_addr6(&self) -> bool {
+        !self.lb_config.lb_addr6.is_unspecified()
     }
 
     /// Set or clear one `CONFIG_F_*` bit of the data path's configuration.

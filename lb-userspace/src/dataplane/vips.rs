@@ -5,9 +5,9 @@
 //! addresses.
 
 use super::{
-    Dataplane, DataplaneError, InstalledVip,
+    Dataplane, DataplaneError, InstalledVip, KernelVipKey,
     firewall::{half_flag, vip_flags},
-    ipv4_key, map_err, ring, vip_key,
+    ipv4_be, map_err, ring, vip_key,
 };
 use crate::model::{ServiceKey, VipSpec};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
@@ -33,10 +33,6 @@ struct Placement {
 impl Dataplane {
     /// Check that `spec` fits (VIP slots, backend slots, ring size) without changing anything.
     pub fn check_vip(&self, spec: &VipSpec) -> Result<(), DataplaneError> {
-        vip_key(&spec.key)?;
-        for b in &spec.backends {
-            ipv4_key(b.addr)?;
-        }
         let existing = self.installed.get(&spec.key);
         if existing.is_none() && self.free_vip_ids.is_empty() {
             return Err(DataplaneError::NoVipSlot);
@@ -313,23 +309,62 @@ impl Dataplane {
         icmp_echo: bool,
     ) -> Result<(), DataplaneError> {
         let addr_entry = self.vip_addr_entry(key, Some(icmp_echo));
-        let key = vip_key(key)?;
-        let old_entry = self.vip_addrs.get(&key.addr, 0).ok();
+        let old_entry = self.vip_addr(key.addr);
         let previous_addr = if old_entry != Some(addr_entry) {
-            self.vip_addrs
-                .insert(key.addr, addr_entry, 0)
-                .map_err(map_err(maps::VIP_ADDRS))?;
+            self.set_vip_addr(key.addr, Some(addr_entry))?;
             Some(old_entry)
         } else {
             None
         };
-        if let Err(e) = self.vips_map.insert(key, meta, 0) {
+        if let Err(e) = self.set_vip_entry(key, Some(meta)) {
             if let Some(old) = previous_addr {
                 self.restore_vip_addr(key.addr, old);
             }
-            return Err(map_err(maps::VIPS)(e));
+            return Err(e);
         }
         Ok(())
+    }
+
+    /// The `VIP_ADDRS` (`VIP_ADDRS6`) entry of `addr`, if any.
+    pub(super) fn vip_addr(&self, addr: IpAddr) -> Option<VipAddr> {
+        match addr {
+            IpAddr::V4(v4) => self.vip_addrs.get(&ipv4_be(v4), 0).ok(),
+            IpAddr::V6(v6) => self.vip_addrs6.get(&Addr::from(v6), 0).ok(),
+        }
+    }
+
+    /// Write (`None`: remove) the entry of `addr` in the VIP address map of its family.
+    fn set_vip_addr(&mut self, addr: IpAddr, entry: Option<VipAddr>) -> Result<(), DataplaneError> {
+        match (addr, entry) {
+            (IpAddr::V4(v4), Some(e)) => self.vip_addrs.insert(ipv4_be(v4), e, 0),
+            (IpAddr::V4(v4), None) => self.vip_addrs.remove(&ipv4_be(v4)),
+            (IpAddr::V6(v6), Some(e)) => self.vip_addrs6.insert(Addr::from(v6), e, 0),
+            (IpAddr::V6(v6), None) => self.vip_addrs6.remove(&Addr::from(v6)),
+        }
+        .map_err(map_err(if addr.is_ipv4() {
+            maps::VIP_ADDRS
+        } else {
+            maps::VIP_ADDRS6
+        }))
+    }
+
+    /// Write (`None`: remove) `key`'s entry in the VIP map of its family.
+    fn set_vip_entry(
+        &mut self,
+        key: &ServiceKey,
+        meta: Option<VipMeta>,
+    ) -> Result<(), DataplaneError> {
+        match (vip_key(key), meta) {
+            (KernelVipKey::V4(k), Some(m)) => self.vips_map.insert(k, m, 0),
+            (KernelVipKey::V4(k), None) => self.vips_map.remove(&k),
+            (KernelVipKey::V6(k), Some(m)) => self.vips6.insert(k, m, 0),
+            (KernelVipKey::V6(k), None) => self.vips6.remove(&k),
+        }
+        .map_err(map_err(if key.addr.is_ipv4() {
+            maps::VIPS
+        } else {
+            maps::VIPS6
+        }))
     }
 
     /// The `VIP_ADDRS` entry of `key`'s address with `key`'s VIP installed with ICMP echo
@@ -352,12 +387,8 @@ impl Dataplane {
 
     /// Put a VIP address's entry back after a failed switch (best effort: the failure being
     /// reported is the switch's).
-    fn restore_vip_addr(&mut self, addr: u32, old: Option<VipAddr>) {
-        let result = match old {
-            None => self.vip_addrs.remove(&addr),
-            Some(old) => self.vip_addrs.insert(addr, old, 0),
-        };
-        if let Err(e) = result {
+    fn restore_vip_addr(&mut self, addr: IpAddr, old: Option<VipAddr>) {
+        if let Err(e) = self.set_vip_addr(addr, old) {
             log::warn!("restoring the VIP address set after a failed update: {e}");
         }
     }
@@ -398,17 +429,10 @@ impl Dataplane {
             .get(key)
             .ok_or(DataplaneError::UnknownVip(*key))?;
         let (id, backends) = (vip.id, vip.backends.clone());
-        let kkey = vip_key(key)?;
-        self.vips_map.remove(&kkey).map_err(map_err(maps::VIPS))?;
+        self.set_vip_entry(key, None)?;
         match self.vip_addr_entry(key, None) {
-            VipAddr { vips: 0, .. } => self
-                .vip_addrs
-                .remove(&kkey.addr)
-                .map_err(map_err(maps::VIP_ADDRS))?,
-            rest => self
-                .vip_addrs
-                .insert(kkey.addr, rest, 0)
-                .map_err(map_err(maps::VIP_ADDRS))?,
+            VipAddr { vips: 0, .. } => self.set_vip_addr(key.addr, None)?,
+            rest => self.set_vip_addr(key.addr, Some(rest))?,
         }
         for (_, bid) in backends {
             self.release_backend(bid)?;

@@ -1,0 +1,213 @@
+//! IPv6 up to L4: the fixed header, a bounded walk over extension headers (RFC 8200 §4), the VIP
+//! lookup in `VIPS6`. Produces the same `Packet` as the IPv4 parse, so everything after it
+//! (flow tables, rings, limits, counters, forwarding) serves both families.
+//!
+//! Extension headers, at most `MAX_EXT` of them:
+//! - Hop-by-Hop Options: skipped, only as the first header (anywhere else it is malformed);
+//! - Destination Options: skipped;
+//! - Routing with Segments Left 0 (this node is the final destination): skipped; with segments
+//!   left the VIP is not the packet's destination and xlb is no segment endpoint;
+//! - Fragment: any fragment, even an atomic one, `drop_fragment` (as IPv4's fragments);
+//! - TCP, UDP: steered; ICMPv6: `vip_icmp6.rs`;
+//! - AH, ESP, No Next Header, Mobility, HIP, Shim6, the experimental 253/254, a fifth extension
+//!   header: `drop_ext_header`; another upper layer (SCTP, ...): `drop_unknown_port`, as IPv4.
+//!
+//! These verdicts are for packets to a VIP address (`VIP_ADDRS6`); any packet to another
+//! address (NDP, MLD, echo to the LB, the host's own traffic) is passed untouched, whatever it
+//! carries. An extension or L4 header that runs past the frame is `drop_malformed_l4`; a payload
+//! length shorter than the headers read, or a frame shorter than the payload length, is
+//! `drop_bad_length`. The hop limit is not decremented, as IPv4's TTL is not: the balancer is not
+//! a routing hop.
+
+use crate::{
+    Verdict,
+    balancer::{self, L4, Packet, Steered},
+    maps::{VIP_ADDRS6, VIPS6},
+    parse::{ETH_HLEN, IPPROTO_FRAGMENT, IPV6_HLEN, frame_len, ptr_at},
+};
+use aya_ebpf::programs::XdpContext;
+use core::{hint::black_box, mem::MaybeUninit};
+use lb_common::{Addr, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, VipKey6, reason};
+
+/// Extension headers the walk skips at most; a fifth is `drop_ext_header`.
+const MAX_EXT: usize = 4;
+const NH_HOP_BY_HOP: u8 = 0;
+const NH_ROUTING: u8 = 43;
+const NH_DEST_OPTS: u8 = 60;
+
+/// What the fixed header says.
+pub struct Header {
+    pub src: Addr,
+    pub dst: Addr,
+    /// 40 + payload length (the whole packet), host order; at most 65535 (`classify` checks).
+    pub ip_len: usize,
+    pub traffic_class: u8,
+}
+
+/// Where the walk over the extension headers ended.
+enum Walk {
+    /// The upper-layer header: its protocol and offset in the frame.
+    Upper(u8, usize),
+    /// Not steerable: the drop reason, for a VIP address.
+    Stop(u32),
+}
+
+/// The decision stage for an IPv6 frame (see `balancer::try_balance`): `Ok(None)` when `out`
+/// holds a packet to forward, `Ok(Some(l4))` for ICMPv6 (its header at `l4`) to a VIP address,
+/// which `vip_icmp6::handle` takes from there.
+#[inline(never)]
+pub fn decide(ctx: &XdpContext, out: &mut MaybeUninit<Steered>) -> Result<Option<usize>, Verdict> {
+    match classify(ctx)? {
+        Classified::Flow(pkt) => balancer::select(pkt, out).map(|()| None),
+        Classified::Icmp6(l4) => Ok(Some(l4)),
+    }
+}
+
+/// What `classify` found.
+enum Classified {
+    Flow(Packet),
+    /// ICMPv6 to a VIP address, its header at this offset.
+    Icmp6(usize),
+}
+
+/// The fixed header of the IPv6 packet in `ctx`, or the verdict on a frame without one.
+#[inline(always)]
+pub fn header(ctx: &XdpContext) -> Result<(Header, u8), Verdict> {
+    let h: *const [u8; IPV6_HLEN] =
+        ptr_at(ctx, ETH_HLEN).ok_or(Verdict::pass(reason::PASS_MALFORMED))?;
+    // SAFETY: bounds checked; everything needed later is copied out.
+    let h = unsafe { &*h };
+    if h[0] >> 4 != 6 {
+        return Err(Verdict::pass(reason::PASS_MALFORMED));
+    }
+    let hdr = Header {
+        src: addr_at(h, 8),
+        dst: addr_at(h, 24),
+        ip_len: IPV6_HLEN + usize::from(u16::from_be_bytes([h[4], h[5]])),
+        traffic_class: (h[0] << 4) | (h[1] >> 4),
+    };
+    Ok((hdr, h[6]))
+}
+
+/// As for IPv4: one lookup (VIPS6) for a VIP service's packet; the address-only lookup tells "a
+/// VIP address, not served" (dropped for `why`) from "not ours" (passed) only when needed.
+#[inline(always)]
+fn not_served(dst: &Addr, why: u32) -> Verdict {
+    if is_vip_addr(dst) {
+        Verdict::drop(why)
+    } else {
+        Verdict::pass(reason::PASS_NOT_VIP)
+    }
+}
+
+/// `dst` carries IPv6 VIPs.
+#[inline(always)]
+pub fn is_vip_addr(dst: &Addr) -> bool {
+    // SAFETY: read-only lookup; the value is not used.
+    unsafe { VIP_ADDRS6.get(dst) }.is_some()
+}
+
+/// `balancer::classify` for an IPv6 frame.
+#[inline(always)]
+fn classify(ctx: &XdpContext) -> Result<Classified, Verdict> {
+    let (hdr, next) = header(ctx)?;
+    let (proto, l4) = match walk(ctx, next) {
+        Walk::Upper(proto, l4) => (proto, l4),
+        Walk::Stop(why) => return Err(not_served(&hdr.dst, why)),
+    };
+    let L4 {
+        ports,
+        midflow,
+        len: l4_len,
+    } = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => match balancer::l4_header(ctx, proto, black_box(l4)) {
+            Some(h) => h,
+            None => return Err(not_served(&hdr.dst, reason::DROP_MALFORMED_L4)),
+        },
+        IPPROTO_ICMPV6 if is_vip_addr(&hdr.dst) => return Ok(Classified::Icmp6(l4)),
+        IPPROTO_ICMPV6 => return Err(Verdict::pass(reason::PASS_NOT_VIP)),
+        // AH, ESP, No Next Header, Mobility, HIP, Shim6, experimental: extension headers this
+        // does not skip. Other upper layers are refused as IPv4 refuses them.
+        51 | 50 | 59 | 135 | 139 | 140 | 253 | 254 => {
+            return Err(not_served(&hdr.dst, reason::DROP_EXT_HEADER));
+        }
+        _ => return Err(not_served(&hdr.dst, reason::DROP_UNKNOWN_PORT)),
+    };
+    let key = VipKey6 {
+        addr: hdr.dst,
+        port: u16::from_ne_bytes([ports[2], ports[3]]),
+        proto,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once; the agent replaces VIP entries whole.
+    let vip = match unsafe { VIPS6.get(key) } {
+        Some(vip) => *vip,
+        None => return Err(not_served(&hdr.dst, reason::DROP_UNKNOWN_PORT)),
+    };
+    let frame_len = frame_len(ctx);
+    let Some(ip_len) = lengths(&hdr, l4 + l4_len - ETH_HLEN, frame_len) else {
+        return Err(Verdict::drop(reason::DROP_BAD_LENGTH));
+    };
+    Ok(Classified::Flow(Packet {
+        vip,
+        flow: balancer::flow_key(hdr.src, hdr.dst, ports, proto),
+        ip_len,
+        tos: hdr.traffic_class,
+        df: true,
+        frame_len: frame_len as u64,
+        midflow,
+        icmp_error: false,
+    }))
+}
+
+/// The packet's length (`Packet::ip_len`) if it covers the `headers` bytes read (fixed header,
+/// extension headers, L4) and the frame holds all of it (a jumbogram's payload length 0 does
+/// not).
+#[inline(always)]
+pub fn lengths(hdr: &Header, headers: usize, frame_len: usize) -> Option<u16> {
+    let ip_len = u16::try_from(hdr.ip_len).ok()?;
+    balancer::lengths_agree(ip_len, headers, frame_len).then_some(ip_len)
+}
+
+/// The 16-byte address at `at` in the fixed header.
+#[inline(always)]
+fn addr_at(h: &[u8; IPV6_HLEN], at: usize) -> Addr {
+    let mut o = [0u8; 16];
+    o.copy_from_slice(&h[at..at + 16]);
+    Addr::from_octets(o)
+}
+
+/// Walk the extension headers from the fixed header's next header `next` to the upper layer.
+/// Each header's length is bounded by its 8-bit length field (at most 2048 bytes), so the
+/// offset stays bounded for the verifier.
+#[inline(always)]
+fn walk(ctx: &XdpContext, mut next: u8) -> Walk {
+    let mut off = ETH_HLEN + IPV6_HLEN;
+    for i in 0..MAX_EXT {
+        match next {
+            NH_HOP_BY_HOP if i == 0 => {}
+            NH_DEST_OPTS | NH_ROUTING => {}
+            IPPROTO_FRAGMENT => return Walk::Stop(reason::DROP_FRAGMENT),
+            NH_HOP_BY_HOP => return Walk::Stop(reason::DROP_EXT_HEADER),
+            n => return Walk::Upper(n, off),
+        }
+        // Next header, length in 8-byte units beyond the first 8, and for a routing header its
+        // type and segments left: the first 4 bytes of every extension header this skips.
+        // Opaque to the compiler, so the pointer is the one `ptr_at` checked (see vip_icmp.rs).
+        let Some(e) = ptr_at::<[u8; 4]>(ctx, black_box(off)) else {
+            return Walk::Stop(reason::DROP_MALFORMED_L4);
+        };
+        // SAFETY: bounds checked.
+        let e = unsafe { *e };
+        if next == NH_ROUTING && e[3] != 0 {
+            return Walk::Stop(reason::DROP_EXT_HEADER);
+        }
+        next = e[0];
+        off += (usize::from(e[1]) + 1) * 8;
+    }
+    match next {
+        NH_HOP_BY_HOP | NH_DEST_OPTS | NH_ROUTING => Walk::Stop(reason::DROP_EXT_HEADER),
+        IPPROTO_FRAGMENT => Walk::Stop(reason::DROP_FRAGMENT),
+        n => Walk::Upper(n, off),
+    }
+}
