@@ -107,6 +107,28 @@ pub struct Fixture {
     pub action: u32,
 }
 
+impl Fixture {
+    /// `input` is sent back out (`XDP_TX`) as `expected`.
+    pub fn tx(description: &'static str, input: Vec<u8>, expected: Vec<u8>) -> Self {
+        Fixture {
+            description,
+            input,
+            expected: Some(expected),
+            action: XDP_TX,
+        }
+    }
+
+    /// `input` gets `action` and stays as it was.
+    pub fn untouched(description: &'static str, input: Vec<u8>, action: u32) -> Self {
+        Fixture {
+            description,
+            input,
+            expected: None,
+            action,
+        }
+    }
+}
+
 /// Run `input`, received on `ifindex`, through `prog` once: (action, output frame).
 pub fn run(prog: &Xdp, ifindex: u32, input: &[u8]) -> (u32, Vec<u8>) {
     let ctx = xdp_md(input.len(), ifindex);

@@ -1,0 +1,689 @@
+//! Packet-in/packet-out fixtures for the balancer's IPv6 data path, in the table style of
+//! `packet_fixtures.rs` (same namespace, which has IPv6 too, and the same harness): IPv6 in
+//! IPv6 byte for byte, `l2`, stickiness, round robin, extension headers skipped and refused,
+//! fragments, truncation, ICMPv6 packet too big, ICMPv6 to a VIP, IPv4 in IPv6, and IPv6 that
+//! is not for a VIP passed untouched. Needs root.
+
+use std::net::Ipv6Addr;
+use xlb_tests::{
+    fixture::*,
+    packet::{ACK, SYN, eth, tcp, udp},
+    packet6::{
+        ETH_P_IPV6, Ext, ICMP6_DEST_UNREACH, ICMP6_ECHO_REPLY, ICMP6_ECHO_REQUEST,
+        ICMP6_NEIGHBOR_SOLICIT, ICMP6_PACKET_TOO_BIG, ICMP6_TIME_EXCEEDED, Ip6, NH_ESP, NH_ICMPV6,
+        NH_IPIP, NH_TCP, NH_UDP, icmp6,
+    },
+};
+
+const ICMP6_NEIGHBOR_ADVERT: u8 = 136;
+
+/// The counters of the IPv6 VIP's TCP service on `port`.
+fn vip6_counters(dp: &xlb::dataplane::Dataplane, port: u16) -> xlb::dataplane::VipStats {
+    dp.stats()
+        .unwrap()
+        .vips
+        .into_iter()
+        .find(|v| v.key.port == port && v.key.addr == VIP6)
+        .unwrap()
+}
+
+#[test]
+fn ip6ip6_syn_is_encapsulated_exactly_and_the_flow_sticks() {
+    in_fixture_netns(|ifindex| {
+        let dp = balancer6();
+        let prog = dp.balancer().unwrap();
+        let syn = client_syn6(40000, 80);
+        assert_eq!(syn.len(), 60);
+        // Spelled out byte for byte: version 6, traffic class 0, flow label 0, payload length
+        // 60 (the whole inner packet), next header 41, hop limit 64, fd11:2::2 → fd11:2::11.
+        let mut exact = vec![
+            0x02, 0, 0, 0, 0x01, 0x11, 0x02, 0, 0, 0, 0, 0x02, 0x86, 0xdd, // eth
+            0x60, 0, 0, 0, 0, 60, 41, 64, // outer fixed fields
+            0xfd, 0x11, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, // fd11:2::2
+            0xfd, 0x11, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11, // fd11:2::11
+        ];
+        exact.extend_from_slice(&syn);
+        let ack = Ip6::to(CLIENT6, VIP6, NH_TCP).packet(&tcp(40000, 80, ACK, 100));
+        let mut tc = Ip6::to(CLIENT6, VIP6, NH_TCP);
+        tc.traffic_class = 0xb8;
+        let marked = tc.packet(&tcp(40000, 80, ACK, 10));
+        check(
+            prog,
+            ifindex,
+            &[
+                Fixture::tx(
+                    "SYN to [VIP6]:80 → IPv6 in IPv6 to be1, XDP_TX",
+                    inbound6(&syn),
+                    exact,
+                ),
+                Fixture::tx(
+                    "next packet of the flow → same backend (be1)",
+                    inbound6(&ack),
+                    encapsulated6(&ack, 0),
+                ),
+                Fixture::tx(
+                    "retransmitted SYN of the flow → still be1",
+                    inbound6(&syn),
+                    encapsulated6(&syn, 0),
+                ),
+                Fixture::tx(
+                    "traffic class 0xb8 → copied to the outer header",
+                    inbound6(&marked),
+                    encapsulated6(&marked, 0),
+                ),
+            ],
+        );
+        assert_eq!(
+            &encapsulated6(&marked, 0)[14..16],
+            &[0x6b, 0x80],
+            "outer traffic class"
+        );
+        let flows = dp.flows().unwrap();
+        assert_eq!(flows.keys().count(), 1, "one flow entry");
+        let v = vip6_counters(&dp, 80);
+        assert_eq!(v.counters.new_flows, 1);
+        assert_eq!(v.counters.packets, 4);
+        assert_eq!(v.backends[0].counters.packets, 4);
+        let stats = dp.stats().unwrap();
+        assert_eq!(stats.reasons["fwd_tx"], 4);
+        // The IPv4 VIP on the same port is another service: untouched.
+        assert!(
+            stats
+                .vips
+                .iter()
+                .any(|v| v.key.port == 80 && v.key.addr == VIP && v.counters.packets == 0)
+        );
+    });
+}
+
+#[test]
+fn six_new_ipv6_flows_go_round_robin_and_ipv4_alongside_keeps_its_own_ring() {
+    in_fixture_netns(|ifindex| {
+        let dp = balancer6();
+        let prog = dp.balancer().unwrap();
+        let fixtures: Vec<Fixture> = (0..6)
+            .map(|i| {
+                let syn = client_syn6(41000 + i as u16, 80);
+                Fixture::tx(
+                    "new IPv6 flow → next backend in the ring",
+                    inbound6(&syn),
+                    encapsulated6(&syn, i % 3),
+                )
+            })
+            .collect();
+        check(prog, ifindex, &fixtures);
+        // An IPv4 flow to the IPv4 VIP in between takes its own ring's first slot.
+        let syn4 = client_syn(41000, 80);
+        check(
+            prog,
+            ifindex,
+            &[Fixture::tx(
+                "IPv4 flow → be1 over IPv4",
+                inbound(&syn4),
+                encapsulated(&syn4, 0),
+            )],
+        );
+        let fixtures: Vec<Fixture> = (0..3)
+            .map(|i| {
+                let dgram =
+                    Ip6::to(CLIENT6, VIP6, NH_UDP).packet(&udp(5000 + i as u16, 53, b"query"));
+                Fixture::tx(
+                    "UDP flow → next backend",
+                    inbound6(&dgram),
+                    encapsulated6(&dgram, i),
+                )
+            })
+            .collect();
+        check(prog, ifindex, &fixtures);
+        let per_backend: Vec<u64> = vip6_counters(&dp, 80)
+            .backends
+            .iter()
+            .map(|b| b.counters.new_flows)
+            .collect();
+        assert_eq!(per_backend, vec![2, 2, 2]);
+        // One table for both families: the UDP flows are in it, the SYNs (both families) wait
+        // in the embryonic table.
+        assert_eq!(dp.flows().unwrap().keys().count(), 3);
+        assert_eq!(dp.embryos().unwrap().keys().count(), 6 + 1);
+    });
+}
+
+#[test]
+fn ipv6_l2_rewrites_only_the_destination_mac() {
+    in_fixture_netns(|ifindex| {
+        let dp = balancer6();
+        let prog = dp.balancer().unwrap();
+        let syn = client_syn6(42000, 8080);
+        let syn2 = client_syn6(42001, 8080);
+        let unresolved = Ip6::to(CLIENT6, VIP6_NO_NEIGH, NH_TCP).packet(&tcp(42002, 8080, SYN, 0));
+        let unresolved_ipip =
+            Ip6::to(CLIENT6, VIP6_NO_NEIGH, NH_TCP).packet(&tcp(42003, 80, SYN, 0));
+        let mut to_kernel = vec![0x60, 0, 0, 0];
+        to_kernel.extend_from_slice(&(unresolved_ipip.len() as u16).to_be_bytes());
+        to_kernel.extend_from_slice(&[41, 64]);
+        to_kernel.extend_from_slice(&LB6.octets());
+        to_kernel.extend_from_slice(&UNRESOLVED6.octets());
+        to_kernel.extend_from_slice(&unresolved_ipip);
+        check(
+            prog,
+            ifindex,
+            &[
+                Fixture::tx(
+                    "l2: SYN to [VIP6]:8080 → be1's MAC, packet unchanged, XDP_TX",
+                    inbound6(&syn),
+                    eth(backend_mac(0), LB_MAC, ETH_P_IPV6, &syn),
+                ),
+                Fixture::tx(
+                    "l2: second flow → be2's MAC",
+                    inbound6(&syn2),
+                    eth(backend_mac(1), LB_MAC, ETH_P_IPV6, &syn2),
+                ),
+                Fixture::untouched(
+                    "l2 to a backend without a neighbour entry → drop",
+                    inbound6(&unresolved),
+                    XDP_DROP,
+                ),
+                Fixture {
+                    description: "ipip to a backend without a neighbour entry → encapsulated, to the kernel",
+                    input: inbound6(&unresolved_ipip),
+                    expected: Some(eth(LB_MAC, RTR_MAC, ETH_P_IPV6, &to_kernel)),
+                    action: XDP_PASS,
+                },
+            ],
+        );
+        let r = dp.stats().unwrap().reasons;
+        assert_eq!(r["drop_no_neigh"], 1);
+        assert_eq!(r["pass_no_neigh"], 1);
+    });
+}
+
+#[test]
+fn ipv4_vip_over_ipv6_backends_is_ipv4_in_ipv6() {
+    in_fixture_netns(|ifindex| {
+        let dp = balancer6();
+        let prog = dp.balancer().unwrap();
+        let syn = client_syn(43000, 9080);
+        let syn2 = client_syn(43001, 9080);
+        let mut exact = vec![
+            0x02, 0, 0, 0, 0x01, 0x11, 0x02, 0, 0, 0, 0, 0x02, 0x86, 0xdd, // eth, IPv6
+            0x60, 0, 0, 0, 0, 40, 4, 64, // payload 40 (the IPv4 SYN), next header 4
+            0xfd, 0x11, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, // fd11:2::2
+            0xfd, 0x11, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11, // fd11:2::11
+        ];
+        exact.extend_from_slice(&syn);
+        let mut second = outer_header6(syn2.len(), BACKENDS6[1], NH_IPIP, 0);
+        second.extend_from_slice(&syn2);
+        check(
+            prog,
+            ifindex,
+            &[
+                Fixture::tx(
+                    "SYN to VIP:9080 → IPv4 in IPv6 to be1",
+                    inbound(&syn),
+                    exact,
+                ),
+                Fixture::tx(
+                    "second flow → be2",
+                    inbound(&syn2),
+                    eth(backend_mac(1), LB_MAC, ETH_P_IPV6, &second),
+                ),
+            ],
+        );
+    });
+}
+
+/// A TCP SYN from the client to [VIP6]:80 behind `ip`'s extension headers.
+fn syn_behind(ip: Ip6, sport: u16) -> Vec<u8> {
+    ip.packet(&tcp(sport, 80, SYN, 0))
+}
+
+#[test]
+fn extension_headers_are_skipped_or_refused_by_kind() {
+    in_fixture_netns(|ifindex| {
+        let dp = balancer6();
+        let prog = dp.balancer().unwrap();
+        let base = || Ip6::to(CLIENT6, VIP6, NH_TCP);
+        let rt = |left| Ext::Routing {
+            segments_left: left,
+            units: 2,
+        };
+        let skipped = [
+            ("Hop-by-Hop first", base().with(Ext::HopByHop { units: 0 })),
+            (
+                "Destination Options",
+                base().with(Ext::DestOpts { units: 1 }),
+            ),
+            ("Routing, segments left 0", base().with(rt(0))),
+            (
+                "four: HBH, Destination Options, Routing, Destination Options",
+                base()
+                    .with(Ext::HopByHop { units: 2 })
+                    .with(Ext::DestOpts { units: 0 })
+                    .with(rt(0))
+                    .with(Ext::DestOpts { units: 20 }),
+            ),
+        ];
+        let mut fixtures = Vec::new();
+        for (i, (what, ip)) in skipped.into_iter().enumerate() {
+            let p = syn_behind(ip, 44000 + i as u16);
+            fixtures.push(Fixture::tx(what, inbound6(&p), encapsulated6(&p, i % 3)));
+        }
+        let refused = [
+            (
+                "Hop-by-Hop not first",
+                base()
+                    .with(Ext::DestOpts { units: 0 })
+                    .with(Ext::HopByHop { units: 0 }),
+            ),
+            ("Routing with segments left", base().with(rt(1))),
+            ("AH", base().with(Ext::Ah)),
+            (
+                "a fifth extension header",
+                base()
+                    .with(Ext::DestOpts { units: 0 })
+                    .with(Ext::DestOpts { units: 0 })
+                    .with(Ext::DestOpts { units: 0 })
+                    .with(Ext::DestOpts { units: 0 })
+                    .with(Ext::DestOpts { units: 0 }),
+            ),
+        ];
+        for (i, (what, ip)) in refused.into_iter().enumerate() {
+            fixtures.push(Fixture::untouched(
+                what,
+                inbound6(&syn_behind(ip, 44100 + i as u16)),
+                XDP_DROP,
+            ));
+        }
+        fixtures.push(Fixture::untouched(
+            "ESP",
+            inbound6(&Ip6::to(CLIENT6, VIP6, NH_ESP).packet(&[0; 24])),
+            XDP_DROP,
+        ));
+        // The same refused kinds to an address that is not a VIP's are not ours to judge.
+        fixtures.push(Fixture::untouched(
+            "Routing with segments left to the LB → pass",
+            inbound6(
+                &Ip6::to(CLIENT6, LB6, NH_TCP)
+                    .with(rt(1))
+                    .packet(&tcp(44200, 22, SYN, 0)),
+            ),
+            XDP_PASS,
+        ));
+        check(prog, ifindex, &fixtures);
+        let r = dp.stats().unwrap().reasons;
+        assert_eq!(r["drop_ext_header"], 5);
+        assert_eq!(r["pass_not_vip"], 1);
+        assert_eq!(
+            dp.embryos().unwrap().keys().count(),
+            4,
+            "only the skipped kinds"
+        );
+    });
+}
+
+#[test]
+fn ipv6_fragments_to_a_vip_are_dropped_and_counted() {
+    in_fixture_netns(|ifindex| {
+        let dp = balancer6();
+        let prog = dp.balancer().unwrap();
+        let frag = |offset, more| {
+            Ip6::to(CLIENT6, VIP6, NH_TCP).with(Ext::Fragment {
+                offset,
+                more,
+                id: 0x1234,
+            })
+        };
+        let fixtures = [
+            ("first fragment", frag(0, true)),
+            ("atomic fragment", frag(0, false)),
+            ("non-first fragment", frag(100, false)),
+            (
+                "fragment behind a Destination Options header",
+                Ip6::to(CLIENT6, VIP6, NH_TCP)
+                    .with(Ext::DestOpts { units: 0 })
+                    .with(Ext::Fragment {
+                        offset: 0,
+                        more: true,
+                        id: 1,
+                    }),
+            ),
+        ]
+        .into_iter()
+        .map(|(what, ip)| {
+            Fixture::untouched(
+                what,
+                inbound6(&ip.packet(&tcp(45000, 80, SYN, 0))),
+                XDP_DROP,
+            )
+        })
+        .collect::<Vec<_>>();
+        check(prog, ifindex, &fixtures);
+        let frag_to_lb = Ip6::to(CLIENT6, LB6, NH_UDP).with(Ext::Fragment {
+            offset: 0,
+            more: true,
+            id: 9,
+        });
+        check(
+            prog,
+            ifindex,
+            &[Fixture::untouched(
+                "fragment to the LB → pass (the kernel reassembles)",
+                inbound6(&frag_to_lb.packet(&udp(45001, 53, b"x"))),
+                XDP_PASS,
+            )],
+        );
+        let r = dp.stats().unwrap().reasons;
+        assert_eq!(r["drop_fragment"], 4);
+        assert_eq!(dp.flows().unwrap().keys().count(), 0);
+    });
+}
+
+#[test]
+fn truncated_ipv6_at_every_layer_never_aborts() {
+    in_fixture_netns(|ifindex| {
+        let dp = balancer6();
+        let prog = dp.balancer().unwrap();
+        let syn = inbound6(&syn_behind(
+            Ip6::to(CLIENT6, VIP6, NH_TCP)
+                .with(Ext::HopByHop { units: 0 })
+                .with(Ext::DestOpts { units: 1 }),
+            46000,
+        ));
+        // 14 Ethernet + 40 fixed + 8 HBH + 16 Destination Options + 20 TCP.
+        assert_eq!(syn.len(), 98);
+        let mut passed = 0;
+        let mut dropped = 0;
+        for cut in 14..syn.len() {
+            let (action, out) = run(prog, ifindex, &syn[..cut]);
+            // Inside the fixed header it cannot be judged: passed; past it, the VIP address is
+            // known and a cut extension or TCP header is dropped.
+            if cut < 54 {
+                assert_eq!(action, XDP_PASS, "cut at {cut}");
+                passed += 1;
+            } else {
+                assert_eq!(action, XDP_DROP, "cut at {cut}");
+                dropped += 1;
+            }
+            assert_eq!(out, syn[..cut].to_vec(), "cut at {cut}: untouched");
+        }
+        // The payload length claims more than the frame holds, or less than the headers.
+        let mut long = syn.clone();
+        long[18..20].copy_from_slice(&100u16.to_be_bytes());
+        let mut short = syn.clone();
+        short[18..20].copy_from_slice(&30u16.to_be_bytes());
+        check(
+            prog,
+            ifindex,
+            &[
+                Fixture::untouched("payload length past the frame → drop", long, XDP_DROP),
+                Fixture::untouched(
+                    "payload length shorter than the headers → drop",
+                    short,
+                    XDP_DROP,
+                ),
+            ],
+        );
+        let r = dp.stats().unwrap().reasons;
+        assert_eq!(r["pass_malformed"], passed);
+        assert_eq!(r["drop_malformed_l4"], dropped);
+        assert_eq!(r["drop_bad_length"], 2);
+        assert_eq!(dp.flows().unwrap().keys().count(), 0);
+    });
+}
+
+/// The packet-too-big error the balancer must send for `invoking` (an IPv6 packet from the
+/// client to `vip`), announcing `mtu`: RFC 4443 §3.2, quoting the first 1232 bytes.
+fn packet_too_big(invoking: &[u8], vip: Ipv6Addr, mtu: u32) -> Vec<u8> {
+    let body = &invoking[..1232];
+    let msg = icmp6(
+        vip,
+        CLIENT6,
+        ICMP6_PACKET_TOO_BIG,
+        0,
+        mtu.to_be_bytes(),
+        body,
+    );
+    let mut ip = Ip6::to(vip, CLIENT6, NH_ICMPV6);
+    ip.hop_limit = 64;
+    ip.flow_label = 0;
+    eth(RTR_MAC, LB_MAC, ETH_P_IPV6, &ip.packet(&msg))
+}
+
+#[test]
+fn oversized_ipv6_gets_packet_too_big_exactly() {
+    in_fixture_netns(|ifindex| {
+        let dp = balancer6();
+        let prog = dp.balancer().unwrap();
+        // 1500 bytes: fits the link, not the link plus a 40-byte outer header.
+        let big = Ip6::to(CLIENT6, VIP6, NH_TCP).packet(&tcp(47000, 80, ACK, 1440));
+        assert_eq!(big.len(), 1500);
+        let expected = packet_too_big(&big, VIP6, 1460);
+        assert_eq!(expected.len(), 14 + 1280);
+        let small = Ip6::to(CLIENT6, VIP6, NH_TCP).packet(&tcp(47001, 80, ACK, 1400));
+        check(
+            prog,
+            ifindex,
+            &[
+                Fixture::tx(
+                    "1500-byte packet → ICMPv6 packet too big (MTU 1460) back to the client",
+                    inbound6(&big),
+                    expected,
+                ),
+                Fixture::tx(
+                    "1460-byte packet → fits once encapsulated",
+                    inbound6(&small),
+                    encapsulated6(&small, 1),
+                ),
+            ],
+        );
+        let r = dp.stats().unwrap().reasons;
+        assert_eq!(r["tx_icmp_frag_needed"], 1);
+    });
+}
+
+/// An ICMPv6 error from the router to `vip` quoting `quoted`.
+fn error_from_router(vip: Ipv6Addr, kind: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let msg = icmp6(ROUTER6, vip, kind, 0, rest, quoted);
+    Ip6::to(ROUTER6, vip, NH_ICMPV6).packet(&msg)
+}
+
+#[test]
+fn icmpv6_to_a_vip_is_forwarded_answered_or_dropped() {
+    in_fixture_netns(|ifindex| {
+        let dp = balancer6();
+        let prog = dp.balancer().unwrap();
+        // A flow to be2 (the second new flow).
+        let first = client_syn6(48000, 80);
+        let syn = client_syn6(48001, 80);
+        check(
+            prog,
+            ifindex,
+            &[
+                Fixture::tx("flow 1 → be1", inbound6(&first), encapsulated6(&first, 0)),
+                Fixture::tx("flow 2 → be2", inbound6(&syn), encapsulated6(&syn, 1)),
+            ],
+        );
+        // be2's reply to the client, as a router on the way back quotes it.
+        let reply = Ip6::to(VIP6, CLIENT6, NH_TCP).packet(&tcp(80, 48001, ACK, 1400));
+        let ptb = error_from_router(
+            VIP6,
+            ICMP6_PACKET_TOO_BIG,
+            1280u32.to_be_bytes(),
+            &reply[..1232],
+        );
+        let unreach = error_from_router(VIP6, ICMP6_DEST_UNREACH, [0; 4], &reply[..48]);
+        let other_flow = Ip6::to(VIP6, CLIENT6, NH_TCP).packet(&tcp(80, 48999, ACK, 0));
+        let no_flow = error_from_router(
+            VIP6,
+            ICMP6_PACKET_TOO_BIG,
+            1280u32.to_be_bytes(),
+            &other_flow,
+        );
+        let time_exceeded = error_from_router(VIP6, ICMP6_TIME_EXCEEDED, [0; 4], &reply[..48]);
+        let echo = Ip6::to(CLIENT6, VIP6, NH_ICMPV6).packet(&icmp6(
+            CLIENT6,
+            VIP6,
+            ICMP6_ECHO_REQUEST,
+            0,
+            [0x12, 0x34, 0, 1],
+            b"ping",
+        ));
+        let mut answer = Ip6::to(VIP6, CLIENT6, NH_ICMPV6);
+        answer.hop_limit = 64;
+        let answer = answer.packet(&icmp6(
+            VIP6,
+            CLIENT6,
+            ICMP6_ECHO_REPLY,
+            0,
+            [0x12, 0x34, 0, 1],
+            b"ping",
+        ));
+        let echo_with_ext = Ip6::to(CLIENT6, VIP6, NH_ICMPV6)
+            .with(Ext::DestOpts { units: 0 })
+            .packet(&icmp6(
+                CLIENT6,
+                VIP6,
+                ICMP6_ECHO_REQUEST,
+                0,
+                [0, 1, 0, 1],
+                b"x",
+            ));
+        check(
+            prog,
+            ifindex,
+            &[
+                Fixture::tx(
+                    "packet too big quoting flow 2 → be2, in IPv6 in IPv6",
+                    inbound6(&ptb),
+                    encapsulated6(&ptb, 1),
+                ),
+                Fixture::tx(
+                    "destination unreachable quoting flow 2 → be2",
+                    inbound6(&unreach),
+                    encapsulated6(&unreach, 1),
+                ),
+                Fixture::untouched(
+                    "packet too big quoting no flow → drop",
+                    inbound6(&no_flow),
+                    XDP_DROP,
+                ),
+                Fixture::untouched("time exceeded → drop", inbound6(&time_exceeded), XDP_DROP),
+                Fixture::tx(
+                    "echo request to the VIP → echo reply, exactly",
+                    inbound6(&echo),
+                    eth(RTR_MAC, LB_MAC, ETH_P_IPV6, &answer),
+                ),
+                Fixture::untouched(
+                    "echo request behind an extension header → drop",
+                    inbound6(&echo_with_ext),
+                    XDP_DROP,
+                ),
+            ],
+        );
+        let r = dp.stats().unwrap().reasons;
+        assert_eq!(r["fwd_icmp_frag_needed"], 1);
+        assert_eq!(r["fwd_icmp_unreach"], 1);
+        assert_eq!(r["drop_icmp_no_flow"], 1);
+        assert_eq!(r["drop_icmp_other"], 2);
+        assert_eq!(r["tx_icmp_echo_reply"], 1);
+        // Errors are not the VIP's traffic.
+        assert_eq!(vip6_counters(&dp, 80).counters.packets, 2);
+    });
+}
+
+#[test]
+fn ipv6_not_for_a_vip_is_passed_untouched() {
+    in_fixture_netns(|ifindex| {
+        let dp = balancer6();
+        let prog = dp.balancer().unwrap();
+        let solicited: Ipv6Addr = "ff02::1:ff00:2".parse().unwrap();
+        let router_ll: Ipv6Addr = "fe80::1".parse().unwrap();
+        let mut ns_body = LB6.octets().to_vec();
+        ns_body.extend_from_slice(&[1, 1, 2, 0, 0, 0, 0, 1]); // source link-layer address
+        let mut ns = Ip6::to(router_ll, solicited, NH_ICMPV6);
+        ns.hop_limit = 255;
+        let ns = ns.packet(&icmp6(
+            router_ll,
+            solicited,
+            ICMP6_NEIGHBOR_SOLICIT,
+            0,
+            [0; 4],
+            &ns_body,
+        ));
+        let mut na = Ip6::to(router_ll, LB6, NH_ICMPV6);
+        na.hop_limit = 255;
+        let na = na.packet(&icmp6(
+            router_ll,
+            LB6,
+            ICMP6_NEIGHBOR_ADVERT,
+            0,
+            [0x60, 0, 0, 0],
+            &ROUTER6.octets(),
+        ));
+        let ping_lb = Ip6::to(CLIENT6, LB6, NH_ICMPV6).packet(&icmp6(
+            CLIENT6,
+            LB6,
+            ICMP6_ECHO_REQUEST,
+            0,
+            [0, 1, 0, 1],
+            b"hi",
+        ));
+        // An MLD report: ICMPv6 behind a Hop-by-Hop header (router alert), to multicast.
+        let mld_dst: Ipv6Addr = "ff02::16".parse().unwrap();
+        let mld = Ip6::to(router_ll, mld_dst, NH_ICMPV6)
+            .with(Ext::HopByHop { units: 0 })
+            .packet(&icmp6(router_ll, mld_dst, 143, 0, [0; 4], &[0; 20]));
+        let ssh_lb = Ip6::to(CLIENT6, LB6, NH_TCP).packet(&tcp(49000, 22, SYN, 0));
+        let fixtures = [
+            ("neighbour solicitation → pass", ns),
+            ("neighbour advertisement → pass", na),
+            ("echo request to the LB → pass", ping_lb),
+            ("MLD behind Hop-by-Hop → pass", mld),
+            ("TCP to the LB's own address → pass", ssh_lb),
+        ]
+        .into_iter()
+        .map(|(what, p)| Fixture::untouched(what, inbound6(&p), XDP_PASS))
+        .collect::<Vec<_>>();
+        let wrong_port = client_syn6(49001, 81);
+        let udp_to_tcp = Ip6::to(CLIENT6, VIP6, NH_UDP).packet(&udp(49002, 80, b"x"));
+        let mut more = vec![
+            Fixture::untouched(
+                "VIP address, unconfigured port → drop",
+                inbound6(&wrong_port),
+                XDP_DROP,
+            ),
+            Fixture::untouched(
+                "VIP address, UDP on a TCP-only port → drop",
+                inbound6(&udp_to_tcp),
+                XDP_DROP,
+            ),
+        ];
+        let mut all = fixtures;
+        all.append(&mut more);
+        check(prog, ifindex, &all);
+        let r = dp.stats().unwrap().reasons;
+        assert_eq!(r["pass_not_vip"], 5);
+        assert_eq!(r["pass_not_ip"], 0);
+        assert_eq!(r["drop_unknown_port"], 2);
+        assert_eq!(dp.flows().unwrap().keys().count(), 0, "nothing was steered");
+    });
+}
+
+#[test]
+fn ipip_to_ipv6_backends_without_an_outer_source_is_refused() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer6();
+        dp.set_lb_addr6(None).unwrap();
+        let prog = dp.balancer().unwrap();
+        check(
+            prog,
+            ifindex,
+            &[Fixture::untouched(
+                "no IPv6 outer source → drop",
+                inbound6(&client_syn6(50000, 80)),
+                XDP_DROP,
+            )],
+        );
+        assert_eq!(dp.stats().unwrap().reasons["drop_encap_failed"], 1);
+    });
+}
