@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::{Command, ExitStatus},
     time::Duration,
@@ -264,7 +264,13 @@ pub fn has_xdp(ns: &Netns, iface: &str) -> Result<bool> {
 /// Finds a VIP's entry in `xlb stats --json` (or `vip list --json`) output. Accepts the key as a
 /// nested `key` object, flat `addr`/`port`/`proto` fields, or an "addr:port[/proto]" string, so
 /// the assertions survive cosmetic changes to the JSON shape.
-pub fn find_vip<'a>(doc: &'a Value, addr: Ipv4Addr, port: u16, proto: &str) -> Option<&'a Value> {
+pub fn find_vip<'a>(
+    doc: &'a Value,
+    addr: impl Into<IpAddr>,
+    port: u16,
+    proto: &str,
+) -> Option<&'a Value> {
+    let addr = addr.into();
     let list = doc
         .get("vips")
         .and_then(Value::as_array)
@@ -272,7 +278,7 @@ pub fn find_vip<'a>(doc: &'a Value, addr: Ipv4Addr, port: u16, proto: &str) -> O
     list.iter().find(|v| vip_matches(v, addr, port, proto))
 }
 
-fn vip_matches(v: &Value, addr: Ipv4Addr, port: u16, proto: &str) -> bool {
+fn vip_matches(v: &Value, addr: IpAddr, port: u16, proto: &str) -> bool {
     let key = v.get("key").unwrap_or(v);
     let field_proto = key
         .get("proto")
@@ -301,7 +307,7 @@ fn vip_matches(v: &Value, addr: Ipv4Addr, port: u16, proto: &str) -> bool {
         Some((hp, p)) => (hp, p),
         None => (s.as_str(), field_proto.unwrap_or("tcp")),
     };
-    hostport == format!("{addr}:{port}") && p.eq_ignore_ascii_case(proto)
+    hostport == std::net::SocketAddr::new(addr, port).to_string() && p.eq_ignore_ascii_case(proto)
 }
 
 /// A counter (`packets`, `bytes`, `new_flows`) of an entry that has it either directly or under
