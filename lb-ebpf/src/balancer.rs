@@ -14,7 +14,7 @@ use crate::{
     stats, vip_icmp, vip_icmp6,
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap, programs::XdpContext};
-use core::{arch::asm, mem::MaybeUninit};
+use core::arch::asm;
 use lb_common::{
     Addr, BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, CONFIG_F_MIGRATING, FlowEvent, FlowKey,
     FlowValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta, event, reason,
@@ -80,27 +80,31 @@ pub fn try_balance(ctx: &XdpContext) -> Verdict {
         // Cannot happen (index 0 of a one-entry array).
         return Verdict::pass(reason::PASS_MALFORMED);
     };
-    // SAFETY: this CPU's slot, which only this run of the program uses; `MaybeUninit` has the
-    // layout of `Steered`, and its contents are read only after a stage wrote them whole.
-    let steered = unsafe { &mut *slot.cast::<MaybeUninit<Steered>>() };
+    // SAFETY: this CPU's slot, which only this run of the program uses (a map value: zeroed at
+    // creation, any bit pattern valid). What a stage read is what it or an earlier stage of this
+    // packet wrote: `Ok` from a decision means `pkt`, `backend`, `now`, `how` and `icmp_reason`
+    // are this packet's.
+    let steered = unsafe { &mut *slot };
     // SAFETY: `ptr_at` checked the bounds.
     let decided = match u16::from_be(unsafe { (*eth).ether_type }) {
-        ETH_P_IP => decide4(ctx, steered).map(|()| None),
-        ETH_P_IPV6 => ipv6::decide(ctx, steered),
+        // IPv4 decides and forwards in one stage: one BPF call per packet fewer.
+        ETH_P_IP => balance4(ctx, steered),
+        ETH_P_IPV6 => match ipv6::decide(ctx, steered) {
+            // ICMPv6 to a VIP address is a stage of its own, for the same reason.
+            Ok(Some(icmp6)) => vip_icmp6::handle(ctx, icmp6, steered).map(|()| None),
+            other => other.map(|_| None),
+        },
         _ => Err(Verdict::pass(reason::PASS_NOT_IP)),
     };
-    // ICMPv6 to a VIP address is a stage of its own, for the same reason.
-    let decided = match decided {
-        Ok(Some(icmp6)) => vip_icmp6::handle(ctx, icmp6, steered),
-        Ok(None) => Ok(()),
-        Err(verdict) => Err(verdict),
+    let forwarded = match decided {
+        Ok(Some(verdict)) => verdict,
+        Ok(None) => {
+            let s = &*steered;
+            forward::forward(ctx, &s.pkt, &s.backend, s.now)
+        }
+        Err(verdict) => return verdict,
     };
-    if let Err(verdict) = decided {
-        return verdict;
-    }
-    // SAFETY: the deciders write `steered` whole before they return `Ok`.
-    let s = unsafe { steered.assume_init_ref() };
-    let verdict = forward::forward(ctx, &s.pkt, &s.backend, s.now);
+    let (s, verdict) = (&*steered, forwarded);
     if s.icmp_reason != 0 {
         // An error about a flow is not the VIP's or the backend's traffic, and not debugged.
         return if forward::is_forwarded(&verdict) {
@@ -121,20 +125,28 @@ pub fn try_balance(ctx: &XdpContext) -> Verdict {
     verdict
 }
 
-/// The decision stage for an IPv4 frame: `Ok` when `out` holds a packet to forward.
+/// Both stages for an IPv4 frame: `Ok` with the forwarding's verdict when `out` holds the
+/// packet that was forwarded, `Err` with the decision's.
 #[inline(never)]
-fn decide4(ctx: &XdpContext, out: &mut MaybeUninit<Steered>) -> Result<(), Verdict> {
-    match classify(ctx, out)? {
-        Some(pkt) => select(pkt, out),
-        None => Ok(()),
+fn balance4(ctx: &XdpContext, out: &mut Steered) -> Result<Option<Verdict>, Verdict> {
+    classify(ctx, out)?;
+    if out.icmp_reason == 0 {
+        select(out)?;
     }
+    Ok(Some(forward::forward_inline(
+        ctx,
+        &out.pkt,
+        &out.backend,
+        out.now,
+    )))
 }
 
 /// Parse an IPv4 packet up to L4 and find the VIP. Anything we cannot attribute to a VIP is
-/// passed; anything for a VIP address that we cannot serve is dropped. `None`: an ICMP error
-/// about a flow, to be forwarded as `out` says.
+/// passed; anything for a VIP address that we cannot serve is dropped. `Ok`: `out.pkt` is the
+/// packet (written in place: no copy of it on the way) with `out.icmp_reason` 0, or `out` is an
+/// ICMP error about a flow, whole, to be forwarded.
 #[inline(always)]
-fn classify(ctx: &XdpContext, out: &mut MaybeUninit<Steered>) -> Result<Option<Packet>, Verdict> {
+fn classify(ctx: &XdpContext, out: &mut Steered) -> Result<(), Verdict> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(Verdict::pass(reason::PASS_MALFORMED))?;
     // SAFETY: as above; everything needed later is copied out before any header moves.
     let ip = unsafe { &*ip };
@@ -178,7 +190,7 @@ fn classify(ctx: &XdpContext, out: &mut MaybeUninit<Steered>) -> Result<Option<P
                 tos: ip.tos,
                 df: frags & IP_DF != 0,
             };
-            return vip_icmp::handle(ctx, &outer, out).map(|()| None);
+            return vip_icmp::handle(ctx, &outer, out);
         }
         _ => return Err(not_served(src_addr, dst_addr, reason::DROP_UNKNOWN_PORT)),
     };
@@ -199,7 +211,7 @@ fn classify(ctx: &XdpContext, out: &mut MaybeUninit<Steered>) -> Result<Option<P
     if !lengths_agree(ip_len, ihl + l4_len, frame_len) {
         return Err(denied_or(src_addr, Verdict::drop(reason::DROP_BAD_LENGTH)));
     }
-    Ok(Some(Packet {
+    out.pkt = Packet {
         vip,
         flow: flow_key(
             Addr::from_v4(src_addr),
@@ -213,7 +225,9 @@ fn classify(ctx: &XdpContext, out: &mut MaybeUninit<Steered>) -> Result<Option<P
         frame_len: frame_len as u64,
         midflow,
         icmp_error: false,
-    }))
+    };
+    out.icmp_reason = 0;
+    Ok(())
 }
 
 /// The deny list comes first for every IPv4 packet. Packets of a VIP service have it checked in
@@ -322,10 +336,10 @@ pub fn flow_key(src_addr: Addr, dst_addr: Addr, ports: [u8; 4], proto: u8) -> Fl
     unsafe { core::mem::transmute::<[u32; 10], FlowKey>(words) }
 }
 
-/// Find or choose the backend of `pkt` (either family); `Ok` when `out` holds it.
+/// Find or choose the backend of `out.pkt` (either family); `Ok` when `out` holds it.
 #[inline(always)]
-pub fn select(pkt: Packet, out: &mut MaybeUninit<Steered>) -> Result<(), Verdict> {
-    let pkt = &pkt;
+pub fn select(out: &mut Steered) -> Result<(), Verdict> {
+    let pkt = &out.pkt;
     // The coarse clock (CLOCK_MONOTONIC_COARSE, tick resolution) is enough for flow ages and the
     // next-hop TTL, and reads no clocksource: `bpf_ktime_get_ns` was ~9% of an established
     // packet's time in the profile.
@@ -366,13 +380,9 @@ pub fn select(pkt: Packet, out: &mut MaybeUninit<Steered>) -> Result<(), Verdict
         }
     };
     let (id, addr) = chosen?;
-    out.write(Steered {
-        pkt: *pkt,
-        backend: forward::Backend { id, addr },
-        now,
-        icmp_reason: 0,
-        how,
-    });
+    out.backend = forward::Backend { id, addr };
+    out.now = now;
+    out.how = how;
     Ok(())
 }
 

@@ -41,6 +41,13 @@ pub struct Backend {
 /// (all frames of a call chain share 512 bytes).
 #[inline(never)]
 pub fn forward(ctx: &XdpContext, pkt: &Packet, backend: &Backend, now: u64) -> Verdict {
+    forward_inline(ctx, pkt, backend, now)
+}
+
+/// `forward`, inlined into its caller: the IPv4 decision stage, where it saves a BPF call per
+/// packet and still fits the stack.
+#[inline(always)]
+pub fn forward_inline(ctx: &XdpContext, pkt: &Packet, backend: &Backend, now: u64) -> Verdict {
     let l2 = pkt.vip.forward == FORWARD_L2;
     let outer6 = !l2 && !backend.addr.is_v4();
     let Some(cfg) = CONFIG.get(0) else {

@@ -26,7 +26,7 @@ use crate::{
     parse::{ETH_HLEN, IPPROTO_FRAGMENT, IPV6_HLEN, frame_len, ptr_at},
 };
 use aya_ebpf::programs::XdpContext;
-use core::{hint::black_box, mem::MaybeUninit};
+use core::hint::black_box;
 use lb_common::{Addr, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, VipKey6, reason};
 
 /// Extension headers the walk skips at most; a fifth is `drop_ext_header`.
@@ -56,18 +56,11 @@ enum Walk {
 /// holds a packet to forward, `Ok(Some(l4))` for ICMPv6 (its header at `l4`) to a VIP address,
 /// which `vip_icmp6::handle` takes from there.
 #[inline(never)]
-pub fn decide(ctx: &XdpContext, out: &mut MaybeUninit<Steered>) -> Result<Option<usize>, Verdict> {
-    match classify(ctx)? {
-        Classified::Flow(pkt) => balancer::select(pkt, out).map(|()| None),
-        Classified::Icmp6(l4) => Ok(Some(l4)),
+pub fn decide(ctx: &XdpContext, out: &mut Steered) -> Result<Option<usize>, Verdict> {
+    match classify(ctx, out)? {
+        Some(l4) => Ok(Some(l4)),
+        None => balancer::select(out).map(|()| None),
     }
-}
-
-/// What `classify` found.
-enum Classified {
-    Flow(Packet),
-    /// ICMPv6 to a VIP address, its header at this offset.
-    Icmp6(usize),
 }
 
 /// The fixed header of the IPv6 packet in `ctx`, or the verdict on a frame without one.
@@ -107,9 +100,10 @@ pub fn is_vip_addr(dst: &Addr) -> bool {
     unsafe { VIP_ADDRS6.get(dst) }.is_some()
 }
 
-/// `balancer::classify` for an IPv6 frame.
+/// `balancer::classify` for an IPv6 frame: `Ok(None)` when `out.pkt` is the packet,
+/// `Ok(Some(l4))` for ICMPv6 to a VIP address, its header at `l4`.
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> Result<Classified, Verdict> {
+fn classify(ctx: &XdpContext, out: &mut Steered) -> Result<Option<usize>, Verdict> {
     let (hdr, next) = header(ctx)?;
     let (proto, l4) = match walk(ctx, next) {
         Walk::Upper(proto, l4) => (proto, l4),
@@ -124,7 +118,7 @@ fn classify(ctx: &XdpContext) -> Result<Classified, Verdict> {
             Some(h) => h,
             None => return Err(not_served(&hdr.dst, reason::DROP_MALFORMED_L4)),
         },
-        IPPROTO_ICMPV6 if is_vip_addr(&hdr.dst) => return Ok(Classified::Icmp6(l4)),
+        IPPROTO_ICMPV6 if is_vip_addr(&hdr.dst) => return Ok(Some(l4)),
         IPPROTO_ICMPV6 => return Err(Verdict::pass(reason::PASS_NOT_VIP)),
         // AH, ESP, No Next Header, Mobility, HIP, Shim6, experimental: extension headers this
         // does not skip. Other upper layers are refused as IPv4 refuses them.
@@ -148,7 +142,7 @@ fn classify(ctx: &XdpContext) -> Result<Classified, Verdict> {
     let Some(ip_len) = lengths(&hdr, l4 + l4_len - ETH_HLEN, frame_len) else {
         return Err(Verdict::drop(reason::DROP_BAD_LENGTH));
     };
-    Ok(Classified::Flow(Packet {
+    out.pkt = Packet {
         vip,
         flow: balancer::flow_key(hdr.src, hdr.dst, ports, proto),
         ip_len,
@@ -157,7 +151,9 @@ fn classify(ctx: &XdpContext) -> Result<Classified, Verdict> {
         frame_len: frame_len as u64,
         midflow,
         icmp_error: false,
-    }))
+    };
+    out.icmp_reason = 0;
+    Ok(None)
 }
 
 /// The packet's length (`Packet::ip_len`) if it covers the `headers` bytes read (fixed header,

@@ -26,7 +26,6 @@ use crate::{
     parse::{ETH_HLEN, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at},
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
-use core::mem::MaybeUninit;
 use lb_common::{
     Addr, CONFIG_F_ICMP_ECHO, FlowKey, IPPROTO_TCP, IPPROTO_UDP, VIP_ADDR_F_ICMP_ECHO, VipKey,
     VipMeta, reason,
@@ -59,11 +58,7 @@ pub struct Outer {
 /// An ICMP packet (not a fragment) to `outer.dst_addr`: pass it if that is not a VIP address,
 /// else answer or drop it, or (`Ok`) have `out` forward it.
 #[inline(always)]
-pub fn handle(
-    ctx: &XdpContext,
-    outer: &Outer,
-    out: &mut MaybeUninit<Steered>,
-) -> Result<(), Verdict> {
+pub fn handle(ctx: &XdpContext, outer: &Outer, out: &mut Steered) -> Result<(), Verdict> {
     // SAFETY: read-only lookup, copied out.
     let Some(addr_flags) = (unsafe { VIP_ADDRS.get(outer.dst_addr) }).map(|a| a.flags) else {
         return Err(Verdict::pass(reason::PASS_NOT_VIP));
@@ -164,7 +159,7 @@ fn unreachable(
     outer: &Outer,
     quoted: usize,
     code: u8,
-    out: &mut MaybeUninit<Steered>,
+    out: &mut Steered,
 ) -> Result<(), Verdict> {
     let malformed = Err(Verdict::drop(reason::DROP_MALFORMED_L4));
     let no_flow = Err(Verdict::drop(reason::DROP_ICMP_NO_FLOW));
@@ -235,7 +230,7 @@ pub fn forward_error(
     flow: FlowKey,
     outer: &Outer,
     frag_needed: bool,
-    out: &mut MaybeUninit<Steered>,
+    out: &mut Steered,
 ) -> Result<(), Verdict> {
     // Established or embryonic (an error about a backend's SYN-ACK, e.g. the client is gone).
     let found = match balancer::existing_flow(&FLOWS, &flow, vip.id, None) {
@@ -245,7 +240,7 @@ pub fn forward_error(
     let Lookup::Hit(id, addr, _) = found else {
         return Err(Verdict::drop(reason::DROP_ICMP_NO_FLOW));
     };
-    out.write(Steered {
+    *out = Steered {
         pkt: Packet {
             vip,
             flow,
@@ -265,6 +260,6 @@ pub fn forward_error(
             reason::FWD_ICMP_UNREACH
         },
         how: debug::STEER_EXISTING,
-    });
+    };
     Ok(())
 }

@@ -17,7 +17,7 @@ use crate::{
     vip_icmp::{self, Outer},
 };
 use aya_ebpf::programs::XdpContext;
-use core::{hint::black_box, mem::MaybeUninit};
+use core::hint::black_box;
 use lb_common::{Addr, IPPROTO_TCP, IPPROTO_UDP, VipKey6, reason};
 use network_types::eth::EthHdr;
 
@@ -31,7 +31,7 @@ const ECHO_REPLY_HOP_LIMIT: u8 = 64;
 /// to a VIP address, else answer or drop it, or (`Ok`) have `out` forward it. A stage of its
 /// own (see `balancer::try_balance`), which reads the fixed header again.
 #[inline(never)]
-pub fn handle(ctx: &XdpContext, l4: usize, out: &mut MaybeUninit<Steered>) -> Result<(), Verdict> {
+pub fn handle(ctx: &XdpContext, l4: usize, out: &mut Steered) -> Result<(), Verdict> {
     let (hdr, _) = ipv6::header(ctx)?;
     let hdr = &hdr;
     // SAFETY: read-only lookup, copied out.
@@ -100,7 +100,7 @@ fn error(
     hdr: &Header,
     outer: &Outer,
     too_big: bool,
-    out: &mut MaybeUninit<Steered>,
+    out: &mut Steered,
 ) -> Result<(), Verdict> {
     let malformed = Err(Verdict::drop(reason::DROP_MALFORMED_L4));
     let no_flow = Err(Verdict::drop(reason::DROP_ICMP_NO_FLOW));
