@@ -25,9 +25,9 @@ use crate::{
     fixture::*,
     packet::{ACK, ETH_P_IP, Ip, SYN, checksum, eth, icmp_message, quote, tcp, udp},
     packet6::{
-        Ext, ICMP6_DEST_UNREACH, ICMP6_ECHO_REQUEST, ICMP6_NEIGHBOR_SOLICIT, ICMP6_PACKET_TOO_BIG,
-        ICMP6_TIME_EXCEEDED, Ip6, NH_ESP, NH_ICMPV6, NH_IPIP, NH_IPV6, NH_NONE, NH_TCP, NH_UDP,
-        icmp6,
+        ETH_P_IPV6, Ext, ICMP6_DEST_UNREACH, ICMP6_ECHO_REQUEST, ICMP6_NEIGHBOR_SOLICIT,
+        ICMP6_PACKET_TOO_BIG, ICMP6_TIME_EXCEEDED, Ip6, NH_ESP, NH_ICMPV6, NH_IPIP, NH_IPV6,
+        NH_NONE, NH_TCP, NH_UDP, checksum6, icmp6,
     },
     topology::VIP6,
 };
@@ -189,6 +189,11 @@ pub fn fuzz_balancer() -> Result<Dataplane> {
         ),
         &BTreeSet::new(),
     )?;
+    // The IPv6 VIPs (ipip, l2, UDP, no neighbour) and IPv4 in IPv6, with an outer IPv6 source.
+    dp.set_lb_addr6(Some(LB6))?;
+    for spec in fixture_vips6() {
+        dp.apply_vip(&spec, &BTreeSet::new())?;
+    }
     // A prefix (the trie) and host entries (the hash), one of them inside the prefix.
     let deny = nets(&[
         "10.111.9.0/24",
@@ -557,18 +562,26 @@ fn backend_of_mac(mac: &[u8]) -> Option<usize> {
     (0..BACKENDS.len()).find(|&i| mac == backend_mac(i))
 }
 
-/// The IPv4 packet in `frame` (after a plain Ethernet header), without Ethernet padding.
+/// The IP packet in `frame` (after a plain Ethernet header) of either family, by its own length
+/// field, without Ethernet padding.
 fn ip_packet(frame: &[u8]) -> Option<&[u8]> {
-    let total = usize::from(u16::from_be_bytes([*frame.get(16)?, *frame.get(17)?]));
-    frame.get(14..14 + total)
+    let len = |at: usize| usize::from(u16::from_be_bytes([frame[at], frame[at + 1]]));
+    match u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]) {
+        ETH_P_IPV6 => frame.get(14..14 + 40 + len(18)),
+        _ => frame.get(14..14 + len(16)),
+    }
 }
 
 /// Check a frame the balancer sent on (`XDP_TX` or redirect): which kind it is, or what is wrong.
 pub fn check_forwarded(input: &[u8], out: &[u8]) -> Result<usize> {
     ensure!(out.len() >= 34, "forwarded frame of {} bytes", out.len());
-    ensure!(out[12..14] == ETH_P_IP.to_be_bytes(), "not IPv4");
-    if out[23] == lb_common::IPPROTO_IPIP && out[26..30] == LB.octets() {
+    let ether_type = u16::from_be_bytes([out[12], out[13]]);
+    if ether_type == ETH_P_IP && out[23] == lb_common::IPPROTO_IPIP && out[26..30] == LB.octets() {
         check_ipip(input, out, true)?;
+        return Ok(0);
+    }
+    if ether_type == ETH_P_IPV6 && out.len() >= 54 && out[22..38] == LB6.octets() {
+        check_ip6ip6(input, out, true)?;
         return Ok(0);
     }
     if let Some(b) = backend_of_mac(&out[..6]) {
@@ -578,8 +591,105 @@ pub fn check_forwarded(input: &[u8], out: &[u8]) -> Result<usize> {
         ensure!(b < BACKENDS.len());
         return Ok(1);
     }
-    check_icmp_answer(input, out)?;
+    match ether_type {
+        ETH_P_IP => check_icmp_answer(input, out)?,
+        ETH_P_IPV6 => check_icmp6_answer(input, out)?,
+        other => bail!("forwarded frame of ethertype {other:#06x}"),
+    }
     Ok(2)
+}
+
+/// A frame in IPv6 from the LB to an IPv6 backend (IPv6 in IPv6 or IPv4 in IPv6): the outer
+/// header as the balancer writes it, the inner packet as it came in; MACs as for `check_ipip`.
+fn check_ip6ip6(input: &[u8], out: &[u8], to_backend_mac: bool) -> Result<()> {
+    ensure!(out.len() >= 54, "IPv6 tunnel frame of {} bytes", out.len());
+    let outer = &out[14..54];
+    ensure!(outer[0] >> 4 == 6, "outer version {}", outer[0] >> 4);
+    ensure!(outer[7] == 64, "outer hop limit {}", outer[7]);
+    let inner = ip_packet(input).ok_or_else(|| anyhow::anyhow!("input has no whole IP packet"))?;
+    let next = if inner[0] >> 4 == 6 { 41 } else { 4 };
+    ensure!(
+        outer[6] == next,
+        "outer next header {} for IPv{}",
+        outer[6],
+        inner[0] >> 4
+    );
+    let payload = usize::from(u16::from_be_bytes([outer[4], outer[5]]));
+    ensure!(
+        payload == out.len() - 54,
+        "outer payload length {payload}, frame {}",
+        out.len()
+    );
+    ensure!(out[54..] == *inner, "inner packet differs from the input's");
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&outer[24..40]);
+    let dst = Ipv6Addr::from(d);
+    if to_backend_mac {
+        let b = BACKENDS6
+            .iter()
+            .position(|a| *a == dst)
+            .ok_or_else(|| anyhow::anyhow!("outer destination {dst} is no backend"))?;
+        ensure!(out[..6] == backend_mac(b), "MAC of backend {dst}");
+        ensure!(out[6..12] == LB_MAC, "source MAC");
+    } else {
+        ensure!(dst == UNRESOLVED6, "passed IPv6 tunnel to {dst}");
+        ensure!(out[..12] == input[..12], "MACs of a passed frame changed");
+    }
+    Ok(())
+}
+
+/// An ICMPv6 answer of the balancer (packet too big, echo reply): back to the sender, from the
+/// address it wrote to, checksummed over the pseudo-header.
+fn check_icmp6_answer(input: &[u8], out: &[u8]) -> Result<()> {
+    ensure!(
+        out[..6] == input[6..12] && out[6..12] == input[..6],
+        "MACs not swapped"
+    );
+    let ip = ip_packet(out).ok_or_else(|| anyhow::anyhow!("answer shorter than its length"))?;
+    ensure!(ip.len() >= 48 && ip[0] >> 4 == 6, "answer's IPv6 header");
+    ensure!(ip[6] == NH_ICMPV6, "answer is not ICMPv6");
+    ensure!(
+        ip[8..24] == input[38..54],
+        "answer not from the address written to"
+    );
+    ensure!(ip[24..40] == input[22..38], "answer not to the sender");
+    let addr = |b: &[u8]| -> Ipv6Addr {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(b);
+        Ipv6Addr::from(a)
+    };
+    let valid = |p: &[u8]| checksum6(addr(&p[8..24]), addr(&p[24..40]), NH_ICMPV6, &p[40..]) == 0;
+    match ip[40] {
+        2 => {
+            ensure!(ip.len() == 1280, "packet too big of {} bytes", ip.len());
+            ensure!(valid(ip), "packet too big's checksum");
+        }
+        129 => {
+            let request = ip_packet(input).ok_or_else(|| anyhow::anyhow!("short request"))?;
+            ensure!(
+                request[40] == ICMP6_ECHO_REQUEST,
+                "echo reply to type {}",
+                request[40]
+            );
+            ensure!(
+                ip[44..] == request[44..],
+                "echo reply's identifier, sequence or data differ"
+            );
+            ensure!(valid(ip) == valid(request), "echo reply's ICMPv6 checksum");
+        }
+        kind => bail!("ICMPv6 answer of type {kind}"),
+    }
+    Ok(())
+}
+
+/// A frame passed to the kernel changed by the balancer: a tunnel towards a backend whose next
+/// hop has no neighbour entry yet.
+fn check_passed(input: &[u8], out: &[u8]) -> Result<()> {
+    if out.len() >= 54 && out[12..14] == ETH_P_IPV6.to_be_bytes() {
+        check_ip6ip6(input, out, false)
+    } else {
+        check_ipip(input, out, false)
+    }
 }
 
 /// An IPIP frame: outer header valid and from the LB to a backend, inner packet as it came in;
@@ -673,7 +783,7 @@ pub fn run(
         let verdict = match action {
             XDP_DROP => Ok(()),
             XDP_PASS if out == input => Ok(()),
-            XDP_PASS => check_ipip(&input, &out, false),
+            XDP_PASS => check_passed(&input, &out),
             XDP_TX | XDP_REDIRECT => check_forwarded(&input, &out).map(|kind| {
                 report.forwarded[kind] += 1;
             }),

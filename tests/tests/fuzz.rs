@@ -30,6 +30,7 @@ fn two_hundred_thousand_frames_never_abort_and_are_each_counted_once() {
             "drop_malformed_l4",
             "pass_malformed",
             "pass_not_ip",
+            "drop_ext_header",
             "pass_no_neigh",
             "drop_no_backend",
             "drop_no_route",
