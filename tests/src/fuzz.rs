@@ -34,7 +34,7 @@ use crate::{
 use anyhow::{Result, bail, ensure};
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 use xlb::{
@@ -623,16 +623,38 @@ fn check_ip6ip6(input: &[u8], out: &[u8], to_backend_mac: bool) -> Result<()> {
     ensure!(out[54..] == *inner, "inner packet differs from the input's");
     let mut d = [0u8; 16];
     d.copy_from_slice(&outer[24..40]);
-    let dst = Ipv6Addr::from(d);
+    let dst = IpAddr::from(Ipv6Addr::from(d));
+    let backends = BACKENDS6.map(IpAddr::from);
+    tunnel_macs(
+        input,
+        out,
+        dst,
+        to_backend_mac,
+        &backends,
+        UNRESOLVED6.into(),
+    )
+}
+
+/// The MACs of a tunnelled frame to `dst`: for `XDP_TX` (`to_backend_mac`) from the LB to the
+/// MAC of `dst`, one of `backends`; passed to the kernel (no neighbour), `dst` is `unresolved`
+/// and the frame keeps its own MACs.
+fn tunnel_macs(
+    input: &[u8],
+    out: &[u8],
+    dst: IpAddr,
+    to_backend_mac: bool,
+    backends: &[IpAddr],
+    unresolved: IpAddr,
+) -> Result<()> {
     if to_backend_mac {
-        let b = BACKENDS6
+        let b = backends
             .iter()
             .position(|a| *a == dst)
             .ok_or_else(|| anyhow::anyhow!("outer destination {dst} is no backend"))?;
         ensure!(out[..6] == backend_mac(b), "MAC of backend {dst}");
         ensure!(out[6..12] == LB_MAC, "source MAC");
     } else {
-        ensure!(dst == UNRESOLVED6, "passed IPv6 tunnel to {dst}");
+        ensure!(dst == unresolved, "passed tunnel to {dst}");
         ensure!(out[..12] == input[..12], "MACs of a passed frame changed");
     }
     Ok(())
@@ -710,18 +732,15 @@ fn check_ipip(input: &[u8], out: &[u8], to_backend_mac: bool) -> Result<()> {
     let inner =
         ip_packet(input).ok_or_else(|| anyhow::anyhow!("input has no whole IPv4 packet"))?;
     ensure!(out[34..] == *inner, "inner packet differs from the input's");
-    if to_backend_mac {
-        let b = BACKENDS
-            .iter()
-            .position(|a| *a == dst)
-            .ok_or_else(|| anyhow::anyhow!("outer destination {dst} is no backend"))?;
-        ensure!(out[..6] == backend_mac(b), "MAC of backend {dst}");
-        ensure!(out[6..12] == LB_MAC, "source MAC");
-    } else {
-        ensure!(dst == UNRESOLVED, "passed IPIP to {dst}");
-        ensure!(out[..12] == input[..12], "MACs of a passed frame changed");
-    }
-    Ok(())
+    let backends = BACKENDS.map(IpAddr::from);
+    tunnel_macs(
+        input,
+        out,
+        dst.into(),
+        to_backend_mac,
+        &backends,
+        UNRESOLVED.into(),
+    )
 }
 
 /// An ICMP answer of the balancer: back to the sender, from the address it wrote to.
