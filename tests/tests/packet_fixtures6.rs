@@ -4,6 +4,7 @@
 //! fragments, truncation, ICMPv6 packet too big, ICMPv6 to a VIP, IPv4 in IPv6, and IPv6 that
 //! is not for a VIP passed untouched. Needs root.
 
+use lb_common::{Addr, FlowEvent, FlowKey};
 use std::net::Ipv6Addr;
 use xlb_tests::{
     fixture::*,
@@ -685,5 +686,57 @@ fn ipip_to_ipv6_backends_without_an_outer_source_is_refused() {
             )],
         );
         assert_eq!(dp.stats().unwrap().reasons["drop_encap_failed"], 1);
+    });
+}
+
+#[test]
+fn ipv6_flows_are_reported_and_peer_flows_are_honoured() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer6();
+        let mut events = dp.take_flow_events().expect("ring buffer");
+        let syn = client_syn6(56000, 80);
+        let ack = Ip6::to(CLIENT6, VIP6, NH_TCP).packet(&tcp(56000, 80, ACK, 10));
+        run(dp.balancer().unwrap(), ifindex, &inbound6(&syn));
+        run(dp.balancer().unwrap(), ifindex, &inbound6(&ack));
+        // An IPv4 flow on the same ring.
+        let syn4 = client_syn(56000, 80);
+        let ack4 = xlb_tests::packet::Ip::to(CLIENT, VIP, 6).packet(&tcp(56000, 80, ACK, 10));
+        run(dp.balancer().unwrap(), ifindex, &inbound(&syn4));
+        run(dp.balancer().unwrap(), ifindex, &inbound(&ack4));
+        let mut seen = Vec::new();
+        while let Some(item) = events.next() {
+            // SAFETY: the program writes whole FlowEvents; read_unaligned copes with any alignment.
+            seen.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
+        }
+        assert_eq!(seen.len(), 2, "one event per new flow: {seen:?}");
+        let e = seen[0];
+        assert_eq!(e.backend_addr, Addr::from(BACKENDS6[0]));
+        assert_eq!(e.flow.src_addr, Addr::from(CLIENT6));
+        assert_eq!(e.flow.dst_addr, Addr::from(VIP6));
+        assert_eq!(e.flow.src_port, 56000u16.to_be());
+        assert_eq!((e.flow.dst_port, e.flow.proto), (80u16.to_be(), 6));
+        assert_eq!(seen[1].flow.src_addr, Addr::from(CLIENT), "the IPv4 flow");
+        assert_ne!(
+            seen[1].flow, e.flow,
+            "the same ports, another family: another flow"
+        );
+
+        // A peer's IPv6 flow pinned to be3, where round robin would give be2.
+        let peer = FlowEvent {
+            flow: FlowKey {
+                src_addr: Addr::from(CLIENT6),
+                dst_addr: Addr::from(VIP6),
+                src_port: 56001u16.to_be(),
+                dst_port: 80u16.to_be(),
+                proto: 6,
+                _pad: [0; 3],
+            },
+            backend_addr: Addr::from(BACKENDS6[2]),
+        };
+        assert_eq!(dp.install_flows([peer]).unwrap().installed, 1);
+        let synced = Ip6::to(CLIENT6, VIP6, NH_TCP).packet(&tcp(56001, 80, ACK, 10));
+        let (_, out) = run(dp.balancer().unwrap(), ifindex, &inbound6(&synced));
+        assert_eq!(hex(&out), hex(&encapsulated6(&synced, 2)));
+        assert_eq!(dp.event_stats().unwrap()["midflow_miss"], 0);
     });
 }
