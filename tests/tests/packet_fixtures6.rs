@@ -6,6 +6,7 @@
 
 use lb_common::{Addr, FlowEvent, FlowKey};
 use std::net::Ipv6Addr;
+use xlb::model::{Forward, Proto};
 use xlb_tests::{
     fixture::*,
     packet::{ACK, SYN, eth, tcp, udp},
@@ -675,9 +676,8 @@ fn ipip_to_ipv6_backends_without_an_outer_source_is_refused() {
     in_fixture_netns(|ifindex| {
         let mut dp = balancer6();
         dp.set_lb_addr6(None).unwrap();
-        let prog = dp.balancer().unwrap();
         check(
-            prog,
+            dp.balancer().unwrap(),
             ifindex,
             &[Fixture::untouched(
                 "no IPv6 outer source → drop",
@@ -686,6 +686,21 @@ fn ipip_to_ipv6_backends_without_an_outer_source_is_refused() {
             )],
         );
         assert_eq!(dp.stats().unwrap().reasons["drop_encap_failed"], 1);
+        // A VIP that would need one is refused when it is installed, by name.
+        let spec = vip(VIP6, 81, Proto::Tcp, Forward::Ipip, &BACKENDS6);
+        let e = dp
+            .apply_vip(&spec, &std::collections::BTreeSet::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("fd11:2::11 is an IPv6 backend of an ipip VIP")
+                && e.ends_with("give --lb-addr6"),
+            "{e}"
+        );
+        // l2 needs no outer source.
+        let l2 = vip(VIP6, 81, Proto::Tcp, Forward::L2, &BACKENDS6);
+        dp.apply_vip(&l2, &std::collections::BTreeSet::new())
+            .expect("an l2 IPv6 VIP");
     });
 }
 

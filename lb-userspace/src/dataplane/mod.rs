@@ -86,6 +86,10 @@ pub enum DataplaneError {
     #[error("no free VIP slot: at most {MAX_VIPS} VIPs")]
     NoVipSlot,
     #[error(
+        "{0} is an IPv6 backend of an ipip VIP, and this agent has no outer IPv6 source for IPv6 in IPv6 or IPv4 in IPv6 (no global IPv6 address on its interface): give --lb-addr6"
+    )]
+    NoLbAddr6(IpAddr),
+    #[error(
         "not enough free backend slots: {needed} needed, {free} free (at most {MAX_BACKENDS} over all VIPs)"
     )]
     NoBackendSlots { needed: usize, free: usize },

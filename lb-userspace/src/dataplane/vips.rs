@@ -9,7 +9,7 @@ use super::{
     firewall::{half_flag, vip_flags},
     ipv4_be, map_err, ring, vip_key,
 };
-use crate::model::{ServiceKey, VipSpec};
+use crate::model::{Forward, ServiceKey, VipSpec};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
     Addr, BACKEND_F_ACTIVE, Backend, TrafficCounters, VIP_ADDR_F_ICMP_ECHO, VipAddr, VipMeta, maps,
@@ -33,6 +33,13 @@ struct Placement {
 impl Dataplane {
     /// Check that `spec` fits (VIP slots, backend slots, ring size) without changing anything.
     pub fn check_vip(&self, spec: &VipSpec) -> Result<(), DataplaneError> {
+        // Refused at once rather than dropped packet by packet (`drop_encap_failed`).
+        if spec.forward == Forward::Ipip
+            && !self.has_lb_addr6()
+            && let Some(b) = spec.backends.iter().find(|b| b.addr.is_ipv6())
+        {
+            return Err(DataplaneError::NoLbAddr6(b.addr));
+        }
         let existing = self.installed.get(&spec.key);
         if existing.is_none() && self.free_vip_ids.is_empty() {
             return Err(DataplaneError::NoVipSlot);
