@@ -2,11 +2,11 @@
 
 use anyhow::Result;
 use lb_common::{Addr, FlowEvent, FlowKey};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use xlb_tests::{
     netns::{self, Netns},
-    packet,
+    packet, packet6,
 };
 
 pub const LB: Ipv4Addr = Ipv4Addr::new(10, 111, 1, 2);
@@ -19,6 +19,23 @@ pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
 /// Most backends a benchmark VIP has; each gets a permanent neighbour entry.
 pub const MAX_BENCH_BACKENDS: u32 = 1000;
+
+/// The IPv6 rows: the LB's outer IPv6 source, the VIP, the client, three backends on-link.
+pub const LB6: Ipv6Addr = Ipv6Addr::new(0xfd11, 2, 0, 0, 0, 0, 0, 2);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd11, 0x100, 0, 0, 0, 0, 0, 1);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd11, 1, 0, 0, 0, 0, 0, 2);
+pub const BACKENDS6: [Ipv6Addr; 3] = [
+    Ipv6Addr::new(0xfd11, 2, 0, 0, 0, 0, 0, 0x11),
+    Ipv6Addr::new(0xfd11, 2, 0, 0, 0, 0, 0, 0x12),
+    Ipv6Addr::new(0xfd11, 2, 0, 0, 0, 0, 0, 0x13),
+];
+
+/// `tcp_frame` over IPv6 (hop limit 63, no extension headers), to `VIP6`.
+pub fn tcp_frame6(src: Ipv6Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let segment = packet::tcp(sport, dport, flags, 0);
+    let ip = packet6::Ip6::to(src, VIP6, lb_common::IPPROTO_TCP).packet(&segment);
+    packet::eth(LB_MAC, RTR_MAC, packet6::ETH_P_IPV6, &ip)
+}
 
 /// Backend `i` (0-based): 10.111.16.10 + i, on-link on `lb0` (10.111.16.0/20).
 pub const fn backend(i: u32) -> Ipv4Addr {
@@ -76,8 +93,17 @@ pub fn bench_netns() -> Result<Netns> {
          ip addr add 10.111.16.2/20 dev lb0
          ip route add 10.111.0.0/24 via 10.111.1.1 dev lb0
          sysctl -qw net.ipv4.conf.lb0.forwarding=1
+         sysctl -qw net.ipv6.conf.lb0.disable_ipv6=0
+         sysctl -qw net.ipv6.conf.lb0.accept_dad=0
+         ip addr add fd11:2::2/64 dev lb0 nodad
+         ip route add fd11:1::/64 via fd11:2::1 dev lb0
+         sysctl -qw net.ipv6.conf.lb0.forwarding=1
          ip -batch - <<'EOF'
 neigh add 10.111.1.1 lladdr 02:00:00:00:00:01 dev lb0 nud permanent
+neigh add fd11:2::1 lladdr 02:00:00:00:00:01 dev lb0 nud permanent
+neigh add fd11:2::11 lladdr 02:00:00:00:01:11 dev lb0 nud permanent
+neigh add fd11:2::12 lladdr 02:00:00:00:01:12 dev lb0 nud permanent
+neigh add fd11:2::13 lladdr 02:00:00:00:01:13 dev lb0 nud permanent
 ",
     );
     for i in 0..MAX_BENCH_BACKENDS {

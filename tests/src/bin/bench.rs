@@ -29,7 +29,10 @@ use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use clap::Parser;
 use lb_common::programs;
-use packets::{ACK, LB, OTHER, SYN, VIP, backend, fill_events, tcp_frame};
+use packets::{
+    ACK, BACKENDS6, CLIENT6, LB, LB6, OTHER, SYN, VIP, VIP6, backend, fill_events, tcp_frame,
+    tcp_frame6,
+};
 use serde_json::{Value, json};
 use stats::{Row, Spread, median};
 use std::{
@@ -409,6 +412,72 @@ fn same_frame(frame: &[u8], batches: usize, batch: usize) -> Vec<Vec<Vec<u8>>> {
     vec![vec![frame.to_vec(); batch]; batches]
 }
 
+/// The IPv6 rows, next to IPv4's: an established packet and new-flow SYNs of an IPv6 VIP over
+/// three IPv6 backends, `l2` (repeat mode and per call) and IPv6 in IPv6 (per call).
+fn ipv6_rows(
+    dp: &mut Dataplane,
+    ifindex: u32,
+    p: (usize, u32, usize, usize),
+) -> Result<Vec<(&'static str, Vec<f64>, bool)>> {
+    let (runs, repeat, batches, batch) = p;
+    dp.set_lb_addr6(Some(LB6))?;
+    for (port, forward) in [(PORT_L2, Forward::L2), (PORT_IPIP, Forward::Ipip)] {
+        let mut spec = vip_spec(port, forward, std::iter::empty());
+        spec.key.addr = VIP6.into();
+        spec.backends = BACKENDS6
+            .iter()
+            .map(|a| BackendSpec {
+                addr: (*a).into(),
+                weight: 1,
+            })
+            .collect();
+        dp.apply_vip(&spec, &BTreeSet::new())?;
+    }
+    let prog = dp.balancer()?;
+    let syns6 = |port: u16, first: u16| -> Vec<Vec<Vec<u8>>> {
+        (0..batches)
+            .map(|b| {
+                (0..batch)
+                    .map(|i| tcp_frame6(CLIENT6, first + (b * batch + i) as u16, port, SYN))
+                    .collect()
+            })
+            .collect()
+    };
+    let mut rows = Vec::new();
+    for (port, method) in [(PORT_L2, "L2"), (PORT_IPIP, "IPv6 in IPv6")] {
+        let (a, _) = test_run(prog, ifindex, &tcp_frame6(CLIENT6, 1000, port, SYN), 1)?;
+        if a != XDP_TX {
+            bail!("first IPv6 SYN ({method}): action {a}");
+        }
+        let ack = tcp_frame6(CLIENT6, 1000, port, ACK);
+        let l2 = method == "L2";
+        if l2 {
+            rows.push((
+                "established packet, IPv6, L2, 3 backends",
+                repeated(prog, ifindex, &ack, XDP_TX, runs, repeat, "established v6")?,
+                false,
+            ));
+        }
+        let (est, new): (&'static str, &'static str) = if l2 {
+            (
+                "established packet, IPv6, L2, 3 backends",
+                "new-flow SYN, IPv6, L2, 3 backends",
+            )
+        } else {
+            (
+                "established packet, IPv6 in IPv6, 3 backends",
+                "new-flow SYN, IPv6 in IPv6, 3 backends",
+            )
+        };
+        let calls = same_frame(&ack, batches, batch);
+        rows.push((est, per_call(prog, ifindex, &calls, XDP_TX, est)?, true));
+        let first = if l2 { 4000 } else { 6000 };
+        let new_calls = syns6(port, first);
+        rows.push((new, per_call(prog, ifindex, &new_calls, XDP_TX, new)?, true));
+    }
+    Ok(rows)
+}
+
 /// Distinct SYNs to `port` from `src`, source ports from `first_sport` up.
 fn syns(
     src: Ipv4Addr,
@@ -605,6 +674,10 @@ fn per_packet(
                 true,
             ));
         }
+        if k == 0 {
+            other.extend(ipv6_rows(&mut dp, ifindex, p)?);
+        }
+        let prog = dp.balancer()?;
         // The flow the established packets belong to.
         let (a, _) = test_run(
             prog,
