@@ -620,10 +620,11 @@ pub mod reason {
     pub const PASS_MALFORMED: u32 = 2;
     /// To a VIP address, but no VIP has that port and protocol (and it is not ICMP): dropped.
     pub const DROP_UNKNOWN_PORT: u32 = 3;
-    /// To a VIP address, L4 header truncated (TCP, UDP, ICMP; for an ICMP error also the quoted
-    /// IPv4 header and the 8 bytes after it): dropped.
+    /// To a VIP address, L4 header truncated (TCP, UDP, ICMP, ICMPv6, or an IPv6 extension
+    /// header; for an ICMP error also the quoted IP header and the 8 bytes after it): dropped.
     pub const DROP_MALFORMED_L4: u32 = 4;
-    /// An IP fragment to a VIP address (no L4 header to steer by): dropped.
+    /// An IP fragment to a VIP address (no L4 header to steer by; for IPv6 any Fragment header,
+    /// atomic ones too): dropped.
     pub const DROP_FRAGMENT: u32 = 5;
     /// The VIP has no backend in its ring: dropped.
     pub const DROP_NO_BACKEND: u32 = 6;
@@ -632,9 +633,11 @@ pub mod reason {
     /// Packet too big for the egress MTU after encapsulation, DF not set: dropped (XDP cannot
     /// fragment, and a fragmented IPIP packet could not be decapsulated by the backend's XDP).
     pub const DROP_TOO_BIG: u32 = 8;
-    /// Header adjustment failed (no headroom) or IPIP without an LB address: dropped.
+    /// Header adjustment failed (no headroom), or `ipip` without an LB address of the backend's
+    /// family (`LbConfig::lb_addr`, `LbConfig::lb_addr6`): dropped.
     pub const DROP_ENCAP_FAILED: u32 = 9;
-    /// Too big with DF set: answered with ICMP fragmentation-needed (`XDP_TX`).
+    /// Too big with DF set (IPv6: always): answered with ICMP fragmentation-needed, for IPv6
+    /// ICMPv6 packet too big (`XDP_TX`).
     pub const TX_ICMP_FRAG_NEEDED: u32 = 10;
     /// Forwarded back out of the ingress interface (`XDP_TX`).
     pub const FWD_TX: u32 = 11;
@@ -647,8 +650,8 @@ pub mod reason {
     /// unchanged frame (still addressed to the VIP) to the kernel would route it back towards the
     /// router and loop. The agent keeps backends' neighbour entries warm so this stays rare.
     pub const DROP_NO_NEIGH: u32 = 14;
-    /// To a VIP, and the frame is shorter than the IPv4 total length, or the total length is
-    /// shorter than the IPv4 header plus the L4 header: dropped (forwarding it would send the
+    /// To a VIP, and the frame is shorter than the IPv4 total length (IPv6: 40 + payload
+    /// length), or that length is shorter than the IP, extension and L4 headers: dropped (forwarding it would send the
     /// backend a packet whose header claims bytes that do not exist).
     pub const DROP_BAD_LENGTH: u32 = 15;
     /// ICMP destination unreachable to a VIP address that quotes no live flow of a VIP there (no
