@@ -306,6 +306,20 @@ pub fn encapsulated6(inner: &[u8], backend: usize) -> Vec<u8> {
     eth(backend_mac(backend), LB_MAC, ETH_P_IPV6, &payload)
 }
 
+/// Collects log records (the data path's debug events arrive through aya-log).
+#[derive(Clone, Default)]
+pub struct Capture(pub std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        self.0.lock().unwrap().push(record.args().to_string());
+    }
+    fn flush(&self) {}
+}
+
 /// Run `f` inside a fresh fixture namespace, with `lb0`'s interface index.
 pub fn in_fixture_netns(f: impl FnOnce(u32) + Send + 'static) {
     let ns = fixture_netns();

@@ -1369,20 +1369,6 @@ fn flows_are_reported_and_peer_flows_are_honoured() {
     });
 }
 
-/// Collects log records (the data path's debug events arrive through aya-log).
-#[derive(Clone, Default)]
-struct Capture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
-
-impl log::Log for Capture {
-    fn enabled(&self, _: &log::Metadata) -> bool {
-        true
-    }
-    fn log(&self, record: &log::Record) {
-        self.0.lock().unwrap().push(record.args().to_string());
-    }
-    fn flush(&self) {}
-}
-
 /// Issue 5: debug events are off by default, can be switched on for one VIP at run time (no
 /// reload), say what happened to each packet, and stop when switched off.
 #[test]

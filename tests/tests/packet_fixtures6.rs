@@ -755,3 +755,34 @@ fn ipv6_flows_are_reported_and_peer_flows_are_honoured() {
         assert_eq!(dp.event_stats().unwrap()["midflow_miss"], 0);
     });
 }
+
+/// The per-VIP debug events of an IPv6 VIP name the IPv6 addresses.
+#[test]
+fn ipv6_debug_events_name_ipv6_addresses() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer6();
+        let capture = Capture::default();
+        let mut logger = dp.event_logger(capture.clone()).expect("aya-log");
+        let key = xlb::model::ServiceKey {
+            addr: VIP6.into(),
+            port: 80,
+            proto: Proto::Tcp,
+        };
+        dp.set_vip_debug(&key, true).unwrap();
+        run(
+            dp.balancer().unwrap(),
+            ifindex,
+            &inbound6(&client_syn6(57000, 80)),
+        );
+        logger.flush();
+        let lines = std::mem::take(&mut *capture.0.lock().unwrap());
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains("[fd11:1::2]:57000 -> [fd11:100::1]:80")
+                && lines[0].contains("backend fd11:2::11")
+                && lines[0].contains("new 1"),
+            "{}",
+            lines[0]
+        );
+    });
+}
