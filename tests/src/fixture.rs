@@ -98,6 +98,25 @@ pub fn encapsulated(inner: &[u8], backend: usize) -> Vec<u8> {
     eth(backend_mac(backend), LB_MAC, ETH_P_IP, &payload)
 }
 
+/// The ICMP fragmentation-needed the balancer sends back for `big` (an IPv4 packet from the
+/// client to `VIP` without options), announcing `mtu`, field by field.
+pub fn frag_needed_reply(big: &[u8], mtu: u16) -> Vec<u8> {
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(&big[..28]); // original IP header + 8 bytes
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut reply_ip = vec![0x45, 0];
+    reply_ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    reply_ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+    reply_ip.extend_from_slice(&VIP.octets());
+    reply_ip.extend_from_slice(&CLIENT.octets());
+    let c = checksum(&reply_ip);
+    reply_ip[10..12].copy_from_slice(&c.to_be_bytes());
+    reply_ip.extend_from_slice(&icmp);
+    eth(RTR_MAC, LB_MAC, ETH_P_IP, &reply_ip)
+}
+
 /// One packet in, one expected packet and action out.
 pub struct Fixture {
     pub description: &'static str,

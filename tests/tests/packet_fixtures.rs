@@ -467,20 +467,7 @@ fn oversized_packet_gets_icmp_fragmentation_needed() {
         // 1500-byte IP packet: fits the link, not the link plus a 20-byte outer header.
         let big = Ip::to(CLIENT, VIP, 6).packet(&tcp(46000, 80, ACK, 1460));
         assert_eq!(big.len(), 1500);
-        let mut icmp = vec![3, 4, 0, 0, 0, 0];
-        icmp.extend_from_slice(&1480u16.to_be_bytes());
-        icmp.extend_from_slice(&big[..28]); // original IP header + 8 bytes
-        let c = checksum(&icmp);
-        icmp[2..4].copy_from_slice(&c.to_be_bytes());
-        let mut reply_ip = vec![0x45, 0];
-        reply_ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
-        reply_ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
-        reply_ip.extend_from_slice(&VIP.octets());
-        reply_ip.extend_from_slice(&CLIENT.octets());
-        let c = checksum(&reply_ip);
-        reply_ip[10..12].copy_from_slice(&c.to_be_bytes());
-        reply_ip.extend_from_slice(&icmp);
-        let expected = eth(RTR_MAC, LB_MAC, 0x0800, &reply_ip);
+        let expected = frag_needed_reply(&big, 1480);
 
         let mut no_df = Ip::to(CLIENT, VIP, 6);
         no_df.frag = 0;

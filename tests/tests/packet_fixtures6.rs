@@ -231,6 +231,28 @@ fn ipv4_vip_over_ipv6_backends_is_ipv4_in_ipv6() {
                 ),
             ],
         );
+        // Too big once in IPv6: IPv4's fragmentation needed with the MTU less the 40-byte outer
+        // header, or a drop without DF.
+        let big = xlb_tests::packet::Ip::to(CLIENT, VIP, 6).packet(&tcp(43002, 9080, ACK, 1460));
+        let mut no_df = xlb_tests::packet::Ip::to(CLIENT, VIP, 6);
+        no_df.frag = 0;
+        let big_no_df = no_df.packet(&tcp(43003, 9080, ACK, 1460));
+        check(
+            prog,
+            ifindex,
+            &[
+                Fixture::tx(
+                    "1500-byte DF packet → ICMP frag-needed (MTU 1460)",
+                    inbound(&big),
+                    frag_needed_reply(&big, 1460),
+                ),
+                Fixture::untouched(
+                    "1500-byte packet without DF → drop",
+                    inbound(&big_no_df),
+                    XDP_DROP,
+                ),
+            ],
+        );
     });
 }
 
