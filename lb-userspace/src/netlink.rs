@@ -99,10 +99,11 @@ pub(crate) struct TableRoute {
 }
 
 impl TableRoute {
-    /// An IPv4 blackhole host route: the only kind the announcer writes.
-    pub(crate) fn blackhole_host(&self) -> Option<Ipv4Addr> {
+    /// A blackhole host route (IPv4 /32 or IPv6 /128): the only kind the announcer writes.
+    pub(crate) fn blackhole_host(&self) -> Option<IpAddr> {
         match (self.dst, self.dst_len, self.kind) {
-            (Some(IpAddr::V4(a)), 32, RouteType::BlackHole) => Some(a),
+            (Some(a @ IpAddr::V4(_)), 32, RouteType::BlackHole)
+            | (Some(a @ IpAddr::V6(_)), 128, RouteType::BlackHole) => Some(a),
             _ => None,
         }
     }
@@ -206,7 +207,7 @@ impl Netlink {
         &self,
         table: u32,
         protocol: u8,
-        addr: Ipv4Addr,
+        addr: IpAddr,
     ) -> Result<(), NetlinkError> {
         self.handle
             .route()
@@ -214,7 +215,8 @@ impl Netlink {
             .execute()
             .await
             .map_err(request(format!(
-                "adding blackhole {addr}/32 to routing table {table}"
+                "adding blackhole {addr}/{} to routing table {table}",
+                host_prefix_len(addr)
             )))
     }
 
@@ -446,17 +448,28 @@ fn route_table(msg: &RouteMessage) -> u32 {
 }
 
 /// `blackhole ADDR/32 table TABLE proto PROTO`: no interface, no gateway, no metric.
-fn blackhole_route(table: u32, protocol: u8, addr: Ipv4Addr) -> RouteMessage {
+/// The prefix length of a host route to `addr`: 32 or 128.
+pub(crate) fn host_prefix_len(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() { 32 } else { 128 }
+}
+
+fn blackhole_route(table: u32, protocol: u8, addr: IpAddr) -> RouteMessage {
     let mut msg = RouteMessage::default();
-    msg.header.address_family = AddressFamily::Inet;
-    msg.header.destination_prefix_length = 32;
+    msg.header.address_family = match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    msg.header.destination_prefix_length = host_prefix_len(addr);
     msg.header.protocol = RouteProtocol::from(protocol);
     msg.header.scope = RouteScope::Universe;
     msg.header.kind = RouteType::BlackHole;
     set_table(&mut msg, table);
     // Network byte order on the wire: RouteAddress::Inet is emitted from the octets.
-    msg.attributes
-        .push(RouteAttribute::Destination(RouteAddress::Inet(addr)));
+    let dst = match addr {
+        IpAddr::V4(a) => RouteAddress::Inet(a),
+        IpAddr::V6(a) => RouteAddress::Inet6(a),
+    };
+    msg.attributes.push(RouteAttribute::Destination(dst));
     msg
 }
 
@@ -466,32 +479,52 @@ mod tests {
 
     #[test]
     fn the_announced_route_is_a_blackhole_host_route_in_its_table() {
-        let m = blackhole_route(100, 120, Ipv4Addr::new(10, 111, 100, 1));
-        assert_eq!(m.header.address_family, AddressFamily::Inet);
-        assert_eq!(m.header.destination_prefix_length, 32);
-        assert_eq!(u8::from(m.header.protocol), 120);
-        assert_eq!(m.header.kind, RouteType::BlackHole);
-        assert_eq!(m.header.scope, RouteScope::Universe);
-        assert_eq!((m.header.table, route_table(&m)), (100, 100));
-        // No interface, gateway or metric: only the table and the destination.
-        assert_eq!(m.attributes.len(), 2, "{:?}", m.attributes);
-        let big = blackhole_route(70000, 120, Ipv4Addr::new(10, 111, 100, 1));
-        assert_eq!(
-            (big.header.table, route_table(&big)),
-            (RT_TABLE_COMPAT, 70000)
-        );
-        let listed = TableRoute {
-            dst: Some(IpAddr::V4(Ipv4Addr::new(10, 111, 100, 1))),
-            dst_len: 32,
-            protocol: 120,
-            kind: RouteType::BlackHole,
-            msg: m,
-        };
-        assert_eq!(
-            listed.blackhole_host(),
-            Some(Ipv4Addr::new(10, 111, 100, 1))
-        );
-        assert_eq!(listed.to_string(), "blackhole 10.111.100.1/32 proto 120");
+        let v4: IpAddr = Ipv4Addr::new(10, 111, 100, 1).into();
+        let v6: IpAddr = "fd11:100::1".parse().unwrap();
+        for (addr, family, len, shown) in [
+            (
+                v4,
+                AddressFamily::Inet,
+                32,
+                "blackhole 10.111.100.1/32 proto 120",
+            ),
+            (
+                v6,
+                AddressFamily::Inet6,
+                128,
+                "blackhole fd11:100::1/128 proto 120",
+            ),
+        ] {
+            let m = blackhole_route(100, 120, addr);
+            assert_eq!(m.header.address_family, family);
+            assert_eq!(m.header.destination_prefix_length, len);
+            assert_eq!(u8::from(m.header.protocol), 120);
+            assert_eq!(m.header.kind, RouteType::BlackHole);
+            assert_eq!(m.header.scope, RouteScope::Universe);
+            assert_eq!((m.header.table, route_table(&m)), (100, 100));
+            // No interface, gateway or metric: only the table and the destination.
+            assert_eq!(m.attributes.len(), 2, "{:?}", m.attributes);
+            let big = blackhole_route(70000, 120, addr);
+            assert_eq!(
+                (big.header.table, route_table(&big)),
+                (RT_TABLE_COMPAT, 70000)
+            );
+            let listed = TableRoute {
+                dst: Some(addr),
+                dst_len: len,
+                protocol: 120,
+                kind: RouteType::BlackHole,
+                msg: m,
+            };
+            assert_eq!(listed.blackhole_host(), Some(addr));
+            assert_eq!(listed.to_string(), shown);
+            // A shorter prefix of the same address is not one of the announcer's routes.
+            let wider = TableRoute {
+                dst_len: len - 8,
+                ..listed
+            };
+            assert_eq!(wider.blackhole_host(), None);
+        }
     }
 
     #[tokio::test]

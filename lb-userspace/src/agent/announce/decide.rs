@@ -21,7 +21,7 @@ use crate::model::ServiceKey;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 /// What a starting node still waits for.
@@ -73,7 +73,7 @@ pub(crate) struct NodeInputs {
     /// `None` once the node has finished starting.
     pub(crate) starting: Option<Starting>,
     /// Addresses announced when the agent took the data path over: not withheld while starting.
-    pub(crate) adopted: BTreeSet<Ipv4Addr>,
+    pub(crate) adopted: BTreeSet<IpAddr>,
     pub(crate) vips: Vec<VipServing>,
 }
 
@@ -94,15 +94,12 @@ impl AddressDecision {
     }
 }
 
-/// The decision for every IPv4 VIP address the node has. IPv6 VIPs are not announced: the
-/// routes this module keeps are IPv4 host routes, and the data path does not serve IPv6 VIPs yet.
-pub(crate) fn decide(inputs: &NodeInputs) -> BTreeMap<Ipv4Addr, AddressDecision> {
-    let mut out: BTreeMap<Ipv4Addr, AddressDecision> = BTreeMap::new();
+/// The decision for every VIP address the node has, of either family (an IPv6 VIP is announced
+/// as a /128 as an IPv4 one is as a /32).
+pub(crate) fn decide(inputs: &NodeInputs) -> BTreeMap<IpAddr, AddressDecision> {
+    let mut out: BTreeMap<IpAddr, AddressDecision> = BTreeMap::new();
     for v in &inputs.vips {
-        let IpAddr::V4(addr) = v.key.addr else {
-            continue;
-        };
-        let d = out.entry(addr).or_insert_with(|| AddressDecision {
+        let d = out.entry(v.key.addr).or_insert_with(|| AddressDecision {
             withheld: None,
             vips: Vec::new(),
             serving: 0,
@@ -128,7 +125,7 @@ pub(crate) fn decide(inputs: &NodeInputs) -> BTreeMap<Ipv4Addr, AddressDecision>
 }
 
 /// The addresses to announce.
-pub(crate) fn announced(decisions: &BTreeMap<Ipv4Addr, AddressDecision>) -> Vec<Ipv4Addr> {
+pub(crate) fn announced(decisions: &BTreeMap<IpAddr, AddressDecision>) -> Vec<IpAddr> {
     decisions
         .iter()
         .filter(|(_, d)| d.announced())
@@ -140,6 +137,7 @@ pub(crate) fn announced(decisions: &BTreeMap<Ipv4Addr, AddressDecision>) -> Vec<
 mod tests {
     use super::*;
     use crate::model::Proto;
+    use std::net::Ipv4Addr;
 
     fn vip(last: u8, port: u16, proto: Proto, serving: u32) -> VipServing {
         VipServing {
@@ -162,10 +160,21 @@ mod tests {
         }
     }
 
+    fn v4(last: u8) -> IpAddr {
+        Ipv4Addr::new(10, 111, 100, last).into()
+    }
+
+    /// The last byte of each decided address (the tests' VIPs differ only there) and its reason.
     fn reasons(i: &NodeInputs) -> Vec<(u8, Option<Withheld>)> {
         decide(i)
             .into_iter()
-            .map(|(a, d)| (a.octets()[3], d.withheld))
+            .map(|(a, d)| {
+                let last = match a {
+                    IpAddr::V4(a) => a.octets()[3],
+                    IpAddr::V6(a) => a.octets()[15],
+                };
+                (last, d.withheld)
+            })
             .collect()
     }
 
@@ -183,20 +192,23 @@ mod tests {
             [(1, None), (2, Some(Withheld::NoHealthyBackend)), (3, None)]
         );
         let d = decide(&i);
-        let one = &d[&Ipv4Addr::new(10, 111, 100, 1)];
+        let one = &d[&v4(1)];
         assert_eq!((one.vips.len(), one.serving), (2, 3));
-        assert_eq!(
-            announced(&d),
-            [
-                Ipv4Addr::new(10, 111, 100, 1),
-                Ipv4Addr::new(10, 111, 100, 3)
-            ]
-        );
-        // No VIPs: nothing to decide. An IPv6 VIP is not announced (IPv4 host routes only).
+        assert_eq!(announced(&d), [v4(1), v4(3)]);
+        // No VIPs: nothing to decide.
         assert!(decide(&inputs(Vec::new())).is_empty());
-        let mut v6 = vip(1, 80, Proto::Tcp, 3);
-        v6.key.addr = "fd11:100::1".parse().unwrap();
-        assert!(decide(&inputs(vec![v6])).is_empty());
+        // An IPv6 VIP is decided like an IPv4 one, on its own address.
+        let v6: IpAddr = "fd11:100::1".parse().unwrap();
+        let mut up6 = vip(1, 80, Proto::Tcp, 3);
+        up6.key.addr = v6;
+        let mut down6 = vip(2, 80, Proto::Tcp, 0);
+        down6.key.addr = "fd11:100::2".parse().unwrap();
+        let d = decide(&inputs(vec![vip(1, 80, Proto::Tcp, 1), up6, down6]));
+        assert_eq!(announced(&d), [v4(1), v6]);
+        assert_eq!(
+            d[&"fd11:100::2".parse::<IpAddr>().unwrap()].withheld,
+            Some(Withheld::NoHealthyBackend)
+        );
     }
 
     #[test]
@@ -277,10 +289,7 @@ mod tests {
             vip(2, 80, Proto::Tcp, 0),
             vip(3, 80, Proto::Tcp, 1),
         ];
-        let adopted: BTreeSet<Ipv4Addr> = [1, 2]
-            .into_iter()
-            .map(|l| Ipv4Addr::new(10, 111, 100, l))
-            .collect();
+        let adopted: BTreeSet<IpAddr> = [1, 2].into_iter().map(v4).collect();
         let restart = NodeInputs {
             starting: Some(Starting::PeerSnapshot),
             adopted,

@@ -1,8 +1,8 @@
-//! Route announcement (`--announce-table N`): the agent keeps a blackhole /32 for every VIP
-//! address this node should announce in kernel routing table N, marked with a protocol number of
-//! its own (`--announce-proto`, default 120), and the node's routing daemon (BIRD 2, FRR)
-//! announces the table to the router by BGP, with BFD. The router spreads each VIP over the nodes
-//! that announce it (ECMP); a node that stops announcing, or dies, drops out.
+//! Route announcement (`--announce-table N`): the agent keeps a blackhole /32 (IPv6: /128) for
+//! every VIP address this node should announce in kernel routing table N, marked with a protocol
+//! number of its own (`--announce-proto`, default 120), and the node's routing daemon (BIRD 2,
+//! FRR) announces the table to the router by BGP, with BFD. The router spreads each VIP over the
+//! nodes that announce it (ECMP); a node that stops announcing, or dies, drops out.
 //!
 //! Parts: `decide` (what is announced: a pure function of attachment, health, drain and start-up),
 //! `gate` (the start-up wait: first health checks, peers' flow tables), `routes` (the task that
@@ -33,7 +33,7 @@ pub(crate) use routes::RouteTable;
 use routes::TableState;
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -199,7 +199,7 @@ pub(crate) async fn check(
     routes::check_table(&nl, config.route_table(), earlier).await?;
     if config.bird_socket.is_none() {
         log::info!(
-            "announcing VIP addresses through routing table {} (blackhole /32, proto {}); the \
+            "announcing VIP addresses through routing table {} (blackhole /32 or /128, proto {}); the \
              node's routing daemon must import that table (contrib/bird, contrib/frr); \
              --bird-socket lets xlb check that BIRD runs",
             config.table,
@@ -223,7 +223,7 @@ pub(crate) async fn prepare(
     config: Option<&AnnounceConfig>,
     pin_dir: Option<&std::path::Path>,
     adopted: bool,
-) -> Result<BTreeSet<Ipv4Addr>, AnnounceError> {
+) -> Result<BTreeSet<IpAddr>, AnnounceError> {
     let Some(pin_dir) = pin_dir else {
         return Ok(BTreeSet::new());
     };
@@ -252,8 +252,7 @@ pub(crate) async fn prepare(
         return Ok(BTreeSet::new());
     }
     let nl = Netlink::connect_strict()?;
-    Ok(nl
-        .table_routes(rtnetlink::IpVersion::V4, current.table)
+    Ok(routes::table_routes(&nl, current)
         .await?
         .iter()
         .filter(|r| r.protocol == current.proto)
@@ -330,14 +329,14 @@ pub(crate) struct Announcer {
     drained: Option<u64>,
     gate: StartGate,
     sync: Option<SyncStatus>,
-    want: watch::Sender<BTreeSet<Ipv4Addr>>,
+    want: watch::Sender<BTreeSet<IpAddr>>,
     table: Arc<Mutex<TableState>>,
     daemon: watch::Receiver<Option<DaemonStatus>>,
-    decisions: BTreeMap<Ipv4Addr, AddressDecision>,
+    decisions: BTreeMap<IpAddr, AddressDecision>,
     attached: bool,
     /// Addresses announced when the agent took the data path over, while they stay announced
     /// and the node starts: the start-up does not withdraw them.
-    adopted: BTreeSet<Ipv4Addr>,
+    adopted: BTreeSet<IpAddr>,
 }
 
 /// Everything `Announcer::start` needs besides the configuration.
@@ -349,7 +348,7 @@ pub(crate) struct AnnounceStart<'a> {
     pub(crate) cancel: &'a CancellationToken,
     pub(crate) tasks: &'a TaskTracker,
     /// Our routes found in the table of a data path taken over (see [`prepare`]).
-    pub(crate) adopted: BTreeSet<Ipv4Addr>,
+    pub(crate) adopted: BTreeSet<IpAddr>,
 }
 
 impl Announcer {
@@ -457,7 +456,7 @@ impl Announcer {
                 log::info!("withdrawing {addr}: no VIP on it any more");
             }
         }
-        let wanted: BTreeSet<Ipv4Addr> = announced(&decisions).into_iter().collect();
+        let wanted: BTreeSet<IpAddr> = announced(&decisions).into_iter().collect();
         self.want.send_if_modified(|w| {
             let changed = *w != wanted;
             *w = wanted;
@@ -558,7 +557,7 @@ impl Announcer {
                 .decisions
                 .iter()
                 .map(|(addr, d)| AddressReport {
-                    address: IpAddr::V4(*addr),
+                    address: *addr,
                     announced: d.announced(),
                     in_table: table.present.contains(addr),
                     reason: d.withheld.map(|w| w.to_string()),

@@ -1,5 +1,5 @@
-//! The agent's routing table: one `blackhole VIP/32 proto P` per announced VIP address in table
-//! N, and nothing else of ours. The node's routing daemon imports the table and announces what is
+//! The agent's routing table: one `blackhole VIP/32 proto P` (IPv6: `/128`) per announced VIP
+//! address in table N, and nothing else of ours. The node's routing daemon imports the table and announces what is
 //! in it (BIRD: `protocol kernel` with `learn` and a `krt_source = P` filter; FRR: `redistribute
 //! table N`). A blackhole needs no interface and changes nothing for this host's own traffic,
 //! since no rule looks the table up (checked at start).
@@ -16,7 +16,7 @@ use crate::netlink::{Netlink, TableRoute};
 use rtnetlink::IpVersion;
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -44,8 +44,8 @@ impl RouteTable {
 /// What is in the table, as the keeper last saw it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct TableState {
-    /// Announced addresses: our blackhole /32s in the table.
-    pub(crate) present: BTreeSet<Ipv4Addr>,
+    /// Announced addresses: our blackhole host routes in the table (/32, /128).
+    pub(crate) present: BTreeSet<IpAddr>,
     /// The last failure, until a pass succeeds.
     pub(crate) error: Option<String>,
 }
@@ -85,11 +85,11 @@ pub(crate) async fn check_table(
 async fn reconcile(
     nl: &Netlink,
     t: RouteTable,
-    want: &BTreeSet<Ipv4Addr>,
+    want: &BTreeSet<IpAddr>,
     foreign_seen: &mut BTreeSet<String>,
-) -> (BTreeSet<Ipv4Addr>, Vec<String>) {
+) -> (BTreeSet<IpAddr>, Vec<String>) {
     let mut errors = Vec::new();
-    let routes = match nl.table_routes(IpVersion::V4, t.table).await {
+    let routes = match table_routes(nl, t).await {
         Ok(r) => r,
         Err(e) => return (BTreeSet::new(), vec![e.to_string()]),
     };
@@ -133,7 +133,9 @@ async fn reconcile(
                 present.insert(*addr);
             }
             Err(e) if e.errno() == Some(libc::EEXIST) => errors.push(format!(
-                "{addr}/32 is taken in routing table {} by a route that is not xlb's: not announced",
+                "{addr}/{} is taken in routing table {} by a route that is not xlb's: not \
+                 announced",
+                crate::netlink::host_prefix_len(*addr),
                 t.table
             )),
             Err(e) => errors.push(e.to_string()),
@@ -142,10 +144,20 @@ async fn reconcile(
     (present, errors)
 }
 
+/// Every route of table `t`, both families.
+pub(crate) async fn table_routes(
+    nl: &Netlink,
+    t: RouteTable,
+) -> Result<Vec<TableRoute>, crate::netlink::NetlinkError> {
+    let mut routes = nl.table_routes(IpVersion::V4, t.table).await?;
+    routes.extend(nl.table_routes(IpVersion::V6, t.table).await?);
+    Ok(routes)
+}
+
 /// Remove every route of ours from the table; how many there were.
 pub(crate) async fn withdraw_all(nl: &Netlink, t: RouteTable) -> Result<usize, AnnounceError> {
     let mut removed = 0;
-    for r in nl.table_routes(IpVersion::V4, t.table).await? {
+    for r in table_routes(nl, t).await? {
         if t.is_ours(&r) {
             nl.del_route(&r).await?;
             removed += 1;
@@ -159,7 +171,7 @@ pub(crate) async fn withdraw_all(nl: &Netlink, t: RouteTable) -> Result<usize, A
 pub(crate) async fn keep(
     nl: Netlink,
     t: RouteTable,
-    mut want: watch::Receiver<BTreeSet<Ipv4Addr>>,
+    mut want: watch::Receiver<BTreeSet<IpAddr>>,
     state: Arc<Mutex<TableState>>,
     withdraw: CancellationToken,
     cancel: CancellationToken,

@@ -1041,7 +1041,7 @@ fn node_view_counts_serving_backends_for_the_announcement() {
             starting: None,
             adopted: Default::default(),
             vips: view.vips,
-        })[&IPV4_VIP]
+        })[&IpAddr::V4(IPV4_VIP)]
             .clone()
     };
     assert_eq!(decided(&f.ctl).serving, 3);
