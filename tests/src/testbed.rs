@@ -19,8 +19,8 @@ use crate::{
     postgres::PgCluster,
     process::Process,
     topology::{
-        HOST_IFACE, LB1_ADDR, LB2_ADDR, RTR_BR_ADDR, Topology, TopologyOptions, VIP, VIP6, VIPS,
-        backend_addr, backend_name, db_addr, db_name,
+        HOST_IFACE, LB1_ADDR, LB2_ADDR, RTR_BR_ADDR, RTR_BR_ADDR6, Topology, TopologyOptions, VIP,
+        VIP6, VIPS, backend_addr, backend_name, db_addr, db_name, in_family, twin6,
     },
     xlb::{
         Agent, Xlb, agent_bpffs, backend_state, detach_command, expect_clean_exit, has_xdp,
@@ -32,7 +32,7 @@ use serde_json::Value;
 use std::{
     collections::BTreeMap,
     io::Read,
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     path::PathBuf,
     sync::mpsc,
     thread::JoinHandle,
@@ -78,6 +78,10 @@ pub struct TestbedOptions {
     pub monitor: bool,
     /// Extra arguments of `xlb agent` (e.g. table sizes).
     pub agent_args: Vec<String>,
+    /// Each VIP also on the IPv6 VIP address ([`VIP6`]) with the backends' IPv6 addresses: one
+    /// bed serves both families at once, and [`Testbed::use_ipv6`] points the client methods
+    /// at either.
+    pub dual_stack: bool,
 }
 
 /// Port of each agent's `--metrics-listen` (with [`TestbedOptions::metrics`]).
@@ -116,7 +120,14 @@ impl TestbedOptions {
             metrics: false,
             monitor: false,
             agent_args: Vec::new(),
+            dual_stack: false,
         }
+    }
+
+    /// The same with IPv6 VIPs next to the IPv4 ones (see [`TestbedOptions::dual_stack`]).
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
+        self
     }
 
     /// The same with lb2, flow sync and BGP (see [`TestbedOptions::lb2`] and
@@ -161,6 +172,8 @@ pub struct Testbed {
     started: BTreeMap<String, Instant>,
     /// BGP beds: from each agent's start to its next hop in rtr's VIP route, as `up` saw it.
     pub announced_after: BTreeMap<String, Duration>,
+    /// The client methods (`get_backend`, `download`, `udp`, …) go to the IPv6 VIP.
+    ipv6: bool,
 }
 
 impl Testbed {
@@ -190,6 +203,7 @@ impl Testbed {
             agent_extra: BTreeMap::new(),
             started: BTreeMap::new(),
             announced_after: BTreeMap::new(),
+            ipv6: false,
         };
         if bed.options.bgp {
             // First, so the BGP sessions come up (about a second) while the rest is built.
@@ -235,6 +249,7 @@ impl Testbed {
     fn start_birds(&mut self) -> Result<()> {
         let lbs = self.lbs();
         let vips = "[ 10.111.100.0/24{32,32} ]".to_string();
+        let vips6 = "[ fd11:100::/64{128,128} ]".to_string();
         let rtr = with_defines(
             bird::ROUTER_CONF,
             &[
@@ -242,6 +257,10 @@ impl Testbed {
                 ("NODE1_ADDR", LB1_ADDR.to_string()),
                 ("NODE2_ADDR", LB2_ADDR.to_string()),
                 ("XLB_VIPS", vips),
+                ("ROUTER_ADDR6", RTR_BR_ADDR6.to_string()),
+                ("NODE1_ADDR6", twin6(LB1_ADDR).to_string()),
+                ("NODE2_ADDR6", twin6(LB2_ADDR).to_string()),
+                ("XLB_VIPS6", vips6),
             ],
         )?;
         let bird = Bird::start(self.topo.ns("rtr"), "rtr", &rtr, self.dir.path())?;
@@ -252,6 +271,8 @@ impl Testbed {
                 &[
                     ("NODE_ADDR", lb_addr(lb).to_string()),
                     ("ROUTER_ADDR", RTR_BR_ADDR.to_string()),
+                    ("NODE_ADDR6", twin6(lb_addr(lb)).to_string()),
+                    ("ROUTER_ADDR6", RTR_BR_ADDR6.to_string()),
                     ("XLB_TABLE", ANNOUNCE_TABLE.to_string()),
                 ],
             )?;
@@ -269,8 +290,30 @@ impl Testbed {
             .unwrap_or_else(|| panic!("no BIRD on {name}"))
     }
 
-    /// Waits until rtr routes the VIP over every LB, and records how long after each agent's
-    /// start its next hop appeared.
+    /// rtr's next hops for the VIP (and in a dual-stack bed for the IPv6 VIP, whose next hops
+    /// are the LBs' IPv6 twins) as IPv4 addresses of the LBs: an LB counts only once rtr routes
+    /// every VIP address of the bed over it.
+    fn routed_via(&self) -> Result<Vec<Ipv4Addr>> {
+        let v4 = self.topo.vip_next_hops()?;
+        if !self.options.dual_stack {
+            return Ok(v4);
+        }
+        let v6 = self.topo.vip6_next_hops()?;
+        Ok(v4.into_iter().filter(|a| v6.contains(&twin6(*a))).collect())
+    }
+
+    /// rtr's VIP routes, for error messages.
+    fn vip_routes(&self) -> String {
+        let v4 = self.topo.vip_route().unwrap_or_else(|e| format!("{e:#}"));
+        if !self.options.dual_stack {
+            return format!("{v4:?}");
+        }
+        let v6 = self.topo.vip6_route().unwrap_or_else(|e| format!("{e:#}"));
+        format!("{v4:?}, IPv6 {v6:?}")
+    }
+
+    /// Waits until rtr routes the VIP (both VIP addresses in a dual-stack bed) over every LB,
+    /// and records how long after each agent's start its next hop appeared.
     fn wait_announced(&mut self) -> Result<()> {
         let want: Vec<(&str, Ipv4Addr)> =
             self.lbs().into_iter().map(|lb| (lb, lb_addr(lb))).collect();
@@ -280,7 +323,7 @@ impl Testbed {
             ANNOUNCED,
             ROUTE_POLL,
             || {
-                let hops = self.topo.vip_next_hops()?;
+                let hops = self.routed_via()?;
                 for (lb, addr) in &want {
                     if hops.contains(addr) && !seen.contains_key(*lb) {
                         let since = self
@@ -294,7 +337,7 @@ impl Testbed {
                 if seen.len() == want.len() {
                     Ok(Some(()))
                 } else {
-                    bail!("rtr's VIP route: {:?}", self.topo.vip_route()?)
+                    bail!("rtr's VIP routes: {}", self.vip_routes())
                 }
             },
         )?;
@@ -302,22 +345,24 @@ impl Testbed {
         Ok(())
     }
 
-    /// Polls rtr's VIP route until its next hops are exactly `hops` (in any order); how long that
-    /// took.
+    /// Polls rtr's VIP route (both families' in a dual-stack bed) until its next hops are
+    /// exactly `hops` (in any order; IPv6: their twins); how long that took.
     pub fn wait_next_hops(&self, hops: &[Ipv4Addr], timeout: Duration) -> Result<Duration> {
         let mut want = hops.to_vec();
         want.sort();
+        let want6: Vec<Ipv6Addr> = want.iter().map(|a| twin6(*a)).collect();
         let start = Instant::now();
         wait_for_every(
             &format!("rtr to route the VIP via {want:?}"),
             timeout,
             ROUTE_POLL,
             || {
-                let now = self.topo.vip_next_hops()?;
-                if now == want {
+                let v4 = self.topo.vip_next_hops()?;
+                let v6_done = !self.options.dual_stack || self.topo.vip6_next_hops()? == want6;
+                if v4 == want && v6_done {
                     Ok(Some(start.elapsed()))
                 } else {
-                    bail!("rtr's VIP route: {:?}", self.topo.vip_route()?)
+                    bail!("rtr's VIP routes: {}", self.vip_routes())
                 }
             },
         )
@@ -658,25 +703,51 @@ impl Testbed {
     fn configure(&mut self, lb: &str) -> Result<()> {
         let xlb = self.lb_client(lb).clone();
         let forward = self.options.forward.clone();
-        for (port, proto) in [(HTTP_PORT, "tcp"), (UDP_PORT, "udp")] {
-            let vip = format!("{VIP}:{port}");
-            let mut args = vec!["vip", "add", &vip, "--proto", proto, "--forward", &forward];
-            if port == HTTP_PORT {
-                args.extend(self.options.http_vip_args.iter().map(String::as_str));
-            }
-            xlb.ok(&args)?;
-            for i in 1..=self.options.backends {
-                xlb.ok(&[
-                    "backend",
-                    "add",
-                    &vip,
-                    &backend_addr(i).to_string(),
-                    "--proto",
-                    proto,
-                ])?;
+        let families: &[bool] = if self.options.dual_stack {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &v6 in families {
+            for (port, proto) in [(HTTP_PORT, "tcp"), (UDP_PORT, "udp")] {
+                let vip = SocketAddr::new(vip_of(v6), port).to_string();
+                let mut args = vec!["vip", "add", &vip, "--proto", proto, "--forward", &forward];
+                if port == HTTP_PORT {
+                    args.extend(self.options.http_vip_args.iter().map(String::as_str));
+                }
+                xlb.ok(&args)?;
+                for i in 1..=self.options.backends {
+                    xlb.ok(&[
+                        "backend",
+                        "add",
+                        &vip,
+                        &in_family(backend_addr(i), v6).to_string(),
+                        "--proto",
+                        proto,
+                    ])?;
+                }
             }
         }
         Ok(())
+    }
+
+    /// Point the client methods at the IPv6 VIP (`true`, a dual-stack bed) or the IPv4 one.
+    pub fn use_ipv6(&mut self, v6: bool) {
+        assert!(
+            !v6 || self.options.dual_stack,
+            "the bed has no IPv6 VIPs: TestbedOptions::dual_stack"
+        );
+        self.ipv6 = v6;
+    }
+
+    /// The VIP address the client methods use.
+    pub fn vip(&self) -> IpAddr {
+        vip_of(self.ipv6)
+    }
+
+    /// `vip()` and `port` as a URL's authority (`[fd11:100::1]:80`).
+    fn vip_at(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.vip(), port)
     }
 
     pub fn client(&self) -> &Xlb {
@@ -717,7 +788,9 @@ impl Testbed {
 
     /// One new connection, `GET http://VIP/`: the name of the backend that answered.
     pub fn get_backend(&self) -> Result<String> {
-        let out = self.curl(&[&format!("http://{VIP}/")])?.checked()?;
+        let out = self
+            .curl(&[&format!("http://{}/", self.vip_at(HTTP_PORT))])?
+            .checked()?;
         let name = out.stdout.trim().to_string();
         ensure!(
             self.backend_names().contains(&name),
@@ -730,7 +803,7 @@ impl Testbed {
     /// One curl invocation with `n` URLs (one keep-alive connection): per request, the backend
     /// name and curl's count of new connections it made for it.
     pub fn keepalive(&self, n: usize) -> Result<Vec<(String, u64)>> {
-        let url = format!("http://{VIP}/");
+        let url = format!("http://{}/", self.vip_at(HTTP_PORT));
         let mut args: Vec<&str> = vec!["-w", "|%{num_connects}\n"];
         args.extend(std::iter::repeat_n(url.as_str(), n));
         let out = self.curl(&args)?.checked()?;
@@ -757,7 +830,7 @@ impl Testbed {
     /// One new connection, `GET http://VIP/` with the test bed's own HTTP client (faster than
     /// curl): the name of the backend that answered.
     pub fn new_connection(&self) -> Result<String> {
-        let target = SocketAddr::from((VIP, HTTP_PORT));
+        let target = self.vip_at(HTTP_PORT);
         let r = self
             .ns("cli")
             .enter(move || http::get(target, "/", Duration::from_secs(2)))??;
@@ -786,7 +859,7 @@ impl Testbed {
     /// (at most `tries`) until `backend` answers (`X-Backend`); returns once that connection's
     /// headers are in. The body is read in the background: [`Download::finish`].
     pub fn start_download_from(&self, path: &str, backend: &str, tries: usize) -> Result<Download> {
-        let target = SocketAddr::from((VIP, HTTP_PORT));
+        let target = self.vip_at(HTTP_PORT);
         let (tx, rx) = mpsc::channel();
         let (path, want) = (path.to_string(), backend.to_string());
         let handle = self.ns("cli").spawn(move || -> Result<Body> {
@@ -915,12 +988,13 @@ impl Testbed {
     /// `xlb backend list VIP:80 --json`.
     pub fn backend_list(&self) -> Result<Value> {
         self.client()
-            .json(&["backend", "list", &format!("{VIP}:{HTTP_PORT}")])
+            .json(&["backend", "list", &self.vip_at(HTTP_PORT).to_string()])
     }
 
     /// Backend `name`'s state in `xlb backend list` of the HTTP VIP.
     pub fn backend_state(&self, name: &str) -> Result<String> {
-        backend_state(&self.backend_list()?, self.backend_addr(name)?)
+        let addr = in_family(self.backend_addr(name)?, self.ipv6);
+        backend_state(&self.backend_list()?, addr)
     }
 
     /// Polls `xlb backend list` until backend `name` is in `state`; how long that took.
@@ -949,7 +1023,8 @@ impl Testbed {
     pub fn download(&self) -> Result<Vec<u8>> {
         let file = self.dir.path().join("download.bin");
         let _ = std::fs::remove_file(&file);
-        let out = self.curl(&["-o", &file.to_string_lossy(), &format!("http://{VIP}/1m")])?;
+        let url = format!("http://{}/1m", self.vip_at(HTTP_PORT));
+        let out = self.curl(&["-o", &file.to_string_lossy(), &url])?;
         out.checked()?;
         Ok(std::fs::read(&file)?)
     }
@@ -963,14 +1038,14 @@ impl Testbed {
             "Expect:",
             "--data-binary",
             &format!("@{}", file.display()),
-            &format!("http://{VIP}/upload"),
+            &format!("http://{}/upload", self.vip_at(HTTP_PORT)),
         ])?;
         Ok(out.checked()?.stdout.trim().to_string())
     }
 
     /// One UDP query to VIP:5353 from cli (a new flow each time: a fresh source port).
     pub fn udp(&self) -> Result<String> {
-        let target = SocketAddr::from((VIP, UDP_PORT));
+        let target = self.vip_at(UDP_PORT);
         self.ns("cli")
             .enter(move || udp_query(target, Duration::from_secs(2)))?
     }
@@ -1129,6 +1204,11 @@ const ANNOUNCED: Duration = Duration::from_secs(20);
 
 /// How often route waits poll rtr: the changes measured there take milliseconds.
 const ROUTE_POLL: Duration = Duration::from_millis(10);
+
+/// The VIP address of a family: [`VIP`] or [`VIP6`].
+pub fn vip_of(v6: bool) -> IpAddr {
+    if v6 { VIP6.into() } else { VIP.into() }
+}
 
 /// The own address of load balancer `lb` (lb1 or lb2).
 pub fn lb_addr(lb: &str) -> Ipv4Addr {

@@ -75,6 +75,19 @@ pub fn in_family(addr: Ipv4Addr, v6: bool) -> IpAddr {
     }
 }
 
+/// The `via` addresses of a route as `ip route show` prints it, sorted, each once.
+fn hops_of<A: std::str::FromStr + Ord>(route: &str) -> Vec<A> {
+    let words: Vec<&str> = route.split_whitespace().collect();
+    let mut hops: Vec<A> = words
+        .windows(2)
+        .filter(|w| w[0] == "via")
+        .filter_map(|w| w[1].parse().ok())
+        .collect();
+    hops.sort();
+    hops.dedup();
+    hops
+}
+
 /// The interface name every host namespace uses.
 pub const HOST_IFACE: &str = "eth0";
 
@@ -360,16 +373,12 @@ impl Topology {
     /// The next hops of `addr`'s /32 route on rtr (none without a route), in address order:
     /// `via A` of a plain route, every `nexthop via A` of an ECMP one.
     pub fn next_hops(&self, addr: Ipv4Addr) -> Result<Vec<Ipv4Addr>> {
-        let route = self.route_of(addr)?;
-        let words: Vec<&str> = route.split_whitespace().collect();
-        let mut hops: Vec<Ipv4Addr> = words
-            .windows(2)
-            .filter(|w| w[0] == "via")
-            .filter_map(|w| w[1].parse().ok())
-            .collect();
-        hops.sort();
-        hops.dedup();
-        Ok(hops)
+        Ok(hops_of(&self.route_of(addr)?))
+    }
+
+    /// The next hops of the IPv6 VIP's /128 route on rtr, as [`Topology::next_hops`].
+    pub fn vip6_next_hops(&self) -> Result<Vec<Ipv6Addr>> {
+        Ok(hops_of(&self.vip6_route()?))
     }
 
     /// Creates `role`'s eth0 with its peer `v-<role>` directly in rtr, and turns TX checksum

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, ExitStatus},
     time::Duration,
@@ -307,7 +307,8 @@ fn vip_matches(v: &Value, addr: IpAddr, port: u16, proto: &str) -> bool {
         Some((hp, p)) => (hp, p),
         None => (s.as_str(), field_proto.unwrap_or("tcp")),
     };
-    hostport == std::net::SocketAddr::new(addr, port).to_string() && p.eq_ignore_ascii_case(proto)
+    // IPv6 in brackets: `[fd11:100::1]:80`.
+    hostport == SocketAddr::new(addr, port).to_string() && p.eq_ignore_ascii_case(proto)
 }
 
 /// A counter (`packets`, `bytes`, `new_flows`) of an entry that has it either directly or under
@@ -323,11 +324,12 @@ pub fn counter(entry: &Value, field: &str) -> Option<u64> {
 /// Per-backend `field` of one VIP in `xlb stats --json`, keyed by backend address.
 pub fn backend_counters(
     stats: &Value,
-    addr: Ipv4Addr,
+    addr: impl Into<IpAddr>,
     port: u16,
     proto: &str,
     field: &str,
-) -> Result<BTreeMap<Ipv4Addr, u64>> {
+) -> Result<BTreeMap<IpAddr, u64>> {
+    let addr = addr.into();
     let vip = find_vip(stats, addr, port, proto)
         .with_context(|| format!("no VIP {addr}:{port}/{proto} in stats: {stats}"))?;
     let backends = vip
@@ -336,7 +338,7 @@ pub fn backend_counters(
         .with_context(|| format!("VIP entry without backends: {vip}"))?;
     let mut out = BTreeMap::new();
     for b in backends {
-        let a: Ipv4Addr = b
+        let a: IpAddr = b
             .get("addr")
             .or_else(|| b.get("address"))
             .and_then(Value::as_str)
@@ -350,14 +352,14 @@ pub fn backend_counters(
 
 /// The backend objects of `xlb backend list --json` (or of a VIP entry of `xlb stats --json`),
 /// keyed by address.
-pub fn backend_entries(doc: &Value) -> Result<BTreeMap<Ipv4Addr, &Value>> {
+pub fn backend_entries(doc: &Value) -> Result<BTreeMap<IpAddr, &Value>> {
     let backends = doc
         .get("backends")
         .and_then(Value::as_array)
         .with_context(|| format!("no backends in {doc}"))?;
     let mut out = BTreeMap::new();
     for b in backends {
-        let a: Ipv4Addr = b
+        let a: IpAddr = b
             .get("address")
             .or_else(|| b.get("addr"))
             .and_then(Value::as_str)
@@ -369,14 +371,16 @@ pub fn backend_entries(doc: &Value) -> Result<BTreeMap<Ipv4Addr, &Value>> {
 }
 
 /// One backend's object in `xlb backend list --json`.
-pub fn backend_entry(doc: &Value, addr: Ipv4Addr) -> Result<&Value> {
+pub fn backend_entry(doc: &Value, addr: impl Into<IpAddr>) -> Result<&Value> {
+    let addr = addr.into();
     backend_entries(doc)?
         .remove(&addr)
         .with_context(|| format!("backend {addr} not listed: {doc}"))
 }
 
 /// One backend's `state` (`up`, `down`, `draining`) in `xlb backend list --json`.
-pub fn backend_state(doc: &Value, addr: Ipv4Addr) -> Result<String> {
+pub fn backend_state(doc: &Value, addr: impl Into<IpAddr>) -> Result<String> {
+    let addr = addr.into();
     let b = backend_entry(doc, addr)?;
     b.get("state")
         .and_then(Value::as_str)
@@ -455,6 +459,7 @@ pub fn expect_clean_exit(what: &str, status: ExitStatus, log: &str) -> Result<()
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::net::Ipv4Addr;
 
     fn stats() -> Value {
         json!({
@@ -490,8 +495,8 @@ mod tests {
         assert_eq!(
             flows.into_iter().collect::<Vec<_>>(),
             vec![
-                (Ipv4Addr::new(10, 111, 1, 11), 2),
-                (Ipv4Addr::new(10, 111, 1, 12), 1)
+                (Ipv4Addr::new(10, 111, 1, 11).into(), 2),
+                (Ipv4Addr::new(10, 111, 1, 12).into(), 1)
             ]
         );
         assert_eq!(reason(&s, "drop_unknown_port").unwrap(), 7);

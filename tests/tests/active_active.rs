@@ -26,7 +26,7 @@ use std::{
     borrow::Cow,
     collections::BTreeMap,
     io::{ErrorKind, Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -47,7 +47,7 @@ use xlb_tests::{
     netns::require_root,
     process::Process,
     testbed::{FAST_HTTP_CHECK, SYNC_PORT, Testbed, TestbedOptions},
-    topology::{CLI_ADDR, HOST_IFACE, LB1_ADDR, LB2_ADDR, VIP, backend_addr},
+    topology::{CLI_ADDR, HOST_IFACE, LB1_ADDR, LB2_ADDR, VIP, VIP6, backend_addr, twin6},
     xlb::{backend_counters, counter, event, find_vip},
 };
 
@@ -108,12 +108,18 @@ fn stats(bed: &Testbed, lb: &str) -> Value {
 
 /// The HTTP VIP's `field` (`new_flows`, `packets`) on `lb`.
 fn vip_counter(stats: &Value, field: &str) -> u64 {
-    let vip = find_vip(stats, VIP, HTTP_PORT, "tcp").expect("the HTTP VIP in stats");
-    counter(vip, field).unwrap_or_else(|| panic!("no {field} in {vip}"))
+    vip_counter_of(stats, VIP.into(), field)
 }
 
-fn active_flows(stats: &Value) -> BTreeMap<Ipv4Addr, u64> {
-    backend_counters(stats, VIP, HTTP_PORT, "tcp", "active_flows").expect("active_flows")
+/// `field` of the HTTP VIP on address `vip` (the IPv4 or the IPv6 one).
+fn vip_counter_of(stats: &Value, vip: IpAddr, field: &str) -> u64 {
+    let entry = find_vip(stats, vip, HTTP_PORT, "tcp").expect("the HTTP VIP in stats");
+    counter(entry, field).unwrap_or_else(|| panic!("no {field} in {entry}"))
+}
+
+/// The HTTP VIP's active flows per backend, on address `vip`.
+fn active_flows(stats: &Value, vip: IpAddr) -> BTreeMap<IpAddr, u64> {
+    backend_counters(stats, vip, HTTP_PORT, "tcp", "active_flows").expect("active_flows")
 }
 
 fn lag_text(r: &PeersReport) -> String {
@@ -183,9 +189,14 @@ fn failures_between(requests: &[Request], from: Instant, to: Instant, t0: Instan
 
 /// `n` `/long` downloads through the VIP from cli, each on a connection of its own.
 fn long_downloads(bed: &Testbed, n: usize) -> LongDownloads {
+    long_downloads_to(bed, target(), n)
+}
+
+/// The same through `to` (the IPv6 VIP, say).
+fn long_downloads_to(bed: &Testbed, to: SocketAddr, n: usize) -> LongDownloads {
     LongDownloads::open(
         bed.ns("cli"),
-        target(),
+        to,
         "/long",
         n,
         Arc::new(bed.content.clone()),
@@ -199,13 +210,21 @@ fn secs(d: Duration) -> String {
     format!("{:.3}s", d.as_secs_f64())
 }
 
-/// Tests 1 and 2 of issue 12 (lb1's loss also of issue 4): both agents announce the VIP, rtr
-/// routes it over both by ECMP (from BGP, nobody touches rtr); 30 long downloads spread over both
-/// and a new connection every 20 ms; lb1's link goes down and its agent is killed. rtr drops
-/// lb1's next hop by itself (BFD, at most 1 s), every download completes intact on the backend
-/// it started on, and lb2 never misses a flow.
+/// Tests 1 and 2 of issue 12 (lb1's loss also of issue 4; IPv6 of issue 15): both agents
+/// announce the IPv4 and the IPv6 VIP, rtr routes each over both by ECMP (from BGP, nobody
+/// touches rtr); 30 long downloads through each VIP spread over both LBs; lb1's link goes down
+/// and its agent is killed. rtr drops lb1's next hops by itself (BFD, at most 1 s), every
+/// download of either family completes intact on the backend it started on, and lb2 never
+/// misses a flow.
 fn lb1_lost(xdp_mode: &str) {
-    let mut bed = bed(xdp_mode);
+    require_root();
+    let mut bed = Testbed::up(
+        TestbedOptions::new("ipip", xdp_mode)
+            .active_active()
+            .dual_stack(),
+    )
+    .expect("bringing up the dual-stack active-active test bed");
+    let vip6 = IpAddr::V6(VIP6);
     report(&format!(
         "BGP start ({xdp_mode}): rtr routed the VIP via lb1 {} and via lb2 {} after each agent's \
          start (start, VIPs and backends added through the CLI, first health checks, the peer's \
@@ -219,21 +238,45 @@ fn lb1_lost(xdp_mode: &str) {
         "rtr's VIP route: {}",
         bed.topo.vip_route().unwrap()
     );
+    assert_eq!(
+        bed.topo.vip6_next_hops().unwrap(),
+        [twin6(LB1_ADDR), twin6(LB2_ADDR)],
+        "rtr's IPv6 VIP route: {}",
+        bed.topo.vip6_route().unwrap()
+    );
     for lb in ["lb1", "lb2"] {
         let status = bed.node_status(lb).expect("xlb node status");
-        assert_eq!(status["addresses"][0]["announced"], true, "{lb}: {status}");
+        let addresses = status["addresses"].as_array().expect("addresses");
+        assert_eq!(addresses.len(), 2, "{lb}: {status}");
+        assert!(
+            addresses.iter().all(|a| a["announced"] == true),
+            "{lb}: {status}"
+        );
         assert_eq!(status["routing_daemon"]["answers"], true, "{lb}: {status}");
     }
 
     let downloads = long_downloads(&bed, CONNECTIONS);
-    let per_backend = downloads.per_backend();
+    let downloads6 = long_downloads_to(&bed, SocketAddr::new(vip6, HTTP_PORT), CONNECTIONS);
+    let mut per_backend = downloads.per_backend();
+    for (b, k) in downloads6.per_backend() {
+        *per_backend.entry(b).or_default() += k;
+    }
 
-    // Both load balancers carried some of them; together exactly one new flow per connection.
+    // Both load balancers carried some of each family's; together exactly one new flow per
+    // connection.
     let (s1, s2) = (stats(&bed, "lb1"), stats(&bed, "lb2"));
     let (n1, n2) = (vip_counter(&s1, "new_flows"), vip_counter(&s2, "new_flows"));
     assert!(
         n1 > 0 && n2 > 0 && n1 + n2 == CONNECTIONS as u64,
         "new flows lb1 {n1} + lb2 {n2}, expected both > 0 and {CONNECTIONS} in all (ECMP on an L4 hash)"
+    );
+    let (m1, m2) = (
+        vip_counter_of(&s1, vip6, "new_flows"),
+        vip_counter_of(&s2, vip6, "new_flows"),
+    );
+    assert!(
+        m1 > 0 && m2 > 0 && m1 + m2 == CONNECTIONS as u64,
+        "IPv6 new flows lb1 {m1} + lb2 {m2}, expected both > 0 and {CONNECTIONS} in all"
     );
     // Each has the other's flows.
     let synced = wait_for(
@@ -243,7 +286,7 @@ fn lb1_lost(xdp_mode: &str) {
             let (p1, p2) = (peers(&bed, "lb1"), peers(&bed, "lb2"));
             let got1 = peer_of(&p1, "lb2").flows_received;
             let got2 = peer_of(&p2, "lb1").flows_received;
-            Ok((got1 >= n2 && got2 >= n1).then_some((p1, p2)))
+            Ok((got1 >= n2 + m2 && got2 >= n1 + m1).then_some((p1, p2)))
         },
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
@@ -252,7 +295,8 @@ fn lb1_lost(xdp_mode: &str) {
         assert_eq!(p.totals.rejected, 0, "{lb} rejected frames: {p:?}");
         assert_eq!(p.totals.unknown_backend, 0, "{lb}: {p:?}");
     }
-    let active2: u64 = active_flows(&s2).values().sum();
+    let active2: u64 = active_flows(&s2, VIP.into()).values().sum();
+    let active2_6: u64 = active_flows(&s2, vip6).values().sum();
     // Steady traffic over both nodes: pings to the VIP (answered by the balancers themselves)
     // every 10 ms from 8 client addresses (rtr hashes ICMP by addresses only).
     let pings = ping_the_vip(&bed, PING_SOURCES);
@@ -295,6 +339,14 @@ fn lb1_lost(xdp_mode: &str) {
         bad.len(),
         bad.join("\n")
     );
+    let finished6 = downloads6.finish().expect("the IPv6 downloads");
+    let bad = check_downloads(&finished6, lost_at, "lb1 was lost");
+    assert!(
+        bad.is_empty(),
+        "{} of {CONNECTIONS} IPv6 downloads failed across lb1's loss:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
     check_access_logs(&bed, &per_backend);
 
     // lb2 carried lb1's connections on the synced entries: no miss, no new flow, no re-steer.
@@ -307,7 +359,8 @@ fn lb1_lost(xdp_mode: &str) {
          (BFD 100 ms x 3); rtr sent the last packet to lb1 {} after the failure ({} client \
          packets to the VIP lost with lb1, {before} sent to it in the second before; pings every \
          10 ms from {PING_SOURCES} addresses and the downloads' ACKs); {CONNECTIONS}/{CONNECTIONS} /long downloads complete \
-         and intact (lb1 carried {n1}, lb2 {n2}; backends {per_backend:?}); lb2 midflow_miss \
+         and intact through each of the IPv4 and the IPv6 VIP (IPv4: lb1 carried {n1}, lb2 {n2}; \
+         IPv6: lb1 {m1}, lb2 {m2}; backends {per_backend:?}); lb2 midflow_miss \
          {midflow}, flow_resteered {resteered}, new_flows {n2} -> {}; sync lag lb1->lb2 {}, \
          lb2->lb1 {}",
         secs(route_gone),
@@ -340,13 +393,19 @@ fn lb1_lost(xdp_mode: &str) {
         n2,
         "lb2 created new flows for lb1's connections"
     );
+    assert_eq!(
+        vip_counter_of(&s2_after, vip6, "new_flows"),
+        m2,
+        "lb2 created new IPv6 flows for lb1's connections"
+    );
     assert!(
         vip_counter(&s2_after, "packets") > vip_counter(&s2, "packets"),
         "lb2 forwarded nothing after lb1's loss"
     );
     assert!(
-        active2 >= CONNECTIONS as u64,
-        "lb2 had {active2} active flows before lb1's loss, expected all {CONNECTIONS}"
+        active2 >= CONNECTIONS as u64 && active2_6 >= CONNECTIONS as u64,
+        "lb2 had {active2} IPv4 and {active2_6} IPv6 active flows before lb1's loss, expected \
+         all {CONNECTIONS} of each"
     );
     for (lb, p) in [("lb1", &p1), ("lb2", &p2_after)] {
         // Samples must exist (the peer's flows arrived as timed batches); the lag itself is
@@ -947,7 +1006,7 @@ struct Seen {
     rejected_unknown_source: u64,
     received: u64,
     unknown_backend: u64,
-    active: BTreeMap<Ipv4Addr, u64>,
+    active: BTreeMap<IpAddr, u64>,
 }
 
 fn seen(bed: &Testbed) -> Seen {
@@ -960,7 +1019,7 @@ fn seen(bed: &Testbed) -> Seen {
         rejected_unknown_source: p.totals.rejected_unknown_source,
         received: p.totals.flows_received,
         unknown_backend: p.totals.unknown_backend,
-        active: active_flows(&stats(bed, "lb1")),
+        active: active_flows(&stats(bed, "lb1"), VIP.into()),
     }
 }
 
@@ -1051,13 +1110,13 @@ fn forged_and_replayed_sync_frames_are_rejected_and_change_nothing() {
     read_ack(&mut conn, &mut session).unwrap_or_else(|e| panic!("lb1's Ack: {e:#}"));
     want.lb2_received += 1;
     want.received += 1;
-    *want.active.get_mut(&be2).unwrap() += 1;
+    *want.active.get_mut(&be2.into()).unwrap() += 1;
     expect_seen(&bed, &want, "a valid record (flow -> be2)");
     conn.write_all(&v2).unwrap();
     want.lb2_received += 1;
     want.received += 1;
-    *want.active.get_mut(&be2).unwrap() -= 1;
-    *want.active.get_mut(&be3).unwrap() += 1;
+    *want.active.get_mut(&be2.into()).unwrap() -= 1;
+    *want.active.get_mut(&be3.into()).unwrap() += 1;
     expect_seen(&bed, &want, "a second valid record (the flow -> be3)");
     conn.write_all(&recorded_v1).unwrap();
     closed_by_receiver(&mut conn).expect("lb1 closes the connection after an in-session replay");

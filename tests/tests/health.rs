@@ -7,7 +7,7 @@
 use serde_json::Value;
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     thread,
     time::{Duration, Instant},
 };
@@ -16,7 +16,7 @@ use xlb_tests::{
     client::{ClientOptions, ContinuousClient, Request, started_between, tally, timeline},
     netns::require_root,
     testbed::{FAST_HTTP_CHECK, Testbed, TestbedOptions},
-    topology::VIP,
+    topology::{VIP, in_family},
     xlb::{backend_counters, backend_entry, find_vip, reason},
 };
 
@@ -37,9 +37,18 @@ fn target() -> SocketAddr {
 }
 
 fn bed(xdp_mode: &str) -> Testbed {
+    bed_of(xdp_mode, false)
+}
+
+/// A bed with the fast checks; with `v6`, dual stack and the client methods on the IPv6 VIP.
+fn bed_of(xdp_mode: &str, v6: bool) -> Testbed {
     require_root();
-    let bed = Testbed::up(TestbedOptions::new("ipip", xdp_mode).with_fast_checks())
-        .expect("bringing up the test bed");
+    let mut options = TestbedOptions::new("ipip", xdp_mode).with_fast_checks();
+    if v6 {
+        options = options.dual_stack();
+    }
+    let mut bed = Testbed::up(options).expect("bringing up the test bed");
+    bed.use_ipv6(v6);
     // New backends start up; the first checks must keep them up.
     for b in bed.backend_names() {
         bed.wait_backend_state(&b, "up", STATE_WAIT)
@@ -47,7 +56,7 @@ fn bed(xdp_mode: &str) -> Testbed {
     }
     // The VIP carries the check the flags asked for.
     let vips = bed.client().vip_list().expect("vip list");
-    let vip = find_vip(&vips, VIP, HTTP_PORT, "tcp").expect("HTTP VIP listed");
+    let vip = find_vip(&vips, bed.vip(), HTTP_PORT, "tcp").expect("HTTP VIP listed");
     let check = &vip["check"];
     assert!(
         check["kind"] == "http"
@@ -80,18 +89,25 @@ fn secs(d: Duration) -> String {
     format!("{:.3}s", d.as_secs_f64())
 }
 
+/// Backend `name`'s address in the family of the bed's client methods.
+fn addr_of(bed: &Testbed, name: &str) -> IpAddr {
+    in_family(bed.backend_addr(name).unwrap(), bed.vip().is_ipv6())
+}
+
 fn entry(bed: &Testbed, name: &str) -> Value {
     let list = bed.backend_list().expect("backend list");
-    backend_entry(&list, bed.backend_addr(name).unwrap())
+    backend_entry(&list, addr_of(bed, name))
         .unwrap_or_else(|e| panic!("{e:#}"))
         .clone()
 }
 
-fn stop_and_restart_one(xdp_mode: &str) {
-    let mut bed = bed(xdp_mode);
+fn stop_and_restart_one(xdp_mode: &str, v6: bool) {
+    let mut bed = bed_of(xdp_mode, v6);
+    let family = if v6 { "IPv6" } else { "IPv4" };
     let all: Vec<String> = bed.backend_names();
 
-    let client = ContinuousClient::start(bed.ns("cli"), target(), ClientOptions::default());
+    let to = SocketAddr::new(bed.vip(), HTTP_PORT);
+    let client = ContinuousClient::start(bed.ns("cli"), to, ClientOptions::default());
     let client_started = client.started;
     sleep_until(client_started + Duration::from_secs(1));
 
@@ -180,7 +196,7 @@ fn stop_and_restart_one(xdp_mode: &str) {
         .unwrap_or_else(|| panic!("be2 never answered after the restart: {t:?}\n{story}"));
 
     let line = format!(
-        "HEALTH stop-restart ({xdp_mode}): detection (stop -> last new flow to be2 or failed) = {}, \
+        "HEALTH stop-restart ({xdp_mode}, {family}): detection (stop -> last new flow to be2 or failed) = {}, \
          {failed} requests failed in between; down in backend list after {}, reason {reason_down:?}; \
          recovery (restart -> first answer from be2) = {}, up in backend list after {}",
         secs(detection),
@@ -219,7 +235,7 @@ fn stop_and_restart_one(xdp_mode: &str) {
 
     // The agent logged both changes, the way down with its reason.
     let log = bed.agent_mut().log();
-    let be2_addr = bed.backend_addr("be2").unwrap().to_string();
+    let be2_addr = addr_of(&bed, "be2").to_string();
     let lines: Vec<String> = log
         .lines()
         .map(str::to_ascii_lowercase)
@@ -240,12 +256,18 @@ fn stop_and_restart_one(xdp_mode: &str) {
 
 #[test]
 fn a_stopped_backend_leaves_and_comes_back_generic() {
-    stop_and_restart_one("generic");
+    stop_and_restart_one("generic", false);
 }
 
 #[test]
 fn a_stopped_backend_leaves_and_comes_back_driver() {
-    stop_and_restart_one("driver");
+    stop_and_restart_one("driver", false);
+}
+
+/// The same through the IPv6 VIP: checks over IPv6 to the backends' IPv6 addresses.
+#[test]
+fn a_stopped_ipv6_backend_leaves_and_comes_back_generic() {
+    stop_and_restart_one("generic", true);
 }
 
 #[test]

@@ -68,7 +68,8 @@ fn vip_series(name: &str) -> String {
     format!(r#"{name}{{proto="tcp",vip="{VIP}:{HTTP_PORT}"}}"#)
 }
 
-fn backend_series(name: &str, b: Ipv4Addr) -> String {
+fn backend_series(name: &str, b: impl Into<std::net::IpAddr>) -> String {
+    let b = b.into();
     format!(r#"{name}{{backend="{b}",proto="tcp",vip="{VIP}:{HTTP_PORT}"}}"#)
 }
 
