@@ -54,6 +54,11 @@ pub(crate) enum StateError {
         family(*addr), family(key.addr)
     )]
     FamilyMismatch { key: ServiceKey, addr: IpAddr },
+    #[error(
+        "VIP {0}: source lists (--allow-src, --deny-src) hold IPv4 prefixes, which no client of \
+         an IPv6 VIP has; an IPv6 VIP takes rate limits only"
+    )]
+    SourceListsOnIpv6(ServiceKey),
     #[error("VIP {key}: {source}")]
     VipCheck { key: ServiceKey, source: CheckError },
     #[error("backend {addr} in VIP {key}: {source}")]
@@ -229,6 +234,11 @@ pub(crate) fn check_new_files(new: &VipConfig, old: Option<&VipConfig>) -> Resul
 /// Every rule that applies to one VIP on its own.
 pub(crate) fn validate_spec(spec: &VipConfig) -> Result<(), StateError> {
     validate_key(&spec.key)?;
+    if spec.key.addr.is_ipv6()
+        && !(spec.policy.allow_src.is_empty() && spec.policy.deny_src.is_empty())
+    {
+        return Err(StateError::SourceListsOnIpv6(spec.key));
+    }
     spec.policy
         .validate()
         .map_err(|source| StateError::Policy {
@@ -843,6 +853,24 @@ mod tests {
             .plan_vip_add(key(81), Forward::Ipip, &none(), &patch)
             .unwrap();
         assert_eq!(added.policy, set.policy);
+        // An IPv6 VIP takes the rate limits but no (IPv4) source list.
+        let v6 = ServiceKey {
+            addr: "fd11:100::1".parse().unwrap(),
+            ..key(80)
+        };
+        let limits_only = PolicyPatch {
+            allow_src: None,
+            ..patch.clone()
+        };
+        assert!(
+            state
+                .plan_vip_add(v6, Forward::Ipip, &none(), &limits_only)
+                .is_ok()
+        );
+        let e = state
+            .plan_vip_add(v6, Forward::Ipip, &none(), &patch)
+            .unwrap_err();
+        assert!(matches!(e, StateError::SourceListsOnIpv6(_)), "{e}");
         let stored = DesiredState::from_specs([set]).unwrap();
         save(&path, &stored).unwrap();
         assert_eq!(load(&path).unwrap().unwrap(), stored);

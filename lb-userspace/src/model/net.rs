@@ -12,6 +12,11 @@ use std::{fmt, net::Ipv4Addr, str::FromStr};
 pub enum NetError {
     #[error("malformed prefix {input:?}: expected ADDR/LEN, e.g. 192.0.2.0/24, or an address")]
     Malformed { input: String },
+    #[error(
+        "{input:?} is an IPv6 prefix: the deny list and the VIPs' source lists hold IPv4 \
+         prefixes only (IPv6 sources are not filtered by them)"
+    )]
+    Ipv6 { input: String },
     #[error("malformed prefix {input:?}: {addr:?} is not an IPv4 address")]
     BadAddress { input: String, addr: String },
     #[error("malformed prefix {input:?}: prefix length {len:?} is not 0-32")]
@@ -77,7 +82,13 @@ impl FromStr for Ipv4Net {
             None => (input, None),
         };
         let addr: Ipv4Addr = addr_s.parse().map_err(|_| {
-            if addr_s.is_empty() || addr_s.contains(|c: char| !(c.is_ascii_digit() || c == '.')) {
+            if addr_s.parse::<std::net::Ipv6Addr>().is_ok() {
+                NetError::Ipv6 {
+                    input: input.to_string(),
+                }
+            } else if addr_s.is_empty()
+                || addr_s.contains(|c: char| !(c.is_ascii_digit() || c == '.'))
+            {
                 NetError::Malformed {
                     input: input.to_string(),
                 }
@@ -196,6 +207,8 @@ mod tests {
                 "prefix \"10.1.2.3/8\" has host bits set (the network is 10.0.0.0/8)",
             ),
             ("192.0.2.1/31", "the network is 192.0.2.0/31"),
+            ("2001:db8::/32", "\"2001:db8::/32\" is an IPv6 prefix"),
+            ("fd11:1::2", "IPv4 prefixes only"),
         ];
         for (input, want) in cases {
             let e = input.parse::<Ipv4Net>().unwrap_err().to_string();
