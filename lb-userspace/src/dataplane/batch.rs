@@ -42,18 +42,20 @@ struct ElemAttr {
     flags: u64,
 }
 
-/// The `bpf(2)` system call with command `cmd` and `attr` as its `union bpf_attr`.
+/// The `bpf(2)` system call with command `cmd` and `attr` as its `union bpf_attr` (a `repr(C)`
+/// struct, or a zeroed byte array with the used fields written in): the call's value (a new fd
+/// for `BPF_OBJ_GET`, 0 for most commands). The one wrapper of the data path's raw calls.
 ///
 /// # Safety
-/// `attr` must have the layout the kernel reads for `cmd`, and every pointer in it must be valid
-/// for what the kernel does with it during the call.
-pub(super) unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+/// `attr` must have the layout the kernel reads for `cmd` (bytes past the used fields zero), and
+/// every pointer in it must be valid for what the kernel does with it during the call.
+pub(super) unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
     // SAFETY: guaranteed by the caller; `attr` itself is valid for `size_of::<A>()` bytes.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, size_of::<A>() as u32) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(rc)
 }
 
 /// Whether an error means "this kernel or map type has no batch command" (then the caller goes
@@ -79,7 +81,7 @@ pub(super) fn update<K, V>(fd: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::
     };
     // SAFETY: `attr` points at `keys.len()` keys and values of the map's types, alive and
     // unchanged for the call; the kernel only reads them and writes `attr.count`.
-    unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }
+    unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }.map(drop)
 }
 
 /// Delete `keys` with one `BPF_MAP_DELETE_BATCH` call: `Ok(keys.len())`, or the error with how
@@ -96,7 +98,7 @@ fn delete_batch<K>(fd: BorrowedFd<'_>, keys: &[K]) -> Result<usize, (usize, io::
     // integers), alive and unchanged for the call; the kernel only reads them and writes
     // `attr.count`.
     match unsafe { bpf(BPF_MAP_DELETE_BATCH, &mut attr) } {
-        Ok(()) => Ok(keys.len()),
+        Ok(_) => Ok(keys.len()),
         Err(e) => Err(((attr.count as usize).min(keys.len()), e)),
     }
 }
@@ -109,7 +111,7 @@ fn delete_elem<K>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
     };
     // SAFETY: `attr` points at one key of the map's key type, alive for the call; the kernel
     // only reads it.
-    unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) }
+    unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) }.map(drop)
 }
 
 /// Delete the entries of `keys` from the map `fd` (of key type `K`), `chunk` per

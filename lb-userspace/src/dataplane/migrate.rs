@@ -8,7 +8,7 @@
 //! The decoders of older layouts stay here for as long as an upgrade from them is supported;
 //! `plan::can_migrate` asks `flow_value_size` and `upgrade_value` which versions those are.
 
-use super::pins::{MapShape, bpf};
+use super::{batch::bpf, pins::MapShape};
 use lb_common::{Addr, FlowKey, maps};
 use std::{
     collections::BTreeMap,
@@ -248,7 +248,9 @@ fn attr_lookup(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> [u8; 32] {
 /// `BPF_MAP_LOOKUP_ELEM`: `false` if there is no such key.
 pub(crate) fn lookup(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
     let mut attr = attr_lookup(fd, key, value);
-    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+    // SAFETY: the attribute points at `key` and `value`, alive for the call; `value` is
+    // writable for the map's value size (the callers size it with `value_buffer_len`).
+    match unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
         Ok(_) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
@@ -260,7 +262,9 @@ pub(crate) fn update(fd: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -
     let mut value = value.to_vec();
     let mut attr = attr_lookup(fd, key, &mut value);
     attr[24..32].copy_from_slice(&flags.to_ne_bytes());
-    match bpf(BPF_MAP_UPDATE_ELEM, &mut attr) {
+    // SAFETY: the attribute points at `key` and the copy of `value`, alive for the call; the
+    // kernel only reads them.
+    match unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) } {
         Ok(_) => Ok(true),
         Err(e) if flags == BPF_NOEXIST && e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
         Err(e) => Err(e),
@@ -279,7 +283,9 @@ fn hash_keys(fd: BorrowedFd<'_>, key_size: usize) -> io::Result<Vec<Vec<u8>>> {
         let key_ptr = prev.as_ref().map_or(0, |k| k.as_ptr() as u64);
         attr[8..16].copy_from_slice(&key_ptr.to_ne_bytes());
         attr[16..24].copy_from_slice(&(next.as_mut_ptr() as u64).to_ne_bytes());
-        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+        // SAFETY: the attribute points at the previous key (or is null) and at `next`, which
+        // is writable for the map's key size; both alive for the call.
+        match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
             Err(e) => return Err(e),

@@ -19,6 +19,7 @@
 //! aya 0.14 exposes neither an XDP link's interface nor `BPF_LINK_DETACH`, so a few `bpf(2)`
 //! commands are issued here directly.
 
+use super::batch::bpf;
 use crate::util::os_message;
 use std::{
     ffi::CString,
@@ -395,15 +396,23 @@ pub(crate) fn pinned_map(path: &Path) -> Result<(u32, MapShape), PinError> {
     map_info(fd.as_fd()).map_err(io_err("reading the map at", path))
 }
 
+/// `BPF_OBJ_GET_INFO_BY_FD` on any object: the kernel fills `info` (its `struct bpf_*_info`,
+/// up to `info.len()` bytes).
+fn obj_info(fd: BorrowedFd<'_>, info: &mut [u8]) -> io::Result<()> {
+    let mut attr = [0u8; 16]; // bpf_fd (u32), info_len (u32), info (u64)
+    attr[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
+    attr[8..].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    // SAFETY: the attribute holds an fd and a pointer to `info`, live and writable for its
+    // length during the call; the kernel writes at most that many bytes.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }.map(drop)
+}
+
 /// `BPF_OBJ_GET_INFO_BY_FD` on a map: its id and shape.
 pub(crate) fn map_info(fd: BorrowedFd<'_>) -> io::Result<(u32, MapShape)> {
     // struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags (u32), name…
     let mut info = [0u8; 88];
-    let mut attr = [0u8; 16];
-    attr[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
-    attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
-    attr[8..].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    obj_info(fd, &mut info)?;
     let word = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().expect("4 bytes"));
     Ok((
         word(4),
@@ -417,18 +426,6 @@ pub(crate) fn map_info(fd: BorrowedFd<'_>) -> io::Result<(u32, MapShape)> {
     ))
 }
 
-/// `bpf(cmd, attr)` with `attr` as the kernel's `union bpf_attr` prefix: bytes past the used
-/// fields must be zero, so callers build it in a zeroed byte array rather than a padded struct.
-pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live buffer of the given length; the commands used here read their
-    // arguments from it, and pointers inside it point at buffers the callers keep alive.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(rc)
-}
-
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_DETACH: libc::c_long = 34;
@@ -440,7 +437,8 @@ pub(crate) fn obj_get(path: &Path) -> Result<OwnedFd, PinError> {
     // pathname (u64), bpf_fd (u32), file_flags (u32), path_fd (i32).
     let mut attr = [0u8; 24];
     attr[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
-    let fd = bpf(BPF_OBJ_GET, &mut attr).map_err(io_err("opening", path))?;
+    // SAFETY: the attribute points at the NUL-terminated path, alive for the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) }.map_err(io_err("opening", path))?;
     // SAFETY: the kernel returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -460,11 +458,7 @@ fn link_info(fd: BorrowedFd<'_>) -> io::Result<(u32, LinkInfo)> {
     // struct bpf_link_info: type, id, prog_id (u32), then a union aligned to 8 whose XDP member
     // starts with ifindex (offset 16).
     let mut info = [0u8; 64];
-    let mut attr = [0u8; 16]; // bpf_fd (u32), info_len (u32), info (u64)
-    attr[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
-    attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
-    attr[8..].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    obj_info(fd, &mut info)?;
     let word = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().expect("4 bytes"));
     Ok((
         word(0),
@@ -482,7 +476,8 @@ pub fn detach_link(path: &Path) -> Result<(), PinError> {
     let fd = obj_get(path)?;
     let mut attr = [0u8; 8]; // link_fd (u32)
     attr[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
-    match bpf(BPF_LINK_DETACH, &mut attr) {
+    // SAFETY: the attribute holds only an fd.
+    match unsafe { bpf(BPF_LINK_DETACH, &mut attr) } {
         Ok(_) => Ok(()),
         // Already defunct (its device is gone): nothing is attached.
         Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => Ok(()),
