@@ -11,7 +11,7 @@ use xlb_tests::{
     backend::HTTP_PORT,
     interrupt, netns, stack_demo,
     testbed::{FAST_HTTP_CHECK, Testbed, TestbedOptions},
-    topology::{LB1_ADDR, VIP},
+    topology::{LB1_ADDR, VIP, VIP6},
 };
 
 /// The backend the demo stops and starts again.
@@ -75,21 +75,27 @@ fn plain(args: &Args) -> Result<()> {
     let start = Instant::now();
     println!(
         "demo: building namespaces (cli — rtr/br0 — lb1, be1..be3), nginx on each backend, \
-         xlb agent on lb1 (XDP {}), VIP {VIP}:80 and :5353/udp (forward {})",
+         xlb agent on lb1 (XDP {}), VIPs {VIP} and [{VIP6}] :80 and :5353/udp (forward {})",
         args.xdp_mode, args.forward
     );
     println!(
         "demo: health check of the HTTP VIP: xlb vip add {VIP}:{HTTP_PORT} {}",
         FAST_HTTP_CHECK.join(" ")
     );
-    let mut bed =
-        Testbed::up(TestbedOptions::new(&args.forward, &args.xdp_mode).with_fast_checks())?;
+    let mut bed = Testbed::up(
+        TestbedOptions::new(&args.forward, &args.xdp_mode)
+            .with_fast_checks()
+            .dual_stack(),
+    )?;
     println!(
         "demo: ready in {:.1}s (namespaces {}-*)\n",
         start.elapsed().as_secs_f64(),
         bed.topo.prefix()
     );
-    let result = traffic(&bed, args).and_then(|()| fail_and_recover(&mut bed));
+    let result = traffic(&bed, args)
+        .and_then(|()| traffic6(&mut bed))
+        .and_then(|()| stats(&bed))
+        .and_then(|()| fail_and_recover(&mut bed));
     if result.is_err() && interrupt::check().is_ok() {
         eprintln!("{}", bed.diagnostics());
     }
@@ -114,6 +120,29 @@ fn traffic(bed: &Testbed, args: &Args) -> Result<()> {
         "tcp {LB1_ADDR}:2222 (lb1's own address, not a VIP) -> {}",
         bed.lb1_tcp()?
     );
+    Ok(())
+}
+
+/// The same VIP's IPv6 twin on the same bed: new connections, a keep-alive one and UDP.
+fn traffic6(bed: &mut Testbed) -> Result<()> {
+    bed.use_ipv6(true);
+    let result = (|| -> Result<()> {
+        println!(
+            "\n$ ip netns exec cli curl -g http://[{VIP6}]/   (IPv6: the same backends' IPv6 addresses)"
+        );
+        println!("6 new connections -> {}", rotation(bed, 6)?);
+        interrupt::check()?;
+        let keepalive = bed.keepalive(5)?;
+        let names: Vec<&str> = keepalive.iter().map(|(b, _)| b.as_str()).collect();
+        println!("keep-alive connection, 5 requests -> {}", names.join(" "));
+        println!("udp [{VIP6}]:5353 -> {}", bed.udp()?);
+        Ok(())
+    })();
+    bed.use_ipv6(false);
+    result
+}
+
+fn stats(bed: &Testbed) -> Result<()> {
     interrupt::check()?;
     println!("\n$ xlb stats");
     print!("{}", bed.client().ok(&["stats"])?);
