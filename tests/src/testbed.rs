@@ -1167,6 +1167,14 @@ impl Testbed {
                 out += &format!("--- xlb node status ({lb}):\n{}{}\n", o.stdout, o.stderr);
             }
         }
+        if self.options.dual_stack {
+            let rtr = self.ns("rtr");
+            out += &format!(
+                "--- rtr's IPv6 VIP route: {:?}\n--- rtr's IPv6 neighbours:\n{}\n",
+                self.topo.vip6_route().unwrap_or_default(),
+                rtr.ip(&["-6", "neigh", "show"]).unwrap_or_default()
+            );
+        }
         if self.options.bgp {
             out += &format!(
                 "--- rtr's VIP route: {:?}\n",
