@@ -33,6 +33,10 @@ pub mod maps {
     pub const DEBUG_VIPS: &str = "DEBUG_VIPS";
     pub const BENCH_GEN: &str = "BENCH_GEN";
     pub const BENCH_GEN_HEADER: &str = "BENCH_GEN_HEADER";
+    /// The stateful floors' flow tables (`FLOWS`' key, value and map type; the shared LRU and
+    /// the per-CPU LRU, `BPF_F_NO_COMMON_LRU`). One entry unless a benchmark sizes them.
+    pub const FLOOR_FLOWS: &str = "FLOOR_FLOWS";
+    pub const FLOOR_FLOWS_PERCPU: &str = "FLOOR_FLOWS_PERCPU";
     pub const IPIP_IDS: &str = "IPIP_IDS";
     /// The global deny list's prefixes shorter than /32, double buffered:
     /// `PolicyState::deny_live` picks the live one (with the same half of `DENY_HOSTS`).
@@ -177,6 +181,16 @@ pub mod programs {
     /// Benchmark floor: parses Ethernet, IPv4 and TCP with the same accessor as the balancer,
     /// then returns `XDP_TX` (`XDP_PASS` if the packet is not IPv4/TCP).
     pub const FLOOR_PARSE_TX: &str = "xlb_floor_parse_tx";
+    /// Stateful floor: parses as `FLOOR_PARSE_TX`, one `FLOOR_FLOWS` lookup; on a hit rewrites
+    /// the destination MAC from the entry, on a miss inserts the flow first; then `XDP_TX`.
+    /// What any balancer with connection tracking does at least, established or new.
+    pub const FLOOR_FLOW_TX: &str = "xlb_floor_flow_tx";
+    /// New-flow floor: parses, one insert into `FLOOR_FLOWS` (no lookup), MAC, `XDP_TX`.
+    pub const FLOOR_FLOW_INSERT_TX: &str = "xlb_floor_flow_insert_tx";
+    /// `FLOOR_FLOW_TX` on the per-CPU LRU `FLOOR_FLOWS_PERCPU`.
+    pub const FLOOR_FLOW_TX_PERCPU: &str = "xlb_floor_flow_tx_percpu";
+    /// `FLOOR_FLOW_INSERT_TX` on the per-CPU LRU `FLOOR_FLOWS_PERCPU`.
+    pub const FLOOR_FLOW_INSERT_TX_PERCPU: &str = "xlb_floor_flow_insert_tx_percpu";
     /// Benchmark packet generator, run with `BPF_F_TEST_XDP_LIVE_FRAMES`: writes the frame's
     /// Ethernet/IPv4/UDP headers from `BenchGenHeader`, gives it the next of `BENCH_GEN_FLOWS`
     /// source ports and sends it (`XDP_TX`).

@@ -1,16 +1,23 @@
 //! Programs for `cargo xtask bench`, in the balancer's object so they are measured side by side
-//! with it: two floors (what any XDP forwarder costs at least), a packet generator run in
-//! live-frames mode, and the sink that counts what the balancer forwarded.
+//! with it: the floors (what any XDP forwarder costs at least, and what any balancer with
+//! connection tracking costs at least), a packet generator run in live-frames mode, and the sink
+//! that counts what the balancer forwarded.
 
 use crate::{
-    csum,
-    maps::{BENCH_GEN, BENCH_GEN_HEADER},
+    balancer, csum,
+    maps::{BENCH_GEN, BENCH_GEN_HEADER, FLOOR_FLOWS, FLOOR_FLOWS_PERCPU},
     parse::{self, ETH_HLEN, ETH_P_IP, IPV4_HLEN, ptr_at},
 };
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{BPF_ANY, xdp_action},
+    macros::xdp,
+    maps::LruHashMap,
+    programs::XdpContext,
+};
 use lb_common::{
     BENCH_FLOOD_NET, BENCH_FLOOD_PREFIX_LEN, BENCH_GEN_FIRST_PORT, BENCH_GEN_HEADER_LEN,
-    BENCH_GEN_VARY_SOURCE, BENCH_SINK_PORT, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP,
+    BENCH_GEN_VARY_SOURCE, BENCH_SINK_PORT, FlowKey, FlowValue, IPPROTO_IPIP, IPPROTO_TCP,
+    IPPROTO_UDP,
 };
 use network_types::eth::EthHdr;
 
@@ -28,6 +35,93 @@ pub fn xlb_floor_parse_tx(ctx: XdpContext) -> u32 {
     } else {
         xdp_action::XDP_PASS
     }
+}
+
+/// Stateful floor (`lb_common::programs::FLOOR_FLOW_TX`): the least a balancer with connection
+/// tracking does per packet. Established: parse, one lookup that hits, the destination MAC from
+/// the entry, `XDP_TX`. New: the lookup misses, one insert, then the same.
+#[xdp]
+pub fn xlb_floor_flow_tx(ctx: XdpContext) -> u32 {
+    flow_floor(&ctx, &FLOOR_FLOWS, true)
+}
+
+/// New-flow floor (`FLOOR_FLOW_INSERT_TX`): parse, one insert (no lookup first), MAC, `XDP_TX`.
+#[xdp]
+pub fn xlb_floor_flow_insert_tx(ctx: XdpContext) -> u32 {
+    flow_floor(&ctx, &FLOOR_FLOWS, false)
+}
+
+/// `xlb_floor_flow_tx` on the per-CPU LRU (`BPF_F_NO_COMMON_LRU`).
+#[xdp]
+pub fn xlb_floor_flow_tx_percpu(ctx: XdpContext) -> u32 {
+    flow_floor(&ctx, &FLOOR_FLOWS_PERCPU, true)
+}
+
+/// `xlb_floor_flow_insert_tx` on the per-CPU LRU (`BPF_F_NO_COMMON_LRU`).
+#[xdp]
+pub fn xlb_floor_flow_insert_tx_percpu(ctx: XdpContext) -> u32 {
+    flow_floor(&ctx, &FLOOR_FLOWS_PERCPU, false)
+}
+
+/// The stateful floors: TCP or UDP over option-less IPv4 (anything else passes), the flow key as
+/// the balancer builds it, a lookup in `table` when `lookup` (a hit takes the destination MAC
+/// from the entry), an insert on a miss or when not `lookup`. The floor picks no backend: a new
+/// entry names the packet's destination, so the MAC it writes still depends on the table. Nor
+/// does it read a clock (the balancer stamps `last_seen_ns`): a floor, not a balancer.
+#[inline(always)]
+fn flow_floor(ctx: &XdpContext, table: &LruHashMap<FlowKey, FlowValue>, lookup: bool) -> u32 {
+    let Some(key) = flow_key(ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: the value is copied out at once; a concurrent delete can only make it stale.
+    let hit = if lookup {
+        unsafe { table.get(key) }.map(|v| v.backend_addr)
+    } else {
+        None
+    };
+    let backend = match hit {
+        Some(addr) => addr,
+        None => {
+            let value = FlowValue::new(key.dst_addr, 0, 0, 0);
+            if table.insert(key, value, u64::from(BPF_ANY)).is_err() {
+                return xdp_action::XDP_ABORTED;
+            }
+            key.dst_addr
+        }
+    };
+    let Some(dst) = ptr_at::<[u8; 6]>(ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let [a, b, c, d] = backend.to_ne_bytes();
+    // SAFETY: bounds checked by ptr_at. A locally administered MAC holding the backend address
+    // (network order, as stored).
+    unsafe { dst.write([0x02, 0x00, a, b, c, d]) };
+    xdp_action::XDP_TX
+}
+
+/// The flow key of an Ethernet/IPv4 (no options)/TCP or UDP packet, every field as the wire has
+/// it (network order).
+#[inline(always)]
+fn flow_key(ctx: &XdpContext) -> Option<FlowKey> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return None;
+    }
+    let ip = ptr_at::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN)?;
+    let ports = ptr_at::<[u8; 4]>(ctx, ETH_HLEN + IPV4_HLEN)?;
+    // SAFETY: as above.
+    let (ip, ports) = unsafe { (&*ip, &*ports) };
+    let proto = ip[9];
+    if ip[0] != 0x45 || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+        return None;
+    }
+    Some(balancer::flow_key(
+        u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        *ports,
+        proto,
+    ))
 }
 
 /// Generator (`lb_common::programs::BENCH_GEN`), run with `BPF_F_TEST_XDP_LIVE_FRAMES` on a

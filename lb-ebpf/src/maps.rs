@@ -2,7 +2,7 @@
 //! default the agent overrides at load time (`EbpfLoader::map_max_entries`).
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -146,6 +146,19 @@ pub static BENCH_GEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// The benchmark generator's frame headers, written by the benchmark before it runs.
 #[map(name = "BENCH_GEN_HEADER")]
 pub static BENCH_GEN_HEADER: Array<lb_common::BenchGenHeader> = Array::with_max_entries(1, 0);
+
+/// The stateful floors' flow table (`bench.rs`): `FLOWS`' key, value and map type. One entry
+/// (the smallest map the kernel takes) unless a benchmark sizes it like `FLOWS` at load time, so
+/// the agent's object does not preallocate a second flow table.
+#[map(name = "FLOOR_FLOWS")]
+pub static FLOOR_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(1, 0);
+
+/// As `FLOOR_FLOWS`, with one LRU list per CPU (`BPF_F_NO_COMMON_LRU`): the variant issue 16
+/// weighs against the shared LRU. The kernel rounds its size to a multiple of the CPU count and
+/// gives every CPU's list an equal share.
+#[map(name = "FLOOR_FLOWS_PERCPU")]
+pub static FLOOR_FLOWS_PERCPU: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(1, BPF_F_NO_COMMON_LRU);
 
 /// Backend slot id → its resolved next hop, per CPU (`nexthop.rs`).
 #[map(name = "NEXTHOPS")]

@@ -14,7 +14,9 @@
 use crate::{
     cmd::{run_timeout, wait_for},
     http,
-    livegen::{BenchXdp, GEN_BATCH, Generator, attach_bench, parse_mac, veth_xdp},
+    livegen::{
+        BenchXdp, GEN_BATCH, Generator, attach_bench, attach_bench_sized, parse_mac, veth_xdp,
+    },
     netns::Netns,
     process::Process,
     profile,
@@ -45,6 +47,9 @@ const BACKENDS: usize = 3;
 enum Config {
     /// Packet rate only: `xlb_floor_tx` on lb1 (XDP_TX without reading the packet).
     PpsFloor,
+    /// Packet rate only: `xlb_floor_flow_tx` on lb1, the stateful floor (parse, one lookup in a
+    /// flow table of `FLOWS`' type and the agent's default size, MAC, XDP_TX; issue 16).
+    PpsFlowFloor,
     Direct,
     XlbIpip,
     XlbL2,
@@ -55,8 +60,9 @@ enum Config {
     Haproxy,
 }
 
-const CONFIGS: [Config; 9] = [
+const CONFIGS: [Config; 10] = [
     Config::PpsFloor,
+    Config::PpsFlowFloor,
     Config::Direct,
     Config::XlbIpip,
     Config::XlbL2,
@@ -79,6 +85,7 @@ impl Config {
     fn key(self) -> &'static str {
         match self {
             Config::PpsFloor => "pps_floor",
+            Config::PpsFlowFloor => "pps_flow_floor",
             Config::Direct => "direct",
             Config::XlbIpip => "xlb_ipip",
             Config::XlbL2 => "xlb_l2",
@@ -93,6 +100,9 @@ impl Config {
     fn label(self) -> &'static str {
         match self {
             Config::PpsFloor => "floor: XDP_TX on lb1, packet not read (driver XDP)",
+            Config::PpsFlowFloor => {
+                "stateful floor: parse + flow lookup + MAC + XDP_TX on lb1 (driver XDP)"
+            }
             Config::Direct => "direct to be1 (floor)",
             Config::XlbIpip => "xlb ipip (generic XDP)",
             Config::XlbL2 => "xlb l2 (generic XDP)",
@@ -131,6 +141,7 @@ impl Config {
         matches!(
             self,
             Config::PpsFloor
+                | Config::PpsFlowFloor
                 | Config::XlbIpipDriver
                 | Config::XlbL2Driver
                 | Config::NftDnat
@@ -140,7 +151,7 @@ impl Config {
 
     /// Part of the HTTP (`wrk`) comparison.
     fn http(self) -> bool {
-        self != Config::PpsFloor
+        !matches!(self, Config::PpsFloor | Config::PpsFlowFloor)
     }
 }
 
@@ -226,6 +237,19 @@ fn setup(bed: &Testbed, config: Config, tag: &str) -> Result<Active> {
             );
             // xlb's own floor program, as in the per-packet benchmark.
             floor = Some(attach_bench(lb1, HOST_IFACE, programs::FLOOR_TX)?);
+        }
+        Config::PpsFlowFloor => {
+            sink = Some(
+                attach_bench(bed.ns("rtr"), &peer, programs::BENCH_SINK)
+                    .context("the sink program on lb1's peer")?,
+            );
+            // The flood's flows are inserted by their first packets (the warm-up), then hit.
+            floor = Some(attach_bench_sized(
+                lb1,
+                HOST_IFACE,
+                programs::FLOOR_FLOW_TX,
+                Some(lb_common::DEFAULT_FLOW_CAPACITY),
+            )?);
         }
         Config::XlbIpip | Config::XlbL2 | Config::XlbIpipDriver | Config::XlbL2Driver => {
             let (forward, mode) = config.xlb().expect("an xlb configuration");
@@ -844,6 +868,8 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
                     "refused_pps": of(|p| p.refused_pps),
                     "generator_pps": of(|p| p.generator_pps),
                     "ns_per_packet_above_floor": above_floor,
+                    "share_of_floor": ratio(med(ci, "pps"), floor),
+                    "share_of_stateful_floor": ratio(med(ci, "pps"), med(idx(Config::PpsFlowFloor), "pps")),
                     "failures": s.errors,
                 }),
             );
@@ -1091,9 +1117,9 @@ fn markdown(doc: &Value, samples: &[Samples]) -> String {
     );
     let _ = writeln!(
         md,
-        "| configuration | forwarded pps (sink) | offered pps (generator) | ns/packet above the floor | failures |"
+        "| configuration | forwarded pps (sink) | offered pps (generator) | ns/packet above the floor | of the XDP_TX floor | of the stateful floor | failures |"
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|---|");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---|");
     for (ci, config) in CONFIGS.iter().enumerate().filter(|(_, c)| c.pps()) {
         let p = &doc["pps"][config.key()];
         let failures = samples[ci]
@@ -1103,11 +1129,13 @@ fn markdown(doc: &Value, samples: &[Samples]) -> String {
             .replace('\n', " ");
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             config.label(),
             cell(&p["forwarded_pps"], 0),
             cell(&p["offered_pps"], 0),
             fmt(g(&p["ns_per_packet_above_floor"]), 0),
+            fmt(g(&p["share_of_floor"]), 2),
+            fmt(g(&p["share_of_stateful_floor"]), 2),
             failures
         );
     }

@@ -206,10 +206,24 @@ pub struct BenchXdp {
 
 /// Attach the benchmark program `name` to `iface` of `ns` in driver mode.
 pub fn attach_bench(ns: &Netns, iface: &str, name: &'static str) -> Result<BenchXdp> {
+    attach_bench_sized(ns, iface, name, None)
+}
+
+/// `attach_bench`, with the stateful floors' flow tables (`lb_common::maps::FLOOR_FLOWS`, ...)
+/// `floor_flows` entries large, for a stateful floor program; `None`: one entry each.
+pub fn attach_bench_sized(
+    ns: &Netns,
+    iface: &str,
+    name: &'static str,
+    floor_flows: Option<u32>,
+) -> Result<BenchXdp> {
     let iface = iface.to_string();
     let dp = ns.enter(move || -> Result<Dataplane> {
-        let mut dp = Dataplane::load_unattached(BENCH_OBJECT_FLOWS, None)
-            .context("loading the eBPF object")?;
+        let mut dp = match floor_flows {
+            Some(n) => Dataplane::load_unattached_with_floors(n, None),
+            None => Dataplane::load_unattached(BENCH_OBJECT_FLOWS, None),
+        }
+        .context("loading the eBPF object")?;
         // The interface index is resolved in this thread's namespace, hence inside `ns`.
         dp.attach_bench_program(name, &iface)
             .with_context(|| format!("attaching {name} to {iface} in driver mode"))?;

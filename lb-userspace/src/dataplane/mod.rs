@@ -373,6 +373,22 @@ impl Dataplane {
         Self::load_unattached_sized(flow_capacity, DEFAULT_EMBRYO_CAPACITY, lb_addr)
     }
 
+    /// `load_unattached` with the stateful floors' flow tables (`maps::FLOOR_FLOWS`,
+    /// `FLOOR_FLOWS_PERCPU`) as large as `FLOWS`, for `cargo xtask bench`; elsewhere they keep
+    /// one entry, so no other load preallocates them.
+    pub fn load_unattached_with_floors(
+        flow_capacity: u32,
+        lb_addr: Option<Ipv4Addr>,
+    ) -> Result<Self, DataplaneError> {
+        let ebpf = EbpfLoader::new()
+            .map_max_entries(maps::FLOWS, flow_capacity)
+            .map_max_entries(maps::EMBRYOS, DEFAULT_EMBRYO_CAPACITY)
+            .map_max_entries(maps::FLOOR_FLOWS, flow_capacity)
+            .map_max_entries(maps::FLOOR_FLOWS_PERCPU, flow_capacity)
+            .load(EBPF_OBJECT)?;
+        Self::from_ebpf(ebpf, flow_capacity, DEFAULT_EMBRYO_CAPACITY, lb_addr)
+    }
+
     /// `load_unattached` with an embryonic table of `embryo_capacity` entries.
     pub fn load_unattached_sized(
         flow_capacity: u32,

@@ -4,10 +4,10 @@
 use super::{AttachedMode, Dataplane, DataplaneError, map_err};
 use aya::{
     Ebpf,
-    maps::{Array, MapData},
+    maps::{Array, HashMap, MapData},
     programs::{Xdp, XdpMode},
 };
-use lb_common::{BenchGenHeader, maps, programs};
+use lb_common::{BenchGenHeader, FlowKey, FlowValue, maps, programs};
 
 /// ELF bytes of lb-ebpf, aligned as aya's loader requires.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -60,6 +60,20 @@ impl Dataplane {
             prog.load().map_err(program_error(name))?;
         }
         xdp_program(&self.ebpf, name)
+    }
+
+    /// One of the stateful floors' flow tables (`maps::FLOOR_FLOWS`, `FLOOR_FLOWS_PERCPU`), for
+    /// a benchmark to fill and count. Inserts from here go to the calling CPU's LRU list in the
+    /// per-CPU variant, as the agent's peer-sync installs would.
+    pub fn bench_flow_table(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, FlowKey, FlowValue>, DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap { name })?;
+        HashMap::try_from(map).map_err(map_err(name))
     }
 
     /// The benchmark generator (`programs::BENCH_GEN`), loaded, with `header` as the headers it

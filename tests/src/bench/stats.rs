@@ -56,8 +56,8 @@ pub struct Row {
     pub name: String,
     pub unit: &'static str,
     pub spread: Spread,
-    /// (comparison's name, ratio of the medians).
-    pub ratio: Option<(String, f64)>,
+    /// (comparison's name, ratio of the medians), in the order the comparisons were added.
+    pub ratios: Vec<(String, f64)>,
     pub note: String,
 }
 
@@ -73,12 +73,13 @@ impl Row {
             name: name.into(),
             unit,
             spread: s,
-            ratio: None,
+            ratios: Vec::new(),
             note: String::new(),
         }
     }
     pub fn vs(mut self, name: &str, base: &Spread) -> Row {
-        self.ratio = Some((name.to_string(), self.spread.median / base.median));
+        self.ratios
+            .push((name.to_string(), self.spread.median / base.median));
         self
     }
     pub fn note(mut self, note: impl Into<String>) -> Row {
@@ -91,7 +92,8 @@ impl Row {
             "name": self.name,
             "unit": self.unit,
             "value": self.spread.json(),
-            "ratio": self.ratio.as_ref().map(|(c, r)| json!({"to": c, "median_ratio": r})),
+            "ratio": self.ratios.first().map(|(c, r)| json!({"to": c, "median_ratio": r})),
+            "ratios": self.ratios.iter().map(|(c, r)| json!({"to": c, "median_ratio": r})).collect::<Vec<_>>(),
             "note": self.note,
         })
     }
@@ -119,10 +121,11 @@ pub fn markdown(rows: &[Row]) -> String {
             ));
         }
         let ratio = r
-            .ratio
-            .as_ref()
+            .ratios
+            .iter()
             .map(|(c, x)| format!("{x:.2}× {c}"))
-            .unwrap_or_default();
+            .collect::<Vec<_>>()
+            .join("; ");
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} |\n",
             r.name,

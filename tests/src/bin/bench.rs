@@ -28,7 +28,7 @@ mod sync;
 use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use clap::Parser;
-use lb_common::programs;
+use lb_common::{FlowValue, maps, programs};
 use packets::{
     ACK, BACKENDS6, CLIENT6, LB, LB6, OTHER, SYN, VIP, VIP6, backend, fill_events, tcp_frame,
     tcp_frame6,
@@ -300,7 +300,12 @@ compared with the floor measured the same way; a batch's value is the median of 
 established (repeat) + (new flow per call − established per call). IPIP encapsulation grows the frame in place, \
 which a repeated run would feed back to itself, so IPIP is measured per call only. The measuring thread is pinned \
 to one CPU, and before the new-flow batches one SYN per backend fills that CPU's next-hop cache, as traffic keeps \
-it filled on a loaded balancer. min/median/max are over runs or batches; ratios are of medians.";
+it filled on a loaded balancer. min/median/max are over runs or batches; ratios are of medians. \
+The stateful floors (issue 16: parse, one lookup in a flow table of FLOWS' type, key, value and size, inserting on \
+a miss, destination MAC from the entry, XDP_TX; and an insert-only twin) run in the first (1% full) and the last \
+(90% full) cell, their tables filled with the flows FLOWS got, an equal share inserted from each CPU, on a shared \
+LRU (as FLOWS) and a per-CPU LRU (BPF_F_NO_COMMON_LRU); after their figures as many flows again are installed from \
+the measuring CPU alone, as the agent installs peer-synced flows, and the note says how many the table kept.";
 
 fn document(machine: &Value, quick: bool, table: &str, targets: &str, elapsed: f64) -> String {
     format!(
@@ -572,6 +577,131 @@ fn measure_floors(
     Ok(())
 }
 
+/// The stateful floors (issue 16): (flow table, lookup-then-insert program, insert-only program).
+const STATEFUL_FLOORS: [(&str, &str, &str); 2] = [
+    (
+        maps::FLOOR_FLOWS,
+        programs::FLOOR_FLOW_TX,
+        programs::FLOOR_FLOW_INSERT_TX,
+    ),
+    (
+        maps::FLOOR_FLOWS_PERCPU,
+        programs::FLOOR_FLOW_TX_PERCPU,
+        programs::FLOOR_FLOW_INSERT_TX_PERCPU,
+    ),
+];
+
+/// One stateful floor, measured with its table at one fill.
+struct Stateful {
+    table: &'static str,
+    fill: u32,
+    /// Entries once filled (spread over the CPUs), before any packet.
+    filled: u32,
+    /// Established: lookup (hit) + MAC + XDP_TX, repeat mode and per call.
+    est: Vec<f64>,
+    est_call: Vec<f64>,
+    /// New flow, per call: lookup (miss) + insert + MAC + XDP_TX.
+    new_call: Vec<f64>,
+    /// New flow, per call: insert + MAC + XDP_TX (no lookup).
+    insert_call: Vec<f64>,
+    /// Flows installed from one CPU after the measurement (as the agent installs peer-synced
+    /// flows), and how many of them the table then holds.
+    peer_installed: u32,
+    peer_kept: u32,
+}
+
+impl Stateful {
+    fn lru(&self) -> &'static str {
+        if self.table == maps::FLOOR_FLOWS {
+            "shared LRU"
+        } else {
+            "per-CPU LRU"
+        }
+    }
+
+    /// Per-call figures made comparable with repeat mode, as the balancer's new-flow figure.
+    fn derived(&self, call: &[f64]) -> Vec<f64> {
+        let base = median(&self.est) - median(&self.est_call);
+        call.iter().map(|n| n + base).collect()
+    }
+}
+
+/// Fills `table` to `fill`% of `CAPACITY` with the flows `FLOWS` got (an equal share from each
+/// of `cpus`, as the data path on every CPU would have created them), measures its floor
+/// programs on the calling thread's CPU `home`, then installs as many flows again from `home`
+/// alone and counts how many the table keeps.
+fn measure_stateful(
+    dp: &mut Dataplane,
+    ifindex: u32,
+    (table, hit, insert): (&'static str, &'static str, &'static str),
+    fill: u32,
+    (cpus, home): (&[usize], usize),
+    p: (usize, u32, usize, usize),
+) -> Result<Stateful> {
+    let (runs, repeat, batches, batch) = p;
+    let fill_n = CAPACITY / 100 * fill;
+    let flows: Vec<_> = fill_events(fill_n, PORT_L2, 3).collect();
+    let share = flows.len().div_ceil(cpus.len().max(1));
+    for (cpu, part) in cpus.iter().zip(flows.chunks(share.max(1))) {
+        xlb_tests::cpu::pin_to(*cpu)?;
+        let mut t = dp.bench_flow_table(table)?;
+        for e in part {
+            t.insert(e.flow, FlowValue::new(e.backend_addr, 0, 0, 0), 0)
+                .with_context(|| format!("filling {table}"))?;
+        }
+    }
+    xlb_tests::cpu::pin_to(home)?;
+    let filled = dp.bench_flow_table(table)?.keys().count() as u32;
+    let ack = tcp_frame(CLIENT, VIP, 1000, PORT_L2, ACK, 0);
+    let (a, _) = test_run(dp.bench_program(hit)?, ifindex, &ack, 1)?;
+    if a != XDP_TX {
+        bail!("{hit}: first packet: action {a}");
+    }
+    let prog = dp.bench_program(hit)?;
+    let est = repeated(prog, ifindex, &ack, XDP_TX, runs, repeat, hit)?;
+    let est_call = per_call(
+        prog,
+        ifindex,
+        &same_frame(&ack, batches, batch),
+        XDP_TX,
+        hit,
+    )?;
+    let new_call = per_call(
+        prog,
+        ifindex,
+        &syns(Ipv4Addr::new(10, 111, 0, 5), PORT_L2, 2000, batches, batch),
+        XDP_TX,
+        hit,
+    )?;
+    let prog = dp.bench_program(insert)?;
+    let insert_call = per_call(
+        prog,
+        ifindex,
+        &syns(Ipv4Addr::new(10, 111, 0, 6), PORT_L2, 2000, batches, batch),
+        XDP_TX,
+        insert,
+    )?;
+    // Peer sync: the agent installs a peer's flows from the one thread that reads the peer.
+    let peer: Vec<_> = fill_events(fill_n, PORT_IPIP, 3).collect();
+    let mut t = dp.bench_flow_table(table)?;
+    for e in &peer {
+        t.insert(e.flow, FlowValue::new(e.backend_addr, 0, 0, 0), 0)
+            .with_context(|| format!("installing into {table}"))?;
+    }
+    let peer_kept = peer.iter().filter(|e| t.get(&e.flow, 0).is_ok()).count() as u32;
+    Ok(Stateful {
+        table,
+        fill,
+        filled,
+        est,
+        est_call,
+        new_call,
+        insert_call,
+        peer_installed: fill_n,
+        peer_kept,
+    })
+}
+
 struct Cell {
     backends: u32,
     fill: u32,
@@ -590,7 +720,8 @@ fn per_packet(
     let mut profiles = Vec::new();
     // One CPU for every per-packet figure: the next-hop cache and the per-CPU counters are per
     // CPU, and a thread that migrates would measure cold caches.
-    xlb_tests::cpu::pin_to_one()?;
+    let cpus = xlb_tests::cpu::allowed()?;
+    let home = xlb_tests::cpu::pin_to_one()?;
     let ifindex = xlb::util::interface_index("lb0")?;
     let ack = tcp_frame(CLIENT, VIP, 1000, PORT_L2, ACK, 0);
     let mut floors = Floors {
@@ -599,6 +730,7 @@ fn per_packet(
         tx_call: vec![],
         parse_tx_call: vec![],
     };
+    let mut stateful: Vec<Stateful> = Vec::new();
     let mut other = Vec::new();
     let mut cells = Vec::new();
     let ncells = FILLS.len() * BACKEND_COUNTS.len();
@@ -609,7 +741,7 @@ fn per_packet(
     {
         interrupt::check()?;
         println!("bench: per-packet, {nb} backends, flow table {fill}% full");
-        let mut dp = Dataplane::load_unattached(CAPACITY, Some(LB))?;
+        let mut dp = Dataplane::load_unattached_with_floors(CAPACITY, Some(LB))?;
         dp.apply_vip(
             &vip_spec(PORT_L2, Forward::L2, (0..nb).map(backend)),
             &BTreeSet::new(),
@@ -623,9 +755,21 @@ fn per_packet(
         if report.installed != u64::from(fill_n) {
             bail!("filled {} of {fill_n} flows", report.installed);
         }
-        // Floors in the first and the last cell, so a drift of the machine shows in their spread.
+        // Floors in the first and the last cell, so a drift of the machine shows in their spread;
+        // the stateful ones with their tables as full as `FLOWS` (1% there, 90% here).
         if k == 0 || k == ncells - 1 {
             measure_floors(&mut dp, ifindex, &ack, &mut floors, p)?;
+            for (table, hit, insert) in STATEFUL_FLOORS {
+                let f = measure_stateful(
+                    &mut dp,
+                    ifindex,
+                    (table, hit, insert),
+                    fill,
+                    (&cpus, home),
+                    p,
+                )?;
+                stateful.push(f);
+            }
         }
         let prog = dp.balancer()?;
         if k == 0 {
@@ -775,6 +919,17 @@ fn per_packet(
     let c0 = &cells[0];
     let est0 = Spread::of(&c0.est);
     let new0 = Spread::of(&c0.new_derived);
+    // The shared-LRU stateful floors at `fill` (what `FLOWS` is): established, new flow.
+    let sf = "stateful floor";
+    let nf = "new-flow floor";
+    let shared = |fill: u32| -> Result<(Spread, Spread)> {
+        let f = stateful
+            .iter()
+            .find(|f| f.table == maps::FLOOR_FLOWS && f.fill == fill)
+            .context("a stateful floor at every fill")?;
+        Ok((Spread::of(&f.est), Spread::of(&f.derived(&f.new_call))))
+    };
+    let (sf0, nf0) = shared(FILLS[0])?;
     rows.push(
         Row::new(
             s,
@@ -782,7 +937,8 @@ fn per_packet(
             "ns/pkt",
             est0,
         )
-        .vs(floor, &ptx),
+        .vs(floor, &ptx)
+        .vs(sf, &sf0),
     );
     rows.push(
         Row::new(
@@ -792,6 +948,7 @@ fn per_packet(
             new0,
         )
         .vs(floor, &ptx)
+        .vs(nf, &nf0)
         .note("established + (new − established) per call"),
     );
     rows.push(Row::new(
@@ -831,6 +988,7 @@ fn per_packet(
             100.0 * f64::from(cell.entries_after) / f64::from(CAPACITY)
         );
         let label = format!("{} backends, {}% full", cell.backends, cell.fill);
+        let (sf_fill, nf_fill) = shared(cell.fill)?;
         rows.push(
             Row::new(
                 m,
@@ -838,7 +996,8 @@ fn per_packet(
                 "ns/pkt",
                 Spread::of(&cell.est),
             )
-            .vs(floor, &ptx),
+            .vs(floor, &ptx)
+            .vs(sf, &sf_fill),
         );
         rows.push(
             Row::new(
@@ -848,9 +1007,11 @@ fn per_packet(
                 Spread::of(&cell.new_derived),
             )
             .vs(floor, &ptx)
+            .vs(nf, &nf_fill)
             .note(note),
         );
     }
+    rows.extend(stateful_rows(&stateful, &floors, &est0));
 
     // Targets.
     // Largest/smallest median over the cells `group` puts together, worst group: across backend
@@ -894,13 +1055,92 @@ fn per_packet(
         met(est_f <= FLAT),
         met(new_f <= FLAT),
     );
+    // Issue 16's targets, against the stateful floors (shared LRU, as FLOWS is).
+    let sf_ratio = est0.median / sf0.median;
+    let nf_ratio = new0.median / nf0.median;
+    let fill_ratio = cells
+        .iter()
+        .filter(|c| c.backends == c0.backends && c.fill == FILLS[FILLS.len() - 1])
+        .map(|c| median(&c.new_derived) / new0.median)
+        .fold(0.0, f64::max);
+    let mut markdown = markdown;
+    markdown.push_str(&format!(
+        "- Established ≤ 1.25× the stateful floor (issue 16): {} ({sf_ratio:.2}×: {:.1} vs {:.1} ns/pkt).\n\
+         - New flow ≤ 1.5× the new-flow floor (lookup miss + insert): {} ({nf_ratio:.2}×: {:.1} vs {:.1} ns/pkt).\n\
+         - New flow from 1% to 90% table fill ≤ 1.2× ({} backends): {} ({fill_ratio:.2}×).\n",
+        met(sf_ratio <= 1.25),
+        est0.median,
+        sf0.median,
+        met(nf_ratio <= 1.5),
+        new0.median,
+        nf0.median,
+        c0.backends,
+        met(fill_ratio <= 1.2),
+    ));
     let json = json!({
+        "established_vs_stateful_floor": {"ratio": sf_ratio, "target": 1.25, "met": sf_ratio <= 1.25},
+        "new_flow_vs_new_flow_floor": {"ratio": nf_ratio, "target": 1.5, "met": nf_ratio <= 1.5},
+        "new_flow_fill_90_vs_1": {"ratio": fill_ratio, "target": 1.2, "met": fill_ratio <= 1.2},
         "established_vs_floor": {"ratio": est_ratio, "target": 2.0, "met": est_ratio <= 2.0},
         "new_flow_vs_floor": {"ratio": new_ratio, "per_call_ratio": new_call_ratio, "target": 3.0, "met": new_ratio <= 3.0},
         "established_flatness": {"max_over_min": est_flat, "in_backends": est_b, "in_fill": est_f, "threshold": FLAT, "met": est_flat <= FLAT},
         "new_flow_flatness": {"max_over_min": new_flat, "in_backends": new_b, "in_fill": new_f, "threshold": FLAT, "met": new_flat <= FLAT},
     });
     Ok((rows, Targets { markdown, json }, profiles))
+}
+
+/// The stateful floors' rows (issue 16), each against today's floors and xlb's established
+/// packet, the per-CPU LRU's also against the shared LRU at the same fill.
+fn stateful_rows(stateful: &[Stateful], floors: &Floors, est0: &Spread) -> Vec<Row> {
+    let t = "Stateful floors (issue 16): a flow table of FLOWS' type, key, value and size";
+    let tx = Spread::of(&floors.tx);
+    let ptx = Spread::of(&floors.parse_tx);
+    let xlb = "xlb established (L2, 3 backends, 1%)";
+    let mut rows = Vec::new();
+    for f in stateful {
+        let twin = stateful
+            .iter()
+            .find(|g| g.table == maps::FLOOR_FLOWS && g.fill == f.fill && g.table != f.table);
+        let label = format!("{}, {}% full", f.lru(), f.fill);
+        let figures = [
+            (
+                "established: parse + lookup (hit) + MAC + XDP_TX",
+                Spread::of(&f.est),
+                twin.map(|g| Spread::of(&g.est)),
+                format!(
+                    "{} flows after the fill ({:.1}%)",
+                    f.filled,
+                    100.0 * f64::from(f.filled) / f64::from(CAPACITY)
+                ),
+            ),
+            (
+                "new flow (derived): parse + lookup (miss) + insert + MAC + XDP_TX",
+                Spread::of(&f.derived(&f.new_call)),
+                twin.map(|g| Spread::of(&g.derived(&g.new_call))),
+                "established + (new − established) per call".to_string(),
+            ),
+            (
+                "new flow (derived): parse + insert + MAC + XDP_TX",
+                Spread::of(&f.derived(&f.insert_call)),
+                twin.map(|g| Spread::of(&g.derived(&g.insert_call))),
+                format!(
+                    "then {} flows installed from one CPU (peer sync): {} kept",
+                    f.peer_installed, f.peer_kept
+                ),
+            ),
+        ];
+        for (what, spread, twin, note) in figures {
+            let mut row = Row::new(t, format!("{what}, {label}"), "ns/pkt", spread)
+                .vs("XDP_TX floor", &tx)
+                .vs("parse+TX floor", &ptx)
+                .vs(xlb, est0);
+            if let Some(g) = twin {
+                row = row.vs("shared LRU", &g);
+            }
+            rows.push(row.note(note));
+        }
+    }
+    rows
 }
 
 /// Profiles of the figures whose cost the targets are about, on the 3-backend, 1%-full cell.
