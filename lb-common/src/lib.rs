@@ -191,6 +191,20 @@ pub mod programs {
     pub const FLOOR_FLOW_TX_PERCPU: &str = "xlb_floor_flow_tx_percpu";
     /// `FLOOR_FLOW_INSERT_TX` on the per-CPU LRU `FLOOR_FLOWS_PERCPU`.
     pub const FLOOR_FLOW_INSERT_TX_PERCPU: &str = "xlb_floor_flow_insert_tx_percpu";
+    /// The stateful floors by flow table: (table, lookup-then-insert program, insert-only
+    /// program), the shared LRU first.
+    pub const STATEFUL_FLOORS: [(&str, &str, &str); 2] = [
+        (
+            super::maps::FLOOR_FLOWS,
+            FLOOR_FLOW_TX,
+            FLOOR_FLOW_INSERT_TX,
+        ),
+        (
+            super::maps::FLOOR_FLOWS_PERCPU,
+            FLOOR_FLOW_TX_PERCPU,
+            FLOOR_FLOW_INSERT_TX_PERCPU,
+        ),
+    ];
     /// Benchmark packet generator, run with `BPF_F_TEST_XDP_LIVE_FRAMES`: writes the frame's
     /// Ethernet/IPv4/UDP headers from `BenchGenHeader`, gives it the next of `BENCH_GEN_FLOWS`
     /// source ports and sends it (`XDP_TX`).

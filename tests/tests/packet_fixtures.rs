@@ -1698,3 +1698,51 @@ fn bench_generator_rewrites_its_headers_and_the_sink_drops_only_the_flood() {
         );
     });
 }
+
+#[test]
+fn stateful_floors_insert_on_a_miss_and_take_the_mac_from_the_entry() {
+    use lb_common::{FlowValue, programs};
+    in_fixture_netns(|ifindex| {
+        let mut dp = Dataplane::load_unattached_with_floors(1024, None).unwrap();
+        let syn = inbound(&client_syn(1024, 80));
+        let mac = |a: [u8; 4]| {
+            let mut f = syn.clone();
+            f[..6].copy_from_slice(&[0x02, 0x00, a[0], a[1], a[2], a[3]]);
+            f
+        };
+        for (table, hit, insert) in programs::STATEFUL_FLOORS {
+            // A miss inserts the flow with its destination as the backend, and sends it there.
+            let (action, out) = run(dp.bench_program(hit).unwrap(), ifindex, &syn);
+            assert_eq!(action, XDP_TX, "{hit}: miss");
+            assert_eq!(hex(&out), hex(&mac(VIP.octets())), "{hit}: miss");
+            let mut t = dp.bench_flow_table(table).unwrap();
+            let keys: Vec<FlowKey> = t.keys().map(Result::unwrap).collect();
+            assert_eq!(keys.len(), 1, "{table}: one flow after the miss");
+            // A hit takes the MAC from the entry, whatever it says.
+            let other = Ipv4Addr::new(10, 111, 9, 9).octets();
+            t.insert(
+                keys[0],
+                FlowValue::new(u32::from_ne_bytes(other), 0, 0, 0),
+                0,
+            )
+            .unwrap();
+            let (action, out) = run(dp.bench_program(hit).unwrap(), ifindex, &syn);
+            assert_eq!(action, XDP_TX, "{hit}: hit");
+            assert_eq!(hex(&out), hex(&mac(other)), "{hit}: hit");
+            // The insert-only twin adds a flow without looking.
+            let (action, _) = run(
+                dp.bench_program(insert).unwrap(),
+                ifindex,
+                &inbound(&client_syn(1025, 80)),
+            );
+            assert_eq!(action, XDP_TX, "{insert}");
+            let count = dp.bench_flow_table(table).unwrap().keys().count();
+            assert_eq!(count, 2, "{table}: two flows after the insert");
+            // No ports (truncated): passed, nothing inserted.
+            let (action, _) = run(dp.bench_program(hit).unwrap(), ifindex, &syn[..36]);
+            assert_eq!(action, XDP_PASS, "{hit}: truncated");
+            let count = dp.bench_flow_table(table).unwrap().keys().count();
+            assert_eq!(count, 2, "{table}: nothing inserted for a truncated frame");
+        }
+    });
+}

@@ -577,20 +577,6 @@ fn measure_floors(
     Ok(())
 }
 
-/// The stateful floors (issue 16): (flow table, lookup-then-insert program, insert-only program).
-const STATEFUL_FLOORS: [(&str, &str, &str); 2] = [
-    (
-        maps::FLOOR_FLOWS,
-        programs::FLOOR_FLOW_TX,
-        programs::FLOOR_FLOW_INSERT_TX,
-    ),
-    (
-        maps::FLOOR_FLOWS_PERCPU,
-        programs::FLOOR_FLOW_TX_PERCPU,
-        programs::FLOOR_FLOW_INSERT_TX_PERCPU,
-    ),
-];
-
 /// One stateful floor, measured with its table at one fill.
 struct Stateful {
     table: &'static str,
@@ -666,21 +652,13 @@ fn measure_stateful(
         XDP_TX,
         hit,
     )?;
-    let new_call = per_call(
-        prog,
-        ifindex,
-        &syns(Ipv4Addr::new(10, 111, 0, 5), PORT_L2, 2000, batches, batch),
-        XDP_TX,
-        hit,
-    )?;
-    let prog = dp.bench_program(insert)?;
-    let insert_call = per_call(
-        prog,
-        ifindex,
-        &syns(Ipv4Addr::new(10, 111, 0, 6), PORT_L2, 2000, batches, batch),
-        XDP_TX,
-        insert,
-    )?;
+    // Every SYN a new flow, from a source of its own per program.
+    let mut new_flows = |name: &'static str, src: Ipv4Addr| -> Result<Vec<f64>> {
+        let frames = syns(src, PORT_L2, 2000, batches, batch);
+        per_call(dp.bench_program(name)?, ifindex, &frames, XDP_TX, name)
+    };
+    let new_call = new_flows(hit, Ipv4Addr::new(10, 111, 0, 5))?;
+    let insert_call = new_flows(insert, Ipv4Addr::new(10, 111, 0, 6))?;
     // Peer sync: the agent installs a peer's flows from the one thread that reads the peer.
     let peer: Vec<_> = fill_events(fill_n, PORT_IPIP, 3).collect();
     let mut t = dp.bench_flow_table(table)?;
@@ -759,7 +737,7 @@ fn per_packet(
         // the stateful ones with their tables as full as `FLOWS` (1% there, 90% here).
         if k == 0 || k == ncells - 1 {
             measure_floors(&mut dp, ifindex, &ack, &mut floors, p)?;
-            for (table, hit, insert) in STATEFUL_FLOORS {
+            for (table, hit, insert) in programs::STATEFUL_FLOORS {
                 let f = measure_stateful(
                     &mut dp,
                     ifindex,
