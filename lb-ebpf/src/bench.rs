@@ -92,7 +92,7 @@ fn flow_floor(ctx: &XdpContext, table: &LruHashMap<FlowKey, FlowValue>, lookup: 
     let Some(dst) = ptr_at::<[u8; 6]>(ctx, 0) else {
         return xdp_action::XDP_ABORTED;
     };
-    let [a, b, c, d] = backend.to_ne_bytes();
+    let [a, b, c, d] = backend.v4().to_ne_bytes();
     // SAFETY: bounds checked by ptr_at. A locally administered MAC holding the backend address
     // (network order, as stored).
     unsafe { dst.write([0x02, 0x00, a, b, c, d]) };

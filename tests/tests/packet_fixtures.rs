@@ -1719,16 +1719,12 @@ fn stateful_floors_insert_on_a_miss_and_take_the_mac_from_the_entry() {
             let keys: Vec<FlowKey> = t.keys().map(Result::unwrap).collect();
             assert_eq!(keys.len(), 1, "{table}: one flow after the miss");
             // A hit takes the MAC from the entry, whatever it says.
-            let other = Ipv4Addr::new(10, 111, 9, 9).octets();
-            t.insert(
-                keys[0],
-                FlowValue::new(u32::from_ne_bytes(other), 0, 0, 0),
-                0,
-            )
-            .unwrap();
+            let other = Ipv4Addr::new(10, 111, 9, 9);
+            t.insert(keys[0], FlowValue::new(other.into(), 0, 0, 0), 0)
+                .unwrap();
             let (action, out) = run(dp.bench_program(hit).unwrap(), ifindex, &syn);
             assert_eq!(action, XDP_TX, "{hit}: hit");
-            assert_eq!(hex(&out), hex(&mac(other)), "{hit}: hit");
+            assert_eq!(hex(&out), hex(&mac(other.octets())), "{hit}: hit");
             // The insert-only twin adds a flow without looking.
             let (action, _) = run(
                 dp.bench_program(insert).unwrap(),
