@@ -82,19 +82,25 @@ pub mod layout {
     /// Version 4: addresses of both families (issue 15): `FlowKey`'s addresses and
     /// `FlowValue::backend_addr` are 16-byte `Addr`s (IPv4 as IPv4-mapped); a v1/v2 flow is copied
     /// with its IPv4 addresses mapped. Version 5 is the `layout-test` build's (v4 + created_ns).
+    ///
+    /// Version 6: `FlowValue::vip_id` and `vip_forward` where v4 had padding (issue 16: an
+    /// established packet takes its VIP from its flow, one hash lookup instead of two); a v4 (or
+    /// v5) flow is copied with generation 0, so its next packet looks its VIP up and caches it.
+    /// Version 7 is the `layout-test` build's (v6 + created_ns).
     #[cfg(not(feature = "layout-test"))]
-    pub const FLOWS: u32 = 4;
+    pub const FLOWS: u32 = 6;
     #[cfg(feature = "layout-test")]
-    pub const FLOWS: u32 = 5;
+    pub const FLOWS: u32 = 7;
     /// The embryonic flows (values are `FlowValue`s, so its layout follows `FLOWS`'s): pinned
     /// so that a SYN flood finds the same table after a restart and handshakes in progress
     /// complete on the backend they started with. Version 2 only in `layout-test` builds.
     /// Version 3: `FlowKey` and `FlowValue` of `FLOWS` v4 (both families); version 4 only in
-    /// `layout-test` builds.
+    /// `layout-test` builds. Version 5: `FlowValue` of `FLOWS` v6 (the VIP cached); version 6
+    /// only in `layout-test` builds.
     #[cfg(not(feature = "layout-test"))]
-    pub const EMBRYOS: u32 = 3;
+    pub const EMBRYOS: u32 = 5;
     #[cfg(feature = "layout-test")]
-    pub const EMBRYOS: u32 = 4;
+    pub const EMBRYOS: u32 = 6;
     /// The deny list's two halves: a restart keeps dropping what the list names, with no agent.
     /// Version 1 of these tries held the whole list; since `DENY_HOSTS` exists they hold only
     /// prefixes shorter than /32 (same layout: an agent taking over a trie that still holds host
@@ -523,9 +529,16 @@ pub struct FlowValue {
     pub last_seen_ns: u64,
     /// `PolicyState::generation` when the flow's cached decisions were last made (host order; 0 =
     /// never): while it equals the current generation, the flow's packets skip the source checks
-    /// (deny list, the VIP's allow and deny lists). Flows installed from peers carry 0.
+    /// (deny list, the VIP's allow and deny lists) and take their VIP from `vip_id` and
+    /// `vip_forward` instead of looking it up in `VIPS` (the agent bumps the generation after
+    /// every change of a VIP, removal and re-creation included). Flows installed from peers carry
+    /// 0. The data path reads and writes these 8 bytes at once (`FlowStamp`).
     pub policy_gen: u32,
-    pub _pad: u32,
+    /// `VipMeta::id` of the flow's VIP under `policy_gen`, host order.
+    pub vip_id: u16,
+    /// `VipMeta::forward` of the flow's VIP under `policy_gen` (`FORWARD_*`).
+    pub vip_forward: u8,
+    pub _pad: u8,
     /// Builds with the test-only `layout-test` feature only (`layout::FLOWS` 5): when the flow
     /// was assigned (CLOCK_MONOTONIC_COARSE, host order).
     #[cfg(feature = "layout-test")]
@@ -543,12 +556,84 @@ impl FlowValue {
             flags,
             last_seen_ns: now,
             policy_gen: 0,
+            vip_id: 0,
+            vip_forward: 0,
             _pad: 0,
             #[cfg(feature = "layout-test")]
             created_ns: now,
         }
     }
 }
+
+impl FlowValue {
+    /// The value with `stamp` as its generation and cached VIP.
+    #[inline(always)]
+    pub const fn stamped(self, stamp: FlowStamp) -> Self {
+        FlowValue {
+            policy_gen: stamp.policy_gen,
+            vip_id: stamp.vip_id,
+            vip_forward: stamp.vip_forward,
+            ..self
+        }
+    }
+
+    /// The generation and cached VIP.
+    #[inline(always)]
+    pub const fn stamp(&self) -> FlowStamp {
+        FlowStamp {
+            policy_gen: self.policy_gen,
+            vip_id: self.vip_id,
+            vip_forward: self.vip_forward,
+        }
+    }
+}
+
+/// `FlowValue`'s last 8 bytes before the test-only field (`policy_gen`, `vip_id`, `vip_forward`,
+/// padding) as one `u64` in memory order: the data path stores a generation together with what
+/// it vouches for in one aligned write, so a reader on another CPU never pairs a current
+/// generation with a VIP cached under an older one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowStamp {
+    pub policy_gen: u32,
+    pub vip_id: u16,
+    pub vip_forward: u8,
+}
+
+impl FlowStamp {
+    /// Never checked: the flow's next packet makes the source checks and looks its VIP up.
+    pub const NONE: FlowStamp = FlowStamp {
+        policy_gen: 0,
+        vip_id: 0,
+        vip_forward: 0,
+    };
+
+    /// Byte offset of the stamp in a `FlowValue` (8-aligned).
+    pub const OFFSET: usize = 32;
+
+    #[inline(always)]
+    pub const fn to_word(self) -> u64 {
+        let g = self.policy_gen.to_ne_bytes();
+        let v = self.vip_id.to_ne_bytes();
+        u64::from_ne_bytes([g[0], g[1], g[2], g[3], v[0], v[1], self.vip_forward, 0])
+    }
+
+    #[inline(always)]
+    pub const fn from_word(w: u64) -> Self {
+        let b = w.to_ne_bytes();
+        FlowStamp {
+            policy_gen: u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            vip_id: u16::from_ne_bytes([b[4], b[5]]),
+            vip_forward: b[6],
+        }
+    }
+}
+
+const _: () = {
+    assert!(core::mem::offset_of!(FlowValue, policy_gen) == FlowStamp::OFFSET);
+    assert!(core::mem::offset_of!(FlowValue, vip_id) == FlowStamp::OFFSET + 4);
+    assert!(core::mem::offset_of!(FlowValue, vip_forward) == FlowStamp::OFFSET + 6);
+    assert!(FlowStamp::OFFSET.is_multiple_of(8));
+};
 
 /// The flow was installed by the agent from a peer's sync (its backend was chosen by another
 /// node); cleared when this node's data path (re)assigns the flow.
@@ -916,6 +1001,8 @@ mod tests {
             flags,
             last_seen_ns,
             policy_gen,
+            vip_id,
+            vip_forward,
             _pad
         });
         #[cfg(feature = "layout-test")]
@@ -925,6 +1012,8 @@ mod tests {
             flags,
             last_seen_ns,
             policy_gen,
+            vip_id,
+            vip_forward,
             _pad,
             created_ns
         });
@@ -1276,6 +1365,26 @@ mod tests {
             "EMBRYOS",
             4,
             "key FlowKey=40 src_addr@0:16 dst_addr@16:16 src_port@32:2 dst_port@34:2 proto@36:1 _pad@37:3; value FlowValue=48 backend_addr@0:16 backend_id@16:4 flags@20:4 last_seen_ns@24:8 policy_gen@32:4 _pad@36:4 created_ns@40:8",
+        ),
+        (
+            "FLOWS",
+            6,
+            "key FlowKey=40 src_addr@0:16 dst_addr@16:16 src_port@32:2 dst_port@34:2 proto@36:1 _pad@37:3; value FlowValue=40 backend_addr@0:16 backend_id@16:4 flags@20:4 last_seen_ns@24:8 policy_gen@32:4 vip_id@36:2 vip_forward@38:1 _pad@39:1",
+        ),
+        (
+            "EMBRYOS",
+            5,
+            "key FlowKey=40 src_addr@0:16 dst_addr@16:16 src_port@32:2 dst_port@34:2 proto@36:1 _pad@37:3; value FlowValue=40 backend_addr@0:16 backend_id@16:4 flags@20:4 last_seen_ns@24:8 policy_gen@32:4 vip_id@36:2 vip_forward@38:1 _pad@39:1",
+        ),
+        (
+            "FLOWS",
+            7,
+            "key FlowKey=40 src_addr@0:16 dst_addr@16:16 src_port@32:2 dst_port@34:2 proto@36:1 _pad@37:3; value FlowValue=48 backend_addr@0:16 backend_id@16:4 flags@20:4 last_seen_ns@24:8 policy_gen@32:4 vip_id@36:2 vip_forward@38:1 _pad@39:1 created_ns@40:8",
+        ),
+        (
+            "EMBRYOS",
+            6,
+            "key FlowKey=40 src_addr@0:16 dst_addr@16:16 src_port@32:2 dst_port@34:2 proto@36:1 _pad@37:3; value FlowValue=48 backend_addr@0:16 backend_id@16:4 flags@20:4 last_seen_ns@24:8 policy_gen@32:4 vip_id@36:2 vip_forward@38:1 _pad@39:1 created_ns@40:8",
         ),
     ];
 

@@ -17,8 +17,8 @@ use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap, programs::Xdp
 use core::arch::asm;
 use lb_common::{
     Addr, BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, CONFIG_F_MIGRATING, FlowEvent, FlowKey,
-    FlowValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta, event, reason,
-    ring_index,
+    FlowStamp, FlowValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta,
+    event, reason, ring_index,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -89,11 +89,15 @@ pub fn try_balance(ctx: &XdpContext) -> Verdict {
     let decided = match u16::from_be(unsafe { (*eth).ether_type }) {
         // IPv4 decides and forwards in one stage: one BPF call per packet fewer.
         ETH_P_IP => balance4(ctx, steered),
-        ETH_P_IPV6 => match ipv6::decide(ctx, steered) {
-            // ICMPv6 to a VIP address is a stage of its own, for the same reason.
-            Ok(Some(icmp6)) => vip_icmp6::handle(ctx, icmp6, steered).map(|()| None),
-            other => other.map(|_| None),
-        },
+        ETH_P_IPV6 => {
+            // An established flow's packet in one hash lookup; the rest decided in full.
+            let probe = ipv6::established(ctx, steered);
+            match ipv6::decide(ctx, steered, probe) {
+                // ICMPv6 to a VIP address is a stage of its own, for the same reason.
+                Ok(Some(icmp6)) => vip_icmp6::handle(ctx, icmp6, steered).map(|()| None),
+                other => other.map(|_| None),
+            }
+        }
         _ => Err(Verdict::pass(reason::PASS_NOT_IP)),
     };
     let forwarded = match decided {
@@ -129,9 +133,16 @@ pub fn try_balance(ctx: &XdpContext) -> Verdict {
 /// packet that was forwarded, `Err` with the decision's.
 #[inline(never)]
 fn balance4(ctx: &XdpContext, out: &mut Steered) -> Result<Option<Verdict>, Verdict> {
-    classify(ctx, out)?;
-    if out.icmp_reason == 0 {
-        select(out)?;
+    // An established flow's packet in one hash lookup; the rest decided in full.
+    let probe = established4(ctx, out);
+    if probe != Probe::SERVED {
+        // Read before `VIPS`: the agent writes a VIP, then bumps the generation. A flow stamped
+        // with the generation read here therefore caches a VIP read after it, never an older one.
+        let policy = firewall::policy();
+        classify(ctx, out)?;
+        if out.icmp_reason == 0 {
+            select(out, policy, probe)?;
+        }
     }
     Ok(Some(forward::forward_inline(
         ctx,
@@ -139,6 +150,170 @@ fn balance4(ctx: &XdpContext, out: &mut Steered) -> Result<Option<Verdict>, Verd
         &out.backend,
         out.now,
     )))
+}
+
+/// What `established4` did with a packet, and if it did not serve it, what it learned of its
+/// flow, so that `select` never looks twice.
+pub struct Probe;
+
+impl Probe {
+    /// Not looked up.
+    pub const NOT_LOOKED: u32 = 0;
+    /// No entry in `FLOWS`.
+    pub const MISSED: u32 = 1;
+    /// An entry, its stamp outdated or its backend gone (`select` looks it up again).
+    pub const FOUND: u32 = 2;
+    /// Served: `out` holds the packet and its backend.
+    pub const SERVED: u32 = 3;
+}
+
+/// The packet of an established IPv4 flow, in one hash lookup: TCP without SYN or UDP, not a
+/// fragment, lengths as `classify` requires them, an entry in `FLOWS` whose stamp is the current
+/// policy generation (so its source checks and the VIP it caches hold) and whose backend slot
+/// still holds its backend. Then `out` holds it as `select` would have left it, with the VIP's
+/// id and forwarding method from the entry: `VIPS` is not read. Anything else goes to
+/// `classify` and `select`, which own every rule about it (a SYN first through the deny list):
+/// what this function does not recognise, it does not judge.
+#[inline(always)]
+fn established4(ctx: &XdpContext, out: &mut Steered) -> u32 {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return Probe::NOT_LOOKED;
+    };
+    // SAFETY: `ptr_at` checked the bounds.
+    let ip = unsafe { &*ip };
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    let frags = u16::from_be_bytes(ip.frags);
+    if ip.vihl >> 4 != 4 || ihl < IPV4_HLEN || frags & (IP_MF | IP_OFFSET_MASK) != 0 {
+        return Probe::NOT_LOOKED;
+    }
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+        return Probe::NOT_LOOKED;
+    }
+    let Some(L4 {
+        ports,
+        midflow,
+        len: l4_len,
+    }) = l4_header(ctx, ip.proto, ETH_HLEN + ihl)
+    else {
+        return Probe::NOT_LOOKED;
+    };
+    if ip.proto == IPPROTO_TCP && !midflow {
+        return Probe::NOT_LOOKED;
+    }
+    let flow = flow_key(
+        Addr::from_v4(u32::from_ne_bytes(ip.src_addr)),
+        Addr::from_v4(u32::from_ne_bytes(ip.dst_addr)),
+        ports,
+        ip.proto,
+    );
+    let ip_len = u16::from_be_bytes(ip.tot_len);
+    let frame_len = frame_len(ctx);
+    let ip_len = lengths_agree(ip_len, ihl + l4_len, frame_len).then_some(ip_len);
+    let df = frags & IP_DF != 0;
+    serve_established(flow, ip_len, ip.tos, df, frame_len, midflow, out)
+}
+
+/// The part of `established4` and `ipv6::established` after the parse: `flow`'s entry in
+/// `FLOWS`, its stamp and its backend, then `out`. `ip_len`: `None` if the lengths do not agree
+/// (the full decision drops such a packet).
+#[inline(always)]
+pub fn serve_established(
+    flow: FlowKey,
+    ip_len: Option<u16>,
+    tos: u8,
+    df: bool,
+    frame_len: usize,
+    midflow: bool,
+    out: &mut Steered,
+) -> u32 {
+    let Some(value) = FLOWS.get_ptr_mut(flow) else {
+        return Probe::MISSED;
+    };
+    let generation = firewall::policy().generation;
+    let stamp = stamp_of(value);
+    let Some(ip_len) = ip_len else {
+        return Probe::FOUND;
+    };
+    // Generation 0 is "never checked" (and a data path without `POLICY` reads 0 too).
+    if stamp.policy_gen != generation || generation == 0 {
+        return Probe::FOUND;
+    }
+    let vip_id = u32::from(stamp.vip_id);
+    let Lookup::Hit(id, addr, _) = validate(value, vip_id, None) else {
+        return Probe::FOUND;
+    };
+    let now = coarse_now();
+    // SAFETY: map value pointer from the lookup above. A racing writer on another CPU can only
+    // store another recent time.
+    unsafe { (*value).last_seen_ns = now };
+    out.pkt = Packet {
+        // Only what forwarding and counting read: ring and flags serve new flows and source
+        // checks, which this packet does not need.
+        vip: VipMeta {
+            id: vip_id,
+            forward: u32::from(stamp.vip_forward),
+            ..VipMeta::default()
+        },
+        flow,
+        ip_len,
+        tos,
+        df,
+        frame_len: frame_len as u64,
+        midflow,
+        icmp_error: false,
+    };
+    out.icmp_reason = 0;
+    out.backend = forward::Backend { id, addr };
+    out.now = now;
+    out.how = debug::STEER_EXISTING;
+    Probe::SERVED
+}
+
+/// The coarse clock (CLOCK_MONOTONIC_COARSE, tick resolution) is enough for flow ages and the
+/// next-hop TTL, and reads no clocksource: `bpf_ktime_get_ns` was ~9% of an established packet's
+/// time in the profile.
+#[inline(always)]
+fn coarse_now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Read the flow's stamp (generation and cached VIP) in one load, as `recheck` stores it.
+#[inline(always)]
+fn stamp_of(value: *mut FlowValue) -> FlowStamp {
+    // SAFETY: map value pointer from a successful lookup; FlowValue is 8-aligned and the stamp's
+    // 8 bytes sit at an 8-aligned offset (asserted in lb-common).
+    FlowStamp::from_word(unsafe {
+        value
+            .cast::<u8>()
+            .add(FlowStamp::OFFSET)
+            .cast::<u64>()
+            .read_volatile()
+    })
+}
+
+/// Store the flow's stamp in one aligned write: another CPU reads a generation only with the
+/// VIP cached under it.
+#[inline(always)]
+fn set_stamp(value: *mut FlowValue, stamp: FlowStamp) {
+    // SAFETY: as in `stamp_of`.
+    unsafe {
+        value
+            .cast::<u8>()
+            .add(FlowStamp::OFFSET)
+            .cast::<u64>()
+            .write_volatile(stamp.to_word())
+    }
+}
+
+/// The stamp of a flow whose checks passed under `policy` for `vip`.
+#[inline(always)]
+fn stamp_for(vip: &VipMeta, policy: &Policy) -> FlowStamp {
+    FlowStamp {
+        policy_gen: policy.generation,
+        vip_id: vip.id as u16,
+        vip_forward: vip.forward as u8,
+    }
 }
 
 /// Parse an IPv4 packet up to L4 and find the VIP. Anything we cannot attribute to a VIP is
@@ -338,14 +513,9 @@ pub fn flow_key(src_addr: Addr, dst_addr: Addr, ports: [u8; 4], proto: u8) -> Fl
 
 /// Find or choose the backend of `out.pkt` (either family); `Ok` when `out` holds it.
 #[inline(always)]
-pub fn select(out: &mut Steered) -> Result<(), Verdict> {
+pub fn select(out: &mut Steered, mut policy: Policy, probe: u32) -> Result<(), Verdict> {
     let pkt = &out.pkt;
-    // The coarse clock (CLOCK_MONOTONIC_COARSE, tick resolution) is enough for flow ages and the
-    // next-hop TTL, and reads no clocksource: `bpf_ktime_get_ns` was ~9% of an established
-    // packet's time in the profile.
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let mut policy = firewall::policy();
+    let now = coarse_now();
     // A SYN opens a flow (or repeats the opening of one): its source is checked whatever the
     // flow tables say, so it is checked against the deny list first. A flood from denied
     // sources is then dropped after one lookup in the list, not after two misses in the flow
@@ -358,7 +528,12 @@ pub fn select(out: &mut Steered) -> Result<(), Verdict> {
         }
     }
     let mut how = debug::STEER_EXISTING;
-    let chosen = match existing_flow(&FLOWS, &pkt.flow, pkt.vip.id, Some(now)) {
+    let found = if probe == Probe::MISSED {
+        Lookup::Miss
+    } else {
+        existing_flow(&FLOWS, &pkt.flow, pkt.vip.id, Some(now))
+    };
+    let chosen = match found {
         Lookup::Hit(id, addr, value) => recheck(pkt, &policy, value).map(|()| (id, addr)),
         Lookup::Stale => {
             // An established flow whose backend went away: re-steered in the flow table (it is
@@ -430,18 +605,17 @@ fn tcp_miss(pkt: &Packet, now: u64, policy: &Policy) -> (Result<(u32, Addr), Ver
     }
 }
 
-/// A known flow's packet: its cached source checks hold while they were made under the current
-/// policy generation; otherwise they are made again (and the generation stored if they pass).
+/// A known flow's packet: its cached source checks (and VIP) hold while they were made under the
+/// current policy generation; otherwise they are made again, and if they pass the generation is
+/// stored with the VIP read after it (`pkt.vip`, from `VIPS` or `VIPS6`).
 #[inline(always)]
 fn recheck(pkt: &Packet, policy: &Policy, value: *mut FlowValue) -> Result<(), Verdict> {
-    // SAFETY: map value pointer from a successful lookup, live for this run of the program.
-    if unsafe { (*value).policy_gen } == policy.generation {
+    if stamp_of(value).policy_gen == policy.generation {
         return Ok(());
     }
     stats::count_event(event::POLICY_RECHECK);
     check_source(pkt, policy)?;
-    // SAFETY: as above; a racing CPU can only store the same generation or a newer one's check.
-    unsafe { (*value).policy_gen = policy.generation };
+    set_stamp(value, stamp_for(&pkt.vip, policy));
     Ok(())
 }
 
@@ -474,18 +648,10 @@ fn assign(
 #[inline(always)]
 fn promote(pkt: &Packet, embryo: *mut FlowValue, now: u64) {
     // SAFETY: map value pointer from a successful lookup; copied before the entry is removed.
-    let (backend_addr, backend_id, policy_gen) = unsafe {
-        (
-            (*embryo).backend_addr,
-            (*embryo).backend_id,
-            (*embryo).policy_gen,
-        )
-    };
-    // Assigned by this node's data path (embryos never come from peers).
-    let value = FlowValue {
-        policy_gen,
-        ..FlowValue::new(backend_addr, backend_id, now, 0)
-    };
+    let (backend_addr, backend_id) = unsafe { ((*embryo).backend_addr, (*embryo).backend_id) };
+    // Assigned by this node's data path (embryos never come from peers); its checks and VIP as
+    // the embryo's stamp has them (`recheck` just brought it up to date).
+    let value = FlowValue::new(backend_addr, backend_id, now, 0).stamped(stamp_of(embryo));
     // An LRU map evicts rather than fails when full; if the insert failed anyway, the next
     // packet finds the embryo gone and is a mid-flow miss.
     let _ = FLOWS.insert(pkt.flow, value, 0);
@@ -514,9 +680,15 @@ pub fn existing_flow(
     vip_id: u32,
     seen_at: Option<u64>,
 ) -> Lookup {
-    let Some(flow) = table.get_ptr_mut(key) else {
-        return Lookup::Miss;
-    };
+    match table.get_ptr_mut(key) {
+        Some(flow) => validate(flow, vip_id, seen_at),
+        None => Lookup::Miss,
+    }
+}
+
+/// `existing_flow` for an entry already looked up.
+#[inline(always)]
+fn validate(flow: *mut FlowValue, vip_id: u32, seen_at: Option<u64>) -> Lookup {
     // SAFETY: map value pointer from a successful lookup.
     let (id, addr) = unsafe { ((*flow).backend_id, (*flow).backend_addr) };
     let Some(backend) = BACKENDS.get(id) else {
@@ -597,10 +769,7 @@ fn new_flow(pkt: &Packet, now: u64, policy: &Policy, table: Table) -> Result<(u3
         return Err(Verdict::drop(reason::DROP_NO_BACKEND));
     }
     // Assigned here: a local flow, whatever a peer had installed under this key before.
-    let value = FlowValue {
-        policy_gen: policy.generation,
-        ..FlowValue::new(backend.addr, id, now, 0)
-    };
+    let value = FlowValue::new(backend.addr, id, now, 0).stamped(stamp_for(vip, policy));
     stats::count_new_flow(vip.id, id);
     // An LRU map evicts rather than fails when full; if the insert fails anyway, the packet still
     // goes to this backend and the next one of the flow takes another slot.

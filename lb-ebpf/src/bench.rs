@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BENCH_FLOOD_NET, BENCH_FLOOD_PREFIX_LEN, BENCH_GEN_FIRST_PORT, BENCH_GEN_HEADER_LEN,
+    Addr, BENCH_FLOOD_NET, BENCH_FLOOD_PREFIX_LEN, BENCH_GEN_FIRST_PORT, BENCH_GEN_HEADER_LEN,
     BENCH_GEN_VARY_SOURCE, BENCH_SINK_PORT, FlowKey, FlowValue, IPPROTO_IPIP, IPPROTO_TCP,
     IPPROTO_UDP,
 };
@@ -117,8 +117,8 @@ fn flow_key(ctx: &XdpContext) -> Option<FlowKey> {
         return None;
     }
     Some(balancer::flow_key(
-        u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
-        u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        Addr::from_v4(u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]])),
+        Addr::from_v4(u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]])),
         *ports,
         proto,
     ))

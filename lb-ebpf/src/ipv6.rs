@@ -21,7 +21,8 @@
 
 use crate::{
     Verdict,
-    balancer::{self, L4, Packet, Steered},
+    balancer::{self, L4, Packet, Probe, Steered},
+    firewall,
     maps::{VIP_ADDRS6, VIPS6},
     parse::{ETH_HLEN, IPPROTO_FRAGMENT, IPV6_HLEN, frame_len, ptr_at},
 };
@@ -54,13 +55,60 @@ enum Walk {
 
 /// The decision stage for an IPv6 frame (see `balancer::try_balance`): `Ok(None)` when `out`
 /// holds a packet to forward, `Ok(Some(l4))` for ICMPv6 (its header at `l4`) to a VIP address,
-/// which `vip_icmp6::handle` takes from there.
+/// which `vip_icmp6::handle` takes from there. `probe`: what `established` did
+/// (`Probe::SERVED`: nothing left to decide).
 #[inline(never)]
-pub fn decide(ctx: &XdpContext, out: &mut Steered) -> Result<Option<usize>, Verdict> {
+pub fn decide(ctx: &XdpContext, out: &mut Steered, probe: u32) -> Result<Option<usize>, Verdict> {
+    if probe == Probe::SERVED {
+        return Ok(None);
+    }
+    // Read before `VIPS6`, for the reason `balancer::balance4` gives.
+    let policy = firewall::policy();
     match classify(ctx, out)? {
         Some(l4) => Ok(Some(l4)),
-        None => balancer::select(out).map(|()| None),
+        None => balancer::select(out, policy, probe).map(|()| None),
     }
+}
+
+/// `balancer::established4` for IPv6: the packet of an established flow (TCP without SYN or
+/// UDP, behind the extension headers the walk skips) in one hash lookup, `out` written and
+/// `Probe::SERVED` returned; otherwise what was found in `FLOWS`, for `decide`. Its own BPF
+/// function, as `decide` is.
+#[inline(never)]
+pub fn established(ctx: &XdpContext, out: &mut Steered) -> u32 {
+    // Opaque to the optimiser: otherwise LLVM may pass `data` and `data_end` instead of `ctx`,
+    // and the verifier refuses the arithmetic it then does on `data_end`.
+    let ctx = black_box(ctx);
+    let Ok((hdr, next)) = header(ctx) else {
+        return Probe::NOT_LOOKED;
+    };
+    let Walk::Upper(proto, l4) = walk(ctx, next) else {
+        return Probe::NOT_LOOKED;
+    };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Probe::NOT_LOOKED;
+    }
+    let Some(L4 {
+        ports,
+        midflow,
+        len: l4_len,
+    }) = balancer::l4_header(ctx, proto, black_box(l4))
+    else {
+        return Probe::NOT_LOOKED;
+    };
+    if proto == IPPROTO_TCP && !midflow {
+        return Probe::NOT_LOOKED;
+    }
+    let frame_len = frame_len(ctx);
+    balancer::serve_established(
+        balancer::flow_key(hdr.src, hdr.dst, ports, proto),
+        lengths(&hdr, l4 + l4_len - ETH_HLEN, frame_len),
+        hdr.traffic_class,
+        true,
+        frame_len,
+        midflow,
+        out,
+    )
 }
 
 /// The fixed header of the IPv6 packet in `ctx`, or the verdict on a frame without one.

@@ -969,6 +969,105 @@ fn removed_backend_flows_are_resteered_and_removed_vip_drops() {
     });
 }
 
+/// Issue 16: an established packet takes its VIP (id, forwarding method) from its flow entry,
+/// one hash lookup, while the entry's stamp is the current policy generation; after any change
+/// of the VIP (another method, removed, re-created) the entry's cache is not used.
+#[test]
+fn established_flows_take_their_vip_from_the_entry_until_the_vip_changes() {
+    use lb_common::{FORWARD_IPIP, FORWARD_L2, FlowValue, maps};
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let send = |dp: &Dataplane, ip_packet: &[u8]| {
+            run(dp.balancer().unwrap(), ifindex, &inbound(ip_packet))
+        };
+        let l2 =
+            |ip_packet: &[u8], backend: usize| eth(backend_mac(backend), LB_MAC, 0x0800, ip_packet);
+        let entry = |dp: &Dataplane, key: &FlowKey| dp.flows().unwrap().get(key, 0).unwrap();
+        let syn = client_syn(48100, 80);
+        let ack = Ip::to(CLIENT, VIP, 6).packet(&tcp(48100, 80, ACK, 10));
+        assert_eq!(send(&dp, &syn), (XDP_TX, encapsulated(&syn, 0)));
+        // The handshake's ACK moves the flow into FLOWS, stamped with the generation, the VIP's
+        // id and its method.
+        assert_eq!(send(&dp, &ack), (XDP_TX, encapsulated(&ack, 0)));
+        let key = dp.flows().unwrap().keys().next().unwrap().unwrap();
+        let stamped = entry(&dp, &key);
+        assert_eq!(stamped.policy_gen, dp.policy_generation());
+        assert_eq!(u32::from(stamped.vip_forward), FORWARD_IPIP);
+        // The one lookup: a current stamp is believed, VIPS is not read. Made to say l2, the
+        // next packet leaves as l2 though the VIP is ipip.
+        let rewrite = |dp: &mut Dataplane, value: FlowValue| {
+            let mut t = dp.bench_flow_table(maps::FLOWS).unwrap();
+            t.insert(key, value, 0).unwrap();
+        };
+        let l2_stamp = FlowValue {
+            vip_forward: FORWARD_L2 as u8,
+            ..stamped
+        };
+        rewrite(&mut dp, l2_stamp);
+        assert_eq!(send(&dp, &ack), (XDP_TX, l2(&ack, 0)), "current stamp");
+        // An outdated stamp is not: the VIP is looked up and the entry stamped again.
+        rewrite(
+            &mut dp,
+            FlowValue {
+                policy_gen: stamped.policy_gen + 1,
+                ..l2_stamp
+            },
+        );
+        assert_eq!(
+            send(&dp, &ack),
+            (XDP_TX, encapsulated(&ack, 0)),
+            "old stamp"
+        );
+        assert_eq!(entry(&dp, &key).stamp(), stamped.stamp());
+        // The VIP changes its method: the flow follows at once.
+        dp.apply_vip(
+            &vip(VIP, 80, Proto::Tcp, Forward::L2, &BACKENDS),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(send(&dp, &ack), (XDP_TX, l2(&ack, 0)), "ipip → l2");
+        assert_eq!(u32::from(entry(&dp, &key).vip_forward), FORWARD_L2);
+        // Removed: the entry is still there, its packets are not served from it.
+        let key80 = ServiceKey {
+            addr: VIP.into(),
+            port: 80,
+            proto: Proto::Tcp,
+        };
+        dp.remove_vip(&key80).unwrap();
+        assert!(dp.flows().unwrap().get(&key, 0).is_ok(), "entry kept");
+        assert_eq!(send(&dp, &ack).0, XDP_DROP, "VIP removed");
+        // Re-created as ipip: the entry's l2 and its VIP of before are not used.
+        dp.apply_vip(
+            &vip(VIP, 80, Proto::Tcp, Forward::Ipip, &BACKENDS),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        let (action, out) = send(&dp, &ack);
+        assert_eq!(action, XDP_TX, "VIP re-created");
+        assert!(
+            (0..BACKENDS.len()).any(|b| out == encapsulated(&ack, b)),
+            "ipip to a backend of the new VIP"
+        );
+        let restamped = entry(&dp, &key);
+        assert_eq!(u32::from(restamped.vip_forward), FORWARD_IPIP);
+        assert_eq!(restamped.policy_gen, dp.policy_generation());
+        // UDP flows (in FLOWS from their first packet) the same way.
+        let dgram = Ip::to(CLIENT, VIP, 17).packet(&udp(5300, 53, b"query"));
+        assert_eq!(send(&dp, &dgram), (XDP_TX, encapsulated(&dgram, 0)));
+        assert_eq!(send(&dp, &dgram), (XDP_TX, encapsulated(&dgram, 0)));
+        dp.apply_vip(
+            &vip(VIP, 53, Proto::Udp, Forward::L2, &BACKENDS),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(send(&dp, &dgram), (XDP_TX, l2(&dgram, 0)), "UDP ipip → l2");
+        // Every packet above was counted once, by its reason.
+        let stats = dp.stats().unwrap();
+        assert_eq!(stats.reasons.values().sum::<u64>(), 10);
+        assert_eq!(stats.reasons["drop_unknown_port"], 1);
+    });
+}
+
 /// Issue 15, until the IPv6 data path exists: the control plane holds IPv6 VIPs and backends;
 /// this data path refuses to install them, naming the address, and nothing changes.
 #[test]

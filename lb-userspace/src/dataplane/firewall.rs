@@ -543,7 +543,8 @@ impl Dataplane {
         self.policy_state.generation
     }
 
-    /// Tell every flow its cached source checks are outdated (after a change of a VIP).
+    /// Tell every flow its cached source checks, and the VIP it caches, are outdated (after a
+    /// change of a VIP).
     pub(super) fn bump_policy(&mut self) -> Result<(), DataplaneError> {
         self.write_policy(PolicyState {
             generation: next_generation(self.policy_state.generation),

@@ -247,8 +247,9 @@ impl Dataplane {
                 backend_addr: e.backend_addr,
                 last_seen_ns: None,
                 flags: FLOW_F_PEER,
-                // Never checked here: the flow's first packet makes the source checks.
-                policy_gen: 0,
+                // Never checked here: the flow's first packet makes the source checks and looks
+                // its VIP up.
+                stamp: lb_common::FlowStamp::NONE,
             }),
             0,
         )

@@ -442,7 +442,7 @@ impl Dataplane {
                 backend_addr: f.backend_addr,
                 last_seen_ns: Some(f.last_seen_ns),
                 flags: f.flags,
-                policy_gen: f.policy_gen,
+                stamp: f.stamp,
             }),
             flags,
         )?;
@@ -824,8 +824,9 @@ pub(super) struct FlowInstall {
     pub(super) last_seen_ns: Option<u64>,
     /// `FLOW_F_*`.
     pub(super) flags: u32,
-    /// The policy generation its source checks were made under (0: check again).
-    pub(super) policy_gen: u32,
+    /// The policy generation its source checks were made under (0: check again) and the VIP
+    /// cached under it.
+    pub(super) stamp: lb_common::FlowStamp,
 }
 
 impl Dataplane {
@@ -864,10 +865,8 @@ impl Dataplane {
                 report.unknown_backend += 1;
                 continue;
             };
-            let value = FlowValue {
-                policy_gen: f.policy_gen,
-                ..FlowValue::new(backend_addr, *id, f.last_seen_ns.unwrap_or(now), f.flags)
-            };
+            let value = FlowValue::new(backend_addr, *id, f.last_seen_ns.unwrap_or(now), f.flags)
+                .stamped(f.stamp);
             match table.insert(flow, value, flags) {
                 Ok(()) => report.installed += 1,
                 Err(aya::maps::MapError::SyscallError(e))

@@ -9,7 +9,7 @@
 //! `plan::can_migrate` asks `flow_value_size` and `upgrade_value` which versions those are.
 
 use super::{batch::bpf, pins::MapShape};
-use lb_common::{Addr, FlowKey, maps};
+use lb_common::{Addr, FlowKey, FlowStamp, maps};
 use std::{
     collections::BTreeMap,
     io,
@@ -34,13 +34,13 @@ pub(crate) const BPF_NOEXIST: u64 = 1;
 pub(crate) fn flow_value_size(version: u32) -> Option<usize> {
     match version {
         1 | 2 => Some(24),
-        4 => Some(40),
-        // Only the test-only second build knows versions 3 and 5 (see
+        4 | 6 => Some(40),
+        // Only the test-only second build knows versions 3, 5 and 7 (see
         // `lb_common::layout::FLOWS`).
         #[cfg(feature = "layout-test")]
         3 => Some(32),
         #[cfg(feature = "layout-test")]
-        5 => Some(48),
+        5 | 7 => Some(48),
         _ => None,
     }
 }
@@ -145,8 +145,9 @@ pub(crate) struct NeutralFlow {
     pub(crate) last_seen_ns: u64,
     /// `FLOW_F_*` (who chose the backend).
     pub(crate) flags: u32,
-    /// The policy generation its source checks were made under (0: never, check again).
-    pub(crate) policy_gen: u32,
+    /// The policy generation its source checks were made under (0: never, check again) and the
+    /// VIP cached under it.
+    pub(crate) stamp: FlowStamp,
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -196,12 +197,14 @@ pub(crate) fn decode_flow_key(version: u32, b: &[u8]) -> Option<FlowKey> {
 ///
 /// - v1: backend_addr (u32, network order) @0, backend_id (u32) @4, last_seen_ns (u64) @8,
 ///   flags (u32) @16, padding @20.
-/// - v2: v1 with policy_gen (u32) @20 where v1 had padding: a v1 flow gets 0, so its next
-///   packet makes the source checks (v1 builds had none).
+/// - v2: v1 with policy_gen (u32) @20 where v1 had padding (not carried over: see v6).
 /// - v3 (layout-test builds): v2 + created_ns (u64) @24, which a v2 table cannot carry.
 /// - v4: both families: backend_addr (`Addr`) @0, backend_id @16, flags @20, last_seen_ns @24,
 ///   policy_gen @32, padding @36; a v1-v3 flow's IPv4 addresses are mapped.
 /// - v5 (layout-test builds): v4 + created_ns (u64) @40.
+/// - v6: v4 with vip_id (u16) @36 and vip_forward (u8) @38 where v4 had padding. A v4 or v5
+///   flow cached no VIP: it gets generation 0, so its next packet looks its VIP up.
+/// - v7 (layout-test builds): v6 + created_ns (u64) @40.
 pub(crate) fn decode_flow(version: u32, key: &[u8], value: &[u8]) -> Option<NeutralFlow> {
     if flow_value_size(version)? != value.len() {
         return None;
@@ -213,7 +216,15 @@ pub(crate) fn decode_flow(version: u32, key: &[u8], value: &[u8]) -> Option<Neut
             backend_addr: addr_at(value, 0),
             flags: u32_at(value, 20),
             last_seen_ns: u64_at(value, 24),
-            policy_gen: u32_at(value, 32),
+            stamp: if version >= 6 {
+                FlowStamp {
+                    policy_gen: u32_at(value, 32),
+                    vip_id: u16_at(value, 36),
+                    vip_forward: value[38],
+                }
+            } else {
+                FlowStamp::NONE
+            },
         }
     } else {
         NeutralFlow {
@@ -221,7 +232,8 @@ pub(crate) fn decode_flow(version: u32, key: &[u8], value: &[u8]) -> Option<Neut
             backend_addr: Addr::from_v4(u32_at(value, 0)),
             last_seen_ns: u64_at(value, 8),
             flags: u32_at(value, 16),
-            policy_gen: if version >= 2 { u32_at(value, 20) } else { 0 },
+            // A v2 flow's generation vouched for its source checks only, not for a VIP.
+            stamp: FlowStamp::NONE,
         }
     })
 }
@@ -423,7 +435,7 @@ mod tests {
         let f = decode_flow(1, &key_bytes(), &v).unwrap();
         let v4 = |a: [u8; 4]| Addr::from(std::net::Ipv4Addr::from(a));
         assert_eq!(f.flags, lb_common::FLOW_F_PEER);
-        assert_eq!(f.policy_gen, 0);
+        assert_eq!(f.stamp, FlowStamp::NONE);
         assert_eq!(f.backend_addr, v4([10, 111, 1, 12]));
         assert_eq!(f.last_seen_ns, 123_456_789);
         assert_eq!(f.key.src_addr, v4([10, 111, 0, 2]));
@@ -431,14 +443,18 @@ mod tests {
         assert_eq!(u16::from_be(f.key.src_port), 40000);
         assert_eq!(u16::from_be(f.key.dst_port), 80);
         assert_eq!(f.key.proto, 6);
-        // The bytes of the current layout (this build's `FlowKey` and `FlowValue`, version 4)
-        // decode the same way, with their policy generation.
+        // The bytes of the current layout (this build's `FlowKey` and `FlowValue`, version 6)
+        // decode the same way, with their policy generation and cached VIP.
         #[cfg(not(feature = "layout-test"))]
         {
-            let value = lb_common::FlowValue {
+            let stamp = FlowStamp {
                 policy_gen: 5,
-                ..lb_common::FlowValue::new(f.backend_addr, 7, 123_456_789, lb_common::FLOW_F_PEER)
+                vip_id: 3,
+                vip_forward: lb_common::FORWARD_L2 as u8,
             };
+            let value =
+                lb_common::FlowValue::new(f.backend_addr, 7, 123_456_789, lb_common::FLOW_F_PEER)
+                    .stamped(stamp);
             // SAFETY: FlowKey and FlowValue are repr(C) plain integers with explicit padding.
             let (key, bytes) = unsafe {
                 (
@@ -448,7 +464,15 @@ mod tests {
             };
             assert_eq!(
                 decode_flow(lb_common::layout::FLOWS, &key, &bytes),
-                Some(NeutralFlow { policy_gen: 5, ..f })
+                Some(NeutralFlow { stamp, ..f })
+            );
+            // The same bytes as version 4 (padding where v6 caches the VIP): nothing cached.
+            assert_eq!(
+                decode_flow(4, &key, &bytes),
+                Some(NeutralFlow {
+                    stamp: FlowStamp::NONE,
+                    ..f
+                })
             );
             // A version-4 key is 40 bytes: a version-1 key is not read as one.
             assert_eq!(decode_flow(4, &key_bytes(), &bytes), None);
@@ -471,8 +495,12 @@ mod tests {
         v.extend_from_slice(&44u64.to_ne_bytes());
         let f = decode_flow(3, &key_bytes(), &v).unwrap();
         assert_eq!(
-            (f.backend_addr, f.last_seen_ns, f.policy_gen),
-            (Addr::from_v4(u32::from_ne_bytes([10, 111, 1, 13])), 55, 9)
+            (f.backend_addr, f.last_seen_ns, f.stamp),
+            (
+                Addr::from_v4(u32::from_ne_bytes([10, 111, 1, 13])),
+                55,
+                FlowStamp::NONE
+            )
         );
         assert_eq!(decode_flow(3, &key_bytes(), &v[..24]), None);
     }

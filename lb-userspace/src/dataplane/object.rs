@@ -63,7 +63,7 @@ impl Dataplane {
     }
 
     /// One of the stateful floors' flow tables (`maps::FLOOR_FLOWS`, `FLOOR_FLOWS_PERCPU`), for
-    /// a benchmark to fill and count. Inserts from here go to the calling CPU's LRU list in the
+    /// a benchmark to fill and count, or `FLOWS` itself, for a fixture to rewrite an entry. Inserts from here go to the calling CPU's LRU list in the
     /// per-CPU variant, as the agent's peer-sync installs would.
     pub fn bench_flow_table(
         &mut self,

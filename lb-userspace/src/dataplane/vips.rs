@@ -159,7 +159,9 @@ impl Dataplane {
                 vip.leftover = old.leftover;
             }
         }
-        // Flows re-check their sources against the VIP as it is now.
+        // Flows re-check their sources against the VIP as it is now, and look it up again: the
+        // data path believes the VIP an entry caches only under the generation it was cached
+        // with. After the VIP's entry is written, never before (see `balancer::classify`).
         self.bump_policy()?;
         for (addr, id) in place.slots.iter().filter(|(addr, _)| down.contains(addr)) {
             self.set_backend(*id, *addr, place.vip_id, 0)?;
@@ -449,6 +451,7 @@ impl Dataplane {
             .set(id, 0, 0)
             .map_err(map_err(maps::DEBUG_VIPS))?;
         let vip = self.installed.remove(key).expect("looked up above");
+        // No flow of the VIP is served from its entry's cache any more.
         self.bump_policy()?;
         // ... and with empty source lists: an id whose lists could not be cleared is not reused.
         let mut cleared = self.clear_source_lists(vip.id, vip.list_half, &vip.policy);
