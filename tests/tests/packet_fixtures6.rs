@@ -808,3 +808,56 @@ fn ipv6_debug_events_name_ipv6_addresses() {
         );
     });
 }
+
+/// Issue 16: IPv6 flows are stamped as IPv4's are (the policy generation, their VIP's id and
+/// method) and follow every change of their VIP: another method, removed, re-created.
+#[test]
+fn ipv6_flows_are_stamped_and_follow_their_vip() {
+    use lb_common::{FORWARD_IPIP, FORWARD_L2, FlowKey};
+    use std::collections::BTreeSet;
+    use xlb::model::{Forward, Proto, ServiceKey};
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer6();
+        let send = |dp: &xlb::dataplane::Dataplane, ip_packet: &[u8]| {
+            run(dp.balancer().unwrap(), ifindex, &inbound6(ip_packet))
+        };
+        let forward_of = |dp: &xlb::dataplane::Dataplane, key: &FlowKey| {
+            u32::from(dp.flows().unwrap().get(key, 0).unwrap().vip_forward)
+        };
+        let syn = client_syn6(48200, 80);
+        let ack = Ip6::to(CLIENT6, VIP6, NH_TCP).packet(&tcp(48200, 80, ACK, 10));
+        assert_eq!(send(&dp, &syn), (XDP_TX, encapsulated6(&syn, 0)));
+        assert_eq!(send(&dp, &ack), (XDP_TX, encapsulated6(&ack, 0)));
+        let key = dp
+            .flows()
+            .unwrap()
+            .keys()
+            .map(Result::unwrap)
+            .find(|k| !k.src_addr.is_v4())
+            .unwrap();
+        let stamped = dp.flows().unwrap().get(&key, 0).unwrap();
+        assert_eq!(stamped.policy_gen, dp.policy_generation());
+        assert_eq!(u32::from(stamped.vip_forward), FORWARD_IPIP);
+        let spec = |forward| vip(VIP6, 80, Proto::Tcp, forward, &BACKENDS6);
+        dp.apply_vip(&spec(Forward::L2), &BTreeSet::new()).unwrap();
+        assert_eq!(
+            send(&dp, &ack),
+            (XDP_TX, eth(backend_mac(0), LB_MAC, ETH_P_IPV6, &ack)),
+            "ip6ip6 → l2"
+        );
+        assert_eq!(forward_of(&dp, &key), FORWARD_L2);
+        dp.remove_vip(&ServiceKey {
+            addr: VIP6.into(),
+            port: 80,
+            proto: Proto::Tcp,
+        })
+        .unwrap();
+        assert_eq!(send(&dp, &ack).0, XDP_DROP, "VIP removed");
+        dp.apply_vip(&spec(Forward::Ipip), &BTreeSet::new())
+            .unwrap();
+        let (action, out) = send(&dp, &ack);
+        assert_eq!(action, XDP_TX, "VIP re-created");
+        assert!((0..BACKENDS6.len()).any(|b| out == encapsulated6(&ack, b)));
+        assert_eq!(forward_of(&dp, &key), FORWARD_IPIP);
+    });
+}
