@@ -810,7 +810,8 @@ fn ipv6_debug_events_name_ipv6_addresses() {
 }
 
 /// Issue 16: IPv6 flows are stamped as IPv4's are (the policy generation, their VIP's id and
-/// method) and follow every change of their VIP: another method, removed, re-created.
+/// method), served from the stamp in one lookup while it is current, and follow every change
+/// of their VIP: another method, removed, re-created.
 #[test]
 fn ipv6_flows_are_stamped_and_follow_their_vip() {
     use lb_common::{FORWARD_IPIP, FORWARD_L2, FlowKey};
@@ -838,13 +839,35 @@ fn ipv6_flows_are_stamped_and_follow_their_vip() {
         let stamped = dp.flows().unwrap().get(&key, 0).unwrap();
         assert_eq!(stamped.policy_gen, dp.policy_generation());
         assert_eq!(u32::from(stamped.vip_forward), FORWARD_IPIP);
-        let spec = |forward| vip(VIP6, 80, Proto::Tcp, forward, &BACKENDS6);
-        dp.apply_vip(&spec(Forward::L2), &BTreeSet::new()).unwrap();
+        let l2 = |ip_packet: &[u8]| eth(backend_mac(0), LB_MAC, ETH_P_IPV6, ip_packet);
+        // The one lookup: a current stamp is believed over VIPS6 (made to say l2, the packet
+        // leaves l2 though the VIP is ipip); an old one is not, and is stamped again.
+        let rewrite = |dp: &mut xlb::dataplane::Dataplane, value: lb_common::FlowValue| {
+            let mut t = dp.bench_flow_table(lb_common::maps::FLOWS).unwrap();
+            t.insert(key, value, 0).unwrap();
+        };
+        let l2_stamp = lb_common::FlowValue {
+            vip_forward: FORWARD_L2 as u8,
+            ..stamped
+        };
+        rewrite(&mut dp, l2_stamp);
+        assert_eq!(send(&dp, &ack), (XDP_TX, l2(&ack)), "current stamp");
+        rewrite(
+            &mut dp,
+            lb_common::FlowValue {
+                policy_gen: stamped.policy_gen + 1,
+                ..l2_stamp
+            },
+        );
         assert_eq!(
             send(&dp, &ack),
-            (XDP_TX, eth(backend_mac(0), LB_MAC, ETH_P_IPV6, &ack)),
-            "ip6ip6 → l2"
+            (XDP_TX, encapsulated6(&ack, 0)),
+            "old stamp"
         );
+        assert_eq!(forward_of(&dp, &key), FORWARD_IPIP);
+        let spec = |forward| vip(VIP6, 80, Proto::Tcp, forward, &BACKENDS6);
+        dp.apply_vip(&spec(Forward::L2), &BTreeSet::new()).unwrap();
+        assert_eq!(send(&dp, &ack), (XDP_TX, l2(&ack)), "ip6ip6 → l2");
         assert_eq!(forward_of(&dp, &key), FORWARD_L2);
         dp.remove_vip(&ServiceKey {
             addr: VIP6.into(),
