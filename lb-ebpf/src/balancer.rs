@@ -336,8 +336,9 @@ fn classify(ctx: &XdpContext, out: &mut Steered) -> Result<(), Verdict> {
     // verdict of this function goes through here.
     // VIP traffic is looked up by (address, port, protocol) in one go. Only packets that cannot
     // be, or are not, a VIP service's pay the second lookup that tells "a VIP address, nothing
-    // served here" (dropped) from "not ours" (passed): the hot path costs one hash lookup, the
-    // LB's own traffic two.
+    // served here" (dropped) from "not ours" (passed). An established flow's packets were served
+    // by `established4` in one `FLOWS` lookup before this; a new flow's pay `FLOWS` (missed),
+    // then `VIPS`; the LB's own TCP and UDP traffic pays those and the address-only lookup.
     let frags = u16::from_be_bytes(ip.frags);
     if frags & (IP_MF | IP_OFFSET_MASK) != 0 {
         return Err(not_served(src_addr, dst_addr, reason::DROP_FRAGMENT));

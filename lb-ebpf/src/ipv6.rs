@@ -111,7 +111,8 @@ pub fn established(ctx: &XdpContext, out: &mut Steered) -> u32 {
     )
 }
 
-/// The fixed header of the IPv6 packet in `ctx`, or the verdict on a frame without one.
+/// The fixed header of the IPv6 packet in `ctx`, or the verdict on a frame without one or with
+/// an IPv4-mapped address.
 #[inline(always)]
 pub fn header(ctx: &XdpContext) -> Result<(Header, u8), Verdict> {
     let h: *const [u8; IPV6_HLEN] =
@@ -127,6 +128,16 @@ pub fn header(ctx: &XdpContext) -> Result<(Header, u8), Verdict> {
         ip_len: IPV6_HLEN + usize::from(u16::from_be_bytes([h[4], h[5]])),
         traffic_class: (h[0] << 4) | (h[1] >> 4),
     };
+    // IPv4-mapped addresses (::ffff:a.b.c.d) are how the maps spell IPv4: an IPv6 packet that
+    // carries one would share IPv4 flows' keys, the IPv4 deny list and IPv4 sources' buckets.
+    // They must not appear on the wire (RFC 4291 §2.5.5.2); the kernel drops such a source, and
+    // no VIP has such a destination.
+    if hdr.src.is_v4() {
+        return Err(Verdict::pass(reason::PASS_MALFORMED));
+    }
+    if hdr.dst.is_v4() {
+        return Err(Verdict::pass(reason::PASS_NOT_VIP));
+    }
     Ok((hdr, h[6]))
 }
 

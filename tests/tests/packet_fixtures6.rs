@@ -884,3 +884,68 @@ fn ipv6_flows_are_stamped_and_follow_their_vip() {
         assert_eq!(forward_of(&dp, &key), FORWARD_IPIP);
     });
 }
+
+/// IPv4-mapped addresses (`::ffff:a.b.c.d`) are how the maps spell IPv4: an IPv6 packet carrying
+/// them must never meet an IPv4 flow's entry (same key), the IPv4 deny list or IPv4 sources'
+/// buckets. It is passed to the kernel untouched (which drops a mapped source, RFC 4291
+/// §2.5.5.2), even with the 5-tuple of a live IPv4 flow.
+#[test]
+fn ipv6_with_ipv4_mapped_addresses_never_uses_ipv4_flows() {
+    in_fixture_netns(|ifindex| {
+        let dp = balancer6();
+        let prog = dp.balancer().unwrap();
+        let query = udp(47000, 53, b"query");
+        let v4 = xlb_tests::packet::Ip::to(CLIENT, VIP, lb_common::IPPROTO_UDP).packet(&query);
+        check(
+            prog,
+            ifindex,
+            &[Fixture::tx(
+                "IPv4 UDP flow → be1",
+                inbound(&v4),
+                encapsulated(&v4, 0),
+            )],
+        );
+        let (client_m, vip_m) = (CLIENT.to_ipv6_mapped(), VIP.to_ipv6_mapped());
+        let both = Ip6::to(client_m, vip_m, NH_UDP).packet(&query);
+        let to_vip6 = Ip6::to(client_m, VIP6, NH_UDP).packet(&query);
+        let to_mapped = Ip6::to(CLIENT6, vip_m, NH_UDP).packet(&query);
+        check(
+            prog,
+            ifindex,
+            &[
+                Fixture::untouched(
+                    "the IPv4 flow's 5-tuple, mapped, over IPv6 → pass",
+                    inbound6(&both),
+                    XDP_PASS,
+                ),
+                Fixture::untouched(
+                    "mapped source to the IPv6 VIP → pass",
+                    inbound6(&to_vip6),
+                    XDP_PASS,
+                ),
+                Fixture::untouched("mapped destination → pass", inbound6(&to_mapped), XDP_PASS),
+            ],
+        );
+        let s = dp.stats().unwrap();
+        assert_eq!(s.reasons["pass_malformed"], 2, "{:?}", s.reasons);
+        assert_eq!(s.reasons["pass_not_vip"], 1, "{:?}", s.reasons);
+        let udp4 = s
+            .vips
+            .iter()
+            .find(|v| v.key.port == 53 && v.key.addr == std::net::IpAddr::V4(VIP))
+            .unwrap();
+        assert_eq!(udp4.counters.packets, 1, "only the IPv4 packet counted");
+        assert_eq!(vip6_counters_udp(&dp).counters.packets, 0);
+        assert_eq!(dp.flows().unwrap().keys().count(), 1, "one flow, IPv4's");
+    });
+}
+
+/// The counters of the IPv6 VIP's UDP service (port 53).
+fn vip6_counters_udp(dp: &xlb::dataplane::Dataplane) -> xlb::dataplane::VipStats {
+    dp.stats()
+        .unwrap()
+        .vips
+        .into_iter()
+        .find(|v| v.key.port == 53 && v.key.proto == Proto::Udp && v.key.addr == VIP6)
+        .unwrap()
+}
