@@ -439,6 +439,9 @@ impl Dataplane {
             .ok_or(DataplaneError::UnknownVip(*key))?;
         let (id, backends) = (vip.id, vip.backends.clone());
         self.set_vip_entry(key, None)?;
+        // No flow of the VIP is served from its entry's cache any more: bumped at once, so a step
+        // below that fails cannot leave established flows served from a VIP that is gone.
+        self.bump_policy()?;
         match self.vip_addr_entry(key, None) {
             VipAddr { vips: 0, .. } => self.set_vip_addr(key.addr, None)?,
             rest => self.set_vip_addr(key.addr, Some(rest))?,
@@ -451,9 +454,8 @@ impl Dataplane {
             .set(id, 0, 0)
             .map_err(map_err(maps::DEBUG_VIPS))?;
         let vip = self.installed.remove(key).expect("looked up above");
-        // No flow of the VIP is served from its entry's cache any more.
-        self.bump_policy()?;
-        // ... and with empty source lists: an id whose lists could not be cleared is not reused.
+        // The id is reused only with empty source lists: one whose lists could not be cleared is
+        // not.
         let mut cleared = self.clear_source_lists(vip.id, vip.list_half, &vip.policy);
         if let (Ok(()), Some(left)) = (&cleared, &vip.leftover) {
             cleared = self.clear_source_lists(vip.id, vip.list_half ^ 1, left);
