@@ -1033,7 +1033,15 @@ fn established_flows_take_their_vip_from_the_entry_until_the_vip_changes() {
             port: 80,
             proto: Proto::Tcp,
         };
+        let generation = dp.policy_generation();
         dp.remove_vip(&key80).unwrap();
+        // Released slots alone make this entry stale; the generation is what keeps a stamped
+        // entry off a VIP that reuses the freed id and slots before its own bump.
+        assert_ne!(
+            dp.policy_generation(),
+            generation,
+            "removal bumps the generation"
+        );
         assert!(dp.flows().unwrap().get(&key, 0).is_ok(), "entry kept");
         assert_eq!(send(&dp, &ack).0, XDP_DROP, "VIP removed");
         // Re-created as ipip: the entry's l2 and its VIP of before are not used.
