@@ -331,22 +331,16 @@ fn lb1_lost(xdp_mode: &str) {
         .collect();
     let last_lost = lost.iter().max().copied();
 
-    let finished = downloads.finish().expect("the downloads");
-    let bad = check_downloads(&finished, lost_at, "lb1 was lost");
-    assert!(
-        bad.is_empty(),
-        "{} of {CONNECTIONS} downloads failed across lb1's loss:\n{}",
-        bad.len(),
-        bad.join("\n")
-    );
-    let finished6 = downloads6.finish().expect("the IPv6 downloads");
-    let bad = check_downloads(&finished6, lost_at, "lb1 was lost");
-    assert!(
-        bad.is_empty(),
-        "{} of {CONNECTIONS} IPv6 downloads failed across lb1's loss:\n{}",
-        bad.len(),
-        bad.join("\n")
-    );
+    for (family, downloads) in [("IPv4", downloads), ("IPv6", downloads6)] {
+        let finished = downloads.finish().expect("the downloads");
+        let bad = check_downloads(&finished, lost_at, "lb1 was lost");
+        assert!(
+            bad.is_empty(),
+            "{} of {CONNECTIONS} {family} downloads failed across lb1's loss:\n{}",
+            bad.len(),
+            bad.join("\n")
+        );
+    }
     check_access_logs(&bed, &per_backend);
 
     // lb2 carried lb1's connections on the synced entries: no miss, no new flow, no re-steer.

@@ -67,15 +67,13 @@ pub(crate) async fn check_table(
     let ours = |r: &TableRoute| {
         t.is_ours(r) || earlier.is_some_and(|e| e.table == t.table && e.is_ours(r))
     };
-    for family in [IpVersion::V4, IpVersion::V6] {
-        let routes = nl.table_routes(family, t.table).await?;
-        if let Some(foreign) = routes.iter().find(|r| !ours(r)) {
-            return Err(AnnounceError::Foreign {
-                table: t.table,
-                route: foreign.to_string(),
-                count: routes.iter().filter(|r| !ours(r)).count(),
-            });
-        }
+    let routes = table_routes(nl, t).await?;
+    if let Some(foreign) = routes.iter().find(|r| !ours(r)) {
+        return Err(AnnounceError::Foreign {
+            table: t.table,
+            route: foreign.to_string(),
+            count: routes.iter().filter(|r| !ours(r)).count(),
+        });
     }
     Ok(())
 }
