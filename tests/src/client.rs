@@ -47,6 +47,9 @@ pub struct Request {
     pub end: Instant,
     /// The backend's name (the body of `GET /`), or the error.
     pub outcome: Result<String, String>,
+    /// The connection's source port, if it connected (with the VIP as destination it names the
+    /// flow).
+    pub local_port: Option<u16>,
 }
 
 impl Request {
@@ -123,15 +126,24 @@ fn run(
             continue;
         }
         let start = Instant::now();
-        let outcome = match http::get(target, "/", options.timeout) {
-            Ok(r) if r.status == 200 => Ok(r.text()),
-            Ok(r) => Err(format!("HTTP {}: {}", r.status, r.text())),
-            Err(e) => Err(format!("{e:#}")),
-        };
+        let mut local_port = None;
+        let outcome = http::open(target, "/", options.timeout)
+            .and_then(|stream| {
+                local_port = stream.local_port();
+                let status = stream.status;
+                let body = stream.body(options.timeout)?;
+                Ok((status, String::from_utf8_lossy(&body).trim().to_string()))
+            })
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|(status, text)| match status {
+                200 => Ok(text),
+                _ => Err(format!("HTTP {status}: {text}")),
+            });
         requests.push(Request {
             start,
             end: Instant::now(),
             outcome,
+            local_port,
         });
         next = start + options.every;
     }
