@@ -37,6 +37,8 @@ pub mod maps {
     /// the per-CPU LRU, `BPF_F_NO_COMMON_LRU`). One entry unless a benchmark sizes them.
     pub const FLOOR_FLOWS: &str = "FLOOR_FLOWS";
     pub const FLOOR_FLOWS_PERCPU: &str = "FLOOR_FLOWS_PERCPU";
+    /// The hop floor's one backend (`FloorHop`, one entry).
+    pub const FLOOR_HOP: &str = "FLOOR_HOP";
     pub const IPIP_IDS: &str = "IPIP_IDS";
     /// The global deny list's prefixes shorter than /32, double buffered:
     /// `PolicyState::deny_live` picks the live one (with the same half of `DENY_HOSTS`).
@@ -211,6 +213,11 @@ pub mod programs {
             FLOOR_FLOW_INSERT_TX_PERCPU,
         ),
     ];
+    /// Hop floor, the cheapest XDP hop a balancer with connection tracking can be: for TCP and
+    /// UDP to `FloorHop::vip`, one lookup in `FLOOR_FLOWS` (one insert on a miss), both MACs
+    /// from `FLOOR_HOP` (its one backend, reached with `l2` direct server return), `XDP_TX`;
+    /// everything else passes. The end-to-end benchmark's row to hold xlb against.
+    pub const FLOOR_HOP: &str = "xlb_floor_hop";
     /// Benchmark packet generator, run with `BPF_F_TEST_XDP_LIVE_FRAMES`: writes the frame's
     /// Ethernet/IPv4/UDP headers from `BenchGenHeader`, gives it the next of `BENCH_GEN_FLOWS`
     /// source ports and sends it (`XDP_TX`).
@@ -240,6 +247,19 @@ pub const BENCH_GEN_VARY_PORT: u32 = 0;
 /// mod `sources` and source port template + i / `sources`, and its IPv4 checksum again (the
 /// SYN flood from spoofed sources; the TCP checksum is left as the template's).
 pub const BENCH_GEN_VARY_SOURCE: u32 = 1;
+
+/// Value of the `FLOOR_HOP` array (one entry): the hop floor's VIP and its one backend's next
+/// hop, written by the benchmark before it attaches `programs::FLOOR_HOP`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FloorHop {
+    /// The VIP, network order (as the packet has it).
+    pub vip: u32,
+    /// The backend's MAC, as on the wire.
+    pub dst_mac: [u8; 6],
+    /// The balancer's own MAC on the interface, as on the wire.
+    pub src_mac: [u8; 6],
+}
 
 /// Value of the `BENCH_GEN_HEADER` array (one entry): the generator's frame headers, written
 /// into every frame before it is sent, and how they vary. Live-frames mode recycles its pages
@@ -929,6 +949,7 @@ const _: () = {
     assert!(size_of::<VipKey6>() == 20);
     assert!(size_of::<PolicyState>() == 16);
     assert!(size_of::<BenchGenHeader>() == 72);
+    assert!(size_of::<FloorHop>() == 16);
     assert!(size_of::<Addr>() == 16);
 };
 
@@ -948,6 +969,7 @@ mod pod {
     unsafe impl aya::Pod for LbConfig {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for BenchGenHeader {}
+    unsafe impl aya::Pod for FloorHop {}
     unsafe impl aya::Pod for VipLimits {}
     unsafe impl aya::Pod for SrcBucketKey {}
     unsafe impl aya::Pod for VipDrops {}

@@ -5,7 +5,7 @@
 
 use crate::{
     balancer, csum,
-    maps::{BENCH_GEN, BENCH_GEN_HEADER, FLOOR_FLOWS, FLOOR_FLOWS_PERCPU},
+    maps::{BENCH_GEN, BENCH_GEN_HEADER, FLOOR_FLOWS, FLOOR_FLOWS_PERCPU, FLOOR_HOP},
     parse::{self, ETH_HLEN, ETH_P_IP, IPV4_HLEN, ptr_at},
 };
 use aya_ebpf::{
@@ -96,6 +96,39 @@ fn flow_floor(ctx: &XdpContext, table: &LruHashMap<FlowKey, FlowValue>, lookup: 
     // SAFETY: bounds checked by ptr_at. A locally administered MAC holding the backend address
     // (network order, as stored).
     unsafe { dst.write([0x02, 0x00, a, b, c, d]) };
+    xdp_action::XDP_TX
+}
+
+/// Hop floor (`lb_common::programs::FLOOR_HOP`): the stateful floor as a working hop, for the
+/// end-to-end benchmark. TCP and UDP to the VIP: one lookup in `FLOOR_FLOWS`, one insert if it
+/// misses (a new flow), both MACs to the one backend, `XDP_TX`. Everything else passes (ARP,
+/// the backends' own traffic). It picks no backend, counts nothing and reads no clock: the least
+/// a balancer with connection tracking puts between client and server.
+#[xdp]
+pub fn xlb_floor_hop(ctx: XdpContext) -> u32 {
+    let (Some(key), Some(hop)) = (flow_key(&ctx), FLOOR_HOP.get(0)) else {
+        return xdp_action::XDP_PASS;
+    };
+    if key.dst_addr != Addr::from_v4(hop.vip) {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: only whether the entry exists is read.
+    if unsafe { FLOOR_FLOWS.get(key) }.is_none() {
+        let value = FlowValue::new(key.dst_addr, 0, 0, 0);
+        if FLOOR_FLOWS.insert(key, value, u64::from(BPF_ANY)).is_err() {
+            return xdp_action::XDP_ABORTED;
+        }
+    }
+    let Some(eth) = ptr_at::<[u8; 12]>(&ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let (d, s) = (hop.dst_mac, hop.src_mac);
+    // SAFETY: bounds checked by ptr_at: destination then source MAC, as on the wire.
+    unsafe {
+        eth.write([
+            d[0], d[1], d[2], d[3], d[4], d[5], s[0], s[1], s[2], s[3], s[4], s[5],
+        ])
+    };
     xdp_action::XDP_TX
 }
 

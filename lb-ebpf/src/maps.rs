@@ -160,6 +160,11 @@ pub static FLOOR_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_en
 pub static FLOOR_FLOWS_PERCPU: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(1, BPF_F_NO_COMMON_LRU);
 
+/// The hop floor's VIP and its one backend (`bench.rs`, `xlb_floor_hop`), written by the
+/// benchmark.
+#[map(name = "FLOOR_HOP")]
+pub static FLOOR_HOP: Array<lb_common::FloorHop> = Array::with_max_entries(1, 0);
+
 /// Backend slot id → its resolved next hop, per CPU (`nexthop.rs`).
 #[map(name = "NEXTHOPS")]
 pub static NEXTHOPS: PerCpuArray<crate::nexthop::Entry> =

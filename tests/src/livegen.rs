@@ -6,7 +6,7 @@
 use crate::netns::Netns;
 use anyhow::{Context, Result, ensure};
 use aya::programs::{ProgramError, TestRun, TestRunAttrs, TestRunOptions};
-use lb_common::{BenchGenHeader, programs};
+use lb_common::{BenchGenHeader, FloorHop, programs};
 use std::{
     sync::{
         Arc,
@@ -217,6 +217,28 @@ pub fn attach_bench_sized(
     name: &'static str,
     floor_flows: Option<u32>,
 ) -> Result<BenchXdp> {
+    attach(ns, iface, name, floor_flows, None)
+}
+
+/// The hop floor (`programs::FLOOR_HOP`) on `iface` of `ns` in driver mode, steering TCP and UDP
+/// to `hop.vip` to its one backend, with a flow table as large as the agent's default `FLOWS`.
+pub fn attach_floor_hop(ns: &Netns, iface: &str, hop: FloorHop) -> Result<BenchXdp> {
+    attach(
+        ns,
+        iface,
+        programs::FLOOR_HOP,
+        Some(lb_common::DEFAULT_FLOW_CAPACITY),
+        Some(hop),
+    )
+}
+
+fn attach(
+    ns: &Netns,
+    iface: &str,
+    name: &'static str,
+    floor_flows: Option<u32>,
+    hop: Option<FloorHop>,
+) -> Result<BenchXdp> {
     let iface = iface.to_string();
     let dp = ns.enter(move || -> Result<Dataplane> {
         let mut dp = match floor_flows {
@@ -224,6 +246,10 @@ pub fn attach_bench_sized(
             None => Dataplane::load_unattached(BENCH_OBJECT_FLOWS, None),
         }
         .context("loading the eBPF object")?;
+        if let Some(hop) = hop {
+            dp.set_floor_hop(&hop)
+                .context("configuring the hop floor")?;
+        }
         // The interface index is resolved in this thread's namespace, hence inside `ns`.
         dp.attach_bench_program(name, &iface)
             .with_context(|| format!("attaching {name} to {iface} in driver mode"))?;

@@ -7,7 +7,7 @@ use aya::{
     maps::{Array, HashMap, MapData},
     programs::{Xdp, XdpMode},
 };
-use lb_common::{BenchGenHeader, FlowKey, FlowValue, maps, programs};
+use lb_common::{BenchGenHeader, FloorHop, FlowKey, FlowValue, maps, programs};
 
 /// ELF bytes of lb-ebpf, aligned as aya's loader requires.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -91,6 +91,20 @@ impl Dataplane {
             .set(0, header, 0)
             .map_err(map_err(maps::BENCH_GEN_HEADER))?;
         self.bench_program(programs::BENCH_GEN)
+    }
+
+    /// Tell the hop floor (`programs::FLOOR_HOP`) its VIP and its one backend; before it is
+    /// attached, or it passes everything.
+    pub fn set_floor_hop(&mut self, hop: &FloorHop) -> Result<(), DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::FLOOR_HOP)
+            .ok_or(DataplaneError::MissingMap {
+                name: maps::FLOOR_HOP,
+            })?;
+        let mut array: Array<&mut MapData, FloorHop> =
+            Array::try_from(map).map_err(map_err(maps::FLOOR_HOP))?;
+        array.set(0, hop, 0).map_err(map_err(maps::FLOOR_HOP))
     }
 
     /// Load benchmark program `name` and attach it to `iface` (in the calling thread's network
