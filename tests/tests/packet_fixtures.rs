@@ -1076,6 +1076,65 @@ fn established_flows_take_their_vip_from_the_entry_until_the_vip_changes() {
     });
 }
 
+/// Issue 16: the window the policy generation closes. A removed VIP's id and backend slots go
+/// to the next VIP created, so an entry of the removed VIP's flow names an id and a slot that
+/// again hold an active backend of a VIP with that id: only its outdated stamp keeps its packets
+/// from being served to the new VIP's backend.
+#[test]
+fn a_removed_vips_flow_is_not_served_by_the_vip_that_reuses_its_id_and_slots() {
+    use lb_common::maps;
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let send = |dp: &Dataplane, ip_packet: &[u8]| {
+            run(dp.balancer().unwrap(), ifindex, &inbound(ip_packet))
+        };
+        let syn = client_syn(48200, 80);
+        let ack = Ip::to(CLIENT, VIP, 6).packet(&tcp(48200, 80, ACK, 10));
+        assert_eq!(send(&dp, &syn), (XDP_TX, encapsulated(&syn, 0)));
+        assert_eq!(send(&dp, &ack), (XDP_TX, encapsulated(&ack, 0)));
+        let key = dp.flows().unwrap().keys().next().unwrap().unwrap();
+        let stamped = dp.flows().unwrap().get(&key, 0).unwrap();
+        dp.remove_vip(&ServiceKey {
+            addr: VIP.into(),
+            port: 80,
+            proto: Proto::Tcp,
+        })
+        .unwrap();
+        // Another address, the same backends: it takes the freed id and slots.
+        let other = Ipv4Addr::new(10, 111, 100, 9);
+        dp.apply_vip(
+            &vip(other, 80, Proto::Tcp, Forward::Ipip, &BACKENDS),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            send(&dp, &ack).0,
+            XDP_DROP,
+            "the removed VIP's flow after its id and slots were reused"
+        );
+        assert_eq!(dp.stats().unwrap().reasons["drop_unknown_port"], 1);
+        // The window is real: stamped with the current generation, as if neither change had
+        // bumped it, the same entry is served to the new VIP's backend in the old slot.
+        let generation = dp.policy_generation();
+        dp.bench_flow_table(maps::FLOWS)
+            .unwrap()
+            .insert(
+                key,
+                lb_common::FlowValue {
+                    policy_gen: generation,
+                    ..stamped
+                },
+                0,
+            )
+            .unwrap();
+        assert_eq!(
+            send(&dp, &ack),
+            (XDP_TX, encapsulated(&ack, 0)),
+            "a current stamp on the reused id and slot"
+        );
+    });
+}
+
 /// Issue 15, until the IPv6 data path exists: the control plane holds IPv6 VIPs and backends;
 /// this data path refuses to install them, naming the address, and nothing changes.
 #[test]
