@@ -582,7 +582,8 @@ fn flood(
     frame: &[u8],
     window: Duration,
     windows: usize,
-) -> Result<Vec<PpsResult>> {
+    profiled: bool,
+) -> Result<(Vec<PpsResult>, Option<KaProfile>)> {
     let rtr = bed.ns("rtr");
     let lb1 = bed.ns("lb1");
     let peer = Topology::peer_iface("lb1");
@@ -609,7 +610,9 @@ fn flood(
     let limit = PPS_WARMUP + window * windows as u32 + Duration::from_secs(20);
     let header =
         BenchGenHeader::from_frame(frame).context("flood frame shorter than its headers")?;
-    let mut generator = Generator::start(rtr, &peer, frame.to_vec(), header, limit);
+    // On the last CPU, so a profile can take that CPU alone.
+    let cpu = crate::cpu::allowed()?.last().copied();
+    let mut generator = Generator::start_on(rtr, &peer, frame.to_vec(), header, limit, cpu);
     thread::sleep(PPS_WARMUP);
     generator.ensure_running()?;
     let mut results = Vec::new();
@@ -633,6 +636,30 @@ fn flood(
             generator_pps: 0.0,
         });
     }
+    // One more window with every CPU profiled (sampling slows it: not among the figures); a
+    // failed profile is reported, not fatal.
+    let profile = if let (true, Some(cpu)) = (profiled, cpu) {
+        match profile::cpu_profile("flood", cpu, || {
+            let (a, ta) = snapshot()?;
+            thread::sleep(window);
+            let (b, tb) = snapshot()?;
+            Ok((b.drops.saturating_sub(a.drops), (tb - ta).as_secs_f64()))
+        }) {
+            Ok(((packets, secs), n, shares)) => Some(KaProfile {
+                samples: n,
+                shares,
+                requests: packets,
+                cpu_seconds: secs,
+            }),
+            Err(e) => {
+                eprintln!("bench e2e: flood profile failed: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    generator.ensure_running()?;
     let report = generator.finish()?;
     let generator_pps = report.frames as f64 / report.busy.as_secs_f64().max(1e-9);
     for r in &mut results {
@@ -646,7 +673,7 @@ fn flood(
             r.forwarded_pps
         );
     }
-    Ok(results)
+    Ok((results, profile))
 }
 
 /// Per-run preparation of the bed that stays for all configurations (undone on drop).
@@ -726,6 +753,9 @@ impl KaProfile {
 struct Samples {
     /// Where the machine's time went during an extra keep-alive run in the last round.
     ka_profile: Option<KaProfile>,
+    /// The same over one more window of the flood in the last round (`requests`: packets
+    /// forwarded in it).
+    flood_profile: Option<KaProfile>,
     ka: Vec<WrkResult>,
     close: Vec<WrkResult>,
     pps: Vec<PpsResult>,
@@ -813,9 +843,12 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
                     samples[ci].close.push(close);
                 }
                 if config.pps() {
-                    let r = flood(&bed, &active, &frame, pps_window, pps_windows)
-                        .with_context(|| format!("UDP flood through {}", config.label()))?;
+                    let profiled = profiling && round + 1 == rounds;
+                    let (r, profile) =
+                        flood(&bed, &active, &frame, pps_window, pps_windows, profiled)
+                            .with_context(|| format!("UDP flood through {}", config.label()))?;
                     samples[ci].pps.extend(r);
+                    samples[ci].flood_profile = profile;
                 }
                 Ok(())
             })();
@@ -895,6 +928,15 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
                     "ns_per_packet_above_floor": above_floor,
                     "share_of_floor": ratio(med(ci, "pps"), floor),
                     "share_of_stateful_floor": ratio(med(ci, "pps"), med(idx(Config::PpsFlowFloor), "pps")),
+                    "profile": s.flood_profile.as_ref().map(|p| json!({
+                        "samples": p.samples,
+                        "packets": p.requests,
+                        "cpu_seconds": p.cpu_seconds,
+                        "percent_by_category": p.shares
+                            .iter()
+                            .map(|sh| (sh.symbol.clone(), json!(sh.percent)))
+                            .collect::<serde_json::Map<_, _>>(),
+                    })),
                     "failures": s.errors,
                 }),
             );
@@ -1021,14 +1063,57 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
 /// Where the time went during the profiled keep-alive runs: CPU µs per request by category, one
 /// column per configuration.
 fn keepalive_profiles(samples: &[Samples]) -> String {
+    profile_table(
+        samples,
+        |s| s.ka_profile.as_ref(),
+        "Where the keep-alive time goes",
+        "one more keep-alive run per configuration in the \
+         last round (not among the figures above), with `perf record -a -e cpu-clock` over both \
+         CPUs; each sample is put under the subsystem of its kernel symbol. Shown as CPU µs per \
+         completed request: a category's share of the samples × the run's CPU time (CPUs × wrk's \
+         duration) / requests. Client, router, balancer and backends share the machine's 2 cores, \
+         so every µs a configuration adds per request costs requests/s directly.",
+        ("request", "µs", 1.0),
+    )
+}
+
+/// Where the time went during the profiled flood windows: CPU ns per forwarded packet by
+/// category, one column per configuration (issue 16, item 4: what the live path spends that
+/// `BPF_PROG_TEST_RUN` does not show).
+fn flood_profiles(samples: &[Samples]) -> String {
+    profile_table(
+        samples,
+        |s| s.flood_profile.as_ref(),
+        "Where the live path's time goes",
+        "one more flood window per packet-rate \
+         configuration in the last round (not among the figures above), with `perf record -C` \
+         on the CPU the generator is pinned to, where the balancer's and the sink's receive \
+         processing run too (softirq work on the sending core). Shown as CPU ns per forwarded \
+         packet: a category's share of the samples × the window's length / packets the sink \
+         counted. The generator's and the sink's costs are in every column, so the differences \
+         between columns are the balancers'; anything else the machine ran on that CPU shows as \
+         well (user space, mostly). Floors' programs count under \"other BPF programs, maps and \
+         helpers\", with the flow-table lookups of every column.",
+        ("forwarded packet", "ns", 1000.0),
+    )
+}
+
+/// A table of profiles by category, one column per configuration that has one (`pick`), in
+/// `unit` per `per` (`scale` × µs).
+fn profile_table(
+    samples: &[Samples],
+    pick: fn(&Samples) -> Option<&KaProfile>,
+    title: &str,
+    intro: &str,
+    (per, unit, scale): (&str, &str, f64),
+) -> String {
     let cols: Vec<(Config, &KaProfile)> = CONFIGS
         .iter()
         .zip(samples)
-        .filter_map(|(c, s)| s.ka_profile.as_ref().map(|p| (*c, p)))
+        .filter_map(|(c, s)| pick(s).map(|p| (*c, p)))
         .collect();
     if cols.is_empty() {
-        return "\n**Where the keep-alive time goes**: not profiled (perf not usable here).\n"
-            .into();
+        return format!("\n**{title}**: not profiled (perf not usable here).\n");
     }
     // Rows: every category any run has, largest (in the first column) first; idle last.
     let mut rows: Vec<&str> = Vec::new();
@@ -1045,14 +1130,7 @@ fn keepalive_profiles(samples: &[Samples]) -> String {
             .partial_cmp(&key(b))
             .unwrap_or(std::cmp::Ordering::Equal)
     });
-    let mut md = String::from(
-        "\n**Where the keep-alive time goes**: one more keep-alive run per configuration in the \
-         last round (not among the figures above), with `perf record -a -e cpu-clock` over both \
-         CPUs; each sample is put under the subsystem of its kernel symbol. Shown as CPU µs per \
-         completed request: a category's share of the samples × the run's CPU time (CPUs × wrk's \
-         duration) / requests. Client, router, balancer and backends share the machine's 2 cores, \
-         so every µs a configuration adds per request costs requests/s directly.\n\n| spent on |",
-    );
+    let mut md = format!("\n**{title}**: {intro}\n\n| spent on ({unit} per {per}) |");
     for (c, _) in &cols {
         let _ = write!(md, " {} |", c.label());
     }
@@ -1062,21 +1140,21 @@ fn keepalive_profiles(samples: &[Samples]) -> String {
     for r in &rows {
         let _ = write!(md, "| {r} |");
         for (_, p) in &cols {
-            let _ = write!(md, " {:.2} |", p.us_per_request(r));
+            let _ = write!(md, " {:.2} |", p.us_per_request(r) * scale);
         }
         md.push('\n');
     }
-    let _ = write!(md, "| **busy CPU per request (all but idle)** |");
+    let _ = write!(md, "| **busy CPU per {per} (all but idle)** |");
     for (_, p) in &cols {
         let busy: f64 = rows
             .iter()
             .filter(|r| **r != "idle")
-            .map(|r| p.us_per_request(r))
+            .map(|r| p.us_per_request(r) * scale)
             .sum();
         let _ = write!(md, " **{busy:.2}** |");
     }
     md.push('\n');
-    let _ = write!(md, "| requests in the profiled run |");
+    let _ = write!(md, "| {per}s in the profiled run |");
     for (_, p) in &cols {
         let _ = write!(md, " {} |", p.requests);
     }
@@ -1187,6 +1265,7 @@ fn markdown(doc: &Value, samples: &[Samples]) -> String {
             failures
         );
     }
+    md.push_str(&flood_profiles(samples));
     md.push_str(&keepalive_profiles(samples));
     let _ = writeln!(md, "\n**Targets** (issues 6 and 16):\n");
     for t in doc["targets"].as_array().into_iter().flatten() {

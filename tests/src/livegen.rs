@@ -118,10 +118,29 @@ impl Generator {
         header: BenchGenHeader,
         limit: Duration,
     ) -> Self {
+        Self::start_on(ns, iface, frame, header, limit, None)
+    }
+
+    /// `start`, with the generator's thread pinned to `cpu` if given: the balancer's and the
+    /// sink's receive processing run as softirq work on the sending core, so the whole flood then
+    /// stays on that one CPU (where a profile can be taken of it alone).
+    pub fn start_on(
+        ns: &Netns,
+        iface: &str,
+        frame: Vec<u8>,
+        header: BenchGenHeader,
+        limit: Duration,
+        cpu: Option<usize>,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let iface = iface.to_string();
-        let handle = ns.spawn(move || generate(&iface, &frame, &header, &flag, limit));
+        let handle = ns.spawn(move || {
+            if let Some(cpu) = cpu {
+                crate::cpu::pin_to(cpu).context("pinning the generator")?;
+            }
+            generate(&iface, &frame, &header, &flag, limit)
+        });
         Self {
             stop,
             handle: Some(handle),

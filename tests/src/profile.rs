@@ -115,20 +115,29 @@ pub fn available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// What `perf record` samples.
+enum Target {
+    /// The calling thread.
+    ThisThread,
+    /// Every CPU.
+    System,
+    /// One CPU, whatever runs on it.
+    Cpu(usize),
+}
+
 struct Recorder {
     child: Child,
     out: PathBuf,
 }
 
 impl Recorder {
-    /// Record this thread (`system` false) or every CPU.
-    fn start(what: &str, system: bool) -> Result<Recorder> {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        let target = if system {
-            vec!["-a".to_string()]
-        } else {
-            vec!["-t".to_string(), tid.to_string()]
+    /// Record `target`.
+    fn start(what: &str, target: Target) -> Result<Recorder> {
+        let target = match target {
+            // SAFETY: gettid has no preconditions.
+            Target::ThisThread => vec!["-t".to_string(), unsafe { libc::gettid() }.to_string()],
+            Target::System => vec!["-a".to_string()],
+            Target::Cpu(cpu) => vec!["-C".to_string(), cpu.to_string()],
         };
         let out = std::env::temp_dir().join(format!(
             "xlb-bench-perf-{}-{}.data",
@@ -249,7 +258,7 @@ pub fn profile(
     dur: Duration,
     mut work: impl FnMut() -> Result<bool>,
 ) -> Result<Profile> {
-    let rec = Recorder::start(what, false)?;
+    let rec = Recorder::start(what, Target::ThisThread)?;
     let t = Instant::now();
     while t.elapsed() < dur {
         if !work()? {
@@ -523,7 +532,21 @@ pub fn system_profile<T>(
     what: &str,
     load: impl FnOnce() -> Result<T>,
 ) -> Result<(T, u64, Vec<Share>)> {
-    let rec = Recorder::start(what, true)?;
+    let rec = Recorder::start(what, Target::System)?;
+    let out = load()?;
+    let (samples, all) = rec.finish()?;
+    let categories = by_category(&all, system_category);
+    Ok((out, samples, categories))
+}
+
+/// Profile CPU `cpu` (whatever runs on it) while `load` runs; the shares by
+/// `system_category`, largest first, and the number of samples.
+pub fn cpu_profile<T>(
+    what: &str,
+    cpu: usize,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<(T, u64, Vec<Share>)> {
+    let rec = Recorder::start(what, Target::Cpu(cpu))?;
     let out = load()?;
     let (samples, all) = rec.finish()?;
     let categories = by_category(&all, system_category);
