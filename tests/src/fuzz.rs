@@ -606,6 +606,7 @@ fn check_ip6ip6(input: &[u8], out: &[u8], to_backend_mac: bool) -> Result<()> {
     let outer = &out[14..54];
     ensure!(outer[0] >> 4 == 6, "outer version {}", outer[0] >> 4);
     ensure!(outer[7] == 64, "outer hop limit {}", outer[7]);
+    ensure!(outer[8..24] == LB6.octets(), "outer source is not the LB's");
     let inner = ip_packet(input).ok_or_else(|| anyhow::anyhow!("input has no whole IP packet"))?;
     let next = if inner[0] >> 4 == 6 { 41 } else { 4 };
     ensure!(
@@ -714,7 +715,8 @@ fn check_passed(input: &[u8], out: &[u8]) -> Result<()> {
     }
 }
 
-/// An IPIP frame: outer header valid and from the LB to a backend, inner packet as it came in;
+/// An IPIP frame: outer header valid and from the LB (its source checked here too: a passed frame
+/// is not classified by it) to a backend, inner packet as it came in;
 /// for `XDP_TX` (`to_backend_mac`) addressed to that backend's MAC, else (passed to the kernel
 /// for neighbour resolution) with the frame's own MACs.
 fn check_ipip(input: &[u8], out: &[u8], to_backend_mac: bool) -> Result<()> {
@@ -722,6 +724,11 @@ fn check_ipip(input: &[u8], out: &[u8], to_backend_mac: bool) -> Result<()> {
     ensure!(outer[0] == 0x45, "outer version/IHL {:#x}", outer[0]);
     ensure!(checksum(outer) == 0, "outer checksum");
     ensure!(outer[8] == 64, "outer TTL {}", outer[8]);
+    ensure!(
+        outer[12..16] == LB.octets(),
+        "outer source {}",
+        Ipv4Addr::new(outer[12], outer[13], outer[14], outer[15])
+    );
     let total = usize::from(u16::from_be_bytes([outer[2], outer[3]]));
     ensure!(
         total == out.len() - 14,
