@@ -28,7 +28,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{Addr, CONFIG_F_MIGRATING, FlowKey, FlowValue, maps};
+use lb_common::{Addr, CONFIG_F_MIGRATING, FlowKey, FlowStamp, FlowValue, maps};
 use std::{
     collections::BTreeSet,
     fs,
@@ -435,6 +435,7 @@ impl Dataplane {
                 None => count.left_out += 1,
             }
         }
+        let keep_stamps = self.policy_carried;
         let report = self.install(
             table,
             flows.into_iter().map(|f| FlowInstall {
@@ -442,7 +443,14 @@ impl Dataplane {
                 backend_addr: f.backend_addr,
                 last_seen_ns: Some(f.last_seen_ns),
                 flags: f.flags,
-                stamp: f.stamp,
+                // A stamp names a generation of the `POLICY` the old program used. A new one
+                // restarts at 1, where an old stamp could match by chance and be believed
+                // (source checks and cached VIP unchecked): such flows are checked again.
+                stamp: if keep_stamps {
+                    f.stamp
+                } else {
+                    FlowStamp::NONE
+                },
             }),
             flags,
         )?;
@@ -826,7 +834,7 @@ pub(super) struct FlowInstall {
     pub(super) flags: u32,
     /// The policy generation its source checks were made under (0: check again) and the VIP
     /// cached under it.
-    pub(super) stamp: lb_common::FlowStamp,
+    pub(super) stamp: FlowStamp,
 }
 
 impl Dataplane {

@@ -219,6 +219,9 @@ pub struct Dataplane {
     /// `POLICY`, and what this agent last wrote there (or found, taking over).
     policy: Array<MapData, PolicyState>,
     policy_state: PolicyState,
+    /// `POLICY` held a generation at load (taken over, not created): flows copied from the old
+    /// data path were stamped under it and may keep their stamps.
+    policy_carried: bool,
     vip_allow: firewall::VipTrie,
     vip_deny: firewall::VipTrie,
     vip_limits: Array<MapData, VipLimits>,
@@ -427,7 +430,8 @@ impl Dataplane {
         // (all zero) starts at generation 1.
         let mut policy: Array<MapData, PolicyState> = take_map(&mut ebpf, maps::POLICY)?;
         let mut policy_state = policy.get(&0, 0).map_err(map_err(maps::POLICY))?;
-        if policy_state.generation == 0 {
+        let policy_carried = policy_state.generation != 0;
+        if !policy_carried {
             policy_state = PolicyState {
                 generation: 1,
                 ..PolicyState::default()
@@ -453,6 +457,7 @@ impl Dataplane {
             lb_config,
             policy,
             policy_state,
+            policy_carried,
             vip_allow: take_map(&mut ebpf, maps::VIP_ALLOW)?,
             vip_deny: take_map(&mut ebpf, maps::VIP_DENY)?,
             vip_limits: take_map(&mut ebpf, maps::VIP_LIMITS)?,
