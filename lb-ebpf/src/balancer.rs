@@ -151,7 +151,7 @@ fn account(
     if forward::is_forwarded(&verdict) {
         stats::count_forwarded(pkt.vip.id, backend.id, pkt.frame_len);
     }
-    if debug::enabled(pkt.vip.id) {
+    if debug::enabled(&firewall::policy(), pkt.vip.id) {
         debug::log_steer(ctx, pkt, backend.addr, how, &verdict);
     }
     verdict
@@ -249,7 +249,7 @@ fn established4(ctx: &XdpContext) -> Result<Verdict, Unserved> {
     let flow = unsafe { &(*p).flow };
     let hit = established_entry(flow, lengths_agree(ip_len, ihl + l4_len, frame_len))
         .map_err(Unserved::Probe)?;
-    if debug::enabled(hit.vip.id) {
+    if debug::enabled(&hit.policy, hit.vip.id) {
         // A debugged VIP's packet goes the long way, which serves it from the same entry
         // (`select` finds it current) and logs it from `try_balance`: a log call from this frame
         // would add its own to it, past the verifier's 512 bytes.
@@ -291,6 +291,8 @@ pub struct Established {
     pub vip: VipMeta,
     pub backend: forward::Backend,
     pub now: u64,
+    /// The policy the stamp was checked against (and whether any VIP is debugged).
+    pub policy: Policy,
 }
 
 /// The lookup of `established4` and `ipv6::established` after the parse: `flow`'s entry in
@@ -305,7 +307,8 @@ pub fn established_entry(flow: &FlowKey, lengths_ok: bool) -> Result<Established
     if !lengths_ok {
         return Err(Probe::FOUND);
     }
-    let generation = firewall::policy().generation;
+    let policy = firewall::policy();
+    let generation = policy.generation;
     let stamp = stamp_of(value);
     // Generation 0 is "never checked" (and a data path without `POLICY` reads 0 too).
     if stamp.policy_gen != generation || generation == 0 {
@@ -327,6 +330,7 @@ pub fn established_entry(flow: &FlowKey, lengths_ok: bool) -> Result<Established
         },
         backend: forward::Backend { id, addr },
         now,
+        policy,
     })
 }
 
