@@ -143,7 +143,7 @@ pub fn forward_or_too_big(
         return Ok(Verdict::drop(reason::DROP_ENCAP_FAILED));
     }
     Ok(match hop {
-        Some(hop) => egress(ctx, hop.ifindex),
+        Some(hop) => egress(ctx, hop.ifindex()),
         None => Verdict::pass(reason::PASS_NO_NEIGH),
     })
 }
@@ -197,13 +197,9 @@ pub fn too_big(ctx: &XdpContext, answer: bool, v4: bool, mtu: u16) -> Verdict {
 }
 
 #[inline(always)]
-fn write_macs(eth: *mut EthHdr, dst: [u8; 6], src: [u8; 6], ether_type: u16) {
+fn write_ether_type(eth: *mut EthHdr, ether_type: u16) {
     // SAFETY: callers got `eth` from `ptr_at`.
-    unsafe {
-        (*eth).dst_addr = dst;
-        (*eth).src_addr = src;
-        (*eth).ether_type = ether_type.to_be();
-    }
+    unsafe { (*eth).ether_type = ether_type.to_be() };
 }
 
 /// `l2`: the frame to the backend's MAC from ours, nothing else changed.
@@ -217,7 +213,8 @@ fn rewrite_macs(ctx: &XdpContext, pkt: &Packet, hop: &Option<Hop>) -> bool {
     } else {
         ETH_P_IPV6
     };
-    write_macs(eth, hop.dmac, hop.smac, ether_type);
+    hop.write_macs(eth);
+    write_ether_type(eth, ether_type);
     true
 }
 
@@ -249,9 +246,14 @@ fn push_outer(ctx: &XdpContext, hop: &Option<Hop>, outer_len: usize, ether_type:
         return false;
     };
     match hop {
-        Some(hop) => write_macs(eth, hop.dmac, hop.smac, ether_type),
-        None => write_macs(eth, old_dst, old_src, ether_type),
+        Some(hop) => hop.write_macs(eth),
+        // SAFETY: `ptr_at` checked the bounds.
+        None => unsafe {
+            (*eth).dst_addr = old_dst;
+            (*eth).src_addr = old_src;
+        },
     }
+    write_ether_type(eth, ether_type);
     true
 }
 
