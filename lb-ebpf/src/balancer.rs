@@ -105,12 +105,17 @@ pub fn try_balance(ctx: &XdpContext) -> Verdict {
         // IPv4 decides and forwards in one stage: one BPF call per packet fewer.
         ETH_P_IP => balance4(ctx, steered, probe),
         ETH_P_IPV6 => {
-            // An established flow's packet in one hash lookup; the rest decided in full.
+            // An established flow's packet in one hash lookup; the rest decided in full (a
+            // served packet skips that stage's call altogether).
             let probe = ipv6::established(ctx, steered);
-            match ipv6::decide(ctx, steered, probe) {
-                // ICMPv6 to a VIP address is a stage of its own, for the same reason.
-                Ok(Some(icmp6)) => vip_icmp6::handle(ctx, icmp6, steered).map(|()| None),
-                other => other.map(|_| None),
+            if probe == Probe::SERVED {
+                Ok(None)
+            } else {
+                match ipv6::decide(ctx, steered, probe) {
+                    // ICMPv6 to a VIP address is a stage of its own, for the same reason.
+                    Ok(Some(icmp6)) => vip_icmp6::handle(ctx, icmp6, steered).map(|()| None),
+                    other => other.map(|_| None),
+                }
             }
         }
         _ => Err(Verdict::pass(reason::PASS_NOT_IP)),
