@@ -719,6 +719,10 @@ pub const POLICY_F_DENY_LIST: u32 = 1;
 /// The live deny-list hash has host entries: every packet's source is looked up in it first
 /// (one exact-match lookup, where the trie would walk up to 32 nodes).
 pub const POLICY_F_DENY_HOSTS: u32 = 2;
+/// At least one VIP has debug events on (`DEBUG_VIPS`): only then does the data path read a
+/// packet's VIP's switch. A data path that ignores the bit (an older build) reads the switch
+/// for every packet, which is what the bit stands for.
+pub const POLICY_F_DEBUG: u32 = 4;
 
 /// The `LbConfig::ipip_id_cpu_bits` for a machine with `possible_cpus` CPUs: the fewest bits
 /// that number them all. The outer ID of a fragmentable IPIP packet is the CPU number in these

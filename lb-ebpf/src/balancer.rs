@@ -14,7 +14,7 @@ use crate::{
     stats, vip_icmp, vip_icmp6,
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap, programs::XdpContext};
-use core::arch::asm;
+use core::{arch::asm, mem::MaybeUninit, ptr::addr_of_mut};
 use lb_common::{
     Addr, BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, CONFIG_F_MIGRATING, FlowEvent, FlowKey,
     FlowStamp, FlowValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta,
@@ -70,11 +70,27 @@ pub struct Steered {
 /// whose frame is on the stack only while it runs: the verifier allows 512 bytes for all the
 /// frames of a call chain, and the deciding and the forwarding do not fit in one frame together
 /// with IPv6 as well as IPv4. What the decision found waits in this CPU's `STEERED` slot, not
-/// on the stack, which leaves each stage nearly all of the 512 bytes.
+/// on the stack, which leaves each stage nearly all of the 512 bytes. An established IPv4
+/// flow's packet is the exception: `established4` serves it whole from its own frame, before
+/// the slot is looked up.
 #[inline(always)]
 pub fn try_balance(ctx: &XdpContext) -> Verdict {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Verdict::pass(reason::PASS_MALFORMED);
+    };
+    // SAFETY: `ptr_at` checked the bounds.
+    let ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    let probe = if ether_type == ETH_P_IP {
+        match established4(ctx) {
+            Ok(verdict) => return verdict,
+            Err(Unserved::TooBig(df, t)) => {
+                // Its packet is IPv4 and no ICMP error: answered if it has DF.
+                return forward::too_big(ctx, df, true, t.room());
+            }
+            Err(Unserved::Probe(probe)) => probe,
+        }
+    } else {
+        Probe::NOT_LOOKED
     };
     let Some(slot) = STEERED.get_ptr_mut(0) else {
         // Cannot happen (index 0 of a one-entry array).
@@ -85,17 +101,21 @@ pub fn try_balance(ctx: &XdpContext) -> Verdict {
     // packet wrote: `Ok` from a decision means `pkt`, `backend`, `now`, `how` and `icmp_reason`
     // are this packet's.
     let steered = unsafe { &mut *slot };
-    // SAFETY: `ptr_at` checked the bounds.
-    let decided = match u16::from_be(unsafe { (*eth).ether_type }) {
+    let decided = match ether_type {
         // IPv4 decides and forwards in one stage: one BPF call per packet fewer.
-        ETH_P_IP => balance4(ctx, steered),
+        ETH_P_IP => balance4(ctx, steered, probe),
         ETH_P_IPV6 => {
-            // An established flow's packet in one hash lookup; the rest decided in full.
+            // An established flow's packet in one hash lookup; the rest decided in full (a
+            // served packet skips that stage's call altogether).
             let probe = ipv6::established(ctx, steered);
-            match ipv6::decide(ctx, steered, probe) {
-                // ICMPv6 to a VIP address is a stage of its own, for the same reason.
-                Ok(Some(icmp6)) => vip_icmp6::handle(ctx, icmp6, steered).map(|()| None),
-                other => other.map(|_| None),
+            if probe == Probe::SERVED {
+                Ok(None)
+            } else {
+                match ipv6::decide(ctx, steered, probe) {
+                    // ICMPv6 to a VIP address is a stage of its own, for the same reason.
+                    Ok(Some(icmp6)) => vip_icmp6::handle(ctx, icmp6, steered).map(|()| None),
+                    other => other.map(|_| None),
+                }
             }
         }
         _ => Err(Verdict::pass(reason::PASS_NOT_IP)),
@@ -120,29 +140,39 @@ pub fn try_balance(ctx: &XdpContext) -> Verdict {
             verdict
         };
     }
+    account(ctx, &s.pkt, &s.backend, s.how, verdict)
+}
+
+/// A flow's packet went through forwarding with `verdict`: counted for its VIP and backend if
+/// it left towards the backend, and logged if its VIP is debugged.
+#[inline(always)]
+fn account(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    backend: &forward::Backend,
+    how: u8,
+    verdict: Verdict,
+) -> Verdict {
     if forward::is_forwarded(&verdict) {
-        stats::count_forwarded(s.pkt.vip.id, s.backend.id, s.pkt.frame_len);
+        stats::count_forwarded(pkt.vip.id, backend.id, pkt.frame_len);
     }
-    if debug::enabled(s.pkt.vip.id) {
-        debug::log_steer(ctx, &s.pkt, s.backend.addr, s.how, &verdict);
+    if debug::enabled(&firewall::policy(), pkt.vip.id) {
+        debug::log_steer(ctx, pkt, backend.addr, how, &verdict);
     }
     verdict
 }
 
-/// Both stages for an IPv4 frame: `Ok` with the forwarding's verdict when `out` holds the
-/// packet that was forwarded, `Err` with the decision's.
+/// Both stages for an IPv4 frame that `established4` did not serve (`probe`: what it found):
+/// `Ok` with the forwarding's verdict when `out` holds the packet that was forwarded, `Err`
+/// with the decision's.
 #[inline(never)]
-fn balance4(ctx: &XdpContext, out: &mut Steered) -> Result<Option<Verdict>, Verdict> {
-    // An established flow's packet in one hash lookup; the rest decided in full.
-    let probe = established4(ctx, out);
-    if probe != Probe::SERVED {
-        // Read before `VIPS`: the agent writes a VIP, then bumps the generation. A flow stamped
-        // with the generation read here therefore caches a VIP read after it, never an older one.
-        let policy = firewall::policy();
-        classify(ctx, out)?;
-        if out.icmp_reason == 0 {
-            select(out, policy, probe)?;
-        }
+fn balance4(ctx: &XdpContext, out: &mut Steered, probe: u32) -> Result<Option<Verdict>, Verdict> {
+    // Read before `VIPS`: the agent writes a VIP, then bumps the generation. A flow stamped
+    // with the generation read here therefore caches a VIP read after it, never an older one.
+    let policy = firewall::policy();
+    classify(ctx, out)?;
+    if out.icmp_reason == 0 {
+        select(out, policy, probe)?;
     }
     Ok(Some(forward::forward_inline(
         ctx,
@@ -152,8 +182,8 @@ fn balance4(ctx: &XdpContext, out: &mut Steered) -> Result<Option<Verdict>, Verd
     )))
 }
 
-/// What `established4` did with a packet, and if it did not serve it, what it learned of its
-/// flow, so that `select` never looks twice.
+/// What `established4` or `ipv6::established` did with a packet, and if it did not serve it,
+/// what it learned of its flow, so that `select` never looks twice.
 pub struct Probe;
 
 impl Probe {
@@ -163,31 +193,34 @@ impl Probe {
     pub const MISSED: u32 = 1;
     /// An entry, its stamp outdated or its backend gone (`select` looks it up again).
     pub const FOUND: u32 = 2;
-    /// Served: `out` holds the packet and its backend.
+    /// Served (`ipv6::established`): `out` holds the packet and its backend.
     pub const SERVED: u32 = 3;
 }
 
-/// The packet of an established IPv4 flow, in one hash lookup: TCP without SYN or UDP, not a
-/// fragment, lengths as `classify` requires them, an entry in `FLOWS` whose stamp is the current
-/// policy generation (so its source checks and the VIP it caches hold) and whose backend slot
-/// still holds its backend. Then `out` holds it as `select` would have left it, with the VIP's
-/// id and forwarding method from the entry: `VIPS` is not read. Anything else goes to
-/// `classify` and `select`, which own every rule about it (a SYN first through the deny list):
-/// what this function does not recognise, it does not judge.
-#[inline(always)]
-fn established4(ctx: &XdpContext, out: &mut Steered) -> u32 {
+/// The packet of an established IPv4 flow, in one hash lookup, served whole: TCP without SYN
+/// or UDP, not a fragment, lengths as `classify` requires them, an entry in `FLOWS` whose stamp
+/// is the current policy generation (so its source checks and the VIP it caches hold) and whose
+/// backend slot still holds its backend, and whose VIP is not debugged. Then it is forwarded
+/// and counted as `try_balance` does after `select`, with the VIP's id and forwarding method from the entry
+/// (`VIPS` is not read), all from this function's frame: `Ok` with the verdict. Anything else
+/// goes to `classify` and `select` (`Err`: what was found in `FLOWS`), which own every rule
+/// about it (a SYN first through the deny list): what this function does not recognise, it
+/// does not judge. A BPF call of its own, so its frame and `balance4`'s are never on the stack
+/// together.
+#[inline(never)]
+fn established4(ctx: &XdpContext) -> Result<Verdict, Unserved> {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
-        return Probe::NOT_LOOKED;
+        return Err(Unserved::Probe(Probe::NOT_LOOKED));
     };
     // SAFETY: `ptr_at` checked the bounds.
     let ip = unsafe { &*ip };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     let frags = u16::from_be_bytes(ip.frags);
     if ip.vihl >> 4 != 4 || ihl < IPV4_HLEN || frags & (IP_MF | IP_OFFSET_MASK) != 0 {
-        return Probe::NOT_LOOKED;
+        return Err(Unserved::Probe(Probe::NOT_LOOKED));
     }
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
-        return Probe::NOT_LOOKED;
+        return Err(Unserved::Probe(Probe::NOT_LOOKED));
     }
     let Some(L4 {
         ports,
@@ -195,27 +228,120 @@ fn established4(ctx: &XdpContext, out: &mut Steered) -> u32 {
         len: l4_len,
     }) = l4_header(ctx, ip.proto, ETH_HLEN + ihl)
     else {
-        return Probe::NOT_LOOKED;
+        return Err(Unserved::Probe(Probe::NOT_LOOKED));
     };
     if ip.proto == IPPROTO_TCP && !midflow {
-        return Probe::NOT_LOOKED;
+        return Err(Unserved::Probe(Probe::NOT_LOOKED));
     }
-    let flow = flow_key(
-        Addr::from_v4(u32::from_ne_bytes(ip.src_addr)),
-        Addr::from_v4(u32::from_ne_bytes(ip.dst_addr)),
-        ports,
-        ip.proto,
-    );
     let ip_len = u16::from_be_bytes(ip.tot_len);
     let frame_len = frame_len(ctx);
-    let ip_len = lengths_agree(ip_len, ihl + l4_len, frame_len).then_some(ip_len);
-    let df = frags & IP_DF != 0;
-    serve_established(flow, ip_len, ip.tos, df, frame_len, midflow, out)
+    // The packet is built in place around its flow key, which the lookup reads: built whole
+    // first, its VIP zeroed before the lookup fills it became a call to the byte-by-byte
+    // `memset` subprogram (20 bytes; see `flow_key`), a copy of the key after the lookup ten
+    // more loads and stores.
+    let mut slot = MaybeUninit::<Packet>::uninit();
+    let p = slot.as_mut_ptr();
+    // SAFETY: a field of `slot`, written before it is read.
+    unsafe {
+        addr_of_mut!((*p).flow).write(flow_key(
+            Addr::from_v4(u32::from_ne_bytes(ip.src_addr)),
+            Addr::from_v4(u32::from_ne_bytes(ip.dst_addr)),
+            ports,
+            ip.proto,
+        ))
+    };
+    // SAFETY: written just above.
+    let flow = unsafe { &(*p).flow };
+    let hit = established_entry(flow, lengths_agree(ip_len, ihl + l4_len, frame_len))
+        .map_err(Unserved::Probe)?;
+    if debug::enabled(&hit.policy, hit.vip.id) {
+        // A debugged VIP's packet goes the long way, which serves it from the same entry
+        // (`select` finds it current) and logs it from `try_balance`: a log call from this frame
+        // would add its own to it, past the verifier's 512 bytes.
+        return Err(Unserved::Probe(Probe::FOUND));
+    }
+    // SAFETY: every other field of `slot` written, then the whole read (its padding is never
+    // read).
+    let pkt = unsafe {
+        addr_of_mut!((*p).vip).write(hit.vip);
+        addr_of_mut!((*p).ip_len).write(ip_len);
+        addr_of_mut!((*p).tos).write(ip.tos);
+        addr_of_mut!((*p).df).write(frags & IP_DF != 0);
+        addr_of_mut!((*p).frame_len).write(frame_len as u64);
+        addr_of_mut!((*p).midflow).write(midflow);
+        addr_of_mut!((*p).icmp_error).write(false);
+        slot.assume_init_ref()
+    };
+    let verdict = forward::forward_or_too_big(ctx, pkt, &hit.backend, hit.now)
+        .map_err(|t| Unserved::TooBig(pkt.df, t))?;
+    if forward::is_forwarded(&verdict) {
+        stats::count_forwarded(pkt.vip.id, hit.backend.id, pkt.frame_len);
+    }
+    Ok(verdict)
 }
 
-/// The part of `established4` and `ipv6::established` after the parse: `flow`'s entry in
-/// `FLOWS`, its stamp and its backend, then `out`. `ip_len`: `None` if the lengths do not agree
-/// (the full decision drops such a packet).
+/// Why `established4` did not serve a packet.
+pub enum Unserved {
+    /// Not an established flow's packet it could serve: what it found in `FLOWS` (`Probe`).
+    Probe(u32),
+    /// Served, but too big for its next hop: the answer is the entry point's to send (whether
+    /// the packet has DF, and how much too big).
+    TooBig(bool, forward::TooBig),
+}
+
+/// What `established_entry` found for a flow it can serve.
+pub struct Established {
+    /// Only what forwarding and counting read (id and method): ring and flags serve new flows
+    /// and source checks, which this packet does not need.
+    pub vip: VipMeta,
+    pub backend: forward::Backend,
+    pub now: u64,
+    /// The policy the stamp was checked against (and whether any VIP is debugged).
+    pub policy: Policy,
+}
+
+/// The lookup of `established4` and `ipv6::established` after the parse: `flow`'s entry in
+/// `FLOWS`, its stamp and its backend, its last-seen time refreshed; `Err` with what was found
+/// otherwise. `lengths_ok`: the packet's lengths agree (the full decision drops one whose do
+/// not, so it is only looked up).
+#[inline(always)]
+pub fn established_entry(flow: &FlowKey, lengths_ok: bool) -> Result<Established, u32> {
+    let Some(value) = FLOWS.get_ptr_mut(flow) else {
+        return Err(Probe::MISSED);
+    };
+    if !lengths_ok {
+        return Err(Probe::FOUND);
+    }
+    let policy = firewall::policy();
+    let generation = policy.generation;
+    let stamp = stamp_of(value);
+    // Generation 0 is "never checked" (and a data path without `POLICY` reads 0 too).
+    if stamp.policy_gen != generation || generation == 0 {
+        return Err(Probe::FOUND);
+    }
+    let vip_id = u32::from(stamp.vip_id);
+    let Lookup::Hit(id, addr, _) = validate(value, vip_id, None) else {
+        return Err(Probe::FOUND);
+    };
+    let now = coarse_now();
+    // SAFETY: map value pointer from the lookup above. A racing writer on another CPU can only
+    // store another recent time.
+    unsafe { (*value).last_seen_ns = now };
+    Ok(Established {
+        vip: VipMeta {
+            id: vip_id,
+            forward: u32::from(stamp.vip_forward),
+            ..VipMeta::default()
+        },
+        backend: forward::Backend { id, addr },
+        now,
+        policy,
+    })
+}
+
+/// `established_entry` for `ipv6::established`, which hands the packet on through `out`:
+/// `Probe::SERVED` when `out` holds it as `select` would have left it. `ip_len`: `None` if the
+/// lengths do not agree.
 #[inline(always)]
 pub fn serve_established(
     flow: FlowKey,
@@ -226,36 +352,14 @@ pub fn serve_established(
     midflow: bool,
     out: &mut Steered,
 ) -> u32 {
-    let Some(value) = FLOWS.get_ptr_mut(flow) else {
-        return Probe::MISSED;
+    let hit = match established_entry(&flow, ip_len.is_some()) {
+        Ok(hit) => hit,
+        Err(probe) => return probe,
     };
-    let generation = firewall::policy().generation;
-    let stamp = stamp_of(value);
-    let Some(ip_len) = ip_len else {
-        return Probe::FOUND;
-    };
-    // Generation 0 is "never checked" (and a data path without `POLICY` reads 0 too).
-    if stamp.policy_gen != generation || generation == 0 {
-        return Probe::FOUND;
-    }
-    let vip_id = u32::from(stamp.vip_id);
-    let Lookup::Hit(id, addr, _) = validate(value, vip_id, None) else {
-        return Probe::FOUND;
-    };
-    let now = coarse_now();
-    // SAFETY: map value pointer from the lookup above. A racing writer on another CPU can only
-    // store another recent time.
-    unsafe { (*value).last_seen_ns = now };
     out.pkt = Packet {
-        // Only what forwarding and counting read: ring and flags serve new flows and source
-        // checks, which this packet does not need.
-        vip: VipMeta {
-            id: vip_id,
-            forward: u32::from(stamp.vip_forward),
-            ..VipMeta::default()
-        },
+        vip: hit.vip,
         flow,
-        ip_len,
+        ip_len: ip_len.unwrap_or(0),
         tos,
         df,
         frame_len: frame_len as u64,
@@ -263,8 +367,8 @@ pub fn serve_established(
         icmp_error: false,
     };
     out.icmp_reason = 0;
-    out.backend = forward::Backend { id, addr };
-    out.now = now;
+    out.backend = hit.backend;
+    out.now = hit.now;
     out.how = debug::STEER_EXISTING;
     Probe::SERVED
 }

@@ -2,7 +2,7 @@
 //! sets the VIP's `DEBUG_VIPS` entry and every steered packet of that VIP is logged to the agent's
 //! log (target `xlb_ebpf`), with no reload of the program.
 
-use crate::{Verdict, balancer::Packet, maps::DEBUG_VIPS};
+use crate::{Verdict, balancer::Packet, firewall::Policy, maps::DEBUG_VIPS};
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::info;
 use lb_common::Addr;
@@ -11,9 +11,12 @@ use lb_common::Addr;
 pub const STEER_EXISTING: u8 = 0;
 pub const STEER_NEW: u8 = 1;
 
+/// Whether VIP `vip_id`'s packets are logged. Its switch in `DEBUG_VIPS` is read only while
+/// the agent says some VIP has one on (`Policy::debugging`, from `POLICY`, which the packet's
+/// established path reads anyway).
 #[inline(always)]
-pub fn enabled(vip_id: u32) -> bool {
-    DEBUG_VIPS.get(vip_id).is_some_and(|on| *on != 0)
+pub fn enabled(policy: &Policy, vip_id: u32) -> bool {
+    policy.debugging() && DEBUG_VIPS.get(vip_id).is_some_and(|on| *on != 0)
 }
 
 /// One line per steered packet. IPv4 addresses go to aya-log as numbers in host order (its `:i`

@@ -25,9 +25,9 @@ use crate::{
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use core::arch::asm;
 use lb_common::{
-    Addr, POLICY_F_DENY_HOSTS, POLICY_F_DENY_LIST, SrcBucketKey, VIP_F_ALLOW, VIP_F_DENY,
-    VIP_F_LIST_HALF, VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT, VipMeta, deny_host_net_bit, event, reason,
-    vip_list_tag, vip_src_data,
+    Addr, POLICY_F_DEBUG, POLICY_F_DENY_HOSTS, POLICY_F_DENY_LIST, SrcBucketKey, VIP_F_ALLOW,
+    VIP_F_DENY, VIP_F_LIST_HALF, VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT, VipMeta, deny_host_net_bit,
+    event, reason, vip_list_tag, vip_src_data,
 };
 
 /// Compare-and-swap attempts on a bucket before a flow counts as limited (other CPUs kept
@@ -44,6 +44,12 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Some VIP has debug events on (`POLICY_F_DEBUG`).
+    #[inline(always)]
+    pub fn debugging(&self) -> bool {
+        self.flags & POLICY_F_DEBUG != 0
+    }
+
     /// This policy for the rest of one packet's checks, once its deny list was looked into.
     #[inline(always)]
     fn deny_list_checked(self) -> Policy {

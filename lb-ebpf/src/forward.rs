@@ -48,10 +48,45 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, backend: &Backend, now: u64) -> V
 /// packet and still fits the stack.
 #[inline(always)]
 pub fn forward_inline(ctx: &XdpContext, pkt: &Packet, backend: &Backend, now: u64) -> Verdict {
+    forward_or_too_big(ctx, pkt, backend, now).unwrap_or_else(|t| {
+        too_big(
+            ctx,
+            pkt.df && !pkt.icmp_error,
+            pkt.flow.dst_addr.is_v4(),
+            t.room(),
+        )
+    })
+}
+
+/// A packet that will not fit the egress MTU `mtu` (host order) once `overhead` bytes are added:
+/// what `too_big` answers, nothing of the frame changed yet.
+pub struct TooBig {
+    pub mtu: u16,
+    pub overhead: u16,
+}
+
+impl TooBig {
+    /// The largest packet that would fit (what the client is told).
+    #[inline(always)]
+    pub fn room(&self) -> u16 {
+        self.mtu.saturating_sub(self.overhead)
+    }
+}
+
+/// `forward_inline`, leaving the answer to a packet too big to its caller: the established IPv4
+/// packet's stage (`balancer::established4`), whose frame leaves no room for `too_big`'s on top
+/// of it, returns it to the entry point, which calls `too_big` from its own.
+#[inline(always)]
+pub fn forward_or_too_big(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    backend: &Backend,
+    now: u64,
+) -> Result<Verdict, TooBig> {
     let l2 = pkt.vip.forward == FORWARD_L2;
     let outer6 = !l2 && !backend.addr.is_v4();
     let Some(cfg) = CONFIG.get(0) else {
-        return Verdict::drop(reason::DROP_ENCAP_FAILED);
+        return Ok(Verdict::drop(reason::DROP_ENCAP_FAILED));
     };
     // Source (and the cache's source key), bytes added, and protocol of the packet as it leaves.
     // Addresses by reference: copied into registers, each word would be spilled to a stack
@@ -61,7 +96,7 @@ pub fn forward_inline(ctx: &XdpContext, pkt: &Packet, backend: &Backend, now: u6
         (&pkt.flow.src_addr, &Addr::UNSPECIFIED, 0, pkt.flow.proto)
     } else if outer6 {
         if cfg.lb_addr6.is_unspecified() {
-            return Verdict::drop(reason::DROP_ENCAP_FAILED);
+            return Ok(Verdict::drop(reason::DROP_ENCAP_FAILED));
         }
         let next = if pkt.flow.dst_addr.is_v4() {
             IPPROTO_IPIP
@@ -71,12 +106,12 @@ pub fn forward_inline(ctx: &XdpContext, pkt: &Packet, backend: &Backend, now: u6
         (&cfg.lb_addr6, &cfg.lb_addr6, IPV6_HLEN as u16, next)
     } else {
         if cfg.lb_addr == 0 {
-            return Verdict::drop(reason::DROP_ENCAP_FAILED);
+            return Ok(Verdict::drop(reason::DROP_ENCAP_FAILED));
         }
         (&lb4, &lb4, IPV4_HLEN as u16, IPPROTO_IPIP)
     };
     let Some(tot_len) = pkt.ip_len.checked_add(overhead) else {
-        return Verdict::drop(reason::DROP_TOO_BIG);
+        return Ok(Verdict::drop(reason::DROP_TOO_BIG));
     };
     let hop = match nexthop::resolve(
         ctx,
@@ -92,10 +127,10 @@ pub fn forward_inline(ctx: &XdpContext, pkt: &Packet, backend: &Backend, now: u6
         // Handing the unchanged frame (still addressed to the VIP) to the kernel would route it
         // back towards the router: `l2` drops; an encapsulated packet is the kernel's to
         // forward once its next hop is resolved.
-        Resolved::NoNeigh if l2 => return Verdict::drop(reason::DROP_NO_NEIGH),
+        Resolved::NoNeigh if l2 => return Ok(Verdict::drop(reason::DROP_NO_NEIGH)),
         Resolved::NoNeigh => None,
-        Resolved::TooBig(mtu) => return too_big(ctx, pkt, mtu, overhead),
-        Resolved::NoRoute => return Verdict::drop(reason::DROP_NO_ROUTE),
+        Resolved::TooBig(mtu) => return Err(TooBig { mtu, overhead }),
+        Resolved::NoRoute => return Ok(Verdict::drop(reason::DROP_NO_ROUTE)),
     };
     let written = if l2 {
         rewrite_macs(ctx, pkt, &hop)
@@ -105,12 +140,12 @@ pub fn forward_inline(ctx: &XdpContext, pkt: &Packet, backend: &Backend, now: u6
         trim_padding(ctx, pkt) && encap4(ctx, pkt, &hop, src.v4(), backend.addr.v4())
     };
     if !written {
-        return Verdict::drop(reason::DROP_ENCAP_FAILED);
+        return Ok(Verdict::drop(reason::DROP_ENCAP_FAILED));
     }
-    match hop {
-        Some(hop) => egress(ctx, hop.ifindex),
+    Ok(match hop {
+        Some(hop) => egress(ctx, hop.ifindex()),
         None => Verdict::pass(reason::PASS_NO_NEIGH),
-    }
+    })
 }
 
 /// Did the packet leave towards its backend (so it counts as forwarded)?
@@ -140,17 +175,17 @@ fn egress(ctx: &XdpContext, ifindex: u32) -> Verdict {
     }
 }
 
-/// The packet will not fit the egress MTU (`mtu`) once `overhead` bytes are added: tell the client
-/// the largest packet that would (ICMP fragmentation needed for IPv4, ICMPv6 packet too big for
-/// IPv6), or drop it if it allowed fragmentation, which XDP cannot do (IPv4 without DF), or if it
-/// is itself an ICMP error (no error about an error).
+/// The packet will not fit the egress MTU: tell the client the largest packet that would
+/// (`mtu`; ICMP fragmentation needed for IPv4, ICMPv6 packet too big for IPv6, as `v4` says), or
+/// drop it unless `answer`: if it allowed fragmentation, which XDP cannot do (IPv4 without DF),
+/// or if it is itself an ICMP error (no error about an error). Four arguments: with the verdict's
+/// return slot, the five a BPF call takes.
 #[inline(never)]
-fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16, overhead: u16) -> Verdict {
-    if !pkt.df || pkt.icmp_error {
+pub fn too_big(ctx: &XdpContext, answer: bool, v4: bool, mtu: u16) -> Verdict {
+    if !answer {
         return Verdict::drop(reason::DROP_TOO_BIG);
     }
-    let mtu = mtu.saturating_sub(overhead);
-    let sent = if pkt.flow.dst_addr.is_v4() {
+    let sent = if v4 {
         icmp::frag_needed(ctx, mtu)
     } else {
         icmp6::packet_too_big(ctx, mtu)
@@ -162,13 +197,9 @@ fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16, overhead: u16) -> Verdict {
 }
 
 #[inline(always)]
-fn write_macs(eth: *mut EthHdr, dst: [u8; 6], src: [u8; 6], ether_type: u16) {
+fn write_ether_type(eth: *mut EthHdr, ether_type: u16) {
     // SAFETY: callers got `eth` from `ptr_at`.
-    unsafe {
-        (*eth).dst_addr = dst;
-        (*eth).src_addr = src;
-        (*eth).ether_type = ether_type.to_be();
-    }
+    unsafe { (*eth).ether_type = ether_type.to_be() };
 }
 
 /// `l2`: the frame to the backend's MAC from ours, nothing else changed.
@@ -182,7 +213,8 @@ fn rewrite_macs(ctx: &XdpContext, pkt: &Packet, hop: &Option<Hop>) -> bool {
     } else {
         ETH_P_IPV6
     };
-    write_macs(eth, hop.dmac, hop.smac, ether_type);
+    hop.write_macs(eth);
+    write_ether_type(eth, ether_type);
     true
 }
 
@@ -214,9 +246,14 @@ fn push_outer(ctx: &XdpContext, hop: &Option<Hop>, outer_len: usize, ether_type:
         return false;
     };
     match hop {
-        Some(hop) => write_macs(eth, hop.dmac, hop.smac, ether_type),
-        None => write_macs(eth, old_dst, old_src, ether_type),
+        Some(hop) => hop.write_macs(eth),
+        // SAFETY: `ptr_at` checked the bounds.
+        None => unsafe {
+            (*eth).dst_addr = old_dst;
+            (*eth).src_addr = old_src;
+        },
     }
+    write_ether_type(eth, ether_type);
     true
 }
 

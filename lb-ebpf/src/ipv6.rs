@@ -55,13 +55,10 @@ enum Walk {
 
 /// The decision stage for an IPv6 frame (see `balancer::try_balance`): `Ok(None)` when `out`
 /// holds a packet to forward, `Ok(Some(l4))` for ICMPv6 (its header at `l4`) to a VIP address,
-/// which `vip_icmp6::handle` takes from there. `probe`: what `established` did
-/// (`Probe::SERVED`: nothing left to decide).
+/// which `vip_icmp6::handle` takes from there. `probe`: what `established` found of a packet it
+/// did not serve (`try_balance` does not call this for one it served).
 #[inline(never)]
 pub fn decide(ctx: &XdpContext, out: &mut Steered, probe: u32) -> Result<Option<usize>, Verdict> {
-    if probe == Probe::SERVED {
-        return Ok(None);
-    }
     // Read before `VIPS6`, for the reason `balancer::balance4` gives.
     let policy = firewall::policy();
     match classify(ctx, out)? {

@@ -29,18 +29,59 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use core::mem;
+use core::{
+    mem,
+    ptr::{addr_of, addr_of_mut},
+};
 use lb_common::{Addr, NEXTHOP_TTL_NS, event};
+use network_types::eth::EthHdr;
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Where a packet to a backend leaves.
-pub struct Hop {
+/// Where a packet to a backend leaves: this CPU's cache entry for the backend (a map value,
+/// valid for the rest of the program's run), read where the frame is written: copied out into
+/// a struct first, its MACs and interface took a load and a store more each, per packet.
+#[derive(Clone, Copy)]
+pub struct Hop(*const Entry);
+
+impl Hop {
     /// Egress interface, host order.
-    pub ifindex: u32,
-    pub dmac: [u8; 6],
-    pub smac: [u8; 6],
+    #[inline(always)]
+    pub fn ifindex(&self) -> u32 {
+        // SAFETY: a map value pointer from a successful lookup (see the type).
+        unsafe { (*self.0).ifindex }
+    }
+
+    /// The next hop's MAC as the frame's destination, the egress interface's as its source:
+    /// three 16-bit words each. Copied as arrays, map value to packet (two pointers that may
+    /// overlap as far as LLVM knows), they became calls to the byte-by-byte `memmove`
+    /// subprogram; volatile loads keep them plain loads.
+    #[inline(always)]
+    pub fn write_macs(&self, eth: *mut EthHdr) {
+        const _: () = {
+            assert!(mem::offset_of!(Entry, dmac) % 2 == 0);
+            assert!(mem::offset_of!(Entry, smac) % 2 == 0);
+            assert!(mem::align_of::<EthHdr>() == 2);
+        };
+        // SAFETY: as above; callers got `eth` from `ptr_at`. Every word is 2-aligned: the
+        // entry's MACs at even offsets of an 8-aligned map value (asserted), the header's at 0
+        // and 6 of an `EthHdr`, which the rest of this crate writes as 2-aligned too.
+        unsafe {
+            let (dmac, smac) = (
+                addr_of!((*self.0).dmac).cast::<u16>(),
+                addr_of!((*self.0).smac).cast::<u16>(),
+            );
+            let (dst, src) = (
+                addr_of_mut!((*eth).dst_addr).cast::<u16>(),
+                addr_of_mut!((*eth).src_addr).cast::<u16>(),
+            );
+            for i in 0..3 {
+                dst.add(i).write(dmac.add(i).read_volatile());
+                src.add(i).write(smac.add(i).read_volatile());
+            }
+        }
+    }
 }
 
 pub enum Resolved {
@@ -102,11 +143,7 @@ pub fn resolve(
             && now < e.expires_ns
             && tot_len <= e.mtu
         {
-            return Resolved::Hop(Hop {
-                ifindex: e.ifindex,
-                dmac: e.dmac,
-                smac: e.smac,
-            });
+            return Resolved::Hop(Hop(e));
         }
     }
     let query = Query {
@@ -135,9 +172,9 @@ struct Query<'a> {
     proto: u8,
 }
 
-/// A cache miss: the FIB asked, its answer cached when it is a next hop. Not inlined: the
-/// lookup's 64-byte argument and the rest stay off the frame of every packet that hits the
-/// cache, which is nearly all of them.
+/// A cache miss: the FIB asked, its answer cached when it is a next hop. Inlined: as a BPF call
+/// of its own it made `balancer::established4`'s frame larger, not smaller (its `Query` and its
+/// answer then live on the caller's stack).
 #[inline(always)]
 fn ask_fib(ctx: &XdpContext, q: &Query) -> Resolved {
     stats::count_event(event::NEXTHOP_LOOKUP);
@@ -148,26 +185,25 @@ fn ask_fib(ctx: &XdpContext, q: &Query) -> Resolved {
     let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            if let Some(e) = NEXTHOPS.get_ptr_mut(q.backend_id) {
-                // Field by field: a whole-struct write would zero `_pad` through a memset call
-                // (see `balancer::flow_key`); the map created it zeroed and nothing writes it.
-                // SAFETY: per-CPU map value from a successful lookup; only this CPU writes it.
-                unsafe {
-                    (*e).backend_addr = *q.dst;
-                    (*e).ingress_ifindex = q.ingress;
-                    (*e).src_key = *q.src_key;
-                    (*e).ifindex = params.ifindex;
-                    (*e).mtu = mtu;
-                    (*e).dmac = params.dmac;
-                    (*e).smac = params.smac;
-                    (*e).expires_ns = q.now + NEXTHOP_TTL_NS;
-                }
+            // Cannot miss (a backend's slot id is below `MAX_BACKENDS`, the array's size); a
+            // next hop that cannot be kept is none.
+            let Some(e) = NEXTHOPS.get_ptr_mut(q.backend_id) else {
+                return Resolved::NoRoute;
+            };
+            // Field by field: a whole-struct write would zero `_pad` through a memset call
+            // (see `balancer::flow_key`); the map created it zeroed and nothing writes it.
+            // SAFETY: per-CPU map value from a successful lookup; only this CPU writes it.
+            unsafe {
+                (*e).backend_addr = *q.dst;
+                (*e).ingress_ifindex = q.ingress;
+                (*e).src_key = *q.src_key;
+                (*e).ifindex = params.ifindex;
+                (*e).mtu = mtu;
+                (*e).dmac = params.dmac;
+                (*e).smac = params.smac;
+                (*e).expires_ns = q.now + NEXTHOP_TTL_NS;
             }
-            Resolved::Hop(Hop {
-                ifindex: params.ifindex,
-                dmac: params.dmac,
-                smac: params.smac,
-            })
+            Resolved::Hop(Hop(e))
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => Resolved::NoNeigh,
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Resolved::TooBig(mtu),

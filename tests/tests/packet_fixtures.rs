@@ -1535,18 +1535,17 @@ fn debug_events_follow_the_per_vip_switch() {
             port: 80,
             proto: Proto::Tcp,
         };
-        let mut send = |dp: &Dataplane, sport: u16, dport: u16| {
-            run(
-                dp.balancer().unwrap(),
-                ifindex,
-                &inbound(&client_syn(sport, dport)),
-            );
+        // The lines logged for one TCP packet (`flags`) from the client's port `sport`.
+        let mut send_tcp = |dp: &Dataplane, sport: u16, dport: u16, flags: u8| {
+            let packet = Ip::to(CLIENT, VIP, 6).packet(&tcp(sport, dport, flags, 10));
+            let (action, _) = run(dp.balancer().unwrap(), ifindex, &inbound(&packet));
+            assert_eq!(action, XDP_TX);
             logger.flush();
             std::mem::take(&mut *capture.0.lock().unwrap())
         };
-        assert!(send(&dp, 56000, 80).is_empty(), "off by default");
+        assert!(send_tcp(&dp, 56000, 80, SYN).is_empty(), "off by default");
         dp.set_vip_debug(&tcp80, true).unwrap();
-        let lines = send(&dp, 56001, 80);
+        let lines = send_tcp(&dp, 56001, 80, SYN);
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert!(
             lines[0].contains("10.111.0.2:56001 -> 10.111.100.1:80")
@@ -1556,11 +1555,41 @@ fn debug_events_follow_the_per_vip_switch() {
             lines[0]
         );
         assert!(
-            send(&dp, 56002, 8080).is_empty(),
+            send_tcp(&dp, 56002, 8080, SYN).is_empty(),
             "only the switched-on VIP"
         );
+        // An established flow's packets are logged too: the one-lookup path hands a debugged
+        // VIP's packet to the full decision, which logs it (it would be forwarded unlogged if
+        // that path read the switch wrong). The first ACK promotes the flow, the second is
+        // established.
+        let promoting = send_tcp(&dp, 56001, 80, ACK);
+        let established = send_tcp(&dp, 56001, 80, ACK);
+        assert_eq!(established.len(), 1, "{promoting:?} {established:?}");
+        assert!(
+            established[0].contains("10.111.0.2:56001 -> 10.111.100.1:80")
+                && established[0].contains("new 0"),
+            "{}",
+            established[0]
+        );
+        // A second VIP switched on, then the first off: the second's packets are still logged
+        // (the data path's "some VIP is debugged" bit stays while one is).
+        let tcp8080 = ServiceKey {
+            port: 8080,
+            ..tcp80
+        };
+        dp.set_vip_debug(&tcp8080, true).unwrap();
         dp.set_vip_debug(&tcp80, false).unwrap();
-        assert!(send(&dp, 56003, 80).is_empty(), "switched off again");
+        assert_eq!(
+            send_tcp(&dp, 56004, 8080, SYN).len(),
+            1,
+            "the other VIP still on"
+        );
+        assert!(
+            send_tcp(&dp, 56003, 80, SYN).is_empty(),
+            "switched off again"
+        );
+        dp.set_vip_debug(&tcp8080, false).unwrap();
+        assert!(send_tcp(&dp, 56005, 8080, SYN).is_empty(), "both off");
         let unknown = ServiceKey { port: 81, ..tcp80 };
         assert!(dp.set_vip_debug(&unknown, true).is_err());
     });

@@ -552,7 +552,7 @@ impl Dataplane {
         })
     }
 
-    fn write_policy(&mut self, state: PolicyState) -> Result<(), DataplaneError> {
+    pub(super) fn write_policy(&mut self, state: PolicyState) -> Result<(), DataplaneError> {
         self.policy
             .set(0, state, 0)
             .map_err(map_err(maps::POLICY))?;

@@ -46,8 +46,8 @@ use aya::{
 };
 use lb_common::{
     Addr, Backend, CONFIG_F_ICMP_ECHO, DEFAULT_EMBRYO_CAPACITY, LbConfig, MAX_BACKENDS, MAX_VIPS,
-    PolicyState, TrafficCounters, VipAddr, VipDrops, VipKey, VipKey6, VipLimits, VipMeta, maps,
-    programs,
+    POLICY_F_DEBUG, PolicyState, TrafficCounters, VipAddr, VipDrops, VipKey, VipKey6, VipLimits,
+    VipMeta, maps, programs,
 };
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -235,6 +235,9 @@ pub struct Dataplane {
     installed: BTreeMap<ServiceKey, InstalledVip>,
     free_vip_ids: BTreeSet<u32>,
     free_backend_ids: BTreeSet<u32>,
+    /// Ids of the VIPs whose debug events are on (`DEBUG_VIPS`); `POLICY_F_DEBUG` is set while
+    /// there is one.
+    debugged: BTreeSet<u32>,
     nr_cpus: usize,
     /// The data path's directory in bpffs and what is left to do there (`None` for loads
     /// without pins: tests and benchmarks).
@@ -440,6 +443,14 @@ impl Dataplane {
                 .set(0, policy_state, 0)
                 .map_err(map_err(maps::POLICY))?;
         }
+        // Debug events are not kept across a restart (this object's `DEBUG_VIPS` is new and all
+        // off): a taken-over `POLICY` saying some VIP has them on is cleared.
+        if policy_state.flags & POLICY_F_DEBUG != 0 {
+            policy_state.flags &= !POLICY_F_DEBUG;
+            policy
+                .set(0, policy_state, 0)
+                .map_err(map_err(maps::POLICY))?;
+        }
         let mut dp = Dataplane {
             vips_map: take_map(&mut ebpf, maps::VIPS)?,
             vip_addrs: take_map(&mut ebpf, maps::VIP_ADDRS)?,
@@ -472,6 +483,7 @@ impl Dataplane {
             installed: BTreeMap::new(),
             free_vip_ids: (0..MAX_VIPS).collect(),
             free_backend_ids: (0..MAX_BACKENDS).collect(),
+            debugged: BTreeSet::new(),
             nr_cpus,
             pinned: None,
         };

@@ -12,8 +12,8 @@ use super::{
 use crate::model::{Forward, ServiceKey, VipSpec};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
-    Addr, BACKEND_F_ACTIVE, Backend, TrafficCounters, VIP_ADDR_F_ICMP_ECHO, VipAddr, VipMeta, maps,
-    ring_index,
+    Addr, BACKEND_F_ACTIVE, Backend, POLICY_F_DEBUG, PolicyState, TrafficCounters,
+    VIP_ADDR_F_ICMP_ECHO, VipAddr, VipMeta, maps, ring_index,
 };
 use std::{collections::BTreeSet, net::IpAddr};
 
@@ -450,9 +450,7 @@ impl Dataplane {
             self.release_backend(bid)?;
         }
         // VIP ids are reused: the next VIP on this id starts with debug events off.
-        self.debug_vips
-            .set(id, 0, 0)
-            .map_err(map_err(maps::DEBUG_VIPS))?;
+        self.set_debug(id, false)?;
         let vip = self.installed.remove(key).expect("looked up above");
         // The id is reused only with empty source lists: one whose lists could not be cleared is
         // not.
@@ -477,9 +475,33 @@ impl Dataplane {
             .installed
             .get(key)
             .ok_or(DataplaneError::UnknownVip(*key))?;
+        self.set_debug(vip.id, on)
+    }
+
+    /// VIP `id`'s switch in `DEBUG_VIPS`, then `POLICY_F_DEBUG` ("some VIP has debug events
+    /// on"), which the data path reads before any switch: set after a switch goes on, cleared
+    /// after the last goes off, so a packet of a switched-on VIP never misses the bit.
+    fn set_debug(&mut self, id: u32, on: bool) -> Result<(), DataplaneError> {
         self.debug_vips
-            .set(vip.id, u32::from(on), 0)
-            .map_err(map_err(maps::DEBUG_VIPS))
+            .set(id, u32::from(on), 0)
+            .map_err(map_err(maps::DEBUG_VIPS))?;
+        if on {
+            self.debugged.insert(id);
+        } else {
+            self.debugged.remove(&id);
+        }
+        let flags = if self.debugged.is_empty() {
+            self.policy_state.flags & !POLICY_F_DEBUG
+        } else {
+            self.policy_state.flags | POLICY_F_DEBUG
+        };
+        if flags == self.policy_state.flags {
+            return Ok(());
+        }
+        self.write_policy(PolicyState {
+            flags,
+            ..self.policy_state
+        })
     }
 }
 
