@@ -324,9 +324,7 @@ pub fn established_entry(flow: &FlowKey, lengths_ok: bool) -> Result<Established
         return Err(Probe::FOUND);
     };
     let now = coarse_now();
-    // SAFETY: map value pointer from the lookup above. A racing writer on another CPU can only
-    // store another recent time.
-    unsafe { (*value).last_seen_ns = now };
+    touch(value, now);
     Ok(Established {
         vip: VipMeta {
             id: vip_id,
@@ -803,10 +801,23 @@ fn validate(flow: *mut FlowValue, vip_id: u32, seen_at: Option<u64>) -> Lookup {
         return Lookup::Stale;
     }
     if let Some(now) = seen_at {
-        // SAFETY: as above. A racing writer on another CPU can only store another recent time.
-        unsafe { (*flow).last_seen_ns = now };
+        touch(flow, now);
     }
     Lookup::Hit(id, addr, flow)
+}
+
+/// Record `now` (the coarse clock) as the flow's last packet, if the clock has moved since the
+/// last one: the entry's cache line is then written once per clock tick, not once per packet,
+/// and stays shared while the flow's packets come in on several CPUs.
+#[inline(always)]
+fn touch(flow: *mut FlowValue, now: u64) {
+    // SAFETY: a map value pointer from a successful lookup. A racing writer on another CPU can
+    // only store another recent time.
+    unsafe {
+        if (*flow).last_seen_ns != now {
+            (*flow).last_seen_ns = now;
+        }
+    }
 }
 
 /// Atomic 64-bit fetch-and-add (`BPF_ATOMIC | BPF_FETCH | BPF_DW`, kernel ≥ 5.12); every CPU's
