@@ -514,11 +514,20 @@ pub fn system_category(sym: &str) -> &'static str {
     {
         return "generic-mode XDP glue (skb to XDP and back)";
     }
-    if sym.starts_with("bpf_prog_") && sym.contains("xlb_balancer") {
-        return "xlb's XDP program (JIT code)";
+    // A program's symbol is `bpf_prog_<tag>_<function>`: the balancer's BPF subprograms
+    // (`established4`, `forward`, ...) are named for their functions, not for the program.
+    if sym.starts_with("bpf_prog_") && sym.ends_with("(JIT code)") {
+        return if ["xlb_floor", "xlb_bench", "xlb_pass"]
+            .iter()
+            .any(|p| sym.contains(p))
+        {
+            "benchmark programs: floors, generator, sink, pass (JIT code)"
+        } else {
+            "xlb's XDP programs (JIT code)"
+        };
     }
     if sym.starts_with("bpf_") || is_map_code(sym) {
-        return "other BPF programs, maps and helpers";
+        return "BPF maps and helpers";
     }
     RULES
         .iter()
@@ -631,10 +640,13 @@ mod tests {
     fn system_categories() {
         assert!(system_category("[.] nginx_worker").starts_with("user"));
         assert!(system_category("bpf_prog_…_xlb_balancer (JIT code)").starts_with("xlb's"));
-        assert!(system_category("bpf_prog_…_xlb_pass (JIT code)").starts_with("other BPF"));
+        assert!(system_category("bpf_prog_…_established4 (JIT code)").starts_with("xlb's"));
+        assert!(system_category("bpf_prog_…_xlb_pass (JIT code)").starts_with("benchmark"));
+        assert!(system_category("bpf_prog_…_xlb_floor_flow_tx (JIT code)").starts_with("bench"));
+        assert!(system_category("bpf_xdp_adjust_head").starts_with("BPF maps"));
         assert!(system_category("do_xdp_generic").starts_with("generic"));
         assert!(system_category("bpf_prog_run_generic_xdp").starts_with("generic"));
-        assert!(system_category("lookup_nulls_elem_raw").starts_with("other BPF"));
+        assert!(system_category("lookup_nulls_elem_raw").starts_with("BPF maps"));
         assert_eq!(system_category("__pi_memset"), "skb, memory and copies");
         assert!(system_category("netif_receive_generic_xdp").starts_with("generic"));
         assert!(system_category("pv_native_safe_halt").starts_with("idle"));
