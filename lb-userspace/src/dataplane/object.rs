@@ -79,32 +79,28 @@ impl Dataplane {
     /// The benchmark generator (`programs::BENCH_GEN`), loaded, with `header` as the headers it
     /// writes into every frame.
     pub fn bench_generator(&mut self, header: &BenchGenHeader) -> Result<&Xdp, DataplaneError> {
-        let map = self
-            .ebpf
-            .map_mut(maps::BENCH_GEN_HEADER)
-            .ok_or(DataplaneError::MissingMap {
-                name: maps::BENCH_GEN_HEADER,
-            })?;
-        let mut array: Array<&mut MapData, BenchGenHeader> =
-            Array::try_from(map).map_err(map_err(maps::BENCH_GEN_HEADER))?;
-        array
-            .set(0, header, 0)
-            .map_err(map_err(maps::BENCH_GEN_HEADER))?;
+        self.set_bench_entry(maps::BENCH_GEN_HEADER, header)?;
         self.bench_program(programs::BENCH_GEN)
     }
 
     /// Tell the hop floor (`programs::FLOOR_HOP`) its VIP and its one backend; before it is
     /// attached, or it passes everything.
     pub fn set_floor_hop(&mut self, hop: &FloorHop) -> Result<(), DataplaneError> {
+        self.set_bench_entry(maps::FLOOR_HOP, hop)
+    }
+
+    /// Write the one entry of the benchmark programs' array `name`.
+    fn set_bench_entry<T: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<(), DataplaneError> {
         let map = self
             .ebpf
-            .map_mut(maps::FLOOR_HOP)
-            .ok_or(DataplaneError::MissingMap {
-                name: maps::FLOOR_HOP,
-            })?;
-        let mut array: Array<&mut MapData, FloorHop> =
-            Array::try_from(map).map_err(map_err(maps::FLOOR_HOP))?;
-        array.set(0, hop, 0).map_err(map_err(maps::FLOOR_HOP))
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap { name })?;
+        let mut array: Array<&mut MapData, T> = Array::try_from(map).map_err(map_err(name))?;
+        array.set(0, value, 0).map_err(map_err(name))
     }
 
     /// Load benchmark program `name` and attach it to `iface` (in the calling thread's network
