@@ -626,7 +626,14 @@ fn flood(
             &format!("{xlb} xdp-pass detach {HOST_IFACE}"),
         )?;
     }
-    let limit = PPS_WARMUP + window * windows as u32 + Duration::from_secs(20);
+    // A profiled run adds a window, perf's start and its report (the generator runs on through
+    // them).
+    let extra = if profiled {
+        window + Duration::from_secs(30)
+    } else {
+        Duration::ZERO
+    };
+    let limit = PPS_WARMUP + window * windows as u32 + Duration::from_secs(20) + extra;
     let header =
         BenchGenHeader::from_frame(frame).context("flood frame shorter than its headers")?;
     // On the last CPU, so a profile can take that CPU alone.
