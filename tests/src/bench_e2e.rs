@@ -602,7 +602,7 @@ fn flood(
     window: Duration,
     windows: usize,
     profiled: bool,
-) -> Result<(Vec<PpsResult>, Option<KaProfile>)> {
+) -> Result<(Vec<PpsResult>, Option<RunProfile>)> {
     let rtr = bed.ns("rtr");
     let lb1 = bed.ns("lb1");
     let peer = Topology::peer_iface("lb1");
@@ -671,10 +671,10 @@ fn flood(
             let (b, tb) = snapshot()?;
             Ok((b.drops.saturating_sub(a.drops), (tb - ta).as_secs_f64()))
         }) {
-            Ok(((packets, secs), n, shares)) => Some(KaProfile {
+            Ok(((packets, secs), n, shares)) => Some(RunProfile {
                 samples: n,
                 shares,
-                requests: packets,
+                units: packets,
                 cpu_seconds: secs,
             }),
             Err(e) => {
@@ -746,22 +746,22 @@ fn stats(v: &[f64]) -> Value {
     })
 }
 
-/// A keep-alive run profiled over every CPU (perf): its samples, their shares by
-/// `profile::system_category`, the requests the run completed and the CPU time it had (CPUs ×
-/// wrk's duration).
-struct KaProfile {
+/// A profiled run (perf): its samples, their shares by `profile::system_category`, the units
+/// of work it completed (a keep-alive run's requests, a flood window's forwarded packets) and
+/// the CPU time it had (CPUs profiled × the run's length).
+struct RunProfile {
     samples: u64,
     shares: Vec<profile::Share>,
-    requests: u64,
+    units: u64,
     cpu_seconds: f64,
 }
 
-impl KaProfile {
-    /// CPU time per request spent on `category`, in µs (0 if the category has no samples): its
+impl RunProfile {
+    /// CPU time per unit of work spent on `category`, in µs (0 if the category has no samples): its
     /// share of the samples applied to the run's CPU time. The shares, not the sample count,
     /// carry the figure, so samples perf did not take (its start-up, rounding in the report)
     /// do not bias it.
-    fn us_per_request(&self, category: &str) -> f64 {
+    fn us_per_unit(&self, category: &str) -> f64 {
         let total: f64 = self.shares.iter().map(|s| s.percent).sum();
         let pct = self
             .shares
@@ -771,17 +771,30 @@ impl KaProfile {
         if total <= 0.0 {
             return 0.0;
         }
-        self.cpu_seconds * pct / total * 1e6 / self.requests.max(1) as f64
+        self.cpu_seconds * pct / total * 1e6 / self.units.max(1) as f64
+    }
+
+    /// For the JSON document, with the units of work named `units`.
+    fn json(&self, units: &str) -> Value {
+        json!({
+            "samples": self.samples,
+            units: self.units,
+            "cpu_seconds": self.cpu_seconds,
+            "percent_by_category": self.shares
+                .iter()
+                .map(|sh| (sh.symbol.clone(), json!(sh.percent)))
+                .collect::<serde_json::Map<_, _>>(),
+        })
     }
 }
 
 #[derive(Default)]
 struct Samples {
     /// Where the machine's time went during an extra keep-alive run in the last round.
-    ka_profile: Option<KaProfile>,
-    /// The same over one more window of the flood in the last round (`requests`: packets
-    /// forwarded in it).
-    flood_profile: Option<KaProfile>,
+    ka_profile: Option<RunProfile>,
+    /// The same over one more window of the flood in the last round (units: packets forwarded
+    /// in it).
+    flood_profile: Option<RunProfile>,
     ka: Vec<WrkResult>,
     close: Vec<WrkResult>,
     pps: Vec<PpsResult>,
@@ -850,10 +863,10 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
                             wrk(&bed, config.target(), false, wrk_secs)
                         }) {
                             Ok((run, n, shares)) => {
-                                samples[ci].ka_profile = Some(KaProfile {
+                                samples[ci].ka_profile = Some(RunProfile {
                                     samples: n,
                                     shares,
-                                    requests: run.requests,
+                                    units: run.requests,
                                     cpu_seconds: cpus as f64 * wrk_secs as f64,
                                 })
                             }
@@ -919,15 +932,7 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
                     "label": config.label(),
                     "keepalive": mode(&s.ka),
                     "close": mode(&s.close),
-                    "keepalive_profile": s.ka_profile.as_ref().map(|p| json!({
-                        "samples": p.samples,
-                        "requests": p.requests,
-                        "cpu_seconds": p.cpu_seconds,
-                        "percent_by_category": p.shares
-                            .iter()
-                            .map(|sh| (sh.symbol.clone(), json!(sh.percent)))
-                            .collect::<serde_json::Map<_, _>>(),
-                    })),
+                    "keepalive_profile": s.ka_profile.as_ref().map(|p| p.json("requests")),
                     "failures": s.errors,
                 }),
             );
@@ -954,15 +959,7 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
                     "ns_per_packet_above_floor": above_floor,
                     "share_of_floor": ratio(med(ci, "pps"), floor),
                     "share_of_stateful_floor": ratio(med(ci, "pps"), med(idx(Config::PpsFlowFloor), "pps")),
-                    "profile": s.flood_profile.as_ref().map(|p| json!({
-                        "samples": p.samples,
-                        "packets": p.requests,
-                        "cpu_seconds": p.cpu_seconds,
-                        "percent_by_category": p.shares
-                            .iter()
-                            .map(|sh| (sh.symbol.clone(), json!(sh.percent)))
-                            .collect::<serde_json::Map<_, _>>(),
-                    })),
+                    "profile": s.flood_profile.as_ref().map(|p| p.json("packets")),
                     "failures": s.errors,
                 }),
             );
@@ -1144,12 +1141,12 @@ fn flood_profiles(samples: &[Samples]) -> String {
 /// `unit` per `per` (`scale` × µs).
 fn profile_table(
     samples: &[Samples],
-    pick: fn(&Samples) -> Option<&KaProfile>,
+    pick: fn(&Samples) -> Option<&RunProfile>,
     title: &str,
     intro: &str,
     (per, unit, scale): (&str, &str, f64),
 ) -> String {
-    let cols: Vec<(Config, &KaProfile)> = CONFIGS
+    let cols: Vec<(Config, &RunProfile)> = CONFIGS
         .iter()
         .zip(samples)
         .filter_map(|(c, s)| pick(s).map(|p| (*c, p)))
@@ -1167,7 +1164,7 @@ fn profile_table(
         }
     }
     rows.sort_by(|a, b| {
-        let key = |c: &str| (c == "idle", -cols[0].1.us_per_request(c));
+        let key = |c: &str| (c == "idle", -cols[0].1.us_per_unit(c));
         key(a)
             .partial_cmp(&key(b))
             .unwrap_or(std::cmp::Ordering::Equal)
@@ -1182,7 +1179,7 @@ fn profile_table(
     for r in &rows {
         let _ = write!(md, "| {r} |");
         for (_, p) in &cols {
-            let _ = write!(md, " {:.2} |", p.us_per_request(r) * scale);
+            let _ = write!(md, " {:.2} |", p.us_per_unit(r) * scale);
         }
         md.push('\n');
     }
@@ -1191,14 +1188,14 @@ fn profile_table(
         let busy: f64 = rows
             .iter()
             .filter(|r| **r != "idle")
-            .map(|r| p.us_per_request(r) * scale)
+            .map(|r| p.us_per_unit(r) * scale)
             .sum();
         let _ = write!(md, " **{busy:.2}** |");
     }
     md.push('\n');
     let _ = write!(md, "| {per}s in the profiled run |");
     for (_, p) in &cols {
-        let _ = write!(md, " {} |", p.requests);
+        let _ = write!(md, " {} |", p.units);
     }
     md.push('\n');
     md

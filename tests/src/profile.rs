@@ -541,11 +541,7 @@ pub fn system_profile<T>(
     what: &str,
     load: impl FnOnce() -> Result<T>,
 ) -> Result<(T, u64, Vec<Share>)> {
-    let rec = Recorder::start(what, Target::System)?;
-    let out = load()?;
-    let (samples, all) = rec.finish()?;
-    let categories = by_category(&all, system_category);
-    Ok((out, samples, categories))
+    profile_by_system_category(what, Target::System, load)
 }
 
 /// Profile CPU `cpu` (whatever runs on it) while `load` runs; the shares by
@@ -555,7 +551,15 @@ pub fn cpu_profile<T>(
     cpu: usize,
     load: impl FnOnce() -> Result<T>,
 ) -> Result<(T, u64, Vec<Share>)> {
-    let rec = Recorder::start(what, Target::Cpu(cpu))?;
+    profile_by_system_category(what, Target::Cpu(cpu), load)
+}
+
+fn profile_by_system_category<T>(
+    what: &str,
+    target: Target,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<(T, u64, Vec<Share>)> {
+    let rec = Recorder::start(what, target)?;
     let out = load()?;
     let (samples, all) = rec.finish()?;
     let categories = by_category(&all, system_category);
