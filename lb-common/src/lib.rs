@@ -549,10 +549,12 @@ pub struct FlowValue {
     pub last_seen_ns: u64,
     /// `PolicyState::generation` when the flow's cached decisions were last made (host order; 0 =
     /// never): while it equals the current generation, the flow's packets skip the source checks
-    /// (deny list, the VIP's allow and deny lists) and take their VIP from `vip_id` and
-    /// `vip_forward` instead of looking it up in `VIPS` (the agent bumps the generation after
-    /// every change of a VIP, removal and re-creation included). Flows installed from peers carry
-    /// 0. The data path reads and writes these 8 bytes at once (`FlowStamp`).
+    /// (deny list, the VIP's allow and deny lists), take their VIP from `vip_id` and
+    /// `vip_forward` instead of looking it up in `VIPS`, and their backend from this entry
+    /// without checking its slot in `BACKENDS` (the agent bumps the generation after every change
+    /// of a VIP, removal and re-creation included, and after every change of a backend slot).
+    /// Flows installed from peers carry 0. The data path reads and writes these 8 bytes at once
+    /// (`FlowStamp`).
     pub policy_gen: u32,
     /// `VipMeta::id` of the flow's VIP under `policy_gen`, host order.
     pub vip_id: u16,
@@ -702,7 +704,8 @@ pub struct LbConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PolicyState {
     /// The policy generation (host order; 0 only in a map nobody wrote yet): bumped by the agent
-    /// whenever the deny list, a VIP's source lists or a VIP changes. A flow's cached decisions
+    /// whenever the deny list, a VIP's source lists, a VIP or a backend slot (`BACKENDS`)
+    /// changes, after the change. A flow's cached decisions
     /// (`FlowValue::policy_gen`) are valid while they were made under the current generation.
     pub generation: u32,
     /// Which half of the deny list is live, `DENY0` with `DENY_HOSTS0` or `DENY1` with

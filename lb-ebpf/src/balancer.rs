@@ -8,17 +8,19 @@ use crate::{
     maps::{
         BACKENDS, CONFIG, EMBRYOS, FLOW_EVENTS, FLOWS, RINGS, RR_COUNTERS, STEERED, VIP_ADDRS, VIPS,
     },
+    nexthop,
     parse::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, frame_len, load2,
+        load4, ptr_at,
     },
     stats, vip_icmp, vip_icmp6,
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap, programs::XdpContext};
 use core::{arch::asm, mem::MaybeUninit, ptr::addr_of_mut};
 use lb_common::{
-    Addr, BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, CONFIG_F_MIGRATING, FlowEvent, FlowKey,
-    FlowStamp, FlowValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey, VipMeta,
-    event, reason, ring_index,
+    Addr, BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, CONFIG_F_MIGRATING, FORWARD_L2, FlowEvent,
+    FlowKey, FlowStamp, FlowValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, VipKey,
+    VipMeta, event, reason, ring_index,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -81,11 +83,11 @@ pub fn try_balance(ctx: &XdpContext) -> Verdict {
     // SAFETY: `ptr_at` checked the bounds.
     let ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let probe = if ether_type == ETH_P_IP {
-        match established4(ctx) {
+        match established4(ctx).decode() {
             Ok(verdict) => return verdict,
-            Err(Unserved::TooBig(df, t)) => {
+            Err(Unserved::TooBig(df, room)) => {
                 // Its packet is IPv4 and no ICMP error: answered if it has DF.
-                return forward::too_big(ctx, df, true, t.room());
+                return forward::too_big(ctx, df, true, room);
             }
             Err(Unserved::Probe(probe)) => probe,
         }
@@ -199,23 +201,29 @@ impl Probe {
 
 /// The packet of an established IPv4 flow, in one hash lookup, served whole: TCP without SYN
 /// or UDP, not a fragment, lengths as `classify` requires them, an entry in `FLOWS` whose stamp
-/// is the current policy generation (so its source checks and the VIP it caches hold) and whose
-/// backend slot still holds its backend, and whose VIP is not debugged. Then it is forwarded
-/// and counted as `try_balance` does after `select`, with the VIP's id and forwarding method from the entry
-/// (`VIPS` is not read), all from this function's frame: `Ok` with the verdict. Anything else
+/// is the current policy generation (so its source checks, the VIP it caches and its backend
+/// hold), and whose VIP is not debugged. Then it is forwarded and counted as `try_balance` does
+/// after `select`, with the VIP's id and forwarding method from the entry (neither `VIPS` nor
+/// `BACKENDS` is read), all from this function's frame: `Ok` with the verdict. Anything else
 /// goes to `classify` and `select` (`Err`: what was found in `FLOWS`), which own every rule
 /// about it (a SYN first through the deny list): what this function does not recognise, it
 /// does not judge. A BPF call of its own, so its frame and `balance4`'s are never on the stack
 /// together.
 #[inline(never)]
-fn established4(ctx: &XdpContext) -> Result<Verdict, Unserved> {
+fn established4(ctx: &XdpContext) -> Outcome {
+    Outcome::encode(serve_established4(ctx))
+}
+
+/// `established4`'s work, inlined into it.
+#[inline(always)]
+fn serve_established4(ctx: &XdpContext) -> Result<Verdict, Unserved> {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
         return Err(Unserved::Probe(Probe::NOT_LOOKED));
     };
     // SAFETY: `ptr_at` checked the bounds.
     let ip = unsafe { &*ip };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    let frags = u16::from_be_bytes(ip.frags);
+    let frags = u16::from_be_bytes(load2(&ip.frags));
     if ip.vihl >> 4 != 4 || ihl < IPV4_HLEN || frags & (IP_MF | IP_OFFSET_MASK) != 0 {
         return Err(Unserved::Probe(Probe::NOT_LOOKED));
     }
@@ -233,7 +241,7 @@ fn established4(ctx: &XdpContext) -> Result<Verdict, Unserved> {
     if ip.proto == IPPROTO_TCP && !midflow {
         return Err(Unserved::Probe(Probe::NOT_LOOKED));
     }
-    let ip_len = u16::from_be_bytes(ip.tot_len);
+    let ip_len = u16::from_be_bytes(load2(&ip.tot_len));
     let frame_len = frame_len(ctx);
     // The packet is built in place around its flow key, which the lookup reads: built whole
     // first, its VIP zeroed before the lookup fills it became a call to the byte-by-byte
@@ -244,8 +252,8 @@ fn established4(ctx: &XdpContext) -> Result<Verdict, Unserved> {
     // SAFETY: a field of `slot`, written before it is read.
     unsafe {
         addr_of_mut!((*p).flow).write(flow_key(
-            Addr::from_v4(u32::from_ne_bytes(ip.src_addr)),
-            Addr::from_v4(u32::from_ne_bytes(ip.dst_addr)),
+            Addr::from_v4(u32::from_ne_bytes(load4(&ip.src_addr))),
+            Addr::from_v4(u32::from_ne_bytes(load4(&ip.dst_addr))),
             ports,
             ip.proto,
         ))
@@ -260,6 +268,32 @@ fn established4(ctx: &XdpContext) -> Result<Verdict, Unserved> {
         // would add its own to it, past the verifier's 512 bytes.
         return Err(Unserved::Probe(Probe::FOUND));
     }
+    // The common case leaves from here: an `l2` VIP's packet whose next hop this CPU has cached
+    // needs new MACs and nothing else, so none of the `Packet` the general forwarding reads is
+    // assembled (a dozen stores to the stack, and the spills around them). Anything else (a
+    // cache miss, a packet too big for the cached MTU, `ipip`) takes the general way below,
+    // which resolves, answers and encapsulates.
+    if hit.vip.forward == FORWARD_L2
+        && let (Some(hop), Some(eth)) = (
+            nexthop::cached(
+                ctx.ingress_ifindex() as u32,
+                hit.backend.id,
+                &Addr::UNSPECIFIED,
+                &hit.backend.addr,
+                ip_len,
+                hit.now,
+            ),
+            ptr_at::<EthHdr>(ctx, 0),
+        )
+    {
+        // An IPv4 frame to an IPv4 backend: the EtherType stays.
+        hop.write_macs(eth);
+        let verdict = forward::egress(ctx, hop.ifindex());
+        if forward::is_forwarded(&verdict) {
+            stats::count_forwarded(hit.vip.id, hit.backend.id, frame_len as u64);
+        }
+        return Ok(verdict);
+    }
     // SAFETY: every other field of `slot` written, then the whole read (its padding is never
     // read).
     let pkt = unsafe {
@@ -273,7 +307,7 @@ fn established4(ctx: &XdpContext) -> Result<Verdict, Unserved> {
         slot.assume_init_ref()
     };
     let verdict = forward::forward_or_too_big(ctx, pkt, &hit.backend, hit.now)
-        .map_err(|t| Unserved::TooBig(pkt.df, t))?;
+        .map_err(|t| Unserved::TooBig(pkt.df, t.room()))?;
     if forward::is_forwarded(&verdict) {
         stats::count_forwarded(pkt.vip.id, hit.backend.id, pkt.frame_len);
     }
@@ -285,8 +319,47 @@ pub enum Unserved {
     /// Not an established flow's packet it could serve: what it found in `FLOWS` (`Probe`).
     Probe(u32),
     /// Served, but too big for its next hop: the answer is the entry point's to send (whether
-    /// the packet has DF, and how much too big).
-    TooBig(bool, forward::TooBig),
+    /// the packet has DF, and the largest packet that would fit, host order).
+    TooBig(bool, u16),
+}
+
+/// `established4`'s `Result<Verdict, Unserved>` in one 64-bit register. Returned through memory
+/// (it is 12 bytes), the BPF call left in r0 whatever LLVM had put there last, once a stack
+/// address, which the verifier refuses at a call's exit ("cannot return stack pointer to the
+/// caller"); it also cost three stores and three loads per packet. Bits 62–63: the kind
+/// (`SERVED`, `TOO_BIG`, else a probe); served: action in bits 32–39, reason in 0–31; too big:
+/// DF in bit 32, the room in 0–15; a probe: its value in 0–31.
+#[repr(transparent)]
+pub struct Outcome(u64);
+
+impl Outcome {
+    const SERVED: u64 = 1 << 62;
+    const TOO_BIG: u64 = 2 << 62;
+    const KIND: u64 = 3 << 62;
+
+    #[inline(always)]
+    fn encode(result: Result<Verdict, Unserved>) -> Self {
+        Self(match result {
+            Ok(v) => Self::SERVED | u64::from(v.action & 0xff) << 32 | u64::from(v.reason),
+            Err(Unserved::TooBig(df, room)) => {
+                Self::TOO_BIG | u64::from(df) << 32 | u64::from(room)
+            }
+            Err(Unserved::Probe(probe)) => u64::from(probe),
+        })
+    }
+
+    #[inline(always)]
+    fn decode(self) -> Result<Verdict, Unserved> {
+        let low = self.0 as u32;
+        match self.0 & Self::KIND {
+            Self::SERVED => Ok(Verdict {
+                action: (self.0 >> 32) as u32 & 0xff,
+                reason: low,
+            }),
+            Self::TOO_BIG => Err(Unserved::TooBig(self.0 >> 32 & 1 != 0, low as u16)),
+            _ => Err(Unserved::Probe(low)),
+        }
+    }
 }
 
 /// What `established_entry` found for a flow it can serve.
@@ -319,15 +392,18 @@ pub fn established_entry(flow: &FlowKey, lengths_ok: bool) -> Result<Established
     if stamp.policy_gen != generation || generation == 0 {
         return Err(Probe::FOUND);
     }
-    let vip_id = u32::from(stamp.vip_id);
-    let Lookup::Hit(id, addr, _) = validate(value, vip_id, None) else {
-        return Err(Probe::FOUND);
-    };
+    // The backend is the entry's own, unchecked: the agent bumps the generation after every
+    // change of a backend slot (`BACKENDS`), and `select` reads the generation before the slot
+    // it checks, so an entry stamped with the current generation had an active backend of its
+    // VIP in that slot when it was stamped, and nothing of the slot has changed since. An
+    // established packet spares that lookup (a cache line per backend on the live path).
+    // SAFETY: map value pointer from a successful lookup.
+    let (id, addr) = unsafe { ((*value).backend_id, (*value).backend_addr) };
     let now = coarse_now();
     touch(value, now);
     Ok(Established {
         vip: VipMeta {
-            id: vip_id,
+            id: u32::from(stamp.vip_id),
             forward: u32::from(stamp.vip_forward),
             ..VipMeta::default()
         },
@@ -431,8 +507,8 @@ fn classify(ctx: &XdpContext, out: &mut Steered) -> Result<(), Verdict> {
     if ip.vihl >> 4 != 4 || ihl < IPV4_HLEN {
         return Err(Verdict::pass(reason::PASS_MALFORMED));
     }
-    let dst_addr = u32::from_ne_bytes(ip.dst_addr);
-    let src_addr = u32::from_ne_bytes(ip.src_addr);
+    let dst_addr = u32::from_ne_bytes(load4(&ip.dst_addr));
+    let src_addr = u32::from_ne_bytes(load4(&ip.src_addr));
     // The deny list comes first for every IPv4 packet. Packets of a VIP service have it checked
     // in `steer`, where an established flow's cached verdict can spare the lookup; every other
     // verdict of this function goes through here.
@@ -441,7 +517,7 @@ fn classify(ctx: &XdpContext, out: &mut Steered) -> Result<(), Verdict> {
     // served here" (dropped) from "not ours" (passed). An established flow's packets were served
     // by `established4` in one `FLOWS` lookup before this; a new flow's pay `FLOWS` (missed),
     // then `VIPS`; the LB's own TCP and UDP traffic pays those and the address-only lookup.
-    let frags = u16::from_be_bytes(ip.frags);
+    let frags = u16::from_be_bytes(load2(&ip.frags));
     if frags & (IP_MF | IP_OFFSET_MASK) != 0 {
         return Err(not_served(src_addr, dst_addr, reason::DROP_FRAGMENT));
     }
@@ -484,7 +560,7 @@ fn classify(ctx: &XdpContext, out: &mut Steered) -> Result<(), Verdict> {
         Some(vip) => *vip,
         None => return Err(not_served(src_addr, dst_addr, reason::DROP_UNKNOWN_PORT)),
     };
-    let ip_len = u16::from_be_bytes(ip.tot_len);
+    let ip_len = u16::from_be_bytes(load2(&ip.tot_len));
     let frame_len = frame_len(ctx);
     if !lengths_agree(ip_len, ihl + l4_len, frame_len) {
         return Err(denied_or(src_addr, Verdict::drop(reason::DROP_BAD_LENGTH)));
@@ -553,19 +629,19 @@ pub struct L4 {
 pub fn l4_header(ctx: &XdpContext, proto: u8, l4: usize) -> Option<L4> {
     if proto == IPPROTO_TCP {
         let h: *const [u8; TCP_HLEN] = ptr_at(ctx, l4)?;
-        // SAFETY: bounds checked.
-        let h = unsafe { &*h };
+        // SAFETY: bounds checked; the ports are the header's first 4 bytes.
+        let (h, ports) = unsafe { (&*h, &*h.cast::<[u8; 4]>()) };
         Some(L4 {
-            ports: [h[0], h[1], h[2], h[3]],
+            ports: load4(ports),
             midflow: h[13] & TCP_SYN == 0,
             len: TCP_HLEN,
         })
     } else {
         let h: *const [u8; UDP_HLEN] = ptr_at(ctx, l4)?;
-        // SAFETY: bounds checked.
-        let h = unsafe { &*h };
+        // SAFETY: bounds checked; the ports are the header's first 4 bytes.
+        let ports = unsafe { &*h.cast::<[u8; 4]>() };
         Some(L4 {
-            ports: [h[0], h[1], h[2], h[3]],
+            ports: load4(ports),
             midflow: false,
             len: UDP_HLEN,
         })

@@ -141,18 +141,19 @@ fn flow_key(ctx: &XdpContext) -> Option<FlowKey> {
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
         return None;
     }
-    let ip = ptr_at::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN)?;
+    let ip = ptr_at::<network_types::ip::Ipv4Hdr>(ctx, ETH_HLEN)?;
     let ports = ptr_at::<[u8; 4]>(ctx, ETH_HLEN + IPV4_HLEN)?;
     // SAFETY: as above.
     let (ip, ports) = unsafe { (&*ip, &*ports) };
-    let proto = ip[9];
-    if ip[0] != 0x45 || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+    let proto = ip.proto;
+    if ip.vihl != 0x45 || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
         return None;
     }
+    // Word loads, as the balancer's parse does them.
     Some(balancer::flow_key(
-        Addr::from_v4(u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]])),
-        Addr::from_v4(u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]])),
-        *ports,
+        Addr::from_v4(u32::from_ne_bytes(parse::load4(&ip.src_addr))),
+        Addr::from_v4(u32::from_ne_bytes(parse::load4(&ip.dst_addr))),
+        parse::load4(ports),
         proto,
     ))
 }

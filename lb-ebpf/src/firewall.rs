@@ -11,8 +11,9 @@
 //!
 //! An LPM lookup costs tens of nanoseconds, more than an established packet's whole budget, so a
 //! flow remembers the policy generation its checks passed under (`FlowValue::policy_gen`): while
-//! it equals `PolicyState::generation` (`POLICY`), the flow's packets skip the source checks. The agent bumps
-//! the generation after every change of the deny list, of a VIP's lists or of a VIP, so every
+//! it equals `PolicyState::generation` (`POLICY`), the flow's packets skip the source checks (and
+//! the VIP and backend checks: see `balancer::established_entry`). The agent bumps the generation
+//! after every change of the deny list, of a VIP's lists, of a VIP or of a backend slot, so every
 //! flow is checked once more against the new policy on its next packet.
 
 use crate::{

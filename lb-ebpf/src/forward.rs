@@ -85,30 +85,33 @@ pub fn forward_or_too_big(
 ) -> Result<Verdict, TooBig> {
     let l2 = pkt.vip.forward == FORWARD_L2;
     let outer6 = !l2 && !backend.addr.is_v4();
-    let Some(cfg) = CONFIG.get(0) else {
-        return Ok(Verdict::drop(reason::DROP_ENCAP_FAILED));
-    };
     // Source (and the cache's source key), bytes added, and protocol of the packet as it leaves.
     // Addresses by reference: copied into registers, each word would be spilled to a stack
-    // slot of its own.
-    let lb4 = Addr::from_v4(cfg.lb_addr);
+    // slot of its own. `CONFIG` (the LB's addresses) only for an outer header: an `l2` packet
+    // spares the lookup.
+    let lb4;
     let (src, src_key, overhead, proto) = if l2 {
         (&pkt.flow.src_addr, &Addr::UNSPECIFIED, 0, pkt.flow.proto)
-    } else if outer6 {
-        if cfg.lb_addr6.is_unspecified() {
-            return Ok(Verdict::drop(reason::DROP_ENCAP_FAILED));
-        }
-        let next = if pkt.flow.dst_addr.is_v4() {
-            IPPROTO_IPIP
+    } else if let Some(cfg) = CONFIG.get(0) {
+        lb4 = Addr::from_v4(cfg.lb_addr);
+        if outer6 {
+            if cfg.lb_addr6.is_unspecified() {
+                return Ok(Verdict::drop(reason::DROP_ENCAP_FAILED));
+            }
+            let next = if pkt.flow.dst_addr.is_v4() {
+                IPPROTO_IPIP
+            } else {
+                IPPROTO_IPV6
+            };
+            (&cfg.lb_addr6, &cfg.lb_addr6, IPV6_HLEN as u16, next)
         } else {
-            IPPROTO_IPV6
-        };
-        (&cfg.lb_addr6, &cfg.lb_addr6, IPV6_HLEN as u16, next)
-    } else {
-        if cfg.lb_addr == 0 {
-            return Ok(Verdict::drop(reason::DROP_ENCAP_FAILED));
+            if cfg.lb_addr == 0 {
+                return Ok(Verdict::drop(reason::DROP_ENCAP_FAILED));
+            }
+            (&lb4, &lb4, IPV4_HLEN as u16, IPPROTO_IPIP)
         }
-        (&lb4, &lb4, IPV4_HLEN as u16, IPPROTO_IPIP)
+    } else {
+        return Ok(Verdict::drop(reason::DROP_ENCAP_FAILED));
     };
     let Some(tot_len) = pkt.ip_len.checked_add(overhead) else {
         return Ok(Verdict::drop(reason::DROP_TOO_BIG));
@@ -158,7 +161,7 @@ pub fn is_forwarded(verdict: &Verdict) -> bool {
 
 /// Send out of the interface the FIB chose: `XDP_TX` when it is the one the packet came in on.
 #[inline(always)]
-fn egress(ctx: &XdpContext, ifindex: u32) -> Verdict {
+pub fn egress(ctx: &XdpContext, ifindex: u32) -> Verdict {
     if ifindex == ctx.ingress_ifindex() as u32 {
         Verdict::tx(reason::FWD_TX)
     } else {

@@ -134,17 +134,8 @@ pub fn resolve(
     now: u64,
 ) -> Resolved {
     let ingress = ctx.ingress_ifindex() as u32;
-    if let Some(e) = NEXTHOPS.get_ptr_mut(backend_id) {
-        // SAFETY: per-CPU map value from a successful lookup; only this CPU writes it.
-        let e = unsafe { &*e };
-        if e.backend_addr == *dst
-            && e.ingress_ifindex == ingress
-            && e.src_key == *src_key
-            && now < e.expires_ns
-            && tot_len <= e.mtu
-        {
-            return Resolved::Hop(Hop(e));
-        }
+    if let Some(hop) = cached(ingress, backend_id, src_key, dst, tot_len, now) {
+        return Resolved::Hop(hop);
     }
     let query = Query {
         src,
@@ -157,6 +148,29 @@ pub fn resolve(
         proto,
     };
     ask_fib(ctx, &query)
+}
+
+/// This CPU's cache entry for backend `backend_id` at `dst`, if it holds for packets that came
+/// in on `ingress`, with source key `src_key`, of IP length `tot_len`, at `now` (see `resolve`);
+/// `None` sends the packet to `resolve`, which asks the FIB.
+#[inline(always)]
+pub fn cached(
+    ingress: u32,
+    backend_id: u32,
+    src_key: &Addr,
+    dst: &Addr,
+    tot_len: u16,
+    now: u64,
+) -> Option<Hop> {
+    let e = NEXTHOPS.get_ptr_mut(backend_id)?;
+    // SAFETY: per-CPU map value from a successful lookup; only this CPU writes it.
+    let entry = unsafe { &*e };
+    (entry.backend_addr == *dst
+        && entry.ingress_ifindex == ingress
+        && entry.src_key == *src_key
+        && now < entry.expires_ns
+        && tot_len <= entry.mtu)
+        .then_some(Hop(e))
 }
 
 /// What a cache miss asks the FIB, in one place: a BPF call takes at most five arguments.

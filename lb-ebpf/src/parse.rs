@@ -1,7 +1,7 @@
 //! Bounds-checked packet access: the only way this crate reads or writes packet bytes.
 
 use aya_ebpf::programs::XdpContext;
-use core::mem;
+use core::{arch::asm, mem};
 
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN: usize = 20;
@@ -28,6 +28,45 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// Four header bytes (an IPv4 address, a TCP or UDP header's ports) in one 32-bit load, as they
+/// lie in memory. Header fields are byte arrays (the IPv4 header starts 14 bytes into the frame,
+/// so none of its words is 4-aligned as Rust counts), and the BPF backend splits such a read into
+/// four byte loads with three shifts and three ors. The BPF load has no alignment rule of its
+/// own: the verifier checks a packet access's alignment only where the kernel lacks efficient
+/// unaligned access (or under `BPF_F_STRICT_ALIGNMENT`), and then counts the packet as starting
+/// 2 bytes past a 4-aligned address (`NET_IP_ALIGN`), which makes the IPv4 header's words and the
+/// ports behind an option-less header aligned.
+#[inline(always)]
+pub fn load4(bytes: &[u8; 4]) -> [u8; 4] {
+    let word: u64;
+    // SAFETY: reads the 4 bytes `bytes` refers to, nothing else.
+    unsafe {
+        asm!(
+            "{word} = *(u32 *)({p} + 0)",
+            p = in(reg) bytes.as_ptr(),
+            word = lateout(reg) word,
+            options(nostack, readonly),
+        );
+    }
+    (word as u32).to_ne_bytes()
+}
+
+/// `load4` for two bytes (a 16-bit load).
+#[inline(always)]
+pub fn load2(bytes: &[u8; 2]) -> [u8; 2] {
+    let half: u64;
+    // SAFETY: reads the 2 bytes `bytes` refers to, nothing else.
+    unsafe {
+        asm!(
+            "{half} = *(u16 *)({p} + 0)",
+            p = in(reg) bytes.as_ptr(),
+            half = lateout(reg) half,
+            options(nostack, readonly),
+        );
+    }
+    (half as u16).to_ne_bytes()
+}
+
 /// Length of the frame as it is now.
 #[inline(always)]
 pub fn frame_len(ctx: &XdpContext) -> usize {
@@ -52,6 +91,6 @@ pub fn tcp_ports(ctx: &XdpContext) -> Option<[u8; 4]> {
     }
     let tcp: *const [u8; 20] = ptr_at(ctx, ETH_HLEN + ihl)?;
     // SAFETY: as above.
-    let tcp = unsafe { &*tcp };
-    Some([tcp[0], tcp[1], tcp[2], tcp[3]])
+    let ports = unsafe { &*tcp.cast::<[u8; 4]>() };
+    Some(load4(ports))
 }

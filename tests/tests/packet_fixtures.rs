@@ -1135,6 +1135,63 @@ fn a_removed_vips_flow_is_not_served_by_the_vip_that_reuses_its_id_and_slots() {
     });
 }
 
+/// Issue 16: an established packet takes its backend from its flow's entry, unchecked in
+/// `BACKENDS`, while the entry's stamp is the current generation. So a backend that goes down
+/// loses its flows only because the agent bumps the generation after deactivating its slot; a
+/// packet stamped in between with the new generation would keep the flow on the dead backend
+/// (the last step shows that such an entry is served there).
+#[test]
+fn a_down_backends_flow_is_re_steered_by_the_generation_bumped_after_its_slot() {
+    use lb_common::maps;
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let send = |dp: &Dataplane, ip_packet: &[u8]| {
+            run(dp.balancer().unwrap(), ifindex, &inbound(ip_packet))
+        };
+        let syn = client_syn(48300, 80);
+        let ack = Ip::to(CLIENT, VIP, 6).packet(&tcp(48300, 80, ACK, 10));
+        assert_eq!(send(&dp, &syn), (XDP_TX, encapsulated(&syn, 0)));
+        assert_eq!(send(&dp, &ack), (XDP_TX, encapsulated(&ack, 0)));
+        assert_eq!(
+            send(&dp, &ack),
+            (XDP_TX, encapsulated(&ack, 0)),
+            "served from its stamp"
+        );
+        let key = dp.flows().unwrap().keys().next().unwrap().unwrap();
+        let stamped = dp.flows().unwrap().get(&key, 0).unwrap();
+        let before = dp.policy_generation();
+        let spec = vip(VIP, 80, Proto::Tcp, Forward::Ipip, &BACKENDS);
+        dp.apply_vip(&spec, &BTreeSet::from([BACKENDS[0].into()]))
+            .unwrap();
+        assert_ne!(dp.policy_generation(), before, "bumped");
+        let (action, out) = send(&dp, &ack);
+        assert_eq!(action, XDP_TX);
+        assert_ne!(
+            out,
+            encapsulated(&ack, 0),
+            "re-steered off the down backend"
+        );
+        assert_eq!(dp.stats().unwrap().events["flow_resteered"], 1);
+        // The entry as a packet checking the slot just before it was deactivated, and stamping
+        // it after a bump that came first, would have left it: served to the down backend, the
+        // slot is not looked at.
+        let stale = lb_common::FlowValue {
+            policy_gen: dp.policy_generation(),
+            ..stamped
+        };
+        dp.bench_flow_table(maps::FLOWS)
+            .unwrap()
+            .insert(key, stale, 0)
+            .unwrap();
+        assert_eq!(
+            send(&dp, &ack),
+            (XDP_TX, encapsulated(&ack, 0)),
+            "a current stamp on a deactivated slot"
+        );
+        assert_eq!(dp.stats().unwrap().events["flow_resteered"], 1);
+    });
+}
+
 /// Issue 15, until the IPv6 data path exists: the control plane holds IPv6 VIPs and backends;
 /// this data path refuses to install them, naming the address, and nothing changes.
 #[test]

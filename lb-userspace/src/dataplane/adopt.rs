@@ -78,8 +78,10 @@ fn pick_slots(
 
 impl Dataplane {
     /// Rebuild the bookkeeping of VIPs and slots from the maps of the data path being adopted.
-    /// Slots no VIP accounts for (an agent that died in the middle of a change) are cleared.
-    /// Returns the backends whose slots were inactive: they were down.
+    /// Slots no VIP accounts for (an agent that died in the middle of a change) are cleared, and
+    /// the policy generation bumped after them (established packets trust a slot only under the
+    /// generation it was checked with). Returns the backends whose slots were inactive: they were
+    /// down.
     pub(super) fn rebuild_from_maps(&mut self) -> Result<BTreeSet<DownBackend>, DataplaneError> {
         let mut vips = Vec::new();
         for item in self.vips_map.iter() {
@@ -102,6 +104,7 @@ impl Dataplane {
         }
         let mut down = BTreeSet::new();
         let mut installed = BTreeMap::new();
+        let mut cleared = false;
         let mut lists = self.read_source_lists()?;
         for (service, proto, meta) in vips {
             let Some(service) = service else {
@@ -121,6 +124,7 @@ impl Dataplane {
                 self.backends_map
                     .set(slot, Backend::default(), 0)
                     .map_err(map_err(maps::BACKENDS))?;
+                cleared = true;
             }
             for (addr, _, flags) in &kept {
                 if flags & BACKEND_F_ACTIVE == 0 {
@@ -155,6 +159,10 @@ impl Dataplane {
             self.backends_map
                 .set(slot, Backend::default(), 0)
                 .map_err(map_err(maps::BACKENDS))?;
+            cleared = true;
+        }
+        if cleared {
+            self.bump_policy()?;
         }
         let used_vips: BTreeSet<u32> = installed.values().map(|v: &InstalledVip| v.id).collect();
         let used_slots: BTreeSet<u32> = installed

@@ -159,14 +159,31 @@ impl Dataplane {
                 vip.leftover = old.leftover;
             }
         }
-        // Flows re-check their sources against the VIP as it is now, and look it up again: the
-        // data path believes the VIP an entry caches only under the generation it was cached
-        // with. After the VIP's entry is written, never before (see `balancer::classify`).
-        self.bump_policy()?;
+        let retired = self.retire_backends(&place, down);
+        // Flows re-check their sources against the VIP as it is now, look it up again and check
+        // their backend's slot again: an established packet trusts the VIP and the backend its
+        // entry caches only under the generation they were checked with. After the VIP's entry
+        // and every backend slot are written, never before (see `balancer::balance4` and
+        // `balancer::established_entry`): a packet checking a slot between a bump and the slot's
+        // change would stamp the old slot with the new generation, and its flow would keep a
+        // down backend. Bumped even when retiring failed half-way, so that the slots changed
+        // before the failure count.
+        let bumped = self.bump_policy();
+        retired?;
+        bumped
+    }
+
+    /// After the switch: backends that are down lose `BACKEND_F_ACTIVE` (the new ring no longer
+    /// names them), and backends that left have their slots cleared, so flows pinned to either
+    /// are re-steered once the generation is bumped.
+    fn retire_backends(
+        &mut self,
+        place: &Placement,
+        down: &BTreeSet<IpAddr>,
+    ) -> Result<(), DataplaneError> {
         for (addr, id) in place.slots.iter().filter(|(addr, _)| down.contains(addr)) {
             self.set_backend(*id, *addr, place.vip_id, 0)?;
         }
-        // Backends that left: clear their slots so flows pinned to them are re-steered.
         for (addr, id) in &place.old {
             if !place.slots.iter().any(|(a, _)| a == addr) {
                 self.release_backend(*id)?;
@@ -440,7 +457,10 @@ impl Dataplane {
         let (id, backends) = (vip.id, vip.backends.clone());
         self.set_vip_entry(key, None)?;
         // No flow of the VIP is served from its entry's cache any more: bumped at once, so a step
-        // below that fails cannot leave established flows served from a VIP that is gone.
+        // below that fails cannot leave established flows served from a VIP that is gone. The
+        // slots released below need no bump of their own: only the VIP's flows name them, and
+        // none can be stamped again once `VIPS` lacks the VIP (`select` reads the generation
+        // first, then the VIP).
         self.bump_policy()?;
         match self.vip_addr_entry(key, None) {
             VipAddr { vips: 0, .. } => self.set_vip_addr(key.addr, None)?,
