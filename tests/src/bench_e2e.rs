@@ -671,9 +671,10 @@ fn flood(
             let (b, tb) = snapshot()?;
             Ok((b.drops.saturating_sub(a.drops), (tb - ta).as_secs_f64()))
         }) {
-            Ok(((packets, secs), n, shares)) => Some(RunProfile {
-                samples: n,
-                shares,
+            Ok(((packets, secs), prof)) => Some(RunProfile {
+                samples: prof.samples,
+                shares: prof.categories,
+                symbols: prof.symbols,
                 units: packets,
                 cpu_seconds: secs,
             }),
@@ -752,6 +753,8 @@ fn stats(v: &[f64]) -> Value {
 struct RunProfile {
     samples: u64,
     shares: Vec<profile::Share>,
+    /// Every symbol's share, largest first.
+    symbols: Vec<profile::Share>,
     units: u64,
     cpu_seconds: f64,
 }
@@ -762,12 +765,26 @@ impl RunProfile {
     /// carry the figure, so samples perf did not take (its start-up, rounding in the report)
     /// do not bias it.
     fn us_per_unit(&self, category: &str) -> f64 {
-        let total: f64 = self.shares.iter().map(|s| s.percent).sum();
         let pct = self
             .shares
             .iter()
             .find(|s| s.symbol == category)
             .map_or(0.0, |s| s.percent);
+        self.us_per_unit_of(pct)
+    }
+
+    /// `us_per_unit` for one symbol.
+    fn us_per_unit_of_symbol(&self, symbol: &str) -> f64 {
+        let pct = self
+            .symbols
+            .iter()
+            .find(|s| s.symbol == symbol)
+            .map_or(0.0, |s| s.percent);
+        self.us_per_unit_of(pct)
+    }
+
+    fn us_per_unit_of(&self, pct: f64) -> f64 {
+        let total: f64 = self.shares.iter().map(|s| s.percent).sum();
         if total <= 0.0 {
             return 0.0;
         }
@@ -784,6 +801,11 @@ impl RunProfile {
                 .iter()
                 .map(|sh| (sh.symbol.clone(), json!(sh.percent)))
                 .collect::<serde_json::Map<_, _>>(),
+            "largest_symbols": self.symbols
+                .iter()
+                .take(30)
+                .map(|sh| json!({"symbol": sh.symbol, "percent": sh.percent}))
+                .collect::<Vec<_>>(),
         })
     }
 }
@@ -862,10 +884,11 @@ pub fn run(quick: bool) -> Result<(Value, String)> {
                         match profile::system_profile(config.key(), || {
                             wrk(&bed, config.target(), false, wrk_secs)
                         }) {
-                            Ok((run, n, shares)) => {
+                            Ok((run, prof)) => {
                                 samples[ci].ka_profile = Some(RunProfile {
-                                    samples: n,
-                                    shares,
+                                    samples: prof.samples,
+                                    shares: prof.categories,
+                                    symbols: prof.symbols,
                                     units: run.requests,
                                     cpu_seconds: cpus as f64 * wrk_secs as f64,
                                 })
@@ -1137,6 +1160,58 @@ fn flood_profiles(samples: &[Samples]) -> String {
     )
 }
 
+/// The largest symbols of the flood profiles' categories that the balancers' columns differ in
+/// most (BPF maps and helpers, xlb's programs): CPU ns per forwarded packet, one column per
+/// configuration, so that a map or helper that costs more on the live path than under
+/// `BPF_PROG_TEST_RUN` shows by name.
+fn flood_symbols(samples: &[Samples]) -> String {
+    const CATEGORIES: [&str; 2] = ["BPF maps and helpers", "xlb's XDP programs (JIT code)"];
+    const ROWS: usize = 14;
+    let cols: Vec<(Config, &RunProfile)> = CONFIGS
+        .iter()
+        .zip(samples)
+        .filter_map(|(c, s)| s.flood_profile.as_ref().map(|p| (*c, p)))
+        .collect();
+    if cols.is_empty() {
+        return String::new();
+    }
+    // Symbols of those categories, by their largest cost in any column.
+    let mut rows: Vec<(&str, f64)> = Vec::new();
+    for (_, p) in &cols {
+        for s in &p.symbols {
+            if !CATEGORIES.contains(&profile::system_category(&s.symbol)) {
+                continue;
+            }
+            let ns = p.us_per_unit_of(s.percent) * 1000.0;
+            match rows.iter_mut().find(|(r, _)| *r == s.symbol) {
+                Some((_, best)) => *best = best.max(ns),
+                None => rows.push((&s.symbol, ns)),
+            }
+        }
+    }
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    rows.truncate(ROWS);
+    let mut md = format!(
+        "\n**The live path's BPF maps, helpers and xlb's programs by symbol** (the same \
+         profiles; the {ROWS} largest symbols of those two categories, CPU ns per forwarded \
+         packet):\n\n| symbol |"
+    );
+    for (c, _) in &cols {
+        let _ = write!(md, " {} |", c.label());
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---:|".repeat(cols.len()));
+    md.push('\n');
+    for (sym, _) in &rows {
+        let _ = write!(md, "| `{sym}` |");
+        for (_, p) in &cols {
+            let _ = write!(md, " {:.2} |", p.us_per_unit_of_symbol(sym) * 1000.0);
+        }
+        md.push('\n');
+    }
+    md
+}
+
 /// A table of profiles by category, one column per configuration that has one (`pick`), in
 /// `unit` per `per` (`scale` × µs).
 fn profile_table(
@@ -1305,6 +1380,7 @@ fn markdown(doc: &Value, samples: &[Samples]) -> String {
         );
     }
     md.push_str(&flood_profiles(samples));
+    md.push_str(&flood_symbols(samples));
     md.push_str(&keepalive_profiles(samples));
     let _ = writeln!(md, "\n**Targets** (issues 6 and 16):\n");
     for t in doc["targets"].as_array().into_iter().flatten() {

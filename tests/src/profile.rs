@@ -535,22 +535,28 @@ pub fn system_category(sym: &str) -> &'static str {
         .map_or("other kernel code", |(name, _)| name)
 }
 
-/// Profile every CPU while `load` runs; the shares by `system_category`, largest first, and the
-/// number of samples.
+/// An end-to-end profile: how many samples, their shares by `system_category` (largest first),
+/// and every symbol's share (largest first).
+pub struct SystemProfile {
+    pub samples: u64,
+    pub categories: Vec<Share>,
+    pub symbols: Vec<Share>,
+}
+
+/// Profile every CPU while `load` runs.
 pub fn system_profile<T>(
     what: &str,
     load: impl FnOnce() -> Result<T>,
-) -> Result<(T, u64, Vec<Share>)> {
+) -> Result<(T, SystemProfile)> {
     profile_by_system_category(what, Target::System, load)
 }
 
-/// Profile CPU `cpu` (whatever runs on it) while `load` runs; the shares by
-/// `system_category`, largest first, and the number of samples.
+/// Profile CPU `cpu` (whatever runs on it) while `load` runs.
 pub fn cpu_profile<T>(
     what: &str,
     cpu: usize,
     load: impl FnOnce() -> Result<T>,
-) -> Result<(T, u64, Vec<Share>)> {
+) -> Result<(T, SystemProfile)> {
     profile_by_system_category(what, Target::Cpu(cpu), load)
 }
 
@@ -558,12 +564,20 @@ fn profile_by_system_category<T>(
     what: &str,
     target: Target,
     load: impl FnOnce() -> Result<T>,
-) -> Result<(T, u64, Vec<Share>)> {
+) -> Result<(T, SystemProfile)> {
     let rec = Recorder::start(what, target)?;
     let out = load()?;
-    let (samples, all) = rec.finish()?;
-    let categories = by_category(&all, system_category);
-    Ok((out, samples, categories))
+    let (samples, mut symbols) = rec.finish()?;
+    let categories = by_category(&symbols, system_category);
+    symbols.sort_by(|a, b| b.percent.total_cmp(&a.percent));
+    Ok((
+        out,
+        SystemProfile {
+            samples,
+            categories,
+            symbols,
+        },
+    ))
 }
 
 /// The profiles as markdown: per figure, the categories (with `ns` per packet each, when the
