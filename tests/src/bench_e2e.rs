@@ -1161,12 +1161,16 @@ fn flood_profiles(samples: &[Samples]) -> String {
 }
 
 /// The largest symbols of the flood profiles' categories that the balancers' columns differ in
-/// most (BPF maps and helpers, xlb's programs): CPU ns per forwarded packet, one column per
-/// configuration, so that a map or helper that costs more on the live path than under
-/// `BPF_PROG_TEST_RUN` shows by name.
+/// most (BPF maps and helpers, the programs: xlb's, and the floors', generator's and sink's):
+/// CPU ns per forwarded packet, one column per configuration, so that a map, helper or program
+/// that costs more on the live path than under `BPF_PROG_TEST_RUN` shows by name.
 fn flood_symbols(samples: &[Samples]) -> String {
-    const CATEGORIES: [&str; 2] = ["BPF maps and helpers", "xlb's XDP programs (JIT code)"];
-    const ROWS: usize = 14;
+    const CATEGORIES: [&str; 3] = [
+        "BPF maps and helpers",
+        "xlb's XDP programs (JIT code)",
+        "benchmark programs: floors, generator, sink, pass (JIT code)",
+    ];
+    const ROWS: usize = 16;
     let cols: Vec<(Config, &RunProfile)> = CONFIGS
         .iter()
         .zip(samples)
@@ -1192,9 +1196,9 @@ fn flood_symbols(samples: &[Samples]) -> String {
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
     rows.truncate(ROWS);
     let mut md = format!(
-        "\n**The live path's BPF maps, helpers and xlb's programs by symbol** (the same \
-         profiles; the {ROWS} largest symbols of those two categories, CPU ns per forwarded \
-         packet):\n\n| symbol |"
+        "\n**The live path's BPF maps, helpers and programs by symbol** (the same profiles; \
+         the {ROWS} largest symbols of those three categories, CPU ns per forwarded packet; the \
+         generator and the sink are in every column):\n\n| symbol |"
     );
     for (c, _) in &cols {
         let _ = write!(md, " {} |", c.label());
