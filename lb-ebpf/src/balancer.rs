@@ -109,15 +109,18 @@ pub fn try_balance(ctx: &XdpContext) -> Verdict {
         ETH_P_IPV6 => {
             // An established flow's packet in one hash lookup; the rest decided in full (a
             // served packet skips that stage's call altogether).
-            let probe = ipv6::established(ctx, steered);
-            if probe == Probe::SERVED {
-                Ok(None)
-            } else {
-                match ipv6::decide(ctx, steered, probe) {
+            match ipv6::established(ctx, steered).decode() {
+                // Forwarded and counted on `l2_exit`.
+                Ok(verdict) => return verdict,
+                Err(Unserved::Probe(Probe::SERVED)) => Ok(None),
+                // Not produced for IPv6 (a packet too big for the cached MTU goes on to
+                // `forward`, which answers it); handled as `established4`'s, not assumed away.
+                Err(Unserved::TooBig(df, room)) => return forward::too_big(ctx, df, false, room),
+                Err(Unserved::Probe(probe)) => match ipv6::decide(ctx, steered, probe) {
                     // ICMPv6 to a VIP address is a stage of its own, for the same reason.
                     Ok(Some(icmp6)) => vip_icmp6::handle(ctx, icmp6, steered).map(|()| None),
                     other => other.map(|_| None),
-                }
+                },
             }
         }
         _ => Err(Verdict::pass(reason::PASS_NOT_IP)),
@@ -268,30 +271,9 @@ fn serve_established4(ctx: &XdpContext) -> Result<Verdict, Unserved> {
         // would add its own to it, past the verifier's 512 bytes.
         return Err(Unserved::Probe(Probe::FOUND));
     }
-    // The common case leaves from here: an `l2` VIP's packet whose next hop this CPU has cached
-    // needs new MACs and nothing else, so none of the `Packet` the general forwarding reads is
-    // assembled (a dozen stores to the stack, and the spills around them). Anything else (a
-    // cache miss, a packet too big for the cached MTU, `ipip`) takes the general way below,
+    // The common case leaves from here (`l2_exit`); anything else takes the general way below,
     // which resolves, answers and encapsulates.
-    if hit.vip.forward == FORWARD_L2
-        && let (Some(hop), Some(eth)) = (
-            nexthop::cached(
-                ctx.ingress_ifindex() as u32,
-                hit.backend.id,
-                &Addr::UNSPECIFIED,
-                &hit.backend.addr,
-                ip_len,
-                hit.now,
-            ),
-            ptr_at::<EthHdr>(ctx, 0),
-        )
-    {
-        // An IPv4 frame to an IPv4 backend: the EtherType stays.
-        hop.write_macs(eth);
-        let verdict = forward::egress(ctx, hop.ifindex());
-        if forward::is_forwarded(&verdict) {
-            stats::count_forwarded(hit.vip.id, hit.backend.id, frame_len as u64);
-        }
+    if let Some(verdict) = l2_exit(ctx, &hit, ip_len, frame_len) {
         return Ok(verdict);
     }
     // SAFETY: every other field of `slot` written, then the whole read (its padding is never
@@ -314,6 +296,35 @@ fn serve_established4(ctx: &XdpContext) -> Result<Verdict, Unserved> {
     Ok(verdict)
 }
 
+/// An established packet of an `l2` VIP whose next hop this CPU has cached needs new MACs and
+/// nothing else: forwarded and counted here, from `established4` or `serve_established`, so
+/// none of the `Packet` the general forwarding reads is assembled (a dozen stores to the stack,
+/// and the spills around them). `None`: another method, a next hop not cached, or a packet too
+/// big for the cached MTU (the general way resolves and answers those).
+#[inline(always)]
+fn l2_exit(ctx: &XdpContext, hit: &Established, ip_len: u16, frame_len: usize) -> Option<Verdict> {
+    if hit.vip.forward != FORWARD_L2 {
+        return None;
+    }
+    let hop = nexthop::cached(
+        ctx.ingress_ifindex() as u32,
+        hit.backend.id,
+        &Addr::UNSPECIFIED,
+        &hit.backend.addr,
+        ip_len,
+        hit.now,
+    )?;
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // An `l2` backend has the packet's family (the agent installs nothing else): the EtherType
+    // stays.
+    hop.write_macs(eth);
+    let verdict = forward::egress(ctx, hop.ifindex());
+    if forward::is_forwarded(&verdict) {
+        stats::count_forwarded(hit.vip.id, hit.backend.id, frame_len as u64);
+    }
+    Some(verdict)
+}
+
 /// Why `established4` did not serve a packet.
 pub enum Unserved {
     /// Not an established flow's packet it could serve: what it found in `FLOWS` (`Probe`).
@@ -323,12 +334,12 @@ pub enum Unserved {
     TooBig(bool, u16),
 }
 
-/// `established4`'s `Result<Verdict, Unserved>` in one 64-bit register. Returned through memory
-/// (it is 12 bytes), the BPF call left in r0 whatever LLVM had put there last, once a stack
-/// address, which the verifier refuses at a call's exit ("cannot return stack pointer to the
-/// caller"); it also cost three stores and three loads per packet. Bits 62–63: the kind
-/// (`SERVED`, `TOO_BIG`, else a probe); served: action in bits 32–39, reason in 0–31; too big:
-/// DF in bit 32, the room in 0–15; a probe: its value in 0–31.
+/// `established4`'s (and `ipv6::established`'s) `Result<Verdict, Unserved>` in one 64-bit
+/// register. Returned through memory (it is 12 bytes), the BPF call left in r0 whatever LLVM had
+/// put there last, once a stack address, which the verifier refuses at a call's exit ("cannot
+/// return stack pointer to the caller"); it also cost three stores and three loads per packet.
+/// Bits 62–63: the kind (`SERVED`, `TOO_BIG`, else a probe); served: action in bits 32–39,
+/// reason in 0–31; too big: DF in bit 32, the room in 0–15; a probe: its value in 0–31.
 #[repr(transparent)]
 pub struct Outcome(u64);
 
@@ -338,7 +349,7 @@ impl Outcome {
     const KIND: u64 = 3 << 62;
 
     #[inline(always)]
-    fn encode(result: Result<Verdict, Unserved>) -> Self {
+    pub fn encode(result: Result<Verdict, Unserved>) -> Self {
         Self(match result {
             Ok(v) => Self::SERVED | u64::from(v.action & 0xff) << 32 | u64::from(v.reason),
             Err(Unserved::TooBig(df, room)) => {
@@ -349,7 +360,7 @@ impl Outcome {
     }
 
     #[inline(always)]
-    fn decode(self) -> Result<Verdict, Unserved> {
+    pub fn decode(self) -> Result<Verdict, Unserved> {
         let low = self.0 as u32;
         match self.0 & Self::KIND {
             Self::SERVED => Ok(Verdict {
@@ -413,11 +424,15 @@ pub fn established_entry(flow: &FlowKey, lengths_ok: bool) -> Result<Established
     })
 }
 
-/// `established_entry` for `ipv6::established`, which hands the packet on through `out`:
-/// `Probe::SERVED` when `out` holds it as `select` would have left it. `ip_len`: `None` if the
-/// lengths do not agree.
+/// `established_entry` for `ipv6::established`: `Ok` with the verdict when `l2_exit` forwarded
+/// the packet (not for a debugged VIP, whose packet is logged on its way out of `try_balance`);
+/// else the packet is handed on through `out`, `Err(Probe::SERVED)` when `out` holds it as
+/// `select` would have left it, or `Err` with what was found. `ip_len`: `None` if the lengths do
+/// not agree.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn serve_established(
+    ctx: &XdpContext,
     flow: FlowKey,
     ip_len: Option<u16>,
     tos: u8,
@@ -425,11 +440,13 @@ pub fn serve_established(
     frame_len: usize,
     midflow: bool,
     out: &mut Steered,
-) -> u32 {
-    let hit = match established_entry(&flow, ip_len.is_some()) {
-        Ok(hit) => hit,
-        Err(probe) => return probe,
-    };
+) -> Result<Verdict, u32> {
+    let hit = established_entry(&flow, ip_len.is_some())?;
+    if !debug::enabled(&hit.policy, hit.vip.id)
+        && let Some(verdict) = l2_exit(ctx, &hit, ip_len.unwrap_or(0), frame_len)
+    {
+        return Ok(verdict);
+    }
     out.pkt = Packet {
         vip: hit.vip,
         flow,
@@ -444,7 +461,7 @@ pub fn serve_established(
     out.backend = hit.backend;
     out.now = hit.now;
     out.how = debug::STEER_EXISTING;
-    Probe::SERVED
+    Err(Probe::SERVED)
 }
 
 /// The coarse clock (CLOCK_MONOTONIC_COARSE, tick resolution) is enough for flow ages and the

@@ -21,7 +21,7 @@
 
 use crate::{
     Verdict,
-    balancer::{self, L4, Packet, Probe, Steered},
+    balancer::{self, L4, Outcome, Packet, Probe, Steered, Unserved},
     firewall,
     maps::{VIP_ADDRS6, VIPS6},
     parse::{ETH_HLEN, IPPROTO_FRAGMENT, IPV6_HLEN, frame_len, ptr_at},
@@ -68,22 +68,29 @@ pub fn decide(ctx: &XdpContext, out: &mut Steered, probe: u32) -> Result<Option<
 }
 
 /// `balancer::established4` for IPv6: the packet of an established flow (TCP without SYN or
-/// UDP, behind the extension headers the walk skips) in one hash lookup, `out` written and
-/// `Probe::SERVED` returned; otherwise what was found in `FLOWS`, for `decide`. Its own BPF
-/// function, as `decide` is.
+/// UDP, behind the extension headers the walk skips) in one hash lookup, forwarded at once on a
+/// cached `l2` next hop (the verdict), or `out` written and `Probe::SERVED` returned; otherwise
+/// what was found in `FLOWS`, for `decide`. Its own BPF function, as `decide` is; its answer in
+/// one register, as `established4`'s.
 #[inline(never)]
-pub fn established(ctx: &XdpContext, out: &mut Steered) -> u32 {
+pub fn established(ctx: &XdpContext, out: &mut Steered) -> Outcome {
+    Outcome::encode(established_inline(ctx, out).map_err(Unserved::Probe))
+}
+
+/// `established`'s work, inlined into it.
+#[inline(always)]
+fn established_inline(ctx: &XdpContext, out: &mut Steered) -> Result<Verdict, u32> {
     // Opaque to the optimiser: otherwise LLVM may pass `data` and `data_end` instead of `ctx`,
     // and the verifier refuses the arithmetic it then does on `data_end`.
     let ctx = black_box(ctx);
     let Ok((hdr, next)) = header(ctx) else {
-        return Probe::NOT_LOOKED;
+        return Err(Probe::NOT_LOOKED);
     };
     let Walk::Upper(proto, l4) = walk(ctx, next) else {
-        return Probe::NOT_LOOKED;
+        return Err(Probe::NOT_LOOKED);
     };
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return Probe::NOT_LOOKED;
+        return Err(Probe::NOT_LOOKED);
     }
     let Some(L4 {
         ports,
@@ -91,13 +98,14 @@ pub fn established(ctx: &XdpContext, out: &mut Steered) -> u32 {
         len: l4_len,
     }) = balancer::l4_header(ctx, proto, black_box(l4))
     else {
-        return Probe::NOT_LOOKED;
+        return Err(Probe::NOT_LOOKED);
     };
     if proto == IPPROTO_TCP && !midflow {
-        return Probe::NOT_LOOKED;
+        return Err(Probe::NOT_LOOKED);
     }
     let frame_len = frame_len(ctx);
     balancer::serve_established(
+        ctx,
         balancer::flow_key(hdr.src, hdr.dst, ports, proto),
         lengths(&hdr, l4 + l4_len - ETH_HLEN, frame_len),
         hdr.traffic_class,

@@ -806,6 +806,34 @@ fn ipv6_debug_events_name_ipv6_addresses() {
             "{}",
             lines[0]
         );
+        // An established packet of a debugged `l2` VIP is logged too: `ipv6::established`
+        // leaves such a packet to `try_balance`, which logs it, instead of forwarding it on the
+        // cached next hop itself (it would leave unlogged if that check were wrong). The first
+        // ACK promotes the flow, the second is established.
+        let l2 = xlb::model::ServiceKey { port: 8080, ..key };
+        dp.set_vip_debug(&key, false).unwrap();
+        dp.set_vip_debug(&l2, true).unwrap();
+        let mut send = |flags: u8| {
+            let packet = Ip6::to(CLIENT6, VIP6, NH_TCP).packet(&tcp(57001, 8080, flags, 10));
+            let (action, _) = run(dp.balancer().unwrap(), ifindex, &inbound6(&packet));
+            assert_eq!(action, XDP_TX);
+            logger.flush();
+            std::mem::take(&mut *capture.0.lock().unwrap())
+        };
+        let opened = send(SYN);
+        let promoting = send(ACK);
+        let established = send(ACK);
+        assert_eq!(
+            established.len(),
+            1,
+            "{opened:?} {promoting:?} {established:?}"
+        );
+        assert!(
+            established[0].contains("[fd11:1::2]:57001 -> [fd11:100::1]:8080")
+                && established[0].contains("new 0"),
+            "{}",
+            established[0]
+        );
     });
 }
 
