@@ -705,7 +705,8 @@ pub struct LbConfig {
 pub struct PolicyState {
     /// The policy generation (host order; 0 only in a map nobody wrote yet): bumped by the agent
     /// whenever the deny list, a VIP's source lists, a VIP or a backend slot (`BACKENDS`)
-    /// changes, after the change. A flow's cached decisions
+    /// changes, after the change (a removed VIP: right after its entry goes, before its slots
+    /// are cleared, which no flow can be stamped for any more). A flow's cached decisions
     /// (`FlowValue::policy_gen`) are valid while they were made under the current generation.
     pub generation: u32,
     /// Which half of the deny list is live, `DENY0` with `DENY_HOSTS0` or `DENY1` with

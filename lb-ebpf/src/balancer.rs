@@ -196,7 +196,8 @@ impl Probe {
     pub const NOT_LOOKED: u32 = 0;
     /// No entry in `FLOWS`.
     pub const MISSED: u32 = 1;
-    /// An entry, its stamp outdated or its backend gone (`select` looks it up again).
+    /// An entry not served from its stamp: the stamp outdated, the packet's lengths wrong, or
+    /// its VIP debugged (`select` looks it up again).
     pub const FOUND: u32 = 2;
     /// Served (`ipv6::established`): `out` holds the packet and its backend.
     pub const SERVED: u32 = 3;

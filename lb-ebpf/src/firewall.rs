@@ -13,8 +13,9 @@
 //! flow remembers the policy generation its checks passed under (`FlowValue::policy_gen`): while
 //! it equals `PolicyState::generation` (`POLICY`), the flow's packets skip the source checks (and
 //! the VIP and backend checks: see `balancer::established_entry`). The agent bumps the generation
-//! after every change of the deny list, of a VIP's lists, of a VIP or of a backend slot, so every
-//! flow is checked once more against the new policy on its next packet.
+//! after every change of the deny list, of a VIP's lists, of a VIP or of a backend slot (a removed
+//! VIP's slots are cleared after its bump: no flow can be stamped for it then), so every flow is
+//! checked once more against the new policy on its next packet.
 
 use crate::{
     maps::{

@@ -782,6 +782,9 @@ fn ipv6_flows_are_reported_and_peer_flows_are_honoured() {
 #[test]
 fn ipv6_debug_events_name_ipv6_addresses() {
     in_fixture_netns(|ifindex| {
+        // The next-hop cache is per CPU: pinned, the established packet below finds its next
+        // hop cached, so the exit it must not take is open to it.
+        xlb_tests::cpu::pin_to_one().expect("pin to one CPU");
         let mut dp = balancer6();
         let capture = Capture::default();
         let mut logger = dp.event_logger(capture.clone()).expect("aya-log");
@@ -822,7 +825,13 @@ fn ipv6_debug_events_name_ipv6_addresses() {
         };
         let opened = send(SYN);
         let promoting = send(ACK);
+        let lookups = dp.stats().unwrap().events["nexthop_lookup"];
         let established = send(ACK);
+        assert_eq!(
+            dp.stats().unwrap().events["nexthop_lookup"],
+            lookups,
+            "the established packet's next hop was cached"
+        );
         assert_eq!(
             established.len(),
             1,

@@ -531,6 +531,11 @@ impl Dataplane {
         }
         if !p.pending.is_empty() {
             self.finish_copies(p)?;
+            // Until the swap the old program ran on maps of its own layout (a staged `BACKENDS`
+            // or `VIPS` among them) and stamped flows with the generation this agent had bumped
+            // after writing the new ones: what it checked there is not what the new maps say.
+            // Every flow is checked once more, under this program (one recheck per flow).
+            self.bump_policy()?;
         }
         // Only this program reads the deny list's hash: the host entries an older build had
         // kept in the trie leave it now.
