@@ -765,22 +765,12 @@ impl RunProfile {
     /// carry the figure, so samples perf did not take (its start-up, rounding in the report)
     /// do not bias it.
     fn us_per_unit(&self, category: &str) -> f64 {
-        let pct = self
-            .shares
-            .iter()
-            .find(|s| s.symbol == category)
-            .map_or(0.0, |s| s.percent);
-        self.us_per_unit_of(pct)
+        self.us_per_unit_of(percent_of(&self.shares, category))
     }
 
     /// `us_per_unit` for one symbol.
     fn us_per_unit_of_symbol(&self, symbol: &str) -> f64 {
-        let pct = self
-            .symbols
-            .iter()
-            .find(|s| s.symbol == symbol)
-            .map_or(0.0, |s| s.percent);
-        self.us_per_unit_of(pct)
+        self.us_per_unit_of(percent_of(&self.symbols, symbol))
     }
 
     fn us_per_unit_of(&self, pct: f64) -> f64 {
@@ -808,6 +798,14 @@ impl RunProfile {
                 .collect::<Vec<_>>(),
         })
     }
+}
+
+/// The share of `name` in `shares` (0 if it has none).
+fn percent_of(shares: &[profile::Share], name: &str) -> f64 {
+    shares
+        .iter()
+        .find(|s| s.symbol == name)
+        .map_or(0.0, |s| s.percent)
 }
 
 #[derive(Default)]
