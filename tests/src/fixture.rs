@@ -91,6 +91,12 @@ pub fn outer_header_with_id(inner_len: usize, backend: Ipv4Addr, df: bool, id: u
     h
 }
 
+/// An IPv4 `ip_packet` forwarded `l2` to backend `backend` (0-based): the packet unchanged, the
+/// frame addressed to the backend's MAC from the LB's.
+pub fn l2_forwarded(ip_packet: &[u8], backend: usize) -> Vec<u8> {
+    eth(backend_mac(backend), LB_MAC, ETH_P_IP, ip_packet)
+}
+
 /// `inner` (with DF) encapsulated for backend `backend` (0-based), as the balancer sends it.
 pub fn encapsulated(inner: &[u8], backend: usize) -> Vec<u8> {
     let mut payload = outer_header(inner.len(), BACKENDS[backend], true);
@@ -162,6 +168,15 @@ pub fn run(prog: &Xdp, ifindex: u32, input: &[u8]) -> (u32, Vec<u8>) {
         .expect("BPF_PROG_TEST_RUN");
     out.truncate(result.data_size_out as usize);
     (result.return_value, out)
+}
+
+/// `run` of the balancer of `dp` on `ip_packet` arriving from the router (`inbound`).
+pub fn run_inbound(dp: &Dataplane, ifindex: u32, ip_packet: &[u8]) -> (u32, Vec<u8>) {
+    run(
+        dp.balancer().expect("balancer program"),
+        ifindex,
+        &inbound(ip_packet),
+    )
 }
 
 /// Run every fixture and compare action and output.

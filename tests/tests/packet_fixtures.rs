@@ -977,11 +977,7 @@ fn established_flows_take_their_vip_from_the_entry_until_the_vip_changes() {
     use lb_common::{FORWARD_IPIP, FORWARD_L2, FlowValue, maps};
     in_fixture_netns(|ifindex| {
         let mut dp = balancer();
-        let send = |dp: &Dataplane, ip_packet: &[u8]| {
-            run(dp.balancer().unwrap(), ifindex, &inbound(ip_packet))
-        };
-        let l2 =
-            |ip_packet: &[u8], backend: usize| eth(backend_mac(backend), LB_MAC, 0x0800, ip_packet);
+        let send = |dp: &Dataplane, ip_packet: &[u8]| run_inbound(dp, ifindex, ip_packet);
         let entry = |dp: &Dataplane, key: &FlowKey| dp.flows().unwrap().get(key, 0).unwrap();
         let syn = client_syn(48100, 80);
         let ack = Ip::to(CLIENT, VIP, 6).packet(&tcp(48100, 80, ACK, 10));
@@ -1004,7 +1000,11 @@ fn established_flows_take_their_vip_from_the_entry_until_the_vip_changes() {
             ..stamped
         };
         rewrite(&mut dp, l2_stamp);
-        assert_eq!(send(&dp, &ack), (XDP_TX, l2(&ack, 0)), "current stamp");
+        assert_eq!(
+            send(&dp, &ack),
+            (XDP_TX, l2_forwarded(&ack, 0)),
+            "current stamp"
+        );
         // An outdated stamp is not: the VIP is looked up and the entry stamped again.
         rewrite(
             &mut dp,
@@ -1025,7 +1025,11 @@ fn established_flows_take_their_vip_from_the_entry_until_the_vip_changes() {
             &BTreeSet::new(),
         )
         .unwrap();
-        assert_eq!(send(&dp, &ack), (XDP_TX, l2(&ack, 0)), "ipip → l2");
+        assert_eq!(
+            send(&dp, &ack),
+            (XDP_TX, l2_forwarded(&ack, 0)),
+            "ipip → l2"
+        );
         assert_eq!(u32::from(entry(&dp, &key).vip_forward), FORWARD_L2);
         // Removed: the entry is still there, its packets are not served from it.
         let key80 = ServiceKey {
@@ -1068,7 +1072,11 @@ fn established_flows_take_their_vip_from_the_entry_until_the_vip_changes() {
             &BTreeSet::new(),
         )
         .unwrap();
-        assert_eq!(send(&dp, &dgram), (XDP_TX, l2(&dgram, 0)), "UDP ipip → l2");
+        assert_eq!(
+            send(&dp, &dgram),
+            (XDP_TX, l2_forwarded(&dgram, 0)),
+            "UDP ipip → l2"
+        );
         // Every packet above was counted once, by its reason.
         let stats = dp.stats().unwrap();
         assert_eq!(stats.reasons.values().sum::<u64>(), 10);
@@ -1085,9 +1093,7 @@ fn a_removed_vips_flow_is_not_served_by_the_vip_that_reuses_its_id_and_slots() {
     use lb_common::maps;
     in_fixture_netns(|ifindex| {
         let mut dp = balancer();
-        let send = |dp: &Dataplane, ip_packet: &[u8]| {
-            run(dp.balancer().unwrap(), ifindex, &inbound(ip_packet))
-        };
+        let send = |dp: &Dataplane, ip_packet: &[u8]| run_inbound(dp, ifindex, ip_packet);
         let syn = client_syn(48200, 80);
         let ack = Ip::to(CLIENT, VIP, 6).packet(&tcp(48200, 80, ACK, 10));
         assert_eq!(send(&dp, &syn), (XDP_TX, encapsulated(&syn, 0)));
@@ -1149,16 +1155,13 @@ fn a_down_backends_flow_is_re_steered_by_the_generation_bumped_after_its_slot() 
     in_fixture_netns(|ifindex| {
         xlb_tests::cpu::pin_to_one().expect("pin to one CPU");
         let mut dp = balancer();
-        let send = |dp: &Dataplane, ip_packet: &[u8]| {
-            run(dp.balancer().unwrap(), ifindex, &inbound(ip_packet))
-        };
-        let l2 =
-            |ip_packet: &[u8], backend: usize| eth(backend_mac(backend), LB_MAC, 0x0800, ip_packet);
-        let ipip = |ip_packet: &[u8], backend: usize| encapsulated(ip_packet, backend);
+        let send = |dp: &Dataplane, ip_packet: &[u8]| run_inbound(dp, ifindex, ip_packet);
         // What the backend gets: `(packet, backend index) → frame`.
-        type Out<'a> = &'a dyn Fn(&[u8], usize) -> Vec<u8>;
-        let rounds: [(u16, Forward, Out); 2] =
-            [(80, Forward::Ipip, &ipip), (8080, Forward::L2, &l2)];
+        type Out = fn(&[u8], usize) -> Vec<u8>;
+        let rounds: [(u16, Forward, Out); 2] = [
+            (80, Forward::Ipip, encapsulated),
+            (8080, Forward::L2, l2_forwarded),
+        ];
         for (i, (port, method, out)) in rounds.into_iter().enumerate() {
             let sport = 48300 + i as u16;
             let syn = Ip::to(CLIENT, VIP, 6).packet(&tcp(sport, port, SYN, 10));
