@@ -10,8 +10,8 @@ use crate::{
     },
     nexthop,
     parse::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, frame_len, load2,
-        load4, ptr_at,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, frame_len,
+        ipv4_addrs, ipv4_frags, ipv4_tot_len, load4, ptr_at,
     },
     stats, vip_icmp, vip_icmp6,
 };
@@ -227,7 +227,7 @@ fn serve_established4(ctx: &XdpContext) -> Result<Verdict, Unserved> {
     // SAFETY: `ptr_at` checked the bounds.
     let ip = unsafe { &*ip };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    let frags = u16::from_be_bytes(load2(&ip.frags));
+    let frags = ipv4_frags(ip);
     if ip.vihl >> 4 != 4 || ihl < IPV4_HLEN || frags & (IP_MF | IP_OFFSET_MASK) != 0 {
         return Err(Unserved::Probe(Probe::NOT_LOOKED));
     }
@@ -245,7 +245,7 @@ fn serve_established4(ctx: &XdpContext) -> Result<Verdict, Unserved> {
     if ip.proto == IPPROTO_TCP && !midflow {
         return Err(Unserved::Probe(Probe::NOT_LOOKED));
     }
-    let ip_len = u16::from_be_bytes(load2(&ip.tot_len));
+    let ip_len = ipv4_tot_len(ip);
     let frame_len = frame_len(ctx);
     // The packet is built in place around its flow key, which the lookup reads: built whole
     // first, its VIP zeroed before the lookup fills it became a call to the byte-by-byte
@@ -253,11 +253,12 @@ fn serve_established4(ctx: &XdpContext) -> Result<Verdict, Unserved> {
     // more loads and stores.
     let mut slot = MaybeUninit::<Packet>::uninit();
     let p = slot.as_mut_ptr();
+    let (src, dst) = ipv4_addrs(ip);
     // SAFETY: a field of `slot`, written before it is read.
     unsafe {
         addr_of_mut!((*p).flow).write(flow_key(
-            Addr::from_v4(u32::from_ne_bytes(load4(&ip.src_addr))),
-            Addr::from_v4(u32::from_ne_bytes(load4(&ip.dst_addr))),
+            Addr::from_v4(src),
+            Addr::from_v4(dst),
             ports,
             ip.proto,
         ))
@@ -307,8 +308,10 @@ fn l2_exit(ctx: &XdpContext, hit: &Established, ip_len: u16, frame_len: usize) -
     if hit.vip.forward != FORWARD_L2 {
         return None;
     }
+    // Read once for the cache check and the choice of `XDP_TX`: three dependent loads each.
+    let ingress = ctx.ingress_ifindex() as u32;
     let hop = nexthop::cached(
-        ctx.ingress_ifindex() as u32,
+        ingress,
         hit.backend.id,
         &Addr::UNSPECIFIED,
         &hit.backend.addr,
@@ -319,7 +322,7 @@ fn l2_exit(ctx: &XdpContext, hit: &Established, ip_len: u16, frame_len: usize) -
     // An `l2` backend has the packet's family (the agent installs nothing else): the EtherType
     // stays.
     hop.write_macs(eth);
-    let verdict = forward::egress(ctx, hop.ifindex());
+    let verdict = forward::egress(ingress, hop.ifindex());
     if forward::is_forwarded(&verdict) {
         stats::count_forwarded(hit.vip.id, hit.backend.id, frame_len as u64);
     }
@@ -339,33 +342,35 @@ pub enum Unserved {
 /// register. Returned through memory (it is 12 bytes), the BPF call left in r0 whatever LLVM had
 /// put there last, once a stack address, which the verifier refuses at a call's exit ("cannot
 /// return stack pointer to the caller"); it also cost three stores and three loads per packet.
-/// Bits 62–63: the kind (`SERVED`, `TOO_BIG`, else a probe); served: action in bits 32–39,
-/// reason in 0–31; too big: DF in bit 32, the room in 0–15; a probe: its value in 0–31.
+/// Bits 62–63: the kind, 0 for a served packet (the common case, told apart with one shift and
+/// its action and reason taken out with one more), `PROBE` or `TOO_BIG` otherwise. Served: action
+/// in bits 32–39, reason in 0–31; too big: DF in bit 32, the room in 0–15; a probe: its value in
+/// 0–31.
 #[repr(transparent)]
 pub struct Outcome(u64);
 
 impl Outcome {
-    const SERVED: u64 = 1 << 62;
-    const TOO_BIG: u64 = 2 << 62;
-    const KIND: u64 = 3 << 62;
+    const PROBE: u64 = 1;
+    const TOO_BIG: u64 = 2;
+    const KIND_SHIFT: u32 = 62;
 
     #[inline(always)]
     pub fn encode(result: Result<Verdict, Unserved>) -> Self {
         Self(match result {
-            Ok(v) => Self::SERVED | u64::from(v.action & 0xff) << 32 | u64::from(v.reason),
+            Ok(v) => u64::from(v.action & 0xff) << 32 | u64::from(v.reason),
             Err(Unserved::TooBig(df, room)) => {
-                Self::TOO_BIG | u64::from(df) << 32 | u64::from(room)
+                Self::TOO_BIG << Self::KIND_SHIFT | u64::from(df) << 32 | u64::from(room)
             }
-            Err(Unserved::Probe(probe)) => u64::from(probe),
+            Err(Unserved::Probe(probe)) => Self::PROBE << Self::KIND_SHIFT | u64::from(probe),
         })
     }
 
     #[inline(always)]
     pub fn decode(self) -> Result<Verdict, Unserved> {
         let low = self.0 as u32;
-        match self.0 & Self::KIND {
-            Self::SERVED => Ok(Verdict {
-                action: (self.0 >> 32) as u32 & 0xff,
+        match self.0 >> Self::KIND_SHIFT {
+            0 => Ok(Verdict {
+                action: (self.0 >> 32) as u32,
                 reason: low,
             }),
             Self::TOO_BIG => Err(Unserved::TooBig(self.0 >> 32 & 1 != 0, low as u16)),
@@ -409,10 +414,12 @@ pub fn established_entry(flow: &FlowKey, lengths_ok: bool) -> Result<Established
     // it checks, so an entry stamped with the current generation had an active backend of its
     // VIP in that slot when it was stamped, and nothing of the slot has changed since. An
     // established packet spares that lookup (a cache line per backend on the live path).
-    // SAFETY: map value pointer from a successful lookup.
-    let (id, addr) = unsafe { ((*value).backend_id, (*value).backend_addr) };
+    // The clock first: the entry's backend read after the helper call stays in the entry (a
+    // callee-saved register holds its pointer) instead of five words spilled across the call.
     let now = coarse_now();
     touch(value, now);
+    // SAFETY: map value pointer from a successful lookup.
+    let (id, addr) = unsafe { ((*value).backend_id, (*value).backend_addr) };
     Ok(Established {
         vip: VipMeta {
             id: u32::from(stamp.vip_id),
@@ -525,8 +532,7 @@ fn classify(ctx: &XdpContext, out: &mut Steered) -> Result<(), Verdict> {
     if ip.vihl >> 4 != 4 || ihl < IPV4_HLEN {
         return Err(Verdict::pass(reason::PASS_MALFORMED));
     }
-    let dst_addr = u32::from_ne_bytes(load4(&ip.dst_addr));
-    let src_addr = u32::from_ne_bytes(load4(&ip.src_addr));
+    let (src_addr, dst_addr) = ipv4_addrs(ip);
     // The deny list comes first for every IPv4 packet. Packets of a VIP service have it checked
     // in `steer`, where an established flow's cached verdict can spare the lookup; every other
     // verdict of this function goes through here.
@@ -535,7 +541,7 @@ fn classify(ctx: &XdpContext, out: &mut Steered) -> Result<(), Verdict> {
     // served here" (dropped) from "not ours" (passed). An established flow's packets were served
     // by `established4` in one `FLOWS` lookup before this; a new flow's pay `FLOWS` (missed),
     // then `VIPS`; the LB's own TCP and UDP traffic pays those and the address-only lookup.
-    let frags = u16::from_be_bytes(load2(&ip.frags));
+    let frags = ipv4_frags(ip);
     if frags & (IP_MF | IP_OFFSET_MASK) != 0 {
         return Err(not_served(src_addr, dst_addr, reason::DROP_FRAGMENT));
     }
@@ -578,7 +584,7 @@ fn classify(ctx: &XdpContext, out: &mut Steered) -> Result<(), Verdict> {
         Some(vip) => *vip,
         None => return Err(not_served(src_addr, dst_addr, reason::DROP_UNKNOWN_PORT)),
     };
-    let ip_len = u16::from_be_bytes(load2(&ip.tot_len));
+    let ip_len = ipv4_tot_len(ip);
     let frame_len = frame_len(ctx);
     if !lengths_agree(ip_len, ihl + l4_len, frame_len) {
         return Err(denied_or(src_addr, Verdict::drop(reason::DROP_BAD_LENGTH)));

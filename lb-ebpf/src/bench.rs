@@ -150,9 +150,10 @@ fn flow_key(ctx: &XdpContext) -> Option<FlowKey> {
         return None;
     }
     // Word loads, as the balancer's parse does them.
+    let (src, dst) = parse::ipv4_addrs(ip);
     Some(balancer::flow_key(
-        Addr::from_v4(u32::from_ne_bytes(parse::load4(&ip.src_addr))),
-        Addr::from_v4(u32::from_ne_bytes(parse::load4(&ip.dst_addr))),
+        Addr::from_v4(src),
+        Addr::from_v4(dst),
         parse::load4(ports),
         proto,
     ))

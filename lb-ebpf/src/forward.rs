@@ -14,7 +14,7 @@ use crate::{
     csum, icmp, icmp6,
     maps::{CONFIG, IPIP_IDS},
     nexthop::{self, Hop, Resolved},
-    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, ptr_at},
+    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, ptr_at, store4_at},
 };
 use aya_ebpf::{
     bindings::xdp_action,
@@ -146,7 +146,7 @@ pub fn forward_or_too_big(
         return Ok(Verdict::drop(reason::DROP_ENCAP_FAILED));
     }
     Ok(match hop {
-        Some(hop) => egress(ctx, hop.ifindex()),
+        Some(hop) => egress(ctx.ingress_ifindex() as u32, hop.ifindex()),
         None => Verdict::pass(reason::PASS_NO_NEIGH),
     })
 }
@@ -159,10 +159,11 @@ pub fn is_forwarded(verdict: &Verdict) -> bool {
     )
 }
 
-/// Send out of the interface the FIB chose: `XDP_TX` when it is the one the packet came in on.
+/// Send out of the interface the FIB chose: `XDP_TX` when it is the one the packet came in on
+/// (`ingress`, the context's `ingress_ifindex`, which a caller that read it already passes on).
 #[inline(always)]
-pub fn egress(ctx: &XdpContext, ifindex: u32) -> Verdict {
-    if ifindex == ctx.ingress_ifindex() as u32 {
+pub fn egress(ingress: u32, ifindex: u32) -> Verdict {
+    if ifindex == ingress {
         Verdict::tx(reason::FWD_TX)
     } else {
         // SAFETY: plain helper call; it returns XDP_REDIRECT or XDP_ABORTED-equivalent on error.
@@ -233,15 +234,11 @@ fn trim_padding(ctx: &XdpContext, pkt: &Packet) -> bool {
 
 /// Grow the head by `outer_len` bytes for an outer header and write the Ethernet header in
 /// front of it: to `hop`'s next hop, or (`None`: no neighbour yet) still addressed to us, so the
-/// kernel forwards the encapsulated packet and resolves the next hop itself.
+/// kernel forwards the encapsulated packet and resolves the next hop itself. The received header
+/// is still there after the growth, `outer_len` bytes on, so its MACs are read only when needed.
 #[inline(always)]
 fn push_outer(ctx: &XdpContext, hop: &Option<Hop>, outer_len: usize, ether_type: u16) -> bool {
-    let Some(old_eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return false;
-    };
-    // SAFETY: bounds checked.
-    let (old_dst, old_src) = unsafe { ((*old_eth).dst_addr, (*old_eth).src_addr) };
-    // SAFETY: growing the head; all pointers are re-derived afterwards.
+    // SAFETY: growing the head; all pointers are derived afterwards.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {
         return false;
     }
@@ -250,18 +247,24 @@ fn push_outer(ctx: &XdpContext, hop: &Option<Hop>, outer_len: usize, ether_type:
     };
     match hop {
         Some(hop) => hop.write_macs(eth),
-        // SAFETY: `ptr_at` checked the bounds.
-        None => unsafe {
-            (*eth).dst_addr = old_dst;
-            (*eth).src_addr = old_src;
-        },
+        None => {
+            let Some(old) = ptr_at::<EthHdr>(ctx, outer_len) else {
+                return false;
+            };
+            // SAFETY: both checked by `ptr_at`; they do not overlap (`outer_len` ≥ 20).
+            unsafe {
+                (*eth).dst_addr = (*old).dst_addr;
+                (*eth).src_addr = (*old).src_addr;
+            }
+        }
     }
     write_ether_type(eth, ether_type);
     true
 }
 
 /// `ipip` to an IPv4 backend: an outer IPv4 header, protocol 4, from `lb_addr` to `backend_addr`
-/// (both network order).
+/// (both network order), written as five 32-bit words (built byte by byte, it took a load, a
+/// shift and a store per byte, and as many again for its checksum).
 #[inline(always)]
 fn encap4(
     ctx: &XdpContext,
@@ -277,8 +280,6 @@ fn encap4(
         return false;
     };
     let [len_hi, len_lo] = (pkt.ip_len + IPV4_HLEN as u16).to_be_bytes();
-    let [s0, s1, s2, s3] = lb_addr.to_ne_bytes();
-    let [d0, d1, d2, d3] = backend_addr.to_ne_bytes();
     // Outer DF mirrors the inner one (RFC 2003): a DF packet stays unfragmentable end to end
     // and its ID means nothing (RFC 6864: 0). Without DF the outer packet may be fragmented on
     // the way, so its ID must not repeat while fragments can still meet.
@@ -288,24 +289,31 @@ fn encap4(
         let cpu_bits = CONFIG.get(0).map_or(16, |cfg| cfg.ipip_id_cpu_bits);
         (0, outer_id(cpu_bits).to_be_bytes())
     };
-    #[rustfmt::skip]
-    let mut hdr: [u8; IPV4_HLEN] = [
-        0x45, pkt.tos, len_hi, len_lo, id_hi, id_lo, df, 0, OUTER_TTL, IPPROTO_IPIP, 0, 0,
-        s0, s1, s2, s3, d0, d1, d2, d3,
+    let words = [
+        u32::from_ne_bytes([0x45, pkt.tos, len_hi, len_lo]),
+        u32::from_ne_bytes([id_hi, id_lo, df, 0]),
+        u32::from_ne_bytes([OUTER_TTL, IPPROTO_IPIP, 0, 0]),
+        lb_addr,
+        backend_addr,
     ];
-    let [c0, c1] = csum::ipv4_header(&hdr);
-    hdr[10] = c0;
-    hdr[11] = c1;
-    // SAFETY: bounds checked.
-    unsafe { *outer = hdr };
+    let [c0, c1] = csum::ipv4_header_words(&words).to_ne_bytes();
+    // SAFETY: `ptr_at` checked the header's 20 bytes; the words are at 0, 4, ..., 16 (aligned
+    // under `NET_IP_ALIGN`: the header starts 14 bytes into the frame).
+    unsafe {
+        store4_at::<0, _>(outer, words[0]);
+        store4_at::<4, _>(outer, words[1]);
+        store4_at::<8, _>(outer, u32::from_ne_bytes([OUTER_TTL, IPPROTO_IPIP, c0, c1]));
+        store4_at::<12, _>(outer, words[3]);
+        store4_at::<16, _>(outer, words[4]);
+    }
     true
 }
 
 /// `ipip` to an IPv6 backend: an outer IPv6 header (RFC 2473) from `lb_addr6` to the backend,
 /// next header `next` (41 around an IPv6 packet, 4 around an IPv4 one: an IPv4 VIP over IPv6
 /// backends). Traffic class is the inner one, flow label 0, hop limit 64; IPv6 has no DF and no
-/// ID, so nothing else varies per packet. Written into the packet field by field, not built on
-/// the stack first.
+/// ID, so nothing else varies per packet. Written into the packet word by word, not built on the
+/// stack first.
 #[inline(always)]
 fn encap6(
     ctx: &XdpContext,
@@ -318,29 +326,27 @@ fn encap6(
     if !push_outer(ctx, hop, IPV6_HLEN, ETH_P_IPV6) {
         return false;
     }
-    let (Some(fixed), Some(src), Some(dst)) = (
-        ptr_at::<[u8; 8]>(ctx, ETH_HLEN),
-        ptr_at::<[u32; 4]>(ctx, ETH_HLEN + 8),
-        ptr_at::<[u32; 4]>(ctx, ETH_HLEN + 24),
-    ) else {
+    let Some(outer) = ptr_at::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN) else {
         return false;
     };
     let [len_hi, len_lo] = pkt.ip_len.to_be_bytes();
     let tc = pkt.tos;
-    // SAFETY: bounds checked; the packet is not aligned for u32, hence unaligned writes.
+    let [s0, s1, s2, s3] = lb_addr6.words;
+    let [d0, d1, d2, d3] = backend_addr.words;
+    // SAFETY: `ptr_at` checked the header's 40 bytes; the words are at 0, 4, ..., 36 (aligned
+    // under `NET_IP_ALIGN`, as `encap4`'s). Written as arrays, the addresses were stored a byte
+    // at a time (the packet is not aligned for `u32` as Rust counts).
     unsafe {
-        *fixed = [
-            0x60 | (tc >> 4),
-            tc << 4,
-            0,
-            0,
-            len_hi,
-            len_lo,
-            next,
-            OUTER_TTL,
-        ];
-        src.write_unaligned(lb_addr6.words);
-        dst.write_unaligned(backend_addr.words);
+        store4_at::<0, _>(outer, u32::from_ne_bytes([0x60 | (tc >> 4), tc << 4, 0, 0]));
+        store4_at::<4, _>(outer, u32::from_ne_bytes([len_hi, len_lo, next, OUTER_TTL]));
+        store4_at::<8, _>(outer, s0);
+        store4_at::<12, _>(outer, s1);
+        store4_at::<16, _>(outer, s2);
+        store4_at::<20, _>(outer, s3);
+        store4_at::<24, _>(outer, d0);
+        store4_at::<28, _>(outer, d1);
+        store4_at::<32, _>(outer, d2);
+        store4_at::<36, _>(outer, d3);
     }
     true
 }

@@ -77,7 +77,7 @@ pub fn packet_too_big(ctx: &XdpContext, mtu: u16) -> Option<()> {
     sum += chunk_sum::<CHUNK>(ctx, at)?;
     sum += chunk_sum::<CHUNK>(ctx, at + CHUNK)?;
     sum += chunk_sum::<LAST_CHUNK>(ctx, at + 2 * CHUNK)?;
-    let check = csum::fold(fold64(sum)).to_ne_bytes();
+    let check = csum::fold(csum::fold64(sum)).to_ne_bytes();
     let icmp: *mut [u8; ICMP6_HLEN] = ptr_at(ctx, at)?;
     // SAFETY: bounds checked.
     unsafe {
@@ -96,12 +96,4 @@ fn chunk_sum<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<u64> {
     let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p.cast(), N as u32, 0) };
     // A negative value is an error (sizes the helper refuses; these are constant and valid).
     u32::try_from(sum).ok().map(u64::from)
-}
-
-/// A 64-bit sum of 32-bit words folded to 32 bits with end-around carry.
-#[inline(always)]
-fn fold64(sum: u64) -> u32 {
-    let s = (sum & 0xffff_ffff) + (sum >> 32);
-    let s = (s & 0xffff_ffff) + (s >> 32);
-    s as u32
 }

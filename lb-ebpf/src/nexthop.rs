@@ -29,10 +29,7 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use core::{
-    mem,
-    ptr::{addr_of, addr_of_mut},
-};
+use core::{arch::asm, mem, ptr::addr_of};
 use lb_common::{Addr, NEXTHOP_TTL_NS, event};
 use network_types::eth::EthHdr;
 
@@ -53,33 +50,39 @@ impl Hop {
         unsafe { (*self.0).ifindex }
     }
 
-    /// The next hop's MAC as the frame's destination, the egress interface's as its source:
-    /// three 16-bit words each. Copied as arrays, map value to packet (two pointers that may
-    /// overlap as far as LLVM knows), they became calls to the byte-by-byte `memmove`
-    /// subprogram; volatile loads keep them plain loads.
+    /// The next hop's MAC as the frame's destination, the egress interface's as its source, in
+    /// four loads and four stores (16, 32, 32 and 16 bits). Copied as arrays, map value to packet
+    /// (two pointers that may overlap as far as LLVM knows), they became calls to the
+    /// byte-by-byte `memmove` subprogram; as 16-bit words, six loads and six stores. Inline
+    /// assembly for the 32-bit words, which Rust would have to read unaligned (the BPF backend
+    /// splits those into bytes): the BPF instructions have no alignment rule of their own, and
+    /// under the verifier's strict check (`NET_IP_ALIGN`, as in `parse::load4`) both sides'
+    /// words are aligned.
     #[inline(always)]
     pub fn write_macs(&self, eth: *mut EthHdr) {
         const _: () = {
-            assert!(mem::offset_of!(Entry, dmac) % 2 == 0);
-            assert!(mem::offset_of!(Entry, smac) % 2 == 0);
-            assert!(mem::align_of::<EthHdr>() == 2);
+            assert!(mem::offset_of!(Entry, dmac) % 4 == 2);
+            assert!(mem::offset_of!(Entry, smac) == mem::offset_of!(Entry, dmac) + 6);
+            assert!(mem::offset_of!(EthHdr, dst_addr) == 0);
+            assert!(mem::offset_of!(EthHdr, src_addr) == 6);
         };
-        // SAFETY: as above; callers got `eth` from `ptr_at`. Every word is 2-aligned: the
-        // entry's MACs at even offsets of an 8-aligned map value (asserted), the header's at 0
-        // and 6 of an `EthHdr`, which the rest of this crate writes as 2-aligned too.
+        // SAFETY: as above; callers got `eth` from `ptr_at` (its 14 bytes are in the packet).
+        // Reads the entry's 12 MAC bytes and writes the header's first 12, nothing else.
         unsafe {
-            let (dmac, smac) = (
-                addr_of!((*self.0).dmac).cast::<u16>(),
-                addr_of!((*self.0).smac).cast::<u16>(),
+            asm!(
+                "{t} = *(u16 *)({src} + 0)",
+                "*(u16 *)({dst} + 0) = {t}",
+                "{t} = *(u32 *)({src} + 2)",
+                "*(u32 *)({dst} + 2) = {t}",
+                "{t} = *(u32 *)({src} + 6)",
+                "*(u32 *)({dst} + 6) = {t}",
+                "{t} = *(u16 *)({src} + 10)",
+                "*(u16 *)({dst} + 10) = {t}",
+                src = in(reg) addr_of!((*self.0).dmac),
+                dst = in(reg) eth,
+                t = out(reg) _,
+                options(nostack),
             );
-            let (dst, src) = (
-                addr_of_mut!((*eth).dst_addr).cast::<u16>(),
-                addr_of_mut!((*eth).src_addr).cast::<u16>(),
-            );
-            for i in 0..3 {
-                dst.add(i).write(dmac.add(i).read_volatile());
-                src.add(i).write(smac.add(i).read_volatile());
-            }
         }
     }
 }
@@ -107,13 +110,16 @@ pub struct Entry {
     ingress_ifindex: u32,
     /// Egress interface, host order.
     ifindex: u32,
+    /// CLOCK_MONOTONIC_COARSE ns from which the entry is resolved again.
+    expires_ns: u64,
     /// Egress MTU, host order.
     mtu: u16,
+    /// The next hop's MAC and the egress interface's, back to back as in an Ethernet header,
+    /// starting 2 bytes past a 4-aligned offset (asserted in `write_macs`), like the header's own
+    /// under `NET_IP_ALIGN`: copied in four loads and four stores.
     dmac: [u8; 6],
     smac: [u8; 6],
     _pad: [u8; 2],
-    /// CLOCK_MONOTONIC_COARSE ns from which the entry is resolved again.
-    expires_ns: u64,
 }
 
 /// The next hop towards `dst` (backend `backend_id`) for a packet of IP length `tot_len` (the

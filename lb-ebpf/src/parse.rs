@@ -2,6 +2,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use core::{arch::asm, mem};
+use network_types::ip::Ipv4Hdr;
 
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN: usize = 20;
@@ -38,12 +39,22 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 /// ports behind an option-less header aligned.
 #[inline(always)]
 pub fn load4(bytes: &[u8; 4]) -> [u8; 4] {
+    load4_at::<0, _>(bytes)
+}
+
+/// `load4` of the 4 bytes `OFF` bytes into `*base` (a header, and `OFF` its field's
+/// `offset_of!`): the offset is the instruction's own, where a pointer to the field would take a
+/// register copy and an add first.
+#[inline(always)]
+pub fn load4_at<const OFF: usize, T>(base: *const T) -> [u8; 4] {
     let word: u64;
-    // SAFETY: reads the 4 bytes `bytes` refers to, nothing else.
+    // SAFETY: callers pass a header whose bytes `OFF..OFF + 4` are in bounds (a field of it),
+    // and that is all this reads.
     unsafe {
         asm!(
-            "{word} = *(u32 *)({p} + 0)",
-            p = in(reg) bytes.as_ptr(),
+            "{word} = *(u32 *)({p} + {off})",
+            p = in(reg) base,
+            off = const OFF,
             word = lateout(reg) word,
             options(nostack, readonly),
         );
@@ -51,20 +62,64 @@ pub fn load4(bytes: &[u8; 4]) -> [u8; 4] {
     (word as u32).to_ne_bytes()
 }
 
-/// `load4` for two bytes (a 16-bit load).
+/// `load4_at` for two bytes (a 16-bit load).
 #[inline(always)]
-pub fn load2(bytes: &[u8; 2]) -> [u8; 2] {
+pub fn load2_at<const OFF: usize, T>(base: *const T) -> [u8; 2] {
     let half: u64;
-    // SAFETY: reads the 2 bytes `bytes` refers to, nothing else.
+    // SAFETY: as in `load4_at`, for bytes `OFF..OFF + 2`.
     unsafe {
         asm!(
-            "{half} = *(u16 *)({p} + 0)",
-            p = in(reg) bytes.as_ptr(),
+            "{half} = *(u16 *)({p} + {off})",
+            p = in(reg) base,
+            off = const OFF,
             half = lateout(reg) half,
             options(nostack, readonly),
         );
     }
     (half as u16).to_ne_bytes()
+}
+
+/// Write four bytes `OFF` bytes into `*base` in one 32-bit store: `load4_at`'s counterpart, for
+/// a header written word by word (`word` as the bytes lie in memory, `u32::from_ne_bytes`).
+///
+/// # Safety
+/// Bytes `OFF..OFF + 4` of `*base` must be in the packet (a header `ptr_at` returned), and
+/// writable.
+#[inline(always)]
+pub unsafe fn store4_at<const OFF: usize, T>(base: *mut T, word: u32) {
+    // SAFETY: guaranteed by the caller; writes those 4 bytes and nothing else.
+    unsafe {
+        asm!(
+            "*(u32 *)({p} + {off}) = {word}",
+            p = in(reg) base,
+            off = const OFF,
+            word = in(reg) u64::from(word),
+            options(nostack),
+        );
+    }
+}
+
+/// An IPv4 header's source and destination address (network order, as `u32::from_ne_bytes` of
+/// the wire bytes), one load each.
+#[inline(always)]
+pub fn ipv4_addrs(ip: *const Ipv4Hdr) -> (u32, u32) {
+    (
+        u32::from_ne_bytes(load4_at::<{ mem::offset_of!(Ipv4Hdr, src_addr) }, _>(ip)),
+        u32::from_ne_bytes(load4_at::<{ mem::offset_of!(Ipv4Hdr, dst_addr) }, _>(ip)),
+    )
+}
+
+/// An IPv4 header's total length, host order, in one load.
+#[inline(always)]
+pub fn ipv4_tot_len(ip: *const Ipv4Hdr) -> u16 {
+    u16::from_be_bytes(load2_at::<{ mem::offset_of!(Ipv4Hdr, tot_len) }, _>(ip))
+}
+
+/// An IPv4 header's flags and fragment offset, host order (`IP_DF`, `IP_MF`,
+/// `IP_OFFSET_MASK`), in one load.
+#[inline(always)]
+pub fn ipv4_frags(ip: *const Ipv4Hdr) -> u16 {
+    u16::from_be_bytes(load2_at::<{ mem::offset_of!(Ipv4Hdr, frags) }, _>(ip))
 }
 
 /// Length of the frame as it is now.
