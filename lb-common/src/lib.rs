@@ -318,6 +318,12 @@ impl BenchGenHeader {
 /// reaches established flows within this time.
 pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 
+/// How far a flow's `FlowValue::last_seen_ns` may lag its last packet: the data path writes it
+/// only once the clock is this far past it (a busy flow's entry then stays clean in the caches
+/// between writes), so a flow's age (`xlb flows`) and the idle windows built on it are this
+/// coarse.
+pub const TOUCH_NS: u64 = 100_000_000;
+
 /// Most VIPs one agent serves (size of the VIP-indexed arrays).
 pub const MAX_VIPS: u32 = 256;
 /// Most backend slots over all VIPs (a backend of two VIPs takes two slots, one per VIP).

@@ -1233,6 +1233,70 @@ fn a_down_backends_flow_is_re_steered_by_the_generation_bumped_after_its_slot() 
     });
 }
 
+/// Issue 16: a flow's last-seen time is written only once the clock is `TOUCH_NS` past it, not on
+/// every tick, so a busy flow's entry stays clean in the caches between writes; a time ahead of
+/// this CPU's clock (another CPU's, a tick ahead) is never set back.
+#[test]
+fn a_flows_last_seen_time_is_written_only_once_it_is_touch_ns_old() {
+    use lb_common::{FlowValue, TOUCH_NS, maps};
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let sport = 48400;
+        let syn = Ip::to(CLIENT, VIP, 6).packet(&tcp(sport, 8080, SYN, 10));
+        let ack = Ip::to(CLIENT, VIP, 6).packet(&tcp(sport, 8080, ACK, 10));
+        // The SYN's flow waits in the embryonic table; the ACK makes it a flow of `FLOWS`.
+        for packet in [&syn, &ack] {
+            assert_eq!(
+                run_inbound(&dp, ifindex, packet),
+                (XDP_TX, l2_forwarded(packet, 0))
+            );
+        }
+        let key = dp
+            .flows()
+            .unwrap()
+            .keys()
+            .map(Result::unwrap)
+            .find(|k| u16::from_be(k.src_port) == sport)
+            .unwrap();
+        let entry = |dp: &Dataplane| -> FlowValue { dp.flows().unwrap().get(&key, 0).unwrap() };
+        let set = |dp: &mut Dataplane, last_seen_ns: u64| {
+            let value = FlowValue {
+                last_seen_ns,
+                ..entry(dp)
+            };
+            dp.bench_flow_table(maps::FLOWS)
+                .unwrap()
+                .insert(key, value, 0)
+                .unwrap();
+        };
+        let t0 = entry(&dp).last_seen_ns;
+        let ahead = t0 + 10 * TOUCH_NS;
+        set(&mut dp, ahead);
+        assert_eq!(
+            run_inbound(&dp, ifindex, &ack),
+            (XDP_TX, l2_forwarded(&ack, 0))
+        );
+        assert_eq!(
+            entry(&dp).last_seen_ns,
+            ahead,
+            "a later time is left as it is"
+        );
+        let old = t0 - 2 * TOUCH_NS;
+        set(&mut dp, old);
+        assert_eq!(
+            run_inbound(&dp, ifindex, &ack),
+            (XDP_TX, l2_forwarded(&ack, 0))
+        );
+        let seen = entry(&dp).last_seen_ns;
+        assert!(
+            (t0..ahead).contains(&seen),
+            "an entry {TOUCH_NS} ns old takes the packet's time: {old} -> {seen} (first ACK at {t0})"
+        );
+        // The flow was served from its entry, on the established path, both times.
+        assert_eq!(dp.stats().unwrap().events["flow_resteered"], 0);
+    });
+}
+
 /// Issue 15, until the IPv6 data path exists: the control plane holds IPv6 VIPs and backends;
 /// this data path refuses to install them, naming the address, and nothing changes.
 #[test]
