@@ -540,7 +540,8 @@ pub struct FlowKey {
 
 /// Value of the `FLOWS` (and `EMBRYOS`) LRU map. The data path writes a whole value only when it
 /// assigns a flow (new, or re-steered) or promotes an embryonic one; a packet of a known flow
-/// writes `last_seen_ns` alone, and `policy_gen` after checking its source again.
+/// writes `last_seen_ns` alone (once it is `TOUCH_NS` old), and `policy_gen` after checking its
+/// source again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
@@ -551,7 +552,8 @@ pub struct FlowValue {
     pub backend_id: u32,
     /// `FLOW_F_*` bits, host order: 0 when the data path assigned the flow.
     pub flags: u32,
-    /// `bpf_ktime_get_coarse_ns()` of the last packet (CLOCK_MONOTONIC_COARSE, host order).
+    /// `bpf_ktime_get_coarse_ns()` of the last packet (CLOCK_MONOTONIC_COARSE, host order), or
+    /// of an earlier one at most `TOUCH_NS` before it.
     pub last_seen_ns: u64,
     /// `PolicyState::generation` when the flow's cached decisions were last made (host order; 0 =
     /// never): while it equals the current generation, the flow's packets skip the source checks

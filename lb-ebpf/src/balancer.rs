@@ -908,11 +908,10 @@ fn validate(flow: *mut FlowValue, vip_id: u32, seen_at: Option<u64>) -> Lookup {
 
 /// Record `now` (the coarse clock) as the flow's last packet once it is `lb_common::TOUCH_NS` past
 /// the one recorded. Written whenever the clock had moved, the entry of a flow of a few hundred
-/// packets a second was written on nearly every tick (4 ms at HZ=250), so the flood's table lines
-/// went back to memory dirty where the stateful floor's, only read, stayed clean (its bucket walk
-/// took 52 ns per packet live against the floor's 39, 46 against 45 since). The entry also stays
-/// shared while the flow's packets come in on several CPUs. A time ahead of this CPU's clock
-/// (another CPU's, a tick ahead) is left alone.
+/// packets a second was written on nearly every tick (4 ms at HZ=250): a store and a dirty cache
+/// line where the stateful floor only reads. Now a busy flow's entry is written a few times a
+/// second, and stays shared while the flow's packets come in on several CPUs. A time ahead of
+/// this CPU's clock (another CPU's, a tick ahead) is left alone.
 #[inline(always)]
 fn touch(flow: *mut FlowValue, now: u64) {
     // SAFETY: a map value pointer from a successful lookup. A racing writer on another CPU can

@@ -128,8 +128,8 @@ pub fn header(ctx: &XdpContext) -> Result<(Header, u8), Verdict> {
         return Err(Verdict::pass(reason::PASS_MALFORMED));
     }
     let hdr = Header {
-        src: addr_at(h, 8),
-        dst: addr_at(h, 24),
+        src: addr_at::<8>(h),
+        dst: addr_at::<24>(h),
         ip_len: IPV6_HLEN + usize::from(u16::from_be_bytes([h[4], h[5]])),
         traffic_class: (h[0] << 4) | (h[1] >> 4),
     };
@@ -229,12 +229,14 @@ pub fn lengths(hdr: &Header, headers: usize, frame_len: usize) -> Option<u16> {
     balancer::lengths_agree(ip_len, headers, frame_len).then_some(ip_len)
 }
 
-/// The 16-byte address at `at` (8 or 24) in the fixed header, in four word loads (copied as
+/// The 16-byte address `AT` bytes (8 or 24) into the fixed header, in four word loads (copied as
 /// bytes, sixteen loads, shifts and ors). The words are aligned under `NET_IP_ALIGN` (the header
 /// starts 14 bytes into the frame; see `parse::load4`).
 #[inline(always)]
-fn addr_at(h: &[u8; IPV6_HLEN], at: usize) -> Addr {
-    let a = h[at..at + 16].as_ptr();
+fn addr_at<const AT: usize>(h: &[u8; IPV6_HLEN]) -> Addr {
+    const { assert!(AT + 16 <= IPV6_HLEN) };
+    // SAFETY: bytes `AT..AT + 16` of the header (asserted above): a `[u8; 16]` (alignment 1).
+    let a = unsafe { &*h.as_ptr().add(AT).cast::<[u8; 16]>() };
     Addr {
         words: [
             u32::from_ne_bytes(load4_at::<0, _>(a)),

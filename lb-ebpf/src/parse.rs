@@ -42,18 +42,18 @@ pub fn load4(bytes: &[u8; 4]) -> [u8; 4] {
     load4_at::<0, _>(bytes)
 }
 
-/// `load4` of the 4 bytes `OFF` bytes into `*base` (a header, and `OFF` its field's
-/// `offset_of!`): the offset is the instruction's own, where a pointer to the field would take a
-/// register copy and an add first.
+/// `load4` of the 4 bytes `OFF` bytes into `*header` (`OFF` a field's `offset_of!`, checked at
+/// compile time to lie within `T`): the offset is the instruction's own, where a reference to
+/// the field would take a register copy and an add first.
 #[inline(always)]
-pub fn load4_at<const OFF: usize, T>(base: *const T) -> [u8; 4] {
+pub fn load4_at<const OFF: usize, T>(header: &T) -> [u8; 4] {
+    const { assert!(OFF + 4 <= mem::size_of::<T>()) };
     let word: u64;
-    // SAFETY: callers pass a header whose bytes `OFF..OFF + 4` are in bounds (a field of it),
-    // and that is all this reads.
+    // SAFETY: reads bytes `OFF..OFF + 4` of `*header` (within it, asserted above), nothing else.
     unsafe {
         asm!(
             "{word} = *(u32 *)({p} + {off})",
-            p = in(reg) base,
+            p = in(reg) header as *const T,
             off = const OFF,
             word = lateout(reg) word,
             options(nostack, readonly),
@@ -64,13 +64,14 @@ pub fn load4_at<const OFF: usize, T>(base: *const T) -> [u8; 4] {
 
 /// `load4_at` for two bytes (a 16-bit load).
 #[inline(always)]
-pub fn load2_at<const OFF: usize, T>(base: *const T) -> [u8; 2] {
+pub fn load2_at<const OFF: usize, T>(header: &T) -> [u8; 2] {
+    const { assert!(OFF + 2 <= mem::size_of::<T>()) };
     let half: u64;
     // SAFETY: as in `load4_at`, for bytes `OFF..OFF + 2`.
     unsafe {
         asm!(
             "{half} = *(u16 *)({p} + {off})",
-            p = in(reg) base,
+            p = in(reg) header as *const T,
             off = const OFF,
             half = lateout(reg) half,
             options(nostack, readonly),
@@ -79,19 +80,20 @@ pub fn load2_at<const OFF: usize, T>(base: *const T) -> [u8; 2] {
     (half as u16).to_ne_bytes()
 }
 
-/// Write four bytes `OFF` bytes into `*base` in one 32-bit store: `load4_at`'s counterpart, for
+/// Write four bytes `OFF` bytes into `*header` in one 32-bit store: `load4_at`'s counterpart, for
 /// a header written word by word (`word` as the bytes lie in memory, `u32::from_ne_bytes`).
 ///
 /// # Safety
-/// Bytes `OFF..OFF + 4` of `*base` must be in the packet (a header `ptr_at` returned), and
-/// writable.
+/// `header` must point into the packet (a header `ptr_at` returned, whose bounds cover `T`).
 #[inline(always)]
-pub unsafe fn store4_at<const OFF: usize, T>(base: *mut T, word: u32) {
-    // SAFETY: guaranteed by the caller; writes those 4 bytes and nothing else.
+pub unsafe fn store4_at<const OFF: usize, T>(header: *mut T, word: u32) {
+    const { assert!(OFF + 4 <= mem::size_of::<T>()) };
+    // SAFETY: guaranteed by the caller; writes bytes `OFF..OFF + 4` of `*header` (within it,
+    // asserted above) and nothing else.
     unsafe {
         asm!(
             "*(u32 *)({p} + {off}) = {word}",
-            p = in(reg) base,
+            p = in(reg) header,
             off = const OFF,
             word = in(reg) u64::from(word),
             options(nostack),
@@ -102,7 +104,7 @@ pub unsafe fn store4_at<const OFF: usize, T>(base: *mut T, word: u32) {
 /// An IPv4 header's source and destination address (network order, as `u32::from_ne_bytes` of
 /// the wire bytes), one load each.
 #[inline(always)]
-pub fn ipv4_addrs(ip: *const Ipv4Hdr) -> (u32, u32) {
+pub fn ipv4_addrs(ip: &Ipv4Hdr) -> (u32, u32) {
     (
         u32::from_ne_bytes(load4_at::<{ mem::offset_of!(Ipv4Hdr, src_addr) }, _>(ip)),
         u32::from_ne_bytes(load4_at::<{ mem::offset_of!(Ipv4Hdr, dst_addr) }, _>(ip)),
@@ -111,14 +113,14 @@ pub fn ipv4_addrs(ip: *const Ipv4Hdr) -> (u32, u32) {
 
 /// An IPv4 header's total length, host order, in one load.
 #[inline(always)]
-pub fn ipv4_tot_len(ip: *const Ipv4Hdr) -> u16 {
+pub fn ipv4_tot_len(ip: &Ipv4Hdr) -> u16 {
     u16::from_be_bytes(load2_at::<{ mem::offset_of!(Ipv4Hdr, tot_len) }, _>(ip))
 }
 
 /// An IPv4 header's flags and fragment offset, host order (`IP_DF`, `IP_MF`,
 /// `IP_OFFSET_MASK`), in one load.
 #[inline(always)]
-pub fn ipv4_frags(ip: *const Ipv4Hdr) -> u16 {
+pub fn ipv4_frags(ip: &Ipv4Hdr) -> u16 {
     u16::from_be_bytes(load2_at::<{ mem::offset_of!(Ipv4Hdr, frags) }, _>(ip))
 }
 
