@@ -12,7 +12,7 @@ use crate::{
     packet6::{ETH_P_IPV6, Ip6, NH_IPV6, NH_TCP},
 };
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use lb_common::DEFAULT_FLOW_CAPACITY;
+use lb_common::{DEFAULT_FLOW_CAPACITY, FlowKey, FlowValue};
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -177,6 +177,27 @@ pub fn run_inbound(dp: &Dataplane, ifindex: u32, ip_packet: &[u8]) -> (u32, Vec<
         ifindex,
         &inbound(ip_packet),
     )
+}
+
+/// The `FLOWS` key and entry of the flow from client port `sport` (the fixtures' clients use a
+/// port per test).
+pub fn flow_of_port(dp: &Dataplane, sport: u16) -> (FlowKey, FlowValue) {
+    let flows = dp.flows().expect("FLOWS");
+    let key = flows
+        .keys()
+        .map(Result::unwrap)
+        .find(|k| u16::from_be(k.src_port) == sport)
+        .unwrap_or_else(|| panic!("no flow from port {sport} in FLOWS"));
+    let value = flows.get(&key, 0).expect("its entry");
+    (key, value)
+}
+
+/// Overwrite a flow's `FLOWS` entry, as a packet of the data path might have left it.
+pub fn put_flow(dp: &mut Dataplane, key: FlowKey, value: FlowValue) {
+    dp.bench_flow_table(lb_common::maps::FLOWS)
+        .expect("FLOWS")
+        .insert(key, value, 0)
+        .expect("writing the entry");
 }
 
 /// Run every fixture and compare action and output.

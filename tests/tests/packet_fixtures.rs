@@ -1151,7 +1151,6 @@ fn a_removed_vips_flow_is_not_served_by_the_vip_that_reuses_its_id_and_slots() {
 /// of concurrent packets, which a test running one packet at a time cannot show.
 #[test]
 fn a_down_backends_flow_is_re_steered_by_the_generation_bumped_after_its_slot() {
-    use lb_common::maps;
     in_fixture_netns(|ifindex| {
         xlb_tests::cpu::pin_to_one().expect("pin to one CPU");
         let mut dp = balancer();
@@ -1183,14 +1182,7 @@ fn a_down_backends_flow_is_re_steered_by_the_generation_bumped_after_its_slot() 
                 lookups,
                 "{method:?}: on the cached next hop"
             );
-            let key = dp
-                .flows()
-                .unwrap()
-                .keys()
-                .map(Result::unwrap)
-                .find(|k| u16::from_be(k.src_port) == sport)
-                .unwrap();
-            let stamped = dp.flows().unwrap().get(&key, 0).unwrap();
+            let (key, stamped) = flow_of_port(&dp, sport);
             let before = dp.policy_generation();
             let spec = vip(VIP, port, Proto::Tcp, method, &BACKENDS);
             dp.apply_vip(&spec, &BTreeSet::from([BACKENDS[0].into()]))
@@ -1215,10 +1207,7 @@ fn a_down_backends_flow_is_re_steered_by_the_generation_bumped_after_its_slot() 
                 policy_gen: dp.policy_generation(),
                 ..stamped
             };
-            dp.bench_flow_table(maps::FLOWS)
-                .unwrap()
-                .insert(key, stale, 0)
-                .unwrap();
+            put_flow(&mut dp, key, stale);
             assert_eq!(
                 send(&dp, &ack),
                 (XDP_TX, out(&ack, 0)),
@@ -1239,7 +1228,7 @@ fn a_down_backends_flow_is_re_steered_by_the_generation_bumped_after_its_slot() 
 /// path's clock (CLOCK_MONOTONIC_COARSE).
 #[test]
 fn a_flows_last_seen_time_is_written_only_once_it_is_touch_ns_old() {
-    use lb_common::{FlowValue, TOUCH_NS, maps};
+    use lb_common::{FlowValue, TOUCH_NS};
     in_fixture_netns(|ifindex| {
         let mut dp = balancer();
         let sport = 48400;
@@ -1252,23 +1241,14 @@ fn a_flows_last_seen_time_is_written_only_once_it_is_touch_ns_old() {
                 (XDP_TX, l2_forwarded(packet, 0))
             );
         }
-        let key = dp
-            .flows()
-            .unwrap()
-            .keys()
-            .map(Result::unwrap)
-            .find(|k| u16::from_be(k.src_port) == sport)
-            .unwrap();
+        let key = flow_of_port(&dp, sport).0;
         let entry = |dp: &Dataplane| -> FlowValue { dp.flows().unwrap().get(&key, 0).unwrap() };
         let set = |dp: &mut Dataplane, last_seen_ns: u64| {
             let value = FlowValue {
                 last_seen_ns,
                 ..entry(dp)
             };
-            dp.bench_flow_table(maps::FLOWS)
-                .unwrap()
-                .insert(key, value, 0)
-                .unwrap();
+            put_flow(dp, key, value);
         };
         // A time less than TOUCH_NS behind the clock is left as it is: the write this saves.
         // Tried again should the shared machine stall the test for TOUCH_NS between setting the
