@@ -74,7 +74,11 @@ pub fn check_deny_list(src: Addr, vip: &VipMeta, policy: &Policy) -> Result<Poli
     Ok(policy.deny_list_checked())
 }
 
-/// The current policy (one array lookup).
+/// The current policy (one array lookup). Its words are read one by one and the agent's
+/// update of the entry is not atomic: a packet may read a switch of the deny list half-written
+/// (the new generation, the old half) and stamp its flow after checking the old list, which is
+/// why the agent bumps the generation once more after such a switch (`policy_writes` in the
+/// agent's `dataplane/firewall.rs`).
 #[inline(always)]
 pub fn policy() -> Policy {
     match POLICY.get(0) {

@@ -3,6 +3,7 @@
 //! new-flow limits with exact counts, and the embryonic table that keeps a SYN flood out of the
 //! flow table. Needs root.
 
+use lb_common::FlowStamp;
 use std::{collections::BTreeSet, net::Ipv4Addr};
 use xlb::{
     dataplane::{Dataplane, DenyCount},
@@ -232,6 +233,47 @@ fn the_deny_list_drops_every_packet_of_a_listed_source() {
         deny.clear(0, &list).unwrap();
         dp.set_deny_list(1, DenyCount::default()).unwrap();
         assert_eq!(send(&dp, ifindex, &syn_from(good, 3008, 80)), XDP_TX);
+    });
+}
+
+/// The switch to a new deny list writes `POLICY` whole, but the kernel copies the value without
+/// atomicity and the data path reads its words one by one: a packet that read the switch
+/// half-written (its new generation, its old half) stamped its flow with that generation after
+/// checking the old list. The bump that follows every switch makes such a flow check again.
+#[test]
+fn a_flow_stamped_while_the_deny_list_switched_is_checked_again() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        let src = Ipv4Addr::new(10, 111, 0, 9);
+        assert_eq!(send(&dp, ifindex, &syn_from(src, 3100, 80)), XDP_TX);
+        assert_eq!(send(&dp, ifindex, &ack_from(src, 3100, 80)), XDP_TX);
+        let before = dp.policy_generation();
+        let mut deny = dp.deny_maps().unwrap();
+        let list = nets(&["10.111.0.9/32"]);
+        deny.fill(1, &list).unwrap();
+        dp.set_deny_list(1, DenyCount::of(&list)).unwrap();
+        // The switch's own generation (the one after `before`; 0 is skipped).
+        let switch = match before.wrapping_add(1) {
+            0 => 1,
+            g => g,
+        };
+        assert_ne!(
+            dp.policy_generation(),
+            switch,
+            "the switch is followed by a bump"
+        );
+        let (key, value) = flow_of_port(&dp, 3100);
+        let torn = value.stamped(FlowStamp {
+            policy_gen: switch,
+            ..value.stamp()
+        });
+        put_flow(&mut dp, key, torn);
+        assert_eq!(
+            send(&dp, ifindex, &ack_from(src, 3100, 80)),
+            XDP_DROP,
+            "checked again, against the new list"
+        );
+        assert_eq!(reason(&dp, "drop_deny_list"), 1);
     });
 }
 

@@ -11,8 +11,9 @@
 //! then the list in memory; a failure undoes what was done, so the three never disagree.
 //! - `add`/`del` edit the live half in place (a packet may see some of the prefixes of one
 //!   request before the others, as with any single insert);
-//! - `load` fills the other half, switches to it in one update (a packet sees the old list or
-//!   the new one, never a mix), then empties the old half.
+//! - `load` fills the other half, switches to it (one `POLICY` update, then a second bump of the
+//!   generation, so a flow checked by a packet that read the switch half-written is checked
+//!   again), then empties the old half.
 
 use crate::{
     dataplane::{DataplaneError, DenyCount, DenyMaps},

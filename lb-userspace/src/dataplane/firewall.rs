@@ -6,7 +6,7 @@
 //!
 //! The deny list is changed by another thread than the one that owns the `Dataplane` (a load of
 //! a million prefixes takes seconds): it works on `DenyMaps`, handles of its own to the two
-//! halves, and only the switch (`set_deny_list`, one `POLICY` update) goes through here.
+//! halves, and only the switch (`set_deny_list`: a `POLICY` update, then a bump) goes through here.
 //!
 //! A /32 goes into the hash, anything shorter into the trie: on the data path a host entry
 //! costs one exact-match lookup where a trie of a million prefixes costs some twenty dependent
@@ -520,8 +520,8 @@ impl Dataplane {
 
     /// Make half `live` of the deny list the live one, holding `count` entries (the data path
     /// looks only into the structures that have some), and bump the policy generation, in one
-    /// update of `POLICY`: a packet sees the old list or the new one, and every flow is
-    /// checked again against it.
+    /// update of `POLICY`, then bump it once more (`policy_writes`): every flow is checked
+    /// again against the new list, also one whose packet read the first update half-written.
     pub fn set_deny_list(&mut self, live: u32, count: DenyCount) -> Result<(), DataplaneError> {
         let flags =
             (self.policy_state.flags & !(POLICY_F_DENY_LIST | POLICY_F_DENY_HOSTS)) | count.flags();
@@ -552,11 +552,25 @@ impl Dataplane {
         })
     }
 
+    /// Write `state` into `POLICY` (`policy_writes`: one update, or two). An error means
+    /// nothing changed: the second update only bumps the generation again, so if it fails the
+    /// state asked for is in place, and the failure is logged.
     pub(super) fn write_policy(&mut self, state: PolicyState) -> Result<(), DataplaneError> {
+        let (first, then) = policy_writes(&self.policy_state, state);
         self.policy
-            .set(0, state, 0)
+            .set(0, first, 0)
             .map_err(map_err(maps::POLICY))?;
-        self.policy_state = state;
+        self.policy_state = first;
+        if let Some(bump) = then {
+            match self.policy.set(0, bump, 0) {
+                Ok(()) => self.policy_state = bump,
+                Err(e) => log::error!(
+                    "bumping the policy generation after a switch of the deny list: {e}; flows \
+                     whose packets read the switch half-written keep their checks until the next \
+                     bump"
+                ),
+            }
+        }
         Ok(())
     }
 
@@ -812,6 +826,23 @@ impl Dataplane {
     }
 }
 
+/// The `POLICY` updates that take `current` to `next`: `next` itself, then, when it changes the
+/// generation together with the live half or the flags, one more bump of the generation alone.
+/// The kernel copies a map value without atomicity, and the data path reads the generation, the
+/// half and the flags with separate loads: a packet that reads the first update half-written
+/// may see the new generation with the old half or flags, and stamp its flow with checks made
+/// against the old list. The bump outdates that stamp once the half and the flags are whole
+/// (the bump rewrites them unchanged, so a packet that reads it half-written sees the new list
+/// either way).
+fn policy_writes(current: &PolicyState, next: PolicyState) -> (PolicyState, Option<PolicyState>) {
+    let switched = next.deny_live != current.deny_live || next.flags != current.flags;
+    let bump = (switched && next.generation != current.generation).then(|| PolicyState {
+        generation: next_generation(next.generation),
+        ..next
+    });
+    (next, bump)
+}
+
 /// The generation after `g` (never 0, which marks a flow never checked).
 fn next_generation(g: u32) -> u32 {
     match g.wrapping_add(1) {
@@ -829,6 +860,77 @@ mod tests {
     fn generations_skip_zero() {
         assert_eq!(next_generation(1), 2);
         assert_eq!(next_generation(u32::MAX), 1);
+    }
+
+    #[test]
+    fn a_switch_of_the_deny_list_is_followed_by_a_bump_alone() {
+        let current = PolicyState {
+            generation: 7,
+            deny_live: 0,
+            flags: POLICY_F_DENY_LIST,
+            _pad: 0,
+        };
+        let switch = PolicyState {
+            generation: 8,
+            deny_live: 1,
+            flags: POLICY_F_DENY_HOSTS,
+            ..current
+        };
+        let (first, then) = policy_writes(&current, switch);
+        assert_eq!(first, switch);
+        assert_eq!(
+            then,
+            Some(PolicyState {
+                generation: 9,
+                ..switch
+            }),
+            "a second generation, nothing else changed"
+        );
+        for (what, next, bump) in [
+            (
+                "a first host entry added in place (a new generation and flag)",
+                PolicyState {
+                    flags: POLICY_F_DENY_LIST | POLICY_F_DENY_HOSTS,
+                    generation: 8,
+                    ..current
+                },
+                true,
+            ),
+            (
+                "a flag alone (debugging)",
+                PolicyState {
+                    flags: POLICY_F_DENY_LIST | lb_common::POLICY_F_DEBUG,
+                    ..current
+                },
+                false,
+            ),
+            (
+                "the generation alone (a VIP changed)",
+                PolicyState {
+                    generation: 8,
+                    ..current
+                },
+                false,
+            ),
+        ] {
+            let (first, then) = policy_writes(&current, next);
+            assert_eq!(first, next, "{what}");
+            assert_eq!(then.is_some(), bump, "{what}");
+        }
+        // Past the last generation: 0 is skipped by both.
+        let last = PolicyState {
+            generation: u32::MAX,
+            ..current
+        };
+        let wrapped = PolicyState {
+            generation: next_generation(u32::MAX),
+            deny_live: 1,
+            ..last
+        };
+        assert_eq!(
+            policy_writes(&last, wrapped).1.map(|b| b.generation),
+            Some(2)
+        );
     }
 
     #[test]
