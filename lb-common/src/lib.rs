@@ -195,6 +195,10 @@ pub mod programs {
     pub const FLOOR_FLOW_TX: &str = "xlb_floor_flow_tx";
     /// New-flow floor: parses, one insert into `FLOOR_FLOWS` (no lookup), MAC, `XDP_TX`.
     pub const FLOOR_FLOW_INSERT_TX: &str = "xlb_floor_flow_insert_tx";
+    /// `FLOOR_FLOW_TX` after `super::BENCH_CODE_MOVES` register moves that compute nothing: a
+    /// probe of what code alone costs, executed per packet, on the live path against
+    /// `BPF_PROG_TEST_RUN`.
+    pub const FLOOR_FLOW_TX_CODE: &str = "xlb_floor_flow_tx_code";
     /// `FLOOR_FLOW_TX` on the per-CPU LRU `FLOOR_FLOWS_PERCPU`.
     pub const FLOOR_FLOW_TX_PERCPU: &str = "xlb_floor_flow_tx_percpu";
     /// `FLOOR_FLOW_INSERT_TX` on the per-CPU LRU `FLOOR_FLOWS_PERCPU`.
@@ -226,6 +230,10 @@ pub mod programs {
     /// veth's XDP drop counter counts what was forwarded to it).
     pub const BENCH_SINK: &str = "xlb_bench_sink";
 }
+
+/// Register moves `programs::FLOOR_FLOW_TX_CODE` runs before the stateful floor's work: 2,000
+/// bytes of x86 code (a move of a small constant into a register is 5 bytes).
+pub const BENCH_CODE_MOVES: usize = 400;
 
 /// Source ports the UDP benchmark generator cycles through: `BENCH_GEN_FIRST_PORT` and up.
 pub const BENCH_GEN_FLOWS: u16 = 4096;

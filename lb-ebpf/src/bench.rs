@@ -14,10 +14,11 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::XdpContext,
 };
+use core::arch::asm;
 use lb_common::{
-    Addr, BENCH_FLOOD_NET, BENCH_FLOOD_PREFIX_LEN, BENCH_GEN_FIRST_PORT, BENCH_GEN_HEADER_LEN,
-    BENCH_GEN_VARY_SOURCE, BENCH_SINK_PORT, FlowKey, FlowValue, IPPROTO_IPIP, IPPROTO_TCP,
-    IPPROTO_UDP,
+    Addr, BENCH_CODE_MOVES, BENCH_FLOOD_NET, BENCH_FLOOD_PREFIX_LEN, BENCH_GEN_FIRST_PORT,
+    BENCH_GEN_HEADER_LEN, BENCH_GEN_VARY_SOURCE, BENCH_SINK_PORT, FlowKey, FlowValue, IPPROTO_IPIP,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 use network_types::eth::EthHdr;
 
@@ -42,6 +43,26 @@ pub fn xlb_floor_parse_tx(ctx: XdpContext) -> u32 {
 /// the entry, `XDP_TX`. New: the lookup misses, one insert, then the same.
 #[xdp]
 pub fn xlb_floor_flow_tx(ctx: XdpContext) -> u32 {
+    flow_floor(&ctx, &FLOOR_FLOWS, true)
+}
+
+/// The stateful floor after `BENCH_CODE_MOVES` register moves (`FLOOR_FLOW_TX_CODE`): the same
+/// work, plus code that computes nothing and depends on nothing, so what it adds is the cost of
+/// fetching and running that much code, in `BPF_PROG_TEST_RUN` (the same few lines of code
+/// every time) and on the live path (where the kernel's receive path and the generator run in
+/// between).
+#[xdp]
+pub fn xlb_floor_flow_tx_code(ctx: XdpContext) -> u32 {
+    // SAFETY: moves into a scratch register the asm declares clobbered; nothing else is touched.
+    unsafe {
+        asm!(
+            ".rept {n}",
+            "r1 = 1",
+            ".endr",
+            n = const BENCH_CODE_MOVES,
+            out("r1") _,
+        )
+    };
     flow_floor(&ctx, &FLOOR_FLOWS, true)
 }
 

@@ -51,6 +51,11 @@ enum Config {
     /// Packet rate only: `xlb_floor_flow_tx` on lb1, the stateful floor (parse, one lookup in a
     /// flow table of `FLOWS`' type and the agent's default size, MAC, XDP_TX; issue 16).
     PpsFlowFloor,
+    /// Packet rate only: `xlb_floor_flow_tx_code` on lb1, the stateful floor after
+    /// `BENCH_CODE_MOVES` register moves that compute nothing: what executing that much more code
+    /// costs per packet here, against what it costs in `BPF_PROG_TEST_RUN` (the per-packet
+    /// benchmark's code probe row).
+    PpsCodeProbe,
     Direct,
     /// The hop floor (`xlb_floor_hop`, driver XDP): the stateful floor steering to be1 alone,
     /// with `l2` direct server return; the cheapest XDP hop with connection tracking (issue 16).
@@ -68,9 +73,10 @@ enum Config {
     Haproxy,
 }
 
-const CONFIGS: [Config; 12] = [
+const CONFIGS: [Config; 13] = [
     Config::PpsFloor,
     Config::PpsFlowFloor,
+    Config::PpsCodeProbe,
     Config::Direct,
     Config::HopFloor,
     Config::XlbIpip,
@@ -96,6 +102,7 @@ impl Config {
         match self {
             Config::PpsFloor => "pps_floor",
             Config::PpsFlowFloor => "pps_flow_floor",
+            Config::PpsCodeProbe => "pps_code_probe",
             Config::Direct => "direct",
             Config::HopFloor => "hop_floor",
             Config::XlbIpip => "xlb_ipip",
@@ -114,6 +121,9 @@ impl Config {
             Config::PpsFloor => "floor: XDP_TX on lb1, packet not read (driver XDP)",
             Config::PpsFlowFloor => {
                 "stateful floor: parse + flow lookup + MAC + XDP_TX on lb1 (driver XDP)"
+            }
+            Config::PpsCodeProbe => {
+                "code probe: the stateful floor after 400 register moves on lb1 (driver XDP)"
             }
             Config::Direct => "direct to be1 (floor)",
             Config::HopFloor => "hop floor: stateful floor steering to be1 (l2, driver XDP)",
@@ -156,6 +166,7 @@ impl Config {
             self,
             Config::PpsFloor
                 | Config::PpsFlowFloor
+                | Config::PpsCodeProbe
                 | Config::XlbIpipDriver
                 | Config::XlbL2Driver
                 | Config::NftDnat
@@ -165,7 +176,10 @@ impl Config {
 
     /// Part of the HTTP (`wrk`) comparison.
     fn http(self) -> bool {
-        !matches!(self, Config::PpsFloor | Config::PpsFlowFloor)
+        !matches!(
+            self,
+            Config::PpsFloor | Config::PpsFlowFloor | Config::PpsCodeProbe
+        )
     }
 }
 
@@ -266,16 +280,21 @@ fn setup(bed: &Testbed, config: Config, tag: &str) -> Result<Active> {
             // xlb's own floor program, as in the per-packet benchmark.
             floor = Some(attach_bench(lb1, HOST_IFACE, programs::FLOOR_TX)?);
         }
-        Config::PpsFlowFloor => {
+        Config::PpsFlowFloor | Config::PpsCodeProbe => {
             sink = Some(
                 attach_bench(bed.ns("rtr"), &peer, programs::BENCH_SINK)
                     .context("the sink program on lb1's peer")?,
             );
+            let program = if config == Config::PpsCodeProbe {
+                programs::FLOOR_FLOW_TX_CODE
+            } else {
+                programs::FLOOR_FLOW_TX
+            };
             // The flood's flows are inserted by their first packets (the warm-up), then hit.
             floor = Some(attach_bench_sized(
                 lb1,
                 HOST_IFACE,
-                programs::FLOOR_FLOW_TX,
+                program,
                 Some(lb_common::DEFAULT_FLOW_CAPACITY),
             )?);
         }
@@ -523,6 +542,9 @@ fn wrk(bed: &Testbed, target: Ipv4Addr, close: bool, secs: u64) -> Result<WrkRes
 // Packet rate: how it is measured is in PPS_METHOD (it goes into the results); the counting
 // side is `xlb_bench_sink`, attached with `attach_bench`.
 
+// The code probe's label and `PPS_METHOD` name the number of moves.
+const _: () = assert!(lb_common::BENCH_CODE_MOVES == 400);
+
 /// How the packet rate is measured, for the results.
 const PPS_METHOD: &str = "Generator: xlb's `xlb_bench_gen` run by `BPF_PROG_TEST_RUN` in \
 live-frames mode (batches of 64, every call a finite repeat count of about 50 ms) on rtr's end \
@@ -545,7 +567,11 @@ the bed and anything else running on the machine), offered equals forwarded, and
 is the packet rate of one core doing all three. The floor row (`xlb_floor_tx`, XDP_TX without \
 reading the packet, as in the per-packet benchmark) is generator, veth and sink alone; \
 *ns/packet above the floor* = 1/forwarded − 1/floor is what the configuration's forwarding \
-costs per packet on that core. (Threaded NAPI on lb1's eth0, which moves lb1 to the other \
+costs per packet on that core. The code probe row is the stateful floor after 400 register \
+moves that compute nothing (`xlb_floor_flow_tx_code`; the per-packet benchmark's code probe \
+row says how many bytes of x86 code they add and what they cost in `BPF_PROG_TEST_RUN`): its \
+distance to the stateful floor is what that much more code costs per packet here, where the \
+generator's, the veth's and the sink's code run between two packets of the balancer. (Threaded NAPI on lb1's eth0, which moves lb1 to the other \
 core, was tried: the generator then outruns lb1's 256-frame ring and lb1 forwarded less, \
 losing more to sleeping and waking than the second core gave.)";
 

@@ -2097,5 +2097,25 @@ fn stateful_floors_insert_on_a_miss_and_take_the_mac_from_the_entry() {
             let count = dp.bench_flow_table(table).unwrap().keys().count();
             assert_eq!(count, 2, "{table}: nothing inserted for a truncated frame");
         }
+        // The code probe is the shared-LRU floor with code in front: the same answer from the
+        // same entry (rewritten above to `other`), and that much more code, jitted.
+        let probe = programs::FLOOR_FLOW_TX_CODE;
+        let (action, out) = run(dp.bench_program(probe).unwrap(), ifindex, &syn);
+        assert_eq!(action, XDP_TX, "{probe}");
+        assert_eq!(
+            hex(&out),
+            hex(&mac([10, 111, 9, 9])),
+            "{probe}: the MAC from the entry"
+        );
+        let mut jitted = |name| {
+            let info = dp.bench_program(name).unwrap().info().unwrap();
+            i64::from(info.size_jitted())
+        };
+        let added = jitted(probe) - jitted(programs::FLOOR_FLOW_TX);
+        assert!(
+            (5 * lb_common::BENCH_CODE_MOVES as i64..6 * lb_common::BENCH_CODE_MOVES as i64)
+                .contains(&added),
+            "{probe}: {added} bytes more x86 code than the floor"
+        );
     });
 }

@@ -28,7 +28,7 @@ mod sync;
 use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use clap::Parser;
-use lb_common::{FlowValue, maps, programs};
+use lb_common::{BENCH_CODE_MOVES, FlowValue, maps, programs};
 use packets::{
     ACK, BACKENDS6, CLIENT6, LB, LB6, OTHER, SYN, VIP, VIP6, backend, fill_events, tcp_frame,
     tcp_frame6,
@@ -586,6 +586,11 @@ struct Stateful {
     /// Established: lookup (hit) + MAC + XDP_TX, repeat mode and per call.
     est: Vec<f64>,
     est_call: Vec<f64>,
+    /// The shared LRU's only: the same packet through `FLOOR_FLOW_TX_CODE` (the floor after
+    /// `BENCH_CODE_MOVES` register moves), repeat mode.
+    code_probe: Vec<f64>,
+    /// How much larger the probe's JIT image is than the floor's (bytes).
+    code_bytes: i64,
     /// New flow, per call: lookup (miss) + insert + MAC + XDP_TX.
     new_call: Vec<f64>,
     /// New flow, per call: insert + MAC + XDP_TX (no lookup).
@@ -652,6 +657,19 @@ fn measure_stateful(
         XDP_TX,
         hit,
     )?;
+    let (code_probe, code_bytes) = if table == maps::FLOOR_FLOWS {
+        let probe = programs::FLOOR_FLOW_TX_CODE;
+        let mut jitted =
+            |name| -> Result<i64> { Ok(i64::from(dp.bench_program(name)?.info()?.size_jitted())) };
+        let bytes = jitted(probe)? - jitted(hit)?;
+        let prog = dp.bench_program(probe)?;
+        (
+            repeated(prog, ifindex, &ack, XDP_TX, runs, repeat, probe)?,
+            bytes,
+        )
+    } else {
+        (Vec::new(), 0)
+    };
     // Every SYN a new flow, from a source of its own per program.
     let mut new_flows = |name: &'static str, src: Ipv4Addr| -> Result<Vec<f64>> {
         let frames = syns(src, PORT_L2, 2000, batches, batch);
@@ -673,6 +691,8 @@ fn measure_stateful(
         filled,
         est,
         est_call,
+        code_probe,
+        code_bytes,
         new_call,
         insert_call,
         peer_installed: fill_n,
@@ -1116,6 +1136,23 @@ fn stateful_rows(stateful: &[Stateful], floors: &Floors, est0: &Spread) -> Vec<R
                 row = row.vs("shared LRU", &g);
             }
             rows.push(row.note(note));
+        }
+        if !f.code_probe.is_empty() {
+            // Not one of the floors: what code alone costs, for the live path's probe.
+            rows.push(
+                Row::new(
+                    t,
+                    format!(
+                        "code probe: the established floor after {BENCH_CODE_MOVES} register \
+                         moves ({} bytes more x86 code), {label}",
+                        f.code_bytes
+                    ),
+                    "ns/pkt",
+                    Spread::of(&f.code_probe),
+                )
+                .vs("established floor", &Spread::of(&f.est))
+                .note("`xlb_floor_flow_tx_code`; the moves compute nothing"),
+            );
         }
     }
     rows
