@@ -25,7 +25,10 @@ use crate::{
     stats,
 };
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
-use core::arch::asm;
+use core::{
+    arch::asm,
+    ptr::{addr_of, read_volatile},
+};
 use lb_common::{
     Addr, POLICY_F_DEBUG, POLICY_F_DENY_HOSTS, POLICY_F_DENY_LIST, SrcBucketKey, VIP_F_ALLOW,
     VIP_F_DENY, VIP_F_LIST_HALF, VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT, VipMeta, deny_host_net_bit,
@@ -74,18 +77,27 @@ pub fn check_deny_list(src: Addr, vip: &VipMeta, policy: &Policy) -> Result<Poli
     Ok(policy.deny_list_checked())
 }
 
-/// The current policy (one array lookup). Its words are read one by one and the agent's
-/// update of the entry is not atomic: a packet may read a switch of the deny list half-written
-/// (the new generation, the old half) and stamp its flow after checking the old list, which is
-/// why the agent bumps the generation once more after such a switch (`policy_writes` in the
-/// agent's `dataplane/firewall.rs`).
+/// The current policy (one array lookup). The agent's update of the entry is not atomic: a
+/// packet may read a switch of the deny list half-written (the new generation, the old half) and
+/// stamp its flow after checking the old list, which is why the agent bumps the generation once
+/// more after such a switch (`policy_writes` in the agent's `dataplane/firewall.rs`). That
+/// second bump covers the packet only if the generation is read *before* the half and the flags
+/// (a packet that sees the bump's generation then sees what came before it: x86 keeps loads in
+/// order; arm64 would need a load-acquire, which BPF v1 code cannot express): volatile reads, so
+/// the compiler keeps this order.
 #[inline(always)]
 pub fn policy() -> Policy {
-    match POLICY.get(0) {
-        Some(p) => Policy {
-            generation: p.generation,
-            deny_live: p.deny_live,
-            flags: p.flags,
+    match POLICY.get_ptr(0) {
+        // SAFETY: a map value from a successful lookup; plain loads of its words, in this order.
+        Some(p) => unsafe {
+            let generation = read_volatile(addr_of!((*p).generation));
+            let deny_live = read_volatile(addr_of!((*p).deny_live));
+            let flags = read_volatile(addr_of!((*p).flags));
+            Policy {
+                generation,
+                deny_live,
+                flags,
+            }
         },
         None => Policy {
             generation: 0,

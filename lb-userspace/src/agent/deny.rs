@@ -194,7 +194,8 @@ impl DenyList {
     }
 
     /// Replace the whole list with `nets` (from `source`, for the message): the other half is
-    /// filled, then made live in one step, then the old half emptied.
+    /// filled, then made live (`Switch::switch`: one `POLICY` update and a second bump), then
+    /// the old half emptied.
     pub(crate) fn load(
         &mut self,
         nets: &[Ipv4Net],

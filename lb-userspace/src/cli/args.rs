@@ -511,8 +511,9 @@ pub(crate) enum DenyCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Replace the deny list with a file's: one prefix per line, `#` comments. A packet sees the
-    /// old list or the new one, never a mix; a bad line changes nothing and is named.
+    /// Replace the deny list with a file's: one prefix per line, `#` comments. Established flows
+    /// are checked against the new list on their next packet; a bad line changes nothing and
+    /// is named.
     Load {
         #[arg(value_name = "FILE")]
         file: PathBuf,

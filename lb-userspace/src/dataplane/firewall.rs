@@ -554,7 +554,8 @@ impl Dataplane {
 
     /// Write `state` into `POLICY` (`policy_writes`: one update, or two). An error means
     /// nothing changed: the second update only bumps the generation again, so if it fails the
-    /// state asked for is in place, and the failure is logged.
+    /// state asked for is in place, and the failure is logged. (An agent that dies between the
+    /// two leaves the bump to the next one, whose every `apply_vip` bumps.)
     pub(super) fn write_policy(&mut self, state: PolicyState) -> Result<(), DataplaneError> {
         let (first, then) = policy_writes(&self.policy_state, state);
         self.policy

@@ -589,8 +589,8 @@ struct Stateful {
     /// The shared LRU's only: the same packet through `FLOOR_FLOW_TX_CODE` (the floor after
     /// `BENCH_CODE_MOVES` register moves), repeat mode.
     code_probe: Vec<f64>,
-    /// How much larger the probe's JIT image is than the floor's (bytes).
-    code_bytes: i64,
+    /// The JIT images' sizes (bytes): the floor's (`hit`) and the probe's.
+    code_bytes: (u32, u32),
     /// New flow, per call: lookup (miss) + insert + MAC + XDP_TX.
     new_call: Vec<f64>,
     /// New flow, per call: insert + MAC + XDP_TX (no lookup).
@@ -660,15 +660,15 @@ fn measure_stateful(
     let (code_probe, code_bytes) = if table == maps::FLOOR_FLOWS {
         let probe = programs::FLOOR_FLOW_TX_CODE;
         let mut jitted =
-            |name| -> Result<i64> { Ok(i64::from(dp.bench_program(name)?.info()?.size_jitted())) };
-        let bytes = jitted(probe)? - jitted(hit)?;
+            |name| -> Result<u32> { Ok(dp.bench_program(name)?.info()?.size_jitted()) };
+        let bytes = (jitted(hit)?, jitted(probe)?);
         let prog = dp.bench_program(probe)?;
         (
             repeated(prog, ifindex, &ack, XDP_TX, runs, repeat, probe)?,
             bytes,
         )
     } else {
-        (Vec::new(), 0)
+        (Vec::new(), (0, 0))
     };
     // Every SYN a new flow, from a source of its own per program.
     let mut new_flows = |name: &'static str, src: Ipv4Addr| -> Result<Vec<f64>> {
@@ -1144,8 +1144,8 @@ fn stateful_rows(stateful: &[Stateful], floors: &Floors, est0: &Spread) -> Vec<R
                     t,
                     format!(
                         "code probe: the established floor after {BENCH_CODE_MOVES} register \
-                         moves ({} bytes more x86 code), {label}",
-                        f.code_bytes
+                         moves (a JIT image of {} bytes, the floor's {}), {label}",
+                        f.code_bytes.1, f.code_bytes.0
                     ),
                     "ns/pkt",
                     Spread::of(&f.code_probe),
