@@ -557,21 +557,9 @@ impl Dataplane {
     /// state asked for is in place, and the failure is logged. (An agent that dies between the
     /// two leaves the bump to the next one, whose every `apply_vip` bumps.)
     pub(super) fn write_policy(&mut self, state: PolicyState) -> Result<(), DataplaneError> {
-        let (first, then) = policy_writes(&self.policy_state, state);
-        self.policy
-            .set(0, first, 0)
+        let map = &mut self.policy;
+        self.policy_state = write_policy_with(&self.policy_state, state, |s| map.set(0, s, 0))
             .map_err(map_err(maps::POLICY))?;
-        self.policy_state = first;
-        if let Some(bump) = then {
-            match self.policy.set(0, bump, 0) {
-                Ok(()) => self.policy_state = bump,
-                Err(e) => log::error!(
-                    "bumping the policy generation after a switch of the deny list: {e}; flows \
-                     whose packets read the switch half-written keep their checks until the next \
-                     bump"
-                ),
-            }
-        }
         Ok(())
     }
 
@@ -844,6 +832,31 @@ fn policy_writes(current: &PolicyState, next: PolicyState) -> (PolicyState, Opti
     (next, bump)
 }
 
+/// `policy_writes(current, next)` carried out through `set` (one `POLICY` update each, in
+/// order): the state the map then holds, or the first update's error (nothing written). A
+/// failed second update is logged, and the state asked for stands.
+fn write_policy_with<E: std::fmt::Display>(
+    current: &PolicyState,
+    next: PolicyState,
+    mut set: impl FnMut(PolicyState) -> Result<(), E>,
+) -> Result<PolicyState, E> {
+    let (first, then) = policy_writes(current, next);
+    set(first)?;
+    let Some(bump) = then else {
+        return Ok(first);
+    };
+    match set(bump) {
+        Ok(()) => Ok(bump),
+        Err(e) => {
+            log::error!(
+                "bumping the policy generation after a switch of the deny list: {e}; flows whose \
+                 packets read the switch half-written keep their checks until the next bump"
+            );
+            Ok(first)
+        }
+    }
+}
+
 /// The generation after `g` (never 0, which marks a flow never checked).
 fn next_generation(g: u32) -> u32 {
     match g.wrapping_add(1) {
@@ -932,6 +945,54 @@ mod tests {
             policy_writes(&last, wrapped).1.map(|b| b.generation),
             Some(2)
         );
+    }
+
+    #[test]
+    fn the_updates_reach_the_map_in_order_and_a_failed_bump_keeps_the_switch() {
+        let current = PolicyState {
+            generation: 7,
+            deny_live: 0,
+            flags: POLICY_F_DENY_LIST,
+            _pad: 0,
+        };
+        let switch = PolicyState {
+            generation: 8,
+            deny_live: 1,
+            ..current
+        };
+        let bumped = PolicyState {
+            generation: 9,
+            ..switch
+        };
+        // Every update succeeds: the switch, then the bump, and the map holds the bump.
+        let mut written = Vec::new();
+        let held = write_policy_with(&current, switch, |s| {
+            written.push(s);
+            Ok::<(), String>(())
+        });
+        assert_eq!(held, Ok(bumped));
+        assert_eq!(written, [switch, bumped]);
+        // The bump fails: the switch stands (no error, which would tell the deny list's thread
+        // that nothing changed).
+        let mut written = Vec::new();
+        let held = write_policy_with(&current, switch, |s| {
+            written.push(s);
+            if s == bumped {
+                Err("no".to_string())
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(held, Ok(switch));
+        assert_eq!(written, [switch, bumped]);
+        // The switch fails: the error, and nothing else tried.
+        let mut tries = 0;
+        let held = write_policy_with(&current, switch, |_| {
+            tries += 1;
+            Err("no".to_string())
+        });
+        assert_eq!(held, Err("no".to_string()));
+        assert_eq!(tries, 1);
     }
 
     #[test]
