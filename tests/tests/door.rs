@@ -2,19 +2,26 @@
 //! generator can flood lb1): a VIP's allow and deny lists, the global deny list (added,
 //! removed, loaded from files, a file with a bad line refused, kept across an agent restart),
 //! the pinned deny list and allow list dropping while no agent runs after a SIGKILL and taken
-//! over by the next agent (the deny list by difference from its saved file), new-flow limits with exact counts, and a bounded SYN flood from spoofed sources while
-//! downloads are in flight and a client opens a connection every 20 ms. The long flood with
-//! 30 downloads is in `cargo xtask bench`.
+//! over by the next agent (the deny list by difference from its saved file), an older build's
+//! deny list (a host entry in the trie) taken over, new-flow limits with exact counts, and a
+//! bounded SYN flood from spoofed sources while downloads are in flight and a client opens a
+//! connection every 20 ms. The long flood with 30 downloads is in `cargo xtask bench`.
 
-use lb_common::{BENCH_FLOOD_NET, BenchGenHeader};
+use aya::maps::{Array, HashMap as AyaHashMap, LpmTrie, Map, MapData, lpm_trie::Key};
+use lb_common::{
+    BENCH_FLOOD_NET, BenchGenHeader, DenyData, DenyHostKey, POLICY_F_DENY_HOSTS,
+    POLICY_F_DENY_LIST, PolicyState, layout, maps,
+};
 use serde_json::Value;
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::PathBuf,
     sync::Arc,
     thread,
     time::{Duration, Instant},
 };
+use xlb::dataplane::pins::map_pin_name as pin;
 use xlb_tests::{
     backend::HTTP_PORT,
     client::{ClientOptions, ContinuousClient, started_between},
@@ -105,6 +112,7 @@ fn the_door_end_to_end() {
     source_lists(&bed);
     deny_list(&mut bed);
     survives_sigkill(&mut bed);
+    takes_over_an_older_builds_deny_list(&mut bed);
     limits(&bed);
     syn_flood(&bed);
 }
@@ -288,6 +296,118 @@ fn survives_sigkill(bed: &mut Testbed) {
     assert_eq!(deny_count(bed), 0);
     println!(
         "DOOR SIGKILL: deny list and allow list kept dropping without an agent; taken over (deny list by difference)"
+    );
+}
+
+/// The pinned maps of lb1's data path, as an agent's build leaves them.
+struct PinnedDoor {
+    dir: PathBuf,
+}
+
+impl PinnedDoor {
+    /// The pin directory under lb1's bpffs that holds `POLICY` (one data path per interface).
+    fn find(bed: &Testbed) -> PinnedDoor {
+        let root = bed.dir.path().join("lb1/bpffs/xlb");
+        let dir = std::fs::read_dir(&root)
+            .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+            .flatten()
+            .map(|e| e.path())
+            .find(|d| d.join(pin(maps::POLICY, layout::POLICY)).exists())
+            .unwrap_or_else(|| panic!("no pinned POLICY under {}", root.display()));
+        PinnedDoor { dir }
+    }
+
+    /// The map pinned as `name` at layout `version`.
+    fn map(&self, name: &str, version: u32) -> Map {
+        let data = MapData::from_pin(self.dir.join(pin(name, version)))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        Map::from_map_data(data).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    fn policy(&self) -> Array<MapData, PolicyState> {
+        Array::try_from(self.map(maps::POLICY, layout::POLICY)).expect("POLICY")
+    }
+
+    fn hosts(&self, half: usize) -> AyaHashMap<MapData, DenyHostKey, u8> {
+        let map = self.map(maps::DENY_HOSTS[half], layout::DENY_HOSTS);
+        AyaHashMap::try_from(map).expect("DENY_HOSTS")
+    }
+
+    fn host_nets(&self, half: usize) -> Array<MapData, u64> {
+        let map = self.map(maps::DENY_HOST_NETS[half], layout::DENY_HOST_NETS);
+        Array::try_from(map).expect("DENY_HOST_NETS")
+    }
+
+    fn trie(&self, half: usize) -> LpmTrie<MapData, DenyData, u8> {
+        LpmTrie::try_from(self.map(maps::DENY[half], layout::DENY)).expect("DENY")
+    }
+}
+
+/// An upgrade from a build whose deny list had no host hash (every prefix in the trie): with
+/// the agent killed, cli's /32 is moved from the live half's hash and bitmap into its trie and
+/// the flags say "trie only", as that build left them. The running program keeps dropping cli
+/// (it walks the trie); the next agent puts the entry into the hash while the trie still holds
+/// it, then, once its program serves, takes it out of the trie and stops walking it.
+fn takes_over_an_older_builds_deny_list(bed: &mut Testbed) {
+    let cli = CLI_ADDR;
+    xlb(bed, &["deny", "add", &cli.to_string()]);
+    assert!(!can_connect(bed), "denied");
+    bed.kill_agent("lb1").expect("SIGKILL to the agent");
+    let door = PinnedDoor::find(bed);
+    let mut policy = door.policy();
+    let state = policy.get(&0, 0).expect("POLICY");
+    let live = (state.deny_live & 1) as usize;
+    let key: DenyHostKey = u32::from_ne_bytes(cli.octets());
+    let (word, bit) = lb_common::deny_host_net_bit(u32::from(cli));
+    door.hosts(live).remove(&key).expect("cli in the live hash");
+    let mut nets = door.host_nets(live);
+    let w = nets.get(&word, 0).expect("the bitmap word");
+    nets.set(word, w & !(1 << bit), 0)
+        .expect("clearing cli's /24");
+    door.trie(live)
+        .insert(&Key::new(32, cli.octets()), 1, 0)
+        .expect("cli into the live trie");
+    policy
+        .set(
+            0,
+            PolicyState {
+                flags: (state.flags & !POLICY_F_DENY_HOSTS) | POLICY_F_DENY_LIST,
+                ..state
+            },
+            0,
+        )
+        .expect("POLICY as the older build wrote it");
+    assert!(
+        !can_connect(bed),
+        "the trie drops cli with no agent running"
+    );
+
+    bed.start_after_kill("lb1")
+        .expect("starting the agent again");
+    assert!(!can_connect(bed), "denied under the new agent");
+    let log = bed.agent_log();
+    assert!(
+        log.contains("deny list: 1 host entries moved from the trie to the hash"),
+        "{log}"
+    );
+    assert!(door.hosts(live).get(&key, 0).is_ok(), "cli in the hash");
+    let w = door.host_nets(live).get(&word, 0).expect("the bitmap word");
+    assert_ne!(w & (1 << bit), 0, "cli's /24 marked");
+    assert!(
+        door.trie(live).get(&Key::new(32, cli.octets()), 0).is_err(),
+        "cli out of the trie"
+    );
+    let flags = door.policy().get(&0, 0).expect("POLICY").flags;
+    assert_eq!(
+        flags & (POLICY_F_DENY_HOSTS | POLICY_F_DENY_LIST),
+        POLICY_F_DENY_HOSTS,
+        "the hash looked into, the empty trie no more"
+    );
+    assert_eq!(deny_count(bed), 1);
+    xlb(bed, &["deny", "del", &cli.to_string()]);
+    assert!(can_connect(bed), "let in once deleted");
+    println!(
+        "DOOR older build: a host entry in the trie taken over into the hash, then out of the trie"
     );
 }
 
