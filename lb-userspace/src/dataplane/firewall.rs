@@ -876,14 +876,17 @@ mod tests {
         assert_eq!(next_generation(u32::MAX), 1);
     }
 
+    /// A policy in place: generation 7, half 0 live, its trie not empty.
+    const CURRENT: PolicyState = PolicyState {
+        generation: 7,
+        deny_live: 0,
+        flags: POLICY_F_DENY_LIST,
+        _pad: 0,
+    };
+
     #[test]
     fn a_switch_of_the_deny_list_is_followed_by_a_bump_alone() {
-        let current = PolicyState {
-            generation: 7,
-            deny_live: 0,
-            flags: POLICY_F_DENY_LIST,
-            _pad: 0,
-        };
+        let current = CURRENT;
         let switch = PolicyState {
             generation: 8,
             deny_live: 1,
@@ -949,12 +952,7 @@ mod tests {
 
     #[test]
     fn the_updates_reach_the_map_in_order_and_a_failed_bump_keeps_the_switch() {
-        let current = PolicyState {
-            generation: 7,
-            deny_live: 0,
-            flags: POLICY_F_DENY_LIST,
-            _pad: 0,
-        };
+        let current = CURRENT;
         let switch = PolicyState {
             generation: 8,
             deny_live: 1,
