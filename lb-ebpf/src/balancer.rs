@@ -564,7 +564,7 @@ fn classify(ctx: &XdpContext, out: &mut Steered) -> Result<(), Verdict> {
             let outer = vip_icmp::Outer {
                 dst_addr,
                 ihl,
-                ip_len: u16::from_be_bytes(ip.tot_len),
+                ip_len: ipv4_tot_len(ip),
                 tos: ip.tos,
                 df: frags & IP_DF != 0,
             };

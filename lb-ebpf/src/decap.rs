@@ -9,7 +9,7 @@ use crate::{
     maps::DECAP_ADDRS,
     parse::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP_MF, IP_OFFSET_MASK, IPPROTO_FRAGMENT, IPV4_HLEN,
-        IPV6_HLEN, ptr_at,
+        IPV6_HLEN, ipv4_frags, ptr_at,
     },
 };
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
@@ -68,9 +68,7 @@ fn decap_v4(ctx: &XdpContext, macs: &Macs) -> Verdict {
     // A fragmented outer packet cannot be decapsulated here (no reassembly in XDP), and this
     // kernel has nothing else that would: drop it and count it rather than leave it to an ICMP
     // "protocol unreachable".
-    if outer.vihl >> 4 != 4
-        || ihl < IPV4_HLEN
-        || u16::from_be_bytes(outer.frags) & (IP_MF | IP_OFFSET_MASK) != 0
+    if outer.vihl >> 4 != 4 || ihl < IPV4_HLEN || ipv4_frags(outer) & (IP_MF | IP_OFFSET_MASK) != 0
     {
         return malformed;
     }
