@@ -199,6 +199,11 @@ pub mod programs {
     /// probe of what code alone costs, executed per packet, on the live path against
     /// `BPF_PROG_TEST_RUN`.
     pub const FLOOR_FLOW_TX_CODE: &str = "xlb_floor_flow_tx_code";
+    /// IPIP floor: `FLOOR_FLOW_TX`'s lookup (an insert on a miss), then the packet inside an
+    /// outer IPv4 header (head grown by 20 bytes, Ethernet header, outer header with its
+    /// checksum, to the entry's backend), `XDP_TX`: what any `ipip` balancer with connection
+    /// tracking does at least per packet.
+    pub const FLOOR_FLOW_IPIP: &str = "xlb_floor_flow_ipip";
     /// `FLOOR_FLOW_TX` on the per-CPU LRU `FLOOR_FLOWS_PERCPU`.
     pub const FLOOR_FLOW_TX_PERCPU: &str = "xlb_floor_flow_tx_percpu";
     /// `FLOOR_FLOW_INSERT_TX` on the per-CPU LRU `FLOOR_FLOWS_PERCPU`.

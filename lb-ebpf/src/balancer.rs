@@ -273,9 +273,17 @@ fn serve_established4(ctx: &XdpContext) -> Result<Verdict, Unserved> {
         // would add its own to it, past the verifier's 512 bytes.
         return Err(Unserved::Probe(Probe::FOUND));
     }
-    // The common case leaves from here (`l2_exit`); anything else takes the general way below,
-    // which resolves, answers and encapsulates.
+    // The common cases leave from here (`l2_exit`, `ipip_exit`); anything else takes the
+    // general way below, which resolves, answers and trims.
     if let Some(verdict) = l2_exit(ctx, &hit, ip_len, frame_len) {
+        return Ok(verdict);
+    }
+    let inner = forward::Inner4 {
+        ip_len,
+        tos: ip.tos,
+        df: frags & IP_DF != 0,
+    };
+    if let Some(verdict) = ipip_exit(ctx, &hit, inner, frame_len) {
         return Ok(verdict);
     }
     // SAFETY: every other field of `slot` written, then the whole read (its padding is never
@@ -323,6 +331,52 @@ fn l2_exit(ctx: &XdpContext, hit: &Established, ip_len: u16, frame_len: usize) -
     // stays.
     hop.write_macs(eth);
     let verdict = forward::egress(ingress, hop.ifindex());
+    if forward::is_forwarded(&verdict) {
+        stats::count_forwarded(hit.vip.id, hit.backend.id, frame_len as u64);
+    }
+    Some(verdict)
+}
+
+/// An established IPv4 packet of an `ipip` VIP with an IPv4 backend whose next hop this CPU has
+/// cached (for the outer packet: from `lb_addr`, 20 bytes longer), in a frame without Ethernet
+/// padding: encapsulated (by the general way's `forward::encap4`), forwarded and counted here,
+/// from `established4`, as `l2_exit` serves an `l2` one, so no `Packet` is assembled and the
+/// general forwarding's checks for other cases are not run. `None`, nothing changed: another
+/// method, an IPv6 backend (whose cache entry's source key, `lb_addr6`, would not match
+/// either), padding to trim, no `lb_addr`, or a next hop not cached or too small (the general way
+/// resolves, answers and drops those). Once the frame is changed, a failure is a drop, as on the
+/// general way.
+#[inline(always)]
+fn ipip_exit(
+    ctx: &XdpContext,
+    hit: &Established,
+    inner: forward::Inner4,
+    frame_len: usize,
+) -> Option<Verdict> {
+    if hit.vip.forward == FORWARD_L2
+        || !hit.backend.addr.is_v4()
+        || frame_len != ETH_HLEN + usize::from(inner.ip_len)
+    {
+        return None;
+    }
+    let lb_addr = CONFIG.get(0)?.lb_addr;
+    if lb_addr == 0 {
+        return None;
+    }
+    let ingress = ctx.ingress_ifindex() as u32;
+    let hop = nexthop::cached(
+        ingress,
+        hit.backend.id,
+        &Addr::from_v4(lb_addr),
+        &hit.backend.addr,
+        inner.ip_len.checked_add(IPV4_HLEN as u16)?,
+        hit.now,
+    )?;
+    let ifindex = hop.ifindex();
+    if !forward::encap4(ctx, &Some(hop), inner, lb_addr, hit.backend.addr.v4()) {
+        return Some(Verdict::drop(reason::DROP_ENCAP_FAILED));
+    }
+    let verdict = forward::egress(ingress, ifindex);
     if forward::is_forwarded(&verdict) {
         stats::count_forwarded(hit.vip.id, hit.backend.id, frame_len as u64);
     }

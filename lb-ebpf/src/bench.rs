@@ -6,10 +6,11 @@
 use crate::{
     balancer, csum,
     maps::{BENCH_GEN, BENCH_GEN_HEADER, FLOOR_FLOWS, FLOOR_FLOWS_PERCPU, FLOOR_HOP},
-    parse::{self, ETH_HLEN, ETH_P_IP, IPV4_HLEN, ptr_at},
+    parse::{self, ETH_HLEN, ETH_P_IP, IPV4_HLEN, ptr_at, store4_at},
 };
 use aya_ebpf::{
     bindings::{BPF_ANY, xdp_action},
+    helpers::bpf_xdp_adjust_head,
     macros::xdp,
     maps::LruHashMap,
     programs::XdpContext,
@@ -117,6 +118,96 @@ fn flow_floor(ctx: &XdpContext, table: &LruHashMap<FlowKey, FlowValue>, lookup: 
     // SAFETY: bounds checked by ptr_at. A locally administered MAC holding the backend address
     // (network order, as stored).
     unsafe { dst.write([0x02, 0x00, a, b, c, d]) };
+    xdp_action::XDP_TX
+}
+
+/// IPIP floor (`lb_common::programs::FLOOR_FLOW_IPIP`): the stateful floor's lookup (an insert
+/// on a miss), then the packet sent on inside an outer IPv4 header, as any `ipip` balancer must:
+/// the head grown by 20 bytes, an Ethernet header written in front (the destination MAC from the
+/// entry as the stateful floor writes it, the source the frame's own destination, EtherType
+/// IPv4), an outer header from the packet's destination (the VIP: a floor reads no
+/// configuration) to the entry's backend, with the inner header's TOS and DF, its total length,
+/// ID 0, TTL 64, protocol 4 and its checksum; `XDP_TX`. It resolves no next hop, trims no
+/// padding and numbers no ID of a packet without DF (xlb does all three): the least an IPIP
+/// balancer with connection tracking does per packet.
+#[xdp]
+pub fn xlb_floor_flow_ipip(ctx: XdpContext) -> u32 {
+    let Some(key) = flow_key(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    // The stateful floor's lookup, written out as there (a shared helper changed the stateful
+    // floor's own code).
+    // SAFETY: the value is copied out at once; a concurrent delete can only make it stale.
+    let backend = match unsafe { FLOOR_FLOWS.get(key) }.map(|v| v.backend_addr) {
+        Some(addr) => addr,
+        None => {
+            let value = FlowValue::new(key.dst_addr, 0, 0, 0);
+            if FLOOR_FLOWS.insert(key, value, u64::from(BPF_ANY)).is_err() {
+                return xdp_action::XDP_ABORTED;
+            }
+            key.dst_addr
+        }
+    };
+    // What the outer header takes from the inner one, read before the head moves (every packet
+    // pointer is invalid after it).
+    let Some(ip) = ptr_at::<network_types::ip::Ipv4Hdr>(&ctx, ETH_HLEN) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let [len_hi, len_lo] = parse::ipv4_tot_len(ip)
+        .wrapping_add(IPV4_HLEN as u16)
+        .to_be_bytes();
+    let df = if parse::ipv4_frags(ip) & parse::IP_DF != 0 {
+        0x40
+    } else {
+        0
+    };
+    let tos = ip.tos;
+    // SAFETY: growing the head; every pointer is derived afterwards.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_HLEN as i32)) } != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    // The new Ethernet header and the outer IPv4 header. The head grew in front of the frame,
+    // which stays where it was: its Ethernet header now starts at byte 20.
+    let Some(head) = ptr_at::<[u8; ETH_HLEN + IPV4_HLEN]>(&ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let words = [
+        u32::from_ne_bytes([0x45, tos, len_hi, len_lo]),
+        u32::from_ne_bytes([0, 0, df, 0]),
+        u32::from_ne_bytes([64, IPPROTO_IPIP, 0, 0]),
+        key.dst_addr.v4(),
+        backend.v4(),
+    ];
+    let [c0, c1] = csum::ipv4_header_words(&words).to_ne_bytes();
+    // SAFETY: ptr_at checked the 34 bytes written and read. Word and half-word accesses, as
+    // `nexthop::Hop::write_macs` and `forward::encap4` make them: destination MAC 02:00 and the
+    // backend's address (as the stateful floor writes it), source MAC the frame's own
+    // destination (bytes 20..26 now), EtherType IPv4, then the outer header's five words.
+    unsafe {
+        asm!(
+            "*(u16 *)({h} + 0) = {mac_hi}",
+            "*(u32 *)({h} + 2) = {backend}",
+            "{t} = *(u16 *)({h} + 20)",
+            "*(u16 *)({h} + 6) = {t}",
+            "{t} = *(u32 *)({h} + 22)",
+            "*(u32 *)({h} + 8) = {t}",
+            "*(u16 *)({h} + 12) = {ether_type}",
+            h = in(reg) head,
+            mac_hi = in(reg) u64::from(u16::from_ne_bytes([0x02, 0x00])),
+            backend = in(reg) u64::from(backend.v4()),
+            ether_type = in(reg) u64::from(ETH_P_IP.to_be()),
+            t = out(reg) _,
+            options(nostack),
+        );
+        let outer = head.cast::<u8>().add(ETH_HLEN).cast::<[u8; IPV4_HLEN]>();
+        store4_at::<0, _>(outer, words[0]);
+        store4_at::<4, _>(outer, words[1]);
+        store4_at::<8, _>(outer, u32::from_ne_bytes([64, IPPROTO_IPIP, c0, c1]));
+        store4_at::<12, _>(outer, words[3]);
+        store4_at::<16, _>(outer, words[4]);
+    }
     xdp_action::XDP_TX
 }
 

@@ -140,7 +140,18 @@ pub fn forward_or_too_big(
     } else if outer6 {
         trim_padding(ctx, pkt) && encap6(ctx, pkt, &hop, src, &backend.addr, proto)
     } else {
-        trim_padding(ctx, pkt) && encap4(ctx, pkt, &hop, src.v4(), backend.addr.v4())
+        trim_padding(ctx, pkt)
+            && encap4(
+                ctx,
+                &hop,
+                Inner4 {
+                    ip_len: pkt.ip_len,
+                    tos: pkt.tos,
+                    df: pkt.df,
+                },
+                src.v4(),
+                backend.addr.v4(),
+            )
     };
     if !written {
         return Ok(Verdict::drop(reason::DROP_ENCAP_FAILED));
@@ -262,14 +273,26 @@ fn push_outer(ctx: &XdpContext, hop: &Option<Hop>, outer_len: usize, ether_type:
     true
 }
 
+/// What the outer IPv4 header takes from the packet it carries.
+pub struct Inner4 {
+    /// The whole inner packet's length, host order (at most 65515: the caller checked that the
+    /// outer one fits the next hop's MTU).
+    pub ip_len: u16,
+    /// Its TOS, copied to the outer header.
+    pub tos: u8,
+    /// Its DF, mirrored in the outer header (no DF: the outer header gets a numbered ID).
+    pub df: bool,
+}
+
 /// `ipip` to an IPv4 backend: an outer IPv4 header, protocol 4, from `lb_addr` to `backend_addr`
 /// (both network order), written as five 32-bit words (built byte by byte, it took a load, a
-/// shift and a store per byte, and as many again for its checksum).
+/// shift and a store per byte, and as many again for its checksum). For the general forwarding
+/// and for `balancer::ipip_exit`.
 #[inline(always)]
-fn encap4(
+pub fn encap4(
     ctx: &XdpContext,
-    pkt: &Packet,
     hop: &Option<Hop>,
+    inner: Inner4,
     lb_addr: u32,
     backend_addr: u32,
 ) -> bool {
@@ -279,18 +302,18 @@ fn encap4(
     let Some(outer) = ptr_at::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN) else {
         return false;
     };
-    let [len_hi, len_lo] = (pkt.ip_len + IPV4_HLEN as u16).to_be_bytes();
+    let [len_hi, len_lo] = (inner.ip_len + IPV4_HLEN as u16).to_be_bytes();
     // Outer DF mirrors the inner one (RFC 2003): a DF packet stays unfragmentable end to end
     // and its ID means nothing (RFC 6864: 0). Without DF the outer packet may be fragmented on
     // the way, so its ID must not repeat while fragments can still meet.
-    let (df, [id_hi, id_lo]) = if pkt.df {
+    let (df, [id_hi, id_lo]) = if inner.df {
         (0x40, [0, 0])
     } else {
         let cpu_bits = CONFIG.get(0).map_or(16, |cfg| cfg.ipip_id_cpu_bits);
         (0, outer_id(cpu_bits).to_be_bytes())
     };
     let words = [
-        u32::from_ne_bytes([0x45, pkt.tos, len_hi, len_lo]),
+        u32::from_ne_bytes([0x45, inner.tos, len_hi, len_lo]),
         u32::from_ne_bytes([id_hi, id_lo, df, 0]),
         u32::from_ne_bytes([OUTER_TTL, IPPROTO_IPIP, 0, 0]),
         lb_addr,

@@ -309,6 +309,9 @@ fn with_total_len(mut packet: Vec<u8>, total: u16) -> Vec<u8> {
 #[test]
 fn bad_lengths_are_dropped_and_padding_stays_out_of_the_tunnel() {
     in_fixture_netns(|ifindex| {
+        // One CPU: the next-hop cache is per CPU, and the established padded packet must find
+        // its next hop cached to reach `ipip_exit`'s padding check (asserted below).
+        xlb_tests::cpu::pin_to_one().expect("pin to one CPU");
         let dp = balancer();
         let prog = dp.balancer().unwrap();
         // A 140-byte TCP packet whose frame ends after 50 bytes of its 100-byte payload: the L4
@@ -331,6 +334,12 @@ fn bad_lengths_are_dropped_and_padding_stays_out_of_the_tunnel() {
         let syn = client_syn(60004, 80);
         let mut padded = inbound(&syn);
         padded.resize(60, 0);
+        // The flow's next packets, padded too: the first moves the flow from the embryonic table
+        // into `FLOWS`, the second is an established packet, which `established4` serves (through
+        // its `ipip` exit when there is nothing to trim).
+        let ack = Ip::to(CLIENT, VIP, 6).packet(&tcp(60004, 80, ACK, 0));
+        let mut padded_ack = inbound(&ack);
+        padded_ack.resize(60, 0);
         let l2_syn = client_syn(60005, 8080);
         let mut l2_padded = inbound(&l2_syn);
         l2_padded.resize(60, 0);
@@ -371,6 +380,18 @@ fn bad_lengths_are_dropped_and_padding_stays_out_of_the_tunnel() {
                     action: XDP_TX,
                 },
                 Fixture {
+                    description: "ipip: the flow's next packet, padded as well → trimmed as well",
+                    input: padded_ack.clone(),
+                    expected: Some(encapsulated(&ack, 0)),
+                    action: XDP_TX,
+                },
+                Fixture {
+                    description: "ipip: established, padded → trimmed as well",
+                    input: padded_ack,
+                    expected: Some(encapsulated(&ack, 0)),
+                    action: XDP_TX,
+                },
+                Fixture {
                     description: "l2: 60-byte frame, 40-byte packet → forwarded as it came (padding kept)",
                     input: l2_padded,
                     expected: Some(l2_expected),
@@ -381,13 +402,20 @@ fn bad_lengths_are_dropped_and_padding_stays_out_of_the_tunnel() {
         let r = dp.stats().unwrap().reasons;
         assert_eq!(r["drop_bad_length"], 3);
         assert_eq!(r["pass_not_vip"], 1);
-        assert_eq!(r["fwd_tx"], 2);
+        assert_eq!(r["fwd_tx"], 4);
         assert_eq!(
             dp.embryos().unwrap().keys().count(),
-            2,
-            "only the two good SYNs, held as embryonic flows"
+            1,
+            "of the two good SYNs, the l2 one still embryonic"
         );
-        assert_eq!(dp.flows().unwrap().keys().count(), 0);
+        assert_eq!(
+            dp.flows().unwrap().keys().count(),
+            1,
+            "the ipip flow, promoted"
+        );
+        // The FIB was asked once per flow's first packet (the ipip SYN, the l2 SYN): both ipip
+        // ACKs found the next hop cached, so the established one was the exit's to judge.
+        assert_eq!(dp.stats().unwrap().events["nexthop_lookup"], 2);
     });
 }
 
@@ -2117,6 +2145,36 @@ fn stateful_floors_insert_on_a_miss_and_take_the_mac_from_the_entry() {
             hex(&mac(probe_backend.octets())),
             "{probe}: the MAC from FLOOR_FLOWS' entry"
         );
+        // The IPIP floor reads the same table and sends the packet inside an outer header,
+        // field by field: from the VIP to the entry's backend, the inner TOS and DF, ID 0.
+        let ipip = programs::FLOOR_FLOW_IPIP;
+        for df in [true, false] {
+            let mut inner = Ip {
+                frag: if df { 0x4000 } else { 0 },
+                ..Ip::to(CLIENT, VIP, 6)
+            }
+            .packet(&tcp(1024, 80, SYN, 0));
+            inner[1] = 0xb8;
+            let c = checksum(&{
+                let mut h = inner[..20].to_vec();
+                h[10..12].fill(0);
+                h
+            });
+            inner[10..12].copy_from_slice(&c.to_be_bytes());
+            let mut outer = vec![0x45, 0xb8];
+            outer.extend_from_slice(&((inner.len() + 20) as u16).to_be_bytes());
+            outer.extend_from_slice(&[0, 0, if df { 0x40 } else { 0 }, 0, 64, 4, 0, 0]);
+            outer.extend_from_slice(&VIP.octets());
+            outer.extend_from_slice(&probe_backend.octets());
+            let c = checksum(&outer);
+            outer[10..12].copy_from_slice(&c.to_be_bytes());
+            outer.extend_from_slice(&inner);
+            let b = probe_backend.octets();
+            let expected = eth([0x02, 0x00, b[0], b[1], b[2], b[3]], LB_MAC, 0x0800, &outer);
+            let (action, out) = run(dp.bench_program(ipip).unwrap(), ifindex, &inbound(&inner));
+            assert_eq!(action, XDP_TX, "{ipip}: df {df}");
+            assert_eq!(hex(&out), hex(&expected), "{ipip}: df {df}");
+        }
         // x86-64 only (a move of a small constant is 5 bytes there), and not with constant
         // blinding for every program (`bpf_jit_harden` 2 turns each move into three).
         let harden =

@@ -298,11 +298,13 @@ frame a valid input for itself (floors, pass, drop, L2 forwarding). *per call*: 
 call (every SYN a new source port, so every one is a new flow); includes the kernel's timer reads, so it is only \
 compared with the floor measured the same way; a batch's value is the median of its calls. *new flow (derived)*: \
 established (repeat) + (new flow per call − established per call). IPIP encapsulation grows the frame in place, \
-which a repeated run would feed back to itself, so IPIP is measured per call only. The measuring thread is pinned \
+which a repeated run would feed back to itself, so IPIP is measured per call only, and made comparable with repeat \
+mode the same way (*derived*: established L2 (repeat) + (IPIP per call − established L2 per call)). The measuring thread is pinned \
 to one CPU, and before the new-flow batches one SYN per backend fills that CPU's next-hop cache, as traffic keeps \
 it filled on a loaded balancer. min/median/max are over runs or batches; ratios are of medians. \
 The stateful floors (issue 16: parse, one lookup in a flow table of FLOWS' type, key, value and size, inserting on \
-a miss, destination MAC from the entry, XDP_TX; and an insert-only twin) run in the first (1% full) and the last \
+a miss, destination MAC from the entry, XDP_TX; an insert-only twin; and on the shared LRU an IPIP floor, the same \
+lookup followed by the head grown by 20 bytes, an Ethernet header and an outer IPv4 header with its checksum) run in the first (1% full) and the last \
 (90% full) cell, their tables filled with the flows FLOWS got, an equal share inserted from each CPU, on a shared \
 LRU (as FLOWS) and a per-CPU LRU (BPF_F_NO_COMMON_LRU); after their figures as many flows again are installed from \
 the measuring CPU alone, as the agent installs peer-synced flows, and the note says how many the table kept.";
@@ -398,19 +400,64 @@ fn per_call(
     what: &str,
 ) -> Result<Vec<f64>> {
     interrupt::check()?;
-    let mut out = Vec::new();
-    for frames in batches {
-        let mut calls = Vec::with_capacity(frames.len());
-        for f in frames {
-            let (a, ns) = test_run(prog, ifindex, f, 1)?;
-            if a != action {
-                bail!("{what}: action {a}, expected {action}");
-            }
-            calls.push(ns);
+    batches
+        .iter()
+        .map(|frames| call_batch(prog, ifindex, frames, action, what))
+        .collect()
+}
+
+/// One batch of `per_call`: the median of its calls.
+fn call_batch(
+    prog: &Xdp,
+    ifindex: u32,
+    frames: &[Vec<u8>],
+    action: u32,
+    what: &str,
+) -> Result<f64> {
+    let mut calls = Vec::with_capacity(frames.len());
+    for f in frames {
+        let (a, ns) = test_run(prog, ifindex, f, 1)?;
+        if a != action {
+            bail!("{what}: action {a}, expected {action}");
         }
-        out.push(median(&calls));
+        calls.push(ns);
     }
-    Ok(out)
+    Ok(median(&calls))
+}
+
+/// `batches` pairs of batches, `batch(0)` and `batch(1)` one right after the other, which of
+/// the two goes first alternating from pair to pair (so neither always follows the other's
+/// work): the two figures' batches, by pair.
+fn paired(
+    batches: usize,
+    mut batch: impl FnMut(usize) -> Result<f64>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut a, mut b) = (Vec::with_capacity(batches), Vec::with_capacity(batches));
+    for i in 0..batches {
+        interrupt::check()?;
+        if i % 2 == 0 {
+            a.push(batch(0)?);
+            b.push(batch(1)?);
+        } else {
+            b.push(batch(1)?);
+            a.push(batch(0)?);
+        }
+    }
+    Ok((a, b))
+}
+
+/// An IPIP figure made comparable with repeat mode: `est` (the established `l2` packet of the
+/// same program, or of the floor the IPIP one extends, repeat mode) plus, pair by pair, the
+/// IPIP batch less the `l2` batch run next to it (`paired`). The per-call figures of two
+/// separate runs move by several ns between them on this machine; a drift moves both batches of
+/// a pair alike.
+fn ipip_derived(est: &[f64], l2_calls: &[f64], ipip_calls: &[f64]) -> Vec<f64> {
+    let base = median(est);
+    l2_calls
+        .iter()
+        .zip(ipip_calls)
+        .map(|(l2, ipip)| base + ipip - l2)
+        .collect()
 }
 
 fn same_frame(frame: &[u8], batches: usize, batch: usize) -> Vec<Vec<Vec<u8>>> {
@@ -591,6 +638,10 @@ struct Stateful {
     code_probe: Vec<f64>,
     /// The JIT images' sizes (bytes): the floor's (`hit`) and the probe's.
     code_bytes: (u32, u32),
+    /// The shared LRU's only: the same packet through this floor and through `FLOOR_FLOW_IPIP`
+    /// (the lookup, then an outer IPv4 header), per call (the frame grows, see METHOD), in
+    /// `paired` batches: (the floor's, the IPIP floor's).
+    ipip_pair: (Vec<f64>, Vec<f64>),
     /// New flow, per call: lookup (miss) + insert + MAC + XDP_TX.
     new_call: Vec<f64>,
     /// New flow, per call: insert + MAC + XDP_TX (no lookup).
@@ -650,13 +701,19 @@ fn measure_stateful(
     }
     let prog = dp.bench_program(hit)?;
     let est = repeated(prog, ifindex, &ack, XDP_TX, runs, repeat, hit)?;
-    let est_call = per_call(
-        prog,
-        ifindex,
-        &same_frame(&ack, batches, batch),
-        XDP_TX,
-        hit,
-    )?;
+    let calls = same_frame(&ack, batches, batch);
+    let est_call = per_call(prog, ifindex, &calls, XDP_TX, hit)?;
+    // The shared LRU's IPIP floor: in batches paired with the stateful floor's own (see
+    // `ipip_derived`), apart from `est_call`, which every table's derived figures use alike.
+    let ipip_pair = if table == maps::FLOOR_FLOWS {
+        let ipip = programs::FLOOR_FLOW_IPIP;
+        paired(batches, |which| {
+            let name = if which == 0 { hit } else { ipip };
+            call_batch(dp.bench_program(name)?, ifindex, &calls[0], XDP_TX, name)
+        })?
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let (code_probe, code_bytes) = if table == maps::FLOOR_FLOWS {
         let probe = programs::FLOOR_FLOW_TX_CODE;
         let mut jitted =
@@ -693,6 +750,7 @@ fn measure_stateful(
         est_call,
         code_probe,
         code_bytes,
+        ipip_pair,
         new_call,
         insert_call,
         peer_installed: fill_n,
@@ -731,6 +789,8 @@ fn per_packet(
     let mut stateful: Vec<Stateful> = Vec::new();
     let mut other = Vec::new();
     let mut cells = Vec::new();
+    // Cell 0's `l2` and IPIP established packets, per call in alternating batches.
+    let mut ipip_pair = (Vec::new(), Vec::new());
     let ncells = FILLS.len() * BACKEND_COUNTS.len();
     for (k, (fill, nb)) in FILLS
         .iter()
@@ -783,19 +843,31 @@ fn per_packet(
                 repeated(prog, ifindex, &drop, XDP_DROP, runs, repeat, "drop")?,
                 false,
             ));
-            // IPIP: per call only (see METHOD).
-            let first = tcp_frame(CLIENT, VIP, 1000, PORT_IPIP, SYN, 0);
-            test_run(prog, ifindex, &first, 1)?;
+            // IPIP: per call only (see METHOD), in batches alternating with the `l2` flow's
+            // established packet (see `ipip_derived`); both flows established first (a SYN,
+            // then the packet that moves the flow into `FLOWS`).
             let ipip_ack = tcp_frame(CLIENT, VIP, 1000, PORT_IPIP, ACK, 0);
+            for port in [PORT_IPIP, PORT_L2] {
+                for (flags, what) in [(SYN, "SYN"), (ACK, "ACK")] {
+                    let f = tcp_frame(CLIENT, VIP, 1000, port, flags, 0);
+                    let (a, _) = test_run(prog, ifindex, &f, 1)?;
+                    if a != XDP_TX {
+                        bail!("first {what} to port {port}: action {a}");
+                    }
+                }
+            }
+            let (l2s, ipips) = (vec![ack.clone(); batch], vec![ipip_ack; batch]);
+            ipip_pair = paired(batches, |which| {
+                let (frames, what) = if which == 0 {
+                    (&l2s, "established")
+                } else {
+                    (&ipips, "established ipip")
+                };
+                call_batch(prog, ifindex, frames, XDP_TX, what)
+            })?;
             other.push((
                 "established packet, IPIP, 3 backends",
-                per_call(
-                    prog,
-                    ifindex,
-                    &same_frame(&ipip_ack, batches, batch),
-                    XDP_TX,
-                    "established ipip",
-                )?,
+                ipip_pair.1.clone(),
                 true,
             ));
             other.push((
@@ -1010,6 +1082,27 @@ fn per_packet(
         );
     }
     rows.extend(stateful_rows(&stateful, &floors, &est0));
+    // IPIP, made comparable with repeat mode as the new-flow figures are, against the stateful
+    // floor (issue 16's target) and the IPIP floor (the least an `ipip` balancer does).
+    let ipip0 = Spread::of(&ipip_derived(&c0.est, &ipip_pair.0, &ipip_pair.1));
+    let ipip_floor0 = stateful
+        .iter()
+        .find(|f| f.table == maps::FLOOR_FLOWS && f.fill == FILLS[0])
+        .map(|f| Spread::of(&ipip_derived(&f.est, &f.ipip_pair.0, &f.ipip_pair.1)))
+        .context("the IPIP floor at 1%")?;
+    let ipf = "IPIP floor";
+    rows.push(
+        Row::new(
+            s,
+            "established packet (derived), IPIP, 3 backends, 1% full",
+            "ns/pkt",
+            ipip0,
+        )
+        .vs(floor, &ptx)
+        .vs(sf, &sf0)
+        .vs(ipf, &ipip_floor0)
+        .note("established + (IPIP − established) per call"),
+    );
 
     // Targets.
     // Largest/smallest median over the cells `group` puts together, worst group: across backend
@@ -1061,14 +1154,23 @@ fn per_packet(
         .filter(|c| c.backends == c0.backends && c.fill == FILLS[FILLS.len() - 1])
         .map(|c| median(&c.new_derived) / new0.median)
         .fold(0.0, f64::max);
+    let ipip_ratio = ipip0.median / sf0.median;
+    let ipip_floor_ratio = ipip0.median / ipip_floor0.median;
     let mut markdown = markdown;
     markdown.push_str(&format!(
         "- Established ≤ 1.25× the stateful floor (issue 16): {} ({sf_ratio:.2}×: {:.1} vs {:.1} ns/pkt).\n\
+         - Established IPIP ≤ 1.3× the stateful floor (issue 16): {} ({ipip_ratio:.2}×: {:.1} vs {:.1} ns/pkt, derived); \
+         the IPIP floor itself is {:.2}× it ({:.1} ns/pkt), xlb {ipip_floor_ratio:.2}× the IPIP floor.\n\
          - New flow ≤ 1.5× the new-flow floor (lookup miss + insert): {} ({nf_ratio:.2}×: {:.1} vs {:.1} ns/pkt).\n\
          - New flow from 1% to 90% table fill ≤ 1.2× ({} backends): {} ({fill_ratio:.2}×).\n",
         met(sf_ratio <= 1.25),
         est0.median,
         sf0.median,
+        met(ipip_ratio <= 1.3),
+        ipip0.median,
+        sf0.median,
+        ipip_floor0.median / sf0.median,
+        ipip_floor0.median,
         met(nf_ratio <= 1.5),
         new0.median,
         nf0.median,
@@ -1077,6 +1179,8 @@ fn per_packet(
     ));
     let json = json!({
         "established_vs_stateful_floor": {"ratio": sf_ratio, "target": 1.25, "met": sf_ratio <= 1.25},
+        "ipip_vs_stateful_floor": {"ratio": ipip_ratio, "target": 1.3, "met": ipip_ratio <= 1.3},
+        "ipip_vs_ipip_floor": {"ratio": ipip_floor_ratio, "ipip_floor_vs_stateful_floor": ipip_floor0.median / sf0.median},
         "new_flow_vs_new_flow_floor": {"ratio": nf_ratio, "target": 1.5, "met": nf_ratio <= 1.5},
         "new_flow_fill_90_vs_1": {"ratio": fill_ratio, "target": 1.2, "met": fill_ratio <= 1.2},
         "established_vs_floor": {"ratio": est_ratio, "target": 2.0, "met": est_ratio <= 2.0},
@@ -1152,6 +1256,31 @@ fn stateful_rows(stateful: &[Stateful], floors: &Floors, est0: &Spread) -> Vec<R
                 )
                 .vs("established floor", &Spread::of(&f.est))
                 .note("`xlb_floor_flow_tx_code`; the moves compute nothing"),
+            );
+        }
+        if !f.ipip_pair.1.is_empty() {
+            let what = "established, IPIP: parse + lookup (hit) + outer IPv4 header + XDP_TX";
+            rows.push(
+                Row::new(
+                    t,
+                    format!("{what} (derived), {label}"),
+                    "ns/pkt",
+                    Spread::of(&ipip_derived(&f.est, &f.ipip_pair.0, &f.ipip_pair.1)),
+                )
+                .vs("established floor", &Spread::of(&f.est))
+                .note(
+                    "`xlb_floor_flow_ipip`, the IPIP floor: established + (IPIP − established) \
+                     per call, batch by batch",
+                ),
+            );
+            rows.push(
+                Row::new(
+                    t,
+                    format!("{what}, per call, {label}"),
+                    "ns/call",
+                    Spread::of(&f.ipip_pair.1),
+                )
+                .vs("established floor per call", &Spread::of(&f.ipip_pair.0)),
             );
         }
     }
