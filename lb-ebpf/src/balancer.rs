@@ -10,8 +10,8 @@ use crate::{
     },
     nexthop,
     parse::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, frame_len,
-        ipv4_addrs, ipv4_frags, ipv4_tot_len, load4, ptr_at,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP_DF, IP_MF, IP_OFFSET_MASK, IPV4_HLEN, IPV6_HLEN,
+        frame_len, ipv4_addrs, ipv4_frags, ipv4_tot_len, load4, ptr_at,
     },
     stats, vip_icmp, vip_icmp6,
 };
@@ -19,8 +19,8 @@ use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap, programs::Xdp
 use core::{arch::asm, mem::MaybeUninit, ptr::addr_of_mut};
 use lb_common::{
     Addr, BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, CONFIG_F_MIGRATING, FORWARD_L2, FlowEvent,
-    FlowKey, FlowStamp, FlowValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, RING_SLOTS, TOUCH_NS,
-    VipKey, VipMeta, event, reason, ring_index,
+    FlowKey, FlowStamp, FlowValue, IPPROTO_ICMP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP,
+    RING_SLOTS, TOUCH_NS, VipKey, VipMeta, event, reason, ring_index,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -278,12 +278,12 @@ fn serve_established4(ctx: &XdpContext) -> Result<Verdict, Unserved> {
     if let Some(verdict) = l2_exit(ctx, &hit, ip_len, frame_len) {
         return Ok(verdict);
     }
-    let inner = forward::Inner4 {
+    let inner = forward::Inner {
         ip_len,
         tos: ip.tos,
         df: frags & IP_DF != 0,
     };
-    if let Some(verdict) = ipip_exit(ctx, &hit, inner, frame_len) {
+    if let Some(verdict) = ipip_exit::<false>(ctx, &hit, inner, frame_len) {
         return Ok(verdict);
     }
     // SAFETY: every other field of `slot` written, then the whole read (its padding is never
@@ -337,43 +337,67 @@ fn l2_exit(ctx: &XdpContext, hit: &Established, ip_len: u16, frame_len: usize) -
     Some(verdict)
 }
 
-/// An established IPv4 packet of an `ipip` VIP with an IPv4 backend whose next hop this CPU has
-/// cached (for the outer packet: from `lb_addr`, 20 bytes longer), in a frame without Ethernet
-/// padding: encapsulated (by the general way's `forward::encap4`), forwarded and counted here,
-/// from `established4`, as `l2_exit` serves an `l2` one, so no `Packet` is assembled and the
-/// general forwarding's checks for other cases are not run. `None`, nothing changed: another
-/// method, an IPv6 backend (whose cache entry's source key, `lb_addr6`, would not match
-/// either), padding to trim, no `lb_addr`, or a next hop not cached or too small (the general way
-/// resolves, answers and drops those). Once the frame is changed, a failure is a drop, as on the
-/// general way.
+/// An established packet of an `ipip` VIP whose outer next hop this CPU has cached, in a frame
+/// without Ethernet padding: encapsulated (by the general way's `forward::encap4` or
+/// `forward::encap6`), forwarded and counted here, as `l2_exit` serves an `l2` one, so no
+/// `Packet` is assembled and the general forwarding's checks for other cases are not run. `V6`:
+/// an IPv6 packet to an IPv6 backend (IPv6 in IPv6, from `serve_established`); otherwise an IPv4
+/// packet to an IPv4 backend (from `established4`). `None`, nothing changed: another method, a
+/// backend of the other family (IPv4 in IPv6; its cache entry's source key would not match
+/// either), padding to trim, no LB address of the backend's family, or a next hop not cached or
+/// too small for the outer packet (the general way resolves, answers and drops those). Once the
+/// frame is changed, a failure is a drop, as on the general way.
 #[inline(always)]
-fn ipip_exit(
+fn ipip_exit<const V6: bool>(
     ctx: &XdpContext,
     hit: &Established,
-    inner: forward::Inner4,
+    inner: forward::Inner,
     frame_len: usize,
 ) -> Option<Verdict> {
     if hit.vip.forward == FORWARD_L2
-        || !hit.backend.addr.is_v4()
+        || hit.backend.addr.is_v4() == V6
         || frame_len != ETH_HLEN + usize::from(inner.ip_len)
     {
         return None;
     }
-    let lb_addr = CONFIG.get(0)?.lb_addr;
-    if lb_addr == 0 {
-        return None;
-    }
+    let cfg = CONFIG.get(0)?;
     let ingress = ctx.ingress_ifindex() as u32;
-    let hop = nexthop::cached(
-        ingress,
-        hit.backend.id,
-        &Addr::from_v4(lb_addr),
-        &hit.backend.addr,
-        inner.ip_len.checked_add(IPV4_HLEN as u16)?,
-        hit.now,
-    )?;
-    let ifindex = hop.ifindex();
-    if !forward::encap4(ctx, &Some(hop), inner, lb_addr, hit.backend.addr.v4()) {
+    let (ifindex, written) = if V6 {
+        let lb = &cfg.lb_addr6;
+        if lb.is_unspecified() {
+            return None;
+        }
+        let outer_len = inner.ip_len.checked_add(IPV6_HLEN as u16)?;
+        let hop = nexthop::cached(
+            ingress,
+            hit.backend.id,
+            lb,
+            &hit.backend.addr,
+            outer_len,
+            hit.now,
+        )?;
+        let ifindex = hop.ifindex();
+        let written = forward::encap6(ctx, &Some(hop), inner, lb, &hit.backend.addr, IPPROTO_IPV6);
+        (ifindex, written)
+    } else {
+        let lb = cfg.lb_addr;
+        if lb == 0 {
+            return None;
+        }
+        let outer_len = inner.ip_len.checked_add(IPV4_HLEN as u16)?;
+        let hop = nexthop::cached(
+            ingress,
+            hit.backend.id,
+            &Addr::from_v4(lb),
+            &hit.backend.addr,
+            outer_len,
+            hit.now,
+        )?;
+        let ifindex = hop.ifindex();
+        let written = forward::encap4(ctx, &Some(hop), inner, lb, hit.backend.addr.v4());
+        (ifindex, written)
+    };
+    if !written {
         return Some(Verdict::drop(reason::DROP_ENCAP_FAILED));
     }
     let verdict = forward::egress(ingress, ifindex);
@@ -504,10 +528,18 @@ pub fn serve_established(
     out: &mut Steered,
 ) -> Result<Verdict, u32> {
     let hit = established_entry(&flow, ip_len.is_some())?;
-    if !debug::enabled(&hit.policy, hit.vip.id)
-        && let Some(verdict) = l2_exit(ctx, &hit, ip_len.unwrap_or(0), frame_len)
-    {
-        return Ok(verdict);
+    if !debug::enabled(&hit.policy, hit.vip.id) {
+        if let Some(verdict) = l2_exit(ctx, &hit, ip_len.unwrap_or(0), frame_len) {
+            return Ok(verdict);
+        }
+        let inner = forward::Inner {
+            ip_len: ip_len.unwrap_or(0),
+            tos,
+            df,
+        };
+        if let Some(verdict) = ipip_exit::<true>(ctx, &hit, inner, frame_len) {
+            return Ok(verdict);
+        }
     }
     out.pkt = Packet {
         vip: hit.vip,

@@ -138,20 +138,9 @@ pub fn forward_or_too_big(
     let written = if l2 {
         rewrite_macs(ctx, pkt, &hop)
     } else if outer6 {
-        trim_padding(ctx, pkt) && encap6(ctx, pkt, &hop, src, &backend.addr, proto)
+        trim_padding(ctx, pkt) && encap6(ctx, &hop, Inner::of(pkt), src, &backend.addr, proto)
     } else {
-        trim_padding(ctx, pkt)
-            && encap4(
-                ctx,
-                &hop,
-                Inner4 {
-                    ip_len: pkt.ip_len,
-                    tos: pkt.tos,
-                    df: pkt.df,
-                },
-                src.v4(),
-                backend.addr.v4(),
-            )
+        trim_padding(ctx, pkt) && encap4(ctx, &hop, Inner::of(pkt), src.v4(), backend.addr.v4())
     };
     if !written {
         return Ok(Verdict::drop(reason::DROP_ENCAP_FAILED));
@@ -273,26 +262,38 @@ fn push_outer(ctx: &XdpContext, hop: &Option<Hop>, outer_len: usize, ether_type:
     true
 }
 
-/// What the outer IPv4 header takes from the packet it carries.
-pub struct Inner4 {
-    /// The whole inner packet's length, host order (at most 65515: the caller checked that the
-    /// outer one fits the next hop's MTU).
+/// What an outer header takes from the packet it carries.
+pub struct Inner {
+    /// The whole inner packet's length, host order (the caller checked that the outer packet
+    /// fits the next hop's MTU, so adding the outer header does not overflow).
     pub ip_len: u16,
-    /// Its TOS, copied to the outer header.
+    /// Its TOS (IPv4) or traffic class (IPv6), copied to the outer header.
     pub tos: u8,
-    /// Its DF, mirrored in the outer header (no DF: the outer header gets a numbered ID).
+    /// Its DF (always for IPv6), mirrored in an outer IPv4 header (no DF: it gets a numbered
+    /// ID); an outer IPv6 header has neither.
     pub df: bool,
+}
+
+impl Inner {
+    #[inline(always)]
+    fn of(pkt: &Packet) -> Self {
+        Self {
+            ip_len: pkt.ip_len,
+            tos: pkt.tos,
+            df: pkt.df,
+        }
+    }
 }
 
 /// `ipip` to an IPv4 backend: an outer IPv4 header, protocol 4, from `lb_addr` to `backend_addr`
 /// (both network order), written as five 32-bit words (built byte by byte, it took a load, a
 /// shift and a store per byte, and as many again for its checksum). For the general forwarding
-/// and for `balancer::ipip_exit`.
+/// and for `balancer::ipip_exit` (an IPv4 packet).
 #[inline(always)]
 pub fn encap4(
     ctx: &XdpContext,
     hop: &Option<Hop>,
-    inner: Inner4,
+    inner: Inner,
     lb_addr: u32,
     backend_addr: u32,
 ) -> bool {
@@ -336,12 +337,12 @@ pub fn encap4(
 /// next header `next` (41 around an IPv6 packet, 4 around an IPv4 one: an IPv4 VIP over IPv6
 /// backends). Traffic class is the inner one, flow label 0, hop limit 64; IPv6 has no DF and no
 /// ID, so nothing else varies per packet. Written into the packet word by word, not built on the
-/// stack first.
+/// stack first. For the general forwarding and `balancer::ipip_exit` (an IPv6 packet).
 #[inline(always)]
-fn encap6(
+pub fn encap6(
     ctx: &XdpContext,
-    pkt: &Packet,
     hop: &Option<Hop>,
+    inner: Inner,
     lb_addr6: &Addr,
     backend_addr: &Addr,
     next: u8,
@@ -352,8 +353,8 @@ fn encap6(
     let Some(outer) = ptr_at::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN) else {
         return false;
     };
-    let [len_hi, len_lo] = pkt.ip_len.to_be_bytes();
-    let tc = pkt.tos;
+    let [len_hi, len_lo] = inner.ip_len.to_be_bytes();
+    let tc = inner.tos;
     let [s0, s1, s2, s3] = lb_addr6.words;
     let [d0, d1, d2, d3] = backend_addr.words;
     // SAFETY: `ptr_at` checked the header's 40 bytes; the words are at 0, 4, ..., 36 (aligned

@@ -32,6 +32,9 @@ fn vip6_counters(dp: &xlb::dataplane::Dataplane, port: u16) -> xlb::dataplane::V
 #[test]
 fn ip6ip6_syn_is_encapsulated_exactly_and_the_flow_sticks() {
     in_fixture_netns(|ifindex| {
+        // One CPU: the next-hop cache is per CPU; the established packets below find be1's
+        // cached (asserted at the end), so they leave through `ipip_exit`.
+        xlb_tests::cpu::pin_to_one().expect("pin to one CPU");
         let dp = balancer6();
         let prog = dp.balancer().unwrap();
         let syn = client_syn6(40000, 80);
@@ -49,6 +52,9 @@ fn ip6ip6_syn_is_encapsulated_exactly_and_the_flow_sticks() {
         let mut tc = Ip6::to(CLIENT6, VIP6, NH_TCP);
         tc.traffic_class = 0xb8;
         let marked = tc.packet(&tcp(40000, 80, ACK, 10));
+        // Bytes after the IP packet (a trailer): not carried into the tunnel.
+        let mut trailed = inbound6(&marked);
+        trailed.extend_from_slice(&[0xee; 6]);
         check(
             prog,
             ifindex,
@@ -73,6 +79,11 @@ fn ip6ip6_syn_is_encapsulated_exactly_and_the_flow_sticks() {
                     inbound6(&marked),
                     encapsulated6(&marked, 0),
                 ),
+                Fixture::tx(
+                    "6 bytes after the packet → left out of the tunnel",
+                    trailed,
+                    encapsulated6(&marked, 0),
+                ),
             ],
         );
         assert_eq!(
@@ -84,10 +95,14 @@ fn ip6ip6_syn_is_encapsulated_exactly_and_the_flow_sticks() {
         assert_eq!(flows.keys().count(), 1, "one flow entry");
         let v = vip6_counters(&dp, 80);
         assert_eq!(v.counters.new_flows, 1);
-        assert_eq!(v.counters.packets, 4);
-        assert_eq!(v.backends[0].counters.packets, 4);
+        assert_eq!(v.counters.packets, 5);
+        assert_eq!(v.backends[0].counters.packets, 5);
         let stats = dp.stats().unwrap();
-        assert_eq!(stats.reasons["fwd_tx"], 4);
+        assert_eq!(stats.reasons["fwd_tx"], 5);
+        assert_eq!(
+            stats.events["nexthop_lookup"], 1,
+            "be1's next hop, cached after the SYN"
+        );
         // The IPv4 VIP on the same port is another service: untouched.
         assert!(
             stats
