@@ -110,7 +110,7 @@ pub fn try_balance(ctx: &XdpContext) -> Verdict {
             // An established flow's packet in one hash lookup; the rest decided in full (a
             // served packet skips that stage's call altogether).
             match ipv6::established(ctx, steered).decode() {
-                // Forwarded and counted on `l2_exit`.
+                // Forwarded and counted on `l2_exit` or `ipip_exit`.
                 Ok(verdict) => return verdict,
                 Err(Unserved::Probe(Probe::SERVED)) => Ok(None),
                 // Not produced for IPv6 (a packet too big for the cached MTU goes on to
@@ -343,8 +343,8 @@ fn l2_exit(ctx: &XdpContext, hit: &Established, ip_len: u16, frame_len: usize) -
 /// `Packet` is assembled and the general forwarding's checks for other cases are not run. `V6`:
 /// an IPv6 packet to an IPv6 backend (IPv6 in IPv6, from `serve_established`); otherwise an IPv4
 /// packet to an IPv4 backend (from `established4`). `None`, nothing changed: another method, a
-/// backend of the other family (IPv4 in IPv6; its cache entry's source key would not match
-/// either), padding to trim, no LB address of the backend's family, or a next hop not cached or
+/// backend of the other family (for an IPv4 packet, IPv4 in IPv6, whose cache entry's source
+/// key would not match either; an IPv6 VIP has only IPv6 backends, the agent refuses others), padding to trim, no LB address of the backend's family, or a next hop not cached or
 /// too small for the outer packet (the general way resolves, answers and drops those). Once the
 /// frame is changed, a failure is a drop, as on the general way.
 #[inline(always)]
@@ -510,8 +510,8 @@ pub fn established_entry(flow: &FlowKey, lengths_ok: bool) -> Result<Established
     })
 }
 
-/// `established_entry` for `ipv6::established`: `Ok` with the verdict when `l2_exit` forwarded
-/// the packet (not for a debugged VIP, whose packet is logged on its way out of `try_balance`);
+/// `established_entry` for `ipv6::established`: `Ok` with the verdict when `l2_exit` or
+/// `ipip_exit` forwarded the packet (not for a debugged VIP, whose packet is logged on its way out of `try_balance`);
 /// else the packet is handed on through `out`, `Err(Probe::SERVED)` when `out` holds it as
 /// `select` would have left it, or `Err` with what was found. `ip_len`: `None` if the lengths do
 /// not agree.

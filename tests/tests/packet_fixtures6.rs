@@ -33,7 +33,8 @@ fn vip6_counters(dp: &xlb::dataplane::Dataplane, port: u16) -> xlb::dataplane::V
 fn ip6ip6_syn_is_encapsulated_exactly_and_the_flow_sticks() {
     in_fixture_netns(|ifindex| {
         // One CPU: the next-hop cache is per CPU; the established packets below find be1's
-        // cached (asserted at the end), so they leave through `ipip_exit`.
+        // cached (asserted at the end), so they leave through `ipip_exit`, except the one with
+        // bytes after it, which the exit leaves to the general way to trim.
         xlb_tests::cpu::pin_to_one().expect("pin to one CPU");
         let dp = balancer6();
         let prog = dp.balancer().unwrap();
@@ -520,6 +521,52 @@ fn oversized_ipv6_gets_packet_too_big_exactly() {
     });
 }
 
+/// The same answer for a packet of an established flow, whose next hop is cached (pinned to one
+/// CPU: the cache is per CPU): `ipip_exit` checks the cached MTU for the outer packet, 40 bytes
+/// more, and leaves a packet that would not fit to the general way, which answers it; one that
+/// fits once encapsulated still leaves through the exit.
+#[test]
+fn established_ipv6_too_big_once_encapsulated_gets_packet_too_big() {
+    in_fixture_netns(|ifindex| {
+        xlb_tests::cpu::pin_to_one().expect("pin to one CPU");
+        let dp = balancer6();
+        let prog = dp.balancer().unwrap();
+        let syn = client_syn6(47100, 80);
+        let ack = Ip6::to(CLIENT6, VIP6, NH_TCP).packet(&tcp(47100, 80, ACK, 0));
+        // 1460 bytes: 1500 once encapsulated, the link's MTU; 1461 would be one byte over.
+        let fits = Ip6::to(CLIENT6, VIP6, NH_TCP).packet(&tcp(47100, 80, ACK, 1400));
+        assert_eq!(fits.len(), 1460);
+        let big = Ip6::to(CLIENT6, VIP6, NH_TCP).packet(&tcp(47100, 80, ACK, 1401));
+        check(
+            prog,
+            ifindex,
+            &[
+                Fixture::tx("SYN → be1", inbound6(&syn), encapsulated6(&syn, 0)),
+                Fixture::tx(
+                    "ACK → be1 (the flow moves into FLOWS)",
+                    inbound6(&ack),
+                    encapsulated6(&ack, 0),
+                ),
+                Fixture::tx(
+                    "established, 1460 bytes → fits once encapsulated",
+                    inbound6(&fits),
+                    encapsulated6(&fits, 0),
+                ),
+                Fixture::tx(
+                    "established, 1461 bytes → ICMPv6 packet too big (MTU 1460)",
+                    inbound6(&big),
+                    packet_too_big(&big, VIP6, 1460),
+                ),
+            ],
+        );
+        let stats = dp.stats().unwrap();
+        assert_eq!(stats.reasons["tx_icmp_frag_needed"], 1);
+        // The SYN asked the FIB, the packets that fit found the next hop cached, the one too big
+        // for the cached MTU asked again (which answered with the MTU).
+        assert_eq!(stats.events["nexthop_lookup"], 2);
+    });
+}
+
 /// An ICMPv6 error from the router to `vip` quoting `quoted`.
 fn error_from_router(vip: Ipv6Addr, kind: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
     let msg = icmp6(ROUTER6, vip, kind, 0, rest, quoted);
@@ -824,40 +871,44 @@ fn ipv6_debug_events_name_ipv6_addresses() {
             "{}",
             lines[0]
         );
-        // An established packet of a debugged `l2` VIP is logged too: `ipv6::established`
-        // leaves such a packet to `try_balance`, which logs it, instead of forwarding it on the
-        // cached next hop itself (it would leave unlogged if that check were wrong). The first
-        // ACK promotes the flow, the second is established.
-        let l2 = xlb::model::ServiceKey { port: 8080, ..key };
+        // An established packet of a debugged VIP is logged too, `l2` (port 8080) and `ipip`
+        // (port 80) alike: `ipv6::established` leaves such a packet to `try_balance`, which logs
+        // it, instead of forwarding it on the cached next hop itself through `l2_exit` or
+        // `ipip_exit` (it would leave unlogged if that check were wrong). The first ACK promotes
+        // the flow, the second is established.
         dp.set_vip_debug(&key, false).unwrap();
-        dp.set_vip_debug(&l2, true).unwrap();
-        let mut send = |flags: u8| {
-            let packet = Ip6::to(CLIENT6, VIP6, NH_TCP).packet(&tcp(57001, 8080, flags, 10));
-            let (action, _) = run(dp.balancer().unwrap(), ifindex, &inbound6(&packet));
-            assert_eq!(action, XDP_TX);
-            logger.flush();
-            std::mem::take(&mut *capture.0.lock().unwrap())
-        };
-        let opened = send(SYN);
-        let promoting = send(ACK);
-        let lookups = dp.stats().unwrap().events["nexthop_lookup"];
-        let established = send(ACK);
-        assert_eq!(
-            dp.stats().unwrap().events["nexthop_lookup"],
-            lookups,
-            "the established packet's next hop was cached"
-        );
-        assert_eq!(
-            established.len(),
-            1,
-            "{opened:?} {promoting:?} {established:?}"
-        );
-        assert!(
-            established[0].contains("[fd11:1::2]:57001 -> [fd11:100::1]:8080")
-                && established[0].contains("new 0"),
-            "{}",
-            established[0]
-        );
+        for (port, sport) in [(8080u16, 57001u16), (80, 57002)] {
+            let debugged = xlb::model::ServiceKey { port, ..key };
+            dp.set_vip_debug(&debugged, true).unwrap();
+            let mut send = |flags: u8| {
+                let packet = Ip6::to(CLIENT6, VIP6, NH_TCP).packet(&tcp(sport, port, flags, 10));
+                let (action, _) = run(dp.balancer().unwrap(), ifindex, &inbound6(&packet));
+                assert_eq!(action, XDP_TX, "port {port}");
+                logger.flush();
+                std::mem::take(&mut *capture.0.lock().unwrap())
+            };
+            let opened = send(SYN);
+            let promoting = send(ACK);
+            let lookups = dp.stats().unwrap().events["nexthop_lookup"];
+            let established = send(ACK);
+            assert_eq!(
+                dp.stats().unwrap().events["nexthop_lookup"],
+                lookups,
+                "port {port}: the established packet's next hop was cached"
+            );
+            assert_eq!(
+                established.len(),
+                1,
+                "port {port}: {opened:?} {promoting:?} {established:?}"
+            );
+            assert!(
+                established[0].contains(&format!("[fd11:1::2]:{sport} -> [fd11:100::1]:{port}"))
+                    && established[0].contains("new 0"),
+                "{}",
+                established[0]
+            );
+            dp.set_vip_debug(&debugged, false).unwrap();
+        }
     });
 }
 
