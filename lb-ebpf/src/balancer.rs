@@ -344,8 +344,9 @@ fn l2_exit(ctx: &XdpContext, hit: &Established, ip_len: u16, frame_len: usize) -
 /// an IPv6 packet to an IPv6 backend (IPv6 in IPv6, from `serve_established`); otherwise an IPv4
 /// packet to an IPv4 backend (from `established4`). `None`, nothing changed: another method, a
 /// backend of the other family (for an IPv4 packet, IPv4 in IPv6, whose cache entry's source
-/// key would not match either; an IPv6 VIP has only IPv6 backends, the agent refuses others), padding to trim, no LB address of the backend's family, or a next hop not cached or
-/// too small for the outer packet (the general way resolves, answers and drops those). Once the
+/// key would not match either; an IPv6 VIP has only IPv6 backends, the agent refuses others),
+/// padding to trim, no LB address of the backend's family, or a next hop not cached or too
+/// small for the outer packet (the general way resolves, answers and drops those). Once the
 /// frame is changed, a failure is a drop, as on the general way.
 #[inline(always)]
 fn ipip_exit<const V6: bool>(
@@ -511,10 +512,10 @@ pub fn established_entry(flow: &FlowKey, lengths_ok: bool) -> Result<Established
 }
 
 /// `established_entry` for `ipv6::established`: `Ok` with the verdict when `l2_exit` or
-/// `ipip_exit` forwarded the packet (not for a debugged VIP, whose packet is logged on its way out of `try_balance`);
-/// else the packet is handed on through `out`, `Err(Probe::SERVED)` when `out` holds it as
-/// `select` would have left it, or `Err` with what was found. `ip_len`: `None` if the lengths do
-/// not agree.
+/// `ipip_exit` forwarded the packet (not for a debugged VIP, whose packet is logged on its way
+/// out of `try_balance`); else the packet is handed on through `out`, `Err(Probe::SERVED)` when
+/// `out` holds it as `select` would have left it, or `Err` with what was found. `ip_len`: `None`
+/// if the lengths do not agree.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn serve_established(

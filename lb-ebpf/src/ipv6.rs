@@ -70,8 +70,8 @@ pub fn decide(ctx: &XdpContext, out: &mut Steered, probe: u32) -> Result<Option<
 /// `balancer::established4` for IPv6: the packet of an established flow (TCP without SYN or
 /// UDP, behind the extension headers the walk skips) in one hash lookup, forwarded at once on a
 /// cached next hop, `l2` or `ipip` (the verdict), or `out` written and `Probe::SERVED` returned;
-/// otherwise what was found in `FLOWS`, for `decide`. Its own BPF function, as `decide` is; its answer in
-/// one register, as `established4`'s.
+/// otherwise what was found in `FLOWS`, for `decide`. Its own BPF function, as `decide` is; its
+/// answer in one register, as `established4`'s.
 #[inline(never)]
 pub fn established(ctx: &XdpContext, out: &mut Steered) -> Outcome {
     Outcome::encode(established_inline(ctx, out).map_err(Unserved::Probe))
