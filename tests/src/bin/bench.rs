@@ -13,6 +13,9 @@
 //!   median of its calls; min/median/max are over batches.
 //! - *new flow, derived*: established (repeat) + (new-flow per call − established per call), i.e.
 //!   the per-call difference added to the repeat figure, which cancels the timer overhead.
+//! - *paired*: where a target compares two per-call figures (xlb's new flow and the new-flow
+//!   floor, xlb's IPIP and `l2` packets, the IPIP floor and the stateful floor), their batches run
+//!   in pairs, alternating which goes first, so a drift of the machine moves both alike.
 
 #[path = "../bench/firewall.rs"]
 mod firewall;
@@ -306,8 +309,10 @@ The stateful floors (issue 16: parse, one lookup in a flow table of FLOWS' type,
 a miss, destination MAC from the entry, XDP_TX; an insert-only twin; and on the shared LRU an IPIP floor, the same \
 lookup followed by the head grown by 20 bytes, an Ethernet header and an outer IPv4 header with its checksum) run in the first (1% full) and the last \
 (90% full) cell, their tables filled with the flows FLOWS got, an equal share inserted from each CPU, on a shared \
-LRU (as FLOWS) and a per-CPU LRU (BPF_F_NO_COMMON_LRU); after their figures as many flows again are installed from \
-the measuring CPU alone, as the agent installs peer-synced flows, and the note says how many the table kept.";
+LRU (as FLOWS) and a per-CPU LRU (BPF_F_NO_COMMON_LRU). In those cells the shared LRU's new-flow batches and xlb's \
+run in pairs, as the IPIP ones do (alternating which goes first), since the new-flow target compares them. After every \
+figure of the cell as many flows again are installed into each floor's table from the measuring CPU alone, as the agent \
+installs peer-synced flows, and the note says how many the table kept.";
 
 fn document(machine: &Value, quick: bool, table: &str, targets: &str, elapsed: f64) -> String {
     format!(
@@ -642,12 +647,14 @@ struct Stateful {
     /// (the lookup, then an outer IPv4 header), per call (the frame grows, see METHOD), in
     /// `paired` batches: (the floor's, the IPIP floor's).
     ipip_pair: (Vec<f64>, Vec<f64>),
-    /// New flow, per call: lookup (miss) + insert + MAC + XDP_TX.
+    /// New flow, per call: lookup (miss) + insert + MAC + XDP_TX. The shared LRU's is measured
+    /// in `paired` batches with xlb's new-flow SYNs of the same cell (`paired_new_flows`), the
+    /// per-CPU LRU's on its own.
     new_call: Vec<f64>,
     /// New flow, per call: insert + MAC + XDP_TX (no lookup).
     insert_call: Vec<f64>,
-    /// Flows installed from one CPU after the measurement (as the agent installs peer-synced
-    /// flows), and how many of them the table then holds.
+    /// Flows installed from one CPU after every measurement of the cell (as the agent installs
+    /// peer-synced flows, `install_as_peer`), and how many of them the table then holds.
     peer_installed: u32,
     peer_kept: u32,
 }
@@ -669,9 +676,9 @@ impl Stateful {
 }
 
 /// Fills `table` to `fill`% of `CAPACITY` with the flows `FLOWS` got (an equal share from each
-/// of `cpus`, as the data path on every CPU would have created them), measures its floor
-/// programs on the calling thread's CPU `home`, then installs as many flows again from `home`
-/// alone and counts how many the table keeps.
+/// of `cpus`, as the data path on every CPU would have created them) and measures its floor
+/// programs on the calling thread's CPU `home`; but the shared LRU's new flows, which are
+/// measured with xlb's (`paired_new_flows`). `install_as_peer` ends its part of the cell.
 fn measure_stateful(
     dp: &mut Dataplane,
     ifindex: u32,
@@ -732,16 +739,12 @@ fn measure_stateful(
         let frames = syns(src, PORT_L2, 2000, batches, batch);
         per_call(dp.bench_program(name)?, ifindex, &frames, XDP_TX, name)
     };
-    let new_call = new_flows(hit, Ipv4Addr::new(10, 111, 0, 5))?;
+    let new_call = if table == maps::FLOOR_FLOWS {
+        Vec::new()
+    } else {
+        new_flows(hit, FLOOR_SYN_SRC)?
+    };
     let insert_call = new_flows(insert, Ipv4Addr::new(10, 111, 0, 6))?;
-    // Peer sync: the agent installs a peer's flows from the one thread that reads the peer.
-    let peer: Vec<_> = fill_events(fill_n, PORT_IPIP, 3).collect();
-    let mut t = dp.bench_flow_table(table)?;
-    for e in &peer {
-        t.insert(e.flow, FlowValue::new(e.backend_addr, 0, 0, 0), 0)
-            .with_context(|| format!("installing into {table}"))?;
-    }
-    let peer_kept = peer.iter().filter(|e| t.get(&e.flow, 0).is_ok()).count() as u32;
     Ok(Stateful {
         table,
         fill,
@@ -753,9 +756,60 @@ fn measure_stateful(
         ipip_pair,
         new_call,
         insert_call,
-        peer_installed: fill_n,
-        peer_kept,
+        peer_installed: 0,
+        peer_kept: 0,
     })
+}
+
+/// The source of the new-flow floors' SYNs (xlb's come from `CLIENT`).
+const FLOOR_SYN_SRC: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 5);
+
+/// xlb's new-flow SYNs (per call) and the shared-LRU new-flow floor's (`f`, whose `new_call`
+/// this fills), in `paired` batches: issue 16's 1.5× compares these two, and per-call figures
+/// measured a minute apart drift by more than that target's margin on this machine (the verdict
+/// moved between 1.47× and 1.60× over one day's runs). xlb's figures: returned.
+fn paired_new_flows(
+    dp: &mut Dataplane,
+    ifindex: u32,
+    f: &mut Stateful,
+    (batches, batch): (usize, usize),
+) -> Result<Vec<f64>> {
+    let hit = programs::STATEFUL_FLOORS
+        .iter()
+        .find(|(table, _, _)| *table == f.table)
+        .map(|(_, hit, _)| *hit)
+        .context("the shared LRU's floor program")?;
+    let xlb_syns = syns(CLIENT, PORT_L2, 2000, batches, batch);
+    let floor_syns = syns(FLOOR_SYN_SRC, PORT_L2, 2000, batches, batch);
+    let (mut next_xlb, mut next_floor) = (xlb_syns.iter(), floor_syns.iter());
+    let (xlb, floor) = paired(batches, |which| {
+        if which == 0 {
+            let frames = next_xlb.next().context("one xlb batch per pair")?;
+            call_batch(dp.balancer()?, ifindex, frames, XDP_TX, "new flow")
+        } else {
+            let frames = next_floor.next().context("one floor batch per pair")?;
+            call_batch(dp.bench_program(hit)?, ifindex, frames, XDP_TX, hit)
+        }
+    })?;
+    f.new_call = floor;
+    Ok(xlb)
+}
+
+/// Peer sync, after every other figure of the cell (it fills the floor's table further): as
+/// many flows again as the fill put in, installed from the calling thread alone (the agent
+/// installs a peer's flows from the one thread that reads the peer); how many the table keeps
+/// goes into `f`.
+fn install_as_peer(dp: &mut Dataplane, f: &mut Stateful) -> Result<()> {
+    let fill_n = CAPACITY / 100 * f.fill;
+    let peer: Vec<_> = fill_events(fill_n, PORT_IPIP, 3).collect();
+    let mut t = dp.bench_flow_table(f.table)?;
+    for e in &peer {
+        t.insert(e.flow, FlowValue::new(e.backend_addr, 0, 0, 0), 0)
+            .with_context(|| format!("installing into {}", f.table))?;
+    }
+    f.peer_installed = fill_n;
+    f.peer_kept = peer.iter().filter(|e| t.get(&e.flow, 0).is_ok()).count() as u32;
+    Ok(())
 }
 
 struct Cell {
@@ -815,6 +869,8 @@ fn per_packet(
         }
         // Floors in the first and the last cell, so a drift of the machine shows in their spread;
         // the stateful ones with their tables as full as `FLOWS` (1% there, 90% here).
+        // This cell's stateful floors, once measured.
+        let here = stateful.len();
         if k == 0 || k == ncells - 1 {
             measure_floors(&mut dp, ifindex, &ack, &mut floors, p)?;
             for (table, hit, insert) in programs::STATEFUL_FLOORS {
@@ -919,13 +975,23 @@ fn per_packet(
         {
             test_run(prog, ifindex, f, 1)?;
         }
-        let new_call = per_call(
-            prog,
-            ifindex,
-            &syns(CLIENT, PORT_L2, 2000, batches, batch),
-            XDP_TX,
-            "new flow",
-        )?;
+        let new_call = match stateful[here..]
+            .iter_mut()
+            .find(|f| f.table == maps::FLOOR_FLOWS)
+        {
+            Some(f) => paired_new_flows(&mut dp, ifindex, f, (batches, batch))?,
+            None => per_call(
+                prog,
+                ifindex,
+                &syns(CLIENT, PORT_L2, 2000, batches, batch),
+                XDP_TX,
+                "new flow",
+            )?,
+        };
+        for f in &mut stateful[here..] {
+            install_as_peer(&mut dp, f)?;
+        }
+        let prog = dp.balancer()?;
         let base = median(&est) - median(&est_call);
         let new_derived = new_call.iter().map(|n| n + base).collect();
         let entries_after = dp.flows()?.keys().count() as u32;
@@ -1154,6 +1220,10 @@ fn per_packet(
         .filter(|c| c.backends == c0.backends && c.fill == FILLS[FILLS.len() - 1])
         .map(|c| median(&c.new_derived) / new0.median)
         .fold(0.0, f64::max);
+    // The same rise of the new-flow floor itself (its tables filled as `FLOWS`): what the kernel's
+    // LRU adds going from 1% to 90% full, whatever runs around the insert.
+    let nf_last = shared(FILLS[FILLS.len() - 1])?.1;
+    let floor_fill_ratio = nf_last.median / nf0.median;
     let ipip_ratio = ipip0.median / sf0.median;
     let ipip_floor_ratio = ipip0.median / ipip_floor0.median;
     let mut markdown = markdown;
@@ -1162,7 +1232,8 @@ fn per_packet(
          - Established IPIP ≤ 1.3× the stateful floor (issue 16): {} ({ipip_ratio:.2}×: {:.1} vs {:.1} ns/pkt, derived); \
          the IPIP floor itself is {:.2}× it ({:.1} ns/pkt), xlb {ipip_floor_ratio:.2}× the IPIP floor.\n\
          - New flow ≤ 1.5× the new-flow floor (lookup miss + insert): {} ({nf_ratio:.2}×: {:.1} vs {:.1} ns/pkt).\n\
-         - New flow from 1% to 90% table fill ≤ 1.2× ({} backends): {} ({fill_ratio:.2}×).\n",
+         - New flow from 1% to 90% table fill ≤ 1.2× ({} backends): {} ({fill_ratio:.2}×; the new-flow floor's own: \
+         {floor_fill_ratio:.2}×).\n",
         met(sf_ratio <= 1.25),
         est0.median,
         sf0.median,
@@ -1182,7 +1253,7 @@ fn per_packet(
         "ipip_vs_stateful_floor": {"ratio": ipip_ratio, "target": 1.3, "met": ipip_ratio <= 1.3},
         "ipip_vs_ipip_floor": {"ratio": ipip_floor_ratio, "ipip_floor_vs_stateful_floor": ipip_floor0.median / sf0.median},
         "new_flow_vs_new_flow_floor": {"ratio": nf_ratio, "target": 1.5, "met": nf_ratio <= 1.5},
-        "new_flow_fill_90_vs_1": {"ratio": fill_ratio, "target": 1.2, "met": fill_ratio <= 1.2},
+        "new_flow_fill_90_vs_1": {"ratio": fill_ratio, "new_flow_floor_ratio": floor_fill_ratio, "target": 1.2, "met": fill_ratio <= 1.2},
         "established_vs_floor": {"ratio": est_ratio, "target": 2.0, "met": est_ratio <= 2.0},
         "new_flow_vs_floor": {"ratio": new_ratio, "per_call_ratio": new_call_ratio, "target": 3.0, "met": new_ratio <= 3.0},
         "established_flatness": {"max_over_min": est_flat, "in_backends": est_b, "in_fill": est_f, "threshold": FLAT, "met": est_flat <= FLAT},
