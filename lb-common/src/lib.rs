@@ -681,6 +681,18 @@ const _: () = {
 /// The flow was installed by the agent from a peer's sync (its backend was chosen by another
 /// node); cleared when this node's data path (re)assigns the flow.
 pub const FLOW_F_PEER: u32 = 1;
+/// `EMBRYOS` only: no backend yet. A TCP packet without SYN found no flow while peer sync is on
+/// (`CONFIG_F_HOLD_MIDFLOW`): its flow is most likely a peer's whose record is still on its way,
+/// so its packets are dropped (`drop_midflow_held`) until the record arrives (then they hit
+/// `FLOWS`) or `MIDFLOW_HOLD_NS` has passed since `last_seen_ns`, the time it was held (then the
+/// next one is steered as a new flow, `midflow_miss`). `backend_addr` is unspecified.
+pub const FLOW_F_HELD: u32 = 2;
+
+/// How long a held flow (`FLOW_F_HELD`) waits for its peer's record: far longer than the sync's
+/// own delay (a 2 ms flush, then one hop), and shorter than TCP's least retransmission timeout
+/// (200 ms on Linux), so that the sender's first retransmission comes after it and is served
+/// either way.
+pub const MIDFLOW_HOLD_NS: u64 = 100_000_000;
 
 /// A flow the balancer just assigned (new, or re-steered because its backend went away), sent on
 /// the `FLOW_EVENTS` ring buffer so the agent can tell its peers. The backend is named by address,
@@ -769,6 +781,11 @@ pub const CONFIG_F_ICMP_ECHO: u32 = 2;
 /// flow, because its entry may still be on its way from the old table; its sender retransmits it.
 /// Set by the agent only between the program swap and the last copy pass.
 pub const CONFIG_F_MIGRATING: u32 = 1 << 2;
+/// Peer sync is on: a TCP packet without SYN that finds no flow is held (`FLOW_F_HELD`) for up
+/// to `MIDFLOW_HOLD_NS` before it is steered as a new flow, since a peer's record of it may be
+/// on its way (an ECMP change moves a flow that a peer opened a moment ago). Without peers no
+/// record comes, and such a packet is steered at once.
+pub const CONFIG_F_HOLD_MIDFLOW: u32 = 1 << 3;
 
 /// What happened to a packet: one per-CPU packet counter each in `REASON_STATS`. Every packet the
 /// balancer sees lands in exactly one of these.
@@ -851,8 +868,11 @@ pub mod reason {
     /// Hop-by-Hop header that is not first, a routing header with segments left, AH, ESP, or
     /// any other next header that is not skipped (see `lb-ebpf/src/ipv6.rs`): dropped.
     pub const DROP_EXT_HEADER: u32 = 27;
+    /// A TCP packet without SYN of a flow held for its peer's record (`FLOW_F_HELD`,
+    /// `CONFIG_F_HOLD_MIDFLOW`): dropped, the sender retransmits.
+    pub const DROP_MIDFLOW_HELD: u32 = 28;
     /// Number of reasons (size of `REASON_STATS`).
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 29;
 
     /// Stable names for metrics, `xlb stats` and tests, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -884,6 +904,7 @@ pub mod reason {
         "drop_rate_limited_src",
         "drop_rate_limited_vip",
         "drop_ext_header",
+        "drop_midflow_held",
     ];
 }
 
@@ -905,7 +926,9 @@ pub struct VipDrops {
 /// (the packet is also counted under its `reason`).
 pub mod event {
     /// A TCP packet without SYN that found no flow entry: a flow the node never saw start (peer
-    /// sync gap, agent restart with a fresh table, ECMP change). It is steered as a new flow.
+    /// sync gap, agent restart with a fresh table, ECMP change). It is steered as a new flow
+    /// (with peer sync on, only once its flow was held `MIDFLOW_HOLD_NS` for nothing: see
+    /// `MIDFLOW_HELD`).
     pub const MIDFLOW_MISS: u32 = 0;
     /// A flow entry whose backend slot no longer holds its backend (down or removed): re-steered.
     pub const FLOW_RESTEERED: u32 = 1;
@@ -928,7 +951,10 @@ pub mod event {
     /// A new-flow limit's bucket kept changing under this CPU's compare-and-swap (other CPUs
     /// taking tokens at the same time): the flow was counted as limited.
     pub const RATE_LIMIT_CONTENDED: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// With peer sync on, a TCP packet without SYN that found no flow entry: its flow is held
+    /// (`FLOW_F_HELD`) while a peer's record of it may still be on its way. Once per hold.
+    pub const MIDFLOW_HELD: u32 = 8;
+    pub const COUNT: u32 = 9;
     pub const NAMES: [&str; COUNT as usize] = [
         "midflow_miss",
         "flow_resteered",
@@ -938,6 +964,7 @@ pub mod event {
         "embryonic_promoted",
         "policy_recheck",
         "rate_limit_contended",
+        "midflow_held",
     ];
 }
 

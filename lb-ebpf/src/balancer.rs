@@ -18,9 +18,10 @@ use crate::{
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap, programs::XdpContext};
 use core::{arch::asm, mem::MaybeUninit, ptr::addr_of_mut};
 use lb_common::{
-    Addr, BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, CONFIG_F_MIGRATING, FORWARD_L2, FlowEvent,
-    FlowKey, FlowStamp, FlowValue, IPPROTO_ICMP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP,
-    RING_SLOTS, TOUCH_NS, VipKey, VipMeta, event, reason, ring_index,
+    Addr, BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, CONFIG_F_HOLD_MIDFLOW, CONFIG_F_MIGRATING,
+    FLOW_F_HELD, FORWARD_L2, FlowEvent, FlowKey, FlowStamp, FlowValue, IPPROTO_ICMP, IPPROTO_IPV6,
+    IPPROTO_TCP, IPPROTO_UDP, MIDFLOW_HOLD_NS, RING_SLOTS, TOUCH_NS, VipKey, VipMeta, event,
+    reason, ring_index,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -851,11 +852,10 @@ pub fn select(out: &mut Steered, mut policy: Policy, probe: u32) -> Result<(), V
     Ok(())
 }
 
-/// Whether the agent is copying the flow table from an older layout (`CONFIG_F_MIGRATING`).
-fn migrating() -> bool {
-    CONFIG
-        .get(0)
-        .is_some_and(|cfg| cfg.flags & CONFIG_F_MIGRATING != 0)
+/// `CONFIG`'s flags (`CONFIG_F_*`).
+#[inline(always)]
+fn config_flags() -> u32 {
+    CONFIG.get(0).map_or(0, |cfg| cfg.flags)
 }
 
 /// A TCP packet whose flow is not in `FLOWS`. New TCP flows wait in the embryonic table until
@@ -864,9 +864,21 @@ fn migrating() -> bool {
 /// established flow. A retransmitted SYN finds its embryo and keeps its backend; the first
 /// packet without SYN moves the flow into `FLOWS`. Returns the backend, and whether a new flow
 /// was assigned.
+///
+/// With peer sync on, a packet without SYN that finds neither table's entry holds its flow
+/// first (`hold`): the flow is most likely a peer's, whose record is on its way.
 #[inline(always)]
 fn tcp_miss(pkt: &Packet, now: u64, policy: &Policy) -> (Result<(u32, Addr), Verdict>, bool) {
-    match existing_flow(&EMBRYOS, &pkt.flow, pkt.vip.id, Some(now)) {
+    let key: &FlowKey = &pkt.flow;
+    let embryo = EMBRYOS.get_ptr_mut(key);
+    // A held flow has no backend to validate: for its packets it is a miss that knows when its
+    // hold began.
+    let held_since = embryo.and_then(held_since);
+    let found = match embryo {
+        Some(value) if held_since.is_none() => validate(value, pkt.vip.id, Some(now)),
+        _ => Lookup::Miss,
+    };
+    match found {
         Lookup::Hit(id, addr, value) => {
             let checked = recheck(pkt, policy, value);
             if checked.is_ok() && pkt.midflow {
@@ -877,13 +889,23 @@ fn tcp_miss(pkt: &Packet, now: u64, policy: &Policy) -> (Result<(u32, Addr), Ver
         miss => {
             match miss {
                 Lookup::Stale => stats::count_event(event::FLOW_RESTEERED),
-                // While the agent copies the flow tables from an older layout, the flow may only
-                // be missing for now: its sender retransmits this packet, steering it anew could
-                // send it to another backend.
-                _ if pkt.midflow && migrating() => {
-                    return (Err(Verdict::drop(reason::DROP_MIGRATING)), false);
+                _ if pkt.midflow => {
+                    let flags = config_flags();
+                    // While the agent copies the flow tables from an older layout, the flow may
+                    // only be missing for now: its sender retransmits this packet, steering it
+                    // anew could send it to another backend.
+                    if flags & CONFIG_F_MIGRATING != 0 {
+                        return (Err(Verdict::drop(reason::DROP_MIGRATING)), false);
+                    }
+                    let holding = match held_since {
+                        None => true,
+                        Some(since) => now.saturating_sub(since) < MIDFLOW_HOLD_NS,
+                    };
+                    if flags & CONFIG_F_HOLD_MIDFLOW != 0 && holding {
+                        return (hold(pkt, policy, now, held_since.is_none()), false);
+                    }
+                    stats::count_event(event::MIDFLOW_MISS);
                 }
-                _ if pkt.midflow => stats::count_event(event::MIDFLOW_MISS),
                 _ => {}
             }
             // A packet from the middle of a connection this node never saw (a sync gap) is held
@@ -893,6 +915,31 @@ fn tcp_miss(pkt: &Packet, now: u64, policy: &Policy) -> (Result<(u32, Addr), Ver
             (chosen, true)
         }
     }
+}
+
+/// When `embryo`'s flow was held (`FLOW_F_HELD`); `None` for an embryo with a backend.
+#[inline(always)]
+fn held_since(embryo: *mut FlowValue) -> Option<u64> {
+    // SAFETY: map value pointer from a successful lookup.
+    let (flags, since) = unsafe { ((*embryo).flags, (*embryo).last_seen_ns) };
+    (flags & FLOW_F_HELD != 0).then_some(since)
+}
+
+/// Drop a packet of a flow held for its peer's record (`FLOW_F_HELD`), holding the flow first
+/// if it is `new` to the hold. Its source is checked first, so a denied source's packet is
+/// counted as what it is; the new-flow limits wait until the flow is steered. The entry lives
+/// in `EMBRYOS`, so a flood of lone ACKs churns that table and never the flow table.
+#[inline(always)]
+fn hold(pkt: &Packet, policy: &Policy, now: u64, new: bool) -> Result<(u32, Addr), Verdict> {
+    check_source(pkt, policy)?;
+    if new {
+        let held = FlowValue::new(Addr::UNSPECIFIED, 0, now, FLOW_F_HELD);
+        // If the insert failed (an LRU map evicts rather than fails), the next packet holds the
+        // flow again: its wait only starts later.
+        let _ = EMBRYOS.insert(pkt.flow, held, 0);
+        stats::count_event(event::MIDFLOW_HELD);
+    }
+    Err(Verdict::drop(reason::DROP_MIDFLOW_HELD))
 }
 
 /// A known flow's packet: its cached source checks (and VIP) hold while they were made under the

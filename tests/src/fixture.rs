@@ -12,7 +12,7 @@ use crate::{
     packet6::{ETH_P_IPV6, Ip6, NH_IPV6, NH_TCP},
 };
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use lb_common::{DEFAULT_FLOW_CAPACITY, FlowKey, FlowValue};
+use lb_common::{Addr, DEFAULT_FLOW_CAPACITY, FlowKey, FlowValue};
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -177,6 +177,18 @@ pub fn run_inbound(dp: &Dataplane, ifindex: u32, ip_packet: &[u8]) -> (u32, Vec<
         ifindex,
         &inbound(ip_packet),
     )
+}
+
+/// The flow key of TCP from `CLIENT` port `sport` to `VIP` port `dport` (both in host order).
+pub fn client_tcp_key(sport: u16, dport: u16) -> FlowKey {
+    FlowKey {
+        src_addr: Addr::from(CLIENT),
+        dst_addr: Addr::from(VIP),
+        src_port: sport.to_be(),
+        dst_port: dport.to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    }
 }
 
 /// The `FLOWS` key and entry of the flow from client port `sport` (the fixtures' clients use a

@@ -3,7 +3,7 @@
 //! expected action}. The namespace, the balancer's VIPs and the packet builder are in the test
 //! library (`xlb_tests::fixture`, `xlb_tests::packet`), shared with the fuzzer. Needs root.
 
-use lb_common::{Addr, FLOW_F_PEER, FlowEvent, FlowKey, reason};
+use lb_common::{Addr, FLOW_F_HELD, FLOW_F_PEER, FlowEvent, FlowKey, MIDFLOW_HOLD_NS, reason};
 use std::{collections::BTreeSet, net::Ipv4Addr};
 use xlb::{
     dataplane::{Dataplane, monotonic_ns, persistent},
@@ -1632,14 +1632,7 @@ fn flows_are_reported_and_peer_flows_are_honoured() {
 
         // A peer's flows: one pinned to be3, one to a backend this node lacks.
         let peer_flow = |sport: u16, backend: Ipv4Addr| FlowEvent {
-            flow: FlowKey {
-                src_addr: Addr::from(CLIENT),
-                dst_addr: Addr::from(VIP),
-                src_port: sport.to_be(),
-                dst_port: 80u16.to_be(),
-                proto: 6,
-                _pad: [0; 3],
-            },
+            flow: client_tcp_key(sport, 80),
             backend_addr: Addr::from(backend),
         };
         let report = dp
@@ -1709,6 +1702,101 @@ fn flows_are_reported_and_peer_flows_are_honoured() {
             .map(|e| u16::from_be(e.flow.src_port))
             .collect();
         assert_eq!(left, vec![55001]);
+    });
+}
+
+/// With peer sync on (`hold_midflow_misses`), a packet without SYN of a flow neither table knows
+/// is dropped while its flow waits for a peer's record: once the record is installed, the flow's
+/// next packet goes to the peer's backend, not to the one round robin would give. A flow whose
+/// record never comes is steered as a new flow once the hold is over; a SYN is never held.
+#[test]
+fn midflow_misses_wait_for_a_peers_record_while_sync_is_on() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        dp.hold_midflow_misses(true).unwrap();
+        let ack = |sport: u16| Ip::to(CLIENT, VIP, 6).packet(&tcp(sport, 80, ACK, 10));
+        let key = |sport: u16| client_tcp_key(sport, 80);
+        let send = |dp: &Dataplane, ip_packet: &[u8]| run_inbound(dp, ifindex, ip_packet);
+        let stats = |dp: &Dataplane| {
+            let s = dp.stats().unwrap();
+            (
+                s.reasons["drop_midflow_held"],
+                dp.event_stats().unwrap()["midflow_held"],
+                dp.event_stats().unwrap()["midflow_miss"],
+            )
+        };
+
+        // A peer's flow whose record is late: held, twice, then served as the record says (be3;
+        // round robin would give be1).
+        let late = ack(56000);
+        assert_eq!(send(&dp, &late).0, XDP_DROP, "held");
+        assert_eq!(send(&dp, &late).0, XDP_DROP, "still held");
+        assert_eq!(stats(&dp), (2, 1, 0), "two packets dropped, one flow held");
+        let embryos = dp.embryos().unwrap();
+        let held: Vec<_> = embryos.iter().map(|e| e.unwrap().1).collect();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].flags, FLOW_F_HELD);
+        assert!(held[0].backend_addr.is_unspecified());
+        let record = FlowEvent {
+            flow: key(56000),
+            backend_addr: Addr::from(BACKENDS[2]),
+        };
+        assert_eq!(dp.install_flows([record]).unwrap().installed, 1);
+        let (action, out) = send(&dp, &late);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, encapsulated(&late, 2), "the peer's backend");
+        assert_eq!(stats(&dp), (2, 1, 0), "never steered blind");
+
+        // A flow no peer knows: held, then, once the hold is over, steered as a new flow (be1,
+        // the ring's first slot), held apart in `EMBRYOS` until its next packet promotes it.
+        let orphan = ack(56001);
+        assert_eq!(send(&dp, &orphan).0, XDP_DROP);
+        assert_eq!(stats(&dp), (3, 2, 0));
+        // The coarse clock moves by ticks: a tick more than the hold.
+        std::thread::sleep(std::time::Duration::from_nanos(MIDFLOW_HOLD_NS) * 3 / 2);
+        let (action, out) = send(&dp, &orphan);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, encapsulated(&orphan, 0));
+        assert_eq!(
+            stats(&dp),
+            (3, 2, 1),
+            "steered blind once the hold was over"
+        );
+        assert_eq!(
+            send(&dp, &orphan).1,
+            encapsulated(&orphan, 0),
+            "and it stays"
+        );
+        assert!(
+            dp.embryos().unwrap().get(&key(56001), 0).is_err(),
+            "promoted"
+        );
+        assert_eq!(
+            dp.flows()
+                .unwrap()
+                .get(&key(56001), 0)
+                .unwrap()
+                .backend_addr,
+            Addr::from(BACKENDS[0])
+        );
+
+        // A SYN of a held flow opens it at once (be2, the next slot).
+        let reopened = ack(56002);
+        assert_eq!(send(&dp, &reopened).0, XDP_DROP);
+        let syn = client_syn(56002, 80);
+        let (action, out) = send(&dp, &syn);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, encapsulated(&syn, 1));
+        assert_eq!(send(&dp, &reopened).1, encapsulated(&reopened, 1));
+        assert_eq!(stats(&dp), (4, 3, 1));
+
+        // Sync off: a flow no one knows is steered at once (be3), as before peers.
+        dp.hold_midflow_misses(false).unwrap();
+        let lone = ack(56003);
+        let (action, out) = send(&dp, &lone);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, encapsulated(&lone, 2));
+        assert_eq!(stats(&dp), (4, 3, 2));
     });
 }
 

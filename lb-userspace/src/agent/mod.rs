@@ -480,6 +480,9 @@ async fn start_sync(
     tasks: &TaskTracker,
 ) -> Result<SyncLink, AgentError> {
     let events = RingBufSource::new(dp.take_flow_events()?)?;
+    // Peers send this node their flows from now on: a packet of a flow not (yet) known waits
+    // for a peer's record before it is steered blind.
+    dp.hold_midflow_misses(true)?;
     let (request_tx, requests) = mpsc::channel(SYNC_REQUEST_QUEUE);
     let (listen, peers) = (config.listen, config.peers.len());
     let handle = sync::spawn(config, events, request_tx, cancel.child_token(), tasks).await?;

@@ -8,7 +8,10 @@
 
 use super::{Dataplane, DataplaneError, batch, map_err, take_map};
 use aya::maps::{HashMap, IterableMap, MapData, RingBuf};
-use lb_common::{Addr, CONFIG_F_FLOW_EVENTS, FLOW_F_PEER, FlowEvent, FlowKey, FlowValue, maps};
+use lb_common::{
+    Addr, CONFIG_F_FLOW_EVENTS, CONFIG_F_HOLD_MIDFLOW, FLOW_F_PEER, FlowEvent, FlowKey, FlowValue,
+    maps,
+};
 use serde::{Deserialize, Serialize};
 use std::{
     io,
@@ -229,6 +232,14 @@ impl Dataplane {
         // Someone reads the events now: start reporting them.
         self.set_config_flag(CONFIG_F_FLOW_EVENTS, true)?;
         Ok(ring)
+    }
+
+    /// Hold a TCP packet without SYN that finds no flow (`CONFIG_F_HOLD_MIDFLOW`) for up to
+    /// `lb_common::MIDFLOW_HOLD_NS` before steering it as a new flow: on while peers may send this
+    /// node their flows, so that a flow a peer opened a moment before an ECMP change reaches
+    /// its backend once the peer's record is here, instead of whichever one round robin gives.
+    pub fn hold_midflow_misses(&mut self, on: bool) -> Result<(), DataplaneError> {
+        self.set_config_flag(CONFIG_F_HOLD_MIDFLOW, on)
     }
 
     /// Install flows learned from a peer, each pinned to its backend by address and marked
