@@ -98,7 +98,9 @@ pub mod layout {
     /// complete on the backend they started with. Version 2 only in `layout-test` builds.
     /// Version 3: `FlowKey` and `FlowValue` of `FLOWS` v4 (both families); version 4 only in
     /// `layout-test` builds. Version 5: `FlowValue` of `FLOWS` v6 (the VIP cached); version 6
-    /// only in `layout-test` builds.
+    /// only in `layout-test` builds. An entry may also be a held flow (`FLOW_F_HELD`: no
+    /// backend; the same layout, so no new version): an upgrade leaves it behind, and a build
+    /// before it reads it as an embryo whose backend left (re-steered).
     #[cfg(not(feature = "layout-test"))]
     pub const EMBRYOS: u32 = 5;
     #[cfg(feature = "layout-test")]
@@ -690,8 +692,8 @@ pub const FLOW_F_HELD: u32 = 2;
 
 /// How long a held flow (`FLOW_F_HELD`) waits for its peer's record: far longer than the sync's
 /// own delay (a 2 ms flush, then one hop), and shorter than TCP's least retransmission timeout
-/// (200 ms on Linux), so that the sender's first retransmission comes after it and is served
-/// either way.
+/// (200 ms on Linux), so that the retransmission at the end of that timeout is served either
+/// way (a tail-loss probe, a few round trips after the packet, may fall inside the hold).
 pub const MIDFLOW_HOLD_NS: u64 = 100_000_000;
 
 /// A flow the balancer just assigned (new, or re-steered because its backend went away), sent on

@@ -15,7 +15,9 @@ use crate::{
     },
     stats, vip_icmp, vip_icmp6,
 };
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap, programs::XdpContext};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap, programs::XdpContext,
+};
 use core::{arch::asm, mem::MaybeUninit, ptr::addr_of_mut};
 use lb_common::{
     Addr, BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, CONFIG_F_HOLD_MIDFLOW, CONFIG_F_MIGRATING,
@@ -872,10 +874,11 @@ fn tcp_miss(pkt: &Packet, now: u64, policy: &Policy) -> (Result<(u32, Addr), Ver
     let key: &FlowKey = &pkt.flow;
     let embryo = EMBRYOS.get_ptr_mut(key);
     // A held flow has no backend to validate: for its packets it is a miss that knows when its
-    // hold began.
-    let held_since = embryo.and_then(held_since);
+    // hold began. A time, not an `Option`: the payload of a `None` kept across the helper calls
+    // below was spilled from an unwritten register, which the verifier refuses.
+    let held_at = embryo.map_or(NOT_HELD, held_at);
     let found = match embryo {
-        Some(value) if held_since.is_none() => validate(value, pkt.vip.id, Some(now)),
+        Some(value) if held_at == NOT_HELD => validate(value, pkt.vip.id, Some(now)),
         _ => Lookup::Miss,
     };
     match found {
@@ -897,12 +900,10 @@ fn tcp_miss(pkt: &Packet, now: u64, policy: &Policy) -> (Result<(u32, Addr), Ver
                     if flags & CONFIG_F_MIGRATING != 0 {
                         return (Err(Verdict::drop(reason::DROP_MIGRATING)), false);
                     }
-                    let holding = match held_since {
-                        None => true,
-                        Some(since) => now.saturating_sub(since) < MIDFLOW_HOLD_NS,
-                    };
+                    let holding =
+                        held_at == NOT_HELD || now.saturating_sub(held_at) < MIDFLOW_HOLD_NS;
                     if flags & CONFIG_F_HOLD_MIDFLOW != 0 && holding {
-                        return (hold(pkt, policy, now, held_since.is_none()), false);
+                        return (hold(pkt, policy, now, held_at == NOT_HELD), false);
                     }
                     stats::count_event(event::MIDFLOW_MISS);
                 }
@@ -910,33 +911,46 @@ fn tcp_miss(pkt: &Packet, now: u64, policy: &Policy) -> (Result<(u32, Addr), Ver
             }
             // A packet from the middle of a connection this node never saw (a sync gap) is held
             // apart too: its next packet promotes it, and a flood of lone ACKs stays out of the
-            // flow table as SYNs do.
-            let chosen = assign(pkt, now, policy, Table::Embryos, true);
+            // flow table as SYNs do. A flow that was held took its new-flow token then.
+            let limited = !(pkt.midflow && held_at != NOT_HELD);
+            let chosen = assign(pkt, now, policy, Table::Embryos, limited);
             (chosen, true)
         }
     }
 }
 
-/// When `embryo`'s flow was held (`FLOW_F_HELD`); `None` for an embryo with a backend.
+/// `held_at` of an embryo with a backend, or of none: the coarse clock is never 0 by the time
+/// a packet arrives (it counts from boot).
+const NOT_HELD: u64 = 0;
+
+/// When `embryo`'s flow was held (`FLOW_F_HELD`), or `NOT_HELD` for an embryo with a backend.
 #[inline(always)]
-fn held_since(embryo: *mut FlowValue) -> Option<u64> {
+fn held_at(embryo: *mut FlowValue) -> u64 {
     // SAFETY: map value pointer from a successful lookup.
     let (flags, since) = unsafe { ((*embryo).flags, (*embryo).last_seen_ns) };
-    (flags & FLOW_F_HELD != 0).then_some(since)
+    if flags & FLOW_F_HELD != 0 {
+        since
+    } else {
+        NOT_HELD
+    }
 }
 
 /// Drop a packet of a flow held for its peer's record (`FLOW_F_HELD`), holding the flow first
-/// if it is `new` to the hold. Its source is checked first, so a denied source's packet is
-/// counted as what it is; the new-flow limits wait until the flow is steered. The entry lives
-/// in `EMBRYOS`, so a flood of lone ACKs churns that table and never the flow table.
+/// if it is `new` to the hold. Its source is checked first and, for a new hold, the new-flow
+/// limits, as for the flow it may become: a denied or limited packet is counted as what it is
+/// and leaves no entry, so a flood of lone ACKs is limited as a SYN flood is, and what it does
+/// enter lands in `EMBRYOS`, never in the flow table. The flow does not pay again when its hold
+/// runs out (`tcp_miss`).
 #[inline(always)]
 fn hold(pkt: &Packet, policy: &Policy, now: u64, new: bool) -> Result<(u32, Addr), Verdict> {
     check_source(pkt, policy)?;
     if new {
+        firewall::admit_new_flow(pkt.flow.src_addr, &pkt.vip).map_err(Verdict::drop)?;
         let held = FlowValue::new(Addr::UNSPECIFIED, 0, now, FLOW_F_HELD);
-        // If the insert failed (an LRU map evicts rather than fails), the next packet holds the
-        // flow again: its wait only starts later.
-        let _ = EMBRYOS.insert(pkt.flow, held, 0);
+        // Never over an embryo with a backend (the flow's SYN, steered on another CPU since the
+        // lookup). If the insert failed otherwise (an LRU map evicts rather than fails), the
+        // next packet holds the flow again: its wait only starts later.
+        let _ = EMBRYOS.insert(pkt.flow, held, u64::from(BPF_NOEXIST));
         stats::count_event(event::MIDFLOW_HELD);
     }
     Err(Verdict::drop(reason::DROP_MIDFLOW_HELD))

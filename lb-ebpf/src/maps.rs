@@ -46,7 +46,9 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
 
 /// TCP flows that have sent only SYNs so far (`balancer.rs`): a SYN flood churns this table, and
-/// a flow moves into `FLOWS` with its first packet without SYN. Capacity set by the agent.
+/// a flow moves into `FLOWS` with its first packet without SYN. Also flows held for a peer's
+/// record (`FLOW_F_HELD`), left here when the record arrives (`FLOWS` is looked up first) until
+/// the LRU evicts them. Capacity set by the agent.
 #[map(name = "EMBRYOS")]
 pub static EMBRYOS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_EMBRYO_CAPACITY, 0);

@@ -430,6 +430,51 @@ fn a_vip_limit_counts_every_source() {
     });
 }
 
+/// With peer sync on, a lone ACK is held for a peer's record before it is steered: it pays the
+/// VIP's limit when its flow is held (a flood of them enters `EMBRYOS` no faster than SYNs do,
+/// and a denied source leaves nothing), and does not pay again when its hold runs out.
+#[test]
+fn held_lone_acks_are_limited_as_syns_are() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        dp.hold_midflow_misses(true).unwrap();
+        let policy = SourcePolicy {
+            vip_limit: Some(RateLimit { rate: 1, burst: 3 }),
+            deny_src: nets(&["10.111.0.66/32"]),
+            ..SourcePolicy::default()
+        };
+        dp.apply_vip(&tcp80(policy), &BTreeSet::new()).unwrap();
+        let flood: Vec<Vec<u8>> = (0..10u16)
+            .map(|i| ack_from(Ipv4Addr::new(10, 111, 0, 20), 30000 + i, 80))
+            .collect();
+        for frame in &flood {
+            assert_eq!(send(&dp, ifindex, frame), XDP_DROP);
+        }
+        assert_eq!(reason(&dp, "drop_midflow_held"), 3, "the burst held");
+        assert_eq!(event(&dp, "midflow_held"), 3);
+        assert_eq!(reason(&dp, "drop_rate_limited_vip"), 7);
+        assert_eq!(drops_of(&dp, 80).rate_limited_vip, 7);
+        assert_eq!(
+            dp.embryos().unwrap().keys().count(),
+            3,
+            "only the held enter"
+        );
+        let denied = ack_from(Ipv4Addr::new(10, 111, 0, 66), 30100, 80);
+        assert_eq!(send(&dp, ifindex, &denied), XDP_DROP);
+        assert_eq!(reason(&dp, "drop_src_denied"), 1);
+        assert_eq!(
+            dp.embryos().unwrap().keys().count(),
+            3,
+            "a denied source leaves nothing"
+        );
+        // Once the hold is over, a held flow is steered without a token (the bucket is empty).
+        std::thread::sleep(std::time::Duration::from_nanos(lb_common::MIDFLOW_HOLD_NS) * 3 / 2);
+        assert_eq!(send(&dp, ifindex, &flood[0]), XDP_TX);
+        assert_eq!(event(&dp, "midflow_miss"), 1);
+        assert_eq!(reason(&dp, "drop_rate_limited_vip"), 7);
+    });
+}
+
 /// The bucket is shared by the CPUs and taken with compare-and-swap: two CPUs sending SYNs from
 /// one source at the same time admit exactly the burst between them.
 #[test]

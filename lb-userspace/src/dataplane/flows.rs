@@ -39,7 +39,8 @@ pub struct InstallReport {
 pub struct FlowCounts {
     /// Entries in the table: live flows and finished ones not evicted yet (it is an LRU).
     pub entries: u64,
-    /// Entries in the embryonic table (TCP flows that have sent only SYNs; an LRU too).
+    /// Entries in the embryonic table (TCP flows that have sent only SYNs, and with peer sync
+    /// flows held for a peer's record; an LRU too).
     pub embryos: u64,
     /// Entries that saw a packet within `ACTIVE_FLOW_WINDOW`, per (backend slot, backend address).
     pub active: std::collections::HashMap<(u32, Addr), u64>,

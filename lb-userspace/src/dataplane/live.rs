@@ -28,7 +28,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{Addr, CONFIG_F_MIGRATING, FlowKey, FlowStamp, FlowValue, maps};
+use lb_common::{Addr, CONFIG_F_MIGRATING, FLOW_F_HELD, FlowKey, FlowStamp, FlowValue, maps};
 use std::{
     collections::BTreeSet,
     fs,
@@ -431,6 +431,9 @@ impl Dataplane {
         let mut flows = Vec::with_capacity(entries.len());
         for (key, value) in &entries {
             match migrate::decode_flow(migrate::flow_layout(table, from.version), key, value) {
+                // A flow held for a peer's record has no backend to install by: its next packet
+                // holds it again.
+                Some(f) if f.flags & FLOW_F_HELD != 0 => {}
                 Some(f) => flows.push(f),
                 None => count.left_out += 1,
             }
