@@ -457,8 +457,9 @@ pub(crate) struct StatsReport {
     pub(crate) reasons: BTreeMap<String, u64>,
     /// Data-path events (`lb_common::event::NAMES`): `midflow_miss` (a TCP packet without SYN
     /// that found no flow entry, steered as a new flow: a sync gap), `midflow_held` (with peer
-    /// sync on, such a packet's flow held for the peer's record first), `flow_resteered`, `flow_event_lost`,
-    /// `nexthop_lookup` (FIB lookups for a backend's next hop, which is cached per CPU for 1 s).
+    /// sync on, such a packet's flow held for the peer's record first), `flow_resteered`,
+    /// `flow_event_lost`, `nexthop_lookup` (FIB lookups for a backend's next hop, which is
+    /// cached per CPU for 1 s).
     pub(crate) events: BTreeMap<String, u64>,
     pub(crate) flow_capacity: u32,
     /// Entries in the flow table (live and finished-but-not-evicted flows: it is an LRU),

@@ -301,8 +301,8 @@ fn render_datapath(f: &Families, stats: &StatsReport) -> Result<(), MetricsError
         "xlb_datapath_events_total",
         "Data-path events: midflow_miss (a TCP packet without SYN and no flow entry, steered \
          as a new flow), midflow_held (such a packet's flow held for a peer's record, with peer \
-         sync on), flow_resteered, flow_event_lost (sync ring buffer full), nexthop_lookup (FIB lookup \
-         for a backend's next hop; cached per CPU for 1 s).",
+         sync on), flow_resteered, flow_event_lost (sync ring buffer full), nexthop_lookup \
+         (FIB lookup for a backend's next hop; cached per CPU for 1 s).",
         &["event"],
     )?;
     for (name, n) in &stats.events {
