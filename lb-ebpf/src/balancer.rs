@@ -854,9 +854,9 @@ pub fn select(out: &mut Steered, mut policy: Policy, probe: u32) -> Result<(), V
     Ok(())
 }
 
-/// `CONFIG`'s flags (`CONFIG_F_*`).
+/// `CONFIG`'s flags (`CONFIG_F_*`); 0 if it could not be read.
 #[inline(always)]
-fn config_flags() -> u32 {
+pub fn config_flags() -> u32 {
     CONFIG.get(0).map_or(0, |cfg| cfg.flags)
 }
 
@@ -1156,10 +1156,7 @@ fn new_flow(pkt: &Packet, now: u64, policy: &Policy, table: Table) -> Result<(u3
 /// Tell the peers (through the agent) about a flow that is now in `FLOWS`, if anyone reads.
 #[inline(always)]
 fn report_flow(flow: &FlowKey, backend_addr: Addr) {
-    if CONFIG
-        .get(0)
-        .is_some_and(|cfg| cfg.flags & CONFIG_F_FLOW_EVENTS != 0)
-    {
+    if config_flags() & CONFIG_F_FLOW_EVENTS != 0 {
         let event = FlowEvent {
             flow: *flow,
             backend_addr,

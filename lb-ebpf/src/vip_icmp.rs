@@ -22,7 +22,7 @@ use crate::{
     balancer::{self, Lookup, Packet, Steered, UDP_HLEN},
     csum, debug, forward,
     icmp::{ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HLEN, QUOTED_L4},
-    maps::{CONFIG, EMBRYOS, FLOWS, VIP_ADDRS, VIPS},
+    maps::{EMBRYOS, FLOWS, VIP_ADDRS, VIPS},
     parse::{ETH_HLEN, IP_OFFSET_MASK, IPV4_HLEN, frame_len, ptr_at},
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
@@ -83,10 +83,7 @@ pub fn handle(ctx: &XdpContext, outer: &Outer, out: &mut Steered) -> Result<(), 
 /// on the address allows it (the agent keeps `VIP_ADDR_F_ICMP_ECHO` so).
 #[inline(always)]
 pub fn echo_on(addr_flags: u32) -> bool {
-    addr_flags & VIP_ADDR_F_ICMP_ECHO != 0
-        && CONFIG
-            .get(0)
-            .is_some_and(|cfg| cfg.flags & CONFIG_F_ICMP_ECHO != 0)
+    addr_flags & VIP_ADDR_F_ICMP_ECHO != 0 && balancer::config_flags() & CONFIG_F_ICMP_ECHO != 0
 }
 
 /// Turn the echo request in the frame into its reply, in place, and send it back the way it
