@@ -44,6 +44,7 @@ use xlb_tests::{
     client::{ClientOptions, ContinuousClient, Request, started_between, timeline},
     cmd::{wait_for, wait_for_every},
     downloads::{Finished, LongDownloads},
+    http::KeepAlive,
     netns::require_root,
     process::Process,
     testbed::{FAST_HTTP_CHECK, SYNC_PORT, Testbed, TestbedOptions},
@@ -472,7 +473,7 @@ fn lb1_lost_connections_survive_on_lb2_driver() {
 #[test]
 fn drain_and_health_withdraw_the_node_without_failures() {
     require_root();
-    let bed = Testbed::up(
+    let mut bed = Testbed::up(
         TestbedOptions::new("ipip", "generic")
             .active_active()
             .with_fast_checks(),
@@ -647,6 +648,118 @@ fn drain_and_health_withdraw_the_node_without_failures() {
         "connections failed:\n{}",
         failed.join("\n")
     );
+
+    late_records_are_waited_for(&mut bed);
+}
+
+/// Keep-alive connections in the late-record phase.
+const LATE_CONNECTIONS: usize = 20;
+
+/// SIGSTOP to a process, undone (SIGCONT) when dropped, also when the test fails.
+struct Stopped(i32);
+
+impl Stopped {
+    fn new(pid: i32) -> Self {
+        // SAFETY: a signal to a pid this test started.
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGSTOP) },
+            0,
+            "SIGSTOP {pid}"
+        );
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// Part 5 of the drain test: connections that lb1 opened while its agent could not sync them
+/// (stopped), moved by the undrain of lb2 before lb2 has their records. lb2 holds their packets
+/// (`midflow_held`) until lb1's agent runs again and its records arrive; the senders'
+/// retransmissions then reach their backends. Steered blind (`midflow_miss`), two in three of
+/// the moved connections would be reset by a backend that never saw them.
+fn late_records_are_waited_for(bed: &mut Testbed) {
+    bed.lb_client("lb2")
+        .ok(&["node", "drain"])
+        .expect("xlb node drain");
+    bed.wait_next_hops(&[LB1_ADDR], Duration::from_secs(5))
+        .expect("rtr to route the VIP via lb1 only");
+    let misses = |bed: &Testbed| {
+        let s = stats(bed, "lb2");
+        (
+            event(&s, "midflow_miss").unwrap(),
+            event(&s, "midflow_held").unwrap(),
+        )
+    };
+    let lb2_before = misses(bed);
+    let lb1_agent = Stopped::new(bed.agent_mut().pid());
+    let conns: Vec<(KeepAlive, String)> = bed
+        .ns("cli")
+        .enter(|| {
+            (0..LATE_CONNECTIONS)
+                .map(|_| {
+                    let mut c = KeepAlive::connect(target(), Duration::from_secs(5))?;
+                    let r = c.get("/")?;
+                    Ok((c, r.header("x-backend").unwrap_or_default().to_string()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .unwrap()
+        .expect("keep-alive connections through lb1");
+    bed.lb_client("lb2")
+        .ok(&["node", "undrain"])
+        .expect("xlb node undrain");
+    bed.wait_next_hops(&[LB1_ADDR, LB2_ADDR], Duration::from_secs(5))
+        .expect("rtr to route the VIP over both again");
+    // Each connection's next request, at once; lb1's records stay behind until its agent runs.
+    let requests: Vec<_> = conns
+        .into_iter()
+        .map(|(mut c, first)| {
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let r = c.get("/");
+                (
+                    first,
+                    r.map(|r| r.header("x-backend").unwrap_or_default().to_string()),
+                    started.elapsed(),
+                )
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(30));
+    drop(lb1_agent);
+    let answers: Vec<_> = requests.into_iter().map(|t| t.join().unwrap()).collect();
+    let lb2_after = misses(bed);
+    let slow = answers
+        .iter()
+        .filter(|(_, _, took)| *took > Duration::from_millis(150))
+        .count();
+    report(&format!(
+        "SYNC late records: {LATE_CONNECTIONS} keep-alive connections opened through lb1 while its \
+         agent was stopped, then lb2 undrained; lb2 midflow_held +{}, midflow_miss +{}; {slow} \
+         requests waited for a retransmission; answers {:?}",
+        lb2_after.1 - lb2_before.1,
+        lb2_after.0 - lb2_before.0,
+        answers
+            .iter()
+            .map(|(first, then, _)| format!("{first}->{}", then.as_deref().unwrap_or("error")))
+            .collect::<Vec<_>>()
+    ));
+    for (first, then, _) in &answers {
+        match then {
+            Ok(b) => assert_eq!(b, first, "a connection changed backend"),
+            Err(e) => panic!("a connection first answered by {first} failed: {e:#}"),
+        }
+    }
+    assert!(
+        lb2_after.1 > lb2_before.1,
+        "no connection moved to lb2 before its record: nothing was tested"
+    );
+    assert_eq!(lb2_after.0, lb2_before.0, "lb2 steered a flow blind");
 }
 
 /// An nftables table in lb1 that drops lb1's own TCP to the backends' port 80 (its health
