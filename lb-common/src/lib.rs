@@ -47,6 +47,9 @@ pub mod maps {
     pub const DENY_HOSTS: [&str; 2] = ["DENY_HOSTS0", "DENY_HOSTS1"];
     /// The prefilter of `DENY_HOSTS`: one bit per /24 that holds a host entry, per half.
     pub const DENY_HOST_NETS: [&str; 2] = ["DENY_HOST_NETS0", "DENY_HOST_NETS1"];
+    /// The global deny list's IPv6 prefixes (/0 to /128, hosts included), double buffered
+    /// like `DENY`: the same `PolicyState::deny_live` picks the live half of both families.
+    pub const DENY6: [&str; 2] = ["DENY6_0", "DENY6_1"];
     pub const VIP_ALLOW: &str = "VIP_ALLOW";
     pub const VIP_DENY: &str = "VIP_DENY";
     pub const VIP_LIMITS: &str = "VIP_LIMITS";
@@ -117,6 +120,9 @@ pub mod layout {
     /// build without them gets new, empty ones, filled from the hashes before the new program
     /// is swapped in (the old program never reads them).
     pub const DENY_HOST_NETS: u32 = 1;
+    /// The deny list's IPv6 tries. A data path pinned by a build without them gets new, empty
+    /// ones (its list had no IPv6 prefix: that build refused them).
+    pub const DENY6: u32 = 1;
     /// The VIPs' source lists, both halves (`VIPS` names the live one of each VIP).
     pub const VIP_ALLOW: u32 = 1;
     pub const VIP_DENY: u32 = 1;
@@ -167,6 +173,8 @@ pub mod layout {
         (super::maps::DENY_HOSTS[1], DENY_HOSTS),
         (super::maps::DENY_HOST_NETS[0], DENY_HOST_NETS),
         (super::maps::DENY_HOST_NETS[1], DENY_HOST_NETS),
+        (super::maps::DENY6[0], DENY6),
+        (super::maps::DENY6[1], DENY6),
         (super::maps::VIP_ALLOW, VIP_ALLOW),
         (super::maps::VIP_DENY, VIP_DENY),
         (super::maps::VIP_LIMITS, VIP_LIMITS),
@@ -356,9 +364,9 @@ pub const FLOW_EVENTS_BYTES: u32 = 1 << 19;
 /// Entries of the decapsulator's local-address set (`DECAP_ADDRS`: IPv4 and IPv6 addresses,
 /// keyed by `Addr`).
 pub const MAX_DECAP_ADDRS: u32 = 64;
-/// Entries the global deny list holds, host entries and shorter prefixes together: at least a
-/// million. Each structure of a half (`DENY_HOSTSn`, `DENYn`) is sized for all of them, so the
-/// list may be all hosts or all prefixes.
+/// Entries the global deny list holds, host entries and shorter prefixes of both families
+/// together: at least a million. Each structure of a half (`DENY_HOSTSn`, `DENYn`, `DENY6_n`) is
+/// sized for all of them, so the list may be all IPv4 hosts, all IPv4 prefixes or all IPv6.
 pub const MAX_DENY_PREFIXES: u32 = 1 << 20;
 /// Source prefixes `VIP_ALLOW` and `VIP_DENY` each hold, over all VIPs and both halves of each
 /// VIP's lists (a change writes the new half before the old one is cleared).
@@ -454,6 +462,10 @@ pub const fn vip_list_tag(vip_id: u32, half: u32) -> u32 {
 /// Key data of the global deny list tries (`DENY0`, `DENY1`; LPM, prefix length 0 to 31): the
 /// address, network order.
 pub type DenyData = [u8; 4];
+
+/// Key data of the global deny list's IPv6 tries (`DENY6_0`, `DENY6_1`; LPM, prefix length 0 to
+/// 128): the address, network order (the packet's source field as it is).
+pub type Deny6Data = [u8; 16];
 
 /// Key of the deny list's host-entry hashes (`DENY_HOSTS0`, `DENY_HOSTS1`): the IPv4 address,
 /// network order (the bytes of the packet's source field, read as a native `u32`).
@@ -762,6 +774,10 @@ pub const POLICY_F_DENY_HOSTS: u32 = 2;
 /// packet's VIP's switch. A data path that ignores the bit (an older build) reads the switch
 /// for every packet, which is what the bit stands for.
 pub const POLICY_F_DEBUG: u32 = 4;
+/// The live half's IPv6 trie (`DENY6_0`, `DENY6_1`) has prefixes: every IPv6 packet's source is
+/// looked up in it. A data path that ignores the bit (an older build) filters no IPv6 source,
+/// as that build's agent never listed one.
+pub const POLICY_F_DENY6: u32 = 8;
 
 /// The `LbConfig::ipip_id_cpu_bits` for a machine with `possible_cpus` CPUs: the fewest bits
 /// that number them all. The outer ID of a fragmentable IPIP packet is the CPU number in these
@@ -1226,6 +1242,16 @@ mod tests {
                 kv(shape!(u32), shape!(u64))
             ),
             (
+                maps::DENY6[0],
+                layout::DENY6,
+                kv(lpm_key(size_of::<Deny6Data>()), shape!(u8))
+            ),
+            (
+                maps::DENY6[1],
+                layout::DENY6,
+                kv(lpm_key(size_of::<Deny6Data>()), shape!(u8))
+            ),
+            (
                 maps::VIP_ALLOW,
                 layout::VIP_ALLOW,
                 kv(lpm_key(size_of::<VipSrcData>()), shape!(u8))
@@ -1411,6 +1437,16 @@ mod tests {
         ("DENY_HOSTS1", 1, "key DenyHostKey=4; value u8=1"),
         ("DENY_HOST_NETS0", 1, "key u32=4; value u64=8"),
         ("DENY_HOST_NETS1", 1, "key u32=4; value u64=8"),
+        (
+            "DENY6_0",
+            1,
+            "key LpmKey=20 prefix_len@0:4 data@4:16; value u8=1",
+        ),
+        (
+            "DENY6_1",
+            1,
+            "key LpmKey=20 prefix_len@0:4 data@4:16; value u8=1",
+        ),
         (
             "BACKENDS",
             2,

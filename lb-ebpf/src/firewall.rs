@@ -1,13 +1,15 @@
 //! The door: who may reach the balancer at all (the global deny list), who may reach a VIP (its
 //! source allow and deny lists), and how fast new flows may come (per source and VIP, per VIP).
 //!
-//! Order, as the decisions are made: the deny list first (every IPv4 packet of the interface,
-//! VIP or not), then the VIP's deny list, then its allow list; the limits only for packets that
-//! would create a flow. Packets of existing flows are never limited.
+//! Order, as the decisions are made: the deny list first (every IPv4 or IPv6 packet of the
+//! interface to a VIP address, and every IPv4 one that is not), then the VIP's deny list, then
+//! its allow list; the limits only for packets that would create a flow. Packets of existing
+//! flows are never limited.
 //!
-//! The lists hold IPv4 prefixes only (so far): an IPv6 source is on no deny list, and outside
-//! every allow list, so a VIP with an allow list admits no IPv6 client. The new-flow limits key
-//! on the 16-byte source and serve both families.
+//! The deny list holds prefixes of both families (IPv6 ones in `DENY6_n`). A VIP's source lists
+//! hold IPv4 prefixes only: an IPv6 source is outside every allow list (the agent refuses source
+//! lists on an IPv6 VIP, so only an IPv4 VIP's could be asked). The new-flow limits key on the
+//! 16-byte source and serve both families.
 //!
 //! An LPM lookup costs tens of nanoseconds, more than an established packet's whole budget, so a
 //! flow remembers the policy generation its checks passed under (`FlowValue::policy_gen`): while
@@ -19,8 +21,8 @@
 
 use crate::{
     maps::{
-        DENY_HOST_NETS0, DENY_HOST_NETS1, DENY_HOSTS0, DENY_HOSTS1, DENY0, DENY1, POLICY,
-        SRC_BUCKETS, VIP_ALLOW, VIP_BUCKETS, VIP_DENY, VIP_LIMITS,
+        DENY_HOST_NETS0, DENY_HOST_NETS1, DENY_HOSTS0, DENY_HOSTS1, DENY0, DENY1, DENY6_0, DENY6_1,
+        POLICY, SRC_BUCKETS, VIP_ALLOW, VIP_BUCKETS, VIP_DENY, VIP_LIMITS,
     },
     stats,
 };
@@ -30,9 +32,9 @@ use core::{
     ptr::{addr_of, read_volatile},
 };
 use lb_common::{
-    Addr, POLICY_F_DEBUG, POLICY_F_DENY_HOSTS, POLICY_F_DENY_LIST, SrcBucketKey, VIP_F_ALLOW,
-    VIP_F_DENY, VIP_F_LIST_HALF, VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT, VipMeta, deny_host_net_bit,
-    event, reason, vip_list_tag, vip_src_data,
+    Addr, Deny6Data, POLICY_F_DEBUG, POLICY_F_DENY_HOSTS, POLICY_F_DENY_LIST, POLICY_F_DENY6,
+    SrcBucketKey, VIP_F_ALLOW, VIP_F_DENY, VIP_F_LIST_HALF, VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT,
+    VipMeta, deny_host_net_bit, event, reason, vip_list_tag, vip_src_data,
 };
 
 /// Compare-and-swap attempts on a bucket before a flow counts as limited (other CPUs kept
@@ -59,7 +61,7 @@ impl Policy {
     #[inline(always)]
     fn deny_list_checked(self) -> Policy {
         Policy {
-            flags: self.flags & !(POLICY_F_DENY_HOSTS | POLICY_F_DENY_LIST),
+            flags: self.flags & !(POLICY_F_DENY_HOSTS | POLICY_F_DENY_LIST | POLICY_F_DENY6),
             ..self
         }
     }
@@ -70,7 +72,7 @@ impl Policy {
 /// reason, already counted for the VIP.
 #[inline(always)]
 pub fn check_deny_list(src: Addr, vip: &VipMeta, policy: &Policy) -> Result<Policy, u32> {
-    if src.is_v4() && deny_listed(src.v4(), policy) {
+    if src_deny_listed(&src, policy) {
         stats::count_vip_drop(vip.id, reason::DROP_DENY_LIST);
         return Err(reason::DROP_DENY_LIST);
     }
@@ -104,6 +106,36 @@ pub fn policy() -> Policy {
             deny_live: 0,
             flags: 0,
         },
+    }
+}
+
+/// `src`, of either family, is on the live deny list.
+#[inline(always)]
+pub fn src_deny_listed(src: &Addr, policy: &Policy) -> bool {
+    if src.is_v4() {
+        deny_listed(src.v4(), policy)
+    } else {
+        deny_listed6(src, policy)
+    }
+}
+
+/// `src` (an IPv6 address, as the packet has it) is in the live half's IPv6 trie, which is
+/// skipped while it is empty.
+#[inline(always)]
+pub fn deny_listed6(src: &Addr, policy: &Policy) -> bool {
+    if policy.flags & POLICY_F_DENY6 == 0 {
+        return false;
+    }
+    // The prefix length, then the address's words, which are its wire bytes in memory order
+    // (`Addr`): five word stores, where `Key::new(128, src.octets())` would store byte by byte.
+    let [a, b, c, d] = src.words;
+    // SAFETY: `Key<[u8; 16]>` is `repr(C, packed)`: a `u32` prefix length (native order, as the
+    // kernel reads it) and 16 bytes, 20 bytes of integers (transmute checks the size).
+    let key = unsafe { core::mem::transmute::<[u32; 5], Key<Deny6Data>>([128, a, b, c, d]) };
+    if policy.deny_live == 0 {
+        DENY6_0.get(&key).is_some()
+    } else {
+        DENY6_1.get(&key).is_some()
     }
 }
 
@@ -167,8 +199,10 @@ pub fn check_source(src: Addr, vip: &VipMeta, policy: &Policy) -> Result<(), u32
 #[inline(always)]
 fn source_verdict(src: Addr, vip: &VipMeta, policy: &Policy) -> Result<(), u32> {
     if !src.is_v4() {
-        // The lists hold IPv4 prefixes: no deny list names an IPv6 source, no allow list
-        // admits one.
+        if deny_listed6(&src, policy) {
+            return Err(reason::DROP_DENY_LIST);
+        }
+        // A VIP's lists hold IPv4 prefixes: none admits an IPv6 source.
         return if vip.flags & VIP_F_ALLOW != 0 {
             Err(reason::DROP_SRC_NOT_ALLOWED)
         } else {

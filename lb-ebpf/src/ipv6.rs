@@ -147,13 +147,20 @@ pub fn header(ctx: &XdpContext) -> Result<(Header, u8), Verdict> {
 }
 
 /// As for IPv4: one lookup (VIPS6) for a VIP service's packet; the address-only lookup tells "a
-/// VIP address, not served" (dropped for `why`) from "not ours" (passed) only when needed.
+/// VIP address, not served" (dropped for `why`) from "not ours" (passed) only when needed. Then
+/// the deny list, as for every IPv4 packet that no VIP serves: a listed source is dropped as
+/// `drop_deny_list` (the trie is skipped while the list has no IPv6 prefix).
 #[inline(always)]
-fn not_served(dst: &Addr, why: u32) -> Verdict {
-    if is_vip_addr(dst) {
+fn not_served(src: &Addr, dst: &Addr, why: u32) -> Verdict {
+    let verdict = if is_vip_addr(dst) {
         Verdict::drop(why)
     } else {
         Verdict::pass(reason::PASS_NOT_VIP)
+    };
+    if firewall::deny_listed6(src, &firewall::policy()) {
+        Verdict::drop(reason::DROP_DENY_LIST)
+    } else {
+        verdict
     }
 }
 
@@ -171,7 +178,7 @@ fn classify(ctx: &XdpContext, out: &mut Steered) -> Result<Option<usize>, Verdic
     let (hdr, next) = header(ctx)?;
     let (proto, l4) = match walk(ctx, next) {
         Walk::Upper(proto, l4) => (proto, l4),
-        Walk::Stop(why) => return Err(not_served(&hdr.dst, why)),
+        Walk::Stop(why) => return Err(not_served(&hdr.src, &hdr.dst, why)),
     };
     let L4 {
         ports,
@@ -180,16 +187,24 @@ fn classify(ctx: &XdpContext, out: &mut Steered) -> Result<Option<usize>, Verdic
     } = match proto {
         IPPROTO_TCP | IPPROTO_UDP => match balancer::l4_header(ctx, proto, black_box(l4)) {
             Some(h) => h,
-            None => return Err(not_served(&hdr.dst, reason::DROP_MALFORMED_L4)),
+            None => return Err(not_served(&hdr.src, &hdr.dst, reason::DROP_MALFORMED_L4)),
         },
-        IPPROTO_ICMPV6 if is_vip_addr(&hdr.dst) => return Ok(Some(l4)),
+        // To a VIP address: the deny list first, as for IPv4's ICMP. To anything else (the
+        // LB's own addresses, neighbour discovery, multicast): passed, listed source or not, so
+        // that no deny-list entry can cut the link's neighbour discovery.
+        IPPROTO_ICMPV6 if is_vip_addr(&hdr.dst) => {
+            if firewall::deny_listed6(&hdr.src, &firewall::policy()) {
+                return Err(Verdict::drop(reason::DROP_DENY_LIST));
+            }
+            return Ok(Some(l4));
+        }
         IPPROTO_ICMPV6 => return Err(Verdict::pass(reason::PASS_NOT_VIP)),
         // AH, ESP, No Next Header, Mobility, HIP, Shim6, experimental: extension headers this
         // does not skip. Other upper layers are refused as IPv4 refuses them.
         51 | 50 | 59 | 135 | 139 | 140 | 253 | 254 => {
-            return Err(not_served(&hdr.dst, reason::DROP_EXT_HEADER));
+            return Err(not_served(&hdr.src, &hdr.dst, reason::DROP_EXT_HEADER));
         }
-        _ => return Err(not_served(&hdr.dst, reason::DROP_UNKNOWN_PORT)),
+        _ => return Err(not_served(&hdr.src, &hdr.dst, reason::DROP_UNKNOWN_PORT)),
     };
     let key = VipKey6 {
         addr: hdr.dst,
@@ -200,7 +215,7 @@ fn classify(ctx: &XdpContext, out: &mut Steered) -> Result<Option<usize>, Verdic
     // SAFETY: copied out at once; the agent replaces VIP entries whole.
     let vip = match unsafe { VIPS6.get(key) } {
         Some(vip) => *vip,
-        None => return Err(not_served(&hdr.dst, reason::DROP_UNKNOWN_PORT)),
+        None => return Err(not_served(&hdr.src, &hdr.dst, reason::DROP_UNKNOWN_PORT)),
     };
     let frame_len = frame_len(ctx);
     let Some(ip_len) = lengths(&hdr, l4 + l4_len - ETH_HLEN, frame_len) else {

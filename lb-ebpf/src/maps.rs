@@ -7,11 +7,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    Addr, Backend, DEFAULT_EMBRYO_CAPACITY, DEFAULT_FLOW_CAPACITY, DENY_HOST_NET_WORDS, DenyData,
-    DenyHostKey, FLOW_EVENTS_BYTES, FlowKey, FlowValue, LbConfig, MAX_BACKENDS, MAX_DECAP_ADDRS,
-    MAX_DENY_PREFIXES, MAX_VIP_PREFIXES, MAX_VIPS, PolicyState, RING_ENTRIES, SRC_BUCKET_ENTRIES,
-    SrcBucketKey, TrafficCounters, VipAddr, VipDrops, VipKey, VipKey6, VipLimits, VipMeta,
-    VipSrcData, decap_reason, event, reason,
+    Addr, Backend, DEFAULT_EMBRYO_CAPACITY, DEFAULT_FLOW_CAPACITY, DENY_HOST_NET_WORDS, Deny6Data,
+    DenyData, DenyHostKey, FLOW_EVENTS_BYTES, FlowKey, FlowValue, LbConfig, MAX_BACKENDS,
+    MAX_DECAP_ADDRS, MAX_DENY_PREFIXES, MAX_VIP_PREFIXES, MAX_VIPS, PolicyState, RING_ENTRIES,
+    SRC_BUCKET_ENTRIES, SrcBucketKey, TrafficCounters, VipAddr, VipDrops, VipKey, VipKey6,
+    VipLimits, VipMeta, VipSrcData, decap_reason, event, reason,
 };
 
 #[map(name = "VIPS")]
@@ -76,6 +76,12 @@ pub static DENY_HOST_NETS1: Array<u64> = Array::with_max_entries(DENY_HOST_NET_W
 pub static DENY0: LpmTrie<DenyData, u8> = LpmTrie::with_max_entries(MAX_DENY_PREFIXES, 0);
 #[map(name = "DENY1")]
 pub static DENY1: LpmTrie<DenyData, u8> = LpmTrie::with_max_entries(MAX_DENY_PREFIXES, 0);
+/// The deny list's IPv6 prefixes, hosts included (an IPv6 list is expected to be short: no
+/// host hash in front of it), one trie per half as `DENY0`/`DENY1`.
+#[map(name = "DENY6_0")]
+pub static DENY6_0: LpmTrie<Deny6Data, u8> = LpmTrie::with_max_entries(MAX_DENY_PREFIXES, 0);
+#[map(name = "DENY6_1")]
+pub static DENY6_1: LpmTrie<Deny6Data, u8> = LpmTrie::with_max_entries(MAX_DENY_PREFIXES, 0);
 
 /// Every VIP's source allow lists, each under its VIP's tag (`lb_common::vip_list_tag`).
 #[map(name = "VIP_ALLOW")]

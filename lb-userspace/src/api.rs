@@ -9,7 +9,10 @@ use crate::{
     model::check::{CheckPatch, CheckSpec},
     model::flows::{CountBy, FlowFilter, Origin},
     model::{BackendConfig, Forward, Proto, ServiceKey, VipConfig, icmp_echo_default},
-    model::{net::Ipv4Net, policy::PolicyPatch},
+    model::{
+        net::{IpNet, Ipv4Net},
+        policy::PolicyPatch,
+    },
 };
 use serde::{Deserialize, Serialize};
 use std::{collections::BTreeMap, fmt, net::IpAddr};
@@ -121,16 +124,16 @@ pub(crate) enum Request {
     },
     /// Add prefixes to the global deny list (those already on it are left as they are).
     DenyAdd {
-        prefixes: Vec<Ipv4Net>,
+        prefixes: Vec<IpNet>,
     },
     /// Remove prefixes from the global deny list (each must be on it).
     DenyDel {
-        prefixes: Vec<Ipv4Net>,
+        prefixes: Vec<IpNet>,
     },
     DenyList,
     /// Replace the global deny list (the CLI read and checked the file `source`).
     DenyLoad {
-        prefixes: Vec<Ipv4Net>,
+        prefixes: Vec<IpNet>,
         source: String,
     },
     /// Withdraw every VIP address from this node's announcement (`xlb node drain`); persisted.
@@ -284,7 +287,7 @@ pub(crate) struct FlowFlushReport {
 pub(crate) struct DenyReport {
     pub(crate) count: usize,
     pub(crate) capacity: u32,
-    pub(crate) prefixes: Vec<Ipv4Net>,
+    pub(crate) prefixes: Vec<IpNet>,
 }
 
 /// One backend as configured (`vip list --json`).
@@ -480,9 +483,13 @@ pub(crate) struct StatsReport {
     /// Prefixes on the global deny list.
     #[serde(default)]
     pub(crate) deny_list: u64,
-    /// Of them, host entries (/32: the data path's exact-match hash; the rest is in its trie).
+    /// Of them, IPv4 host entries (/32: the data path's exact-match hash; shorter IPv4
+    /// prefixes are in its trie).
     #[serde(default)]
     pub(crate) deny_hosts: u64,
+    /// Of them, IPv6 prefixes (the data path's IPv6 trie). Defaulted for older agents.
+    #[serde(default)]
+    pub(crate) deny_ipv6: u64,
     /// Route announcement (`xlb node status`), when the agent runs with `--announce-table`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) node: Option<NodeReport>,
@@ -771,6 +778,7 @@ mod tests {
                     embryonic_entries: 1,
                     deny_list: 2,
                     deny_hosts: 1,
+                    deny_ipv6: 0,
                     node: None,
                 },
             },

@@ -41,7 +41,7 @@ use xlb::{
     dataplane::{Dataplane, DenyCount},
     model::{
         Forward, Proto,
-        net::Ipv4Net,
+        net::{IpNet, Ipv4Net},
         policy::{RateLimit, SourcePolicy},
     },
 };
@@ -194,13 +194,18 @@ pub fn fuzz_balancer() -> Result<Dataplane> {
     for spec in fixture_vips6() {
         dp.apply_vip(&spec, &BTreeSet::new())?;
     }
-    // A prefix (the trie) and host entries (the hash), one of them inside the prefix.
-    let deny = nets(&[
+    // A prefix (the trie) and host entries (the hash), one of them inside the prefix, and an
+    // IPv6 prefix (the IPv6 trie).
+    let deny: Vec<IpNet> = [
         "10.111.9.0/24",
         "198.51.100.0/24",
         "10.111.9.77/32",
         "10.111.8.5/32",
-    ]);
+        "2001:db8:bad::/48",
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
     dp.deny_maps()?.fill(1, &deny)?;
     dp.set_deny_list(1, DenyCount::of(&deny))?;
     Ok(dp)
@@ -332,9 +337,11 @@ impl FrameSource {
             return h;
         }
         let v6 = |s: &str| -> Ipv6Addr { s.parse().expect("a literal address") };
-        let src = match self.rng.below(4) {
+        let src = match self.rng.below(5) {
             0 => v6("fd11:1::2"),
             1 => v6("fe80::1"),
+            // In the deny list's IPv6 prefix.
+            2 => v6("2001:db8:bad::7"),
             _ => Ipv6Addr::from(
                 u128::from(self.rng.next_u64()) << 64 | u128::from(self.rng.next_u64()),
             ),

@@ -252,10 +252,14 @@ fn deny_list(bed: &mut Testbed) {
 /// The door outlives its agent: after a SIGKILL the pinned deny list and a VIP's allow list keep
 /// dropping with no agent running, and the next agent takes them over — the deny list made equal
 /// to its saved file by difference, in place (the file changed meanwhile, as a restore from a
-/// backup would), the allow list read back as it is.
+/// backup would), the allow list read back as it is. IPv6 prefixes go the same way (the bed has
+/// no IPv6 client: `e2e.rs` drops one, here the IPv6 trie is taken over).
 fn survives_sigkill(bed: &mut Testbed) {
     let cli = CLI_ADDR.to_string();
-    xlb(bed, &["deny", "add", "198.51.100.0/24", &cli]);
+    xlb(
+        bed,
+        &["deny", "add", "198.51.100.0/24", &cli, "2001:db8::/32"],
+    );
     assert!(!can_connect(bed), "denied");
     bed.kill_agent("lb1").expect("SIGKILL to the agent");
     assert!(
@@ -264,16 +268,24 @@ fn survives_sigkill(bed: &mut Testbed) {
     );
     assert!(!bed.ping(LB1_ADDR).unwrap(), "ping to lb1 too");
     let saved = bed.dir.path().join("lb1/state/deny.txt");
-    std::fs::write(&saved, "198.51.100.0/24\n203.0.113.0/24\n").expect("writing deny.txt");
+    std::fs::write(&saved, "198.51.100.0/24\n203.0.113.0/24\n2001:db8:1::/48\n")
+        .expect("writing deny.txt");
     bed.start_after_kill("lb1")
         .expect("starting the agent again");
-    assert_eq!(deny_count(bed), 2);
+    assert_eq!(deny_count(bed), 3);
     assert!(can_connect(bed), "cli's entry went with the file's");
     let log = bed.agent_log();
     assert!(
-        log.contains("deny list taken over: 1 prefixes added, 1 removed"),
+        log.contains("deny list taken over: 2 prefixes added, 2 removed"),
         "{log}"
     );
+    let listed = xlb(bed, &["deny", "list"]);
+    assert_eq!(
+        listed.lines().collect::<Vec<_>>(),
+        ["198.51.100.0/24", "203.0.113.0/24", "2001:db8:1::/48"],
+        "IPv4 first, then IPv6"
+    );
+    assert_eq!(stats(bed)["deny_ipv6"], 1);
 
     vip_set(bed, &["--allow-src", "10.111.0.128/25"]);
     assert!(!can_connect(bed), "outside the allow list");
@@ -292,7 +304,16 @@ fn survives_sigkill(bed: &mut Testbed) {
     );
     vip_set(bed, &["--allow-src", "none"]);
     assert!(can_connect(bed), "the list cleared by the new agent");
-    xlb(bed, &["deny", "del", "198.51.100.0/24", "203.0.113.0/24"]);
+    xlb(
+        bed,
+        &[
+            "deny",
+            "del",
+            "198.51.100.0/24",
+            "203.0.113.0/24",
+            "2001:db8:1::/48",
+        ],
+    );
     assert_eq!(deny_count(bed), 0);
     println!(
         "DOOR SIGKILL: deny list and allow list kept dropping without an agent; taken over (deny list by difference)"

@@ -48,6 +48,7 @@ fn scenario(forward: &str, xdp_mode: &str) {
         "interleaved IPv4 and IPv6 connections, one per backend and family: {answers:?}"
     );
     bed.use_ipv6(false);
+    deny_ipv6(&mut bed);
 
     // Traffic for lb1 itself is not touched.
     assert_eq!(
@@ -82,6 +83,42 @@ fn scenario(forward: &str, xdp_mode: &str) {
         .filter(|ns| namespaces.contains(ns))
         .collect();
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
+}
+
+/// The global deny list with an IPv6 prefix, through the CLI: cli's IPv6 connections are dropped
+/// at the door while its IPv4 ones pass, `xlb stats` counts the prefix as IPv6, and `xlb deny
+/// del` lets the client back in.
+fn deny_ipv6(bed: &mut Testbed) {
+    // cli's IPv6 network (CLI_ADDR6 is fd11:1::2).
+    let prefix = "fd11:1::/64";
+    let before = reason(&bed.client().stats().expect("stats"), "drop_deny_list").unwrap_or(0);
+    bed.client()
+        .ok(&["deny", "add", prefix])
+        .expect("xlb deny add of an IPv6 prefix");
+    let listed = bed
+        .client()
+        .json(&["deny", "list"])
+        .expect("deny list --json");
+    assert_eq!(listed["prefixes"], serde_json::json!([prefix]), "{listed}");
+    bed.use_ipv6(true);
+    assert!(bed.new_connection().is_err(), "the IPv6 client is denied");
+    bed.use_ipv6(false);
+    bed.new_connection()
+        .expect("the same host's IPv4 connection passes");
+    let stats = bed.client().stats().expect("stats");
+    assert_eq!(stats["deny_ipv6"], 1, "{stats}");
+    assert!(
+        reason(&stats, "drop_deny_list").unwrap_or(0) > before,
+        "{}",
+        stats["reasons"]
+    );
+    bed.client()
+        .ok(&["deny", "del", prefix])
+        .expect("xlb deny del of an IPv6 prefix");
+    bed.use_ipv6(true);
+    bed.new_connection()
+        .expect("the IPv6 client connects again once its prefix is removed");
+    bed.use_ipv6(false);
 }
 
 /// Round robin, stickiness, 1 MiB each way, UDP and an unknown port through the bed's VIP of one

@@ -4,21 +4,30 @@
 //! flow table. Needs root.
 
 use lb_common::FlowStamp;
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 use xlb::{
     dataplane::{Dataplane, DenyCount},
     model::{
         Forward, Proto, VipSpec,
-        net::Ipv4Net,
+        net::{IpNet, Ipv4Net},
         policy::{RateLimit, SourcePolicy},
     },
 };
 use xlb_tests::{
     fixture::*,
     packet::{ACK, Ip, SYN, icmp_message, tcp, udp},
+    packet6::{ICMP6_ECHO_REQUEST, ICMP6_NEIGHBOR_SOLICIT, Ip6, NH_ICMPV6, NH_TCP, NH_UDP, icmp6},
 };
 
 fn nets(list: &[&str]) -> Vec<Ipv4Net> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+/// A deny list of either family.
+fn ip_nets(list: &[&str]) -> Vec<IpNet> {
     list.iter().map(|s| s.parse().unwrap()).collect()
 }
 
@@ -228,11 +237,121 @@ fn the_deny_list_drops_every_packet_of_a_listed_source() {
         assert_eq!(send(&dp, ifindex, &syn_from(good, 3019, 80)), XDP_DROP);
         assert_eq!(send(&dp, ifindex, &syn_from(other_src, 3020, 80)), XDP_DROP);
         assert!(deny.read(1).unwrap().is_empty(), "the old pair emptied");
-        assert_eq!(deny.read(0).unwrap(), list.iter().copied().collect());
+        assert_eq!(
+            deny.read(0).unwrap(),
+            list.iter().map(|&n| IpNet::from(n)).collect()
+        );
         // An empty list costs no lookup and drops nothing.
         deny.clear(0, &list).unwrap();
         dp.set_deny_list(1, DenyCount::default()).unwrap();
         assert_eq!(send(&dp, ifindex, &syn_from(good, 3008, 80)), XDP_TX);
+    });
+}
+
+/// IPv6 prefixes on the deny list (the IPv6 trie of the live half) drop an IPv6 source's packets
+/// as IPv4 ones drop an IPv4 source's: an established flow's next packet (checked again), new
+/// flows, UDP, a VIP address's unknown port, ICMPv6 to a VIP and TCP to the LB's own address;
+/// neighbour discovery to the LB still passes. The families stay apart: `::/0` drops no IPv4
+/// packet, and an IPv4 list no IPv6 one.
+#[test]
+fn the_deny_list_drops_listed_ipv6_sources() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer6();
+        let v4_client = Ipv4Addr::new(10, 111, 0, 2);
+        let other6: Ipv6Addr = "fd11:1::99".parse().unwrap();
+        let syn6 = |src: Ipv6Addr, sport: u16, dport: u16| {
+            inbound6(&Ip6::to(src, VIP6, NH_TCP).packet(&tcp(sport, dport, SYN, 0)))
+        };
+        let ack6 = |src: Ipv6Addr, sport: u16| {
+            inbound6(&Ip6::to(src, VIP6, NH_TCP).packet(&tcp(sport, 80, ACK, 10)))
+        };
+        // An established IPv6 flow before the list names its source.
+        assert_eq!(send(&dp, ifindex, &syn6(CLIENT6, 6000, 80)), XDP_TX);
+        assert_eq!(send(&dp, ifindex, &ack6(CLIENT6, 6000)), XDP_TX);
+
+        // CLIENT6 (fd11:1::2) is in fd11:1::/125, other6 is not; an IPv4 prefix beside it.
+        let mut deny = dp.deny_maps().unwrap();
+        let list = ip_nets(&["fd11:1::/125", "2001:db8::/32", "192.0.2.0/24"]);
+        deny.fill(1, &list).unwrap();
+        dp.set_deny_list(1, DenyCount::of(&list)).unwrap();
+        let count = DenyCount::of(&list);
+        assert_eq!((count.hosts, count.nets, count.nets6), (0, 1, 2));
+        assert_eq!(deny.read(1).unwrap(), list.iter().copied().collect());
+        let echo = inbound6(&Ip6::to(CLIENT6, VIP6, NH_ICMPV6).packet(&icmp6(
+            CLIENT6,
+            VIP6,
+            ICMP6_ECHO_REQUEST,
+            0,
+            [0, 1, 0, 1],
+            b"x",
+        )));
+        for (what, frame) in [
+            ("the established flow's next packet", ack6(CLIENT6, 6000)),
+            ("a new flow", syn6(CLIENT6, 6001, 80)),
+            (
+                "UDP to a VIP",
+                inbound6(&Ip6::to(CLIENT6, VIP6, NH_UDP).packet(&udp(6002, 53, b"q"))),
+            ),
+            ("a VIP address's unknown port", syn6(CLIENT6, 6003, 81)),
+            ("ICMPv6 echo to a VIP", echo),
+            (
+                "TCP to the LB's own address",
+                inbound6(&Ip6::to(CLIENT6, LB6, NH_TCP).packet(&tcp(6004, 22, SYN, 0))),
+            ),
+        ] {
+            assert_eq!(send(&dp, ifindex, &frame), XDP_DROP, "{what}");
+        }
+        assert_eq!(reason(&dp, "drop_deny_list"), 6);
+        let vip6_drops = |port: u16| {
+            dp.stats()
+                .unwrap()
+                .vips
+                .into_iter()
+                .find(|v| v.key.addr == VIP6 && v.key.port == port)
+                .unwrap()
+                .drops
+                .deny_list
+        };
+        assert_eq!(vip6_drops(80), 2, "the two for [VIP6]:80");
+        assert_eq!(vip6_drops(53), 1);
+        // Neighbour discovery to the LB is never cut by the list.
+        let solicited: Ipv6Addr = "ff02::1:ff00:2".parse().unwrap();
+        let mut ns_body = LB6.octets().to_vec();
+        ns_body.extend_from_slice(&[1, 1, 0x02, 0, 0, 0, 0, 0x01]);
+        let mut ns = Ip6::to(CLIENT6, solicited, NH_ICMPV6);
+        ns.hop_limit = 255;
+        let ns = inbound6(&ns.packet(&icmp6(
+            CLIENT6,
+            solicited,
+            ICMP6_NEIGHBOR_SOLICIT,
+            0,
+            [0; 4],
+            &ns_body,
+        )));
+        assert_eq!(send(&dp, ifindex, &ns), XDP_PASS, "neighbour solicitation");
+        // Outside the list: IPv6 from elsewhere, and IPv4.
+        assert_eq!(send(&dp, ifindex, &syn6(other6, 6005, 80)), XDP_TX);
+        assert_eq!(send(&dp, ifindex, &syn_from(v4_client, 6006, 80)), XDP_TX);
+
+        // `::/0` in the live half (as `xlb deny add` writes it): every IPv6 source, no IPv4.
+        let all6 = ip_nets(&["::/0"]);
+        deny.fill(1, &all6).unwrap();
+        let with_all = [list.clone(), all6.clone()].concat();
+        dp.set_deny_list(1, DenyCount::of(&with_all)).unwrap();
+        assert_eq!(send(&dp, ifindex, &syn6(other6, 6007, 80)), XDP_DROP);
+        assert_eq!(send(&dp, ifindex, &syn_from(v4_client, 6008, 80)), XDP_TX);
+
+        // A load of an IPv4-only list into the other half: the IPv6 sources pass again, the
+        // established flow keeps its backend, and the old half is emptied.
+        let v4_only = ip_nets(&["192.0.2.0/24"]);
+        deny.fill(0, &v4_only).unwrap();
+        dp.set_deny_list(0, DenyCount::of(&v4_only)).unwrap();
+        deny.clear(1, &with_all).unwrap();
+        assert!(deny.read(1).unwrap().is_empty(), "the old half emptied");
+        assert_eq!(send(&dp, ifindex, &ack6(CLIENT6, 6000)), XDP_TX);
+        assert_eq!(send(&dp, ifindex, &syn6(CLIENT6, 6009, 80)), XDP_TX);
+        assert_eq!(send(&dp, ifindex, &syn6(other6, 6010, 80)), XDP_TX);
+        assert_eq!(reason(&dp, "drop_deny_list"), 7);
     });
 }
 

@@ -17,7 +17,7 @@
 
 use crate::{
     dataplane::{DataplaneError, DenyCount, DenyMaps},
-    model::net::{Ipv4Net, ListError, parse_list},
+    model::net::{IpNet, ListError, parse_list},
     util::write_atomic,
 };
 use lb_common::MAX_DENY_PREFIXES;
@@ -41,9 +41,9 @@ pub(crate) enum DenyError {
     #[error("the deny list holds at most {MAX_DENY_PREFIXES} prefixes; {0} given")]
     TooLong(usize),
     #[error("{0} is not on the deny list")]
-    NotListed(Ipv4Net),
+    NotListed(IpNet),
     #[error("{0} is listed twice in the request")]
-    Twice(Ipv4Net),
+    Twice(IpNet),
     #[error(transparent)]
     Dataplane(Box<DataplaneError>),
     #[error("switching the data path to the new deny list failed: {0}")]
@@ -64,15 +64,15 @@ impl From<DataplaneError> for DenyError {
 
 /// Where the deny list's prefixes are written: the data path's two tries, or a stand-in.
 pub(crate) trait DenyTables: Send {
-    fn fill(&mut self, half: u32, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError>;
-    fn clear(&mut self, half: u32, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError>;
+    fn fill(&mut self, half: u32, prefixes: &[IpNet]) -> Result<(), DataplaneError>;
+    fn clear(&mut self, half: u32, prefixes: &[IpNet]) -> Result<(), DataplaneError>;
 }
 
 impl DenyTables for DenyMaps {
-    fn fill(&mut self, half: u32, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError> {
+    fn fill(&mut self, half: u32, prefixes: &[IpNet]) -> Result<(), DataplaneError> {
         DenyMaps::fill(self, half, prefixes)
     }
-    fn clear(&mut self, half: u32, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError> {
+    fn clear(&mut self, half: u32, prefixes: &[IpNet]) -> Result<(), DataplaneError> {
         DenyMaps::clear(self, half, prefixes)
     }
 }
@@ -87,10 +87,10 @@ pub(crate) trait Switch {
 pub(crate) struct DenyList {
     tables: Box<dyn DenyTables>,
     live: u32,
-    prefixes: BTreeSet<Ipv4Net>,
+    prefixes: BTreeSet<IpNet>,
     path: PathBuf,
     /// Prefixes a failed clear left in the half that is not live: cleared before it is filled.
-    leftover: Vec<Ipv4Net>,
+    leftover: Vec<IpNet>,
 }
 
 impl DenyList {
@@ -98,7 +98,7 @@ impl DenyList {
     pub(crate) fn new(
         tables: Box<dyn DenyTables>,
         live: u32,
-        prefixes: Vec<Ipv4Net>,
+        prefixes: Vec<IpNet>,
         path: PathBuf,
     ) -> Self {
         DenyList {
@@ -120,16 +120,12 @@ impl DenyList {
     }
 
     /// Every prefix, in order.
-    pub(crate) fn list(&self) -> Vec<Ipv4Net> {
+    pub(crate) fn list(&self) -> Vec<IpNet> {
         self.prefixes.iter().copied().collect()
     }
 
     /// Add `nets` (those already listed are left as they are).
-    pub(crate) fn add(
-        &mut self,
-        nets: &[Ipv4Net],
-        switch: &dyn Switch,
-    ) -> Result<String, DenyError> {
+    pub(crate) fn add(&mut self, nets: &[IpNet], switch: &dyn Switch) -> Result<String, DenyError> {
         let new = distinct(nets)?
             .into_iter()
             .filter(|n| !self.prefixes.contains(n))
@@ -165,11 +161,7 @@ impl DenyList {
     }
 
     /// Remove `nets`; every one must be listed, else nothing changes.
-    pub(crate) fn del(
-        &mut self,
-        nets: &[Ipv4Net],
-        switch: &dyn Switch,
-    ) -> Result<String, DenyError> {
+    pub(crate) fn del(&mut self, nets: &[IpNet], switch: &dyn Switch) -> Result<String, DenyError> {
         let gone = distinct(nets)?;
         if let Some(missing) = gone.iter().find(|n| !self.prefixes.contains(n)) {
             return Err(DenyError::NotListed(*missing));
@@ -198,12 +190,12 @@ impl DenyList {
     /// the old half emptied.
     pub(crate) fn load(
         &mut self,
-        nets: &[Ipv4Net],
+        nets: &[IpNet],
         source: &str,
         switch: &dyn Switch,
     ) -> Result<String, DenyError> {
         let started = Instant::now();
-        let next: BTreeSet<Ipv4Net> = nets.iter().copied().collect();
+        let next: BTreeSet<IpNet> = nets.iter().copied().collect();
         if next.len() > MAX_DENY_PREFIXES as usize {
             return Err(DenyError::TooLong(next.len()));
         }
@@ -212,7 +204,7 @@ impl DenyList {
             self.tables.clear(other, &self.leftover)?;
             self.leftover.clear();
         }
-        let list: Vec<Ipv4Net> = next.iter().copied().collect();
+        let list: Vec<IpNet> = next.iter().copied().collect();
         if let Err(e) = self.tables.fill(other, &list) {
             self.undo(other, &list);
             return Err(e.into());
@@ -221,7 +213,7 @@ impl DenyList {
             self.undo(other, &list);
             return Err(e);
         }
-        let old: Vec<Ipv4Net> = std::mem::replace(&mut self.prefixes, next)
+        let old: Vec<IpNet> = std::mem::replace(&mut self.prefixes, next)
             .into_iter()
             .collect();
         let old_live = std::mem::replace(&mut self.live, other);
@@ -244,7 +236,7 @@ impl DenyList {
     fn apply(
         &self,
         live: u32,
-        next: &BTreeSet<Ipv4Net>,
+        next: &BTreeSet<IpNet>,
         switch: &dyn Switch,
     ) -> Result<(), DenyError> {
         switch.switch(live, DenyCount::of(next))?;
@@ -259,7 +251,7 @@ impl DenyList {
 
     /// Remove `nets` from half `half` after a failed change (best effort: the change's own
     /// error is what is reported); what stays is remembered for the half's next use.
-    fn undo(&mut self, half: u32, nets: &[Ipv4Net]) {
+    fn undo(&mut self, half: u32, nets: &[IpNet]) {
         if let Err(e) = self.tables.clear(half, nets) {
             log::error!("undoing a failed deny-list change: {e}");
             if half != self.live {
@@ -270,7 +262,7 @@ impl DenyList {
 }
 
 /// `nets` without repeats; a repeat is a mistake in the request.
-fn distinct(nets: &[Ipv4Net]) -> Result<Vec<Ipv4Net>, DenyError> {
+fn distinct(nets: &[IpNet]) -> Result<Vec<IpNet>, DenyError> {
     let mut seen = BTreeSet::new();
     for n in nets {
         if !seen.insert(*n) {
@@ -281,7 +273,7 @@ fn distinct(nets: &[Ipv4Net]) -> Result<Vec<Ipv4Net>, DenyError> {
 }
 
 /// Write the list to `path` atomically.
-fn save<'a>(path: &Path, prefixes: impl Iterator<Item = &'a Ipv4Net>) -> Result<(), DenyError> {
+fn save<'a>(path: &Path, prefixes: impl Iterator<Item = &'a IpNet>) -> Result<(), DenyError> {
     let mut text = String::from(
         "# xlb deny list: one prefix per line. Written by the agent; change it with `xlb deny`.\n",
     );
@@ -296,7 +288,7 @@ fn save<'a>(path: &Path, prefixes: impl Iterator<Item = &'a Ipv4Net>) -> Result<
 
 /// The list saved at `path`; empty if there is none. A file that does not parse is an error
 /// (starting without the list would let in what it keeps out).
-pub(crate) fn load_file(path: &Path) -> Result<Vec<Ipv4Net>, DenyError> {
+pub(crate) fn load_file(path: &Path) -> Result<Vec<IpNet>, DenyError> {
     match fs::read_to_string(path) {
         Ok(text) => Ok(parse_list(&text, &path.display().to_string())?),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
@@ -318,19 +310,19 @@ pub(crate) mod tests {
     /// The two halves in memory, with a knob to make fills fail.
     #[derive(Default)]
     pub(crate) struct FakeTables {
-        pub(crate) halves: Arc<Mutex<[BTreeSet<Ipv4Net>; 2]>>,
+        pub(crate) halves: Arc<Mutex<[BTreeSet<IpNet>; 2]>>,
         pub(crate) fail_fill: bool,
     }
 
     impl DenyTables for FakeTables {
-        fn fill(&mut self, half: u32, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError> {
+        fn fill(&mut self, half: u32, prefixes: &[IpNet]) -> Result<(), DataplaneError> {
             if self.fail_fill {
                 return Err(DataplaneError::DenyListFull { n: 0, max: 0 });
             }
             self.halves.lock().unwrap()[half as usize].extend(prefixes.iter().copied());
             Ok(())
         }
-        fn clear(&mut self, half: u32, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError> {
+        fn clear(&mut self, half: u32, prefixes: &[IpNet]) -> Result<(), DataplaneError> {
             let mut h = self.halves.lock().unwrap();
             for p in prefixes {
                 h[half as usize].remove(p);
@@ -356,11 +348,11 @@ pub(crate) mod tests {
         }
     }
 
-    fn nets(list: &[&str]) -> Vec<Ipv4Net> {
+    fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|s| s.parse().unwrap()).collect()
     }
 
-    fn fixture(dir: &Path) -> (DenyList, Arc<Mutex<[BTreeSet<Ipv4Net>; 2]>>) {
+    fn fixture(dir: &Path) -> (DenyList, Arc<Mutex<[BTreeSet<IpNet>; 2]>>) {
         let tables = FakeTables::default();
         let halves = tables.halves.clone();
         let list = DenyList::new(Box::new(tables), 0, Vec::new(), dir.join(DENY_FILE));
@@ -410,7 +402,13 @@ pub(crate) mod tests {
         drop(h);
         assert_eq!(
             sw.log.borrow().last(),
-            Some(&(1, DenyCount { hosts: 0, nets: 1 })),
+            Some(&(
+                1,
+                DenyCount {
+                    nets: 1,
+                    ..DenyCount::default()
+                }
+            )),
             "the other half made live"
         );
         assert_eq!(
@@ -418,12 +416,39 @@ pub(crate) mod tests {
             nets(&["203.0.113.0/24"])
         );
         // The next load goes back to half 0.
-        list.load(&nets(&["10.0.0.0/8", "192.0.2.1/32"]), "f", &sw)
-            .unwrap();
+        list.load(
+            &nets(&["10.0.0.0/8", "192.0.2.1/32", "2001:db8::/32", "fd11::7"]),
+            "f",
+            &sw,
+        )
+        .unwrap();
         assert_eq!(
             sw.log.borrow().last(),
-            Some(&(0, DenyCount { hosts: 1, nets: 1 })),
-            "host entries and shorter prefixes counted apart"
+            Some(&(
+                0,
+                DenyCount {
+                    hosts: 1,
+                    nets: 1,
+                    nets6: 2
+                }
+            )),
+            "host entries, shorter prefixes and IPv6 prefixes counted apart"
+        );
+        assert_eq!(
+            halves.lock().unwrap()[0]
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>(),
+            ["10.0.0.0/8", "192.0.2.1/32", "2001:db8::/32", "fd11::7/128"]
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join(DENY_FILE))
+                .unwrap()
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>(),
+            ["10.0.0.0/8", "192.0.2.1/32", "2001:db8::/32", "fd11::7/128"],
+            "both families saved, IPv4 first"
         );
     }
 
@@ -463,7 +488,10 @@ pub(crate) mod tests {
             list.add(&nets(&["10.0.0.0/8"]), &sw),
             Err(DenyError::Write { .. })
         ));
-        let one = DenyCount { hosts: 0, nets: 1 };
+        let one = DenyCount {
+            nets: 1,
+            ..DenyCount::default()
+        };
         assert_eq!(*sw.log.borrow(), vec![(0, one), (0, DenyCount::default())]);
         assert!(h2.lock().unwrap()[0].is_empty());
         assert_eq!(list.len(), 0);

@@ -438,7 +438,7 @@ async fn lb_address6(iface: &str, given: Option<Ipv6Addr>) -> Result<Option<Ipv6
 
 async fn load_dataplane(
     config: &AgentConfig,
-    deny: Vec<crate::model::net::Ipv4Net>,
+    deny: Vec<crate::model::net::IpNet>,
 ) -> Result<(Dataplane, Startup), AgentError> {
     let lb_addr = lb_address(&config.iface, config.lb_addr).await?;
     let lb_addr6 = lb_address6(&config.iface, config.lb_addr6).await?;

@@ -495,7 +495,8 @@ pub(crate) enum VipCommand {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DenyCommand {
-    /// Add prefixes (or addresses) to the deny list; those already on it are left as they are.
+    /// Add prefixes (or addresses), IPv4 or IPv6, to the deny list; those already on it are left
+    /// as they are.
     Add {
         #[arg(value_name = "CIDR", required = true)]
         prefixes: Vec<String>,

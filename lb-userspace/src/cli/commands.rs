@@ -26,7 +26,7 @@ use crate::{
     model::{
         addr::parse_ip,
         check::parse_duration,
-        net::{Ipv4Net, parse_list},
+        net::{IpNet, parse_list},
     },
     util::interface_index,
 };
@@ -179,7 +179,7 @@ pub(crate) fn flows(socket: &Path, args: FlowsArgs) -> Result<(), CliError> {
 }
 
 pub(crate) fn deny(socket: &Path, cmd: DenyCommand) -> Result<(), CliError> {
-    let parse = |prefixes: &[String]| -> Result<Vec<Ipv4Net>, CliError> {
+    let parse = |prefixes: &[String]| -> Result<Vec<IpNet>, CliError> {
         prefixes
             .iter()
             .map(|p| p.trim().parse().map_err(CliError::from))
@@ -596,6 +596,12 @@ mod tests {
                     prefixes: vec!["10.0.0.0/8".into(), "10.1.2.3/16".into()],
                 },
                 "has host bits set (the network is 10.1.0.0/16)",
+            ),
+            (
+                DenyCommand::Add {
+                    prefixes: vec!["2001:db8::1/32".into()],
+                },
+                "bits set after the first 32 (did you mean 2001:db8::/32?)",
             ),
             (
                 DenyCommand::Del {

@@ -358,7 +358,7 @@ pub(super) fn flow_table_line(stats: &StatsReport) -> String {
     format!(
         "flow table: {} of {} entries in use ({:.1}%){flushed}\n\
          embryonic table: {} of {} entries in use ({:.1}%)\n\
-         deny list: {} prefixes ({} of them host entries)",
+         deny list: {} prefixes ({} of them IPv4 host entries, {} IPv6)",
         stats.flow_entries,
         stats.flow_capacity,
         pct(stats.flow_entries, stats.flow_capacity),
@@ -367,6 +367,7 @@ pub(super) fn flow_table_line(stats: &StatsReport) -> String {
         pct(stats.embryonic_entries, stats.embryonic_capacity),
         stats.deny_list,
         stats.deny_hosts,
+        stats.deny_ipv6,
     )
 }
 
@@ -617,6 +618,7 @@ pub(super) mod tests {
             embryonic_entries: 3,
             deny_list: 2,
             deny_hosts: 1,
+            deny_ipv6: 0,
             node: None,
         };
         let text = stats_text(&stats);
@@ -628,7 +630,7 @@ pub(super) mod tests {
             text.ends_with(
                 "flow table: 12 of 262144 entries in use (0.0%)\n\
                  embryonic table: 3 of 65536 entries in use (0.0%)\n\
-                 deny list: 2 prefixes (1 of them host entries)\n"
+                 deny list: 2 prefixes (1 of them IPv4 host entries, 0 IPv6)\n"
             ),
             "{text}"
         );

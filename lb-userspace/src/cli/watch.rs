@@ -285,6 +285,7 @@ mod tests {
             embryonic_entries: 10,
             deny_list: 0,
             deny_hosts: 0,
+            deny_ipv6: 0,
             node: None,
         }
     }
@@ -354,7 +355,7 @@ mod tests {
              \n\
              flow table: 250 of 1000 entries in use (25.0%)\n\
              embryonic table: 10 of 100 entries in use (10.0%)\n\
-             deny list: 0 prefixes (0 of them host entries)\n"
+             deny list: 0 prefixes (0 of them IPv4 host entries, 0 IPv6)\n"
         );
         // The first frame has no rates yet.
         let first = watch_text(&cur, None, Duration::from_secs(1), now);

@@ -1,5 +1,6 @@
-//! The door in the maps: the global deny list (two halves, one live, each a hash of its host
-//! entries, `DENY_HOSTSn`, and an LPM trie of its shorter prefixes, `DENYn`), every
+//! The door in the maps: the global deny list (two halves, one live, each a hash of its IPv4
+//! host entries, `DENY_HOSTSn`, an LPM trie of its shorter IPv4 prefixes, `DENYn`, and an LPM
+//! trie of its IPv6 prefixes, hosts included, `DENY6_n`), every
 //! VIP's source allow and deny lists (`VIP_ALLOW`, `VIP_DENY`, each list under its VIP's tag and
 //! one of two halves), the new-flow limits (`VIP_LIMITS`), and the policy generation in `POLICY`
 //! that tells flows their cached source checks are outdated.
@@ -19,21 +20,24 @@
 //! removed, so a packet never misses a listed host.
 
 use super::{Dataplane, DataplaneError, InstalledVip, batch, map_err};
-use crate::model::{net::Ipv4Net, policy::SourcePolicy};
+use crate::model::{
+    net::{IpNet, Ipv4Net, Ipv6Net},
+    policy::SourcePolicy,
+};
 use aya::maps::{
     Array, HashMap, IterableMap, MapData,
     lpm_trie::{Key, LpmTrie},
 };
 use lb_common::{
-    DENY_HOST_NET_WORDS, DenyData, DenyHostKey, MAX_DENY_PREFIXES, MAX_VIP_PREFIXES,
-    POLICY_F_DENY_HOSTS, POLICY_F_DENY_LIST, PolicyState, VIP_F_ALLOW, VIP_F_DENY, VIP_F_LIST_HALF,
-    VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT, VipDrops, VipLimits, VipSrcData, deny_host_net_bit, maps,
-    vip_list_tag, vip_src_data,
+    DENY_HOST_NET_WORDS, Deny6Data, DenyData, DenyHostKey, MAX_DENY_PREFIXES, MAX_VIP_PREFIXES,
+    POLICY_F_DENY_HOSTS, POLICY_F_DENY_LIST, POLICY_F_DENY6, PolicyState, VIP_F_ALLOW, VIP_F_DENY,
+    VIP_F_LIST_HALF, VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT, VipDrops, VipLimits, VipSrcData,
+    deny_host_net_bit, maps, vip_list_tag, vip_src_data,
 };
 use serde::{Deserialize, Serialize};
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsFd,
 };
 
@@ -41,6 +45,7 @@ use std::{
 const CHUNK: usize = 65_536;
 
 type DenyTrie = LpmTrie<MapData, DenyData, u8>;
+type Deny6Trie = LpmTrie<MapData, Deny6Data, u8>;
 type DenyHash = HashMap<MapData, DenyHostKey, u8>;
 pub(super) type VipTrie = LpmTrie<MapData, VipSrcData, u8>;
 
@@ -54,33 +59,39 @@ fn host_key(net: &Ipv4Net) -> DenyHostKey {
     u32::from_ne_bytes(net.addr().octets())
 }
 
-/// How many entries a deny list has in each structure of its half: host entries in the hash,
-/// shorter prefixes in the trie. The data path looks only into the structures that have some.
+/// How many entries a deny list has in each structure of its half: IPv4 host entries in the
+/// hash, shorter IPv4 prefixes in the trie, IPv6 prefixes in the IPv6 trie. The data path looks
+/// only into the structures that have some.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DenyCount {
     pub hosts: usize,
     pub nets: usize,
+    pub nets6: usize,
 }
 
 impl DenyCount {
-    /// The count of a list of distinct prefixes.
-    pub fn of<'a>(prefixes: impl IntoIterator<Item = &'a Ipv4Net>) -> Self {
+    /// The count of a list of distinct prefixes (`Ipv4Net` or `IpNet`).
+    pub fn of<'a, N: Copy + Into<IpNet> + 'a>(prefixes: impl IntoIterator<Item = &'a N>) -> Self {
         prefixes
             .into_iter()
-            .fold(DenyCount::default(), |c, n| match is_host(n) {
-                true => DenyCount {
+            .fold(DenyCount::default(), |c, n| match (*n).into() {
+                IpNet::V4(n) if is_host(&n) => DenyCount {
                     hosts: c.hosts + 1,
                     ..c
                 },
-                false => DenyCount {
+                IpNet::V4(_) => DenyCount {
                     nets: c.nets + 1,
+                    ..c
+                },
+                IpNet::V6(_) => DenyCount {
+                    nets6: c.nets6 + 1,
                     ..c
                 },
             })
     }
 
     pub fn total(&self) -> usize {
-        self.hosts + self.nets
+        self.hosts + self.nets + self.nets6
     }
 
     /// The `POLICY_F_*` bits of a live half with these counts.
@@ -92,6 +103,9 @@ impl DenyCount {
         if self.nets > 0 {
             flags |= POLICY_F_DENY_LIST;
         }
+        if self.nets6 > 0 {
+            flags |= POLICY_F_DENY6;
+        }
         flags
     }
 }
@@ -100,7 +114,7 @@ impl DenyCount {
 /// the hash): kept there while the old program, which reads only the trie, runs; removed once
 /// this build's program does (`Dataplane::tidy_deny_list`).
 pub(super) struct DenyTidy {
-    hosts: Vec<Ipv4Net>,
+    hosts: Vec<IpNet>,
     /// Prefixes the trie holds once they are gone.
     nets: usize,
 }
@@ -114,6 +128,20 @@ fn deny_key(net: &Ipv4Net) -> Key<DenyData> {
 fn deny_net(key: &Key<DenyData>) -> Option<Ipv4Net> {
     Ipv4Net::new(
         Ipv4Addr::from(key.data()),
+        u8::try_from(key.prefix_len()).ok()?,
+    )
+}
+
+/// The LPM key of an IPv6 deny-list prefix: the address in network order, as the data path
+/// reads a packet's source.
+fn deny6_key(net: &Ipv6Net) -> Key<Deny6Data> {
+    Key::new(u32::from(net.prefix_len()), net.addr().octets())
+}
+
+/// The prefix of an IPv6 deny-list key (`None`: not one this agent could have written).
+fn deny6_net(key: &Key<Deny6Data>) -> Option<Ipv6Net> {
+    Ipv6Net::new(
+        Ipv6Addr::from(key.data()),
         u8::try_from(key.prefix_len()).ok()?,
     )
 }
@@ -322,37 +350,52 @@ pub struct DenyMaps {
     tries: [DenyTrie; 2],
     hosts: [DenyHash; 2],
     host_nets: [HostNets; 2],
+    tries6: [Deny6Trie; 2],
 }
 
-/// `prefixes` split into the host entries' hash keys and the shorter prefixes' trie keys.
-fn split(prefixes: &[Ipv4Net]) -> (Vec<DenyHostKey>, Vec<Key<DenyData>>) {
-    let (hosts, nets): (Vec<&Ipv4Net>, Vec<&Ipv4Net>) = prefixes.iter().partition(|n| is_host(n));
-    (
-        hosts.into_iter().map(host_key).collect(),
-        nets.into_iter().map(deny_key).collect(),
-    )
+/// The keys of `prefixes` (`Ipv4Net` or `IpNet`) by structure: IPv4 host entries' hash keys,
+/// shorter IPv4 prefixes' trie keys, IPv6 prefixes' trie keys.
+type Split = (Vec<DenyHostKey>, Vec<Key<DenyData>>, Vec<Key<Deny6Data>>);
+
+fn split<N: Copy + Into<IpNet>>(prefixes: &[N]) -> Split {
+    let mut out: Split = Default::default();
+    for n in prefixes {
+        match (*n).into() {
+            IpNet::V4(n) if is_host(&n) => out.0.push(host_key(&n)),
+            IpNet::V4(n) => out.1.push(deny_key(&n)),
+            IpNet::V6(n) => out.2.push(deny6_key(&n)),
+        }
+    }
+    out
 }
 
 impl DenyMaps {
-    /// Write `prefixes` into half `half`: host entries into its hash, the rest into its trie.
-    pub fn fill(&mut self, half: u32, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError> {
+    /// Write `prefixes` (`Ipv4Net` or `IpNet`) into half `half`: IPv4 host entries into its
+    /// hash, shorter IPv4 prefixes into its trie, IPv6 prefixes into its IPv6 trie.
+    pub fn fill<N: Copy + Into<IpNet>>(
+        &mut self,
+        half: u32,
+        prefixes: &[N],
+    ) -> Result<(), DataplaneError> {
         let h = half as usize & 1;
-        let (hosts, nets) = split(prefixes);
+        let (hosts, nets, nets6) = split(prefixes);
         // The bits first: a packet from a host being inserted must find its /24's bit set.
         let changed: Vec<u32> = self.host_nets[h].count_in(&hosts).into_iter().collect();
         self.host_nets[h].write(&changed)?;
         insert_hosts(&mut self.hosts[h], &hosts, maps::DENY_HOSTS[h])?;
-        insert_all(&mut self.tries[h], &nets, maps::DENY[h])
+        insert_all(&mut self.tries[h], &nets, maps::DENY[h])?;
+        insert_all(&mut self.tries6[h], &nets6, maps::DENY6[h])
     }
 
-    /// The file descriptors of half `half`, its hash, its /24 bitmap, then its trie (their
-    /// fdinfo tells the kernel's memory figure).
-    pub fn fds(&self, half: u32) -> [std::os::fd::BorrowedFd<'_>; 3] {
+    /// The file descriptors of half `half`: its hash, its /24 bitmap, its trie and its IPv6
+    /// trie (their fdinfo tells the kernel's memory figure).
+    pub fn fds(&self, half: u32) -> [std::os::fd::BorrowedFd<'_>; 4] {
         let h = half as usize & 1;
         [
             self.hosts[h].map().fd().as_fd(),
             self.host_nets[h].map.map().fd().as_fd(),
             self.tries[h].map().fd().as_fd(),
+            self.tries6[h].map().fd().as_fd(),
         ]
     }
 
@@ -373,12 +416,12 @@ impl DenyMaps {
     }
 
     /// The host entries in half `half`'s hash.
-    fn read_hosts(&self, half: u32) -> Result<BTreeSet<Ipv4Net>, DataplaneError> {
+    fn read_hosts(&self, half: u32) -> Result<BTreeSet<IpNet>, DataplaneError> {
         let h = half as usize & 1;
         self.hosts[h]
             .keys()
             .map(|key| match key {
-                Ok(addr) => Ok(Ipv4Net::host(Ipv4Addr::from(addr.to_ne_bytes()))),
+                Ok(addr) => Ok(IpNet::V4(Ipv4Net::host(Ipv4Addr::from(addr.to_ne_bytes())))),
                 Err(e) => Err(map_err(maps::DENY_HOSTS[h])(e)),
             })
             .collect()
@@ -386,50 +429,79 @@ impl DenyMaps {
 
     /// The prefixes in half `half`'s trie (host entries only if a build without the hash
     /// wrote them).
-    fn read_trie(&self, half: u32) -> Result<BTreeSet<Ipv4Net>, DataplaneError> {
+    fn read_trie(&self, half: u32) -> Result<BTreeSet<IpNet>, DataplaneError> {
         let h = half as usize & 1;
         let name = maps::DENY[h];
         let mut nets = BTreeSet::new();
         for key in self.tries[h].keys() {
             let key = key.map_err(map_err(name))?;
-            nets.insert(deny_net(&key).ok_or_else(|| corrupt(name))?);
+            nets.insert(IpNet::V4(deny_net(&key).ok_or_else(|| corrupt(name))?));
         }
         Ok(nets)
     }
 
-    /// The prefixes in half `half`, read back from its hash and its trie (one
+    /// The prefixes in half `half`'s IPv6 trie.
+    fn read_trie6(&self, half: u32) -> Result<BTreeSet<IpNet>, DataplaneError> {
+        let h = half as usize & 1;
+        let name = maps::DENY6[h];
+        let mut nets = BTreeSet::new();
+        for key in self.tries6[h].keys() {
+            let key = key.map_err(map_err(name))?;
+            nets.insert(IpNet::V6(deny6_net(&key).ok_or_else(|| corrupt(name))?));
+        }
+        Ok(nets)
+    }
+
+    /// The prefixes in half `half`, read back from its hash and its tries (one
     /// `BPF_MAP_GET_NEXT_KEY` each).
-    pub fn read(&self, half: u32) -> Result<BTreeSet<Ipv4Net>, DataplaneError> {
+    pub fn read(&self, half: u32) -> Result<BTreeSet<IpNet>, DataplaneError> {
         let mut all = self.read_hosts(half)?;
         all.extend(self.read_trie(half)?);
+        all.extend(self.read_trie6(half)?);
         Ok(all)
     }
 
-    /// Delete `prefixes` from half `half` (those not there are skipped): host entries from its
-    /// hash, the rest from its trie.
-    pub fn clear(&mut self, half: u32, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError> {
+    /// Delete `prefixes` (`Ipv4Net` or `IpNet`) from half `half` (those not there are
+    /// skipped): IPv4 host entries from its hash, shorter IPv4 prefixes from its trie, IPv6
+    /// prefixes from its IPv6 trie.
+    pub fn clear<N: Copy + Into<IpNet>>(
+        &mut self,
+        half: u32,
+        prefixes: &[N],
+    ) -> Result<(), DataplaneError> {
         let h = half as usize & 1;
-        let (hosts, nets) = split(prefixes);
+        let (hosts, nets, nets6) = split(prefixes);
         batch::delete_all(self.hosts[h].map().fd().as_fd(), &hosts, CHUNK)
             .map_err(|e| io(maps::DENY_HOSTS[h], e))?;
         // The bits only now that the hosts are gone (on an error above, they stay set: a set
         // bit costs a hash lookup, a clear one would let a listed host in).
         let changed: Vec<u32> = self.host_nets[h].count_out(&hosts).into_iter().collect();
         self.host_nets[h].write(&changed)?;
-        remove_all(&self.tries[h], &nets, maps::DENY[h])
+        remove_all(&self.tries[h], &nets, maps::DENY[h])?;
+        remove_all(&self.tries6[h], &nets6, maps::DENY6[h])
     }
 
-    /// Delete `prefixes` from half `half`'s trie, host entries included.
-    fn clear_trie(&mut self, half: u32, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError> {
+    /// Delete `prefixes` from half `half`'s tries: IPv4 ones from its trie (host entries
+    /// included, which a build without the hash put there), IPv6 ones from its IPv6 trie.
+    fn clear_trie(&mut self, half: u32, prefixes: &[IpNet]) -> Result<(), DataplaneError> {
         let h = half as usize & 1;
-        let keys: Vec<_> = prefixes.iter().map(deny_key).collect();
-        remove_all(&self.tries[h], &keys, maps::DENY[h])
+        let mut keys = Vec::new();
+        let mut keys6 = Vec::new();
+        for n in prefixes {
+            match n {
+                IpNet::V4(n) => keys.push(deny_key(n)),
+                IpNet::V6(n) => keys6.push(deny6_key(n)),
+            }
+        }
+        remove_all(&self.tries[h], &keys, maps::DENY[h])?;
+        remove_all(&self.tries6[h], &keys6, maps::DENY6[h])
     }
 
     /// Empty half `half`, whatever is in it: how many entries it held.
     fn empty(&mut self, half: u32) -> Result<usize, DataplaneError> {
         let hosts: Vec<_> = self.read_hosts(half)?.into_iter().collect();
-        let nets: Vec<_> = self.read_trie(half)?.into_iter().collect();
+        let mut nets: Vec<_> = self.read_trie(half)?.into_iter().collect();
+        nets.extend(self.read_trie6(half)?);
         self.clear(half, &hosts)?;
         self.clear_trie(half, &nets)?;
         Ok(hosts.len() + nets.len())
@@ -511,10 +583,14 @@ impl Dataplane {
             Ok(nets)
         };
         let host_nets = [host_nets(0)?, host_nets(1)?];
+        let trie6 = |name: &'static str| -> Result<Deny6Trie, DataplaneError> {
+            LpmTrie::try_from(self.reopen(name)?).map_err(map_err(name))
+        };
         Ok(DenyMaps {
             tries: [trie(maps::DENY[0])?, trie(maps::DENY[1])?],
             hosts,
             host_nets,
+            tries6: [trie6(maps::DENY6[0])?, trie6(maps::DENY6[1])?],
         })
     }
 
@@ -523,8 +599,7 @@ impl Dataplane {
     /// update of `POLICY`, then bump it once more (`policy_writes`): every flow is checked
     /// again against the new list, also one whose packet read the first update half-written.
     pub fn set_deny_list(&mut self, live: u32, count: DenyCount) -> Result<(), DataplaneError> {
-        let flags =
-            (self.policy_state.flags & !(POLICY_F_DENY_LIST | POLICY_F_DENY_HOSTS)) | count.flags();
+        let flags = (self.policy_state.flags & !DENY_FLAGS) | count.flags();
         self.write_policy(PolicyState {
             flags,
             deny_live: live & 1,
@@ -665,7 +740,7 @@ impl Dataplane {
 
     /// Fill the deny list's half 0 with `prefixes` and make it live: at load, before the
     /// balancer is attached.
-    pub(super) fn install_deny_list(&mut self, prefixes: &[Ipv4Net]) -> Result<(), DataplaneError> {
+    pub(super) fn install_deny_list(&mut self, prefixes: &[IpNet]) -> Result<(), DataplaneError> {
         if prefixes.len() > MAX_DENY_PREFIXES as usize {
             return Err(DataplaneError::DenyListFull {
                 n: prefixes.len(),
@@ -676,6 +751,9 @@ impl Dataplane {
         self.set_deny_list(0, DenyCount::of(prefixes))
     }
 }
+
+/// The `POLICY_F_*` bits that say which structures of the live deny-list half hold entries.
+const DENY_FLAGS: u32 = POLICY_F_DENY_LIST | POLICY_F_DENY_HOSTS | POLICY_F_DENY6;
 
 /// What taking over the running data path's deny list changed in it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -700,7 +778,7 @@ impl Dataplane {
     /// program runs (`tidy_deny_list`).
     pub(super) fn reconcile_deny_list(
         &mut self,
-        prefixes: &[Ipv4Net],
+        prefixes: &[IpNet],
     ) -> Result<DenyReconcile, DataplaneError> {
         if prefixes.len() > MAX_DENY_PREFIXES as usize {
             return Err(DataplaneError::DenyListFull {
@@ -712,25 +790,31 @@ impl Dataplane {
         let mut halves = self.deny_maps()?;
         let have_hosts = halves.read_hosts(live)?;
         let have_trie = halves.read_trie(live)?;
-        let want: BTreeSet<Ipv4Net> = prefixes.iter().copied().collect();
+        let have_trie6 = halves.read_trie6(live)?;
+        let want: BTreeSet<IpNet> = prefixes.iter().copied().collect();
         // Where each wanted prefix belongs, and what is there already.
-        let add: Vec<Ipv4Net> = want
+        let add: Vec<IpNet> = want
             .iter()
-            .filter(|n| match is_host(n) {
-                true => !have_hosts.contains(n),
-                false => !have_trie.contains(n),
+            .filter(|n| match n {
+                IpNet::V4(v4) if is_host(v4) => !have_hosts.contains(n),
+                IpNet::V4(_) => !have_trie.contains(n),
+                IpNet::V6(_) => !have_trie6.contains(n),
             })
             .copied()
             .collect();
-        let remove_hosts: Vec<Ipv4Net> = have_hosts.difference(&want).copied().collect();
-        let remove_trie: Vec<Ipv4Net> = have_trie.difference(&want).copied().collect();
+        let remove_hosts: Vec<IpNet> = have_hosts.difference(&want).copied().collect();
+        let remove_trie: Vec<IpNet> = have_trie
+            .union(&have_trie6)
+            .filter(|n| !want.contains(n))
+            .copied()
+            .collect();
         halves.fill(live, &add)?;
         halves.clear(live, &remove_hosts)?;
         halves.clear_trie(live, &remove_trie)?;
         let leftover = halves.empty(live ^ 1)?;
-        let legacy: Vec<Ipv4Net> = have_trie
+        let legacy: Vec<IpNet> = have_trie
             .iter()
-            .filter(|n| is_host(n) && want.contains(n))
+            .filter(|n| matches!(n, IpNet::V4(v4) if is_host(v4)) && want.contains(n))
             .copied()
             .collect();
         let wanted = DenyCount::of(&want);
@@ -744,7 +828,7 @@ impl Dataplane {
             nets: wanted.nets,
         });
         let removed = remove_hosts.len() + remove_trie.len();
-        let flags = self.policy_state.flags & (POLICY_F_DENY_LIST | POLICY_F_DENY_HOSTS);
+        let flags = self.policy_state.flags & DENY_FLAGS;
         if !add.is_empty() || removed > 0 || flags != count.flags() {
             self.set_deny_list(live, count)?;
         }

@@ -36,7 +36,7 @@ pub use stats::{BackendStats, Counters, DataplaneStats, VipStats};
 
 use crate::{
     dataplane::{object::EBPF_OBJECT, ring::RingError},
-    model::{ServiceKey, net::Ipv4Net, policy::SourcePolicy},
+    model::{ServiceKey, net::IpNet, policy::SourcePolicy},
     netlink::NetlinkError,
     util::NoSuchInterface,
 };
@@ -173,7 +173,7 @@ pub struct DataplaneOptions {
     /// Where bpffs is mounted (or is to be mounted): `--bpffs`.
     pub bpffs: PathBuf,
     /// The deny list, installed before the balancer is attached.
-    pub deny: Vec<Ipv4Net>,
+    pub deny: Vec<IpNet>,
 }
 
 /// A VIP as installed: its slot ids, which ring half is live, and the addresses of its backend

@@ -1,22 +1,31 @@
-//! IPv4 prefixes (`10.0.0.0/8`) as operators type them for source lists and the deny list.
+//! Prefixes as operators type them: IPv4 ones (`10.0.0.0/8`) for the VIPs' source lists, and
+//! either family's (`10.0.0.0/8`, `2001:db8::/32`) for the global deny list.
 //!
 //! Host bits are refused, not cleared: `10.1.2.3/8` is far more often a typo (for
 //! `10.1.2.3/32`, or `/24`) than a wish to list all of 10.0.0.0/8, and clearing them would
 //! silently deny or allow a network 65 536 times larger than the one written. The error names
 //! the network the prefix would have been.
 
+use super::addr::{parse_prefix, prefix_mask6};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NetError {
     #[error("malformed prefix {input:?}: expected ADDR/LEN, e.g. 192.0.2.0/24, or an address")]
     Malformed { input: String },
     #[error(
-        "{input:?} is an IPv6 prefix: the deny list and the VIPs' source lists hold IPv4 \
-         prefixes only (IPv6 sources are not filtered by them)"
+        "{input:?} is an IPv6 prefix: a VIP's source lists hold IPv4 prefixes only (the global \
+         deny list, `xlb deny`, takes IPv6 ones)"
     )]
     Ipv6 { input: String },
+    /// An IPv6 prefix that `addr::parse_prefix` refused, with its message.
+    #[error("{message}")]
+    BadIpv6 { message: String },
     #[error("malformed prefix {input:?}: {addr:?} is not an IPv4 address")]
     BadAddress { input: String, addr: String },
     #[error("malformed prefix {input:?}: prefix length {len:?} is not 0-32")]
@@ -121,6 +130,104 @@ impl FromStr for Ipv4Net {
     }
 }
 
+/// An IPv6 prefix: an address whose bits past `len` are zero, and `len` (0-128).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv6Net {
+    addr: Ipv6Addr,
+    len: u8,
+}
+
+impl Ipv6Net {
+    /// `addr/len`, or `None` if `len` is over 128 or `addr` has bits set past it.
+    pub fn new(addr: Ipv6Addr, len: u8) -> Option<Self> {
+        (len <= 128 && addr.to_bits() & !prefix_mask6(len) == 0).then_some(Ipv6Net { addr, len })
+    }
+
+    pub fn addr(&self) -> Ipv6Addr {
+        self.addr
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.len
+    }
+}
+
+impl fmt::Display for Ipv6Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// A deny-list prefix of either family. IPv4 sorts before IPv6 (the list's file and `xlb deny
+/// list` give IPv4 prefixes first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IpNet {
+    V4(Ipv4Net),
+    V6(Ipv6Net),
+}
+
+impl From<Ipv4Net> for IpNet {
+    fn from(n: Ipv4Net) -> Self {
+        IpNet::V4(n)
+    }
+}
+
+impl From<Ipv6Net> for IpNet {
+    fn from(n: Ipv6Net) -> Self {
+        IpNet::V6(n)
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IpNet::V4(n) => n.fmt(f),
+            IpNet::V6(n) => n.fmt(f),
+        }
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = NetError;
+
+    /// An IPv4 prefix as `Ipv4Net` reads it, or an IPv6 one as `addr::parse_prefix` does
+    /// (`ADDR/LEN`, a plain address as a /128; host bits and IPv4-mapped addresses refused: the
+    /// maps spell IPv4 that way, and the IPv4 prefix says what is meant).
+    fn from_str(input: &str) -> Result<Self, NetError> {
+        if !input.contains(':') {
+            return input.parse().map(IpNet::V4);
+        }
+        match parse_prefix(input) {
+            Ok((IpAddr::V6(addr), len)) => {
+                Ipv6Net::new(addr, len)
+                    .map(IpNet::V6)
+                    .ok_or_else(|| NetError::Malformed {
+                        input: input.to_string(),
+                    })
+            }
+            Ok((IpAddr::V4(_), _)) => Err(NetError::Malformed {
+                input: input.to_string(),
+            }),
+            Err(e) => Err(NetError::BadIpv6 {
+                message: e.to_string(),
+            }),
+        }
+    }
+}
+
+impl Serialize for IpNet {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for IpNet {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{source_name} line {line}: {error}")]
 pub struct ListError {
@@ -134,8 +241,11 @@ pub struct ListError {
 /// A list of prefixes as a file holds them: one prefix (or address) per line, `#` starts a
 /// comment, blank lines and surrounding whitespace are ignored. The first bad line fails the
 /// whole list (nothing of it is used), named by its number. Duplicates are kept out; the order
-/// is the file's.
-pub fn parse_list(text: &str, source_name: &str) -> Result<Vec<Ipv4Net>, ListError> {
+/// is the file's. `N`: `Ipv4Net` for a VIP's source lists, `IpNet` for the deny list.
+pub fn parse_list<N>(text: &str, source_name: &str) -> Result<Vec<N>, ListError>
+where
+    N: FromStr<Err = NetError> + Copy + Eq + std::hash::Hash,
+{
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -143,7 +253,7 @@ pub fn parse_list(text: &str, source_name: &str) -> Result<Vec<Ipv4Net>, ListErr
         if content.is_empty() {
             continue;
         }
-        let net: Ipv4Net = content.parse().map_err(|error| ListError {
+        let net: N = content.parse().map_err(|error| ListError {
             source_name: source_name.to_string(),
             line: i + 1,
             error,
@@ -208,7 +318,7 @@ mod tests {
             ),
             ("192.0.2.1/31", "the network is 192.0.2.0/31"),
             ("2001:db8::/32", "\"2001:db8::/32\" is an IPv6 prefix"),
-            ("fd11:1::2", "IPv4 prefixes only"),
+            ("fd11:1::2", "source lists hold IPv4 prefixes only"),
         ];
         for (input, want) in cases {
             let e = input.parse::<Ipv4Net>().unwrap_err().to_string();
@@ -220,20 +330,83 @@ mod tests {
     }
 
     #[test]
+    fn deny_prefixes_take_either_family() {
+        let n: IpNet = "2001:db8::/32".parse().unwrap();
+        let IpNet::V6(v6) = n else { panic!("{n:?}") };
+        assert_eq!(v6.prefix_len(), 32);
+        assert_eq!(n.to_string(), "2001:db8::/32");
+        assert_eq!(
+            "fd11:1::2".parse::<IpNet>().unwrap().to_string(),
+            "fd11:1::2/128"
+        );
+        assert_eq!("::/0".parse::<IpNet>().unwrap().to_string(), "::/0");
+        assert_eq!(
+            "10.0.0.0/8".parse::<IpNet>().unwrap(),
+            IpNet::V4("10.0.0.0/8".parse().unwrap())
+        );
+        // IPv4 before IPv6, each family in address order.
+        let mut v: Vec<IpNet> = ["fd11::/16", "10.0.0.0/8", "2001:db8::/32", "9.0.0.0/8"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        v.sort();
+        let v: Vec<String> = v.iter().map(|n| n.to_string()).collect();
+        assert_eq!(v, ["9.0.0.0/8", "10.0.0.0/8", "2001:db8::/32", "fd11::/16"]);
+        assert_eq!(serde_json::to_string(&n).unwrap(), "\"2001:db8::/32\"");
+        assert_eq!(
+            serde_json::from_str::<IpNet>("\"2001:db8::/32\"").unwrap(),
+            n
+        );
+    }
+
+    #[test]
+    fn bad_deny_prefixes_are_one_line_errors() {
+        let cases = [
+            (
+                "2001:db8::/129",
+                "malformed prefix \"2001:db8::/129\": expected ADDR/LEN",
+            ),
+            ("2001:db8::/", "malformed prefix \"2001:db8::/\""),
+            ("2001:db8:::1", "malformed prefix \"2001:db8:::1\""),
+            ("10.0.0.256", "is not an IPv4 address"),
+            (
+                "2001:db8::1/32",
+                "bits set after the first 32 (did you mean 2001:db8::/32?)",
+            ),
+            (
+                "::ffff:10.0.0.0/104",
+                "IPv4-mapped IPv6 address: write the IPv4 address, 10.0.0.0",
+            ),
+            ("10.0.0.0/33", "prefix length \"33\" is not 0-32"),
+            ("foo", "expected ADDR/LEN"),
+        ];
+        for (input, want) in cases {
+            let e = input.parse::<IpNet>().unwrap_err().to_string();
+            assert!(e.contains(want), "{input}: {e:?} lacks {want:?}");
+            assert!(!e.contains('\n'));
+        }
+        assert_eq!(Ipv6Net::new("2001:db8::1".parse().unwrap(), 32), None);
+        let list: Vec<IpNet> = parse_list("10.0.0.0/8\n2001:db8::/32 # v6\n", "f").unwrap();
+        assert_eq!(list.len(), 2);
+        let e = parse_list::<Ipv4Net>("10.0.0.0/8\n2001:db8::/32\n", "f").unwrap_err();
+        assert_eq!(e.line, 2);
+    }
+
+    #[test]
     fn lists_skip_comments_and_name_the_bad_line() {
         let text = "# a feed\n10.0.0.0/8\n\n  192.0.2.7  # one host\n10.0.0.0/8\n";
-        let list = parse_list(text, "feed.txt").unwrap();
+        let list: Vec<Ipv4Net> = parse_list(text, "feed.txt").unwrap();
         assert_eq!(
             list.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
             ["10.0.0.0/8", "192.0.2.7/32"]
         );
-        let e = parse_list("10.0.0.0/8\n# ok\n10.0.0.0/40\n", "feed.txt").unwrap_err();
+        let e = parse_list::<Ipv4Net>("10.0.0.0/8\n# ok\n10.0.0.0/40\n", "feed.txt").unwrap_err();
         assert_eq!(e.line, 3);
         assert_eq!(
             e.to_string(),
             "feed.txt line 3: malformed prefix \"10.0.0.0/40\": prefix length \"40\" is not 0-32"
         );
-        assert_eq!(parse_list("", "x").unwrap(), vec![]);
+        assert_eq!(parse_list::<Ipv4Net>("", "x").unwrap(), vec![]);
     }
 
     #[test]

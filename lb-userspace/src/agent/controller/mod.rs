@@ -686,6 +686,7 @@ impl<D: DataplaneOps> Controller<D> {
             embryonic_entries: self.flows.embryos,
             deny_list: self.deny_count.total() as u64,
             deny_hosts: self.deny_count.hosts as u64,
+            deny_ipv6: self.deny_count.nets6 as u64,
             node: None,
         })
     }

@@ -336,7 +336,7 @@ fn render_datapath(f: &Families, stats: &StatsReport) -> Result<(), MetricsError
 
 /// The embryonic table's size and fill, and the deny list's length.
 fn render_door(f: &Families, stats: &StatsReport) -> Result<(), MetricsError> {
-    let gauges: [(&'static str, &str, i64); 4] = [
+    let gauges: [(&'static str, &str, i64); 5] = [
         (
             "xlb_embryonic_table_capacity",
             "Entries of the embryonic table, where new TCP flows wait for their first packet \
@@ -356,9 +356,15 @@ fn render_door(f: &Families, stats: &StatsReport) -> Result<(), MetricsError> {
         ),
         (
             "xlb_deny_list_host_entries",
-            "Of the deny list's prefixes, host entries (/32), which the data path finds with one \
-             exact-match lookup; the shorter ones are in its LPM trie.",
+            "Of the deny list's prefixes, IPv4 host entries (/32), which the data path finds with \
+             one exact-match lookup; the shorter ones are in its LPM trie.",
             i64_of(stats.deny_hosts),
+        ),
+        (
+            "xlb_deny_list_ipv6_prefixes",
+            "Of the deny list's prefixes, IPv6 ones (hosts included), in the data path's IPv6 \
+             LPM trie.",
+            i64_of(stats.deny_ipv6),
         ),
     ];
     for (name, help, value) in gauges {
@@ -565,6 +571,7 @@ pub(super) mod tests {
             embryonic_entries: 5,
             deny_list: 3,
             deny_hosts: 1,
+            deny_ipv6: 0,
             node: Some(NodeReport {
                 table: 100,
                 proto: 120,
