@@ -22,8 +22,8 @@ use core::{arch::asm, mem::MaybeUninit, ptr::addr_of_mut};
 use lb_common::{
     Addr, BACKEND_F_ACTIVE, CONFIG_F_FLOW_EVENTS, CONFIG_F_HOLD_MIDFLOW, CONFIG_F_MIGRATING,
     FLOW_F_HELD, FORWARD_L2, FlowEvent, FlowKey, FlowStamp, FlowValue, IPPROTO_ICMP, IPPROTO_IPV6,
-    IPPROTO_TCP, IPPROTO_UDP, MIDFLOW_HOLD_NS, RING_SLOTS, TOUCH_NS, VipKey, VipMeta, event,
-    reason, ring_index,
+    IPPROTO_TCP, IPPROTO_UDP, MIDFLOW_HOLD_NS, RING_SLOTS, TOUCH_NS, VIP_F_ONE_BACKEND, VipKey,
+    VipMeta, event, reason, ring_index,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -902,7 +902,10 @@ fn tcp_miss(pkt: &Packet, now: u64, policy: &Policy) -> (Result<(u32, Addr), Ver
                     }
                     let holding =
                         held_at == NOT_HELD || now.saturating_sub(held_at) < MIDFLOW_HOLD_NS;
-                    if flags & CONFIG_F_HOLD_MIDFLOW != 0 && holding {
+                    if flags & CONFIG_F_HOLD_MIDFLOW != 0
+                        && holding
+                        && pkt.vip.flags & VIP_F_ONE_BACKEND == 0
+                    {
                         return (hold(pkt, policy, now, held_at == NOT_HELD), false);
                     }
                     stats::count_event(event::MIDFLOW_MISS);

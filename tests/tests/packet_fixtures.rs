@@ -1800,6 +1800,58 @@ fn midflow_misses_wait_for_a_peers_record_while_sync_is_on() {
     });
 }
 
+/// With one active backend slot a VIP's flows can only be on that backend: with peer sync on, a
+/// packet without SYN that finds no flow is steered at once (`midflow_miss`), not held for a
+/// record that could name no other backend this node would honour. A draining backend still
+/// counts (its flows stay with it), a down one does not.
+#[test]
+fn a_vip_with_one_active_backend_steers_midflow_misses_at_once() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer();
+        dp.hold_midflow_misses(true).unwrap();
+        let ack = |sport: u16| Ip::to(CLIENT, VIP, 6).packet(&tcp(sport, 80, ACK, 10));
+        let send = |dp: &Dataplane, ip_packet: &[u8]| run_inbound(dp, ifindex, ip_packet);
+        let counts = |dp: &Dataplane| {
+            let e = dp.event_stats().unwrap();
+            (e["midflow_held"], e["midflow_miss"])
+        };
+        let apply = |dp: &mut Dataplane, spec: &VipSpec, down: &[Ipv4Addr]| {
+            let down: BTreeSet<std::net::IpAddr> = down.iter().map(|&a| a.into()).collect();
+            dp.apply_vip(spec, &down).unwrap();
+        };
+
+        // be2 alone: steered at once, to be2.
+        let one = vip(VIP, 80, Proto::Tcp, Forward::Ipip, &[BACKENDS[1]]);
+        apply(&mut dp, &one, &[]);
+        let first = ack(57000);
+        let (action, out) = send(&dp, &first);
+        assert_eq!(action, XDP_TX, "not held");
+        assert_eq!(out, encapsulated(&first, 1));
+        assert_eq!(counts(&dp), (0, 1));
+
+        // be1 and be2, be1 down: one active slot, still steered at once.
+        let mut two = vip(VIP, 80, Proto::Tcp, Forward::Ipip, &BACKENDS[..2]);
+        apply(&mut dp, &two, &[BACKENDS[0]]);
+        let (action, out) = send(&dp, &ack(57001));
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, encapsulated(&ack(57001), 1));
+        assert_eq!(counts(&dp), (0, 2));
+
+        // be1 draining (weight 0, no new flows, its flows stay): two active slots, and a
+        // peer's record may name be1, so the miss is held.
+        two.backends[0].weight = 0;
+        apply(&mut dp, &two, &[]);
+        assert_eq!(send(&dp, &ack(57002)).0, XDP_DROP, "held");
+        assert_eq!(counts(&dp), (1, 2));
+
+        // Both up: held, as with the fixtures' three.
+        two.backends[0].weight = 1;
+        apply(&mut dp, &two, &[]);
+        assert_eq!(send(&dp, &ack(57003)).0, XDP_DROP, "held");
+        assert_eq!(counts(&dp), (2, 2));
+    });
+}
+
 /// Issue 5: debug events are off by default, can be switched on for one VIP at run time (no
 /// reload), say what happened to each packet, and stop when switched off.
 #[test]

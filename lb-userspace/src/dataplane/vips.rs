@@ -13,7 +13,7 @@ use crate::model::{Forward, ServiceKey, VipSpec};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
     Addr, BACKEND_F_ACTIVE, Backend, POLICY_F_DEBUG, PolicyState, TrafficCounters,
-    VIP_ADDR_F_ICMP_ECHO, VipAddr, VipMeta, maps, ring_index,
+    VIP_ADDR_F_ICMP_ECHO, VIP_F_ONE_BACKEND, VipAddr, VipMeta, maps, ring_index,
 };
 use std::{collections::BTreeSet, net::IpAddr};
 
@@ -104,6 +104,14 @@ impl Dataplane {
             .map(|b| if down.contains(&b.addr) { 0 } else { b.weight })
             .collect();
         let ring = ring::build(&weights)?;
+        // One backend slot active (up, draining or not): no peer's record can name another
+        // that this node honours, so a flow it has not seen is steered at once.
+        let one_active = spec
+            .backends
+            .iter()
+            .filter(|b| !down.contains(&b.addr))
+            .count()
+            == 1;
         let list_half = self.prepare_lists(spec, &place)?;
         let written = list_half
             != self
@@ -119,7 +127,9 @@ impl Dataplane {
                     ring_len: ring.len() as u32,
                     ring_half: place.half,
                     forward: spec.forward.code(),
-                    flags: flags | half_flag(list_half),
+                    flags: flags
+                        | half_flag(list_half)
+                        | if one_active { VIP_F_ONE_BACKEND } else { 0 },
                 };
                 self.switch(&spec.key, meta, spec.icmp_echo)
             });
