@@ -52,6 +52,9 @@ pub mod maps {
     pub const DENY6: [&str; 2] = ["DENY6_0", "DENY6_1"];
     pub const VIP_ALLOW: &str = "VIP_ALLOW";
     pub const VIP_DENY: &str = "VIP_DENY";
+    /// The IPv6 VIPs' source lists (`VipSrc6Data` keys), beside `VIP_ALLOW`/`VIP_DENY`.
+    pub const VIP_ALLOW6: &str = "VIP_ALLOW6";
+    pub const VIP_DENY6: &str = "VIP_DENY6";
     pub const VIP_LIMITS: &str = "VIP_LIMITS";
     pub const VIP_BUCKETS: &str = "VIP_BUCKETS";
     pub const SRC_BUCKETS: &str = "SRC_BUCKETS";
@@ -126,6 +129,10 @@ pub mod layout {
     /// The VIPs' source lists, both halves (`VIPS` names the live one of each VIP).
     pub const VIP_ALLOW: u32 = 1;
     pub const VIP_DENY: u32 = 1;
+    /// The IPv6 VIPs' source lists. A data path pinned by a build without them gets new, empty
+    /// ones (that build refused source lists on an IPv6 VIP).
+    pub const VIP_ALLOW6: u32 = 1;
+    pub const VIP_DENY6: u32 = 1;
     pub const VIP_LIMITS: u32 = 1;
     /// The new-flow limits' buckets: a restart must not hand every source a fresh burst.
     pub const VIP_BUCKETS: u32 = 1;
@@ -177,6 +184,8 @@ pub mod layout {
         (super::maps::DENY6[1], DENY6),
         (super::maps::VIP_ALLOW, VIP_ALLOW),
         (super::maps::VIP_DENY, VIP_DENY),
+        (super::maps::VIP_ALLOW6, VIP_ALLOW6),
+        (super::maps::VIP_DENY6, VIP_DENY6),
         (super::maps::VIP_LIMITS, VIP_LIMITS),
         (super::maps::VIP_BUCKETS, VIP_BUCKETS),
         (super::maps::SRC_BUCKETS, SRC_BUCKETS),
@@ -369,7 +378,8 @@ pub const MAX_DECAP_ADDRS: u32 = 64;
 /// sized for all of them, so the list may be all IPv4 hosts, all IPv4 prefixes or all IPv6.
 pub const MAX_DENY_PREFIXES: u32 = 1 << 20;
 /// Source prefixes `VIP_ALLOW` and `VIP_DENY` each hold, over all VIPs and both halves of each
-/// VIP's lists (a change writes the new half before the old one is cleared).
+/// VIP's lists (a change writes the new half before the old one is cleared); `VIP_ALLOW6` and
+/// `VIP_DENY6` as many IPv6 ones.
 pub const MAX_VIP_PREFIXES: u32 = 1 << 18;
 /// Token buckets of the per-(source, VIP) new-flow limits (`SRC_BUCKETS`, an LRU).
 pub const SRC_BUCKET_ENTRIES: u32 = 1 << 16;
@@ -500,6 +510,27 @@ pub type VipSrcData = [u8; 8];
 pub const fn vip_src_data(tag: u32, addr: [u8; 4]) -> VipSrcData {
     let t = tag.to_be_bytes();
     [t[0], t[1], t[2], t[3], addr[0], addr[1], addr[2], addr[3]]
+}
+
+/// Key data of `VIP_ALLOW6` and `VIP_DENY6` (LPM, prefix length 32 + the source prefix's): the
+/// list tag (`vip_list_tag`, big-endian, so that it is matched whole first), then the IPv6
+/// address (network order).
+pub type VipSrc6Data = [u8; 20];
+
+/// `VipSrc6Data` of `tag` and `addr` (network order).
+pub const fn vip_src6_data(tag: u32, addr: [u8; 16]) -> VipSrc6Data {
+    let t = tag.to_be_bytes();
+    let mut d = [0u8; 20];
+    d[0] = t[0];
+    d[1] = t[1];
+    d[2] = t[2];
+    d[3] = t[3];
+    let mut i = 0;
+    while i < 16 {
+        d[4 + i] = addr[i];
+        i += 1;
+    }
+    d
 }
 
 /// Value of the per-VIP `VIP_LIMITS` array: the new-flow limits as GCRA parameters (host order,
@@ -1268,6 +1299,16 @@ mod tests {
                 kv(lpm_key(size_of::<VipSrcData>()), shape!(u8))
             ),
             (
+                maps::VIP_ALLOW6,
+                layout::VIP_ALLOW6,
+                kv(lpm_key(size_of::<VipSrc6Data>()), shape!(u8))
+            ),
+            (
+                maps::VIP_DENY6,
+                layout::VIP_DENY6,
+                kv(lpm_key(size_of::<VipSrc6Data>()), shape!(u8))
+            ),
+            (
                 maps::VIP_LIMITS,
                 layout::VIP_LIMITS,
                 kv(
@@ -1407,6 +1448,16 @@ mod tests {
             "VIP_DENY",
             1,
             "key LpmKey=12 prefix_len@0:4 data@4:8; value u8=1",
+        ),
+        (
+            "VIP_ALLOW6",
+            1,
+            "key LpmKey=24 prefix_len@0:4 data@4:20; value u8=1",
+        ),
+        (
+            "VIP_DENY6",
+            1,
+            "key LpmKey=24 prefix_len@0:4 data@4:20; value u8=1",
         ),
         (
             "VIP_LIMITS",

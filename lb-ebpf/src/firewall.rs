@@ -6,10 +6,10 @@
 //! its allow list; the limits only for packets that would create a flow. Packets of existing
 //! flows are never limited.
 //!
-//! The deny list holds prefixes of both families (IPv6 ones in `DENY6_n`). A VIP's source lists
-//! hold IPv4 prefixes only: an IPv6 source is outside every allow list (the agent refuses source
-//! lists on an IPv6 VIP, so only an IPv4 VIP's could be asked). The new-flow limits key on the
-//! 16-byte source and serve both families.
+//! The deny list holds prefixes of both families (IPv6 ones in `DENY6_n`), and so do the VIPs'
+//! source lists (an IPv6 VIP's in `VIP_ALLOW6`/`VIP_DENY6`; the agent keeps a VIP's lists to its
+//! own family, whose clients alone reach it). The new-flow limits key on the 16-byte source and
+//! serve both families.
 //!
 //! An LPM lookup costs tens of nanoseconds, more than an established packet's whole budget, so a
 //! flow remembers the policy generation its checks passed under (`FlowValue::policy_gen`): while
@@ -22,7 +22,7 @@
 use crate::{
     maps::{
         DENY_HOST_NETS0, DENY_HOST_NETS1, DENY_HOSTS0, DENY_HOSTS1, DENY0, DENY1, DENY6_0, DENY6_1,
-        POLICY, SRC_BUCKETS, VIP_ALLOW, VIP_BUCKETS, VIP_DENY, VIP_LIMITS,
+        POLICY, SRC_BUCKETS, VIP_ALLOW, VIP_ALLOW6, VIP_BUCKETS, VIP_DENY, VIP_DENY6, VIP_LIMITS,
     },
     stats,
 };
@@ -34,7 +34,7 @@ use core::{
 use lb_common::{
     Addr, Deny6Data, POLICY_F_DEBUG, POLICY_F_DENY_HOSTS, POLICY_F_DENY_LIST, POLICY_F_DENY6,
     SrcBucketKey, VIP_F_ALLOW, VIP_F_DENY, VIP_F_LIST_HALF, VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT,
-    VipMeta, deny_host_net_bit, event, reason, vip_list_tag, vip_src_data,
+    VipMeta, VipSrc6Data, deny_host_net_bit, event, reason, vip_list_tag, vip_src_data,
 };
 
 /// Compare-and-swap attempts on a bucket before a flow counts as limited (other CPUs kept
@@ -199,15 +199,7 @@ pub fn check_source(src: Addr, vip: &VipMeta, policy: &Policy) -> Result<(), u32
 #[inline(always)]
 fn source_verdict(src: Addr, vip: &VipMeta, policy: &Policy) -> Result<(), u32> {
     if !src.is_v4() {
-        if deny_listed6(&src, policy) {
-            return Err(reason::DROP_DENY_LIST);
-        }
-        // A VIP's lists hold IPv4 prefixes: none admits an IPv6 source.
-        return if vip.flags & VIP_F_ALLOW != 0 {
-            Err(reason::DROP_SRC_NOT_ALLOWED)
-        } else {
-            Ok(())
-        };
+        return source_verdict6(&src, vip, policy);
     }
     let src = src.v4();
     if deny_listed(src, policy) {
@@ -225,6 +217,33 @@ fn source_verdict(src: Addr, vip: &VipMeta, policy: &Policy) -> Result<(), u32> 
         return Err(reason::DROP_SRC_DENIED);
     }
     if vip.flags & VIP_F_ALLOW != 0 && VIP_ALLOW.get(&key).is_none() {
+        return Err(reason::DROP_SRC_NOT_ALLOWED);
+    }
+    Ok(())
+}
+
+/// `source_verdict` for an IPv6 source: the deny list's IPv6 trie, then the VIP's IPv6 lists.
+#[inline(always)]
+fn source_verdict6(src: &Addr, vip: &VipMeta, policy: &Policy) -> Result<(), u32> {
+    if deny_listed6(src, policy) {
+        return Err(reason::DROP_DENY_LIST);
+    }
+    if vip.flags & (VIP_F_ALLOW | VIP_F_DENY) == 0 {
+        return Ok(());
+    }
+    let half = u32::from(vip.flags & VIP_F_LIST_HALF != 0);
+    // The prefix length, the tag's bytes (big-endian, as `vip_src6_data` writes them) read as a
+    // native word, then the address's words (its wire bytes in memory order): six word stores.
+    let tag = u32::from_ne_bytes(vip_list_tag(vip.id, half).to_be_bytes());
+    let [a, b, c, d] = src.words;
+    // SAFETY: `Key<VipSrc6Data>` is `repr(C, packed)`: a `u32` prefix length and 20 bytes, 24
+    // bytes of integers (transmute checks the size).
+    let key =
+        unsafe { core::mem::transmute::<[u32; 6], Key<VipSrc6Data>>([32 + 128, tag, a, b, c, d]) };
+    if vip.flags & VIP_F_DENY != 0 && VIP_DENY6.get(&key).is_some() {
+        return Err(reason::DROP_SRC_DENIED);
+    }
+    if vip.flags & VIP_F_ALLOW != 0 && VIP_ALLOW6.get(&key).is_none() {
         return Err(reason::DROP_SRC_NOT_ALLOWED);
     }
     Ok(())

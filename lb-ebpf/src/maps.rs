@@ -11,7 +11,7 @@ use lb_common::{
     DenyData, DenyHostKey, FLOW_EVENTS_BYTES, FlowKey, FlowValue, LbConfig, MAX_BACKENDS,
     MAX_DECAP_ADDRS, MAX_DENY_PREFIXES, MAX_VIP_PREFIXES, MAX_VIPS, PolicyState, RING_ENTRIES,
     SRC_BUCKET_ENTRIES, SrcBucketKey, TrafficCounters, VipAddr, VipDrops, VipKey, VipKey6,
-    VipLimits, VipMeta, VipSrcData, decap_reason, event, reason,
+    VipLimits, VipMeta, VipSrc6Data, VipSrcData, decap_reason, event, reason,
 };
 
 #[map(name = "VIPS")]
@@ -89,6 +89,11 @@ pub static VIP_ALLOW: LpmTrie<VipSrcData, u8> = LpmTrie::with_max_entries(MAX_VI
 /// Every VIP's source deny lists, as `VIP_ALLOW`.
 #[map(name = "VIP_DENY")]
 pub static VIP_DENY: LpmTrie<VipSrcData, u8> = LpmTrie::with_max_entries(MAX_VIP_PREFIXES, 0);
+/// The IPv6 VIPs' source allow and deny lists, keyed as `VIP_ALLOW`/`VIP_DENY` with IPv6 sources.
+#[map(name = "VIP_ALLOW6")]
+pub static VIP_ALLOW6: LpmTrie<VipSrc6Data, u8> = LpmTrie::with_max_entries(MAX_VIP_PREFIXES, 0);
+#[map(name = "VIP_DENY6")]
+pub static VIP_DENY6: LpmTrie<VipSrc6Data, u8> = LpmTrie::with_max_entries(MAX_VIP_PREFIXES, 0);
 
 /// VIP id → its new-flow limits (read only when the VIP's flags say it has one).
 #[map(name = "VIP_LIMITS")]

@@ -9,10 +9,7 @@ use crate::{
     model::check::{CheckPatch, CheckSpec},
     model::flows::{CountBy, FlowFilter, Origin},
     model::{BackendConfig, Forward, Proto, ServiceKey, VipConfig, icmp_echo_default},
-    model::{
-        net::{IpNet, Ipv4Net},
-        policy::PolicyPatch,
-    },
+    model::{net::IpNet, policy::PolicyPatch},
 };
 use serde::{Deserialize, Serialize};
 use std::{collections::BTreeMap, fmt, net::IpAddr};
@@ -317,10 +314,10 @@ pub(crate) struct VipSummary {
     pub(crate) icmp_echo: bool,
     /// Sources that may reach the VIP (empty: every source).
     #[serde(default)]
-    pub(crate) allow_src: Vec<Ipv4Net>,
+    pub(crate) allow_src: Vec<IpNet>,
     /// Sources that may not.
     #[serde(default)]
-    pub(crate) deny_src: Vec<Ipv4Net>,
+    pub(crate) deny_src: Vec<IpNet>,
     /// New flows per second and burst per (source, VIP) and per VIP; `null`: no limit.
     #[serde(default)]
     pub(crate) src_rate: Option<u32>,

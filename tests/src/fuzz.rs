@@ -41,7 +41,7 @@ use xlb::{
     dataplane::{Dataplane, DenyCount},
     model::{
         Forward, Proto,
-        net::{IpNet, Ipv4Net},
+        net::IpNet,
         policy::{RateLimit, SourcePolicy},
     },
 };
@@ -145,7 +145,7 @@ impl FuzzReport {
 /// without an IPIP source address, and `fwd_redirect` a second interface: neither is reached.)
 pub fn fuzz_balancer() -> Result<Dataplane> {
     let mut dp = balancer();
-    let nets = |l: &[&str]| -> Vec<Ipv4Net> { l.iter().map(|s| s.parse().unwrap()).collect() };
+    let nets = |l: &[&str]| -> Vec<IpNet> { l.iter().map(|s| s.parse().unwrap()).collect() };
     let mut tcp80 = vip(VIP, 80, Proto::Tcp, Forward::Ipip, &BACKENDS);
     tcp80.policy = SourcePolicy {
         allow_src: nets(&["10.111.0.0/16", "192.0.2.0/24"]),
@@ -191,21 +191,24 @@ pub fn fuzz_balancer() -> Result<Dataplane> {
     )?;
     // The IPv6 VIPs (ipip, l2, UDP, no neighbour) and IPv4 in IPv6, with an outer IPv6 source.
     dp.set_lb_addr6(Some(LB6))?;
-    for spec in fixture_vips6() {
+    // [VIP6]:80 with IPv6 source lists (the client's /64 and the deny list's documentation
+    // prefix allowed, a corner of the /64 denied).
+    for mut spec in fixture_vips6() {
+        if spec.key.addr == VIP6 && spec.key.port == 80 {
+            spec.policy.allow_src = nets(&["fd11:1::/64", "2001:db8::/32"]);
+            spec.policy.deny_src = nets(&["fd11:1::/126"]);
+        }
         dp.apply_vip(&spec, &BTreeSet::new())?;
     }
     // A prefix (the trie) and host entries (the hash), one of them inside the prefix, and an
     // IPv6 prefix (the IPv6 trie).
-    let deny: Vec<IpNet> = [
+    let deny = nets(&[
         "10.111.9.0/24",
         "198.51.100.0/24",
         "10.111.9.77/32",
         "10.111.8.5/32",
         "2001:db8:bad::/48",
-    ]
-    .iter()
-    .map(|s| s.parse().unwrap())
-    .collect();
+    ]);
     dp.deny_maps()?.fill(1, &deny)?;
     dp.set_deny_list(1, DenyCount::of(&deny))?;
     Ok(dp)

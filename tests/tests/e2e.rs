@@ -87,7 +87,7 @@ fn scenario(forward: &str, xdp_mode: &str) {
 
 /// The global deny list with an IPv6 prefix, through the CLI: cli's IPv6 connections are dropped
 /// at the door while its IPv4 ones pass, `xlb stats` counts the prefix as IPv6, and `xlb deny
-/// del` lets the client back in.
+/// del` lets the client back in. Then the IPv6 VIP's own `--deny-src`, across an agent's crash.
 fn deny_ipv6(bed: &mut Testbed) {
     // cli's IPv6 network (CLI_ADDR6 is fd11:1::2).
     let prefix = "fd11:1::/64";
@@ -118,6 +118,33 @@ fn deny_ipv6(bed: &mut Testbed) {
     bed.use_ipv6(true);
     bed.new_connection()
         .expect("the IPv6 client connects again once its prefix is removed");
+
+    // The IPv6 VIP's own deny list, kept across a SIGKILL and taken over by the next agent
+    // (read back from the data path's IPv6 source-list tries).
+    let vip6 = format!("[{}]:{HTTP_PORT}", bed.vip());
+    bed.client()
+        .ok(&["vip", "set", &vip6, "--deny-src", prefix])
+        .expect("--deny-src with an IPv6 prefix on the IPv6 VIP");
+    assert!(bed.new_connection().is_err(), "denied by the VIP's list");
+    bed.kill_and_restart_agent("lb1")
+        .expect("SIGKILL and restart of the agent");
+    assert!(
+        bed.new_connection().is_err(),
+        "still denied after the takeover"
+    );
+    let list = bed.client().vip_list().expect("vip list --json");
+    let v = list["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["vip"] == serde_json::json!(vip6))
+        .unwrap_or_else(|| panic!("{vip6} in {list}"));
+    assert_eq!(v["deny_src"], serde_json::json!([prefix]), "{v}");
+    bed.client()
+        .ok(&["vip", "set", &vip6, "--deny-src", "none"])
+        .expect("clearing the list");
+    bed.new_connection()
+        .expect("the IPv6 client connects again once the VIP's list is cleared");
     bed.use_ipv6(false);
 }
 

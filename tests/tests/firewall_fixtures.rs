@@ -12,7 +12,7 @@ use xlb::{
     dataplane::{Dataplane, DenyCount},
     model::{
         Forward, Proto, VipSpec,
-        net::{IpNet, Ipv4Net},
+        net::IpNet,
         policy::{RateLimit, SourcePolicy},
     },
 };
@@ -22,12 +22,8 @@ use xlb_tests::{
     packet6::{ICMP6_ECHO_REQUEST, ICMP6_NEIGHBOR_SOLICIT, Ip6, NH_ICMPV6, NH_TCP, NH_UDP, icmp6},
 };
 
-fn nets(list: &[&str]) -> Vec<Ipv4Net> {
-    list.iter().map(|s| s.parse().unwrap()).collect()
-}
-
-/// A deny list of either family.
-fn ip_nets(list: &[&str]) -> Vec<IpNet> {
+/// Prefixes of either family (the deny list, a VIP's source lists).
+fn nets(list: &[&str]) -> Vec<IpNet> {
     list.iter().map(|s| s.parse().unwrap()).collect()
 }
 
@@ -113,6 +109,87 @@ fn source_lists_allow_and_deny_by_longest_prefix() {
         .unwrap();
         assert_eq!(send(&dp, ifindex, &syn_from(inside, 1004, 80)), XDP_DROP);
         assert_eq!(reason(&dp, "drop_src_denied"), 2);
+    });
+}
+
+/// A TCP packet with `flags` from `src` to `[VIP6]:dport`.
+fn tcp6_from(src: Ipv6Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    inbound6(&Ip6::to(src, VIP6, NH_TCP).packet(&tcp(sport, dport, flags, 0)))
+}
+
+/// An IPv6 VIP's source lists (`VIP_ALLOW6`, `VIP_DENY6`) decide as an IPv4 VIP's do: by
+/// longest prefix, the deny list over the allow list, counted per VIP and reason; another VIP of
+/// the address is not affected, and an established flow is checked again after a change.
+#[test]
+fn an_ipv6_vips_source_lists_allow_and_deny_by_longest_prefix() {
+    in_fixture_netns(|ifindex| {
+        let mut dp = balancer6();
+        let inside = CLIENT6;
+        let denied: Ipv6Addr = "fd11:1::ff".parse().unwrap();
+        let outside: Ipv6Addr = "fd11:5::5".parse().unwrap();
+        let tcp80 = |allow: &[&str], deny: &[&str]| VipSpec {
+            policy: SourcePolicy {
+                allow_src: nets(allow),
+                deny_src: nets(deny),
+                ..Default::default()
+            },
+            ..vip(VIP6, 80, Proto::Tcp, Forward::Ipip, &BACKENDS6)
+        };
+        let v = |dp: &Dataplane, src: Ipv6Addr, sport: u16, dport: u16, flags: u8| {
+            send(dp, ifindex, &tcp6_from(src, sport, dport, flags))
+        };
+        let drops = |dp: &Dataplane| {
+            let d = dp
+                .stats()
+                .unwrap()
+                .vips
+                .into_iter()
+                .find(|v| v.key.addr == VIP6 && v.key.port == 80)
+                .unwrap()
+                .drops;
+            (d.src_denied, d.src_not_allowed)
+        };
+        // An established flow from `inside` before any list.
+        assert_eq!(v(&dp, inside, 7000, 80, SYN), XDP_TX);
+        assert_eq!(v(&dp, inside, 7000, 80, ACK), XDP_TX);
+
+        // Allowed: fd11:1::/64, except fd11:1::80/121.
+        dp.apply_vip(
+            &tcp80(&["fd11:1::/64"], &["fd11:1::80/121"]),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(v(&dp, inside, 7001, 80, SYN), XDP_TX);
+        assert_eq!(v(&dp, denied, 7002, 80, SYN), XDP_DROP);
+        assert_eq!(v(&dp, outside, 7003, 80, SYN), XDP_DROP);
+        assert_eq!(
+            v(&dp, outside, 7004, 8080, SYN),
+            XDP_TX,
+            "another VIP of the address has no lists"
+        );
+        assert_eq!(drops(&dp), (1, 1));
+        assert_eq!(
+            v(&dp, inside, 7000, 80, ACK),
+            XDP_TX,
+            "the established flow passes its new check"
+        );
+
+        // Deny wins over a longer allow, also for the established flow's next packet.
+        dp.apply_vip(
+            &tcp80(&["fd11:1::2/128"], &["fd11:1::/64"]),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(v(&dp, inside, 7005, 80, SYN), XDP_DROP);
+        assert_eq!(v(&dp, inside, 7000, 80, ACK), XDP_DROP);
+        assert_eq!(drops(&dp), (3, 1));
+        assert_eq!(reason(&dp, "drop_src_denied"), 3);
+        assert_eq!(reason(&dp, "drop_src_not_allowed"), 1);
+
+        // Cleared: every source again, the established flow on its backend.
+        dp.apply_vip(&tcp80(&[], &[]), &BTreeSet::new()).unwrap();
+        assert_eq!(v(&dp, outside, 7006, 80, SYN), XDP_TX);
+        assert_eq!(v(&dp, inside, 7000, 80, ACK), XDP_TX);
     });
 }
 
@@ -237,10 +314,7 @@ fn the_deny_list_drops_every_packet_of_a_listed_source() {
         assert_eq!(send(&dp, ifindex, &syn_from(good, 3019, 80)), XDP_DROP);
         assert_eq!(send(&dp, ifindex, &syn_from(other_src, 3020, 80)), XDP_DROP);
         assert!(deny.read(1).unwrap().is_empty(), "the old pair emptied");
-        assert_eq!(
-            deny.read(0).unwrap(),
-            list.iter().map(|&n| IpNet::from(n)).collect()
-        );
+        assert_eq!(deny.read(0).unwrap(), list.iter().copied().collect());
         // An empty list costs no lookup and drops nothing.
         deny.clear(0, &list).unwrap();
         dp.set_deny_list(1, DenyCount::default()).unwrap();
@@ -271,7 +345,7 @@ fn the_deny_list_drops_listed_ipv6_sources() {
 
         // CLIENT6 (fd11:1::2) is in fd11:1::/125, other6 is not; an IPv4 prefix beside it.
         let mut deny = dp.deny_maps().unwrap();
-        let list = ip_nets(&["fd11:1::/125", "2001:db8::/32", "192.0.2.0/24"]);
+        let list = nets(&["fd11:1::/125", "2001:db8::/32", "192.0.2.0/24"]);
         deny.fill(1, &list).unwrap();
         dp.set_deny_list(1, DenyCount::of(&list)).unwrap();
         let count = DenyCount::of(&list);
@@ -334,7 +408,7 @@ fn the_deny_list_drops_listed_ipv6_sources() {
         assert_eq!(send(&dp, ifindex, &syn_from(v4_client, 6006, 80)), XDP_TX);
 
         // `::/0` in the live half (as `xlb deny add` writes it): every IPv6 source, no IPv4.
-        let all6 = ip_nets(&["::/0"]);
+        let all6 = nets(&["::/0"]);
         deny.fill(1, &all6).unwrap();
         let with_all = [list.clone(), all6.clone()].concat();
         dp.set_deny_list(1, DenyCount::of(&with_all)).unwrap();
@@ -343,7 +417,7 @@ fn the_deny_list_drops_listed_ipv6_sources() {
 
         // A load of an IPv4-only list into the other half: the IPv6 sources pass again, the
         // established flow keeps its backend, and the old half is emptied.
-        let v4_only = ip_nets(&["192.0.2.0/24"]);
+        let v4_only = nets(&["192.0.2.0/24"]);
         deny.fill(0, &v4_only).unwrap();
         dp.set_deny_list(0, DenyCount::of(&v4_only)).unwrap();
         deny.clear(1, &with_all).unwrap();

@@ -60,7 +60,7 @@ use crate::{
     model::check::{CheckPatch, CheckSpec},
     model::{
         BackendConfig, DEFAULT_WEIGHT, Forward, Proto, ServiceKey, VipConfig, icmp_echo_default,
-        net::Ipv4Net,
+        net::IpNet,
         policy::{PolicyError, PolicyPatch, RateSetting, SourcePolicy},
     },
     util::one_line,
@@ -145,9 +145,9 @@ struct RawVip {
     icmp_echo: bool,
     /// Sources that may reach the VIP (absent: every source).
     #[serde(default)]
-    allow_src: Vec<Ipv4Net>,
+    allow_src: Vec<IpNet>,
     #[serde(default)]
-    deny_src: Vec<Ipv4Net>,
+    deny_src: Vec<IpNet>,
     #[serde(default)]
     src_rate: Option<u32>,
     #[serde(default)]
@@ -161,7 +161,7 @@ struct RawVip {
 impl RawVip {
     /// The VIP's source policy: its keys as the flags of `vip add` would give them.
     fn policy(&self) -> Result<SourcePolicy, PolicyError> {
-        let list = |l: &Vec<Ipv4Net>| (!l.is_empty()).then(|| l.clone());
+        let list = |l: &Vec<IpNet>| (!l.is_empty()).then(|| l.clone());
         SourcePolicy::default().patched(&PolicyPatch {
             allow_src: list(&self.allow_src),
             deny_src: list(&self.deny_src),

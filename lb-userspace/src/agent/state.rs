@@ -10,6 +10,7 @@ use crate::{
     agent::health::check_files,
     model::addr::is_host_address,
     model::check::{CheckError, CheckPatch, CheckSpec},
+    model::net::IpNet,
     model::policy::{PolicyError, PolicyPatch},
     model::{BackendConfig, DEFAULT_WEIGHT, Forward, MAX_WEIGHT, ServiceKey, VipConfig},
     util::write_atomic,
@@ -55,10 +56,15 @@ pub(crate) enum StateError {
     )]
     FamilyMismatch { key: ServiceKey, addr: IpAddr },
     #[error(
-        "VIP {0}: source lists (--allow-src, --deny-src) hold IPv4 prefixes, which no client of \
-         an IPv6 VIP has; an IPv6 VIP takes rate limits only"
+        "VIP {key} is {}: {what} {prefix} is an {} prefix, which none of its clients has (a \
+         VIP's source lists hold prefixes of its own family)",
+        family(key.addr), prefix_family(prefix)
     )]
-    SourceListsOnIpv6(ServiceKey),
+    SourceFamily {
+        key: ServiceKey,
+        what: &'static str,
+        prefix: IpNet,
+    },
     #[error("VIP {key}: {source}")]
     VipCheck { key: ServiceKey, source: CheckError },
     #[error("backend {addr} in VIP {key}: {source}")]
@@ -165,6 +171,13 @@ fn family(addr: IpAddr) -> &'static str {
     if addr.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
+fn prefix_family(net: &IpNet) -> &'static str {
+    match net {
+        IpNet::V4(_) => "IPv4",
+        IpNet::V6(_) => "IPv6",
+    }
+}
+
 fn validate_key(key: &ServiceKey) -> Result<(), StateError> {
     if key.port == 0 {
         return Err(StateError::PortZero(*key));
@@ -234,10 +247,20 @@ pub(crate) fn check_new_files(new: &VipConfig, old: Option<&VipConfig>) -> Resul
 /// Every rule that applies to one VIP on its own.
 pub(crate) fn validate_spec(spec: &VipConfig) -> Result<(), StateError> {
     validate_key(&spec.key)?;
-    if spec.key.addr.is_ipv6()
-        && !(spec.policy.allow_src.is_empty() && spec.policy.deny_src.is_empty())
-    {
-        return Err(StateError::SourceListsOnIpv6(spec.key));
+    for (what, list) in [
+        ("--allow-src", &spec.policy.allow_src),
+        ("--deny-src", &spec.policy.deny_src),
+    ] {
+        if let Some(prefix) = list
+            .iter()
+            .find(|n| matches!(n, IpNet::V6(_)) != spec.key.addr.is_ipv6())
+        {
+            return Err(StateError::SourceFamily {
+                key: spec.key,
+                what,
+                prefix: *prefix,
+            });
+        }
     }
     spec.policy
         .validate()
@@ -853,24 +876,43 @@ mod tests {
             .plan_vip_add(key(81), Forward::Ipip, &none(), &patch)
             .unwrap();
         assert_eq!(added.policy, set.policy);
-        // An IPv6 VIP takes the rate limits but no (IPv4) source list.
+        // A VIP's lists hold prefixes of its family: an IPv6 VIP takes IPv6 ones, and
+        // refuses an IPv4 one (as an IPv4 VIP refuses an IPv6 one), naming it.
         let v6 = ServiceKey {
             addr: "fd11:100::1".parse().unwrap(),
             ..key(80)
         };
-        let limits_only = PolicyPatch {
-            allow_src: None,
+        let v6_lists = PolicyPatch {
+            allow_src: Some(vec!["fd11:1::/64".parse().unwrap()]),
+            deny_src: Some(vec!["fd11:1::bad/128".parse().unwrap()]),
             ..patch.clone()
         };
         assert!(
             state
-                .plan_vip_add(v6, Forward::Ipip, &none(), &limits_only)
+                .plan_vip_add(v6, Forward::Ipip, &none(), &v6_lists)
                 .is_ok()
         );
         let e = state
             .plan_vip_add(v6, Forward::Ipip, &none(), &patch)
-            .unwrap_err();
-        assert!(matches!(e, StateError::SourceListsOnIpv6(_)), "{e}");
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "VIP [fd11:100::1]:80/tcp is IPv6: --allow-src 10.0.0.0/8 is an IPv4 prefix, which \
+             none of its clients has (a VIP's source lists hold prefixes of its own family)"
+        );
+        let wrong = PolicyPatch {
+            deny_src: Some(vec!["2001:db8::/32".parse().unwrap()]),
+            ..Default::default()
+        };
+        let e = state
+            .plan_vip_add(key(82), Forward::Ipip, &none(), &wrong)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--deny-src 2001:db8::/32 is an IPv6 prefix"),
+            "{e}"
+        );
         let stored = DesiredState::from_specs([set]).unwrap();
         save(&path, &stored).unwrap();
         assert_eq!(load(&path).unwrap().unwrap(), stored);

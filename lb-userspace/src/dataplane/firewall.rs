@@ -31,8 +31,8 @@ use aya::maps::{
 use lb_common::{
     DENY_HOST_NET_WORDS, Deny6Data, DenyData, DenyHostKey, MAX_DENY_PREFIXES, MAX_VIP_PREFIXES,
     POLICY_F_DENY_HOSTS, POLICY_F_DENY_LIST, POLICY_F_DENY6, PolicyState, VIP_F_ALLOW, VIP_F_DENY,
-    VIP_F_LIST_HALF, VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT, VipDrops, VipLimits, VipSrcData,
-    deny_host_net_bit, maps, vip_list_tag, vip_src_data,
+    VIP_F_LIST_HALF, VIP_F_SRC_LIMIT, VIP_F_VIP_LIMIT, VipDrops, VipLimits, VipSrc6Data,
+    VipSrcData, deny_host_net_bit, maps, vip_list_tag, vip_src_data, vip_src6_data,
 };
 use serde::{Deserialize, Serialize};
 use std::{
@@ -48,6 +48,7 @@ type DenyTrie = LpmTrie<MapData, DenyData, u8>;
 type Deny6Trie = LpmTrie<MapData, Deny6Data, u8>;
 type DenyHash = HashMap<MapData, DenyHostKey, u8>;
 pub(super) type VipTrie = LpmTrie<MapData, VipSrcData, u8>;
+pub(super) type VipTrie6 = LpmTrie<MapData, VipSrc6Data, u8>;
 
 /// A prefix the deny list keeps in its hash rather than its trie.
 fn is_host(net: &Ipv4Net) -> bool {
@@ -147,12 +148,22 @@ fn deny6_net(key: &Key<Deny6Data>) -> Option<Ipv6Net> {
 }
 
 /// The list tag and the prefix of a source-list key.
-fn vip_net(key: &Key<VipSrcData>) -> Option<(u32, Ipv4Net)> {
+fn vip_net(key: &Key<VipSrcData>) -> Option<(u32, IpNet)> {
     let data = key.data();
     let tag = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
     let len = u8::try_from(key.prefix_len().checked_sub(32)?).ok()?;
     let net = Ipv4Net::new(Ipv4Addr::new(data[4], data[5], data[6], data[7]), len)?;
-    Some((tag, net))
+    Some((tag, IpNet::V4(net)))
+}
+
+/// The list tag and the prefix of an IPv6 source-list key.
+fn vip_net6(key: &Key<VipSrc6Data>) -> Option<(u32, IpNet)> {
+    let data = key.data();
+    let tag = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+    let len = u8::try_from(key.prefix_len().checked_sub(32)?).ok()?;
+    let addr: [u8; 16] = data[4..].try_into().ok()?;
+    let net = Ipv6Net::new(Ipv6Addr::from(addr), len)?;
+    Some((tag, IpNet::V6(net)))
 }
 
 fn corrupt(name: &'static str) -> DataplaneError {
@@ -162,23 +173,34 @@ fn corrupt(name: &'static str) -> DataplaneError {
     }
 }
 
-/// The LPM key of a source prefix in the list half tagged `tag`.
-fn vip_key(tag: u32, net: &Ipv4Net) -> Key<VipSrcData> {
-    Key::new(
-        32 + u32::from(net.prefix_len()),
-        vip_src_data(tag, net.addr().octets()),
-    )
+/// The LPM keys of a list's source prefixes in the list half tagged `tag`: IPv4 ones (for
+/// `VIP_ALLOW`/`VIP_DENY`), IPv6 ones (for `VIP_ALLOW6`/`VIP_DENY6`).
+type ListKeys = (Vec<Key<VipSrcData>>, Vec<Key<VipSrc6Data>>);
+
+fn vip_keys(tag: u32, list: &[IpNet]) -> ListKeys {
+    let mut keys: ListKeys = Default::default();
+    for n in list {
+        match n {
+            IpNet::V4(n) => keys.0.push(Key::new(
+                32 + u32::from(n.prefix_len()),
+                vip_src_data(tag, n.addr().octets()),
+            )),
+            IpNet::V6(n) => keys.1.push(Key::new(
+                32 + u32::from(n.prefix_len()),
+                vip_src6_data(tag, n.addr().octets()),
+            )),
+        }
+    }
+    keys
 }
 
 /// The keys of `policy`'s allow and deny lists in half `half` of VIP `vip_id`'s.
-fn list_keys(
-    vip_id: u32,
-    half: u32,
-    policy: &SourcePolicy,
-) -> (Vec<Key<VipSrcData>>, Vec<Key<VipSrcData>>) {
+fn list_keys(vip_id: u32, half: u32, policy: &SourcePolicy) -> (ListKeys, ListKeys) {
     let tag = vip_list_tag(vip_id, half);
-    let keys = |list: &[Ipv4Net]| list.iter().map(|n| vip_key(tag, n)).collect();
-    (keys(&policy.allow_src), keys(&policy.deny_src))
+    (
+        vip_keys(tag, &policy.allow_src),
+        vip_keys(tag, &policy.deny_src),
+    )
 }
 
 /// Write `keys` (all with the value 0) into the map `fd`, a batch per `CHUNK`, or one by one
@@ -641,12 +663,25 @@ impl Dataplane {
     /// Whether the source lists of `policy` fit next to every installed VIP's (a change writes
     /// its new lists before the old ones are cleared, so both count).
     pub(super) fn check_source_lists(&self, policy: &SourcePolicy) -> Result<(), DataplaneError> {
-        let used = |f: fn(&SourcePolicy) -> usize| -> usize {
+        // Each family's prefixes have tries of their own.
+        let v4 = |l: &[IpNet]| l.iter().filter(|n| matches!(n, IpNet::V4(_))).count();
+        let v6 = |l: &[IpNet]| l.len() - v4(l);
+        let used = |f: &dyn Fn(&SourcePolicy) -> usize| -> usize {
             self.installed.values().map(|v| f(&v.policy)).sum()
         };
         for (what, used, new) in [
-            ("allow", used(|p| p.allow_src.len()), policy.allow_src.len()),
-            ("deny", used(|p| p.deny_src.len()), policy.deny_src.len()),
+            ("allow", used(&|p| v4(&p.allow_src)), v4(&policy.allow_src)),
+            ("deny", used(&|p| v4(&p.deny_src)), v4(&policy.deny_src)),
+            (
+                "IPv6 allow",
+                used(&|p| v6(&p.allow_src)),
+                v6(&policy.allow_src),
+            ),
+            (
+                "IPv6 deny",
+                used(&|p| v6(&p.deny_src)),
+                v6(&policy.deny_src),
+            ),
         ] {
             if used + new > MAX_VIP_PREFIXES as usize {
                 return Err(DataplaneError::SourceListsFull {
@@ -668,10 +703,13 @@ impl Dataplane {
         half: u32,
         policy: &SourcePolicy,
     ) -> Result<(), DataplaneError> {
-        let (allow, deny) = list_keys(vip_id, half, policy);
-        insert_all(&mut self.vip_allow, &allow, maps::VIP_ALLOW)?;
-        if let Err(e) = insert_all(&mut self.vip_deny, &deny, maps::VIP_DENY) {
-            if let Err(re) = remove_all(&self.vip_allow, &allow, maps::VIP_ALLOW) {
+        let ((allow, allow6), (deny, deny6)) = list_keys(vip_id, half, policy);
+        let written = insert_all(&mut self.vip_allow, &allow, maps::VIP_ALLOW)
+            .and_then(|()| insert_all(&mut self.vip_allow6, &allow6, maps::VIP_ALLOW6))
+            .and_then(|()| insert_all(&mut self.vip_deny, &deny, maps::VIP_DENY))
+            .and_then(|()| insert_all(&mut self.vip_deny6, &deny6, maps::VIP_DENY6));
+        if let Err(e) = written {
+            if let Err(re) = self.clear_source_lists(vip_id, half, policy) {
                 log::warn!("removing half-written source lists of VIP #{vip_id}: {re}");
             }
             return Err(e);
@@ -686,9 +724,11 @@ impl Dataplane {
         half: u32,
         policy: &SourcePolicy,
     ) -> Result<(), DataplaneError> {
-        let (allow, deny) = list_keys(vip_id, half, policy);
+        let ((allow, allow6), (deny, deny6)) = list_keys(vip_id, half, policy);
         remove_all(&self.vip_allow, &allow, maps::VIP_ALLOW)?;
-        remove_all(&self.vip_deny, &deny, maps::VIP_DENY)
+        remove_all(&self.vip_allow6, &allow6, maps::VIP_ALLOW6)?;
+        remove_all(&self.vip_deny, &deny, maps::VIP_DENY)?;
+        remove_all(&self.vip_deny6, &deny6, maps::VIP_DENY6)
     }
 
     /// The new-flow limits of VIP `vip_id`; a VIP limit that is new or changed starts with a
@@ -862,6 +902,14 @@ impl Dataplane {
     /// which lists in which half).
     pub(super) fn read_source_lists(&self) -> Result<ListsByTag, DataplaneError> {
         let mut lists = ListsByTag::new();
+        let mut add = |tag: u32, net: IpNet, allow: bool| {
+            let policy = lists.entry(tag).or_default();
+            if allow {
+                policy.allow_src.push(net);
+            } else {
+                policy.deny_src.push(net);
+            }
+        };
         for (trie, name, allow) in [
             (&self.vip_allow, maps::VIP_ALLOW, true),
             (&self.vip_deny, maps::VIP_DENY, false),
@@ -869,12 +917,17 @@ impl Dataplane {
             for key in trie.keys() {
                 let key = key.map_err(map_err(name))?;
                 let (tag, net) = vip_net(&key).ok_or_else(|| corrupt(name))?;
-                let policy = lists.entry(tag).or_default();
-                if allow {
-                    policy.allow_src.push(net);
-                } else {
-                    policy.deny_src.push(net);
-                }
+                add(tag, net, allow);
+            }
+        }
+        for (trie, name, allow) in [
+            (&self.vip_allow6, maps::VIP_ALLOW6, true),
+            (&self.vip_deny6, maps::VIP_DENY6, false),
+        ] {
+            for key in trie.keys() {
+                let key = key.map_err(map_err(name))?;
+                let (tag, net) = vip_net6(&key).ok_or_else(|| corrupt(name))?;
+                add(tag, net, allow);
             }
         }
         Ok(lists)
@@ -1101,19 +1154,38 @@ mod tests {
     fn keys_read_back_as_they_were_written() {
         let net: Ipv4Net = "10.111.64.0/18".parse().unwrap();
         assert_eq!(deny_net(&deny_key(&net)), Some(net));
+        let net6: Ipv6Net = match "2001:db8:40::/42".parse().unwrap() {
+            IpNet::V6(n) => n,
+            other => panic!("{other}"),
+        };
+        assert_eq!(deny6_net(&deny6_key(&net6)), Some(net6));
         let tag = vip_list_tag(300, 1);
-        assert_eq!(vip_net(&vip_key(tag, &net)), Some((tag, net)));
+        let (v4, v6) = vip_keys(tag, &[IpNet::V4(net), IpNet::V6(net6)]);
+        assert_eq!(vip_net(&v4[0]), Some((tag, IpNet::V4(net))));
+        assert_eq!(vip_net6(&v6[0]), Some((tag, IpNet::V6(net6))));
         // A key no agent writes (host bits, a prefix shorter than the tag) is not guessed at.
         assert_eq!(deny_net(&Key::new(8, [10, 1, 0, 0])), None);
         assert_eq!(vip_net(&Key::new(16, [0; 8])), None);
+        assert_eq!(vip_net6(&Key::new(16, [0; 20])), None);
     }
 
     #[test]
     fn keys_put_the_tag_before_the_address() {
-        let k = vip_key(vip_list_tag(3, 1), &"192.0.2.0/24".parse().unwrap());
+        let (k, k6) = vip_keys(
+            vip_list_tag(3, 1),
+            &[
+                "192.0.2.0/24".parse().unwrap(),
+                "fd11::/16".parse().unwrap(),
+            ],
+        );
         // SAFETY: Key is repr(C, packed): 4 bytes of prefix length, then the data.
-        let bytes: [u8; 12] = unsafe { std::mem::transmute(k) };
+        let bytes: [u8; 12] = unsafe { std::mem::transmute(k[0]) };
         assert_eq!(u32::from_ne_bytes(bytes[..4].try_into().unwrap()), 56);
         assert_eq!(&bytes[4..], &[0, 0, 0, 7, 192, 0, 2, 0]);
+        // SAFETY: as above, 4 + 20 bytes.
+        let bytes: [u8; 24] = unsafe { std::mem::transmute(k6[0]) };
+        assert_eq!(u32::from_ne_bytes(bytes[..4].try_into().unwrap()), 48);
+        assert_eq!(&bytes[4..10], &[0, 0, 0, 7, 0xfd, 0x11]);
+        assert!(bytes[10..].iter().all(|b| *b == 0));
     }
 }

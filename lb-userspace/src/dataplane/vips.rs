@@ -538,7 +538,7 @@ impl Dataplane {
 /// Whether `spec`'s source lists differ from the installed VIP's (a new VIP: always).
 fn lists_changed(installed: Option<&InstalledVip>, spec: &VipSpec) -> bool {
     // As sets: lists read back from the tries (a VIP taken over) come in the tries' order.
-    let set = |l: &[crate::model::net::Ipv4Net]| l.iter().copied().collect::<BTreeSet<_>>();
+    let set = |l: &[crate::model::net::IpNet]| l.iter().copied().collect::<BTreeSet<_>>();
     installed.is_none_or(|v| {
         set(&v.policy.allow_src) != set(&spec.policy.allow_src)
             || set(&v.policy.deny_src) != set(&spec.policy.deny_src)

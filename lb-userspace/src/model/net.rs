@@ -1,5 +1,5 @@
-//! Prefixes as operators type them: IPv4 ones (`10.0.0.0/8`) for the VIPs' source lists, and
-//! either family's (`10.0.0.0/8`, `2001:db8::/32`) for the global deny list.
+//! Prefixes as operators type them, for the VIPs' source lists and the global deny list: IPv4
+//! ones (`10.0.0.0/8`, `Ipv4Net`) and either family's (`2001:db8::/32` too, `IpNet`).
 //!
 //! Host bits are refused, not cleared: `10.1.2.3/8` is far more often a typo (for
 //! `10.1.2.3/32`, or `/24`) than a wish to list all of 10.0.0.0/8, and clearing them would
@@ -18,10 +18,7 @@ use std::{
 pub enum NetError {
     #[error("malformed prefix {input:?}: expected ADDR/LEN, e.g. 192.0.2.0/24, or an address")]
     Malformed { input: String },
-    #[error(
-        "{input:?} is an IPv6 prefix: a VIP's source lists hold IPv4 prefixes only (the global \
-         deny list, `xlb deny`, takes IPv6 ones)"
-    )]
+    #[error("{input:?} is an IPv6 prefix where an IPv4 one is expected")]
     Ipv6 { input: String },
     /// An IPv6 prefix that `addr::parse_prefix` refused, with its message.
     #[error("{message}")]
@@ -158,8 +155,8 @@ impl fmt::Display for Ipv6Net {
     }
 }
 
-/// A deny-list prefix of either family. IPv4 sorts before IPv6 (the list's file and `xlb deny
-/// list` give IPv4 prefixes first).
+/// A prefix of either family (the deny list, a VIP's source lists). IPv4 sorts before IPv6 (the
+/// deny list's file and `xlb deny list` give IPv4 prefixes first).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IpNet {
     V4(Ipv4Net),
@@ -241,7 +238,7 @@ pub struct ListError {
 /// A list of prefixes as a file holds them: one prefix (or address) per line, `#` starts a
 /// comment, blank lines and surrounding whitespace are ignored. The first bad line fails the
 /// whole list (nothing of it is used), named by its number. Duplicates are kept out; the order
-/// is the file's. `N`: `Ipv4Net` for a VIP's source lists, `IpNet` for the deny list.
+/// is the file's. `N`: `IpNet`, or `Ipv4Net` where only IPv4 is meant.
 pub fn parse_list<N>(text: &str, source_name: &str) -> Result<Vec<N>, ListError>
 where
     N: FromStr<Err = NetError> + Copy + Eq + std::hash::Hash,
@@ -318,7 +315,10 @@ mod tests {
             ),
             ("192.0.2.1/31", "the network is 192.0.2.0/31"),
             ("2001:db8::/32", "\"2001:db8::/32\" is an IPv6 prefix"),
-            ("fd11:1::2", "source lists hold IPv4 prefixes only"),
+            (
+                "fd11:1::2",
+                "is an IPv6 prefix where an IPv4 one is expected",
+            ),
         ];
         for (input, want) in cases {
             let e = input.parse::<Ipv4Net>().unwrap_err().to_string();

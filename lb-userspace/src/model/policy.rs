@@ -2,7 +2,7 @@
 //! flows may come (per source address, per VIP). `SourcePolicy` is the desired state;
 //! `PolicyPatch` a change to it from `vip add|set` flags or a TOML table.
 
-use crate::model::net::{Ipv4Net, NetError};
+use crate::model::net::{IpNet, NetError};
 use serde::{Deserialize, Serialize};
 
 /// Largest new-flow rate accepted (flows per second, for a source or a VIP): more than one core
@@ -31,7 +31,7 @@ pub enum PolicyError {
     #[error("{what} lists {n} prefixes; at most {MAX_LIST}")]
     TooManyPrefixes { what: &'static str, n: usize },
     #[error("{what} lists {prefix} twice")]
-    Duplicate { what: &'static str, prefix: Ipv4Net },
+    Duplicate { what: &'static str, prefix: IpNet },
     #[error("malformed {what} {value:?}: expected a number of new flows per second, or \"off\"")]
     BadRate { what: &'static str, value: String },
     #[error("malformed {what} {value:?}: expected a number of flows")]
@@ -79,10 +79,10 @@ impl RateLimit {
 pub struct SourcePolicy {
     /// Sources that may reach the VIP (none: every source). Longest-prefix match.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub allow_src: Vec<Ipv4Net>,
+    pub allow_src: Vec<IpNet>,
     /// Sources that may not (wins over the allow list).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub deny_src: Vec<Ipv4Net>,
+    pub deny_src: Vec<IpNet>,
     /// New flows per (source address, VIP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub src_limit: Option<RateLimit>,
@@ -100,7 +100,7 @@ impl SourcePolicy {
     /// (burst 1000) per VIP`, or `-` for none.
     pub fn summary(&self) -> String {
         let mut parts = Vec::new();
-        let list = |what: &str, l: &[Ipv4Net]| match l {
+        let list = |what: &str, l: &[IpNet]| match l {
             [] => None,
             [one] => Some(format!("{what} {one}")),
             many => Some(format!("{what} {} prefixes", many.len())),
@@ -275,7 +275,7 @@ pub fn parse_burst(what: &'static str, s: &str) -> Result<u32, PolicyError> {
 pub fn parse_list(
     what: &'static str,
     values: &[String],
-) -> Result<Option<Vec<Ipv4Net>>, PolicyError> {
+) -> Result<Option<Vec<IpNet>>, PolicyError> {
     match values {
         [] => Ok(None),
         [one] if one.trim() == "none" => Ok(Some(Vec::new())),
@@ -298,9 +298,9 @@ pub fn parse_list(
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allow_src: Option<Vec<Ipv4Net>>,
+    pub allow_src: Option<Vec<IpNet>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deny_src: Option<Vec<Ipv4Net>>,
+    pub deny_src: Option<Vec<IpNet>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub src_rate: Option<RateSetting>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -321,7 +321,7 @@ impl PolicyPatch {
 mod tests {
     use super::*;
 
-    fn nets(list: &[&str]) -> Vec<Ipv4Net> {
+    fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|s| s.parse().unwrap()).collect()
     }
 

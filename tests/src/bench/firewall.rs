@@ -13,7 +13,11 @@ use anyhow::{Result, bail};
 use std::{collections::BTreeSet, net::Ipv4Addr, os::fd::AsRawFd, time::Instant};
 use xlb::{
     dataplane::{Dataplane, DenyCount},
-    model::{BackendSpec, Forward, Proto, ServiceKey, VipSpec, net::Ipv4Net, policy::SourcePolicy},
+    model::{
+        BackendSpec, Forward, Proto, ServiceKey, VipSpec,
+        net::{IpNet, Ipv4Net},
+        policy::SourcePolicy,
+    },
 };
 
 const XDP_DROP: u32 = 1;
@@ -160,7 +164,7 @@ pub fn rows(p: (usize, u32, usize, usize)) -> Result<(Vec<Row>, String)> {
     let t = Instant::now();
     dp.apply_vip(
         &vip_spec(SourcePolicy {
-            allow_src: allow,
+            allow_src: allow.into_iter().map(IpNet::from).collect(),
             ..Default::default()
         }),
         &BTreeSet::new(),
