@@ -1,16 +1,22 @@
 //! The door's per-packet cost and the deny list's scale (issue 13), through BPF_PROG_TEST_RUN
 //! in the benchmark namespace: the same L2 VIP with and without a million deny-list prefixes
 //! and ten thousand allow-list prefixes loaded, side by side; and what loading a million
-//! prefixes takes (time, kernel memory).
+//! prefixes takes (time, kernel memory). Then the same for an IPv6 VIP's new flows, with IPv6
+//! prefixes on the deny list and on the VIP's allow list.
 
 use crate::{
-    packets::{ACK, LB, SYN, VIP, backend, tcp_frame},
+    packets::{ACK, CLIENT6, LB, SYN, VIP, VIP6, backend, backend_specs6, tcp_frame, tcp_frame6},
     per_call, repeated, same_frame,
     stats::{Row, Spread, median},
     syns, test_run,
 };
 use anyhow::{Result, bail};
-use std::{collections::BTreeSet, net::Ipv4Addr, os::fd::AsRawFd, time::Instant};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+    time::Instant,
+};
 use xlb::{
     dataplane::{Dataplane, DenyCount},
     model::{
@@ -29,6 +35,41 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 111, 0, 2);
 const DENIED: Ipv4Addr = Ipv4Addr::new(10, 111, 128, 7);
 pub const DENY_PREFIXES: u32 = 1_000_000;
 pub const ALLOW_PREFIXES: u32 = 10_000;
+/// IPv6 prefixes on the deny list for the IPv6 rows (a trie of its own, filled one insert at a
+/// time: the kernel has no batch update for LPM tries).
+const DENY6_PREFIXES: u32 = 100_000;
+/// A source on the IPv6 deny list (in its /32).
+const DENIED6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
+
+/// `n - 1` distinct random /48s of 2400::/8 (a fixed seed), then 2001:db8::/32.
+fn deny6_prefixes(n: u32) -> Vec<IpNet> {
+    let mut seen = BTreeSet::new();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    while seen.len() < n as usize - 1 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bits = (0x24u128 << 120) | (u128::from(x & 0xff_ffff_ffff) << 80);
+        seen.insert(
+            format!("{}/48", Ipv6Addr::from(bits))
+                .parse::<IpNet>()
+                .unwrap(),
+        );
+    }
+    let mut v: Vec<IpNet> = seen.into_iter().collect();
+    v.push("2001:db8::/32".parse().unwrap());
+    v
+}
+
+/// The IPv6 client's /64 and `n - 1` other /64s of fd11:1::/32.
+fn allow6_prefixes(n: u32) -> Vec<IpNet> {
+    (0..n)
+        .map(|i| {
+            let bits = (u128::from(0xfd11_0001u32) << 96) | (u128::from(i) << 64);
+            format!("{}/64", Ipv6Addr::from(bits)).parse().unwrap()
+        })
+        .collect()
+}
 
 /// `n` distinct random /32s (a fixed seed), none in 10.111.0.0/16, then 10.111.128.0/17.
 pub fn deny_prefixes(n: u32) -> Vec<Ipv4Net> {
@@ -252,6 +293,15 @@ pub fn rows(p: (usize, u32, usize, usize)) -> Result<(Vec<Row>, String)> {
         Row::new(c, format!("deny list: {DENY_PREFIXES} prefixes out of the old half (batches)"), "s", Spread::of(&[clear_s])),
         Row::new(c, format!("VIP with {ALLOW_PREFIXES} allow prefixes applied (apply_vip)"), "ms", Spread::of(&[allow_ms])),
     ];
+    // The IPv6 rows after IPv4's of each section.
+    let (v6_packet, v6_control) = ipv6_rows(&mut dp, ifindex, (runs, repeat, batches, batch))?;
+    let mut rows = rows;
+    let at = rows
+        .iter()
+        .position(|r| r.section == c)
+        .unwrap_or(rows.len());
+    rows.splice(at..at, v6_packet);
+    rows.extend(v6_control);
     let verdict = if added <= 15.0 {
         "**met**"
     } else {
@@ -263,4 +313,84 @@ pub fn rows(p: (usize, u32, usize, usize)) -> Result<(Vec<Row>, String)> {
         with.median, base.median
     );
     Ok((rows, targets))
+}
+
+/// The IPv6 rows: new-flow SYNs of an IPv6 `l2` VIP per call, without lists and with
+/// `DENY6_PREFIXES` IPv6 deny-list prefixes and `ALLOW_PREFIXES` IPv6 allow-list prefixes on the
+/// VIP (the client's /64 among them), side by side; and a denied IPv6 SYN. Per-packet rows,
+/// then control-plane rows.
+fn ipv6_rows(
+    dp: &mut Dataplane,
+    ifindex: u32,
+    (runs, repeat, batches, batch): (usize, u32, usize, usize),
+) -> Result<(Vec<Row>, Vec<Row>)> {
+    let s = "Door (issue 13), per packet";
+    let mut spec = vip_spec(SourcePolicy::default());
+    spec.key.addr = VIP6.into();
+    spec.backends = backend_specs6();
+    dp.apply_vip(&spec, &BTreeSet::new())?;
+    let syns6 = |first: u16| -> Vec<Vec<Vec<u8>>> {
+        (0..batches)
+            .map(|b| {
+                (0..batch)
+                    .map(|i| tcp_frame6(CLIENT6, first + (b * batch + i) as u16, PORT, SYN))
+                    .collect()
+            })
+            .collect()
+    };
+    println!("bench: door, IPv6 new flows without lists");
+    let prog = dp.balancer()?;
+    let plain = per_call(prog, ifindex, &syns6(30_000), XDP_TX, "new flow v6")?;
+
+    println!("bench: door, loading {DENY6_PREFIXES} IPv6 deny-list prefixes");
+    let deny6 = deny6_prefixes(DENY6_PREFIXES);
+    let mut maps = dp.deny_maps()?;
+    let t = Instant::now();
+    maps.fill(1, &deny6)?;
+    dp.set_deny_list(1, DenyCount::of(&deny6))?;
+    let fill_s = t.elapsed().as_secs_f64();
+    spec.policy.allow_src = allow6_prefixes(ALLOW_PREFIXES);
+    dp.apply_vip(&spec, &BTreeSet::new())?;
+    println!("bench: door, IPv6 new flows with the lists");
+    let prog = dp.balancer()?;
+    let lists = per_call(prog, ifindex, &syns6(40_000), XDP_TX, "new flow v6, lists")?;
+    let denied = tcp_frame6(DENIED6, 1000, PORT, SYN);
+    let drop = repeated(prog, ifindex, &denied, XDP_DROP, runs, repeat, "denied v6")?;
+    maps.clear(1, &deny6)?;
+    dp.set_deny_list(0, DenyCount::default())?;
+
+    let added = median(&lists) - median(&plain);
+    let what = format!("{DENY6_PREFIXES} IPv6 deny + {ALLOW_PREFIXES} IPv6 allow prefixes");
+    let packet = vec![
+        Row::new(
+            s,
+            "new-flow SYN, IPv6, per call, no lists",
+            "ns/call",
+            Spread::of(&plain),
+        ),
+        Row::new(
+            s,
+            format!("new-flow SYN, IPv6, per call, {what}"),
+            "ns/call",
+            Spread::of(&lists),
+        )
+        .vs("no lists", &Spread::of(&plain))
+        .note(format!(
+            "{added:+.0} ns: the IPv6 deny-list trie, then the VIP's IPv6 allow list"
+        )),
+        Row::new(
+            s,
+            format!("denied IPv6 SYN to the VIP (XDP_DROP), {DENY6_PREFIXES} IPv6 deny prefixes"),
+            "ns/pkt",
+            Spread::of(&drop),
+        )
+        .note("one lookup in the IPv6 trie (source in a /32)"),
+    ];
+    let control = vec![Row::new(
+        "Door (issue 13), control plane",
+        format!("deny list: {DENY6_PREFIXES} IPv6 prefixes into the inactive half + switch"),
+        "s",
+        Spread::of(&[fill_s]),
+    )];
+    Ok((packet, control))
 }

@@ -30,6 +30,17 @@ pub const BACKENDS6: [Ipv6Addr; 3] = [
     Ipv6Addr::new(0xfd11, 2, 0, 0, 0, 0, 0, 0x13),
 ];
 
+/// `BACKENDS6` as a VIP's backends, weight 1 each.
+pub fn backend_specs6() -> Vec<xlb::model::BackendSpec> {
+    BACKENDS6
+        .iter()
+        .map(|a| xlb::model::BackendSpec {
+            addr: (*a).into(),
+            weight: 1,
+        })
+        .collect()
+}
+
 /// `tcp_frame` over IPv6 (hop limit 63, no extension headers), to `VIP6`.
 pub fn tcp_frame6(src: Ipv6Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let segment = packet::tcp(sport, dport, flags, 0);

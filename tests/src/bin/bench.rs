@@ -33,8 +33,7 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use clap::Parser;
 use lb_common::{BENCH_CODE_MOVES, FlowValue, maps, programs};
 use packets::{
-    ACK, BACKENDS6, CLIENT6, LB, LB6, OTHER, SYN, VIP, VIP6, backend, fill_events, tcp_frame,
-    tcp_frame6,
+    ACK, CLIENT6, LB, LB6, OTHER, SYN, VIP, VIP6, backend, fill_events, tcp_frame, tcp_frame6,
 };
 use serde_json::{Value, json};
 use stats::{Row, Spread, median};
@@ -481,13 +480,7 @@ fn ipv6_rows(
     for (port, forward) in [(PORT_L2, Forward::L2), (PORT_IPIP, Forward::Ipip)] {
         let mut spec = vip_spec(port, forward, std::iter::empty());
         spec.key.addr = VIP6.into();
-        spec.backends = BACKENDS6
-            .iter()
-            .map(|a| BackendSpec {
-                addr: (*a).into(),
-                weight: 1,
-            })
-            .collect();
+        spec.backends = packets::backend_specs6();
         dp.apply_vip(&spec, &BTreeSet::new())?;
     }
     let prog = dp.balancer()?;
