@@ -2,9 +2,9 @@
 //! source allow and deny lists), and how fast new flows may come (per source and VIP, per VIP).
 //!
 //! Order, as the decisions are made: the deny list first (every IPv4 or IPv6 packet of the
-//! interface to a VIP address, and every IPv4 one that is not), then the VIP's deny list, then
-//! its allow list; the limits only for packets that would create a flow. Packets of existing
-//! flows are never limited.
+//! interface, VIP or not, but for ICMPv6 to an address that carries no VIP: neighbour discovery
+//! is never cut), then the VIP's deny list, then its allow list; the limits only for packets
+//! that would create a flow. Packets of existing flows are never limited.
 //!
 //! The deny list holds prefixes of both families (IPv6 ones in `DENY6_n`), and so do the VIPs'
 //! source lists (an IPv6 VIP's in `VIP_ALLOW6`/`VIP_DENY6`; the agent keeps a VIP's lists to its

@@ -219,7 +219,12 @@ fn classify(ctx: &XdpContext, out: &mut Steered) -> Result<Option<usize>, Verdic
     };
     let frame_len = frame_len(ctx);
     let Some(ip_len) = lengths(&hdr, l4 + l4_len - ETH_HLEN, frame_len) else {
-        return Err(Verdict::drop(reason::DROP_BAD_LENGTH));
+        // The deny list first, as for IPv4 (`balancer::denied_or`).
+        return Err(if firewall::deny_listed6(&hdr.src, &firewall::policy()) {
+            Verdict::drop(reason::DROP_DENY_LIST)
+        } else {
+            Verdict::drop(reason::DROP_BAD_LENGTH)
+        });
     };
     out.pkt = Packet {
         vip,

@@ -261,6 +261,22 @@ fn survives_sigkill(bed: &mut Testbed) {
         &["deny", "add", "198.51.100.0/24", &cli, "2001:db8::/32"],
     );
     assert!(!can_connect(bed), "denied");
+    // An IPv6 VIP with source lists (no IPv6 client here: its lists are checked in the maps).
+    let vip6 = "[fd11:100::1]:80";
+    xlb(
+        bed,
+        &[
+            "vip",
+            "add",
+            vip6,
+            "--forward",
+            "l2",
+            "--allow-src",
+            "fd11::/16",
+            "--deny-src",
+            "fd11:1::/64",
+        ],
+    );
     bed.kill_agent("lb1").expect("SIGKILL to the agent");
     assert!(
         !can_connect(bed),
@@ -286,6 +302,17 @@ fn survives_sigkill(bed: &mut Testbed) {
         "IPv4 first, then IPv6"
     );
     assert_eq!(stats(bed)["deny_ipv6"], 1);
+    // The IPv6 VIP's lists were read back from their tries, found equal to the saved ones and
+    // left as they were: one key each (a list read back as empty would have been written again
+    // into the other half, and the old half's keys left behind).
+    let door = PinnedDoor::find(bed);
+    for name in [maps::VIP_ALLOW6, maps::VIP_DENY6] {
+        let map = door.map(name, 1);
+        let trie: LpmTrie<MapData, lb_common::VipSrc6Data, u8> =
+            LpmTrie::try_from(map).expect(name);
+        assert_eq!(trie.keys().count(), 1, "{name} after the takeover");
+    }
+    xlb(bed, &["vip", "del", vip6]);
 
     vip_set(bed, &["--allow-src", "10.111.0.128/25"]);
     assert!(!can_connect(bed), "outside the allow list");

@@ -368,6 +368,13 @@ fn the_deny_list_drops_listed_ipv6_sources() {
             ),
             ("a VIP address's unknown port", syn6(CLIENT6, 6003, 81)),
             ("ICMPv6 echo to a VIP", echo),
+            ("a VIP packet whose lengths disagree", {
+                // 10 bytes of payload claimed, 6 in the frame (the TCP header whole).
+                let ip = Ip6::to(CLIENT6, VIP6, NH_TCP).packet(&tcp(6011, 80, ACK, 10));
+                let mut f = inbound6(&ip);
+                f.truncate(f.len() - 4);
+                f
+            }),
             (
                 "TCP to the LB's own address",
                 inbound6(&Ip6::to(CLIENT6, LB6, NH_TCP).packet(&tcp(6004, 22, SYN, 0))),
@@ -375,7 +382,12 @@ fn the_deny_list_drops_listed_ipv6_sources() {
         ] {
             assert_eq!(send(&dp, ifindex, &frame), XDP_DROP, "{what}");
         }
-        assert_eq!(reason(&dp, "drop_deny_list"), 6);
+        assert_eq!(reason(&dp, "drop_deny_list"), 7);
+        assert_eq!(
+            reason(&dp, "drop_bad_length"),
+            0,
+            "the deny list comes first"
+        );
         let vip6_drops = |port: u16| {
             dp.stats()
                 .unwrap()
@@ -425,7 +437,7 @@ fn the_deny_list_drops_listed_ipv6_sources() {
         assert_eq!(send(&dp, ifindex, &ack6(CLIENT6, 6000)), XDP_TX);
         assert_eq!(send(&dp, ifindex, &syn6(CLIENT6, 6009, 80)), XDP_TX);
         assert_eq!(send(&dp, ifindex, &syn6(other6, 6010, 80)), XDP_TX);
-        assert_eq!(reason(&dp, "drop_deny_list"), 7);
+        assert_eq!(reason(&dp, "drop_deny_list"), 8);
     });
 }
 

@@ -1844,11 +1844,19 @@ fn a_vip_with_one_active_backend_steers_midflow_misses_at_once() {
         assert_eq!(send(&dp, &ack(57002)).0, XDP_DROP, "held");
         assert_eq!(counts(&dp), (1, 2));
 
+        // be1 down and be2 draining: its flows stay with it, new ones have no backend, and a
+        // peer's record of one of its flows may still come: held.
+        two.backends[1].weight = 0;
+        apply(&mut dp, &two, &[BACKENDS[0]]);
+        assert_eq!(send(&dp, &ack(57004)).0, XDP_DROP, "held");
+        assert_eq!(counts(&dp), (2, 2));
+        two.backends[1].weight = 1;
+
         // Both up: held, as with the fixtures' three.
         two.backends[0].weight = 1;
         apply(&mut dp, &two, &[]);
         assert_eq!(send(&dp, &ack(57003)).0, XDP_DROP, "held");
-        assert_eq!(counts(&dp), (2, 2));
+        assert_eq!(counts(&dp), (3, 2));
     });
 }
 

@@ -15,7 +15,7 @@
 //! proto = "tcp"            # default tcp
 //! forward = "ipip"         # default ipip
 //! icmp_echo = true         # default true; an address answers if any VIP on it does
-//! allow_src = ["192.0.2.0/24"]   # default: every source
+//! allow_src = ["192.0.2.0/24"]   # default: every source; prefixes of the VIP's family
 //! deny_src = ["192.0.2.128/25"]  # wins over allow_src
 //! src_rate = 10            # new flows/s per source address; default: no limit
 //! src_burst = 20           # default: src_rate

@@ -397,7 +397,8 @@ impl CheckArgs {
 #[derive(Clone, Debug, Default, Args)]
 pub(crate) struct PolicyArgs {
     /// Only sources in this prefix (or address) may reach the VIP; repeatable [default: every
-    /// source]. `vip set` replaces the list; `--allow-src none` clears it.
+    /// source]. Prefixes of the VIP's family (IPv4 or IPv6). `vip set` replaces the list;
+    /// `--allow-src none` clears it.
     #[arg(long, value_name = "CIDR")]
     pub(crate) allow_src: Vec<String>,
     /// Sources in this prefix may not reach the VIP, whatever --allow-src says; repeatable.

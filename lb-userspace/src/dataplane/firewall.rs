@@ -1,8 +1,8 @@
 //! The door in the maps: the global deny list (two halves, one live, each a hash of its IPv4
 //! host entries, `DENY_HOSTSn`, an LPM trie of its shorter IPv4 prefixes, `DENYn`, and an LPM
-//! trie of its IPv6 prefixes, hosts included, `DENY6_n`), every
-//! VIP's source allow and deny lists (`VIP_ALLOW`, `VIP_DENY`, each list under its VIP's tag and
-//! one of two halves), the new-flow limits (`VIP_LIMITS`), and the policy generation in `POLICY`
+//! trie of its IPv6 prefixes, hosts included, `DENY6_n`), every VIP's source allow and deny
+//! lists (`VIP_ALLOW`, `VIP_DENY`, and for IPv6 prefixes `VIP_ALLOW6`, `VIP_DENY6`, each list
+//! under its VIP's tag and one of two halves), the new-flow limits (`VIP_LIMITS`), and the policy generation in `POLICY`
 //! that tells flows their cached source checks are outdated.
 //!
 //! The deny list is changed by another thread than the one that owns the `Dataplane` (a load of
@@ -898,7 +898,7 @@ impl Dataplane {
         Ok(tidy.hosts.len())
     }
 
-    /// Every source list in `VIP_ALLOW` and `VIP_DENY`, by list tag (taking over: which VIP has
+    /// Every source list in `VIP_ALLOW`, `VIP_DENY`, `VIP_ALLOW6` and `VIP_DENY6`, by list tag (taking over: which VIP has
     /// which lists in which half).
     pub(super) fn read_source_lists(&self) -> Result<ListsByTag, DataplaneError> {
         let mut lists = ListsByTag::new();

@@ -105,13 +105,16 @@ impl Dataplane {
             .collect();
         let ring = ring::build(&weights)?;
         // One backend slot active (up, draining or not): no peer's record can name another
-        // that this node honours, so a flow it has not seen is steered at once.
-        let one_active = spec
-            .backends
-            .iter()
-            .filter(|b| !down.contains(&b.addr))
-            .count()
-            == 1;
+        // that this node honours, so a flow it has not seen is steered at once. Not when that
+        // backend is draining (an empty ring): the miss could not be steered, and a peer's
+        // record of one of its flows can still come.
+        let one_active = !ring.is_empty()
+            && spec
+                .backends
+                .iter()
+                .filter(|b| !down.contains(&b.addr))
+                .count()
+                == 1;
         let list_half = self.prepare_lists(spec, &place)?;
         let written = list_half
             != self
