@@ -462,10 +462,11 @@ pub const VIP_F_VIP_LIMIT: u32 = 8;
 /// sees the old lists or the new ones.
 pub const VIP_F_LIST_HALF: u32 = 16;
 /// The VIP has one active backend slot (`BACKEND_F_ACTIVE`; a draining backend counts, a down
-/// one does not): any flow of it can only be on that backend, so a packet without SYN that
-/// finds no flow is steered at once even with peer sync on (`CONFIG_F_HOLD_MIDFLOW`): a peer's
-/// record could name no other backend that this node would honour, and holding would only
-/// delay the connection by its sender's retransmission timeout.
+/// one does not), and it takes new flows (the ring is not empty): any flow of it can only be on
+/// that backend, so a packet without SYN that finds no flow is steered at once even with peer
+/// sync on (`CONFIG_F_HOLD_MIDFLOW`): a peer's record could name no other backend that this
+/// node would honour, and holding would only delay the connection by its sender's
+/// retransmission timeout.
 pub const VIP_F_ONE_BACKEND: u32 = 32;
 
 /// The tag of a VIP's source list half in `VipSrcKey`: the VIP id and the half, so lists of
