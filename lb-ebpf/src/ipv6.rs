@@ -152,11 +152,20 @@ pub fn header(ctx: &XdpContext) -> Result<(Header, u8), Verdict> {
 /// `drop_deny_list` (the trie is skipped while the list has no IPv6 prefix).
 #[inline(always)]
 fn not_served(src: &Addr, dst: &Addr, why: u32) -> Verdict {
-    let verdict = if is_vip_addr(dst) {
-        Verdict::drop(why)
-    } else {
-        Verdict::pass(reason::PASS_NOT_VIP)
-    };
+    denied_or(
+        src,
+        if is_vip_addr(dst) {
+            Verdict::drop(why)
+        } else {
+            Verdict::pass(reason::PASS_NOT_VIP)
+        },
+    )
+}
+
+/// `balancer::denied_or` for an IPv6 source: `drop_deny_list` if the live deny list names
+/// `src`, else `verdict`.
+#[inline(always)]
+fn denied_or(src: &Addr, verdict: Verdict) -> Verdict {
     if firewall::deny_listed6(src, &firewall::policy()) {
         Verdict::drop(reason::DROP_DENY_LIST)
     } else {
@@ -219,12 +228,8 @@ fn classify(ctx: &XdpContext, out: &mut Steered) -> Result<Option<usize>, Verdic
     };
     let frame_len = frame_len(ctx);
     let Some(ip_len) = lengths(&hdr, l4 + l4_len - ETH_HLEN, frame_len) else {
-        // The deny list first, as for IPv4 (`balancer::denied_or`).
-        return Err(if firewall::deny_listed6(&hdr.src, &firewall::policy()) {
-            Verdict::drop(reason::DROP_DENY_LIST)
-        } else {
-            Verdict::drop(reason::DROP_BAD_LENGTH)
-        });
+        // The deny list first, as for IPv4.
+        return Err(denied_or(&hdr.src, Verdict::drop(reason::DROP_BAD_LENGTH)));
     };
     out.pkt = Packet {
         vip,
