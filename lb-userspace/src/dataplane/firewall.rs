@@ -898,8 +898,8 @@ impl Dataplane {
         Ok(tidy.hosts.len())
     }
 
-    /// Every source list in `VIP_ALLOW`, `VIP_DENY`, `VIP_ALLOW6` and `VIP_DENY6`, by list tag (taking over: which VIP has
-    /// which lists in which half).
+    /// Every source list in `VIP_ALLOW`, `VIP_DENY`, `VIP_ALLOW6` and `VIP_DENY6`, by list tag
+    /// (taking over: which VIP has which lists in which half).
     pub(super) fn read_source_lists(&self) -> Result<ListsByTag, DataplaneError> {
         let mut lists = ListsByTag::new();
         let mut add = |tag: u32, net: IpNet, allow: bool| {
