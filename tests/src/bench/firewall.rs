@@ -21,7 +21,7 @@ use xlb::{
     dataplane::{Dataplane, DenyCount},
     model::{
         BackendSpec, Forward, Proto, ServiceKey, VipSpec,
-        net::{IpNet, Ipv4Net},
+        net::{IpNet, Ipv4Net, Ipv6Net},
         policy::SourcePolicy,
     },
 };
@@ -41,20 +41,29 @@ const DENY6_PREFIXES: u32 = 100_000;
 /// A source on the IPv6 deny list (in its /32).
 const DENIED6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
 
+/// The next number of a xorshift64 sequence from `x` (the lists' fixed-seed randomness).
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// The IPv6 prefix of `bits` and `len` (bits past `len` zero by construction).
+fn net6(bits: u128, len: u8) -> IpNet {
+    IpNet::V6(Ipv6Net::new(Ipv6Addr::from(bits), len).expect("no host bits"))
+}
+
 /// `n - 1` distinct random /48s of 2400::/8 (a fixed seed), then 2001:db8::/32.
 fn deny6_prefixes(n: u32) -> Vec<IpNet> {
     let mut seen = BTreeSet::new();
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     while seen.len() < n as usize - 1 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let bits = (0x24u128 << 120) | (u128::from(x & 0xff_ffff_ffff) << 80);
-        seen.insert(
-            format!("{}/48", Ipv6Addr::from(bits))
-                .parse::<IpNet>()
-                .unwrap(),
-        );
+        let r = xorshift(&mut x);
+        seen.insert(net6(
+            (0x24u128 << 120) | (u128::from(r & 0xff_ffff_ffff) << 80),
+            48,
+        ));
     }
     let mut v: Vec<IpNet> = seen.into_iter().collect();
     v.push("2001:db8::/32".parse().unwrap());
@@ -65,8 +74,10 @@ fn deny6_prefixes(n: u32) -> Vec<IpNet> {
 fn allow6_prefixes(n: u32) -> Vec<IpNet> {
     (0..n)
         .map(|i| {
-            let bits = (u128::from(0xfd11_0001u32) << 96) | (u128::from(i) << 64);
-            format!("{}/64", Ipv6Addr::from(bits)).parse().unwrap()
+            net6(
+                (u128::from(0xfd11_0001u32) << 96) | (u128::from(i) << 64),
+                64,
+            )
         })
         .collect()
 }
@@ -76,10 +87,7 @@ pub fn deny_prefixes(n: u32) -> Vec<Ipv4Net> {
     let mut seen = BTreeSet::new();
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     while seen.len() < n as usize - 1 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let a = Ipv4Addr::from_bits(x as u32);
+        let a = Ipv4Addr::from_bits(xorshift(&mut x) as u32);
         if a.octets()[..2] != [10, 111] {
             seen.insert(Ipv4Net::host(a));
         }
