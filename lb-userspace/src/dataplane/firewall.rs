@@ -2,8 +2,8 @@
 //! host entries, `DENY_HOSTSn`, an LPM trie of its shorter IPv4 prefixes, `DENYn`, and an LPM
 //! trie of its IPv6 prefixes, hosts included, `DENY6_n`), every VIP's source allow and deny
 //! lists (`VIP_ALLOW`, `VIP_DENY`, and for IPv6 prefixes `VIP_ALLOW6`, `VIP_DENY6`, each list
-//! under its VIP's tag and one of two halves), the new-flow limits (`VIP_LIMITS`), and the policy generation in `POLICY`
-//! that tells flows their cached source checks are outdated.
+//! under its VIP's tag and one of two halves), the new-flow limits (`VIP_LIMITS`), and the
+//! policy generation in `POLICY` that tells flows their cached source checks are outdated.
 //!
 //! The deny list is changed by another thread than the one that owns the `Dataplane` (a load of
 //! a million prefixes takes seconds): it works on `DenyMaps`, handles of its own to the two
